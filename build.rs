@@ -1,0 +1,24 @@
+//! Compiles `proto/` with protox (pure Rust: no `protoc` needed) and writes the
+//! file descriptor set that server reflection serves.
+
+use std::{env, path::PathBuf};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // tonic-prost-build prints no rerun-if-changed for descriptor sets, and
+    // `sqlx::migrate!` embeds `migrations/`: without these, edits would not rebuild.
+    println!("cargo:rerun-if-changed=proto");
+    println!("cargo:rerun-if-changed=migrations");
+
+    let protos = ["proto/fleetcare/v1/agent_status.proto"];
+    let fds = protox::compile(protos, ["proto"])?;
+
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    let descriptor_path = out_dir.join("fleetcare_descriptor.bin");
+    std::fs::write(&descriptor_path, prost::Message::encode_to_vec(&fds))?;
+
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

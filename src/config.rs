@@ -1,0 +1,110 @@
+//! Command-line flags with environment fallbacks, validated once at start-up.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Args, ValueEnum};
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Where the database is and how to reach it.
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// Postgres URL; the database is created if it does not exist.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/fleetcare"
+    )]
+    pub database_url: String,
+
+    /// Most connections this server opens to Postgres.
+    #[arg(long, env = "FLEETCARE_DB_MAX_CONNECTIONS", default_value_t = 20)]
+    pub db_max_connections: u32,
+
+    /// How long a request waits for a database connection before UNAVAILABLE.
+    #[arg(long, env = "FLEETCARE_DB_ACQUIRE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub db_acquire_timeout: Duration,
+}
+
+/// Everything `fleetcare serve` needs.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "FLEETCARE_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    /// An agent silent for longer than this goes OFFLINE.
+    #[arg(long, env = "FLEETCARE_HEARTBEAT_TIMEOUT", default_value = "120s", value_parser = humantime::parse_duration)]
+    pub heartbeat_timeout: Duration,
+
+    /// Recovery delay of an EXHAUSTED agent when nothing says when its limit lifts.
+    #[arg(long, env = "FLEETCARE_DEFAULT_RECOVERY", default_value = "5h", value_parser = humantime::parse_duration)]
+    pub default_recovery: Duration,
+
+    /// How often the sweeper looks for silent and recovered agents.
+    #[arg(long, env = "FLEETCARE_SWEEP_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub sweep_interval: Duration,
+
+    /// How long transition history is kept (and so how far back a watch can resume).
+    #[arg(long, env = "FLEETCARE_TRANSITION_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
+    pub transition_retention: Duration,
+
+    /// An idle watch stream gets a progress message this often.
+    #[arg(long, env = "FLEETCARE_WATCH_PROGRESS_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub watch_progress_interval: Duration,
+
+    /// Transitions held in memory for watchers; one that falls further behind
+    /// catches up from the database instead.
+    #[arg(long, env = "FLEETCARE_WATCH_BUFFER", default_value_t = 4096)]
+    pub watch_buffer: usize,
+
+    /// How often the database is probed for the health service.
+    #[arg(long, env = "FLEETCARE_HEALTH_CHECK_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub health_check_interval: Duration,
+
+    /// How long in-flight calls get to finish after SIGINT/SIGTERM.
+    #[arg(long, env = "FLEETCARE_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Log format; the level comes from RUST_LOG (default info).
+    #[arg(long, env = "FLEETCARE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl ServeArgs {
+    /// Rejects settings that would make the server misbehave rather than fail.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("--heartbeat-timeout", self.heartbeat_timeout),
+            ("--sweep-interval", self.sweep_interval),
+            ("--transition-retention", self.transition_retention),
+            ("--watch-progress-interval", self.watch_progress_interval),
+            ("--health-check-interval", self.health_check_interval),
+            ("--db-acquire-timeout", self.database.db_acquire_timeout),
+        ];
+        for (flag, value) in positive {
+            if value.is_zero() {
+                return Err(format!("{flag} must be greater than zero"));
+            }
+        }
+        if self.watch_buffer == 0 {
+            return Err("--watch-buffer must be at least 1".into());
+        }
+        if self.database.db_max_connections < 2 {
+            return Err("--db-max-connections must be at least 2".into());
+        }
+        chrono::Duration::from_std(self.default_recovery)
+            .map_err(|_| "--default-recovery is too large".to_string())?;
+        chrono::Duration::from_std(self.heartbeat_timeout)
+            .map_err(|_| "--heartbeat-timeout is too large".to_string())?;
+        Ok(())
+    }
+}

@@ -1,0 +1,157 @@
+//! Agents and transitions as stored, and which of them a watcher wants.
+
+use std::collections::{BTreeMap, HashSet};
+
+use chrono::{DateTime, Utc};
+
+use crate::domain::agent::{AgentState, AgentStatus, Cause, ExhaustionReason};
+
+/// An agent's labels, ordered so that they print and compare stably.
+pub type Labels = BTreeMap<String, String>;
+
+/// One agent as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Agent {
+    pub agent_id: String,
+    pub labels: Labels,
+    pub registered_at: DateTime<Utc>,
+    pub last_transition_at: DateTime<Utc>,
+    /// Revision of the agent's last transition.
+    pub revision: i64,
+    pub state: AgentState,
+}
+
+/// One durable status change. Revisions are global, strictly increasing and
+/// gap-free: a transition's revision is allocated in the transaction that commits it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    pub revision: i64,
+    pub agent_id: String,
+    /// `None` for a registration.
+    pub from: Option<AgentStatus>,
+    pub to: AgentStatus,
+    pub cause: Cause,
+    pub occurred_at: DateTime<Utc>,
+    pub exhaustion_reason: Option<ExhaustionReason>,
+    pub recovery_at: Option<DateTime<Utc>>,
+}
+
+/// Which agents and transitions a watcher (or a snapshot) wants. Empty sets mean "all".
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WatchFilter {
+    pub agent_ids: HashSet<String>,
+    pub statuses: HashSet<AgentStatus>,
+}
+
+impl WatchFilter {
+    /// A transition matches when its agent is watched and its from or to status
+    /// is watched: a watcher of IDLE sees agents both entering and leaving IDLE.
+    pub fn matches_transition(&self, t: &Transition) -> bool {
+        let agent_ok = self.agent_ids.is_empty() || self.agent_ids.contains(&t.agent_id);
+        let status_ok = self.statuses.is_empty()
+            || self.statuses.contains(&t.to)
+            || t.from.is_some_and(|from| self.statuses.contains(&from));
+        agent_ok && status_ok
+    }
+
+    /// A snapshot agent matches when it is watched and is in a watched status now.
+    pub fn matches_agent(&self, a: &Agent) -> bool {
+        let agent_ok = self.agent_ids.is_empty() || self.agent_ids.contains(&a.agent_id);
+        let status_ok = self.statuses.is_empty() || self.statuses.contains(&a.state.status);
+        agent_ok && status_ok
+    }
+}
+
+/// The retained window of the transition history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RevisionBounds {
+    /// Every revision up to this one has been pruned (0: none).
+    pub pruned_through: i64,
+    /// The latest committed revision (0: none yet).
+    pub head: i64,
+}
+
+impl RevisionBounds {
+    /// The oldest revision still stored, or 0 when the history is empty.
+    pub fn oldest_retained(&self) -> i64 {
+        if self.head > self.pruned_through {
+            self.pruned_through + 1
+        } else {
+            0
+        }
+    }
+
+    /// Whether every transition after `since` is still stored (or yet to come).
+    pub fn can_resume_from(&self, since: i64) -> bool {
+        since >= self.pruned_through && since <= self.head
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn transition(agent: &str, from: Option<AgentStatus>, to: AgentStatus) -> Transition {
+        Transition {
+            revision: 1,
+            agent_id: agent.into(),
+            from,
+            to,
+            cause: Cause::WorkStarted,
+            occurred_at: Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap(),
+            exhaustion_reason: None,
+            recovery_at: None,
+        }
+    }
+
+    #[test]
+    fn empty_filter_matches_everything() {
+        let f = WatchFilter::default();
+        assert!(f.matches_transition(&transition("a", None, AgentStatus::Idle)));
+    }
+
+    #[test]
+    fn status_filter_matches_entering_and_leaving() {
+        let f = WatchFilter {
+            statuses: [AgentStatus::Idle].into(),
+            ..Default::default()
+        };
+        use AgentStatus::*;
+        assert!(f.matches_transition(&transition("a", Some(Busy), Idle)));
+        assert!(f.matches_transition(&transition("a", Some(Idle), Busy)));
+        assert!(!f.matches_transition(&transition("a", Some(Busy), Offline)));
+        assert!(!f.matches_transition(&transition("a", None, Busy)));
+    }
+
+    #[test]
+    fn agent_filter_and_status_filter_both_apply() {
+        let f = WatchFilter {
+            agent_ids: ["a".to_string()].into(),
+            statuses: [AgentStatus::Busy].into(),
+        };
+        use AgentStatus::*;
+        assert!(f.matches_transition(&transition("a", Some(Idle), Busy)));
+        assert!(!f.matches_transition(&transition("b", Some(Idle), Busy)));
+        assert!(!f.matches_transition(&transition("a", Some(Idle), OnCall)));
+    }
+
+    #[test]
+    fn resume_bounds() {
+        let b = RevisionBounds {
+            pruned_through: 10,
+            head: 20,
+        };
+        assert_eq!(b.oldest_retained(), 11);
+        assert!(!b.can_resume_from(9));
+        assert!(b.can_resume_from(10));
+        assert!(b.can_resume_from(20));
+        assert!(!b.can_resume_from(21));
+        let empty = RevisionBounds {
+            pruned_through: 5,
+            head: 5,
+        };
+        assert_eq!(empty.oldest_retained(), 0);
+        assert!(empty.can_resume_from(5));
+    }
+}

@@ -1,0 +1,133 @@
+//! Conversions between the domain and the wire.
+
+use chrono::{DateTime, Utc};
+use prost_types::Timestamp;
+
+use crate::domain::agent::{AgentStatus, Cause, ExhaustionReason, SlotType};
+use crate::domain::recovery::RecoverySource;
+use crate::domain::transition::{Agent, Transition};
+use crate::error::{Error, Result};
+use crate::proto::v1 as pb;
+
+pub fn timestamp(at: DateTime<Utc>) -> Timestamp {
+    Timestamp {
+        seconds: at.timestamp(),
+        nanos: at.timestamp_subsec_nanos() as i32,
+    }
+}
+
+pub fn from_timestamp(field: &str, ts: Timestamp) -> Result<DateTime<Utc>> {
+    u32::try_from(ts.nanos)
+        .ok()
+        .and_then(|nanos| DateTime::from_timestamp(ts.seconds, nanos))
+        .ok_or_else(|| Error::invalid(format!("{field} is not a valid timestamp")))
+}
+
+pub fn status_to_pb(status: AgentStatus) -> pb::AgentStatus {
+    match status {
+        AgentStatus::Idle => pb::AgentStatus::Idle,
+        AgentStatus::Busy => pb::AgentStatus::Busy,
+        AgentStatus::OnCall => pb::AgentStatus::OnCall,
+        AgentStatus::Offline => pb::AgentStatus::Offline,
+        AgentStatus::Exhausted => pb::AgentStatus::Exhausted,
+    }
+}
+
+pub fn status_from_pb(field: &str, value: i32) -> Result<AgentStatus> {
+    match pb::AgentStatus::try_from(value) {
+        Ok(pb::AgentStatus::Idle) => Ok(AgentStatus::Idle),
+        Ok(pb::AgentStatus::Busy) => Ok(AgentStatus::Busy),
+        Ok(pb::AgentStatus::OnCall) => Ok(AgentStatus::OnCall),
+        Ok(pb::AgentStatus::Offline) => Ok(AgentStatus::Offline),
+        Ok(pb::AgentStatus::Exhausted) => Ok(AgentStatus::Exhausted),
+        Ok(pb::AgentStatus::Unspecified) | Err(_) => Err(Error::invalid(format!(
+            "{field} has an unknown status {value}"
+        ))),
+    }
+}
+
+pub fn slot_from_pb(value: i32) -> Result<SlotType> {
+    match pb::SlotType::try_from(value) {
+        Ok(pb::SlotType::Work) => Ok(SlotType::Work),
+        Ok(pb::SlotType::OnCall) => Ok(SlotType::OnCall),
+        Ok(pb::SlotType::Unspecified) | Err(_) => Err(Error::invalid(
+            "slot_type must be SLOT_TYPE_WORK or SLOT_TYPE_ON_CALL",
+        )),
+    }
+}
+
+pub fn reason_from_pb(value: i32) -> Result<ExhaustionReason> {
+    match pb::ExhaustionReason::try_from(value) {
+        Ok(pb::ExhaustionReason::RateLimit) => Ok(ExhaustionReason::RateLimit),
+        Ok(pb::ExhaustionReason::Billing) => Ok(ExhaustionReason::Billing),
+        Ok(pb::ExhaustionReason::Unspecified) | Err(_) => Err(Error::invalid(
+            "reason must be EXHAUSTION_REASON_RATE_LIMIT or EXHAUSTION_REASON_BILLING",
+        )),
+    }
+}
+
+fn reason_to_pb(reason: ExhaustionReason) -> pb::ExhaustionReason {
+    match reason {
+        ExhaustionReason::RateLimit => pb::ExhaustionReason::RateLimit,
+        ExhaustionReason::Billing => pb::ExhaustionReason::Billing,
+    }
+}
+
+fn source_to_pb(source: RecoverySource) -> pb::RecoverySource {
+    match source {
+        RecoverySource::Explicit => pb::RecoverySource::Explicit,
+        RecoverySource::RetryAfterHeader => pb::RecoverySource::RetryAfterHeader,
+        RecoverySource::ProviderResetHeader => pb::RecoverySource::ProviderResetHeader,
+        RecoverySource::Message => pb::RecoverySource::Message,
+        RecoverySource::Default => pb::RecoverySource::Default,
+    }
+}
+
+fn cause_to_pb(cause: Cause) -> pb::TransitionCause {
+    match cause {
+        Cause::Registered => pb::TransitionCause::Registered,
+        Cause::WorkStarted => pb::TransitionCause::WorkStarted,
+        Cause::WorkFinished => pb::TransitionCause::WorkFinished,
+        Cause::HeartbeatResumed => pb::TransitionCause::HeartbeatResumed,
+        Cause::HeartbeatTimeout => pb::TransitionCause::HeartbeatTimeout,
+        Cause::Exhausted => pb::TransitionCause::Exhausted,
+        Cause::Recovered => pb::TransitionCause::Recovered,
+        Cause::MarkedOffline => pb::TransitionCause::MarkedOffline,
+    }
+}
+
+impl From<&Agent> for pb::Agent {
+    fn from(agent: &Agent) -> pb::Agent {
+        let exhaustion = agent.state.exhaustion.as_ref();
+        pb::Agent {
+            agent_id: agent.agent_id.clone(),
+            status: status_to_pb(agent.state.status) as i32,
+            labels: agent.labels.clone().into_iter().collect(),
+            registered_at: Some(timestamp(agent.registered_at)),
+            last_heartbeat_at: Some(timestamp(agent.state.last_heartbeat_at)),
+            last_transition_at: Some(timestamp(agent.last_transition_at)),
+            revision: agent.revision,
+            exhaustion_reason: exhaustion.map_or(0, |e| reason_to_pb(e.reason) as i32),
+            recovery_at: exhaustion.map(|e| timestamp(e.recovery.recovery_at)),
+            recovery_source: exhaustion.map_or(0, |e| source_to_pb(e.recovery.source) as i32),
+            recovery_hint: exhaustion
+                .map(|e| e.recovery.hint.clone())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+impl From<&Transition> for pb::Transition {
+    fn from(t: &Transition) -> pb::Transition {
+        pb::Transition {
+            revision: t.revision,
+            agent_id: t.agent_id.clone(),
+            from_status: t.from.map_or(0, |s| status_to_pb(s) as i32),
+            to_status: status_to_pb(t.to) as i32,
+            cause: cause_to_pb(t.cause) as i32,
+            occurred_at: Some(timestamp(t.occurred_at)),
+            exhaustion_reason: t.exhaustion_reason.map_or(0, |r| reason_to_pb(r) as i32),
+            recovery_at: t.recovery_at.map(timestamp),
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! The gRPC layer: one thin adapter per service, and the one error mapping.
+
+pub mod agent_status;
+pub mod convert;
+pub mod status;
+pub mod validate;
+
+/// Fully qualified service names, as health and reflection report them.
+pub const AGENT_STATUS_SERVICE: &str = "fleetcare.v1.AgentStatusService";

@@ -1,0 +1,15 @@
+//! fleetcare: a gRPC control plane that keeps fleets of AI agents healthy.
+//!
+//! Layers: `domain` (pure logic), `storage` (the store trait and Postgres),
+//! `grpc` (thin service adapters), `runtime` (background tasks), wired
+//! together by `startup`.
+
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod grpc;
+pub mod proto;
+pub mod runtime;
+pub mod startup;
+pub mod storage;
+pub mod telemetry;

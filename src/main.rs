@@ -1,0 +1,91 @@
+//! The `fleetcare` binary: `serve` runs the server, `migrate` applies migrations.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use fleetcare::config::{DatabaseArgs, LogFormat, ServeArgs};
+use fleetcare::startup::Application;
+use fleetcare::{storage, telemetry};
+
+#[derive(Parser)]
+#[command(
+    name = "fleetcare",
+    version,
+    about = "A gRPC control plane that keeps fleets of AI agents healthy"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gRPC server.
+    Serve(ServeArgs),
+    /// Apply the database migrations and exit.
+    Migrate(DatabaseArgs),
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Migrate(args) => {
+            telemetry::init(LogFormat::Text);
+            storage::postgres::connect_and_migrate(&args)
+                .await
+                .map(|_| tracing::info!("migrations applied"))
+                .map_err(|e| e.to_string())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("fleetcare: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<(), String> {
+    telemetry::init(args.log_format);
+    args.validate()?;
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let shutdown = CancellationToken::new();
+    let app = Application::build(args, listener, shutdown.clone())
+        .await
+        .map_err(|e| match e {
+            fleetcare::error::Error::Internal(detail) => detail,
+            other => other.to_string(),
+        })?;
+    tokio::spawn(cancel_on_signal(shutdown));
+    app.run().await.map_err(|e| e.to_string())
+}
+
+/// SIGINT or SIGTERM starts a graceful shutdown.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+    tracing::info!("signal received");
+    shutdown.cancel();
+}

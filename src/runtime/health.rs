@@ -1,0 +1,65 @@
+//! Health: SERVING while the store answers, NOT_SERVING while it does not, and
+//! NOT_SERVING for good once shutdown starts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::storage::AgentStore;
+
+/// The names health is reported under: "" for the whole server, then each service.
+pub fn service_names() -> Vec<&'static str> {
+    vec!["", crate::grpc::AGENT_STATUS_SERVICE]
+}
+
+pub async fn set_all(reporter: &HealthReporter, status: ServingStatus) {
+    for name in service_names() {
+        reporter.set_service_status(name, status).await;
+    }
+}
+
+/// Probes the store every `interval` and reports what it finds.
+pub fn spawn_monitor(
+    store: Arc<dyn AgentStore>,
+    reporter: HealthReporter,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        let mut last: Option<ServingStatus> = None;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = ticks.tick() => {}
+            }
+            let probe = tokio::time::timeout(interval.max(Duration::from_secs(1)), store.ping());
+            let status = match probe.await {
+                Ok(Ok(())) => ServingStatus::Serving,
+                Ok(Err(error)) => {
+                    if last != Some(ServingStatus::NotServing) {
+                        tracing::warn!(%error, "store unreachable, health NOT_SERVING");
+                    }
+                    ServingStatus::NotServing
+                }
+                Err(_) => ServingStatus::NotServing,
+            };
+            // Shutdown owns the status from here on (see startup).
+            if shutdown.is_cancelled() {
+                break;
+            }
+            if last != Some(status) {
+                if status == ServingStatus::Serving && last.is_some() {
+                    tracing::info!("store reachable again, health SERVING");
+                }
+                set_all(&reporter, status).await;
+                last = Some(status);
+            }
+        }
+    });
+}

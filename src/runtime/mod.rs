@@ -1,0 +1,7 @@
+//! Background work: the transition fan-out and watch streams, the sweeper,
+//! and the health monitor.
+
+pub mod fanout;
+pub mod health;
+pub mod sweeper;
+pub mod watch;

@@ -1,0 +1,211 @@
+//! One watch stream: optional snapshot, history replay, then live transitions,
+//! in revision order with no gaps and no duplicates.
+//!
+//! The watcher subscribes to the fan-out first, then reads history from the
+//! store, and from then on keeps a cursor: the last revision it has examined
+//! (delivered, or skipped by its filter). A live transition at or below the
+//! cursor is a duplicate and dropped; one above `cursor + 1`, or a lag
+//! notice from the broadcast, means something was missed, and the watcher
+//! catches up from the table. Revisions are gap-free in the table, so a gap
+//! there can only mean pruning, which ends the stream with OUT_OF_RANGE.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{broadcast, mpsc};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::transition::{Agent, RevisionBounds, Transition, WatchFilter};
+use crate::error::{Error, Result};
+use crate::runtime::fanout::{READ_BATCH, TransitionFanout};
+use crate::storage::AgentStore;
+
+/// What a watcher asked for.
+#[derive(Debug, Clone)]
+pub struct WatchSpec {
+    /// Deliver transitions after this revision; 0 means from now on.
+    pub since_revision: i64,
+    pub filter: WatchFilter,
+    pub include_snapshot: bool,
+}
+
+/// One item on a watch stream.
+#[derive(Debug, Clone)]
+pub enum WatchEvent {
+    SnapshotAgent(Agent),
+    SnapshotComplete { revision: i64, agent_count: i64 },
+    Transition(Arc<Transition>),
+    Progress { revision: i64 },
+}
+
+/// Items buffered per stream before the watcher waits for the client.
+const STREAM_BUFFER: usize = 256;
+
+pub fn out_of_range(since: i64, bounds: RevisionBounds) -> Error {
+    Error::OutOfRange(format!(
+        "cannot resume from revision {since}: retained history covers revisions after {} up to {} \
+         (oldest retained revision {}); resume from a revision in that range or take a snapshot",
+        bounds.pruned_through,
+        bounds.head,
+        bounds.oldest_retained()
+    ))
+}
+
+/// Validates the request and starts the stream. A request that cannot be served
+/// (a pruned or future revision) fails here, before any item is sent.
+pub async fn open(
+    store: Arc<dyn AgentStore>,
+    fanout: &TransitionFanout,
+    spec: WatchSpec,
+    progress_interval: Duration,
+    shutdown: CancellationToken,
+) -> Result<mpsc::Receiver<Result<WatchEvent>>> {
+    let live = fanout.subscribe();
+    let (out, rx) = mpsc::channel(STREAM_BUFFER);
+    let mut snapshot = None;
+    let cursor = if spec.include_snapshot {
+        let (revision, agents) = store.snapshot(&spec.filter).await?;
+        snapshot = Some(agents);
+        revision
+    } else {
+        let bounds = store.revision_bounds().await?;
+        match spec.since_revision {
+            0 => bounds.head,
+            since if bounds.can_resume_from(since) => since,
+            since => return Err(out_of_range(since, bounds)),
+        }
+    };
+    let watcher = Watcher {
+        store,
+        live,
+        cursor,
+        filter: spec.filter,
+        out,
+        progress_interval,
+        last_sent: Instant::now(),
+    };
+    tokio::spawn(watcher.run(snapshot, shutdown));
+    Ok(rx)
+}
+
+struct Watcher {
+    store: Arc<dyn AgentStore>,
+    live: broadcast::Receiver<Arc<Transition>>,
+    /// The last revision examined.
+    cursor: i64,
+    filter: WatchFilter,
+    out: mpsc::Sender<Result<WatchEvent>>,
+    progress_interval: Duration,
+    last_sent: Instant,
+}
+
+/// Why a stream stops early: the client went away, or the server is stopping.
+struct Stop;
+
+impl Watcher {
+    async fn run(mut self, snapshot: Option<Vec<Agent>>, shutdown: CancellationToken) {
+        let ended = tokio::select! {
+            ended = self.stream(snapshot) => ended,
+            // Open streams would hold graceful shutdown forever: end them cleanly.
+            _ = shutdown.cancelled() => Ok(()),
+        };
+        if let Err(error) = ended {
+            let _ = self.out.send(Err(error)).await;
+        }
+    }
+
+    async fn stream(&mut self, snapshot: Option<Vec<Agent>>) -> Result<()> {
+        let Ok(()) = self.replay(snapshot).await? else {
+            return Ok(());
+        };
+        loop {
+            let progress_due = self.last_sent + self.progress_interval;
+            let step = tokio::select! {
+                received = self.live.recv() => match received {
+                    Ok(t) if t.revision <= self.cursor => Ok(()),
+                    Ok(t) if t.revision == self.cursor + 1 => self.deliver(t).await,
+                    // Missed something (the fan-out started after our read, or skipped):
+                    // the table has it. The live item itself is re-read from the table.
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                        self.catch_up().await?
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {
+                        return Err(Error::Unavailable("server is shutting down".into()));
+                    }
+                },
+                _ = tokio::time::sleep_until(progress_due) => {
+                    let revision = self.cursor;
+                    self.send(WatchEvent::Progress { revision }).await
+                }
+                _ = self.out.closed() => Err(Stop),
+            };
+            if step.is_err() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Sends the snapshot (if any), then everything committed since the cursor.
+    async fn replay(&mut self, snapshot: Option<Vec<Agent>>) -> Result<Result<(), Stop>> {
+        if let Some(agents) = snapshot {
+            let agent_count = agents.len() as i64;
+            for agent in agents {
+                if self.send(WatchEvent::SnapshotAgent(agent)).await.is_err() {
+                    return Ok(Err(Stop));
+                }
+            }
+            let revision = self.cursor;
+            let complete = WatchEvent::SnapshotComplete {
+                revision,
+                agent_count,
+            };
+            if self.send(complete).await.is_err() {
+                return Ok(Err(Stop));
+            }
+        }
+        self.catch_up().await
+    }
+
+    /// Reads and delivers every transition after the cursor from the table.
+    async fn catch_up(&mut self) -> Result<Result<(), Stop>> {
+        loop {
+            let batch = self
+                .store
+                .transitions_after(self.cursor, None, READ_BATCH)
+                .await?;
+            let Some(first) = batch.first() else {
+                return Ok(Ok(()));
+            };
+            if first.revision != self.cursor + 1 {
+                // Pruned while this watcher was behind.
+                let bounds = self.store.revision_bounds().await?;
+                return Err(out_of_range(self.cursor, bounds));
+            }
+            let full = batch.len() as i64 == READ_BATCH;
+            for transition in batch {
+                if self.deliver(Arc::new(transition)).await.is_err() {
+                    return Ok(Err(Stop));
+                }
+            }
+            if !full {
+                return Ok(Ok(()));
+            }
+        }
+    }
+
+    async fn deliver(&mut self, transition: Arc<Transition>) -> Result<(), Stop> {
+        let revision = transition.revision;
+        if self.filter.matches_transition(&transition) {
+            self.send(WatchEvent::Transition(transition)).await?;
+        }
+        self.cursor = revision;
+        Ok(())
+    }
+
+    async fn send(&mut self, event: WatchEvent) -> Result<(), Stop> {
+        self.out.send(Ok(event)).await.map_err(|_| Stop)?;
+        self.last_sent = Instant::now();
+        Ok(())
+    }
+}

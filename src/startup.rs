@@ -1,0 +1,153 @@
+//! Builds the server from its configuration and runs it until shutdown.
+//!
+//! Tests bind a listener on port 0 first and pass it in, so they know the
+//! address before the server runs and never sleep waiting for it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::config::ServeArgs;
+use crate::error::Error;
+use crate::grpc::agent_status::{AgentStatusApi, AgentStatusSettings};
+use crate::proto::v1::agent_status_service_server::AgentStatusServiceServer;
+use crate::runtime::{fanout::TransitionFanout, health, sweeper};
+use crate::storage::AgentStore;
+use crate::storage::postgres::PgStore;
+
+/// A vanished client's connection is noticed within interval + timeout.
+const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Application {
+    listener: TcpListener,
+    args: ServeArgs,
+    store: Arc<dyn AgentStore>,
+    fanout: TransitionFanout,
+    health: HealthReporter,
+    health_service:
+        tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
+    shutdown: CancellationToken,
+}
+
+impl Application {
+    /// Connects to the store, applies migrations and starts the background tasks.
+    /// Everything stops when `shutdown` fires.
+    pub async fn build(
+        args: ServeArgs,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<Self, Error> {
+        args.validate().map_err(Error::InvalidArgument)?;
+        let store: Arc<dyn AgentStore> =
+            Arc::new(PgStore::connect(&args.database, shutdown.child_token()).await?);
+        let fanout =
+            TransitionFanout::start(store.clone(), args.watch_buffer, shutdown.child_token());
+        sweeper::spawn(
+            store.clone(),
+            sweeper::SweeperConfig {
+                heartbeat_timeout: args.heartbeat_timeout,
+                sweep_interval: args.sweep_interval,
+                transition_retention: args.transition_retention,
+            },
+            shutdown.child_token(),
+        );
+        let health = HealthReporter::new();
+        let health_service = tonic_health::pb::health_server::HealthServer::new(
+            tonic_health::server::HealthService::from_health_reporter(health.clone()),
+        );
+        // The store answered (it just ran migrations): serving from the first call,
+        // so a health Watch never sees an unknown service.
+        health::set_all(&health, ServingStatus::Serving).await;
+        health::spawn_monitor(
+            store.clone(),
+            health.clone(),
+            args.health_check_interval,
+            shutdown.clone(),
+        );
+        Ok(Application {
+            listener,
+            args,
+            store,
+            fanout,
+            health,
+            health_service,
+            shutdown,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` fires, then: health NOT_SERVING, no new calls, watch
+    /// streams ended, in-flight calls given `--shutdown-grace` to finish.
+    pub async fn run(self) -> Result<(), Error> {
+        let Application {
+            listener,
+            args,
+            store,
+            fanout,
+            health,
+            health_service,
+            shutdown,
+        } = self;
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+
+        let settings = AgentStatusSettings {
+            default_recovery: chrono::Duration::from_std(args.default_recovery)
+                .map_err(|_| Error::invalid("--default-recovery is too large"))?,
+            watch_progress_interval: args.watch_progress_interval,
+        };
+        let agent_status = AgentStatusApi::new(store, fanout, settings, shutdown.clone());
+
+        let addr = listener.local_addr().ok();
+        tracing::info!(addr = ?addr, "serving");
+        let stopping = {
+            let shutdown = shutdown.clone();
+            let health = health.clone();
+            async move {
+                shutdown.cancelled().await;
+                health::set_all(&health, ServingStatus::NotServing).await;
+                tracing::info!("shutting down: no new calls, draining in-flight ones");
+            }
+        };
+        let serve = Server::builder()
+            .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+            .tcp_keepalive(Some(Duration::from_secs(60)))
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(AgentStatusServiceServer::new(agent_status))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopping);
+        let drain_deadline = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(args.shutdown_grace).await;
+        };
+        tokio::select! {
+            served = serve => served.map_err(|e| Error::Internal(format!("server failed: {e}")))?,
+            _ = drain_deadline => {
+                tracing::warn!(grace = ?args.shutdown_grace, "in-flight calls did not finish in time");
+            }
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,133 @@
+//! The Postgres store.
+
+mod agents;
+mod changes;
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::DatabaseArgs;
+use crate::error::Error;
+
+/// Channel on which committed transitions are announced to other replicas.
+const TRANSITIONS_CHANNEL: &str = "fleetcare_transitions";
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// The Postgres implementation of every store trait.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+    changes: watch::Sender<u64>,
+}
+
+impl PgStore {
+    /// Connects (creating the database if needed), applies migrations, and starts
+    /// listening for transitions committed by other replicas until `shutdown`.
+    pub async fn connect(args: &DatabaseArgs, shutdown: CancellationToken) -> Result<Self, Error> {
+        let pool = connect_and_migrate(args).await?;
+        let (changes, _) = watch::channel(0);
+        changes::spawn_listener(pool.clone(), changes.clone(), shutdown);
+        Ok(PgStore { pool, changes })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Wakes this process's watchers at once, without waiting for NOTIFY to come back.
+    fn announce_local_commit(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+}
+
+/// Creates the database if it does not exist, opens a pool and applies the
+/// embedded migrations (sqlx serialises concurrent migrators with an advisory lock).
+pub async fn connect_and_migrate(args: &DatabaseArgs) -> Result<PgPool, Error> {
+    let options: PgConnectOptions = args
+        .database_url
+        .parse()
+        .map_err(|e| Error::invalid(format!("invalid --database-url: {e}")))?;
+    create_database_if_missing(&options).await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(args.db_max_connections)
+        .acquire_timeout(args.db_acquire_timeout)
+        .connect_with(options)
+        .await
+        .map_err(db_error)?;
+    MIGRATOR
+        .run(&pool)
+        .await
+        .map_err(|e| Error::Internal(format!("migrations failed: {e}")))?;
+    Ok(pool)
+}
+
+async fn create_database_if_missing(options: &PgConnectOptions) -> Result<(), Error> {
+    let Some(name) = options.get_database().map(str::to_owned) else {
+        return Ok(());
+    };
+    let mut admin = options
+        .clone()
+        .database("postgres")
+        .connect()
+        .await
+        .map_err(db_error)?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&name)
+            .fetch_one(&mut admin)
+            .await
+            .map_err(db_error)?;
+    if !exists {
+        let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+        match sqlx::query(&format!("CREATE DATABASE {quoted}"))
+            .execute(&mut admin)
+            .await
+        {
+            Ok(_) => tracing::info!(database = %name, "created database"),
+            // Another replica created it first.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+            Err(e) => return Err(db_error(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Maps a database error to what it means for the client, in one place.
+/// Callers that expect a specific constraint violation match it before this.
+pub(crate) fn db_error(err: sqlx::Error) -> Error {
+    use sqlx::Error as E;
+    match &err {
+        E::PoolTimedOut | E::PoolClosed | E::Io(_) | E::Tls(_) | E::WorkerCrashed => {
+            Error::Unavailable(format!("database unreachable ({err})"))
+        }
+        E::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            match code.as_ref() {
+                // serialization failure, deadlock: the client may simply retry.
+                "40001" | "40P01" => Error::Aborted("concurrent update conflict, retry".into()),
+                // connection exceptions, admin shutdown, cannot connect now.
+                c if c.starts_with("08") || c == "57P01" || c == "57P02" || c == "57P03" => {
+                    Error::Unavailable(format!("database unavailable ({code})"))
+                }
+                "53300" => Error::Unavailable("database has too many connections".into()),
+                _ => {
+                    tracing::error!(error = %err, code = %code, "unexpected database error");
+                    Error::Internal(err.to_string())
+                }
+            }
+        }
+        _ => {
+            tracing::error!(error = %err, "unexpected database error");
+            Error::Internal(err.to_string())
+        }
+    }
+}
+
+/// How long the listener waits before reconnecting after a failure.
+const LISTENER_RETRY: Duration = Duration::from_secs(1);

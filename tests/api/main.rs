@@ -1,0 +1,9 @@
+//! Integration tests: the real server over real gRPC against a real Postgres.
+//! One binary, so it compiles once.
+
+mod agents;
+mod helpers;
+mod recovery;
+mod server;
+mod sweeper;
+mod watch;
