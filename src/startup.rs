@@ -117,8 +117,9 @@ impl Application {
         };
         let agent_status = AgentStatusApi::new(store, fanout, settings, shutdown.clone());
 
-        let addr = listener.local_addr().ok();
-        tracing::info!(addr = ?addr, "serving");
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "serving");
+        }
         let stopping = {
             let shutdown = shutdown.clone();
             let health = health.clone();

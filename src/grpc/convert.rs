@@ -1,6 +1,6 @@
 //! Conversions between the domain and the wire.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use prost_types::Timestamp;
 
 use crate::domain::agent::{AgentStatus, Cause, ExhaustionReason, SlotType};
@@ -16,11 +16,19 @@ pub fn timestamp(at: DateTime<Utc>) -> Timestamp {
     }
 }
 
+/// Decodes a client's timestamp, limited to years 1 to 9999 (RFC 3339, and what
+/// every client library can represent).
 pub fn from_timestamp(field: &str, ts: Timestamp) -> Result<DateTime<Utc>> {
     u32::try_from(ts.nanos)
         .ok()
+        .filter(|nanos| *nanos < 1_000_000_000)
         .and_then(|nanos| DateTime::from_timestamp(ts.seconds, nanos))
-        .ok_or_else(|| Error::invalid(format!("{field} is not a valid timestamp")))
+        .filter(|at| (1..=9999).contains(&at.year()))
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "{field} is not a valid timestamp between years 1 and 9999"
+            ))
+        })
 }
 
 pub fn status_to_pb(status: AgentStatus) -> pb::AgentStatus {
@@ -128,6 +136,40 @@ impl From<&Transition> for pb::Transition {
             occurred_at: Some(timestamp(t.occurred_at)),
             exhaustion_reason: t.exhaustion_reason.map_or(0, |r| reason_to_pb(r) as i32),
             recovery_at: t.recovery_at.map(timestamp),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_round_trip_and_out_of_range_ones_are_rejected() {
+        let at = DateTime::parse_from_rfc3339("2026-04-01T10:00:00.123456789Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(from_timestamp("t", timestamp(at)).unwrap(), at);
+        for bad in [
+            Timestamp {
+                seconds: 0,
+                nanos: -1,
+            },
+            Timestamp {
+                seconds: 0,
+                nanos: 1_000_000_000,
+            },
+            Timestamp {
+                seconds: 253_402_300_800,
+                nanos: 0,
+            }, // year 10000
+            Timestamp {
+                seconds: i64::MAX,
+                nanos: 0,
+            },
+        ] {
+            let err = from_timestamp("recovery_at", bad).unwrap_err().to_string();
+            assert!(err.contains("recovery_at"), "{err}");
         }
     }
 }
