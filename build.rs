@@ -9,8 +9,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     println!("cargo:rerun-if-changed=migrations");
 
-    let protos = ["proto/fleetcare/v1/agent_status.proto"];
-    let fds = protox::compile(protos, ["proto"])?;
+    // Every .proto under proto/fleetcare/v1, in a stable order.
+    let mut protos: Vec<PathBuf> = std::fs::read_dir("proto/fleetcare/v1")?
+        .map(|entry| entry.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    protos.retain(|p| p.extension().is_some_and(|ext| ext == "proto"));
+    protos.sort();
+    let fds = protox::compile(&protos, ["proto"])?;
 
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     let descriptor_path = out_dir.join("fleetcare_descriptor.bin");

@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use fleetcare::config::{DatabaseArgs, LogFormat, ServeArgs};
+use fleetcare::config::{DatabaseArgs, ServeArgs};
 use fleetcare::proto::v1 as pb;
 use fleetcare::proto::v1::agent_status_service_client::AgentStatusServiceClient;
 use fleetcare::startup::Application;
@@ -78,22 +78,11 @@ async fn main() {
         .rsplit_once('/')
         .map(|(s, _)| format!("{s}/{name}"))
         .unwrap();
-    let args = ServeArgs {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        database: DatabaseArgs {
-            database_url: url,
-            db_max_connections: 20,
-            db_acquire_timeout: Duration::from_secs(5),
-        },
-        heartbeat_timeout: Duration::from_secs(120),
-        default_recovery: Duration::from_secs(5 * 3600),
-        sweep_interval: Duration::from_secs(1),
-        transition_retention: Duration::from_secs(7 * 24 * 3600),
-        watch_progress_interval: Duration::from_secs(10),
-        watch_buffer: 4096,
-        health_check_interval: Duration::from_secs(1),
-        shutdown_grace: Duration::from_secs(5),
-        log_format: LogFormat::Text,
+    let mut args = ServeArgs::default();
+    args.database = DatabaseArgs {
+        database_url: url,
+        db_max_connections: 20,
+        db_acquire_timeout: Duration::from_secs(5),
     };
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

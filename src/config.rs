@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use clap::{Args, ValueEnum};
+use clap::{Args, Parser, ValueEnum};
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -74,9 +74,78 @@ pub struct ServeArgs {
     #[arg(long, env = "FLEETCARE_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
 
+    #[command(flatten)]
+    pub healing: HealingArgs,
+
     /// Log format; the level comes from RUST_LOG (default info).
     #[arg(long, env = "FLEETCARE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+/// Tuning of the healing services.
+#[derive(Debug, Clone, Args)]
+pub struct HealingArgs {
+    /// An active recovery without an outcome for this long expires and frees its agent.
+    #[arg(long, env = "FLEETCARE_RECOVERY_LEASE", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub recovery_lease: Duration,
+
+    /// A recovery plan riskier than this becomes ESCALATE.
+    #[arg(long, env = "FLEETCARE_SAFETY_LIMIT", default_value_t = 0.7)]
+    pub safety_limit: f64,
+
+    /// Seed for the planner's Thompson sampling and retry jitter (reproducible runs); random when unset.
+    #[arg(long, env = "FLEETCARE_HEALING_SEED")]
+    pub healing_seed: Option<u64>,
+
+    /// Metric points older than this are ignored when judging a post.
+    #[arg(long, env = "FLEETCARE_POST_WINDOW", default_value = "90m", value_parser = humantime::parse_duration)]
+    pub post_window: Duration,
+
+    /// At most this many actions per post per window.
+    #[arg(
+        long,
+        env = "FLEETCARE_POST_MAX_ACTIONS_PER_WINDOW",
+        default_value_t = 2
+    )]
+    pub post_max_actions_per_window: usize,
+
+    /// Cooldown after a comment on a post.
+    #[arg(long, env = "FLEETCARE_POST_COOLDOWN_COMMENT", default_value = "30m", value_parser = humantime::parse_duration)]
+    pub post_cooldown_comment: Duration,
+
+    /// Cooldown after an edit of a post.
+    #[arg(long, env = "FLEETCARE_POST_COOLDOWN_EDIT", default_value = "2h", value_parser = humantime::parse_duration)]
+    pub post_cooldown_edit: Duration,
+
+    /// Cooldown after a thread on a post.
+    #[arg(long, env = "FLEETCARE_POST_COOLDOWN_THREAD", default_value = "3h", value_parser = humantime::parse_duration)]
+    pub post_cooldown_thread: Duration,
+
+    /// A claimed post action without an outcome for this long counts as failed ("timeout").
+    #[arg(long, env = "FLEETCARE_POST_CLAIM_LEASE", default_value = "15m", value_parser = humantime::parse_duration)]
+    pub post_claim_lease: Duration,
+
+    /// A failed post action is retried while its attempts are below this.
+    #[arg(long, env = "FLEETCARE_POST_MAX_ATTEMPTS", default_value_t = 3)]
+    pub post_max_attempts: i32,
+}
+
+/// Parses an empty command line, so that defaults (and env fallbacks) live in one place.
+#[derive(Parser)]
+struct DefaultsOnly {
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+impl Default for ServeArgs {
+    fn default() -> Self {
+        DefaultsOnly::parse_from(["fleetcare"]).serve
+    }
+}
+
+/// A flag's duration as a chrono duration, or an error naming the flag.
+pub fn chrono_duration(flag: &str, value: Duration) -> Result<chrono::Duration, String> {
+    chrono::Duration::from_std(value).map_err(|_| format!("{flag} is too large"))
 }
 
 impl ServeArgs {
@@ -101,10 +170,37 @@ impl ServeArgs {
         if self.database.db_max_connections < 2 {
             return Err("--db-max-connections must be at least 2".into());
         }
-        chrono::Duration::from_std(self.default_recovery)
-            .map_err(|_| "--default-recovery is too large".to_string())?;
-        chrono::Duration::from_std(self.heartbeat_timeout)
-            .map_err(|_| "--heartbeat-timeout is too large".to_string())?;
+        let h = &self.healing;
+        let durations = [
+            ("--default-recovery", self.default_recovery),
+            ("--heartbeat-timeout", self.heartbeat_timeout),
+            ("--recovery-lease", h.recovery_lease),
+            ("--post-window", h.post_window),
+            ("--post-cooldown-comment", h.post_cooldown_comment),
+            ("--post-cooldown-edit", h.post_cooldown_edit),
+            ("--post-cooldown-thread", h.post_cooldown_thread),
+            ("--post-claim-lease", h.post_claim_lease),
+        ];
+        for (flag, value) in durations {
+            chrono_duration(flag, value)?;
+        }
+        for (flag, value) in [
+            ("--recovery-lease", h.recovery_lease),
+            ("--post-window", h.post_window),
+            ("--post-claim-lease", h.post_claim_lease),
+        ] {
+            if value.is_zero() {
+                return Err(format!("{flag} must be greater than zero"));
+            }
+        }
+        if !(h.safety_limit > 0.0 && h.safety_limit <= 1.0) {
+            return Err("--safety-limit must be in (0, 1]".into());
+        }
+        if h.post_max_actions_per_window == 0 || h.post_max_attempts < 1 {
+            return Err(
+                "--post-max-actions-per-window and --post-max-attempts must be at least 1".into(),
+            );
+        }
         Ok(())
     }
 }

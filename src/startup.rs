@@ -15,9 +15,14 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::config::ServeArgs;
+use crate::domain::healing::PlannerConfig;
+use crate::domain::post_healing::PostHealingConfig;
 use crate::error::Error;
 use crate::grpc::agent_status::{AgentStatusApi, AgentStatusSettings};
+use crate::grpc::healing::{HealingApi, HealingSettings, PostHealingApi, shared_rng};
 use crate::proto::v1::agent_status_service_server::AgentStatusServiceServer;
+use crate::proto::v1::healing_service_server::HealingServiceServer;
+use crate::proto::v1::post_healing_service_server::PostHealingServiceServer;
 use crate::runtime::{fanout::TransitionFanout, health, sweeper};
 use crate::storage::AgentStore;
 use crate::storage::postgres::PgStore;
@@ -29,7 +34,7 @@ const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Application {
     listener: TcpListener,
     args: ServeArgs,
-    store: Arc<dyn AgentStore>,
+    store: Arc<PgStore>,
     fanout: TransitionFanout,
     health: HealthReporter,
     health_service:
@@ -46,12 +51,12 @@ impl Application {
         shutdown: CancellationToken,
     ) -> Result<Self, Error> {
         args.validate().map_err(Error::InvalidArgument)?;
-        let store: Arc<dyn AgentStore> =
-            Arc::new(PgStore::connect(&args.database, shutdown.child_token()).await?);
+        let store = Arc::new(PgStore::connect(&args.database, shutdown.child_token()).await?);
+        let agents: Arc<dyn AgentStore> = store.clone();
         let fanout =
-            TransitionFanout::start(store.clone(), args.watch_buffer, shutdown.child_token());
+            TransitionFanout::start(agents.clone(), args.watch_buffer, shutdown.child_token());
         sweeper::spawn(
-            store.clone(),
+            agents.clone(),
             sweeper::SweeperConfig {
                 heartbeat_timeout: args.heartbeat_timeout,
                 sweep_interval: args.sweep_interval,
@@ -67,7 +72,7 @@ impl Application {
         // so a health Watch never sees an unknown service.
         health::set_all(&health, ServingStatus::Serving).await;
         health::spawn_monitor(
-            store.clone(),
+            agents,
             health.clone(),
             args.health_check_interval,
             shutdown.clone(),
@@ -115,7 +120,34 @@ impl Application {
                 .map_err(|_| Error::invalid("--default-recovery is too large"))?,
             watch_progress_interval: args.watch_progress_interval,
         };
-        let agent_status = AgentStatusApi::new(store, fanout, settings, shutdown.clone());
+        let agent_status = AgentStatusApi::new(store.clone(), fanout, settings, shutdown.clone());
+        let h = &args.healing;
+        let duration = |flag: &str, value| {
+            crate::config::chrono_duration(flag, value).map_err(Error::InvalidArgument)
+        };
+        let rng = shared_rng(h.healing_seed);
+        let healing = HealingApi::new(
+            store.clone(),
+            HealingSettings {
+                planner: PlannerConfig {
+                    safety_limit: h.safety_limit,
+                    ..PlannerConfig::default()
+                },
+                recovery_lease: duration("--recovery-lease", h.recovery_lease)?,
+            },
+            rng.clone(),
+        );
+        let post_config = PostHealingConfig {
+            window: duration("--post-window", h.post_window)?,
+            max_actions_per_window: h.post_max_actions_per_window,
+            cooldown_comment: duration("--post-cooldown-comment", h.post_cooldown_comment)?,
+            cooldown_edit: duration("--post-cooldown-edit", h.post_cooldown_edit)?,
+            cooldown_thread: duration("--post-cooldown-thread", h.post_cooldown_thread)?,
+            claim_lease: duration("--post-claim-lease", h.post_claim_lease)?,
+            max_attempts: h.post_max_attempts,
+            ..PostHealingConfig::default()
+        };
+        let post_healing = PostHealingApi::new(store, post_config, rng);
 
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "serving");
@@ -137,6 +169,8 @@ impl Application {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(AgentStatusServiceServer::new(agent_status))
+            .add_service(HealingServiceServer::new(healing))
+            .add_service(PostHealingServiceServer::new(post_healing))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopping);
         let drain_deadline = async {
             shutdown.cancelled().await;

@@ -1,5 +1,8 @@
 //! Pure domain logic: no I/O, no tonic, no sqlx; the clock is passed in.
 
 pub mod agent;
+pub mod healing;
+pub mod healing_records;
+pub mod post_healing;
 pub mod recovery;
 pub mod transition;

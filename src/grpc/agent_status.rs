@@ -71,21 +71,6 @@ fn recorded(transition: Option<pb::Transition>) -> Result<pb::Transition, Status
     transition.ok_or_else(|| Error::Internal("transition was not recorded".into()).into())
 }
 
-fn encode_page_token(last: &str) -> String {
-    format!("after:{last}")
-}
-
-fn decode_page_token(token: &str) -> Result<Option<&str>, Error> {
-    if token.is_empty() {
-        return Ok(None);
-    }
-    token
-        .strip_prefix("after:")
-        .filter(|rest| !rest.is_empty())
-        .map(Some)
-        .ok_or_else(|| Error::invalid("page_token is not one this server issued"))
-}
-
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchTransitionsResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -130,7 +115,7 @@ impl AgentStatusService for AgentStatusApi {
             labels,
         } = request.into_inner();
         let limit = validate::page_size(page_size)?;
-        let after = decode_page_token(&page_token)?
+        let after = validate::decode_page_token(&page_token)?
             .map(|id| validate::agent_id("page_token", id))
             .transpose()?;
         let statuses = statuses
@@ -149,7 +134,7 @@ impl AgentStatusService for AgentStatusApi {
             agents.truncate(limit as usize);
             agents
                 .last()
-                .map(|a| encode_page_token(&a.agent_id))
+                .map(|a| validate::encode_page_token(&a.agent_id))
                 .unwrap_or_default()
         } else {
             String::new()
@@ -355,7 +340,7 @@ impl AgentStatusService for AgentStatusApi {
             id => Some(validate::agent_id("agent_id", id)?),
         };
         let limit = validate::page_size(page_size)?;
-        let after = match decode_page_token(&page_token)? {
+        let after = match validate::decode_page_token(&page_token)? {
             Some(rev) => rev
                 .parse::<i64>()
                 .ok()
@@ -372,7 +357,7 @@ impl AgentStatusService for AgentStatusApi {
             transitions.truncate(limit as usize);
             transitions
                 .last()
-                .map(|t| encode_page_token(&t.revision.to_string()))
+                .map(|t| validate::encode_page_token(&t.revision.to_string()))
                 .unwrap_or_default()
         } else {
             String::new()

@@ -31,6 +31,25 @@ pub fn from_timestamp(field: &str, ts: Timestamp) -> Result<DateTime<Utc>> {
         })
 }
 
+pub fn duration(d: chrono::Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: d.num_seconds(),
+        nanos: d.subsec_nanos(),
+    }
+}
+
+/// Decodes a client's duration: not negative, at most 10 years.
+pub fn from_duration(field: &str, d: prost_types::Duration) -> Result<chrono::Duration> {
+    const MAX_SECONDS: i64 = 10 * 366 * 24 * 3600;
+    let valid = (0..=MAX_SECONDS).contains(&d.seconds) && (0..1_000_000_000).contains(&d.nanos);
+    if !valid {
+        return Err(Error::invalid(format!(
+            "{field} must be between 0 and 10 years"
+        )));
+    }
+    Ok(chrono::Duration::seconds(d.seconds) + chrono::Duration::nanoseconds(i64::from(d.nanos)))
+}
+
 pub fn status_to_pb(status: AgentStatus) -> pb::AgentStatus {
     match status {
         AgentStatus::Idle => pb::AgentStatus::Idle,

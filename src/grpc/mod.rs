@@ -2,8 +2,11 @@
 
 pub mod agent_status;
 pub mod convert;
+pub mod healing;
 pub mod status;
 pub mod validate;
 
 /// Fully qualified service names, as health and reflection report them.
 pub const AGENT_STATUS_SERVICE: &str = "fleetcare.v1.AgentStatusService";
+pub const HEALING_SERVICE: &str = "fleetcare.v1.HealingService";
+pub const POST_HEALING_SERVICE: &str = "fleetcare.v1.PostHealingService";

@@ -19,21 +19,31 @@ pub const MAX_WATCH_AGENTS: usize = 1000;
 
 /// 1 to 128 characters of `[A-Za-z0-9._:-]`.
 pub fn agent_id(field: &str, id: &str) -> Result<String> {
+    identifier(field, id, MAX_AGENT_ID, "")
+}
+
+pub const MAX_POST_ID: usize = 256;
+
+/// 1 to 256 characters of `[A-Za-z0-9._:/-]`.
+pub fn post_id(field: &str, id: &str) -> Result<String> {
+    identifier(field, id, MAX_POST_ID, "/")
+}
+
+fn identifier(field: &str, id: &str, max: usize, extra: &str) -> Result<String> {
     if id.is_empty() {
         return Err(Error::invalid(format!("{field} is required")));
     }
-    if id.len() > MAX_AGENT_ID {
+    if id.len() > max {
         return Err(Error::invalid(format!(
-            "{field} is {} characters, at most {MAX_AGENT_ID} allowed",
+            "{field} is {} characters, at most {max} allowed",
             id.len()
         )));
     }
-    if let Some(bad) = id
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')))
-    {
+    if let Some(bad) = id.chars().find(|c| {
+        !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-') || extra.contains(*c))
+    }) {
         return Err(Error::invalid(format!(
-            "{field} contains {bad:?}; only letters, digits and . _ : - are allowed"
+            "{field} contains {bad:?}; only letters, digits and . _ : - {extra} are allowed"
         )));
     }
     Ok(id.to_owned())
@@ -81,6 +91,73 @@ pub fn revision(field: &str, revision: i64) -> Result<i64> {
         return Err(Error::invalid(format!("{field} must not be negative")));
     }
     Ok(revision)
+}
+
+/// Page tokens name the last item of the previous page. They are opaque to
+/// clients; the prefix catches tokens from elsewhere.
+pub fn encode_page_token(last: &str) -> String {
+    format!("after:{last}")
+}
+
+pub fn decode_page_token(token: &str) -> Result<Option<&str>> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    token
+        .strip_prefix("after:")
+        .filter(|rest| !rest.is_empty())
+        .map(Some)
+        .ok_or_else(|| Error::invalid("page_token is not one this server issued"))
+}
+
+/// A page token that carries a positive integer id.
+pub fn decode_id_token(token: &str) -> Result<Option<i64>> {
+    decode_page_token(token)?
+        .map(|id| {
+            id.parse::<i64>()
+                .ok()
+                .filter(|id| *id >= 0)
+                .ok_or_else(|| Error::invalid("page_token is not one this server issued"))
+        })
+        .transpose()
+}
+
+/// Free text with a byte bound.
+pub fn bounded_text(field: &str, text: &str, max_bytes: usize) -> Result<()> {
+    if text.len() > max_bytes {
+        return Err(Error::invalid(format!(
+            "{field} is {} bytes, at most {max_bytes} allowed",
+            text.len()
+        )));
+    }
+    Ok(())
+}
+
+pub const MAX_CONTEXT_ENTRIES: usize = 64;
+pub const MAX_CONTEXT_KEY_BYTES: usize = 128;
+pub const MAX_CONTEXT_VALUE_BYTES: usize = 1024;
+
+/// A free-form string map (error context): bounded in entries and sizes.
+pub fn context(field: &str, map: HashMap<String, String>) -> Result<Labels> {
+    if map.len() > MAX_CONTEXT_ENTRIES {
+        return Err(Error::invalid(format!(
+            "{field} has {} entries, at most {MAX_CONTEXT_ENTRIES} allowed",
+            map.len()
+        )));
+    }
+    for (key, value) in &map {
+        if key.is_empty() || key.len() > MAX_CONTEXT_KEY_BYTES {
+            return Err(Error::invalid(format!(
+                "{field} keys must be 1 to {MAX_CONTEXT_KEY_BYTES} bytes"
+            )));
+        }
+        if value.len() > MAX_CONTEXT_VALUE_BYTES {
+            return Err(Error::invalid(format!(
+                "{field} value of {key:?} is longer than {MAX_CONTEXT_VALUE_BYTES} bytes"
+            )));
+        }
+    }
+    Ok(map.into_iter().collect())
 }
 
 #[cfg(test)]

@@ -13,7 +13,12 @@ use crate::storage::AgentStore;
 
 /// The names health is reported under: "" for the whole server, then each service.
 pub fn service_names() -> Vec<&'static str> {
-    vec!["", crate::grpc::AGENT_STATUS_SERVICE]
+    vec![
+        "",
+        crate::grpc::AGENT_STATUS_SERVICE,
+        crate::grpc::HEALING_SERVICE,
+        crate::grpc::POST_HEALING_SERVICE,
+    ]
 }
 
 pub async fn set_all(reporter: &HealthReporter, status: ServingStatus) {

@@ -7,10 +7,16 @@
 pub mod postgres;
 
 use async_trait::async_trait;
-use chrono::Duration;
+use chrono::{DateTime, Duration, Utc};
 use tokio::sync::watch;
 
 use crate::domain::agent::{AgentStatus, Event};
+use crate::domain::healing::{ErrorType, Evidence, Plan};
+use crate::domain::healing_records::{
+    ErrorEvent, HealingStatistics, NewErrorEvent, RecoveryAction, RecoveryOutcome, RecoveryStatus,
+    StoredAction,
+};
+use crate::domain::post_healing::{ActionRecord, ActionStatus, ActionType, Evaluation, Tier};
 use crate::domain::transition::{Agent, Labels, RevisionBounds, Transition, WatchFilter};
 use crate::error::Result;
 
@@ -78,4 +84,115 @@ pub trait AgentStore: Send + Sync + 'static {
     /// another one on the same store, and after the store lost track (a
     /// reconnect): the receiver then re-reads from the history.
     fn changes(&self) -> watch::Receiver<u64>;
+}
+
+/// Decides a recovery plan from the event and the evidence learned for its kind,
+/// inside the store's transaction.
+pub type Planner<'a> = Box<dyn FnOnce(&ErrorEvent, &[Evidence]) -> Plan + Send + 'a>;
+
+/// Which error events `list_error_events` returns, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct ErrorEventQuery {
+    pub agent_id: Option<String>,
+    pub error_type: Option<ErrorType>,
+    /// Only events with a smaller id (the previous page's last).
+    pub before_id: Option<i64>,
+    pub limit: i64,
+}
+
+/// Which recovery actions `list_recovery_actions` returns, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct RecoveryActionQuery {
+    pub agent_id: Option<String>,
+    pub error_type: Option<ErrorType>,
+    pub status: Option<RecoveryStatus>,
+    pub before_id: Option<i64>,
+    pub limit: i64,
+}
+
+/// The agent-healing part of the store.
+#[async_trait]
+pub trait HealingStore: Send + Sync + 'static {
+    /// Stores an error, marking it recurring from the agent's recent history.
+    async fn record_error(&self, event: NewErrorEvent) -> Result<ErrorEvent>;
+
+    /// Plans and stores an ACTIVE recovery for the event's agent, unless one is
+    /// already active (FAILED_PRECONDITION naming it). Expired ones are freed first.
+    async fn plan_recovery(
+        &self,
+        error_event_id: i64,
+        lease: Duration,
+        planner: Planner<'_>,
+    ) -> Result<RecoveryAction>;
+
+    /// Ends a recovery with its outcome and updates what was learned, atomically.
+    async fn record_recovery_outcome(
+        &self,
+        action_id: i64,
+        outcome: RecoveryOutcome,
+    ) -> Result<RecoveryAction>;
+
+    async fn healing_statistics(&self) -> Result<HealingStatistics>;
+
+    async fn list_error_events(&self, query: &ErrorEventQuery) -> Result<Vec<ErrorEvent>>;
+
+    async fn list_recovery_actions(
+        &self,
+        query: &RecoveryActionQuery,
+    ) -> Result<Vec<RecoveryAction>>;
+}
+
+/// Judges a post from its action history at a given time, inside the store's
+/// transaction (so a claim decided on that history is atomic).
+pub type PostEvaluator<'a> =
+    Box<dyn FnOnce(DateTime<Utc>, &[ActionRecord]) -> Evaluation + Send + 'a>;
+
+/// A post's verdict, and the record this call claimed, if any.
+#[derive(Debug, Clone)]
+pub struct PostVerdict {
+    pub evaluation: Evaluation,
+    pub claimed: Option<StoredAction>,
+}
+
+/// An outcome reported for a post action. `new_record` creates the record when
+/// the key is unknown.
+#[derive(Debug, Clone)]
+pub struct ActionOutcomeUpdate {
+    pub idempotency_key: String,
+    pub status: ActionStatus,
+    pub outcome: Option<serde_json::Value>,
+    pub error_code: Option<String>,
+    pub new_record: Option<(String, ActionType, Tier)>,
+}
+
+/// The post-healing part of the store.
+#[async_trait]
+pub trait PostHealingStore: Send + Sync + 'static {
+    /// Evaluates a post at `now` (the store's clock when `None`). With `claim_lease`,
+    /// an eligible action is recorded RUNNING in the same transaction, serialised
+    /// per post, so of many concurrent evaluators exactly one claims it.
+    async fn evaluate_post(
+        &self,
+        post_id: &str,
+        now: Option<DateTime<Utc>>,
+        claim_lease: Option<Duration>,
+        evaluate: PostEvaluator<'_>,
+    ) -> Result<PostVerdict>;
+
+    /// Updates (or creates) an action record; returns it and whether it was created.
+    async fn record_action_outcome(
+        &self,
+        update: ActionOutcomeUpdate,
+    ) -> Result<(StoredAction, bool)>;
+
+    /// One action record, as of the store's clock, and that time.
+    async fn get_action(&self, idempotency_key: &str) -> Result<(StoredAction, DateTime<Utc>)>;
+
+    /// A post's records, newest first, after the given (created_at, key) cursor.
+    async fn list_actions(
+        &self,
+        post_id: &str,
+        before: Option<(DateTime<Utc>, String)>,
+        limit: i64,
+    ) -> Result<Vec<StoredAction>>;
 }

@@ -90,23 +90,18 @@ impl Drop for TestDb {
 
 /// Server settings for tests: everything quick, nothing timing-critical.
 pub fn test_args(database_url: &str) -> ServeArgs {
-    ServeArgs {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        database: DatabaseArgs {
-            database_url: database_url.to_owned(),
-            db_max_connections: 10,
-            db_acquire_timeout: Duration::from_secs(2),
-        },
-        heartbeat_timeout: Duration::from_secs(120),
-        default_recovery: Duration::from_secs(5 * 3600),
-        sweep_interval: Duration::from_millis(100),
-        transition_retention: Duration::from_secs(7 * 24 * 3600),
-        watch_progress_interval: Duration::from_secs(10),
-        watch_buffer: 4096,
-        health_check_interval: Duration::from_millis(200),
-        shutdown_grace: Duration::from_secs(5),
-        log_format: LogFormat::Text,
-    }
+    let mut args = ServeArgs::default();
+    args.listen = "127.0.0.1:0".parse().unwrap();
+    args.database = DatabaseArgs {
+        database_url: database_url.to_owned(),
+        db_max_connections: 10,
+        db_acquire_timeout: Duration::from_secs(2),
+    };
+    args.sweep_interval = Duration::from_millis(100);
+    args.health_check_interval = Duration::from_millis(200);
+    args.shutdown_grace = Duration::from_secs(5);
+    args.healing.healing_seed = Some(7);
+    args
 }
 
 pub struct TestApp {

@@ -2,7 +2,9 @@
 //! One binary, so it compiles once.
 
 mod agents;
+mod healing;
 mod helpers;
+mod post_healing;
 mod recovery;
 mod server;
 mod sweeper;

@@ -10,7 +10,12 @@ use tonic_health::pb::health_client::HealthClient;
 
 use crate::helpers::{PgProxy, TestApp, TestDb, eventually, test_args};
 
-const SERVICES: [&str; 2] = ["", "fleetcare.v1.AgentStatusService"];
+const SERVICES: [&str; 4] = [
+    "",
+    "fleetcare.v1.AgentStatusService",
+    "fleetcare.v1.HealingService",
+    "fleetcare.v1.PostHealingService",
+];
 
 async fn health_of(app: &TestApp, service: &str) -> Option<ServingStatus> {
     let mut client = HealthClient::new(app.channel.clone());
@@ -168,7 +173,12 @@ async fn reflection_lists_every_service_on_v1_and_v1alpha() {
         reflected_services_v1(&app).await,
         reflected_services_v1alpha(&app).await,
     ] {
-        for expected in ["fleetcare.v1.AgentStatusService", "grpc.health.v1.Health"] {
+        for expected in SERVICES
+            .iter()
+            .skip(1)
+            .copied()
+            .chain(["grpc.health.v1.Health"])
+        {
             assert!(
                 services.iter().any(|s| s == expected),
                 "{expected} missing from {services:?}"

@@ -2,6 +2,8 @@
 
 mod agents;
 mod changes;
+mod healing;
+mod post_healing;
 
 use std::time::Duration;
 

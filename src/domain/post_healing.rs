@@ -1,0 +1,1187 @@
+//! Post healing: detect social posts whose engagement has stalled, pick an
+//! escalating intervention (comment, edit, thread), and guard against spam
+//! with idempotency keys, a per-window cap, per-action cooldowns and bounded,
+//! jittered retries.
+//!
+//! Pure: the caller passes `now` and the RNG; the store persists records.
+
+use chrono::{DateTime, Duration, Utc};
+use rand::Rng;
+use sha2::{Digest, Sha256};
+
+/// One engagement snapshot of a post. Counters are cumulative.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricPoint {
+    pub at: DateTime<Utc>,
+    pub impressions: i64,
+    pub engagements: i64,
+}
+
+/// Case-insensitive, whitespace-tolerant lookup of a variant by its wire name.
+fn parse_by_name<T: Copy>(all: &[T], name_of: impl Fn(T) -> &'static str, s: &str) -> Option<T> {
+    let s = s.trim();
+    all.iter()
+        .copied()
+        .find(|v| name_of(*v).eq_ignore_ascii_case(s))
+}
+
+/// Implements `Display` via `as_str` so wire names have a single source.
+macro_rules! display_via_as_str {
+    ($($t:ty),*) => {$(
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    )*};
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ActionType {
+    Comment,
+    Edit,
+    Thread,
+}
+
+impl ActionType {
+    pub const ALL: [ActionType; 3] = [ActionType::Comment, ActionType::Edit, ActionType::Thread];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActionType::Comment => "comment",
+            ActionType::Edit => "edit",
+            ActionType::Thread => "thread",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        parse_by_name(&Self::ALL, Self::as_str, s)
+    }
+}
+
+/// Intervention strength; each tier maps to one action (see [`Tier::action`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Tier {
+    Tier1,
+    Tier2,
+    Tier3,
+}
+
+impl Tier {
+    pub const ALL: [Tier; 3] = [Tier::Tier1, Tier::Tier2, Tier::Tier3];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Tier1 => "tier_1",
+            Tier::Tier2 => "tier_2",
+            Tier::Tier3 => "tier_3",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        parse_by_name(&Self::ALL, Self::as_str, s)
+    }
+
+    pub fn number(self) -> i32 {
+        match self {
+            Tier::Tier1 => 1,
+            Tier::Tier2 => 2,
+            Tier::Tier3 => 3,
+        }
+    }
+
+    /// The action each tier takes: the worse the stall, the louder the action.
+    pub fn action(self) -> ActionType {
+        match self {
+            Tier::Tier1 => ActionType::Comment,
+            Tier::Tier2 => ActionType::Edit,
+            Tier::Tier3 => ActionType::Thread,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ActionStatus {
+    Running,
+    Succeeded,
+    Failed,
+}
+
+impl ActionStatus {
+    pub const ALL: [ActionStatus; 3] = [
+        ActionStatus::Running,
+        ActionStatus::Succeeded,
+        ActionStatus::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActionStatus::Running => "RUNNING",
+            ActionStatus::Succeeded => "SUCCEEDED",
+            ActionStatus::Failed => "FAILED",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        parse_by_name(&Self::ALL, Self::as_str, s)
+    }
+}
+
+/// Why a post may not be healed right now. Also usable as an error type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, thiserror::Error)]
+pub enum Ineligible {
+    #[error("insufficient_samples")]
+    InsufficientSamples,
+    #[error("duplicate_action")]
+    DuplicateAction,
+    #[error("window_frequency_exceeded")]
+    WindowFrequencyExceeded,
+    #[error("action_cooldown_active")]
+    ActionCooldownActive,
+}
+
+impl Ineligible {
+    pub const ALL: [Ineligible; 4] = [
+        Ineligible::InsufficientSamples,
+        Ineligible::DuplicateAction,
+        Ineligible::WindowFrequencyExceeded,
+        Ineligible::ActionCooldownActive,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ineligible::InsufficientSamples => "insufficient_samples",
+            Ineligible::DuplicateAction => "duplicate_action",
+            Ineligible::WindowFrequencyExceeded => "window_frequency_exceeded",
+            Ineligible::ActionCooldownActive => "action_cooldown_active",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        parse_by_name(&Self::ALL, Self::as_str, s)
+    }
+}
+
+display_via_as_str!(ActionType, Tier, ActionStatus);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PostHealingConfig {
+    /// How far back metrics and actions are considered.
+    pub window: Duration,
+    /// Minimum metric points in the window before judging a post.
+    pub min_samples: usize,
+    /// Cap on actions per post per window, across all action types.
+    pub max_actions_per_window: usize,
+    pub cooldown_comment: Duration,
+    pub cooldown_edit: Duration,
+    pub cooldown_thread: Duration,
+    /// How long a worker may hold a RUNNING record before it counts as timed out.
+    pub claim_lease: Duration,
+    pub max_attempts: i32,
+    /// Delay before the first retry; doubles per attempt.
+    pub retry_base: Duration,
+    /// Cap on the (pre-jitter) retry delay.
+    pub retry_max: Duration,
+}
+
+impl Default for PostHealingConfig {
+    fn default() -> Self {
+        PostHealingConfig {
+            window: Duration::minutes(90),
+            min_samples: 3,
+            max_actions_per_window: 2,
+            cooldown_comment: Duration::minutes(30),
+            cooldown_edit: Duration::hours(2),
+            cooldown_thread: Duration::hours(3),
+            claim_lease: Duration::minutes(15),
+            max_attempts: 3,
+            retry_base: Duration::seconds(60),
+            retry_max: Duration::hours(1),
+        }
+    }
+}
+
+impl PostHealingConfig {
+    pub fn cooldown(&self, a: ActionType) -> Duration {
+        match a {
+            ActionType::Comment => self.cooldown_comment,
+            ActionType::Edit => self.cooldown_edit,
+            ActionType::Thread => self.cooldown_thread,
+        }
+    }
+}
+
+/// `now - d`, saturating at the earliest representable instant instead of panicking.
+fn sub_saturating(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    now.checked_sub_signed(d)
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
+/// `t + d`, saturating at the representable range instead of panicking.
+fn add_saturating(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    t.checked_add_signed(d).unwrap_or(if d < Duration::zero() {
+        DateTime::<Utc>::MIN_UTC
+    } else {
+        DateTime::<Utc>::MAX_UTC
+    })
+}
+
+/// A stored action record as the store hands it over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActionRecord {
+    pub idempotency_key: String,
+    pub post_id: String,
+    pub action: ActionType,
+    pub tier: Tier,
+    pub status: ActionStatus,
+    pub attempts: i32,
+    pub error_code: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+}
+
+/// Error code given to a RUNNING record whose lease ran out.
+pub const LEASE_TIMEOUT_ERROR: &str = "timeout";
+
+fn lease_expired(record: &ActionRecord, now: DateTime<Utc>) -> bool {
+    record.status == ActionStatus::Running && record.lease_expires_at.is_some_and(|t| t <= now)
+}
+
+/// Status as it should be acted on. A RUNNING record whose lease has expired
+/// (at or before `now`) counts as FAILED with error "timeout", so a crashed
+/// worker neither blocks the post forever nor hides a retry. A RUNNING record
+/// without a lease stays RUNNING: nothing says its worker is gone.
+pub fn effective(record: &ActionRecord, now: DateTime<Utc>) -> (ActionStatus, Option<String>) {
+    if lease_expired(record, now) {
+        (ActionStatus::Failed, Some(LEASE_TIMEOUT_ERROR.to_owned()))
+    } else {
+        (record.status, record.error_code.clone())
+    }
+}
+
+/// How stalled a post is and which intervention that calls for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stagnation {
+    /// Metric points used (those inside the window).
+    pub samples: usize,
+    /// New engagements per new impression over the window; 0 when impressions did not grow.
+    pub engagement_rate: f64,
+    /// 0 = healthy, 1 = fully stalled.
+    pub score: f64,
+    pub tier: Tier,
+    pub action: ActionType,
+}
+
+/// Engagement rate at which a post counts as healthy (score 0): 5 %.
+const HEALTHY_RATE_FACTOR: i128 = 20;
+pub const TIER3_SCORE: f64 = 0.8;
+pub const TIER2_SCORE: f64 = 0.55;
+
+/// Measure stagnation from the metric points in `[now - window, now]`.
+///
+/// The score is computed as `(Δimpressions - 20·Δengagements) / Δimpressions`,
+/// which equals `1 - 20·rate` but in exact integer arithmetic up to one final
+/// division, so rates that sit exactly on a tier boundary (e.g. 1 engagement per
+/// 100 impressions -> 0.8) land on the boundary instead of a rounding error away.
+pub fn stagnation(
+    points: &[MetricPoint],
+    now: DateTime<Utc>,
+    config: &PostHealingConfig,
+) -> Result<Stagnation, Ineligible> {
+    let since = sub_saturating(now, config.window);
+    let mut window: Vec<&MetricPoint> = points
+        .iter()
+        .filter(|p| p.at >= since && p.at <= now)
+        .collect();
+    if window.len() < config.min_samples || window.is_empty() {
+        return Err(Ineligible::InsufficientSamples);
+    }
+    // Tie-break equal timestamps by the counters so the result does not depend
+    // on input order (counters are cumulative, so larger is later).
+    window.sort_by_key(|p| (p.at, p.impressions, p.engagements));
+    let (first, last) = match (window.first(), window.last()) {
+        (Some(f), Some(l)) => (*f, *l),
+        _ => return Err(Ineligible::InsufficientSamples),
+    };
+
+    // i128: differences of arbitrary i64s, times 20, cannot overflow.
+    let d_imp = i128::from(last.impressions) - i128::from(first.impressions);
+    let d_eng = i128::from(last.engagements) - i128::from(first.engagements);
+    let (engagement_rate, score) = if d_imp > 0 {
+        let rate = d_eng as f64 / d_imp as f64;
+        // Clamped: a negative engagement delta (counter reset) reads as fully stalled.
+        let score = ((d_imp - HEALTHY_RATE_FACTOR * d_eng) as f64 / d_imp as f64).clamp(0.0, 1.0);
+        (rate, score)
+    } else {
+        // No new impressions: nobody is seeing the post, which is the stall we heal.
+        (0.0, 1.0)
+    };
+    let tier = if score >= TIER3_SCORE {
+        Tier::Tier3
+    } else if score >= TIER2_SCORE {
+        Tier::Tier2
+    } else {
+        Tier::Tier1
+    };
+    Ok(Stagnation {
+        samples: window.len(),
+        engagement_rate,
+        score,
+        tier,
+        action: tier.action(),
+    })
+}
+
+/// "sheal_" + first 32 lowercase hex chars of SHA-256("{post_id}:{action}:{tier}"),
+/// identical to the Python implementation's keys.
+pub fn idempotency_key(post_id: &str, action: ActionType, tier: Tier) -> String {
+    let digest =
+        Sha256::digest(format!("{post_id}:{}:{}", action.as_str(), tier.as_str()).as_bytes());
+    let mut key = String::with_capacity(6 + 32);
+    key.push_str("sheal_");
+    for byte in &digest[..16] {
+        // Writing to a String cannot fail; format! avoids a fallible `write!`.
+        key.push_str(&format!("{byte:02x}"));
+    }
+    key
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Evaluation {
+    pub eligible: bool,
+    /// Set exactly when `eligible` is false.
+    pub reason: Option<Ineligible>,
+    /// Present unless samples were insufficient.
+    pub stagnation: Option<Stagnation>,
+    /// Key of the action that would be (or was refused to be) taken.
+    pub idempotency_key: Option<String>,
+}
+
+/// Decide whether to heal `post_id` now. Guardrails, first failure wins:
+/// 1. insufficient_samples;
+/// 2. duplicate_action: a record with this key is SUCCEEDED or RUNNING (effective);
+/// 3. window_frequency_exceeded: records created in the last window >= cap;
+/// 4. action_cooldown_active: newest same-type record younger than its cooldown.
+///
+/// `history` is every record of this post. It is deliberately not re-filtered by
+/// `post_id`: if the store ever mislabels a row, counting it errs toward not spamming.
+/// Records dated in the future (clock skew) count as recent for the same reason.
+pub fn evaluate(
+    post_id: &str,
+    points: &[MetricPoint],
+    history: &[ActionRecord],
+    now: DateTime<Utc>,
+    config: &PostHealingConfig,
+) -> Evaluation {
+    let stag = match stagnation(points, now, config) {
+        Ok(s) => s,
+        Err(reason) => {
+            return Evaluation {
+                eligible: false,
+                reason: Some(reason),
+                stagnation: None,
+                idempotency_key: None,
+            };
+        }
+    };
+    let key = idempotency_key(post_id, stag.action, stag.tier);
+    let refuse = |reason| Evaluation {
+        eligible: false,
+        reason: Some(reason),
+        stagnation: Some(stag),
+        idempotency_key: Some(key.clone()),
+    };
+
+    let duplicate = history.iter().any(|r| {
+        r.idempotency_key == key
+            && matches!(
+                effective(r, now).0,
+                ActionStatus::Succeeded | ActionStatus::Running
+            )
+    });
+    if duplicate {
+        return refuse(Ineligible::DuplicateAction);
+    }
+
+    let since = sub_saturating(now, config.window);
+    let recent = history.iter().filter(|r| r.created_at >= since).count();
+    if recent >= config.max_actions_per_window {
+        return refuse(Ineligible::WindowFrequencyExceeded);
+    }
+
+    let newest_same_type = history
+        .iter()
+        .filter(|r| r.action == stag.action)
+        .map(|r| r.created_at)
+        .max();
+    if let Some(created) = newest_same_type {
+        // Compare instants rather than subtracting: no overflow for extreme dates.
+        if created > sub_saturating(now, config.cooldown(stag.action)) {
+            return refuse(Ineligible::ActionCooldownActive);
+        }
+    }
+
+    Evaluation {
+        eligible: true,
+        reason: None,
+        stagnation: Some(stag),
+        idempotency_key: Some(key),
+    }
+}
+
+/// Error codes worth retrying: the failure was about the environment, not the action.
+pub const TRANSIENT_ERRORS: &[&str] = &[
+    "timeout",
+    "rate_limit",
+    "service_unavailable",
+    "network_error",
+];
+
+pub const RETRY_REASON_TRANSIENT: &str = "transient_error";
+pub const RETRY_REASON_NOT_FAILED: &str = "not_failed";
+pub const RETRY_REASON_PERMANENT: &str = "permanent_error";
+pub const RETRY_REASON_MAX_ATTEMPTS: &str = "max_attempts_reached";
+
+/// Jitter bounds applied to the backoff delay, so workers that failed together
+/// do not retry together.
+pub const JITTER_MIN: f64 = 0.8;
+pub const JITTER_MAX: f64 = 1.2;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryDecision {
+    pub retry: bool,
+    pub reason: String,
+    /// Earliest retry time; `Some` exactly when `retry` is true.
+    pub not_before: Option<DateTime<Utc>>,
+}
+
+fn is_transient(code: &str) -> bool {
+    let code = code.trim();
+    TRANSIENT_ERRORS
+        .iter()
+        .any(|t| t.eq_ignore_ascii_case(code))
+}
+
+/// Backoff before jitter: `min(retry_max, retry_base * 2^(attempts-1))`, in ms.
+/// Done in f64 so any attempt count is fine (2^huge is +inf, then capped).
+fn backoff_ms(attempts: i32, config: &PostHealingConfig) -> f64 {
+    let base = config.retry_base.num_milliseconds().max(0) as f64;
+    let max = config.retry_max.num_milliseconds().max(0) as f64;
+    let exponent = attempts.saturating_sub(1).max(0);
+    (base * 2f64.powi(exponent)).min(max)
+}
+
+/// Should this record be retried, and not before when?
+///
+/// Yes only if its effective status is FAILED with a transient error code and
+/// it has attempts left. Checks, first failure wins: "not_failed",
+/// "permanent_error" (unknown or missing codes are treated as permanent: retrying
+/// what we do not understand risks duplicate posts), "max_attempts_reached".
+/// The delay counts from `updated_at`, or from the lease expiry when the
+/// record timed out (that is when it actually stopped), and is
+/// `min(retry_max, retry_base * 2^(attempts-1))` times a jitter in [0.8, 1.2].
+pub fn should_retry(
+    record: &ActionRecord,
+    now: DateTime<Utc>,
+    config: &PostHealingConfig,
+    rng: &mut impl Rng,
+) -> RetryDecision {
+    let no = |reason: &str| RetryDecision {
+        retry: false,
+        reason: reason.to_owned(),
+        not_before: None,
+    };
+    let (status, code) = effective(record, now);
+    if status != ActionStatus::Failed {
+        return no(RETRY_REASON_NOT_FAILED);
+    }
+    if !code.as_deref().is_some_and(is_transient) {
+        return no(RETRY_REASON_PERMANENT);
+    }
+    if record.attempts >= config.max_attempts {
+        return no(RETRY_REASON_MAX_ATTEMPTS);
+    }
+
+    let from = match record.lease_expires_at {
+        Some(expiry) if lease_expired(record, now) => expiry,
+        _ => record.updated_at,
+    };
+    let jitter = rng.random_range(JITTER_MIN..=JITTER_MAX);
+    // `as i64` saturates for huge floats; try_milliseconds rejects what chrono cannot hold.
+    let delay_ms = (backoff_ms(record.attempts, config) * jitter).round() as i64;
+    let delay = Duration::try_milliseconds(delay_ms).unwrap_or(Duration::MAX);
+    RetryDecision {
+        retry: true,
+        reason: RETRY_REASON_TRANSIENT.to_owned(),
+        not_before: Some(add_saturating(from, delay)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use proptest::prelude::*;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2025, 6, 1, 12, 0, 0)
+            .single()
+            .expect("valid fixed date")
+    }
+
+    fn mins_ago(m: i64) -> DateTime<Utc> {
+        now() - Duration::minutes(m)
+    }
+
+    fn pt(m_ago: i64, impressions: i64, engagements: i64) -> MetricPoint {
+        MetricPoint {
+            at: mins_ago(m_ago),
+            impressions,
+            engagements,
+        }
+    }
+
+    /// Three in-window points going from (0,0) to (imp, eng).
+    fn series(imp: i64, eng: i64) -> Vec<MetricPoint> {
+        vec![pt(60, 0, 0), pt(30, imp / 2, eng / 2), pt(0, imp, eng)]
+    }
+
+    fn cfg() -> PostHealingConfig {
+        PostHealingConfig::default()
+    }
+
+    fn rec(
+        post: &str,
+        action: ActionType,
+        tier: Tier,
+        status: ActionStatus,
+        created_mins_ago: i64,
+    ) -> ActionRecord {
+        ActionRecord {
+            idempotency_key: idempotency_key(post, action, tier),
+            post_id: post.to_owned(),
+            action,
+            tier,
+            status,
+            attempts: 1,
+            error_code: None,
+            created_at: mins_ago(created_mins_ago),
+            updated_at: mins_ago(created_mins_ago),
+            lease_expires_at: None,
+        }
+    }
+
+    #[test]
+    fn enum_names_round_trip() {
+        for a in ActionType::ALL {
+            assert_eq!(ActionType::parse(a.as_str()), Some(a));
+        }
+        for t in Tier::ALL {
+            assert_eq!(Tier::parse(t.as_str()), Some(t));
+        }
+        for s in ActionStatus::ALL {
+            assert_eq!(ActionStatus::parse(s.as_str()), Some(s));
+        }
+        for i in Ineligible::ALL {
+            assert_eq!(Ineligible::parse(i.as_str()), Some(i));
+            assert_eq!(i.to_string(), i.as_str());
+        }
+        assert_eq!(Tier::ALL.map(Tier::number), [1, 2, 3]);
+        assert_eq!(Tier::parse("tier_4"), None);
+        assert_eq!(ActionStatus::parse("running"), Some(ActionStatus::Running));
+    }
+
+    #[test]
+    fn default_config_and_cooldowns() {
+        let c = cfg();
+        assert_eq!(c.window, Duration::minutes(90));
+        assert_eq!(c.min_samples, 3);
+        assert_eq!(c.max_actions_per_window, 2);
+        assert_eq!(c.cooldown(ActionType::Comment), Duration::minutes(30));
+        assert_eq!(c.cooldown(ActionType::Edit), Duration::hours(2));
+        assert_eq!(c.cooldown(ActionType::Thread), Duration::hours(3));
+        assert_eq!(c.claim_lease, Duration::minutes(15));
+        assert_eq!(c.max_attempts, 3);
+        assert_eq!(c.retry_base, Duration::seconds(60));
+        assert_eq!(c.retry_max, Duration::hours(1));
+    }
+
+    #[test]
+    fn window_filtering_ignores_old_and_future_points() {
+        // The old point would make the post look healthy (lots of engagement
+        // early on); the future point would too. Only the in-window ones count.
+        let points = vec![
+            pt(200, 0, 0),
+            pt(90, 1000, 0), // exactly at the window edge: included
+            pt(45, 1500, 0),
+            pt(0, 2000, 0),
+            MetricPoint {
+                at: now() + Duration::minutes(5),
+                impressions: 5000,
+                engagements: 4000,
+            },
+        ];
+        let s = stagnation(&points, now(), &cfg()).expect("enough samples");
+        assert_eq!(s.samples, 3);
+        assert_eq!(s.engagement_rate, 0.0);
+        assert_eq!(s.score, 1.0);
+        assert_eq!(s.tier, Tier::Tier3);
+        assert_eq!(s.action, ActionType::Thread);
+
+        // Drop the edge point just outside the window: now too few samples.
+        let mut outside = points.clone();
+        outside[1].at = mins_ago(91);
+        assert_eq!(
+            stagnation(&outside, now(), &cfg()),
+            Err(Ineligible::InsufficientSamples)
+        );
+    }
+
+    #[test]
+    fn unsorted_input_is_sorted_by_time() {
+        // Healthy post: 10 % engagement, given in reverse order.
+        let mut points = series(1000, 100);
+        points.reverse();
+        let s = stagnation(&points, now(), &cfg()).expect("enough samples");
+        assert!((s.engagement_rate - 0.1).abs() < 1e-12);
+        assert_eq!(s.score, 0.0);
+        assert_eq!(s.tier, Tier::Tier1);
+        assert_eq!(s.action, ActionType::Comment);
+    }
+
+    #[test]
+    fn insufficient_samples() {
+        assert_eq!(
+            stagnation(&[], now(), &cfg()),
+            Err(Ineligible::InsufficientSamples)
+        );
+        let two = [pt(10, 0, 0), pt(0, 10, 0)];
+        assert_eq!(
+            stagnation(&two, now(), &cfg()),
+            Err(Ineligible::InsufficientSamples)
+        );
+        // min_samples of 0 still needs one point to measure anything.
+        let zero = PostHealingConfig {
+            min_samples: 0,
+            ..cfg()
+        };
+        assert_eq!(
+            stagnation(&[], now(), &zero),
+            Err(Ineligible::InsufficientSamples)
+        );
+    }
+
+    #[test]
+    fn flat_impressions_mean_rate_zero() {
+        let points = [pt(60, 500, 10), pt(30, 500, 20), pt(0, 500, 30)];
+        let s = stagnation(&points, now(), &cfg()).expect("enough samples");
+        assert_eq!(s.engagement_rate, 0.0);
+        assert_eq!(s.score, 1.0);
+        // Impressions going down (counter reset) is also "did not grow".
+        let down = [pt(60, 500, 10), pt(30, 400, 20), pt(0, 300, 30)];
+        assert_eq!(
+            stagnation(&down, now(), &cfg()).map(|s| s.engagement_rate),
+            Ok(0.0)
+        );
+    }
+
+    #[test]
+    fn tier_boundaries() {
+        let tier = |imp, eng| stagnation(&series(imp, eng), now(), &cfg()).expect("enough samples");
+        // rate 1 % -> score exactly 0.8 -> tier 3.
+        let s = tier(100, 1);
+        assert_eq!(s.score, 0.8);
+        assert_eq!((s.tier, s.action), (Tier::Tier3, ActionType::Thread));
+        // rate just above 1 % -> just below 0.8 -> tier 2.
+        let s = tier(100_000, 1_001);
+        assert!(s.score < 0.8 && s.score > 0.79);
+        assert_eq!((s.tier, s.action), (Tier::Tier2, ActionType::Edit));
+        // rate 2.25 % -> score exactly 0.55 -> tier 2.
+        let s = tier(400, 9);
+        assert_eq!(s.score, 0.55);
+        assert_eq!(s.tier, Tier::Tier2);
+        // just above 2.25 % -> just below 0.55 -> tier 1.
+        let s = tier(400_000, 9_001);
+        assert!(s.score < 0.55 && s.score > 0.54);
+        assert_eq!((s.tier, s.action), (Tier::Tier1, ActionType::Comment));
+        // 5 % and above -> score 0.
+        assert_eq!(tier(100, 5).score, 0.0);
+        assert_eq!(tier(100, 50).score, 0.0);
+    }
+
+    #[test]
+    fn idempotency_key_matches_python() {
+        let key = idempotency_key("p1", ActionType::Thread, Tier::Tier3);
+        // From `printf 'p1:thread:tier_3' | sha256sum`.
+        assert_eq!(key, "sheal_2304be7ef58ba8f0e6dd06cb68632a31");
+        // Independently from sha2, so a change to the formatting code is caught.
+        let hex: String = Sha256::digest(b"p1:thread:tier_3")
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(key, format!("sheal_{}", &hex[..32]));
+        assert_ne!(key, idempotency_key("p1", ActionType::Edit, Tier::Tier3));
+        assert_ne!(key, idempotency_key("p2", ActionType::Thread, Tier::Tier3));
+    }
+
+    #[test]
+    fn effective_status_and_expired_leases() {
+        let mut r = rec(
+            "p1",
+            ActionType::Thread,
+            Tier::Tier3,
+            ActionStatus::Running,
+            20,
+        );
+        assert_eq!(effective(&r, now()), (ActionStatus::Running, None));
+        r.lease_expires_at = Some(now() + Duration::minutes(1));
+        assert_eq!(effective(&r, now()), (ActionStatus::Running, None));
+        r.lease_expires_at = Some(now());
+        assert_eq!(
+            effective(&r, now()),
+            (ActionStatus::Failed, Some("timeout".to_owned()))
+        );
+        // An expired lease on a finished record changes nothing.
+        let mut done = rec(
+            "p1",
+            ActionType::Thread,
+            Tier::Tier3,
+            ActionStatus::Succeeded,
+            20,
+        );
+        done.lease_expires_at = Some(mins_ago(5));
+        assert_eq!(effective(&done, now()), (ActionStatus::Succeeded, None));
+        let mut failed = rec(
+            "p1",
+            ActionType::Thread,
+            Tier::Tier3,
+            ActionStatus::Failed,
+            20,
+        );
+        failed.error_code = Some("rate_limit".to_owned());
+        assert_eq!(
+            effective(&failed, now()),
+            (ActionStatus::Failed, Some("rate_limit".to_owned()))
+        );
+    }
+
+    fn stalled() -> Vec<MetricPoint> {
+        series(1000, 0) // score 1 -> thread, tier 3
+    }
+
+    #[test]
+    fn eligible_when_no_guardrail_applies() {
+        let e = evaluate("p1", &stalled(), &[], now(), &cfg());
+        assert!(e.eligible);
+        assert_eq!(e.reason, None);
+        assert_eq!(
+            e.idempotency_key.as_deref(),
+            Some("sheal_2304be7ef58ba8f0e6dd06cb68632a31")
+        );
+        assert_eq!(e.stagnation.map(|s| s.tier), Some(Tier::Tier3));
+    }
+
+    #[test]
+    fn refusal_insufficient_samples_comes_first() {
+        // Even with a duplicate in history, missing samples is the reason.
+        let history = [rec(
+            "p1",
+            ActionType::Thread,
+            Tier::Tier3,
+            ActionStatus::Succeeded,
+            1,
+        )];
+        let e = evaluate("p1", &stalled()[..2], &history, now(), &cfg());
+        assert!(!e.eligible);
+        assert_eq!(e.reason, Some(Ineligible::InsufficientSamples));
+        assert_eq!(e.stagnation, None);
+        assert_eq!(e.idempotency_key, None);
+    }
+
+    #[test]
+    fn refusal_duplicate_before_frequency_and_cooldown() {
+        // Running duplicate, also two recent records and a same-type record:
+        // every later rule would trip too, duplicate must win.
+        let history = [
+            rec(
+                "p1",
+                ActionType::Thread,
+                Tier::Tier3,
+                ActionStatus::Running,
+                5,
+            ),
+            rec(
+                "p1",
+                ActionType::Comment,
+                Tier::Tier1,
+                ActionStatus::Succeeded,
+                10,
+            ),
+        ];
+        let e = evaluate("p1", &stalled(), &history, now(), &cfg());
+        assert_eq!(e.reason, Some(Ineligible::DuplicateAction));
+        assert!(e.stagnation.is_some() && e.idempotency_key.is_some());
+
+        let succeeded = [rec(
+            "p1",
+            ActionType::Thread,
+            Tier::Tier3,
+            ActionStatus::Succeeded,
+            600,
+        )];
+        assert_eq!(
+            evaluate("p1", &stalled(), &succeeded, now(), &cfg()).reason,
+            Some(Ineligible::DuplicateAction)
+        );
+
+        // A failed record with the same key is not a duplicate (it may be retried).
+        let failed = [rec(
+            "p1",
+            ActionType::Thread,
+            Tier::Tier3,
+            ActionStatus::Failed,
+            600,
+        )];
+        assert!(evaluate("p1", &stalled(), &failed, now(), &cfg()).eligible);
+    }
+
+    #[test]
+    fn expired_lease_no_longer_blocks_as_duplicate() {
+        let mut r = rec(
+            "p1",
+            ActionType::Thread,
+            Tier::Tier3,
+            ActionStatus::Running,
+            600,
+        );
+        r.lease_expires_at = Some(mins_ago(585));
+        assert!(evaluate("p1", &stalled(), &[r.clone()], now(), &cfg()).eligible);
+        r.lease_expires_at = Some(now() + Duration::minutes(1));
+        assert_eq!(
+            evaluate("p1", &stalled(), &[r], now(), &cfg()).reason,
+            Some(Ineligible::DuplicateAction)
+        );
+    }
+
+    #[test]
+    fn refusal_window_frequency_before_cooldown() {
+        // Two records in the window (any status, any type); one is a thread so
+        // the cooldown would trip too: frequency must win.
+        let history = [
+            rec(
+                "p1",
+                ActionType::Comment,
+                Tier::Tier1,
+                ActionStatus::Failed,
+                80,
+            ),
+            rec(
+                "p1",
+                ActionType::Thread,
+                Tier::Tier2,
+                ActionStatus::Succeeded,
+                89,
+            ),
+        ];
+        let e = evaluate("p1", &stalled(), &history, now(), &cfg());
+        assert_eq!(e.reason, Some(Ineligible::WindowFrequencyExceeded));
+
+        // One of them just outside the window: under the cap.
+        let history = [
+            rec(
+                "p1",
+                ActionType::Comment,
+                Tier::Tier1,
+                ActionStatus::Failed,
+                80,
+            ),
+            rec(
+                "p1",
+                ActionType::Edit,
+                Tier::Tier2,
+                ActionStatus::Succeeded,
+                91,
+            ),
+        ];
+        assert!(evaluate("p1", &stalled(), &history, now(), &cfg()).eligible);
+
+        // The cap is configurable.
+        let one = PostHealingConfig {
+            max_actions_per_window: 1,
+            ..cfg()
+        };
+        assert_eq!(
+            evaluate("p1", &stalled(), &history, now(), &one).reason,
+            Some(Ineligible::WindowFrequencyExceeded)
+        );
+    }
+
+    #[test]
+    fn refusal_cooldown_per_action_type() {
+        // Thread cooldown is 3 h; a thread (different tier -> different key) 2 h ago blocks.
+        let thread_2h = [rec(
+            "p1",
+            ActionType::Thread,
+            Tier::Tier2,
+            ActionStatus::Failed,
+            120,
+        )];
+        assert_eq!(
+            evaluate("p1", &stalled(), &thread_2h, now(), &cfg()).reason,
+            Some(Ineligible::ActionCooldownActive)
+        );
+        let thread_3h = [rec(
+            "p1",
+            ActionType::Thread,
+            Tier::Tier2,
+            ActionStatus::Failed,
+            180,
+        )];
+        assert!(evaluate("p1", &stalled(), &thread_3h, now(), &cfg()).eligible);
+        // Only the newest same-type record matters.
+        let both = [
+            thread_3h[0].clone(),
+            rec(
+                "p1",
+                ActionType::Thread,
+                Tier::Tier1,
+                ActionStatus::Failed,
+                179,
+            ),
+        ];
+        assert_eq!(
+            evaluate("p1", &stalled(), &both, now(), &cfg()).reason,
+            Some(Ineligible::ActionCooldownActive)
+        );
+        // Other action types do not count toward the thread cooldown.
+        let comment = [rec(
+            "p1",
+            ActionType::Comment,
+            Tier::Tier1,
+            ActionStatus::Succeeded,
+            100,
+        )];
+        assert!(evaluate("p1", &stalled(), &comment, now(), &cfg()).eligible);
+
+        // Comment (tier 1, healthy-ish post): 30 min cooldown.
+        let healthy = series(1000, 100);
+        let c29 = [rec(
+            "p1",
+            ActionType::Comment,
+            Tier::Tier3,
+            ActionStatus::Succeeded,
+            29,
+        )];
+        assert_eq!(
+            evaluate("p1", &healthy, &c29, now(), &cfg()).reason,
+            Some(Ineligible::ActionCooldownActive)
+        );
+        let c30 = [rec(
+            "p1",
+            ActionType::Comment,
+            Tier::Tier3,
+            ActionStatus::Succeeded,
+            30,
+        )];
+        assert!(evaluate("p1", &healthy, &c30, now(), &cfg()).eligible);
+
+        // Edit (tier 2): 2 h cooldown.
+        let mid = series(400, 9);
+        let e119 = [rec(
+            "p1",
+            ActionType::Edit,
+            Tier::Tier1,
+            ActionStatus::Succeeded,
+            119,
+        )];
+        assert_eq!(
+            evaluate("p1", &mid, &e119, now(), &cfg()).reason,
+            Some(Ineligible::ActionCooldownActive)
+        );
+        let e120 = [rec(
+            "p1",
+            ActionType::Edit,
+            Tier::Tier1,
+            ActionStatus::Succeeded,
+            120,
+        )];
+        assert!(evaluate("p1", &mid, &e120, now(), &cfg()).eligible);
+    }
+
+    fn failed_with(code: Option<&str>, attempts: i32) -> ActionRecord {
+        let mut r = rec(
+            "p1",
+            ActionType::Thread,
+            Tier::Tier3,
+            ActionStatus::Failed,
+            10,
+        );
+        r.error_code = code.map(str::to_owned);
+        r.attempts = attempts;
+        r
+    }
+
+    #[test]
+    fn retry_only_transient_failures() {
+        let mut rng = StdRng::seed_from_u64(1);
+        for code in TRANSIENT_ERRORS {
+            let d = should_retry(&failed_with(Some(code), 1), now(), &cfg(), &mut rng);
+            assert!(d.retry, "{code}");
+            assert_eq!(d.reason, "transient_error");
+            assert!(d.not_before.is_some());
+        }
+        for code in [Some("content_rejected"), Some("auth_failed"), None] {
+            let d = should_retry(&failed_with(code, 1), now(), &cfg(), &mut rng);
+            assert!(!d.retry, "{code:?}");
+            assert_eq!(d.reason, "permanent_error");
+            assert_eq!(d.not_before, None);
+        }
+        for status in [ActionStatus::Running, ActionStatus::Succeeded] {
+            let mut r = failed_with(Some("timeout"), 1);
+            r.status = status;
+            let d = should_retry(&r, now(), &cfg(), &mut rng);
+            assert_eq!((d.retry, d.reason.as_str()), (false, "not_failed"));
+        }
+    }
+
+    #[test]
+    fn retry_attempts_cap() {
+        let mut rng = StdRng::seed_from_u64(2);
+        assert!(should_retry(&failed_with(Some("timeout"), 2), now(), &cfg(), &mut rng).retry);
+        let d = should_retry(&failed_with(Some("timeout"), 3), now(), &cfg(), &mut rng);
+        assert_eq!(
+            (d.retry, d.reason.as_str()),
+            (false, "max_attempts_reached")
+        );
+        assert!(
+            !should_retry(
+                &failed_with(Some("timeout"), i32::MAX),
+                now(),
+                &cfg(),
+                &mut rng
+            )
+            .retry
+        );
+    }
+
+    #[test]
+    fn expired_lease_is_retried_from_lease_expiry() {
+        let mut r = rec(
+            "p1",
+            ActionType::Thread,
+            Tier::Tier3,
+            ActionStatus::Running,
+            60,
+        );
+        r.lease_expires_at = Some(mins_ago(45));
+        let d = should_retry(&r, now(), &cfg(), &mut StdRng::seed_from_u64(3));
+        assert!(d.retry);
+        let nb = d.not_before.expect("retry has a time");
+        let from = mins_ago(45);
+        assert!(
+            nb >= from + Duration::seconds(48) && nb <= from + Duration::seconds(72),
+            "{nb}"
+        );
+    }
+
+    #[test]
+    fn backoff_grows_is_capped_and_jitter_bounded() {
+        let config = PostHealingConfig {
+            max_attempts: 100,
+            ..cfg()
+        };
+        let mut rng = StdRng::seed_from_u64(4);
+        let (mut lo_seen, mut hi_seen) = (f64::MAX, f64::MIN);
+        for attempts in 1..=12 {
+            let r = failed_with(Some("rate_limit"), attempts);
+            let expected = (60.0 * 2f64.powi(attempts - 1)).min(3600.0);
+            for _ in 0..200 {
+                let d = should_retry(&r, now(), &config, &mut rng);
+                let nb = d.not_before.expect("retry has a time");
+                let secs = (nb - r.updated_at).num_milliseconds() as f64 / 1000.0;
+                let factor = secs / expected;
+                assert!(
+                    (0.8 - 1e-6..=1.2 + 1e-6).contains(&factor),
+                    "attempts {attempts}: {secs}s"
+                );
+                lo_seen = lo_seen.min(factor);
+                hi_seen = hi_seen.max(factor);
+            }
+        }
+        // The jitter actually varies across its range.
+        assert!(lo_seen < 0.85 && hi_seen > 1.15, "{lo_seen}..{hi_seen}");
+        // Growth: attempt 2 waits twice attempt 1 (before jitter), attempt 7+ is capped at 1 h.
+        assert_eq!(backoff_ms(1, &config), 60_000.0);
+        assert_eq!(backoff_ms(2, &config), 120_000.0);
+        assert_eq!(backoff_ms(3, &config), 240_000.0);
+        assert_eq!(backoff_ms(7, &config), 3_600_000.0);
+        assert_eq!(backoff_ms(i32::MAX, &config), 3_600_000.0);
+        assert_eq!(backoff_ms(0, &config), 60_000.0);
+        assert_eq!(backoff_ms(i32::MIN, &config), 60_000.0);
+    }
+
+    #[test]
+    fn extreme_configs_and_dates_do_not_panic() {
+        let huge = PostHealingConfig {
+            window: Duration::MAX,
+            retry_base: Duration::MAX,
+            retry_max: Duration::MAX,
+            cooldown_thread: Duration::MAX,
+            max_attempts: i32::MAX,
+            ..cfg()
+        };
+        let mut r = failed_with(Some("timeout"), 5);
+        r.updated_at = DateTime::<Utc>::MAX_UTC;
+        let d = should_retry(
+            &r,
+            DateTime::<Utc>::MAX_UTC,
+            &huge,
+            &mut StdRng::seed_from_u64(5),
+        );
+        assert_eq!(d.not_before, Some(DateTime::<Utc>::MAX_UTC));
+        let e = evaluate("p1", &stalled(), &[r], DateTime::<Utc>::MIN_UTC, &huge);
+        assert!(!e.eligible);
+        let negative = PostHealingConfig {
+            window: Duration::MIN,
+            retry_base: Duration::MIN,
+            ..cfg()
+        };
+        let _ = evaluate("p1", &stalled(), &[], now(), &negative);
+        let _ = should_retry(
+            &failed_with(Some("timeout"), 1),
+            now(),
+            &negative,
+            &mut StdRng::seed_from_u64(6),
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn stagnation_never_panics_and_score_in_range(
+            raw in proptest::collection::vec((-10_000i64..10_000, any::<i64>(), any::<i64>()), 0..12),
+            window_secs in any::<i64>(),
+            min_samples in 0usize..6,
+        ) {
+            let points: Vec<MetricPoint> = raw
+                .into_iter()
+                .map(|(secs, impressions, engagements)| MetricPoint { at: now() + Duration::seconds(secs), impressions, engagements })
+                .collect();
+            let config = PostHealingConfig {
+                window: Duration::try_seconds(window_secs).unwrap_or(Duration::MAX),
+                min_samples,
+                ..cfg()
+            };
+            if let Ok(s) = stagnation(&points, now(), &config) {
+                prop_assert!((0.0..=1.0).contains(&s.score));
+                prop_assert!(s.engagement_rate.is_finite());
+                prop_assert!(s.samples >= min_samples.max(1));
+                prop_assert_eq!(s.action, s.tier.action());
+            }
+            let e = evaluate("p", &points, &[], now(), &config);
+            prop_assert_eq!(e.eligible, e.reason.is_none());
+        }
+    }
+}
