@@ -78,11 +78,13 @@ async fn main() {
         .rsplit_once('/')
         .map(|(s, _)| format!("{s}/{name}"))
         .unwrap();
-    let mut args = ServeArgs::default();
-    args.database = DatabaseArgs {
-        database_url: url,
-        db_max_connections: 20,
-        db_acquire_timeout: Duration::from_secs(5),
+    let args = ServeArgs {
+        database: DatabaseArgs {
+            database_url: url,
+            db_max_connections: 20,
+            db_acquire_timeout: Duration::from_secs(5),
+        },
+        ..ServeArgs::default()
     };
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use fleetcare::config::{DatabaseArgs, LogFormat, ServeArgs};
+use fleetcare::config::{DatabaseArgs, HealingArgs, LogFormat, ServeArgs};
 use fleetcare::proto::v1 as pb;
 use fleetcare::proto::v1::agent_status_service_client::AgentStatusServiceClient;
 use fleetcare::startup::Application;
@@ -90,18 +90,23 @@ impl Drop for TestDb {
 
 /// Server settings for tests: everything quick, nothing timing-critical.
 pub fn test_args(database_url: &str) -> ServeArgs {
-    let mut args = ServeArgs::default();
-    args.listen = "127.0.0.1:0".parse().unwrap();
-    args.database = DatabaseArgs {
-        database_url: database_url.to_owned(),
-        db_max_connections: 10,
-        db_acquire_timeout: Duration::from_secs(2),
-    };
-    args.sweep_interval = Duration::from_millis(100);
-    args.health_check_interval = Duration::from_millis(200);
-    args.shutdown_grace = Duration::from_secs(5);
-    args.healing.healing_seed = Some(7);
-    args
+    let defaults = ServeArgs::default();
+    ServeArgs {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        database: DatabaseArgs {
+            database_url: database_url.to_owned(),
+            db_max_connections: 10,
+            db_acquire_timeout: Duration::from_secs(2),
+        },
+        sweep_interval: Duration::from_millis(100),
+        health_check_interval: Duration::from_millis(200),
+        shutdown_grace: Duration::from_secs(5),
+        healing: HealingArgs {
+            healing_seed: Some(7),
+            ..defaults.healing.clone()
+        },
+        ..defaults
+    }
 }
 
 pub struct TestApp {

@@ -384,6 +384,16 @@ async fn an_expired_claim_counts_as_a_transient_failure() {
     let now = Utc::now();
     let claimed = evaluate(&mut c, "p5", now, THREAD, true).await;
     assert!(claimed.claimed);
+    let key = claimed.idempotency_key.clone();
+    // Within its lease the claim is running, not a retry candidate.
+    let retry = c
+        .should_retry(pb::ShouldRetryRequest {
+            idempotency_key: key.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!retry.retry, "{retry:?}");
     let later = evaluate(&mut c, "p5", now + Duration::minutes(20), THREAD, false).await;
     // Not a duplicate any more (the lease expired), but still in the thread cooldown.
     assert_eq!(later.reason, "action_cooldown_active");
@@ -441,4 +451,45 @@ async fn malformed_metrics_are_rejected() {
         .unwrap()
         .into_inner();
     assert!(listed.actions.is_empty(), "refused requests stored nothing");
+}
+
+#[tokio::test]
+async fn a_crashed_worker_s_claim_becomes_a_retryable_timeout() {
+    let db = TestDb::new();
+    let mut args = crate::helpers::test_args(&db.url);
+    args.healing.post_claim_lease = std::time::Duration::from_millis(500);
+    let app = TestApp::spawn_with(args).await;
+    let mut c = client(&app);
+    let claimed = c
+        .evaluate_post(pb::EvaluatePostRequest {
+            post_id: "p6".into(),
+            points: points(Utc::now(), COMMENT),
+            now: None,
+            claim: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(claimed.claimed);
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    let retry = c
+        .should_retry(pb::ShouldRetryRequest {
+            idempotency_key: claimed.idempotency_key.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(retry.retry, "{retry:?}");
+    assert_eq!(retry.attempts, 1, "the lost attempt counts");
+    let listed = c
+        .list_actions(pb::ListActionsRequest {
+            post_id: "p6".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let action = &listed.actions[0];
+    assert_eq!(action.status, pb::PostActionStatus::Failed as i32);
+    assert_eq!(action.error_code, "timeout");
 }
