@@ -77,6 +77,9 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub healing: HealingArgs,
 
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+
     /// Log format; the level comes from RUST_LOG (default info).
     #[arg(long, env = "FLEETCARE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -128,6 +131,30 @@ pub struct HealingArgs {
     /// A failed post action is retried while its attempts are below this.
     #[arg(long, env = "FLEETCARE_POST_MAX_ATTEMPTS", default_value_t = 3)]
     pub post_max_attempts: i32,
+}
+
+/// The session pipeline.
+#[derive(Debug, Clone, Args)]
+pub struct PipelineArgs {
+    /// Root of the session transcripts: `<root>/<user>/<session>.jsonl`.
+    #[arg(long, env = "SESSION_DATA_DIR", default_value = "./data/user_sessions")]
+    pub session_dir: std::path::PathBuf,
+
+    /// How often the `usage` processor runs (0 disables).
+    #[arg(long, env = "FLEETCARE_PIPELINE_INTERVAL_USAGE", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub pipeline_interval_usage: Duration,
+
+    /// How often the `errors` processor runs (0 disables).
+    #[arg(long, env = "FLEETCARE_PIPELINE_INTERVAL_ERRORS", default_value = "15m", value_parser = humantime::parse_duration)]
+    pub pipeline_interval_errors: Duration,
+
+    /// A failing session becomes DEAD after this many attempts.
+    #[arg(long, env = "FLEETCARE_MAX_ATTEMPTS", default_value_t = 5)]
+    pub max_attempts: i32,
+
+    /// First retry delay of a failing session; it doubles with each attempt (capped at 6 h).
+    #[arg(long, env = "FLEETCARE_PIPELINE_RETRY_BASE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub pipeline_retry_base: Duration,
 }
 
 /// Parses an empty command line, so that defaults (and env fallbacks) live in one place.
@@ -196,6 +223,10 @@ impl ServeArgs {
         if !(h.safety_limit > 0.0 && h.safety_limit <= 1.0) {
             return Err("--safety-limit must be in (0, 1]".into());
         }
+        if self.pipeline.max_attempts < 1 {
+            return Err("--max-attempts must be at least 1".into());
+        }
+        chrono_duration("--pipeline-retry-base", self.pipeline.pipeline_retry_base)?;
         if h.post_max_actions_per_window == 0 || h.post_max_attempts < 1 {
             return Err(
                 "--post-max-actions-per-window and --post-max-attempts must be at least 1".into(),

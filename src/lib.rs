@@ -8,6 +8,7 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod grpc;
+pub mod processors;
 pub mod proto;
 pub mod runtime;
 pub mod startup;

@@ -16,13 +16,18 @@ use tonic_health::server::HealthReporter;
 
 use crate::config::ServeArgs;
 use crate::domain::healing::PlannerConfig;
+use crate::domain::pipeline::RetryPolicy;
 use crate::domain::post_healing::PostHealingConfig;
 use crate::error::Error;
 use crate::grpc::agent_status::{AgentStatusApi, AgentStatusSettings};
 use crate::grpc::healing::{HealingApi, HealingSettings, PostHealingApi, shared_rng};
+use crate::grpc::session_pipeline::SessionPipelineApi;
 use crate::proto::v1::agent_status_service_server::AgentStatusServiceServer;
 use crate::proto::v1::healing_service_server::HealingServiceServer;
 use crate::proto::v1::post_healing_service_server::PostHealingServiceServer;
+use crate::proto::v1::session_pipeline_service_server::SessionPipelineServiceServer;
+use crate::runtime::pipeline::scheduler as pipeline_scheduler;
+use crate::runtime::pipeline::{Pipeline, PipelineConfig};
 use crate::runtime::{fanout::TransitionFanout, health, sweeper};
 use crate::storage::AgentStore;
 use crate::storage::postgres::PgStore;
@@ -147,7 +152,28 @@ impl Application {
             max_attempts: h.post_max_attempts,
             ..PostHealingConfig::default()
         };
-        let post_healing = PostHealingApi::new(store, post_config, rng);
+        let post_healing = PostHealingApi::new(store.clone(), post_config, rng);
+        let p = &args.pipeline;
+        let pipeline = Pipeline::new(
+            store,
+            PipelineConfig {
+                root: p.session_dir.clone(),
+                retry: RetryPolicy {
+                    max_attempts: p.max_attempts,
+                    base_delay: duration("--pipeline-retry-base", p.pipeline_retry_base)?,
+                    ..RetryPolicy::default()
+                },
+                intervals: [
+                    ("usage".to_string(), p.pipeline_interval_usage),
+                    ("errors".to_string(), p.pipeline_interval_errors),
+                ]
+                .into(),
+            },
+            crate::processors::registry(),
+            shutdown.clone(),
+        );
+        pipeline_scheduler::spawn(pipeline.clone(), shutdown.clone());
+        let session_pipeline = SessionPipelineApi::new(pipeline, shutdown.clone());
 
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "serving");
@@ -171,6 +197,7 @@ impl Application {
             .add_service(AgentStatusServiceServer::new(agent_status))
             .add_service(HealingServiceServer::new(healing))
             .add_service(PostHealingServiceServer::new(post_healing))
+            .add_service(SessionPipelineServiceServer::new(session_pipeline))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopping);
         let drain_deadline = async {
             shutdown.cancelled().await;

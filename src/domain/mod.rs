@@ -3,6 +3,8 @@
 pub mod agent;
 pub mod healing;
 pub mod healing_records;
+pub mod pipeline;
 pub mod post_healing;
 pub mod recovery;
+pub mod transcript;
 pub mod transition;

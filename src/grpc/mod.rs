@@ -3,6 +3,7 @@
 pub mod agent_status;
 pub mod convert;
 pub mod healing;
+pub mod session_pipeline;
 pub mod status;
 pub mod validate;
 
@@ -10,3 +11,4 @@ pub mod validate;
 pub const AGENT_STATUS_SERVICE: &str = "fleetcare.v1.AgentStatusService";
 pub const HEALING_SERVICE: &str = "fleetcare.v1.HealingService";
 pub const POST_HEALING_SERVICE: &str = "fleetcare.v1.PostHealingService";
+pub const SESSION_PIPELINE_SERVICE: &str = "fleetcare.v1.SessionPipelineService";

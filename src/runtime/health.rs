@@ -18,6 +18,7 @@ pub fn service_names() -> Vec<&'static str> {
         crate::grpc::AGENT_STATUS_SERVICE,
         crate::grpc::HEALING_SERVICE,
         crate::grpc::POST_HEALING_SERVICE,
+        crate::grpc::SESSION_PIPELINE_SERVICE,
     ]
 }
 

@@ -3,5 +3,6 @@
 
 pub mod fanout;
 pub mod health;
+pub mod pipeline;
 pub mod sweeper;
 pub mod watch;

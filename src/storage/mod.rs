@@ -16,7 +16,9 @@ use crate::domain::healing_records::{
     ErrorEvent, HealingStatistics, NewErrorEvent, RecoveryAction, RecoveryOutcome, RecoveryStatus,
     StoredAction,
 };
+use crate::domain::pipeline::{RunStats, SessionFile, SessionState, SessionStatus};
 use crate::domain::post_healing::{ActionRecord, ActionStatus, ActionType, Evaluation, Tier};
+use crate::domain::transcript::UsageEntry;
 use crate::domain::transition::{Agent, Labels, RevisionBounds, Transition, WatchFilter};
 use crate::error::Result;
 
@@ -195,4 +197,130 @@ pub trait PostHealingStore: Send + Sync + 'static {
         before: Option<(DateTime<Utc>, String)>,
         limit: i64,
     ) -> Result<Vec<StoredAction>>;
+}
+
+/// How `usage` groups token usage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageGrouping {
+    Day,
+    Session,
+    Model,
+    User,
+}
+
+#[derive(Debug, Clone)]
+pub struct UsageQuery {
+    pub group_by: UsageGrouping,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    pub user: Option<String>,
+}
+
+/// Usage of one group, each assistant message counted once across all files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRow {
+    pub key: String,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cache_creation_tokens: i64,
+    pub cache_read_tokens: i64,
+    pub messages: i64,
+    pub first_at: DateTime<Utc>,
+    pub last_at: DateTime<Utc>,
+    pub models: Vec<String>,
+}
+
+/// A transcript error to record into the healing history.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TranscriptErrorEvent {
+    /// Stable within the file, so reprocessing does not duplicate it.
+    pub key: String,
+    pub event: NewErrorEvent,
+    pub occurred_at: DateTime<Utc>,
+}
+
+/// Where a processor writes one session's items: part of the transaction that
+/// also records the session's state, so items and state commit together.
+/// Each `replace_*` replaces the items earlier processing of this file wrote.
+#[async_trait]
+pub trait SessionSink: Send {
+    async fn replace_usage(&mut self, file: &SessionFile, entries: &[UsageEntry]) -> Result<()>;
+    async fn replace_transcript_errors(
+        &mut self,
+        file: &SessionFile,
+        errors: &[TranscriptErrorEvent],
+    ) -> Result<()>;
+}
+
+/// A session being processed: the sink, then one commit with the new state.
+/// Dropped without `commit`, nothing of it is kept.
+#[async_trait]
+pub trait SessionTransaction: SessionSink {
+    async fn commit(
+        self: Box<Self>,
+        file: &SessionFile,
+        sha256: &str,
+        version: i32,
+        items: i64,
+    ) -> Result<()>;
+}
+
+/// A processor's cluster-wide lock. Released by `release`, or whenever the guard
+/// is dropped or its process dies.
+#[async_trait]
+pub trait ProcessorLock: Send {
+    async fn release(self: Box<Self>);
+}
+
+/// The session-pipeline part of the store.
+#[async_trait]
+pub trait PipelineStore: Send + Sync + 'static {
+    /// Every state of one processor (the scan compares them in memory).
+    async fn session_states(&self, processor: &str) -> Result<Vec<SessionState>>;
+
+    async fn list_session_states(
+        &self,
+        processor: &str,
+        status: Option<SessionStatus>,
+        user: Option<&str>,
+        after_path: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<SessionState>>;
+
+    /// The content is unchanged: record the new stat and when it was observed.
+    async fn refresh_stat(&self, processor: &str, file: &SessionFile) -> Result<()>;
+
+    async fn begin_session(&self, processor: &str) -> Result<Box<dyn SessionTransaction>>;
+
+    /// Records a failed attempt (FAILED with its next attempt time, or DEAD).
+    #[allow(clippy::too_many_arguments)]
+    async fn record_failure(
+        &self,
+        processor: &str,
+        file: &SessionFile,
+        sha256: &str,
+        version: i32,
+        error: &str,
+        attempts: i32,
+        status: SessionStatus,
+        next_attempt_at: Option<DateTime<Utc>>,
+    ) -> Result<()>;
+
+    /// FAILED or DEAD back to FAILED with zero attempts, due now.
+    async fn retry_session(&self, processor: &str, path: &str) -> Result<SessionState>;
+
+    /// The processor's lock, or `None` when another holder (any server) has it.
+    async fn try_lock_processor(&self, processor: &str) -> Result<Option<Box<dyn ProcessorLock>>>;
+
+    /// Whether any server holds the processor's lock.
+    async fn processor_locked(&self, processor: &str) -> Result<bool>;
+
+    async fn record_run(&self, processor: &str, stats: &RunStats) -> Result<()>;
+
+    async fn last_runs(&self) -> Result<Vec<(String, RunStats)>>;
+
+    async fn usage(&self, query: &UsageQuery) -> Result<Vec<UsageRow>>;
+
+    /// The store's clock.
+    async fn now(&self) -> Result<DateTime<Utc>>;
 }

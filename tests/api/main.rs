@@ -4,6 +4,7 @@
 mod agents;
 mod healing;
 mod helpers;
+mod pipeline;
 mod post_healing;
 mod recovery;
 mod server;

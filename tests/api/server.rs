@@ -10,11 +10,12 @@ use tonic_health::pb::health_client::HealthClient;
 
 use crate::helpers::{PgProxy, TestApp, TestDb, eventually, test_args};
 
-const SERVICES: [&str; 4] = [
+const SERVICES: [&str; 5] = [
     "",
     "fleetcare.v1.AgentStatusService",
     "fleetcare.v1.HealingService",
     "fleetcare.v1.PostHealingService",
+    "fleetcare.v1.SessionPipelineService",
 ];
 
 async fn health_of(app: &TestApp, service: &str) -> Option<ServingStatus> {

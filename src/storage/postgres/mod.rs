@@ -3,6 +3,7 @@
 mod agents;
 mod changes;
 mod healing;
+mod pipeline;
 mod post_healing;
 
 use std::time::Duration;

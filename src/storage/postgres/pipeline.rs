@@ -1,0 +1,514 @@
+//! Session states, usage entries, transcript errors, processor locks and runs in Postgres.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::pool::PoolConnection;
+use sqlx::types::Json;
+use sqlx::{Connection, FromRow, PgConnection, Postgres, Transaction};
+
+use super::{PgStore, db_error};
+use crate::domain::healing;
+use crate::domain::pipeline::{RunStats, SessionFile, SessionState, SessionStatus};
+use crate::domain::transcript::UsageEntry;
+use crate::error::{Error, Result};
+use crate::storage::{
+    PipelineStore, ProcessorLock, SessionSink, SessionTransaction, TranscriptErrorEvent,
+    UsageGrouping, UsageQuery, UsageRow,
+};
+
+const STATE_COLUMNS: &str = "processor, path, user_name, size, mtime_ns, observed_at, sha256, \
+     processor_version, processed_at, items_count, attempts, last_error, status, next_attempt_at";
+
+#[derive(FromRow)]
+struct StateRow {
+    processor: String,
+    path: String,
+    user_name: String,
+    size: i64,
+    mtime_ns: i64,
+    observed_at: DateTime<Utc>,
+    sha256: String,
+    processor_version: i32,
+    processed_at: Option<DateTime<Utc>>,
+    items_count: i64,
+    attempts: i32,
+    last_error: Option<String>,
+    status: String,
+    next_attempt_at: Option<DateTime<Utc>>,
+}
+
+impl TryFrom<StateRow> for SessionState {
+    type Error = Error;
+
+    fn try_from(row: StateRow) -> Result<SessionState> {
+        Ok(SessionState {
+            status: SessionStatus::parse(&row.status).ok_or_else(|| {
+                Error::Internal(format!(
+                    "stored session status {:?} is not recognised",
+                    row.status
+                ))
+            })?,
+            processor: row.processor,
+            path: row.path,
+            user: row.user_name,
+            size: u64::try_from(row.size).unwrap_or(0),
+            mtime_ns: row.mtime_ns,
+            observed_at: row.observed_at,
+            sha256: row.sha256,
+            processor_version: row.processor_version,
+            processed_at: row.processed_at,
+            items_count: row.items_count,
+            attempts: row.attempts,
+            last_error: row.last_error,
+            next_attempt_at: row.next_attempt_at,
+        })
+    }
+}
+
+fn size(file: &SessionFile) -> i64 {
+    i64::try_from(file.size).unwrap_or(i64::MAX)
+}
+
+/// The advisory lock key of a processor, the same on every server.
+const LOCK_KEY_SQL: &str = "hashtextextended('fleetcare.processor:' || $1, 0)";
+
+struct PgSessionTransaction {
+    tx: Transaction<'static, Postgres>,
+    processor: String,
+}
+
+#[async_trait]
+impl SessionSink for PgSessionTransaction {
+    async fn replace_usage(&mut self, file: &SessionFile, entries: &[UsageEntry]) -> Result<()> {
+        sqlx::query("DELETE FROM usage_entries WHERE path = $1")
+            .bind(&file.path)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(db_error)?;
+        let Some(first_at) = entries.iter().map(|e| e.timestamp).min() else {
+            return Ok(());
+        };
+        // One statement for the whole file: UNNEST over column arrays.
+        let tokens = |f: fn(&UsageEntry) -> u64| -> Vec<i64> {
+            entries
+                .iter()
+                .map(|e| i64::try_from(f(e)).unwrap_or(i64::MAX))
+                .collect()
+        };
+        sqlx::query(
+            "INSERT INTO usage_entries
+                 (path, user_name, session_id, file_first_at, line_no, message_id, request_id,
+                  model, occurred_at, input_tokens, output_tokens, cache_creation_tokens,
+                  cache_read_tokens)
+             SELECT $1, $2, $3, $4, * FROM UNNEST(
+                 $5::int[], $6::text[], $7::text[], $8::text[], $9::timestamptz[],
+                 $10::bigint[], $11::bigint[], $12::bigint[], $13::bigint[])",
+        )
+        .bind(&file.path)
+        .bind(&file.user)
+        .bind(&file.session)
+        .bind(first_at)
+        .bind(entries.iter().map(|e| e.line_no as i32).collect::<Vec<_>>())
+        .bind(
+            entries
+                .iter()
+                .map(|e| e.message_id.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            entries
+                .iter()
+                .map(|e| e.request_id.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(entries.iter().map(|e| e.model.clone()).collect::<Vec<_>>())
+        .bind(entries.iter().map(|e| e.timestamp).collect::<Vec<_>>())
+        .bind(tokens(|e| e.input_tokens))
+        .bind(tokens(|e| e.output_tokens))
+        .bind(tokens(|e| e.cache_creation_tokens))
+        .bind(tokens(|e| e.cache_read_tokens))
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn replace_transcript_errors(
+        &mut self,
+        file: &SessionFile,
+        errors: &[TranscriptErrorEvent],
+    ) -> Result<()> {
+        // Events a recovery was planned for stay; the rest are replaced.
+        sqlx::query(
+            "DELETE FROM error_events e WHERE e.source_path = $1
+               AND NOT EXISTS (SELECT 1 FROM recovery_actions r WHERE r.error_event_id = e.id)",
+        )
+        .bind(&file.path)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db_error)?;
+        for error in errors {
+            let e = &error.event;
+            sqlx::query(
+                "INSERT INTO error_events
+                     (agent_id, message, context, error_type, severity, critical, recurring,
+                      occurred_at, source_path, source_key)
+                 SELECT $1, $2, $3, $4, $5, $6,
+                        (SELECT count(*) FROM error_events
+                          WHERE agent_id = $1 AND error_type = $4
+                            AND occurred_at > $7 - interval '1 hour' AND occurred_at <= $7) + 1 >= $10,
+                        $7, $8, $9
+                 ON CONFLICT (source_path, source_key) WHERE source_path IS NOT NULL DO NOTHING",
+            )
+            .bind(&e.agent_id)
+            .bind(&e.message)
+            .bind(Json(&e.context))
+            .bind(e.error_type.as_str())
+            .bind(e.severity)
+            .bind(healing::is_critical(e.severity))
+            .bind(error.occurred_at)
+            .bind(&file.path)
+            .bind(&error.key)
+            .bind(healing::RECURRING_COUNT)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(db_error)?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl SessionTransaction for PgSessionTransaction {
+    async fn commit(
+        mut self: Box<Self>,
+        file: &SessionFile,
+        sha256: &str,
+        version: i32,
+        items: i64,
+    ) -> Result<()> {
+        sqlx::query(&format!(
+            "INSERT INTO session_states ({STATE_COLUMNS})
+             VALUES ($1, $2, $3, $4, $5, now(), $6, $7, now(), $8, 0, NULL, 'PROCESSED', NULL)
+             ON CONFLICT (processor, path) DO UPDATE SET
+                 user_name = EXCLUDED.user_name, size = EXCLUDED.size, mtime_ns = EXCLUDED.mtime_ns,
+                 observed_at = EXCLUDED.observed_at, sha256 = EXCLUDED.sha256,
+                 processor_version = EXCLUDED.processor_version, processed_at = EXCLUDED.processed_at,
+                 items_count = EXCLUDED.items_count, attempts = 0, last_error = NULL,
+                 status = 'PROCESSED', next_attempt_at = NULL"
+        ))
+        .bind(&self.processor)
+        .bind(&file.path)
+        .bind(&file.user)
+        .bind(size(file))
+        .bind(file.mtime_ns)
+        .bind(sha256)
+        .bind(version)
+        .bind(items)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db_error)?;
+        self.tx.commit().await.map_err(db_error)
+    }
+}
+
+/// Holds a session-level advisory lock on its own connection, outside the pool:
+/// if the guard is dropped (panic, cancellation) the connection closes and
+/// Postgres frees the lock; so it does if this process dies.
+struct PgProcessorLock {
+    conn: PgConnection,
+    processor: String,
+}
+
+#[async_trait]
+impl ProcessorLock for PgProcessorLock {
+    async fn release(mut self: Box<Self>) {
+        let unlocked = sqlx::query(&format!("SELECT pg_advisory_unlock({LOCK_KEY_SQL})"))
+            .bind(&self.processor)
+            .execute(&mut self.conn)
+            .await;
+        if let Err(error) = unlocked {
+            tracing::warn!(%error, processor = %self.processor, "advisory unlock failed; closing its connection frees it");
+        }
+        let _ = self.conn.close().await;
+    }
+}
+
+#[async_trait]
+impl PipelineStore for PgStore {
+    async fn session_states(&self, processor: &str) -> Result<Vec<SessionState>> {
+        let rows: Vec<StateRow> = sqlx::query_as(&format!(
+            "SELECT {STATE_COLUMNS} FROM session_states WHERE processor = $1"
+        ))
+        .bind(processor)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        rows.into_iter().map(SessionState::try_from).collect()
+    }
+
+    async fn list_session_states(
+        &self,
+        processor: &str,
+        status: Option<SessionStatus>,
+        user: Option<&str>,
+        after_path: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<SessionState>> {
+        let rows: Vec<StateRow> = sqlx::query_as(&format!(
+            "SELECT {STATE_COLUMNS} FROM session_states
+             WHERE processor = $1
+               AND ($2::text IS NULL OR status = $2)
+               AND ($3::text IS NULL OR user_name = $3)
+               AND ($4::text IS NULL OR path > $4)
+             ORDER BY path
+             LIMIT $5"
+        ))
+        .bind(processor)
+        .bind(status.map(SessionStatus::as_str))
+        .bind(user)
+        .bind(after_path)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        rows.into_iter().map(SessionState::try_from).collect()
+    }
+
+    async fn refresh_stat(&self, processor: &str, file: &SessionFile) -> Result<()> {
+        sqlx::query(
+            "UPDATE session_states SET size = $3, mtime_ns = $4, observed_at = now()
+             WHERE processor = $1 AND path = $2",
+        )
+        .bind(processor)
+        .bind(&file.path)
+        .bind(size(file))
+        .bind(file.mtime_ns)
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn begin_session(&self, processor: &str) -> Result<Box<dyn SessionTransaction>> {
+        let tx = self.pool.begin().await.map_err(db_error)?;
+        Ok(Box::new(PgSessionTransaction {
+            tx,
+            processor: processor.to_owned(),
+        }))
+    }
+
+    async fn record_failure(
+        &self,
+        processor: &str,
+        file: &SessionFile,
+        sha256: &str,
+        version: i32,
+        error: &str,
+        attempts: i32,
+        status: SessionStatus,
+        next_attempt_at: Option<DateTime<Utc>>,
+    ) -> Result<()> {
+        // Earlier items of the session stay as they were: only the state changes.
+        sqlx::query(&format!(
+            "INSERT INTO session_states ({STATE_COLUMNS})
+             VALUES ($1, $2, $3, $4, $5, now(), $6, $7, NULL, 0, $8, $9, $10, $11)
+             ON CONFLICT (processor, path) DO UPDATE SET
+                 user_name = EXCLUDED.user_name, size = EXCLUDED.size, mtime_ns = EXCLUDED.mtime_ns,
+                 observed_at = EXCLUDED.observed_at, sha256 = EXCLUDED.sha256,
+                 processor_version = EXCLUDED.processor_version, attempts = EXCLUDED.attempts,
+                 last_error = EXCLUDED.last_error, status = EXCLUDED.status,
+                 next_attempt_at = EXCLUDED.next_attempt_at"
+        ))
+        .bind(processor)
+        .bind(&file.path)
+        .bind(&file.user)
+        .bind(size(file))
+        .bind(file.mtime_ns)
+        .bind(sha256)
+        .bind(version)
+        .bind(attempts)
+        .bind(error)
+        .bind(status.as_str())
+        .bind(next_attempt_at)
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn retry_session(&self, processor: &str, path: &str) -> Result<SessionState> {
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        let current: Option<StateRow> = sqlx::query_as(&format!(
+            "SELECT {STATE_COLUMNS} FROM session_states WHERE processor = $1 AND path = $2 FOR UPDATE"
+        ))
+        .bind(processor)
+        .bind(path)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        let current: SessionState = current
+            .ok_or_else(|| Error::NotFound {
+                kind: "session",
+                id: format!("{processor}:{path}"),
+            })?
+            .try_into()?;
+        if current.status == SessionStatus::Processed {
+            return Err(Error::FailedPrecondition(format!(
+                "session {path:?} is PROCESSED for {processor}; only FAILED or DEAD sessions can be retried"
+            )));
+        }
+        let row: StateRow = sqlx::query_as(&format!(
+            "UPDATE session_states SET status = 'FAILED', attempts = 0, next_attempt_at = now()
+             WHERE processor = $1 AND path = $2
+             RETURNING {STATE_COLUMNS}"
+        ))
+        .bind(processor)
+        .bind(path)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
+        row.try_into()
+    }
+
+    async fn try_lock_processor(&self, processor: &str) -> Result<Option<Box<dyn ProcessorLock>>> {
+        let conn: PoolConnection<Postgres> = self.pool.acquire().await.map_err(db_error)?;
+        // Detached: never handed back to the pool still holding the lock.
+        let mut conn = conn.detach();
+        let locked: bool =
+            sqlx::query_scalar(&format!("SELECT pg_try_advisory_lock({LOCK_KEY_SQL})"))
+                .bind(processor)
+                .fetch_one(&mut conn)
+                .await
+                .map_err(db_error)?;
+        if !locked {
+            let _ = conn.close().await;
+            return Ok(None);
+        }
+        Ok(Some(Box::new(PgProcessorLock {
+            conn,
+            processor: processor.to_owned(),
+        })))
+    }
+
+    async fn processor_locked(&self, processor: &str) -> Result<bool> {
+        // A bigint advisory key shows in pg_locks as (classid, objid) = (high, low) 32 bits.
+        sqlx::query_scalar(&format!(
+            "WITH k AS (SELECT {LOCK_KEY_SQL} AS key)
+             SELECT EXISTS (
+                 SELECT 1 FROM pg_locks l, k
+                 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+                   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                   AND l.classid::bigint = (k.key >> 32) & 4294967295
+                   AND l.objid::bigint = k.key & 4294967295)"
+        ))
+        .bind(processor)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_error)
+    }
+
+    async fn record_run(&self, processor: &str, stats: &RunStats) -> Result<()> {
+        let now = Utc::now();
+        sqlx::query(
+            "INSERT INTO pipeline_runs (processor, started_at, finished_at, stats)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (processor) DO UPDATE SET
+                 started_at = EXCLUDED.started_at, finished_at = EXCLUDED.finished_at,
+                 stats = EXCLUDED.stats",
+        )
+        .bind(processor)
+        .bind(stats.started_at.unwrap_or(now))
+        .bind(stats.finished_at.unwrap_or(now))
+        .bind(Json(stats))
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn last_runs(&self) -> Result<Vec<(String, RunStats)>> {
+        let rows: Vec<(String, Json<RunStats>)> =
+            sqlx::query_as("SELECT processor, stats FROM pipeline_runs ORDER BY processor")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_error)?;
+        Ok(rows.into_iter().map(|(p, s)| (p, s.0)).collect())
+    }
+
+    async fn usage(&self, query: &UsageQuery) -> Result<Vec<UsageRow>> {
+        let key = match query.group_by {
+            UsageGrouping::Day => "to_char(occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+            UsageGrouping::Session => "user_name || '/' || session_id",
+            UsageGrouping::Model => "COALESCE(model, 'unknown')",
+            UsageGrouping::User => "user_name",
+        };
+        // ccusage's rule: a (message id, request id) pair counts once across all
+        // files, the copy from the file that starts earliest; entries without
+        // both ids always count.
+        let rows: Vec<(
+            String,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            DateTime<Utc>,
+            DateTime<Utc>,
+            Vec<String>,
+        )> = sqlx::query_as(&format!(
+            "WITH counted AS (
+                     SELECT DISTINCT ON (dedup_key) *
+                     FROM (SELECT *,
+                                  CASE WHEN message_id IS NOT NULL AND request_id IS NOT NULL
+                                       THEN message_id || ':' || request_id
+                                       ELSE 'entry:' || id END AS dedup_key
+                           FROM usage_entries) u
+                     ORDER BY dedup_key, file_first_at, path, line_no
+                 )
+                 SELECT {key} AS key,
+                        sum(input_tokens)::bigint, sum(output_tokens)::bigint,
+                        sum(cache_creation_tokens)::bigint, sum(cache_read_tokens)::bigint,
+                        count(*), min(occurred_at), max(occurred_at),
+                        array_remove(array_agg(DISTINCT model ORDER BY model), NULL)
+                 FROM counted
+                 WHERE ($1::timestamptz IS NULL OR occurred_at >= $1)
+                   AND ($2::timestamptz IS NULL OR occurred_at < $2)
+                   AND ($3::text IS NULL OR user_name = $3)
+                 GROUP BY 1
+                 ORDER BY 1"
+        ))
+        .bind(query.since)
+        .bind(query.until)
+        .bind(query.user.as_deref())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(key, input, output, creation, read, messages, first_at, last_at, models)| {
+                    UsageRow {
+                        key,
+                        input_tokens: input,
+                        output_tokens: output,
+                        cache_creation_tokens: creation,
+                        cache_read_tokens: read,
+                        messages,
+                        first_at,
+                        last_at,
+                        models,
+                    }
+                },
+            )
+            .collect())
+    }
+
+    async fn now(&self) -> Result<DateTime<Utc>> {
+        sqlx::query_scalar("SELECT now()")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db_error)
+    }
+}

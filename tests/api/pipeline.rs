@@ -1,0 +1,659 @@
+//! SessionPipelineService against a real session root on disk.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use fleetcare::config::ServeArgs;
+use fleetcare::proto::v1 as pb;
+use fleetcare::proto::v1::session_pipeline_service_client::SessionPipelineServiceClient;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::helpers::{TestApp, TestDb, eventually, test_args};
+
+/// A session root in the temp directory, removed when the test passes.
+pub struct SessionRoot {
+    pub path: PathBuf,
+}
+
+impl SessionRoot {
+    pub fn new() -> SessionRoot {
+        let path = std::env::temp_dir().join(format!(
+            "fleetcare-sessions-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&path).unwrap();
+        SessionRoot { path }
+    }
+
+    /// Writes a session file with an mtime an hour ago (well clear of the racy window).
+    pub fn write(&self, rel: &str, content: &str) {
+        let path = self.path.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, content).unwrap();
+        self.set_mtime(rel, Duration::from_secs(3600));
+    }
+
+    pub fn set_mtime(&self, rel: &str, ago: Duration) {
+        let file = std::fs::File::options()
+            .write(true)
+            .open(self.path.join(rel))
+            .unwrap();
+        file.set_modified(SystemTime::now() - ago).unwrap();
+    }
+}
+
+impl Drop for SessionRoot {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// One assistant line with usage.
+pub fn assistant(
+    msg: &str,
+    req: &str,
+    model: &str,
+    ts: &str,
+    input: u64,
+    output: u64,
+    creation: u64,
+    read: u64,
+) -> String {
+    format!(
+        r#"{{"type":"assistant","sessionId":"s","timestamp":"{ts}","requestId":"{req}","message":{{"id":"{msg}","model":"{model}","role":"assistant","content":[{{"type":"text","text":"ok"}}],"usage":{{"input_tokens":{input},"output_tokens":{output},"cache_creation_input_tokens":{creation},"cache_read_input_tokens":{read}}}}}}}"#
+    ) + "\n"
+}
+
+fn args(db: &TestDb, root: &Path) -> ServeArgs {
+    let mut args = test_args(&db.url);
+    args.pipeline.session_dir = root.to_path_buf();
+    args.pipeline.pipeline_interval_usage = Duration::ZERO;
+    args.pipeline.pipeline_interval_errors = Duration::ZERO;
+    args.pipeline.max_attempts = 3;
+    args.pipeline.pipeline_retry_base = Duration::ZERO;
+    args
+}
+
+pub fn client(app: &TestApp) -> SessionPipelineServiceClient<Channel> {
+    SessionPipelineServiceClient::new(app.channel.clone())
+}
+
+pub async fn run(app: &TestApp, name: &str) -> Result<pb::RunStats, tonic::Status> {
+    client(app)
+        .run_processor(pb::RunProcessorRequest { name: name.into() })
+        .await
+        .map(|r| r.into_inner().stats.unwrap())
+}
+
+pub async fn usage(app: &TestApp, group_by: pb::UsageGrouping, user: &str) -> pb::GetUsageResponse {
+    client(app)
+        .get_usage(pb::GetUsageRequest {
+            group_by: group_by as i32,
+            user: user.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn states(app: &TestApp, processor: &str) -> Vec<pb::SessionState> {
+    client(app)
+        .list_session_states(pb::ListSessionStatesRequest {
+            processor: processor.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .states
+}
+
+fn basic_corpus(root: &SessionRoot) {
+    root.write(
+        "alice/s1.jsonl",
+        &(assistant("msg_1", "req_1", "claude-sonnet-4", "2026-03-14T10:00:00Z", 10, 20, 30, 40)
+            + &assistant("msg_1", "req_1", "claude-sonnet-4", "2026-03-14T10:00:01Z", 10, 20, 30, 40)
+            + "{not json\n"
+            + r#"{"type":"user","timestamp":"2026-03-14T10:00:02Z","message":{"role":"user","content":"hi"}}"#
+            + "\n"),
+    );
+    root.write(
+        "alice/s2.jsonl",
+        &assistant(
+            "msg_2",
+            "req_2",
+            "claude-opus-4",
+            "2026-03-14T11:00:00Z",
+            1,
+            2,
+            3,
+            4,
+        ),
+    );
+    root.write(
+        "bob/s3.jsonl",
+        &assistant(
+            "msg_3",
+            "req_3",
+            "claude-sonnet-4",
+            "2026-03-15T09:00:00Z",
+            100,
+            200,
+            0,
+            0,
+        ),
+    );
+}
+
+#[tokio::test]
+async fn incremental_runs_read_only_what_changed() {
+    let db = TestDb::new();
+    let root = SessionRoot::new();
+    basic_corpus(&root);
+    let app = TestApp::spawn_with(args(&db, &root.path)).await;
+
+    let first = run(&app, "usage").await.unwrap();
+    assert_eq!(
+        (first.scanned, first.processed, first.skipped, first.failed),
+        (3, 3, 0, 0)
+    );
+    assert_eq!(first.files_hashed, 3);
+    assert_eq!(
+        first.items_extracted, 3,
+        "the repeated line of msg_1 counts once"
+    );
+    let totals = usage(&app, pb::UsageGrouping::User, "")
+        .await
+        .totals
+        .unwrap();
+    assert_eq!(
+        (
+            totals.input_tokens,
+            totals.output_tokens,
+            totals.cache_creation_tokens,
+            totals.cache_read_tokens
+        ),
+        (111, 222, 33, 44)
+    );
+    assert_eq!(totals.total_tokens, 410);
+    assert_eq!(totals.messages, 3);
+
+    // Unchanged: nothing is read at all.
+    let again = run(&app, "usage").await.unwrap();
+    assert_eq!(
+        (
+            again.processed,
+            again.skipped,
+            again.files_hashed,
+            again.bytes_hashed
+        ),
+        (0, 3, 0, 0)
+    );
+
+    // Touched, same content: hashed once, not reprocessed; then skipped by stat again.
+    root.set_mtime("alice/s2.jsonl", Duration::from_secs(1800));
+    let touched = run(&app, "usage").await.unwrap();
+    assert_eq!(
+        (touched.processed, touched.skipped, touched.files_hashed),
+        (0, 3, 1)
+    );
+    let after = run(&app, "usage").await.unwrap();
+    assert_eq!(after.files_hashed, 0, "the refreshed stat is trusted");
+
+    // Changed content: reprocessed, replacing (not adding to) its earlier items.
+    let grown = assistant(
+        "msg_2",
+        "req_2",
+        "claude-opus-4",
+        "2026-03-14T11:00:00Z",
+        1,
+        2,
+        3,
+        4,
+    ) + &assistant(
+        "msg_4",
+        "req_4",
+        "claude-opus-4",
+        "2026-03-14T11:05:00Z",
+        5,
+        5,
+        5,
+        5,
+    );
+    root.write("alice/s2.jsonl", &grown);
+    let changed = run(&app, "usage").await.unwrap();
+    assert_eq!((changed.processed, changed.files_hashed), (1, 1));
+    let alice = usage(&app, pb::UsageGrouping::User, "alice").await;
+    assert_eq!(alice.rows.len(), 1);
+    assert_eq!(alice.rows[0].input_tokens, 10 + 1 + 5);
+    assert_eq!(alice.rows[0].messages, 3);
+
+    // A vanished transcript does not take its usage with it.
+    std::fs::remove_file(root.path.join("bob/s3.jsonl")).unwrap();
+    let vanished = run(&app, "usage").await.unwrap();
+    assert_eq!(vanished.scanned, 2);
+    let bob = usage(&app, pb::UsageGrouping::User, "bob").await;
+    assert_eq!(bob.rows[0].input_tokens, 100);
+
+    let s = states(&app, "usage").await;
+    assert_eq!(s.len(), 3);
+    assert!(
+        s.iter()
+            .all(|s| s.status == pb::SessionStatus::Processed as i32)
+    );
+    assert_eq!(s[0].session, "alice/s1.jsonl");
+    assert_eq!(s[0].items_count, 1);
+    assert_eq!(s[0].sha256.len(), 64);
+}
+
+#[tokio::test]
+async fn a_failing_session_is_isolated_retried_then_dead_until_requeued() {
+    let db = TestDb::new();
+    let root = SessionRoot::new();
+    basic_corpus(&root);
+    root.write(
+        "bob/broken.jsonl",
+        "{\"type\":\"assistant\"}\n\0\0\0garbage\n",
+    );
+    let app = TestApp::spawn_with(args(&db, &root.path)).await;
+
+    let mut last = None;
+    for attempt in 1..=3 {
+        let stats = run(&app, "usage").await.unwrap();
+        assert_eq!(stats.failed, 1, "attempt {attempt}");
+        assert_eq!(stats.errors[0].session, "bob/broken.jsonl");
+        assert!(
+            stats.errors[0].error.contains("NUL"),
+            "{}",
+            stats.errors[0].error
+        );
+        last = Some(stats);
+    }
+    assert_eq!(last.unwrap().dead, 1);
+    // The others were processed on the first run regardless.
+    assert_eq!(
+        usage(&app, pb::UsageGrouping::User, "")
+            .await
+            .totals
+            .unwrap()
+            .messages,
+        3
+    );
+    let broken = |s: Vec<pb::SessionState>| {
+        s.into_iter()
+            .find(|s| s.session == "bob/broken.jsonl")
+            .unwrap()
+    };
+    let dead = broken(states(&app, "usage").await);
+    assert_eq!(dead.status, pb::SessionStatus::Dead as i32);
+    assert_eq!(dead.attempts, 3);
+    assert!(dead.last_error.contains("NUL"));
+
+    // Dead sessions are skipped without being read.
+    let skipped = run(&app, "usage").await.unwrap();
+    assert_eq!(
+        (skipped.failed, skipped.files_hashed, skipped.dead),
+        (0, 0, 1)
+    );
+    let filtered = client(&app)
+        .list_session_states(pb::ListSessionStatesRequest {
+            processor: "usage".into(),
+            status: pb::SessionStatus::Dead as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(filtered.states.len(), 1);
+
+    // Requeued: retried on the next run (and it fails again, once).
+    let requeued = client(&app)
+        .retry_session(pb::RetrySessionRequest {
+            processor: "usage".into(),
+            session: "bob/broken.jsonl".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .state
+        .unwrap();
+    assert_eq!(
+        (requeued.status, requeued.attempts),
+        (pb::SessionStatus::Failed as i32, 0)
+    );
+    let retried = run(&app, "usage").await.unwrap();
+    assert_eq!(retried.failed, 1);
+    assert_eq!(broken(states(&app, "usage").await).attempts, 1);
+
+    // Fixed content gets a fresh start and is processed.
+    root.write(
+        "bob/broken.jsonl",
+        &assistant(
+            "msg_9",
+            "req_9",
+            "claude-sonnet-4",
+            "2026-03-15T10:00:00Z",
+            7,
+            7,
+            7,
+            7,
+        ),
+    );
+    let fixed = run(&app, "usage").await.unwrap();
+    assert_eq!((fixed.processed, fixed.failed), (1, 0));
+    assert_eq!(
+        broken(states(&app, "usage").await).status,
+        pb::SessionStatus::Processed as i32
+    );
+
+    let mut c = client(&app);
+    let processed = c
+        .retry_session(pb::RetrySessionRequest {
+            processor: "usage".into(),
+            session: "alice/s1.jsonl".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(processed.code(), Code::FailedPrecondition);
+    let missing = c
+        .retry_session(pb::RetrySessionRequest {
+            processor: "usage".into(),
+            session: "alice/nope.jsonl".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    for bad in ["../etc/passwd", "alice", "alice/x.txt", "a/b/c.jsonl"] {
+        let err = c
+            .retry_session(pb::RetrySessionRequest {
+                processor: "usage".into(),
+                session: bad.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{bad}");
+    }
+}
+
+#[tokio::test]
+async fn symlinks_invalid_users_and_a_missing_root_are_reported_not_followed() {
+    let db = TestDb::new();
+    let root = SessionRoot::new();
+    basic_corpus(&root);
+    let outside = SessionRoot::new();
+    outside.write(
+        "secret.jsonl",
+        &assistant(
+            "msg_x",
+            "req_x",
+            "m",
+            "2026-03-14T10:00:00Z",
+            9999,
+            9999,
+            0,
+            0,
+        ),
+    );
+    std::os::unix::fs::symlink(
+        outside.path.join("secret.jsonl"),
+        root.path.join("alice/escape.jsonl"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(&outside.path, root.path.join("mallory")).unwrap();
+    root.write(
+        "not valid!/s.jsonl",
+        &assistant("msg_y", "req_y", "m", "2026-03-14T10:00:00Z", 5000, 0, 0, 0),
+    );
+    let app = TestApp::spawn_with(args(&db, &root.path)).await;
+
+    let stats = run(&app, "usage").await.unwrap();
+    assert_eq!(stats.scanned, 3);
+    let skipped = stats.skipped_entries.join("\n");
+    assert!(skipped.contains("alice/escape.jsonl: symlink"), "{skipped}");
+    assert!(skipped.contains("mallory: symlink"), "{skipped}");
+    assert!(skipped.contains("not valid!"), "{skipped}");
+    assert_eq!(
+        usage(&app, pb::UsageGrouping::User, "")
+            .await
+            .totals
+            .unwrap()
+            .input_tokens,
+        111
+    );
+
+    // The root itself missing: a clear error in the stats, and the server carries on.
+    let db2 = TestDb::new();
+    let app2 = TestApp::spawn_with(args(&db2, Path::new("/nonexistent/fleetcare-sessions"))).await;
+    let stats = run(&app2, "usage").await.unwrap();
+    assert!(
+        stats.root_error.contains("/nonexistent/fleetcare-sessions"),
+        "{}",
+        stats.root_error
+    );
+    assert_eq!(stats.scanned, 0);
+    assert!(run(&app2, "usage").await.is_ok(), "the lock was released");
+}
+
+fn big_corpus(root: &SessionRoot, files: usize) {
+    for i in 0..files {
+        root.write(
+            &format!("user{}/s{i}.jsonl", i % 10),
+            &assistant(
+                &format!("msg_{i}"),
+                &format!("req_{i}"),
+                "claude-sonnet-4",
+                "2026-03-14T10:00:00Z",
+                1,
+                1,
+                1,
+                1,
+            ),
+        );
+    }
+}
+
+async fn wait_running(app: &TestApp, name: &str) {
+    eventually(Duration::from_secs(30), "processor running", || async {
+        let list = client(app)
+            .list_processors(pb::ListProcessorsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        list.processors
+            .iter()
+            .any(|p| p.name == name && p.running)
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_processor_never_runs_twice_at_once_on_one_server_or_across_two() {
+    let db = TestDb::new();
+    let root = SessionRoot::new();
+    big_corpus(&root, 600);
+    let one = TestApp::spawn_with(args(&db, &root.path)).await;
+    let two = TestApp::spawn_with(args(&db, &root.path)).await;
+
+    let first = tokio::spawn({
+        let mut c = client(&one);
+        async move {
+            c.run_processor(pb::RunProcessorRequest {
+                name: "usage".into(),
+            })
+            .await
+        }
+    });
+    wait_running(&one, "usage").await;
+    let here = run(&one, "usage").await.unwrap_err();
+    assert_eq!(here.code(), Code::Aborted);
+    assert!(
+        here.message().contains("already running"),
+        "{}",
+        here.message()
+    );
+    let there = run(&two, "usage").await.unwrap_err();
+    assert_eq!(there.code(), Code::Aborted);
+    assert!(
+        there.message().contains("another server"),
+        "{}",
+        there.message()
+    );
+    // Other processors are not blocked.
+    run(&two, "errors").await.unwrap();
+
+    let stats = first.await.unwrap().unwrap().into_inner().stats.unwrap();
+    assert_eq!(stats.processed, 600);
+    // Released: the other server can run it now, and finds nothing to do.
+    let after = run(&two, "usage").await.unwrap();
+    assert_eq!((after.processed, after.files_hashed), (0, 0));
+}
+
+#[tokio::test]
+async fn the_lock_is_released_when_a_server_stops_mid_run() {
+    let db = TestDb::new();
+    let root = SessionRoot::new();
+    big_corpus(&root, 600);
+    let one = TestApp::spawn_with(args(&db, &root.path)).await;
+    let two = TestApp::spawn_with(args(&db, &root.path)).await;
+    let first = tokio::spawn({
+        let mut c = client(&one);
+        async move {
+            c.run_processor(pb::RunProcessorRequest {
+                name: "usage".into(),
+            })
+            .await
+        }
+    });
+    wait_running(&one, "usage").await;
+    one.stop().await;
+    let _ = first.await;
+    // Whatever one committed stays; two picks up the rest.
+    let stats = eventually(Duration::from_secs(30), "lock free", || async {
+        run(&two, "usage").await.ok()
+    })
+    .await;
+    let total = usage(&two, pb::UsageGrouping::User, "")
+        .await
+        .totals
+        .unwrap();
+    assert_eq!(
+        total.messages, 600,
+        "every session counted exactly once ({stats:?})"
+    );
+}
+
+#[tokio::test]
+async fn the_scheduler_runs_each_processor_on_its_cadence() {
+    let db = TestDb::new();
+    let root = SessionRoot::new();
+    basic_corpus(&root);
+    let mut a = args(&db, &root.path);
+    a.pipeline.pipeline_interval_usage = Duration::from_millis(300);
+    let app = TestApp::spawn_with(a).await;
+    let last_run = || async {
+        let list = client(&app)
+            .list_processors(pb::ListProcessorsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let usage = list
+            .processors
+            .iter()
+            .find(|p| p.name == "usage")
+            .unwrap()
+            .clone();
+        let errors = list
+            .processors
+            .iter()
+            .find(|p| p.name == "errors")
+            .unwrap()
+            .clone();
+        (usage, errors)
+    };
+    let first = eventually(Duration::from_secs(20), "a scheduled run", || async {
+        last_run().await.0.last_run_at
+    })
+    .await;
+    let later = eventually(Duration::from_secs(20), "another scheduled run", || async {
+        last_run()
+            .await
+            .0
+            .last_run_at
+            .filter(|t| (t.seconds, t.nanos) > (first.seconds, first.nanos))
+    })
+    .await;
+    assert!((later.seconds, later.nanos) > (first.seconds, first.nanos));
+    let (usage_info, errors_info) = last_run().await;
+    assert_eq!(usage_info.interval.unwrap().nanos, 300_000_000);
+    assert!(
+        errors_info.last_run_at.is_none(),
+        "interval 0 is never scheduled"
+    );
+    assert_eq!(
+        usage(&app, pb::UsageGrouping::User, "")
+            .await
+            .totals
+            .unwrap()
+            .messages,
+        3
+    );
+}
+
+#[tokio::test]
+async fn watch_run_reports_progress_to_the_end() {
+    let db = TestDb::new();
+    let root = SessionRoot::new();
+    big_corpus(&root, 50);
+    let app = TestApp::spawn_with(args(&db, &root.path)).await;
+    let mut progress = client(&app)
+        .watch_run(pb::WatchRunRequest {
+            name: "usage".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let stats = run(&app, "usage").await.unwrap();
+    let mut seen = Vec::new();
+    while let Some(msg) = tokio::time::timeout(Duration::from_secs(20), progress.message())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        seen.push(msg);
+    }
+    let last = seen.last().unwrap();
+    assert!(last.finished);
+    assert_eq!(last.files_total, 50);
+    assert_eq!(last.files_done, 50);
+    assert_eq!(last.stats.as_ref().unwrap().processed, stats.processed);
+    assert!(
+        seen.windows(2).all(|w| w[0].files_done <= w[1].files_done),
+        "progress never goes back"
+    );
+
+    let mut c = client(&app);
+    assert_eq!(run(&app, "nope").await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(
+        run(&app, "").await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    let err = c
+        .get_usage(pb::GetUsageRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = c
+        .get_usage(pb::GetUsageRequest {
+            group_by: 1,
+            user: "../x".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}
