@@ -657,3 +657,70 @@ async fn watch_run_reports_progress_to_the_end() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 }
+
+#[tokio::test]
+async fn transcript_errors_join_the_healing_history_once() {
+    use fleetcare::proto::v1::healing_service_client::HealingServiceClient;
+    let db = TestDb::new();
+    let root = SessionRoot::new();
+    let tool_error = r#"{"type":"user","uuid":"u-1","sessionId":"s","timestamp":"2026-03-14T10:00:00Z","message":{"role":"user","content":[{"type":"tool_result","tool_use_id":"t1","is_error":true,"content":"Command failed: execution of npm test failed"}]}}"#;
+    let api_error = r#"{"type":"assistant","uuid":"u-2","sessionId":"s","timestamp":"2026-03-14T10:01:00Z","isApiErrorMessage":true,"message":{"id":"m","model":"<synthetic>","role":"assistant","content":[{"type":"text","text":"API Error: 429 rate limit exceeded"}],"usage":{"input_tokens":0,"output_tokens":0}}}"#;
+    root.write("carol/s1.jsonl", &format!("{tool_error}\n{api_error}\n"));
+    let app = TestApp::spawn_with(args(&db, &root.path)).await;
+
+    let stats = run(&app, "errors").await.unwrap();
+    assert_eq!((stats.processed, stats.items_extracted), (1, 2));
+    let mut healing = HealingServiceClient::new(app.channel.clone());
+    let events = healing
+        .list_error_events(pb::ListErrorEventsRequest {
+            agent_id: "carol".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    let mut kinds: Vec<(i32, String)> = events
+        .iter()
+        .map(|e| (e.error_type, e.message.clone()))
+        .collect();
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        [
+            (
+                pb::ErrorType::ExecutionFailure as i32,
+                "Command failed: execution of npm test failed".to_string()
+            ),
+            (
+                pb::ErrorType::ResourceExhaustion as i32,
+                "API Error: 429 rate limit exceeded".to_string()
+            ),
+        ]
+    );
+    assert!(
+        events
+            .iter()
+            .all(|e| e.context.get("session").map(String::as_str) == Some("carol/s1.jsonl"))
+    );
+
+    // Reprocessing the changed file does not duplicate what was already recorded.
+    let another = tool_error
+        .replace("u-1", "u-3")
+        .replace("10:00:00Z", "10:02:00Z");
+    root.write(
+        "carol/s1.jsonl",
+        &format!("{tool_error}\n{api_error}\n{another}\n"),
+    );
+    let again = run(&app, "errors").await.unwrap();
+    assert_eq!(again.processed, 1);
+    let stats = healing
+        .get_healing_statistics(pb::GetHealingStatisticsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        stats.total_errors, 3,
+        "the two already recorded are kept once, the new line added"
+    );
+}
