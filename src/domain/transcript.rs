@@ -158,8 +158,8 @@ impl UsageTotals {
 pub fn extract_usage(content: &[u8]) -> UsageExtract {
     let mut entries = Vec::new();
     let mut seen: HashSet<(String, String)> = HashSet::new();
-    let counts = scan(content, |line_no, line| {
-        if let Ok(Some(entry)) = parse_usage(line_no, line) {
+    let counts = scan(content, |line_no, obj| match parse_usage(line_no, obj) {
+        Ok(Some(entry)) => {
             let duplicate = match (&entry.message_id, &entry.request_id) {
                 (Some(m), Some(r)) => !seen.insert((m.clone(), r.clone())),
                 _ => false,
@@ -167,7 +167,10 @@ pub fn extract_usage(content: &[u8]) -> UsageExtract {
             if !duplicate {
                 entries.push(entry);
             }
+            LineClass::Usage
         }
+        Ok(None) => LineClass::WithoutUsage,
+        Err(Malformed) => LineClass::Malformed,
     });
     UsageExtract { entries, counts }
 }
@@ -180,8 +183,13 @@ pub fn extract_usage(content: &[u8]) -> UsageExtract {
 /// content order), then the API error. Never panics.
 pub fn extract_errors(content: &[u8]) -> ErrorExtract {
     let mut errors = Vec::new();
-    let counts = scan(content, |line_no, line| {
-        collect_errors(line_no, line, &mut errors);
+    let counts = scan(content, |line_no, obj| {
+        collect_errors(line_no, obj, &mut errors);
+        match parse_usage(line_no, obj) {
+            Ok(Some(_)) => LineClass::Usage,
+            Ok(None) => LineClass::WithoutUsage,
+            Err(Malformed) => LineClass::Malformed,
+        }
     });
     ErrorExtract { errors, counts }
 }
@@ -193,7 +201,9 @@ pub fn extract_errors(content: &[u8]) -> ErrorExtract {
 pub fn dedup_across_files<'a>(
     files: &'a [(String, Vec<UsageEntry>)],
 ) -> Vec<(&'a str, &'a UsageEntry)> {
-    let mut order: Vec<(Option<DateTime<Utc>>, &'a str, &'a [UsageEntry])> = files
+    // (earliest entry timestamp, label, entries)
+    type FileRef<'f> = (Option<DateTime<Utc>>, &'f str, &'f [UsageEntry]);
+    let mut order: Vec<FileRef<'a>> = files
         .iter()
         .map(|(label, entries)| {
             let earliest = entries.iter().map(|e| e.timestamp).min();
@@ -237,16 +247,19 @@ enum LineClass {
     Usage,
 }
 
-/// Splits `content` into lines, classifies each and hands every line that is
-/// a JSON object to `visit`. Returns the counts.
-fn scan(content: &[u8], mut visit: impl FnMut(u32, &Map<String, Value>)) -> LineCounts {
+/// Splits `content` into lines and hands every complete, non-blank line that
+/// is a JSON object to `on_object`, which classifies it. Returns the counts.
+fn scan(
+    content: &[u8],
+    mut on_object: impl FnMut(u32, &Map<String, Value>) -> LineClass,
+) -> LineCounts {
     let mut counts = LineCounts::default();
     let mut line_no: u32 = 0;
     let mut rest = content;
     while !rest.is_empty() {
         line_no = line_no.saturating_add(1);
         let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
-            // No final newline: an unfinished write.
+            // No final newline: an unfinished write, left for the next run.
             counts.unfinished_tail_bytes = rest.len() as u64;
             break;
         };
@@ -257,7 +270,10 @@ fn scan(content: &[u8], mut visit: impl FnMut(u32, &Map<String, Value>)) -> Line
             continue;
         }
         counts.lines += 1;
-        let class = classify(raw, line_no, &mut visit);
+        let class = match parse_object(raw) {
+            Some(obj) => on_object(line_no, &obj),
+            None => LineClass::Malformed,
+        };
         match class {
             LineClass::Malformed => counts.malformed += 1,
             LineClass::WithoutUsage => counts.without_usage += 1,
@@ -267,27 +283,17 @@ fn scan(content: &[u8], mut visit: impl FnMut(u32, &Map<String, Value>)) -> Line
     counts
 }
 
-fn classify(
-    raw: &[u8],
-    line_no: u32,
-    visit: &mut impl FnMut(u32, &Map<String, Value>),
-) -> LineClass {
+/// A line's JSON object, or `None` if the line is too long, not UTF-8, not
+/// JSON or not an object.
+fn parse_object(raw: &[u8]) -> Option<Map<String, Value>> {
     if raw.len() > MAX_LINE_BYTES {
-        return LineClass::Malformed;
+        return None;
     }
-    let Ok(text) = std::str::from_utf8(raw) else {
-        return LineClass::Malformed;
-    };
-    let Ok(Value::Object(obj)) = serde_json::from_str::<Value>(text) else {
-        return LineClass::Malformed;
-    };
-    let class = match parse_usage(line_no, &obj) {
-        Ok(Some(_)) => LineClass::Usage,
-        Ok(None) => LineClass::WithoutUsage,
-        Err(Malformed) => LineClass::Malformed,
-    };
-    visit(line_no, &obj);
-    class
+    let text = std::str::from_utf8(raw).ok()?;
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(obj)) => Some(obj),
+        _ => None,
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -316,10 +322,10 @@ fn parse_usage(line_no: u32, obj: &Map<String, Value>) -> Result<Option<UsageEnt
     let output_tokens = required_count(usage, "output_tokens")?;
     let cache_creation_tokens = optional_count(usage, "cache_creation_input_tokens")?;
     let cache_read_tokens = optional_count(usage, "cache_read_input_tokens")?;
-    if let Some(speed) = usage.get("speed") {
-        if !matches!(speed.as_str(), Some("standard" | "fast")) {
-            return Err(Malformed);
-        }
+    if let Some(speed) = usage.get("speed")
+        && !matches!(speed.as_str(), Some("standard" | "fast"))
+    {
+        return Err(Malformed);
     }
 
     let timestamp = obj
@@ -336,10 +342,10 @@ fn parse_usage(line_no: u32, obj: &Map<String, Value>) -> Result<Option<UsageEnt
     // The rest of ccusage's schema: fields it does not use for tokens but
     // whose wrong type makes it drop the line.
     optional_str(obj, "cwd")?;
-    if let Some(v) = obj.get("version") {
-        if !v.as_str().is_some_and(is_version) {
-            return Err(Malformed);
-        }
+    if let Some(v) = obj.get("version")
+        && !v.as_str().is_some_and(is_version)
+    {
+        return Err(Malformed);
     }
     if obj.get("costUSD").is_some_and(|v| !v.is_number()) {
         return Err(Malformed);
@@ -478,10 +484,9 @@ fn collect_errors(line_no: u32, obj: &Map<String, Value>, out: &mut Vec<Transcri
         found.push((TranscriptErrorKind::ApiError, text));
     } else if obj.get("type").and_then(Value::as_str) == Some("system")
         && obj.get("level").and_then(Value::as_str) == Some("error")
+        && let Some(text) = obj.get("content").and_then(Value::as_str)
     {
-        if let Some(text) = obj.get("content").and_then(Value::as_str) {
-            found.push((TranscriptErrorKind::ApiError, text.to_owned()));
-        }
+        found.push((TranscriptErrorKind::ApiError, text.to_owned()));
     }
 
     let base = match obj.get("uuid").and_then(Value::as_str) {

@@ -9,4 +9,5 @@ mod post_healing;
 mod recovery;
 mod server;
 mod sweeper;
+mod usage_corpus;
 mod watch;

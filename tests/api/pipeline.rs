@@ -52,16 +52,8 @@ impl Drop for SessionRoot {
 }
 
 /// One assistant line with usage.
-pub fn assistant(
-    msg: &str,
-    req: &str,
-    model: &str,
-    ts: &str,
-    input: u64,
-    output: u64,
-    creation: u64,
-    read: u64,
-) -> String {
+pub fn assistant(msg: &str, req: &str, model: &str, ts: &str, tokens: [u64; 4]) -> String {
+    let [input, output, creation, read] = tokens;
     format!(
         r#"{{"type":"assistant","sessionId":"s","timestamp":"{ts}","requestId":"{req}","message":{{"id":"{msg}","model":"{model}","role":"assistant","content":[{{"type":"text","text":"ok"}}],"usage":{{"input_tokens":{input},"output_tokens":{output},"cache_creation_input_tokens":{creation},"cache_read_input_tokens":{read}}}}}}}"#
     ) + "\n"
@@ -115,8 +107,8 @@ async fn states(app: &TestApp, processor: &str) -> Vec<pb::SessionState> {
 fn basic_corpus(root: &SessionRoot) {
     root.write(
         "alice/s1.jsonl",
-        &(assistant("msg_1", "req_1", "claude-sonnet-4", "2026-03-14T10:00:00Z", 10, 20, 30, 40)
-            + &assistant("msg_1", "req_1", "claude-sonnet-4", "2026-03-14T10:00:01Z", 10, 20, 30, 40)
+        &(assistant("msg_1", "req_1", "claude-sonnet-4", "2026-03-14T10:00:00Z", [10, 20, 30, 40])
+            + &assistant("msg_1", "req_1", "claude-sonnet-4", "2026-03-14T10:00:01Z", [10, 20, 30, 40])
             + "{not json\n"
             + r#"{"type":"user","timestamp":"2026-03-14T10:00:02Z","message":{"role":"user","content":"hi"}}"#
             + "\n"),
@@ -128,10 +120,7 @@ fn basic_corpus(root: &SessionRoot) {
             "req_2",
             "claude-opus-4",
             "2026-03-14T11:00:00Z",
-            1,
-            2,
-            3,
-            4,
+            [1, 2, 3, 4],
         ),
     );
     root.write(
@@ -141,10 +130,7 @@ fn basic_corpus(root: &SessionRoot) {
             "req_3",
             "claude-sonnet-4",
             "2026-03-15T09:00:00Z",
-            100,
-            200,
-            0,
-            0,
+            [100, 200, 0, 0],
         ),
     );
 }
@@ -210,19 +196,13 @@ async fn incremental_runs_read_only_what_changed() {
         "req_2",
         "claude-opus-4",
         "2026-03-14T11:00:00Z",
-        1,
-        2,
-        3,
-        4,
+        [1, 2, 3, 4],
     ) + &assistant(
         "msg_4",
         "req_4",
         "claude-opus-4",
         "2026-03-14T11:05:00Z",
-        5,
-        5,
-        5,
-        5,
+        [5, 5, 5, 5],
     );
     root.write("alice/s2.jsonl", &grown);
     let changed = run(&app, "usage").await.unwrap();
@@ -337,10 +317,7 @@ async fn a_failing_session_is_isolated_retried_then_dead_until_requeued() {
             "req_9",
             "claude-sonnet-4",
             "2026-03-15T10:00:00Z",
-            7,
-            7,
-            7,
-            7,
+            [7, 7, 7, 7],
         ),
     );
     let fixed = run(&app, "usage").await.unwrap();
@@ -392,10 +369,7 @@ async fn symlinks_invalid_users_and_a_missing_root_are_reported_not_followed() {
             "req_x",
             "m",
             "2026-03-14T10:00:00Z",
-            9999,
-            9999,
-            0,
-            0,
+            [9999, 9999, 0, 0],
         ),
     );
     std::os::unix::fs::symlink(
@@ -406,7 +380,13 @@ async fn symlinks_invalid_users_and_a_missing_root_are_reported_not_followed() {
     std::os::unix::fs::symlink(&outside.path, root.path.join("mallory")).unwrap();
     root.write(
         "not valid!/s.jsonl",
-        &assistant("msg_y", "req_y", "m", "2026-03-14T10:00:00Z", 5000, 0, 0, 0),
+        &assistant(
+            "msg_y",
+            "req_y",
+            "m",
+            "2026-03-14T10:00:00Z",
+            [5000, 0, 0, 0],
+        ),
     );
     let app = TestApp::spawn_with(args(&db, &root.path)).await;
 
@@ -447,10 +427,7 @@ fn big_corpus(root: &SessionRoot, files: usize) {
                 &format!("req_{i}"),
                 "claude-sonnet-4",
                 "2026-03-14T10:00:00Z",
-                1,
-                1,
-                1,
-                1,
+                [1, 1, 1, 1],
             ),
         );
     }
