@@ -701,3 +701,99 @@ async fn transcript_errors_join_the_healing_history_once() {
         "the two already recorded are kept once, the new line added"
     );
 }
+
+/// A processor that panics on sessions of user `boom` and counts others.
+struct Flaky;
+
+#[async_trait::async_trait]
+impl fleetcare::processors::SessionProcessor for Flaky {
+    fn name(&self) -> &'static str {
+        "flaky"
+    }
+
+    fn version(&self) -> i32 {
+        1
+    }
+
+    async fn process(
+        &self,
+        file: &fleetcare::domain::pipeline::SessionFile,
+        _content: std::sync::Arc<Vec<u8>>,
+        _sink: &mut dyn fleetcare::storage::SessionSink,
+    ) -> Result<i64, fleetcare::processors::ProcessError> {
+        if file.user == "boom" {
+            panic!("processor bug on {}", file.path);
+        }
+        Ok(1)
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_processor_fails_its_session_and_releases_the_lock() {
+    use fleetcare::runtime::pipeline::{Pipeline, PipelineConfig};
+    use fleetcare::storage::PipelineStore;
+    let db = TestDb::new();
+    let root = SessionRoot::new();
+    basic_corpus(&root);
+    root.write("boom/s.jsonl", "{}\n");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let database = test_args(&db.url).database;
+    let store = std::sync::Arc::new(
+        fleetcare::storage::postgres::PgStore::connect(&database, shutdown.clone())
+            .await
+            .unwrap(),
+    );
+    let pipeline = Pipeline::new(
+        store.clone(),
+        PipelineConfig {
+            root: root.path.clone(),
+            retry: fleetcare::domain::pipeline::RetryPolicy::default(),
+            intervals: Default::default(),
+        },
+        vec![fleetcare::processors::Registration {
+            processor: std::sync::Arc::new(Flaky),
+            default_interval: Duration::ZERO,
+        }],
+        shutdown.clone(),
+    );
+    let stats = pipeline.run("flaky").await.unwrap();
+    assert_eq!((stats.processed, stats.failed), (3, 1));
+    assert!(
+        stats.errors[0].1.contains("processor bug on boom/s.jsonl"),
+        "{:?}",
+        stats.errors
+    );
+    // Neither the in-process guard nor the advisory lock outlived the run.
+    assert!(!pipeline.is_running_here("flaky"));
+    assert!(!store.processor_locked("flaky").await.unwrap());
+    let again = pipeline.run("flaky").await.unwrap();
+    assert_eq!(
+        again.processed, 0,
+        "the failed session waits for its retry time"
+    );
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn scheduled_processors_run_in_parallel_and_are_never_relaunched_while_running() {
+    let db = TestDb::new();
+    let root = SessionRoot::new();
+    big_corpus(&root, 800);
+    let mut a = args(&db, &root.path);
+    a.pipeline.pipeline_interval_usage = Duration::from_millis(100);
+    a.pipeline.pipeline_interval_errors = Duration::from_millis(100);
+    let app = TestApp::spawn_with(a).await;
+    // Both processors are seen running at the same moment: neither waits for the other.
+    eventually(Duration::from_secs(30), "both running at once", || async {
+        let list = client(&app)
+            .list_processors(pb::ListProcessorsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        list.processors.iter().all(|p| p.running).then_some(())
+    })
+    .await;
+    // While the scheduled run is under way, another start is refused.
+    let err = run(&app, "usage").await.unwrap_err();
+    assert_eq!(err.code(), Code::Aborted);
+}
