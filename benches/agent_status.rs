@@ -11,24 +11,17 @@ use std::time::{Duration, Instant};
 
 use fleetcare::config::{DatabaseArgs, ServeArgs};
 use fleetcare::proto::v1 as pb;
-use fleetcare::proto::v1::agent_status_service_client::AgentStatusServiceClient;
-use fleetcare::startup::Application;
 use futures::StreamExt;
-use sqlx::Connection;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
+
+#[allow(dead_code)]
+#[path = "../tests/api/helpers.rs"]
+mod helpers;
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn admin_url() -> String {
-    std::env::var("FLEETCARE_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 /// Runs `total` calls of `call(i)` with `concurrency` in flight; returns the
@@ -73,30 +66,18 @@ async fn main() {
     let work_cycles = env_usize("BENCH_WORK_CYCLES", 2000);
     let concurrency = env_usize("BENCH_CONCURRENCY", 64);
 
-    let name = format!("fleetcare_bench_{}", std::process::id());
-    let url = admin_url()
-        .rsplit_once('/')
-        .map(|(s, _)| format!("{s}/{name}"))
-        .unwrap();
+    // The integration tests' harness: a fresh database, dropped afterwards.
+    let db = helpers::TestDb::new();
     let args = ServeArgs {
         database: DatabaseArgs {
-            database_url: url,
+            database_url: db.url.clone(),
             db_max_connections: 20,
             db_acquire_timeout: Duration::from_secs(5),
         },
         ..ServeArgs::default()
     };
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let shutdown = CancellationToken::new();
-    let app = Application::build(args, listener, shutdown.clone())
-        .await
-        .expect("server builds");
-    let server = tokio::spawn(app.run());
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect_lazy();
-    let client = AgentStatusServiceClient::new(channel);
+    let app = helpers::TestApp::spawn_with(args).await;
+    let client = app.agents.clone();
 
     println!(
         "fleetcare agent-status bench: {agents} agents, concurrency {concurrency}, {} cores",
@@ -208,11 +189,5 @@ async fn main() {
         watcher_done.saturating_duration_since(writes_done)
     );
 
-    shutdown.cancel();
-    let _ = server.await;
-    if let Ok(mut conn) = sqlx::PgConnection::connect(&admin_url()).await {
-        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-            .execute(&mut conn)
-            .await;
-    }
+    app.stop().await;
 }

@@ -14,22 +14,17 @@ use std::time::{Duration, Instant, SystemTime};
 use fleetcare::config::{DatabaseArgs, ServeArgs};
 use fleetcare::proto::v1 as pb;
 use fleetcare::proto::v1::session_pipeline_service_client::SessionPipelineServiceClient;
-use fleetcare::startup::Application;
-use sqlx::Connection;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
+
+#[allow(dead_code)]
+#[path = "../tests/api/helpers.rs"]
+mod helpers;
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn admin_url() -> String {
-    std::env::var("FLEETCARE_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 fn line(user: usize, session: usize, i: usize) -> String {
@@ -67,21 +62,14 @@ fn write_corpus(root: &Path, users: usize, sessions: usize, lines: usize) -> u64
     bytes
 }
 
+/// The server, in-process on a fresh database (dropped with the `TestDb`).
 async fn start(
     root: &Path,
-    db: &str,
-) -> (
-    CancellationToken,
-    tokio::task::JoinHandle<()>,
-    SessionPipelineServiceClient<Channel>,
-) {
-    let url = admin_url()
-        .rsplit_once('/')
-        .map(|(s, _)| format!("{s}/{db}"))
-        .unwrap();
+    db: &helpers::TestDb,
+) -> (helpers::TestApp, SessionPipelineServiceClient<Channel>) {
     let mut args = ServeArgs {
         database: DatabaseArgs {
-            database_url: url,
+            database_url: db.url.clone(),
             db_max_connections: 10,
             db_acquire_timeout: Duration::from_secs(30),
         },
@@ -90,19 +78,9 @@ async fn start(
     args.pipeline.session_dir = root.to_path_buf();
     args.pipeline.pipeline_interval_usage = Duration::ZERO;
     args.pipeline.pipeline_interval_errors = Duration::ZERO;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let shutdown = CancellationToken::new();
-    let app = Application::build(args, listener, shutdown.clone())
-        .await
-        .expect("server builds");
-    let server = tokio::spawn(async move {
-        let _ = app.run().await;
-    });
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect_lazy();
-    (shutdown, server, SessionPipelineServiceClient::new(channel))
+    let app = helpers::TestApp::spawn_with(args).await;
+    let client = SessionPipelineServiceClient::new(app.channel.clone());
+    (app, client)
 }
 
 async fn run(client: &mut SessionPipelineServiceClient<Channel>) -> (Duration, pb::RunStats) {
@@ -117,14 +95,6 @@ async fn run(client: &mut SessionPipelineServiceClient<Channel>) -> (Duration, p
         .stats
         .unwrap();
     (started.elapsed(), stats)
-}
-
-async fn drop_database(name: &str) {
-    if let Ok(mut conn) = sqlx::PgConnection::connect(&admin_url()).await {
-        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-            .execute(&mut conn)
-            .await;
-    }
 }
 
 fn temp_root(tag: &str) -> PathBuf {
@@ -161,8 +131,8 @@ async fn main() {
         .expect("sha256sum runs");
     assert!(status.success());
     let sha = started.elapsed();
-    let db = format!("fleetcare_bench_pipeline_{}", std::process::id());
-    let (shutdown, server, mut client) = start(&root, &db).await;
+    let db = helpers::TestDb::new();
+    let (app, mut client) = start(&root, &db).await;
     let (first, stats) = run(&mut client).await;
     assert_eq!(stats.processed as usize, files);
     println!(
@@ -181,9 +151,8 @@ async fn main() {
     let (again, stats) = run(&mut client).await;
     assert_eq!(stats.files_hashed, 0);
     println!("unchanged rerun of {files} files {again:>9.2?}");
-    shutdown.cancel();
-    let _ = server.await;
-    drop_database(&db).await;
+    app.stop().await;
+    drop(db);
     let _ = std::fs::remove_dir_all(&root);
 
     // 2. Unchanged rescan of many files.
@@ -191,8 +160,8 @@ async fn main() {
     let per_user = rescan_files.div_ceil(100);
     let bytes = write_corpus(&root, 100, per_user, 1);
     let files = 100 * per_user;
-    let db = format!("fleetcare_bench_rescan_{}", std::process::id());
-    let (shutdown, server, mut client) = start(&root, &db).await;
+    let db = helpers::TestDb::new();
+    let (app, mut client) = start(&root, &db).await;
     let (first, stats) = run(&mut client).await;
     assert_eq!(stats.processed as usize, files);
     println!(
@@ -205,8 +174,7 @@ async fn main() {
         assert_eq!((stats.files_hashed, stats.skipped as usize), (0, files));
         println!("unchanged rescan of {files} files: {rescan:.2?} (nothing read)");
     }
-    shutdown.cancel();
-    let _ = server.await;
-    drop_database(&db).await;
+    app.stop().await;
+    drop(db);
     let _ = std::fs::remove_dir_all(&root);
 }
