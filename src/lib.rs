@@ -2,8 +2,11 @@
 //!
 //! Layers: `domain` (pure logic), `storage` (the store trait and Postgres),
 //! `grpc` (thin service adapters), `runtime` (background tasks), wired
-//! together by `startup`.
+//! together by `startup`. `client` is the Rust client (the generated stubs
+//! and a resuming watch); `cli` is the operator CLI built on it.
 
+pub mod cli;
+pub mod client;
 pub mod config;
 pub mod domain;
 pub mod error;

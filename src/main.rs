@@ -1,4 +1,5 @@
-//! The `fleetcare` binary: `serve` runs the server, `migrate` applies migrations.
+//! The `fleetcare` binary: `serve` runs the server, `migrate` applies
+//! migrations, and the other commands are the operator CLI (`fleetcare::cli`).
 
 use std::process::ExitCode;
 
@@ -8,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use fleetcare::config::{DatabaseArgs, LogFormat, ServeArgs};
 use fleetcare::startup::Application;
-use fleetcare::{storage, telemetry};
+use fleetcare::{cli, storage, telemetry};
 
 #[derive(Parser)]
 #[command(
@@ -27,6 +28,8 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Apply the database migrations and exit.
     Migrate(DatabaseArgs),
+    #[command(flatten)]
+    Client(cli::ClientCommand),
 }
 
 #[tokio::main]
@@ -34,6 +37,15 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve(*args).await,
+        Command::Client(command) => {
+            return match cli::run(command).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("fleetcare: {error}");
+                    ExitCode::from(error.exit_code())
+                }
+            };
+        }
         Command::Migrate(args) => {
             telemetry::init(LogFormat::Text);
             storage::postgres::connect_and_migrate(&args)

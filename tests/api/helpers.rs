@@ -50,7 +50,7 @@ impl TestDb {
     }
 
     /// The same database reached through `proxy`, which a test can cut.
-    pub fn url_via(&self, proxy: &PgProxy) -> String {
+    pub fn url_via(&self, proxy: &TcpProxy) -> String {
         let url = self
             .url
             .replacen("127.0.0.1:5432", &proxy.addr.to_string(), 1);
@@ -110,6 +110,7 @@ pub fn test_args(database_url: &str) -> ServeArgs {
 }
 
 pub struct TestApp {
+    pub addr: SocketAddr,
     pub agents: AgentStatusServiceClient<Channel>,
     pub channel: Channel,
     pub shutdown: CancellationToken,
@@ -137,6 +138,7 @@ impl TestApp {
             .unwrap()
             .connect_lazy();
         TestApp {
+            addr,
             agents: AgentStatusServiceClient::new(channel.clone()),
             channel,
             shutdown,
@@ -254,39 +256,47 @@ pub fn status(s: pb::AgentStatus) -> i32 {
     s as i32
 }
 
-/// A TCP proxy in front of Postgres that a test can cut and restore, to see
-/// what the server does while its database is unreachable.
-pub struct PgProxy {
+/// A TCP proxy that a test can cut and restore: in front of Postgres, to see
+/// what the server does while its database is unreachable; in front of the
+/// server, to see what a client does when its connection drops.
+pub struct TcpProxy {
     pub addr: SocketAddr,
+    upstream: Arc<std::sync::Mutex<SocketAddr>>,
 
     cut: Arc<AtomicBool>,
     connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
 
-impl PgProxy {
-    pub async fn start() -> PgProxy {
+impl TcpProxy {
+    pub async fn to_postgres() -> TcpProxy {
+        TcpProxy::start("127.0.0.1:5432".parse().unwrap()).await
+    }
+
+    pub async fn start(upstream_addr: SocketAddr) -> TcpProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let cut = Arc::new(AtomicBool::new(false));
         let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-        let (cut2, conns2) = (cut.clone(), connections.clone());
+        let upstream = Arc::new(std::sync::Mutex::new(upstream_addr));
+        let (cut2, conns2, upstream2) = (cut.clone(), connections.clone(), upstream.clone());
         tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 if cut2.load(Ordering::SeqCst) {
                     drop(client);
                     continue;
                 }
+                let upstream_addr = *upstream2.lock().unwrap();
                 let task = tokio::spawn(async move {
-                    if let Ok(mut upstream) = TcpStream::connect("127.0.0.1:5432").await {
+                    if let Ok(mut upstream) = TcpStream::connect(upstream_addr).await {
                         let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
                     }
                 });
                 conns2.lock().await.push(task);
             }
         });
-        PgProxy {
+        TcpProxy {
             addr,
-
+            upstream,
             cut,
             connections,
         }
@@ -298,6 +308,11 @@ impl PgProxy {
         for task in self.connections.lock().await.drain(..) {
             task.abort();
         }
+    }
+
+    /// New connections go to `upstream` (a restarted server, say).
+    pub fn redirect(&self, upstream: SocketAddr) {
+        *self.upstream.lock().unwrap() = upstream;
     }
 
     pub fn restore(&self) {

@@ -2,6 +2,7 @@
 //! One binary, so it compiles once.
 
 mod agents;
+mod cli;
 mod healing;
 mod helpers;
 mod pipeline;

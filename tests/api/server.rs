@@ -8,7 +8,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-use crate::helpers::{PgProxy, TestApp, TestDb, eventually, test_args};
+use crate::helpers::{TcpProxy, TestApp, TestDb, eventually, test_args};
 
 const SERVICES: [&str; 5] = [
     "",
@@ -44,7 +44,7 @@ async fn wait_for_health(app: &TestApp, want: ServingStatus) {
 #[tokio::test]
 async fn health_follows_the_database() {
     let db = TestDb::new();
-    let proxy = PgProxy::start().await;
+    let proxy = TcpProxy::to_postgres().await;
     let mut args = test_args(&db.url_via(&proxy));
     args.database.db_acquire_timeout = Duration::from_millis(500);
     let app = TestApp::spawn_with(args).await;

@@ -21,7 +21,7 @@ const B2: &str = "bob/e7b4c9d2-3a6f-4b1e-9d85-2f7a6c3e1b95";
 /// (key, input, output, cache creation, cache read, total, messages)
 type Row = (&'static str, i64, i64, i64, i64, i64, i64);
 
-fn copy_corpus(root: &SessionRoot) {
+pub fn copy_corpus(root: &SessionRoot) {
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sessions");
     for session in [A1, A2, A3, B1, B2] {
         let rel = format!("{session}.jsonl");

@@ -8,7 +8,7 @@ use pb::AgentStatus as S;
 use pb::watch_transitions_response::Event;
 use tonic::{Code, Streaming};
 
-use crate::helpers::{TestApp, TestDb, eventually, status, test_args};
+use crate::helpers::{TcpProxy, TestApp, TestDb, eventually, status, test_args};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -396,4 +396,60 @@ async fn pruned_history_cannot_be_resumed_from() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+}
+
+/// The Rust client's resuming watch follows a server restart: the old server
+/// ends the stream cleanly, the watch reconnects (here, through a proxy now
+/// pointing at the new server on the same database) and resumes after the
+/// last revision it saw.
+#[tokio::test]
+async fn the_client_watch_resumes_across_a_server_restart() {
+    use fleetcare::client::{Clients, ResumingWatch};
+
+    let db = TestDb::new();
+    let first = TestApp::spawn(&db).await;
+    let proxy = TcpProxy::start(first.addr).await;
+    let registered = first.register("rw-1").await;
+    let clients = Clients::connect_lazy(&proxy.addr.to_string()).unwrap();
+    let mut watch = ResumingWatch::new(
+        clients.agents,
+        pb::WatchTransitionsRequest {
+            since_revision: registered.revision,
+            agent_ids: vec!["rw-1".into()],
+            ..Default::default()
+        },
+    )
+    .with_max_backoff(Duration::from_millis(200));
+
+    first.start_work("rw-1").await.unwrap();
+    let mut seen = vec![next_client_transition(&mut watch).await];
+
+    first.stop().await;
+    let second = TestApp::spawn(&db).await;
+    proxy.redirect(second.addr);
+    second.finish_work("rw-1").await.unwrap();
+    second.start_work("rw-1").await.unwrap();
+    seen.push(next_client_transition(&mut watch).await);
+    seen.push(next_client_transition(&mut watch).await);
+
+    let expected: Vec<i64> = second.history("rw-1").await[1..]
+        .iter()
+        .map(|t| t.revision)
+        .collect();
+    assert_eq!(seen, expected);
+    assert!(watch.reconnects() >= 1, "the stream was reopened");
+    assert_eq!(watch.last_revision(), *expected.last().unwrap());
+    second.stop().await;
+}
+
+async fn next_client_transition(watch: &mut fleetcare::client::ResumingWatch) -> i64 {
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(30), watch.next())
+            .await
+            .expect("an event within 30 s")
+            .expect("the watch keeps going");
+        if let Event::Transition(t) = event {
+            return t.revision;
+        }
+    }
 }

@@ -1,0 +1,194 @@
+//! `fleetcare agents list|get` and `fleetcare watch`.
+
+use std::io::Write;
+
+use super::table::Table;
+use super::views::{AgentView, TransitionView};
+use super::{AgentsArgs, AgentsCommand, CliError, StatusArg, WatchArgs, print};
+use crate::client::{ResumingWatch, pb};
+
+/// The largest page the server hands out; `list` follows every page.
+const PAGE_SIZE: i32 = 1000;
+
+pub async fn run(args: AgentsArgs) -> Result<(), CliError> {
+    let mut clients = args.connection.connect().await?;
+    let json = args.connection.json;
+    match args.command {
+        AgentsCommand::List { status, label } => {
+            let mut request = pb::ListAgentsRequest {
+                page_size: PAGE_SIZE,
+                statuses: status.into_iter().map(|s| status_pb(s) as i32).collect(),
+                labels: label.into_iter().collect(),
+                ..Default::default()
+            };
+            let mut agents = Vec::new();
+            loop {
+                let page = clients
+                    .agents
+                    .list_agents(request.clone())
+                    .await?
+                    .into_inner();
+                agents.extend(page.agents.iter().map(AgentView::from));
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                request.page_token = page.next_page_token;
+            }
+            print(json, &agents, || agents_table(&agents))
+        }
+        AgentsCommand::Get { agent_id } => {
+            let response = clients
+                .agents
+                .get_agent(pb::GetAgentRequest { agent_id })
+                .await?
+                .into_inner();
+            let agent = AgentView::from(&response.agent.unwrap_or_default());
+            print(json, &agent, || agent_details(&agent))
+        }
+    }
+}
+
+fn status_pb(status: StatusArg) -> pb::AgentStatus {
+    match status {
+        StatusArg::Idle => pb::AgentStatus::Idle,
+        StatusArg::Busy => pb::AgentStatus::Busy,
+        StatusArg::OnCall => pb::AgentStatus::OnCall,
+        StatusArg::Offline => pb::AgentStatus::Offline,
+        StatusArg::Exhausted => pb::AgentStatus::Exhausted,
+    }
+}
+
+fn agents_table(agents: &[AgentView]) -> String {
+    let mut table = Table::new(["AGENT", "STATUS", "SINCE", "LAST HEARTBEAT", "LABELS"]);
+    for a in agents {
+        let labels: Vec<String> = a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        table.row(vec![
+            a.agent_id.clone(),
+            a.status.clone(),
+            a.last_transition_at.clone().unwrap_or_default(),
+            a.last_heartbeat_at.clone().unwrap_or_default(),
+            labels.join(","),
+        ]);
+    }
+    table.render()
+}
+
+fn agent_details(a: &AgentView) -> String {
+    let mut lines = vec![
+        ("agent", a.agent_id.clone()),
+        ("status", a.status.clone()),
+        ("revision", a.revision.to_string()),
+    ];
+    let optional = [
+        ("registered", &a.registered_at),
+        ("last heartbeat", &a.last_heartbeat_at),
+        ("last transition", &a.last_transition_at),
+        ("exhaustion reason", &a.exhaustion_reason),
+        ("recovery at", &a.recovery_at),
+        ("recovery source", &a.recovery_source),
+        ("recovery hint", &a.recovery_hint),
+    ];
+    lines.extend(
+        optional
+            .into_iter()
+            .filter_map(|(k, v)| v.clone().map(|v| (k, v))),
+    );
+    for (k, v) in &a.labels {
+        lines.push(("label", format!("{k}={v}")));
+    }
+    lines
+        .into_iter()
+        .map(|(k, v)| format!("{:<18}{v}\n", format!("{k}:")))
+        .collect()
+}
+
+/// One line a transition: `rev time agent FROM -> TO cause`.
+fn transition_line(t: &TransitionView) -> String {
+    format!(
+        "{:>8}  {}  {}  {} -> {}  {}",
+        t.revision,
+        t.occurred_at.as_deref().unwrap_or("-"),
+        t.agent_id,
+        t.from,
+        t.to,
+        t.cause
+    )
+}
+
+pub async fn watch(args: WatchArgs) -> Result<(), CliError> {
+    use pb::watch_transitions_response::Event;
+    // Connect first, so an unreachable server is an error rather than a silent retry loop.
+    let clients = args.connection.connect().await?;
+    let mut watch = ResumingWatch::new(
+        clients.agents,
+        pb::WatchTransitionsRequest {
+            since_revision: args.since,
+            agent_ids: args.agents,
+            ..Default::default()
+        },
+    );
+    let mut seen = 0u64;
+    while args.count.is_none_or(|count| seen < count) {
+        let before = watch.reconnects();
+        let event = watch.next().await?;
+        if watch.reconnects() > before {
+            // Said on stderr, so stdout stays one transition a line.
+            eprintln!(
+                "fleetcare: reconnected, resuming after revision {}",
+                watch.last_revision()
+            );
+        }
+        let Event::Transition(transition) = event else {
+            continue;
+        };
+        let view = TransitionView::from(&transition);
+        let mut out = std::io::stdout().lock();
+        if args.connection.json {
+            serde_json::to_writer(&mut out, &view).map_err(std::io::Error::from)?;
+            writeln!(out)?;
+        } else {
+            writeln!(out, "{}", transition_line(&view))?;
+        }
+        out.flush()?;
+        seen += 1;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_transition_is_one_line() {
+        let t = TransitionView {
+            revision: 42,
+            agent_id: "a-1".into(),
+            from: "IDLE".into(),
+            to: "BUSY".into(),
+            cause: "WORK_STARTED".into(),
+            occurred_at: Some("2026-04-01T10:00:00.000Z".into()),
+            recovery_at: None,
+        };
+        assert_eq!(
+            transition_line(&t),
+            "      42  2026-04-01T10:00:00.000Z  a-1  IDLE -> BUSY  WORK_STARTED"
+        );
+    }
+
+    #[test]
+    fn agent_details_list_only_what_is_set() {
+        let agent = AgentView::from(&pb::Agent {
+            agent_id: "a-1".into(),
+            status: pb::AgentStatus::Exhausted as i32,
+            recovery_hint: "retry-after: 30".into(),
+            labels: [("team".to_string(), "x".to_string())].into(),
+            ..Default::default()
+        });
+        assert_eq!(
+            agent_details(&agent),
+            "agent:            a-1\nstatus:           EXHAUSTED\nrevision:         0\n\
+             recovery hint:    retry-after: 30\nlabel:            team=x\n"
+        );
+    }
+}

@@ -1,0 +1,250 @@
+//! The operator CLI: `fleetcare agents|watch|healing|pipeline|usage`, thin
+//! callers of the public gRPC API (the same one every other client uses).
+//! Tables for people by default, `--json` for scripts; one-line errors with
+//! distinct exit codes (see [`error::exit`]).
+
+mod agents;
+mod error;
+mod healing;
+mod pipeline;
+mod table;
+mod views;
+
+use std::io::Write;
+
+use clap::{Args, Subcommand, ValueEnum};
+use serde::Serialize;
+
+use crate::client::Clients;
+pub use error::{CliError, exit};
+
+/// Where the server is and how to print.
+#[derive(Debug, Clone, Args)]
+pub struct Connection {
+    /// The server's address: `host:port` or an `http://` URL.
+    #[arg(
+        long,
+        env = "FLEETCARE_SERVER",
+        default_value = "127.0.0.1:50051",
+        global = true
+    )]
+    pub server: String,
+
+    /// Print JSON (one document; `watch` prints one object per line).
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+impl Connection {
+    async fn connect(&self) -> Result<Clients, CliError> {
+        Clients::connect(&self.server)
+            .await
+            .map_err(|e| CliError::unreachable(&self.server, &e))
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// List agents or show one.
+    Agents(AgentsArgs),
+    /// Follow agent transitions live, one line each; resumes by itself after a dropped connection.
+    Watch(WatchArgs),
+    /// Healing statistics.
+    Healing(HealingArgs),
+    /// List session processors or run one now.
+    Pipeline(PipelineArgs),
+    /// Token usage accounted by the `usage` processor.
+    Usage(UsageArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AgentsArgs {
+    #[command(flatten)]
+    pub connection: Connection,
+    #[command(subcommand)]
+    pub command: AgentsCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentsCommand {
+    /// Every agent (all pages), optionally filtered.
+    List {
+        /// Keep agents with this status (repeatable).
+        #[arg(long, value_enum)]
+        status: Vec<StatusArg>,
+        /// Keep agents with this label, as KEY=VALUE (repeatable; all must match).
+        #[arg(long, value_parser = parse_label)]
+        label: Vec<(String, String)>,
+    },
+    /// One agent.
+    Get {
+        /// The agent's id.
+        agent_id: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum StatusArg {
+    Idle,
+    Busy,
+    OnCall,
+    Offline,
+    Exhausted,
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub connection: Connection,
+    /// Start after this revision (replaying retained history); default: from now on.
+    #[arg(long, default_value_t = 0)]
+    pub since: i64,
+    /// Only this agent's transitions (repeatable).
+    #[arg(long = "agent")]
+    pub agents: Vec<String>,
+    /// Stop after this many transitions (default: run until interrupted).
+    #[arg(long)]
+    pub count: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct HealingArgs {
+    #[command(flatten)]
+    pub connection: Connection,
+    #[command(subcommand)]
+    pub command: HealingCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HealingCommand {
+    /// Errors by type, active recoveries and what has been learned per strategy.
+    Stats,
+}
+
+#[derive(Debug, Args)]
+pub struct PipelineArgs {
+    #[command(flatten)]
+    pub connection: Connection,
+    #[command(subcommand)]
+    pub command: PipelineCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PipelineCommand {
+    /// Every processor with its cadence and last run.
+    List,
+    /// Run a processor now, with a progress bar, and print what it did.
+    Run {
+        /// The processor's name (see `pipeline list`).
+        name: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct UsageArgs {
+    #[command(flatten)]
+    pub connection: Connection,
+    /// How to group the rows.
+    #[arg(long, value_enum, default_value_t = UsageBy::Day)]
+    pub by: UsageBy,
+    /// Usage at or after this time: a date (midnight UTC) or an RFC 3339 time.
+    #[arg(long, value_parser = parse_time)]
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+    /// Usage before this time: a date (midnight UTC, so the day is excluded) or an RFC 3339 time.
+    #[arg(long, value_parser = parse_time)]
+    pub until: Option<chrono::DateTime<chrono::Utc>>,
+    /// One user's usage.
+    #[arg(long)]
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum UsageBy {
+    Day,
+    Session,
+    Model,
+    User,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
+fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    if let Ok(at) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(at.with_timezone(&chrono::Utc));
+    }
+    chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
+        .map(|d| d.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc())
+        .map_err(|_| format!("expected a date (2026-04-01) or an RFC 3339 time, got {s:?}"))
+}
+
+/// Runs one client command.
+pub async fn run(command: ClientCommand) -> Result<(), CliError> {
+    let result = match command {
+        ClientCommand::Agents(args) => agents::run(args).await,
+        ClientCommand::Watch(args) => agents::watch(args).await,
+        ClientCommand::Healing(args) => healing::stats(args).await,
+        ClientCommand::Pipeline(args) => pipeline::run(args).await,
+        ClientCommand::Usage(args) => pipeline::usage(args).await,
+    };
+    match result {
+        // `fleetcare watch | head -3`: the reader left, which is not a failure.
+        Err(CliError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
+}
+
+/// Writes a text block or a JSON document to stdout.
+fn print(
+    json: bool,
+    value: &impl Serialize,
+    text: impl FnOnce() -> String,
+) -> Result<(), CliError> {
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, value).map_err(std::io::Error::from)?;
+        writeln!(out)?;
+    } else {
+        out.write_all(text().as_bytes())?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_need_a_key_and_an_equals_sign() {
+        assert_eq!(
+            parse_label("team=a=b").unwrap(),
+            ("team".into(), "a=b".into())
+        );
+        assert_eq!(
+            parse_label("team=").unwrap(),
+            ("team".into(), String::new())
+        );
+        assert!(parse_label("team").is_err());
+        assert!(parse_label("=x").is_err());
+    }
+
+    #[test]
+    fn times_are_dates_at_midnight_utc_or_rfc3339() {
+        assert_eq!(
+            parse_time("2026-04-01").unwrap().to_rfc3339(),
+            "2026-04-01T00:00:00+00:00"
+        );
+        assert_eq!(
+            parse_time("2026-04-01T12:00:00+02:00")
+                .unwrap()
+                .to_rfc3339(),
+            "2026-04-01T10:00:00+00:00"
+        );
+        assert!(parse_time("yesterday").is_err());
+    }
+}

@@ -1,0 +1,226 @@
+//! `fleetcare pipeline list|run` and `fleetcare usage`.
+
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::table::Table;
+use super::views::{ProcessorView, RunStatsView, UsageRowView, UsageView};
+use super::{CliError, PipelineArgs, PipelineCommand, UsageArgs, UsageBy, print};
+use crate::client::pb;
+use crate::grpc::convert::timestamp;
+
+pub async fn run(args: PipelineArgs) -> Result<(), CliError> {
+    let mut clients = args.connection.connect().await?;
+    let json = args.connection.json;
+    match args.command {
+        PipelineCommand::List => {
+            let response = clients
+                .pipeline
+                .list_processors(pb::ListProcessorsRequest {})
+                .await?
+                .into_inner();
+            let processors: Vec<ProcessorView> = response
+                .processors
+                .iter()
+                .map(ProcessorView::from)
+                .collect();
+            print(json, &processors, || processors_table(&processors))
+        }
+        PipelineCommand::Run { name } => {
+            // Follow the run's progress while the unary call runs it. The
+            // watch is opened first so it sees the run from its start; a
+            // failed watch only costs the bar, never the run.
+            let bar = if json {
+                ProgressBar::hidden()
+            } else {
+                progress_bar(&name)
+            };
+            let mut watcher = clients.pipeline.clone();
+            let watch_name = name.clone();
+            let follow_bar = bar.clone();
+            let progress = tokio::spawn(async move {
+                let request = pb::WatchRunRequest { name: watch_name };
+                let Ok(response) = watcher.watch_run(request).await else {
+                    return;
+                };
+                let mut stream = response.into_inner();
+                while let Ok(Some(update)) = stream.message().await {
+                    follow_bar.set_length(update.files_total.max(0) as u64);
+                    follow_bar.set_position(update.files_done.max(0) as u64);
+                    if update.finished {
+                        break;
+                    }
+                }
+            });
+            let result = clients
+                .pipeline
+                .run_processor(pb::RunProcessorRequest { name })
+                .await;
+            progress.abort();
+            bar.finish_and_clear();
+            let stats = RunStatsView::from(&result?.into_inner().stats.unwrap_or_default());
+            print(json, &stats, || run_summary(&stats))
+        }
+    }
+}
+
+fn progress_bar(name: &str) -> ProgressBar {
+    // indicatif draws on stderr and hides itself when stderr is not a terminal.
+    let bar = ProgressBar::new(0);
+    let style = ProgressStyle::with_template("{prefix} [{bar:40}] {pos}/{len} files ({elapsed})")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_prefix(name.to_string());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+fn processors_table(processors: &[ProcessorView]) -> String {
+    let mut table = Table::new([
+        "NAME",
+        "VERSION",
+        "EVERY",
+        "RUNNING",
+        "LAST RUN",
+        "SCANNED",
+        "PROCESSED",
+        "FAILED",
+    ]);
+    for p in processors {
+        let every = if p.interval_seconds > 0.0 {
+            humantime::format_duration(Duration::from_secs_f64(p.interval_seconds)).to_string()
+        } else {
+            "on demand".into()
+        };
+        let last = p.last_run.as_ref();
+        let count =
+            |f: fn(&RunStatsView) -> i64| last.map(|s| f(s).to_string()).unwrap_or_default();
+        table.row(vec![
+            p.name.clone(),
+            p.version.to_string(),
+            every,
+            if p.running { "yes" } else { "no" }.into(),
+            p.last_run_at.clone().unwrap_or_else(|| "never".into()),
+            count(|s| s.scanned),
+            count(|s| s.processed),
+            count(|s| s.failed),
+        ]);
+    }
+    table.render()
+}
+
+fn run_summary(s: &RunStatsView) -> String {
+    let mut out = format!(
+        "scanned {}, processed {}, skipped {}, failed {}, dead {}; {} items extracted, {} files hashed ({} bytes)\n",
+        s.scanned,
+        s.processed,
+        s.skipped,
+        s.failed,
+        s.dead,
+        s.items_extracted,
+        s.files_hashed,
+        s.bytes_hashed
+    );
+    if let Some(error) = &s.root_error {
+        out.push_str(&format!("session root: {error}\n"));
+    }
+    for e in &s.errors {
+        out.push_str(&format!("failed: {}: {}\n", e.session, e.error));
+    }
+    for entry in &s.skipped_entries {
+        out.push_str(&format!("skipped: {entry}\n"));
+    }
+    out
+}
+
+pub async fn usage(args: UsageArgs) -> Result<(), CliError> {
+    let mut clients = args.connection.connect().await?;
+    let group_by = match args.by {
+        UsageBy::Day => pb::UsageGrouping::Day,
+        UsageBy::Session => pb::UsageGrouping::Session,
+        UsageBy::Model => pb::UsageGrouping::Model,
+        UsageBy::User => pb::UsageGrouping::User,
+    };
+    let response = clients
+        .pipeline
+        .get_usage(pb::GetUsageRequest {
+            group_by: group_by as i32,
+            since: args.since.map(timestamp),
+            until: args.until.map(timestamp),
+            user: args.user.unwrap_or_default(),
+        })
+        .await?
+        .into_inner();
+    let view = UsageView {
+        group_by: group_by
+            .as_str_name()
+            .trim_start_matches("USAGE_GROUPING_")
+            .to_lowercase(),
+        rows: response.rows.iter().map(UsageRowView::from).collect(),
+        totals: response.totals.as_ref().map(UsageRowView::from),
+    };
+    print(args.connection.json, &view, || usage_table(&view))
+}
+
+fn usage_table(view: &UsageView) -> String {
+    let mut table = Table::new([
+        view.group_by.to_uppercase().as_str(),
+        "INPUT",
+        "OUTPUT",
+        "CACHE CREATE",
+        "CACHE READ",
+        "TOTAL",
+        "MESSAGES",
+        "MODELS",
+    ]);
+    let mut add = |key: &str, r: &UsageRowView| {
+        table.row(vec![
+            key.to_string(),
+            r.input_tokens.to_string(),
+            r.output_tokens.to_string(),
+            r.cache_creation_tokens.to_string(),
+            r.cache_read_tokens.to_string(),
+            r.total_tokens.to_string(),
+            r.messages.to_string(),
+            r.models.join(","),
+        ]);
+    };
+    for row in &view.rows {
+        add(&row.key, row);
+    }
+    if let Some(totals) = &view.totals {
+        add("TOTAL", totals);
+    }
+    table.render()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_rows_end_with_the_totals() {
+        let row = pb::UsageRow {
+            key: "2026-04-01".into(),
+            input_tokens: 10,
+            output_tokens: 20,
+            total_tokens: 30,
+            messages: 2,
+            models: vec!["m1".into()],
+            ..Default::default()
+        };
+        let view = UsageView {
+            group_by: "day".into(),
+            rows: vec![UsageRowView::from(&row)],
+            totals: Some(UsageRowView::from(&row)),
+        };
+        assert_eq!(
+            usage_table(&view),
+            "DAY         INPUT  OUTPUT  CACHE CREATE  CACHE READ  TOTAL  MESSAGES  MODELS\n\
+             2026-04-01  10     20      0             0           30     2         m1\n\
+             TOTAL       10     20      0             0           30     2         m1\n"
+        );
+    }
+}

@@ -1,0 +1,365 @@
+//! What the CLI prints, as plain serializable structs: `--json` writes them
+//! with serde, the tables read the same fields. Enum values lose their proto
+//! prefix (`AGENT_STATUS_IDLE` prints `IDLE`), times are RFC 3339 in UTC, and
+//! unset optional fields are left out of the JSON.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::Serialize;
+
+use crate::client::pb;
+
+/// `AGENT_STATUS_IDLE` with prefix `AGENT_STATUS_` is `IDLE`; an unknown value
+/// (a newer server) prints its number rather than failing.
+fn enum_name(name: Option<&str>, prefix: &str, value: i32) -> String {
+    match name {
+        Some(name) => name.strip_prefix(prefix).unwrap_or(name).to_string(),
+        None => value.to_string(),
+    }
+}
+
+pub fn agent_status(value: i32) -> String {
+    let name = pb::AgentStatus::try_from(value).ok();
+    enum_name(name.map(|s| s.as_str_name()), "AGENT_STATUS_", value)
+}
+
+fn cause(value: i32) -> String {
+    let name = pb::TransitionCause::try_from(value).ok();
+    enum_name(name.map(|c| c.as_str_name()), "TRANSITION_CAUSE_", value)
+}
+
+/// Unspecified enum values mean "not set": left out.
+fn optional_enum(value: i32, name: Option<&str>, prefix: &str) -> Option<String> {
+    (value != 0).then(|| enum_name(name, prefix, value))
+}
+
+pub fn error_type(value: i32) -> String {
+    let name = pb::ErrorType::try_from(value).ok();
+    enum_name(name.map(|t| t.as_str_name()), "ERROR_TYPE_", value)
+}
+
+fn strategy(value: i32) -> String {
+    let name = pb::RecoveryStrategy::try_from(value).ok();
+    enum_name(name.map(|s| s.as_str_name()), "RECOVERY_STRATEGY_", value)
+}
+
+pub fn time(ts: Option<&prost_types::Timestamp>) -> Option<String> {
+    let ts = ts?;
+    let at = DateTime::<Utc>::from_timestamp(ts.seconds, u32::try_from(ts.nanos).ok()?)?;
+    Some(at.to_rfc3339_opts(SecondsFormat::Millis, true))
+}
+
+fn seconds(d: Option<&prost_types::Duration>) -> Option<f64> {
+    d.map(|d| d.seconds as f64 + f64::from(d.nanos) / 1e9)
+}
+
+#[derive(Debug, Serialize)]
+pub struct AgentView {
+    pub agent_id: String,
+    pub status: String,
+    pub labels: BTreeMap<String, String>,
+    pub revision: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub registered_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_transition_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exhaustion_reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovery_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovery_source: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovery_hint: Option<String>,
+}
+
+impl From<&pb::Agent> for AgentView {
+    fn from(a: &pb::Agent) -> AgentView {
+        AgentView {
+            agent_id: a.agent_id.clone(),
+            status: agent_status(a.status),
+            labels: a
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            revision: a.revision,
+            registered_at: time(a.registered_at.as_ref()),
+            last_heartbeat_at: time(a.last_heartbeat_at.as_ref()),
+            last_transition_at: time(a.last_transition_at.as_ref()),
+            exhaustion_reason: optional_enum(
+                a.exhaustion_reason,
+                pb::ExhaustionReason::try_from(a.exhaustion_reason)
+                    .ok()
+                    .map(|r| r.as_str_name()),
+                "EXHAUSTION_REASON_",
+            ),
+            recovery_at: time(a.recovery_at.as_ref()),
+            recovery_source: optional_enum(
+                a.recovery_source,
+                pb::RecoverySource::try_from(a.recovery_source)
+                    .ok()
+                    .map(|s| s.as_str_name()),
+                "RECOVERY_SOURCE_",
+            ),
+            recovery_hint: (!a.recovery_hint.is_empty()).then(|| a.recovery_hint.clone()),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct TransitionView {
+    pub revision: i64,
+    pub agent_id: String,
+    pub from: String,
+    pub to: String,
+    pub cause: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub occurred_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovery_at: Option<String>,
+}
+
+impl From<&pb::Transition> for TransitionView {
+    fn from(t: &pb::Transition) -> TransitionView {
+        TransitionView {
+            revision: t.revision,
+            agent_id: t.agent_id.clone(),
+            from: agent_status(t.from_status),
+            to: agent_status(t.to_status),
+            cause: cause(t.cause),
+            occurred_at: time(t.occurred_at.as_ref()),
+            recovery_at: time(t.recovery_at.as_ref()),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ErrorCountView {
+    pub error_type: String,
+    pub count: i64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PatternView {
+    pub error_type: String,
+    pub context_signature: String,
+    pub strategy: String,
+    pub successes: i64,
+    pub failures: i64,
+    pub success_rate: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mean_recovery_seconds: Option<f64>,
+    pub use_count: i64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HealingStatsView {
+    pub total_errors: i64,
+    pub errors_last_hour: i64,
+    pub active_recoveries: i64,
+    pub overall_success_rate: f64,
+    pub errors_by_type: Vec<ErrorCountView>,
+    pub patterns: Vec<PatternView>,
+}
+
+impl From<&pb::GetHealingStatisticsResponse> for HealingStatsView {
+    fn from(s: &pb::GetHealingStatisticsResponse) -> HealingStatsView {
+        HealingStatsView {
+            total_errors: s.total_errors,
+            errors_last_hour: s.errors_last_hour,
+            active_recoveries: s.active_recoveries,
+            overall_success_rate: s.overall_success_rate,
+            errors_by_type: s
+                .errors_by_type
+                .iter()
+                .map(|c| ErrorCountView {
+                    error_type: error_type(c.error_type),
+                    count: c.count,
+                })
+                .collect(),
+            patterns: s
+                .patterns
+                .iter()
+                .map(|p| PatternView {
+                    error_type: error_type(p.error_type),
+                    context_signature: p.context_signature.clone(),
+                    strategy: strategy(p.strategy),
+                    successes: p.successes,
+                    failures: p.failures,
+                    success_rate: p.success_rate,
+                    mean_recovery_seconds: seconds(p.mean_recovery_time.as_ref()),
+                    use_count: p.use_count,
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct SessionErrorView {
+    pub session: String,
+    pub error: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RunStatsView {
+    pub scanned: i64,
+    pub processed: i64,
+    pub skipped: i64,
+    pub failed: i64,
+    pub dead: i64,
+    pub items_extracted: i64,
+    pub files_hashed: i64,
+    pub bytes_hashed: i64,
+    pub errors: Vec<SessionErrorView>,
+    pub skipped_entries: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub root_error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+}
+
+impl From<&pb::RunStats> for RunStatsView {
+    fn from(s: &pb::RunStats) -> RunStatsView {
+        RunStatsView {
+            scanned: s.scanned,
+            processed: s.processed,
+            skipped: s.skipped,
+            failed: s.failed,
+            dead: s.dead,
+            items_extracted: s.items_extracted,
+            files_hashed: s.files_hashed,
+            bytes_hashed: s.bytes_hashed,
+            errors: s
+                .errors
+                .iter()
+                .map(|e| SessionErrorView {
+                    session: e.session.clone(),
+                    error: e.error.clone(),
+                })
+                .collect(),
+            skipped_entries: s.skipped_entries.clone(),
+            root_error: (!s.root_error.is_empty()).then(|| s.root_error.clone()),
+            started_at: time(s.started_at.as_ref()),
+            finished_at: time(s.finished_at.as_ref()),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProcessorView {
+    pub name: String,
+    pub version: i32,
+    /// Seconds between scheduled runs; 0 means only on demand.
+    pub interval_seconds: f64,
+    pub running: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_run_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_run: Option<RunStatsView>,
+}
+
+impl From<&pb::ProcessorInfo> for ProcessorView {
+    fn from(p: &pb::ProcessorInfo) -> ProcessorView {
+        ProcessorView {
+            name: p.name.clone(),
+            version: p.version,
+            interval_seconds: seconds(p.interval.as_ref()).unwrap_or(0.0),
+            running: p.running,
+            last_run_at: time(p.last_run_at.as_ref()),
+            last_run: p.last_run.as_ref().map(RunStatsView::from),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct UsageRowView {
+    pub key: String,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cache_creation_tokens: i64,
+    pub cache_read_tokens: i64,
+    pub total_tokens: i64,
+    pub messages: i64,
+    pub models: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_at: Option<String>,
+}
+
+impl From<&pb::UsageRow> for UsageRowView {
+    fn from(r: &pb::UsageRow) -> UsageRowView {
+        UsageRowView {
+            key: r.key.clone(),
+            input_tokens: r.input_tokens,
+            output_tokens: r.output_tokens,
+            cache_creation_tokens: r.cache_creation_tokens,
+            cache_read_tokens: r.cache_read_tokens,
+            total_tokens: r.total_tokens,
+            messages: r.messages,
+            models: r.models.clone(),
+            first_at: time(r.first_at.as_ref()),
+            last_at: time(r.last_at.as_ref()),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct UsageView {
+    pub group_by: String,
+    pub rows: Vec<UsageRowView>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub totals: Option<UsageRowView>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enum_values_print_without_their_prefix_and_unknown_ones_as_numbers() {
+        assert_eq!(agent_status(pb::AgentStatus::OnCall as i32), "ON_CALL");
+        assert_eq!(agent_status(99), "99");
+        assert_eq!(
+            cause(pb::TransitionCause::HeartbeatTimeout as i32),
+            "HEARTBEAT_TIMEOUT"
+        );
+        assert_eq!(optional_enum(0, Some("X"), ""), None);
+    }
+
+    #[test]
+    fn times_print_as_utc_rfc3339_and_invalid_ones_are_left_out() {
+        let ts = prost_types::Timestamp {
+            seconds: 1_775_037_600,
+            nanos: 5_000_000,
+        };
+        assert_eq!(time(Some(&ts)).unwrap(), "2026-04-01T10:00:00.005Z");
+        let bad = prost_types::Timestamp {
+            seconds: 0,
+            nanos: -1,
+        };
+        assert_eq!(time(Some(&bad)), None);
+    }
+
+    #[test]
+    fn agent_json_leaves_out_unset_recovery_fields() {
+        let agent = pb::Agent {
+            agent_id: "a-1".into(),
+            status: pb::AgentStatus::Idle as i32,
+            revision: 7,
+            ..Default::default()
+        };
+        let json = serde_json::to_value(AgentView::from(&agent)).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"agent_id": "a-1", "status": "IDLE", "labels": {}, "revision": 7})
+        );
+    }
+}

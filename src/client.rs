@@ -1,0 +1,244 @@
+//! The Rust client: the crate's generated gRPC clients, a connection helper,
+//! and a transition watch that resumes by itself after a dropped connection.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use fleetcare::client::{Clients, pb};
+//! let mut clients = Clients::connect("127.0.0.1:50051").await?;
+//! let agent = clients
+//!     .agents
+//!     .register_agent(pb::RegisterAgentRequest { agent_id: "a-1".into(), ..Default::default() })
+//!     .await?
+//!     .into_inner();
+//! # Ok(()) }
+//! ```
+
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status, Streaming};
+
+pub use crate::proto::v1 as pb;
+pub use pb::agent_status_service_client::AgentStatusServiceClient;
+pub use pb::healing_service_client::HealingServiceClient;
+pub use pb::post_healing_service_client::PostHealingServiceClient;
+pub use pb::session_pipeline_service_client::SessionPipelineServiceClient;
+
+/// Turns `host:port` into `http://host:port`; a URL with a scheme is kept.
+pub fn endpoint(server: &str) -> Result<Endpoint, tonic::transport::Error> {
+    let uri = if server.contains("://") {
+        server.to_string()
+    } else {
+        format!("http://{server}")
+    };
+    Ok(Endpoint::from_shared(uri)?
+        .connect_timeout(Duration::from_secs(5))
+        // A watch can be quiet for long stretches: keepalives notice a dead
+        // peer (a half-open connection) instead of waiting forever.
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true))
+}
+
+/// One client per service, sharing one HTTP/2 connection.
+#[derive(Debug, Clone)]
+pub struct Clients {
+    pub agents: AgentStatusServiceClient<Channel>,
+    pub healing: HealingServiceClient<Channel>,
+    pub posts: PostHealingServiceClient<Channel>,
+    pub pipeline: SessionPipelineServiceClient<Channel>,
+}
+
+impl Clients {
+    /// Connects now, so an unreachable server is reported here.
+    pub async fn connect(server: &str) -> Result<Clients, tonic::transport::Error> {
+        Ok(Clients::new(endpoint(server)?.connect().await?))
+    }
+
+    /// Connects on first use and reconnects after a dropped connection.
+    pub fn connect_lazy(server: &str) -> Result<Clients, tonic::transport::Error> {
+        Ok(Clients::new(endpoint(server)?.connect_lazy()))
+    }
+
+    pub fn new(channel: Channel) -> Clients {
+        Clients {
+            agents: AgentStatusServiceClient::new(channel.clone()),
+            healing: HealingServiceClient::new(channel.clone()),
+            posts: PostHealingServiceClient::new(channel.clone()),
+            pipeline: SessionPipelineServiceClient::new(channel),
+        }
+    }
+}
+
+/// Whether a failed watch is worth reopening: the connection dropped or the
+/// server went away (a restart, a deploy), as opposed to a request the server
+/// refused (OUT_OF_RANGE, INVALID_ARGUMENT), which would fail again.
+fn is_transient(status: &Status) -> bool {
+    match status.code() {
+        Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded => true,
+        // A connection cut mid-stream surfaces as UNKNOWN made by tonic from
+        // the transport error, which it keeps as the source; an UNKNOWN the
+        // server sent has none.
+        Code::Unknown => std::error::Error::source(status).is_some(),
+        _ => false,
+    }
+}
+
+/// Delay before the next reconnect: doubling from 100 ms, capped.
+#[derive(Debug, Clone)]
+struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+
+    fn new(max: Duration) -> Backoff {
+        Backoff {
+            next: Backoff::FIRST,
+            max,
+        }
+    }
+
+    fn step(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (self.next * 2).min(self.max);
+        delay
+    }
+
+    fn reset(&mut self) {
+        self.next = Backoff::FIRST;
+    }
+}
+
+/// A `WatchTransitions` stream that reopens itself with `since_revision` set to
+/// the last revision it saw (a transition's or a progress event's), so the
+/// caller sees every transition once, in revision order, across dropped
+/// connections and server restarts. Errors the server means (OUT_OF_RANGE when
+/// the revision is no longer retained, INVALID_ARGUMENT) are returned.
+///
+/// A snapshot cut off before its `SnapshotComplete` starts over; after it, the
+/// watch resumes from the snapshot's revision without a new snapshot.
+pub struct ResumingWatch {
+    client: AgentStatusServiceClient<Channel>,
+    request: pb::WatchTransitionsRequest,
+    stream: Option<Streaming<pb::WatchTransitionsResponse>>,
+    backoff: Backoff,
+    reconnects: u64,
+}
+
+impl ResumingWatch {
+    pub fn new(
+        client: AgentStatusServiceClient<Channel>,
+        request: pb::WatchTransitionsRequest,
+    ) -> ResumingWatch {
+        ResumingWatch {
+            client,
+            request,
+            stream: None,
+            backoff: Backoff::new(Duration::from_secs(5)),
+            reconnects: 0,
+        }
+    }
+
+    /// Caps the delay between reconnect attempts (default 5 s).
+    pub fn with_max_backoff(mut self, max: Duration) -> ResumingWatch {
+        self.backoff = Backoff::new(max);
+        self
+    }
+
+    /// The revision a reconnect would resume after (0 before anything arrived).
+    pub fn last_revision(&self) -> i64 {
+        self.request.since_revision
+    }
+
+    /// How many times the stream was reopened.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects
+    }
+
+    /// The next event; waits (reconnecting as needed) until there is one.
+    pub async fn next(&mut self) -> Result<pb::watch_transitions_response::Event, Status> {
+        use pb::watch_transitions_response::Event;
+        loop {
+            let stream = match &mut self.stream {
+                Some(stream) => stream,
+                None => match self.client.watch_transitions(self.request.clone()).await {
+                    Ok(response) => self.stream.insert(response.into_inner()),
+                    Err(status) if is_transient(&status) => {
+                        self.pause().await;
+                        continue;
+                    }
+                    Err(status) => return Err(status),
+                },
+            };
+            match stream.message().await {
+                Ok(Some(pb::WatchTransitionsResponse { event: Some(event) })) => {
+                    self.backoff.reset();
+                    match &event {
+                        Event::Transition(t) => self.request.since_revision = t.revision,
+                        Event::Progress(p) => self.request.since_revision = p.revision,
+                        Event::SnapshotComplete(done) => {
+                            self.request.since_revision = done.revision;
+                            self.request.include_snapshot = false;
+                        }
+                        Event::SnapshotAgent(_) => {}
+                    }
+                    return Ok(event);
+                }
+                // An event kind this client does not know: skip it.
+                Ok(Some(pb::WatchTransitionsResponse { event: None })) => {}
+                // The server ended the stream (it is shutting down): reopen.
+                Ok(None) => self.pause().await,
+                Err(status) if is_transient(&status) => self.pause().await,
+                Err(status) => return Err(status),
+            }
+        }
+    }
+
+    async fn pause(&mut self) {
+        self.stream = None;
+        self.reconnects += 1;
+        tokio::time::sleep(self.backoff.step()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap_and_resets() {
+        let mut backoff = Backoff::new(Duration::from_millis(500));
+        let delays: Vec<_> = (0..5).map(|_| backoff.step().as_millis()).collect();
+        assert_eq!(delays, [100, 200, 400, 500, 500]);
+        backoff.reset();
+        assert_eq!(backoff.step(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn transport_failures_are_transient_and_server_refusals_are_not() {
+        assert!(is_transient(&Status::unavailable("connection refused")));
+        let cut = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        assert!(is_transient(&Status::from_error(Box::new(cut))));
+        assert!(!is_transient(&Status::unknown("handler failed")));
+        assert!(!is_transient(&Status::out_of_range("revision pruned")));
+        assert!(!is_transient(&Status::invalid_argument("bad filter")));
+    }
+
+    #[test]
+    fn endpoint_accepts_host_port_and_urls() {
+        assert_eq!(
+            endpoint("127.0.0.1:50051").unwrap().uri().to_string(),
+            "http://127.0.0.1:50051/"
+        );
+        assert_eq!(
+            endpoint("http://fleet.internal:8080")
+                .unwrap()
+                .uri()
+                .to_string(),
+            "http://fleet.internal:8080/"
+        );
+    }
+}

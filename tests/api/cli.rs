@@ -1,0 +1,378 @@
+//! The operator CLI: the built `fleetcare` binary, run as a process against a
+//! live server, its output (tables and `--json`) and its exit codes.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use fleetcare::cli::exit;
+use fleetcare::proto::v1 as pb;
+use fleetcare::proto::v1::healing_service_client::HealingServiceClient;
+use serde_json::Value;
+
+use crate::helpers::{TcpProxy, TestApp, TestDb, test_args};
+use crate::pipeline::SessionRoot;
+use crate::usage_corpus::copy_corpus;
+
+const BIN: &str = env!("CARGO_BIN_EXE_fleetcare");
+
+/// Runs `fleetcare ARGS --server ADDR` to completion, off the async runtime.
+async fn fleetcare(server: SocketAddr, args: &[&str]) -> Output {
+    let mut command = Command::new(BIN);
+    command
+        .args(args)
+        .args(["--server", &server.to_string()])
+        .env_remove("FLEETCARE_SERVER");
+    tokio::task::spawn_blocking(move || command.output().expect("run fleetcare"))
+        .await
+        .unwrap()
+}
+
+fn stdout(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "fleetcare failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout.clone()).unwrap()
+}
+
+fn json(output: &Output) -> Value {
+    serde_json::from_str(&stdout(output)).expect("stdout is one JSON document")
+}
+
+/// The one line a failed command writes on stderr, and its exit code.
+fn failure(output: &Output) -> (String, i32) {
+    assert!(
+        output.stdout.is_empty(),
+        "a failure prints nothing on stdout"
+    );
+    let stderr = String::from_utf8(output.stderr.clone()).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr:?}");
+    (stderr.trim_end().to_string(), output.status.code().unwrap())
+}
+
+#[tokio::test]
+async fn agents_list_and_get_print_tables_and_json() {
+    let db = TestDb::new();
+    let app = TestApp::spawn(&db).await;
+    let mut agents = app.agents.clone();
+    for (id, team) in [("cli-a", "red"), ("cli-b", "blue"), ("cli-c", "red")] {
+        agents
+            .register_agent(pb::RegisterAgentRequest {
+                agent_id: id.into(),
+                labels: [("team".to_string(), team.to_string())].into(),
+            })
+            .await
+            .unwrap();
+    }
+    app.start_work("cli-b").await.unwrap();
+
+    let list = json(&fleetcare(app.addr, &["agents", "list", "--json"]).await);
+    let statuses: Vec<(&str, &str)> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["agent_id"].as_str().unwrap(),
+                a["status"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        statuses,
+        [("cli-a", "IDLE"), ("cli-b", "BUSY"), ("cli-c", "IDLE")]
+    );
+
+    let busy = json(&fleetcare(app.addr, &["agents", "list", "--status", "busy", "--json"]).await);
+    assert_eq!(busy.as_array().unwrap().len(), 1);
+    assert_eq!(busy[0]["agent_id"], "cli-b");
+    let red = json(
+        &fleetcare(
+            app.addr,
+            &["agents", "list", "--label", "team=red", "--json"],
+        )
+        .await,
+    );
+    let red_ids: Vec<&str> = red
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["agent_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(red_ids, ["cli-a", "cli-c"]);
+
+    let table = stdout(&fleetcare(app.addr, &["agents", "list"]).await);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 4, "{table}");
+    assert!(lines[0].starts_with("AGENT  STATUS"), "{table}");
+    assert!(
+        lines[2].starts_with("cli-b  BUSY") && lines[2].ends_with("team=blue"),
+        "{table}"
+    );
+
+    let one = json(&fleetcare(app.addr, &["agents", "get", "cli-b", "--json"]).await);
+    assert_eq!(one["status"], "BUSY");
+    assert_eq!(one["labels"]["team"], "blue");
+    assert!(one["last_heartbeat_at"].as_str().unwrap().ends_with('Z'));
+    let details = stdout(&fleetcare(app.addr, &["agents", "get", "cli-b"]).await);
+    assert!(details.contains("status:           BUSY\n"), "{details}");
+
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn failures_are_one_line_with_an_exit_code_per_kind() {
+    let db = TestDb::new();
+    let app = TestApp::spawn(&db).await;
+
+    let (line, code) = failure(&fleetcare(app.addr, &["agents", "get", "ghost"]).await);
+    assert!(line.starts_with("fleetcare: not found: "), "{line}");
+    assert!(line.contains("ghost"), "{line}");
+    assert_eq!(code, i32::from(exit::NOT_FOUND));
+
+    let (line, code) = failure(&fleetcare(app.addr, &["pipeline", "run", "nope"]).await);
+    assert!(line.contains("nope"), "{line}");
+    assert_eq!(code, i32::from(exit::NOT_FOUND));
+
+    // A port nothing listens on: bind one, then free it.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (line, code) = failure(&fleetcare(closed, &["agents", "list"]).await);
+    assert!(
+        line.starts_with(&format!("fleetcare: cannot reach the server at {closed}: ")),
+        "{line}"
+    );
+    assert_eq!(code, i32::from(exit::UNREACHABLE));
+
+    // A malformed flag is clap's usage error, before any call.
+    let output = fleetcare(app.addr, &["usage", "--since", "yesterday"]).await;
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("expected a date"));
+
+    app.stop().await;
+}
+
+/// Reads the watch's stdout lines on a thread and hands them over a channel.
+fn line_reader(stdout: std::process::ChildStdout) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+async fn next_line(lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> Value {
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.recv())
+        .await
+        .expect("a watch line within 30 s")
+        .expect("watch still running");
+    serde_json::from_str(&line).expect("one JSON object per line")
+}
+
+#[tokio::test]
+async fn watch_prints_every_transition_once_across_a_dropped_connection() {
+    let db = TestDb::new();
+    let app = TestApp::spawn(&db).await;
+    let proxy = TcpProxy::start(app.addr).await;
+    let first = app.register("w-1").await;
+
+    let mut child = Command::new(BIN)
+        .args(["watch", "--json", "--agent", "w-1", "--count", "6"])
+        .args(["--since", &first.revision.to_string()])
+        .args(["--server", &proxy.addr.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = line_reader(child.stdout.take().unwrap());
+
+    app.start_work("w-1").await.unwrap();
+    app.finish_work("w-1").await.unwrap();
+    let before_cut = [next_line(&mut lines).await, next_line(&mut lines).await];
+
+    // The connection drops; transitions go on while the watch cannot see them.
+    proxy.cut().await;
+    app.start_work("w-1").await.unwrap();
+    app.finish_work("w-1").await.unwrap();
+    proxy.restore();
+    app.start_work("w-1").await.unwrap();
+    app.finish_work("w-1").await.unwrap();
+
+    let mut seen = before_cut.to_vec();
+    for _ in 0..4 {
+        seen.push(next_line(&mut lines).await);
+    }
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(output.status.success(), "watch exits 0 after --count");
+
+    let history = app.history("w-1").await;
+    let expected: Vec<(i64, String)> = history[1..]
+        .iter()
+        .map(|t| {
+            let to = pb::AgentStatus::try_from(t.to_status)
+                .unwrap()
+                .as_str_name();
+            (
+                t.revision,
+                to.trim_start_matches("AGENT_STATUS_").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(expected.len(), 6);
+    let got: Vec<(i64, String)> = seen
+        .iter()
+        .map(|v| {
+            (
+                v["revision"].as_i64().unwrap(),
+                v["to"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(got, expected, "every transition once, in order");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("reconnected, resuming after revision"),
+        "{stderr}"
+    );
+
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn pipeline_run_and_usage_report_the_fixture_corpus() {
+    let db = TestDb::new();
+    let root = SessionRoot::new();
+    copy_corpus(&root);
+    let mut args = test_args(&db.url);
+    args.pipeline.session_dir = root.path.clone();
+    args.pipeline.pipeline_interval_usage = Duration::ZERO;
+    args.pipeline.pipeline_interval_errors = Duration::ZERO;
+    let app = TestApp::spawn_with(args).await;
+
+    let processors = json(&fleetcare(app.addr, &["pipeline", "list", "--json"]).await);
+    let names: Vec<&str> = processors
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"usage") && names.contains(&"errors"),
+        "{names:?}"
+    );
+
+    let stats = json(&fleetcare(app.addr, &["pipeline", "run", "usage", "--json"]).await);
+    assert_eq!(
+        (stats["scanned"].as_i64(), stats["processed"].as_i64()),
+        (Some(5), Some(5))
+    );
+    // A second run finds nothing new, and says so in words.
+    let summary = stdout(&fleetcare(app.addr, &["pipeline", "run", "usage"]).await);
+    assert!(
+        summary.starts_with("scanned 5, processed 0, skipped 5, failed 0"),
+        "{summary}"
+    );
+
+    let by_user = json(&fleetcare(app.addr, &["usage", "--by", "user", "--json"]).await);
+    let rows: Vec<(&str, i64, i64)> = by_user["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["key"].as_str().unwrap(),
+                r["total_tokens"].as_i64().unwrap(),
+                r["messages"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    // The figures of tests/fixtures/EXPECTED.md.
+    assert_eq!(rows, [("alice", 10505, 9), ("bob", 6864, 5)]);
+    assert_eq!(by_user["totals"]["total_tokens"], 17369);
+
+    let one_day = json(
+        &fleetcare(
+            app.addr,
+            &[
+                "usage",
+                "--by",
+                "day",
+                "--since",
+                "2026-03-15",
+                "--until",
+                "2026-03-16",
+                "--json",
+            ],
+        )
+        .await,
+    );
+    assert_eq!(one_day["rows"].as_array().unwrap().len(), 1);
+    assert_eq!(one_day["rows"][0]["key"], "2026-03-15");
+    assert_eq!(one_day["rows"][0]["total_tokens"], 6679);
+
+    let table = stdout(&fleetcare(app.addr, &["usage", "--by", "model", "--user", "bob"]).await);
+    assert!(table.starts_with("MODEL"), "{table}");
+    assert!(
+        table.lines().last().unwrap().starts_with("TOTAL"),
+        "{table}"
+    );
+    assert!(
+        table.contains(" 6864 "),
+        "bob's total is in the table: {table}"
+    );
+
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn healing_stats_count_reported_errors() {
+    let db = TestDb::new();
+    let app = TestApp::spawn(&db).await;
+    let mut healing = HealingServiceClient::new(app.channel.clone());
+    for message in [
+        "rate limit exceeded",
+        "connection timed out",
+        "connection reset",
+    ] {
+        healing
+            .report_error(pb::ReportErrorRequest {
+                agent_id: "h-1".into(),
+                message: message.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
+    let stats = json(&fleetcare(app.addr, &["healing", "stats", "--json"]).await);
+    assert_eq!(stats["total_errors"], 3);
+    assert_eq!(stats["active_recoveries"], 0);
+    let by_type: i64 = stats["errors_by_type"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["count"].as_i64().unwrap())
+        .sum();
+    assert_eq!(by_type, 3);
+
+    let text = stdout(&fleetcare(app.addr, &["healing", "stats"]).await);
+    assert!(
+        text.starts_with("errors: 3 (3 in the last hour)\n"),
+        "{text}"
+    );
+
+    app.stop().await;
+}
