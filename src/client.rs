@@ -13,6 +13,7 @@
 //! # Ok(()) }
 //! ```
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
@@ -118,12 +119,18 @@ impl Backoff {
 /// connections and server restarts. Errors the server means (OUT_OF_RANGE when
 /// the revision is no longer retained, INVALID_ARGUMENT) are returned.
 ///
-/// A snapshot cut off before its `SnapshotComplete` starts over; after it, the
-/// watch resumes from the snapshot's revision without a new snapshot.
+/// `since_revision` 0 ("from now on") is pinned to the head revision before
+/// the first stream opens, so a reconnect before the first event still
+/// resumes from there rather than from a later "now". A snapshot cut off
+/// before its `SnapshotComplete` starts over; after it, the watch resumes from
+/// the snapshot's revision without a new snapshot.
 pub struct ResumingWatch {
     client: AgentStatusServiceClient<Channel>,
     request: pb::WatchTransitionsRequest,
     stream: Option<Streaming<pb::WatchTransitionsResponse>>,
+    /// Transitions read from history, delivered before the stream's.
+    pending: VecDeque<pb::watch_transitions_response::Event>,
+    pinned: bool,
     backoff: Backoff,
     reconnects: u64,
 }
@@ -137,6 +144,8 @@ impl ResumingWatch {
             client,
             request,
             stream: None,
+            pending: VecDeque::new(),
+            pinned: false,
             backoff: Backoff::new(Duration::from_secs(5)),
             reconnects: 0,
         }
@@ -148,7 +157,7 @@ impl ResumingWatch {
         self
     }
 
-    /// The revision a reconnect would resume after (0 before anything arrived).
+    /// The revision a reconnect would resume after.
     pub fn last_revision(&self) -> i64 {
         self.request.since_revision
     }
@@ -162,23 +171,29 @@ impl ResumingWatch {
     pub async fn next(&mut self) -> Result<pb::watch_transitions_response::Event, Status> {
         use pb::watch_transitions_response::Event;
         loop {
+            if let Some(event) = self.pending.pop_front() {
+                return Ok(event);
+            }
             let stream = match &mut self.stream {
                 Some(stream) => stream,
-                None => match self.client.watch_transitions(self.request.clone()).await {
-                    Ok(response) => self.stream.insert(response.into_inner()),
-                    Err(status) if is_transient(&status) => {
-                        self.pause().await;
-                        continue;
-                    }
-                    Err(status) => return Err(status),
-                },
+                None => {
+                    self.start().await?;
+                    continue;
+                }
             };
             match stream.message().await {
                 Ok(Some(pb::WatchTransitionsResponse { event: Some(event) })) => {
                     self.backoff.reset();
                     match &event {
+                        // Already delivered from history (see `open`).
+                        Event::Transition(t) if t.revision <= self.request.since_revision => {
+                            continue;
+                        }
                         Event::Transition(t) => self.request.since_revision = t.revision,
-                        Event::Progress(p) => self.request.since_revision = p.revision,
+                        Event::Progress(p) => {
+                            self.request.since_revision =
+                                self.request.since_revision.max(p.revision)
+                        }
                         Event::SnapshotComplete(done) => {
                             self.request.since_revision = done.revision;
                             self.request.include_snapshot = false;
@@ -197,11 +212,92 @@ impl ResumingWatch {
         }
     }
 
+    /// Opens the stream now (retrying while the server is unreachable), so
+    /// that every transition committed after this returns is delivered.
+    /// `next` does this by itself; call it to fix "now" before acting.
+    pub async fn start(&mut self) -> Result<(), Status> {
+        while self.stream.is_none() {
+            match self.open().await {
+                Ok(()) => {}
+                Err(status) if is_transient(&status) => self.pause().await,
+                Err(status) => return Err(status),
+            }
+        }
+        Ok(())
+    }
+
+    async fn open(&mut self) -> Result<(), Status> {
+        let from_now = !self.request.include_snapshot && self.request.since_revision == 0;
+        if from_now && !self.pinned {
+            let head = self
+                .client
+                .list_transitions(pb::ListTransitionsRequest {
+                    page_size: 1,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .head_revision;
+            self.request.since_revision = head;
+        }
+        self.pinned = true;
+        let stream = self
+            .client
+            .watch_transitions(self.request.clone())
+            .await?
+            .into_inner();
+        if self.request.since_revision == 0 && from_now {
+            // The history was empty when pinned, and since_revision 0 means
+            // "the head when the stream opened", which may already be past
+            // transitions committed since. The stream is open now: anything
+            // before it is in the history, anything after comes on the stream
+            // (and is skipped there if it was read here too).
+            self.read_history().await?;
+        }
+        self.stream = Some(stream);
+        Ok(())
+    }
+
+    async fn read_history(&mut self) -> Result<(), Status> {
+        const PAGE: i32 = 1000;
+        loop {
+            let page = self
+                .client
+                .list_transitions(pb::ListTransitionsRequest {
+                    after_revision: self.request.since_revision,
+                    page_size: PAGE,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            let full = page.transitions.len() == PAGE as usize;
+            for t in page.transitions {
+                self.request.since_revision = t.revision;
+                if watched(&self.request, &t) {
+                    let event = pb::watch_transitions_response::Event::Transition(t);
+                    self.pending.push_back(event);
+                }
+            }
+            if !full {
+                return Ok(());
+            }
+        }
+    }
+
     async fn pause(&mut self) {
         self.stream = None;
         self.reconnects += 1;
         tokio::time::sleep(self.backoff.step()).await;
     }
+}
+
+/// Whether the watch's filters keep `t`, as the server applies them.
+fn watched(request: &pb::WatchTransitionsRequest, t: &pb::Transition) -> bool {
+    let agent = request.agent_ids.is_empty() || request.agent_ids.contains(&t.agent_id);
+    let status = request.statuses.is_empty()
+        || request.statuses.contains(&t.from_status)
+        || request.statuses.contains(&t.to_status);
+    agent && status
 }
 
 #[cfg(test)]
@@ -225,6 +321,26 @@ mod tests {
         assert!(!is_transient(&Status::unknown("handler failed")));
         assert!(!is_transient(&Status::out_of_range("revision pruned")));
         assert!(!is_transient(&Status::invalid_argument("bad filter")));
+    }
+
+    #[test]
+    fn history_is_filtered_as_the_server_filters_the_stream() {
+        let t = pb::Transition {
+            agent_id: "a".into(),
+            from_status: pb::AgentStatus::Idle as i32,
+            to_status: pb::AgentStatus::Busy as i32,
+            ..Default::default()
+        };
+        let request = |agents: &[&str], statuses: &[pb::AgentStatus]| pb::WatchTransitionsRequest {
+            agent_ids: agents.iter().map(|a| a.to_string()).collect(),
+            statuses: statuses.iter().map(|s| *s as i32).collect(),
+            ..Default::default()
+        };
+        assert!(watched(&request(&[], &[]), &t));
+        assert!(watched(&request(&["a"], &[pb::AgentStatus::Idle]), &t));
+        assert!(watched(&request(&[], &[pb::AgentStatus::Busy]), &t));
+        assert!(!watched(&request(&["b"], &[]), &t));
+        assert!(!watched(&request(&[], &[pb::AgentStatus::Offline]), &t));
     }
 
     #[test]

@@ -453,3 +453,41 @@ async fn next_client_transition(watch: &mut fleetcare::client::ResumingWatch) ->
         }
     }
 }
+
+/// "From now on" on a server that has never recorded a transition: the client
+/// watch pins revision 0, reads the (empty) history once the stream is open,
+/// and delivers the first transitions exactly once.
+#[tokio::test]
+async fn the_client_watch_from_now_on_an_empty_history_misses_nothing() {
+    use fleetcare::client::{Clients, ResumingWatch};
+
+    let db = TestDb::new();
+    let app = TestApp::spawn(&db).await;
+    let clients = Clients::connect(&app.addr.to_string()).await.unwrap();
+    let mut watch = ResumingWatch::new(clients.agents, pb::WatchTransitionsRequest::default());
+    watch.start().await.unwrap();
+    assert_eq!(watch.last_revision(), 0);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let follower = tokio::spawn(async move {
+        loop {
+            let revision = next_client_transition(&mut watch).await;
+            if tx.send(revision).is_err() {
+                return;
+            }
+        }
+    });
+
+    app.register("first-1").await;
+    app.register("first-2").await;
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let revision = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .expect("a transition within 30 s")
+            .unwrap();
+        seen.push(revision);
+    }
+    assert_eq!(seen, [1, 2]);
+    follower.abort();
+    app.stop().await;
+}

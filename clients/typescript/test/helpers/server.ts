@@ -1,0 +1,208 @@
+// Starts the real fleetcare server binary against a fresh Postgres database,
+// and cleans both up (SIGTERM, wait, DROP DATABASE), even when a test fails.
+
+import { spawn, spawnSync, type ChildProcess } from "node:child_process";
+import { randomBytes } from "node:crypto";
+import { existsSync, mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { dirname, join, resolve } from "node:path";
+import { createInterface } from "node:readline";
+import { fileURLToPath } from "node:url";
+
+/** clients/typescript (found by walking up from this compiled file to package.json). */
+export const packageRoot = (() => {
+  let dir = dirname(fileURLToPath(import.meta.url));
+  while (!existsSync(join(dir, "package.json"))) {
+    const up = dirname(dir);
+    if (up === dir) throw new Error("package.json not found above " + import.meta.url);
+    dir = up;
+  }
+  return dir;
+})();
+
+/** The fleetcare repository root. */
+export const repoRoot = resolve(packageRoot, "..", "..");
+
+export function fleetcareBin(): string {
+  const bin = process.env.FLEETCARE_BIN || join(repoRoot, "target", "debug", "fleetcare");
+  if (!existsSync(bin)) {
+    throw new Error(`fleetcare binary not found at ${bin}: build it (cargo build) or set FLEETCARE_BIN`);
+  }
+  return bin;
+}
+
+function pgBaseUrl(): string {
+  return (process.env.FLEETCARE_TEST_PG_URL || "postgres://postgres@127.0.0.1:5432").replace(/\/+$/, "");
+}
+
+export function uniqueDbName(): string {
+  return `fleetcare_ts_${process.pid}_${randomBytes(4).toString("hex")}`;
+}
+
+/** Drops a test database (synchronously, so it also works from an exit handler). */
+export function dropDatabase(name: string): void {
+  const r = spawnSync(
+    "psql",
+    [`${pgBaseUrl()}/postgres`, "-v", "ON_ERROR_STOP=1", "-q", "-c", `DROP DATABASE IF EXISTS "${name}" WITH (FORCE)`],
+    { encoding: "utf8" },
+  );
+  if (r.status !== 0) {
+    process.stderr.write(`warning: could not drop database ${name}: ${r.error ?? r.stderr}\n`);
+  }
+}
+
+export interface StartOptions {
+  /** Reuse a database (e.g. to restart a server); by default a fresh one is made and dropped on stop(). */
+  dbName?: string;
+  /** Reuse a session directory; by default a temporary one is made and removed on stop(). */
+  sessionDir?: string;
+  /** Listen address; default 127.0.0.1:0. */
+  listen?: string;
+  /** Extra `fleetcare serve` flags. */
+  args?: string[];
+}
+
+export interface FleetcareServer {
+  /** "127.0.0.1:PORT" as logged by the server. */
+  address: string;
+  port: number;
+  dbName: string;
+  sessionDir: string;
+  /** Everything the server logged so far, one JSON (or text) line each. */
+  logs: string[];
+  /** SIGTERM, wait for exit. Keeps the database and session dir. */
+  terminate(): Promise<void>;
+  /** terminate(), then drop the database and remove the session dir this call created. */
+  stop(): Promise<void>;
+}
+
+const running = new Set<ChildProcess>();
+const ownedDbs = new Set<string>();
+const ownedDirs = new Set<string>();
+
+// Last line of defence if a test file dies without running its after() hooks.
+process.on("exit", () => {
+  for (const child of running) child.kill("SIGKILL");
+  for (const db of ownedDbs) dropDatabase(db);
+  for (const dir of ownedDirs) rmSync(dir, { recursive: true, force: true });
+});
+// Interrupted (Ctrl-C, or the test runner cancelling this file): still clean up.
+for (const signal of ["SIGINT", "SIGTERM"] as const) {
+  process.once(signal, () => process.exit(128 + (signal === "SIGINT" ? 2 : 15)));
+}
+
+export async function startServer(options: StartOptions = {}): Promise<FleetcareServer> {
+  const bin = fleetcareBin();
+  const ownDb = options.dbName === undefined;
+  const dbName = options.dbName ?? uniqueDbName();
+  const ownDir = options.sessionDir === undefined;
+  const sessionDir = options.sessionDir ?? mkdtempSync(join(tmpdir(), "fleetcare-ts-sessions-"));
+  if (ownDb) ownedDbs.add(dbName);
+  if (ownDir) ownedDirs.add(sessionDir);
+
+  const child = spawn(
+    bin,
+    [
+      "serve",
+      "--listen",
+      options.listen ?? "127.0.0.1:0",
+      "--database-url",
+      `${pgBaseUrl()}/${dbName}`,
+      "--log-format",
+      "json",
+      "--session-dir",
+      sessionDir,
+      ...(options.args ?? []),
+    ],
+    { stdio: ["ignore", "ignore", "pipe"] },
+  );
+  running.add(child);
+  const exited = new Promise<void>((res) => child.once("exit", () => res()));
+  exited.then(() => running.delete(child));
+
+  const logs: string[] = [];
+  const address = await new Promise<string>((res, rej) => {
+    const timer = setTimeout(() => rej(new Error(`server did not log "serving" within 120 s:\n${logs.join("\n")}`)), 120_000);
+    // Reading every line also keeps draining the pipe for the server's whole life.
+    createInterface({ input: child.stderr! }).on("line", (line) => {
+      logs.push(line);
+      try {
+        const rec = JSON.parse(line) as { message?: string; addr?: string };
+        if (rec.message === "serving" && rec.addr) {
+          clearTimeout(timer);
+          res(rec.addr);
+        }
+      } catch {
+        // not JSON: keep it in the logs
+      }
+    });
+    child.once("error", (err) => {
+      clearTimeout(timer);
+      rej(err);
+    });
+    exited.then(() => {
+      clearTimeout(timer);
+      rej(new Error(`server exited with ${child.exitCode ?? child.signalCode} before serving:\n${logs.join("\n")}`));
+    });
+  }).catch(async (err) => {
+    child.kill("SIGKILL");
+    await exited;
+    if (ownDb) {
+      dropDatabase(dbName);
+      ownedDbs.delete(dbName);
+    }
+    if (ownDir) {
+      rmSync(sessionDir, { recursive: true, force: true });
+      ownedDirs.delete(sessionDir);
+    }
+    throw err;
+  });
+
+  const terminate = async () => {
+    if (child.exitCode !== null || child.signalCode !== null) return;
+    child.kill("SIGTERM");
+    const killer = setTimeout(() => child.kill("SIGKILL"), 30_000);
+    await exited;
+    clearTimeout(killer);
+  };
+
+  return {
+    address,
+    port: Number(address.slice(address.lastIndexOf(":") + 1)),
+    dbName,
+    sessionDir,
+    logs,
+    terminate,
+    stop: async () => {
+      await terminate();
+      if (ownDb) {
+        dropDatabase(dbName);
+        ownedDbs.delete(dbName);
+      }
+      if (ownDir) {
+        rmSync(sessionDir, { recursive: true, force: true });
+        ownedDirs.delete(sessionDir);
+      }
+    },
+  };
+}
+
+/** Polls `check` until it returns a truthy value, or fails after `timeoutMs`. */
+export async function eventually<T>(
+  what: string,
+  check: () => T | undefined | false | Promise<T | undefined | false>,
+  timeoutMs = 30_000,
+): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await check();
+    if (v) return v;
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+/** A unique agent id prefix for one test. */
+export function uniqueId(prefix: string): string {
+  return `${prefix}-${randomBytes(4).toString("hex")}`;
+}
