@@ -1,0 +1,391 @@
+"""A thin, typed convenience layer over the generated stubs.
+
+* :class:`FleetcareClient`: one channel (plaintext or TLS, optional bearer
+  token on every call) and the four service stubs.
+* :class:`TransitionWatch`: a WatchTransitions iterator that resumes from the
+  last revision seen when the stream ends or the connection drops, so the caller
+  sees every transition exactly once, in revision order.
+* :func:`error_info`: the ``google.rpc.ErrorInfo`` every fleetcare error carries
+  (its ``reason`` is stable, e.g. ``TRANSITION_REFUSED``).
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+import threading
+from types import TracebackType
+from typing import Any, Callable, Deque, Iterable, Iterator, List, Optional, Sequence, Tuple, Type
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+
+from fleetcare.v1 import (
+    agent_status_pb2,
+    agent_status_pb2_grpc,
+    healing_pb2_grpc,
+    session_pipeline_pb2_grpc,
+)
+
+__all__ = [
+    "BearerTokenInterceptor",
+    "DEFAULT_CHANNEL_OPTIONS",
+    "FleetcareClient",
+    "TransitionWatch",
+    "error_info",
+]
+
+Metadata = Sequence[Tuple[str, Any]]
+
+# gRPC's own reconnect backoff grows to 120 s by default; a control-plane client
+# (and a watch resuming after a server restart) should come back within seconds.
+DEFAULT_CHANNEL_OPTIONS: Tuple[Tuple[str, Any], ...] = (
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 5000),
+)
+
+
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails",
+        ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression"),
+    ),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class BearerTokenInterceptor(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds ``authorization: Bearer <token>`` to every call's metadata.
+
+    A call that already carries ``authorization`` metadata keeps its own. Unlike
+    call credentials this also works on a plaintext channel, where the token
+    travels unencrypted: use TLS anywhere but a trusted network.
+    """
+
+    def __init__(self, token: str) -> None:
+        if not token:
+            raise ValueError("token must not be empty")
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        metadata: List[Tuple[str, Any]] = list(details.metadata or ())
+        if not any(key.lower() == "authorization" for key, _ in metadata):
+            metadata.append(self._header)
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            metadata,
+            details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
+        )
+
+    def intercept_unary_unary(self, continuation: Callable[..., Any], details: grpc.ClientCallDetails, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Callable[..., Any], details: grpc.ClientCallDetails, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(
+        self, continuation: Callable[..., Any], details: grpc.ClientCallDetails, request_iterator: Iterator[Any]
+    ) -> Any:
+        return continuation(self._details(details), request_iterator)
+
+    def intercept_stream_stream(
+        self, continuation: Callable[..., Any], details: grpc.ClientCallDetails, request_iterator: Iterator[Any]
+    ) -> Any:
+        return continuation(self._details(details), request_iterator)
+
+
+class FleetcareClient:
+    """A channel to a fleetcare server and its four service stubs.
+
+    >>> with FleetcareClient("127.0.0.1:50051", insecure=True) as client:
+    ...     client.agent_status.GetAgent(agent_status_pb2.GetAgentRequest(agent_id="a1"))
+
+    Args:
+        address: ``host:port`` (any gRPC target).
+        token: when set, every call carries ``authorization: Bearer <token>``.
+        insecure: plaintext instead of TLS (fleetcare itself serves plaintext;
+            TLS is for a terminating proxy or load balancer in front of it).
+        root_certificates: PEM roots to verify the server with (TLS only;
+            ``None``: the system's roots).
+        private_key, certificate_chain: PEM client key and certificate for mutual TLS.
+        options: extra channel options; they override :data:`DEFAULT_CHANNEL_OPTIONS`.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        token: Optional[str] = None,
+        insecure: bool = False,
+        root_certificates: Optional[bytes] = None,
+        private_key: Optional[bytes] = None,
+        certificate_chain: Optional[bytes] = None,
+        options: Iterable[Tuple[str, Any]] = (),
+    ) -> None:
+        merged = dict(DEFAULT_CHANNEL_OPTIONS)
+        merged.update(dict(options))
+        channel_options = list(merged.items())
+        if insecure:
+            if root_certificates or private_key or certificate_chain:
+                raise ValueError("certificates were given for an insecure channel")
+            base = grpc.insecure_channel(address, options=channel_options)
+        else:
+            credentials = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+            base = grpc.secure_channel(address, credentials, options=channel_options)
+        self._base_channel = base
+        self.address = address
+        #: The channel every stub uses (with the token interceptor, if any).
+        self.channel: grpc.Channel = (
+            grpc.intercept_channel(base, BearerTokenInterceptor(token)) if token is not None else base
+        )
+        self.agent_status = agent_status_pb2_grpc.AgentStatusServiceStub(self.channel)
+        self.healing = healing_pb2_grpc.HealingServiceStub(self.channel)
+        self.post_healing = healing_pb2_grpc.PostHealingServiceStub(self.channel)
+        self.session_pipeline = session_pipeline_pb2_grpc.SessionPipelineServiceStub(self.channel)
+
+    def watch_transitions(
+        self,
+        since_revision: int = 0,
+        *,
+        agent_ids: Iterable[str] = (),
+        statuses: Iterable[agent_status_pb2.AgentStatus] = (),
+        initial_backoff: float = 0.1,
+        max_backoff: float = 5.0,
+        metadata: Optional[Metadata] = None,
+    ) -> "TransitionWatch":
+        """A resuming watch; see :class:`TransitionWatch`."""
+        return TransitionWatch(
+            self.agent_status,
+            since_revision,
+            agent_ids=agent_ids,
+            statuses=statuses,
+            initial_backoff=initial_backoff,
+            max_backoff=max_backoff,
+            metadata=metadata,
+        )
+
+    def close(self) -> None:
+        """Closes the channel; calls in flight are cancelled."""
+        self._base_channel.close()
+
+    def __enter__(self) -> "FleetcareClient":
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self.close()
+
+
+class TransitionWatch(Iterator[agent_status_pb2.Transition]):
+    """Iterates over WatchTransitions, resuming after dropped streams.
+
+    It remembers the last revision seen, from transitions and from progress
+    events. When the stream ends (a server shutting down ends it cleanly) or fails
+    with ``UNAVAILABLE`` (dropped connection, server restart), it reopens it with
+    ``since_revision`` = that revision, after a capped, jittered exponential
+    backoff (reset once an event arrives), until :meth:`close`. Any other error
+    (``OUT_OF_RANGE`` when the revision is no longer retained,
+    ``INVALID_ARGUMENT``, ...) is raised from ``next()``. Transitions at or below
+    the last revision seen are never yielded twice.
+
+    ``since_revision`` 0 means "from now on": the head revision is read (one
+    ListTransitions call, whose errors are raised here) when the watch is
+    created, so every transition committed after that is delivered, across
+    reconnects too. On a server with no transition at all yet (head 0, which the
+    server would read as "the head when the stream opens"), each stream opened
+    while nothing has been seen is followed, once its headers arrive, by a read
+    of the history from the start, so nothing committed in between is missed.
+
+    :meth:`close` (from any thread, or by leaving a ``with`` block) cancels the
+    stream; a ``next()`` blocked in another thread then ends the iteration.
+
+    Attributes:
+        last_revision: the last revision seen; resume a later watch from it.
+        streams_opened: how many times WatchTransitions was called.
+    """
+
+    def __init__(
+        self,
+        stub: agent_status_pb2_grpc.AgentStatusServiceStub,
+        since_revision: int = 0,
+        *,
+        agent_ids: Iterable[str] = (),
+        statuses: Iterable[agent_status_pb2.AgentStatus] = (),
+        initial_backoff: float = 0.1,
+        max_backoff: float = 5.0,
+        metadata: Optional[Metadata] = None,
+    ) -> None:
+        if since_revision < 0:
+            raise ValueError("since_revision must not be negative")
+        if initial_backoff <= 0 or max_backoff < initial_backoff:
+            raise ValueError("need 0 < initial_backoff <= max_backoff")
+        self._stub = stub
+        self._agent_ids = list(agent_ids)
+        self._statuses = list(statuses)
+        self._initial_backoff = initial_backoff
+        self._max_backoff = max_backoff
+        self._metadata = metadata
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._call: Any = None
+        self._pending: Deque[agent_status_pb2.Transition] = collections.deque()
+        self._failures = 0
+        self.streams_opened = 0
+        if since_revision == 0:
+            head = stub.ListTransitions(
+                agent_status_pb2.ListTransitionsRequest(page_size=1), metadata=metadata, timeout=30.0
+            ).head_revision
+            since_revision = head
+        self.last_revision: int = since_revision
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def close(self) -> None:
+        """Stops the watch; safe to call from any thread, more than once."""
+        with self._lock:
+            self._closed.set()
+            call, self._call = self._call, None
+        if call is not None:
+            call.cancel()
+
+    cancel = close
+
+    def __enter__(self) -> "TransitionWatch":
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self.close()
+
+    def __iter__(self) -> "TransitionWatch":
+        return self
+
+    def __next__(self) -> agent_status_pb2.Transition:
+        while True:
+            if self._pending:
+                return self._pending.popleft()
+            call, fresh = self._current_call()
+            if call is None:
+                raise StopIteration
+            try:
+                if fresh and self.last_revision == 0:
+                    call.initial_metadata()  # returns once the stream is open (or has failed)
+                    self._read_history()
+                    continue
+                response: agent_status_pb2.WatchTransitionsResponse = next(call)
+            except StopIteration:
+                # Ended cleanly: the server is shutting down. Resume elsewhere or later.
+                self._drop(call)
+                self._backoff()
+                continue
+            except grpc.RpcError as error:
+                self._drop(call)
+                if self._closed.is_set():
+                    raise StopIteration from None
+                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                self._backoff()
+                continue
+            self._failures = 0
+            kind = response.WhichOneof("event")
+            if kind == "transition":
+                transition = response.transition
+                if transition.revision <= self.last_revision:
+                    continue
+                self.last_revision = transition.revision
+                return transition
+            if kind == "progress" and response.progress.revision > self.last_revision:
+                self.last_revision = response.progress.revision
+
+    def _read_history(self) -> None:
+        """Queues the retained transitions after ``last_revision`` that the filters keep."""
+        page_size = 1000
+        while True:
+            page = self._stub.ListTransitions(
+                agent_status_pb2.ListTransitionsRequest(after_revision=self.last_revision, page_size=page_size),
+                metadata=self._metadata,
+                timeout=30.0,
+            )
+            for transition in page.transitions:
+                self.last_revision = transition.revision
+                if self._watched(transition):
+                    self._pending.append(transition)
+            if len(page.transitions) < page_size:
+                return
+
+    def _watched(self, transition: agent_status_pb2.Transition) -> bool:
+        """The watch's filters, as the server applies them to the stream."""
+        agent = not self._agent_ids or transition.agent_id in self._agent_ids
+        status = (
+            not self._statuses or transition.from_status in self._statuses or transition.to_status in self._statuses
+        )
+        return agent and status
+
+    def _current_call(self) -> Tuple[Any, bool]:
+        """The open stream (None once closed), and whether it was opened just now."""
+        with self._lock:
+            if self._closed.is_set():
+                return None, False
+            fresh = self._call is None
+            if fresh:
+                request = agent_status_pb2.WatchTransitionsRequest(
+                    since_revision=self.last_revision,
+                    agent_ids=self._agent_ids,
+                    statuses=self._statuses,
+                )
+                self._call = self._stub.WatchTransitions(request, metadata=self._metadata)
+                self.streams_opened += 1
+            return self._call, fresh
+
+    def _drop(self, call: Any) -> None:
+        with self._lock:
+            if self._call is call:
+                self._call = None
+        call.cancel()
+
+    def _backoff(self) -> None:
+        delay = min(self._max_backoff, self._initial_backoff * (2 ** min(self._failures, 30)))
+        self._failures += 1
+        # Full jitter on the upper half, so many watchers do not reconnect in lockstep.
+        self._closed.wait(random.uniform(delay / 2, delay))
+
+
+def error_info(error: grpc.RpcError) -> Optional[error_details_pb2.ErrorInfo]:
+    """The ``google.rpc.ErrorInfo`` of a failed call, or ``None``.
+
+    fleetcare attaches one to every error (domain ``fleetcare.v1``) with a stable
+    ``reason`` to branch on: ``INVALID_ARGUMENT``, ``NOT_FOUND``,
+    ``TRANSITION_REFUSED``, ``FAILED_PRECONDITION``, ``REVISION_OUT_OF_RANGE``,
+    ``ABORTED``, ``UNAVAILABLE``, ...
+    """
+    trailing = getattr(error, "trailing_metadata", None)
+    metadata = trailing() if callable(trailing) else None
+    for key, value in metadata or ():
+        if key != "grpc-status-details-bin":
+            continue
+        status = status_pb2.Status.FromString(value)
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                return info
+    return None

@@ -1,0 +1,253 @@
+"""Fixtures: the real fleetcare server on a fresh PostgreSQL database.
+
+The binary comes from FLEETCARE_BIN (the Rust test harness sets it), else
+<repo>/target/debug/fleetcare. PostgreSQL from FLEETCARE_TEST_PG_URL (default
+postgres://postgres@127.0.0.1:5432). Every database is dropped and every server
+stopped at teardown, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional, Sequence
+
+import pytest
+
+from fleetcare import FleetcareClient, TransitionWatch
+from fleetcare.v1 import agent_status_pb2 as pb
+
+CLIENT_DIR = Path(__file__).resolve().parents[1]
+REPO_ROOT = CLIENT_DIR.parents[1]
+
+# Generous: a debug build on a shared 2-core machine, creating and migrating a database.
+STARTUP_TIMEOUT = 120.0
+STOP_TIMEOUT = 60.0
+
+# Options every test server gets: nothing scheduled behind the tests' backs (the
+# pipeline runs only when a test asks; no agent of a slow run goes OFFLINE).
+QUIET_SERVER_ARGS = (
+    "--heartbeat-timeout",
+    "1h",
+    "--pipeline-interval-usage",
+    "0",
+    "--pipeline-interval-errors",
+    "0",
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # SIGTERM (e.g. a harness timeout) interrupts like Ctrl-C, so fixture teardown
+    # still stops the servers and drops the databases.
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
+def fleetcare_bin() -> Path:
+    path = Path(os.environ.get("FLEETCARE_BIN") or REPO_ROOT / "target" / "debug" / "fleetcare")
+    if not path.is_file():
+        pytest.fail(
+            f"fleetcare server binary not found at {path}: build it (cargo build) or set FLEETCARE_BIN",
+            pytrace=False,
+        )
+    return path
+
+
+def pg_base_url() -> str:
+    return os.environ.get("FLEETCARE_TEST_PG_URL", "postgres://postgres@127.0.0.1:5432").rstrip("/")
+
+
+def drop_database(name: str) -> None:
+    result = subprocess.run(
+        ["psql", "-d", f"{pg_base_url()}/postgres", "-v", "ON_ERROR_STOP=1", "-qc",
+         f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if result.returncode != 0:
+        print(f"warning: could not drop database {name}: {result.stderr.strip()}", file=sys.stderr)
+
+
+# The server gets SIGTERM if pytest dies without running its teardown. (Not a
+# preexec_fn calling prctl: forking a process that runs gRPC's threads aborts the child.)
+SETPRIV = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+
+
+class FleetcareServer:
+    """One `fleetcare serve` process; stderr (JSON logs) is drained by a thread."""
+
+    def __init__(
+        self,
+        database: str,
+        session_dir: Path,
+        listen: str = "127.0.0.1:0",
+        extra_args: Sequence[str] = QUIET_SERVER_ARGS,
+    ) -> None:
+        self.database = database
+        self.session_dir = session_dir
+        self.listen = listen
+        self.extra_args = list(extra_args)
+        self.address: Optional[str] = None
+        self.logs: collections.deque[str] = collections.deque(maxlen=300)
+        self._serving = threading.Event()
+        self._proc: Optional[subprocess.Popen[bytes]] = None
+        self._reader: Optional[threading.Thread] = None
+
+    def start(self) -> "FleetcareServer":
+        self.session_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, RUST_LOG="info")
+        cmd = [
+            *([SETPRIV, "--pdeathsig", "TERM"] if SETPRIV else []),
+            str(fleetcare_bin()),
+            "serve",
+            "--listen",
+            self.listen,
+            "--database-url",
+            f"{pg_base_url()}/{self.database}",
+            "--log-format",
+            "json",
+            "--session-dir",
+            str(self.session_dir),
+            *self.extra_args,
+        ]
+        self._proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
+        )
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while not self._serving.wait(0.1):
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(
+                    f"fleetcare did not start (exit {self._proc.returncode}):\n" + "\n".join(self.logs)
+                )
+        return self
+
+    def _drain(self) -> None:
+        assert self._proc is not None and self._proc.stderr is not None
+        for raw in self._proc.stderr:
+            line = raw.decode("utf-8", "replace").rstrip()
+            self.logs.append(line)
+            if self.address is None:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if entry.get("message") == "serving" and entry.get("addr"):
+                    self.address = entry["addr"]
+                    self._serving.set()
+
+    def stop(self) -> Optional[int]:
+        """SIGTERM (graceful: watch streams end with OK), wait, SIGKILL if stuck."""
+        proc = self._proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._reader is not None:
+            self._reader.join(10)
+        return proc.returncode
+
+    @property
+    def port(self) -> int:
+        assert self.address is not None
+        return int(self.address.rsplit(":", 1)[1])
+
+
+def unique_name(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:16]}"
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetcareServer]:
+    """A server shared by the tests that do not need one of their own."""
+    database = unique_name("fleetcare_pytest")
+    srv = FleetcareServer(database, tmp_path_factory.mktemp("sessions"))
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.stop()
+        drop_database(database)
+
+
+@pytest.fixture
+def client(server: FleetcareServer) -> Iterator[FleetcareClient]:
+    assert server.address is not None
+    with FleetcareClient(server.address, insecure=True) as c:
+        yield c
+
+
+ServerFactory = Callable[..., FleetcareServer]
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
+    """Starts servers for one test: `factory(database=None, listen=...)`; a None
+    database is a fresh one. All are stopped and their databases dropped after."""
+    started: List[FleetcareServer] = []
+    databases: List[str] = []
+
+    def factory(database: Optional[str] = None, listen: str = "127.0.0.1:0") -> FleetcareServer:
+        if database is None:
+            database = unique_name("fleetcare_pytest")
+        if database not in databases:
+            databases.append(database)
+        srv = FleetcareServer(database, tmp_path / "sessions", listen=listen)
+        started.append(srv)
+        return srv.start()
+
+    try:
+        yield factory
+    finally:
+        for srv in started:
+            srv.stop()
+        for database in databases:
+            drop_database(database)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def next_within(watch: TransitionWatch, timeout: float = 60.0) -> pb.Transition:
+    """next(watch), failing the test (instead of hanging) after `timeout` seconds."""
+    timer = threading.Timer(timeout, watch.close)
+    timer.start()
+    try:
+        return next(watch)
+    except StopIteration:
+        pytest.fail(f"no transition within {timeout}s")
+    finally:
+        timer.cancel()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 60.0, interval: float = 0.05, what: str = "") -> None:
+    """Polls `predicate` until it holds; fails the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)

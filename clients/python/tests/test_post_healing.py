@@ -1,0 +1,93 @@
+"""PostHealingService.EvaluatePost: stagnation score, tier, idempotency key, claim."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from datetime import datetime, timedelta, timezone
+from typing import List, Sequence, Tuple
+
+import pytest
+from google.protobuf import timestamp_pb2
+
+from fleetcare import FleetcareClient
+from fleetcare.v1 import healing_pb2 as pb
+
+NOW = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def ts(when: datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(when)
+    return stamp
+
+
+def points(series: Sequence[Tuple[int, int, int]]) -> List[pb.MetricPoint]:
+    """(minutes before NOW, impressions, engagements) -> metric points."""
+    return [
+        pb.MetricPoint(observed_at=ts(NOW - timedelta(minutes=m)), impressions=i, engagements=e)
+        for m, i, e in series
+    ]
+
+
+def key(post_id: str, action: str, tier: int) -> str:
+    return "sheal_" + hashlib.sha256(f"{post_id}:{action}:tier_{tier}".encode()).hexdigest()[:32]
+
+
+def test_stagnating_post_gets_a_thread_then_is_claimed_once(client: FleetcareClient) -> None:
+    posts = client.post_healing
+    post_id = f"post-{uuid.uuid4().hex[:12]}"
+    # Out of order on purpose. 2 engagements per 2000 impressions: rate 0.001,
+    # stagnation 1 - min(1, 20 x 0.001) = 0.98, so tier 3 (thread).
+    stagnating = points([(10, 3000, 12), (30, 1000, 10), (20, 2000, 11)])
+
+    verdict = posts.EvaluatePost(pb.EvaluatePostRequest(post_id=post_id, points=stagnating, now=ts(NOW)))
+    assert verdict.eligible
+    assert verdict.ineligible_reason == pb.INELIGIBLE_REASON_UNSPECIFIED
+    assert verdict.reason == ""
+    assert verdict.engagement_rate == pytest.approx(0.001)
+    assert verdict.stagnation_score == pytest.approx(0.98)
+    assert verdict.tier == 3
+    assert verdict.action_type == pb.POST_ACTION_TYPE_THREAD
+    assert verdict.idempotency_key == key(post_id, "thread", 3)
+    assert not verdict.claimed and not verdict.HasField("action")  # no claim asked
+
+    claimed = posts.EvaluatePost(pb.EvaluatePostRequest(post_id=post_id, points=stagnating, now=ts(NOW), claim=True))
+    assert claimed.eligible and claimed.claimed
+    assert claimed.action.idempotency_key == verdict.idempotency_key
+    assert claimed.action.post_id == post_id
+    assert claimed.action.status == pb.POST_ACTION_STATUS_RUNNING
+    assert claimed.action.tier == 3 and claimed.action.attempts == 0
+    assert claimed.action.created_at.ToDatetime(tzinfo=timezone.utc) == NOW  # stamped with `now`
+
+    duplicate = posts.EvaluatePost(pb.EvaluatePostRequest(post_id=post_id, points=stagnating, now=ts(NOW), claim=True))
+    assert not duplicate.eligible and not duplicate.claimed
+    assert duplicate.ineligible_reason == pb.INELIGIBLE_REASON_DUPLICATE_ACTION
+    assert duplicate.reason == "duplicate_action"
+
+    listed = posts.ListActions(pb.ListActionsRequest(post_id=post_id))
+    assert [a.idempotency_key for a in listed.actions] == [verdict.idempotency_key]
+
+
+def test_engaging_post_gets_a_comment(client: FleetcareClient) -> None:
+    post_id = f"post-{uuid.uuid4().hex[:12]}"
+    # 100 engagements per 1000 impressions: rate 0.1, stagnation 0, tier 1 (comment).
+    verdict = client.post_healing.EvaluatePost(
+        pb.EvaluatePostRequest(post_id=post_id, points=points([(30, 0, 0), (20, 500, 50), (10, 1000, 100)]), now=ts(NOW))
+    )
+    assert verdict.eligible
+    assert verdict.stagnation_score == pytest.approx(0.0)
+    assert (verdict.tier, verdict.action_type) == (1, pb.POST_ACTION_TYPE_COMMENT)
+    assert verdict.idempotency_key == key(post_id, "comment", 1)
+
+
+def test_too_few_points_is_insufficient_samples(client: FleetcareClient) -> None:
+    post_id = f"post-{uuid.uuid4().hex[:12]}"
+    # Three points, but one is older than the 90-minute window.
+    verdict = client.post_healing.EvaluatePost(
+        pb.EvaluatePostRequest(post_id=post_id, points=points([(120, 0, 0), (20, 500, 1), (10, 1000, 2)]), now=ts(NOW))
+    )
+    assert not verdict.eligible
+    assert verdict.ineligible_reason == pb.INELIGIBLE_REASON_INSUFFICIENT_SAMPLES
+    assert verdict.reason == "insufficient_samples"
+    assert verdict.tier == 0
