@@ -121,6 +121,16 @@ async fn agents_list_and_get_print_tables_and_json() {
     let details = stdout(&fleetcare(app.addr, &["agents", "get", "cli-b"]).await);
     assert!(details.contains("status:           BUSY\n"), "{details}");
 
+    // FLEETCARE_SERVER stands in for --server.
+    let mut command = Command::new(BIN);
+    command
+        .args(["agents", "get", "cli-a", "--json"])
+        .env("FLEETCARE_SERVER", app.addr.to_string());
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(json(&output)["agent_id"], "cli-a");
+
     app.stop().await;
 }
 
