@@ -46,7 +46,12 @@ pub async fn run(args: PipelineArgs) -> Result<(), CliError> {
                 };
                 let mut stream = response.into_inner();
                 while let Ok(Some(update)) = stream.message().await {
-                    follow_bar.set_length(update.files_total.max(0) as u64);
+                    let total = update.files_total.max(0) as u64;
+                    if total > 0 && follow_bar.length() != Some(total) {
+                        // The scan is done: from "scanning" to a bar of files.
+                        follow_bar.set_style(files_style());
+                        follow_bar.set_length(total);
+                    }
                     follow_bar.set_position(update.files_done.max(0) as u64);
                     if update.finished {
                         break;
@@ -65,16 +70,22 @@ pub async fn run(args: PipelineArgs) -> Result<(), CliError> {
     }
 }
 
+/// A spinner until the scan has counted the files, then a bar of them.
+/// indicatif draws on stderr and hides itself when stderr is not a terminal.
 fn progress_bar(name: &str) -> ProgressBar {
-    // indicatif draws on stderr and hides itself when stderr is not a terminal.
-    let bar = ProgressBar::new(0);
-    let style = ProgressStyle::with_template("{prefix} [{bar:40}] {pos}/{len} files ({elapsed})")
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> ");
+    let bar = ProgressBar::new_spinner();
+    let style = ProgressStyle::with_template("{prefix} {spinner} scanning ({elapsed})")
+        .unwrap_or_else(|_| ProgressStyle::default_spinner());
     bar.set_style(style);
     bar.set_prefix(name.to_string());
     bar.enable_steady_tick(Duration::from_millis(200));
     bar
+}
+
+fn files_style() -> ProgressStyle {
+    ProgressStyle::with_template("{prefix} [{bar:40}] {pos}/{len} files ({elapsed})")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ")
 }
 
 fn processors_table(processors: &[ProcessorView]) -> String {
