@@ -133,7 +133,15 @@ pub struct ResumingWatch {
     pinned: bool,
     backoff: Backoff,
     reconnects: u64,
+    /// Whether a stream is (or was last) open: a disconnect is reported once.
+    connected: bool,
+    on_disconnect: Option<DisconnectHook>,
 }
+
+/// Called when an open stream is lost, with the error (`None` when the
+/// server ended the stream, as it does when shutting down) and the revision
+/// the watch will resume after.
+pub type DisconnectHook = Box<dyn FnMut(Option<&Status>, i64) + Send>;
 
 impl ResumingWatch {
     pub fn new(
@@ -148,7 +156,19 @@ impl ResumingWatch {
             pinned: false,
             backoff: Backoff::new(Duration::from_secs(5)),
             reconnects: 0,
+            connected: false,
+            on_disconnect: None,
         }
+    }
+
+    /// Calls `hook` each time an open stream is lost (not for every failed
+    /// reconnect attempt after it).
+    pub fn on_disconnect(
+        mut self,
+        hook: impl FnMut(Option<&Status>, i64) + Send + 'static,
+    ) -> ResumingWatch {
+        self.on_disconnect = Some(Box::new(hook));
+        self
     }
 
     /// Caps the delay between reconnect attempts (default 5 s).
@@ -205,8 +225,8 @@ impl ResumingWatch {
                 // An event kind this client does not know: skip it.
                 Ok(Some(pb::WatchTransitionsResponse { event: None })) => {}
                 // The server ended the stream (it is shutting down): reopen.
-                Ok(None) => self.pause().await,
-                Err(status) if is_transient(&status) => self.pause().await,
+                Ok(None) => self.pause(None).await,
+                Err(status) if is_transient(&status) => self.pause(Some(&status)).await,
                 Err(status) => return Err(status),
             }
         }
@@ -219,7 +239,7 @@ impl ResumingWatch {
         while self.stream.is_none() {
             match self.open().await {
                 Ok(()) => {}
-                Err(status) if is_transient(&status) => self.pause().await,
+                Err(status) if is_transient(&status) => self.pause(Some(&status)).await,
                 Err(status) => return Err(status),
             }
         }
@@ -255,6 +275,7 @@ impl ResumingWatch {
             self.read_history().await?;
         }
         self.stream = Some(stream);
+        self.connected = true;
         Ok(())
     }
 
@@ -284,7 +305,12 @@ impl ResumingWatch {
         }
     }
 
-    async fn pause(&mut self) {
+    async fn pause(&mut self, error: Option<&Status>) {
+        if std::mem::take(&mut self.connected)
+            && let Some(hook) = &mut self.on_disconnect
+        {
+            hook(error, self.request.since_revision);
+        }
         self.stream = None;
         self.reconnects += 1;
         tokio::time::sleep(self.backoff.step()).await;

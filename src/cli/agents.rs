@@ -126,7 +126,13 @@ pub async fn watch(args: WatchArgs) -> Result<(), CliError> {
             agent_ids: args.agents,
             ..Default::default()
         },
-    );
+    )
+    .on_disconnect(|error, revision| {
+        let why = error.map_or("the server ended the stream", |e| e.message());
+        eprintln!(
+            "fleetcare: connection lost ({why}); reconnecting to resume after revision {revision}"
+        );
+    });
     let mut seen = 0u64;
     while args.count.is_none_or(|count| seen < count) {
         let before = watch.reconnects();

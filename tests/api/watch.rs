@@ -411,6 +411,8 @@ async fn the_client_watch_resumes_across_a_server_restart() {
     let proxy = TcpProxy::start(first.addr).await;
     let registered = first.register("rw-1").await;
     let clients = Clients::connect_lazy(&proxy.addr.to_string()).unwrap();
+    let disconnects = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = disconnects.clone();
     let mut watch = ResumingWatch::new(
         clients.agents,
         pb::WatchTransitionsRequest {
@@ -419,7 +421,13 @@ async fn the_client_watch_resumes_across_a_server_restart() {
             ..Default::default()
         },
     )
-    .with_max_backoff(Duration::from_millis(200));
+    .with_max_backoff(Duration::from_millis(200))
+    .on_disconnect(move |error, revision| {
+        record
+            .lock()
+            .unwrap()
+            .push((error.map(|e| e.code()), revision));
+    });
 
     first.start_work("rw-1").await.unwrap();
     let mut seen = vec![next_client_transition(&mut watch).await];
@@ -439,6 +447,9 @@ async fn the_client_watch_resumes_across_a_server_restart() {
     assert_eq!(seen, expected);
     assert!(watch.reconnects() >= 1, "the stream was reopened");
     assert_eq!(watch.last_revision(), *expected.last().unwrap());
+    // One disconnect reported, however many attempts the restart took: the
+    // old server ended the stream cleanly, after the first transition.
+    assert_eq!(*disconnects.lock().unwrap(), [(None, expected[0])]);
     second.stop().await;
 }
 
