@@ -13,16 +13,9 @@ use fleetcare::config::{DatabaseArgs, ServeArgs};
 use fleetcare::proto::v1 as pb;
 use futures::StreamExt;
 
-#[allow(dead_code)]
-#[path = "../tests/api/helpers.rs"]
-mod helpers;
+mod common;
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use common::{env_usize, helpers};
 
 /// Runs `total` calls of `call(i)` with `concurrency` in flight; returns the
 /// elapsed time and sorted per-call latencies.

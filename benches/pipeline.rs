@@ -16,16 +16,9 @@ use fleetcare::proto::v1 as pb;
 use fleetcare::proto::v1::session_pipeline_service_client::SessionPipelineServiceClient;
 use tonic::transport::Channel;
 
-#[allow(dead_code)]
-#[path = "../tests/api/helpers.rs"]
-mod helpers;
+mod common;
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use common::{env_usize, helpers};
 
 fn line(user: usize, session: usize, i: usize) -> String {
     format!(
