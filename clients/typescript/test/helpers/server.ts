@@ -99,6 +99,17 @@ export async function startServer(options: StartOptions = {}): Promise<Fleetcare
   const sessionDir = options.sessionDir ?? mkdtempSync(join(tmpdir(), "fleetcare-ts-sessions-"));
   if (ownDb) ownedDbs.add(dbName);
   if (ownDir) ownedDirs.add(sessionDir);
+  /** Drops what this call created (a database or session dir passed in belongs to the caller). */
+  const removeOwned = () => {
+    if (ownDb) {
+      dropDatabase(dbName);
+      ownedDbs.delete(dbName);
+    }
+    if (ownDir) {
+      rmSync(sessionDir, { recursive: true, force: true });
+      ownedDirs.delete(sessionDir);
+    }
+  };
 
   const child = spawn(
     bin,
@@ -147,14 +158,7 @@ export async function startServer(options: StartOptions = {}): Promise<Fleetcare
   }).catch(async (err) => {
     child.kill("SIGKILL");
     await exited;
-    if (ownDb) {
-      dropDatabase(dbName);
-      ownedDbs.delete(dbName);
-    }
-    if (ownDir) {
-      rmSync(sessionDir, { recursive: true, force: true });
-      ownedDirs.delete(sessionDir);
-    }
+    removeOwned();
     throw err;
   });
 
@@ -175,14 +179,7 @@ export async function startServer(options: StartOptions = {}): Promise<Fleetcare
     terminate,
     stop: async () => {
       await terminate();
-      if (ownDb) {
-        dropDatabase(dbName);
-        ownedDbs.delete(dbName);
-      }
-      if (ownDir) {
-        rmSync(sessionDir, { recursive: true, force: true });
-        ownedDirs.delete(sessionDir);
-      }
+      removeOwned();
     },
   };
 }
