@@ -5,10 +5,11 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::SecondsFormat;
 use serde::Serialize;
 
 use crate::client::pb;
+use crate::grpc::convert::from_timestamp;
 
 /// `AGENT_STATUS_IDLE` with prefix `AGENT_STATUS_` is `IDLE`; an unknown value
 /// (a newer server) prints its number rather than failing.
@@ -44,9 +45,9 @@ fn strategy(value: i32) -> String {
     enum_name(name.map(|s| s.as_str_name()), "RECOVERY_STRATEGY_", value)
 }
 
+/// A time the server sent, or `None` when unset or not a valid timestamp.
 pub fn time(ts: Option<&prost_types::Timestamp>) -> Option<String> {
-    let ts = ts?;
-    let at = DateTime::<Utc>::from_timestamp(ts.seconds, u32::try_from(ts.nanos).ok()?)?;
+    let at = from_timestamp("time", *ts?).ok()?;
     Some(at.to_rfc3339_opts(SecondsFormat::Millis, true))
 }
 
