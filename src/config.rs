@@ -49,6 +49,25 @@ pub struct ServeArgs {
     #[arg(long, env = "FLEETCARE_DEFAULT_RECOVERY", default_value = "5h", value_parser = humantime::parse_duration)]
     pub default_recovery: Duration,
 
+    /// Heartbeats of online agents are acknowledged from memory and written to the
+    /// database at most this much later (a crash loses at most this much liveness).
+    #[arg(long, env = "FLEETCARE_HEARTBEAT_FLUSH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub heartbeat_flush_interval: Duration,
+
+    /// Fleet-wide heartbeats per second to stay under: agents are told to heartbeat
+    /// at fleet size / this rate (within --min-heartbeat-interval and a third of
+    /// --heartbeat-timeout).
+    #[arg(long, env = "FLEETCARE_MAX_HEARTBEAT_RATE", default_value_t = 1000)]
+    pub max_heartbeat_rate: u32,
+
+    /// The shortest heartbeat interval agents are told to use.
+    #[arg(long, env = "FLEETCARE_MIN_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub min_heartbeat_interval: Duration,
+
+    /// Most state-changing calls committed in one database transaction.
+    #[arg(long, env = "FLEETCARE_COMMIT_BATCH", default_value_t = 512)]
+    pub commit_batch: usize,
+
     /// How often the sweeper looks for silent and recovered agents.
     #[arg(long, env = "FLEETCARE_SWEEP_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub sweep_interval: Duration,
@@ -185,11 +204,20 @@ impl ServeArgs {
             ("--watch-progress-interval", self.watch_progress_interval),
             ("--health-check-interval", self.health_check_interval),
             ("--db-acquire-timeout", self.database.db_acquire_timeout),
+            ("--heartbeat-flush-interval", self.heartbeat_flush_interval),
         ];
         for (flag, value) in positive {
             if value.is_zero() {
                 return Err(format!("{flag} must be greater than zero"));
             }
+        }
+        if self.heartbeat_flush_interval >= self.heartbeat_timeout {
+            return Err(
+                "--heartbeat-flush-interval must be shorter than --heartbeat-timeout".into(),
+            );
+        }
+        if self.max_heartbeat_rate == 0 || self.commit_batch == 0 {
+            return Err("--max-heartbeat-rate and --commit-batch must be at least 1".into());
         }
         if self.watch_buffer == 0 {
             return Err("--watch-buffer must be at least 1".into());
@@ -201,6 +229,8 @@ impl ServeArgs {
         let durations = [
             ("--default-recovery", self.default_recovery),
             ("--heartbeat-timeout", self.heartbeat_timeout),
+            ("--heartbeat-flush-interval", self.heartbeat_flush_interval),
+            ("--min-heartbeat-interval", self.min_heartbeat_interval),
             ("--recovery-lease", h.recovery_lease),
             ("--post-window", h.post_window),
             ("--post-cooldown-comment", h.post_cooldown_comment),

@@ -51,3 +51,13 @@ impl Error {
         }
     }
 }
+
+impl From<crate::domain::batch::Refusal> for Error {
+    fn from(refusal: crate::domain::batch::Refusal) -> Self {
+        use crate::domain::batch::Refusal;
+        match refusal {
+            Refusal::UnknownAgent(agent_id) => Error::agent_not_found(&agent_id),
+            Refusal::Transition(refused) => Error::TransitionRefused(refused),
+        }
+    }
+}

@@ -14,8 +14,9 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::config::ServeArgs;
+use crate::config::{ServeArgs, chrono_duration};
 use crate::domain::healing::PlannerConfig;
+use crate::domain::liveness::HeartbeatPacing;
 use crate::domain::pipeline::RetryPolicy;
 use crate::domain::post_healing::PostHealingConfig;
 use crate::error::Error;
@@ -26,6 +27,10 @@ use crate::proto::v1::agent_status_service_server::AgentStatusServiceServer;
 use crate::proto::v1::healing_service_server::HealingServiceServer;
 use crate::proto::v1::post_healing_service_server::PostHealingServiceServer;
 use crate::proto::v1::session_pipeline_service_server::SessionPipelineServiceServer;
+use crate::runtime::agents::AgentWrites;
+use crate::runtime::clock::Clock;
+use crate::runtime::committer::Committer;
+use crate::runtime::heartbeats::{self, AgentCache};
 use crate::runtime::pipeline::scheduler as pipeline_scheduler;
 use crate::runtime::pipeline::{Pipeline, PipelineConfig};
 use crate::runtime::{fanout::TransitionFanout, health, sweeper};
@@ -40,6 +45,7 @@ pub struct Application {
     listener: TcpListener,
     args: ServeArgs,
     store: Arc<PgStore>,
+    writes: AgentWrites,
     fanout: TransitionFanout,
     health: HealthReporter,
     health_service:
@@ -60,15 +66,46 @@ impl Application {
         let agents: Arc<dyn AgentStore> = store.clone();
         let fanout =
             TransitionFanout::start(agents.clone(), args.watch_buffer, shutdown.child_token());
+        let clock = Clock::system();
+        let cache = AgentCache::new();
+        heartbeats::spawn_observer(
+            cache.clone(),
+            agents.clone(),
+            fanout.subscribe(),
+            shutdown.child_token(),
+        );
+        heartbeats::spawn_flusher(
+            cache.clone(),
+            agents.clone(),
+            args.heartbeat_flush_interval,
+            shutdown.child_token(),
+        );
+        let committer = Committer::start(
+            agents.clone(),
+            clock.clone(),
+            cache.clone(),
+            args.commit_batch,
+        );
         sweeper::spawn(
             agents.clone(),
+            committer.clone(),
+            clock.clone(),
             sweeper::SweeperConfig {
                 heartbeat_timeout: args.heartbeat_timeout,
+                heartbeat_flush_interval: args.heartbeat_flush_interval,
                 sweep_interval: args.sweep_interval,
                 transition_retention: args.transition_retention,
             },
             shutdown.child_token(),
         );
+        let pacing = HeartbeatPacing {
+            max_rate: args.max_heartbeat_rate,
+            min_interval: chrono_duration("--min-heartbeat-interval", args.min_heartbeat_interval)
+                .map_err(Error::InvalidArgument)?,
+            heartbeat_timeout: chrono_duration("--heartbeat-timeout", args.heartbeat_timeout)
+                .map_err(Error::InvalidArgument)?,
+        };
+        let writes = AgentWrites::new(agents.clone(), committer, cache, clock, pacing);
         let health = HealthReporter::new();
         let health_service = tonic_health::pb::health_server::HealthServer::new(
             tonic_health::server::HealthService::from_health_reporter(health.clone()),
@@ -86,6 +123,7 @@ impl Application {
             listener,
             args,
             store,
+            writes,
             fanout,
             health,
             health_service,
@@ -104,6 +142,7 @@ impl Application {
             listener,
             args,
             store,
+            writes,
             fanout,
             health,
             health_service,
@@ -125,7 +164,8 @@ impl Application {
                 .map_err(|_| Error::invalid("--default-recovery is too large"))?,
             watch_progress_interval: args.watch_progress_interval,
         };
-        let agent_status = AgentStatusApi::new(store.clone(), fanout, settings, shutdown.clone());
+        let agent_status =
+            AgentStatusApi::new(store.clone(), writes, fanout, settings, shutdown.clone());
         let h = &args.healing;
         let duration = |flag: &str, value| {
             crate::config::chrono_duration(flag, value).map_err(Error::InvalidArgument)

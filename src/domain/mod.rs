@@ -1,8 +1,10 @@
 //! Pure domain logic: no I/O, no tonic, no sqlx; the clock is passed in.
 
 pub mod agent;
+pub mod batch;
 pub mod healing;
 pub mod healing_records;
+pub mod liveness;
 pub mod pipeline;
 pub mod post_healing;
 pub mod recovery;

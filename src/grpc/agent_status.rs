@@ -12,12 +12,14 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::domain::agent::{Event, ExhaustionReport};
-use crate::domain::transition::{Agent, Transition, WatchFilter};
+use crate::domain::batch::Applied;
+use crate::domain::transition::WatchFilter;
 use crate::error::Error;
 use crate::grpc::convert::{self, from_timestamp};
 use crate::grpc::validate;
 use crate::proto::v1 as pb;
 use crate::proto::v1::agent_status_service_server::AgentStatusService;
+use crate::runtime::agents::AgentWrites;
 use crate::runtime::fanout::TransitionFanout;
 use crate::runtime::watch::{self, WatchEvent, WatchSpec};
 use crate::storage::{AgentQuery, AgentStore};
@@ -31,6 +33,7 @@ pub struct AgentStatusSettings {
 
 pub struct AgentStatusApi {
     store: Arc<dyn AgentStore>,
+    writes: AgentWrites,
     fanout: TransitionFanout,
     settings: AgentStatusSettings,
     shutdown: CancellationToken,
@@ -39,12 +42,14 @@ pub struct AgentStatusApi {
 impl AgentStatusApi {
     pub fn new(
         store: Arc<dyn AgentStore>,
+        writes: AgentWrites,
         fanout: TransitionFanout,
         settings: AgentStatusSettings,
         shutdown: CancellationToken,
     ) -> Self {
         AgentStatusApi {
             store,
+            writes,
             fanout,
             settings,
             shutdown,
@@ -57,13 +62,16 @@ impl AgentStatusApi {
         event: Event,
     ) -> Result<(pb::Agent, Option<pb::Transition>), Error> {
         let agent_id = validate::agent_id("agent_id", agent_id)?;
-        let (agent, transition) = self.store.apply(&agent_id, event).await?;
-        Ok(encode(&agent, transition.as_ref()))
+        let applied = self.writes.apply(agent_id, event).await?;
+        Ok(encode(&applied))
     }
 }
 
-fn encode(agent: &Agent, transition: Option<&Transition>) -> (pb::Agent, Option<pb::Transition>) {
-    (agent.into(), transition.map(pb::Transition::from))
+fn encode(applied: &Applied) -> (pb::Agent, Option<pb::Transition>) {
+    (
+        (&applied.agent).into(),
+        applied.transition.as_ref().map(pb::Transition::from),
+    )
 }
 
 /// A refused transition always records one; only a bug would get here without.
@@ -82,13 +90,13 @@ impl AgentStatusService for AgentStatusApi {
         let pb::RegisterAgentRequest { agent_id, labels } = request.into_inner();
         let agent_id = validate::agent_id("agent_id", &agent_id)?;
         let labels = validate::labels("labels", labels)?;
-        let (agent, created, _) = self.store.register_agent(&agent_id, &labels).await?;
-        if created {
-            tracing::info!(agent_id = %agent_id, "agent registered");
+        let applied = self.writes.register(agent_id, labels).await?;
+        if applied.created {
+            tracing::info!(agent_id = %applied.agent.agent_id, "agent registered");
         }
         Ok(Response::new(pb::RegisterAgentResponse {
-            agent: Some((&agent).into()),
-            created,
+            agent: Some((&applied.agent).into()),
+            created: applied.created,
         }))
     }
 
@@ -98,7 +106,9 @@ impl AgentStatusService for AgentStatusApi {
     ) -> Result<Response<pb::GetAgentResponse>, Status> {
         let pb::GetAgentRequest { agent_id } = request.into_inner();
         let agent_id = validate::agent_id("agent_id", &agent_id)?;
-        let agent = self.store.get_agent(&agent_id).await?;
+        let agent = self
+            .writes
+            .with_latest_heartbeat(self.store.get_agent(&agent_id).await?);
         Ok(Response::new(pb::GetAgentResponse {
             agent: Some((&agent).into()),
         }))
@@ -140,7 +150,10 @@ impl AgentStatusService for AgentStatusApi {
             String::new()
         };
         Ok(Response::new(pb::ListAgentsResponse {
-            agents: agents.iter().map(pb::Agent::from).collect(),
+            agents: agents
+                .into_iter()
+                .map(|a| pb::Agent::from(&self.writes.with_latest_heartbeat(a)))
+                .collect(),
             next_page_token,
         }))
     }
@@ -150,10 +163,13 @@ impl AgentStatusService for AgentStatusApi {
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let pb::HeartbeatRequest { agent_id } = request.into_inner();
-        let (agent, transition) = self.apply(&agent_id, Event::Heartbeat).await?;
+        let agent_id = validate::agent_id("agent_id", &agent_id)?;
+        let (applied, next) = self.writes.heartbeat(agent_id).await?;
+        let (agent, transition) = encode(&applied);
         Ok(Response::new(pb::HeartbeatResponse {
             agent: Some(agent),
             transition,
+            next_heartbeat_interval: Some(convert::duration(next)),
         }))
     }
 

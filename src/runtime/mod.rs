@@ -1,8 +1,13 @@
-//! Background work: the transition fan-out and watch streams, the sweeper,
-//! and the health monitor.
+//! Background work and the write path: group commit, heartbeats from memory,
+//! the transition fan-out and watch streams, the sweeper, the health monitor and
+//! the session pipeline.
 
+pub mod agents;
+pub mod clock;
+pub mod committer;
 pub mod fanout;
 pub mod health;
+pub mod heartbeats;
 pub mod pipeline;
 pub mod sweeper;
 pub mod watch;

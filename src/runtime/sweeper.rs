@@ -1,8 +1,10 @@
 //! The sweeper: silent agents go OFFLINE, exhausted agents whose recovery time
 //! has passed go IDLE, and expired transition history is pruned.
 //!
-//! Every replica may sweep at once. Each candidate is re-decided under its row
-//! lock by the state machine, so a transition still happens exactly once.
+//! Every replica may sweep at once. The store only finds candidates (the
+//! domain's [`liveness::sweep_query`]); each is decided again by the state machine
+//! inside a committed batch, under its row lock, so a transition still happens
+//! exactly once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,8 +12,11 @@ use std::time::Duration;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::agent::Event;
+use crate::domain::batch::Command;
+use crate::domain::liveness;
 use crate::error::Error;
+use crate::runtime::clock::Clock;
+use crate::runtime::committer::Committer;
 use crate::storage::AgentStore;
 
 /// Candidates handled per sweep tick; the rest wait for the next tick.
@@ -20,20 +25,36 @@ const SWEEP_BATCH: i64 = 1000;
 #[derive(Debug, Clone)]
 pub struct SweeperConfig {
     pub heartbeat_timeout: Duration,
+    /// How long a heartbeat may wait in memory before it is stored.
+    pub heartbeat_flush_interval: Duration,
     pub sweep_interval: Duration,
     pub transition_retention: Duration,
 }
 
-pub fn spawn(store: Arc<dyn AgentStore>, config: SweeperConfig, shutdown: CancellationToken) {
-    tokio::spawn(run(store, config, shutdown));
+pub fn spawn(
+    store: Arc<dyn AgentStore>,
+    committer: Committer,
+    clock: Clock,
+    config: SweeperConfig,
+    shutdown: CancellationToken,
+) {
+    tokio::spawn(run(store, committer, clock, config, shutdown));
 }
 
-async fn run(store: Arc<dyn AgentStore>, config: SweeperConfig, shutdown: CancellationToken) {
+async fn run(
+    store: Arc<dyn AgentStore>,
+    committer: Committer,
+    clock: Clock,
+    config: SweeperConfig,
+    shutdown: CancellationToken,
+) {
     // After the service was down nobody heartbeated successfully, so every agent
     // looks silent: give them one full timeout from start-up before any goes OFFLINE.
     let grace_ends = Instant::now() + config.heartbeat_timeout;
-    let heartbeat_timeout =
-        chrono::Duration::from_std(config.heartbeat_timeout).unwrap_or(chrono::Duration::MAX);
+    let silence = crate::runtime::heartbeats::silence(
+        config.heartbeat_timeout,
+        config.heartbeat_flush_interval,
+    );
     let retention =
         chrono::Duration::from_std(config.transition_retention).unwrap_or(chrono::Duration::MAX);
     // Pruning is cheap but need not run every tick.
@@ -51,12 +72,17 @@ async fn run(store: Arc<dyn AgentStore>, config: SweeperConfig, shutdown: Cancel
             _ = ticks.tick() => {}
         }
         let offline_allowed = Instant::now() >= grace_ends;
-        if let Err(error) = sweep_once(&*store, heartbeat_timeout, offline_allowed).await {
+        if let Err(error) = sweep_once(&*store, &committer, &clock, silence, offline_allowed).await
+        {
             tracing::warn!(%error, "sweep failed");
         }
         if Instant::now() >= next_prune {
             next_prune = Instant::now() + prune_every;
-            match store.prune_transitions(retention).await {
+            let before = clock
+                .now()
+                .checked_sub_signed(retention)
+                .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
+            match store.prune_transitions(before).await {
                 Ok(0) => {}
                 Ok(pruned) => tracing::info!(pruned, "pruned transition history"),
                 Err(error) => tracing::warn!(%error, "pruning failed"),
@@ -65,34 +91,41 @@ async fn run(store: Arc<dyn AgentStore>, config: SweeperConfig, shutdown: Cancel
     }
 }
 
-/// One pass over the agents that need a look. Returns how many transitioned.
+/// One pass over the agents that need a look, `silence` being
+/// [`liveness::silence_timeout`]. Returns how many transitioned.
 pub async fn sweep_once(
     store: &dyn AgentStore,
-    heartbeat_timeout: chrono::Duration,
+    committer: &Committer,
+    clock: &Clock,
+    silence: chrono::Duration,
     offline_allowed: bool,
 ) -> Result<usize, Error> {
-    let candidates = store
-        .sweep_candidates(heartbeat_timeout, offline_allowed, SWEEP_BATCH)
-        .await?;
+    let query = liveness::sweep_query(clock.now(), silence, offline_allowed);
+    let candidates = store.sweep_candidates(&query, SWEEP_BATCH).await?;
+    // Submitted together, so the committer takes them in few batches.
+    let results = futures::future::join_all(candidates.into_iter().map(|agent_id| {
+        committer.submit(Command::Apply {
+            agent_id,
+            event: liveness::sweep_event(silence, offline_allowed),
+        })
+    }))
+    .await;
     let mut transitioned = 0;
-    for agent_id in candidates {
-        let event = Event::Sweep {
-            heartbeat_timeout,
-            offline_allowed,
-        };
-        match store.apply(&agent_id, event).await {
-            Ok((_, Some(transition))) => {
-                transitioned += 1;
-                tracing::info!(
-                    agent_id = %agent_id,
-                    revision = transition.revision,
-                    to = %transition.to,
-                    cause = transition.cause.as_str(),
-                    "swept"
-                );
+    for result in results {
+        match result {
+            Ok(applied) => {
+                if let Some(transition) = applied.transition {
+                    transitioned += 1;
+                    tracing::info!(
+                        agent_id = %transition.agent_id,
+                        revision = transition.revision,
+                        to = %transition.to,
+                        cause = transition.cause.as_str(),
+                        "swept"
+                    );
+                }
             }
             // Another replica got there first, or the agent heartbeated meanwhile.
-            Ok((_, None)) => {}
             Err(Error::NotFound { .. }) => {}
             Err(error) => return Err(error),
         }

@@ -10,12 +10,14 @@ use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
 use tokio::sync::watch;
 
-use crate::domain::agent::{AgentStatus, Event};
+use crate::domain::agent::AgentStatus;
+use crate::domain::batch::{Applied, Command, Refusal};
 use crate::domain::healing::{ErrorType, Evidence, Plan};
 use crate::domain::healing_records::{
     ErrorEvent, HealingStatistics, NewErrorEvent, RecoveryAction, RecoveryOutcome, RecoveryStatus,
     StoredAction,
 };
+use crate::domain::liveness::SweepQuery;
 use crate::domain::pipeline::{RunStats, SessionFile, SessionState, SessionStatus};
 use crate::domain::post_healing::{ActionRecord, ActionStatus, ActionType, Evaluation, Tier};
 use crate::domain::transcript::UsageEntry;
@@ -35,36 +37,36 @@ pub struct AgentQuery {
 }
 
 /// The agent-status part of the store.
+///
+/// State changes arrive in batches (see `runtime::committer`): the store locks the
+/// agents a batch names in agent-id order, lets [`batch::plan`] decide every
+/// command, allocates the batch's revisions last, writes, and commits once.
 #[async_trait]
 pub trait AgentStore: Send + Sync + 'static {
     /// Succeeds when the store can serve requests.
     async fn ping(&self) -> Result<()>;
 
-    /// Creates the agent (IDLE, with a REGISTERED transition) or, for an existing
-    /// one, replaces its labels and records a heartbeat. Returns whether it was created.
-    async fn register_agent(
+    /// Applies `commands` in one transaction at server time `now`, each decided on
+    /// the state the earlier ones left. `Err` means nothing was committed; otherwise
+    /// every command has its own outcome (a refused one refuses only itself), and
+    /// the transitions of the batch have consecutive revisions in command order.
+    async fn commit_batch(
         &self,
-        agent_id: &str,
-        labels: &Labels,
-    ) -> Result<(Agent, bool, Option<Transition>)>;
+        commands: &[Command],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Result<Applied, Refusal>>>;
+
+    /// Records liveness: each agent's `last_heartbeat_at` moves forward to the given
+    /// time, never backwards (replicas may flush out of order). Status is never
+    /// touched, and unknown agents are ignored.
+    async fn record_heartbeats(&self, beats: &[(String, DateTime<Utc>)]) -> Result<()>;
 
     async fn get_agent(&self, agent_id: &str) -> Result<Agent>;
 
     async fn list_agents(&self, query: &AgentQuery) -> Result<Vec<Agent>>;
 
-    /// Applies a state-machine event to one agent atomically: the agent row is
-    /// updated and, if its status changed, a transition appended, in one transaction.
-    /// Time is the store's clock, never the caller's.
-    async fn apply(&self, agent_id: &str, event: Event) -> Result<(Agent, Option<Transition>)>;
-
-    /// Agents the sweeper should look at: silent ones (when `offline_allowed`) and
-    /// exhausted ones whose recovery time has passed.
-    async fn sweep_candidates(
-        &self,
-        heartbeat_timeout: Duration,
-        offline_allowed: bool,
-        limit: i64,
-    ) -> Result<Vec<String>>;
+    /// Ids of the agents `query` selects (see [`SweepQuery::selects`]), at most `limit`.
+    async fn sweep_candidates(&self, query: &SweepQuery, limit: i64) -> Result<Vec<String>>;
 
     /// Transitions with a revision above `after`, in revision order.
     async fn transitions_after(
@@ -79,8 +81,10 @@ pub trait AgentStore: Send + Sync + 'static {
     /// The matching agents as of one revision, read consistently.
     async fn snapshot(&self, filter: &WatchFilter) -> Result<(i64, Vec<Agent>)>;
 
-    /// Deletes transitions older than `older_than`; returns how many.
-    async fn prune_transitions(&self, older_than: Duration) -> Result<u64>;
+    /// Deletes every transition up to the newest one that occurred before `before`
+    /// (a prefix of the history, so a resumed watch sees a gap only as pruning).
+    /// Returns how many were deleted.
+    async fn prune_transitions(&self, before: DateTime<Utc>) -> Result<u64>;
 
     /// Ticks whenever new transitions may have been committed, by this process or
     /// another one on the same store, and after the store lost track (a

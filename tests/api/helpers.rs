@@ -99,6 +99,7 @@ pub fn test_args(database_url: &str) -> ServeArgs {
             db_acquire_timeout: Duration::from_secs(2),
         },
         sweep_interval: Duration::from_millis(100),
+        heartbeat_flush_interval: Duration::from_millis(100),
         health_check_interval: Duration::from_millis(200),
         shutdown_grace: Duration::from_secs(5),
         healing: HealingArgs {

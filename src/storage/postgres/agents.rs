@@ -1,15 +1,15 @@
 //! Agents and transitions in Postgres.
 
 use async_trait::async_trait;
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Utc};
+use sqlx::FromRow;
 use sqlx::types::Json;
-use sqlx::{FromRow, Postgres, Transaction};
 use tokio::sync::watch;
 
 use super::{PgStore, TRANSITIONS_CHANNEL, db_error};
-use crate::domain::agent::{
-    self, AgentState, AgentStatus, Cause, Event, Exhaustion, ExhaustionReason, StatusChange,
-};
+use crate::domain::agent::{AgentState, AgentStatus, Cause, Exhaustion, ExhaustionReason};
+use crate::domain::batch::{self, Applied, Command, Refusal};
+use crate::domain::liveness::SweepQuery;
 use crate::domain::recovery::{RecoveryEstimate, RecoverySource};
 use crate::domain::transition::{Agent, Labels, RevisionBounds, Transition, WatchFilter};
 use crate::error::{Error, Result};
@@ -134,136 +134,215 @@ impl TryFrom<TransitionRow> for Transition {
     }
 }
 
-/// Appends a transition with the next revision. Must be the last statement
-/// before commit: the revision row stays locked until then, which is what makes
-/// revisions commit in order and without gaps.
-async fn append_transition(
-    tx: &mut Transaction<'_, Postgres>,
-    agent_id: &str,
-    from: Option<AgentStatus>,
-    change: StatusChange,
-    state: &AgentState,
-    now: DateTime<Utc>,
-) -> Result<Transition> {
-    // NOTIFY is delivered at commit, and only if the transaction commits.
-    sqlx::query("SELECT pg_notify($1, '')")
-        .bind(TRANSITIONS_CHANNEL)
-        .execute(&mut **tx)
-        .await
-        .map_err(db_error)?;
-    let exhaustion = state
-        .exhaustion
-        .as_ref()
-        .filter(|_| change.to == AgentStatus::Exhausted);
-    let row: TransitionRow = sqlx::query_as(&format!(
-        "WITH next AS (
-             UPDATE revision_head SET head_revision = head_revision + 1
-             WHERE singleton RETURNING head_revision
-         )
-         INSERT INTO transitions ({TRANSITION_COLUMNS})
-         SELECT head_revision, $1, $2, $3, $4, $5, $6, $7 FROM next
-         RETURNING {TRANSITION_COLUMNS}"
-    ))
-    .bind(agent_id)
-    .bind(from.map(AgentStatus::as_str))
-    .bind(change.to.as_str())
-    .bind(change.cause.as_str())
-    .bind(now)
-    .bind(exhaustion.map(|e| e.reason.as_str()))
-    .bind(exhaustion.map(|e| e.recovery.recovery_at))
-    .fetch_one(&mut **tx)
-    .await
-    .map_err(db_error)?;
-    row.try_into()
-}
+/// How often a batch is retried when the database refuses it as a whole for a
+/// reason that a retry resolves (two replicas registering one new agent at once,
+/// a serialization failure, a deadlock).
+const BATCH_ATTEMPTS: usize = 5;
 
-/// Writes an agent's state machine fields back.
-async fn write_state(
-    tx: &mut Transaction<'_, Postgres>,
-    agent_id: &str,
-    state: &AgentState,
-    transition: Option<&Transition>,
-) -> Result<Agent> {
-    let exhaustion = state.exhaustion.as_ref();
-    let row: AgentRow = sqlx::query_as(&format!(
-        "UPDATE agents SET
-             status = $2,
-             last_heartbeat_at = $3,
-             exhaustion_reason = $4,
-             recovery_at = $5,
-             recovery_source = $6,
-             recovery_hint = $7,
-             last_transition_at = COALESCE($8, last_transition_at),
-             revision = COALESCE($9, revision)
-         WHERE agent_id = $1
-         RETURNING {AGENT_COLUMNS}"
-    ))
-    .bind(agent_id)
-    .bind(state.status.as_str())
-    .bind(state.last_heartbeat_at)
-    .bind(exhaustion.map(|e| e.reason.as_str()))
-    .bind(exhaustion.map(|e| e.recovery.recovery_at))
-    .bind(exhaustion.map(|e| source_str(e.recovery.source)))
-    .bind(exhaustion.map(|e| e.recovery.hint.as_str()))
-    .bind(transition.map(|t| t.occurred_at))
-    .bind(transition.map(|t| t.revision))
-    .fetch_one(&mut **tx)
-    .await
-    .map_err(db_error)?;
-    row.try_into()
-}
-
-impl PgStore {
-    /// Locks one agent, lets the state machine decide, writes the outcome. The
-    /// row lock serialises concurrent calls on one agent: of two StartWork calls
-    /// on an idle agent, the second sees BUSY and is refused.
-    async fn apply_locked(
-        &self,
-        agent_id: &str,
-        event: Event,
-    ) -> Result<(Agent, Option<Transition>)> {
-        let mut tx = self.pool.begin().await.map_err(db_error)?;
-        let locked: Option<AgentRow> = sqlx::query_as(&format!(
-            "SELECT {AGENT_COLUMNS} FROM agents WHERE agent_id = $1 FOR UPDATE"
-        ))
-        .bind(agent_id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(db_error)?;
-        let Some(row) = locked else {
-            return Err(Error::agent_not_found(agent_id));
-        };
-        let now = db_now(&mut tx).await?;
-        let current = Agent::try_from(row)?;
-        let decision = agent::decide(&current.state, event, now)?;
-        if decision.change.is_none() && decision.state == current.state {
-            return Ok((current, None));
-        }
-        let transition = match decision.change {
-            Some(change) => {
-                let from = Some(change.from);
-                Some(
-                    append_transition(&mut tx, agent_id, from, change, &decision.state, now)
-                        .await?,
-                )
-            }
-            None => None,
-        };
-        let agent = write_state(&mut tx, agent_id, &decision.state, transition.as_ref()).await?;
-        tx.commit().await.map_err(db_error)?;
-        if transition.is_some() {
-            self.announce_local_commit();
-        }
-        Ok((agent, transition))
+/// Whether a failed batch may simply be run again.
+fn retryable(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Database(db) => matches!(
+            db.code().as_deref(),
+            // unique violation (a concurrent registration), serialization
+            // failure, deadlock
+            Some("23505" | "40001" | "40P01")
+        ),
+        _ => false,
     }
 }
 
-/// The database's clock: agents' clocks are never trusted.
-async fn db_now(tx: &mut Transaction<'_, Postgres>) -> Result<DateTime<Utc>> {
-    sqlx::query_scalar("SELECT now()")
-        .fetch_one(&mut **tx)
-        .await
-        .map_err(db_error)
+/// The agent columns of a bulk write, one array per column.
+#[derive(Default)]
+struct AgentColumns {
+    agent_id: Vec<String>,
+    status: Vec<&'static str>,
+    labels: Vec<String>,
+    last_heartbeat_at: Vec<DateTime<Utc>>,
+    last_transition_at: Vec<DateTime<Utc>>,
+    revision: Vec<i64>,
+    exhaustion_reason: Vec<Option<&'static str>>,
+    recovery_at: Vec<Option<DateTime<Utc>>>,
+    recovery_source: Vec<Option<&'static str>>,
+    recovery_hint: Vec<Option<String>>,
+}
+
+impl AgentColumns {
+    fn of(agents: &[Agent]) -> Result<Self> {
+        let mut c = AgentColumns::default();
+        for a in agents {
+            let ex = a.state.exhaustion.as_ref();
+            c.agent_id.push(a.agent_id.clone());
+            c.status.push(a.state.status.as_str());
+            c.labels.push(
+                serde_json::to_string(&a.labels)
+                    .map_err(|e| Error::Internal(format!("labels: {e}")))?,
+            );
+            c.last_heartbeat_at.push(a.state.last_heartbeat_at);
+            c.last_transition_at.push(a.last_transition_at);
+            c.revision.push(a.revision);
+            c.exhaustion_reason.push(ex.map(|e| e.reason.as_str()));
+            c.recovery_at.push(ex.map(|e| e.recovery.recovery_at));
+            c.recovery_source
+                .push(ex.map(|e| source_str(e.recovery.source)));
+            c.recovery_hint.push(ex.map(|e| e.recovery.hint.clone()));
+        }
+        Ok(c)
+    }
+}
+
+/// Writes the final state of every changed agent in one statement. The rows are
+/// locked already (read FOR UPDATE, or inserted, by this transaction), and
+/// `last_heartbeat_at` never moves back, wherever heartbeats are written.
+const UPDATE_AGENTS: &str = "UPDATE agents SET
+         status = u.status,
+         labels = u.labels::jsonb,
+         last_heartbeat_at = GREATEST(agents.last_heartbeat_at, u.last_heartbeat_at),
+         last_transition_at = u.last_transition_at,
+         revision = u.revision,
+         exhaustion_reason = u.exhaustion_reason,
+         recovery_at = u.recovery_at,
+         recovery_source = u.recovery_source,
+         recovery_hint = u.recovery_hint
+     FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[],
+                 $6::bigint[], $7::text[], $8::timestamptz[], $9::text[], $10::text[])
+          AS u(agent_id, status, labels, last_heartbeat_at, last_transition_at,
+               revision, exhaustion_reason, recovery_at, recovery_source, recovery_hint)
+     WHERE agents.agent_id = u.agent_id";
+
+impl PgStore {
+    /// One attempt at a batch: lock, decide, allocate, write, commit.
+    async fn try_commit_batch(
+        &self,
+        commands: &[Command],
+        now: DateTime<Utc>,
+    ) -> std::result::Result<Vec<Result<Applied, Refusal>>, BatchError> {
+        let mut ids: Vec<&str> = commands.iter().map(Command::agent_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut tx = self.pool.begin().await?;
+        // Agent rows first, in agent-id order (ORDER BY is applied before the row
+        // locks), so that two replicas' batches cannot deadlock.
+        let rows: Vec<AgentRow> = sqlx::query_as(&format!(
+            "SELECT {AGENT_COLUMNS} FROM agents WHERE agent_id = ANY($1)
+             ORDER BY agent_id FOR UPDATE"
+        ))
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        let existing = rows
+            .into_iter()
+            .map(Agent::try_from)
+            .collect::<Result<Vec<_>>>()?;
+        let plan = batch::plan(existing, commands, now);
+
+        // New agents' rows next, still before the revision row. Two replicas
+        // creating the same agent: the second insert waits for the first and then
+        // fails with a unique violation, and the batch is run again.
+        let created: Vec<&str> = plan.created_ids().collect();
+        if !created.is_empty() {
+            sqlx::query(
+                "INSERT INTO agents (agent_id, status, registered_at, last_heartbeat_at,
+                                     last_transition_at, revision)
+                 SELECT id, 'IDLE', $2, $2, $2, 0 FROM unnest($1::text[]) AS id",
+            )
+            .bind(&created)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+
+        // The revision row last, held to commit: that is what makes revisions
+        // commit in order and without gaps, across replicas too.
+        let count = plan.transition_count() as i64;
+        let base = if count > 0 {
+            sqlx::query_scalar(
+                "WITH head AS (
+                     UPDATE revision_head SET head_revision = head_revision + $1
+                     WHERE singleton RETURNING head_revision - $1 AS base
+                 )
+                 SELECT head.base FROM head, pg_notify($2, '') AS n",
+            )
+            .bind(count)
+            .bind(TRANSITIONS_CHANNEL)
+            .fetch_one(&mut *tx)
+            .await?
+        } else {
+            0
+        };
+        let (writes, outcomes) = plan.finish(base);
+        if !writes.changed.is_empty() {
+            let c = AgentColumns::of(&writes.changed)?;
+            sqlx::query(UPDATE_AGENTS)
+                .bind(&c.agent_id)
+                .bind(&c.status)
+                .bind(&c.labels)
+                .bind(&c.last_heartbeat_at)
+                .bind(&c.last_transition_at)
+                .bind(&c.revision)
+                .bind(&c.exhaustion_reason)
+                .bind(&c.recovery_at)
+                .bind(&c.recovery_source)
+                .bind(&c.recovery_hint)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if !writes.transitions.is_empty() {
+            let t = &writes.transitions;
+            sqlx::query(&format!(
+                "INSERT INTO transitions ({TRANSITION_COLUMNS})
+                 SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[],
+                                      $5::text[], $6::timestamptz[], $7::text[], $8::timestamptz[])"
+            ))
+            .bind(t.iter().map(|t| t.revision).collect::<Vec<_>>())
+            .bind(t.iter().map(|t| t.agent_id.as_str()).collect::<Vec<_>>())
+            .bind(
+                t.iter()
+                    .map(|t| t.from.map(AgentStatus::as_str))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(t.iter().map(|t| t.to.as_str()).collect::<Vec<_>>())
+            .bind(t.iter().map(|t| t.cause.as_str()).collect::<Vec<_>>())
+            .bind(t.iter().map(|t| t.occurred_at).collect::<Vec<_>>())
+            .bind(
+                t.iter()
+                    .map(|t| t.exhaustion_reason.map(|r| r.as_str()))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(t.iter().map(|t| t.recovery_at).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        }
+        if writes.changed.is_empty() {
+            // Nothing to write (every command refused or a no-op): release the locks.
+            tx.rollback().await?;
+        } else {
+            tx.commit().await?;
+        }
+        if count > 0 {
+            self.announce_local_commit();
+        }
+        Ok(outcomes)
+    }
+}
+
+/// A failed attempt at a batch: a database error (maybe worth a retry) or one
+/// already mapped.
+enum BatchError {
+    Db(sqlx::Error),
+    Mapped(Error),
+}
+
+impl From<sqlx::Error> for BatchError {
+    fn from(e: sqlx::Error) -> Self {
+        BatchError::Db(e)
+    }
+}
+
+impl From<Error> for BatchError {
+    fn from(e: Error) -> Self {
+        BatchError::Mapped(e)
+    }
 }
 
 #[async_trait]
@@ -276,54 +355,49 @@ impl AgentStore for PgStore {
             .map_err(db_error)
     }
 
-    async fn register_agent(
+    async fn commit_batch(
         &self,
-        agent_id: &str,
-        labels: &Labels,
-    ) -> Result<(Agent, bool, Option<Transition>)> {
-        let mut tx = self.pool.begin().await.map_err(db_error)?;
-        let now = db_now(&mut tx).await?;
-        let (state, cause) = agent::registered(now);
-        // ON CONFLICT DO NOTHING: of two concurrent first registrations, one inserts
-        // and the other falls through to the existing-agent path below.
-        let inserted = sqlx::query(
-            "INSERT INTO agents (agent_id, status, labels, registered_at, last_heartbeat_at,
-                                 last_transition_at, revision)
-             VALUES ($1, $2, $3, $4, $4, $4, 0)
-             ON CONFLICT (agent_id) DO NOTHING",
-        )
-        .bind(agent_id)
-        .bind(state.status.as_str())
-        .bind(Json(labels))
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_error)?
-        .rows_affected()
-            == 1;
-        if inserted {
-            let change = StatusChange {
-                from: state.status,
-                to: state.status,
-                cause,
-            };
-            // A registration has no "from" status.
-            let transition =
-                append_transition(&mut tx, agent_id, None, change, &state, now).await?;
-            let agent = write_state(&mut tx, agent_id, &state, Some(&transition)).await?;
-            tx.commit().await.map_err(db_error)?;
-            self.announce_local_commit();
-            return Ok((agent, true, Some(transition)));
+        commands: &[Command],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Result<Applied, Refusal>>> {
+        let mut attempt = 1;
+        loop {
+            match self.try_commit_batch(commands, now).await {
+                Ok(outcomes) => return Ok(outcomes),
+                Err(BatchError::Db(e)) if retryable(&e) && attempt < BATCH_ATTEMPTS => {
+                    tracing::debug!(error = %e, attempt, "batch conflicted, retrying");
+                    attempt += 1;
+                }
+                Err(BatchError::Db(e)) => return Err(db_error(e)),
+                Err(BatchError::Mapped(e)) => return Err(e),
+            }
         }
-        sqlx::query("UPDATE agents SET labels = $2 WHERE agent_id = $1")
-            .bind(agent_id)
-            .bind(Json(labels))
+    }
+
+    async fn record_heartbeats(&self, beats: &[(String, DateTime<Utc>)]) -> Result<()> {
+        let mut beats: Vec<&(String, DateTime<Utc>)> = beats.iter().collect();
+        beats.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let ids: Vec<&str> = beats.iter().map(|(id, _)| id.as_str()).collect();
+        let times: Vec<DateTime<Utc>> = beats.iter().map(|(_, at)| *at).collect();
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        // Lock in agent-id order first, as every batch does: an UPDATE ... FROM
+        // unnest locks in whatever order its join runs.
+        sqlx::query("SELECT 1 FROM agents WHERE agent_id = ANY($1) ORDER BY agent_id FOR UPDATE")
+            .bind(&ids)
             .execute(&mut *tx)
             .await
             .map_err(db_error)?;
-        tx.commit().await.map_err(db_error)?;
-        let (agent, transition) = self.apply(agent_id, Event::Heartbeat).await?;
-        Ok((agent, false, transition))
+        sqlx::query(
+            "UPDATE agents SET last_heartbeat_at = GREATEST(agents.last_heartbeat_at, u.at)
+             FROM unnest($1::text[], $2::timestamptz[]) AS u(agent_id, at)
+             WHERE agents.agent_id = u.agent_id",
+        )
+        .bind(&ids)
+        .bind(&times)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)
     }
 
     async fn get_agent(&self, agent_id: &str) -> Result<Agent> {
@@ -358,48 +432,27 @@ impl AgentStore for PgStore {
         rows.into_iter().map(Agent::try_from).collect()
     }
 
-    async fn apply(&self, agent_id: &str, event: Event) -> Result<(Agent, Option<Transition>)> {
-        if event == Event::Heartbeat {
-            // Fast path for the most frequent call: a heartbeat of an agent that is
-            // not OFFLINE changes no status, so one autocommit statement does. The
-            // row lock it takes orders it against a concurrent sweep; if the agent
-            // is OFFLINE (or missing), the state machine path below decides.
-            let row: Option<AgentRow> = sqlx::query_as(&format!(
-                "UPDATE agents SET last_heartbeat_at = now()
-                 WHERE agent_id = $1 AND status <> 'OFFLINE'
-                 RETURNING {AGENT_COLUMNS}"
-            ))
-            .bind(agent_id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db_error)?;
-            if let Some(row) = row {
-                return Ok((row.try_into()?, None));
-            }
-        }
-        self.apply_locked(agent_id, event).await
-    }
-
-    async fn sweep_candidates(
-        &self,
-        heartbeat_timeout: Duration,
-        offline_allowed: bool,
-        limit: i64,
-    ) -> Result<Vec<String>> {
-        // Mirrors agent::needs_sweep; decide() re-checks each under its row lock.
-        let timeout_us = heartbeat_timeout.num_microseconds().unwrap_or(i64::MAX);
+    async fn sweep_candidates(&self, query: &SweepQuery, limit: i64) -> Result<Vec<String>> {
+        let silent: Vec<&str> = query.silent_statuses.iter().map(|s| s.as_str()).collect();
+        let recovering: Vec<&str> = query
+            .recovering_statuses
+            .iter()
+            .map(|s| s.as_str())
+            .collect();
+        // Indexed comparisons only; the domain chose the statuses and the bounds.
         sqlx::query_scalar(
             "(SELECT agent_id FROM agents
-               WHERE $2 AND status <> 'OFFLINE'
-                 AND last_heartbeat_at < now() - make_interval(secs => $1::float8 / 1e6)
-               LIMIT $3)
+               WHERE status = ANY($1) AND last_heartbeat_at < $2
+               ORDER BY last_heartbeat_at LIMIT $5)
              UNION
              (SELECT agent_id FROM agents
-               WHERE status = 'EXHAUSTED' AND recovery_at <= now()
-               LIMIT $3)",
+               WHERE status = ANY($3) AND recovery_at <= $4
+               ORDER BY recovery_at LIMIT $5)",
         )
-        .bind(timeout_us as f64)
-        .bind(offline_allowed)
+        .bind(&silent)
+        .bind(query.silent_before)
+        .bind(&recovering)
+        .bind(query.recovered_by)
         .bind(limit)
         .fetch_all(&self.pool)
         .await
@@ -473,8 +526,7 @@ impl AgentStore for PgStore {
         Ok((head, agents))
     }
 
-    async fn prune_transitions(&self, older_than: Duration) -> Result<u64> {
-        let older_than_us = older_than.num_microseconds().unwrap_or(i64::MAX);
+    async fn prune_transitions(&self, before: DateTime<Utc>) -> Result<u64> {
         let mut tx = self.pool.begin().await.map_err(db_error)?;
         // Locks the retention row: concurrent pruners on other replicas queue here.
         let pruned_through: i64 = sqlx::query_scalar(
@@ -485,14 +537,12 @@ impl AgentStore for PgStore {
         .map_err(db_error)?;
         // occurred_at is not strictly monotonic in revision (it is the transaction's
         // start), so prune a prefix: everything up to the newest expired revision.
-        let through: Option<i64> = sqlx::query_scalar(
-            "SELECT max(revision) FROM transitions
-             WHERE occurred_at < now() - make_interval(secs => $1::float8 / 1e6)",
-        )
-        .bind(older_than_us as f64)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db_error)?;
+        let through: Option<i64> =
+            sqlx::query_scalar("SELECT max(revision) FROM transitions WHERE occurred_at < $1")
+                .bind(before)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db_error)?;
         let Some(through) = through.filter(|t| *t > pruned_through) else {
             return Ok(0);
         };

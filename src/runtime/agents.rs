@@ -1,0 +1,98 @@
+//! The agent write path as the handlers see it: state changes through the
+//! committer (group commit), heartbeats from memory where the state machine
+//! allows it (see `heartbeats`), and the pacing agents are told to heartbeat at.
+
+use std::sync::Arc;
+
+use chrono::Duration;
+
+use crate::domain::agent::Event;
+use crate::domain::batch::{Applied, Command};
+use crate::domain::liveness::HeartbeatPacing;
+use crate::domain::transition::{Agent, Labels};
+use crate::error::Result;
+use crate::runtime::clock::Clock;
+use crate::runtime::committer::Committer;
+use crate::runtime::heartbeats::{AgentCache, FastHeartbeat};
+use crate::storage::AgentStore;
+
+#[derive(Clone)]
+pub struct AgentWrites {
+    store: Arc<dyn AgentStore>,
+    committer: Committer,
+    cache: Arc<AgentCache>,
+    clock: Clock,
+    pacing: HeartbeatPacing,
+}
+
+impl AgentWrites {
+    pub fn new(
+        store: Arc<dyn AgentStore>,
+        committer: Committer,
+        cache: Arc<AgentCache>,
+        clock: Clock,
+        pacing: HeartbeatPacing,
+    ) -> Self {
+        AgentWrites {
+            store,
+            committer,
+            cache,
+            clock,
+            pacing,
+        }
+    }
+
+    pub async fn register(&self, agent_id: String, labels: Labels) -> Result<Applied> {
+        self.committer
+            .submit(Command::Register { agent_id, labels })
+            .await
+    }
+
+    pub async fn apply(&self, agent_id: String, event: Event) -> Result<Applied> {
+        self.committer
+            .submit(Command::Apply { agent_id, event })
+            .await
+    }
+
+    /// Records a heartbeat; returns the agent (with the transition when it came
+    /// back from OFFLINE) and the interval it should heartbeat at next.
+    pub async fn heartbeat(&self, agent_id: String) -> Result<(Applied, Duration)> {
+        let applied = match self.cache.heartbeat(&agent_id, self.clock.now()) {
+            FastHeartbeat::Acknowledged(agent) => from_memory(agent),
+            FastHeartbeat::Unknown => {
+                // NOT_FOUND for an agent nobody registered comes from here.
+                let agent = self.store.get_agent(&agent_id).await?;
+                self.cache.loaded(agent);
+                match self.cache.heartbeat(&agent_id, self.clock.now()) {
+                    FastHeartbeat::Acknowledged(agent) => from_memory(agent),
+                    FastHeartbeat::Unknown | FastHeartbeat::Commit => {
+                        self.apply(agent_id, Event::Heartbeat).await?
+                    }
+                }
+            }
+            FastHeartbeat::Commit => self.apply(agent_id, Event::Heartbeat).await?,
+        };
+        Ok((applied, self.next_heartbeat_interval()))
+    }
+
+    /// The heartbeat interval for the fleet as this process knows it.
+    pub fn next_heartbeat_interval(&self) -> Duration {
+        self.pacing.next_interval(self.cache.len())
+    }
+
+    /// Shows the newest heartbeat this process knows of, flushed or not.
+    pub fn with_latest_heartbeat(&self, mut agent: Agent) -> Agent {
+        if let Some(at) = self.cache.last_heartbeat(&agent.agent_id) {
+            agent.state.last_heartbeat_at = agent.state.last_heartbeat_at.max(at);
+        }
+        agent
+    }
+}
+
+fn from_memory(agent: Agent) -> Applied {
+    Applied {
+        agent,
+        transition: None,
+        created: false,
+    }
+}

@@ -1,0 +1,119 @@
+//! Group commit: every state-changing agent call of this process goes through one
+//! committer task, which applies all calls waiting at that moment in one store
+//! transaction (see [`AgentStore::commit_batch`]) and then answers each caller.
+//!
+//! There is no artificial wait: a lone call is committed at once, and while a
+//! batch commits the next one forms by itself, so batches grow with the load (as
+//! Postgres's own WAL group commit does). A reply always means committed.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::domain::batch::{Applied, Command};
+use crate::error::{Error, Result};
+use crate::runtime::clock::Clock;
+use crate::runtime::heartbeats::AgentCache;
+use crate::storage::AgentStore;
+
+/// Calls queued beyond this wait for room (back-pressure on the callers).
+const QUEUE: usize = 8192;
+
+struct Pending {
+    command: Command,
+    reply: oneshot::Sender<Result<Applied>>,
+}
+
+/// The handle callers submit commands through. Cheap to clone; the task ends when
+/// every handle is gone.
+#[derive(Clone)]
+pub struct Committer {
+    queue: mpsc::Sender<Pending>,
+}
+
+impl Committer {
+    /// Starts the committer task. Batches hold at most `max_batch` commands.
+    pub fn start(
+        store: Arc<dyn AgentStore>,
+        clock: Clock,
+        cache: Arc<AgentCache>,
+        max_batch: usize,
+    ) -> Self {
+        let (queue, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(run(store, clock, cache, max_batch.max(1), rx));
+        Committer { queue }
+    }
+
+    /// Applies one command; returns once it is committed (or refused).
+    pub async fn submit(&self, command: Command) -> Result<Applied> {
+        let (reply, answer) = oneshot::channel();
+        self.queue
+            .send(Pending { command, reply })
+            .await
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+fn stopped() -> Error {
+    Error::Unavailable("server is shutting down".into())
+}
+
+async fn run(
+    store: Arc<dyn AgentStore>,
+    clock: Clock,
+    cache: Arc<AgentCache>,
+    max_batch: usize,
+    mut rx: mpsc::Receiver<Pending>,
+) {
+    let mut batch = Vec::with_capacity(max_batch);
+    while rx.recv_many(&mut batch, max_batch).await > 0 {
+        let pending = std::mem::take(&mut batch);
+        commit(&*store, &clock, &cache, pending).await;
+    }
+}
+
+/// Commits one batch and answers its callers. A batch the store refuses as a whole
+/// for a reason other than unavailability is split, so that one bad call cannot
+/// fail the others.
+async fn commit(store: &dyn AgentStore, clock: &Clock, cache: &AgentCache, pending: Vec<Pending>) {
+    let (commands, replies): (Vec<Command>, Vec<_>) =
+        pending.into_iter().map(|p| (p.command, p.reply)).unzip();
+    match store.commit_batch(&commands, clock.now()).await {
+        Ok(outcomes) => {
+            for outcome in outcomes.iter().flatten() {
+                cache.committed(&outcome.agent);
+            }
+            for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                let _ = reply.send(outcome.map_err(Error::from));
+            }
+        }
+        Err(Error::Unavailable(message)) => {
+            for reply in replies {
+                let _ = reply.send(Err(Error::Unavailable(message.clone())));
+            }
+        }
+        Err(error) if commands.len() == 1 => {
+            if let Some(reply) = replies.into_iter().next() {
+                let _ = reply.send(Err(error));
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, size = commands.len(), "batch failed, committing its calls one by one");
+            for (command, reply) in commands.into_iter().zip(replies) {
+                let one = [command];
+                let result = match store.commit_batch(&one, clock.now()).await {
+                    Ok(mut outcomes) => match outcomes.pop() {
+                        Some(outcome) => outcome.map_err(Error::from),
+                        None => Err(Error::Internal("store returned no outcome".into())),
+                    },
+                    Err(error) => Err(error),
+                };
+                if let Ok(applied) = &result {
+                    cache.committed(&applied.agent);
+                }
+                let _ = reply.send(result);
+            }
+        }
+    }
+}
