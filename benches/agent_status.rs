@@ -1,17 +1,35 @@
-//! Agent-status throughput with thousands of agents, over real gRPC against a
-//! real Postgres (a fresh database, dropped afterwards).
+//! The agent write path against baselines measured in the same run, over real
+//! gRPC against a real Postgres (a fresh database, dropped afterwards). The
+//! machines are shared and noisy, so every figure is a ratio against a baseline
+//! taken minutes apart at most, on the same server, client and concurrency:
+//!
+//! - heartbeats/s against `grpc.health.v1.Health/Check`/s (64 in flight; 16
+//!   agents, then 5,000);
+//! - durable transitions/s against single-statement autocommit UPDATEs on 64
+//!   connections (what `pgbench -N` does), and at 1 in flight against the
+//!   previous design's transaction (lock the agent, take the revision row,
+//!   insert, update, commit) run straight on the database;
+//! - 1,000 watchers while 1,000 transitions/s are committed: every watcher gets
+//!   every transition once and in order, delivery latency, server memory;
+//! - 100,000 registered agents with 20,000 heartbeating every 5 s: CPU used,
+//!   the sweeper's candidate query, memory.
+//!
+//! Run:
 //!
 //!     cargo bench --bench agent_status
-//!     BENCH_AGENTS=10000 BENCH_HEARTBEATS=50000 cargo bench --bench agent_status
+//!     BENCH_SECTIONS=ratios cargo bench --bench agent_status   # ratios only
 //!
-//! Reports registrations/s, heartbeats/s with latency percentiles, transitions/s,
-//! and how long a watcher takes to receive every transition.
+//! Knobs (env): BENCH_CALLS, BENCH_CONCURRENCY, BENCH_WATCHERS, BENCH_WATCH_RATE,
+//! BENCH_WATCH_SECS, BENCH_FLEET, BENCH_HEARTBEATING, BENCH_SCALE_SECS.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fleetcare::config::{DatabaseArgs, ServeArgs};
 use fleetcare::proto::v1 as pb;
 use futures::StreamExt;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
 
 mod common;
 
@@ -41,25 +59,256 @@ where
     (started.elapsed(), latencies)
 }
 
-fn report(what: &str, total: usize, (elapsed, latencies): &(Duration, Vec<Duration>)) {
-    let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p) as usize];
+fn rate(total: usize, elapsed: Duration) -> f64 {
+    total as f64 / elapsed.as_secs_f64()
+}
+
+fn pct(latencies: &[Duration], p: f64) -> Duration {
+    latencies[((latencies.len() as f64 - 1.0) * p) as usize]
+}
+
+fn report(what: &str, total: usize, (elapsed, latencies): &(Duration, Vec<Duration>)) -> f64 {
+    let r = rate(total, *elapsed);
     println!(
-        "{what:<28} {total:>7} in {:>7.2?}  {:>8.0}/s  p50 {:>8.2?}  p99 {:>8.2?}",
+        "  {what:<44} {total:>8} in {:>8.2?} {:>9.0}/s  p50 {:>9.2?}  p99 {:>9.2?}",
         elapsed,
-        total as f64 / elapsed.as_secs_f64(),
-        pct(0.50),
-        pct(0.99),
+        r,
+        pct(latencies, 0.50),
+        pct(latencies, 0.99),
     );
+    r
+}
+
+/// Resident memory of this process (server and bench client), from /proc.
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// CPU time (user + system) this process has used, from /proc.
+fn cpu_time() -> Duration {
+    let ticks = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            // utime and stime are fields 14 and 15 of stat; 12 and 13 after the ')'.
+            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0);
+    // The kernel reports in clock ticks, 100 per second on Linux.
+    Duration::from_millis(ticks * 10)
+}
+
+fn id(i: usize) -> String {
+    format!("bench-agent-{i:06}")
+}
+
+struct Bench {
+    app: helpers::TestApp,
+    db: helpers::TestDb,
+    concurrency: usize,
+    calls: usize,
+}
+
+impl Bench {
+    fn agents(
+        &self,
+    ) -> pb::agent_status_service_client::AgentStatusServiceClient<tonic::transport::Channel> {
+        self.app.agents.clone()
+    }
+
+    async fn register(&self, from: usize, to: usize) -> f64 {
+        let r = drive(to - from, self.concurrency, |i| {
+            let mut c = self.agents();
+            async move {
+                c.register_agent(pb::RegisterAgentRequest {
+                    agent_id: id(from + i),
+                    labels: [("team".to_string(), "bench".to_string())].into(),
+                })
+                .await
+                .unwrap();
+            }
+        })
+        .await;
+        report(
+            &format!("RegisterAgent ({} agents)", to - from),
+            to - from,
+            &r,
+        )
+    }
+
+    async fn health(&self) -> f64 {
+        let health = HealthClient::new(self.app.channel.clone());
+        let r = drive(self.calls, self.concurrency, |_| {
+            let mut h = health.clone();
+            async move {
+                h.check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .unwrap();
+            }
+        })
+        .await;
+        report("grpc.health.v1.Health/Check", self.calls, &r)
+    }
+
+    async fn heartbeats(&self, agents: usize) -> f64 {
+        let r = drive(self.calls, self.concurrency, |i| {
+            let mut c = self.agents();
+            async move {
+                c.heartbeat(pb::HeartbeatRequest {
+                    agent_id: id(i % agents),
+                })
+                .await
+                .unwrap();
+            }
+        })
+        .await;
+        report(&format!("Heartbeat ({agents} agents)"), self.calls, &r)
+    }
+
+    /// StartWork + FinishWork pairs, each in-flight caller on its own agent.
+    async fn transitions(&self, pairs: usize, concurrency: usize, offset: usize) -> f64 {
+        let r = drive(pairs, concurrency, |i| {
+            let mut c = self.agents();
+            async move {
+                let agent_id = id(offset + i % concurrency);
+                c.start_work(pb::StartWorkRequest {
+                    agent_id: agent_id.clone(),
+                    slot_type: pb::SlotType::Work as i32,
+                })
+                .await
+                .unwrap();
+                c.finish_work(pb::FinishWorkRequest { agent_id })
+                    .await
+                    .unwrap();
+            }
+        })
+        .await;
+        let label = format!("StartWork+FinishWork pairs, {concurrency} in flight");
+        report(&label, pairs, &r);
+        let per_sec = rate(2 * pairs, r.0);
+        println!(
+            "  {:<44} {:>8} {:>21.0}/s",
+            "  durable transitions",
+            2 * pairs,
+            per_sec
+        );
+        per_sec
+    }
+
+    /// One-row UPDATEs, each its own autocommit transaction, on `connections`
+    /// connections (each its own row): `pgbench -N` without pgbench.
+    async fn baseline_updates(&self, total: usize, connections: usize) -> f64 {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(connections as u32)
+            .min_connections(connections as u32)
+            .connect(&self.db.url)
+            .await
+            .unwrap();
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS bench_baseline (id int PRIMARY KEY, n bigint NOT NULL)",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO bench_baseline SELECT g, 0 FROM generate_series(0, $1) g ON CONFLICT DO NOTHING",
+        )
+        .bind(connections as i32)
+        .execute(&pool)
+        .await
+        .unwrap();
+        let r = drive(total, connections, |i| {
+            let pool = pool.clone();
+            async move {
+                sqlx::query("UPDATE bench_baseline SET n = n + 1 WHERE id = $1")
+                    .bind((i % connections) as i32)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
+        })
+        .await;
+        report(
+            &format!("baseline: 1-row UPDATE, autocommit, {connections} conns"),
+            total,
+            &r,
+        )
+    }
+
+    /// The previous design's transaction for one transition, on one connection:
+    /// BEGIN, lock the agent, read the clock, NOTIFY, take the revision row and
+    /// insert the transition, update the agent, COMMIT.
+    async fn baseline_old_transaction(&self, total: usize, agent_id: &str) -> f64 {
+        let mut conn: sqlx::PgConnection = sqlx::Connection::connect(&self.db.url).await.unwrap();
+        let started = Instant::now();
+        let mut latencies = Vec::with_capacity(total);
+        for i in 0..total {
+            let t = Instant::now();
+            let mut tx = sqlx::Connection::begin(&mut conn).await.unwrap();
+            let status: String =
+                sqlx::query_scalar("SELECT status FROM agents WHERE agent_id = $1 FOR UPDATE")
+                    .bind(agent_id)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .unwrap();
+            let _now: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap();
+            sqlx::query("SELECT pg_notify('fleetcare_transitions', '')")
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            let to = if i % 2 == 0 { "BUSY" } else { "IDLE" };
+            let revision: i64 = sqlx::query_scalar(
+                "WITH next AS (UPDATE revision_head SET head_revision = head_revision + 1
+                               WHERE singleton RETURNING head_revision)
+                 INSERT INTO transitions (revision, agent_id, from_status, to_status, cause, occurred_at)
+                 SELECT head_revision, $1, $2, $3, 'WORK_STARTED', now() FROM next
+                 RETURNING revision",
+            )
+            .bind(agent_id)
+            .bind(&status)
+            .bind(to)
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+            sqlx::query("UPDATE agents SET status = $2, revision = $3 WHERE agent_id = $1")
+                .bind(agent_id)
+                .bind(to)
+                .bind(revision)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            latencies.push(t.elapsed());
+        }
+        latencies.sort();
+        report(
+            "baseline: previous design's transaction, 1 conn",
+            total,
+            &(started.elapsed(), latencies),
+        )
+    }
 }
 
 #[tokio::main]
 async fn main() {
-    let agents = env_usize("BENCH_AGENTS", 5000);
-    let heartbeats = env_usize("BENCH_HEARTBEATS", 20000);
-    let work_cycles = env_usize("BENCH_WORK_CYCLES", 2000);
+    let calls = env_usize("BENCH_CALLS", 40_000);
     let concurrency = env_usize("BENCH_CONCURRENCY", 64);
+    let sections = std::env::var("BENCH_SECTIONS").unwrap_or_else(|_| "all".into());
+    let all = sections == "all";
 
-    // The integration tests' harness: a fresh database, dropped afterwards.
     let db = helpers::TestDb::new();
     let args = ServeArgs {
         database: DatabaseArgs {
@@ -70,55 +319,64 @@ async fn main() {
         ..ServeArgs::default()
     };
     let app = helpers::TestApp::spawn_with(args).await;
-    let client = app.agents.clone();
-
+    let bench = Bench {
+        app,
+        db,
+        concurrency,
+        calls,
+    };
     println!(
-        "fleetcare agent-status bench: {agents} agents, concurrency {concurrency}, {} cores",
+        "fleetcare agent-status bench: {calls} calls per run, {concurrency} in flight, {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    let id = |i: usize| format!("bench-agent-{i:06}");
 
-    let r = drive(agents, concurrency, |i| {
-        let mut c = client.clone();
-        async move {
-            c.register_agent(pb::RegisterAgentRequest {
-                agent_id: id(i),
-                labels: Default::default(),
-            })
-            .await
-            .unwrap();
-        }
-    })
-    .await;
-    report("RegisterAgent", agents, &r);
+    println!("\nheartbeats against the health check (same server, client, concurrency)");
+    bench.register(0, 5000).await;
+    let mut ratios = Vec::new();
+    for agents in [16, 5000] {
+        let health = bench.health().await;
+        let beats = bench.heartbeats(agents).await;
+        let health_after = bench.health().await;
+        let ratio = beats / health.max(health_after);
+        println!("  => heartbeats / health checks, {agents} agents: {ratio:.2} (target >= 0.8)");
+        ratios.push(ratio);
+    }
 
-    let r = drive(heartbeats, concurrency, |i| {
-        let mut c = client.clone();
-        async move {
-            c.heartbeat(pb::HeartbeatRequest {
-                agent_id: id(i % agents),
-            })
-            .await
-            .unwrap();
-        }
-    })
-    .await;
-    report("Heartbeat", heartbeats, &r);
+    println!("\ndurable transitions against single-statement autocommit transactions");
+    let pairs = calls / 4;
+    let baseline = bench.baseline_updates(calls / 2, concurrency).await;
+    let transitions = bench.transitions(pairs, concurrency, 0).await;
+    let baseline_after = bench.baseline_updates(calls / 2, concurrency).await;
+    println!(
+        "  => transitions / 1-row autocommit UPDATEs at {concurrency}: {:.2} (target >= 3)",
+        transitions / baseline.max(baseline_after)
+    );
+    let single = (calls / 40).max(200);
+    let old = bench.baseline_old_transaction(single, &id(4999)).await;
+    let one = bench.transitions(single / 2, 1, 0).await;
+    println!(
+        "  => transitions at 1 in flight (with gRPC) / previous design's transaction (without): {:.2} (target >= 1)",
+        one / old
+    );
 
-    let r = drive(agents, concurrency, |i| {
-        let mut c = client.clone();
-        async move {
-            c.get_agent(pb::GetAgentRequest { agent_id: id(i) })
-                .await
-                .unwrap();
-        }
-    })
-    .await;
-    report("GetAgent", agents, &r);
+    if all || sections.contains("watch") {
+        watch_fanout(&bench).await;
+    }
+    if all || sections.contains("scale") {
+        scale(&bench).await;
+    }
+    bench.app.stop().await;
+}
 
-    // A watcher subscribed from the current head counts every transition.
-    let head = client
-        .clone()
+/// 1,000 watchers while transitions are committed at a fixed rate.
+async fn watch_fanout(bench: &Bench) {
+    let watchers = env_usize("BENCH_WATCHERS", 1000);
+    let per_sec = env_usize("BENCH_WATCH_RATE", 1000);
+    let secs = env_usize("BENCH_WATCH_SECS", 10);
+    println!("\nwatch fan-out: {watchers} watchers, {per_sec} transitions/s for {secs} s");
+    let rss_before = rss_mib();
+    let head = bench
+        .agents()
         .list_transitions(pb::ListTransitionsRequest {
             page_size: 1,
             ..Default::default()
@@ -127,68 +385,214 @@ async fn main() {
         .unwrap()
         .into_inner()
         .head_revision;
-    let mut stream = client
-        .clone()
-        .watch_transitions(pb::WatchTransitionsRequest {
-            since_revision: head,
-            ..Default::default()
+    let expected = per_sec * secs;
+    // Watchers spread over a few connections, as dashboards on several hosts would be.
+    let channels: Vec<_> = (0..8)
+        .map(|_| {
+            tonic::transport::Channel::from_shared(format!("http://{}", bench.app.addr))
+                .unwrap()
+                .connect_lazy()
         })
-        .await
-        .unwrap()
-        .into_inner();
-    let expected = 2 * work_cycles;
-    let watcher = tokio::spawn(async move {
-        let mut seen = 0;
-        let mut last = head;
-        while seen < expected {
-            let msg = stream.message().await.unwrap().unwrap();
-            if let Some(pb::watch_transitions_response::Event::Transition(t)) = msg.event {
-                assert_eq!(t.revision, last + 1, "watch skipped or repeated a revision");
-                last = t.revision;
-                seen += 1;
-            }
-        }
-        Instant::now()
-    });
-    let r = drive(work_cycles, concurrency.min(agents), |i| {
-        let mut c = client.clone();
-        async move {
-            let agent_id = id(i % agents);
-            // Distinct agents per in-flight call: index modulo agents never collides
-            // while work_cycles <= agents.
-            c.start_work(pb::StartWorkRequest {
-                agent_id: agent_id.clone(),
-                slot_type: 1,
+        .collect();
+    let mut streams = Vec::with_capacity(watchers);
+    for w in 0..watchers {
+        let mut client = pb::agent_status_service_client::AgentStatusServiceClient::new(
+            channels[w % channels.len()].clone(),
+        );
+        let stream = client
+            .watch_transitions(pb::WatchTransitionsRequest {
+                since_revision: head,
+                ..Default::default()
             })
             .await
-            .unwrap();
-            c.finish_work(pb::FinishWorkRequest { agent_id })
+            .unwrap()
+            .into_inner();
+        streams.push(stream);
+    }
+    let rss_open = rss_mib();
+    let latencies = Arc::new(std::sync::Mutex::new(Vec::with_capacity(expected * 4)));
+    let tasks: Vec<_> = streams
+        .into_iter()
+        .map(|mut stream| {
+            let latencies = latencies.clone();
+            tokio::spawn(async move {
+                let mut last = head;
+                let mut seen = 0;
+                let mut mine = Vec::with_capacity(expected / 10 + 1);
+                while seen < expected {
+                    let msg = stream.message().await.unwrap().expect("stream ended early");
+                    if let Some(pb::watch_transitions_response::Event::Transition(t)) = msg.event {
+                        assert_eq!(
+                            t.revision,
+                            last + 1,
+                            "a watcher skipped or repeated a revision"
+                        );
+                        last = t.revision;
+                        seen += 1;
+                        // Sample every 10th: the latency of a delivery is from the
+                        // transition's server time to its arrival here.
+                        if seen % 10 == 0
+                            && let Some(at) = t.occurred_at
+                        {
+                            let at = chrono::DateTime::from_timestamp(at.seconds, at.nanos as u32)
+                                .unwrap();
+                            let lag = chrono::Utc::now() - at;
+                            mine.push(lag.to_std().unwrap_or_default());
+                        }
+                    }
+                }
+                latencies.lock().unwrap().extend(mine);
+            })
+        })
+        .collect();
+    // The writer: per_sec transitions a second, paced every 10 ms.
+    let started = Instant::now();
+    let mut ticks = tokio::time::interval(Duration::from_millis(10));
+    let per_tick = (per_sec / 100).max(2) / 2; // pairs
+    let mut sent = 0;
+    let mut tick = 0usize;
+    while sent < expected {
+        ticks.tick().await;
+        let n = per_tick.min((expected - sent) / 2).max(1);
+        let calls = (0..n).map(|k| {
+            let mut c = bench.agents();
+            let agent_id = id(100 + (tick * n + k) % 4000);
+            async move {
+                c.start_work(pb::StartWorkRequest {
+                    agent_id: agent_id.clone(),
+                    slot_type: pb::SlotType::Work as i32,
+                })
                 .await
                 .unwrap();
-        }
-    })
-    .await;
-    let writes_done = Instant::now();
-    report("StartWork+FinishWork pair", work_cycles, &r);
+                c.finish_work(pb::FinishWorkRequest { agent_id })
+                    .await
+                    .unwrap();
+            }
+        });
+        tokio::spawn(futures::future::join_all(calls.collect::<Vec<_>>()));
+        sent += 2 * n;
+        tick += 1;
+    }
+    let written = started.elapsed();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let delivered = started.elapsed();
+    let mut lat = latencies.lock().unwrap().clone();
+    lat.sort();
     println!(
-        "{:<28} {expected:>7} transitions  {:>8.0}/s",
-        "transitions committed",
-        expected as f64 / r.0.as_secs_f64()
+        "  {expected} transitions written in {written:.2?}; all {watchers} watchers had every one, once, in order, after {delivered:.2?}"
     );
-    let watcher_done = watcher.await.unwrap();
-    // The stream often delivers the last transition before the last writer
-    // has its response back: say so rather than print a clamped zero.
-    let lag = match watcher_done.checked_duration_since(writes_done) {
-        Some(after) => format!("{after:?} after the last write returned"),
-        None => format!(
-            "{:?} before the last write returned",
-            writes_done - watcher_done
-        ),
-    };
     println!(
-        "{:<28} every transition in order, the last one {lag}",
-        "watcher"
+        "  delivery latency (transition time to arrival, every 10th sampled): p50 {:.2?}  p99 {:.2?}  max {:.2?} (target p99 < 100 ms)",
+        pct(&lat, 0.5),
+        pct(&lat, 0.99),
+        lat.last().copied().unwrap_or_default()
+    );
+    println!(
+        "  memory (server and bench client in one process): {rss_before:.0} MiB before, {rss_open:.0} MiB with the streams open, {:.0} MiB after",
+        rss_mib()
+    );
+}
+
+/// A large fleet: registered agents, a share of them heartbeating on a cadence.
+async fn scale(bench: &Bench) {
+    let fleet = env_usize("BENCH_FLEET", 100_000);
+    let heartbeating = env_usize("BENCH_HEARTBEATING", 20_000);
+    let secs = env_usize("BENCH_SCALE_SECS", 20);
+    let period = Duration::from_secs(5);
+    println!(
+        "\nscale: {fleet} registered agents, {heartbeating} heartbeating every {period:?} for {secs} s"
+    );
+    let rss_before = rss_mib();
+    bench.register(5000, fleet.max(5000)).await;
+    println!(
+        "  memory after registering: {rss_before:.0} MiB -> {:.0} MiB",
+        rss_mib()
     );
 
-    app.stop().await;
+    // Every agent heartbeats once per period, spread evenly: one slice every 10 ms.
+    let slices = (period.as_millis() / 10) as usize;
+    let per_slice = heartbeating.div_ceil(slices);
+    let cpu_before = cpu_time();
+    let started = Instant::now();
+    let mut ticks = tokio::time::interval(Duration::from_millis(10));
+    let mut tick = 0usize;
+    let mut late = 0usize;
+    let mut handles = Vec::new();
+    while started.elapsed() < Duration::from_secs(secs as u64) {
+        ticks.tick().await;
+        let first = (tick % slices) * per_slice;
+        let calls: Vec<_> = (first..(first + per_slice).min(heartbeating))
+            .map(|i| {
+                let mut c = bench.agents();
+                async move {
+                    let t = Instant::now();
+                    c.heartbeat(pb::HeartbeatRequest { agent_id: id(i) })
+                        .await
+                        .unwrap();
+                    t.elapsed()
+                }
+            })
+            .collect();
+        handles.push(tokio::spawn(futures::future::join_all(calls)));
+        tick += 1;
+    }
+    let mut latencies = Vec::new();
+    for h in handles {
+        for l in h.await.unwrap() {
+            if l > period {
+                late += 1;
+            }
+            latencies.push(l);
+        }
+    }
+    let elapsed = started.elapsed();
+    let cpu = cpu_time() - cpu_before;
+    latencies.sort();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "  {} heartbeats in {elapsed:.2?} ({:.0}/s), p50 {:.2?}, p99 {:.2?}, {late} slower than the period",
+        latencies.len(),
+        rate(latencies.len(), elapsed),
+        pct(&latencies, 0.5),
+        pct(&latencies, 0.99)
+    );
+    println!(
+        "  CPU used by server and client together: {:.0} % of {cores} cores",
+        100.0 * cpu.as_secs_f64() / elapsed.as_secs_f64() / cores as f64
+    );
+
+    // What one sweeper tick costs with this fleet: the candidate query, which
+    // finds nobody due (everyone registered within the timeout).
+    let store = fleetcare::storage::postgres::PgStore::connect(
+        &DatabaseArgs {
+            database_url: bench.db.url.clone(),
+            db_max_connections: 2,
+            db_acquire_timeout: Duration::from_secs(5),
+        },
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    use fleetcare::storage::AgentStore;
+    let silence = fleetcare::domain::liveness::silence_timeout(
+        chrono::Duration::seconds(120),
+        chrono::Duration::seconds(1),
+    );
+    let mut costs = Vec::new();
+    for _ in 0..20 {
+        let query = fleetcare::domain::liveness::sweep_query(chrono::Utc::now(), silence, true);
+        let t = Instant::now();
+        let found = store.sweep_candidates(&query, 1000).await.unwrap();
+        costs.push(t.elapsed());
+        assert!(found.is_empty(), "nobody is due yet");
+    }
+    costs.sort();
+    println!(
+        "  sweeper tick (candidate query over {fleet} agents): p50 {:.2?}, max {:.2?}",
+        pct(&costs, 0.5),
+        costs.last().copied().unwrap_or_default()
+    );
+    println!("  memory at the end: {:.0} MiB", rss_mib());
 }

@@ -117,3 +117,91 @@ async fn commit(store: &dyn AgentStore, clock: &Clock, cache: &AgentCache, pendi
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::agent::{AgentStatus, Event, SlotType};
+    use crate::storage::memory::MemoryStore;
+    use chrono::TimeZone;
+
+    fn setup() -> (Arc<MemoryStore>, Committer) {
+        let store = Arc::new(MemoryStore::new());
+        let (clock, _) = Clock::manual(chrono::Utc.with_ymd_and_hms(2026, 5, 1, 0, 0, 0).unwrap());
+        let committer = Committer::start(store.clone(), clock, AgentCache::new(), 64);
+        (store, committer)
+    }
+
+    fn register(id: &str) -> Command {
+        Command::Register {
+            agent_id: id.into(),
+            labels: Default::default(),
+        }
+    }
+
+    fn start(id: &str) -> Command {
+        Command::Apply {
+            agent_id: id.into(),
+            event: Event::StartWork(SlotType::Work),
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_calls_share_batches_and_one_start_work_wins() {
+        let (store, committer) = setup();
+        committer.submit(register("a")).await.unwrap();
+        let before = store.batches_committed();
+        // Submitted at once: they queue while the first batch commits.
+        let results =
+            futures::future::join_all((0..20).map(|_| committer.submit(start("a")))).await;
+        let winners = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(winners, 1, "{results:?}");
+        for refused in results.iter().filter_map(|r| r.as_ref().err()) {
+            assert!(
+                matches!(refused, Error::TransitionRefused(_)),
+                "{refused:?}"
+            );
+        }
+        let batches = store.batches_committed() - before;
+        assert!(batches < 20, "20 calls took {batches} batches: no grouping");
+        let agent = store.get_agent("a").await.unwrap();
+        assert_eq!(agent.state.status, AgentStatus::Busy);
+        assert_eq!(store.revision_bounds().await.unwrap().head, 2);
+    }
+
+    #[tokio::test]
+    async fn an_unknown_agent_is_not_found_and_the_rest_of_the_batch_commits() {
+        let (store, committer) = setup();
+        committer.submit(register("a")).await.unwrap();
+        let (ghost, real) = tokio::join!(
+            committer.submit(start("ghost")),
+            committer.submit(start("a"))
+        );
+        assert!(matches!(ghost, Err(Error::NotFound { .. })), "{ghost:?}");
+        assert_eq!(real.unwrap().agent.state.status, AgentStatus::Busy);
+        assert_eq!(
+            store.get_agent("a").await.unwrap().state.status,
+            AgentStatus::Busy
+        );
+    }
+
+    #[tokio::test]
+    async fn a_store_outage_answers_every_caller_unavailable_and_commits_nothing() {
+        let (store, committer) = setup();
+        committer.submit(register("a")).await.unwrap();
+        store.set_unavailable(true);
+        let results = futures::future::join_all((0..5).map(|_| committer.submit(start("a")))).await;
+        assert!(
+            results
+                .iter()
+                .all(|r| matches!(r, Err(Error::Unavailable(_)))),
+            "{results:?}"
+        );
+        store.set_unavailable(false);
+        assert_eq!(
+            store.get_agent("a").await.unwrap().state.status,
+            AgentStatus::Idle
+        );
+        assert_eq!(store.revision_bounds().await.unwrap().head, 1);
+    }
+}

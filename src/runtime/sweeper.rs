@@ -132,3 +132,91 @@ pub async fn sweep_once(
     }
     Ok(transitioned)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::agent::{AgentStatus, Event};
+    use crate::runtime::heartbeats::{AgentCache, FastHeartbeat};
+    use crate::storage::memory::MemoryStore;
+    use chrono::TimeZone;
+
+    #[tokio::test]
+    async fn only_agents_silent_for_timeout_plus_flush_interval_go_offline_once() {
+        let store = Arc::new(MemoryStore::new());
+        let (clock, hand) =
+            Clock::manual(chrono::Utc.with_ymd_and_hms(2026, 5, 1, 0, 0, 0).unwrap());
+        let cache = AgentCache::new();
+        let committer = Committer::start(store.clone(), clock.clone(), cache.clone(), 64);
+        for id in ["silent", "alive"] {
+            committer
+                .submit(Command::Register {
+                    agent_id: id.into(),
+                    labels: Default::default(),
+                })
+                .await
+                .unwrap();
+        }
+        let silence =
+            crate::runtime::heartbeats::silence(Duration::from_secs(10), Duration::from_secs(1));
+        // "alive" heartbeats every 5 s, acknowledged from memory and flushed.
+        for _ in 0..2 {
+            hand.advance(chrono::Duration::seconds(5));
+            assert!(matches!(
+                cache.heartbeat("alive", clock.now()),
+                FastHeartbeat::Acknowledged(_)
+            ));
+            cache.flush(&*store).await.unwrap();
+        }
+        // 10 s of silence: not yet, the flush interval is added.
+        assert_eq!(
+            sweep_once(&*store, &committer, &clock, silence, true)
+                .await
+                .unwrap(),
+            0
+        );
+        hand.advance(chrono::Duration::milliseconds(1001));
+        assert!(matches!(
+            cache.heartbeat("alive", clock.now()),
+            FastHeartbeat::Acknowledged(_)
+        ));
+        // The grace period keeps everyone online.
+        assert_eq!(
+            sweep_once(&*store, &committer, &clock, silence, false)
+                .await
+                .unwrap(),
+            0
+        );
+        assert_eq!(
+            sweep_once(&*store, &committer, &clock, silence, true)
+                .await
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            store.get_agent("silent").await.unwrap().state.status,
+            AgentStatus::Offline
+        );
+        assert_eq!(
+            store.get_agent("alive").await.unwrap().state.status,
+            AgentStatus::Idle
+        );
+        assert_eq!(
+            sweep_once(&*store, &committer, &clock, silence, true)
+                .await
+                .unwrap(),
+            0,
+            "exactly once"
+        );
+        // The state machine, not the query, has the last word: a heartbeat in
+        // between brings the agent back.
+        let back = committer
+            .submit(Command::Apply {
+                agent_id: "silent".into(),
+                event: Event::Heartbeat,
+            })
+            .await
+            .unwrap();
+        assert_eq!(back.agent.state.status, AgentStatus::Idle);
+    }
+}

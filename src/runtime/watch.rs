@@ -209,3 +209,71 @@ impl Watcher {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::agent::{Event, SlotType};
+    use crate::domain::batch::Command;
+    use crate::runtime::clock::Clock;
+    use crate::runtime::committer::Committer;
+    use crate::runtime::heartbeats::AgentCache;
+    use crate::storage::memory::MemoryStore;
+    use chrono::TimeZone;
+
+    /// A watcher behind a one-slot broadcast buffer lags at once, catches up from
+    /// the store, and still sees every transition once, in order.
+    #[tokio::test]
+    async fn a_lagging_watcher_catches_up_from_the_store_without_gaps_or_repeats() {
+        let store: Arc<MemoryStore> = Arc::new(MemoryStore::new());
+        let shutdown = CancellationToken::new();
+        let fanout = TransitionFanout::start(store.clone(), 1, shutdown.clone());
+        let (clock, _) = Clock::manual(chrono::Utc.with_ymd_and_hms(2026, 5, 1, 0, 0, 0).unwrap());
+        let committer = Committer::start(store.clone(), clock, AgentCache::new(), 8);
+        let spec = WatchSpec {
+            since_revision: 0,
+            filter: WatchFilter::default(),
+            include_snapshot: false,
+        };
+        let mut events = open(
+            store.clone(),
+            &fanout,
+            spec,
+            Duration::from_secs(3600),
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
+        let agents = 5;
+        for i in 0..agents {
+            let agent_id = format!("a{i}");
+            committer
+                .submit(Command::Register {
+                    agent_id: agent_id.clone(),
+                    labels: Default::default(),
+                })
+                .await
+                .unwrap();
+            for event in [Event::StartWork(SlotType::Work), Event::FinishWork] {
+                committer
+                    .submit(Command::Apply {
+                        agent_id: agent_id.clone(),
+                        event,
+                    })
+                    .await
+                    .unwrap();
+            }
+        }
+        let mut expected = 1;
+        while expected <= 3 * agents {
+            match events.recv().await.expect("stream open").expect("no error") {
+                WatchEvent::Transition(t) => {
+                    assert_eq!(t.revision, expected, "gap or repeat");
+                    expected += 1;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        shutdown.cancel();
+    }
+}

@@ -4,6 +4,7 @@
 //! directly (no SQL, no LISTEN/NOTIFY, no advisory locks), so that another
 //! implementation (an embedded single-node store) can slot in later.
 
+pub mod memory;
 pub mod postgres;
 
 use async_trait::async_trait;

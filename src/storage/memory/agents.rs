@@ -1,0 +1,209 @@
+//! Agents and transitions in memory.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use tokio::sync::watch;
+
+use crate::domain::batch::{self, Applied, Command, Refusal};
+use crate::domain::liveness::SweepQuery;
+use crate::domain::transition::{Agent, RevisionBounds, Transition, WatchFilter};
+use crate::error::{Error, Result};
+use crate::storage::{AgentQuery, AgentStore};
+
+#[derive(Default)]
+struct State {
+    agents: BTreeMap<String, Agent>,
+    transitions: BTreeMap<i64, Transition>,
+    head: i64,
+    pruned_through: i64,
+}
+
+/// The agent part of the in-memory store.
+pub struct MemoryStore {
+    state: Mutex<State>,
+    changes: watch::Sender<u64>,
+    unavailable: AtomicBool,
+    batches: AtomicUsize,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore {
+            state: Mutex::default(),
+            changes: watch::channel(0).0,
+            unavailable: AtomicBool::new(false),
+            batches: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// While set, every call fails with UNAVAILABLE, as a store whose database is down.
+    pub fn set_unavailable(&self, down: bool) {
+        self.unavailable.store(down, Ordering::SeqCst);
+    }
+
+    /// How many batches have been committed.
+    pub fn batches_committed(&self) -> usize {
+        self.batches.load(Ordering::SeqCst)
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, State>> {
+        if self.unavailable.load(Ordering::SeqCst) {
+            return Err(Error::Unavailable("memory store is down".into()));
+        }
+        Ok(self.state.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+#[async_trait]
+impl AgentStore for MemoryStore {
+    async fn ping(&self) -> Result<()> {
+        self.lock().map(|_| ())
+    }
+
+    async fn commit_batch(
+        &self,
+        commands: &[Command],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Result<Applied, Refusal>>> {
+        let mut state = self.lock()?;
+        let existing = commands
+            .iter()
+            .filter_map(|c| state.agents.get_key_value(c.agent_id()))
+            .map(|(id, a)| (id.clone(), a.clone()))
+            .collect::<BTreeMap<_, _>>()
+            .into_values()
+            .collect();
+        let plan = batch::plan(existing, commands, now);
+        let count = plan.transition_count() as i64;
+        let (writes, outcomes) = plan.finish(state.head);
+        for agent in writes.changed {
+            state.agents.insert(agent.agent_id.clone(), agent);
+        }
+        for t in writes.transitions {
+            state.transitions.insert(t.revision, t);
+        }
+        state.head += count;
+        drop(state);
+        self.batches.fetch_add(1, Ordering::SeqCst);
+        if count > 0 {
+            self.changes.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        Ok(outcomes)
+    }
+
+    async fn record_heartbeats(&self, beats: &[(String, DateTime<Utc>)]) -> Result<()> {
+        let mut state = self.lock()?;
+        for (id, at) in beats {
+            if let Some(agent) = state.agents.get_mut(id) {
+                agent.state.last_heartbeat_at = agent.state.last_heartbeat_at.max(*at);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_agent(&self, agent_id: &str) -> Result<Agent> {
+        self.lock()?
+            .agents
+            .get(agent_id)
+            .cloned()
+            .ok_or_else(|| Error::agent_not_found(agent_id))
+    }
+
+    async fn list_agents(&self, query: &AgentQuery) -> Result<Vec<Agent>> {
+        let state = self.lock()?;
+        Ok(state
+            .agents
+            .values()
+            .filter(|a| {
+                query
+                    .after_agent_id
+                    .as_deref()
+                    .is_none_or(|after| a.agent_id.as_str() > after)
+            })
+            .filter(|a| query.statuses.is_empty() || query.statuses.contains(&a.state.status))
+            .filter(|a| query.labels.iter().all(|(k, v)| a.labels.get(k) == Some(v)))
+            .take(usize::try_from(query.limit).unwrap_or(0))
+            .cloned()
+            .collect())
+    }
+
+    async fn sweep_candidates(&self, query: &SweepQuery, limit: i64) -> Result<Vec<String>> {
+        let state = self.lock()?;
+        Ok(state
+            .agents
+            .values()
+            .filter(|a| query.selects(&a.state))
+            .take(usize::try_from(limit).unwrap_or(0))
+            .map(|a| a.agent_id.clone())
+            .collect())
+    }
+
+    async fn transitions_after(
+        &self,
+        after: i64,
+        agent_id: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<Transition>> {
+        let state = self.lock()?;
+        Ok(state
+            .transitions
+            .range(after.saturating_add(1)..)
+            .map(|(_, t)| t)
+            .filter(|t| agent_id.is_none_or(|id| t.agent_id == id))
+            .take(usize::try_from(limit).unwrap_or(0))
+            .cloned()
+            .collect())
+    }
+
+    async fn revision_bounds(&self) -> Result<RevisionBounds> {
+        let state = self.lock()?;
+        Ok(RevisionBounds {
+            pruned_through: state.pruned_through,
+            head: state.head,
+        })
+    }
+
+    async fn snapshot(&self, filter: &WatchFilter) -> Result<(i64, Vec<Agent>)> {
+        let state = self.lock()?;
+        let agents = state
+            .agents
+            .values()
+            .filter(|a| filter.matches_agent(a))
+            .cloned()
+            .collect();
+        Ok((state.head, agents))
+    }
+
+    async fn prune_transitions(&self, before: DateTime<Utc>) -> Result<u64> {
+        let mut state = self.lock()?;
+        let Some(through) = state
+            .transitions
+            .values()
+            .filter(|t| t.occurred_at < before)
+            .map(|t| t.revision)
+            .max()
+            .filter(|t| *t > state.pruned_through)
+        else {
+            return Ok(0);
+        };
+        let keep = state.transitions.split_off(&(through + 1));
+        let deleted = state.transitions.len() as u64;
+        state.transitions = keep;
+        state.pruned_through = through;
+        Ok(deleted)
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+}

@@ -1,0 +1,9 @@
+//! An in-memory store: the cheap test double that lets `runtime/` be unit-tested
+//! without a database. It decides exactly as the real stores do (the domain's
+//! batch planner) and keeps every guarantee a single process can see: atomic
+//! batches, global gap-free revisions, wake-ups for the fan-out. Nothing is
+//! durable, so it is never offered to `serve`.
+
+mod agents;
+
+pub use agents::MemoryStore;
