@@ -12,3 +12,4 @@ mod server;
 mod sweeper;
 mod usage_corpus;
 mod watch;
+mod write_path;

@@ -1,0 +1,443 @@
+//! The write path: group commit (one winner per agent in a batch, a refusal that
+//! refuses only itself, two replicas' batches interleaving into one gap-free
+//! history) and heartbeats acknowledged from memory (never marked OFFLINE while
+//! they keep coming, across replicas, flush delays and a kill -9).
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use fleetcare::proto::v1 as pb;
+use fleetcare::proto::v1::agent_status_service_client::AgentStatusServiceClient;
+use pb::watch_transitions_response::Event;
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+
+use crate::helpers::{TestApp, TestDb, eventually, status, test_args};
+
+use pb::AgentStatus as S;
+use pb::TransitionCause as C;
+
+/// A timestamp as something ordered.
+fn key(ts: prost_types::Timestamp) -> (i64, i32) {
+    (ts.seconds, ts.nanos)
+}
+
+fn reason(status: &tonic::Status) -> String {
+    status
+        .get_error_details()
+        .error_info()
+        .map(|i| i.reason.clone())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn concurrent_start_work_on_one_agent_has_exactly_one_winner() {
+    let db = TestDb::new();
+    let app = TestApp::spawn(&db).await;
+    app.register("contested").await;
+    let calls = (0..32).map(|_| app.start_work("contested"));
+    let results = futures::future::join_all(calls).await;
+    let winners: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert_eq!(winners.len(), 1, "exactly one StartWork wins");
+    for refused in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+        assert_eq!(reason(refused), "TRANSITION_REFUSED");
+        assert!(refused.message().contains("BUSY"), "{}", refused.message());
+    }
+    let history = app.history("contested").await;
+    assert_eq!(
+        history.len(),
+        2,
+        "REGISTERED and one WORK_STARTED: {history:?}"
+    );
+    assert_eq!(app.get("contested").await.status, status(S::Busy));
+}
+
+#[tokio::test]
+async fn a_refused_call_in_a_batch_refuses_only_itself() {
+    let db = TestDb::new();
+    let app = TestApp::spawn(&db).await;
+    for id in ["a", "b", "c"] {
+        app.register(id).await;
+    }
+    // Sent together so that they share batches: a refusal for "b" (idle, cannot
+    // finish), an unknown agent, and two good calls.
+    let (a, b, ghost, c) = tokio::join!(
+        app.start_work("a"),
+        app.finish_work("b"),
+        app.start_work("ghost"),
+        app.start_work("c"),
+    );
+    assert_eq!(a.unwrap().agent.unwrap().status, status(S::Busy));
+    assert_eq!(b.unwrap_err().code(), Code::FailedPrecondition);
+    assert_eq!(ghost.unwrap_err().code(), Code::NotFound);
+    assert_eq!(c.unwrap().agent.unwrap().status, status(S::Busy));
+    assert_eq!(app.get("b").await.status, status(S::Idle));
+    assert_eq!(app.history("b").await.len(), 1);
+}
+
+/// Reads `count` transitions from a watch opened after revision `since`.
+async fn collect(
+    mut client: AgentStatusServiceClient<Channel>,
+    since: i64,
+    count: usize,
+) -> Vec<pb::Transition> {
+    let mut stream = client
+        .watch_transitions(pb::WatchTransitionsRequest {
+            since_revision: since,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::with_capacity(count);
+    while seen.len() < count {
+        let msg = tokio::time::timeout(Duration::from_secs(30), stream.message())
+            .await
+            .expect("transitions keep coming")
+            .unwrap()
+            .expect("stream open");
+        if let Some(Event::Transition(t)) = msg.event {
+            seen.push(t);
+        }
+    }
+    seen
+}
+
+#[tokio::test]
+async fn batches_from_two_replicas_interleave_into_one_contiguous_history() {
+    let db = TestDb::new();
+    let one = TestApp::spawn(&db).await;
+    let two = TestApp::spawn(&db).await;
+    let agents = 16;
+    let cycles = 10;
+    for i in 0..agents {
+        one.register(&format!("r-{i}")).await;
+    }
+    let head = one
+        .history("r-0")
+        .await
+        .last()
+        .unwrap()
+        .revision
+        .max(agents as i64);
+    let expected = agents * cycles * 2;
+    let watch_one = tokio::spawn(collect(one.agents.clone(), head, expected));
+    let watch_two = tokio::spawn(collect(two.agents.clone(), head, expected));
+    // Each agent is driven through one replica or the other, all at once.
+    let writers = (0..agents).map(|i| {
+        let app = if i % 2 == 0 { &one } else { &two };
+        let id = format!("r-{i}");
+        async move {
+            for _ in 0..cycles {
+                app.start_work(&id).await.unwrap();
+                app.finish_work(&id).await.unwrap();
+            }
+        }
+    });
+    futures::future::join_all(writers).await;
+    let seen_one = watch_one.await.unwrap();
+    let seen_two = watch_two.await.unwrap();
+    let revisions: Vec<i64> = seen_one.iter().map(|t| t.revision).collect();
+    let contiguous: Vec<i64> = (head + 1..=head + expected as i64).collect();
+    assert_eq!(revisions, contiguous, "one gap-free sequence");
+    assert_eq!(
+        seen_one, seen_two,
+        "both replicas' watchers see the same history"
+    );
+    // Per agent, the transitions alternate as the calls were made.
+    for i in 0..agents {
+        let id = format!("r-{i}");
+        let causes: Vec<i32> = seen_one
+            .iter()
+            .filter(|t| t.agent_id == id)
+            .map(|t| t.cause)
+            .collect();
+        let alternating: Vec<i32> = (0..2 * cycles)
+            .map(|k| if k % 2 == 0 { C::WorkStarted } else { C::WorkFinished } as i32)
+            .collect();
+        assert_eq!(causes, alternating, "{id}");
+    }
+}
+
+fn quick_liveness(db: &TestDb, timeout: Duration, flush: Duration) -> fleetcare::config::ServeArgs {
+    let mut args = test_args(&db.url);
+    args.heartbeat_timeout = timeout;
+    args.heartbeat_flush_interval = flush;
+    args.sweep_interval = Duration::from_millis(50);
+    args
+}
+
+/// Every HEARTBEAT_TIMEOUT transition in the agent's history.
+async fn timeouts(app: &TestApp, agent_id: &str) -> Vec<pb::Transition> {
+    app.history(agent_id)
+        .await
+        .into_iter()
+        .filter(|t| t.cause == C::HeartbeatTimeout as i32)
+        .collect()
+}
+
+#[tokio::test]
+async fn heartbeats_on_one_replica_keep_the_agent_online_while_another_sweeps() {
+    let db = TestDb::new();
+    let timeout = Duration::from_millis(1500);
+    // Replica two only sweeps; its flush is slow, replica one's is the largest the
+    // timeout allows here: heartbeats sit in memory for up to a second.
+    let sweeper = TestApp::spawn_with(quick_liveness(&db, timeout, Duration::from_secs(1))).await;
+    let front = TestApp::spawn_with(quick_liveness(&db, timeout, Duration::from_secs(1))).await;
+    front.register("alive").await;
+    front.register("silent").await;
+    // The sweeper's start-up grace is one timeout: run well past it.
+    let mut client = front.agents.clone();
+    let until = tokio::time::Instant::now() + 3 * timeout;
+    let mut acknowledged = 0;
+    while tokio::time::Instant::now() < until {
+        let response = client
+            .heartbeat(pb::HeartbeatRequest {
+                agent_id: "alive".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(response.agent.unwrap().status, status(S::Idle));
+        let next = response
+            .next_heartbeat_interval
+            .expect("an interval to heartbeat at");
+        assert!(next.seconds >= 0 && next.seconds * 1000 <= timeout.as_millis() as i64 / 3 + 1000);
+        acknowledged += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(acknowledged >= 10);
+    // The sweeper did run: the silent agent went offline, once.
+    eventually(Duration::from_secs(10), "silent agent offline", || async {
+        (sweeper.get("silent").await.status == status(S::Offline)).then_some(())
+    })
+    .await;
+    assert_eq!(timeouts(&sweeper, "silent").await.len(), 1);
+    assert!(
+        timeouts(&sweeper, "alive").await.is_empty(),
+        "a heartbeating agent was swept"
+    );
+    assert_eq!(sweeper.get("alive").await.status, status(S::Idle));
+}
+
+#[tokio::test]
+async fn an_offline_agent_s_heartbeat_returns_it_at_once_with_the_transition() {
+    let db = TestDb::new();
+    let app = TestApp::spawn(&db).await;
+    app.register("back").await;
+    let mut client = app.agents.clone();
+    client
+        .mark_offline(pb::MarkOfflineRequest {
+            agent_id: "back".into(),
+        })
+        .await
+        .unwrap();
+    let response = client
+        .heartbeat(pb::HeartbeatRequest {
+            agent_id: "back".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let t = response
+        .transition
+        .expect("the transition is in the response");
+    assert_eq!(
+        (t.from_status, t.to_status),
+        (status(S::Offline), status(S::Idle))
+    );
+    // Durable at once, not at the next flush.
+    assert_eq!(
+        app.history("back").await.last().unwrap().revision,
+        t.revision
+    );
+    let unknown = client
+        .heartbeat(pb::HeartbeatRequest {
+            agent_id: "nobody".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn get_agent_shows_a_heartbeat_before_it_is_flushed() {
+    let db = TestDb::new();
+    let app = TestApp::spawn_with(quick_liveness(
+        &db,
+        Duration::from_secs(60),
+        Duration::from_secs(30),
+    ))
+    .await;
+    let registered = app.register("hb").await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut client = app.agents.clone();
+    let beat = client
+        .heartbeat(pb::HeartbeatRequest {
+            agent_id: "hb".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .agent
+        .unwrap();
+    let at = beat.last_heartbeat_at.unwrap();
+    assert!(key(at) > key(registered.last_heartbeat_at.unwrap()));
+    assert_eq!(app.get("hb").await.last_heartbeat_at.unwrap(), at);
+}
+
+/// A `fleetcare serve` process, killed with SIGKILL when dropped.
+struct ServerProcess {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl ServerProcess {
+    async fn start(db: &TestDb, timeout: Duration, flush: Duration) -> ServerProcess {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_fleetcare"))
+            .args([
+                "serve",
+                "--listen",
+                &addr.to_string(),
+                "--database-url",
+                &db.url,
+            ])
+            .args(["--heartbeat-timeout", &format!("{}ms", timeout.as_millis())])
+            .args([
+                "--heartbeat-flush-interval",
+                &format!("{}ms", flush.as_millis()),
+            ])
+            .args(["--sweep-interval", "50ms"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start fleetcare serve");
+        let process = ServerProcess { child, addr };
+        // Readiness of another process: its health check, polled.
+        eventually(
+            Duration::from_secs(30),
+            "server process serving",
+            || async {
+                let channel = Channel::from_shared(format!("http://{addr}"))
+                    .ok()?
+                    .connect()
+                    .await
+                    .ok()?;
+                let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+                health
+                    .check(tonic_health::pb::HealthCheckRequest::default())
+                    .await
+                    .ok()
+                    .map(|_| ())
+            },
+        )
+        .await;
+        process
+    }
+
+    async fn client(&self) -> AgentStatusServiceClient<Channel> {
+        AgentStatusServiceClient::connect(format!("http://{}", self.addr))
+            .await
+            .unwrap()
+    }
+
+    fn kill(mut self) {
+        self.child.kill().expect("SIGKILL");
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn kill_9_between_acknowledgement_and_flush_loses_liveness_not_the_agent() {
+    let db = TestDb::new();
+    let timeout = Duration::from_secs(4);
+    let flush = Duration::from_secs(2);
+    // An in-process replica that sweeps, already past its start-up grace when the
+    // process replica dies.
+    let sweeper = TestApp::spawn_with(quick_liveness(&db, timeout, flush)).await;
+    let front = ServerProcess::start(&db, timeout, flush).await;
+    let mut client = front.client().await;
+    client
+        .register_agent(pb::RegisterAgentRequest {
+            agent_id: "survivor".into(),
+            labels: Default::default(),
+        })
+        .await
+        .unwrap();
+    let stored_before = sweeper.get("survivor").await.last_heartbeat_at.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let acked = client
+        .heartbeat(pb::HeartbeatRequest {
+            agent_id: "survivor".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .agent
+        .unwrap()
+        .last_heartbeat_at
+        .unwrap();
+    assert!(key(acked) > key(stored_before));
+    front.kill();
+    // The acknowledged heartbeat was in memory only: that much liveness is lost.
+    assert_eq!(
+        sweeper.get("survivor").await.last_heartbeat_at.unwrap(),
+        stored_before
+    );
+
+    // The agent keeps heartbeating, to a restarted process, for two timeouts.
+    let front = ServerProcess::start(&db, timeout, flush).await;
+    let mut client = front.client().await;
+    let until = tokio::time::Instant::now() + 2 * timeout;
+    while tokio::time::Instant::now() < until {
+        let agent = client
+            .heartbeat(pb::HeartbeatRequest {
+                agent_id: "survivor".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .agent
+            .unwrap();
+        assert_ne!(agent.status, status(S::Offline));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        timeouts(&sweeper, "survivor").await.is_empty(),
+        "swept while heartbeating"
+    );
+    let causes: BTreeSet<i32> = sweeper
+        .history("survivor")
+        .await
+        .iter()
+        .map(|t| t.cause)
+        .collect();
+    assert_eq!(causes, BTreeSet::from([C::Registered as i32]));
+    // And its heartbeats are stored again.
+    eventually(
+        Duration::from_secs(10),
+        "heartbeats flushed after the restart",
+        || async {
+            (key(sweeper.get("survivor").await.last_heartbeat_at.unwrap()) > key(acked))
+                .then_some(())
+        },
+    )
+    .await;
+}
