@@ -45,3 +45,28 @@ impl From<Error> for Status {
         Status::with_error_details(code, error.to_string(), details)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reason(status: &Status) -> String {
+        status.get_details_error_info().expect("error info").reason
+    }
+
+    #[test]
+    fn a_concurrent_update_conflict_is_aborted_and_retryable() {
+        let status = Status::from(Error::Conflict("serialization failure".into()));
+        assert_eq!(status.code(), Code::Aborted);
+        assert_eq!(reason(&status), "CONFLICT");
+        assert!(status.message().contains("retry"), "{}", status.message());
+    }
+
+    #[test]
+    fn an_internal_error_hides_its_detail() {
+        let status = Status::from(Error::Internal("relation \"x\" does not exist".into()));
+        assert_eq!(status.code(), Code::Internal);
+        assert_eq!(status.message(), "internal error");
+        assert_eq!(reason(&status), "INTERNAL");
+    }
+}
