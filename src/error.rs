@@ -5,6 +5,7 @@
 //! `tonic::Status` with a stable `google.rpc.ErrorInfo` reason.
 
 use crate::domain::agent::TransitionRefused;
+use crate::domain::healing_records::{OutcomeAlreadyRecorded, RecoveryAlreadyActive};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -17,13 +18,23 @@ pub enum Error {
     /// The agent's status does not allow the requested transition.
     #[error(transparent)]
     TransitionRefused(#[from] TransitionRefused),
-    /// Another precondition does not hold (for example an active recovery).
+    /// The agent already has a recovery within its lease (the message names it).
+    #[error(transparent)]
+    RecoveryAlreadyActive(#[from] RecoveryAlreadyActive),
+    /// The recovery already has its outcome.
+    #[error(transparent)]
+    OutcomeAlreadyRecorded(#[from] OutcomeAlreadyRecorded),
+    /// A concurrent update of the same rows won (a serialization failure, a
+    /// deadlock, a row created meanwhile): retrying the call is safe.
+    #[error("concurrent update conflict, retry: {0}")]
+    Conflict(String),
+    /// Another precondition does not hold (prefer a typed variant).
     #[error("{0}")]
     FailedPrecondition(String),
     /// A revision or page outside what is retained.
     #[error("{0}")]
     OutOfRange(String),
-    /// A conflicting operation is under way (for example a processor already running).
+    /// A conflicting operation is under way (prefer a typed variant).
     #[error("{0}")]
     Aborted(String),
     /// A bound was hit.

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 
+use chrono::{DateTime, Duration, Utc};
 use rand::Rng;
 use rand_distr::{Beta, Distribution};
 
@@ -17,9 +18,12 @@ pub type Context = BTreeMap<String, String>;
 /// Severity at or above which an error is treated as critical.
 pub const CRITICAL_SEVERITY: f64 = 0.8;
 
-/// Number of same-type events for one agent within the last hour (the current
-/// one included) at which an error counts as recurring.
+/// Number of same-type events for one agent within [`RECURRENCE_WINDOW`] (the
+/// current one included) at which an error counts as recurring.
 pub const RECURRING_COUNT: i64 = 3;
+
+/// How far back same-type events count towards [`RECURRING_COUNT`].
+pub const RECURRENCE_WINDOW: Duration = Duration::hours(1);
 
 /// Context keys that identify "the same kind" of error for learning purposes.
 /// Kept sorted; [`context_signature`] sorts anyway so order here is not load-bearing.
@@ -179,8 +183,43 @@ pub fn is_critical(severity: f64) -> bool {
     severity >= CRITICAL_SEVERITY
 }
 
-pub fn is_recurring(same_type_events_in_last_hour_including_this: i64) -> bool {
-    same_type_events_in_last_hour_including_this >= RECURRING_COUNT
+pub fn is_recurring(same_type_events_in_window_including_this: i64) -> bool {
+    same_type_events_in_window_including_this >= RECURRING_COUNT
+}
+
+/// The instants whose same-type events count towards the recurrence of an
+/// event at `at`: `after < occurred_at <= until`. The store counts the agent's
+/// stored events of the type in these bounds; [`recurring_given`] decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecurrenceWindow {
+    /// Exclusive lower bound.
+    pub after: DateTime<Utc>,
+    /// Inclusive upper bound: the event's own time.
+    pub until: DateTime<Utc>,
+}
+
+impl RecurrenceWindow {
+    /// Whether an event at `t` counts (what the store's count query computes).
+    pub fn contains(&self, t: DateTime<Utc>) -> bool {
+        self.after < t && t <= self.until
+    }
+}
+
+/// The recurrence window of an event at `at` (saturating at the earliest
+/// representable instant rather than panicking).
+pub fn recurrence_window(at: DateTime<Utc>) -> RecurrenceWindow {
+    RecurrenceWindow {
+        after: at
+            .checked_sub_signed(RECURRENCE_WINDOW)
+            .unwrap_or(DateTime::<Utc>::MIN_UTC),
+        until: at,
+    }
+}
+
+/// Whether an event is recurring, given how many stored same-type events of
+/// its agent fall in its [`recurrence_window`] (the event itself not counted).
+pub fn recurring_given(earlier_in_window: i64) -> bool {
+    is_recurring(earlier_in_window.saturating_add(1))
 }
 
 /// A recovery action the control plane can ask an agent runtime to take.
@@ -775,6 +814,26 @@ mod tests {
         assert!(is_critical(1.0));
         assert!(!is_critical(0.799_999));
         assert!(!is_critical(f64::NAN));
+        let t = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let w = recurrence_window(t);
+        assert_eq!((w.after, w.until), (t - Duration::hours(1), t));
+        assert!(
+            !w.contains(t - Duration::hours(1)),
+            "an hour ago exactly is out"
+        );
+        assert!(w.contains(t - Duration::hours(1) + Duration::microseconds(1)));
+        assert!(w.contains(t));
+        assert!(
+            !w.contains(t + Duration::microseconds(1)),
+            "later events do not count"
+        );
+        assert!(!recurring_given(1), "two with this one");
+        assert!(recurring_given(2), "three with this one");
+        assert!(recurring_given(i64::MAX));
+        assert_eq!(
+            recurrence_window(DateTime::<Utc>::MIN_UTC).after,
+            DateTime::<Utc>::MIN_UTC
+        );
         assert!(!is_recurring(2));
         assert!(is_recurring(3));
         assert!(is_recurring(i64::MAX));

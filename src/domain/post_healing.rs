@@ -68,6 +68,15 @@ pub enum Tier {
 }
 
 impl Tier {
+    /// The seed's fixed tier of each action (the inverse of [`Tier::action`]).
+    pub fn of(action: ActionType) -> Tier {
+        match action {
+            ActionType::Comment => Tier::Tier1,
+            ActionType::Edit => Tier::Tier2,
+            ActionType::Thread => Tier::Tier3,
+        }
+    }
+
     pub const ALL: [Tier; 3] = [Tier::Tier1, Tier::Tier2, Tier::Tier3];
 
     pub fn as_str(self) -> &'static str {
@@ -246,6 +255,91 @@ pub const LEASE_TIMEOUT_ERROR: &str = "timeout";
 
 fn lease_expired(record: &ActionRecord, now: DateTime<Utc>) -> bool {
     record.status == ActionStatus::Running && record.lease_expires_at.is_some_and(|t| t <= now)
+}
+
+/// The record as of `now`: a RUNNING claim whose lease ended (at or before
+/// `now`) is a failed attempt with error "timeout", updated when its lease
+/// ended, so a crashed worker neither blocks the post nor hides a retry. The
+/// store reads every record through this.
+pub fn as_of(mut record: ActionRecord, now: DateTime<Utc>) -> ActionRecord {
+    if lease_expired(&record, now) {
+        let expired_at = record.lease_expires_at.unwrap_or(now);
+        record.status = ActionStatus::Failed;
+        record.error_code = Some(LEASE_TIMEOUT_ERROR.to_owned());
+        record.attempts = record.attempts.saturating_add(1);
+        record.updated_at = expired_at;
+    }
+    record
+}
+
+/// The record a claim at `now` writes: RUNNING with a lease, keeping the
+/// attempts of an earlier record with the same key (read through [`as_of`],
+/// so an expired claim counts as the attempt it was), created now if new.
+pub fn claim(
+    existing: Option<&ActionRecord>,
+    post_id: &str,
+    stagnation: &Stagnation,
+    now: DateTime<Utc>,
+    lease: Duration,
+) -> ActionRecord {
+    ActionRecord {
+        idempotency_key: idempotency_key(post_id, stagnation.action, stagnation.tier),
+        post_id: post_id.to_owned(),
+        action: stagnation.action,
+        tier: stagnation.tier,
+        status: ActionStatus::Running,
+        attempts: existing.map_or(0, |r| r.attempts),
+        error_code: None,
+        created_at: existing.map_or(now, |r| r.created_at),
+        updated_at: now,
+        lease_expires_at: Some(add_saturating(now, lease)),
+    }
+}
+
+/// A reported outcome applied to the record as stored (not as of now: a late
+/// report of an expired claim is the attempt the claim was). Each report is an
+/// attempt; RUNNING renews nothing, a lease is only granted by a claim.
+pub fn apply_outcome(
+    stored: ActionRecord,
+    status: ActionStatus,
+    error_code: Option<String>,
+    now: DateTime<Utc>,
+) -> ActionRecord {
+    let lease_expires_at = match status {
+        ActionStatus::Running => stored.lease_expires_at,
+        ActionStatus::Succeeded | ActionStatus::Failed => None,
+    };
+    ActionRecord {
+        status,
+        error_code,
+        attempts: stored.attempts.saturating_add(1),
+        updated_at: now,
+        lease_expires_at,
+        ..stored
+    }
+}
+
+/// A record first created by a reported outcome (an executor that did not
+/// claim): attempts start at 0, [`apply_outcome`] then counts the report.
+pub fn reported(
+    post_id: &str,
+    action: ActionType,
+    tier: Tier,
+    status: ActionStatus,
+    now: DateTime<Utc>,
+) -> ActionRecord {
+    ActionRecord {
+        idempotency_key: idempotency_key(post_id, action, tier),
+        post_id: post_id.to_owned(),
+        action,
+        tier,
+        status,
+        attempts: 0,
+        error_code: None,
+        created_at: now,
+        updated_at: now,
+        lease_expires_at: None,
+    }
 }
 
 /// Status as it should be acted on. A RUNNING record whose lease has expired
@@ -766,6 +860,120 @@ mod tests {
             effective(&failed, now()),
             (ActionStatus::Failed, Some("rate_limit".to_owned()))
         );
+    }
+
+    #[test]
+    fn a_claim_times_out_exactly_at_its_lease_end() {
+        let mut r = rec(
+            "p1",
+            ActionType::Thread,
+            Tier::Tier3,
+            ActionStatus::Running,
+            20,
+        );
+        let end = mins_ago(5);
+        r.lease_expires_at = Some(end);
+        let before = as_of(r.clone(), end - Duration::microseconds(1));
+        assert_eq!(before, r, "within its lease a claim is left alone");
+        let timed_out = as_of(r.clone(), end);
+        assert_eq!(timed_out.status, ActionStatus::Failed);
+        assert_eq!(timed_out.error_code.as_deref(), Some(LEASE_TIMEOUT_ERROR));
+        assert_eq!(
+            timed_out.attempts, 2,
+            "the expired claim counts as an attempt"
+        );
+        assert_eq!(timed_out.updated_at, end, "it stopped when its lease ended");
+        assert_eq!(timed_out.lease_expires_at, Some(end));
+        // The same rule as `effective`.
+        assert_eq!(
+            effective(&r, end),
+            (timed_out.status, timed_out.error_code.clone())
+        );
+        // Without a lease, or finished, nothing changes.
+        let mut no_lease = r.clone();
+        no_lease.lease_expires_at = None;
+        assert_eq!(as_of(no_lease.clone(), now()), no_lease);
+        let mut done = r.clone();
+        done.status = ActionStatus::Succeeded;
+        assert_eq!(as_of(done.clone(), now()), done);
+    }
+
+    #[test]
+    fn a_claim_keeps_the_attempts_of_the_record_it_reruns() {
+        let stag = Stagnation {
+            samples: 3,
+            engagement_rate: 0.0,
+            score: 1.0,
+            tier: Tier::Tier3,
+            action: ActionType::Thread,
+        };
+        let lease = Duration::minutes(15);
+        let fresh = claim(None, "p1", &stag, now(), lease);
+        assert_eq!(
+            fresh.idempotency_key,
+            idempotency_key("p1", ActionType::Thread, Tier::Tier3)
+        );
+        assert_eq!((fresh.status, fresh.attempts), (ActionStatus::Running, 0));
+        assert_eq!((fresh.created_at, fresh.updated_at), (now(), now()));
+        assert_eq!(fresh.lease_expires_at, Some(now() + lease));
+        let mut old = rec(
+            "p1",
+            ActionType::Thread,
+            Tier::Tier3,
+            ActionStatus::Running,
+            60,
+        );
+        old.lease_expires_at = Some(mins_ago(45));
+        let expired = as_of(old.clone(), now());
+        let rerun = claim(Some(&expired), "p1", &stag, now(), lease);
+        assert_eq!(rerun.attempts, 2, "1 reported + the expired claim");
+        assert_eq!(rerun.created_at, old.created_at);
+        assert_eq!(rerun.error_code, None);
+    }
+
+    #[test]
+    fn each_reported_outcome_is_an_attempt_and_only_a_claim_grants_a_lease() {
+        let mut running = rec(
+            "p1",
+            ActionType::Edit,
+            Tier::Tier2,
+            ActionStatus::Running,
+            10,
+        );
+        running.lease_expires_at = Some(now() + Duration::minutes(5));
+        let still = apply_outcome(running.clone(), ActionStatus::Running, None, now());
+        assert_eq!(still.lease_expires_at, running.lease_expires_at);
+        assert_eq!((still.attempts, still.updated_at), (2, now()));
+        let failed = apply_outcome(
+            running.clone(),
+            ActionStatus::Failed,
+            Some("rate_limit".into()),
+            now(),
+        );
+        assert_eq!(failed.lease_expires_at, None);
+        assert_eq!(failed.error_code.as_deref(), Some("rate_limit"));
+        let new = reported(
+            "p1",
+            ActionType::Edit,
+            Tier::Tier2,
+            ActionStatus::Succeeded,
+            now(),
+        );
+        assert_eq!(new.attempts, 0);
+        assert_eq!(
+            apply_outcome(new, ActionStatus::Succeeded, None, now()).attempts,
+            1
+        );
+    }
+
+    #[test]
+    fn tiers_and_actions_are_each_other_s_inverse() {
+        for action in ActionType::ALL {
+            assert_eq!(Tier::of(action).action(), action);
+        }
+        for tier in Tier::ALL {
+            assert_eq!(Tier::of(tier.action()), tier);
+        }
     }
 
     fn stalled() -> Vec<MetricPoint> {

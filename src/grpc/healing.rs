@@ -8,14 +8,15 @@ use tonic::{Request, Response, Status};
 
 use crate::domain::healing::{self, ErrorType, PlanInput, PlannerConfig, Strategy};
 use crate::domain::healing_records::{
-    ErrorEvent, NewErrorEvent, RecoveryAction, RecoveryOutcome, RecoveryStatus, StoredAction,
+    ErrorEvent, ErrorReport, HealingStatistics, RecoveryAction, RecoveryOutcome, RecoveryStatus,
+    StoredAction,
 };
 use crate::domain::post_healing::{
     self, ActionStatus, ActionType, Ineligible, MetricPoint, PostHealingConfig, Tier,
 };
 use crate::error::Error;
 use crate::grpc::convert::{duration, from_duration, from_timestamp, timestamp};
-use crate::grpc::validate;
+use crate::grpc::validate::{self, PageCursor, PageRequest};
 use crate::proto::v1 as pb;
 use crate::proto::v1::healing_service_server::HealingService;
 use crate::proto::v1::post_healing_service_server::PostHealingService;
@@ -43,46 +44,85 @@ fn with_rng<T>(rng: &SharedRng, f: impl FnOnce(&mut StdRng) -> T) -> T {
     f(&mut guard)
 }
 
-// Domain enums and their wire twins share spellings after the wire's prefix.
+// Domain enums and their wire twins, matched exhaustively both ways: a new
+// variant on either side is a compile error here until it is mapped.
 
 fn error_type_to_pb(t: ErrorType) -> i32 {
-    pb::ErrorType::from_str_name(&format!("ERROR_TYPE_{}", t.as_str())).map_or(0, |v| v as i32)
+    let wire = match t {
+        ErrorType::ExecutionFailure => pb::ErrorType::ExecutionFailure,
+        ErrorType::ResourceExhaustion => pb::ErrorType::ResourceExhaustion,
+        ErrorType::GoalConflict => pb::ErrorType::GoalConflict,
+        ErrorType::CommunicationError => pb::ErrorType::CommunicationError,
+        ErrorType::PerformanceDegradation => pb::ErrorType::PerformanceDegradation,
+        ErrorType::SafetyViolation => pb::ErrorType::SafetyViolation,
+        ErrorType::DependencyFailure => pb::ErrorType::DependencyFailure,
+        ErrorType::ConfigurationError => pb::ErrorType::ConfigurationError,
+        ErrorType::LearningFailure => pb::ErrorType::LearningFailure,
+        ErrorType::Unknown => pb::ErrorType::Unknown,
+    };
+    wire as i32
 }
 
+/// `None` for UNSPECIFIED (no filter, no hint); a value this server does not
+/// know is refused, naming the field and the value.
 fn error_type_from_pb(field: &str, value: i32) -> Result<Option<ErrorType>, Error> {
-    match pb::ErrorType::try_from(value) {
-        Ok(pb::ErrorType::Unspecified) => Ok(None),
-        Ok(t) => Ok(t
-            .as_str_name()
-            .strip_prefix("ERROR_TYPE_")
-            .and_then(ErrorType::parse)),
-        Err(_) => Err(Error::invalid(format!(
-            "{field} {value} is not an error type"
-        ))),
-    }
+    let t = match pb::ErrorType::try_from(value) {
+        Ok(pb::ErrorType::Unspecified) => return Ok(None),
+        Ok(pb::ErrorType::ExecutionFailure) => ErrorType::ExecutionFailure,
+        Ok(pb::ErrorType::ResourceExhaustion) => ErrorType::ResourceExhaustion,
+        Ok(pb::ErrorType::GoalConflict) => ErrorType::GoalConflict,
+        Ok(pb::ErrorType::CommunicationError) => ErrorType::CommunicationError,
+        Ok(pb::ErrorType::PerformanceDegradation) => ErrorType::PerformanceDegradation,
+        Ok(pb::ErrorType::SafetyViolation) => ErrorType::SafetyViolation,
+        Ok(pb::ErrorType::DependencyFailure) => ErrorType::DependencyFailure,
+        Ok(pb::ErrorType::ConfigurationError) => ErrorType::ConfigurationError,
+        Ok(pb::ErrorType::LearningFailure) => ErrorType::LearningFailure,
+        Ok(pb::ErrorType::Unknown) => ErrorType::Unknown,
+        Err(_) => return Err(unknown_value(field, value, "error type")),
+    };
+    Ok(Some(t))
+}
+
+fn unknown_value(field: &str, value: i32, what: &str) -> Error {
+    Error::invalid(format!("{field} {value} is not a known {what}"))
 }
 
 fn strategy_to_pb(s: Strategy) -> i32 {
-    pb::RecoveryStrategy::from_str_name(&format!("RECOVERY_STRATEGY_{}", s.as_str()))
-        .map_or(0, |v| v as i32)
+    let wire = match s {
+        Strategy::Retry => pb::RecoveryStrategy::Retry,
+        Strategy::Rollback => pb::RecoveryStrategy::Rollback,
+        Strategy::Reconfigure => pb::RecoveryStrategy::Reconfigure,
+        Strategy::Restart => pb::RecoveryStrategy::Restart,
+        Strategy::Isolate => pb::RecoveryStrategy::Isolate,
+        Strategy::Escalate => pb::RecoveryStrategy::Escalate,
+        Strategy::Compensate => pb::RecoveryStrategy::Compensate,
+        Strategy::DegradeGracefully => pb::RecoveryStrategy::DegradeGracefully,
+        Strategy::WaitAndRetry => pb::RecoveryStrategy::WaitAndRetry,
+        Strategy::AlternativePath => pb::RecoveryStrategy::AlternativePath,
+    };
+    wire as i32
 }
 
 fn recovery_status_to_pb(s: RecoveryStatus) -> i32 {
-    pb::RecoveryStatus::from_str_name(&format!("RECOVERY_STATUS_{}", s.as_str()))
-        .map_or(0, |v| v as i32)
+    let wire = match s {
+        RecoveryStatus::Active => pb::RecoveryStatus::Active,
+        RecoveryStatus::Succeeded => pb::RecoveryStatus::Succeeded,
+        RecoveryStatus::Failed => pb::RecoveryStatus::Failed,
+        RecoveryStatus::Expired => pb::RecoveryStatus::Expired,
+    };
+    wire as i32
 }
 
-fn recovery_status_from_pb(value: i32) -> Result<Option<RecoveryStatus>, Error> {
-    match pb::RecoveryStatus::try_from(value) {
-        Ok(pb::RecoveryStatus::Unspecified) => Ok(None),
-        Ok(s) => Ok(s
-            .as_str_name()
-            .strip_prefix("RECOVERY_STATUS_")
-            .and_then(RecoveryStatus::parse)),
-        Err(_) => Err(Error::invalid(format!(
-            "status {value} is not a recovery status"
-        ))),
-    }
+fn recovery_status_from_pb(field: &str, value: i32) -> Result<Option<RecoveryStatus>, Error> {
+    let s = match pb::RecoveryStatus::try_from(value) {
+        Ok(pb::RecoveryStatus::Unspecified) => return Ok(None),
+        Ok(pb::RecoveryStatus::Active) => RecoveryStatus::Active,
+        Ok(pb::RecoveryStatus::Succeeded) => RecoveryStatus::Succeeded,
+        Ok(pb::RecoveryStatus::Failed) => RecoveryStatus::Failed,
+        Ok(pb::RecoveryStatus::Expired) => RecoveryStatus::Expired,
+        Err(_) => return Err(unknown_value(field, value, "recovery status")),
+    };
+    Ok(Some(s))
 }
 
 fn action_type_to_pb(a: ActionType) -> i32 {
@@ -93,14 +133,15 @@ fn action_type_to_pb(a: ActionType) -> i32 {
     }
 }
 
-fn action_type_from_pb(value: i32) -> Result<ActionType, Error> {
+fn action_type_from_pb(field: &str, value: i32) -> Result<ActionType, Error> {
     match pb::PostActionType::try_from(value) {
         Ok(pb::PostActionType::Comment) => Ok(ActionType::Comment),
         Ok(pb::PostActionType::Edit) => Ok(ActionType::Edit),
         Ok(pb::PostActionType::Thread) => Ok(ActionType::Thread),
-        Ok(pb::PostActionType::Unspecified) | Err(_) => Err(Error::invalid(
-            "action_type must be POST_ACTION_TYPE_COMMENT, _EDIT or _THREAD",
-        )),
+        Ok(pb::PostActionType::Unspecified) => Err(Error::invalid(format!(
+            "{field} must be POST_ACTION_TYPE_COMMENT, _EDIT or _THREAD"
+        ))),
+        Err(_) => Err(unknown_value(field, value, "post action type")),
     }
 }
 
@@ -112,14 +153,15 @@ fn action_status_to_pb(s: ActionStatus) -> i32 {
     }
 }
 
-fn action_status_from_pb(value: i32) -> Result<ActionStatus, Error> {
+fn action_status_from_pb(field: &str, value: i32) -> Result<ActionStatus, Error> {
     match pb::PostActionStatus::try_from(value) {
         Ok(pb::PostActionStatus::Running) => Ok(ActionStatus::Running),
         Ok(pb::PostActionStatus::Succeeded) => Ok(ActionStatus::Succeeded),
         Ok(pb::PostActionStatus::Failed) => Ok(ActionStatus::Failed),
-        Ok(pb::PostActionStatus::Unspecified) | Err(_) => Err(Error::invalid(
-            "status must be POST_ACTION_STATUS_RUNNING, _SUCCEEDED or _FAILED",
-        )),
+        Ok(pb::PostActionStatus::Unspecified) => Err(Error::invalid(format!(
+            "{field} must be POST_ACTION_STATUS_RUNNING, _SUCCEEDED or _FAILED"
+        ))),
+        Err(_) => Err(unknown_value(field, value, "post action status")),
     }
 }
 
@@ -191,18 +233,6 @@ fn post_action_to_pb(stored: &StoredAction) -> pb::PostAction {
     }
 }
 
-fn next_token<T>(items: &mut Vec<T>, limit: i64, last: impl Fn(&T) -> String) -> String {
-    if items.len() as i64 > limit {
-        items.truncate(limit as usize);
-        items
-            .last()
-            .map(|item| validate::encode_page_token(&last(item)))
-            .unwrap_or_default()
-    } else {
-        String::new()
-    }
-}
-
 /// Settings of the agent-healing handlers.
 #[derive(Debug, Clone)]
 pub struct HealingSettings {
@@ -226,37 +256,176 @@ impl HealingApi {
     }
 }
 
+// Decoding: one `TryFrom` per request message, destructuring every field, so a
+// new proto field is a compile error here until it is handled.
+
+impl TryFrom<pb::ReportErrorRequest> for ErrorReport {
+    type Error = Error;
+
+    fn try_from(request: pb::ReportErrorRequest) -> Result<Self, Error> {
+        let pb::ReportErrorRequest {
+            agent_id,
+            message,
+            context,
+            error_type_hint,
+        } = request;
+        let agent_id = validate::agent_id("agent_id", &agent_id)?;
+        if message.trim().is_empty() {
+            return Err(Error::invalid("message is required"));
+        }
+        validate::bounded_text("message", &message, validate::MAX_MESSAGE_BYTES)?;
+        Ok(ErrorReport {
+            agent_id,
+            message,
+            context: validate::context("context", context)?,
+            hint: error_type_from_pb("error_type_hint", error_type_hint)?,
+        })
+    }
+}
+
+/// A PlanRecovery request, decoded.
+struct PlanFor {
+    error_event_id: i64,
+}
+
+impl TryFrom<pb::PlanRecoveryRequest> for PlanFor {
+    type Error = Error;
+
+    fn try_from(request: pb::PlanRecoveryRequest) -> Result<Self, Error> {
+        let pb::PlanRecoveryRequest { error_event_id } = request;
+        if error_event_id <= 0 {
+            return Err(Error::invalid("error_event_id must be positive"));
+        }
+        Ok(PlanFor { error_event_id })
+    }
+}
+
+/// A ReportRecoveryOutcome request, decoded.
+struct OutcomeReport {
+    action_id: i64,
+    outcome: RecoveryOutcome,
+}
+
+impl TryFrom<pb::ReportRecoveryOutcomeRequest> for OutcomeReport {
+    type Error = Error;
+
+    fn try_from(request: pb::ReportRecoveryOutcomeRequest) -> Result<Self, Error> {
+        let pb::ReportRecoveryOutcomeRequest {
+            action_id,
+            success,
+            duration,
+            details,
+        } = request;
+        if action_id <= 0 {
+            return Err(Error::invalid("action_id must be positive"));
+        }
+        let duration = match duration {
+            Some(d) => from_duration("duration", d)?,
+            None => chrono::Duration::zero(),
+        };
+        validate::bounded_text("details", &details, validate::MAX_MESSAGE_BYTES)?;
+        Ok(OutcomeReport {
+            action_id,
+            outcome: RecoveryOutcome {
+                success,
+                duration,
+                details,
+            },
+        })
+    }
+}
+
+/// A list request, decoded: the store's query and the page asked for.
+struct Listing<Q, C> {
+    query: Q,
+    page: PageRequest<C>,
+}
+
+impl TryFrom<pb::ListErrorEventsRequest> for Listing<ErrorEventQuery, i64> {
+    type Error = Error;
+
+    fn try_from(request: pb::ListErrorEventsRequest) -> Result<Self, Error> {
+        let pb::ListErrorEventsRequest {
+            agent_id,
+            error_type,
+            page_size,
+            page_token,
+        } = request;
+        let page = PageRequest::decode(page_size, &page_token)?;
+        let query = ErrorEventQuery {
+            agent_id: optional_agent(&agent_id)?,
+            error_type: error_type_from_pb("error_type", error_type)?,
+            before_id: page.after,
+            limit: page.fetch_limit(),
+        };
+        Ok(Listing { query, page })
+    }
+}
+
+impl TryFrom<pb::ListRecoveryActionsRequest> for Listing<RecoveryActionQuery, i64> {
+    type Error = Error;
+
+    fn try_from(request: pb::ListRecoveryActionsRequest) -> Result<Self, Error> {
+        let pb::ListRecoveryActionsRequest {
+            agent_id,
+            error_type,
+            status,
+            page_size,
+            page_token,
+        } = request;
+        let page = PageRequest::decode(page_size, &page_token)?;
+        let query = RecoveryActionQuery {
+            agent_id: optional_agent(&agent_id)?,
+            error_type: error_type_from_pb("error_type", error_type)?,
+            status: recovery_status_from_pb("status", status)?,
+            before_id: page.after,
+            limit: page.fetch_limit(),
+        };
+        Ok(Listing { query, page })
+    }
+}
+
+fn statistics_to_pb(stats: &HealingStatistics) -> pb::GetHealingStatisticsResponse {
+    pb::GetHealingStatisticsResponse {
+        total_errors: stats.total_errors,
+        errors_last_hour: stats.errors_last_hour,
+        errors_by_type: stats
+            .errors_by_type
+            .iter()
+            .map(|(t, count)| pb::ErrorTypeCount {
+                error_type: error_type_to_pb(*t),
+                count: *count,
+            })
+            .collect(),
+        active_recoveries: stats.active_recoveries,
+        patterns: stats
+            .patterns
+            .iter()
+            .map(|p| pb::PatternStatistics {
+                error_type: error_type_to_pb(p.error_type),
+                context_signature: p.context_signature.clone(),
+                strategy: strategy_to_pb(p.strategy),
+                successes: p.successes,
+                failures: p.failures,
+                success_rate: p.success_rate(),
+                mean_recovery_time: Some(duration(chrono::Duration::milliseconds(
+                    (p.mean_recovery_secs() * 1000.0) as i64,
+                ))),
+                use_count: p.uses(),
+            })
+            .collect(),
+        overall_success_rate: stats.overall_success_rate(),
+    }
+}
+
 #[tonic::async_trait]
 impl HealingService for HealingApi {
     async fn report_error(
         &self,
         request: Request<pb::ReportErrorRequest>,
     ) -> Result<Response<pb::ReportErrorResponse>, Status> {
-        let pb::ReportErrorRequest {
-            agent_id,
-            message,
-            context,
-            error_type_hint,
-        } = request.into_inner();
-        let agent_id = validate::agent_id("agent_id", &agent_id)?;
-        if message.trim().is_empty() {
-            return Err(Error::invalid("message is required").into());
-        }
-        validate::bounded_text("message", &message, validate::MAX_MESSAGE_BYTES)?;
-        let context = validate::context("context", context)?;
-        let hint = error_type_from_pb("error_type_hint", error_type_hint)?;
-        let error_type = healing::classify(&message, hint);
-        let severity = healing::severity(error_type, &context);
-        let event = self
-            .store
-            .record_error(NewErrorEvent {
-                agent_id,
-                message,
-                context,
-                error_type,
-                severity,
-            })
-            .await?;
+        let report = ErrorReport::try_from(request.into_inner())?;
+        let event = self.store.record_error(report.classify()).await?;
         Ok(Response::new(pb::ReportErrorResponse {
             event: Some(event_to_pb(&event)),
         }))
@@ -266,10 +435,7 @@ impl HealingService for HealingApi {
         &self,
         request: Request<pb::PlanRecoveryRequest>,
     ) -> Result<Response<pb::PlanRecoveryResponse>, Status> {
-        let pb::PlanRecoveryRequest { error_event_id } = request.into_inner();
-        if error_event_id <= 0 {
-            return Err(Error::invalid("error_event_id must be positive").into());
-        }
+        let PlanFor { error_event_id } = request.into_inner().try_into()?;
         let config = self.settings.planner;
         let rng = self.rng.clone();
         let planner = Box::new(move |event: &ErrorEvent, evidence: &[healing::Evidence]| {
@@ -301,25 +467,7 @@ impl HealingService for HealingApi {
         &self,
         request: Request<pb::ReportRecoveryOutcomeRequest>,
     ) -> Result<Response<pb::ReportRecoveryOutcomeResponse>, Status> {
-        let pb::ReportRecoveryOutcomeRequest {
-            action_id,
-            success,
-            duration,
-            details,
-        } = request.into_inner();
-        if action_id <= 0 {
-            return Err(Error::invalid("action_id must be positive").into());
-        }
-        let duration = match duration {
-            Some(d) => from_duration("duration", d)?,
-            None => chrono::Duration::zero(),
-        };
-        validate::bounded_text("details", &details, validate::MAX_MESSAGE_BYTES)?;
-        let outcome = RecoveryOutcome {
-            success,
-            duration,
-            details,
-        };
+        let OutcomeReport { action_id, outcome } = request.into_inner().try_into()?;
         let action = self
             .store
             .record_recovery_outcome(action_id, outcome)
@@ -331,60 +479,20 @@ impl HealingService for HealingApi {
 
     async fn get_healing_statistics(
         &self,
-        _request: Request<pb::GetHealingStatisticsRequest>,
+        request: Request<pb::GetHealingStatisticsRequest>,
     ) -> Result<Response<pb::GetHealingStatisticsResponse>, Status> {
+        let pb::GetHealingStatisticsRequest {} = request.into_inner();
         let stats = self.store.healing_statistics().await?;
-        Ok(Response::new(pb::GetHealingStatisticsResponse {
-            total_errors: stats.total_errors,
-            errors_last_hour: stats.errors_last_hour,
-            errors_by_type: stats
-                .errors_by_type
-                .iter()
-                .map(|(t, count)| pb::ErrorTypeCount {
-                    error_type: error_type_to_pb(*t),
-                    count: *count,
-                })
-                .collect(),
-            active_recoveries: stats.active_recoveries,
-            patterns: stats
-                .patterns
-                .iter()
-                .map(|p| pb::PatternStatistics {
-                    error_type: error_type_to_pb(p.error_type),
-                    context_signature: p.context_signature.clone(),
-                    strategy: strategy_to_pb(p.strategy),
-                    successes: p.successes,
-                    failures: p.failures,
-                    success_rate: p.success_rate(),
-                    mean_recovery_time: Some(duration(chrono::Duration::milliseconds(
-                        (p.mean_recovery_secs() * 1000.0) as i64,
-                    ))),
-                    use_count: p.uses(),
-                })
-                .collect(),
-            overall_success_rate: stats.overall_success_rate(),
-        }))
+        Ok(Response::new(statistics_to_pb(&stats)))
     }
 
     async fn list_error_events(
         &self,
         request: Request<pb::ListErrorEventsRequest>,
     ) -> Result<Response<pb::ListErrorEventsResponse>, Status> {
-        let pb::ListErrorEventsRequest {
-            agent_id,
-            error_type,
-            page_size,
-            page_token,
-        } = request.into_inner();
-        let limit = validate::page_size(page_size)?;
-        let query = ErrorEventQuery {
-            agent_id: optional_agent(&agent_id)?,
-            error_type: error_type_from_pb("error_type", error_type)?,
-            before_id: validate::decode_id_token(&page_token)?,
-            limit: limit + 1,
-        };
+        let Listing { query, page } = request.into_inner().try_into()?;
         let mut events = self.store.list_error_events(&query).await?;
-        let next_page_token = next_token(&mut events, limit, |e| e.id.to_string());
+        let next_page_token = page.finish(&mut events, |e| e.id);
         Ok(Response::new(pb::ListErrorEventsResponse {
             events: events.iter().map(event_to_pb).collect(),
             next_page_token,
@@ -395,23 +503,9 @@ impl HealingService for HealingApi {
         &self,
         request: Request<pb::ListRecoveryActionsRequest>,
     ) -> Result<Response<pb::ListRecoveryActionsResponse>, Status> {
-        let pb::ListRecoveryActionsRequest {
-            agent_id,
-            error_type,
-            status,
-            page_size,
-            page_token,
-        } = request.into_inner();
-        let limit = validate::page_size(page_size)?;
-        let query = RecoveryActionQuery {
-            agent_id: optional_agent(&agent_id)?,
-            error_type: error_type_from_pb("error_type", error_type)?,
-            status: recovery_status_from_pb(status)?,
-            before_id: validate::decode_id_token(&page_token)?,
-            limit: limit + 1,
-        };
+        let Listing { query, page } = request.into_inner().try_into()?;
         let mut actions = self.store.list_recovery_actions(&query).await?;
-        let next_page_token = next_token(&mut actions, limit, |a| a.id.to_string());
+        let next_page_token = page.finish(&mut actions, |a| a.id);
         Ok(Response::new(pb::ListRecoveryActionsResponse {
             actions: actions.iter().map(action_to_pb).collect(),
             next_page_token,
@@ -485,12 +579,155 @@ fn metric_points(points: Vec<pb::MetricPoint>) -> Result<Vec<MetricPoint>, Error
         .collect()
 }
 
-/// The seed's fixed tier of each action.
-fn tier_of(action: ActionType) -> Tier {
-    match action {
-        ActionType::Comment => Tier::Tier1,
-        ActionType::Edit => Tier::Tier2,
-        ActionType::Thread => Tier::Tier3,
+/// An EvaluatePost request, decoded.
+struct PostEvaluation {
+    post_id: String,
+    points: Vec<MetricPoint>,
+    now: Option<chrono::DateTime<chrono::Utc>>,
+    claim: bool,
+}
+
+impl TryFrom<pb::EvaluatePostRequest> for PostEvaluation {
+    type Error = Error;
+
+    fn try_from(request: pb::EvaluatePostRequest) -> Result<Self, Error> {
+        let pb::EvaluatePostRequest {
+            post_id,
+            points,
+            now,
+            claim,
+        } = request;
+        Ok(PostEvaluation {
+            post_id: validate::post_id("post_id", &post_id)?,
+            points: metric_points(points)?,
+            now: now.map(|ts| from_timestamp("now", ts)).transpose()?,
+            claim,
+        })
+    }
+}
+
+impl TryFrom<pb::RecordActionOutcomeRequest> for ActionOutcomeUpdate {
+    type Error = Error;
+
+    fn try_from(request: pb::RecordActionOutcomeRequest) -> Result<Self, Error> {
+        let pb::RecordActionOutcomeRequest {
+            idempotency_key: key,
+            status,
+            outcome_json,
+            error_code,
+            post_id,
+            action_type,
+            tier,
+        } = request;
+        let idempotency_key = idempotency_key(&key)?;
+        let status = action_status_from_pb("status", status)?;
+        validate::bounded_text("outcome_json", &outcome_json, validate::MAX_MESSAGE_BYTES)?;
+        let outcome = match outcome_json.trim() {
+            "" => None,
+            text => match serde_json::from_str::<serde_json::Value>(text) {
+                Ok(value @ serde_json::Value::Object(_)) => Some(value),
+                Ok(_) => return Err(Error::invalid("outcome_json must be a JSON object")),
+                Err(e) => return Err(Error::invalid(format!("outcome_json is not JSON: {e}"))),
+            },
+        };
+        let error_code = match error_code.as_str() {
+            "" => None,
+            code if code.len() <= 64
+                && code
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')) =>
+            {
+                Some(code.to_owned())
+            }
+            _ => {
+                return Err(Error::invalid(
+                    "error_code must be up to 64 characters of letters, digits and _ - .",
+                ));
+            }
+        };
+        let new_record = match post_id.as_str() {
+            "" => None,
+            id => {
+                let post_id = validate::post_id("post_id", id)?;
+                let action = action_type_from_pb("action_type", action_type)?;
+                let expected = Tier::of(action);
+                if tier != expected.number() {
+                    return Err(Error::invalid(format!(
+                        "tier {tier} does not match action_type {} (tier {})",
+                        action.as_str(),
+                        expected.number()
+                    )));
+                }
+                Some((post_id, action, expected))
+            }
+        };
+        Ok(ActionOutcomeUpdate {
+            idempotency_key,
+            status,
+            outcome,
+            error_code,
+            new_record,
+        })
+    }
+}
+
+/// A ShouldRetry request, decoded: the key of the record to judge.
+struct RetryQuestion {
+    idempotency_key: String,
+}
+
+impl TryFrom<pb::ShouldRetryRequest> for RetryQuestion {
+    type Error = Error;
+
+    fn try_from(request: pb::ShouldRetryRequest) -> Result<Self, Error> {
+        let pb::ShouldRetryRequest {
+            idempotency_key: key,
+        } = request;
+        Ok(RetryQuestion {
+            idempotency_key: idempotency_key(&key)?,
+        })
+    }
+}
+
+/// Where a page of a post's actions starts: the previous page's last
+/// `(created_at, idempotency_key)`, newest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ActionCursor {
+    created_at: chrono::DateTime<chrono::Utc>,
+    idempotency_key: String,
+}
+
+impl PageCursor for ActionCursor {
+    fn encode(&self) -> String {
+        format!(
+            "{}/{}",
+            self.created_at.timestamp_micros(),
+            self.idempotency_key
+        )
+    }
+
+    fn decode(text: &str) -> Option<Self> {
+        let (micros, key) = text.split_once('/')?;
+        Some(ActionCursor {
+            created_at: chrono::DateTime::from_timestamp_micros(micros.parse().ok()?)?,
+            idempotency_key: idempotency_key(key).ok()?,
+        })
+    }
+}
+
+impl TryFrom<pb::ListActionsRequest> for Listing<String, ActionCursor> {
+    type Error = Error;
+
+    fn try_from(request: pb::ListActionsRequest) -> Result<Self, Error> {
+        let pb::ListActionsRequest {
+            post_id,
+            page_size,
+            page_token,
+        } = request;
+        Ok(Listing {
+            query: validate::post_id("post_id", &post_id)?,
+            page: PageRequest::decode(page_size, &page_token)?,
+        })
     }
 }
 
@@ -500,15 +737,12 @@ impl PostHealingService for PostHealingApi {
         &self,
         request: Request<pb::EvaluatePostRequest>,
     ) -> Result<Response<pb::EvaluatePostResponse>, Status> {
-        let pb::EvaluatePostRequest {
+        let PostEvaluation {
             post_id,
             points,
             now,
             claim,
-        } = request.into_inner();
-        let post_id = validate::post_id("post_id", &post_id)?;
-        let points = metric_points(points)?;
-        let now = now.map(|ts| from_timestamp("now", ts)).transpose()?;
+        } = request.into_inner().try_into()?;
         let lease = claim.then_some(self.config.claim_lease);
         let config = self.config;
         let id = post_id.clone();
@@ -550,71 +784,8 @@ impl PostHealingService for PostHealingApi {
         &self,
         request: Request<pb::RecordActionOutcomeRequest>,
     ) -> Result<Response<pb::RecordActionOutcomeResponse>, Status> {
-        let pb::RecordActionOutcomeRequest {
-            idempotency_key: key,
-            status,
-            outcome_json,
-            error_code,
-            post_id,
-            action_type,
-            tier,
-        } = request.into_inner();
-        let key = idempotency_key(&key)?;
-        let status = action_status_from_pb(status)?;
-        validate::bounded_text("outcome_json", &outcome_json, validate::MAX_MESSAGE_BYTES)?;
-        let outcome = match outcome_json.trim() {
-            "" => None,
-            text => match serde_json::from_str::<serde_json::Value>(text) {
-                Ok(value @ serde_json::Value::Object(_)) => Some(value),
-                Ok(_) => return Err(Error::invalid("outcome_json must be a JSON object").into()),
-                Err(e) => {
-                    return Err(Error::invalid(format!("outcome_json is not JSON: {e}")).into());
-                }
-            },
-        };
-        let error_code = match error_code.as_str() {
-            "" => None,
-            code if code.len() <= 64
-                && code
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')) =>
-            {
-                Some(code.to_owned())
-            }
-            _ => {
-                return Err(Error::invalid(
-                    "error_code must be up to 64 characters of letters, digits and _ - .",
-                )
-                .into());
-            }
-        };
-        let new_record = match post_id.as_str() {
-            "" => None,
-            id => {
-                let post_id = validate::post_id("post_id", id)?;
-                let action = action_type_from_pb(action_type)?;
-                let expected = tier_of(action);
-                if tier != expected.number() {
-                    return Err(Error::invalid(format!(
-                        "tier {tier} does not match action_type {} (tier {})",
-                        action.as_str(),
-                        expected.number()
-                    ))
-                    .into());
-                }
-                Some((post_id, action, expected))
-            }
-        };
-        let (action, created) = self
-            .store
-            .record_action_outcome(ActionOutcomeUpdate {
-                idempotency_key: key,
-                status,
-                outcome,
-                error_code,
-                new_record,
-            })
-            .await?;
+        let update = ActionOutcomeUpdate::try_from(request.into_inner())?;
+        let (action, created) = self.store.record_action_outcome(update).await?;
         Ok(Response::new(pb::RecordActionOutcomeResponse {
             action: Some(post_action_to_pb(&action)),
             created,
@@ -625,11 +796,8 @@ impl PostHealingService for PostHealingApi {
         &self,
         request: Request<pb::ShouldRetryRequest>,
     ) -> Result<Response<pb::ShouldRetryResponse>, Status> {
-        let pb::ShouldRetryRequest {
-            idempotency_key: key,
-        } = request.into_inner();
-        let key = idempotency_key(&key)?;
-        let (stored, now) = self.store.get_action(&key).await?;
+        let RetryQuestion { idempotency_key } = request.into_inner().try_into()?;
+        let (stored, now) = self.store.get_action(&idempotency_key).await?;
         let decision = with_rng(&self.rng, |rng| {
             post_healing::should_retry(&stored.record, now, &self.config, rng)
         });
@@ -645,30 +813,21 @@ impl PostHealingService for PostHealingApi {
         &self,
         request: Request<pb::ListActionsRequest>,
     ) -> Result<Response<pb::ListActionsResponse>, Status> {
-        let pb::ListActionsRequest {
-            post_id,
-            page_size,
-            page_token,
-        } = request.into_inner();
-        let post_id = validate::post_id("post_id", &post_id)?;
-        let limit = validate::page_size(page_size)?;
-        let before = match validate::decode_page_token(&page_token)? {
-            None => None,
-            Some(token) => {
-                let bad = || Error::invalid("page_token is not one this server issued");
-                let (micros, key) = token.split_once('/').ok_or_else(bad)?;
-                let micros: i64 = micros.parse().map_err(|_| bad())?;
-                let at = chrono::DateTime::from_timestamp_micros(micros).ok_or_else(bad)?;
-                Some((at, idempotency_key(key)?))
-            }
-        };
-        let mut actions = self.store.list_actions(&post_id, before, limit + 1).await?;
-        let next_page_token = next_token(&mut actions, limit, |a| {
-            format!(
-                "{}/{}",
-                a.record.created_at.timestamp_micros(),
-                a.record.idempotency_key
-            )
+        let Listing {
+            query: post_id,
+            page,
+        } = request.into_inner().try_into()?;
+        let before = page
+            .after
+            .clone()
+            .map(|c| (c.created_at, c.idempotency_key));
+        let mut actions = self
+            .store
+            .list_actions(&post_id, before, page.fetch_limit())
+            .await?;
+        let next_page_token = page.finish(&mut actions, |a| ActionCursor {
+            created_at: a.record.created_at,
+            idempotency_key: a.record.idempotency_key.clone(),
         });
         Ok(Response::new(pb::ListActionsResponse {
             actions: actions.iter().map(post_action_to_pb).collect(),
@@ -698,7 +857,7 @@ mod tests {
             RecoveryStatus::Expired,
         ] {
             assert_eq!(
-                recovery_status_from_pb(recovery_status_to_pb(s)).unwrap(),
+                recovery_status_from_pb("status", recovery_status_to_pb(s)).unwrap(),
                 Some(s)
             );
         }

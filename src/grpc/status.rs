@@ -3,6 +3,8 @@
 //! Each status carries a `google.rpc.ErrorInfo` with a stable `reason`, so that
 //! Python and TypeScript clients can branch on it without parsing messages.
 
+use std::collections::HashMap;
+
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -13,10 +15,22 @@ const DOMAIN: &str = "fleetcare.v1";
 impl From<Error> for Status {
     fn from(error: Error) -> Status {
         // No `_` arm: a new variant must decide its code here.
+        let mut metadata = HashMap::new();
         let (code, reason) = match &error {
             Error::InvalidArgument(_) => (Code::InvalidArgument, "INVALID_ARGUMENT"),
             Error::NotFound { .. } => (Code::NotFound, "NOT_FOUND"),
             Error::TransitionRefused(_) => (Code::FailedPrecondition, "TRANSITION_REFUSED"),
+            Error::RecoveryAlreadyActive(active) => {
+                metadata.insert("agent_id".to_owned(), active.agent_id.clone());
+                metadata.insert("action_id".to_owned(), active.action_id.to_string());
+                (Code::FailedPrecondition, "RECOVERY_ALREADY_ACTIVE")
+            }
+            Error::OutcomeAlreadyRecorded(recorded) => {
+                metadata.insert("action_id".to_owned(), recorded.action_id.to_string());
+                metadata.insert("status".to_owned(), recorded.status.as_str().to_owned());
+                (Code::FailedPrecondition, "OUTCOME_ALREADY_RECORDED")
+            }
+            Error::Conflict(_) => (Code::Aborted, "CONFLICT"),
             Error::FailedPrecondition(_) => (Code::FailedPrecondition, "FAILED_PRECONDITION"),
             Error::OutOfRange(_) => (Code::OutOfRange, "REVISION_OUT_OF_RANGE"),
             Error::Aborted(_) => (Code::Aborted, "ABORTED"),
@@ -27,7 +41,32 @@ impl From<Error> for Status {
                 (Code::Internal, "INTERNAL")
             }
         };
-        let details = ErrorDetails::with_error_info(reason, DOMAIN, []);
+        let details = ErrorDetails::with_error_info(reason, DOMAIN, metadata);
         Status::with_error_details(code, error.to_string(), details)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reason(status: &Status) -> String {
+        status.get_details_error_info().expect("error info").reason
+    }
+
+    #[test]
+    fn a_concurrent_update_conflict_is_aborted_and_retryable() {
+        let status = Status::from(Error::Conflict("serialization failure".into()));
+        assert_eq!(status.code(), Code::Aborted);
+        assert_eq!(reason(&status), "CONFLICT");
+        assert!(status.message().contains("retry"), "{}", status.message());
+    }
+
+    #[test]
+    fn an_internal_error_hides_its_detail() {
+        let status = Status::from(Error::Internal("relation \"x\" does not exist".into()));
+        assert_eq!(status.code(), Code::Internal);
+        assert_eq!(status.message(), "internal error");
+        assert_eq!(reason(&status), "INTERNAL");
     }
 }

@@ -110,16 +110,65 @@ pub fn decode_page_token(token: &str) -> Result<Option<&str>> {
         .ok_or_else(|| Error::invalid("page_token is not one this server issued"))
 }
 
-/// A page token that carries a positive integer id.
-pub fn decode_id_token(token: &str) -> Result<Option<i64>> {
-    decode_page_token(token)?
-        .map(|id| {
-            id.parse::<i64>()
-                .ok()
-                .filter(|id| *id >= 0)
-                .ok_or_else(|| Error::invalid("page_token is not one this server issued"))
+fn foreign_token() -> Error {
+    Error::invalid("page_token is not one this server issued")
+}
+
+/// What a page token carries: the position of the previous page's last item.
+pub trait PageCursor: Sized {
+    fn encode(&self) -> String;
+    /// `None` for text this server would not have issued.
+    fn decode(text: &str) -> Option<Self>;
+}
+
+/// Ids (`before_id`): not negative.
+impl PageCursor for i64 {
+    fn encode(&self) -> String {
+        self.to_string()
+    }
+
+    fn decode(text: &str) -> Option<Self> {
+        text.parse::<i64>().ok().filter(|id| *id >= 0)
+    }
+}
+
+/// The crate's one pagination helper: the page a client asks for (its size and
+/// the cursor its token carries), and the cut of what the store returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageRequest<C> {
+    pub size: i64,
+    pub after: Option<C>,
+}
+
+impl<C: PageCursor> PageRequest<C> {
+    pub fn decode(size: i32, token: &str) -> Result<Self> {
+        Ok(PageRequest {
+            size: page_size(size)?,
+            after: decode_page_token(token)?
+                .map(|text| C::decode(text).ok_or_else(foreign_token))
+                .transpose()?,
         })
-        .transpose()
+    }
+
+    /// How many items to ask the store for: one more than the page tells
+    /// whether there is a next one.
+    pub fn fetch_limit(&self) -> i64 {
+        self.size + 1
+    }
+
+    /// Cuts `items` (fetched with [`PageRequest::fetch_limit`]) to the page and
+    /// returns the next page's token, empty on the last page.
+    pub fn finish<T>(&self, items: &mut Vec<T>, cursor: impl Fn(&T) -> C) -> String {
+        let size = usize::try_from(self.size).unwrap_or(usize::MAX);
+        if items.len() <= size {
+            return String::new();
+        }
+        items.truncate(size);
+        items
+            .last()
+            .map(|item| encode_page_token(&cursor(item).encode()))
+            .unwrap_or_default()
+    }
 }
 
 /// Free text with a byte bound.
@@ -184,6 +233,27 @@ mod tests {
         assert!(labels("labels", long_value).is_err());
         let many: HashMap<_, _> = (0..65).map(|i| (format!("k{i}"), String::new())).collect();
         assert!(labels("labels", many).is_err());
+    }
+
+    #[test]
+    fn pages_cut_one_past_the_size_and_carry_the_last_cursor() {
+        let page = PageRequest::<i64>::decode(2, "").unwrap();
+        assert_eq!((page.size, page.after, page.fetch_limit()), (2, None, 3));
+        let mut items = vec![9_i64, 8, 7];
+        let token = page.finish(&mut items, |id| *id);
+        assert_eq!(items, [9, 8]);
+        let next = PageRequest::<i64>::decode(2, &token).unwrap();
+        assert_eq!(next.after, Some(8));
+        let mut last = vec![7_i64];
+        assert_eq!(
+            next.finish(&mut last, |id| *id),
+            "",
+            "no page after the last"
+        );
+        for bad in ["8", "after:", "after:x", "after:-1", "before:8"] {
+            let err = PageRequest::<i64>::decode(2, bad).unwrap_err().to_string();
+            assert!(err.contains("page_token"), "{bad}: {err}");
+        }
     }
 
     #[test]

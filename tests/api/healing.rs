@@ -455,3 +455,146 @@ async fn history_patterns_and_active_recoveries_survive_a_restart() {
     assert_eq!(rest.events.iter().map(|e| e.id).collect::<Vec<_>>(), [e.id]);
     assert!(rest.next_page_token.is_empty());
 }
+
+#[tokio::test]
+async fn refusals_carry_a_reason_clients_can_branch_on() {
+    use tonic_types::StatusExt;
+    let db = TestDb::new();
+    let app = TestApp::spawn(&db).await;
+    let mut c = client(&app);
+    let e1 = report(&mut c, "a", "tool execution failed", &[]).await;
+    let active = plan(&mut c, e1.id).await.unwrap();
+    let e2 = report(&mut c, "a", "tool execution failed", &[]).await;
+
+    let busy = plan(&mut c, e2.id).await.unwrap_err();
+    assert_eq!(busy.code(), Code::FailedPrecondition);
+    let info = busy.get_details_error_info().expect("error info");
+    assert_eq!(info.reason, "RECOVERY_ALREADY_ACTIVE");
+    assert_eq!(info.domain, "fleetcare.v1");
+    assert_eq!(info.metadata["action_id"], active.id.to_string());
+    assert_eq!(info.metadata["agent_id"], "a");
+    assert!(
+        busy.message().contains(&format!("action {}", active.id)),
+        "{}",
+        busy.message()
+    );
+
+    outcome(&mut c, active.id, true, 3).await;
+    let twice = c
+        .report_recovery_outcome(pb::ReportRecoveryOutcomeRequest {
+            action_id: active.id,
+            success: false,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(twice.code(), Code::FailedPrecondition);
+    let info = twice.get_details_error_info().expect("error info");
+    assert_eq!(info.reason, "OUTCOME_ALREADY_RECORDED");
+    assert_eq!(info.metadata["status"], "SUCCEEDED");
+    assert!(
+        twice
+            .message()
+            .contains("already has an outcome (SUCCEEDED)")
+    );
+
+    // Other refusals keep their generic reasons.
+    let missing = plan(&mut c, 424_242).await.unwrap_err();
+    assert_eq!(
+        missing.get_details_error_info().unwrap().reason,
+        "NOT_FOUND"
+    );
+}
+
+#[tokio::test]
+async fn unknown_enum_values_are_refused_naming_the_field_and_value() {
+    use tonic_types::StatusExt;
+    let db = TestDb::new();
+    let app = TestApp::spawn(&db).await;
+    let mut c = client(&app);
+    let hint = c
+        .report_error(pb::ReportErrorRequest {
+            agent_id: "a".into(),
+            message: "tool execution failed".into(),
+            error_type_hint: 77,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let by_type = c
+        .list_error_events(pb::ListErrorEventsRequest {
+            error_type: 99,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let by_status = c
+        .list_recovery_actions(pb::ListRecoveryActionsRequest {
+            status: 42,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    for (status, needle) in [
+        (hint, "error_type_hint 77"),
+        (by_type, "error_type 99"),
+        (by_status, "status 42"),
+    ] {
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains(needle), "{}", status.message());
+        assert_eq!(
+            status.get_details_error_info().unwrap().reason,
+            "INVALID_ARGUMENT"
+        );
+    }
+    // Nothing was stored by the refused report.
+    let events = c
+        .list_error_events(pb::ListErrorEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(events.events.is_empty());
+}
+
+#[tokio::test]
+async fn recovery_action_pages_follow_their_tokens_to_the_end() {
+    let db = TestDb::new();
+    let app = TestApp::spawn(&db).await;
+    let mut c = client(&app);
+    let mut planned = Vec::new();
+    for agent in ["p1", "p2", "p3"] {
+        let e = report(&mut c, agent, "tool execution failed", &[]).await;
+        planned.push(plan(&mut c, e.id).await.unwrap().id);
+    }
+    planned.reverse();
+    let mut seen = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = c
+            .list_recovery_actions(pb::ListRecoveryActionsRequest {
+                status: pb::RecoveryStatus::Active as i32,
+                page_size: 2,
+                page_token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.actions.len() <= 2);
+        seen.extend(page.actions.iter().map(|a| a.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!(seen, planned, "newest first, each once");
+    let foreign = c
+        .list_recovery_actions(pb::ListRecoveryActionsRequest {
+            page_token: "after:p1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(foreign.code(), Code::InvalidArgument);
+    assert!(foreign.message().contains("page_token"));
+}

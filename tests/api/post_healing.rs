@@ -493,3 +493,105 @@ async fn a_crashed_worker_s_claim_becomes_a_retryable_timeout() {
     assert_eq!(action.status, pb::PostActionStatus::Failed as i32);
     assert_eq!(action.error_code, "timeout");
 }
+
+#[tokio::test]
+async fn unknown_post_enum_values_are_refused_naming_the_field_and_value() {
+    let db = TestDb::new();
+    let app = TestApp::spawn(&db).await;
+    let mut c = client(&app);
+    let key = seed_key("p1:comment:tier_1");
+    let bad_status = c
+        .record_action_outcome(pb::RecordActionOutcomeRequest {
+            idempotency_key: key.clone(),
+            status: 9,
+            post_id: "p1".into(),
+            action_type: pb::PostActionType::Comment as i32,
+            tier: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let bad_action = c
+        .record_action_outcome(pb::RecordActionOutcomeRequest {
+            idempotency_key: key.clone(),
+            status: pb::PostActionStatus::Succeeded as i32,
+            post_id: "p1".into(),
+            action_type: 7,
+            tier: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    for (status, needle) in [(bad_status, "status 9"), (bad_action, "action_type 7")] {
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains(needle), "{}", status.message());
+    }
+    // Neither created the record.
+    let missing = c
+        .should_retry(pb::ShouldRetryRequest {
+            idempotency_key: key,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn action_pages_follow_their_tokens_to_the_end() {
+    let db = TestDb::new();
+    let app = TestApp::spawn(&db).await;
+    let mut c = client(&app);
+    let mut keys = Vec::new();
+    for (action, name, tier) in [
+        (pb::PostActionType::Comment, "comment", 1),
+        (pb::PostActionType::Edit, "edit", 2),
+        (pb::PostActionType::Thread, "thread", 3),
+    ] {
+        let key = seed_key(&format!("p1:{name}:tier_{tier}"));
+        let created = c
+            .record_action_outcome(pb::RecordActionOutcomeRequest {
+                idempotency_key: key.clone(),
+                status: pb::PostActionStatus::Succeeded as i32,
+                post_id: "p1".into(),
+                action_type: action as i32,
+                tier,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(created.created);
+        keys.push(key);
+    }
+    let mut seen = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = c
+            .list_actions(pb::ListActionsRequest {
+                post_id: "p1".into(),
+                page_size: 2,
+                page_token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.actions.len() <= 2);
+        seen.extend(page.actions.into_iter().map(|a| a.idempotency_key));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    seen.sort();
+    keys.sort();
+    assert_eq!(seen, keys, "every record once");
+    let foreign = c
+        .list_actions(pb::ListActionsRequest {
+            post_id: "p1".into(),
+            page_token: "after:12/not-a-key".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(foreign.code(), Code::InvalidArgument);
+}

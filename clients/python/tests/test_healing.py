@@ -73,7 +73,7 @@ def test_report_plan_outcome_and_statistics(client: FleetcareClient) -> None:
         healing.ReportRecoveryOutcome(pb.ReportRecoveryOutcomeRequest(action_id=action.id, success=False))
     assert twice.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     info = error_info(twice.value)
-    assert info is not None and info.reason == "FAILED_PRECONDITION"
+    assert info is not None and info.reason == "OUTCOME_ALREADY_RECORDED"
 
     after = healing.GetHealingStatistics(pb.GetHealingStatisticsRequest())
     assert after.total_errors == before.total_errors + 2

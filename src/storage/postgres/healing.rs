@@ -8,25 +8,63 @@ use sqlx::{FromRow, Postgres, Transaction};
 use super::{PgStore, db_error};
 use crate::domain::healing::{self, Context, ErrorType, Evidence, Strategy};
 use crate::domain::healing_records::{
-    ErrorEvent, HealingStatistics, NewErrorEvent, PatternStatistics, RecoveryAction,
-    RecoveryOutcome, RecoveryStatus,
+    self as records, ErrorEvent, HealingStatistics, LeaseFilter, NewErrorEvent, PatternStatistics,
+    RecoveryAction, RecoveryAlreadyActive, RecoveryOutcome, RecoveryStatus, StoredStatusFilter,
 };
 use crate::error::{Error, Result};
 use crate::storage::{ErrorEventQuery, HealingStore, Planner, RecoveryActionQuery};
 
-/// The window in which repeated errors make an event "recurring".
-const RECURRENCE_WINDOW_SECS: f64 = 3600.0;
-
 const EVENT_COLUMNS: &str =
     "id, agent_id, message, context, error_type, severity, critical, recurring, occurred_at";
 
-/// An ACTIVE action past its lease reads as EXPIRED, whoever asks and whenever.
+/// The stored status; rows are read through [`ActionRow::at`], which lets the
+/// domain decide what a reader sees.
 const ACTION_COLUMNS: &str = "id, error_event_id, agent_id, error_type, context_signature, \
      strategy, chosen_strategy, parameters, estimated_duration_ms, success_probability, risk, \
-     escalated, reason, \
-     CASE WHEN status = 'ACTIVE' AND lease_expires_at <= now() THEN 'EXPIRED' ELSE status END \
-         AS status, \
-     created_at, lease_expires_at, completed_at, duration_ms, details";
+     escalated, reason, status, created_at, lease_expires_at, completed_at, duration_ms, details";
+
+/// Rows whose (status, lease) match one of the domain's [`StoredStatusFilter`]s,
+/// bound as three arrays from `$n`: stored status, lease ends after, lease ended by.
+fn status_filter_sql(n: usize) -> String {
+    format!(
+        "EXISTS (SELECT 1 FROM unnest(${n}::text[], ${}::timestamptz[], ${}::timestamptz[])
+                     AS f(status, ends_after, ended_by)
+                 WHERE recovery_actions.status = f.status
+                   AND (f.ends_after IS NULL OR recovery_actions.lease_expires_at > f.ends_after)
+                   AND (f.ended_by IS NULL OR recovery_actions.lease_expires_at <= f.ended_by))",
+        n + 1,
+        n + 2
+    )
+}
+
+type FilterArrays = (
+    Vec<&'static str>,
+    Vec<Option<DateTime<Utc>>>,
+    Vec<Option<DateTime<Utc>>>,
+);
+
+fn filter_arrays(filters: &[StoredStatusFilter]) -> FilterArrays {
+    let mut arrays: FilterArrays = Default::default();
+    for f in filters {
+        let (after, by) = match f.lease {
+            LeaseFilter::Any => (None, None),
+            LeaseFilter::EndsAfter(t) => (Some(t), None),
+            LeaseFilter::EndedBy(t) => (None, Some(t)),
+        };
+        arrays.0.push(f.status.as_str());
+        arrays.1.push(after);
+        arrays.2.push(by);
+    }
+    arrays
+}
+
+/// The store's clock, once per call: `now()` is the transaction's start.
+async fn db_now(tx: &mut Transaction<'_, Postgres>) -> Result<DateTime<Utc>> {
+    sqlx::query_scalar("SELECT now()")
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(db_error)
+}
 
 #[derive(FromRow)]
 struct EventRow {
@@ -94,6 +132,18 @@ impl TryFrom<EventRow> for ErrorEvent {
     }
 }
 
+impl ActionRow {
+    /// The action as a reader at `now` sees it.
+    fn at(self, now: DateTime<Utc>) -> Result<RecoveryAction> {
+        let stored = RecoveryStatus::parse(&self.status)
+            .ok_or_else(|| corrupt("recovery status", &self.status))?;
+        let mut action = RecoveryAction::try_from(self)?;
+        action.status = stored.as_of(action.lease_expires_at, now);
+        Ok(action)
+    }
+}
+
+/// The action as stored (use [`ActionRow::at`] for what a reader sees).
 impl TryFrom<ActionRow> for RecoveryAction {
     type Error = Error;
 
@@ -127,29 +177,22 @@ fn millis(d: Duration) -> i64 {
     d.num_milliseconds()
 }
 
-async fn active_action(
+/// The agent's action stored as ACTIVE (at most one: the partial unique index),
+/// locked, as stored: [`records::admit_plan`] decides whether it still holds.
+async fn stored_active_action(
     tx: &mut Transaction<'_, Postgres>,
     agent_id: &str,
 ) -> Result<Option<RecoveryAction>> {
     let row: Option<ActionRow> = sqlx::query_as(&format!(
-        "SELECT {ACTION_COLUMNS} FROM recovery_actions WHERE agent_id = $1 AND status = 'ACTIVE'"
+        "SELECT {ACTION_COLUMNS} FROM recovery_actions
+         WHERE agent_id = $1 AND status = $2 FOR UPDATE"
     ))
     .bind(agent_id)
+    .bind(RecoveryStatus::Active.as_str())
     .fetch_optional(&mut **tx)
     .await
     .map_err(db_error)?;
     row.map(RecoveryAction::try_from).transpose()
-}
-
-fn already_active(action: &RecoveryAction) -> Error {
-    Error::FailedPrecondition(format!(
-        "agent {:?} already has an active recovery: action {} ({}), planned at {}, lease until {}",
-        action.agent_id,
-        action.id,
-        action.strategy.as_str(),
-        action.created_at.to_rfc3339(),
-        action.lease_expires_at.to_rfc3339(),
-    ))
 }
 
 #[async_trait]
@@ -162,21 +205,23 @@ impl HealingStore for PgStore {
             .execute(&mut *tx)
             .await
             .map_err(db_error)?;
+        let now = db_now(&mut tx).await?;
+        let window = healing::recurrence_window(now);
         let earlier: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM error_events
-             WHERE agent_id = $1 AND error_type = $2
-               AND occurred_at > now() - make_interval(secs => $3)",
+             WHERE agent_id = $1 AND error_type = $2 AND occurred_at > $3 AND occurred_at <= $4",
         )
         .bind(&event.agent_id)
         .bind(event.error_type.as_str())
-        .bind(RECURRENCE_WINDOW_SECS)
+        .bind(window.after)
+        .bind(window.until)
         .fetch_one(&mut *tx)
         .await
         .map_err(db_error)?;
         let row: EventRow = sqlx::query_as(&format!(
             "INSERT INTO error_events
                  (agent_id, message, context, error_type, severity, critical, recurring, occurred_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, now())
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
              RETURNING {EVENT_COLUMNS}"
         ))
         .bind(&event.agent_id)
@@ -185,7 +230,8 @@ impl HealingStore for PgStore {
         .bind(event.error_type.as_str())
         .bind(event.severity)
         .bind(healing::is_critical(event.severity))
-        .bind(healing::is_recurring(earlier + 1))
+        .bind(healing::recurring_given(earlier))
+        .bind(now)
         .fetch_one(&mut *tx)
         .await
         .map_err(db_error)?;
@@ -212,17 +258,16 @@ impl HealingStore for PgStore {
             id: error_event_id.to_string(),
         })?
         .try_into()?;
+        let now = db_now(&mut tx).await?;
+        let stored_active = stored_active_action(&mut tx, &event.agent_id).await?;
         // Free the agent from a recovery whose lease ran out without an outcome.
-        sqlx::query(
-            "UPDATE recovery_actions SET status = 'EXPIRED'
-             WHERE agent_id = $1 AND status = 'ACTIVE' AND lease_expires_at <= now()",
-        )
-        .bind(&event.agent_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_error)?;
-        if let Some(active) = active_action(&mut tx, &event.agent_id).await? {
-            return Err(already_active(&active));
+        if let Some(lapsed) = records::admit_plan(stored_active.as_ref(), now)? {
+            sqlx::query("UPDATE recovery_actions SET status = $2 WHERE id = $1")
+                .bind(lapsed)
+                .bind(RecoveryStatus::Expired.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
         }
         let signature = healing::context_signature(&event.context);
         let evidence: Vec<(String, i64, i64, f64)> = sqlx::query_as(
@@ -251,8 +296,7 @@ impl HealingStore for PgStore {
                  (error_event_id, agent_id, error_type, context_signature, strategy, chosen_strategy,
                   parameters, estimated_duration_ms, success_probability, risk, escalated, reason,
                   status, created_at, lease_expires_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'ACTIVE', now(),
-                     now() + make_interval(secs => $13::float8 / 1000))
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
              RETURNING {ACTION_COLUMNS}"
         ))
         .bind(event.id)
@@ -267,23 +311,31 @@ impl HealingStore for PgStore {
         .bind(plan.risk)
         .bind(plan.escalated)
         .bind(&plan.reason)
-        .bind(millis(lease) as f64)
+        .bind(RecoveryStatus::Active.as_str())
+        .bind(now)
+        .bind(records::lease_expires_at(now, lease))
         .fetch_one(&mut *tx)
         .await;
         match inserted {
             Ok(row) => {
                 tx.commit().await.map_err(db_error)?;
-                row.try_into()
+                row.at(now)
             }
-            // A concurrent plan for the same agent committed first.
+            // A concurrent plan for the same agent committed first: the unique
+            // index of one ACTIVE per agent refused this one.
             Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => {
                 drop(tx);
                 let mut tx = self.pool.begin().await.map_err(db_error)?;
-                match active_action(&mut tx, &event.agent_id).await? {
-                    Some(active) => Err(already_active(&active)),
-                    None => Err(Error::Aborted(
-                        "a concurrent recovery plan for this agent conflicted, retry".into(),
-                    )),
+                let now = db_now(&mut tx).await?;
+                let winner = stored_active_action(&mut tx, &event.agent_id).await?;
+                match winner {
+                    Some(active) if records::admit_plan(Some(&active), now).is_err() => {
+                        Err(RecoveryAlreadyActive::of(&active).into())
+                    }
+                    _ => Err(Error::Conflict(format!(
+                        "a concurrent recovery plan for agent {:?} won and is already over",
+                        event.agent_id
+                    ))),
                 }
             }
             Err(e) => Err(db_error(e)),
@@ -296,7 +348,8 @@ impl HealingStore for PgStore {
         outcome: RecoveryOutcome,
     ) -> Result<RecoveryAction> {
         let mut tx = self.pool.begin().await.map_err(db_error)?;
-        let current: RecoveryAction = sqlx::query_as::<_, ActionRow>(&format!(
+        let now = db_now(&mut tx).await?;
+        let current = sqlx::query_as::<_, ActionRow>(&format!(
             "SELECT {ACTION_COLUMNS} FROM recovery_actions WHERE id = $1 FOR UPDATE"
         ))
         .bind(action_id)
@@ -307,25 +360,11 @@ impl HealingStore for PgStore {
             kind: "recovery action",
             id: action_id.to_string(),
         })?
-        .try_into()?;
-        match current.status {
-            // A late outcome of an expired recovery still teaches the planner.
-            RecoveryStatus::Active | RecoveryStatus::Expired => {}
-            RecoveryStatus::Succeeded | RecoveryStatus::Failed => {
-                return Err(Error::FailedPrecondition(format!(
-                    "recovery action {action_id} already has an outcome ({})",
-                    current.status.as_str()
-                )));
-            }
-        }
-        let status = if outcome.success {
-            RecoveryStatus::Succeeded
-        } else {
-            RecoveryStatus::Failed
-        };
+        .at(now)?;
+        let status = records::accept_outcome(&current, &outcome)?;
         let row: ActionRow = sqlx::query_as(&format!(
             "UPDATE recovery_actions
-             SET status = $2, completed_at = now(), duration_ms = $3, details = $4
+             SET status = $2, completed_at = $5, duration_ms = $3, details = $4
              WHERE id = $1
              RETURNING {ACTION_COLUMNS}"
         ))
@@ -333,6 +372,7 @@ impl HealingStore for PgStore {
         .bind(status.as_str())
         .bind(millis(outcome.duration))
         .bind(&outcome.details)
+        .bind(now)
         .fetch_one(&mut *tx)
         .await
         .map_err(db_error)?;
@@ -340,12 +380,12 @@ impl HealingStore for PgStore {
         sqlx::query(
             "INSERT INTO healing_patterns
                  (error_type, context_signature, strategy, successes, failures, total_recovery_ms, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, now())
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
              ON CONFLICT (error_type, context_signature, strategy) DO UPDATE SET
                  successes = healing_patterns.successes + EXCLUDED.successes,
                  failures = healing_patterns.failures + EXCLUDED.failures,
                  total_recovery_ms = healing_patterns.total_recovery_ms + EXCLUDED.total_recovery_ms,
-                 updated_at = now()",
+                 updated_at = EXCLUDED.updated_at",
         )
         .bind(current.error_type.as_str())
         .bind(&current.context_signature)
@@ -353,37 +393,49 @@ impl HealingStore for PgStore {
         .bind(i64::from(outcome.success))
         .bind(i64::from(!outcome.success))
         .bind(millis(outcome.duration) as f64)
+        .bind(now)
         .execute(&mut *tx)
         .await
         .map_err(db_error)?;
         tx.commit().await.map_err(db_error)?;
-        row.try_into()
+        row.at(now)
     }
 
     async fn healing_statistics(&self) -> Result<HealingStatistics> {
-        let (total_errors, errors_last_hour, active_recoveries): (i64, i64, i64) = sqlx::query_as(
-            "SELECT
-                 (SELECT count(*) FROM error_events),
-                 (SELECT count(*) FROM error_events WHERE occurred_at > now() - interval '1 hour'),
-                 (SELECT count(*) FROM recovery_actions
-                   WHERE status = 'ACTIVE' AND lease_expires_at > now())",
-        )
-        .fetch_one(&self.pool)
-        .await
-        .map_err(db_error)?;
+        // One transaction: every figure as of one `now`.
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        let now = db_now(&mut tx).await?;
+        let (statuses, ends_after, ended_by) =
+            filter_arrays(&RecoveryStatus::Active.stored_as(now));
+        let (total_errors, errors_last_hour, active_recoveries): (i64, i64, i64) =
+            sqlx::query_as(&format!(
+                "SELECT
+                     (SELECT count(*) FROM error_events),
+                     (SELECT count(*) FROM error_events WHERE occurred_at > $1),
+                     (SELECT count(*) FROM recovery_actions WHERE {})",
+                status_filter_sql(2)
+            ))
+            .bind(records::statistics_recent_since(now))
+            .bind(statuses)
+            .bind(ends_after)
+            .bind(ended_by)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_error)?;
         let by_type: Vec<(String, i64)> = sqlx::query_as(
             "SELECT error_type, count(*) FROM error_events GROUP BY error_type ORDER BY error_type",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await
         .map_err(db_error)?;
         let patterns: Vec<(String, String, String, i64, i64, f64)> = sqlx::query_as(
             "SELECT error_type, context_signature, strategy, successes, failures, total_recovery_ms
              FROM healing_patterns ORDER BY error_type, context_signature, strategy",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await
         .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
         Ok(HealingStatistics {
             total_errors,
             errors_last_hour,
@@ -431,23 +483,36 @@ impl HealingStore for PgStore {
         &self,
         query: &RecoveryActionQuery,
     ) -> Result<Vec<RecoveryAction>> {
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        let now = db_now(&mut tx).await?;
+        let (statuses, ends_after, ended_by) = match query.status {
+            Some(status) => {
+                let (s, a, b) = filter_arrays(&status.stored_as(now));
+                (Some(s), Some(a), Some(b))
+            }
+            None => (None, None, None),
+        };
         let rows: Vec<ActionRow> = sqlx::query_as(&format!(
-            "SELECT * FROM (SELECT {ACTION_COLUMNS} FROM recovery_actions
-                            WHERE ($1::text IS NULL OR agent_id = $1)
-                              AND ($2::text IS NULL OR error_type = $2)
-                              AND ($4::bigint IS NULL OR id < $4)) a
-             WHERE ($3::text IS NULL OR a.status = $3)
+            "SELECT {ACTION_COLUMNS} FROM recovery_actions
+             WHERE ($1::text IS NULL OR agent_id = $1)
+               AND ($2::text IS NULL OR error_type = $2)
+               AND ($3::bigint IS NULL OR id < $3)
+               AND ($5::text[] IS NULL OR {})
              ORDER BY id DESC
-             LIMIT $5"
+             LIMIT $4",
+            status_filter_sql(5)
         ))
         .bind(query.agent_id.as_deref())
         .bind(query.error_type.map(ErrorType::as_str))
-        .bind(query.status.map(RecoveryStatus::as_str))
         .bind(query.before_id)
         .bind(query.limit)
-        .fetch_all(&self.pool)
+        .bind(statuses)
+        .bind(ends_after)
+        .bind(ended_by)
+        .fetch_all(&mut *tx)
         .await
         .map_err(db_error)?;
-        rows.into_iter().map(RecoveryAction::try_from).collect()
+        tx.commit().await.map_err(db_error)?;
+        rows.into_iter().map(|row| row.at(now)).collect()
     }
 }

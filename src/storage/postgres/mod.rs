@@ -113,7 +113,8 @@ pub(crate) fn db_error(err: sqlx::Error) -> Error {
             let code = db.code().unwrap_or_default();
             match code.as_ref() {
                 // serialization failure, deadlock: the client may simply retry.
-                "40001" | "40P01" => Error::Aborted("concurrent update conflict, retry".into()),
+                "40001" => Error::Conflict("serialization failure".into()),
+                "40P01" => Error::Conflict("deadlock detected".into()),
                 // connection exceptions, admin shutdown, cannot connect now.
                 c if c.starts_with("08") || c == "57P01" || c == "57P02" || c == "57P03" => {
                     Error::Unavailable(format!("database unavailable ({code})"))

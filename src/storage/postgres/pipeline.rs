@@ -149,15 +149,24 @@ impl SessionSink for PgSessionTransaction {
         .map_err(db_error)?;
         for error in errors {
             let e = &error.event;
+            // Earlier inserts of this loop are visible here: they count too.
+            let window = healing::recurrence_window(error.occurred_at);
+            let earlier: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM error_events
+                 WHERE agent_id = $1 AND error_type = $2 AND occurred_at > $3 AND occurred_at <= $4",
+            )
+            .bind(&e.agent_id)
+            .bind(e.error_type.as_str())
+            .bind(window.after)
+            .bind(window.until)
+            .fetch_one(&mut *self.tx)
+            .await
+            .map_err(db_error)?;
             sqlx::query(
                 "INSERT INTO error_events
                      (agent_id, message, context, error_type, severity, critical, recurring,
                       occurred_at, source_path, source_key)
-                 SELECT $1, $2, $3, $4, $5, $6,
-                        (SELECT count(*) FROM error_events
-                          WHERE agent_id = $1 AND error_type = $4
-                            AND occurred_at > $7 - interval '1 hour' AND occurred_at <= $7) + 1 >= $10,
-                        $7, $8, $9
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
                  ON CONFLICT (source_path, source_key) WHERE source_path IS NOT NULL DO NOTHING",
             )
             .bind(&e.agent_id)
@@ -166,10 +175,10 @@ impl SessionSink for PgSessionTransaction {
             .bind(e.error_type.as_str())
             .bind(e.severity)
             .bind(healing::is_critical(e.severity))
+            .bind(healing::recurring_given(earlier))
             .bind(error.occurred_at)
             .bind(&file.path)
             .bind(&error.key)
-            .bind(healing::RECURRING_COUNT)
             .execute(&mut *self.tx)
             .await
             .map_err(db_error)?;

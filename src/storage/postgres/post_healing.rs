@@ -34,16 +34,15 @@ fn corrupt(what: &str, value: &str) -> Error {
 }
 
 impl ActionRow {
-    /// The record as of `now`: a RUNNING claim past its lease is a failed attempt
-    /// with error "timeout", so a crashed worker neither blocks the post nor hides a retry.
-    fn at(self, now: DateTime<Utc>) -> Result<StoredAction> {
+    /// The record as stored, and its last reported outcome.
+    fn stored(self) -> Result<(ActionRecord, Option<serde_json::Value>)> {
         let tier = match self.tier {
             1 => Tier::Tier1,
             2 => Tier::Tier2,
             3 => Tier::Tier3,
             other => return Err(corrupt("tier", &other.to_string())),
         };
-        let mut record = ActionRecord {
+        let record = ActionRecord {
             action: ActionType::parse(&self.action_type)
                 .ok_or_else(|| corrupt("action type", &self.action_type))?,
             status: ActionStatus::parse(&self.status)
@@ -57,22 +56,71 @@ impl ActionRow {
             updated_at: self.updated_at,
             lease_expires_at: self.lease_expires_at,
         };
-        if lease_expired(&record, now) {
-            let expired_at = record.lease_expires_at.unwrap_or(now);
-            record.status = ActionStatus::Failed;
-            record.error_code = Some("timeout".into());
-            record.attempts += 1;
-            record.updated_at = expired_at;
-        }
+        Ok((record, self.outcome.map(|j| j.0)))
+    }
+
+    /// The record as a reader at `now` sees it (the domain decides what an
+    /// expired claim is).
+    fn at(self, now: DateTime<Utc>) -> Result<StoredAction> {
+        let (record, outcome) = self.stored()?;
         Ok(StoredAction {
-            record,
-            outcome: self.outcome.map(|j| j.0),
+            record: post_healing::as_of(record, now),
+            outcome,
         })
     }
 }
 
-fn lease_expired(record: &ActionRecord, now: DateTime<Utc>) -> bool {
-    record.status == ActionStatus::Running && record.lease_expires_at.is_some_and(|at| at <= now)
+/// Writes the domain's record over the stored one with the same key.
+async fn update_record(
+    tx: &mut Transaction<'_, Postgres>,
+    record: &ActionRecord,
+    outcome: Option<&serde_json::Value>,
+) -> Result<ActionRow> {
+    sqlx::query_as(&format!(
+        "UPDATE post_actions SET
+             status = $2, outcome = $3, error_code = $4, attempts = $5,
+             updated_at = $6, lease_expires_at = $7
+         WHERE idempotency_key = $1
+         RETURNING {COLUMNS}"
+    ))
+    .bind(&record.idempotency_key)
+    .bind(record.status.as_str())
+    .bind(outcome.map(Json))
+    .bind(record.error_code.as_deref())
+    .bind(record.attempts)
+    .bind(record.updated_at)
+    .bind(record.lease_expires_at)
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(db_error)
+}
+
+/// Inserts the domain's new record unless its key exists (then `None`).
+async fn insert_record(
+    tx: &mut Transaction<'_, Postgres>,
+    record: &ActionRecord,
+) -> Result<Option<ActionRow>> {
+    sqlx::query_as(&format!(
+        "INSERT INTO post_actions
+             (idempotency_key, post_id, action_type, tier, status, error_code, attempts,
+              created_at, updated_at, lease_expires_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+         ON CONFLICT (idempotency_key) DO NOTHING
+         RETURNING {COLUMNS}"
+    ))
+    .bind(&record.idempotency_key)
+    .bind(&record.post_id)
+    .bind(record.action.as_str())
+    .bind(record.tier.number())
+    .bind(record.status.as_str())
+    .bind(record.error_code.as_deref())
+    .bind(record.attempts)
+    .bind(record.created_at)
+    .bind(record.updated_at)
+    .bind(record.lease_expires_at)
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(db_error)
 }
 
 async fn db_now(tx: &mut Transaction<'_, Postgres>) -> Result<DateTime<Utc>> {
@@ -124,17 +172,24 @@ impl PostHealingStore for PgStore {
             Some(now) => now,
             None => db_now(&mut tx).await?,
         };
+        // A claim writes over one of these records: lock them until it commits.
+        let lock = if claim_lease.is_some() {
+            "FOR UPDATE"
+        } else {
+            ""
+        };
         let rows: Vec<ActionRow> = sqlx::query_as(&format!(
-            "SELECT {COLUMNS} FROM post_actions WHERE post_id = $1 ORDER BY created_at"
+            "SELECT {COLUMNS} FROM post_actions WHERE post_id = $1 ORDER BY created_at {lock}"
         ))
         .bind(post_id)
         .fetch_all(&mut *tx)
         .await
         .map_err(db_error)?;
-        let history = rows
+        let stored = rows
             .into_iter()
-            .map(|row| row.at(now).map(|stored| stored.record))
+            .map(|row| row.at(now))
             .collect::<Result<Vec<_>>>()?;
+        let history: Vec<ActionRecord> = stored.iter().map(|s| s.record.clone()).collect();
         let evaluation = evaluate(now, &history);
         let (Some(lease), true) = (claim_lease, evaluation.eligible) else {
             return Ok(PostVerdict {
@@ -147,30 +202,18 @@ impl PostHealingStore for PgStore {
             return Err(Error::Internal("eligible evaluation without a plan".into()));
         };
         // A key may exist as a failed (or expired) earlier attempt: claiming it again
-        // re-runs it. An expired claim counts as the attempt it was.
-        let row: ActionRow = sqlx::query_as(&format!(
-            "INSERT INTO post_actions
-                 (idempotency_key, post_id, action_type, tier, status, attempts,
-                  created_at, updated_at, lease_expires_at)
-             VALUES ($1, $2, $3, $4, 'RUNNING', 0, $5, $5, $6)
-             ON CONFLICT (idempotency_key) DO UPDATE SET
-                 attempts = post_actions.attempts
-                     + CASE WHEN post_actions.status = 'RUNNING' THEN 1 ELSE 0 END,
-                 status = 'RUNNING',
-                 error_code = NULL,
-                 updated_at = EXCLUDED.updated_at,
-                 lease_expires_at = EXCLUDED.lease_expires_at
-             RETURNING {COLUMNS}"
-        ))
-        .bind(key)
-        .bind(post_id)
-        .bind(stagnation.action.as_str())
-        .bind(stagnation.tier.number())
-        .bind(now)
-        .bind(now + lease)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db_error)?;
+        // re-runs it, as the domain's record says.
+        let existing = stored.iter().find(|s| &s.record.idempotency_key == key);
+        let claimed =
+            post_healing::claim(existing.map(|s| &s.record), post_id, stagnation, now, lease);
+        let row = match existing {
+            Some(existing) => update_record(&mut tx, &claimed, existing.outcome.as_ref()).await?,
+            None => insert_record(&mut tx, &claimed).await?.ok_or_else(|| {
+                Error::Conflict(format!(
+                    "post action {key} was recorded meanwhile by another call"
+                ))
+            })?,
+        };
         tx.commit().await.map_err(db_error)?;
         Ok(PostVerdict {
             evaluation,
@@ -185,7 +228,7 @@ impl PostHealingStore for PgStore {
         let mut tx = self.pool.begin().await.map_err(db_error)?;
         let now = db_now(&mut tx).await?;
         let key = &update.idempotency_key;
-        let existing = fetch(&mut tx, key, true).await?;
+        let mut existing = fetch(&mut tx, key, true).await?;
         let created = existing.is_none();
         if created {
             let Some((post_id, action, tier)) = &update.new_record else {
@@ -202,42 +245,19 @@ impl PostHealingStore for PgStore {
                 )));
             }
             // A concurrent creator may win: the update below then applies on top of it.
-            sqlx::query(
-                "INSERT INTO post_actions
-                     (idempotency_key, post_id, action_type, tier, status, attempts, created_at, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, 0, $6, $6)
-                 ON CONFLICT (idempotency_key) DO NOTHING",
-            )
-            .bind(key)
-            .bind(post_id)
-            .bind(action.as_str())
-            .bind(tier.number())
-            .bind(update.status.as_str())
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
+            let base = post_healing::reported(post_id, *action, *tier, update.status, now);
+            existing = match insert_record(&mut tx, &base).await? {
+                Some(row) => Some(row),
+                None => fetch(&mut tx, key, true).await?,
+            };
         }
-        // RUNNING renews nothing here: a lease is only granted by a claim.
-        let row: ActionRow = sqlx::query_as(&format!(
-            "UPDATE post_actions SET
-                 status = $2,
-                 outcome = COALESCE($3, outcome),
-                 error_code = $4,
-                 attempts = attempts + 1,
-                 updated_at = $5,
-                 lease_expires_at = CASE WHEN $2 = 'RUNNING' THEN lease_expires_at ELSE NULL END
-             WHERE idempotency_key = $1
-             RETURNING {COLUMNS}"
-        ))
-        .bind(key)
-        .bind(update.status.as_str())
-        .bind(update.outcome.as_ref().map(Json))
-        .bind(update.error_code.as_deref())
-        .bind(now)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db_error)?;
+        let (stored, outcome) = existing
+            .ok_or_else(|| Error::Conflict(format!("post action {key} was removed meanwhile")))?
+            .stored()?;
+        let updated = post_healing::apply_outcome(stored, update.status, update.error_code, now);
+        // An outcome is kept until a report brings a new one.
+        let outcome = update.outcome.or(outcome);
+        let row = update_record(&mut tx, &updated, outcome.as_ref()).await?;
         tx.commit().await.map_err(db_error)?;
         Ok((row.at(now)?, created))
     }

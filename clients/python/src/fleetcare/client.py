@@ -374,8 +374,9 @@ def error_info(error: grpc.RpcError) -> Optional[error_details_pb2.ErrorInfo]:
 
     fleetcare attaches one to every error (domain ``fleetcare.v1``) with a stable
     ``reason`` to branch on: ``INVALID_ARGUMENT``, ``NOT_FOUND``,
-    ``TRANSITION_REFUSED``, ``FAILED_PRECONDITION``, ``REVISION_OUT_OF_RANGE``,
-    ``ABORTED``, ``UNAVAILABLE``, ...
+    ``TRANSITION_REFUSED``, ``RECOVERY_ALREADY_ACTIVE``, ``OUTCOME_ALREADY_RECORDED``,
+    ``REVISION_OUT_OF_RANGE``, ``CONFLICT``, ``ABORTED``, ``UNAVAILABLE``, ...
+    (the README's Errors section lists them all).
     """
     trailing = getattr(error, "trailing_metadata", None)
     metadata = trailing() if callable(trailing) else None
