@@ -1,6 +1,5 @@
 //! `fleetcare.v1.AgentStatusService`: decode, validate, call the store, encode.
 
-use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,8 +12,8 @@ use tonic::{Request, Response, Status};
 
 use crate::domain::agent::{Event, ExhaustionReport};
 use crate::domain::batch::Applied;
-use crate::domain::transition::WatchFilter;
 use crate::error::Error;
+use crate::grpc::agent_requests::{AgentCursor, AgentId, ListAgents, ListTransitions};
 use crate::grpc::convert::{self, from_timestamp};
 use crate::grpc::validate;
 use crate::proto::v1 as pb;
@@ -22,7 +21,7 @@ use crate::proto::v1::agent_status_service_server::AgentStatusService;
 use crate::runtime::agents::AgentWrites;
 use crate::runtime::fanout::TransitionFanout;
 use crate::runtime::watch::{self, WatchEvent, WatchSpec};
-use crate::storage::{AgentQuery, AgentStore};
+use crate::storage::AgentStore;
 
 /// Settings the handlers need.
 #[derive(Debug, Clone)]
@@ -87,10 +86,7 @@ impl AgentStatusService for AgentStatusApi {
         &self,
         request: Request<pb::RegisterAgentRequest>,
     ) -> Result<Response<pb::RegisterAgentResponse>, Status> {
-        let pb::RegisterAgentRequest { agent_id, labels } = request.into_inner();
-        let agent_id = validate::agent_id("agent_id", &agent_id)?;
-        let labels = validate::labels("labels", labels)?;
-        let applied = self.writes.register(agent_id, labels).await?;
+        let applied = self.writes.commit(request.into_inner().try_into()?).await?;
         if applied.created {
             tracing::info!(agent_id = %applied.agent.agent_id, "agent registered");
         }
@@ -104,8 +100,7 @@ impl AgentStatusService for AgentStatusApi {
         &self,
         request: Request<pb::GetAgentRequest>,
     ) -> Result<Response<pb::GetAgentResponse>, Status> {
-        let pb::GetAgentRequest { agent_id } = request.into_inner();
-        let agent_id = validate::agent_id("agent_id", &agent_id)?;
+        let AgentId(agent_id) = request.into_inner().try_into()?;
         let agent = self
             .writes
             .with_latest_heartbeat(self.store.get_agent(&agent_id).await?);
@@ -118,37 +113,9 @@ impl AgentStatusService for AgentStatusApi {
         &self,
         request: Request<pb::ListAgentsRequest>,
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
-        let pb::ListAgentsRequest {
-            page_size,
-            page_token,
-            statuses,
-            labels,
-        } = request.into_inner();
-        let limit = validate::page_size(page_size)?;
-        let after = validate::decode_page_token(&page_token)?
-            .map(|id| validate::agent_id("page_token", id))
-            .transpose()?;
-        let statuses = statuses
-            .into_iter()
-            .map(|s| convert::status_from_pb("statuses", s))
-            .collect::<Result<Vec<_>, _>>()?;
-        let query = AgentQuery {
-            after_agent_id: after,
-            statuses,
-            labels: validate::labels("labels", labels)?,
-            // One more than asked tells whether there is a next page.
-            limit: limit + 1,
-        };
+        let ListAgents { page, query } = request.into_inner().try_into()?;
         let mut agents = self.store.list_agents(&query).await?;
-        let next_page_token = if agents.len() as i64 > limit {
-            agents.truncate(limit as usize);
-            agents
-                .last()
-                .map(|a| validate::encode_page_token(&a.agent_id))
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let next_page_token = page.finish(&mut agents, |a| AgentCursor(a.agent_id.clone()));
         Ok(Response::new(pb::ListAgentsResponse {
             agents: agents
                 .into_iter()
@@ -162,8 +129,7 @@ impl AgentStatusService for AgentStatusApi {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let pb::HeartbeatRequest { agent_id } = request.into_inner();
-        let agent_id = validate::agent_id("agent_id", &agent_id)?;
+        let AgentId(agent_id) = request.into_inner().try_into()?;
         let (applied, next) = self.writes.heartbeat(agent_id).await?;
         let (agent, transition) = encode(&applied);
         Ok(Response::new(pb::HeartbeatResponse {
@@ -177,12 +143,8 @@ impl AgentStatusService for AgentStatusApi {
         &self,
         request: Request<pb::StartWorkRequest>,
     ) -> Result<Response<pb::StartWorkResponse>, Status> {
-        let pb::StartWorkRequest {
-            agent_id,
-            slot_type,
-        } = request.into_inner();
-        let slot = convert::slot_from_pb(slot_type)?;
-        let (agent, transition) = self.apply(&agent_id, Event::StartWork(slot)).await?;
+        let applied = self.writes.commit(request.into_inner().try_into()?).await?;
+        let (agent, transition) = encode(&applied);
         Ok(Response::new(pb::StartWorkResponse {
             agent: Some(agent),
             transition: Some(recorded(transition)?),
@@ -193,8 +155,8 @@ impl AgentStatusService for AgentStatusApi {
         &self,
         request: Request<pb::FinishWorkRequest>,
     ) -> Result<Response<pb::FinishWorkResponse>, Status> {
-        let pb::FinishWorkRequest { agent_id } = request.into_inner();
-        let (agent, transition) = self.apply(&agent_id, Event::FinishWork).await?;
+        let applied = self.writes.commit(request.into_inner().try_into()?).await?;
+        let (agent, transition) = encode(&applied);
         Ok(Response::new(pb::FinishWorkResponse {
             agent: Some(agent),
             transition: Some(recorded(transition)?),
@@ -263,8 +225,8 @@ impl AgentStatusService for AgentStatusApi {
         &self,
         request: Request<pb::MarkOfflineRequest>,
     ) -> Result<Response<pb::MarkOfflineResponse>, Status> {
-        let pb::MarkOfflineRequest { agent_id } = request.into_inner();
-        let (agent, transition) = self.apply(&agent_id, Event::MarkOffline).await?;
+        let applied = self.writes.commit(request.into_inner().try_into()?).await?;
+        let (agent, transition) = encode(&applied);
         Ok(Response::new(pb::MarkOfflineResponse {
             agent: Some(agent),
             transition,
@@ -277,43 +239,7 @@ impl AgentStatusService for AgentStatusApi {
         &self,
         request: Request<pb::WatchTransitionsRequest>,
     ) -> Result<Response<Self::WatchTransitionsStream>, Status> {
-        let pb::WatchTransitionsRequest {
-            since_revision,
-            agent_ids,
-            statuses,
-            include_snapshot,
-        } = request.into_inner();
-        let since_revision = validate::revision("since_revision", since_revision)?;
-        if include_snapshot && since_revision != 0 {
-            return Err(Error::invalid(
-                "since_revision must be 0 with include_snapshot: the snapshot sets the starting revision",
-            )
-            .into());
-        }
-        if agent_ids.len() > validate::MAX_WATCH_AGENTS {
-            return Err(Error::invalid(format!(
-                "agent_ids has {} entries, at most {} allowed",
-                agent_ids.len(),
-                validate::MAX_WATCH_AGENTS
-            ))
-            .into());
-        }
-        let agent_ids = agent_ids
-            .iter()
-            .map(|id| validate::agent_id("agent_ids", id))
-            .collect::<Result<HashSet<_>, _>>()?;
-        let statuses = statuses
-            .into_iter()
-            .map(|s| convert::status_from_pb("statuses", s))
-            .collect::<Result<HashSet<_>, _>>()?;
-        let spec = WatchSpec {
-            since_revision,
-            filter: WatchFilter {
-                agent_ids,
-                statuses,
-            },
-            include_snapshot,
-        };
+        let spec: WatchSpec = request.into_inner().try_into()?;
         let events = watch::open(
             self.store.clone(),
             &self.fanout,
@@ -345,39 +271,17 @@ impl AgentStatusService for AgentStatusApi {
         &self,
         request: Request<pb::ListTransitionsRequest>,
     ) -> Result<Response<pb::ListTransitionsResponse>, Status> {
-        let pb::ListTransitionsRequest {
+        let ListTransitions {
             agent_id,
-            after_revision,
-            page_size,
-            page_token,
-        } = request.into_inner();
-        let agent_id = match agent_id.as_str() {
-            "" => None,
-            id => Some(validate::agent_id("agent_id", id)?),
-        };
-        let limit = validate::page_size(page_size)?;
-        let after = match validate::decode_page_token(&page_token)? {
-            Some(rev) => rev
-                .parse::<i64>()
-                .ok()
-                .filter(|r| *r >= 0)
-                .ok_or_else(|| Error::invalid("page_token is not one this server issued"))?,
-            None => validate::revision("after_revision", after_revision)?,
-        };
+            page,
+            after,
+        } = request.into_inner().try_into()?;
         let bounds = self.store.revision_bounds().await?;
         let mut transitions = self
             .store
-            .transitions_after(after, agent_id.as_deref(), limit + 1)
+            .transitions_after(after, agent_id.as_deref(), page.fetch_limit())
             .await?;
-        let next_page_token = if transitions.len() as i64 > limit {
-            transitions.truncate(limit as usize);
-            transitions
-                .last()
-                .map(|t| validate::encode_page_token(&t.revision.to_string()))
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let next_page_token = page.finish(&mut transitions, |t| t.revision);
         Ok(Response::new(pb::ListTransitionsResponse {
             transitions: transitions.iter().map(pb::Transition::from).collect(),
             next_page_token,

@@ -1,5 +1,6 @@
 //! The gRPC layer: one thin adapter per service, and the one error mapping.
 
+pub mod agent_requests;
 pub mod agent_status;
 pub mod convert;
 pub mod healing;

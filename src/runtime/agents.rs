@@ -9,7 +9,7 @@ use chrono::Duration;
 use crate::domain::agent::Event;
 use crate::domain::batch::{Applied, Command};
 use crate::domain::liveness::HeartbeatPacing;
-use crate::domain::transition::{Agent, Labels};
+use crate::domain::transition::Agent;
 use crate::error::Result;
 use crate::runtime::clock::Clock;
 use crate::runtime::committer::Committer;
@@ -42,10 +42,9 @@ impl AgentWrites {
         }
     }
 
-    pub async fn register(&self, agent_id: String, labels: Labels) -> Result<Applied> {
-        self.committer
-            .submit(Command::Register { agent_id, labels })
-            .await
+    /// Commits one state-changing command (group commit: see `committer`).
+    pub async fn commit(&self, command: Command) -> Result<Applied> {
+        self.committer.submit(command).await
     }
 
     pub async fn apply(&self, agent_id: String, event: Event) -> Result<Applied> {
