@@ -34,6 +34,7 @@ async fn report(
             recovery_at: None,
             headers,
             message: message.into(),
+            time_zone: String::new(),
         })
         .await
         .unwrap()
@@ -204,6 +205,7 @@ async fn every_recovery_form_is_understood() {
             recovery_at: Some(explicit),
             headers: vec![header("Retry-After", "5")],
             message: "reset in 1 min".into(),
+            time_zone: String::new(),
         })
         .await
         .unwrap()

@@ -7,7 +7,8 @@ use chrono::{DateTime, Duration, Utc};
 
 use super::dates::parse_http_date;
 use super::{
-    MAX_DELAY_SECS, accept_time, after, leading_number, leading_word, seconds_to_duration,
+    MAX_DELAY_SECS, accept_time, after, epoch_to_time, leading_number, leading_word,
+    seconds_to_duration,
 };
 
 // ---------------------------------------------------------------------------
@@ -160,7 +161,9 @@ fn classify_provider_header(name: &str) -> ProviderHeader {
     {
         return ProviderHeader::Remaining(format!("openai:{kind}"));
     }
-    if let Some(middle) = name.strip_prefix("anthropic-ratelimit-") {
+    if let Some(middle) = name.strip_prefix("anthropic-ratelimit-")
+        && !middle.starts_with("unified-")
+    {
         if let Some(kind) = middle.strip_suffix("-reset")
             && non_empty(kind)
         {
@@ -233,6 +236,110 @@ pub fn parse_provider_headers(
             .reduce(|best, r| if r.at > best.at { r } else { best })
     }?;
     Some((chosen.at, chosen.hint))
+}
+
+/// Provider reset headers: the unified Anthropic family first (it names the
+/// window that binds), then the per-limit resets of OpenAI and Anthropic.
+pub fn parse_reset_headers(
+    headers: &[(String, String)],
+    now: DateTime<Utc>,
+) -> Option<(DateTime<Utc>, String)> {
+    parse_unified_headers(headers, now).or_else(|| parse_provider_headers(headers, now))
+}
+
+/// The window a representative claim names, as it appears in the reset
+/// header's name (`five_hour` binds `anthropic-ratelimit-unified-5h-reset`).
+fn claim_window(claim: &str) -> String {
+    match claim {
+        "five_hour" => "5h".to_owned(),
+        "seven_day" => "7d".to_owned(),
+        other => match other.strip_prefix("seven_day_") {
+            Some(model) => format!("7d_{model}"),
+            None => other.to_owned(),
+        },
+    }
+}
+
+/// A unified reset value: epoch seconds (what Anthropic sends) or RFC 3339.
+fn parse_unified_reset(value: &str, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    if is_plain_decimal(value) {
+        return epoch_to_time(value.parse().ok()?, now);
+    }
+    accept_time(
+        DateTime::parse_from_rfc3339(value)
+            .ok()?
+            .with_timezone(&Utc),
+        now,
+    )
+}
+
+/// The Claude subscription headers: `anthropic-ratelimit-unified-status`,
+/// `-reset`, `-5h-reset`, `-7d-reset` (epoch seconds), per-window `-status`
+/// and `-representative-claim`.
+///
+/// A status other than `rejected` (`allowed`, `allowed_warning`) says the
+/// subscription is not what stopped the agent, so the family is ignored.
+/// Otherwise the representative claim's reset wins; without a usable one,
+/// the windows marked `rejected` must all lift (the latest of their resets),
+/// and without those the earliest reset given is the one that lifts the
+/// limit.
+pub fn parse_unified_headers(
+    headers: &[(String, String)],
+    now: DateTime<Utc>,
+) -> Option<(DateTime<Utc>, String)> {
+    let mut status = None;
+    let mut claim = None;
+    let mut rejected_windows = HashSet::new();
+    // (window, at, hint); the window of the overall reset is "".
+    let mut resets: Vec<(String, DateTime<Utc>, String)> = Vec::new();
+    for (name, value) in headers {
+        let name = name.trim().to_ascii_lowercase();
+        let value = value.trim();
+        let Some(rest) = name.strip_prefix("anthropic-ratelimit-unified-") else {
+            continue;
+        };
+        if rest == "status" {
+            status.get_or_insert(value.to_ascii_lowercase());
+        } else if rest == "representative-claim" {
+            claim.get_or_insert(value.to_ascii_lowercase());
+        } else if rest == "reset" {
+            if let Some(at) = parse_unified_reset(value, now) {
+                resets.push((String::new(), at, format!("{name}: {value}")));
+            }
+        } else if let Some(window) = rest.strip_suffix("-reset") {
+            if let Some(at) = parse_unified_reset(value, now) {
+                resets.push((window.to_owned(), at, format!("{name}: {value}")));
+            }
+        } else if let Some(window) = rest.strip_suffix("-status")
+            && value.eq_ignore_ascii_case("rejected")
+        {
+            rejected_windows.insert(window.to_owned());
+        }
+    }
+    if status.as_deref().is_some_and(|s| s != "rejected") {
+        return None;
+    }
+    if let Some(claim) = &claim {
+        let window = claim_window(claim);
+        if let Some((_, at, hint)) = resets.iter().find(|(w, _, _)| *w == window) {
+            return Some((*at, format!("{hint} ({claim})")));
+        }
+    }
+    let blocking: Vec<_> = resets
+        .iter()
+        .filter(|(w, _, _)| rejected_windows.contains(w))
+        .collect();
+    // Ties keep the first header seen so hints are deterministic.
+    let chosen = if blocking.is_empty() {
+        resets
+            .iter()
+            .reduce(|best, r| if r.1 < best.1 { r } else { best })
+    } else {
+        blocking
+            .into_iter()
+            .reduce(|best, r| if r.1 > best.1 { r } else { best })
+    }?;
+    Some((chosen.1, chosen.2.clone()))
 }
 
 #[cfg(test)]
@@ -606,5 +713,121 @@ mod tests {
         );
         assert_eq!(r.source, RecoverySource::ProviderResetHeader);
         assert_eq!(r.recovery_at, now() + Duration::minutes(2));
+    }
+
+    // --- the unified Anthropic family ---------------------------------------
+
+    fn epoch(at: DateTime<Utc>) -> String {
+        at.timestamp().to_string()
+    }
+
+    #[test]
+    fn unified_representative_claim_wins() {
+        let five = now() + Duration::minutes(40);
+        let seven = now() + Duration::days(4);
+        for (claim, expected, header) in [
+            ("five_hour", five, "anthropic-ratelimit-unified-5h-reset"),
+            ("seven_day", seven, "anthropic-ratelimit-unified-7d-reset"),
+        ] {
+            let r = infer(
+                &[
+                    ("anthropic-ratelimit-unified-status", "rejected"),
+                    ("anthropic-ratelimit-unified-5h-reset", &epoch(five)),
+                    ("Anthropic-Ratelimit-Unified-7d-Reset", &epoch(seven)),
+                    ("anthropic-ratelimit-unified-representative-claim", claim),
+                ],
+                "",
+            );
+            assert_eq!(r.source, RecoverySource::ProviderResetHeader);
+            assert_eq!(r.recovery_at, expected, "{claim}");
+            assert!(r.hint.starts_with(header), "{}", r.hint);
+            assert!(r.hint.ends_with(&format!("({claim})")), "{}", r.hint);
+        }
+    }
+
+    #[test]
+    fn unified_without_claim_waits_for_the_rejected_windows_else_the_earliest() {
+        let five = now() + Duration::minutes(40);
+        let seven = now() + Duration::days(4);
+        let r = infer(
+            &[
+                ("anthropic-ratelimit-unified-status", "rejected"),
+                ("anthropic-ratelimit-unified-5h-status", "allowed"),
+                ("anthropic-ratelimit-unified-5h-reset", &epoch(five)),
+                ("anthropic-ratelimit-unified-7d-status", "rejected"),
+                ("anthropic-ratelimit-unified-7d-reset", &epoch(seven)),
+            ],
+            "",
+        );
+        assert_eq!(r.recovery_at, seven);
+        let r = infer(
+            &[
+                ("anthropic-ratelimit-unified-7d-reset", &epoch(seven)),
+                ("anthropic-ratelimit-unified-5h-reset", &epoch(five)),
+            ],
+            "",
+        );
+        assert_eq!(r.recovery_at, five);
+        // A claim naming a window with no reset falls back to the same rule.
+        let r = infer(
+            &[
+                ("anthropic-ratelimit-unified-status", "rejected"),
+                (
+                    "anthropic-ratelimit-unified-representative-claim",
+                    "seven_day_opus",
+                ),
+                ("anthropic-ratelimit-unified-reset", &epoch(five)),
+            ],
+            "",
+        );
+        assert_eq!(r.recovery_at, five);
+    }
+
+    #[test]
+    fn unified_allowed_status_says_nothing_about_this_stop() {
+        let five = now() + Duration::minutes(40);
+        for status in ["allowed", "allowed_warning"] {
+            let r = infer(
+                &[
+                    ("anthropic-ratelimit-unified-status", status),
+                    ("anthropic-ratelimit-unified-5h-reset", &epoch(five)),
+                ],
+                "try again in 3 minutes",
+            );
+            assert_eq!(r.source, RecoverySource::Message, "{status}");
+        }
+    }
+
+    #[test]
+    fn unified_headers_are_not_read_as_per_limit_resets_and_retry_after_still_wins() {
+        // An epoch is not a Go duration or RFC 3339: the generic reader would
+        // reject it; the unified reader takes it.
+        let at = now() + Duration::hours(2);
+        let r = infer(&[("anthropic-ratelimit-unified-reset", &epoch(at))], "");
+        assert_eq!(r.recovery_at, at);
+        assert_eq!(
+            parse_provider_headers(
+                &hdrs(&[("anthropic-ratelimit-unified-reset", &epoch(at))]),
+                now()
+            ),
+            None
+        );
+        let r = infer(
+            &[
+                ("anthropic-ratelimit-unified-reset", &epoch(at)),
+                ("retry-after", "60"),
+            ],
+            "",
+        );
+        assert_eq!(r.source, RecoverySource::RetryAfterHeader);
+        // Garbage and far-future values are skipped.
+        let r = infer(
+            &[
+                ("anthropic-ratelimit-unified-reset", "soon"),
+                ("anthropic-ratelimit-unified-5h-reset", "4102444800"),
+            ],
+            "",
+        );
+        assert_eq!(r.source, RecoverySource::Default);
     }
 }

@@ -5,9 +5,13 @@ use std::sync::LazyLock;
 use chrono::{DateTime, Duration, Utc};
 use regex::{Captures, Regex};
 
-use super::dates::{RFC2822_BODY, iso_from_captures, rfc2822_from_captures};
+use super::dates::{
+    RFC2822_BODY, clock_time, earliest_local, iso_from_captures, month_number, nearest_month_day,
+    next_wall_clock, rfc2822_from_captures,
+};
 use super::{
-    MAX_DELAY_SECS, accept_time, after, leading_number, leading_word, seconds_to_duration,
+    MAX_DELAY_SECS, Tz, accept_time, after, epoch_to_time, leading_number, leading_word,
+    parse_time_zone, seconds_to_duration,
 };
 
 // ---------------------------------------------------------------------------
@@ -37,6 +41,36 @@ static AT_ISO: LazyLock<Regex> = LazyLock::new(|| {
 /// "resets at <RFC 2822 date>", weekday comma included.
 static AT_RFC2822: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(&format!(r"(?i)\b{AT_VERBS}\s+at\s+{RFC2822_BODY}")).expect("static regex is valid")
+});
+
+/// What may introduce a wall-clock time or a date without "at" as well:
+/// "resets 2am", "resets at 2am", "try again at 8:19 PM", "until 3pm".
+const WALL_PREFIX: &str = r"\b(?:(?:resets?|renews?|refresh(?:es)?|lifts?)\s+(?:at\s+|on\s+)?|(?:available|retry|again|expires?)\s+at\s+|until\s+)";
+
+/// A clock time: `2am`, `12:50am`, `8:19 PM`, `14:00`, `10:00:00`, then an
+/// optional UTC marker and an optional IANA zone in parentheses, as Claude
+/// Code writes it: `12:50am (America/Los_Angeles)`.
+const CLOCK: &str = r"(?P<hh>[0-9]{1,2})(?::(?P<mi>[0-9]{2}))?(?::(?P<ss>[0-9]{2}))?(?:\s*(?P<ampm>[ap])\.?m\b\.?)?(?:\s*(?P<utc>utc|gmt|z)\b)?(?:\s*\(\s*(?P<zone>[a-z][a-z0-9_+-]*(?:/[a-z0-9_+-]+){0,2})\s*\))?";
+
+/// "resets 2am", "resets 12:50am (America/Los_Angeles)", "try again at 8:19 PM".
+static WALL_CLOCK: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(&format!(r"(?i){WALL_PREFIX}{CLOCK}")).expect("static regex is valid")
+});
+
+/// A date with a month name, an optional ordinal and an optional year, then
+/// a clock time: "try again at Jul 5th, 2026 8:19 PM", "resets Oct 9, 2am
+/// (Europe/Berlin)", "resets on Mon, Jul 6 at 9:00".
+static MONTH_DATE: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(&format!(
+        r"(?i){WALL_PREFIX}(?:(?:mon|tue|wed|thu|fri|sat|sun)[a-z]*\.?,?\s+)?(?P<mon>jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\.?\s+(?P<day>[0-9]{{1,2}})(?:st|nd|rd|th)?\b,?(?:\s+(?P<year>[0-9]{{4}})\b,?)?\s+(?:at\s+)?{CLOCK}"
+    ))
+    .expect("static regex is valid")
+});
+
+/// Claude Code's headless (`-p`) message: `Claude AI usage limit reached|<epoch seconds>`.
+static LIMIT_EPOCH: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"(?i)\b(?:usage\s+)?limit\s+reached\s*\|\s*(?P<epoch>[0-9]{1,20})\b")
+        .expect("static regex is valid")
 });
 
 /// Seconds per unit for durations written in prose. The whole word must
@@ -160,15 +194,90 @@ fn parse_at_message(
     })
 }
 
+/// The zone of a matched clock time: `UTC`/`GMT`/`Z` after it, else the
+/// IANA zone named in parentheses, else (also for an unknown name) the
+/// caller's zone.
+fn clock_zone(caps: &Captures<'_>, caller: Tz) -> Tz {
+    if caps.name("utc").is_some() {
+        return Tz::UTC;
+    }
+    caps.name("zone")
+        .and_then(|z| parse_time_zone(z.as_str()))
+        .unwrap_or(caller)
+}
+
+/// The clock time of a [`CLOCK`] match.
+fn clock_from_captures(caps: &Captures<'_>) -> Option<chrono::NaiveTime> {
+    let num = |name: &str| -> Option<Option<u32>> {
+        match caps.name(name) {
+            Some(m) => m.as_str().parse().ok().map(Some),
+            None => Some(None),
+        }
+    };
+    clock_time(
+        num("hh")??,
+        num("mi")?,
+        num("ss")?,
+        caps.name("ampm").map(|m| m.as_str()),
+    )
+}
+
+/// "resets 2am (America/Los_Angeles)": the next occurrence, within a day.
+fn parse_wall_clock(message: &str, now: DateTime<Utc>, tz: Tz) -> Option<(DateTime<Utc>, String)> {
+    WALL_CLOCK.captures_iter(message).find_map(|caps| {
+        let time = clock_from_captures(&caps)?;
+        let at = next_wall_clock(clock_zone(&caps, tz), time, now)?;
+        Some((at, caps.get(0)?.as_str().trim_end().to_owned()))
+    })
+}
+
+/// "try again at Jul 5th, 2026 8:19 PM": a month-name date in the named or
+/// the caller's zone; without a year, the occurrence nearest to now.
+fn parse_month_date(message: &str, now: DateTime<Utc>, tz: Tz) -> Option<(DateTime<Utc>, String)> {
+    MONTH_DATE.captures_iter(message).find_map(|caps| {
+        let month = month_number(caps.name("mon")?.as_str())?;
+        let day: u32 = caps.name("day")?.as_str().parse().ok()?;
+        let time = clock_from_captures(&caps)?;
+        let zone = clock_zone(&caps, tz);
+        let at = match caps.name("year") {
+            Some(year) => {
+                let year: i32 = year.as_str().parse().ok()?;
+                let date = chrono::NaiveDate::from_ymd_opt(year, month, day)?;
+                earliest_local(zone, date.and_time(time))?
+            }
+            None => nearest_month_day(zone, month, day, time, now)?,
+        };
+        let at = accept_time(at, now)?;
+        Some((at, caps.get(0)?.as_str().trim_end().to_owned()))
+    })
+}
+
+/// "Claude AI usage limit reached|1796120688".
+fn parse_limit_epoch(message: &str, now: DateTime<Utc>) -> Option<(DateTime<Utc>, String)> {
+    LIMIT_EPOCH.captures_iter(message).find_map(|caps| {
+        let epoch: f64 = caps.name("epoch")?.as_str().parse().ok()?;
+        let at = epoch_to_time(epoch, now)?;
+        Some((at, caps.get(0)?.as_str().to_owned()))
+    })
+}
+
 /// Infers recovery from a provider's error message (case-insensitive).
 ///
-/// Tried in order: a relative duration after "in"/"after", then "<verb> at
-/// <ISO 8601>", then "<verb> at <RFC 2822 date>". Returns the recovery time
-/// (past clamped to `now`) and the text that matched.
-pub fn parse_message(message: &str, now: DateTime<Utc>) -> Option<(DateTime<Utc>, String)> {
+/// Tried in order: a relative duration after "in"/"after"; Claude Code's
+/// headless "limit reached|<epoch>"; "<verb> at <ISO 8601>" (naive means
+/// UTC); "<verb> at <RFC 2822 date>"; a month-name date with a clock time
+/// ("try again at Jul 5th, 2026 8:19 PM"); a bare clock time ("resets 2am",
+/// "resets 12:50am (America/Los_Angeles)"), its next occurrence. Month-name
+/// dates and clock times are read in the zone named in parentheses, else in
+/// `tz`, the caller's zone. Returns the recovery time (past clamped to
+/// `now`) and the text that matched.
+pub fn parse_message(message: &str, now: DateTime<Utc>, tz: Tz) -> Option<(DateTime<Utc>, String)> {
     parse_relative_message(message, now)
+        .or_else(|| parse_limit_epoch(message, now))
         .or_else(|| parse_at_message(&AT_ISO, iso_from_captures, message, now))
         .or_else(|| parse_at_message(&AT_RFC2822, rfc2822_from_captures, message, now))
+        .or_else(|| parse_month_date(message, now, tz))
+        .or_else(|| parse_wall_clock(message, now, tz))
 }
 
 /// Parses a prose duration such as "12 mins", "500ms", "1h30m" or "1 hour and
@@ -457,5 +566,196 @@ mod tests {
         assert!(AT_ISO.is_match("resets at 2026-03-01"));
         assert!(AT_RFC2822.is_match("resets at 01 Mar 2026 10:00"));
         assert!(crate::domain::recovery::dates::RFC2822_WHOLE.is_match("01 Mar 2026 10:00"));
+    }
+
+    // --- message: Claude Code and Codex -------------------------------------
+
+    fn msg_in(message: &str, zone: &str) -> Option<(DateTime<Utc>, String)> {
+        parse_message(message, now(), zone.parse().unwrap())
+    }
+
+    #[test]
+    fn claude_code_wall_clock_resets() {
+        // now is 2026-03-01T12:00:00Z: 04:00 in Los Angeles, 17:30 in Colombo.
+        let cases = [
+            (
+                "5-hour limit reached ∙ resets 2am",
+                "UTC",
+                "2026-03-02T02:00:00Z",
+                "resets 2am",
+            ),
+            (
+                "5-hour limit reached ∙ resets 2am",
+                "America/New_York",
+                "2026-03-02T07:00:00Z",
+                "resets 2am",
+            ),
+            (
+                "5-hour limit reached ∙ resets 5pm",
+                "UTC",
+                "2026-03-01T17:00:00Z",
+                "resets 5pm",
+            ),
+            (
+                "You've hit your session limit · resets 12:50am (America/Los_Angeles)",
+                "Asia/Tokyo",
+                "2026-03-02T08:50:00Z",
+                "resets 12:50am (America/Los_Angeles)",
+            ),
+            (
+                "You've hit your weekly limit · resets 3am (Europe/London)",
+                "UTC",
+                "2026-03-02T03:00:00Z",
+                "resets 3am (Europe/London)",
+            ),
+            (
+                "You're out of extra usage · resets 11:30am (Asia/Colombo)",
+                "UTC",
+                "2026-03-02T06:00:00Z",
+                "resets 11:30am (Asia/Colombo)",
+            ),
+            (
+                "resets 11:30 AM (asia/colombo)",
+                "UTC",
+                "2026-03-02T06:00:00Z",
+                "resets 11:30 AM (asia/colombo)",
+            ),
+            (
+                "resets at 14:00",
+                "UTC",
+                "2026-03-01T14:00:00Z",
+                "resets at 14:00",
+            ),
+            (
+                "limit lifts at 3pm UTC",
+                "Asia/Tokyo",
+                "2026-03-01T15:00:00Z",
+                "lifts at 3pm UTC",
+            ),
+            // An unknown zone in the text falls back to the caller's.
+            (
+                "resets 2am (Mars/Olympus)",
+                "Europe/London",
+                "2026-03-02T02:00:00Z",
+                "resets 2am (Mars/Olympus)",
+            ),
+        ];
+        for (text, zone, at, hint) in cases {
+            assert_eq!(
+                msg_in(text, zone),
+                Some((ts(at), hint.to_owned())),
+                "{text:?} in {zone}"
+            );
+        }
+    }
+
+    #[test]
+    fn bare_numbers_after_resets_are_not_clock_times() {
+        for text in [
+            "resets 5",
+            "resets 13pm",
+            "resets 0am",
+            "resets at 2026",
+            "reset 25:00",
+        ] {
+            assert_eq!(msg(text), None, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn claude_code_headless_epoch() {
+        let at = now() + Duration::hours(3);
+        let text = format!("Claude AI usage limit reached|{}", at.timestamp());
+        let (got, hint) = msg(&text).expect("match");
+        assert_eq!(got, at);
+        assert_eq!(hint, format!("usage limit reached|{}", at.timestamp()));
+        let ms = format!("Claude AI usage limit reached|{}", at.timestamp_millis());
+        assert_eq!(msg_at(&ms), at);
+        // Far beyond the horizon: not a time, so nothing.
+        assert_eq!(msg("Claude AI usage limit reached|4102444800"), None);
+    }
+
+    #[test]
+    fn codex_month_name_dates() {
+        let cases = [
+            (
+                "You've hit your usage limit. Upgrade to Plus to continue using Codex (https://chatgpt.com/explore/plus), or try again at Mar 2nd, 2026 6:59 AM.",
+                "America/Los_Angeles",
+                "2026-03-02T14:59:00Z",
+            ),
+            (
+                "try again at Jul 5th, 2026 8:19 PM.",
+                "UTC",
+                "2026-07-05T20:19:00Z",
+            ),
+            (
+                "try again at July 5, 2026 8:19 pm",
+                "Europe/London",
+                "2026-07-05T19:19:00Z",
+            ),
+            (
+                "resets Mar 3, 2am (Europe/Berlin)",
+                "UTC",
+                "2026-03-03T01:00:00Z",
+            ),
+            (
+                "resets on Tue, Mar 3 at 9:00",
+                "UTC",
+                "2026-03-03T09:00:00Z",
+            ),
+            (
+                "resets Mar 1st 2026 11:00 am",
+                "UTC",
+                "2026-03-01T12:00:00Z",
+            ),
+        ];
+        for (text, zone, at) in cases {
+            assert_eq!(msg_in(text, zone).map(|m| m.0), Some(ts(at)), "{text:?}");
+        }
+        assert_eq!(
+            msg("try again at Jul 5th, 2026 8:19 PM.")
+                .map(|m| m.1)
+                .as_deref(),
+            Some("again at Jul 5th, 2026 8:19 PM.")
+        );
+        // Impossible dates and far-away years read as nothing.
+        assert_eq!(msg("try again at Feb 30th, 2026 8:19 PM"), None);
+        assert_eq!(msg("try again at Jul 5th, 2099 8:19 PM"), None);
+    }
+
+    #[test]
+    fn compound_codex_durations_still_work() {
+        assert_eq!(
+            msg(
+                "You've hit your usage limit. Upgrade to Pro (https://chatgpt.com/explore/pro), or try again in 5 days 22 hours 11 minutes."
+            ),
+            Some((
+                now() + Duration::days(5) + Duration::hours(22) + Duration::minutes(11),
+                "again in 5 days 22 hours 11 minutes".to_owned()
+            ))
+        );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1000))]
+
+        /// "resets <clock>" in any zone: always strictly ahead, at most a day.
+        #[test]
+        fn a_clock_time_in_a_message_is_within_the_next_24_hours(
+            hour in 1u32..=12,
+            minute in 0u32..60,
+            pm in proptest::bool::ANY,
+            zone in proptest::sample::select(chrono_tz::TZ_VARIANTS.to_vec()),
+            now_secs in 0_i64..4_102_444_800,
+        ) {
+            let now = DateTime::from_timestamp(now_secs, 0).expect("in range");
+            let text = format!(
+                "limit reached ∙ resets {hour}:{minute:02}{} ({})",
+                if pm { "pm" } else { "am" },
+                zone.name()
+            );
+            let (at, _) = parse_message(&text, now, Tz::UTC).expect("a clock time");
+            proptest::prop_assert!(at > now && at <= now + Duration::hours(24), "{text}: {at} from {now}");
+        }
     }
 }

@@ -1,15 +1,33 @@
 //! Inferring when a quota- or billing-exhausted agent may run again.
 //!
 //! When a provider answers with a rate-limit or billing error the agent is
-//! parked as EXHAUSTED until a recovery time. This module infers that time
-//! from, in order of trust:
+//! parked as EXHAUSTED until a recovery time. [`infer_recovery`] infers that
+//! time from, in order of trust (the first source that yields a time wins):
 //!
 //! 1. an explicit time supplied by the caller,
-//! 2. the standard `Retry-After` header (or its millisecond variant),
-//! 3. provider-specific reset headers (OpenAI `x-ratelimit-reset-*`,
-//!    Anthropic `anthropic-ratelimit-*-reset`),
-//! 4. the provider's human-readable error message,
-//! 5. a configured default.
+//! 2. the standard `Retry-After` header (or its millisecond variant)
+//!    ([`headers`]),
+//! 3. provider reset headers: the unified Anthropic subscription family
+//!    (`anthropic-ratelimit-unified-*`), then OpenAI `x-ratelimit-reset-*`
+//!    and Anthropic `anthropic-ratelimit-*-reset` ([`headers`]),
+//! 4. the message: a JSON body read as JSON ([`json`]), otherwise the prose
+//!    ([`message`], with the date forms in [`dates`]),
+//! 5. a configured default: the billing default for a billing stop
+//!    ([`billing`]), otherwise the rate-limit default.
+//!
+//! A JSON body counts as [`RecoverySource::Message`]: it is what the caller
+//! put in the message field, and its hint names the JSON field that decided.
+//!
+//! A billing stop (OpenAI `insufficient_quota` and friends, recognised from
+//! codes and wording) is not a rate window: retrying soon will not help. Its
+//! rate-window reset headers (step 3) are skipped, since they describe
+//! request and token windows rather than the billing stop, and its hint
+//! starts with `billing: <what was recognised>`.
+//!
+//! Wall-clock times without a date ("resets 2am") mean their next
+//! occurrence in the zone the message names ("(America/Los_Angeles)") or
+//! else in the caller's zone ([`RecoveryInput::time_zone`], see
+//! [`resolve_time_zone`]).
 //!
 //! The module is pure: it performs no I/O and never reads the clock; `now` is
 //! always passed in, which keeps it deterministic and easy to test.
@@ -23,9 +41,13 @@
 
 use chrono::{DateTime, Duration, SecondsFormat, Utc};
 
-mod dates;
-mod headers;
-mod message;
+pub mod billing;
+pub mod dates;
+pub mod headers;
+pub mod json;
+pub mod message;
+
+pub use chrono_tz::Tz;
 
 pub use dates::parse_http_date;
 use headers::retry_after_from_headers;
@@ -76,53 +98,146 @@ pub fn max_recovery_delay() -> Duration {
     Duration::days(366)
 }
 
-/// Infers when an exhausted agent may be retried.
-///
-/// `headers` are `(name, value)` pairs as received: names in any case, and a
-/// name may repeat. See the module documentation for the order of sources.
-pub fn infer_recovery(
-    explicit: Option<DateTime<Utc>>,
-    headers: &[(String, String)],
-    message: &str,
-    now: DateTime<Utc>,
-    default_recovery: Duration,
-) -> RecoveryEstimate {
+/// Everything [`infer_recovery`] reads besides the clock.
+#[derive(Debug, Clone, Copy)]
+pub struct RecoveryInput<'a> {
+    /// The caller's explicit recovery time, trusted as is.
+    pub explicit: Option<DateTime<Utc>>,
+    /// `(name, value)` pairs as received: names in any case, and a name may repeat.
+    pub headers: &'a [(String, String)],
+    /// The provider's error text or JSON body.
+    pub message: &'a str,
+    /// The zone of wall-clock times that name none, already resolved (see
+    /// [`resolve_time_zone`]).
+    pub time_zone: Tz,
+    /// How long a rate-limited agent is parked when nothing says.
+    pub default_recovery: Duration,
+    /// How long an agent at a billing stop is parked when nothing says.
+    pub default_billing_recovery: Duration,
+}
+
+/// The inferred recovery, and whether the input shows a billing stop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inference {
+    pub estimate: RecoveryEstimate,
+    /// What was recognised as a billing stop (a code such as
+    /// `insufficient_quota`, or the wording), when it was.
+    pub billing: Option<String>,
+}
+
+/// Infers when an exhausted agent may be retried. See the module
+/// documentation for the order of sources.
+pub fn infer_recovery(input: &RecoveryInput<'_>, now: DateTime<Utc>) -> Inference {
+    let body = json::read(input.message, now, input.time_zone);
+    let billing = match &body {
+        Some(body) => body.billing.clone(),
+        None => billing::in_text(input.message),
+    };
+    let prefix = billing
+        .as_ref()
+        .map(|what| format!("billing: {what}; "))
+        .unwrap_or_default();
     let estimate = |recovery_at, source, hint: String| RecoveryEstimate {
         recovery_at,
         source,
-        hint: bound_hint(&hint),
+        hint: bound_hint(&format!("{prefix}{hint}")),
     };
+    let estimate = (|| {
+        // The caller knows best (e.g. an operator parked the agent until a
+        // given time), so the explicit time is trusted as is apart from the
+        // past clamp.
+        if let Some(at) = input.explicit {
+            let hint = format!(
+                "explicit {}",
+                at.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+            );
+            return estimate(at.max(now), RecoverySource::Explicit, hint);
+        }
 
-    // The caller knows best (e.g. an operator parked the agent until a given
-    // time), so the explicit time is trusted as is apart from the past clamp.
-    if let Some(at) = explicit {
-        let hint = format!(
-            "explicit {}",
-            at.to_rfc3339_opts(SecondsFormat::AutoSi, true)
-        );
-        return estimate(at.max(now), RecoverySource::Explicit, hint);
+        if let Some((at, hint)) = retry_after_from_headers(input.headers, now) {
+            return estimate(at, RecoverySource::RetryAfterHeader, hint);
+        }
+
+        // Rate-window resets say when a window refills, not when a billing
+        // stop lifts.
+        if billing.is_none()
+            && let Some((at, hint)) = headers::parse_reset_headers(input.headers, now)
+        {
+            return estimate(at, RecoverySource::ProviderResetHeader, hint);
+        }
+
+        let from_message = match &body {
+            Some(body) => body.recovery.clone(),
+            None => parse_message(input.message, now, input.time_zone),
+        };
+        if let Some((at, text)) = from_message {
+            return estimate(at, RecoverySource::Message, text);
+        }
+
+        let default = match billing {
+            Some(_) => input.default_billing_recovery,
+            None => input.default_recovery,
+        };
+        // A negative default means "now"; an overflowing one saturates rather
+        // than panicking.
+        let at = now
+            .checked_add_signed(default)
+            .unwrap_or(DateTime::<Utc>::MAX_UTC)
+            .max(now);
+        let hint = format!("default {}", format_duration(default));
+        estimate(at, RecoverySource::Default, hint)
+    })();
+    Inference { estimate, billing }
+}
+
+/// An IANA zone name (`America/Los_Angeles`, `Europe/London`, `UTC`), exact
+/// or in another case. The database is compiled in (chrono-tz), so this does
+/// not depend on the host's tzdata.
+pub fn parse_time_zone(name: &str) -> Option<Tz> {
+    let name = name.trim();
+    if name.is_empty() || name.len() > 64 {
+        return None;
     }
+    name.parse::<Tz>().ok().or_else(|| {
+        chrono_tz::TZ_VARIANTS
+            .iter()
+            .copied()
+            .find(|tz| tz.name().eq_ignore_ascii_case(name))
+    })
+}
 
-    if let Some((at, hint)) = retry_after_from_headers(headers, now) {
-        return estimate(at, RecoverySource::RetryAfterHeader, hint);
+/// The agent label that names its zone.
+pub const TIME_ZONE_LABEL: &str = "time_zone";
+
+/// The zone for wall-clock times that name none: the request's zone, else
+/// the agent's `time_zone` label, else UTC. An unknown name in the label is
+/// ignored (labels are free-form); the request's zone is validated before it
+/// gets here, and an unknown one is ignored likewise.
+pub fn resolve_time_zone(request: Option<&str>, labels: &crate::domain::transition::Labels) -> Tz {
+    request
+        .and_then(parse_time_zone)
+        .or_else(|| labels.get(TIME_ZONE_LABEL).and_then(|z| parse_time_zone(z)))
+        .unwrap_or(Tz::UTC)
+}
+
+/// An epoch timestamp as providers send it: seconds, or milliseconds when
+/// the number is too large to be seconds of this era. Accepted like any
+/// absolute time (past means now, beyond the horizon is rejected).
+pub(super) fn epoch_to_time(value: f64, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    if !value.is_finite() || value < 0.0 {
+        return None;
     }
-
-    if let Some((at, hint)) = parse_provider_headers(headers, now) {
-        return estimate(at, RecoverySource::ProviderResetHeader, hint);
+    // 1e11 s is the year 5138; anything above is milliseconds.
+    let secs = if value >= 1e11 { value / 1000.0 } else { value };
+    if secs >= 1e11 {
+        return None;
     }
-
-    if let Some((at, text)) = parse_message(message, now) {
-        return estimate(at, RecoverySource::Message, text);
-    }
-
-    // A negative default means "now"; an overflowing one saturates rather
-    // than panicking.
-    let at = now
-        .checked_add_signed(default_recovery)
-        .unwrap_or(DateTime::<Utc>::MAX_UTC)
-        .max(now);
-    let hint = format!("default {}", format_duration(default_recovery));
-    estimate(at, RecoverySource::Default, hint)
+    let whole = secs.trunc() as i64;
+    let nanos = ((secs - secs.trunc()) * 1e9) as u32;
+    accept_time(
+        DateTime::from_timestamp(whole, nanos.min(999_999_999))?,
+        now,
+    )
 }
 
 // ---------------------------------------------------------------------------
@@ -248,16 +363,69 @@ pub(crate) mod test_support {
             .collect()
     }
 
+    /// The inference with UTC as the caller's zone and a 24 h billing default.
+    pub fn infer_utc(
+        explicit: Option<DateTime<Utc>>,
+        headers: &[(String, String)],
+        message: &str,
+        now: DateTime<Utc>,
+        default_recovery: Duration,
+    ) -> RecoveryEstimate {
+        let input = RecoveryInput {
+            explicit,
+            headers,
+            message,
+            time_zone: Tz::UTC,
+            default_recovery,
+            default_billing_recovery: Duration::hours(24),
+        };
+        infer_recovery(&input, now).estimate
+    }
+
+    /// Expands the fixture's placeholders against `now`: `{epoch+N}` and
+    /// `{epoch_ms+N}` are `now + N s` as epoch seconds or milliseconds, and
+    /// `{codex_at+N}` is `now + N s` written as Codex writes it ("Jul 5th,
+    /// 2026 8:19 PM") in the form's `time_zone` (UTC when unset).
+    /// tests/api/recovery.rs has the same expansion for the RPC test.
+    pub fn expand_template(text: &str, now: DateTime<Utc>, form: &serde_json::Value) -> String {
+        let re = regex::Regex::new(r"\{(epoch|epoch_ms|codex_at)\+([0-9]+)\}").unwrap();
+        re.replace_all(text, |caps: &regex::Captures<'_>| {
+            let at = now + Duration::seconds(caps[2].parse().unwrap());
+            match &caps[1] {
+                "epoch" => at.timestamp().to_string(),
+                "epoch_ms" => at.timestamp_millis().to_string(),
+                _ => {
+                    let zone: Tz = form["time_zone"].as_str().unwrap_or("UTC").parse().unwrap();
+                    let local = at.with_timezone(&zone);
+                    let day = chrono::Datelike::day(&local);
+                    let suffix = match (day % 10, day % 100) {
+                        (_, 11..=13) => "th",
+                        (1, _) => "st",
+                        (2, _) => "nd",
+                        (3, _) => "rd",
+                        _ => "th",
+                    };
+                    format!(
+                        "{} {day}{suffix}, {}",
+                        local.format("%b"),
+                        local.format("%Y %-I:%M %p")
+                    )
+                }
+            }
+        })
+        .into_owned()
+    }
+
     pub fn default_5h() -> Duration {
         Duration::hours(5)
     }
 
     pub fn infer(headers: &[(&str, &str)], message: &str) -> RecoveryEstimate {
-        infer_recovery(None, &hdrs(headers), message, now(), default_5h())
+        infer_utc(None, &hdrs(headers), message, now(), default_5h())
     }
 
     pub fn msg(message: &str) -> Option<(DateTime<Utc>, String)> {
-        parse_message(message, now())
+        parse_message(message, now(), Tz::UTC)
     }
 
     pub fn msg_at(message: &str) -> DateTime<Utc> {
@@ -278,7 +446,7 @@ mod tests {
     #[test]
     fn explicit_future_is_used_as_is() {
         let at = ts("2026-03-02T00:00:00Z");
-        let r = infer_recovery(Some(at), &[], "", now(), default_5h());
+        let r = infer_utc(Some(at), &[], "", now(), default_5h());
         assert_eq!(r.recovery_at, at);
         assert_eq!(r.source, RecoverySource::Explicit);
         assert_eq!(r.hint, "explicit 2026-03-02T00:00:00Z");
@@ -286,7 +454,7 @@ mod tests {
 
     #[test]
     fn explicit_in_the_past_clamps_to_now() {
-        let r = infer_recovery(
+        let r = infer_utc(
             Some(ts("2020-01-01T00:00:00Z")),
             &[],
             "",
@@ -301,7 +469,7 @@ mod tests {
     fn explicit_beats_every_other_source() {
         let at = ts("2026-03-01T13:00:00Z");
         let headers = hdrs(&[("Retry-After", "30"), ("x-ratelimit-reset-tokens", "6m0s")]);
-        let r = infer_recovery(
+        let r = infer_utc(
             Some(at),
             &headers,
             "try again in 2 hours",
@@ -324,25 +492,22 @@ mod tests {
 
     #[test]
     fn default_when_nothing_parses() {
-        let r = infer(
-            &[("content-type", "application/json")],
-            "insufficient_quota",
-        );
+        let r = infer(&[("content-type", "application/json")], "quota exceeded");
         assert_eq!(r.source, RecoverySource::Default);
         assert_eq!(r.recovery_at, now() + Duration::hours(5));
         assert_eq!(r.hint, "default 5h");
 
-        let r = infer_recovery(None, &[], "", now(), Duration::seconds(90));
+        let r = infer_utc(None, &[], "", now(), Duration::seconds(90));
         assert_eq!(r.recovery_at, now() + Duration::seconds(90));
         assert_eq!(r.hint, "default 90s");
     }
 
     #[test]
     fn default_negative_or_huge_does_not_panic() {
-        let r = infer_recovery(None, &[], "", now(), Duration::hours(-3));
+        let r = infer_utc(None, &[], "", now(), Duration::hours(-3));
         assert_eq!(r.recovery_at, now());
         assert_eq!(r.hint, "default -3h");
-        let r = infer_recovery(None, &[], "", now(), Duration::MAX);
+        let r = infer_utc(None, &[], "", now(), Duration::MAX);
         assert_eq!(r.recovery_at, DateTime::<Utc>::MAX_UTC);
         assert_eq!(r.source, RecoverySource::Default);
     }
@@ -379,7 +544,7 @@ mod tests {
     fn near_the_end_of_time_nothing_overflows() {
         let late = DateTime::<Utc>::MAX_UTC - Duration::seconds(10);
         let headers = hdrs(&[("retry-after", "30")]);
-        let r = infer_recovery(
+        let r = infer_utc(
             None,
             &headers,
             "try again in 30 seconds",
@@ -420,6 +585,169 @@ mod tests {
             parse_go_duration(&"1s".repeat(100_000)),
             Some(Duration::seconds(100_000))
         );
+    }
+
+    // --- billing stops -----------------------------------------------------
+
+    fn infer_in(
+        explicit: Option<DateTime<Utc>>,
+        headers: &[(&str, &str)],
+        message: &str,
+        zone: Tz,
+    ) -> Inference {
+        let headers = hdrs(headers);
+        let input = RecoveryInput {
+            explicit,
+            headers: &headers,
+            message,
+            time_zone: zone,
+            default_recovery: default_5h(),
+            default_billing_recovery: Duration::hours(24),
+        };
+        infer_recovery(&input, now())
+    }
+
+    #[test]
+    fn billing_stop_parks_for_the_billing_default_and_says_why() {
+        let r = infer_in(None, &[], "Error code: 429 - insufficient_quota", Tz::UTC);
+        assert_eq!(r.billing.as_deref(), Some("insufficient_quota"));
+        assert_eq!(r.estimate.source, RecoverySource::Default);
+        assert_eq!(r.estimate.recovery_at, now() + Duration::hours(24));
+        assert_eq!(r.estimate.hint, "billing: insufficient_quota; default 1d");
+        // A rate limit is not a billing stop.
+        let r = infer_in(None, &[], "rate limit reached", Tz::UTC);
+        assert_eq!(r.billing, None);
+        assert_eq!(r.estimate.recovery_at, now() + default_5h());
+    }
+
+    #[test]
+    fn billing_stop_skips_rate_window_resets_but_not_explicit_times() {
+        let body = r#"{"error":{"type":"insufficient_quota","code":"insufficient_quota"}}"#;
+        let windows = [("x-ratelimit-reset-requests", "20s")];
+        let r = infer_in(None, &windows, body, Tz::UTC);
+        assert_eq!(r.estimate.source, RecoverySource::Default);
+        assert_eq!(r.estimate.recovery_at, now() + Duration::hours(24));
+        let r = infer_in(None, &[("retry-after", "600")], body, Tz::UTC);
+        assert_eq!(r.estimate.source, RecoverySource::RetryAfterHeader);
+        assert_eq!(r.estimate.recovery_at, now() + Duration::minutes(10));
+        assert_eq!(
+            r.estimate.hint,
+            "billing: insufficient_quota; retry-after: 600"
+        );
+        let at = ts("2026-03-05T00:00:00Z");
+        let r = infer_in(Some(at), &windows, body, Tz::UTC);
+        assert_eq!(r.estimate.source, RecoverySource::Explicit);
+        assert_eq!(r.estimate.recovery_at, at);
+        assert_eq!(r.billing.as_deref(), Some("insufficient_quota"));
+    }
+
+    // --- zones --------------------------------------------------------------
+
+    #[test]
+    fn the_zone_is_the_requests_else_the_agents_label_else_utc() {
+        let labels = |zone: &str| -> crate::domain::transition::Labels {
+            [(TIME_ZONE_LABEL.to_string(), zone.to_string())].into()
+        };
+        let la: Tz = "America/Los_Angeles".parse().unwrap();
+        let london: Tz = "Europe/London".parse().unwrap();
+        assert_eq!(
+            resolve_time_zone(Some("America/Los_Angeles"), &labels("Europe/London")),
+            la
+        );
+        assert_eq!(resolve_time_zone(None, &labels("Europe/London")), london);
+        assert_eq!(resolve_time_zone(None, &labels("europe/london")), london);
+        // An unknown label is ignored, not an error.
+        assert_eq!(resolve_time_zone(None, &labels("Mars/Olympus")), Tz::UTC);
+        assert_eq!(resolve_time_zone(None, &Default::default()), Tz::UTC);
+    }
+
+    #[test]
+    fn zone_names_are_iana_names_in_any_case() {
+        assert_eq!(parse_time_zone("UTC"), Some(Tz::UTC));
+        assert_eq!(
+            parse_time_zone("asia/colombo").map(|t| t.name()),
+            Some("Asia/Colombo")
+        );
+        for bad in ["", "  ", "Mars/Olympus", "PDT", &"x".repeat(100)] {
+            assert_eq!(parse_time_zone(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn epochs_in_seconds_and_milliseconds() {
+        let at = now() + Duration::hours(1);
+        assert_eq!(epoch_to_time(at.timestamp() as f64, now()), Some(at));
+        assert_eq!(epoch_to_time(at.timestamp_millis() as f64, now()), Some(at));
+        assert_eq!(epoch_to_time(1.0, now()), Some(now()));
+        for bad in [-1.0, f64::NAN, f64::INFINITY, 1e20, 4_102_444_800.0] {
+            assert_eq!(epoch_to_time(bad, now()), None, "{bad}");
+        }
+    }
+
+    // --- the fixture of real forms ------------------------------------------
+
+    #[test]
+    fn every_form_in_the_fixture_is_read_as_expected() {
+        let fixture: serde_json::Value =
+            serde_json::from_str(include_str!("../../../tests/fixtures/recovery/forms.json"))
+                .expect("fixture is JSON");
+        let fixed_now = ts(fixture["now"].as_str().unwrap());
+        let forms = fixture["forms"].as_array().unwrap();
+        assert!(forms.len() >= 20, "{} forms", forms.len());
+        for form in forms {
+            let name = form["name"].as_str().unwrap();
+            assert!(!form["seen"].as_str().unwrap().is_empty(), "{name}");
+            let expand = |text: &str| test_support::expand_template(text, fixed_now, form);
+            let message = expand(form["message"].as_str().unwrap_or(""));
+            let headers: Vec<(String, String)> = form["headers"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .map(|h| {
+                    (
+                        h[0].as_str().unwrap().to_owned(),
+                        expand(h[1].as_str().unwrap()),
+                    )
+                })
+                .collect();
+            let mut labels = crate::domain::transition::Labels::new();
+            if let Some(zone) = form["agent_time_zone"].as_str() {
+                labels.insert(TIME_ZONE_LABEL.into(), zone.into());
+            }
+            let input = RecoveryInput {
+                explicit: None,
+                headers: &headers,
+                message: &message,
+                time_zone: resolve_time_zone(form["time_zone"].as_str(), &labels),
+                default_recovery: default_5h(),
+                default_billing_recovery: Duration::hours(24),
+            };
+            let r = infer_recovery(&input, fixed_now);
+            let expect = &form["expect"];
+            assert_eq!(
+                r.estimate.recovery_at,
+                ts(expect["recovery_at"].as_str().unwrap()),
+                "{name}: {r:?}"
+            );
+            let source = match r.estimate.source {
+                RecoverySource::Explicit => "EXPLICIT",
+                RecoverySource::RetryAfterHeader => "RETRY_AFTER_HEADER",
+                RecoverySource::ProviderResetHeader => "PROVIDER_RESET_HEADER",
+                RecoverySource::Message => "MESSAGE",
+                RecoverySource::Default => "DEFAULT",
+            };
+            assert_eq!(source, expect["source"], "{name}: {r:?}");
+            let caller = form["reason"].as_str().unwrap_or("RATE_LIMIT");
+            let reason = if r.billing.is_some() {
+                "BILLING"
+            } else {
+                caller
+            };
+            assert_eq!(reason, expect["reason"], "{name}: {r:?}");
+            let hint = expect["hint_contains"].as_str().unwrap();
+            assert!(r.estimate.hint.contains(hint), "{name}: {r:?}");
+        }
     }
 
     // --- never panic -------------------------------------------------------
@@ -469,11 +797,11 @@ mod tests {
             now_nanos in 0_u32..1_000_000_000,
         ) {
             let now = DateTime::from_timestamp(now_secs, now_nanos).expect("in range");
-            let r = infer_recovery(None, &headers, &message, now, default_5h());
+            let r = infer_utc(None, &headers, &message, now, default_5h());
             prop_assert!(r.recovery_at >= now);
             prop_assert!(r.recovery_at <= now + max_recovery_delay());
             prop_assert!(r.hint.chars().count() <= MAX_HINT_CHARS);
-            if r.source == RecoverySource::Default {
+            if r.source == RecoverySource::Default && !r.hint.starts_with("billing: ") {
                 prop_assert_eq!(r.recovery_at, now + default_5h());
                 prop_assert_eq!(r.hint.as_str(), "default 5h");
             }
@@ -488,7 +816,7 @@ mod tests {
                     parse_retry_after(input, now),
                     parse_retry_after_ms(input, now),
                     parse_provider_reset(input, now),
-                    parse_message(input, now).map(|m| m.0),
+                    parse_message(input, now, Tz::UTC).map(|m| m.0),
                 ]
                 .into_iter()
                 .flatten()

@@ -235,7 +235,7 @@ impl PgStore {
         };
         let now = db_now(&mut tx).await?;
         let current = Agent::try_from(row)?;
-        let decision = agent::decide(&current.state, event, now)?;
+        let decision = agent::decide(&current.state, &current.labels, event, now)?;
         if decision.change.is_none() && decision.state == current.state {
             return Ok((current, None));
         }
