@@ -761,6 +761,10 @@ mod tests {
             Just("x-ratelimit-remaining-tokens".to_owned()),
             Just("anthropic-ratelimit-requests-reset".to_owned()),
             Just("anthropic-ratelimit-requests-remaining".to_owned()),
+            Just("anthropic-ratelimit-unified-status".to_owned()),
+            Just("anthropic-ratelimit-unified-5h-reset".to_owned()),
+            Just("anthropic-ratelimit-unified-7d-status".to_owned()),
+            Just("anthropic-ratelimit-unified-representative-claim".to_owned()),
             any::<String>(),
         ]
     }
@@ -782,6 +786,10 @@ mod tests {
             "(.{0,8} )?(in|after|IN) [0-9.]{0,25} ?(ms|m|min|h|hours?|d|days?|s|months|mice|µ|é)?[ ,.]?(and )?[0-9]{0,4}[a-zé]{0,3}.{0,6}",
             "(resets?|available|retry) at [0-9]{4}-[0-9]{2}-[0-9]{2}([T ][0-9]{2}:[0-9]{2}(:[0-9]{2}([.,][0-9]{0,20})?)?)? ?(Z|UTC|[+-][0-9]{2}:?[0-9]{2})?[.,;)]?",
             "resets at ([A-Za-z]{3}, )?[0-9]{1,2} [A-Za-z]{3} [0-9]{2,4} [0-9]{1,2}:[0-9]{2}(:[0-9]{2})? ?([A-Z]{1,3}|[+-][0-9]{4})?[.,]?",
+            "(resets|try again at|until) ([A-Za-z]{3,9} [0-9]{1,2}(st|nd|rd|th)?,? ([0-9]{4})? ?)?[0-9]{1,2}(:[0-9]{2})? ?([ap]m|[AP]M)? ?(\\([A-Za-z_/]{0,30}\\))?",
+            "(Claude AI usage )?limit reached\\|[0-9]{0,20}",
+            "\\{\"(error|rate_limit_info)\":\\{\"(status|resets_at|resetsAt|resets_in_seconds|retry_after|code|message)\":(\"[a-z_ 0-9]{0,20}\"|-?[0-9]{0,20}(\\.[0-9]{0,5})?)\\}\\}",
+            "(insufficient_quota|credit balance is too low|billing_hard_limit_reached) .{0,10}",
             any::<String>(),
         ]
     }
@@ -795,15 +803,27 @@ mod tests {
             message in message_text(),
             now_secs in 0_i64..4_102_444_800,
             now_nanos in 0_u32..1_000_000_000,
+            zone in proptest::sample::select(chrono_tz::TZ_VARIANTS.to_vec()),
         ) {
             let now = DateTime::from_timestamp(now_secs, now_nanos).expect("in range");
-            let r = infer_utc(None, &headers, &message, now, default_5h());
+            let input = RecoveryInput {
+                explicit: None,
+                headers: &headers,
+                message: &message,
+                time_zone: zone,
+                default_recovery: default_5h(),
+                default_billing_recovery: Duration::hours(24),
+            };
+            let inferred = infer_recovery(&input, now);
+            let r = inferred.estimate;
             prop_assert!(r.recovery_at >= now);
             prop_assert!(r.recovery_at <= now + max_recovery_delay());
             prop_assert!(r.hint.chars().count() <= MAX_HINT_CHARS);
-            if r.source == RecoverySource::Default && !r.hint.starts_with("billing: ") {
-                prop_assert_eq!(r.recovery_at, now + default_5h());
-                prop_assert_eq!(r.hint.as_str(), "default 5h");
+            if r.source == RecoverySource::Default {
+                let default = if inferred.billing.is_some() { Duration::hours(24) } else { default_5h() };
+                prop_assert_eq!(r.recovery_at, now + default);
+                let expected = format!("default {}", format_duration(default));
+                prop_assert!(r.hint.ends_with(&expected), "{}", r.hint);
             }
         }
 
@@ -830,6 +850,13 @@ mod tests {
                     prop_assert!(d >= Duration::zero() && d <= max_recovery_delay());
                 }
                 let _ = parse_http_date(input);
+                let _ = parse_time_zone(input);
+                let _ = billing::in_text(input);
+                if let Some(body) = json::read(input, now, Tz::UTC)
+                    && let Some((at, _)) = body.recovery
+                {
+                    prop_assert!(at >= now && at <= limit);
+                }
             }
         }
     }
