@@ -68,6 +68,11 @@ pub struct ServeArgs {
     #[arg(long, env = "FLEETCARE_COMMIT_BATCH", default_value_t = 512)]
     pub commit_batch: usize,
 
+    /// Recovery delay of an agent at a billing stop (insufficient_quota and the
+    /// like) when nothing says when it lifts: retrying soon will not help.
+    #[arg(long, env = "FLEETCARE_DEFAULT_BILLING_RECOVERY", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub default_billing_recovery: Duration,
+
     /// How often the sweeper looks for silent and recovered agents.
     #[arg(long, env = "FLEETCARE_SWEEP_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub sweep_interval: Duration,
@@ -228,6 +233,7 @@ impl ServeArgs {
         let h = &self.healing;
         let durations = [
             ("--default-recovery", self.default_recovery),
+            ("--default-billing-recovery", self.default_billing_recovery),
             ("--heartbeat-timeout", self.heartbeat_timeout),
             ("--heartbeat-flush-interval", self.heartbeat_flush_interval),
             ("--min-heartbeat-interval", self.min_heartbeat_interval),

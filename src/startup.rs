@@ -162,6 +162,8 @@ impl Application {
         let settings = AgentStatusSettings {
             default_recovery: chrono::Duration::from_std(args.default_recovery)
                 .map_err(|_| Error::invalid("--default-recovery is too large"))?,
+            default_billing_recovery: chrono::Duration::from_std(args.default_billing_recovery)
+                .map_err(|_| Error::invalid("--default-billing-recovery is too large"))?,
             watch_progress_interval: args.watch_progress_interval,
         };
         let agent_status =

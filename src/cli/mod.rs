@@ -1,10 +1,11 @@
-//! The operator CLI: `fleetcare agents|watch|healing|pipeline|usage`, thin
+//! The operator CLI: `fleetcare agents|watch|healing|pipeline|usage|explain-limit`, thin
 //! callers of the public gRPC API (the same one every other client uses).
 //! Tables for people by default, `--json` for scripts; one-line errors with
 //! distinct exit codes (see [`error::exit`]).
 
 mod agents;
 mod error;
+mod explain;
 mod healing;
 mod pipeline;
 mod table;
@@ -55,6 +56,36 @@ pub enum ClientCommand {
     Pipeline(PipelineArgs),
     /// Token usage accounted by the `usage` processor.
     Usage(UsageArgs),
+    /// What the server would infer from a rate-limit or billing report (time,
+    /// source, hint, reason), without touching any agent.
+    ExplainLimit(ExplainLimitArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExplainLimitArgs {
+    #[command(flatten)]
+    pub connection: Connection,
+    /// The provider's error text or JSON body, as the agent saw it.
+    #[arg(long, default_value = "")]
+    pub message: String,
+    /// A response header, as NAME=VALUE (repeatable).
+    #[arg(long, value_parser = parse_header)]
+    pub header: Vec<(String, String)>,
+    /// IANA zone for wall-clock times that name none (e.g. America/Los_Angeles).
+    #[arg(long)]
+    pub time_zone: Option<String>,
+    /// Use this agent's `time_zone` label when no zone is given (the agent is only read).
+    #[arg(long)]
+    pub agent: Option<String>,
+    /// The reason the agent would report.
+    #[arg(long, value_enum, default_value_t = ReasonArg::RateLimit)]
+    pub reason: ReasonArg,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ReasonArg {
+    RateLimit,
+    Billing,
 }
 
 #[derive(Debug, Args)]
@@ -173,6 +204,14 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// `NAME=VALUE`; the value may hold `=` and may be empty.
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err(format!("expected NAME=VALUE, got {s:?}")),
+    }
+}
+
 fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
     if let Ok(at) = chrono::DateTime::parse_from_rfc3339(s) {
         return Ok(at.with_timezone(&chrono::Utc));
@@ -190,6 +229,7 @@ pub async fn run(command: ClientCommand) -> Result<(), CliError> {
         ClientCommand::Healing(args) => healing::stats(args).await,
         ClientCommand::Pipeline(args) => pipeline::run(args).await,
         ClientCommand::Usage(args) => pipeline::usage(args).await,
+        ClientCommand::ExplainLimit(args) => explain::run(args).await,
     };
     match result {
         // `fleetcare watch | head -3`: the reader left, which is not a failure.
@@ -231,6 +271,17 @@ mod tests {
         );
         assert!(parse_label("team").is_err());
         assert!(parse_label("=x").is_err());
+    }
+
+    #[test]
+    fn headers_need_a_name_and_an_equals_sign() {
+        assert_eq!(
+            parse_header("retry-after=30").unwrap(),
+            ("retry-after".into(), "30".into())
+        );
+        assert_eq!(parse_header("x=a=b").unwrap(), ("x".into(), "a=b".into()));
+        assert!(parse_header("retry-after").is_err());
+        assert!(parse_header(" =1").is_err());
     }
 
     #[test]

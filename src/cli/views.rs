@@ -111,6 +111,51 @@ impl From<&pb::Agent> for AgentView {
     }
 }
 
+/// What `explain-limit` prints: what the server would infer from a report.
+#[derive(Debug, Serialize)]
+pub struct RecoveryExplanationView {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovery_at: Option<String>,
+    /// Seconds from the server's `now` to `recovery_at`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovery_in_seconds: Option<i64>,
+    pub recovery_source: String,
+    pub recovery_hint: String,
+    pub reason: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub now: Option<String>,
+}
+
+impl From<&pb::ExplainRecoveryResponse> for RecoveryExplanationView {
+    fn from(r: &pb::ExplainRecoveryResponse) -> RecoveryExplanationView {
+        let at = |ts: Option<&prost_types::Timestamp>| from_timestamp("time", *ts?).ok();
+        let recovery_in_seconds = match (at(r.recovery_at.as_ref()), at(r.now.as_ref())) {
+            (Some(recovery), Some(now)) => Some((recovery - now).num_seconds()),
+            _ => None,
+        };
+        RecoveryExplanationView {
+            recovery_at: time(r.recovery_at.as_ref()),
+            recovery_in_seconds,
+            recovery_source: enum_name(
+                pb::RecoverySource::try_from(r.recovery_source)
+                    .ok()
+                    .map(|s| s.as_str_name()),
+                "RECOVERY_SOURCE_",
+                r.recovery_source,
+            ),
+            recovery_hint: r.recovery_hint.clone(),
+            reason: enum_name(
+                pb::ExhaustionReason::try_from(r.reason)
+                    .ok()
+                    .map(|s| s.as_str_name()),
+                "EXHAUSTION_REASON_",
+                r.reason,
+            ),
+            now: time(r.now.as_ref()),
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct TransitionView {
     pub revision: i64,

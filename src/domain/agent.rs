@@ -9,7 +9,8 @@ use std::fmt;
 
 use chrono::{DateTime, Duration, Utc};
 
-use crate::domain::recovery::{self, RecoveryEstimate};
+use crate::domain::recovery::{self, RecoveryEstimate, RecoveryInput};
+use crate::domain::transition::Labels;
 
 /// The status of one agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -145,11 +146,39 @@ pub struct AgentState {
 /// What the provider told an exhausted agent, from which its recovery time is inferred.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExhaustionReport {
+    /// The reason the caller gave; a recognised billing stop overrides it.
     pub reason: ExhaustionReason,
     pub explicit_recovery_at: Option<DateTime<Utc>>,
     pub headers: Vec<(String, String)>,
     pub message: String,
+    /// The caller's IANA zone (validated), for wall-clock times that name none.
+    pub time_zone: Option<String>,
     pub default_recovery: Duration,
+    pub default_billing_recovery: Duration,
+}
+
+/// What a report means for an agent with these labels at `now`: the
+/// recovery time inferred (wall-clock times in the request's zone, else the
+/// agent's `time_zone` label, else UTC) and the reason, which is `BILLING`
+/// whenever the report shows a billing stop, whatever the caller said.
+pub fn exhaustion_of(report: &ExhaustionReport, labels: &Labels, now: DateTime<Utc>) -> Exhaustion {
+    let input = RecoveryInput {
+        explicit: report.explicit_recovery_at,
+        headers: &report.headers,
+        message: &report.message,
+        time_zone: recovery::resolve_time_zone(report.time_zone.as_deref(), labels),
+        default_recovery: report.default_recovery,
+        default_billing_recovery: report.default_billing_recovery,
+    };
+    let inference = recovery::infer_recovery(&input, now);
+    let reason = match inference.billing {
+        Some(_) => ExhaustionReason::Billing,
+        None => report.reason,
+    };
+    Exhaustion {
+        reason,
+        recovery: inference.estimate,
+    }
 }
 
 /// Something that happened to an existing agent.
@@ -216,9 +245,10 @@ pub fn registered(now: DateTime<Utc>) -> (AgentState, Cause) {
     (state, Cause::Registered)
 }
 
-/// Applies `event` to an agent in `state` at server time `now`.
+/// Applies `event` to an agent in `state` (with `labels`) at server time `now`.
 pub fn decide(
     state: &AgentState,
+    labels: &Labels,
     event: Event,
     now: DateTime<Utc>,
 ) -> Result<Decision, TransitionRefused> {
@@ -275,17 +305,7 @@ pub fn decide(
             _ => return Err(refuse("BUSY or ON_CALL")),
         },
         Event::ReportExhausted(report) => {
-            let recovery = recovery::infer_recovery(
-                report.explicit_recovery_at,
-                &report.headers,
-                &report.message,
-                now,
-                report.default_recovery,
-            );
-            let exhaustion = Exhaustion {
-                reason: report.reason,
-                recovery,
-            };
+            let exhaustion = exhaustion_of(&report, labels, now);
             to(Exhausted, Cause::Exhausted, Some(exhaustion))
         }
         Event::MarkOffline => match state.status {
@@ -326,8 +346,9 @@ pub fn needs_sweep(
         heartbeat_timeout,
         offline_allowed,
     };
+    // A sweep reads no labels.
     matches!(
-        decide(state, event, now),
+        decide(state, &Labels::new(), event, now),
         Ok(Decision {
             change: Some(_),
             ..
@@ -372,8 +393,19 @@ mod tests {
             explicit_recovery_at: None,
             headers: vec![],
             message: message.into(),
+            time_zone: None,
             default_recovery: Duration::hours(5),
+            default_billing_recovery: Duration::hours(24),
         })
+    }
+
+    /// `decide` for an agent without labels.
+    fn decide_(
+        state: &AgentState,
+        event: Event,
+        now: DateTime<Utc>,
+    ) -> Result<Decision, TransitionRefused> {
+        decide(state, &Labels::new(), event, now)
     }
 
     fn sweep(timeout_secs: i64, offline_allowed: bool) -> Event {
@@ -398,12 +430,12 @@ mod tests {
     #[test]
     fn work_slots_move_idle_to_busy_or_on_call_and_back() {
         use AgentStatus::*;
-        let d = decide(&agent(Idle), Event::StartWork(SlotType::Work), t0()).unwrap();
+        let d = decide_(&agent(Idle), Event::StartWork(SlotType::Work), t0()).unwrap();
         assert_eq!(change(&d), Some((Idle, Busy, Cause::WorkStarted)));
-        let d = decide(&agent(Idle), Event::StartWork(SlotType::OnCall), t0()).unwrap();
+        let d = decide_(&agent(Idle), Event::StartWork(SlotType::OnCall), t0()).unwrap();
         assert_eq!(change(&d), Some((Idle, OnCall, Cause::WorkStarted)));
         for from in [Busy, OnCall] {
-            let d = decide(&agent(from), Event::FinishWork, t0()).unwrap();
+            let d = decide_(&agent(from), Event::FinishWork, t0()).unwrap();
             assert_eq!(change(&d), Some((from, Idle, Cause::WorkFinished)));
         }
     }
@@ -412,7 +444,7 @@ mod tests {
     fn start_work_is_refused_from_every_status_but_idle() {
         use AgentStatus::*;
         for from in [Busy, OnCall, Offline, Exhausted] {
-            let err = decide(&agent(from), Event::StartWork(SlotType::Work), t0()).unwrap_err();
+            let err = decide_(&agent(from), Event::StartWork(SlotType::Work), t0()).unwrap_err();
             assert_eq!(err.current, from);
             assert!(err.to_string().contains(from.as_str()), "{err}");
         }
@@ -422,7 +454,7 @@ mod tests {
     fn finish_work_is_refused_unless_busy_or_on_call() {
         use AgentStatus::*;
         for from in [Idle, Offline, Exhausted] {
-            let err = decide(&agent(from), Event::FinishWork, t0()).unwrap_err();
+            let err = decide_(&agent(from), Event::FinishWork, t0()).unwrap_err();
             assert_eq!(err.current, from);
         }
     }
@@ -432,12 +464,12 @@ mod tests {
         use AgentStatus::*;
         let later = t0() + Duration::seconds(30);
         for status in [Idle, Busy, OnCall, Exhausted] {
-            let d = decide(&agent(status), Event::Heartbeat, later).unwrap();
+            let d = decide_(&agent(status), Event::Heartbeat, later).unwrap();
             assert_eq!(d.change, None);
             assert_eq!(d.state.status, status);
             assert_eq!(d.state.last_heartbeat_at, later);
         }
-        let d = decide(&agent(Offline), Event::Heartbeat, later).unwrap();
+        let d = decide_(&agent(Offline), Event::Heartbeat, later).unwrap();
         assert_eq!(change(&d), Some((Offline, Idle, Cause::HeartbeatResumed)));
         assert_eq!(d.state.last_heartbeat_at, later);
     }
@@ -446,7 +478,7 @@ mod tests {
     fn heartbeat_does_not_wake_an_agent_that_went_offline_while_exhausted() {
         let mut state = agent(AgentStatus::Offline);
         state.exhaustion = Some(exhaustion(t0() + Duration::hours(1)));
-        let d = decide(&state, Event::Heartbeat, t0() + Duration::minutes(10)).unwrap();
+        let d = decide_(&state, Event::Heartbeat, t0() + Duration::minutes(10)).unwrap();
         assert_eq!(
             change(&d),
             Some((
@@ -458,7 +490,7 @@ mod tests {
         assert_eq!(d.state.exhaustion, state.exhaustion);
 
         // Once the recovery time has passed the agent comes back idle, exhaustion cleared.
-        let d = decide(&state, Event::Heartbeat, t0() + Duration::hours(2)).unwrap();
+        let d = decide_(&state, Event::Heartbeat, t0() + Duration::hours(2)).unwrap();
         assert_eq!(d.state.status, AgentStatus::Idle);
         assert_eq!(d.state.exhaustion, None);
     }
@@ -466,7 +498,7 @@ mod tests {
     #[test]
     fn report_exhausted_works_from_any_status_and_infers_recovery() {
         for from in AgentStatus::ALL {
-            let d = decide(&agent(from), report("quota hit, reset in 12 mins"), t0()).unwrap();
+            let d = decide_(&agent(from), report("quota hit, reset in 12 mins"), t0()).unwrap();
             assert_eq!(
                 change(&d),
                 Some((from, AgentStatus::Exhausted, Cause::Exhausted))
@@ -476,17 +508,46 @@ mod tests {
             assert_eq!(ex.recovery.recovery_at, t0() + Duration::minutes(12));
             assert_eq!(ex.recovery.source, RecoverySource::Message);
         }
-        let d = decide(&agent(AgentStatus::Idle), report("no hint"), t0()).unwrap();
+        let d = decide_(&agent(AgentStatus::Idle), report("no hint"), t0()).unwrap();
         let ex = d.state.exhaustion.unwrap();
         assert_eq!(ex.recovery.recovery_at, t0() + Duration::hours(5));
         assert_eq!(ex.recovery.source, RecoverySource::Default);
     }
 
     #[test]
+    fn a_billing_stop_is_recorded_as_billing_whatever_the_caller_said() {
+        let mut event = report("You exceeded your current quota: insufficient_quota");
+        if let Event::ReportExhausted(r) = &mut event {
+            r.reason = ExhaustionReason::RateLimit;
+        }
+        let d = decide_(&agent(AgentStatus::Idle), event, t0()).unwrap();
+        let ex = d.state.exhaustion.unwrap();
+        assert_eq!(ex.reason, ExhaustionReason::Billing);
+        assert_eq!(ex.recovery.recovery_at, t0() + Duration::hours(24));
+        assert_eq!(ex.recovery.hint, "billing: insufficient_quota; default 1d");
+    }
+
+    #[test]
+    fn wall_clock_times_use_the_request_zone_else_the_agents_label() {
+        // t0 is 10:00Z: 03:00 in Los Angeles (PDT), 11:00 in London (BST).
+        let labels: Labels = [("time_zone".to_string(), "Europe/London".to_string())].into();
+        let mut event = report("limit reached · resets 2pm");
+        let d = decide(&agent(AgentStatus::Idle), &labels, event.clone(), t0()).unwrap();
+        let at = d.state.exhaustion.unwrap().recovery.recovery_at;
+        assert_eq!(at, Utc.with_ymd_and_hms(2026, 4, 1, 13, 0, 0).unwrap());
+        if let Event::ReportExhausted(r) = &mut event {
+            r.time_zone = Some("America/Los_Angeles".into());
+        }
+        let d = decide(&agent(AgentStatus::Idle), &labels, event, t0()).unwrap();
+        let at = d.state.exhaustion.unwrap().recovery.recovery_at;
+        assert_eq!(at, Utc.with_ymd_and_hms(2026, 4, 1, 21, 0, 0).unwrap());
+    }
+
+    #[test]
     fn mark_offline_keeps_exhaustion_and_is_idempotent() {
         let mut state = agent(AgentStatus::Exhausted);
         state.exhaustion = Some(exhaustion(t0() + Duration::hours(1)));
-        let d = decide(&state, Event::MarkOffline, t0()).unwrap();
+        let d = decide_(&state, Event::MarkOffline, t0()).unwrap();
         assert_eq!(
             change(&d),
             Some((
@@ -496,7 +557,7 @@ mod tests {
             ))
         );
         assert_eq!(d.state.exhaustion, state.exhaustion);
-        let again = decide(&d.state, Event::MarkOffline, t0()).unwrap();
+        let again = decide_(&d.state, Event::MarkOffline, t0()).unwrap();
         assert_eq!(again.change, None);
     }
 
@@ -505,15 +566,15 @@ mod tests {
         use AgentStatus::*;
         for status in [Idle, Busy, OnCall, Exhausted] {
             let at_timeout = t0() + Duration::seconds(120);
-            let d = decide(&agent(status), sweep(120, true), at_timeout).unwrap();
+            let d = decide_(&agent(status), sweep(120, true), at_timeout).unwrap();
             assert_eq!(d.change, None, "{status} at exactly the timeout stays");
             let past = at_timeout + Duration::milliseconds(1);
-            let d = decide(&agent(status), sweep(120, true), past).unwrap();
+            let d = decide_(&agent(status), sweep(120, true), past).unwrap();
             assert_eq!(change(&d), Some((status, Offline, Cause::HeartbeatTimeout)));
-            let d = decide(&agent(status), sweep(120, false), past).unwrap();
+            let d = decide_(&agent(status), sweep(120, false), past).unwrap();
             assert_ne!(d.state.status, Offline, "grace keeps {status} online");
         }
-        let d = decide(&agent(Offline), sweep(1, true), t0() + Duration::hours(1)).unwrap();
+        let d = decide_(&agent(Offline), sweep(1, true), t0() + Duration::hours(1)).unwrap();
         assert_eq!(d.change, None);
     }
 
@@ -521,9 +582,9 @@ mod tests {
     fn sweep_recovers_exhausted_agents_when_their_time_has_come() {
         let mut state = agent(AgentStatus::Exhausted);
         state.exhaustion = Some(exhaustion(t0() + Duration::seconds(60)));
-        let d = decide(&state, sweep(120, true), t0() + Duration::seconds(59)).unwrap();
+        let d = decide_(&state, sweep(120, true), t0() + Duration::seconds(59)).unwrap();
         assert_eq!(d.change, None);
-        let d = decide(&state, sweep(120, true), t0() + Duration::seconds(60)).unwrap();
+        let d = decide_(&state, sweep(120, true), t0() + Duration::seconds(60)).unwrap();
         assert_eq!(
             change(&d),
             Some((AgentStatus::Exhausted, AgentStatus::Idle, Cause::Recovered))
@@ -582,7 +643,7 @@ mod tests {
                 let mut now = t0();
                 for (event, step) in events {
                     now += Duration::seconds(step);
-                    if let Ok(d) = decide(&state, event, now) {
+                    if let Ok(d) = decide_(&state, event, now) {
                         if let Some(c) = d.change {
                             prop_assert_eq!(c.from, state.status);
                             prop_assert_eq!(c.to, d.state.status);

@@ -185,7 +185,7 @@ pub fn plan(existing: Vec<Agent>, commands: &[Command], now: DateTime<Utc>) -> P
                 }
             },
         };
-        let decision = match agent::decide(&agent.state, event, now) {
+        let decision = match agent::decide(&agent.state, &agent.labels, event, now) {
             Ok(decision) => decision,
             Err(refused) => {
                 outcomes.push(Err(refused.into()));

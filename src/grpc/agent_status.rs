@@ -10,11 +10,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::domain::agent::{Event, ExhaustionReport};
+use crate::domain::agent::{self, Event, ExhaustionReason, ExhaustionReport};
 use crate::domain::batch::Applied;
+use crate::domain::transition::Labels;
 use crate::error::Error;
 use crate::grpc::agent_requests::{AgentCursor, AgentId, ListAgents, ListTransitions};
-use crate::grpc::convert::{self, from_timestamp};
+use crate::grpc::convert::{self, timestamp};
 use crate::grpc::validate;
 use crate::proto::v1 as pb;
 use crate::proto::v1::agent_status_service_server::AgentStatusService;
@@ -27,6 +28,7 @@ use crate::storage::AgentStore;
 #[derive(Debug, Clone)]
 pub struct AgentStatusSettings {
     pub default_recovery: chrono::Duration,
+    pub default_billing_recovery: chrono::Duration,
     pub watch_progress_interval: Duration,
 }
 
@@ -52,6 +54,29 @@ impl AgentStatusApi {
             fanout,
             settings,
             shutdown,
+        }
+    }
+
+    /// A checked report with the server's defaults.
+    fn report(
+        &self,
+        reason: ExhaustionReason,
+        evidence: validate::RecoveryEvidence,
+    ) -> ExhaustionReport {
+        let validate::RecoveryEvidence {
+            explicit_recovery_at,
+            headers,
+            message,
+            time_zone,
+        } = evidence;
+        ExhaustionReport {
+            reason,
+            explicit_recovery_at,
+            headers,
+            message,
+            time_zone,
+            default_recovery: self.settings.default_recovery,
+            default_billing_recovery: self.settings.default_billing_recovery,
         }
     }
 
@@ -173,45 +198,11 @@ impl AgentStatusService for AgentStatusApi {
             recovery_at,
             headers,
             message,
+            time_zone,
         } = request.into_inner();
         let reason = convert::reason_from_pb(reason)?;
-        let explicit_recovery_at = recovery_at
-            .map(|ts| from_timestamp("recovery_at", ts))
-            .transpose()?;
-        if headers.len() > validate::MAX_HEADERS {
-            return Err(Error::invalid(format!(
-                "headers has {} entries, at most {} allowed",
-                headers.len(),
-                validate::MAX_HEADERS
-            ))
-            .into());
-        }
-        if let Some(h) = headers
-            .iter()
-            .find(|h| h.name.len() + h.value.len() > validate::MAX_HEADER_BYTES)
-        {
-            return Err(Error::invalid(format!(
-                "header {:?} is larger than {} bytes",
-                h.name.chars().take(64).collect::<String>(),
-                validate::MAX_HEADER_BYTES
-            ))
-            .into());
-        }
-        if message.len() > validate::MAX_MESSAGE_BYTES {
-            return Err(Error::invalid(format!(
-                "message is {} bytes, at most {} allowed",
-                message.len(),
-                validate::MAX_MESSAGE_BYTES
-            ))
-            .into());
-        }
-        let report = ExhaustionReport {
-            reason,
-            explicit_recovery_at,
-            headers: headers.into_iter().map(|h| (h.name, h.value)).collect(),
-            message,
-            default_recovery: self.settings.default_recovery,
-        };
+        let evidence = validate::recovery_evidence(recovery_at, headers, message, &time_zone)?;
+        let report = self.report(reason, evidence);
         let (agent, transition) = self
             .apply(&agent_id, Event::ReportExhausted(report))
             .await?;
@@ -287,6 +278,42 @@ impl AgentStatusService for AgentStatusApi {
             next_page_token,
             oldest_revision: bounds.oldest_retained(),
             head_revision: bounds.head,
+        }))
+    }
+
+    async fn explain_recovery(
+        &self,
+        request: Request<pb::ExplainRecoveryRequest>,
+    ) -> Result<Response<pb::ExplainRecoveryResponse>, Status> {
+        let pb::ExplainRecoveryRequest {
+            reason,
+            headers,
+            message,
+            time_zone,
+            agent_id,
+            recovery_at,
+        } = request.into_inner();
+        let reason = match reason {
+            0 => ExhaustionReason::RateLimit,
+            other => convert::reason_from_pb(other)?,
+        };
+        let evidence = validate::recovery_evidence(recovery_at, headers, message, &time_zone)?;
+        let labels = match agent_id.as_str() {
+            "" => Labels::new(),
+            id => {
+                let id = validate::agent_id("agent_id", id)?;
+                self.store.get_agent(&id).await?.labels
+            }
+        };
+        // The clock every write of this server decides with.
+        let now = self.writes.now();
+        let exhaustion = agent::exhaustion_of(&self.report(reason, evidence), &labels, now);
+        Ok(Response::new(pb::ExplainRecoveryResponse {
+            recovery_at: Some(timestamp(exhaustion.recovery.recovery_at)),
+            recovery_source: convert::source_to_pb(exhaustion.recovery.source) as i32,
+            recovery_hint: exhaustion.recovery.hint,
+            reason: convert::reason_to_pb(exhaustion.reason) as i32,
+            now: Some(timestamp(now)),
         }))
     }
 }

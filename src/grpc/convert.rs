@@ -93,14 +93,14 @@ pub fn reason_from_pb(value: i32) -> Result<ExhaustionReason> {
     }
 }
 
-fn reason_to_pb(reason: ExhaustionReason) -> pb::ExhaustionReason {
+pub fn reason_to_pb(reason: ExhaustionReason) -> pb::ExhaustionReason {
     match reason {
         ExhaustionReason::RateLimit => pb::ExhaustionReason::RateLimit,
         ExhaustionReason::Billing => pb::ExhaustionReason::Billing,
     }
 }
 
-fn source_to_pb(source: RecoverySource) -> pb::RecoverySource {
+pub fn source_to_pb(source: RecoverySource) -> pb::RecoverySource {
     match source {
         RecoverySource::Explicit => pb::RecoverySource::Explicit,
         RecoverySource::RetryAfterHeader => pb::RecoverySource::RetryAfterHeader,

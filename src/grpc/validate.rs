@@ -2,8 +2,13 @@
 
 use std::collections::HashMap;
 
+use chrono::{DateTime, Utc};
+
+use crate::domain::recovery;
 use crate::domain::transition::Labels;
 use crate::error::{Error, Result};
+use crate::grpc::convert::from_timestamp;
+use crate::proto::v1 as pb;
 
 pub const MAX_AGENT_ID: usize = 128;
 pub const MAX_LABELS: usize = 64;
@@ -209,6 +214,68 @@ pub fn context(field: &str, map: HashMap<String, String>) -> Result<Labels> {
     Ok(map.into_iter().collect())
 }
 
+/// What a client reports about an exhausted agent, checked: the part
+/// `ReportExhausted` and `ExplainRecovery` share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecoveryEvidence {
+    pub explicit_recovery_at: Option<DateTime<Utc>>,
+    pub headers: Vec<(String, String)>,
+    pub message: String,
+    /// The canonical IANA name, when one was given.
+    pub time_zone: Option<String>,
+}
+
+/// Checks the evidence of an exhaustion report: at most [`MAX_HEADERS`]
+/// headers of at most [`MAX_HEADER_BYTES`] each, a message of at most
+/// [`MAX_MESSAGE_BYTES`], a valid `recovery_at`, and a time zone that is
+/// empty or an IANA name.
+pub fn recovery_evidence(
+    recovery_at: Option<prost_types::Timestamp>,
+    headers: Vec<pb::Header>,
+    message: String,
+    time_zone: &str,
+) -> Result<RecoveryEvidence> {
+    let explicit_recovery_at = recovery_at
+        .map(|ts| from_timestamp("recovery_at", ts))
+        .transpose()?;
+    if headers.len() > MAX_HEADERS {
+        return Err(Error::invalid(format!(
+            "headers has {} entries, at most {MAX_HEADERS} allowed",
+            headers.len()
+        )));
+    }
+    if let Some(h) = headers
+        .iter()
+        .find(|h| h.name.len() + h.value.len() > MAX_HEADER_BYTES)
+    {
+        return Err(Error::invalid(format!(
+            "header {:?} is larger than {MAX_HEADER_BYTES} bytes",
+            h.name.chars().take(64).collect::<String>()
+        )));
+    }
+    bounded_text("message", &message, MAX_MESSAGE_BYTES)?;
+    Ok(RecoveryEvidence {
+        explicit_recovery_at,
+        headers: headers.into_iter().map(|h| (h.name, h.value)).collect(),
+        message,
+        time_zone: time_zone_name("time_zone", time_zone)?,
+    })
+}
+
+/// Empty (none), or an IANA zone name, returned in its canonical spelling.
+pub fn time_zone_name(field: &str, zone: &str) -> Result<Option<String>> {
+    if zone.is_empty() {
+        return Ok(None);
+    }
+    match recovery::parse_time_zone(zone) {
+        Some(tz) => Ok(Some(tz.name().to_owned())),
+        None => Err(Error::invalid(format!(
+            "{field} {:?} is not an IANA time zone (such as America/Los_Angeles or UTC)",
+            zone.chars().take(64).collect::<String>()
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,5 +328,40 @@ mod tests {
         assert_eq!(page_size(0).unwrap(), DEFAULT_PAGE_SIZE);
         assert_eq!(page_size(5000).unwrap(), MAX_PAGE_SIZE);
         assert!(page_size(-1).is_err());
+    }
+
+    #[test]
+    fn recovery_evidence_bounds_and_zones() {
+        let header = |name: &str, value: &str| pb::Header {
+            name: name.into(),
+            value: value.into(),
+        };
+        let ok = recovery_evidence(
+            None,
+            vec![header("retry-after", "5")],
+            "m".into(),
+            "america/los_angeles",
+        )
+        .unwrap();
+        assert_eq!(ok.time_zone.as_deref(), Some("America/Los_Angeles"));
+        assert_eq!(ok.headers, [("retry-after".to_string(), "5".to_string())]);
+        assert_eq!(
+            recovery_evidence(None, vec![], String::new(), "")
+                .unwrap()
+                .time_zone,
+            None
+        );
+        let err = recovery_evidence(None, vec![], String::new(), "Mars/Olympus")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("time_zone \"Mars/Olympus\""), "{err}");
+        let many = (0..65).map(|i| header(&format!("h{i}"), "")).collect();
+        let err = recovery_evidence(None, many, String::new(), "").unwrap_err();
+        assert!(err.to_string().contains("headers has 65 entries"), "{err}");
+        let big = vec![header("x", &"v".repeat(MAX_HEADER_BYTES))];
+        assert!(recovery_evidence(None, big, String::new(), "").is_err());
+        let long = "m".repeat(MAX_MESSAGE_BYTES + 1);
+        let err = recovery_evidence(None, vec![], long, "").unwrap_err();
+        assert!(err.to_string().starts_with("message is"), "{err}");
     }
 }

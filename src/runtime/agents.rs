@@ -74,6 +74,11 @@ impl AgentWrites {
         Ok((applied, self.next_heartbeat_interval()))
     }
 
+    /// The server's time, as the write path decides with it.
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        self.clock.now()
+    }
+
     /// The heartbeat interval for the fleet as this process knows it.
     pub fn next_heartbeat_interval(&self) -> Duration {
         self.pacing.next_interval(self.cache.len())

@@ -98,7 +98,12 @@ impl AgentCache {
         let Some(cached) = inner.agents.get_mut(agent_id).filter(|c| c.fresh) else {
             return FastHeartbeat::Unknown;
         };
-        let Ok(decision) = agent::decide(&cached.agent.state, Event::Heartbeat, now) else {
+        let Ok(decision) = agent::decide(
+            &cached.agent.state,
+            &cached.agent.labels,
+            Event::Heartbeat,
+            now,
+        ) else {
             return FastHeartbeat::Commit;
         };
         if decision.change.is_some() {

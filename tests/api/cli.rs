@@ -386,3 +386,95 @@ async fn healing_stats_count_reported_errors() {
 
     app.stop().await;
 }
+
+#[tokio::test]
+async fn explain_limit_prints_what_the_server_would_infer_without_touching_agents() {
+    let db = TestDb::new();
+    let app = TestApp::spawn(&db).await;
+    let before = app.register("cli-x").await;
+
+    let text = stdout(
+        &fleetcare(
+            app.addr,
+            &[
+                "explain-limit",
+                "--message",
+                "You've hit your session limit · resets 12:50am (America/Los_Angeles)",
+            ],
+        )
+        .await,
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 5, "{text}");
+    assert!(lines[0].starts_with("recovery at: "), "{text}");
+    assert_eq!(lines[1], "source:      MESSAGE");
+    assert_eq!(
+        lines[2],
+        "hint:        resets 12:50am (America/Los_Angeles)"
+    );
+    assert_eq!(lines[3], "reason:      RATE_LIMIT");
+
+    let explained = json(
+        &fleetcare(
+            app.addr,
+            &[
+                "explain-limit",
+                "--header",
+                "retry-after=90",
+                "--header",
+                "x-ratelimit-reset-tokens=6s",
+                "--message",
+                "insufficient_quota",
+                "--json",
+            ],
+        )
+        .await,
+    );
+    assert_eq!(explained["recovery_source"], "RETRY_AFTER_HEADER");
+    assert_eq!(explained["reason"], "BILLING");
+    assert_eq!(explained["recovery_in_seconds"], 90);
+    assert_eq!(
+        explained["recovery_hint"],
+        "billing: insufficient_quota; retry-after: 90"
+    );
+
+    let zoned = json(
+        &fleetcare(
+            app.addr,
+            &[
+                "explain-limit",
+                "--message",
+                "5-hour limit reached ∙ resets 2am",
+                "--time-zone",
+                "Asia/Colombo",
+                "--json",
+            ],
+        )
+        .await,
+    );
+    let secs = zoned["recovery_in_seconds"].as_i64().unwrap();
+    assert!(secs > 0 && secs <= 86_400, "{zoned}");
+
+    let (line, code) = failure(
+        &fleetcare(
+            app.addr,
+            &[
+                "explain-limit",
+                "--message",
+                "x",
+                "--time-zone",
+                "Mars/Olympus",
+            ],
+        )
+        .await,
+    );
+    assert_eq!(code, i32::from(exit::REFUSED));
+    assert!(line.contains("\"Mars/Olympus\""), "{line}");
+    let (line, code) = failure(&fleetcare(app.addr, &["explain-limit", "--agent", "ghost"]).await);
+    assert_eq!(code, i32::from(exit::NOT_FOUND));
+    assert!(line.starts_with("fleetcare: not found:"), "{line}");
+
+    let after = app.get("cli-x").await;
+    assert_eq!(after.revision, before.revision);
+    assert_eq!(after.status, pb::AgentStatus::Idle as i32);
+}

@@ -1,5 +1,6 @@
 import datetime
 
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -201,12 +202,14 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("agent", "transition")
+    __slots__ = ("agent", "transition", "next_heartbeat_interval")
     AGENT_FIELD_NUMBER: _ClassVar[int]
     TRANSITION_FIELD_NUMBER: _ClassVar[int]
+    NEXT_HEARTBEAT_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     agent: Agent
     transition: Transition
-    def __init__(self, agent: _Optional[_Union[Agent, _Mapping]] = ..., transition: _Optional[_Union[Transition, _Mapping]] = ...) -> None: ...
+    next_heartbeat_interval: _duration_pb2.Duration
+    def __init__(self, agent: _Optional[_Union[Agent, _Mapping]] = ..., transition: _Optional[_Union[Transition, _Mapping]] = ..., next_heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class StartWorkRequest(_message.Message):
     __slots__ = ("agent_id", "slot_type")
@@ -247,18 +250,20 @@ class Header(_message.Message):
     def __init__(self, name: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
 
 class ReportExhaustedRequest(_message.Message):
-    __slots__ = ("agent_id", "reason", "recovery_at", "headers", "message")
+    __slots__ = ("agent_id", "reason", "recovery_at", "headers", "message", "time_zone")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     RECOVERY_AT_FIELD_NUMBER: _ClassVar[int]
     HEADERS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    TIME_ZONE_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     reason: ExhaustionReason
     recovery_at: _timestamp_pb2.Timestamp
     headers: _containers.RepeatedCompositeFieldContainer[Header]
     message: str
-    def __init__(self, agent_id: _Optional[str] = ..., reason: _Optional[_Union[ExhaustionReason, str]] = ..., recovery_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., message: _Optional[str] = ...) -> None: ...
+    time_zone: str
+    def __init__(self, agent_id: _Optional[str] = ..., reason: _Optional[_Union[ExhaustionReason, str]] = ..., recovery_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., message: _Optional[str] = ..., time_zone: _Optional[str] = ...) -> None: ...
 
 class ReportExhaustedResponse(_message.Message):
     __slots__ = ("agent", "transition")
@@ -343,3 +348,33 @@ class ListTransitionsResponse(_message.Message):
     oldest_revision: int
     head_revision: int
     def __init__(self, transitions: _Optional[_Iterable[_Union[Transition, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., oldest_revision: _Optional[int] = ..., head_revision: _Optional[int] = ...) -> None: ...
+
+class ExplainRecoveryRequest(_message.Message):
+    __slots__ = ("reason", "headers", "message", "time_zone", "agent_id", "recovery_at")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    HEADERS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    TIME_ZONE_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_AT_FIELD_NUMBER: _ClassVar[int]
+    reason: ExhaustionReason
+    headers: _containers.RepeatedCompositeFieldContainer[Header]
+    message: str
+    time_zone: str
+    agent_id: str
+    recovery_at: _timestamp_pb2.Timestamp
+    def __init__(self, reason: _Optional[_Union[ExhaustionReason, str]] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., message: _Optional[str] = ..., time_zone: _Optional[str] = ..., agent_id: _Optional[str] = ..., recovery_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ExplainRecoveryResponse(_message.Message):
+    __slots__ = ("recovery_at", "recovery_source", "recovery_hint", "reason", "now")
+    RECOVERY_AT_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_HINT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    NOW_FIELD_NUMBER: _ClassVar[int]
+    recovery_at: _timestamp_pb2.Timestamp
+    recovery_source: RecoverySource
+    recovery_hint: str
+    reason: ExhaustionReason
+    now: _timestamp_pb2.Timestamp
+    def __init__(self, recovery_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., recovery_source: _Optional[_Union[RecoverySource, str]] = ..., recovery_hint: _Optional[str] = ..., reason: _Optional[_Union[ExhaustionReason, str]] = ..., now: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

@@ -86,6 +86,11 @@ class AgentStatusServiceStub(object):
                 request_serializer=fleetcare_dot_v1_dot_agent__status__pb2.ListTransitionsRequest.SerializeToString,
                 response_deserializer=fleetcare_dot_v1_dot_agent__status__pb2.ListTransitionsResponse.FromString,
                 _registered_method=True)
+        self.ExplainRecovery = channel.unary_unary(
+                '/fleetcare.v1.AgentStatusService/ExplainRecovery',
+                request_serializer=fleetcare_dot_v1_dot_agent__status__pb2.ExplainRecoveryRequest.SerializeToString,
+                response_deserializer=fleetcare_dot_v1_dot_agent__status__pb2.ExplainRecoveryResponse.FromString,
+                _registered_method=True)
 
 
 class AgentStatusServiceServicer(object):
@@ -165,6 +170,14 @@ class AgentStatusServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExplainRecovery(self, request, context):
+        """ExplainRecovery says what ReportExhausted would infer from a report
+        (recovery time, source, hint, reason) without touching any agent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentStatusServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -217,6 +230,11 @@ def add_AgentStatusServiceServicer_to_server(servicer, server):
                     servicer.ListTransitions,
                     request_deserializer=fleetcare_dot_v1_dot_agent__status__pb2.ListTransitionsRequest.FromString,
                     response_serializer=fleetcare_dot_v1_dot_agent__status__pb2.ListTransitionsResponse.SerializeToString,
+            ),
+            'ExplainRecovery': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainRecovery,
+                    request_deserializer=fleetcare_dot_v1_dot_agent__status__pb2.ExplainRecoveryRequest.FromString,
+                    response_serializer=fleetcare_dot_v1_dot_agent__status__pb2.ExplainRecoveryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -491,6 +509,33 @@ class AgentStatusService(object):
             '/fleetcare.v1.AgentStatusService/ListTransitions',
             fleetcare_dot_v1_dot_agent__status__pb2.ListTransitionsRequest.SerializeToString,
             fleetcare_dot_v1_dot_agent__status__pb2.ListTransitionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainRecovery(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetcare.v1.AgentStatusService/ExplainRecovery',
+            fleetcare_dot_v1_dot_agent__status__pb2.ExplainRecoveryRequest.SerializeToString,
+            fleetcare_dot_v1_dot_agent__status__pb2.ExplainRecoveryResponse.FromString,
             options,
             channel_credentials,
             insecure,
