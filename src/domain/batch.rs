@@ -89,6 +89,29 @@ impl Plan {
         self.created.iter().map(String::as_str)
     }
 
+    /// What to write with revisions still relative to the batch, for a store that
+    /// allocates the revisions in the same statement as the writes: for each
+    /// changed agent, whether its `revision` is relative (to be shifted by the
+    /// base the store allocates) or an earlier batch's, kept as is.
+    pub fn relative_writes(&self) -> (Writes, Vec<bool>) {
+        let pick = |ids: &BTreeSet<String>| -> Vec<Agent> {
+            ids.iter()
+                .filter_map(|id| self.agents.get(id).cloned())
+                .collect()
+        };
+        let changed = pick(&self.changed);
+        let shift = changed
+            .iter()
+            .map(|a| self.renumbered.contains(&a.agent_id))
+            .collect();
+        let writes = Writes {
+            created: pick(&self.created),
+            changed,
+            transitions: self.transitions.clone(),
+        };
+        (writes, shift)
+    }
+
     /// Shifts the batch's revisions by `base` (the head revision before the batch)
     /// and returns what to write and each command's outcome.
     pub fn finish(self, base: i64) -> (Writes, Vec<Result<Applied, Refusal>>) {
@@ -302,6 +325,9 @@ mod tests {
         ];
         let plan = plan(vec![existing("a", AgentStatus::Idle, 7)], &commands, now());
         assert_eq!(plan.transition_count(), 1);
+        let (relative, shift) = plan.relative_writes();
+        assert_eq!(relative.transitions[0].revision, 1);
+        assert_eq!(shift, [true]);
         let (writes, outcomes) = plan.finish(40);
         let won = outcomes[0].as_ref().expect("first call wins");
         assert_eq!(won.agent.state.status, AgentStatus::Busy);
@@ -398,6 +424,8 @@ mod tests {
             now(),
         );
         assert_eq!(plan.transition_count(), 0);
+        let (relative, shift) = plan.relative_writes();
+        assert_eq!((relative.changed[0].revision, shift), (9, vec![false]));
         let (writes, outcomes) = plan.finish(50);
         let a = outcomes[0].as_ref().unwrap();
         assert_eq!(a.agent.revision, 9, "no transition: the revision stays");

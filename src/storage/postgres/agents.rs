@@ -191,24 +191,53 @@ impl AgentColumns {
     }
 }
 
-/// Writes the final state of every changed agent in one statement. The rows are
-/// locked already (read FOR UPDATE, or inserted, by this transaction), and
-/// `last_heartbeat_at` never moves back, wherever heartbeats are written.
-const UPDATE_AGENTS: &str = "UPDATE agents SET
-         status = u.status,
-         labels = u.labels::jsonb,
-         last_heartbeat_at = GREATEST(agents.last_heartbeat_at, u.last_heartbeat_at),
-         last_transition_at = u.last_transition_at,
-         revision = u.revision,
-         exhaustion_reason = u.exhaustion_reason,
-         recovery_at = u.recovery_at,
-         recovery_source = u.recovery_source,
-         recovery_hint = u.recovery_hint
-     FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[],
-                 $6::bigint[], $7::text[], $8::timestamptz[], $9::text[], $10::text[])
-          AS u(agent_id, status, labels, last_heartbeat_at, last_transition_at,
-               revision, exhaustion_reason, recovery_at, recovery_source, recovery_hint)
-     WHERE agents.agent_id = u.agent_id";
+/// Writes a batch in one statement. When the batch has transitions (`$1` > 0)
+/// it takes the revision row (the last lock of the transaction, held to commit),
+/// notifies, and appends them; every changed agent's final state is written,
+/// its relative revision shifted by the allocated base where `shift` says so.
+/// The agent rows are locked already (read FOR UPDATE, or inserted, by this
+/// transaction), and `last_heartbeat_at` never moves back.
+const WRITE_BATCH: &str = "WITH head AS (
+         UPDATE revision_head SET head_revision = head_revision + $1
+         WHERE singleton AND $1 > 0
+         RETURNING head_revision - $1 AS base
+     ),
+     notified AS (
+         SELECT pg_notify($2, '') FROM head
+     ),
+     base AS (
+         SELECT COALESCE((SELECT base FROM head), 0) AS base
+     ),
+     appended AS (
+         INSERT INTO transitions (revision, agent_id, from_status, to_status, cause,
+                                  occurred_at, exhaustion_reason, recovery_at)
+         SELECT base.base + t.rel, t.agent_id, t.from_status, t.to_status, t.cause,
+                t.occurred_at, t.exhaustion_reason, t.recovery_at
+         FROM base, unnest($14::bigint[], $15::text[], $16::text[], $17::text[], $18::text[],
+                           $19::timestamptz[], $20::text[], $21::timestamptz[])
+              AS t(rel, agent_id, from_status, to_status, cause, occurred_at,
+                   exhaustion_reason, recovery_at)
+     ),
+     written AS (
+         UPDATE agents SET
+             status = u.status,
+             labels = u.labels::jsonb,
+             last_heartbeat_at = GREATEST(agents.last_heartbeat_at, u.last_heartbeat_at),
+             last_transition_at = u.last_transition_at,
+             revision = CASE WHEN u.shift THEN base.base + u.revision ELSE u.revision END,
+             exhaustion_reason = u.exhaustion_reason,
+             recovery_at = u.recovery_at,
+             recovery_source = u.recovery_source,
+             recovery_hint = u.recovery_hint
+         FROM base, unnest($3::text[], $4::text[], $5::text[], $6::timestamptz[],
+                           $7::timestamptz[], $8::bigint[], $9::bool[], $10::text[],
+                           $11::timestamptz[], $12::text[], $13::text[])
+              AS u(agent_id, status, labels, last_heartbeat_at, last_transition_at,
+                   revision, shift, exhaustion_reason, recovery_at, recovery_source,
+                   recovery_hint)
+         WHERE agents.agent_id = u.agent_id
+     )
+     SELECT base.base FROM base LEFT JOIN notified ON true";
 
 impl PgStore {
     /// One attempt at a batch: lock, decide, allocate, write, commit.
@@ -253,66 +282,51 @@ impl PgStore {
         }
 
         // The revision row last, held to commit: that is what makes revisions
-        // commit in order and without gaps, across replicas too.
+        // commit in order and without gaps, across replicas too. One statement
+        // takes it, announces the batch (NOTIFY is delivered at commit), appends
+        // the transitions and writes the agents, shifting the batch's relative
+        // revisions by the base it allocated.
         let count = plan.transition_count() as i64;
-        let base = if count > 0 {
-            sqlx::query_scalar(
-                "WITH head AS (
-                     UPDATE revision_head SET head_revision = head_revision + $1
-                     WHERE singleton RETURNING head_revision - $1 AS base
-                 )
-                 SELECT head.base FROM head, pg_notify($2, '') AS n",
-            )
-            .bind(count)
-            .bind(TRANSITIONS_CHANNEL)
-            .fetch_one(&mut *tx)
-            .await?
-        } else {
+        let (relative, shift) = plan.relative_writes();
+        let base = if relative.changed.is_empty() {
             0
-        };
-        let (writes, outcomes) = plan.finish(base);
-        if !writes.changed.is_empty() {
-            let c = AgentColumns::of(&writes.changed)?;
-            sqlx::query(UPDATE_AGENTS)
+        } else {
+            let c = AgentColumns::of(&relative.changed)?;
+            let t = &relative.transitions;
+            sqlx::query_scalar(WRITE_BATCH)
+                .bind(count)
+                .bind(TRANSITIONS_CHANNEL)
                 .bind(&c.agent_id)
                 .bind(&c.status)
                 .bind(&c.labels)
                 .bind(&c.last_heartbeat_at)
                 .bind(&c.last_transition_at)
                 .bind(&c.revision)
+                .bind(&shift)
                 .bind(&c.exhaustion_reason)
                 .bind(&c.recovery_at)
                 .bind(&c.recovery_source)
                 .bind(&c.recovery_hint)
-                .execute(&mut *tx)
-                .await?;
-        }
-        if !writes.transitions.is_empty() {
-            let t = &writes.transitions;
-            sqlx::query(&format!(
-                "INSERT INTO transitions ({TRANSITION_COLUMNS})
-                 SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[],
-                                      $5::text[], $6::timestamptz[], $7::text[], $8::timestamptz[])"
-            ))
-            .bind(t.iter().map(|t| t.revision).collect::<Vec<_>>())
-            .bind(t.iter().map(|t| t.agent_id.as_str()).collect::<Vec<_>>())
-            .bind(
-                t.iter()
-                    .map(|t| t.from.map(AgentStatus::as_str))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(t.iter().map(|t| t.to.as_str()).collect::<Vec<_>>())
-            .bind(t.iter().map(|t| t.cause.as_str()).collect::<Vec<_>>())
-            .bind(t.iter().map(|t| t.occurred_at).collect::<Vec<_>>())
-            .bind(
-                t.iter()
-                    .map(|t| t.exhaustion_reason.map(|r| r.as_str()))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(t.iter().map(|t| t.recovery_at).collect::<Vec<_>>())
-            .execute(&mut *tx)
-            .await?;
-        }
+                .bind(t.iter().map(|t| t.revision).collect::<Vec<_>>())
+                .bind(t.iter().map(|t| t.agent_id.as_str()).collect::<Vec<_>>())
+                .bind(
+                    t.iter()
+                        .map(|t| t.from.map(AgentStatus::as_str))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(t.iter().map(|t| t.to.as_str()).collect::<Vec<_>>())
+                .bind(t.iter().map(|t| t.cause.as_str()).collect::<Vec<_>>())
+                .bind(t.iter().map(|t| t.occurred_at).collect::<Vec<_>>())
+                .bind(
+                    t.iter()
+                        .map(|t| t.exhaustion_reason.map(|r| r.as_str()))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(t.iter().map(|t| t.recovery_at).collect::<Vec<_>>())
+                .fetch_one(&mut *tx)
+                .await?
+        };
+        let (writes, outcomes) = plan.finish(base);
         if writes.changed.is_empty() {
             // Nothing to write (every command refused or a no-op): release the locks.
             tx.rollback().await?;
