@@ -352,6 +352,25 @@ async fn main() {
         transitions / baseline.max(baseline_after)
     );
     let single = (calls / 40).max(200);
+    {
+        let health = HealthClient::new(bench.app.channel.clone());
+        let r = drive(single, 1, |_| {
+            let mut h = health.clone();
+            async move {
+                h.check(HealthCheckRequest { service: String::new() }).await.unwrap();
+            }
+        })
+        .await;
+        report("lone call: health check, 1 in flight", single, &r);
+        let r = drive(single, 1, |_| {
+            let mut c = bench.agents();
+            async move {
+                c.get_agent(pb::GetAgentRequest { agent_id: id(1) }).await.unwrap();
+            }
+        })
+        .await;
+        report("lone call: GetAgent, 1 in flight", single, &r);
+    }
     let old = bench.baseline_old_transaction(single, &id(4999)).await;
     let one = bench.transitions(single / 2, 1, 0).await;
     println!(

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -40,6 +40,8 @@ use crate::storage::postgres::PgStore;
 /// A vanished client's connection is noticed within interval + timeout.
 const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TCP keepalive on accepted connections.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
 pub struct Application {
     listener: TcpListener,
@@ -229,10 +231,15 @@ impl Application {
                 tracing::info!("shutting down: no new calls, draining in-flight ones");
             }
         };
+        // The listener comes from outside (tests bind port 0 first), so the
+        // per-connection socket options are set here: without TCP_NODELAY, Nagle
+        // holds a response's last frame until the client's delayed ACK.
+        let incoming = TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(TCP_KEEPALIVE));
         let serve = Server::builder()
             .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
-            .tcp_keepalive(Some(Duration::from_secs(60)))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -240,7 +247,7 @@ impl Application {
             .add_service(HealingServiceServer::new(healing))
             .add_service(PostHealingServiceServer::new(post_healing))
             .add_service(SessionPipelineServiceServer::new(session_pipeline))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopping);
+            .serve_with_incoming_shutdown(incoming, stopping);
         let drain_deadline = async {
             shutdown.cancelled().await;
             tokio::time::sleep(args.shutdown_grace).await;
