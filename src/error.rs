@@ -26,6 +26,17 @@ pub enum Error {
     /// A conflicting operation is under way (for example a processor already running).
     #[error("{0}")]
     Aborted(String),
+    /// The processor is already running, on this server or another one.
+    #[error("processor {processor} is already running {location}")]
+    ProcessorRunning {
+        processor: String,
+        /// "on this server" or "on another server".
+        location: &'static str,
+    },
+    /// A database serialization failure or deadlock: the work was rolled back
+    /// and may simply be retried.
+    #[error("concurrent update conflict, retry")]
+    SerializationFailure,
     /// A bound was hit.
     #[error("{0}")]
     ResourceExhausted(String),

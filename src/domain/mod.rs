@@ -8,3 +8,4 @@ pub mod post_healing;
 pub mod recovery;
 pub mod transcript;
 pub mod transition;
+pub mod usage;

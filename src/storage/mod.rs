@@ -199,36 +199,7 @@ pub trait PostHealingStore: Send + Sync + 'static {
     ) -> Result<Vec<StoredAction>>;
 }
 
-/// How `usage` groups token usage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UsageGrouping {
-    Day,
-    Session,
-    Model,
-    User,
-}
-
-#[derive(Debug, Clone)]
-pub struct UsageQuery {
-    pub group_by: UsageGrouping,
-    pub since: Option<DateTime<Utc>>,
-    pub until: Option<DateTime<Utc>>,
-    pub user: Option<String>,
-}
-
-/// Usage of one group, each assistant message counted once across all files.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UsageRow {
-    pub key: String,
-    pub input_tokens: i64,
-    pub output_tokens: i64,
-    pub cache_creation_tokens: i64,
-    pub cache_read_tokens: i64,
-    pub messages: i64,
-    pub first_at: DateTime<Utc>,
-    pub last_at: DateTime<Utc>,
-    pub models: Vec<String>,
-}
+pub use crate::domain::usage::{UsageGrouping, UsageQuery, UsageRow};
 
 /// A transcript error to record into the healing history.
 #[derive(Debug, Clone, PartialEq)]

@@ -7,14 +7,17 @@ use sqlx::types::Json;
 use sqlx::{Connection, FromRow, PgConnection, Postgres, Transaction};
 
 use super::{PgStore, db_error};
+
+mod usage_rollups;
 use crate::domain::healing;
 use crate::domain::pipeline::{RunStats, SessionFile, SessionState, SessionStatus};
 use crate::domain::transcript::UsageEntry;
 use crate::error::{Error, Result};
 use crate::storage::{
     PipelineStore, ProcessorLock, SessionSink, SessionTransaction, TranscriptErrorEvent,
-    UsageGrouping, UsageQuery, UsageRow,
+    UsageQuery, UsageRow,
 };
+use usage_rollups::{replace_usage, tx_error, usage_report};
 
 const STATE_COLUMNS: &str = "processor, path, user_name, size, mtime_ns, observed_at, sha256, \
      processor_version, processed_at, items_count, attempts, last_error, status, next_attempt_at";
@@ -80,57 +83,7 @@ struct PgSessionTransaction {
 #[async_trait]
 impl SessionSink for PgSessionTransaction {
     async fn replace_usage(&mut self, file: &SessionFile, entries: &[UsageEntry]) -> Result<()> {
-        sqlx::query("DELETE FROM usage_entries WHERE path = $1")
-            .bind(&file.path)
-            .execute(&mut *self.tx)
-            .await
-            .map_err(db_error)?;
-        let Some(first_at) = entries.iter().map(|e| e.timestamp).min() else {
-            return Ok(());
-        };
-        // One statement for the whole file: UNNEST over column arrays.
-        let tokens = |f: fn(&UsageEntry) -> u64| -> Vec<i64> {
-            entries
-                .iter()
-                .map(|e| i64::try_from(f(e)).unwrap_or(i64::MAX))
-                .collect()
-        };
-        sqlx::query(
-            "INSERT INTO usage_entries
-                 (path, user_name, session_id, file_first_at, line_no, message_id, request_id,
-                  model, occurred_at, input_tokens, output_tokens, cache_creation_tokens,
-                  cache_read_tokens)
-             SELECT $1, $2, $3, $4, * FROM UNNEST(
-                 $5::int[], $6::text[], $7::text[], $8::text[], $9::timestamptz[],
-                 $10::bigint[], $11::bigint[], $12::bigint[], $13::bigint[])",
-        )
-        .bind(&file.path)
-        .bind(&file.user)
-        .bind(&file.session)
-        .bind(first_at)
-        .bind(entries.iter().map(|e| e.line_no as i32).collect::<Vec<_>>())
-        .bind(
-            entries
-                .iter()
-                .map(|e| e.message_id.clone())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            entries
-                .iter()
-                .map(|e| e.request_id.clone())
-                .collect::<Vec<_>>(),
-        )
-        .bind(entries.iter().map(|e| e.model.clone()).collect::<Vec<_>>())
-        .bind(entries.iter().map(|e| e.timestamp).collect::<Vec<_>>())
-        .bind(tokens(|e| e.input_tokens))
-        .bind(tokens(|e| e.output_tokens))
-        .bind(tokens(|e| e.cache_creation_tokens))
-        .bind(tokens(|e| e.cache_read_tokens))
-        .execute(&mut *self.tx)
-        .await
-        .map_err(db_error)?;
-        Ok(())
+        replace_usage(&mut self.tx, file, entries).await
     }
 
     async fn replace_transcript_errors(
@@ -207,8 +160,8 @@ impl SessionTransaction for PgSessionTransaction {
         .bind(items)
         .execute(&mut *self.tx)
         .await
-        .map_err(db_error)?;
-        self.tx.commit().await.map_err(db_error)
+        .map_err(tx_error)?;
+        self.tx.commit().await.map_err(tx_error)
     }
 }
 
@@ -438,71 +391,7 @@ impl PipelineStore for PgStore {
     }
 
     async fn usage(&self, query: &UsageQuery) -> Result<Vec<UsageRow>> {
-        let key = match query.group_by {
-            UsageGrouping::Day => "to_char(occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
-            UsageGrouping::Session => "user_name || '/' || session_id",
-            UsageGrouping::Model => "COALESCE(model, 'unknown')",
-            UsageGrouping::User => "user_name",
-        };
-        // ccusage's rule: a (message id, request id) pair counts once across all
-        // files, the copy from the file that starts earliest; entries without
-        // both ids always count.
-        let rows: Vec<(
-            String,
-            i64,
-            i64,
-            i64,
-            i64,
-            i64,
-            DateTime<Utc>,
-            DateTime<Utc>,
-            Vec<String>,
-        )> = sqlx::query_as(&format!(
-            "WITH counted AS (
-                     SELECT DISTINCT ON (dedup_key) *
-                     FROM (SELECT *,
-                                  CASE WHEN message_id IS NOT NULL AND request_id IS NOT NULL
-                                       THEN message_id || ':' || request_id
-                                       ELSE 'entry:' || id END AS dedup_key
-                           FROM usage_entries) u
-                     ORDER BY dedup_key, file_first_at, path, line_no
-                 )
-                 SELECT {key} AS key,
-                        sum(input_tokens)::bigint, sum(output_tokens)::bigint,
-                        sum(cache_creation_tokens)::bigint, sum(cache_read_tokens)::bigint,
-                        count(*), min(occurred_at), max(occurred_at),
-                        array_remove(array_agg(DISTINCT model ORDER BY model), NULL)
-                 FROM counted
-                 WHERE ($1::timestamptz IS NULL OR occurred_at >= $1)
-                   AND ($2::timestamptz IS NULL OR occurred_at < $2)
-                   AND ($3::text IS NULL OR user_name = $3)
-                 GROUP BY 1
-                 ORDER BY 1"
-        ))
-        .bind(query.since)
-        .bind(query.until)
-        .bind(query.user.as_deref())
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db_error)?;
-        Ok(rows
-            .into_iter()
-            .map(
-                |(key, input, output, creation, read, messages, first_at, last_at, models)| {
-                    UsageRow {
-                        key,
-                        input_tokens: input,
-                        output_tokens: output,
-                        cache_creation_tokens: creation,
-                        cache_read_tokens: read,
-                        messages,
-                        first_at,
-                        last_at,
-                        models,
-                    }
-                },
-            )
-            .collect())
+        usage_report(&self.pool, query).await
     }
 
     async fn now(&self) -> Result<DateTime<Utc>> {
