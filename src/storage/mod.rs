@@ -4,6 +4,8 @@
 //! directly (no SQL, no LISTEN/NOTIFY, no advisory locks), so that another
 //! implementation (an embedded single-node store) can slot in later.
 
+#[cfg(test)]
+pub mod memory;
 pub mod postgres;
 
 use async_trait::async_trait;
@@ -227,14 +229,15 @@ pub trait SessionSink: Send {
 /// Dropped without `commit`, nothing of it is kept.
 #[async_trait]
 pub trait SessionTransaction: SessionSink {
-    async fn commit(
-        self: Box<Self>,
-        file: &SessionFile,
-        sha256: &str,
-        version: i32,
-        items: i64,
-    ) -> Result<()>;
+    /// Writes the session's new state (decided by `domain::pipeline::processed`)
+    /// and commits it with the items.
+    async fn commit(self: Box<Self>, state: &SessionState) -> Result<()>;
 }
+
+/// Decides a session's new state from its current one and the store's clock,
+/// inside the store's transaction.
+pub type StateUpdate<'a> =
+    Box<dyn FnOnce(&SessionState, DateTime<Utc>) -> Result<SessionState> + Send + 'a>;
 
 /// A processor's cluster-wide lock. Released by `release`, or whenever the guard
 /// is dropped or its process dies.
@@ -263,22 +266,18 @@ pub trait PipelineStore: Send + Sync + 'static {
 
     async fn begin_session(&self, processor: &str) -> Result<Box<dyn SessionTransaction>>;
 
-    /// Records a failed attempt (FAILED with its next attempt time, or DEAD).
-    #[allow(clippy::too_many_arguments)]
-    async fn record_failure(
+    /// Records a failed attempt (the state `domain::pipeline::failed` decided).
+    /// Earlier items of the session stay as they were.
+    async fn record_failure(&self, state: &SessionState) -> Result<()>;
+
+    /// Loads the session's state locked, lets `update` decide its new state at
+    /// the store's clock, and writes it (NOT_FOUND when there is none).
+    async fn update_session_state(
         &self,
         processor: &str,
-        file: &SessionFile,
-        sha256: &str,
-        version: i32,
-        error: &str,
-        attempts: i32,
-        status: SessionStatus,
-        next_attempt_at: Option<DateTime<Utc>>,
-    ) -> Result<()>;
-
-    /// FAILED or DEAD back to FAILED with zero attempts, due now.
-    async fn retry_session(&self, processor: &str, path: &str) -> Result<SessionState>;
+        path: &str,
+        update: StateUpdate<'_>,
+    ) -> Result<SessionState>;
 
     /// The processor's lock, or `None` when another holder (any server) has it.
     async fn try_lock_processor(&self, processor: &str) -> Result<Option<Box<dyn ProcessorLock>>>;

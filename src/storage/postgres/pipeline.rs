@@ -14,8 +14,8 @@ use crate::domain::pipeline::{RunStats, SessionFile, SessionState, SessionStatus
 use crate::domain::transcript::UsageEntry;
 use crate::error::{Error, Result};
 use crate::storage::{
-    PipelineStore, ProcessorLock, SessionSink, SessionTransaction, TranscriptErrorEvent,
-    UsageQuery, UsageRow,
+    PipelineStore, ProcessorLock, SessionSink, SessionTransaction, StateUpdate,
+    TranscriptErrorEvent, UsageQuery, UsageRow,
 };
 use usage_rollups::{replace_usage, tx_error, usage_report};
 
@@ -77,7 +77,6 @@ const LOCK_KEY_SQL: &str = "hashtextextended('fleetcare.processor:' || $1, 0)";
 
 struct PgSessionTransaction {
     tx: Transaction<'static, Postgres>,
-    processor: String,
 }
 
 #[async_trait]
@@ -133,36 +132,53 @@ impl SessionSink for PgSessionTransaction {
 
 #[async_trait]
 impl SessionTransaction for PgSessionTransaction {
-    async fn commit(
-        mut self: Box<Self>,
-        file: &SessionFile,
-        sha256: &str,
-        version: i32,
-        items: i64,
-    ) -> Result<()> {
-        sqlx::query(&format!(
-            "INSERT INTO session_states ({STATE_COLUMNS})
-             VALUES ($1, $2, $3, $4, $5, now(), $6, $7, now(), $8, 0, NULL, 'PROCESSED', NULL)
-             ON CONFLICT (processor, path) DO UPDATE SET
-                 user_name = EXCLUDED.user_name, size = EXCLUDED.size, mtime_ns = EXCLUDED.mtime_ns,
-                 observed_at = EXCLUDED.observed_at, sha256 = EXCLUDED.sha256,
-                 processor_version = EXCLUDED.processor_version, processed_at = EXCLUDED.processed_at,
-                 items_count = EXCLUDED.items_count, attempts = 0, last_error = NULL,
-                 status = 'PROCESSED', next_attempt_at = NULL"
-        ))
-        .bind(&self.processor)
-        .bind(&file.path)
-        .bind(&file.user)
-        .bind(size(file))
-        .bind(file.mtime_ns)
-        .bind(sha256)
-        .bind(version)
-        .bind(items)
-        .execute(&mut *self.tx)
-        .await
-        .map_err(tx_error)?;
+    async fn commit(mut self: Box<Self>, state: &SessionState) -> Result<()> {
+        upsert_state(&mut self.tx, state, true)
+            .await
+            .map_err(tx_error)?;
         self.tx.commit().await.map_err(tx_error)
     }
+}
+
+/// Writes a state row. `with_items`: also the processed time and item count
+/// (a failure leaves what the last success recorded).
+async fn upsert_state(
+    conn: &mut PgConnection,
+    s: &SessionState,
+    with_items: bool,
+) -> std::result::Result<(), sqlx::Error> {
+    let items = if with_items {
+        ", processed_at = EXCLUDED.processed_at, items_count = EXCLUDED.items_count"
+    } else {
+        ""
+    };
+    sqlx::query(&format!(
+        "INSERT INTO session_states ({STATE_COLUMNS})
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+         ON CONFLICT (processor, path) DO UPDATE SET
+             user_name = EXCLUDED.user_name, size = EXCLUDED.size, mtime_ns = EXCLUDED.mtime_ns,
+             observed_at = EXCLUDED.observed_at, sha256 = EXCLUDED.sha256,
+             processor_version = EXCLUDED.processor_version, attempts = EXCLUDED.attempts,
+             last_error = EXCLUDED.last_error, status = EXCLUDED.status,
+             next_attempt_at = EXCLUDED.next_attempt_at{items}"
+    ))
+    .bind(&s.processor)
+    .bind(&s.path)
+    .bind(&s.user)
+    .bind(i64::try_from(s.size).unwrap_or(i64::MAX))
+    .bind(s.mtime_ns)
+    .bind(s.observed_at)
+    .bind(&s.sha256)
+    .bind(s.processor_version)
+    .bind(s.processed_at)
+    .bind(s.items_count)
+    .bind(s.attempts)
+    .bind(&s.last_error)
+    .bind(s.status.as_str())
+    .bind(s.next_attempt_at)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Holds a session-level advisory lock on its own connection, outside the pool:
@@ -243,54 +259,24 @@ impl PipelineStore for PgStore {
         Ok(())
     }
 
-    async fn begin_session(&self, processor: &str) -> Result<Box<dyn SessionTransaction>> {
+    async fn begin_session(&self, _processor: &str) -> Result<Box<dyn SessionTransaction>> {
         let tx = self.pool.begin().await.map_err(db_error)?;
-        Ok(Box::new(PgSessionTransaction {
-            tx,
-            processor: processor.to_owned(),
-        }))
+        Ok(Box::new(PgSessionTransaction { tx }))
     }
 
-    async fn record_failure(
+    async fn record_failure(&self, state: &SessionState) -> Result<()> {
+        let mut conn = self.pool.acquire().await.map_err(db_error)?;
+        upsert_state(&mut conn, state, false)
+            .await
+            .map_err(db_error)
+    }
+
+    async fn update_session_state(
         &self,
         processor: &str,
-        file: &SessionFile,
-        sha256: &str,
-        version: i32,
-        error: &str,
-        attempts: i32,
-        status: SessionStatus,
-        next_attempt_at: Option<DateTime<Utc>>,
-    ) -> Result<()> {
-        // Earlier items of the session stay as they were: only the state changes.
-        sqlx::query(&format!(
-            "INSERT INTO session_states ({STATE_COLUMNS})
-             VALUES ($1, $2, $3, $4, $5, now(), $6, $7, NULL, 0, $8, $9, $10, $11)
-             ON CONFLICT (processor, path) DO UPDATE SET
-                 user_name = EXCLUDED.user_name, size = EXCLUDED.size, mtime_ns = EXCLUDED.mtime_ns,
-                 observed_at = EXCLUDED.observed_at, sha256 = EXCLUDED.sha256,
-                 processor_version = EXCLUDED.processor_version, attempts = EXCLUDED.attempts,
-                 last_error = EXCLUDED.last_error, status = EXCLUDED.status,
-                 next_attempt_at = EXCLUDED.next_attempt_at"
-        ))
-        .bind(processor)
-        .bind(&file.path)
-        .bind(&file.user)
-        .bind(size(file))
-        .bind(file.mtime_ns)
-        .bind(sha256)
-        .bind(version)
-        .bind(attempts)
-        .bind(error)
-        .bind(status.as_str())
-        .bind(next_attempt_at)
-        .execute(&self.pool)
-        .await
-        .map_err(db_error)?;
-        Ok(())
-    }
-
-    async fn retry_session(&self, processor: &str, path: &str) -> Result<SessionState> {
+        path: &str,
+        update: StateUpdate<'_>,
+    ) -> Result<SessionState> {
         let mut tx = self.pool.begin().await.map_err(db_error)?;
         let current: Option<StateRow> = sqlx::query_as(&format!(
             "SELECT {STATE_COLUMNS} FROM session_states WHERE processor = $1 AND path = $2 FOR UPDATE"
@@ -306,23 +292,16 @@ impl PipelineStore for PgStore {
                 id: format!("{processor}:{path}"),
             })?
             .try_into()?;
-        if current.status == SessionStatus::Processed {
-            return Err(Error::FailedPrecondition(format!(
-                "session {path:?} is PROCESSED for {processor}; only FAILED or DEAD sessions can be retried"
-            )));
-        }
-        let row: StateRow = sqlx::query_as(&format!(
-            "UPDATE session_states SET status = 'FAILED', attempts = 0, next_attempt_at = now()
-             WHERE processor = $1 AND path = $2
-             RETURNING {STATE_COLUMNS}"
-        ))
-        .bind(processor)
-        .bind(path)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db_error)?;
+        let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        let state = update(&current, now)?;
+        upsert_state(&mut tx, &state, true)
+            .await
+            .map_err(db_error)?;
         tx.commit().await.map_err(db_error)?;
-        row.try_into()
+        Ok(state)
     }
 
     async fn try_lock_processor(&self, processor: &str) -> Result<Option<Box<dyn ProcessorLock>>> {
