@@ -11,4 +11,5 @@ mod recovery;
 mod server;
 mod sweeper;
 mod usage_corpus;
+mod usage_rollups;
 mod watch;

@@ -329,9 +329,12 @@ async fn apply_cells(conn: &mut PgConnection, cells: &[CellDelta]) -> Result<()>
         "INSERT INTO usage_cells AS c
              (day, user_name, session_id, model, input_tokens, output_tokens,
               cache_creation_tokens, cache_read_tokens, messages, first_at, last_at)
-         SELECT * FROM UNNEST($1::date[], $2::text[], $3::text[], $4::text[], $5::bigint[],
+         -- A delta that only removes has no first or last: neutral values
+         -- (NOT NULL is checked before the conflict is).
+         SELECT d, u, s, m, i, o, cc, cr, n, COALESCE(f, 'infinity'), COALESCE(l, '-infinity')
+         FROM UNNEST($1::date[], $2::text[], $3::text[], $4::text[], $5::bigint[],
              $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::timestamptz[],
-             $11::timestamptz[])
+             $11::timestamptz[]) AS x(d, u, s, m, i, o, cc, cr, n, f, l)
          ON CONFLICT (day, user_name, session_id, model) DO UPDATE SET
              input_tokens = c.input_tokens + EXCLUDED.input_tokens,
              output_tokens = c.output_tokens + EXCLUDED.output_tokens,
