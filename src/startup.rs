@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
@@ -200,6 +201,13 @@ impl Application {
                 tracing::info!("shutting down: no new calls, draining in-flight ones");
             }
         };
+        // The builder's TCP options apply only to listeners it binds itself:
+        // without NODELAY a small response waits ~40 ms for a delayed ACK.
+        let incoming = TcpListenerStream::new(listener).map(|socket| {
+            let socket = socket?;
+            socket.set_nodelay(true)?;
+            Ok::<_, std::io::Error>(socket)
+        });
         let serve = Server::builder()
             .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
@@ -211,7 +219,7 @@ impl Application {
             .add_service(HealingServiceServer::new(healing))
             .add_service(PostHealingServiceServer::new(post_healing))
             .add_service(SessionPipelineServiceServer::new(session_pipeline))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopping);
+            .serve_with_incoming_shutdown(incoming, stopping);
         let drain_deadline = async {
             shutdown.cancelled().await;
             tokio::time::sleep(args.shutdown_grace).await;

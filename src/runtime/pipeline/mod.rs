@@ -47,7 +47,7 @@ pub struct PipelineConfig {
 
 /// One file per core.
 pub fn default_parallelism() -> usize {
-    std::thread::available_parallelism().map_or(2, |n| n.get())
+    4 * std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
 /// Progress of a processor's runs on this server, for WatchRun.

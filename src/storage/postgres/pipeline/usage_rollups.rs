@@ -122,29 +122,13 @@ impl CopyColumns {
     }
 }
 
-/// Inserts (or, with `update`, upserts) winners. Returns the keys inserted.
-async fn write_messages(
-    conn: &mut PgConnection,
-    copies: &[&MessageCopy],
-    update: bool,
-) -> Result<Vec<String>> {
+/// Writes new winners of existing (or concurrently removed) messages.
+async fn write_messages(conn: &mut PgConnection, copies: &[&MessageCopy]) -> Result<()> {
     if copies.is_empty() {
-        return Ok(Vec::new());
+        return Ok(());
     }
     let c = CopyColumns::of(copies.iter().copied());
-    let conflict = if update {
-        "DO UPDATE SET path = EXCLUDED.path, line_no = EXCLUDED.line_no,
-             file_first_at = EXCLUDED.file_first_at, user_name = EXCLUDED.user_name,
-             session_id = EXCLUDED.session_id, model = EXCLUDED.model,
-             occurred_at = EXCLUDED.occurred_at, day = EXCLUDED.day,
-             input_tokens = EXCLUDED.input_tokens, output_tokens = EXCLUDED.output_tokens,
-             cache_creation_tokens = EXCLUDED.cache_creation_tokens,
-             cache_read_tokens = EXCLUDED.cache_read_tokens"
-    } else {
-        "DO NOTHING"
-    };
-    // The input is sorted by key and UNNEST keeps its order: keys are locked in order.
-    sqlx::query_scalar(&format!(
+    sqlx::query(
         "INSERT INTO usage_messages
              (dedup_key, path, line_no, file_first_at, user_name, session_id, model,
               occurred_at, day, input_tokens, output_tokens, cache_creation_tokens,
@@ -152,9 +136,14 @@ async fn write_messages(
          SELECT * FROM UNNEST($1::text[], $2::text[], $3::int[], $4::timestamptz[],
              $5::text[], $6::text[], $7::text[], $8::timestamptz[], $9::date[],
              $10::bigint[], $11::bigint[], $12::bigint[], $13::bigint[])
-         ON CONFLICT (dedup_key) {conflict}
-         RETURNING dedup_key"
-    ))
+         ON CONFLICT (dedup_key) DO UPDATE SET path = EXCLUDED.path, line_no = EXCLUDED.line_no,
+             file_first_at = EXCLUDED.file_first_at, user_name = EXCLUDED.user_name,
+             session_id = EXCLUDED.session_id, model = EXCLUDED.model,
+             occurred_at = EXCLUDED.occurred_at, day = EXCLUDED.day,
+             input_tokens = EXCLUDED.input_tokens, output_tokens = EXCLUDED.output_tokens,
+             cache_creation_tokens = EXCLUDED.cache_creation_tokens,
+             cache_read_tokens = EXCLUDED.cache_read_tokens",
+    )
     .bind(&c.key)
     .bind(&c.path)
     .bind(&c.line_no)
@@ -168,9 +157,10 @@ async fn write_messages(
     .bind(&c.output)
     .bind(&c.creation)
     .bind(&c.read)
-    .fetch_all(&mut *conn)
+    .execute(&mut *conn)
     .await
-    .map_err(tx_error)
+    .map_err(tx_error)?;
+    Ok(())
 }
 
 /// Replaces the file's entries and brings the messages and cells up to date,
@@ -184,52 +174,68 @@ pub(crate) async fn replace_usage(
     copies.sort_by(|a, b| a.key.cmp(&b.key));
     copies.dedup_by(|a, b| a.key == b.key);
 
-    let old_keys: Vec<String> =
-        sqlx::query_scalar("DELETE FROM usage_entries WHERE path = $1 RETURNING dedup_key")
-            .bind(&file.path)
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(tx_error)?;
-
-    if !copies.is_empty() {
-        let c = CopyColumns::of(&copies);
-        let message_ids: Vec<Option<String>> = copies_ids(&copies, entries, |e| &e.message_id);
-        let request_ids: Vec<Option<String>> = copies_ids(&copies, entries, |e| &e.request_id);
-        sqlx::query(
-            "INSERT INTO usage_entries
-                 (path, user_name, session_id, file_first_at, line_no, message_id, request_id,
-                  model, occurred_at, input_tokens, output_tokens, cache_creation_tokens,
-                  cache_read_tokens, dedup_key)
-             SELECT $1, $2, $3, $4, u.line_no, u.message_id, u.request_id,
-                    NULLIF(u.model, ''), u.occurred_at, u.i, u.o, u.c, u.r, u.k
-             FROM UNNEST($5::int[], $6::text[], $7::text[], $8::text[], $9::timestamptz[],
-                         $10::bigint[], $11::bigint[], $12::bigint[], $13::bigint[], $14::text[])
-                  AS u(line_no, message_id, request_id, model, occurred_at, i, o, c, r, k)",
-        )
-        .bind(&file.path)
-        .bind(&file.user)
-        .bind(&file.session)
-        .bind(copies[0].file_first_at)
-        .bind(&c.line_no)
-        .bind(&message_ids)
-        .bind(&request_ids)
-        .bind(&c.model)
-        .bind(&c.occurred_at)
-        .bind(&c.input)
-        .bind(&c.output)
-        .bind(&c.creation)
-        .bind(&c.read)
-        .bind(&c.key)
-        .execute(&mut *conn)
-        .await
-        .map_err(tx_error)?;
+    // One statement: the file's old entries out (their keys back), the new
+    // ones in, and the messages nobody had yet written with this file's copy
+    // as the winner (sorted by key: the keys are locked in order).
+    let c = CopyColumns::of(&copies);
+    let message_ids: Vec<Option<String>> = copies_ids(&copies, entries, |e| &e.message_id);
+    let request_ids: Vec<Option<String>> = copies_ids(&copies, entries, |e| &e.request_id);
+    let keys: Vec<(bool, String)> = sqlx::query_as(
+        "WITH old AS (DELETE FROM usage_entries WHERE path = $1 RETURNING dedup_key),
+              entries AS (
+                  INSERT INTO usage_entries
+                      (path, user_name, session_id, file_first_at, line_no, message_id,
+                       request_id, model, occurred_at, input_tokens, output_tokens,
+                       cache_creation_tokens, cache_read_tokens, dedup_key)
+                  SELECT $1, $2, $3, u.f, u.line_no, u.message_id, u.request_id,
+                         NULLIF(u.model, ''), u.occurred_at, u.i, u.o, u.c, u.r, u.k
+                  FROM UNNEST($4::int[], $5::text[], $6::text[], $7::text[], $8::timestamptz[],
+                              $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[],
+                              $13::text[], $14::timestamptz[], $15::date[])
+                       AS u(line_no, message_id, request_id, model, occurred_at, i, o, c, r, k,
+                            f, d)),
+              won AS (
+                  INSERT INTO usage_messages
+                      (dedup_key, path, line_no, file_first_at, user_name, session_id, model,
+                       occurred_at, day, input_tokens, output_tokens, cache_creation_tokens,
+                       cache_read_tokens)
+                  SELECT u.k, $1, u.line_no, u.f, $2, $3, u.model, u.occurred_at, u.d,
+                         u.i, u.o, u.c, u.r
+                  FROM UNNEST($4::int[], $7::text[], $8::timestamptz[], $9::bigint[],
+                              $10::bigint[], $11::bigint[], $12::bigint[], $13::text[],
+                              $14::timestamptz[], $15::date[])
+                       AS u(line_no, model, occurred_at, i, o, c, r, k, f, d)
+                  ON CONFLICT (dedup_key) DO NOTHING
+                  RETURNING dedup_key)
+         SELECT false, dedup_key FROM old UNION ALL SELECT true, dedup_key FROM won",
+    )
+    .bind(&file.path)
+    .bind(&file.user)
+    .bind(&file.session)
+    .bind(&c.line_no)
+    .bind(&message_ids)
+    .bind(&request_ids)
+    .bind(&c.model)
+    .bind(&c.occurred_at)
+    .bind(&c.input)
+    .bind(&c.output)
+    .bind(&c.creation)
+    .bind(&c.read)
+    .bind(&c.key)
+    .bind(&c.file_first_at)
+    .bind(&c.day)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(tx_error)?;
+    let mut old_keys = Vec::new();
+    let mut inserted = HashSet::new();
+    for (won, key) in keys {
+        if won {
+            inserted.insert(key);
+        } else {
+            old_keys.push(key);
+        }
     }
-
-    // Messages nobody had: this file's copy wins, written at once.
-    let inserted: HashSet<String> = write_messages(conn, &copies.iter().collect::<Vec<_>>(), false)
-        .await?
-        .into_iter()
-        .collect();
 
     // The rest: lock, load every copy, let the domain decide.
     let mut contested: Vec<String> = old_keys
@@ -287,7 +293,7 @@ pub(crate) async fn replace_usage(
         .iter()
         .filter(|m| !inserted.contains(&m.key))
         .collect();
-    write_messages(conn, &changed, true).await?;
+    write_messages(conn, &changed).await?;
     if !plan.deletes.is_empty() {
         sqlx::query("DELETE FROM usage_messages WHERE dedup_key = ANY($1)")
             .bind(&plan.deletes)
