@@ -173,14 +173,9 @@ impl PipelineStore for MemoryPipelineStore {
     }
 
     async fn record_failure(&self, state: &SessionState) -> Result<()> {
-        let mut inner = self.inner();
-        let key = (state.processor.clone(), state.path.clone());
-        let mut state = state.clone();
-        if let Some(earlier) = inner.states.get(&key) {
-            state.processed_at = earlier.processed_at;
-            state.items_count = earlier.items_count;
-        }
-        inner.states.insert(key, state);
+        self.inner()
+            .states
+            .insert((state.processor.clone(), state.path.clone()), state.clone());
         Ok(())
     }
 

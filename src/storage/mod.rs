@@ -266,8 +266,9 @@ pub trait PipelineStore: Send + Sync + 'static {
 
     async fn begin_session(&self, processor: &str) -> Result<Box<dyn SessionTransaction>>;
 
-    /// Records a failed attempt (the state `domain::pipeline::failed` decided).
-    /// Earlier items of the session stay as they were.
+    /// Records a failed attempt (the state `domain::pipeline::failed` decided,
+    /// which keeps what the last success recorded). Earlier items of the
+    /// session stay as they were.
     async fn record_failure(&self, state: &SessionState) -> Result<()>;
 
     /// Loads the session's state locked, lets `update` decide its new state at

@@ -133,25 +133,17 @@ impl SessionSink for PgSessionTransaction {
 #[async_trait]
 impl SessionTransaction for PgSessionTransaction {
     async fn commit(mut self: Box<Self>, state: &SessionState) -> Result<()> {
-        upsert_state(&mut self.tx, state, true)
-            .await
-            .map_err(tx_error)?;
+        upsert_state(&mut self.tx, state).await.map_err(tx_error)?;
         self.tx.commit().await.map_err(tx_error)
     }
 }
 
-/// Writes a state row. `with_items`: also the processed time and item count
-/// (a failure leaves what the last success recorded).
+/// Writes a state row as the domain decided it (`domain::pipeline::processed`,
+/// `failed` or `requeue`).
 async fn upsert_state(
     conn: &mut PgConnection,
     s: &SessionState,
-    with_items: bool,
 ) -> std::result::Result<(), sqlx::Error> {
-    let items = if with_items {
-        ", processed_at = EXCLUDED.processed_at, items_count = EXCLUDED.items_count"
-    } else {
-        ""
-    };
     sqlx::query(&format!(
         "INSERT INTO session_states ({STATE_COLUMNS})
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
@@ -160,7 +152,8 @@ async fn upsert_state(
              observed_at = EXCLUDED.observed_at, sha256 = EXCLUDED.sha256,
              processor_version = EXCLUDED.processor_version, attempts = EXCLUDED.attempts,
              last_error = EXCLUDED.last_error, status = EXCLUDED.status,
-             next_attempt_at = EXCLUDED.next_attempt_at{items}"
+             next_attempt_at = EXCLUDED.next_attempt_at,
+             processed_at = EXCLUDED.processed_at, items_count = EXCLUDED.items_count"
     ))
     .bind(&s.processor)
     .bind(&s.path)
@@ -266,9 +259,7 @@ impl PipelineStore for PgStore {
 
     async fn record_failure(&self, state: &SessionState) -> Result<()> {
         let mut conn = self.pool.acquire().await.map_err(db_error)?;
-        upsert_state(&mut conn, state, false)
-            .await
-            .map_err(db_error)
+        upsert_state(&mut conn, state).await.map_err(db_error)
     }
 
     async fn update_session_state(
@@ -297,9 +288,7 @@ impl PipelineStore for PgStore {
             .await
             .map_err(db_error)?;
         let state = update(&current, now)?;
-        upsert_state(&mut tx, &state, true)
-            .await
-            .map_err(db_error)?;
+        upsert_state(&mut tx, &state).await.map_err(db_error)?;
         tx.commit().await.map_err(db_error)?;
         Ok(state)
     }
