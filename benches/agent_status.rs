@@ -357,7 +357,11 @@ async fn main() {
         let r = drive(single, 1, |_| {
             let mut h = health.clone();
             async move {
-                h.check(HealthCheckRequest { service: String::new() }).await.unwrap();
+                h.check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .unwrap();
             }
         })
         .await;
@@ -365,7 +369,9 @@ async fn main() {
         let r = drive(single, 1, |_| {
             let mut c = bench.agents();
             async move {
-                c.get_agent(pb::GetAgentRequest { agent_id: id(1) }).await.unwrap();
+                c.get_agent(pb::GetAgentRequest { agent_id: id(1) })
+                    .await
+                    .unwrap();
             }
         })
         .await;

@@ -37,6 +37,13 @@ pub enum Error {
     /// A conflicting operation is under way (prefer a typed variant).
     #[error("{0}")]
     Aborted(String),
+    /// The processor is already running, on this server or another one.
+    #[error("processor {processor} is already running {location}")]
+    ProcessorRunning {
+        processor: String,
+        /// "on this server" or "on another server".
+        location: &'static str,
+    },
     /// A bound was hit.
     #[error("{0}")]
     ResourceExhausted(String),

@@ -23,6 +23,7 @@ use crate::error::Error;
 use crate::grpc::agent_status::{AgentStatusApi, AgentStatusSettings};
 use crate::grpc::healing::{HealingApi, HealingSettings, PostHealingApi, shared_rng};
 use crate::grpc::session_pipeline::SessionPipelineApi;
+use crate::processors::Registration;
 use crate::proto::v1::agent_status_service_server::AgentStatusServiceServer;
 use crate::proto::v1::healing_service_server::HealingServiceServer;
 use crate::proto::v1::post_healing_service_server::PostHealingServiceServer;
@@ -53,6 +54,8 @@ pub struct Application {
     health_service:
         tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
     shutdown: CancellationToken,
+    /// The session processors; `processors::registry()` unless replaced.
+    processors: Vec<Registration>,
 }
 
 impl Application {
@@ -130,7 +133,15 @@ impl Application {
             health,
             health_service,
             shutdown,
+            processors: crate::processors::registry(),
         })
+    }
+
+    /// Runs these session processors instead of the built-in ones (tests pass
+    /// processors they can hold open).
+    pub fn with_processors(mut self, processors: Vec<Registration>) -> Self {
+        self.processors = processors;
+        self
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -149,6 +160,7 @@ impl Application {
             health,
             health_service,
             shutdown,
+            processors,
         } = self;
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
@@ -212,8 +224,9 @@ impl Application {
                     ("errors".to_string(), p.pipeline_interval_errors),
                 ]
                 .into(),
+                parallelism: crate::runtime::pipeline::default_parallelism(),
             },
-            crate::processors::registry(),
+            processors,
             shutdown.clone(),
         );
         pipeline_scheduler::spawn(pipeline.clone(), shutdown.clone());

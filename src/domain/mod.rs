@@ -10,3 +10,4 @@ pub mod post_healing;
 pub mod recovery;
 pub mod transcript;
 pub mod transition;
+pub mod usage;

@@ -186,6 +186,122 @@ pub fn after_failure(
     (attempts, SessionStatus::Failed, Some(now + delay))
 }
 
+/// The state of a session just processed: PROCESSED, attempts reset.
+pub fn processed(
+    processor: &str,
+    file: &SessionFile,
+    sha256: &str,
+    version: i32,
+    items: i64,
+    now: DateTime<Utc>,
+) -> SessionState {
+    SessionState {
+        processor: processor.to_owned(),
+        path: file.path.clone(),
+        user: file.user.clone(),
+        size: file.size,
+        mtime_ns: file.mtime_ns,
+        observed_at: now,
+        sha256: sha256.to_owned(),
+        processor_version: version,
+        processed_at: Some(now),
+        items_count: items,
+        attempts: 0,
+        last_error: None,
+        status: SessionStatus::Processed,
+        next_attempt_at: None,
+    }
+}
+
+/// The state of a session after a failed attempt ([`after_failure`]); what an
+/// earlier success recorded (when, how many items) stays.
+#[allow(clippy::too_many_arguments)]
+pub fn failed(
+    previous: Option<&SessionState>,
+    processor: &str,
+    file: &SessionFile,
+    sha256: &str,
+    version: i32,
+    error: &str,
+    policy: &RetryPolicy,
+    now: DateTime<Utc>,
+) -> SessionState {
+    let (attempts, status, next_attempt_at) = after_failure(previous, sha256, policy, now);
+    SessionState {
+        processor: processor.to_owned(),
+        path: file.path.clone(),
+        user: file.user.clone(),
+        size: file.size,
+        mtime_ns: file.mtime_ns,
+        observed_at: now,
+        sha256: sha256.to_owned(),
+        processor_version: version,
+        processed_at: previous.and_then(|p| p.processed_at),
+        items_count: previous.map_or(0, |p| p.items_count),
+        attempts,
+        last_error: Some(error.to_owned()),
+        status,
+        next_attempt_at,
+    }
+}
+
+/// Only FAILED or DEAD sessions can be requeued.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "session {path:?} is PROCESSED for {processor}; only FAILED or DEAD sessions can be retried"
+)]
+pub struct RequeueRefused {
+    pub processor: String,
+    pub path: String,
+}
+
+/// RetrySession: a FAILED or DEAD session back to FAILED with no attempts, due now.
+pub fn requeue(state: &SessionState, now: DateTime<Utc>) -> Result<SessionState, RequeueRefused> {
+    match state.status {
+        SessionStatus::Processed => Err(RequeueRefused {
+            processor: state.processor.clone(),
+            path: state.path.clone(),
+        }),
+        SessionStatus::Failed | SessionStatus::Dead => Ok(SessionState {
+            status: SessionStatus::Failed,
+            attempts: 0,
+            next_attempt_at: Some(now),
+            ..state.clone()
+        }),
+    }
+}
+
+/// Which session states ListSessionStates returns, and where the page starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionStatesQuery {
+    pub processor: String,
+    /// None: every status.
+    pub status: Option<SessionStatus>,
+    pub user: Option<String>,
+    /// Only sessions whose path sorts after this one.
+    pub after_path: Option<String>,
+    pub limit: i64,
+}
+
+/// One processor's state of one session, as RetrySession names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRef {
+    pub processor: String,
+    /// `<user>/<session>.jsonl`.
+    pub path: String,
+}
+
+/// A session key: `<user>/<file>.jsonl`, as the scan names it.
+pub fn valid_session_path(path: &str) -> bool {
+    path.split_once('/').is_some_and(|(user, file)| {
+        valid_user_dir(user)
+            && file.len() > ".jsonl".len()
+            && file.ends_with(".jsonl")
+            && !file.contains('/')
+            && !file.starts_with('.')
+    })
+}
+
 /// Up to this many errors are reported per run.
 pub const MAX_REPORTED_ERRORS: usize = 20;
 
@@ -376,6 +492,46 @@ mod tests {
         // A changed hash starts the count again.
         let (attempts, status, _) = after_failure(Some(&s), "other", &policy, now());
         assert_eq!((attempts, status), (1, SessionStatus::Failed));
+    }
+
+    #[test]
+    fn requeue_resets_failed_and_dead_sessions_and_refuses_processed_ones() {
+        let f = file(1, now());
+        let mut dead = state(SessionStatus::Dead, &f, now());
+        dead.attempts = 5;
+        let back = requeue(&dead, now()).unwrap();
+        assert_eq!(
+            (back.status, back.attempts, back.next_attempt_at),
+            (SessionStatus::Failed, 0, Some(now()))
+        );
+        // Due at once: the next run processes it.
+        assert_eq!(
+            content_verdict(Some(&back), "abc", 1, now()),
+            ContentVerdict::Process
+        );
+        let done = state(SessionStatus::Processed, &f, now());
+        assert!(requeue(&done, now()).is_err());
+    }
+
+    #[test]
+    fn a_failure_keeps_what_the_last_success_recorded() {
+        let f = file(1, now());
+        let ok = processed("usage", &f, "abc", 1, 7, now());
+        let bad = failed(
+            Some(&ok),
+            "usage",
+            &f,
+            "abd",
+            1,
+            "boom",
+            &RetryPolicy::default(),
+            now(),
+        );
+        assert_eq!((bad.items_count, bad.processed_at), (7, Some(now())));
+        assert_eq!(
+            (bad.status, bad.attempts, bad.last_error.as_deref()),
+            (SessionStatus::Failed, 1, Some("boom"))
+        );
     }
 
     #[test]

@@ -3,20 +3,22 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::Stream;
-use tokio::sync::mpsc;
+use futures::{Stream, StreamExt};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::domain::pipeline::{RunStats, SessionState, SessionStatus, valid_user_dir};
+use crate::domain::pipeline::{
+    RunStats, SessionRef, SessionState, SessionStatesQuery, SessionStatus, valid_session_path,
+    valid_user_dir,
+};
+use crate::domain::usage::{UsageGrouping, UsageQuery, UsageRow};
 use crate::error::Error;
 use crate::grpc::convert::{duration, from_timestamp, timestamp};
 use crate::grpc::validate;
 use crate::proto::v1 as pb;
 use crate::proto::v1::session_pipeline_service_server::SessionPipelineService;
 use crate::runtime::pipeline::{Pipeline, RunProgress};
-use crate::storage::{UsageGrouping, UsageQuery, UsageRow};
 
 pub struct SessionPipelineApi {
     pipeline: Arc<Pipeline>,
@@ -28,19 +30,136 @@ impl SessionPipelineApi {
         SessionPipelineApi { pipeline, shutdown }
     }
 
-    fn processor_name(&self, name: &str) -> Result<String, Error> {
-        if name.is_empty() {
-            return Err(Error::invalid("name of the processor is required"));
-        }
+    /// The processor by name: NOT_FOUND when none has it.
+    fn known(&self, ProcessorName(name): ProcessorName) -> Result<String, Error> {
         self.pipeline
             .processors()
             .into_iter()
             .find(|(n, _, _)| *n == name)
             .map(|(n, _, _)| n.to_owned())
-            .ok_or_else(|| Error::NotFound {
+            .ok_or(Error::NotFound {
                 kind: "processor",
-                id: name.to_owned(),
+                id: name,
             })
+    }
+}
+
+/// A processor's name as a request gives it (whether one has it is checked after).
+struct ProcessorName(String);
+
+impl ProcessorName {
+    fn parse(name: String) -> Result<Self, Error> {
+        if name.is_empty() {
+            return Err(Error::invalid("name of the processor is required"));
+        }
+        Ok(ProcessorName(name))
+    }
+}
+
+impl TryFrom<pb::RunProcessorRequest> for ProcessorName {
+    type Error = Error;
+
+    fn try_from(r: pb::RunProcessorRequest) -> Result<Self, Error> {
+        let pb::RunProcessorRequest { name } = r;
+        ProcessorName::parse(name)
+    }
+}
+
+impl TryFrom<pb::WatchRunRequest> for ProcessorName {
+    type Error = Error;
+
+    fn try_from(r: pb::WatchRunRequest) -> Result<Self, Error> {
+        let pb::WatchRunRequest { name } = r;
+        ProcessorName::parse(name)
+    }
+}
+
+fn user_filter(user: String) -> Result<Option<String>, Error> {
+    match user.as_str() {
+        "" => Ok(None),
+        u if valid_user_dir(u) => Ok(Some(user)),
+        u => Err(Error::invalid(format!(
+            "user {u:?} is not a valid user name"
+        ))),
+    }
+}
+
+impl TryFrom<pb::ListSessionStatesRequest> for (ProcessorName, SessionStatesQuery) {
+    type Error = Error;
+
+    fn try_from(r: pb::ListSessionStatesRequest) -> Result<Self, Error> {
+        let pb::ListSessionStatesRequest {
+            processor,
+            status,
+            user,
+            page_size,
+            page_token,
+        } = r;
+        let name = ProcessorName::parse(processor)?;
+        let query = SessionStatesQuery {
+            processor: name.0.clone(),
+            status: status_from_pb(status)?,
+            user: user_filter(user)?,
+            after_path: validate::decode_page_token(&page_token)?
+                .map(|p| session_path(p.to_owned()))
+                .transpose()?,
+            limit: validate::page_size(page_size)?,
+        };
+        Ok((name, query))
+    }
+}
+
+impl TryFrom<pb::RetrySessionRequest> for (ProcessorName, SessionRef) {
+    type Error = Error;
+
+    fn try_from(r: pb::RetrySessionRequest) -> Result<Self, Error> {
+        let pb::RetrySessionRequest { processor, session } = r;
+        let name = ProcessorName::parse(processor)?;
+        let path = session_path(session)?;
+        Ok((
+            ProcessorName(name.0.clone()),
+            SessionRef {
+                processor: name.0,
+                path,
+            },
+        ))
+    }
+}
+
+impl TryFrom<pb::GetUsageRequest> for UsageQuery {
+    type Error = Error;
+
+    fn try_from(r: pb::GetUsageRequest) -> Result<Self, Error> {
+        let pb::GetUsageRequest {
+            group_by,
+            since,
+            until,
+            user,
+        } = r;
+        let group_by = match pb::UsageGrouping::try_from(group_by) {
+            Ok(pb::UsageGrouping::Day) => UsageGrouping::Day,
+            Ok(pb::UsageGrouping::Session) => UsageGrouping::Session,
+            Ok(pb::UsageGrouping::Model) => UsageGrouping::Model,
+            Ok(pb::UsageGrouping::User) => UsageGrouping::User,
+            Ok(pb::UsageGrouping::Unspecified) | Err(_) => {
+                return Err(Error::invalid(format!(
+                    "group_by {group_by} is not one of USAGE_GROUPING_DAY, _SESSION, _MODEL or _USER"
+                )));
+            }
+        };
+        let since = since.map(|t| from_timestamp("since", t)).transpose()?;
+        let until = until.map(|t| from_timestamp("until", t)).transpose()?;
+        if let (Some(s), Some(u)) = (since, until)
+            && s > u
+        {
+            return Err(Error::invalid("since must not be after until"));
+        }
+        Ok(UsageQuery {
+            group_by,
+            since,
+            until,
+            user: user_filter(user)?,
+        })
     }
 }
 
@@ -115,10 +234,7 @@ fn usage_to_pb(r: &UsageRow) -> pb::UsageRow {
         output_tokens: r.output_tokens,
         cache_creation_tokens: r.cache_creation_tokens,
         cache_read_tokens: r.cache_read_tokens,
-        total_tokens: r.input_tokens
-            + r.output_tokens
-            + r.cache_creation_tokens
-            + r.cache_read_tokens,
+        total_tokens: r.total_tokens(),
         messages: r.messages,
         first_at: Some(timestamp(r.first_at)),
         last_at: Some(timestamp(r.last_at)),
@@ -138,16 +254,9 @@ fn progress_to_pb(name: &str, p: &RunProgress) -> pb::WatchRunResponse {
 }
 
 /// A session key: `<user>/<file>.jsonl`, as the scan names it.
-fn session_path(path: &str) -> Result<String, Error> {
-    let valid = path.split_once('/').is_some_and(|(user, file)| {
-        valid_user_dir(user)
-            && file.len() > ".jsonl".len()
-            && file.ends_with(".jsonl")
-            && !file.contains('/')
-            && !file.starts_with('.')
-    });
-    if valid {
-        Ok(path.to_owned())
+fn session_path(path: String) -> Result<String, Error> {
+    if valid_session_path(&path) {
+        Ok(path)
     } else {
         Err(Error::invalid(format!(
             "session {path:?} must be \"<user>/<session>.jsonl\""
@@ -186,7 +295,7 @@ impl SessionPipelineService for SessionPipelineApi {
         &self,
         request: Request<pb::RunProcessorRequest>,
     ) -> Result<Response<pb::RunProcessorResponse>, Status> {
-        let name = self.processor_name(&request.into_inner().name)?;
+        let name = self.known(request.into_inner().try_into()?)?;
         let stats = self.pipeline.run(&name).await?;
         Ok(Response::new(pb::RunProcessorResponse {
             stats: Some(stats_to_pb(&stats)),
@@ -199,73 +308,27 @@ impl SessionPipelineService for SessionPipelineApi {
         &self,
         request: Request<pb::WatchRunRequest>,
     ) -> Result<Response<Self::WatchRunStream>, Status> {
-        let name = self.processor_name(&request.into_inner().name)?;
-        let mut progress = self.pipeline.progress(&name)?;
-        // Follow the run under way, or else the next one to start. Decided before
-        // the call returns, so a run the client starts afterwards is the one followed.
-        let current = progress.borrow_and_update().clone();
-        let target_run = if current.running {
-            current.run
-        } else {
-            current.run + 1
-        };
-        let (tx, rx) = mpsc::channel(64);
-        let shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
-            let mut last = current;
-            loop {
-                if last.run == target_run {
-                    let message = progress_to_pb(&name, &last);
-                    let finished = message.finished;
-                    if tx.send(Ok(message)).await.is_err() || finished {
-                        return;
-                    }
-                }
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tx.closed() => return,
-                    changed = progress.changed() => if changed.is_err() { return },
-                }
-                last = progress.borrow_and_update().clone();
-                if last.run > target_run {
-                    // A later run already started: the one followed is over.
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let name = self.known(request.into_inner().try_into()?)?;
+        let progress = self.pipeline.follow_run(&name, self.shutdown.clone())?;
+        let stream = ReceiverStream::new(progress).map(move |p| Ok(progress_to_pb(&name, &p)));
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn list_session_states(
         &self,
         request: Request<pb::ListSessionStatesRequest>,
     ) -> Result<Response<pb::ListSessionStatesResponse>, Status> {
-        let pb::ListSessionStatesRequest {
-            processor,
-            status,
-            user,
-            page_size,
-            page_token,
-        } = request.into_inner();
-        let processor = self.processor_name(&processor)?;
-        let status = status_from_pb(status)?;
-        let user = match user.as_str() {
-            "" => None,
-            u if valid_user_dir(u) => Some(u.to_owned()),
-            u => return Err(Error::invalid(format!("user {u:?} is not a valid user name")).into()),
-        };
-        let limit = validate::page_size(page_size)?;
-        let after = validate::decode_page_token(&page_token)?
-            .map(session_path)
-            .transpose()?;
+        let (name, query): (ProcessorName, SessionStatesQuery) = request.into_inner().try_into()?;
+        let processor = self.known(name)?;
+        let limit = query.limit;
         let mut states = self
             .pipeline
             .store()
             .list_session_states(
                 &processor,
-                status,
-                user.as_deref(),
-                after.as_deref(),
+                query.status,
+                query.user.as_deref(),
+                query.after_path.as_deref(),
                 limit + 1,
             )
             .await?;
@@ -288,13 +351,11 @@ impl SessionPipelineService for SessionPipelineApi {
         &self,
         request: Request<pb::RetrySessionRequest>,
     ) -> Result<Response<pb::RetrySessionResponse>, Status> {
-        let pb::RetrySessionRequest { processor, session } = request.into_inner();
-        let processor = self.processor_name(&processor)?;
-        let session = session_path(&session)?;
+        let (name, session): (ProcessorName, SessionRef) = request.into_inner().try_into()?;
+        let processor = self.known(name)?;
         let state = self
             .pipeline
-            .store()
-            .retry_session(&processor, &session)
+            .retry_session(&processor, &session.path)
             .await?;
         Ok(Response::new(pb::RetrySessionResponse {
             state: Some(state_to_pb(&state)),
@@ -305,67 +366,8 @@ impl SessionPipelineService for SessionPipelineApi {
         &self,
         request: Request<pb::GetUsageRequest>,
     ) -> Result<Response<pb::GetUsageResponse>, Status> {
-        let pb::GetUsageRequest {
-            group_by,
-            since,
-            until,
-            user,
-        } = request.into_inner();
-        let group_by = match pb::UsageGrouping::try_from(group_by) {
-            Ok(pb::UsageGrouping::Day) => UsageGrouping::Day,
-            Ok(pb::UsageGrouping::Session) => UsageGrouping::Session,
-            Ok(pb::UsageGrouping::Model) => UsageGrouping::Model,
-            Ok(pb::UsageGrouping::User) => UsageGrouping::User,
-            Ok(pb::UsageGrouping::Unspecified) | Err(_) => {
-                return Err(Error::invalid(
-                    "group_by must be USAGE_GROUPING_DAY, _SESSION, _MODEL or _USER",
-                )
-                .into());
-            }
-        };
-        let since = since.map(|t| from_timestamp("since", t)).transpose()?;
-        let until = until.map(|t| from_timestamp("until", t)).transpose()?;
-        if let (Some(s), Some(u)) = (since, until)
-            && s > u
-        {
-            return Err(Error::invalid("since must not be after until").into());
-        }
-        let user = match user.as_str() {
-            "" => None,
-            u if valid_user_dir(u) => Some(u.to_owned()),
-            u => return Err(Error::invalid(format!("user {u:?} is not a valid user name")).into()),
-        };
-        let rows = self
-            .pipeline
-            .store()
-            .usage(&UsageQuery {
-                group_by,
-                since,
-                until,
-                user,
-            })
-            .await?;
-        let totals = rows.iter().fold(None::<UsageRow>, |acc, r| {
-            Some(match acc {
-                None => UsageRow {
-                    key: "total".into(),
-                    ..r.clone()
-                },
-                Some(mut t) => {
-                    t.input_tokens += r.input_tokens;
-                    t.output_tokens += r.output_tokens;
-                    t.cache_creation_tokens += r.cache_creation_tokens;
-                    t.cache_read_tokens += r.cache_read_tokens;
-                    t.messages += r.messages;
-                    t.first_at = t.first_at.min(r.first_at);
-                    t.last_at = t.last_at.max(r.last_at);
-                    t.models.extend(r.models.iter().cloned());
-                    t.models.sort();
-                    t.models.dedup();
-                    t
-                }
-            })
-        });
+        let query: UsageQuery = request.into_inner().try_into()?;
+        let (rows, totals) = self.pipeline.usage(&query).await?;
         Ok(Response::new(pb::GetUsageResponse {
             rows: rows.iter().map(usage_to_pb).collect(),
             totals: totals.as_ref().map(usage_to_pb),

@@ -34,6 +34,7 @@ impl From<Error> for Status {
             Error::FailedPrecondition(_) => (Code::FailedPrecondition, "FAILED_PRECONDITION"),
             Error::OutOfRange(_) => (Code::OutOfRange, "REVISION_OUT_OF_RANGE"),
             Error::Aborted(_) => (Code::Aborted, "ABORTED"),
+            Error::ProcessorRunning { .. } => (Code::Aborted, "PROCESSOR_RUNNING"),
             Error::ResourceExhausted(_) => (Code::ResourceExhausted, "RESOURCE_EXHAUSTED"),
             Error::Unavailable(_) => (Code::Unavailable, "UNAVAILABLE"),
             Error::Internal(detail) => {

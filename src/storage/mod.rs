@@ -204,36 +204,7 @@ pub trait PostHealingStore: Send + Sync + 'static {
     ) -> Result<Vec<StoredAction>>;
 }
 
-/// How `usage` groups token usage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UsageGrouping {
-    Day,
-    Session,
-    Model,
-    User,
-}
-
-#[derive(Debug, Clone)]
-pub struct UsageQuery {
-    pub group_by: UsageGrouping,
-    pub since: Option<DateTime<Utc>>,
-    pub until: Option<DateTime<Utc>>,
-    pub user: Option<String>,
-}
-
-/// Usage of one group, each assistant message counted once across all files.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UsageRow {
-    pub key: String,
-    pub input_tokens: i64,
-    pub output_tokens: i64,
-    pub cache_creation_tokens: i64,
-    pub cache_read_tokens: i64,
-    pub messages: i64,
-    pub first_at: DateTime<Utc>,
-    pub last_at: DateTime<Utc>,
-    pub models: Vec<String>,
-}
+pub use crate::domain::usage::{UsageGrouping, UsageQuery, UsageRow};
 
 /// A transcript error to record into the healing history.
 #[derive(Debug, Clone, PartialEq)]
@@ -261,14 +232,15 @@ pub trait SessionSink: Send {
 /// Dropped without `commit`, nothing of it is kept.
 #[async_trait]
 pub trait SessionTransaction: SessionSink {
-    async fn commit(
-        self: Box<Self>,
-        file: &SessionFile,
-        sha256: &str,
-        version: i32,
-        items: i64,
-    ) -> Result<()>;
+    /// Writes the session's new state (decided by `domain::pipeline::processed`)
+    /// and commits it with the items.
+    async fn commit(self: Box<Self>, state: &SessionState) -> Result<()>;
 }
+
+/// Decides a session's new state from its current one and the store's clock,
+/// inside the store's transaction.
+pub type StateUpdate<'a> =
+    Box<dyn FnOnce(&SessionState, DateTime<Utc>) -> Result<SessionState> + Send + 'a>;
 
 /// A processor's cluster-wide lock. Released by `release`, or whenever the guard
 /// is dropped or its process dies.
@@ -297,22 +269,19 @@ pub trait PipelineStore: Send + Sync + 'static {
 
     async fn begin_session(&self, processor: &str) -> Result<Box<dyn SessionTransaction>>;
 
-    /// Records a failed attempt (FAILED with its next attempt time, or DEAD).
-    #[allow(clippy::too_many_arguments)]
-    async fn record_failure(
+    /// Records a failed attempt (the state `domain::pipeline::failed` decided,
+    /// which keeps what the last success recorded). Earlier items of the
+    /// session stay as they were.
+    async fn record_failure(&self, state: &SessionState) -> Result<()>;
+
+    /// Loads the session's state locked, lets `update` decide its new state at
+    /// the store's clock, and writes it (NOT_FOUND when there is none).
+    async fn update_session_state(
         &self,
         processor: &str,
-        file: &SessionFile,
-        sha256: &str,
-        version: i32,
-        error: &str,
-        attempts: i32,
-        status: SessionStatus,
-        next_attempt_at: Option<DateTime<Utc>>,
-    ) -> Result<()>;
-
-    /// FAILED or DEAD back to FAILED with zero attempts, due now.
-    async fn retry_session(&self, processor: &str, path: &str) -> Result<SessionState>;
+        path: &str,
+        update: StateUpdate<'_>,
+    ) -> Result<SessionState>;
 
     /// The processor's lock, or `None` when another holder (any server) has it.
     async fn try_lock_processor(&self, processor: &str) -> Result<Option<Box<dyn ProcessorLock>>>;

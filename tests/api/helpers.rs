@@ -147,6 +147,35 @@ impl TestApp {
         }
     }
 
+    /// A server running `processors` instead of the built-in session processors
+    /// (a test holds a run open with a gated one).
+    pub async fn spawn_with_processors(
+        args: ServeArgs,
+        processors: Vec<fleetcare::processors::Registration>,
+    ) -> TestApp {
+        if std::env::var_os("TEST_LOG").is_some() {
+            fleetcare::telemetry::init(LogFormat::Text);
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let app = Application::build(args, listener, shutdown.clone())
+            .await
+            .expect("server builds")
+            .with_processors(processors);
+        let handle = tokio::spawn(app.run());
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_lazy();
+        TestApp {
+            addr,
+            agents: AgentStatusServiceClient::new(channel.clone()),
+            channel,
+            shutdown,
+            handle,
+        }
+    }
+
     /// Graceful shutdown, as SIGTERM does it; returns once the server has stopped.
     pub async fn stop(self) {
         self.shutdown.cancel();

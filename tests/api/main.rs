@@ -11,5 +11,6 @@ mod recovery;
 mod server;
 mod sweeper;
 mod usage_corpus;
+mod usage_rollups;
 mod watch;
 mod write_path;

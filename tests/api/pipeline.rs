@@ -6,6 +6,10 @@ use std::time::{Duration, SystemTime};
 use fleetcare::config::ServeArgs;
 use fleetcare::proto::v1 as pb;
 use fleetcare::proto::v1::session_pipeline_service_client::SessionPipelineServiceClient;
+use std::sync::Arc;
+
+use fleetcare::processors::Registration;
+use tokio::sync::Semaphore;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -433,60 +437,156 @@ fn big_corpus(root: &SessionRoot, files: usize) {
     }
 }
 
-async fn wait_running(app: &TestApp, name: &str) {
-    eventually(Duration::from_secs(30), "processor running", || async {
-        let list = client(app)
-            .list_processors(pb::ListProcessorsRequest {})
+/// Holds the runs of [`Gated`] processors open: each file waits for a permit.
+pub struct Gate {
+    permits: Semaphore,
+    entered: Semaphore,
+}
+
+impl Gate {
+    pub fn closed() -> Arc<Gate> {
+        Arc::new(Gate {
+            permits: Semaphore::new(0),
+            entered: Semaphore::new(0),
+        })
+    }
+
+    /// Lets `n` more files through.
+    pub fn release(&self, n: usize) {
+        self.permits.add_permits(n);
+    }
+
+    pub fn open(&self) {
+        self.permits.add_permits(Semaphore::MAX_PERMITS / 2);
+    }
+
+    /// Returns once `n` more files have reached the gate.
+    pub async fn entered(&self, n: u32) {
+        tokio::time::timeout(Duration::from_secs(30), self.entered.acquire_many(n))
             .await
+            .expect("files reach the gate")
             .unwrap()
-            .into_inner();
-        list.processors
-            .iter()
-            .any(|p| p.name == name && p.running)
-            .then_some(())
-    })
-    .await;
+            .forget();
+    }
+}
+
+/// A usage processor that waits at its gate before writing each file.
+pub struct Gated {
+    pub name: &'static str,
+    pub gate: Arc<Gate>,
+}
+
+#[async_trait::async_trait]
+impl fleetcare::processors::SessionProcessor for Gated {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn version(&self) -> i32 {
+        1
+    }
+
+    async fn process(
+        &self,
+        file: &fleetcare::domain::pipeline::SessionFile,
+        content: Arc<Vec<u8>>,
+        sink: &mut dyn fleetcare::storage::SessionSink,
+    ) -> Result<i64, fleetcare::processors::ProcessError> {
+        self.gate.entered.add_permits(1);
+        self.gate.permits.acquire().await.unwrap().forget();
+        let entries = fleetcare::domain::transcript::extract_usage(&content).entries;
+        sink.replace_usage(file, &entries).await?;
+        Ok(entries.len() as i64)
+    }
+}
+
+/// The built-in processors plus gated ones, unscheduled unless `interval` is set.
+pub fn with_gated(gated: &[(&'static str, &Arc<Gate>)], interval: Duration) -> Vec<Registration> {
+    let mut processors = fleetcare::processors::registry();
+    for (name, gate) in gated {
+        processors.push(Registration {
+            processor: Arc::new(Gated {
+                name,
+                gate: Arc::clone(gate),
+            }),
+            default_interval: interval,
+        });
+    }
+    processors
+}
+
+fn reason(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    status
+        .get_error_details()
+        .error_info()
+        .map(|i| i.reason.clone())
+        .unwrap_or_default()
 }
 
 #[tokio::test]
 async fn a_processor_never_runs_twice_at_once_on_one_server_or_across_two() {
     let db = TestDb::new();
     let root = SessionRoot::new();
-    big_corpus(&root, 600);
-    let one = TestApp::spawn_with(args(&db, &root.path)).await;
-    let two = TestApp::spawn_with(args(&db, &root.path)).await;
+    big_corpus(&root, 5);
+    let gate = Gate::closed();
+    let one = TestApp::spawn_with_processors(
+        args(&db, &root.path),
+        with_gated(&[("gated", &gate)], Duration::ZERO),
+    )
+    .await;
+    let two = TestApp::spawn_with_processors(
+        args(&db, &root.path),
+        with_gated(&[("gated", &gate)], Duration::ZERO),
+    )
+    .await;
 
     let first = tokio::spawn({
         let mut c = client(&one);
         async move {
             c.run_processor(pb::RunProcessorRequest {
-                name: "usage".into(),
+                name: "gated".into(),
             })
             .await
         }
     });
-    wait_running(&one, "usage").await;
-    let here = run(&one, "usage").await.unwrap_err();
-    assert_eq!(here.code(), Code::Aborted);
-    assert!(
-        here.message().contains("already running"),
-        "{}",
-        here.message()
+    gate.entered(1).await;
+    let here = run(&one, "gated").await.unwrap_err();
+    assert_eq!(
+        (here.code(), reason(&here).as_str()),
+        (Code::Aborted, "PROCESSOR_RUNNING")
     );
-    let there = run(&two, "usage").await.unwrap_err();
-    assert_eq!(there.code(), Code::Aborted);
+    assert!(here.message().contains("this server"), "{}", here.message());
+    let there = run(&two, "gated").await.unwrap_err();
+    assert_eq!(
+        (there.code(), reason(&there).as_str()),
+        (Code::Aborted, "PROCESSOR_RUNNING")
+    );
     assert!(
         there.message().contains("another server"),
         "{}",
         there.message()
     );
+    let listed = client(&two)
+        .list_processors(pb::ListProcessorsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        listed
+            .processors
+            .iter()
+            .any(|p| p.name == "gated" && p.running),
+        "the other server sees it running"
+    );
     // Other processors are not blocked.
     run(&two, "errors").await.unwrap();
 
+    gate.open();
     let stats = first.await.unwrap().unwrap().into_inner().stats.unwrap();
-    assert_eq!(stats.processed, 600);
+    assert_eq!(stats.processed, 5);
     // Released: the other server can run it now, and finds nothing to do.
-    let after = run(&two, "usage").await.unwrap();
+    let after = run(&two, "gated").await.unwrap();
     assert_eq!((after.processed, after.files_hashed), (0, 0));
 }
 
@@ -494,34 +594,46 @@ async fn a_processor_never_runs_twice_at_once_on_one_server_or_across_two() {
 async fn the_lock_is_released_when_a_server_stops_mid_run() {
     let db = TestDb::new();
     let root = SessionRoot::new();
-    big_corpus(&root, 600);
-    let one = TestApp::spawn_with(args(&db, &root.path)).await;
-    let two = TestApp::spawn_with(args(&db, &root.path)).await;
+    big_corpus(&root, 6);
+    let gate = Gate::closed();
+    let one = TestApp::spawn_with_processors(
+        args(&db, &root.path),
+        with_gated(&[("gated", &gate)], Duration::ZERO),
+    )
+    .await;
+    let two = TestApp::spawn_with_processors(
+        args(&db, &root.path),
+        with_gated(&[("gated", &gate)], Duration::ZERO),
+    )
+    .await;
     let first = tokio::spawn({
         let mut c = client(&one);
         async move {
             c.run_processor(pb::RunProcessorRequest {
-                name: "usage".into(),
+                name: "gated".into(),
             })
             .await
         }
     });
-    wait_running(&one, "usage").await;
+    // One file through, the next held at the gate when the server stops.
+    gate.release(1);
+    gate.entered(2).await;
     one.stop().await;
-    let _ = first.await;
-    // Whatever one committed stays; two picks up the rest.
-    let stats = eventually(Duration::from_secs(30), "lock free", || async {
-        run(&two, "usage").await.ok()
-    })
-    .await;
+    let interrupted = first.await.unwrap().unwrap().into_inner().stats.unwrap();
+    assert!(
+        interrupted.root_error.contains("shutdown"),
+        "{interrupted:?}"
+    );
+    assert!(interrupted.processed < 6, "{interrupted:?}");
+    // Whatever one committed stays; two picks up the rest at once.
+    gate.open();
+    let stats = run(&two, "gated").await.unwrap();
+    assert_eq!(stats.processed + interrupted.processed, 6, "{stats:?}");
     let total = usage(&two, pb::UsageGrouping::User, "")
         .await
         .totals
         .unwrap();
-    assert_eq!(
-        total.messages, 600,
-        "every session counted exactly once ({stats:?})"
-    );
+    assert_eq!(total.messages, 6, "every session counted exactly once");
 }
 
 #[tokio::test]
@@ -581,37 +693,71 @@ async fn the_scheduler_runs_each_processor_on_its_cadence() {
     );
 }
 
+async fn next_progress(
+    progress: &mut tonic::Streaming<pb::WatchRunResponse>,
+) -> Option<pb::WatchRunResponse> {
+    tokio::time::timeout(Duration::from_secs(20), progress.message())
+        .await
+        .expect("progress within 20 s")
+        .unwrap()
+}
+
 #[tokio::test]
 async fn watch_run_reports_progress_to_the_end() {
     let db = TestDb::new();
     let root = SessionRoot::new();
-    big_corpus(&root, 50);
-    let app = TestApp::spawn_with(args(&db, &root.path)).await;
+    big_corpus(&root, 4);
+    let gate = Gate::closed();
+    let app = TestApp::spawn_with_processors(
+        args(&db, &root.path),
+        with_gated(&[("gated", &gate)], Duration::ZERO),
+    )
+    .await;
     let mut progress = client(&app)
         .watch_run(pb::WatchRunRequest {
-            name: "usage".into(),
+            name: "gated".into(),
         })
         .await
         .unwrap()
         .into_inner();
-    let stats = run(&app, "usage").await.unwrap();
+    let running = tokio::spawn({
+        let mut c = client(&app);
+        async move {
+            c.run_processor(pb::RunProcessorRequest {
+                name: "gated".into(),
+            })
+            .await
+        }
+    });
+    // One file through: the stream says so while the run is still under way.
+    gate.release(1);
     let mut seen = Vec::new();
-    while let Some(msg) = tokio::time::timeout(Duration::from_secs(20), progress.message())
-        .await
-        .unwrap()
-        .unwrap()
-    {
+    loop {
+        let msg = next_progress(&mut progress)
+            .await
+            .expect("the run is not over");
+        seen.push(msg.clone());
+        if msg.files_done == 1 {
+            assert!(!msg.finished);
+            assert_eq!(msg.files_total, 4);
+            break;
+        }
+    }
+    gate.open();
+    while let Some(msg) = next_progress(&mut progress).await {
         seen.push(msg);
     }
+    let stats = running.await.unwrap().unwrap().into_inner().stats.unwrap();
     let last = seen.last().unwrap();
     assert!(last.finished);
-    assert_eq!(last.files_total, 50);
-    assert_eq!(last.files_done, 50);
+    assert_eq!((last.files_total, last.files_done), (4, 4));
     assert_eq!(last.stats.as_ref().unwrap().processed, stats.processed);
+    assert_eq!(stats.processed, 4);
     assert!(
         seen.windows(2).all(|w| w[0].files_done <= w[1].files_done),
         "progress never goes back"
     );
+    assert_eq!(seen.iter().filter(|m| m.finished).count(), 1);
 
     let mut c = client(&app);
     assert_eq!(run(&app, "nope").await.unwrap_err().code(), Code::NotFound);
@@ -749,6 +895,7 @@ async fn a_panicking_processor_fails_its_session_and_releases_the_lock() {
             root: root.path.clone(),
             retry: fleetcare::domain::pipeline::RetryPolicy::default(),
             intervals: Default::default(),
+            parallelism: 2,
         },
         vec![fleetcare::processors::Registration {
             processor: std::sync::Arc::new(Flaky),
@@ -778,22 +925,53 @@ async fn a_panicking_processor_fails_its_session_and_releases_the_lock() {
 async fn scheduled_processors_run_in_parallel_and_are_never_relaunched_while_running() {
     let db = TestDb::new();
     let root = SessionRoot::new();
-    big_corpus(&root, 800);
-    let mut a = args(&db, &root.path);
-    a.pipeline.pipeline_interval_usage = Duration::from_millis(100);
-    a.pipeline.pipeline_interval_errors = Duration::from_millis(100);
-    let app = TestApp::spawn_with(a).await;
-    // Both processors are seen running at the same moment: neither waits for the other.
-    eventually(Duration::from_secs(30), "both running at once", || async {
-        let list = client(&app)
-            .list_processors(pb::ListProcessorsRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        list.processors.iter().all(|p| p.running).then_some(())
+    big_corpus(&root, 3);
+    let (a, b) = (Gate::closed(), Gate::closed());
+    let app = TestApp::spawn_with_processors(
+        args(&db, &root.path),
+        with_gated(
+            &[("gated_a", &a), ("gated_b", &b)],
+            Duration::from_millis(50),
+        ),
+    )
+    .await;
+    // Both scheduled runs are held at their gates at once: neither waits for the other.
+    a.entered(1).await;
+    b.entered(1).await;
+    let list = client(&app)
+        .list_processors(pb::ListProcessorsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    for name in ["gated_a", "gated_b"] {
+        assert!(
+            list.processors.iter().any(|p| p.name == name && p.running),
+            "{name} running: {list:?}"
+        );
+    }
+    // While the scheduled run is under way, another start is refused.
+    let err = run(&app, "gated_a").await.unwrap_err();
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::Aborted, "PROCESSOR_RUNNING")
+    );
+    a.open();
+    b.open();
+    // Both write the same files' usage (concurrent transactions on the same
+    // messages): each message still counts once.
+    eventually(Duration::from_secs(30), "both runs finished", || async {
+        let mut done = true;
+        for name in ["gated_a", "gated_b"] {
+            let states = states(&app, name).await;
+            done &= states.len() == 3
+                && states
+                    .iter()
+                    .all(|s| s.status == pb::SessionStatus::Processed as i32);
+        }
+        done.then_some(())
     })
     .await;
-    // While the scheduled run is under way, another start is refused.
-    let err = run(&app, "usage").await.unwrap_err();
-    assert_eq!(err.code(), Code::Aborted);
+    let total = usage(&app, pb::UsageGrouping::Session, "").await;
+    assert_eq!(total.totals.unwrap().messages, 3);
+    assert_eq!(total.rows.len(), 3);
 }

@@ -4,6 +4,8 @@
 
 mod scan;
 pub mod scheduler;
+#[cfg(test)]
+mod testing;
 
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
@@ -11,18 +13,24 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::FutureExt;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use sha2::{Digest, Sha256};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::pipeline::{
     self, ContentVerdict, RetryPolicy, RunStats, SessionFile, SessionState, SessionStatus,
     StatVerdict,
 };
+use crate::domain::usage::{self, UsageQuery, UsageRow};
 use crate::error::{Error, Result};
 use crate::processors::{ProcessError, Registration, SessionProcessor};
 use crate::storage::{PipelineStore, ProcessorLock};
+
+/// A file whose transaction keeps conflicting with others is tried this often
+/// before the run stops with the conflict.
+const MAX_CONFLICT_RETRIES: u64 = 10;
 
 /// Files larger than this are not read (a session transcript is far smaller).
 pub const MAX_FILE_BYTES: u64 = 1 << 30;
@@ -33,6 +41,13 @@ pub struct PipelineConfig {
     pub retry: RetryPolicy,
     /// Per processor; zero disables scheduling.
     pub intervals: HashMap<String, Duration>,
+    /// How many files a run processes at once.
+    pub parallelism: usize,
+}
+
+/// One file per core.
+pub fn default_parallelism() -> usize {
+    4 * std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
 /// Progress of a processor's runs on this server, for WatchRun.
@@ -159,16 +174,19 @@ impl Pipeline {
     pub async fn run(self: &Arc<Self>, name: &str) -> Result<RunStats> {
         let entry = self.entry(name)?;
         let name = entry.processor.name();
-        let local = LocalGuard::acquire(&self.running, name).ok_or_else(|| {
-            Error::Aborted(format!(
-                "processor {name} is already running on this server"
-            ))
-        })?;
-        let lock = self.store.try_lock_processor(name).await?.ok_or_else(|| {
-            Error::Aborted(format!(
-                "processor {name} is already running on another server"
-            ))
-        })?;
+        let local =
+            LocalGuard::acquire(&self.running, name).ok_or_else(|| Error::ProcessorRunning {
+                processor: name.to_owned(),
+                location: "on this server",
+            })?;
+        let lock =
+            self.store
+                .try_lock_processor(name)
+                .await?
+                .ok_or_else(|| Error::ProcessorRunning {
+                    processor: name.to_owned(),
+                    location: "on another server",
+                })?;
         let this = self.clone();
         let run = tokio::spawn(async move {
             let _local = local;
@@ -246,14 +264,42 @@ impl Pipeline {
             .collect();
         let now = self.store.now().await?;
         progress.send_modify(|p| p.files_total = scan.files.len() as i64);
-        for file in &scan.files {
-            if self.shutdown.is_cancelled() {
+        // Files in parallel, up to the machine's cores: each is read once (hash
+        // and parse from the same bytes) and committed in its own transaction.
+        let mut files = scan.files.iter();
+        let mut running = FuturesUnordered::new();
+        let mut failure = None;
+        loop {
+            while running.len() < self.config.parallelism.max(1) {
+                let Some(file) = files.next() else { break };
+                running.push(self.handle_tagged(processor, file, states.get(&file.path), now));
+            }
+            // Shutdown interrupts the files under way: their transactions roll back.
+            let next = tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => None,
+                next = running.next() => Some(next),
+            };
+            let Some(next) = next else {
                 stats.root_error = Some("interrupted by shutdown".into());
                 break;
-            }
+            };
+            let Some((file, outcome)) = next else {
+                break;
+            };
+            let (outcome, read) = match outcome {
+                Ok(done) => done,
+                Err(error) => {
+                    // The store failed: not the session's fault; the run stops.
+                    failure = Some(error);
+                    break;
+                }
+            };
             stats.scanned += 1;
-            let state = states.get(&file.path);
-            let outcome = self.handle_file(processor, file, state, now, stats).await?;
+            if let Some(bytes) = read {
+                stats.files_hashed += 1;
+                stats.bytes_hashed += bytes;
+            }
             match outcome {
                 FileOutcome::Skipped { dead } => {
                     stats.skipped += 1;
@@ -276,54 +322,97 @@ impl Pipeline {
                 p.bytes_hashed = bytes;
             });
         }
-        Ok(())
+        match failure {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+
+    async fn handle_tagged<'f>(
+        &self,
+        processor: &dyn SessionProcessor,
+        file: &'f SessionFile,
+        state: Option<&SessionState>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> (&'f SessionFile, Result<(FileOutcome, Option<i64>)>) {
+        (file, self.handle_file(processor, file, state, now).await)
     }
 
     /// One file: decide from the stat, then from the hash, then process it.
-    /// Errors returned are the store's (the run stops); the session's own
-    /// failures are recorded on it.
+    /// Returns the outcome and, when the file was read, its size. Errors
+    /// returned are the store's (the run stops); the session's own failures
+    /// are recorded on it.
     async fn handle_file(
         &self,
         processor: &dyn SessionProcessor,
         file: &SessionFile,
         state: Option<&SessionState>,
         now: chrono::DateTime<chrono::Utc>,
-        stats: &mut RunStats,
-    ) -> Result<FileOutcome> {
+    ) -> Result<(FileOutcome, Option<i64>)> {
         let name = processor.name();
         let version = processor.version();
         let is_dead = |s: Option<&SessionState>| s.is_some_and(|s| s.status == SessionStatus::Dead);
         match pipeline::stat_verdict(state, file, version, now) {
             StatVerdict::Skip => {
-                return Ok(FileOutcome::Skipped {
-                    dead: is_dead(state),
-                });
+                let dead = is_dead(state);
+                return Ok((FileOutcome::Skipped { dead }, None));
             }
-            StatVerdict::Wait => return Ok(FileOutcome::Skipped { dead: false }),
+            StatVerdict::Wait => return Ok((FileOutcome::Skipped { dead: false }, None)),
             StatVerdict::Read => {}
         }
         let (content, sha256) = match read_and_hash(&self.config.root, file).await {
             Ok(read) => read,
             Err(error) => {
                 // Unreadable now (vanished, permissions, too large): a session failure.
-                return self.fail(processor, file, state, "", &error, now).await;
+                let outcome = self.fail(processor, file, state, "", &error, now).await?;
+                return Ok((outcome, None));
             }
         };
-        stats.files_hashed += 1;
-        stats.bytes_hashed += content.len() as i64;
+        let read = Some(content.len() as i64);
         match pipeline::content_verdict(state, &sha256, version, now) {
             ContentVerdict::Unchanged | ContentVerdict::StillDead => {
                 self.store.refresh_stat(name, file).await?;
-                return Ok(FileOutcome::Skipped {
-                    dead: is_dead(state),
-                });
+                let dead = is_dead(state);
+                return Ok((FileOutcome::Skipped { dead }, read));
             }
-            ContentVerdict::Wait => return Ok(FileOutcome::Skipped { dead: false }),
+            ContentVerdict::Wait => return Ok((FileOutcome::Skipped { dead: false }, read)),
             ContentVerdict::Process => {}
         }
-        let mut tx = self.store.begin_session(name).await?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.process(processor, file, &content, &sha256, now).await {
+                Ok(Ok(items)) => return Ok((FileOutcome::Processed { items }, read)),
+                Ok(Err(error)) => {
+                    let outcome = self
+                        .fail(processor, file, state, &sha256, &error, now)
+                        .await?;
+                    return Ok((outcome, read));
+                }
+                // Another transaction touched the same messages: nothing of
+                // this one was kept, so do it again.
+                Err(Error::Conflict(_)) if attempt < MAX_CONFLICT_RETRIES => {
+                    tracing::debug!(session = %file.path, attempt, "conflict, retrying");
+                    tokio::time::sleep(Duration::from_millis(5 * attempt)).await;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    /// One transaction: the processor's items and the new state, committed
+    /// together. `Ok(Err(_))` is the session's own failure (rolled back).
+    async fn process(
+        &self,
+        processor: &dyn SessionProcessor,
+        file: &SessionFile,
+        content: &Arc<Vec<u8>>,
+        sha256: &str,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<std::result::Result<i64, String>> {
+        let mut tx = self.store.begin_session(processor.name()).await?;
         // A panicking processor fails its session, not the run.
-        let processed = AssertUnwindSafe(processor.process(file, content, tx.as_mut()))
+        let processed = AssertUnwindSafe(processor.process(file, content.clone(), tx.as_mut()))
             .catch_unwind()
             .await
             .unwrap_or_else(|panic| {
@@ -338,15 +427,19 @@ impl Pipeline {
             });
         match processed {
             Ok(items) => {
-                tx.commit(file, &sha256, version, items).await?;
-                Ok(FileOutcome::Processed { items })
+                let state = pipeline::processed(
+                    processor.name(),
+                    file,
+                    sha256,
+                    processor.version(),
+                    items,
+                    now,
+                );
+                tx.commit(&state).await?;
+                Ok(Ok(items))
             }
             Err(ProcessError::Store(error)) => Err(error),
-            Err(ProcessError::Session(error)) => {
-                drop(tx); // rolls back whatever the processor wrote
-                self.fail(processor, file, state, &sha256, &error, now)
-                    .await
-            }
+            Err(ProcessError::Session(error)) => Ok(Err(error)), // dropping tx rolls back
         }
     }
 
@@ -359,24 +452,82 @@ impl Pipeline {
         error: &str,
         now: chrono::DateTime<chrono::Utc>,
     ) -> Result<FileOutcome> {
-        let (attempts, status, next) =
-            pipeline::after_failure(state, sha256, &self.config.retry, now);
-        self.store
-            .record_failure(
-                processor.name(),
-                file,
-                sha256,
-                processor.version(),
-                error,
-                attempts,
-                status,
-                next,
-            )
-            .await?;
+        let failed = pipeline::failed(
+            state,
+            processor.name(),
+            file,
+            sha256,
+            processor.version(),
+            error,
+            &self.config.retry,
+            now,
+        );
+        self.store.record_failure(&failed).await?;
         Ok(FileOutcome::Failed {
-            dead: status == SessionStatus::Dead,
+            dead: failed.status == SessionStatus::Dead,
             error: error.to_owned(),
         })
+    }
+
+    /// RetrySession: a FAILED or DEAD session requeued (the rule is the domain's).
+    pub async fn retry_session(&self, processor: &str, path: &str) -> Result<SessionState> {
+        self.store
+            .update_session_state(
+                processor,
+                path,
+                Box::new(|state, now| {
+                    pipeline::requeue(state, now)
+                        .map_err(|refused| Error::FailedPrecondition(refused.to_string()))
+                }),
+            )
+            .await
+    }
+
+    /// A usage report and its totals.
+    pub async fn usage(&self, query: &UsageQuery) -> Result<(Vec<UsageRow>, Option<UsageRow>)> {
+        let rows = self.store.usage(query).await?;
+        let totals = usage::totals(&rows);
+        Ok((rows, totals))
+    }
+
+    /// Follows the run under way, or else the next one to start: its progress
+    /// as it changes, ending with the finished run. Which run is decided now,
+    /// so a run the caller starts afterwards is the one followed.
+    pub fn follow_run(
+        &self,
+        name: &str,
+        shutdown: CancellationToken,
+    ) -> Result<mpsc::Receiver<RunProgress>> {
+        let mut progress = self.progress(name)?;
+        let current = progress.borrow_and_update().clone();
+        let target_run = if current.running {
+            current.run
+        } else {
+            current.run + 1
+        };
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut last = current;
+            loop {
+                if last.run == target_run {
+                    let finished = !last.running && last.stats.is_some();
+                    if tx.send(last).await.is_err() || finished {
+                        return;
+                    }
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tx.closed() => return,
+                    changed = progress.changed() => if changed.is_err() { return },
+                }
+                last = progress.borrow_and_update().clone();
+                if last.run > target_run {
+                    // A later run already started: the one followed is over.
+                    return;
+                }
+            }
+        });
+        Ok(rx)
     }
 }
 
@@ -399,4 +550,130 @@ async fn read_and_hash(
     })
     .await
     .map_err(|e| format!("read crashed: {e}"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use tokio_util::sync::CancellationToken;
+
+    use super::MAX_CONFLICT_RETRIES;
+    use super::testing::{Held, Root, pipeline};
+    use crate::domain::usage::{UsageGrouping, UsageQuery};
+    use crate::error::Error;
+    use crate::storage::PipelineStore;
+    use crate::storage::memory::MemoryPipelineStore;
+
+    fn by_user() -> UsageQuery {
+        UsageQuery {
+            group_by: UsageGrouping::User,
+            since: None,
+            until: None,
+            user: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_conflicting_commit_is_retried_and_counted_once() {
+        let root = Root::with_sessions(3);
+        let store = Arc::new(MemoryPipelineStore::default());
+        store.conflicting_commits.store(2, Ordering::SeqCst);
+        let p = pipeline(
+            store.clone(),
+            &root,
+            vec![(Arc::new(Held::new("usage", 100)), Duration::ZERO)],
+            CancellationToken::new(),
+        );
+        let stats = p.run("usage").await.unwrap();
+        assert_eq!((stats.processed, stats.failed), (3, 0), "{stats:?}");
+        assert!(stats.root_error.is_none());
+        let rows = store.usage(&by_user()).await.unwrap();
+        assert_eq!(rows[0].messages, 3);
+    }
+
+    #[tokio::test]
+    async fn conflicts_that_never_end_stop_the_run_as_themselves() {
+        let root = Root::with_sessions(1);
+        let store = Arc::new(MemoryPipelineStore::default());
+        store
+            .conflicting_commits
+            .store(MAX_CONFLICT_RETRIES as usize, Ordering::SeqCst);
+        let p = pipeline(
+            store.clone(),
+            &root,
+            vec![(Arc::new(Held::new("usage", 100)), Duration::ZERO)],
+            CancellationToken::new(),
+        );
+        let stats = p.run("usage").await.unwrap();
+        assert_eq!(stats.processed, 0);
+        assert_eq!(
+            stats.root_error.as_deref(),
+            Some(
+                Error::Conflict("serialization failure".into())
+                    .to_string()
+                    .as_str()
+            )
+        );
+        // Not the session's fault: no failure recorded on it.
+        assert!(store.session_states("usage").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_second_start_is_refused_as_processor_running_while_one_is_held() {
+        let root = Root::with_sessions(1);
+        let store = Arc::new(MemoryPipelineStore::default());
+        let held = Arc::new(Held::new("held", 0));
+        let (gate, entered) = (held.gate.clone(), held.entered.clone());
+        let p = pipeline(
+            store.clone(),
+            &root,
+            vec![(held, Duration::ZERO)],
+            CancellationToken::new(),
+        );
+        let first = tokio::spawn({
+            let p = p.clone();
+            async move { p.run("held").await }
+        });
+        entered.acquire().await.unwrap().forget();
+        assert!(p.is_running_here("held"));
+        match p.run("held").await {
+            Err(Error::ProcessorRunning {
+                processor,
+                location,
+            }) => {
+                assert_eq!((processor.as_str(), location), ("held", "on this server"))
+            }
+            other => panic!("expected ProcessorRunning, got {other:?}"),
+        }
+        gate.add_permits(1);
+        assert_eq!(first.await.unwrap().unwrap().processed, 1);
+        assert!(!store.processor_locked("held").await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn files_are_processed_in_parallel_up_to_the_configured_parallelism() {
+        let root = Root::with_sessions(5);
+        let store = Arc::new(MemoryPipelineStore::default());
+        let held = Arc::new(Held::new("held", 0));
+        let (gate, entered) = (held.gate.clone(), held.entered.clone());
+        let p = pipeline(
+            store.clone(),
+            &root,
+            vec![(held, Duration::ZERO)],
+            CancellationToken::new(),
+        );
+        let run = tokio::spawn({
+            let p = p.clone();
+            async move { p.run("held").await }
+        });
+        // Two files (the parallelism) reach the gate before any is let through.
+        entered.acquire_many(2).await.unwrap().forget();
+        tokio::task::yield_now().await;
+        assert_eq!(entered.available_permits(), 0, "no third file started");
+        gate.add_permits(100);
+        assert_eq!(run.await.unwrap().unwrap().processed, 5);
+    }
 }

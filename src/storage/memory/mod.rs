@@ -5,5 +5,9 @@
 //! durable, so it is never offered to `serve`.
 
 mod agents;
+#[cfg(test)]
+mod pipeline;
 
 pub use agents::MemoryStore;
+#[cfg(test)]
+pub use pipeline::MemoryPipelineStore;

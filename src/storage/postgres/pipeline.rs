@@ -7,14 +7,17 @@ use sqlx::types::Json;
 use sqlx::{Connection, FromRow, PgConnection, Postgres, Transaction};
 
 use super::{PgStore, db_error};
+
+mod usage_rollups;
 use crate::domain::healing;
 use crate::domain::pipeline::{RunStats, SessionFile, SessionState, SessionStatus};
 use crate::domain::transcript::UsageEntry;
 use crate::error::{Error, Result};
 use crate::storage::{
-    PipelineStore, ProcessorLock, SessionSink, SessionTransaction, TranscriptErrorEvent,
-    UsageGrouping, UsageQuery, UsageRow,
+    PipelineStore, ProcessorLock, SessionSink, SessionTransaction, StateUpdate,
+    TranscriptErrorEvent, UsageQuery, UsageRow,
 };
+use usage_rollups::{replace_usage, usage_report};
 
 const STATE_COLUMNS: &str = "processor, path, user_name, size, mtime_ns, observed_at, sha256, \
      processor_version, processed_at, items_count, attempts, last_error, status, next_attempt_at";
@@ -74,63 +77,12 @@ const LOCK_KEY_SQL: &str = "hashtextextended('fleetcare.processor:' || $1, 0)";
 
 struct PgSessionTransaction {
     tx: Transaction<'static, Postgres>,
-    processor: String,
 }
 
 #[async_trait]
 impl SessionSink for PgSessionTransaction {
     async fn replace_usage(&mut self, file: &SessionFile, entries: &[UsageEntry]) -> Result<()> {
-        sqlx::query("DELETE FROM usage_entries WHERE path = $1")
-            .bind(&file.path)
-            .execute(&mut *self.tx)
-            .await
-            .map_err(db_error)?;
-        let Some(first_at) = entries.iter().map(|e| e.timestamp).min() else {
-            return Ok(());
-        };
-        // One statement for the whole file: UNNEST over column arrays.
-        let tokens = |f: fn(&UsageEntry) -> u64| -> Vec<i64> {
-            entries
-                .iter()
-                .map(|e| i64::try_from(f(e)).unwrap_or(i64::MAX))
-                .collect()
-        };
-        sqlx::query(
-            "INSERT INTO usage_entries
-                 (path, user_name, session_id, file_first_at, line_no, message_id, request_id,
-                  model, occurred_at, input_tokens, output_tokens, cache_creation_tokens,
-                  cache_read_tokens)
-             SELECT $1, $2, $3, $4, * FROM UNNEST(
-                 $5::int[], $6::text[], $7::text[], $8::text[], $9::timestamptz[],
-                 $10::bigint[], $11::bigint[], $12::bigint[], $13::bigint[])",
-        )
-        .bind(&file.path)
-        .bind(&file.user)
-        .bind(&file.session)
-        .bind(first_at)
-        .bind(entries.iter().map(|e| e.line_no as i32).collect::<Vec<_>>())
-        .bind(
-            entries
-                .iter()
-                .map(|e| e.message_id.clone())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            entries
-                .iter()
-                .map(|e| e.request_id.clone())
-                .collect::<Vec<_>>(),
-        )
-        .bind(entries.iter().map(|e| e.model.clone()).collect::<Vec<_>>())
-        .bind(entries.iter().map(|e| e.timestamp).collect::<Vec<_>>())
-        .bind(tokens(|e| e.input_tokens))
-        .bind(tokens(|e| e.output_tokens))
-        .bind(tokens(|e| e.cache_creation_tokens))
-        .bind(tokens(|e| e.cache_read_tokens))
-        .execute(&mut *self.tx)
-        .await
-        .map_err(db_error)?;
-        Ok(())
+        replace_usage(&mut self.tx, file, entries).await
     }
 
     async fn replace_transcript_errors(
@@ -189,36 +141,46 @@ impl SessionSink for PgSessionTransaction {
 
 #[async_trait]
 impl SessionTransaction for PgSessionTransaction {
-    async fn commit(
-        mut self: Box<Self>,
-        file: &SessionFile,
-        sha256: &str,
-        version: i32,
-        items: i64,
-    ) -> Result<()> {
-        sqlx::query(&format!(
-            "INSERT INTO session_states ({STATE_COLUMNS})
-             VALUES ($1, $2, $3, $4, $5, now(), $6, $7, now(), $8, 0, NULL, 'PROCESSED', NULL)
-             ON CONFLICT (processor, path) DO UPDATE SET
-                 user_name = EXCLUDED.user_name, size = EXCLUDED.size, mtime_ns = EXCLUDED.mtime_ns,
-                 observed_at = EXCLUDED.observed_at, sha256 = EXCLUDED.sha256,
-                 processor_version = EXCLUDED.processor_version, processed_at = EXCLUDED.processed_at,
-                 items_count = EXCLUDED.items_count, attempts = 0, last_error = NULL,
-                 status = 'PROCESSED', next_attempt_at = NULL"
-        ))
-        .bind(&self.processor)
-        .bind(&file.path)
-        .bind(&file.user)
-        .bind(size(file))
-        .bind(file.mtime_ns)
-        .bind(sha256)
-        .bind(version)
-        .bind(items)
-        .execute(&mut *self.tx)
-        .await
-        .map_err(db_error)?;
+    async fn commit(mut self: Box<Self>, state: &SessionState) -> Result<()> {
+        upsert_state(&mut self.tx, state).await.map_err(db_error)?;
         self.tx.commit().await.map_err(db_error)
     }
+}
+
+/// Writes a state row as the domain decided it (`domain::pipeline::processed`,
+/// `failed` or `requeue`).
+async fn upsert_state(
+    conn: &mut PgConnection,
+    s: &SessionState,
+) -> std::result::Result<(), sqlx::Error> {
+    sqlx::query(&format!(
+        "INSERT INTO session_states ({STATE_COLUMNS})
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+         ON CONFLICT (processor, path) DO UPDATE SET
+             user_name = EXCLUDED.user_name, size = EXCLUDED.size, mtime_ns = EXCLUDED.mtime_ns,
+             observed_at = EXCLUDED.observed_at, sha256 = EXCLUDED.sha256,
+             processor_version = EXCLUDED.processor_version, attempts = EXCLUDED.attempts,
+             last_error = EXCLUDED.last_error, status = EXCLUDED.status,
+             next_attempt_at = EXCLUDED.next_attempt_at,
+             processed_at = EXCLUDED.processed_at, items_count = EXCLUDED.items_count"
+    ))
+    .bind(&s.processor)
+    .bind(&s.path)
+    .bind(&s.user)
+    .bind(i64::try_from(s.size).unwrap_or(i64::MAX))
+    .bind(s.mtime_ns)
+    .bind(s.observed_at)
+    .bind(&s.sha256)
+    .bind(s.processor_version)
+    .bind(s.processed_at)
+    .bind(s.items_count)
+    .bind(s.attempts)
+    .bind(&s.last_error)
+    .bind(s.status.as_str())
+    .bind(s.next_attempt_at)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Holds a session-level advisory lock on its own connection, outside the pool:
@@ -299,54 +261,22 @@ impl PipelineStore for PgStore {
         Ok(())
     }
 
-    async fn begin_session(&self, processor: &str) -> Result<Box<dyn SessionTransaction>> {
+    async fn begin_session(&self, _processor: &str) -> Result<Box<dyn SessionTransaction>> {
         let tx = self.pool.begin().await.map_err(db_error)?;
-        Ok(Box::new(PgSessionTransaction {
-            tx,
-            processor: processor.to_owned(),
-        }))
+        Ok(Box::new(PgSessionTransaction { tx }))
     }
 
-    async fn record_failure(
+    async fn record_failure(&self, state: &SessionState) -> Result<()> {
+        let mut conn = self.pool.acquire().await.map_err(db_error)?;
+        upsert_state(&mut conn, state).await.map_err(db_error)
+    }
+
+    async fn update_session_state(
         &self,
         processor: &str,
-        file: &SessionFile,
-        sha256: &str,
-        version: i32,
-        error: &str,
-        attempts: i32,
-        status: SessionStatus,
-        next_attempt_at: Option<DateTime<Utc>>,
-    ) -> Result<()> {
-        // Earlier items of the session stay as they were: only the state changes.
-        sqlx::query(&format!(
-            "INSERT INTO session_states ({STATE_COLUMNS})
-             VALUES ($1, $2, $3, $4, $5, now(), $6, $7, NULL, 0, $8, $9, $10, $11)
-             ON CONFLICT (processor, path) DO UPDATE SET
-                 user_name = EXCLUDED.user_name, size = EXCLUDED.size, mtime_ns = EXCLUDED.mtime_ns,
-                 observed_at = EXCLUDED.observed_at, sha256 = EXCLUDED.sha256,
-                 processor_version = EXCLUDED.processor_version, attempts = EXCLUDED.attempts,
-                 last_error = EXCLUDED.last_error, status = EXCLUDED.status,
-                 next_attempt_at = EXCLUDED.next_attempt_at"
-        ))
-        .bind(processor)
-        .bind(&file.path)
-        .bind(&file.user)
-        .bind(size(file))
-        .bind(file.mtime_ns)
-        .bind(sha256)
-        .bind(version)
-        .bind(attempts)
-        .bind(error)
-        .bind(status.as_str())
-        .bind(next_attempt_at)
-        .execute(&self.pool)
-        .await
-        .map_err(db_error)?;
-        Ok(())
-    }
-
-    async fn retry_session(&self, processor: &str, path: &str) -> Result<SessionState> {
+        path: &str,
+        update: StateUpdate<'_>,
+    ) -> Result<SessionState> {
         let mut tx = self.pool.begin().await.map_err(db_error)?;
         let current: Option<StateRow> = sqlx::query_as(&format!(
             "SELECT {STATE_COLUMNS} FROM session_states WHERE processor = $1 AND path = $2 FOR UPDATE"
@@ -362,23 +292,14 @@ impl PipelineStore for PgStore {
                 id: format!("{processor}:{path}"),
             })?
             .try_into()?;
-        if current.status == SessionStatus::Processed {
-            return Err(Error::FailedPrecondition(format!(
-                "session {path:?} is PROCESSED for {processor}; only FAILED or DEAD sessions can be retried"
-            )));
-        }
-        let row: StateRow = sqlx::query_as(&format!(
-            "UPDATE session_states SET status = 'FAILED', attempts = 0, next_attempt_at = now()
-             WHERE processor = $1 AND path = $2
-             RETURNING {STATE_COLUMNS}"
-        ))
-        .bind(processor)
-        .bind(path)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db_error)?;
+        let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        let state = update(&current, now)?;
+        upsert_state(&mut tx, &state).await.map_err(db_error)?;
         tx.commit().await.map_err(db_error)?;
-        row.try_into()
+        Ok(state)
     }
 
     async fn try_lock_processor(&self, processor: &str) -> Result<Option<Box<dyn ProcessorLock>>> {
@@ -447,71 +368,7 @@ impl PipelineStore for PgStore {
     }
 
     async fn usage(&self, query: &UsageQuery) -> Result<Vec<UsageRow>> {
-        let key = match query.group_by {
-            UsageGrouping::Day => "to_char(occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
-            UsageGrouping::Session => "user_name || '/' || session_id",
-            UsageGrouping::Model => "COALESCE(model, 'unknown')",
-            UsageGrouping::User => "user_name",
-        };
-        // ccusage's rule: a (message id, request id) pair counts once across all
-        // files, the copy from the file that starts earliest; entries without
-        // both ids always count.
-        let rows: Vec<(
-            String,
-            i64,
-            i64,
-            i64,
-            i64,
-            i64,
-            DateTime<Utc>,
-            DateTime<Utc>,
-            Vec<String>,
-        )> = sqlx::query_as(&format!(
-            "WITH counted AS (
-                     SELECT DISTINCT ON (dedup_key) *
-                     FROM (SELECT *,
-                                  CASE WHEN message_id IS NOT NULL AND request_id IS NOT NULL
-                                       THEN message_id || ':' || request_id
-                                       ELSE 'entry:' || id END AS dedup_key
-                           FROM usage_entries) u
-                     ORDER BY dedup_key, file_first_at, path, line_no
-                 )
-                 SELECT {key} AS key,
-                        sum(input_tokens)::bigint, sum(output_tokens)::bigint,
-                        sum(cache_creation_tokens)::bigint, sum(cache_read_tokens)::bigint,
-                        count(*), min(occurred_at), max(occurred_at),
-                        array_remove(array_agg(DISTINCT model ORDER BY model), NULL)
-                 FROM counted
-                 WHERE ($1::timestamptz IS NULL OR occurred_at >= $1)
-                   AND ($2::timestamptz IS NULL OR occurred_at < $2)
-                   AND ($3::text IS NULL OR user_name = $3)
-                 GROUP BY 1
-                 ORDER BY 1"
-        ))
-        .bind(query.since)
-        .bind(query.until)
-        .bind(query.user.as_deref())
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db_error)?;
-        Ok(rows
-            .into_iter()
-            .map(
-                |(key, input, output, creation, read, messages, first_at, last_at, models)| {
-                    UsageRow {
-                        key,
-                        input_tokens: input,
-                        output_tokens: output,
-                        cache_creation_tokens: creation,
-                        cache_read_tokens: read,
-                        messages,
-                        first_at,
-                        last_at,
-                        models,
-                    }
-                },
-            )
-            .collect())
+        usage_report(&self.pool, query).await
     }
 
     async fn now(&self) -> Result<DateTime<Utc>> {

@@ -1,0 +1,473 @@
+//! Usage rollups in Postgres: replacing one file's usage entries and
+//! maintaining the distinct messages and the cells in the same transaction;
+//! reports read from the cells.
+//!
+//! Which copy of a message counts is decided by `domain::usage::plan`; this
+//! code only loads, locks (in a fixed order) and writes. Lock order, the same
+//! in every transaction: message keys sorted (the new ones by the insert, the
+//! existing ones by `FOR UPDATE`), then cells sorted (by the upsert). A
+//! deadlock or serialization failure left over is reported as
+//! `Error::Conflict` and the pipeline retries the file.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, NaiveDate, Utc};
+use sqlx::{FromRow, PgConnection, PgPool};
+
+use super::super::db_error;
+use crate::domain::pipeline::SessionFile;
+use crate::domain::transcript::UsageEntry;
+use crate::domain::usage::{self, CellDelta, MessageCopy, Tokens, UsageGrouping};
+use crate::error::Result;
+use crate::storage::{UsageQuery, UsageRow};
+
+#[derive(FromRow)]
+struct CopyRow {
+    dedup_key: String,
+    path: String,
+    line_no: i32,
+    file_first_at: DateTime<Utc>,
+    user_name: String,
+    session_id: String,
+    model: String,
+    occurred_at: DateTime<Utc>,
+    input_tokens: i64,
+    output_tokens: i64,
+    cache_creation_tokens: i64,
+    cache_read_tokens: i64,
+}
+
+impl From<CopyRow> for MessageCopy {
+    fn from(r: CopyRow) -> MessageCopy {
+        MessageCopy {
+            key: r.dedup_key,
+            path: r.path,
+            line_no: r.line_no,
+            file_first_at: r.file_first_at,
+            user: r.user_name,
+            session: r.session_id,
+            model: r.model,
+            occurred_at: r.occurred_at,
+            tokens: Tokens {
+                input: r.input_tokens,
+                output: r.output_tokens,
+                cache_creation: r.cache_creation_tokens,
+                cache_read: r.cache_read_tokens,
+            },
+        }
+    }
+}
+
+/// Column arrays of a list of copies, for `UNNEST`.
+struct CopyColumns {
+    key: Vec<String>,
+    path: Vec<String>,
+    line_no: Vec<i32>,
+    file_first_at: Vec<DateTime<Utc>>,
+    user: Vec<String>,
+    session: Vec<String>,
+    model: Vec<String>,
+    occurred_at: Vec<DateTime<Utc>>,
+    day: Vec<NaiveDate>,
+    input: Vec<i64>,
+    output: Vec<i64>,
+    creation: Vec<i64>,
+    read: Vec<i64>,
+}
+
+impl CopyColumns {
+    fn of<'a>(copies: impl IntoIterator<Item = &'a MessageCopy>) -> Self {
+        let mut c = CopyColumns {
+            key: Vec::new(),
+            path: Vec::new(),
+            line_no: Vec::new(),
+            file_first_at: Vec::new(),
+            user: Vec::new(),
+            session: Vec::new(),
+            model: Vec::new(),
+            occurred_at: Vec::new(),
+            day: Vec::new(),
+            input: Vec::new(),
+            output: Vec::new(),
+            creation: Vec::new(),
+            read: Vec::new(),
+        };
+        for m in copies {
+            c.key.push(m.key.clone());
+            c.path.push(m.path.clone());
+            c.line_no.push(m.line_no);
+            c.file_first_at.push(m.file_first_at);
+            c.user.push(m.user.clone());
+            c.session.push(m.session.clone());
+            c.model.push(m.model.clone());
+            c.occurred_at.push(m.occurred_at);
+            c.day.push(m.occurred_at.date_naive());
+            c.input.push(m.tokens.input);
+            c.output.push(m.tokens.output);
+            c.creation.push(m.tokens.cache_creation);
+            c.read.push(m.tokens.cache_read);
+        }
+        c
+    }
+}
+
+/// Writes new winners of existing (or concurrently removed) messages.
+async fn write_messages(conn: &mut PgConnection, copies: &[&MessageCopy]) -> Result<()> {
+    if copies.is_empty() {
+        return Ok(());
+    }
+    let c = CopyColumns::of(copies.iter().copied());
+    sqlx::query(
+        "INSERT INTO usage_messages
+             (dedup_key, path, line_no, file_first_at, user_name, session_id, model,
+              occurred_at, day, input_tokens, output_tokens, cache_creation_tokens,
+              cache_read_tokens)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::int[], $4::timestamptz[],
+             $5::text[], $6::text[], $7::text[], $8::timestamptz[], $9::date[],
+             $10::bigint[], $11::bigint[], $12::bigint[], $13::bigint[])
+         ON CONFLICT (dedup_key) DO UPDATE SET path = EXCLUDED.path, line_no = EXCLUDED.line_no,
+             file_first_at = EXCLUDED.file_first_at, user_name = EXCLUDED.user_name,
+             session_id = EXCLUDED.session_id, model = EXCLUDED.model,
+             occurred_at = EXCLUDED.occurred_at, day = EXCLUDED.day,
+             input_tokens = EXCLUDED.input_tokens, output_tokens = EXCLUDED.output_tokens,
+             cache_creation_tokens = EXCLUDED.cache_creation_tokens,
+             cache_read_tokens = EXCLUDED.cache_read_tokens",
+    )
+    .bind(&c.key)
+    .bind(&c.path)
+    .bind(&c.line_no)
+    .bind(&c.file_first_at)
+    .bind(&c.user)
+    .bind(&c.session)
+    .bind(&c.model)
+    .bind(&c.occurred_at)
+    .bind(&c.day)
+    .bind(&c.input)
+    .bind(&c.output)
+    .bind(&c.creation)
+    .bind(&c.read)
+    .execute(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    Ok(())
+}
+
+/// Replaces the file's entries and brings the messages and cells up to date,
+/// inside the caller's transaction.
+pub(crate) async fn replace_usage(
+    conn: &mut PgConnection,
+    file: &SessionFile,
+    entries: &[UsageEntry],
+) -> Result<()> {
+    let mut copies = MessageCopy::from_file(&file.path, &file.user, &file.session, entries);
+    copies.sort_by(|a, b| a.key.cmp(&b.key));
+    copies.dedup_by(|a, b| a.key == b.key);
+
+    // One statement: the file's old entries out (their keys back), the new
+    // ones in, and the messages nobody had yet written with this file's copy
+    // as the winner (sorted by key: the keys are locked in order).
+    let c = CopyColumns::of(&copies);
+    let message_ids: Vec<Option<String>> = copies_ids(&copies, entries, |e| &e.message_id);
+    let request_ids: Vec<Option<String>> = copies_ids(&copies, entries, |e| &e.request_id);
+    let keys: Vec<(bool, String)> = sqlx::query_as(
+        "WITH old AS (DELETE FROM usage_entries WHERE path = $1 RETURNING dedup_key),
+              entries AS (
+                  INSERT INTO usage_entries
+                      (path, user_name, session_id, file_first_at, line_no, message_id,
+                       request_id, model, occurred_at, input_tokens, output_tokens,
+                       cache_creation_tokens, cache_read_tokens, dedup_key)
+                  SELECT $1, $2, $3, u.f, u.line_no, u.message_id, u.request_id,
+                         NULLIF(u.model, ''), u.occurred_at, u.i, u.o, u.c, u.r, u.k
+                  FROM UNNEST($4::int[], $5::text[], $6::text[], $7::text[], $8::timestamptz[],
+                              $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[],
+                              $13::text[], $14::timestamptz[], $15::date[])
+                       AS u(line_no, message_id, request_id, model, occurred_at, i, o, c, r, k,
+                            f, d)),
+              won AS (
+                  INSERT INTO usage_messages
+                      (dedup_key, path, line_no, file_first_at, user_name, session_id, model,
+                       occurred_at, day, input_tokens, output_tokens, cache_creation_tokens,
+                       cache_read_tokens)
+                  SELECT u.k, $1, u.line_no, u.f, $2, $3, u.model, u.occurred_at, u.d,
+                         u.i, u.o, u.c, u.r
+                  FROM UNNEST($4::int[], $7::text[], $8::timestamptz[], $9::bigint[],
+                              $10::bigint[], $11::bigint[], $12::bigint[], $13::text[],
+                              $14::timestamptz[], $15::date[])
+                       AS u(line_no, model, occurred_at, i, o, c, r, k, f, d)
+                  ON CONFLICT (dedup_key) DO NOTHING
+                  RETURNING dedup_key)
+         SELECT false, dedup_key FROM old UNION ALL SELECT true, dedup_key FROM won",
+    )
+    .bind(&file.path)
+    .bind(&file.user)
+    .bind(&file.session)
+    .bind(&c.line_no)
+    .bind(&message_ids)
+    .bind(&request_ids)
+    .bind(&c.model)
+    .bind(&c.occurred_at)
+    .bind(&c.input)
+    .bind(&c.output)
+    .bind(&c.creation)
+    .bind(&c.read)
+    .bind(&c.key)
+    .bind(&c.file_first_at)
+    .bind(&c.day)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    let mut old_keys = Vec::new();
+    let mut inserted = HashSet::new();
+    for (won, key) in keys {
+        if won {
+            inserted.insert(key);
+        } else {
+            old_keys.push(key);
+        }
+    }
+
+    // The rest: lock, load every copy, let the domain decide.
+    let mut contested: Vec<String> = old_keys
+        .into_iter()
+        .chain(copies.iter().map(|c| c.key.clone()))
+        .filter(|k| !inserted.contains(k))
+        .collect();
+    contested.sort();
+    contested.dedup();
+    let mut current: HashMap<String, MessageCopy> = HashMap::new();
+    let mut candidates: HashMap<String, Vec<MessageCopy>> = HashMap::new();
+    if !contested.is_empty() {
+        let rows: Vec<CopyRow> = sqlx::query_as(
+            "SELECT dedup_key, path, line_no, file_first_at, user_name, session_id, model,
+                    occurred_at, input_tokens, output_tokens, cache_creation_tokens,
+                    cache_read_tokens
+             FROM usage_messages WHERE dedup_key = ANY($1)
+             ORDER BY dedup_key FOR UPDATE",
+        )
+        .bind(&contested)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db_error)?;
+        current = rows
+            .into_iter()
+            .map(|r| (r.dedup_key.clone(), MessageCopy::from(r)))
+            .collect();
+        // A fresh statement after the locks: sees every copy committed before them.
+        let rows: Vec<CopyRow> = sqlx::query_as(
+            "SELECT dedup_key, path, line_no, file_first_at, user_name, session_id,
+                    COALESCE(model, '') AS model, occurred_at, input_tokens, output_tokens,
+                    cache_creation_tokens, cache_read_tokens
+             FROM usage_entries WHERE dedup_key = ANY($1)",
+        )
+        .bind(&contested)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db_error)?;
+        for row in rows {
+            candidates
+                .entry(row.dedup_key.clone())
+                .or_default()
+                .push(row.into());
+        }
+    }
+    let mut affected = contested;
+    for c in copies.iter().filter(|c| inserted.contains(&c.key)) {
+        affected.push(c.key.clone());
+        candidates.insert(c.key.clone(), vec![c.clone()]);
+    }
+    let plan = usage::plan(&affected, &current, &candidates);
+
+    let changed: Vec<&MessageCopy> = plan
+        .upserts
+        .iter()
+        .filter(|m| !inserted.contains(&m.key))
+        .collect();
+    write_messages(conn, &changed).await?;
+    if !plan.deletes.is_empty() {
+        sqlx::query("DELETE FROM usage_messages WHERE dedup_key = ANY($1)")
+            .bind(&plan.deletes)
+            .execute(&mut *conn)
+            .await
+            .map_err(db_error)?;
+    }
+    apply_cells(conn, &plan.cells).await
+}
+
+/// The message and request ids of each copy, from its entry (by line).
+fn copies_ids(
+    copies: &[MessageCopy],
+    entries: &[UsageEntry],
+    id: fn(&UsageEntry) -> &Option<String>,
+) -> Vec<Option<String>> {
+    let by_line: HashMap<i32, &UsageEntry> = entries
+        .iter()
+        .map(|e| (i32::try_from(e.line_no).unwrap_or(i32::MAX), e))
+        .collect();
+    copies
+        .iter()
+        .map(|c| by_line.get(&c.line_no).and_then(|e| id(e).clone()))
+        .collect()
+}
+
+/// Adds the deltas to their cells (in the plan's order: a fixed lock order),
+/// recomputes first and last of cells that lost a message, drops empty cells.
+async fn apply_cells(conn: &mut PgConnection, cells: &[CellDelta]) -> Result<()> {
+    if cells.is_empty() {
+        return Ok(());
+    }
+    let day: Vec<NaiveDate> = cells.iter().map(|d| d.cell.day).collect();
+    let user: Vec<&str> = cells.iter().map(|d| d.cell.user.as_str()).collect();
+    let session: Vec<&str> = cells.iter().map(|d| d.cell.session.as_str()).collect();
+    let model: Vec<&str> = cells.iter().map(|d| d.cell.model.as_str()).collect();
+    let tokens = |f: fn(&Tokens) -> i64| cells.iter().map(|d| f(&d.tokens)).collect::<Vec<_>>();
+    sqlx::query(
+        "INSERT INTO usage_cells AS c
+             (day, user_name, session_id, model, input_tokens, output_tokens,
+              cache_creation_tokens, cache_read_tokens, messages, first_at, last_at)
+         -- A delta that only removes has no first or last: neutral values
+         -- (NOT NULL is checked before the conflict is).
+         SELECT d, u, s, m, i, o, cc, cr, n, COALESCE(f, 'infinity'), COALESCE(l, '-infinity')
+         FROM UNNEST($1::date[], $2::text[], $3::text[], $4::text[], $5::bigint[],
+             $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::timestamptz[],
+             $11::timestamptz[]) AS x(d, u, s, m, i, o, cc, cr, n, f, l)
+         ON CONFLICT (day, user_name, session_id, model) DO UPDATE SET
+             input_tokens = c.input_tokens + EXCLUDED.input_tokens,
+             output_tokens = c.output_tokens + EXCLUDED.output_tokens,
+             cache_creation_tokens = c.cache_creation_tokens + EXCLUDED.cache_creation_tokens,
+             cache_read_tokens = c.cache_read_tokens + EXCLUDED.cache_read_tokens,
+             messages = c.messages + EXCLUDED.messages,
+             first_at = LEAST(c.first_at, EXCLUDED.first_at),
+             last_at = GREATEST(c.last_at, EXCLUDED.last_at)",
+    )
+    .bind(&day)
+    .bind(&user)
+    .bind(&session)
+    .bind(&model)
+    .bind(tokens(|t| t.input))
+    .bind(tokens(|t| t.output))
+    .bind(tokens(|t| t.cache_creation))
+    .bind(tokens(|t| t.cache_read))
+    .bind(cells.iter().map(|d| d.messages).collect::<Vec<_>>())
+    .bind(cells.iter().map(|d| d.first_at).collect::<Vec<_>>())
+    .bind(cells.iter().map(|d| d.last_at).collect::<Vec<_>>())
+    .execute(&mut *conn)
+    .await
+    .map_err(db_error)?;
+
+    let shrunk: Vec<usize> = (0..cells.len()).filter(|&i| cells[i].removed).collect();
+    if shrunk.is_empty() {
+        return Ok(());
+    }
+    let pick = |v: &[&str]| shrunk.iter().map(|&i| v[i].to_owned()).collect::<Vec<_>>();
+    let days: Vec<NaiveDate> = shrunk.iter().map(|&i| day[i]).collect();
+    let (users, sessions, models) = (pick(&user), pick(&session), pick(&model));
+    // The cells are locked by now: this statement sees every message committed
+    // by the transactions that updated them before.
+    for statement in [
+        "DELETE FROM usage_cells c
+         USING UNNEST($1::date[], $2::text[], $3::text[], $4::text[])
+               AS k(day, user_name, session_id, model)
+         WHERE (c.day, c.user_name, c.session_id, c.model)
+               = (k.day, k.user_name, k.session_id, k.model)
+           AND c.messages <= 0",
+        "UPDATE usage_cells c SET first_at = m.first_at, last_at = m.last_at
+         FROM (SELECT m.day, m.user_name, m.session_id, m.model,
+                      min(m.occurred_at) AS first_at, max(m.occurred_at) AS last_at
+               FROM usage_messages m
+               JOIN UNNEST($1::date[], $2::text[], $3::text[], $4::text[])
+                    AS k(day, user_name, session_id, model)
+                 USING (user_name, session_id, day, model)
+               GROUP BY 1, 2, 3, 4) m
+         WHERE (c.day, c.user_name, c.session_id, c.model)
+               = (m.day, m.user_name, m.session_id, m.model)",
+    ] {
+        sqlx::query(statement)
+            .bind(&days)
+            .bind(&users)
+            .bind(&sessions)
+            .bind(&models)
+            .execute(&mut *conn)
+            .await
+            .map_err(db_error)?;
+    }
+    Ok(())
+}
+
+type ReportRow = (
+    String,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    DateTime<Utc>,
+    DateTime<Utc>,
+    Vec<String>,
+);
+
+/// A usage report: from the cells when the range is whole UTC days, else from
+/// the distinct messages (winners already decided, filtered by time).
+pub(crate) async fn usage_report(pool: &PgPool, query: &UsageQuery) -> Result<Vec<UsageRow>> {
+    let key = match query.group_by {
+        UsageGrouping::Day => "to_char(day, 'YYYY-MM-DD')",
+        UsageGrouping::Session => "user_name || '/' || session_id",
+        UsageGrouping::Model => "CASE model WHEN '' THEN 'unknown' ELSE model END",
+        UsageGrouping::User => "user_name",
+    };
+    let rows: Vec<ReportRow> = match usage::day_range(query.since, query.until) {
+        Some((since, until)) => sqlx::query_as(&format!(
+            "SELECT {key} AS key,
+                    sum(input_tokens)::bigint, sum(output_tokens)::bigint,
+                    sum(cache_creation_tokens)::bigint, sum(cache_read_tokens)::bigint,
+                    sum(messages)::bigint, min(first_at), max(last_at),
+                    array_remove(array_agg(DISTINCT model ORDER BY model), '')
+             FROM usage_cells
+             WHERE ($1::date IS NULL OR day >= $1)
+               AND ($2::date IS NULL OR day < $2)
+               AND ($3::text IS NULL OR user_name = $3)
+             GROUP BY 1
+             ORDER BY 1"
+        ))
+        .bind(since)
+        .bind(until)
+        .bind(query.user.as_deref())
+        .fetch_all(pool)
+        .await
+        .map_err(db_error)?,
+        None => sqlx::query_as(&format!(
+            "SELECT {key} AS key,
+                    sum(input_tokens)::bigint, sum(output_tokens)::bigint,
+                    sum(cache_creation_tokens)::bigint, sum(cache_read_tokens)::bigint,
+                    count(*), min(occurred_at), max(occurred_at),
+                    array_remove(array_agg(DISTINCT model ORDER BY model), '')
+             FROM usage_messages
+             WHERE ($1::timestamptz IS NULL OR occurred_at >= $1)
+               AND ($2::timestamptz IS NULL OR occurred_at < $2)
+               AND ($3::text IS NULL OR user_name = $3)
+             GROUP BY 1
+             ORDER BY 1"
+        ))
+        .bind(query.since)
+        .bind(query.until)
+        .bind(query.user.as_deref())
+        .fetch_all(pool)
+        .await
+        .map_err(db_error)?,
+    };
+    Ok(rows
+        .into_iter()
+        .map(
+            |(key, input, output, creation, read, messages, first_at, last_at, models)| UsageRow {
+                key,
+                input_tokens: input,
+                output_tokens: output,
+                cache_creation_tokens: creation,
+                cache_read_tokens: read,
+                messages,
+                first_at,
+                last_at,
+                models,
+            },
+        )
+        .collect())
+}

@@ -1,0 +1,240 @@
+//! The usage rollups against a recount from the files: random sequences of
+//! file creations, rewrites, appends and deletions across users, with message
+//! keys shared between files (resumed sessions), each followed by a `usage`
+//! run on the real server; after each, GetUsage by every grouping (and over a
+//! day-aligned and a non-aligned range, and for one user) equals ccusage's
+//! rule applied from scratch to what every file last held (a deleted
+//! transcript keeps what was derived from it).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use chrono::{DateTime, TimeZone, Utc};
+use fleetcare::domain::transcript::extract_usage;
+use fleetcare::domain::usage::{self, MessageCopy, UsageGrouping, UsageQuery, UsageRow};
+use fleetcare::proto::v1 as pb;
+use proptest::prelude::*;
+
+use crate::helpers::{TestApp, TestDb};
+use crate::pipeline::{SessionRoot, client, run};
+
+const FILES: [&str; 5] = [
+    "u0/a.jsonl",
+    "u0/b.jsonl",
+    "u1/c.jsonl",
+    "u1/d.jsonl",
+    "u0/e.jsonl",
+];
+
+/// One line: a message key (or none: no requestId), its day and minute.
+#[derive(Debug, Clone)]
+struct Line {
+    message: Option<u8>,
+    day: u8,
+    minute: u8,
+    tokens: u8,
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write(usize, Vec<Line>),
+    Append(usize, Vec<Line>),
+    Delete(usize),
+}
+
+fn line() -> impl Strategy<Value = Line> {
+    (
+        prop::option::weighted(0.85, 0u8..10),
+        0u8..3,
+        0u8..60,
+        1u8..50,
+    )
+        .prop_map(|(message, day, minute, tokens)| Line {
+            message,
+            day,
+            minute,
+            tokens,
+        })
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let file = 0..FILES.len();
+    prop_oneof![
+        4 => (file.clone(), prop::collection::vec(line(), 0..6)).prop_map(|(f, l)| Op::Write(f, l)),
+        3 => (file.clone(), prop::collection::vec(line(), 1..4)).prop_map(|(f, l)| Op::Append(f, l)),
+        1 => file.prop_map(Op::Delete),
+    ]
+}
+
+fn render(lines: &[Line]) -> String {
+    lines
+        .iter()
+        .map(|l| {
+            let ts = format!("2026-03-{:02}T{:02}:{:02}:00Z", 14 + l.day, 6 * l.day + 1, l.minute);
+            let model = ["claude-sonnet-4", "claude-opus-4", ""][usize::from(l.tokens % 3)];
+            let model = if model.is_empty() {
+                String::new()
+            } else {
+                format!(r#""model":"{model}","#)
+            };
+            let (id, request) = match l.message {
+                Some(k) => (format!("msg_{k}"), format!(r#""requestId":"req_{k}","#)),
+                None => (format!("msg_x{}", l.minute), String::new()),
+            };
+            let t = u64::from(l.tokens);
+            format!(
+                r#"{{"type":"assistant","timestamp":"{ts}",{request}"message":{{"id":"{id}",{model}"role":"assistant","usage":{{"input_tokens":{t},"output_tokens":{},"cache_creation_input_tokens":{},"cache_read_input_tokens":{}}}}}}}"#,
+                t * 2,
+                t * 3,
+                t * 5
+            ) + "\n"
+        })
+        .collect()
+}
+
+fn time(t: Option<prost_types::Timestamp>) -> DateTime<Utc> {
+    let t = t.unwrap();
+    Utc.timestamp_opt(t.seconds, t.nanos as u32).unwrap()
+}
+
+fn from_pb(r: &pb::UsageRow) -> UsageRow {
+    UsageRow {
+        key: r.key.clone(),
+        input_tokens: r.input_tokens,
+        output_tokens: r.output_tokens,
+        cache_creation_tokens: r.cache_creation_tokens,
+        cache_read_tokens: r.cache_read_tokens,
+        messages: r.messages,
+        first_at: time(r.first_at),
+        last_at: time(r.last_at),
+        models: r.models.clone(),
+    }
+}
+
+fn grouping_pb(g: UsageGrouping) -> pb::UsageGrouping {
+    match g {
+        UsageGrouping::Day => pb::UsageGrouping::Day,
+        UsageGrouping::Session => pb::UsageGrouping::Session,
+        UsageGrouping::Model => pb::UsageGrouping::Model,
+        UsageGrouping::User => pb::UsageGrouping::User,
+    }
+}
+
+async fn check(app: &TestApp, processed: &BTreeMap<&str, String>, step: usize) {
+    let copies: Vec<MessageCopy> = processed
+        .iter()
+        .flat_map(|(path, content)| {
+            let (user, file) = path.split_once('/').unwrap();
+            let session = file.strip_suffix(".jsonl").unwrap();
+            MessageCopy::from_file(
+                path,
+                user,
+                session,
+                &extract_usage(content.as_bytes()).entries,
+            )
+        })
+        .collect();
+    let day = |d: u32| Utc.with_ymd_and_hms(2026, 3, d, 0, 0, 0).unwrap();
+    let ranges = [
+        (None, None),
+        (Some(day(15)), Some(day(16))),
+        (Some(day(14) + chrono::Duration::hours(12)), None),
+    ];
+    for group_by in [
+        UsageGrouping::Day,
+        UsageGrouping::Session,
+        UsageGrouping::Model,
+        UsageGrouping::User,
+    ] {
+        for (since, until) in ranges {
+            for user in [None, Some("u1")] {
+                let query = UsageQuery {
+                    group_by,
+                    since,
+                    until,
+                    user: user.map(Into::into),
+                };
+                let got = client(app)
+                    .get_usage(pb::GetUsageRequest {
+                        group_by: grouping_pb(group_by) as i32,
+                        since: since.map(fleetcare::grpc::convert::timestamp),
+                        until: until.map(fleetcare::grpc::convert::timestamp),
+                        user: user.unwrap_or_default().into(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let rows: Vec<UsageRow> = got.rows.iter().map(from_pb).collect();
+                let expected = usage::recount(&copies, &query);
+                assert_eq!(rows, expected, "step {step}, {query:?}");
+                assert_eq!(
+                    got.totals.as_ref().map(from_pb),
+                    usage::totals(&expected),
+                    "step {step}, totals of {query:?}"
+                );
+            }
+        }
+    }
+}
+
+async fn scenario(ops: Vec<Op>) {
+    let db = TestDb::new();
+    let root = SessionRoot::new();
+    let mut args = crate::helpers::test_args(&db.url);
+    args.pipeline.session_dir = root.path.clone();
+    args.pipeline.pipeline_interval_usage = Duration::ZERO;
+    args.pipeline.pipeline_interval_errors = Duration::ZERO;
+    let app = TestApp::spawn_with(args).await;
+    let mut on_disk: BTreeMap<&str, Vec<Line>> = BTreeMap::new();
+    // What each file held when last processed: a deleted file keeps it.
+    let mut processed: BTreeMap<&str, String> = BTreeMap::new();
+    let base = SystemTime::now() - Duration::from_secs(24 * 3600);
+    for (step, op) in ops.into_iter().enumerate() {
+        let path = match &op {
+            Op::Write(f, _) | Op::Append(f, _) | Op::Delete(f) => FILES[*f],
+        };
+        match op {
+            Op::Write(_, lines) => {
+                on_disk.insert(path, lines);
+            }
+            Op::Append(_, lines) => on_disk.entry(path).or_default().extend(lines),
+            Op::Delete(_) => {
+                on_disk.remove(path);
+                let _ = std::fs::remove_file(root.path.join(path));
+            }
+        }
+        if let Some(lines) = on_disk.get(path) {
+            let content = render(lines);
+            root.write(path, &content);
+            // A distinct mtime per write, well in the past: never the racy case.
+            std::fs::File::options()
+                .write(true)
+                .open(root.path.join(path))
+                .unwrap()
+                .set_modified(base + Duration::from_secs(step as u64 + 1))
+                .unwrap();
+            processed.insert(path, content);
+        }
+        let stats = run(&app, "usage").await.unwrap();
+        assert_eq!(
+            (stats.failed, stats.root_error.as_str()),
+            (0, ""),
+            "{stats:?}"
+        );
+        check(&app, &processed, step).await;
+    }
+    app.stop().await;
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 10,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn rollups_equal_a_recount_after_random_file_changes(ops in prop::collection::vec(op(), 1..8)) {
+        tokio::runtime::Runtime::new().unwrap().block_on(scenario(ops));
+    }
+}
