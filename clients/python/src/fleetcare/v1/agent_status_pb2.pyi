@@ -1,5 +1,6 @@
 import datetime
 
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -201,12 +202,14 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("agent", "transition")
+    __slots__ = ("agent", "transition", "next_heartbeat_interval")
     AGENT_FIELD_NUMBER: _ClassVar[int]
     TRANSITION_FIELD_NUMBER: _ClassVar[int]
+    NEXT_HEARTBEAT_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     agent: Agent
     transition: Transition
-    def __init__(self, agent: _Optional[_Union[Agent, _Mapping]] = ..., transition: _Optional[_Union[Transition, _Mapping]] = ...) -> None: ...
+    next_heartbeat_interval: _duration_pb2.Duration
+    def __init__(self, agent: _Optional[_Union[Agent, _Mapping]] = ..., transition: _Optional[_Union[Transition, _Mapping]] = ..., next_heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class StartWorkRequest(_message.Message):
     __slots__ = ("agent_id", "slot_type")
