@@ -1,5 +1,6 @@
 //! The Rust client: the crate's generated gRPC clients, a connection helper,
-//! and a transition watch that resumes by itself after a dropped connection.
+//! a transition watch that resumes by itself after a dropped connection, and
+//! a heartbeat loop that keeps to the interval the server asks for.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -16,6 +17,9 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status, Streaming};
 
@@ -68,6 +72,11 @@ impl Clients {
             posts: PostHealingServiceClient::new(channel.clone()),
             pipeline: SessionPipelineServiceClient::new(channel),
         }
+    }
+
+    /// A heartbeat loop for `agent_id` on this connection; see [`Heartbeater`].
+    pub fn heartbeats(&self, agent_id: impl Into<String>) -> Heartbeater {
+        Heartbeater::new(self.agents.clone(), agent_id)
     }
 }
 
@@ -317,6 +326,241 @@ impl ResumingWatch {
     }
 }
 
+/// Called with every successful heartbeat's response.
+pub type ResponseHook = Box<dyn FnMut(&pb::HeartbeatResponse) + Send>;
+/// Called after each transient failure, with the error and the delay before
+/// the next attempt.
+pub type RetryHook = Box<dyn FnMut(&Status, Duration) + Send>;
+
+/// Heartbeats one agent in a loop at the interval the server asks for: after
+/// each response it waits that response's `next_heartbeat_interval` (the
+/// server paces the fleet under its `--max-heartbeat-rate`), or the fallback
+/// interval (5 s) when the server sent none or zero, and never less than the
+/// minimum interval (100 ms), so a misbehaving server cannot make it spin.
+///
+/// Transient failures (UNAVAILABLE: a dropped connection, a restarting
+/// server; a call that outlives its timeout) are retried after a backoff
+/// doubling from 100 ms up to the max backoff (5 s). Any other error ends
+/// the loop and is returned: NOT_FOUND when the agent was never registered,
+/// INVALID_ARGUMENT for a malformed id. Cancellation ends it with `Ok(())`,
+/// also in the middle of a wait or a call.
+///
+/// ```no_run
+/// # async fn demo(clients: fleetcare::client::Clients) -> Result<(), tonic::Status> {
+/// let beats = clients.heartbeats("a-1").spawn();
+/// let mut last = beats.subscribe();
+/// // ... run the agent; `last` holds the newest HeartbeatResponse ...
+/// # let _ = last.changed().await;
+/// beats.stop().await?;
+/// # Ok(()) }
+/// ```
+pub struct Heartbeater {
+    client: AgentStatusServiceClient<Channel>,
+    agent_id: String,
+    fallback_interval: Duration,
+    min_interval: Duration,
+    max_backoff: Duration,
+    call_timeout: Duration,
+    on_response: Option<ResponseHook>,
+    on_retry: Option<RetryHook>,
+}
+
+impl Heartbeater {
+    /// The interval used when a response carries none (or zero).
+    pub const FALLBACK_INTERVAL: Duration = Duration::from_secs(5);
+    /// The shortest wait between heartbeats, whatever the server says.
+    pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
+
+    pub fn new(
+        client: AgentStatusServiceClient<Channel>,
+        agent_id: impl Into<String>,
+    ) -> Heartbeater {
+        Heartbeater {
+            client,
+            agent_id: agent_id.into(),
+            fallback_interval: Heartbeater::FALLBACK_INTERVAL,
+            min_interval: Heartbeater::MIN_INTERVAL,
+            max_backoff: Duration::from_secs(5),
+            call_timeout: Duration::from_secs(10),
+            on_response: None,
+            on_retry: None,
+        }
+    }
+
+    /// The interval when the server gives none (default 5 s).
+    pub fn with_fallback_interval(mut self, interval: Duration) -> Heartbeater {
+        self.fallback_interval = interval;
+        self
+    }
+
+    /// The floor of the interval (default 100 ms).
+    pub fn with_min_interval(mut self, interval: Duration) -> Heartbeater {
+        self.min_interval = interval;
+        self
+    }
+
+    /// Caps the delay between retries of a transient failure (default 5 s).
+    pub fn with_max_backoff(mut self, max: Duration) -> Heartbeater {
+        self.max_backoff = max;
+        self
+    }
+
+    /// How long one Heartbeat call may take before it counts as a transient
+    /// failure (default 10 s).
+    pub fn with_call_timeout(mut self, timeout: Duration) -> Heartbeater {
+        self.call_timeout = timeout;
+        self
+    }
+
+    /// Calls `hook` with every response, in order (e.g. to see the agent come
+    /// back from OFFLINE: `transition` is then HEARTBEAT_RESUMED).
+    pub fn on_response(
+        mut self,
+        hook: impl FnMut(&pb::HeartbeatResponse) + Send + 'static,
+    ) -> Heartbeater {
+        self.on_response = Some(Box::new(hook));
+        self
+    }
+
+    /// Calls `hook` after each transient failure, before the backoff.
+    pub fn on_retry(mut self, hook: impl FnMut(&Status, Duration) + Send + 'static) -> Heartbeater {
+        self.on_retry = Some(Box::new(hook));
+        self
+    }
+
+    /// Heartbeats until `cancel` is cancelled (`Ok(())`) or the server
+    /// refuses a heartbeat (that error).
+    pub async fn run(self, cancel: CancellationToken) -> Result<(), Status> {
+        self.run_reporting(cancel, None).await
+    }
+
+    /// Runs the loop on a tokio task; the handle stops it (or, dropped,
+    /// cancels it) and shows the newest response.
+    pub fn spawn(self) -> HeartbeatHandle {
+        let cancel = CancellationToken::new();
+        let (last, receiver) = watch::channel(None);
+        let task = tokio::spawn(self.run_reporting(cancel.clone(), Some(last)));
+        HeartbeatHandle {
+            cancel,
+            task,
+            last: receiver,
+        }
+    }
+
+    async fn run_reporting(
+        mut self,
+        cancel: CancellationToken,
+        last: Option<watch::Sender<Option<pb::HeartbeatResponse>>>,
+    ) -> Result<(), Status> {
+        let mut backoff = Backoff::new(self.max_backoff);
+        loop {
+            let request = pb::HeartbeatRequest {
+                agent_id: self.agent_id.clone(),
+            };
+            let call = tokio::time::timeout(self.call_timeout, self.client.heartbeat(request));
+            let outcome = tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                outcome = call => outcome,
+            };
+            let wait = match outcome {
+                Ok(Ok(response)) => {
+                    backoff.reset();
+                    let response = response.into_inner();
+                    let wait = next_interval(&response, self.fallback_interval, self.min_interval);
+                    if let Some(hook) = &mut self.on_response {
+                        hook(&response);
+                    }
+                    if let Some(last) = &last {
+                        last.send_replace(Some(response));
+                    }
+                    wait
+                }
+                Ok(Err(status)) if is_transient(&status) => self.retry(&status, &mut backoff),
+                Ok(Err(status)) => return Err(status),
+                Err(_elapsed) => {
+                    let status = Status::deadline_exceeded(format!(
+                        "heartbeat took longer than {:?}",
+                        self.call_timeout
+                    ));
+                    self.retry(&status, &mut backoff)
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    fn retry(&mut self, status: &Status, backoff: &mut Backoff) -> Duration {
+        let delay = backoff.step();
+        if let Some(hook) = &mut self.on_retry {
+            hook(status, delay);
+        }
+        delay
+    }
+}
+
+/// How long to wait after `response`: its `next_heartbeat_interval`, the
+/// fallback when that is absent, zero or negative, and never under `min`.
+fn next_interval(response: &pb::HeartbeatResponse, fallback: Duration, min: Duration) -> Duration {
+    let given = response
+        .next_heartbeat_interval
+        .and_then(|d| Duration::try_from(d).ok())
+        .filter(|d| !d.is_zero());
+    given.unwrap_or(fallback).max(min)
+}
+
+/// A running [`Heartbeater`]. Dropping it cancels the loop; [`stop`] cancels
+/// and waits for it.
+///
+/// [`stop`]: HeartbeatHandle::stop
+pub struct HeartbeatHandle {
+    cancel: CancellationToken,
+    task: JoinHandle<Result<(), Status>>,
+    last: watch::Receiver<Option<pb::HeartbeatResponse>>,
+}
+
+impl HeartbeatHandle {
+    /// The newest response (`None` before the first one); `changed()` wakes
+    /// on each new one.
+    pub fn subscribe(&self) -> watch::Receiver<Option<pb::HeartbeatResponse>> {
+        self.last.clone()
+    }
+
+    /// Whether the loop has ended (cancelled, or refused by the server).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Cancels the loop and waits for it: `Ok(())`, or the error that had
+    /// already ended it (NOT_FOUND, ...).
+    pub async fn stop(mut self) -> Result<(), Status> {
+        self.cancel.cancel();
+        self.join().await
+    }
+
+    /// Waits for the loop to end by itself, i.e. for the server to refuse a
+    /// heartbeat; returns that error.
+    pub async fn finished(mut self) -> Result<(), Status> {
+        self.join().await
+    }
+
+    async fn join(&mut self) -> Result<(), Status> {
+        match (&mut self.task).await {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(Status::cancelled(format!("heartbeat task: {e}"))),
+        }
+    }
+}
+
+impl Drop for HeartbeatHandle {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
 /// Whether the watch's filters keep `t`, as the server applies them.
 fn watched(request: &pb::WatchTransitionsRequest, t: &pb::Transition) -> bool {
     let agent = request.agent_ids.is_empty() || request.agent_ids.contains(&t.agent_id);
@@ -367,6 +611,27 @@ mod tests {
         assert!(watched(&request(&[], &[pb::AgentStatus::Busy]), &t));
         assert!(!watched(&request(&["b"], &[]), &t));
         assert!(!watched(&request(&[], &[pb::AgentStatus::Offline]), &t));
+    }
+
+    fn response_with(interval: Option<prost_types::Duration>) -> pb::HeartbeatResponse {
+        pb::HeartbeatResponse {
+            next_heartbeat_interval: interval,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn heartbeat_interval_is_the_servers_with_a_fallback_and_a_floor() {
+        let fallback = Duration::from_secs(5);
+        let min = Duration::from_millis(100);
+        let d = |seconds, nanos| Some(prost_types::Duration { seconds, nanos });
+        let next = |interval| next_interval(&response_with(interval), fallback, min);
+        assert_eq!(next(d(2, 500_000_000)), Duration::from_millis(2500));
+        assert_eq!(next(d(0, 200_000_000)), Duration::from_millis(200));
+        assert_eq!(next(None), fallback, "absent");
+        assert_eq!(next(d(0, 0)), fallback, "zero");
+        assert_eq!(next(d(-3, 0)), fallback, "negative");
+        assert_eq!(next(d(0, 1_000)), min, "1 µs is raised to the floor");
     }
 
     #[test]

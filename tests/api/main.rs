@@ -3,6 +3,7 @@
 
 mod agents;
 mod cli;
+mod client_heartbeats;
 mod healing;
 mod helpers;
 mod pipeline;

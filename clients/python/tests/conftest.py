@@ -203,17 +203,22 @@ ServerFactory = Callable[..., FleetcareServer]
 
 @pytest.fixture
 def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
-    """Starts servers for one test: `factory(database=None, listen=...)`; a None
-    database is a fresh one. All are stopped and their databases dropped after."""
+    """Starts servers for one test: `factory(database=None, listen=..., extra_args=())`;
+    a None database is a fresh one, extra_args follow QUIET_SERVER_ARGS. All are
+    stopped and their databases dropped after."""
     started: List[FleetcareServer] = []
     databases: List[str] = []
 
-    def factory(database: Optional[str] = None, listen: str = "127.0.0.1:0") -> FleetcareServer:
+    def factory(
+        database: Optional[str] = None, listen: str = "127.0.0.1:0", extra_args: Sequence[str] = ()
+    ) -> FleetcareServer:
         if database is None:
             database = unique_name("fleetcare_pytest")
         if database not in databases:
             databases.append(database)
-        srv = FleetcareServer(database, tmp_path / "sessions", listen=listen)
+        srv = FleetcareServer(
+            database, tmp_path / "sessions", listen=listen, extra_args=[*QUIET_SERVER_ARGS, *extra_args]
+        )
         started.append(srv)
         return srv.start()
 

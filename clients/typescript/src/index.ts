@@ -7,4 +7,5 @@ export * from "./gen/fleetcare/v1/session_pipeline_pb.js";
 export * from "./gen/grpc/health/v1/health_pb.js";
 export * from "./client.js";
 export * from "./watch.js";
+export * from "./heartbeat.js";
 export { Code, ConnectError } from "@connectrpc/connect";

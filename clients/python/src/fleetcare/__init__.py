@@ -4,15 +4,16 @@ The generated modules are the main API: ``fleetcare.v1.<name>_pb2`` (messages,
 with ``.pyi`` type stubs) and ``fleetcare.v1.<name>_pb2_grpc`` (service stubs).
 :class:`FleetcareClient` builds a channel (TLS, bearer token) and the four stubs;
 :class:`TransitionWatch` is a WatchTransitions iterator that resumes after dropped
-streams.
+streams; :class:`Heartbeater` heartbeats an agent at the interval the server asks for.
 """
 
 from fleetcare.client import (
     BearerTokenInterceptor,
     FleetcareClient,
+    Heartbeater,
     TransitionWatch,
     error_info,
 )
 
-__all__ = ["BearerTokenInterceptor", "FleetcareClient", "TransitionWatch", "error_info"]
+__all__ = ["BearerTokenInterceptor", "FleetcareClient", "Heartbeater", "TransitionWatch", "error_info"]
 __version__ = "0.1.0"

@@ -5,6 +5,9 @@
 * :class:`TransitionWatch`: a WatchTransitions iterator that resumes from the
   last revision seen when the stream ends or the connection drops, so the caller
   sees every transition exactly once, in revision order.
+* :class:`Heartbeater`: heartbeats one agent in a daemon thread at the
+  interval the server asks for (``next_heartbeat_interval``), retrying a
+  dropped connection, until stopped or refused (``NOT_FOUND``).
 * :func:`error_info`: the ``google.rpc.ErrorInfo`` every fleetcare error carries
   (its ``reason`` is stable, e.g. ``TRANSITION_REFUSED``).
 """
@@ -31,6 +34,7 @@ __all__ = [
     "BearerTokenInterceptor",
     "DEFAULT_CHANNEL_OPTIONS",
     "FleetcareClient",
+    "Heartbeater",
     "TransitionWatch",
     "error_info",
 ]
@@ -170,6 +174,33 @@ class FleetcareClient:
             statuses=statuses,
             initial_backoff=initial_backoff,
             max_backoff=max_backoff,
+            metadata=metadata,
+        )
+
+    def heartbeats(
+        self,
+        agent_id: str,
+        *,
+        on_response: Optional[Callable[[agent_status_pb2.HeartbeatResponse], None]] = None,
+        on_retry: Optional[Callable[[grpc.RpcError, float], None]] = None,
+        fallback_interval: float = 5.0,
+        min_interval: float = 0.1,
+        initial_backoff: float = 0.1,
+        max_backoff: float = 5.0,
+        call_timeout: float = 10.0,
+        metadata: Optional[Metadata] = None,
+    ) -> "Heartbeater":
+        """A heartbeat loop for ``agent_id`` (not started); see :class:`Heartbeater`."""
+        return Heartbeater(
+            self.agent_status,
+            agent_id,
+            on_response=on_response,
+            on_retry=on_retry,
+            fallback_interval=fallback_interval,
+            min_interval=min_interval,
+            initial_backoff=initial_backoff,
+            max_backoff=max_backoff,
+            call_timeout=call_timeout,
             metadata=metadata,
         )
 
@@ -367,6 +398,168 @@ class TransitionWatch(Iterator[agent_status_pb2.Transition]):
         self._failures += 1
         # Full jitter on the upper half, so many watchers do not reconnect in lockstep.
         self._closed.wait(random.uniform(delay / 2, delay))
+
+
+class Heartbeater:
+    """Heartbeats one agent at the interval the server asks for.
+
+    After each response it waits that response's ``next_heartbeat_interval``
+    (the server spreads the fleet's heartbeats under its ``--max-heartbeat-rate``),
+    or ``fallback_interval`` when the response has none (or zero), never less
+    than ``min_interval``, so a misbehaving server cannot make it spin.
+    ``UNAVAILABLE`` and ``DEADLINE_EXCEEDED`` (a dropped connection, a restarting
+    server, a call slower than ``call_timeout``) are retried after a capped,
+    jittered exponential backoff (reset by the next response). Any other error
+    ends the loop: ``NOT_FOUND`` when the agent was never registered,
+    ``INVALID_ARGUMENT`` for a malformed id.
+
+    :meth:`start` runs the loop in a daemon thread; :meth:`stop` (from any
+    thread, or by leaving a ``with`` block) ends it promptly, also mid-wait or
+    mid-call. :meth:`run` runs it in the calling thread instead and raises the
+    error that ended it.
+
+    >>> with client.heartbeats("a1", on_response=print) as beats:
+    ...     do_work()  # heartbeats keep coming meanwhile
+
+    Attributes:
+        last_response: the newest ``HeartbeatResponse`` (``None`` before the first).
+        heartbeats: how many heartbeats the server acknowledged.
+        error: the exception that ended the loop (``None`` while it runs, or
+            after :meth:`stop`).
+    """
+
+    def __init__(
+        self,
+        stub: agent_status_pb2_grpc.AgentStatusServiceStub,
+        agent_id: str,
+        *,
+        on_response: Optional[Callable[[agent_status_pb2.HeartbeatResponse], None]] = None,
+        on_retry: Optional[Callable[[grpc.RpcError, float], None]] = None,
+        fallback_interval: float = 5.0,
+        min_interval: float = 0.1,
+        initial_backoff: float = 0.1,
+        max_backoff: float = 5.0,
+        call_timeout: float = 10.0,
+        metadata: Optional[Metadata] = None,
+    ) -> None:
+        if min_interval <= 0 or fallback_interval < min_interval:
+            raise ValueError("need 0 < min_interval <= fallback_interval")
+        if initial_backoff <= 0 or max_backoff < initial_backoff:
+            raise ValueError("need 0 < initial_backoff <= max_backoff")
+        if call_timeout <= 0:
+            raise ValueError("call_timeout must be positive")
+        self._stub = stub
+        self.agent_id = agent_id
+        self._on_response = on_response
+        self._on_retry = on_retry
+        self._fallback = fallback_interval
+        self._min = min_interval
+        self._initial_backoff = initial_backoff
+        self._max_backoff = max_backoff
+        self._call_timeout = call_timeout
+        self._metadata = metadata
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()
+        self._call: Any = None
+        self._thread: Optional[threading.Thread] = None
+        self.last_response: Optional[agent_status_pb2.HeartbeatResponse] = None
+        self.heartbeats = 0
+        self.error: Optional[BaseException] = None
+
+    def next_interval(self, response: agent_status_pb2.HeartbeatResponse) -> float:
+        """Seconds to wait after ``response``: the server's interval, the fallback, the floor."""
+        given = 0.0
+        if response.HasField("next_heartbeat_interval"):
+            d = response.next_heartbeat_interval
+            given = d.seconds + d.nanos / 1e9
+        return max(self._min, given if given > 0 else self._fallback)
+
+    def start(self) -> "Heartbeater":
+        """Starts the loop in a daemon thread; returns self."""
+        with self._lock:
+            if self._thread is not None:
+                raise RuntimeError("the heartbeater was already started")
+            self._thread = threading.Thread(
+                target=self._run_in_thread, name=f"fleetcare-heartbeat-{self.agent_id}", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: Optional[float] = 5.0) -> None:
+        """Ends the loop (cancelling a call in flight) and waits up to ``timeout`` s for its thread."""
+        with self._lock:
+            self._stopped.set()
+            call, self._call = self._call, None
+        if call is not None:
+            call.cancel()
+        self.join(timeout)
+
+    def join(self, timeout: Optional[float] = None) -> bool:
+        """Waits for the loop to end; whether it has (False on timeout or when never started)."""
+        thread = self._thread
+        if thread is None:
+            return False
+        thread.join(timeout)
+        return not thread.is_alive()
+
+    @property
+    def running(self) -> bool:
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
+    def __enter__(self) -> "Heartbeater":
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self.stop()
+
+    def _run_in_thread(self) -> None:
+        try:
+            self.run()
+        except BaseException as error:  # noqa: BLE001 - kept for the caller in .error
+            self.error = error
+
+    def run(self) -> None:
+        """Heartbeats in this thread until :meth:`stop`; raises the error that ends it otherwise."""
+        failures = 0
+        while not self._stopped.is_set():
+            request = agent_status_pb2.HeartbeatRequest(agent_id=self.agent_id)
+            with self._lock:
+                if self._stopped.is_set():
+                    return
+                call = self._stub.Heartbeat.future(request, timeout=self._call_timeout, metadata=self._metadata)
+                self._call = call
+            try:
+                response: agent_status_pb2.HeartbeatResponse = call.result()
+            except grpc.FutureCancelledError:
+                return  # stop() cancelled it
+            except grpc.RpcError as error:
+                if self._stopped.is_set():
+                    return
+                if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise
+                ceiling = min(self._max_backoff, self._initial_backoff * (2 ** min(failures, 30)))
+                failures += 1
+                delay = random.uniform(ceiling / 2, ceiling)
+                if self._on_retry is not None:
+                    self._on_retry(error, delay)
+                self._stopped.wait(delay)
+                continue
+            finally:
+                with self._lock:
+                    if self._call is call:
+                        self._call = None
+            failures = 0
+            self.last_response = response
+            self.heartbeats += 1
+            if self._on_response is not None:
+                self._on_response(response)
+            self._stopped.wait(self.next_interval(response))
 
 
 def error_info(error: grpc.RpcError) -> Optional[error_details_pb2.ErrorInfo]:
