@@ -79,7 +79,10 @@ async fn run(
 async fn commit(store: &dyn AgentStore, clock: &Clock, cache: &AgentCache, pending: Vec<Pending>) {
     let (commands, replies): (Vec<Command>, Vec<_>) =
         pending.into_iter().map(|p| (p.command, p.reply)).unzip();
-    match store.commit_batch(&commands, clock.now()).await {
+    let started = std::time::Instant::now();
+    let committed = store.commit_batch(&commands, clock.now()).await;
+    tracing::trace!(size = commands.len(), elapsed = ?started.elapsed(), "batch committed");
+    match committed {
         Ok(outcomes) => {
             for outcome in outcomes.iter().flatten() {
                 cache.committed(&outcome.agent);

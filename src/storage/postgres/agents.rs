@@ -2,7 +2,7 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::FromRow;
+use sqlx::{ConnectOptions, FromRow};
 use sqlx::types::Json;
 use tokio::sync::watch;
 
@@ -249,14 +249,43 @@ impl PgStore {
         let mut ids: Vec<&str> = commands.iter().map(Command::agent_id).collect();
         ids.sort_unstable();
         ids.dedup();
-        let mut tx = self.pool.begin().await?;
+        let mut slot = self.batch_conn.lock().await;
+        let conn = match &mut *slot {
+            Some(conn) => conn,
+            empty @ None => {
+                let options = self.pool.connect_options();
+                let timeout = self.pool.options().get_acquire_timeout();
+                let connected = tokio::time::timeout(timeout, options.connect())
+                    .await
+                    .map_err(|_| sqlx::Error::PoolTimedOut)??;
+                empty.insert(connected)
+            }
+        };
+        let result = Self::batch_on(conn, commands, &ids, now, &self.changes).await;
+        if let Err(BatchError::Db(e)) = &result
+            && !matches!(e, sqlx::Error::Database(_))
+        {
+            // The connection itself failed: open a new one for the next batch.
+            *slot = None;
+        }
+        result
+    }
+
+    async fn batch_on(
+        conn: &mut sqlx::PgConnection,
+        commands: &[Command],
+        ids: &[&str],
+        now: DateTime<Utc>,
+        changes: &tokio::sync::watch::Sender<u64>,
+    ) -> std::result::Result<Vec<Result<Applied, Refusal>>, BatchError> {
+        let mut tx = sqlx::Connection::begin(conn).await?;
         // Agent rows first, in agent-id order (ORDER BY is applied before the row
         // locks), so that two replicas' batches cannot deadlock.
         let rows: Vec<AgentRow> = sqlx::query_as(&format!(
             "SELECT {AGENT_COLUMNS} FROM agents WHERE agent_id = ANY($1)
              ORDER BY agent_id FOR UPDATE"
         ))
-        .bind(&ids)
+        .bind(ids)
         .fetch_all(&mut *tx)
         .await?;
         let existing = rows
@@ -334,7 +363,8 @@ impl PgStore {
             tx.commit().await?;
         }
         if count > 0 {
-            self.announce_local_commit();
+            // Wakes this process's watchers at once, without waiting for NOTIFY.
+            changes.send_modify(|n| *n = n.wrapping_add(1));
         }
         Ok(outcomes)
     }

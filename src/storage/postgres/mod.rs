@@ -27,6 +27,9 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 pub struct PgStore {
     pool: PgPool,
     changes: watch::Sender<u64>,
+    /// The committer's own connection: batches commit one after another, and a
+    /// pool acquire (with its liveness ping) per batch costs more than the batch.
+    batch_conn: std::sync::Arc<tokio::sync::Mutex<Option<sqlx::PgConnection>>>,
 }
 
 impl PgStore {
@@ -36,16 +39,15 @@ impl PgStore {
         let pool = connect_and_migrate(args).await?;
         let (changes, _) = watch::channel(0);
         changes::spawn_listener(pool.clone(), changes.clone(), shutdown);
-        Ok(PgStore { pool, changes })
+        Ok(PgStore {
+            pool,
+            changes,
+            batch_conn: Default::default(),
+        })
     }
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
-    }
-
-    /// Wakes this process's watchers at once, without waiting for NOTIFY to come back.
-    fn announce_local_commit(&self) {
-        self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 }
 
