@@ -2,8 +2,8 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::{ConnectOptions, FromRow};
 use sqlx::types::Json;
+use sqlx::{ConnectOptions, FromRow};
 use tokio::sync::watch;
 
 use super::{PgStore, TRANSITIONS_CHANNEL, db_error};
