@@ -349,3 +349,12 @@ impl TcpProxy {
         self.cut.store(false, Ordering::SeqCst);
     }
 }
+
+/// The stable `google.rpc.ErrorInfo` reason of a refusal ("" when it has none).
+pub fn reason(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    status
+        .get_details_error_info()
+        .map(|info| info.reason)
+        .unwrap_or_default()
+}

@@ -13,7 +13,7 @@ use tokio::sync::Semaphore;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::helpers::{TestApp, TestDb, eventually, test_args};
+use crate::helpers::{TestApp, TestDb, eventually, reason, test_args};
 
 /// A session root in the temp directory, removed when the test passes.
 pub struct SessionRoot {
@@ -513,15 +513,6 @@ pub fn with_gated(gated: &[(&'static str, &Arc<Gate>)], interval: Duration) -> V
         });
     }
     processors
-}
-
-fn reason(status: &tonic::Status) -> String {
-    use tonic_types::StatusExt;
-    status
-        .get_error_details()
-        .error_info()
-        .map(|i| i.reason.clone())
-        .unwrap_or_default()
 }
 
 #[tokio::test]

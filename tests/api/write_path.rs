@@ -13,9 +13,8 @@ use fleetcare::proto::v1::agent_status_service_client::AgentStatusServiceClient;
 use pb::watch_transitions_response::Event;
 use tonic::Code;
 use tonic::transport::Channel;
-use tonic_types::StatusExt;
 
-use crate::helpers::{TestApp, TestDb, eventually, status, test_args};
+use crate::helpers::{TestApp, TestDb, eventually, reason, status, test_args};
 
 use pb::AgentStatus as S;
 use pb::TransitionCause as C;
@@ -23,14 +22,6 @@ use pb::TransitionCause as C;
 /// A timestamp as something ordered.
 fn key(ts: prost_types::Timestamp) -> (i64, i32) {
     (ts.seconds, ts.nanos)
-}
-
-fn reason(status: &tonic::Status) -> String {
-    status
-        .get_error_details()
-        .error_info()
-        .map(|i| i.reason.clone())
-        .unwrap_or_default()
 }
 
 #[tokio::test]
