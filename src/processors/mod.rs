@@ -1,6 +1,6 @@
 //! Session processors: each reads one session file at a time and writes what it
-//! extracts through a [`SessionSink`], inside the transaction that also records
-//! the file's state.
+//! extracts through a [`SessionSink`]; the pipeline commits that with the
+//! file's state, in one transaction.
 //!
 //! Adding a processor: a new module here implementing [`SessionProcessor`], and
 //! one line in [`registry`] (plus its default interval there).

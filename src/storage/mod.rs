@@ -215,9 +215,9 @@ pub struct TranscriptErrorEvent {
     pub occurred_at: DateTime<Utc>,
 }
 
-/// Where a processor writes one session's items: part of the transaction that
-/// also records the session's state, so items and state commit together.
-/// Each `replace_*` replaces the items earlier processing of this file wrote.
+/// Where a processor writes one session's items. Each `replace_*` replaces
+/// the items earlier processing of this file wrote, once the session's batch
+/// commits (see [`SessionOutput`]).
 #[async_trait]
 pub trait SessionSink: Send {
     async fn replace_usage(&mut self, file: &SessionFile, entries: &[UsageEntry]) -> Result<()>;
@@ -228,13 +228,40 @@ pub trait SessionSink: Send {
     ) -> Result<()>;
 }
 
-/// A session being processed: the sink, then one commit with the new state.
-/// Dropped without `commit`, nothing of it is kept.
+/// What processing one session produced, held in memory until it commits
+/// with the session's state ([`PipelineStore::commit_sessions`]). `None`:
+/// the processor did not write that kind, its earlier items stay.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SessionOutput {
+    pub usage: Option<Vec<UsageEntry>>,
+    pub transcript_errors: Option<Vec<TranscriptErrorEvent>>,
+}
+
 #[async_trait]
-pub trait SessionTransaction: SessionSink {
-    /// Writes the session's new state (decided by `domain::pipeline::processed`)
-    /// and commits it with the items.
-    async fn commit(self: Box<Self>, state: &SessionState) -> Result<()>;
+impl SessionSink for SessionOutput {
+    async fn replace_usage(&mut self, _file: &SessionFile, entries: &[UsageEntry]) -> Result<()> {
+        self.usage = Some(entries.to_vec());
+        Ok(())
+    }
+
+    async fn replace_transcript_errors(
+        &mut self,
+        _file: &SessionFile,
+        errors: &[TranscriptErrorEvent],
+    ) -> Result<()> {
+        self.transcript_errors = Some(errors.to_vec());
+        Ok(())
+    }
+}
+
+/// One session's part of a batch: its items (none for a failed attempt,
+/// whose earlier items stay) and the state the domain decided
+/// (`domain::pipeline::processed` or `failed`).
+#[derive(Debug, Clone)]
+pub struct SessionWrite {
+    pub file: SessionFile,
+    pub output: SessionOutput,
+    pub state: SessionState,
 }
 
 /// Decides a session's new state from its current one and the store's clock,
@@ -267,12 +294,12 @@ pub trait PipelineStore: Send + Sync + 'static {
     /// The content is unchanged: record the new stat and when it was observed.
     async fn refresh_stat(&self, processor: &str, file: &SessionFile) -> Result<()>;
 
-    async fn begin_session(&self, processor: &str) -> Result<Box<dyn SessionTransaction>>;
-
-    /// Records a failed attempt (the state `domain::pipeline::failed` decided,
-    /// which keeps what the last success recorded). Earlier items of the
-    /// session stay as they were.
-    async fn record_failure(&self, state: &SessionState) -> Result<()>;
+    /// Commits several sessions (distinct files of one processor) in one
+    /// transaction (group commit): each session's items replace its earlier
+    /// ones and its state row is written, all of them or none. `Err` means
+    /// nothing of the batch was kept; `Error::Conflict` (a serialization
+    /// failure or deadlock with a concurrent batch) may simply be retried.
+    async fn commit_sessions(&self, writes: &[SessionWrite]) -> Result<()>;
 
     /// Loads the session's state locked, lets `update` decide its new state at
     /// the store's clock, and writes it (NOT_FOUND when there is none).

@@ -4,15 +4,19 @@
 //! run on the real server; after each, GetUsage by every grouping (and over a
 //! day-aligned and a non-aligned range, and for one user) equals ccusage's
 //! rule applied from scratch to what every file last held (a deleted
-//! transcript keeps what was derived from it).
+//! transcript keeps what was derived from it). And two batches committed
+//! at once by concurrent transactions over shared messages count each once.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, TimeZone, Utc};
-use fleetcare::domain::transcript::extract_usage;
+use fleetcare::domain::pipeline::{self, SessionFile};
+use fleetcare::domain::transcript::{UsageEntry, extract_usage};
 use fleetcare::domain::usage::{self, MessageCopy, UsageGrouping, UsageQuery, UsageRow};
 use fleetcare::proto::v1 as pb;
+use fleetcare::storage::postgres::PgStore;
+use fleetcare::storage::{PipelineStore, SessionOutput, SessionWrite};
 use proptest::prelude::*;
 
 use crate::helpers::{TestApp, TestDb};
@@ -237,4 +241,118 @@ proptest! {
     fn rollups_equal_a_recount_after_random_file_changes(ops in prop::collection::vec(op(), 1..8)) {
         tokio::runtime::Runtime::new().unwrap().block_on(scenario(ops));
     }
+}
+
+/// One file's entries in one round of the concurrent test: 8 of 12 shared
+/// messages, at times (and so with a file order) that change every round, and
+/// tokens that say which file's copy counted.
+fn round_entries(file: u32, round: u32) -> Vec<UsageEntry> {
+    let base = Utc.with_ymd_and_hms(2026, 3, 14, 10, 0, 0).unwrap();
+    (0..12u32)
+        .filter(|k| !(k + file + round).is_multiple_of(3))
+        .enumerate()
+        .map(|(line, k)| UsageEntry {
+            line_no: line as u32 + 1,
+            timestamp: base
+                + chrono::Duration::minutes(i64::from((file * 7 + round * 5 + k * 11) % 50))
+                + chrono::Duration::days(i64::from(k % 2)),
+            session_id: None,
+            message_id: Some(format!("msg_{k}")),
+            request_id: Some(format!("req_{k}")),
+            model: Some(["claude-sonnet-4", "claude-opus-4"][(file % 2) as usize].into()),
+            input_tokens: u64::from(k * 100 + file),
+            output_tokens: u64::from(round + 1),
+            cache_creation_tokens: 0,
+            cache_read_tokens: u64::from(k),
+        })
+        .collect()
+}
+
+async fn commit_retrying(
+    store: &PgStore,
+    writes: &[SessionWrite],
+) -> Result<u32, fleetcare::error::Error> {
+    let mut conflicts = 0;
+    loop {
+        match store.commit_sessions(writes).await {
+            Ok(()) => return Ok(conflicts),
+            Err(fleetcare::error::Error::Conflict(_)) if conflicts < 50 => conflicts += 1,
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+#[tokio::test]
+async fn concurrent_batches_sharing_messages_count_each_message_once() {
+    let db = TestDb::new();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let database = crate::helpers::test_args(&db.url).database;
+    let store = PgStore::connect(&database, shutdown.clone()).await.unwrap();
+    let now = store.now().await.unwrap();
+    let mut last: BTreeMap<String, (SessionFile, Vec<UsageEntry>)> = BTreeMap::new();
+    for round in 0..6 {
+        // Two batches of four files each, written at once by two transactions.
+        let batch = |side: u32| -> Vec<SessionWrite> {
+            (side * 4..side * 4 + 4)
+                .map(|f| {
+                    let user = format!("u{}", f % 2);
+                    let file = SessionFile {
+                        path: format!("{user}/f{f}.jsonl"),
+                        session: format!("f{f}"),
+                        user,
+                        size: 1,
+                        mtime_ns: i64::from(round),
+                    };
+                    let entries = round_entries(f, round);
+                    let state =
+                        pipeline::processed("usage", &file, "sha", 1, entries.len() as i64, now);
+                    SessionWrite {
+                        file,
+                        output: SessionOutput {
+                            usage: Some(entries),
+                            transcript_errors: None,
+                        },
+                        state,
+                    }
+                })
+                .collect()
+        };
+        let (a, b) = (batch(0), batch(1));
+        let (ra, rb) = tokio::join!(commit_retrying(&store, &a), commit_retrying(&store, &b));
+        ra.unwrap();
+        rb.unwrap();
+        for w in a.into_iter().chain(b) {
+            let entries = w.output.usage.unwrap();
+            last.insert(w.file.path.clone(), (w.file, entries));
+        }
+        let copies: Vec<MessageCopy> = last
+            .values()
+            .flat_map(|(f, e)| MessageCopy::from_file(&f.path, &f.user, &f.session, e))
+            .collect();
+        for group_by in [
+            UsageGrouping::Day,
+            UsageGrouping::Session,
+            UsageGrouping::Model,
+            UsageGrouping::User,
+        ] {
+            let query = UsageQuery {
+                group_by,
+                since: None,
+                until: None,
+                user: None,
+            };
+            let got = store.usage(&query).await.unwrap();
+            assert_eq!(
+                got,
+                usage::recount(&copies, &query),
+                "round {round}, {query:?}"
+            );
+        }
+        assert_eq!(
+            store.session_states("usage").await.unwrap().len(),
+            8,
+            "round {round}"
+        );
+    }
+    shutdown.cancel();
 }

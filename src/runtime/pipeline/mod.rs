@@ -1,13 +1,14 @@
 //! Runs session processors: one run scans the root, skips unchanged files
-//! cheaply, processes changed ones each in its own transaction, isolates and
-//! retries failing ones, and never runs a processor twice at once.
+//! cheaply, processes changed ones in parallel and commits what they produced
+//! in batches (each session's items with its state), isolates and retries
+//! failing ones, and never runs a processor twice at once.
 
 mod scan;
 pub mod scheduler;
 #[cfg(test)]
 mod testing;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -26,11 +27,19 @@ use crate::domain::pipeline::{
 use crate::domain::usage::{self, UsageQuery, UsageRow};
 use crate::error::{Error, Result};
 use crate::processors::{ProcessError, Registration, SessionProcessor};
-use crate::storage::{PipelineStore, ProcessorLock};
+use crate::storage::{PipelineStore, ProcessorLock, SessionOutput, SessionWrite};
 
-/// A file whose transaction keeps conflicting with others is tried this often
+/// A batch whose transaction keeps conflicting with others is tried this often
 /// before the run stops with the conflict.
 const MAX_CONFLICT_RETRIES: u64 = 10;
+
+/// At most this many sessions commit in one transaction (and so many wait
+/// for a commit slot before no more files are started).
+const MAX_BATCH_FILES: usize = 256;
+
+/// Batches committed at once, each in its own transaction: while one waits
+/// for its locks or its WAL flush, the other works.
+const COMMITS_IN_FLIGHT: usize = 2;
 
 /// Files larger than this are not read (a session transcript is far smaller).
 pub const MAX_FILE_BYTES: u64 = 1 << 30;
@@ -102,11 +111,75 @@ impl Drop for LocalGuard {
     }
 }
 
-/// What the run learned about one file.
+/// What a written session counts for in the run's stats.
 enum FileOutcome {
-    Skipped { dead: bool },
     Processed { items: i64 },
     Failed { dead: bool, error: String },
+}
+
+/// What handling one file left to do.
+enum Handled {
+    Skipped {
+        dead: bool,
+    },
+    /// Commit this with the next batch.
+    Write(Box<Ready>),
+}
+
+/// A session waiting for its batch's commit.
+struct Ready {
+    write: SessionWrite,
+    outcome: FileOutcome,
+}
+
+/// A batch of sessions, and which attempt at committing it this is.
+struct Batch {
+    sessions: Vec<Ready>,
+    attempt: u64,
+}
+
+enum Event<'f> {
+    Handled((&'f SessionFile, Result<(Handled, Option<i64>)>)),
+    Committed((Batch, Result<()>)),
+}
+
+/// One transaction for every session of the batch (after a backoff when it
+/// is a retry); hands the batch back with the outcome.
+async fn commit_batch(store: Arc<dyn PipelineStore>, batch: Batch) -> (Batch, Result<()>) {
+    if batch.attempt > 1 {
+        tokio::time::sleep(Duration::from_millis(5 * (batch.attempt - 1))).await;
+    }
+    let writes: Vec<SessionWrite> = batch.sessions.iter().map(|r| r.write.clone()).collect();
+    let committed = store.commit_sessions(&writes).await;
+    (batch, committed)
+}
+
+/// Runs the processor into an in-memory sink. `Ok(Err(_))` is the session's
+/// own failure, a panic included: it fails the session, not the run.
+async fn process(
+    processor: &dyn SessionProcessor,
+    file: &SessionFile,
+    content: Arc<Vec<u8>>,
+) -> Result<std::result::Result<(i64, SessionOutput), String>> {
+    let mut output = SessionOutput::default();
+    let processed = AssertUnwindSafe(processor.process(file, content, &mut output))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(ProcessError::Session(format!(
+                "processor panicked: {message}"
+            )))
+        });
+    match processed {
+        Ok(items) => Ok(Ok((items, output))),
+        Err(ProcessError::Store(error)) => Err(error),
+        Err(ProcessError::Session(error)) => Ok(Err(error)),
+    }
 }
 
 impl Pipeline {
@@ -264,68 +337,107 @@ impl Pipeline {
             .collect();
         let now = self.store.now().await?;
         progress.send_modify(|p| p.files_total = scan.files.len() as i64);
-        // Files in parallel, up to the machine's cores: each is read once (hash
-        // and parse from the same bytes) and committed in its own transaction.
+        // Files are read, hashed and processed in parallel (each read once);
+        // what they produced waits in `ready` until a commit slot is free,
+        // then everything ready goes in one transaction (group commit: no
+        // waiting for a batch to fill, so a lone file goes at once, and
+        // batches grow by themselves while the commits under way take time).
         let mut files = scan.files.iter();
         let mut running = FuturesUnordered::new();
-        let mut failure = None;
-        loop {
-            while running.len() < self.config.parallelism.max(1) {
-                let Some(file) = files.next() else { break };
-                running.push(self.handle_tagged(processor, file, states.get(&file.path), now));
-            }
-            // Shutdown interrupts the files under way: their transactions roll back.
-            let next = tokio::select! {
-                biased;
-                _ = self.shutdown.cancelled() => None,
-                next = running.next() => Some(next),
-            };
-            let Some(next) = next else {
-                stats.root_error = Some("interrupted by shutdown".into());
-                break;
-            };
-            let Some((file, outcome)) = next else {
-                break;
-            };
-            let (outcome, read) = match outcome {
-                Ok(done) => done,
-                Err(error) => {
-                    // The store failed: not the session's fault; the run stops.
-                    failure = Some(error);
-                    break;
-                }
-            };
-            stats.scanned += 1;
-            if let Some(bytes) = read {
-                stats.files_hashed += 1;
-                stats.bytes_hashed += bytes;
-            }
-            match outcome {
-                FileOutcome::Skipped { dead } => {
-                    stats.skipped += 1;
-                    stats.dead += i64::from(dead);
-                }
-                FileOutcome::Processed { items } => {
-                    stats.processed += 1;
-                    stats.items_extracted += items;
-                }
-                FileOutcome::Failed { dead, error } => {
-                    stats.failed += 1;
-                    stats.dead += i64::from(dead);
-                    tracing::warn!(processor = processor.name(), session = %file.path, %error, "session failed");
-                    stats.record_error(&file.path, error);
-                }
-            }
+        let mut ready: Vec<Ready> = Vec::new();
+        let mut retries: VecDeque<Batch> = VecDeque::new();
+        let mut committing = FuturesUnordered::new();
+        let report = |stats: &RunStats| {
             let (done, bytes) = (stats.scanned, stats.bytes_hashed);
             progress.send_modify(|p| {
                 p.files_done = done;
                 p.bytes_hashed = bytes;
             });
+        };
+        loop {
+            while running.len() < self.config.parallelism.max(1) && ready.len() < MAX_BATCH_FILES {
+                let Some(file) = files.next() else { break };
+                running.push(self.handle_tagged(processor, file, states.get(&file.path), now));
+            }
+            while committing.len() < COMMITS_IN_FLIGHT {
+                let batch = match retries.pop_front() {
+                    Some(batch) => batch,
+                    None if !ready.is_empty() => Batch {
+                        sessions: ready.drain(..ready.len().min(MAX_BATCH_FILES)).collect(),
+                        attempt: 1,
+                    },
+                    None => break,
+                };
+                committing.push(commit_batch(self.store.clone(), batch));
+            }
+            if running.is_empty() && committing.is_empty() {
+                break;
+            }
+            // Shutdown interrupts the files and commits under way: their
+            // transactions roll back.
+            let event = tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => None,
+                Some(done) = committing.next(), if !committing.is_empty() => Some(Event::Committed(done)),
+                Some(done) = running.next(), if !running.is_empty() => Some(Event::Handled(done)),
+            };
+            match event {
+                None => {
+                    stats.root_error = Some("interrupted by shutdown".into());
+                    return Ok(());
+                }
+                Some(Event::Handled((_, handled))) => {
+                    // A store error is not the session's fault: the run stops.
+                    let (handled, read) = handled?;
+                    if let Some(bytes) = read {
+                        stats.files_hashed += 1;
+                        stats.bytes_hashed += bytes;
+                    }
+                    match handled {
+                        Handled::Skipped { dead } => {
+                            stats.scanned += 1;
+                            stats.skipped += 1;
+                            stats.dead += i64::from(dead);
+                            report(stats);
+                        }
+                        Handled::Write(session) => ready.push(*session),
+                    }
+                }
+                Some(Event::Committed((batch, Ok(())))) => {
+                    for done in batch.sessions {
+                        stats.scanned += 1;
+                        match done.outcome {
+                            FileOutcome::Processed { items } => {
+                                stats.processed += 1;
+                                stats.items_extracted += items;
+                            }
+                            FileOutcome::Failed { dead, error } => {
+                                stats.failed += 1;
+                                stats.dead += i64::from(dead);
+                                tracing::warn!(processor = processor.name(), session = %done.write.file.path, %error, "session failed");
+                                stats.record_error(&done.write.file.path, error);
+                            }
+                        }
+                    }
+                    report(stats);
+                }
+                // Another transaction touched the same rows: nothing of the
+                // batch was kept, so commit it again.
+                Some(Event::Committed((mut batch, Err(Error::Conflict(_)))))
+                    if batch.attempt < MAX_CONFLICT_RETRIES =>
+                {
+                    tracing::debug!(
+                        files = batch.sessions.len(),
+                        attempt = batch.attempt,
+                        "conflict, retrying the batch"
+                    );
+                    batch.attempt += 1;
+                    retries.push_back(batch);
+                }
+                Some(Event::Committed((_, Err(error)))) => return Err(error),
+            }
         }
-        match failure {
-            Some(error) => Err(error),
-            None => Ok(()),
-        }
+        Ok(())
     }
 
     async fn handle_tagged<'f>(
@@ -334,38 +446,37 @@ impl Pipeline {
         file: &'f SessionFile,
         state: Option<&SessionState>,
         now: chrono::DateTime<chrono::Utc>,
-    ) -> (&'f SessionFile, Result<(FileOutcome, Option<i64>)>) {
+    ) -> (&'f SessionFile, Result<(Handled, Option<i64>)>) {
         (file, self.handle_file(processor, file, state, now).await)
     }
 
     /// One file: decide from the stat, then from the hash, then process it.
-    /// Returns the outcome and, when the file was read, its size. Errors
-    /// returned are the store's (the run stops); the session's own failures
-    /// are recorded on it.
+    /// Returns what to commit (or that it was skipped) and, when the file was
+    /// read, its size. Errors returned are the store's (the run stops); the
+    /// session's own failures become its failed state.
     async fn handle_file(
         &self,
         processor: &dyn SessionProcessor,
         file: &SessionFile,
         state: Option<&SessionState>,
         now: chrono::DateTime<chrono::Utc>,
-    ) -> Result<(FileOutcome, Option<i64>)> {
+    ) -> Result<(Handled, Option<i64>)> {
         let name = processor.name();
         let version = processor.version();
         let is_dead = |s: Option<&SessionState>| s.is_some_and(|s| s.status == SessionStatus::Dead);
         match pipeline::stat_verdict(state, file, version, now) {
             StatVerdict::Skip => {
                 let dead = is_dead(state);
-                return Ok((FileOutcome::Skipped { dead }, None));
+                return Ok((Handled::Skipped { dead }, None));
             }
-            StatVerdict::Wait => return Ok((FileOutcome::Skipped { dead: false }, None)),
+            StatVerdict::Wait => return Ok((Handled::Skipped { dead: false }, None)),
             StatVerdict::Read => {}
         }
         let (content, sha256) = match read_and_hash(&self.config.root, file).await {
             Ok(read) => read,
             Err(error) => {
                 // Unreadable now (vanished, permissions, too large): a session failure.
-                let outcome = self.fail(processor, file, state, "", &error, now).await?;
-                return Ok((outcome, None));
+                return Ok((self.fail(processor, file, state, "", error, now), None));
             }
         };
         let read = Some(content.len() as i64);
@@ -373,100 +484,58 @@ impl Pipeline {
             ContentVerdict::Unchanged | ContentVerdict::StillDead => {
                 self.store.refresh_stat(name, file).await?;
                 let dead = is_dead(state);
-                return Ok((FileOutcome::Skipped { dead }, read));
+                return Ok((Handled::Skipped { dead }, read));
             }
-            ContentVerdict::Wait => return Ok((FileOutcome::Skipped { dead: false }, read)),
+            ContentVerdict::Wait => return Ok((Handled::Skipped { dead: false }, read)),
             ContentVerdict::Process => {}
         }
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.process(processor, file, &content, &sha256, now).await {
-                Ok(Ok(items)) => return Ok((FileOutcome::Processed { items }, read)),
-                Ok(Err(error)) => {
-                    let outcome = self
-                        .fail(processor, file, state, &sha256, &error, now)
-                        .await?;
-                    return Ok((outcome, read));
-                }
-                // Another transaction touched the same messages: nothing of
-                // this one was kept, so do it again.
-                Err(Error::Conflict(_)) if attempt < MAX_CONFLICT_RETRIES => {
-                    tracing::debug!(session = %file.path, attempt, "conflict, retrying");
-                    tokio::time::sleep(Duration::from_millis(5 * attempt)).await;
-                }
-                Err(error) => return Err(error),
+        let handled = match process(processor, file, content).await? {
+            Ok((items, output)) => {
+                let state = pipeline::processed(name, file, &sha256, version, items, now);
+                Handled::Write(Box::new(Ready {
+                    write: SessionWrite {
+                        file: file.clone(),
+                        output,
+                        state,
+                    },
+                    outcome: FileOutcome::Processed { items },
+                }))
             }
-        }
+            Err(error) => self.fail(processor, file, state, &sha256, error, now),
+        };
+        Ok((handled, read))
     }
 
-    /// One transaction: the processor's items and the new state, committed
-    /// together. `Ok(Err(_))` is the session's own failure (rolled back).
-    async fn process(
-        &self,
-        processor: &dyn SessionProcessor,
-        file: &SessionFile,
-        content: &Arc<Vec<u8>>,
-        sha256: &str,
-        now: chrono::DateTime<chrono::Utc>,
-    ) -> Result<std::result::Result<i64, String>> {
-        let mut tx = self.store.begin_session(processor.name()).await?;
-        // A panicking processor fails its session, not the run.
-        let processed = AssertUnwindSafe(processor.process(file, content.clone(), tx.as_mut()))
-            .catch_unwind()
-            .await
-            .unwrap_or_else(|panic| {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
-                Err(ProcessError::Session(format!(
-                    "processor panicked: {message}"
-                )))
-            });
-        match processed {
-            Ok(items) => {
-                let state = pipeline::processed(
-                    processor.name(),
-                    file,
-                    sha256,
-                    processor.version(),
-                    items,
-                    now,
-                );
-                tx.commit(&state).await?;
-                Ok(Ok(items))
-            }
-            Err(ProcessError::Store(error)) => Err(error),
-            Err(ProcessError::Session(error)) => Ok(Err(error)), // dropping tx rolls back
-        }
-    }
-
-    async fn fail(
+    /// A failed attempt: the state the domain decides, written with the batch
+    /// (the session's earlier items stay).
+    fn fail(
         &self,
         processor: &dyn SessionProcessor,
         file: &SessionFile,
         state: Option<&SessionState>,
         sha256: &str,
-        error: &str,
+        error: String,
         now: chrono::DateTime<chrono::Utc>,
-    ) -> Result<FileOutcome> {
+    ) -> Handled {
         let failed = pipeline::failed(
             state,
             processor.name(),
             file,
             sha256,
             processor.version(),
-            error,
+            &error,
             &self.config.retry,
             now,
         );
-        self.store.record_failure(&failed).await?;
-        Ok(FileOutcome::Failed {
-            dead: failed.status == SessionStatus::Dead,
-            error: error.to_owned(),
-        })
+        let dead = failed.status == SessionStatus::Dead;
+        Handled::Write(Box::new(Ready {
+            write: SessionWrite {
+                file: file.clone(),
+                output: SessionOutput::default(),
+                state: failed,
+            },
+            outcome: FileOutcome::Failed { dead, error },
+        }))
     }
 
     /// RetrySession: a FAILED or DEAD session requeued (the rule is the domain's).
@@ -560,11 +629,18 @@ mod tests {
 
     use tokio_util::sync::CancellationToken;
 
+    use async_trait::async_trait;
+    use tokio::sync::Semaphore;
+
     use super::MAX_CONFLICT_RETRIES;
-    use super::testing::{Held, Root, pipeline};
+    use super::testing::{Held, Root, pipeline, pipeline_with};
+    use crate::domain::pipeline::{SessionFile, SessionStatus};
+    use crate::domain::transcript::extract_usage;
     use crate::domain::usage::{UsageGrouping, UsageQuery};
     use crate::error::Error;
+    use crate::processors::{ProcessError, SessionProcessor};
     use crate::storage::PipelineStore;
+    use crate::storage::SessionSink;
     use crate::storage::memory::MemoryPipelineStore;
 
     fn by_user() -> UsageQuery {
@@ -675,5 +751,171 @@ mod tests {
         assert_eq!(entered.available_permits(), 0, "no third file started");
         gate.add_permits(100);
         assert_eq!(run.await.unwrap().unwrap().processed, 5);
+    }
+
+    #[tokio::test]
+    async fn files_ready_while_commits_are_under_way_commit_together_in_the_next_one() {
+        let root = Root::with_sessions(5);
+        let hold = Arc::new(Semaphore::new(0));
+        let store = Arc::new(MemoryPipelineStore::holding_commits(hold.clone()));
+        let held = Arc::new(Held::new("held", 0));
+        let (gate, entered, left) = (held.gate.clone(), held.entered.clone(), held.left.clone());
+        let p = pipeline_with(
+            store.clone(),
+            &root,
+            vec![(held, Duration::ZERO)],
+            CancellationToken::new(),
+            5,
+        );
+        let run = tokio::spawn({
+            let p = p.clone();
+            async move { p.run("held").await }
+        });
+        entered.acquire_many(5).await.unwrap().forget();
+        // A lone file is committed at once, without waiting for company.
+        gate.add_permits(1);
+        store.commits_started.acquire().await.unwrap().forget();
+        // The next takes the second commit slot; the other three wait for one.
+        gate.add_permits(4);
+        store.commits_started.acquire().await.unwrap().forget();
+        left.acquire_many(5).await.unwrap().forget();
+        hold.add_permits(100);
+        let stats = run.await.unwrap().unwrap();
+        assert_eq!((stats.processed, stats.scanned), (5, 5), "{stats:?}");
+        let mut sizes: Vec<usize> = store.batches().iter().map(Vec::len).collect();
+        sizes.sort();
+        assert_eq!(sizes, [1, 1, 3], "{:?}", store.batches());
+        let rows = store.usage(&by_user()).await.unwrap();
+        assert_eq!(rows[0].messages, 5);
+    }
+
+    /// Fails the sessions of user `bad`, panics on those of `boom`, counts the rest.
+    struct Picky;
+
+    #[async_trait]
+    impl SessionProcessor for Picky {
+        fn name(&self) -> &'static str {
+            "picky"
+        }
+
+        fn version(&self) -> i32 {
+            1
+        }
+
+        async fn process(
+            &self,
+            file: &SessionFile,
+            content: Arc<Vec<u8>>,
+            sink: &mut dyn SessionSink,
+        ) -> Result<i64, ProcessError> {
+            match file.user.as_str() {
+                "bad" => Err(ProcessError::Session("bad session".into())),
+                "boom" => panic!("processor bug on {}", file.path),
+                _ => {
+                    let entries = extract_usage(&content).entries;
+                    sink.replace_usage(file, &entries).await?;
+                    Ok(entries.len() as i64)
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failing_or_panicking_session_fails_alone_and_the_batch_commits_the_rest() {
+        let root = Root::with_sessions(4);
+        for user in ["bad", "boom"] {
+            std::fs::create_dir_all(root.0.join(user)).unwrap();
+            std::fs::copy(
+                root.0.join("alice/s0.jsonl"),
+                root.0.join(format!("{user}/s.jsonl")),
+            )
+            .unwrap();
+        }
+        let hold = Arc::new(Semaphore::new(0));
+        let store = Arc::new(MemoryPipelineStore::holding_commits(hold.clone()));
+        let p = pipeline_with(
+            store.clone(),
+            &root,
+            vec![(Arc::new(Picky), Duration::ZERO)],
+            CancellationToken::new(),
+            6,
+        );
+        let run = tokio::spawn({
+            let p = p.clone();
+            async move { p.run("picky").await }
+        });
+        // Two commits held: whatever else is ready by then shares a batch.
+        store
+            .commits_started
+            .acquire_many(2)
+            .await
+            .unwrap()
+            .forget();
+        hold.add_permits(100);
+        let stats = run.await.unwrap().unwrap();
+        assert_eq!((stats.processed, stats.failed), (4, 2), "{stats:?}");
+        let mut errors: Vec<_> = stats.errors.clone();
+        errors.sort();
+        assert_eq!(errors[0].0, "bad/s.jsonl");
+        assert_eq!(errors[0].1, "bad session");
+        assert_eq!(errors[1].0, "boom/s.jsonl");
+        assert!(
+            errors[1].1.contains("processor bug on boom/s.jsonl"),
+            "{errors:?}"
+        );
+        let states = store.session_states("picky").await.unwrap();
+        assert_eq!(states.len(), 6);
+        for s in &states {
+            let failed = s.user == "bad" || s.user == "boom";
+            let expected = if failed {
+                SessionStatus::Failed
+            } else {
+                SessionStatus::Processed
+            };
+            assert_eq!(s.status, expected, "{s:?}");
+            assert_eq!(s.last_error.is_some(), failed, "{s:?}");
+        }
+        // Every session committed once, the failed ones beside the others.
+        let mut committed: Vec<String> = store.batches().concat();
+        committed.sort();
+        assert_eq!(committed.len(), 6, "{:?}", store.batches());
+        committed.dedup();
+        assert_eq!(committed.len(), 6, "{:?}", store.batches());
+        let rows = store.usage(&by_user()).await.unwrap();
+        assert_eq!((rows.len(), rows[0].messages), (1, 4), "{rows:?}");
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_conflicts_is_retried_whole_and_counted_once() {
+        let root = Root::with_sessions(6);
+        let hold = Arc::new(Semaphore::new(0));
+        let store = Arc::new(MemoryPipelineStore::holding_commits(hold.clone()));
+        store.conflicting_commits.store(3, Ordering::SeqCst);
+        let p = pipeline_with(
+            store.clone(),
+            &root,
+            vec![(Arc::new(Held::new("usage", 100)), Duration::ZERO)],
+            CancellationToken::new(),
+            6,
+        );
+        let run = tokio::spawn({
+            let p = p.clone();
+            async move { p.run("usage").await }
+        });
+        store
+            .commits_started
+            .acquire_many(2)
+            .await
+            .unwrap()
+            .forget();
+        hold.add_permits(100);
+        let stats = run.await.unwrap().unwrap();
+        assert_eq!((stats.processed, stats.failed), (6, 0), "{stats:?}");
+        assert!(stats.root_error.is_none(), "{stats:?}");
+        assert_eq!(store.conflicting_commits.load(Ordering::SeqCst), 0);
+        let committed: usize = store.batches().iter().map(Vec::len).sum();
+        assert_eq!(committed, 6, "{:?}", store.batches());
+        let rows = store.usage(&by_user()).await.unwrap();
+        assert_eq!(rows[0].messages, 6);
     }
 }

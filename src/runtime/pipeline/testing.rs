@@ -59,6 +59,8 @@ pub struct Held {
     pub gate: Arc<Semaphore>,
     /// One permit added per file that reached the gate.
     pub entered: Arc<Semaphore>,
+    /// One permit added per file whose processing returned.
+    pub left: Arc<Semaphore>,
 }
 
 impl Held {
@@ -67,6 +69,7 @@ impl Held {
             name,
             gate: Arc::new(Semaphore::new(permits)),
             entered: Arc::new(Semaphore::new(0)),
+            left: Arc::new(Semaphore::new(0)),
         }
     }
 }
@@ -91,16 +94,29 @@ impl SessionProcessor for Held {
         self.gate.acquire().await.unwrap().forget();
         let entries = extract_usage(&content).entries;
         sink.replace_usage(file, &entries).await?;
+        self.left.add_permits(1);
         Ok(entries.len() as i64)
     }
 }
 
-/// A pipeline over `store` running `processors` (name, interval).
+/// A pipeline over `store` running `processors` (name, interval), two files
+/// at once.
 pub fn pipeline(
     store: Arc<MemoryPipelineStore>,
     root: &Root,
     processors: Vec<(Arc<dyn SessionProcessor>, Duration)>,
     shutdown: CancellationToken,
+) -> Arc<Pipeline> {
+    pipeline_with(store, root, processors, shutdown, 2)
+}
+
+/// A pipeline processing `parallelism` files at once.
+pub fn pipeline_with(
+    store: Arc<MemoryPipelineStore>,
+    root: &Root,
+    processors: Vec<(Arc<dyn SessionProcessor>, Duration)>,
+    shutdown: CancellationToken,
+    parallelism: usize,
 ) -> Arc<Pipeline> {
     Pipeline::new(
         store,
@@ -108,7 +124,7 @@ pub fn pipeline(
             root: root.0.clone(),
             retry: RetryPolicy::default(),
             intervals: Default::default(),
-            parallelism: 2,
+            parallelism,
         },
         processors
             .into_iter()

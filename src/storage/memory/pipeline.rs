@@ -9,15 +9,12 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use tokio::sync::Semaphore;
 
 use crate::domain::pipeline::{RunStats, SessionFile, SessionState, SessionStatus};
-use crate::domain::transcript::UsageEntry;
 use crate::domain::usage::{self, MessageCopy, UsageQuery, UsageRow};
 use crate::error::{Error, Result};
-use crate::storage::{
-    PipelineStore, ProcessorLock, SessionSink, SessionTransaction, StateUpdate,
-    TranscriptErrorEvent,
-};
+use crate::storage::{PipelineStore, ProcessorLock, SessionWrite, StateUpdate};
 
 #[derive(Default)]
 struct Inner {
@@ -26,18 +23,44 @@ struct Inner {
     copies: HashMap<String, Vec<MessageCopy>>,
     runs: BTreeMap<String, Vec<RunStats>>,
     locks: HashSet<String>,
+    /// The paths of every committed batch, in commit order.
+    batches: Vec<Vec<String>>,
 }
 
-#[derive(Default)]
 pub struct MemoryPipelineStore {
     inner: Arc<Mutex<Inner>>,
     /// So many next `try_lock_processor` calls fail as if the store were down.
     pub fail_locks: AtomicUsize,
-    /// So many next commits fail with a serialization failure.
+    /// So many next `commit_sessions` calls fail with a serialization failure.
     pub conflicting_commits: AtomicUsize,
+    /// When set, each `commit_sessions` waits for a permit of it before
+    /// committing (a slow commit a test lets through).
+    pub hold_commits: Option<Arc<Semaphore>>,
+    /// One permit added per `commit_sessions` call, on entry.
+    pub commits_started: Arc<Semaphore>,
+}
+
+impl Default for MemoryPipelineStore {
+    fn default() -> Self {
+        MemoryPipelineStore {
+            inner: Arc::default(),
+            fail_locks: AtomicUsize::new(0),
+            conflicting_commits: AtomicUsize::new(0),
+            hold_commits: None,
+            commits_started: Arc::new(Semaphore::new(0)),
+        }
+    }
 }
 
 impl MemoryPipelineStore {
+    /// A store whose commits each wait for a permit of `hold`.
+    pub fn holding_commits(hold: Arc<Semaphore>) -> Self {
+        MemoryPipelineStore {
+            hold_commits: Some(hold),
+            ..MemoryPipelineStore::default()
+        }
+    }
+
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -51,50 +74,15 @@ impl MemoryPipelineStore {
             .unwrap_or_default()
     }
 
+    /// The paths of every committed batch, in commit order.
+    pub fn batches(&self) -> Vec<Vec<String>> {
+        self.inner().batches.clone()
+    }
+
     fn take(counter: &AtomicUsize) -> bool {
         counter
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok()
-    }
-}
-
-struct MemoryTransaction {
-    inner: Arc<Mutex<Inner>>,
-    conflict: bool,
-    usage: Option<(String, Vec<MessageCopy>)>,
-}
-
-#[async_trait]
-impl SessionSink for MemoryTransaction {
-    async fn replace_usage(&mut self, file: &SessionFile, entries: &[UsageEntry]) -> Result<()> {
-        let copies = MessageCopy::from_file(&file.path, &file.user, &file.session, entries);
-        self.usage = Some((file.path.clone(), copies));
-        Ok(())
-    }
-
-    async fn replace_transcript_errors(
-        &mut self,
-        _file: &SessionFile,
-        _errors: &[TranscriptErrorEvent],
-    ) -> Result<()> {
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl SessionTransaction for MemoryTransaction {
-    async fn commit(self: Box<Self>, state: &SessionState) -> Result<()> {
-        if self.conflict {
-            return Err(Error::Conflict("serialization failure".into()));
-        }
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((path, copies)) = self.usage {
-            inner.copies.insert(path, copies);
-        }
-        inner
-            .states
-            .insert((state.processor.clone(), state.path.clone()), state.clone());
-        Ok(())
     }
 }
 
@@ -164,18 +152,29 @@ impl PipelineStore for MemoryPipelineStore {
         Ok(())
     }
 
-    async fn begin_session(&self, _processor: &str) -> Result<Box<dyn SessionTransaction>> {
-        Ok(Box::new(MemoryTransaction {
-            inner: self.inner.clone(),
-            conflict: Self::take(&self.conflicting_commits),
-            usage: None,
-        }))
-    }
-
-    async fn record_failure(&self, state: &SessionState) -> Result<()> {
-        self.inner()
-            .states
-            .insert((state.processor.clone(), state.path.clone()), state.clone());
+    async fn commit_sessions(&self, writes: &[SessionWrite]) -> Result<()> {
+        self.commits_started.add_permits(1);
+        if let Some(hold) = &self.hold_commits {
+            hold.acquire().await.expect("never closed").forget();
+        }
+        if Self::take(&self.conflicting_commits) {
+            return Err(Error::Conflict("serialization failure".into()));
+        }
+        let mut inner = self.inner();
+        for w in writes {
+            if let Some(entries) = &w.output.usage {
+                let f = &w.file;
+                let copies = MessageCopy::from_file(&f.path, &f.user, &f.session, entries);
+                inner.copies.insert(f.path.clone(), copies);
+            }
+            inner.states.insert(
+                (w.state.processor.clone(), w.state.path.clone()),
+                w.state.clone(),
+            );
+        }
+        inner
+            .batches
+            .push(writes.iter().map(|w| w.file.path.clone()).collect());
         Ok(())
     }
 

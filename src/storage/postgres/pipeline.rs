@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::pool::PoolConnection;
 use sqlx::types::Json;
-use sqlx::{Connection, FromRow, PgConnection, Postgres, Transaction};
+use sqlx::{Connection, FromRow, PgConnection, Postgres};
 
 use super::{PgStore, db_error};
 
@@ -14,8 +14,8 @@ use crate::domain::pipeline::{RunStats, SessionFile, SessionState, SessionStatus
 use crate::domain::transcript::UsageEntry;
 use crate::error::{Error, Result};
 use crate::storage::{
-    PipelineStore, ProcessorLock, SessionSink, SessionTransaction, StateUpdate,
-    TranscriptErrorEvent, UsageQuery, UsageRow,
+    PipelineStore, ProcessorLock, SessionWrite, StateUpdate, TranscriptErrorEvent, UsageQuery,
+    UsageRow,
 };
 use usage_rollups::{replace_usage, usage_report};
 
@@ -75,87 +75,74 @@ fn size(file: &SessionFile) -> i64 {
 /// The advisory lock key of a processor, the same on every server.
 const LOCK_KEY_SQL: &str = "hashtextextended('fleetcare.processor:' || $1, 0)";
 
-struct PgSessionTransaction {
-    tx: Transaction<'static, Postgres>,
-}
-
-#[async_trait]
-impl SessionSink for PgSessionTransaction {
-    async fn replace_usage(&mut self, file: &SessionFile, entries: &[UsageEntry]) -> Result<()> {
-        replace_usage(&mut self.tx, file, entries).await
-    }
-
-    async fn replace_transcript_errors(
-        &mut self,
-        file: &SessionFile,
-        errors: &[TranscriptErrorEvent],
-    ) -> Result<()> {
-        // Events a recovery was planned for stay; the rest are replaced.
-        sqlx::query(
-            "DELETE FROM error_events e WHERE e.source_path = $1
-               AND NOT EXISTS (SELECT 1 FROM recovery_actions r WHERE r.error_event_id = e.id)",
+/// Replaces a session's transcript errors inside the caller's transaction.
+async fn replace_transcript_errors(
+    conn: &mut PgConnection,
+    file: &SessionFile,
+    errors: &[TranscriptErrorEvent],
+) -> Result<()> {
+    // Events a recovery was planned for stay; the rest are replaced.
+    sqlx::query(
+        "DELETE FROM error_events e WHERE e.source_path = $1
+           AND NOT EXISTS (SELECT 1 FROM recovery_actions r WHERE r.error_event_id = e.id)",
+    )
+    .bind(&file.path)
+    .execute(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    for error in errors {
+        let e = &error.event;
+        // Earlier inserts of this loop are visible here: they count too.
+        let window = healing::recurrence_window(error.occurred_at);
+        let earlier: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM error_events
+             WHERE agent_id = $1 AND error_type = $2 AND occurred_at > $3 AND occurred_at <= $4",
         )
-        .bind(&file.path)
-        .execute(&mut *self.tx)
+        .bind(&e.agent_id)
+        .bind(e.error_type.as_str())
+        .bind(window.after)
+        .bind(window.until)
+        .fetch_one(&mut *conn)
         .await
         .map_err(db_error)?;
-        for error in errors {
-            let e = &error.event;
-            // Earlier inserts of this loop are visible here: they count too.
-            let window = healing::recurrence_window(error.occurred_at);
-            let earlier: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM error_events
-                 WHERE agent_id = $1 AND error_type = $2 AND occurred_at > $3 AND occurred_at <= $4",
-            )
-            .bind(&e.agent_id)
-            .bind(e.error_type.as_str())
-            .bind(window.after)
-            .bind(window.until)
-            .fetch_one(&mut *self.tx)
-            .await
-            .map_err(db_error)?;
-            sqlx::query(
-                "INSERT INTO error_events
-                     (agent_id, message, context, error_type, severity, critical, recurring,
-                      occurred_at, source_path, source_key)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-                 ON CONFLICT (source_path, source_key) WHERE source_path IS NOT NULL DO NOTHING",
-            )
-            .bind(&e.agent_id)
-            .bind(&e.message)
-            .bind(Json(&e.context))
-            .bind(e.error_type.as_str())
-            .bind(e.severity)
-            .bind(healing::is_critical(e.severity))
-            .bind(healing::recurring_given(earlier))
-            .bind(error.occurred_at)
-            .bind(&file.path)
-            .bind(&error.key)
-            .execute(&mut *self.tx)
-            .await
-            .map_err(db_error)?;
-        }
-        Ok(())
+        sqlx::query(
+            "INSERT INTO error_events
+                 (agent_id, message, context, error_type, severity, critical, recurring,
+                  occurred_at, source_path, source_key)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+             ON CONFLICT (source_path, source_key) WHERE source_path IS NOT NULL DO NOTHING",
+        )
+        .bind(&e.agent_id)
+        .bind(&e.message)
+        .bind(Json(&e.context))
+        .bind(e.error_type.as_str())
+        .bind(e.severity)
+        .bind(healing::is_critical(e.severity))
+        .bind(healing::recurring_given(earlier))
+        .bind(error.occurred_at)
+        .bind(&file.path)
+        .bind(&error.key)
+        .execute(&mut *conn)
+        .await
+        .map_err(db_error)?;
     }
+    Ok(())
 }
 
-#[async_trait]
-impl SessionTransaction for PgSessionTransaction {
-    async fn commit(mut self: Box<Self>, state: &SessionState) -> Result<()> {
-        upsert_state(&mut self.tx, state).await.map_err(db_error)?;
-        self.tx.commit().await.map_err(db_error)
-    }
-}
-
-/// Writes a state row as the domain decided it (`domain::pipeline::processed`,
-/// `failed` or `requeue`).
-async fn upsert_state(
+/// Writes state rows as the domain decided them (`domain::pipeline::processed`,
+/// `failed` or `requeue`), in one statement, in path order (a fixed lock order).
+async fn upsert_states(
     conn: &mut PgConnection,
-    s: &SessionState,
+    states: &[&SessionState],
 ) -> std::result::Result<(), sqlx::Error> {
+    let mut states = states.to_vec();
+    states.sort_by(|a, b| (&a.processor, &a.path).cmp(&(&b.processor, &b.path)));
+    let col = |f: fn(&SessionState) -> String| states.iter().map(|s| f(s)).collect::<Vec<_>>();
     sqlx::query(&format!(
         "INSERT INTO session_states ({STATE_COLUMNS})
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[],
+             $6::timestamptz[], $7::text[], $8::int[], $9::timestamptz[], $10::bigint[],
+             $11::int[], $12::text[], $13::text[], $14::timestamptz[])
          ON CONFLICT (processor, path) DO UPDATE SET
              user_name = EXCLUDED.user_name, size = EXCLUDED.size, mtime_ns = EXCLUDED.mtime_ns,
              observed_at = EXCLUDED.observed_at, sha256 = EXCLUDED.sha256,
@@ -164,20 +151,35 @@ async fn upsert_state(
              next_attempt_at = EXCLUDED.next_attempt_at,
              processed_at = EXCLUDED.processed_at, items_count = EXCLUDED.items_count"
     ))
-    .bind(&s.processor)
-    .bind(&s.path)
-    .bind(&s.user)
-    .bind(i64::try_from(s.size).unwrap_or(i64::MAX))
-    .bind(s.mtime_ns)
-    .bind(s.observed_at)
-    .bind(&s.sha256)
-    .bind(s.processor_version)
-    .bind(s.processed_at)
-    .bind(s.items_count)
-    .bind(s.attempts)
-    .bind(&s.last_error)
-    .bind(s.status.as_str())
-    .bind(s.next_attempt_at)
+    .bind(col(|s| s.processor.clone()))
+    .bind(col(|s| s.path.clone()))
+    .bind(col(|s| s.user.clone()))
+    .bind(
+        states
+            .iter()
+            .map(|s| i64::try_from(s.size).unwrap_or(i64::MAX))
+            .collect::<Vec<_>>(),
+    )
+    .bind(states.iter().map(|s| s.mtime_ns).collect::<Vec<_>>())
+    .bind(states.iter().map(|s| s.observed_at).collect::<Vec<_>>())
+    .bind(col(|s| s.sha256.clone()))
+    .bind(
+        states
+            .iter()
+            .map(|s| s.processor_version)
+            .collect::<Vec<_>>(),
+    )
+    .bind(states.iter().map(|s| s.processed_at).collect::<Vec<_>>())
+    .bind(states.iter().map(|s| s.items_count).collect::<Vec<_>>())
+    .bind(states.iter().map(|s| s.attempts).collect::<Vec<_>>())
+    .bind(
+        states
+            .iter()
+            .map(|s| s.last_error.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(col(|s| s.status.as_str().to_owned()))
+    .bind(states.iter().map(|s| s.next_attempt_at).collect::<Vec<_>>())
     .execute(conn)
     .await?;
     Ok(())
@@ -261,14 +263,24 @@ impl PipelineStore for PgStore {
         Ok(())
     }
 
-    async fn begin_session(&self, _processor: &str) -> Result<Box<dyn SessionTransaction>> {
-        let tx = self.pool.begin().await.map_err(db_error)?;
-        Ok(Box::new(PgSessionTransaction { tx }))
-    }
-
-    async fn record_failure(&self, state: &SessionState) -> Result<()> {
-        let mut conn = self.pool.acquire().await.map_err(db_error)?;
-        upsert_state(&mut conn, state).await.map_err(db_error)
+    async fn commit_sessions(&self, writes: &[SessionWrite]) -> Result<()> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        let usage: Vec<(&SessionFile, &[UsageEntry])> = writes
+            .iter()
+            .filter_map(|w| Some((&w.file, w.output.usage.as_deref()?)))
+            .collect();
+        replace_usage(&mut tx, &usage).await?;
+        for w in writes {
+            if let Some(errors) = &w.output.transcript_errors {
+                replace_transcript_errors(&mut tx, &w.file, errors).await?;
+            }
+        }
+        let states: Vec<&SessionState> = writes.iter().map(|w| &w.state).collect();
+        upsert_states(&mut tx, &states).await.map_err(db_error)?;
+        tx.commit().await.map_err(db_error)
     }
 
     async fn update_session_state(
@@ -297,7 +309,7 @@ impl PipelineStore for PgStore {
             .await
             .map_err(db_error)?;
         let state = update(&current, now)?;
-        upsert_state(&mut tx, &state).await.map_err(db_error)?;
+        upsert_states(&mut tx, &[&state]).await.map_err(db_error)?;
         tx.commit().await.map_err(db_error)?;
         Ok(state)
     }

@@ -152,55 +152,79 @@ async fn write_messages(conn: &mut PgConnection, copies: &[&MessageCopy]) -> Res
     Ok(())
 }
 
-/// Replaces the file's entries and brings the messages and cells up to date,
-/// inside the caller's transaction.
+/// Replaces the entries of every file in `files` (distinct paths) and brings
+/// the messages and cells up to date, inside the caller's transaction: a
+/// batch of files costs the same few statements as one.
 pub(crate) async fn replace_usage(
     conn: &mut PgConnection,
-    file: &SessionFile,
-    entries: &[UsageEntry],
+    files: &[(&SessionFile, &[UsageEntry])],
 ) -> Result<()> {
-    let mut copies = MessageCopy::from_file(&file.path, &file.user, &file.session, entries);
-    copies.sort_by(|a, b| a.key.cmp(&b.key));
-    copies.dedup_by(|a, b| a.key == b.key);
+    if files.is_empty() {
+        return Ok(());
+    }
+    // Every file's copies (one per key within a file) with their entries' ids.
+    let mut copies: Vec<MessageCopy> = Vec::new();
+    let mut message_ids: Vec<Option<String>> = Vec::new();
+    let mut request_ids: Vec<Option<String>> = Vec::new();
+    for (file, entries) in files {
+        let own = MessageCopy::from_file(&file.path, &file.user, &file.session, entries);
+        let mut own: Vec<(MessageCopy, &UsageEntry)> =
+            own.into_iter().zip(entries.iter()).collect();
+        own.sort_by(|a, b| a.0.key.cmp(&b.0.key));
+        own.dedup_by(|a, b| a.0.key == b.0.key);
+        for (copy, entry) in own {
+            message_ids.push(entry.message_id.clone());
+            request_ids.push(entry.request_id.clone());
+            copies.push(copy);
+        }
+    }
+    let paths: Vec<&str> = files.iter().map(|(f, _)| f.path.as_str()).collect();
+    // The batch's best copy of each message, sorted by key (the keys are
+    // locked in this order): it wins wherever no other file has the message.
+    let mut by_key: Vec<&MessageCopy> = copies.iter().collect();
+    by_key.sort_by(|a, b| a.key.cmp(&b.key));
+    let best: Vec<&MessageCopy> = by_key
+        .chunk_by(|a, b| a.key == b.key)
+        .filter_map(|group| usage::winner(group.iter().copied()))
+        .collect();
 
-    // One statement: the file's old entries out (their keys back), the new
-    // ones in, and the messages nobody had yet written with this file's copy
-    // as the winner (sorted by key: the keys are locked in order).
-    let c = CopyColumns::of(&copies);
-    let message_ids: Vec<Option<String>> = copies_ids(&copies, entries, |e| &e.message_id);
-    let request_ids: Vec<Option<String>> = copies_ids(&copies, entries, |e| &e.request_id);
+    // One statement: the files' old entries out (their keys back), the new
+    // ones in, and the messages nobody had yet written with the batch's best
+    // copy as the winner.
+    let c = CopyColumns::of(copies.iter());
+    let w = CopyColumns::of(best.iter().copied());
     let keys: Vec<(bool, String)> = sqlx::query_as(
-        "WITH old AS (DELETE FROM usage_entries WHERE path = $1 RETURNING dedup_key),
+        "WITH old AS (DELETE FROM usage_entries WHERE path = ANY($1) RETURNING dedup_key),
               entries AS (
                   INSERT INTO usage_entries
                       (path, user_name, session_id, file_first_at, line_no, message_id,
                        request_id, model, occurred_at, input_tokens, output_tokens,
                        cache_creation_tokens, cache_read_tokens, dedup_key)
-                  SELECT $1, $2, $3, u.f, u.line_no, u.message_id, u.request_id,
+                  SELECT u.p, u.u, u.s, u.f, u.line_no, u.message_id, u.request_id,
                          NULLIF(u.model, ''), u.occurred_at, u.i, u.o, u.c, u.r, u.k
-                  FROM UNNEST($4::int[], $5::text[], $6::text[], $7::text[], $8::timestamptz[],
-                              $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[],
-                              $13::text[], $14::timestamptz[], $15::date[])
-                       AS u(line_no, message_id, request_id, model, occurred_at, i, o, c, r, k,
-                            f, d)),
+                  FROM UNNEST($2::text[], $3::text[], $4::text[], $5::int[], $6::text[],
+                              $7::text[], $8::text[], $9::timestamptz[], $10::bigint[],
+                              $11::bigint[], $12::bigint[], $13::bigint[], $14::text[],
+                              $15::timestamptz[])
+                       AS u(p, u, s, line_no, message_id, request_id, model, occurred_at,
+                            i, o, c, r, k, f)),
               won AS (
                   INSERT INTO usage_messages
                       (dedup_key, path, line_no, file_first_at, user_name, session_id, model,
                        occurred_at, day, input_tokens, output_tokens, cache_creation_tokens,
                        cache_read_tokens)
-                  SELECT u.k, $1, u.line_no, u.f, $2, $3, u.model, u.occurred_at, u.d,
-                         u.i, u.o, u.c, u.r
-                  FROM UNNEST($4::int[], $7::text[], $8::timestamptz[], $9::bigint[],
-                              $10::bigint[], $11::bigint[], $12::bigint[], $13::text[],
-                              $14::timestamptz[], $15::date[])
-                       AS u(line_no, model, occurred_at, i, o, c, r, k, f, d)
+                  SELECT * FROM UNNEST($16::text[], $17::text[], $18::int[],
+                      $19::timestamptz[], $20::text[], $21::text[], $22::text[],
+                      $23::timestamptz[], $24::date[], $25::bigint[], $26::bigint[],
+                      $27::bigint[], $28::bigint[])
                   ON CONFLICT (dedup_key) DO NOTHING
                   RETURNING dedup_key)
          SELECT false, dedup_key FROM old UNION ALL SELECT true, dedup_key FROM won",
     )
-    .bind(&file.path)
-    .bind(&file.user)
-    .bind(&file.session)
+    .bind(&paths)
+    .bind(&c.path)
+    .bind(&c.user)
+    .bind(&c.session)
     .bind(&c.line_no)
     .bind(&message_ids)
     .bind(&request_ids)
@@ -212,7 +236,19 @@ pub(crate) async fn replace_usage(
     .bind(&c.read)
     .bind(&c.key)
     .bind(&c.file_first_at)
-    .bind(&c.day)
+    .bind(&w.key)
+    .bind(&w.path)
+    .bind(&w.line_no)
+    .bind(&w.file_first_at)
+    .bind(&w.user)
+    .bind(&w.session)
+    .bind(&w.model)
+    .bind(&w.occurred_at)
+    .bind(&w.day)
+    .bind(&w.input)
+    .bind(&w.output)
+    .bind(&w.creation)
+    .bind(&w.read)
     .fetch_all(&mut *conn)
     .await
     .map_err(db_error)?;
@@ -229,7 +265,7 @@ pub(crate) async fn replace_usage(
     // The rest: lock, load every copy, let the domain decide.
     let mut contested: Vec<String> = old_keys
         .into_iter()
-        .chain(copies.iter().map(|c| c.key.clone()))
+        .chain(best.iter().map(|c| c.key.clone()))
         .filter(|k| !inserted.contains(k))
         .collect();
     contested.sort();
@@ -271,9 +307,9 @@ pub(crate) async fn replace_usage(
         }
     }
     let mut affected = contested;
-    for c in copies.iter().filter(|c| inserted.contains(&c.key)) {
+    for c in best.iter().filter(|c| inserted.contains(&c.key)) {
         affected.push(c.key.clone());
-        candidates.insert(c.key.clone(), vec![c.clone()]);
+        candidates.insert(c.key.clone(), vec![(*c).clone()]);
     }
     let plan = usage::plan(&affected, &current, &candidates);
 
@@ -291,22 +327,6 @@ pub(crate) async fn replace_usage(
             .map_err(db_error)?;
     }
     apply_cells(conn, &plan.cells).await
-}
-
-/// The message and request ids of each copy, from its entry (by line).
-fn copies_ids(
-    copies: &[MessageCopy],
-    entries: &[UsageEntry],
-    id: fn(&UsageEntry) -> &Option<String>,
-) -> Vec<Option<String>> {
-    let by_line: HashMap<i32, &UsageEntry> = entries
-        .iter()
-        .map(|e| (i32::try_from(e.line_no).unwrap_or(i32::MAX), e))
-        .collect();
-    copies
-        .iter()
-        .map(|c| by_line.get(&c.line_no).and_then(|e| id(e).clone()))
-        .collect()
 }
 
 /// Adds the deltas to their cells (in the plan's order: a fixed lock order),
