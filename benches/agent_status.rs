@@ -316,6 +316,10 @@ async fn main() {
             db_max_connections: 20,
             db_acquire_timeout: Duration::from_secs(5),
         },
+        // Registering the large fleet takes minutes here: a timeout longer than
+        // the whole bench keeps the agents not yet heartbeating online, so the
+        // scale section measures the steady state, not a wave of sweeps.
+        heartbeat_timeout: Duration::from_secs(3600),
         ..ServeArgs::default()
     };
     let app = helpers::TestApp::spawn_with(args).await;
@@ -588,8 +592,8 @@ async fn scale(bench: &Bench) {
         100.0 * cpu.as_secs_f64() / elapsed.as_secs_f64() / cores as f64
     );
 
-    // What one sweeper tick costs with this fleet: the candidate query, which
-    // finds nobody due (everyone registered within the timeout).
+    // What one sweeper tick costs with this fleet: the candidate query (agents
+    // registered longer ago than the timeout and not heartbeating are due).
     let store = fleetcare::storage::postgres::PgStore::connect(
         &DatabaseArgs {
             database_url: bench.db.url.clone(),
@@ -606,16 +610,17 @@ async fn scale(bench: &Bench) {
         chrono::Duration::seconds(1),
     );
     let mut costs = Vec::new();
+    let mut due = 0;
     for _ in 0..20 {
         let query = fleetcare::domain::liveness::sweep_query(chrono::Utc::now(), silence, true);
         let t = Instant::now();
         let found = store.sweep_candidates(&query, 1000).await.unwrap();
         costs.push(t.elapsed());
-        assert!(found.is_empty(), "nobody is due yet");
+        due = found.len();
     }
     costs.sort();
     println!(
-        "  sweeper tick (candidate query over {fleet} agents): p50 {:.2?}, max {:.2?}",
+        "  sweeper tick (candidate query over {fleet} agents, {due} due): p50 {:.2?}, max {:.2?}",
         pct(&costs, 0.5),
         costs.last().copied().unwrap_or_default()
     );

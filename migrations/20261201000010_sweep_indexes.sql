@@ -7,10 +7,8 @@
 -- writes into an index insertion in every index of the table (no HOT update).
 -- Finding silent agents is then one sequential pass per sweep, about 3 ms per
 -- 100,000 agents. Room left on each page (fillfactor) keeps the flush's updates
--- on their page, and the labels index takes its entries at once rather than
--- through a pending list that some unlucky transaction must clean up.
+-- on their page.
 DROP INDEX IF EXISTS agents_heartbeat_idx;
 DROP INDEX IF EXISTS agents_recovery_idx;
 CREATE INDEX agents_status_recovery_idx ON agents (status, recovery_at);
 ALTER TABLE agents SET (fillfactor = 70);
-ALTER INDEX agents_labels_idx SET (fastupdate = off);
