@@ -45,21 +45,7 @@ pub fn parse_http_date(value: &str) -> Option<DateTime<Utc>> {
 /// Builds a UTC time from the named groups of [`RFC2822_BODY`].
 pub(super) fn rfc2822_from_captures(caps: &Captures<'_>) -> Option<DateTime<Utc>> {
     let num = |name: &str| -> Option<u32> { caps.name(name)?.as_str().parse().ok() };
-    let month = match caps.name("mon")?.as_str().to_ascii_lowercase().as_str() {
-        "jan" => 1,
-        "feb" => 2,
-        "mar" => 3,
-        "apr" => 4,
-        "may" => 5,
-        "jun" => 6,
-        "jul" => 7,
-        "aug" => 8,
-        "sep" => 9,
-        "oct" => 10,
-        "nov" => 11,
-        "dec" => 12,
-        _ => return None,
-    };
+    let month = month_number(caps.name("mon")?.as_str())?;
     let year_text = caps.name("year")?.as_str();
     let year_num = num("year")?;
     // RFC 5322 obsolete years: two digits below 50 are 20xx, otherwise 19xx;
