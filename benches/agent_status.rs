@@ -312,7 +312,8 @@ async fn main() {
     let db = helpers::TestDb::new();
     let args = ServeArgs {
         database: DatabaseArgs {
-            database_url: db.url.clone(),
+            database_url: Some(db.url.clone()),
+            data_dir: Default::default(),
             db_max_connections: 20,
             db_acquire_timeout: Duration::from_secs(5),
         },
@@ -596,7 +597,8 @@ async fn scale(bench: &Bench) {
     // registered longer ago than the timeout and not heartbeating are due).
     let store = fleetcare::storage::postgres::PgStore::connect(
         &DatabaseArgs {
-            database_url: bench.db.url.clone(),
+            database_url: Some(bench.db.url.clone()),
+            data_dir: Default::default(),
             db_max_connections: 2,
             db_acquire_timeout: Duration::from_secs(5),
         },

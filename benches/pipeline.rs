@@ -247,7 +247,8 @@ async fn start(
 ) -> (helpers::TestApp, SessionPipelineServiceClient<Channel>) {
     let mut args = ServeArgs {
         database: DatabaseArgs {
-            database_url: db.url.clone(),
+            database_url: Some(db.url.clone()),
+            data_dir: Default::default(),
             db_max_connections: 10,
             db_acquire_timeout: Duration::from_secs(30),
         },

@@ -1,6 +1,6 @@
 //! Command-line flags with environment fallbacks, validated once at start-up.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, ValueEnum};
 
@@ -14,21 +14,91 @@ pub enum LogFormat {
 /// Where the database is and how to reach it.
 #[derive(Debug, Clone, Args)]
 pub struct DatabaseArgs {
-    /// Postgres URL; the database is created if it does not exist.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/fleetcare"
-    )]
-    pub database_url: String,
+    /// The store: `postgres://...` for Postgres (the database is created if it
+    /// does not exist; several replicas may share it), or `sqlite://PATH` for an
+    /// embedded SQLite file. Unset: the embedded store in --data-dir.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
 
-    /// Most connections this server opens to Postgres.
+    /// Where the embedded store keeps its file when no --database-url is given;
+    /// created on first start.
+    #[arg(long, env = "FLEETCARE_DATA_DIR", default_value = "fleetcare-data")]
+    pub data_dir: PathBuf,
+
+    /// Most connections this server opens to the database.
     #[arg(long, env = "FLEETCARE_DB_MAX_CONNECTIONS", default_value_t = 20)]
     pub db_max_connections: u32,
 
     /// How long a request waits for a database connection before UNAVAILABLE.
     #[arg(long, env = "FLEETCARE_DB_ACQUIRE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub db_acquire_timeout: Duration,
+}
+
+/// The file name of the embedded store inside --data-dir.
+pub const SQLITE_FILE_NAME: &str = "fleetcare.db";
+
+/// Which store a configuration selects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// A Postgres URL.
+    Postgres(String),
+    /// The path of an SQLite database file.
+    Sqlite(PathBuf),
+}
+
+impl StoreLocation {
+    /// Reads a store URL: `postgres://` or `postgresql://`, `sqlite://PATH`
+    /// (or `sqlite:PATH`; query parameters are not accepted).
+    pub fn parse(url: &str) -> Result<StoreLocation, String> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(StoreLocation::Postgres(url.to_owned()));
+        }
+        if let Some(rest) = url.strip_prefix("sqlite:") {
+            let path = rest.strip_prefix("//").unwrap_or(rest);
+            if path.is_empty() || path.contains('?') || path == ":memory:" {
+                return Err(format!(
+                    "invalid database URL {url:?}: sqlite URLs name a file, as sqlite://PATH"
+                ));
+            }
+            return Ok(StoreLocation::Sqlite(PathBuf::from(path)));
+        }
+        Err(format!(
+            "invalid database URL {url:?}: expected postgres://... or sqlite://PATH"
+        ))
+    }
+
+    /// The location as a URL that [`StoreLocation::parse`] reads back.
+    pub fn url(&self) -> String {
+        match self {
+            StoreLocation::Postgres(url) => url.clone(),
+            StoreLocation::Sqlite(path) => format!("sqlite://{}", path.display()),
+        }
+    }
+}
+
+impl DatabaseArgs {
+    /// Settings for the store at `url` (tests, `fleetcare copy`).
+    pub fn for_url(url: &str) -> DatabaseArgs {
+        DatabaseArgs {
+            database_url: Some(url.to_owned()),
+            ..DatabaseArgs::default()
+        }
+    }
+
+    /// The store these settings select: --database-url when given, else the
+    /// embedded store's file in --data-dir.
+    pub fn location(&self) -> Result<StoreLocation, String> {
+        match self.database_url.as_deref().map(str::trim) {
+            Some(url) if !url.is_empty() => StoreLocation::parse(url),
+            _ => Ok(StoreLocation::Sqlite(self.data_dir.join(SQLITE_FILE_NAME))),
+        }
+    }
+}
+
+impl Default for DatabaseArgs {
+    fn default() -> Self {
+        ServeArgs::default().database
+    }
 }
 
 /// Everything `fleetcare serve` needs.
@@ -230,6 +300,7 @@ impl ServeArgs {
         if self.database.db_max_connections < 2 {
             return Err("--db-max-connections must be at least 2".into());
         }
+        self.database.location()?;
         let h = &self.healing;
         let durations = [
             ("--default-recovery", self.default_recovery),

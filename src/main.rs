@@ -48,9 +48,9 @@ async fn main() -> ExitCode {
         }
         Command::Migrate(args) => {
             telemetry::init(LogFormat::Text);
-            storage::postgres::connect_and_migrate(&args)
+            storage::migrate(&args)
                 .await
-                .map(|_| tracing::info!("migrations applied"))
+                .map(|location| tracing::info!(store = %location.url(), "migrations applied"))
                 .map_err(|e| e.to_string())
         }
     };

@@ -35,8 +35,7 @@ use crate::runtime::heartbeats::{self, AgentCache};
 use crate::runtime::pipeline::scheduler as pipeline_scheduler;
 use crate::runtime::pipeline::{Pipeline, PipelineConfig};
 use crate::runtime::{fanout::TransitionFanout, health, sweeper};
-use crate::storage::AgentStore;
-use crate::storage::postgres::PgStore;
+use crate::storage::{AgentStore, Stores};
 
 /// A vanished client's connection is noticed within interval + timeout.
 const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
@@ -47,7 +46,7 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 pub struct Application {
     listener: TcpListener,
     args: ServeArgs,
-    store: Arc<PgStore>,
+    stores: Stores,
     writes: AgentWrites,
     fanout: TransitionFanout,
     health: HealthReporter,
@@ -67,8 +66,14 @@ impl Application {
         shutdown: CancellationToken,
     ) -> Result<Self, Error> {
         args.validate().map_err(Error::InvalidArgument)?;
-        let store = Arc::new(PgStore::connect(&args.database, shutdown.child_token()).await?);
-        let agents: Arc<dyn AgentStore> = store.clone();
+        let stores = Stores::open(&args.database, shutdown.child_token()).await?;
+        match &stores.location {
+            crate::config::StoreLocation::Postgres(_) => tracing::info!("store: postgres"),
+            crate::config::StoreLocation::Sqlite(path) => {
+                tracing::info!(path = %path.display(), "store: embedded sqlite")
+            }
+        }
+        let agents: Arc<dyn AgentStore> = stores.agents.clone();
         let fanout =
             TransitionFanout::start(agents.clone(), args.watch_buffer, shutdown.child_token());
         let clock = Clock::system();
@@ -127,7 +132,7 @@ impl Application {
         Ok(Application {
             listener,
             args,
-            store,
+            stores,
             writes,
             fanout,
             health,
@@ -154,7 +159,7 @@ impl Application {
         let Application {
             listener,
             args,
-            store,
+            stores,
             writes,
             fanout,
             health,
@@ -180,15 +185,20 @@ impl Application {
                 .map_err(|_| Error::invalid("--default-billing-recovery is too large"))?,
             watch_progress_interval: args.watch_progress_interval,
         };
-        let agent_status =
-            AgentStatusApi::new(store.clone(), writes, fanout, settings, shutdown.clone());
+        let agent_status = AgentStatusApi::new(
+            stores.agents.clone(),
+            writes,
+            fanout,
+            settings,
+            shutdown.clone(),
+        );
         let h = &args.healing;
         let duration = |flag: &str, value| {
             crate::config::chrono_duration(flag, value).map_err(Error::InvalidArgument)
         };
         let rng = shared_rng(h.healing_seed);
         let healing = HealingApi::new(
-            store.clone(),
+            stores.healing.clone(),
             HealingSettings {
                 planner: PlannerConfig {
                     safety_limit: h.safety_limit,
@@ -208,10 +218,10 @@ impl Application {
             max_attempts: h.post_max_attempts,
             ..PostHealingConfig::default()
         };
-        let post_healing = PostHealingApi::new(store.clone(), post_config, rng);
+        let post_healing = PostHealingApi::new(stores.posts.clone(), post_config, rng);
         let p = &args.pipeline;
         let pipeline = Pipeline::new(
-            store,
+            stores.pipeline.clone(),
             PipelineConfig {
                 root: p.session_dir.clone(),
                 retry: RetryPolicy {

@@ -1,11 +1,21 @@
 //! The store: the one place that knows where state lives.
 //!
-//! Everything above this module talks to the traits here, never to Postgres
-//! directly (no SQL, no LISTEN/NOTIFY, no advisory locks), so that another
-//! implementation (an embedded single-node store) can slot in later.
+//! Everything above this module talks to the traits here, never to a
+//! database directly (no SQL, no LISTEN/NOTIFY, no advisory locks). Two
+//! backends implement every trait: `postgres` (several replicas on one
+//! database) and `sqlite` (the embedded default, one server per file);
+//! `memory` is the runtime's test double. [`Stores::open`] picks one from
+//! the configuration.
 
 pub mod memory;
 pub mod postgres;
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{DatabaseArgs, StoreLocation};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
@@ -324,4 +334,65 @@ pub trait PipelineStore: Send + Sync + 'static {
 
     /// The store's clock.
     async fn now(&self) -> Result<DateTime<Utc>>;
+}
+
+/// Every part of one store, behind its trait.
+#[derive(Clone)]
+pub struct Stores {
+    pub agents: Arc<dyn AgentStore>,
+    pub healing: Arc<dyn HealingStore>,
+    pub posts: Arc<dyn PostHealingStore>,
+    pub pipeline: Arc<dyn PipelineStore>,
+    /// Where it is.
+    pub location: StoreLocation,
+}
+
+impl Stores {
+    /// Opens the store `args` selects (creating it if needed) and applies its
+    /// migrations; background work it needs (Postgres's listener) stops with
+    /// `shutdown`.
+    pub async fn open(args: &DatabaseArgs, shutdown: CancellationToken) -> Result<Stores> {
+        let location = args
+            .location()
+            .map_err(crate::error::Error::InvalidArgument)?;
+        match &location {
+            StoreLocation::Postgres(_) => {
+                let store = Arc::new(postgres::PgStore::connect(args, shutdown).await?);
+                Ok(Stores::of(store, location))
+            }
+            StoreLocation::Sqlite(path) => {
+                let store = Arc::new(sqlite::SqliteStore::open(path, args).await?);
+                Ok(Stores::of(store, location))
+            }
+        }
+    }
+
+    fn of<S>(store: Arc<S>, location: StoreLocation) -> Stores
+    where
+        S: AgentStore + HealingStore + PostHealingStore + PipelineStore,
+    {
+        Stores {
+            agents: store.clone(),
+            healing: store.clone(),
+            posts: store.clone(),
+            pipeline: store,
+            location,
+        }
+    }
+}
+
+/// Applies the migrations of the store `args` selects (`fleetcare migrate`).
+pub async fn migrate(args: &DatabaseArgs) -> Result<StoreLocation> {
+    let location = args
+        .location()
+        .map_err(crate::error::Error::InvalidArgument)?;
+    match &location {
+        StoreLocation::Postgres(_) => {
+            postgres::connect_and_migrate(args).await?;
+        }
+        StoreLocation::Sqlite(path) => {
+            sqlite::SqliteStore::open(path, args).await?;
+        }
+    }
+    Ok(location)
 }

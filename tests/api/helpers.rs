@@ -94,7 +94,8 @@ pub fn test_args(database_url: &str) -> ServeArgs {
     ServeArgs {
         listen: "127.0.0.1:0".parse().unwrap(),
         database: DatabaseArgs {
-            database_url: database_url.to_owned(),
+            database_url: Some(database_url.to_owned()),
+            data_dir: Default::default(),
             db_max_connections: 10,
             db_acquire_timeout: Duration::from_secs(2),
         },

@@ -20,7 +20,7 @@ use crate::error::Error;
 /// Channel on which committed transitions are announced to other replicas.
 const TRANSITIONS_CHANNEL: &str = "fleetcare_transitions";
 
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
 /// The Postgres implementation of every store trait.
 #[derive(Clone)]
@@ -54,8 +54,16 @@ impl PgStore {
 /// Creates the database if it does not exist, opens a pool and applies the
 /// embedded migrations (sqlx serialises concurrent migrators with an advisory lock).
 pub async fn connect_and_migrate(args: &DatabaseArgs) -> Result<PgPool, Error> {
-    let options: PgConnectOptions = args
-        .database_url
+    let url = match args.location().map_err(Error::InvalidArgument)? {
+        crate::config::StoreLocation::Postgres(url) => url,
+        other => {
+            return Err(Error::invalid(format!(
+                "not a Postgres URL: {}",
+                other.url()
+            )));
+        }
+    };
+    let options: PgConnectOptions = url
         .parse()
         .map_err(|e| Error::invalid(format!("invalid --database-url: {e}")))?;
     create_database_if_missing(&options).await?;

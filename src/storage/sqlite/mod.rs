@@ -1,0 +1,288 @@
+//! The embedded store: one SQLite file, for a single server.
+//!
+//! The same tables and columns as Postgres (see `migrations/sqlite`), with
+//! timestamps as integer microseconds. SQLite has one writer at a time: every
+//! write runs on the one writer connection in `BEGIN IMMEDIATE` (taking the
+//! write lock at the start, so a transaction never fails half way for want of
+//! it), reads run on a pool of readers that see the last committed state (WAL).
+//!
+//! Durability: `journal_mode=WAL` with `synchronous=FULL`, so every commit is
+//! fsynced to the WAL before it returns (with `NORMAL` a power loss could
+//! drop the last commits, and a reply means durable).
+//!
+//! A single-node store: the process holds an exclusive lock on
+//! `<file>.lock` for its lifetime, and a second server on the same file is
+//! refused at start. Wake-ups for watchers are in-process (no other process
+//! can write the file).
+
+mod agents;
+mod healing;
+mod pipeline;
+mod post_healing;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, NaiveDate, Utc};
+use sqlx::SqlitePool;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use tokio::sync::watch;
+
+use crate::config::DatabaseArgs;
+use crate::error::Error;
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// How long a statement waits for SQLite's own locks (a checkpoint, a reader
+/// opening) before giving up.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The SQLite implementation of every store trait.
+#[derive(Clone)]
+pub struct SqliteStore {
+    /// One connection: SQLite's single writer. `begin_write` takes it.
+    writer: SqlitePool,
+    /// Readers (WAL: they never block the writer nor wait for it).
+    readers: SqlitePool,
+    changes: watch::Sender<u64>,
+    /// Processors running in this process (the only one on the file).
+    running_processors: Arc<Mutex<HashSet<String>>>,
+    path: PathBuf,
+    /// Held for the store's lifetime: the single-node guarantee.
+    _file_lock: Arc<std::fs::File>,
+}
+
+impl SqliteStore {
+    /// Opens (creating it and its directory if needed) the database file at
+    /// `path`, takes the single-node lock, and applies migrations.
+    pub async fn open(path: &Path, args: &DatabaseArgs) -> Result<Self, Error> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                Error::Unavailable(format!(
+                    "cannot create data directory {}: {e}",
+                    dir.display()
+                ))
+            })?;
+        }
+        let file_lock = lock_file(path)?;
+        let options = SqliteConnectOptions::from_str("sqlite://")
+            .map_err(|e| Error::Internal(format!("sqlite options: {e}")))?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .acquire_timeout(args.db_acquire_timeout)
+            .test_before_acquire(false)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(options.clone())
+            .await
+            .map_err(sqlite_error)?;
+        MIGRATOR
+            .run(&writer)
+            .await
+            .map_err(|e| Error::Internal(format!("migrations failed: {e}")))?;
+        let readers = SqlitePoolOptions::new()
+            .max_connections(args.db_max_connections.max(2))
+            .acquire_timeout(args.db_acquire_timeout)
+            .test_before_acquire(false)
+            .connect_with(options.read_only(true))
+            .await
+            .map_err(sqlite_error)?;
+        let (changes, _) = watch::channel(0);
+        Ok(SqliteStore {
+            writer,
+            readers,
+            changes,
+            running_processors: Default::default(),
+            path: path.to_owned(),
+            _file_lock: Arc::new(file_lock),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A write transaction on the single writer, holding SQLite's write lock
+    /// from its start. Dropped without `commit`, it rolls back.
+    pub(crate) async fn begin_write(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, Error> {
+        self.writer
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(sqlite_error)
+    }
+
+    /// The reader pool (last committed state).
+    pub(crate) fn readers(&self) -> &SqlitePool {
+        &self.readers
+    }
+
+    /// Wakes watchers after a commit that appended transitions.
+    pub(crate) fn tick_changes(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+}
+
+/// Takes the exclusive lock beside the database file, or refuses: a second
+/// server on the same file would be a second writer nobody coordinates.
+fn lock_file(db_path: &Path) -> Result<std::fs::File, Error> {
+    let mut name = db_path.as_os_str().to_owned();
+    name.push(".lock");
+    let lock_path = PathBuf::from(name);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| {
+            Error::Unavailable(format!(
+                "cannot open lock file {}: {e}",
+                lock_path.display()
+            ))
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::FailedPrecondition(format!(
+            "the embedded store {} is in use by another fleetcare process (it is a \
+             single-node store: run one server per file, or use Postgres for replicas)",
+            db_path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::Unavailable(format!(
+            "cannot lock {}: {e}",
+            lock_path.display()
+        ))),
+    }
+}
+
+/// The store's clock: the system clock at the store's precision (microseconds,
+/// as Postgres keeps them), so a time read back equals the time written.
+pub(crate) fn store_now() -> DateTime<Utc> {
+    truncate(Utc::now())
+}
+
+/// A time at the store's precision.
+pub(crate) fn truncate(at: DateTime<Utc>) -> DateTime<Utc> {
+    from_micros(micros(at))
+}
+
+/// A time as stored: microseconds since the Unix epoch.
+pub(crate) fn micros(at: DateTime<Utc>) -> i64 {
+    at.timestamp_micros()
+}
+
+/// A stored time.
+pub(crate) fn from_micros(us: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(us).unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
+/// A stored optional time.
+pub(crate) fn from_micros_opt(us: Option<i64>) -> Option<DateTime<Utc>> {
+    us.map(from_micros)
+}
+
+/// A date as stored: `YYYY-MM-DD`.
+pub(crate) fn day_text(day: NaiveDate) -> String {
+    day.format("%Y-%m-%d").to_string()
+}
+
+/// A stored date.
+pub(crate) fn parse_day(text: &str) -> Result<NaiveDate, Error> {
+    NaiveDate::parse_from_str(text, "%Y-%m-%d")
+        .map_err(|e| Error::Internal(format!("stored date {text:?} unreadable: {e}")))
+}
+
+/// Whether `err` is the violation of a UNIQUE or PRIMARY KEY constraint.
+pub(crate) fn is_unique_violation(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+/// Maps an SQLite error to what it means for the client, in one place.
+/// Callers that expect a specific constraint violation match it before this.
+pub(crate) fn sqlite_error(err: sqlx::Error) -> Error {
+    use sqlx::Error as E;
+    match &err {
+        E::PoolTimedOut | E::PoolClosed | E::Io(_) | E::WorkerCrashed => {
+            Error::Unavailable(format!("database unavailable ({err})"))
+        }
+        E::Database(db) => {
+            // Primary result codes (the low byte of the extended code).
+            let code = db
+                .code()
+                .and_then(|c| c.parse::<i32>().ok())
+                .map(|c| c & 0xff)
+                .unwrap_or(-1);
+            match code {
+                // SQLITE_BUSY, SQLITE_LOCKED: the write lock stayed taken past
+                // the busy timeout.
+                5 | 6 => Error::Unavailable(format!("database busy ({err})")),
+                // SQLITE_FULL: the disk is full.
+                13 => Error::ResourceExhausted("database disk is full".into()),
+                // SQLITE_IOERR, SQLITE_CANTOPEN, SQLITE_READONLY.
+                10 | 14 | 8 => Error::Unavailable(format!("database unavailable ({err})")),
+                _ => {
+                    tracing::error!(error = %err, code, "unexpected database error");
+                    Error::Internal(err.to_string())
+                }
+            }
+        }
+        _ => {
+            tracing::error!(error = %err, "unexpected database error");
+            Error::Internal(err.to_string())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_round_trip_at_microsecond_precision() {
+        let t = DateTime::parse_from_rfc3339("2026-12-01T10:11:12.123456789Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let back = from_micros(micros(t));
+        assert_eq!(back, truncate(t));
+        assert_eq!(back.timestamp_subsec_nanos(), 123_456_000);
+    }
+
+    #[test]
+    fn days_round_trip() {
+        let d = NaiveDate::from_ymd_opt(2026, 2, 3).unwrap();
+        assert_eq!(day_text(d), "2026-02-03");
+        assert_eq!(parse_day("2026-02-03").unwrap(), d);
+        assert!(parse_day("yesterday").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_second_store_on_the_same_file_is_refused() {
+        let dir = std::env::temp_dir().join(format!("fleetcare-lock-{}", std::process::id()));
+        let path = dir.join("fleetcare.db");
+        let args = DatabaseArgs::for_url(&format!("sqlite://{}", path.display()));
+        let first = SqliteStore::open(&path, &args).await.expect("first opens");
+        let second = SqliteStore::open(&path, &args).await;
+        match second {
+            Err(Error::FailedPrecondition(message)) => {
+                assert!(
+                    message.contains("in use by another fleetcare process"),
+                    "{message}"
+                )
+            }
+            Err(other) => panic!("unexpected error {other}"),
+            Ok(_) => panic!("a second store opened the same file"),
+        }
+        drop(first);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
