@@ -33,19 +33,35 @@ fn with_database(url: &str, name: &str) -> String {
     format!("{server}/{name}{query}")
 }
 
-/// A database name unique to one test. The server creates it on start-up; it is
-/// dropped when the test passes and kept for inspection when it fails.
+/// The store a test runs against: a fresh Postgres database, or a fresh SQLite
+/// file in its own directory (`FLEETCARE_TEST_BACKEND=sqlite`).
 pub struct TestDb {
     pub name: String,
     pub url: String,
+    /// The SQLite file's directory (None for Postgres).
+    pub dir: Option<std::path::PathBuf>,
+}
+
+/// Whether this run's tests use the embedded SQLite store.
+pub fn sqlite_backend() -> bool {
+    std::env::var("FLEETCARE_TEST_BACKEND").is_ok_and(|b| b == "sqlite")
 }
 
 impl TestDb {
     pub fn new() -> TestDb {
         let name = format!("fleetcare_test_{}", uuid::Uuid::new_v4().simple());
+        if sqlite_backend() {
+            let dir = std::env::temp_dir().join(&name);
+            return TestDb {
+                url: format!("sqlite://{}", dir.join("fleetcare.db").display()),
+                name,
+                dir: Some(dir),
+            };
+        }
         TestDb {
             url: with_database(&admin_url(), &name),
             name,
+            dir: None,
         }
     }
 
@@ -65,7 +81,11 @@ impl TestDb {
 impl Drop for TestDb {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("keeping database {} for inspection", self.name);
+            eprintln!("keeping database {} for inspection", self.url);
+            return;
+        }
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
             return;
         }
         let name = self.name.clone();
