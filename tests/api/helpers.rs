@@ -18,10 +18,209 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-/// The Postgres server tests create their databases on.
+/// The Postgres server tests create their databases on (its `postgres`
+/// database's URL), found once per test binary:
+/// `FLEETCARE_TEST_DATABASE_URL` when set; else a throwaway server started
+/// from the locally installed `initdb` and `postgres` (as the pgtemp crate
+/// does), stopped when the test binary exits; else the Postgres run is skipped
+/// with one line saying why, unless `FLEETCARE_REQUIRE_POSTGRES` is set (CI),
+/// which turns the skip into a failure.
 pub fn admin_url() -> String {
-    std::env::var("FLEETCARE_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    static SERVER: std::sync::OnceLock<Result<String, String>> = std::sync::OnceLock::new();
+    match SERVER.get_or_init(throwaway_postgres::resolve) {
+        Ok(url) => url.clone(),
+        Err(why) => {
+            if std::env::var_os("FLEETCARE_REQUIRE_POSTGRES").is_some() {
+                panic!("FLEETCARE_REQUIRE_POSTGRES is set but {why}");
+            }
+            // Written past the test harness's capture, once, then the whole
+            // binary ends successfully: every test of it needs Postgres.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "\nfleetcare: the Postgres test run was SKIPPED: {why}\n"
+            );
+            std::process::exit(0);
+        }
+    }
+}
+
+/// Where the Postgres server of [`admin_url`] listens.
+pub fn postgres_addr() -> SocketAddr {
+    let options: sqlx::postgres::PgConnectOptions = admin_url().parse().expect("postgres url");
+    let host = match options.get_host() {
+        "localhost" => "127.0.0.1",
+        host => host,
+    };
+    format!("{host}:{}", options.get_port())
+        .parse()
+        .expect("proxy tests need the database at an IP address")
+}
+
+mod throwaway_postgres {
+    //! A Postgres server of our own for the test run, from the locally
+    //! installed binaries, in a temporary directory, on a free port.
+
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    /// The supervisor shell: while its stdin stays open (the test binary is
+    /// alive) the server runs; at EOF it stops the server and removes its
+    /// files. The test binary never closes it: the OS does when it exits.
+    static SUPERVISOR: std::sync::Mutex<Option<Child>> = std::sync::Mutex::new(None);
+
+    pub fn resolve() -> Result<String, String> {
+        if let Ok(url) = std::env::var("FLEETCARE_TEST_DATABASE_URL") {
+            return Ok(url);
+        }
+        let bin = find_binaries().ok_or(
+            "FLEETCARE_TEST_DATABASE_URL is not set and no initdb/postgres binaries \
+             were found (FLEETCARE_TEST_POSTGRES_BIN, PATH, /usr/lib/postgresql); \
+             install PostgreSQL, or point FLEETCARE_TEST_DATABASE_URL at a server",
+        )?;
+        start(&bin).map_err(|e| format!("a throwaway Postgres could not start: {e}"))
+    }
+
+    /// `FLEETCARE_TEST_POSTGRES_BIN` names the directory to take them from;
+    /// else PATH, then Debian's /usr/lib/postgresql/<version>/bin, newest first.
+    fn find_binaries() -> Option<PathBuf> {
+        let usable = |dir: &PathBuf| dir.join("initdb").is_file() && dir.join("postgres").is_file();
+        if let Some(dir) = std::env::var_os("FLEETCARE_TEST_POSTGRES_BIN") {
+            return Some(PathBuf::from(dir)).filter(usable);
+        }
+        let on_path = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+            .unwrap_or_default();
+        let mut installed: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+            .map(|dirs| dirs.flatten().map(|d| d.path().join("bin")).collect())
+            .unwrap_or_default();
+        installed.sort();
+        installed.reverse();
+        on_path
+            .into_iter()
+            .chain(installed)
+            .find(usable)
+    }
+
+    /// initdb refuses to run as root: then the server runs as `postgres`.
+    fn run_as() -> Result<Option<&'static str>, String> {
+        let uid = Command::new("id").arg("-u").output().map_err(|e| e.to_string())?;
+        if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+            return Ok(None);
+        }
+        let known = Command::new("id")
+            .args(["-u", "postgres"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if known {
+            Ok(Some("postgres"))
+        } else {
+            Err("running as root, and there is no postgres user to run initdb as".into())
+        }
+    }
+
+    fn command(user: Option<&str>, program: &Path) -> Command {
+        match user {
+            Some(user) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", user, "--"]).arg(program);
+                c
+            }
+            None => Command::new(program),
+        }
+    }
+
+    fn start(bin: &Path) -> Result<String, String> {
+        let user = run_as()?;
+        let dir = std::env::temp_dir().join(format!(
+            "fleetcare-test-postgres-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        if let Some(user) = user {
+            let chown = Command::new("chown")
+                .arg(user)
+                .arg(&dir)
+                .status()
+                .map_err(|e| e.to_string())?;
+            if !chown.success() {
+                return Err(format!("chown {user} {} failed", dir.display()));
+            }
+        }
+        let data = dir.join("data");
+        let init = command(user, &bin.join("initdb"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
+            .output()
+            .map_err(|e| format!("initdb: {e}"))?;
+        if !init.status.success() {
+            return Err(format!(
+                "initdb failed: {}",
+                String::from_utf8_lossy(&init.stderr).trim()
+            ));
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| e.to_string())?
+            .port();
+        // Durability does not matter for a throwaway: no fsync.
+        let script = format!(
+            "'{postgres}' -D '{data}' -p {port} -k '{dir}' -c listen_addresses=127.0.0.1 \
+             -c fsync=off -c synchronous_commit=off -c full_page_writes=off \
+             -c max_connections=400 >'{dir}/log' 2>&1 & pid=$!; \
+             cat >/dev/null; kill -INT $pid; wait $pid; rm -rf '{dir}'",
+            postgres = bin.join("postgres").display(),
+            data = data.display(),
+            dir = dir.display(),
+        );
+        let supervisor = command(user, Path::new("sh"))
+            .args(["-c", &script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start postgres: {e}"))?;
+        *SUPERVISOR.lock().unwrap() = Some(supervisor);
+        let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+        wait_until_ready(&url, &dir)?;
+        Ok(url)
+    }
+
+    /// The server is another process: poll until it accepts a login (it
+    /// refuses them while it starts up), for at most 60 s.
+    fn wait_until_ready(url: &str, dir: &Path) -> Result<(), String> {
+        let url = url.to_owned();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            rt.block_on(async {
+                loop {
+                    use sqlx::Connection;
+                    match sqlx::PgConnection::connect(&url).await {
+                        Ok(conn) => {
+                            let _ = conn.close().await;
+                            return Ok(());
+                        }
+                        Err(_) if Instant::now() < deadline => {
+                            tokio::time::sleep(Duration::from_millis(50)).await
+                        }
+                        Err(e) => return Err(format!("not ready after 60 s: {e}")),
+                    }
+                }
+            })
+        })
+        .join()
+        .map_err(|_| "readiness check panicked".to_string())?
+        .map_err(|e| {
+            let log = std::fs::read_to_string(dir.join("log")).unwrap_or_default();
+            format!("{e}; server log:\n{log}")
+        })
+    }
 }
 
 fn with_database(url: &str, name: &str) -> String {
@@ -42,9 +241,11 @@ pub struct TestDb {
     pub dir: Option<std::path::PathBuf>,
 }
 
-/// Whether this run's tests use the embedded SQLite store.
+/// Whether this run's tests use the embedded SQLite store: the `api_sqlite`
+/// test binary (the same test bodies as `api`), or `FLEETCARE_TEST_BACKEND=sqlite`.
 pub fn sqlite_backend() -> bool {
-    std::env::var("FLEETCARE_TEST_BACKEND").is_ok_and(|b| b == "sqlite")
+    env!("CARGO_CRATE_NAME") == "api_sqlite"
+        || std::env::var("FLEETCARE_TEST_BACKEND").is_ok_and(|b| b == "sqlite")
 }
 
 impl TestDb {
@@ -67,13 +268,9 @@ impl TestDb {
 
     /// The same database reached through `proxy`, which a test can cut.
     pub fn url_via(&self, proxy: &TcpProxy) -> String {
-        let url = self
-            .url
-            .replacen("127.0.0.1:5432", &proxy.addr.to_string(), 1);
-        assert_ne!(
-            url, self.url,
-            "proxy tests need the database on 127.0.0.1:5432"
-        );
+        let server = postgres_addr().to_string();
+        let url = self.url.replacen(&server, &proxy.addr.to_string(), 1);
+        assert_ne!(url, self.url, "proxy tests need the database at {server}");
         url
     }
 }
@@ -320,7 +517,7 @@ pub struct TcpProxy {
 
 impl TcpProxy {
     pub async fn to_postgres() -> TcpProxy {
-        TcpProxy::start("127.0.0.1:5432".parse().unwrap()).await
+        TcpProxy::start(postgres_addr()).await
     }
 
     pub async fn start(upstream_addr: SocketAddr) -> TcpProxy {
@@ -378,4 +575,71 @@ pub fn reason(status: &tonic::Status) -> String {
         .get_details_error_info()
         .map(|info| info.reason)
         .unwrap_or_default()
+}
+
+/// A `fleetcare serve` process (the real binary, for kill -9 and start-up
+/// behaviour), killed with SIGKILL when dropped.
+pub struct ServerProcess {
+    child: std::process::Child,
+    pub addr: SocketAddr,
+}
+
+impl ServerProcess {
+    /// Starts `fleetcare serve --listen <free port> <args>` and waits until its
+    /// health check answers.
+    pub async fn start(args: &[&str]) -> ServerProcess {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_fleetcare"))
+            .args(["serve", "--listen", &addr.to_string()])
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start fleetcare serve");
+        let process = ServerProcess { child, addr };
+        // Readiness of another process: its health check, polled.
+        eventually(
+            Duration::from_secs(30),
+            "server process serving",
+            || async {
+                let channel = Channel::from_shared(format!("http://{addr}"))
+                    .ok()?
+                    .connect()
+                    .await
+                    .ok()?;
+                let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+                health
+                    .check(tonic_health::pb::HealthCheckRequest::default())
+                    .await
+                    .ok()
+                    .map(|_| ())
+            },
+        )
+        .await;
+        process
+    }
+
+    pub async fn client(&self) -> AgentStatusServiceClient<Channel> {
+        AgentStatusServiceClient::connect(format!("http://{}", self.addr))
+            .await
+            .unwrap()
+    }
+
+    /// SIGKILL: no shutdown, no flush.
+    pub fn kill(mut self) {
+        self.child.kill().expect("SIGKILL");
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

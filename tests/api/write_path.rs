@@ -4,8 +4,6 @@
 //! they keep coming, across replicas, flush delays and a kill -9).
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use fleetcare::proto::v1 as pb;
@@ -14,7 +12,7 @@ use pb::watch_transitions_response::Event;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::helpers::{TestApp, TestDb, eventually, reason, status, test_args};
+use crate::helpers::{ServerProcess, TestApp, TestDb, eventually, reason, status, test_args};
 
 use pb::AgentStatus as S;
 use pb::TransitionCause as C;
@@ -281,78 +279,19 @@ async fn get_agent_shows_a_heartbeat_before_it_is_flushed() {
     assert_eq!(app.get("hb").await.last_heartbeat_at.unwrap(), at);
 }
 
-/// A `fleetcare serve` process, killed with SIGKILL when dropped.
-struct ServerProcess {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl ServerProcess {
-    async fn start(db: &TestDb, timeout: Duration, flush: Duration) -> ServerProcess {
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_fleetcare"))
-            .args([
-                "serve",
-                "--listen",
-                &addr.to_string(),
-                "--database-url",
-                &db.url,
-            ])
-            .args(["--heartbeat-timeout", &format!("{}ms", timeout.as_millis())])
-            .args([
-                "--heartbeat-flush-interval",
-                &format!("{}ms", flush.as_millis()),
-            ])
-            .args(["--sweep-interval", "50ms"])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start fleetcare serve");
-        let process = ServerProcess { child, addr };
-        // Readiness of another process: its health check, polled.
-        eventually(
-            Duration::from_secs(30),
-            "server process serving",
-            || async {
-                let channel = Channel::from_shared(format!("http://{addr}"))
-                    .ok()?
-                    .connect()
-                    .await
-                    .ok()?;
-                let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-                health
-                    .check(tonic_health::pb::HealthCheckRequest::default())
-                    .await
-                    .ok()
-                    .map(|_| ())
-            },
-        )
-        .await;
-        process
-    }
-
-    async fn client(&self) -> AgentStatusServiceClient<Channel> {
-        AgentStatusServiceClient::connect(format!("http://{}", self.addr))
-            .await
-            .unwrap()
-    }
-
-    fn kill(mut self) {
-        self.child.kill().expect("SIGKILL");
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A `fleetcare serve` process on `db` with quick liveness settings.
+async fn serve_process(db: &TestDb, timeout: Duration, flush: Duration) -> ServerProcess {
+    ServerProcess::start(&[
+        "--database-url",
+        &db.url,
+        "--heartbeat-timeout",
+        &format!("{}ms", timeout.as_millis()),
+        "--heartbeat-flush-interval",
+        &format!("{}ms", flush.as_millis()),
+        "--sweep-interval",
+        "50ms",
+    ])
+    .await
 }
 
 #[tokio::test]
@@ -363,7 +302,7 @@ async fn kill_9_between_acknowledgement_and_flush_loses_liveness_not_the_agent()
     // An in-process replica that sweeps, already past its start-up grace when the
     // process replica dies.
     let sweeper = TestApp::spawn_with(quick_liveness(&db, timeout, flush)).await;
-    let front = ServerProcess::start(&db, timeout, flush).await;
+    let front = serve_process(&db, timeout, flush).await;
     let mut client = front.client().await;
     client
         .register_agent(pb::RegisterAgentRequest {
@@ -394,7 +333,7 @@ async fn kill_9_between_acknowledgement_and_flush_loses_liveness_not_the_agent()
     );
 
     // The agent keeps heartbeating, to a restarted process, for two timeouts.
-    let front = ServerProcess::start(&db, timeout, flush).await;
+    let front = serve_process(&db, timeout, flush).await;
     let mut client = front.client().await;
     let until = tokio::time::Instant::now() + 2 * timeout;
     while tokio::time::Instant::now() < until {

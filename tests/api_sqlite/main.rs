@@ -1,0 +1,37 @@
+//! The integration suite against the embedded SQLite store: the same test
+//! bodies as `tests/api` (which runs them against Postgres), each test on a
+//! fresh SQLite file of its own, chosen by the harness (`helpers::sqlite_backend`
+//! reads this binary's name). What only Postgres can do (several replicas on
+//! one database, a database reached over a network that can be cut) stays in
+//! the Postgres run; what only the embedded store does is in `embedded`.
+
+#[path = "../api/agents.rs"]
+mod agents;
+#[path = "../api/cli.rs"]
+mod cli;
+#[path = "../api/client_heartbeats.rs"]
+mod client_heartbeats;
+#[path = "../api/healing.rs"]
+mod healing;
+#[path = "../api/helpers.rs"]
+mod helpers;
+#[path = "../api/pipeline.rs"]
+mod pipeline;
+#[path = "../api/post_healing.rs"]
+mod post_healing;
+#[path = "../api/recovery.rs"]
+mod recovery;
+#[path = "../api/server.rs"]
+mod server;
+#[path = "../api/sweeper.rs"]
+mod sweeper;
+#[path = "../api/usage_corpus.rs"]
+mod usage_corpus;
+#[path = "../api/usage_rollups.rs"]
+mod usage_rollups;
+#[path = "../api/watch.rs"]
+mod watch;
+#[path = "../api/write_path.rs"]
+mod write_path;
+
+mod embedded;
