@@ -2,8 +2,8 @@
 # Runs the test suite: setup.sh, then pytest in the venv with any extra arguments
 # (e.g. ./test.sh -k watch -x). The exit code is pytest's.
 #
-# Env: FLEETCARE_BIN (server binary; default <repo>/target/debug/fleetcare),
-#      FLEETCARE_TEST_PG_URL (default postgres://postgres@127.0.0.1:5432).
+# Env: FLEETCARE_BIN (server binary; default <repo>/target/debug/fleetcare).
+# Each test server keeps its data in the embedded store, in a temporary data directory.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

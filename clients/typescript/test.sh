@@ -4,7 +4,7 @@
 # the tests against the real server. Exit code: the tests'.
 #
 # The server binary comes from $FLEETCARE_BIN (default: <repo>/target/debug/fleetcare);
-# Postgres from $FLEETCARE_TEST_PG_URL (default: postgres://postgres@127.0.0.1:5432).
+# Each server keeps its data in the embedded store, in a temporary data directory.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

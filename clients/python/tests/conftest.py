@@ -1,13 +1,15 @@
-"""Fixtures: the real fleetcare server on a fresh PostgreSQL database.
+"""Fixtures: the real fleetcare server on a fresh embedded store.
 
 The binary comes from FLEETCARE_BIN (the Rust test harness sets it), else
-<repo>/target/debug/fleetcare. PostgreSQL from FLEETCARE_TEST_PG_URL (default
-postgres://postgres@127.0.0.1:5432). Every database is dropped and every server
+<repo>/target/debug/fleetcare. Each "database" is the server's default store,
+an SQLite file in a data directory of its own (`--data-dir`), so the suite
+needs nothing installed. Every data directory is removed and every server
 stopped at teardown, also when a test fails.
 """
 
 from __future__ import annotations
 
+import atexit
 import collections
 import json
 import os
@@ -16,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -66,20 +69,17 @@ def fleetcare_bin() -> Path:
     return path
 
 
-def pg_base_url() -> str:
-    return os.environ.get("FLEETCARE_TEST_PG_URL", "postgres://postgres@127.0.0.1:5432").rstrip("/")
+# Where the test servers' data directories live (removed at exit).
+DATA_ROOT = Path(tempfile.mkdtemp(prefix="fleetcare-pytest-"))
+atexit.register(shutil.rmtree, DATA_ROOT, True)
+
+
+def data_dir(name: str) -> Path:
+    return DATA_ROOT / name
 
 
 def drop_database(name: str) -> None:
-    result = subprocess.run(
-        ["psql", "-d", f"{pg_base_url()}/postgres", "-v", "ON_ERROR_STOP=1", "-qc",
-         f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    if result.returncode != 0:
-        print(f"warning: could not drop database {name}: {result.stderr.strip()}", file=sys.stderr)
+    shutil.rmtree(data_dir(name), ignore_errors=True)
 
 
 # The server gets SIGTERM if pytest dies without running its teardown. (Not a
@@ -116,8 +116,8 @@ class FleetcareServer:
             "serve",
             "--listen",
             self.listen,
-            "--database-url",
-            f"{pg_base_url()}/{self.database}",
+            "--data-dir",
+            str(data_dir(self.database)),
             "--log-format",
             "json",
             "--session-dir",

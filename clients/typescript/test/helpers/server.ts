@@ -1,7 +1,9 @@
-// Starts the real fleetcare server binary against a fresh Postgres database,
-// and cleans both up (SIGTERM, wait, DROP DATABASE), even when a test fails.
+// Starts the real fleetcare server binary on a fresh embedded store (its
+// default: an SQLite file in a data directory of its own, so nothing else needs
+// to be installed), and cleans both up (SIGTERM, wait, remove the directory),
+// even when a test fails. A "database" here is the name of such a directory.
 
-import { spawn, spawnSync, type ChildProcess } from "node:child_process";
+import { spawn, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -31,24 +33,20 @@ export function fleetcareBin(): string {
   return bin;
 }
 
-function pgBaseUrl(): string {
-  return (process.env.FLEETCARE_TEST_PG_URL || "postgres://postgres@127.0.0.1:5432").replace(/\/+$/, "");
+/** Where the test servers' data directories live. */
+const dataRoot = mkdtempSync(join(tmpdir(), "fleetcare-ts-data-"));
+
+function dataDir(name: string): string {
+  return join(dataRoot, name);
 }
 
 export function uniqueDbName(): string {
   return `fleetcare_ts_${process.pid}_${randomBytes(4).toString("hex")}`;
 }
 
-/** Drops a test database (synchronously, so it also works from an exit handler). */
+/** Removes a test store (synchronously, so it also works from an exit handler). */
 export function dropDatabase(name: string): void {
-  const r = spawnSync(
-    "psql",
-    [`${pgBaseUrl()}/postgres`, "-v", "ON_ERROR_STOP=1", "-q", "-c", `DROP DATABASE IF EXISTS "${name}" WITH (FORCE)`],
-    { encoding: "utf8" },
-  );
-  if (r.status !== 0) {
-    process.stderr.write(`warning: could not drop database ${name}: ${r.error ?? r.stderr}\n`);
-  }
+  rmSync(dataDir(name), { recursive: true, force: true });
 }
 
 export interface StartOptions {
@@ -85,6 +83,7 @@ process.on("exit", () => {
   for (const child of running) child.kill("SIGKILL");
   for (const db of ownedDbs) dropDatabase(db);
   for (const dir of ownedDirs) rmSync(dir, { recursive: true, force: true });
+  rmSync(dataRoot, { recursive: true, force: true });
 });
 // Interrupted (Ctrl-C, or the test runner cancelling this file): still clean up.
 for (const signal of ["SIGINT", "SIGTERM"] as const) {
@@ -117,8 +116,8 @@ export async function startServer(options: StartOptions = {}): Promise<Fleetcare
       "serve",
       "--listen",
       options.listen ?? "127.0.0.1:0",
-      "--database-url",
-      `${pgBaseUrl()}/${dbName}`,
+      "--data-dir",
+      dataDir(dbName),
       "--log-format",
       "json",
       "--session-dir",
