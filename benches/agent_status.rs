@@ -18,6 +18,12 @@
 //!
 //!     cargo bench --bench agent_status
 //!     BENCH_SECTIONS=ratios cargo bench --bench agent_status   # ratios only
+//!     FLEETCARE_TEST_BACKEND=sqlite cargo bench --bench agent_status   # on the embedded store
+//!
+//! On the embedded store the baselines are the same single-statement
+//! autocommit UPDATEs on an SQLite file with the server's settings (WAL,
+//! synchronous=FULL) at the same concurrency, and through one connection; the
+//! previous design's transaction is a Postgres baseline only.
 //!
 //! Knobs (env): BENCH_CALLS, BENCH_CONCURRENCY, BENCH_WATCHERS, BENCH_WATCH_RATE,
 //! BENCH_WATCH_SECS, BENCH_FLEET, BENCH_HEARTBEATING, BENCH_SCALE_SECS.
@@ -206,8 +212,13 @@ impl Bench {
     }
 
     /// One-row UPDATEs, each its own autocommit transaction, on `connections`
-    /// connections (each its own row): `pgbench -N` without pgbench.
+    /// connections (each its own row): `pgbench -N` without pgbench. On the
+    /// embedded store, the same on the server's SQLite file with the server's
+    /// settings (WAL, synchronous=FULL, busy timeout), in a table of its own.
     async fn baseline_updates(&self, total: usize, connections: usize) -> f64 {
+        if helpers::sqlite_backend() {
+            return self.baseline_updates_sqlite(total, connections).await;
+        }
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(connections as u32)
             .min_connections(connections as u32)
@@ -240,6 +251,55 @@ impl Bench {
         .await;
         report(
             &format!("baseline: 1-row UPDATE, autocommit, {connections} conns"),
+            total,
+            &r,
+        )
+    }
+
+    /// The SQLite baseline, on a file of its own beside the server's (the
+    /// server holds its file's single-node lock; the disk is the same).
+    async fn baseline_updates_sqlite(&self, total: usize, connections: usize) -> f64 {
+        use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+        let dir = self.db.dir.as_ref().expect("sqlite test db");
+        let options = SqliteConnectOptions::new()
+            .filename(dir.join("baseline.db"))
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(30));
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(connections as u32)
+            .min_connections(connections as u32)
+            .connect_with(options)
+            .await
+            .unwrap();
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS bench_baseline (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        for id in 0..=connections as i64 {
+            sqlx::query("INSERT OR IGNORE INTO bench_baseline VALUES (?, 0)")
+                .bind(id)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        let r = drive(total, connections, |i| {
+            let pool = pool.clone();
+            async move {
+                sqlx::query("UPDATE bench_baseline SET n = n + 1 WHERE id = ?")
+                    .bind((i % connections) as i64)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
+        })
+        .await;
+        pool.close().await;
+        report(
+            &format!("baseline: SQLite 1-row UPDATE, autocommit, {connections} conns"),
             total,
             &r,
         )
@@ -356,6 +416,15 @@ async fn main() {
         "  => transitions / 1-row autocommit UPDATEs at {concurrency}: {:.2} (target >= 3)",
         transitions / baseline.max(baseline_after)
     );
+    if helpers::sqlite_backend() {
+        // SQLite has one writer: the same UPDATEs through one connection, the
+        // callers queued on it, is the other fair baseline.
+        let serial = bench.baseline_updates(calls / 2, 1).await;
+        println!(
+            "  => transitions / SQLite 1-row autocommit UPDATEs through one connection: {:.2}",
+            transitions / serial
+        );
+    }
     let single = (calls / 40).max(200);
     {
         let health = HealthClient::new(bench.app.channel.clone());
@@ -382,12 +451,21 @@ async fn main() {
         .await;
         report("lone call: GetAgent, 1 in flight", single, &r);
     }
-    let old = bench.baseline_old_transaction(single, &id(4999)).await;
-    let one = bench.transitions(single / 2, 1, 0).await;
-    println!(
-        "  => transitions at 1 in flight (with gRPC) / previous design's transaction (without): {:.2} (target >= 1)",
-        one / old
-    );
+    if helpers::sqlite_backend() {
+        let lone = bench.baseline_updates(single, 1).await;
+        let one = bench.transitions(single / 2, 1, 0).await;
+        println!(
+            "  => transitions at 1 in flight (with gRPC) / SQLite 1-row autocommit UPDATEs at 1: {:.2}",
+            one / lone
+        );
+    } else {
+        let old = bench.baseline_old_transaction(single, &id(4999)).await;
+        let one = bench.transitions(single / 2, 1, 0).await;
+        println!(
+            "  => transitions at 1 in flight (with gRPC) / previous design's transaction (without): {:.2} (target >= 1)",
+            one / old
+        );
+    }
 
     if all || sections.contains("watch") {
         watch_fanout(&bench).await;
@@ -595,17 +673,7 @@ async fn scale(bench: &Bench) {
 
     // What one sweeper tick costs with this fleet: the candidate query (agents
     // registered longer ago than the timeout and not heartbeating are due).
-    let store = fleetcare::storage::postgres::PgStore::connect(
-        &DatabaseArgs {
-            database_url: Some(bench.db.url.clone()),
-            data_dir: Default::default(),
-            db_max_connections: 2,
-            db_acquire_timeout: Duration::from_secs(5),
-        },
-        tokio_util::sync::CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let store = bench.app.stores.agents.clone();
     use fleetcare::storage::AgentStore;
     let silence = fleetcare::domain::liveness::silence_timeout(
         chrono::Duration::seconds(120),

@@ -149,6 +149,11 @@ impl Application {
         self
     }
 
+    /// The store this server runs on (tests and benches read it directly).
+    pub fn stores(&self) -> &Stores {
+        &self.stores
+    }
+
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
     }

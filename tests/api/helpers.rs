@@ -330,6 +330,8 @@ pub fn test_args(database_url: &str) -> ServeArgs {
 
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The server's own store, for tests that look beneath the API.
+    pub stores: fleetcare::storage::Stores,
     pub agents: AgentStatusServiceClient<Channel>,
     pub channel: Channel,
     pub shutdown: CancellationToken,
@@ -352,12 +354,14 @@ impl TestApp {
         let app = Application::build(args, listener, shutdown.clone())
             .await
             .expect("server builds");
+        let stores = app.stores().clone();
         let handle = tokio::spawn(app.run());
         let channel = Channel::from_shared(format!("http://{addr}"))
             .unwrap()
             .connect_lazy();
         TestApp {
             addr,
+            stores,
             agents: AgentStatusServiceClient::new(channel.clone()),
             channel,
             shutdown,
@@ -381,12 +385,14 @@ impl TestApp {
             .await
             .expect("server builds")
             .with_processors(processors);
+        let stores = app.stores().clone();
         let handle = tokio::spawn(app.run());
         let channel = Channel::from_shared(format!("http://{addr}"))
             .unwrap()
             .connect_lazy();
         TestApp {
             addr,
+            stores,
             agents: AgentStatusServiceClient::new(channel.clone()),
             channel,
             shutdown,
