@@ -1,50 +1,767 @@
-//! The agent-healing part of the embedded store.
+//! Error events, recovery actions and learned patterns in the embedded store.
+//!
+//! The same queries as `storage::postgres::healing`, on SQLite's one writer:
+//! every write runs in [`SqliteStore::begin_write`] (`BEGIN IMMEDIATE`), which
+//! serialises them all, so what Postgres gets from advisory and row locks
+//! holds here by construction. The store's clock is read once per
+//! transaction ([`store_now`]), after the write lock is taken.
 
 use async_trait::async_trait;
-use chrono::Duration;
+use chrono::{DateTime, Duration, Utc};
+use sqlx::{FromRow, QueryBuilder, Sqlite, SqliteConnection};
 
-use super::SqliteStore;
-use crate::domain::healing_records::{
-    ErrorEvent, HealingStatistics, NewErrorEvent, RecoveryAction, RecoveryOutcome,
+use super::{
+    SqliteStore, from_micros, from_micros_opt, is_unique_violation, micros, sqlite_error, store_now,
 };
-use crate::error::Result;
+use crate::domain::healing::{self, Context, ErrorType, Evidence, Strategy};
+use crate::domain::healing_records::{
+    self as records, ErrorEvent, HealingStatistics, LeaseFilter, NewErrorEvent, PatternStatistics,
+    RecoveryAction, RecoveryAlreadyActive, RecoveryOutcome, RecoveryStatus, StoredStatusFilter,
+};
+use crate::error::{Error, Result};
 use crate::storage::{ErrorEventQuery, HealingStore, Planner, RecoveryActionQuery};
+
+const EVENT_COLUMNS: &str =
+    "id, agent_id, message, context, error_type, severity, critical, recurring, occurred_at";
+
+/// The stored status; rows are read through [`ActionRow::at`], which lets the
+/// domain decide what a reader sees.
+const ACTION_COLUMNS: &str = "id, error_event_id, agent_id, error_type, context_signature, \
+     strategy, chosen_strategy, parameters, estimated_duration_ms, success_probability, risk, \
+     escalated, reason, status, created_at, lease_expires_at, completed_at, duration_ms, details";
+
+/// Pushes a condition true for rows whose (status, lease) match one of the
+/// domain's [`StoredStatusFilter`]s (none: no row).
+fn push_status_filter(qb: &mut QueryBuilder<'_, Sqlite>, filters: &[StoredStatusFilter]) {
+    if filters.is_empty() {
+        qb.push("0");
+        return;
+    }
+    qb.push("(");
+    for (i, f) in filters.iter().enumerate() {
+        if i > 0 {
+            qb.push(" OR ");
+        }
+        qb.push("(status = ").push_bind(f.status.as_str());
+        match f.lease {
+            LeaseFilter::Any => {}
+            LeaseFilter::EndsAfter(t) => {
+                qb.push(" AND lease_expires_at > ").push_bind(micros(t));
+            }
+            LeaseFilter::EndedBy(t) => {
+                qb.push(" AND lease_expires_at <= ").push_bind(micros(t));
+            }
+        }
+        qb.push(")");
+    }
+    qb.push(")");
+}
+
+#[derive(FromRow)]
+struct EventRow {
+    id: i64,
+    agent_id: String,
+    message: String,
+    context: String,
+    error_type: String,
+    severity: f64,
+    critical: bool,
+    recurring: bool,
+    occurred_at: i64,
+}
+
+#[derive(FromRow)]
+struct ActionRow {
+    id: i64,
+    error_event_id: i64,
+    agent_id: String,
+    error_type: String,
+    context_signature: String,
+    strategy: String,
+    chosen_strategy: String,
+    parameters: String,
+    estimated_duration_ms: i64,
+    success_probability: f64,
+    risk: f64,
+    escalated: bool,
+    reason: String,
+    status: String,
+    created_at: i64,
+    lease_expires_at: i64,
+    completed_at: Option<i64>,
+    duration_ms: Option<i64>,
+    details: Option<String>,
+}
+
+fn corrupt(what: &str, value: &str) -> Error {
+    Error::Internal(format!("stored {what} {value:?} is not recognised"))
+}
+
+fn parse_type(s: &str) -> Result<ErrorType> {
+    ErrorType::parse(s).ok_or_else(|| corrupt("error type", s))
+}
+
+fn parse_strategy(s: &str) -> Result<Strategy> {
+    Strategy::parse(s).ok_or_else(|| corrupt("strategy", s))
+}
+
+/// A context as stored: a JSON object in TEXT.
+fn context_text(context: &Context) -> Result<String> {
+    serde_json::to_string(context).map_err(|e| Error::Internal(format!("context encoding: {e}")))
+}
+
+fn parse_context(what: &str, text: &str) -> Result<Context> {
+    serde_json::from_str(text).map_err(|_| corrupt(what, text))
+}
+
+impl TryFrom<EventRow> for ErrorEvent {
+    type Error = Error;
+
+    fn try_from(row: EventRow) -> Result<ErrorEvent> {
+        Ok(ErrorEvent {
+            id: row.id,
+            error_type: parse_type(&row.error_type)?,
+            context: parse_context("error context", &row.context)?,
+            agent_id: row.agent_id,
+            message: row.message,
+            severity: row.severity,
+            critical: row.critical,
+            recurring: row.recurring,
+            occurred_at: from_micros(row.occurred_at),
+        })
+    }
+}
+
+impl ActionRow {
+    /// The action as a reader at `now` sees it.
+    fn at(self, now: DateTime<Utc>) -> Result<RecoveryAction> {
+        let mut action = RecoveryAction::try_from(self)?;
+        action.status = action.status.as_of(action.lease_expires_at, now);
+        Ok(action)
+    }
+}
+
+/// The action as stored (use [`ActionRow::at`] for what a reader sees).
+impl TryFrom<ActionRow> for RecoveryAction {
+    type Error = Error;
+
+    fn try_from(row: ActionRow) -> Result<RecoveryAction> {
+        Ok(RecoveryAction {
+            id: row.id,
+            error_event_id: row.error_event_id,
+            error_type: parse_type(&row.error_type)?,
+            strategy: parse_strategy(&row.strategy)?,
+            chosen_strategy: parse_strategy(&row.chosen_strategy)?,
+            status: RecoveryStatus::parse(&row.status)
+                .ok_or_else(|| corrupt("recovery status", &row.status))?,
+            parameters: parse_context("recovery parameters", &row.parameters)?,
+            agent_id: row.agent_id,
+            context_signature: row.context_signature,
+            estimated_duration: Duration::milliseconds(row.estimated_duration_ms),
+            success_probability: row.success_probability,
+            risk: row.risk,
+            escalated: row.escalated,
+            reason: row.reason,
+            created_at: from_micros(row.created_at),
+            lease_expires_at: from_micros(row.lease_expires_at),
+            completed_at: from_micros_opt(row.completed_at),
+            duration: row.duration_ms.map(Duration::milliseconds),
+            details: row.details,
+        })
+    }
+}
+
+fn millis(d: Duration) -> i64 {
+    d.num_milliseconds()
+}
+
+/// The agent's action stored as ACTIVE (at most one: the partial unique index),
+/// as stored: [`records::admit_plan`] decides whether it still holds. Inside a
+/// write transaction nobody else can change it until commit.
+async fn stored_active_action(
+    conn: &mut SqliteConnection,
+    agent_id: &str,
+) -> Result<Option<RecoveryAction>> {
+    let row: Option<ActionRow> = sqlx::query_as(&format!(
+        "SELECT {ACTION_COLUMNS} FROM recovery_actions WHERE agent_id = ?1 AND status = ?2"
+    ))
+    .bind(agent_id)
+    .bind(RecoveryStatus::Active.as_str())
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(sqlite_error)?;
+    row.map(RecoveryAction::try_from).transpose()
+}
 
 #[async_trait]
 impl HealingStore for SqliteStore {
-    async fn record_error(&self, _event: NewErrorEvent) -> Result<ErrorEvent> {
-        todo!()
+    async fn record_error(&self, event: NewErrorEvent) -> Result<ErrorEvent> {
+        // The one writer serialises reports, so concurrent ones count each other.
+        let mut tx = self.begin_write().await?;
+        let now = store_now();
+        let window = healing::recurrence_window(now);
+        let earlier: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM error_events
+             WHERE agent_id = ?1 AND error_type = ?2 AND occurred_at > ?3 AND occurred_at <= ?4",
+        )
+        .bind(&event.agent_id)
+        .bind(event.error_type.as_str())
+        .bind(micros(window.after))
+        .bind(micros(window.until))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(sqlite_error)?;
+        let row: EventRow = sqlx::query_as(&format!(
+            "INSERT INTO error_events
+                 (agent_id, message, context, error_type, severity, critical, recurring, occurred_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             RETURNING {EVENT_COLUMNS}"
+        ))
+        .bind(&event.agent_id)
+        .bind(&event.message)
+        .bind(context_text(&event.context)?)
+        .bind(event.error_type.as_str())
+        .bind(event.severity)
+        .bind(healing::is_critical(event.severity))
+        .bind(healing::recurring_given(earlier))
+        .bind(micros(now))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(sqlite_error)?;
+        tx.commit().await.map_err(sqlite_error)?;
+        row.try_into()
     }
 
     async fn plan_recovery(
         &self,
-        _error_event_id: i64,
-        _lease: Duration,
-        _planner: Planner<'_>,
+        error_event_id: i64,
+        lease: Duration,
+        planner: Planner<'_>,
     ) -> Result<RecoveryAction> {
-        todo!()
+        let mut tx = self.begin_write().await?;
+        let now = store_now();
+        let event: ErrorEvent = sqlx::query_as::<_, EventRow>(&format!(
+            "SELECT {EVENT_COLUMNS} FROM error_events WHERE id = ?1"
+        ))
+        .bind(error_event_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(sqlite_error)?
+        .ok_or_else(|| Error::NotFound {
+            kind: "error event",
+            id: error_event_id.to_string(),
+        })?
+        .try_into()?;
+        let stored_active = stored_active_action(&mut tx, &event.agent_id).await?;
+        // Free the agent from a recovery whose lease ran out without an outcome.
+        if let Some(lapsed) = records::admit_plan(stored_active.as_ref(), now)? {
+            sqlx::query("UPDATE recovery_actions SET status = ?2 WHERE id = ?1")
+                .bind(lapsed)
+                .bind(RecoveryStatus::Expired.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(sqlite_error)?;
+        }
+        let signature = healing::context_signature(&event.context);
+        let evidence: Vec<(String, i64, i64, f64)> = sqlx::query_as(
+            "SELECT strategy, successes, failures, total_recovery_ms FROM healing_patterns
+             WHERE error_type = ?1 AND context_signature = ?2",
+        )
+        .bind(event.error_type.as_str())
+        .bind(&signature)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(sqlite_error)?;
+        let evidence = evidence
+            .into_iter()
+            .map(|(strategy, successes, failures, total_ms)| {
+                Ok(Evidence {
+                    strategy: parse_strategy(&strategy)?,
+                    successes,
+                    failures,
+                    total_recovery_secs: total_ms / 1000.0,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let plan = planner(&event, &evidence);
+        let inserted = sqlx::query_as::<_, ActionRow>(&format!(
+            "INSERT INTO recovery_actions
+                 (error_event_id, agent_id, error_type, context_signature, strategy, chosen_strategy,
+                  parameters, estimated_duration_ms, success_probability, risk, escalated, reason,
+                  status, created_at, lease_expires_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+             RETURNING {ACTION_COLUMNS}"
+        ))
+        .bind(event.id)
+        .bind(&event.agent_id)
+        .bind(event.error_type.as_str())
+        .bind(&signature)
+        .bind(plan.strategy.as_str())
+        .bind(plan.chosen.as_str())
+        .bind(context_text(&plan.parameters)?)
+        .bind(millis(plan.estimated_duration))
+        .bind(plan.success_probability)
+        .bind(plan.risk)
+        .bind(plan.escalated)
+        .bind(&plan.reason)
+        .bind(RecoveryStatus::Active.as_str())
+        .bind(micros(now))
+        .bind(micros(records::lease_expires_at(now, lease)))
+        .fetch_one(&mut *tx)
+        .await;
+        match inserted {
+            Ok(row) => {
+                tx.commit().await.map_err(sqlite_error)?;
+                row.at(now)
+            }
+            // The unique index of one ACTIVE per agent refused this one. With one
+            // writer the check above already saw any active recovery, so this is
+            // a backstop (another process on the file, a future code path); it
+            // answers as Postgres does when a concurrent plan won.
+            Err(e) if is_unique_violation(&e) => {
+                drop(tx);
+                let mut tx = self.readers().begin().await.map_err(sqlite_error)?;
+                let now = store_now();
+                let winner = stored_active_action(&mut tx, &event.agent_id).await?;
+                drop(tx);
+                match winner {
+                    Some(active) if records::admit_plan(Some(&active), now).is_err() => {
+                        Err(RecoveryAlreadyActive::of(&active).into())
+                    }
+                    _ => Err(Error::Conflict(format!(
+                        "a concurrent recovery plan for agent {:?} won and is already over",
+                        event.agent_id
+                    ))),
+                }
+            }
+            Err(e) => Err(sqlite_error(e)),
+        }
     }
 
     async fn record_recovery_outcome(
         &self,
-        _action_id: i64,
-        _outcome: RecoveryOutcome,
+        action_id: i64,
+        outcome: RecoveryOutcome,
     ) -> Result<RecoveryAction> {
-        todo!()
+        let mut tx = self.begin_write().await?;
+        let now = store_now();
+        let current = sqlx::query_as::<_, ActionRow>(&format!(
+            "SELECT {ACTION_COLUMNS} FROM recovery_actions WHERE id = ?1"
+        ))
+        .bind(action_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(sqlite_error)?
+        .ok_or_else(|| Error::NotFound {
+            kind: "recovery action",
+            id: action_id.to_string(),
+        })?
+        .at(now)?;
+        let status = records::accept_outcome(&current, &outcome)?;
+        let row: ActionRow = sqlx::query_as(&format!(
+            "UPDATE recovery_actions
+             SET status = ?2, completed_at = ?5, duration_ms = ?3, details = ?4
+             WHERE id = ?1
+             RETURNING {ACTION_COLUMNS}"
+        ))
+        .bind(action_id)
+        .bind(status.as_str())
+        .bind(millis(outcome.duration))
+        .bind(&outcome.details)
+        .bind(micros(now))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(sqlite_error)?;
+        // Learn for the strategy that was actually carried out.
+        sqlx::query(
+            "INSERT INTO healing_patterns
+                 (error_type, context_signature, strategy, successes, failures, total_recovery_ms, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (error_type, context_signature, strategy) DO UPDATE SET
+                 successes = healing_patterns.successes + excluded.successes,
+                 failures = healing_patterns.failures + excluded.failures,
+                 total_recovery_ms = healing_patterns.total_recovery_ms + excluded.total_recovery_ms,
+                 updated_at = excluded.updated_at",
+        )
+        .bind(current.error_type.as_str())
+        .bind(&current.context_signature)
+        .bind(current.strategy.as_str())
+        .bind(i64::from(outcome.success))
+        .bind(i64::from(!outcome.success))
+        .bind(millis(outcome.duration) as f64)
+        .bind(micros(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(sqlite_error)?;
+        tx.commit().await.map_err(sqlite_error)?;
+        row.at(now)
     }
 
     async fn healing_statistics(&self) -> Result<HealingStatistics> {
-        todo!()
+        // One read transaction (one WAL snapshot): every figure as of one `now`.
+        let mut tx = self.readers().begin().await.map_err(sqlite_error)?;
+        let now = store_now();
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "SELECT
+                 (SELECT count(*) FROM error_events),
+                 (SELECT count(*) FROM error_events WHERE occurred_at > ",
+        );
+        qb.push_bind(micros(records::statistics_recent_since(now)));
+        qb.push("), (SELECT count(*) FROM recovery_actions WHERE ");
+        push_status_filter(&mut qb, &RecoveryStatus::Active.stored_as(now));
+        qb.push(")");
+        let (total_errors, errors_last_hour, active_recoveries): (i64, i64, i64) = qb
+            .build_query_as()
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(sqlite_error)?;
+        let by_type: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT error_type, count(*) FROM error_events GROUP BY error_type ORDER BY error_type",
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(sqlite_error)?;
+        let patterns: Vec<(String, String, String, i64, i64, f64)> = sqlx::query_as(
+            "SELECT error_type, context_signature, strategy, successes, failures, total_recovery_ms
+             FROM healing_patterns ORDER BY error_type, context_signature, strategy",
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(sqlite_error)?;
+        tx.commit().await.map_err(sqlite_error)?;
+        Ok(HealingStatistics {
+            total_errors,
+            errors_last_hour,
+            active_recoveries,
+            errors_by_type: by_type
+                .into_iter()
+                .map(|(t, n)| Ok((parse_type(&t)?, n)))
+                .collect::<Result<_>>()?,
+            patterns: patterns
+                .into_iter()
+                .map(|(t, signature, strategy, successes, failures, total_ms)| {
+                    Ok(PatternStatistics {
+                        error_type: parse_type(&t)?,
+                        context_signature: signature,
+                        strategy: parse_strategy(&strategy)?,
+                        successes,
+                        failures,
+                        total_recovery_secs: total_ms / 1000.0,
+                    })
+                })
+                .collect::<Result<_>>()?,
+        })
     }
 
-    async fn list_error_events(&self, _query: &ErrorEventQuery) -> Result<Vec<ErrorEvent>> {
-        todo!()
+    async fn list_error_events(&self, query: &ErrorEventQuery) -> Result<Vec<ErrorEvent>> {
+        // Only the given filters, so SQLite's planner can pick an index for them.
+        let mut qb = QueryBuilder::<Sqlite>::new(format!(
+            "SELECT {EVENT_COLUMNS} FROM error_events WHERE 1"
+        ));
+        if let Some(agent_id) = &query.agent_id {
+            qb.push(" AND agent_id = ").push_bind(agent_id.clone());
+        }
+        if let Some(error_type) = query.error_type {
+            qb.push(" AND error_type = ").push_bind(error_type.as_str());
+        }
+        if let Some(before_id) = query.before_id {
+            qb.push(" AND id < ").push_bind(before_id);
+        }
+        qb.push(" ORDER BY id DESC LIMIT ").push_bind(query.limit);
+        let rows: Vec<EventRow> = qb
+            .build_query_as()
+            .fetch_all(self.readers())
+            .await
+            .map_err(sqlite_error)?;
+        rows.into_iter().map(ErrorEvent::try_from).collect()
     }
 
     async fn list_recovery_actions(
         &self,
-        _query: &RecoveryActionQuery,
+        query: &RecoveryActionQuery,
     ) -> Result<Vec<RecoveryAction>> {
-        todo!()
+        let mut tx = self.readers().begin().await.map_err(sqlite_error)?;
+        let now = store_now();
+        let mut qb = QueryBuilder::<Sqlite>::new(format!(
+            "SELECT {ACTION_COLUMNS} FROM recovery_actions WHERE 1"
+        ));
+        if let Some(agent_id) = &query.agent_id {
+            qb.push(" AND agent_id = ").push_bind(agent_id.clone());
+        }
+        if let Some(error_type) = query.error_type {
+            qb.push(" AND error_type = ").push_bind(error_type.as_str());
+        }
+        if let Some(before_id) = query.before_id {
+            qb.push(" AND id < ").push_bind(before_id);
+        }
+        if let Some(status) = query.status {
+            qb.push(" AND ");
+            push_status_filter(&mut qb, &status.stored_as(now));
+        }
+        qb.push(" ORDER BY id DESC LIMIT ").push_bind(query.limit);
+        let rows: Vec<ActionRow> = qb
+            .build_query_as()
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(sqlite_error)?;
+        tx.commit().await.map_err(sqlite_error)?;
+        rows.into_iter().map(|row| row.at(now)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DatabaseArgs;
+    use crate::domain::healing::Plan;
+
+    struct TempStore {
+        store: SqliteStore,
+        dir: std::path::PathBuf,
+    }
+
+    impl Drop for TempStore {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    async fn temp_store() -> TempStore {
+        let dir = std::env::temp_dir().join(format!(
+            "fleetcare-healing-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        let path = dir.join("fleetcare.db");
+        let args = DatabaseArgs::for_url(&format!("sqlite://{}", path.display()));
+        let store = SqliteStore::open(&path, &args).await.expect("store opens");
+        TempStore { store, dir }
+    }
+
+    fn error(agent_id: &str) -> NewErrorEvent {
+        NewErrorEvent {
+            agent_id: agent_id.into(),
+            message: "tool call failed".into(),
+            context: Context::from([("tool".to_owned(), "bash".to_owned())]),
+            error_type: ErrorType::ExecutionFailure,
+            severity: 0.5,
+        }
+    }
+
+    fn planner(strategy: Strategy) -> Planner<'static> {
+        Box::new(move |_event: &ErrorEvent, _evidence: &[Evidence]| Plan {
+            strategy,
+            chosen: strategy,
+            parameters: Context::from([("attempt".to_owned(), "1".to_owned())]),
+            estimated_duration: Duration::seconds(30),
+            success_probability: 0.7,
+            risk: 0.1,
+            escalated: false,
+            reason: "heuristic".into(),
+        })
+    }
+
+    #[tokio::test]
+    async fn the_third_error_within_the_window_is_recurring() {
+        let t = temp_store().await;
+        let first = t.store.record_error(error("a")).await.unwrap();
+        assert!(!first.recurring);
+        assert_eq!(first.context.get("tool").map(String::as_str), Some("bash"));
+        assert!(!t.store.record_error(error("a")).await.unwrap().recurring);
+        // Another agent's errors do not count.
+        assert!(!t.store.record_error(error("b")).await.unwrap().recurring);
+        assert!(t.store.record_error(error("a")).await.unwrap().recurring);
+        let listed = t
+            .store
+            .list_error_events(&ErrorEventQuery {
+                agent_id: Some("a".into()),
+                limit: 2,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(listed.len(), 2);
+        assert!(listed[0].id > listed[1].id);
+        // Stored at the store's precision.
+        assert_eq!(listed[0].occurred_at.timestamp_subsec_nanos() % 1000, 0);
+    }
+
+    #[tokio::test]
+    async fn a_second_plan_while_one_is_active_is_refused_naming_it() {
+        let t = temp_store().await;
+        let event = t.store.record_error(error("a")).await.unwrap();
+        let active = t
+            .store
+            .plan_recovery(event.id, Duration::minutes(5), planner(Strategy::Retry))
+            .await
+            .unwrap();
+        assert_eq!(active.status, RecoveryStatus::Active);
+        match t
+            .store
+            .plan_recovery(event.id, Duration::minutes(5), planner(Strategy::Restart))
+            .await
+        {
+            Err(Error::RecoveryAlreadyActive(refused)) => {
+                assert_eq!(refused.action_id, active.id);
+                assert_eq!(refused.strategy, Strategy::Retry);
+            }
+            other => panic!("expected RecoveryAlreadyActive, got {other:?}"),
+        }
+        // Another agent is not blocked.
+        let other = t.store.record_error(error("b")).await.unwrap();
+        t.store
+            .plan_recovery(other.id, Duration::minutes(5), planner(Strategy::Retry))
+            .await
+            .unwrap();
+        let stats = t.store.healing_statistics().await.unwrap();
+        assert_eq!(stats.active_recoveries, 2);
+        assert_eq!(stats.total_errors, 2);
+        assert_eq!(stats.errors_last_hour, 2);
+    }
+
+    #[tokio::test]
+    async fn an_expired_recovery_is_freed_before_the_next_plan() {
+        let t = temp_store().await;
+        let event = t.store.record_error(error("a")).await.unwrap();
+        let lapsed = t
+            .store
+            .plan_recovery(event.id, Duration::zero(), planner(Strategy::Retry))
+            .await
+            .unwrap();
+        // A zero lease is over at once: readers see it expired.
+        assert_eq!(lapsed.status, RecoveryStatus::Expired);
+        let next = t
+            .store
+            .plan_recovery(event.id, Duration::minutes(5), planner(Strategy::Restart))
+            .await
+            .unwrap();
+        assert_eq!(next.status, RecoveryStatus::Active);
+        let query = |status| RecoveryActionQuery {
+            agent_id: Some("a".into()),
+            status: Some(status),
+            limit: 10,
+            ..Default::default()
+        };
+        let expired = t
+            .store
+            .list_recovery_actions(&query(RecoveryStatus::Expired))
+            .await
+            .unwrap();
+        assert_eq!(
+            expired.iter().map(|a| a.id).collect::<Vec<_>>(),
+            [lapsed.id]
+        );
+        let active = t
+            .store
+            .list_recovery_actions(&query(RecoveryStatus::Active))
+            .await
+            .unwrap();
+        assert_eq!(active.iter().map(|a| a.id).collect::<Vec<_>>(), [next.id]);
+        assert_eq!(
+            active[0].parameters.get("attempt").map(String::as_str),
+            Some("1")
+        );
+        let stored: String =
+            sqlx::query_scalar("SELECT status FROM recovery_actions WHERE id = ?1")
+                .bind(lapsed.id)
+                .fetch_one(t.store.readers())
+                .await
+                .unwrap();
+        assert_eq!(stored, "EXPIRED");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_plans_for_one_agent_yield_exactly_one() {
+        let t = temp_store().await;
+        let event = t.store.record_error(error("a")).await.unwrap();
+        let plans = (0..8).map(|_| {
+            let store = t.store.clone();
+            tokio::spawn(async move {
+                store
+                    .plan_recovery(event.id, Duration::minutes(5), planner(Strategy::Retry))
+                    .await
+            })
+        });
+        let mut won = 0;
+        for plan in plans.collect::<Vec<_>>() {
+            match plan.await.unwrap() {
+                Ok(_) => won += 1,
+                Err(Error::RecoveryAlreadyActive(_)) => {}
+                Err(other) => panic!("unexpected {other}"),
+            }
+        }
+        assert_eq!(won, 1);
+    }
+
+    #[tokio::test]
+    async fn an_outcome_ends_the_recovery_and_teaches_once() {
+        let t = temp_store().await;
+        let event = t.store.record_error(error("a")).await.unwrap();
+        let action = t
+            .store
+            .plan_recovery(event.id, Duration::minutes(5), planner(Strategy::Retry))
+            .await
+            .unwrap();
+        let outcome = RecoveryOutcome {
+            success: true,
+            duration: Duration::seconds(12),
+            details: "ok".into(),
+        };
+        let done = t
+            .store
+            .record_recovery_outcome(action.id, outcome.clone())
+            .await
+            .unwrap();
+        assert_eq!(done.status, RecoveryStatus::Succeeded);
+        assert_eq!(done.duration, Some(Duration::seconds(12)));
+        assert_eq!(done.details.as_deref(), Some("ok"));
+        assert!(done.completed_at.is_some());
+        match t.store.record_recovery_outcome(action.id, outcome).await {
+            Err(Error::OutcomeAlreadyRecorded(refused)) => {
+                assert_eq!(refused.status, RecoveryStatus::Succeeded)
+            }
+            other => panic!("expected OutcomeAlreadyRecorded, got {other:?}"),
+        }
+        assert!(matches!(
+            t.store
+                .record_recovery_outcome(
+                    action.id + 100,
+                    RecoveryOutcome {
+                        success: false,
+                        duration: Duration::zero(),
+                        details: String::new(),
+                    },
+                )
+                .await,
+            Err(Error::NotFound { .. })
+        ));
+        // A late (failed) outcome of an expired recovery still teaches.
+        let lapsed = t
+            .store
+            .plan_recovery(event.id, Duration::zero(), planner(Strategy::Retry))
+            .await
+            .unwrap();
+        let failed = t
+            .store
+            .record_recovery_outcome(
+                lapsed.id,
+                RecoveryOutcome {
+                    success: false,
+                    duration: Duration::seconds(8),
+                    details: String::new(),
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(failed.status, RecoveryStatus::Failed);
+        let stats = t.store.healing_statistics().await.unwrap();
+        assert_eq!(stats.active_recoveries, 0);
+        assert_eq!(stats.patterns.len(), 1);
+        let p = &stats.patterns[0];
+        assert_eq!(
+            (p.strategy, p.successes, p.failures),
+            (Strategy::Retry, 1, 1)
+        );
+        assert!((p.total_recovery_secs - 20.0).abs() < 1e-9);
+        assert_eq!(stats.errors_by_type, [(ErrorType::ExecutionFailure, 1)]);
     }
 }

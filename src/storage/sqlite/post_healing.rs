@@ -1,42 +1,533 @@
-//! The post-healing part of the embedded store.
+//! Post action records in the embedded store.
+//!
+//! The same queries as `storage::postgres::post_healing`. A claim evaluates
+//! and writes inside one [`SqliteStore::begin_write`] transaction: SQLite's
+//! single writer serialises claims (on every post, not only one), so of many
+//! concurrent evaluators exactly one sees the history without the claim.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
+use sqlx::{FromRow, SqliteConnection};
 
-use super::SqliteStore;
+use super::{SqliteStore, from_micros, from_micros_opt, micros, sqlite_error, store_now};
 use crate::domain::healing_records::StoredAction;
-use crate::error::Result;
+use crate::domain::post_healing::{self, ActionRecord, ActionStatus, ActionType, Tier};
+use crate::error::{Error, Result};
 use crate::storage::{ActionOutcomeUpdate, PostEvaluator, PostHealingStore, PostVerdict};
+
+const COLUMNS: &str = "idempotency_key, post_id, action_type, tier, status, outcome, error_code, \
+     attempts, created_at, updated_at, lease_expires_at";
+
+#[derive(FromRow)]
+struct ActionRow {
+    idempotency_key: String,
+    post_id: String,
+    action_type: String,
+    tier: i32,
+    status: String,
+    outcome: Option<String>,
+    error_code: Option<String>,
+    attempts: i32,
+    created_at: i64,
+    updated_at: i64,
+    lease_expires_at: Option<i64>,
+}
+
+fn corrupt(what: &str, value: &str) -> Error {
+    Error::Internal(format!("stored {what} {value:?} is not recognised"))
+}
+
+/// An outcome as stored: the JSON document in TEXT.
+fn outcome_text(outcome: Option<&serde_json::Value>) -> Result<Option<String>> {
+    outcome
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(|e| Error::Internal(format!("outcome encoding: {e}")))
+}
+
+impl ActionRow {
+    /// The record as stored, and its last reported outcome.
+    fn stored(self) -> Result<(ActionRecord, Option<serde_json::Value>)> {
+        let tier = match self.tier {
+            1 => Tier::Tier1,
+            2 => Tier::Tier2,
+            3 => Tier::Tier3,
+            other => return Err(corrupt("tier", &other.to_string())),
+        };
+        let outcome = self
+            .outcome
+            .as_deref()
+            .map(|text| serde_json::from_str(text).map_err(|_| corrupt("outcome", text)))
+            .transpose()?;
+        let record = ActionRecord {
+            action: ActionType::parse(&self.action_type)
+                .ok_or_else(|| corrupt("action type", &self.action_type))?,
+            status: ActionStatus::parse(&self.status)
+                .ok_or_else(|| corrupt("action status", &self.status))?,
+            idempotency_key: self.idempotency_key,
+            post_id: self.post_id,
+            tier,
+            attempts: self.attempts,
+            error_code: self.error_code,
+            created_at: from_micros(self.created_at),
+            updated_at: from_micros(self.updated_at),
+            lease_expires_at: from_micros_opt(self.lease_expires_at),
+        };
+        Ok((record, outcome))
+    }
+
+    /// The record as a reader at `now` sees it (the domain decides what an
+    /// expired claim is).
+    fn at(self, now: DateTime<Utc>) -> Result<StoredAction> {
+        let (record, outcome) = self.stored()?;
+        Ok(StoredAction {
+            record: post_healing::as_of(record, now),
+            outcome,
+        })
+    }
+}
+
+/// Writes the domain's record over the stored one with the same key.
+async fn update_record(
+    conn: &mut SqliteConnection,
+    record: &ActionRecord,
+    outcome: Option<&serde_json::Value>,
+) -> Result<ActionRow> {
+    sqlx::query_as(&format!(
+        "UPDATE post_actions SET
+             status = ?2, outcome = ?3, error_code = ?4, attempts = ?5,
+             updated_at = ?6, lease_expires_at = ?7
+         WHERE idempotency_key = ?1
+         RETURNING {COLUMNS}"
+    ))
+    .bind(&record.idempotency_key)
+    .bind(record.status.as_str())
+    .bind(outcome_text(outcome)?)
+    .bind(record.error_code.as_deref())
+    .bind(record.attempts)
+    .bind(micros(record.updated_at))
+    .bind(record.lease_expires_at.map(micros))
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(sqlite_error)
+}
+
+/// Inserts the domain's new record unless its key exists (then `None`).
+async fn insert_record(
+    conn: &mut SqliteConnection,
+    record: &ActionRecord,
+) -> Result<Option<ActionRow>> {
+    sqlx::query_as(&format!(
+        "INSERT INTO post_actions
+             (idempotency_key, post_id, action_type, tier, status, error_code, attempts,
+              created_at, updated_at, lease_expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+         ON CONFLICT (idempotency_key) DO NOTHING
+         RETURNING {COLUMNS}"
+    ))
+    .bind(&record.idempotency_key)
+    .bind(&record.post_id)
+    .bind(record.action.as_str())
+    .bind(record.tier.number())
+    .bind(record.status.as_str())
+    .bind(record.error_code.as_deref())
+    .bind(record.attempts)
+    .bind(micros(record.created_at))
+    .bind(micros(record.updated_at))
+    .bind(record.lease_expires_at.map(micros))
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(sqlite_error)
+}
+
+async fn fetch(conn: &mut SqliteConnection, key: &str) -> Result<Option<ActionRow>> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM post_actions WHERE idempotency_key = ?1"
+    ))
+    .bind(key)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(sqlite_error)
+}
 
 #[async_trait]
 impl PostHealingStore for SqliteStore {
     async fn evaluate_post(
         &self,
-        _post_id: &str,
-        _now: Option<DateTime<Utc>>,
-        _claim_lease: Option<Duration>,
-        _evaluate: PostEvaluator<'_>,
+        post_id: &str,
+        now: Option<DateTime<Utc>>,
+        claim_lease: Option<Duration>,
+        evaluate: PostEvaluator<'_>,
     ) -> Result<PostVerdict> {
-        todo!()
+        // A claim evaluates and writes under the write lock: each claim sees the
+        // one before it. A plain evaluation reads one snapshot.
+        let mut tx = match claim_lease {
+            Some(_) => {
+                let mut tx = self.begin_write().await?;
+                // Parity with Postgres, where this row's lock queues claims on a post.
+                sqlx::query("INSERT INTO post_locks (post_id) VALUES (?1) ON CONFLICT DO NOTHING")
+                    .bind(post_id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(sqlite_error)?;
+                tx
+            }
+            None => self.readers().begin().await.map_err(sqlite_error)?,
+        };
+        let now = now.unwrap_or_else(store_now);
+        let rows: Vec<ActionRow> = sqlx::query_as(&format!(
+            "SELECT {COLUMNS} FROM post_actions WHERE post_id = ?1
+             ORDER BY created_at, idempotency_key"
+        ))
+        .bind(post_id)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(sqlite_error)?;
+        let stored = rows
+            .into_iter()
+            .map(|row| row.at(now))
+            .collect::<Result<Vec<_>>>()?;
+        let history: Vec<ActionRecord> = stored.iter().map(|s| s.record.clone()).collect();
+        let evaluation = evaluate(now, &history);
+        let (Some(lease), true) = (claim_lease, evaluation.eligible) else {
+            // Nothing to write (a claim's lock row is only for parity): roll back.
+            return Ok(PostVerdict {
+                evaluation,
+                claimed: None,
+            });
+        };
+        let (Some(key), Some(stagnation)) = (&evaluation.idempotency_key, &evaluation.stagnation)
+        else {
+            return Err(Error::Internal("eligible evaluation without a plan".into()));
+        };
+        // A key may exist as a failed (or expired) earlier attempt: claiming it again
+        // re-runs it, as the domain's record says.
+        let existing = stored.iter().find(|s| &s.record.idempotency_key == key);
+        let claimed =
+            post_healing::claim(existing.map(|s| &s.record), post_id, stagnation, now, lease);
+        let row = match existing {
+            Some(existing) => update_record(&mut tx, &claimed, existing.outcome.as_ref()).await?,
+            None => insert_record(&mut tx, &claimed).await?.ok_or_else(|| {
+                Error::Conflict(format!(
+                    "post action {key} was recorded meanwhile by another call"
+                ))
+            })?,
+        };
+        tx.commit().await.map_err(sqlite_error)?;
+        Ok(PostVerdict {
+            evaluation,
+            claimed: Some(row.at(now)?),
+        })
     }
 
     async fn record_action_outcome(
         &self,
-        _update: ActionOutcomeUpdate,
+        update: ActionOutcomeUpdate,
     ) -> Result<(StoredAction, bool)> {
-        todo!()
+        let mut tx = self.begin_write().await?;
+        let now = store_now();
+        let key = &update.idempotency_key;
+        let mut existing = fetch(&mut tx, key).await?;
+        let created = existing.is_none();
+        if created {
+            let Some((post_id, action, tier)) = &update.new_record else {
+                return Err(Error::NotFound {
+                    kind: "post action",
+                    id: key.clone(),
+                });
+            };
+            let expected = post_healing::idempotency_key(post_id, *action, *tier);
+            if &expected != key {
+                return Err(Error::invalid(format!(
+                    "idempotency_key {key:?} does not match post_id, action_type and tier \
+                     (expected {expected:?})"
+                )));
+            }
+            // Under the write lock nobody creates it meanwhile; kept as Postgres
+            // has it: a record found after all is updated on top.
+            let base = post_healing::reported(post_id, *action, *tier, update.status, now);
+            existing = match insert_record(&mut tx, &base).await? {
+                Some(row) => Some(row),
+                None => fetch(&mut tx, key).await?,
+            };
+        }
+        let (stored, outcome) = existing
+            .ok_or_else(|| Error::Conflict(format!("post action {key} was removed meanwhile")))?
+            .stored()?;
+        let updated = post_healing::apply_outcome(stored, update.status, update.error_code, now);
+        // An outcome is kept until a report brings a new one.
+        let outcome = update.outcome.or(outcome);
+        let row = update_record(&mut tx, &updated, outcome.as_ref()).await?;
+        tx.commit().await.map_err(sqlite_error)?;
+        Ok((row.at(now)?, created))
     }
 
-    async fn get_action(&self, _idempotency_key: &str) -> Result<(StoredAction, DateTime<Utc>)> {
-        todo!()
+    async fn get_action(&self, idempotency_key: &str) -> Result<(StoredAction, DateTime<Utc>)> {
+        let mut conn = self.readers().acquire().await.map_err(sqlite_error)?;
+        let now = store_now();
+        let row = fetch(&mut conn, idempotency_key)
+            .await?
+            .ok_or_else(|| Error::NotFound {
+                kind: "post action",
+                id: idempotency_key.to_owned(),
+            })?;
+        Ok((row.at(now)?, now))
     }
 
     async fn list_actions(
         &self,
-        _post_id: &str,
-        _before: Option<(DateTime<Utc>, String)>,
-        _limit: i64,
+        post_id: &str,
+        before: Option<(DateTime<Utc>, String)>,
+        limit: i64,
     ) -> Result<Vec<StoredAction>> {
-        todo!()
+        let mut conn = self.readers().acquire().await.map_err(sqlite_error)?;
+        let now = store_now();
+        let (before_at, before_key) = before.unzip();
+        let rows: Vec<ActionRow> = sqlx::query_as(&format!(
+            "SELECT {COLUMNS} FROM post_actions
+             WHERE post_id = ?1
+               AND (?2 IS NULL OR (created_at, idempotency_key) < (?2, ?3))
+             ORDER BY created_at DESC, idempotency_key DESC
+             LIMIT ?4"
+        ))
+        .bind(post_id)
+        .bind(before_at.map(micros))
+        .bind(before_key)
+        .bind(limit)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(sqlite_error)?;
+        rows.into_iter().map(|row| row.at(now)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DatabaseArgs;
+    use crate::domain::post_healing::{Evaluation, Ineligible, Stagnation, effective};
+
+    struct TempStore {
+        store: SqliteStore,
+        dir: std::path::PathBuf,
+    }
+
+    impl Drop for TempStore {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    async fn temp_store() -> TempStore {
+        let dir =
+            std::env::temp_dir().join(format!("fleetcare-posts-{}", uuid::Uuid::new_v4().simple()));
+        let path = dir.join("fleetcare.db");
+        let args = DatabaseArgs::for_url(&format!("sqlite://{}", path.display()));
+        let store = SqliteStore::open(&path, &args).await.expect("store opens");
+        TempStore { store, dir }
+    }
+
+    const STAGNATION: Stagnation = Stagnation {
+        samples: 5,
+        engagement_rate: 0.0,
+        score: 0.3,
+        tier: Tier::Tier1,
+        action: ActionType::Comment,
+    };
+
+    /// The duplicate guard of `post_healing::evaluate`, on a fixed stagnation:
+    /// eligible unless the key is RUNNING or SUCCEEDED as of `now`.
+    fn evaluator(post_id: &str) -> PostEvaluator<'static> {
+        let key = post_healing::idempotency_key(post_id, STAGNATION.action, STAGNATION.tier);
+        Box::new(move |now, history: &[ActionRecord]| {
+            let duplicate = history.iter().any(|r| {
+                r.idempotency_key == key
+                    && matches!(
+                        effective(r, now).0,
+                        ActionStatus::Running | ActionStatus::Succeeded
+                    )
+            });
+            Evaluation {
+                eligible: !duplicate,
+                reason: duplicate.then_some(Ineligible::DuplicateAction),
+                stagnation: Some(STAGNATION),
+                idempotency_key: Some(key),
+            }
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn of_many_concurrent_claims_exactly_one_wins() {
+        let t = temp_store().await;
+        let claims = (0..8).map(|_| {
+            let store = t.store.clone();
+            tokio::spawn(async move {
+                store
+                    .evaluate_post("p1", None, Some(Duration::minutes(5)), evaluator("p1"))
+                    .await
+            })
+        });
+        let mut winners = Vec::new();
+        for claim in claims.collect::<Vec<_>>() {
+            let verdict = claim.await.unwrap().unwrap();
+            if let Some(claimed) = verdict.claimed {
+                assert!(verdict.evaluation.eligible);
+                winners.push(claimed);
+            } else {
+                assert_eq!(verdict.evaluation.reason, Some(Ineligible::DuplicateAction));
+            }
+        }
+        assert_eq!(winners.len(), 1);
+        let record = &winners[0].record;
+        assert_eq!(record.status, ActionStatus::Running);
+        assert_eq!(record.attempts, 0);
+        assert!(record.lease_expires_at.is_some());
+        let (got, _) = t.store.get_action(&record.idempotency_key).await.unwrap();
+        assert_eq!(&got.record, record);
+    }
+
+    #[tokio::test]
+    async fn an_expired_claim_reads_as_a_timeout_and_is_claimed_again() {
+        let t = temp_store().await;
+        let first = t
+            .store
+            .evaluate_post("p1", None, Some(Duration::zero()), evaluator("p1"))
+            .await
+            .unwrap()
+            .claimed
+            .expect("claimed");
+        // A zero lease is over at once.
+        assert_eq!(first.record.status, ActionStatus::Failed);
+        assert_eq!(first.record.error_code.as_deref(), Some("timeout"));
+        let again = t
+            .store
+            .evaluate_post("p1", None, Some(Duration::minutes(5)), evaluator("p1"))
+            .await
+            .unwrap()
+            .claimed
+            .expect("claimed again");
+        assert_eq!(again.record.status, ActionStatus::Running);
+        assert_eq!(again.record.attempts, 1);
+        assert_eq!(again.record.created_at, first.record.created_at);
+        // Without a lease nothing is written.
+        let verdict = t
+            .store
+            .evaluate_post("p2", None, None, evaluator("p2"))
+            .await
+            .unwrap();
+        assert!(verdict.evaluation.eligible && verdict.claimed.is_none());
+        assert!(
+            t.store
+                .list_actions("p2", None, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn outcomes_update_or_create_records_by_key() {
+        let t = temp_store().await;
+        let key = post_healing::idempotency_key("p1", ActionType::Edit, Tier::Tier2);
+        let update = |new_record| ActionOutcomeUpdate {
+            idempotency_key: key.clone(),
+            status: ActionStatus::Failed,
+            outcome: Some(serde_json::json!({"edited": false})),
+            error_code: Some("rate_limit".into()),
+            new_record,
+        };
+        assert!(matches!(
+            t.store.record_action_outcome(update(None)).await,
+            Err(Error::NotFound { .. })
+        ));
+        assert!(matches!(
+            t.store
+                .record_action_outcome(ActionOutcomeUpdate {
+                    new_record: Some(("p2".into(), ActionType::Edit, Tier::Tier2)),
+                    ..update(None)
+                })
+                .await,
+            Err(Error::InvalidArgument(_))
+        ));
+        let new = Some(("p1".to_owned(), ActionType::Edit, Tier::Tier2));
+        let (created, was_created) = t
+            .store
+            .record_action_outcome(update(new.clone()))
+            .await
+            .unwrap();
+        assert!(was_created);
+        assert_eq!(created.record.attempts, 1);
+        assert_eq!(created.record.error_code.as_deref(), Some("rate_limit"));
+        assert_eq!(created.outcome, Some(serde_json::json!({"edited": false})));
+        let (later, was_created) = t
+            .store
+            .record_action_outcome(ActionOutcomeUpdate {
+                status: ActionStatus::Succeeded,
+                outcome: None,
+                error_code: None,
+                ..update(new)
+            })
+            .await
+            .unwrap();
+        assert!(!was_created);
+        assert_eq!(later.record.status, ActionStatus::Succeeded);
+        assert_eq!(later.record.attempts, 2);
+        // The outcome stays until a report brings a new one.
+        assert_eq!(later.outcome, Some(serde_json::json!({"edited": false})));
+    }
+
+    #[tokio::test]
+    async fn pages_of_a_post_run_newest_first_by_created_at_then_key() {
+        let t = temp_store().await;
+        let mut created = Vec::new();
+        for (action, tier) in [
+            (ActionType::Comment, Tier::Tier1),
+            (ActionType::Edit, Tier::Tier2),
+            (ActionType::Thread, Tier::Tier3),
+        ] {
+            let (stored, _) = t
+                .store
+                .record_action_outcome(ActionOutcomeUpdate {
+                    idempotency_key: post_healing::idempotency_key("p1", action, tier),
+                    status: ActionStatus::Succeeded,
+                    outcome: None,
+                    error_code: None,
+                    new_record: Some(("p1".into(), action, tier)),
+                })
+                .await
+                .unwrap();
+            created.push((stored.record.created_at, stored.record.idempotency_key));
+        }
+        created.sort();
+        created.reverse();
+        let keys: Vec<String> = created.into_iter().map(|(_, key)| key).collect();
+        let first = t.store.list_actions("p1", None, 2).await.unwrap();
+        let page: Vec<_> = first
+            .iter()
+            .map(|a| a.record.idempotency_key.clone())
+            .collect();
+        assert_eq!(page, keys[..2]);
+        let last = &first[1].record;
+        let rest = t
+            .store
+            .list_actions(
+                "p1",
+                Some((last.created_at, last.idempotency_key.clone())),
+                2,
+            )
+            .await
+            .unwrap();
+        let page: Vec<_> = rest
+            .iter()
+            .map(|a| a.record.idempotency_key.clone())
+            .collect();
+        assert_eq!(page, keys[2..]);
+        assert!(
+            t.store
+                .list_actions("other", None, 2)
+                .await
+                .unwrap()
+                .is_empty()
+        );
     }
 }
