@@ -288,8 +288,8 @@ impl AgentStore for SqliteStore {
         };
         let (writes, outcomes) = plan.finish(base);
         if writes.changed.is_empty() && writes.transitions.is_empty() {
-            // Every command refused or a no-op: nothing to write (dropping the
-            // transaction rolls it back and frees the writer).
+            // Every command refused or a no-op: nothing to write; free the writer.
+            tx.rollback().await.map_err(sqlite_error)?;
             return Ok(outcomes);
         }
         if !writes.transitions.is_empty() {
