@@ -1,68 +1,1014 @@
 //! The agent-status part of the embedded store.
+//!
+//! Structurally the in-memory double with a file under it: a batch loads the
+//! agents it names inside one `BEGIN IMMEDIATE` transaction on the single
+//! writer, [`batch::plan`] decides, the batch's revisions are allocated from
+//! `revision_head` in the same transaction (one writer: allocation and commit
+//! are serial, so revisions commit in order and without gaps), and the
+//! transitions and agent rows are written in one statement each.
+//!
+//! Bulk statements take their rows as one JSON array bound as text and read it
+//! with `json_each`, as the Postgres store reads its arrays with `unnest`.
+
+use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use serde_json::json;
+use sqlx::{FromRow, QueryBuilder, Sqlite};
 use tokio::sync::watch;
 
-use super::SqliteStore;
-use crate::domain::batch::{Applied, Command, Refusal};
+use super::{SqliteStore, from_micros, from_micros_opt, micros, sqlite_error, truncate};
+use crate::domain::agent::{AgentState, AgentStatus, Cause, Exhaustion, ExhaustionReason};
+use crate::domain::batch::{self, Applied, Command, Refusal};
 use crate::domain::liveness::SweepQuery;
-use crate::domain::transition::{Agent, RevisionBounds, Transition, WatchFilter};
-use crate::error::Result;
+use crate::domain::recovery::{RecoveryEstimate, RecoverySource};
+use crate::domain::transition::{Agent, Labels, RevisionBounds, Transition, WatchFilter};
+use crate::error::{Error, Result};
 use crate::storage::{AgentQuery, AgentStore};
+
+const AGENT_COLUMNS: &str = "agent_id, status, labels, registered_at, last_heartbeat_at, \
+     last_transition_at, revision, exhaustion_reason, recovery_at, recovery_source, recovery_hint";
+
+const TRANSITION_COLUMNS: &str = "revision, agent_id, from_status, to_status, cause, occurred_at, \
+     exhaustion_reason, recovery_at";
+
+#[derive(FromRow)]
+struct AgentRow {
+    agent_id: String,
+    status: String,
+    labels: String,
+    registered_at: i64,
+    last_heartbeat_at: i64,
+    last_transition_at: i64,
+    revision: i64,
+    exhaustion_reason: Option<String>,
+    recovery_at: Option<i64>,
+    recovery_source: Option<String>,
+    recovery_hint: Option<String>,
+}
+
+#[derive(FromRow)]
+struct TransitionRow {
+    revision: i64,
+    agent_id: String,
+    from_status: Option<String>,
+    to_status: String,
+    cause: String,
+    occurred_at: i64,
+    exhaustion_reason: Option<String>,
+    recovery_at: Option<i64>,
+}
+
+fn corrupt(what: &str, value: &str) -> Error {
+    Error::Internal(format!("stored {what} {value:?} is not recognised"))
+}
+
+fn parse_status(s: &str) -> Result<AgentStatus> {
+    AgentStatus::parse(s).ok_or_else(|| corrupt("status", s))
+}
+
+fn parse_reason(s: &str) -> Result<ExhaustionReason> {
+    ExhaustionReason::parse(s).ok_or_else(|| corrupt("exhaustion reason", s))
+}
+
+/// The stored spelling of a recovery source (the Postgres store's, so that a
+/// copy between the two moves the column as is).
+fn source_str(source: RecoverySource) -> &'static str {
+    match source {
+        RecoverySource::Explicit => "EXPLICIT",
+        RecoverySource::RetryAfterHeader => "RETRY_AFTER_HEADER",
+        RecoverySource::ProviderResetHeader => "PROVIDER_RESET_HEADER",
+        RecoverySource::Message => "MESSAGE",
+        RecoverySource::Default => "DEFAULT",
+    }
+}
+
+fn parse_source(s: &str) -> Result<RecoverySource> {
+    [
+        RecoverySource::Explicit,
+        RecoverySource::RetryAfterHeader,
+        RecoverySource::ProviderResetHeader,
+        RecoverySource::Message,
+        RecoverySource::Default,
+    ]
+    .into_iter()
+    .find(|source| source_str(*source) == s)
+    .ok_or_else(|| corrupt("recovery source", s))
+}
+
+impl TryFrom<AgentRow> for Agent {
+    type Error = Error;
+
+    fn try_from(row: AgentRow) -> Result<Agent> {
+        let exhaustion = match (row.exhaustion_reason, row.recovery_at) {
+            (Some(reason), Some(recovery_at)) => Some(Exhaustion {
+                reason: parse_reason(&reason)?,
+                recovery: RecoveryEstimate {
+                    recovery_at: from_micros(recovery_at),
+                    source: parse_source(row.recovery_source.as_deref().unwrap_or("DEFAULT"))?,
+                    hint: row.recovery_hint.unwrap_or_default(),
+                },
+            }),
+            _ => None,
+        };
+        let labels: Labels = serde_json::from_str(&row.labels)
+            .map_err(|e| Error::Internal(format!("stored labels unreadable: {e}")))?;
+        Ok(Agent {
+            state: AgentState {
+                status: parse_status(&row.status)?,
+                last_heartbeat_at: from_micros(row.last_heartbeat_at),
+                exhaustion,
+            },
+            agent_id: row.agent_id,
+            labels,
+            registered_at: from_micros(row.registered_at),
+            last_transition_at: from_micros(row.last_transition_at),
+            revision: row.revision,
+        })
+    }
+}
+
+impl TryFrom<TransitionRow> for Transition {
+    type Error = Error;
+
+    fn try_from(row: TransitionRow) -> Result<Transition> {
+        Ok(Transition {
+            revision: row.revision,
+            agent_id: row.agent_id,
+            from: row.from_status.as_deref().map(parse_status).transpose()?,
+            to: parse_status(&row.to_status)?,
+            cause: Cause::parse(&row.cause).ok_or_else(|| corrupt("cause", &row.cause))?,
+            occurred_at: from_micros(row.occurred_at),
+            exhaustion_reason: row
+                .exhaustion_reason
+                .as_deref()
+                .map(parse_reason)
+                .transpose()?,
+            recovery_at: from_micros_opt(row.recovery_at),
+        })
+    }
+}
+
+fn rows_to_agents(rows: Vec<AgentRow>) -> Result<Vec<Agent>> {
+    rows.into_iter().map(Agent::try_from).collect()
+}
+
+/// Statuses as a JSON array, for `status IN (SELECT value FROM json_each(?))`.
+fn status_list<'a>(statuses: impl IntoIterator<Item = &'a AgentStatus>) -> String {
+    let names: Vec<&str> = statuses.into_iter().map(|s| s.as_str()).collect();
+    json!(names).to_string()
+}
+
+/// The agents of a batch as one JSON array, one object per row.
+fn agents_json(agents: &[Agent]) -> Result<String> {
+    let rows = agents
+        .iter()
+        .map(|a| {
+            let ex = a.state.exhaustion.as_ref();
+            Ok(json!({
+                "agent_id": a.agent_id,
+                "status": a.state.status.as_str(),
+                "labels": serde_json::to_string(&a.labels)
+                    .map_err(|e| Error::Internal(format!("labels: {e}")))?,
+                "registered_at": micros(a.registered_at),
+                "last_heartbeat_at": micros(a.state.last_heartbeat_at),
+                "last_transition_at": micros(a.last_transition_at),
+                "revision": a.revision,
+                "exhaustion_reason": ex.map(|e| e.reason.as_str()),
+                "recovery_at": ex.map(|e| micros(e.recovery.recovery_at)),
+                "recovery_source": ex.map(|e| source_str(e.recovery.source)),
+                "recovery_hint": ex.map(|e| e.recovery.hint.as_str()),
+            }))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(serde_json::Value::Array(rows).to_string())
+}
+
+/// The transitions of a batch as one JSON array, one object per row.
+fn transitions_json(transitions: &[Transition]) -> String {
+    let rows: Vec<serde_json::Value> = transitions
+        .iter()
+        .map(|t| {
+            json!({
+                "revision": t.revision,
+                "agent_id": t.agent_id,
+                "from_status": t.from.map(AgentStatus::as_str),
+                "to_status": t.to.as_str(),
+                "cause": t.cause.as_str(),
+                "occurred_at": micros(t.occurred_at),
+                "exhaustion_reason": t.exhaustion_reason.map(|r| r.as_str()),
+                "recovery_at": t.recovery_at.map(micros),
+            })
+        })
+        .collect();
+    serde_json::Value::Array(rows).to_string()
+}
+
+/// Appends a batch's transitions (revisions final).
+const INSERT_TRANSITIONS: &str = "INSERT INTO transitions (revision, agent_id, from_status, \
+         to_status, cause, occurred_at, exhaustion_reason, recovery_at)
+     SELECT value ->> 'revision', value ->> 'agent_id', value ->> 'from_status',
+            value ->> 'to_status', value ->> 'cause', value ->> 'occurred_at',
+            value ->> 'exhaustion_reason', value ->> 'recovery_at'
+     FROM json_each(?1)";
+
+/// Writes every changed agent's final state, inserting new ones. The
+/// registration time is never rewritten, and `last_heartbeat_at` never moves
+/// back. (`WHERE true` is SQLite's way of telling an upsert's ON CONFLICT
+/// from a join's ON.)
+const UPSERT_AGENTS: &str = "INSERT INTO agents (agent_id, status, labels, registered_at, \
+         last_heartbeat_at, last_transition_at, revision, exhaustion_reason, recovery_at, \
+         recovery_source, recovery_hint)
+     SELECT value ->> 'agent_id', value ->> 'status', value ->> 'labels',
+            value ->> 'registered_at', value ->> 'last_heartbeat_at',
+            value ->> 'last_transition_at', value ->> 'revision',
+            value ->> 'exhaustion_reason', value ->> 'recovery_at',
+            value ->> 'recovery_source', value ->> 'recovery_hint'
+     FROM json_each(?1) WHERE true
+     ON CONFLICT (agent_id) DO UPDATE SET
+         status = excluded.status,
+         labels = excluded.labels,
+         last_heartbeat_at = MAX(agents.last_heartbeat_at, excluded.last_heartbeat_at),
+         last_transition_at = excluded.last_transition_at,
+         revision = excluded.revision,
+         exhaustion_reason = excluded.exhaustion_reason,
+         recovery_at = excluded.recovery_at,
+         recovery_source = excluded.recovery_source,
+         recovery_hint = excluded.recovery_hint";
 
 #[async_trait]
 impl AgentStore for SqliteStore {
     async fn ping(&self) -> Result<()> {
-        todo!()
+        sqlx::query("SELECT 1")
+            .execute(self.readers())
+            .await
+            .map(|_| ())
+            .map_err(sqlite_error)
     }
 
     async fn commit_batch(
         &self,
-        _commands: &[Command],
-        _now: DateTime<Utc>,
+        commands: &[Command],
+        now: DateTime<Utc>,
     ) -> Result<Vec<Result<Applied, Refusal>>> {
-        todo!()
+        // At the store's precision, so that what a caller is answered is what
+        // a later read returns.
+        let now = truncate(now);
+        let mut ids: Vec<&str> = commands.iter().map(Command::agent_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+
+        // The write lock from here to commit: nobody else writes meanwhile.
+        let mut tx = self.begin_write().await?;
+        let rows: Vec<AgentRow> = sqlx::query_as(&format!(
+            "SELECT {AGENT_COLUMNS} FROM agents
+             WHERE agent_id IN (SELECT value FROM json_each(?1))
+             ORDER BY agent_id"
+        ))
+        .bind(json!(ids).to_string())
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(sqlite_error)?;
+        let plan = batch::plan(rows_to_agents(rows)?, commands, now);
+
+        let count = plan.transition_count() as i64;
+        let base: i64 = if count > 0 {
+            sqlx::query_scalar(
+                "UPDATE revision_head SET head_revision = head_revision + ?1
+                 WHERE singleton = 1
+                 RETURNING head_revision - ?1",
+            )
+            .bind(count)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(sqlite_error)?
+        } else {
+            0
+        };
+        let (writes, outcomes) = plan.finish(base);
+        if writes.changed.is_empty() && writes.transitions.is_empty() {
+            // Every command refused or a no-op: nothing to write; free the writer.
+            tx.rollback().await.map_err(sqlite_error)?;
+            return Ok(outcomes);
+        }
+        if !writes.transitions.is_empty() {
+            sqlx::query(INSERT_TRANSITIONS)
+                .bind(transitions_json(&writes.transitions))
+                .execute(&mut *tx)
+                .await
+                .map_err(sqlite_error)?;
+        }
+        if !writes.changed.is_empty() {
+            sqlx::query(UPSERT_AGENTS)
+                .bind(agents_json(&writes.changed)?)
+                .execute(&mut *tx)
+                .await
+                .map_err(sqlite_error)?;
+        }
+        tx.commit().await.map_err(sqlite_error)?;
+        if count > 0 {
+            self.tick_changes();
+        }
+        Ok(outcomes)
     }
 
-    async fn record_heartbeats(&self, _beats: &[(String, DateTime<Utc>)]) -> Result<()> {
-        todo!()
+    async fn record_heartbeats(&self, beats: &[(String, DateTime<Utc>)]) -> Result<()> {
+        // One row per agent (the latest), so that the join below matches each
+        // agent once.
+        let mut latest: BTreeMap<&str, i64> = BTreeMap::new();
+        for (id, at) in beats {
+            let at = micros(*at);
+            latest
+                .entry(id.as_str())
+                .and_modify(|t| *t = (*t).max(at))
+                .or_insert(at);
+        }
+        if latest.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<serde_json::Value> = latest.iter().map(|(id, at)| json!([id, at])).collect();
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "UPDATE agents SET last_heartbeat_at = MAX(agents.last_heartbeat_at, u.at)
+             FROM (SELECT value ->> 0 AS agent_id, value ->> 1 AS at FROM json_each(?1)) AS u
+             WHERE agents.agent_id = u.agent_id",
+        )
+        .bind(serde_json::Value::Array(rows).to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(sqlite_error)?;
+        tx.commit().await.map_err(sqlite_error)
     }
 
-    async fn get_agent(&self, _agent_id: &str) -> Result<Agent> {
-        todo!()
+    async fn get_agent(&self, agent_id: &str) -> Result<Agent> {
+        let row: Option<AgentRow> = sqlx::query_as(&format!(
+            "SELECT {AGENT_COLUMNS} FROM agents WHERE agent_id = ?1"
+        ))
+        .bind(agent_id)
+        .fetch_optional(self.readers())
+        .await
+        .map_err(sqlite_error)?;
+        row.ok_or_else(|| Error::agent_not_found(agent_id))?
+            .try_into()
     }
 
-    async fn list_agents(&self, _query: &AgentQuery) -> Result<Vec<Agent>> {
-        todo!()
+    async fn list_agents(&self, query: &AgentQuery) -> Result<Vec<Agent>> {
+        let mut sql: QueryBuilder<Sqlite> =
+            QueryBuilder::new(format!("SELECT {AGENT_COLUMNS} FROM agents WHERE true"));
+        if let Some(after) = &query.after_agent_id {
+            sql.push(" AND agent_id > ").push_bind(after);
+        }
+        if !query.statuses.is_empty() {
+            // One parameter each: with one status, the (status, agent_id) index
+            // gives the page in order without a sort.
+            sql.push(" AND status IN (");
+            let mut list = sql.separated(", ");
+            for status in &query.statuses {
+                list.push_bind(status.as_str());
+            }
+            sql.push(")");
+        }
+        for (key, value) in &query.labels {
+            sql.push(" AND EXISTS (SELECT 1 FROM json_each(agents.labels) WHERE key = ")
+                .push_bind(key)
+                .push(" AND value = ")
+                .push_bind(value)
+                .push(")");
+        }
+        sql.push(" ORDER BY agent_id LIMIT ")
+            .push_bind(query.limit.max(0));
+        let rows: Vec<AgentRow> = sql
+            .build_query_as()
+            .fetch_all(self.readers())
+            .await
+            .map_err(sqlite_error)?;
+        rows_to_agents(rows)
     }
 
-    async fn sweep_candidates(&self, _query: &SweepQuery, _limit: i64) -> Result<Vec<String>> {
-        todo!()
+    async fn sweep_candidates(&self, query: &SweepQuery, limit: i64) -> Result<Vec<String>> {
+        // Indexed comparisons only; the domain chose the statuses and the bounds.
+        // (last_heartbeat_at is not indexed, as in Postgres: the heartbeat flush
+        // rewrites it for every live agent.)
+        sqlx::query_scalar(
+            "SELECT agent_id FROM (
+                 SELECT agent_id FROM agents
+                 WHERE status IN (SELECT value FROM json_each(?1)) AND last_heartbeat_at < ?2
+                 ORDER BY last_heartbeat_at LIMIT ?5)
+             UNION
+             SELECT agent_id FROM (
+                 SELECT agent_id FROM agents
+                 WHERE status IN (SELECT value FROM json_each(?3)) AND recovery_at <= ?4
+                 ORDER BY recovery_at LIMIT ?5)",
+        )
+        .bind(status_list(&query.silent_statuses))
+        .bind(micros(query.silent_before))
+        .bind(status_list(&query.recovering_statuses))
+        .bind(micros(query.recovered_by))
+        .bind(limit.max(0))
+        .fetch_all(self.readers())
+        .await
+        .map_err(sqlite_error)
     }
 
     async fn transitions_after(
         &self,
-        _after: i64,
-        _agent_id: Option<&str>,
-        _limit: i64,
+        after: i64,
+        agent_id: Option<&str>,
+        limit: i64,
     ) -> Result<Vec<Transition>> {
-        todo!()
+        let mut sql: QueryBuilder<Sqlite> = QueryBuilder::new(format!(
+            "SELECT {TRANSITION_COLUMNS} FROM transitions WHERE revision > "
+        ));
+        sql.push_bind(after);
+        if let Some(agent_id) = agent_id {
+            sql.push(" AND agent_id = ").push_bind(agent_id);
+        }
+        sql.push(" ORDER BY revision LIMIT ")
+            .push_bind(limit.max(0));
+        let rows: Vec<TransitionRow> = sql
+            .build_query_as()
+            .fetch_all(self.readers())
+            .await
+            .map_err(sqlite_error)?;
+        rows.into_iter().map(Transition::try_from).collect()
     }
 
     async fn revision_bounds(&self) -> Result<RevisionBounds> {
-        todo!()
+        let (pruned_through, head): (i64, i64) = sqlx::query_as(
+            "SELECT r.pruned_through, h.head_revision FROM revision_retention r, revision_head h",
+        )
+        .fetch_one(self.readers())
+        .await
+        .map_err(sqlite_error)?;
+        Ok(RevisionBounds {
+            pruned_through,
+            head,
+        })
     }
 
-    async fn snapshot(&self, _filter: &WatchFilter) -> Result<(i64, Vec<Agent>)> {
-        todo!()
+    async fn snapshot(&self, filter: &WatchFilter) -> Result<(i64, Vec<Agent>)> {
+        // One read transaction: both statements read the same WAL snapshot (taken
+        // at the first), and every transition updates the head and its agent in
+        // one commit.
+        let mut tx = self.readers().begin().await.map_err(sqlite_error)?;
+        let head: i64 = sqlx::query_scalar("SELECT head_revision FROM revision_head")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(sqlite_error)?;
+        let mut sql: QueryBuilder<Sqlite> =
+            QueryBuilder::new(format!("SELECT {AGENT_COLUMNS} FROM agents WHERE true"));
+        if !filter.agent_ids.is_empty() {
+            let ids: Vec<&str> = filter.agent_ids.iter().map(String::as_str).collect();
+            sql.push(" AND agent_id IN (SELECT value FROM json_each(")
+                .push_bind(json!(ids).to_string())
+                .push("))");
+        }
+        if !filter.statuses.is_empty() {
+            sql.push(" AND status IN (SELECT value FROM json_each(")
+                .push_bind(status_list(&filter.statuses))
+                .push("))");
+        }
+        sql.push(" ORDER BY agent_id");
+        let rows: Vec<AgentRow> = sql
+            .build_query_as()
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(sqlite_error)?;
+        tx.commit().await.map_err(sqlite_error)?;
+        Ok((head, rows_to_agents(rows)?))
     }
 
-    async fn prune_transitions(&self, _before: DateTime<Utc>) -> Result<u64> {
-        todo!()
+    async fn prune_transitions(&self, before: DateTime<Utc>) -> Result<u64> {
+        let mut tx = self.begin_write().await?;
+        let pruned_through: i64 =
+            sqlx::query_scalar("SELECT pruned_through FROM revision_retention WHERE singleton = 1")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(sqlite_error)?;
+        // occurred_at is not strictly monotonic in revision (it is the batch's
+        // clock reading), so prune a prefix: everything up to the newest expired
+        // revision.
+        let through: Option<i64> =
+            sqlx::query_scalar("SELECT max(revision) FROM transitions WHERE occurred_at < ?1")
+                .bind(micros(before))
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(sqlite_error)?;
+        let Some(through) = through.filter(|t| *t > pruned_through) else {
+            return Ok(0);
+        };
+        let deleted = sqlx::query("DELETE FROM transitions WHERE revision <= ?1")
+            .bind(through)
+            .execute(&mut *tx)
+            .await
+            .map_err(sqlite_error)?
+            .rows_affected();
+        sqlx::query("UPDATE revision_retention SET pruned_through = ?1 WHERE singleton = 1")
+            .bind(through)
+            .execute(&mut *tx)
+            .await
+            .map_err(sqlite_error)?;
+        tx.commit().await.map_err(sqlite_error)?;
+        Ok(deleted)
     }
 
     fn changes(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DatabaseArgs;
+    use crate::domain::agent::{Event, ExhaustionReport, SlotType};
+    use crate::domain::liveness::sweep_query;
+    use chrono::{Duration, TimeZone};
+
+    /// A fresh store in its own directory, removed when dropped.
+    struct TestStore {
+        store: SqliteStore,
+        dir: std::path::PathBuf,
+    }
+
+    impl Drop for TestStore {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    async fn store() -> TestStore {
+        let dir = std::env::temp_dir().join(format!(
+            "fleetcare-sqlite-agents-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        let path = dir.join("fleetcare.db");
+        let args = DatabaseArgs::for_url(&format!("sqlite://{}", path.display()));
+        let store = SqliteStore::open(&path, &args).await.expect("store opens");
+        TestStore { store, dir }
+    }
+
+    fn t0() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 12, 1, 12, 0, 0).unwrap()
+    }
+
+    fn register(id: &str, labels: &[(&str, &str)]) -> Command {
+        Command::Register {
+            agent_id: id.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    fn apply(id: &str, event: Event) -> Command {
+        Command::Apply {
+            agent_id: id.into(),
+            event,
+        }
+    }
+
+    fn exhausted(recovery_at: DateTime<Utc>) -> Event {
+        Event::ReportExhausted(ExhaustionReport {
+            reason: ExhaustionReason::RateLimit,
+            explicit_recovery_at: Some(recovery_at),
+            headers: vec![],
+            message: String::new(),
+            time_zone: None,
+            default_recovery: Duration::hours(1),
+            default_billing_recovery: Duration::hours(5),
+        })
+    }
+
+    async fn commit(s: &SqliteStore, commands: &[Command], now: DateTime<Utc>) -> Vec<Applied> {
+        s.commit_batch(commands, now)
+            .await
+            .expect("batch commits")
+            .into_iter()
+            .map(|o| o.expect("command applied"))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn batches_get_consecutive_revisions_in_command_order_and_read_back_as_answered() {
+        let t = store().await;
+        let s = &t.store;
+        let mut changes = s.changes();
+        let first = commit(
+            s,
+            &[register("b", &[("team", "infra")]), register("a", &[])],
+            t0(),
+        )
+        .await;
+        assert_eq!(
+            first
+                .iter()
+                .map(|a| (a.agent.agent_id.as_str(), a.agent.revision, a.created))
+                .collect::<Vec<_>>(),
+            [("b", 1, true), ("a", 2, true)]
+        );
+        assert!(changes.has_changed().unwrap());
+        changes.mark_unchanged();
+
+        // Nanoseconds in the server's clock: the answer is at the store's precision.
+        let now = t0() + Duration::nanoseconds(1_234_567);
+        let second = commit(
+            s,
+            &[
+                apply("a", Event::StartWork(SlotType::Work)),
+                apply("b", Event::StartWork(SlotType::OnCall)),
+                apply("a", Event::FinishWork),
+            ],
+            now,
+        )
+        .await;
+        let revisions: Vec<i64> = second
+            .iter()
+            .map(|a| a.transition.as_ref().unwrap().revision)
+            .collect();
+        assert_eq!(revisions, [3, 4, 5]);
+        assert_eq!(second[0].agent.state.status, AgentStatus::Busy);
+        assert_eq!(second[0].agent.revision, 3);
+        assert_eq!(second[2].agent.last_transition_at, truncate(now));
+
+        for applied in [&second[1], &second[2]] {
+            let read = s.get_agent(&applied.agent.agent_id).await.unwrap();
+            assert_eq!(read, applied.agent);
+        }
+        let history = s.transitions_after(0, None, 100).await.unwrap();
+        assert_eq!(
+            history.iter().map(|t| t.revision).collect::<Vec<_>>(),
+            [1, 2, 3, 4, 5]
+        );
+        assert_eq!(history[2], *second[0].transition.as_ref().unwrap());
+        let of_a = s.transitions_after(2, Some("a"), 100).await.unwrap();
+        assert_eq!(of_a.iter().map(|t| t.revision).collect::<Vec<_>>(), [3, 5]);
+        assert_eq!(s.transitions_after(0, None, 2).await.unwrap().len(), 2);
+        assert_eq!(
+            s.revision_bounds().await.unwrap(),
+            RevisionBounds {
+                pruned_through: 0,
+                head: 5
+            }
+        );
+        assert_eq!(s.get_agent("b").await.unwrap().registered_at, t0());
+        assert!(matches!(
+            s.get_agent("ghost").await,
+            Err(Error::NotFound { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_refused_command_refuses_only_itself_and_a_batch_of_refusals_writes_nothing() {
+        let t = store().await;
+        let s = &t.store;
+        commit(s, &[register("a", &[])], t0()).await;
+        let mut changes = s.changes();
+        let outcomes = s
+            .commit_batch(
+                &[
+                    apply("a", Event::StartWork(SlotType::Work)),
+                    apply("a", Event::StartWork(SlotType::Work)),
+                    apply("ghost", Event::FinishWork),
+                ],
+                t0(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(outcomes[0].as_ref().unwrap().agent.revision, 2);
+        assert!(matches!(outcomes[1], Err(Refusal::Transition(_))));
+        assert_eq!(outcomes[2], Err(Refusal::UnknownAgent("ghost".into())));
+        changes.mark_unchanged();
+
+        let outcomes = s
+            .commit_batch(&[apply("ghost", Event::Heartbeat)], t0())
+            .await
+            .unwrap();
+        assert!(outcomes[0].is_err());
+        assert!(!changes.has_changed().unwrap());
+        assert_eq!(s.revision_bounds().await.unwrap().head, 2);
+        assert_eq!(s.transitions_after(0, None, 10).await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_repeated_registration_replaces_labels_without_a_transition() {
+        let t = store().await;
+        let s = &t.store;
+        commit(s, &[register("a", &[("team", "infra")])], t0()).await;
+        let later = t0() + Duration::seconds(5);
+        let again = commit(s, &[register("a", &[("team", "ops")])], later).await;
+        assert!(!again[0].created && again[0].transition.is_none());
+        let read = s.get_agent("a").await.unwrap();
+        assert_eq!(read.labels.get("team").map(String::as_str), Some("ops"));
+        assert_eq!(read.registered_at, t0());
+        assert_eq!(read.state.last_heartbeat_at, later);
+        assert_eq!(read.revision, 1);
+        assert_eq!(s.revision_bounds().await.unwrap().head, 1);
+    }
+
+    #[tokio::test]
+    async fn exhaustion_round_trips() {
+        let t = store().await;
+        let s = &t.store;
+        commit(s, &[register("a", &[])], t0()).await;
+        let recovery_at = t0() + Duration::minutes(30);
+        let applied = commit(s, &[apply("a", exhausted(recovery_at))], t0()).await;
+        let read = s.get_agent("a").await.unwrap();
+        assert_eq!(read, applied[0].agent);
+        assert_eq!(read.state.status, AgentStatus::Exhausted);
+        let ex = read.state.exhaustion.expect("exhaustion kept");
+        assert_eq!(ex.reason, ExhaustionReason::RateLimit);
+        assert_eq!(ex.recovery.recovery_at, recovery_at);
+        assert_eq!(ex.recovery.source, RecoverySource::Explicit);
+        let t = &s.transitions_after(1, None, 10).await.unwrap()[0];
+        assert_eq!(t.exhaustion_reason, Some(ExhaustionReason::RateLimit));
+        assert_eq!(t.recovery_at, Some(recovery_at));
+    }
+
+    #[tokio::test]
+    async fn heartbeats_move_forward_only_leave_status_alone_and_ignore_unknown_agents() {
+        let t = store().await;
+        let s = &t.store;
+        commit(s, &[register("a", &[]), register("b", &[])], t0()).await;
+        commit(s, &[apply("b", Event::MarkOffline)], t0()).await;
+        let later = t0() + Duration::seconds(10);
+        s.record_heartbeats(&[
+            ("a".into(), later),
+            ("a".into(), t0() + Duration::seconds(3)),
+            ("b".into(), later),
+            ("ghost".into(), later),
+        ])
+        .await
+        .unwrap();
+        let a = s.get_agent("a").await.unwrap();
+        assert_eq!(a.state.last_heartbeat_at, later);
+        s.record_heartbeats(&[("a".into(), t0())]).await.unwrap();
+        assert_eq!(
+            s.get_agent("a").await.unwrap().state.last_heartbeat_at,
+            later
+        );
+        let b = s.get_agent("b").await.unwrap();
+        assert_eq!(b.state.status, AgentStatus::Offline);
+        assert_eq!(b.state.last_heartbeat_at, later);
+        assert!(matches!(
+            s.get_agent("ghost").await,
+            Err(Error::NotFound { .. })
+        ));
+        s.record_heartbeats(&[]).await.unwrap();
+        // A batch deciding at an older clock reading does not move it back either.
+        commit(s, &[apply("a", Event::Heartbeat)], t0()).await;
+        assert_eq!(
+            s.get_agent("a").await.unwrap().state.last_heartbeat_at,
+            later
+        );
+    }
+
+    #[tokio::test]
+    async fn list_filters_by_labels_and_status_and_pages_by_agent_id() {
+        let t = store().await;
+        let s = &t.store;
+        let odd_key = "a.b \"c\"";
+        commit(
+            s,
+            &[
+                register("a1", &[("team", "infra"), ("zone", "eu")]),
+                register("a2", &[("team", "ops")]),
+                register("a3", &[("team", "infra")]),
+                register("a4", &[("team", "infra"), ("zone", "eu"), (odd_key, "1")]),
+                register("a5", &[("team", "infra"), ("zone", "eu")]),
+            ],
+            t0(),
+        )
+        .await;
+        commit(s, &[apply("a5", Event::StartWork(SlotType::Work))], t0()).await;
+        let ids = |agents: Vec<Agent>| {
+            agents
+                .into_iter()
+                .map(|a| a.agent_id)
+                .collect::<Vec<String>>()
+        };
+        let labels = |pairs: &[(&str, &str)]| -> Labels {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let mut query = AgentQuery {
+            labels: labels(&[("team", "infra"), ("zone", "eu")]),
+            limit: 2,
+            ..Default::default()
+        };
+        assert_eq!(ids(s.list_agents(&query).await.unwrap()), ["a1", "a4"]);
+        query.after_agent_id = Some("a4".into());
+        assert_eq!(ids(s.list_agents(&query).await.unwrap()), ["a5"]);
+        query.after_agent_id = None;
+        query.statuses = vec![AgentStatus::Idle];
+        query.limit = 10;
+        assert_eq!(ids(s.list_agents(&query).await.unwrap()), ["a1", "a4"]);
+        query.statuses = vec![AgentStatus::Busy, AgentStatus::OnCall];
+        assert_eq!(ids(s.list_agents(&query).await.unwrap()), ["a5"]);
+        let all = AgentQuery {
+            limit: 10,
+            ..Default::default()
+        };
+        assert_eq!(
+            ids(s.list_agents(&all).await.unwrap()),
+            ["a1", "a2", "a3", "a4", "a5"]
+        );
+        let odd = AgentQuery {
+            labels: labels(&[(odd_key, "1")]),
+            limit: 10,
+            ..Default::default()
+        };
+        assert_eq!(ids(s.list_agents(&odd).await.unwrap()), ["a4"]);
+        let none = AgentQuery {
+            labels: labels(&[("team", "infra\"")]),
+            limit: 10,
+            ..Default::default()
+        };
+        assert!(s.list_agents(&none).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn snapshot_reads_the_head_with_the_matching_agents() {
+        let t = store().await;
+        let s = &t.store;
+        commit(
+            s,
+            &[register("a", &[]), register("b", &[]), register("c", &[])],
+            t0(),
+        )
+        .await;
+        commit(s, &[apply("b", Event::StartWork(SlotType::Work))], t0()).await;
+        let (head, agents) = s.snapshot(&WatchFilter::default()).await.unwrap();
+        assert_eq!(head, 4);
+        assert_eq!(agents.len(), 3);
+        let filter = WatchFilter {
+            agent_ids: ["a".to_string(), "b".to_string()].into(),
+            statuses: [AgentStatus::Busy].into(),
+        };
+        let (head, agents) = s.snapshot(&filter).await.unwrap();
+        assert_eq!(head, 4);
+        assert_eq!(
+            agents
+                .iter()
+                .map(|a| a.agent_id.as_str())
+                .collect::<Vec<_>>(),
+            ["b"]
+        );
+    }
+
+    #[tokio::test]
+    async fn pruning_removes_a_prefix_and_keeps_the_head() {
+        let t = store().await;
+        let s = &t.store;
+        commit(s, &[register("a", &[])], t0()).await;
+        commit(
+            s,
+            &[apply("a", Event::StartWork(SlotType::Work))],
+            t0() + Duration::minutes(10),
+        )
+        .await;
+        // Revision 3 occurred before revision 2's time: pruning by time still
+        // removes a prefix, through the newest expired revision.
+        commit(s, &[apply("a", Event::FinishWork)], t0()).await;
+        commit(
+            s,
+            &[apply("a", Event::StartWork(SlotType::Work))],
+            t0() + Duration::minutes(20),
+        )
+        .await;
+        assert_eq!(
+            s.prune_transitions(t0() + Duration::minutes(1))
+                .await
+                .unwrap(),
+            3
+        );
+        assert_eq!(
+            s.revision_bounds().await.unwrap(),
+            RevisionBounds {
+                pruned_through: 3,
+                head: 4
+            }
+        );
+        assert_eq!(
+            s.prune_transitions(t0() + Duration::minutes(1))
+                .await
+                .unwrap(),
+            0
+        );
+        assert_eq!(
+            s.prune_transitions(t0() + Duration::hours(1))
+                .await
+                .unwrap(),
+            1
+        );
+        let bounds = s.revision_bounds().await.unwrap();
+        assert_eq!((bounds.pruned_through, bounds.head), (4, 4));
+        assert!(s.transitions_after(0, None, 10).await.unwrap().is_empty());
+        // The next revision continues from the head, not from the (empty) history.
+        let next = commit(s, &[apply("a", Event::FinishWork)], t0()).await;
+        assert_eq!(next[0].agent.revision, 5);
+    }
+
+    #[tokio::test]
+    async fn sweep_candidates_are_the_silent_and_the_recovered() {
+        let t = store().await;
+        let s = &t.store;
+        commit(
+            s,
+            &[
+                register("silent", &[]),
+                register("live", &[]),
+                register("offline", &[]),
+                register("recovered", &[]),
+                register("parked", &[]),
+            ],
+            t0(),
+        )
+        .await;
+        commit(
+            s,
+            &[
+                apply("offline", Event::MarkOffline),
+                apply("recovered", exhausted(t0() + Duration::minutes(1))),
+                apply("parked", exhausted(t0() + Duration::hours(2))),
+            ],
+            t0(),
+        )
+        .await;
+        let now = t0() + Duration::minutes(5);
+        s.record_heartbeats(&[
+            ("live".into(), now),
+            ("recovered".into(), now),
+            ("parked".into(), now),
+        ])
+        .await
+        .unwrap();
+        let query = sweep_query(now, Duration::minutes(1), true);
+        let mut found = s.sweep_candidates(&query, 10).await.unwrap();
+        found.sort();
+        assert_eq!(found, ["recovered", "silent"]);
+        // The store selects what the domain's own predicate selects.
+        for agent in s
+            .list_agents(&AgentQuery {
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+        {
+            assert_eq!(
+                query.selects(&agent.state),
+                found.contains(&agent.agent_id),
+                "{}",
+                agent.agent_id
+            );
+        }
+        // During the start-up grace nobody is silent.
+        let grace = sweep_query(now, Duration::minutes(1), false);
+        assert_eq!(s.sweep_candidates(&grace, 10).await.unwrap(), ["recovered"]);
+        assert!(s.sweep_candidates(&query, 0).await.unwrap().is_empty());
+    }
+
+    /// The query plan of `sql` (with `param` bound to its first parameter).
+    async fn plan_of(s: &SqliteStore, sql: &str, param: &str) -> String {
+        let rows: Vec<(i64, i64, i64, String)> =
+            sqlx::query_as(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .bind(param)
+                .fetch_all(s.readers())
+                .await
+                .unwrap();
+        rows.into_iter()
+            .map(|(.., detail)| detail)
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    #[tokio::test]
+    async fn batches_and_heartbeats_find_agents_by_primary_key() {
+        let t = store().await;
+        let s = &t.store;
+        let load = plan_of(
+            s,
+            &format!(
+                "SELECT {AGENT_COLUMNS} FROM agents
+                 WHERE agent_id IN (SELECT value FROM json_each(?1)) ORDER BY agent_id"
+            ),
+            "[\"a\"]",
+        )
+        .await;
+        assert!(!load.contains("SCAN agents"), "{load}");
+        let beat = plan_of(
+            s,
+            "UPDATE agents SET last_heartbeat_at = MAX(agents.last_heartbeat_at, u.at)
+             FROM (SELECT value ->> 0 AS agent_id, value ->> 1 AS at FROM json_each(?1)) AS u
+             WHERE agents.agent_id = u.agent_id",
+            "[[\"a\", 1]]",
+        )
+        .await;
+        assert!(!beat.contains("SCAN agents"), "{beat}");
     }
 }
