@@ -97,15 +97,15 @@ mod throwaway_postgres {
             .unwrap_or_default();
         installed.sort();
         installed.reverse();
-        on_path
-            .into_iter()
-            .chain(installed)
-            .find(usable)
+        on_path.into_iter().chain(installed).find(usable)
     }
 
     /// initdb refuses to run as root: then the server runs as `postgres`.
     fn run_as() -> Result<Option<&'static str>, String> {
-        let uid = Command::new("id").arg("-u").output().map_err(|e| e.to_string())?;
+        let uid = Command::new("id")
+            .arg("-u")
+            .output()
+            .map_err(|e| e.to_string())?;
         if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
             return Ok(None);
         }

@@ -72,6 +72,32 @@ pub enum RecoverySource {
     Default,
 }
 
+impl RecoverySource {
+    /// Every source, in precedence order.
+    pub const ALL: [RecoverySource; 5] = [
+        RecoverySource::Explicit,
+        RecoverySource::RetryAfterHeader,
+        RecoverySource::ProviderResetHeader,
+        RecoverySource::Message,
+        RecoverySource::Default,
+    ];
+
+    /// The stored (and fixture) spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecoverySource::Explicit => "EXPLICIT",
+            RecoverySource::RetryAfterHeader => "RETRY_AFTER_HEADER",
+            RecoverySource::ProviderResetHeader => "PROVIDER_RESET_HEADER",
+            RecoverySource::Message => "MESSAGE",
+            RecoverySource::Default => "DEFAULT",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|source| source.as_str() == s)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecoveryEstimate {
     pub recovery_at: DateTime<Utc>,
@@ -730,13 +756,7 @@ mod tests {
                 ts(expect["recovery_at"].as_str().unwrap()),
                 "{name}: {r:?}"
             );
-            let source = match r.estimate.source {
-                RecoverySource::Explicit => "EXPLICIT",
-                RecoverySource::RetryAfterHeader => "RETRY_AFTER_HEADER",
-                RecoverySource::ProviderResetHeader => "PROVIDER_RESET_HEADER",
-                RecoverySource::Message => "MESSAGE",
-                RecoverySource::Default => "DEFAULT",
-            };
+            let source = r.estimate.source.as_str();
             assert_eq!(source, expect["source"], "{name}: {r:?}");
             let caller = form["reason"].as_str().unwrap_or("RATE_LIMIT");
             let reason = if r.billing.is_some() {

@@ -60,29 +60,6 @@ fn parse_reason(s: &str) -> Result<ExhaustionReason> {
     ExhaustionReason::parse(s).ok_or_else(|| corrupt("exhaustion reason", s))
 }
 
-fn source_str(source: RecoverySource) -> &'static str {
-    match source {
-        RecoverySource::Explicit => "EXPLICIT",
-        RecoverySource::RetryAfterHeader => "RETRY_AFTER_HEADER",
-        RecoverySource::ProviderResetHeader => "PROVIDER_RESET_HEADER",
-        RecoverySource::Message => "MESSAGE",
-        RecoverySource::Default => "DEFAULT",
-    }
-}
-
-fn parse_source(s: &str) -> Result<RecoverySource> {
-    [
-        RecoverySource::Explicit,
-        RecoverySource::RetryAfterHeader,
-        RecoverySource::ProviderResetHeader,
-        RecoverySource::Message,
-        RecoverySource::Default,
-    ]
-    .into_iter()
-    .find(|source| source_str(*source) == s)
-    .ok_or_else(|| corrupt("recovery source", s))
-}
-
 impl TryFrom<AgentRow> for Agent {
     type Error = Error;
 
@@ -92,7 +69,11 @@ impl TryFrom<AgentRow> for Agent {
                 reason: parse_reason(&reason)?,
                 recovery: RecoveryEstimate {
                     recovery_at,
-                    source: parse_source(row.recovery_source.as_deref().unwrap_or("DEFAULT"))?,
+                    source: {
+                        let source = row.recovery_source.as_deref().unwrap_or("DEFAULT");
+                        RecoverySource::parse(source)
+                            .ok_or_else(|| corrupt("recovery source", source))?
+                    },
                     hint: row.recovery_hint.unwrap_or_default(),
                 },
             }),
@@ -184,7 +165,7 @@ impl AgentColumns {
             c.exhaustion_reason.push(ex.map(|e| e.reason.as_str()));
             c.recovery_at.push(ex.map(|e| e.recovery.recovery_at));
             c.recovery_source
-                .push(ex.map(|e| source_str(e.recovery.source)));
+                .push(ex.map(|e| e.recovery.source.as_str()));
             c.recovery_hint.push(ex.map(|e| e.recovery.hint.clone()));
         }
         Ok(c)

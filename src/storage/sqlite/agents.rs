@@ -72,31 +72,6 @@ fn parse_reason(s: &str) -> Result<ExhaustionReason> {
     ExhaustionReason::parse(s).ok_or_else(|| corrupt("exhaustion reason", s))
 }
 
-/// The stored spelling of a recovery source (the Postgres store's, so that a
-/// copy between the two moves the column as is).
-fn source_str(source: RecoverySource) -> &'static str {
-    match source {
-        RecoverySource::Explicit => "EXPLICIT",
-        RecoverySource::RetryAfterHeader => "RETRY_AFTER_HEADER",
-        RecoverySource::ProviderResetHeader => "PROVIDER_RESET_HEADER",
-        RecoverySource::Message => "MESSAGE",
-        RecoverySource::Default => "DEFAULT",
-    }
-}
-
-fn parse_source(s: &str) -> Result<RecoverySource> {
-    [
-        RecoverySource::Explicit,
-        RecoverySource::RetryAfterHeader,
-        RecoverySource::ProviderResetHeader,
-        RecoverySource::Message,
-        RecoverySource::Default,
-    ]
-    .into_iter()
-    .find(|source| source_str(*source) == s)
-    .ok_or_else(|| corrupt("recovery source", s))
-}
-
 impl TryFrom<AgentRow> for Agent {
     type Error = Error;
 
@@ -106,7 +81,11 @@ impl TryFrom<AgentRow> for Agent {
                 reason: parse_reason(&reason)?,
                 recovery: RecoveryEstimate {
                     recovery_at: from_micros(recovery_at),
-                    source: parse_source(row.recovery_source.as_deref().unwrap_or("DEFAULT"))?,
+                    source: {
+                        let source = row.recovery_source.as_deref().unwrap_or("DEFAULT");
+                        RecoverySource::parse(source)
+                            .ok_or_else(|| corrupt("recovery source", source))?
+                    },
                     hint: row.recovery_hint.unwrap_or_default(),
                 },
             }),
@@ -177,7 +156,7 @@ fn agents_json(agents: &[Agent]) -> Result<String> {
                 "revision": a.revision,
                 "exhaustion_reason": ex.map(|e| e.reason.as_str()),
                 "recovery_at": ex.map(|e| micros(e.recovery.recovery_at)),
-                "recovery_source": ex.map(|e| source_str(e.recovery.source)),
+                "recovery_source": ex.map(|e| e.recovery.source.as_str()),
                 "recovery_hint": ex.map(|e| e.recovery.hint.as_str()),
             }))
         })
