@@ -1,6 +1,13 @@
 //! Integration tests: the real server over real gRPC against a real Postgres.
 //! One binary, so it compiles once.
 
+/// What only Postgres can do (several replicas on one database, a database
+/// reached over a network that a test cuts): compiled into this run only;
+/// `tests/api_sqlite/main.rs` defines the same macro to expand to nothing.
+macro_rules! postgres_only {
+    ($($item:item)*) => { $($item)* };
+}
+
 mod agents;
 mod cli;
 mod client_heartbeats;

@@ -41,49 +41,51 @@ async fn wait_for_health(app: &TestApp, want: ServingStatus) {
     }
 }
 
-#[tokio::test]
-async fn health_follows_the_database() {
-    let db = TestDb::new();
-    let proxy = TcpProxy::to_postgres().await;
-    let mut args = test_args(&db.url_via(&proxy));
-    args.database.db_acquire_timeout = Duration::from_millis(500);
-    let app = TestApp::spawn_with(args).await;
-    wait_for_health(&app, ServingStatus::Serving).await;
-    app.register("a").await;
+postgres_only! {
+    #[tokio::test]
+    async fn health_follows_the_database() {
+        let db = TestDb::new();
+        let proxy = TcpProxy::to_postgres().await;
+        let mut args = test_args(&db.url_via(&proxy));
+        args.database.db_acquire_timeout = Duration::from_millis(500);
+        let app = TestApp::spawn_with(args).await;
+        wait_for_health(&app, ServingStatus::Serving).await;
+        app.register("a").await;
 
-    // The database goes away: health says so, and calls fail UNAVAILABLE.
-    proxy.cut().await;
-    wait_for_health(&app, ServingStatus::NotServing).await;
-    let err = app
-        .agents
-        .clone()
-        .get_agent(pb::GetAgentRequest {
-            agent_id: "a".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert!(
-        !err.message().to_lowercase().contains("select"),
-        "no SQL leaks: {}",
-        err.message()
-    );
-
-    // It comes back: so does the service, with nothing lost.
-    proxy.restore();
-    wait_for_health(&app, ServingStatus::Serving).await;
-    let agent = eventually(Duration::from_secs(10), "agent readable", || async {
-        app.agents
+        // The database goes away: health says so, and calls fail UNAVAILABLE.
+        proxy.cut().await;
+        wait_for_health(&app, ServingStatus::NotServing).await;
+        let err = app
+            .agents
             .clone()
             .get_agent(pb::GetAgentRequest {
                 agent_id: "a".into(),
             })
             .await
-            .ok()
-            .and_then(|r| r.into_inner().agent)
-    })
-    .await;
-    assert_eq!(agent.agent_id, "a");
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+        assert!(
+            !err.message().to_lowercase().contains("select"),
+            "no SQL leaks: {}",
+            err.message()
+        );
+
+        // It comes back: so does the service, with nothing lost.
+        proxy.restore();
+        wait_for_health(&app, ServingStatus::Serving).await;
+        let agent = eventually(Duration::from_secs(10), "agent readable", || async {
+            app.agents
+                .clone()
+                .get_agent(pb::GetAgentRequest {
+                    agent_id: "a".into(),
+                })
+                .await
+                .ok()
+                .and_then(|r| r.into_inner().agent)
+        })
+        .await;
+        assert_eq!(agent.agent_id, "a");
+    }
 }
 
 #[tokio::test]

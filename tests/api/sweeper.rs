@@ -120,38 +120,40 @@ async fn a_restart_gives_every_agent_one_timeout_of_grace() {
     .await;
 }
 
-#[tokio::test]
-async fn two_replicas_sweeping_transition_each_agent_exactly_once() {
-    let db = TestDb::new();
-    let args = quick(&db, Duration::from_millis(1000));
-    let one = TestApp::spawn_with(args.clone()).await;
-    let two = TestApp::spawn_with(args).await;
-    for i in 0..40 {
-        one.register(&format!("agent-{i}")).await;
-    }
-    eventually(Duration::from_secs(30), "all offline", || async {
-        let page = two
-            .agents
-            .clone()
-            .list_agents(pb::ListAgentsRequest {
-                statuses: vec![status(S::Offline)],
-                page_size: 100,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        (page.agents.len() == 40).then_some(())
-    })
-    .await;
-    // Give a racing replica a chance to (wrongly) record a second timeout.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    for i in 0..40 {
-        let history = one.history(&format!("agent-{i}")).await;
-        let timeouts = history
-            .iter()
-            .filter(|t| t.cause == C::HeartbeatTimeout as i32)
-            .count();
-        assert_eq!(timeouts, 1, "agent-{i}: {history:?}");
+postgres_only! {
+    #[tokio::test]
+    async fn two_replicas_sweeping_transition_each_agent_exactly_once() {
+        let db = TestDb::new();
+        let args = quick(&db, Duration::from_millis(1000));
+        let one = TestApp::spawn_with(args.clone()).await;
+        let two = TestApp::spawn_with(args).await;
+        for i in 0..40 {
+            one.register(&format!("agent-{i}")).await;
+        }
+        eventually(Duration::from_secs(30), "all offline", || async {
+            let page = two
+                .agents
+                .clone()
+                .list_agents(pb::ListAgentsRequest {
+                    statuses: vec![status(S::Offline)],
+                    page_size: 100,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            (page.agents.len() == 40).then_some(())
+        })
+        .await;
+        // Give a racing replica a chance to (wrongly) record a second timeout.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for i in 0..40 {
+            let history = one.history(&format!("agent-{i}")).await;
+            let timeouts = history
+                .iter()
+                .filter(|t| t.cause == C::HeartbeatTimeout as i32)
+                .count();
+            assert_eq!(timeouts, 1, "agent-{i}: {history:?}");
+        }
     }
 }

@@ -230,75 +230,79 @@ async fn idle_streams_get_progress_with_the_latest_revision() {
     assert_eq!(progress.revision, 3);
 }
 
-#[tokio::test]
-async fn transitions_committed_on_another_server_reach_this_ones_watchers() {
-    let db = TestDb::new();
-    let writer = TestApp::spawn(&db).await;
-    let reader = TestApp::spawn(&db).await;
-    let mut stream = watch(&reader, since(0)).await;
-    writer.register("a").await;
-    writer.start_work("a").await.unwrap();
-    let got = take_transitions(&mut stream, 2).await;
-    assert_eq!(revisions(&got), [1, 2]);
-    assert_eq!(got[1].to_status, status(S::Busy));
+postgres_only! {
+    #[tokio::test]
+    async fn transitions_committed_on_another_server_reach_this_ones_watchers() {
+        let db = TestDb::new();
+        let writer = TestApp::spawn(&db).await;
+        let reader = TestApp::spawn(&db).await;
+        let mut stream = watch(&reader, since(0)).await;
+        writer.register("a").await;
+        writer.start_work("a").await.unwrap();
+        let got = take_transitions(&mut stream, 2).await;
+        assert_eq!(revisions(&got), [1, 2]);
+        assert_eq!(got[1].to_status, status(S::Busy));
+    }
 }
 
-/// Many writers on two servers commit concurrently (so revisions are allocated
-/// and committed interleaved); every watcher on either server sees 1..=N exactly.
-#[tokio::test]
-async fn concurrent_writers_every_watcher_sees_the_full_contiguous_sequence() {
-    let db = TestDb::new();
-    let one = TestApp::spawn(&db).await;
-    let two = TestApp::spawn(&db).await;
-    let mut watchers = Vec::new();
-    for app in [&one, &two, &one, &two] {
-        watchers.push(watch(app, since(0)).await);
-    }
-    let writers = 16;
-    let cycles = 10;
-    let mut tasks = Vec::new();
-    for w in 0..writers {
-        let app_client = if w % 2 == 0 {
-            one.agents.clone()
-        } else {
-            two.agents.clone()
-        };
-        tasks.push(tokio::spawn(async move {
-            let mut c = app_client;
-            let id = format!("writer-{w}");
-            c.register_agent(pb::RegisterAgentRequest {
-                agent_id: id.clone(),
-                labels: Default::default(),
-            })
-            .await
-            .unwrap();
-            for _ in 0..cycles {
-                c.start_work(pb::StartWorkRequest {
+postgres_only! {
+    /// Many writers on two servers commit concurrently (so revisions are allocated
+    /// and committed interleaved); every watcher on either server sees 1..=N exactly.
+    #[tokio::test]
+    async fn concurrent_writers_every_watcher_sees_the_full_contiguous_sequence() {
+        let db = TestDb::new();
+        let one = TestApp::spawn(&db).await;
+        let two = TestApp::spawn(&db).await;
+        let mut watchers = Vec::new();
+        for app in [&one, &two, &one, &two] {
+            watchers.push(watch(app, since(0)).await);
+        }
+        let writers = 16;
+        let cycles = 10;
+        let mut tasks = Vec::new();
+        for w in 0..writers {
+            let app_client = if w % 2 == 0 {
+                one.agents.clone()
+            } else {
+                two.agents.clone()
+            };
+            tasks.push(tokio::spawn(async move {
+                let mut c = app_client;
+                let id = format!("writer-{w}");
+                c.register_agent(pb::RegisterAgentRequest {
                     agent_id: id.clone(),
-                    slot_type: 1,
+                    labels: Default::default(),
                 })
                 .await
                 .unwrap();
-                c.finish_work(pb::FinishWorkRequest {
-                    agent_id: id.clone(),
-                })
-                .await
-                .unwrap();
-            }
-        }));
+                for _ in 0..cycles {
+                    c.start_work(pb::StartWorkRequest {
+                        agent_id: id.clone(),
+                        slot_type: 1,
+                    })
+                    .await
+                    .unwrap();
+                    c.finish_work(pb::FinishWorkRequest {
+                        agent_id: id.clone(),
+                    })
+                    .await
+                    .unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let total = writers * (1 + 2 * cycles);
+        let expected: Vec<i64> = (1..=total as i64).collect();
+        for (i, stream) in watchers.iter_mut().enumerate() {
+            let got = take_transitions(stream, total).await;
+            assert_eq!(revisions(&got), expected, "watcher {i}");
+        }
+        // And per agent, the statuses alternate correctly.
+        let history = one.history("writer-3").await;
+        assert_eq!(history.len(), 1 + 2 * cycles);
     }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let total = writers * (1 + 2 * cycles);
-    let expected: Vec<i64> = (1..=total as i64).collect();
-    for (i, stream) in watchers.iter_mut().enumerate() {
-        let got = take_transitions(stream, total).await;
-        assert_eq!(revisions(&got), expected, "watcher {i}");
-    }
-    // And per agent, the statuses alternate correctly.
-    let history = one.history("writer-3").await;
-    assert_eq!(history.len(), 1 + 2 * cycles);
 }
 
 #[tokio::test]

@@ -96,59 +96,61 @@ async fn collect(
     seen
 }
 
-#[tokio::test]
-async fn batches_from_two_replicas_interleave_into_one_contiguous_history() {
-    let db = TestDb::new();
-    let one = TestApp::spawn(&db).await;
-    let two = TestApp::spawn(&db).await;
-    let agents = 16;
-    let cycles = 10;
-    for i in 0..agents {
-        one.register(&format!("r-{i}")).await;
-    }
-    let head = one
-        .history("r-0")
-        .await
-        .last()
-        .unwrap()
-        .revision
-        .max(agents as i64);
-    let expected = agents * cycles * 2;
-    let watch_one = tokio::spawn(collect(one.agents.clone(), head, expected));
-    let watch_two = tokio::spawn(collect(two.agents.clone(), head, expected));
-    // Each agent is driven through one replica or the other, all at once.
-    let writers = (0..agents).map(|i| {
-        let app = if i % 2 == 0 { &one } else { &two };
-        let id = format!("r-{i}");
-        async move {
-            for _ in 0..cycles {
-                app.start_work(&id).await.unwrap();
-                app.finish_work(&id).await.unwrap();
-            }
+postgres_only! {
+    #[tokio::test]
+    async fn batches_from_two_replicas_interleave_into_one_contiguous_history() {
+        let db = TestDb::new();
+        let one = TestApp::spawn(&db).await;
+        let two = TestApp::spawn(&db).await;
+        let agents = 16;
+        let cycles = 10;
+        for i in 0..agents {
+            one.register(&format!("r-{i}")).await;
         }
-    });
-    futures::future::join_all(writers).await;
-    let seen_one = watch_one.await.unwrap();
-    let seen_two = watch_two.await.unwrap();
-    let revisions: Vec<i64> = seen_one.iter().map(|t| t.revision).collect();
-    let contiguous: Vec<i64> = (head + 1..=head + expected as i64).collect();
-    assert_eq!(revisions, contiguous, "one gap-free sequence");
-    assert_eq!(
-        seen_one, seen_two,
-        "both replicas' watchers see the same history"
-    );
-    // Per agent, the transitions alternate as the calls were made.
-    for i in 0..agents {
-        let id = format!("r-{i}");
-        let causes: Vec<i32> = seen_one
-            .iter()
-            .filter(|t| t.agent_id == id)
-            .map(|t| t.cause)
-            .collect();
-        let alternating: Vec<i32> = (0..2 * cycles)
-            .map(|k| if k % 2 == 0 { C::WorkStarted } else { C::WorkFinished } as i32)
-            .collect();
-        assert_eq!(causes, alternating, "{id}");
+        let head = one
+            .history("r-0")
+            .await
+            .last()
+            .unwrap()
+            .revision
+            .max(agents as i64);
+        let expected = agents * cycles * 2;
+        let watch_one = tokio::spawn(collect(one.agents.clone(), head, expected));
+        let watch_two = tokio::spawn(collect(two.agents.clone(), head, expected));
+        // Each agent is driven through one replica or the other, all at once.
+        let writers = (0..agents).map(|i| {
+            let app = if i % 2 == 0 { &one } else { &two };
+            let id = format!("r-{i}");
+            async move {
+                for _ in 0..cycles {
+                    app.start_work(&id).await.unwrap();
+                    app.finish_work(&id).await.unwrap();
+                }
+            }
+        });
+        futures::future::join_all(writers).await;
+        let seen_one = watch_one.await.unwrap();
+        let seen_two = watch_two.await.unwrap();
+        let revisions: Vec<i64> = seen_one.iter().map(|t| t.revision).collect();
+        let contiguous: Vec<i64> = (head + 1..=head + expected as i64).collect();
+        assert_eq!(revisions, contiguous, "one gap-free sequence");
+        assert_eq!(
+            seen_one, seen_two,
+            "both replicas' watchers see the same history"
+        );
+        // Per agent, the transitions alternate as the calls were made.
+        for i in 0..agents {
+            let id = format!("r-{i}");
+            let causes: Vec<i32> = seen_one
+                .iter()
+                .filter(|t| t.agent_id == id)
+                .map(|t| t.cause)
+                .collect();
+            let alternating: Vec<i32> = (0..2 * cycles)
+                .map(|k| if k % 2 == 0 { C::WorkStarted } else { C::WorkFinished } as i32)
+                .collect();
+            assert_eq!(causes, alternating, "{id}");
+        }
     }
 }
 
@@ -169,48 +171,50 @@ async fn timeouts(app: &TestApp, agent_id: &str) -> Vec<pb::Transition> {
         .collect()
 }
 
-#[tokio::test]
-async fn heartbeats_on_one_replica_keep_the_agent_online_while_another_sweeps() {
-    let db = TestDb::new();
-    let timeout = Duration::from_millis(1500);
-    // Replica two only sweeps; its flush is slow, replica one's is the largest the
-    // timeout allows here: heartbeats sit in memory for up to a second.
-    let sweeper = TestApp::spawn_with(quick_liveness(&db, timeout, Duration::from_secs(1))).await;
-    let front = TestApp::spawn_with(quick_liveness(&db, timeout, Duration::from_secs(1))).await;
-    front.register("alive").await;
-    front.register("silent").await;
-    // The sweeper's start-up grace is one timeout: run well past it.
-    let mut client = front.agents.clone();
-    let until = tokio::time::Instant::now() + 3 * timeout;
-    let mut acknowledged = 0;
-    while tokio::time::Instant::now() < until {
-        let response = client
-            .heartbeat(pb::HeartbeatRequest {
-                agent_id: "alive".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(response.agent.unwrap().status, status(S::Idle));
-        let next = response
-            .next_heartbeat_interval
-            .expect("an interval to heartbeat at");
-        assert!(next.seconds >= 0 && next.seconds * 1000 <= timeout.as_millis() as i64 / 3 + 1000);
-        acknowledged += 1;
-        tokio::time::sleep(Duration::from_millis(250)).await;
+postgres_only! {
+    #[tokio::test]
+    async fn heartbeats_on_one_replica_keep_the_agent_online_while_another_sweeps() {
+        let db = TestDb::new();
+        let timeout = Duration::from_millis(1500);
+        // Replica two only sweeps; its flush is slow, replica one's is the largest the
+        // timeout allows here: heartbeats sit in memory for up to a second.
+        let sweeper = TestApp::spawn_with(quick_liveness(&db, timeout, Duration::from_secs(1))).await;
+        let front = TestApp::spawn_with(quick_liveness(&db, timeout, Duration::from_secs(1))).await;
+        front.register("alive").await;
+        front.register("silent").await;
+        // The sweeper's start-up grace is one timeout: run well past it.
+        let mut client = front.agents.clone();
+        let until = tokio::time::Instant::now() + 3 * timeout;
+        let mut acknowledged = 0;
+        while tokio::time::Instant::now() < until {
+            let response = client
+                .heartbeat(pb::HeartbeatRequest {
+                    agent_id: "alive".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(response.agent.unwrap().status, status(S::Idle));
+            let next = response
+                .next_heartbeat_interval
+                .expect("an interval to heartbeat at");
+            assert!(next.seconds >= 0 && next.seconds * 1000 <= timeout.as_millis() as i64 / 3 + 1000);
+            acknowledged += 1;
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        assert!(acknowledged >= 10);
+        // The sweeper did run: the silent agent went offline, once.
+        eventually(Duration::from_secs(10), "silent agent offline", || async {
+            (sweeper.get("silent").await.status == status(S::Offline)).then_some(())
+        })
+        .await;
+        assert_eq!(timeouts(&sweeper, "silent").await.len(), 1);
+        assert!(
+            timeouts(&sweeper, "alive").await.is_empty(),
+            "a heartbeating agent was swept"
+        );
+        assert_eq!(sweeper.get("alive").await.status, status(S::Idle));
     }
-    assert!(acknowledged >= 10);
-    // The sweeper did run: the silent agent went offline, once.
-    eventually(Duration::from_secs(10), "silent agent offline", || async {
-        (sweeper.get("silent").await.status == status(S::Offline)).then_some(())
-    })
-    .await;
-    assert_eq!(timeouts(&sweeper, "silent").await.len(), 1);
-    assert!(
-        timeouts(&sweeper, "alive").await.is_empty(),
-        "a heartbeating agent was swept"
-    );
-    assert_eq!(sweeper.get("alive").await.status, status(S::Idle));
 }
 
 #[tokio::test]
@@ -279,65 +283,44 @@ async fn get_agent_shows_a_heartbeat_before_it_is_flushed() {
     assert_eq!(app.get("hb").await.last_heartbeat_at.unwrap(), at);
 }
 
-/// A `fleetcare serve` process on `db` with quick liveness settings.
-async fn serve_process(db: &TestDb, timeout: Duration, flush: Duration) -> ServerProcess {
-    ServerProcess::start(&[
-        "--database-url",
-        &db.url,
-        "--heartbeat-timeout",
-        &format!("{}ms", timeout.as_millis()),
-        "--heartbeat-flush-interval",
-        &format!("{}ms", flush.as_millis()),
-        "--sweep-interval",
-        "50ms",
-    ])
-    .await
+postgres_only! {
+    /// A `fleetcare serve` process on `db` with quick liveness settings.
+    async fn serve_process(db: &TestDb, timeout: Duration, flush: Duration) -> ServerProcess {
+        ServerProcess::start(&[
+            "--database-url",
+            &db.url,
+            "--heartbeat-timeout",
+            &format!("{}ms", timeout.as_millis()),
+            "--heartbeat-flush-interval",
+            &format!("{}ms", flush.as_millis()),
+            "--sweep-interval",
+            "50ms",
+        ])
+        .await
+    }
 }
 
-#[tokio::test]
-async fn kill_9_between_acknowledgement_and_flush_loses_liveness_not_the_agent() {
-    let db = TestDb::new();
-    let timeout = Duration::from_secs(4);
-    let flush = Duration::from_secs(2);
-    // An in-process replica that sweeps, already past its start-up grace when the
-    // process replica dies.
-    let sweeper = TestApp::spawn_with(quick_liveness(&db, timeout, flush)).await;
-    let front = serve_process(&db, timeout, flush).await;
-    let mut client = front.client().await;
-    client
-        .register_agent(pb::RegisterAgentRequest {
-            agent_id: "survivor".into(),
-            labels: Default::default(),
-        })
-        .await
-        .unwrap();
-    let stored_before = sweeper.get("survivor").await.last_heartbeat_at.unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let acked = client
-        .heartbeat(pb::HeartbeatRequest {
-            agent_id: "survivor".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .agent
-        .unwrap()
-        .last_heartbeat_at
-        .unwrap();
-    assert!(key(acked) > key(stored_before));
-    front.kill();
-    // The acknowledged heartbeat was in memory only: that much liveness is lost.
-    assert_eq!(
-        sweeper.get("survivor").await.last_heartbeat_at.unwrap(),
-        stored_before
-    );
-
-    // The agent keeps heartbeating, to a restarted process, for two timeouts.
-    let front = serve_process(&db, timeout, flush).await;
-    let mut client = front.client().await;
-    let until = tokio::time::Instant::now() + 2 * timeout;
-    while tokio::time::Instant::now() < until {
-        let agent = client
+postgres_only! {
+    #[tokio::test]
+    async fn kill_9_between_acknowledgement_and_flush_loses_liveness_not_the_agent() {
+        let db = TestDb::new();
+        let timeout = Duration::from_secs(4);
+        let flush = Duration::from_secs(2);
+        // An in-process replica that sweeps, already past its start-up grace when the
+        // process replica dies.
+        let sweeper = TestApp::spawn_with(quick_liveness(&db, timeout, flush)).await;
+        let front = serve_process(&db, timeout, flush).await;
+        let mut client = front.client().await;
+        client
+            .register_agent(pb::RegisterAgentRequest {
+                agent_id: "survivor".into(),
+                labels: Default::default(),
+            })
+            .await
+            .unwrap();
+        let stored_before = sweeper.get("survivor").await.last_heartbeat_at.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let acked = client
             .heartbeat(pb::HeartbeatRequest {
                 agent_id: "survivor".into(),
             })
@@ -345,29 +328,54 @@ async fn kill_9_between_acknowledgement_and_flush_loses_liveness_not_the_agent()
             .unwrap()
             .into_inner()
             .agent
+            .unwrap()
+            .last_heartbeat_at
             .unwrap();
-        assert_ne!(agent.status, status(S::Offline));
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(key(acked) > key(stored_before));
+        front.kill();
+        // The acknowledged heartbeat was in memory only: that much liveness is lost.
+        assert_eq!(
+            sweeper.get("survivor").await.last_heartbeat_at.unwrap(),
+            stored_before
+        );
+
+        // The agent keeps heartbeating, to a restarted process, for two timeouts.
+        let front = serve_process(&db, timeout, flush).await;
+        let mut client = front.client().await;
+        let until = tokio::time::Instant::now() + 2 * timeout;
+        while tokio::time::Instant::now() < until {
+            let agent = client
+                .heartbeat(pb::HeartbeatRequest {
+                    agent_id: "survivor".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .agent
+                .unwrap();
+            assert_ne!(agent.status, status(S::Offline));
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        assert!(
+            timeouts(&sweeper, "survivor").await.is_empty(),
+            "swept while heartbeating"
+        );
+        let causes: BTreeSet<i32> = sweeper
+            .history("survivor")
+            .await
+            .iter()
+            .map(|t| t.cause)
+            .collect();
+        assert_eq!(causes, BTreeSet::from([C::Registered as i32]));
+        // And its heartbeats are stored again.
+        eventually(
+            Duration::from_secs(10),
+            "heartbeats flushed after the restart",
+            || async {
+                (key(sweeper.get("survivor").await.last_heartbeat_at.unwrap()) > key(acked))
+                    .then_some(())
+            },
+        )
+        .await;
     }
-    assert!(
-        timeouts(&sweeper, "survivor").await.is_empty(),
-        "swept while heartbeating"
-    );
-    let causes: BTreeSet<i32> = sweeper
-        .history("survivor")
-        .await
-        .iter()
-        .map(|t| t.cause)
-        .collect();
-    assert_eq!(causes, BTreeSet::from([C::Registered as i32]));
-    // And its heartbeats are stored again.
-    eventually(
-        Duration::from_secs(10),
-        "heartbeats flushed after the restart",
-        || async {
-            (key(sweeper.get("survivor").await.last_heartbeat_at.unwrap()) > key(acked))
-                .then_some(())
-        },
-    )
-    .await;
 }

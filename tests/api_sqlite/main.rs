@@ -5,6 +5,12 @@
 //! one database, a database reached over a network that can be cut) stays in
 //! the Postgres run; what only the embedded store does is in `embedded`.
 
+/// Tests of several replicas on one database or of a database cut by a proxy
+/// are Postgres's alone: the embedded store is single-node.
+macro_rules! postgres_only {
+    ($($item:item)*) => {};
+}
+
 #[path = "../api/agents.rs"]
 mod agents;
 #[path = "../api/cli.rs"]
