@@ -13,7 +13,7 @@ use tokio::sync::Semaphore;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::helpers::{TestApp, TestDb, eventually, reason, test_args};
+use crate::helpers::{TestApp, TestDb, eventually, reason, sqlite_backend, test_args};
 
 /// A session root in the temp directory, removed when the test passes.
 pub struct SessionRoot {
@@ -526,11 +526,29 @@ async fn a_processor_never_runs_twice_at_once_on_one_server_or_across_two() {
         with_gated(&[("gated", &gate)], Duration::ZERO),
     )
     .await;
-    let two = TestApp::spawn_with_processors(
-        args(&db, &root.path),
-        with_gated(&[("gated", &gate)], Duration::ZERO),
-    )
-    .await;
+    // The embedded store is single-node: a second server on its file is
+    // refused, and the one server is the whole cluster.
+    let two = if sqlite_backend() {
+        let refused = fleetcare::startup::Application::build(
+            args(&db, &root.path),
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            tokio_util::sync::CancellationToken::new(),
+        )
+        .await;
+        assert!(
+            matches!(refused, Err(fleetcare::error::Error::FailedPrecondition(_))),
+            "a second server on the SQLite file is refused"
+        );
+        None
+    } else {
+        Some(
+            TestApp::spawn_with_processors(
+                args(&db, &root.path),
+                with_gated(&[("gated", &gate)], Duration::ZERO),
+            )
+            .await,
+        )
+    };
 
     let first = tokio::spawn({
         let mut c = client(&one);
@@ -548,17 +566,20 @@ async fn a_processor_never_runs_twice_at_once_on_one_server_or_across_two() {
         (Code::Aborted, "PROCESSOR_RUNNING")
     );
     assert!(here.message().contains("this server"), "{}", here.message());
-    let there = run(&two, "gated").await.unwrap_err();
-    assert_eq!(
-        (there.code(), reason(&there).as_str()),
-        (Code::Aborted, "PROCESSOR_RUNNING")
-    );
-    assert!(
-        there.message().contains("another server"),
-        "{}",
-        there.message()
-    );
-    let listed = client(&two)
+    if let Some(two) = &two {
+        let there = run(two, "gated").await.unwrap_err();
+        assert_eq!(
+            (there.code(), reason(&there).as_str()),
+            (Code::Aborted, "PROCESSOR_RUNNING")
+        );
+        assert!(
+            there.message().contains("another server"),
+            "{}",
+            there.message()
+        );
+    }
+    let two = two.as_ref().unwrap_or(&one);
+    let listed = client(two)
         .list_processors(pb::ListProcessorsRequest {})
         .await
         .unwrap()
@@ -571,13 +592,13 @@ async fn a_processor_never_runs_twice_at_once_on_one_server_or_across_two() {
         "the other server sees it running"
     );
     // Other processors are not blocked.
-    run(&two, "errors").await.unwrap();
+    run(two, "errors").await.unwrap();
 
     gate.open();
     let stats = first.await.unwrap().unwrap().into_inner().stats.unwrap();
     assert_eq!(stats.processed, 5);
     // Released: the other server can run it now, and finds nothing to do.
-    let after = run(&two, "gated").await.unwrap();
+    let after = run(two, "gated").await.unwrap();
     assert_eq!((after.processed, after.files_hashed), (0, 0));
 }
 
@@ -592,11 +613,19 @@ async fn the_lock_is_released_when_a_server_stops_mid_run() {
         with_gated(&[("gated", &gate)], Duration::ZERO),
     )
     .await;
-    let two = TestApp::spawn_with_processors(
-        args(&db, &root.path),
-        with_gated(&[("gated", &gate)], Duration::ZERO),
-    )
-    .await;
+    let spawn_two = || {
+        TestApp::spawn_with_processors(
+            args(&db, &root.path),
+            with_gated(&[("gated", &gate)], Duration::ZERO),
+        )
+    };
+    // SQLite is single-node: the second server starts on the file once the
+    // first has stopped (and so proves the stopped one let go of it).
+    let two = if sqlite_backend() {
+        None
+    } else {
+        Some(spawn_two().await)
+    };
     let first = tokio::spawn({
         let mut c = client(&one);
         async move {
@@ -616,6 +645,10 @@ async fn the_lock_is_released_when_a_server_stops_mid_run() {
         "{interrupted:?}"
     );
     assert!(interrupted.processed < 6, "{interrupted:?}");
+    let two = match two {
+        Some(two) => two,
+        None => spawn_two().await,
+    };
     // Whatever one committed stays; two picks up the rest at once.
     gate.open();
     let stats = run(&two, "gated").await.unwrap();
@@ -868,18 +901,16 @@ impl fleetcare::processors::SessionProcessor for Flaky {
 #[tokio::test]
 async fn a_panicking_processor_fails_its_session_and_releases_the_lock() {
     use fleetcare::runtime::pipeline::{Pipeline, PipelineConfig};
-    use fleetcare::storage::PipelineStore;
     let db = TestDb::new();
     let root = SessionRoot::new();
     basic_corpus(&root);
     root.write("boom/s.jsonl", "{}\n");
     let shutdown = tokio_util::sync::CancellationToken::new();
     let database = test_args(&db.url).database;
-    let store = std::sync::Arc::new(
-        fleetcare::storage::postgres::PgStore::connect(&database, shutdown.clone())
-            .await
-            .unwrap(),
-    );
+    let store = fleetcare::storage::Stores::open(&database, shutdown.clone())
+        .await
+        .unwrap()
+        .pipeline;
     let pipeline = Pipeline::new(
         store.clone(),
         PipelineConfig {

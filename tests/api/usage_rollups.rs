@@ -5,7 +5,8 @@
 //! day-aligned and a non-aligned range, and for one user) equals ccusage's
 //! rule applied from scratch to what every file last held (a deleted
 //! transcript keeps what was derived from it). And two batches committed
-//! at once by concurrent transactions over shared messages count each once.
+//! at once by concurrent transactions over shared messages (on SQLite, one
+//! after the other on its single writer) count each once.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
@@ -15,8 +16,7 @@ use fleetcare::domain::pipeline::{self, SessionFile};
 use fleetcare::domain::transcript::{UsageEntry, extract_usage};
 use fleetcare::domain::usage::{self, MessageCopy, UsageGrouping, UsageQuery, UsageRow};
 use fleetcare::proto::v1 as pb;
-use fleetcare::storage::postgres::PgStore;
-use fleetcare::storage::{PipelineStore, SessionOutput, SessionWrite};
+use fleetcare::storage::{PipelineStore, SessionOutput, SessionWrite, Stores};
 use proptest::prelude::*;
 
 use crate::helpers::{TestApp, TestDb};
@@ -269,7 +269,7 @@ fn round_entries(file: u32, round: u32) -> Vec<UsageEntry> {
 }
 
 async fn commit_retrying(
-    store: &PgStore,
+    store: &dyn PipelineStore,
     writes: &[SessionWrite],
 ) -> Result<u32, fleetcare::error::Error> {
     let mut conflicts = 0;
@@ -287,7 +287,8 @@ async fn concurrent_batches_sharing_messages_count_each_message_once() {
     let db = TestDb::new();
     let shutdown = tokio_util::sync::CancellationToken::new();
     let database = crate::helpers::test_args(&db.url).database;
-    let store = PgStore::connect(&database, shutdown.clone()).await.unwrap();
+    let stores = Stores::open(&database, shutdown.clone()).await.unwrap();
+    let store = stores.pipeline.as_ref();
     let now = store.now().await.unwrap();
     let mut last: BTreeMap<String, (SessionFile, Vec<UsageEntry>)> = BTreeMap::new();
     for round in 0..6 {
@@ -318,7 +319,7 @@ async fn concurrent_batches_sharing_messages_count_each_message_once() {
                 .collect()
         };
         let (a, b) = (batch(0), batch(1));
-        let (ra, rb) = tokio::join!(commit_retrying(&store, &a), commit_retrying(&store, &b));
+        let (ra, rb) = tokio::join!(commit_retrying(store, &a), commit_retrying(store, &b));
         ra.unwrap();
         rb.unwrap();
         for w in a.into_iter().chain(b) {

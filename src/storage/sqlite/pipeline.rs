@@ -1,70 +1,664 @@
-//! The session-pipeline part of the embedded store.
+//! The session-pipeline part of the embedded store: session states, usage
+//! entries (see `usage_rollups`), transcript errors, the processor lock and
+//! the last run of each processor.
+//!
+//! Every write runs in one `BEGIN IMMEDIATE` transaction on the single writer,
+//! so a batch sees no concurrent writer and needs no row locks. Bulk rows go
+//! in multi-row `VALUES` statements of a fixed size (the statement text
+//! repeats, so the connection's statement cache prepares it once), the
+//! SQLite counterpart of Postgres's `UNNEST`.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use sqlx::{FromRow, QueryBuilder, Sqlite, SqliteConnection};
 
-use super::SqliteStore;
+use super::{SqliteStore, from_micros, from_micros_opt, micros, sqlite_error, store_now};
+use crate::domain::healing;
 use crate::domain::pipeline::{RunStats, SessionFile, SessionState, SessionStatus};
-use crate::error::Result;
+use crate::domain::transcript::UsageEntry;
+use crate::error::{Error, Result};
 use crate::storage::{
-    PipelineStore, ProcessorLock, SessionWrite, StateUpdate, UsageQuery, UsageRow,
+    PipelineStore, ProcessorLock, SessionWrite, StateUpdate, TranscriptErrorEvent, UsageQuery,
+    UsageRow,
 };
+
+mod usage_rollups;
+use usage_rollups::{replace_usage, usage_report};
+
+/// Rows per multi-row statement. Every statement here binds at most 14
+/// values a row: far below SQLite's 32766 bound variables.
+pub(super) const CHUNK_ROWS: usize = 256;
+
+const STATE_COLUMNS: &str = "processor, path, user_name, size, mtime_ns, observed_at, sha256, \
+     processor_version, processed_at, items_count, attempts, last_error, status, next_attempt_at";
+
+#[derive(FromRow)]
+struct StateRow {
+    processor: String,
+    path: String,
+    user_name: String,
+    size: i64,
+    mtime_ns: i64,
+    observed_at: i64,
+    sha256: String,
+    processor_version: i32,
+    processed_at: Option<i64>,
+    items_count: i64,
+    attempts: i32,
+    last_error: Option<String>,
+    status: String,
+    next_attempt_at: Option<i64>,
+}
+
+impl TryFrom<StateRow> for SessionState {
+    type Error = Error;
+
+    fn try_from(row: StateRow) -> Result<SessionState> {
+        Ok(SessionState {
+            status: SessionStatus::parse(&row.status).ok_or_else(|| {
+                Error::Internal(format!(
+                    "stored session status {:?} is not recognised",
+                    row.status
+                ))
+            })?,
+            processor: row.processor,
+            path: row.path,
+            user: row.user_name,
+            size: u64::try_from(row.size).unwrap_or(0),
+            mtime_ns: row.mtime_ns,
+            observed_at: from_micros(row.observed_at),
+            sha256: row.sha256,
+            processor_version: row.processor_version,
+            processed_at: from_micros_opt(row.processed_at),
+            items_count: row.items_count,
+            attempts: row.attempts,
+            last_error: row.last_error,
+            next_attempt_at: from_micros_opt(row.next_attempt_at),
+        })
+    }
+}
+
+fn size(file: &SessionFile) -> i64 {
+    i64::try_from(file.size).unwrap_or(i64::MAX)
+}
+
+/// Replaces a session's transcript errors inside the caller's transaction.
+async fn replace_transcript_errors(
+    conn: &mut SqliteConnection,
+    file: &SessionFile,
+    errors: &[TranscriptErrorEvent],
+) -> Result<()> {
+    // Events a recovery was planned for stay; the rest are replaced.
+    sqlx::query(
+        "DELETE FROM error_events WHERE source_path = ?1
+           AND NOT EXISTS (SELECT 1 FROM recovery_actions r
+                           WHERE r.error_event_id = error_events.id)",
+    )
+    .bind(&file.path)
+    .execute(&mut *conn)
+    .await
+    .map_err(sqlite_error)?;
+    for error in errors {
+        let e = &error.event;
+        // Earlier inserts of this loop are visible here: they count too.
+        let window = healing::recurrence_window(error.occurred_at);
+        let earlier: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM error_events
+             WHERE agent_id = ?1 AND error_type = ?2 AND occurred_at > ?3 AND occurred_at <= ?4",
+        )
+        .bind(&e.agent_id)
+        .bind(e.error_type.as_str())
+        .bind(micros(window.after))
+        .bind(micros(window.until))
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(sqlite_error)?;
+        let context = serde_json::to_string(&e.context)
+            .map_err(|err| Error::Internal(format!("error context not serialisable: {err}")))?;
+        sqlx::query(
+            "INSERT INTO error_events
+                 (agent_id, message, context, error_type, severity, critical, recurring,
+                  occurred_at, source_path, source_key)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+             ON CONFLICT (source_path, source_key) WHERE source_path IS NOT NULL DO NOTHING",
+        )
+        .bind(&e.agent_id)
+        .bind(&e.message)
+        .bind(context)
+        .bind(e.error_type.as_str())
+        .bind(e.severity)
+        .bind(healing::is_critical(e.severity))
+        .bind(healing::recurring_given(earlier))
+        .bind(micros(error.occurred_at))
+        .bind(&file.path)
+        .bind(&error.key)
+        .execute(&mut *conn)
+        .await
+        .map_err(sqlite_error)?;
+    }
+    Ok(())
+}
+
+/// Writes state rows as the domain decided them (`domain::pipeline::processed`,
+/// `failed` or `requeue`), a few hundred a statement.
+async fn upsert_states(conn: &mut SqliteConnection, states: &[&SessionState]) -> Result<()> {
+    for chunk in states.chunks(CHUNK_ROWS) {
+        // Only full chunks repeat their text: only they stay prepared.
+        let cached = chunk.len() == CHUNK_ROWS;
+        let mut q =
+            QueryBuilder::<Sqlite>::new(format!("INSERT INTO session_states ({STATE_COLUMNS}) "));
+        q.push_values(chunk, |mut b, s| {
+            b.push_bind(s.processor.as_str())
+                .push_bind(s.path.as_str())
+                .push_bind(s.user.as_str())
+                .push_bind(i64::try_from(s.size).unwrap_or(i64::MAX))
+                .push_bind(s.mtime_ns)
+                .push_bind(micros(s.observed_at))
+                .push_bind(s.sha256.as_str())
+                .push_bind(s.processor_version)
+                .push_bind(s.processed_at.map(micros))
+                .push_bind(s.items_count)
+                .push_bind(s.attempts)
+                .push_bind(s.last_error.as_deref())
+                .push_bind(s.status.as_str())
+                .push_bind(s.next_attempt_at.map(micros));
+        });
+        q.push(
+            " ON CONFLICT (processor, path) DO UPDATE SET
+                 user_name = excluded.user_name, size = excluded.size,
+                 mtime_ns = excluded.mtime_ns, observed_at = excluded.observed_at,
+                 sha256 = excluded.sha256, processor_version = excluded.processor_version,
+                 attempts = excluded.attempts, last_error = excluded.last_error,
+                 status = excluded.status, next_attempt_at = excluded.next_attempt_at,
+                 processed_at = excluded.processed_at, items_count = excluded.items_count",
+        );
+        q.build()
+            .persistent(cached)
+            .execute(&mut *conn)
+            .await
+            .map_err(sqlite_error)?;
+    }
+    Ok(())
+}
+
+/// The in-process processor lock: this process is the only one on the file
+/// (the store's file lock), so a name in `running_processors` is the whole
+/// lock. Dropping the guard (a panic, a cancelled run) frees it too.
+struct SqliteProcessorLock {
+    running: Arc<Mutex<HashSet<String>>>,
+    processor: String,
+}
+
+impl Drop for SqliteProcessorLock {
+    fn drop(&mut self) {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        running.remove(&self.processor);
+    }
+}
+
+#[async_trait]
+impl ProcessorLock for SqliteProcessorLock {
+    async fn release(self: Box<Self>) {
+        // Dropping `self` frees it.
+    }
+}
 
 #[async_trait]
 impl PipelineStore for SqliteStore {
-    async fn session_states(&self, _processor: &str) -> Result<Vec<SessionState>> {
-        todo!()
+    async fn session_states(&self, processor: &str) -> Result<Vec<SessionState>> {
+        let rows: Vec<StateRow> = sqlx::query_as(&format!(
+            "SELECT {STATE_COLUMNS} FROM session_states WHERE processor = ?1"
+        ))
+        .bind(processor)
+        .fetch_all(self.readers())
+        .await
+        .map_err(sqlite_error)?;
+        rows.into_iter().map(SessionState::try_from).collect()
     }
 
     async fn list_session_states(
         &self,
-        _processor: &str,
-        _status: Option<SessionStatus>,
-        _user: Option<&str>,
-        _after_path: Option<&str>,
-        _limit: i64,
+        processor: &str,
+        status: Option<SessionStatus>,
+        user: Option<&str>,
+        after_path: Option<&str>,
+        limit: i64,
     ) -> Result<Vec<SessionState>> {
-        todo!()
+        let rows: Vec<StateRow> = sqlx::query_as(&format!(
+            "SELECT {STATE_COLUMNS} FROM session_states
+             WHERE processor = ?1
+               AND (?2 IS NULL OR status = ?2)
+               AND (?3 IS NULL OR user_name = ?3)
+               AND (?4 IS NULL OR path > ?4)
+             ORDER BY path
+             LIMIT ?5"
+        ))
+        .bind(processor)
+        .bind(status.map(SessionStatus::as_str))
+        .bind(user)
+        .bind(after_path)
+        .bind(limit)
+        .fetch_all(self.readers())
+        .await
+        .map_err(sqlite_error)?;
+        rows.into_iter().map(SessionState::try_from).collect()
     }
 
-    async fn refresh_stat(&self, _processor: &str, _file: &SessionFile) -> Result<()> {
-        todo!()
+    async fn refresh_stat(&self, processor: &str, file: &SessionFile) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "UPDATE session_states SET size = ?3, mtime_ns = ?4, observed_at = ?5
+             WHERE processor = ?1 AND path = ?2",
+        )
+        .bind(processor)
+        .bind(&file.path)
+        .bind(size(file))
+        .bind(file.mtime_ns)
+        .bind(micros(store_now()))
+        .execute(&mut *tx)
+        .await
+        .map_err(sqlite_error)?;
+        tx.commit().await.map_err(sqlite_error)
     }
 
-    async fn commit_sessions(&self, _writes: &[SessionWrite]) -> Result<()> {
-        todo!()
+    async fn commit_sessions(&self, writes: &[SessionWrite]) -> Result<()> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.begin_write().await?;
+        let usage: Vec<(&SessionFile, &[UsageEntry])> = writes
+            .iter()
+            .filter_map(|w| Some((&w.file, w.output.usage.as_deref()?)))
+            .collect();
+        replace_usage(&mut tx, &usage).await?;
+        for w in writes {
+            if let Some(errors) = &w.output.transcript_errors {
+                replace_transcript_errors(&mut tx, &w.file, errors).await?;
+            }
+        }
+        let states: Vec<&SessionState> = writes.iter().map(|w| &w.state).collect();
+        upsert_states(&mut tx, &states).await?;
+        tx.commit().await.map_err(sqlite_error)
     }
 
     async fn update_session_state(
         &self,
-        _processor: &str,
-        _path: &str,
-        _update: StateUpdate<'_>,
+        processor: &str,
+        path: &str,
+        update: StateUpdate<'_>,
     ) -> Result<SessionState> {
-        todo!()
+        // The write lock is held from the start: nobody changes the row meanwhile.
+        let mut tx = self.begin_write().await?;
+        let current: Option<StateRow> = sqlx::query_as(&format!(
+            "SELECT {STATE_COLUMNS} FROM session_states WHERE processor = ?1 AND path = ?2"
+        ))
+        .bind(processor)
+        .bind(path)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(sqlite_error)?;
+        let current: SessionState = current
+            .ok_or_else(|| Error::NotFound {
+                kind: "session",
+                id: format!("{processor}:{path}"),
+            })?
+            .try_into()?;
+        let state = update(&current, store_now())?;
+        upsert_states(&mut tx, &[&state]).await?;
+        tx.commit().await.map_err(sqlite_error)?;
+        Ok(state)
     }
 
-    async fn try_lock_processor(&self, _processor: &str) -> Result<Option<Box<dyn ProcessorLock>>> {
-        todo!()
+    async fn try_lock_processor(&self, processor: &str) -> Result<Option<Box<dyn ProcessorLock>>> {
+        let mut running = self
+            .running_processors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if !running.insert(processor.to_owned()) {
+            return Ok(None);
+        }
+        Ok(Some(Box::new(SqliteProcessorLock {
+            running: Arc::clone(&self.running_processors),
+            processor: processor.to_owned(),
+        })))
     }
 
-    async fn processor_locked(&self, _processor: &str) -> Result<bool> {
-        todo!()
+    async fn processor_locked(&self, processor: &str) -> Result<bool> {
+        Ok(self
+            .running_processors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(processor))
     }
 
-    async fn record_run(&self, _processor: &str, _stats: &RunStats) -> Result<()> {
-        todo!()
+    async fn record_run(&self, processor: &str, stats: &RunStats) -> Result<()> {
+        let now = store_now();
+        let json = serde_json::to_string(stats)
+            .map_err(|e| Error::Internal(format!("run stats not serialisable: {e}")))?;
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO pipeline_runs (processor, started_at, finished_at, stats)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (processor) DO UPDATE SET
+                 started_at = excluded.started_at, finished_at = excluded.finished_at,
+                 stats = excluded.stats",
+        )
+        .bind(processor)
+        .bind(micros(stats.started_at.unwrap_or(now)))
+        .bind(micros(stats.finished_at.unwrap_or(now)))
+        .bind(json)
+        .execute(&mut *tx)
+        .await
+        .map_err(sqlite_error)?;
+        tx.commit().await.map_err(sqlite_error)
     }
 
     async fn last_runs(&self) -> Result<Vec<(String, RunStats)>> {
-        todo!()
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT processor, stats FROM pipeline_runs ORDER BY processor")
+                .fetch_all(self.readers())
+                .await
+                .map_err(sqlite_error)?;
+        rows.into_iter()
+            .map(|(processor, stats)| {
+                let stats = serde_json::from_str(&stats).map_err(|e| {
+                    Error::Internal(format!("stored run stats of {processor:?} unreadable: {e}"))
+                })?;
+                Ok((processor, stats))
+            })
+            .collect()
     }
 
-    async fn usage(&self, _query: &UsageQuery) -> Result<Vec<UsageRow>> {
-        todo!()
+    async fn usage(&self, query: &UsageQuery) -> Result<Vec<UsageRow>> {
+        usage_report(self.readers(), query).await
     }
 
     async fn now(&self) -> Result<DateTime<Utc>> {
-        Ok(super::store_now())
+        Ok(store_now())
+    }
+}
+
+/// A fresh store in its own temporary directory, removed on drop.
+#[cfg(test)]
+pub(super) mod testing {
+    use std::path::PathBuf;
+
+    use crate::config::DatabaseArgs;
+    use crate::storage::sqlite::SqliteStore;
+
+    pub struct TempStore {
+        pub store: SqliteStore,
+        dir: PathBuf,
+    }
+
+    impl TempStore {
+        pub async fn new() -> TempStore {
+            let dir = std::env::temp_dir().join(format!(
+                "fleetcare-sqlite-pipeline-{}-{}",
+                std::process::id(),
+                rand::random::<u64>()
+            ));
+            let path = dir.join("fleetcare.db");
+            let args = DatabaseArgs::for_url(&format!("sqlite://{}", path.display()));
+            let store = SqliteStore::open(&path, &args).await.expect("store opens");
+            TempStore { store, dir }
+        }
+    }
+
+    impl Drop for TempStore {
+        fn drop(&mut self) {
+            if !std::thread::panicking() {
+                let _ = std::fs::remove_dir_all(&self.dir);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use chrono::{Duration, TimeZone};
+
+    use super::testing::TempStore;
+    use super::*;
+    use crate::domain::healing::ErrorType;
+    use crate::domain::healing_records::NewErrorEvent;
+    use crate::domain::pipeline::{self, RetryPolicy};
+    use crate::storage::SessionOutput;
+
+    fn file(path: &str) -> SessionFile {
+        let (user, name) = path.split_once('/').unwrap();
+        SessionFile {
+            user: user.into(),
+            session: name.trim_end_matches(".jsonl").into(),
+            path: path.into(),
+            size: 10,
+            mtime_ns: 7,
+        }
+    }
+
+    fn write(path: &str, output: SessionOutput, now: DateTime<Utc>) -> SessionWrite {
+        let file = file(path);
+        let state = pipeline::processed("p", &file, "sha", 1, 1, now);
+        SessionWrite {
+            file,
+            output,
+            state,
+        }
+    }
+
+    #[tokio::test]
+    async fn states_round_trip_page_by_path_and_update_under_the_write_lock() {
+        let t = TempStore::new().await;
+        let s = &t.store;
+        let now = s.now().await.unwrap();
+        let writes: Vec<SessionWrite> = ["b/2.jsonl", "a/1.jsonl", "a/3.jsonl"]
+            .iter()
+            .map(|p| write(p, SessionOutput::default(), now))
+            .collect();
+        s.commit_sessions(&writes).await.unwrap();
+        let mut all = s.session_states("p").await.unwrap();
+        all.sort_by(|a, b| a.path.cmp(&b.path));
+        let mut expected: Vec<SessionState> = writes.iter().map(|w| w.state.clone()).collect();
+        expected.sort_by(|a, b| a.path.cmp(&b.path));
+        assert_eq!(all, expected);
+        assert!(s.session_states("other").await.unwrap().is_empty());
+
+        let page = s
+            .list_session_states("p", None, None, Some("a/1.jsonl"), 1)
+            .await
+            .unwrap();
+        assert_eq!(page[0].path, "a/3.jsonl");
+        let of_a = s
+            .list_session_states("p", Some(SessionStatus::Processed), Some("a"), None, 10)
+            .await
+            .unwrap();
+        assert_eq!(of_a.len(), 2);
+        assert!(
+            s.list_session_states("p", Some(SessionStatus::Dead), None, None, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+
+        // A failure decided by the domain, then refreshed stat.
+        let failed = s
+            .update_session_state(
+                "p",
+                "a/1.jsonl",
+                Box::new(|current, now| {
+                    Ok(pipeline::failed(
+                        Some(current),
+                        "p",
+                        &file("a/1.jsonl"),
+                        "sha2",
+                        1,
+                        "boom",
+                        &RetryPolicy::default(),
+                        now,
+                    ))
+                }),
+            )
+            .await
+            .unwrap();
+        assert_eq!(failed.status, SessionStatus::Failed);
+        let mut moved = file("a/1.jsonl");
+        moved.size = 99;
+        s.refresh_stat("p", &moved).await.unwrap();
+        let stored = s
+            .list_session_states("p", None, None, None, 1)
+            .await
+            .unwrap()
+            .remove(0);
+        assert_eq!((stored.size, stored.sha256.as_str()), (99, "sha2"));
+        assert_eq!(stored.last_error, failed.last_error);
+        assert_eq!(stored.next_attempt_at, failed.next_attempt_at);
+
+        let missing = s
+            .update_session_state("p", "z/9.jsonl", Box::new(|c, _| Ok(c.clone())))
+            .await;
+        assert!(
+            matches!(missing, Err(Error::NotFound { .. })),
+            "{missing:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_processor_lock_is_freed_by_release_and_by_drop() {
+        let t = TempStore::new().await;
+        let s = &t.store;
+        let lock = s.try_lock_processor("usage").await.unwrap().expect("free");
+        assert!(s.processor_locked("usage").await.unwrap());
+        assert!(s.try_lock_processor("usage").await.unwrap().is_none());
+        let other = s.try_lock_processor("errors").await.unwrap();
+        assert!(other.is_some(), "other processors are not blocked");
+        lock.release().await;
+        assert!(!s.processor_locked("usage").await.unwrap());
+        let again = s.try_lock_processor("usage").await.unwrap().expect("free");
+        drop(again);
+        assert!(!s.processor_locked("usage").await.unwrap());
+        drop(other);
+        assert!(!s.processor_locked("errors").await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn runs_keep_the_last_of_each_processor() {
+        let t = TempStore::new().await;
+        let s = &t.store;
+        assert!(s.last_runs().await.unwrap().is_empty());
+        let mut stats = RunStats {
+            processed: 3,
+            errors: vec![("a/1.jsonl".into(), "bad line".into())],
+            started_at: Some(s.now().await.unwrap()),
+            ..RunStats::default()
+        };
+        s.record_run("usage", &stats).await.unwrap();
+        stats.processed = 4;
+        s.record_run("usage", &stats).await.unwrap();
+        s.record_run("errors", &RunStats::default()).await.unwrap();
+        let runs = s.last_runs().await.unwrap();
+        assert_eq!(
+            runs,
+            vec![
+                ("errors".to_string(), RunStats::default()),
+                ("usage".to_string(), stats)
+            ]
+        );
+    }
+
+    fn error(key: &str, at: DateTime<Utc>) -> TranscriptErrorEvent {
+        TranscriptErrorEvent {
+            key: key.into(),
+            event: NewErrorEvent {
+                agent_id: "agent-1".into(),
+                message: format!("failed {key}"),
+                context: BTreeMap::from([("k".to_string(), "v".to_string())]),
+                error_type: ErrorType::ExecutionFailure,
+                severity: 0.9,
+            },
+            occurred_at: at,
+        }
+    }
+
+    fn errors_output(errors: Vec<TranscriptErrorEvent>) -> SessionOutput {
+        SessionOutput {
+            usage: None,
+            transcript_errors: Some(errors),
+        }
+    }
+
+    #[tokio::test]
+    async fn transcript_errors_are_replaced_recur_and_keep_those_with_a_recovery() {
+        let t = TempStore::new().await;
+        let s = &t.store;
+        let now = s.now().await.unwrap();
+        let at = Utc.with_ymd_and_hms(2026, 3, 14, 10, 0, 0).unwrap();
+        let three = vec![
+            error("l1", at),
+            error("l2", at + Duration::minutes(1)),
+            error("l3", at + Duration::minutes(2)),
+        ];
+        s.commit_sessions(&[write("u/s.jsonl", errors_output(three.clone()), now)])
+            .await
+            .unwrap();
+        let rows: Vec<(i64, String, bool, bool, String, i64)> = sqlx::query_as(
+            "SELECT id, source_key, recurring, critical, context, occurred_at
+             FROM error_events ORDER BY source_key",
+        )
+        .fetch_all(s.readers())
+        .await
+        .unwrap();
+        let flags: Vec<(&str, bool, bool)> =
+            rows.iter().map(|r| (r.1.as_str(), r.2, r.3)).collect();
+        // The third within the hour recurs (the domain's rule).
+        assert_eq!(
+            flags,
+            vec![("l1", false, true), ("l2", false, true), ("l3", true, true)]
+        );
+        assert_eq!(rows[0].4, r#"{"k":"v"}"#);
+        assert_eq!(rows[0].5, micros(at));
+
+        // A recovery was planned for l1: it stays when the file is reprocessed.
+        let mut tx = s.begin_write().await.unwrap();
+        sqlx::query(
+            "INSERT INTO recovery_actions (error_event_id, agent_id, error_type,
+                 context_signature, strategy, chosen_strategy, estimated_duration_ms,
+                 success_probability, risk, escalated, reason, status, created_at,
+                 lease_expires_at)
+             VALUES (?1, 'agent-1', 'EXECUTION_FAILURE', 'sig', 'RETRY', 'RETRY', 1,
+                     0.5, 0.1, 0, 'r', 'ACTIVE', 0, 0)",
+        )
+        .bind(rows[0].0)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+
+        // Reprocessed: l1 and l2 again (l1 kept, not duplicated), l3 gone.
+        s.commit_sessions(&[write("u/s.jsonl", errors_output(three[..2].to_vec()), now)])
+            .await
+            .unwrap();
+        let keys: Vec<(i64, String)> =
+            sqlx::query_as("SELECT id, source_key FROM error_events ORDER BY source_key")
+                .fetch_all(s.readers())
+                .await
+                .unwrap();
+        assert_eq!(keys.len(), 2, "{keys:?}");
+        assert_eq!(keys[0], (rows[0].0, "l1".to_string()), "l1 kept as it was");
+        assert_eq!(keys[1].1, "l2");
+
+        // A processor that writes no errors leaves them alone.
+        s.commit_sessions(&[write("u/s.jsonl", SessionOutput::default(), now)])
+            .await
+            .unwrap();
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM error_events")
+            .fetch_one(s.readers())
+            .await
+            .unwrap();
+        assert_eq!(count, 2);
     }
 }

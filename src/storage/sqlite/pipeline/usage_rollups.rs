@@ -1,0 +1,818 @@
+//! Usage rollups in SQLite: replacing files' usage entries and maintaining
+//! the distinct messages and the cells in the same transaction; reports read
+//! from the cells (day-aligned ranges) or the messages.
+//!
+//! Which copy of a message counts is decided by `domain::usage::plan`; this
+//! code only loads and writes, as the Postgres store does. There is one
+//! writer and the caller's transaction holds the write lock from its start,
+//! so what it reads stays true until it commits: no row locks, no conflicts.
+
+use std::collections::{HashMap, HashSet};
+
+use sqlx::{FromRow, QueryBuilder, Sqlite, SqliteConnection, SqlitePool};
+
+use super::super::{day_text, from_micros, micros, sqlite_error, truncate};
+use super::CHUNK_ROWS;
+use crate::domain::pipeline::SessionFile;
+use crate::domain::transcript::UsageEntry;
+use crate::domain::usage::{self, CellDelta, MessageCopy, Tokens, UsageGrouping};
+use crate::error::{Error, Result};
+use crate::storage::{UsageQuery, UsageRow};
+
+/// Keys (or paths) per `IN (...)` list.
+const CHUNK_KEYS: usize = 500;
+
+#[derive(FromRow)]
+struct CopyRow {
+    dedup_key: String,
+    path: String,
+    line_no: i32,
+    file_first_at: i64,
+    user_name: String,
+    session_id: String,
+    model: String,
+    occurred_at: i64,
+    input_tokens: i64,
+    output_tokens: i64,
+    cache_creation_tokens: i64,
+    cache_read_tokens: i64,
+}
+
+impl From<CopyRow> for MessageCopy {
+    fn from(r: CopyRow) -> MessageCopy {
+        MessageCopy {
+            key: r.dedup_key,
+            path: r.path,
+            line_no: r.line_no,
+            file_first_at: from_micros(r.file_first_at),
+            user: r.user_name,
+            session: r.session_id,
+            model: r.model,
+            occurred_at: from_micros(r.occurred_at),
+            tokens: Tokens {
+                input: r.input_tokens,
+                output: r.output_tokens,
+                cache_creation: r.cache_creation_tokens,
+                cache_read: r.cache_read_tokens,
+            },
+        }
+    }
+}
+
+/// A copy at the store's precision, so the copy decided on in memory is the
+/// copy read back later, to the microsecond.
+fn at_store_precision(mut copy: MessageCopy) -> MessageCopy {
+    copy.file_first_at = truncate(copy.file_first_at);
+    copy.occurred_at = truncate(copy.occurred_at);
+    copy
+}
+
+/// The day a copy counts on: its time's UTC date (`MessageCopy::cell`).
+fn day_of(copy: &MessageCopy) -> String {
+    day_text(copy.cell().day)
+}
+
+/// A stored copy's columns (`usage_entries.model` is NULL for no model).
+const COPY_COLUMNS: &str = "dedup_key, path, line_no, file_first_at, user_name, session_id, \
+     COALESCE(model, '') AS model, occurred_at, input_tokens, output_tokens, \
+     cache_creation_tokens, cache_read_tokens";
+
+/// Every stored copy (`table`: `usage_messages` for the winners,
+/// `usage_entries` for every file's) of the given keys.
+async fn load_copies(
+    conn: &mut SqliteConnection,
+    table: &str,
+    keys: &[String],
+) -> Result<Vec<MessageCopy>> {
+    let mut copies = Vec::new();
+    for chunk in keys.chunks(CHUNK_KEYS) {
+        // Only full chunks repeat their text: only they stay prepared.
+        let cached = chunk.len() == CHUNK_KEYS;
+        let mut q = QueryBuilder::<Sqlite>::new(format!(
+            "SELECT {COPY_COLUMNS} FROM {table} WHERE dedup_key IN ("
+        ));
+        let mut list = q.separated(", ");
+        for key in chunk {
+            list.push_bind(key.as_str());
+        }
+        q.push(")");
+        let rows: Vec<CopyRow> = q
+            .build_query_as()
+            .persistent(cached)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(sqlite_error)?;
+        copies.extend(rows.into_iter().map(MessageCopy::from));
+    }
+    Ok(copies)
+}
+
+/// Writes winners: `ON CONFLICT` `DO NOTHING` (first sight) returning the
+/// keys it inserted, or `DO UPDATE` (a new winner of a stored message).
+async fn write_messages(
+    conn: &mut SqliteConnection,
+    copies: &[&MessageCopy],
+    replace: bool,
+) -> Result<HashSet<String>> {
+    let mut inserted = HashSet::new();
+    for chunk in copies.chunks(CHUNK_ROWS) {
+        // Only full chunks repeat their text: only they stay prepared.
+        let cached = chunk.len() == CHUNK_ROWS;
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO usage_messages
+                 (dedup_key, path, line_no, file_first_at, user_name, session_id, model,
+                  occurred_at, day, input_tokens, output_tokens, cache_creation_tokens,
+                  cache_read_tokens) ",
+        );
+        q.push_values(chunk, |mut b, c| {
+            b.push_bind(c.key.as_str())
+                .push_bind(c.path.as_str())
+                .push_bind(c.line_no)
+                .push_bind(micros(c.file_first_at))
+                .push_bind(c.user.as_str())
+                .push_bind(c.session.as_str())
+                .push_bind(c.model.as_str())
+                .push_bind(micros(c.occurred_at))
+                .push_bind(day_of(c))
+                .push_bind(c.tokens.input)
+                .push_bind(c.tokens.output)
+                .push_bind(c.tokens.cache_creation)
+                .push_bind(c.tokens.cache_read);
+        });
+        if replace {
+            q.push(
+                " ON CONFLICT (dedup_key) DO UPDATE SET path = excluded.path,
+                     line_no = excluded.line_no, file_first_at = excluded.file_first_at,
+                     user_name = excluded.user_name, session_id = excluded.session_id,
+                     model = excluded.model, occurred_at = excluded.occurred_at,
+                     day = excluded.day, input_tokens = excluded.input_tokens,
+                     output_tokens = excluded.output_tokens,
+                     cache_creation_tokens = excluded.cache_creation_tokens,
+                     cache_read_tokens = excluded.cache_read_tokens",
+            );
+            q.build()
+                .persistent(cached)
+                .execute(&mut *conn)
+                .await
+                .map_err(sqlite_error)?;
+        } else {
+            q.push(" ON CONFLICT (dedup_key) DO NOTHING RETURNING dedup_key");
+            let keys: Vec<String> = q
+                .build_query_scalar()
+                .persistent(cached)
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(sqlite_error)?;
+            inserted.extend(keys);
+        }
+    }
+    Ok(inserted)
+}
+
+/// Deletes the rows of `table` whose `column` is one of `values`, returning
+/// `returning` of each (or nothing, when `None`).
+async fn delete_in(
+    conn: &mut SqliteConnection,
+    table: &str,
+    column: &str,
+    values: &[&str],
+    returning: Option<&str>,
+) -> Result<Vec<String>> {
+    let mut returned = Vec::new();
+    for chunk in values.chunks(CHUNK_KEYS) {
+        // Only full chunks repeat their text: only they stay prepared.
+        let cached = chunk.len() == CHUNK_KEYS;
+        let mut q = QueryBuilder::<Sqlite>::new(format!("DELETE FROM {table} WHERE {column} IN ("));
+        let mut list = q.separated(", ");
+        for v in chunk {
+            list.push_bind(*v);
+        }
+        q.push(")");
+        match returning {
+            Some(r) => {
+                q.push(format!(" RETURNING {r}"));
+                let rows: Vec<String> = q
+                    .build_query_scalar()
+                    .persistent(cached)
+                    .fetch_all(&mut *conn)
+                    .await
+                    .map_err(sqlite_error)?;
+                returned.extend(rows);
+            }
+            None => {
+                q.build()
+                    .persistent(cached)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(sqlite_error)?;
+            }
+        }
+    }
+    Ok(returned)
+}
+
+/// Inserts every file's copies into `usage_entries`.
+async fn insert_entries(
+    conn: &mut SqliteConnection,
+    copies: &[(MessageCopy, &UsageEntry)],
+) -> Result<()> {
+    for chunk in copies.chunks(CHUNK_ROWS) {
+        // Only full chunks repeat their text: only they stay prepared.
+        let cached = chunk.len() == CHUNK_ROWS;
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO usage_entries
+                 (path, user_name, session_id, file_first_at, line_no, message_id,
+                  request_id, model, occurred_at, input_tokens, output_tokens,
+                  cache_creation_tokens, cache_read_tokens, dedup_key) ",
+        );
+        q.push_values(chunk, |mut b, (c, entry)| {
+            b.push_bind(c.path.as_str())
+                .push_bind(c.user.as_str())
+                .push_bind(c.session.as_str())
+                .push_bind(micros(c.file_first_at))
+                .push_bind(c.line_no)
+                .push_bind(entry.message_id.as_deref())
+                .push_bind(entry.request_id.as_deref())
+                // As Postgres stores it: NULL for no model.
+                .push_bind((!c.model.is_empty()).then_some(c.model.as_str()))
+                .push_bind(micros(c.occurred_at))
+                .push_bind(c.tokens.input)
+                .push_bind(c.tokens.output)
+                .push_bind(c.tokens.cache_creation)
+                .push_bind(c.tokens.cache_read)
+                .push_bind(c.key.as_str());
+        });
+        q.build()
+            .persistent(cached)
+            .execute(&mut *conn)
+            .await
+            .map_err(sqlite_error)?;
+    }
+    Ok(())
+}
+
+/// Replaces the entries of every file in `files` (distinct paths) and brings
+/// the messages and cells up to date, inside the caller's transaction.
+pub(crate) async fn replace_usage(
+    conn: &mut SqliteConnection,
+    files: &[(&SessionFile, &[UsageEntry])],
+) -> Result<()> {
+    if files.is_empty() {
+        return Ok(());
+    }
+    // Every file's copies (one per key within a file) with their entries.
+    let mut copies: Vec<(MessageCopy, &UsageEntry)> = Vec::new();
+    for (file, entries) in files {
+        let own = MessageCopy::from_file(&file.path, &file.user, &file.session, entries);
+        let mut own: Vec<(MessageCopy, &UsageEntry)> = own
+            .into_iter()
+            .map(at_store_precision)
+            .zip(entries.iter())
+            .collect();
+        own.sort_by(|a, b| a.0.key.cmp(&b.0.key));
+        own.dedup_by(|a, b| a.0.key == b.0.key);
+        copies.extend(own);
+    }
+    let paths: Vec<&str> = files.iter().map(|(f, _)| f.path.as_str()).collect();
+    // The batch's best copy of each message: it wins wherever no other file
+    // has the message.
+    let mut by_key: Vec<&MessageCopy> = copies.iter().map(|(c, _)| c).collect();
+    by_key.sort_by(|a, b| a.key.cmp(&b.key));
+    let best: Vec<&MessageCopy> = by_key
+        .chunk_by(|a, b| a.key == b.key)
+        .filter_map(|group| usage::winner(group.iter().copied()))
+        .collect();
+
+    // The files' old entries out (their keys back), the new ones in, and the
+    // messages nobody had yet written with the batch's best copy as winner.
+    let old_keys = delete_in(conn, "usage_entries", "path", &paths, Some("dedup_key")).await?;
+    insert_entries(conn, &copies).await?;
+    let inserted = write_messages(conn, &best, false).await?;
+
+    // The rest: load every copy, let the domain decide.
+    let mut contested: Vec<String> = old_keys
+        .into_iter()
+        .chain(best.iter().map(|c| c.key.clone()))
+        .filter(|k| !inserted.contains(k))
+        .collect();
+    contested.sort();
+    contested.dedup();
+    let mut current: HashMap<String, MessageCopy> = HashMap::new();
+    let mut candidates: HashMap<String, Vec<MessageCopy>> = HashMap::new();
+    if !contested.is_empty() {
+        current = load_copies(conn, "usage_messages", &contested)
+            .await?
+            .into_iter()
+            .map(|c| (c.key.clone(), c))
+            .collect();
+        for copy in load_copies(conn, "usage_entries", &contested).await? {
+            candidates.entry(copy.key.clone()).or_default().push(copy);
+        }
+    }
+    let mut affected = contested;
+    for c in best.iter().filter(|c| inserted.contains(&c.key)) {
+        affected.push(c.key.clone());
+        candidates.insert(c.key.clone(), vec![(*c).clone()]);
+    }
+    let plan = usage::plan(&affected, &current, &candidates);
+
+    let changed: Vec<&MessageCopy> = plan
+        .upserts
+        .iter()
+        .filter(|m| !inserted.contains(&m.key))
+        .collect();
+    write_messages(conn, &changed, true).await?;
+    let deletes: Vec<&str> = plan.deletes.iter().map(String::as_str).collect();
+    delete_in(conn, "usage_messages", "dedup_key", &deletes, None).await?;
+    apply_cells(conn, &plan.cells).await
+}
+
+/// Adds the deltas to their cells, recomputes first and last of cells that
+/// lost a message, drops empty cells.
+async fn apply_cells(conn: &mut SqliteConnection, cells: &[CellDelta]) -> Result<()> {
+    for chunk in cells.chunks(CHUNK_ROWS) {
+        // Only full chunks repeat their text: only they stay prepared.
+        let cached = chunk.len() == CHUNK_ROWS;
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO usage_cells
+                 (day, user_name, session_id, model, input_tokens, output_tokens,
+                  cache_creation_tokens, cache_read_tokens, messages, first_at, last_at) ",
+        );
+        q.push_values(chunk, |mut b, d| {
+            b.push_bind(day_text(d.cell.day))
+                .push_bind(d.cell.user.as_str())
+                .push_bind(d.cell.session.as_str())
+                .push_bind(d.cell.model.as_str())
+                .push_bind(d.tokens.input)
+                .push_bind(d.tokens.output)
+                .push_bind(d.tokens.cache_creation)
+                .push_bind(d.tokens.cache_read)
+                .push_bind(d.messages)
+                // A delta that only removes has no first or last: neutral values.
+                .push_bind(d.first_at.map_or(i64::MAX, micros))
+                .push_bind(d.last_at.map_or(i64::MIN, micros));
+        });
+        q.push(
+            " ON CONFLICT (day, user_name, session_id, model) DO UPDATE SET
+                 input_tokens = input_tokens + excluded.input_tokens,
+                 output_tokens = output_tokens + excluded.output_tokens,
+                 cache_creation_tokens = cache_creation_tokens + excluded.cache_creation_tokens,
+                 cache_read_tokens = cache_read_tokens + excluded.cache_read_tokens,
+                 messages = messages + excluded.messages,
+                 first_at = min(first_at, excluded.first_at),
+                 last_at = max(last_at, excluded.last_at)",
+        );
+        q.build()
+            .persistent(cached)
+            .execute(&mut *conn)
+            .await
+            .map_err(sqlite_error)?;
+    }
+    for d in cells.iter().filter(|d| d.removed) {
+        let day = day_text(d.cell.day);
+        for statement in [
+            "DELETE FROM usage_cells
+             WHERE day = ?1 AND user_name = ?2 AND session_id = ?3 AND model = ?4
+               AND messages <= 0",
+            "UPDATE usage_cells SET (first_at, last_at) = (
+                 SELECT COALESCE(min(m.occurred_at), usage_cells.first_at),
+                        COALESCE(max(m.occurred_at), usage_cells.last_at)
+                 FROM usage_messages m
+                 WHERE m.user_name = ?2 AND m.session_id = ?3 AND m.day = ?1 AND m.model = ?4)
+             WHERE day = ?1 AND user_name = ?2 AND session_id = ?3 AND model = ?4",
+        ] {
+            sqlx::query(statement)
+                .bind(&day)
+                .bind(&d.cell.user)
+                .bind(&d.cell.session)
+                .bind(&d.cell.model)
+                .execute(&mut *conn)
+                .await
+                .map_err(sqlite_error)?;
+        }
+    }
+    Ok(())
+}
+
+#[derive(FromRow)]
+struct ReportRow {
+    key: String,
+    input_tokens: i64,
+    output_tokens: i64,
+    cache_creation_tokens: i64,
+    cache_read_tokens: i64,
+    messages: i64,
+    first_at: i64,
+    last_at: i64,
+    /// A JSON array of the group's distinct models ('' among them).
+    models: String,
+}
+
+/// A usage report: from the cells when the range is whole UTC days, else from
+/// the distinct messages (winners already decided, filtered by time).
+pub(crate) async fn usage_report(pool: &SqlitePool, query: &UsageQuery) -> Result<Vec<UsageRow>> {
+    let key = match query.group_by {
+        UsageGrouping::Day => "day",
+        UsageGrouping::Session => "user_name || '/' || session_id",
+        UsageGrouping::Model => "CASE model WHEN '' THEN 'unknown' ELSE model END",
+        UsageGrouping::User => "user_name",
+    };
+    let rows: Vec<ReportRow> = match usage::day_range(query.since, query.until) {
+        Some((since, until)) => sqlx::query_as(&format!(
+            "SELECT {key} AS key,
+                    sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
+                    sum(cache_creation_tokens) AS cache_creation_tokens,
+                    sum(cache_read_tokens) AS cache_read_tokens,
+                    sum(messages) AS messages, min(first_at) AS first_at,
+                    max(last_at) AS last_at, json_group_array(DISTINCT model) AS models
+             FROM usage_cells
+             WHERE (?1 IS NULL OR day >= ?1)
+               AND (?2 IS NULL OR day < ?2)
+               AND (?3 IS NULL OR user_name = ?3)
+             GROUP BY 1
+             ORDER BY 1"
+        ))
+        .bind(since.map(day_text))
+        .bind(until.map(day_text))
+        .bind(query.user.as_deref())
+        .fetch_all(pool)
+        .await
+        .map_err(sqlite_error)?,
+        None => sqlx::query_as(&format!(
+            "SELECT {key} AS key,
+                    sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
+                    sum(cache_creation_tokens) AS cache_creation_tokens,
+                    sum(cache_read_tokens) AS cache_read_tokens,
+                    count(*) AS messages, min(occurred_at) AS first_at,
+                    max(occurred_at) AS last_at, json_group_array(DISTINCT model) AS models
+             FROM usage_messages
+             WHERE (?1 IS NULL OR occurred_at >= ?1)
+               AND (?2 IS NULL OR occurred_at < ?2)
+               AND (?3 IS NULL OR user_name = ?3)
+             GROUP BY 1
+             ORDER BY 1"
+        ))
+        .bind(query.since.map(micros))
+        .bind(query.until.map(micros))
+        .bind(query.user.as_deref())
+        .fetch_all(pool)
+        .await
+        .map_err(sqlite_error)?,
+    };
+    rows.into_iter()
+        .map(|r| {
+            let mut models: Vec<String> = serde_json::from_str(&r.models).map_err(|e| {
+                Error::Internal(format!("usage models {:?} unreadable: {e}", r.models))
+            })?;
+            models.retain(|m| !m.is_empty());
+            models.sort();
+            Ok(UsageRow {
+                key: r.key,
+                input_tokens: r.input_tokens,
+                output_tokens: r.output_tokens,
+                cache_creation_tokens: r.cache_creation_tokens,
+                cache_read_tokens: r.cache_read_tokens,
+                messages: r.messages,
+                first_at: from_micros(r.first_at),
+                last_at: from_micros(r.last_at),
+                models,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use chrono::{DateTime, Duration, TimeZone, Utc};
+    use proptest::prelude::*;
+
+    use super::super::testing::TempStore;
+    use crate::domain::pipeline::{self, SessionFile};
+    use crate::domain::transcript::UsageEntry;
+    use crate::domain::usage::{self, MessageCopy, UsageGrouping, UsageQuery};
+    use crate::storage::{PipelineStore, SessionOutput, SessionWrite};
+
+    const FILES: [&str; 5] = [
+        "u0/a.jsonl",
+        "u0/b.jsonl",
+        "u1/c.jsonl",
+        "u1/d.jsonl",
+        "u0/e.jsonl",
+    ];
+
+    /// One entry: a shared message key (or none), its day, minute and tokens.
+    type Line = (Option<u8>, u8, u8, u8);
+
+    fn entries(lines: &[Line]) -> Vec<UsageEntry> {
+        lines
+            .iter()
+            .enumerate()
+            .map(|(i, &(message, day, minute, tokens))| UsageEntry {
+                line_no: i as u32 + 1,
+                timestamp: Utc
+                    .with_ymd_and_hms(2026, 3, 14 + u32::from(day), 6 * u32::from(day) + 1, 0, 0)
+                    .unwrap()
+                    + Duration::minutes(i64::from(minute))
+                    + Duration::nanoseconds(i64::from(tokens) * 1_001),
+                session_id: None,
+                message_id: Some(format!("msg_{}", message.unwrap_or(100 + minute))),
+                request_id: message.map(|k| format!("req_{k}")),
+                model: ["claude-sonnet-4", "claude-opus-4", ""][usize::from(tokens % 3)]
+                    .to_owned()
+                    .into(),
+                input_tokens: u64::from(tokens),
+                output_tokens: u64::from(tokens) * 2,
+                cache_creation_tokens: u64::from(tokens) * 3,
+                cache_read_tokens: u64::from(tokens) * 5,
+            })
+            .map(|mut e| {
+                if e.model.as_deref() == Some("") {
+                    e.model = None;
+                }
+                e
+            })
+            .collect()
+    }
+
+    fn session_file(path: &str) -> SessionFile {
+        let (user, name) = path.split_once('/').unwrap();
+        SessionFile {
+            user: user.into(),
+            session: name.trim_end_matches(".jsonl").into(),
+            path: path.into(),
+            size: 1,
+            mtime_ns: 1,
+        }
+    }
+
+    fn usage_write(path: &str, entries: Vec<UsageEntry>, now: DateTime<Utc>) -> SessionWrite {
+        let file = session_file(path);
+        let state = pipeline::processed("usage", &file, "sha", 1, entries.len() as i64, now);
+        SessionWrite {
+            file,
+            output: SessionOutput {
+                usage: Some(entries),
+                transcript_errors: None,
+            },
+            state,
+        }
+    }
+
+    /// Every report equals the recount of what each file last held, at the
+    /// store's precision.
+    async fn check(
+        store: &dyn PipelineStore,
+        last: &BTreeMap<String, Vec<UsageEntry>>,
+        step: usize,
+    ) {
+        let copies: Vec<MessageCopy> = last
+            .iter()
+            .flat_map(|(path, entries)| {
+                let f = session_file(path);
+                MessageCopy::from_file(&f.path, &f.user, &f.session, entries)
+            })
+            .map(super::at_store_precision)
+            .collect();
+        let day = |d: u32| Utc.with_ymd_and_hms(2026, 3, d, 0, 0, 0).unwrap();
+        for group_by in [
+            UsageGrouping::Day,
+            UsageGrouping::Session,
+            UsageGrouping::Model,
+            UsageGrouping::User,
+        ] {
+            for (since, until) in [
+                (None, None),
+                (Some(day(15)), Some(day(16))),
+                (None, Some(day(15))),
+                (Some(day(14) + Duration::hours(12)), None),
+            ] {
+                for user in [None, Some("u1")] {
+                    let query = UsageQuery {
+                        group_by,
+                        since,
+                        until,
+                        user: user.map(Into::into),
+                    };
+                    assert_eq!(
+                        store.usage(&query).await.unwrap(),
+                        usage::recount(&copies, &query),
+                        "step {step}, {query:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    async fn cells_equal_their_messages(store: &super::super::super::SqliteStore) {
+        // No empty cell is left, and each cell is the sum of its messages.
+        let mismatched: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM usage_cells c
+             WHERE c.messages <= 0 OR NOT EXISTS (
+                 SELECT 1 FROM (
+                     SELECT count(*) AS n, sum(input_tokens) AS i, min(occurred_at) AS f,
+                            max(occurred_at) AS l
+                     FROM usage_messages m
+                     WHERE m.day = c.day AND m.user_name = c.user_name
+                       AND m.session_id = c.session_id AND m.model = c.model) m
+                 WHERE m.n = c.messages AND m.i = c.input_tokens AND m.f = c.first_at
+                   AND m.l = c.last_at)",
+        )
+        .fetch_one(store.readers())
+        .await
+        .unwrap();
+        assert_eq!(mismatched, 0);
+    }
+
+    fn batch() -> impl Strategy<Value = Vec<(usize, Vec<Line>)>> {
+        let line = (
+            prop::option::weighted(0.85, 0u8..8),
+            0u8..3,
+            0u8..60,
+            1u8..50,
+        );
+        prop::collection::vec((0..FILES.len(), prop::collection::vec(line, 0..6)), 1..4)
+    }
+
+    async fn scenario(batches: Vec<Vec<(usize, Vec<Line>)>>) {
+        let t = TempStore::new().await;
+        let now = t.store.now().await.unwrap();
+        let mut last: BTreeMap<String, Vec<UsageEntry>> = BTreeMap::new();
+        for (step, batch) in batches.into_iter().enumerate() {
+            // Distinct files per batch, as the pipeline commits them.
+            let batch: BTreeMap<usize, Vec<Line>> = batch.into_iter().collect();
+            let writes: Vec<SessionWrite> = batch
+                .iter()
+                .map(|(f, lines)| usage_write(FILES[*f], entries(lines), now))
+                .collect();
+            t.store.commit_sessions(&writes).await.unwrap();
+            for w in writes {
+                last.insert(w.file.path, w.output.usage.unwrap());
+            }
+            check(&t.store, &last, step).await;
+            cells_equal_their_messages(&t.store).await;
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: 24,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+
+        #[test]
+        fn rollups_equal_a_recount_after_rewrites(batches in prop::collection::vec(batch(), 1..8)) {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(scenario(batches));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_file_rewritten_without_its_message_hands_it_to_the_next_copy_and_a_vanished_one_keeps_it()
+     {
+        let t = TempStore::new().await;
+        let now = t.store.now().await.unwrap();
+        // b copies a's history (a resumed session) and adds one message.
+        let a = entries(&[(Some(1), 0, 0, 10), (Some(2), 0, 5, 20)]);
+        let b = entries(&[
+            (Some(1), 1, 0, 11),
+            (Some(2), 1, 5, 21),
+            (Some(3), 1, 9, 30),
+        ]);
+        t.store
+            .commit_sessions(&[usage_write(FILES[0], a, now)])
+            .await
+            .unwrap();
+        t.store
+            .commit_sessions(&[usage_write(FILES[1], b.clone(), now)])
+            .await
+            .unwrap();
+        let by_session = UsageQuery {
+            group_by: UsageGrouping::Session,
+            since: None,
+            until: None,
+            user: None,
+        };
+        let rows = t.store.usage(&by_session).await.unwrap();
+        let messages: Vec<(&str, i64)> =
+            rows.iter().map(|r| (r.key.as_str(), r.messages)).collect();
+        assert_eq!(messages, vec![("u0/a", 2), ("u0/b", 1)], "first sight wins");
+        // a is rewritten empty: b's copies count now.
+        t.store
+            .commit_sessions(&[usage_write(FILES[0], Vec::new(), now)])
+            .await
+            .unwrap();
+        let rows = t.store.usage(&by_session).await.unwrap();
+        let messages: Vec<(&str, i64)> =
+            rows.iter().map(|r| (r.key.as_str(), r.messages)).collect();
+        assert_eq!(messages, vec![("u0/b", 3)]);
+        // A state-only commit (a failed attempt) leaves the entries.
+        let mut failed = usage_write(FILES[1], Vec::new(), now);
+        failed.output.usage = None;
+        t.store.commit_sessions(&[failed]).await.unwrap();
+        assert_eq!(t.store.usage(&by_session).await.unwrap(), rows);
+        cells_equal_their_messages(&t.store).await;
+    }
+
+    #[tokio::test]
+    async fn batches_larger_than_one_statement_equal_a_recount() {
+        let t = TempStore::new().await;
+        let now = t.store.now().await.unwrap();
+        let mut last: BTreeMap<String, Vec<UsageEntry>> = BTreeMap::new();
+        // 60 files of 40 entries: more rows and keys than one statement takes
+        // (CHUNK_ROWS, CHUNK_KEYS), half the messages shared between files.
+        for round in 0..3u32 {
+            let writes: Vec<SessionWrite> = (0..60u32)
+                .map(|f| {
+                    let lines: Vec<Line> = (0..40u32)
+                        .map(|i| {
+                            let shared = (i + f + round) % 2 == 0;
+                            let key = if shared {
+                                (i * 7 + round) % 200
+                            } else {
+                                1000 + f * 40 + i
+                            };
+                            (
+                                Some((key % 250) as u8).filter(|_| shared),
+                                ((i + round) % 3) as u8,
+                                ((f + i * 3 + round) % 60) as u8,
+                                (1 + (i + f) % 49) as u8,
+                            )
+                        })
+                        .collect();
+                    let path = format!("u{}/f{f:02}.jsonl", f % 3);
+                    usage_write(&path, entries(&lines), now)
+                })
+                .collect();
+            t.store.commit_sessions(&writes).await.unwrap();
+            for w in writes {
+                last.insert(w.file.path, w.output.usage.unwrap());
+            }
+            check(&t.store, &last, round as usize).await;
+            cells_equal_their_messages(&t.store).await;
+        }
+    }
+
+    /// A first run's worth of sessions, committed as the pipeline batches
+    /// them. `cargo test --lib first_run_speed -- --ignored --nocapture`
+    #[tokio::test]
+    #[ignore]
+    async fn first_run_speed() {
+        let sessions: usize = std::env::var("SESSIONS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(10_000);
+        let t = TempStore::new().await;
+        let now = t.store.now().await.unwrap();
+        let base = Utc.with_ymd_and_hms(2026, 3, 14, 10, 0, 0).unwrap();
+        let writes: Vec<SessionWrite> = (0..sessions)
+            .map(|s| {
+                let path = format!("user{:03}/session-{s:05}.jsonl", s % 20);
+                // One in six resumes the previous session: its history copied.
+                let from = if s % 6 == 5 { s - 1 } else { s };
+                let entries: Vec<UsageEntry> = (0..24)
+                    .map(|i| {
+                        let owner = if i < 12 { from } else { s };
+                        UsageEntry {
+                            line_no: i + 1,
+                            timestamp: base + Duration::seconds(i64::from(i) + s as i64),
+                            session_id: None,
+                            message_id: Some(format!("msg_{owner}_{i}")),
+                            request_id: Some(format!("req_{owner}_{i}")),
+                            model: Some("claude-sonnet-4-20250514".into()),
+                            input_tokens: 3,
+                            output_tokens: 100,
+                            cache_creation_tokens: 1000,
+                            cache_read_tokens: 20000,
+                        }
+                    })
+                    .collect();
+                usage_write(&path, entries, now)
+            })
+            .collect();
+        let started = std::time::Instant::now();
+        for chunk in writes.chunks(256) {
+            t.store.commit_sessions(chunk).await.unwrap();
+        }
+        let took = started.elapsed();
+        let by_day = UsageQuery {
+            group_by: UsageGrouping::Day,
+            since: None,
+            until: None,
+            user: None,
+        };
+        let started = std::time::Instant::now();
+        let rows = t.store.usage(&by_day).await.unwrap();
+        println!(
+            "{sessions} sessions ({} entries) committed in {took:.2?}; usage by day in {:.2?}, {} messages",
+            sessions * 24,
+            started.elapsed(),
+            rows.iter().map(|r| r.messages).sum::<i64>()
+        );
+    }
+}
