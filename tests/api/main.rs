@@ -4,6 +4,7 @@
 mod agents;
 mod cli;
 mod client_heartbeats;
+mod copy;
 mod healing;
 mod helpers;
 mod pipeline;
