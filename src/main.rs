@@ -1,5 +1,6 @@
 //! The `fleetcare` binary: `serve` runs the server, `migrate` applies
-//! migrations, and the other commands are the operator CLI (`fleetcare::cli`).
+//! migrations, `copy` moves every row of one store into another, and the
+//! other commands are the operator CLI (`fleetcare::cli`).
 
 use std::process::ExitCode;
 
@@ -28,6 +29,9 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Apply the database migrations and exit.
     Migrate(DatabaseArgs),
+    /// Copy every row of one store into a new one (e.g. the embedded store
+    /// into Postgres), with a progress bar; the target must be empty.
+    Copy(cli::CopyArgs),
     #[command(flatten)]
     Client(cli::ClientCommand),
 }
@@ -43,6 +47,15 @@ async fn main() -> ExitCode {
                 Err(error) => {
                     eprintln!("fleetcare: {error}");
                     ExitCode::from(error.exit_code())
+                }
+            };
+        }
+        Command::Copy(args) => {
+            return match cli::run_copy(args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(failure) => {
+                    eprintln!("fleetcare: {}", failure.message);
+                    ExitCode::from(failure.exit_code)
                 }
             };
         }

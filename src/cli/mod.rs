@@ -4,6 +4,7 @@
 //! distinct exit codes (see [`error::exit`]).
 
 mod agents;
+mod copy;
 mod error;
 mod explain;
 mod healing;
@@ -17,6 +18,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use crate::client::Clients;
+pub use copy::{CopyArgs, CopyFailure, run_copy};
 pub use error::{CliError, exit};
 
 /// Where the server is and how to print.

@@ -7,6 +7,7 @@
 //! `memory` is the runtime's test double. [`Stores::open`] picks one from
 //! the configuration.
 
+pub mod copy;
 pub mod memory;
 pub mod postgres;
 pub mod sqlite;

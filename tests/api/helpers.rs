@@ -250,19 +250,30 @@ pub fn sqlite_backend() -> bool {
 
 impl TestDb {
     pub fn new() -> TestDb {
-        let name = format!("fleetcare_test_{}", uuid::Uuid::new_v4().simple());
         if sqlite_backend() {
-            let dir = std::env::temp_dir().join(&name);
-            return TestDb {
-                url: format!("sqlite://{}", dir.join("fleetcare.db").display()),
-                name,
-                dir: Some(dir),
-            };
+            return TestDb::sqlite();
         }
+        TestDb::postgres()
+    }
+
+    /// A fresh Postgres database, whatever the backend of this run.
+    pub fn postgres() -> TestDb {
+        let name = format!("fleetcare_test_{}", uuid::Uuid::new_v4().simple());
         TestDb {
             url: with_database(&admin_url(), &name),
             name,
             dir: None,
+        }
+    }
+
+    /// A fresh SQLite file in its own directory, whatever the backend of this run.
+    pub fn sqlite() -> TestDb {
+        let name = format!("fleetcare_test_{}", uuid::Uuid::new_v4().simple());
+        let dir = std::env::temp_dir().join(&name);
+        TestDb {
+            url: format!("sqlite://{}", dir.join("fleetcare.db").display()),
+            name,
+            dir: Some(dir),
         }
     }
 

@@ -11,6 +11,7 @@ macro_rules! postgres_only {
 mod agents;
 mod cli;
 mod client_heartbeats;
+mod copy;
 mod healing;
 mod helpers;
 mod pipeline;

@@ -2,6 +2,7 @@
 
 mod agents;
 mod changes;
+pub mod copy;
 mod healing;
 mod pipeline;
 mod post_healing;

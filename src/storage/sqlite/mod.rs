@@ -16,6 +16,7 @@
 //! can write the file).
 
 mod agents;
+pub mod copy;
 mod healing;
 mod pipeline;
 mod post_healing;

@@ -1,0 +1,276 @@
+//! `fleetcare copy` on the embedded store: the queries of [`TableStore`].
+
+use std::path::Path;
+use std::str::FromStr;
+
+use async_trait::async_trait;
+use sqlx::query::Query;
+use sqlx::sqlite::{SqliteArguments, SqliteConnectOptions, SqlitePoolOptions, SqliteRow};
+use sqlx::{Row as _, Sqlite, SqlitePool, Transaction};
+
+use super::{
+    BUSY_TIMEOUT, MIGRATOR, SqliteStore, day_text, from_micros, lock_file, micros, parse_day,
+};
+use crate::config::DatabaseArgs;
+use crate::error::{Error, Result};
+use crate::storage::copy::{
+    Bound, Kind, Row, TableSpec, TableStore, Value, about, check_source_schema, copy_error,
+    rows_per_statement,
+};
+
+/// Most bind parameters in one statement (SQLITE_MAX_VARIABLE_NUMBER of the
+/// bundled SQLite).
+const MAX_BINDS: usize = 32_766;
+
+/// A session on an SQLite file, under the embedded store's lock: a read
+/// transaction on a source, the write transaction on a target.
+pub struct SqliteTables {
+    tx: Transaction<'static, Sqlite>,
+    name: String,
+    /// The target's store (its lock, its writer).
+    _store: Option<SqliteStore>,
+    /// The source's pool and lock.
+    _source: Option<(SqlitePool, std::fs::File)>,
+}
+
+/// The lock's refusal, said for a copy.
+fn in_use(err: Error, name: &str) -> Error {
+    match err {
+        Error::FailedPrecondition(_) => Error::FailedPrecondition(format!(
+            "the embedded store {name} is in use by a running fleetcare server: stop it, \
+             then copy"
+        )),
+        other => other,
+    }
+}
+
+impl SqliteTables {
+    /// Reads the existing file at `path`, read-only and without migrating it.
+    pub async fn source(path: &Path, name: &str) -> Result<SqliteTables> {
+        if !path.is_file() {
+            return Err(Error::FailedPrecondition(format!(
+                "the source {name} does not exist"
+            )));
+        }
+        let lock = lock_file(path).map_err(|e| in_use(e, name))?;
+        let options = SqliteConnectOptions::from_str("sqlite://")
+            .map_err(|e| Error::Internal(format!("sqlite options: {e}")))?
+            .filename(path)
+            .read_only(true)
+            .create_if_missing(false)
+            .busy_timeout(BUSY_TIMEOUT);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await
+            .map_err(copy_error(format!("cannot open the source {name}")))?;
+        // Deferred: the snapshot is taken at the first read and held to the end.
+        let mut tx = pool
+            .begin()
+            .await
+            .map_err(copy_error(format!("cannot read {name}")))?;
+        let applied: Vec<i64> = sqlx::query_scalar(
+            "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(|e| match e {
+            sqlx::Error::Database(db) if db.message().contains("no such table") => {
+                Error::FailedPrecondition(format!(
+                    "the source {name} is not a fleetcare store (it has no migrations)"
+                ))
+            }
+            // Not a database file at all.
+            sqlx::Error::Database(db) if db.message().contains("not a database") => {
+                Error::FailedPrecondition(format!("the source {name} is not an SQLite database"))
+            }
+            other => copy_error(format!("cannot read {name}"))(other),
+        })?;
+        check_source_schema(name, &applied, &MIGRATOR)?;
+        Ok(SqliteTables {
+            tx,
+            name: name.to_owned(),
+            _store: None,
+            _source: Some((pool, lock)),
+        })
+    }
+
+    /// Opens (creating and migrating it if needed) the store at `path` and
+    /// its write transaction.
+    pub async fn target(path: &Path, name: &str) -> Result<SqliteTables> {
+        let args = DatabaseArgs {
+            db_max_connections: 2,
+            ..DatabaseArgs::for_url(&format!("sqlite://{}", path.display()))
+        };
+        let store = SqliteStore::open(path, &args)
+            .await
+            .map_err(|e| about(name, in_use(e, name)))?;
+        let tx = store.begin_write().await.map_err(|e| about(name, e))?;
+        Ok(SqliteTables {
+            tx,
+            name: name.to_owned(),
+            _store: Some(store),
+            _source: None,
+        })
+    }
+}
+
+/// `(k1, k2) <op> (?, ?)`.
+fn key_condition(table: &TableSpec, op: &str) -> String {
+    let params = vec!["?"; table.key.len()];
+    format!("({}) {op} ({})", table.key.join(", "), params.join(", "))
+}
+
+fn bind<'q>(
+    query: Query<'q, Sqlite, SqliteArguments<'q>>,
+    value: &'q Value,
+) -> Query<'q, Sqlite, SqliteArguments<'q>> {
+    match value {
+        Value::Null => query.bind(None::<i64>),
+        Value::Text(s) => query.bind(s.as_str()),
+        Value::Int(n) => query.bind(*n),
+        Value::Float(x) => query.bind(*x),
+        Value::Bool(b) => query.bind(i64::from(*b)),
+        Value::Json(j) => query.bind(j.to_string()),
+        Value::Timestamp(t) => query.bind(micros(*t)),
+        Value::Date(d) => query.bind(day_text(*d)),
+    }
+}
+
+fn decode(table: &TableSpec, row: &SqliteRow) -> Result<Row> {
+    let mut values = Vec::with_capacity(table.columns.len());
+    for (i, (column, kind)) in table.columns.iter().enumerate() {
+        let context = || format!("reading {}.{column}", table.name);
+        let text = || {
+            row.try_get::<Option<String>, _>(i)
+                .map_err(copy_error(context()))
+        };
+        let int = || {
+            row.try_get::<Option<i64>, _>(i)
+                .map_err(copy_error(context()))
+        };
+        let value = match kind {
+            Kind::Text => text()?.map(Value::Text),
+            Kind::Int => int()?.map(Value::Int),
+            Kind::Timestamp => int()?.map(|us| Value::Timestamp(from_micros(us))),
+            Kind::Bool => int()?.map(|b| Value::Bool(b != 0)),
+            Kind::Float => match row.try_get::<Option<f64>, _>(i) {
+                Ok(x) => x.map(Value::Float),
+                // An integer in a REAL column (SQLite keeps what it was given).
+                Err(_) => int()?.map(|n| Value::Float(n as f64)),
+            },
+            Kind::Json => match text()? {
+                None => None,
+                Some(doc) => Some(Value::Json(serde_json::from_str(&doc).map_err(|e| {
+                    Error::Internal(format!("{}: invalid JSON {doc:?}: {e}", context()))
+                })?)),
+            },
+            Kind::Date => match text()? {
+                None => None,
+                Some(day) => Some(Value::Date(parse_day(&day).map_err(|_| {
+                    Error::Internal(format!("{}: invalid date {day:?}", context()))
+                })?)),
+            },
+        };
+        values.push(value.unwrap_or(Value::Null));
+    }
+    Ok(values)
+}
+
+#[async_trait]
+impl TableStore for SqliteTables {
+    async fn count(&mut self, table: &TableSpec) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {}", table.name))
+            .fetch_one(&mut *self.tx)
+            .await
+            .map_err(copy_error(format!(
+                "counting {} in {}",
+                table.name, self.name
+            )))?;
+        Ok(n as u64)
+    }
+
+    async fn read(
+        &mut self,
+        table: &TableSpec,
+        bound: Bound<'_>,
+        limit: Option<usize>,
+    ) -> Result<Vec<Row>> {
+        let (condition, key) = match bound {
+            Bound::Start => (String::new(), &[][..]),
+            Bound::After(key) => (format!(" WHERE {}", key_condition(table, ">")), key),
+            Bound::Equal(key) => (format!(" WHERE {}", key_condition(table, "=")), key),
+        };
+        let limit = limit.map_or(String::new(), |n| format!(" LIMIT {n}"));
+        let columns: Vec<&str> = table.column_names().collect();
+        let sql = format!(
+            "SELECT {} FROM {}{condition} ORDER BY {}{limit}",
+            columns.join(", "),
+            table.name,
+            table.key.join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for value in key {
+            query = bind(query, value);
+        }
+        let rows = query
+            .fetch_all(&mut *self.tx)
+            .await
+            .map_err(copy_error(format!(
+                "reading {} from {}",
+                table.name, self.name
+            )))?;
+        rows.iter().map(|row| decode(table, row)).collect()
+    }
+
+    async fn write(&mut self, table: &TableSpec, rows: &[Row]) -> Result<()> {
+        let width = table.columns.len();
+        let per_statement = rows_per_statement(MAX_BINDS, width, rows.len());
+        let columns: Vec<&str> = table.column_names().collect();
+        let tuple = format!("({})", vec!["?"; width].join(", "));
+        for chunk in rows.chunks(per_statement) {
+            let sql = format!(
+                "INSERT INTO {} ({}) VALUES {}",
+                table.name,
+                columns.join(", "),
+                vec![tuple.as_str(); chunk.len()].join(", ")
+            );
+            let mut query = sqlx::query(&sql);
+            for value in chunk.iter().flatten() {
+                query = bind(query, value);
+            }
+            query
+                .execute(&mut *self.tx)
+                .await
+                .map_err(copy_error(format!(
+                    "writing {} into {}",
+                    table.name, self.name
+                )))?;
+        }
+        Ok(())
+    }
+
+    async fn clear(&mut self, table: &TableSpec) -> Result<()> {
+        sqlx::query(&format!("DELETE FROM {}", table.name))
+            .execute(&mut *self.tx)
+            .await
+            .map_err(copy_error(format!(
+                "clearing {} in {}",
+                table.name, self.name
+            )))?;
+        Ok(())
+    }
+
+    /// `INTEGER PRIMARY KEY` ids continue from the largest by themselves.
+    async fn finish_writes(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn commit(self: Box<Self>) -> Result<()> {
+        let name = self.name;
+        self.tx
+            .commit()
+            .await
+            .map_err(copy_error(format!("committing {name}")))
+    }
+}
