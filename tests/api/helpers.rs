@@ -1,6 +1,10 @@
 //! The test harness: a fresh database and a real server on a random port per
 //! test, driven through the generated client. No sleeps for readiness: the
 //! listener is bound before the server is spawned.
+//!
+//! Shared by the Postgres run (`tests/api`), the SQLite run (`tests/api_sqlite`)
+//! and the benches, each of which uses a part of it.
+#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;

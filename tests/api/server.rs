@@ -8,7 +8,11 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-use crate::helpers::{TcpProxy, TestApp, TestDb, eventually, test_args};
+use crate::helpers::{TestApp, TestDb};
+
+postgres_only! {
+    use crate::helpers::{TcpProxy, eventually, test_args};
+}
 
 const SERVICES: [&str; 5] = [
     "",
@@ -18,26 +22,30 @@ const SERVICES: [&str; 5] = [
     "fleetcare.v1.SessionPipelineService",
 ];
 
-async fn health_of(app: &TestApp, service: &str) -> Option<ServingStatus> {
-    let mut client = HealthClient::new(app.channel.clone());
-    let response = client
-        .check(HealthCheckRequest {
-            service: service.into(),
-        })
-        .await
-        .ok()?
-        .into_inner();
-    ServingStatus::try_from(response.status).ok()
+postgres_only! {
+    async fn health_of(app: &TestApp, service: &str) -> Option<ServingStatus> {
+        let mut client = HealthClient::new(app.channel.clone());
+        let response = client
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .ok()?
+            .into_inner();
+        ServingStatus::try_from(response.status).ok()
+    }
 }
 
-async fn wait_for_health(app: &TestApp, want: ServingStatus) {
-    for service in SERVICES {
-        eventually(
-            Duration::from_secs(30),
-            &format!("{service:?} {want:?}"),
-            || async { (health_of(app, service).await == Some(want)).then_some(()) },
-        )
-        .await;
+postgres_only! {
+    async fn wait_for_health(app: &TestApp, want: ServingStatus) {
+        for service in SERVICES {
+            eventually(
+                Duration::from_secs(30),
+                &format!("{service:?} {want:?}"),
+                || async { (health_of(app, service).await == Some(want)).then_some(()) },
+            )
+            .await;
+        }
     }
 }
 

@@ -3,19 +3,25 @@
 //! history) and heartbeats acknowledged from memory (never marked OFFLINE while
 //! they keep coming, across replicas, flush delays and a kill -9).
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use fleetcare::proto::v1 as pb;
-use fleetcare::proto::v1::agent_status_service_client::AgentStatusServiceClient;
-use pb::watch_transitions_response::Event;
 use tonic::Code;
-use tonic::transport::Channel;
 
-use crate::helpers::{ServerProcess, TestApp, TestDb, eventually, reason, status, test_args};
+use crate::helpers::{TestApp, TestDb, reason, status, test_args};
 
 use pb::AgentStatus as S;
-use pb::TransitionCause as C;
+
+postgres_only! {
+    use std::collections::BTreeSet;
+
+    use fleetcare::proto::v1::agent_status_service_client::AgentStatusServiceClient;
+    use pb::TransitionCause as C;
+    use pb::watch_transitions_response::Event;
+    use tonic::transport::Channel;
+
+    use crate::helpers::{ServerProcess, eventually};
+}
 
 /// A timestamp as something ordered.
 fn key(ts: prost_types::Timestamp) -> (i64, i32) {
@@ -68,32 +74,34 @@ async fn a_refused_call_in_a_batch_refuses_only_itself() {
     assert_eq!(app.history("b").await.len(), 1);
 }
 
-/// Reads `count` transitions from a watch opened after revision `since`.
-async fn collect(
-    mut client: AgentStatusServiceClient<Channel>,
-    since: i64,
-    count: usize,
-) -> Vec<pb::Transition> {
-    let mut stream = client
-        .watch_transitions(pb::WatchTransitionsRequest {
-            since_revision: since,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut seen = Vec::with_capacity(count);
-    while seen.len() < count {
-        let msg = tokio::time::timeout(Duration::from_secs(30), stream.message())
+postgres_only! {
+    /// Reads `count` transitions from a watch opened after revision `since`.
+    async fn collect(
+        mut client: AgentStatusServiceClient<Channel>,
+        since: i64,
+        count: usize,
+    ) -> Vec<pb::Transition> {
+        let mut stream = client
+            .watch_transitions(pb::WatchTransitionsRequest {
+                since_revision: since,
+                ..Default::default()
+            })
             .await
-            .expect("transitions keep coming")
             .unwrap()
-            .expect("stream open");
-        if let Some(Event::Transition(t)) = msg.event {
-            seen.push(t);
+            .into_inner();
+        let mut seen = Vec::with_capacity(count);
+        while seen.len() < count {
+            let msg = tokio::time::timeout(Duration::from_secs(30), stream.message())
+                .await
+                .expect("transitions keep coming")
+                .unwrap()
+                .expect("stream open");
+            if let Some(Event::Transition(t)) = msg.event {
+                seen.push(t);
+            }
         }
+        seen
     }
-    seen
 }
 
 postgres_only! {
@@ -162,13 +170,15 @@ fn quick_liveness(db: &TestDb, timeout: Duration, flush: Duration) -> fleetcare:
     args
 }
 
-/// Every HEARTBEAT_TIMEOUT transition in the agent's history.
-async fn timeouts(app: &TestApp, agent_id: &str) -> Vec<pb::Transition> {
-    app.history(agent_id)
-        .await
-        .into_iter()
-        .filter(|t| t.cause == C::HeartbeatTimeout as i32)
-        .collect()
+postgres_only! {
+    /// Every HEARTBEAT_TIMEOUT transition in the agent's history.
+    async fn timeouts(app: &TestApp, agent_id: &str) -> Vec<pb::Transition> {
+        app.history(agent_id)
+            .await
+            .into_iter()
+            .filter(|t| t.cause == C::HeartbeatTimeout as i32)
+            .collect()
+    }
 }
 
 postgres_only! {
