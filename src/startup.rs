@@ -172,6 +172,7 @@ impl Application {
             shutdown,
             processors,
         } = self;
+        let released = stores.released();
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -244,6 +245,7 @@ impl Application {
             processors,
             shutdown.clone(),
         );
+        drop(stores);
         pipeline_scheduler::spawn(pipeline.clone(), shutdown.clone());
         let session_pipeline = SessionPipelineApi::new(pipeline, shutdown.clone());
 
@@ -285,6 +287,15 @@ impl Application {
             _ = drain_deadline => {
                 tracing::warn!(grace = ?args.shutdown_grace, "in-flight calls did not finish in time");
             }
+        }
+        // The services are gone; the background tasks end with the shutdown
+        // token. Once the last of them lets go of the store, its file (the
+        // embedded store) is free for the next server.
+        if tokio::time::timeout(args.shutdown_grace, released)
+            .await
+            .is_err()
+        {
+            tracing::warn!(grace = ?args.shutdown_grace, "background tasks still hold the store");
         }
         tracing::info!("stopped");
         Ok(())

@@ -346,6 +346,8 @@ pub struct Stores {
     pub pipeline: Arc<dyn PipelineStore>,
     /// Where it is.
     pub location: StoreLocation,
+    /// The embedded store's release signal (see [`Stores::released`]).
+    released: Option<tokio::sync::watch::Receiver<()>>,
 }
 
 impl Stores {
@@ -359,16 +361,21 @@ impl Stores {
         match &location {
             StoreLocation::Postgres(_) => {
                 let store = Arc::new(postgres::PgStore::connect(args, shutdown).await?);
-                Ok(Stores::of(store, location))
+                Ok(Stores::of(store, location, None))
             }
             StoreLocation::Sqlite(path) => {
                 let store = Arc::new(sqlite::SqliteStore::open(path, args).await?);
-                Ok(Stores::of(store, location))
+                let released = store.release_signal();
+                Ok(Stores::of(store, location, Some(released)))
             }
         }
     }
 
-    fn of<S>(store: Arc<S>, location: StoreLocation) -> Stores
+    fn of<S>(
+        store: Arc<S>,
+        location: StoreLocation,
+        released: Option<tokio::sync::watch::Receiver<()>>,
+    ) -> Stores
     where
         S: AgentStore + HealingStore + PostHealingStore + PipelineStore,
     {
@@ -378,6 +385,20 @@ impl Stores {
             posts: store.clone(),
             pipeline: store,
             location,
+            released,
+        }
+    }
+
+    /// Resolves once every handle on the store (these, and every background
+    /// task's) is dropped: for the embedded store, when its single-node lock
+    /// is released, so that another server may open the file; at once for
+    /// Postgres, which several servers share anyway.
+    pub fn released(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let receiver = self.released.clone();
+        async move {
+            if let Some(mut receiver) = receiver {
+                while receiver.changed().await.is_ok() {}
+            }
         }
     }
 }

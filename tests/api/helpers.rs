@@ -417,8 +417,16 @@ impl TestApp {
 
     /// Graceful shutdown, as SIGTERM does it; returns once the server has stopped.
     pub async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(30), self.handle)
+        let TestApp {
+            shutdown,
+            handle,
+            stores,
+            ..
+        } = self;
+        // The server waits for every handle on its store to go, this one too.
+        drop(stores);
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(30), handle)
             .await
             .expect("server stops within 30 s")
             .expect("server task")

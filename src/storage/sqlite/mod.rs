@@ -52,7 +52,7 @@ pub struct SqliteStore {
     running_processors: Arc<Mutex<HashSet<String>>>,
     path: PathBuf,
     /// Held for the store's lifetime: the single-node guarantee.
-    _file_lock: Arc<std::fs::File>,
+    file_lock: Arc<FileLock>,
 }
 
 impl SqliteStore {
@@ -104,8 +104,17 @@ impl SqliteStore {
             changes,
             running_processors: Default::default(),
             path: path.to_owned(),
-            _file_lock: Arc::new(file_lock),
+            file_lock: Arc::new(FileLock {
+                _file: file_lock,
+                released: watch::channel(()).0,
+            }),
         })
+    }
+
+    /// Closes once every clone of this store is gone and the file's lock is
+    /// released (a server restarted in the same process can then open it).
+    pub fn release_signal(&self) -> watch::Receiver<()> {
+        self.file_lock.released.subscribe()
     }
 
     /// The database file.
@@ -133,6 +142,13 @@ impl SqliteStore {
     pub(crate) fn tick_changes(&self) {
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
+}
+
+/// The lock on `<file>.lock`, released when the last clone of the store drops
+/// it; `released` then closes, which is what [`SqliteStore::released`] awaits.
+struct FileLock {
+    _file: std::fs::File,
+    released: watch::Sender<()>,
 }
 
 /// Takes the exclusive lock beside the database file, or refuses: a second
