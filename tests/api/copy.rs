@@ -688,3 +688,241 @@ async fn the_copy_command_copies_then_refuses_a_second_time() {
         "{stderr}"
     );
 }
+
+/// What a client sees of a store, through every service's list calls.
+#[derive(Debug, PartialEq)]
+struct ServiceView {
+    agents: Vec<fleetcare::proto::v1::Agent>,
+    transitions: Vec<fleetcare::proto::v1::Transition>,
+    errors: Vec<fleetcare::proto::v1::ErrorEvent>,
+    recoveries: Vec<fleetcare::proto::v1::RecoveryAction>,
+    post_actions: Vec<fleetcare::proto::v1::PostAction>,
+    sessions: Vec<fleetcare::proto::v1::SessionState>,
+    usage: Vec<fleetcare::proto::v1::UsageRow>,
+}
+
+async fn view(app: &crate::helpers::TestApp) -> ServiceView {
+    use fleetcare::proto::v1 as pb;
+    let mut agents = app.agents.clone();
+    let mut healing = pb::healing_service_client::HealingServiceClient::new(app.channel.clone());
+    let mut posts =
+        pb::post_healing_service_client::PostHealingServiceClient::new(app.channel.clone());
+    let mut pipeline =
+        pb::session_pipeline_service_client::SessionPipelineServiceClient::new(app.channel.clone());
+    ServiceView {
+        agents: agents
+            .list_agents(pb::ListAgentsRequest {
+                page_size: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .agents,
+        transitions: app.history("").await,
+        errors: healing
+            .list_error_events(pb::ListErrorEventsRequest {
+                page_size: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .events,
+        recoveries: healing
+            .list_recovery_actions(pb::ListRecoveryActionsRequest {
+                page_size: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .actions,
+        post_actions: posts
+            .list_actions(pb::ListActionsRequest {
+                post_id: "post-1".into(),
+                page_size: 100,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .actions,
+        sessions: pipeline
+            .list_session_states(pb::ListSessionStatesRequest {
+                processor: "usage".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .states,
+        usage: pipeline
+            .get_usage(pb::GetUsageRequest {
+                group_by: pb::UsageGrouping::Day as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .rows,
+    }
+}
+
+/// Fills a store the way clients do: agents through their lifecycle, an error
+/// with a recovery and its outcome, a claimed post action, a usage run.
+async fn use_every_service(app: &crate::helpers::TestApp) {
+    use fleetcare::proto::v1 as pb;
+    let mut agents = app.agents.clone();
+    for id in ["a-1", "a-2", "a-3"] {
+        agents
+            .register_agent(pb::RegisterAgentRequest {
+                agent_id: id.into(),
+                labels: [("team".to_string(), "ünïcode ✓".to_string())].into(),
+            })
+            .await
+            .unwrap();
+    }
+    app.start_work("a-1").await.unwrap();
+    agents
+        .report_exhausted(pb::ReportExhaustedRequest {
+            agent_id: "a-2".into(),
+            reason: pb::ExhaustionReason::RateLimit as i32,
+            message: "5-hour limit reached ∙ resets 2am".into(),
+            time_zone: "Europe/London".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    agents
+        .mark_offline(pb::MarkOfflineRequest {
+            agent_id: "a-3".into(),
+        })
+        .await
+        .unwrap();
+    let mut healing = pb::healing_service_client::HealingServiceClient::new(app.channel.clone());
+    let event = healing
+        .report_error(pb::ReportErrorRequest {
+            agent_id: "a-1".into(),
+            message: "connection reset by peer".into(),
+            context: [("attempt".to_string(), "2".to_string())].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .event
+        .unwrap();
+    let action = healing
+        .plan_recovery(pb::PlanRecoveryRequest {
+            error_event_id: event.id,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .action
+        .unwrap();
+    healing
+        .report_recovery_outcome(pb::ReportRecoveryOutcomeRequest {
+            action_id: action.id,
+            success: true,
+            duration: Some(prost_types::Duration {
+                seconds: 3,
+                nanos: 0,
+            }),
+            details: "restarted".into(),
+        })
+        .await
+        .unwrap();
+    let mut posts =
+        pb::post_healing_service_client::PostHealingServiceClient::new(app.channel.clone());
+    let now = Utc::now();
+    let point = |mins: i64, k: i64| pb::MetricPoint {
+        observed_at: Some(prost_types::Timestamp {
+            seconds: (now - chrono::Duration::minutes(mins)).timestamp(),
+            nanos: 0,
+        }),
+        impressions: 1000 * k,
+        engagements: 5 * k,
+    };
+    let verdict = posts
+        .evaluate_post(pb::EvaluatePostRequest {
+            post_id: "post-1".into(),
+            points: vec![point(30, 0), point(20, 1), point(10, 2)],
+            now: None,
+            claim: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(verdict.eligible, "{verdict:?}");
+    crate::pipeline::run(app, "usage").await.unwrap();
+}
+
+/// A store moved SQLite -> Postgres -> SQLite with `fleetcare copy` serves
+/// exactly what it served before, through every service, and goes on from
+/// where it was (the next transition takes the next revision).
+#[tokio::test]
+async fn a_copied_store_serves_the_same_through_every_service() {
+    use crate::helpers::{TestApp, test_args};
+    let sessions = tempdir_with_sessions();
+    let serve = |db: &TestDb| {
+        let mut args = test_args(&db.url);
+        args.pipeline.session_dir = sessions.clone();
+        args.pipeline.pipeline_interval_usage = std::time::Duration::ZERO;
+        args.pipeline.pipeline_interval_errors = std::time::Duration::ZERO;
+        args.heartbeat_timeout = std::time::Duration::from_secs(3600);
+        args
+    };
+    let embedded = TestDb::sqlite();
+    let app = TestApp::spawn_with(serve(&embedded)).await;
+    use_every_service(&app).await;
+    let before = view(&app).await;
+    assert_eq!(before.agents.len(), 3);
+    assert!(!before.usage.is_empty() && !before.post_actions.is_empty());
+    app.stop().await;
+
+    let pg = TestDb::postgres();
+    run_copy(&embedded, &pg, 1000)
+        .await
+        .expect("sqlite -> postgres");
+    let app = TestApp::spawn_with(serve(&pg)).await;
+    assert_eq!(view(&app).await, before, "postgres after the copy");
+    app.stop().await;
+
+    let back = TestDb::sqlite();
+    run_copy(&pg, &back, 1000)
+        .await
+        .expect("postgres -> sqlite");
+    let app = TestApp::spawn_with(serve(&back)).await;
+    assert_eq!(view(&app).await, before, "sqlite after the copy back");
+    let next = app.finish_work("a-1").await.unwrap();
+    let last = before.transitions.last().unwrap().revision;
+    assert_eq!(next.transition.unwrap().revision, last + 1);
+    app.stop().await;
+    let _ = std::fs::remove_dir_all(&sessions);
+}
+
+/// A session directory with one user's transcript.
+fn tempdir_with_sessions() -> std::path::PathBuf {
+    let root = std::env::temp_dir().join(format!("fleetcare-copy-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(root.join("alice")).unwrap();
+    let lines = [
+        crate::pipeline::assistant(
+            "m1",
+            "r1",
+            "claude-sonnet-4",
+            "2026-11-30T10:00:00Z",
+            [10, 20, 30, 40],
+        ),
+        crate::pipeline::assistant(
+            "m2",
+            "r2",
+            "claude-opus-4",
+            "2026-12-01T09:00:00Z",
+            [1, 2, 3, 4],
+        ),
+    ];
+    std::fs::write(root.join("alice").join("s1.jsonl"), lines.concat()).unwrap();
+    root
+}

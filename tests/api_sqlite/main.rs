@@ -17,8 +17,6 @@ mod agents;
 mod cli;
 #[path = "../api/client_heartbeats.rs"]
 mod client_heartbeats;
-#[path = "../api/copy.rs"]
-mod copy;
 #[path = "../api/healing.rs"]
 mod healing;
 #[path = "../api/helpers.rs"]
