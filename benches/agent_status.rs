@@ -674,7 +674,6 @@ async fn scale(bench: &Bench) {
     // What one sweeper tick costs with this fleet: the candidate query (agents
     // registered longer ago than the timeout and not heartbeating are due).
     let store = bench.app.stores.agents.clone();
-    use fleetcare::storage::AgentStore;
     let silence = fleetcare::domain::liveness::silence_timeout(
         chrono::Duration::seconds(120),
         chrono::Duration::seconds(1),

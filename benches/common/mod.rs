@@ -1,7 +1,6 @@
 //! What the benchmarks share: the integration tests' harness (a fresh
 //! database and an in-process server) and their knobs.
 
-#[allow(dead_code)]
 #[path = "../../tests/api/helpers.rs"]
 pub mod helpers;
 
