@@ -25,6 +25,8 @@ mod recovery;
 mod server;
 #[path = "../api/sweeper.rs"]
 mod sweeper;
+#[path = "../api/tls.rs"]
+mod tls;
 #[path = "../api/usage_corpus.rs"]
 mod usage_corpus;
 #[path = "../api/usage_rollups.rs"]
