@@ -292,7 +292,9 @@ impl Application {
         let serve = match tls {
             None => Either::Left(router.serve_with_incoming_shutdown(incoming, stopping)),
             Some(tls) => {
-                tracing::info!(cert = %tls.files().cert.display(), mutual = tls.files().client_ca.is_some(), "tls on");
+                let files = tls.files();
+                let mutual = files.client_ca.is_some();
+                tracing::info!(cert = %files.cert.display(), mutual, "tls on");
                 tls.spawn_reloader(args.tls.tls_reload_interval, shutdown.clone());
                 Either::Right(router.serve_with_incoming_shutdown(tls.incoming(incoming), stopping))
             }

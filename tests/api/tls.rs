@@ -185,20 +185,44 @@ async fn a_tls_server_answers_clients_trusting_its_ca_and_refuses_plaintext_and_
     app.stop().await;
 }
 
-#[tokio::test]
-async fn the_rust_client_calls_over_tls_with_a_token() {
-    let db = TestDb::new();
-    let pems = Pems::new();
+/// A TLS server and the Rust client for it, with the test CA and a token.
+async fn tls_clients(db: &TestDb, pems: &Pems) -> (TestApp, Clients) {
     let ca = Ca::new("fleetcare test ca");
     let (cert, key) = ca.server();
     pems.write("server.pem", &cert);
     pems.write("server-key.pem", &key);
-    let app = tls_server(&db, &pems, None).await;
-
-    let options = trusting(&pems, "ca.pem", &ca).token("s3cret");
-    let mut clients = Clients::connect_with(&https(&app), &options)
+    let app = tls_server(db, pems, None).await;
+    let options = trusting(pems, "ca.pem", &ca).token("s3cret");
+    let clients = Clients::connect_with(&https(&app), &options)
         .await
         .expect("connects");
+    (app, clients)
+}
+
+#[tokio::test]
+async fn the_rust_client_calls_over_tls_with_a_token() {
+    let db = TestDb::new();
+    let pems = Pems::new();
+    let (app, mut clients) = tls_clients(&db, &pems).await;
+    // ExplainRecovery reads no agent: only the connection is under test.
+    let explained = clients
+        .agents
+        .explain_recovery(pb::ExplainRecoveryRequest {
+            message: "rate limit exceeded, try again in 30 seconds".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("ExplainRecovery over TLS")
+        .into_inner();
+    assert!(explained.recovery_at.is_some(), "{explained:?}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_agent_registers_over_tls() {
+    let db = TestDb::new();
+    let pems = Pems::new();
+    let (app, mut clients) = tls_clients(&db, &pems).await;
     let registered = clients
         .agents
         .register_agent(pb::RegisterAgentRequest {
@@ -406,40 +430,41 @@ async fn the_cli_connects_with_tls_flags_a_client_certificate_and_a_token() {
     let cert = pems.write("client.pem", &cert);
     let key = pems.write("client-key.pem", &key);
     let s = |p: &Path| p.display().to_string();
+    // explain-limit reads no agent: the call proves the connection, whatever the store.
+    let command = |server: &str, flags: &[&str]| {
+        let mut args: Vec<String> = [
+            "explain-limit",
+            "--message",
+            "rate limit exceeded",
+            "--json",
+        ]
+        .map(String::from)
+        .into();
+        args.extend(["--server".to_string(), server.to_string()]);
+        args.extend(flags.iter().map(|f| f.to_string()));
+        args
+    };
     let server = https(&app);
+    let (ca_file, cert, key) = (s(&ca_file), s(&cert), s(&key));
+    let ca_flags = ["--tls-ca", ca_file.as_str()];
+    let identity = ["--tls-cert", cert.as_str(), "--tls-key", key.as_str()];
+    let all = [&ca_flags[..], &identity[..], &["--token", "s3cret"]].concat();
 
-    let full = vec![
-        "agents".into(),
-        "list".into(),
-        "--json".into(),
-        "--server".into(),
-        server.clone(),
-        "--tls-ca".into(),
-        s(&ca_file),
-        "--tls-cert".into(),
-        s(&cert),
-        "--tls-key".into(),
-        s(&key),
-        "--token".into(),
-        "s3cret".into(),
-    ];
-    let (code, out, err) = cli(full.clone()).await;
+    let (code, out, err) = cli(command(&server, &all)).await;
     assert_eq!(code, 0, "{err}");
-    assert!(out.trim_start().starts_with('['), "{out}");
+    assert!(out.trim_start().starts_with('{'), "{out}");
 
     // Without the client certificate the server refuses the connection.
-    let (code, _, err) = cli(full[..7].to_vec()).await;
+    let (code, _, err) = cli(command(&server, &ca_flags)).await;
     assert_ne!(code, 0, "{err}");
 
     // Without the CA the server is not trusted: unreachable (3).
-    let (code, _, err) = cli(full[..5].to_vec()).await;
+    let (code, _, err) = cli(command(&server, &identity)).await;
     assert_eq!(code, fleetcare::cli::exit::UNREACHABLE as i32, "{err}");
     assert!(err.contains("cannot reach the server"), "{err}");
 
     // TLS flags with an http:// address: refused before connecting (1).
-    let mut plain = full.clone();
-    plain[4] = format!("http://{}", app.addr);
-    let (code, _, err) = cli(plain).await;
+    let (code, _, err) = cli(command(&format!("http://{}", app.addr), &all)).await;
     assert_eq!(code, fleetcare::cli::exit::FAILURE as i32, "{err}");
     assert!(err.contains("use https://"), "{err}");
     app.stop().await;

@@ -28,6 +28,11 @@ def test_tls_with_the_ca_file_and_a_token(server_factory: ServerFactory, pki: Pk
     server = server_factory(extra_args=pki.server_args())
     with FleetcareClient(f"localhost:{server.port}", token="s3cret", root_certificates=pki.ca.read_bytes()) as client:
         assert health(client) == health_pb2.HealthCheckResponse.SERVING
+        # A fleetcare call that reads no agent: only the connection is under test.
+        explained = client.agent_status.ExplainRecovery(
+            pb.ExplainRecoveryRequest(message="rate limit exceeded, try again in 30 seconds"), timeout=30
+        )
+        assert explained.HasField("recovery_at")
 
 
 def test_tls_refuses_plaintext_and_clients_that_do_not_trust_the_ca(server_factory: ServerFactory, pki: Pki) -> None:
