@@ -15,12 +15,16 @@
 //! ```
 
 use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status, Streaming};
 
 pub use crate::proto::v1 as pb;
@@ -29,8 +33,19 @@ pub use pb::healing_service_client::HealingServiceClient;
 pub use pb::post_healing_service_client::PostHealingServiceClient;
 pub use pb::session_pipeline_service_client::SessionPipelineServiceClient;
 
-/// Turns `host:port` into `http://host:port`; a URL with a scheme is kept.
+/// Turns `host:port` into `http://host:port`; a URL with a scheme is kept. An
+/// `https://` URL gets TLS verified against the system's roots (for a CA file
+/// or a client certificate, see [`ConnectOptions`]).
 pub fn endpoint(server: &str) -> Result<Endpoint, tonic::transport::Error> {
+    let endpoint = plain_endpoint(server)?;
+    if endpoint.uri().scheme_str() == Some("https") {
+        return endpoint.tls_config(ClientTlsConfig::new().with_native_roots());
+    }
+    Ok(endpoint)
+}
+
+/// [`endpoint`] without TLS settings.
+fn plain_endpoint(server: &str) -> Result<Endpoint, tonic::transport::Error> {
     let uri = if server.contains("://") {
         server.to_string()
     } else {
@@ -45,17 +60,170 @@ pub fn endpoint(server: &str) -> Result<Endpoint, tonic::transport::Error> {
         .keep_alive_while_idle(true))
 }
 
+/// How to reach the server beyond its address: TLS and a bearer token.
+///
+/// TLS is used for an `https://` address, or for a `host:port` one when a CA
+/// or a client identity is given; the server is then verified against the
+/// CA file, else the system's roots. An `http://` address with TLS options
+/// is an error rather than a silent plaintext connection.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), fleetcare::client::ConnectError> {
+/// use fleetcare::client::{Clients, ConnectOptions};
+/// let options = ConnectOptions::default()
+///     .ca_file("ca.pem")
+///     .identity_files("client.pem", "client-key.pem")
+///     .token("s3cret");
+/// let clients = Clients::connect_with("https://fleet.internal:50051", &options).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConnectOptions {
+    /// PEM CA certificate(s) to verify the server with (else the system's).
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate and key, for a server that wants mutual TLS.
+    pub identity: Option<(PathBuf, PathBuf)>,
+    /// Sent as `authorization: Bearer <token>` on every call.
+    pub token: Option<String>,
+    /// The name the server's certificate must carry, when it is not the
+    /// address's host (e.g. connecting by IP to a certificate for a name).
+    pub domain_name: Option<String>,
+}
+
+impl ConnectOptions {
+    pub fn ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.ca_file = Some(path.into());
+        self
+    }
+
+    pub fn identity_files(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.identity = Some((cert.into(), key.into()));
+        self
+    }
+
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    pub fn domain_name(mut self, name: impl Into<String>) -> Self {
+        self.domain_name = Some(name.into());
+        self
+    }
+
+    fn wants_tls(&self) -> bool {
+        self.ca_file.is_some() || self.identity.is_some() || self.domain_name.is_some()
+    }
+
+    /// The endpoint for `server` with these options' TLS settings.
+    pub fn endpoint(&self, server: &str) -> Result<Endpoint, ConnectError> {
+        let tls = self.wants_tls();
+        let address = if server.contains("://") {
+            if tls && server.starts_with("http://") {
+                return Err(ConnectError::PlaintextWithTls(server.to_string()));
+            }
+            server.to_string()
+        } else if tls {
+            format!("https://{server}")
+        } else {
+            server.to_string()
+        };
+        let endpoint = plain_endpoint(&address)?;
+        if endpoint.uri().scheme_str() != Some("https") {
+            return Ok(endpoint);
+        }
+        let mut config = ClientTlsConfig::new();
+        config = match &self.ca_file {
+            Some(path) => config.ca_certificate(Certificate::from_pem(read(path)?)),
+            None => config.with_native_roots(),
+        };
+        if let Some((cert, key)) = &self.identity {
+            config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        if let Some(name) = &self.domain_name {
+            config = config.domain_name(name.clone());
+        }
+        Ok(endpoint.tls_config(config)?)
+    }
+
+    fn auth(&self) -> Result<BearerToken, ConnectError> {
+        BearerToken::new(self.token.as_deref())
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, ConnectError> {
+    std::fs::read(path).map_err(|source| ConnectError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Why [`Clients::connect_with`] could not connect.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("TLS options were given for a plaintext address ({0}): use https://")]
+    PlaintextWithTls(String),
+    #[error("the token cannot be sent in a header (empty, or not visible ASCII)")]
+    InvalidToken,
+    #[error(transparent)]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Adds `authorization: Bearer <token>` to every call that does not carry an
+/// `authorization` header already; does nothing without a token.
+#[derive(Debug, Clone, Default)]
+pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl BearerToken {
+    pub fn new(token: Option<&str>) -> Result<BearerToken, ConnectError> {
+        let Some(token) = token else {
+            return Ok(BearerToken(None));
+        };
+        if token.is_empty() {
+            return Err(ConnectError::InvalidToken);
+        }
+        let mut value: MetadataValue<Ascii> = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| ConnectError::InvalidToken)?;
+        value.set_sensitive(true);
+        Ok(BearerToken(Some(value)))
+    }
+}
+
+impl Interceptor for BearerToken {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(value) = &self.0
+            && !request.metadata().contains_key("authorization")
+        {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// What every client here sends its calls through: the connection, with the
+/// bearer token added (when there is one).
+pub type Transport = InterceptedService<Channel, BearerToken>;
+
 /// One client per service, sharing one HTTP/2 connection.
 #[derive(Debug, Clone)]
 pub struct Clients {
-    pub agents: AgentStatusServiceClient<Channel>,
-    pub healing: HealingServiceClient<Channel>,
-    pub posts: PostHealingServiceClient<Channel>,
-    pub pipeline: SessionPipelineServiceClient<Channel>,
+    pub agents: AgentStatusServiceClient<Transport>,
+    pub healing: HealingServiceClient<Transport>,
+    pub posts: PostHealingServiceClient<Transport>,
+    pub pipeline: SessionPipelineServiceClient<Transport>,
 }
 
 impl Clients {
-    /// Connects now, so an unreachable server is reported here.
+    /// Connects now (plaintext, or TLS with the system's roots for an
+    /// `https://` address), so an unreachable server is reported here.
     pub async fn connect(server: &str) -> Result<Clients, tonic::transport::Error> {
         Ok(Clients::new(endpoint(server)?.connect().await?))
     }
@@ -65,12 +233,41 @@ impl Clients {
         Ok(Clients::new(endpoint(server)?.connect_lazy()))
     }
 
+    /// Connects now with TLS and token options; see [`ConnectOptions`].
+    pub async fn connect_with(
+        server: &str,
+        options: &ConnectOptions,
+    ) -> Result<Clients, ConnectError> {
+        let auth = options.auth()?;
+        let channel = options.endpoint(server)?.connect().await?;
+        Ok(Clients::with_auth(channel, auth))
+    }
+
+    /// [`Clients::connect_with`], connecting on first use.
+    pub fn connect_lazy_with(
+        server: &str,
+        options: &ConnectOptions,
+    ) -> Result<Clients, ConnectError> {
+        let auth = options.auth()?;
+        Ok(Clients::with_auth(
+            options.endpoint(server)?.connect_lazy(),
+            auth,
+        ))
+    }
+
+    /// Clients on `channel`, without a token.
     pub fn new(channel: Channel) -> Clients {
+        Clients::with_auth(channel, BearerToken::default())
+    }
+
+    /// Clients on `channel` that send `auth`'s token with every call.
+    pub fn with_auth(channel: Channel, auth: BearerToken) -> Clients {
+        let transport = InterceptedService::new(channel, auth);
         Clients {
-            agents: AgentStatusServiceClient::new(channel.clone()),
-            healing: HealingServiceClient::new(channel.clone()),
-            posts: PostHealingServiceClient::new(channel.clone()),
-            pipeline: SessionPipelineServiceClient::new(channel),
+            agents: AgentStatusServiceClient::new(transport.clone()),
+            healing: HealingServiceClient::new(transport.clone()),
+            posts: PostHealingServiceClient::new(transport.clone()),
+            pipeline: SessionPipelineServiceClient::new(transport),
         }
     }
 
@@ -134,7 +331,7 @@ impl Backoff {
 /// before its `SnapshotComplete` starts over; after it, the watch resumes from
 /// the snapshot's revision without a new snapshot.
 pub struct ResumingWatch {
-    client: AgentStatusServiceClient<Channel>,
+    client: AgentStatusServiceClient<Transport>,
     request: pb::WatchTransitionsRequest,
     stream: Option<Streaming<pb::WatchTransitionsResponse>>,
     /// Transitions read from history, delivered before the stream's.
@@ -154,7 +351,7 @@ pub type DisconnectHook = Box<dyn FnMut(Option<&Status>, i64) + Send>;
 
 impl ResumingWatch {
     pub fn new(
-        client: AgentStatusServiceClient<Channel>,
+        client: AgentStatusServiceClient<Transport>,
         request: pb::WatchTransitionsRequest,
     ) -> ResumingWatch {
         ResumingWatch {
@@ -355,7 +552,7 @@ pub type RetryHook = Box<dyn FnMut(&Status, Duration) + Send>;
 /// # Ok(()) }
 /// ```
 pub struct Heartbeater {
-    client: AgentStatusServiceClient<Channel>,
+    client: AgentStatusServiceClient<Transport>,
     agent_id: String,
     fallback_interval: Duration,
     min_interval: Duration,
@@ -372,7 +569,7 @@ impl Heartbeater {
     pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
 
     pub fn new(
-        client: AgentStatusServiceClient<Channel>,
+        client: AgentStatusServiceClient<Transport>,
         agent_id: impl Into<String>,
     ) -> Heartbeater {
         Heartbeater {
@@ -632,6 +829,64 @@ mod tests {
         assert_eq!(next(d(0, 0)), fallback, "zero");
         assert_eq!(next(d(-3, 0)), fallback, "negative");
         assert_eq!(next(d(0, 1_000)), min, "1 µs is raised to the floor");
+    }
+
+    #[test]
+    fn the_token_goes_in_an_authorization_header_unless_one_is_set() {
+        let mut auth = BearerToken::new(Some("s3cret")).unwrap();
+        let request = auth.call(tonic::Request::new(())).unwrap();
+        assert_eq!(
+            request.metadata().get("authorization").unwrap(),
+            "Bearer s3cret"
+        );
+
+        let mut own = tonic::Request::new(());
+        own.metadata_mut()
+            .insert("authorization", "Bearer mine".parse().unwrap());
+        let request = auth.call(own).unwrap();
+        assert_eq!(
+            request.metadata().get("authorization").unwrap(),
+            "Bearer mine"
+        );
+
+        let mut none = BearerToken::new(None).unwrap();
+        let request = none.call(tonic::Request::new(())).unwrap();
+        assert!(request.metadata().get("authorization").is_none());
+
+        assert!(matches!(
+            BearerToken::new(Some("")),
+            Err(ConnectError::InvalidToken)
+        ));
+        assert!(matches!(
+            BearerToken::new(Some("a\nb")),
+            Err(ConnectError::InvalidToken)
+        ));
+    }
+
+    #[test]
+    fn tls_options_pick_https_and_refuse_a_plaintext_url() {
+        let none = ConnectOptions::default();
+        assert_eq!(
+            none.endpoint("127.0.0.1:1").unwrap().uri().scheme_str(),
+            Some("http")
+        );
+        let https = none.endpoint("https://fleet.internal:1").unwrap();
+        assert_eq!(https.uri().scheme_str(), Some("https"));
+
+        let missing = ConnectOptions::default().ca_file("/nonexistent/ca.pem");
+        assert!(matches!(
+            missing.endpoint("127.0.0.1:1"),
+            Err(ConnectError::Read { .. })
+        ));
+        assert!(matches!(
+            missing.endpoint("http://127.0.0.1:1"),
+            Err(ConnectError::PlaintextWithTls(_))
+        ));
+        let named = ConnectOptions::default().domain_name("fleet.internal");
+        assert_eq!(
+            named.endpoint("10.0.0.1:1").unwrap().uri().scheme_str(),
+            Some("https")
+        );
     }
 
     #[test]

@@ -169,6 +169,9 @@ pub struct ServeArgs {
     pub shutdown_grace: Duration,
 
     #[command(flatten)]
+    pub tls: TlsArgs,
+
+    #[command(flatten)]
     pub healing: HealingArgs,
 
     #[command(flatten)]
@@ -177,6 +180,47 @@ pub struct ServeArgs {
     /// Log format; the level comes from RUST_LOG (default info).
     #[arg(long, env = "FLEETCARE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+/// TLS: none of these is plaintext, as before.
+#[derive(Debug, Clone, Default, Args)]
+pub struct TlsArgs {
+    /// PEM certificate chain (leaf first) to serve TLS with; needs --tls-key.
+    #[arg(long, env = "FLEETCARE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "FLEETCARE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA certificate(s) for mutual TLS: a client must present a
+    /// certificate signed by one of them. Needs --tls-cert and --tls-key.
+    #[arg(long, env = "FLEETCARE_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// How often the TLS files are checked for changes (new connections get a
+    /// new certificate without a restart; SIGHUP checks at once); 0: SIGHUP only.
+    #[arg(long, env = "FLEETCARE_TLS_RELOAD_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub tls_reload_interval: Duration,
+}
+
+impl TlsArgs {
+    /// The files to serve TLS with, `None` for plaintext; an error for an
+    /// incomplete set.
+    pub fn files(&self) -> Result<Option<crate::tls::TlsFiles>, String> {
+        match (&self.tls_cert, &self.tls_key, &self.tls_client_ca) {
+            (None, None, None) => Ok(None),
+            (Some(cert), Some(key), client_ca) => Ok(Some(crate::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: client_ca.clone(),
+            })),
+            (_, _, Some(_)) if self.tls_cert.is_none() || self.tls_key.is_none() => {
+                Err("--tls-client-ca needs --tls-cert and --tls-key".into())
+            }
+            _ => Err("--tls-cert and --tls-key go together".into()),
+        }
+    }
 }
 
 /// Tuning of the healing services.
@@ -301,6 +345,7 @@ impl ServeArgs {
             return Err("--db-max-connections must be at least 2".into());
         }
         self.database.location()?;
+        self.tls.files()?;
         let h = &self.healing;
         let durations = [
             ("--default-recovery", self.default_recovery),

@@ -2,7 +2,8 @@
 //!
 //! Layers: `domain` (pure logic), `storage` (the store trait and Postgres),
 //! `grpc` (thin service adapters), `runtime` (background tasks), wired
-//! together by `startup`. `client` is the Rust client (the generated stubs
+//! together by `startup`; `tls` terminates TLS with certificates reloaded
+//! while serving. `client` is the Rust client (the generated stubs
 //! and a resuming watch); `cli` is the operator CLI built on it.
 
 pub mod cli;
@@ -17,3 +18,4 @@ pub mod runtime;
 pub mod startup;
 pub mod storage;
 pub mod telemetry;
+pub mod tls;

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::Either;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
@@ -36,6 +37,7 @@ use crate::runtime::pipeline::scheduler as pipeline_scheduler;
 use crate::runtime::pipeline::{Pipeline, PipelineConfig};
 use crate::runtime::{fanout::TransitionFanout, health, sweeper};
 use crate::storage::{AgentStore, Stores};
+use crate::tls::ServerTls;
 
 /// A vanished client's connection is noticed within interval + timeout.
 const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
@@ -55,6 +57,8 @@ pub struct Application {
     shutdown: CancellationToken,
     /// The session processors; `processors::registry()` unless replaced.
     processors: Vec<Registration>,
+    /// TLS, when `--tls-cert`/`--tls-key` are given; plaintext otherwise.
+    tls: Option<ServerTls>,
 }
 
 impl Application {
@@ -66,6 +70,12 @@ impl Application {
         shutdown: CancellationToken,
     ) -> Result<Self, Error> {
         args.validate().map_err(Error::InvalidArgument)?;
+        // The TLS files are read before anything starts, so a bad path or
+        // pair fails the start with the flag's name.
+        let tls = match args.tls.files().map_err(Error::InvalidArgument)? {
+            Some(files) => Some(ServerTls::load(files).map_err(Error::InvalidArgument)?),
+            None => None,
+        };
         let stores = Stores::open(&args.database, shutdown.child_token()).await?;
         match &stores.location {
             crate::config::StoreLocation::Postgres(_) => tracing::info!("store: postgres"),
@@ -139,6 +149,7 @@ impl Application {
             health_service,
             shutdown,
             processors: crate::processors::registry(),
+            tls,
         })
     }
 
@@ -171,6 +182,7 @@ impl Application {
             health_service,
             shutdown,
             processors,
+            tls,
         } = self;
         let released = stores.released();
         let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -267,7 +279,7 @@ impl Application {
         let incoming = TcpIncoming::from(listener)
             .with_nodelay(Some(true))
             .with_keepalive(Some(TCP_KEEPALIVE));
-        let serve = Server::builder()
+        let router = Server::builder()
             .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
             .add_service(health_service)
@@ -276,8 +288,19 @@ impl Application {
             .add_service(AgentStatusServiceServer::new(agent_status))
             .add_service(HealingServiceServer::new(healing))
             .add_service(PostHealingServiceServer::new(post_healing))
-            .add_service(SessionPipelineServiceServer::new(session_pipeline))
-            .serve_with_incoming_shutdown(incoming, stopping);
+            .add_service(SessionPipelineServiceServer::new(session_pipeline));
+        // TLS, when configured, is terminated on the accepted TCP streams (see
+        // `tls`): handshakes in tasks of their own, certificates reloaded.
+        let serve = match tls {
+            None => Either::Left(router.serve_with_incoming_shutdown(incoming, stopping)),
+            Some(tls) => {
+                let files = tls.files();
+                let mutual = files.client_ca.is_some();
+                tracing::info!(cert = %files.cert.display(), mutual, "tls on");
+                tls.spawn_reloader(args.tls.tls_reload_interval, shutdown.clone());
+                Either::Right(router.serve_with_incoming_shutdown(tls.incoming(incoming), stopping))
+            }
+        };
         let drain_deadline = async {
             shutdown.cancelled().await;
             tokio::time::sleep(args.shutdown_grace).await;

@@ -16,6 +16,9 @@ pub mod exit {
 pub enum CliError {
     /// No connection to the server.
     Unreachable { server: String, detail: String },
+    /// The connection could not be set up: an unreadable CA or client
+    /// certificate file, TLS flags with an `http://` address, a bad token.
+    Setup(String),
     /// The server answered with an error.
     Status(tonic::Status),
     /// Writing the output failed (other than a closed pipe).
@@ -44,7 +47,7 @@ impl CliError {
                 | Code::ResourceExhausted => exit::REFUSED,
                 _ => exit::FAILURE,
             },
-            CliError::Output(_) => exit::FAILURE,
+            CliError::Output(_) | CliError::Setup(_) => exit::FAILURE,
         }
     }
 }
@@ -89,6 +92,7 @@ impl fmt::Display for CliError {
                 write!(f, "{what}: {message}")
             }
             CliError::Output(error) => write!(f, "cannot write output: {error}"),
+            CliError::Setup(detail) => write!(f, "{detail}"),
         }
     }
 }

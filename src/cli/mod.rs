@@ -13,18 +13,20 @@ mod table;
 mod views;
 
 use std::io::Write;
+use std::path::PathBuf;
 
 use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 
-use crate::client::Clients;
+use crate::client::{Clients, ConnectError, ConnectOptions};
 pub use copy::{CopyArgs, CopyFailure, run_copy};
 pub use error::{CliError, exit};
 
-/// Where the server is and how to print.
+/// Where the server is, how to reach it, and how to print.
 #[derive(Debug, Clone, Args)]
 pub struct Connection {
-    /// The server's address: `host:port` or an `http://` URL.
+    /// The server's address: `host:port` or an `http://` URL; `https://host:port`
+    /// (or any TLS flag) connects with TLS.
     #[arg(
         long,
         env = "FLEETCARE_SERVER",
@@ -33,16 +35,59 @@ pub struct Connection {
     )]
     pub server: String,
 
+    /// PEM CA certificate(s) to verify the server with (TLS; without it, the
+    /// system's roots).
+    #[arg(long, env = "FLEETCARE_TLS_CA", global = true)]
+    pub tls_ca: Option<PathBuf>,
+
+    /// PEM client certificate, for a server that wants mutual TLS (with --tls-key).
+    #[arg(
+        long = "tls-cert",
+        env = "FLEETCARE_CLIENT_TLS_CERT",
+        requires = "client_tls_key",
+        global = true
+    )]
+    pub client_tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(
+        long = "tls-key",
+        env = "FLEETCARE_CLIENT_TLS_KEY",
+        requires = "client_tls_cert",
+        global = true
+    )]
+    pub client_tls_key: Option<PathBuf>,
+
+    /// Bearer token sent with every call (`authorization: Bearer <token>`).
+    #[arg(long, env = "FLEETCARE_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+
     /// Print JSON (one document; `watch` prints one object per line).
     #[arg(long, global = true)]
     pub json: bool,
 }
 
 impl Connection {
+    /// The TLS and token options of these flags.
+    pub fn options(&self) -> ConnectOptions {
+        ConnectOptions {
+            ca_file: self.tls_ca.clone(),
+            identity: self
+                .client_tls_cert
+                .clone()
+                .zip(self.client_tls_key.clone()),
+            token: self.token.clone(),
+            domain_name: None,
+        }
+    }
+
     async fn connect(&self) -> Result<Clients, CliError> {
-        Clients::connect(&self.server)
+        Clients::connect_with(&self.server, &self.options())
             .await
-            .map_err(|e| CliError::unreachable(&self.server, &e))
+            .map_err(|e| match e {
+                ConnectError::Transport(e) => CliError::unreachable(&self.server, &e),
+                other => CliError::Setup(other.to_string()),
+            })
     }
 }
 

@@ -19,6 +19,7 @@ mod post_healing;
 mod recovery;
 mod server;
 mod sweeper;
+mod tls;
 mod usage_corpus;
 mod usage_rollups;
 mod watch;

@@ -31,6 +31,8 @@ mod recovery;
 mod server;
 #[path = "../api/sweeper.rs"]
 mod sweeper;
+#[path = "../api/tls.rs"]
+mod tls;
 #[path = "../api/usage_corpus.rs"]
 mod usage_corpus;
 #[path = "../api/usage_rollups.rs"]

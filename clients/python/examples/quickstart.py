@@ -11,8 +11,9 @@ from fleetcare.v1 import agent_status_pb2 as pb
 address = os.environ.get("FLEETCARE_SERVER", "127.0.0.1:50051")
 agent_id = "quickstart-agent"
 
-# fleetcare serves plaintext gRPC; use TLS options (root_certificates=...) behind a TLS proxy,
-# and token="..." to send "authorization: Bearer <token>" on every call.
+# Plaintext here; for a server started with --tls-cert/--tls-key, drop insecure=True and pass
+# root_certificates=open("ca.pem", "rb").read() (or nothing, for the system's roots), and
+# token="..." to send "authorization: Bearer <token>" on every call.
 with FleetcareClient(address, insecure=True) as client:
     agents = client.agent_status
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import dataclasses
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import pytest
 
@@ -172,6 +173,57 @@ class FleetcareServer:
     def port(self) -> int:
         assert self.address is not None
         return int(self.address.rsplit(":", 1)[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class Pki:
+    """PEM files of a test CA, a server certificate it signed (for localhost and
+    127.0.0.1) and a client certificate it signed, made with the openssl CLI."""
+
+    directory: Path
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+    def server_args(self, mutual: bool = False) -> List[str]:
+        """`fleetcare serve` flags for TLS with these files (and mutual TLS with this CA)."""
+        args = ["--tls-cert", str(self.server_cert), "--tls-key", str(self.server_key)]
+        return [*args, "--tls-client-ca", str(self.ca)] if mutual else args
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def make_pki(directory: Path, name: str = "fleetcare test CA") -> Pki:
+    """A CA and two leaves in `directory`; skips the test when openssl is missing."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl CLI is needed to make test certificates")
+    directory.mkdir(parents=True, exist_ok=True)
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    ca, ca_key = directory / "ca.pem", directory / "ca-key.pem"
+    _openssl("req", "-x509", *ec, "-days", "1", "-subj", f"/CN={name}", "-keyout", str(ca_key), "-out", str(ca),
+             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+
+    def leaf(stem: str, subject: str, extensions: str, serial: int) -> Tuple[Path, Path]:
+        cert, key, csr, ext = (directory / f"{stem}{suffix}" for suffix in (".pem", "-key.pem", ".csr", ".ext"))
+        ext.write_text(extensions + "\nbasicConstraints=critical,CA:FALSE\n")
+        _openssl("req", "-new", *ec, "-subj", f"/CN={subject}", "-keyout", str(key), "-out", str(csr))
+        _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-set_serial", str(serial),
+                 "-days", "1", "-out", str(cert), "-extfile", str(ext))
+        return cert, key
+
+    server_cert, server_key = leaf("server", "localhost",
+                                   "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth", 2)
+    client_cert, client_key = leaf("client", "pytest-client", "extendedKeyUsage=clientAuth", 3)
+    return Pki(directory, ca, server_cert, server_key, client_cert, client_key)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def unique_name(prefix: str) -> str:

@@ -116,8 +116,8 @@ class FleetcareClient:
     Args:
         address: ``host:port`` (any gRPC target).
         token: when set, every call carries ``authorization: Bearer <token>``.
-        insecure: plaintext instead of TLS (fleetcare itself serves plaintext;
-            TLS is for a terminating proxy or load balancer in front of it).
+        insecure: plaintext instead of TLS (a server started without
+            ``--tls-cert``; TLS for one with it, or behind a TLS proxy).
         root_certificates: PEM roots to verify the server with (TLS only;
             ``None``: the system's roots).
         private_key, certificate_chain: PEM client key and certificate for mutual TLS.
