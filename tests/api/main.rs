@@ -6,6 +6,8 @@ mod cli;
 mod client_heartbeats;
 mod healing;
 mod helpers;
+mod limits;
+mod outage;
 mod pipeline;
 mod post_healing;
 mod recovery;

@@ -6,7 +6,11 @@ use fleetcare::proto::v1 as pb;
 use crate::helpers::{ServerProcess, TestDb};
 
 fn data_dir(db: &TestDb) -> String {
-    db.dir.as_ref().expect("a SQLite test db").display().to_string()
+    db.dir
+        .as_ref()
+        .expect("a SQLite test db")
+        .display()
+        .to_string()
 }
 
 fn serve_output(args: &[&str]) -> std::process::Output {
@@ -112,7 +116,11 @@ async fn every_acknowledged_transition_survives_kill_9() {
         .into_inner()
         .transitions;
     let revisions: Vec<i64> = history.iter().map(|t| t.revision).collect();
-    assert_eq!(revisions, (1..=40).collect::<Vec<i64>>(), "gap-free after kill -9");
+    assert_eq!(
+        revisions,
+        (1..=40).collect::<Vec<i64>>(),
+        "gap-free after kill -9"
+    );
     for revision in acknowledged {
         let t = history.iter().find(|t| t.revision == revision).unwrap();
         assert_eq!(t.to_status, pb::AgentStatus::Busy as i32);
