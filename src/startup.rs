@@ -50,7 +50,7 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 pub struct Application {
     listener: TcpListener,
     args: ServeArgs,
-    /// The store, once [`open_store`] has reached it.
+    /// The store, once [`prepare`] has opened it and started the services.
     opening: watch::Receiver<Opening>,
     health: HealthReporter,
     health_service:
@@ -65,7 +65,8 @@ pub struct Application {
 enum Opening {
     Waiting,
     Open(Stores),
-    /// It cannot be opened (not a matter of waiting): the server stops.
+    /// It cannot be opened (not a matter of waiting), or the services cannot
+    /// start on it: the server stops.
     Failed(String),
 }
 
