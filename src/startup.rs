@@ -224,11 +224,11 @@ impl Application {
                 }
                 set_up = &mut setup, if setting_up => {
                     setting_up = false;
-                    if let Err(error) = set_up {
-                        if !shutdown.is_cancelled() {
-                            shutdown.cancel();
-                            return Err(error);
-                        }
+                    if let Err(error) = set_up
+                        && !shutdown.is_cancelled()
+                    {
+                        shutdown.cancel();
+                        return Err(error);
                     }
                 }
                 _ = &mut drain_deadline => {
