@@ -58,11 +58,17 @@ pub fn incoming(
     futures::stream::unfold(
         (listener, slots, refused),
         move |(listener, slots, refused)| async move {
+            let mut failures = 0u64;
             loop {
                 let (stream, peer) = match listener.accept().await {
                     Ok(accepted) => accepted,
                     Err(error) => {
-                        tracing::warn!(%error, "accept failed, pausing");
+                        // Logged on the 1st, 2nd, 4th, ... in a row: EMFILE
+                        // repeats every pause until a descriptor frees.
+                        failures += 1;
+                        if failures.is_power_of_two() {
+                            tracing::warn!(%error, failures, "accept failed, pausing");
+                        }
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
@@ -72,7 +78,7 @@ pub fn incoming(
                     // (and so its descriptors) fill up.
                     drop(stream);
                     let n = refused.fetch_add(1, Ordering::Relaxed);
-                    if n.is_power_of_two() || n == 0 {
+                    if (n + 1).is_power_of_two() {
                         tracing::warn!(
                             %peer,
                             refused = n + 1,
