@@ -22,6 +22,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::write(&descriptor_path, prost::Message::encode_to_vec(&fds))?;
 
     tonic_prost_build::configure()
+        // Malformed protobuf is the caller's fault: INVALID_ARGUMENT, not INTERNAL.
+        .codec_path("crate::grpc::codec::ProstCodec")
         .build_server(true)
         .build_client(true)
         .compile_fds(fds)?;

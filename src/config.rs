@@ -172,6 +172,9 @@ pub struct ServeArgs {
     pub tls: TlsArgs,
 
     #[command(flatten)]
+    pub limits: LimitArgs,
+
+    #[command(flatten)]
     pub healing: HealingArgs,
 
     #[command(flatten)]
@@ -221,6 +224,36 @@ impl TlsArgs {
             _ => Err("--tls-cert and --tls-key go together".into()),
         }
     }
+}
+
+/// Bounds that hold under abuse: connections, calls, streams, message sizes.
+#[derive(Debug, Clone, Args)]
+pub struct LimitArgs {
+    /// Most client connections open at once; one beyond it is closed at once.
+    /// Keep it below the process's descriptor limit (raised to its hard limit
+    /// at start) minus what the database pool needs.
+    #[arg(long, env = "FLEETCARE_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+
+    /// A new connection that sends nothing for this long is closed (the TLS
+    /// handshake, when there is one, runs within it).
+    #[arg(long, env = "FLEETCARE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// Most calls in progress at once (server-wide, health and reflection
+    /// aside); beyond it a call is refused RESOURCE_EXHAUSTED at once.
+    #[arg(long, env = "FLEETCARE_MAX_CONCURRENT_CALLS", default_value_t = 1024)]
+    pub max_concurrent_calls: usize,
+
+    /// Most watch streams (WatchTransitions, WatchRun) one caller (its IP
+    /// address) holds open; beyond it RESOURCE_EXHAUSTED.
+    #[arg(long, env = "FLEETCARE_MAX_WATCHES_PER_CALLER", default_value_t = 32)]
+    pub max_watches_per_caller: usize,
+
+    /// Largest message, in bytes, a call may send or receive; a larger request
+    /// is refused RESOURCE_EXHAUSTED.
+    #[arg(long, env = "FLEETCARE_MAX_MESSAGE_SIZE", default_value_t = 4 * 1024 * 1024)]
+    pub max_message_size: usize,
 }
 
 /// Tuning of the healing services.
@@ -340,6 +373,22 @@ impl ServeArgs {
         }
         if self.watch_buffer == 0 {
             return Err("--watch-buffer must be at least 1".into());
+        }
+        let l = &self.limits;
+        if l.handshake_timeout.is_zero() {
+            return Err("--handshake-timeout must be greater than zero".into());
+        }
+        for (flag, value) in [
+            ("--max-connections", l.max_connections),
+            ("--max-concurrent-calls", l.max_concurrent_calls),
+            ("--max-watches-per-caller", l.max_watches_per_caller),
+        ] {
+            if value == 0 {
+                return Err(format!("{flag} must be at least 1"));
+            }
+        }
+        if l.max_message_size < 64 * 1024 {
+            return Err("--max-message-size must be at least 65536 bytes".into());
         }
         if self.database.db_max_connections < 2 {
             return Err("--db-max-connections must be at least 2".into());

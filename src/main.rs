@@ -79,6 +79,21 @@ async fn main() -> ExitCode {
 async fn serve(args: ServeArgs) -> Result<(), String> {
     telemetry::init(args.log_format);
     args.validate()?;
+    // A low soft limit (1,024 by default) would cap connections long before
+    // --max-connections; the hard limit is ours to take.
+    match fleetcare::runtime::connections::raise_descriptor_limit() {
+        Ok((soft, hard)) => {
+            tracing::info!(soft, hard, "descriptor limit");
+            if (soft as usize) < args.limits.max_connections {
+                tracing::warn!(
+                    soft,
+                    max_connections = args.limits.max_connections,
+                    "--max-connections is above the descriptor limit: new connections may fail before the cap"
+                );
+            }
+        }
+        Err(error) => tracing::warn!(%error, "cannot read or raise the descriptor limit"),
+    }
     let listener = TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use futures::future::Either;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -22,6 +22,8 @@ use crate::domain::pipeline::RetryPolicy;
 use crate::domain::post_healing::PostHealingConfig;
 use crate::error::Error;
 use crate::grpc::agent_status::{AgentStatusApi, AgentStatusSettings};
+use crate::grpc::callers::WatchSlots;
+use crate::grpc::guard::{Gate, GuardLayer};
 use crate::grpc::healing::{HealingApi, HealingSettings, PostHealingApi, shared_rng};
 use crate::grpc::session_pipeline::SessionPipelineApi;
 use crate::processors::Registration;
@@ -32,6 +34,8 @@ use crate::proto::v1::session_pipeline_service_server::SessionPipelineServiceSer
 use crate::runtime::agents::AgentWrites;
 use crate::runtime::clock::Clock;
 use crate::runtime::committer::Committer;
+use crate::runtime::connections::{self, ConnectionLimits};
+use crate::runtime::health::StoreHealth;
 use crate::runtime::heartbeats::{self, AgentCache};
 use crate::runtime::pipeline::scheduler as pipeline_scheduler;
 use crate::runtime::pipeline::{Pipeline, PipelineConfig};
@@ -48,26 +52,56 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 pub struct Application {
     listener: TcpListener,
     args: ServeArgs,
-    stores: Stores,
-    writes: AgentWrites,
-    fanout: TransitionFanout,
+    /// The store, once [`prepare`] has opened it and started the services.
+    opening: watch::Receiver<Opening>,
     health: HealthReporter,
     health_service:
         tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
-    shutdown: CancellationToken,
-    /// The session processors; `processors::registry()` unless replaced.
-    processors: Vec<Registration>,
+    store_health: StoreHealth,
+    gates: Gates,
     /// TLS, when `--tls-cert`/`--tls-key` are given; plaintext otherwise.
     tls: Option<ServerTls>,
+    shutdown: CancellationToken,
 }
 
+/// Where reaching the store stands.
+#[derive(Clone)]
+enum Opening {
+    Waiting,
+    Open(Stores),
+    /// It cannot be opened (not a matter of waiting), or the services cannot
+    /// start on it: the server stops.
+    Failed(String),
+}
+
+/// The first wait after a failed attempt to reach the store; it doubles up to
+/// [`STORE_RETRY_MAX`].
+const STORE_RETRY_FIRST: Duration = Duration::from_millis(100);
+const STORE_RETRY_MAX: Duration = Duration::from_secs(10);
+
 impl Application {
-    /// Connects to the store, applies migrations and starts the background tasks.
-    /// Everything stops when `shutdown` fires.
+    /// Checks the settings and starts reaching the store (connect, migrate) in
+    /// the background, retrying with capped exponential backoff while it is
+    /// unreachable, then the background tasks and the services: a server
+    /// started before its database waits for it, its port answering health
+    /// NOT_SERVING meanwhile (once [`Application::run`] runs). Everything
+    /// stops when `shutdown` fires.
     pub async fn build(
         args: ServeArgs,
         listener: TcpListener,
         shutdown: CancellationToken,
+    ) -> Result<Self, Error> {
+        Application::build_with_processors(args, listener, shutdown, crate::processors::registry())
+            .await
+    }
+
+    /// [`Application::build`] with these session processors instead of the
+    /// built-in ones (tests pass processors they can hold open).
+    pub async fn build_with_processors(
+        args: ServeArgs,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+        processors: Vec<Registration>,
     ) -> Result<Self, Error> {
         args.validate().map_err(Error::InvalidArgument)?;
         // The TLS files are read before anything starts, so a bad path or
@@ -76,93 +110,43 @@ impl Application {
             Some(files) => Some(ServerTls::load(files).map_err(Error::InvalidArgument)?),
             None => None,
         };
-        let stores = Stores::open(&args.database, shutdown.child_token()).await?;
-        match &stores.location {
-            crate::config::StoreLocation::Postgres(_) => tracing::info!("store: postgres"),
-            crate::config::StoreLocation::Sqlite(path) => {
-                tracing::info!(path = %path.display(), "store: embedded sqlite")
-            }
-        }
-        let agents: Arc<dyn AgentStore> = stores.agents.clone();
-        let fanout =
-            TransitionFanout::start(agents.clone(), args.watch_buffer, shutdown.child_token());
-        let clock = Clock::system();
-        let cache = AgentCache::new();
-        heartbeats::spawn_observer(
-            cache.clone(),
-            agents.clone(),
-            fanout.subscribe(),
-            shutdown.child_token(),
-        );
-        heartbeats::spawn_flusher(
-            cache.clone(),
-            agents.clone(),
-            args.heartbeat_flush_interval,
-            shutdown.child_token(),
-        );
-        let committer = Committer::start(
-            agents.clone(),
-            clock.clone(),
-            cache.clone(),
-            args.commit_batch,
-        );
-        sweeper::spawn(
-            agents.clone(),
-            committer.clone(),
-            clock.clone(),
-            sweeper::SweeperConfig {
-                heartbeat_timeout: args.heartbeat_timeout,
-                heartbeat_flush_interval: args.heartbeat_flush_interval,
-                sweep_interval: args.sweep_interval,
-                transition_retention: args.transition_retention,
-            },
-            shutdown.child_token(),
-        );
-        let pacing = HeartbeatPacing {
-            max_rate: args.max_heartbeat_rate,
-            min_interval: chrono_duration("--min-heartbeat-interval", args.min_heartbeat_interval)
-                .map_err(Error::InvalidArgument)?,
-            heartbeat_timeout: chrono_duration("--heartbeat-timeout", args.heartbeat_timeout)
-                .map_err(Error::InvalidArgument)?,
-        };
-        let writes = AgentWrites::new(agents.clone(), committer, cache, clock, pacing);
         let health = HealthReporter::new();
         let health_service = tonic_health::pb::health_server::HealthServer::new(
             tonic_health::server::HealthService::from_health_reporter(health.clone()),
-        );
-        // The store answered (it just ran migrations): serving from the first call,
-        // so a health Watch never sees an unknown service.
-        health::set_all(&health, ServingStatus::Serving).await;
-        health::spawn_monitor(
-            agents,
+        )
+        .max_decoding_message_size(args.limits.max_message_size);
+        // Known from the first call, so a health Watch never sees an unknown service.
+        health::set_all(&health, ServingStatus::NotServing).await;
+        let (opened, opening) = watch::channel(Opening::Waiting);
+        let store_health = StoreHealth::default();
+        let gates = Gates::default();
+        tokio::spawn(prepare(
+            args.clone(),
+            processors,
+            gates.clone(),
             health.clone(),
-            args.health_check_interval,
+            store_health.clone(),
             shutdown.clone(),
-        );
+            opened,
+        ));
         Ok(Application {
             listener,
             args,
-            stores,
-            writes,
-            fanout,
+            opening,
             health,
             health_service,
-            shutdown,
-            processors: crate::processors::registry(),
+            store_health,
+            gates,
             tls,
+            shutdown,
         })
     }
 
-    /// Runs these session processors instead of the built-in ones (tests pass
-    /// processors they can hold open).
-    pub fn with_processors(mut self, processors: Vec<Registration>) -> Self {
-        self.processors = processors;
-        self
-    }
-
-    /// The store this server runs on (tests and benches read it directly).
-    pub fn stores(&self) -> &Stores {
-        &self.stores
+    /// The store this server runs on, once it is open and the services have
+    /// started on it (tests and benches read it directly; a test that awaits
+    /// it knows every call is served from then on).
+    pub async fn stores(&self) -> Result<Stores, Error> {
+        wait_for_store(self.opening.clone()).await
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -171,20 +155,21 @@ impl Application {
 
     /// Serves until `shutdown` fires, then: health NOT_SERVING, no new calls, watch
     /// streams ended, in-flight calls given `--shutdown-grace` to finish.
+    ///
+    /// The port answers from the start: health NOT_SERVING and every fleetcare
+    /// call UNAVAILABLE until the store is open, then the services start.
     pub async fn run(self) -> Result<(), Error> {
         let Application {
             listener,
             args,
-            stores,
-            writes,
-            fanout,
+            opening,
             health,
             health_service,
-            shutdown,
-            processors,
+            store_health,
+            gates,
             tls,
+            shutdown,
         } = self;
-        let released = stores.released();
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -196,70 +181,9 @@ impl Application {
             .build_v1alpha()
             .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
 
-        let settings = AgentStatusSettings {
-            default_recovery: chrono::Duration::from_std(args.default_recovery)
-                .map_err(|_| Error::invalid("--default-recovery is too large"))?,
-            default_billing_recovery: chrono::Duration::from_std(args.default_billing_recovery)
-                .map_err(|_| Error::invalid("--default-billing-recovery is too large"))?,
-            watch_progress_interval: args.watch_progress_interval,
-        };
-        let agent_status = AgentStatusApi::new(
-            stores.agents.clone(),
-            writes,
-            fanout,
-            settings,
-            shutdown.clone(),
-        );
-        let h = &args.healing;
-        let duration = |flag: &str, value| {
-            crate::config::chrono_duration(flag, value).map_err(Error::InvalidArgument)
-        };
-        let rng = shared_rng(h.healing_seed);
-        let healing = HealingApi::new(
-            stores.healing.clone(),
-            HealingSettings {
-                planner: PlannerConfig {
-                    safety_limit: h.safety_limit,
-                    ..PlannerConfig::default()
-                },
-                recovery_lease: duration("--recovery-lease", h.recovery_lease)?,
-            },
-            rng.clone(),
-        );
-        let post_config = PostHealingConfig {
-            window: duration("--post-window", h.post_window)?,
-            max_actions_per_window: h.post_max_actions_per_window,
-            cooldown_comment: duration("--post-cooldown-comment", h.post_cooldown_comment)?,
-            cooldown_edit: duration("--post-cooldown-edit", h.post_cooldown_edit)?,
-            cooldown_thread: duration("--post-cooldown-thread", h.post_cooldown_thread)?,
-            claim_lease: duration("--post-claim-lease", h.post_claim_lease)?,
-            max_attempts: h.post_max_attempts,
-            ..PostHealingConfig::default()
-        };
-        let post_healing = PostHealingApi::new(stores.posts.clone(), post_config, rng);
-        let p = &args.pipeline;
-        let pipeline = Pipeline::new(
-            stores.pipeline.clone(),
-            PipelineConfig {
-                root: p.session_dir.clone(),
-                retry: RetryPolicy {
-                    max_attempts: p.max_attempts,
-                    base_delay: duration("--pipeline-retry-base", p.pipeline_retry_base)?,
-                    ..RetryPolicy::default()
-                },
-                intervals: [
-                    ("usage".to_string(), p.pipeline_interval_usage),
-                    ("errors".to_string(), p.pipeline_interval_errors),
-                ]
-                .into(),
-                parallelism: crate::runtime::pipeline::default_parallelism(),
-            },
-            processors,
-            shutdown.clone(),
-        );
-        drop(stores);
-        pipeline_scheduler::spawn(pipeline.clone(), shutdown.clone());
-        let session_pipeline = SessionPipelineApi::new(pipeline, shutdown.clone());
+        // Fails only when the store cannot be opened (not a matter of waiting)
+        // or the services cannot start on it: then the server stops.
+        let setup = wait_for_store(opening);
 
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "serving");
@@ -273,24 +197,33 @@ impl Application {
                 tracing::info!("shutting down: no new calls, draining in-flight ones");
             }
         };
-        // The listener comes from outside (tests bind port 0 first), so the
-        // per-connection socket options are set here: without TCP_NODELAY, Nagle
-        // holds a response's last frame until the client's delayed ACK.
-        let incoming = TcpIncoming::from(listener)
-            .with_nodelay(Some(true))
-            .with_keepalive(Some(TCP_KEEPALIVE));
+        // The listener comes from outside (tests bind port 0 first): the accept
+        // loop bounds connections and sets their socket options.
+        let incoming = connections::incoming(
+            listener,
+            ConnectionLimits {
+                max_connections: args.limits.max_connections,
+                handshake_timeout: args.limits.handshake_timeout,
+                tcp_keepalive: TCP_KEEPALIVE,
+            },
+        );
         let router = Server::builder()
             .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+            .layer(GuardLayer::new(
+                store_health,
+                args.limits.max_concurrent_calls,
+            ))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(AgentStatusServiceServer::new(agent_status))
-            .add_service(HealingServiceServer::new(healing))
-            .add_service(PostHealingServiceServer::new(post_healing))
-            .add_service(SessionPipelineServiceServer::new(session_pipeline));
-        // TLS, when configured, is terminated on the accepted TCP streams (see
-        // `tls`): handshakes in tasks of their own, certificates reloaded.
+            .add_service(gates.agent_status)
+            .add_service(gates.healing)
+            .add_service(gates.post_healing)
+            .add_service(gates.session_pipeline);
+        // TLS, when configured, is terminated on the accepted connections (see
+        // `tls`): handshakes in tasks of their own, within each connection's
+        // slot, certificates reloaded without a restart.
         let serve = match tls {
             None => Either::Left(router.serve_with_incoming_shutdown(incoming, stopping)),
             Some(tls) => {
@@ -305,22 +238,300 @@ impl Application {
             shutdown.cancelled().await;
             tokio::time::sleep(args.shutdown_grace).await;
         };
-        tokio::select! {
-            served = serve => served.map_err(|e| Error::Internal(format!("server failed: {e}")))?,
-            _ = drain_deadline => {
-                tracing::warn!(grace = ?args.shutdown_grace, "in-flight calls did not finish in time");
+        // The futures (the router and the services in it) are dropped at the
+        // end of this block.
+        let released = {
+            tokio::pin!(serve, drain_deadline, setup);
+            let mut setting_up = true;
+            // Resolves once the last handle on the store is gone (see below).
+            let mut released = None;
+            loop {
+                tokio::select! {
+                    served = &mut serve => {
+                        served.map_err(|e| Error::Internal(format!("server failed: {e}")))?;
+                        break;
+                    }
+                    set_up = &mut setup, if setting_up => {
+                        setting_up = false;
+                        match set_up {
+                            Ok(stores) => released = Some(stores.released()),
+                            Err(error) if !shutdown.is_cancelled() => {
+                                shutdown.cancel();
+                                return Err(error);
+                            }
+                            Err(_) => {}
+                        }
+                    }
+                    _ = &mut drain_deadline => {
+                        tracing::warn!(grace = ?args.shutdown_grace, "in-flight calls did not finish in time");
+                        break;
+                    }
+                }
             }
-        }
+            released
+        };
         // The services are gone; the background tasks end with the shutdown
         // token. Once the last of them lets go of the store, its file (the
         // embedded store) is free for the next server.
-        if tokio::time::timeout(args.shutdown_grace, released)
-            .await
-            .is_err()
+        if let Some(released) = released
+            && tokio::time::timeout(args.shutdown_grace, released)
+                .await
+                .is_err()
         {
             tracing::warn!(grace = ?args.shutdown_grace, "background tasks still hold the store");
         }
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// The fleetcare services, reachable from the first call and opened once the
+/// store is.
+#[derive(Clone, Default)]
+struct Gates {
+    agent_status: Gate<AgentStatusServiceServer<AgentStatusApi>>,
+    healing: Gate<HealingServiceServer<HealingApi>>,
+    post_healing: Gate<PostHealingServiceServer<PostHealingApi>>,
+    session_pipeline: Gate<SessionPipelineServiceServer<SessionPipelineApi>>,
+}
+
+/// Opens the store, starts the services on it, and says how that went.
+async fn prepare(
+    args: ServeArgs,
+    processors: Vec<Registration>,
+    gates: Gates,
+    health: HealthReporter,
+    store_health: StoreHealth,
+    shutdown: CancellationToken,
+    opened: watch::Sender<Opening>,
+) {
+    let stores = match open_store(&args.database, &shutdown).await {
+        Ok(stores) => stores,
+        Err(why) => {
+            let _ = opened.send(Opening::Failed(why));
+            return;
+        }
+    };
+    let started = start_services(
+        &args,
+        stores.clone(),
+        processors,
+        &gates,
+        &health,
+        &store_health,
+        &shutdown,
+    )
+    .await;
+    let _ = opened.send(match started {
+        Ok(()) => Opening::Open(stores),
+        Err(Error::Internal(detail)) => Opening::Failed(detail),
+        Err(other) => Opening::Failed(other.to_string()),
+    });
+}
+
+/// Reaches the store, retrying with capped exponential backoff while it is
+/// unreachable (each wait logged); any other failure is final.
+async fn open_store(
+    database: &crate::config::DatabaseArgs,
+    shutdown: &CancellationToken,
+) -> Result<Stores, String> {
+    let mut wait = STORE_RETRY_FIRST;
+    loop {
+        let error = match Stores::open(database, shutdown.child_token()).await {
+            Ok(stores) => {
+                match &stores.location {
+                    crate::config::StoreLocation::Postgres(_) => tracing::info!("store: postgres"),
+                    crate::config::StoreLocation::Sqlite(path) => {
+                        tracing::info!(path = %path.display(), "store: embedded sqlite")
+                    }
+                }
+                return Ok(stores);
+            }
+            Err(Error::Unavailable(error)) => error,
+            Err(Error::Internal(detail)) => return Err(detail),
+            Err(other) => return Err(other.to_string()),
+        };
+        tracing::warn!(%error, retry_in = ?wait, "store unreachable, health NOT_SERVING, retrying");
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                return Err("shut down before the store was reached".into());
+            }
+            _ = tokio::time::sleep(wait) => {}
+        }
+        wait = (wait * 2).min(STORE_RETRY_MAX);
+    }
+}
+
+async fn wait_for_store(mut opening: watch::Receiver<Opening>) -> Result<Stores, Error> {
+    let state = opening
+        .wait_for(|state| !matches!(state, Opening::Waiting))
+        .await
+        .map_err(|_| Error::Internal("the store opener stopped".into()))?
+        .clone();
+    match state {
+        Opening::Open(stores) => Ok(stores),
+        Opening::Failed(why) => Err(Error::Internal(why)),
+        Opening::Waiting => unreachable!("waited for a decided state"),
+    }
+}
+
+/// Starts the background tasks and the services on an open store, opens the
+/// gates, and hands health to the store probe.
+async fn start_services(
+    args: &ServeArgs,
+    stores: Stores,
+    processors: Vec<Registration>,
+    gates: &Gates,
+    health: &HealthReporter,
+    store_health: &StoreHealth,
+    shutdown: &CancellationToken,
+) -> Result<(), Error> {
+    let agents: Arc<dyn AgentStore> = stores.agents.clone();
+    let fanout = TransitionFanout::start(agents.clone(), args.watch_buffer, shutdown.child_token());
+    let clock = Clock::system();
+    let cache = AgentCache::new();
+    heartbeats::spawn_observer(
+        cache.clone(),
+        agents.clone(),
+        fanout.subscribe(),
+        shutdown.child_token(),
+    );
+    heartbeats::spawn_flusher(
+        cache.clone(),
+        agents.clone(),
+        args.heartbeat_flush_interval,
+        shutdown.child_token(),
+    );
+    let committer = Committer::start(
+        agents.clone(),
+        clock.clone(),
+        cache.clone(),
+        args.commit_batch,
+    );
+    sweeper::spawn(
+        agents.clone(),
+        committer.clone(),
+        clock.clone(),
+        sweeper::SweeperConfig {
+            heartbeat_timeout: args.heartbeat_timeout,
+            heartbeat_flush_interval: args.heartbeat_flush_interval,
+            sweep_interval: args.sweep_interval,
+            transition_retention: args.transition_retention,
+        },
+        shutdown.child_token(),
+    );
+    let pacing = HeartbeatPacing {
+        max_rate: args.max_heartbeat_rate,
+        min_interval: chrono_duration("--min-heartbeat-interval", args.min_heartbeat_interval)
+            .map_err(Error::InvalidArgument)?,
+        heartbeat_timeout: chrono_duration("--heartbeat-timeout", args.heartbeat_timeout)
+            .map_err(Error::InvalidArgument)?,
+    };
+    let writes = AgentWrites::new(agents.clone(), committer, cache, clock, pacing);
+    let shutdown = shutdown.clone();
+    let watch_slots = WatchSlots::new(args.limits.max_watches_per_caller);
+    let size = args.limits.max_message_size;
+    let settings = AgentStatusSettings {
+        default_recovery: chrono::Duration::from_std(args.default_recovery)
+            .map_err(|_| Error::invalid("--default-recovery is too large"))?,
+        default_billing_recovery: chrono::Duration::from_std(args.default_billing_recovery)
+            .map_err(|_| Error::invalid("--default-billing-recovery is too large"))?,
+        watch_progress_interval: args.watch_progress_interval,
+    };
+    let agent_status = AgentStatusApi::new(
+        stores.agents.clone(),
+        writes,
+        fanout,
+        settings,
+        shutdown.clone(),
+    );
+    let h = &args.healing;
+    let duration = |flag: &str, value| {
+        crate::config::chrono_duration(flag, value).map_err(Error::InvalidArgument)
+    };
+    let rng = shared_rng(h.healing_seed);
+    let healing = HealingApi::new(
+        stores.healing.clone(),
+        HealingSettings {
+            planner: PlannerConfig {
+                safety_limit: h.safety_limit,
+                ..PlannerConfig::default()
+            },
+            recovery_lease: duration("--recovery-lease", h.recovery_lease)?,
+        },
+        rng.clone(),
+    );
+    let post_config = PostHealingConfig {
+        window: duration("--post-window", h.post_window)?,
+        max_actions_per_window: h.post_max_actions_per_window,
+        cooldown_comment: duration("--post-cooldown-comment", h.post_cooldown_comment)?,
+        cooldown_edit: duration("--post-cooldown-edit", h.post_cooldown_edit)?,
+        cooldown_thread: duration("--post-cooldown-thread", h.post_cooldown_thread)?,
+        claim_lease: duration("--post-claim-lease", h.post_claim_lease)?,
+        max_attempts: h.post_max_attempts,
+        ..PostHealingConfig::default()
+    };
+    let post_healing = PostHealingApi::new(stores.posts.clone(), post_config, rng);
+    let p = &args.pipeline;
+    let pipeline = Pipeline::new(
+        stores.pipeline.clone(),
+        PipelineConfig {
+            root: p.session_dir.clone(),
+            retry: RetryPolicy {
+                max_attempts: p.max_attempts,
+                base_delay: duration("--pipeline-retry-base", p.pipeline_retry_base)?,
+                ..RetryPolicy::default()
+            },
+            intervals: [
+                ("usage".to_string(), p.pipeline_interval_usage),
+                ("errors".to_string(), p.pipeline_interval_errors),
+            ]
+            .into(),
+            parallelism: crate::runtime::pipeline::default_parallelism(),
+        },
+        processors,
+        shutdown.clone(),
+    );
+    pipeline_scheduler::spawn(pipeline.clone(), shutdown.clone());
+    let session_pipeline =
+        SessionPipelineApi::new(pipeline, shutdown.clone()).with_watch_slots(watch_slots.clone());
+    let agent_status = agent_status.with_watch_slots(watch_slots);
+
+    gates.agent_status.open(
+        AgentStatusServiceServer::new(agent_status)
+            .max_decoding_message_size(size)
+            .max_encoding_message_size(size),
+    );
+    gates.healing.open(
+        HealingServiceServer::new(healing)
+            .max_decoding_message_size(size)
+            .max_encoding_message_size(size),
+    );
+    gates.post_healing.open(
+        PostHealingServiceServer::new(post_healing)
+            .max_decoding_message_size(size)
+            .max_encoding_message_size(size),
+    );
+    gates.session_pipeline.open(
+        SessionPipelineServiceServer::new(session_pipeline)
+            .max_decoding_message_size(size)
+            .max_encoding_message_size(size),
+    );
+    // The store answered (it just ran migrations): serving, and from here on the
+    // probe decides.
+    store_health.set_up(true);
+    if shutdown.is_cancelled() {
+        // Shutdown owns the health status.
+        return Ok(());
+    }
+    health::set_all(health, ServingStatus::Serving).await;
+    health::spawn_monitor(
+        agents,
+        health.clone(),
+        store_health.clone(),
+        args.health_check_interval,
+        shutdown,
+    );
+    tracing::info!("store open, serving");
+    Ok(())
 }

@@ -15,6 +15,7 @@ use crate::domain::batch::Applied;
 use crate::domain::transition::Labels;
 use crate::error::Error;
 use crate::grpc::agent_requests::{AgentCursor, AgentId, ListAgents, ListTransitions};
+use crate::grpc::callers::{CallerKey, WatchSlots};
 use crate::grpc::convert::{self, timestamp};
 use crate::grpc::validate;
 use crate::proto::v1 as pb;
@@ -38,6 +39,7 @@ pub struct AgentStatusApi {
     fanout: TransitionFanout,
     settings: AgentStatusSettings,
     shutdown: CancellationToken,
+    watches: WatchSlots,
 }
 
 impl AgentStatusApi {
@@ -54,7 +56,14 @@ impl AgentStatusApi {
             fanout,
             settings,
             shutdown,
+            watches: WatchSlots::default(),
         }
+    }
+
+    /// Bounds the watch streams each caller may hold open.
+    pub fn with_watch_slots(mut self, watches: WatchSlots) -> Self {
+        self.watches = watches;
+        self
     }
 
     /// A checked report with the server's defaults.
@@ -201,7 +210,13 @@ impl AgentStatusService for AgentStatusApi {
             time_zone,
         } = request.into_inner();
         let reason = convert::reason_from_pb(reason)?;
-        let evidence = validate::recovery_evidence(recovery_at, headers, message, &time_zone)?;
+        let evidence = validate::recovery_evidence(
+            recovery_at,
+            headers,
+            message,
+            &time_zone,
+            self.writes.now(),
+        )?;
         let report = self.report(reason, evidence);
         let (agent, transition) = self
             .apply(&agent_id, Event::ReportExhausted(report))
@@ -230,6 +245,7 @@ impl AgentStatusService for AgentStatusApi {
         &self,
         request: Request<pb::WatchTransitionsRequest>,
     ) -> Result<Response<Self::WatchTransitionsStream>, Status> {
+        let slot = self.watches.acquire(CallerKey::of(&request))?;
         let spec: WatchSpec = request.into_inner().try_into()?;
         let events = watch::open(
             self.store.clone(),
@@ -239,7 +255,9 @@ impl AgentStatusService for AgentStatusApi {
             self.shutdown.clone(),
         )
         .await?;
-        let stream = ReceiverStream::new(events).map(|item| {
+        let stream = ReceiverStream::new(events).map(move |item| {
+            // The caller's slot is freed when the stream ends.
+            let _slot = &slot;
             use pb::watch_transitions_response::Event as E;
             let event = match item? {
                 WatchEvent::SnapshotAgent(agent) => E::SnapshotAgent((&agent).into()),
@@ -297,7 +315,13 @@ impl AgentStatusService for AgentStatusApi {
             0 => ExhaustionReason::RateLimit,
             other => convert::reason_from_pb(other)?,
         };
-        let evidence = validate::recovery_evidence(recovery_at, headers, message, &time_zone)?;
+        let evidence = validate::recovery_evidence(
+            recovery_at,
+            headers,
+            message,
+            &time_zone,
+            self.writes.now(),
+        )?;
         let labels = match agent_id.as_str() {
             "" => Labels::new(),
             id => {

@@ -597,6 +597,13 @@ impl TryFrom<pb::EvaluatePostRequest> for PostEvaluation {
             now,
             claim,
         } = request;
+        // The caller's clock never reaches stored state: a claim is decided at
+        // the store's time, and `now` is only for a dry run, which writes nothing.
+        if claim && now.is_some() {
+            return Err(Error::invalid(
+                "now is only allowed without claim (a dry run); a claim is decided at the server's time",
+            ));
+        }
         Ok(PostEvaluation {
             post_id: validate::post_id("post_id", &post_id)?,
             points: metric_points(points)?,

@@ -2,7 +2,10 @@
 
 pub mod agent_requests;
 pub mod agent_status;
+pub mod callers;
+pub mod codec;
 pub mod convert;
+pub mod guard;
 pub mod healing;
 pub mod session_pipeline;
 pub mod status;

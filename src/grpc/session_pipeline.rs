@@ -14,6 +14,7 @@ use crate::domain::pipeline::{
 };
 use crate::domain::usage::{UsageGrouping, UsageQuery, UsageRow};
 use crate::error::Error;
+use crate::grpc::callers::{CallerKey, WatchSlots};
 use crate::grpc::convert::{duration, from_timestamp, timestamp};
 use crate::grpc::validate;
 use crate::proto::v1 as pb;
@@ -23,11 +24,23 @@ use crate::runtime::pipeline::{Pipeline, RunProgress};
 pub struct SessionPipelineApi {
     pipeline: Arc<Pipeline>,
     shutdown: CancellationToken,
+    watches: WatchSlots,
 }
 
 impl SessionPipelineApi {
     pub fn new(pipeline: Arc<Pipeline>, shutdown: CancellationToken) -> Self {
-        SessionPipelineApi { pipeline, shutdown }
+        SessionPipelineApi {
+            pipeline,
+            shutdown,
+            watches: WatchSlots::default(),
+        }
+    }
+
+    /// Bounds the watch streams each caller may hold open (shared with the
+    /// agent-status watches: one budget per caller).
+    pub fn with_watch_slots(mut self, watches: WatchSlots) -> Self {
+        self.watches = watches;
+        self
     }
 
     /// The processor by name: NOT_FOUND when none has it.
@@ -308,9 +321,14 @@ impl SessionPipelineService for SessionPipelineApi {
         &self,
         request: Request<pb::WatchRunRequest>,
     ) -> Result<Response<Self::WatchRunStream>, Status> {
+        let slot = self.watches.acquire(CallerKey::of(&request))?;
         let name = self.known(request.into_inner().try_into()?)?;
         let progress = self.pipeline.follow_run(&name, self.shutdown.clone())?;
-        let stream = ReceiverStream::new(progress).map(move |p| Ok(progress_to_pb(&name, &p)));
+        let stream = ReceiverStream::new(progress).map(move |p| {
+            // The caller's slot is freed when the stream ends.
+            let _slot = &slot;
+            Ok(progress_to_pb(&name, &p))
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 

@@ -227,16 +227,21 @@ pub struct RecoveryEvidence {
 
 /// Checks the evidence of an exhaustion report: at most [`MAX_HEADERS`]
 /// headers of at most [`MAX_HEADER_BYTES`] each, a message of at most
-/// [`MAX_MESSAGE_BYTES`], a valid `recovery_at`, and a time zone that is
-/// empty or an IANA name.
+/// [`MAX_MESSAGE_BYTES`], a valid `recovery_at` within the parsers' horizon
+/// of the server's `now` ([`recovery::check_explicit_recovery`]), and a time
+/// zone that is empty or an IANA name.
 pub fn recovery_evidence(
     recovery_at: Option<prost_types::Timestamp>,
     headers: Vec<pb::Header>,
     message: String,
     time_zone: &str,
+    now: DateTime<Utc>,
 ) -> Result<RecoveryEvidence> {
     let explicit_recovery_at = recovery_at
-        .map(|ts| from_timestamp("recovery_at", ts))
+        .map(|ts| {
+            let at = from_timestamp("recovery_at", ts)?;
+            recovery::check_explicit_recovery("recovery_at", at, now).map_err(Error::invalid)
+        })
         .transpose()?;
     if headers.len() > MAX_HEADERS {
         return Err(Error::invalid(format!(
@@ -341,27 +346,56 @@ mod tests {
             vec![header("retry-after", "5")],
             "m".into(),
             "america/los_angeles",
+            Utc::now(),
         )
         .unwrap();
         assert_eq!(ok.time_zone.as_deref(), Some("America/Los_Angeles"));
         assert_eq!(ok.headers, [("retry-after".to_string(), "5".to_string())]);
         assert_eq!(
-            recovery_evidence(None, vec![], String::new(), "")
+            recovery_evidence(None, vec![], String::new(), "", Utc::now())
                 .unwrap()
                 .time_zone,
             None
         );
-        let err = recovery_evidence(None, vec![], String::new(), "Mars/Olympus")
+        let err = recovery_evidence(None, vec![], String::new(), "Mars/Olympus", Utc::now())
             .unwrap_err()
             .to_string();
         assert!(err.contains("time_zone \"Mars/Olympus\""), "{err}");
         let many = (0..65).map(|i| header(&format!("h{i}"), "")).collect();
-        let err = recovery_evidence(None, many, String::new(), "").unwrap_err();
+        let err = recovery_evidence(None, many, String::new(), "", Utc::now()).unwrap_err();
         assert!(err.to_string().contains("headers has 65 entries"), "{err}");
         let big = vec![header("x", &"v".repeat(MAX_HEADER_BYTES))];
-        assert!(recovery_evidence(None, big, String::new(), "").is_err());
+        assert!(recovery_evidence(None, big, String::new(), "", Utc::now()).is_err());
         let long = "m".repeat(MAX_MESSAGE_BYTES + 1);
-        let err = recovery_evidence(None, vec![], long, "").unwrap_err();
+        let err = recovery_evidence(None, vec![], long, "", Utc::now()).unwrap_err();
         assert!(err.to_string().starts_with("message is"), "{err}");
+    }
+
+    #[test]
+    fn recovery_at_is_bounded_by_the_parsers_horizon() {
+        let now = Utc::now();
+        let at = |days: i64| {
+            let t = now + chrono::Duration::days(days);
+            Some(prost_types::Timestamp {
+                seconds: t.timestamp(),
+                nanos: 0,
+            })
+        };
+        for days in [-30, 0, 365] {
+            assert!(recovery_evidence(at(days), vec![], String::new(), "", now).is_ok());
+        }
+        let year_9999 = Some(prost_types::Timestamp {
+            seconds: 253_402_300_000,
+            nanos: 0,
+        });
+        for far in [at(367), year_9999] {
+            let err = recovery_evidence(far, vec![], String::new(), "", now)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("recovery_at") && err.contains("366 days"),
+                "{err}"
+            );
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! NOT_SERVING for good once shutdown starts.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::time::MissedTickBehavior;
@@ -10,6 +11,22 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::storage::AgentStore;
+
+/// Whether the store answers, as the probe last saw it: consulted before each
+/// call (`grpc::guard`) so that calls fail at once while it is down. Starts
+/// down: the store is not open until `startup` says so.
+#[derive(Debug, Clone, Default)]
+pub struct StoreHealth(Arc<AtomicBool>);
+
+impl StoreHealth {
+    pub fn set_up(&self, up: bool) {
+        self.0.store(up, Ordering::Release);
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
 
 /// The names health is reported under: "" for the whole server, then each service.
 pub fn service_names() -> Vec<&'static str> {
@@ -28,10 +45,12 @@ pub async fn set_all(reporter: &HealthReporter, status: ServingStatus) {
     }
 }
 
-/// Probes the store every `interval` and reports what it finds.
+/// Probes the store every `interval` and reports what it finds, to the health
+/// service and to `store_health`.
 pub fn spawn_monitor(
     store: Arc<dyn AgentStore>,
     reporter: HealthReporter,
+    store_health: StoreHealth,
     interval: Duration,
     shutdown: CancellationToken,
 ) {
@@ -39,6 +58,7 @@ pub fn spawn_monitor(
         let mut ticks = tokio::time::interval(interval);
         ticks.set_missed_tick_behavior(MissedTickBehavior::Skip);
         let mut last: Option<ServingStatus> = None;
+        let mut slow_probes = 0u32;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -46,15 +66,31 @@ pub fn spawn_monitor(
             }
             let probe = tokio::time::timeout(interval.max(Duration::from_secs(1)), store.ping());
             let status = match probe.await {
-                Ok(Ok(())) => ServingStatus::Serving,
+                Ok(Ok(())) => {
+                    slow_probes = 0;
+                    ServingStatus::Serving
+                }
                 Ok(Err(error)) => {
                     if last != Some(ServingStatus::NotServing) {
                         tracing::warn!(%error, "store unreachable, health NOT_SERVING");
                     }
                     ServingStatus::NotServing
                 }
-                Err(_) => ServingStatus::NotServing,
+                // One slow probe on a busy machine is not an outage; two in a
+                // row (a database that stopped answering) are.
+                Err(_) => {
+                    slow_probes += 1;
+                    if slow_probes < 2 && last == Some(ServingStatus::Serving) {
+                        continue;
+                    }
+                    if last != Some(ServingStatus::NotServing) {
+                        tracing::warn!("store probe timed out twice, health NOT_SERVING");
+                    }
+                    ServingStatus::NotServing
+                }
             };
+            // Calls fail fast from the first failed probe to the first good one.
+            store_health.set_up(status == ServingStatus::Serving);
             // Shutdown owns the status from here on (see startup).
             if shutdown.is_cancelled() {
                 break;

@@ -5,6 +5,7 @@
 pub mod agents;
 pub mod clock;
 pub mod committer;
+pub mod connections;
 pub mod fanout;
 pub mod health;
 pub mod heartbeats;

@@ -369,7 +369,7 @@ impl TestApp {
         let app = Application::build(args, listener, shutdown.clone())
             .await
             .expect("server builds");
-        let stores = app.stores().clone();
+        let stores = app.stores().await.expect("store opens");
         let handle = tokio::spawn(app.run());
         let channel = Channel::from_shared(format!("http://{addr}"))
             .unwrap()
@@ -396,11 +396,10 @@ impl TestApp {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        let app = Application::build(args, listener, shutdown.clone())
+        let app = Application::build_with_processors(args, listener, shutdown.clone(), processors)
             .await
-            .expect("server builds")
-            .with_processors(processors);
-        let stores = app.stores().clone();
+            .expect("server builds");
+        let stores = app.stores().await.expect("store opens");
         let handle = tokio::spawn(app.run());
         let channel = Channel::from_shared(format!("http://{addr}"))
             .unwrap()
@@ -617,12 +616,26 @@ impl ServerProcess {
     /// Starts `fleetcare serve --listen <free port> <args>` and waits until its
     /// health check answers.
     pub async fn start(args: &[&str]) -> ServerProcess {
+        ServerProcess::start_under(&[], args).await
+    }
+
+    /// Like [`ServerProcess::start`], the command run through `wrapper`
+    /// (`["prlimit", "--nofile=1024:1024", "--"]`, say) when it is not empty.
+    pub async fn start_under(wrapper: &[&str], args: &[&str]) -> ServerProcess {
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_fleetcare"))
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = std::process::Command::new(program);
+                c.args(rest).arg(env!("CARGO_BIN_EXE_fleetcare"));
+                c
+            }
+            None => std::process::Command::new(env!("CARGO_BIN_EXE_fleetcare")),
+        };
+        let child = command
             .args(["serve", "--listen", &addr.to_string()])
             .args(args)
             .env("RUST_LOG", "warn")
@@ -642,11 +655,15 @@ impl ServerProcess {
                     .await
                     .ok()?;
                 let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-                health
+                let status = health
                     .check(tonic_health::pb::HealthCheckRequest::default())
                     .await
-                    .ok()
-                    .map(|_| ())
+                    .ok()?
+                    .into_inner()
+                    .status;
+                // The port answers NOT_SERVING until the store is open.
+                (status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+                    .then_some(())
             },
         )
         .await;
@@ -657,6 +674,11 @@ impl ServerProcess {
         AgentStatusServiceClient::connect(format!("http://{}", self.addr))
             .await
             .unwrap()
+    }
+
+    /// The process id (the server's own: a wrapper such as prlimit execs it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// SIGKILL: no shutdown, no flush.

@@ -14,6 +14,8 @@ mod client_heartbeats;
 mod copy;
 mod healing;
 mod helpers;
+mod limits;
+mod outage;
 mod pipeline;
 mod post_healing;
 mod recovery;

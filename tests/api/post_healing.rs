@@ -40,6 +40,9 @@ const THREAD: i64 = 5; // rate 0.005: score 0.9, tier 3
 const EDIT: i64 = 20; // rate 0.02: score 0.6, tier 2
 const COMMENT: i64 = 50; // rate 0.05: score 0, tier 1
 
+/// Evaluates at `now`: a dry run at that time, or, with `claim`, a claim at
+/// the server's time (a client's clock is refused with a claim), so `now`
+/// must then be the real time.
 async fn evaluate(
     c: &mut PostHealingServiceClient<Channel>,
     post: &str,
@@ -50,7 +53,7 @@ async fn evaluate(
     c.evaluate_post(pb::EvaluatePostRequest {
         post_id: post.into(),
         points: points(now, per_thousand),
-        now: Some(ts(now)),
+        now: (!claim).then(|| ts(now)),
         claim,
     })
     .await
@@ -114,7 +117,7 @@ async fn stagnation_picks_the_tier_and_a_seed_compatible_key() {
             post_id: "p1".into(),
             points: old,
             now: Some(ts(t0())),
-            claim: true,
+            claim: false,
         })
         .await
         .unwrap()
@@ -134,12 +137,15 @@ async fn guardrails_refuse_duplicates_frequency_and_cooldowns() {
     let app = TestApp::spawn(&db).await;
     let mut c = client(&app);
 
+    // Claims are decided at the server's time; later times are judged by dry
+    // runs (a client's `now` is allowed only without a claim).
+    let t0 = Utc::now();
     // t0: a comment is claimed, and succeeds.
-    let first = evaluate(&mut c, "post-9", t0(), COMMENT, true).await;
+    let first = evaluate(&mut c, "post-9", t0, COMMENT, true).await;
     assert!(first.claimed);
     let action = first.action.unwrap();
     assert_eq!(action.status, pb::PostActionStatus::Running as i32);
-    let again = evaluate(&mut c, "post-9", t0() + Duration::minutes(1), COMMENT, true).await;
+    let again = evaluate(&mut c, "post-9", Utc::now(), COMMENT, true).await;
     assert_eq!(again.reason, "duplicate_action", "running is a duplicate");
     record(
         &mut c,
@@ -148,48 +154,53 @@ async fn guardrails_refuse_duplicates_frequency_and_cooldowns() {
         "",
     )
     .await;
-    let again = evaluate(&mut c, "post-9", t0() + Duration::minutes(2), COMMENT, true).await;
+    let again = evaluate(&mut c, "post-9", Utc::now(), COMMENT, true).await;
     assert_eq!(again.reason, "duplicate_action", "succeeded is a duplicate");
+    let dry = evaluate(&mut c, "post-9", t0 + Duration::minutes(2), COMMENT, false).await;
+    assert_eq!(dry.reason, "duplicate_action", "a dry run sees the same");
 
-    // t0+31m: an edit is allowed (2 actions in the window)...
-    let edit = evaluate(&mut c, "post-9", t0() + Duration::minutes(31), EDIT, true).await;
+    // An edit is allowed (2 actions in the window)...
+    let edit = evaluate(&mut c, "post-9", Utc::now(), EDIT, true).await;
     assert!(edit.claimed, "{edit:?}");
     // ...but a third action in the same 90 minutes is not.
-    let thread = evaluate(&mut c, "post-9", t0() + Duration::minutes(40), THREAD, true).await;
-    assert_eq!(thread.reason, "window_frequency_exceeded");
-    assert_eq!(
-        thread.ineligible_reason,
-        pb::IneligibleReason::WindowFrequencyExceeded as i32
-    );
+    for at in [Utc::now(), t0 + Duration::minutes(40)] {
+        let thread = evaluate(
+            &mut c,
+            "post-9",
+            at,
+            THREAD,
+            at != t0 + Duration::minutes(40),
+        )
+        .await;
+        assert_eq!(thread.reason, "window_frequency_exceeded");
+        assert_eq!(
+            thread.ineligible_reason,
+            pb::IneligibleReason::WindowFrequencyExceeded as i32
+        );
+        assert!(!thread.claimed);
+    }
 
-    // t0+100m: the comment left the window; the edit (never reported, lease
+    // t0+100m: both left the window; the edit (never reported, lease
     // expired: failed with "timeout") is within its 2 h cooldown.
-    let edit_again = evaluate(&mut c, "post-9", t0() + Duration::minutes(100), EDIT, true).await;
+    let edit_again = evaluate(&mut c, "post-9", t0 + Duration::minutes(100), EDIT, false).await;
     assert_eq!(edit_again.reason, "action_cooldown_active");
-    // A thread has no cooldown running and the window has room: allowed.
-    let thread = evaluate(
-        &mut c,
-        "post-9",
-        t0() + Duration::minutes(100),
-        THREAD,
-        true,
-    )
-    .await;
-    assert!(thread.claimed, "{thread:?}");
+    // A thread has no cooldown running and the window has room: eligible.
+    let thread = evaluate(&mut c, "post-9", t0 + Duration::minutes(100), THREAD, false).await;
+    assert!(thread.eligible && !thread.claimed, "{thread:?}");
 
     let listed = c
         .list_actions(pb::ListActionsRequest {
             post_id: "post-9".into(),
-            page_size: 2,
+            page_size: 1,
             ..Default::default()
         })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(listed.actions.len(), 2);
+    assert_eq!(listed.actions.len(), 1, "dry runs stored nothing");
     assert_eq!(
         listed.actions[0].action_type,
-        pb::PostActionType::Thread as i32,
+        pb::PostActionType::Edit as i32,
         "newest first"
     );
     let rest = c
@@ -215,7 +226,7 @@ async fn concurrent_claims_on_one_post_have_exactly_one_winner() {
     let app = TestApp::spawn(&db).await;
     let calls = (0..32).map(|_| {
         let mut c = client(&app);
-        tokio::spawn(async move { evaluate(&mut c, "hot-post", t0(), THREAD, true).await })
+        tokio::spawn(async move { evaluate(&mut c, "hot-post", Utc::now(), THREAD, true).await })
     });
     let results: Vec<_> = futures::future::join_all(calls)
         .await
@@ -397,15 +408,11 @@ async fn an_expired_claim_counts_as_a_transient_failure() {
     let later = evaluate(&mut c, "p5", now + Duration::minutes(20), THREAD, false).await;
     // Not a duplicate any more (the lease expired), but still in the thread cooldown.
     assert_eq!(later.reason, "action_cooldown_active");
-    let after_cooldown = evaluate(&mut c, "p5", now + Duration::hours(4), THREAD, true).await;
+    // A dry run: a claim is decided at the server's time only.
+    let after_cooldown = evaluate(&mut c, "p5", now + Duration::hours(4), THREAD, false).await;
     assert!(
-        after_cooldown.claimed,
+        after_cooldown.eligible,
         "the expired claim does not block the post: {after_cooldown:?}"
-    );
-    assert_eq!(
-        after_cooldown.action.unwrap().attempts,
-        1,
-        "the lost attempt counts"
     );
 }
 
@@ -435,7 +442,7 @@ async fn malformed_metrics_are_rejected() {
             .evaluate_post(pb::EvaluatePostRequest {
                 post_id: post.into(),
                 points: pts,
-                now: Some(ts(t0())),
+                now: None,
                 claim: true,
             })
             .await

@@ -192,8 +192,10 @@ async fn every_recovery_form_is_understood() {
     assert_eq!(source, Src::Message as i32);
 
     // An explicit recovery time wins over everything.
+    // Within the one-year horizon (beyond it is refused: see limits.rs).
+    let explicit_secs = chrono::Utc::now().timestamp() + 200 * 86_400;
     let explicit = prost_types::Timestamp {
-        seconds: 1_900_000_000,
+        seconds: explicit_secs,
         nanos: 0,
     };
     let resp = app
@@ -211,7 +213,7 @@ async fn every_recovery_form_is_understood() {
         .unwrap()
         .into_inner();
     let agent = resp.agent.unwrap();
-    assert_eq!(agent.recovery_at.unwrap().seconds, 1_900_000_000);
+    assert_eq!(agent.recovery_at.unwrap().seconds, explicit_secs);
     assert_eq!(agent.recovery_source, Src::Explicit as i32);
     assert_eq!(
         agent.exhaustion_reason,

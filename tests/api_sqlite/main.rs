@@ -21,6 +21,8 @@ mod client_heartbeats;
 mod healing;
 #[path = "../api/helpers.rs"]
 mod helpers;
+#[path = "../api/limits.rs"]
+mod limits;
 #[path = "../api/pipeline.rs"]
 mod pipeline;
 #[path = "../api/post_healing.rs"]

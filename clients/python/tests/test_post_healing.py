@@ -7,6 +7,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from typing import List, Sequence, Tuple
 
+import grpc
 import pytest
 from google.protobuf import timestamp_pb2
 
@@ -22,10 +23,10 @@ def ts(when: datetime) -> timestamp_pb2.Timestamp:
     return stamp
 
 
-def points(series: Sequence[Tuple[int, int, int]]) -> List[pb.MetricPoint]:
-    """(minutes before NOW, impressions, engagements) -> metric points."""
+def points(series: Sequence[Tuple[int, int, int]], at: datetime = NOW) -> List[pb.MetricPoint]:
+    """(minutes before `at`, impressions, engagements) -> metric points."""
     return [
-        pb.MetricPoint(observed_at=ts(NOW - timedelta(minutes=m)), impressions=i, engagements=e)
+        pb.MetricPoint(observed_at=ts(at - timedelta(minutes=m)), impressions=i, engagements=e)
         for m, i, e in series
     ]
 
@@ -39,9 +40,12 @@ def test_stagnating_post_gets_a_thread_then_is_claimed_once(client: FleetcareCli
     post_id = f"post-{uuid.uuid4().hex[:12]}"
     # Out of order on purpose. 2 engagements per 2000 impressions: rate 0.001,
     # stagnation 1 - min(1, 20 x 0.001) = 0.98, so tier 3 (thread).
-    stagnating = points([(10, 3000, 12), (30, 1000, 10), (20, 2000, 11)])
+    # A claim is decided at the server's time (`now` with `claim` is refused),
+    # so the points are recent.
+    now = datetime.now(timezone.utc)
+    stagnating = points([(10, 3000, 12), (30, 1000, 10), (20, 2000, 11)], at=now)
 
-    verdict = posts.EvaluatePost(pb.EvaluatePostRequest(post_id=post_id, points=stagnating, now=ts(NOW)))
+    verdict = posts.EvaluatePost(pb.EvaluatePostRequest(post_id=post_id, points=stagnating, now=ts(now)))
     assert verdict.eligible
     assert verdict.ineligible_reason == pb.INELIGIBLE_REASON_UNSPECIFIED
     assert verdict.reason == ""
@@ -52,15 +56,20 @@ def test_stagnating_post_gets_a_thread_then_is_claimed_once(client: FleetcareCli
     assert verdict.idempotency_key == key(post_id, "thread", 3)
     assert not verdict.claimed and not verdict.HasField("action")  # no claim asked
 
-    claimed = posts.EvaluatePost(pb.EvaluatePostRequest(post_id=post_id, points=stagnating, now=ts(NOW), claim=True))
+    with pytest.raises(grpc.RpcError) as refused:
+        posts.EvaluatePost(pb.EvaluatePostRequest(post_id=post_id, points=stagnating, now=ts(now), claim=True))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    claimed = posts.EvaluatePost(pb.EvaluatePostRequest(post_id=post_id, points=stagnating, claim=True))
     assert claimed.eligible and claimed.claimed
     assert claimed.action.idempotency_key == verdict.idempotency_key
     assert claimed.action.post_id == post_id
     assert claimed.action.status == pb.POST_ACTION_STATUS_RUNNING
     assert claimed.action.tier == 3 and claimed.action.attempts == 0
-    assert claimed.action.created_at.ToDatetime(tzinfo=timezone.utc) == NOW  # stamped with `now`
+    stamped = claimed.action.created_at.ToDatetime(tzinfo=timezone.utc)
+    assert abs(stamped - now) < timedelta(minutes=1)  # stamped with the server's time
 
-    duplicate = posts.EvaluatePost(pb.EvaluatePostRequest(post_id=post_id, points=stagnating, now=ts(NOW), claim=True))
+    duplicate = posts.EvaluatePost(pb.EvaluatePostRequest(post_id=post_id, points=stagnating, claim=True))
     assert not duplicate.eligible and not duplicate.claimed
     assert duplicate.ineligible_reason == pb.INELIGIBLE_REASON_DUPLICATE_ACTION
     assert duplicate.reason == "duplicate_action"

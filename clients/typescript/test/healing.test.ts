@@ -83,7 +83,9 @@ function idempotencyKey(text: string): string {
 test("EvaluatePost: a stagnating post gets a tier-3 thread, claimed once", async () => {
   const ph = live.client.postHealing;
   const postId = uniqueId("post");
-  const now = new Date("2026-06-01T12:00:00Z");
+  // A claim is decided at the server's time (`now` with `claim` is refused),
+  // so the points are recent.
+  const now = new Date();
   const at = (minutesAgo: number) => timestampFromDate(new Date(now.getTime() - minutesAgo * 60_000));
   // 5 engagements per 1,000 impressions: rate 0.005, stagnation 1 - 20 x 0.005 = 0.9.
   const points = [
@@ -103,13 +105,17 @@ test("EvaluatePost: a stagnating post gets a tier-3 thread, claimed once", async
   assert.equal(verdict.idempotencyKey, idempotencyKey(`${postId}:thread:tier_3`));
   assert.equal(verdict.claimed, false, "no claim was asked for");
 
-  const claim = await ph.evaluatePost({ postId, points, now: timestampFromDate(now), claim: true });
+  await rejectsWithCode(
+    ph.evaluatePost({ postId, points, now: timestampFromDate(now), claim: true }),
+    Code.InvalidArgument,
+  );
+  const claim = await ph.evaluatePost({ postId, points, claim: true });
   assert.equal(claim.claimed, true);
   assert.equal(claim.action?.status, PostActionStatus.RUNNING);
   assert.equal(claim.action?.idempotencyKey, verdict.idempotencyKey);
   assert.equal(claim.action?.tier, 3);
 
-  const duplicate = await ph.evaluatePost({ postId, points, now: timestampFromDate(now), claim: true });
+  const duplicate = await ph.evaluatePost({ postId, points, claim: true });
   assert.equal(duplicate.eligible, false);
   assert.equal(duplicate.claimed, false);
   assert.equal(duplicate.ineligibleReason, IneligibleReason.DUPLICATE_ACTION);

@@ -124,6 +124,25 @@ pub fn max_recovery_delay() -> Duration {
     Duration::days(366)
 }
 
+/// Checks a caller's explicit recovery time against the parsers' horizon: a
+/// time more than [`max_recovery_delay`] after `now` (the server's clock) is
+/// refused with a message naming the bound; a past time is fine (it means now).
+pub fn check_explicit_recovery(
+    field: &str,
+    at: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<DateTime<Utc>, String> {
+    match accept_time(at, now) {
+        Some(_) => Ok(at),
+        None => Err(format!(
+            "{field} {} is more than {} days ahead of the server's clock; at most {} allowed",
+            at.to_rfc3339_opts(SecondsFormat::Secs, true),
+            max_recovery_delay().num_days(),
+            format_duration(max_recovery_delay()),
+        )),
+    }
+}
+
 /// Everything [`infer_recovery`] reads besides the clock.
 #[derive(Debug, Clone, Copy)]
 pub struct RecoveryInput<'a> {

@@ -280,7 +280,7 @@ export const GetAgentResponseSchema: GenMessage<GetAgentResponse> = /*@__PURE__*
  */
 export type ListAgentsRequest = Message<"fleetcare.v1.ListAgentsRequest"> & {
   /**
-   * page_size is at most 1000; 0 means 100.
+   * page_size is at most 1000 (a larger value is clamped to 1000); 0 means 100.
    *
    * @generated from field: int32 page_size = 1;
    */
@@ -555,7 +555,9 @@ export type ReportExhaustedRequest = Message<"fleetcare.v1.ReportExhaustedReques
   reason: ExhaustionReason;
 
   /**
-   * recovery_at, when set, is used as is (a past time means now).
+   * recovery_at, when set, is used as is (a past time means now); more than
+   * 366 days after the server's clock is INVALID_ARGUMENT, the horizon the
+   * parsers of headers and messages use.
    *
    * @generated from field: google.protobuf.Timestamp recovery_at = 3;
    */
@@ -838,7 +840,7 @@ export type ListTransitionsRequest = Message<"fleetcare.v1.ListTransitionsReques
   afterRevision: bigint;
 
   /**
-   * page_size is at most 1000; 0 means 100.
+   * page_size is at most 1000 (a larger value is clamped to 1000); 0 means 100.
    *
    * @generated from field: int32 page_size = 3;
    */
@@ -945,7 +947,9 @@ export type ExplainRecoveryRequest = Message<"fleetcare.v1.ExplainRecoveryReques
   agentId: string;
 
   /**
-   * recovery_at, when set, is used as is (a past time means now).
+   * recovery_at, when set, is used as is (a past time means now); more than
+   * 366 days after the server's clock is INVALID_ARGUMENT, the horizon the
+   * parsers of headers and messages use.
    *
    * @generated from field: google.protobuf.Timestamp recovery_at = 6;
    */

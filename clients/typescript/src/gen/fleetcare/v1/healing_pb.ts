@@ -597,7 +597,7 @@ export type ListErrorEventsRequest = Message<"fleetcare.v1.ListErrorEventsReques
   errorType: ErrorType;
 
   /**
-   * page_size is at most 1000; 0 means 100.
+   * page_size is at most 1000 (a larger value is clamped to 1000); 0 means 100.
    *
    * @generated from field: int32 page_size = 3;
    */
@@ -674,7 +674,7 @@ export type ListRecoveryActionsRequest = Message<"fleetcare.v1.ListRecoveryActio
   status: RecoveryStatus;
 
   /**
-   * page_size is at most 1000; 0 means 100.
+   * page_size is at most 1000 (a larger value is clamped to 1000); 0 means 100.
    *
    * @generated from field: int32 page_size = 4;
    */
@@ -870,7 +870,9 @@ export type EvaluatePostRequest = Message<"fleetcare.v1.EvaluatePostRequest"> & 
   points: MetricPoint[];
 
   /**
-   * now overrides the server's clock for the evaluation (replays, tests).
+   * now overrides the server's clock for a dry run (replays, tests): allowed
+   * only without claim (INVALID_ARGUMENT together with claim), and such an
+   * evaluation writes nothing.
    *
    * @generated from field: google.protobuf.Timestamp now = 3;
    */
@@ -1144,7 +1146,7 @@ export type ListActionsRequest = Message<"fleetcare.v1.ListActionsRequest"> & {
   postId: string;
 
   /**
-   * page_size is at most 1000; 0 means 100.
+   * page_size is at most 1000 (a larger value is clamped to 1000); 0 means 100.
    *
    * @generated from field: int32 page_size = 2;
    */

@@ -484,7 +484,7 @@ export type ListSessionStatesRequest = Message<"fleetcare.v1.ListSessionStatesRe
   user: string;
 
   /**
-   * page_size is at most 1000; 0 means 100.
+   * page_size is at most 1000 (a larger value is clamped to 1000); 0 means 100.
    *
    * @generated from field: int32 page_size = 4;
    */

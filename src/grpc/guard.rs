@@ -1,0 +1,353 @@
+//! The tower layer in front of every call: what is refused before a handler
+//! runs, and the codes tonic's own refusals are answered with.
+//!
+//! - While the store is known to be down ([`StoreHealth`], set by the health
+//!   probe, backend-neutral), or not open yet, a fleetcare call fails at once
+//!   UNAVAILABLE ("database unreachable, retrying") instead of waiting the
+//!   whole `--db-acquire-timeout`: a caller with a short deadline sees
+//!   UNAVAILABLE, which it retries, not DEADLINE_EXCEEDED.
+//! - At most `--max-concurrent-calls` calls run at once (tower's concurrency
+//!   limit behind its load shedder): one beyond is RESOURCE_EXHAUSTED at once.
+//! - A request over `--max-message-size` is answered RESOURCE_EXHAUSTED, the
+//!   gRPC convention, where tonic answers OUT_OF_RANGE.
+//!
+//! Health and reflection pass untouched: a load balancer must see
+//! NOT_SERVING, not a refusal.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::future::BoxFuture;
+use tokio::sync::Semaphore;
+use tonic::Status;
+use tonic::body::Body;
+use tonic::codegen::http::{HeaderValue, Request, Response};
+use tonic::server::NamedService;
+use tower::limit::ConcurrencyLimit;
+use tower::load_shed::LoadShed;
+use tower::load_shed::error::Overloaded;
+use tower::{Layer, Service, ServiceExt};
+
+pub use crate::runtime::health::StoreHealth;
+
+/// What a call refused while the store is down is told.
+pub const STORE_DOWN: &str = "database unreachable, retrying";
+
+/// Paths that are never refused: health and reflection.
+fn exempt(path: &str) -> bool {
+    path.starts_with("/grpc.health.v1.Health/")
+        || path.starts_with("/grpc.reflection.v1.ServerReflection/")
+        || path.starts_with("/grpc.reflection.v1alpha.ServerReflection/")
+}
+
+/// See the module documentation.
+#[derive(Clone)]
+pub struct GuardLayer {
+    store: StoreHealth,
+    calls: Arc<Semaphore>,
+    max_calls: usize,
+}
+
+impl GuardLayer {
+    pub fn new(store: StoreHealth, max_concurrent_calls: usize) -> Self {
+        GuardLayer {
+            store,
+            calls: Arc::new(Semaphore::new(max_concurrent_calls)),
+            max_calls: max_concurrent_calls,
+        }
+    }
+}
+
+impl<S: Clone> Layer<S> for GuardLayer {
+    type Service = Guard<S>;
+
+    fn layer(&self, inner: S) -> Guard<S> {
+        Guard {
+            // One semaphore for the whole server, however often this is cloned.
+            limited: LoadShed::new(ConcurrencyLimit::with_semaphore(
+                inner.clone(),
+                self.calls.clone(),
+            )),
+            direct: inner,
+            store: self.store.clone(),
+            max_calls: self.max_calls,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Guard<S> {
+    limited: LoadShed<ConcurrencyLimit<S>>,
+    direct: S,
+    store: StoreHealth,
+    max_calls: usize,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<S> Service<Request<Body>> for Guard<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError> + Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<Response<Body>, BoxError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Readiness is decided per call below (the load shedder never waits).
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        if exempt(request.uri().path()) {
+            let direct = self.direct.clone();
+            return Box::pin(async move {
+                let response = direct.oneshot(request).await.map_err(Into::into)?;
+                Ok(remap_decode_refusal(response))
+            });
+        }
+        if !self.store.is_up() {
+            return Box::pin(async { Ok(Status::unavailable(STORE_DOWN).into_http()) });
+        }
+        let limited = self.limited.clone();
+        let max_calls = self.max_calls;
+        Box::pin(async move {
+            match limited.oneshot(request).await {
+                Ok(response) => Ok(remap_size_refusal(response)),
+                Err(error) if error.is::<Overloaded>() => Ok(Status::resource_exhausted(format!(
+                    "server busy: {max_calls} calls in progress (--max-concurrent-calls), retry later"
+                ))
+                .into_http()),
+                Err(error) => Err(error),
+            }
+        })
+    }
+}
+
+/// A service that exists from the first call but answers only once `open`ed:
+/// the router is complete while the store is still being reached, and until
+/// then its calls fail UNAVAILABLE.
+pub struct Gate<S> {
+    inner: Arc<std::sync::OnceLock<S>>,
+}
+
+impl<S> Gate<S> {
+    pub fn new() -> Self {
+        Gate {
+            inner: Arc::default(),
+        }
+    }
+
+    /// Lets calls through to `service` from now on (once; later calls are ignored).
+    pub fn open(&self, service: S) {
+        let _ = self.inner.set(service);
+    }
+}
+
+impl<S> Default for Gate<S> {
+    fn default() -> Self {
+        Gate::new()
+    }
+}
+
+impl<S> Clone for Gate<S> {
+    fn clone(&self) -> Self {
+        Gate {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<S: NamedService> NamedService for Gate<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> Service<Request<Body>> for Gate<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        match self.inner.get() {
+            Some(service) => Box::pin(service.clone().oneshot(request)),
+            None => Box::pin(async { Ok(Status::unavailable(STORE_DOWN).into_http()) }),
+        }
+    }
+}
+
+/// tonic answers a request over the decoding limit OUT_OF_RANGE in a
+/// trailers-only response; the gRPC convention for a size limit is
+/// RESOURCE_EXHAUSTED. Only tonic's own message is rewritten: OUT_OF_RANGE
+/// from a handler (a pruned watch revision) passes unchanged.
+fn remap_size_refusal(mut response: Response<Body>) -> Response<Body> {
+    let headers = response.headers();
+    let is_out_of_range = headers
+        .get("grpc-status")
+        .is_some_and(|code| code.as_bytes() == b"11");
+    let is_size_refusal = is_out_of_range
+        && headers
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .is_some_and(|m| {
+                m.contains("message%20length%20too%20large")
+                    || m.contains("message length too large")
+            });
+    if is_size_refusal {
+        let headers = response.headers_mut();
+        headers.insert("grpc-status", HeaderValue::from_static("8"));
+        headers.insert(
+            "grpc-message",
+            HeaderValue::from_static("request%20message%20larger%20than%20--max-message-size"),
+        );
+    }
+    response
+}
+
+/// Health and reflection decode with tonic-prost's own codec, which answers a
+/// malformed request INTERNAL: the caller's fault is INVALID_ARGUMENT (the
+/// fleetcare services get that from `grpc::codec`).
+fn remap_decode_refusal(mut response: Response<Body>) -> Response<Body> {
+    let headers = response.headers();
+    let is_decode_refusal = headers
+        .get("grpc-status")
+        .is_some_and(|code| code.as_bytes() == b"13")
+        && headers
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .is_some_and(|m| {
+                m.contains("decode%20Protobuf%20message") || m.contains("decode Protobuf message")
+            });
+    if is_decode_refusal {
+        let headers = response.headers_mut();
+        headers.insert("grpc-status", HeaderValue::from_static("3"));
+        headers.insert(
+            "grpc-message",
+            HeaderValue::from_static("message%20is%20not%20valid%20protobuf"),
+        );
+    }
+    response
+}
+
+/// A trailers-only response, for tests.
+#[cfg(test)]
+fn trailers_only(code: &'static str, message: &'static str) -> Response<Body> {
+    let mut response = Response::new(Body::empty());
+    response
+        .headers_mut()
+        .insert("grpc-status", HeaderValue::from_static(code));
+    response
+        .headers_mut()
+        .insert("grpc-message", HeaderValue::from_static(message));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_tonics_size_refusal_becomes_resource_exhausted() {
+        let size = trailers_only(
+            "11",
+            "Error,%20decoded%20message%20length%20too%20large:%20found%205000000%20bytes",
+        );
+        assert_eq!(remap_size_refusal(size).headers()["grpc-status"], "8");
+        let pruned = trailers_only("11", "revision%203%20was%20pruned");
+        assert_eq!(remap_size_refusal(pruned).headers()["grpc-status"], "11");
+    }
+
+    #[test]
+    fn a_decode_failure_of_health_is_invalid_argument() {
+        let decode = trailers_only(
+            "13",
+            "failed%20to%20decode%20Protobuf%20message:%20invalid%20wire%20type",
+        );
+        assert_eq!(remap_decode_refusal(decode).headers()["grpc-status"], "3");
+        let other = trailers_only("13", "internal%20error");
+        assert_eq!(remap_decode_refusal(other).headers()["grpc-status"], "13");
+    }
+
+    #[tokio::test]
+    async fn calls_beyond_the_limit_are_shed_resource_exhausted_and_health_is_not() {
+        let store = StoreHealth::default();
+        store.set_up(true);
+        let (release, released) = tokio::sync::watch::channel(false);
+        let pending = tower::service_fn(move |_req: Request<Body>| {
+            let mut released = released.clone();
+            async move {
+                let _ = released.wait_for(|r| *r).await;
+                Ok::<_, Infallible>(Response::new(Body::empty()))
+            }
+        });
+        let guard = GuardLayer::new(store, 1).layer(pending);
+        let call = |path: &str| {
+            let request = Request::builder().uri(path).body(Body::empty()).unwrap();
+            guard.clone().oneshot(request)
+        };
+        let held = tokio::spawn(call("/fleetcare.v1.AgentStatusService/GetAgent"));
+        tokio::task::yield_now().await;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let shed = call("/fleetcare.v1.AgentStatusService/GetAgent")
+            .await
+            .unwrap();
+        assert_eq!(shed.headers()["grpc-status"], "8");
+        let health = tokio::spawn(call("/grpc.health.v1.Health/Check"));
+        release.send(true).unwrap();
+        assert!(health.await.unwrap().is_ok());
+        assert!(held.await.unwrap().is_ok());
+        let again = call("/fleetcare.v1.AgentStatusService/GetAgent")
+            .await
+            .unwrap();
+        assert!(
+            again.headers().get("grpc-status").is_none(),
+            "a slot is free again"
+        );
+    }
+
+    #[tokio::test]
+    async fn while_the_store_is_down_calls_fail_at_once_unavailable() {
+        let store = StoreHealth::default();
+        let ok = tower::service_fn(|_req: Request<Body>| async {
+            Ok::<_, Infallible>(Response::new(Body::empty()))
+        });
+        let guard = GuardLayer::new(store.clone(), 4).layer(ok);
+        let call = |path: &str| {
+            let request = Request::builder().uri(path).body(Body::empty()).unwrap();
+            guard.clone().oneshot(request)
+        };
+        let refused = call("/fleetcare.v1.HealingService/ReportError")
+            .await
+            .unwrap();
+        assert_eq!(refused.headers()["grpc-status"], "14");
+        let health = call("/grpc.health.v1.Health/Check").await.unwrap();
+        assert!(health.headers().get("grpc-status").is_none());
+        store.set_up(true);
+        let served = call("/fleetcare.v1.HealingService/ReportError")
+            .await
+            .unwrap();
+        assert!(served.headers().get("grpc-status").is_none());
+    }
+
+    #[test]
+    fn health_and_reflection_are_exempt() {
+        assert!(exempt("/grpc.health.v1.Health/Check"));
+        assert!(exempt(
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+        ));
+        assert!(!exempt("/fleetcare.v1.AgentStatusService/GetAgent"));
+    }
+}
