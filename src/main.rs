@@ -105,7 +105,10 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             other => other.to_string(),
         })?;
     tokio::spawn(cancel_on_signal(shutdown));
-    app.run().await.map_err(|e| e.to_string())
+    app.run().await.map_err(|e| match e {
+        fleetcare::error::Error::Internal(detail) => detail,
+        other => other.to_string(),
+    })
 }
 
 /// SIGINT or SIGTERM starts a graceful shutdown.

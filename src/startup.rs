@@ -120,8 +120,20 @@ impl Application {
         let (opened, opening) = watch::channel(Opening::Waiting);
         let store_health = StoreHealth::default();
         let gates = Gates::default();
+        // The embedded store is a local file: nothing to wait for, and a refusal
+        // (another server holds it) must stop the start at once. Postgres is
+        // reached in the background, with backoff.
+        let preopened = match args.database.location().map_err(Error::InvalidArgument)? {
+            crate::config::StoreLocation::Sqlite(path) => {
+                let stores = Stores::open(&args.database, shutdown.child_token()).await?;
+                tracing::info!(path = %path.display(), "store: embedded sqlite");
+                Some(stores)
+            }
+            crate::config::StoreLocation::Postgres(_) => None,
+        };
         tokio::spawn(prepare(
             args.clone(),
+            preopened,
             processors,
             gates.clone(),
             health.clone(),
@@ -298,6 +310,7 @@ struct Gates {
 /// Opens the store, starts the services on it, and says how that went.
 async fn prepare(
     args: ServeArgs,
+    preopened: Option<Stores>,
     processors: Vec<Registration>,
     gates: Gates,
     health: HealthReporter,
@@ -305,7 +318,11 @@ async fn prepare(
     shutdown: CancellationToken,
     opened: watch::Sender<Opening>,
 ) {
-    let stores = match open_store(&args.database, &shutdown).await {
+    let opening = match preopened {
+        Some(stores) => Ok(stores),
+        None => open_store(&args.database, &shutdown).await,
+    };
+    let stores = match opening {
         Ok(stores) => stores,
         Err(why) => {
             let _ = opened.send(Opening::Failed(why));
