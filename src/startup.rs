@@ -307,7 +307,10 @@ struct Gates {
     session_pipeline: Gate<SessionPipelineServiceServer<SessionPipelineApi>>,
 }
 
-/// Opens the store, starts the services on it, and says how that went.
+/// Opens the store (unless it was opened already), starts the services on
+/// it, and says how that went. Every argument is one part of the server this
+/// task finishes building.
+#[allow(clippy::too_many_arguments)]
 async fn prepare(
     args: ServeArgs,
     preopened: Option<Stores>,
