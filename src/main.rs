@@ -28,6 +28,8 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Apply the database migrations and exit.
     Migrate(DatabaseArgs),
+    /// Make bearer tokens for the auth file (`token new`).
+    Token(cli::token::TokenArgs),
     #[command(flatten)]
     Client(cli::ClientCommand),
 }
@@ -46,6 +48,7 @@ async fn main() -> ExitCode {
                 }
             };
         }
+        Command::Token(args) => cli::token::run(args),
         Command::Migrate(args) => {
             telemetry::init(LogFormat::Text);
             storage::migrate(&args)

@@ -14,13 +14,14 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::config::{ServeArgs, chrono_duration};
+use crate::config::{Exposure, ServeArgs, chrono_duration};
 use crate::domain::healing::PlannerConfig;
 use crate::domain::liveness::HeartbeatPacing;
 use crate::domain::pipeline::RetryPolicy;
 use crate::domain::post_healing::PostHealingConfig;
 use crate::error::Error;
 use crate::grpc::agent_status::{AgentStatusApi, AgentStatusSettings};
+use crate::grpc::auth::{Authenticate, Guard};
 use crate::grpc::healing::{HealingApi, HealingSettings, PostHealingApi, shared_rng};
 use crate::grpc::session_pipeline::SessionPipelineApi;
 use crate::processors::Registration;
@@ -29,6 +30,7 @@ use crate::proto::v1::healing_service_server::HealingServiceServer;
 use crate::proto::v1::post_healing_service_server::PostHealingServiceServer;
 use crate::proto::v1::session_pipeline_service_server::SessionPipelineServiceServer;
 use crate::runtime::agents::AgentWrites;
+use crate::runtime::auth::{Callers, RELOAD_INTERVAL};
 use crate::runtime::clock::Clock;
 use crate::runtime::committer::Committer;
 use crate::runtime::heartbeats::{self, AgentCache};
@@ -55,6 +57,9 @@ pub struct Application {
     shutdown: CancellationToken,
     /// The session processors; `processors::registry()` unless replaced.
     processors: Vec<Registration>,
+    /// Who may call (the auth file's callers, or the anonymous operator).
+    callers: Arc<Callers>,
+    guard: Guard,
 }
 
 impl Application {
@@ -66,6 +71,25 @@ impl Application {
         shutdown: CancellationToken,
     ) -> Result<Self, Error> {
         args.validate().map_err(Error::InvalidArgument)?;
+        // The address actually bound (tests pass a listener of their own).
+        let bound = listener
+            .local_addr()
+            .map_err(|e| Error::Internal(format!("listener: {e}")))?;
+        let exposure = args.exposure_at(bound).map_err(Error::InvalidArgument)?;
+        let callers = match &args.auth_file {
+            Some(path) => Callers::watch(path, RELOAD_INTERVAL, shutdown.child_token())?,
+            None => Callers::open(),
+        };
+        match exposure {
+            Exposure::Authenticated => {}
+            Exposure::Loopback => {
+                tracing::info!(addr = %bound, "no --auth-file: serving loopback only, every caller is the anonymous operator")
+            }
+            Exposure::Insecure => tracing::warn!(
+                addr = %bound,
+                "--insecure-no-auth: serving without authentication, anyone who can reach this port may do everything"
+            ),
+        }
         let stores = Stores::open(&args.database, shutdown.child_token()).await?;
         match &stores.location {
             crate::config::StoreLocation::Postgres(_) => tracing::info!("store: postgres"),
@@ -115,6 +139,7 @@ impl Application {
             heartbeat_timeout: chrono_duration("--heartbeat-timeout", args.heartbeat_timeout)
                 .map_err(Error::InvalidArgument)?,
         };
+        let guard = Guard::new(cache.clone(), agents.clone());
         let writes = AgentWrites::new(agents.clone(), committer, cache, clock, pacing);
         let health = HealthReporter::new();
         let health_service = tonic_health::pb::health_server::HealthServer::new(
@@ -139,6 +164,8 @@ impl Application {
             health_service,
             shutdown,
             processors: crate::processors::registry(),
+            callers,
+            guard,
         })
     }
 
@@ -171,6 +198,8 @@ impl Application {
             health_service,
             shutdown,
             processors,
+            callers,
+            guard,
         } = self;
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
@@ -196,6 +225,7 @@ impl Application {
             fanout,
             settings,
             shutdown.clone(),
+            guard.clone(),
         );
         let h = &args.healing;
         let duration = |flag: &str, value| {
@@ -212,6 +242,7 @@ impl Application {
                 recovery_lease: duration("--recovery-lease", h.recovery_lease)?,
             },
             rng.clone(),
+            guard.clone(),
         );
         let post_config = PostHealingConfig {
             window: duration("--post-window", h.post_window)?,
@@ -223,7 +254,8 @@ impl Application {
             max_attempts: h.post_max_attempts,
             ..PostHealingConfig::default()
         };
-        let post_healing = PostHealingApi::new(stores.posts.clone(), post_config, rng);
+        let post_healing =
+            PostHealingApi::new(stores.posts.clone(), post_config, rng, guard.clone());
         let p = &args.pipeline;
         let pipeline = Pipeline::new(
             stores.pipeline.clone(),
@@ -245,7 +277,8 @@ impl Application {
             shutdown.clone(),
         );
         pipeline_scheduler::spawn(pipeline.clone(), shutdown.clone());
-        let session_pipeline = SessionPipelineApi::new(pipeline, shutdown.clone());
+        let session_pipeline = SessionPipelineApi::new(pipeline, shutdown.clone(), guard);
+        let authenticate = Authenticate(callers);
 
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "serving");
@@ -271,10 +304,24 @@ impl Application {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(AgentStatusServiceServer::new(agent_status))
-            .add_service(HealingServiceServer::new(healing))
-            .add_service(PostHealingServiceServer::new(post_healing))
-            .add_service(SessionPipelineServiceServer::new(session_pipeline))
+            // Health and reflection answer without a token; every fleetcare
+            // service goes through the authenticating interceptor.
+            .add_service(AgentStatusServiceServer::with_interceptor(
+                agent_status,
+                authenticate.clone(),
+            ))
+            .add_service(HealingServiceServer::with_interceptor(
+                healing,
+                authenticate.clone(),
+            ))
+            .add_service(PostHealingServiceServer::with_interceptor(
+                post_healing,
+                authenticate.clone(),
+            ))
+            .add_service(SessionPipelineServiceServer::with_interceptor(
+                session_pipeline,
+                authenticate,
+            ))
             .serve_with_incoming_shutdown(incoming, stopping);
         let drain_deadline = async {
             shutdown.cancelled().await;

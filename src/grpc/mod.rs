@@ -2,6 +2,7 @@
 
 pub mod agent_requests;
 pub mod agent_status;
+pub mod auth;
 pub mod convert;
 pub mod healing;
 pub mod session_pipeline;

@@ -17,6 +17,12 @@ impl From<Error> for Status {
         // No `_` arm: a new variant must decide its code here.
         let mut metadata = HashMap::new();
         let (code, reason) = match &error {
+            Error::Unauthenticated(_) => (Code::Unauthenticated, "UNAUTHENTICATED"),
+            Error::PermissionDenied(denied) => {
+                metadata.insert("caller".to_owned(), denied.caller.clone());
+                metadata.insert("rpc".to_owned(), denied.rpc.to_owned());
+                (Code::PermissionDenied, "PERMISSION_DENIED")
+            }
             Error::InvalidArgument(_) => (Code::InvalidArgument, "INVALID_ARGUMENT"),
             Error::NotFound { .. } => (Code::NotFound, "NOT_FOUND"),
             Error::TransitionRefused(_) => (Code::FailedPrecondition, "TRANSITION_REFUSED"),

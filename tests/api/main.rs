@@ -2,6 +2,7 @@
 //! One binary, so it compiles once.
 
 mod agents;
+mod auth;
 mod cli;
 mod client_heartbeats;
 mod healing;

@@ -7,6 +7,8 @@
 
 #[path = "../api/agents.rs"]
 mod agents;
+#[path = "../api/auth.rs"]
+mod auth;
 #[path = "../api/cli.rs"]
 mod cli;
 #[path = "../api/client_heartbeats.rs"]
