@@ -735,7 +735,7 @@ mod tests {
             ),
             (entry("role = \"reader\"\ncolour = 1\n"), "line 7"),
             (
-                format!("[[caller]]\nname = \"a\"\nrole = \"reader\"\ntoken_sha256 = \"abc\"\n"),
+                "[[caller]]\nname = \"a\"\nrole = \"reader\"\ntoken_sha256 = \"abc\"\n".to_string(),
                 "line 1: caller \"a\": token_sha256 must be 64",
             ),
             (

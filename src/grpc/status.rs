@@ -70,6 +70,26 @@ mod tests {
     }
 
     #[test]
+    fn auth_refusals_have_their_codes_and_name_the_caller() {
+        let status = Status::from(Error::Unauthenticated("unknown bearer token".into()));
+        assert_eq!(status.code(), Code::Unauthenticated);
+        assert_eq!(reason(&status), "UNAUTHENTICATED");
+        let denied = crate::domain::auth::Denied {
+            caller: "carol".into(),
+            role: crate::domain::auth::Role::Reader,
+            rpc: "MarkOffline",
+            detail: String::new(),
+        };
+        let status = Status::from(Error::PermissionDenied(denied));
+        assert_eq!(status.code(), Code::PermissionDenied);
+        assert_eq!(status.message(), "carol (reader) may not call MarkOffline");
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "PERMISSION_DENIED");
+        assert_eq!(info.metadata["caller"], "carol");
+        assert_eq!(info.metadata["rpc"], "MarkOffline");
+    }
+
+    #[test]
     fn an_internal_error_hides_its_detail() {
         let status = Status::from(Error::Internal("relation \"x\" does not exist".into()));
         assert_eq!(status.code(), Code::Internal);

@@ -827,6 +827,53 @@ async fn a_caller_appended_to_the_file_is_let_in_without_a_restart() {
 }
 
 #[tokio::test]
+async fn a_token_made_by_fleetcare_token_new_gets_in_once_its_entry_is_appended() {
+    let db = TestDb::new();
+    let a = spawn(&db, &entry("alice", Role::Operator, &[], &[])).await;
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_fleetcare"))
+        .args([
+            "token", "new", "--name", "bob", "--role", "agent", "--agents", "bob-*",
+        ])
+        .output()
+        .expect("run fleetcare token new");
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let (token, toml) = stdout.split_once('\n').unwrap();
+    assert!(
+        token.starts_with("fct_") && !toml.contains(token),
+        "{stdout}"
+    );
+    let mut text = std::fs::read_to_string(&a.file).unwrap();
+    text.push_str(toml);
+    std::fs::write(&a.file, text).unwrap();
+    let header = format!("Bearer {token}");
+    let register = |agent_id: &str| {
+        with_header(
+            &header,
+            pb::RegisterAgentRequest {
+                agent_id: agent_id.into(),
+                labels: Default::default(),
+            },
+        )
+    };
+    eventually(Duration::from_secs(20), "bob's token accepted", || async {
+        a.agents().register_agent(register("bob-1")).await.ok()
+    })
+    .await;
+    assert_denied(
+        a.agents().register_agent(register("eve-1")).await,
+        "bob (agent)",
+    );
+    // An agent caller needs a scope: refused before anything is printed.
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_fleetcare"))
+        .args(["token", "new", "--name", "x", "--role", "agent"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success() && refused.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("needs `agents`"));
+}
+
+#[tokio::test]
 async fn without_an_auth_file_a_loopback_server_lets_everyone_in_as_the_anonymous_operator() {
     let db = TestDb::new();
     let app = TestApp::spawn(&db).await;
