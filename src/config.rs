@@ -111,6 +111,18 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub database: DatabaseArgs,
 
+    /// TOML file of the callers allowed in: each with a name, a role (agent,
+    /// scheduler, reader, operator) and the SHA-256 of its bearer token (see
+    /// `fleetcare token new`). Reloaded when it changes. Without it, only
+    /// loopback addresses are served.
+    #[arg(long, env = "FLEETCARE_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
+
+    /// Serve a non-loopback address without an auth file: anyone who can reach
+    /// the port may do everything. Logged as a warning at start.
+    #[arg(long, env = "FLEETCARE_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+
     /// An agent silent for longer than this goes OFFLINE.
     #[arg(long, env = "FLEETCARE_HEARTBEAT_TIMEOUT", default_value = "120s", value_parser = humantime::parse_duration)]
     pub heartbeat_timeout: Duration,
@@ -346,7 +358,50 @@ pub fn chrono_duration(flag: &str, value: Duration) -> Result<chrono::Duration, 
     chrono::Duration::from_std(value).map_err(|_| format!("{flag} is too large"))
 }
 
+/// What serving `addr` without authentication would mean.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exposure {
+    /// Callers must present a token (an auth file is given).
+    Authenticated,
+    /// No auth file, on a loopback address: only this machine can connect.
+    Loopback,
+    /// No auth file on another address, allowed by --insecure-no-auth.
+    Insecure,
+}
+
+/// Safe by default (as Redis's protected mode): without an auth file only
+/// loopback addresses are served, unless --insecure-no-auth says otherwise.
+pub fn exposure(
+    addr: SocketAddr,
+    auth_file: bool,
+    insecure_no_auth: bool,
+) -> Result<Exposure, String> {
+    if auth_file && insecure_no_auth {
+        return Err("--insecure-no-auth contradicts --auth-file: give one of them".into());
+    }
+    if auth_file {
+        return Ok(Exposure::Authenticated);
+    }
+    if addr.ip().to_canonical().is_loopback() {
+        return Ok(Exposure::Loopback);
+    }
+    if insecure_no_auth {
+        return Ok(Exposure::Insecure);
+    }
+    Err(format!(
+        "refusing to serve {addr} without authentication: anyone who can reach it could \
+         change every agent. Give --auth-file FILE (see `fleetcare token new`), listen on a \
+         loopback address (127.0.0.1:50051), or pass --insecure-no-auth to accept the risk"
+    ))
+}
+
 impl ServeArgs {
+    /// Whether serving `addr` (the address actually bound) with these flags is
+    /// allowed, and how exposed it is.
+    pub fn exposure_at(&self, addr: SocketAddr) -> Result<Exposure, String> {
+        exposure(addr, self.auth_file.is_some(), self.insecure_no_auth)
+    }
+
     /// Rejects settings that would make the server misbehave rather than fail.
     pub fn validate(&self) -> Result<(), String> {
         let positive = [
@@ -395,6 +450,7 @@ impl ServeArgs {
         }
         self.database.location()?;
         self.tls.files()?;
+        self.exposure_at(self.listen)?;
         let h = &self.healing;
         let durations = [
             ("--default-recovery", self.default_recovery),
@@ -434,5 +490,34 @@ impl ServeArgs {
             );
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_auth_only_loopback_is_served_unless_insecure() {
+        let at = |a: &str| a.parse::<SocketAddr>().unwrap();
+        for loopback in [
+            "127.0.0.1:50051",
+            "127.8.0.1:1",
+            "[::1]:50051",
+            "[::ffff:127.0.0.1]:1",
+        ] {
+            assert_eq!(
+                exposure(at(loopback), false, false),
+                Ok(Exposure::Loopback),
+                "{loopback}"
+            );
+        }
+        for open in ["0.0.0.0:50051", "[::]:50051", "10.0.0.5:50051"] {
+            let refused = exposure(at(open), false, false).unwrap_err();
+            assert!(refused.contains("without authentication"), "{refused}");
+            assert_eq!(exposure(at(open), false, true), Ok(Exposure::Insecure));
+            assert_eq!(exposure(at(open), true, false), Ok(Exposure::Authenticated));
+        }
+        assert!(exposure(at("0.0.0.0:1"), true, true).is_err());
     }
 }

@@ -9,6 +9,12 @@ use crate::domain::healing_records::{OutcomeAlreadyRecorded, RecoveryAlreadyActi
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// No valid credentials: a missing, malformed or unknown bearer token.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// A known caller asked for something outside its role or scope.
+    #[error(transparent)]
+    PermissionDenied(#[from] crate::domain::auth::Denied),
     /// The request is malformed: a missing or out-of-bounds field.
     #[error("{0}")]
     InvalidArgument(String),

@@ -32,6 +32,8 @@ enum Command {
     /// Copy every row of one store into a new one (e.g. the embedded store
     /// into Postgres), with a progress bar; the target must be empty.
     Copy(cli::CopyArgs),
+    /// Make bearer tokens for the auth file (`token new`).
+    Token(cli::token::TokenArgs),
     #[command(flatten)]
     Client(cli::ClientCommand),
 }
@@ -59,6 +61,7 @@ async fn main() -> ExitCode {
                 }
             };
         }
+        Command::Token(args) => cli::token::run(args),
         Command::Migrate(args) => {
             telemetry::init(LogFormat::Text);
             storage::migrate(&args)

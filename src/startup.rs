@@ -11,17 +11,19 @@ use futures::future::Either;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::config::{ServeArgs, chrono_duration};
+use crate::config::{Exposure, ServeArgs, chrono_duration};
 use crate::domain::healing::PlannerConfig;
 use crate::domain::liveness::HeartbeatPacing;
 use crate::domain::pipeline::RetryPolicy;
 use crate::domain::post_healing::PostHealingConfig;
 use crate::error::Error;
 use crate::grpc::agent_status::{AgentStatusApi, AgentStatusSettings};
+use crate::grpc::auth::{Authenticate, Guard};
 use crate::grpc::callers::WatchSlots;
 use crate::grpc::guard::{Gate, GuardLayer};
 use crate::grpc::healing::{HealingApi, HealingSettings, PostHealingApi, shared_rng};
@@ -32,6 +34,7 @@ use crate::proto::v1::healing_service_server::HealingServiceServer;
 use crate::proto::v1::post_healing_service_server::PostHealingServiceServer;
 use crate::proto::v1::session_pipeline_service_server::SessionPipelineServiceServer;
 use crate::runtime::agents::AgentWrites;
+use crate::runtime::auth::{Callers, RELOAD_INTERVAL};
 use crate::runtime::clock::Clock;
 use crate::runtime::committer::Committer;
 use crate::runtime::connections::{self, ConnectionLimits};
@@ -61,6 +64,8 @@ pub struct Application {
     gates: Gates,
     /// TLS, when `--tls-cert`/`--tls-key` are given; plaintext otherwise.
     tls: Option<ServerTls>,
+    /// Who may call (the auth file's callers, or the anonymous operator).
+    callers: Arc<Callers>,
     shutdown: CancellationToken,
 }
 
@@ -110,6 +115,25 @@ impl Application {
             Some(files) => Some(ServerTls::load(files).map_err(Error::InvalidArgument)?),
             None => None,
         };
+        // The address actually bound (tests pass a listener of their own).
+        let bound = listener
+            .local_addr()
+            .map_err(|e| Error::Internal(format!("listener: {e}")))?;
+        let exposure = args.exposure_at(bound).map_err(Error::InvalidArgument)?;
+        let callers = match &args.auth_file {
+            Some(path) => Callers::watch(path, RELOAD_INTERVAL, shutdown.child_token())?,
+            None => Callers::open(),
+        };
+        match exposure {
+            Exposure::Authenticated => {}
+            Exposure::Loopback => {
+                tracing::info!(addr = %bound, "no --auth-file: serving loopback only, every caller is the anonymous operator")
+            }
+            Exposure::Insecure => tracing::warn!(
+                addr = %bound,
+                "--insecure-no-auth: serving without authentication, anyone who can reach this port may do everything"
+            ),
+        }
         let health = HealthReporter::new();
         let health_service = tonic_health::pb::health_server::HealthServer::new(
             tonic_health::server::HealthService::from_health_reporter(health.clone()),
@@ -150,6 +174,7 @@ impl Application {
             store_health,
             gates,
             tls,
+            callers,
             shutdown,
         })
     }
@@ -180,6 +205,7 @@ impl Application {
             store_health,
             gates,
             tls,
+            callers,
             shutdown,
         } = self;
         let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -219,6 +245,7 @@ impl Application {
                 tcp_keepalive: TCP_KEEPALIVE,
             },
         );
+        let authenticate = Authenticate(callers);
         let router = Server::builder()
             .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
@@ -229,10 +256,21 @@ impl Application {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(gates.agent_status)
-            .add_service(gates.healing)
-            .add_service(gates.post_healing)
-            .add_service(gates.session_pipeline);
+            // Health and reflection answer without a token; every fleetcare
+            // service goes through the authenticating interceptor.
+            .add_service(InterceptedService::new(
+                gates.agent_status,
+                authenticate.clone(),
+            ))
+            .add_service(InterceptedService::new(gates.healing, authenticate.clone()))
+            .add_service(InterceptedService::new(
+                gates.post_healing,
+                authenticate.clone(),
+            ))
+            .add_service(InterceptedService::new(
+                gates.session_pipeline,
+                authenticate,
+            ));
         // TLS, when configured, is terminated on the accepted connections (see
         // `tls`): handshakes in tasks of their own, within each connection's
         // slot, certificates reloaded without a restart.
@@ -447,6 +485,7 @@ async fn start_services(
         heartbeat_timeout: chrono_duration("--heartbeat-timeout", args.heartbeat_timeout)
             .map_err(Error::InvalidArgument)?,
     };
+    let guard = Guard::new(cache.clone(), agents.clone());
     let writes = AgentWrites::new(agents.clone(), committer, cache, clock, pacing);
     let shutdown = shutdown.clone();
     let watch_slots = WatchSlots::new(args.limits.max_watches_per_caller);
@@ -464,6 +503,7 @@ async fn start_services(
         fanout,
         settings,
         shutdown.clone(),
+        guard.clone(),
     );
     let h = &args.healing;
     let duration = |flag: &str, value| {
@@ -480,6 +520,7 @@ async fn start_services(
             recovery_lease: duration("--recovery-lease", h.recovery_lease)?,
         },
         rng.clone(),
+        guard.clone(),
     );
     let post_config = PostHealingConfig {
         window: duration("--post-window", h.post_window)?,
@@ -491,7 +532,7 @@ async fn start_services(
         max_attempts: h.post_max_attempts,
         ..PostHealingConfig::default()
     };
-    let post_healing = PostHealingApi::new(stores.posts.clone(), post_config, rng);
+    let post_healing = PostHealingApi::new(stores.posts.clone(), post_config, rng, guard.clone());
     let p = &args.pipeline;
     let pipeline = Pipeline::new(
         stores.pipeline.clone(),
@@ -513,8 +554,8 @@ async fn start_services(
         shutdown.clone(),
     );
     pipeline_scheduler::spawn(pipeline.clone(), shutdown.clone());
-    let session_pipeline =
-        SessionPipelineApi::new(pipeline, shutdown.clone()).with_watch_slots(watch_slots.clone());
+    let session_pipeline = SessionPipelineApi::new(pipeline, shutdown.clone(), guard)
+        .with_watch_slots(watch_slots.clone());
     let agent_status = agent_status.with_watch_slots(watch_slots);
 
     gates.agent_status.open(

@@ -102,9 +102,10 @@ fn agent_details(a: &AgentView) -> String {
         .collect()
 }
 
-/// One line a transition: `rev time agent FROM -> TO cause`.
+/// One line a transition: `rev time agent FROM -> TO cause`, then `by ACTOR`
+/// when the record has one.
 fn transition_line(t: &TransitionView) -> String {
-    format!(
+    let line = format!(
         "{:>8}  {}  {}  {} -> {}  {}",
         t.revision,
         t.occurred_at.as_deref().unwrap_or("-"),
@@ -112,7 +113,11 @@ fn transition_line(t: &TransitionView) -> String {
         t.from,
         t.to,
         t.cause
-    )
+    );
+    match t.actor.as_str() {
+        "" => line,
+        actor => format!("{line}  by {actor}"),
+    }
 }
 
 pub async fn watch(args: WatchArgs) -> Result<(), CliError> {
@@ -175,11 +180,17 @@ mod tests {
             cause: "WORK_STARTED".into(),
             occurred_at: Some("2026-04-01T10:00:00.000Z".into()),
             recovery_at: None,
+            actor: String::new(),
         };
         assert_eq!(
             transition_line(&t),
             "      42  2026-04-01T10:00:00.000Z  a-1  IDLE -> BUSY  WORK_STARTED"
         );
+        let by = TransitionView {
+            actor: "alice".into(),
+            ..t
+        };
+        assert!(transition_line(&by).ends_with("WORK_STARTED  by alice"));
     }
 
     #[test]

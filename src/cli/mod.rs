@@ -10,6 +10,7 @@ mod explain;
 mod healing;
 mod pipeline;
 mod table;
+pub mod token;
 mod views;
 
 use std::io::Write;

@@ -167,6 +167,9 @@ pub struct TransitionView {
     pub occurred_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recovery_at: Option<String>,
+    /// Who made the change (empty for records from before actors were kept).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub actor: String,
 }
 
 impl From<&pb::Transition> for TransitionView {
@@ -179,6 +182,7 @@ impl From<&pb::Transition> for TransitionView {
             cause: cause(t.cause),
             occurred_at: time(t.occurred_at.as_ref()),
             recovery_at: time(t.recovery_at.as_ref()),
+            actor: t.actor.clone(),
         }
     }
 }

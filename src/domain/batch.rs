@@ -23,9 +23,19 @@ use crate::domain::transition::{Agent, Labels, Transition};
 pub enum Command {
     /// Create the agent (IDLE, with a REGISTERED transition) or, for an existing
     /// one, replace its labels and count a heartbeat.
-    Register { agent_id: String, labels: Labels },
+    Register {
+        agent_id: String,
+        labels: Labels,
+        /// Who asked (a caller's name, or "sweeper"): the transition's actor.
+        actor: String,
+    },
     /// A state-machine event on an existing agent.
-    Apply { agent_id: String, event: Event },
+    Apply {
+        agent_id: String,
+        event: Event,
+        /// Who asked: the transition's actor.
+        actor: String,
+    },
 }
 
 impl Command {
@@ -33,6 +43,22 @@ impl Command {
         match self {
             Command::Register { agent_id, .. } | Command::Apply { agent_id, .. } => agent_id,
         }
+    }
+
+    pub fn actor(&self) -> &str {
+        match self {
+            Command::Register { actor, .. } | Command::Apply { actor, .. } => actor,
+        }
+    }
+
+    /// The same command on behalf of `name`.
+    pub fn by(mut self, name: &str) -> Command {
+        match &mut self {
+            Command::Register { actor, .. } | Command::Apply { actor, .. } => {
+                name.clone_into(actor);
+            }
+        }
+        self
     }
 }
 
@@ -194,7 +220,8 @@ pub fn plan(existing: Vec<Agent>, commands: &[Command], now: DateTime<Utc>) -> P
                     created.insert(agent_id.to_owned());
                     changed.insert(agent_id.to_owned());
                     let agent = agents.entry(agent_id.to_owned()).or_insert(agent);
-                    let transition = push_transition(&mut transitions, agent, None, now);
+                    let transition =
+                        push_transition(&mut transitions, agent, None, command.actor(), now);
                     renumbered.insert(agent_id.to_owned());
                     outcomes.push(Ok((snapshot(agent, Some(transition), true), true)));
                     continue;
@@ -221,7 +248,7 @@ pub fn plan(existing: Vec<Agent>, commands: &[Command], now: DateTime<Utc>) -> P
         agent.state = decision.state;
         let transition = decision.change.map(|change| {
             renumbered.insert(agent_id.to_owned());
-            push_transition(&mut transitions, agent, Some(change), now)
+            push_transition(&mut transitions, agent, Some(change), command.actor(), now)
         });
         let relative = renumbered.contains(agent_id);
         outcomes.push(Ok((snapshot(agent, transition, false), relative)));
@@ -243,6 +270,7 @@ fn push_transition(
     transitions: &mut Vec<Transition>,
     agent: &mut Agent,
     change: Option<StatusChange>,
+    actor: &str,
     now: DateTime<Utc>,
 ) -> Transition {
     let revision = transitions.len() as i64 + 1;
@@ -261,6 +289,7 @@ fn push_transition(
         occurred_at: now,
         exhaustion_reason: exhaustion.map(|e| e.reason),
         recovery_at: exhaustion.map(|e| e.recovery.recovery_at),
+        actor: actor.to_owned(),
     };
     agent.revision = revision;
     agent.last_transition_at = now;
@@ -307,6 +336,7 @@ mod tests {
         Command::Apply {
             agent_id: id.into(),
             event,
+            actor: "tester".into(),
         }
     }
 
@@ -314,7 +344,9 @@ mod tests {
         Command::Register {
             agent_id: id.into(),
             labels: [("team".to_string(), team.to_string())].into(),
+            actor: String::new(),
         }
+        .by("registrar")
     }
 
     #[test]
@@ -358,6 +390,7 @@ mod tests {
         assert_eq!(outcomes[1], Err(Refusal::UnknownAgent("ghost".into())));
         let b = outcomes[2].as_ref().unwrap();
         assert_eq!(b.transition.as_ref().unwrap().revision, 11);
+        assert_eq!(b.transition.as_ref().unwrap().actor, "tester");
         assert_eq!(
             writes
                 .changed
@@ -407,6 +440,7 @@ mod tests {
             (None, AgentStatus::Idle, Cause::Registered)
         );
         assert_eq!(t.revision, 1);
+        assert_eq!(t.actor, "registrar");
         let second = outcomes[1].as_ref().unwrap();
         assert!(!second.created);
         assert_eq!(second.transition, None);

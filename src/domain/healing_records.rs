@@ -16,6 +16,8 @@ pub struct NewErrorEvent {
     pub context: Context,
     pub error_type: ErrorType,
     pub severity: f64,
+    /// Who reported it (a caller's name, "pipeline" for transcripts).
+    pub actor: String,
 }
 
 /// A stored, classified error.
@@ -30,6 +32,8 @@ pub struct ErrorEvent {
     pub critical: bool,
     pub recurring: bool,
     pub occurred_at: DateTime<Utc>,
+    /// Who reported it ("" for events stored before actors were).
+    pub actor: String,
 }
 
 /// Where a recovery action stands.
@@ -237,7 +241,8 @@ pub struct ErrorReport {
 }
 
 impl ErrorReport {
-    pub fn classify(self) -> NewErrorEvent {
+    /// Classifies and scores the report of `actor`.
+    pub fn classify(self, actor: &str) -> NewErrorEvent {
         let error_type = healing::classify(&self.message, self.hint);
         let severity = healing::severity(error_type, &self.context);
         NewErrorEvent {
@@ -246,6 +251,7 @@ impl ErrorReport {
             context: self.context,
             error_type,
             severity,
+            actor: actor.to_owned(),
         }
     }
 }
@@ -282,6 +288,10 @@ pub struct RecoveryAction {
     pub completed_at: Option<DateTime<Utc>>,
     pub duration: Option<Duration>,
     pub details: Option<String>,
+    /// Who planned it ("" for actions stored before actors were).
+    pub actor: String,
+    /// Who reported the outcome ("" while there is none).
+    pub outcome_actor: String,
 }
 
 /// What an agent reports at the end of a recovery.
@@ -290,6 +300,8 @@ pub struct RecoveryOutcome {
     pub success: bool,
     pub duration: Duration,
     pub details: String,
+    /// Who reported it.
+    pub actor: String,
 }
 
 /// What was learned for one strategy on one kind of error.
@@ -414,6 +426,8 @@ mod tests {
             completed_at: None,
             duration: None,
             details: None,
+            actor: "planner".into(),
+            outcome_actor: String::new(),
         }
     }
 
@@ -467,6 +481,7 @@ mod tests {
             success,
             duration: Duration::seconds(5),
             details: String::new(),
+            actor: "reporter".into(),
         };
         for status in ALL_STATUSES {
             let a = action(status, at(300));

@@ -1,6 +1,7 @@
 //! Pure domain logic: no I/O, no tonic, no sqlx; the clock is passed in.
 
 pub mod agent;
+pub mod auth;
 pub mod batch;
 pub mod healing;
 pub mod healing_records;

@@ -34,6 +34,9 @@ pub struct Transition {
     pub occurred_at: DateTime<Utc>,
     pub exhaustion_reason: Option<ExhaustionReason>,
     pub recovery_at: Option<DateTime<Utc>>,
+    /// Who made the change: the caller's name (`domain::auth`), "sweeper" for
+    /// the sweeper's; "" for transitions recorded before actors were.
+    pub actor: String,
 }
 
 /// Which agents and transitions a watcher (or a snapshot) wants. Empty sets mean "all".
@@ -102,6 +105,7 @@ mod tests {
             occurred_at: Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap(),
             exhaustion_reason: None,
             recovery_at: None,
+            actor: String::new(),
         }
     }
 

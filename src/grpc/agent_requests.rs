@@ -37,6 +37,8 @@ impl TryFrom<pb::RegisterAgentRequest> for Command {
         Ok(Command::Register {
             agent_id: validate::agent_id("agent_id", &agent_id)?,
             labels: validate::labels("labels", labels)?,
+            // Set by the handler from the caller (`Command::by`).
+            actor: String::new(),
         })
     }
 }
@@ -66,6 +68,8 @@ fn apply(agent_id: &str, event: Event) -> Result<Command> {
     Ok(Command::Apply {
         agent_id: validate::agent_id("agent_id", agent_id)?,
         event,
+        // Set by the handler from the caller (`Command::by`).
+        actor: String::new(),
     })
 }
 

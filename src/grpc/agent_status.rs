@@ -11,10 +11,12 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::domain::agent::{self, Event, ExhaustionReason, ExhaustionReport};
-use crate::domain::batch::Applied;
+use crate::domain::auth::{Action, Caller};
+use crate::domain::batch::{Applied, Command};
 use crate::domain::transition::Labels;
 use crate::error::Error;
 use crate::grpc::agent_requests::{AgentCursor, AgentId, ListAgents, ListTransitions};
+use crate::grpc::auth::{self, Guard};
 use crate::grpc::callers::{CallerKey, WatchSlots};
 use crate::grpc::convert::{self, timestamp};
 use crate::grpc::validate;
@@ -40,6 +42,7 @@ pub struct AgentStatusApi {
     settings: AgentStatusSettings,
     shutdown: CancellationToken,
     watches: WatchSlots,
+    guard: Guard,
 }
 
 impl AgentStatusApi {
@@ -49,6 +52,7 @@ impl AgentStatusApi {
         fanout: TransitionFanout,
         settings: AgentStatusSettings,
         shutdown: CancellationToken,
+        guard: Guard,
     ) -> Self {
         AgentStatusApi {
             store,
@@ -56,6 +60,7 @@ impl AgentStatusApi {
             fanout,
             settings,
             shutdown,
+            guard,
             watches: WatchSlots::default(),
         }
     }
@@ -64,6 +69,24 @@ impl AgentStatusApi {
     pub fn with_watch_slots(mut self, watches: WatchSlots) -> Self {
         self.watches = watches;
         self
+    }
+
+    /// Checks the caller on the command's agent, then commits it in its name.
+    async fn commit_as(
+        &self,
+        caller: &Caller,
+        action: Action,
+        command: Command,
+    ) -> Result<Applied, Error> {
+        match &command {
+            Command::Register {
+                agent_id, labels, ..
+            } => self.guard.check_register(caller, agent_id, labels).await?,
+            Command::Apply { agent_id, .. } => {
+                self.guard.check_agent(caller, action, agent_id).await?
+            }
+        }
+        self.writes.commit(command.by(&caller.name)).await
     }
 
     /// A checked report with the server's defaults.
@@ -91,11 +114,14 @@ impl AgentStatusApi {
 
     async fn apply(
         &self,
+        caller: &Caller,
+        action: Action,
         agent_id: &str,
         event: Event,
     ) -> Result<(pb::Agent, Option<pb::Transition>), Error> {
         let agent_id = validate::agent_id("agent_id", agent_id)?;
-        let applied = self.writes.apply(agent_id, event).await?;
+        self.guard.check_agent(caller, action, &agent_id).await?;
+        let applied = self.writes.apply(agent_id, event, &caller.name).await?;
         Ok(encode(&applied))
     }
 }
@@ -120,7 +146,11 @@ impl AgentStatusService for AgentStatusApi {
         &self,
         request: Request<pb::RegisterAgentRequest>,
     ) -> Result<Response<pb::RegisterAgentResponse>, Status> {
-        let applied = self.writes.commit(request.into_inner().try_into()?).await?;
+        let caller = auth::caller(&request)?;
+        let command = request.into_inner().try_into()?;
+        let applied = self
+            .commit_as(&caller, Action::RegisterAgent, command)
+            .await?;
         if applied.created {
             tracing::info!(agent_id = %applied.agent.agent_id, "agent registered");
         }
@@ -134,7 +164,11 @@ impl AgentStatusService for AgentStatusApi {
         &self,
         request: Request<pb::GetAgentRequest>,
     ) -> Result<Response<pb::GetAgentResponse>, Status> {
+        let caller = auth::caller(&request)?;
         let AgentId(agent_id) = request.into_inner().try_into()?;
+        self.guard
+            .check_agent(&caller, Action::GetAgent, &agent_id)
+            .await?;
         let agent = self
             .writes
             .with_latest_heartbeat(self.store.get_agent(&agent_id).await?);
@@ -147,7 +181,9 @@ impl AgentStatusService for AgentStatusApi {
         &self,
         request: Request<pb::ListAgentsRequest>,
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        let caller = auth::caller(&request)?;
         let ListAgents { page, query } = request.into_inner().try_into()?;
+        self.guard.check(&caller, Action::ListAgents, None)?;
         let mut agents = self.store.list_agents(&query).await?;
         let next_page_token = page.finish(&mut agents, |a| AgentCursor(a.agent_id.clone()));
         Ok(Response::new(pb::ListAgentsResponse {
@@ -163,8 +199,12 @@ impl AgentStatusService for AgentStatusApi {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let caller = auth::caller(&request)?;
         let AgentId(agent_id) = request.into_inner().try_into()?;
-        let (applied, next) = self.writes.heartbeat(agent_id).await?;
+        self.guard
+            .check_agent(&caller, Action::Heartbeat, &agent_id)
+            .await?;
+        let (applied, next) = self.writes.heartbeat(agent_id, &caller.name).await?;
         let (agent, transition) = encode(&applied);
         Ok(Response::new(pb::HeartbeatResponse {
             agent: Some(agent),
@@ -177,7 +217,9 @@ impl AgentStatusService for AgentStatusApi {
         &self,
         request: Request<pb::StartWorkRequest>,
     ) -> Result<Response<pb::StartWorkResponse>, Status> {
-        let applied = self.writes.commit(request.into_inner().try_into()?).await?;
+        let caller = auth::caller(&request)?;
+        let command = request.into_inner().try_into()?;
+        let applied = self.commit_as(&caller, Action::StartWork, command).await?;
         let (agent, transition) = encode(&applied);
         Ok(Response::new(pb::StartWorkResponse {
             agent: Some(agent),
@@ -189,7 +231,9 @@ impl AgentStatusService for AgentStatusApi {
         &self,
         request: Request<pb::FinishWorkRequest>,
     ) -> Result<Response<pb::FinishWorkResponse>, Status> {
-        let applied = self.writes.commit(request.into_inner().try_into()?).await?;
+        let caller = auth::caller(&request)?;
+        let command = request.into_inner().try_into()?;
+        let applied = self.commit_as(&caller, Action::FinishWork, command).await?;
         let (agent, transition) = encode(&applied);
         Ok(Response::new(pb::FinishWorkResponse {
             agent: Some(agent),
@@ -201,6 +245,7 @@ impl AgentStatusService for AgentStatusApi {
         &self,
         request: Request<pb::ReportExhaustedRequest>,
     ) -> Result<Response<pb::ReportExhaustedResponse>, Status> {
+        let caller = auth::caller(&request)?;
         let pb::ReportExhaustedRequest {
             agent_id,
             reason,
@@ -219,7 +264,12 @@ impl AgentStatusService for AgentStatusApi {
         )?;
         let report = self.report(reason, evidence);
         let (agent, transition) = self
-            .apply(&agent_id, Event::ReportExhausted(report))
+            .apply(
+                &caller,
+                Action::ReportExhausted,
+                &agent_id,
+                Event::ReportExhausted(report),
+            )
             .await?;
         Ok(Response::new(pb::ReportExhaustedResponse {
             agent: Some(agent),
@@ -231,7 +281,11 @@ impl AgentStatusService for AgentStatusApi {
         &self,
         request: Request<pb::MarkOfflineRequest>,
     ) -> Result<Response<pb::MarkOfflineResponse>, Status> {
-        let applied = self.writes.commit(request.into_inner().try_into()?).await?;
+        let caller = auth::caller(&request)?;
+        let command = request.into_inner().try_into()?;
+        let applied = self
+            .commit_as(&caller, Action::MarkOffline, command)
+            .await?;
         let (agent, transition) = encode(&applied);
         Ok(Response::new(pb::MarkOfflineResponse {
             agent: Some(agent),
@@ -245,8 +299,13 @@ impl AgentStatusService for AgentStatusApi {
         &self,
         request: Request<pb::WatchTransitionsRequest>,
     ) -> Result<Response<Self::WatchTransitionsStream>, Status> {
+        let caller = auth::caller(&request)?;
         let slot = self.watches.acquire(CallerKey::of(&request))?;
         let spec: WatchSpec = request.into_inner().try_into()?;
+        // An agent caller watches only agents of its scope, and must name them.
+        self.guard
+            .check_agents(&caller, Action::WatchTransitions, &spec.filter.agent_ids)
+            .await?;
         let events = watch::open(
             self.store.clone(),
             &self.fanout,
@@ -280,11 +339,20 @@ impl AgentStatusService for AgentStatusApi {
         &self,
         request: Request<pb::ListTransitionsRequest>,
     ) -> Result<Response<pb::ListTransitionsResponse>, Status> {
+        let caller = auth::caller(&request)?;
         let ListTransitions {
             agent_id,
             page,
             after,
         } = request.into_inner().try_into()?;
+        match &agent_id {
+            Some(id) => {
+                self.guard
+                    .check_agent(&caller, Action::ListTransitions, id)
+                    .await?
+            }
+            None => self.guard.check(&caller, Action::ListTransitions, None)?,
+        }
         let bounds = self.store.revision_bounds().await?;
         let mut transitions = self
             .store
@@ -303,6 +371,7 @@ impl AgentStatusService for AgentStatusApi {
         &self,
         request: Request<pb::ExplainRecoveryRequest>,
     ) -> Result<Response<pb::ExplainRecoveryResponse>, Status> {
+        let caller = auth::caller(&request)?;
         let pb::ExplainRecoveryRequest {
             reason,
             headers,
@@ -323,9 +392,15 @@ impl AgentStatusService for AgentStatusApi {
             self.writes.now(),
         )?;
         let labels = match agent_id.as_str() {
-            "" => Labels::new(),
+            "" => {
+                self.guard.check(&caller, Action::ExplainRecovery, None)?;
+                Labels::new()
+            }
             id => {
                 let id = validate::agent_id("agent_id", id)?;
+                self.guard
+                    .check_agent(&caller, Action::ExplainRecovery, &id)
+                    .await?;
                 self.store.get_agent(&id).await?.labels
             }
         };

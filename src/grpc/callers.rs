@@ -17,7 +17,16 @@ use crate::error::Error;
 pub struct CallerKey(String);
 
 impl CallerKey {
+    /// The authenticated caller's name (with an auth file), else the peer's
+    /// IP address (a server without auth: every caller is "anonymous").
     pub fn of<T>(request: &Request<T>) -> CallerKey {
+        if let Some(caller) = request
+            .extensions()
+            .get::<std::sync::Arc<crate::domain::auth::Caller>>()
+            .filter(|caller| caller.name != crate::domain::auth::ANONYMOUS)
+        {
+            return CallerKey(format!("caller:{}", caller.name));
+        }
         match request.remote_addr() {
             Some(addr) => CallerKey(format!("ip:{}", addr.ip())),
             // In-process transports carry no address: one shared caller.

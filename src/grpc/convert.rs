@@ -155,6 +155,7 @@ impl From<&Transition> for pb::Transition {
             occurred_at: Some(timestamp(t.occurred_at)),
             exhaustion_reason: t.exhaustion_reason.map_or(0, |r| reason_to_pb(r) as i32),
             recovery_at: t.recovery_at.map(timestamp),
+            actor: t.actor.clone(),
         }
     }
 }

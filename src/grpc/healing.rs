@@ -6,6 +6,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use tonic::{Request, Response, Status};
 
+use crate::domain::auth::{Action, Caller};
 use crate::domain::healing::{self, ErrorType, PlanInput, PlannerConfig, Strategy};
 use crate::domain::healing_records::{
     ErrorEvent, ErrorReport, HealingStatistics, RecoveryAction, RecoveryOutcome, RecoveryStatus,
@@ -15,6 +16,7 @@ use crate::domain::post_healing::{
     self, ActionStatus, ActionType, Ineligible, MetricPoint, PostHealingConfig, Tier,
 };
 use crate::error::Error;
+use crate::grpc::auth::{self, Guard};
 use crate::grpc::convert::{duration, from_duration, from_timestamp, timestamp};
 use crate::grpc::validate::{self, PageCursor, PageRequest};
 use crate::proto::v1 as pb;
@@ -176,6 +178,7 @@ fn ineligible_to_pb(reason: Ineligible) -> i32 {
 
 fn event_to_pb(e: &ErrorEvent) -> pb::ErrorEvent {
     pb::ErrorEvent {
+        actor: e.actor.clone(),
         id: e.id,
         agent_id: e.agent_id.clone(),
         message: e.message.clone(),
@@ -190,6 +193,8 @@ fn event_to_pb(e: &ErrorEvent) -> pb::ErrorEvent {
 
 fn action_to_pb(a: &RecoveryAction) -> pb::RecoveryAction {
     pb::RecoveryAction {
+        actor: a.actor.clone(),
+        outcome_actor: a.outcome_actor.clone(),
         id: a.id,
         error_event_id: a.error_event_id,
         agent_id: a.agent_id.clone(),
@@ -244,14 +249,87 @@ pub struct HealingApi {
     store: Arc<dyn HealingStore>,
     settings: HealingSettings,
     rng: SharedRng,
+    guard: Guard,
 }
 
 impl HealingApi {
-    pub fn new(store: Arc<dyn HealingStore>, settings: HealingSettings, rng: SharedRng) -> Self {
+    pub fn new(
+        store: Arc<dyn HealingStore>,
+        settings: HealingSettings,
+        rng: SharedRng,
+        guard: Guard,
+    ) -> Self {
         HealingApi {
             store,
             settings,
             rng,
+            guard,
+        }
+    }
+
+    /// A call on one agent's event or action, found by `agent_of` (only looked
+    /// up for callers limited to a scope of agents).
+    async fn check_owner(
+        &self,
+        caller: &Caller,
+        action: Action,
+        agent_of: impl std::future::Future<Output = Result<String, Error>>,
+    ) -> Result<(), Error> {
+        if !caller.is_scoped() {
+            return self.guard.check(caller, action, None);
+        }
+        let agent_id = agent_of.await?;
+        self.guard.check_agent(caller, action, &agent_id).await
+    }
+
+    /// The agent of an error event.
+    async fn event_agent(&self, error_event_id: i64) -> Result<String, Error> {
+        let query = ErrorEventQuery {
+            before_id: error_event_id.checked_add(1),
+            limit: 1,
+            ..ErrorEventQuery::default()
+        };
+        self.store
+            .list_error_events(&query)
+            .await?
+            .into_iter()
+            .find(|e| e.id == error_event_id)
+            .map(|e| e.agent_id)
+            .ok_or_else(|| Error::NotFound {
+                kind: "error event",
+                id: error_event_id.to_string(),
+            })
+    }
+
+    /// The agent of a recovery action.
+    async fn action_agent(&self, action_id: i64) -> Result<String, Error> {
+        let query = RecoveryActionQuery {
+            before_id: action_id.checked_add(1),
+            limit: 1,
+            ..RecoveryActionQuery::default()
+        };
+        self.store
+            .list_recovery_actions(&query)
+            .await?
+            .into_iter()
+            .find(|a| a.id == action_id)
+            .map(|a| a.agent_id)
+            .ok_or_else(|| Error::NotFound {
+                kind: "recovery action",
+                id: action_id.to_string(),
+            })
+    }
+
+    /// A listing, filtered to one agent or not.
+    async fn check_listing(
+        &self,
+        caller: &Caller,
+        action: Action,
+        agent_id: Option<&str>,
+    ) -> Result<(), Error> {
+        match agent_id {
+            Some(id) => self.guard.check_agent(caller, action, id).await,
+            None => self.guard.check(caller, action, None),
         }
     }
 }
@@ -330,6 +408,8 @@ impl TryFrom<pb::ReportRecoveryOutcomeRequest> for OutcomeReport {
                 success,
                 duration,
                 details,
+                // The handler's caller (see `report_recovery_outcome`).
+                actor: String::new(),
             },
         })
     }
@@ -424,8 +504,15 @@ impl HealingService for HealingApi {
         &self,
         request: Request<pb::ReportErrorRequest>,
     ) -> Result<Response<pb::ReportErrorResponse>, Status> {
+        let caller = auth::caller(&request)?;
         let report = ErrorReport::try_from(request.into_inner())?;
-        let event = self.store.record_error(report.classify()).await?;
+        self.guard
+            .check_agent(&caller, Action::ReportError, &report.agent_id)
+            .await?;
+        let event = self
+            .store
+            .record_error(report.classify(&caller.name))
+            .await?;
         Ok(Response::new(pb::ReportErrorResponse {
             event: Some(event_to_pb(&event)),
         }))
@@ -435,7 +522,14 @@ impl HealingService for HealingApi {
         &self,
         request: Request<pb::PlanRecoveryRequest>,
     ) -> Result<Response<pb::PlanRecoveryResponse>, Status> {
+        let caller = auth::caller(&request)?;
         let PlanFor { error_event_id } = request.into_inner().try_into()?;
+        self.check_owner(
+            &caller,
+            Action::PlanRecovery,
+            self.event_agent(error_event_id),
+        )
+        .await?;
         let config = self.settings.planner;
         let rng = self.rng.clone();
         let planner = Box::new(move |event: &ErrorEvent, evidence: &[healing::Evidence]| {
@@ -449,7 +543,12 @@ impl HealingService for HealingApi {
         });
         let action = self
             .store
-            .plan_recovery(error_event_id, self.settings.recovery_lease, planner)
+            .plan_recovery(
+                error_event_id,
+                self.settings.recovery_lease,
+                &caller.name,
+                planner,
+            )
             .await?;
         tracing::info!(
             agent_id = %action.agent_id,
@@ -467,7 +566,18 @@ impl HealingService for HealingApi {
         &self,
         request: Request<pb::ReportRecoveryOutcomeRequest>,
     ) -> Result<Response<pb::ReportRecoveryOutcomeResponse>, Status> {
-        let OutcomeReport { action_id, outcome } = request.into_inner().try_into()?;
+        let caller = auth::caller(&request)?;
+        let OutcomeReport {
+            action_id,
+            mut outcome,
+        } = request.into_inner().try_into()?;
+        self.check_owner(
+            &caller,
+            Action::ReportRecoveryOutcome,
+            self.action_agent(action_id),
+        )
+        .await?;
+        outcome.actor.clone_from(&caller.name);
         let action = self
             .store
             .record_recovery_outcome(action_id, outcome)
@@ -481,7 +591,10 @@ impl HealingService for HealingApi {
         &self,
         request: Request<pb::GetHealingStatisticsRequest>,
     ) -> Result<Response<pb::GetHealingStatisticsResponse>, Status> {
+        let caller = auth::caller(&request)?;
         let pb::GetHealingStatisticsRequest {} = request.into_inner();
+        self.guard
+            .check(&caller, Action::GetHealingStatistics, None)?;
         let stats = self.store.healing_statistics().await?;
         Ok(Response::new(statistics_to_pb(&stats)))
     }
@@ -490,7 +603,10 @@ impl HealingService for HealingApi {
         &self,
         request: Request<pb::ListErrorEventsRequest>,
     ) -> Result<Response<pb::ListErrorEventsResponse>, Status> {
+        let caller = auth::caller(&request)?;
         let Listing { query, page } = request.into_inner().try_into()?;
+        self.check_listing(&caller, Action::ListErrorEvents, query.agent_id.as_deref())
+            .await?;
         let mut events = self.store.list_error_events(&query).await?;
         let next_page_token = page.finish(&mut events, |e| e.id);
         Ok(Response::new(pb::ListErrorEventsResponse {
@@ -503,7 +619,14 @@ impl HealingService for HealingApi {
         &self,
         request: Request<pb::ListRecoveryActionsRequest>,
     ) -> Result<Response<pb::ListRecoveryActionsResponse>, Status> {
+        let caller = auth::caller(&request)?;
         let Listing { query, page } = request.into_inner().try_into()?;
+        self.check_listing(
+            &caller,
+            Action::ListRecoveryActions,
+            query.agent_id.as_deref(),
+        )
+        .await?;
         let mut actions = self.store.list_recovery_actions(&query).await?;
         let next_page_token = page.finish(&mut actions, |a| a.id);
         Ok(Response::new(pb::ListRecoveryActionsResponse {
@@ -524,6 +647,7 @@ pub struct PostHealingApi {
     store: Arc<dyn PostHealingStore>,
     config: PostHealingConfig,
     rng: SharedRng,
+    guard: Guard,
 }
 
 impl PostHealingApi {
@@ -531,8 +655,14 @@ impl PostHealingApi {
         store: Arc<dyn PostHealingStore>,
         config: PostHealingConfig,
         rng: SharedRng,
+        guard: Guard,
     ) -> Self {
-        PostHealingApi { store, config, rng }
+        PostHealingApi {
+            store,
+            config,
+            rng,
+            guard,
+        }
     }
 }
 
@@ -744,6 +874,8 @@ impl PostHealingService for PostHealingApi {
         &self,
         request: Request<pb::EvaluatePostRequest>,
     ) -> Result<Response<pb::EvaluatePostResponse>, Status> {
+        let caller = auth::caller(&request)?;
+        self.guard.check(&caller, Action::EvaluatePost, None)?;
         let PostEvaluation {
             post_id,
             points,
@@ -791,6 +923,9 @@ impl PostHealingService for PostHealingApi {
         &self,
         request: Request<pb::RecordActionOutcomeRequest>,
     ) -> Result<Response<pb::RecordActionOutcomeResponse>, Status> {
+        let caller = auth::caller(&request)?;
+        self.guard
+            .check(&caller, Action::RecordActionOutcome, None)?;
         let update = ActionOutcomeUpdate::try_from(request.into_inner())?;
         let (action, created) = self.store.record_action_outcome(update).await?;
         Ok(Response::new(pb::RecordActionOutcomeResponse {
@@ -803,6 +938,8 @@ impl PostHealingService for PostHealingApi {
         &self,
         request: Request<pb::ShouldRetryRequest>,
     ) -> Result<Response<pb::ShouldRetryResponse>, Status> {
+        let caller = auth::caller(&request)?;
+        self.guard.check(&caller, Action::ShouldRetry, None)?;
         let RetryQuestion { idempotency_key } = request.into_inner().try_into()?;
         let (stored, now) = self.store.get_action(&idempotency_key).await?;
         let decision = with_rng(&self.rng, |rng| {
@@ -820,6 +957,8 @@ impl PostHealingService for PostHealingApi {
         &self,
         request: Request<pb::ListActionsRequest>,
     ) -> Result<Response<pb::ListActionsResponse>, Status> {
+        let caller = auth::caller(&request)?;
+        self.guard.check(&caller, Action::ListActions, None)?;
         let Listing {
             query: post_id,
             page,

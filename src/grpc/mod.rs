@@ -2,6 +2,7 @@
 
 pub mod agent_requests;
 pub mod agent_status;
+pub mod auth;
 pub mod callers;
 pub mod codec;
 pub mod convert;

@@ -8,12 +8,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::domain::auth::Action;
 use crate::domain::pipeline::{
     RunStats, SessionRef, SessionState, SessionStatesQuery, SessionStatus, valid_session_path,
     valid_user_dir,
 };
 use crate::domain::usage::{UsageGrouping, UsageQuery, UsageRow};
 use crate::error::Error;
+use crate::grpc::auth::{self, Guard};
 use crate::grpc::callers::{CallerKey, WatchSlots};
 use crate::grpc::convert::{duration, from_timestamp, timestamp};
 use crate::grpc::validate;
@@ -24,14 +26,16 @@ use crate::runtime::pipeline::{Pipeline, RunProgress};
 pub struct SessionPipelineApi {
     pipeline: Arc<Pipeline>,
     shutdown: CancellationToken,
+    guard: Guard,
     watches: WatchSlots,
 }
 
 impl SessionPipelineApi {
-    pub fn new(pipeline: Arc<Pipeline>, shutdown: CancellationToken) -> Self {
+    pub fn new(pipeline: Arc<Pipeline>, shutdown: CancellationToken, guard: Guard) -> Self {
         SessionPipelineApi {
             pipeline,
             shutdown,
+            guard,
             watches: WatchSlots::default(),
         }
     }
@@ -283,8 +287,10 @@ type WatchRunStream = Pin<Box<dyn Stream<Item = Result<pb::WatchRunResponse, Sta
 impl SessionPipelineService for SessionPipelineApi {
     async fn list_processors(
         &self,
-        _request: Request<pb::ListProcessorsRequest>,
+        request: Request<pb::ListProcessorsRequest>,
     ) -> Result<Response<pb::ListProcessorsResponse>, Status> {
+        let caller = auth::caller(&request)?;
+        self.guard.check(&caller, Action::ListProcessors, None)?;
         let store = self.pipeline.store();
         let last_runs = store.last_runs().await?;
         let mut processors = Vec::new();
@@ -308,6 +314,8 @@ impl SessionPipelineService for SessionPipelineApi {
         &self,
         request: Request<pb::RunProcessorRequest>,
     ) -> Result<Response<pb::RunProcessorResponse>, Status> {
+        let caller = auth::caller(&request)?;
+        self.guard.check(&caller, Action::RunProcessor, None)?;
         let name = self.known(request.into_inner().try_into()?)?;
         let stats = self.pipeline.run(&name).await?;
         Ok(Response::new(pb::RunProcessorResponse {
@@ -321,6 +329,8 @@ impl SessionPipelineService for SessionPipelineApi {
         &self,
         request: Request<pb::WatchRunRequest>,
     ) -> Result<Response<Self::WatchRunStream>, Status> {
+        let caller = auth::caller(&request)?;
+        self.guard.check(&caller, Action::WatchRun, None)?;
         let slot = self.watches.acquire(CallerKey::of(&request))?;
         let name = self.known(request.into_inner().try_into()?)?;
         let progress = self.pipeline.follow_run(&name, self.shutdown.clone())?;
@@ -336,6 +346,8 @@ impl SessionPipelineService for SessionPipelineApi {
         &self,
         request: Request<pb::ListSessionStatesRequest>,
     ) -> Result<Response<pb::ListSessionStatesResponse>, Status> {
+        let caller = auth::caller(&request)?;
+        self.guard.check(&caller, Action::ListSessionStates, None)?;
         let (name, query): (ProcessorName, SessionStatesQuery) = request.into_inner().try_into()?;
         let processor = self.known(name)?;
         let limit = query.limit;
@@ -369,6 +381,8 @@ impl SessionPipelineService for SessionPipelineApi {
         &self,
         request: Request<pb::RetrySessionRequest>,
     ) -> Result<Response<pb::RetrySessionResponse>, Status> {
+        let caller = auth::caller(&request)?;
+        self.guard.check(&caller, Action::RetrySession, None)?;
         let (name, session): (ProcessorName, SessionRef) = request.into_inner().try_into()?;
         let processor = self.known(name)?;
         let state = self
@@ -384,6 +398,8 @@ impl SessionPipelineService for SessionPipelineApi {
         &self,
         request: Request<pb::GetUsageRequest>,
     ) -> Result<Response<pb::GetUsageResponse>, Status> {
+        let caller = auth::caller(&request)?;
+        self.guard.check(&caller, Action::GetUsage, None)?;
         let query: UsageQuery = request.into_inner().try_into()?;
         let (rows, totals) = self.pipeline.usage(&query).await?;
         Ok(Response::new(pb::GetUsageResponse {

@@ -17,6 +17,12 @@ impl From<Error> for Status {
         // No `_` arm: a new variant must decide its code here.
         let mut metadata = HashMap::new();
         let (code, reason) = match &error {
+            Error::Unauthenticated(_) => (Code::Unauthenticated, "UNAUTHENTICATED"),
+            Error::PermissionDenied(denied) => {
+                metadata.insert("caller".to_owned(), denied.caller.clone());
+                metadata.insert("rpc".to_owned(), denied.rpc.to_owned());
+                (Code::PermissionDenied, "PERMISSION_DENIED")
+            }
             Error::InvalidArgument(_) => (Code::InvalidArgument, "INVALID_ARGUMENT"),
             Error::NotFound { .. } => (Code::NotFound, "NOT_FOUND"),
             Error::TransitionRefused(_) => (Code::FailedPrecondition, "TRANSITION_REFUSED"),
@@ -61,6 +67,26 @@ mod tests {
         assert_eq!(status.code(), Code::Aborted);
         assert_eq!(reason(&status), "CONFLICT");
         assert!(status.message().contains("retry"), "{}", status.message());
+    }
+
+    #[test]
+    fn auth_refusals_have_their_codes_and_name_the_caller() {
+        let status = Status::from(Error::Unauthenticated("unknown bearer token".into()));
+        assert_eq!(status.code(), Code::Unauthenticated);
+        assert_eq!(reason(&status), "UNAUTHENTICATED");
+        let denied = crate::domain::auth::Denied {
+            caller: "carol".into(),
+            role: crate::domain::auth::Role::Reader,
+            rpc: "MarkOffline",
+            detail: String::new(),
+        };
+        let status = Status::from(Error::PermissionDenied(denied));
+        assert_eq!(status.code(), Code::PermissionDenied);
+        assert_eq!(status.message(), "carol (reader) may not call MarkOffline");
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "PERMISSION_DENIED");
+        assert_eq!(info.metadata["caller"], "carol");
+        assert_eq!(info.metadata["rpc"], "MarkOffline");
     }
 
     #[test]

@@ -58,6 +58,7 @@ impl SessionProcessor for ErrorsProcessor {
                         context,
                         error_type,
                         severity,
+                        actor: crate::domain::auth::PIPELINE.to_owned(),
                     },
                 }
             })

@@ -47,15 +47,21 @@ impl AgentWrites {
         self.committer.submit(command).await
     }
 
-    pub async fn apply(&self, agent_id: String, event: Event) -> Result<Applied> {
+    /// Applies `event` to the agent on behalf of `actor`.
+    pub async fn apply(&self, agent_id: String, event: Event, actor: &str) -> Result<Applied> {
         self.committer
-            .submit(Command::Apply { agent_id, event })
+            .submit(Command::Apply {
+                agent_id,
+                event,
+                actor: actor.to_owned(),
+            })
             .await
     }
 
     /// Records a heartbeat; returns the agent (with the transition when it came
     /// back from OFFLINE) and the interval it should heartbeat at next.
-    pub async fn heartbeat(&self, agent_id: String) -> Result<(Applied, Duration)> {
+    /// A heartbeat that changes the status (back from OFFLINE) records `actor`.
+    pub async fn heartbeat(&self, agent_id: String, actor: &str) -> Result<(Applied, Duration)> {
         let applied = match self.cache.heartbeat(&agent_id, self.clock.now()) {
             FastHeartbeat::Acknowledged(agent) => from_memory(agent),
             FastHeartbeat::Unknown => {
@@ -65,11 +71,11 @@ impl AgentWrites {
                 match self.cache.heartbeat(&agent_id, self.clock.now()) {
                     FastHeartbeat::Acknowledged(agent) => from_memory(agent),
                     FastHeartbeat::Unknown | FastHeartbeat::Commit => {
-                        self.apply(agent_id, Event::Heartbeat).await?
+                        self.apply(agent_id, Event::Heartbeat, actor).await?
                     }
                 }
             }
-            FastHeartbeat::Commit => self.apply(agent_id, Event::Heartbeat).await?,
+            FastHeartbeat::Commit => self.apply(agent_id, Event::Heartbeat, actor).await?,
         };
         Ok((applied, self.next_heartbeat_interval()))
     }

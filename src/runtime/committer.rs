@@ -139,6 +139,7 @@ mod tests {
         Command::Register {
             agent_id: id.into(),
             labels: Default::default(),
+            actor: "test".into(),
         }
     }
 
@@ -146,6 +147,7 @@ mod tests {
         Command::Apply {
             agent_id: id.into(),
             event: Event::StartWork(SlotType::Work),
+            actor: "test".into(),
         }
     }
 

@@ -169,6 +169,15 @@ impl AgentCache {
         }
     }
 
+    /// The agent's labels as this process last committed or read them (labels
+    /// change only by registration, which goes through a commit).
+    pub fn labels(&self, agent_id: &str) -> Option<crate::domain::transition::Labels> {
+        self.lock()
+            .agents
+            .get(agent_id)
+            .map(|c| c.agent.labels.clone())
+    }
+
     /// The latest heartbeat time this process knows for the agent, flushed or not.
     pub fn last_heartbeat(&self, agent_id: &str) -> Option<DateTime<Utc>> {
         let inner = self.lock();
@@ -341,6 +350,7 @@ mod tests {
                 .submit(Command::Register {
                     agent_id: (*id).into(),
                     labels: Default::default(),
+                    actor: "test".into(),
                 })
                 .await
                 .unwrap();
@@ -405,6 +415,7 @@ mod tests {
             .submit(Command::Apply {
                 agent_id: "a".into(),
                 event: Event::MarkOffline,
+                actor: "test".into(),
             })
             .await
             .unwrap();
@@ -417,6 +428,7 @@ mod tests {
             .submit(Command::Apply {
                 agent_id: "a".into(),
                 event: Event::Heartbeat,
+                actor: "test".into(),
             })
             .await
             .unwrap();
@@ -445,6 +457,7 @@ mod tests {
             occurred_at: f.clock.now(),
             exhaustion_reason: None,
             recovery_at: None,
+            actor: "elsewhere".into(),
         };
         f.cache.observed(&transition);
         assert!(matches!(

@@ -3,6 +3,7 @@
 //! the session pipeline.
 
 pub mod agents;
+pub mod auth;
 pub mod clock;
 pub mod committer;
 pub mod connections;

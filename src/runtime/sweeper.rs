@@ -107,6 +107,7 @@ pub async fn sweep_once(
         committer.submit(Command::Apply {
             agent_id,
             event: liveness::sweep_event(silence, offline_allowed),
+            actor: crate::domain::auth::SWEEPER.to_owned(),
         })
     }))
     .await;
@@ -153,6 +154,7 @@ mod tests {
                 .submit(Command::Register {
                     agent_id: id.into(),
                     labels: Default::default(),
+                    actor: "test".into(),
                 })
                 .await
                 .unwrap();
@@ -214,6 +216,7 @@ mod tests {
             .submit(Command::Apply {
                 agent_id: "silent".into(),
                 event: Event::Heartbeat,
+                actor: "test".into(),
             })
             .await
             .unwrap();

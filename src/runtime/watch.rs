@@ -251,6 +251,7 @@ mod tests {
                 .submit(Command::Register {
                     agent_id: agent_id.clone(),
                     labels: Default::default(),
+                    actor: "test".into(),
                 })
                 .await
                 .unwrap();
@@ -259,6 +260,7 @@ mod tests {
                     .submit(Command::Apply {
                         agent_id: agent_id.clone(),
                         event,
+                        actor: "test".into(),
                     })
                     .await
                     .unwrap();

@@ -135,11 +135,13 @@ pub trait HealingStore: Send + Sync + 'static {
     async fn record_error(&self, event: NewErrorEvent) -> Result<ErrorEvent>;
 
     /// Plans and stores an ACTIVE recovery for the event's agent, unless one is
-    /// already active (FAILED_PRECONDITION naming it). Expired ones are freed first.
+    /// already active (FAILED_PRECONDITION naming it). Expired ones are freed
+    /// first. `actor` (who asked) is stored with it.
     async fn plan_recovery(
         &self,
         error_event_id: i64,
         lease: Duration,
+        actor: &str,
         planner: Planner<'_>,
     ) -> Result<RecoveryAction>;
 

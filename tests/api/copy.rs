@@ -97,7 +97,7 @@ async fn fill(db: &TestDb) -> Vec<(&'static str, u64)> {
 
     let revisions: Vec<i64> = (3..=12).chain([BIG_REVISION]).collect();
     for (i, revision) in revisions.iter().enumerate() {
-        sqlx::query("INSERT INTO transitions VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+        sqlx::query("INSERT INTO transitions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
             .bind(revision)
             .bind(&agent_ids[i % agent_ids.len()])
             .bind((i > 0).then_some("IDLE"))
@@ -106,6 +106,7 @@ async fn fill(db: &TestDb) -> Vec<(&'static str, u64)> {
             .bind(T0 + i as i64 * 7)
             .bind((i % 4 == 0).then_some("BILLING"))
             .bind((i % 4 == 0).then_some(T0 * 2))
+            .bind(format!("caller «{i}»"))
             .execute(&mut c)
             .await
             .unwrap();
@@ -114,7 +115,7 @@ async fn fill(db: &TestDb) -> Vec<(&'static str, u64)> {
 
     let event_ids = [1_i64, 2, 3, 5, 8, 13, BIG_EVENT_ID];
     for (i, id) in event_ids.iter().enumerate() {
-        sqlx::query("INSERT INTO error_events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+        sqlx::query("INSERT INTO error_events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
             .bind(id)
             .bind(&agent_ids[i])
             .bind(format!("429 Too Many Requests 🚦 #{i}\nline two"))
@@ -129,6 +130,11 @@ async fn fill(db: &TestDb) -> Vec<(&'static str, u64)> {
             .bind(T0 - i as i64)
             .bind((i % 3 == 0).then(|| format!("user/s{i}.jsonl")))
             .bind((i % 3 == 0).then(|| format!("line:{i}")))
+            .bind(if i % 3 == 0 {
+                "pipeline"
+            } else {
+                "agent-runner"
+            })
             .execute(&mut c)
             .await
             .unwrap();
@@ -139,7 +145,7 @@ async fn fill(db: &TestDb) -> Vec<(&'static str, u64)> {
         let active = i == 4;
         sqlx::query(
             "INSERT INTO recovery_actions VALUES \
-             (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(if active {
             BIG_EVENT_ID + 10
@@ -164,6 +170,8 @@ async fn fill(db: &TestDb) -> Vec<(&'static str, u64)> {
         .bind((!active).then_some(T0 + 1))
         .bind((!active).then_some(i64::MIN + 1))
         .bind((!active).then_some("done"))
+        .bind("alice")
+        .bind(if active { "" } else { "bob" })
         .execute(&mut c)
         .await
         .unwrap();

@@ -9,6 +9,7 @@ macro_rules! postgres_only {
 }
 
 mod agents;
+mod auth;
 mod cli;
 mod client_heartbeats;
 mod copy;

@@ -13,6 +13,8 @@ macro_rules! postgres_only {
 
 #[path = "../api/agents.rs"]
 mod agents;
+#[path = "../api/auth.rs"]
+mod auth;
 #[path = "../api/cli.rs"]
 mod cli;
 #[path = "../api/client_heartbeats.rs"]

@@ -19,7 +19,7 @@ const AGENT_COLUMNS: &str = "agent_id, status, labels, registered_at, last_heart
      last_transition_at, revision, exhaustion_reason, recovery_at, recovery_source, recovery_hint";
 
 const TRANSITION_COLUMNS: &str = "revision, agent_id, from_status, to_status, cause, occurred_at, \
-     exhaustion_reason, recovery_at";
+     exhaustion_reason, recovery_at, actor";
 
 #[derive(FromRow)]
 struct AgentRow {
@@ -46,6 +46,7 @@ struct TransitionRow {
     occurred_at: DateTime<Utc>,
     exhaustion_reason: Option<String>,
     recovery_at: Option<DateTime<Utc>>,
+    actor: String,
 }
 
 fn corrupt(what: &str, value: &str) -> Error {
@@ -111,6 +112,7 @@ impl TryFrom<TransitionRow> for Transition {
                 .map(parse_reason)
                 .transpose()?,
             recovery_at: row.recovery_at,
+            actor: row.actor,
         })
     }
 }
@@ -191,13 +193,13 @@ const WRITE_BATCH: &str = "WITH head AS (
      ),
      appended AS (
          INSERT INTO transitions (revision, agent_id, from_status, to_status, cause,
-                                  occurred_at, exhaustion_reason, recovery_at)
+                                  occurred_at, exhaustion_reason, recovery_at, actor)
          SELECT base.base + t.rel, t.agent_id, t.from_status, t.to_status, t.cause,
-                t.occurred_at, t.exhaustion_reason, t.recovery_at
+                t.occurred_at, t.exhaustion_reason, t.recovery_at, t.actor
          FROM base, unnest($14::bigint[], $15::text[], $16::text[], $17::text[], $18::text[],
-                           $19::timestamptz[], $20::text[], $21::timestamptz[])
+                           $19::timestamptz[], $20::text[], $21::timestamptz[], $22::text[])
               AS t(rel, agent_id, from_status, to_status, cause, occurred_at,
-                   exhaustion_reason, recovery_at)
+                   exhaustion_reason, recovery_at, actor)
      ),
      written AS (
          UPDATE agents SET
@@ -333,6 +335,7 @@ impl PgStore {
                         .collect::<Vec<_>>(),
                 )
                 .bind(t.iter().map(|t| t.recovery_at).collect::<Vec<_>>())
+                .bind(t.iter().map(|t| t.actor.as_str()).collect::<Vec<_>>())
                 .fetch_one(&mut *tx)
                 .await?
         };

@@ -15,13 +15,14 @@ use crate::error::{Error, Result};
 use crate::storage::{ErrorEventQuery, HealingStore, Planner, RecoveryActionQuery};
 
 const EVENT_COLUMNS: &str =
-    "id, agent_id, message, context, error_type, severity, critical, recurring, occurred_at";
+    "id, agent_id, message, context, error_type, severity, critical, recurring, occurred_at, actor";
 
 /// The stored status; rows are read through [`ActionRow::at`], which lets the
 /// domain decide what a reader sees.
 const ACTION_COLUMNS: &str = "id, error_event_id, agent_id, error_type, context_signature, \
      strategy, chosen_strategy, parameters, estimated_duration_ms, success_probability, risk, \
-     escalated, reason, status, created_at, lease_expires_at, completed_at, duration_ms, details";
+     escalated, reason, status, created_at, lease_expires_at, completed_at, duration_ms, details, \
+     actor, outcome_actor";
 
 /// Rows whose (status, lease) match one of the domain's [`StoredStatusFilter`]s,
 /// bound as three arrays from `$n`: stored status, lease ends after, lease ended by.
@@ -77,6 +78,7 @@ struct EventRow {
     critical: bool,
     recurring: bool,
     occurred_at: DateTime<Utc>,
+    actor: String,
 }
 
 #[derive(FromRow)]
@@ -100,6 +102,8 @@ struct ActionRow {
     completed_at: Option<DateTime<Utc>>,
     duration_ms: Option<i64>,
     details: Option<String>,
+    actor: String,
+    outcome_actor: String,
 }
 
 fn corrupt(what: &str, value: &str) -> Error {
@@ -128,6 +132,7 @@ impl TryFrom<EventRow> for ErrorEvent {
             critical: row.critical,
             recurring: row.recurring,
             occurred_at: row.occurred_at,
+            actor: row.actor,
         })
     }
 }
@@ -169,6 +174,8 @@ impl TryFrom<ActionRow> for RecoveryAction {
             completed_at: row.completed_at,
             duration: row.duration_ms.map(Duration::milliseconds),
             details: row.details,
+            actor: row.actor,
+            outcome_actor: row.outcome_actor,
         })
     }
 }
@@ -220,8 +227,9 @@ impl HealingStore for PgStore {
         .map_err(db_error)?;
         let row: EventRow = sqlx::query_as(&format!(
             "INSERT INTO error_events
-                 (agent_id, message, context, error_type, severity, critical, recurring, occurred_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                 (agent_id, message, context, error_type, severity, critical, recurring, occurred_at,
+                  actor)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
              RETURNING {EVENT_COLUMNS}"
         ))
         .bind(&event.agent_id)
@@ -232,6 +240,7 @@ impl HealingStore for PgStore {
         .bind(healing::is_critical(event.severity))
         .bind(healing::recurring_given(earlier))
         .bind(now)
+        .bind(&event.actor)
         .fetch_one(&mut *tx)
         .await
         .map_err(db_error)?;
@@ -243,6 +252,7 @@ impl HealingStore for PgStore {
         &self,
         error_event_id: i64,
         lease: Duration,
+        actor: &str,
         planner: Planner<'_>,
     ) -> Result<RecoveryAction> {
         let mut tx = self.pool.begin().await.map_err(db_error)?;
@@ -295,8 +305,8 @@ impl HealingStore for PgStore {
             "INSERT INTO recovery_actions
                  (error_event_id, agent_id, error_type, context_signature, strategy, chosen_strategy,
                   parameters, estimated_duration_ms, success_probability, risk, escalated, reason,
-                  status, created_at, lease_expires_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+                  status, created_at, lease_expires_at, actor)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
              RETURNING {ACTION_COLUMNS}"
         ))
         .bind(event.id)
@@ -314,6 +324,7 @@ impl HealingStore for PgStore {
         .bind(RecoveryStatus::Active.as_str())
         .bind(now)
         .bind(records::lease_expires_at(now, lease))
+        .bind(actor)
         .fetch_one(&mut *tx)
         .await;
         match inserted {
@@ -364,7 +375,8 @@ impl HealingStore for PgStore {
         let status = records::accept_outcome(&current, &outcome)?;
         let row: ActionRow = sqlx::query_as(&format!(
             "UPDATE recovery_actions
-             SET status = $2, completed_at = $5, duration_ms = $3, details = $4
+             SET status = $2, completed_at = $5, duration_ms = $3, details = $4,
+                 outcome_actor = $6
              WHERE id = $1
              RETURNING {ACTION_COLUMNS}"
         ))
@@ -373,6 +385,7 @@ impl HealingStore for PgStore {
         .bind(millis(outcome.duration))
         .bind(&outcome.details)
         .bind(now)
+        .bind(&outcome.actor)
         .fetch_one(&mut *tx)
         .await
         .map_err(db_error)?;

@@ -31,7 +31,7 @@ const AGENT_COLUMNS: &str = "agent_id, status, labels, registered_at, last_heart
      last_transition_at, revision, exhaustion_reason, recovery_at, recovery_source, recovery_hint";
 
 const TRANSITION_COLUMNS: &str = "revision, agent_id, from_status, to_status, cause, occurred_at, \
-     exhaustion_reason, recovery_at";
+     exhaustion_reason, recovery_at, actor";
 
 #[derive(FromRow)]
 struct AgentRow {
@@ -58,6 +58,7 @@ struct TransitionRow {
     occurred_at: i64,
     exhaustion_reason: Option<String>,
     recovery_at: Option<i64>,
+    actor: String,
 }
 
 fn corrupt(what: &str, value: &str) -> Error {
@@ -125,6 +126,7 @@ impl TryFrom<TransitionRow> for Transition {
                 .map(parse_reason)
                 .transpose()?,
             recovery_at: from_micros_opt(row.recovery_at),
+            actor: row.actor,
         })
     }
 }
@@ -178,6 +180,7 @@ fn transitions_json(transitions: &[Transition]) -> String {
                 "occurred_at": micros(t.occurred_at),
                 "exhaustion_reason": t.exhaustion_reason.map(|r| r.as_str()),
                 "recovery_at": t.recovery_at.map(micros),
+                "actor": t.actor,
             })
         })
         .collect();
@@ -186,10 +189,10 @@ fn transitions_json(transitions: &[Transition]) -> String {
 
 /// Appends a batch's transitions (revisions final).
 const INSERT_TRANSITIONS: &str = "INSERT INTO transitions (revision, agent_id, from_status, \
-         to_status, cause, occurred_at, exhaustion_reason, recovery_at)
+         to_status, cause, occurred_at, exhaustion_reason, recovery_at, actor)
      SELECT value ->> 'revision', value ->> 'agent_id', value ->> 'from_status',
             value ->> 'to_status', value ->> 'cause', value ->> 'occurred_at',
-            value ->> 'exhaustion_reason', value ->> 'recovery_at'
+            value ->> 'exhaustion_reason', value ->> 'recovery_at', value ->> 'actor'
      FROM json_each(?1)";
 
 /// Writes every changed agent's final state, inserting new ones. The
@@ -539,6 +542,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            actor: "test".into(),
         }
     }
 
@@ -546,6 +550,7 @@ mod tests {
         Command::Apply {
             agent_id: id.into(),
             event,
+            actor: "test".into(),
         }
     }
 

@@ -22,13 +22,14 @@ use crate::error::{Error, Result};
 use crate::storage::{ErrorEventQuery, HealingStore, Planner, RecoveryActionQuery};
 
 const EVENT_COLUMNS: &str =
-    "id, agent_id, message, context, error_type, severity, critical, recurring, occurred_at";
+    "id, agent_id, message, context, error_type, severity, critical, recurring, occurred_at, actor";
 
 /// The stored status; rows are read through [`ActionRow::at`], which lets the
 /// domain decide what a reader sees.
 const ACTION_COLUMNS: &str = "id, error_event_id, agent_id, error_type, context_signature, \
      strategy, chosen_strategy, parameters, estimated_duration_ms, success_probability, risk, \
-     escalated, reason, status, created_at, lease_expires_at, completed_at, duration_ms, details";
+     escalated, reason, status, created_at, lease_expires_at, completed_at, duration_ms, details, \
+     actor, outcome_actor";
 
 /// Pushes a condition true for rows whose (status, lease) match one of the
 /// domain's [`StoredStatusFilter`]s (none: no row).
@@ -68,6 +69,7 @@ struct EventRow {
     critical: bool,
     recurring: bool,
     occurred_at: i64,
+    actor: String,
 }
 
 #[derive(FromRow)]
@@ -91,6 +93,8 @@ struct ActionRow {
     completed_at: Option<i64>,
     duration_ms: Option<i64>,
     details: Option<String>,
+    actor: String,
+    outcome_actor: String,
 }
 
 fn corrupt(what: &str, value: &str) -> Error {
@@ -128,6 +132,7 @@ impl TryFrom<EventRow> for ErrorEvent {
             critical: row.critical,
             recurring: row.recurring,
             occurred_at: from_micros(row.occurred_at),
+            actor: row.actor,
         })
     }
 }
@@ -167,6 +172,8 @@ impl TryFrom<ActionRow> for RecoveryAction {
             completed_at: from_micros_opt(row.completed_at),
             duration: row.duration_ms.map(Duration::milliseconds),
             details: row.details,
+            actor: row.actor,
+            outcome_actor: row.outcome_actor,
         })
     }
 }
@@ -213,8 +220,9 @@ impl HealingStore for SqliteStore {
         .map_err(sqlite_error)?;
         let row: EventRow = sqlx::query_as(&format!(
             "INSERT INTO error_events
-                 (agent_id, message, context, error_type, severity, critical, recurring, occurred_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 (agent_id, message, context, error_type, severity, critical, recurring, occurred_at,
+                  actor)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
              RETURNING {EVENT_COLUMNS}"
         ))
         .bind(&event.agent_id)
@@ -225,6 +233,7 @@ impl HealingStore for SqliteStore {
         .bind(healing::is_critical(event.severity))
         .bind(healing::recurring_given(earlier))
         .bind(micros(now))
+        .bind(&event.actor)
         .fetch_one(&mut *tx)
         .await
         .map_err(sqlite_error)?;
@@ -236,6 +245,7 @@ impl HealingStore for SqliteStore {
         &self,
         error_event_id: i64,
         lease: Duration,
+        actor: &str,
         planner: Planner<'_>,
     ) -> Result<RecoveryAction> {
         let mut tx = self.begin_write().await?;
@@ -288,8 +298,8 @@ impl HealingStore for SqliteStore {
             "INSERT INTO recovery_actions
                  (error_event_id, agent_id, error_type, context_signature, strategy, chosen_strategy,
                   parameters, estimated_duration_ms, success_probability, risk, escalated, reason,
-                  status, created_at, lease_expires_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+                  status, created_at, lease_expires_at, actor)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
              RETURNING {ACTION_COLUMNS}"
         ))
         .bind(event.id)
@@ -307,6 +317,7 @@ impl HealingStore for SqliteStore {
         .bind(RecoveryStatus::Active.as_str())
         .bind(micros(now))
         .bind(micros(records::lease_expires_at(now, lease)))
+        .bind(actor)
         .fetch_one(&mut *tx)
         .await;
         match inserted {
@@ -360,7 +371,8 @@ impl HealingStore for SqliteStore {
         let status = records::accept_outcome(&current, &outcome)?;
         let row: ActionRow = sqlx::query_as(&format!(
             "UPDATE recovery_actions
-             SET status = ?2, completed_at = ?5, duration_ms = ?3, details = ?4
+             SET status = ?2, completed_at = ?5, duration_ms = ?3, details = ?4,
+                 outcome_actor = ?6
              WHERE id = ?1
              RETURNING {ACTION_COLUMNS}"
         ))
@@ -369,6 +381,7 @@ impl HealingStore for SqliteStore {
         .bind(millis(outcome.duration))
         .bind(&outcome.details)
         .bind(micros(now))
+        .bind(&outcome.actor)
         .fetch_one(&mut *tx)
         .await
         .map_err(sqlite_error)?;
@@ -544,6 +557,7 @@ mod tests {
             context: Context::from([("tool".to_owned(), "bash".to_owned())]),
             error_type: ErrorType::ExecutionFailure,
             severity: 0.5,
+            actor: "reporter".into(),
         }
     }
 
@@ -591,13 +605,23 @@ mod tests {
         let event = t.store.record_error(error("a")).await.unwrap();
         let active = t
             .store
-            .plan_recovery(event.id, Duration::minutes(5), planner(Strategy::Retry))
+            .plan_recovery(
+                event.id,
+                Duration::minutes(5),
+                "tester",
+                planner(Strategy::Retry),
+            )
             .await
             .unwrap();
         assert_eq!(active.status, RecoveryStatus::Active);
         match t
             .store
-            .plan_recovery(event.id, Duration::minutes(5), planner(Strategy::Restart))
+            .plan_recovery(
+                event.id,
+                Duration::minutes(5),
+                "tester",
+                planner(Strategy::Restart),
+            )
             .await
         {
             Err(Error::RecoveryAlreadyActive(refused)) => {
@@ -609,7 +633,12 @@ mod tests {
         // Another agent is not blocked.
         let other = t.store.record_error(error("b")).await.unwrap();
         t.store
-            .plan_recovery(other.id, Duration::minutes(5), planner(Strategy::Retry))
+            .plan_recovery(
+                other.id,
+                Duration::minutes(5),
+                "tester",
+                planner(Strategy::Retry),
+            )
             .await
             .unwrap();
         let stats = t.store.healing_statistics().await.unwrap();
@@ -624,14 +653,24 @@ mod tests {
         let event = t.store.record_error(error("a")).await.unwrap();
         let lapsed = t
             .store
-            .plan_recovery(event.id, Duration::zero(), planner(Strategy::Retry))
+            .plan_recovery(
+                event.id,
+                Duration::zero(),
+                "tester",
+                planner(Strategy::Retry),
+            )
             .await
             .unwrap();
         // A zero lease is over at once: readers see it expired.
         assert_eq!(lapsed.status, RecoveryStatus::Expired);
         let next = t
             .store
-            .plan_recovery(event.id, Duration::minutes(5), planner(Strategy::Restart))
+            .plan_recovery(
+                event.id,
+                Duration::minutes(5),
+                "tester",
+                planner(Strategy::Restart),
+            )
             .await
             .unwrap();
         assert_eq!(next.status, RecoveryStatus::Active);
@@ -677,7 +716,12 @@ mod tests {
             let store = t.store.clone();
             tokio::spawn(async move {
                 store
-                    .plan_recovery(event.id, Duration::minutes(5), planner(Strategy::Retry))
+                    .plan_recovery(
+                        event.id,
+                        Duration::minutes(5),
+                        "tester",
+                        planner(Strategy::Retry),
+                    )
                     .await
             })
         });
@@ -698,13 +742,19 @@ mod tests {
         let event = t.store.record_error(error("a")).await.unwrap();
         let action = t
             .store
-            .plan_recovery(event.id, Duration::minutes(5), planner(Strategy::Retry))
+            .plan_recovery(
+                event.id,
+                Duration::minutes(5),
+                "tester",
+                planner(Strategy::Retry),
+            )
             .await
             .unwrap();
         let outcome = RecoveryOutcome {
             success: true,
             duration: Duration::seconds(12),
             details: "ok".into(),
+            actor: "tester".into(),
         };
         let done = t
             .store
@@ -729,6 +779,7 @@ mod tests {
                         success: false,
                         duration: Duration::zero(),
                         details: String::new(),
+                        actor: "tester".into(),
                     },
                 )
                 .await,
@@ -737,7 +788,12 @@ mod tests {
         // A late (failed) outcome of an expired recovery still teaches.
         let lapsed = t
             .store
-            .plan_recovery(event.id, Duration::zero(), planner(Strategy::Retry))
+            .plan_recovery(
+                event.id,
+                Duration::zero(),
+                "tester",
+                planner(Strategy::Retry),
+            )
             .await
             .unwrap();
         let failed = t
@@ -748,6 +804,7 @@ mod tests {
                     success: false,
                     duration: Duration::seconds(8),
                     details: String::new(),
+                    actor: "tester".into(),
                 },
             )
             .await

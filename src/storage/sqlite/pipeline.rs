@@ -121,8 +121,8 @@ async fn replace_transcript_errors(
         sqlx::query(
             "INSERT INTO error_events
                  (agent_id, message, context, error_type, severity, critical, recurring,
-                  occurred_at, source_path, source_key)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                  occurred_at, source_path, source_key, actor)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
              ON CONFLICT (source_path, source_key) WHERE source_path IS NOT NULL DO NOTHING",
         )
         .bind(&e.agent_id)
@@ -135,6 +135,7 @@ async fn replace_transcript_errors(
         .bind(micros(error.occurred_at))
         .bind(&file.path)
         .bind(&error.key)
+        .bind(&e.actor)
         .execute(&mut *conn)
         .await
         .map_err(sqlite_error)?;
@@ -579,6 +580,7 @@ mod tests {
                 context: BTreeMap::from([("k".to_string(), "v".to_string())]),
                 error_type: ErrorType::ExecutionFailure,
                 severity: 0.9,
+                actor: "pipeline".into(),
             },
             occurred_at: at,
         }

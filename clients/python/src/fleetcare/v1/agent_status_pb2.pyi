@@ -114,7 +114,7 @@ class Agent(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., status: _Optional[_Union[AgentStatus, str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_transition_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revision: _Optional[int] = ..., exhaustion_reason: _Optional[_Union[ExhaustionReason, str]] = ..., recovery_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., recovery_source: _Optional[_Union[RecoverySource, str]] = ..., recovery_hint: _Optional[str] = ...) -> None: ...
 
 class Transition(_message.Message):
-    __slots__ = ("revision", "agent_id", "from_status", "to_status", "cause", "occurred_at", "exhaustion_reason", "recovery_at")
+    __slots__ = ("revision", "agent_id", "from_status", "to_status", "cause", "occurred_at", "exhaustion_reason", "recovery_at", "actor")
     REVISION_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     FROM_STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,7 @@ class Transition(_message.Message):
     OCCURRED_AT_FIELD_NUMBER: _ClassVar[int]
     EXHAUSTION_REASON_FIELD_NUMBER: _ClassVar[int]
     RECOVERY_AT_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
     revision: int
     agent_id: str
     from_status: AgentStatus
@@ -131,7 +132,8 @@ class Transition(_message.Message):
     occurred_at: _timestamp_pb2.Timestamp
     exhaustion_reason: ExhaustionReason
     recovery_at: _timestamp_pb2.Timestamp
-    def __init__(self, revision: _Optional[int] = ..., agent_id: _Optional[str] = ..., from_status: _Optional[_Union[AgentStatus, str]] = ..., to_status: _Optional[_Union[AgentStatus, str]] = ..., cause: _Optional[_Union[TransitionCause, str]] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., exhaustion_reason: _Optional[_Union[ExhaustionReason, str]] = ..., recovery_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    actor: str
+    def __init__(self, revision: _Optional[int] = ..., agent_id: _Optional[str] = ..., from_status: _Optional[_Union[AgentStatus, str]] = ..., to_status: _Optional[_Union[AgentStatus, str]] = ..., cause: _Optional[_Union[TransitionCause, str]] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., exhaustion_reason: _Optional[_Union[ExhaustionReason, str]] = ..., recovery_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., actor: _Optional[str] = ...) -> None: ...
 
 class RegisterAgentRequest(_message.Message):
     __slots__ = ("agent_id", "labels")

@@ -110,7 +110,7 @@ INELIGIBLE_REASON_WINDOW_FREQUENCY_EXCEEDED: IneligibleReason
 INELIGIBLE_REASON_ACTION_COOLDOWN_ACTIVE: IneligibleReason
 
 class ErrorEvent(_message.Message):
-    __slots__ = ("id", "agent_id", "message", "context", "error_type", "severity", "critical", "recurring", "occurred_at")
+    __slots__ = ("id", "agent_id", "message", "context", "error_type", "severity", "critical", "recurring", "occurred_at", "actor")
     class ContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +127,7 @@ class ErrorEvent(_message.Message):
     CRITICAL_FIELD_NUMBER: _ClassVar[int]
     RECURRING_FIELD_NUMBER: _ClassVar[int]
     OCCURRED_AT_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
     id: int
     agent_id: str
     message: str
@@ -136,10 +137,11 @@ class ErrorEvent(_message.Message):
     critical: bool
     recurring: bool
     occurred_at: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[int] = ..., agent_id: _Optional[str] = ..., message: _Optional[str] = ..., context: _Optional[_Mapping[str, str]] = ..., error_type: _Optional[_Union[ErrorType, str]] = ..., severity: _Optional[float] = ..., critical: bool = ..., recurring: bool = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    actor: str
+    def __init__(self, id: _Optional[int] = ..., agent_id: _Optional[str] = ..., message: _Optional[str] = ..., context: _Optional[_Mapping[str, str]] = ..., error_type: _Optional[_Union[ErrorType, str]] = ..., severity: _Optional[float] = ..., critical: bool = ..., recurring: bool = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., actor: _Optional[str] = ...) -> None: ...
 
 class RecoveryAction(_message.Message):
-    __slots__ = ("id", "error_event_id", "agent_id", "error_type", "strategy", "chosen_strategy", "parameters", "estimated_duration", "success_probability", "risk_score", "escalated", "reason", "status", "created_at", "lease_expires_at", "completed_at", "duration", "details", "context_signature")
+    __slots__ = ("id", "error_event_id", "agent_id", "error_type", "strategy", "chosen_strategy", "parameters", "estimated_duration", "success_probability", "risk_score", "escalated", "reason", "status", "created_at", "lease_expires_at", "completed_at", "duration", "details", "context_signature", "actor", "outcome_actor")
     class ParametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -166,6 +168,8 @@ class RecoveryAction(_message.Message):
     DURATION_FIELD_NUMBER: _ClassVar[int]
     DETAILS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_ACTOR_FIELD_NUMBER: _ClassVar[int]
     id: int
     error_event_id: int
     agent_id: str
@@ -185,7 +189,9 @@ class RecoveryAction(_message.Message):
     duration: _duration_pb2.Duration
     details: str
     context_signature: str
-    def __init__(self, id: _Optional[int] = ..., error_event_id: _Optional[int] = ..., agent_id: _Optional[str] = ..., error_type: _Optional[_Union[ErrorType, str]] = ..., strategy: _Optional[_Union[RecoveryStrategy, str]] = ..., chosen_strategy: _Optional[_Union[RecoveryStrategy, str]] = ..., parameters: _Optional[_Mapping[str, str]] = ..., estimated_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., success_probability: _Optional[float] = ..., risk_score: _Optional[float] = ..., escalated: bool = ..., reason: _Optional[str] = ..., status: _Optional[_Union[RecoveryStatus, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., details: _Optional[str] = ..., context_signature: _Optional[str] = ...) -> None: ...
+    actor: str
+    outcome_actor: str
+    def __init__(self, id: _Optional[int] = ..., error_event_id: _Optional[int] = ..., agent_id: _Optional[str] = ..., error_type: _Optional[_Union[ErrorType, str]] = ..., strategy: _Optional[_Union[RecoveryStrategy, str]] = ..., chosen_strategy: _Optional[_Union[RecoveryStrategy, str]] = ..., parameters: _Optional[_Mapping[str, str]] = ..., estimated_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., success_probability: _Optional[float] = ..., risk_score: _Optional[float] = ..., escalated: bool = ..., reason: _Optional[str] = ..., status: _Optional[_Union[RecoveryStatus, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., details: _Optional[str] = ..., context_signature: _Optional[str] = ..., actor: _Optional[str] = ..., outcome_actor: _Optional[str] = ...) -> None: ...
 
 class ReportErrorRequest(_message.Message):
     __slots__ = ("agent_id", "message", "context", "error_type_hint")
