@@ -362,6 +362,10 @@ impl HealingStatistics {
 pub struct StoredAction {
     pub record: ActionRecord,
     pub outcome: Option<serde_json::Value>,
+    /// Who claimed (or first reported) the action.
+    pub actor: String,
+    /// Who reported its last outcome ("" before any).
+    pub outcome_actor: String,
 }
 
 #[cfg(test)]

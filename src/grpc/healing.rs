@@ -235,6 +235,8 @@ fn post_action_to_pb(stored: &StoredAction) -> pb::PostAction {
         created_at: Some(timestamp(r.created_at)),
         updated_at: Some(timestamp(r.updated_at)),
         lease_expires_at: r.lease_expires_at.map(timestamp),
+        actor: stored.actor.clone(),
+        outcome_actor: stored.outcome_actor.clone(),
     }
 }
 
@@ -804,6 +806,8 @@ impl TryFrom<pb::RecordActionOutcomeRequest> for ActionOutcomeUpdate {
             outcome,
             error_code,
             new_record,
+            // The handler fills in the authenticated caller.
+            actor: String::new(),
         })
     }
 }
@@ -890,7 +894,7 @@ impl PostHealingService for PostHealingApi {
         });
         let verdict = self
             .store
-            .evaluate_post(&post_id, now, lease, evaluate)
+            .evaluate_post(&post_id, now, lease, &caller.name, evaluate)
             .await?;
         let evaluation = verdict.evaluation;
         let stagnation = evaluation.stagnation.as_ref();
@@ -926,7 +930,10 @@ impl PostHealingService for PostHealingApi {
         let caller = auth::caller(&request)?;
         self.guard
             .check(&caller, Action::RecordActionOutcome, None)?;
-        let update = ActionOutcomeUpdate::try_from(request.into_inner())?;
+        let update = ActionOutcomeUpdate {
+            actor: caller.name.clone(),
+            ..ActionOutcomeUpdate::try_from(request.into_inner())?
+        };
         let (action, created) = self.store.record_action_outcome(update).await?;
         Ok(Response::new(pb::RecordActionOutcomeResponse {
             action: Some(post_action_to_pb(&action)),

@@ -295,6 +295,8 @@ pub static TABLES: &[TableSpec] = &[
             ("created_at", Timestamp),
             ("updated_at", Timestamp),
             ("lease_expires_at", Timestamp),
+            ("actor", Text),
+            ("outcome_actor", Text),
         ],
         singleton: false,
         serial: None,

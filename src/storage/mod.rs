@@ -183,12 +183,40 @@ pub struct ActionOutcomeUpdate {
     pub outcome: Option<serde_json::Value>,
     pub error_code: Option<String>,
     pub new_record: Option<(String, ActionType, Tier)>,
+    /// Who reports it (the record's `outcome_actor`, and its `actor` when the
+    /// report creates it).
+    pub actor: String,
+}
+
+/// Who a write of a post action record is by: the caller claiming it (its
+/// `actor`) or reporting its outcome (its `outcome_actor`).
+#[derive(Debug, Clone, Copy)]
+pub enum Writer<'a> {
+    Claim(&'a str),
+    Report(&'a str),
+}
+
+impl<'a> Writer<'a> {
+    pub fn claimed(self) -> Option<&'a str> {
+        match self {
+            Writer::Claim(actor) => Some(actor),
+            Writer::Report(_) => None,
+        }
+    }
+
+    pub fn reported(self) -> Option<&'a str> {
+        match self {
+            Writer::Report(actor) => Some(actor),
+            Writer::Claim(_) => None,
+        }
+    }
 }
 
 /// The post-healing part of the store.
 #[async_trait]
 pub trait PostHealingStore: Send + Sync + 'static {
     /// Evaluates a post at `now` (the store's clock when `None`). With `claim_lease`,
+    /// `actor` (the claiming caller's name) becomes the claimed record's `actor`.
     /// an eligible action is recorded RUNNING in the same transaction, serialised
     /// per post, so of many concurrent evaluators exactly one claims it.
     async fn evaluate_post(
@@ -196,6 +224,7 @@ pub trait PostHealingStore: Send + Sync + 'static {
         post_id: &str,
         now: Option<DateTime<Utc>>,
         claim_lease: Option<Duration>,
+        actor: &str,
         evaluate: PostEvaluator<'_>,
     ) -> Result<PostVerdict>;
 

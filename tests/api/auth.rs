@@ -1007,3 +1007,72 @@ async fn with_insecure_no_auth_a_non_loopback_address_is_served_with_a_warning()
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn post_actions_keep_who_claimed_them_and_who_reported_the_outcome() {
+    let db = TestDb::new();
+    let entries = [callers(), entry("dora", Role::Operator, &[], &[])].concat();
+    let a = spawn(&db, &entries).await;
+    let now = chrono::Utc::now();
+    // Three points in the last half hour with a stagnant engagement rate.
+    let point = |mins: i64, k: i64| pb::MetricPoint {
+        observed_at: Some(prost_types::Timestamp {
+            seconds: (now - chrono::Duration::minutes(mins)).timestamp(),
+            nanos: 0,
+        }),
+        impressions: 1000 * k,
+        engagements: 5 * k,
+    };
+    let verdict = a
+        .posts()
+        .evaluate_post(as_(
+            "alice",
+            pb::EvaluatePostRequest {
+                post_id: "p-actor".into(),
+                points: vec![point(30, 0), point(20, 1), point(10, 2)],
+                now: None,
+                claim: true,
+            },
+        ))
+        .await
+        .expect("operator claims")
+        .into_inner();
+    let claimed = verdict.action.expect("a claimed action");
+    assert_eq!(
+        (claimed.actor.as_str(), claimed.outcome_actor.as_str()),
+        ("alice", "")
+    );
+    let reported = a
+        .posts()
+        .record_action_outcome(as_(
+            "dora",
+            pb::RecordActionOutcomeRequest {
+                idempotency_key: claimed.idempotency_key.clone(),
+                status: pb::PostActionStatus::Succeeded as i32,
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("operator reports")
+        .into_inner()
+        .action
+        .unwrap();
+    assert_eq!(
+        (reported.actor.as_str(), reported.outcome_actor.as_str()),
+        ("alice", "dora")
+    );
+    let listed = a
+        .posts()
+        .list_actions(as_(
+            "carol",
+            pb::ListActionsRequest {
+                post_id: "p-actor".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .actions;
+    assert_eq!(listed, vec![reported]);
+}

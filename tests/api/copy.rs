@@ -203,7 +203,7 @@ async fn fill(db: &TestDb) -> Vec<(&'static str, u64)> {
     counts.push(("post_locks", 3));
 
     for i in 0..4_i64 {
-        sqlx::query("INSERT INTO post_actions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+        sqlx::query("INSERT INTO post_actions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
             .bind(format!("key-{i}"))
             .bind("post-1")
             .bind(["comment", "edit", "thread", "comment"][i as usize])
@@ -215,6 +215,8 @@ async fn fill(db: &TestDb) -> Vec<(&'static str, u64)> {
             .bind(T0 + i)
             .bind(T0 + i + 1)
             .bind((i == 0).then_some(T0 + 900_000_000))
+            .bind("alice")
+            .bind(if i == 0 { "" } else { "dora ✓" })
             .execute(&mut c)
             .await
             .unwrap();

@@ -9,10 +9,10 @@ use super::{PgStore, db_error};
 use crate::domain::healing_records::StoredAction;
 use crate::domain::post_healing::{self, ActionRecord, ActionStatus, ActionType, Tier};
 use crate::error::{Error, Result};
-use crate::storage::{ActionOutcomeUpdate, PostEvaluator, PostHealingStore, PostVerdict};
+use crate::storage::{ActionOutcomeUpdate, PostEvaluator, PostHealingStore, PostVerdict, Writer};
 
 const COLUMNS: &str = "idempotency_key, post_id, action_type, tier, status, outcome, error_code, \
-     attempts, created_at, updated_at, lease_expires_at";
+     attempts, created_at, updated_at, lease_expires_at, actor, outcome_actor";
 
 #[derive(FromRow)]
 struct ActionRow {
@@ -26,6 +26,8 @@ struct ActionRow {
     attempts: i32,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
+    actor: String,
+    outcome_actor: String,
     lease_expires_at: Option<DateTime<Utc>>,
 }
 
@@ -61,11 +63,15 @@ impl ActionRow {
 
     /// The record as a reader at `now` sees it (the domain decides what an
     /// expired claim is).
-    fn at(self, now: DateTime<Utc>) -> Result<StoredAction> {
+    fn at(mut self, now: DateTime<Utc>) -> Result<StoredAction> {
+        let actor = std::mem::take(&mut self.actor);
+        let outcome_actor = std::mem::take(&mut self.outcome_actor);
         let (record, outcome) = self.stored()?;
         Ok(StoredAction {
             record: post_healing::as_of(record, now),
             outcome,
+            actor,
+            outcome_actor,
         })
     }
 }
@@ -75,11 +81,13 @@ async fn update_record(
     tx: &mut Transaction<'_, Postgres>,
     record: &ActionRecord,
     outcome: Option<&serde_json::Value>,
+    by: Writer<'_>,
 ) -> Result<ActionRow> {
     sqlx::query_as(&format!(
         "UPDATE post_actions SET
              status = $2, outcome = $3, error_code = $4, attempts = $5,
-             updated_at = $6, lease_expires_at = $7
+             updated_at = $6, lease_expires_at = $7,
+             actor = COALESCE($8, actor), outcome_actor = COALESCE($9, outcome_actor)
          WHERE idempotency_key = $1
          RETURNING {COLUMNS}"
     ))
@@ -90,6 +98,8 @@ async fn update_record(
     .bind(record.attempts)
     .bind(record.updated_at)
     .bind(record.lease_expires_at)
+    .bind(by.claimed())
+    .bind(by.reported())
     .fetch_one(&mut **tx)
     .await
     .map_err(db_error)
@@ -99,12 +109,13 @@ async fn update_record(
 async fn insert_record(
     tx: &mut Transaction<'_, Postgres>,
     record: &ActionRecord,
+    actor: &str,
 ) -> Result<Option<ActionRow>> {
     sqlx::query_as(&format!(
         "INSERT INTO post_actions
              (idempotency_key, post_id, action_type, tier, status, error_code, attempts,
-              created_at, updated_at, lease_expires_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+              created_at, updated_at, lease_expires_at, actor)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
          ON CONFLICT (idempotency_key) DO NOTHING
          RETURNING {COLUMNS}"
     ))
@@ -118,6 +129,7 @@ async fn insert_record(
     .bind(record.created_at)
     .bind(record.updated_at)
     .bind(record.lease_expires_at)
+    .bind(actor)
     .fetch_optional(&mut **tx)
     .await
     .map_err(db_error)
@@ -152,6 +164,7 @@ impl PostHealingStore for PgStore {
         post_id: &str,
         now: Option<DateTime<Utc>>,
         claim_lease: Option<Duration>,
+        actor: &str,
         evaluate: PostEvaluator<'_>,
     ) -> Result<PostVerdict> {
         let mut tx = self.pool.begin().await.map_err(db_error)?;
@@ -207,12 +220,22 @@ impl PostHealingStore for PgStore {
         let claimed =
             post_healing::claim(existing.map(|s| &s.record), post_id, stagnation, now, lease);
         let row = match existing {
-            Some(existing) => update_record(&mut tx, &claimed, existing.outcome.as_ref()).await?,
-            None => insert_record(&mut tx, &claimed).await?.ok_or_else(|| {
-                Error::Conflict(format!(
-                    "post action {key} was recorded meanwhile by another call"
-                ))
-            })?,
+            Some(existing) => {
+                update_record(
+                    &mut tx,
+                    &claimed,
+                    existing.outcome.as_ref(),
+                    Writer::Claim(actor),
+                )
+                .await?
+            }
+            None => insert_record(&mut tx, &claimed, actor)
+                .await?
+                .ok_or_else(|| {
+                    Error::Conflict(format!(
+                        "post action {key} was recorded meanwhile by another call"
+                    ))
+                })?,
         };
         tx.commit().await.map_err(db_error)?;
         Ok(PostVerdict {
@@ -246,7 +269,7 @@ impl PostHealingStore for PgStore {
             }
             // A concurrent creator may win: the update below then applies on top of it.
             let base = post_healing::reported(post_id, *action, *tier, update.status, now);
-            existing = match insert_record(&mut tx, &base).await? {
+            existing = match insert_record(&mut tx, &base, &update.actor).await? {
                 Some(row) => Some(row),
                 None => fetch(&mut tx, key, true).await?,
             };
@@ -257,7 +280,13 @@ impl PostHealingStore for PgStore {
         let updated = post_healing::apply_outcome(stored, update.status, update.error_code, now);
         // An outcome is kept until a report brings a new one.
         let outcome = update.outcome.or(outcome);
-        let row = update_record(&mut tx, &updated, outcome.as_ref()).await?;
+        let row = update_record(
+            &mut tx,
+            &updated,
+            outcome.as_ref(),
+            Writer::Report(&update.actor),
+        )
+        .await?;
         tx.commit().await.map_err(db_error)?;
         Ok((row.at(now)?, created))
     }

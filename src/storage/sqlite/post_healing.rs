@@ -13,10 +13,10 @@ use super::{SqliteStore, from_micros, from_micros_opt, micros, sqlite_error, sto
 use crate::domain::healing_records::StoredAction;
 use crate::domain::post_healing::{self, ActionRecord, ActionStatus, ActionType, Tier};
 use crate::error::{Error, Result};
-use crate::storage::{ActionOutcomeUpdate, PostEvaluator, PostHealingStore, PostVerdict};
+use crate::storage::{ActionOutcomeUpdate, PostEvaluator, PostHealingStore, PostVerdict, Writer};
 
 const COLUMNS: &str = "idempotency_key, post_id, action_type, tier, status, outcome, error_code, \
-     attempts, created_at, updated_at, lease_expires_at";
+     attempts, created_at, updated_at, lease_expires_at, actor, outcome_actor";
 
 #[derive(FromRow)]
 struct ActionRow {
@@ -30,6 +30,8 @@ struct ActionRow {
     attempts: i32,
     created_at: i64,
     updated_at: i64,
+    actor: String,
+    outcome_actor: String,
     lease_expires_at: Option<i64>,
 }
 
@@ -78,11 +80,15 @@ impl ActionRow {
 
     /// The record as a reader at `now` sees it (the domain decides what an
     /// expired claim is).
-    fn at(self, now: DateTime<Utc>) -> Result<StoredAction> {
+    fn at(mut self, now: DateTime<Utc>) -> Result<StoredAction> {
+        let actor = std::mem::take(&mut self.actor);
+        let outcome_actor = std::mem::take(&mut self.outcome_actor);
         let (record, outcome) = self.stored()?;
         Ok(StoredAction {
             record: post_healing::as_of(record, now),
             outcome,
+            actor,
+            outcome_actor,
         })
     }
 }
@@ -92,11 +98,13 @@ async fn update_record(
     conn: &mut SqliteConnection,
     record: &ActionRecord,
     outcome: Option<&serde_json::Value>,
+    by: Writer<'_>,
 ) -> Result<ActionRow> {
     sqlx::query_as(&format!(
         "UPDATE post_actions SET
              status = ?2, outcome = ?3, error_code = ?4, attempts = ?5,
-             updated_at = ?6, lease_expires_at = ?7
+             updated_at = ?6, lease_expires_at = ?7,
+             actor = COALESCE(?8, actor), outcome_actor = COALESCE(?9, outcome_actor)
          WHERE idempotency_key = ?1
          RETURNING {COLUMNS}"
     ))
@@ -107,6 +115,8 @@ async fn update_record(
     .bind(record.attempts)
     .bind(micros(record.updated_at))
     .bind(record.lease_expires_at.map(micros))
+    .bind(by.claimed())
+    .bind(by.reported())
     .fetch_one(&mut *conn)
     .await
     .map_err(sqlite_error)
@@ -116,12 +126,13 @@ async fn update_record(
 async fn insert_record(
     conn: &mut SqliteConnection,
     record: &ActionRecord,
+    actor: &str,
 ) -> Result<Option<ActionRow>> {
     sqlx::query_as(&format!(
         "INSERT INTO post_actions
              (idempotency_key, post_id, action_type, tier, status, error_code, attempts,
-              created_at, updated_at, lease_expires_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+              created_at, updated_at, lease_expires_at, actor)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
          ON CONFLICT (idempotency_key) DO NOTHING
          RETURNING {COLUMNS}"
     ))
@@ -135,6 +146,7 @@ async fn insert_record(
     .bind(micros(record.created_at))
     .bind(micros(record.updated_at))
     .bind(record.lease_expires_at.map(micros))
+    .bind(actor)
     .fetch_optional(&mut *conn)
     .await
     .map_err(sqlite_error)
@@ -157,6 +169,7 @@ impl PostHealingStore for SqliteStore {
         post_id: &str,
         now: Option<DateTime<Utc>>,
         claim_lease: Option<Duration>,
+        actor: &str,
         evaluate: PostEvaluator<'_>,
     ) -> Result<PostVerdict> {
         // A claim evaluates and writes under the write lock: each claim sees the
@@ -206,12 +219,22 @@ impl PostHealingStore for SqliteStore {
         let claimed =
             post_healing::claim(existing.map(|s| &s.record), post_id, stagnation, now, lease);
         let row = match existing {
-            Some(existing) => update_record(&mut tx, &claimed, existing.outcome.as_ref()).await?,
-            None => insert_record(&mut tx, &claimed).await?.ok_or_else(|| {
-                Error::Conflict(format!(
-                    "post action {key} was recorded meanwhile by another call"
-                ))
-            })?,
+            Some(existing) => {
+                update_record(
+                    &mut tx,
+                    &claimed,
+                    existing.outcome.as_ref(),
+                    Writer::Claim(actor),
+                )
+                .await?
+            }
+            None => insert_record(&mut tx, &claimed, actor)
+                .await?
+                .ok_or_else(|| {
+                    Error::Conflict(format!(
+                        "post action {key} was recorded meanwhile by another call"
+                    ))
+                })?,
         };
         tx.commit().await.map_err(sqlite_error)?;
         Ok(PostVerdict {
@@ -246,7 +269,7 @@ impl PostHealingStore for SqliteStore {
             // Under the write lock nobody creates it meanwhile; kept as Postgres
             // has it: a record found after all is updated on top.
             let base = post_healing::reported(post_id, *action, *tier, update.status, now);
-            existing = match insert_record(&mut tx, &base).await? {
+            existing = match insert_record(&mut tx, &base, &update.actor).await? {
                 Some(row) => Some(row),
                 None => fetch(&mut tx, key).await?,
             };
@@ -257,7 +280,13 @@ impl PostHealingStore for SqliteStore {
         let updated = post_healing::apply_outcome(stored, update.status, update.error_code, now);
         // An outcome is kept until a report brings a new one.
         let outcome = update.outcome.or(outcome);
-        let row = update_record(&mut tx, &updated, outcome.as_ref()).await?;
+        let row = update_record(
+            &mut tx,
+            &updated,
+            outcome.as_ref(),
+            Writer::Report(&update.actor),
+        )
+        .await?;
         tx.commit().await.map_err(sqlite_error)?;
         Ok((row.at(now)?, created))
     }
@@ -363,7 +392,13 @@ mod tests {
             let store = t.store.clone();
             tokio::spawn(async move {
                 store
-                    .evaluate_post("p1", None, Some(Duration::minutes(5)), evaluator("p1"))
+                    .evaluate_post(
+                        "p1",
+                        None,
+                        Some(Duration::minutes(5)),
+                        "tester",
+                        evaluator("p1"),
+                    )
                     .await
             })
         });
@@ -391,7 +426,13 @@ mod tests {
         let t = temp_store().await;
         let first = t
             .store
-            .evaluate_post("p1", None, Some(Duration::zero()), evaluator("p1"))
+            .evaluate_post(
+                "p1",
+                None,
+                Some(Duration::zero()),
+                "tester",
+                evaluator("p1"),
+            )
             .await
             .unwrap()
             .claimed
@@ -401,7 +442,13 @@ mod tests {
         assert_eq!(first.record.error_code.as_deref(), Some("timeout"));
         let again = t
             .store
-            .evaluate_post("p1", None, Some(Duration::minutes(5)), evaluator("p1"))
+            .evaluate_post(
+                "p1",
+                None,
+                Some(Duration::minutes(5)),
+                "tester",
+                evaluator("p1"),
+            )
             .await
             .unwrap()
             .claimed
@@ -412,7 +459,7 @@ mod tests {
         // Without a lease nothing is written.
         let verdict = t
             .store
-            .evaluate_post("p2", None, None, evaluator("p2"))
+            .evaluate_post("p2", None, None, "tester", evaluator("p2"))
             .await
             .unwrap();
         assert!(verdict.evaluation.eligible && verdict.claimed.is_none());
@@ -435,6 +482,7 @@ mod tests {
             outcome: Some(serde_json::json!({"edited": false})),
             error_code: Some("rate_limit".into()),
             new_record,
+            actor: "alice".into(),
         };
         assert!(matches!(
             t.store.record_action_outcome(update(None)).await,
@@ -459,12 +507,18 @@ mod tests {
         assert_eq!(created.record.attempts, 1);
         assert_eq!(created.record.error_code.as_deref(), Some("rate_limit"));
         assert_eq!(created.outcome, Some(serde_json::json!({"edited": false})));
+        // Created by a report: its reporter is both who made it and who reported.
+        assert_eq!(
+            (created.actor.as_str(), created.outcome_actor.as_str()),
+            ("alice", "alice")
+        );
         let (later, was_created) = t
             .store
             .record_action_outcome(ActionOutcomeUpdate {
                 status: ActionStatus::Succeeded,
                 outcome: None,
                 error_code: None,
+                actor: "bob".into(),
                 ..update(new)
             })
             .await
@@ -474,6 +528,10 @@ mod tests {
         assert_eq!(later.record.attempts, 2);
         // The outcome stays until a report brings a new one.
         assert_eq!(later.outcome, Some(serde_json::json!({"edited": false})));
+        assert_eq!(
+            (later.actor.as_str(), later.outcome_actor.as_str()),
+            ("alice", "bob")
+        );
     }
 
     #[tokio::test]
@@ -493,6 +551,7 @@ mod tests {
                     outcome: None,
                     error_code: None,
                     new_record: Some(("p1".into(), action, tier)),
+                    actor: "alice".into(),
                 })
                 .await
                 .unwrap();

@@ -349,7 +349,7 @@ class MetricPoint(_message.Message):
     def __init__(self, observed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., impressions: _Optional[int] = ..., engagements: _Optional[int] = ...) -> None: ...
 
 class PostAction(_message.Message):
-    __slots__ = ("idempotency_key", "post_id", "action_type", "tier", "status", "outcome_json", "error_code", "attempts", "created_at", "updated_at", "lease_expires_at")
+    __slots__ = ("idempotency_key", "post_id", "action_type", "tier", "status", "outcome_json", "error_code", "attempts", "created_at", "updated_at", "lease_expires_at", "actor", "outcome_actor")
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     POST_ID_FIELD_NUMBER: _ClassVar[int]
     ACTION_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -361,6 +361,8 @@ class PostAction(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_ACTOR_FIELD_NUMBER: _ClassVar[int]
     idempotency_key: str
     post_id: str
     action_type: PostActionType
@@ -372,7 +374,9 @@ class PostAction(_message.Message):
     created_at: _timestamp_pb2.Timestamp
     updated_at: _timestamp_pb2.Timestamp
     lease_expires_at: _timestamp_pb2.Timestamp
-    def __init__(self, idempotency_key: _Optional[str] = ..., post_id: _Optional[str] = ..., action_type: _Optional[_Union[PostActionType, str]] = ..., tier: _Optional[int] = ..., status: _Optional[_Union[PostActionStatus, str]] = ..., outcome_json: _Optional[str] = ..., error_code: _Optional[str] = ..., attempts: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    actor: str
+    outcome_actor: str
+    def __init__(self, idempotency_key: _Optional[str] = ..., post_id: _Optional[str] = ..., action_type: _Optional[_Union[PostActionType, str]] = ..., tier: _Optional[int] = ..., status: _Optional[_Union[PostActionStatus, str]] = ..., outcome_json: _Optional[str] = ..., error_code: _Optional[str] = ..., attempts: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., actor: _Optional[str] = ..., outcome_actor: _Optional[str] = ...) -> None: ...
 
 class EvaluatePostRequest(_message.Message):
     __slots__ = ("post_id", "points", "now", "claim")
