@@ -183,19 +183,27 @@ impl Bench {
 
     /// StartWork + FinishWork pairs, each in-flight caller on its own agent.
     async fn transitions(&self, pairs: usize, concurrency: usize, offset: usize) -> f64 {
-        let r = drive(pairs, concurrency, |i| {
+        // Calls complete out of order: an in-flight pair takes a free agent and
+        // gives it back, so no two pairs ever share one.
+        let free =
+            std::sync::Mutex::new((0..concurrency).map(|i| id(offset + i)).collect::<Vec<_>>());
+        let free = &free;
+        let r = drive(pairs, concurrency, |_| {
             let mut c = self.agents();
             async move {
-                let agent_id = id(offset + i % concurrency);
+                let agent_id = free.lock().unwrap().pop().expect("a free agent per caller");
                 c.start_work(pb::StartWorkRequest {
                     agent_id: agent_id.clone(),
                     slot_type: pb::SlotType::Work as i32,
                 })
                 .await
                 .unwrap();
-                c.finish_work(pb::FinishWorkRequest { agent_id })
-                    .await
-                    .unwrap();
+                c.finish_work(pb::FinishWorkRequest {
+                    agent_id: agent_id.clone(),
+                })
+                .await
+                .unwrap();
+                free.lock().unwrap().push(agent_id);
             }
         })
         .await;
