@@ -8,6 +8,7 @@
 //! the configuration.
 
 pub mod copy;
+pub(crate) mod decode;
 pub mod memory;
 pub mod postgres;
 pub mod sqlite;

@@ -354,12 +354,19 @@ impl Pipeline {
                 p.bytes_hashed = bytes;
             });
         };
+        // Set by shutdown: no new files or batches, but the commits under way
+        // are awaited and counted (a COMMIT already sent may land whether or
+        // not its caller still listens, so the run reports what it kept).
+        let mut stopping = false;
         loop {
-            while running.len() < self.config.parallelism.max(1) && ready.len() < MAX_BATCH_FILES {
+            while !stopping
+                && running.len() < self.config.parallelism.max(1)
+                && ready.len() < MAX_BATCH_FILES
+            {
                 let Some(file) = files.next() else { break };
                 running.push(self.handle_tagged(processor, file, states.get(&file.path), now));
             }
-            while committing.len() < COMMITS_IN_FLIGHT {
+            while !stopping && committing.len() < COMMITS_IN_FLIGHT {
                 let batch = match retries.pop_front() {
                     Some(batch) => batch,
                     None if !ready.is_empty() => Batch {
@@ -373,18 +380,21 @@ impl Pipeline {
             if running.is_empty() && committing.is_empty() {
                 break;
             }
-            // Shutdown interrupts the files and commits under way: their
-            // transactions roll back.
+            // Shutdown interrupts the files under way (they wrote nothing);
+            // the commits under way finish.
             let event = tokio::select! {
                 biased;
-                _ = self.shutdown.cancelled() => None,
+                _ = self.shutdown.cancelled(), if !stopping => None,
                 Some(done) = committing.next(), if !committing.is_empty() => Some(Event::Committed(done)),
                 Some(done) = running.next(), if !running.is_empty() => Some(Event::Handled(done)),
             };
             match event {
                 None => {
                     stats.root_error = Some("interrupted by shutdown".into());
-                    return Ok(());
+                    stopping = true;
+                    running.clear();
+                    ready.clear();
+                    retries.clear();
                 }
                 Some(Event::Handled((_, handled))) => {
                     // A store error is not the session's fault: the run stops.
@@ -424,7 +434,7 @@ impl Pipeline {
                 // Another transaction touched the same rows: nothing of the
                 // batch was kept, so commit it again.
                 Some(Event::Committed((mut batch, Err(Error::Conflict(_)))))
-                    if batch.attempt < MAX_CONFLICT_RETRIES =>
+                    if batch.attempt < MAX_CONFLICT_RETRIES && !stopping =>
                 {
                     tracing::debug!(
                         files = batch.sessions.len(),
@@ -434,6 +444,8 @@ impl Pipeline {
                     batch.attempt += 1;
                     retries.push_back(batch);
                 }
+                // Stopping: the batch was not kept, and is not retried.
+                Some(Event::Committed((_, Err(Error::Conflict(_))))) if stopping => {}
                 Some(Event::Committed((_, Err(error)))) => return Err(error),
             }
         }
@@ -668,6 +680,37 @@ mod tests {
         assert!(stats.root_error.is_none());
         let rows = store.usage(&by_user()).await.unwrap();
         assert_eq!(rows[0].messages, 3);
+    }
+
+    #[tokio::test]
+    async fn shutdown_waits_for_the_commit_under_way_and_counts_what_it_kept() {
+        let root = Root::with_sessions(1);
+        let hold = Arc::new(Semaphore::new(0));
+        let store = Arc::new(MemoryPipelineStore::holding_commits(hold.clone()));
+        let shutdown = CancellationToken::new();
+        let p = pipeline(
+            store.clone(),
+            &root,
+            vec![(Arc::new(Held::new("usage", 100)), Duration::ZERO)],
+            shutdown.clone(),
+        );
+        let run = tokio::spawn({
+            let p = p.clone();
+            async move { p.run("usage").await }
+        });
+        // The commit has started and is held: shut down, then let it finish.
+        store
+            .commits_started
+            .acquire()
+            .await
+            .expect("never closed")
+            .forget();
+        shutdown.cancel();
+        hold.add_permits(1);
+        let stats = run.await.unwrap().unwrap();
+        assert_eq!(stats.processed, 1, "{stats:?}");
+        assert_eq!(stats.root_error.as_deref(), Some("interrupted by shutdown"));
+        assert_eq!(store.usage(&by_user()).await.unwrap()[0].messages, 1);
     }
 
     #[tokio::test]

@@ -6,12 +6,13 @@ use sqlx::types::Json;
 use sqlx::{FromRow, Postgres, Transaction};
 
 use super::{PgStore, db_error};
-use crate::domain::healing::{self, Context, ErrorType, Evidence, Strategy};
+use crate::domain::healing::{self, Context, ErrorType, Evidence};
 use crate::domain::healing_records::{
-    self as records, ErrorEvent, HealingStatistics, LeaseFilter, NewErrorEvent, PatternStatistics,
-    RecoveryAction, RecoveryAlreadyActive, RecoveryOutcome, RecoveryStatus, StoredStatusFilter,
+    self as records, ErrorEvent, HealingStatistics, LeaseFilter, NewErrorEvent, RecoveryAction,
+    RecoveryAlreadyActive, RecoveryOutcome, RecoveryStatus, StoredStatusFilter,
 };
 use crate::error::{Error, Result};
+use crate::storage::decode;
 use crate::storage::{ErrorEventQuery, HealingStore, Planner, RecoveryActionQuery};
 
 const EVENT_COLUMNS: &str =
@@ -106,25 +107,13 @@ struct ActionRow {
     outcome_actor: String,
 }
 
-fn corrupt(what: &str, value: &str) -> Error {
-    Error::Internal(format!("stored {what} {value:?} is not recognised"))
-}
-
-fn parse_type(s: &str) -> Result<ErrorType> {
-    ErrorType::parse(s).ok_or_else(|| corrupt("error type", s))
-}
-
-fn parse_strategy(s: &str) -> Result<Strategy> {
-    Strategy::parse(s).ok_or_else(|| corrupt("strategy", s))
-}
-
 impl TryFrom<EventRow> for ErrorEvent {
     type Error = Error;
 
     fn try_from(row: EventRow) -> Result<ErrorEvent> {
         Ok(ErrorEvent {
             id: row.id,
-            error_type: parse_type(&row.error_type)?,
+            error_type: decode::error_type(&row.error_type)?,
             agent_id: row.agent_id,
             message: row.message,
             context: row.context.0,
@@ -141,7 +130,7 @@ impl ActionRow {
     /// The action as a reader at `now` sees it.
     fn at(self, now: DateTime<Utc>) -> Result<RecoveryAction> {
         let stored = RecoveryStatus::parse(&self.status)
-            .ok_or_else(|| corrupt("recovery status", &self.status))?;
+            .ok_or_else(|| decode::corrupt("recovery status", &self.status))?;
         let mut action = RecoveryAction::try_from(self)?;
         action.status = stored.as_of(action.lease_expires_at, now);
         Ok(action)
@@ -156,11 +145,11 @@ impl TryFrom<ActionRow> for RecoveryAction {
         Ok(RecoveryAction {
             id: row.id,
             error_event_id: row.error_event_id,
-            error_type: parse_type(&row.error_type)?,
-            strategy: parse_strategy(&row.strategy)?,
-            chosen_strategy: parse_strategy(&row.chosen_strategy)?,
+            error_type: decode::error_type(&row.error_type)?,
+            strategy: decode::strategy(&row.strategy)?,
+            chosen_strategy: decode::strategy(&row.chosen_strategy)?,
             status: RecoveryStatus::parse(&row.status)
-                .ok_or_else(|| corrupt("recovery status", &row.status))?,
+                .ok_or_else(|| decode::corrupt("recovery status", &row.status))?,
             agent_id: row.agent_id,
             context_signature: row.context_signature,
             parameters: row.parameters.0,
@@ -293,7 +282,7 @@ impl HealingStore for PgStore {
             .into_iter()
             .map(|(strategy, successes, failures, total_ms)| {
                 Ok(Evidence {
-                    strategy: parse_strategy(&strategy)?,
+                    strategy: decode::strategy(&strategy)?,
                     successes,
                     failures,
                     total_recovery_secs: total_ms / 1000.0,
@@ -441,7 +430,7 @@ impl HealingStore for PgStore {
         .fetch_all(&mut *tx)
         .await
         .map_err(db_error)?;
-        let patterns: Vec<(String, String, String, i64, i64, f64)> = sqlx::query_as(
+        let patterns: Vec<decode::PatternRow> = sqlx::query_as(
             "SELECT error_type, context_signature, strategy, successes, failures, total_recovery_ms
              FROM healing_patterns ORDER BY error_type, context_signature, strategy",
         )
@@ -449,28 +438,11 @@ impl HealingStore for PgStore {
         .await
         .map_err(db_error)?;
         tx.commit().await.map_err(db_error)?;
-        Ok(HealingStatistics {
-            total_errors,
-            errors_last_hour,
-            active_recoveries,
-            errors_by_type: by_type
-                .into_iter()
-                .map(|(t, n)| Ok((parse_type(&t)?, n)))
-                .collect::<Result<_>>()?,
-            patterns: patterns
-                .into_iter()
-                .map(|(t, signature, strategy, successes, failures, total_ms)| {
-                    Ok(PatternStatistics {
-                        error_type: parse_type(&t)?,
-                        context_signature: signature,
-                        strategy: parse_strategy(&strategy)?,
-                        successes,
-                        failures,
-                        total_recovery_secs: total_ms / 1000.0,
-                    })
-                })
-                .collect::<Result<_>>()?,
-        })
+        decode::healing_statistics(
+            (total_errors, errors_last_hour, active_recoveries),
+            by_type,
+            patterns,
+        )
     }
 
     async fn list_error_events(&self, query: &ErrorEventQuery) -> Result<Vec<ErrorEvent>> {

@@ -7,8 +7,9 @@ use sqlx::{FromRow, Postgres, Transaction};
 
 use super::{PgStore, db_error};
 use crate::domain::healing_records::StoredAction;
-use crate::domain::post_healing::{self, ActionRecord, ActionStatus, ActionType, Tier};
+use crate::domain::post_healing::{self, ActionRecord, ActionStatus, ActionType};
 use crate::error::{Error, Result};
+use crate::storage::decode;
 use crate::storage::{ActionOutcomeUpdate, PostEvaluator, PostHealingStore, PostVerdict, Writer};
 
 const COLUMNS: &str = "idempotency_key, post_id, action_type, tier, status, outcome, error_code, \
@@ -31,24 +32,15 @@ struct ActionRow {
     lease_expires_at: Option<DateTime<Utc>>,
 }
 
-fn corrupt(what: &str, value: &str) -> Error {
-    Error::Internal(format!("stored {what} {value:?} is not recognised"))
-}
-
 impl ActionRow {
     /// The record as stored, and its last reported outcome.
     fn stored(self) -> Result<(ActionRecord, Option<serde_json::Value>)> {
-        let tier = match self.tier {
-            1 => Tier::Tier1,
-            2 => Tier::Tier2,
-            3 => Tier::Tier3,
-            other => return Err(corrupt("tier", &other.to_string())),
-        };
+        let tier = decode::tier(self.tier)?;
         let record = ActionRecord {
             action: ActionType::parse(&self.action_type)
-                .ok_or_else(|| corrupt("action type", &self.action_type))?,
+                .ok_or_else(|| decode::corrupt("action type", &self.action_type))?,
             status: ActionStatus::parse(&self.status)
-                .ok_or_else(|| corrupt("action status", &self.status))?,
+                .ok_or_else(|| decode::corrupt("action status", &self.status))?,
             idempotency_key: self.idempotency_key,
             post_id: self.post_id,
             tier,

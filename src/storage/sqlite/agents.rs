@@ -19,12 +19,13 @@ use sqlx::{FromRow, QueryBuilder, Sqlite};
 use tokio::sync::watch;
 
 use super::{SqliteStore, from_micros, from_micros_opt, micros, sqlite_error, truncate};
-use crate::domain::agent::{AgentState, AgentStatus, Cause, Exhaustion, ExhaustionReason};
+use crate::domain::agent::{AgentState, AgentStatus, Cause, Exhaustion};
 use crate::domain::batch::{self, Applied, Command, Refusal};
 use crate::domain::liveness::SweepQuery;
-use crate::domain::recovery::{RecoveryEstimate, RecoverySource};
+use crate::domain::recovery::RecoveryEstimate;
 use crate::domain::transition::{Agent, Labels, RevisionBounds, Transition, WatchFilter};
 use crate::error::{Error, Result};
+use crate::storage::decode;
 use crate::storage::{AgentQuery, AgentStore};
 
 const AGENT_COLUMNS: &str = "agent_id, status, labels, registered_at, last_heartbeat_at, \
@@ -61,32 +62,16 @@ struct TransitionRow {
     actor: String,
 }
 
-fn corrupt(what: &str, value: &str) -> Error {
-    Error::Internal(format!("stored {what} {value:?} is not recognised"))
-}
-
-fn parse_status(s: &str) -> Result<AgentStatus> {
-    AgentStatus::parse(s).ok_or_else(|| corrupt("status", s))
-}
-
-fn parse_reason(s: &str) -> Result<ExhaustionReason> {
-    ExhaustionReason::parse(s).ok_or_else(|| corrupt("exhaustion reason", s))
-}
-
 impl TryFrom<AgentRow> for Agent {
     type Error = Error;
 
     fn try_from(row: AgentRow) -> Result<Agent> {
         let exhaustion = match (row.exhaustion_reason, row.recovery_at) {
             (Some(reason), Some(recovery_at)) => Some(Exhaustion {
-                reason: parse_reason(&reason)?,
+                reason: decode::exhaustion_reason(&reason)?,
                 recovery: RecoveryEstimate {
                     recovery_at: from_micros(recovery_at),
-                    source: {
-                        let source = row.recovery_source.as_deref().unwrap_or("DEFAULT");
-                        RecoverySource::parse(source)
-                            .ok_or_else(|| corrupt("recovery source", source))?
-                    },
+                    source: decode::recovery_source(row.recovery_source.as_deref())?,
                     hint: row.recovery_hint.unwrap_or_default(),
                 },
             }),
@@ -96,7 +81,7 @@ impl TryFrom<AgentRow> for Agent {
             .map_err(|e| Error::Internal(format!("stored labels unreadable: {e}")))?;
         Ok(Agent {
             state: AgentState {
-                status: parse_status(&row.status)?,
+                status: decode::status(&row.status)?,
                 last_heartbeat_at: from_micros(row.last_heartbeat_at),
                 exhaustion,
             },
@@ -116,14 +101,14 @@ impl TryFrom<TransitionRow> for Transition {
         Ok(Transition {
             revision: row.revision,
             agent_id: row.agent_id,
-            from: row.from_status.as_deref().map(parse_status).transpose()?,
-            to: parse_status(&row.to_status)?,
-            cause: Cause::parse(&row.cause).ok_or_else(|| corrupt("cause", &row.cause))?,
+            from: row.from_status.as_deref().map(decode::status).transpose()?,
+            to: decode::status(&row.to_status)?,
+            cause: Cause::parse(&row.cause).ok_or_else(|| decode::corrupt("cause", &row.cause))?,
             occurred_at: from_micros(row.occurred_at),
             exhaustion_reason: row
                 .exhaustion_reason
                 .as_deref()
-                .map(parse_reason)
+                .map(decode::exhaustion_reason)
                 .transpose()?,
             recovery_at: from_micros_opt(row.recovery_at),
             actor: row.actor,
@@ -504,11 +489,11 @@ impl AgentStore for SqliteStore {
 mod tests {
     use super::*;
     use crate::config::DatabaseArgs;
-    use crate::domain::agent::{Event, ExhaustionReport, SlotType};
+    use crate::domain::agent::{Event, ExhaustionReason, ExhaustionReport, SlotType};
     use crate::domain::liveness::sweep_query;
+    use crate::domain::recovery::RecoverySource;
     use chrono::{Duration, TimeZone};
 
-    /// A fresh store in its own directory, removed when dropped.
     struct TestStore {
         store: SqliteStore,
         dir: std::path::PathBuf,

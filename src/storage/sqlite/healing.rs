@@ -13,12 +13,13 @@ use sqlx::{FromRow, QueryBuilder, Sqlite, SqliteConnection};
 use super::{
     SqliteStore, from_micros, from_micros_opt, is_unique_violation, micros, sqlite_error, store_now,
 };
-use crate::domain::healing::{self, Context, ErrorType, Evidence, Strategy};
+use crate::domain::healing::{self, Context, Evidence};
 use crate::domain::healing_records::{
-    self as records, ErrorEvent, HealingStatistics, LeaseFilter, NewErrorEvent, PatternStatistics,
-    RecoveryAction, RecoveryAlreadyActive, RecoveryOutcome, RecoveryStatus, StoredStatusFilter,
+    self as records, ErrorEvent, HealingStatistics, LeaseFilter, NewErrorEvent, RecoveryAction,
+    RecoveryAlreadyActive, RecoveryOutcome, RecoveryStatus, StoredStatusFilter,
 };
 use crate::error::{Error, Result};
+use crate::storage::decode;
 use crate::storage::{ErrorEventQuery, HealingStore, Planner, RecoveryActionQuery};
 
 const EVENT_COLUMNS: &str =
@@ -97,25 +98,13 @@ struct ActionRow {
     outcome_actor: String,
 }
 
-fn corrupt(what: &str, value: &str) -> Error {
-    Error::Internal(format!("stored {what} {value:?} is not recognised"))
-}
-
-fn parse_type(s: &str) -> Result<ErrorType> {
-    ErrorType::parse(s).ok_or_else(|| corrupt("error type", s))
-}
-
-fn parse_strategy(s: &str) -> Result<Strategy> {
-    Strategy::parse(s).ok_or_else(|| corrupt("strategy", s))
-}
-
 /// A context as stored: a JSON object in TEXT.
 fn context_text(context: &Context) -> Result<String> {
     serde_json::to_string(context).map_err(|e| Error::Internal(format!("context encoding: {e}")))
 }
 
 fn parse_context(what: &str, text: &str) -> Result<Context> {
-    serde_json::from_str(text).map_err(|_| corrupt(what, text))
+    serde_json::from_str(text).map_err(|_| decode::corrupt(what, text))
 }
 
 impl TryFrom<EventRow> for ErrorEvent {
@@ -124,7 +113,7 @@ impl TryFrom<EventRow> for ErrorEvent {
     fn try_from(row: EventRow) -> Result<ErrorEvent> {
         Ok(ErrorEvent {
             id: row.id,
-            error_type: parse_type(&row.error_type)?,
+            error_type: decode::error_type(&row.error_type)?,
             context: parse_context("error context", &row.context)?,
             agent_id: row.agent_id,
             message: row.message,
@@ -154,11 +143,11 @@ impl TryFrom<ActionRow> for RecoveryAction {
         Ok(RecoveryAction {
             id: row.id,
             error_event_id: row.error_event_id,
-            error_type: parse_type(&row.error_type)?,
-            strategy: parse_strategy(&row.strategy)?,
-            chosen_strategy: parse_strategy(&row.chosen_strategy)?,
+            error_type: decode::error_type(&row.error_type)?,
+            strategy: decode::strategy(&row.strategy)?,
+            chosen_strategy: decode::strategy(&row.chosen_strategy)?,
             status: RecoveryStatus::parse(&row.status)
-                .ok_or_else(|| corrupt("recovery status", &row.status))?,
+                .ok_or_else(|| decode::corrupt("recovery status", &row.status))?,
             parameters: parse_context("recovery parameters", &row.parameters)?,
             agent_id: row.agent_id,
             context_signature: row.context_signature,
@@ -286,7 +275,7 @@ impl HealingStore for SqliteStore {
             .into_iter()
             .map(|(strategy, successes, failures, total_ms)| {
                 Ok(Evidence {
-                    strategy: parse_strategy(&strategy)?,
+                    strategy: decode::strategy(&strategy)?,
                     successes,
                     failures,
                     total_recovery_secs: total_ms / 1000.0,
@@ -434,7 +423,7 @@ impl HealingStore for SqliteStore {
         .fetch_all(&mut *tx)
         .await
         .map_err(sqlite_error)?;
-        let patterns: Vec<(String, String, String, i64, i64, f64)> = sqlx::query_as(
+        let patterns: Vec<decode::PatternRow> = sqlx::query_as(
             "SELECT error_type, context_signature, strategy, successes, failures, total_recovery_ms
              FROM healing_patterns ORDER BY error_type, context_signature, strategy",
         )
@@ -442,28 +431,11 @@ impl HealingStore for SqliteStore {
         .await
         .map_err(sqlite_error)?;
         tx.commit().await.map_err(sqlite_error)?;
-        Ok(HealingStatistics {
-            total_errors,
-            errors_last_hour,
-            active_recoveries,
-            errors_by_type: by_type
-                .into_iter()
-                .map(|(t, n)| Ok((parse_type(&t)?, n)))
-                .collect::<Result<_>>()?,
-            patterns: patterns
-                .into_iter()
-                .map(|(t, signature, strategy, successes, failures, total_ms)| {
-                    Ok(PatternStatistics {
-                        error_type: parse_type(&t)?,
-                        context_signature: signature,
-                        strategy: parse_strategy(&strategy)?,
-                        successes,
-                        failures,
-                        total_recovery_secs: total_ms / 1000.0,
-                    })
-                })
-                .collect::<Result<_>>()?,
-        })
+        decode::healing_statistics(
+            (total_errors, errors_last_hour, active_recoveries),
+            by_type,
+            patterns,
+        )
     }
 
     async fn list_error_events(&self, query: &ErrorEventQuery) -> Result<Vec<ErrorEvent>> {
@@ -526,7 +498,7 @@ impl HealingStore for SqliteStore {
 mod tests {
     use super::*;
     use crate::config::DatabaseArgs;
-    use crate::domain::healing::Plan;
+    use crate::domain::healing::{ErrorType, Plan, Strategy};
 
     struct TempStore {
         store: SqliteStore,

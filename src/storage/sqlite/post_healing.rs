@@ -11,8 +11,9 @@ use sqlx::{FromRow, SqliteConnection};
 
 use super::{SqliteStore, from_micros, from_micros_opt, micros, sqlite_error, store_now};
 use crate::domain::healing_records::StoredAction;
-use crate::domain::post_healing::{self, ActionRecord, ActionStatus, ActionType, Tier};
+use crate::domain::post_healing::{self, ActionRecord, ActionStatus, ActionType};
 use crate::error::{Error, Result};
+use crate::storage::decode;
 use crate::storage::{ActionOutcomeUpdate, PostEvaluator, PostHealingStore, PostVerdict, Writer};
 
 const COLUMNS: &str = "idempotency_key, post_id, action_type, tier, status, outcome, error_code, \
@@ -35,10 +36,6 @@ struct ActionRow {
     lease_expires_at: Option<i64>,
 }
 
-fn corrupt(what: &str, value: &str) -> Error {
-    Error::Internal(format!("stored {what} {value:?} is not recognised"))
-}
-
 /// An outcome as stored: the JSON document in TEXT.
 fn outcome_text(outcome: Option<&serde_json::Value>) -> Result<Option<String>> {
     outcome
@@ -50,22 +47,17 @@ fn outcome_text(outcome: Option<&serde_json::Value>) -> Result<Option<String>> {
 impl ActionRow {
     /// The record as stored, and its last reported outcome.
     fn stored(self) -> Result<(ActionRecord, Option<serde_json::Value>)> {
-        let tier = match self.tier {
-            1 => Tier::Tier1,
-            2 => Tier::Tier2,
-            3 => Tier::Tier3,
-            other => return Err(corrupt("tier", &other.to_string())),
-        };
+        let tier = decode::tier(self.tier)?;
         let outcome = self
             .outcome
             .as_deref()
-            .map(|text| serde_json::from_str(text).map_err(|_| corrupt("outcome", text)))
+            .map(|text| serde_json::from_str(text).map_err(|_| decode::corrupt("outcome", text)))
             .transpose()?;
         let record = ActionRecord {
             action: ActionType::parse(&self.action_type)
-                .ok_or_else(|| corrupt("action type", &self.action_type))?,
+                .ok_or_else(|| decode::corrupt("action type", &self.action_type))?,
             status: ActionStatus::parse(&self.status)
-                .ok_or_else(|| corrupt("action status", &self.status))?,
+                .ok_or_else(|| decode::corrupt("action status", &self.status))?,
             idempotency_key: self.idempotency_key,
             post_id: self.post_id,
             tier,
@@ -334,7 +326,7 @@ impl PostHealingStore for SqliteStore {
 mod tests {
     use super::*;
     use crate::config::DatabaseArgs;
-    use crate::domain::post_healing::{Evaluation, Ineligible, Stagnation, effective};
+    use crate::domain::post_healing::{Evaluation, Ineligible, Stagnation, Tier, effective};
 
     struct TempStore {
         store: SqliteStore,
