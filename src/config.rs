@@ -523,6 +523,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_otlp_endpoint_must_be_a_plaintext_grpc_address() {
+        let mut args = ServeArgs::default();
+        args.tracing.otlp_endpoint = Some("http://127.0.0.1:4317".into());
+        assert_eq!(args.validate(), Ok(()));
+        for refused in ["https://collector:4317", "collector:4317"] {
+            args.tracing.otlp_endpoint = Some(refused.into());
+            let error = args.validate().unwrap_err();
+            assert!(error.contains("--otlp-endpoint"), "{error}");
+        }
+    }
+
+    #[test]
     fn without_auth_only_loopback_is_served_unless_insecure() {
         let at = |a: &str| a.parse::<SocketAddr>().unwrap();
         for loopback in [
