@@ -195,6 +195,23 @@ pub struct ServeArgs {
     /// Log format; the level comes from RUST_LOG (default info).
     #[arg(long, env = "FLEETCARE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    #[command(flatten)]
+    pub tracing: TracingArgs,
+}
+
+/// Span export: none unless --otlp-endpoint is given.
+#[derive(Debug, Clone, Args)]
+pub struct TracingArgs {
+    /// Export spans (one per call, commits, pipeline runs) over OTLP/gRPC to
+    /// this collector, e.g. http://127.0.0.1:4317; a caller's W3C
+    /// `traceparent` is continued. Unset: no export.
+    #[arg(long, env = "FLEETCARE_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// The `service.name` the exported spans carry.
+    #[arg(long, env = "FLEETCARE_OTLP_SERVICE_NAME", default_value = "fleetcare")]
+    pub otlp_service_name: String,
 }
 
 /// TLS: none of these is plaintext, as before.
@@ -451,6 +468,14 @@ impl ServeArgs {
         self.database.location()?;
         self.tls.files()?;
         self.exposure_at(self.listen)?;
+        if let Some(endpoint) = &self.tracing.otlp_endpoint
+            && !endpoint.starts_with("http://")
+        {
+            return Err(format!(
+                "--otlp-endpoint {endpoint}: give an http:// address of an OTLP/gRPC collector \
+                 (such as http://127.0.0.1:4317); TLS to the collector is not supported"
+            ));
+        }
         let h = &self.healing;
         let durations = [
             ("--default-recovery", self.default_recovery),
@@ -496,6 +521,18 @@ impl ServeArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_otlp_endpoint_must_be_a_plaintext_grpc_address() {
+        let mut args = ServeArgs::default();
+        args.tracing.otlp_endpoint = Some("http://127.0.0.1:4317".into());
+        assert_eq!(args.validate(), Ok(()));
+        for refused in ["https://collector:4317", "collector:4317"] {
+            args.tracing.otlp_endpoint = Some(refused.into());
+            let error = args.validate().unwrap_err();
+            assert!(error.contains("--otlp-endpoint"), "{error}");
+        }
+    }
 
     #[test]
     fn without_auth_only_loopback_is_served_unless_insecure() {

@@ -80,8 +80,15 @@ async fn main() -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> Result<(), String> {
-    telemetry::init(args.log_format);
     args.validate()?;
+    let telemetry = telemetry::init_serve(args.log_format, &args.tracing)?;
+    let served = serve_with(args).await;
+    // The last spans (this shutdown's own included) go out before the exit.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    served
+}
+
+async fn serve_with(args: ServeArgs) -> Result<(), String> {
     // A low soft limit (1,024 by default) would cap connections long before
     // --max-connections; the hard limit is ours to take.
     match fleetcare::runtime::connections::raise_descriptor_limit() {

@@ -249,6 +249,7 @@ impl Application {
         let router = Server::builder()
             .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+            .layer(crate::grpc::trace::TraceLayer)
             .layer(GuardLayer::new(
                 store_health,
                 args.limits.max_concurrent_calls,

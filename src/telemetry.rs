@@ -1,18 +1,94 @@
 //! Logging: an EnvFilter from RUST_LOG (default `info`), as text or JSON lines.
+//! With `--otlp-endpoint`, fleetcare's spans are also exported over OTLP/gRPC
+//! (see [`crate::grpc::trace`] for the per-call span); without it nothing else
+//! is installed.
 
-use tracing_subscriber::EnvFilter;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
-use crate::config::LogFormat;
+use crate::config::{LogFormat, TracingArgs};
 
+/// What [`init`] installed that must be flushed before the process exits.
+#[must_use = "call shutdown() so the last spans are exported"]
+#[derive(Default)]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Exports the spans still buffered and stops the exporter (blocking: call
+    /// it off the async workers, e.g. in `spawn_blocking`).
+    pub fn shutdown(self) {
+        if let Some(provider) = self.provider
+            && let Err(error) = provider.shutdown()
+        {
+            tracing::warn!(%error, "otlp: flush at shutdown failed");
+        }
+    }
+}
+
+/// Logs only (the operator commands).
 pub fn init(format: LogFormat) {
+    let _ = install(format, None);
+}
+
+/// Logs, and the OTLP exporter when `tracing.otlp_endpoint` is set. The
+/// exporter's batch processor honours the standard `OTEL_BSP_*` variables
+/// (`OTEL_BSP_SCHEDULE_DELAY`, milliseconds, 5000 by default). Must run inside
+/// the tokio runtime (the gRPC exporter's channel lives on it).
+pub fn init_serve(format: LogFormat, tracing: &TracingArgs) -> Result<Telemetry, String> {
+    let provider = match &tracing.otlp_endpoint {
+        None => None,
+        Some(endpoint) => {
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .build()
+                .map_err(|e| format!("--otlp-endpoint {endpoint}: {e}"))?;
+            let resource = opentelemetry_sdk::Resource::builder()
+                .with_service_name(tracing.otlp_service_name.clone())
+                .build();
+            Some(
+                SdkTracerProvider::builder()
+                    .with_batch_exporter(exporter)
+                    .with_resource(resource)
+                    .build(),
+            )
+        }
+    };
+    // Already installed (a second server in one test process): keep that one.
+    let _ = install(format, provider.as_ref());
+    if let Some(endpoint) = &tracing.otlp_endpoint {
+        tracing::info!(%endpoint, service = %tracing.otlp_service_name, "otlp: exporting spans");
+    }
+    Ok(Telemetry { provider })
+}
+
+fn install(format: LogFormat, provider: Option<&SdkTracerProvider>) -> Result<(), String> {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,h2=warn,tower=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    // try_init: tests initialise once per process, however many servers they start.
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match format {
+        LogFormat::Text => fmt.with_filter(filter).boxed(),
+        LogFormat::Json => fmt.json().flatten_event(true).with_filter(filter).boxed(),
     };
+    // The exported spans are fleetcare's own, at info and above, whatever
+    // RUST_LOG says about the logs: never the exporter's own gRPC client (h2,
+    // tonic, hyper), whose spans would feed back into the export.
+    let otel = provider.map(|provider| {
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("fleetcare"))
+            .with_filter(Targets::new().with_target("fleetcare", LevelFilter::INFO))
+    });
+    // try_init: tests initialise once per process, however many servers they start.
+    tracing_subscriber::registry()
+        .with(fmt)
+        .with(otel)
+        .try_init()
+        .map_err(|e| e.to_string())
 }

@@ -19,6 +19,7 @@ use crate::grpc::agent_requests::{AgentCursor, AgentId, ListAgents, ListTransiti
 use crate::grpc::auth::{self, Guard};
 use crate::grpc::callers::{CallerKey, WatchSlots};
 use crate::grpc::convert::{self, timestamp};
+use crate::grpc::trace::record_agent_id;
 use crate::grpc::validate;
 use crate::proto::v1 as pb;
 use crate::proto::v1::agent_status_service_server::AgentStatusService;
@@ -78,6 +79,8 @@ impl AgentStatusApi {
         action: Action,
         command: Command,
     ) -> Result<Applied, Error> {
+        let (Command::Register { agent_id, .. } | Command::Apply { agent_id, .. }) = &command;
+        record_agent_id(agent_id);
         match &command {
             Command::Register {
                 agent_id, labels, ..
@@ -120,6 +123,7 @@ impl AgentStatusApi {
         event: Event,
     ) -> Result<(pb::Agent, Option<pb::Transition>), Error> {
         let agent_id = validate::agent_id("agent_id", agent_id)?;
+        record_agent_id(&agent_id);
         self.guard.check_agent(caller, action, &agent_id).await?;
         let applied = self.writes.apply(agent_id, event, &caller.name).await?;
         Ok(encode(&applied))
@@ -166,6 +170,7 @@ impl AgentStatusService for AgentStatusApi {
     ) -> Result<Response<pb::GetAgentResponse>, Status> {
         let caller = auth::caller(&request)?;
         let AgentId(agent_id) = request.into_inner().try_into()?;
+        record_agent_id(&agent_id);
         self.guard
             .check_agent(&caller, Action::GetAgent, &agent_id)
             .await?;
@@ -201,6 +206,7 @@ impl AgentStatusService for AgentStatusApi {
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let caller = auth::caller(&request)?;
         let AgentId(agent_id) = request.into_inner().try_into()?;
+        record_agent_id(&agent_id);
         self.guard
             .check_agent(&caller, Action::Heartbeat, &agent_id)
             .await?;
@@ -347,6 +353,7 @@ impl AgentStatusService for AgentStatusApi {
         } = request.into_inner().try_into()?;
         match &agent_id {
             Some(id) => {
+                record_agent_id(id);
                 self.guard
                     .check_agent(&caller, Action::ListTransitions, id)
                     .await?
@@ -398,6 +405,7 @@ impl AgentStatusService for AgentStatusApi {
             }
             id => {
                 let id = validate::agent_id("agent_id", id)?;
+                record_agent_id(&id);
                 self.guard
                     .check_agent(&caller, Action::ExplainRecovery, &id)
                     .await?;

@@ -10,6 +10,7 @@ pub mod guard;
 pub mod healing;
 pub mod session_pipeline;
 pub mod status;
+pub mod trace;
 pub mod validate;
 
 /// Fully qualified service names, as health and reflection report them.

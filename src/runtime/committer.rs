@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
 
 use crate::domain::batch::{Applied, Command};
 use crate::error::{Error, Result};
@@ -22,6 +23,8 @@ const QUEUE: usize = 8192;
 struct Pending {
     command: Command,
     reply: oneshot::Sender<Result<Applied>>,
+    /// The caller's span (its call's), linked from the batch's.
+    caller: tracing::Span,
 }
 
 /// The handle callers submit commands through. Cheap to clone; the task ends when
@@ -48,7 +51,11 @@ impl Committer {
     pub async fn submit(&self, command: Command) -> Result<Applied> {
         let (reply, answer) = oneshot::channel();
         self.queue
-            .send(Pending { command, reply })
+            .send(Pending {
+                command,
+                reply,
+                caller: tracing::Span::current(),
+            })
             .await
             .map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
@@ -73,15 +80,39 @@ async fn run(
     }
 }
 
+/// Commits one batch in a span of its own, `commit_batch` (its size, how long
+/// the transaction took), linked to the spans of the calls it carries.
+async fn commit(store: &dyn AgentStore, clock: &Clock, cache: &AgentCache, pending: Vec<Pending>) {
+    let span = tracing::info_span!(
+        "commit_batch",
+        size = pending.len(),
+        elapsed_ms = tracing::field::Empty,
+        split = tracing::field::Empty,
+    );
+    for p in &pending {
+        span.follows_from(&p.caller);
+    }
+    commit_in_span(store, clock, cache, pending)
+        .instrument(span)
+        .await;
+}
+
 /// Commits one batch and answers its callers. A batch the store refuses as a whole
 /// for a reason other than unavailability is split, so that one bad call cannot
 /// fail the others.
-async fn commit(store: &dyn AgentStore, clock: &Clock, cache: &AgentCache, pending: Vec<Pending>) {
+async fn commit_in_span(
+    store: &dyn AgentStore,
+    clock: &Clock,
+    cache: &AgentCache,
+    pending: Vec<Pending>,
+) {
     let (commands, replies): (Vec<Command>, Vec<_>) =
         pending.into_iter().map(|p| (p.command, p.reply)).unzip();
     let started = std::time::Instant::now();
     let committed = store.commit_batch(&commands, clock.now()).await;
-    tracing::trace!(size = commands.len(), elapsed = ?started.elapsed(), "batch committed");
+    let elapsed = started.elapsed();
+    tracing::Span::current().record("elapsed_ms", elapsed.as_secs_f64() * 1000.0);
+    tracing::trace!(size = commands.len(), ?elapsed, "batch committed");
     match committed {
         Ok(outcomes) => {
             for outcome in outcomes.iter().flatten() {
@@ -102,6 +133,7 @@ async fn commit(store: &dyn AgentStore, clock: &Clock, cache: &AgentCache, pendi
             }
         }
         Err(error) => {
+            tracing::Span::current().record("split", true);
             tracing::warn!(%error, size = commands.len(), "batch failed, committing its calls one by one");
             for (command, reply) in commands.into_iter().zip(replies) {
                 let one = [command];

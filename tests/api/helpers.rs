@@ -622,6 +622,15 @@ impl ServerProcess {
     /// Like [`ServerProcess::start`], the command run through `wrapper`
     /// (`["prlimit", "--nofile=1024:1024", "--"]`, say) when it is not empty.
     pub async fn start_under(wrapper: &[&str], args: &[&str]) -> ServerProcess {
+        ServerProcess::start_with(wrapper, &[], args).await
+    }
+
+    /// Like [`ServerProcess::start`], with these environment variables set.
+    pub async fn start_with_env(env: &[(&str, &str)], args: &[&str]) -> ServerProcess {
+        ServerProcess::start_with(&[], env, args).await
+    }
+
+    async fn start_with(wrapper: &[&str], env: &[(&str, &str)], args: &[&str]) -> ServerProcess {
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
@@ -639,6 +648,7 @@ impl ServerProcess {
             .args(["serve", "--listen", &addr.to_string()])
             .args(args)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()

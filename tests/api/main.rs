@@ -23,6 +23,7 @@ mod recovery;
 mod server;
 mod sweeper;
 mod tls;
+mod tracing_otlp;
 mod usage_corpus;
 mod usage_rollups;
 mod watch;

@@ -37,6 +37,8 @@ mod server;
 mod sweeper;
 #[path = "../api/tls.rs"]
 mod tls;
+#[path = "../api/tracing_otlp.rs"]
+mod tracing_otlp;
 #[path = "../api/usage_corpus.rs"]
 mod usage_corpus;
 #[path = "../api/usage_rollups.rs"]

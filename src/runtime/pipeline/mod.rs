@@ -19,6 +19,7 @@ use futures::{FutureExt, StreamExt};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::domain::pipeline::{
     self, ContentVerdict, RetryPolicy, RunStats, SessionFile, SessionState, SessionStatus,
@@ -150,7 +151,18 @@ async fn commit_batch(store: Arc<dyn PipelineStore>, batch: Batch) -> (Batch, Re
         tokio::time::sleep(Duration::from_millis(5 * (batch.attempt - 1))).await;
     }
     let writes: Vec<SessionWrite> = batch.sessions.iter().map(|r| r.write.clone()).collect();
-    let committed = store.commit_sessions(&writes).await;
+    let span = tracing::info_span!(
+        "pipeline_commit",
+        sessions = writes.len(),
+        attempt = batch.attempt,
+        elapsed_ms = tracing::field::Empty,
+    );
+    let started = std::time::Instant::now();
+    let committed = store
+        .commit_sessions(&writes)
+        .instrument(span.clone())
+        .await;
+    span.record("elapsed_ms", started.elapsed().as_secs_f64() * 1000.0);
     (batch, committed)
 }
 
@@ -261,10 +273,27 @@ impl Pipeline {
                     location: "on another server",
                 })?;
         let this = self.clone();
-        let run = tokio::spawn(async move {
-            let _local = local;
-            this.run_locked(name, lock).await
-        });
+        // The run's span: a child of the call that started it (RunProcessor),
+        // a root of its own for the scheduler's runs.
+        let span = tracing::info_span!(
+            "pipeline_run",
+            processor = name,
+            scanned = tracing::field::Empty,
+            processed = tracing::field::Empty,
+            skipped = tracing::field::Empty,
+            failed = tracing::field::Empty,
+            dead = tracing::field::Empty,
+            items = tracing::field::Empty,
+            bytes_hashed = tracing::field::Empty,
+            error = tracing::field::Empty,
+        );
+        let run = tokio::spawn(
+            async move {
+                let _local = local;
+                this.run_locked(name, lock).await
+            }
+            .instrument(span),
+        );
         run.await
             .map_err(|e| Error::Internal(format!("processor {name} run crashed: {e}")))
     }
@@ -297,6 +326,17 @@ impl Pipeline {
             tracing::warn!(%error, processor = name, "cannot record the run");
         }
         lock.release().await;
+        let span = tracing::Span::current();
+        span.record("scanned", stats.scanned);
+        span.record("processed", stats.processed);
+        span.record("skipped", stats.skipped);
+        span.record("failed", stats.failed);
+        span.record("dead", stats.dead);
+        span.record("items", stats.items_extracted);
+        span.record("bytes_hashed", stats.bytes_hashed);
+        if let Some(error) = &stats.root_error {
+            span.record("error", error.as_str());
+        }
         tracing::info!(
             processor = name,
             scanned = stats.scanned,
