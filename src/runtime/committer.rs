@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::domain::batch::{Applied, Command};
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 use crate::runtime::clock::Clock;
 use crate::runtime::heartbeats::AgentCache;
 use crate::storage::AgentStore;
@@ -38,9 +39,10 @@ impl Committer {
         clock: Clock,
         cache: Arc<AgentCache>,
         max_batch: usize,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let (queue, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(store, clock, cache, max_batch.max(1), rx));
+        tokio::spawn(run(store, clock, cache, max_batch.max(1), metrics, rx));
         Committer { queue }
     }
 
@@ -64,28 +66,39 @@ async fn run(
     clock: Clock,
     cache: Arc<AgentCache>,
     max_batch: usize,
+    metrics: Arc<Metrics>,
     mut rx: mpsc::Receiver<Pending>,
 ) {
     let mut batch = Vec::with_capacity(max_batch);
     while rx.recv_many(&mut batch, max_batch).await > 0 {
         let pending = std::mem::take(&mut batch);
-        commit(&*store, &clock, &cache, pending).await;
+        commit(&*store, &clock, &cache, &metrics, pending).await;
     }
 }
 
 /// Commits one batch and answers its callers. A batch the store refuses as a whole
 /// for a reason other than unavailability is split, so that one bad call cannot
 /// fail the others.
-async fn commit(store: &dyn AgentStore, clock: &Clock, cache: &AgentCache, pending: Vec<Pending>) {
+async fn commit(
+    store: &dyn AgentStore,
+    clock: &Clock,
+    cache: &AgentCache,
+    metrics: &Metrics,
+    pending: Vec<Pending>,
+) {
     let (commands, replies): (Vec<Command>, Vec<_>) =
         pending.into_iter().map(|p| (p.command, p.reply)).unzip();
     let started = std::time::Instant::now();
     let committed = store.commit_batch(&commands, clock.now()).await;
-    tracing::trace!(size = commands.len(), elapsed = ?started.elapsed(), "batch committed");
+    let elapsed = started.elapsed();
+    tracing::trace!(size = commands.len(), ?elapsed, "batch committed");
+    metrics.commit_batch_size.observe(commands.len() as f64);
+    metrics.commit_duration.observe(elapsed.as_secs_f64());
     match committed {
         Ok(outcomes) => {
             for outcome in outcomes.iter().flatten() {
                 cache.committed(&outcome.agent);
+                count_transition(metrics, outcome);
             }
             for (reply, outcome) in replies.into_iter().zip(outcomes) {
                 let _ = reply.send(outcome.map_err(Error::from));
@@ -114,10 +127,18 @@ async fn commit(store: &dyn AgentStore, clock: &Clock, cache: &AgentCache, pendi
                 };
                 if let Ok(applied) = &result {
                     cache.committed(&applied.agent);
+                    count_transition(metrics, applied);
                 }
                 let _ = reply.send(result);
             }
         }
+    }
+}
+
+/// A committed outcome's transition, if it made one.
+fn count_transition(metrics: &Metrics, applied: &Applied) {
+    if let Some(t) = &applied.transition {
+        metrics.transition(t.cause, t.to);
     }
 }
 
@@ -131,7 +152,13 @@ mod tests {
     fn setup() -> (Arc<MemoryStore>, Committer) {
         let store = Arc::new(MemoryStore::new());
         let (clock, _) = Clock::manual(chrono::Utc.with_ymd_and_hms(2026, 5, 1, 0, 0, 0).unwrap());
-        let committer = Committer::start(store.clone(), clock, AgentCache::new(), 64);
+        let committer = Committer::start(
+            store.clone(),
+            clock,
+            AgentCache::new(),
+            64,
+            crate::metrics::Metrics::new(),
+        );
         (store, committer)
     }
 
