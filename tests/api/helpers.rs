@@ -644,7 +644,13 @@ impl ServerProcess {
             None => std::process::Command::new(env!("CARGO_BIN_EXE_fleetcare")),
         };
         let child = command
-            .args(["serve", "--listen", &addr.to_string()])
+            .args([
+                "serve",
+                "--listen",
+                &addr.to_string(),
+                "--http-listen",
+                "127.0.0.1:0",
+            ])
             .args(args)
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::null())
