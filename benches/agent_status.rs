@@ -379,6 +379,7 @@ async fn main() {
 
     let db = helpers::TestDb::new();
     let args = ServeArgs {
+        http_listen: fleetcare::config::HttpListen::off(),
         database: DatabaseArgs {
             database_url: Some(db.url.clone()),
             data_dir: Default::default(),

@@ -246,6 +246,7 @@ async fn start(
     db: &helpers::TestDb,
 ) -> (helpers::TestApp, SessionPipelineServiceClient<Channel>) {
     let mut args = ServeArgs {
+        http_listen: fleetcare::config::HttpListen::off(),
         database: DatabaseArgs {
             database_url: Some(db.url.clone()),
             data_dir: Default::default(),

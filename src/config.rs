@@ -108,6 +108,11 @@ pub struct ServeArgs {
     #[arg(long, env = "FLEETCARE_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
 
+    /// Address of the HTTP listener serving Prometheus metrics at `/metrics`;
+    /// an empty value turns it off.
+    #[arg(long, env = "FLEETCARE_HTTP_LISTEN", default_value = "127.0.0.1:50052", value_parser = parse_http_listen)]
+    pub http_listen: HttpListen,
+
     #[command(flatten)]
     pub database: DatabaseArgs,
 
@@ -355,6 +360,32 @@ pub struct PipelineArgs {
     /// First retry delay of a failing session; it doubles with each attempt (capped at 6 h).
     #[arg(long, env = "FLEETCARE_PIPELINE_RETRY_BASE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub pipeline_retry_base: Duration,
+}
+
+/// Where the HTTP (metrics) listener binds, if anywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpListen(pub Option<SocketAddr>);
+
+impl HttpListen {
+    pub fn off() -> Self {
+        HttpListen(None)
+    }
+
+    pub fn at(addr: SocketAddr) -> Self {
+        HttpListen(Some(addr))
+    }
+}
+
+/// `--http-listen`: an address, or empty for none.
+pub fn parse_http_listen(value: &str) -> Result<HttpListen, String> {
+    let value = value.trim();
+    if value.is_empty() {
+        return Ok(HttpListen(None));
+    }
+    value
+        .parse()
+        .map(|addr| HttpListen(Some(addr)))
+        .map_err(|e| format!("invalid --http-listen {value:?}: {e} (an address such as 127.0.0.1:50052, or empty)"))
 }
 
 /// Parses an empty command line, so that defaults (and env fallbacks) live in one place.

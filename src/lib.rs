@@ -12,6 +12,8 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod grpc;
+pub mod http;
+pub mod metrics;
 pub mod processors;
 pub mod proto;
 pub mod runtime;

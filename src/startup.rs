@@ -27,7 +27,9 @@ use crate::grpc::auth::{Authenticate, Guard};
 use crate::grpc::callers::WatchSlots;
 use crate::grpc::guard::{Gate, GuardLayer};
 use crate::grpc::healing::{HealingApi, HealingSettings, PostHealingApi, shared_rng};
+use crate::grpc::metrics::MetricsLayer;
 use crate::grpc::session_pipeline::SessionPipelineApi;
+use crate::metrics::Metrics;
 use crate::processors::Registration;
 use crate::proto::v1::agent_status_service_server::AgentStatusServiceServer;
 use crate::proto::v1::healing_service_server::HealingServiceServer;
@@ -66,6 +68,9 @@ pub struct Application {
     tls: Option<ServerTls>,
     /// Who may call (the auth file's callers, or the anonymous operator).
     callers: Arc<Callers>,
+    /// This server's metrics, and the HTTP listener serving them (`--http-listen`).
+    metrics: Arc<Metrics>,
+    http: Option<TcpListener>,
     shutdown: CancellationToken,
 }
 
@@ -134,6 +139,14 @@ impl Application {
                 "--insecure-no-auth: serving without authentication, anyone who can reach this port may do everything"
             ),
         }
+        // Bound here, so a taken port fails the start and tests learn the address.
+        let http = match args.http_listen.0 {
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+                Error::InvalidArgument(format!("--http-listen {addr}: cannot listen: {e}"))
+            })?),
+            None => None,
+        };
+        let metrics = Metrics::new();
         let health = HealthReporter::new();
         let health_service = tonic_health::pb::health_server::HealthServer::new(
             tonic_health::server::HealthService::from_health_reporter(health.clone()),
@@ -159,6 +172,7 @@ impl Application {
             args.clone(),
             preopened,
             processors,
+            metrics.clone(),
             gates.clone(),
             health.clone(),
             store_health.clone(),
@@ -175,6 +189,8 @@ impl Application {
             gates,
             tls,
             callers,
+            metrics,
+            http,
             shutdown,
         })
     }
@@ -188,6 +204,17 @@ impl Application {
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The address the HTTP (metrics) listener is bound to; `None` when
+    /// `--http-listen` is empty.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// This server's metrics registry.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
     }
 
     /// Serves until `shutdown` fires, then: health NOT_SERVING, no new calls, watch
@@ -206,6 +233,8 @@ impl Application {
             gates,
             tls,
             callers,
+            metrics,
+            http,
             shutdown,
         } = self;
         let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -245,10 +274,24 @@ impl Application {
                 tcp_keepalive: TCP_KEEPALIVE,
             },
         );
+        if let Some(http) = http {
+            if let Ok(addr) = http.local_addr() {
+                tracing::info!(%addr, "serving metrics at /metrics");
+            }
+            let metrics = metrics.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                if let Err(error) = crate::http::serve(http, metrics, shutdown).await {
+                    tracing::error!(%error, "http listener failed");
+                }
+            });
+        }
         let authenticate = Authenticate(callers);
         let router = Server::builder()
             .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+            // Outermost: every call is timed, refusals included.
+            .layer(MetricsLayer::new(metrics))
             .layer(crate::grpc::trace::TraceLayer)
             .layer(GuardLayer::new(
                 store_health,
@@ -354,6 +397,7 @@ async fn prepare(
     args: ServeArgs,
     preopened: Option<Stores>,
     processors: Vec<Registration>,
+    metrics: Arc<Metrics>,
     gates: Gates,
     health: HealthReporter,
     store_health: StoreHealth,
@@ -375,6 +419,7 @@ async fn prepare(
         &args,
         stores.clone(),
         processors,
+        metrics,
         &gates,
         &health,
         &store_health,
@@ -436,17 +481,25 @@ async fn wait_for_store(mut opening: watch::Receiver<Opening>) -> Result<Stores,
 
 /// Starts the background tasks and the services on an open store, opens the
 /// gates, and hands health to the store probe.
+#[allow(clippy::too_many_arguments)]
 async fn start_services(
     args: &ServeArgs,
     stores: Stores,
     processors: Vec<Registration>,
+    metrics: Arc<Metrics>,
     gates: &Gates,
     health: &HealthReporter,
     store_health: &StoreHealth,
     shutdown: &CancellationToken,
 ) -> Result<(), Error> {
     let agents: Arc<dyn AgentStore> = stores.agents.clone();
-    let fanout = TransitionFanout::start(agents.clone(), args.watch_buffer, shutdown.child_token());
+    metrics.set_store(agents.clone());
+    let fanout = TransitionFanout::start(
+        agents.clone(),
+        args.watch_buffer,
+        shutdown.child_token(),
+        metrics.clone(),
+    );
     let clock = Clock::system();
     let cache = AgentCache::new();
     heartbeats::spawn_observer(
@@ -459,6 +512,7 @@ async fn start_services(
         cache.clone(),
         agents.clone(),
         args.heartbeat_flush_interval,
+        metrics.clone(),
         shutdown.child_token(),
     );
     let committer = Committer::start(
@@ -466,6 +520,7 @@ async fn start_services(
         clock.clone(),
         cache.clone(),
         args.commit_batch,
+        metrics.clone(),
     );
     sweeper::spawn(
         agents.clone(),
@@ -477,6 +532,7 @@ async fn start_services(
             sweep_interval: args.sweep_interval,
             transition_retention: args.transition_retention,
         },
+        metrics.clone(),
         shutdown.child_token(),
     );
     let pacing = HeartbeatPacing {
@@ -487,7 +543,8 @@ async fn start_services(
             .map_err(Error::InvalidArgument)?,
     };
     let guard = Guard::new(cache.clone(), agents.clone());
-    let writes = AgentWrites::new(agents.clone(), committer, cache, clock, pacing);
+    let writes = AgentWrites::new(agents.clone(), committer, cache, clock, pacing)
+        .with_metrics(metrics.clone());
     let shutdown = shutdown.clone();
     let watch_slots = WatchSlots::new(args.limits.max_watches_per_caller);
     let size = args.limits.max_message_size;
@@ -522,7 +579,8 @@ async fn start_services(
         },
         rng.clone(),
         guard.clone(),
-    );
+    )
+    .with_metrics(metrics.clone());
     let post_config = PostHealingConfig {
         window: duration("--post-window", h.post_window)?,
         max_actions_per_window: h.post_max_actions_per_window,
@@ -533,7 +591,8 @@ async fn start_services(
         max_attempts: h.post_max_attempts,
         ..PostHealingConfig::default()
     };
-    let post_healing = PostHealingApi::new(stores.posts.clone(), post_config, rng, guard.clone());
+    let post_healing = PostHealingApi::new(stores.posts.clone(), post_config, rng, guard.clone())
+        .with_metrics(metrics.clone());
     let p = &args.pipeline;
     let pipeline = Pipeline::new(
         stores.pipeline.clone(),
@@ -553,7 +612,8 @@ async fn start_services(
         },
         processors,
         shutdown.clone(),
-    );
+    )
+    .with_metrics(metrics.clone());
     pipeline_scheduler::spawn(pipeline.clone(), shutdown.clone());
     let session_pipeline = SessionPipelineApi::new(pipeline, shutdown.clone(), guard)
         .with_watch_slots(watch_slots.clone());

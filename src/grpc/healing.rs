@@ -252,6 +252,7 @@ pub struct HealingApi {
     settings: HealingSettings,
     rng: SharedRng,
     guard: Guard,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl HealingApi {
@@ -266,7 +267,14 @@ impl HealingApi {
             settings,
             rng,
             guard,
+            metrics: crate::metrics::Metrics::new(),
         }
+    }
+
+    /// Records plans and outcomes into these metrics.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// A call on one agent's event or action, found by `agent_of` (only looked
@@ -552,6 +560,12 @@ impl HealingService for HealingApi {
                 planner,
             )
             .await?;
+        self.metrics
+            .healing_plans
+            .get_or_create(&crate::metrics::StrategyLabel {
+                strategy: action.strategy.as_str(),
+            })
+            .inc();
         tracing::info!(
             agent_id = %action.agent_id,
             action_id = action.id,
@@ -584,6 +598,12 @@ impl HealingService for HealingApi {
             .store
             .record_recovery_outcome(action_id, outcome)
             .await?;
+        self.metrics
+            .healing_outcomes
+            .get_or_create(&crate::metrics::ResultLabel {
+                result: action.status.as_str(),
+            })
+            .inc();
         Ok(Response::new(pb::ReportRecoveryOutcomeResponse {
             action: Some(action_to_pb(&action)),
         }))
@@ -650,6 +670,7 @@ pub struct PostHealingApi {
     config: PostHealingConfig,
     rng: SharedRng,
     guard: Guard,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl PostHealingApi {
@@ -664,7 +685,23 @@ impl PostHealingApi {
             config,
             rng,
             guard,
+            metrics: crate::metrics::Metrics::new(),
         }
+    }
+
+    /// Records post actions into these metrics.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    fn count_action(&self, status: crate::domain::post_healing::ActionStatus) {
+        self.metrics
+            .post_actions
+            .get_or_create(&crate::metrics::StatusLabel {
+                status: status.as_str(),
+            })
+            .inc();
     }
 }
 
@@ -899,6 +936,7 @@ impl PostHealingService for PostHealingApi {
         let evaluation = verdict.evaluation;
         let stagnation = evaluation.stagnation.as_ref();
         if let Some(claimed) = &verdict.claimed {
+            self.count_action(claimed.record.status);
             tracing::info!(
                 post_id = %post_id,
                 key = %claimed.record.idempotency_key,
@@ -935,6 +973,9 @@ impl PostHealingService for PostHealingApi {
             ..ActionOutcomeUpdate::try_from(request.into_inner())?
         };
         let (action, created) = self.store.record_action_outcome(update).await?;
+        if created || action.record.status != crate::domain::post_healing::ActionStatus::Running {
+            self.count_action(action.record.status);
+        }
         Ok(Response::new(pb::RecordActionOutcomeResponse {
             action: Some(post_action_to_pb(&action)),
             created,

@@ -8,6 +8,7 @@ pub mod codec;
 pub mod convert;
 pub mod guard;
 pub mod healing;
+pub mod metrics;
 pub mod session_pipeline;
 pub mod status;
 pub mod trace;

@@ -23,6 +23,7 @@ pub struct AgentWrites {
     cache: Arc<AgentCache>,
     clock: Clock,
     pacing: HeartbeatPacing,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl AgentWrites {
@@ -39,7 +40,14 @@ impl AgentWrites {
             cache,
             clock,
             pacing,
+            metrics: crate::metrics::Metrics::new(),
         }
+    }
+
+    /// Records into these metrics (heartbeats received).
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Commits one state-changing command (group commit: see `committer`).
@@ -77,6 +85,7 @@ impl AgentWrites {
             }
             FastHeartbeat::Commit => self.apply(agent_id, Event::Heartbeat, actor).await?,
         };
+        self.metrics.heartbeats_received.inc();
         Ok((applied, self.next_heartbeat_interval()))
     }
 

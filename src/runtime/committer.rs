@@ -13,6 +13,7 @@ use tracing::Instrument;
 
 use crate::domain::batch::{Applied, Command};
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 use crate::runtime::clock::Clock;
 use crate::runtime::heartbeats::AgentCache;
 use crate::storage::AgentStore;
@@ -41,9 +42,10 @@ impl Committer {
         clock: Clock,
         cache: Arc<AgentCache>,
         max_batch: usize,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let (queue, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(store, clock, cache, max_batch.max(1), rx));
+        tokio::spawn(run(store, clock, cache, max_batch.max(1), metrics, rx));
         Committer { queue }
     }
 
@@ -71,18 +73,25 @@ async fn run(
     clock: Clock,
     cache: Arc<AgentCache>,
     max_batch: usize,
+    metrics: Arc<Metrics>,
     mut rx: mpsc::Receiver<Pending>,
 ) {
     let mut batch = Vec::with_capacity(max_batch);
     while rx.recv_many(&mut batch, max_batch).await > 0 {
         let pending = std::mem::take(&mut batch);
-        commit(&*store, &clock, &cache, pending).await;
+        commit(&*store, &clock, &cache, &metrics, pending).await;
     }
 }
 
 /// Commits one batch in a span of its own, `commit_batch` (its size, how long
 /// the transaction took), linked to the spans of the calls it carries.
-async fn commit(store: &dyn AgentStore, clock: &Clock, cache: &AgentCache, pending: Vec<Pending>) {
+async fn commit(
+    store: &dyn AgentStore,
+    clock: &Clock,
+    cache: &AgentCache,
+    metrics: &Metrics,
+    pending: Vec<Pending>,
+) {
     let span = tracing::info_span!(
         "commit_batch",
         size = pending.len(),
@@ -92,7 +101,7 @@ async fn commit(store: &dyn AgentStore, clock: &Clock, cache: &AgentCache, pendi
     for p in &pending {
         span.follows_from(&p.caller);
     }
-    commit_in_span(store, clock, cache, pending)
+    commit_in_span(store, clock, cache, metrics, pending)
         .instrument(span)
         .await;
 }
@@ -104,6 +113,7 @@ async fn commit_in_span(
     store: &dyn AgentStore,
     clock: &Clock,
     cache: &AgentCache,
+    metrics: &Metrics,
     pending: Vec<Pending>,
 ) {
     let (commands, replies): (Vec<Command>, Vec<_>) =
@@ -113,10 +123,13 @@ async fn commit_in_span(
     let elapsed = started.elapsed();
     tracing::Span::current().record("elapsed_ms", elapsed.as_secs_f64() * 1000.0);
     tracing::trace!(size = commands.len(), ?elapsed, "batch committed");
+    metrics.commit_batch_size.observe(commands.len() as f64);
+    metrics.commit_duration.observe(elapsed.as_secs_f64());
     match committed {
         Ok(outcomes) => {
             for outcome in outcomes.iter().flatten() {
                 cache.committed(&outcome.agent);
+                count_transition(metrics, outcome);
             }
             for (reply, outcome) in replies.into_iter().zip(outcomes) {
                 let _ = reply.send(outcome.map_err(Error::from));
@@ -146,10 +159,18 @@ async fn commit_in_span(
                 };
                 if let Ok(applied) = &result {
                     cache.committed(&applied.agent);
+                    count_transition(metrics, applied);
                 }
                 let _ = reply.send(result);
             }
         }
+    }
+}
+
+/// A committed outcome's transition, if it made one.
+fn count_transition(metrics: &Metrics, applied: &Applied) {
+    if let Some(t) = &applied.transition {
+        metrics.transition(t.cause, t.to);
     }
 }
 
@@ -163,7 +184,13 @@ mod tests {
     fn setup() -> (Arc<MemoryStore>, Committer) {
         let store = Arc::new(MemoryStore::new());
         let (clock, _) = Clock::manual(chrono::Utc.with_ymd_and_hms(2026, 5, 1, 0, 0, 0).unwrap());
-        let committer = Committer::start(store.clone(), clock, AgentCache::new(), 64);
+        let committer = Committer::start(
+            store.clone(),
+            clock,
+            AgentCache::new(),
+            64,
+            crate::metrics::Metrics::new(),
+        );
         (store, committer)
     }
 

@@ -23,15 +23,26 @@ const POLL_INTERVAL: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub struct TransitionFanout {
     sender: broadcast::Sender<Arc<Transition>>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl TransitionFanout {
     /// Starts the hub task; it stops when `shutdown` fires. `capacity` transitions
     /// are kept for slow watchers before they must catch up from the table.
-    pub fn start(store: Arc<dyn AgentStore>, capacity: usize, shutdown: CancellationToken) -> Self {
+    pub fn start(
+        store: Arc<dyn AgentStore>,
+        capacity: usize,
+        shutdown: CancellationToken,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Self {
         let (sender, _) = broadcast::channel(capacity);
-        tokio::spawn(run_hub(store, sender.clone(), shutdown));
-        TransitionFanout { sender }
+        tokio::spawn(run_hub(store, sender.clone(), metrics.clone(), shutdown));
+        TransitionFanout { sender, metrics }
+    }
+
+    /// The metrics watchers report their position to.
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.metrics
     }
 
     /// Subscribe *before* reading history, then drop what was already delivered
@@ -44,6 +55,7 @@ impl TransitionFanout {
 async fn run_hub(
     store: Arc<dyn AgentStore>,
     sender: broadcast::Sender<Arc<Transition>>,
+    metrics: Arc<crate::metrics::Metrics>,
     shutdown: CancellationToken,
 ) {
     let mut changes = store.changes();
@@ -60,7 +72,10 @@ async fn run_hub(
         let start = match cursor {
             Some(c) => c,
             None => match store.revision_bounds().await {
-                Ok(bounds) => *cursor.insert(bounds.head),
+                Ok(bounds) => {
+                    metrics.published(bounds.head);
+                    *cursor.insert(bounds.head)
+                }
                 Err(error) => {
                     tracing::warn!(%error, "fan-out cannot read the revision head");
                     continue;
@@ -87,6 +102,7 @@ async fn run_hub(
                 }
             }
         }
+        metrics.published(next);
         cursor = Some(next);
     }
 }

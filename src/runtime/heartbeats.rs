@@ -252,6 +252,7 @@ pub fn spawn_flusher(
     cache: Arc<AgentCache>,
     store: Arc<dyn AgentStore>,
     interval: Duration,
+    metrics: Arc<crate::metrics::Metrics>,
     shutdown: CancellationToken,
 ) {
     tokio::spawn(async move {
@@ -264,8 +265,14 @@ pub fn spawn_flusher(
             };
             match cache.flush(&*store).await {
                 Ok(0) => {}
-                Ok(n) => tracing::trace!(heartbeats = n, "flushed heartbeats"),
-                Err(error) => tracing::warn!(%error, "heartbeat flush failed, will retry"),
+                Ok(n) => {
+                    metrics.heartbeats_flushed.inc_by(n as u64);
+                    tracing::trace!(heartbeats = n, "flushed heartbeats")
+                }
+                Err(error) => {
+                    metrics.heartbeat_flush_failures.inc();
+                    tracing::warn!(%error, "heartbeat flush failed, will retry")
+                }
             }
             if stopping {
                 return;
@@ -344,7 +351,13 @@ mod tests {
         let store = Arc::new(MemoryStore::new());
         let (clock, hand) = Clock::manual(Utc.with_ymd_and_hms(2026, 5, 1, 0, 0, 0).unwrap());
         let cache = AgentCache::new();
-        let committer = Committer::start(store.clone(), clock.clone(), cache.clone(), 64);
+        let committer = Committer::start(
+            store.clone(),
+            clock.clone(),
+            cache.clone(),
+            64,
+            crate::metrics::Metrics::new(),
+        );
         for id in ids {
             committer
                 .submit(Command::Register {

@@ -36,9 +36,10 @@ pub fn spawn(
     committer: Committer,
     clock: Clock,
     config: SweeperConfig,
+    metrics: Arc<crate::metrics::Metrics>,
     shutdown: CancellationToken,
 ) {
-    tokio::spawn(run(store, committer, clock, config, shutdown));
+    tokio::spawn(run(store, committer, clock, config, metrics, shutdown));
 }
 
 async fn run(
@@ -46,6 +47,7 @@ async fn run(
     committer: Committer,
     clock: Clock,
     config: SweeperConfig,
+    metrics: Arc<crate::metrics::Metrics>,
     shutdown: CancellationToken,
 ) {
     // After the service was down nobody heartbeated successfully, so every agent
@@ -72,9 +74,12 @@ async fn run(
             _ = ticks.tick() => {}
         }
         let offline_allowed = Instant::now() >= grace_ends;
-        if let Err(error) = sweep_once(&*store, &committer, &clock, silence, offline_allowed).await
-        {
-            tracing::warn!(%error, "sweep failed");
+        metrics.sweeper_runs.inc();
+        match sweep_once(&*store, &committer, &clock, silence, offline_allowed).await {
+            Ok(changed) => {
+                metrics.sweeper_changes.inc_by(changed as u64);
+            }
+            Err(error) => tracing::warn!(%error, "sweep failed"),
         }
         if Instant::now() >= next_prune {
             next_prune = Instant::now() + prune_every;
@@ -148,7 +153,13 @@ mod tests {
         let (clock, hand) =
             Clock::manual(chrono::Utc.with_ymd_and_hms(2026, 5, 1, 0, 0, 0).unwrap());
         let cache = AgentCache::new();
-        let committer = Committer::start(store.clone(), clock.clone(), cache.clone(), 64);
+        let committer = Committer::start(
+            store.clone(),
+            clock.clone(),
+            cache.clone(),
+            64,
+            crate::metrics::Metrics::new(),
+        );
         for id in ["silent", "alive"] {
             committer
                 .submit(Command::Register {

@@ -77,6 +77,7 @@ pub async fn open(
         }
     };
     let watcher = Watcher {
+        position: fanout.metrics().watcher(cursor),
         store,
         live,
         cursor,
@@ -90,6 +91,8 @@ pub async fn open(
 }
 
 struct Watcher {
+    /// This stream in the open-stream count and the lag metric.
+    position: crate::metrics::WatcherGuard,
     store: Arc<dyn AgentStore>,
     live: broadcast::Receiver<Arc<Transition>>,
     /// The last revision examined.
@@ -200,6 +203,7 @@ impl Watcher {
             self.send(WatchEvent::Transition(transition)).await?;
         }
         self.cursor = revision;
+        self.position.at(revision);
         Ok(())
     }
 
@@ -227,9 +231,20 @@ mod tests {
     async fn a_lagging_watcher_catches_up_from_the_store_without_gaps_or_repeats() {
         let store: Arc<MemoryStore> = Arc::new(MemoryStore::new());
         let shutdown = CancellationToken::new();
-        let fanout = TransitionFanout::start(store.clone(), 1, shutdown.clone());
+        let fanout = TransitionFanout::start(
+            store.clone(),
+            1,
+            shutdown.clone(),
+            crate::metrics::Metrics::new(),
+        );
         let (clock, _) = Clock::manual(chrono::Utc.with_ymd_and_hms(2026, 5, 1, 0, 0, 0).unwrap());
-        let committer = Committer::start(store.clone(), clock, AgentCache::new(), 8);
+        let committer = Committer::start(
+            store.clone(),
+            clock,
+            AgentCache::new(),
+            8,
+            crate::metrics::Metrics::new(),
+        );
         let spec = WatchSpec {
             since_revision: 0,
             filter: WatchFilter::default(),

@@ -103,6 +103,14 @@ pub trait AgentStore: Send + Sync + 'static {
     /// another one on the same store, and after the store lost track (a
     /// reconnect): the receiver then re-reads from the history.
     fn changes(&self) -> watch::Receiver<u64>;
+
+    /// How many agents are in each status (read when metrics are scraped).
+    async fn count_by_status(&self) -> Result<Vec<(AgentStatus, i64)>>;
+
+    /// The occupancy of this store's connection pools (none for a store without).
+    fn pool_stats(&self) -> Vec<crate::metrics::PoolStats> {
+        Vec::new()
+    }
 }
 
 /// Decides a recovery plan from the event and the evidence learned for its kind,

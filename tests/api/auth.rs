@@ -927,7 +927,14 @@ fn serve(listen: &str, extra: &[&str]) -> Serve {
         std::env::temp_dir().join(format!("fleetcare-serve-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_fleetcare"))
-        .args(["serve", "--listen", listen, "--data-dir"])
+        .args([
+            "serve",
+            "--listen",
+            listen,
+            "--http-listen",
+            "",
+            "--data-dir",
+        ])
         .arg(dir.join("data"))
         .args(extra)
         .env("RUST_LOG", "warn")

@@ -325,6 +325,8 @@ pub fn test_args(database_url: &str) -> ServeArgs {
     let defaults = ServeArgs::default();
     ServeArgs {
         listen: "127.0.0.1:0".parse().unwrap(),
+        // Every test server gets a metrics listener of its own.
+        http_listen: fleetcare::config::HttpListen::at("127.0.0.1:0".parse().unwrap()),
         database: DatabaseArgs {
             database_url: Some(database_url.to_owned()),
             data_dir: Default::default(),
@@ -345,6 +347,8 @@ pub fn test_args(database_url: &str) -> ServeArgs {
 
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The metrics listener (`--http-listen`), when there is one.
+    pub http_addr: Option<SocketAddr>,
     /// The server's own store, for tests that look beneath the API.
     pub stores: fleetcare::storage::Stores,
     pub agents: AgentStatusServiceClient<Channel>,
@@ -370,12 +374,14 @@ impl TestApp {
             .await
             .expect("server builds");
         let stores = app.stores().await.expect("store opens");
+        let http_addr = app.http_addr();
         let handle = tokio::spawn(app.run());
         let channel = Channel::from_shared(format!("http://{addr}"))
             .unwrap()
             .connect_lazy();
         TestApp {
             addr,
+            http_addr,
             stores,
             agents: AgentStatusServiceClient::new(channel.clone()),
             channel,
@@ -400,12 +406,14 @@ impl TestApp {
             .await
             .expect("server builds");
         let stores = app.stores().await.expect("store opens");
+        let http_addr = app.http_addr();
         let handle = tokio::spawn(app.run());
         let channel = Channel::from_shared(format!("http://{addr}"))
             .unwrap()
             .connect_lazy();
         TestApp {
             addr,
+            http_addr,
             stores,
             agents: AgentStatusServiceClient::new(channel.clone()),
             channel,
@@ -645,7 +653,13 @@ impl ServerProcess {
             None => std::process::Command::new(env!("CARGO_BIN_EXE_fleetcare")),
         };
         let child = command
-            .args(["serve", "--listen", &addr.to_string()])
+            .args([
+                "serve",
+                "--listen",
+                &addr.to_string(),
+                "--http-listen",
+                "127.0.0.1:0",
+            ])
             .args(args)
             .env("RUST_LOG", "warn")
             .envs(env.iter().copied())

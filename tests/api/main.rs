@@ -16,6 +16,7 @@ mod copy;
 mod healing;
 mod helpers;
 mod limits;
+mod metrics;
 mod outage;
 mod pipeline;
 mod post_healing;

@@ -15,7 +15,7 @@ fn data_dir(db: &TestDb) -> String {
 
 fn serve_output(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_fleetcare"))
-        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(["serve", "--listen", "127.0.0.1:0", "--http-listen", ""])
         .args(args)
         .env("RUST_LOG", "warn")
         .output()

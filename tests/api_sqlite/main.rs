@@ -25,6 +25,8 @@ mod healing;
 mod helpers;
 #[path = "../api/limits.rs"]
 mod limits;
+#[path = "../api/metrics.rs"]
+mod metrics;
 #[path = "../api/pipeline.rs"]
 mod pipeline;
 #[path = "../api/post_healing.rs"]

@@ -87,6 +87,7 @@ pub struct Pipeline {
     /// so one server never even asks twice.
     running: Arc<Mutex<HashSet<&'static str>>>,
     shutdown: CancellationToken,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Removes a processor from the running set however its run ends.
@@ -219,7 +220,28 @@ impl Pipeline {
             entries,
             running: Arc::default(),
             shutdown,
+            metrics: crate::metrics::Metrics::new(),
         })
+    }
+
+    /// Records runs and sessions into these metrics (before the pipeline is shared).
+    pub fn with_metrics(mut self: Arc<Self>, metrics: Arc<crate::metrics::Metrics>) -> Arc<Self> {
+        for entry in &self.entries {
+            metrics.processor(entry.processor.name());
+        }
+        if let Some(pipeline) = Arc::get_mut(&mut self) {
+            pipeline.metrics = metrics;
+        }
+        self
+    }
+
+    fn count_sessions(&self, processor: &'static str, result: &'static str, n: i64) {
+        if n > 0 {
+            self.metrics
+                .pipeline_sessions
+                .get_or_create(&crate::metrics::ProcessorLabels { processor, result })
+                .inc_by(n as u64);
+        }
     }
 
     fn entry(&self, name: &str) -> Result<&Entry> {
@@ -322,6 +344,20 @@ impl Pipeline {
             stats.root_error = Some(error.to_string());
         }
         stats.finished_at = Some(chrono::Utc::now());
+        let result = if stats.root_error.is_some() {
+            "error"
+        } else {
+            "ok"
+        };
+        self.metrics
+            .pipeline_runs
+            .get_or_create(&crate::metrics::ProcessorLabels {
+                processor: name,
+                result,
+            })
+            .inc();
+        self.count_sessions(name, "processed", stats.processed);
+        self.count_sessions(name, "failed", stats.failed);
         if let Err(error) = self.store.record_run(name, &stats).await {
             tracing::warn!(%error, processor = name, "cannot record the run");
         }
@@ -464,6 +500,7 @@ impl Pipeline {
                             FileOutcome::Failed { dead, error } => {
                                 stats.failed += 1;
                                 stats.dead += i64::from(dead);
+                                self.count_sessions(processor.name(), "dead", i64::from(dead));
                                 tracing::warn!(processor = processor.name(), session = %done.write.file.path, %error, "session failed");
                                 stats.record_error(&done.write.file.path, error);
                             }

@@ -165,6 +165,17 @@ impl AgentStore for MemoryStore {
             .collect())
     }
 
+    async fn count_by_status(&self) -> Result<Vec<(crate::domain::agent::AgentStatus, i64)>> {
+        let state = self.lock()?;
+        let mut counts: BTreeMap<&'static str, (crate::domain::agent::AgentStatus, i64)> =
+            BTreeMap::new();
+        for agent in state.agents.values() {
+            let status = agent.state.status;
+            counts.entry(status.as_str()).or_insert((status, 0)).1 += 1;
+        }
+        Ok(counts.into_values().collect())
+    }
+
     async fn revision_bounds(&self) -> Result<RevisionBounds> {
         let state = self.lock()?;
         Ok(RevisionBounds {

@@ -493,6 +493,27 @@ impl AgentStore for PgStore {
         rows.into_iter().map(Transition::try_from).collect()
     }
 
+    async fn count_by_status(&self) -> Result<Vec<(AgentStatus, i64)>> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT status, count(*) FROM agents GROUP BY status")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_error)?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(status, n)| AgentStatus::parse(&status).map(|s| (s, n)))
+            .collect())
+    }
+
+    fn pool_stats(&self) -> Vec<crate::metrics::PoolStats> {
+        vec![crate::metrics::PoolStats {
+            pool: "postgres",
+            size: self.pool.size(),
+            idle: self.pool.num_idle(),
+            max: self.pool.options().get_max_connections(),
+        }]
+    }
+
     async fn revision_bounds(&self) -> Result<RevisionBounds> {
         let (pruned_through, head): (i64, i64) = sqlx::query_as(
             "SELECT r.pruned_through, h.head_revision FROM revision_retention r, revision_head h",

@@ -401,6 +401,33 @@ impl AgentStore for SqliteStore {
         rows.into_iter().map(Transition::try_from).collect()
     }
 
+    async fn count_by_status(&self) -> Result<Vec<(AgentStatus, i64)>> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT status, count(*) FROM agents GROUP BY status")
+                .fetch_all(self.readers())
+                .await
+                .map_err(sqlite_error)?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(status, n)| AgentStatus::parse(&status).map(|s| (s, n)))
+            .collect())
+    }
+
+    fn pool_stats(&self) -> Vec<crate::metrics::PoolStats> {
+        [
+            ("sqlite_writer", &self.writer),
+            ("sqlite_readers", self.readers()),
+        ]
+        .into_iter()
+        .map(|(pool, p)| crate::metrics::PoolStats {
+            pool,
+            size: p.size(),
+            idle: p.num_idle(),
+            max: p.options().get_max_connections(),
+        })
+        .collect()
+    }
+
     async fn revision_bounds(&self) -> Result<RevisionBounds> {
         let (pruned_through, head): (i64, i64) = sqlx::query_as(
             "SELECT r.pruned_through, h.head_revision FROM revision_retention r, revision_head h",
