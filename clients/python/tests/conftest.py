@@ -41,6 +41,9 @@ STOP_TIMEOUT = 60.0
 # Options every test server gets: nothing scheduled behind the tests' backs (the
 # pipeline runs only when a test asks; no agent of a slow run goes OFFLINE).
 QUIET_SERVER_ARGS = (
+    # No metrics listener: its default port would be shared by every test server.
+    "--http-listen",
+    "",
     "--heartbeat-timeout",
     "1h",
     "--pipeline-interval-usage",

@@ -122,6 +122,9 @@ export async function startServer(options: StartOptions = {}): Promise<Fleetcare
       "json",
       "--session-dir",
       sessionDir,
+      // No metrics listener: its default port would be shared by every test server.
+      "--http-listen",
+      "",
       ...(options.args ?? []),
     ],
     { stdio: ["ignore", "ignore", "pipe"] },
