@@ -64,6 +64,16 @@ pub struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamLabel {
+    pub stream: &'static str,
+}
+
+/// The `stream` label of `fleetcare_watch_streams`: WatchTransitions.
+pub const TRANSITIONS_STREAM: &str = "transitions";
+/// The `stream` label of `fleetcare_watch_streams`: WatchRun.
+pub const RUN_STREAM: &str = "run";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PoolLabels {
     pub pool: &'static str,
     pub state: &'static str,
@@ -101,7 +111,7 @@ pub struct Metrics {
     pub heartbeats_received: Counter,
     pub heartbeats_flushed: Counter,
     pub heartbeat_flush_failures: Counter,
-    pub watch_streams: Gauge,
+    watch_streams: Family<StreamLabel, Gauge>,
     watch_lag: Gauge,
     pub commit_batch_size: Histogram,
     pub commit_duration: Histogram,
@@ -160,10 +170,10 @@ impl Metrics {
             "Heartbeat flushes the store refused (retried at the next flush)",
             heartbeat_flush_failures.clone(),
         );
-        let watch_streams = Gauge::default();
+        let watch_streams = Family::<StreamLabel, Gauge>::default();
         registry.register(
             "watch_streams",
-            "WatchTransitions streams open on this server",
+            "Watch streams open on this server, by stream (transitions: WatchTransitions, run: WatchRun)",
             watch_streams.clone(),
         );
         let watch_lag = Gauge::default();
@@ -255,6 +265,9 @@ impl Metrics {
                 status: status.as_str(),
             }));
         }
+        for stream in [TRANSITIONS_STREAM, RUN_STREAM] {
+            drop(watch_streams.get_or_create(&StreamLabel { stream }));
+        }
         Arc::new(Metrics {
             registry,
             rpc_duration,
@@ -317,7 +330,8 @@ impl Metrics {
         self.watchers.head.fetch_max(revision, Ordering::Relaxed);
     }
 
-    /// Registers an open watch stream; it counts until the guard is dropped.
+    /// Registers an open WatchTransitions stream; it counts (and its cursor
+    /// in the lag) until the guard is dropped.
     pub fn watcher(self: &Arc<Self>, cursor: i64) -> WatcherGuard {
         let id = self.watchers.next.fetch_add(1, Ordering::Relaxed);
         let position = Arc::new(AtomicI64::new(cursor));
@@ -326,12 +340,22 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, position.clone());
-        self.watch_streams.inc();
         WatcherGuard {
+            _open: self.stream_open(TRANSITIONS_STREAM),
             metrics: self.clone(),
             id,
             position,
         }
+    }
+
+    /// Counts one open stream of this kind until the guard is dropped.
+    pub fn stream_open(&self, stream: &'static str) -> StreamGuard {
+        let gauge = self
+            .watch_streams
+            .get_or_create(&StreamLabel { stream })
+            .clone();
+        gauge.inc();
+        StreamGuard { gauge }
     }
 
     /// Reads the state gauges, then encodes everything.
@@ -409,8 +433,20 @@ struct Watchers {
     cursors: Mutex<HashMap<u64, Arc<AtomicI64>>>,
 }
 
+/// One open stream in `fleetcare_watch_streams`.
+pub struct StreamGuard {
+    gauge: Gauge,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
 /// An open watch stream's place in the count and its cursor.
 pub struct WatcherGuard {
+    _open: StreamGuard,
     metrics: Arc<Metrics>,
     id: u64,
     position: Arc<AtomicI64>,
@@ -431,7 +467,6 @@ impl Drop for WatcherGuard {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&self.id);
-        self.metrics.watch_streams.dec();
     }
 }
 
@@ -454,14 +489,31 @@ mod tests {
             ),
             "{text}"
         );
-        assert!(text.contains("fleetcare_watch_streams 2"), "{text}");
+        let run = metrics.stream_open(RUN_STREAM);
+        let text = metrics.render().await;
+        assert!(
+            text.contains("fleetcare_watch_streams{stream=\"transitions\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fleetcare_watch_streams{stream=\"run\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("fleetcare_watch_lag_revisions 7"), "{text}");
         assert!(text.contains("# TYPE fleetcare_commit_duration_seconds histogram"));
         assert!(text.contains("# UNIT fleetcare_commit_duration_seconds seconds"));
         drop(slow);
         drop(fast);
+        drop(run);
         let text = metrics.render().await;
-        assert!(text.contains("fleetcare_watch_streams 0"), "{text}");
+        assert!(
+            text.contains("fleetcare_watch_streams{stream=\"transitions\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fleetcare_watch_streams{stream=\"run\"} 0"),
+            "{text}"
+        );
         assert!(text.contains("fleetcare_watch_lag_revisions 0"), "{text}");
     }
 }

@@ -2,19 +2,25 @@
 //! code (`fleetcare_rpc_duration_seconds`). It sits outside the guard, so
 //! refusals (store down, server busy) are counted too.
 //!
-//! The code is read from the response headers: a unary call's error is a
-//! trailers-only response, so its code is there; a response whose status comes
-//! in the trailers is OK as far as its headers go. A server stream is timed to
-//! its response headers (its opening), not to its end.
+//! A call is recorded once, when it is over, with its final code: from the
+//! response headers for a trailers-only answer (every refusal and error before
+//! the first message), else from the trailers when the body ends (a stream's
+//! OK at its end, OUT_OF_RANGE or UNAVAILABLE in the middle of it). A body
+//! dropped before its trailers (the client cancelled, or went away) is
+//! `CANCELLED`. A server stream is so timed from its call to its end.
 
 use std::collections::HashSet;
+use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use futures::future::BoxFuture;
+use http_body::{Frame, SizeHint};
 use prost::Message;
+use tonic::Status;
 use tonic::body::Body;
+use tonic::codegen::Bytes;
 use tonic::codegen::http::{Request, Response};
 use tower::{Layer, Service};
 
@@ -72,23 +78,31 @@ pub fn code_name(code: Option<&[u8]>) -> &'static str {
         .ok()
         .and_then(|c| c.parse::<i32>().ok())
     {
-        Some(0) => "OK",
-        Some(1) => "CANCELLED",
-        Some(2) => "UNKNOWN",
-        Some(3) => "INVALID_ARGUMENT",
-        Some(4) => "DEADLINE_EXCEEDED",
-        Some(5) => "NOT_FOUND",
-        Some(6) => "ALREADY_EXISTS",
-        Some(7) => "PERMISSION_DENIED",
-        Some(8) => "RESOURCE_EXHAUSTED",
-        Some(9) => "FAILED_PRECONDITION",
-        Some(10) => "ABORTED",
-        Some(11) => "OUT_OF_RANGE",
-        Some(12) => "UNIMPLEMENTED",
-        Some(13) => "INTERNAL",
-        Some(14) => "UNAVAILABLE",
-        Some(15) => "DATA_LOSS",
-        Some(16) => "UNAUTHENTICATED",
+        Some(code) => code_of(code),
+        None => "UNKNOWN",
+    }
+}
+
+/// The canonical name of a numeric gRPC status code.
+fn code_of(code: i32) -> &'static str {
+    match code {
+        0 => "OK",
+        1 => "CANCELLED",
+        2 => "UNKNOWN",
+        3 => "INVALID_ARGUMENT",
+        4 => "DEADLINE_EXCEEDED",
+        5 => "NOT_FOUND",
+        6 => "ALREADY_EXISTS",
+        7 => "PERMISSION_DENIED",
+        8 => "RESOURCE_EXHAUSTED",
+        9 => "FAILED_PRECONDITION",
+        10 => "ABORTED",
+        11 => "OUT_OF_RANGE",
+        12 => "UNIMPLEMENTED",
+        13 => "INTERNAL",
+        14 => "UNAVAILABLE",
+        15 => "DATA_LOSS",
+        16 => "UNAUTHENTICATED",
         _ => "UNKNOWN",
     }
 }
@@ -138,27 +152,102 @@ where
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
         let (service, method) = labels_of(request.uri().path());
-        let metrics = self.metrics.clone();
-        let started = Instant::now();
+        let mut timing = Timing {
+            metrics: self.metrics.clone(),
+            service,
+            method,
+            started: Instant::now(),
+            recorded: false,
+        };
         let call = self.inner.call(request);
         Box::pin(async move {
-            let result = call.await;
-            let code = match &result {
-                Ok(response) => {
-                    code_name(response.headers().get("grpc-status").map(|v| v.as_bytes()))
+            let response = match call.await {
+                Ok(response) => response,
+                Err(error) => {
+                    timing.record("UNKNOWN");
+                    return Err(error);
                 }
-                Err(_) => "UNKNOWN",
             };
-            metrics
-                .rpc_duration
-                .get_or_create(&RpcLabels {
-                    service,
-                    method,
-                    code,
-                })
-                .observe(started.elapsed().as_secs_f64());
-            result
+            if let Some(code) = response.headers().get("grpc-status") {
+                // Trailers-only: the call is over.
+                timing.record(code_name(Some(code.as_bytes())));
+                return Ok(response);
+            }
+            Ok(response.map(|inner| Body::new(MeteredBody { inner, timing })))
         })
+    }
+}
+
+/// One call's labels and start, recorded once: with the first code given to
+/// [`Timing::record`], or `CANCELLED` when dropped before (the client went
+/// away before the answer, or before the end of the stream).
+struct Timing {
+    metrics: Arc<Metrics>,
+    service: String,
+    method: String,
+    started: Instant,
+    recorded: bool,
+}
+
+impl Timing {
+    fn record(&mut self, code: &'static str) {
+        if std::mem::replace(&mut self.recorded, true) {
+            return;
+        }
+        self.metrics
+            .rpc_duration
+            .get_or_create(&RpcLabels {
+                service: std::mem::take(&mut self.service),
+                method: std::mem::take(&mut self.method),
+                code,
+            })
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+impl Drop for Timing {
+    fn drop(&mut self) {
+        self.record("CANCELLED");
+    }
+}
+
+/// The response body, timing the call until its trailers.
+struct MeteredBody {
+    inner: Body,
+    timing: Timing,
+}
+
+impl http_body::Body for MeteredBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(trailers) = frame.trailers_ref() {
+                    this.timing
+                        .record(code_name(trailers.get("grpc-status").map(|v| v.as_bytes())));
+                }
+            }
+            Poll::Ready(Some(Err(status))) => this.timing.record(code_of(status.code() as i32)),
+            // Ended without trailers: not a gRPC answer.
+            Poll::Ready(None) => this.timing.record("UNKNOWN"),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -185,5 +274,7 @@ mod tests {
         assert_eq!(code_name(None), "OK");
         assert_eq!(code_name(Some(b"14")), "UNAVAILABLE");
         assert_eq!(code_name(Some(b"x")), "UNKNOWN");
+        assert_eq!(code_name(Some(b"99")), "UNKNOWN");
+        assert_eq!(code_of(tonic::Code::OutOfRange as i32), "OUT_OF_RANGE");
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! - `rpc.service`, `rpc.method` from the path; `rpc.grpc.status_code` once
 //!   it is known: from the response headers (a trailers-only answer, every
-//!   error) or from the trailers when the body ends; `latency_ms` when the
+//!   error) or from the trailers when the body ends, `CANCELLED` (1) when the
+//!   body is dropped before its trailers (the client went away); `latency_ms` when the
 //!   response body is done (for a stream: when it ends); `agent_id`, recorded
 //!   by the handlers that have one ([`record_agent_id`]).
 //! - `otel.name` (`package.Service/Method`, the OpenTelemetry convention),
@@ -81,14 +82,19 @@ where
         };
         Box::pin(async move {
             let response = future.instrument(span.clone()).await?;
-            if let Some(code) = grpc_status(response.headers()) {
-                record_status(&span, code);
-            }
+            let status_known = match grpc_status(response.headers()) {
+                Some(code) => {
+                    record_status(&span, code);
+                    true
+                }
+                None => false,
+            };
             Ok(response.map(|inner| {
                 Body::new(TracedBody {
                     inner,
                     span,
                     started,
+                    status_known,
                 })
             }))
         })
@@ -159,11 +165,13 @@ impl Extractor for HeaderExtractor<'_> {
 }
 
 /// The response body, holding the call's span open until it is done: the
-/// status from its trailers, the latency when it is dropped.
+/// status from its trailers (`CANCELLED` when it is dropped before them: the
+/// client went away), the latency when it is dropped.
 struct TracedBody {
     inner: Body,
     span: tracing::Span,
     started: Instant,
+    status_known: bool,
 }
 
 impl http_body::Body for TracedBody {
@@ -181,6 +189,7 @@ impl http_body::Body for TracedBody {
             && let Some(code) = frame.trailers_ref().and_then(grpc_status)
         {
             record_status(&this.span, code);
+            this.status_known = true;
         }
         polled
     }
@@ -196,6 +205,9 @@ impl http_body::Body for TracedBody {
 
 impl Drop for TracedBody {
     fn drop(&mut self) {
+        if !self.status_known {
+            record_status(&self.span, tonic::Code::Cancelled as i32);
+        }
         let latency = self.started.elapsed().as_secs_f64() * 1000.0;
         self.span.record("latency_ms", latency);
     }

@@ -190,7 +190,7 @@ async fn metrics_move_with_real_traffic() {
         .into_inner();
     eventually(WAIT, "one watch stream open", || async {
         let m = scrape(&app).await;
-        (m.value("fleetcare_watch_streams", &[]) == 1.0).then_some(())
+        (m.value("fleetcare_watch_streams", &[("stream", "transitions")]) == 1.0).then_some(())
     })
     .await;
     app.register("m4").await;
@@ -256,6 +256,157 @@ async fn metrics_move_with_real_traffic() {
                 ("method", "PlanRecovery"),
                 ("code", "OK")
             ]
+        ),
+        1.0
+    );
+    app.stop().await;
+}
+
+/// `fleetcare_rpc_duration_seconds_count` of one method, over its codes or for one.
+fn rpc_count(m: &Scrape, service: &str, method: &str, code: Option<&str>) -> f64 {
+    let mut labels = vec![("service", service), ("method", method)];
+    if let Some(code) = code {
+        labels.push(("code", code));
+    }
+    m.value("fleetcare_rpc_duration_seconds_count", &labels)
+}
+
+const PIPELINE_SERVICE: &str = "fleetcare.v1.SessionPipelineService";
+
+#[tokio::test]
+async fn watch_streams_of_both_kinds_count_while_open_and_are_timed_to_their_final_code() {
+    let db = TestDb::new();
+    let root = crate::pipeline::SessionRoot::new();
+    root.write(
+        "alice/s1.jsonl",
+        &crate::pipeline::assistant(
+            "msg_1",
+            "req_1",
+            "claude-sonnet-4",
+            "2026-03-14T10:00:00Z",
+            [10, 20, 30, 40],
+        ),
+    );
+    let mut args = test_args(&db.url);
+    args.pipeline.session_dir = root.path.clone();
+    args.pipeline.pipeline_interval_usage = Duration::ZERO;
+    args.pipeline.pipeline_interval_errors = Duration::ZERO;
+    let app = TestApp::spawn_with(args).await;
+    let streams = |m: &Scrape, stream| m.value("fleetcare_watch_streams", &[("stream", stream)]);
+    let m = scrape(&app).await;
+    assert_eq!(streams(&m, "transitions"), 0.0);
+    assert_eq!(streams(&m, "run"), 0.0);
+
+    // WatchTransitions: counted while open, timed only once it is over (not
+    // at its response headers), and CANCELLED when the client drops it.
+    let watch = app
+        .agents
+        .clone()
+        .watch_transitions(pb::WatchTransitionsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    eventually(WAIT, "one transitions stream open", || async {
+        let m = scrape(&app).await;
+        (streams(&m, "transitions") == 1.0).then_some(())
+    })
+    .await;
+    let m = scrape(&app).await;
+    assert_eq!(
+        rpc_count(&m, AGENT_SERVICE, "WatchTransitions", None),
+        0.0,
+        "an open stream is not timed yet"
+    );
+    drop(watch);
+    eventually(WAIT, "the dropped stream closed and timed", || async {
+        let m = scrape(&app).await;
+        (streams(&m, "transitions") == 0.0
+            && rpc_count(&m, AGENT_SERVICE, "WatchTransitions", Some("CANCELLED")) == 1.0)
+            .then_some(())
+    })
+    .await;
+
+    // A stream refused before its first message: its code from the headers.
+    let refused = app
+        .agents
+        .clone()
+        .watch_transitions(pb::WatchTransitionsRequest {
+            since_revision: 1_000_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::OutOfRange);
+    let m = scrape(&app).await;
+    assert_eq!(
+        rpc_count(&m, AGENT_SERVICE, "WatchTransitions", Some("OUT_OF_RANGE")),
+        1.0
+    );
+    assert_eq!(rpc_count(&m, AGENT_SERVICE, "WatchTransitions", None), 2.0);
+
+    // WatchRun, waiting for the next run, dropped by its client.
+    let mut pipeline = crate::pipeline::client(&app);
+    let follow = pipeline
+        .watch_run(pb::WatchRunRequest {
+            name: "usage".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    eventually(WAIT, "one run stream open", || async {
+        let m = scrape(&app).await;
+        (streams(&m, "run") == 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(streams(&scrape(&app).await, "transitions"), 0.0);
+    drop(follow);
+    eventually(WAIT, "the dropped run stream closed and timed", || async {
+        let m = scrape(&app).await;
+        (streams(&m, "run") == 0.0
+            && rpc_count(&m, PIPELINE_SERVICE, "WatchRun", Some("CANCELLED")) == 1.0)
+            .then_some(())
+    })
+    .await;
+
+    // WatchRun followed to the end of a run: OK, from its trailers.
+    let mut follow = pipeline
+        .watch_run(pb::WatchRunRequest {
+            name: "usage".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let stats = crate::pipeline::run(&app, "usage").await.unwrap();
+    assert_eq!(stats.processed, 1);
+    let mut finished = false;
+    while let Some(progress) = tokio::time::timeout(WAIT, follow.message())
+        .await
+        .expect("progress within the wait")
+        .unwrap()
+    {
+        finished |= progress.finished;
+    }
+    assert!(finished, "the stream ended with the run");
+    eventually(WAIT, "the finished run stream timed as OK", || async {
+        let m = scrape(&app).await;
+        (streams(&m, "run") == 0.0
+            && rpc_count(&m, PIPELINE_SERVICE, "WatchRun", Some("OK")) == 1.0)
+            .then_some(())
+    })
+    .await;
+    let m = scrape(&app).await;
+    assert_eq!(rpc_count(&m, PIPELINE_SERVICE, "WatchRun", None), 2.0);
+    assert_eq!(
+        m.value(
+            "fleetcare_pipeline_runs_total",
+            &[("processor", "usage"), ("result", "ok")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m.value(
+            "fleetcare_pipeline_sessions_total",
+            &[("processor", "usage"), ("result", "processed")]
         ),
         1.0
     );

@@ -664,7 +664,11 @@ impl Pipeline {
             current.run + 1
         };
         let (tx, rx) = mpsc::channel(64);
+        // Counted as an open WatchRun stream until the follower stops: at the
+        // run's end, or when the client drops the stream.
+        let open = self.metrics.stream_open(crate::metrics::RUN_STREAM);
         tokio::spawn(async move {
+            let _open = open;
             let mut last = current;
             loop {
                 if last.run == target_run {
