@@ -102,6 +102,11 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))
 }
 
+fn acquire_histogram() -> Histogram {
+    // 50 µs .. ~1.6 s, and +Inf beyond (a wait that runs out at the timeout)
+    Histogram::new(exponential_buckets(0.00005, 2.0, 16))
+}
+
 /// Every metric of one server.
 pub struct Metrics {
     registry: Registry,
@@ -124,6 +129,8 @@ pub struct Metrics {
     pub post_actions: Family<StatusLabel, Counter>,
     db_connections: Family<PoolLabels, Gauge>,
     db_max_connections: Family<PoolLabel, Gauge>,
+    db_acquire_duration: HistogramFamily<PoolLabel>,
+    db_acquire_timeouts: Family<PoolLabel, Counter>,
     /// What the scrape reads from: set once the store is open.
     agent_store: Mutex<Option<Arc<dyn AgentStore>>>,
     watchers: Watchers,
@@ -245,6 +252,20 @@ impl Metrics {
             "Most connections each database pool may open",
             db_max_connections.clone(),
         );
+        let db_acquire_duration: HistogramFamily<PoolLabel> =
+            Family::new_with_constructor(acquire_histogram);
+        registry.register_with_unit(
+            "db_acquire_duration",
+            "Time to get a database connection from each pool (waiting for one, opening one)",
+            Unit::Seconds,
+            db_acquire_duration.clone(),
+        );
+        let db_acquire_timeouts = Family::<PoolLabel, Counter>::default();
+        registry.register(
+            "db_acquire_timeouts",
+            "Waits for a database connection that ran out at --db-acquire-timeout (answered UNAVAILABLE)",
+            db_acquire_timeouts.clone(),
+        );
         // Series of bounded label sets exist from the start at 0, so a rate or
         // an alert sees them before the first event.
         for strategy in crate::domain::healing::Strategy::ALL {
@@ -289,13 +310,26 @@ impl Metrics {
             post_actions,
             db_connections,
             db_max_connections,
+            db_acquire_duration,
+            db_acquire_timeouts,
             agent_store: Mutex::new(None),
             watchers: Watchers::default(),
         })
     }
 
-    /// The store the scrape reads agents by status and pool occupancy from.
+    /// The store the scrape reads agents by status and pool occupancy from;
+    /// its pools' acquisitions are timed from now on.
     pub fn set_store(&self, store: Arc<dyn AgentStore>) {
+        store.observe_pools(&|pool| crate::storage::pool::AcquireMetrics {
+            duration: self
+                .db_acquire_duration
+                .get_or_create(&PoolLabel { pool })
+                .clone(),
+            timeouts: self
+                .db_acquire_timeouts
+                .get_or_create(&PoolLabel { pool })
+                .clone(),
+        });
         *self.agent_store.lock().unwrap_or_else(|e| e.into_inner()) = Some(store);
     }
 

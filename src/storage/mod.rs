@@ -10,6 +10,7 @@
 pub mod copy;
 pub(crate) mod decode;
 pub mod memory;
+pub mod pool;
 pub mod postgres;
 pub mod sqlite;
 
@@ -110,6 +111,12 @@ pub trait AgentStore: Send + Sync + 'static {
     /// The occupancy of this store's connection pools (none for a store without).
     fn pool_stats(&self) -> Vec<crate::metrics::PoolStats> {
         Vec::new()
+    }
+
+    /// Times this store's connection acquisitions into the metrics `metrics`
+    /// gives for each pool's name (`postgres`, `sqlite_writer`, ...).
+    fn observe_pools(&self, metrics: &dyn Fn(&'static str) -> pool::AcquireMetrics) {
+        let _ = metrics;
     }
 }
 

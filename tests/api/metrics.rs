@@ -157,6 +157,40 @@ async fn metrics_move_with_real_traffic() {
     assert!(m.value("fleetcare_commit_batch_size_sum", &[]) >= 6.0);
     assert!(m.value("fleetcare_commit_duration_seconds_count", &[]) >= 1.0);
     assert!(m.value("fleetcare_db_connections", &[]) >= 1.0);
+    // Every pool's connections are timed where they are acquired.
+    let pools: std::collections::BTreeSet<String> =
+        m.0.iter()
+            .filter(|(n, _, _)| n == "fleetcare_db_max_connections")
+            .map(|(_, l, _)| l["pool"].clone())
+            .collect();
+    assert!(!pools.is_empty());
+    for pool in &pools {
+        let labels = [("pool", pool.as_str())];
+        assert_eq!(
+            m.value("fleetcare_db_acquire_timeouts_total", &labels),
+            0.0,
+            "{pool}"
+        );
+        assert!(
+            m.0.iter().any(
+                |(n, l, _)| n == "fleetcare_db_acquire_duration_seconds_count"
+                    && l.get("pool") == Some(pool)
+            ),
+            "no acquire histogram for {pool}"
+        );
+    }
+    let acquired = m.value("fleetcare_db_acquire_duration_seconds_count", &[]);
+    assert!(acquired >= 1.0, "{acquired}");
+    app.agents
+        .clone()
+        .list_agents(pb::ListAgentsRequest::default())
+        .await
+        .unwrap();
+    let later = scrape(&app).await;
+    assert!(
+        later.value("fleetcare_db_acquire_duration_seconds_count", &[]) > acquired,
+        "a ListAgents reads through a pool"
+    );
     // No agent id ever becomes a label.
     for (_, labels, _) in &m.0 {
         assert!(

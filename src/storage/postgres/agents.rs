@@ -514,6 +514,13 @@ impl AgentStore for PgStore {
         }]
     }
 
+    fn observe_pools(
+        &self,
+        metrics: &dyn Fn(&'static str) -> crate::storage::pool::AcquireMetrics,
+    ) {
+        self.pool.observe(metrics("postgres"));
+    }
+
     async fn revision_bounds(&self) -> Result<RevisionBounds> {
         let (pruned_through, head): (i64, i64) = sqlx::query_as(
             "SELECT r.pruned_through, h.head_revision FROM revision_retention r, revision_head h",

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::DatabaseArgs;
 use crate::error::Error;
+use crate::storage::pool::TimedPool;
 
 /// Channel on which committed transitions are announced to other replicas.
 const TRANSITIONS_CHANNEL: &str = "fleetcare_transitions";
@@ -26,7 +27,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/post
 /// The Postgres implementation of every store trait.
 #[derive(Clone)]
 pub struct PgStore {
-    pool: PgPool,
+    pool: TimedPool<sqlx::Postgres>,
     changes: watch::Sender<u64>,
     /// The committer's own connection: batches commit one after another, and a
     /// pool acquire (with its liveness ping) per batch costs more than the batch.
@@ -41,14 +42,14 @@ impl PgStore {
         let (changes, _) = watch::channel(0);
         changes::spawn_listener(pool.clone(), changes.clone(), shutdown);
         Ok(PgStore {
-            pool,
+            pool: TimedPool::new(pool),
             changes,
             batch_conn: Default::default(),
         })
     }
 
     pub fn pool(&self) -> &PgPool {
-        &self.pool
+        self.pool.inner()
     }
 }
 

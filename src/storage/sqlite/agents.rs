@@ -428,6 +428,14 @@ impl AgentStore for SqliteStore {
         .collect()
     }
 
+    fn observe_pools(
+        &self,
+        metrics: &dyn Fn(&'static str) -> crate::storage::pool::AcquireMetrics,
+    ) {
+        self.writer.observe(metrics("sqlite_writer"));
+        self.readers().observe(metrics("sqlite_readers"));
+    }
+
     async fn revision_bounds(&self) -> Result<RevisionBounds> {
         let (pruned_through, head): (i64, i64) = sqlx::query_as(
             "SELECT r.pruned_through, h.head_revision FROM revision_retention r, revision_head h",

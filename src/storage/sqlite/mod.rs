@@ -27,12 +27,12 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, NaiveDate, Utc};
-use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use tokio::sync::watch;
 
 use crate::config::DatabaseArgs;
 use crate::error::Error;
+use crate::storage::pool::TimedPool;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -44,9 +44,9 @@ const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 #[derive(Clone)]
 pub struct SqliteStore {
     /// One connection: SQLite's single writer. `begin_write` takes it.
-    writer: SqlitePool,
+    writer: TimedPool<sqlx::Sqlite>,
     /// Readers (WAL: they never block the writer nor wait for it).
-    readers: SqlitePool,
+    readers: TimedPool<sqlx::Sqlite>,
     changes: watch::Sender<u64>,
     /// Processors running in this process (the only one on the file).
     running_processors: Arc<Mutex<HashSet<String>>>,
@@ -99,8 +99,8 @@ impl SqliteStore {
             .map_err(sqlite_error)?;
         let (changes, _) = watch::channel(0);
         Ok(SqliteStore {
-            writer,
-            readers,
+            writer: TimedPool::new(writer),
+            readers: TimedPool::new(readers),
             changes,
             running_processors: Default::default(),
             path: path.to_owned(),
@@ -134,7 +134,7 @@ impl SqliteStore {
     }
 
     /// The reader pool (last committed state).
-    pub(crate) fn readers(&self) -> &SqlitePool {
+    pub(crate) fn readers(&self) -> &TimedPool<sqlx::Sqlite> {
         &self.readers
     }
 

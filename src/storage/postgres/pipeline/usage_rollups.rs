@@ -12,7 +12,7 @@
 use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, NaiveDate, Utc};
-use sqlx::{FromRow, PgConnection, PgPool};
+use sqlx::{FromRow, PgConnection};
 
 use super::super::db_error;
 use crate::domain::pipeline::SessionFile;
@@ -427,7 +427,10 @@ type ReportRow = (
 
 /// A usage report: from the cells when the range is whole UTC days, else from
 /// the distinct messages (winners already decided, filtered by time).
-pub(crate) async fn usage_report(pool: &PgPool, query: &UsageQuery) -> Result<Vec<UsageRow>> {
+pub(crate) async fn usage_report(
+    pool: &crate::storage::pool::TimedPool<sqlx::Postgres>,
+    query: &UsageQuery,
+) -> Result<Vec<UsageRow>> {
     let key = match query.group_by {
         UsageGrouping::Day => "to_char(day, 'YYYY-MM-DD')",
         UsageGrouping::Session => "user_name || '/' || session_id",

@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use sqlx::{FromRow, QueryBuilder, Sqlite, SqliteConnection, SqlitePool};
+use sqlx::{FromRow, QueryBuilder, Sqlite, SqliteConnection};
 
 use super::super::{day_text, from_micros, micros, sqlite_error, truncate};
 use super::CHUNK_ROWS;
@@ -410,7 +410,10 @@ struct ReportRow {
 
 /// A usage report: from the cells when the range is whole UTC days, else from
 /// the distinct messages (winners already decided, filtered by time).
-pub(crate) async fn usage_report(pool: &SqlitePool, query: &UsageQuery) -> Result<Vec<UsageRow>> {
+pub(crate) async fn usage_report(
+    pool: &crate::storage::pool::TimedPool<Sqlite>,
+    query: &UsageQuery,
+) -> Result<Vec<UsageRow>> {
     let key = match query.group_by {
         UsageGrouping::Day => "day",
         UsageGrouping::Session => "user_name || '/' || session_id",
