@@ -83,8 +83,10 @@ async fn run(
     }
 }
 
-/// Commits one batch in a span of its own, `commit_batch` (its size, how long
-/// the transaction took), linked to the spans of the calls it carries.
+/// Commits one batch in a span, `commit_batch` (its size, how long the
+/// transaction took, the revisions it committed, its outcome): a child of the
+/// call's span when it carries one call, else a root linked to the spans of
+/// the calls it carries (a batch serves many traces at once).
 async fn commit(
     store: &dyn AgentStore,
     clock: &Clock,
@@ -92,14 +94,25 @@ async fn commit(
     metrics: &Metrics,
     pending: Vec<Pending>,
 ) {
+    let parent = match pending.as_slice() {
+        [lone] => lone.caller.id(),
+        _ => None,
+    };
     let span = tracing::info_span!(
+        parent: parent,
         "commit_batch",
-        size = pending.len(),
+        size = pending.len() as i64,
         elapsed_ms = tracing::field::Empty,
         split = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+        first_revision = tracing::field::Empty,
+        last_revision = tracing::field::Empty,
     );
-    for p in &pending {
-        span.follows_from(&p.caller);
+    if pending.len() > 1 {
+        for p in &pending {
+            span.follows_from(&p.caller);
+        }
     }
     commit_in_span(store, clock, cache, metrics, pending)
         .instrument(span)
@@ -127,20 +140,25 @@ async fn commit_in_span(
     metrics.commit_duration.observe(elapsed.as_secs_f64());
     match committed {
         Ok(outcomes) => {
+            let mut revisions = Revisions::default();
             for outcome in outcomes.iter().flatten() {
                 cache.committed(&outcome.agent);
                 count_transition(metrics, outcome);
+                revisions.add(outcome);
             }
+            revisions.record("committed");
             for (reply, outcome) in replies.into_iter().zip(outcomes) {
                 let _ = reply.send(outcome.map_err(Error::from));
             }
         }
         Err(Error::Unavailable(message)) => {
+            Revisions::default().record("unavailable");
             for reply in replies {
                 let _ = reply.send(Err(Error::Unavailable(message.clone())));
             }
         }
         Err(error) if commands.len() == 1 => {
+            Revisions::default().record("failed");
             if let Some(reply) = replies.into_iter().next() {
                 let _ = reply.send(Err(error));
             }
@@ -148,6 +166,7 @@ async fn commit_in_span(
         Err(error) => {
             tracing::Span::current().record("split", true);
             tracing::warn!(%error, size = commands.len(), "batch failed, committing its calls one by one");
+            let mut revisions = Revisions::default();
             for (command, reply) in commands.into_iter().zip(replies) {
                 let one = [command];
                 let result = match store.commit_batch(&one, clock.now()).await {
@@ -160,9 +179,11 @@ async fn commit_in_span(
                 if let Ok(applied) = &result {
                     cache.committed(&applied.agent);
                     count_transition(metrics, applied);
+                    revisions.add(applied);
                 }
                 let _ = reply.send(result);
             }
+            revisions.record("split");
         }
     }
 }
@@ -171,6 +192,34 @@ async fn commit_in_span(
 fn count_transition(metrics: &Metrics, applied: &Applied) {
     if let Some(t) = &applied.transition {
         metrics.transition(t.cause, t.to);
+    }
+}
+
+/// The lowest and highest revision a batch's transitions got, for its span.
+#[derive(Default)]
+struct Revisions(Option<(i64, i64)>);
+
+impl Revisions {
+    fn add(&mut self, applied: &Applied) {
+        if let Some(t) = &applied.transition {
+            let (first, last) = self.0.get_or_insert((t.revision, t.revision));
+            *first = (*first).min(t.revision);
+            *last = (*last).max(t.revision);
+        }
+    }
+
+    /// Records the outcome (`committed`, `unavailable`, `failed`, `split`) and
+    /// the revisions, if any, on the batch's span.
+    fn record(self, outcome: &'static str) {
+        let span = tracing::Span::current();
+        span.record("outcome", outcome);
+        if matches!(outcome, "unavailable" | "failed") {
+            span.record("otel.status_code", "ERROR");
+        }
+        if let Some((first, last)) = self.0 {
+            span.record("first_revision", first);
+            span.record("last_revision", last);
+        }
     }
 }
 

@@ -62,6 +62,23 @@ impl Collector {
         format!("http://{addr}")
     }
 
+    /// The span named `name` in trace `trace_id`, once it has arrived.
+    async fn span_named(&self, trace_id: &[u8], name: &str) -> Span {
+        eventually(
+            Duration::from_secs(20),
+            &format!("the {name} span exported"),
+            || async {
+                self.spans
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .find(|(_, s)| s.trace_id == trace_id && s.name == name)
+                    .map(|(_, s)| s.clone())
+            },
+        )
+        .await
+    }
+
     /// The `rpc` span of `method` in trace `trace_id`, once it has arrived.
     async fn rpc_span(&self, trace_id: &[u8], method: &str) -> (String, Span) {
         eventually(
@@ -187,4 +204,130 @@ async fn a_call_with_a_traceparent_is_exported_as_a_child_span_with_its_service_
     );
     // STATUS_CODE_ERROR
     assert_eq!(get.status.map(|s| s.code), Some(2));
+}
+
+/// A server process exporting to `collector` every 100 ms, with the pipeline's
+/// session root at `session_dir` and its schedule off.
+async fn traced_server(collector: &Collector, db: &TestDb, session_dir: &str) -> ServerProcess {
+    let endpoint = collector.start().await;
+    ServerProcess::start_with_env(
+        &[("OTEL_BSP_SCHEDULE_DELAY", "100")],
+        &[
+            "--database-url",
+            &db.url,
+            "--otlp-endpoint",
+            &endpoint,
+            "--session-dir",
+            session_dir,
+            "--pipeline-interval-usage",
+            "0s",
+            "--pipeline-interval-errors",
+            "0s",
+        ],
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_lone_call_commits_in_a_child_span_of_its_rpc_span_with_the_batch_attributes() {
+    let collector = Collector::default();
+    let db = TestDb::new();
+    let root = crate::pipeline::SessionRoot::new();
+    let server = traced_server(&collector, &db, root.path.to_str().unwrap()).await;
+    let mut client = server.client().await;
+    client
+        .register_agent(pb::RegisterAgentRequest {
+            agent_id: "traced-2".into(),
+            labels: Default::default(),
+        })
+        .await
+        .unwrap();
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let caller_span = "b7ad6b7169203331";
+    let started = client
+        .start_work(with_traceparent(
+            pb::StartWorkRequest {
+                agent_id: "traced-2".into(),
+                slot_type: pb::SlotType::Work as i32,
+            },
+            &format!("00-{trace_id}-{caller_span}-01"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let revision = started.transition.expect("a transition").revision;
+
+    let trace_id = hex::decode(trace_id).unwrap();
+    let (_, rpc) = collector.rpc_span(&trace_id, "StartWork").await;
+    assert_eq!(rpc.parent_span_id, hex::decode(caller_span).unwrap());
+    let commit = collector.span_named(&trace_id, "commit_batch").await;
+    assert_eq!(commit.parent_span_id, rpc.span_id, "under the call's span");
+    let a = &commit.attributes;
+    assert_eq!(int_attr(a, "size"), Some(1), "{a:?}");
+    assert_eq!(string_attr(a, "outcome").as_deref(), Some("committed"));
+    assert_eq!(int_attr(a, "first_revision"), Some(revision));
+    assert_eq!(int_attr(a, "last_revision"), Some(revision));
+    assert!(attr(a, "elapsed_ms").is_some(), "{a:?}");
+}
+
+#[tokio::test]
+async fn a_run_processor_call_yields_a_pipeline_run_span_with_its_counts() {
+    let collector = Collector::default();
+    let db = TestDb::new();
+    let root = crate::pipeline::SessionRoot::new();
+    for (file, msg) in [("alice/s1.jsonl", "msg_1"), ("bob/s2.jsonl", "msg_2")] {
+        root.write(
+            file,
+            &crate::pipeline::assistant(
+                msg,
+                "req_1",
+                "claude-sonnet-4",
+                "2026-03-14T10:00:00Z",
+                [10, 20, 30, 40],
+            ),
+        );
+    }
+    let server = traced_server(&collector, &db, root.path.to_str().unwrap()).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut pipeline =
+        pb::session_pipeline_service_client::SessionPipelineServiceClient::new(channel);
+    let trace_id = "5b8efff798038103d269b633813fc60c";
+    let caller_span = "eee19b7ec3c1b174";
+    let stats = pipeline
+        .run_processor(with_traceparent(
+            pb::RunProcessorRequest {
+                name: "usage".into(),
+            },
+            &format!("00-{trace_id}-{caller_span}-01"),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .stats
+        .unwrap();
+    assert_eq!(stats.processed, 2);
+
+    let trace_id = hex::decode(trace_id).unwrap();
+    let (_, rpc) = collector.rpc_span(&trace_id, "RunProcessor").await;
+    let run = collector.span_named(&trace_id, "pipeline_run").await;
+    assert_eq!(run.parent_span_id, rpc.span_id, "under the call's span");
+    let a = &run.attributes;
+    assert_eq!(
+        string_attr(a, "processor").as_deref(),
+        Some("usage"),
+        "{a:?}"
+    );
+    assert_eq!(string_attr(a, "outcome").as_deref(), Some("ok"));
+    assert_eq!(int_attr(a, "scanned"), Some(2));
+    assert_eq!(int_attr(a, "processed"), Some(2));
+    assert_eq!(int_attr(a, "failed"), Some(0));
+    assert!(attr(a, "elapsed_ms").is_some(), "{a:?}");
+    // Its sessions committed in spans of their own, under the run's.
+    let commit = collector.span_named(&trace_id, "pipeline_commit").await;
+    assert_eq!(commit.parent_span_id, run.span_id);
+    assert!(int_attr(&commit.attributes, "sessions").is_some_and(|n| n >= 1));
 }

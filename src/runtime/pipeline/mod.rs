@@ -154,8 +154,8 @@ async fn commit_batch(store: Arc<dyn PipelineStore>, batch: Batch) -> (Batch, Re
     let writes: Vec<SessionWrite> = batch.sessions.iter().map(|r| r.write.clone()).collect();
     let span = tracing::info_span!(
         "pipeline_commit",
-        sessions = writes.len(),
-        attempt = batch.attempt,
+        sessions = writes.len() as i64,
+        attempt = batch.attempt as i64,
         elapsed_ms = tracing::field::Empty,
     );
     let started = std::time::Instant::now();
@@ -307,7 +307,10 @@ impl Pipeline {
             dead = tracing::field::Empty,
             items = tracing::field::Empty,
             bytes_hashed = tracing::field::Empty,
+            outcome = tracing::field::Empty,
             error = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+            elapsed_ms = tracing::field::Empty,
         );
         let run = tokio::spawn(
             async move {
@@ -370,8 +373,14 @@ impl Pipeline {
         span.record("dead", stats.dead);
         span.record("items", stats.items_extracted);
         span.record("bytes_hashed", stats.bytes_hashed);
+        span.record("outcome", result);
         if let Some(error) = &stats.root_error {
             span.record("error", error.as_str());
+            span.record("otel.status_code", "ERROR");
+        }
+        if let (Some(started), Some(finished)) = (stats.started_at, stats.finished_at) {
+            let elapsed = (finished - started).num_microseconds().unwrap_or(0) as f64 / 1000.0;
+            span.record("elapsed_ms", elapsed);
         }
         tracing::info!(
             processor = name,
@@ -515,7 +524,7 @@ impl Pipeline {
                 {
                     tracing::debug!(
                         files = batch.sessions.len(),
-                        attempt = batch.attempt,
+                        attempt = batch.attempt as i64,
                         "conflict, retrying the batch"
                     );
                     batch.attempt += 1;
