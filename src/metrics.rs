@@ -143,7 +143,7 @@ impl Metrics {
             Family::new_with_constructor(latency_histogram);
         registry.register_with_unit(
             "rpc_duration",
-            "gRPC calls by service, method and status code (streams: until the response headers)",
+            "gRPC calls by service, method and final status code (a stream: until it ends)",
             Unit::Seconds,
             rpc_duration.clone(),
         );
