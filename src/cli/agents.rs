@@ -3,7 +3,7 @@
 use std::io::Write;
 
 use super::table::Table;
-use super::views::{AgentView, TransitionView};
+use crate::views::{AgentView, TransitionView};
 use super::{AgentsArgs, AgentsCommand, CliError, StatusArg, WatchArgs, print};
 use crate::client::{ResumingWatch, pb};
 

@@ -1,6 +1,6 @@
 //! `fleetcare explain-limit`: what the server would infer from a report.
 
-use super::views::RecoveryExplanationView;
+use crate::views::RecoveryExplanationView;
 use super::{CliError, ExplainLimitArgs, ReasonArg, print};
 use crate::client::pb;
 

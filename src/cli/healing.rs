@@ -1,7 +1,7 @@
 //! `fleetcare healing stats`.
 
 use super::table::Table;
-use super::views::HealingStatsView;
+use crate::views::HealingStatsView;
 use super::{CliError, HealingArgs, HealingCommand, print};
 use crate::client::pb;
 
