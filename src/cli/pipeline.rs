@@ -5,10 +5,10 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::table::Table;
-use crate::views::{ProcessorView, RunStatsView, UsageRowView, UsageView};
 use super::{CliError, PipelineArgs, PipelineCommand, UsageArgs, UsageBy, print};
 use crate::client::pb;
 use crate::grpc::convert::timestamp;
+use crate::views::{ProcessorView, RunStatsView, UsageRowView, UsageView};
 
 pub async fn run(args: PipelineArgs) -> Result<(), CliError> {
     let mut clients = args.connection.connect().await?;
