@@ -166,6 +166,11 @@ const connState = document.getElementById("conn-state");
 function setConnection(state, text) {
   connState.dataset.state = state;
   connState.textContent = text;
+  document.body.dataset.conn = state;
+  const resume = watch && watch.revision !== null ? "resumes after #" + watch.revision : "reloads the fleet";
+  for (const el of document.querySelectorAll(".reconnect-banner")) {
+    el.textContent = "Reconnecting to the server… the stream " + resume + " once it is back, losing nothing.";
+  }
 }
 
 // WatchTransitions over SSE, resumed like the clients' resuming watch: after
@@ -345,7 +350,7 @@ setInterval(async () => {
   }
 }, 15000);
 
-const watch = new Watch();
+var watch = new Watch();
 
 // ---- pages -----------------------------------------------------------------
 
@@ -383,7 +388,7 @@ function fleetPage(root) {
     h("option", { value: "" }, "every status"), STATUSES.map((st) => h("option", { value: st }, st)));
   const labelInput = h("input", { id: "filter-label", placeholder: "label key=value", oninput: () => update() });
   const body = h("div", { id: "fleet-table" });
-  append(root, counts, h("div", { class: "filters" }, statusSelect, labelInput, h("span", { class: "muted", id: "shown" })), body);
+  append(root, h("div", { class: "reconnect-banner" }), counts, h("div", { class: "filters" }, statusSelect, labelInput, h("span", { class: "muted", id: "shown" })), body);
 
   function matches(agent) {
     if (statusSelect.value && agent.status !== statusSelect.value) return false;
@@ -427,7 +432,9 @@ function fleetPage(root) {
 // The live transition feed.
 function feedPage(root) {
   const list = h("ol", { class: "feed", id: "feed" });
-  append(root, h("p", { class: "muted" }, "Transitions as they are committed, newest first (since this page was opened; the stream resumes after a disconnect without losing any)."), list);
+  append(root, h("div", { class: "reconnect-banner" }),
+    h("p", { class: "muted" }, "Transitions as they are committed, newest first: the last 100 before the page was opened, then live."), list);
+  setConnection(connState.dataset.state, connState.textContent);
   function item(t) {
     return h("li", { "data-revision": t.revision, "data-agent-id": t.agent_id },
       h("span", { class: "muted" }, "#" + t.revision),
@@ -506,8 +513,15 @@ function usagePage(root) {
         return api("usage" + query({ group_by: by.value, since: start.toISOString(), until: end.toISOString() }));
       }));
       const keys = groups.rows.map((r) => r.key);
+      // Every day of the period, those without usage too.
+      const parts = new Map(daily.rows.map((d, i) => [d.key, split[i].rows]));
+      const everyDay = [];
+      for (let t = since.getTime(); t <= Date.now(); t += 86400000) {
+        const day = new Date(t).toISOString().slice(0, 10);
+        everyDay.push({ day, parts: parts.get(day) || [] });
+      }
       body.replaceChildren(
-        chart(daily.rows.map((d, i) => ({ day: d.key, parts: split[i].rows })), keys),
+        chart(everyDay, keys),
         h("h2", {}, "Totals " + by.selectedOptions[0].textContent),
         table([by.value, "input#", "output#", "cache write#", "cache read#", "total#", "messages#"],
           groups.rows.concat(groups.totals ? [Object.assign({}, groups.totals, { key: "all" })] : []).map((r) =>
@@ -525,7 +539,7 @@ function chart(days, keys) {
   const color = (k) => PALETTE[Math.max(0, keys.indexOf(k)) % PALETTE.length];
   const max = Math.max(1, ...days.map((d) => d.parts.reduce((n, p) => n + p.total_tokens, 0)));
   const W = 900, H = 260, left = 60, bottom = 40, top = 10;
-  const step = (W - left) / days.length, bw = Math.max(2, step * 0.7);
+  const step = (W - left) / days.length, bw = Math.min(40, Math.max(2, step * 0.7));
   const y = (v) => H - bottom - ((H - bottom - top) * v) / max;
   const svg = s("svg", { viewBox: `0 0 ${W} ${H}`, width: "100%", role: "img", "aria-label": "tokens per day", id: "usage-chart" });
   for (const f of [0, 0.5, 1]) {
@@ -541,7 +555,7 @@ function chart(days, keys) {
       svg.append(rect);
       base += p.total_tokens;
     }
-    if (days.length <= 31 || i % Math.ceil(days.length / 30) === 0) {
+    if (i % Math.ceil(days.length / 15) === 0) {
       svg.append(s("text", { x: x + bw / 2, y: H - bottom + 14, "text-anchor": "middle", "font-size": 10, fill: "#66707c" }, d.day.slice(5)));
     }
   });
