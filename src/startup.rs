@@ -160,7 +160,17 @@ impl Application {
         let (opened, opening) = watch::channel(Opening::Waiting);
         let store_health = StoreHealth::default();
         let gates = Gates::default();
-        let dashboard = Dashboard::new(callers.clone(), store_health.clone());
+        let mut dashboard = Dashboard::new(callers.clone(), store_health.clone());
+        // The dashboard's API acts as its callers: on a listener that is not
+        // loopback, only with an auth file (or --insecure-no-auth), as gRPC.
+        if let Some(addr) = http.as_ref().and_then(|l| l.local_addr().ok())
+            && let Err(why) = args.exposure_at(addr)
+        {
+            tracing::warn!(%addr, %why, "the dashboard API is off on this --http-listen address");
+            dashboard = dashboard.turned_off(format!(
+                "the dashboard API is off: --http-listen {addr} is not a loopback address and the server has no --auth-file"
+            ));
+        }
         // The embedded store is a local file: nothing to wait for, and a refusal
         // (another server holds it) must stop the start at once. Postgres is
         // reached in the background, with backoff.

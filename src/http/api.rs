@@ -61,6 +61,9 @@ pub struct Dashboard {
     callers: Arc<Callers>,
     apis: Arc<OnceLock<Apis>>,
     store: StoreHealth,
+    /// Why the API is off, if it is: the HTTP listener is not on loopback
+    /// and there is no auth file (the gRPC port's rule, applied here).
+    off: Option<Arc<str>>,
 }
 
 impl Dashboard {
@@ -69,7 +72,14 @@ impl Dashboard {
             callers,
             apis: Arc::default(),
             store,
+            off: None,
         }
+    }
+
+    /// Refuses every API call with `why` (the page itself is still served).
+    pub fn turned_off(mut self, why: String) -> Dashboard {
+        self.off = Some(why.into());
+        self
     }
 
     /// Lets calls through to these services from now on (once).
@@ -85,6 +95,9 @@ impl Dashboard {
         peer: SocketAddr,
         message: T,
     ) -> Result<(&Apis, tonic::Request<T>), ApiError> {
+        if let Some(why) = &self.off {
+            return Err(ApiError::http(StatusCode::FORBIDDEN, "API_OFF", why));
+        }
         let authorization = headers
             .get(header::AUTHORIZATION)
             .map(HeaderValue::as_bytes);

@@ -542,3 +542,27 @@ async fn the_page_and_its_assets_are_served_with_types_and_etags() {
     // /metrics is still there.
     assert_eq!(get(addr, "/metrics").await.status, 200);
 }
+
+#[tokio::test]
+async fn on_a_non_loopback_http_listener_without_an_auth_file_the_api_is_off() {
+    let db = TestDb::new();
+    let mut args = test_args(&db.url);
+    args.http_listen = fleetcare::config::HttpListen::at("0.0.0.0:0".parse().unwrap());
+    let app = TestApp::spawn_with(args).await;
+    let port = http(&app).port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    for path in ["/api/v1/agents", "/api/v1/transitions/stream"] {
+        let reply = get(addr, path).await;
+        assert_eq!(reply.status, 403, "{path}: {}", reply.body);
+        assert_eq!(reply.json()["reason"], "API_OFF");
+        assert!(
+            reply.json()["message"]
+                .as_str()
+                .unwrap()
+                .contains("--auth-file")
+        );
+    }
+    // Metrics and the page stay (they hold no agent data).
+    assert_eq!(get(addr, "/metrics").await.status, 200);
+    assert_eq!(get(addr, "/").await.status, 200);
+}
