@@ -20,6 +20,7 @@ use std::sync::Mutex as StdMutex;
 use std::time::{Duration, SystemTime};
 
 use fleetcare::proto::v1 as pb;
+use fleetcare::proto::v1::healing_service_client::HealingServiceClient;
 use fleetcare::proto::v1::session_pipeline_service_client::SessionPipelineServiceClient;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
@@ -347,6 +348,56 @@ fn page_url(app: &TestApp) -> String {
     format!("http://{}/", app.http_addr.expect("an HTTP listener"))
 }
 
+/// Two errors reported, each planned, one recovered: something for the healing page.
+async fn some_healing(app: &TestApp, agent_id: &str) -> pb::GetHealingStatisticsResponse {
+    let mut healing = HealingServiceClient::new(app.channel.clone());
+    for (i, message) in [
+        "429 Too Many Requests: rate limit exceeded",
+        "connection timed out after 30s",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let event = healing
+            .report_error(pb::ReportErrorRequest {
+                agent_id: agent_id.into(),
+                message: message.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("report error")
+            .into_inner()
+            .event
+            .unwrap();
+        let action = healing
+            .plan_recovery(pb::PlanRecoveryRequest {
+                error_event_id: event.id,
+            })
+            .await
+            .expect("plan recovery")
+            .into_inner()
+            .action
+            .unwrap();
+        healing
+            .report_recovery_outcome(pb::ReportRecoveryOutcomeRequest {
+                action_id: action.id,
+                success: i == 0,
+                duration: Some(prost_types::Duration {
+                    seconds: 40,
+                    nanos: 0,
+                }),
+                details: String::new(),
+            })
+            .await
+            .expect("report outcome");
+    }
+    healing
+        .get_healing_statistics(pb::GetHealingStatisticsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 async fn run_usage(app: &TestApp) -> pb::RunStats {
     SessionPipelineServiceClient::new(app.channel.clone())
         .run_processor(pb::RunProcessorRequest {
@@ -382,6 +433,8 @@ async fn the_fleet_page_shows_list_agents_and_follows_transitions_live() {
     .await;
     let stats = run_usage(&app).await;
     assert_eq!((stats.processed, stats.dead), (5, 1));
+    let healing = some_healing(&app, "agent-eu-2").await;
+    assert_eq!(healing.total_errors, 2);
 
     let mut browser = Browser::launch().await;
     browser.open(&page_url(&app)).await;
@@ -407,6 +460,7 @@ async fn the_fleet_page_shows_list_agents_and_follows_transitions_live() {
         })
         .await;
     assert!(took < LIVE, "the row changed {took:?} after the call");
+    eprintln!("the fleet row changed {took:?} after StartWork returned");
     let busy = browser
         .send(json!({"cmd": "text", "selector": "[data-count=BUSY] .n"}))
         .await;
@@ -449,10 +503,23 @@ async fn the_fleet_page_shows_list_agents_and_follows_transitions_live() {
         })
         .await;
     assert!(took < LIVE, "the feed showed it {took:?} after the call");
+    eprintln!("the feed showed a transition {took:?} after FinishWork returned");
     browser.screenshot("feed").await;
 
     browser.goto("healing").await;
     browser.wait("h2:text-is('Errors by type')").await;
+    let types = browser
+        .send(json!({"cmd": "count", "selector": "h2:text-is('Errors by type') + table tbody tr"}))
+        .await;
+    assert_eq!(types["count"], healing.errors_by_type.len());
+    let patterns = browser
+        .send(json!({"cmd": "count", "selector": "h2:text-is('Learned success rates') + table tbody tr"}))
+        .await;
+    assert_eq!(patterns["count"], healing.patterns.len());
+    assert!(
+        !healing.patterns.is_empty(),
+        "the outcomes taught the planner"
+    );
     browser.screenshot("healing").await;
 
     browser.goto("usage").await;
@@ -747,6 +814,44 @@ async fn while_the_server_restarts_the_page_shows_reconnecting_then_resumes() {
     browser
         .wait("tr[data-agent-id=restart-1][data-status=BUSY]")
         .await;
+    assert_eq!(browser.rows().await, listed(&app).await);
+    browser.close().await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_server_on_another_store_behind_the_same_address_makes_the_page_reload_its_snapshot() {
+    if !browser_available() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().await;
+    let http = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let args = |db: &TestDb| {
+        let mut args = test_args(&db.url);
+        args.http_listen = fleetcare::config::HttpListen::at(http);
+        args
+    };
+    let first = TestDb::sqlite();
+    let app = TestApp::spawn_with(args(&first)).await;
+    for id in ["old-1", "old-2", "old-3"] {
+        register(&app, id, &[]).await;
+    }
+    let mut browser = Browser::launch().await;
+    browser.open(&format!("http://{http}/")).await;
+    browser.wait("tr[data-agent-id=old-3]").await;
+    app.stop().await;
+    browser.wait("#conn-state[data-state=reconnecting]").await;
+
+    // A fresh store: its head (1) is behind the page's last revision (3), so
+    // resuming is OUT_OF_RANGE and the page loads a new snapshot.
+    let second = TestDb::sqlite();
+    let app = TestApp::spawn_with(args(&second)).await;
+    register(&app, "new-1", &[]).await;
+    browser.wait("tr[data-agent-id=new-1]").await;
+    browser.wait("#conn-state[data-state=live]").await;
     assert_eq!(browser.rows().await, listed(&app).await);
     browser.close().await;
     app.stop().await;
