@@ -426,7 +426,16 @@ function fleetPage(root) {
     , fleet.size ? "no agent matches the filter" : "no agents registered"));
   }
   update();
-  return update;
+  // Changes arriving together (a burst of transitions) are drawn once per frame.
+  let queued = false;
+  return () => {
+    if (queued) return;
+    queued = true;
+    requestAnimationFrame(() => {
+      queued = false;
+      update();
+    });
+  };
 }
 
 // The live transition feed.
