@@ -29,6 +29,7 @@ use crate::grpc::guard::{Gate, GuardLayer};
 use crate::grpc::healing::{HealingApi, HealingSettings, PostHealingApi, shared_rng};
 use crate::grpc::metrics::MetricsLayer;
 use crate::grpc::session_pipeline::SessionPipelineApi;
+use crate::http::{Apis, Dashboard};
 use crate::metrics::Metrics;
 use crate::processors::Registration;
 use crate::proto::v1::agent_status_service_server::AgentStatusServiceServer;
@@ -71,6 +72,8 @@ pub struct Application {
     /// This server's metrics, and the HTTP listener serving them (`--http-listen`).
     metrics: Arc<Metrics>,
     http: Option<TcpListener>,
+    /// The dashboard's API on the HTTP listener, opened with the services.
+    dashboard: Dashboard,
     shutdown: CancellationToken,
 }
 
@@ -157,6 +160,17 @@ impl Application {
         let (opened, opening) = watch::channel(Opening::Waiting);
         let store_health = StoreHealth::default();
         let gates = Gates::default();
+        let mut dashboard = Dashboard::new(callers.clone(), store_health.clone());
+        // The dashboard's API acts as its callers: on a listener that is not
+        // loopback, only with an auth file (or --insecure-no-auth), as gRPC.
+        if let Some(addr) = http.as_ref().and_then(|l| l.local_addr().ok())
+            && let Err(why) = args.exposure_at(addr)
+        {
+            tracing::warn!(%addr, %why, "the dashboard API is off on this --http-listen address");
+            dashboard = dashboard.turned_off(format!(
+                "the dashboard API is off: --http-listen {addr} is not a loopback address and the server has no --auth-file"
+            ));
+        }
         // The embedded store is a local file: nothing to wait for, and a refusal
         // (another server holds it) must stop the start at once. Postgres is
         // reached in the background, with backoff.
@@ -174,6 +188,7 @@ impl Application {
             processors,
             metrics.clone(),
             gates.clone(),
+            dashboard.clone(),
             health.clone(),
             store_health.clone(),
             shutdown.clone(),
@@ -191,6 +206,7 @@ impl Application {
             callers,
             metrics,
             http,
+            dashboard,
             shutdown,
         })
     }
@@ -235,6 +251,7 @@ impl Application {
             callers,
             metrics,
             http,
+            dashboard,
             shutdown,
         } = self;
         let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -276,12 +293,12 @@ impl Application {
         );
         if let Some(http) = http {
             if let Ok(addr) = http.local_addr() {
-                tracing::info!(%addr, "serving metrics at /metrics");
+                tracing::info!(%addr, "serving the dashboard at / and metrics at /metrics");
             }
             let metrics = metrics.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                if let Err(error) = crate::http::serve(http, metrics, shutdown).await {
+                if let Err(error) = crate::http::serve(http, metrics, dashboard, shutdown).await {
                     tracing::error!(%error, "http listener failed");
                 }
             });
@@ -399,6 +416,7 @@ async fn prepare(
     processors: Vec<Registration>,
     metrics: Arc<Metrics>,
     gates: Gates,
+    dashboard: Dashboard,
     health: HealthReporter,
     store_health: StoreHealth,
     shutdown: CancellationToken,
@@ -421,6 +439,7 @@ async fn prepare(
         processors,
         metrics,
         &gates,
+        &dashboard,
         &health,
         &store_health,
         &shutdown,
@@ -488,6 +507,7 @@ async fn start_services(
     processors: Vec<Registration>,
     metrics: Arc<Metrics>,
     gates: &Gates,
+    dashboard: &Dashboard,
     health: &HealthReporter,
     store_health: &StoreHealth,
     shutdown: &CancellationToken,
@@ -617,15 +637,23 @@ async fn start_services(
     pipeline_scheduler::spawn(pipeline.clone(), shutdown.clone());
     let session_pipeline = SessionPipelineApi::new(pipeline, shutdown.clone(), guard)
         .with_watch_slots(watch_slots.clone());
-    let agent_status = agent_status.with_watch_slots(watch_slots);
+    let agent_status = Arc::new(agent_status.with_watch_slots(watch_slots));
+    let healing = Arc::new(healing);
+    let session_pipeline = Arc::new(session_pipeline);
+    // The dashboard's API calls the same service implementations.
+    dashboard.open(Apis {
+        agents: agent_status.clone(),
+        healing: healing.clone(),
+        pipeline: session_pipeline.clone(),
+    });
 
     gates.agent_status.open(
-        AgentStatusServiceServer::new(agent_status)
+        AgentStatusServiceServer::from_arc(agent_status)
             .max_decoding_message_size(size)
             .max_encoding_message_size(size),
     );
     gates.healing.open(
-        HealingServiceServer::new(healing)
+        HealingServiceServer::from_arc(healing)
             .max_decoding_message_size(size)
             .max_encoding_message_size(size),
     );
@@ -635,7 +663,7 @@ async fn start_services(
             .max_encoding_message_size(size),
     );
     gates.session_pipeline.open(
-        SessionPipelineServiceServer::new(session_pipeline)
+        SessionPipelineServiceServer::from_arc(session_pipeline)
             .max_decoding_message_size(size)
             .max_encoding_message_size(size),
     );

@@ -3,9 +3,9 @@
 use std::io::Write;
 
 use super::table::Table;
-use super::views::{AgentView, TransitionView};
 use super::{AgentsArgs, AgentsCommand, CliError, StatusArg, WatchArgs, print};
 use crate::client::{ResumingWatch, pb};
+use crate::views::{AgentView, TransitionView};
 
 /// The largest page the server hands out; `list` follows every page.
 const PAGE_SIZE: i32 = 1000;

@@ -1,9 +1,9 @@
 //! `fleetcare healing stats`.
 
 use super::table::Table;
-use super::views::HealingStatsView;
 use super::{CliError, HealingArgs, HealingCommand, print};
 use crate::client::pb;
+use crate::views::HealingStatsView;
 
 pub async fn stats(args: HealingArgs) -> Result<(), CliError> {
     let mut clients = args.connection.connect().await?;

@@ -11,7 +11,6 @@ mod healing;
 mod pipeline;
 mod table;
 pub mod token;
-mod views;
 
 use std::io::Write;
 use std::path::PathBuf;

@@ -5,10 +5,10 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::table::Table;
-use super::views::{ProcessorView, RunStatsView, UsageRowView, UsageView};
 use super::{CliError, PipelineArgs, PipelineCommand, UsageArgs, UsageBy, print};
 use crate::client::pb;
 use crate::grpc::convert::timestamp;
+use crate::views::{ProcessorView, RunStatsView, UsageRowView, UsageView};
 
 pub async fn run(args: PipelineArgs) -> Result<(), CliError> {
     let mut clients = args.connection.connect().await?;
@@ -164,14 +164,7 @@ pub async fn usage(args: UsageArgs) -> Result<(), CliError> {
         })
         .await?
         .into_inner();
-    let view = UsageView {
-        group_by: group_by
-            .as_str_name()
-            .trim_start_matches("USAGE_GROUPING_")
-            .to_lowercase(),
-        rows: response.rows.iter().map(UsageRowView::from).collect(),
-        totals: response.totals.as_ref().map(UsageRowView::from),
-    };
+    let view = UsageView::new(group_by, &response);
     print(args.connection.json, &view, || usage_table(&view))
 }
 

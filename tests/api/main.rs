@@ -13,6 +13,7 @@ mod auth;
 mod cli;
 mod client_heartbeats;
 mod copy;
+mod dashboard_api;
 mod healing;
 mod helpers;
 mod limits;

@@ -19,6 +19,8 @@ mod auth;
 mod cli;
 #[path = "../api/client_heartbeats.rs"]
 mod client_heartbeats;
+#[path = "../api/dashboard_api.rs"]
+mod dashboard_api;
 #[path = "../api/healing.rs"]
 mod healing;
 #[path = "../api/helpers.rs"]

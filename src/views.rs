@@ -1,5 +1,6 @@
-//! What the CLI prints, as plain serializable structs: `--json` writes them
-//! with serde, the tables read the same fields. Enum values lose their proto
+//! The protobuf messages as plain serializable structs, shared by the CLI
+//! (`--json` writes them with serde, the tables read the same fields) and the
+//! dashboard's JSON API (`http::api`). Enum values lose their proto
 //! prefix (`AGENT_STATUS_IDLE` prints `IDLE`), times are RFC 3339 in UTC, and
 //! unset optional fields are left out of the JSON.
 
@@ -367,6 +368,60 @@ pub struct UsageView {
     pub rows: Vec<UsageRowView>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub totals: Option<UsageRowView>,
+}
+
+fn session_status(value: i32) -> String {
+    let name = pb::SessionStatus::try_from(value).ok();
+    enum_name(name.map(|s| s.as_str_name()), "SESSION_STATUS_", value)
+}
+
+/// One session's state in one processor (`ListSessionStates`, `RetrySession`).
+#[derive(Debug, Serialize)]
+pub struct SessionStateView {
+    pub processor: String,
+    pub session: String,
+    pub user: String,
+    pub status: String,
+    pub attempts: i32,
+    pub items_count: i64,
+    pub size: i64,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub last_error: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub processed_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<String>,
+}
+
+impl From<&pb::SessionState> for SessionStateView {
+    fn from(s: &pb::SessionState) -> SessionStateView {
+        SessionStateView {
+            processor: s.processor.clone(),
+            session: s.session.clone(),
+            user: s.user.clone(),
+            status: session_status(s.status),
+            attempts: s.attempts,
+            items_count: s.items_count,
+            size: s.size,
+            last_error: s.last_error.clone(),
+            processed_at: time(s.processed_at.as_ref()),
+            next_attempt_at: time(s.next_attempt_at.as_ref()),
+        }
+    }
+}
+
+impl UsageView {
+    /// A `GetUsage` answer grouped by `group_by`.
+    pub fn new(group_by: pb::UsageGrouping, response: &pb::GetUsageResponse) -> UsageView {
+        UsageView {
+            group_by: group_by
+                .as_str_name()
+                .trim_start_matches("USAGE_GROUPING_")
+                .to_lowercase(),
+            rows: response.rows.iter().map(UsageRowView::from).collect(),
+            totals: response.totals.as_ref().map(UsageRowView::from),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,682 @@
+//! The dashboard's JSON + SSE API under `/api/v1/`, on the HTTP listener.
+//!
+//! Every handler calls the gRPC service implementation in-process: it builds a
+//! `tonic::Request`, authenticates it from `Authorization: Bearer` exactly as
+//! the gRPC interceptor does (`Callers::authenticate`), puts the caller and
+//! the peer address into its extensions, and calls the service trait method.
+//! Validation, authorization (the same `Action` per RPC), the watch and the
+//! error mapping are the gRPC ones; this module only translates: query
+//! strings into request messages, responses into the shared `views`, and a
+//! `Status` into an HTTP status ([`http_status`], the one mapping).
+//!
+//! State-changing endpoints are POST with `Content-Type: application/json`
+//! and `X-Fleetcare-Request: 1`, refused 403 otherwise: neither a cross-site
+//! form nor a "simple" cross-origin request can send that header, and no CORS
+//! headers are ever sent.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Router, http};
+use futures::{Stream, StreamExt};
+use serde::{Deserialize, Serialize};
+use tonic::Code;
+use tonic_types::StatusExt;
+
+use crate::grpc::agent_status::AgentStatusApi;
+use crate::grpc::guard::STORE_DOWN;
+use crate::grpc::healing::HealingApi;
+use crate::grpc::session_pipeline::SessionPipelineApi;
+use crate::proto::v1 as pb;
+use crate::proto::v1::agent_status_service_server::AgentStatusService;
+use crate::proto::v1::healing_service_server::HealingService;
+use crate::proto::v1::session_pipeline_service_server::SessionPipelineService;
+use crate::runtime::auth::Callers;
+use crate::runtime::health::StoreHealth;
+use crate::views::{
+    AgentView, HealingStatsView, ProcessorView, SessionStateView, TransitionView, UsageView,
+};
+
+/// The header a state-changing request must carry (with the value `1`).
+pub const REQUEST_HEADER: &str = "x-fleetcare-request";
+
+/// The service implementations the API calls, once the store is open.
+pub struct Apis {
+    pub agents: Arc<AgentStatusApi>,
+    pub healing: Arc<HealingApi>,
+    pub pipeline: Arc<SessionPipelineApi>,
+}
+
+/// What the API handlers share: the callers, the services (set once the
+/// store is open; until then every call is UNAVAILABLE, as on gRPC) and the
+/// store's health (down: UNAVAILABLE at once, as the gRPC guard answers).
+#[derive(Clone)]
+pub struct Dashboard {
+    callers: Arc<Callers>,
+    apis: Arc<OnceLock<Apis>>,
+    store: StoreHealth,
+    /// Why the API is off, if it is: the HTTP listener is not on loopback
+    /// and there is no auth file (the gRPC port's rule, applied here).
+    off: Option<Arc<str>>,
+}
+
+impl Dashboard {
+    pub fn new(callers: Arc<Callers>, store: StoreHealth) -> Dashboard {
+        Dashboard {
+            callers,
+            apis: Arc::default(),
+            store,
+            off: None,
+        }
+    }
+
+    /// Refuses every API call with `why` (the page itself is still served).
+    pub fn turned_off(mut self, why: String) -> Dashboard {
+        self.off = Some(why.into());
+        self
+    }
+
+    /// Lets calls through to these services from now on (once).
+    pub fn open(&self, apis: Apis) {
+        let _ = self.apis.set(apis);
+    }
+
+    /// The services and a request carrying `message`, its caller and its peer,
+    /// or the refusal the gRPC server would have answered.
+    fn request<T>(
+        &self,
+        headers: &HeaderMap,
+        peer: SocketAddr,
+        message: T,
+    ) -> Result<(&Apis, tonic::Request<T>), ApiError> {
+        if let Some(why) = &self.off {
+            return Err(ApiError::http(StatusCode::FORBIDDEN, "API_OFF", why));
+        }
+        let authorization = headers
+            .get(header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes);
+        let caller = self.callers.authenticate(authorization).map_err(|error| {
+            tracing::warn!(peer = %peer, %error, "unauthenticated dashboard call");
+            ApiError::from(tonic::Status::from(error))
+        })?;
+        let apis = match self.apis.get() {
+            Some(apis) if self.store.is_up() => apis,
+            _ => return Err(tonic::Status::unavailable(STORE_DOWN).into()),
+        };
+        let mut request = tonic::Request::new(message);
+        request.extensions_mut().insert(caller);
+        request
+            .extensions_mut()
+            .insert(tonic::transport::server::TcpConnectInfo {
+                local_addr: None,
+                remote_addr: Some(peer),
+            });
+        Ok((apis, request))
+    }
+}
+
+/// The routes, relative to `/api/v1`.
+pub fn routes() -> Router<Dashboard> {
+    Router::new()
+        .route("/agents", get(list_agents))
+        .route("/agents/{agent_id}", get(get_agent))
+        .route("/transitions", get(list_transitions))
+        .route("/transitions/stream", get(watch_transitions))
+        .route("/healing", get(healing_statistics))
+        .route("/usage", get(usage))
+        .route("/processors", get(processors))
+        .route("/sessions", get(session_states))
+        .route("/sessions/retry", post(retry_session))
+        .fallback(|| async {
+            ApiError::http(StatusCode::NOT_FOUND, "NOT_FOUND", "no such API endpoint")
+        })
+}
+
+/// The one mapping from a gRPC code to an HTTP status.
+pub fn http_status(code: Code) -> StatusCode {
+    match code {
+        Code::InvalidArgument | Code::OutOfRange => StatusCode::BAD_REQUEST,
+        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::FailedPrecondition | Code::Aborted | Code::AlreadyExists => StatusCode::CONFLICT,
+        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// A gRPC code as the API's JSON names it (`INVALID_ARGUMENT`).
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// The JSON body of every refusal: the gRPC code, the message, and the
+/// stable `reason` of the status's `ErrorInfo` (what clients branch on).
+#[derive(Debug, Serialize)]
+pub struct ErrorBody {
+    pub code: &'static str,
+    pub message: String,
+    pub reason: String,
+}
+
+impl From<&tonic::Status> for ErrorBody {
+    fn from(status: &tonic::Status) -> ErrorBody {
+        ErrorBody {
+            code: code_name(status.code()),
+            message: status.message().to_owned(),
+            reason: status
+                .get_details_error_info()
+                .map(|info| info.reason)
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// A refusal, answered with [`http_status`] and an [`ErrorBody`].
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    body: ErrorBody,
+}
+
+impl ApiError {
+    fn http(status: StatusCode, reason: &str, message: &str) -> ApiError {
+        let code = match status {
+            StatusCode::FORBIDDEN => Code::PermissionDenied,
+            StatusCode::NOT_FOUND => Code::NotFound,
+            _ => Code::InvalidArgument,
+        };
+        ApiError {
+            status,
+            body: ErrorBody {
+                code: code_name(code),
+                message: message.to_owned(),
+                reason: reason.to_owned(),
+            },
+        }
+    }
+
+    /// A malformed query or body: what the gRPC decoding would call INVALID_ARGUMENT.
+    fn invalid(message: impl std::fmt::Display) -> ApiError {
+        ApiError::from(tonic::Status::from(crate::error::Error::InvalidArgument(
+            message.to_string(),
+        )))
+    }
+}
+
+impl From<tonic::Status> for ApiError {
+    fn from(status: tonic::Status) -> ApiError {
+        ApiError {
+            status: http_status(status.code()),
+            body: ErrorBody::from(&status),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, json(&self.body)).into_response()
+    }
+}
+
+/// A JSON response body (the views serialize infallibly).
+fn json<T: Serialize>(value: &T) -> impl IntoResponse + use<T> {
+    let body = serde_json::to_vec(value).unwrap_or_else(|_| b"null".to_vec());
+    (
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body,
+    )
+}
+
+/// The query string as key/value pairs (repeated keys kept in order).
+fn query(raw: Option<String>) -> Result<Vec<(String, String)>, ApiError> {
+    serde_urlencoded::from_str(raw.as_deref().unwrap_or(""))
+        .map_err(|e| ApiError::invalid(format!("malformed query string: {e}")))
+}
+
+fn values<'a>(pairs: &'a [(String, String)], key: &'a str) -> impl Iterator<Item = &'a str> {
+    pairs
+        .iter()
+        .filter(move |(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+fn value<'a>(pairs: &'a [(String, String)], key: &'a str) -> Option<&'a str> {
+    values(pairs, key).last().filter(|v| !v.is_empty())
+}
+
+fn number<T: std::str::FromStr>(
+    pairs: &[(String, String)],
+    key: &str,
+) -> Result<Option<T>, ApiError> {
+    value(pairs, key)
+        .map(|v| {
+            v.parse()
+                .map_err(|_| ApiError::invalid(format!("{key}: not a number: {v}")))
+        })
+        .transpose()
+}
+
+/// `IDLE` or `AGENT_STATUS_IDLE` (any case).
+fn agent_status(value: &str) -> Result<i32, ApiError> {
+    let upper = value.to_ascii_uppercase();
+    let name = if upper.starts_with("AGENT_STATUS_") {
+        upper
+    } else {
+        format!("AGENT_STATUS_{upper}")
+    };
+    pb::AgentStatus::from_str_name(&name)
+        .filter(|s| *s != pb::AgentStatus::Unspecified)
+        .map(|s| s as i32)
+        .ok_or_else(|| ApiError::invalid(format!("status: unknown agent status {value}")))
+}
+
+fn timestamp(key: &str, value: &str) -> Result<prost_types::Timestamp, ApiError> {
+    let at = chrono::DateTime::parse_from_rfc3339(value)
+        .map_err(|_| ApiError::invalid(format!("{key}: not an RFC 3339 time: {value}")))?;
+    Ok(crate::grpc::convert::timestamp(
+        at.with_timezone(&chrono::Utc),
+    ))
+}
+
+/// Every page of `ListAgents` for these filters (`status=IDLE`, repeated;
+/// `label=key=value`, repeated).
+async fn list_agents(
+    State(dashboard): State<Dashboard>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let pairs = query(raw)?;
+    let statuses = values(&pairs, "status")
+        .filter(|s| !s.is_empty())
+        .map(agent_status)
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut labels = std::collections::HashMap::new();
+    for label in values(&pairs, "label").filter(|l| !l.is_empty()) {
+        let (key, value) = label
+            .split_once('=')
+            .ok_or_else(|| ApiError::invalid(format!("label: expected key=value, got {label}")))?;
+        labels.insert(key.to_owned(), value.to_owned());
+    }
+    let mut agents = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let message = pb::ListAgentsRequest {
+            page_size: 1000,
+            page_token: page_token.clone(),
+            statuses: statuses.clone(),
+            labels: labels.clone(),
+        };
+        let (apis, request) = dashboard.request(&headers, peer, message)?;
+        let page = apis.agents.list_agents(request).await?.into_inner();
+        agents.extend(page.agents.iter().map(AgentView::from));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    Ok(json(&serde_json::json!({ "agents": agents })).into_response())
+}
+
+async fn get_agent(
+    State(dashboard): State<Dashboard>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(agent_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let (apis, request) = dashboard.request(&headers, peer, pb::GetAgentRequest { agent_id })?;
+    let agent = apis.agents.get_agent(request).await?.into_inner().agent;
+    Ok(json(&agent.as_ref().map(AgentView::from)).into_response())
+}
+
+/// One page of `ListTransitions` (`agent`, `after`, `page_size`, `page_token`).
+async fn list_transitions(
+    State(dashboard): State<Dashboard>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let pairs = query(raw)?;
+    let message = pb::ListTransitionsRequest {
+        agent_id: value(&pairs, "agent").unwrap_or_default().to_owned(),
+        after_revision: number(&pairs, "after")?.unwrap_or(0),
+        page_size: number(&pairs, "page_size")?.unwrap_or(0),
+        page_token: value(&pairs, "page_token").unwrap_or_default().to_owned(),
+    };
+    let (apis, request) = dashboard.request(&headers, peer, message)?;
+    let page = apis.agents.list_transitions(request).await?.into_inner();
+    let transitions: Vec<TransitionView> =
+        page.transitions.iter().map(TransitionView::from).collect();
+    Ok(json(&serde_json::json!({
+        "transitions": transitions,
+        "next_page_token": page.next_page_token,
+        "oldest_revision": page.oldest_revision,
+        "head_revision": page.head_revision,
+    }))
+    .into_response())
+}
+
+/// `WatchTransitions` as server-sent events. Query: `after` (a revision),
+/// `snapshot=1` (the agents first), `agent` and `status` (repeated filters).
+/// A `Last-Event-ID` header resumes after that revision (without a snapshot),
+/// as an `EventSource` reconnect does.
+///
+/// Events: `agent` (a snapshot agent), `snapshot` (its end, `id:` R),
+/// `transition` (`id:` its revision), `progress` (`id:` the revision reached),
+/// and `error` (`{code, message, reason}`, then the stream ends: an
+/// `OUT_OF_RANGE` one means the revision was pruned, so reload a snapshot).
+async fn watch_transitions(
+    State(dashboard): State<Dashboard>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let pairs = query(raw)?;
+    let last_event_id = headers
+        .get("last-event-id")
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<i64>().ok())
+                .ok_or_else(|| ApiError::invalid("Last-Event-ID: not a revision"))
+        })
+        .transpose()?;
+    let snapshot = matches!(value(&pairs, "snapshot"), Some("1" | "true"));
+    let message = pb::WatchTransitionsRequest {
+        since_revision: match last_event_id {
+            Some(revision) => revision,
+            None => number(&pairs, "after")?.unwrap_or(0),
+        },
+        agent_ids: values(&pairs, "agent")
+            .filter(|a| !a.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        statuses: values(&pairs, "status")
+            .filter(|s| !s.is_empty())
+            .map(agent_status)
+            .collect::<Result<Vec<_>, _>>()?,
+        include_snapshot: snapshot && last_event_id.is_none(),
+    };
+    let (apis, request) = dashboard.request(&headers, peer, message)?;
+    let stream = apis.agents.watch_transitions(request).await?.into_inner();
+    Ok(Sse::new(sse_events(stream))
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+/// The watch's messages as SSE events; an error is the last event.
+fn sse_events<S>(stream: S) -> impl Stream<Item = Result<Event, std::convert::Infallible>>
+where
+    S: Stream<Item = Result<pb::WatchTransitionsResponse, tonic::Status>> + Send + Unpin,
+{
+    use pb::watch_transitions_response::Event as E;
+    futures::stream::unfold(Some(stream), |stream| async move {
+        let mut stream = stream?;
+        loop {
+            let event = match stream.next().await? {
+                Ok(pb::WatchTransitionsResponse { event: None }) => continue,
+                Ok(pb::WatchTransitionsResponse { event: Some(event) }) => event,
+                Err(status) => {
+                    let event = sse("error", &ErrorBody::from(&status));
+                    return Some((Ok(event), None));
+                }
+            };
+            let event = match event {
+                E::SnapshotAgent(agent) => sse("agent", &AgentView::from(&agent)),
+                E::SnapshotComplete(done) => sse(
+                    "snapshot",
+                    &serde_json::json!({"revision": done.revision, "agent_count": done.agent_count}),
+                )
+                .id(done.revision.to_string()),
+                E::Transition(t) => {
+                    sse("transition", &TransitionView::from(&t)).id(t.revision.to_string())
+                }
+                E::Progress(p) => sse("progress", &serde_json::json!({"revision": p.revision}))
+                    .id(p.revision.to_string()),
+            };
+            return Some((Ok(event), Some(stream)));
+        }
+    })
+}
+
+fn sse<T: Serialize>(kind: &str, data: &T) -> Event {
+    Event::default()
+        .event(kind)
+        .data(serde_json::to_string(data).unwrap_or_else(|_| "null".into()))
+}
+
+async fn healing_statistics(
+    State(dashboard): State<Dashboard>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (apis, request) = dashboard.request(&headers, peer, pb::GetHealingStatisticsRequest {})?;
+    let stats = apis
+        .healing
+        .get_healing_statistics(request)
+        .await?
+        .into_inner();
+    Ok(json(&HealingStatsView::from(&stats)).into_response())
+}
+
+/// `GetUsage`: `group_by` (`day`, `session`, `model`, `user`), `since` and
+/// `until` (RFC 3339), `user`.
+async fn usage(
+    State(dashboard): State<Dashboard>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let pairs = query(raw)?;
+    let group_by = match value(&pairs, "group_by").unwrap_or("day") {
+        "day" => pb::UsageGrouping::Day,
+        "session" => pb::UsageGrouping::Session,
+        "model" => pb::UsageGrouping::Model,
+        "user" => pb::UsageGrouping::User,
+        other => {
+            return Err(ApiError::invalid(format!(
+                "group_by: expected day, session, model or user, got {other}"
+            )));
+        }
+    };
+    let message = pb::GetUsageRequest {
+        group_by: group_by as i32,
+        since: value(&pairs, "since")
+            .map(|v| timestamp("since", v))
+            .transpose()?,
+        until: value(&pairs, "until")
+            .map(|v| timestamp("until", v))
+            .transpose()?,
+        user: value(&pairs, "user").unwrap_or_default().to_owned(),
+    };
+    let (apis, request) = dashboard.request(&headers, peer, message)?;
+    let response = apis.pipeline.get_usage(request).await?.into_inner();
+    Ok(json(&UsageView::new(group_by, &response)).into_response())
+}
+
+async fn processors(
+    State(dashboard): State<Dashboard>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (apis, request) = dashboard.request(&headers, peer, pb::ListProcessorsRequest {})?;
+    let response = apis.pipeline.list_processors(request).await?.into_inner();
+    let processors: Vec<ProcessorView> = response
+        .processors
+        .iter()
+        .map(ProcessorView::from)
+        .collect();
+    Ok(json(&serde_json::json!({ "processors": processors })).into_response())
+}
+
+/// One page of `ListSessionStates`: `processor`, `status` (`processed`,
+/// `failed`, `dead`), `user`, `page_size`, `page_token`.
+async fn session_states(
+    State(dashboard): State<Dashboard>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let pairs = query(raw)?;
+    let status = match value(&pairs, "status") {
+        None => pb::SessionStatus::Unspecified,
+        Some(v) => {
+            pb::SessionStatus::from_str_name(&format!("SESSION_STATUS_{}", v.to_ascii_uppercase()))
+                .filter(|s| *s != pb::SessionStatus::Unspecified)
+                .ok_or_else(|| ApiError::invalid(format!("status: unknown session status {v}")))?
+        }
+    };
+    let message = pb::ListSessionStatesRequest {
+        processor: value(&pairs, "processor").unwrap_or_default().to_owned(),
+        status: status as i32,
+        user: value(&pairs, "user").unwrap_or_default().to_owned(),
+        page_size: number(&pairs, "page_size")?.unwrap_or(0),
+        page_token: value(&pairs, "page_token").unwrap_or_default().to_owned(),
+    };
+    let (apis, request) = dashboard.request(&headers, peer, message)?;
+    let page = apis
+        .pipeline
+        .list_session_states(request)
+        .await?
+        .into_inner();
+    let states: Vec<SessionStateView> = page.states.iter().map(SessionStateView::from).collect();
+    Ok(json(&serde_json::json!({
+        "states": states,
+        "next_page_token": page.next_page_token,
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetryBody {
+    processor: String,
+    session: String,
+}
+
+/// `RetrySession`, from `{"processor": ..., "session": ...}`.
+async fn retry_session(
+    State(dashboard): State<Dashboard>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    state_changing(&headers)?;
+    let RetryBody { processor, session } = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid(format!("malformed JSON body: {e}")))?;
+    let (apis, request) = dashboard.request(
+        &headers,
+        peer,
+        pb::RetrySessionRequest { processor, session },
+    )?;
+    let state = apis
+        .pipeline
+        .retry_session(request)
+        .await?
+        .into_inner()
+        .state;
+    Ok(json(&state.as_ref().map(SessionStateView::from)).into_response())
+}
+
+/// A state-changing request must be JSON and carry [`REQUEST_HEADER`]: a
+/// cross-site form or simple request can do neither.
+fn state_changing(headers: &HeaderMap) -> Result<(), ApiError> {
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    let marked = headers
+        .get(REQUEST_HEADER)
+        .is_some_and(|v| v.as_bytes() == b"1");
+    if json && marked {
+        return Ok(());
+    }
+    Err(ApiError::http(
+        http::StatusCode::FORBIDDEN,
+        "REQUEST_HEADER_REQUIRED",
+        "a state-changing request must be Content-Type: application/json with X-Fleetcare-Request: 1",
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_codes_map_to_http_statuses() {
+        assert_eq!(http_status(Code::InvalidArgument), StatusCode::BAD_REQUEST);
+        assert_eq!(http_status(Code::Unauthenticated), StatusCode::UNAUTHORIZED);
+        assert_eq!(http_status(Code::PermissionDenied), StatusCode::FORBIDDEN);
+        assert_eq!(http_status(Code::NotFound), StatusCode::NOT_FOUND);
+        assert_eq!(http_status(Code::FailedPrecondition), StatusCode::CONFLICT);
+        assert_eq!(http_status(Code::Aborted), StatusCode::CONFLICT);
+        assert_eq!(
+            http_status(Code::ResourceExhausted),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        assert_eq!(
+            http_status(Code::Unavailable),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            http_status(Code::Internal),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+    }
+
+    #[test]
+    fn a_state_changing_request_needs_json_and_the_custom_header() {
+        let mut headers = HeaderMap::new();
+        assert!(state_changing(&headers).is_err());
+        headers.insert(REQUEST_HEADER, HeaderValue::from_static("1"));
+        assert!(state_changing(&headers).is_err(), "not JSON");
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json; charset=utf-8"),
+        );
+        assert!(state_changing(&headers).is_ok());
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        assert!(state_changing(&headers).is_err(), "a simple request's type");
+    }
+
+    #[test]
+    fn statuses_are_read_with_or_without_their_prefix() {
+        assert_eq!(agent_status("idle").unwrap(), pb::AgentStatus::Idle as i32);
+        assert_eq!(
+            agent_status("AGENT_STATUS_ON_CALL").unwrap(),
+            pb::AgentStatus::OnCall as i32
+        );
+        assert!(agent_status("unspecified").is_err());
+        assert!(agent_status("bogus").is_err());
+    }
+}

@@ -1,0 +1,638 @@
+// The fleetcare dashboard: plain JavaScript, no framework, no build step.
+// Every URL is relative (api/v1/...), so the page works behind a reverse
+// proxy that strips a path prefix. Data goes into the DOM as text only.
+"use strict";
+
+const STATUSES = ["IDLE", "BUSY", "ON_CALL", "EXHAUSTED", "OFFLINE"];
+const TOKEN_KEY = "fleetcare-token";
+const FEED_MAX = 500;
+
+// ---- DOM helpers -----------------------------------------------------------
+
+// h("td", {class: "num"}, "12", child): an element; strings become text nodes.
+function h(tag, attrs, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else el.setAttribute(k, v === true ? "" : String(v));
+  }
+  append(el, ...children);
+  return el;
+}
+
+function append(el, ...children) {
+  for (const c of children.flat()) {
+    if (c === undefined || c === null || c === false) continue;
+    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return el;
+}
+
+const SVG_NS = "http://www.w3.org/2000/svg";
+function s(tag, attrs, ...children) {
+  const el = document.createElementNS(SVG_NS, tag);
+  for (const [k, v] of Object.entries(attrs || {})) el.setAttribute(k, String(v));
+  return append(el, ...children);
+}
+
+function table(head, rows, empty) {
+  if (!rows.length) return h("p", { class: "muted" }, empty || "nothing here");
+  return h("table", {},
+    h("thead", {}, h("tr", {}, head.map((c) => h("th", { class: c.endsWith("#") ? "num" : null }, c.replace(/#$/, ""))))),
+    h("tbody", {}, rows));
+}
+
+function card(n, label, attrs) {
+  return h("div", Object.assign({ class: "card" }, attrs), h("div", { class: "n" }, n), h("div", { class: "l" }, label));
+}
+
+// ---- time ------------------------------------------------------------------
+
+function span(ms) {
+  let sec = Math.max(0, Math.round(ms / 1000));
+  if (sec < 60) return sec + " s";
+  const min = Math.floor(sec / 60);
+  if (min < 60) return min + " min " + (sec % 60) + " s";
+  const hr = Math.floor(min / 60);
+  if (hr < 48) return hr + " h " + (min % 60) + " min";
+  return Math.floor(hr / 24) + " d " + (hr % 24) + " h";
+}
+
+function fmtTime(iso) {
+  return iso ? new Date(iso).toLocaleString() : "";
+}
+
+// Elements whose text follows the clock: data-since (time since), data-ago
+// ("12 s ago"), data-until ("in 4 h 2 min"); refreshed every second.
+function ticking(kind, iso) {
+  const el = h("span", { ["data-" + kind]: iso || "" });
+  tick(el);
+  return el;
+}
+
+function tick(el) {
+  const now = Date.now();
+  if (el.dataset.since !== undefined) el.textContent = el.dataset.since ? span(now - Date.parse(el.dataset.since)) : "";
+  else if (el.dataset.ago !== undefined) el.textContent = el.dataset.ago ? span(now - Date.parse(el.dataset.ago)) + " ago" : "never";
+  else if (el.dataset.until !== undefined) {
+    const left = Date.parse(el.dataset.until) - now;
+    el.textContent = !el.dataset.until ? "" : left > 0 ? "in " + span(left) : "due " + span(-left) + " ago";
+  }
+}
+
+setInterval(() => document.querySelectorAll("[data-since],[data-ago],[data-until]").forEach(tick), 1000);
+
+// ---- the API ---------------------------------------------------------------
+
+class ApiError extends Error {
+  constructor(status, body) {
+    super((body && body.message) || "HTTP " + status);
+    this.status = status;
+    this.code = body && body.code;
+    this.reason = body && body.reason;
+  }
+}
+
+function authHeaders(extra) {
+  const headers = Object.assign({}, extra);
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (token) headers.Authorization = "Bearer " + token;
+  return headers;
+}
+
+async function api(path, options) {
+  const opts = Object.assign({}, options);
+  opts.headers = authHeaders(opts.headers);
+  const response = await fetch("api/v1/" + path, opts);
+  const body = await response.json().catch(() => null);
+  if (!response.ok) {
+    const error = new ApiError(response.status, body);
+    if (response.status === 401) askForToken(error.message);
+    throw error;
+  }
+  return body;
+}
+
+// POST with the headers the server requires of state-changing calls.
+function post(path, body) {
+  return api(path, {
+    method: "POST",
+    headers: { "Content-Type": "application/json", "X-Fleetcare-Request": "1" },
+    body: JSON.stringify(body),
+  });
+}
+
+function query(params) {
+  const q = new URLSearchParams();
+  for (const [k, v] of Object.entries(params)) {
+    for (const x of [].concat(v)) if (x !== undefined && x !== null && x !== "") q.append(k, x);
+  }
+  const text = q.toString();
+  return text ? "?" + text : "";
+}
+
+const tokenForm = document.getElementById("token-form");
+const tokenInput = document.getElementById("token-input");
+
+function askForToken(why) {
+  tokenForm.hidden = false;
+  document.getElementById("token-error").textContent = sessionStorage.getItem(TOKEN_KEY) ? why : "";
+  tokenInput.focus();
+}
+
+tokenForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  sessionStorage.setItem(TOKEN_KEY, tokenInput.value.trim());
+  tokenInput.value = "";
+  tokenForm.hidden = true;
+  watch.restart();
+  render();
+});
+
+function notice(text) {
+  const el = document.getElementById("notice");
+  el.textContent = text || "";
+  el.hidden = !text;
+}
+
+// ---- the live state: agents and transitions from one resuming stream -------
+
+const fleet = new Map(); // agent_id -> agent view
+const feed = []; // newest first
+let snapshotLoaded = false;
+
+const connState = document.getElementById("conn-state");
+function setConnection(state, text) {
+  connState.dataset.state = state;
+  connState.textContent = text;
+  document.body.dataset.conn = state;
+  const resume = watch && watch.revision !== null ? "resumes after #" + watch.revision : "reloads the fleet";
+  for (const el of document.querySelectorAll(".reconnect-banner")) {
+    el.textContent = "Reconnecting to the server… the stream " + resume + " once it is back, losing nothing.";
+  }
+}
+
+// WatchTransitions over SSE, resumed like the clients' resuming watch: after
+// the last revision seen (Last-Event-ID); a pruned revision (OUT_OF_RANGE)
+// reloads the snapshot. fetch + a stream parser, since EventSource cannot
+// send the Authorization header.
+class Watch {
+  constructor() {
+    this.revision = null; // null: (re)load a snapshot
+    this.controller = null;
+    this.delay = 250;
+    this.reconnects = 0;
+  }
+
+  restart() {
+    if (this.controller) this.controller.abort();
+    this.revision = null;
+    this.start();
+  }
+
+  async start() {
+    const controller = new AbortController();
+    this.controller = controller;
+    const headers = authHeaders({ Accept: "text/event-stream" });
+    let url = "api/v1/transitions/stream";
+    if (this.revision === null) url += "?snapshot=1";
+    else headers["Last-Event-ID"] = String(this.revision);
+    let retry = true;
+    try {
+      const response = await fetch(url, { headers, signal: controller.signal, cache: "no-store" });
+      if (!response.ok) {
+        const body = await response.json().catch(() => null);
+        const error = new ApiError(response.status, body);
+        if (response.status === 401) {
+          askForToken(error.message);
+          setConnection("unauthenticated", "token needed");
+          retry = false;
+          return;
+        }
+        if (error.code === "OUT_OF_RANGE") this.revision = null;
+        throw error;
+      }
+      setConnection("live", "live");
+      this.delay = 250;
+      await this.read(response.body, controller);
+    } catch (error) {
+      if (controller.signal.aborted) retry = false;
+      else if (!(error instanceof ApiError) || error.status >= 500) console.warn("watch:", error.message);
+      else notice("transition stream: " + error.message);
+    } finally {
+      if (retry && this.controller === controller) this.reconnect();
+    }
+  }
+
+  reconnect() {
+    this.reconnects += 1;
+    setConnection("reconnecting", "reconnecting…");
+    const delay = this.delay;
+    this.delay = Math.min(this.delay * 2, 5000);
+    setTimeout(() => this.start(), delay);
+  }
+
+  // Server-sent events: blank-line separated blocks of "field: value" lines.
+  async read(body, controller) {
+    const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done || controller.signal.aborted) return;
+      buffer += value.replace(/\r\n?/g, "\n");
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        const event = { type: "message", data: [], id: null };
+        for (const line of block.split("\n")) {
+          if (!line || line.startsWith(":")) continue;
+          const colon = line.indexOf(":");
+          const field = colon < 0 ? line : line.slice(0, colon);
+          const val = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+          if (field === "event") event.type = val;
+          else if (field === "data") event.data.push(val);
+          else if (field === "id") event.id = val;
+        }
+        if (event.data.length) this.handle(event.type, JSON.parse(event.data.join("\n")), event.id);
+      }
+    }
+  }
+
+  handle(type, data, id) {
+    if (type === "agent") {
+      this.pending = this.pending || new Map();
+      this.pending.set(data.agent_id, data);
+    } else if (type === "snapshot") {
+      fleet.clear();
+      for (const [k, v] of this.pending || []) fleet.set(k, v);
+      this.pending = null;
+      snapshotLoaded = true;
+      this.revision = data.revision;
+      if (!feed.length) loadHistory(data.revision);
+      changed("snapshot");
+    } else if (type === "transition") {
+      this.revision = Number(id);
+      applyTransition(data);
+    } else if (type === "progress") {
+      this.revision = Math.max(this.revision || 0, Number(id));
+    } else if (type === "error") {
+      // The stream ends after an error; a pruned revision means a new snapshot.
+      if (data.code === "OUT_OF_RANGE") this.revision = null;
+      else notice("transition stream: " + data.message);
+    }
+  }
+}
+
+function applyTransition(t) {
+  feed.unshift(t);
+  if (feed.length > FEED_MAX) feed.length = FEED_MAX;
+  const agent = fleet.get(t.agent_id);
+  if (agent && agent.revision < t.revision) {
+    agent.status = t.to;
+    agent.revision = t.revision;
+    agent.last_transition_at = t.occurred_at;
+    if (t.to !== "EXHAUSTED") {
+      delete agent.recovery_at;
+      delete agent.recovery_hint;
+    } else if (t.recovery_at) agent.recovery_at = t.recovery_at;
+  }
+  // A new agent, or one whose hint and labels the transition does not carry.
+  if (!agent || t.to === "EXHAUSTED" || t.cause === "REGISTERED") refreshAgent(t.agent_id);
+  changed("transition", t);
+}
+
+// The feed starts with the last transitions before the snapshot (the stream
+// delivers everything after it).
+async function loadHistory(revision) {
+  try {
+    const page = await api("transitions" + query({ after: Math.max(0, revision - 100), page_size: 100 }));
+    const known = new Set(feed.map((t) => t.revision));
+    const older = page.transitions.filter((t) => t.revision <= revision && !known.has(t.revision)).reverse();
+    feed.push(...older);
+    feed.sort((a, b) => b.revision - a.revision);
+    changed("history");
+  } catch (_) {
+    /* the live part still works */
+  }
+}
+
+async function refreshAgent(id) {
+  try {
+    mergeAgent(await api("agents/" + encodeURIComponent(id)));
+    changed("agent");
+  } catch (error) {
+    if (error.status === 404) {
+      fleet.delete(id);
+      changed("agent");
+    }
+  }
+}
+
+// A fetched agent replaces ours only if it is at least as recent.
+function mergeAgent(agent) {
+  const known = fleet.get(agent.agent_id);
+  if (!known || agent.revision >= known.revision) fleet.set(agent.agent_id, agent);
+  else known.last_heartbeat_at = agent.last_heartbeat_at;
+}
+
+// Heartbeats are not transitions: the agents' last heartbeats are re-read
+// every 15 s while the fleet page is shown.
+setInterval(async () => {
+  if (route() !== "fleet" || !snapshotLoaded || document.hidden) return;
+  try {
+    const { agents } = await api("agents");
+    for (const a of agents) mergeAgent(a);
+    changed("heartbeats");
+  } catch (_) {
+    /* shown by the stream's state */
+  }
+}, 15000);
+
+var watch = new Watch();
+
+// ---- pages -----------------------------------------------------------------
+
+const page = document.getElementById("page");
+const pages = { fleet: fleetPage, feed: feedPage, healing: healingPage, usage: usagePage, pipeline: pipelinePage };
+let current = null; // { name, update? }
+
+function route() {
+  const name = (location.hash.match(/^#\/(\w+)/) || [])[1];
+  return pages[name] ? name : "fleet";
+}
+
+function render() {
+  const name = route();
+  for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.dataset.route === name);
+  notice("");
+  page.replaceChildren();
+  current = { name };
+  const update = pages[name](page);
+  if (typeof update === "function") current.update = update;
+}
+
+function changed(what, detail) {
+  if (current && current.update) current.update(what, detail);
+}
+
+function failed(container, error) {
+  container.replaceChildren(h("p", { class: "error" }, error.status === 401 ? "a token is needed" : "could not load: " + error.message));
+}
+
+// The fleet: counts by status, a filter, and every agent, live.
+function fleetPage(root) {
+  const counts = h("div", { class: "cards", id: "counts" });
+  const statusSelect = h("select", { id: "filter-status", onchange: () => update() },
+    h("option", { value: "" }, "every status"), STATUSES.map((st) => h("option", { value: st }, st)));
+  const labelInput = h("input", { id: "filter-label", placeholder: "label key=value", oninput: () => update() });
+  const body = h("div", { id: "fleet-table" });
+  append(root, h("div", { class: "reconnect-banner" }), counts, h("div", { class: "filters" }, statusSelect, labelInput, h("span", { class: "muted", id: "shown" })), body);
+
+  function matches(agent) {
+    if (statusSelect.value && agent.status !== statusSelect.value) return false;
+    for (const want of labelInput.value.split(/[\s,]+/).filter(Boolean)) {
+      const [k, v] = want.split("=");
+      if (!(k in agent.labels) || (v !== undefined && v !== "" && agent.labels[k] !== v)) return false;
+    }
+    return true;
+  }
+
+  function update() {
+    const agents = [...fleet.values()].sort((a, b) => a.agent_id.localeCompare(b.agent_id));
+    const byStatus = Object.fromEntries(STATUSES.map((st) => [st, 0]));
+    for (const a of agents) byStatus[a.status] = (byStatus[a.status] || 0) + 1;
+    counts.replaceChildren(card(agents.length, "agents", { "data-count": "ALL" }),
+      ...Object.entries(byStatus).map(([st, n]) => card(n, st.replace("_", " "), { class: "card s-" + st, "data-count": st })));
+    if (!snapshotLoaded) {
+      body.replaceChildren(h("p", { class: "muted" }, "loading…"));
+      return;
+    }
+    const shown = agents.filter(matches);
+    document.getElementById("shown").textContent = shown.length + " of " + agents.length + " shown";
+    body.replaceChildren(table(["agent", "status", "in status", "last heartbeat", "recovery", "labels"], shown.map((a) =>
+      h("tr", { "data-agent-id": a.agent_id, "data-status": a.status },
+        h("td", {}, a.agent_id),
+        h("td", { class: "status s-" + a.status }, a.status),
+        h("td", {}, ticking("since", a.last_transition_at)),
+        h("td", {}, ticking("ago", a.last_heartbeat_at)),
+        h("td", {}, a.status === "EXHAUSTED" ? [
+          ticking("until", a.recovery_at),
+          a.recovery_hint ? h("div", { class: "hint" }, a.recovery_hint) : null,
+          a.recovery_source ? h("div", { class: "hint" }, "from " + a.recovery_source.toLowerCase()) : null,
+        ] : ""),
+        h("td", {}, Object.entries(a.labels).map(([k, v]) => h("span", { class: "label" }, k + "=" + v)))))
+    , fleet.size ? "no agent matches the filter" : "no agents registered"));
+  }
+  update();
+  // Changes arriving together (a burst of transitions) are drawn once per frame.
+  let queued = false;
+  return () => {
+    if (queued) return;
+    queued = true;
+    requestAnimationFrame(() => {
+      queued = false;
+      update();
+    });
+  };
+}
+
+// The live transition feed.
+function feedPage(root) {
+  const list = h("ol", { class: "feed", id: "feed" });
+  append(root, h("div", { class: "reconnect-banner" }),
+    h("p", { class: "muted" }, "Transitions as they are committed, newest first: the last 100 before the page was opened, then live."), list);
+  setConnection(connState.dataset.state, connState.textContent);
+  function item(t) {
+    return h("li", { "data-revision": t.revision, "data-agent-id": t.agent_id },
+      h("span", { class: "muted" }, "#" + t.revision),
+      h("span", {}, fmtTime(t.occurred_at)),
+      h("span", {}, t.agent_id),
+      h("span", {}, h("span", { class: "s-" + t.from }, t.from), " → ", h("span", { class: "status s-" + t.to }, t.to)),
+      h("span", { class: "muted" }, t.cause.toLowerCase().replace(/_/g, " "), t.actor ? " by " + t.actor : ""));
+  }
+  function update(what, t) {
+    if (what === "transition") list.prepend(item(t));
+    else if (what === "history" || !list.children.length) list.replaceChildren(...feed.map(item));
+    while (list.children.length > FEED_MAX) list.lastChild.remove();
+  }
+  update();
+  return update;
+}
+
+// Healing: errors by type, plans by strategy, what the planner learned.
+function healingPage(root) {
+  root.append(h("p", { class: "muted" }, "loading…"));
+  api("healing").then((st) => {
+    const maxErrors = Math.max(1, ...st.errors_by_type.map((e) => e.count));
+    const byStrategy = new Map();
+    for (const p of st.patterns) {
+      const s0 = byStrategy.get(p.strategy) || { uses: 0, successes: 0, failures: 0 };
+      s0.uses += p.use_count;
+      s0.successes += p.successes;
+      s0.failures += p.failures;
+      byStrategy.set(p.strategy, s0);
+    }
+    const pct = (x) => (100 * x).toFixed(0) + " %";
+    const bar = (n, max) => {
+      const el = h("div", { class: "bar" });
+      el.style.width = Math.round((200 * n) / max) + "px";
+      return el;
+    };
+    root.replaceChildren(
+      h("div", { class: "cards" }, card(st.total_errors, "errors"), card(st.errors_last_hour, "last hour"),
+        card(st.active_recoveries, "active recoveries"), card(pct(st.overall_success_rate), "recovered")),
+      h("h2", {}, "Errors by type"),
+      table(["type", "count#", ""], st.errors_by_type.map((e) =>
+        h("tr", {}, h("td", {}, e.error_type), h("td", { class: "num" }, e.count), h("td", {}, bar(e.count, maxErrors)))), "no errors recorded"),
+      h("h2", {}, "Plans by strategy"),
+      table(["strategy", "plans#", "succeeded#", "failed#"], [...byStrategy].map(([name, x]) =>
+        h("tr", {}, h("td", {}, name), h("td", { class: "num" }, x.uses), h("td", { class: "num" }, x.successes), h("td", { class: "num" }, x.failures))), "no plans yet"),
+      h("h2", {}, "Learned success rates"),
+      table(["error type", "context", "strategy", "success#", "outcomes#", "mean recovery#"], st.patterns.map((p) =>
+        h("tr", {}, h("td", {}, p.error_type), h("td", { class: "muted" }, p.context_signature), h("td", {}, p.strategy),
+          h("td", { class: "num" }, pct(p.success_rate)), h("td", { class: "num" }, p.successes + p.failures),
+          h("td", { class: "num" }, p.mean_recovery_seconds !== undefined ? span(p.mean_recovery_seconds * 1000) : ""))), "nothing learned yet"));
+  }).catch((e) => failed(root, e));
+}
+
+// Usage: tokens per day as a stacked SVG bar chart, by model or by user.
+const PALETTE = ["#2563b8", "#c2410c", "#2f7d4f", "#7a4bc2", "#b8860b", "#0e7490", "#be185d", "#4b5563"];
+
+function usagePage(root) {
+  const by = h("select", { id: "usage-by", onchange: () => load() }, h("option", { value: "model" }, "by model"), h("option", { value: "user" }, "by user"));
+  const days = h("select", { id: "usage-days", onchange: () => load() }, [14, 30, 90].map((n) => h("option", { value: n }, "last " + n + " days")));
+  const body = h("div", {});
+  append(root, h("div", { class: "filters" }, by, days), body);
+
+  async function load() {
+    body.replaceChildren(h("p", { class: "muted" }, "loading…"));
+    try {
+      const since = new Date(Date.now() - Number(days.value) * 86400000);
+      since.setUTCHours(0, 0, 0, 0);
+      const [daily, groups] = await Promise.all([
+        api("usage" + query({ group_by: "day", since: since.toISOString() })),
+        api("usage" + query({ group_by: by.value, since: since.toISOString() })),
+      ]);
+      // Each day split by the chosen grouping: one GetUsage per day.
+      const split = await Promise.all(daily.rows.map((d) => {
+        const start = new Date(d.key + "T00:00:00Z");
+        const end = new Date(start.getTime() + 86400000);
+        return api("usage" + query({ group_by: by.value, since: start.toISOString(), until: end.toISOString() }));
+      }));
+      const keys = groups.rows.map((r) => r.key);
+      // Every day of the period, those without usage too.
+      const parts = new Map(daily.rows.map((d, i) => [d.key, split[i].rows]));
+      const everyDay = [];
+      for (let t = since.getTime(); t <= Date.now(); t += 86400000) {
+        const day = new Date(t).toISOString().slice(0, 10);
+        everyDay.push({ day, parts: parts.get(day) || [] });
+      }
+      body.replaceChildren(
+        chart(everyDay, keys),
+        h("h2", {}, "Totals " + by.selectedOptions[0].textContent),
+        table([by.value, "input#", "output#", "cache write#", "cache read#", "total#", "messages#"],
+          groups.rows.concat(groups.totals ? [Object.assign({}, groups.totals, { key: "all" })] : []).map((r) =>
+            h("tr", {}, h("td", {}, r.key), ...["input_tokens", "output_tokens", "cache_creation_tokens", "cache_read_tokens", "total_tokens", "messages"]
+              .map((f) => h("td", { class: "num" }, r[f].toLocaleString())))), "no usage in this period"));
+    } catch (e) {
+      failed(body, e);
+    }
+  }
+  load();
+}
+
+function chart(days, keys) {
+  if (!days.length) return h("p", { class: "muted" }, "no usage in this period");
+  const color = (k) => PALETTE[Math.max(0, keys.indexOf(k)) % PALETTE.length];
+  const max = Math.max(1, ...days.map((d) => d.parts.reduce((n, p) => n + p.total_tokens, 0)));
+  const W = 900, H = 260, left = 60, bottom = 40, top = 10;
+  const step = (W - left) / days.length, bw = Math.min(40, Math.max(2, step * 0.7));
+  const y = (v) => H - bottom - ((H - bottom - top) * v) / max;
+  const svg = s("svg", { viewBox: `0 0 ${W} ${H}`, width: "100%", role: "img", "aria-label": "tokens per day", id: "usage-chart" });
+  for (const f of [0, 0.5, 1]) {
+    svg.append(s("line", { x1: left, x2: W, y1: y(max * f), y2: y(max * f), stroke: "#dde1e6" }),
+      s("text", { x: left - 6, y: y(max * f) + 4, "text-anchor": "end", "font-size": 11, fill: "#66707c" }, compact(max * f)));
+  }
+  days.forEach((d, i) => {
+    let base = 0;
+    const x = left + i * step + (step - bw) / 2;
+    for (const p of d.parts) {
+      const rect = s("rect", { x, y: y(base + p.total_tokens), width: bw, height: y(base) - y(base + p.total_tokens), fill: color(p.key), "data-day": d.day, "data-key": p.key });
+      rect.append(s("title", {}, `${d.day} ${p.key}: ${p.total_tokens.toLocaleString()} tokens`));
+      svg.append(rect);
+      base += p.total_tokens;
+    }
+    if (i % Math.ceil(days.length / 15) === 0) {
+      svg.append(s("text", { x: x + bw / 2, y: H - bottom + 14, "text-anchor": "middle", "font-size": 10, fill: "#66707c" }, d.day.slice(5)));
+    }
+  });
+  const legend = h("div", { class: "legend" }, keys.map((k) => {
+    const swatch = h("i", {});
+    swatch.style.background = color(k);
+    return h("span", {}, swatch, k);
+  }));
+  return h("div", { class: "chart" }, h("div", { class: "muted" }, "tokens per day (UTC)"), svg, legend);
+}
+
+function compact(n) {
+  if (n >= 1e9) return (n / 1e9).toFixed(1) + " G";
+  if (n >= 1e6) return (n / 1e6).toFixed(1) + " M";
+  if (n >= 1e3) return (n / 1e3).toFixed(1) + " k";
+  return String(Math.round(n));
+}
+
+// The session pipeline: processors, last runs, failing and dead sessions.
+function pipelinePage(root) {
+  root.append(h("p", { class: "muted" }, "loading…"));
+  async function load() {
+    try {
+      const { processors } = await api("processors");
+      const sessions = await Promise.all(processors.map(async (p) => {
+        const [failing, dead] = await Promise.all(["failed", "dead"].map((status) =>
+          api("sessions" + query({ processor: p.name, status, page_size: 100 }))));
+        return failing.states.concat(dead.states);
+      }));
+      root.replaceChildren(
+        h("h2", {}, "Processors"),
+        table(["processor", "version#", "every", "state", "last run", "processed#", "skipped#", "failed#", "dead#"], processors.map((p) => {
+          const r = p.last_run || {};
+          return h("tr", { "data-processor": p.name }, h("td", {}, p.name), h("td", { class: "num" }, p.version),
+            h("td", {}, p.interval_seconds ? span(p.interval_seconds * 1000) : "on demand"),
+            h("td", {}, p.running ? "running" : "idle"),
+            h("td", {}, p.last_run_at ? ticking("ago", p.last_run_at) : "never", r.root_error ? h("div", { class: "error" }, r.root_error) : null),
+            ...["processed", "skipped", "failed", "dead"].map((f) => h("td", { class: "num" }, r[f] === undefined ? "" : r[f])));
+        }), "no processors"),
+        h("h2", {}, "Failing and dead sessions"),
+        table(["processor", "session", "status", "attempts#", "next attempt", "last error", ""], sessions.flat().map((st) =>
+          h("tr", { "data-session": st.session, "data-status": st.status },
+            h("td", {}, st.processor), h("td", {}, st.session), h("td", { class: st.status === "DEAD" ? "error" : "" }, st.status),
+            h("td", { class: "num" }, st.attempts), h("td", {}, st.next_attempt_at ? ticking("until", st.next_attempt_at) : ""),
+            h("td", { class: "muted" }, st.last_error),
+            h("td", {}, h("button", { class: "retry", "data-session": st.session, onclick: (e) => retry(e.target, st) }, "Retry")))),
+          "no failing or dead sessions"));
+    } catch (e) {
+      failed(root, e);
+    }
+  }
+  async function retry(button, st) {
+    button.disabled = true;
+    button.textContent = "retrying…";
+    try {
+      await post("sessions/retry", { processor: st.processor, session: st.session });
+      await load();
+    } catch (e) {
+      button.disabled = false;
+      button.textContent = "Retry";
+      notice("retry failed: " + e.message);
+    }
+  }
+  load();
+}
+
+window.addEventListener("hashchange", render);
+render();
+watch.start();
+// For the browser tests and curious operators.
+window.fleetcare = { fleet, feed, watch };
