@@ -26,6 +26,17 @@ pub fn agent_status(value: i32) -> String {
     enum_name(name.map(|s| s.as_str_name()), "AGENT_STATUS_", value)
 }
 
+/// What a transition came from: a registration has no status before it
+/// (`UNSPECIFIED` on the wire), spelled `NEW`.
+pub const NEW: &str = "NEW";
+
+fn from_status(value: i32) -> String {
+    if value == pb::AgentStatus::Unspecified as i32 {
+        return NEW.to_owned();
+    }
+    agent_status(value)
+}
+
 fn cause(value: i32) -> String {
     let name = pb::TransitionCause::try_from(value).ok();
     enum_name(name.map(|c| c.as_str_name()), "TRANSITION_CAUSE_", value)
@@ -178,7 +189,7 @@ impl From<&pb::Transition> for TransitionView {
         TransitionView {
             revision: t.revision,
             agent_id: t.agent_id.clone(),
-            from: agent_status(t.from_status),
+            from: from_status(t.from_status),
             to: agent_status(t.to_status),
             cause: cause(t.cause),
             occurred_at: time(t.occurred_at.as_ref()),
@@ -437,6 +448,28 @@ mod tests {
             "HEARTBEAT_TIMEOUT"
         );
         assert_eq!(optional_enum(0, Some("X"), ""), None);
+    }
+
+    #[test]
+    fn a_registration_comes_from_new_not_unspecified() {
+        let registered = TransitionView::from(&pb::Transition {
+            revision: 1,
+            agent_id: "a-1".into(),
+            from_status: pb::AgentStatus::Unspecified as i32,
+            to_status: pb::AgentStatus::Idle as i32,
+            cause: pb::TransitionCause::Registered as i32,
+            ..Default::default()
+        });
+        assert_eq!(
+            (registered.from.as_str(), registered.to.as_str()),
+            ("NEW", "IDLE")
+        );
+        let started = TransitionView::from(&pb::Transition {
+            from_status: pb::AgentStatus::Idle as i32,
+            to_status: pb::AgentStatus::Busy as i32,
+            ..Default::default()
+        });
+        assert_eq!(started.from, "IDLE");
     }
 
     #[test]
