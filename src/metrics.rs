@@ -34,6 +34,9 @@ pub struct RpcLabels {
     pub service: String,
     pub method: String,
     pub code: &'static str,
+    /// How the call came in: `grpc`, or `http` (the dashboard's API calling
+    /// the same service in-process).
+    pub transport: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -143,7 +146,7 @@ impl Metrics {
             Family::new_with_constructor(latency_histogram);
         registry.register_with_unit(
             "rpc_duration",
-            "gRPC calls by service, method and final status code (a stream: until it ends)",
+            "Calls of the services by service, method, final status code and transport (grpc, or http for the dashboard API; a stream: until it ends)",
             Unit::Seconds,
             rpc_duration.clone(),
         );
@@ -441,10 +444,7 @@ impl Metrics {
         match tokio::time::timeout(SCRAPE_STORE_TIMEOUT, store.count_by_status()).await {
             Ok(Ok(counts)) => {
                 for status in AgentStatus::ALL {
-                    let count = counts
-                        .iter()
-                        .find(|(s, _)| *s == status)
-                        .map_or(0, |(_, n)| *n);
+                    let count = counts.of(status);
                     self.agents
                         .get_or_create(&StatusLabel {
                             status: status.as_str(),

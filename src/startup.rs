@@ -25,7 +25,7 @@ use crate::error::Error;
 use crate::grpc::agent_status::{AgentStatusApi, AgentStatusSettings};
 use crate::grpc::auth::{Authenticate, Guard};
 use crate::grpc::callers::WatchSlots;
-use crate::grpc::guard::{Gate, GuardLayer};
+use crate::grpc::guard::{CallLimit, Gate, GuardLayer};
 use crate::grpc::healing::{HealingApi, HealingSettings, PostHealingApi, shared_rng};
 use crate::grpc::metrics::MetricsLayer;
 use crate::grpc::session_pipeline::SessionPipelineApi;
@@ -74,6 +74,8 @@ pub struct Application {
     http: Option<TcpListener>,
     /// The dashboard's API on the HTTP listener, opened with the services.
     dashboard: Dashboard,
+    /// `--max-concurrent-calls`, shared by the gRPC guard and the dashboard's API.
+    call_limit: CallLimit,
     shutdown: CancellationToken,
 }
 
@@ -160,7 +162,13 @@ impl Application {
         let (opened, opening) = watch::channel(Opening::Waiting);
         let store_health = StoreHealth::default();
         let gates = Gates::default();
-        let mut dashboard = Dashboard::new(callers.clone(), store_health.clone());
+        let call_limit = CallLimit::new(args.limits.max_concurrent_calls);
+        let mut dashboard = Dashboard::new(
+            callers.clone(),
+            store_health.clone(),
+            metrics.clone(),
+            call_limit.clone(),
+        );
         // The dashboard's API acts as its callers: on a listener that is not
         // loopback, only with an auth file (or --insecure-no-auth), as gRPC.
         if let Some(addr) = http.as_ref().and_then(|l| l.local_addr().ok())
@@ -207,6 +215,7 @@ impl Application {
             metrics,
             http,
             dashboard,
+            call_limit,
             shutdown,
         })
     }
@@ -252,6 +261,7 @@ impl Application {
             metrics,
             http,
             dashboard,
+            call_limit,
             shutdown,
         } = self;
         let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -310,10 +320,7 @@ impl Application {
             // Outermost: every call is timed, refusals included.
             .layer(MetricsLayer::new(metrics))
             .layer(crate::grpc::trace::TraceLayer)
-            .layer(GuardLayer::new(
-                store_health,
-                args.limits.max_concurrent_calls,
-            ))
+            .layer(GuardLayer::with_limit(store_health, call_limit))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

@@ -26,7 +26,7 @@ use crate::proto::v1::agent_status_service_server::AgentStatusService;
 use crate::runtime::agents::AgentWrites;
 use crate::runtime::fanout::TransitionFanout;
 use crate::runtime::watch::{self, WatchEvent, WatchSpec};
-use crate::storage::AgentStore;
+use crate::storage::{AgentStore, StatusCounts};
 
 /// Settings the handlers need.
 #[derive(Debug, Clone)]
@@ -113,6 +113,15 @@ impl AgentStatusApi {
             default_recovery: self.settings.default_recovery,
             default_billing_recovery: self.settings.default_billing_recovery,
         }
+    }
+
+    /// How many agents are in each status, as of one revision: the dashboard's
+    /// counts. No RPC carries it (yet); it is authorized as `ListAgents`, the
+    /// fleet-wide read it summarizes.
+    pub async fn count_agents(&self, request: Request<()>) -> Result<StatusCounts, Status> {
+        let caller = auth::caller(&request)?;
+        self.guard.check(&caller, Action::ListAgents, None)?;
+        Ok(self.store.count_by_status().await?)
     }
 
     async fn apply(

@@ -8,6 +8,7 @@
 //!   UNAVAILABLE, which it retries, not DEADLINE_EXCEEDED.
 //! - At most `--max-concurrent-calls` calls run at once (tower's concurrency
 //!   limit behind its load shedder): one beyond is RESOURCE_EXHAUSTED at once.
+//!   The dashboard's API calls take their slots from the same [`CallLimit`].
 //! - A request over `--max-message-size` is answered RESOURCE_EXHAUSTED, the
 //!   gRPC convention, where tonic answers OUT_OF_RANGE.
 //!
@@ -19,7 +20,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::Status;
 use tonic::body::Body;
 use tonic::codegen::http::{HeaderValue, Request, Response};
@@ -41,6 +42,40 @@ fn exempt(path: &str) -> bool {
         || path.starts_with("/grpc.reflection.v1alpha.ServerReflection/")
 }
 
+/// The server-wide cap on calls in progress (`--max-concurrent-calls`): one
+/// semaphore shared by the gRPC guard and the dashboard's API, so calls of
+/// both count against the same limit.
+#[derive(Clone)]
+pub struct CallLimit {
+    calls: Arc<Semaphore>,
+    max_calls: usize,
+}
+
+impl CallLimit {
+    pub fn new(max_concurrent_calls: usize) -> CallLimit {
+        CallLimit {
+            calls: Arc::new(Semaphore::new(max_concurrent_calls)),
+            max_calls: max_concurrent_calls,
+        }
+    }
+
+    /// A slot for one call, held until the permit is dropped, or the refusal
+    /// a gRPC call gets when every slot is taken.
+    pub fn try_acquire(&self) -> Result<OwnedSemaphorePermit, Status> {
+        self.calls
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| busy(self.max_calls))
+    }
+}
+
+/// What a call beyond the limit is told.
+fn busy(max_calls: usize) -> Status {
+    Status::resource_exhausted(format!(
+        "server busy: {max_calls} calls in progress (--max-concurrent-calls), retry later"
+    ))
+}
+
 /// See the module documentation.
 #[derive(Clone)]
 pub struct GuardLayer {
@@ -51,10 +86,15 @@ pub struct GuardLayer {
 
 impl GuardLayer {
     pub fn new(store: StoreHealth, max_concurrent_calls: usize) -> Self {
+        GuardLayer::with_limit(store, CallLimit::new(max_concurrent_calls))
+    }
+
+    /// A guard whose cap is `limit`, shared with whoever else holds it.
+    pub fn with_limit(store: StoreHealth, limit: CallLimit) -> Self {
         GuardLayer {
             store,
-            calls: Arc::new(Semaphore::new(max_concurrent_calls)),
-            max_calls: max_concurrent_calls,
+            calls: limit.calls,
+            max_calls: limit.max_calls,
         }
     }
 }
@@ -117,10 +157,7 @@ where
         Box::pin(async move {
             match limited.oneshot(request).await {
                 Ok(response) => Ok(remap_size_refusal(response)),
-                Err(error) if error.is::<Overloaded>() => Ok(Status::resource_exhausted(format!(
-                    "server busy: {max_calls} calls in progress (--max-concurrent-calls), retry later"
-                ))
-                .into_http()),
+                Err(error) if error.is::<Overloaded>() => Ok(busy(max_calls).into_http()),
                 Err(error) => Err(error),
             }
         })
@@ -279,6 +316,38 @@ mod tests {
         assert_eq!(remap_decode_refusal(decode).headers()["grpc-status"], "3");
         let other = trailers_only("13", "internal%20error");
         assert_eq!(remap_decode_refusal(other).headers()["grpc-status"], "13");
+    }
+
+    #[tokio::test]
+    async fn the_call_limit_is_shared_with_whoever_else_holds_it() {
+        let store = StoreHealth::default();
+        store.set_up(true);
+        let ok = tower::service_fn(|_req: Request<Body>| async {
+            Ok::<_, Infallible>(Response::new(Body::empty()))
+        });
+        let limit = CallLimit::new(1);
+        let guard = GuardLayer::with_limit(store, limit.clone()).layer(ok);
+        let call = || {
+            let request = Request::builder()
+                .uri("/fleetcare.v1.AgentStatusService/ListAgents")
+                .body(Body::empty())
+                .unwrap();
+            guard.clone().oneshot(request)
+        };
+        // A dashboard call holds the one slot: a gRPC call is shed, and a
+        // second dashboard call is refused the same way.
+        let held = limit.try_acquire().expect("a free slot");
+        assert_eq!(call().await.unwrap().headers()["grpc-status"], "8");
+        let refused = limit.try_acquire().unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(refused.message().contains("--max-concurrent-calls"));
+        drop(held);
+        let again = call().await.unwrap();
+        assert!(again.headers().get("grpc-status").is_none());
+        assert!(
+            limit.try_acquire().is_ok(),
+            "the gRPC call gave its slot back"
+        );
     }
 
     #[tokio::test]

@@ -1,6 +1,8 @@
 //! The tower layer that times every call by service, method and gRPC status
-//! code (`fleetcare_rpc_duration_seconds`). It sits outside the guard, so
-//! refusals (store down, server busy) are counted too.
+//! code (`fleetcare_rpc_duration_seconds`, `transport="grpc"`). It sits
+//! outside the guard, so refusals (store down, server busy) are counted too.
+//! The dashboard's API times its in-process calls with the same [`Timing`]
+//! (`transport="http"`).
 //!
 //! A call is recorded once, when it is over, with its final code: from the
 //! response headers for a trailers-only answer (every refusal and error before
@@ -84,7 +86,7 @@ pub fn code_name(code: Option<&[u8]>) -> &'static str {
 }
 
 /// The canonical name of a numeric gRPC status code.
-fn code_of(code: i32) -> &'static str {
+pub fn code_of(code: i32) -> &'static str {
     match code {
         0 => "OK",
         1 => "CANCELLED",
@@ -152,13 +154,7 @@ where
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
         let (service, method) = labels_of(request.uri().path());
-        let mut timing = Timing {
-            metrics: self.metrics.clone(),
-            service,
-            method,
-            started: Instant::now(),
-            recorded: false,
-        };
+        let mut timing = Timing::start(self.metrics.clone(), service, method, GRPC);
         let call = self.inner.call(request);
         Box::pin(async move {
             let response = match call.await {
@@ -178,19 +174,43 @@ where
     }
 }
 
+/// The `transport` label of a call that came over gRPC.
+pub const GRPC: &str = "grpc";
+/// The `transport` label of a dashboard API call (`http::api`).
+pub const HTTP: &str = "http";
+
 /// One call's labels and start, recorded once: with the first code given to
 /// [`Timing::record`], or `CANCELLED` when dropped before (the client went
-/// away before the answer, or before the end of the stream).
-struct Timing {
+/// away before the answer, or before the end of the stream). The dashboard's
+/// API times its calls into the services with it too (transport `http`).
+pub struct Timing {
     metrics: Arc<Metrics>,
     service: String,
     method: String,
+    transport: &'static str,
     started: Instant,
     recorded: bool,
 }
 
 impl Timing {
-    fn record(&mut self, code: &'static str) {
+    /// `service` and `method` must come from a fixed set (never from the caller).
+    pub fn start(
+        metrics: Arc<Metrics>,
+        service: String,
+        method: String,
+        transport: &'static str,
+    ) -> Timing {
+        Timing {
+            metrics,
+            service,
+            method,
+            transport,
+            started: Instant::now(),
+            recorded: false,
+        }
+    }
+
+    pub fn record(&mut self, code: &'static str) {
         if std::mem::replace(&mut self.recorded, true) {
             return;
         }
@@ -200,8 +220,14 @@ impl Timing {
                 service: std::mem::take(&mut self.service),
                 method: std::mem::take(&mut self.method),
                 code,
+                transport: self.transport,
             })
             .observe(self.started.elapsed().as_secs_f64());
+    }
+
+    /// Records the code of `status`.
+    pub fn record_status(&mut self, status: &Status) {
+        self.record(code_of(status.code() as i32));
     }
 }
 

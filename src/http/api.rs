@@ -9,6 +9,14 @@
 //! strings into request messages, responses into the shared `views`, and a
 //! `Status` into an HTTP status ([`http_status`], the one mapping).
 //!
+//! Every call into a service is timed into `fleetcare_rpc_duration_seconds`
+//! with the service and method it calls and `transport="http"` (refusals of
+//! a missing token, a down store or a full server included), and takes a slot
+//! of `--max-concurrent-calls` from the same [`CallLimit`] as gRPC calls,
+//! held until the answer (a stream: until it starts, as on gRPC). The fleet's
+//! counts (`fleet/counts`) are the one call without an RPC:
+//! `AgentStatusApi::count_agents`, method `CountAgents`.
+//!
 //! State-changing endpoints are POST with `Content-Type: application/json`
 //! and `X-Fleetcare-Request: 1`, refused 403 otherwise: neither a cross-site
 //! form nor a "simple" cross-origin request can send that header, and no CORS
@@ -29,14 +37,21 @@ use serde::{Deserialize, Serialize};
 use tonic::Code;
 use tonic_types::StatusExt;
 
+use crate::domain::agent::AgentStatus;
+use crate::domain::auth::Action;
 use crate::grpc::agent_status::AgentStatusApi;
-use crate::grpc::guard::STORE_DOWN;
+use crate::grpc::guard::{CallLimit, STORE_DOWN};
 use crate::grpc::healing::HealingApi;
+use crate::grpc::metrics::{HTTP, Timing};
 use crate::grpc::session_pipeline::SessionPipelineApi;
+use crate::metrics::Metrics;
 use crate::proto::v1 as pb;
 use crate::proto::v1::agent_status_service_server::AgentStatusService;
 use crate::proto::v1::healing_service_server::HealingService;
 use crate::proto::v1::session_pipeline_service_server::SessionPipelineService;
+use crate::proto::v1::{
+    agent_status_service_server, healing_service_server, session_pipeline_service_server,
+};
 use crate::runtime::auth::Callers;
 use crate::runtime::health::StoreHealth;
 use crate::views::{
@@ -54,24 +69,105 @@ pub struct Apis {
 }
 
 /// What the API handlers share: the callers, the services (set once the
-/// store is open; until then every call is UNAVAILABLE, as on gRPC) and the
-/// store's health (down: UNAVAILABLE at once, as the gRPC guard answers).
+/// store is open; until then every call is UNAVAILABLE, as on gRPC), the
+/// store's health (down: UNAVAILABLE at once, as the gRPC guard answers), the
+/// metrics the calls are timed into and the server's call limit.
 #[derive(Clone)]
 pub struct Dashboard {
     callers: Arc<Callers>,
     apis: Arc<OnceLock<Apis>>,
     store: StoreHealth,
+    metrics: Arc<Metrics>,
+    limit: CallLimit,
     /// Why the API is off, if it is: the HTTP listener is not on loopback
     /// and there is no auth file (the gRPC port's rule, applied here).
     off: Option<Arc<str>>,
 }
 
+/// A service method the API calls, as the metrics label it.
+#[derive(Debug, Clone, Copy)]
+struct Method {
+    service: &'static str,
+    method: &'static str,
+}
+
+impl Method {
+    fn agents(action: Action) -> Method {
+        Method {
+            service: agent_status_service_server::SERVICE_NAME,
+            method: action.rpc(),
+        }
+    }
+
+    fn healing(action: Action) -> Method {
+        Method {
+            service: healing_service_server::SERVICE_NAME,
+            method: action.rpc(),
+        }
+    }
+
+    fn pipeline(action: Action) -> Method {
+        Method {
+            service: session_pipeline_service_server::SERVICE_NAME,
+            method: action.rpc(),
+        }
+    }
+
+    /// The counts, read through `AgentStatusApi::count_agents` (no RPC).
+    const COUNT_AGENTS: Method = Method {
+        service: agent_status_service_server::SERVICE_NAME,
+        method: "CountAgents",
+    };
+}
+
+/// One call into a service under way: its timing and its slot of the call
+/// limit. Dropped unanswered (the client went away), it counts `CANCELLED`.
+struct Call {
+    timing: Timing,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Call {
+    /// The call's answer, recorded with its code.
+    fn answer<R>(mut self, result: Result<R, tonic::Status>) -> Result<R, ApiError> {
+        match result {
+            Ok(answer) => {
+                self.timing.record("OK");
+                Ok(answer)
+            }
+            Err(status) => {
+                self.timing.record_status(&status);
+                Err(status.into())
+            }
+        }
+    }
+
+    /// A stream that started: its slot is given back and its timing goes on
+    /// until the stream ends (a refusal is recorded now).
+    fn stream<R>(mut self, result: Result<R, tonic::Status>) -> Result<(R, Timing), ApiError> {
+        match result {
+            Ok(stream) => Ok((stream, self.timing)),
+            Err(status) => {
+                self.timing.record_status(&status);
+                Err(status.into())
+            }
+        }
+    }
+}
+
 impl Dashboard {
-    pub fn new(callers: Arc<Callers>, store: StoreHealth) -> Dashboard {
+    pub fn new(
+        callers: Arc<Callers>,
+        store: StoreHealth,
+        metrics: Arc<Metrics>,
+        limit: CallLimit,
+    ) -> Dashboard {
         Dashboard {
             callers,
             apis: Arc::default(),
             store,
+            metrics,
+            limit,
             off: None,
         }
     }
@@ -87,27 +183,50 @@ impl Dashboard {
         let _ = self.apis.set(apis);
     }
 
-    /// The services and a request carrying `message`, its caller and its peer,
-    /// or the refusal the gRPC server would have answered.
+    /// The services, a request carrying `message`, its caller and its peer,
+    /// and the call's timing and slot; or the refusal the gRPC server would
+    /// have answered, in the order it would (store down, server busy, no
+    /// valid token), counted as the gRPC metrics layer counts it.
     fn request<T>(
         &self,
         headers: &HeaderMap,
         peer: SocketAddr,
+        method: Method,
         message: T,
-    ) -> Result<(&Apis, tonic::Request<T>), ApiError> {
+    ) -> Result<(&Apis, tonic::Request<T>, Call), ApiError> {
         if let Some(why) = &self.off {
             return Err(ApiError::http(StatusCode::FORBIDDEN, "API_OFF", why));
         }
+        let mut timing = Timing::start(
+            self.metrics.clone(),
+            method.service.to_owned(),
+            method.method.to_owned(),
+            HTTP,
+        );
+        let refused = |timing: &mut Timing, status: tonic::Status| {
+            timing.record_status(&status);
+            ApiError::from(status)
+        };
+        let apis = match self.apis.get() {
+            Some(apis) if self.store.is_up() => apis,
+            _ => {
+                return Err(refused(&mut timing, tonic::Status::unavailable(STORE_DOWN)));
+            }
+        };
+        let slot = self
+            .limit
+            .try_acquire()
+            .map_err(|status| refused(&mut timing, status))?;
         let authorization = headers
             .get(header::AUTHORIZATION)
             .map(HeaderValue::as_bytes);
         let caller = self.callers.authenticate(authorization).map_err(|error| {
             tracing::warn!(peer = %peer, %error, "unauthenticated dashboard call");
-            ApiError::from(tonic::Status::from(error))
+            refused(&mut timing, tonic::Status::from(error))
         })?;
-        let apis = match self.apis.get() {
-            Some(apis) if self.store.is_up() => apis,
-            _ => return Err(tonic::Status::unavailable(STORE_DOWN).into()),
+        let call = Call {
+            timing,
+            _slot: slot,
         };
         let mut request = tonic::Request::new(message);
         request.extensions_mut().insert(caller);
@@ -117,7 +236,7 @@ impl Dashboard {
                 local_addr: None,
                 remote_addr: Some(peer),
             });
-        Ok((apis, request))
+        Ok((apis, request, call))
     }
 }
 
@@ -125,6 +244,7 @@ impl Dashboard {
 pub fn routes() -> Router<Dashboard> {
     Router::new()
         .route("/agents", get(list_agents))
+        .route("/fleet/counts", get(fleet_counts))
         .route("/agents/{agent_id}", get(get_agent))
         .route("/transitions", get(list_transitions))
         .route("/transitions/stream", get(watch_transitions))
@@ -307,8 +427,13 @@ fn timestamp(key: &str, value: &str) -> Result<prost_types::Timestamp, ApiError>
     ))
 }
 
-/// Every page of `ListAgents` for these filters (`status=IDLE`, repeated;
-/// `label=key=value`, repeated).
+/// The page size of `agents` without `page_size`.
+pub const AGENTS_PAGE_SIZE: i32 = 200;
+
+/// One page of `ListAgents`, filtered by the server: `status=IDLE`
+/// (repeated), `label=key=value` (repeated, every one must match),
+/// `page_size` (default [`AGENTS_PAGE_SIZE`], at most 1000 as `ListAgents`
+/// clamps it) and `page_token` (the previous page's `next_page_token`).
 async fn list_agents(
     State(dashboard): State<Dashboard>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -327,24 +452,48 @@ async fn list_agents(
             .ok_or_else(|| ApiError::invalid(format!("label: expected key=value, got {label}")))?;
         labels.insert(key.to_owned(), value.to_owned());
     }
-    let mut agents = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let message = pb::ListAgentsRequest {
-            page_size: 1000,
-            page_token: page_token.clone(),
-            statuses: statuses.clone(),
-            labels: labels.clone(),
-        };
-        let (apis, request) = dashboard.request(&headers, peer, message)?;
-        let page = apis.agents.list_agents(request).await?.into_inner();
-        agents.extend(page.agents.iter().map(AgentView::from));
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        page_token = page.next_page_token;
-    }
-    Ok(json(&serde_json::json!({ "agents": agents })).into_response())
+    let message = pb::ListAgentsRequest {
+        page_size: match number(&pairs, "page_size")? {
+            None | Some(0) => AGENTS_PAGE_SIZE,
+            Some(n) => n,
+        },
+        page_token: value(&pairs, "page_token").unwrap_or_default().to_owned(),
+        statuses,
+        labels,
+    };
+    let (apis, request, call) =
+        dashboard.request(&headers, peer, Method::agents(Action::ListAgents), message)?;
+    let page = call
+        .answer(apis.agents.list_agents(request).await)?
+        .into_inner();
+    let agents: Vec<AgentView> = page.agents.iter().map(AgentView::from).collect();
+    Ok(json(&serde_json::json!({
+        "agents": agents,
+        "next_page_token": page.next_page_token,
+    }))
+    .into_response())
+}
+
+/// How many agents are in each status (every status, 0 included), their
+/// total, and the revision they were counted at: a transition with a larger
+/// revision is not in them yet (the page adds it from the stream).
+async fn fleet_counts(
+    State(dashboard): State<Dashboard>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (apis, request, call) = dashboard.request(&headers, peer, Method::COUNT_AGENTS, ())?;
+    let counts = call.answer(apis.agents.count_agents(request).await)?;
+    let by_status: serde_json::Map<String, serde_json::Value> = AgentStatus::ALL
+        .iter()
+        .map(|&status| (status.as_str().to_owned(), counts.of(status).into()))
+        .collect();
+    Ok(json(&serde_json::json!({
+        "revision": counts.revision,
+        "total": counts.total(),
+        "counts": by_status,
+    }))
+    .into_response())
 }
 
 async fn get_agent(
@@ -353,8 +502,16 @@ async fn get_agent(
     headers: HeaderMap,
     Path(agent_id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let (apis, request) = dashboard.request(&headers, peer, pb::GetAgentRequest { agent_id })?;
-    let agent = apis.agents.get_agent(request).await?.into_inner().agent;
+    let (apis, request, call) = dashboard.request(
+        &headers,
+        peer,
+        Method::agents(Action::GetAgent),
+        pb::GetAgentRequest { agent_id },
+    )?;
+    let agent = call
+        .answer(apis.agents.get_agent(request).await)?
+        .into_inner()
+        .agent;
     Ok(json(&agent.as_ref().map(AgentView::from)).into_response())
 }
 
@@ -372,8 +529,15 @@ async fn list_transitions(
         page_size: number(&pairs, "page_size")?.unwrap_or(0),
         page_token: value(&pairs, "page_token").unwrap_or_default().to_owned(),
     };
-    let (apis, request) = dashboard.request(&headers, peer, message)?;
-    let page = apis.agents.list_transitions(request).await?.into_inner();
+    let (apis, request, call) = dashboard.request(
+        &headers,
+        peer,
+        Method::agents(Action::ListTransitions),
+        message,
+    )?;
+    let page = call
+        .answer(apis.agents.list_transitions(request).await)?
+        .into_inner();
     let transitions: Vec<TransitionView> =
         page.transitions.iter().map(TransitionView::from).collect();
     Ok(json(&serde_json::json!({
@@ -426,26 +590,41 @@ async fn watch_transitions(
             .collect::<Result<Vec<_>, _>>()?,
         include_snapshot: snapshot && last_event_id.is_none(),
     };
-    let (apis, request) = dashboard.request(&headers, peer, message)?;
-    let stream = apis.agents.watch_transitions(request).await?.into_inner();
-    Ok(Sse::new(sse_events(stream))
+    let (apis, request, call) = dashboard.request(
+        &headers,
+        peer,
+        Method::agents(Action::WatchTransitions),
+        message,
+    )?;
+    let (stream, timing) = call.stream(apis.agents.watch_transitions(request).await)?;
+    Ok(Sse::new(sse_events(stream.into_inner(), timing))
         .keep_alive(KeepAlive::default())
         .into_response())
 }
 
-/// The watch's messages as SSE events; an error is the last event.
-fn sse_events<S>(stream: S) -> impl Stream<Item = Result<Event, std::convert::Infallible>>
+/// The watch's messages as SSE events; an error is the last event. The
+/// call's timing ends with the stream: OK at its end, the error's code, or
+/// CANCELLED when the client goes away (the stream is dropped).
+fn sse_events<S>(
+    stream: S,
+    timing: Timing,
+) -> impl Stream<Item = Result<Event, std::convert::Infallible>>
 where
     S: Stream<Item = Result<pb::WatchTransitionsResponse, tonic::Status>> + Send + Unpin,
 {
     use pb::watch_transitions_response::Event as E;
-    futures::stream::unfold(Some(stream), |stream| async move {
-        let mut stream = stream?;
+    futures::stream::unfold(Some((stream, timing)), |state| async move {
+        let (mut stream, mut timing) = state?;
         loop {
-            let event = match stream.next().await? {
-                Ok(pb::WatchTransitionsResponse { event: None }) => continue,
-                Ok(pb::WatchTransitionsResponse { event: Some(event) }) => event,
-                Err(status) => {
+            let event = match stream.next().await {
+                None => {
+                    timing.record("OK");
+                    return None;
+                }
+                Some(Ok(pb::WatchTransitionsResponse { event: None })) => continue,
+                Some(Ok(pb::WatchTransitionsResponse { event: Some(event) })) => event,
+                Some(Err(status)) => {
+                    timing.record_status(&status);
                     let event = sse("error", &ErrorBody::from(&status));
                     return Some((Ok(event), None));
                 }
@@ -463,7 +642,7 @@ where
                 E::Progress(p) => sse("progress", &serde_json::json!({"revision": p.revision}))
                     .id(p.revision.to_string()),
             };
-            return Some((Ok(event), Some(stream)));
+            return Some((Ok(event), Some((stream, timing))));
         }
     })
 }
@@ -479,11 +658,14 @@ async fn healing_statistics(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (apis, request) = dashboard.request(&headers, peer, pb::GetHealingStatisticsRequest {})?;
-    let stats = apis
-        .healing
-        .get_healing_statistics(request)
-        .await?
+    let (apis, request, call) = dashboard.request(
+        &headers,
+        peer,
+        Method::healing(Action::GetHealingStatistics),
+        pb::GetHealingStatisticsRequest {},
+    )?;
+    let stats = call
+        .answer(apis.healing.get_healing_statistics(request).await)?
         .into_inner();
     Ok(json(&HealingStatsView::from(&stats)).into_response())
 }
@@ -518,8 +700,11 @@ async fn usage(
             .transpose()?,
         user: value(&pairs, "user").unwrap_or_default().to_owned(),
     };
-    let (apis, request) = dashboard.request(&headers, peer, message)?;
-    let response = apis.pipeline.get_usage(request).await?.into_inner();
+    let (apis, request, call) =
+        dashboard.request(&headers, peer, Method::pipeline(Action::GetUsage), message)?;
+    let response = call
+        .answer(apis.pipeline.get_usage(request).await)?
+        .into_inner();
     Ok(json(&UsageView::new(group_by, &response)).into_response())
 }
 
@@ -528,8 +713,15 @@ async fn processors(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (apis, request) = dashboard.request(&headers, peer, pb::ListProcessorsRequest {})?;
-    let response = apis.pipeline.list_processors(request).await?.into_inner();
+    let (apis, request, call) = dashboard.request(
+        &headers,
+        peer,
+        Method::pipeline(Action::ListProcessors),
+        pb::ListProcessorsRequest {},
+    )?;
+    let response = call
+        .answer(apis.pipeline.list_processors(request).await)?
+        .into_inner();
     let processors: Vec<ProcessorView> = response
         .processors
         .iter()
@@ -562,11 +754,14 @@ async fn session_states(
         page_size: number(&pairs, "page_size")?.unwrap_or(0),
         page_token: value(&pairs, "page_token").unwrap_or_default().to_owned(),
     };
-    let (apis, request) = dashboard.request(&headers, peer, message)?;
-    let page = apis
-        .pipeline
-        .list_session_states(request)
-        .await?
+    let (apis, request, call) = dashboard.request(
+        &headers,
+        peer,
+        Method::pipeline(Action::ListSessionStates),
+        message,
+    )?;
+    let page = call
+        .answer(apis.pipeline.list_session_states(request).await)?
         .into_inner();
     let states: Vec<SessionStateView> = page.states.iter().map(SessionStateView::from).collect();
     Ok(json(&serde_json::json!({
@@ -593,15 +788,14 @@ async fn retry_session(
     state_changing(&headers)?;
     let RetryBody { processor, session } = serde_json::from_slice(&body)
         .map_err(|e| ApiError::invalid(format!("malformed JSON body: {e}")))?;
-    let (apis, request) = dashboard.request(
+    let (apis, request, call) = dashboard.request(
         &headers,
         peer,
+        Method::pipeline(Action::RetrySession),
         pb::RetrySessionRequest { processor, session },
     )?;
-    let state = apis
-        .pipeline
-        .retry_session(request)
-        .await?
+    let state = call
+        .answer(apis.pipeline.retry_session(request).await)?
         .into_inner()
         .state;
     Ok(json(&state.as_ref().map(SessionStateView::from)).into_response())

@@ -50,6 +50,28 @@ pub struct AgentQuery {
     pub limit: i64,
 }
 
+/// How many agents are in each status (statuses without agents left out), as
+/// of `revision`: every transition up to it is counted, none after it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatusCounts {
+    pub revision: i64,
+    pub counts: Vec<(AgentStatus, i64)>,
+}
+
+impl StatusCounts {
+    /// The count of one status (0 when it has no agents).
+    pub fn of(&self, status: AgentStatus) -> i64 {
+        self.counts
+            .iter()
+            .find(|(s, _)| *s == status)
+            .map_or(0, |(_, n)| *n)
+    }
+
+    pub fn total(&self) -> i64 {
+        self.counts.iter().map(|(_, n)| n).sum()
+    }
+}
+
 /// The agent-status part of the store.
 ///
 /// State changes arrive in batches (see `runtime::committer`): the store locks the
@@ -105,8 +127,11 @@ pub trait AgentStore: Send + Sync + 'static {
     /// reconnect): the receiver then re-reads from the history.
     fn changes(&self) -> watch::Receiver<u64>;
 
-    /// How many agents are in each status (read when metrics are scraped).
-    async fn count_by_status(&self) -> Result<Vec<(AgentStatus, i64)>>;
+    /// How many agents are in each status, as of one revision (read
+    /// consistently, as [`AgentStore::snapshot`] is): what metrics scrapes and
+    /// the dashboard's counts read, the dashboard then adding the transitions
+    /// after that revision.
+    async fn count_by_status(&self) -> Result<StatusCounts>;
 
     /// The occupancy of this store's connection pools (none for a store without).
     fn pool_stats(&self) -> Vec<crate::metrics::PoolStats> {

@@ -193,6 +193,7 @@ async fn the_agents_json_is_list_agents_as_the_views_print_it() {
         all["agents"],
         list_agents(&app, pb::ListAgentsRequest::default()).await
     );
+    assert_eq!(all["next_page_token"], "", "one page holds them all");
     assert_eq!(all["agents"].as_array().unwrap().len(), 3);
     assert_eq!(all["agents"][1]["status"], "BUSY");
     assert_eq!(
@@ -217,6 +218,182 @@ async fn the_agents_json_is_list_agents_as_the_views_print_it() {
     let one = get(http(&app), "/api/v1/agents/dash-b").await;
     assert_eq!(one.status, 200);
     assert_eq!(one.json(), all["agents"][1]);
+}
+
+/// Agent `i` of the paging fleet: team `a` or `b` by parity, BUSY when `i`
+/// is a multiple of 5.
+fn fleet_agent(i: usize) -> (String, &'static str, bool) {
+    (
+        format!("fleet-{i:05}"),
+        if i.is_multiple_of(2) { "a" } else { "b" },
+        i.is_multiple_of(5),
+    )
+}
+
+/// Registers `n` agents (some busy) a few dozen calls at a time.
+async fn register_fleet(app: &TestApp, n: usize) {
+    use futures::StreamExt;
+    futures::stream::iter(0..n)
+        .map(|i| async move {
+            let (id, team, busy) = fleet_agent(i);
+            register(app, &id, &[("team", team)]).await;
+            if busy {
+                app.start_work(&id).await.expect("start work");
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<()>>()
+        .await;
+}
+
+/// Every page of `api/v1/agents` for `filter` (`status=...&label=...`):
+/// the ids in order and each page's size.
+async fn every_page(addr: SocketAddr, filter: &str) -> (Vec<String>, Vec<usize>) {
+    let (mut ids, mut sizes) = (Vec::new(), Vec::new());
+    let mut token = String::new();
+    loop {
+        let path = format!("/api/v1/agents?{filter}&page_token={token}");
+        let reply = get(addr, &path).await;
+        assert_eq!(reply.status, 200, "{path}: {}", reply.body);
+        let page = reply.json();
+        let agents = page["agents"].as_array().unwrap();
+        sizes.push(agents.len());
+        ids.extend(
+            agents
+                .iter()
+                .map(|a| a["agent_id"].as_str().unwrap().to_owned()),
+        );
+        token = page["next_page_token"].as_str().unwrap().to_owned();
+        if token.is_empty() {
+            return (ids, sizes);
+        }
+        assert!(sizes.len() < 100, "the pages end");
+    }
+}
+
+/// Every agent `ListAgents` returns for these filters, over gRPC.
+async fn listed_ids(
+    app: &TestApp,
+    statuses: &[pb::AgentStatus],
+    team: Option<&str>,
+) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = app
+            .agents
+            .clone()
+            .list_agents(pb::ListAgentsRequest {
+                page_size: 1000,
+                page_token,
+                statuses: statuses.iter().map(|s| *s as i32).collect(),
+                labels: team
+                    .map(|t| [("team".to_owned(), t.to_owned())].into())
+                    .unwrap_or_default(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        ids.extend(page.agents.into_iter().map(|a| a.agent_id));
+        if page.next_page_token.is_empty() {
+            return ids;
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+#[tokio::test]
+async fn the_agents_come_a_page_at_a_time_filtered_by_the_server_and_the_counts_add_up() {
+    let db = TestDb::new();
+    let app = TestApp::spawn(&db).await;
+    let addr = http(&app);
+    const N: usize = 2500;
+    register_fleet(&app, N).await;
+    let expected: Vec<String> = (0..N).map(|i| fleet_agent(i).0).collect();
+
+    // Pages of 200 by default, every agent exactly once, in id order.
+    let (ids, sizes) = every_page(addr, "").await;
+    assert_eq!(ids, expected);
+    assert_eq!(sizes.len(), 13);
+    assert!(sizes[..12].iter().all(|&n| n == 200), "{sizes:?}");
+    assert_eq!(sizes[12], 100);
+    assert_eq!(ids, listed_ids(&app, &[], None).await);
+
+    // The filters are the server's: only matching agents travel.
+    let (busy, sizes) = every_page(addr, "status=BUSY").await;
+    assert_eq!(busy.len(), N / 5);
+    assert_eq!(sizes, [200, 200, 100]);
+    assert_eq!(busy, listed_ids(&app, &[pb::AgentStatus::Busy], None).await);
+    let (team_b_idle, _) = every_page(addr, "status=IDLE&label=team%3Db").await;
+    let want: Vec<String> = (0..N)
+        .map(fleet_agent)
+        .filter(|(_, team, busy)| *team == "b" && !busy)
+        .map(|(id, _, _)| id)
+        .collect();
+    assert_eq!(team_b_idle, want);
+    assert_eq!(
+        team_b_idle,
+        listed_ids(&app, &[pb::AgentStatus::Idle], Some("b")).await
+    );
+    // page_size: as asked, up to ListAgents' 1000.
+    let small = get(addr, "/api/v1/agents?page_size=7").await.json();
+    assert_eq!(small["agents"].as_array().unwrap().len(), 7);
+    let big = get(addr, "/api/v1/agents?page_size=5000").await.json();
+    assert_eq!(big["agents"].as_array().unwrap().len(), 1000);
+    let negative = get(addr, "/api/v1/agents?page_size=-1").await;
+    assert_eq!(negative.status, 400, "{}", negative.body);
+    assert_eq!(negative.json()["code"], "INVALID_ARGUMENT");
+
+    // The counts: ListAgents' totals per status, and the revision they hold.
+    let counts = get(addr, "/api/v1/fleet/counts").await;
+    assert_eq!(counts.status, 200, "{}", counts.body);
+    let counts = counts.json();
+    assert_eq!(counts["total"], N);
+    for (status, name) in [
+        (pb::AgentStatus::Idle, "IDLE"),
+        (pb::AgentStatus::Busy, "BUSY"),
+        (pb::AgentStatus::OnCall, "ON_CALL"),
+        (pb::AgentStatus::Exhausted, "EXHAUSTED"),
+        (pb::AgentStatus::Offline, "OFFLINE"),
+    ] {
+        assert_eq!(
+            counts["counts"][name],
+            listed_ids(&app, &[status], None).await.len(),
+            "{name}"
+        );
+    }
+    let head = app
+        .agents
+        .clone()
+        .list_transitions(pb::ListTransitionsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .head_revision;
+    assert_eq!(counts["revision"], head);
+    assert_eq!(head, (N + N / 5) as i64, "a registration and a start each");
+    // A transition after that revision is not in them; the next read has it.
+    app.finish_work("fleet-00000").await.unwrap();
+    let later = get(addr, "/api/v1/fleet/counts").await.json();
+    assert_eq!(later["revision"], head + 1);
+    assert_eq!(later["counts"]["BUSY"], N / 5 - 1);
+    assert_eq!(later["counts"]["IDLE"], N - N / 5 + 1);
+}
+
+#[tokio::test]
+async fn a_registration_comes_from_new_in_the_api() {
+    let db = TestDb::new();
+    let app = TestApp::spawn(&db).await;
+    register(&app, "newcomer", &[]).await;
+    app.start_work("newcomer").await.unwrap();
+    let page = get(http(&app), "/api/v1/transitions").await.json();
+    let moves: Vec<(&str, &str)> = page["transitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["from"].as_str().unwrap(), t["to"].as_str().unwrap()))
+        .collect();
+    assert_eq!(moves, [("NEW", "IDLE"), ("IDLE", "BUSY")]);
 }
 
 #[tokio::test]
@@ -437,6 +614,12 @@ async fn with_an_auth_file_the_api_needs_a_token_and_applies_the_callers_role() 
     let entries = [
         caller_entry("alice", Role::Operator, &token_digest("alice-token"), &[]),
         caller_entry("carol", Role::Reader, &token_digest("carol-token"), &[]),
+        caller_entry(
+            "bot",
+            Role::Agent,
+            &token_digest("bot-token"),
+            &["bot-*".to_owned()],
+        ),
     ]
     .join("\n");
     std::fs::write(&file, entries).unwrap();
@@ -459,6 +642,19 @@ async fn with_an_auth_file_the_api_needs_a_token_and_applies_the_callers_role() 
     let carol = [("Authorization", "Bearer carol-token")];
     let reply = request(addr, "GET", "/api/v1/agents", &carol, "").await;
     assert_eq!(reply.status, 200, "{}", reply.body);
+    // The counts are ListAgents' read: a token is needed, a reader may.
+    let anonymous = get(addr, "/api/v1/fleet/counts").await;
+    assert_eq!(anonymous.status, 401, "{}", anonymous.body);
+    let counts = request(addr, "GET", "/api/v1/fleet/counts", &carol, "").await;
+    assert_eq!(counts.status, 200, "{}", counts.body);
+    assert_eq!(counts.json()["total"], 0);
+    // An agent caller may read neither the fleet's agents nor its counts.
+    let bot = [("Authorization", "Bearer bot-token")];
+    for path in ["/api/v1/agents", "/api/v1/fleet/counts"] {
+        let reply = request(addr, "GET", path, &bot, "").await;
+        assert_eq!(reply.status, 403, "{path}: {}", reply.body);
+        assert_eq!(reply.json()["reason"], "PERMISSION_DENIED", "{path}");
+    }
     let mut stream = Sse::open(addr, "/api/v1/transitions/stream?snapshot=1", &carol).await;
     stream.next_of("snapshot").await;
     // A reader may not retry sessions: the gRPC refusal, as 403.

@@ -511,3 +511,67 @@ fn the_flag_reads_an_address_or_nothing() {
     );
     assert!(parse_http_listen("nope").is_err());
 }
+
+#[tokio::test]
+async fn dashboard_api_calls_count_in_the_rpc_metrics_as_http() {
+    let db = TestDb::new();
+    let app = TestApp::spawn(&db).await;
+    app.register("dash-m1").await;
+    let addr = app.http_addr.expect("an HTTP listener");
+    let http_calls = |m: &Scrape, method: &str, code: &str| {
+        m.value(
+            "fleetcare_rpc_duration_seconds_count",
+            &[
+                ("service", AGENT_SERVICE),
+                ("method", method),
+                ("code", code),
+                ("transport", "http"),
+            ],
+        )
+    };
+    let before = scrape(&app).await;
+    assert_eq!(http_calls(&before, "ListAgents", "OK"), 0.0);
+    let grpc_before = rpc_count(&before, AGENT_SERVICE, "ListAgents", None);
+
+    for path in [
+        "/api/v1/agents",
+        "/api/v1/agents",
+        "/api/v1/fleet/counts",
+        "/api/v1/agents/nobody",
+    ] {
+        let (status, _, _) = get(addr, path).await;
+        assert!(
+            status.contains(" 200 ") || status.contains(" 404 "),
+            "{path}: {status}"
+        );
+    }
+    let m = scrape(&app).await;
+    assert_eq!(http_calls(&m, "ListAgents", "OK"), 2.0);
+    assert_eq!(http_calls(&m, "CountAgents", "OK"), 1.0);
+    assert_eq!(http_calls(&m, "GetAgent", "NOT_FOUND"), 1.0);
+    // Only the dashboard called: the gRPC series did not move.
+    assert_eq!(
+        m.value(
+            "fleetcare_rpc_duration_seconds_count",
+            &[("method", "ListAgents"), ("transport", "grpc")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        rpc_count(&m, AGENT_SERVICE, "ListAgents", None),
+        grpc_before + 2.0
+    );
+    // gRPC calls carry transport="grpc".
+    assert_eq!(
+        m.value(
+            "fleetcare_rpc_duration_seconds_count",
+            &[
+                ("method", "RegisterAgent"),
+                ("code", "OK"),
+                ("transport", "grpc")
+            ]
+        ),
+        1.0
+    );
+    app.stop().await;
+}

@@ -165,7 +165,7 @@ impl AgentStore for MemoryStore {
             .collect())
     }
 
-    async fn count_by_status(&self) -> Result<Vec<(crate::domain::agent::AgentStatus, i64)>> {
+    async fn count_by_status(&self) -> Result<crate::storage::StatusCounts> {
         let state = self.lock()?;
         let mut counts: BTreeMap<&'static str, (crate::domain::agent::AgentStatus, i64)> =
             BTreeMap::new();
@@ -173,7 +173,10 @@ impl AgentStore for MemoryStore {
             let status = agent.state.status;
             counts.entry(status.as_str()).or_insert((status, 0)).1 += 1;
         }
-        Ok(counts.into_values().collect())
+        Ok(crate::storage::StatusCounts {
+            revision: state.head,
+            counts: counts.into_values().collect(),
+        })
     }
 
     async fn revision_bounds(&self) -> Result<RevisionBounds> {

@@ -14,7 +14,7 @@ use crate::domain::recovery::RecoveryEstimate;
 use crate::domain::transition::{Agent, Labels, RevisionBounds, Transition, WatchFilter};
 use crate::error::{Error, Result};
 use crate::storage::decode;
-use crate::storage::{AgentQuery, AgentStore};
+use crate::storage::{AgentQuery, AgentStore, StatusCounts};
 
 const AGENT_COLUMNS: &str = "agent_id, status, labels, registered_at, last_heartbeat_at, \
      last_transition_at, revision, exhaustion_reason, recovery_at, recovery_source, recovery_hint";
@@ -493,16 +493,31 @@ impl AgentStore for PgStore {
         rows.into_iter().map(Transition::try_from).collect()
     }
 
-    async fn count_by_status(&self) -> Result<Vec<(AgentStatus, i64)>> {
+    async fn count_by_status(&self) -> Result<StatusCounts> {
+        // One repeatable-read transaction, as in `snapshot`: the head and the
+        // counts come from the same snapshot.
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        let revision: i64 = sqlx::query_scalar("SELECT head_revision FROM revision_head")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_error)?;
         let rows: Vec<(String, i64)> =
             sqlx::query_as("SELECT status, count(*) FROM agents GROUP BY status")
-                .fetch_all(&self.pool)
+                .fetch_all(&mut *tx)
                 .await
                 .map_err(db_error)?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|(status, n)| AgentStatus::parse(&status).map(|s| (s, n)))
-            .collect())
+        tx.commit().await.map_err(db_error)?;
+        Ok(StatusCounts {
+            revision,
+            counts: rows
+                .into_iter()
+                .filter_map(|(status, n)| AgentStatus::parse(&status).map(|s| (s, n)))
+                .collect(),
+        })
     }
 
     fn pool_stats(&self) -> Vec<crate::metrics::PoolStats> {

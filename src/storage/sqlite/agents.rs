@@ -26,7 +26,7 @@ use crate::domain::recovery::RecoveryEstimate;
 use crate::domain::transition::{Agent, Labels, RevisionBounds, Transition, WatchFilter};
 use crate::error::{Error, Result};
 use crate::storage::decode;
-use crate::storage::{AgentQuery, AgentStore};
+use crate::storage::{AgentQuery, AgentStore, StatusCounts};
 
 const AGENT_COLUMNS: &str = "agent_id, status, labels, registered_at, last_heartbeat_at, \
      last_transition_at, revision, exhaustion_reason, recovery_at, recovery_source, recovery_hint";
@@ -401,16 +401,27 @@ impl AgentStore for SqliteStore {
         rows.into_iter().map(Transition::try_from).collect()
     }
 
-    async fn count_by_status(&self) -> Result<Vec<(AgentStatus, i64)>> {
+    async fn count_by_status(&self) -> Result<StatusCounts> {
+        // One read transaction, as in `snapshot`: the head and the counts read
+        // the same WAL snapshot.
+        let mut tx = self.readers().begin().await.map_err(sqlite_error)?;
+        let revision: i64 = sqlx::query_scalar("SELECT head_revision FROM revision_head")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(sqlite_error)?;
         let rows: Vec<(String, i64)> =
             sqlx::query_as("SELECT status, count(*) FROM agents GROUP BY status")
-                .fetch_all(self.readers())
+                .fetch_all(&mut *tx)
                 .await
                 .map_err(sqlite_error)?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|(status, n)| AgentStatus::parse(&status).map(|s| (s, n)))
-            .collect())
+        tx.commit().await.map_err(sqlite_error)?;
+        Ok(StatusCounts {
+            revision,
+            counts: rows
+                .into_iter()
+                .filter_map(|(status, n)| AgentStatus::parse(&status).map(|s| (s, n)))
+                .collect(),
+        })
     }
 
     fn pool_stats(&self) -> Vec<crate::metrics::PoolStats> {
@@ -862,6 +873,21 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["b"]
         );
+    }
+
+    #[tokio::test]
+    async fn counts_by_status_carry_the_revision_they_were_read_at() {
+        let t = store().await;
+        let s = &t.store;
+        assert_eq!(s.count_by_status().await.unwrap(), StatusCounts::default());
+        commit(s, &[register("a", &[]), register("b", &[])], t0()).await;
+        commit(s, &[apply("b", Event::StartWork(SlotType::Work))], t0()).await;
+        let counts = s.count_by_status().await.unwrap();
+        assert_eq!(counts.revision, 3);
+        assert_eq!(counts.of(AgentStatus::Idle), 1);
+        assert_eq!(counts.of(AgentStatus::Busy), 1);
+        assert_eq!(counts.of(AgentStatus::Offline), 0);
+        assert_eq!(counts.total(), 2);
     }
 
     #[tokio::test]
