@@ -166,8 +166,18 @@ impl Browser {
     }
 
     async fn screenshot(&mut self, name: &str) {
+        self.screenshot_with(name, json!({})).await;
+    }
+
+    /// A screenshot with options: `{"full": false}` (the viewport only) or
+    /// `{"selector": ...}` (one element).
+    async fn screenshot_with(&mut self, name: &str, options: Value) {
         let path = screenshots().join(format!("{name}.png"));
-        self.send(json!({"cmd": "screenshot", "path": path})).await;
+        let mut command = json!({"cmd": "screenshot", "path": path});
+        for (k, v) in options.as_object().unwrap() {
+            command[k] = v.clone();
+        }
+        self.send(command).await;
         assert!(path.exists(), "{} written", path.display());
     }
 
@@ -504,6 +514,11 @@ async fn the_fleet_page_shows_list_agents_and_follows_transitions_live() {
         .await;
     assert!(took < LIVE, "the feed showed it {took:?} after the call");
     eprintln!("the feed showed a transition {took:?} after FinishWork returned");
+    // A registration reads "new → IDLE".
+    let registered = browser
+        .send(json!({"cmd": "text", "selector": "li[data-agent-id=agent-new] span:nth-child(4)"}))
+        .await;
+    assert_eq!(registered["text"], "new → IDLE");
     browser.screenshot("feed").await;
 
     browser.goto("healing").await;
@@ -538,6 +553,116 @@ async fn the_fleet_page_shows_list_agents_and_follows_transitions_live() {
         .await;
     browser.screenshot("pipeline").await;
 
+    browser.assert_no_errors().await;
+    browser.close().await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_large_fleet_shows_a_page_at_a_time_with_counts_of_all_and_stays_live() {
+    if !browser_available() {
+        return;
+    }
+    use futures::StreamExt;
+    let _one = ONE_AT_A_TIME.lock().await;
+    let db = TestDb::sqlite();
+    let app = TestApp::spawn(&db).await;
+    const N: usize = 1200;
+    let id = |i: usize| format!("big-{i:04}");
+    futures::stream::iter(0..N)
+        .map(|i| {
+            let app = &app;
+            let agent_id = id(i);
+            async move {
+                let team = if i.is_multiple_of(3) { "infra" } else { "web" };
+                register(app, &agent_id, &[("team", team)]).await;
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<()>>()
+        .await;
+    app.start_work(&id(1199)).await.unwrap();
+
+    let mut browser = Browser::launch().await;
+    browser.open(&page_url(&app)).await;
+    browser.wait("#conn-state[data-state=live]").await;
+    // Only the first page is in the table; the counts are of the whole fleet.
+    let rows = browser.rows().await;
+    let first: Vec<String> = (0..200).map(id).collect();
+    assert_eq!(rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>(), first);
+    let text = |reply: Value| reply["text"].as_str().unwrap().to_owned();
+    let count = |name: &str| json!({"cmd": "text", "selector": format!("[data-count={name}] .n")});
+    assert_eq!(text(browser.send(count("ALL")).await), "1,200");
+    assert_eq!(text(browser.send(count("IDLE")).await), "1,199");
+    assert_eq!(text(browser.send(count("BUSY")).await), "1");
+    let shown = json!({"cmd": "text", "selector": "#shown"});
+    assert_eq!(
+        text(browser.send(shown.clone()).await),
+        "200 of 1,200 shown"
+    );
+    browser
+        .screenshot_with("fleet-large", json!({"full": false}))
+        .await;
+    browser
+        .screenshot_with("fleet-large-more", json!({"selector": ".more"}))
+        .await;
+
+    // Load more adds the next page.
+    browser
+        .send(json!({"cmd": "click", "selector": "#load-more"}))
+        .await;
+    let rows = browser.rows().await;
+    let two: Vec<String> = (0..400).map(id).collect();
+    assert_eq!(rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>(), two);
+    assert_eq!(
+        text(browser.send(shown.clone()).await),
+        "400 of 1,200 shown"
+    );
+
+    // A transition of a visible row shows within a second; the counts move.
+    let took = browser
+        .shows_within("tr[data-agent-id=big-0300][data-status=BUSY]", || async {
+            app.start_work(&id(300)).await.unwrap();
+        })
+        .await;
+    assert!(took < LIVE, "the row changed {took:?} after the call");
+    eprintln!("with {N} agents, a loaded row changed {took:?} after StartWork returned");
+    browser.wait("[data-count=BUSY] .n:text-is('2')").await;
+    assert_eq!(text(browser.send(count("IDLE")).await), "1,198");
+    // An agent not loaded moves the counts only; a new one counts up.
+    app.start_work(&id(1000)).await.unwrap();
+    browser.wait("[data-count=BUSY] .n:text-is('3')").await;
+    register(&app, "big-9999", &[]).await;
+    browser.wait("[data-count=ALL] .n:text-is('1,201')").await;
+    let loaded = browser
+        .send(json!({"cmd": "count", "selector": "#fleet-table tr[data-agent-id]"}))
+        .await;
+    assert_eq!(
+        loaded["count"], 400,
+        "agents beyond the loaded pages are not forced in"
+    );
+
+    // The filter is the server's: the first page of what matches.
+    browser
+        .send(json!({"cmd": "fill", "selector": "#filter-label", "value": "team=infra"}))
+        .await;
+    let rows = browser.rows().await;
+    let infra: Vec<String> = (0..N).step_by(3).take(200).map(id).collect();
+    assert_eq!(rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>(), infra);
+    assert_eq!(text(browser.send(shown.clone()).await), "200 shown");
+    browser
+        .send(json!({"cmd": "fill", "selector": "#filter-label", "value": ""}))
+        .await;
+    browser
+        .send(json!({"cmd": "select", "selector": "#filter-status", "value": "BUSY"}))
+        .await;
+    let rows = browser.rows().await;
+    assert_eq!(
+        rows.iter().map(|r| r.0.as_str()).collect::<Vec<_>>(),
+        ["big-0300", "big-1000", "big-1199"]
+    );
+    assert_eq!(text(browser.send(shown).await), "3 of 3 shown");
+    browser.screenshot("fleet-filtered").await;
     browser.assert_no_errors().await;
     browser.close().await;
     app.stop().await;
@@ -820,7 +945,8 @@ async fn while_the_server_restarts_the_page_shows_reconnecting_then_resumes() {
 }
 
 #[tokio::test]
-async fn a_server_on_another_store_behind_the_same_address_makes_the_page_reload_its_snapshot() {
+async fn a_server_on_another_store_behind_the_same_address_makes_the_page_reload_its_counts_and_agents()
+ {
     if !browser_available() {
         return;
     }
@@ -846,7 +972,7 @@ async fn a_server_on_another_store_behind_the_same_address_makes_the_page_reload
     browser.wait("#conn-state[data-state=reconnecting]").await;
 
     // A fresh store: its head (1) is behind the page's last revision (3), so
-    // resuming is OUT_OF_RANGE and the page loads a new snapshot.
+    // resuming is OUT_OF_RANGE and the page reloads its counts and first page.
     let second = TestDb::sqlite();
     let app = TestApp::spawn_with(args(&second)).await;
     register(&app, "new-1", &[]).await;

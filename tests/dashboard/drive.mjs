@@ -11,7 +11,10 @@
 //   {"cmd":"text","selector":...}              textContent of the first match
 //   {"cmd":"count","selector":...}             how many elements match
 //   {"cmd":"fill","selector":...,"value":...}  {"cmd":"click","selector":...}
-//   {"cmd":"screenshot","path":...}            {"cmd":"errors"}  {"cmd":"close"}
+//   {"cmd":"select","selector":...,"value":...}  (a <select>'s option)
+//   {"cmd":"screenshot","path":...,"full":bool,"selector":...}  the full page (default),
+//        the viewport (full false) or one element
+//   {"cmd":"errors"}  {"cmd":"close"}
 // Every reply has "ok"; a failure is {"ok":false,"error":...}.
 
 import { createInterface } from "node:readline";
@@ -41,7 +44,8 @@ page.on("console", (m) => {
 const reply = (value) => process.stdout.write(JSON.stringify(value) + "\n");
 
 async function rows() {
-  await page.waitForSelector("#fleet-table table, #fleet-table p:not(:has-text('loading'))", { timeout: 10000 });
+  // Loaded, and no query or page under way.
+  await page.waitForSelector("#fleet-table:not([aria-busy]) table, #fleet-table:not([aria-busy]) p:not(:has-text('loading'))", { timeout: 10000 });
   return page.$$eval("#fleet-table tr[data-agent-id]", (trs) => trs.map((tr) => ({
     agent_id: tr.dataset.agentId,
     status: tr.dataset.status,
@@ -74,11 +78,15 @@ async function handle(c) {
     case "fill":
       await page.fill(c.selector, c.value);
       return { ok: true };
+    case "select":
+      await page.selectOption(c.selector, c.value);
+      return { ok: true };
     case "click":
       await page.click(c.selector, { timeout: 10000 });
       return { ok: true };
     case "screenshot":
-      await page.screenshot({ path: c.path, fullPage: true });
+      if (c.selector) await page.locator(c.selector).screenshot({ path: c.path });
+      else await page.screenshot({ path: c.path, fullPage: c.full !== false });
       return { ok: true };
     case "errors":
       return { ok: true, errors };

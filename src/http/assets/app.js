@@ -6,6 +6,10 @@
 const STATUSES = ["IDLE", "BUSY", "ON_CALL", "EXHAUSTED", "OFFLINE"];
 const TOKEN_KEY = "fleetcare-token";
 const FEED_MAX = 500;
+// What a registration comes from (the API's `from` of a REGISTERED transition).
+const NEW = "NEW";
+// Agents a page of the fleet table holds (the API's default page size).
+const PAGE_SIZE = 200;
 
 // ---- DOM helpers -----------------------------------------------------------
 
@@ -156,11 +160,29 @@ function notice(text) {
   el.hidden = !text;
 }
 
-// ---- the live state: agents and transitions from one resuming stream -------
+// ---- the live state: counts, a page of agents, and one resuming stream -----
+//
+// A fleet may hold 100,000 agents, so the page never loads them all: the
+// counts come from an aggregate read at a revision R (fleet/counts), the
+// table from pages of ListAgents (filtered by the server), and the stream of
+// transitions after R keeps both current: the counts move by each
+// transition's from/to status, a loaded row takes its agent's new status.
 
-const fleet = new Map(); // agent_id -> agent view
 const feed = []; // newest first
-let snapshotLoaded = false;
+const fleet = new Map(); // agent_id -> agent view: the rows loaded, in the server's order
+// The table's query and how far it has been read.
+const fleetView = {
+  status: "", // "" or one status
+  labels: "", // "key=value key2=value2"
+  next: "", // the next page's token
+  complete: false, // every agent matching the query is loaded
+  last: null, // the last agent id loaded
+  loading: false,
+  loaded: false, // the first page arrived
+  error: null,
+  generation: 0, // a new query makes answers to the older one stale
+};
+let counts = null; // { revision, total, counts: { IDLE: n, ... } }
 
 const connState = document.getElementById("conn-state");
 function setConnection(state, text) {
@@ -173,13 +195,93 @@ function setConnection(state, text) {
   }
 }
 
+// The counts as of a revision. An answer older than what the stream has
+// already applied is dropped; a newer one replaces the counts (the stream
+// then adds only transitions after its revision).
+async function loadCounts() {
+  const fresh = await api("fleet/counts");
+  if (!counts || fresh.revision >= counts.revision) {
+    counts = fresh;
+    changed("counts");
+  }
+  return fresh;
+}
+
+function labelsOf(text) {
+  return text.split(/[\s,]+/).filter(Boolean);
+}
+
+function fleetQuery(extra) {
+  return query(Object.assign({ status: fleetView.status, label: labelsOf(fleetView.labels), page_size: PAGE_SIZE }, extra));
+}
+
+// The first page of the current query (the filter changed, or a new start).
+async function reloadFleet() {
+  const generation = ++fleetView.generation;
+  fleetView.loading = true;
+  changed("busy");
+  try {
+    const page = await api("agents" + fleetQuery());
+    if (generation !== fleetView.generation) return;
+    fleet.clear();
+    takePage(page);
+    fleetView.error = null;
+  } catch (error) {
+    if (generation !== fleetView.generation) return;
+    fleet.clear();
+    fleetView.error = error;
+  }
+  fleetView.loading = false;
+  fleetView.loaded = true;
+  changed("page");
+}
+
+// The next page, after the rows loaded.
+async function loadMore() {
+  if (fleetView.loading || fleetView.complete) return;
+  const generation = fleetView.generation;
+  fleetView.loading = true;
+  changed("busy");
+  try {
+    const page = await api("agents" + fleetQuery({ page_token: fleetView.next }));
+    if (generation !== fleetView.generation) return;
+    takePage(page);
+  } catch (error) {
+    if (generation !== fleetView.generation) return;
+    notice("could not load more agents: " + error.message);
+  }
+  fleetView.loading = false;
+  changed("page");
+}
+
+function takePage(page) {
+  for (const a of page.agents) fleet.set(a.agent_id, a);
+  if (page.agents.length) fleetView.last = page.agents[page.agents.length - 1].agent_id;
+  fleetView.next = page.next_page_token;
+  fleetView.complete = !page.next_page_token;
+}
+
+// Whether an agent the table has not loaded belongs among its rows: it
+// matches the query and sorts within what was loaded (beyond that, it comes
+// with its page).
+function belongs(agent) {
+  if (!fleetView.loaded || fleetView.error) return false;
+  if (fleetView.status && agent.status !== fleetView.status) return false;
+  for (const want of labelsOf(fleetView.labels)) {
+    const [k, v] = want.split("=");
+    if (agent.labels[k] !== v) return false;
+  }
+  return fleetView.complete || (fleetView.last !== null && agent.agent_id < fleetView.last);
+}
+
 // WatchTransitions over SSE, resumed like the clients' resuming watch: after
-// the last revision seen (Last-Event-ID); a pruned revision (OUT_OF_RANGE)
-// reloads the snapshot. fetch + a stream parser, since EventSource cannot
-// send the Authorization header.
+// the last revision seen (Last-Event-ID). Starting afresh (or after a pruned
+// revision, OUT_OF_RANGE), the counts are read first and the stream starts
+// at their revision. fetch + a stream parser, since EventSource cannot send
+// the Authorization header.
 class Watch {
   constructor() {
-    this.revision = null; // null: (re)load a snapshot
+    this.revision = null; // null: (re)load the counts and the fleet
     this.controller = null;
     this.delay = 250;
     this.reconnects = 0;
@@ -194,30 +296,32 @@ class Watch {
   async start() {
     const controller = new AbortController();
     this.controller = controller;
-    const headers = authHeaders({ Accept: "text/event-stream" });
-    let url = "api/v1/transitions/stream";
-    if (this.revision === null) url += "?snapshot=1";
-    else headers["Last-Event-ID"] = String(this.revision);
     let retry = true;
     try {
-      const response = await fetch(url, { headers, signal: controller.signal, cache: "no-store" });
+      if (this.revision === null) {
+        counts = null;
+        const fresh = await loadCounts();
+        if (controller.signal.aborted) return;
+        this.revision = fresh.revision;
+        reloadFleet();
+        if (!feed.length) loadHistory(fresh.revision);
+      }
+      const headers = authHeaders({ Accept: "text/event-stream", "Last-Event-ID": String(this.revision) });
+      const response = await fetch("api/v1/transitions/stream", { headers, signal: controller.signal, cache: "no-store" });
       if (!response.ok) {
         const body = await response.json().catch(() => null);
-        const error = new ApiError(response.status, body);
-        if (response.status === 401) {
-          askForToken(error.message);
-          setConnection("unauthenticated", "token needed");
-          retry = false;
-          return;
-        }
-        if (error.code === "OUT_OF_RANGE") this.revision = null;
-        throw error;
+        throw new ApiError(response.status, body);
       }
       setConnection("live", "live");
       this.delay = 250;
       await this.read(response.body, controller);
     } catch (error) {
       if (controller.signal.aborted) retry = false;
+      else if (error instanceof ApiError && error.status === 401) {
+        askForToken(error.message);
+        setConnection("unauthenticated", "token needed");
+        retry = false;
+      } else if (error instanceof ApiError && error.code === "OUT_OF_RANGE") this.revision = null;
       else if (!(error instanceof ApiError) || error.status >= 500) console.warn("watch:", error.message);
       else notice("transition stream: " + error.message);
     } finally {
@@ -261,24 +365,13 @@ class Watch {
   }
 
   handle(type, data, id) {
-    if (type === "agent") {
-      this.pending = this.pending || new Map();
-      this.pending.set(data.agent_id, data);
-    } else if (type === "snapshot") {
-      fleet.clear();
-      for (const [k, v] of this.pending || []) fleet.set(k, v);
-      this.pending = null;
-      snapshotLoaded = true;
-      this.revision = data.revision;
-      if (!feed.length) loadHistory(data.revision);
-      changed("snapshot");
-    } else if (type === "transition") {
+    if (type === "transition") {
       this.revision = Number(id);
       applyTransition(data);
     } else if (type === "progress") {
       this.revision = Math.max(this.revision || 0, Number(id));
     } else if (type === "error") {
-      // The stream ends after an error; a pruned revision means a new snapshot.
+      // The stream ends after an error; a pruned revision means a fresh start.
       if (data.code === "OUT_OF_RANGE") this.revision = null;
       else notice("transition stream: " + data.message);
     }
@@ -288,6 +381,13 @@ class Watch {
 function applyTransition(t) {
   feed.unshift(t);
   if (feed.length > FEED_MAX) feed.length = FEED_MAX;
+  // The counts move by the transition, unless they already include it.
+  if (counts && t.revision > counts.revision) {
+    if (t.from === NEW) counts.total += 1;
+    else counts.counts[t.from] = (counts.counts[t.from] || 0) - 1;
+    counts.counts[t.to] = (counts.counts[t.to] || 0) + 1;
+    counts.revision = t.revision;
+  }
   const agent = fleet.get(t.agent_id);
   if (agent && agent.revision < t.revision) {
     agent.status = t.to;
@@ -298,13 +398,13 @@ function applyTransition(t) {
       delete agent.recovery_hint;
     } else if (t.recovery_at) agent.recovery_at = t.recovery_at;
   }
-  // A new agent, or one whose hint and labels the transition does not carry.
-  if (!agent || t.to === "EXHAUSTED" || t.cause === "REGISTERED") refreshAgent(t.agent_id);
+  // A loaded agent's hint is not in the transition; a new agent is fetched
+  // if it belongs among the rows loaded (one not loaded is not forced in).
+  if (agent ? t.to === "EXHAUSTED" : t.from === NEW) refreshAgent(t.agent_id);
   changed("transition", t);
 }
 
-// The feed starts with the last transitions before the snapshot (the stream
-// delivers everything after it).
+// The feed starts with the last transitions before the stream's start.
 async function loadHistory(revision) {
   try {
     const page = await api("transitions" + query({ after: Math.max(0, revision - 100), page_size: 100 }));
@@ -320,30 +420,46 @@ async function loadHistory(revision) {
 
 async function refreshAgent(id) {
   try {
-    mergeAgent(await api("agents/" + encodeURIComponent(id)));
-    changed("agent");
+    const agent = await api("agents/" + encodeURIComponent(id));
+    if (!fleet.has(id) && !belongs(agent)) return;
+    mergeAgent(agent);
+    changed("agent", agent);
   } catch (error) {
-    if (error.status === 404) {
-      fleet.delete(id);
-      changed("agent");
-    }
+    if (error.status === 404 && fleet.delete(id)) changed("page");
   }
 }
 
-// A fetched agent replaces ours only if it is at least as recent.
+// A fetched agent replaces ours only if it is at least as recent; a new one
+// takes its place in agent id order.
 function mergeAgent(agent) {
   const known = fleet.get(agent.agent_id);
-  if (!known || agent.revision >= known.revision) fleet.set(agent.agent_id, agent);
-  else known.last_heartbeat_at = agent.last_heartbeat_at;
+  if (known) {
+    if (agent.revision >= known.revision) fleet.set(agent.agent_id, agent);
+    else known.last_heartbeat_at = agent.last_heartbeat_at;
+    return;
+  }
+  const rows = [...fleet.values(), agent].sort((a, b) => (a.agent_id < b.agent_id ? -1 : a.agent_id > b.agent_id ? 1 : 0));
+  fleet.clear();
+  for (const a of rows) fleet.set(a.agent_id, a);
 }
 
-// Heartbeats are not transitions: the agents' last heartbeats are re-read
-// every 15 s while the fleet page is shown.
+// Heartbeats are not transitions: while the fleet page is shown, the loaded
+// rows are re-read every 15 s (their pages again, at most 1000 a call), and
+// the counts with them.
 setInterval(async () => {
-  if (route() !== "fleet" || !snapshotLoaded || document.hidden) return;
+  if (route() !== "fleet" || !fleetView.loaded || fleetView.loading || document.hidden) return;
+  const generation = fleetView.generation;
   try {
-    const { agents } = await api("agents");
-    for (const a of agents) mergeAgent(a);
+    await loadCounts();
+    let token = "";
+    for (let read = 0; read < fleet.size; ) {
+      const page = await api("agents" + fleetQuery({ page_size: Math.min(1000, fleet.size - read), page_token: token }));
+      if (generation !== fleetView.generation) return;
+      for (const a of page.agents) if (fleet.has(a.agent_id)) mergeAgent(a);
+      read += page.agents.length;
+      token = page.next_page_token;
+      if (!token || !page.agents.length) break;
+    }
     changed("heartbeats");
   } catch (_) {
     /* shown by the stream's state */
@@ -381,60 +497,122 @@ function failed(container, error) {
   container.replaceChildren(h("p", { class: "error" }, error.status === 401 ? "a token is needed" : "could not load: " + error.message));
 }
 
-// The fleet: counts by status, a filter, and every agent, live.
+// The fleet: counts by status, a filter the server applies, and the agents
+// a page at a time, live.
 function fleetPage(root) {
-  const counts = h("div", { class: "cards", id: "counts" });
-  const statusSelect = h("select", { id: "filter-status", onchange: () => update() },
+  const cards = h("div", { class: "cards", id: "counts" });
+  const statusSelect = h("select", { id: "filter-status", onchange: () => requery(0) },
     h("option", { value: "" }, "every status"), STATUSES.map((st) => h("option", { value: st }, st)));
-  const labelInput = h("input", { id: "filter-label", placeholder: "label key=value", oninput: () => update() });
+  statusSelect.value = fleetView.status;
+  const labelInput = h("input", { id: "filter-label", placeholder: "label key=value", value: fleetView.labels, oninput: () => requery(300) });
+  const shown = h("span", { class: "muted", id: "shown" });
   const body = h("div", { id: "fleet-table" });
-  append(root, h("div", { class: "reconnect-banner" }), counts, h("div", { class: "filters" }, statusSelect, labelInput, h("span", { class: "muted", id: "shown" })), body);
+  const more = h("button", { id: "load-more", onclick: () => loadMore() });
+  const shownBelow = h("span", { class: "muted" });
+  const footer = h("div", { class: "more" }, shownBelow, more);
+  append(root, h("div", { class: "reconnect-banner" }), cards,
+    h("div", { class: "filters" }, statusSelect, labelInput, shown), body, footer);
+  setConnection(connState.dataset.state, connState.textContent);
 
-  function matches(agent) {
-    if (statusSelect.value && agent.status !== statusSelect.value) return false;
-    for (const want of labelInput.value.split(/[\s,]+/).filter(Boolean)) {
-      const [k, v] = want.split("=");
-      if (!(k in agent.labels) || (v !== undefined && v !== "" && agent.labels[k] !== v)) return false;
+  // A new query: the table is marked busy at once, the server asked after a
+  // pause in typing.
+  let timer = null;
+  function requery(delay) {
+    fleetView.status = statusSelect.value;
+    fleetView.labels = labelInput.value.trim();
+    body.setAttribute("aria-busy", "true");
+    clearTimeout(timer);
+    timer = setTimeout(() => {
+      timer = null;
+      reloadFleet();
+    }, delay);
+  }
+
+  function drawCounts() {
+    const n = (x) => (x === undefined || x === null ? "–" : x.toLocaleString("en-US"));
+    cards.replaceChildren(card(n(counts && counts.total), "agents", { "data-count": "ALL" }),
+      ...STATUSES.map((st) => card(n(counts && counts.counts[st]), st.replace("_", " "), { class: "card s-" + st, "data-count": st })));
+    // How many agents the query selects: known from the counts unless labels filter.
+    let total = null;
+    if (counts && !labelsOf(fleetView.labels).length) total = fleetView.status ? counts.counts[fleetView.status] : counts.total;
+    if (fleetView.complete) total = fleet.size;
+    shown.textContent = !fleetView.loaded ? "" :
+      fleet.size.toLocaleString("en-US") + (total !== null ? " of " + total.toLocaleString("en-US") : "") + " shown";
+    more.hidden = !fleetView.loaded || fleetView.complete || !!fleetView.error;
+    shownBelow.textContent = more.hidden ? "" : shown.textContent;
+    more.disabled = fleetView.loading;
+    more.textContent = fleetView.loading ? "loading…" : "Load the next " + PAGE_SIZE;
+  }
+
+  function row(a) {
+    return h("tr", { "data-agent-id": a.agent_id, "data-status": a.status },
+      h("td", {}, a.agent_id),
+      h("td", { class: "status s-" + a.status }, a.status),
+      h("td", {}, ticking("since", a.last_transition_at)),
+      h("td", {}, ticking("ago", a.last_heartbeat_at)),
+      h("td", {}, a.status === "EXHAUSTED" ? [
+        ticking("until", a.recovery_at),
+        a.recovery_hint ? h("div", { class: "hint" }, a.recovery_hint) : null,
+        a.recovery_source ? h("div", { class: "hint" }, "from " + a.recovery_source.toLowerCase()) : null,
+      ] : ""),
+      h("td", {}, Object.entries(a.labels).map(([k, v]) => h("span", { class: "label" }, k + "=" + v))));
+  }
+
+  const rows = new Map(); // agent_id -> tr
+  function drawTable() {
+    rows.clear();
+    if (fleetView.error) {
+      failed(body, fleetView.error);
+    } else if (!fleetView.loaded) {
+      body.replaceChildren(h("p", { class: "muted" }, "loading…"));
+    } else {
+      const trs = [...fleet.values()].map((a) => {
+        const tr = row(a);
+        rows.set(a.agent_id, tr);
+        return tr;
+      });
+      const filtered = fleetView.status || fleetView.labels;
+      body.replaceChildren(table(["agent", "status", "in status", "last heartbeat", "recovery", "labels"], trs,
+        filtered ? "no agent matches the filter" : "no agents registered"));
     }
+  }
+
+  // One agent's row redrawn (or, for an agent new to the table, the table).
+  function drawRow(id) {
+    const old = rows.get(id);
+    const agent = fleet.get(id);
+    if (!old || !agent) return false;
+    const tr = row(agent);
+    old.replaceWith(tr);
+    rows.set(id, tr);
     return true;
   }
 
-  function update() {
-    const agents = [...fleet.values()].sort((a, b) => a.agent_id.localeCompare(b.agent_id));
-    const byStatus = Object.fromEntries(STATUSES.map((st) => [st, 0]));
-    for (const a of agents) byStatus[a.status] = (byStatus[a.status] || 0) + 1;
-    counts.replaceChildren(card(agents.length, "agents", { "data-count": "ALL" }),
-      ...Object.entries(byStatus).map(([st, n]) => card(n, st.replace("_", " "), { class: "card s-" + st, "data-count": st })));
-    if (!snapshotLoaded) {
-      body.replaceChildren(h("p", { class: "muted" }, "loading…"));
-      return;
-    }
-    const shown = agents.filter(matches);
-    document.getElementById("shown").textContent = shown.length + " of " + agents.length + " shown";
-    body.replaceChildren(table(["agent", "status", "in status", "last heartbeat", "recovery", "labels"], shown.map((a) =>
-      h("tr", { "data-agent-id": a.agent_id, "data-status": a.status },
-        h("td", {}, a.agent_id),
-        h("td", { class: "status s-" + a.status }, a.status),
-        h("td", {}, ticking("since", a.last_transition_at)),
-        h("td", {}, ticking("ago", a.last_heartbeat_at)),
-        h("td", {}, a.status === "EXHAUSTED" ? [
-          ticking("until", a.recovery_at),
-          a.recovery_hint ? h("div", { class: "hint" }, a.recovery_hint) : null,
-          a.recovery_source ? h("div", { class: "hint" }, "from " + a.recovery_source.toLowerCase()) : null,
-        ] : ""),
-        h("td", {}, Object.entries(a.labels).map(([k, v]) => h("span", { class: "label" }, k + "=" + v)))))
-    , fleet.size ? "no agent matches the filter" : "no agents registered"));
-  }
-  update();
-  // Changes arriving together (a burst of transitions) are drawn once per frame.
+  // Changes arriving together (a burst of transitions) are drawn once per
+  // frame: the counts, the rows that changed, the whole table only when its
+  // set of rows did.
   let queued = false;
-  return () => {
+  let whole = true;
+  const dirty = new Set();
+  function flush() {
+    queued = false;
+    drawCounts();
+    if (whole) drawTable();
+    else for (const id of dirty) if (!drawRow(id) && fleet.has(id)) { drawTable(); break; }
+    whole = false;
+    dirty.clear();
+    // Busy while a query is pending or a page on its way (the tests wait on it).
+    body.toggleAttribute("aria-busy", fleetView.loading || timer !== null);
+  }
+  flush();
+  return (what, detail) => {
+    if (what === "transition") dirty.add(detail.agent_id);
+    else if (what === "agent") dirty.add(detail.agent_id);
+    else if (what === "page" || what === "heartbeats") whole = true;
+    else if (what === "busy") body.setAttribute("aria-busy", "true");
     if (queued) return;
     queued = true;
-    requestAnimationFrame(() => {
-      queued = false;
-      update();
-    });
+    requestAnimationFrame(flush);
   };
 }
 
@@ -449,7 +627,8 @@ function feedPage(root) {
       h("span", { class: "muted" }, "#" + t.revision),
       h("span", {}, fmtTime(t.occurred_at)),
       h("span", {}, t.agent_id),
-      h("span", {}, h("span", { class: "s-" + t.from }, t.from), " → ", h("span", { class: "status s-" + t.to }, t.to)),
+      h("span", {}, t.from === NEW ? h("span", { class: "muted" }, "new") : h("span", { class: "s-" + t.from }, t.from),
+        " → ", h("span", { class: "status s-" + t.to }, t.to)),
       h("span", { class: "muted" }, t.cause.toLowerCase().replace(/_/g, " "), t.actor ? " by " + t.actor : ""));
   }
   function update(what, t) {
@@ -635,4 +814,4 @@ window.addEventListener("hashchange", render);
 render();
 watch.start();
 // For the browser tests and curious operators.
-window.fleetcare = { fleet, feed, watch };
+window.fleetcare = { fleet, fleetView, feed, watch, counts: () => counts };
