@@ -561,6 +561,48 @@ async fn dashboard_api_calls_count_in_the_rpc_metrics_as_http() {
         rpc_count(&m, AGENT_SERVICE, "ListAgents", None),
         grpc_before + 2.0
     );
+    // A dashboard stream is timed to its end, like a gRPC one: CANCELLED
+    // when its client goes away.
+    let mut sse = TcpStream::connect(addr).await.unwrap();
+    sse.write_all(
+        format!("GET /api/v1/transitions/stream HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        tokio::time::timeout(WAIT, sse.read_exact(&mut byte))
+            .await
+            .expect("the stream's headers in time")
+            .unwrap();
+        head.push(byte[0]);
+    }
+    assert!(String::from_utf8_lossy(&head).contains(" 200 "));
+    eventually(WAIT, "the dashboard stream open", || async {
+        let m = scrape(&app).await;
+        (m.value("fleetcare_watch_streams", &[("stream", "transitions")]) == 1.0).then_some(())
+    })
+    .await;
+    let watch_calls = |m: &Scrape| {
+        m.value(
+            "fleetcare_rpc_duration_seconds_count",
+            &[("method", "WatchTransitions"), ("transport", "http")],
+        )
+    };
+    assert_eq!(
+        watch_calls(&scrape(&app).await),
+        0.0,
+        "not timed while open"
+    );
+    drop(sse);
+    eventually(WAIT, "the dropped dashboard stream timed", || async {
+        let m = scrape(&app).await;
+        (http_calls(&m, "WatchTransitions", "CANCELLED") == 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(watch_calls(&scrape(&app).await), 1.0);
+
     // gRPC calls carry transport="grpc".
     assert_eq!(
         m.value(
