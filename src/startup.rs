@@ -515,12 +515,13 @@ async fn start_services(
         metrics.clone(),
         shutdown.child_token(),
     );
-    let committer = Committer::start(
+    let committer = Committer::start_publishing(
         agents.clone(),
         clock.clone(),
         cache.clone(),
         args.commit_batch,
         metrics.clone(),
+        Some(fanout.local_commits()),
     );
     sweeper::spawn(
         agents.clone(),
