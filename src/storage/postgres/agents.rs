@@ -259,13 +259,17 @@ impl PgStore {
                 let mut connected = tokio::time::timeout(timeout, options.connect())
                     .await
                     .map_err(|_| sqlx::Error::PoolTimedOut)??;
-                // The batch statements' best plans do not depend on their
-                // arguments (index lookups of the named rows): plan them once
-                // per connection instead of at every execution, which costs
-                // more than executing them.
-                sqlx::query("SET plan_cache_mode = force_generic_plan")
-                    .execute(&mut connected)
-                    .await?;
+                // The batch statements only look rows up by key. Plan them once
+                // per connection, not at every execution (planning cost more
+                // than executing), and never with a sequential scan: a plan
+                // made while the tables were small (a new database) would
+                // otherwise scan every agent of every batch from then on.
+                for set in [
+                    "SET plan_cache_mode = force_generic_plan",
+                    "SET enable_seqscan = off",
+                ] {
+                    sqlx::query(set).execute(&mut connected).await?;
+                }
                 empty.insert(connected)
             }
         };
