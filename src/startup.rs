@@ -29,6 +29,7 @@ use crate::grpc::guard::{Gate, GuardLayer};
 use crate::grpc::healing::{HealingApi, HealingSettings, PostHealingApi, shared_rng};
 use crate::grpc::metrics::MetricsLayer;
 use crate::grpc::session_pipeline::SessionPipelineApi;
+use crate::grpc::watch_route::WatchRoute;
 use crate::metrics::Metrics;
 use crate::processors::Registration;
 use crate::proto::v1::agent_status_service_server::AgentStatusServiceServer;
@@ -383,7 +384,7 @@ impl Application {
 /// store is.
 #[derive(Clone, Default)]
 struct Gates {
-    agent_status: Gate<AgentStatusServiceServer<AgentStatusApi>>,
+    agent_status: Gate<WatchRoute<AgentStatusServiceServer<AgentStatusApi>>>,
     healing: Gate<HealingServiceServer<HealingApi>>,
     post_healing: Gate<PostHealingServiceServer<PostHealingApi>>,
     session_pipeline: Gate<SessionPipelineServiceServer<SessionPipelineApi>>,
@@ -620,11 +621,14 @@ async fn start_services(
         .with_watch_slots(watch_slots.clone());
     let agent_status = agent_status.with_watch_slots(watch_slots);
 
-    gates.agent_status.open(
-        AgentStatusServiceServer::new(agent_status)
+    let agent_status = Arc::new(agent_status);
+    gates.agent_status.open(WatchRoute::new(
+        AgentStatusServiceServer::from_arc(agent_status.clone())
             .max_decoding_message_size(size)
             .max_encoding_message_size(size),
-    );
+        agent_status,
+        size,
+    ));
     gates.healing.open(
         HealingServiceServer::new(healing)
             .max_decoding_message_size(size)
