@@ -631,6 +631,7 @@ async fn watch_fanout(bench: &Bench) {
     let rss_open = rss_mib();
 
     // The writer: per_sec transitions a second, paced every 10 ms.
+    let cpu_before = cpu_time();
     let started = Instant::now();
     let mut ticks = tokio::time::interval(Duration::from_millis(10));
     let per_tick = (per_sec / 100).max(2) / 2; // pairs
@@ -668,6 +669,7 @@ async fn watch_fanout(bench: &Bench) {
     let rss_streaming = rss_mib();
     let result = lines.recv().await.expect("the watchers' result line");
     let delivered = started.elapsed();
+    let cpu = cpu_time() - cpu_before;
     let status = child.wait().unwrap();
     let r: serde_json::Value = serde_json::from_str(&result).unwrap();
     let ms = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
@@ -686,6 +688,11 @@ async fn watch_fanout(bench: &Bench) {
         "  server memory (this process: server and writer, no watchers): {rss_before:.0} MiB before, {rss_open:.0} MiB with the streams open, {rss_streaming:.0} MiB after streaming, {:.0} MiB after they closed; watchers' process peak {:.0} MiB",
         rss_mib(),
         ms("peak_rss_mib"),
+    );
+    println!(
+        "  CPU while streaming ({delivered:.2?} of 2 cores): this process (server, writer) {:.2} s, the watchers' process {:.2} s",
+        cpu.as_secs_f64(),
+        ms("cpu_s"),
     );
     assert!(status.success(), "the watchers' process failed: {status}");
     assert_eq!(
@@ -736,6 +743,7 @@ async fn watchers_role() {
         writeln!(out, "ready").unwrap();
         out.flush().unwrap();
     }
+    let cpu_before = cpu_time();
     // Generous: the writer paces itself, a stuck watcher must not hang the bench.
     let deadline = Duration::from_secs(60 + 3 * (expected as u64 / 100).max(1));
     let tasks: Vec<_> = streams
@@ -809,6 +817,7 @@ async fn watchers_role() {
         "p99_ms": (!lat.is_empty()).then(|| ms(pct(&lat, 0.99))),
         "max_ms": lat.last().map(|d| ms(*d)),
         "peak_rss_mib": peak,
+        "cpu_s": (cpu_time() - cpu_before).as_secs_f64(),
     });
     println!("{result}");
 }
