@@ -267,7 +267,7 @@ mod tests {
     }
 
     fn toggle(id: &str, n: usize) -> Command {
-        let event = if n % 2 == 0 {
+        let event = if n.is_multiple_of(2) {
             Event::StartWork(SlotType::Work)
         } else {
             Event::FinishWork
