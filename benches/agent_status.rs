@@ -6,11 +6,14 @@
 //! - heartbeats/s against `grpc.health.v1.Health/Check`/s (64 in flight; 16
 //!   agents, then 5,000);
 //! - durable transitions/s against single-statement autocommit UPDATEs on 64
-//!   connections (what `pgbench -N` does), and at 1 in flight against the
-//!   previous design's transaction (lock the agent, take the revision row,
-//!   insert, update, commit) run straight on the database;
+//!   connections (what `pgbench -N` does) and against the health check (the
+//!   gRPC ceiling), and at 1 in flight against the previous design's
+//!   transaction (lock the agent, take the revision row, insert, update,
+//!   commit) run straight on the database, with the store alone beside it;
 //! - 1,000 watchers while 1,000 transitions/s are committed: every watcher gets
-//!   every transition once and in order, delivery latency, server memory;
+//!   every transition once and in order, delivery latency, server memory (the
+//!   watchers run in a child process, this binary with `BENCH_ROLE=watchers`,
+//!   so that decoding their streams does not share the server's process);
 //! - 100,000 registered agents with 20,000 heartbeating every 5 s: CPU used,
 //!   the sweeper's candidate query, memory.
 //!
@@ -28,7 +31,6 @@
 //! Knobs (env): BENCH_CALLS, BENCH_CONCURRENCY, BENCH_WATCHERS, BENCH_WATCH_RATE,
 //! BENCH_WATCH_SECS, BENCH_FLEET, BENCH_HEARTBEATING, BENCH_SCALE_SECS.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fleetcare::config::{DatabaseArgs, ServeArgs};
@@ -73,8 +75,18 @@ fn pct(latencies: &[Duration], p: f64) -> Duration {
     latencies[((latencies.len() as f64 - 1.0) * p) as usize]
 }
 
+/// While set, `report` and `transitions` print nothing (a figure measured in slices).
+static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn quiet() -> bool {
+    QUIET.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 fn report(what: &str, total: usize, (elapsed, latencies): &(Duration, Vec<Duration>)) -> f64 {
     let r = rate(total, *elapsed);
+    if quiet() {
+        return r;
+    }
     println!(
         "  {what:<44} {total:>8} in {:>8.2?} {:>9.0}/s  p50 {:>9.2?}  p99 {:>9.2?}",
         elapsed,
@@ -210,6 +222,9 @@ impl Bench {
         let label = format!("StartWork+FinishWork pairs, {concurrency} in flight");
         report(&label, pairs, &r);
         let per_sec = rate(2 * pairs, r.0);
+        if quiet() {
+            return per_sec;
+        }
         println!(
             "  {:<44} {:>8} {:>21.0}/s",
             "  durable transitions",
@@ -313,6 +328,43 @@ impl Bench {
         )
     }
 
+    /// Lone transitions straight on the server's store, as the committer makes
+    /// them (decided on the agent as last committed), without gRPC or the
+    /// committer's queue: what the store itself costs per transition.
+    async fn store_transitions(&self, total: usize, agent_id: &str) -> f64 {
+        use fleetcare::domain::agent::{Event, SlotType};
+        use fleetcare::domain::batch::Command;
+        let store = self.app.stores.agents.clone();
+        let mut agent = store.get_agent(agent_id).await.unwrap();
+        let started = Instant::now();
+        let mut latencies = Vec::with_capacity(total);
+        for i in 0..total {
+            let event = if i % 2 == 0 {
+                Event::StartWork(SlotType::Work)
+            } else {
+                Event::FinishWork
+            };
+            let command = Command::Apply {
+                agent_id: agent_id.to_owned(),
+                event,
+                actor: "bench".into(),
+            };
+            let t = Instant::now();
+            let mut outcomes = store
+                .commit_batch_known(&[command], Some(vec![agent.clone()]), chrono::Utc::now())
+                .await
+                .unwrap();
+            latencies.push(t.elapsed());
+            agent = outcomes.pop().unwrap().unwrap().agent;
+        }
+        latencies.sort();
+        report(
+            "lone transition on the store, 1 in flight",
+            total,
+            &(started.elapsed(), latencies),
+        )
+    }
+
     /// The previous design's transaction for one transition, on one connection:
     /// BEGIN, lock the agent, read the clock, NOTIFY, take the revision row and
     /// insert the transition, update the agent, COMMIT.
@@ -372,6 +424,10 @@ impl Bench {
 
 #[tokio::main]
 async fn main() {
+    if std::env::var("BENCH_ROLE").as_deref() == Ok("watchers") {
+        watchers_role().await;
+        return;
+    }
     let calls = env_usize("BENCH_CALLS", 40_000);
     let concurrency = env_usize("BENCH_CONCURRENCY", 64);
     let sections = std::env::var("BENCH_SECTIONS").unwrap_or_else(|_| "all".into());
@@ -392,6 +448,12 @@ async fn main() {
         heartbeat_timeout: Duration::from_secs(3600),
         ..ServeArgs::default()
     };
+    // The watch section's watchers all come from this host, and each open
+    // stream is a call in progress.
+    let mut args = args;
+    let watchers = env_usize("BENCH_WATCHERS", 1000);
+    args.limits.max_watches_per_caller = args.limits.max_watches_per_caller.max(watchers + 8);
+    args.limits.max_concurrent_calls += watchers;
     let app = helpers::TestApp::spawn_with(args).await;
     let bench = Bench {
         app,
@@ -424,6 +486,12 @@ async fn main() {
     println!(
         "  => transitions / 1-row autocommit UPDATEs at {concurrency}: {:.2} (target >= 3)",
         transitions / baseline.max(baseline_after)
+    );
+    // The gRPC ceiling here: the cheapest call on the same server and client.
+    let ceiling = bench.health().await;
+    println!(
+        "  => transitions / health checks at {concurrency} (each transition is one call): {:.2}",
+        transitions / ceiling
     );
     if helpers::sqlite_backend() {
         // SQLite has one writer: the same UPDATEs through one connection, the
@@ -468,11 +536,34 @@ async fn main() {
             one / lone
         );
     } else {
-        let old = bench.baseline_old_transaction(single, &id(4999)).await;
-        let one = bench.transitions(single / 2, 1, 0).await;
+        // Lone commits wait for the disk, whose latency here moves with the
+        // other builds' writes: the three are measured in alternating slices
+        // and each figure is the total over its slices.
+        let slices = 10;
+        let (mut old, mut one, mut store) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+        let n = (single / slices).max(2) & !1;
+        let took = |count: usize, per_sec: f64| Duration::from_secs_f64(count as f64 / per_sec);
+        QUIET.store(true, std::sync::atomic::Ordering::Relaxed);
+        for _ in 0..slices {
+            old += took(n, bench.baseline_old_transaction(n, &id(4999)).await);
+            one += took(n, bench.transitions(n / 2, 1, 0).await);
+            store += took(n, bench.store_transitions(n, &id(4998)).await);
+        }
+        QUIET.store(false, std::sync::atomic::Ordering::Relaxed);
+        let total = n * slices;
+        let old = rate(total, old);
+        let one = rate(total, one);
+        let store = rate(total, store);
+        println!(
+            "  over {slices} alternating slices of {n}: previous design's transaction {old:.0}/s, transitions with gRPC {one:.0}/s, on the store alone {store:.0}/s"
+        );
         println!(
             "  => transitions at 1 in flight (with gRPC) / previous design's transaction (without): {:.2} (target >= 1)",
             one / old
+        );
+        println!(
+            "  => the same straight on the store (no gRPC, no committer) / previous design's transaction: {:.2}",
+            store / old
         );
     }
 
@@ -485,13 +576,17 @@ async fn main() {
     bench.app.stop().await;
 }
 
-/// 1,000 watchers while transitions are committed at a fixed rate.
+/// 1,000 watchers while transitions are committed at a fixed rate. The
+/// watchers run in a child process (this binary again, `BENCH_ROLE=watchers`),
+/// so that decoding 10 million messages does not share this process with the
+/// server: the figures are the server's.
 async fn watch_fanout(bench: &Bench) {
     let watchers = env_usize("BENCH_WATCHERS", 1000);
     let per_sec = env_usize("BENCH_WATCH_RATE", 1000);
     let secs = env_usize("BENCH_WATCH_SECS", 10);
-    println!("\nwatch fan-out: {watchers} watchers, {per_sec} transitions/s for {secs} s");
-    let rss_before = rss_mib();
+    println!(
+        "\nwatch fan-out: {watchers} watchers (in a child process), {per_sec} transitions/s for {secs} s"
+    );
     let head = bench
         .agents()
         .list_transitions(pb::ListTransitionsRequest {
@@ -503,71 +598,46 @@ async fn watch_fanout(bench: &Bench) {
         .into_inner()
         .head_revision;
     let expected = per_sec * secs;
-    // Watchers spread over a few connections, as dashboards on several hosts would be.
-    let channels: Vec<_> = (0..8)
-        .map(|_| {
-            tonic::transport::Channel::from_shared(format!("http://{}", bench.app.addr))
-                .unwrap()
-                .connect_lazy()
-        })
-        .collect();
-    let mut streams = Vec::with_capacity(watchers);
-    for w in 0..watchers {
-        let mut client = pb::agent_status_service_client::AgentStatusServiceClient::new(
-            channels[w % channels.len()].clone(),
-        );
-        let stream = client
-            .watch_transitions(pb::WatchTransitionsRequest {
-                since_revision: head,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        streams.push(stream);
-    }
+    let rss_before = rss_mib();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .env("BENCH_ROLE", "watchers")
+        .env("BENCH_WATCH_ADDR", bench.app.addr.to_string())
+        .env("BENCH_WATCH_SINCE", head.to_string())
+        .env("BENCH_WATCH_EXPECTED", expected.to_string())
+        .env("BENCH_WATCHERS", watchers.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("the watchers' process starts");
+    // The child's stdout, line by line: "ready" once every stream is open, then
+    // one JSON line with what the watchers saw.
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let ready = lines.recv().await;
+    assert_eq!(
+        ready.as_deref(),
+        Some("ready"),
+        "the watchers did not start"
+    );
     let rss_open = rss_mib();
-    let latencies = Arc::new(std::sync::Mutex::new(Vec::with_capacity(expected * 4)));
-    let tasks: Vec<_> = streams
-        .into_iter()
-        .map(|mut stream| {
-            let latencies = latencies.clone();
-            tokio::spawn(async move {
-                let mut last = head;
-                let mut seen = 0;
-                let mut mine = Vec::with_capacity(expected / 10 + 1);
-                while seen < expected {
-                    let msg = stream.message().await.unwrap().expect("stream ended early");
-                    if let Some(pb::watch_transitions_response::Event::Transition(t)) = msg.event {
-                        assert_eq!(
-                            t.revision,
-                            last + 1,
-                            "a watcher skipped or repeated a revision"
-                        );
-                        last = t.revision;
-                        seen += 1;
-                        // Sample every 10th: the latency of a delivery is from the
-                        // transition's server time to its arrival here.
-                        if seen % 10 == 0
-                            && let Some(at) = t.occurred_at
-                        {
-                            let at = chrono::DateTime::from_timestamp(at.seconds, at.nanos as u32)
-                                .unwrap();
-                            let lag = chrono::Utc::now() - at;
-                            mine.push(lag.to_std().unwrap_or_default());
-                        }
-                    }
-                }
-                latencies.lock().unwrap().extend(mine);
-            })
-        })
-        .collect();
+
     // The writer: per_sec transitions a second, paced every 10 ms.
+    let cpu_before = cpu_time();
     let started = Instant::now();
     let mut ticks = tokio::time::interval(Duration::from_millis(10));
     let per_tick = (per_sec / 100).max(2) / 2; // pairs
     let mut sent = 0;
     let mut tick = 0usize;
+    let mut writes = Vec::new();
     while sent < expected {
         ticks.tick().await;
         let n = per_tick.min((expected - sent) / 2).max(1);
@@ -586,30 +656,170 @@ async fn watch_fanout(bench: &Bench) {
                     .unwrap();
             }
         });
-        tokio::spawn(futures::future::join_all(calls.collect::<Vec<_>>()));
+        writes.push(tokio::spawn(futures::future::join_all(
+            calls.collect::<Vec<_>>(),
+        )));
         sent += 2 * n;
         tick += 1;
     }
-    let written = started.elapsed();
-    for task in tasks {
-        task.await.unwrap();
+    for w in writes {
+        w.await.unwrap();
     }
+    let written = started.elapsed();
+    let rss_streaming = rss_mib();
+    let result = lines.recv().await.expect("the watchers' result line");
     let delivered = started.elapsed();
-    let mut lat = latencies.lock().unwrap().clone();
+    let cpu = cpu_time() - cpu_before;
+    let status = child.wait().unwrap();
+    let r: serde_json::Value = serde_json::from_str(&result).unwrap();
+    let ms = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "  {expected} transitions written in {written:.2?}; {} of {watchers} watchers had every one, once, in order ({}), after {delivered:.2?}",
+        r["complete"],
+        r["verdict"].as_str().unwrap_or("?"),
+    );
+    println!(
+        "  delivery latency (transition time to arrival in the watchers' process, every 10th sampled): p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms (target p99 < 100 ms)",
+        ms("p50_ms"),
+        ms("p99_ms"),
+        ms("max_ms"),
+    );
+    println!(
+        "  server memory (this process: server and writer, no watchers): {rss_before:.0} MiB before, {rss_open:.0} MiB with the streams open, {rss_streaming:.0} MiB after streaming, {:.0} MiB after they closed; watchers' process peak {:.0} MiB",
+        rss_mib(),
+        ms("peak_rss_mib"),
+    );
+    println!(
+        "  CPU while streaming ({delivered:.2?} of 2 cores): this process (server, writer) {:.2} s, the watchers' process {:.2} s",
+        cpu.as_secs_f64(),
+        ms("cpu_s"),
+    );
+    assert!(status.success(), "the watchers' process failed: {status}");
+    assert_eq!(
+        r["verdict"].as_str(),
+        Some("ok"),
+        "a watcher skipped, repeated or missed a revision"
+    );
+}
+
+/// `BENCH_ROLE=watchers`: opens `BENCH_WATCHERS` streams to `BENCH_WATCH_ADDR`
+/// from `BENCH_WATCH_SINCE`, prints "ready", waits for `BENCH_WATCH_EXPECTED`
+/// transitions on each, checks that each watcher got every revision once and
+/// in order, and prints one JSON line: how many watchers were complete, the
+/// verdict, delivery latency percentiles (arrival here minus the transition's
+/// time, every 10th transition of every watcher) and this process's peak RSS.
+async fn watchers_role() {
+    let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} is set"));
+    let addr = var("BENCH_WATCH_ADDR");
+    let since: i64 = var("BENCH_WATCH_SINCE").parse().unwrap();
+    let expected = env_usize("BENCH_WATCH_EXPECTED", 0);
+    let watchers = env_usize("BENCH_WATCHERS", 1000);
+    // Watchers spread over a few connections, as dashboards on several hosts would be.
+    let channels: Vec<_> = (0..8)
+        .map(|_| {
+            tonic::transport::Channel::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect_lazy()
+        })
+        .collect();
+    let mut streams = Vec::with_capacity(watchers);
+    for w in 0..watchers {
+        let mut client = pb::agent_status_service_client::AgentStatusServiceClient::new(
+            channels[w % channels.len()].clone(),
+        );
+        let stream = client
+            .watch_transitions(pb::WatchTransitionsRequest {
+                since_revision: since,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        streams.push(stream);
+    }
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "ready").unwrap();
+        out.flush().unwrap();
+    }
+    let cpu_before = cpu_time();
+    // Generous: the writer paces itself, a stuck watcher must not hang the bench.
+    let deadline = Duration::from_secs(60 + 3 * (expected as u64 / 100).max(1));
+    let tasks: Vec<_> = streams
+        .into_iter()
+        .map(|mut stream| {
+            tokio::spawn(async move {
+                let mut last = since;
+                let mut seen = 0;
+                let mut in_order = true;
+                let mut lags = Vec::with_capacity(expected / 10 + 1);
+                let receiving = async {
+                    while seen < expected {
+                        let Ok(Some(msg)) = stream.message().await else {
+                            break;
+                        };
+                        if let Some(pb::watch_transitions_response::Event::Transition(t)) =
+                            msg.event
+                        {
+                            in_order &= t.revision == last + 1;
+                            last = t.revision;
+                            seen += 1;
+                            if seen % 10 == 0
+                                && let Some(at) = t.occurred_at
+                            {
+                                let at =
+                                    chrono::DateTime::from_timestamp(at.seconds, at.nanos as u32)
+                                        .unwrap();
+                                let lag = chrono::Utc::now() - at;
+                                lags.push(lag.to_std().unwrap_or_default());
+                            }
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(deadline, receiving).await;
+                (seen == expected && in_order, in_order, lags)
+            })
+        })
+        .collect();
+    let mut complete = 0;
+    let mut ordered = true;
+    let mut lat = Vec::new();
+    for task in tasks {
+        let (done, in_order, lags) = task.await.unwrap();
+        complete += usize::from(done);
+        ordered &= in_order;
+        lat.extend(lags);
+    }
     lat.sort();
-    println!(
-        "  {expected} transitions written in {written:.2?}; all {watchers} watchers had every one, once, in order, after {delivered:.2?}"
-    );
-    println!(
-        "  delivery latency (transition time to arrival, every 10th sampled): p50 {:.2?}  p99 {:.2?}  max {:.2?} (target p99 < 100 ms)",
-        pct(&lat, 0.5),
-        pct(&lat, 0.99),
-        lat.last().copied().unwrap_or_default()
-    );
-    println!(
-        "  memory (server and bench client in one process): {rss_before:.0} MiB before, {rss_open:.0} MiB with the streams open, {:.0} MiB after",
-        rss_mib()
-    );
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let verdict = if !ordered {
+        "out of order"
+    } else if complete < watchers {
+        "incomplete"
+    } else {
+        "ok"
+    };
+    let peak = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0);
+    let result = serde_json::json!({
+        "watchers": watchers,
+        "complete": complete,
+        "verdict": verdict,
+        "samples": lat.len(),
+        "p50_ms": lat.get(lat.len() / 2).map(|d| ms(*d)),
+        "p99_ms": (!lat.is_empty()).then(|| ms(pct(&lat, 0.99))),
+        "max_ms": lat.last().map(|d| ms(*d)),
+        "peak_rss_mib": peak,
+        "cpu_s": (cpu_time() - cpu_before).as_secs_f64(),
+    });
+    println!("{result}");
 }
 
 /// A large fleet: registered agents, a share of them heartbeating on a cadence.

@@ -29,6 +29,7 @@ use crate::grpc::guard::{CallLimit, Gate, GuardLayer};
 use crate::grpc::healing::{HealingApi, HealingSettings, PostHealingApi, shared_rng};
 use crate::grpc::metrics::MetricsLayer;
 use crate::grpc::session_pipeline::SessionPipelineApi;
+use crate::grpc::watch_route::WatchRoute;
 use crate::http::{Apis, Dashboard};
 use crate::metrics::Metrics;
 use crate::processors::Registration;
@@ -407,7 +408,7 @@ impl Application {
 /// store is.
 #[derive(Clone, Default)]
 struct Gates {
-    agent_status: Gate<AgentStatusServiceServer<AgentStatusApi>>,
+    agent_status: Gate<WatchRoute<AgentStatusServiceServer<AgentStatusApi>>>,
     healing: Gate<HealingServiceServer<HealingApi>>,
     post_healing: Gate<PostHealingServiceServer<PostHealingApi>>,
     session_pipeline: Gate<SessionPipelineServiceServer<SessionPipelineApi>>,
@@ -542,12 +543,13 @@ async fn start_services(
         metrics.clone(),
         shutdown.child_token(),
     );
-    let committer = Committer::start(
+    let committer = Committer::start_publishing(
         agents.clone(),
         clock.clone(),
         cache.clone(),
         args.commit_batch,
         metrics.clone(),
+        Some(fanout.local_commits()),
     );
     sweeper::spawn(
         agents.clone(),
@@ -654,11 +656,13 @@ async fn start_services(
         pipeline: session_pipeline.clone(),
     });
 
-    gates.agent_status.open(
-        AgentStatusServiceServer::from_arc(agent_status)
+    gates.agent_status.open(WatchRoute::new(
+        AgentStatusServiceServer::from_arc(agent_status.clone())
             .max_decoding_message_size(size)
             .max_encoding_message_size(size),
-    );
+        agent_status,
+        size,
+    ));
     gates.healing.open(
         HealingServiceServer::from_arc(healing)
             .max_decoding_message_size(size)

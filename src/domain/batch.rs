@@ -51,6 +51,19 @@ impl Command {
         }
     }
 
+    /// Whether deciding it reads the agent's last heartbeat time (a sweep). That
+    /// time moves without a transition (every replica flushes heartbeats), so
+    /// such a command is decided on the stored row, never on a remembered state.
+    pub fn reads_liveness(&self) -> bool {
+        matches!(
+            self,
+            Command::Apply {
+                event: Event::Sweep { .. },
+                ..
+            }
+        )
+    }
+
     /// The same command on behalf of `name`.
     pub fn by(mut self, name: &str) -> Command {
         match &mut self {

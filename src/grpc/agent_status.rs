@@ -17,7 +17,8 @@ use crate::domain::transition::Labels;
 use crate::error::Error;
 use crate::grpc::agent_requests::{AgentCursor, AgentId, ListAgents, ListTransitions};
 use crate::grpc::auth::{self, Guard};
-use crate::grpc::callers::{CallerKey, WatchSlots};
+use crate::grpc::callers::{CallerKey, WatchSlot, WatchSlots};
+use crate::grpc::codec::{WatchFrame, WireCache};
 use crate::grpc::convert::{self, timestamp};
 use crate::grpc::trace::record_agent_id;
 use crate::grpc::validate;
@@ -44,6 +45,8 @@ pub struct AgentStatusApi {
     shutdown: CancellationToken,
     watches: WatchSlots,
     guard: Guard,
+    /// Transitions encoded once for every watch stream of this server.
+    wire: Arc<WireCache>,
 }
 
 impl AgentStatusApi {
@@ -63,7 +66,56 @@ impl AgentStatusApi {
             shutdown,
             guard,
             watches: WatchSlots::default(),
+            wire: Arc::default(),
         }
+    }
+
+    /// `WatchTransitions` as frames: each transition the bytes encoded once for
+    /// every stream of this server (see `grpc::watch_route`, which serves it).
+    pub async fn watch_frames(
+        &self,
+        request: Request<pb::WatchTransitionsRequest>,
+    ) -> Result<Response<crate::grpc::watch_route::FrameStream>, Status> {
+        let (slot, events) = self.open_watch(request).await?;
+        let wire = self.wire.clone();
+        let stream = ReceiverStream::new(events).map(move |item| {
+            // The caller's slot is freed when the stream ends.
+            let _slot = &slot;
+            Ok(match item? {
+                WatchEvent::Transition(t) => WatchFrame::Encoded(wire.transition(&t)),
+                other => WatchFrame::Message(watch_response(other)),
+            })
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    /// Checks and opens a watch: the caller's slot and the stream's events.
+    async fn open_watch(
+        &self,
+        request: Request<pb::WatchTransitionsRequest>,
+    ) -> Result<
+        (
+            WatchSlot,
+            tokio::sync::mpsc::Receiver<crate::error::Result<WatchEvent>>,
+        ),
+        Status,
+    > {
+        let caller = auth::caller(&request)?;
+        let slot = self.watches.acquire(CallerKey::of(&request))?;
+        let spec: WatchSpec = request.into_inner().try_into()?;
+        // An agent caller watches only agents of its scope, and must name them.
+        self.guard
+            .check_agents(&caller, Action::WatchTransitions, &spec.filter.agent_ids)
+            .await?;
+        let events = watch::open(
+            self.store.clone(),
+            &self.fanout,
+            spec,
+            self.settings.watch_progress_interval,
+            self.shutdown.clone(),
+        )
+        .await?;
+        Ok((slot, events))
     }
 
     /// Bounds the watch streams each caller may hold open.
@@ -149,6 +201,24 @@ fn encode(applied: &Applied) -> (pb::Agent, Option<pb::Transition>) {
 /// A refused transition always records one; only a bug would get here without.
 fn recorded(transition: Option<pb::Transition>) -> Result<pb::Transition, Status> {
     transition.ok_or_else(|| Error::Internal("transition was not recorded".into()).into())
+}
+
+/// One watch event as its message.
+fn watch_response(event: WatchEvent) -> pb::WatchTransitionsResponse {
+    use pb::watch_transitions_response::Event as E;
+    let event = match event {
+        WatchEvent::SnapshotAgent(agent) => E::SnapshotAgent((&agent).into()),
+        WatchEvent::SnapshotComplete {
+            revision,
+            agent_count,
+        } => E::SnapshotComplete(pb::SnapshotComplete {
+            revision,
+            agent_count,
+        }),
+        WatchEvent::Transition(t) => E::Transition((&*t).into()),
+        WatchEvent::Progress { revision } => E::Progress(pb::Progress { revision }),
+    };
+    pb::WatchTransitionsResponse { event: Some(event) }
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchTransitionsResponse, Status>> + Send>>;
@@ -314,38 +384,11 @@ impl AgentStatusService for AgentStatusApi {
         &self,
         request: Request<pb::WatchTransitionsRequest>,
     ) -> Result<Response<Self::WatchTransitionsStream>, Status> {
-        let caller = auth::caller(&request)?;
-        let slot = self.watches.acquire(CallerKey::of(&request))?;
-        let spec: WatchSpec = request.into_inner().try_into()?;
-        // An agent caller watches only agents of its scope, and must name them.
-        self.guard
-            .check_agents(&caller, Action::WatchTransitions, &spec.filter.agent_ids)
-            .await?;
-        let events = watch::open(
-            self.store.clone(),
-            &self.fanout,
-            spec,
-            self.settings.watch_progress_interval,
-            self.shutdown.clone(),
-        )
-        .await?;
+        let (slot, events) = self.open_watch(request).await?;
         let stream = ReceiverStream::new(events).map(move |item| {
             // The caller's slot is freed when the stream ends.
             let _slot = &slot;
-            use pb::watch_transitions_response::Event as E;
-            let event = match item? {
-                WatchEvent::SnapshotAgent(agent) => E::SnapshotAgent((&agent).into()),
-                WatchEvent::SnapshotComplete {
-                    revision,
-                    agent_count,
-                } => E::SnapshotComplete(pb::SnapshotComplete {
-                    revision,
-                    agent_count,
-                }),
-                WatchEvent::Transition(t) => E::Transition((&*t).into()),
-                WatchEvent::Progress { revision } => E::Progress(pb::Progress { revision }),
-            };
-            Ok(pb::WatchTransitionsResponse { event: Some(event) })
+            Ok(watch_response(item?))
         });
         Ok(Response::new(Box::pin(stream)))
     }

@@ -6,8 +6,12 @@
 use std::marker::PhantomData;
 
 use prost::Message;
+use prost::bytes::{BufMut, Bytes};
 use tonic::Status;
-use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+
+use crate::domain::transition::Transition;
+use crate::proto::v1 as pb;
 
 /// [`tonic_prost::ProstCodec`] with [`InvalidArgumentDecoder`].
 #[derive(Debug, Clone, Copy)]
@@ -63,6 +67,110 @@ impl<U: Message + Default> Decoder for InvalidArgumentDecoder<U> {
     }
 }
 
+/// One message of a `WatchTransitions` stream: built for this watcher, or
+/// encoded once and shared by every watcher (a transition is the same message
+/// on every stream; see [`WireCache`]).
+#[derive(Debug, Clone)]
+pub enum WatchFrame {
+    Message(pb::WatchTransitionsResponse),
+    /// A `WatchTransitionsResponse`, protobuf-encoded.
+    Encoded(Bytes),
+}
+
+/// The codec of the watch route (`grpc::watch_route`): frames out, requests in
+/// as [`ProstCodec`] decodes them.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameCodec<U> {
+    _pd: PhantomData<U>,
+}
+
+impl<U> Default for FrameCodec<U> {
+    fn default() -> Self {
+        FrameCodec { _pd: PhantomData }
+    }
+}
+
+impl<U: Message + Default + Send + 'static> Codec for FrameCodec<U> {
+    type Encode = WatchFrame;
+    type Decode = U;
+    type Encoder = FrameEncoder;
+    type Decoder = InvalidArgumentDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        FrameEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        InvalidArgumentDecoder {
+            inner: tonic_prost::ProstDecoder::new(BufferSettings::default()),
+        }
+    }
+}
+
+/// Encodes a built frame as prost does, and copies an encoded one as it is.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameEncoder;
+
+impl Encoder for FrameEncoder {
+    type Item = WatchFrame;
+    type Error = Status;
+
+    fn encode(&mut self, item: WatchFrame, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        match item {
+            WatchFrame::Message(message) => message
+                .encode(buf)
+                .map_err(|e| Status::internal(format!("cannot encode a watch message: {e}"))),
+            WatchFrame::Encoded(bytes) => {
+                buf.put_slice(&bytes);
+                Ok(())
+            }
+        }
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::default()
+    }
+}
+
+/// Transitions encoded once per server for all of its watchers, by revision:
+/// the last [`WIRE_SLOTS`] revisions, in a ring (a watcher catching up from
+/// further back encodes for itself, and leaves the encoding for the next).
+pub struct WireCache {
+    slots: Vec<std::sync::Mutex<Option<(i64, Bytes)>>>,
+}
+
+/// How many encoded transitions a server keeps.
+pub const WIRE_SLOTS: usize = 4096;
+
+impl Default for WireCache {
+    fn default() -> Self {
+        WireCache {
+            slots: (0..WIRE_SLOTS).map(|_| Default::default()).collect(),
+        }
+    }
+}
+
+impl WireCache {
+    /// The `WatchTransitionsResponse` carrying `transition`, encoded.
+    pub fn transition(&self, transition: &Transition) -> Bytes {
+        let revision = transition.revision;
+        let slot = &self.slots[revision.rem_euclid(WIRE_SLOTS as i64) as usize];
+        if let Some((r, bytes)) = &*slot.lock().unwrap_or_else(|e| e.into_inner())
+            && *r == revision
+        {
+            return bytes.clone();
+        }
+        let message = pb::WatchTransitionsResponse {
+            event: Some(pb::watch_transitions_response::Event::Transition(
+                transition.into(),
+            )),
+        };
+        let bytes = Bytes::from(message.encode_to_vec());
+        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some((revision, bytes.clone()));
+        bytes
+    }
+}
+
 /// The message of a decode failure (prost's text names the field and wire problem).
 fn malformed(detail: &str) -> String {
     format!("message is not valid protobuf: {detail}")
@@ -71,6 +179,45 @@ fn malformed(detail: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shared_transition_frame_is_the_message_prost_encodes() {
+        use chrono::TimeZone;
+        let at = chrono::Utc.with_ymd_and_hms(2026, 5, 1, 0, 0, 0).unwrap();
+        let transition = Transition {
+            revision: 7,
+            agent_id: "a".into(),
+            from: Some(crate::domain::agent::AgentStatus::Idle),
+            to: crate::domain::agent::AgentStatus::Busy,
+            cause: crate::domain::agent::Cause::WorkStarted,
+            occurred_at: at,
+            exhaustion_reason: None,
+            recovery_at: None,
+            actor: "test".into(),
+        };
+        let cache = WireCache::default();
+        let first = cache.transition(&transition);
+        let expected = pb::WatchTransitionsResponse {
+            event: Some(pb::watch_transitions_response::Event::Transition(
+                (&transition).into(),
+            )),
+        };
+        assert_eq!(&first[..], &expected.encode_to_vec()[..]);
+        let again = cache.transition(&transition);
+        assert_eq!(first.as_ptr(), again.as_ptr(), "encoded twice");
+        // Another revision in the same slot replaces it.
+        let later = Transition {
+            revision: 7 + WIRE_SLOTS as i64,
+            ..transition
+        };
+        let decoded = pb::WatchTransitionsResponse::decode(&cache.transition(&later)[..]).unwrap();
+        match decoded.event {
+            Some(pb::watch_transitions_response::Event::Transition(t)) => {
+                assert_eq!(t.revision, later.revision)
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn a_decode_failure_names_the_problem() {

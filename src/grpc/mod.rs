@@ -13,6 +13,7 @@ pub mod session_pipeline;
 pub mod status;
 pub mod trace;
 pub mod validate;
+pub mod watch_route;
 
 /// Fully qualified service names, as health and reflection report them.
 pub const AGENT_STATUS_SERVICE: &str = "fleetcare.v1.AgentStatusService";

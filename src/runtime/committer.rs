@@ -15,6 +15,7 @@ use crate::domain::batch::{Applied, Command};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::runtime::clock::Clock;
+use crate::runtime::fanout::LocalCommits;
 use crate::runtime::heartbeats::AgentCache;
 use crate::storage::AgentStore;
 
@@ -44,8 +45,26 @@ impl Committer {
         max_batch: usize,
         metrics: Arc<Metrics>,
     ) -> Self {
+        Self::start_publishing(store, clock, cache, max_batch, metrics, None)
+    }
+
+    /// [`Committer::start`], handing every committed batch's transitions to the
+    /// fan-out (in commit order, after the cache has them) when `publish` is set.
+    pub fn start_publishing(
+        store: Arc<dyn AgentStore>,
+        clock: Clock,
+        cache: Arc<AgentCache>,
+        max_batch: usize,
+        metrics: Arc<Metrics>,
+        publish: Option<LocalCommits>,
+    ) -> Self {
         let (queue, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(store, clock, cache, max_batch.max(1), metrics, rx));
+        let sinks = Sinks {
+            cache,
+            metrics,
+            publish,
+        };
+        tokio::spawn(run(store, clock, sinks, max_batch.max(1), rx));
         Committer { queue }
     }
 
@@ -68,18 +87,44 @@ fn stopped() -> Error {
     Error::Unavailable("server is shutting down".into())
 }
 
+/// Where a committed outcome goes besides its caller.
+struct Sinks {
+    cache: Arc<AgentCache>,
+    metrics: Arc<Metrics>,
+    publish: Option<LocalCommits>,
+}
+
+impl Sinks {
+    /// Records committed outcomes (in revision order) and publishes their transitions.
+    fn committed<'a>(&self, outcomes: impl IntoIterator<Item = &'a Applied>) {
+        let mut transitions = Vec::new();
+        for outcome in outcomes {
+            self.cache.committed(&outcome.agent);
+            count_transition(&self.metrics, outcome);
+            if let Some(t) = &outcome.transition
+                && self.publish.is_some()
+            {
+                transitions.push(t.clone());
+            }
+        }
+        if let Some(publish) = &self.publish {
+            transitions.sort_unstable_by_key(|t| t.revision);
+            publish.publish(transitions);
+        }
+    }
+}
+
 async fn run(
     store: Arc<dyn AgentStore>,
     clock: Clock,
-    cache: Arc<AgentCache>,
+    sinks: Sinks,
     max_batch: usize,
-    metrics: Arc<Metrics>,
     mut rx: mpsc::Receiver<Pending>,
 ) {
     let mut batch = Vec::with_capacity(max_batch);
     while rx.recv_many(&mut batch, max_batch).await > 0 {
         let pending = std::mem::take(&mut batch);
-        commit(&*store, &clock, &cache, &metrics, pending).await;
+        commit(&*store, &clock, &sinks, pending).await;
     }
 }
 
@@ -87,13 +132,7 @@ async fn run(
 /// transaction took, the revisions it committed, its outcome): a child of the
 /// call's span when it carries one call, else a root linked to the spans of
 /// the calls it carries (a batch serves many traces at once).
-async fn commit(
-    store: &dyn AgentStore,
-    clock: &Clock,
-    cache: &AgentCache,
-    metrics: &Metrics,
-    pending: Vec<Pending>,
-) {
+async fn commit(store: &dyn AgentStore, clock: &Clock, sinks: &Sinks, pending: Vec<Pending>) {
     let parent = match pending.as_slice() {
         [lone] => lone.caller.id(),
         _ => None,
@@ -114,7 +153,7 @@ async fn commit(
             span.follows_from(&p.caller);
         }
     }
-    commit_in_span(store, clock, cache, metrics, pending)
+    commit_in_span(store, clock, sinks, pending)
         .instrument(span)
         .await;
 }
@@ -125,14 +164,23 @@ async fn commit(
 async fn commit_in_span(
     store: &dyn AgentStore,
     clock: &Clock,
-    cache: &AgentCache,
-    metrics: &Metrics,
+    sinks: &Sinks,
     pending: Vec<Pending>,
 ) {
+    let metrics = &sinks.metrics;
     let (commands, replies): (Vec<Command>, Vec<_>) =
         pending.into_iter().map(|p| (p.command, p.reply)).unzip();
     let started = std::time::Instant::now();
-    let committed = store.commit_batch(&commands, clock.now()).await;
+    // Decided on what this process last committed or read, when it knows every
+    // agent (the store checks the rows and falls back to reading them).
+    let known = if commands.iter().any(Command::reads_liveness) {
+        None
+    } else {
+        sinks.cache.known(commands.iter().map(Command::agent_id))
+    };
+    let committed = store
+        .commit_batch_known(&commands, known, clock.now())
+        .await;
     let elapsed = started.elapsed();
     tracing::Span::current().record("elapsed_ms", elapsed.as_secs_f64() * 1000.0);
     tracing::trace!(size = commands.len(), ?elapsed, "batch committed");
@@ -142,10 +190,9 @@ async fn commit_in_span(
         Ok(outcomes) => {
             let mut revisions = Revisions::default();
             for outcome in outcomes.iter().flatten() {
-                cache.committed(&outcome.agent);
-                count_transition(metrics, outcome);
                 revisions.add(outcome);
             }
+            sinks.committed(outcomes.iter().flatten());
             revisions.record("committed");
             for (reply, outcome) in replies.into_iter().zip(outcomes) {
                 let _ = reply.send(outcome.map_err(Error::from));
@@ -177,9 +224,8 @@ async fn commit_in_span(
                     Err(error) => Err(error),
                 };
                 if let Ok(applied) = &result {
-                    cache.committed(&applied.agent);
-                    count_transition(metrics, applied);
                     revisions.add(applied);
+                    sinks.committed([applied]);
                 }
                 let _ = reply.send(result);
             }

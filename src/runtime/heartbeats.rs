@@ -129,6 +129,22 @@ impl AgentCache {
             .insert(agent.agent_id.clone(), Cached { agent, fresh: true });
     }
 
+    /// This process's state of every one of `ids`, if it holds a fresh one for
+    /// each (for a batch decided without reading the rows: the store checks them).
+    pub fn known<'a>(&self, ids: impl IntoIterator<Item = &'a str>) -> Option<Vec<Agent>> {
+        let inner = self.lock();
+        let mut seen = std::collections::HashSet::new();
+        let mut known: Vec<Agent> = Vec::new();
+        for id in ids {
+            if !seen.insert(id) {
+                continue;
+            }
+            let cached = inner.agents.get(id).filter(|c| c.fresh)?;
+            known.push(cached.agent.clone());
+        }
+        Some(known)
+    }
+
     /// An agent as read from the store. Kept unless this process already holds
     /// a fresh state at least as recent.
     pub fn loaded(&self, agent: Agent) {

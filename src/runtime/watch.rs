@@ -122,29 +122,61 @@ impl Watcher {
         let Ok(()) = self.replay(snapshot).await? else {
             return Ok(());
         };
+        // One timer for the stream's life, re-armed only when it fires: a
+        // fresh one per delivery would cost a timer registration each.
+        let progress = tokio::time::sleep_until(self.last_sent + self.progress_interval);
+        tokio::pin!(progress);
         loop {
-            let progress_due = self.last_sent + self.progress_interval;
             let step = tokio::select! {
-                received = self.live.recv() => match received {
-                    Ok(t) if t.revision <= self.cursor => Ok(()),
-                    Ok(t) if t.revision == self.cursor + 1 => self.deliver(t).await,
-                    // Missed something (the fan-out started after our read, or skipped):
-                    // the table has it. The live item itself is re-read from the table.
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                        self.catch_up().await?
-                    }
-                    Err(broadcast::error::RecvError::Closed) => {
-                        return Err(Error::Unavailable("server is shutting down".into()));
-                    }
-                },
-                _ = tokio::time::sleep_until(progress_due) => {
-                    let revision = self.cursor;
-                    self.send(WatchEvent::Progress { revision }).await
+                received = self.live.recv() => self.live_item(received).await?,
+                () = &mut progress => {
+                    let step = if Instant::now() >= self.last_sent + self.progress_interval {
+                        let revision = self.cursor;
+                        self.send(WatchEvent::Progress { revision }).await
+                    } else {
+                        Ok(())
+                    };
+                    progress.as_mut().reset(self.last_sent + self.progress_interval);
+                    step
                 }
                 _ = self.out.closed() => Err(Stop),
             };
             if step.is_err() {
                 return Ok(());
+            }
+            // What is already published goes out in the same turn.
+            loop {
+                let received = match self.live.try_recv() {
+                    Ok(t) => Ok(t),
+                    Err(broadcast::error::TryRecvError::Empty) => break,
+                    Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                        Err(broadcast::error::RecvError::Lagged(n))
+                    }
+                    Err(broadcast::error::TryRecvError::Closed) => {
+                        Err(broadcast::error::RecvError::Closed)
+                    }
+                };
+                if self.live_item(received).await?.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// One item from the fan-out: delivered, dropped as a duplicate, or a
+    /// sign that something was missed (then caught up from the table).
+    async fn live_item(
+        &mut self,
+        received: Result<Arc<Transition>, broadcast::error::RecvError>,
+    ) -> Result<Result<(), Stop>> {
+        match received {
+            Ok(t) if t.revision <= self.cursor => Ok(Ok(())),
+            Ok(t) if t.revision == self.cursor + 1 => Ok(self.deliver(t).await),
+            // Missed something (the fan-out started after our read, or skipped):
+            // the table has it. The live item itself is re-read from the table.
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => self.catch_up().await,
+            Err(broadcast::error::RecvError::Closed) => {
+                Err(Error::Unavailable("server is shutting down".into()))
             }
         }
     }

@@ -92,6 +92,22 @@ pub trait AgentStore: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> Result<Vec<Result<Applied, Refusal>>>;
 
+    /// [`AgentStore::commit_batch`], where `known` (when given) is this
+    /// process's last known state of every agent the batch names. A store may
+    /// decide the batch on it without reading the rows first, provided it
+    /// writes only if every row still is as known (its `last_heartbeat_at`
+    /// aside), and otherwise reads them as `commit_batch` does: the outcome is
+    /// the same, in fewer round trips. By default, `commit_batch`.
+    async fn commit_batch_known(
+        &self,
+        commands: &[Command],
+        known: Option<Vec<Agent>>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Result<Applied, Refusal>>> {
+        let _ = known;
+        self.commit_batch(commands, now).await
+    }
+
     /// Records liveness: each agent's `last_heartbeat_at` moves forward to the given
     /// time, never backwards (replicas may flush out of order). Status is never
     /// touched, and unknown agents are ignored.
@@ -122,9 +138,11 @@ pub trait AgentStore: Send + Sync + 'static {
     /// Returns how many were deleted.
     async fn prune_transitions(&self, before: DateTime<Utc>) -> Result<u64>;
 
-    /// Ticks whenever new transitions may have been committed, by this process or
-    /// another one on the same store, and after the store lost track (a
-    /// reconnect): the receiver then re-reads from the history.
+    /// Ticks whenever new transitions may have been committed that this
+    /// process's committer did not hand to the fan-out itself (by another
+    /// process on the same store), and after the store lost track (a
+    /// reconnect): the receiver then re-reads from the history. A store may
+    /// tick for its own commits too (the fan-out skips what it published).
     fn changes(&self) -> watch::Receiver<u64>;
 
     /// How many agents are in each status, as of one revision (read

@@ -162,6 +162,38 @@ postgres_only! {
     }
 }
 
+postgres_only! {
+    /// A replica decides a batch on the agent as it last committed it only
+    /// while the row is unchanged: a label change made through another replica
+    /// (no transition, so nothing marks the agent stale on the first) is kept,
+    /// and the call still commits, on the row as it now is.
+    #[tokio::test]
+    async fn a_call_decided_on_a_remembered_agent_keeps_another_replicas_change() {
+        let db = TestDb::new();
+        let one = TestApp::spawn(&db).await;
+        let two = TestApp::spawn(&db).await;
+        one.register("relabelled").await;
+        two.agents
+            .clone()
+            .register_agent(pb::RegisterAgentRequest {
+                agent_id: "relabelled".into(),
+                labels: [("team".to_string(), "infra".to_string())].into(),
+            })
+            .await
+            .unwrap();
+        let agent = one.start_work("relabelled").await.unwrap().agent.unwrap();
+        assert_eq!(agent.status, status(S::Busy));
+        let team = |a: &pb::Agent| a.labels.get("team").cloned();
+        assert_eq!(team(&agent).as_deref(), Some("infra"), "labels overwritten");
+        let stored = two.get("relabelled").await;
+        assert_eq!(stored.status, status(S::Busy));
+        assert_eq!(team(&stored).as_deref(), Some("infra"), "labels overwritten");
+        // And the next call on the first replica, now knowing the row, too.
+        let idle = one.finish_work("relabelled").await.unwrap().agent.unwrap();
+        assert_eq!(team(&idle).as_deref(), Some("infra"));
+    }
+}
+
 fn quick_liveness(db: &TestDb, timeout: Duration, flush: Duration) -> fleetcare::config::ServeArgs {
     let mut args = test_args(&db.url);
     args.heartbeat_timeout = timeout;

@@ -27,7 +27,10 @@ pub struct MemoryStore {
     state: Mutex<State>,
     changes: watch::Sender<u64>,
     unavailable: AtomicBool,
+    /// While set, commits do not tick the change signal.
+    quiet: AtomicBool,
     batches: AtomicUsize,
+    reads: AtomicUsize,
 }
 
 impl Default for MemoryStore {
@@ -36,7 +39,9 @@ impl Default for MemoryStore {
             state: Mutex::default(),
             changes: watch::channel(0).0,
             unavailable: AtomicBool::new(false),
+            quiet: AtomicBool::new(false),
             batches: AtomicUsize::new(0),
+            reads: AtomicUsize::new(0),
         }
     }
 }
@@ -49,6 +54,18 @@ impl MemoryStore {
     /// While set, every call fails with UNAVAILABLE, as a store whose database is down.
     pub fn set_unavailable(&self, down: bool) {
         self.unavailable.store(down, Ordering::SeqCst);
+    }
+
+    /// While set, commits do not tick [`AgentStore::changes`]: as another
+    /// replica's commits before its NOTIFY arrives, or this process's own
+    /// commits on a store that leaves them to the committer.
+    pub fn set_quiet(&self, quiet: bool) {
+        self.quiet.store(quiet, Ordering::SeqCst);
+    }
+
+    /// How many times transitions were read (`transitions_after`).
+    pub fn transition_reads(&self) -> usize {
+        self.reads.load(Ordering::SeqCst)
     }
 
     /// How many batches have been committed.
@@ -95,7 +112,7 @@ impl AgentStore for MemoryStore {
         state.head += count;
         drop(state);
         self.batches.fetch_add(1, Ordering::SeqCst);
-        if count > 0 {
+        if count > 0 && !self.quiet.load(Ordering::SeqCst) {
             self.changes.send_modify(|n| *n = n.wrapping_add(1));
         }
         Ok(outcomes)
@@ -155,6 +172,7 @@ impl AgentStore for MemoryStore {
         limit: i64,
     ) -> Result<Vec<Transition>> {
         let state = self.lock()?;
+        self.reads.fetch_add(1, Ordering::SeqCst);
         Ok(state
             .transitions
             .range(after.saturating_add(1)..)

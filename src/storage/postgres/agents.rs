@@ -102,6 +102,11 @@ impl TryFrom<TransitionRow> for Transition {
     }
 }
 
+/// A time at `timestamptz`'s precision (microseconds, as sqlx writes it).
+fn at_micros(at: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(at.timestamp_micros()).unwrap_or(at)
+}
+
 /// How often a batch is retried when the database refuses it as a whole for a
 /// reason that a retry resolves (two replicas registering one new agent at once,
 /// a serialization failure, a deadlock).
@@ -159,22 +164,46 @@ impl AgentColumns {
     }
 }
 
-/// Writes a batch in one statement. When the batch has transitions (`$1` > 0)
-/// it takes the revision row (the last lock of the transaction, held to commit),
-/// notifies, and appends them; every changed agent's final state is written,
-/// its relative revision shifted by the allocated base where `shift` says so.
-/// The agent rows are locked already (read FOR UPDATE, or inserted, by this
-/// transaction), and `last_heartbeat_at` never moves back.
-const WRITE_BATCH: &str = "WITH head AS (
+/// Writes a batch in one statement. First it locks, in agent-id order, every
+/// row the batch expects as given in `$24`.. (none on the locking path, whose
+/// transaction read them FOR UPDATE already) and checks that each still is as
+/// expected (its heartbeat aside: that moves by itself, and is merged below);
+/// `ok` is whether they all are, and if not nothing is written. Then, when the
+/// batch has transitions (`$1` > 0), it takes the revision row (the last lock,
+/// held to commit), notifies with this store's origin, and appends them; every
+/// changed agent's final state is written, its relative revision shifted by
+/// the allocated base where `shift` says so, and `last_heartbeat_at` never
+/// moves back. The revision row's update waits for `ok` (its condition), so
+/// the agent rows are always locked before it.
+const WRITE_BATCH: &str = "WITH locked AS (
+         SELECT a.agent_id FROM agents a
+         JOIN unnest($24::text[], $25::text[], $26::text[], $27::timestamptz[], $28::bigint[],
+                     $29::text[], $30::timestamptz[], $31::text[], $32::text[])
+              AS e(agent_id, status, labels, last_transition_at, revision,
+                   exhaustion_reason, recovery_at, recovery_source, recovery_hint)
+           ON a.agent_id = e.agent_id
+         WHERE a.status = e.status AND a.labels = e.labels::jsonb
+           AND a.last_transition_at = e.last_transition_at AND a.revision = e.revision
+           AND a.exhaustion_reason IS NOT DISTINCT FROM e.exhaustion_reason
+           AND a.recovery_at IS NOT DISTINCT FROM e.recovery_at
+           AND a.recovery_source IS NOT DISTINCT FROM e.recovery_source
+           AND a.recovery_hint IS NOT DISTINCT FROM e.recovery_hint
+         ORDER BY a.agent_id
+         FOR UPDATE OF a
+     ),
+     ok AS (
+         SELECT count(*) = cardinality($24::text[]) AS ok FROM locked
+     ),
+     head AS (
          UPDATE revision_head SET head_revision = head_revision + $1
-         WHERE singleton AND $1 > 0
+         WHERE singleton AND $1 > 0 AND (SELECT ok FROM ok)
          RETURNING head_revision - $1 AS base
      ),
      notified AS (
-         SELECT pg_notify($2, '') FROM head
+         SELECT pg_notify($2, $23) FROM head
      ),
      base AS (
-         SELECT COALESCE((SELECT base FROM head), 0) AS base
+         SELECT COALESCE((SELECT base FROM head), 0) AS base FROM ok WHERE ok.ok
      ),
      appended AS (
          INSERT INTO transitions (revision, agent_id, from_status, to_status, cause,
@@ -205,13 +234,17 @@ const WRITE_BATCH: &str = "WITH head AS (
                    recovery_hint)
          WHERE agents.agent_id = u.agent_id
      )
-     SELECT base.base FROM base LEFT JOIN notified ON true";
+     SELECT ok.ok, COALESCE(base.base, 0) FROM ok
+     LEFT JOIN base ON true LEFT JOIN notified ON true";
 
 impl PgStore {
-    /// One attempt at a batch: lock, decide, allocate, write, commit.
+    /// One attempt at a batch: decided on `known` in one autocommit statement
+    /// when given and the rows are still as known, else lock, decide, allocate,
+    /// write, commit.
     async fn try_commit_batch(
         &self,
         commands: &[Command],
+        known: Option<&[Agent]>,
         now: DateTime<Utc>,
     ) -> std::result::Result<Vec<Result<Applied, Refusal>>, BatchError> {
         let mut ids: Vec<&str> = commands.iter().map(Command::agent_id).collect();
@@ -223,13 +256,36 @@ impl PgStore {
             empty @ None => {
                 let options = self.pool.connect_options();
                 let timeout = self.pool.options().get_acquire_timeout();
-                let connected = tokio::time::timeout(timeout, options.connect())
+                let mut connected = tokio::time::timeout(timeout, options.connect())
                     .await
                     .map_err(|_| sqlx::Error::PoolTimedOut)??;
+                // The batch statements only look rows up by key. Plan them once
+                // per connection, not at every execution (planning cost more
+                // than executing), and never with a sequential scan: a plan
+                // made while the tables were small (a new database) would
+                // otherwise scan every agent of every batch from then on.
+                for set in [
+                    "SET plan_cache_mode = force_generic_plan",
+                    "SET enable_seqscan = off",
+                ] {
+                    sqlx::query(set).execute(&mut connected).await?;
+                }
                 empty.insert(connected)
             }
         };
-        let result = Self::batch_on(conn, commands, &ids, now, &self.changes).await;
+        let origin = &*self.origin;
+        let result = match known {
+            Some(known) => match Self::batch_known(conn, commands, known, now, origin).await {
+                Ok(Some(outcomes)) => Ok(outcomes),
+                // A row is not as this process knew it: read and lock them.
+                Ok(None) => {
+                    tracing::debug!(size = commands.len(), "batch decided on the stored rows");
+                    Self::batch_on(conn, commands, &ids, now, origin).await
+                }
+                Err(e) => Err(e),
+            },
+            None => Self::batch_on(conn, commands, &ids, now, origin).await,
+        };
         if let Err(BatchError::Db(e)) = &result
             && !matches!(e, sqlx::Error::Database(_))
         {
@@ -239,12 +295,39 @@ impl PgStore {
         result
     }
 
+    /// The batch decided on `known` (every agent it names), written in one
+    /// autocommit statement (one round trip) if every row is still as known.
+    /// `None`: nothing was written, because a row differs or because the plan
+    /// writes nothing (its refusals are then confirmed on the locked rows).
+    async fn batch_known(
+        conn: &mut sqlx::PgConnection,
+        commands: &[Command],
+        known: &[Agent],
+        now: DateTime<Utc>,
+        origin: &str,
+    ) -> std::result::Result<Option<Vec<Result<Applied, Refusal>>>, BatchError> {
+        let plan = batch::plan(known.to_vec(), commands, now);
+        if plan.created_ids().next().is_some() {
+            return Ok(None);
+        }
+        let (relative, shift) = plan.relative_writes();
+        if relative.changed.is_empty() {
+            return Ok(None);
+        }
+        let count = plan.transition_count() as i64;
+        let (ok, base) = write_batch(conn, count, &relative, &shift, known, origin).await?;
+        if !ok {
+            return Ok(None);
+        }
+        Ok(Some(plan.finish(base).1))
+    }
+
     async fn batch_on(
         conn: &mut sqlx::PgConnection,
         commands: &[Command],
         ids: &[&str],
         now: DateTime<Utc>,
-        changes: &tokio::sync::watch::Sender<u64>,
+        origin: &str,
     ) -> std::result::Result<Vec<Result<Applied, Refusal>>, BatchError> {
         let mut tx = sqlx::Connection::begin(conn).await?;
         // Agent rows first, in agent-id order (ORDER BY is applied before the row
@@ -282,47 +365,16 @@ impl PgStore {
         // commit in order and without gaps, across replicas too. One statement
         // takes it, announces the batch (NOTIFY is delivered at commit), appends
         // the transitions and writes the agents, shifting the batch's relative
-        // revisions by the base it allocated.
+        // revisions by the base it allocated. The rows are locked and read
+        // already: nothing to check.
         let count = plan.transition_count() as i64;
         let (relative, shift) = plan.relative_writes();
         let base = if relative.changed.is_empty() {
             0
         } else {
-            let c = AgentColumns::of(&relative.changed)?;
-            let t = &relative.transitions;
-            sqlx::query_scalar(WRITE_BATCH)
-                .bind(count)
-                .bind(TRANSITIONS_CHANNEL)
-                .bind(&c.agent_id)
-                .bind(&c.status)
-                .bind(&c.labels)
-                .bind(&c.last_heartbeat_at)
-                .bind(&c.last_transition_at)
-                .bind(&c.revision)
-                .bind(&shift)
-                .bind(&c.exhaustion_reason)
-                .bind(&c.recovery_at)
-                .bind(&c.recovery_source)
-                .bind(&c.recovery_hint)
-                .bind(t.iter().map(|t| t.revision).collect::<Vec<_>>())
-                .bind(t.iter().map(|t| t.agent_id.as_str()).collect::<Vec<_>>())
-                .bind(
-                    t.iter()
-                        .map(|t| t.from.map(AgentStatus::as_str))
-                        .collect::<Vec<_>>(),
-                )
-                .bind(t.iter().map(|t| t.to.as_str()).collect::<Vec<_>>())
-                .bind(t.iter().map(|t| t.cause.as_str()).collect::<Vec<_>>())
-                .bind(t.iter().map(|t| t.occurred_at).collect::<Vec<_>>())
-                .bind(
-                    t.iter()
-                        .map(|t| t.exhaustion_reason.map(|r| r.as_str()))
-                        .collect::<Vec<_>>(),
-                )
-                .bind(t.iter().map(|t| t.recovery_at).collect::<Vec<_>>())
-                .bind(t.iter().map(|t| t.actor.as_str()).collect::<Vec<_>>())
-                .fetch_one(&mut *tx)
+            write_batch(&mut tx, count, &relative, &shift, &[], origin)
                 .await?
+                .1
         };
         let (writes, outcomes) = plan.finish(base);
         if writes.changed.is_empty() {
@@ -331,12 +383,69 @@ impl PgStore {
         } else {
             tx.commit().await?;
         }
-        if count > 0 {
-            // Wakes this process's watchers at once, without waiting for NOTIFY.
-            changes.send_modify(|n| *n = n.wrapping_add(1));
-        }
+        // This process's watchers learn of the batch from the committer, which
+        // hands its transitions to the fan-out (the NOTIFY is for other replicas).
         Ok(outcomes)
     }
+}
+
+/// Runs [`WRITE_BATCH`]: whether the `expected` rows were as expected (and so
+/// the batch written), and the base its revisions were shifted by.
+async fn write_batch(
+    conn: &mut sqlx::PgConnection,
+    count: i64,
+    relative: &batch::Writes,
+    shift: &[bool],
+    expected: &[Agent],
+    origin: &str,
+) -> std::result::Result<(bool, i64), BatchError> {
+    let c = AgentColumns::of(&relative.changed)?;
+    let e = AgentColumns::of(expected)?;
+    let t = &relative.transitions;
+    let written = sqlx::query_as(WRITE_BATCH)
+        .bind(count)
+        .bind(TRANSITIONS_CHANNEL)
+        .bind(&c.agent_id)
+        .bind(&c.status)
+        .bind(&c.labels)
+        .bind(&c.last_heartbeat_at)
+        .bind(&c.last_transition_at)
+        .bind(&c.revision)
+        .bind(shift)
+        .bind(&c.exhaustion_reason)
+        .bind(&c.recovery_at)
+        .bind(&c.recovery_source)
+        .bind(&c.recovery_hint)
+        .bind(t.iter().map(|t| t.revision).collect::<Vec<_>>())
+        .bind(t.iter().map(|t| t.agent_id.as_str()).collect::<Vec<_>>())
+        .bind(
+            t.iter()
+                .map(|t| t.from.map(AgentStatus::as_str))
+                .collect::<Vec<_>>(),
+        )
+        .bind(t.iter().map(|t| t.to.as_str()).collect::<Vec<_>>())
+        .bind(t.iter().map(|t| t.cause.as_str()).collect::<Vec<_>>())
+        .bind(t.iter().map(|t| t.occurred_at).collect::<Vec<_>>())
+        .bind(
+            t.iter()
+                .map(|t| t.exhaustion_reason.map(|r| r.as_str()))
+                .collect::<Vec<_>>(),
+        )
+        .bind(t.iter().map(|t| t.recovery_at).collect::<Vec<_>>())
+        .bind(t.iter().map(|t| t.actor.as_str()).collect::<Vec<_>>())
+        .bind(origin)
+        .bind(&e.agent_id)
+        .bind(&e.status)
+        .bind(&e.labels)
+        .bind(&e.last_transition_at)
+        .bind(&e.revision)
+        .bind(&e.exhaustion_reason)
+        .bind(&e.recovery_at)
+        .bind(&e.recovery_source)
+        .bind(&e.recovery_hint)
+        .fetch_one(conn)
+        .await?;
+    Ok(written)
 }
 
 /// A failed attempt at a batch: a database error (maybe worth a retry) or one
@@ -373,12 +482,36 @@ impl AgentStore for PgStore {
         commands: &[Command],
         now: DateTime<Utc>,
     ) -> Result<Vec<Result<Applied, Refusal>>> {
+        self.commit_batch_known(commands, None, now).await
+    }
+
+    async fn commit_batch_known(
+        &self,
+        commands: &[Command],
+        known: Option<Vec<Agent>>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Result<Applied, Refusal>>> {
+        // At the column's precision, so that what the caller and the fan-out
+        // get is what a read of the table returns.
+        let now = at_micros(now);
+        let mut known = known;
         let mut attempt = 1;
         loop {
-            match self.try_commit_batch(commands, now).await {
-                Ok(outcomes) => return Ok(outcomes),
+            match self.try_commit_batch(commands, known.as_deref(), now).await {
+                Ok(mut outcomes) => {
+                    for t in outcomes
+                        .iter_mut()
+                        .flatten()
+                        .filter_map(|o| o.transition.as_mut())
+                    {
+                        t.recovery_at = t.recovery_at.map(at_micros);
+                    }
+                    return Ok(outcomes);
+                }
                 Err(BatchError::Db(e)) if retryable(&e) && attempt < BATCH_ATTEMPTS => {
                     tracing::debug!(error = %e, attempt, "batch conflicted, retrying");
+                    // A conflict means another writer: read the rows this time.
+                    known = None;
                     attempt += 1;
                 }
                 Err(BatchError::Db(e)) => return Err(db_error(e)),

@@ -32,6 +32,9 @@ pub struct PgStore {
     /// The committer's own connection: batches commit one after another, and a
     /// pool acquire (with its liveness ping) per batch costs more than the batch.
     batch_conn: std::sync::Arc<tokio::sync::Mutex<Option<sqlx::PgConnection>>>,
+    /// This store's NOTIFY payload. The committer hands what this process
+    /// commits to the fan-out itself, so the listener skips its own notifications.
+    origin: std::sync::Arc<str>,
 }
 
 impl PgStore {
@@ -40,11 +43,13 @@ impl PgStore {
     pub async fn connect(args: &DatabaseArgs, shutdown: CancellationToken) -> Result<Self, Error> {
         let pool = connect_and_migrate(args).await?;
         let (changes, _) = watch::channel(0);
-        changes::spawn_listener(pool.clone(), changes.clone(), shutdown);
+        let origin: std::sync::Arc<str> = format!("{:016x}", rand::random::<u64>()).into();
+        changes::spawn_listener(pool.clone(), changes.clone(), origin.clone(), shutdown);
         Ok(PgStore {
             pool: TimedPool::new(pool),
             changes,
             batch_conn: Default::default(),
+            origin,
         })
     }
 
