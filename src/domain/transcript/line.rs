@@ -50,13 +50,6 @@ impl<'a> Scalar<'a> {
     pub(super) fn is_boolean(&self) -> bool {
         matches!(self, Scalar::Bool(_))
     }
-
-    fn into_owned_str(self) -> Option<String> {
-        match self {
-            Scalar::Str(s) => Some(s.into_owned()),
-            _ => None,
-        }
-    }
 }
 
 /// Reads any value; arrays and objects are skipped.
@@ -488,9 +481,4 @@ impl<'de> Deserialize<'de> for Line<'de> {
 /// The line's fields, or `None` when it is not one JSON object.
 pub(super) fn parse(text: &str) -> Option<Line<'_>> {
     serde_json::from_str(text).ok()
-}
-
-/// A field's string, owned (for the entry), when it is one.
-pub(super) fn owned(s: Option<Scalar<'_>>) -> Option<String> {
-    s.and_then(Scalar::into_owned_str)
 }
