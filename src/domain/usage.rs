@@ -98,9 +98,14 @@ impl MessageCopy {
         (self.file_first_at, &self.path, self.line_no)
     }
 
+    /// The UTC day the copy counts on.
+    pub fn day(&self) -> NaiveDate {
+        self.occurred_at.date_naive()
+    }
+
     pub fn cell(&self) -> CellKey {
         CellKey {
-            day: self.occurred_at.date_naive(),
+            day: self.day(),
             user: self.user.clone(),
             session: self.session.clone(),
             model: self.model.clone(),
@@ -171,7 +176,7 @@ pub fn plan<'a>(
         copy: &'k MessageCopy,
     ) -> &'c mut CellDelta {
         let key = (
-            copy.occurred_at.date_naive(),
+            copy.day(),
             copy.user.as_str(),
             copy.session.as_str(),
             copy.model.as_str(),

@@ -67,9 +67,9 @@ fn at_store_precision(mut copy: MessageCopy) -> MessageCopy {
     copy
 }
 
-/// The day a copy counts on: its time's UTC date (`MessageCopy::cell`).
+/// The day a copy counts on, as stored.
 fn day_of(copy: &MessageCopy) -> String {
-    day_text(copy.cell().day)
+    day_text(copy.day())
 }
 
 /// A stored copy's columns (`usage_entries.model` is NULL for no model).
