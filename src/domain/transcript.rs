@@ -34,6 +34,11 @@
 //!   a line is malformed.
 //! * ccusage reads a last line without a newline; here it is an unfinished
 //!   write left for the next run (`unfinished_tail_bytes`).
+//! * A line is read in one pass for the fields these rules check (see
+//!   `line`): a string in any other field is checked for JSON syntax but not
+//!   decoded, so a lone surrogate escape there (`"\ud83d"`, which JavaScript
+//!   writes for a cut emoji) does not make the line malformed, as it does not
+//!   for ccusage; in a field the rules read it still does.
 //! * ccusage orders files by the earliest timestamp of *any* line (and breaks
 //!   ties by directory listing order); [`dedup_across_files`] only sees usage
 //!   entries, so it orders by the earliest *entry* and breaks ties by label.
