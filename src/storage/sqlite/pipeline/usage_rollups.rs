@@ -1,6 +1,6 @@
 //! Usage rollups in SQLite: replacing files' usage entries and maintaining
 //! the distinct messages and the cells in the same transaction; reports read
-//! from the cells (day-aligned ranges) or the messages.
+//! from the cells, and the messages of the days a range cuts.
 //!
 //! Which copy of a message counts is decided by `domain::usage::plan`; this
 //! code only loads and writes, as the Postgres store does. There is one
