@@ -47,6 +47,7 @@
 
 mod line;
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
@@ -166,16 +167,17 @@ impl UsageTotals {
 /// Parses a whole file's bytes. Only `type == "assistant"` lines with message.usage (input_tokens and output_tokens numbers; cache fields optional, default 0) and a valid timestamp yield entries. Within ONE file, a repeated (message_id, request_id) pair (both present) keeps only its first line (ccusage semantics). Never panics.
 pub fn extract_usage(content: &[u8]) -> UsageExtract {
     let mut entries = Vec::new();
-    let mut seen: HashSet<(String, String)> = HashSet::new();
+    // Ids borrowed from the content: a repeated line allocates nothing.
+    let mut seen: HashSet<(Cow<'_, str>, Cow<'_, str>)> = HashSet::new();
     let counts = scan(content, |line_no, text| {
-        let (class, entry) = classify(line_no, text);
+        let (class, entry) = classify(text);
         if let Some(entry) = entry {
             let duplicate = match (&entry.message_id, &entry.request_id) {
                 (Some(m), Some(r)) => !seen.insert((m.clone(), r.clone())),
                 _ => false,
             };
             if !duplicate {
-                entries.push(entry);
+                entries.push(entry.into_entry(line_no));
             }
         }
         class
@@ -194,7 +196,7 @@ pub fn extract_errors(content: &[u8]) -> ErrorExtract {
     let counts = scan(content, |line_no, text| {
         // Classified as `extract_usage` classifies (the same counts); the
         // errors are read from the whole object.
-        let (class, _) = classify(line_no, text);
+        let (class, _) = classify(text);
         if let Ok(Value::Object(obj)) = serde_json::from_str::<Value>(text) {
             collect_errors(line_no, &obj, &mut errors);
         }
@@ -259,7 +261,7 @@ enum LineClass {
 /// Splits `content` into lines and hands every complete, non-blank line that
 /// is UTF-8 text within [`MAX_LINE_BYTES`] to `on_line`, which classifies it
 /// (other lines are malformed). Returns the counts.
-fn scan(content: &[u8], mut on_line: impl FnMut(u32, &str) -> LineClass) -> LineCounts {
+fn scan<'c>(content: &'c [u8], mut on_line: impl FnMut(u32, &'c str) -> LineClass) -> LineCounts {
     let mut counts = LineCounts::default();
     let mut line_no: u32 = 0;
     let mut rest = content;
@@ -297,8 +299,39 @@ fn scan(content: &[u8], mut on_line: impl FnMut(u32, &str) -> LineClass) -> Line
 /// The line carries usage but fails ccusage's schema.
 struct Malformed;
 
+/// A line's entry, its strings still borrowed from the line (owned only
+/// where the JSON escaped them).
+struct LineEntry<'a> {
+    timestamp: DateTime<Utc>,
+    session_id: Option<Cow<'a, str>>,
+    message_id: Option<Cow<'a, str>>,
+    request_id: Option<Cow<'a, str>>,
+    model: Option<Cow<'a, str>>,
+    input_tokens: u64,
+    output_tokens: u64,
+    cache_creation_tokens: u64,
+    cache_read_tokens: u64,
+}
+
+impl LineEntry<'_> {
+    fn into_entry(self, line_no: u32) -> UsageEntry {
+        UsageEntry {
+            line_no,
+            timestamp: self.timestamp,
+            session_id: self.session_id.map(Cow::into_owned),
+            message_id: self.message_id.map(Cow::into_owned),
+            request_id: self.request_id.map(Cow::into_owned),
+            model: self.model.map(Cow::into_owned),
+            input_tokens: self.input_tokens,
+            output_tokens: self.output_tokens,
+            cache_creation_tokens: self.cache_creation_tokens,
+            cache_read_tokens: self.cache_read_tokens,
+        }
+    }
+}
+
 /// `Ok(None)`: no usage on this line. `Err`: usage present but invalid.
-fn parse_usage(line_no: u32, line: line::Line<'_>) -> Result<Option<UsageEntry>, Malformed> {
+fn parse_usage(line: line::Line<'_>) -> Result<Option<LineEntry<'_>>, Malformed> {
     if line.r#type.as_ref().and_then(Scalar::as_str) != Some("assistant") {
         return Ok(None);
     }
@@ -358,8 +391,7 @@ fn parse_usage(line_no: u32, line: line::Line<'_>) -> Result<Option<UsageEntry>,
         return Err(Malformed);
     }
 
-    Ok(Some(UsageEntry {
-        line_no,
+    Ok(Some(LineEntry {
         timestamp,
         session_id,
         message_id,
@@ -373,8 +405,8 @@ fn parse_usage(line_no: u32, line: line::Line<'_>) -> Result<Option<UsageEntry>,
 }
 
 /// How a line's text classifies for usage (the entry, when it has one).
-fn classify(line_no: u32, text: &str) -> (LineClass, Option<UsageEntry>) {
-    match line::parse(text).map(|fields| parse_usage(line_no, fields)) {
+fn classify(text: &str) -> (LineClass, Option<LineEntry<'_>>) {
+    match line::parse(text).map(parse_usage) {
         None | Some(Err(Malformed)) => (LineClass::Malformed, None),
         Some(Ok(None)) => (LineClass::WithoutUsage, None),
         Some(Ok(Some(entry))) => (LineClass::Usage, Some(entry)),
@@ -392,11 +424,11 @@ fn optional_count(v: Option<Scalar<'_>>) -> Result<u64, Malformed> {
     }
 }
 
-fn optional_nonempty_str(v: Option<Scalar<'_>>) -> Result<Option<String>, Malformed> {
+fn optional_nonempty_str(v: Option<Scalar<'_>>) -> Result<Option<Cow<'_, str>>, Malformed> {
     match v {
         None => Ok(None),
         Some(Scalar::Str(s)) if s.is_empty() => Err(Malformed),
-        Some(Scalar::Str(s)) => Ok(Some(s.into_owned())),
+        Some(Scalar::Str(s)) => Ok(Some(s)),
         Some(_) => Err(Malformed),
     }
 }
