@@ -1,7 +1,9 @@
-//! Session-pipeline throughput, over real gRPC against a real Postgres.
+//! Session-pipeline throughput, over real gRPC against a real store: Postgres,
+//! or the embedded SQLite store with FLEETCARE_TEST_BACKEND=sqlite.
 //!
 //!     cargo bench --bench pipeline
 //!     CCUSAGE_BIN=/work/ccusage-peer/node_modules/.bin/ccusage cargo bench --bench pipeline
+//!     FLEETCARE_TEST_BACKEND=sqlite CCUSAGE_BIN=... cargo bench --bench pipeline
 //!     BENCH_SESSIONS=2000 BENCH_TURNS=8 BENCH_RESCAN_FILES=5000 cargo bench --bench pipeline
 //!
 //! 1. A Claude Code corpus of BENCH_SESSIONS sessions over BENCH_USERS users
@@ -302,8 +304,13 @@ async fn main() {
     let rescan_files = env_usize("BENCH_RESCAN_FILES", 20_000);
     let mb = |b: u64| b as f64 / 1e6;
     println!(
-        "fleetcare pipeline bench, {} cores",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        "fleetcare pipeline bench, {} cores, store: {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        if helpers::sqlite_backend() {
+            "embedded SQLite"
+        } else {
+            "Postgres"
+        }
     );
 
     // 1. First run against ccusage, rerun, GetUsage.

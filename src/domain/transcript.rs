@@ -34,16 +34,26 @@
 //!   a line is malformed.
 //! * ccusage reads a last line without a newline; here it is an unfinished
 //!   write left for the next run (`unfinished_tail_bytes`).
+//! * A line is read in one pass for the fields these rules check (see
+//!   `line`): a string in any other field is checked for JSON syntax but not
+//!   decoded, so a lone surrogate escape there (`"\ud83d"`, which JavaScript
+//!   writes for a cut emoji) does not make the line malformed, as it does not
+//!   for ccusage; in a field the rules read it still does.
 //! * ccusage orders files by the earliest timestamp of *any* line (and breaks
 //!   ties by directory listing order); [`dedup_across_files`] only sees usage
 //!   entries, so it orders by the earliest *entry* and breaks ties by label.
 //!   The choice only decides which file (session) a duplicate is attributed
 //!   to, never per-day or per-model totals.
 
+mod line;
+
+use std::borrow::Cow;
 use std::collections::HashSet;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 use serde_json::{Map, Value};
+
+use line::Scalar;
 
 /// Lines longer than this are skipped as malformed (a runaway line must not exhaust memory).
 pub const MAX_LINE_BYTES: usize = 4 * 1024 * 1024;
@@ -157,20 +167,20 @@ impl UsageTotals {
 /// Parses a whole file's bytes. Only `type == "assistant"` lines with message.usage (input_tokens and output_tokens numbers; cache fields optional, default 0) and a valid timestamp yield entries. Within ONE file, a repeated (message_id, request_id) pair (both present) keeps only its first line (ccusage semantics). Never panics.
 pub fn extract_usage(content: &[u8]) -> UsageExtract {
     let mut entries = Vec::new();
-    let mut seen: HashSet<(String, String)> = HashSet::new();
-    let counts = scan(content, |line_no, obj| match parse_usage(line_no, obj) {
-        Ok(Some(entry)) => {
+    // Ids borrowed from the content: a repeated line allocates nothing.
+    let mut seen: HashSet<(Cow<'_, str>, Cow<'_, str>)> = HashSet::new();
+    let counts = scan(content, |line_no, text| {
+        let (class, entry) = classify(text);
+        if let Some(entry) = entry {
             let duplicate = match (&entry.message_id, &entry.request_id) {
                 (Some(m), Some(r)) => !seen.insert((m.clone(), r.clone())),
                 _ => false,
             };
             if !duplicate {
-                entries.push(entry);
+                entries.push(entry.into_entry(line_no));
             }
-            LineClass::Usage
         }
-        Ok(None) => LineClass::WithoutUsage,
-        Err(Malformed) => LineClass::Malformed,
+        class
     });
     UsageExtract { entries, counts }
 }
@@ -183,13 +193,14 @@ pub fn extract_usage(content: &[u8]) -> UsageExtract {
 /// content order), then the API error. Never panics.
 pub fn extract_errors(content: &[u8]) -> ErrorExtract {
     let mut errors = Vec::new();
-    let counts = scan(content, |line_no, obj| {
-        collect_errors(line_no, obj, &mut errors);
-        match parse_usage(line_no, obj) {
-            Ok(Some(_)) => LineClass::Usage,
-            Ok(None) => LineClass::WithoutUsage,
-            Err(Malformed) => LineClass::Malformed,
+    let counts = scan(content, |line_no, text| {
+        // Classified as `extract_usage` classifies (the same counts); the
+        // errors are read from the whole object.
+        let (class, _) = classify(text);
+        if let Ok(Value::Object(obj)) = serde_json::from_str::<Value>(text) {
+            collect_errors(line_no, &obj, &mut errors);
         }
+        class
     });
     ErrorExtract { errors, counts }
 }
@@ -248,17 +259,15 @@ enum LineClass {
 }
 
 /// Splits `content` into lines and hands every complete, non-blank line that
-/// is a JSON object to `on_object`, which classifies it. Returns the counts.
-fn scan(
-    content: &[u8],
-    mut on_object: impl FnMut(u32, &Map<String, Value>) -> LineClass,
-) -> LineCounts {
+/// is UTF-8 text within [`MAX_LINE_BYTES`] to `on_line`, which classifies it
+/// (other lines are malformed). Returns the counts.
+fn scan<'c>(content: &'c [u8], mut on_line: impl FnMut(u32, &'c str) -> LineClass) -> LineCounts {
     let mut counts = LineCounts::default();
     let mut line_no: u32 = 0;
     let mut rest = content;
     while !rest.is_empty() {
         line_no = line_no.saturating_add(1);
-        let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
+        let Some(nl) = memchr::memchr(b'\n', rest) else {
             // No final newline: an unfinished write, left for the next run.
             counts.unfinished_tail_bytes = rest.len() as u64;
             break;
@@ -270,9 +279,9 @@ fn scan(
             continue;
         }
         counts.lines += 1;
-        let class = match parse_object(raw) {
-            Some(obj) => on_object(line_no, &obj),
-            None => LineClass::Malformed,
+        let class = match std::str::from_utf8(raw) {
+            Ok(text) if raw.len() <= MAX_LINE_BYTES => on_line(line_no, text),
+            _ => LineClass::Malformed,
         };
         match class {
             LineClass::Malformed => counts.malformed += 1,
@@ -283,19 +292,6 @@ fn scan(
     counts
 }
 
-/// A line's JSON object, or `None` if the line is too long, not UTF-8, not
-/// JSON or not an object.
-fn parse_object(raw: &[u8]) -> Option<Map<String, Value>> {
-    if raw.len() > MAX_LINE_BYTES {
-        return None;
-    }
-    let text = std::str::from_utf8(raw).ok()?;
-    match serde_json::from_str::<Value>(text) {
-        Ok(Value::Object(obj)) => Some(obj),
-        _ => None,
-    }
-}
-
 // ---------------------------------------------------------------------------
 // Usage
 // ---------------------------------------------------------------------------
@@ -303,73 +299,99 @@ fn parse_object(raw: &[u8]) -> Option<Map<String, Value>> {
 /// The line carries usage but fails ccusage's schema.
 struct Malformed;
 
+/// A line's entry, its strings still borrowed from the line (owned only
+/// where the JSON escaped them).
+struct LineEntry<'a> {
+    timestamp: DateTime<Utc>,
+    session_id: Option<Cow<'a, str>>,
+    message_id: Option<Cow<'a, str>>,
+    request_id: Option<Cow<'a, str>>,
+    model: Option<Cow<'a, str>>,
+    input_tokens: u64,
+    output_tokens: u64,
+    cache_creation_tokens: u64,
+    cache_read_tokens: u64,
+}
+
+impl LineEntry<'_> {
+    fn into_entry(self, line_no: u32) -> UsageEntry {
+        UsageEntry {
+            line_no,
+            timestamp: self.timestamp,
+            session_id: self.session_id.map(Cow::into_owned),
+            message_id: self.message_id.map(Cow::into_owned),
+            request_id: self.request_id.map(Cow::into_owned),
+            model: self.model.map(Cow::into_owned),
+            input_tokens: self.input_tokens,
+            output_tokens: self.output_tokens,
+            cache_creation_tokens: self.cache_creation_tokens,
+            cache_read_tokens: self.cache_read_tokens,
+        }
+    }
+}
+
 /// `Ok(None)`: no usage on this line. `Err`: usage present but invalid.
-fn parse_usage(line_no: u32, obj: &Map<String, Value>) -> Result<Option<UsageEntry>, Malformed> {
-    if obj.get("type").and_then(Value::as_str) != Some("assistant") {
+fn parse_usage(line: line::Line<'_>) -> Result<Option<LineEntry<'_>>, Malformed> {
+    if line.r#type.as_ref().and_then(Scalar::as_str) != Some("assistant") {
         return Ok(None);
     }
-    let Some(Value::Object(message)) = obj.get("message") else {
+    let Some(line::Message::Object(message)) = line.message else {
         return Ok(None);
     };
-    let Some(usage) = message.get("usage") else {
+    let Some(usage) = message.usage else {
         return Ok(None);
     };
-    let Value::Object(usage) = usage else {
+    let line::Usage::Object(usage) = usage else {
         return Err(Malformed);
     };
 
-    let input_tokens = required_count(usage, "input_tokens")?;
-    let output_tokens = required_count(usage, "output_tokens")?;
-    let cache_creation_tokens = optional_count(usage, "cache_creation_input_tokens")?;
-    let cache_read_tokens = optional_count(usage, "cache_read_input_tokens")?;
-    if let Some(speed) = usage.get("speed")
+    let input_tokens = required_count(usage.input_tokens)?;
+    let output_tokens = required_count(usage.output_tokens)?;
+    let cache_creation_tokens = optional_count(usage.cache_creation_input_tokens)?;
+    let cache_read_tokens = optional_count(usage.cache_read_input_tokens)?;
+    if let Some(speed) = &usage.speed
         && !matches!(speed.as_str(), Some("standard" | "fast"))
     {
         return Err(Malformed);
     }
 
-    let timestamp = obj
-        .get("timestamp")
-        .and_then(Value::as_str)
+    let timestamp = line
+        .timestamp
+        .as_ref()
+        .and_then(Scalar::as_str)
         .and_then(parse_claude_timestamp)
         .ok_or(Malformed)?;
 
-    let message_id = optional_nonempty_str(message, "id")?;
-    let model = optional_nonempty_str(message, "model")?;
-    let request_id = optional_nonempty_str(obj, "requestId")?;
-    let session_id = optional_nonempty_str(obj, "sessionId")?;
+    let message_id = optional_nonempty_str(message.id)?;
+    let model = optional_nonempty_str(message.model)?;
+    let request_id = optional_nonempty_str(line.request_id)?;
+    let session_id = optional_nonempty_str(line.session_id)?;
 
     // The rest of ccusage's schema: fields it does not use for tokens but
     // whose wrong type makes it drop the line.
-    optional_str(obj, "cwd")?;
-    if let Some(v) = obj.get("version")
+    if line.cwd.as_ref().is_some_and(|v| v.as_str().is_none()) {
+        return Err(Malformed);
+    }
+    if let Some(v) = &line.version
         && !v.as_str().is_some_and(is_version)
     {
         return Err(Malformed);
     }
-    if obj.get("costUSD").is_some_and(|v| !v.is_number()) {
+    if line.cost_usd.as_ref().is_some_and(|v| !v.is_number()) {
         return Err(Malformed);
     }
-    if obj
-        .get("isApiErrorMessage")
+    if line
+        .is_api_error_message
+        .as_ref()
         .is_some_and(|v| !v.is_boolean())
     {
         return Err(Malformed);
     }
-    if let Some(content) = message.get("content") {
-        let Value::Array(blocks) = content else {
-            return Err(Malformed);
-        };
-        for block in blocks {
-            let Value::Object(block) = block else {
-                return Err(Malformed);
-            };
-            optional_str(block, "text")?;
-        }
+    if message.content.is_some_and(|ok| !ok.0) {
+        return Err(Malformed);
     }
 
-    Ok(Some(UsageEntry {
-        line_no,
+    Ok(Some(LineEntry {
         timestamp,
         session_id,
         message_id,
@@ -382,30 +404,32 @@ fn parse_usage(line_no: u32, obj: &Map<String, Value>) -> Result<Option<UsageEnt
     }))
 }
 
-fn required_count(map: &Map<String, Value>, key: &str) -> Result<u64, Malformed> {
-    map.get(key).and_then(Value::as_u64).ok_or(Malformed)
+/// How a line's text classifies for usage (the entry, when it has one).
+fn classify(text: &str) -> (LineClass, Option<LineEntry<'_>>) {
+    match line::parse(text).map(parse_usage) {
+        None | Some(Err(Malformed)) => (LineClass::Malformed, None),
+        Some(Ok(None)) => (LineClass::WithoutUsage, None),
+        Some(Ok(Some(entry))) => (LineClass::Usage, Some(entry)),
+    }
 }
 
-fn optional_count(map: &Map<String, Value>, key: &str) -> Result<u64, Malformed> {
-    match map.get(key) {
+fn required_count(v: Option<Scalar<'_>>) -> Result<u64, Malformed> {
+    v.as_ref().and_then(Scalar::as_u64).ok_or(Malformed)
+}
+
+fn optional_count(v: Option<Scalar<'_>>) -> Result<u64, Malformed> {
+    match v {
         None => Ok(0),
         Some(v) => v.as_u64().ok_or(Malformed),
     }
 }
 
-fn optional_str<'a>(map: &'a Map<String, Value>, key: &str) -> Result<Option<&'a str>, Malformed> {
-    match map.get(key) {
+fn optional_nonempty_str(v: Option<Scalar<'_>>) -> Result<Option<Cow<'_, str>>, Malformed> {
+    match v {
         None => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
+        Some(Scalar::Str(s)) if s.is_empty() => Err(Malformed),
+        Some(Scalar::Str(s)) => Ok(Some(s)),
         Some(_) => Err(Malformed),
-    }
-}
-
-fn optional_nonempty_str(map: &Map<String, Value>, key: &str) -> Result<Option<String>, Malformed> {
-    match optional_str(map, key)? {
-        None => Ok(None),
-        Some("") => Err(Malformed),
-        Some(s) => Ok(Some(s.to_owned())),
     }
 }
 
@@ -1169,6 +1193,345 @@ mod tests {
             let files = vec![("a".to_string(), u.entries.clone()), ("b".to_string(), u.entries.clone())];
             let kept = dedup_across_files(&files);
             proptest::prop_assert!(kept.len() <= u.entries.len() * 2);
+        }
+    }
+
+    /// The parser as it was, on a `serde_json::Value` per line: what the
+    /// one-pass parser must agree with (it reads fewer strings, see `line`).
+    mod reference {
+        use super::super::{
+            LineClass, LineCounts, MAX_LINE_BYTES, UsageEntry, is_version, parse_claude_timestamp,
+        };
+        use serde_json::{Map, Value};
+
+        pub fn classify(line_no: u32, raw: &[u8]) -> (LineClass, Option<UsageEntry>) {
+            let obj = match std::str::from_utf8(raw)
+                .ok()
+                .filter(|_| raw.len() <= MAX_LINE_BYTES)
+                .and_then(|t| serde_json::from_str::<Value>(t).ok())
+            {
+                Some(Value::Object(obj)) => obj,
+                _ => return (LineClass::Malformed, None),
+            };
+            match parse_usage(line_no, &obj) {
+                Ok(Some(e)) => (LineClass::Usage, Some(e)),
+                Ok(None) => (LineClass::WithoutUsage, None),
+                Err(()) => (LineClass::Malformed, None),
+            }
+        }
+
+        /// Counts and entries (before the within-file de-duplication).
+        pub fn extract(content: &[u8]) -> (LineCounts, Vec<UsageEntry>) {
+            let mut counts = LineCounts::default();
+            let mut entries = Vec::new();
+            for (i, raw) in content.split(|b| *b == b'\n').enumerate() {
+                let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+                if raw.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                counts.lines += 1;
+                match classify(i as u32 + 1, raw) {
+                    (LineClass::Malformed, _) => counts.malformed += 1,
+                    (LineClass::WithoutUsage, _) => counts.without_usage += 1,
+                    (LineClass::Usage, e) => {
+                        counts.usage += 1;
+                        entries.extend(e);
+                    }
+                }
+            }
+            (counts, entries)
+        }
+
+        fn parse_usage(line_no: u32, obj: &Map<String, Value>) -> Result<Option<UsageEntry>, ()> {
+            if obj.get("type").and_then(Value::as_str) != Some("assistant") {
+                return Ok(None);
+            }
+            let Some(Value::Object(message)) = obj.get("message") else {
+                return Ok(None);
+            };
+            let Some(usage) = message.get("usage") else {
+                return Ok(None);
+            };
+            let Value::Object(usage) = usage else {
+                return Err(());
+            };
+            let input_tokens = required_count(usage, "input_tokens")?;
+            let output_tokens = required_count(usage, "output_tokens")?;
+            let cache_creation_tokens = optional_count(usage, "cache_creation_input_tokens")?;
+            let cache_read_tokens = optional_count(usage, "cache_read_input_tokens")?;
+            if let Some(speed) = usage.get("speed")
+                && !matches!(speed.as_str(), Some("standard" | "fast"))
+            {
+                return Err(());
+            }
+            let timestamp = obj
+                .get("timestamp")
+                .and_then(Value::as_str)
+                .and_then(parse_claude_timestamp)
+                .ok_or(())?;
+            let message_id = optional_nonempty_str(message, "id")?;
+            let model = optional_nonempty_str(message, "model")?;
+            let request_id = optional_nonempty_str(obj, "requestId")?;
+            let session_id = optional_nonempty_str(obj, "sessionId")?;
+            optional_str(obj, "cwd")?;
+            if let Some(v) = obj.get("version")
+                && !v.as_str().is_some_and(is_version)
+            {
+                return Err(());
+            }
+            if obj.get("costUSD").is_some_and(|v| !v.is_number()) {
+                return Err(());
+            }
+            if obj
+                .get("isApiErrorMessage")
+                .is_some_and(|v| !v.is_boolean())
+            {
+                return Err(());
+            }
+            if let Some(content) = message.get("content") {
+                let Value::Array(blocks) = content else {
+                    return Err(());
+                };
+                for block in blocks {
+                    let Value::Object(block) = block else {
+                        return Err(());
+                    };
+                    optional_str(block, "text")?;
+                }
+            }
+            Ok(Some(UsageEntry {
+                line_no,
+                timestamp,
+                session_id,
+                message_id,
+                request_id,
+                model,
+                input_tokens,
+                output_tokens,
+                cache_creation_tokens,
+                cache_read_tokens,
+            }))
+        }
+
+        fn required_count(map: &Map<String, Value>, key: &str) -> Result<u64, ()> {
+            map.get(key).and_then(Value::as_u64).ok_or(())
+        }
+
+        fn optional_count(map: &Map<String, Value>, key: &str) -> Result<u64, ()> {
+            match map.get(key) {
+                None => Ok(0),
+                Some(v) => v.as_u64().ok_or(()),
+            }
+        }
+
+        fn optional_str<'a>(map: &'a Map<String, Value>, key: &str) -> Result<Option<&'a str>, ()> {
+            match map.get(key) {
+                None => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s)),
+                Some(_) => Err(()),
+            }
+        }
+
+        fn optional_nonempty_str(
+            map: &Map<String, Value>,
+            key: &str,
+        ) -> Result<Option<String>, ()> {
+            match optional_str(map, key)? {
+                None => Ok(None),
+                Some("") => Err(()),
+                Some(s) => Ok(Some(s.to_owned())),
+            }
+        }
+    }
+
+    /// A value of any JSON type, often of the type the schema wants.
+    fn any_value() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just("null".to_string()),
+            Just("true".to_string()),
+            Just("\"\"".to_string()),
+            Just("\"assistant\"".to_string()),
+            Just("\"assist\\u0061nt\"".to_string()),
+            Just("\"user\"".to_string()),
+            Just("\"standard\"".to_string()),
+            Just("\"2026-03-14T23:50:05.000Z\"".to_string()),
+            Just("\"2026-03-14T23:50:05Z\"".to_string()),
+            Just("\"2.1.3\"".to_string()),
+            Just("\"m\\n1\"".to_string()),
+            Just("\"x\"".to_string()),
+            Just("0".to_string()),
+            Just("-0".to_string()),
+            Just("7".to_string()),
+            Just("-3".to_string()),
+            Just("1.5".to_string()),
+            Just("2e3".to_string()),
+            Just("18446744073709551615".to_string()),
+            Just("18446744073709551616".to_string()),
+            Just("[]".to_string()),
+            Just("{}".to_string()),
+            Just("[{\"type\":\"text\",\"text\":\"hi\"}]".to_string()),
+            Just("[{\"text\":1}]".to_string()),
+            Just("[1]".to_string()),
+            Just("[{\"type\":\"text\",\"text\":\"a\",\"text\":null}]".to_string()),
+        ]
+    }
+
+    /// An object of some of `keys`, each with some value, a key now and then twice.
+    fn object(
+        keys: &'static [&'static str],
+        inner: impl proptest::strategy::Strategy<Value = String>,
+    ) -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop::collection::vec((prop::sample::select(keys), inner), 0..keys.len() + 2).prop_map(
+            |fields| {
+                let body: Vec<String> = fields
+                    .into_iter()
+                    .map(|(k, v)| format!("\"{k}\":{v}"))
+                    .collect();
+                format!("{{{}}}", body.join(","))
+            },
+        )
+    }
+
+    fn usage_object() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let count = prop_oneof![Just("12".to_string()), any_value()];
+        prop_oneof![
+            3 => object(
+                &[
+                    "input_tokens",
+                    "output_tokens",
+                    "cache_creation_input_tokens",
+                    "cache_read_input_tokens",
+                    "speed",
+                    "service_tier",
+                ],
+                count,
+            ),
+            1 => any_value(),
+        ]
+    }
+
+    fn message_object() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let field = prop_oneof![usage_object(), any_value()];
+        prop_oneof![
+            4 => object(&["id", "model", "usage", "usage", "content", "role"], field),
+            1 => any_value(),
+        ]
+    }
+
+    fn line_object() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let field = prop_oneof![message_object(), any_value()];
+        object(
+            &[
+                "type",
+                "type",
+                "message",
+                "message",
+                "timestamp",
+                "requestId",
+                "sessionId",
+                "cwd",
+                "version",
+                "costUSD",
+                "isApiErrorMessage",
+                "uuid",
+            ],
+            field,
+        )
+    }
+
+    /// A valid assistant line whose fields are now and then of another value or type.
+    fn mutated_usage_line() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        fn or_any(valid: &'static str) -> impl Strategy<Value = String> {
+            prop_oneof![6 => Just(valid.to_string()), 1 => any_value()]
+        }
+        (
+            (
+                or_any("\"assistant\""),
+                or_any("\"2026-03-14T23:50:05.123Z\""),
+                or_any("\"req_1\""),
+                or_any("\"s1\""),
+                or_any("\"/work\""),
+                or_any("\"1.0.80\""),
+            ),
+            (
+                or_any("\"msg_1\""),
+                or_any("\"claude-sonnet-4\""),
+                or_any("[{\"type\":\"text\",\"text\":\"ok\"},{\"type\":\"tool_use\",\"input\":{}}]"),
+                or_any("3"),
+                or_any("100"),
+                or_any("20000"),
+            ),
+        )
+            .prop_map(|((t, ts, rid, sid, cwd, ver), (mid, model, content, i, o, cr))| {
+                format!(
+                    r#"{{"parentUuid":null,"type":{t},"timestamp":{ts},"requestId":{rid},"sessionId":{sid},"cwd":{cwd},"version":{ver},"message":{{"id":{mid},"model":{model},"content":{content},"usage":{{"input_tokens":{i},"output_tokens":{o},"cache_read_input_tokens":{cr},"server_tool_use":{{"web_search_requests":0}}}}}}}}"#
+                )
+            })
+    }
+
+    #[test]
+    fn strings_the_usage_rules_do_not_read_are_not_decoded() {
+        // A lone surrogate escape: JSON.parse (and so ccusage) accepts it,
+        // serde_json refuses to decode it. In text nobody reads, the line counts.
+        let line = |text: &str, request: &str| {
+            format!(
+                r#"{{"type":"assistant","timestamp":"{T1}","requestId":"{request}","message":{{"id":"m","content":[{{"type":"tool_use","input":{{"q":"{text}"}}}}],"usage":{{"input_tokens":1,"output_tokens":2}}}}}}"#
+            ) + "\n"
+        };
+        let x = extract_usage(line("cut \\ud83d", "r").as_bytes());
+        assert_eq!((x.counts.usage, x.entries.len()), (1, 1));
+        // In a field the rules read, the line is malformed as before.
+        let x = extract_usage(line("ok", "r\\ud83d").as_bytes());
+        assert_eq!((x.counts.malformed, x.entries.len()), (1, 0));
+        // extract_errors classifies the same way.
+        let e = extract_errors(line("cut \\ud83d", "r").as_bytes());
+        assert_eq!(e.counts.usage, 1);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// The same, on lines that mostly carry usage.
+        #[test]
+        fn the_one_pass_parser_agrees_on_usage_lines(
+            lines in proptest::collection::vec(mutated_usage_line(), 1..6),
+        ) {
+            let mut bytes = lines.join("\n").into_bytes();
+            bytes.push(b'\n');
+            let (counts, mut entries) = reference::extract(&bytes);
+            let mut seen = std::collections::HashSet::new();
+            entries.retain(|e| match (&e.message_id, &e.request_id) {
+                (Some(m), Some(r)) => seen.insert((m.clone(), r.clone())),
+                _ => true,
+            });
+            let got = extract_usage(&bytes);
+            proptest::prop_assert_eq!(&got.counts, &counts);
+            proptest::prop_assert_eq!(&got.entries, &entries);
+        }
+
+        /// The one-pass parser classifies every line and reads every entry as
+        /// the `Value` parser did.
+        #[test]
+        fn the_one_pass_parser_agrees_with_the_value_parser(
+            lines in proptest::collection::vec(line_object(), 1..8),
+        ) {
+            let mut bytes = lines.join("\n").into_bytes();
+            bytes.push(b'\n');
+            let (counts, mut entries) = reference::extract(&bytes);
+            let mut seen = std::collections::HashSet::new();
+            entries.retain(|e| match (&e.message_id, &e.request_id) {
+                (Some(m), Some(r)) => seen.insert((m.clone(), r.clone())),
+                _ => true,
+            });
+            let got = extract_usage(&bytes);
+            proptest::prop_assert_eq!(&got.counts, &counts);
+            proptest::prop_assert_eq!(&got.entries, &entries);
         }
     }
 }

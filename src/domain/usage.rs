@@ -98,9 +98,14 @@ impl MessageCopy {
         (self.file_first_at, &self.path, self.line_no)
     }
 
+    /// The UTC day the copy counts on.
+    pub fn day(&self) -> NaiveDate {
+        self.occurred_at.date_naive()
+    }
+
     pub fn cell(&self) -> CellKey {
         CellKey {
-            day: self.occurred_at.date_naive(),
+            day: self.day(),
             user: self.user.clone(),
             session: self.session.clone(),
             model: self.model.clone(),
@@ -135,18 +140,19 @@ pub struct CellDelta {
     pub removed: bool,
 }
 
-/// How the store's messages and cells change.
+/// How the store's messages and cells change. Borrows the copies it was
+/// planned from: nothing is copied per message.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RollupPlan {
+pub struct RollupPlan<'a> {
     /// New or changed winners, by key.
-    pub upserts: Vec<MessageCopy>,
+    pub upserts: Vec<&'a MessageCopy>,
     /// Messages no file has any more.
-    pub deletes: Vec<String>,
+    pub deletes: Vec<&'a str>,
     /// Sorted by cell: the store updates cells in this order (a fixed lock order).
     pub cells: Vec<CellDelta>,
 }
 
-impl RollupPlan {
+impl RollupPlan<'_> {
     pub fn is_empty(&self) -> bool {
         self.upserts.is_empty() && self.deletes.is_empty() && self.cells.is_empty()
     }
@@ -156,16 +162,27 @@ impl RollupPlan {
 /// (`current`, what the totals count now) and every stored copy after the
 /// file's replacement (`copies`). A key absent from `copies` has no copy left.
 /// `affected` lists every key to decide.
-pub fn plan(
-    affected: &[String],
-    current: &HashMap<String, MessageCopy>,
-    copies: &HashMap<String, Vec<MessageCopy>>,
-) -> RollupPlan {
+pub fn plan<'a>(
+    affected: &[&'a str],
+    current: &HashMap<&str, &'a MessageCopy>,
+    copies: &HashMap<&str, Vec<&'a MessageCopy>>,
+) -> RollupPlan<'a> {
     let mut plan = RollupPlan::default();
-    let mut cells: BTreeMap<CellKey, CellDelta> = BTreeMap::new();
-    fn cell(cells: &mut BTreeMap<CellKey, CellDelta>, key: CellKey) -> &mut CellDelta {
-        cells.entry(key.clone()).or_insert_with(|| CellDelta {
-            cell: key,
+    // Borrowed cell keys while summing: one owned key per cell at the end.
+    type Key<'k> = (NaiveDate, &'k str, &'k str, &'k str);
+    let mut cells: BTreeMap<Key<'a>, CellDelta> = BTreeMap::new();
+    fn cell<'c, 'k>(
+        cells: &'c mut BTreeMap<Key<'k>, CellDelta>,
+        copy: &'k MessageCopy,
+    ) -> &'c mut CellDelta {
+        let key = (
+            copy.day(),
+            copy.user.as_str(),
+            copy.session.as_str(),
+            copy.model.as_str(),
+        );
+        cells.entry(key).or_insert_with(|| CellDelta {
+            cell: copy.cell(),
             tokens: Tokens::default(),
             messages: 0,
             first_at: None,
@@ -173,21 +190,21 @@ pub fn plan(
             removed: false,
         })
     }
-    for key in affected {
-        let old = current.get(key);
-        let new = copies.get(key).and_then(|c| winner(c.iter()));
+    for &key in affected {
+        let old = current.get(key).copied();
+        let new = copies.get(key).and_then(|c| winner(c.iter().copied()));
         if old == new {
             continue;
         }
         if let Some(old) = old {
-            let delta = cell(&mut cells, old.cell());
+            let delta = cell(&mut cells, old);
             delta.tokens.add(&old.tokens, -1);
             delta.messages -= 1;
             delta.removed = true;
         }
         match new {
             Some(new) => {
-                let delta = cell(&mut cells, new.cell());
+                let delta = cell(&mut cells, new);
                 delta.tokens.add(&new.tokens, 1);
                 delta.messages += 1;
                 delta.first_at = Some(
@@ -200,9 +217,9 @@ pub fn plan(
                         .last_at
                         .map_or(new.occurred_at, |l| l.max(new.occurred_at)),
                 );
-                plan.upserts.push(new.clone());
+                plan.upserts.push(new);
             }
-            None => plan.deletes.push(key.clone()),
+            None => plan.deletes.push(key),
         }
     }
     plan.cells = cells
@@ -214,21 +231,45 @@ pub fn plan(
     plan
 }
 
-/// A `[since, until)` range as whole UTC days, when both bounds (those given)
-/// fall on midnight UTC: the cells answer it. `None`: it cuts through a day
-/// and needs the messages themselves.
-pub fn day_range(
-    since: Option<DateTime<Utc>>,
-    until: Option<DateTime<Utc>>,
-) -> Option<(Option<NaiveDate>, Option<NaiveDate>)> {
-    let day = |t: Option<DateTime<Utc>>| -> Option<Option<NaiveDate>> {
-        match t {
-            None => Some(None),
-            Some(t) if t.time() == NaiveTime::MIN => Some(Some(t.date_naive())),
-            Some(_) => None,
+/// How a `[since, until)` range is answered: the cells of the whole UTC days
+/// it covers, and the messages of the (at most two) days it cuts through,
+/// filtered by their time. Both are found by the cells' days, so no report
+/// needs an index on the messages' time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RangeSplit {
+    /// Whole days `[whole_from, whole_to)` (`None`: unbounded), answered from
+    /// the cells; empty when `whole_from >= whole_to`.
+    pub whole_from: Option<NaiveDate>,
+    pub whole_to: Option<NaiveDate>,
+    /// Days the range covers only in part (a bound inside them), never among
+    /// the whole days: their messages in `[since, until)` count.
+    pub partial_days: Vec<NaiveDate>,
+}
+
+/// Splits `[since, until)` into whole UTC days and the days a bound cuts through.
+pub fn split_range(since: Option<DateTime<Utc>>, until: Option<DateTime<Utc>>) -> RangeSplit {
+    let midnight = |t: DateTime<Utc>| t.time() == NaiveTime::MIN;
+    let mut partial_days = Vec::new();
+    let whole_from = since.map(|s| {
+        if midnight(s) {
+            s.date_naive()
+        } else {
+            partial_days.push(s.date_naive());
+            s.date_naive().succ_opt().unwrap_or(NaiveDate::MAX)
         }
-    };
-    Some((day(since)?, day(until)?))
+    });
+    let whole_to = until.map(|u| {
+        if !midnight(u) {
+            partial_days.push(u.date_naive());
+        }
+        u.date_naive()
+    });
+    partial_days.dedup();
+    RangeSplit {
+        whole_from,
+        whole_to,
+        partial_days,
+    }
 }
 
 /// How `usage` groups token usage.
@@ -443,11 +484,11 @@ mod tests {
             Utc.with_ymd_and_hms(2026, 3, 15, 0, 0, 0).unwrap(),
             10,
         );
-        let current = HashMap::from([("k".to_string(), early.clone())]);
+        let current = HashMap::from([("k", &early)]);
         // a.jsonl was rewritten without the message: b's copy now counts, on its own day.
-        let copies = HashMap::from([("k".to_string(), vec![late.clone()])]);
-        let p = plan(&["k".into()], &current, &copies);
-        assert_eq!(p.upserts, vec![late.clone()]);
+        let copies = HashMap::from([("k", vec![&late])]);
+        let p = plan(&["k"], &current, &copies);
+        assert_eq!(p.upserts, vec![&late]);
         assert!(p.deletes.is_empty());
         assert_eq!(p.cells.len(), 2);
         assert_eq!(
@@ -467,21 +508,40 @@ mod tests {
             (1, 10, false)
         );
         // No copy left: the message goes.
-        let p = plan(&["k".into()], &current, &HashMap::new());
-        assert_eq!(p.deletes, vec!["k".to_string()]);
+        let p = plan(&["k"], &current, &HashMap::new());
+        assert_eq!(p.deletes, vec!["k"]);
         // Nothing changed: nothing to write.
-        let copies = HashMap::from([("k".to_string(), vec![early.clone(), late])]);
-        assert!(plan(&["k".into()], &current, &copies).is_empty());
+        let copies = HashMap::from([("k", vec![&early, &late])]);
+        assert!(plan(&["k"], &current, &copies).is_empty());
     }
 
     #[test]
-    fn only_ranges_on_midnight_are_day_aligned() {
+    fn a_range_splits_into_whole_days_and_the_days_its_bounds_cut() {
         let midnight = Utc.with_ymd_and_hms(2026, 3, 14, 0, 0, 0).unwrap();
-        assert_eq!(day_range(None, None), Some((None, None)));
+        let day = |d: u32| NaiveDate::from_ymd_opt(2026, 3, d).unwrap();
+        let split = |since, until| {
+            let s = split_range(since, until);
+            (s.whole_from, s.whole_to, s.partial_days)
+        };
+        assert_eq!(split(None, None), (None, None, vec![]));
+        assert_eq!(split(Some(midnight), None), (Some(day(14)), None, vec![]));
+        // 01:00 on the 14th: the 14th is cut, no whole day before it.
         assert_eq!(
-            day_range(Some(midnight), None),
-            Some((Some(midnight.date_naive()), None))
+            split(Some(midnight), Some(at(1, 0))),
+            (Some(day(14)), Some(day(14)), vec![day(14)])
         );
-        assert_eq!(day_range(Some(midnight), Some(at(1, 0))), None);
+        assert_eq!(
+            split(Some(at(1, 0)), Some(midnight + chrono::Duration::days(3))),
+            (Some(day(15)), Some(day(17)), vec![day(14)])
+        );
+        // Both bounds inside one day: that day only, once.
+        assert_eq!(
+            split(Some(at(1, 0)), Some(at(2, 0))),
+            (Some(day(15)), Some(day(14)), vec![day(14)])
+        );
+        assert_eq!(
+            split(None, Some(at(2, 0))),
+            (None, Some(day(14)), vec![day(14)])
+        );
     }
 }

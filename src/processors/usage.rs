@@ -32,7 +32,8 @@ impl SessionProcessor for UsageProcessor {
         if extract.counts.malformed > 0 {
             tracing::debug!(session = %file.path, malformed = extract.counts.malformed, "skipped malformed lines");
         }
-        sink.replace_usage(file, &extract.entries).await?;
-        Ok(extract.entries.len() as i64)
+        let items = extract.entries.len() as i64;
+        sink.replace_usage(file, extract.entries).await?;
+        Ok(items)
     }
 }

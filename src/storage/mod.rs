@@ -321,7 +321,7 @@ pub struct TranscriptErrorEvent {
 /// commits (see [`SessionOutput`]).
 #[async_trait]
 pub trait SessionSink: Send {
-    async fn replace_usage(&mut self, file: &SessionFile, entries: &[UsageEntry]) -> Result<()>;
+    async fn replace_usage(&mut self, file: &SessionFile, entries: Vec<UsageEntry>) -> Result<()>;
     async fn replace_transcript_errors(
         &mut self,
         file: &SessionFile,
@@ -340,8 +340,8 @@ pub struct SessionOutput {
 
 #[async_trait]
 impl SessionSink for SessionOutput {
-    async fn replace_usage(&mut self, _file: &SessionFile, entries: &[UsageEntry]) -> Result<()> {
-        self.usage = Some(entries.to_vec());
+    async fn replace_usage(&mut self, _file: &SessionFile, entries: Vec<UsageEntry>) -> Result<()> {
+        self.usage = Some(entries);
         Ok(())
     }
 

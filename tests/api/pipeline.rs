@@ -495,8 +495,9 @@ impl fleetcare::processors::SessionProcessor for Gated {
         self.gate.entered.add_permits(1);
         self.gate.permits.acquire().await.unwrap().forget();
         let entries = fleetcare::domain::transcript::extract_usage(&content).entries;
-        sink.replace_usage(file, &entries).await?;
-        Ok(entries.len() as i64)
+        let items = entries.len() as i64;
+        sink.replace_usage(file, entries).await?;
+        Ok(items)
     }
 }
 

@@ -143,6 +143,16 @@ async fn check(app: &TestApp, processed: &BTreeMap<&str, String>, step: usize) {
         (None, None),
         (Some(day(15)), Some(day(16))),
         (Some(day(14) + chrono::Duration::hours(12)), None),
+        // Bounds inside days: the cut days' messages, through their cells.
+        (None, Some(day(15) + chrono::Duration::minutes(7 * 60 + 30))),
+        (
+            Some(day(14) + chrono::Duration::minutes(80)),
+            Some(day(14) + chrono::Duration::minutes(100)),
+        ),
+        (
+            Some(day(14) + chrono::Duration::minutes(90)),
+            Some(day(16) + chrono::Duration::minutes(13 * 60 + 30)),
+        ),
     ];
     for group_by in [
         UsageGrouping::Day,

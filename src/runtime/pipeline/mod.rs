@@ -134,10 +134,23 @@ struct Ready {
     outcome: FileOutcome,
 }
 
-/// A batch of sessions, and which attempt at committing it this is.
+/// A batch of sessions (what each writes, and what it counts for once
+/// committed), and which attempt at committing it this is.
 struct Batch {
-    sessions: Vec<Ready>,
+    writes: Vec<SessionWrite>,
+    outcomes: Vec<FileOutcome>,
     attempt: u64,
+}
+
+impl Batch {
+    fn of(sessions: impl Iterator<Item = Ready>) -> Batch {
+        let (writes, outcomes) = sessions.map(|r| (r.write, r.outcome)).unzip();
+        Batch {
+            writes,
+            outcomes,
+            attempt: 1,
+        }
+    }
 }
 
 enum Event<'f> {
@@ -151,16 +164,15 @@ async fn commit_batch(store: Arc<dyn PipelineStore>, batch: Batch) -> (Batch, Re
     if batch.attempt > 1 {
         tokio::time::sleep(Duration::from_millis(5 * (batch.attempt - 1))).await;
     }
-    let writes: Vec<SessionWrite> = batch.sessions.iter().map(|r| r.write.clone()).collect();
     let span = tracing::info_span!(
         "pipeline_commit",
-        sessions = writes.len() as i64,
+        sessions = batch.writes.len() as i64,
         attempt = batch.attempt as i64,
         elapsed_ms = tracing::field::Empty,
     );
     let started = std::time::Instant::now();
     let committed = store
-        .commit_sessions(&writes)
+        .commit_sessions(&batch.writes)
         .instrument(span.clone())
         .await;
     span.record("elapsed_ms", started.elapsed().as_secs_f64() * 1000.0);
@@ -454,10 +466,9 @@ impl Pipeline {
             while !stopping && committing.len() < COMMITS_IN_FLIGHT {
                 let batch = match retries.pop_front() {
                     Some(batch) => batch,
-                    None if !ready.is_empty() => Batch {
-                        sessions: ready.drain(..ready.len().min(MAX_BATCH_FILES)).collect(),
-                        attempt: 1,
-                    },
+                    None if !ready.is_empty() => {
+                        Batch::of(ready.drain(..ready.len().min(MAX_BATCH_FILES)))
+                    }
                     None => break,
                 };
                 committing.push(commit_batch(self.store.clone(), batch));
@@ -499,9 +510,9 @@ impl Pipeline {
                     }
                 }
                 Some(Event::Committed((batch, Ok(())))) => {
-                    for done in batch.sessions {
+                    for (write, outcome) in batch.writes.iter().zip(batch.outcomes) {
                         stats.scanned += 1;
-                        match done.outcome {
+                        match outcome {
                             FileOutcome::Processed { items } => {
                                 stats.processed += 1;
                                 stats.items_extracted += items;
@@ -510,8 +521,8 @@ impl Pipeline {
                                 stats.failed += 1;
                                 stats.dead += i64::from(dead);
                                 self.count_sessions(processor.name(), "dead", i64::from(dead));
-                                tracing::warn!(processor = processor.name(), session = %done.write.file.path, %error, "session failed");
-                                stats.record_error(&done.write.file.path, error);
+                                tracing::warn!(processor = processor.name(), session = %write.file.path, %error, "session failed");
+                                stats.record_error(&write.file.path, error);
                             }
                         }
                     }
@@ -523,7 +534,7 @@ impl Pipeline {
                     if batch.attempt < MAX_CONFLICT_RETRIES && !stopping =>
                 {
                     tracing::debug!(
-                        files = batch.sessions.len(),
+                        files = batch.writes.len(),
                         attempt = batch.attempt as i64,
                         "conflict, retrying the batch"
                     );
@@ -946,8 +957,9 @@ mod tests {
                 "boom" => panic!("processor bug on {}", file.path),
                 _ => {
                     let entries = extract_usage(&content).entries;
-                    sink.replace_usage(file, &entries).await?;
-                    Ok(entries.len() as i64)
+                    let items = entries.len() as i64;
+                    sink.replace_usage(file, entries).await?;
+                    Ok(items)
                 }
             }
         }

@@ -93,9 +93,10 @@ impl SessionProcessor for Held {
         self.entered.add_permits(1);
         self.gate.acquire().await.unwrap().forget();
         let entries = extract_usage(&content).entries;
-        sink.replace_usage(file, &entries).await?;
+        let items = entries.len() as i64;
+        sink.replace_usage(file, entries).await?;
         self.left.add_permits(1);
-        Ok(entries.len() as i64)
+        Ok(items)
     }
 }
 

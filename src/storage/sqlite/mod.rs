@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use tokio::sync::watch;
 
@@ -210,7 +210,12 @@ pub(crate) fn from_micros_opt(us: Option<i64>) -> Option<DateTime<Utc>> {
 
 /// A date as stored: `YYYY-MM-DD`.
 pub(crate) fn day_text(day: NaiveDate) -> String {
-    day.format("%Y-%m-%d").to_string()
+    // Written once per message: plain digits rather than a format string
+    // parsed every time (the same text for years 0 to 9999).
+    match day.year() {
+        year @ 0..=9999 => format!("{year:04}-{:02}-{:02}", day.month(), day.day()),
+        _ => day.format("%Y-%m-%d").to_string(),
+    }
 }
 
 /// A stored date.
@@ -280,6 +285,18 @@ mod tests {
         assert_eq!(day_text(d), "2026-02-03");
         assert_eq!(parse_day("2026-02-03").unwrap(), d);
         assert!(parse_day("yesterday").is_err());
+        // The digits written by hand are chrono's, and sort as the days do.
+        for (y, m, d) in [
+            (5, 1, 9),
+            (999, 12, 31),
+            (2026, 10, 1),
+            (9999, 12, 31),
+            (10000, 1, 1),
+        ] {
+            let day = NaiveDate::from_ymd_opt(y, m, d).unwrap();
+            assert_eq!(day_text(day), day.format("%Y-%m-%d").to_string());
+            assert_eq!(parse_day(&day_text(day)).unwrap(), day);
+        }
     }
 
     #[tokio::test]

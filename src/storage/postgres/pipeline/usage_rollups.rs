@@ -58,15 +58,15 @@ impl From<CopyRow> for MessageCopy {
     }
 }
 
-/// Column arrays of a list of copies, for `UNNEST`.
-struct CopyColumns {
-    key: Vec<String>,
-    path: Vec<String>,
+/// Column arrays of a list of copies, for `UNNEST` (the text borrowed).
+struct CopyColumns<'a> {
+    key: Vec<&'a str>,
+    path: Vec<&'a str>,
     line_no: Vec<i32>,
     file_first_at: Vec<DateTime<Utc>>,
-    user: Vec<String>,
-    session: Vec<String>,
-    model: Vec<String>,
+    user: Vec<&'a str>,
+    session: Vec<&'a str>,
+    model: Vec<&'a str>,
     occurred_at: Vec<DateTime<Utc>>,
     day: Vec<NaiveDate>,
     input: Vec<i64>,
@@ -75,31 +75,32 @@ struct CopyColumns {
     read: Vec<i64>,
 }
 
-impl CopyColumns {
-    fn of<'a>(copies: impl IntoIterator<Item = &'a MessageCopy>) -> Self {
+impl<'a> CopyColumns<'a> {
+    fn of(copies: impl ExactSizeIterator<Item = &'a MessageCopy>) -> Self {
+        let n = copies.len();
         let mut c = CopyColumns {
-            key: Vec::new(),
-            path: Vec::new(),
-            line_no: Vec::new(),
-            file_first_at: Vec::new(),
-            user: Vec::new(),
-            session: Vec::new(),
-            model: Vec::new(),
-            occurred_at: Vec::new(),
-            day: Vec::new(),
-            input: Vec::new(),
-            output: Vec::new(),
-            creation: Vec::new(),
-            read: Vec::new(),
+            key: Vec::with_capacity(n),
+            path: Vec::with_capacity(n),
+            line_no: Vec::with_capacity(n),
+            file_first_at: Vec::with_capacity(n),
+            user: Vec::with_capacity(n),
+            session: Vec::with_capacity(n),
+            model: Vec::with_capacity(n),
+            occurred_at: Vec::with_capacity(n),
+            day: Vec::with_capacity(n),
+            input: Vec::with_capacity(n),
+            output: Vec::with_capacity(n),
+            creation: Vec::with_capacity(n),
+            read: Vec::with_capacity(n),
         };
         for m in copies {
-            c.key.push(m.key.clone());
-            c.path.push(m.path.clone());
+            c.key.push(&m.key);
+            c.path.push(&m.path);
             c.line_no.push(m.line_no);
             c.file_first_at.push(m.file_first_at);
-            c.user.push(m.user.clone());
-            c.session.push(m.session.clone());
-            c.model.push(m.model.clone());
+            c.user.push(&m.user);
+            c.session.push(&m.session);
+            c.model.push(&m.model);
             c.occurred_at.push(m.occurred_at);
             c.day.push(m.occurred_at.date_naive());
             c.input.push(m.tokens.input);
@@ -164,8 +165,8 @@ pub(crate) async fn replace_usage(
     }
     // Every file's copies (one per key within a file) with their entries' ids.
     let mut copies: Vec<MessageCopy> = Vec::new();
-    let mut message_ids: Vec<Option<String>> = Vec::new();
-    let mut request_ids: Vec<Option<String>> = Vec::new();
+    let mut message_ids: Vec<Option<&str>> = Vec::new();
+    let mut request_ids: Vec<Option<&str>> = Vec::new();
     for (file, entries) in files {
         let own = MessageCopy::from_file(&file.path, &file.user, &file.session, entries);
         let mut own: Vec<(MessageCopy, &UsageEntry)> =
@@ -173,8 +174,8 @@ pub(crate) async fn replace_usage(
         own.sort_by(|a, b| a.0.key.cmp(&b.0.key));
         own.dedup_by(|a, b| a.0.key == b.0.key);
         for (copy, entry) in own {
-            message_ids.push(entry.message_id.clone());
-            request_ids.push(entry.request_id.clone());
+            message_ids.push(entry.message_id.as_deref());
+            request_ids.push(entry.request_id.as_deref());
             copies.push(copy);
         }
     }
@@ -219,7 +220,12 @@ pub(crate) async fn replace_usage(
                       $27::bigint[], $28::bigint[])
                   ON CONFLICT (dedup_key) DO NOTHING
                   RETURNING dedup_key)
-         SELECT false, dedup_key FROM old UNION ALL SELECT true, dedup_key FROM won",
+         -- Back: the old entries' keys, and the batch's messages that were
+         -- already written (usually few: not every new winner's key).
+         SELECT false, dedup_key FROM old
+         UNION ALL
+         SELECT true, k FROM UNNEST($16::text[]) AS b(k)
+         WHERE k NOT IN (SELECT dedup_key FROM won)",
     )
     .bind(&paths)
     .bind(&c.path)
@@ -253,25 +259,34 @@ pub(crate) async fn replace_usage(
     .await
     .map_err(db_error)?;
     let mut old_keys = Vec::new();
-    let mut inserted = HashSet::new();
-    for (won, key) in keys {
-        if won {
-            inserted.insert(key);
+    let mut existing = HashSet::new();
+    for (best, key) in keys {
+        if best {
+            existing.insert(key);
         } else {
             old_keys.push(key);
         }
     }
+    // The batch's messages it wrote first: their winner is decided.
+    let inserted: HashSet<&str> = best
+        .iter()
+        .map(|c| c.key.as_str())
+        .filter(|k| !existing.contains(*k))
+        .collect();
 
     // The rest: lock, load every copy, let the domain decide.
     let mut contested: Vec<String> = old_keys
         .into_iter()
-        .chain(best.iter().map(|c| c.key.clone()))
-        .filter(|k| !inserted.contains(k))
+        .filter(|k| !inserted.contains(k.as_str()))
+        .chain(
+            best.iter()
+                .filter(|c| !inserted.contains(c.key.as_str()))
+                .map(|c| c.key.clone()),
+        )
         .collect();
     contested.sort();
     contested.dedup();
-    let mut current: HashMap<String, MessageCopy> = HashMap::new();
-    let mut candidates: HashMap<String, Vec<MessageCopy>> = HashMap::new();
+    let (mut current, mut stored): (Vec<MessageCopy>, Vec<MessageCopy>) = (Vec::new(), Vec::new());
     if !contested.is_empty() {
         let rows: Vec<CopyRow> = sqlx::query_as(
             "SELECT dedup_key, path, line_no, file_first_at, user_name, session_id, model,
@@ -284,10 +299,7 @@ pub(crate) async fn replace_usage(
         .fetch_all(&mut *conn)
         .await
         .map_err(db_error)?;
-        current = rows
-            .into_iter()
-            .map(|r| (r.dedup_key.clone(), MessageCopy::from(r)))
-            .collect();
+        current = rows.into_iter().map(MessageCopy::from).collect();
         // A fresh statement after the locks: sees every copy committed before them.
         let rows: Vec<CopyRow> = sqlx::query_as(
             "SELECT dedup_key, path, line_no, file_first_at, user_name, session_id,
@@ -299,24 +311,26 @@ pub(crate) async fn replace_usage(
         .fetch_all(&mut *conn)
         .await
         .map_err(db_error)?;
-        for row in rows {
-            candidates
-                .entry(row.dedup_key.clone())
-                .or_default()
-                .push(row.into());
-        }
+        stored = rows.into_iter().map(MessageCopy::from).collect();
     }
-    let mut affected = contested;
-    for c in best.iter().filter(|c| inserted.contains(&c.key)) {
-        affected.push(c.key.clone());
-        candidates.insert(c.key.clone(), vec![(*c).clone()]);
+    let current: HashMap<&str, &MessageCopy> =
+        current.iter().map(|c| (c.key.as_str(), c)).collect();
+    let mut candidates: HashMap<&str, Vec<&MessageCopy>> = HashMap::new();
+    for copy in &stored {
+        candidates.entry(copy.key.as_str()).or_default().push(copy);
+    }
+    let mut affected: Vec<&str> = contested.iter().map(String::as_str).collect();
+    for &c in best.iter().filter(|c| inserted.contains(c.key.as_str())) {
+        affected.push(c.key.as_str());
+        candidates.insert(c.key.as_str(), vec![c]);
     }
     let plan = usage::plan(&affected, &current, &candidates);
 
     let changed: Vec<&MessageCopy> = plan
         .upserts
         .iter()
-        .filter(|m| !inserted.contains(&m.key))
+        .copied()
+        .filter(|m| !inserted.contains(m.key.as_str()))
         .collect();
     write_messages(conn, &changed).await?;
     if !plan.deletes.is_empty() {
@@ -425,8 +439,9 @@ type ReportRow = (
     Vec<String>,
 );
 
-/// A usage report: from the cells when the range is whole UTC days, else from
-/// the distinct messages (winners already decided, filtered by time).
+/// A usage report: the cells of the whole UTC days in range, and when a bound
+/// cuts through a day, that day's messages in range, found through its cells
+/// (`domain::usage::split_range`).
 pub(crate) async fn usage_report(
     pool: &crate::storage::pool::TimedPool<sqlx::Postgres>,
     query: &UsageQuery,
@@ -437,46 +452,50 @@ pub(crate) async fn usage_report(
         UsageGrouping::Model => "CASE model WHEN '' THEN 'unknown' ELSE model END",
         UsageGrouping::User => "user_name",
     };
-    let rows: Vec<ReportRow> = match usage::day_range(query.since, query.until) {
-        Some((since, until)) => sqlx::query_as(&format!(
-            "SELECT {key} AS key,
-                    sum(input_tokens)::bigint, sum(output_tokens)::bigint,
-                    sum(cache_creation_tokens)::bigint, sum(cache_read_tokens)::bigint,
-                    sum(messages)::bigint, min(first_at), max(last_at),
-                    array_remove(array_agg(DISTINCT model ORDER BY model), '')
-             FROM usage_cells
-             WHERE ($1::date IS NULL OR day >= $1)
-               AND ($2::date IS NULL OR day < $2)
-               AND ($3::text IS NULL OR user_name = $3)
-             GROUP BY 1
-             ORDER BY 1"
-        ))
-        .bind(since)
-        .bind(until)
-        .bind(query.user.as_deref())
-        .fetch_all(pool)
-        .await
-        .map_err(db_error)?,
-        None => sqlx::query_as(&format!(
-            "SELECT {key} AS key,
-                    sum(input_tokens)::bigint, sum(output_tokens)::bigint,
-                    sum(cache_creation_tokens)::bigint, sum(cache_read_tokens)::bigint,
-                    count(*), min(occurred_at), max(occurred_at),
-                    array_remove(array_agg(DISTINCT model ORDER BY model), '')
-             FROM usage_messages
-             WHERE ($1::timestamptz IS NULL OR occurred_at >= $1)
-               AND ($2::timestamptz IS NULL OR occurred_at < $2)
-               AND ($3::text IS NULL OR user_name = $3)
-             GROUP BY 1
-             ORDER BY 1"
-        ))
-        .bind(query.since)
-        .bind(query.until)
-        .bind(query.user.as_deref())
-        .fetch_all(pool)
-        .await
-        .map_err(db_error)?,
+    let split = usage::split_range(query.since, query.until);
+    let whole_days = "SELECT day, user_name, session_id, model, input_tokens, output_tokens,
+                             cache_creation_tokens, cache_read_tokens, messages, first_at, last_at
+                      FROM usage_cells
+                      WHERE ($1::date IS NULL OR day >= $1)
+                        AND ($2::date IS NULL OR day < $2)
+                        AND ($3::text IS NULL OR user_name = $3)";
+    let source = if split.partial_days.is_empty() {
+        whole_days.to_owned()
+    } else {
+        format!(
+            "{whole_days}
+             UNION ALL
+             SELECT m.day, m.user_name, m.session_id, m.model, m.input_tokens, m.output_tokens,
+                    m.cache_creation_tokens, m.cache_read_tokens, 1, m.occurred_at, m.occurred_at
+             FROM usage_cells c
+             JOIN usage_messages m USING (user_name, session_id, day, model)
+             WHERE c.day = ANY($4::date[])
+               AND ($3::text IS NULL OR c.user_name = $3)
+               AND ($5::timestamptz IS NULL OR m.occurred_at >= $5)
+               AND ($6::timestamptz IS NULL OR m.occurred_at < $6)"
+        )
     };
+    let sql = format!(
+        "SELECT {key} AS key,
+                sum(input_tokens)::bigint, sum(output_tokens)::bigint,
+                sum(cache_creation_tokens)::bigint, sum(cache_read_tokens)::bigint,
+                sum(messages)::bigint, min(first_at), max(last_at),
+                array_remove(array_agg(DISTINCT model ORDER BY model), '')
+         FROM ({source}) AS parts
+         GROUP BY 1
+         ORDER BY 1"
+    );
+    let mut report = sqlx::query_as(&sql)
+        .bind(split.whole_from)
+        .bind(split.whole_to)
+        .bind(query.user.as_deref());
+    if !split.partial_days.is_empty() {
+        report = report
+            .bind(&split.partial_days)
+            .bind(query.since)
+            .bind(query.until);
+    }
+    let rows: Vec<ReportRow> = report.fetch_all(pool).await.map_err(db_error)?;
     Ok(rows
         .into_iter()
         .map(

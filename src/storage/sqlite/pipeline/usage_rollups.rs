@@ -1,6 +1,6 @@
 //! Usage rollups in SQLite: replacing files' usage entries and maintaining
 //! the distinct messages and the cells in the same transaction; reports read
-//! from the cells (day-aligned ranges) or the messages.
+//! from the cells, and the messages of the days a range cuts.
 //!
 //! Which copy of a message counts is decided by `domain::usage::plan`; this
 //! code only loads and writes, as the Postgres store does. There is one
@@ -67,9 +67,9 @@ fn at_store_precision(mut copy: MessageCopy) -> MessageCopy {
     copy
 }
 
-/// The day a copy counts on: its time's UTC date (`MessageCopy::cell`).
+/// The day a copy counts on, as stored.
 fn day_of(copy: &MessageCopy) -> String {
-    day_text(copy.cell().day)
+    day_text(copy.day())
 }
 
 /// A stored copy's columns (`usage_entries.model` is NULL for no model).
@@ -107,14 +107,38 @@ async fn load_copies(
     Ok(copies)
 }
 
-/// Writes winners: `ON CONFLICT` `DO NOTHING` (first sight) returning the
-/// keys it inserted, or `DO UPDATE` (a new winner of a stored message).
+/// The keys among `keys` that have a stored message.
+async fn stored_keys(conn: &mut SqliteConnection, keys: &[&str]) -> Result<HashSet<String>> {
+    let mut stored = HashSet::new();
+    for chunk in keys.chunks(CHUNK_KEYS) {
+        // Only full chunks repeat their text: only they stay prepared.
+        let cached = chunk.len() == CHUNK_KEYS;
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "SELECT dedup_key FROM usage_messages WHERE dedup_key IN (",
+        );
+        let mut list = q.separated(", ");
+        for key in chunk {
+            list.push_bind(*key);
+        }
+        q.push(")");
+        let rows: Vec<String> = q
+            .build_query_scalar()
+            .persistent(cached)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(sqlite_error)?;
+        stored.extend(rows);
+    }
+    Ok(stored)
+}
+
+/// Writes winners: new messages (`replace` false: the caller checked that
+/// none is stored, and holds the write lock), or new winners of stored ones.
 async fn write_messages(
     conn: &mut SqliteConnection,
     copies: &[&MessageCopy],
     replace: bool,
-) -> Result<HashSet<String>> {
-    let mut inserted = HashSet::new();
+) -> Result<()> {
     for chunk in copies.chunks(CHUNK_ROWS) {
         // Only full chunks repeat their text: only they stay prepared.
         let cached = chunk.len() == CHUNK_ROWS;
@@ -150,23 +174,14 @@ async fn write_messages(
                      cache_creation_tokens = excluded.cache_creation_tokens,
                      cache_read_tokens = excluded.cache_read_tokens",
             );
-            q.build()
-                .persistent(cached)
-                .execute(&mut *conn)
-                .await
-                .map_err(sqlite_error)?;
-        } else {
-            q.push(" ON CONFLICT (dedup_key) DO NOTHING RETURNING dedup_key");
-            let keys: Vec<String> = q
-                .build_query_scalar()
-                .persistent(cached)
-                .fetch_all(&mut *conn)
-                .await
-                .map_err(sqlite_error)?;
-            inserted.extend(keys);
         }
+        q.build()
+            .persistent(cached)
+            .execute(&mut *conn)
+            .await
+            .map_err(sqlite_error)?;
     }
-    Ok(inserted)
+    Ok(())
 }
 
 /// Deletes the rows of `table` whose `column` is one of `values`, returning
@@ -287,43 +302,57 @@ pub(crate) async fn replace_usage(
     // messages nobody had yet written with the batch's best copy as winner.
     let old_keys = delete_in(conn, "usage_entries", "path", &paths, Some("dedup_key")).await?;
     insert_entries(conn, &copies).await?;
-    let inserted = write_messages(conn, &best, false).await?;
+    // Only the messages no file had yet are written now (they win: no other
+    // copy exists). The lookup returns the few that exist, where writing
+    // with RETURNING would hand back every new key.
+    let best_keys: Vec<&str> = best.iter().map(|c| c.key.as_str()).collect();
+    let existing = stored_keys(conn, &best_keys).await?;
+    let fresh: Vec<&MessageCopy> = best
+        .iter()
+        .copied()
+        .filter(|c| !existing.contains(&c.key))
+        .collect();
+    write_messages(conn, &fresh, false).await?;
+    let inserted: HashSet<&str> = fresh.iter().map(|c| c.key.as_str()).collect();
 
     // The rest: load every copy, let the domain decide.
     let mut contested: Vec<String> = old_keys
         .into_iter()
-        .chain(best.iter().map(|c| c.key.clone()))
-        .filter(|k| !inserted.contains(k))
+        .filter(|k| !inserted.contains(k.as_str()))
+        .chain(
+            best.iter()
+                .filter(|c| !inserted.contains(c.key.as_str()))
+                .map(|c| c.key.clone()),
+        )
         .collect();
     contested.sort();
     contested.dedup();
-    let mut current: HashMap<String, MessageCopy> = HashMap::new();
-    let mut candidates: HashMap<String, Vec<MessageCopy>> = HashMap::new();
+    let (mut current, mut stored) = (Vec::new(), Vec::new());
     if !contested.is_empty() {
-        current = load_copies(conn, "usage_messages", &contested)
-            .await?
-            .into_iter()
-            .map(|c| (c.key.clone(), c))
-            .collect();
-        for copy in load_copies(conn, "usage_entries", &contested).await? {
-            candidates.entry(copy.key.clone()).or_default().push(copy);
-        }
+        current = load_copies(conn, "usage_messages", &contested).await?;
+        stored = load_copies(conn, "usage_entries", &contested).await?;
     }
-    let mut affected = contested;
-    for c in best.iter().filter(|c| inserted.contains(&c.key)) {
-        affected.push(c.key.clone());
-        candidates.insert(c.key.clone(), vec![(*c).clone()]);
+    let current: HashMap<&str, &MessageCopy> =
+        current.iter().map(|c| (c.key.as_str(), c)).collect();
+    let mut candidates: HashMap<&str, Vec<&MessageCopy>> = HashMap::new();
+    for copy in &stored {
+        candidates.entry(copy.key.as_str()).or_default().push(copy);
+    }
+    let mut affected: Vec<&str> = contested.iter().map(String::as_str).collect();
+    for &c in best.iter().filter(|c| inserted.contains(c.key.as_str())) {
+        affected.push(c.key.as_str());
+        candidates.insert(c.key.as_str(), vec![c]);
     }
     let plan = usage::plan(&affected, &current, &candidates);
 
     let changed: Vec<&MessageCopy> = plan
         .upserts
         .iter()
-        .filter(|m| !inserted.contains(&m.key))
+        .copied()
+        .filter(|m| !inserted.contains(m.key.as_str()))
         .collect();
     write_messages(conn, &changed, true).await?;
-    let deletes: Vec<&str> = plan.deletes.iter().map(String::as_str).collect();
-    delete_in(conn, "usage_messages", "dedup_key", &deletes, None).await?;
+    delete_in(conn, "usage_messages", "dedup_key", &plan.deletes, None).await?;
     apply_cells(conn, &plan.cells).await
 }
 
@@ -408,8 +437,9 @@ struct ReportRow {
     models: String,
 }
 
-/// A usage report: from the cells when the range is whole UTC days, else from
-/// the distinct messages (winners already decided, filtered by time).
+/// A usage report: the cells of the whole UTC days in range, and when a bound
+/// cuts through a day, that day's messages in range, found through its cells
+/// (`domain::usage::split_range`).
 pub(crate) async fn usage_report(
     pool: &crate::storage::pool::TimedPool<Sqlite>,
     query: &UsageQuery,
@@ -420,48 +450,55 @@ pub(crate) async fn usage_report(
         UsageGrouping::Model => "CASE model WHEN '' THEN 'unknown' ELSE model END",
         UsageGrouping::User => "user_name",
     };
-    let rows: Vec<ReportRow> = match usage::day_range(query.since, query.until) {
-        Some((since, until)) => sqlx::query_as(&format!(
-            "SELECT {key} AS key,
-                    sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
-                    sum(cache_creation_tokens) AS cache_creation_tokens,
-                    sum(cache_read_tokens) AS cache_read_tokens,
-                    sum(messages) AS messages, min(first_at) AS first_at,
-                    max(last_at) AS last_at, json_group_array(DISTINCT model) AS models
-             FROM usage_cells
-             WHERE (?1 IS NULL OR day >= ?1)
-               AND (?2 IS NULL OR day < ?2)
-               AND (?3 IS NULL OR user_name = ?3)
-             GROUP BY 1
-             ORDER BY 1"
-        ))
-        .bind(since.map(day_text))
-        .bind(until.map(day_text))
-        .bind(query.user.as_deref())
-        .fetch_all(pool)
-        .await
-        .map_err(sqlite_error)?,
-        None => sqlx::query_as(&format!(
-            "SELECT {key} AS key,
-                    sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
-                    sum(cache_creation_tokens) AS cache_creation_tokens,
-                    sum(cache_read_tokens) AS cache_read_tokens,
-                    count(*) AS messages, min(occurred_at) AS first_at,
-                    max(occurred_at) AS last_at, json_group_array(DISTINCT model) AS models
-             FROM usage_messages
-             WHERE (?1 IS NULL OR occurred_at >= ?1)
-               AND (?2 IS NULL OR occurred_at < ?2)
-               AND (?3 IS NULL OR user_name = ?3)
-             GROUP BY 1
-             ORDER BY 1"
-        ))
-        .bind(query.since.map(micros))
-        .bind(query.until.map(micros))
-        .bind(query.user.as_deref())
-        .fetch_all(pool)
-        .await
-        .map_err(sqlite_error)?,
+    let split = usage::split_range(query.since, query.until);
+    let whole_days = "SELECT day, user_name, session_id, model, input_tokens, output_tokens,
+                             cache_creation_tokens, cache_read_tokens, messages, first_at, last_at
+                      FROM usage_cells
+                      WHERE (?1 IS NULL OR day >= ?1)
+                        AND (?2 IS NULL OR day < ?2)
+                        AND (?3 IS NULL OR user_name = ?3)";
+    let source = if split.partial_days.is_empty() {
+        whole_days.to_owned()
+    } else {
+        format!(
+            "{whole_days}
+             UNION ALL
+             SELECT m.day, m.user_name, m.session_id, m.model, m.input_tokens, m.output_tokens,
+                    m.cache_creation_tokens, m.cache_read_tokens, 1, m.occurred_at, m.occurred_at
+             FROM usage_cells c
+             JOIN usage_messages m
+               ON m.user_name = c.user_name AND m.session_id = c.session_id
+              AND m.day = c.day AND m.model = c.model
+             WHERE c.day IN (?4, ?5)
+               AND (?3 IS NULL OR c.user_name = ?3)
+               AND (?6 IS NULL OR m.occurred_at >= ?6)
+               AND (?7 IS NULL OR m.occurred_at < ?7)"
+        )
     };
+    let sql = format!(
+        "SELECT {key} AS key,
+                sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
+                sum(cache_creation_tokens) AS cache_creation_tokens,
+                sum(cache_read_tokens) AS cache_read_tokens,
+                sum(messages) AS messages, min(first_at) AS first_at,
+                max(last_at) AS last_at, json_group_array(DISTINCT model) AS models
+         FROM ({source})
+         GROUP BY 1
+         ORDER BY 1"
+    );
+    let mut report = sqlx::query_as(&sql)
+        .bind(split.whole_from.map(day_text))
+        .bind(split.whole_to.map(day_text))
+        .bind(query.user.as_deref());
+    if !split.partial_days.is_empty() {
+        let day = |i: usize| split.partial_days.get(i).copied().map(day_text);
+        report = report
+            .bind(day(0))
+            .bind(day(1))
+            .bind(query.since.map(micros))
+            .bind(query.until.map(micros));
+    }
+    let rows: Vec<ReportRow> = report.fetch_all(pool).await.map_err(sqlite_error)?;
     rows.into_iter()
         .map(|r| {
             let mut models: Vec<String> = serde_json::from_str(&r.models).map_err(|e| {
@@ -590,6 +627,15 @@ mod tests {
                 (Some(day(15)), Some(day(16))),
                 (None, Some(day(15))),
                 (Some(day(14) + Duration::hours(12)), None),
+                (None, Some(day(15) + Duration::minutes(7 * 60 + 30))),
+                (
+                    Some(day(14) + Duration::minutes(80)),
+                    Some(day(14) + Duration::minutes(100)),
+                ),
+                (
+                    Some(day(14) + Duration::minutes(90)),
+                    Some(day(16) + Duration::minutes(13 * 60 + 30)),
+                ),
             ] {
                 for user in [None, Some("u1")] {
                     let query = UsageQuery {
