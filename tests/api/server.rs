@@ -246,3 +246,23 @@ async fn the_server_stops_serving_new_calls_after_shutdown() {
     let again = TestApp::spawn(&db).await;
     assert_eq!(again.get("a").await.agent_id, "a");
 }
+
+postgres_only! {
+    #[tokio::test]
+    async fn the_postgres_pool_plans_every_query_for_its_parameters() {
+        // A generic plan made while the tables were small would scan every
+        // agent from then on (README, Stores).
+        let db = TestDb::new();
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let database = test_args(&db.url).database;
+        let store = fleetcare::storage::postgres::PgStore::connect(&database, shutdown.clone())
+            .await
+            .unwrap();
+        let mode: String = sqlx::query_scalar("SHOW plan_cache_mode")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(mode, "force_custom_plan");
+        shutdown.cancel();
+    }
+}

@@ -270,6 +270,156 @@ async fn a_lone_call_commits_in_a_child_span_of_its_rpc_span_with_the_batch_attr
     assert!(attr(a, "elapsed_ms").is_some(), "{a:?}");
 }
 
+/// Whether the call whose server span is `rpc` has its commit exported: a
+/// `commit_batch` span under it (a lone call) or linking to it (a batch).
+fn commit_of(spans: &[(String, Span)], rpc: &Span) -> Option<Span> {
+    spans
+        .iter()
+        .map(|(_, s)| s)
+        .filter(|s| s.name == "commit_batch")
+        .find(|s| {
+            (s.trace_id == rpc.trace_id && s.parent_span_id == rpc.span_id)
+                || s.links
+                    .iter()
+                    .any(|l| l.trace_id == rpc.trace_id && l.span_id == rpc.span_id)
+        })
+        .cloned()
+}
+
+#[tokio::test]
+async fn a_batch_of_several_calls_is_a_root_span_linked_to_each_call_span() {
+    const CALLS: usize = 32;
+    let collector = Collector::default();
+    let db = TestDb::new();
+    let root = crate::pipeline::SessionRoot::new();
+    let server = traced_server(&collector, &db, root.path.to_str().unwrap()).await;
+    let client = server.client().await;
+    // Concurrent calls queue while the committer commits the first of them, so
+    // a wave of them forms batches of several calls; the batching itself is the
+    // runtime's, so waves go until one did (the first, in practice).
+    let mut several = None;
+    for wave in 0..10 {
+        let ids: Vec<String> = (0..CALLS).map(|i| format!("batched-{wave}-{i}")).collect();
+        for id in &ids {
+            client
+                .clone()
+                .register_agent(pb::RegisterAgentRequest {
+                    agent_id: id.clone(),
+                    labels: Default::default(),
+                })
+                .await
+                .unwrap();
+        }
+        // Distinct traces, one per call.
+        let traces: Vec<(String, String)> = (0..CALLS)
+            .map(|i| {
+                (
+                    format!("{:08x}{:024x}", wave + 1, i + 1),
+                    format!("{:016x}", i + 1),
+                )
+            })
+            .collect();
+        let calls = ids.iter().zip(&traces).map(|(id, (trace, caller))| {
+            let mut client = client.clone();
+            let request = with_traceparent(
+                pb::StartWorkRequest {
+                    agent_id: id.clone(),
+                    slot_type: pb::SlotType::Work as i32,
+                },
+                &format!("00-{trace}-{caller}-01"),
+            );
+            async move { client.start_work(request).await.unwrap().into_inner() }
+        });
+        let replies = futures::future::join_all(calls).await;
+        assert!(replies.iter().all(|r| r.transition.is_some()));
+
+        // Every call's server span, and the commit that carried it.
+        let mut rpcs = Vec::new();
+        for (trace, caller) in &traces {
+            let (_, rpc) = collector
+                .rpc_span(&hex::decode(trace).unwrap(), "StartWork")
+                .await;
+            assert_eq!(rpc.parent_span_id, hex::decode(caller).unwrap());
+            rpcs.push(rpc);
+        }
+        let commits: Vec<Span> = eventually(
+            Duration::from_secs(20),
+            "every call's commit exported",
+            || async {
+                let spans = collector.spans.lock().unwrap();
+                rpcs.iter().map(|rpc| commit_of(&spans, rpc)).collect()
+            },
+        )
+        .await;
+        let mut calls_in_batches = 0;
+        for (rpc, commit) in rpcs.iter().zip(&commits) {
+            let size = int_attr(&commit.attributes, "size").expect("a size");
+            assert_eq!(
+                string_attr(&commit.attributes, "outcome").as_deref(),
+                Some("committed")
+            );
+            if size == 1 {
+                assert_eq!(commit.parent_span_id, rpc.span_id, "a lone call's child");
+                assert!(commit.links.is_empty(), "{:?}", commit.links);
+                continue;
+            }
+            calls_in_batches += 1;
+            // A root of a trace of its own, linked to each call it carried:
+            // this one among them, each once, and every link a StartWork call
+            // of this wave (nothing else was in flight).
+            assert!(commit.parent_span_id.is_empty(), "a batch is a root span");
+            assert!(
+                traces
+                    .iter()
+                    .all(|(t, _)| commit.trace_id != hex::decode(t).unwrap())
+            );
+            assert_eq!(commit.links.len() as i64, size, "{:?}", commit.links);
+            let mut linked: Vec<(&[u8], &[u8])> = commit
+                .links
+                .iter()
+                .map(|l| (l.trace_id.as_slice(), l.span_id.as_slice()))
+                .collect();
+            linked.sort();
+            linked.dedup();
+            assert_eq!(linked.len() as i64, size, "each call linked once");
+            for (trace_id, span_id) in linked {
+                assert!(
+                    rpcs.iter()
+                        .any(|r| r.trace_id == trace_id && r.span_id == span_id),
+                    "a link to a call of the batch"
+                );
+            }
+            assert!(
+                commit
+                    .links
+                    .iter()
+                    .any(|l| l.trace_id == rpc.trace_id && l.span_id == rpc.span_id)
+            );
+        }
+        // Each batch of several covers exactly its `size` calls of this wave.
+        let mut batches: Vec<&Span> = commits
+            .iter()
+            .filter(|c| int_attr(&c.attributes, "size") > Some(1))
+            .collect();
+        batches.sort_by(|a, b| a.span_id.cmp(&b.span_id));
+        batches.dedup_by(|a, b| a.span_id == b.span_id);
+        let covered: i64 = batches
+            .iter()
+            .map(|c| int_attr(&c.attributes, "size").unwrap())
+            .sum();
+        assert_eq!(covered, calls_in_batches);
+        if let Some(batch) = batches.first() {
+            several = Some((wave, (*batch).clone()));
+            break;
+        }
+    }
+    let (_, batch) = several.expect("no wave of 32 concurrent calls formed a batch of several");
+    assert!(
+        int_attr(&batch.attributes, "first_revision")
+            < int_attr(&batch.attributes, "last_revision")
+    );
+}
+
 #[tokio::test]
 async fn a_run_processor_call_yields_a_pipeline_run_span_with_its_counts() {
     let collector = Collector::default();

@@ -74,6 +74,17 @@ pub async fn connect_and_migrate(args: &DatabaseArgs) -> Result<PgPool, Error> {
         .parse()
         .map_err(|e| Error::invalid(format!("invalid --database-url: {e}")))?;
     create_database_if_missing(&options).await?;
+    // sqlx prepares every query once per connection, and after five executions
+    // Postgres may switch a prepared statement to a generic plan, made on the
+    // statistics of that moment and kept until the table is next analyzed.
+    // Made while the tables were small (a new database, a fleet growing
+    // faster than autovacuum analyzes), such a plan scans every agent: the
+    // heartbeat flush and ListAgents took 13 to 33 ms at 100,000 agents on
+    // connections that had run them on an empty database, against 0.1 ms
+    // planned for their parameters. Planning every execution costs about
+    // 50 us per query (README, Stores). The committer's own connection
+    // chooses its plans itself (see `try_commit_batch`).
+    let options = options.options([("plan_cache_mode", "force_custom_plan")]);
     let pool = PgPoolOptions::new()
         .max_connections(args.db_max_connections)
         .acquire_timeout(args.db_acquire_timeout)
