@@ -83,11 +83,20 @@ pub async fn connect_and_migrate(args: &DatabaseArgs) -> Result<PgPool, Error> {
     // connections that had run them on an empty database, against 0.1 ms
     // planned for their parameters. Planning every execution costs about
     // 50 us per query (README, Stores). The committer's own connection
-    // chooses its plans itself (see `try_commit_batch`).
-    let options = options.options([("plan_cache_mode", "force_custom_plan")]);
+    // chooses its plans itself (see `try_commit_batch`). A `SET` after
+    // connecting rather than a startup option: PgBouncer refuses startup
+    // options it was not told to ignore.
     let pool = PgPoolOptions::new()
         .max_connections(args.db_max_connections)
         .acquire_timeout(args.db_acquire_timeout)
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                sqlx::query("SET plan_cache_mode = force_custom_plan")
+                    .execute(conn)
+                    .await
+                    .map(|_| ())
+            })
+        })
         .connect_with(options)
         .await
         .map_err(db_error)?;
