@@ -17,6 +17,20 @@ pub(crate) fn status(s: &str) -> Result<AgentStatus> {
     AgentStatus::parse(s).ok_or_else(|| corrupt("status", s))
 }
 
+/// Agents per stored status, as of `revision`.
+pub(crate) fn status_counts(
+    revision: i64,
+    rows: Vec<(String, i64)>,
+) -> Result<crate::storage::StatusCounts> {
+    Ok(crate::storage::StatusCounts {
+        revision,
+        counts: rows
+            .into_iter()
+            .map(|(s, n)| Ok((status(&s)?, n)))
+            .collect::<Result<_>>()?,
+    })
+}
+
 pub(crate) fn exhaustion_reason(s: &str) -> Result<ExhaustionReason> {
     ExhaustionReason::parse(s).ok_or_else(|| corrupt("exhaustion reason", s))
 }

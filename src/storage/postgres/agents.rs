@@ -644,13 +644,7 @@ impl AgentStore for PgStore {
                 .await
                 .map_err(db_error)?;
         tx.commit().await.map_err(db_error)?;
-        Ok(StatusCounts {
-            revision,
-            counts: rows
-                .into_iter()
-                .filter_map(|(status, n)| AgentStatus::parse(&status).map(|s| (s, n)))
-                .collect(),
-        })
+        crate::storage::decode::status_counts(revision, rows)
     }
 
     fn pool_stats(&self) -> Vec<crate::metrics::PoolStats> {
