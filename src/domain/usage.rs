@@ -22,6 +22,21 @@ pub fn dedup_key(path: &str, entry: &UsageEntry) -> String {
     }
 }
 
+/// A digest of the key of a message that other files may hold a copy of (an
+/// entry with both ids); `None` for an entry that counts alone. Digests may
+/// collide: they only tell which batches of files could touch the same
+/// messages, never which copy counts.
+pub fn shared_key_digest(entry: &UsageEntry) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let (Some(m), Some(r)) = (&entry.message_id, &entry.request_id) else {
+        return None;
+    };
+    // Fixed keys: the same digest in every process.
+    let mut h = std::hash::DefaultHasher::new();
+    (m, r).hash(&mut h);
+    Some(h.finish())
+}
+
 /// Token counts of one message, or sums of several.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Tokens {

@@ -338,6 +338,17 @@ pub struct SessionOutput {
     pub transcript_errors: Option<Vec<TranscriptErrorEvent>>,
 }
 
+impl SessionOutput {
+    /// Digests of the messages this output shares with other files (see
+    /// [`crate::domain::usage::shared_key_digest`]).
+    pub fn shared_keys(&self) -> impl Iterator<Item = u64> + '_ {
+        self.usage
+            .iter()
+            .flatten()
+            .filter_map(crate::domain::usage::shared_key_digest)
+    }
+}
+
 #[async_trait]
 impl SessionSink for SessionOutput {
     async fn replace_usage(&mut self, _file: &SessionFile, entries: Vec<UsageEntry>) -> Result<()> {

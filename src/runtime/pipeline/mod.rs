@@ -140,16 +140,76 @@ struct Batch {
     writes: Vec<SessionWrite>,
     outcomes: Vec<FileOutcome>,
     attempt: u64,
+    /// Digests of the messages its sessions share with other files.
+    keys: Vec<u64>,
 }
 
 impl Batch {
     fn of(sessions: impl Iterator<Item = Ready>) -> Batch {
-        let (writes, outcomes) = sessions.map(|r| (r.write, r.outcome)).unzip();
+        let (writes, outcomes): (Vec<SessionWrite>, _) =
+            sessions.map(|r| (r.write, r.outcome)).unzip();
+        let mut keys: Vec<u64> = writes.iter().flat_map(|w| w.output.shared_keys()).collect();
+        keys.sort_unstable();
+        keys.dedup();
         Batch {
             writes,
             outcomes,
             attempt: 1,
+            keys,
         }
+    }
+}
+
+/// The shared messages of the batches being committed. A session sharing one
+/// waits for the next batch: two transactions writing the same message wait
+/// for each other's commit (or deadlock), so batches committed side by side
+/// are kept apart. Only an optimisation: digests may collide, and a retried
+/// batch or a changed file's old copies may still meet another batch, which
+/// the store's lock order and retries handle.
+#[derive(Default)]
+struct InFlight(HashMap<u64, u32>);
+
+impl InFlight {
+    fn claim(&mut self, batch: &Batch) {
+        for &k in &batch.keys {
+            *self.0.entry(k).or_default() += 1;
+        }
+    }
+
+    fn release(&mut self, batch: &Batch) {
+        for k in &batch.keys {
+            if let Some(n) = self.0.get_mut(k) {
+                *n -= 1;
+                if *n == 0 {
+                    self.0.remove(k);
+                }
+            }
+        }
+    }
+
+    fn touches(&self, ready: &Ready) -> bool {
+        !self.0.is_empty()
+            && ready
+                .write
+                .output
+                .shared_keys()
+                .any(|k| self.0.contains_key(&k))
+    }
+
+    /// Up to `max` of `ready` that share no message with a batch in flight,
+    /// in order; the others stay in `ready`.
+    fn take(&self, ready: &mut Vec<Ready>, max: usize) -> Vec<Ready> {
+        let mut taken = Vec::new();
+        let mut kept = Vec::new();
+        for r in ready.drain(..) {
+            if taken.len() < max && !self.touches(&r) {
+                taken.push(r);
+            } else {
+                kept.push(r);
+            }
+        }
+        *ready = kept;
+        taken
     }
 }
 
@@ -444,6 +504,7 @@ impl Pipeline {
         let mut ready: Vec<Ready> = Vec::new();
         let mut retries: VecDeque<Batch> = VecDeque::new();
         let mut committing = FuturesUnordered::new();
+        let mut in_flight = InFlight::default();
         let report = |stats: &RunStats| {
             let (done, bytes) = (stats.scanned, stats.bytes_hashed);
             progress.send_modify(|p| {
@@ -466,11 +527,15 @@ impl Pipeline {
             while !stopping && committing.len() < COMMITS_IN_FLIGHT {
                 let batch = match retries.pop_front() {
                     Some(batch) => batch,
-                    None if !ready.is_empty() => {
-                        Batch::of(ready.drain(..ready.len().min(MAX_BATCH_FILES)))
+                    None => {
+                        let sessions = in_flight.take(&mut ready, MAX_BATCH_FILES);
+                        if sessions.is_empty() {
+                            break;
+                        }
+                        Batch::of(sessions.into_iter())
                     }
-                    None => break,
                 };
+                in_flight.claim(&batch);
                 committing.push(commit_batch(self.store.clone(), batch));
             }
             if running.is_empty() && committing.is_empty() {
@@ -484,6 +549,9 @@ impl Pipeline {
                 Some(done) = committing.next(), if !committing.is_empty() => Some(Event::Committed(done)),
                 Some(done) = running.next(), if !running.is_empty() => Some(Event::Handled(done)),
             };
+            if let Some(Event::Committed((batch, _))) = &event {
+                in_flight.release(batch);
+            }
             match event {
                 None => {
                     stats.root_error = Some("interrupted by shutdown".into());
@@ -931,6 +999,108 @@ mod tests {
         assert_eq!(sizes, [1, 1, 3], "{:?}", store.batches());
         let rows = store.usage(&by_user()).await.unwrap();
         assert_eq!(rows[0].messages, 5);
+    }
+
+    /// A usage processor holding each file until the test releases it by name.
+    struct ByName {
+        gates: std::collections::HashMap<&'static str, Arc<Semaphore>>,
+        left: Arc<Semaphore>,
+    }
+
+    #[async_trait]
+    impl SessionProcessor for ByName {
+        fn name(&self) -> &'static str {
+            "by-name"
+        }
+
+        fn version(&self) -> i32 {
+            1
+        }
+
+        async fn process(
+            &self,
+            file: &SessionFile,
+            content: Arc<Vec<u8>>,
+            sink: &mut dyn SessionSink,
+        ) -> Result<i64, ProcessError> {
+            let name = file
+                .path
+                .rsplit('/')
+                .next()
+                .unwrap()
+                .trim_end_matches(".jsonl");
+            self.gates[name].acquire().await.unwrap().forget();
+            let entries = extract_usage(&content).entries;
+            let items = entries.len() as i64;
+            sink.replace_usage(file, entries).await?;
+            self.left.add_permits(1);
+            Ok(items)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_session_sharing_a_message_with_a_commit_under_way_waits_for_the_next_batch() {
+        // s1 is a resumed copy of s0 (the same message); s2 shares nothing.
+        let root = Root::with_sessions(3);
+        let s0 = std::fs::read_to_string(root.0.join("alice/s0.jsonl")).unwrap();
+        let s1 = root.0.join("alice/s1.jsonl");
+        std::fs::write(&s1, &s0).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&s1)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
+            .unwrap();
+        let hold = Arc::new(Semaphore::new(0));
+        let store = Arc::new(MemoryPipelineStore::holding_commits(hold.clone()));
+        let gates: std::collections::HashMap<_, _> = ["s0", "s1", "s2"]
+            .into_iter()
+            .map(|n| (n, Arc::new(Semaphore::new(0))))
+            .collect();
+        let left = Arc::new(Semaphore::new(0));
+        let processor = Arc::new(ByName {
+            gates: gates.clone(),
+            left: left.clone(),
+        });
+        let p = pipeline_with(
+            store.clone(),
+            &root,
+            vec![(processor, Duration::ZERO)],
+            CancellationToken::new(),
+            3,
+        );
+        let run = tokio::spawn({
+            let p = p.clone();
+            async move { p.run("by-name").await }
+        });
+        // s0 alone in the first commit, which the store holds.
+        gates["s0"].add_permits(1);
+        store.commits_started.acquire().await.unwrap().forget();
+        // s1 is ready while s0's batch commits: it shares s0's message, so the
+        // free slot goes to s2 alone.
+        gates["s1"].add_permits(1);
+        left.acquire_many(2).await.unwrap().forget();
+        gates["s2"].add_permits(1);
+        store.commits_started.acquire().await.unwrap().forget();
+        hold.add_permits(100);
+        let stats = run.await.unwrap().unwrap();
+        assert_eq!((stats.processed, stats.scanned), (3, 3), "{stats:?}");
+        let names: Vec<Vec<String>> = store
+            .batches()
+            .iter()
+            .map(|b| {
+                b.iter()
+                    .map(|p| p.rsplit('/').next().unwrap().to_owned())
+                    .collect()
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [["s0.jsonl"], ["s2.jsonl"], ["s1.jsonl"]],
+            "s1 committed beside the batch holding its message"
+        );
+        let rows = store.usage(&by_user()).await.unwrap();
+        assert_eq!(rows[0].messages, 2, "m0 counted once, m2 once");
     }
 
     /// Fails the sessions of user `bad`, panics on those of `boom`, counts the rest.
