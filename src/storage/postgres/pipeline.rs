@@ -269,6 +269,15 @@ impl PipelineStore for PgStore {
             return Ok(());
         }
         let mut tx = self.pool.begin().await.map_err(db_error)?;
+        // Every statement below finds its rows by key (a file's entries by
+        // path, a message's copies by key). Until the tables are analyzed,
+        // which a first run outpaces, the planner guesses that a few hundred
+        // keys match most of the table and scans all of it: once per batch,
+        // so a first run grew with the square of its files.
+        sqlx::query("SET LOCAL enable_seqscan = off")
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
         let usage: Vec<(&SessionFile, &[UsageEntry])> = writes
             .iter()
             .filter_map(|w| Some((&w.file, w.output.usage.as_deref()?)))
