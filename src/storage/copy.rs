@@ -334,8 +334,6 @@ pub static TABLES: &[TableSpec] = &[
             ("session_id", Text),
             ("line_no", Int),
             ("file_first_at", Timestamp),
-            ("message_id", Text),
-            ("request_id", Text),
             ("model", Text),
             ("occurred_at", Timestamp),
             ("input_tokens", Int),

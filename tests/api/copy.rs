@@ -259,14 +259,12 @@ async fn fill(db: &TestDb) -> Vec<(&'static str, u64)> {
     ];
     for (i, (path, line)) in entries.iter().enumerate() {
         let i = i as i64;
-        sqlx::query("INSERT INTO usage_entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+        sqlx::query("INSERT INTO usage_entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
             .bind(path)
             .bind(&path[..1])
             .bind("session-1")
             .bind(line)
             .bind(T0)
-            .bind((i % 3 != 0).then(|| format!("msg_{i}")))
-            .bind((i % 3 != 0).then(|| format!("req_{i}")))
             .bind((i % 2 == 0).then_some("claude-ünï"))
             .bind(T0 + i)
             .bind(i * 10)

@@ -165,19 +165,11 @@ pub(crate) async fn replace_usage(
     }
     // Every file's copies (one per key within a file) with their entries' ids.
     let mut copies: Vec<MessageCopy> = Vec::new();
-    let mut message_ids: Vec<Option<&str>> = Vec::new();
-    let mut request_ids: Vec<Option<&str>> = Vec::new();
     for (file, entries) in files {
-        let own = MessageCopy::from_file(&file.path, &file.user, &file.session, entries);
-        let mut own: Vec<(MessageCopy, &UsageEntry)> =
-            own.into_iter().zip(entries.iter()).collect();
-        own.sort_by(|a, b| a.0.key.cmp(&b.0.key));
-        own.dedup_by(|a, b| a.0.key == b.0.key);
-        for (copy, entry) in own {
-            message_ids.push(entry.message_id.as_deref());
-            request_ids.push(entry.request_id.as_deref());
-            copies.push(copy);
-        }
+        let mut own = MessageCopy::from_file(&file.path, &file.user, &file.session, entries);
+        own.sort_by(|a, b| a.key.cmp(&b.key));
+        own.dedup_by(|a, b| a.key == b.key);
+        copies.extend(own);
     }
     let paths: Vec<&str> = files.iter().map(|(f, _)| f.path.as_str()).collect();
     // The batch's best copy of each message, sorted by key (the keys are
@@ -198,33 +190,31 @@ pub(crate) async fn replace_usage(
         "WITH old AS (DELETE FROM usage_entries WHERE path = ANY($1) RETURNING dedup_key),
               entries AS (
                   INSERT INTO usage_entries
-                      (path, user_name, session_id, file_first_at, line_no, message_id,
-                       request_id, model, occurred_at, input_tokens, output_tokens,
-                       cache_creation_tokens, cache_read_tokens, dedup_key)
-                  SELECT u.p, u.u, u.s, u.f, u.line_no, u.message_id, u.request_id,
-                         NULLIF(u.model, ''), u.occurred_at, u.i, u.o, u.c, u.r, u.k
+                      (path, user_name, session_id, file_first_at, line_no, model,
+                       occurred_at, input_tokens, output_tokens, cache_creation_tokens,
+                       cache_read_tokens, dedup_key)
+                  SELECT u.p, u.u, u.s, u.f, u.line_no, NULLIF(u.model, ''), u.occurred_at,
+                         u.i, u.o, u.c, u.r, u.k
                   FROM UNNEST($2::text[], $3::text[], $4::text[], $5::int[], $6::text[],
-                              $7::text[], $8::text[], $9::timestamptz[], $10::bigint[],
-                              $11::bigint[], $12::bigint[], $13::bigint[], $14::text[],
-                              $15::timestamptz[])
-                       AS u(p, u, s, line_no, message_id, request_id, model, occurred_at,
-                            i, o, c, r, k, f)),
+                              $7::timestamptz[], $8::bigint[], $9::bigint[], $10::bigint[],
+                              $11::bigint[], $12::text[], $13::timestamptz[])
+                       AS u(p, u, s, line_no, model, occurred_at, i, o, c, r, k, f)),
               won AS (
                   INSERT INTO usage_messages
                       (dedup_key, path, line_no, file_first_at, user_name, session_id, model,
                        occurred_at, day, input_tokens, output_tokens, cache_creation_tokens,
                        cache_read_tokens)
-                  SELECT * FROM UNNEST($16::text[], $17::text[], $18::int[],
-                      $19::timestamptz[], $20::text[], $21::text[], $22::text[],
-                      $23::timestamptz[], $24::date[], $25::bigint[], $26::bigint[],
-                      $27::bigint[], $28::bigint[])
+                  SELECT * FROM UNNEST($14::text[], $15::text[], $16::int[],
+                      $17::timestamptz[], $18::text[], $19::text[], $20::text[],
+                      $21::timestamptz[], $22::date[], $23::bigint[], $24::bigint[],
+                      $25::bigint[], $26::bigint[])
                   ON CONFLICT (dedup_key) DO NOTHING
                   RETURNING dedup_key)
          -- Back: the old entries' keys, and the batch's messages that were
          -- already written (usually few: not every new winner's key).
          SELECT false, dedup_key FROM old
          UNION ALL
-         SELECT true, k FROM UNNEST($16::text[]) AS b(k)
+         SELECT true, k FROM UNNEST($14::text[]) AS b(k)
          WHERE k NOT IN (SELECT dedup_key FROM won)",
     )
     .bind(&paths)
@@ -232,8 +222,6 @@ pub(crate) async fn replace_usage(
     .bind(&c.user)
     .bind(&c.session)
     .bind(&c.line_no)
-    .bind(&message_ids)
-    .bind(&request_ids)
     .bind(&c.model)
     .bind(&c.occurred_at)
     .bind(&c.input)

@@ -227,27 +227,22 @@ async fn delete_in(
 }
 
 /// Inserts every file's copies into `usage_entries`.
-async fn insert_entries(
-    conn: &mut SqliteConnection,
-    copies: &[(MessageCopy, &UsageEntry)],
-) -> Result<()> {
+async fn insert_entries(conn: &mut SqliteConnection, copies: &[MessageCopy]) -> Result<()> {
     for chunk in copies.chunks(CHUNK_ROWS) {
         // Only full chunks repeat their text: only they stay prepared.
         let cached = chunk.len() == CHUNK_ROWS;
         let mut q = QueryBuilder::<Sqlite>::new(
             "INSERT INTO usage_entries
-                 (path, user_name, session_id, file_first_at, line_no, message_id,
-                  request_id, model, occurred_at, input_tokens, output_tokens,
-                  cache_creation_tokens, cache_read_tokens, dedup_key) ",
+                 (path, user_name, session_id, file_first_at, line_no, model,
+                  occurred_at, input_tokens, output_tokens, cache_creation_tokens,
+                  cache_read_tokens, dedup_key) ",
         );
-        q.push_values(chunk, |mut b, (c, entry)| {
+        q.push_values(chunk, |mut b, c| {
             b.push_bind(c.path.as_str())
                 .push_bind(c.user.as_str())
                 .push_bind(c.session.as_str())
                 .push_bind(micros(c.file_first_at))
                 .push_bind(c.line_no)
-                .push_bind(entry.message_id.as_deref())
-                .push_bind(entry.request_id.as_deref())
                 // As Postgres stores it: NULL for no model.
                 .push_bind((!c.model.is_empty()).then_some(c.model.as_str()))
                 .push_bind(micros(c.occurred_at))
@@ -275,23 +270,19 @@ pub(crate) async fn replace_usage(
     if files.is_empty() {
         return Ok(());
     }
-    // Every file's copies (one per key within a file) with their entries.
-    let mut copies: Vec<(MessageCopy, &UsageEntry)> = Vec::new();
+    // Every file's copies (one per key within a file).
+    let mut copies: Vec<MessageCopy> = Vec::new();
     for (file, entries) in files {
         let own = MessageCopy::from_file(&file.path, &file.user, &file.session, entries);
-        let mut own: Vec<(MessageCopy, &UsageEntry)> = own
-            .into_iter()
-            .map(at_store_precision)
-            .zip(entries.iter())
-            .collect();
-        own.sort_by(|a, b| a.0.key.cmp(&b.0.key));
-        own.dedup_by(|a, b| a.0.key == b.0.key);
+        let mut own: Vec<MessageCopy> = own.into_iter().map(at_store_precision).collect();
+        own.sort_by(|a, b| a.key.cmp(&b.key));
+        own.dedup_by(|a, b| a.key == b.key);
         copies.extend(own);
     }
     let paths: Vec<&str> = files.iter().map(|(f, _)| f.path.as_str()).collect();
     // The batch's best copy of each message: it wins wherever no other file
     // has the message.
-    let mut by_key: Vec<&MessageCopy> = copies.iter().map(|(c, _)| c).collect();
+    let mut by_key: Vec<&MessageCopy> = copies.iter().collect();
     by_key.sort_by(|a, b| a.key.cmp(&b.key));
     let best: Vec<&MessageCopy> = by_key
         .chunk_by(|a, b| a.key == b.key)
