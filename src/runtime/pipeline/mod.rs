@@ -132,6 +132,21 @@ enum Handled {
 struct Ready {
     write: SessionWrite,
     outcome: FileOutcome,
+    /// Digests of the messages it shares with other files, sorted.
+    keys: Vec<u64>,
+}
+
+impl Ready {
+    fn new(write: SessionWrite, outcome: FileOutcome) -> Box<Ready> {
+        let mut keys: Vec<u64> = write.output.shared_keys().collect();
+        keys.sort_unstable();
+        keys.dedup();
+        Box::new(Ready {
+            write,
+            outcome,
+            keys,
+        })
+    }
 }
 
 /// A batch of sessions (what each writes, and what it counts for once
@@ -146,9 +161,13 @@ struct Batch {
 
 impl Batch {
     fn of(sessions: impl Iterator<Item = Ready>) -> Batch {
-        let (writes, outcomes): (Vec<SessionWrite>, _) =
-            sessions.map(|r| (r.write, r.outcome)).unzip();
-        let mut keys: Vec<u64> = writes.iter().flat_map(|w| w.output.shared_keys()).collect();
+        let mut keys = Vec::new();
+        let (writes, outcomes) = sessions
+            .map(|r| {
+                keys.extend(r.keys);
+                (r.write, r.outcome)
+            })
+            .unzip();
         keys.sort_unstable();
         keys.dedup();
         Batch {
@@ -188,12 +207,7 @@ impl InFlight {
     }
 
     fn touches(&self, ready: &Ready) -> bool {
-        !self.0.is_empty()
-            && ready
-                .write
-                .output
-                .shared_keys()
-                .any(|k| self.0.contains_key(&k))
+        !self.0.is_empty() && ready.keys.iter().any(|k| self.0.contains_key(k))
     }
 
     /// Up to `max` of `ready` that share no message with a batch in flight,
@@ -669,14 +683,14 @@ impl Pipeline {
         let handled = match process(processor, file, content).await? {
             Ok((items, output)) => {
                 let state = pipeline::processed(name, file, &sha256, version, items, now);
-                Handled::Write(Box::new(Ready {
-                    write: SessionWrite {
+                Handled::Write(Ready::new(
+                    SessionWrite {
                         file: file.clone(),
                         output,
                         state,
                     },
-                    outcome: FileOutcome::Processed { items },
-                }))
+                    FileOutcome::Processed { items },
+                ))
             }
             Err(error) => self.fail(processor, file, state, &sha256, error, now),
         };
@@ -705,14 +719,14 @@ impl Pipeline {
             now,
         );
         let dead = failed.status == SessionStatus::Dead;
-        Handled::Write(Box::new(Ready {
-            write: SessionWrite {
+        Handled::Write(Ready::new(
+            SessionWrite {
                 file: file.clone(),
                 output: SessionOutput::default(),
                 state: failed,
             },
-            outcome: FileOutcome::Failed { dead, error },
-        }))
+            FileOutcome::Failed { dead, error },
+        ))
     }
 
     /// RetrySession: a FAILED or DEAD session requeued (the rule is the domain's).
