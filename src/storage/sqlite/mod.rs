@@ -76,6 +76,13 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT);
+        // The writer's page cache: SQLite's default (2 MiB) holds little of
+        // the usage tables' b-trees, so a first run over many sessions kept
+        // re-reading their pages from the OS. 64 MiB, allocated as it fills.
+        let writer_options = options
+            .clone()
+            .pragma("cache_size", "-65536")
+            .pragma("temp_store", "MEMORY");
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
@@ -83,7 +90,7 @@ impl SqliteStore {
             .test_before_acquire(false)
             .idle_timeout(None)
             .max_lifetime(None)
-            .connect_with(options.clone())
+            .connect_with(writer_options)
             .await
             .map_err(sqlite_error)?;
         MIGRATOR
