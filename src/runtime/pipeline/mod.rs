@@ -1015,43 +1015,6 @@ mod tests {
         assert_eq!(rows[0].messages, 5);
     }
 
-    /// A usage processor holding each file until the test releases it by name.
-    struct ByName {
-        gates: std::collections::HashMap<&'static str, Arc<Semaphore>>,
-        left: Arc<Semaphore>,
-    }
-
-    #[async_trait]
-    impl SessionProcessor for ByName {
-        fn name(&self) -> &'static str {
-            "by-name"
-        }
-
-        fn version(&self) -> i32 {
-            1
-        }
-
-        async fn process(
-            &self,
-            file: &SessionFile,
-            content: Arc<Vec<u8>>,
-            sink: &mut dyn SessionSink,
-        ) -> Result<i64, ProcessError> {
-            let name = file
-                .path
-                .rsplit('/')
-                .next()
-                .unwrap()
-                .trim_end_matches(".jsonl");
-            self.gates[name].acquire().await.unwrap().forget();
-            let entries = extract_usage(&content).entries;
-            let items = entries.len() as i64;
-            sink.replace_usage(file, entries).await?;
-            self.left.add_permits(1);
-            Ok(items)
-        }
-    }
-
     #[tokio::test]
     async fn a_session_sharing_a_message_with_a_commit_under_way_waits_for_the_next_batch() {
         // s1 is a resumed copy of s0 (the same message); s2 shares nothing.
@@ -1067,25 +1030,22 @@ mod tests {
             .unwrap();
         let hold = Arc::new(Semaphore::new(0));
         let store = Arc::new(MemoryPipelineStore::holding_commits(hold.clone()));
-        let gates: std::collections::HashMap<_, _> = ["s0", "s1", "s2"]
+        let mut held = Held::new("held", 0);
+        held.by_name = ["s0", "s1", "s2"]
             .into_iter()
             .map(|n| (n, Arc::new(Semaphore::new(0))))
             .collect();
-        let left = Arc::new(Semaphore::new(0));
-        let processor = Arc::new(ByName {
-            gates: gates.clone(),
-            left: left.clone(),
-        });
+        let (gates, left) = (held.by_name.clone(), held.left.clone());
         let p = pipeline_with(
             store.clone(),
             &root,
-            vec![(processor, Duration::ZERO)],
+            vec![(Arc::new(held), Duration::ZERO)],
             CancellationToken::new(),
             3,
         );
         let run = tokio::spawn({
             let p = p.clone();
-            async move { p.run("by-name").await }
+            async move { p.run("held").await }
         });
         // s0 alone in the first commit, which the store holds.
         gates["s0"].add_permits(1);

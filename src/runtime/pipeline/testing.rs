@@ -1,6 +1,7 @@
 //! What the runtime's unit tests share: a session root on disk, processors a
 //! test controls, and a pipeline over the in-memory store.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -53,10 +54,13 @@ impl Drop for Root {
     }
 }
 
-/// A usage processor whose files each wait for a permit of its gate.
+/// A usage processor whose files each wait for a permit of its gate (or of
+/// their own, for the files named in `by_name`).
 pub struct Held {
     pub name: &'static str,
     pub gate: Arc<Semaphore>,
+    /// Gates of single files, by file stem (`s1` for `alice/s1.jsonl`).
+    pub by_name: HashMap<&'static str, Arc<Semaphore>>,
     /// One permit added per file that reached the gate.
     pub entered: Arc<Semaphore>,
     /// One permit added per file whose processing returned.
@@ -68,6 +72,7 @@ impl Held {
         Held {
             name,
             gate: Arc::new(Semaphore::new(permits)),
+            by_name: HashMap::new(),
             entered: Arc::new(Semaphore::new(0)),
             left: Arc::new(Semaphore::new(0)),
         }
@@ -91,7 +96,10 @@ impl SessionProcessor for Held {
         sink: &mut dyn SessionSink,
     ) -> Result<i64, ProcessError> {
         self.entered.add_permits(1);
-        self.gate.acquire().await.unwrap().forget();
+        let stem = file.path.rsplit('/').next().unwrap_or_default();
+        let stem = stem.trim_end_matches(".jsonl");
+        let gate = self.by_name.get(stem).unwrap_or(&self.gate);
+        gate.acquire().await.unwrap().forget();
         let entries = extract_usage(&content).entries;
         let items = entries.len() as i64;
         sink.replace_usage(file, entries).await?;
