@@ -53,6 +53,15 @@ impl LocalCommits {
     }
 }
 
+#[cfg(test)]
+impl LocalCommits {
+    /// A handle whose batches arrive on the receiver (for the committer's tests).
+    pub(crate) fn channel() -> (Self, mpsc::UnboundedReceiver<Vec<Transition>>) {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        (LocalCommits(sender), receiver)
+    }
+}
+
 impl TransitionFanout {
     /// Starts the hub task; it stops when `shutdown` fires. `capacity` transitions
     /// are kept for slow watchers before they must catch up from the table.
@@ -403,6 +412,27 @@ mod tests {
             }
         }
         assert_eq!(head, 32);
+        assert_quiet(&mut rx).await;
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn local_batches_handed_over_out_of_revision_order_are_published_once_in_order() {
+        // Two batches in flight at once: the one started second took the
+        // revision row first, and the committer hands them over in the order
+        // they started.
+        let store = Arc::new(MemoryStore::new());
+        store.set_quiet(true);
+        let (fanout, shutdown) = started(&store).await;
+        let mut rx = fanout.subscribe();
+        let local = fanout.local_commits();
+        let lower = commit(&store, &[register("b"), toggle("b", 0)]).await;
+        let higher = commit(&store, &[register("a"), toggle("a", 0)]).await;
+        local.publish(higher);
+        local.publish(lower);
+        for expected in 1..=4 {
+            assert_eq!(next(&mut rx).await, expected, "gap, repeat or reorder");
+        }
         assert_quiet(&mut rx).await;
         shutdown.cancel();
     }
