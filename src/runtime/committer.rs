@@ -12,7 +12,11 @@
 //! them one after another without a round trip in between. A batch starts only
 //! if none of its agents is in a batch in flight (it waits for those to be
 //! done), so every batch is decided on its agents' committed state, and calls
-//! on one agent are decided in arrival order. Batches are completed (cache,
+//! on one agent are decided in arrival order. While batches are in flight, the
+//! next one also waits to hold as many calls as the one started before it (or
+//! for that one to be done): each batch commits on its own (a WAL flush each,
+//! one after another), so a batch of a few calls started early would cost
+//! the callers behind it a commit. Batches are completed (cache,
 //! metrics, fan-out, replies) in the order they started, so the cache and the
 //! fan-out see them in that order; the store may commit two disjoint batches
 //! in the other order (then the second's revisions are the lower ones, and the
@@ -181,24 +185,29 @@ impl Run {
             FuturesOrdered::new();
         // The agents of the batches in flight.
         let mut busy: HashSet<String> = HashSet::new();
-        // A batch formed and not started: it names an agent in flight, or
-        // `depth` batches are in flight.
-        let mut waiting: Option<Vec<Pending>> = None;
-        let mut buffer = Vec::with_capacity(self.max_batch);
+        // The calls of the next batch, not started yet.
+        let mut next: Vec<Pending> = Vec::with_capacity(self.max_batch);
+        // The size of the batch started last (the newest in flight, if any).
+        let mut last_size = 0;
         let mut open = true;
         loop {
-            if let Some(pending) = waiting.take() {
-                let free = commits.len() < self.depth
-                    && pending.iter().all(|p| !busy.contains(p.command.agent_id()));
-                if free {
-                    let (batch, commit) = self.start(pending);
-                    busy.extend(batch.agents.iter().cloned());
-                    commits.push_back(future::join(future::ready(batch), commit));
-                } else {
-                    waiting = Some(pending);
-                }
+            // The next batch starts when there is room and none of its agents
+            // is in flight. While others are in flight it also waits to be as
+            // large as the one ahead of it (or full): it reaches the store
+            // while that one commits, and a batch of a few calls taking its
+            // turn at the revision row would cost a commit of its own for
+            // them. With nothing in flight, a lone call goes at once.
+            let ready = !next.is_empty()
+                && commits.len() < self.depth
+                && (commits.is_empty() || next.len() >= last_size)
+                && next.iter().all(|p| !busy.contains(p.command.agent_id()));
+            if ready {
+                let (batch, commit) = self.start(std::mem::take(&mut next));
+                last_size = batch.replies.len();
+                busy.extend(batch.agents.iter().cloned());
+                commits.push_back(future::join(future::ready(batch), commit));
             }
-            let take = open && waiting.is_none() && commits.len() < self.depth;
+            let room = self.max_batch - next.len();
             tokio::select! {
                 biased;
                 Some((batch, attempt)) = commits.next(), if !commits.is_empty() => {
@@ -207,15 +216,13 @@ impl Run {
                         busy.remove(&agent);
                     }
                 }
-                received = rx.recv_many(&mut buffer, self.max_batch), if take => {
+                received = rx.recv_many(&mut next, room), if open && room > 0 => {
                     if received == 0 {
                         open = false;
-                    } else {
-                        waiting = Some(std::mem::take(&mut buffer));
                     }
                 }
-                // Nothing in flight, nothing waiting (a waiting batch starts
-                // when nothing is in flight), and the queue is closed.
+                // Nothing in flight (so the next batch, if any, has started),
+                // and the queue is closed.
                 else => return,
             }
         }
@@ -605,6 +612,33 @@ mod tests {
             ]
         );
         assert_eq!(*answered.lock().unwrap(), ["start", "finish"]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_behind_one_in_flight_starts_once_it_is_as_large() {
+        let (store, _, committer, _published, mut log) =
+            pipelined(PIPELINE_DEPTH, &["a", "b", "c", "d", "e"]).await;
+        let answered = Arc::default();
+        store.hold("a");
+        // Queued before the committer runs: one batch of two.
+        let first = [
+            submit_in_task(&committer, start("a"), "a", &answered),
+            submit_in_task(&committer, start("b"), "b", &answered),
+        ];
+        logged(&mut log, started(&["a", "b"])).await;
+        let c = submit_in_task(&committer, start("c"), "c", &answered);
+        settle().await;
+        assert_eq!(log.borrow().len(), 1, "a batch of one started behind two");
+        let d = submit_in_task(&committer, start("d"), "d", &answered);
+        // Two calls now: they start while the first batch is still held.
+        logged(&mut log, finished(&["c", "d"])).await;
+        store.release("a");
+        for call in first.into_iter().chain([c, d]) {
+            call.await.unwrap().unwrap();
+        }
+        assert_eq!(*answered.lock().unwrap(), ["a", "b", "c", "d"]);
+        // A lone call with nothing in flight goes at once.
+        committer.submit(start("e")).await.unwrap();
     }
 
     #[tokio::test]

@@ -6,8 +6,10 @@
 //! - this process's commits, handed over by the committer as they commit
 //!   ([`LocalCommits`]): published as they are, without reading them back. A
 //!   batch that starts after the cursor + 1 follows revisions another replica
-//!   committed in between; those committed before it (the revision row orders
-//!   commits), so the hub reads the gap from the table first;
+//!   committed in between, or a batch of this process's that was in flight
+//!   at the same time and committed first (it is handed over next, and
+//!   skipped); those committed before it (the revision row orders commits),
+//!   so the hub reads the gap from the table first;
 //! - the store's change signal (NOTIFY from other replicas, reconnects, and a
 //!   poll as a safety net): the hub reads every transition after the cursor.
 //!
@@ -39,7 +41,8 @@ pub struct TransitionFanout {
 }
 
 /// Where the committer hands this process's committed transitions to the hub,
-/// one batch at a time, in commit order. Never blocks the committer.
+/// one batch at a time, in the order the batches started (two in flight at
+/// once may have committed in the other order). Never blocks the committer.
 #[derive(Clone)]
 pub struct LocalCommits(mpsc::UnboundedSender<Vec<Transition>>);
 
