@@ -155,6 +155,12 @@ pub struct ServeArgs {
     #[arg(long, env = "FLEETCARE_COMMIT_BATCH", default_value_t = 512)]
     pub commit_batch: usize,
 
+    /// Most batches committing at once. The next batch waits at the database
+    /// while the previous one's commit is flushed; batches in flight at once
+    /// name different agents.
+    #[arg(long, env = "FLEETCARE_COMMIT_PIPELINE_DEPTH", default_value_t = crate::runtime::committer::PIPELINE_DEPTH)]
+    pub commit_pipeline_depth: usize,
+
     /// Recovery delay of an agent at a billing stop (insufficient_quota and the
     /// like) when nothing says when it lifts: retrying soon will not help.
     #[arg(long, env = "FLEETCARE_DEFAULT_BILLING_RECOVERY", default_value = "24h", value_parser = humantime::parse_duration)]
@@ -471,8 +477,12 @@ impl ServeArgs {
                 "--heartbeat-flush-interval must be shorter than --heartbeat-timeout".into(),
             );
         }
-        if self.max_heartbeat_rate == 0 || self.commit_batch == 0 {
-            return Err("--max-heartbeat-rate and --commit-batch must be at least 1".into());
+        if self.max_heartbeat_rate == 0 || self.commit_batch == 0 || self.commit_pipeline_depth == 0
+        {
+            return Err(
+                "--max-heartbeat-rate, --commit-batch and --commit-pipeline-depth must be at least 1"
+                    .into(),
+            );
         }
         if self.watch_buffer == 0 {
             return Err("--watch-buffer must be at least 1".into());

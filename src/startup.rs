@@ -548,6 +548,7 @@ async fn start_services(
         clock.clone(),
         cache.clone(),
         args.commit_batch,
+        args.commit_pipeline_depth,
         metrics.clone(),
         Some(fanout.local_commits()),
     );

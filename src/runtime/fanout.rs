@@ -6,8 +6,10 @@
 //! - this process's commits, handed over by the committer as they commit
 //!   ([`LocalCommits`]): published as they are, without reading them back. A
 //!   batch that starts after the cursor + 1 follows revisions another replica
-//!   committed in between; those committed before it (the revision row orders
-//!   commits), so the hub reads the gap from the table first;
+//!   committed in between, or a batch of this process's that was in flight
+//!   at the same time and committed first (it is handed over next, and
+//!   skipped); those committed before it (the revision row orders commits),
+//!   so the hub reads the gap from the table first;
 //! - the store's change signal (NOTIFY from other replicas, reconnects, and a
 //!   poll as a safety net): the hub reads every transition after the cursor.
 //!
@@ -39,7 +41,8 @@ pub struct TransitionFanout {
 }
 
 /// Where the committer hands this process's committed transitions to the hub,
-/// one batch at a time, in commit order. Never blocks the committer.
+/// one batch at a time, in the order the batches started (two in flight at
+/// once may have committed in the other order). Never blocks the committer.
 #[derive(Clone)]
 pub struct LocalCommits(mpsc::UnboundedSender<Vec<Transition>>);
 
@@ -50,6 +53,15 @@ impl LocalCommits {
             // A stopped hub (shutdown) has nobody to publish to.
             let _ = self.0.send(batch);
         }
+    }
+}
+
+#[cfg(test)]
+impl LocalCommits {
+    /// A handle whose batches arrive on the receiver (for the committer's tests).
+    pub(crate) fn channel() -> (Self, mpsc::UnboundedReceiver<Vec<Transition>>) {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        (LocalCommits(sender), receiver)
     }
 }
 
@@ -403,6 +415,27 @@ mod tests {
             }
         }
         assert_eq!(head, 32);
+        assert_quiet(&mut rx).await;
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn local_batches_handed_over_out_of_revision_order_are_published_once_in_order() {
+        // Two batches in flight at once: the one started second took the
+        // revision row first, and the committer hands them over in the order
+        // they started.
+        let store = Arc::new(MemoryStore::new());
+        store.set_quiet(true);
+        let (fanout, shutdown) = started(&store).await;
+        let mut rx = fanout.subscribe();
+        let local = fanout.local_commits();
+        let lower = commit(&store, &[register("b"), toggle("b", 0)]).await;
+        let higher = commit(&store, &[register("a"), toggle("a", 0)]).await;
+        local.publish(higher);
+        local.publish(lower);
+        for expected in 1..=4 {
+            assert_eq!(next(&mut rx).await, expected, "gap, repeat or reorder");
+        }
         assert_quiet(&mut rx).await;
         shutdown.cancel();
     }

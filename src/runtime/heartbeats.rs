@@ -372,6 +372,7 @@ mod tests {
             clock.clone(),
             cache.clone(),
             64,
+            crate::runtime::committer::PIPELINE_DEPTH,
             crate::metrics::Metrics::new(),
         );
         for id in ids {

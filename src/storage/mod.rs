@@ -77,6 +77,10 @@ impl StatusCounts {
 /// State changes arrive in batches (see `runtime::committer`): the store locks the
 /// agents a batch names in agent-id order, lets [`batch::plan`] decide every
 /// command, allocates the batch's revisions last, writes, and commits once.
+/// The committer may have several batches committing at once (never two
+/// naming one agent): each must still get consecutive revisions, the batches'
+/// ranges in the order they commit, without gaps (Postgres: the revision row,
+/// held to commit; SQLite and memory: one writer).
 #[async_trait]
 pub trait AgentStore: Send + Sync + 'static {
     /// Succeeds when the store can serve requests.

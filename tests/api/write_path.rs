@@ -421,3 +421,68 @@ postgres_only! {
         .await;
     }
 }
+
+postgres_only! {
+    /// Two batches of one server in flight at once: while the revision row is
+    /// held elsewhere, both batches' statements wait for it in the database
+    /// (each on its own connection), and once it is free both commit, with
+    /// consecutive revisions.
+    #[tokio::test]
+    async fn a_second_batch_waits_for_the_revision_row_in_the_database_not_for_the_first() {
+        use sqlx::Connection;
+
+        let db = TestDb::new();
+        let app = TestApp::spawn(&db).await;
+        app.register("a").await;
+        app.register("b").await;
+        let mut blocker = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
+        sqlx::query("UPDATE revision_head SET head_revision = head_revision WHERE singleton")
+            .execute(&mut blocker)
+            .await
+            .unwrap();
+        let first = tokio::spawn({
+            let mut c = app.agents.clone();
+            async move {
+                c.start_work(pb::StartWorkRequest { agent_id: "a".into(), slot_type: 1 })
+                    .await
+            }
+        });
+        let waiting = |n: i64| {
+            let url = db.url.clone();
+            move || {
+                let url = url.clone();
+                async move {
+                    let mut conn = sqlx::PgConnection::connect(&url).await.ok()?;
+                    let waiting: i64 = sqlx::query_scalar(
+                        "SELECT count(*) FROM pg_stat_activity
+                         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                    )
+                    .fetch_one(&mut conn)
+                    .await
+                    .ok()?;
+                    (waiting >= n).then_some(())
+                }
+            }
+        };
+        eventually(Duration::from_secs(10), "the first batch waiting", waiting(1)).await;
+        let second = tokio::spawn({
+            let mut c = app.agents.clone();
+            async move {
+                c.start_work(pb::StartWorkRequest { agent_id: "b".into(), slot_type: 1 })
+                    .await
+            }
+        });
+        eventually(Duration::from_secs(10), "both batches waiting", waiting(2)).await;
+        sqlx::query("ROLLBACK").execute(&mut blocker).await.unwrap();
+        let mut revisions: Vec<i64> = Vec::new();
+        for call in [first, second] {
+            let t = call.await.unwrap().unwrap().into_inner().transition.unwrap();
+            revisions.push(t.revision);
+        }
+        revisions.sort_unstable();
+        assert_eq!(revisions, [3, 4]);
+        assert_eq!(app.get("a").await.status, status(S::Busy));
+        assert_eq!(app.get("b").await.status, status(S::Busy));
+    }
+}

@@ -1,6 +1,6 @@
 //! Agents and transitions in memory.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -13,6 +13,14 @@ use crate::domain::liveness::SweepQuery;
 use crate::domain::transition::{Agent, RevisionBounds, Transition, WatchFilter};
 use crate::error::{Error, Result};
 use crate::storage::{AgentQuery, AgentStore};
+
+/// A commit's start or end, as [`MemoryStore::commit_log`] records them: the
+/// agents its commands name, in command order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CommitEvent {
+    Started(Vec<String>),
+    Finished(Vec<String>),
+}
 
 #[derive(Default)]
 struct State {
@@ -31,6 +39,11 @@ pub struct MemoryStore {
     quiet: AtomicBool,
     batches: AtomicUsize,
     reads: AtomicUsize,
+    /// Agents whose commits wait (see [`MemoryStore::hold`]).
+    held: watch::Sender<BTreeSet<String>>,
+    /// Every commit's start and end, once [`MemoryStore::commit_log`] was called.
+    log: watch::Sender<Vec<CommitEvent>>,
+    logging: AtomicBool,
 }
 
 impl Default for MemoryStore {
@@ -42,6 +55,9 @@ impl Default for MemoryStore {
             quiet: AtomicBool::new(false),
             batches: AtomicUsize::new(0),
             reads: AtomicUsize::new(0),
+            held: watch::channel(BTreeSet::new()).0,
+            log: watch::channel(Vec::new()).0,
+            logging: AtomicBool::new(false),
         }
     }
 }
@@ -73,21 +89,36 @@ impl MemoryStore {
         self.batches.load(Ordering::SeqCst)
     }
 
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, State>> {
-        if self.unavailable.load(Ordering::SeqCst) {
-            return Err(Error::Unavailable("memory store is down".into()));
+    /// Until [`MemoryStore::release`], every commit naming `agent_id` waits
+    /// before it does anything (a batch held in flight).
+    pub fn hold(&self, agent_id: &str) {
+        self.held.send_modify(|h| {
+            h.insert(agent_id.to_owned());
+        });
+    }
+
+    pub fn release(&self, agent_id: &str) {
+        self.held.send_modify(|h| {
+            h.remove(agent_id);
+        });
+    }
+
+    /// Records, from now on, when each commit starts (before it waits for a
+    /// held agent) and when it finishes.
+    pub fn commit_log(&self) -> watch::Receiver<Vec<CommitEvent>> {
+        self.logging.store(true, Ordering::SeqCst);
+        self.log.subscribe()
+    }
+
+    fn record(&self, event: CommitEvent) {
+        if self.logging.load(Ordering::SeqCst) {
+            self.log.send_modify(|log| log.push(event));
         }
-        Ok(self.state.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-}
-
-#[async_trait]
-impl AgentStore for MemoryStore {
-    async fn ping(&self) -> Result<()> {
-        self.lock().map(|_| ())
     }
 
-    async fn commit_batch(
+    /// A batch, decided and applied under the state's lock (so batches
+    /// committing at once are applied one after the other).
+    fn commit_now(
         &self,
         commands: &[Command],
         now: DateTime<Utc>,
@@ -116,6 +147,37 @@ impl AgentStore for MemoryStore {
             self.changes.send_modify(|n| *n = n.wrapping_add(1));
         }
         Ok(outcomes)
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, State>> {
+        if self.unavailable.load(Ordering::SeqCst) {
+            return Err(Error::Unavailable("memory store is down".into()));
+        }
+        Ok(self.state.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+#[async_trait]
+impl AgentStore for MemoryStore {
+    async fn ping(&self) -> Result<()> {
+        self.lock().map(|_| ())
+    }
+
+    async fn commit_batch(
+        &self,
+        commands: &[Command],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Result<Applied, Refusal>>> {
+        let agents: Vec<String> = commands.iter().map(|c| c.agent_id().to_owned()).collect();
+        self.record(CommitEvent::Started(agents.clone()));
+        let _ = self
+            .held
+            .subscribe()
+            .wait_for(|held| !agents.iter().any(|a| held.contains(a)))
+            .await;
+        let outcomes = self.commit_now(commands, now);
+        self.record(CommitEvent::Finished(agents));
+        outcomes
     }
 
     async fn record_heartbeats(&self, beats: &[(String, DateTime<Utc>)]) -> Result<()> {

@@ -8,6 +8,6 @@ mod agents;
 #[cfg(test)]
 mod pipeline;
 
-pub use agents::MemoryStore;
+pub use agents::{CommitEvent, MemoryStore};
 #[cfg(test)]
 pub use pipeline::MemoryPipelineStore;

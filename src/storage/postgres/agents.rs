@@ -250,29 +250,14 @@ impl PgStore {
         let mut ids: Vec<&str> = commands.iter().map(Command::agent_id).collect();
         ids.sort_unstable();
         ids.dedup();
-        let mut slot = self.batch_conn.lock().await;
-        let conn = match &mut *slot {
+        // A connection of this attempt's own: batches in flight at once run
+        // side by side, each on one (the second's statement then waits in the
+        // database for the revision row, and commits right after the first).
+        let mut owned = match self.idle_batch_conn() {
             Some(conn) => conn,
-            empty @ None => {
-                let options = self.pool.connect_options();
-                let timeout = self.pool.options().get_acquire_timeout();
-                let mut connected = tokio::time::timeout(timeout, options.connect())
-                    .await
-                    .map_err(|_| sqlx::Error::PoolTimedOut)??;
-                // The batch statements only look rows up by key. Plan them once
-                // per connection, not at every execution (planning cost more
-                // than executing), and never with a sequential scan: a plan
-                // made while the tables were small (a new database) would
-                // otherwise scan every agent of every batch from then on.
-                for set in [
-                    "SET plan_cache_mode = force_generic_plan",
-                    "SET enable_seqscan = off",
-                ] {
-                    sqlx::query(set).execute(&mut connected).await?;
-                }
-                empty.insert(connected)
-            }
+            None => self.open_batch_conn().await?,
         };
+        let conn = &mut owned;
         let origin = &*self.origin;
         let result = match known {
             Some(known) => match Self::batch_known(conn, commands, known, now, origin).await {
@@ -286,13 +271,44 @@ impl PgStore {
             },
             None => Self::batch_on(conn, commands, &ids, now, origin).await,
         };
-        if let Err(BatchError::Db(e)) = &result
-            && !matches!(e, sqlx::Error::Database(_))
-        {
-            // The connection itself failed: open a new one for the next batch.
-            *slot = None;
+        match &result {
+            // The connection itself failed: close it (a later batch opens another).
+            Err(BatchError::Db(e)) if !matches!(e, sqlx::Error::Database(_)) => {}
+            _ => self.idle_batch_conns().push(owned),
         }
         result
+    }
+
+    fn idle_batch_conns(&self) -> std::sync::MutexGuard<'_, Vec<sqlx::PgConnection>> {
+        self.batch_conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An idle connection of the committer's. An attempt dropped half way (its
+    /// task cancelled) drops its connection with it, so an idle one never
+    /// holds a transaction.
+    fn idle_batch_conn(&self) -> Option<sqlx::PgConnection> {
+        self.idle_batch_conns().pop()
+    }
+
+    /// A new connection for the committer, outside the pool.
+    async fn open_batch_conn(&self) -> std::result::Result<sqlx::PgConnection, BatchError> {
+        let options = self.pool.connect_options();
+        let timeout = self.pool.options().get_acquire_timeout();
+        let mut connected = tokio::time::timeout(timeout, options.connect())
+            .await
+            .map_err(|_| sqlx::Error::PoolTimedOut)??;
+        // The batch statements only look rows up by key. Plan them once
+        // per connection, not at every execution (planning cost more
+        // than executing), and never with a sequential scan: a plan
+        // made while the tables were small (a new database) would
+        // otherwise scan every agent of every batch from then on.
+        for set in [
+            "SET plan_cache_mode = force_generic_plan",
+            "SET enable_seqscan = off",
+        ] {
+            sqlx::query(set).execute(&mut connected).await?;
+        }
+        Ok(connected)
     }
 
     /// The batch decided on `known` (every agent it names), written in one

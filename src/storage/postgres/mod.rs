@@ -29,9 +29,10 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/post
 pub struct PgStore {
     pool: TimedPool<sqlx::Postgres>,
     changes: watch::Sender<u64>,
-    /// The committer's own connection: batches commit one after another, and a
-    /// pool acquire (with its liveness ping) per batch costs more than the batch.
-    batch_conn: std::sync::Arc<tokio::sync::Mutex<Option<sqlx::PgConnection>>>,
+    /// The committer's own connections, idle ones (see `try_commit_batch`):
+    /// one per batch in flight, opened when a batch finds none idle. A pool
+    /// acquire (with its liveness ping) per batch costs more than the batch.
+    batch_conns: std::sync::Arc<std::sync::Mutex<Vec<sqlx::PgConnection>>>,
     /// This store's NOTIFY payload. The committer hands what this process
     /// commits to the fan-out itself, so the listener skips its own notifications.
     origin: std::sync::Arc<str>,
@@ -48,7 +49,7 @@ impl PgStore {
         Ok(PgStore {
             pool: TimedPool::new(pool),
             changes,
-            batch_conn: Default::default(),
+            batch_conns: Default::default(),
             origin,
         })
     }
