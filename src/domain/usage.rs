@@ -12,28 +12,32 @@ use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
 
 use crate::domain::transcript::UsageEntry;
 
+/// The ids that make an entry one copy of a message other files may hold too
+/// (ccusage's rule: both must be present); `None` for an entry that counts alone.
+fn message_ids(entry: &UsageEntry) -> Option<(&str, &str)> {
+    Some((entry.message_id.as_deref()?, entry.request_id.as_deref()?))
+}
+
 /// The key under which copies of one message are de-duplicated. Length-prefixed,
 /// so no two (message id, request id) pairs share a key; entries without both
 /// ids get a key of their own file and line (`line:` cannot start a length).
 pub fn dedup_key(path: &str, entry: &UsageEntry) -> String {
-    match (&entry.message_id, &entry.request_id) {
-        (Some(m), Some(r)) => format!("{}:{m}:{r}", m.len()),
-        _ => format!("line:{path}:{}", entry.line_no),
+    match message_ids(entry) {
+        Some((m, r)) => format!("{}:{m}:{r}", m.len()),
+        None => format!("line:{path}:{}", entry.line_no),
     }
 }
 
-/// A digest of the key of a message that other files may hold a copy of (an
-/// entry with both ids); `None` for an entry that counts alone. Digests may
-/// collide: they only tell which batches of files could touch the same
-/// messages, never which copy counts.
+/// A digest of the key of a message that other files may hold a copy of;
+/// `None` for an entry that counts alone. Digests may collide: they only tell
+/// which batches of files could touch the same messages, never which copy
+/// counts.
 pub fn shared_key_digest(entry: &UsageEntry) -> Option<u64> {
     use std::hash::{Hash, Hasher};
-    let (Some(m), Some(r)) = (&entry.message_id, &entry.request_id) else {
-        return None;
-    };
+    let ids = message_ids(entry)?;
     // Fixed keys: the same digest in every process.
     let mut h = std::hash::DefaultHasher::new();
-    (m, r).hash(&mut h);
+    ids.hash(&mut h);
     Some(h.finish())
 }
 
