@@ -31,7 +31,7 @@ use tonic::transport::Channel;
 
 mod common;
 
-use common::{env_usize, helpers};
+use common::{children_cpu_time, cpu_time, env_usize, helpers, postgres_cpu_since, postgres_ticks};
 
 fn line(user: usize, session: usize, i: usize) -> String {
     format!(
@@ -203,6 +203,7 @@ fn ccusage_daily(config_dir: &Path) -> Option<(Duration, DayTotals)> {
         println!("ccusage: skipped ({} does not exist)", bin.display());
         return None;
     }
+    let cpu_before = children_cpu_time();
     let started = Instant::now();
     let out = std::process::Command::new(&bin)
         .args(["daily", "--json", "--offline", "-z", "UTC"])
@@ -210,6 +211,10 @@ fn ccusage_daily(config_dir: &Path) -> Option<(Duration, DayTotals)> {
         .output()
         .expect("ccusage runs");
     let took = started.elapsed();
+    println!(
+        "ccusage daily's CPU: {:.2?}",
+        children_cpu_time() - cpu_before
+    );
     assert!(
         out.status.success(),
         "ccusage failed: {}",
@@ -337,7 +342,13 @@ async fn main() {
     let peer = ccusage_daily(&config_dir);
     let db = helpers::TestDb::new();
     let (app, mut client) = start(&root, &db).await;
+    let (cpu, postgres) = (cpu_time(), postgres_ticks());
     let (first, stats) = run(&mut client).await;
+    println!(
+        "fleetcare's first run's CPU: {:.2?} in this process (server and client), {:.2?} in Postgres",
+        cpu_time() - cpu,
+        postgres_cpu_since(&postgres)
+    );
     assert_eq!(stats.processed as usize, files, "{stats:?}");
     println!(
         "fleetcare usage first run      {first:>9.2?}  {:>7.1} MB/s  {} entries",
