@@ -31,7 +31,10 @@ use tonic::transport::Channel;
 
 mod common;
 
-use common::{children_cpu_time, cpu_time, env_usize, helpers, postgres_cpu_since, postgres_ticks};
+use common::{
+    children_cpu_time, cpu_time, env_usize, helpers, postgres_cpu_since, postgres_ticks,
+    threads_cpu_time,
+};
 
 fn line(user: usize, session: usize, i: usize) -> String {
     format!(
@@ -343,10 +346,12 @@ async fn main() {
     let db = helpers::TestDb::new();
     let (app, mut client) = start(&root, &db).await;
     let (cpu, postgres) = (cpu_time(), postgres_ticks());
+    let sqlite_threads = threads_cpu_time("sqlx-sqlite");
     let (first, stats) = run(&mut client).await;
     println!(
-        "fleetcare's first run's CPU: {:.2?} in this process (server and client), {:.2?} in Postgres",
+        "fleetcare's first run's CPU: {:.2?} in this process (server and client; {:.2?} of it in SQLite's connection threads), {:.2?} in Postgres",
         cpu_time() - cpu,
+        threads_cpu_time("sqlx-sqlite").saturating_sub(sqlite_threads),
         postgres_cpu_since(&postgres)
     );
     assert_eq!(stats.processed as usize, files, "{stats:?}");

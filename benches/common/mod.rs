@@ -75,3 +75,27 @@ pub fn children_cpu_time() -> Duration {
         .unwrap_or(0);
     Duration::from_millis(ticks * 10)
 }
+
+/// CPU time so far of this process's threads whose name starts with
+/// `prefix` (`sqlx-sqlite` for the embedded store's connection threads),
+/// from /proc/self/task.
+pub fn threads_cpu_time(prefix: &str) -> Duration {
+    let mut ticks = 0;
+    for task in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let name = stat
+            .split_once('(')
+            .and_then(|(_, rest)| rest.rsplit_once(')'))
+            .map_or("", |(name, _)| name);
+        if name.starts_with(prefix) {
+            ticks += stat_ticks(&stat).unwrap_or(0);
+        }
+    }
+    Duration::from_millis(ticks * 10)
+}

@@ -106,6 +106,8 @@ class FleetcareServer:
         self.listen = listen
         self.extra_args = list(extra_args)
         self.address: Optional[str] = None
+        self._listening: Optional[str] = None
+        self._store_open = False
         self.logs: collections.deque[str] = collections.deque(maxlen=300)
         self._serving = threading.Event()
         self._proc: Optional[subprocess.Popen[bytes]] = None
@@ -152,8 +154,16 @@ class FleetcareServer:
                     entry = json.loads(line)
                 except ValueError:
                     continue
+                # The server may listen ("serving", with its address) before
+                # its store is open, answering UNAVAILABLE until then, or open
+                # the store first ("store open, serving"): a test starts once
+                # both are logged.
                 if entry.get("message") == "serving" and entry.get("addr"):
-                    self.address = entry["addr"]
+                    self._listening = entry["addr"]
+                if entry.get("message") == "store open, serving":
+                    self._store_open = True
+                if self._store_open and self._listening:
+                    self.address = self._listening
                     self._serving.set()
 
     def stop(self) -> Optional[int]:

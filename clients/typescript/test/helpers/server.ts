@@ -135,15 +135,22 @@ export async function startServer(options: StartOptions = {}): Promise<Fleetcare
 
   const logs: string[] = [];
   const address = await new Promise<string>((res, rej) => {
-    const timer = setTimeout(() => rej(new Error(`server did not log "serving" within 120 s:\n${logs.join("\n")}`)), 120_000);
+    const timer = setTimeout(() => rej(new Error(`server did not log both "serving" and "store open, serving" within 120 s:\n${logs.join("\n")}`)), 120_000);
+    // The server may listen ("serving", with its address) before its store
+    // is open, answering UNAVAILABLE until then, or open the store first
+    // ("store open, serving"): a test starts once both are logged.
+    let listening: string | undefined;
+    let storeOpen = false;
     // Reading every line also keeps draining the pipe for the server's whole life.
     createInterface({ input: child.stderr! }).on("line", (line) => {
       logs.push(line);
       try {
         const rec = JSON.parse(line) as { message?: string; addr?: string };
-        if (rec.message === "serving" && rec.addr) {
+        if (rec.message === "serving" && rec.addr) listening = rec.addr;
+        if (rec.message === "store open, serving") storeOpen = true;
+        if (storeOpen && listening !== undefined) {
           clearTimeout(timer);
-          res(rec.addr);
+          res(listening);
         }
       } catch {
         // not JSON: keep it in the logs
