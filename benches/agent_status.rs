@@ -320,8 +320,8 @@ impl Bench {
         per_sec
     }
 
-    /// `connections` connections to the bench's database, all opened before
-    /// the measurement starts.
+    /// A pool of `connections` connections to the bench's database, kept
+    /// open (`min_connections`) for the whole baseline.
     async fn baseline_pool(&self, connections: usize) -> sqlx::PgPool {
         sqlx::postgres::PgPoolOptions::new()
             .max_connections(connections as u32)
