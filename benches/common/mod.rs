@@ -18,19 +18,33 @@ pub fn env_usize(name: &str, default: usize) -> usize {
 
 /// CPU time (user + system) this process has used, from /proc.
 pub fn cpu_time() -> Duration {
-    let ticks = std::fs::read_to_string("/proc/self/stat")
-        .ok()
+    own_stat()
         .and_then(|s| stat_ticks(&s))
-        .unwrap_or(0);
-    // The kernel reports in clock ticks, 100 per second on Linux.
-    Duration::from_millis(ticks * 10)
+        .map_or(Duration::ZERO, from_ticks)
 }
 
-/// User + system clock ticks (100 per second) of one `/proc/<pid>/stat`.
+/// User + system clock ticks of one `/proc/<pid>/stat` (utime and stime,
+/// fields 14 and 15).
 pub fn stat_ticks(stat: &str) -> Option<u64> {
+    stat_pair(stat, 14)
+}
+
+/// The sum of `/proc/<pid>/stat` fields `field` and `field + 1` (numbered
+/// from 1, as in proc(5)), read after the process name, which may hold spaces.
+fn stat_pair(stat: &str, field: usize) -> Option<u64> {
     let rest = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+    // Field 3 is the first after the ')'.
+    let mut fields = rest.split_whitespace().skip(field - 3);
+    Some(fields.next()?.parse::<u64>().ok()? + fields.next()?.parse::<u64>().ok()?)
+}
+
+fn own_stat() -> Option<String> {
+    std::fs::read_to_string("/proc/self/stat").ok()
+}
+
+/// Clock ticks as time: the kernel counts 100 per second on Linux.
+fn from_ticks(ticks: u64) -> Duration {
+    Duration::from_millis(ticks * 10)
 }
 
 /// CPU ticks used so far by each process named `postgres` on this machine
@@ -58,29 +72,23 @@ pub fn postgres_cpu_since(before: &std::collections::HashMap<u32, u64>) -> Durat
         .into_iter()
         .map(|(pid, t)| t.saturating_sub(before.get(&pid).copied().unwrap_or(0)))
         .sum();
-    Duration::from_millis(ticks * 10)
+    from_ticks(ticks)
 }
 
 /// CPU time of this process's children that have exited and been waited
-/// for (a peer tool run with `Command::output`), from /proc.
+/// for (a peer tool run with `Command::output`): cutime and cstime, fields 16
+/// and 17.
 pub fn children_cpu_time() -> Duration {
-    let ticks = std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|s| {
-            let rest = s.rsplit_once(')')?.1.to_owned();
-            let fields: Vec<&str> = rest.split_whitespace().collect();
-            // cutime and cstime are fields 16 and 17 of stat; 14 and 15 after the ')'.
-            Some(fields.get(13)?.parse::<u64>().ok()? + fields.get(14)?.parse::<u64>().ok()?)
-        })
-        .unwrap_or(0);
-    Duration::from_millis(ticks * 10)
+    own_stat()
+        .and_then(|s| stat_pair(&s, 16))
+        .map_or(Duration::ZERO, from_ticks)
 }
 
 /// CPU time so far of this process's threads whose name starts with
 /// `prefix` (`sqlx-sqlite` for the embedded store's connection threads),
 /// from /proc/self/task.
 pub fn threads_cpu_time(prefix: &str) -> Duration {
-    let mut ticks = 0;
+    let mut total = 0;
     for task in std::fs::read_dir("/proc/self/task")
         .into_iter()
         .flatten()
@@ -94,8 +102,8 @@ pub fn threads_cpu_time(prefix: &str) -> Duration {
             .and_then(|(_, rest)| rest.rsplit_once(')'))
             .map_or("", |(name, _)| name);
         if name.starts_with(prefix) {
-            ticks += stat_ticks(&stat).unwrap_or(0);
+            total += stat_ticks(&stat).unwrap_or(0);
         }
     }
-    Duration::from_millis(ticks * 10)
+    from_ticks(total)
 }
