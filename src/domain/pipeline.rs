@@ -37,9 +37,10 @@ impl SessionStatus {
 pub struct SessionFile {
     /// The user directory's name.
     pub user: String,
-    /// The file's stem: the session, as ccusage names it.
+    /// The file's path below the user's folder without `.jsonl`: the session
+    /// (`<session>`, or `<session>/subagents/agent-1` for a sub-agent's).
     pub session: String,
-    /// `<user>/<file>.jsonl`, relative to the root: the state's key.
+    /// `<user>/<file>.jsonl` (or deeper), relative to the root: the state's key.
     pub path: String,
     pub size: u64,
     /// Modification time in nanoseconds since the epoch.
@@ -291,15 +292,33 @@ pub struct SessionRef {
     pub path: String,
 }
 
-/// A session key: `<user>/<file>.jsonl`, as the scan names it.
+/// How many folders below a user's folder session files are looked for: a
+/// sub-agent's transcript sits two below (`<session>/subagents/agent-*.jsonl`).
+pub const MAX_SESSION_DEPTH: usize = 4;
+
+/// A folder or file name the scan walks into: not empty, not hidden (so
+/// never `.` or `..`).
+pub fn valid_path_segment(name: &str) -> bool {
+    !name.is_empty() && !name.starts_with('.') && !name.contains('/')
+}
+
+/// A session key, as the scan names it: `<user>/<file>.jsonl`, or a file in
+/// folders below the user's, at most [`MAX_SESSION_DEPTH`] deep
+/// (`<user>/<session>/subagents/agent-1.jsonl`).
 pub fn valid_session_path(path: &str) -> bool {
-    path.split_once('/').is_some_and(|(user, file)| {
-        valid_user_dir(user)
-            && file.len() > ".jsonl".len()
-            && file.ends_with(".jsonl")
-            && !file.contains('/')
-            && !file.starts_with('.')
-    })
+    let Some((user, rest)) = path.split_once('/') else {
+        return false;
+    };
+    let segments: Vec<&str> = rest.split('/').collect();
+    let (file, folders) = segments
+        .split_last()
+        .expect("split yields one part at least");
+    valid_user_dir(user)
+        && folders.len() <= MAX_SESSION_DEPTH
+        && folders.iter().all(|f| valid_path_segment(f))
+        && valid_path_segment(file)
+        && file.len() > ".jsonl".len()
+        && file.ends_with(".jsonl")
 }
 
 /// Up to this many errors are reported per run.
@@ -314,6 +333,9 @@ pub struct RunStats {
     pub failed: i64,
     pub dead: i64,
     pub items_extracted: i64,
+    /// Lines skipped as unreadable or invalid, over every processed file.
+    #[serde(default)]
+    pub lines_skipped: i64,
     pub files_hashed: i64,
     pub bytes_hashed: i64,
     /// (session path, error), the first [`MAX_REPORTED_ERRORS`].

@@ -2,30 +2,47 @@
 //! when one file's copies are replaced. Pure; the store loads, locks and
 //! writes what [`plan`] decides.
 //!
-//! ccusage's rule: a message (same `message.id` and `requestId`) counts once
-//! across every file, the copy from the file whose earliest entry is earliest
-//! (ties: the path, then the line). An entry without both ids always counts.
+//! ccusage 20's rule, made independent of the order files and runs arrive in:
+//! the copies of one message (same `message.id`, in one file or several:
+//! streamed content blocks, a resumed session's copied history, a side
+//! question's or sub-agent's replay) count once. The copy that counts is
+//! decided by [`MessageCopy::rank`]: a copy outside a sidechain beats a
+//! sidechain's replay, then the most complete (the larger total) wins, then
+//! the earlier path, then the earlier line. An entry without a message id
+//! always counts.
+//!
+//! One deliberate difference: ccusage keys copies on `message.id` and
+//! `requestId` together, so two copies of one message outside a sidechain
+//! under different request ids count twice there; a message id names one API
+//! response, so here they count once.
 
+use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
 
 use crate::domain::transcript::UsageEntry;
 
-/// The ids that make an entry one copy of a message other files may hold too
-/// (ccusage's rule: both must be present); `None` for an entry that counts alone.
-fn message_ids(entry: &UsageEntry) -> Option<(&str, &str)> {
-    Some((entry.message_id.as_deref()?, entry.request_id.as_deref()?))
-}
-
-/// The key under which copies of one message are de-duplicated. Length-prefixed,
-/// so no two (message id, request id) pairs share a key; entries without both
-/// ids get a key of their own file and line (`line:` cannot start a length).
+/// The key under which copies of one message are de-duplicated: `m:` and
+/// the message id; an entry without a message id gets a key of its own file
+/// and line (`line:` never starts a message key).
 pub fn dedup_key(path: &str, entry: &UsageEntry) -> String {
-    match message_ids(entry) {
-        Some((m, r)) => format!("{}:{m}:{r}", m.len()),
+    match entry.message_id.as_deref() {
+        Some(m) => format!("m:{m}"),
         None => format!("line:{path}:{}", entry.line_no),
     }
+}
+
+/// How many messages a file's entries hold: copies of one message count once.
+pub fn message_count(entries: &[UsageEntry]) -> usize {
+    let mut ids: Vec<&str> = entries
+        .iter()
+        .filter_map(|e| e.message_id.as_deref())
+        .collect();
+    let without_id = entries.len() - ids.len();
+    ids.sort_unstable();
+    ids.dedup();
+    without_id + ids.len()
 }
 
 /// A digest of the key of a message that other files may hold a copy of;
@@ -34,10 +51,10 @@ pub fn dedup_key(path: &str, entry: &UsageEntry) -> String {
 /// counts.
 pub fn shared_key_digest(entry: &UsageEntry) -> Option<u64> {
     use std::hash::{Hash, Hasher};
-    let ids = message_ids(entry)?;
+    let id = entry.message_id.as_deref()?;
     // Fixed keys: the same digest in every process.
     let mut h = std::hash::DefaultHasher::new();
-    ids.hash(&mut h);
+    id.hash(&mut h);
     Some(h.finish())
 }
 
@@ -79,8 +96,8 @@ pub struct MessageCopy {
     pub key: String,
     pub path: String,
     pub line_no: i32,
-    /// The file's earliest entry: decides which copy wins.
-    pub file_first_at: DateTime<Utc>,
+    /// A side question's or sub-agent's copy: loses to any other copy.
+    pub sidechain: bool,
     pub user: String,
     /// The file's session (its stem).
     pub session: String,
@@ -91,30 +108,37 @@ pub struct MessageCopy {
 }
 
 impl MessageCopy {
-    /// The copies one file's entries make (the caller passes the file's entries
-    /// after the within-file de-duplication of `extract_usage`).
+    /// The copies one file's entries make: the best copy of each message
+    /// within the file (by [`MessageCopy::rank`]), sorted by key.
     pub fn from_file(path: &str, user: &str, session: &str, entries: &[UsageEntry]) -> Vec<Self> {
-        let Some(file_first_at) = entries.iter().map(|e| e.timestamp).min() else {
-            return Vec::new();
-        };
-        entries
+        let mut copies: Vec<MessageCopy> = entries
             .iter()
             .map(|e| MessageCopy {
                 key: dedup_key(path, e),
                 path: path.to_owned(),
                 line_no: i32::try_from(e.line_no).unwrap_or(i32::MAX),
-                file_first_at,
+                sidechain: e.sidechain,
                 user: user.to_owned(),
                 session: session.to_owned(),
                 model: e.model.clone().unwrap_or_default(),
                 occurred_at: e.timestamp,
                 tokens: Tokens::of(e),
             })
-            .collect()
+            .collect();
+        copies.sort_by(|a, b| a.key.cmp(&b.key).then_with(|| a.rank().cmp(&b.rank())));
+        copies.dedup_by(|later, best| later.key == best.key);
+        copies
     }
 
-    fn rank(&self) -> (DateTime<Utc>, &str, i32) {
-        (self.file_first_at, &self.path, self.line_no)
+    /// The smaller the better: outside a sidechain first, then the larger
+    /// total, the earlier path, the earlier line.
+    pub fn rank(&self) -> (bool, Reverse<i64>, &str, i32) {
+        (
+            self.sidechain,
+            Reverse(self.tokens.total()),
+            &self.path,
+            self.line_no,
+        )
     }
 
     /// The UTC day the copy counts on.
@@ -427,6 +451,7 @@ pub fn recount<'a>(
 mod tests {
     use super::*;
     use chrono::TimeZone;
+    use proptest::prelude::*;
 
     fn at(h: u32, m: u32) -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 3, 14, h, m, 0).unwrap()
@@ -435,7 +460,7 @@ mod tests {
     fn copy(
         key: &str,
         path: &str,
-        first: DateTime<Utc>,
+        sidechain: bool,
         when: DateTime<Utc>,
         input: i64,
     ) -> MessageCopy {
@@ -443,7 +468,7 @@ mod tests {
             key: key.into(),
             path: path.into(),
             line_no: 1,
-            file_first_at: first,
+            sidechain,
             user: path.split('/').next().unwrap().into(),
             session: path.into(),
             model: "m".into(),
@@ -455,59 +480,111 @@ mod tests {
         }
     }
 
-    #[test]
-    fn keys_never_collide_and_entries_without_ids_stay_apart() {
-        let entry = |m: Option<&str>, r: Option<&str>, line_no| UsageEntry {
+    fn entry(m: Option<&str>, line_no: u32, output: u64, sidechain: bool) -> UsageEntry {
+        UsageEntry {
             line_no,
-            timestamp: at(1, 0),
-            session_id: None,
+            timestamp: at(1, line_no),
             message_id: m.map(Into::into),
-            request_id: r.map(Into::into),
-            model: None,
+            model: Some("claude-sonnet-4".into()),
+            sidechain,
             input_tokens: 1,
-            output_tokens: 1,
+            output_tokens: output,
             cache_creation_tokens: 0,
             cache_read_tokens: 0,
-        };
+        }
+    }
+
+    #[test]
+    fn a_message_id_is_the_key_and_entries_without_one_stay_apart() {
+        assert_eq!(
+            dedup_key("a/x.jsonl", &entry(Some("m"), 1, 1, false)),
+            dedup_key("b/y.jsonl", &entry(Some("m"), 9, 5, true))
+        );
         assert_ne!(
-            dedup_key("a/x.jsonl", &entry(Some("a:b"), Some("c"), 1)),
-            dedup_key("a/x.jsonl", &entry(Some("a"), Some("b:c"), 1))
+            dedup_key("a/x.jsonl", &entry(None, 1, 1, false)),
+            dedup_key("a/x.jsonl", &entry(None, 2, 1, false))
+        );
+        // A message id that looks like a line key is still a message key.
+        assert_ne!(
+            dedup_key("a/x.jsonl", &entry(Some("line:a/x.jsonl:1"), 1, 1, false)),
+            dedup_key("a/x.jsonl", &entry(None, 1, 1, false))
         );
         assert_eq!(
-            dedup_key("a/x.jsonl", &entry(Some("m"), Some("r"), 1)),
-            dedup_key("b/y.jsonl", &entry(Some("m"), Some("r"), 9))
+            shared_key_digest(&entry(Some("m"), 1, 1, false)),
+            shared_key_digest(&entry(Some("m"), 7, 3, true))
         );
-        assert_ne!(
-            dedup_key("a/x.jsonl", &entry(Some("m"), None, 1)),
-            dedup_key("a/x.jsonl", &entry(Some("m"), None, 2))
+        assert_eq!(shared_key_digest(&entry(None, 1, 1, false)), None);
+        let entries = [
+            entry(Some("m"), 1, 1, false),
+            entry(Some("m"), 2, 2, false),
+            entry(Some("n"), 3, 1, true),
+            entry(None, 4, 1, false),
+            entry(None, 5, 1, false),
+        ];
+        assert_eq!(message_count(&entries), 4);
+    }
+
+    #[test]
+    fn within_a_file_the_most_complete_copy_of_a_streamed_message_is_kept() {
+        // Three content blocks of one response: the usage grows to the last.
+        let entries = [
+            entry(Some("m"), 1, 1, false),
+            entry(Some("m"), 2, 120, false),
+            entry(Some("m"), 3, 5, false),
+            entry(None, 4, 1, false),
+            entry(None, 5, 1, false),
+        ];
+        let copies = MessageCopy::from_file("u/s.jsonl", "u", "s", &entries);
+        let kept: Vec<(&str, i32, i64)> = copies
+            .iter()
+            .map(|c| (c.key.as_str(), c.line_no, c.tokens.output))
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                ("line:u/s.jsonl:4", 4, 1),
+                ("line:u/s.jsonl:5", 5, 1),
+                ("m:m", 2, 120)
+            ]
         );
     }
 
     #[test]
-    fn the_copy_from_the_earliest_file_wins_then_the_path() {
-        let a = copy("k", "u/b.jsonl", at(1, 0), at(3, 0), 1);
-        let b = copy("k", "u/a.jsonl", at(2, 0), at(3, 0), 2);
-        let c = copy("k", "u/c.jsonl", at(1, 0), at(3, 0), 3);
-        assert_eq!(winner([&a, &b, &c]), Some(&a));
-        assert_eq!(winner([&b, &c]), Some(&c));
+    fn outside_a_sidechain_beats_larger_then_earlier_path_then_line() {
+        let parent = copy("k", "u/b.jsonl", false, at(3, 0), 10);
+        let replay = copy("k", "u/b/subagents/agent-1.jsonl", true, at(4, 0), 50_000);
+        let larger = copy("k", "u/c.jsonl", false, at(3, 0), 11);
+        let same_earlier_path = copy("k", "u/a.jsonl", false, at(3, 0), 10);
+        assert_eq!(winner([&replay, &parent]), Some(&parent));
+        assert_eq!(winner([&parent, &replay, &larger]), Some(&larger));
+        assert_eq!(
+            winner([&parent, &same_earlier_path]),
+            Some(&same_earlier_path)
+        );
+        let mut later_line = parent.clone();
+        later_line.line_no = 2;
+        assert_eq!(winner([&later_line, &parent]), Some(&parent));
+        // Replays only: the largest replay counts, once.
+        let other_replay = copy("k", "u/b/subagents/agent-2.jsonl", true, at(4, 0), 9);
+        assert_eq!(winner([&other_replay, &replay]), Some(&replay));
         assert_eq!(winner([]), None);
     }
 
     #[test]
     fn a_replaced_file_hands_its_messages_to_the_next_best_copy() {
-        let early = copy("k", "u/a.jsonl", at(1, 0), at(1, 0), 10);
-        let late = copy(
+        let best = copy("k", "u/a.jsonl", false, at(1, 0), 10);
+        let next = copy(
             "k",
             "u/b.jsonl",
-            at(2, 0),
+            false,
             Utc.with_ymd_and_hms(2026, 3, 15, 0, 0, 0).unwrap(),
             10,
         );
-        let current = HashMap::from([("k", &early)]);
+        let current = HashMap::from([("k", &best)]);
         // a.jsonl was rewritten without the message: b's copy now counts, on its own day.
-        let copies = HashMap::from([("k", vec![&late])]);
+        let copies = HashMap::from([("k", vec![&next])]);
         let p = plan(&["k"], &current, &copies);
-        assert_eq!(p.upserts, vec![&late]);
+        assert_eq!(p.upserts, vec![&next]);
         assert!(p.deletes.is_empty());
         assert_eq!(p.cells.len(), 2);
         assert_eq!(
@@ -530,8 +607,21 @@ mod tests {
         let p = plan(&["k"], &current, &HashMap::new());
         assert_eq!(p.deletes, vec!["k"]);
         // Nothing changed: nothing to write.
-        let copies = HashMap::from([("k", vec![&early, &late])]);
+        let copies = HashMap::from([("k", vec![&best, &next])]);
         assert!(plan(&["k"], &current, &copies).is_empty());
+    }
+
+    #[test]
+    fn a_later_larger_copy_replaces_the_counted_one_exactly_once() {
+        let partial = copy("k", "u/a.jsonl", false, at(1, 0), 3);
+        let complete = copy("k", "u/a.jsonl", false, at(1, 0), 40);
+        let current = HashMap::from([("k", &partial)]);
+        let copies = HashMap::from([("k", vec![&complete])]);
+        let p = plan(&["k"], &current, &copies);
+        assert_eq!(p.upserts, vec![&complete]);
+        // One cell: minus the partial, plus the complete copy.
+        assert_eq!(p.cells.len(), 1);
+        assert_eq!((p.cells[0].messages, p.cells[0].tokens.input), (0, 37));
     }
 
     #[test]
@@ -562,5 +652,145 @@ mod tests {
             split(None, Some(at(2, 0))),
             (None, Some(day(14)), vec![day(14)])
         );
+    }
+
+    /// A store as the backends keep it: every file's copies, the counted
+    /// copy of each message, and the cells; a file's replacement goes
+    /// through [`plan`] as in the backends.
+    #[derive(Default)]
+    struct Rollups {
+        files: BTreeMap<String, Vec<MessageCopy>>,
+        counted: HashMap<String, MessageCopy>,
+        cells: BTreeMap<CellKey, (Tokens, i64)>,
+    }
+
+    impl Rollups {
+        fn replace(&mut self, path: &str, entries: &[UsageEntry]) {
+            let user = path.split('/').next().unwrap();
+            let new = MessageCopy::from_file(path, user, path, entries);
+            let old = self.files.insert(path.to_owned(), new).unwrap_or_default();
+            let mut affected: Vec<String> = old
+                .iter()
+                .chain(&self.files[path])
+                .map(|c| c.key.clone())
+                .collect();
+            affected.sort();
+            affected.dedup();
+            let affected: Vec<&str> = affected.iter().map(String::as_str).collect();
+            let current: HashMap<&str, &MessageCopy> = affected
+                .iter()
+                .filter_map(|k| self.counted.get(*k).map(|c| (*k, c)))
+                .collect();
+            let mut copies: HashMap<&str, Vec<&MessageCopy>> = HashMap::new();
+            for c in self.files.values().flatten() {
+                if affected.contains(&c.key.as_str()) {
+                    copies.entry(c.key.as_str()).or_default().push(c);
+                }
+            }
+            let p = plan(&affected, &current, &copies);
+            let upserts: Vec<MessageCopy> = p.upserts.iter().map(|c| (*c).clone()).collect();
+            let deletes: Vec<String> = p.deletes.iter().map(|k| k.to_string()).collect();
+            for d in &p.cells {
+                let cell = self.cells.entry(d.cell.clone()).or_default();
+                cell.0.add(&d.tokens, 1);
+                cell.1 += d.messages;
+                if cell.1 == 0 {
+                    assert_eq!(cell.0, Tokens::default(), "an empty cell holds tokens");
+                    self.cells.remove(&d.cell);
+                }
+            }
+            for c in upserts {
+                self.counted.insert(c.key.clone(), c);
+            }
+            for k in deletes {
+                self.counted.remove(&k);
+            }
+        }
+
+        fn by_day(&self) -> Vec<(String, Tokens, i64)> {
+            let mut days: BTreeMap<String, (Tokens, i64)> = BTreeMap::new();
+            for (cell, (tokens, n)) in &self.cells {
+                let day = days.entry(cell.day.to_string()).or_default();
+                day.0.add(tokens, 1);
+                day.1 += n;
+            }
+            days.into_iter().map(|(d, (t, n))| (d, t, n)).collect()
+        }
+    }
+
+    fn recount_by_day(r: &Rollups) -> Vec<(String, Tokens, i64)> {
+        let query = UsageQuery {
+            group_by: UsageGrouping::Day,
+            since: None,
+            until: None,
+            user: None,
+        };
+        recount(r.files.values().flatten(), &query)
+            .into_iter()
+            .map(|row| {
+                let tokens = Tokens {
+                    input: row.input_tokens,
+                    output: row.output_tokens,
+                    cache_creation: row.cache_creation_tokens,
+                    cache_read: row.cache_read_tokens,
+                };
+                (row.key, tokens, row.messages)
+            })
+            .collect()
+    }
+
+    /// One streamed copy of a message: which message, its output so far,
+    /// a sidechain replay or not, the hour it is stamped with.
+    type Piece = (u8, u16, bool, u32);
+
+    fn piece() -> impl Strategy<Value = Piece> {
+        (0u8..6, 1u16..500, prop::bool::weighted(0.2), 0u32..48)
+    }
+
+    proptest! {
+        /// Copies of a few messages arrive spread over files and runs, in any
+        /// order, with growing usage (a file grows between runs or is
+        /// rewritten): after every run the rollups equal a recount, and the
+        /// counted copy of each message is the best of all its copies.
+        #[test]
+        fn rollups_equal_a_recount_whatever_order_copies_arrive_in(
+            runs in prop::collection::vec(
+                (0usize..4, prop::collection::vec(piece(), 0..6), prop::bool::ANY),
+                1..12,
+            ),
+        ) {
+            let paths = ["u/a.jsonl", "u/b.jsonl", "v/c.jsonl", "u/a/subagents/agent-1.jsonl"];
+            let mut files: BTreeMap<&str, Vec<UsageEntry>> = BTreeMap::new();
+            let mut r = Rollups::default();
+            for (file, pieces, rewrite) in runs {
+                let path = paths[file];
+                let entries = files.entry(path).or_default();
+                if rewrite {
+                    entries.clear();
+                }
+                for (m, output, sidechain, hour) in pieces {
+                    let line_no = entries.len() as u32 + 1;
+                    entries.push(UsageEntry {
+                        line_no,
+                        timestamp: Utc.with_ymd_and_hms(2026, 3, 14, 0, 0, 0).unwrap()
+                            + chrono::Duration::hours(i64::from(hour)),
+                        message_id: (m > 0).then(|| format!("msg_{m}")),
+                        model: Some(format!("model-{}", m % 2)),
+                        sidechain,
+                        input_tokens: 1,
+                        output_tokens: u64::from(output),
+                        cache_creation_tokens: 0,
+                        cache_read_tokens: u64::from(m) * 1000,
+                    });
+                }
+                r.replace(path, entries);
+                prop_assert_eq!(r.by_day(), recount_by_day(&r));
+                // Each message counts through its best copy anywhere.
+                for (key, counted) in &r.counted {
+                    let best = winner(r.files.values().flatten().filter(|c| &c.key == key));
+                    prop_assert_eq!(best, Some(counted));
+                }
+            }
+        }
     }
 }

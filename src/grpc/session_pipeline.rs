@@ -188,6 +188,7 @@ fn stats_to_pb(s: &RunStats) -> pb::RunStats {
         failed: s.failed,
         dead: s.dead,
         items_extracted: s.items_extracted,
+        lines_skipped: s.lines_skipped,
         files_hashed: s.files_hashed,
         bytes_hashed: s.bytes_hashed,
         errors: s

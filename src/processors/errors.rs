@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::{ProcessError, SessionProcessor, ensure_text, parse_off_thread};
+use super::{ProcessError, Processed, SessionProcessor, parse_off_thread};
 use crate::domain::healing::{self, Context};
 use crate::domain::healing_records::NewErrorEvent;
 use crate::domain::pipeline::SessionFile;
@@ -21,8 +21,10 @@ impl SessionProcessor for ErrorsProcessor {
         "errors"
     }
 
+    /// 2: a NUL byte no longer fails a file (its sessions left dead by
+    /// one are read again).
     fn version(&self) -> i32 {
-        1
+        2
     }
 
     async fn process(
@@ -30,8 +32,7 @@ impl SessionProcessor for ErrorsProcessor {
         file: &SessionFile,
         content: Arc<Vec<u8>>,
         sink: &mut dyn SessionSink,
-    ) -> Result<i64, ProcessError> {
-        ensure_text(&content)?;
+    ) -> Result<Processed, ProcessError> {
         let extract = parse_off_thread(content, extract_errors).await?;
         let events: Vec<TranscriptErrorEvent> = extract
             .errors
@@ -64,6 +65,9 @@ impl SessionProcessor for ErrorsProcessor {
             })
             .collect();
         sink.replace_transcript_errors(file, &events).await?;
-        Ok(events.len() as i64)
+        Ok(Processed {
+            items: events.len() as i64,
+            lines_skipped: extract.counts.malformed as i64,
+        })
     }
 }

@@ -37,14 +37,24 @@ pub trait SessionProcessor: Send + Sync + 'static {
     /// is then reprocessed.
     fn version(&self) -> i32;
 
-    /// Processes one whole file; returns how many items it extracted. Replaces
+    /// Processes one whole file; returns what it extracted. Replaces
     /// whatever earlier processing of the same file wrote.
     async fn process(
         &self,
         file: &SessionFile,
         content: Arc<Vec<u8>>,
         sink: &mut dyn SessionSink,
-    ) -> Result<i64, ProcessError>;
+    ) -> Result<Processed, ProcessError>;
+}
+
+/// What processing one file extracted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Processed {
+    /// Items written (usage entries, error events).
+    pub items: i64,
+    /// Lines that could not be read (NUL bytes, invalid UTF-8, bad JSON) or
+    /// whose used fields were invalid: skipped, the rest of the file read.
+    pub lines_skipped: i64,
 }
 
 /// A processor and its default schedule.
@@ -65,17 +75,6 @@ pub fn registry() -> Vec<Registration> {
             default_interval: Duration::from_secs(15 * 60),
         },
     ]
-}
-
-/// Session files are JSON Lines text: a NUL byte means something else was
-/// written there (a binary, a corrupted copy), which no rerun will fix.
-pub(crate) fn ensure_text(content: &[u8]) -> Result<(), ProcessError> {
-    match content.iter().position(|b| *b == 0) {
-        Some(at) => Err(ProcessError::Session(format!(
-            "not a JSON Lines transcript: NUL byte at offset {at}"
-        ))),
-        None => Ok(()),
-    }
 }
 
 /// Runs CPU-bound parsing off the async threads.

@@ -4,9 +4,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::{ProcessError, SessionProcessor, ensure_text, parse_off_thread};
+use super::{ProcessError, Processed, SessionProcessor, parse_off_thread};
 use crate::domain::pipeline::SessionFile;
 use crate::domain::transcript::extract_usage;
+use crate::domain::usage;
 use crate::storage::SessionSink;
 
 pub struct UsageProcessor;
@@ -17,8 +18,10 @@ impl SessionProcessor for UsageProcessor {
         "usage"
     }
 
+    /// 2: ccusage 20's rules (the most complete copy, sidechains, progress
+    /// lines, offsets; no byte fails a file).
     fn version(&self) -> i32 {
-        1
+        2
     }
 
     async fn process(
@@ -26,14 +29,18 @@ impl SessionProcessor for UsageProcessor {
         file: &SessionFile,
         content: Arc<Vec<u8>>,
         sink: &mut dyn SessionSink,
-    ) -> Result<i64, ProcessError> {
-        ensure_text(&content)?;
+    ) -> Result<Processed, ProcessError> {
         let extract = parse_off_thread(content, extract_usage).await?;
-        if extract.counts.malformed > 0 {
-            tracing::debug!(session = %file.path, malformed = extract.counts.malformed, "skipped malformed lines");
+        let lines_skipped = extract.counts.malformed as i64;
+        if lines_skipped > 0 {
+            tracing::debug!(session = %file.path, lines_skipped, "skipped unreadable lines");
         }
-        let items = extract.entries.len() as i64;
+        // Messages, each once (its copies are one item).
+        let items = usage::message_count(&extract.entries) as i64;
         sink.replace_usage(file, extract.entries).await?;
-        Ok(items)
+        Ok(Processed {
+            items,
+            lines_skipped,
+        })
     }
 }

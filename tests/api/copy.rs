@@ -264,7 +264,6 @@ async fn fill(db: &TestDb) -> Vec<(&'static str, u64)> {
             .bind(&path[..1])
             .bind("session-1")
             .bind(line)
-            .bind(T0)
             .bind((i % 2 == 0).then_some("claude-ünï"))
             .bind(T0 + i)
             .bind(i * 10)
@@ -272,6 +271,7 @@ async fn fill(db: &TestDb) -> Vec<(&'static str, u64)> {
             .bind(0)
             .bind(i)
             .bind(format!("line:{path}:{line}:{i}"))
+            .bind(i % 3 == 0)
             .execute(&mut c)
             .await
             .unwrap();
@@ -280,10 +280,9 @@ async fn fill(db: &TestDb) -> Vec<(&'static str, u64)> {
 
     for i in 0..4_i64 {
         sqlx::query("INSERT INTO usage_messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
-            .bind(format!("6:msg_{i}:req_{i}"))
+            .bind(format!("m:msg_{i}"))
             .bind("a/1.jsonl")
             .bind(i)
-            .bind(T0)
             .bind("a")
             .bind("session-1")
             .bind(if i == 0 { "" } else { "claude-ünï" })
@@ -293,6 +292,7 @@ async fn fill(db: &TestDb) -> Vec<(&'static str, u64)> {
             .bind(i + 1)
             .bind(i + 2)
             .bind(i64::MAX)
+            .bind(i == 2)
             .execute(&mut c)
             .await
             .unwrap();
@@ -426,7 +426,7 @@ async fn sqlite_to_postgres_and_back_copies_every_row_exactly() {
         (3..=12).chain([BIG_REVISION]).collect::<Vec<_>>()
     );
     let day: chrono::NaiveDate =
-        sqlx::query_scalar("SELECT day FROM usage_messages WHERE dedup_key = '6:msg_1:req_1'")
+        sqlx::query_scalar("SELECT day FROM usage_messages WHERE dedup_key = 'm:msg_1'")
             .fetch_one(&mut conn)
             .await
             .unwrap();

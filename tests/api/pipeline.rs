@@ -235,14 +235,121 @@ async fn incremental_runs_read_only_what_changed() {
 }
 
 #[tokio::test]
+async fn no_byte_fails_a_session_and_sub_agent_transcripts_are_sessions_of_their_own() {
+    let db = TestDb::new();
+    let root = SessionRoot::new();
+    let line = |msg: &str, req: &str, tokens| {
+        assistant(msg, req, "claude-sonnet-4", "2026-03-14T10:00:00Z", tokens)
+    };
+    // NUL padding a crash left (a line of its own, and before a line), a
+    // line of invalid UTF-8, and an unterminated run of NULs at the end.
+    let mut padded = line("msg_1", "req_1", [1, 10, 0, 100]).into_bytes();
+    padded.extend_from_slice(&[0; 64]);
+    padded.push(b'\n');
+    padded.extend_from_slice(b"\xff\xfe not text\n");
+    padded.extend_from_slice(line("msg_2", "req_2", [2, 20, 0, 0]).as_bytes());
+    padded.extend_from_slice(&[0; 32]);
+    std::fs::create_dir_all(root.path.join("alice")).unwrap();
+    std::fs::write(root.path.join("alice/s1.jsonl"), &padded).unwrap();
+    root.set_mtime("alice/s1.jsonl", Duration::from_secs(3600));
+    // The session's sub-agent: a replay of the parent's msg_1 under a new
+    // request id (a sidechain), and a message of its own.
+    let sidechain = |l: String| l.replacen("{\"type\"", "{\"isSidechain\":true,\"type\"", 1);
+    root.write(
+        "alice/s1/subagents/agent-7.jsonl",
+        &(sidechain(line("msg_1", "req_replay", [1, 10, 0, 50_000]))
+            + &sidechain(line("msg_3", "req_3", [3, 30, 0, 0]))),
+    );
+    // Hidden folders are passed over.
+    root.write(
+        "alice/.cache/x.jsonl",
+        &line("msg_9", "req_9", [9, 9, 9, 9]),
+    );
+    let app = TestApp::spawn_with(args(&db, &root.path)).await;
+
+    let stats = run(&app, "usage").await.unwrap();
+    assert_eq!(
+        (
+            stats.scanned,
+            stats.processed,
+            stats.failed,
+            stats.lines_skipped
+        ),
+        (2, 2, 0, 2)
+    );
+    let s = states(&app, "usage").await;
+    let sessions: Vec<(&str, i32, i64)> = s
+        .iter()
+        .map(|s| (s.session.as_str(), s.status, s.items_count))
+        .collect();
+    let processed = pb::SessionStatus::Processed as i32;
+    assert_eq!(
+        sessions,
+        [
+            ("alice/s1.jsonl", processed, 2),
+            ("alice/s1/subagents/agent-7.jsonl", processed, 2)
+        ]
+    );
+    // msg_1 counts once, the parent's copy; msg_3 on the sub-agent's session.
+    let by_session = usage(&app, pb::UsageGrouping::Session, "").await;
+    let rows: Vec<(&str, i64, i64)> = by_session
+        .rows
+        .iter()
+        .map(|r| (r.key.as_str(), r.total_tokens, r.messages))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("alice/s1", 111 + 22, 2),
+            ("alice/s1/subagents/agent-7", 33, 1)
+        ]
+    );
+    // A nested session is named in the calls as the scan names it (found,
+    // and not retried: it was processed).
+    let processed = client(&app)
+        .retry_session(pb::RetrySessionRequest {
+            processor: "usage".into(),
+            session: "alice/s1/subagents/agent-7.jsonl".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(processed.code(), Code::FailedPrecondition);
+    assert!(
+        processed.message().contains("is PROCESSED"),
+        "{}",
+        processed.message()
+    );
+    for bad in [
+        "alice/s1/../s1.jsonl",
+        "alice/a/b/c/d/e/f.jsonl",
+        "alice/.x/s.jsonl",
+    ] {
+        let status = client(&app)
+            .retry_session(pb::RetrySessionRequest {
+                processor: "usage".into(),
+                session: bad.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{bad}");
+    }
+}
+
+#[tokio::test]
 async fn a_failing_session_is_isolated_retried_then_dead_until_requeued() {
     let db = TestDb::new();
     let root = SessionRoot::new();
     basic_corpus(&root);
-    root.write(
-        "bob/broken.jsonl",
-        "{\"type\":\"assistant\"}\n\0\0\0garbage\n",
-    );
+    // Content never fails a session; a file too large to read does (a
+    // sparse file: no disk is used).
+    root.write("bob/broken.jsonl", "{\"type\":\"assistant\"}\n");
+    std::fs::File::options()
+        .write(true)
+        .open(root.path.join("bob/broken.jsonl"))
+        .unwrap()
+        .set_len(fleetcare::runtime::pipeline::MAX_FILE_BYTES + 1)
+        .unwrap();
+    root.set_mtime("bob/broken.jsonl", Duration::from_secs(3600));
     let app = TestApp::spawn_with(args(&db, &root.path)).await;
 
     let mut last = None;
@@ -251,7 +358,7 @@ async fn a_failing_session_is_isolated_retried_then_dead_until_requeued() {
         assert_eq!(stats.failed, 1, "attempt {attempt}");
         assert_eq!(stats.errors[0].session, "bob/broken.jsonl");
         assert!(
-            stats.errors[0].error.contains("NUL"),
+            stats.errors[0].error.contains("more than"),
             "{}",
             stats.errors[0].error
         );
@@ -275,7 +382,7 @@ async fn a_failing_session_is_isolated_retried_then_dead_until_requeued() {
     let dead = broken(states(&app, "usage").await);
     assert_eq!(dead.status, pb::SessionStatus::Dead as i32);
     assert_eq!(dead.attempts, 3);
-    assert!(dead.last_error.contains("NUL"));
+    assert!(dead.last_error.contains("more than"), "{}", dead.last_error);
 
     // Dead sessions are skipped without being read.
     let skipped = run(&app, "usage").await.unwrap();
@@ -348,7 +455,7 @@ async fn a_failing_session_is_isolated_retried_then_dead_until_requeued() {
         .await
         .unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
-    for bad in ["../etc/passwd", "alice", "alice/x.txt", "a/b/c.jsonl"] {
+    for bad in ["../etc/passwd", "alice", "alice/x.txt", "a/./c.jsonl"] {
         let err = c
             .retry_session(pb::RetrySessionRequest {
                 processor: "usage".into(),
@@ -491,13 +598,16 @@ impl fleetcare::processors::SessionProcessor for Gated {
         file: &fleetcare::domain::pipeline::SessionFile,
         content: Arc<Vec<u8>>,
         sink: &mut dyn fleetcare::storage::SessionSink,
-    ) -> Result<i64, fleetcare::processors::ProcessError> {
+    ) -> Result<fleetcare::processors::Processed, fleetcare::processors::ProcessError> {
         self.gate.entered.add_permits(1);
         self.gate.permits.acquire().await.unwrap().forget();
         let entries = fleetcare::domain::transcript::extract_usage(&content).entries;
         let items = entries.len() as i64;
         sink.replace_usage(file, entries).await?;
-        Ok(items)
+        Ok(fleetcare::processors::Processed {
+            items,
+            lines_skipped: 0,
+        })
     }
 }
 
@@ -891,11 +1001,14 @@ impl fleetcare::processors::SessionProcessor for Flaky {
         file: &fleetcare::domain::pipeline::SessionFile,
         _content: std::sync::Arc<Vec<u8>>,
         _sink: &mut dyn fleetcare::storage::SessionSink,
-    ) -> Result<i64, fleetcare::processors::ProcessError> {
+    ) -> Result<fleetcare::processors::Processed, fleetcare::processors::ProcessError> {
         if file.user == "boom" {
             panic!("processor bug on {}", file.path);
         }
-        Ok(1)
+        Ok(fleetcare::processors::Processed {
+            items: 1,
+            lines_skipped: 0,
+        })
     }
 }
 

@@ -266,9 +266,8 @@ fn round_entries(file: u32, round: u32) -> Vec<UsageEntry> {
             timestamp: base
                 + chrono::Duration::minutes(i64::from((file * 7 + round * 5 + k * 11) % 50))
                 + chrono::Duration::days(i64::from(k % 2)),
-            session_id: None,
             message_id: Some(format!("msg_{k}")),
-            request_id: Some(format!("req_{k}")),
+            sidechain: false,
             model: Some(["claude-sonnet-4", "claude-opus-4"][(file % 2) as usize].into()),
             input_tokens: u64::from(k * 100 + file),
             output_tokens: u64::from(round + 1),

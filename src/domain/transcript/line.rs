@@ -1,15 +1,16 @@
-//! One transcript line read for what the usage rules look at, in one pass:
-//! serde visits the line's object and keeps only the fields ccusage's schema
-//! checks (strings borrowed from the line where they have no escapes), and
-//! skips the rest without building it (no `Value` tree, no map of every key).
+//! One transcript line read for what the usage rules use, in one pass: serde
+//! visits the line's object and keeps only the fields the rules read
+//! (strings borrowed from the line where they have no escapes), and skips the
+//! rest without building it (no `Value` tree, no map of every key). Fields
+//! the rules do not read may hold anything.
 //!
 //! What is kept is judged exactly as [`serde_json::Value`] would have it: a
 //! repeated key counts with its last value, numbers are [`Number`]s built the
-//! way `Value` builds them, `null` is a wrong type. The one difference: a
-//! string that is skipped is checked for JSON syntax but not decoded, so a
-//! lone surrogate escape (`"\ud83d"`, which JavaScript writes for a cut-off
-//! emoji and `JSON.parse` accepts) in a field the rules do not read no longer
-//! makes the line malformed.
+//! way `Value` builds them. The one difference: a string that is skipped is
+//! checked for JSON syntax but not decoded, so a lone surrogate escape
+//! (`"\ud83d"`, which JavaScript writes for a cut-off emoji and `JSON.parse`
+//! accepts) in a field the rules do not read does not make the line
+//! unreadable.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -41,14 +42,6 @@ impl<'a> Scalar<'a> {
             Scalar::Num(n) => n.as_u64(),
             _ => None,
         }
-    }
-
-    pub(super) fn is_number(&self) -> bool {
-        matches!(self, Scalar::Num(_))
-    }
-
-    pub(super) fn is_boolean(&self) -> bool {
-        matches!(self, Scalar::Bool(_))
     }
 }
 
@@ -169,29 +162,26 @@ macro_rules! any_value_visitor {
     };
 }
 
-/// Which field a key names (of the line, its message, usage or content
-/// block); `Other` for every key the rules do not read.
+/// Which field a key names (of the line, its message, usage, `cache_creation`
+/// or a progress line's `data`); `Other` for every key the rules do not read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Key {
     Type,
     Message,
     Timestamp,
     RequestId,
-    SessionId,
-    Cwd,
-    Version,
-    CostUsd,
-    IsApiErrorMessage,
+    IsSidechain,
+    Data,
     Id,
     Model,
     Usage,
-    Content,
     InputTokens,
     OutputTokens,
     CacheCreationInputTokens,
     CacheReadInputTokens,
-    Speed,
-    Text,
+    CacheCreation,
+    Ephemeral5m,
+    Ephemeral1h,
     Other,
 }
 
@@ -202,21 +192,18 @@ impl Key {
             "message" => Key::Message,
             "timestamp" => Key::Timestamp,
             "requestId" => Key::RequestId,
-            "sessionId" => Key::SessionId,
-            "cwd" => Key::Cwd,
-            "version" => Key::Version,
-            "costUSD" => Key::CostUsd,
-            "isApiErrorMessage" => Key::IsApiErrorMessage,
+            "isSidechain" => Key::IsSidechain,
+            "data" => Key::Data,
             "id" => Key::Id,
             "model" => Key::Model,
             "usage" => Key::Usage,
-            "content" => Key::Content,
             "input_tokens" => Key::InputTokens,
             "output_tokens" => Key::OutputTokens,
             "cache_creation_input_tokens" => Key::CacheCreationInputTokens,
             "cache_read_input_tokens" => Key::CacheReadInputTokens,
-            "speed" => Key::Speed,
-            "text" => Key::Text,
+            "cache_creation" => Key::CacheCreation,
+            "ephemeral_5m_input_tokens" => Key::Ephemeral5m,
+            "ephemeral_1h_input_tokens" => Key::Ephemeral1h,
             _ => Key::Other,
         }
     }
@@ -242,6 +229,87 @@ impl<'de> Deserialize<'de> for Key {
     }
 }
 
+/// `message.usage.cache_creation`: the cache writes by lifetime.
+#[derive(Debug, Default, PartialEq)]
+pub(super) struct CacheCreationFields<'a> {
+    pub ephemeral_5m: Option<Scalar<'a>>,
+    pub ephemeral_1h: Option<Scalar<'a>>,
+}
+
+#[derive(Debug, PartialEq)]
+pub(super) enum CacheCreation<'a> {
+    /// `null`: as if absent.
+    Null,
+    /// A string, number, boolean or array.
+    NotObject,
+    Object(CacheCreationFields<'a>),
+}
+
+struct CacheCreationVisitor;
+
+impl<'de> Visitor<'de> for CacheCreationVisitor {
+    type Value = CacheCreation<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("message.usage.cache_creation")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(CacheCreation::NotObject)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(CacheCreation::NotObject)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(CacheCreation::NotObject)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(CacheCreation::NotObject)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(CacheCreation::NotObject)
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(CacheCreation::Null)
+    }
+
+    fn visit_none<E>(self) -> Result<Self::Value, E> {
+        Ok(CacheCreation::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(CacheCreation::NotObject)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut c = CacheCreationFields::default();
+        while let Some(key) = map.next_key::<Key>()? {
+            let slot = match key {
+                Key::Ephemeral5m => &mut c.ephemeral_5m,
+                Key::Ephemeral1h => &mut c.ephemeral_1h,
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                    continue;
+                }
+            };
+            *slot = Some(map.next_value()?);
+        }
+        Ok(CacheCreation::Object(c))
+    }
+}
+
+impl<'de> Deserialize<'de> for CacheCreation<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(CacheCreationVisitor)
+    }
+}
+
 /// `message.usage`: the counts the rules read.
 #[derive(Debug, Default, PartialEq)]
 pub(super) struct UsageFields<'a> {
@@ -249,7 +317,7 @@ pub(super) struct UsageFields<'a> {
     pub output_tokens: Option<Scalar<'a>>,
     pub cache_creation_input_tokens: Option<Scalar<'a>>,
     pub cache_read_input_tokens: Option<Scalar<'a>>,
-    pub speed: Option<Scalar<'a>>,
+    pub cache_creation: Option<CacheCreation<'a>>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -271,7 +339,10 @@ any_value_visitor!(
                 Key::OutputTokens => &mut u.output_tokens,
                 Key::CacheCreationInputTokens => &mut u.cache_creation_input_tokens,
                 Key::CacheReadInputTokens => &mut u.cache_read_input_tokens,
-                Key::Speed => &mut u.speed,
+                Key::CacheCreation => {
+                    u.cache_creation = Some(map.next_value()?);
+                    continue;
+                }
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                     continue;
@@ -289,102 +360,12 @@ impl<'de> Deserialize<'de> for Usage<'de> {
     }
 }
 
-/// One block of `message.content`: whether it passes the schema (an object
-/// whose `text`, if any, is a string).
-struct BlockOk(bool);
-
-any_value_visitor!(
-    BlockVisitor,
-    BlockOk,
-    "a content block",
-    other = BlockOk(false),
-    map = |map| {
-        let mut text_ok = true;
-        while let Some(key) = map.next_key::<Key>()? {
-            if key == Key::Text {
-                text_ok = matches!(map.next_value::<Scalar>()?, Scalar::Str(_));
-            } else {
-                map.next_value::<IgnoredAny>()?;
-            }
-        }
-        Ok(BlockOk(text_ok))
-    }
-);
-
-impl<'de> Deserialize<'de> for BlockOk {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(BlockVisitor)
-    }
-}
-
-/// `message.content`: whether it passes the schema (an array of blocks that do).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct ContentOk(pub bool);
-
-struct ContentVisitor;
-
-impl<'de> Visitor<'de> for ContentVisitor {
-    type Value = ContentOk;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("message.content")
-    }
-
-    fn visit_bool<E>(self, _: bool) -> Result<ContentOk, E> {
-        Ok(ContentOk(false))
-    }
-
-    fn visit_i64<E>(self, _: i64) -> Result<ContentOk, E> {
-        Ok(ContentOk(false))
-    }
-
-    fn visit_u64<E>(self, _: u64) -> Result<ContentOk, E> {
-        Ok(ContentOk(false))
-    }
-
-    fn visit_f64<E>(self, _: f64) -> Result<ContentOk, E> {
-        Ok(ContentOk(false))
-    }
-
-    fn visit_str<E>(self, _: &str) -> Result<ContentOk, E> {
-        Ok(ContentOk(false))
-    }
-
-    fn visit_unit<E>(self) -> Result<ContentOk, E> {
-        Ok(ContentOk(false))
-    }
-
-    fn visit_none<E>(self) -> Result<ContentOk, E> {
-        Ok(ContentOk(false))
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ContentOk, A::Error> {
-        let mut ok = true;
-        while let Some(BlockOk(block)) = seq.next_element()? {
-            ok &= block;
-        }
-        Ok(ContentOk(ok))
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ContentOk, A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(ContentOk(false))
-    }
-}
-
-impl<'de> Deserialize<'de> for ContentOk {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(ContentVisitor)
-    }
-}
-
 /// The line's `message`, when it is an object.
 #[derive(Debug, Default, PartialEq)]
 pub(super) struct MessageFields<'a> {
     pub id: Option<Scalar<'a>>,
     pub model: Option<Scalar<'a>>,
     pub usage: Option<Usage<'a>>,
-    pub content: Option<ContentOk>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -405,7 +386,6 @@ any_value_visitor!(
                 Key::Id => m.id = Some(map.next_value()?),
                 Key::Model => m.model = Some(map.next_value()?),
                 Key::Usage => m.usage = Some(map.next_value()?),
-                Key::Content => m.content = Some(map.next_value()?),
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                 }
@@ -421,6 +401,58 @@ impl<'de> Deserialize<'de> for Message<'de> {
     }
 }
 
+/// A progress line's `data`: `message` is the sub-agent's line it reports.
+#[derive(Debug, PartialEq)]
+pub(super) enum Data<'a> {
+    NotObject,
+    Object { message: Option<Inner<'a>> },
+}
+
+any_value_visitor!(
+    DataVisitor,
+    Data<'de>,
+    "data",
+    other = Data::NotObject,
+    map = |map| {
+        let mut message = None;
+        while let Some(key) = map.next_key::<Key>()? {
+            if key == Key::Message {
+                message = Some(map.next_value()?);
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(Data::Object { message })
+    }
+);
+
+impl<'de> Deserialize<'de> for Data<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(DataVisitor)
+    }
+}
+
+/// A line nested in a progress line's `data.message`, when it is an object.
+#[derive(Debug, PartialEq)]
+pub(super) enum Inner<'a> {
+    NotObject,
+    Object(Box<Line<'a>>),
+}
+
+any_value_visitor!(
+    InnerVisitor,
+    Inner<'de>,
+    "data.message",
+    other = Inner::NotObject,
+    map = |map| Ok(Inner::Object(Box::new(read_line(&mut map)?)))
+);
+
+impl<'de> Deserialize<'de> for Inner<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(InnerVisitor)
+    }
+}
+
 /// A line's object: the fields the usage rules read.
 #[derive(Debug, Default, PartialEq)]
 pub(super) struct Line<'a> {
@@ -428,11 +460,34 @@ pub(super) struct Line<'a> {
     pub message: Option<Message<'a>>,
     pub timestamp: Option<Scalar<'a>>,
     pub request_id: Option<Scalar<'a>>,
-    pub session_id: Option<Scalar<'a>>,
-    pub cwd: Option<Scalar<'a>>,
-    pub version: Option<Scalar<'a>>,
-    pub cost_usd: Option<Scalar<'a>>,
-    pub is_api_error_message: Option<Scalar<'a>>,
+    pub is_sidechain: Option<Scalar<'a>>,
+    pub data: Option<Data<'a>>,
+}
+
+fn read_line<'de, A: MapAccess<'de>>(map: &mut A) -> Result<Line<'de>, A::Error> {
+    let mut l = Line::default();
+    while let Some(key) = map.next_key::<Key>()? {
+        let slot = match key {
+            Key::Message => {
+                l.message = Some(map.next_value()?);
+                continue;
+            }
+            Key::Data => {
+                l.data = Some(map.next_value()?);
+                continue;
+            }
+            Key::Type => &mut l.r#type,
+            Key::Timestamp => &mut l.timestamp,
+            Key::RequestId => &mut l.request_id,
+            Key::IsSidechain => &mut l.is_sidechain,
+            _ => {
+                map.next_value::<IgnoredAny>()?;
+                continue;
+            }
+        };
+        *slot = Some(map.next_value()?);
+    }
+    Ok(l)
 }
 
 struct LineVisitor;
@@ -445,35 +500,13 @@ impl<'de> Visitor<'de> for LineVisitor {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Line<'de>, A::Error> {
-        let mut l = Line::default();
-        while let Some(key) = map.next_key::<Key>()? {
-            let slot = match key {
-                Key::Message => {
-                    l.message = Some(map.next_value()?);
-                    continue;
-                }
-                Key::Type => &mut l.r#type,
-                Key::Timestamp => &mut l.timestamp,
-                Key::RequestId => &mut l.request_id,
-                Key::SessionId => &mut l.session_id,
-                Key::Cwd => &mut l.cwd,
-                Key::Version => &mut l.version,
-                Key::CostUsd => &mut l.cost_usd,
-                Key::IsApiErrorMessage => &mut l.is_api_error_message,
-                _ => {
-                    map.next_value::<IgnoredAny>()?;
-                    continue;
-                }
-            };
-            *slot = Some(map.next_value()?);
-        }
-        Ok(l)
+        read_line(&mut map)
     }
 }
 
 impl<'de> Deserialize<'de> for Line<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        // Anything but an object is refused (the line is malformed).
+        // Anything but an object is refused (the line is unreadable).
         d.deserialize_map(LineVisitor)
     }
 }

@@ -27,7 +27,7 @@ use crate::domain::pipeline::{
 };
 use crate::domain::usage::{self, UsageQuery, UsageRow};
 use crate::error::{Error, Result};
-use crate::processors::{ProcessError, Registration, SessionProcessor};
+use crate::processors::{ProcessError, Processed, Registration, SessionProcessor};
 use crate::storage::{PipelineStore, ProcessorLock, SessionOutput, SessionWrite};
 
 /// A batch whose transaction keeps conflicting with others is tried this often
@@ -115,7 +115,7 @@ impl Drop for LocalGuard {
 
 /// What a written session counts for in the run's stats.
 enum FileOutcome {
-    Processed { items: i64 },
+    Processed { processed: Processed },
     Failed { dead: bool, error: String },
 }
 
@@ -259,7 +259,7 @@ async fn process(
     processor: &dyn SessionProcessor,
     file: &SessionFile,
     content: Arc<Vec<u8>>,
-) -> Result<std::result::Result<(i64, SessionOutput), String>> {
+) -> Result<std::result::Result<(Processed, SessionOutput), String>> {
     let mut output = SessionOutput::default();
     let processed = AssertUnwindSafe(processor.process(file, content, &mut output))
         .catch_unwind()
@@ -275,7 +275,7 @@ async fn process(
             )))
         });
     match processed {
-        Ok(items) => Ok(Ok((items, output))),
+        Ok(processed) => Ok(Ok((processed, output))),
         Err(ProcessError::Store(error)) => Err(error),
         Err(ProcessError::Session(error)) => Ok(Err(error)),
     }
@@ -595,9 +595,10 @@ impl Pipeline {
                     for (write, outcome) in batch.writes.iter().zip(batch.outcomes) {
                         stats.scanned += 1;
                         match outcome {
-                            FileOutcome::Processed { items } => {
+                            FileOutcome::Processed { processed } => {
                                 stats.processed += 1;
-                                stats.items_extracted += items;
+                                stats.items_extracted += processed.items;
+                                stats.lines_skipped += processed.lines_skipped;
                             }
                             FileOutcome::Failed { dead, error } => {
                                 stats.failed += 1;
@@ -681,15 +682,15 @@ impl Pipeline {
             ContentVerdict::Process => {}
         }
         let handled = match process(processor, file, content).await? {
-            Ok((items, output)) => {
-                let state = pipeline::processed(name, file, &sha256, version, items, now);
+            Ok((processed, output)) => {
+                let state = pipeline::processed(name, file, &sha256, version, processed.items, now);
                 Handled::Write(Ready::new(
                     SessionWrite {
                         file: file.clone(),
                         output,
                         state,
                     },
-                    FileOutcome::Processed { items },
+                    FileOutcome::Processed { processed },
                 ))
             }
             Err(error) => self.fail(processor, file, state, &sha256, error, now),
@@ -833,7 +834,7 @@ mod tests {
     use crate::domain::transcript::extract_usage;
     use crate::domain::usage::{UsageGrouping, UsageQuery};
     use crate::error::Error;
-    use crate::processors::{ProcessError, SessionProcessor};
+    use crate::processors::{ProcessError, Processed, SessionProcessor};
     use crate::storage::PipelineStore;
     use crate::storage::SessionSink;
     use crate::storage::memory::MemoryPipelineStore;
@@ -1095,7 +1096,7 @@ mod tests {
             file: &SessionFile,
             content: Arc<Vec<u8>>,
             sink: &mut dyn SessionSink,
-        ) -> Result<i64, ProcessError> {
+        ) -> Result<Processed, ProcessError> {
             match file.user.as_str() {
                 "bad" => Err(ProcessError::Session("bad session".into())),
                 "boom" => panic!("processor bug on {}", file.path),
@@ -1103,7 +1104,10 @@ mod tests {
                     let entries = extract_usage(&content).entries;
                     let items = entries.len() as i64;
                     sink.replace_usage(file, entries).await?;
-                    Ok(items)
+                    Ok(Processed {
+                        items,
+                        lines_skipped: 0,
+                    })
                 }
             }
         }

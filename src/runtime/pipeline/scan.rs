@@ -1,4 +1,7 @@
-//! Finds session files under the root: `<root>/<user>/<session>.jsonl`.
+//! Finds session files under the root: `<root>/<user>/<session>.jsonl`, and
+//! the files in folders below a user's (a sub-agent's transcript:
+//! `<root>/<user>/<session>/subagents/agent-*.jsonl`), down to
+//! [`MAX_SESSION_DEPTH`]; hidden files and folders are passed over.
 //!
 //! Only regular files are taken. Symlinks are never followed (so none can lead
 //! outside the root), and user directories with names that are not valid agent
@@ -7,7 +10,7 @@
 use std::fs;
 use std::path::Path;
 
-use crate::domain::pipeline::{SessionFile, valid_user_dir};
+use crate::domain::pipeline::{MAX_SESSION_DEPTH, SessionFile, valid_path_segment, valid_user_dir};
 
 #[derive(Debug, Default)]
 pub struct Scan {
@@ -56,29 +59,55 @@ pub fn scan(root: &Path) -> Scan {
 }
 
 fn scan_user(dir: &Path, user: &str, scan: &mut Scan) {
+    scan_folder(dir, user, "", 0, scan);
+}
+
+/// The session files of one folder of a user's (`rel`: its path below the
+/// user's folder, empty or ending in `/`), and of the folders below it down
+/// to [`MAX_SESSION_DEPTH`].
+fn scan_folder(dir: &Path, user: &str, rel: &str, depth: usize, scan: &mut Scan) {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) => {
-            scan.skipped.push(format!("{user}: cannot read: {e}"));
+            scan.skipped.push(format!("{user}/{rel}: cannot read: {e}"));
             return;
         }
     };
     for entry in entries.flatten() {
-        let Ok(file_name) = entry.file_name().into_string() else {
-            scan.skipped
-                .push(format!("{user}/{:?}: name is not UTF-8", entry.file_name()));
+        let Ok(name) = entry.file_name().into_string() else {
+            scan.skipped.push(format!(
+                "{user}/{rel}{:?}: name is not UTF-8",
+                entry.file_name()
+            ));
             continue;
         };
-        let Some(session) = file_name.strip_suffix(".jsonl").filter(|s| !s.is_empty()) else {
+        if !valid_path_segment(&name) {
             continue;
-        };
+        }
         // DirEntry::metadata does not follow symlinks.
         let Ok(meta) = entry.metadata() else { continue };
         if meta.file_type().is_symlink() {
-            scan.skipped
-                .push(format!("{user}/{file_name}: symlink, not followed"));
+            if name.ends_with(".jsonl") || depth < MAX_SESSION_DEPTH {
+                scan.skipped
+                    .push(format!("{user}/{rel}{name}: symlink, not followed"));
+            }
             continue;
         }
+        if meta.is_dir() {
+            if depth < MAX_SESSION_DEPTH {
+                scan_folder(
+                    &entry.path(),
+                    user,
+                    &format!("{rel}{name}/"),
+                    depth + 1,
+                    scan,
+                );
+            }
+            continue;
+        }
+        let Some(stem) = name.strip_suffix(".jsonl").filter(|s| !s.is_empty()) else {
+            continue;
+        };
         if !meta.is_file() {
             continue;
         }
@@ -90,8 +119,8 @@ fn scan_user(dir: &Path, user: &str, scan: &mut Scan) {
             .unwrap_or(0);
         scan.files.push(SessionFile {
             user: user.to_owned(),
-            session: session.to_owned(),
-            path: format!("{user}/{file_name}"),
+            session: format!("{rel}{stem}"),
+            path: format!("{user}/{rel}{name}"),
             size: meta.len(),
             mtime_ns,
         });

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Pipeline, PipelineConfig};
 use crate::domain::pipeline::{RetryPolicy, SessionFile};
 use crate::domain::transcript::extract_usage;
-use crate::processors::{ProcessError, Registration, SessionProcessor};
+use crate::processors::{ProcessError, Processed, Registration, SessionProcessor};
 use crate::storage::SessionSink;
 use crate::storage::memory::MemoryPipelineStore;
 
@@ -94,7 +94,7 @@ impl SessionProcessor for Held {
         file: &SessionFile,
         content: Arc<Vec<u8>>,
         sink: &mut dyn SessionSink,
-    ) -> Result<i64, ProcessError> {
+    ) -> Result<Processed, ProcessError> {
         self.entered.add_permits(1);
         let stem = file.path.rsplit('/').next().unwrap_or_default();
         let stem = stem.trim_end_matches(".jsonl");
@@ -104,7 +104,10 @@ impl SessionProcessor for Held {
         let items = entries.len() as i64;
         sink.replace_usage(file, entries).await?;
         self.left.add_permits(1);
-        Ok(items)
+        Ok(Processed {
+            items,
+            lines_skipped: 0,
+        })
     }
 }
 

@@ -26,7 +26,7 @@ struct CopyRow {
     dedup_key: String,
     path: String,
     line_no: i32,
-    file_first_at: DateTime<Utc>,
+    sidechain: bool,
     user_name: String,
     session_id: String,
     model: String,
@@ -43,7 +43,7 @@ impl From<CopyRow> for MessageCopy {
             key: r.dedup_key,
             path: r.path,
             line_no: r.line_no,
-            file_first_at: r.file_first_at,
+            sidechain: r.sidechain,
             user: r.user_name,
             session: r.session_id,
             model: r.model,
@@ -63,7 +63,7 @@ struct CopyColumns<'a> {
     key: Vec<&'a str>,
     path: Vec<&'a str>,
     line_no: Vec<i32>,
-    file_first_at: Vec<DateTime<Utc>>,
+    sidechain: Vec<bool>,
     user: Vec<&'a str>,
     session: Vec<&'a str>,
     model: Vec<&'a str>,
@@ -82,7 +82,7 @@ impl<'a> CopyColumns<'a> {
             key: Vec::with_capacity(n),
             path: Vec::with_capacity(n),
             line_no: Vec::with_capacity(n),
-            file_first_at: Vec::with_capacity(n),
+            sidechain: Vec::with_capacity(n),
             user: Vec::with_capacity(n),
             session: Vec::with_capacity(n),
             model: Vec::with_capacity(n),
@@ -97,7 +97,7 @@ impl<'a> CopyColumns<'a> {
             c.key.push(&m.key);
             c.path.push(&m.path);
             c.line_no.push(m.line_no);
-            c.file_first_at.push(m.file_first_at);
+            c.sidechain.push(m.sidechain);
             c.user.push(&m.user);
             c.session.push(&m.session);
             c.model.push(&m.model);
@@ -120,14 +120,14 @@ async fn write_messages(conn: &mut PgConnection, copies: &[&MessageCopy]) -> Res
     let c = CopyColumns::of(copies.iter().copied());
     sqlx::query(
         "INSERT INTO usage_messages
-             (dedup_key, path, line_no, file_first_at, user_name, session_id, model,
+             (dedup_key, path, line_no, sidechain, user_name, session_id, model,
               occurred_at, day, input_tokens, output_tokens, cache_creation_tokens,
               cache_read_tokens)
-         SELECT * FROM UNNEST($1::text[], $2::text[], $3::int[], $4::timestamptz[],
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::int[], $4::bool[],
              $5::text[], $6::text[], $7::text[], $8::timestamptz[], $9::date[],
              $10::bigint[], $11::bigint[], $12::bigint[], $13::bigint[])
          ON CONFLICT (dedup_key) DO UPDATE SET path = EXCLUDED.path, line_no = EXCLUDED.line_no,
-             file_first_at = EXCLUDED.file_first_at, user_name = EXCLUDED.user_name,
+             sidechain = EXCLUDED.sidechain, user_name = EXCLUDED.user_name,
              session_id = EXCLUDED.session_id, model = EXCLUDED.model,
              occurred_at = EXCLUDED.occurred_at, day = EXCLUDED.day,
              input_tokens = EXCLUDED.input_tokens, output_tokens = EXCLUDED.output_tokens,
@@ -137,7 +137,7 @@ async fn write_messages(conn: &mut PgConnection, copies: &[&MessageCopy]) -> Res
     .bind(&c.key)
     .bind(&c.path)
     .bind(&c.line_no)
-    .bind(&c.file_first_at)
+    .bind(&c.sidechain)
     .bind(&c.user)
     .bind(&c.session)
     .bind(&c.model)
@@ -163,13 +163,15 @@ pub(crate) async fn replace_usage(
     if files.is_empty() {
         return Ok(());
     }
-    // Every file's copies (one per key within a file) with their entries' ids.
+    // Every file's copies (its best one per key).
     let mut copies: Vec<MessageCopy> = Vec::new();
     for (file, entries) in files {
-        let mut own = MessageCopy::from_file(&file.path, &file.user, &file.session, entries);
-        own.sort_by(|a, b| a.key.cmp(&b.key));
-        own.dedup_by(|a, b| a.key == b.key);
-        copies.extend(own);
+        copies.extend(MessageCopy::from_file(
+            &file.path,
+            &file.user,
+            &file.session,
+            entries,
+        ));
     }
     let paths: Vec<&str> = files.iter().map(|(f, _)| f.path.as_str()).collect();
     // The batch's best copy of each message, sorted by key (the keys are
@@ -190,22 +192,22 @@ pub(crate) async fn replace_usage(
         "WITH old AS (DELETE FROM usage_entries WHERE path = ANY($1) RETURNING dedup_key),
               entries AS (
                   INSERT INTO usage_entries
-                      (path, user_name, session_id, file_first_at, line_no, model,
+                      (path, user_name, session_id, sidechain, line_no, model,
                        occurred_at, input_tokens, output_tokens, cache_creation_tokens,
                        cache_read_tokens, dedup_key)
                   SELECT u.p, u.u, u.s, u.f, u.line_no, NULLIF(u.model, ''), u.occurred_at,
                          u.i, u.o, u.c, u.r, u.k
                   FROM UNNEST($2::text[], $3::text[], $4::text[], $5::int[], $6::text[],
                               $7::timestamptz[], $8::bigint[], $9::bigint[], $10::bigint[],
-                              $11::bigint[], $12::text[], $13::timestamptz[])
+                              $11::bigint[], $12::text[], $13::bool[])
                        AS u(p, u, s, line_no, model, occurred_at, i, o, c, r, k, f)),
               won AS (
                   INSERT INTO usage_messages
-                      (dedup_key, path, line_no, file_first_at, user_name, session_id, model,
+                      (dedup_key, path, line_no, sidechain, user_name, session_id, model,
                        occurred_at, day, input_tokens, output_tokens, cache_creation_tokens,
                        cache_read_tokens)
                   SELECT * FROM UNNEST($14::text[], $15::text[], $16::int[],
-                      $17::timestamptz[], $18::text[], $19::text[], $20::text[],
+                      $17::bool[], $18::text[], $19::text[], $20::text[],
                       $21::timestamptz[], $22::date[], $23::bigint[], $24::bigint[],
                       $25::bigint[], $26::bigint[])
                   ON CONFLICT (dedup_key) DO NOTHING
@@ -229,11 +231,11 @@ pub(crate) async fn replace_usage(
     .bind(&c.creation)
     .bind(&c.read)
     .bind(&c.key)
-    .bind(&c.file_first_at)
+    .bind(&c.sidechain)
     .bind(&w.key)
     .bind(&w.path)
     .bind(&w.line_no)
-    .bind(&w.file_first_at)
+    .bind(&w.sidechain)
     .bind(&w.user)
     .bind(&w.session)
     .bind(&w.model)
@@ -277,7 +279,7 @@ pub(crate) async fn replace_usage(
     let (mut current, mut stored): (Vec<MessageCopy>, Vec<MessageCopy>) = (Vec::new(), Vec::new());
     if !contested.is_empty() {
         let rows: Vec<CopyRow> = sqlx::query_as(
-            "SELECT dedup_key, path, line_no, file_first_at, user_name, session_id, model,
+            "SELECT dedup_key, path, line_no, sidechain, user_name, session_id, model,
                     occurred_at, input_tokens, output_tokens, cache_creation_tokens,
                     cache_read_tokens
              FROM usage_messages WHERE dedup_key = ANY($1)
@@ -290,7 +292,7 @@ pub(crate) async fn replace_usage(
         current = rows.into_iter().map(MessageCopy::from).collect();
         // A fresh statement after the locks: sees every copy committed before them.
         let rows: Vec<CopyRow> = sqlx::query_as(
-            "SELECT dedup_key, path, line_no, file_first_at, user_name, session_id,
+            "SELECT dedup_key, path, line_no, sidechain, user_name, session_id,
                     COALESCE(model, '') AS model, occurred_at, input_tokens, output_tokens,
                     cache_creation_tokens, cache_read_tokens
              FROM usage_entries WHERE dedup_key = ANY($1)",

@@ -27,7 +27,7 @@ struct CopyRow {
     dedup_key: String,
     path: String,
     line_no: i32,
-    file_first_at: i64,
+    sidechain: bool,
     user_name: String,
     session_id: String,
     model: String,
@@ -44,7 +44,7 @@ impl From<CopyRow> for MessageCopy {
             key: r.dedup_key,
             path: r.path,
             line_no: r.line_no,
-            file_first_at: from_micros(r.file_first_at),
+            sidechain: r.sidechain,
             user: r.user_name,
             session: r.session_id,
             model: r.model,
@@ -62,7 +62,6 @@ impl From<CopyRow> for MessageCopy {
 /// A copy at the store's precision, so the copy decided on in memory is the
 /// copy read back later, to the microsecond.
 fn at_store_precision(mut copy: MessageCopy) -> MessageCopy {
-    copy.file_first_at = truncate(copy.file_first_at);
     copy.occurred_at = truncate(copy.occurred_at);
     copy
 }
@@ -73,7 +72,7 @@ fn day_of(copy: &MessageCopy) -> String {
 }
 
 /// A stored copy's columns (`usage_entries.model` is NULL for no model).
-const COPY_COLUMNS: &str = "dedup_key, path, line_no, file_first_at, user_name, session_id, \
+const COPY_COLUMNS: &str = "dedup_key, path, line_no, sidechain, user_name, session_id, \
      COALESCE(model, '') AS model, occurred_at, input_tokens, output_tokens, \
      cache_creation_tokens, cache_read_tokens";
 
@@ -144,7 +143,7 @@ async fn write_messages(
         let cached = chunk.len() == CHUNK_ROWS;
         let mut q = QueryBuilder::<Sqlite>::new(
             "INSERT INTO usage_messages
-                 (dedup_key, path, line_no, file_first_at, user_name, session_id, model,
+                 (dedup_key, path, line_no, sidechain, user_name, session_id, model,
                   occurred_at, day, input_tokens, output_tokens, cache_creation_tokens,
                   cache_read_tokens) ",
         );
@@ -152,7 +151,7 @@ async fn write_messages(
             b.push_bind(c.key.as_str())
                 .push_bind(c.path.as_str())
                 .push_bind(c.line_no)
-                .push_bind(micros(c.file_first_at))
+                .push_bind(c.sidechain)
                 .push_bind(c.user.as_str())
                 .push_bind(c.session.as_str())
                 .push_bind(c.model.as_str())
@@ -166,7 +165,7 @@ async fn write_messages(
         if replace {
             q.push(
                 " ON CONFLICT (dedup_key) DO UPDATE SET path = excluded.path,
-                     line_no = excluded.line_no, file_first_at = excluded.file_first_at,
+                     line_no = excluded.line_no, sidechain = excluded.sidechain,
                      user_name = excluded.user_name, session_id = excluded.session_id,
                      model = excluded.model, occurred_at = excluded.occurred_at,
                      day = excluded.day, input_tokens = excluded.input_tokens,
@@ -233,7 +232,7 @@ async fn insert_entries(conn: &mut SqliteConnection, copies: &[MessageCopy]) -> 
         let cached = chunk.len() == CHUNK_ROWS;
         let mut q = QueryBuilder::<Sqlite>::new(
             "INSERT INTO usage_entries
-                 (path, user_name, session_id, file_first_at, line_no, model,
+                 (path, user_name, session_id, sidechain, line_no, model,
                   occurred_at, input_tokens, output_tokens, cache_creation_tokens,
                   cache_read_tokens, dedup_key) ",
         );
@@ -241,7 +240,7 @@ async fn insert_entries(conn: &mut SqliteConnection, copies: &[MessageCopy]) -> 
             b.push_bind(c.path.as_str())
                 .push_bind(c.user.as_str())
                 .push_bind(c.session.as_str())
-                .push_bind(micros(c.file_first_at))
+                .push_bind(c.sidechain)
                 .push_bind(c.line_no)
                 // As Postgres stores it: NULL for no model.
                 .push_bind((!c.model.is_empty()).then_some(c.model.as_str()))
@@ -270,14 +269,11 @@ pub(crate) async fn replace_usage(
     if files.is_empty() {
         return Ok(());
     }
-    // Every file's copies (one per key within a file).
+    // Every file's copies (its best one per key).
     let mut copies: Vec<MessageCopy> = Vec::new();
     for (file, entries) in files {
         let own = MessageCopy::from_file(&file.path, &file.user, &file.session, entries);
-        let mut own: Vec<MessageCopy> = own.into_iter().map(at_store_precision).collect();
-        own.sort_by(|a, b| a.key.cmp(&b.key));
-        own.dedup_by(|a, b| a.key == b.key);
-        copies.extend(own);
+        copies.extend(own.into_iter().map(at_store_precision));
     }
     let paths: Vec<&str> = files.iter().map(|(f, _)| f.path.as_str()).collect();
     // The batch's best copy of each message: it wins wherever no other file
@@ -547,9 +543,9 @@ mod tests {
                     .unwrap()
                     + Duration::minutes(i64::from(minute))
                     + Duration::nanoseconds(i64::from(tokens) * 1_001),
-                session_id: None,
-                message_id: Some(format!("msg_{}", message.unwrap_or(100 + minute))),
-                request_id: message.map(|k| format!("req_{k}")),
+                // No message id: a line that counts alone.
+                message_id: message.map(|k| format!("msg_{k}")),
+                sidechain: false,
                 model: ["claude-sonnet-4", "claude-opus-4", ""][usize::from(tokens % 3)]
                     .to_owned()
                     .into(),
@@ -717,11 +713,12 @@ mod tests {
      {
         let t = TempStore::new().await;
         let now = t.store.now().await.unwrap();
-        // b copies a's history (a resumed session) and adds one message.
+        // b copies a's history verbatim (a resumed session) and adds one
+        // message: equal copies, so the earlier path counts.
         let a = entries(&[(Some(1), 0, 0, 10), (Some(2), 0, 5, 20)]);
         let b = entries(&[
-            (Some(1), 1, 0, 11),
-            (Some(2), 1, 5, 21),
+            (Some(1), 1, 0, 10),
+            (Some(2), 1, 5, 20),
             (Some(3), 1, 9, 30),
         ]);
         t.store
@@ -741,7 +738,11 @@ mod tests {
         let rows = t.store.usage(&by_session).await.unwrap();
         let messages: Vec<(&str, i64)> =
             rows.iter().map(|r| (r.key.as_str(), r.messages)).collect();
-        assert_eq!(messages, vec![("u0/a", 2), ("u0/b", 1)], "first sight wins");
+        assert_eq!(
+            messages,
+            vec![("u0/a", 2), ("u0/b", 1)],
+            "the earlier path wins"
+        );
         // a is rewritten empty: b's copies count now.
         t.store
             .commit_sessions(&[usage_write(FILES[0], Vec::new(), now)])
@@ -821,9 +822,8 @@ mod tests {
                         UsageEntry {
                             line_no: i + 1,
                             timestamp: base + Duration::seconds(i64::from(i) + s as i64),
-                            session_id: None,
                             message_id: Some(format!("msg_{owner}_{i}")),
-                            request_id: Some(format!("req_{owner}_{i}")),
+                            sidechain: false,
                             model: Some("claude-sonnet-4-20250514".into()),
                             input_tokens: 3,
                             output_tokens: 100,
