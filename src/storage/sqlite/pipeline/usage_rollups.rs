@@ -545,7 +545,8 @@ mod tests {
                     + Duration::nanoseconds(i64::from(tokens) * 1_001),
                 // No message id: a line that counts alone.
                 message_id: message.map(|k| format!("msg_{k}")),
-                sidechain: false,
+                // Now and then a sidechain's replay: it loses to any other copy.
+                sidechain: tokens % 4 == 0,
                 model: ["claude-sonnet-4", "claude-opus-4", ""][usize::from(tokens % 3)]
                     .to_owned()
                     .into(),
