@@ -26,6 +26,7 @@ mod server;
 mod sweeper;
 mod tls;
 mod tracing_otlp;
+mod usage_ccusage;
 mod usage_corpus;
 mod usage_rollups;
 mod watch;

@@ -43,6 +43,8 @@ mod sweeper;
 mod tls;
 #[path = "../api/tracing_otlp.rs"]
 mod tracing_otlp;
+#[path = "../api/usage_ccusage.rs"]
+mod usage_ccusage;
 #[path = "../api/usage_corpus.rs"]
 mod usage_corpus;
 #[path = "../api/usage_rollups.rs"]
