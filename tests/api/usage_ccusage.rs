@@ -966,6 +966,50 @@ async fn usage_ccusage_documented_differences() {
     );
     theirs.insert("2026-03-25".into(), [1, 2, 3, 4]);
 
+    // 2026-03-26. A `null` in a field neither reads (`cwd`), and an odd
+    // `version`: ccusage skips both lines (leftovers of its TypeScript
+    // schema); fleetcare validates only what it reads.
+    let mut null_cwd = assistant(
+        "msg_26a",
+        "req_26a",
+        "2026-03-26T10:00:00.000Z",
+        [1, 2, 3, 4],
+    );
+    null_cwd["cwd"] = json!(null);
+    let mut odd_version = assistant(
+        "msg_26b",
+        "req_26b",
+        "2026-03-26T11:00:00.000Z",
+        [10, 20, 30, 40],
+    );
+    odd_version["version"] = json!("next");
+    dir.write("carol/s8.jsonl", &jsonl(&[null_cwd, odd_version]));
+    fleet.insert("2026-03-26".into(), [11, 22, 33, 44]);
+
+    // 2026-03-27. Timestamps with 1, 2 and 6 fraction digits: RFC 3339 to
+    // fleetcare; ccusage reads only 0 or 3.
+    let fractions: Vec<Value> = ["10:00:00.1Z", "10:00:00.12Z", "10:00:00.123456Z"]
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            assistant(
+                &format!("msg_27{i}"),
+                &format!("req_27{i}"),
+                &format!("2026-03-27T{t}"),
+                [1, 1, 1, 1],
+            )
+        })
+        .collect();
+    dir.write("carol/s9.jsonl", &jsonl(&fractions));
+    fleet.insert("2026-03-27".into(), [3, 3, 3, 3]);
+
+    // 2026-03-28. A line over 4 MiB (a huge tool result): skipped by
+    // fleetcare, whose memory stays bounded; read by ccusage.
+    let mut huge = assistant("msg_28", "req_28", "2026-03-28T10:00:00.000Z", [1, 2, 3, 4]);
+    huge["toolUseResult"] = json!("x".repeat(fleetcare::domain::transcript::MAX_LINE_BYTES));
+    dir.write("carol/s10.jsonl", &jsonl(&[huge]));
+    theirs.insert("2026-03-28".into(), [1, 2, 3, 4]);
+
     let fleetcare = fleetcare(&dir).await;
     if let Some(table) = compare("documented differences", &fleetcare, &dir, &fleet, &theirs).await
     {

@@ -1,8 +1,8 @@
 //! GetUsage over the fixture corpus (tests/fixtures/sessions) against the
-//! hand-computed figures of tests/fixtures/EXPECTED.md, which ccusage 20
-//! (`daily --json`) reports too: duplicates within and across files, several
-//! models, cache tokens, malformed lines, a message without requestId on two
-//! lines (one message), and a session spanning midnight UTC.
+//! hand-computed figures of tests/fixtures/EXPECTED.md: duplicates within
+//! and across files, several models, cache tokens, malformed lines, a message
+//! without requestId on two lines (one message here; ccusage 20 counts it
+//! twice, see EXPECTED.md), and a session spanning midnight UTC.
 
 use std::path::Path;
 
