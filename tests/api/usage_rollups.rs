@@ -366,3 +366,168 @@ async fn concurrent_batches_sharing_messages_count_each_message_once() {
     }
     shutdown.cancel();
 }
+
+/// The migration to message keys (20270101000001): usage stored by the
+/// earlier code (copies keyed `<len>:<message id>:<request id>`, the first
+/// file's copy counted) is rekeyed by message id, the counted copies and the
+/// cells are rebuilt by the new rule, and GetUsage answers from them.
+#[tokio::test]
+async fn usage_stored_under_the_old_keys_is_rekeyed_and_recounted() {
+    use sqlx::migrate::Migrator;
+    use sqlx::{ConnectOptions, Connection};
+    const FIRST_NEW: i64 = 20270101000001;
+    fn before(m: &Migrator) -> Migrator {
+        Migrator {
+            migrations: m
+                .migrations
+                .iter()
+                .filter(|m| m.version < FIRST_NEW)
+                .cloned()
+                .collect::<Vec<_>>()
+                .into(),
+            ..Migrator::DEFAULT
+        }
+    }
+    // One message (a non-ASCII id: the key's length is in bytes) under two
+    // request ids, in two files (the larger copy in the later file), and a
+    // line without ids; the old totals counted the message twice.
+    let at = Utc.with_ymd_and_hms(2026, 3, 14, 10, 0, 0).unwrap();
+    let id = "msg_é1";
+    let rows: [(&str, i32, String, i64); 3] = [
+        ("u0/a.jsonl", 1, format!("{}:{id}:req_a", id.len()), 10),
+        ("u0/b.jsonl", 1, format!("{}:{id}:req_b", id.len()), 30),
+        ("u0/a.jsonl", 3, "line:u0/a.jsonl:3".to_owned(), 5),
+    ];
+    let db = TestDb::new();
+    if let Some(dir) = &db.dir {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(dir.join("fleetcare.db"))
+            .create_if_missing(true)
+            .connect()
+            .await
+            .unwrap();
+        before(&fleetcare::storage::sqlite::MIGRATOR)
+            .run(&mut conn)
+            .await
+            .unwrap();
+        for (path, line, key, input) in &rows {
+            sqlx::query(
+                "INSERT INTO usage_entries (path, user_name, session_id, line_no, file_first_at,
+                     model, occurred_at, input_tokens, output_tokens, cache_creation_tokens,
+                     cache_read_tokens, dedup_key)
+                 VALUES (?, 'u0', ?, ?, ?, 'claude-sonnet-4', ?, ?, 1, 0, 0, ?)",
+            )
+            .bind(path)
+            .bind(&path[3..4])
+            .bind(line)
+            .bind(at.timestamp_micros())
+            .bind(at.timestamp_micros())
+            .bind(input)
+            .bind(key)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+            sqlx::query(
+                "INSERT INTO usage_messages (dedup_key, path, line_no, file_first_at, user_name,
+                     session_id, model, occurred_at, day, input_tokens, output_tokens,
+                     cache_creation_tokens, cache_read_tokens)
+                 VALUES (?, ?, ?, ?, 'u0', ?, 'claude-sonnet-4', ?, '2026-03-14', ?, 1, 0, 0)",
+            )
+            .bind(key)
+            .bind(path)
+            .bind(line)
+            .bind(at.timestamp_micros())
+            .bind(&path[3..4])
+            .bind(at.timestamp_micros())
+            .bind(input)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        }
+        sqlx::query(
+            "INSERT INTO usage_cells VALUES ('2026-03-14', 'u0', 'a', 'claude-sonnet-4', 45, 3, 0, 0, 3, ?, ?)",
+        )
+        .bind(at.timestamp_micros())
+        .bind(at.timestamp_micros())
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        conn.close().await.unwrap();
+    } else {
+        let options: sqlx::postgres::PgConnectOptions = db.url.parse().unwrap();
+        let mut admin = options
+            .clone()
+            .database("postgres")
+            .connect()
+            .await
+            .unwrap();
+        sqlx::query(&format!("CREATE DATABASE \"{}\"", db.name))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        let pool = sqlx::PgPool::connect_with(options).await.unwrap();
+        before(&fleetcare::storage::postgres::MIGRATOR)
+            .run(&pool)
+            .await
+            .unwrap();
+        for (path, line, key, input) in &rows {
+            sqlx::query(
+                "INSERT INTO usage_entries (path, user_name, session_id, line_no, file_first_at,
+                     model, occurred_at, input_tokens, output_tokens, cache_creation_tokens,
+                     cache_read_tokens, dedup_key)
+                 VALUES ($1, 'u0', $2, $3, $4, 'claude-sonnet-4', $4, $5, 1, 0, 0, $6)",
+            )
+            .bind(path)
+            .bind(&path[3..4])
+            .bind(line)
+            .bind(at)
+            .bind(input)
+            .bind(key)
+            .execute(&pool)
+            .await
+            .unwrap();
+            sqlx::query(
+                "INSERT INTO usage_messages (dedup_key, path, line_no, file_first_at, user_name,
+                     session_id, model, occurred_at, day, input_tokens, output_tokens,
+                     cache_creation_tokens, cache_read_tokens)
+                 VALUES ($1, $2, $3, $4, 'u0', $5, 'claude-sonnet-4', $4, '2026-03-14', $6, 1, 0, 0)",
+            )
+            .bind(key)
+            .bind(path)
+            .bind(line)
+            .bind(at)
+            .bind(&path[3..4])
+            .bind(input)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        sqlx::query(
+            "INSERT INTO usage_cells VALUES ('2026-03-14', 'u0', 'a', 'claude-sonnet-4', 45, 3, 0, 0, 3, $1, $1)",
+        )
+        .bind(at)
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+    }
+
+    // The server applies the rest of the migrations at start.
+    let app = TestApp::spawn_with(crate::helpers::test_args(&db.url)).await;
+    let by_session = client(&app)
+        .get_usage(pb::GetUsageRequest {
+            group_by: pb::UsageGrouping::Session as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let got: Vec<(&str, i64, i64)> = by_session
+        .rows
+        .iter()
+        .map(|r| (r.key.as_str(), r.input_tokens, r.messages))
+        .collect();
+    // The message once, through its larger copy (in b); the line alone in a.
+    assert_eq!(got, [("u0/a", 5, 1), ("u0/b", 30, 1)]);
+}
