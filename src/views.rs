@@ -275,6 +275,7 @@ pub struct RunStatsView {
     pub failed: i64,
     pub dead: i64,
     pub items_extracted: i64,
+    pub lines_skipped: i64,
     pub files_hashed: i64,
     pub bytes_hashed: i64,
     pub errors: Vec<SessionErrorView>,
@@ -296,6 +297,7 @@ impl From<&pb::RunStats> for RunStatsView {
             failed: s.failed,
             dead: s.dead,
             items_extracted: s.items_extracted,
+            lines_skipped: s.lines_skipped,
             files_hashed: s.files_hashed,
             bytes_hashed: s.bytes_hashed,
             errors: s

@@ -124,13 +124,14 @@ fn processors_table(processors: &[ProcessorView]) -> String {
 
 fn run_summary(s: &RunStatsView) -> String {
     let mut out = format!(
-        "scanned {}, processed {}, skipped {}, failed {}, dead {}; {} items extracted, {} files hashed ({} bytes)\n",
+        "scanned {}, processed {}, skipped {}, failed {}, dead {}; {} items extracted, {} lines skipped, {} files hashed ({} bytes)\n",
         s.scanned,
         s.processed,
         s.skipped,
         s.failed,
         s.dead,
         s.items_extracted,
+        s.lines_skipped,
         s.files_hashed,
         s.bytes_hashed
     );
