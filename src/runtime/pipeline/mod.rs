@@ -467,6 +467,10 @@ impl Pipeline {
         self.count_sessions(name, "processed", stats.processed);
         self.count_sessions(name, "failed", stats.failed);
         let run = NewRun::new(name, trigger, &stats, self.config.clock.now());
+        // The caller, the watchers and the history see the same times (kept
+        // at the stores' microseconds).
+        stats.started_at = Some(run.started_at);
+        stats.finished_at = Some(run.finished_at);
         match self.store.record_run(&run).await {
             Ok(id) => {
                 tracing::Span::current().record("run_id", id);
