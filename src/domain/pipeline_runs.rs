@@ -187,7 +187,7 @@ pub fn prune_before(now: DateTime<Utc>, retention: std::time::Duration) -> DateT
 
 /// Which of `runs` a prune at `before` removes: those started before it,
 /// except the newest run of each processor.
-pub fn pruned<'a>(runs: &'a [RunRecord], before: DateTime<Utc>) -> Vec<&'a RunRecord> {
+pub fn pruned(runs: &[RunRecord], before: DateTime<Utc>) -> Vec<&RunRecord> {
     runs.iter()
         .filter(|r| r.started_at < before)
         .filter(|r| {
