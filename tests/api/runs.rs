@@ -423,3 +423,61 @@ async fn runs_older_than_the_retention_are_pruned_after_a_run_but_each_processor
     assert_eq!(ids[1..], [seeded[3], seeded[1]]);
     app.stop().await;
 }
+
+postgres_only! {
+    /// On Postgres too, the last runs kept before the history become its
+    /// first runs (unknown trigger), and the history's ids go on after them.
+    #[tokio::test]
+    async fn the_last_runs_kept_before_the_history_become_its_first_runs_on_postgres() {
+        use sqlx::Connection;
+        let db = TestDb::postgres();
+        let mut admin = sqlx::PgConnection::connect(&crate::helpers::admin_url())
+            .await
+            .unwrap();
+        sqlx::query(&format!("CREATE DATABASE \"{}\"", db.name))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        admin.close().await.unwrap();
+        let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+        let before = sqlx::migrate::Migrator {
+            migrations: std::borrow::Cow::Owned(
+                fleetcare::storage::postgres::MIGRATOR
+                    .iter()
+                    .filter(|m| m.version < 20270101000002)
+                    .cloned()
+                    .collect(),
+            ),
+            ..sqlx::migrate::Migrator::DEFAULT
+        };
+        before.run(&pool).await.unwrap();
+        let started = Utc::now() - chrono::Duration::minutes(5);
+        let stats = RunStats {
+            scanned: 42,
+            ..RunStats::default()
+        };
+        sqlx::query("INSERT INTO pipeline_runs VALUES ('usage', $1, $2, $3)")
+            .bind(started)
+            .bind(started + chrono::Duration::seconds(3))
+            .bind(sqlx::types::Json(&stats))
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+
+        let root = SessionRoot::new();
+        let app = TestApp::spawn_with(args(&db, &root.path)).await;
+        let kept = all_runs(&app, "", 10).await;
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].processor, "usage");
+        assert_eq!(kept[0].trigger, pb::RunTrigger::Unspecified as i32);
+        assert_eq!(kept[0].actor, "");
+        assert_eq!(kept[0].stats.as_ref().unwrap().scanned, 42);
+        run(&app, "usage").await.unwrap();
+        let runs = all_runs(&app, "", 10).await;
+        assert_eq!(runs.len(), 2);
+        assert!(runs[0].id > kept[0].id, "{runs:?}");
+        assert_eq!(runs[1], kept[0]);
+        app.stop().await;
+    }
+}
