@@ -592,10 +592,7 @@ async fn the_runs_json_is_list_runs_as_the_views_print_it_a_page_at_a_time() {
         "alice/s1.jsonl",
         &crate::pipeline::assistant("m1", "r1", "m", "2026-03-14T10:00:00Z", [1, 2, 3, 4]),
     );
-    root.write(
-        "bob/broken.jsonl",
-        "{\"type\":\"assistant\"}\n\0\0\0garbage\n",
-    );
+    crate::runs::write_oversized(&root, "bob/broken.jsonl");
     let mut args = test_args(&db.url);
     args.pipeline.session_dir = root.path.clone();
     args.pipeline.pipeline_interval_usage = Duration::ZERO;
@@ -643,7 +640,7 @@ async fn the_runs_json_is_list_runs_as_the_views_print_it_a_page_at_a_time() {
         older["stats"]["errors"][0]["error"]
             .as_str()
             .unwrap()
-            .contains("NUL"),
+            .contains("more than"),
         "{older}"
     );
     let filtered = get(http(&app), "/api/v1/runs?processor=usage").await.json();
