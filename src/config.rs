@@ -366,6 +366,10 @@ pub struct PipelineArgs {
     /// First retry delay of a failing session; it doubles with each attempt (capped at 6 h).
     #[arg(long, env = "FLEETCARE_PIPELINE_RETRY_BASE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub pipeline_retry_base: Duration,
+
+    /// How long the history of processor runs is kept (each processor's newest run is always kept).
+    #[arg(long, env = "FLEETCARE_RUN_RETENTION", default_value = "30days", value_parser = humantime::parse_duration)]
+    pub run_retention: Duration,
 }
 
 /// Where the HTTP (metrics) listener binds, if anywhere.
@@ -550,6 +554,9 @@ impl ServeArgs {
             return Err("--max-attempts must be at least 1".into());
         }
         chrono_duration("--pipeline-retry-base", self.pipeline.pipeline_retry_base)?;
+        if self.pipeline.run_retention.is_zero() {
+            return Err("--run-retention must be greater than zero".into());
+        }
         if h.post_max_actions_per_window == 0 || h.post_max_attempts < 1 {
             return Err(
                 "--post-max-actions-per-window and --post-max-attempts must be at least 1".into(),

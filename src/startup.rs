@@ -573,7 +573,7 @@ async fn start_services(
             .map_err(Error::InvalidArgument)?,
     };
     let guard = Guard::new(cache.clone(), agents.clone());
-    let writes = AgentWrites::new(agents.clone(), committer, cache, clock, pacing)
+    let writes = AgentWrites::new(agents.clone(), committer, cache, clock.clone(), pacing)
         .with_metrics(metrics.clone());
     let shutdown = shutdown.clone();
     let watch_slots = WatchSlots::new(args.limits.max_watches_per_caller);
@@ -639,6 +639,8 @@ async fn start_services(
             ]
             .into(),
             parallelism: crate::runtime::pipeline::default_parallelism(),
+            run_retention: p.run_retention,
+            clock: clock.clone(),
         },
         processors,
         shutdown.clone(),

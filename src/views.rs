@@ -342,6 +342,50 @@ impl From<&pb::ProcessorInfo> for ProcessorView {
     }
 }
 
+fn run_trigger(value: i32) -> String {
+    let name = pb::RunTrigger::try_from(value).ok();
+    enum_name(name.map(|t| t.as_str_name()), "RUN_TRIGGER_", value)
+}
+
+/// One recorded processor run (`ListRuns`).
+#[derive(Debug, Serialize)]
+pub struct RunView {
+    pub id: i64,
+    pub processor: String,
+    /// `SCHEDULER`, `CALL`, or `UNSPECIFIED` (recorded before triggers were kept).
+    pub trigger: String,
+    /// Who started it: the caller's name, `scheduler`, or empty when unknown.
+    pub actor: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+    /// Milliseconds from start to finish.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<i64>,
+    pub stats: RunStatsView,
+}
+
+impl From<&pb::PipelineRun> for RunView {
+    fn from(r: &pb::PipelineRun) -> RunView {
+        let at = |ts: Option<&prost_types::Timestamp>| from_timestamp("time", *ts?).ok();
+        let duration_ms = match (at(r.started_at.as_ref()), at(r.finished_at.as_ref())) {
+            (Some(start), Some(end)) => Some((end - start).num_milliseconds()),
+            _ => None,
+        };
+        RunView {
+            id: r.id,
+            processor: r.processor.clone(),
+            trigger: run_trigger(r.trigger),
+            actor: r.actor.clone(),
+            started_at: time(r.started_at.as_ref()),
+            finished_at: time(r.finished_at.as_ref()),
+            duration_ms,
+            stats: RunStatsView::from(&r.stats.clone().unwrap_or_default()),
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct UsageRowView {
     pub key: String,

@@ -551,6 +551,10 @@ async fn the_fleet_page_shows_list_agents_and_follows_transitions_live() {
     browser
         .wait("tr[data-session='bob/broken.jsonl'][data-status=DEAD]")
         .await;
+    // The runs made over gRPC are listed, newest first, with who started them.
+    browser
+        .wait("h2:text-is('Recent runs') + table tbody tr[data-run][data-trigger=CALL]")
+        .await;
     browser.screenshot("pipeline").await;
 
     browser.assert_no_errors().await;

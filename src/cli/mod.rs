@@ -216,6 +216,16 @@ pub enum PipelineCommand {
         /// The processor's name (see `pipeline list`).
         name: String,
     },
+    /// The recorded runs, newest first: when, who or what started them, how
+    /// long they took, their counts and first errors.
+    Runs {
+        /// Only this processor's runs.
+        #[arg(long)]
+        processor: Option<String>,
+        /// At most this many runs.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        limit: u32,
+    },
 }
 
 #[derive(Debug, Args)]

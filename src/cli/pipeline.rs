@@ -1,4 +1,4 @@
-//! `fleetcare pipeline list|run` and `fleetcare usage`.
+//! `fleetcare pipeline list|run|runs` and `fleetcare usage`.
 
 use std::time::Duration;
 
@@ -8,7 +8,7 @@ use super::table::Table;
 use super::{CliError, PipelineArgs, PipelineCommand, UsageArgs, UsageBy, print};
 use crate::client::pb;
 use crate::grpc::convert::timestamp;
-use crate::views::{ProcessorView, RunStatsView, UsageRowView, UsageView};
+use crate::views::{ProcessorView, RunStatsView, RunView, UsageRowView, UsageView};
 
 pub async fn run(args: PipelineArgs) -> Result<(), CliError> {
     let mut clients = args.connection.connect().await?;
@@ -67,7 +67,82 @@ pub async fn run(args: PipelineArgs) -> Result<(), CliError> {
             let stats = RunStatsView::from(&result?.into_inner().stats.unwrap_or_default());
             print(json, &stats, || run_summary(&stats))
         }
+        PipelineCommand::Runs { processor, limit } => {
+            // Pages of the server's size until the limit (or the last page).
+            let limit = limit as usize;
+            let mut runs: Vec<RunView> = Vec::new();
+            let mut page_token = String::new();
+            while runs.len() < limit {
+                let page = clients
+                    .pipeline
+                    .list_runs(pb::ListRunsRequest {
+                        processor: processor.clone().unwrap_or_default(),
+                        page_size: i32::try_from(limit - runs.len()).unwrap_or(i32::MAX),
+                        page_token,
+                    })
+                    .await?
+                    .into_inner();
+                runs.extend(page.runs.iter().map(RunView::from));
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            runs.truncate(limit);
+            print(json, &runs, || runs_table(&runs))
+        }
     }
+}
+
+/// One line per run; its first error (and how many it had) at the end.
+fn runs_table(runs: &[RunView]) -> String {
+    let mut table = Table::new([
+        "ID",
+        "PROCESSOR",
+        "STARTED",
+        "BY",
+        "TOOK",
+        "SCANNED",
+        "PROCESSED",
+        "SKIPPED",
+        "FAILED",
+        "DEAD",
+        "FIRST ERROR",
+    ]);
+    for r in runs {
+        let by = match r.trigger.as_str() {
+            "SCHEDULER" => "scheduler".to_string(),
+            "CALL" => r.actor.clone(),
+            _ => "unknown".to_string(),
+        };
+        let took = r
+            .duration_ms
+            .map(|ms| format!("{:.1}s", ms as f64 / 1000.0))
+            .unwrap_or_default();
+        let s = &r.stats;
+        let first_error = match (&s.root_error, s.errors.first()) {
+            (Some(root), _) => format!("root: {root}"),
+            (None, Some(e)) if s.errors.len() > 1 => {
+                format!("{}: {} (+{} more)", e.session, e.error, s.errors.len() - 1)
+            }
+            (None, Some(e)) => format!("{}: {}", e.session, e.error),
+            (None, None) => String::new(),
+        };
+        table.row(vec![
+            r.id.to_string(),
+            r.processor.clone(),
+            r.started_at.clone().unwrap_or_default(),
+            by,
+            took,
+            s.scanned.to_string(),
+            s.processed.to_string(),
+            s.skipped.to_string(),
+            s.failed.to_string(),
+            s.dead.to_string(),
+            first_error,
+        ]);
+    }
+    table.render()
 }
 
 /// A spinner until the scan has counted the files, then a bar of them.
@@ -204,6 +279,70 @@ fn usage_table(view: &UsageView) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runs_show_who_started_them_how_long_they_took_and_the_first_error() {
+        let at = |s: i64| {
+            Some(prost_types::Timestamp {
+                seconds: s,
+                nanos: 0,
+            })
+        };
+        let run = |id, trigger: pb::RunTrigger, actor: &str, errors: Vec<pb::SessionError>| {
+            RunView::from(&pb::PipelineRun {
+                id,
+                processor: "usage".into(),
+                trigger: trigger as i32,
+                actor: actor.into(),
+                started_at: at(1_800_000_000),
+                finished_at: Some(prost_types::Timestamp {
+                    seconds: 1_800_000_002,
+                    nanos: 500_000_000,
+                }),
+                stats: Some(pb::RunStats {
+                    scanned: 3,
+                    processed: 2,
+                    failed: errors.len() as i64,
+                    errors,
+                    ..Default::default()
+                }),
+            })
+        };
+        let error = |session: &str| pb::SessionError {
+            session: session.into(),
+            error: "NUL byte".into(),
+        };
+        let runs = [
+            run(
+                7,
+                pb::RunTrigger::Call,
+                "alice",
+                vec![error("bob/a.jsonl"), error("bob/b.jsonl")],
+            ),
+            run(6, pb::RunTrigger::Scheduler, "scheduler", vec![]),
+            run(
+                5,
+                pb::RunTrigger::Unspecified,
+                "",
+                vec![error("bob/a.jsonl")],
+            ),
+        ];
+        assert_eq!(runs[0].duration_ms, Some(2500));
+        let table = runs_table(&runs);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].starts_with("ID  PROCESSOR  STARTED"), "{table}");
+        assert!(
+            lines[1].contains(" alice ")
+                && lines[1].contains(" 2.5s ")
+                && lines[1].ends_with("bob/a.jsonl: NUL byte (+1 more)"),
+            "{table}"
+        );
+        assert!(lines[2].contains(" scheduler "), "{table}");
+        assert!(
+            lines[3].contains(" unknown ") && lines[3].ends_with("bob/a.jsonl: NUL byte"),
+            "{table}"
+        );
+    }
 
     #[test]
     fn usage_rows_end_with_the_totals() {

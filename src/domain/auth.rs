@@ -99,6 +99,7 @@ pub enum Action {
     ListSessionStates,
     RetrySession,
     GetUsage,
+    ListRuns,
 }
 
 /// Who may call an action.
@@ -116,7 +117,7 @@ enum Rule {
 }
 
 impl Action {
-    pub const ALL: [Action; 27] = [
+    pub const ALL: [Action; 28] = [
         Action::RegisterAgent,
         Action::GetAgent,
         Action::ListAgents,
@@ -144,6 +145,7 @@ impl Action {
         Action::ListSessionStates,
         Action::RetrySession,
         Action::GetUsage,
+        Action::ListRuns,
     ];
 
     /// The RPC's name, as a refusal names it.
@@ -176,6 +178,7 @@ impl Action {
             Action::ListSessionStates => "ListSessionStates",
             Action::RetrySession => "RetrySession",
             Action::GetUsage => "GetUsage",
+            Action::ListRuns => "ListRuns",
         }
     }
 
@@ -206,7 +209,8 @@ impl Action {
             | Action::ListProcessors
             | Action::WatchRun
             | Action::ListSessionStates
-            | Action::GetUsage => Rule::Read { agent: false },
+            | Action::GetUsage
+            | Action::ListRuns => Rule::Read { agent: false },
             Action::EvaluatePost
             | Action::RecordActionOutcome
             | Action::RunProcessor
@@ -590,6 +594,7 @@ mod tests {
             WatchRun,
             ListSessionStates,
             GetUsage,
+            ListRuns,
         ];
         let agent_writes = [
             RegisterAgent,

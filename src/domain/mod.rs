@@ -7,6 +7,7 @@ pub mod healing;
 pub mod healing_records;
 pub mod liveness;
 pub mod pipeline;
+pub mod pipeline_runs;
 pub mod post_healing;
 pub mod recovery;
 pub mod transcript;

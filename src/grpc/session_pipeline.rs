@@ -13,12 +13,13 @@ use crate::domain::pipeline::{
     RunStats, SessionRef, SessionState, SessionStatesQuery, SessionStatus, valid_session_path,
     valid_user_dir,
 };
+use crate::domain::pipeline_runs::{RunCursor, RunRecord, RunTrigger, RunsQuery, StartedBy};
 use crate::domain::usage::{UsageGrouping, UsageQuery, UsageRow};
 use crate::error::Error;
 use crate::grpc::auth::{self, Guard};
 use crate::grpc::callers::{CallerKey, WatchSlots};
 use crate::grpc::convert::{duration, from_timestamp, timestamp};
-use crate::grpc::validate;
+use crate::grpc::validate::{self, PageCursor};
 use crate::proto::v1 as pb;
 use crate::proto::v1::session_pipeline_service_server::SessionPipelineService;
 use crate::runtime::pipeline::{Pipeline, RunProgress};
@@ -88,6 +89,75 @@ impl TryFrom<pb::WatchRunRequest> for ProcessorName {
     fn try_from(r: pb::WatchRunRequest) -> Result<Self, Error> {
         let pb::WatchRunRequest { name } = r;
         ProcessorName::parse(name)
+    }
+}
+
+/// ListRuns pages: 50 runs unless asked, at most 500.
+pub const DEFAULT_RUNS_PAGE_SIZE: i64 = 50;
+pub const MAX_RUNS_PAGE_SIZE: i64 = 500;
+
+/// A ListRuns page token carries the previous page's last run: its start in
+/// microseconds since the epoch and its id.
+impl PageCursor for RunCursor {
+    fn encode(&self) -> String {
+        format!("{}.{}", self.started_at.timestamp_micros(), self.id)
+    }
+
+    fn decode(text: &str) -> Option<Self> {
+        let (micros, id) = text.split_once('.')?;
+        Some(RunCursor {
+            started_at: chrono::DateTime::from_timestamp_micros(micros.parse().ok()?)?,
+            id: id.parse().ok().filter(|id| *id >= 0)?,
+        })
+    }
+}
+
+impl TryFrom<pb::ListRunsRequest> for (Option<ProcessorName>, RunsQuery) {
+    type Error = Error;
+
+    fn try_from(r: pb::ListRunsRequest) -> Result<Self, Error> {
+        let pb::ListRunsRequest {
+            processor,
+            page_size,
+            page_token,
+        } = r;
+        let name = (!processor.is_empty()).then_some(ProcessorName(processor));
+        let limit = match i64::from(page_size) {
+            0 => DEFAULT_RUNS_PAGE_SIZE,
+            n if n < 0 => {
+                return Err(Error::invalid(format!(
+                    "page_size {n} must not be negative"
+                )));
+            }
+            n => n.min(MAX_RUNS_PAGE_SIZE),
+        };
+        let before = validate::page_cursor::<RunCursor>(&page_token)?;
+        let query = RunsQuery {
+            processor: name.as_ref().map(|n| n.0.clone()),
+            before,
+            limit,
+        };
+        Ok((name, query))
+    }
+}
+
+fn started_by_to_pb(s: StartedBy) -> i32 {
+    match s {
+        StartedBy::Unknown => pb::RunTrigger::Unspecified as i32,
+        StartedBy::Scheduler => pb::RunTrigger::Scheduler as i32,
+        StartedBy::Call => pb::RunTrigger::Call as i32,
+    }
+}
+
+fn run_to_pb(r: &RunRecord) -> pb::PipelineRun {
+    pb::PipelineRun {
+        id: r.id,
+        processor: r.processor.clone(),
+        trigger: started_by_to_pb(r.trigger.started_by),
+        actor: r.trigger.actor.clone(),
+        started_at: Some(timestamp(r.started_at)),
+        finished_at: Some(timestamp(r.finished_at)),
+        stats: Some(stats_to_pb(&r.stats)),
     }
 }
 
@@ -298,7 +368,10 @@ impl SessionPipelineService for SessionPipelineApi {
         for (name, version, interval) in self.pipeline.processors() {
             let running =
                 self.pipeline.is_running_here(name) || store.processor_locked(name).await?;
-            let last = last_runs.iter().find(|(n, _)| n == name).map(|(_, s)| s);
+            let last = last_runs
+                .iter()
+                .find(|r| r.processor == name)
+                .map(|r| &r.stats);
             processors.push(pb::ProcessorInfo {
                 name: name.to_owned(),
                 interval: chrono::Duration::from_std(interval).ok().map(duration),
@@ -318,7 +391,10 @@ impl SessionPipelineService for SessionPipelineApi {
         let caller = auth::caller(&request)?;
         self.guard.check(&caller, Action::RunProcessor, None)?;
         let name = self.known(request.into_inner().try_into()?)?;
-        let stats = self.pipeline.run(&name).await?;
+        let stats = self
+            .pipeline
+            .run(&name, RunTrigger::call(caller.name.clone()))
+            .await?;
         Ok(Response::new(pb::RunProcessorResponse {
             stats: Some(stats_to_pb(&stats)),
         }))
@@ -406,6 +482,30 @@ impl SessionPipelineService for SessionPipelineApi {
         Ok(Response::new(pb::GetUsageResponse {
             rows: rows.iter().map(usage_to_pb).collect(),
             totals: totals.as_ref().map(usage_to_pb),
+        }))
+    }
+
+    async fn list_runs(
+        &self,
+        request: Request<pb::ListRunsRequest>,
+    ) -> Result<Response<pb::ListRunsResponse>, Status> {
+        let caller = auth::caller(&request)?;
+        self.guard.check(&caller, Action::ListRuns, None)?;
+        let (name, mut query): (Option<ProcessorName>, RunsQuery) =
+            request.into_inner().try_into()?;
+        if let Some(name) = name {
+            query.processor = Some(self.known(name)?);
+        }
+        let page = validate::PageRequest {
+            size: query.limit,
+            after: query.before,
+        };
+        query.limit = page.fetch_limit();
+        let mut runs = self.pipeline.store().list_runs(&query).await?;
+        let next_page_token = page.finish(&mut runs, RunRecord::cursor);
+        Ok(Response::new(pb::ListRunsResponse {
+            runs: runs.iter().map(run_to_pb).collect(),
+            next_page_token,
         }))
     }
 }

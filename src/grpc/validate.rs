@@ -145,13 +145,19 @@ pub struct PageRequest<C> {
     pub after: Option<C>,
 }
 
+/// The cursor a page token carries (`None` for the first page);
+/// INVALID_ARGUMENT for a token this server would not have issued.
+pub fn page_cursor<C: PageCursor>(token: &str) -> Result<Option<C>> {
+    decode_page_token(token)?
+        .map(|text| C::decode(text).ok_or_else(foreign_token))
+        .transpose()
+}
+
 impl<C: PageCursor> PageRequest<C> {
     pub fn decode(size: i32, token: &str) -> Result<Self> {
         Ok(PageRequest {
             size: page_size(size)?,
-            after: decode_page_token(token)?
-                .map(|text| C::decode(text).ok_or_else(foreign_token))
-                .transpose()?,
+            after: page_cursor(token)?,
         })
     }
 

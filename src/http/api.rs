@@ -55,7 +55,8 @@ use crate::proto::v1::{
 use crate::runtime::auth::Callers;
 use crate::runtime::health::StoreHealth;
 use crate::views::{
-    AgentView, HealingStatsView, ProcessorView, SessionStateView, TransitionView, UsageView,
+    AgentView, HealingStatsView, ProcessorView, RunView, SessionStateView, TransitionView,
+    UsageView,
 };
 
 /// The header a state-changing request must carry (with the value `1`).
@@ -251,6 +252,7 @@ pub fn routes() -> Router<Dashboard> {
         .route("/healing", get(healing_statistics))
         .route("/usage", get(usage))
         .route("/processors", get(processors))
+        .route("/runs", get(runs))
         .route("/sessions", get(session_states))
         .route("/sessions/retry", post(retry_session))
         .fallback(|| async {
@@ -728,6 +730,32 @@ async fn processors(
         .map(ProcessorView::from)
         .collect();
     Ok(json(&serde_json::json!({ "processors": processors })).into_response())
+}
+
+/// One page of `ListRuns`, newest first: `processor`, `page_size`, `page_token`.
+async fn runs(
+    State(dashboard): State<Dashboard>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let pairs = query(raw)?;
+    let message = pb::ListRunsRequest {
+        processor: value(&pairs, "processor").unwrap_or_default().to_owned(),
+        page_size: number(&pairs, "page_size")?.unwrap_or(0),
+        page_token: value(&pairs, "page_token").unwrap_or_default().to_owned(),
+    };
+    let (apis, request, call) =
+        dashboard.request(&headers, peer, Method::pipeline(Action::ListRuns), message)?;
+    let page = call
+        .answer(apis.pipeline.list_runs(request).await)?
+        .into_inner();
+    let runs: Vec<RunView> = page.runs.iter().map(RunView::from).collect();
+    Ok(json(&serde_json::json!({
+        "runs": runs,
+        "next_page_token": page.next_page_token,
+    }))
+    .into_response())
 }
 
 /// One page of `ListSessionStates`: `processor`, `status` (`processed`,

@@ -387,15 +387,18 @@ pub static TABLES: &[TableSpec] = &[
     },
     TableSpec {
         name: "pipeline_runs",
-        key: &["processor"],
+        key: &["id"],
         columns: &[
+            ("id", Int),
             ("processor", Text),
             ("started_at", Timestamp),
             ("finished_at", Timestamp),
+            ("started_by", Text),
+            ("actor", Text),
             ("stats", Json),
         ],
         singleton: false,
-        serial: None,
+        serial: Some("id"),
     },
 ];
 

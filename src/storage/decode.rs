@@ -5,6 +5,7 @@
 use crate::domain::agent::{AgentStatus, ExhaustionReason};
 use crate::domain::healing::{ErrorType, Strategy};
 use crate::domain::healing_records::{HealingStatistics, PatternStatistics};
+use crate::domain::pipeline_runs::StartedBy;
 use crate::domain::post_healing::Tier;
 use crate::domain::recovery::RecoverySource;
 use crate::error::{Error, Result};
@@ -47,6 +48,11 @@ pub(crate) fn error_type(s: &str) -> Result<ErrorType> {
 
 pub(crate) fn strategy(s: &str) -> Result<Strategy> {
     Strategy::parse(s).ok_or_else(|| corrupt("strategy", s))
+}
+
+/// What started a stored run (empty: a run recorded before it was kept).
+pub(crate) fn started_by(s: &str) -> Result<StartedBy> {
+    StartedBy::parse(s).ok_or_else(|| corrupt("run trigger", s))
 }
 
 pub(crate) fn tier(n: i32) -> Result<Tier> {

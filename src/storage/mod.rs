@@ -32,7 +32,8 @@ use crate::domain::healing_records::{
     StoredAction,
 };
 use crate::domain::liveness::SweepQuery;
-use crate::domain::pipeline::{RunStats, SessionFile, SessionState, SessionStatus};
+use crate::domain::pipeline::{SessionFile, SessionState, SessionStatus};
+use crate::domain::pipeline_runs::{NewRun, RunRecord, RunsQuery};
 use crate::domain::post_healing::{ActionRecord, ActionStatus, ActionType, Evaluation, Tier};
 use crate::domain::transcript::UsageEntry;
 use crate::domain::transition::{Agent, Labels, RevisionBounds, Transition, WatchFilter};
@@ -432,9 +433,19 @@ pub trait PipelineStore: Send + Sync + 'static {
     /// Whether any server holds the processor's lock.
     async fn processor_locked(&self, processor: &str) -> Result<bool>;
 
-    async fn record_run(&self, processor: &str, stats: &RunStats) -> Result<()>;
+    /// Keeps a finished run in the history; returns its id.
+    async fn record_run(&self, run: &NewRun) -> Result<i64>;
 
-    async fn last_runs(&self) -> Result<Vec<(String, RunStats)>>;
+    /// The newest recorded run (by start, then id) of each processor that has one.
+    async fn last_runs(&self) -> Result<Vec<RunRecord>>;
+
+    /// Recorded runs, newest first (by start, then id): those `query` matches,
+    /// at most `query.limit`.
+    async fn list_runs(&self, query: &RunsQuery) -> Result<Vec<RunRecord>>;
+
+    /// Deletes the runs started before `before`, except each processor's
+    /// newest (see [`crate::domain::pipeline_runs::pruned`]); returns how many.
+    async fn prune_runs(&self, before: DateTime<Utc>) -> Result<u64>;
 
     async fn usage(&self, query: &UsageQuery) -> Result<Vec<UsageRow>>;
 

@@ -295,6 +295,31 @@ async fn pipeline_run_and_usage_report_the_fixture_corpus() {
         summary.starts_with("scanned 5, processed 0, skipped 5, failed 0"),
         "{summary}"
     );
+    // Both runs are kept, newest first; --limit pages as needed.
+    let runs = json(
+        &fleetcare(
+            app.addr,
+            &["pipeline", "runs", "--processor", "usage", "--json"],
+        )
+        .await,
+    );
+    let runs = runs.as_array().unwrap();
+    let processed: Vec<i64> = runs
+        .iter()
+        .map(|r| r["stats"]["processed"].as_i64().unwrap())
+        .collect();
+    assert_eq!(processed, [0, 5]);
+    assert_eq!(runs[0]["trigger"], "CALL");
+    assert_eq!(runs[0]["actor"], "anonymous");
+    let newest = json(&fleetcare(app.addr, &["pipeline", "runs", "--limit", "1", "--json"]).await);
+    assert_eq!(newest.as_array().unwrap().len(), 1);
+    assert_eq!(newest[0]["id"], runs[0]["id"]);
+    let table = stdout(&fleetcare(app.addr, &["pipeline", "runs"]).await);
+    assert!(table.starts_with("ID  PROCESSOR"), "{table}");
+    assert_eq!(table.lines().count(), 3, "{table}");
+    let (line, _) =
+        failure(&fleetcare(app.addr, &["pipeline", "runs", "--processor", "nope"]).await);
+    assert!(line.contains("nope"), "{line}");
 
     let by_user = json(&fleetcare(app.addr, &["usage", "--by", "user", "--json"]).await);
     let rows: Vec<(&str, i64, i64)> = by_user["rows"]

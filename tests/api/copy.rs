@@ -322,26 +322,44 @@ async fn fill(db: &TestDb) -> Vec<(&'static str, u64)> {
     }
     counts.push(("usage_cells", 3));
 
-    for (processor, stats) in [
+    // A history: several runs of one processor, each trigger, ids with gaps
+    // (pruned runs), the runs kept before the history (unknown trigger).
+    for (id, processor, started_by, actor, stats) in [
         (
+            1,
             "errors",
+            "",
+            "",
             r#"{"scanned": 3, "failed": 0, "duration_seconds": 0.5}"#,
         ),
         (
+            4,
             "usage",
+            "scheduler",
+            "scheduler",
             r#"{"scanned": 12, "notes": ["ünï", "😀"], "nested": {"a": null}}"#,
         ),
+        (
+            9,
+            "usage",
+            "call",
+            "ålice",
+            r#"{"scanned": 12, "errors": [["a/1.jsonl", "NUL byte"]]}"#,
+        ),
     ] {
-        sqlx::query("INSERT INTO pipeline_runs VALUES (?, ?, ?, ?)")
+        sqlx::query("INSERT INTO pipeline_runs VALUES (?, ?, ?, ?, ?, ?, ?)")
+            .bind(id)
             .bind(processor)
-            .bind(T0)
+            .bind(T0 + id)
             .bind(T0 + 999_999)
+            .bind(started_by)
+            .bind(actor)
             .bind(stats)
             .execute(&mut c)
             .await
             .unwrap();
     }
-    counts.push(("pipeline_runs", 2));
+    counts.push(("pipeline_runs", 3));
     c.close().await.unwrap();
     counts
 }
@@ -707,6 +725,7 @@ struct ServiceView {
     post_actions: Vec<fleetcare::proto::v1::PostAction>,
     sessions: Vec<fleetcare::proto::v1::SessionState>,
     usage: Vec<fleetcare::proto::v1::UsageRow>,
+    runs: Vec<fleetcare::proto::v1::PipelineRun>,
 }
 
 async fn view(app: &crate::helpers::TestApp) -> ServiceView {
@@ -774,6 +793,15 @@ async fn view(app: &crate::helpers::TestApp) -> ServiceView {
             .unwrap()
             .into_inner()
             .rows,
+        runs: pipeline
+            .list_runs(pb::ListRunsRequest {
+                page_size: 500,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .runs,
     }
 }
 
@@ -865,6 +893,8 @@ async fn use_every_service(app: &crate::helpers::TestApp) {
         .into_inner();
     assert!(verdict.eligible, "{verdict:?}");
     crate::pipeline::run(app, "usage").await.unwrap();
+    crate::pipeline::run(app, "errors").await.unwrap();
+    crate::pipeline::run(app, "usage").await.unwrap();
 }
 
 /// A store moved SQLite -> Postgres -> SQLite with `fleetcare copy` serves
@@ -896,6 +926,14 @@ async fn a_copied_store_serves_the_same_through_every_service() {
         .expect("sqlite -> postgres");
     let app = TestApp::spawn_with(serve(&pg)).await;
     assert_eq!(view(&app).await, before, "postgres after the copy");
+    // The run history goes on from the copied ids (the sequence passed them).
+    assert_eq!(before.runs.len(), 3);
+    let newest = before.runs.iter().map(|r| r.id).max().unwrap();
+    crate::pipeline::run(&app, "errors").await.unwrap();
+    let after = view(&app).await;
+    assert_eq!(after.runs.len(), 4, "{:?}", after.runs);
+    assert!(after.runs[0].id > newest, "{:?}", after.runs);
+    assert_eq!(after.runs[1..], before.runs[..]);
     app.stop().await;
 
     let back = TestDb::sqlite();
@@ -903,7 +941,7 @@ async fn a_copied_store_serves_the_same_through_every_service() {
         .await
         .expect("postgres -> sqlite");
     let app = TestApp::spawn_with(serve(&back)).await;
-    assert_eq!(view(&app).await, before, "sqlite after the copy back");
+    assert_eq!(view(&app).await, after, "sqlite after the copy back");
     let next = app.finish_work("a-1").await.unwrap();
     let last = before.transitions.last().unwrap().revision;
     assert_eq!(next.transition.unwrap().revision, last + 1);

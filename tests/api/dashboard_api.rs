@@ -520,6 +520,25 @@ async fn errors_map_to_http_statuses_with_the_grpc_code_and_reason() {
             "INVALID_ARGUMENT",
             "INVALID_ARGUMENT",
         ),
+        ("/api/v1/runs?processor=nope", 404, "NOT_FOUND", "NOT_FOUND"),
+        (
+            "/api/v1/runs?page_size=-1",
+            400,
+            "INVALID_ARGUMENT",
+            "INVALID_ARGUMENT",
+        ),
+        (
+            "/api/v1/runs?page_size=many",
+            400,
+            "INVALID_ARGUMENT",
+            "INVALID_ARGUMENT",
+        ),
+        (
+            "/api/v1/runs?page_token=garbage",
+            400,
+            "INVALID_ARGUMENT",
+            "INVALID_ARGUMENT",
+        ),
         ("/api/v1/no-such-thing", 404, "NOT_FOUND", "NOT_FOUND"),
     ];
     for (path, status, code, reason) in cases {
@@ -554,6 +573,7 @@ async fn errors_map_to_http_statuses_with_the_grpc_code_and_reason() {
         "/api/v1/healing",
         "/api/v1/usage?group_by=model",
         "/api/v1/processors",
+        "/api/v1/runs",
     ] {
         let reply = get(http(&app), path).await;
         assert_eq!(reply.status, 200, "{path}: {}", reply.body);
@@ -562,6 +582,71 @@ async fn errors_map_to_http_statuses_with_the_grpc_code_and_reason() {
         get(http(&app), "/api/v1/processors").await.json()["processors"][0]["name"],
         "usage"
     );
+}
+
+#[tokio::test]
+async fn the_runs_json_is_list_runs_as_the_views_print_it_a_page_at_a_time() {
+    let db = TestDb::new();
+    let root = crate::pipeline::SessionRoot::new();
+    root.write(
+        "alice/s1.jsonl",
+        &crate::pipeline::assistant("m1", "r1", "m", "2026-03-14T10:00:00Z", [1, 2, 3, 4]),
+    );
+    crate::runs::write_oversized(&root, "bob/broken.jsonl");
+    let mut args = test_args(&db.url);
+    args.pipeline.session_dir = root.path.clone();
+    args.pipeline.pipeline_interval_usage = Duration::ZERO;
+    args.pipeline.pipeline_interval_errors = Duration::ZERO;
+    args.pipeline.pipeline_retry_base = Duration::ZERO;
+    let app = TestApp::spawn_with(args).await;
+    let first = crate::pipeline::run(&app, "usage").await.unwrap();
+    crate::pipeline::run(&app, "errors").await.unwrap();
+    let grpc = crate::pipeline::client(&app)
+        .list_runs(pb::ListRunsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(grpc.runs.len(), 2);
+
+    let page = get(http(&app), "/api/v1/runs?page_size=1").await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    let page = page.json();
+    let token = page["next_page_token"].as_str().unwrap().to_owned();
+    assert!(!token.is_empty());
+    let newest = &page["runs"][0];
+    assert_eq!(
+        *newest,
+        serde_json::to_value(fleetcare::views::RunView::from(&grpc.runs[0])).unwrap()
+    );
+    assert_eq!(newest["processor"], "errors");
+    assert_eq!(newest["trigger"], "CALL");
+    assert_eq!(newest["actor"], "anonymous");
+    assert!(newest["duration_ms"].as_i64().unwrap() >= 0, "{newest}");
+
+    let next = get(
+        http(&app),
+        &format!("/api/v1/runs?page_size=1&page_token={token}"),
+    )
+    .await
+    .json();
+    assert_eq!(next["next_page_token"], "");
+    let older = &next["runs"][0];
+    assert_eq!(older["processor"], "usage");
+    assert_eq!(older["id"], grpc.runs[1].id);
+    assert_eq!(older["stats"]["failed"], 1);
+    assert_eq!(older["stats"]["processed"], first.processed);
+    assert_eq!(older["stats"]["errors"][0]["session"], "bob/broken.jsonl");
+    assert!(
+        older["stats"]["errors"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("more than"),
+        "{older}"
+    );
+    let filtered = get(http(&app), "/api/v1/runs?processor=usage").await.json();
+    assert_eq!(filtered["runs"].as_array().unwrap().len(), 1);
+    assert_eq!(filtered["runs"][0]["processor"], "usage");
+    app.stop().await;
 }
 
 #[tokio::test]

@@ -22,6 +22,7 @@ mod outage;
 mod pipeline;
 mod post_healing;
 mod recovery;
+mod runs;
 mod server;
 mod sweeper;
 mod tls;

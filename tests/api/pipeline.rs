@@ -1032,6 +1032,8 @@ async fn a_panicking_processor_fails_its_session_and_releases_the_lock() {
             retry: fleetcare::domain::pipeline::RetryPolicy::default(),
             intervals: Default::default(),
             parallelism: 2,
+            run_retention: fleetcare::runtime::pipeline::DEFAULT_RUN_RETENTION,
+            clock: fleetcare::runtime::clock::Clock::system(),
         },
         vec![fleetcare::processors::Registration {
             processor: std::sync::Arc::new(Flaky),
@@ -1039,7 +1041,13 @@ async fn a_panicking_processor_fails_its_session_and_releases_the_lock() {
         }],
         shutdown.clone(),
     );
-    let stats = pipeline.run("flaky").await.unwrap();
+    let stats = pipeline
+        .run(
+            "flaky",
+            fleetcare::domain::pipeline_runs::RunTrigger::scheduler(),
+        )
+        .await
+        .unwrap();
     assert_eq!((stats.processed, stats.failed), (3, 1));
     assert!(
         stats.errors[0].1.contains("processor bug on boom/s.jsonl"),
@@ -1049,7 +1057,13 @@ async fn a_panicking_processor_fails_its_session_and_releases_the_lock() {
     // Neither the in-process guard nor the advisory lock outlived the run.
     assert!(!pipeline.is_running_here("flaky"));
     assert!(!store.processor_locked("flaky").await.unwrap());
-    let again = pipeline.run("flaky").await.unwrap();
+    let again = pipeline
+        .run(
+            "flaky",
+            fleetcare::domain::pipeline_runs::RunTrigger::scheduler(),
+        )
+        .await
+        .unwrap();
     assert_eq!(
         again.processed, 0,
         "the failed session waits for its retry time"

@@ -35,6 +35,8 @@ mod pipeline;
 mod post_healing;
 #[path = "../api/recovery.rs"]
 mod recovery;
+#[path = "../api/runs.rs"]
+mod runs;
 #[path = "../api/server.rs"]
 mod server;
 #[path = "../api/sweeper.rs"]

@@ -762,7 +762,20 @@ function compact(n) {
   return String(Math.round(n));
 }
 
-// The session pipeline: processors, last runs, failing and dead sessions.
+// Who or what started a run: the scheduler, a caller by name, or unknown
+// (runs recorded before the history kept it).
+function runTrigger(r) {
+  if (r.trigger === "SCHEDULER") return "scheduler";
+  if (r.trigger === "CALL") return "call by " + r.actor;
+  return "unknown";
+}
+
+function runDuration(ms) {
+  if (ms === undefined) return "";
+  return ms < 1000 ? ms + " ms" : span(ms);
+}
+
+// The session pipeline: processors, last runs, recent runs, failing and dead sessions.
 function pipelinePage(root) {
   root.append(h("p", { class: "muted" }, "loading…"));
   async function load() {
@@ -773,6 +786,7 @@ function pipelinePage(root) {
           api("sessions" + query({ processor: p.name, status, page_size: 100 }))));
         return failing.states.concat(dead.states);
       }));
+      const { runs } = await api("runs" + query({ page_size: 20 }));
       root.replaceChildren(
         h("h2", {}, "Processors"),
         table(["processor", "version#", "every", "state", "last run", "processed#", "skipped#", "failed#", "dead#"], processors.map((p) => {
@@ -783,6 +797,17 @@ function pipelinePage(root) {
             h("td", {}, p.last_run_at ? ticking("ago", p.last_run_at) : "never", r.root_error ? h("div", { class: "error" }, r.root_error) : null),
             ...["processed", "skipped", "failed", "dead"].map((f) => h("td", { class: "num" }, r[f] === undefined ? "" : r[f])));
         }), "no processors"),
+        h("h2", {}, "Recent runs"),
+        table(["started", "processor", "started by", "took", "scanned#", "processed#", "skipped#", "failed#", "dead#", "first errors"], runs.map((r) => {
+          const st = r.stats;
+          return h("tr", { "data-run": r.id, "data-processor": r.processor, "data-trigger": r.trigger },
+            h("td", { title: fmtTime(r.started_at) }, r.started_at ? ticking("ago", r.started_at) : ""),
+            h("td", {}, r.processor), h("td", {}, runTrigger(r)), h("td", { class: "num" }, runDuration(r.duration_ms)),
+            ...["scanned", "processed", "skipped", "failed", "dead"].map((f) => h("td", { class: "num" }, st[f])),
+            h("td", { class: "muted" },
+              st.root_error ? h("div", { class: "error" }, st.root_error) : null,
+              ...st.errors.map((e) => h("div", { class: "run-error" }, e.session + ": " + e.error))));
+        }), "no runs recorded"),
         h("h2", {}, "Failing and dead sessions"),
         table(["processor", "session", "status", "attempts#", "next attempt", "last error", ""], sessions.flat().map((st) =>
           h("tr", { "data-session": st.session, "data-status": st.status },

@@ -3,6 +3,8 @@
 //! in batches (each session's items with its state), isolates and retries
 //! failing ones, and never runs a processor twice at once.
 
+#[cfg(test)]
+mod run_history_tests;
 mod scan;
 pub mod scheduler;
 #[cfg(test)]
@@ -25,9 +27,11 @@ use crate::domain::pipeline::{
     self, ContentVerdict, RetryPolicy, RunStats, SessionFile, SessionState, SessionStatus,
     StatVerdict,
 };
+use crate::domain::pipeline_runs::{self, NewRun, RunTrigger};
 use crate::domain::usage::{self, UsageQuery, UsageRow};
 use crate::error::{Error, Result};
 use crate::processors::{ProcessError, Processed, Registration, SessionProcessor};
+use crate::runtime::clock::Clock;
 use crate::storage::{PipelineStore, ProcessorLock, SessionOutput, SessionWrite};
 
 /// A batch whose transaction keeps conflicting with others is tried this often
@@ -53,7 +57,15 @@ pub struct PipelineConfig {
     pub intervals: HashMap<String, Duration>,
     /// How many files a run processes at once.
     pub parallelism: usize,
+    /// Runs that started longer ago are pruned from the history after each
+    /// recorded run (each processor's newest run is always kept).
+    pub run_retention: Duration,
+    /// When runs start and finish, and what the retention counts from.
+    pub clock: Clock,
 }
+
+/// The default of `--run-retention`: 30 days.
+pub const DEFAULT_RUN_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// One file per core.
 pub fn default_parallelism() -> usize {
@@ -361,10 +373,11 @@ impl Pipeline {
         Ok(self.entry(name)?.progress.subscribe())
     }
 
-    /// Runs a processor now and returns its stats. ABORTED when it is already
-    /// running, here or on another server. The run goes on to its end even if
-    /// the caller goes away.
-    pub async fn run(self: &Arc<Self>, name: &str) -> Result<RunStats> {
+    /// Runs a processor now and returns its stats; the run is recorded in
+    /// the history with `trigger` (who or what started it). ABORTED when it
+    /// is already running, here or on another server. The run goes on to its
+    /// end even if the caller goes away.
+    pub async fn run(self: &Arc<Self>, name: &str, trigger: RunTrigger) -> Result<RunStats> {
         let entry = self.entry(name)?;
         let name = entry.processor.name();
         let local =
@@ -386,6 +399,7 @@ impl Pipeline {
         let span = tracing::info_span!(
             "pipeline_run",
             processor = name,
+            run_id = tracing::field::Empty,
             scanned = tracing::field::Empty,
             processed = tracing::field::Empty,
             skipped = tracing::field::Empty,
@@ -401,7 +415,7 @@ impl Pipeline {
         let run = tokio::spawn(
             async move {
                 let _local = local;
-                this.run_locked(name, lock).await
+                this.run_locked(name, lock, trigger).await
             }
             .instrument(span),
         );
@@ -409,7 +423,12 @@ impl Pipeline {
             .map_err(|e| Error::Internal(format!("processor {name} run crashed: {e}")))
     }
 
-    async fn run_locked(&self, name: &'static str, lock: Box<dyn ProcessorLock>) -> RunStats {
+    async fn run_locked(
+        &self,
+        name: &'static str,
+        lock: Box<dyn ProcessorLock>,
+        trigger: RunTrigger,
+    ) -> RunStats {
         let entry = self
             .entry(name)
             .expect("the entry was found before the run");
@@ -423,7 +442,7 @@ impl Pipeline {
             }
         });
         let mut stats = RunStats {
-            started_at: Some(chrono::Utc::now()),
+            started_at: Some(self.config.clock.now()),
             ..RunStats::default()
         };
         if let Err(error) = self
@@ -432,7 +451,7 @@ impl Pipeline {
         {
             stats.root_error = Some(error.to_string());
         }
-        stats.finished_at = Some(chrono::Utc::now());
+        stats.finished_at = Some(self.config.clock.now());
         let result = if stats.root_error.is_some() {
             "error"
         } else {
@@ -447,8 +466,17 @@ impl Pipeline {
             .inc();
         self.count_sessions(name, "processed", stats.processed);
         self.count_sessions(name, "failed", stats.failed);
-        if let Err(error) = self.store.record_run(name, &stats).await {
-            tracing::warn!(%error, processor = name, "cannot record the run");
+        let run = NewRun::new(name, trigger, &stats, self.config.clock.now());
+        // The caller, the watchers and the history see the same times (kept
+        // at the stores' microseconds).
+        stats.started_at = Some(run.started_at);
+        stats.finished_at = Some(run.finished_at);
+        match self.store.record_run(&run).await {
+            Ok(id) => {
+                tracing::Span::current().record("run_id", id);
+                self.prune_runs_in_background();
+            }
+            Err(error) => tracing::warn!(%error, processor = name, "cannot record the run"),
         }
         lock.release().await;
         let span = tracing::Span::current();
@@ -482,6 +510,23 @@ impl Pipeline {
             p.stats = Some(stats.clone());
         });
         stats
+    }
+
+    /// Prunes the run history past the retention, in a task of its own (the
+    /// run's caller does not wait for it): after every recorded run, so the
+    /// history is trimmed as often as runs are added, on whichever server
+    /// ran. Each processor's newest run is kept whatever its age.
+    fn prune_runs_in_background(&self) {
+        let store = self.store.clone();
+        let before =
+            pipeline_runs::prune_before(self.config.clock.now(), self.config.run_retention);
+        tokio::spawn(async move {
+            match store.prune_runs(before).await {
+                Ok(0) => {}
+                Ok(pruned) => tracing::info!(pruned, "pruned run history"),
+                Err(error) => tracing::warn!(%error, "pruning run history failed"),
+            }
+        });
     }
 
     async fn scan_and_process(
@@ -831,6 +876,7 @@ mod tests {
     use super::MAX_CONFLICT_RETRIES;
     use super::testing::{Held, Root, pipeline, pipeline_with};
     use crate::domain::pipeline::{SessionFile, SessionStatus};
+    use crate::domain::pipeline_runs::RunTrigger;
     use crate::domain::transcript::extract_usage;
     use crate::domain::usage::{UsageGrouping, UsageQuery};
     use crate::error::Error;
@@ -859,7 +905,7 @@ mod tests {
             vec![(Arc::new(Held::new("usage", 100)), Duration::ZERO)],
             CancellationToken::new(),
         );
-        let stats = p.run("usage").await.unwrap();
+        let stats = p.run("usage", RunTrigger::scheduler()).await.unwrap();
         assert_eq!((stats.processed, stats.failed), (3, 0), "{stats:?}");
         assert!(stats.root_error.is_none());
         let rows = store.usage(&by_user()).await.unwrap();
@@ -880,7 +926,7 @@ mod tests {
         );
         let run = tokio::spawn({
             let p = p.clone();
-            async move { p.run("usage").await }
+            async move { p.run("usage", RunTrigger::scheduler()).await }
         });
         // The commit has started and is held: shut down, then let it finish.
         store
@@ -910,7 +956,7 @@ mod tests {
             vec![(Arc::new(Held::new("usage", 100)), Duration::ZERO)],
             CancellationToken::new(),
         );
-        let stats = p.run("usage").await.unwrap();
+        let stats = p.run("usage", RunTrigger::scheduler()).await.unwrap();
         assert_eq!(stats.processed, 0);
         assert_eq!(
             stats.root_error.as_deref(),
@@ -938,11 +984,11 @@ mod tests {
         );
         let first = tokio::spawn({
             let p = p.clone();
-            async move { p.run("held").await }
+            async move { p.run("held", RunTrigger::scheduler()).await }
         });
         entered.acquire().await.unwrap().forget();
         assert!(p.is_running_here("held"));
-        match p.run("held").await {
+        match p.run("held", RunTrigger::scheduler()).await {
             Err(Error::ProcessorRunning {
                 processor,
                 location,
@@ -970,7 +1016,7 @@ mod tests {
         );
         let run = tokio::spawn({
             let p = p.clone();
-            async move { p.run("held").await }
+            async move { p.run("held", RunTrigger::scheduler()).await }
         });
         // Two files (the parallelism) reach the gate before any is let through.
         entered.acquire_many(2).await.unwrap().forget();
@@ -996,7 +1042,7 @@ mod tests {
         );
         let run = tokio::spawn({
             let p = p.clone();
-            async move { p.run("held").await }
+            async move { p.run("held", RunTrigger::scheduler()).await }
         });
         entered.acquire_many(5).await.unwrap().forget();
         // A lone file is committed at once, without waiting for company.
@@ -1046,7 +1092,7 @@ mod tests {
         );
         let run = tokio::spawn({
             let p = p.clone();
-            async move { p.run("held").await }
+            async move { p.run("held", RunTrigger::scheduler()).await }
         });
         // s0 alone in the first commit, which the store holds.
         gates["s0"].add_permits(1);
@@ -1135,7 +1181,7 @@ mod tests {
         );
         let run = tokio::spawn({
             let p = p.clone();
-            async move { p.run("picky").await }
+            async move { p.run("picky", RunTrigger::scheduler()).await }
         });
         // Two commits held: whatever else is ready by then shares a batch.
         store
@@ -1193,7 +1239,7 @@ mod tests {
         );
         let run = tokio::spawn({
             let p = p.clone();
-            async move { p.run("usage").await }
+            async move { p.run("usage", RunTrigger::scheduler()).await }
         });
         store
             .commits_started

@@ -10,6 +10,7 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use super::Pipeline;
+use crate::domain::pipeline_runs::RunTrigger;
 use crate::error::Error;
 
 pub fn spawn(pipeline: Arc<Pipeline>, shutdown: CancellationToken) {
@@ -29,7 +30,7 @@ pub fn spawn(pipeline: Arc<Pipeline>, shutdown: CancellationToken) {
                     _ = shutdown.cancelled() => return,
                     _ = ticks.tick() => {}
                 }
-                match pipeline.run(name).await {
+                match pipeline.run(name, RunTrigger::scheduler()).await {
                     Ok(_) => {}
                     Err(Error::ProcessorRunning { location, .. }) => {
                         tracing::debug!(processor = name, location, "scheduled run skipped")
@@ -99,7 +100,10 @@ mod tests {
         // A run started by hand (an RPC) holds the processor.
         let manual = tokio::spawn({
             let p = p.clone();
-            async move { p.run("held").await }
+            async move {
+                p.run("held", crate::domain::pipeline_runs::RunTrigger::call("op"))
+                    .await
+            }
         });
         entered.acquire().await.unwrap().forget();
         spawn(p.clone(), shutdown.clone());

@@ -14,6 +14,7 @@ use super::{Pipeline, PipelineConfig};
 use crate::domain::pipeline::{RetryPolicy, SessionFile};
 use crate::domain::transcript::extract_usage;
 use crate::processors::{ProcessError, Processed, Registration, SessionProcessor};
+use crate::runtime::clock::Clock;
 use crate::storage::SessionSink;
 use crate::storage::memory::MemoryPipelineStore;
 
@@ -130,14 +131,31 @@ pub fn pipeline_with(
     shutdown: CancellationToken,
     parallelism: usize,
 ) -> Arc<Pipeline> {
-    Pipeline::new(
+    pipeline_config(
         store,
+        processors,
+        shutdown,
         PipelineConfig {
             root: root.0.clone(),
             retry: RetryPolicy::default(),
             intervals: Default::default(),
             parallelism,
+            run_retention: super::DEFAULT_RUN_RETENTION,
+            clock: Clock::system(),
         },
+    )
+}
+
+/// A pipeline with this configuration (a clock a test moves, a retention).
+pub fn pipeline_config(
+    store: Arc<MemoryPipelineStore>,
+    processors: Vec<(Arc<dyn SessionProcessor>, Duration)>,
+    shutdown: CancellationToken,
+    config: PipelineConfig,
+) -> Arc<Pipeline> {
+    Pipeline::new(
+        store,
+        config,
         processors
             .into_iter()
             .map(|(processor, default_interval)| Registration {

@@ -12,6 +12,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::Semaphore;
 
 use crate::domain::pipeline::{RunStats, SessionFile, SessionState, SessionStatus};
+use crate::domain::pipeline_runs::{self, NewRun, RunRecord, RunsQuery};
 use crate::domain::usage::{self, MessageCopy, UsageQuery, UsageRow};
 use crate::error::{Error, Result};
 use crate::storage::{PipelineStore, ProcessorLock, SessionWrite, StateUpdate};
@@ -21,7 +22,9 @@ struct Inner {
     states: BTreeMap<(String, String), SessionState>,
     /// Every file's copies, by path.
     copies: HashMap<String, Vec<MessageCopy>>,
-    runs: BTreeMap<String, Vec<RunStats>>,
+    /// Every recorded run, in the order recorded.
+    runs: Vec<RunRecord>,
+    last_run_id: i64,
     locks: HashSet<String>,
     /// The paths of every committed batch, in commit order.
     batches: Vec<Vec<String>>,
@@ -65,13 +68,19 @@ impl MemoryPipelineStore {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Every run recorded for the processor, oldest first.
+    /// The stats of every run recorded for the processor, oldest first.
     pub fn runs(&self, processor: &str) -> Vec<RunStats> {
         self.inner()
             .runs
-            .get(processor)
-            .cloned()
-            .unwrap_or_default()
+            .iter()
+            .filter(|r| r.processor == processor)
+            .map(|r| r.stats.clone())
+            .collect()
+    }
+
+    /// Every recorded run (pruned ones gone), in the order recorded.
+    pub fn records(&self) -> Vec<RunRecord> {
+        self.inner().runs.clone()
     }
 
     /// The paths of every committed batch, in commit order.
@@ -212,22 +221,47 @@ impl PipelineStore for MemoryPipelineStore {
         Ok(self.inner().locks.contains(processor))
     }
 
-    async fn record_run(&self, processor: &str, stats: &RunStats) -> Result<()> {
-        self.inner()
-            .runs
-            .entry(processor.to_owned())
-            .or_default()
-            .push(stats.clone());
-        Ok(())
+    async fn record_run(&self, run: &NewRun) -> Result<i64> {
+        let mut inner = self.inner();
+        inner.last_run_id += 1;
+        let id = inner.last_run_id;
+        inner.runs.push(RunRecord::of(id, run.clone()));
+        Ok(id)
     }
 
-    async fn last_runs(&self) -> Result<Vec<(String, RunStats)>> {
-        Ok(self
+    async fn last_runs(&self) -> Result<Vec<RunRecord>> {
+        let inner = self.inner();
+        let mut newest: BTreeMap<&str, &RunRecord> = BTreeMap::new();
+        for run in &inner.runs {
+            let slot = newest.entry(&run.processor).or_insert(run);
+            if run.cursor() > slot.cursor() {
+                *slot = run;
+            }
+        }
+        Ok(newest.into_values().cloned().collect())
+    }
+
+    async fn list_runs(&self, query: &RunsQuery) -> Result<Vec<RunRecord>> {
+        let mut runs: Vec<RunRecord> = self
             .inner()
             .runs
             .iter()
-            .filter_map(|(p, runs)| Some((p.clone(), runs.last()?.clone())))
-            .collect())
+            .filter(|r| query.matches(r))
+            .cloned()
+            .collect();
+        runs.sort_by_key(|r| std::cmp::Reverse(r.cursor()));
+        runs.truncate(usize::try_from(query.limit).unwrap_or(0));
+        Ok(runs)
+    }
+
+    async fn prune_runs(&self, before: DateTime<Utc>) -> Result<u64> {
+        let mut inner = self.inner();
+        let gone: HashSet<i64> = pipeline_runs::pruned(&inner.runs, before)
+            .iter()
+            .map(|r| r.id)
+            .collect();
+        inner.runs.retain(|r| !gone.contains(&r.id));
+        Ok(gone.len() as u64)
     }
 
     async fn usage(&self, query: &UsageQuery) -> Result<Vec<UsageRow>> {

@@ -11,8 +11,10 @@ use super::{PgStore, db_error};
 mod usage_rollups;
 use crate::domain::healing;
 use crate::domain::pipeline::{RunStats, SessionFile, SessionState, SessionStatus};
+use crate::domain::pipeline_runs::{NewRun, RunRecord, RunTrigger, RunsQuery};
 use crate::domain::transcript::UsageEntry;
 use crate::error::{Error, Result};
+use crate::storage::decode;
 use crate::storage::{
     PipelineStore, ProcessorLock, SessionWrite, StateUpdate, TranscriptErrorEvent, UsageQuery,
     UsageRow,
@@ -21,6 +23,37 @@ use usage_rollups::{replace_usage, usage_report};
 
 const STATE_COLUMNS: &str = "processor, path, user_name, size, mtime_ns, observed_at, sha256, \
      processor_version, processed_at, items_count, attempts, last_error, status, next_attempt_at";
+
+/// The columns of a run, as [`RunRow`] reads them.
+const RUN_COLUMNS: &str =
+    "r.id, r.processor, r.started_at, r.finished_at, r.started_by, r.actor, r.stats";
+
+#[derive(FromRow)]
+struct RunRow {
+    id: i64,
+    processor: String,
+    started_at: DateTime<Utc>,
+    finished_at: DateTime<Utc>,
+    started_by: String,
+    actor: String,
+    stats: Json<RunStats>,
+}
+
+impl RunRow {
+    fn decode(self) -> Result<RunRecord> {
+        Ok(RunRecord {
+            id: self.id,
+            processor: self.processor,
+            trigger: RunTrigger {
+                started_by: decode::started_by(&self.started_by)?,
+                actor: self.actor,
+            },
+            started_at: self.started_at,
+            finished_at: self.finished_at,
+            stats: self.stats.0,
+        })
+    }
+}
 
 #[derive(FromRow)]
 struct StateRow {
@@ -361,32 +394,71 @@ impl PipelineStore for PgStore {
         .map_err(db_error)
     }
 
-    async fn record_run(&self, processor: &str, stats: &RunStats) -> Result<()> {
-        let now = Utc::now();
-        sqlx::query(
-            "INSERT INTO pipeline_runs (processor, started_at, finished_at, stats)
-             VALUES ($1, $2, $3, $4)
-             ON CONFLICT (processor) DO UPDATE SET
-                 started_at = EXCLUDED.started_at, finished_at = EXCLUDED.finished_at,
-                 stats = EXCLUDED.stats",
+    async fn record_run(&self, run: &NewRun) -> Result<i64> {
+        sqlx::query_scalar(
+            "INSERT INTO pipeline_runs
+                 (processor, started_at, finished_at, started_by, actor, stats)
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
         )
-        .bind(processor)
-        .bind(stats.started_at.unwrap_or(now))
-        .bind(stats.finished_at.unwrap_or(now))
-        .bind(Json(stats))
-        .execute(&self.pool)
+        .bind(&run.processor)
+        .bind(run.started_at)
+        .bind(run.finished_at)
+        .bind(run.trigger.started_by.as_str())
+        .bind(&run.trigger.actor)
+        .bind(Json(&run.stats))
+        .fetch_one(&self.pool)
         .await
-        .map_err(db_error)?;
-        Ok(())
+        .map_err(db_error)
     }
 
-    async fn last_runs(&self) -> Result<Vec<(String, RunStats)>> {
-        let rows: Vec<(String, Json<RunStats>)> =
-            sqlx::query_as("SELECT processor, stats FROM pipeline_runs ORDER BY processor")
-                .fetch_all(&self.pool)
-                .await
-                .map_err(db_error)?;
-        Ok(rows.into_iter().map(|(p, s)| (p, s.0)).collect())
+    async fn last_runs(&self) -> Result<Vec<RunRecord>> {
+        let rows: Vec<RunRow> = sqlx::query_as(&format!(
+            "SELECT DISTINCT ON (r.processor) {RUN_COLUMNS} FROM pipeline_runs r
+             ORDER BY r.processor, r.started_at DESC, r.id DESC"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        rows.into_iter().map(RunRow::decode).collect()
+    }
+
+    async fn list_runs(&self, query: &RunsQuery) -> Result<Vec<RunRecord>> {
+        let (before_at, before_id) = match query.before {
+            Some(c) => (Some(c.started_at), c.id),
+            None => (None, 0),
+        };
+        let rows: Vec<RunRow> = sqlx::query_as(&format!(
+            "SELECT {RUN_COLUMNS} FROM pipeline_runs r
+             WHERE ($1::text IS NULL OR r.processor = $1)
+               AND ($2::timestamptz IS NULL OR (r.started_at, r.id) < ($2, $3))
+             ORDER BY r.started_at DESC, r.id DESC
+             LIMIT $4"
+        ))
+        .bind(query.processor.as_deref())
+        .bind(before_at)
+        .bind(before_id)
+        .bind(query.limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        rows.into_iter().map(RunRow::decode).collect()
+    }
+
+    async fn prune_runs(&self, before: DateTime<Utc>) -> Result<u64> {
+        let pruned = sqlx::query(
+            "DELETE FROM pipeline_runs r
+             WHERE r.started_at < $1
+               AND EXISTS (
+                   SELECT 1 FROM pipeline_runs n
+                   WHERE n.processor = r.processor
+                     AND (n.started_at, n.id) > (r.started_at, r.id))",
+        )
+        .bind(before)
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?
+        .rows_affected();
+        Ok(pruned)
     }
 
     async fn usage(&self, query: &UsageQuery) -> Result<Vec<UsageRow>> {

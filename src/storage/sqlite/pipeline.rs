@@ -17,9 +17,11 @@ use sqlx::{FromRow, QueryBuilder, Sqlite, SqliteConnection};
 
 use super::{SqliteStore, from_micros, from_micros_opt, micros, sqlite_error, store_now};
 use crate::domain::healing;
-use crate::domain::pipeline::{RunStats, SessionFile, SessionState, SessionStatus};
+use crate::domain::pipeline::{SessionFile, SessionState, SessionStatus};
+use crate::domain::pipeline_runs::{NewRun, RunRecord, RunTrigger, RunsQuery};
 use crate::domain::transcript::UsageEntry;
 use crate::error::{Error, Result};
+use crate::storage::decode;
 use crate::storage::{
     PipelineStore, ProcessorLock, SessionWrite, StateUpdate, TranscriptErrorEvent, UsageQuery,
     UsageRow,
@@ -335,42 +337,82 @@ impl PipelineStore for SqliteStore {
             .contains(processor))
     }
 
-    async fn record_run(&self, processor: &str, stats: &RunStats) -> Result<()> {
-        let now = store_now();
-        let json = serde_json::to_string(stats)
+    async fn record_run(&self, run: &NewRun) -> Result<i64> {
+        let json = serde_json::to_string(&run.stats)
             .map_err(|e| Error::Internal(format!("run stats not serialisable: {e}")))?;
         let mut tx = self.begin_write().await?;
-        sqlx::query(
-            "INSERT INTO pipeline_runs (processor, started_at, finished_at, stats)
-             VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (processor) DO UPDATE SET
-                 started_at = excluded.started_at, finished_at = excluded.finished_at,
-                 stats = excluded.stats",
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO pipeline_runs
+                 (processor, started_at, finished_at, started_by, actor, stats)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id",
         )
-        .bind(processor)
-        .bind(micros(stats.started_at.unwrap_or(now)))
-        .bind(micros(stats.finished_at.unwrap_or(now)))
+        .bind(&run.processor)
+        .bind(micros(run.started_at))
+        .bind(micros(run.finished_at))
+        .bind(run.trigger.started_by.as_str())
+        .bind(&run.trigger.actor)
         .bind(json)
-        .execute(&mut *tx)
+        .fetch_one(&mut *tx)
         .await
         .map_err(sqlite_error)?;
-        tx.commit().await.map_err(sqlite_error)
+        tx.commit().await.map_err(sqlite_error)?;
+        Ok(id)
     }
 
-    async fn last_runs(&self) -> Result<Vec<(String, RunStats)>> {
-        let rows: Vec<(String, String)> =
-            sqlx::query_as("SELECT processor, stats FROM pipeline_runs ORDER BY processor")
-                .fetch_all(self.readers())
-                .await
-                .map_err(sqlite_error)?;
-        rows.into_iter()
-            .map(|(processor, stats)| {
-                let stats = serde_json::from_str(&stats).map_err(|e| {
-                    Error::Internal(format!("stored run stats of {processor:?} unreadable: {e}"))
-                })?;
-                Ok((processor, stats))
-            })
-            .collect()
+    async fn last_runs(&self) -> Result<Vec<RunRecord>> {
+        let rows: Vec<RunRow> = sqlx::query_as(&format!(
+            "SELECT {RUN_COLUMNS} FROM pipeline_runs r
+             WHERE NOT EXISTS (
+                 SELECT 1 FROM pipeline_runs n
+                 WHERE n.processor = r.processor
+                   AND (n.started_at, n.id) > (r.started_at, r.id))
+             ORDER BY r.processor"
+        ))
+        .fetch_all(self.readers())
+        .await
+        .map_err(sqlite_error)?;
+        rows.into_iter().map(RunRow::decode).collect()
+    }
+
+    async fn list_runs(&self, query: &RunsQuery) -> Result<Vec<RunRecord>> {
+        let (before_at, before_id) = match query.before {
+            Some(c) => (Some(micros(c.started_at)), c.id),
+            None => (None, 0),
+        };
+        let rows: Vec<RunRow> = sqlx::query_as(&format!(
+            "SELECT {RUN_COLUMNS} FROM pipeline_runs r
+             WHERE (?1 IS NULL OR r.processor = ?1)
+               AND (?2 IS NULL OR (r.started_at, r.id) < (?2, ?3))
+             ORDER BY r.started_at DESC, r.id DESC
+             LIMIT ?4"
+        ))
+        .bind(query.processor.as_deref())
+        .bind(before_at)
+        .bind(before_id)
+        .bind(query.limit)
+        .fetch_all(self.readers())
+        .await
+        .map_err(sqlite_error)?;
+        rows.into_iter().map(RunRow::decode).collect()
+    }
+
+    async fn prune_runs(&self, before: DateTime<Utc>) -> Result<u64> {
+        let mut tx = self.begin_write().await?;
+        let pruned = sqlx::query(
+            "DELETE FROM pipeline_runs
+             WHERE started_at < ?1
+               AND EXISTS (
+                   SELECT 1 FROM pipeline_runs n
+                   WHERE n.processor = pipeline_runs.processor
+                     AND (n.started_at, n.id) > (pipeline_runs.started_at, pipeline_runs.id))",
+        )
+        .bind(micros(before))
+        .execute(&mut *tx)
+        .await
+        .map_err(sqlite_error)?
+        .rows_affected();
+        tx.commit().await.map_err(sqlite_error)?;
+        Ok(pruned)
     }
 
     async fn usage(&self, query: &UsageQuery) -> Result<Vec<UsageRow>> {
@@ -418,6 +460,40 @@ pub(super) mod testing {
     }
 }
 
+/// The columns of a run, as [`RunRow`] reads them.
+const RUN_COLUMNS: &str =
+    "r.id, r.processor, r.started_at, r.finished_at, r.started_by, r.actor, r.stats";
+
+#[derive(FromRow)]
+struct RunRow {
+    id: i64,
+    processor: String,
+    started_at: i64,
+    finished_at: i64,
+    started_by: String,
+    actor: String,
+    stats: String,
+}
+
+impl RunRow {
+    fn decode(self) -> Result<RunRecord> {
+        let stats = serde_json::from_str(&self.stats).map_err(|e| {
+            Error::Internal(format!("stored stats of run {} unreadable: {e}", self.id))
+        })?;
+        Ok(RunRecord {
+            id: self.id,
+            processor: self.processor,
+            trigger: RunTrigger {
+                started_by: decode::started_by(&self.started_by)?,
+                actor: self.actor,
+            },
+            started_at: from_micros(self.started_at),
+            finished_at: from_micros(self.finished_at),
+            stats,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -428,7 +504,9 @@ mod tests {
     use super::*;
     use crate::domain::healing::ErrorType;
     use crate::domain::healing_records::NewErrorEvent;
-    use crate::domain::pipeline::{self, RetryPolicy};
+    use crate::domain::pipeline::{self, RetryPolicy, RunStats};
+    use crate::domain::pipeline_runs::StartedBy;
+    use crate::storage::DatabaseArgs;
     use crate::storage::SessionOutput;
 
     fn file(path: &str) -> SessionFile {
@@ -546,29 +624,184 @@ mod tests {
         assert!(!s.processor_locked("errors").await.unwrap());
     }
 
+    fn new_run(
+        processor: &str,
+        trigger: RunTrigger,
+        started: DateTime<Utc>,
+        processed: i64,
+    ) -> NewRun {
+        let stats = RunStats {
+            processed,
+            errors: vec![("a/1.jsonl".into(), "bad line".into())],
+            started_at: Some(started),
+            finished_at: Some(started + Duration::seconds(2)),
+            ..RunStats::default()
+        };
+        NewRun::new(processor, trigger, &stats, started)
+    }
+
     #[tokio::test]
-    async fn runs_keep_the_last_of_each_processor() {
+    async fn every_run_is_kept_listed_newest_first_and_pruned_but_each_processors_newest() {
         let t = TempStore::new().await;
         let s = &t.store;
         assert!(s.last_runs().await.unwrap().is_empty());
-        let mut stats = RunStats {
-            processed: 3,
-            errors: vec![("a/1.jsonl".into(), "bad line".into())],
-            started_at: Some(s.now().await.unwrap()),
-            ..RunStats::default()
+        let t0 = Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).unwrap();
+        let mut ids = Vec::new();
+        // usage at t0, t0+1h, t0+2h; errors at t0+30m; the same start twice.
+        for (processor, trigger, offset, processed) in [
+            ("usage", RunTrigger::scheduler(), 0, 1),
+            ("errors", RunTrigger::call("alice"), 30, 2),
+            ("usage", RunTrigger::call("bob"), 60, 3),
+            ("usage", RunTrigger::scheduler(), 120, 4),
+            ("usage", RunTrigger::scheduler(), 120, 5),
+        ] {
+            let run = new_run(
+                processor,
+                trigger,
+                t0 + Duration::minutes(offset),
+                processed,
+            );
+            ids.push((s.record_run(&run).await.unwrap(), run));
+        }
+        let all = |limit| RunsQuery {
+            processor: None,
+            before: None,
+            limit,
         };
-        s.record_run("usage", &stats).await.unwrap();
-        stats.processed = 4;
-        s.record_run("usage", &stats).await.unwrap();
-        s.record_run("errors", &RunStats::default()).await.unwrap();
-        let runs = s.last_runs().await.unwrap();
+        let listed = s.list_runs(&all(10)).await.unwrap();
+        let order: Vec<i64> = listed.iter().map(|r| r.stats.processed).collect();
         assert_eq!(
-            runs,
-            vec![
-                ("errors".to_string(), RunStats::default()),
-                ("usage".to_string(), stats)
-            ]
+            order,
+            [5, 4, 3, 2, 1],
+            "newest first, the later id first on a tie"
         );
+        let (id, run) = &ids[2];
+        assert_eq!(
+            listed[2],
+            RunRecord::of(*id, run.clone()),
+            "read back as written"
+        );
+        assert_eq!(listed[2].trigger, RunTrigger::call("bob"));
+
+        // Paging from the cursor of a page's last run: no duplicate, no gap,
+        // whatever is recorded meanwhile (newer runs do not shift the pages).
+        let first = s.list_runs(&all(2)).await.unwrap();
+        s.record_run(&new_run(
+            "usage",
+            RunTrigger::scheduler(),
+            t0 + Duration::hours(5),
+            6,
+        ))
+        .await
+        .unwrap();
+        let second = s
+            .list_runs(&RunsQuery {
+                before: Some(first[1].cursor()),
+                ..all(2)
+            })
+            .await
+            .unwrap();
+        let got: Vec<i64> = first
+            .iter()
+            .chain(&second)
+            .map(|r| r.stats.processed)
+            .collect();
+        assert_eq!(got, [5, 4, 3, 2]);
+        let only_errors = s
+            .list_runs(&RunsQuery {
+                processor: Some("errors".into()),
+                ..all(10)
+            })
+            .await
+            .unwrap();
+        assert_eq!(only_errors.len(), 1);
+        assert_eq!(only_errors[0].trigger.actor, "alice");
+
+        let newest: Vec<(String, i64)> = s
+            .last_runs()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.processor, r.stats.processed))
+            .collect();
+        assert_eq!(newest, [("errors".into(), 2), ("usage".into(), 6)]);
+
+        // Everything started before t0+3h goes but errors' only run.
+        let pruned = s.prune_runs(t0 + Duration::hours(3)).await.unwrap();
+        assert_eq!(pruned, 4);
+        let left: Vec<(String, i64)> = s
+            .list_runs(&all(10))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.processor, r.stats.processed))
+            .collect();
+        assert_eq!(left, [("usage".into(), 6), ("errors".into(), 2)]);
+        // The newest of each stays even when it is older than the cutoff.
+        assert_eq!(s.prune_runs(t0 + Duration::days(100)).await.unwrap(), 0);
+        // A pruned run's id is never given again.
+        let next = s
+            .record_run(&new_run(
+                "usage",
+                RunTrigger::scheduler(),
+                t0 + Duration::hours(6),
+                7,
+            ))
+            .await
+            .unwrap();
+        assert!(
+            next > ids.iter().map(|(id, _)| *id).max().unwrap() + 1,
+            "{next}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_last_runs_kept_before_the_history_become_its_first_runs() {
+        let dir = std::env::temp_dir().join(format!(
+            "fleetcare-sqlite-runs-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("fleetcare.db");
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        {
+            let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+            let before = sqlx::migrate::Migrator {
+                migrations: std::borrow::Cow::Owned(
+                    super::super::MIGRATOR
+                        .iter()
+                        .filter(|m| m.version < 20270101000002)
+                        .cloned()
+                        .collect(),
+                ),
+                ..sqlx::migrate::Migrator::DEFAULT
+            };
+            before.run(&pool).await.unwrap();
+            let stats = RunStats {
+                processed: 9,
+                ..RunStats::default()
+            };
+            sqlx::query("INSERT INTO pipeline_runs VALUES ('usage', 10, 20, ?1)")
+                .bind(serde_json::to_string(&stats).unwrap())
+                .execute(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+        }
+        let args = DatabaseArgs::for_url(&format!("sqlite://{}", path.display()));
+        let s = SqliteStore::open(&path, &args).await.expect("migrates");
+        let runs = s.last_runs().await.unwrap();
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0].processor, "usage");
+        assert_eq!(runs[0].stats.processed, 9);
+        assert_eq!(
+            (runs[0].started_at, runs[0].finished_at),
+            (from_micros(10), from_micros(20))
+        );
+        assert_eq!(runs[0].trigger.started_by, StartedBy::Unknown);
+        assert_eq!(runs[0].trigger.actor, "");
+        drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     fn error(key: &str, at: DateTime<Utc>) -> TranscriptErrorEvent {

@@ -25,6 +25,12 @@ class UsageGrouping(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     USAGE_GROUPING_SESSION: _ClassVar[UsageGrouping]
     USAGE_GROUPING_MODEL: _ClassVar[UsageGrouping]
     USAGE_GROUPING_USER: _ClassVar[UsageGrouping]
+
+class RunTrigger(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RUN_TRIGGER_UNSPECIFIED: _ClassVar[RunTrigger]
+    RUN_TRIGGER_SCHEDULER: _ClassVar[RunTrigger]
+    RUN_TRIGGER_CALL: _ClassVar[RunTrigger]
 SESSION_STATUS_UNSPECIFIED: SessionStatus
 SESSION_STATUS_PROCESSED: SessionStatus
 SESSION_STATUS_FAILED: SessionStatus
@@ -34,6 +40,9 @@ USAGE_GROUPING_DAY: UsageGrouping
 USAGE_GROUPING_SESSION: UsageGrouping
 USAGE_GROUPING_MODEL: UsageGrouping
 USAGE_GROUPING_USER: UsageGrouping
+RUN_TRIGGER_UNSPECIFIED: RunTrigger
+RUN_TRIGGER_SCHEDULER: RunTrigger
+RUN_TRIGGER_CALL: RunTrigger
 
 class RunStats(_message.Message):
     __slots__ = ("scanned", "processed", "skipped", "failed", "dead", "items_extracted", "files_hashed", "bytes_hashed", "errors", "started_at", "finished_at", "skipped_entries", "root_error")
@@ -240,3 +249,39 @@ class GetUsageResponse(_message.Message):
     rows: _containers.RepeatedCompositeFieldContainer[UsageRow]
     totals: UsageRow
     def __init__(self, rows: _Optional[_Iterable[_Union[UsageRow, _Mapping]]] = ..., totals: _Optional[_Union[UsageRow, _Mapping]] = ...) -> None: ...
+
+class PipelineRun(_message.Message):
+    __slots__ = ("id", "processor", "trigger", "actor", "started_at", "finished_at", "stats")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PROCESSOR_FIELD_NUMBER: _ClassVar[int]
+    TRIGGER_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    processor: str
+    trigger: RunTrigger
+    actor: str
+    started_at: _timestamp_pb2.Timestamp
+    finished_at: _timestamp_pb2.Timestamp
+    stats: RunStats
+    def __init__(self, id: _Optional[int] = ..., processor: _Optional[str] = ..., trigger: _Optional[_Union[RunTrigger, str]] = ..., actor: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stats: _Optional[_Union[RunStats, _Mapping]] = ...) -> None: ...
+
+class ListRunsRequest(_message.Message):
+    __slots__ = ("processor", "page_size", "page_token")
+    PROCESSOR_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    processor: str
+    page_size: int
+    page_token: str
+    def __init__(self, processor: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListRunsResponse(_message.Message):
+    __slots__ = ("runs", "next_page_token")
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    runs: _containers.RepeatedCompositeFieldContainer[PipelineRun]
+    next_page_token: str
+    def __init__(self, runs: _Optional[_Iterable[_Union[PipelineRun, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

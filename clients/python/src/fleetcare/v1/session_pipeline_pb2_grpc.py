@@ -66,6 +66,11 @@ class SessionPipelineServiceStub(object):
                 request_serializer=fleetcare_dot_v1_dot_session__pipeline__pb2.GetUsageRequest.SerializeToString,
                 response_deserializer=fleetcare_dot_v1_dot_session__pipeline__pb2.GetUsageResponse.FromString,
                 _registered_method=True)
+        self.ListRuns = channel.unary_unary(
+                '/fleetcare.v1.SessionPipelineService/ListRuns',
+                request_serializer=fleetcare_dot_v1_dot_session__pipeline__pb2.ListRunsRequest.SerializeToString,
+                response_deserializer=fleetcare_dot_v1_dot_session__pipeline__pb2.ListRunsResponse.FromString,
+                _registered_method=True)
 
 
 class SessionPipelineServiceServicer(object):
@@ -115,6 +120,13 @@ class SessionPipelineServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListRuns(self, request, context):
+        """ListRuns returns a page of the recorded processor runs, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionPipelineServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +159,11 @@ def add_SessionPipelineServiceServicer_to_server(servicer, server):
                     servicer.GetUsage,
                     request_deserializer=fleetcare_dot_v1_dot_session__pipeline__pb2.GetUsageRequest.FromString,
                     response_serializer=fleetcare_dot_v1_dot_session__pipeline__pb2.GetUsageResponse.SerializeToString,
+            ),
+            'ListRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRuns,
+                    request_deserializer=fleetcare_dot_v1_dot_session__pipeline__pb2.ListRunsRequest.FromString,
+                    response_serializer=fleetcare_dot_v1_dot_session__pipeline__pb2.ListRunsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -313,6 +330,33 @@ class SessionPipelineService(object):
             '/fleetcare.v1.SessionPipelineService/GetUsage',
             fleetcare_dot_v1_dot_session__pipeline__pb2.GetUsageRequest.SerializeToString,
             fleetcare_dot_v1_dot_session__pipeline__pb2.GetUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetcare.v1.SessionPipelineService/ListRuns',
+            fleetcare_dot_v1_dot_session__pipeline__pb2.ListRunsRequest.SerializeToString,
+            fleetcare_dot_v1_dot_session__pipeline__pb2.ListRunsResponse.FromString,
             options,
             channel_credentials,
             insecure,

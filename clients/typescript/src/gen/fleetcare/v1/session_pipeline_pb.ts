@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file fleetcare/v1/session_pipeline.proto.
  */
 export const file_fleetcare_v1_session_pipeline: GenFile = /*@__PURE__*/
-  fileDesc("CiNmbGVldGNhcmUvdjEvc2Vzc2lvbl9waXBlbGluZS5wcm90bxIMZmxlZXRjYXJlLnYxItwCCghSdW5TdGF0cxIPCgdzY2FubmVkGAEgASgDEhEKCXByb2Nlc3NlZBgCIAEoAxIPCgdza2lwcGVkGAMgASgDEg4KBmZhaWxlZBgEIAEoAxIMCgRkZWFkGAUgASgDEhcKD2l0ZW1zX2V4dHJhY3RlZBgGIAEoAxIUCgxmaWxlc19oYXNoZWQYByABKAMSFAoMYnl0ZXNfaGFzaGVkGAggASgDEioKBmVycm9ycxgJIAMoCzIaLmZsZWV0Y2FyZS52MS5TZXNzaW9uRXJyb3ISLgoKc3RhcnRlZF9hdBgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZmluaXNoZWRfYXQYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhcKD3NraXBwZWRfZW50cmllcxgMIAMoCRISCgpyb290X2Vycm9yGA0gASgJIi4KDFNlc3Npb25FcnJvchIPCgdzZXNzaW9uGAEgASgJEg0KBWVycm9yGAIgASgJIscBCg1Qcm9jZXNzb3JJbmZvEgwKBG5hbWUYASABKAkSKwoIaW50ZXJ2YWwYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SDwoHcnVubmluZxgDIAEoCBIvCgtsYXN0X3J1bl9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASKAoIbGFzdF9ydW4YBSABKAsyFi5mbGVldGNhcmUudjEuUnVuU3RhdHMSDwoHdmVyc2lvbhgGIAEoBSIXChVMaXN0UHJvY2Vzc29yc1JlcXVlc3QiSQoWTGlzdFByb2Nlc3NvcnNSZXNwb25zZRIvCgpwcm9jZXNzb3JzGAEgAygLMhsuZmxlZXRjYXJlLnYxLlByb2Nlc3NvckluZm8iIwoTUnVuUHJvY2Vzc29yUmVxdWVzdBIMCgRuYW1lGAEgASgJIj0KFFJ1blByb2Nlc3NvclJlc3BvbnNlEiUKBXN0YXRzGAEgASgLMhYuZmxlZXRjYXJlLnYxLlJ1blN0YXRzIh8KD1dhdGNoUnVuUmVxdWVzdBIMCgRuYW1lGAEgASgJIpgBChBXYXRjaFJ1blJlc3BvbnNlEgwKBG5hbWUYASABKAkSEwoLZmlsZXNfdG90YWwYAiABKAMSEgoKZmlsZXNfZG9uZRgDIAEoAxIUCgxieXRlc19oYXNoZWQYBCABKAMSEAoIZmluaXNoZWQYBSABKAgSJQoFc3RhdHMYBiABKAsyFi5mbGVldGNhcmUudjEuUnVuU3RhdHMi2AIKDFNlc3Npb25TdGF0ZRIRCglwcm9jZXNzb3IYASABKAkSDwoHc2Vzc2lvbhgCIAEoCRIMCgR1c2VyGAMgASgJEgwKBHNpemUYBCABKAMSKQoFbXRpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBnNoYTI1NhgGIAEoCRIwCgxwcm9jZXNzZWRfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC2l0ZW1zX2NvdW50GAggASgDEhAKCGF0dGVtcHRzGAkgASgFEhIKCmxhc3RfZXJyb3IYCiABKAkSKwoGc3RhdHVzGAsgASgOMhsuZmxlZXRjYXJlLnYxLlNlc3Npb25TdGF0dXMSMwoPbmV4dF9hdHRlbXB0X2F0GAwgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKPAQoYTGlzdFNlc3Npb25TdGF0ZXNSZXF1ZXN0EhEKCXByb2Nlc3NvchgBIAEoCRIrCgZzdGF0dXMYAiABKA4yGy5mbGVldGNhcmUudjEuU2Vzc2lvblN0YXR1cxIMCgR1c2VyGAMgASgJEhEKCXBhZ2Vfc2l6ZRgEIAEoBRISCgpwYWdlX3Rva2VuGAUgASgJImAKGUxpc3RTZXNzaW9uU3RhdGVzUmVzcG9uc2USKgoGc3RhdGVzGAEgAygLMhouZmxlZXRjYXJlLnYxLlNlc3Npb25TdGF0ZRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiOQoTUmV0cnlTZXNzaW9uUmVxdWVzdBIRCglwcm9jZXNzb3IYASABKAkSDwoHc2Vzc2lvbhgCIAEoCSJBChRSZXRyeVNlc3Npb25SZXNwb25zZRIpCgVzdGF0ZRgBIAEoCzIaLmZsZWV0Y2FyZS52MS5TZXNzaW9uU3RhdGUipAEKD0dldFVzYWdlUmVxdWVzdBItCghncm91cF9ieRgBIAEoDjIbLmZsZWV0Y2FyZS52MS5Vc2FnZUdyb3VwaW5nEikKBXNpbmNlGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIpCgV1bnRpbBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEdXNlchgEIAEoCSKRAgoIVXNhZ2VSb3cSCwoDa2V5GAEgASgJEhQKDGlucHV0X3Rva2VucxgCIAEoAxIVCg1vdXRwdXRfdG9rZW5zGAMgASgDEh0KFWNhY2hlX2NyZWF0aW9uX3Rva2VucxgEIAEoAxIZChFjYWNoZV9yZWFkX3Rva2VucxgFIAEoAxIUCgx0b3RhbF90b2tlbnMYBiABKAMSEAoIbWVzc2FnZXMYByABKAMSLAoIZmlyc3RfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEisKB2xhc3RfYXQYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBm1vZGVscxgKIAMoCSJgChBHZXRVc2FnZVJlc3BvbnNlEiQKBHJvd3MYASADKAsyFi5mbGVldGNhcmUudjEuVXNhZ2VSb3cSJgoGdG90YWxzGAIgASgLMhYuZmxlZXRjYXJlLnYxLlVzYWdlUm93KoEBCg1TZXNzaW9uU3RhdHVzEh4KGlNFU1NJT05fU1RBVFVTX1VOU1BFQ0lGSUVEEAASHAoYU0VTU0lPTl9TVEFUVVNfUFJPQ0VTU0VEEAESGQoVU0VTU0lPTl9TVEFUVVNfRkFJTEVEEAISFwoTU0VTU0lPTl9TVEFUVVNfREVBRBADKpYBCg1Vc2FnZUdyb3VwaW5nEh4KGlVTQUdFX0dST1VQSU5HX1VOU1BFQ0lGSUVEEAASFgoSVVNBR0VfR1JPVVBJTkdfREFZEAESGgoWVVNBR0VfR1JPVVBJTkdfU0VTU0lPThACEhgKFFVTQUdFX0dST1VQSU5HX01PREVMEAMSFwoTVVNBR0VfR1JPVVBJTkdfVVNFUhAEMqEEChZTZXNzaW9uUGlwZWxpbmVTZXJ2aWNlElsKDkxpc3RQcm9jZXNzb3JzEiMuZmxlZXRjYXJlLnYxLkxpc3RQcm9jZXNzb3JzUmVxdWVzdBokLmZsZWV0Y2FyZS52MS5MaXN0UHJvY2Vzc29yc1Jlc3BvbnNlElUKDFJ1blByb2Nlc3NvchIhLmZsZWV0Y2FyZS52MS5SdW5Qcm9jZXNzb3JSZXF1ZXN0GiIuZmxlZXRjYXJlLnYxLlJ1blByb2Nlc3NvclJlc3BvbnNlEksKCFdhdGNoUnVuEh0uZmxlZXRjYXJlLnYxLldhdGNoUnVuUmVxdWVzdBoeLmZsZWV0Y2FyZS52MS5XYXRjaFJ1blJlc3BvbnNlMAESZAoRTGlzdFNlc3Npb25TdGF0ZXMSJi5mbGVldGNhcmUudjEuTGlzdFNlc3Npb25TdGF0ZXNSZXF1ZXN0GicuZmxlZXRjYXJlLnYxLkxpc3RTZXNzaW9uU3RhdGVzUmVzcG9uc2USVQoMUmV0cnlTZXNzaW9uEiEuZmxlZXRjYXJlLnYxLlJldHJ5U2Vzc2lvblJlcXVlc3QaIi5mbGVldGNhcmUudjEuUmV0cnlTZXNzaW9uUmVzcG9uc2USSQoIR2V0VXNhZ2USHS5mbGVldGNhcmUudjEuR2V0VXNhZ2VSZXF1ZXN0Gh4uZmxlZXRjYXJlLnYxLkdldFVzYWdlUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("CiNmbGVldGNhcmUvdjEvc2Vzc2lvbl9waXBlbGluZS5wcm90bxIMZmxlZXRjYXJlLnYxItwCCghSdW5TdGF0cxIPCgdzY2FubmVkGAEgASgDEhEKCXByb2Nlc3NlZBgCIAEoAxIPCgdza2lwcGVkGAMgASgDEg4KBmZhaWxlZBgEIAEoAxIMCgRkZWFkGAUgASgDEhcKD2l0ZW1zX2V4dHJhY3RlZBgGIAEoAxIUCgxmaWxlc19oYXNoZWQYByABKAMSFAoMYnl0ZXNfaGFzaGVkGAggASgDEioKBmVycm9ycxgJIAMoCzIaLmZsZWV0Y2FyZS52MS5TZXNzaW9uRXJyb3ISLgoKc3RhcnRlZF9hdBgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZmluaXNoZWRfYXQYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhcKD3NraXBwZWRfZW50cmllcxgMIAMoCRISCgpyb290X2Vycm9yGA0gASgJIi4KDFNlc3Npb25FcnJvchIPCgdzZXNzaW9uGAEgASgJEg0KBWVycm9yGAIgASgJIscBCg1Qcm9jZXNzb3JJbmZvEgwKBG5hbWUYASABKAkSKwoIaW50ZXJ2YWwYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SDwoHcnVubmluZxgDIAEoCBIvCgtsYXN0X3J1bl9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASKAoIbGFzdF9ydW4YBSABKAsyFi5mbGVldGNhcmUudjEuUnVuU3RhdHMSDwoHdmVyc2lvbhgGIAEoBSIXChVMaXN0UHJvY2Vzc29yc1JlcXVlc3QiSQoWTGlzdFByb2Nlc3NvcnNSZXNwb25zZRIvCgpwcm9jZXNzb3JzGAEgAygLMhsuZmxlZXRjYXJlLnYxLlByb2Nlc3NvckluZm8iIwoTUnVuUHJvY2Vzc29yUmVxdWVzdBIMCgRuYW1lGAEgASgJIj0KFFJ1blByb2Nlc3NvclJlc3BvbnNlEiUKBXN0YXRzGAEgASgLMhYuZmxlZXRjYXJlLnYxLlJ1blN0YXRzIh8KD1dhdGNoUnVuUmVxdWVzdBIMCgRuYW1lGAEgASgJIpgBChBXYXRjaFJ1blJlc3BvbnNlEgwKBG5hbWUYASABKAkSEwoLZmlsZXNfdG90YWwYAiABKAMSEgoKZmlsZXNfZG9uZRgDIAEoAxIUCgxieXRlc19oYXNoZWQYBCABKAMSEAoIZmluaXNoZWQYBSABKAgSJQoFc3RhdHMYBiABKAsyFi5mbGVldGNhcmUudjEuUnVuU3RhdHMi2AIKDFNlc3Npb25TdGF0ZRIRCglwcm9jZXNzb3IYASABKAkSDwoHc2Vzc2lvbhgCIAEoCRIMCgR1c2VyGAMgASgJEgwKBHNpemUYBCABKAMSKQoFbXRpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBnNoYTI1NhgGIAEoCRIwCgxwcm9jZXNzZWRfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC2l0ZW1zX2NvdW50GAggASgDEhAKCGF0dGVtcHRzGAkgASgFEhIKCmxhc3RfZXJyb3IYCiABKAkSKwoGc3RhdHVzGAsgASgOMhsuZmxlZXRjYXJlLnYxLlNlc3Npb25TdGF0dXMSMwoPbmV4dF9hdHRlbXB0X2F0GAwgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKPAQoYTGlzdFNlc3Npb25TdGF0ZXNSZXF1ZXN0EhEKCXByb2Nlc3NvchgBIAEoCRIrCgZzdGF0dXMYAiABKA4yGy5mbGVldGNhcmUudjEuU2Vzc2lvblN0YXR1cxIMCgR1c2VyGAMgASgJEhEKCXBhZ2Vfc2l6ZRgEIAEoBRISCgpwYWdlX3Rva2VuGAUgASgJImAKGUxpc3RTZXNzaW9uU3RhdGVzUmVzcG9uc2USKgoGc3RhdGVzGAEgAygLMhouZmxlZXRjYXJlLnYxLlNlc3Npb25TdGF0ZRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiOQoTUmV0cnlTZXNzaW9uUmVxdWVzdBIRCglwcm9jZXNzb3IYASABKAkSDwoHc2Vzc2lvbhgCIAEoCSJBChRSZXRyeVNlc3Npb25SZXNwb25zZRIpCgVzdGF0ZRgBIAEoCzIaLmZsZWV0Y2FyZS52MS5TZXNzaW9uU3RhdGUipAEKD0dldFVzYWdlUmVxdWVzdBItCghncm91cF9ieRgBIAEoDjIbLmZsZWV0Y2FyZS52MS5Vc2FnZUdyb3VwaW5nEikKBXNpbmNlGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIpCgV1bnRpbBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEdXNlchgEIAEoCSKRAgoIVXNhZ2VSb3cSCwoDa2V5GAEgASgJEhQKDGlucHV0X3Rva2VucxgCIAEoAxIVCg1vdXRwdXRfdG9rZW5zGAMgASgDEh0KFWNhY2hlX2NyZWF0aW9uX3Rva2VucxgEIAEoAxIZChFjYWNoZV9yZWFkX3Rva2VucxgFIAEoAxIUCgx0b3RhbF90b2tlbnMYBiABKAMSEAoIbWVzc2FnZXMYByABKAMSLAoIZmlyc3RfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEisKB2xhc3RfYXQYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBm1vZGVscxgKIAMoCSJgChBHZXRVc2FnZVJlc3BvbnNlEiQKBHJvd3MYASADKAsyFi5mbGVldGNhcmUudjEuVXNhZ2VSb3cSJgoGdG90YWxzGAIgASgLMhYuZmxlZXRjYXJlLnYxLlVzYWdlUm93Iu4BCgtQaXBlbGluZVJ1bhIKCgJpZBgBIAEoAxIRCglwcm9jZXNzb3IYAiABKAkSKQoHdHJpZ2dlchgDIAEoDjIYLmZsZWV0Y2FyZS52MS5SdW5UcmlnZ2VyEg0KBWFjdG9yGAQgASgJEi4KCnN0YXJ0ZWRfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2ZpbmlzaGVkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIlCgVzdGF0cxgHIAEoCzIWLmZsZWV0Y2FyZS52MS5SdW5TdGF0cyJLCg9MaXN0UnVuc1JlcXVlc3QSEQoJcHJvY2Vzc29yGAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJIlQKEExpc3RSdW5zUmVzcG9uc2USJwoEcnVucxgBIAMoCzIZLmZsZWV0Y2FyZS52MS5QaXBlbGluZVJ1bhIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkqgQEKDVNlc3Npb25TdGF0dXMSHgoaU0VTU0lPTl9TVEFUVVNfVU5TUEVDSUZJRUQQABIcChhTRVNTSU9OX1NUQVRVU19QUk9DRVNTRUQQARIZChVTRVNTSU9OX1NUQVRVU19GQUlMRUQQAhIXChNTRVNTSU9OX1NUQVRVU19ERUFEEAMqlgEKDVVzYWdlR3JvdXBpbmcSHgoaVVNBR0VfR1JPVVBJTkdfVU5TUEVDSUZJRUQQABIWChJVU0FHRV9HUk9VUElOR19EQVkQARIaChZVU0FHRV9HUk9VUElOR19TRVNTSU9OEAISGAoUVVNBR0VfR1JPVVBJTkdfTU9ERUwQAxIXChNVU0FHRV9HUk9VUElOR19VU0VSEAQqWgoKUnVuVHJpZ2dlchIbChdSVU5fVFJJR0dFUl9VTlNQRUNJRklFRBAAEhkKFVJVTl9UUklHR0VSX1NDSEVEVUxFUhABEhQKEFJVTl9UUklHR0VSX0NBTEwQAjLsBAoWU2Vzc2lvblBpcGVsaW5lU2VydmljZRJbCg5MaXN0UHJvY2Vzc29ycxIjLmZsZWV0Y2FyZS52MS5MaXN0UHJvY2Vzc29yc1JlcXVlc3QaJC5mbGVldGNhcmUudjEuTGlzdFByb2Nlc3NvcnNSZXNwb25zZRJVCgxSdW5Qcm9jZXNzb3ISIS5mbGVldGNhcmUudjEuUnVuUHJvY2Vzc29yUmVxdWVzdBoiLmZsZWV0Y2FyZS52MS5SdW5Qcm9jZXNzb3JSZXNwb25zZRJLCghXYXRjaFJ1bhIdLmZsZWV0Y2FyZS52MS5XYXRjaFJ1blJlcXVlc3QaHi5mbGVldGNhcmUudjEuV2F0Y2hSdW5SZXNwb25zZTABEmQKEUxpc3RTZXNzaW9uU3RhdGVzEiYuZmxlZXRjYXJlLnYxLkxpc3RTZXNzaW9uU3RhdGVzUmVxdWVzdBonLmZsZWV0Y2FyZS52MS5MaXN0U2Vzc2lvblN0YXRlc1Jlc3BvbnNlElUKDFJldHJ5U2Vzc2lvbhIhLmZsZWV0Y2FyZS52MS5SZXRyeVNlc3Npb25SZXF1ZXN0GiIuZmxlZXRjYXJlLnYxLlJldHJ5U2Vzc2lvblJlc3BvbnNlEkkKCEdldFVzYWdlEh0uZmxlZXRjYXJlLnYxLkdldFVzYWdlUmVxdWVzdBoeLmZsZWV0Y2FyZS52MS5HZXRVc2FnZVJlc3BvbnNlEkkKCExpc3RSdW5zEh0uZmxlZXRjYXJlLnYxLkxpc3RSdW5zUmVxdWVzdBoeLmZsZWV0Y2FyZS52MS5MaXN0UnVuc1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * RunStats is what one run did.
@@ -737,6 +737,133 @@ export const GetUsageResponseSchema: GenMessage<GetUsageResponse> = /*@__PURE__*
   messageDesc(file_fleetcare_v1_session_pipeline, 16);
 
 /**
+ * PipelineRun is one recorded processor run. Runs are kept for --run-retention
+ * (each processor's newest run always).
+ *
+ * @generated from message fleetcare.v1.PipelineRun
+ */
+export type PipelineRun = Message<"fleetcare.v1.PipelineRun"> & {
+  /**
+   * id identifies the run; a later run of a processor may have a smaller id (only the order of started_at matters).
+   *
+   * @generated from field: int64 id = 1;
+   */
+  id: bigint;
+
+  /**
+   * processor is the processor's name.
+   *
+   * @generated from field: string processor = 2;
+   */
+  processor: string;
+
+  /**
+   * trigger is what started the run.
+   *
+   * @generated from field: fleetcare.v1.RunTrigger trigger = 3;
+   */
+  trigger: RunTrigger;
+
+  /**
+   * actor is who started it: the caller's name for a call ("anonymous" on a server without an auth file), "scheduler" for the scheduler, empty when unknown.
+   *
+   * @generated from field: string actor = 4;
+   */
+  actor: string;
+
+  /**
+   * started_at is when the run started, by the server's clock.
+   *
+   * @generated from field: google.protobuf.Timestamp started_at = 5;
+   */
+  startedAt?: Timestamp | undefined;
+
+  /**
+   * finished_at is when it finished, by the server's clock.
+   *
+   * @generated from field: google.protobuf.Timestamp finished_at = 6;
+   */
+  finishedAt?: Timestamp | undefined;
+
+  /**
+   * stats are the run's counts, its first errors (at most 10, each cut to 500 characters), its first skipped entries (at most 10) and its root_error.
+   *
+   * @generated from field: fleetcare.v1.RunStats stats = 7;
+   */
+  stats?: RunStats | undefined;
+};
+
+/**
+ * Describes the message fleetcare.v1.PipelineRun.
+ * Use `create(PipelineRunSchema)` to create a new message.
+ */
+export const PipelineRunSchema: GenMessage<PipelineRun> = /*@__PURE__*/
+  messageDesc(file_fleetcare_v1_session_pipeline, 17);
+
+/**
+ * ListRunsRequest asks for a page of recorded runs.
+ *
+ * @generated from message fleetcare.v1.ListRunsRequest
+ */
+export type ListRunsRequest = Message<"fleetcare.v1.ListRunsRequest"> & {
+  /**
+   * processor keeps one processor's runs (empty: every processor's); an unknown one is NOT_FOUND.
+   *
+   * @generated from field: string processor = 1;
+   */
+  processor: string;
+
+  /**
+   * page_size is at most 500 (a larger value is clamped to 500); 0 means 50; negative is INVALID_ARGUMENT.
+   *
+   * @generated from field: int32 page_size = 2;
+   */
+  pageSize: number;
+
+  /**
+   * page_token is the next_page_token of the previous page (empty: the newest runs).
+   *
+   * @generated from field: string page_token = 3;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message fleetcare.v1.ListRunsRequest.
+ * Use `create(ListRunsRequestSchema)` to create a new message.
+ */
+export const ListRunsRequestSchema: GenMessage<ListRunsRequest> = /*@__PURE__*/
+  messageDesc(file_fleetcare_v1_session_pipeline, 18);
+
+/**
+ * ListRunsResponse is a page of runs, newest first (by started_at, then id).
+ *
+ * @generated from message fleetcare.v1.ListRunsResponse
+ */
+export type ListRunsResponse = Message<"fleetcare.v1.ListRunsResponse"> & {
+  /**
+   * runs is the page.
+   *
+   * @generated from field: repeated fleetcare.v1.PipelineRun runs = 1;
+   */
+  runs: PipelineRun[];
+
+  /**
+   * next_page_token fetches the next (older) page; empty on the last page. Runs recorded meanwhile never shift pages.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message fleetcare.v1.ListRunsResponse.
+ * Use `create(ListRunsResponseSchema)` to create a new message.
+ */
+export const ListRunsResponseSchema: GenMessage<ListRunsResponse> = /*@__PURE__*/
+  messageDesc(file_fleetcare_v1_session_pipeline, 19);
+
+/**
  * SessionStatus is where one session file stands for one processor.
  *
  * @generated from enum fleetcare.v1.SessionStatus
@@ -826,6 +953,40 @@ export const UsageGroupingSchema: GenEnum<UsageGrouping> = /*@__PURE__*/
   enumDesc(file_fleetcare_v1_session_pipeline, 1);
 
 /**
+ * RunTrigger is what started a processor run.
+ *
+ * @generated from enum fleetcare.v1.RunTrigger
+ */
+export enum RunTrigger {
+  /**
+   * RUN_TRIGGER_UNSPECIFIED means unknown: a run recorded before runs kept what started them.
+   *
+   * @generated from enum value: RUN_TRIGGER_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * RUN_TRIGGER_SCHEDULER is a run the server's scheduler started on the processor's cadence.
+   *
+   * @generated from enum value: RUN_TRIGGER_SCHEDULER = 1;
+   */
+  SCHEDULER = 1,
+
+  /**
+   * RUN_TRIGGER_CALL is a run a RunProcessor call started; the run's actor is the caller.
+   *
+   * @generated from enum value: RUN_TRIGGER_CALL = 2;
+   */
+  CALL = 2,
+}
+
+/**
+ * Describes the enum fleetcare.v1.RunTrigger.
+ */
+export const RunTriggerSchema: GenEnum<RunTrigger> = /*@__PURE__*/
+  enumDesc(file_fleetcare_v1_session_pipeline, 2);
+
+/**
  * SessionPipelineService runs pluggable processors over agent session
  * transcripts (<root>/<user>/<session>.jsonl), incrementally.
  *
@@ -891,6 +1052,16 @@ export const SessionPipelineService: GenService<{
     methodKind: "unary";
     input: typeof GetUsageRequestSchema;
     output: typeof GetUsageResponseSchema;
+  },
+  /**
+   * ListRuns returns a page of the recorded processor runs, newest first.
+   *
+   * @generated from rpc fleetcare.v1.SessionPipelineService.ListRuns
+   */
+  listRuns: {
+    methodKind: "unary";
+    input: typeof ListRunsRequestSchema;
+    output: typeof ListRunsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_fleetcare_v1_session_pipeline, 0);
