@@ -26,59 +26,59 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#fleetcare/v1/session_pipeline.proto\x12\x0c\x66leetcare.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdc\x02\n\x08RunStats\x12\x0f\n\x07scanned\x18\x01 \x01(\x03\x12\x11\n\tprocessed\x18\x02 \x01(\x03\x12\x0f\n\x07skipped\x18\x03 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\x03\x12\x0c\n\x04\x64\x65\x61\x64\x18\x05 \x01(\x03\x12\x17\n\x0fitems_extracted\x18\x06 \x01(\x03\x12\x14\n\x0c\x66iles_hashed\x18\x07 \x01(\x03\x12\x14\n\x0c\x62ytes_hashed\x18\x08 \x01(\x03\x12*\n\x06\x65rrors\x18\t \x03(\x0b\x32\x1a.fleetcare.v1.SessionError\x12.\n\nstarted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fskipped_entries\x18\x0c \x03(\t\x12\x12\n\nroot_error\x18\r \x01(\t\".\n\x0cSessionError\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\xc7\x01\n\rProcessorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\x08interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07running\x18\x03 \x01(\x08\x12/\n\x0blast_run_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x08last_run\x18\x05 \x01(\x0b\x32\x16.fleetcare.v1.RunStats\x12\x0f\n\x07version\x18\x06 \x01(\x05\"\x17\n\x15ListProcessorsRequest\"I\n\x16ListProcessorsResponse\x12/\n\nprocessors\x18\x01 \x03(\x0b\x32\x1b.fleetcare.v1.ProcessorInfo\"#\n\x13RunProcessorRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"=\n\x14RunProcessorResponse\x12%\n\x05stats\x18\x01 \x01(\x0b\x32\x16.fleetcare.v1.RunStats\"\x1f\n\x0fWatchRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x98\x01\n\x10WatchRunResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66iles_total\x18\x02 \x01(\x03\x12\x12\n\nfiles_done\x18\x03 \x01(\x03\x12\x14\n\x0c\x62ytes_hashed\x18\x04 \x01(\x03\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12%\n\x05stats\x18\x06 \x01(\x0b\x32\x16.fleetcare.v1.RunStats\"\xd8\x02\n\x0cSessionState\x12\x11\n\tprocessor\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x0c\n\x04user\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x03\x12)\n\x05mtime\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12\x30\n\x0cprocessed_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bitems_count\x18\x08 \x01(\x03\x12\x10\n\x08\x61ttempts\x18\t \x01(\x05\x12\x12\n\nlast_error\x18\n \x01(\t\x12+\n\x06status\x18\x0b \x01(\x0e\x32\x1b.fleetcare.v1.SessionStatus\x12\x33\n\x0fnext_attempt_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8f\x01\n\x18ListSessionStatesRequest\x12\x11\n\tprocessor\x18\x01 \x01(\t\x12+\n\x06status\x18\x02 \x01(\x0e\x32\x1b.fleetcare.v1.SessionStatus\x12\x0c\n\x04user\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"`\n\x19ListSessionStatesResponse\x12*\n\x06states\x18\x01 \x03(\x0b\x32\x1a.fleetcare.v1.SessionState\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"9\n\x13RetrySessionRequest\x12\x11\n\tprocessor\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\"A\n\x14RetrySessionResponse\x12)\n\x05state\x18\x01 \x01(\x0b\x32\x1a.fleetcare.v1.SessionState\"\xa4\x01\n\x0fGetUsageRequest\x12-\n\x08group_by\x18\x01 \x01(\x0e\x32\x1b.fleetcare.v1.UsageGrouping\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04user\x18\x04 \x01(\t\"\x91\x02\n\x08UsageRow\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x02 \x01(\x03\x12\x15\n\routput_tokens\x18\x03 \x01(\x03\x12\x1d\n\x15\x63\x61\x63he_creation_tokens\x18\x04 \x01(\x03\x12\x19\n\x11\x63\x61\x63he_read_tokens\x18\x05 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x06 \x01(\x03\x12\x10\n\x08messages\x18\x07 \x01(\x03\x12,\n\x08\x66irst_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07last_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06models\x18\n \x03(\t\"`\n\x10GetUsageResponse\x12$\n\x04rows\x18\x01 \x03(\x0b\x32\x16.fleetcare.v1.UsageRow\x12&\n\x06totals\x18\x02 \x01(\x0b\x32\x16.fleetcare.v1.UsageRow\"\xee\x01\n\x0bPipelineRun\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x11\n\tprocessor\x18\x02 \x01(\t\x12)\n\x07trigger\x18\x03 \x01(\x0e\x32\x18.fleetcare.v1.RunTrigger\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x05stats\x18\x07 \x01(\x0b\x32\x16.fleetcare.v1.RunStats\"K\n\x0fListRunsRequest\x12\x11\n\tprocessor\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"T\n\x10ListRunsResponse\x12\'\n\x04runs\x18\x01 \x03(\x0b\x32\x19.fleetcare.v1.PipelineRun\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x81\x01\n\rSessionStatus\x12\x1e\n\x1aSESSION_STATUS_UNSPECIFIED\x10\x00\x12\x1c\n\x18SESSION_STATUS_PROCESSED\x10\x01\x12\x19\n\x15SESSION_STATUS_FAILED\x10\x02\x12\x17\n\x13SESSION_STATUS_DEAD\x10\x03*\x96\x01\n\rUsageGrouping\x12\x1e\n\x1aUSAGE_GROUPING_UNSPECIFIED\x10\x00\x12\x16\n\x12USAGE_GROUPING_DAY\x10\x01\x12\x1a\n\x16USAGE_GROUPING_SESSION\x10\x02\x12\x18\n\x14USAGE_GROUPING_MODEL\x10\x03\x12\x17\n\x13USAGE_GROUPING_USER\x10\x04*Z\n\nRunTrigger\x12\x1b\n\x17RUN_TRIGGER_UNSPECIFIED\x10\x00\x12\x19\n\x15RUN_TRIGGER_SCHEDULER\x10\x01\x12\x14\n\x10RUN_TRIGGER_CALL\x10\x02\x32\xec\x04\n\x16SessionPipelineService\x12[\n\x0eListProcessors\x12#.fleetcare.v1.ListProcessorsRequest\x1a$.fleetcare.v1.ListProcessorsResponse\x12U\n\x0cRunProcessor\x12!.fleetcare.v1.RunProcessorRequest\x1a\".fleetcare.v1.RunProcessorResponse\x12K\n\x08WatchRun\x12\x1d.fleetcare.v1.WatchRunRequest\x1a\x1e.fleetcare.v1.WatchRunResponse0\x01\x12\x64\n\x11ListSessionStates\x12&.fleetcare.v1.ListSessionStatesRequest\x1a\'.fleetcare.v1.ListSessionStatesResponse\x12U\n\x0cRetrySession\x12!.fleetcare.v1.RetrySessionRequest\x1a\".fleetcare.v1.RetrySessionResponse\x12I\n\x08GetUsage\x12\x1d.fleetcare.v1.GetUsageRequest\x1a\x1e.fleetcare.v1.GetUsageResponse\x12I\n\x08ListRuns\x12\x1d.fleetcare.v1.ListRunsRequest\x1a\x1e.fleetcare.v1.ListRunsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#fleetcare/v1/session_pipeline.proto\x12\x0c\x66leetcare.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf3\x02\n\x08RunStats\x12\x0f\n\x07scanned\x18\x01 \x01(\x03\x12\x11\n\tprocessed\x18\x02 \x01(\x03\x12\x0f\n\x07skipped\x18\x03 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\x03\x12\x0c\n\x04\x64\x65\x61\x64\x18\x05 \x01(\x03\x12\x17\n\x0fitems_extracted\x18\x06 \x01(\x03\x12\x14\n\x0c\x66iles_hashed\x18\x07 \x01(\x03\x12\x14\n\x0c\x62ytes_hashed\x18\x08 \x01(\x03\x12*\n\x06\x65rrors\x18\t \x03(\x0b\x32\x1a.fleetcare.v1.SessionError\x12.\n\nstarted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fskipped_entries\x18\x0c \x03(\t\x12\x12\n\nroot_error\x18\r \x01(\t\x12\x15\n\rlines_skipped\x18\x0e \x01(\x03\".\n\x0cSessionError\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\xc7\x01\n\rProcessorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\x08interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07running\x18\x03 \x01(\x08\x12/\n\x0blast_run_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x08last_run\x18\x05 \x01(\x0b\x32\x16.fleetcare.v1.RunStats\x12\x0f\n\x07version\x18\x06 \x01(\x05\"\x17\n\x15ListProcessorsRequest\"I\n\x16ListProcessorsResponse\x12/\n\nprocessors\x18\x01 \x03(\x0b\x32\x1b.fleetcare.v1.ProcessorInfo\"#\n\x13RunProcessorRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"=\n\x14RunProcessorResponse\x12%\n\x05stats\x18\x01 \x01(\x0b\x32\x16.fleetcare.v1.RunStats\"\x1f\n\x0fWatchRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x98\x01\n\x10WatchRunResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66iles_total\x18\x02 \x01(\x03\x12\x12\n\nfiles_done\x18\x03 \x01(\x03\x12\x14\n\x0c\x62ytes_hashed\x18\x04 \x01(\x03\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12%\n\x05stats\x18\x06 \x01(\x0b\x32\x16.fleetcare.v1.RunStats\"\xd8\x02\n\x0cSessionState\x12\x11\n\tprocessor\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x0c\n\x04user\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x03\x12)\n\x05mtime\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12\x30\n\x0cprocessed_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bitems_count\x18\x08 \x01(\x03\x12\x10\n\x08\x61ttempts\x18\t \x01(\x05\x12\x12\n\nlast_error\x18\n \x01(\t\x12+\n\x06status\x18\x0b \x01(\x0e\x32\x1b.fleetcare.v1.SessionStatus\x12\x33\n\x0fnext_attempt_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8f\x01\n\x18ListSessionStatesRequest\x12\x11\n\tprocessor\x18\x01 \x01(\t\x12+\n\x06status\x18\x02 \x01(\x0e\x32\x1b.fleetcare.v1.SessionStatus\x12\x0c\n\x04user\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"`\n\x19ListSessionStatesResponse\x12*\n\x06states\x18\x01 \x03(\x0b\x32\x1a.fleetcare.v1.SessionState\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"9\n\x13RetrySessionRequest\x12\x11\n\tprocessor\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\"A\n\x14RetrySessionResponse\x12)\n\x05state\x18\x01 \x01(\x0b\x32\x1a.fleetcare.v1.SessionState\"\xa4\x01\n\x0fGetUsageRequest\x12-\n\x08group_by\x18\x01 \x01(\x0e\x32\x1b.fleetcare.v1.UsageGrouping\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04user\x18\x04 \x01(\t\"\x91\x02\n\x08UsageRow\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x02 \x01(\x03\x12\x15\n\routput_tokens\x18\x03 \x01(\x03\x12\x1d\n\x15\x63\x61\x63he_creation_tokens\x18\x04 \x01(\x03\x12\x19\n\x11\x63\x61\x63he_read_tokens\x18\x05 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x06 \x01(\x03\x12\x10\n\x08messages\x18\x07 \x01(\x03\x12,\n\x08\x66irst_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07last_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06models\x18\n \x03(\t\"`\n\x10GetUsageResponse\x12$\n\x04rows\x18\x01 \x03(\x0b\x32\x16.fleetcare.v1.UsageRow\x12&\n\x06totals\x18\x02 \x01(\x0b\x32\x16.fleetcare.v1.UsageRow\"\xee\x01\n\x0bPipelineRun\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x11\n\tprocessor\x18\x02 \x01(\t\x12)\n\x07trigger\x18\x03 \x01(\x0e\x32\x18.fleetcare.v1.RunTrigger\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x05stats\x18\x07 \x01(\x0b\x32\x16.fleetcare.v1.RunStats\"K\n\x0fListRunsRequest\x12\x11\n\tprocessor\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"T\n\x10ListRunsResponse\x12\'\n\x04runs\x18\x01 \x03(\x0b\x32\x19.fleetcare.v1.PipelineRun\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x81\x01\n\rSessionStatus\x12\x1e\n\x1aSESSION_STATUS_UNSPECIFIED\x10\x00\x12\x1c\n\x18SESSION_STATUS_PROCESSED\x10\x01\x12\x19\n\x15SESSION_STATUS_FAILED\x10\x02\x12\x17\n\x13SESSION_STATUS_DEAD\x10\x03*\x96\x01\n\rUsageGrouping\x12\x1e\n\x1aUSAGE_GROUPING_UNSPECIFIED\x10\x00\x12\x16\n\x12USAGE_GROUPING_DAY\x10\x01\x12\x1a\n\x16USAGE_GROUPING_SESSION\x10\x02\x12\x18\n\x14USAGE_GROUPING_MODEL\x10\x03\x12\x17\n\x13USAGE_GROUPING_USER\x10\x04*Z\n\nRunTrigger\x12\x1b\n\x17RUN_TRIGGER_UNSPECIFIED\x10\x00\x12\x19\n\x15RUN_TRIGGER_SCHEDULER\x10\x01\x12\x14\n\x10RUN_TRIGGER_CALL\x10\x02\x32\xec\x04\n\x16SessionPipelineService\x12[\n\x0eListProcessors\x12#.fleetcare.v1.ListProcessorsRequest\x1a$.fleetcare.v1.ListProcessorsResponse\x12U\n\x0cRunProcessor\x12!.fleetcare.v1.RunProcessorRequest\x1a\".fleetcare.v1.RunProcessorResponse\x12K\n\x08WatchRun\x12\x1d.fleetcare.v1.WatchRunRequest\x1a\x1e.fleetcare.v1.WatchRunResponse0\x01\x12\x64\n\x11ListSessionStates\x12&.fleetcare.v1.ListSessionStatesRequest\x1a\'.fleetcare.v1.ListSessionStatesResponse\x12U\n\x0cRetrySession\x12!.fleetcare.v1.RetrySessionRequest\x1a\".fleetcare.v1.RetrySessionResponse\x12I\n\x08GetUsage\x12\x1d.fleetcare.v1.GetUsageRequest\x1a\x1e.fleetcare.v1.GetUsageResponse\x12I\n\x08ListRuns\x12\x1d.fleetcare.v1.ListRunsRequest\x1a\x1e.fleetcare.v1.ListRunsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fleetcare.v1.session_pipeline_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SESSIONSTATUS']._serialized_start=2770
-  _globals['_SESSIONSTATUS']._serialized_end=2899
-  _globals['_USAGEGROUPING']._serialized_start=2902
-  _globals['_USAGEGROUPING']._serialized_end=3052
-  _globals['_RUNTRIGGER']._serialized_start=3054
-  _globals['_RUNTRIGGER']._serialized_end=3144
+  _globals['_SESSIONSTATUS']._serialized_start=2793
+  _globals['_SESSIONSTATUS']._serialized_end=2922
+  _globals['_USAGEGROUPING']._serialized_start=2925
+  _globals['_USAGEGROUPING']._serialized_end=3075
+  _globals['_RUNTRIGGER']._serialized_start=3077
+  _globals['_RUNTRIGGER']._serialized_end=3167
   _globals['_RUNSTATS']._serialized_start=119
-  _globals['_RUNSTATS']._serialized_end=467
-  _globals['_SESSIONERROR']._serialized_start=469
-  _globals['_SESSIONERROR']._serialized_end=515
-  _globals['_PROCESSORINFO']._serialized_start=518
-  _globals['_PROCESSORINFO']._serialized_end=717
-  _globals['_LISTPROCESSORSREQUEST']._serialized_start=719
-  _globals['_LISTPROCESSORSREQUEST']._serialized_end=742
-  _globals['_LISTPROCESSORSRESPONSE']._serialized_start=744
-  _globals['_LISTPROCESSORSRESPONSE']._serialized_end=817
-  _globals['_RUNPROCESSORREQUEST']._serialized_start=819
-  _globals['_RUNPROCESSORREQUEST']._serialized_end=854
-  _globals['_RUNPROCESSORRESPONSE']._serialized_start=856
-  _globals['_RUNPROCESSORRESPONSE']._serialized_end=917
-  _globals['_WATCHRUNREQUEST']._serialized_start=919
-  _globals['_WATCHRUNREQUEST']._serialized_end=950
-  _globals['_WATCHRUNRESPONSE']._serialized_start=953
-  _globals['_WATCHRUNRESPONSE']._serialized_end=1105
-  _globals['_SESSIONSTATE']._serialized_start=1108
-  _globals['_SESSIONSTATE']._serialized_end=1452
-  _globals['_LISTSESSIONSTATESREQUEST']._serialized_start=1455
-  _globals['_LISTSESSIONSTATESREQUEST']._serialized_end=1598
-  _globals['_LISTSESSIONSTATESRESPONSE']._serialized_start=1600
-  _globals['_LISTSESSIONSTATESRESPONSE']._serialized_end=1696
-  _globals['_RETRYSESSIONREQUEST']._serialized_start=1698
-  _globals['_RETRYSESSIONREQUEST']._serialized_end=1755
-  _globals['_RETRYSESSIONRESPONSE']._serialized_start=1757
-  _globals['_RETRYSESSIONRESPONSE']._serialized_end=1822
-  _globals['_GETUSAGEREQUEST']._serialized_start=1825
-  _globals['_GETUSAGEREQUEST']._serialized_end=1989
-  _globals['_USAGEROW']._serialized_start=1992
-  _globals['_USAGEROW']._serialized_end=2265
-  _globals['_GETUSAGERESPONSE']._serialized_start=2267
-  _globals['_GETUSAGERESPONSE']._serialized_end=2363
-  _globals['_PIPELINERUN']._serialized_start=2366
-  _globals['_PIPELINERUN']._serialized_end=2604
-  _globals['_LISTRUNSREQUEST']._serialized_start=2606
-  _globals['_LISTRUNSREQUEST']._serialized_end=2681
-  _globals['_LISTRUNSRESPONSE']._serialized_start=2683
-  _globals['_LISTRUNSRESPONSE']._serialized_end=2767
-  _globals['_SESSIONPIPELINESERVICE']._serialized_start=3147
-  _globals['_SESSIONPIPELINESERVICE']._serialized_end=3767
+  _globals['_RUNSTATS']._serialized_end=490
+  _globals['_SESSIONERROR']._serialized_start=492
+  _globals['_SESSIONERROR']._serialized_end=538
+  _globals['_PROCESSORINFO']._serialized_start=541
+  _globals['_PROCESSORINFO']._serialized_end=740
+  _globals['_LISTPROCESSORSREQUEST']._serialized_start=742
+  _globals['_LISTPROCESSORSREQUEST']._serialized_end=765
+  _globals['_LISTPROCESSORSRESPONSE']._serialized_start=767
+  _globals['_LISTPROCESSORSRESPONSE']._serialized_end=840
+  _globals['_RUNPROCESSORREQUEST']._serialized_start=842
+  _globals['_RUNPROCESSORREQUEST']._serialized_end=877
+  _globals['_RUNPROCESSORRESPONSE']._serialized_start=879
+  _globals['_RUNPROCESSORRESPONSE']._serialized_end=940
+  _globals['_WATCHRUNREQUEST']._serialized_start=942
+  _globals['_WATCHRUNREQUEST']._serialized_end=973
+  _globals['_WATCHRUNRESPONSE']._serialized_start=976
+  _globals['_WATCHRUNRESPONSE']._serialized_end=1128
+  _globals['_SESSIONSTATE']._serialized_start=1131
+  _globals['_SESSIONSTATE']._serialized_end=1475
+  _globals['_LISTSESSIONSTATESREQUEST']._serialized_start=1478
+  _globals['_LISTSESSIONSTATESREQUEST']._serialized_end=1621
+  _globals['_LISTSESSIONSTATESRESPONSE']._serialized_start=1623
+  _globals['_LISTSESSIONSTATESRESPONSE']._serialized_end=1719
+  _globals['_RETRYSESSIONREQUEST']._serialized_start=1721
+  _globals['_RETRYSESSIONREQUEST']._serialized_end=1778
+  _globals['_RETRYSESSIONRESPONSE']._serialized_start=1780
+  _globals['_RETRYSESSIONRESPONSE']._serialized_end=1845
+  _globals['_GETUSAGEREQUEST']._serialized_start=1848
+  _globals['_GETUSAGEREQUEST']._serialized_end=2012
+  _globals['_USAGEROW']._serialized_start=2015
+  _globals['_USAGEROW']._serialized_end=2288
+  _globals['_GETUSAGERESPONSE']._serialized_start=2290
+  _globals['_GETUSAGERESPONSE']._serialized_end=2386
+  _globals['_PIPELINERUN']._serialized_start=2389
+  _globals['_PIPELINERUN']._serialized_end=2627
+  _globals['_LISTRUNSREQUEST']._serialized_start=2629
+  _globals['_LISTRUNSREQUEST']._serialized_end=2704
+  _globals['_LISTRUNSRESPONSE']._serialized_start=2706
+  _globals['_LISTRUNSRESPONSE']._serialized_end=2790
+  _globals['_SESSIONPIPELINESERVICE']._serialized_start=3170
+  _globals['_SESSIONPIPELINESERVICE']._serialized_end=3790
 # @@protoc_insertion_point(module_scope)

@@ -45,7 +45,7 @@ RUN_TRIGGER_SCHEDULER: RunTrigger
 RUN_TRIGGER_CALL: RunTrigger
 
 class RunStats(_message.Message):
-    __slots__ = ("scanned", "processed", "skipped", "failed", "dead", "items_extracted", "files_hashed", "bytes_hashed", "errors", "started_at", "finished_at", "skipped_entries", "root_error")
+    __slots__ = ("scanned", "processed", "skipped", "failed", "dead", "items_extracted", "files_hashed", "bytes_hashed", "errors", "started_at", "finished_at", "skipped_entries", "root_error", "lines_skipped")
     SCANNED_FIELD_NUMBER: _ClassVar[int]
     PROCESSED_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,7 @@ class RunStats(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     ROOT_ERROR_FIELD_NUMBER: _ClassVar[int]
+    LINES_SKIPPED_FIELD_NUMBER: _ClassVar[int]
     scanned: int
     processed: int
     skipped: int
@@ -72,7 +73,8 @@ class RunStats(_message.Message):
     finished_at: _timestamp_pb2.Timestamp
     skipped_entries: _containers.RepeatedScalarFieldContainer[str]
     root_error: str
-    def __init__(self, scanned: _Optional[int] = ..., processed: _Optional[int] = ..., skipped: _Optional[int] = ..., failed: _Optional[int] = ..., dead: _Optional[int] = ..., items_extracted: _Optional[int] = ..., files_hashed: _Optional[int] = ..., bytes_hashed: _Optional[int] = ..., errors: _Optional[_Iterable[_Union[SessionError, _Mapping]]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., skipped_entries: _Optional[_Iterable[str]] = ..., root_error: _Optional[str] = ...) -> None: ...
+    lines_skipped: int
+    def __init__(self, scanned: _Optional[int] = ..., processed: _Optional[int] = ..., skipped: _Optional[int] = ..., failed: _Optional[int] = ..., dead: _Optional[int] = ..., items_extracted: _Optional[int] = ..., files_hashed: _Optional[int] = ..., bytes_hashed: _Optional[int] = ..., errors: _Optional[_Iterable[_Union[SessionError, _Mapping]]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., skipped_entries: _Optional[_Iterable[str]] = ..., root_error: _Optional[str] = ..., lines_skipped: _Optional[int] = ...) -> None: ...
 
 class SessionError(_message.Message):
     __slots__ = ("session", "error")
