@@ -332,10 +332,15 @@ impl Sessions {
             );
             self.write(&format!("{user}/s{n}.jsonl"), &(line + "\n"));
         }
-        self.write(
-            "bob/broken.jsonl",
-            "{\"type\":\"assistant\"}\n\0\0\0garbage\n",
-        );
+        // Too large to read (content never fails a session): a sparse file,
+        // no disk used.
+        self.write("bob/broken.jsonl", "{\"type\":\"assistant\"}\n");
+        let path = self.0.join("bob/broken.jsonl");
+        let file = std::fs::File::options().write(true).open(&path).unwrap();
+        file.set_len(fleetcare::runtime::pipeline::MAX_FILE_BYTES + 1)
+            .unwrap();
+        file.set_modified(SystemTime::now() - Duration::from_secs(3600))
+            .unwrap();
     }
 }
 
