@@ -574,7 +574,7 @@ mod tests {
     }
 
     /// Who may call what, on an agent of the agent caller's scope: the table
-    /// the README documents.
+    /// docs/operations.md documents.
     fn expected(role: Role, action: Action) -> bool {
         use Action::*;
         let read_own = [

@@ -251,7 +251,7 @@ postgres_only! {
     #[tokio::test]
     async fn the_postgres_pool_plans_every_query_for_its_parameters() {
         // A generic plan made while the tables were small would scan every
-        // agent from then on (README, Stores).
+        // agent from then on (docs/operations.md, Stores).
         let db = TestDb::new();
         let shutdown = tokio_util::sync::CancellationToken::new();
         let database = test_args(&db.url).database;

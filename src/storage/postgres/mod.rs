@@ -83,7 +83,7 @@ pub async fn connect_and_migrate(args: &DatabaseArgs) -> Result<PgPool, Error> {
     // heartbeat flush and ListAgents took 13 to 33 ms at 100,000 agents on
     // connections that had run them on an empty database, against 0.1 ms
     // planned for their parameters. Planning every execution costs about
-    // 50 us per query (README, Stores). The committer's own connection
+    // 50 us per query (docs/operations.md, Stores). The committer's own connection
     // chooses its plans itself (see `try_commit_batch`). A `SET` after
     // connecting rather than a startup option: PgBouncer refuses startup
     // options it was not told to ignore.
