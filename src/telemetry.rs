@@ -3,6 +3,8 @@
 //! (see [`crate::grpc::trace`] for the per-call span); without it nothing else
 //! is installed.
 
+use std::io::IsTerminal;
+
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::trace::SdkTracerProvider;
@@ -72,7 +74,11 @@ pub fn init_serve(format: LogFormat, tracing: &TracingArgs) -> Result<Telemetry,
 fn install(format: LogFormat, provider: Option<&SdkTracerProvider>) -> Result<(), String> {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,h2=warn,tower=warn"));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colour only for a person at a terminal: piped to a file, journald or a
+    // log collector, the lines carry no escape sequences.
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let fmt = match format {
         LogFormat::Text => fmt.with_filter(filter).boxed(),
         LogFormat::Json => fmt.json().flatten_event(true).with_filter(filter).boxed(),

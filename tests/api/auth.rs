@@ -1013,6 +1013,8 @@ async fn with_insecure_no_auth_a_non_loopback_address_is_served_with_a_warning()
         stderr.contains("--insecure-no-auth: serving without authentication"),
         "{stderr}"
     );
+    // Piped, not a terminal: the log lines carry no colour escapes.
+    assert!(!stderr.contains("\x1b["), "{stderr:?}");
 }
 
 #[tokio::test]
