@@ -9,8 +9,8 @@ use std::fmt;
 
 use chrono::{DateTime, Duration, Utc};
 
+use crate::domain::labels::Labels;
 use crate::domain::recovery::{self, RecoveryEstimate, RecoveryInput};
-use crate::domain::transition::Labels;
 
 /// The status of one agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

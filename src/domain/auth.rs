@@ -25,7 +25,7 @@ use std::fmt;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::domain::transition::Labels;
+use crate::domain::labels::Labels;
 
 /// What a caller may do, coarsely; agent callers are further limited to their scope.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]

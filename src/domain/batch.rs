@@ -16,7 +16,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::{DateTime, Utc};
 
 use crate::domain::agent::{self, AgentStatus, Event, StatusChange, TransitionRefused};
-use crate::domain::transition::{Agent, Labels, Transition};
+use crate::domain::labels::Labels;
+use crate::domain::transition::{Agent, Transition};
 
 /// One state-changing call on an agent.
 #[derive(Debug, Clone, PartialEq, Eq)]

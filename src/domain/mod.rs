@@ -5,6 +5,7 @@ pub mod auth;
 pub mod batch;
 pub mod healing;
 pub mod healing_records;
+pub mod labels;
 pub mod liveness;
 pub mod pipeline;
 pub mod pipeline_runs;

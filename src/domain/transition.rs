@@ -1,13 +1,11 @@
 //! Agents and transitions as stored, and which of them a watcher wants.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 
 use chrono::{DateTime, Utc};
 
 use crate::domain::agent::{AgentState, AgentStatus, Cause, ExhaustionReason};
-
-/// An agent's labels, ordered so that they print and compare stably.
-pub type Labels = BTreeMap<String, String>;
+use crate::domain::labels::Labels;
 
 /// One agent as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]

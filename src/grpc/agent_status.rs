@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 use crate::domain::agent::{self, Event, ExhaustionReason, ExhaustionReport};
 use crate::domain::auth::{Action, Caller};
 use crate::domain::batch::{Applied, Command};
-use crate::domain::transition::Labels;
+use crate::domain::labels::Labels;
 use crate::error::Error;
 use crate::grpc::agent_requests::{AgentCursor, AgentId, ListAgents, ListTransitions};
 use crate::grpc::auth::{self, Guard};

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use tonic::{Request, Status};
 
 use crate::domain::auth::{self, Action, Caller};
-use crate::domain::transition::Labels;
+use crate::domain::labels::Labels;
 use crate::error::Error;
 use crate::runtime::auth::Callers;
 use crate::runtime::heartbeats::AgentCache;

@@ -4,8 +4,8 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 
+use crate::domain::labels::Labels;
 use crate::domain::recovery;
-use crate::domain::transition::Labels;
 use crate::error::{Error, Result};
 use crate::grpc::convert::from_timestamp;
 use crate::proto::v1 as pb;

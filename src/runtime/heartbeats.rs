@@ -187,7 +187,7 @@ impl AgentCache {
 
     /// The agent's labels as this process last committed or read them (labels
     /// change only by registration, which goes through a commit).
-    pub fn labels(&self, agent_id: &str) -> Option<crate::domain::transition::Labels> {
+    pub fn labels(&self, agent_id: &str) -> Option<crate::domain::labels::Labels> {
         self.lock()
             .agents
             .get(agent_id)

@@ -36,7 +36,8 @@ use crate::domain::pipeline::{SessionFile, SessionState, SessionStatus};
 use crate::domain::pipeline_runs::{NewRun, RunRecord, RunsQuery};
 use crate::domain::post_healing::{ActionRecord, ActionStatus, ActionType, Evaluation, Tier};
 use crate::domain::transcript::UsageEntry;
-use crate::domain::transition::{Agent, Labels, RevisionBounds, Transition, WatchFilter};
+use crate::domain::labels::Labels;
+use crate::domain::transition::{Agent, RevisionBounds, Transition, WatchFilter};
 use crate::error::Result;
 
 /// Which agents `list_agents` returns, and where the page starts.

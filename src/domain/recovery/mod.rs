@@ -258,7 +258,7 @@ pub const TIME_ZONE_LABEL: &str = "time_zone";
 /// the agent's `time_zone` label, else UTC. An unknown name in the label is
 /// ignored (labels are free-form); the request's zone is validated before it
 /// gets here, and an unknown one is ignored likewise.
-pub fn resolve_time_zone(request: Option<&str>, labels: &crate::domain::transition::Labels) -> Tz {
+pub fn resolve_time_zone(request: Option<&str>, labels: &crate::domain::labels::Labels) -> Tz {
     request
         .and_then(parse_time_zone)
         .or_else(|| labels.get(TIME_ZONE_LABEL).and_then(|z| parse_time_zone(z)))
@@ -690,7 +690,7 @@ mod tests {
 
     #[test]
     fn the_zone_is_the_requests_else_the_agents_label_else_utc() {
-        let labels = |zone: &str| -> crate::domain::transition::Labels {
+        let labels = |zone: &str| -> crate::domain::labels::Labels {
             [(TIME_ZONE_LABEL.to_string(), zone.to_string())].into()
         };
         let la: Tz = "America/Los_Angeles".parse().unwrap();
@@ -756,7 +756,7 @@ mod tests {
                     )
                 })
                 .collect();
-            let mut labels = crate::domain::transition::Labels::new();
+            let mut labels = crate::domain::labels::Labels::new();
             if let Some(zone) = form["agent_time_zone"].as_str() {
                 labels.insert(TIME_ZONE_LABEL.into(), zone.into());
             }
