@@ -18,7 +18,7 @@ use crate::error::Error;
 use crate::grpc::agent_requests::{AgentCursor, AgentId, ListAgents, ListTransitions};
 use crate::grpc::auth::{self, Guard};
 use crate::grpc::callers::{CallerKey, WatchSlot, WatchSlots};
-use crate::grpc::codec::{WatchFrame, WireCache};
+use crate::grpc::codec::{FrameStream, WatchFrame, WireCache};
 use crate::grpc::convert::{self, timestamp};
 use crate::grpc::trace::record_agent_id;
 use crate::grpc::validate;
@@ -75,7 +75,7 @@ impl AgentStatusApi {
     pub async fn watch_frames(
         &self,
         request: Request<pb::WatchTransitionsRequest>,
-    ) -> Result<Response<crate::grpc::watch_route::FrameStream>, Status> {
+    ) -> Result<Response<FrameStream>, Status> {
         let (slot, events) = self.open_watch(request).await?;
         let wire = self.wire.clone();
         let stream = ReceiverStream::new(events).map(move |item| {

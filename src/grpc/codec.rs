@@ -4,7 +4,9 @@
 //! this codec with `codec_path`).
 
 use std::marker::PhantomData;
+use std::pin::Pin;
 
+use futures::Stream;
 use prost::Message;
 use prost::bytes::{BufMut, Bytes};
 use tonic::Status;
@@ -76,6 +78,10 @@ pub enum WatchFrame {
     /// A `WatchTransitionsResponse`, protobuf-encoded.
     Encoded(Bytes),
 }
+
+/// A watch stream of frames: what `AgentStatusApi::watch_frames` returns and
+/// the watch route (`grpc::watch_route`) serves.
+pub type FrameStream = Pin<Box<dyn Stream<Item = Result<WatchFrame, Status>> + Send>>;
 
 /// The codec of the watch route (`grpc::watch_route`): frames out, requests in
 /// as [`ProstCodec`] decodes them.

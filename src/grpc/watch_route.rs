@@ -9,11 +9,9 @@
 //! [`WireCache`] encoded once; every other call goes to the generated server.
 
 use std::convert::Infallible;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use futures::Stream;
 use futures::future::BoxFuture;
 use tonic::Status;
 use tonic::body::Body;
@@ -22,13 +20,10 @@ use tonic::server::{Grpc, NamedService, ServerStreamingService};
 use tower::{Service, ServiceExt};
 
 use crate::grpc::agent_status::AgentStatusApi;
-use crate::grpc::codec::{FrameCodec, WatchFrame};
+use crate::grpc::codec::{FrameCodec, FrameStream, WatchFrame};
 use crate::proto::v1 as pb;
 
 const WATCH_PATH: &str = "/fleetcare.v1.AgentStatusService/WatchTransitions";
-
-/// A watch stream of frames.
-pub type FrameStream = Pin<Box<dyn Stream<Item = Result<WatchFrame, Status>> + Send>>;
 
 /// The generated server `S`, with `WatchTransitions` served here.
 #[derive(Clone)]
