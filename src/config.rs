@@ -101,6 +101,11 @@ impl Default for DatabaseArgs {
     }
 }
 
+/// `--commit-pipeline-depth` unless told otherwise: how many batches the
+/// committer (`runtime::committer`) has in flight at once, so that the next
+/// batch waits at the store while the previous one's commit is flushed.
+pub const COMMIT_PIPELINE_DEPTH: usize = 2;
+
 /// Everything `fleetcare serve` needs.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
@@ -158,7 +163,7 @@ pub struct ServeArgs {
     /// Most batches committing at once. The next batch waits at the database
     /// while the previous one's commit is flushed; batches in flight at once
     /// name different agents.
-    #[arg(long, env = "FLEETCARE_COMMIT_PIPELINE_DEPTH", default_value_t = crate::runtime::committer::PIPELINE_DEPTH)]
+    #[arg(long, env = "FLEETCARE_COMMIT_PIPELINE_DEPTH", default_value_t = COMMIT_PIPELINE_DEPTH)]
     pub commit_pipeline_depth: usize,
 
     /// Recovery delay of an agent at a billing stop (insufficient_quota and the

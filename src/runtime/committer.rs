@@ -6,7 +6,8 @@
 //! batch commits the next one forms by itself, so batches grow with the load (as
 //! Postgres's own WAL group commit does). A reply always means committed.
 //!
-//! Up to `depth` batches are in flight at once ([`PIPELINE_DEPTH`] by default),
+//! Up to `depth` batches are in flight at once (`--commit-pipeline-depth`,
+//! [`crate::config::COMMIT_PIPELINE_DEPTH`] by default),
 //! so that the next batch is at the store, queued behind the revision row, while
 //! the previous one waits for its commit to be flushed: the store commits
 //! them one after another without a round trip in between. A batch starts only
@@ -43,10 +44,6 @@ use crate::storage::AgentStore;
 
 /// Calls queued beyond this wait for room (back-pressure on the callers).
 const QUEUE: usize = 8192;
-
-/// How many batches are in flight at once unless told otherwise: the next
-/// batch waits at the store while the previous one's commit is flushed.
-pub const PIPELINE_DEPTH: usize = 2;
 
 struct Pending {
     command: Command,
@@ -435,6 +432,7 @@ impl Revisions {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::COMMIT_PIPELINE_DEPTH;
     use crate::domain::agent::{AgentStatus, Event, SlotType};
     use crate::storage::memory::{CommitEvent, MemoryStore};
     use chrono::TimeZone;
@@ -447,7 +445,7 @@ mod tests {
             clock,
             AgentCache::new(),
             64,
-            PIPELINE_DEPTH,
+            COMMIT_PIPELINE_DEPTH,
             crate::metrics::Metrics::new(),
         );
         (store, committer)
@@ -540,7 +538,7 @@ mod tests {
     #[tokio::test]
     async fn a_batch_of_other_agents_commits_while_one_is_in_flight_and_is_answered_after_it() {
         let (store, cache, committer, mut published, mut log) =
-            pipelined(PIPELINE_DEPTH, &["a", "b"]).await;
+            pipelined(COMMIT_PIPELINE_DEPTH, &["a", "b"]).await;
         let answered = Arc::default();
         store.hold("a");
         let first = submit_in_task(&committer, start("a"), "a", &answered);
@@ -579,7 +577,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_naming_an_agent_in_flight_starts_only_once_that_batch_is_done() {
-        let (store, _, committer, _published, mut log) = pipelined(PIPELINE_DEPTH, &["a"]).await;
+        let (store, _, committer, _published, mut log) = pipelined(COMMIT_PIPELINE_DEPTH, &["a"]).await;
         let answered = Arc::default();
         store.hold("a");
         let first = submit_in_task(&committer, start("a"), "start", &answered);
@@ -617,7 +615,7 @@ mod tests {
     #[tokio::test]
     async fn a_batch_behind_one_in_flight_starts_once_it_is_as_large() {
         let (store, _, committer, _published, mut log) =
-            pipelined(PIPELINE_DEPTH, &["a", "b", "c", "d", "e"]).await;
+            pipelined(COMMIT_PIPELINE_DEPTH, &["a", "b", "c", "d", "e"]).await;
         let answered = Arc::default();
         store.hold("a");
         // Queued before the committer runs: one batch of two.

@@ -158,7 +158,7 @@ mod tests {
             clock.clone(),
             cache.clone(),
             64,
-            crate::runtime::committer::PIPELINE_DEPTH,
+            crate::config::COMMIT_PIPELINE_DEPTH,
             crate::metrics::Metrics::new(),
         );
         for id in ["silent", "alive"] {

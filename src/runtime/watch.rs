@@ -275,7 +275,7 @@ mod tests {
             clock,
             AgentCache::new(),
             8,
-            crate::runtime::committer::PIPELINE_DEPTH,
+            crate::config::COMMIT_PIPELINE_DEPTH,
             crate::metrics::Metrics::new(),
         );
         let spec = WatchSpec {
