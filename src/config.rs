@@ -4,6 +4,8 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, ValueEnum};
 
+use crate::storage::{StoreLocation, StoreOptions};
+
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -26,7 +28,7 @@ pub struct DatabaseArgs {
     pub data_dir: PathBuf,
 
     /// Most connections this server opens to the database.
-    #[arg(long, env = "FLEETCARE_DB_MAX_CONNECTIONS", default_value_t = 20)]
+    #[arg(long, env = "FLEETCARE_DB_MAX_CONNECTIONS", default_value_t = StoreOptions::DEFAULT_MAX_CONNECTIONS)]
     pub db_max_connections: u32,
 
     /// How long a request waits for a database connection before UNAVAILABLE.
@@ -36,45 +38,6 @@ pub struct DatabaseArgs {
 
 /// The file name of the embedded store inside --data-dir.
 pub const SQLITE_FILE_NAME: &str = "fleetcare.db";
-
-/// Which store a configuration selects.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StoreLocation {
-    /// A Postgres URL.
-    Postgres(String),
-    /// The path of an SQLite database file.
-    Sqlite(PathBuf),
-}
-
-impl StoreLocation {
-    /// Reads a store URL: `postgres://` or `postgresql://`, `sqlite://PATH`
-    /// (or `sqlite:PATH`; query parameters are not accepted).
-    pub fn parse(url: &str) -> Result<StoreLocation, String> {
-        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            return Ok(StoreLocation::Postgres(url.to_owned()));
-        }
-        if let Some(rest) = url.strip_prefix("sqlite:") {
-            let path = rest.strip_prefix("//").unwrap_or(rest);
-            if path.is_empty() || path.contains('?') || path == ":memory:" {
-                return Err(format!(
-                    "invalid database URL {url:?}: sqlite URLs name a file, as sqlite://PATH"
-                ));
-            }
-            return Ok(StoreLocation::Sqlite(PathBuf::from(path)));
-        }
-        Err(format!(
-            "invalid database URL {url:?}: expected postgres://... or sqlite://PATH"
-        ))
-    }
-
-    /// The location as a URL that [`StoreLocation::parse`] reads back.
-    pub fn url(&self) -> String {
-        match self {
-            StoreLocation::Postgres(url) => url.clone(),
-            StoreLocation::Sqlite(path) => format!("sqlite://{}", path.display()),
-        }
-    }
-}
 
 impl DatabaseArgs {
     /// Settings for the store at `url` (tests, `fleetcare copy`).
@@ -92,6 +55,16 @@ impl DatabaseArgs {
             Some(url) if !url.is_empty() => StoreLocation::parse(url),
             _ => Ok(StoreLocation::Sqlite(self.data_dir.join(SQLITE_FILE_NAME))),
         }
+    }
+
+    /// What the store is opened with (`storage::Stores::open`, `storage::migrate`):
+    /// the location these settings select and the pool limits.
+    pub fn store_options(&self) -> Result<StoreOptions, String> {
+        Ok(StoreOptions {
+            location: self.location()?,
+            max_connections: self.db_max_connections,
+            acquire_timeout: self.db_acquire_timeout,
+        })
     }
 }
 
@@ -574,6 +547,32 @@ impl ServeArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_store_options_are_the_flags_and_their_defaults() {
+        let args = DatabaseArgs::for_url("sqlite://some/fleetcare.db");
+        assert_eq!(
+            args.store_options(),
+            Ok(StoreOptions::new(StoreLocation::Sqlite(
+                "some/fleetcare.db".into()
+            )))
+        );
+        let args = DatabaseArgs {
+            db_max_connections: 3,
+            db_acquire_timeout: Duration::from_millis(250),
+            ..DatabaseArgs::for_url("postgres://db/fleet")
+        };
+        let options = args.store_options().unwrap();
+        assert_eq!(
+            options.location,
+            StoreLocation::Postgres("postgres://db/fleet".into())
+        );
+        assert_eq!(
+            (options.max_connections, options.acquire_timeout),
+            (3, Duration::from_millis(250))
+        );
+        assert!(DatabaseArgs::for_url("mysql://db").store_options().is_err());
+    }
 
     #[test]
     fn an_otlp_endpoint_must_be_a_plaintext_grpc_address() {

@@ -64,10 +64,13 @@ async fn main() -> ExitCode {
         Command::Token(args) => cli::token::run(args),
         Command::Migrate(args) => {
             telemetry::init(LogFormat::Text);
-            storage::migrate(&args)
-                .await
-                .map(|location| tracing::info!(store = %location.url(), "migrations applied"))
-                .map_err(|e| e.to_string())
+            match args.store_options() {
+                Ok(options) => storage::migrate(&options)
+                    .await
+                    .map(|location| tracing::info!(store = %location.url(), "migrations applied"))
+                    .map_err(|e| e.to_string()),
+                Err(why) => Err(why),
+            }
         }
     };
     match result {

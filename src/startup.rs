@@ -47,7 +47,7 @@ use crate::runtime::heartbeats::{self, AgentCache};
 use crate::runtime::pipeline::scheduler as pipeline_scheduler;
 use crate::runtime::pipeline::{Pipeline, PipelineConfig};
 use crate::runtime::{fanout::TransitionFanout, health, sweeper};
-use crate::storage::{AgentStore, Stores};
+use crate::storage::{AgentStore, StoreLocation, StoreOptions, Stores};
 use crate::tls::ServerTls;
 
 /// A vanished client's connection is noticed within interval + timeout.
@@ -183,13 +183,17 @@ impl Application {
         // The embedded store is a local file: nothing to wait for, and a refusal
         // (another server holds it) must stop the start at once. Postgres is
         // reached in the background, with backoff.
-        let preopened = match args.database.location().map_err(Error::InvalidArgument)? {
-            crate::config::StoreLocation::Sqlite(path) => {
-                let stores = Stores::open(&args.database, shutdown.child_token()).await?;
+        let store_options = args
+            .database
+            .store_options()
+            .map_err(Error::InvalidArgument)?;
+        let preopened = match &store_options.location {
+            StoreLocation::Sqlite(path) => {
+                let stores = Stores::open(&store_options, shutdown.child_token()).await?;
                 tracing::info!(path = %path.display(), "store: embedded sqlite");
                 Some(stores)
             }
-            crate::config::StoreLocation::Postgres(_) => None,
+            StoreLocation::Postgres(_) => None,
         };
         tokio::spawn(prepare(
             args.clone(),
@@ -432,7 +436,11 @@ async fn prepare(
 ) {
     let opening = match preopened {
         Some(stores) => Ok(stores),
-        None => open_store(&args.database, &shutdown).await,
+        // Validated in `build`: the location parses.
+        None => match args.database.store_options() {
+            Ok(options) => open_store(&options, &shutdown).await,
+            Err(why) => Err(why),
+        },
     };
     let stores = match opening {
         Ok(stores) => stores,
@@ -463,16 +471,16 @@ async fn prepare(
 /// Reaches the store, retrying with capped exponential backoff while it is
 /// unreachable (each wait logged); any other failure is final.
 async fn open_store(
-    database: &crate::config::DatabaseArgs,
+    options: &StoreOptions,
     shutdown: &CancellationToken,
 ) -> Result<Stores, String> {
     let mut wait = STORE_RETRY_FIRST;
     loop {
-        let error = match Stores::open(database, shutdown.child_token()).await {
+        let error = match Stores::open(options, shutdown.child_token()).await {
             Ok(stores) => {
                 match &stores.location {
-                    crate::config::StoreLocation::Postgres(_) => tracing::info!("store: postgres"),
-                    crate::config::StoreLocation::Sqlite(path) => {
+                    StoreLocation::Postgres(_) => tracing::info!("store: postgres"),
+                    StoreLocation::Sqlite(path) => {
                         tracing::info!(path = %path.display(), "store: embedded sqlite")
                     }
                 }

@@ -7,8 +7,8 @@ use std::io::IsTerminal;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::config::StoreLocation;
 use crate::error::Error;
+use crate::storage::StoreLocation;
 use crate::storage::copy;
 
 use super::exit;

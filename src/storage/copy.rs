@@ -27,8 +27,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
 use indicatif::ProgressBar;
 
-use crate::config::StoreLocation;
 use crate::error::{Error, Result};
+use crate::storage::StoreLocation;
 
 use super::{postgres, sqlite};
 
@@ -838,8 +838,8 @@ mod tests {
         let dir =
             std::env::temp_dir().join(format!("fleetcare-copy-schema-{}", std::process::id()));
         let path = dir.join("fleetcare.db");
-        let args = crate::config::DatabaseArgs::for_url(&format!("sqlite://{}", path.display()));
-        let store = sqlite::SqliteStore::open(&path, &args).await.unwrap();
+        let options = crate::storage::StoreOptions::new(StoreLocation::Sqlite(path.clone()));
+        let store = sqlite::SqliteStore::open(&path, &options).await.unwrap();
         let names: Vec<String> = sqlx::query_scalar(
             "SELECT name FROM sqlite_master WHERE type = 'table' \
              AND name NOT LIKE 'sqlite_%' AND name <> '_sqlx_migrations' ORDER BY name",

@@ -10,6 +10,7 @@
 pub mod copy;
 pub(crate) mod decode;
 pub mod memory;
+mod options;
 pub mod pool;
 pub mod postgres;
 pub mod sqlite;
@@ -18,7 +19,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{DatabaseArgs, StoreLocation};
+pub use options::{StoreLocation, StoreOptions};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
@@ -468,20 +469,18 @@ pub struct Stores {
 }
 
 impl Stores {
-    /// Opens the store `args` selects (creating it if needed) and applies its
-    /// migrations; background work it needs (Postgres's listener) stops with
-    /// `shutdown`.
-    pub async fn open(args: &DatabaseArgs, shutdown: CancellationToken) -> Result<Stores> {
-        let location = args
-            .location()
-            .map_err(crate::error::Error::InvalidArgument)?;
+    /// Opens the store `options` selects (creating it if needed) and applies
+    /// its migrations; background work it needs (Postgres's listener) stops
+    /// with `shutdown`.
+    pub async fn open(options: &StoreOptions, shutdown: CancellationToken) -> Result<Stores> {
+        let location = options.location.clone();
         match &location {
             StoreLocation::Postgres(_) => {
-                let store = Arc::new(postgres::PgStore::connect(args, shutdown).await?);
+                let store = Arc::new(postgres::PgStore::connect(options, shutdown).await?);
                 Ok(Stores::of(store, location, None))
             }
             StoreLocation::Sqlite(path) => {
-                let store = Arc::new(sqlite::SqliteStore::open(path, args).await?);
+                let store = Arc::new(sqlite::SqliteStore::open(path, options).await?);
                 let released = store.release_signal();
                 Ok(Stores::of(store, location, Some(released)))
             }
@@ -520,18 +519,15 @@ impl Stores {
     }
 }
 
-/// Applies the migrations of the store `args` selects (`fleetcare migrate`).
-pub async fn migrate(args: &DatabaseArgs) -> Result<StoreLocation> {
-    let location = args
-        .location()
-        .map_err(crate::error::Error::InvalidArgument)?;
-    match &location {
+/// Applies the migrations of the store `options` selects (`fleetcare migrate`).
+pub async fn migrate(options: &StoreOptions) -> Result<StoreLocation> {
+    match &options.location {
         StoreLocation::Postgres(_) => {
-            postgres::connect_and_migrate(args).await?;
+            postgres::connect_and_migrate(options).await?;
         }
         StoreLocation::Sqlite(path) => {
-            sqlite::SqliteStore::open(path, args).await?;
+            sqlite::SqliteStore::open(path, options).await?;
         }
     }
-    Ok(location)
+    Ok(options.location.clone())
 }

@@ -6,7 +6,7 @@
 use std::process::Output;
 
 use chrono::{DateTime, Utc};
-use fleetcare::config::{DatabaseArgs, StoreLocation};
+use fleetcare::storage::{StoreLocation, StoreOptions};
 use fleetcare::error::Error;
 use fleetcare::storage::copy::{self, Bound, CopyReport, Row, TABLES};
 use indicatif::ProgressBar;
@@ -36,7 +36,7 @@ fn sqlite_path(db: &TestDb) -> std::path::PathBuf {
 
 /// Creates and migrates the store, then opens a plain connection on it.
 async fn sqlite_conn(db: &TestDb) -> SqliteConnection {
-    fleetcare::storage::migrate(&DatabaseArgs::for_url(&db.url))
+    fleetcare::storage::migrate(&StoreOptions::for_url(&db.url).unwrap())
         .await
         .expect("migrate");
     SqliteConnectOptions::new()
@@ -564,7 +564,7 @@ async fn a_source_in_use_or_not_a_store_is_refused() {
     let target = TestDb::sqlite();
     let server = fleetcare::storage::sqlite::SqliteStore::open(
         &sqlite_path(&source),
-        &DatabaseArgs::for_url(&source.url),
+        &StoreOptions::for_url(&source.url).unwrap(),
     )
     .await
     .unwrap();
@@ -611,7 +611,7 @@ async fn a_source_in_use_or_not_a_store_is_refused() {
 #[tokio::test]
 async fn the_tables_are_the_postgres_schema() {
     let pg = TestDb::postgres();
-    fleetcare::storage::migrate(&DatabaseArgs::for_url(&pg.url))
+    fleetcare::storage::migrate(&StoreOptions::for_url(&pg.url).unwrap())
         .await
         .unwrap();
     let mut conn = PgConnection::connect(&pg.url).await.unwrap();

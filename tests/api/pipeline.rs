@@ -1020,7 +1020,7 @@ async fn a_panicking_processor_fails_its_session_and_releases_the_lock() {
     basic_corpus(&root);
     root.write("boom/s.jsonl", "{}\n");
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let database = test_args(&db.url).database;
+    let database = test_args(&db.url).database.store_options().unwrap();
     let store = fleetcare::storage::Stores::open(&database, shutdown.clone())
         .await
         .unwrap()

@@ -254,7 +254,7 @@ postgres_only! {
         // agent from then on (docs/operations.md, Stores).
         let db = TestDb::new();
         let shutdown = tokio_util::sync::CancellationToken::new();
-        let database = test_args(&db.url).database;
+        let database = test_args(&db.url).database.store_options().unwrap();
         let store = fleetcare::storage::postgres::PgStore::connect(&database, shutdown.clone())
             .await
             .unwrap();

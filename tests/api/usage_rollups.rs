@@ -295,7 +295,7 @@ async fn commit_retrying(
 async fn concurrent_batches_sharing_messages_count_each_message_once() {
     let db = TestDb::new();
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let database = crate::helpers::test_args(&db.url).database;
+    let database = crate::helpers::test_args(&db.url).database.store_options().unwrap();
     let stores = Stores::open(&database, shutdown.clone()).await.unwrap();
     let store = stores.pipeline.as_ref();
     let now = store.now().await.unwrap();

@@ -10,12 +10,12 @@ use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, Row as _, Transaction};
 
 use super::{MIGRATOR, connect_and_migrate};
-use crate::config::DatabaseArgs;
 use crate::error::{Error, Result};
 use crate::storage::copy::{
     Bound, Kind, Row, TABLES, TableSpec, TableStore, Value, about, check_source_schema, copy_error,
     rows_per_statement,
 };
+use crate::storage::{StoreLocation, StoreOptions};
 
 /// Most bind parameters in one Postgres statement.
 const MAX_BINDS: usize = 65_535;
@@ -77,11 +77,11 @@ impl PgTables {
     /// Creates and migrates `url` if needed and opens the write transaction,
     /// with every copied table locked against other writers.
     pub async fn target(url: &str, name: &str) -> Result<PgTables> {
-        let args = DatabaseArgs {
-            db_max_connections: 2,
-            ..DatabaseArgs::for_url(url)
+        let options = StoreOptions {
+            max_connections: 2,
+            ..StoreOptions::new(StoreLocation::Postgres(url.to_owned()))
         };
-        let pool = connect_and_migrate(&args)
+        let pool = connect_and_migrate(&options)
             .await
             .map_err(|e| about(name, e))?;
         let mut tx = pool

@@ -15,9 +15,9 @@ use sqlx::{ConnectOptions, PgPool};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::DatabaseArgs;
 use crate::error::Error;
 use crate::storage::pool::TimedPool;
+use crate::storage::{StoreLocation, StoreOptions};
 
 /// Channel on which committed transitions are announced to other replicas.
 const TRANSITIONS_CHANNEL: &str = "fleetcare_transitions";
@@ -41,8 +41,11 @@ pub struct PgStore {
 impl PgStore {
     /// Connects (creating the database if needed), applies migrations, and starts
     /// listening for transitions committed by other replicas until `shutdown`.
-    pub async fn connect(args: &DatabaseArgs, shutdown: CancellationToken) -> Result<Self, Error> {
-        let pool = connect_and_migrate(args).await?;
+    pub async fn connect(
+        options: &StoreOptions,
+        shutdown: CancellationToken,
+    ) -> Result<Self, Error> {
+        let pool = connect_and_migrate(options).await?;
         let (changes, _) = watch::channel(0);
         let origin: std::sync::Arc<str> = format!("{:016x}", rand::random::<u64>()).into();
         changes::spawn_listener(pool.clone(), changes.clone(), origin.clone(), shutdown);
@@ -61,9 +64,9 @@ impl PgStore {
 
 /// Creates the database if it does not exist, opens a pool and applies the
 /// embedded migrations (sqlx serialises concurrent migrators with an advisory lock).
-pub async fn connect_and_migrate(args: &DatabaseArgs) -> Result<PgPool, Error> {
-    let url = match args.location().map_err(Error::InvalidArgument)? {
-        crate::config::StoreLocation::Postgres(url) => url,
+pub async fn connect_and_migrate(store: &StoreOptions) -> Result<PgPool, Error> {
+    let url = match &store.location {
+        StoreLocation::Postgres(url) => url,
         other => {
             return Err(Error::invalid(format!(
                 "not a Postgres URL: {}",
@@ -88,8 +91,8 @@ pub async fn connect_and_migrate(args: &DatabaseArgs) -> Result<PgPool, Error> {
     // connecting rather than a startup option: PgBouncer refuses startup
     // options it was not told to ignore.
     let pool = PgPoolOptions::new()
-        .max_connections(args.db_max_connections)
-        .acquire_timeout(args.db_acquire_timeout)
+        .max_connections(store.max_connections)
+        .acquire_timeout(store.acquire_timeout)
         .after_connect(|conn, _| {
             Box::pin(async move {
                 sqlx::query("SET plan_cache_mode = force_custom_plan")

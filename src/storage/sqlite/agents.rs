@@ -529,7 +529,7 @@ impl AgentStore for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::DatabaseArgs;
+    use crate::storage::{StoreLocation, StoreOptions};
     use crate::domain::agent::{Event, ExhaustionReason, ExhaustionReport, SlotType};
     use crate::domain::liveness::sweep_query;
     use crate::domain::recovery::RecoverySource;
@@ -552,7 +552,7 @@ mod tests {
             uuid::Uuid::new_v4().simple()
         ));
         let path = dir.join("fleetcare.db");
-        let args = DatabaseArgs::for_url(&format!("sqlite://{}", path.display()));
+        let args = StoreOptions::new(StoreLocation::Sqlite(path.to_path_buf()));
         let store = SqliteStore::open(&path, &args).await.expect("store opens");
         TestStore { store, dir }
     }

@@ -11,8 +11,8 @@ use sqlx::{Row as _, Sqlite, SqlitePool, Transaction};
 use super::{
     BUSY_TIMEOUT, MIGRATOR, SqliteStore, day_text, from_micros, lock_file, micros, parse_day,
 };
-use crate::config::DatabaseArgs;
 use crate::error::{Error, Result};
+use crate::storage::{StoreLocation, StoreOptions};
 use crate::storage::copy::{
     Bound, Kind, Row, TableSpec, TableStore, Value, about, check_source_schema, copy_error,
     rows_per_statement,
@@ -98,11 +98,11 @@ impl SqliteTables {
     /// Opens (creating and migrating it if needed) the store at `path` and
     /// its write transaction.
     pub async fn target(path: &Path, name: &str) -> Result<SqliteTables> {
-        let args = DatabaseArgs {
-            db_max_connections: 2,
-            ..DatabaseArgs::for_url(&format!("sqlite://{}", path.display()))
+        let options = StoreOptions {
+            max_connections: 2,
+            ..StoreOptions::new(StoreLocation::Sqlite(path.to_path_buf()))
         };
-        let store = SqliteStore::open(path, &args)
+        let store = SqliteStore::open(path, &options)
             .await
             .map_err(|e| about(name, in_use(e, name)))?;
         let tx = store.begin_write().await.map_err(|e| about(name, e))?;

@@ -497,8 +497,8 @@ impl HealingStore for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::DatabaseArgs;
     use crate::domain::healing::{ErrorType, Plan, Strategy};
+    use crate::storage::{StoreLocation, StoreOptions};
 
     struct TempStore {
         store: SqliteStore,
@@ -517,7 +517,7 @@ mod tests {
             uuid::Uuid::new_v4().simple()
         ));
         let path = dir.join("fleetcare.db");
-        let args = DatabaseArgs::for_url(&format!("sqlite://{}", path.display()));
+        let args = StoreOptions::new(StoreLocation::Sqlite(path.to_path_buf()));
         let store = SqliteStore::open(&path, &args).await.expect("store opens");
         TempStore { store, dir }
     }

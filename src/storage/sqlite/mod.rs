@@ -30,8 +30,8 @@ use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use tokio::sync::watch;
 
-use crate::config::DatabaseArgs;
 use crate::error::Error;
+use crate::storage::StoreOptions;
 use crate::storage::pool::TimedPool;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -58,7 +58,7 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Opens (creating it and its directory if needed) the database file at
     /// `path`, takes the single-node lock, and applies migrations.
-    pub async fn open(path: &Path, args: &DatabaseArgs) -> Result<Self, Error> {
+    pub async fn open(path: &Path, store: &StoreOptions) -> Result<Self, Error> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| {
                 Error::Unavailable(format!(
@@ -86,7 +86,7 @@ impl SqliteStore {
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
-            .acquire_timeout(args.db_acquire_timeout)
+            .acquire_timeout(store.acquire_timeout)
             .test_before_acquire(false)
             .idle_timeout(None)
             .max_lifetime(None)
@@ -98,8 +98,8 @@ impl SqliteStore {
             .await
             .map_err(|e| Error::Internal(format!("migrations failed: {e}")))?;
         let readers = SqlitePoolOptions::new()
-            .max_connections(args.db_max_connections.max(2))
-            .acquire_timeout(args.db_acquire_timeout)
+            .max_connections(store.max_connections.max(2))
+            .acquire_timeout(store.acquire_timeout)
             .test_before_acquire(false)
             .connect_with(options.read_only(true))
             .await
@@ -275,6 +275,7 @@ pub(crate) fn sqlite_error(err: sqlx::Error) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::StoreLocation;
 
     #[test]
     fn times_round_trip_at_microsecond_precision() {
@@ -310,7 +311,7 @@ mod tests {
     async fn a_second_store_on_the_same_file_is_refused() {
         let dir = std::env::temp_dir().join(format!("fleetcare-lock-{}", std::process::id()));
         let path = dir.join("fleetcare.db");
-        let args = DatabaseArgs::for_url(&format!("sqlite://{}", path.display()));
+        let args = StoreOptions::new(StoreLocation::Sqlite(path.to_path_buf()));
         let first = SqliteStore::open(&path, &args).await.expect("first opens");
         let second = SqliteStore::open(&path, &args).await;
         match second {

@@ -429,8 +429,8 @@ impl PipelineStore for SqliteStore {
 pub(super) mod testing {
     use std::path::PathBuf;
 
-    use crate::config::DatabaseArgs;
     use crate::storage::sqlite::SqliteStore;
+    use crate::storage::{StoreLocation, StoreOptions};
 
     pub struct TempStore {
         pub store: SqliteStore,
@@ -445,7 +445,7 @@ pub(super) mod testing {
                 rand::random::<u64>()
             ));
             let path = dir.join("fleetcare.db");
-            let args = DatabaseArgs::for_url(&format!("sqlite://{}", path.display()));
+            let args = StoreOptions::new(StoreLocation::Sqlite(path.to_path_buf()));
             let store = SqliteStore::open(&path, &args).await.expect("store opens");
             TempStore { store, dir }
         }
@@ -506,8 +506,8 @@ mod tests {
     use crate::domain::healing_records::NewErrorEvent;
     use crate::domain::pipeline::{self, RetryPolicy, RunStats};
     use crate::domain::pipeline_runs::StartedBy;
-    use crate::storage::DatabaseArgs;
     use crate::storage::SessionOutput;
+    use crate::storage::{StoreLocation, StoreOptions};
 
     fn file(path: &str) -> SessionFile {
         let (user, name) = path.split_once('/').unwrap();
@@ -788,7 +788,7 @@ mod tests {
                 .unwrap();
             pool.close().await;
         }
-        let args = DatabaseArgs::for_url(&format!("sqlite://{}", path.display()));
+        let args = StoreOptions::new(StoreLocation::Sqlite(path.to_path_buf()));
         let s = SqliteStore::open(&path, &args).await.expect("migrates");
         let runs = s.last_runs().await.unwrap();
         assert_eq!(runs.len(), 1);

@@ -325,8 +325,8 @@ impl PostHealingStore for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::DatabaseArgs;
     use crate::domain::post_healing::{Evaluation, Ineligible, Stagnation, Tier, effective};
+    use crate::storage::{StoreLocation, StoreOptions};
 
     struct TempStore {
         store: SqliteStore,
@@ -343,7 +343,7 @@ mod tests {
         let dir =
             std::env::temp_dir().join(format!("fleetcare-posts-{}", uuid::Uuid::new_v4().simple()));
         let path = dir.join("fleetcare.db");
-        let args = DatabaseArgs::for_url(&format!("sqlite://{}", path.display()));
+        let args = StoreOptions::new(StoreLocation::Sqlite(path.to_path_buf()));
         let store = SqliteStore::open(&path, &args).await.expect("store opens");
         TempStore { store, dir }
     }
