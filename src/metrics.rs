@@ -87,17 +87,6 @@ pub struct PoolLabel {
     pub pool: &'static str,
 }
 
-/// One database connection pool's occupancy, read at scrape time.
-#[derive(Clone, Copy, Debug)]
-pub struct PoolStats {
-    pub pool: &'static str,
-    /// Connections open (in use and idle).
-    pub size: u32,
-    pub idle: usize,
-    /// The most it may open.
-    pub max: u32,
-}
-
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {

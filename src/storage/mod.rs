@@ -159,7 +159,7 @@ pub trait AgentStore: Send + Sync + 'static {
     async fn count_by_status(&self) -> Result<StatusCounts>;
 
     /// The occupancy of this store's connection pools (none for a store without).
-    fn pool_stats(&self) -> Vec<crate::metrics::PoolStats> {
+    fn pool_stats(&self) -> Vec<pool::PoolStats> {
         Vec::new()
     }
 

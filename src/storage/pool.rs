@@ -7,7 +7,7 @@
 //! for both backends; the call sites are the ones a plain `Pool` has.
 //!
 //! The occupancy (in use, idle) is read from the pool at scrape time
-//! ([`crate::metrics::PoolStats`]).
+//! ([`PoolStats`], through `AgentStore::pool_stats`).
 
 use std::borrow::Cow;
 use std::sync::{Arc, OnceLock};
@@ -27,6 +27,17 @@ use sqlx::{Connection, Database, Describe, Either, Error, Execute, Executor, Tra
 pub struct AcquireMetrics {
     pub duration: Histogram,
     pub timeouts: Counter,
+}
+
+/// One database connection pool's occupancy, read at scrape time.
+#[derive(Clone, Copy, Debug)]
+pub struct PoolStats {
+    pub pool: &'static str,
+    /// Connections open (in use and idle).
+    pub size: u32,
+    pub idle: usize,
+    /// The most it may open.
+    pub max: u32,
 }
 
 /// A `sqlx::Pool` whose acquisitions are timed (see the module documentation).

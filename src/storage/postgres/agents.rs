@@ -9,9 +9,9 @@ use tokio::sync::watch;
 use super::{PgStore, TRANSITIONS_CHANNEL, db_error};
 use crate::domain::agent::{AgentState, AgentStatus, Cause, Exhaustion};
 use crate::domain::batch::{self, Applied, Command, Refusal};
+use crate::domain::labels::Labels;
 use crate::domain::liveness::SweepQuery;
 use crate::domain::recovery::RecoveryEstimate;
-use crate::domain::labels::Labels;
 use crate::domain::transition::{Agent, RevisionBounds, Transition, WatchFilter};
 use crate::error::{Error, Result};
 use crate::storage::decode;
@@ -664,8 +664,8 @@ impl AgentStore for PgStore {
         crate::storage::decode::status_counts(revision, rows)
     }
 
-    fn pool_stats(&self) -> Vec<crate::metrics::PoolStats> {
-        vec![crate::metrics::PoolStats {
+    fn pool_stats(&self) -> Vec<crate::storage::pool::PoolStats> {
+        vec![crate::storage::pool::PoolStats {
             pool: "postgres",
             size: self.pool.size(),
             idle: self.pool.num_idle(),

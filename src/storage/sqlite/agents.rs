@@ -21,9 +21,9 @@ use tokio::sync::watch;
 use super::{SqliteStore, from_micros, from_micros_opt, micros, sqlite_error, truncate};
 use crate::domain::agent::{AgentState, AgentStatus, Cause, Exhaustion};
 use crate::domain::batch::{self, Applied, Command, Refusal};
+use crate::domain::labels::Labels;
 use crate::domain::liveness::SweepQuery;
 use crate::domain::recovery::RecoveryEstimate;
-use crate::domain::labels::Labels;
 use crate::domain::transition::{Agent, RevisionBounds, Transition, WatchFilter};
 use crate::error::{Error, Result};
 use crate::storage::decode;
@@ -419,13 +419,13 @@ impl AgentStore for SqliteStore {
         crate::storage::decode::status_counts(revision, rows)
     }
 
-    fn pool_stats(&self) -> Vec<crate::metrics::PoolStats> {
+    fn pool_stats(&self) -> Vec<crate::storage::pool::PoolStats> {
         [
             ("sqlite_writer", &self.writer),
             ("sqlite_readers", self.readers()),
         ]
         .into_iter()
-        .map(|(pool, p)| crate::metrics::PoolStats {
+        .map(|(pool, p)| crate::storage::pool::PoolStats {
             pool,
             size: p.size(),
             idle: p.num_idle(),
@@ -529,10 +529,10 @@ impl AgentStore for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::{StoreLocation, StoreOptions};
     use crate::domain::agent::{Event, ExhaustionReason, ExhaustionReport, SlotType};
     use crate::domain::liveness::sweep_query;
     use crate::domain::recovery::RecoverySource;
+    use crate::storage::{StoreLocation, StoreOptions};
     use chrono::{Duration, TimeZone};
 
     struct TestStore {
