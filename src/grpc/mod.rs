@@ -14,9 +14,3 @@ pub mod status;
 pub mod trace;
 pub mod validate;
 pub mod watch_route;
-
-/// Fully qualified service names, as health and reflection report them.
-pub const AGENT_STATUS_SERVICE: &str = "fleetcare.v1.AgentStatusService";
-pub const HEALING_SERVICE: &str = "fleetcare.v1.HealingService";
-pub const POST_HEALING_SERVICE: &str = "fleetcare.v1.PostHealingService";
-pub const SESSION_PIPELINE_SERVICE: &str = "fleetcare.v1.SessionPipelineService";

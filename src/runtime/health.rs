@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::proto::v1 as pb;
 use crate::storage::AgentStore;
 
 /// Whether the store answers, as the probe last saw it: consulted before each
@@ -28,14 +29,15 @@ impl StoreHealth {
     }
 }
 
-/// The names health is reported under: "" for the whole server, then each service.
+/// The names health is reported under: "" for the whole server, then each
+/// service, as the generated servers name themselves.
 pub fn service_names() -> Vec<&'static str> {
     vec![
         "",
-        crate::grpc::AGENT_STATUS_SERVICE,
-        crate::grpc::HEALING_SERVICE,
-        crate::grpc::POST_HEALING_SERVICE,
-        crate::grpc::SESSION_PIPELINE_SERVICE,
+        pb::agent_status_service_server::SERVICE_NAME,
+        pb::healing_service_server::SERVICE_NAME,
+        pb::post_healing_service_server::SERVICE_NAME,
+        pb::session_pipeline_service_server::SERVICE_NAME,
     ]
 }
 
