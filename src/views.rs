@@ -10,7 +10,7 @@ use chrono::SecondsFormat;
 use serde::Serialize;
 
 use crate::client::pb;
-use crate::grpc::convert::from_timestamp;
+use crate::proto::from_timestamp;
 
 /// `AGENT_STATUS_IDLE` with prefix `AGENT_STATUS_` is `IDLE`; an unknown value
 /// (a newer server) prints its number rather than failing.
@@ -59,7 +59,7 @@ fn strategy(value: i32) -> String {
 
 /// A time the server sent, or `None` when unset or not a valid timestamp.
 pub fn time(ts: Option<&prost_types::Timestamp>) -> Option<String> {
-    let at = from_timestamp("time", *ts?).ok()?;
+    let at = from_timestamp(*ts?)?;
     Some(at.to_rfc3339_opts(SecondsFormat::Millis, true))
 }
 
@@ -140,7 +140,7 @@ pub struct RecoveryExplanationView {
 
 impl From<&pb::ExplainRecoveryResponse> for RecoveryExplanationView {
     fn from(r: &pb::ExplainRecoveryResponse) -> RecoveryExplanationView {
-        let at = |ts: Option<&prost_types::Timestamp>| from_timestamp("time", *ts?).ok();
+        let at = |ts: Option<&prost_types::Timestamp>| from_timestamp(*ts?);
         let recovery_in_seconds = match (at(r.recovery_at.as_ref()), at(r.now.as_ref())) {
             (Some(recovery), Some(now)) => Some((recovery - now).num_seconds()),
             _ => None,
@@ -368,7 +368,7 @@ pub struct RunView {
 
 impl From<&pb::PipelineRun> for RunView {
     fn from(r: &pb::PipelineRun) -> RunView {
-        let at = |ts: Option<&prost_types::Timestamp>| from_timestamp("time", *ts?).ok();
+        let at = |ts: Option<&prost_types::Timestamp>| from_timestamp(*ts?);
         let duration_ms = match (at(r.started_at.as_ref()), at(r.finished_at.as_ref())) {
             (Some(start), Some(end)) => Some((end - start).num_milliseconds()),
             _ => None,

@@ -7,7 +7,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::table::Table;
 use super::{CliError, PipelineArgs, PipelineCommand, UsageArgs, UsageBy, print};
 use crate::client::pb;
-use crate::grpc::convert::timestamp;
+use crate::proto::timestamp;
 use crate::views::{ProcessorView, RunStatsView, RunView, UsageRowView, UsageView};
 
 pub async fn run(args: PipelineArgs) -> Result<(), CliError> {

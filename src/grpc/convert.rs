@@ -1,6 +1,6 @@
 //! Conversions between the domain and the wire.
 
-use chrono::{DateTime, Datelike, Utc};
+use chrono::{DateTime, Utc};
 use prost_types::Timestamp;
 
 use crate::domain::agent::{AgentStatus, Cause, ExhaustionReason, SlotType};
@@ -9,26 +9,16 @@ use crate::domain::transition::{Agent, Transition};
 use crate::error::{Error, Result};
 use crate::proto::v1 as pb;
 
-pub fn timestamp(at: DateTime<Utc>) -> Timestamp {
-    Timestamp {
-        seconds: at.timestamp(),
-        nanos: at.timestamp_subsec_nanos() as i32,
-    }
-}
+pub use crate::proto::timestamp;
 
 /// Decodes a client's timestamp, limited to years 1 to 9999 (RFC 3339, and what
-/// every client library can represent).
+/// every client library can represent; see [`crate::proto::from_timestamp`]).
 pub fn from_timestamp(field: &str, ts: Timestamp) -> Result<DateTime<Utc>> {
-    u32::try_from(ts.nanos)
-        .ok()
-        .filter(|nanos| *nanos < 1_000_000_000)
-        .and_then(|nanos| DateTime::from_timestamp(ts.seconds, nanos))
-        .filter(|at| (1..=9999).contains(&at.year()))
-        .ok_or_else(|| {
-            Error::invalid(format!(
-                "{field} is not a valid timestamp between years 1 and 9999"
-            ))
-        })
+    crate::proto::from_timestamp(ts).ok_or_else(|| {
+        Error::invalid(format!(
+            "{field} is not a valid timestamp between years 1 and 9999"
+        ))
+    })
 }
 
 pub fn duration(d: chrono::Duration) -> prost_types::Duration {

@@ -424,9 +424,7 @@ fn agent_status(value: &str) -> Result<i32, ApiError> {
 fn timestamp(key: &str, value: &str) -> Result<prost_types::Timestamp, ApiError> {
     let at = chrono::DateTime::parse_from_rfc3339(value)
         .map_err(|_| ApiError::invalid(format!("{key}: not an RFC 3339 time: {value}")))?;
-    Ok(crate::grpc::convert::timestamp(
-        at.with_timezone(&chrono::Utc),
-    ))
+    Ok(crate::proto::timestamp(at.with_timezone(&chrono::Utc)))
 }
 
 /// The page size of `agents` without `page_size`.

@@ -171,8 +171,8 @@ async fn check(app: &TestApp, processed: &BTreeMap<&str, String>, step: usize) {
                 let got = client(app)
                     .get_usage(pb::GetUsageRequest {
                         group_by: grouping_pb(group_by) as i32,
-                        since: since.map(fleetcare::grpc::convert::timestamp),
-                        until: until.map(fleetcare::grpc::convert::timestamp),
+                        since: since.map(fleetcare::proto::timestamp),
+                        until: until.map(fleetcare::proto::timestamp),
                         user: user.unwrap_or_default().into(),
                     })
                     .await
@@ -295,7 +295,10 @@ async fn commit_retrying(
 async fn concurrent_batches_sharing_messages_count_each_message_once() {
     let db = TestDb::new();
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let database = crate::helpers::test_args(&db.url).database.store_options().unwrap();
+    let database = crate::helpers::test_args(&db.url)
+        .database
+        .store_options()
+        .unwrap();
     let stores = Stores::open(&database, shutdown.clone()).await.unwrap();
     let store = stores.pipeline.as_ref();
     let now = store.now().await.unwrap();
