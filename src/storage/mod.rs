@@ -4,11 +4,12 @@
 //! database directly (no SQL, no LISTEN/NOTIFY, no advisory locks). Two
 //! backends implement every trait: `postgres` (several replicas on one
 //! database) and `sqlite` (the embedded default, one server per file);
-//! `memory` is the runtime's test double. [`Stores::open`] picks one from
+//! `memory` is the runtime's test double, compiled into test builds only. [`Stores::open`] picks one from
 //! the configuration.
 
 pub mod copy;
 pub(crate) mod decode;
+#[cfg(test)]
 pub mod memory;
 mod options;
 pub mod pool;

@@ -2,12 +2,11 @@
 //! without a database. It decides exactly as the real stores do (the domain's
 //! batch planner) and keeps every guarantee a single process can see: atomic
 //! batches, global gap-free revisions, wake-ups for the fan-out. Nothing is
-//! durable, so it is never offered to `serve`.
+//! durable, so it is never offered to `serve`: it is compiled into the
+//! crate's unit tests only (`storage/mod.rs` declares it `#[cfg(test)]`).
 
 mod agents;
-#[cfg(test)]
 mod pipeline;
 
 pub use agents::{CommitEvent, MemoryStore};
-#[cfg(test)]
 pub use pipeline::MemoryPipelineStore;
