@@ -30,7 +30,7 @@ use indicatif::ProgressBar;
 use crate::error::{Error, Result};
 use crate::storage::StoreLocation;
 
-use super::{postgres, sqlite};
+use super::{open_copy_source, open_copy_target};
 
 /// What a column holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -505,8 +505,8 @@ pub async fn copy_paged(
             display_name(from)
         )));
     }
-    let mut source = open_source(from).await?;
-    let mut target = open_target(to).await?;
+    let mut source = open_copy_source(from).await?;
+    let mut target = open_copy_target(to).await?;
     let report = copy_between(
         source.as_mut(),
         target.as_mut(),
@@ -690,33 +690,6 @@ fn canonical_file(path: &std::path::Path) -> std::path::PathBuf {
     }
 }
 
-/// A read-only, consistent session on an existing store, which must be at
-/// this version's schema (a copy never migrates its source).
-pub async fn open_source(location: &StoreLocation) -> Result<Box<dyn TableStore>> {
-    let name = display_name(location);
-    Ok(match location {
-        StoreLocation::Postgres(url) => {
-            Box::new(postgres::copy::PgTables::source(url, &name).await?)
-        }
-        StoreLocation::Sqlite(path) => {
-            Box::new(sqlite::copy::SqliteTables::source(path, &name).await?)
-        }
-    })
-}
-
-/// The write session on a store, created and migrated if needed.
-pub async fn open_target(location: &StoreLocation) -> Result<Box<dyn TableStore>> {
-    let name = display_name(location);
-    Ok(match location {
-        StoreLocation::Postgres(url) => {
-            Box::new(postgres::copy::PgTables::target(url, &name).await?)
-        }
-        StoreLocation::Sqlite(path) => {
-            Box::new(sqlite::copy::SqliteTables::target(path, &name).await?)
-        }
-    })
-}
-
 /// Refuses a source whose applied migrations are not exactly this binary's.
 pub(crate) fn check_source_schema(
     store: &str,
@@ -829,51 +802,5 @@ mod tests {
             &StoreLocation::Sqlite(dir.join("fleetcare-copy-other.db"))
         ));
         assert!(!same_store(&a, &pg("postgres://127.0.0.1/a")));
-    }
-
-    /// The table list is the SQLite schema, column for column and kind for kind.
-    #[tokio::test]
-    async fn the_tables_are_the_sqlite_schema() {
-        use sqlx::Row as _;
-        let dir =
-            std::env::temp_dir().join(format!("fleetcare-copy-schema-{}", std::process::id()));
-        let path = dir.join("fleetcare.db");
-        let options = crate::storage::StoreOptions::new(StoreLocation::Sqlite(path.clone()));
-        let store = sqlite::SqliteStore::open(&path, &options).await.unwrap();
-        let names: Vec<String> = sqlx::query_scalar(
-            "SELECT name FROM sqlite_master WHERE type = 'table' \
-             AND name NOT LIKE 'sqlite_%' AND name <> '_sqlx_migrations' ORDER BY name",
-        )
-        .fetch_all(store.readers())
-        .await
-        .unwrap();
-        let mut specs: Vec<&str> = TABLES.iter().map(|t| t.name).collect();
-        specs.sort();
-        assert_eq!(names, specs);
-        for table in TABLES {
-            let columns = sqlx::query(&format!("PRAGMA table_info({})", table.name))
-                .fetch_all(store.readers())
-                .await
-                .unwrap();
-            let actual: Vec<(String, String)> = columns
-                .iter()
-                .map(|c| (c.get("name"), c.get("type")))
-                .collect();
-            let expected: Vec<(String, String)> = table
-                .columns
-                .iter()
-                .map(|(name, kind)| {
-                    let ty = match kind {
-                        Text | Json | Date => "TEXT",
-                        Int | Bool | Timestamp => "INTEGER",
-                        Float => "REAL",
-                    };
-                    (name.to_string(), ty.to_string())
-                })
-                .collect();
-            assert_eq!(actual, expected, "{}", table.name);
-        }
-        drop(store);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

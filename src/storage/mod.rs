@@ -33,12 +33,12 @@ use crate::domain::healing_records::{
     ErrorEvent, HealingStatistics, NewErrorEvent, RecoveryAction, RecoveryOutcome, RecoveryStatus,
     StoredAction,
 };
+use crate::domain::labels::Labels;
 use crate::domain::liveness::SweepQuery;
 use crate::domain::pipeline::{SessionFile, SessionState, SessionStatus};
 use crate::domain::pipeline_runs::{NewRun, RunRecord, RunsQuery};
 use crate::domain::post_healing::{ActionRecord, ActionStatus, ActionType, Evaluation, Tier};
 use crate::domain::transcript::UsageEntry;
-use crate::domain::labels::Labels;
 use crate::domain::transition::{Agent, RevisionBounds, Transition, WatchFilter};
 use crate::error::Result;
 
@@ -518,6 +518,37 @@ impl Stores {
             }
         }
     }
+}
+
+/// `fleetcare copy`'s source (see [`copy`]): a read-only, consistent session
+/// on an existing store, which must be at this version's schema (a copy never
+/// migrates its source). Which backend a location selects is decided here, as
+/// for [`Stores::open`], so that `copy` and the backends' `copy` modules do
+/// not import each other.
+pub async fn open_copy_source(location: &StoreLocation) -> Result<Box<dyn copy::TableStore>> {
+    let name = copy::display_name(location);
+    Ok(match location {
+        StoreLocation::Postgres(url) => {
+            Box::new(postgres::copy::PgTables::source(url, &name).await?)
+        }
+        StoreLocation::Sqlite(path) => {
+            Box::new(sqlite::copy::SqliteTables::source(path, &name).await?)
+        }
+    })
+}
+
+/// `fleetcare copy`'s target (see [`copy`]): the write session on a store,
+/// created and migrated if needed.
+pub async fn open_copy_target(location: &StoreLocation) -> Result<Box<dyn copy::TableStore>> {
+    let name = copy::display_name(location);
+    Ok(match location {
+        StoreLocation::Postgres(url) => {
+            Box::new(postgres::copy::PgTables::target(url, &name).await?)
+        }
+        StoreLocation::Sqlite(path) => {
+            Box::new(sqlite::copy::SqliteTables::target(path, &name).await?)
+        }
+    })
 }
 
 /// Applies the migrations of the store `options` selects (`fleetcare migrate`).

@@ -6,9 +6,9 @@
 use std::process::Output;
 
 use chrono::{DateTime, Utc};
-use fleetcare::storage::{StoreLocation, StoreOptions};
 use fleetcare::error::Error;
 use fleetcare::storage::copy::{self, Bound, CopyReport, Row, TABLES};
+use fleetcare::storage::{StoreLocation, StoreOptions};
 use indicatif::ProgressBar;
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{ConnectOptions, Connection, PgConnection, SqliteConnection};
@@ -366,7 +366,9 @@ async fn fill(db: &TestDb) -> Vec<(&'static str, u64)> {
 
 /// Every table's rows, in a stable order (rows sharing a key have no order).
 async fn dump(db: &TestDb) -> Vec<(&'static str, Vec<Row>)> {
-    let mut store = copy::open_source(&location(db)).await.expect("open");
+    let mut store = fleetcare::storage::open_copy_source(&location(db))
+        .await
+        .expect("open");
     let mut tables = Vec::new();
     for table in TABLES {
         let mut rows = store.read(table, Bound::Start, None).await.unwrap();

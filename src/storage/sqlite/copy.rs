@@ -12,11 +12,11 @@ use super::{
     BUSY_TIMEOUT, MIGRATOR, SqliteStore, day_text, from_micros, lock_file, micros, parse_day,
 };
 use crate::error::{Error, Result};
-use crate::storage::{StoreLocation, StoreOptions};
 use crate::storage::copy::{
     Bound, Kind, Row, TableSpec, TableStore, Value, about, check_source_schema, copy_error,
     rows_per_statement,
 };
+use crate::storage::{StoreLocation, StoreOptions};
 
 /// Most bind parameters in one statement (SQLITE_MAX_VARIABLE_NUMBER of the
 /// bundled SQLite).
@@ -272,5 +272,58 @@ impl TableStore for SqliteTables {
             .commit()
             .await
             .map_err(copy_error(format!("committing {name}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::copy::Kind::{Bool, Date, Float, Int, Json, Text, Timestamp};
+    use crate::storage::copy::TABLES;
+
+    /// The table list is the SQLite schema, column for column and kind for kind.
+    #[tokio::test]
+    async fn the_tables_are_the_sqlite_schema() {
+        use sqlx::Row as _;
+        let dir =
+            std::env::temp_dir().join(format!("fleetcare-copy-schema-{}", std::process::id()));
+        let path = dir.join("fleetcare.db");
+        let options = StoreOptions::new(StoreLocation::Sqlite(path.clone()));
+        let store = SqliteStore::open(&path, &options).await.unwrap();
+        let names: Vec<String> = sqlx::query_scalar(
+            "SELECT name FROM sqlite_master WHERE type = 'table' \
+             AND name NOT LIKE 'sqlite_%' AND name <> '_sqlx_migrations' ORDER BY name",
+        )
+        .fetch_all(store.readers())
+        .await
+        .unwrap();
+        let mut specs: Vec<&str> = TABLES.iter().map(|t| t.name).collect();
+        specs.sort();
+        assert_eq!(names, specs);
+        for table in TABLES {
+            let columns = sqlx::query(&format!("PRAGMA table_info({})", table.name))
+                .fetch_all(store.readers())
+                .await
+                .unwrap();
+            let actual: Vec<(String, String)> = columns
+                .iter()
+                .map(|c| (c.get("name"), c.get("type")))
+                .collect();
+            let expected: Vec<(String, String)> = table
+                .columns
+                .iter()
+                .map(|(name, kind)| {
+                    let ty = match kind {
+                        Text | Json | Date => "TEXT",
+                        Int | Bool | Timestamp => "INTEGER",
+                        Float => "REAL",
+                    };
+                    (name.to_string(), ty.to_string())
+                })
+                .collect();
+            assert_eq!(actual, expected, "{}", table.name);
+        }
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
