@@ -15,8 +15,8 @@ use tonic::{Request, Status};
 use crate::domain::auth::{self, Action, Caller};
 use crate::domain::labels::Labels;
 use crate::error::Error;
+use crate::runtime::agent_cache::AgentCache;
 use crate::runtime::auth::Callers;
-use crate::runtime::heartbeats::AgentCache;
 use crate::storage::AgentStore;
 
 /// The interceptor: every call to a fleetcare service carries its caller.

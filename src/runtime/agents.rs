@@ -11,9 +11,9 @@ use crate::domain::batch::{Applied, Command};
 use crate::domain::liveness::HeartbeatPacing;
 use crate::domain::transition::Agent;
 use crate::error::Result;
+use crate::runtime::agent_cache::{AgentCache, FastHeartbeat};
 use crate::runtime::clock::Clock;
 use crate::runtime::committer::Committer;
-use crate::runtime::heartbeats::{AgentCache, FastHeartbeat};
 use crate::storage::AgentStore;
 
 #[derive(Clone)]

@@ -37,9 +37,9 @@ use tracing::Instrument;
 use crate::domain::batch::{Applied, Command, Refusal};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
+use crate::runtime::agent_cache::AgentCache;
 use crate::runtime::clock::Clock;
 use crate::runtime::fanout::LocalCommits;
-use crate::runtime::heartbeats::AgentCache;
 use crate::storage::AgentStore;
 
 /// Calls queued beyond this wait for room (back-pressure on the callers).
@@ -577,7 +577,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_naming_an_agent_in_flight_starts_only_once_that_batch_is_done() {
-        let (store, _, committer, _published, mut log) = pipelined(COMMIT_PIPELINE_DEPTH, &["a"]).await;
+        let (store, _, committer, _published, mut log) =
+            pipelined(COMMIT_PIPELINE_DEPTH, &["a"]).await;
         let answered = Arc::default();
         store.hold("a");
         let first = submit_in_task(&committer, start("a"), "start", &answered);

@@ -2,6 +2,7 @@
 //! the transition fan-out and watch streams, the sweeper, the health monitor and
 //! the session pipeline.
 
+pub mod agent_cache;
 pub mod agents;
 pub mod auth;
 pub mod clock;

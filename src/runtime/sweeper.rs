@@ -143,7 +143,7 @@ pub async fn sweep_once(
 mod tests {
     use super::*;
     use crate::domain::agent::{AgentStatus, Event};
-    use crate::runtime::heartbeats::{AgentCache, FastHeartbeat};
+    use crate::runtime::agent_cache::{AgentCache, FastHeartbeat};
     use crate::storage::memory::MemoryStore;
     use chrono::TimeZone;
 

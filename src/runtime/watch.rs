@@ -251,9 +251,9 @@ mod tests {
     use super::*;
     use crate::domain::agent::{Event, SlotType};
     use crate::domain::batch::Command;
+    use crate::runtime::agent_cache::AgentCache;
     use crate::runtime::clock::Clock;
     use crate::runtime::committer::Committer;
-    use crate::runtime::heartbeats::AgentCache;
     use crate::storage::memory::MemoryStore;
     use chrono::TimeZone;
 
