@@ -1,10 +1,12 @@
 //! fleetcare: a gRPC control plane that keeps fleets of AI agents healthy.
 //!
-//! Layers: `domain` (pure logic), `storage` (the store trait and Postgres),
-//! `grpc` (thin service adapters), `runtime` (background tasks), wired
-//! together by `startup`; `tls` terminates TLS with certificates reloaded
-//! while serving. `client` is the Rust client (the generated stubs
-//! and a resuming watch); `cli` is the operator CLI built on it.
+//! Layers, from the bottom: `domain` (pure logic), `storage` (the store
+//! traits, SQLite and Postgres), `runtime` (background tasks), `grpc` (thin
+//! service adapters), wired together by `startup`; which may import which is
+//! in docs/architecture.md (Layers) and checked by `tests/layers.rs`. `tls`
+//! terminates TLS with certificates reloaded while serving. `client` is the
+//! Rust client (the generated stubs and a resuming watch); `cli` is the
+//! operator CLI built on it.
 
 pub mod cli;
 pub mod client;
