@@ -307,17 +307,24 @@ impl Application {
                 tcp_keepalive: TCP_KEEPALIVE,
             },
         );
-        if let Some(http) = http {
-            if let Ok(addr) = http.local_addr() {
-                tracing::info!(%addr, "serving the dashboard at / and metrics at /metrics");
-            }
-            let metrics = metrics.clone();
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move {
-                if let Err(error) = crate::http::serve(http, metrics, dashboard, shutdown).await {
-                    tracing::error!(%error, "http listener failed");
+        match http {
+            Some(http) => {
+                if let Ok(addr) = http.local_addr() {
+                    tracing::info!(%addr, "serving the dashboard at / and metrics at /metrics");
                 }
-            });
+                let metrics = metrics.clone();
+                let shutdown = shutdown.clone();
+                tokio::spawn(async move {
+                    if let Err(error) = crate::http::serve(http, metrics, dashboard, shutdown).await
+                    {
+                        tracing::error!(%error, "http listener failed");
+                    }
+                });
+            }
+            // No listener serves the dashboard: let go of it now, or its
+            // handle on the services (and so on the store) would outlive them,
+            // and the shutdown would wait out its whole grace for the store.
+            None => drop(dashboard),
         }
         let authenticate = Authenticate(callers);
         let router = Server::builder()

@@ -501,6 +501,26 @@ async fn an_empty_http_listen_serves_no_metrics() {
     app.stop().await;
 }
 
+#[tokio::test]
+async fn without_an_http_listener_the_server_stops_without_waiting_out_its_grace() {
+    let db = TestDb::new();
+    let app = TestApp::spawn_with(fleetcare::config::ServeArgs {
+        http_listen: HttpListen::off(),
+        // Longer than `stop` waits (30 s): a shutdown that waits it out fails.
+        shutdown_grace: std::time::Duration::from_secs(120),
+        ..test_args(&db.url)
+    })
+    .await;
+    app.register("x").await;
+    let started = std::time::Instant::now();
+    app.stop().await;
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "stopped in {:?}",
+        started.elapsed()
+    );
+}
+
 #[test]
 fn the_flag_reads_an_address_or_nothing() {
     use fleetcare::config::parse_http_listen;
