@@ -164,7 +164,7 @@ fn buf_checks() {
 fn readme_examples_are_the_tested_files() {
     let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
     for example in [
-        "examples/quickstart.rs",
+        "clients/rust/examples/quickstart.rs",
         "clients/python/examples/quickstart.py",
         "clients/typescript/examples/quickstart.ts",
     ] {
