@@ -1,5 +1,8 @@
-//! Compiles `proto/` with protox (pure Rust: no `protoc` needed) and writes the
-//! file descriptor set that server reflection serves.
+//! Compiles `proto/` with protox (pure Rust: no `protoc` needed) into the
+//! server stubs, and writes the file descriptor set that server reflection
+//! serves. The message types and the client stubs are the client crate's
+//! (`fleetcare_client::pb`, built from the same `proto/`), so the server's
+//! stubs refer to them rather than generating a second copy.
 
 use std::{env, path::PathBuf};
 
@@ -24,8 +27,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // Malformed protobuf is the caller's fault: INVALID_ARGUMENT, not INTERNAL.
         .codec_path("crate::grpc::codec::ProstCodec")
+        .extern_path(".fleetcare.v1", "::fleetcare_client::pb")
         .build_server(true)
-        .build_client(true)
+        .build_client(false)
         .compile_fds(fds)?;
     Ok(())
 }

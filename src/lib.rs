@@ -4,12 +4,12 @@
 //! traits, SQLite and Postgres), `runtime` (background tasks), `grpc` (thin
 //! service adapters), wired together by `startup`; which may import which is
 //! in docs/architecture.md (Layers) and checked by `tests/layers.rs`. `tls`
-//! terminates TLS with certificates reloaded while serving. `client` is the
-//! Rust client (the generated stubs and a resuming watch); `cli` is the
-//! operator CLI built on it.
+//! terminates TLS with certificates reloaded while serving. The Rust client
+//! (the generated types and stubs, a resuming watch, a heartbeater) is the
+//! crate `fleetcare-client` in `clients/rust`; `cli` is the operator CLI
+//! built on it.
 
 pub mod cli;
-pub mod client;
 pub mod config;
 pub mod domain;
 pub mod error;

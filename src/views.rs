@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use chrono::SecondsFormat;
 use serde::Serialize;
 
-use crate::client::pb;
 use crate::proto::from_timestamp;
+use fleetcare_client::pb;
 
 /// `AGENT_STATUS_IDLE` with prefix `AGENT_STATUS_` is `IDLE`; an unknown value
 /// (a newer server) prints its number rather than failing.

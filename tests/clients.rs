@@ -6,7 +6,9 @@
 //! - the checked-in generated code is what the protos generate today;
 //! - `buf lint` passes on `proto/`, and `buf breaking` finds no wire change
 //!   against the last released contract (`proto/released/`);
-//! - the README's client examples are the files these suites run.
+//! - the README's client examples are the files these suites run;
+//! - the Rust client crate reads the one `proto/` (its `proto` is a symlink)
+//!   and depends on no server code (`cargo tree -p fleetcare-client`).
 //!
 //! Each package's set-up script is idempotent (a venv under
 //! `clients/python/.venv`, `npm ci` in `clients/typescript`), so the first run
@@ -164,7 +166,7 @@ fn buf_checks() {
 fn readme_examples_are_the_tested_files() {
     let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
     for example in [
-        "examples/quickstart.rs",
+        "clients/rust/examples/quickstart.rs",
         "clients/python/examples/quickstart.py",
         "clients/typescript/examples/quickstart.ts",
     ] {
@@ -174,4 +176,51 @@ fn readme_examples_are_the_tested_files() {
             "README.md does not show {example} as it is; paste the file in"
         );
     }
+}
+
+/// The Rust client crate (`clients/rust`) compiles the top-level `proto/`
+/// through its symlink (one source of truth, which `cargo package` turns into
+/// files), and depends on no server code: no sqlx, axum or OpenTelemetry, and
+/// tonic and hyper without their server side.
+#[test]
+fn rust_client_crate_has_one_proto_source_and_no_server_dependencies() {
+    let link = std::fs::read_link(repo().join("clients/rust/proto"))
+        .expect("clients/rust/proto is a symlink to the top-level proto/");
+    assert_eq!(link, Path::new("../../proto"));
+
+    let output = Command::new(env!("CARGO"))
+        .args(["tree", "-p", "fleetcare-client", "-e", "normal"])
+        .args(["--prefix", "none", "--format", "{p} [{f}]"])
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    let tree = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "cargo tree failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let server_crates = ["fleetcare", "sqlx", "axum", "opentelemetry"];
+    for line in tree.lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        let family = name.split(['-', '_']).next().unwrap_or_default();
+        assert!(
+            name == "fleetcare-client" || !server_crates.contains(&family),
+            "fleetcare-client depends on {line}"
+        );
+        let features = line
+            .split_once('[')
+            .and_then(|(_, rest)| rest.split_once(']'))
+            .map(|(features, _)| features)
+            .unwrap_or_default();
+        if ["tonic", "hyper", "hyper-util"].contains(&name) {
+            assert!(
+                !features
+                    .split(',')
+                    .any(|f| f.starts_with("server") || f == "router"),
+                "fleetcare-client builds {name} with its server side: {line}"
+            );
+        }
+    }
+    assert!(tree.lines().any(|l| l.starts_with("tonic ")), "{tree}");
 }

@@ -41,8 +41,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         "grpc",
         &["domain", "storage", "runtime", "metrics", "proto", "error"],
     ),
-    ("client", &["proto"]),
-    ("views", &["client", "proto"]),
+    ("views", &["proto"]),
     (
         "http",
         &[
@@ -52,9 +51,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("telemetry", &["config"]),
     (
         "cli",
-        &[
-            "client", "views", "proto", "config", "error", "domain", "storage",
-        ],
+        &["views", "proto", "config", "error", "domain", "storage"],
     ),
     ("startup", EVERYTHING),
 ];

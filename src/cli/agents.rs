@@ -4,8 +4,8 @@ use std::io::Write;
 
 use super::table::Table;
 use super::{AgentsArgs, AgentsCommand, CliError, StatusArg, WatchArgs, print};
-use crate::client::{ResumingWatch, pb};
 use crate::views::{AgentView, TransitionView};
+use fleetcare_client::{ResumingWatch, pb};
 
 /// The largest page the server hands out; `list` follows every page.
 const PAGE_SIZE: i32 = 1000;

@@ -1,8 +1,8 @@
 //! `fleetcare explain-limit`: what the server would infer from a report.
 
 use super::{CliError, ExplainLimitArgs, ReasonArg, print};
-use crate::client::pb;
 use crate::views::RecoveryExplanationView;
+use fleetcare_client::pb;
 
 pub async fn run(args: ExplainLimitArgs) -> Result<(), CliError> {
     let mut clients = args.connection.connect().await?;

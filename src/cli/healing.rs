@@ -2,8 +2,8 @@
 
 use super::table::Table;
 use super::{CliError, HealingArgs, HealingCommand, print};
-use crate::client::pb;
 use crate::views::HealingStatsView;
+use fleetcare_client::pb;
 
 pub async fn stats(args: HealingArgs) -> Result<(), CliError> {
     let mut clients = args.connection.connect().await?;

@@ -18,9 +18,9 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 
-use crate::client::{Clients, ConnectError, ConnectOptions};
 pub use copy::{CopyArgs, CopyFailure, run_copy};
 pub use error::{CliError, exit};
+use fleetcare_client::{Clients, ConnectError, ConnectOptions};
 
 /// Where the server is, how to reach it, and how to print.
 #[derive(Debug, Clone, Args)]

@@ -6,9 +6,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::table::Table;
 use super::{CliError, PipelineArgs, PipelineCommand, UsageArgs, UsageBy, print};
-use crate::client::pb;
 use crate::proto::timestamp;
 use crate::views::{ProcessorView, RunStatsView, RunView, UsageRowView, UsageView};
+use fleetcare_client::pb;
 
 pub async fn run(args: PipelineArgs) -> Result<(), CliError> {
     let mut clients = args.connection.connect().await?;

@@ -112,7 +112,15 @@ impl PageCursor for RunCursor {
     }
 }
 
-impl TryFrom<pb::ListRunsRequest> for (Option<ProcessorName>, RunsQuery) {
+/// A decoded `ListRunsRequest`: the processor it names, if any, and the query.
+/// (The request types are the client crate's, so a decoded request is a type
+/// of this crate, not a tuple: the orphan rule.)
+struct RunsRequest {
+    name: Option<ProcessorName>,
+    query: RunsQuery,
+}
+
+impl TryFrom<pb::ListRunsRequest> for RunsRequest {
     type Error = Error;
 
     fn try_from(r: pb::ListRunsRequest) -> Result<Self, Error> {
@@ -137,7 +145,7 @@ impl TryFrom<pb::ListRunsRequest> for (Option<ProcessorName>, RunsQuery) {
             before,
             limit,
         };
-        Ok((name, query))
+        Ok(RunsRequest { name, query })
     }
 }
 
@@ -171,7 +179,13 @@ fn user_filter(user: String) -> Result<Option<String>, Error> {
     }
 }
 
-impl TryFrom<pb::ListSessionStatesRequest> for (ProcessorName, SessionStatesQuery) {
+/// A decoded `ListSessionStatesRequest`.
+struct SessionStatesRequest {
+    name: ProcessorName,
+    query: SessionStatesQuery,
+}
+
+impl TryFrom<pb::ListSessionStatesRequest> for SessionStatesRequest {
     type Error = Error;
 
     fn try_from(r: pb::ListSessionStatesRequest) -> Result<Self, Error> {
@@ -192,24 +206,30 @@ impl TryFrom<pb::ListSessionStatesRequest> for (ProcessorName, SessionStatesQuer
                 .transpose()?,
             limit: validate::page_size(page_size)?,
         };
-        Ok((name, query))
+        Ok(SessionStatesRequest { name, query })
     }
 }
 
-impl TryFrom<pb::RetrySessionRequest> for (ProcessorName, SessionRef) {
+/// A decoded `RetrySessionRequest`.
+struct RetrySession {
+    name: ProcessorName,
+    session: SessionRef,
+}
+
+impl TryFrom<pb::RetrySessionRequest> for RetrySession {
     type Error = Error;
 
     fn try_from(r: pb::RetrySessionRequest) -> Result<Self, Error> {
         let pb::RetrySessionRequest { processor, session } = r;
         let name = ProcessorName::parse(processor)?;
         let path = session_path(session)?;
-        Ok((
-            ProcessorName(name.0.clone()),
-            SessionRef {
+        Ok(RetrySession {
+            name: ProcessorName(name.0.clone()),
+            session: SessionRef {
                 processor: name.0,
                 path,
             },
-        ))
+        })
     }
 }
 
@@ -425,7 +445,7 @@ impl SessionPipelineService for SessionPipelineApi {
     ) -> Result<Response<pb::ListSessionStatesResponse>, Status> {
         let caller = auth::caller(&request)?;
         self.guard.check(&caller, Action::ListSessionStates, None)?;
-        let (name, query): (ProcessorName, SessionStatesQuery) = request.into_inner().try_into()?;
+        let SessionStatesRequest { name, query } = request.into_inner().try_into()?;
         let processor = self.known(name)?;
         let limit = query.limit;
         let mut states = self
@@ -460,7 +480,7 @@ impl SessionPipelineService for SessionPipelineApi {
     ) -> Result<Response<pb::RetrySessionResponse>, Status> {
         let caller = auth::caller(&request)?;
         self.guard.check(&caller, Action::RetrySession, None)?;
-        let (name, session): (ProcessorName, SessionRef) = request.into_inner().try_into()?;
+        let RetrySession { name, session } = request.into_inner().try_into()?;
         let processor = self.known(name)?;
         let state = self
             .pipeline
@@ -491,8 +511,7 @@ impl SessionPipelineService for SessionPipelineApi {
     ) -> Result<Response<pb::ListRunsResponse>, Status> {
         let caller = auth::caller(&request)?;
         self.guard.check(&caller, Action::ListRuns, None)?;
-        let (name, mut query): (Option<ProcessorName>, RunsQuery) =
-            request.into_inner().try_into()?;
+        let RunsRequest { name, mut query } = request.into_inner().try_into()?;
         if let Some(name) = name {
             query.processor = Some(self.known(name)?);
         }

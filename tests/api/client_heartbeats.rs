@@ -1,4 +1,4 @@
-//! The Rust client's heartbeat loop (`fleetcare::client::Heartbeater`): it
+//! The Rust client's heartbeat loop (`fleetcare_client::Heartbeater`): it
 //! keeps to the interval the server gives, stops promptly when asked (also in
 //! the middle of a long wait), retries a dropped connection, ends with
 //! NOT_FOUND for an agent nobody registered, and shows an agent coming back
@@ -6,8 +6,8 @@
 
 use std::time::{Duration, Instant};
 
-use fleetcare::client::{Clients, Heartbeater};
 use fleetcare::proto::v1 as pb;
+use fleetcare_client::{Clients, Heartbeater};
 use tokio::sync::mpsc;
 use tonic::Code;
 

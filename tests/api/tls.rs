@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fleetcare::client::{Clients, ConnectOptions, pb};
 use fleetcare::config::TlsArgs;
+use fleetcare_client::{Clients, ConnectOptions, pb};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,

@@ -408,7 +408,7 @@ async fn pruned_history_cannot_be_resumed_from() {
 /// last revision it saw.
 #[tokio::test]
 async fn the_client_watch_resumes_across_a_server_restart() {
-    use fleetcare::client::{Clients, ResumingWatch};
+    use fleetcare_client::{Clients, ResumingWatch};
 
     let db = TestDb::new();
     let first = TestApp::spawn(&db).await;
@@ -457,7 +457,7 @@ async fn the_client_watch_resumes_across_a_server_restart() {
     second.stop().await;
 }
 
-async fn next_client_transition(watch: &mut fleetcare::client::ResumingWatch) -> i64 {
+async fn next_client_transition(watch: &mut fleetcare_client::ResumingWatch) -> i64 {
     loop {
         let event = tokio::time::timeout(Duration::from_secs(30), watch.next())
             .await
@@ -474,7 +474,7 @@ async fn next_client_transition(watch: &mut fleetcare::client::ResumingWatch) ->
 /// and delivers the first transitions exactly once.
 #[tokio::test]
 async fn the_client_watch_from_now_on_an_empty_history_misses_nothing() {
-    use fleetcare::client::{Clients, ResumingWatch};
+    use fleetcare_client::{Clients, ResumingWatch};
 
     let db = TestDb::new();
     let app = TestApp::spawn(&db).await;

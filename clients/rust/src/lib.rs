@@ -1,10 +1,12 @@
-//! The Rust client: the crate's generated gRPC clients, a connection helper,
-//! a transition watch that resumes by itself after a dropped connection, and
-//! a heartbeat loop that keeps to the interval the server asks for.
+//! The Rust client of fleetcare: the generated message types and gRPC clients
+//! ([`pb`]), a connection helper with TLS and token options
+//! ([`ConnectOptions`]), a transition watch that resumes by itself after a
+//! dropped connection ([`ResumingWatch`]), and a heartbeat loop that keeps to
+//! the interval the server asks for ([`Heartbeater`]).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! use fleetcare::client::{Clients, pb};
+//! use fleetcare_client::{Clients, pb};
 //! let mut clients = Clients::connect("127.0.0.1:50051").await?;
 //! let agent = clients
 //!     .agents
@@ -13,6 +15,11 @@
 //!     .into_inner();
 //! # Ok(()) }
 //! ```
+
+/// The README's examples, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -27,7 +34,12 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status, Streaming};
 
-pub use crate::proto::v1 as pb;
+/// The generated protobuf messages and gRPC clients of `fleetcare.v1`.
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("fleetcare.v1");
+}
+
 pub use pb::agent_status_service_client::AgentStatusServiceClient;
 pub use pb::healing_service_client::HealingServiceClient;
 pub use pb::post_healing_service_client::PostHealingServiceClient;
@@ -68,8 +80,8 @@ fn plain_endpoint(server: &str) -> Result<Endpoint, tonic::transport::Error> {
 /// is an error rather than a silent plaintext connection.
 ///
 /// ```no_run
-/// # async fn demo() -> Result<(), fleetcare::client::ConnectError> {
-/// use fleetcare::client::{Clients, ConnectOptions};
+/// # async fn demo() -> Result<(), fleetcare_client::ConnectError> {
+/// use fleetcare_client::{Clients, ConnectOptions};
 /// let options = ConnectOptions::default()
 ///     .ca_file("ca.pem")
 ///     .identity_files("client.pem", "client-key.pem")
@@ -543,7 +555,7 @@ pub type RetryHook = Box<dyn FnMut(&Status, Duration) + Send>;
 /// also in the middle of a wait or a call.
 ///
 /// ```no_run
-/// # async fn demo(clients: fleetcare::client::Clients) -> Result<(), tonic::Status> {
+/// # async fn demo(clients: fleetcare_client::Clients) -> Result<(), tonic::Status> {
 /// let beats = clients.heartbeats("a-1").spawn();
 /// let mut last = beats.subscribe();
 /// // ... run the agent; `last` holds the newest HeartbeatResponse ...

@@ -1,8 +1,9 @@
 //! Registers an agent, gives it work, and follows its transitions with the
-//! resuming watch. Run a server first (`cargo run --release -- serve`), then:
-//! `cargo run --example quickstart` (FLEETCARE_SERVER overrides the address).
+//! resuming watch. Run a server first (`cargo run --release -- serve` in the
+//! repository), then: `cargo run -p fleetcare-client --example quickstart`
+//! (FLEETCARE_SERVER overrides the address).
 
-use fleetcare::client::{Clients, ResumingWatch, pb};
+use fleetcare_client::{Clients, ResumingWatch, pb};
 use pb::watch_transitions_response::Event;
 
 #[tokio::main]
