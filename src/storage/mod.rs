@@ -8,6 +8,8 @@
 //! the configuration.
 
 pub mod clock;
+#[cfg(test)]
+mod contract;
 pub mod copy;
 pub(crate) mod decode;
 #[cfg(test)]
