@@ -64,6 +64,7 @@ impl DatabaseArgs {
             location: self.location()?,
             max_connections: self.db_max_connections,
             acquire_timeout: self.db_acquire_timeout,
+            clock: None,
         })
     }
 }
@@ -187,6 +188,12 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub tracing: TracingArgs,
+
+    /// The clock the server and its store run on (see
+    /// [`StoreOptions::clock`]): `None`, the system clock (and Postgres's
+    /// own `now()`). Not a flag: tests set a manual clock to move time.
+    #[arg(skip)]
+    pub clock: Option<crate::storage::Clock>,
 }
 
 /// Span export: none unless --otlp-endpoint is given.
@@ -432,6 +439,15 @@ pub fn exposure(
 }
 
 impl ServeArgs {
+    /// What the server opens its store with: the database flags'
+    /// [`DatabaseArgs::store_options`], on [`ServeArgs::clock`].
+    pub fn store_options(&self) -> Result<StoreOptions, String> {
+        Ok(StoreOptions {
+            clock: self.clock.clone(),
+            ..self.database.store_options()?
+        })
+    }
+
     /// Whether serving `addr` (the address actually bound) with these flags is
     /// allowed, and how exposed it is.
     pub fn exposure_at(&self, addr: SocketAddr) -> Result<Exposure, String> {

@@ -40,7 +40,6 @@ use crate::proto::v1::session_pipeline_service_server::SessionPipelineServiceSer
 use crate::runtime::agent_cache::AgentCache;
 use crate::runtime::agents::AgentWrites;
 use crate::runtime::auth::{Callers, RELOAD_INTERVAL};
-use crate::runtime::clock::Clock;
 use crate::runtime::committer::Committer;
 use crate::runtime::connections::{self, ConnectionLimits};
 use crate::runtime::health::StoreHealth;
@@ -184,10 +183,7 @@ impl Application {
         // The embedded store is a local file: nothing to wait for, and a refusal
         // (another server holds it) must stop the start at once. Postgres is
         // reached in the background, with backoff.
-        let store_options = args
-            .database
-            .store_options()
-            .map_err(Error::InvalidArgument)?;
+        let store_options = args.store_options().map_err(Error::InvalidArgument)?;
         let preopened = match &store_options.location {
             StoreLocation::Sqlite(path) => {
                 let stores = Stores::open(&store_options, shutdown.child_token()).await?;
@@ -445,7 +441,7 @@ async fn prepare(
     let opening = match preopened {
         Some(stores) => Ok(stores),
         // Validated in `build`: the location parses.
-        None => match args.database.store_options() {
+        None => match args.store_options() {
             Ok(options) => open_store(&options, &shutdown).await,
             Err(why) => Err(why),
         },
@@ -544,7 +540,8 @@ async fn start_services(
         shutdown.child_token(),
         metrics.clone(),
     );
-    let clock = Clock::system();
+    // The store's clock (a test's manual one moves both).
+    let clock = stores.clock.clone();
     let cache = AgentCache::new();
     heartbeats::spawn_observer(
         cache.clone(),

@@ -1,47 +1,7 @@
 //! The server's clock, passed to whatever decides with time, so that tests can
-//! hold it still or move it by hand. Callers' clocks are never used.
+//! hold it still or move it by hand. It is the store's clock type
+//! ([`crate::storage::clock`]): a server runs on the clock its store was
+//! opened with ([`crate::storage::Stores::clock`]), so one manual clock moves
+//! both. Callers' clocks are never used.
 
-use std::sync::{Arc, Mutex};
-
-use chrono::{DateTime, Duration, Utc};
-
-#[derive(Clone)]
-pub struct Clock(Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>);
-
-impl Clock {
-    /// The system clock.
-    pub fn system() -> Self {
-        Clock(Arc::new(Utc::now))
-    }
-
-    /// A clock that only moves when told to, and the handle that moves it.
-    pub fn manual(start: DateTime<Utc>) -> (Self, ManualClock) {
-        let now = Arc::new(Mutex::new(start));
-        let read = now.clone();
-        let clock = Clock(Arc::new(move || {
-            *read.lock().unwrap_or_else(|e| e.into_inner())
-        }));
-        (clock, ManualClock(now))
-    }
-
-    pub fn now(&self) -> DateTime<Utc> {
-        (self.0)()
-    }
-}
-
-impl std::fmt::Debug for Clock {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Clock")
-    }
-}
-
-/// Moves a [`Clock::manual`].
-#[derive(Clone)]
-pub struct ManualClock(Arc<Mutex<DateTime<Utc>>>);
-
-impl ManualClock {
-    pub fn advance(&self, by: Duration) {
-        let mut now = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        *now += by;
-    }
-}
+pub use crate::storage::clock::{Clock, ManualClock};

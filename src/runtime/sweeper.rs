@@ -39,7 +39,19 @@ pub fn spawn(
     metrics: Arc<crate::metrics::Metrics>,
     shutdown: CancellationToken,
 ) {
-    tokio::spawn(run(store, committer, clock, config, metrics, shutdown));
+    // After the service was down nobody heartbeated successfully, so every
+    // agent looks silent: give them one full timeout from start-up (read here,
+    // not when the task first runs) before any goes OFFLINE, on the clock
+    // silence is judged by (a test's manual clock moves both).
+    let grace_ends = clock
+        .now()
+        .checked_add_signed(
+            chrono::Duration::from_std(config.heartbeat_timeout).unwrap_or(chrono::Duration::MAX),
+        )
+        .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC);
+    tokio::spawn(run(
+        store, committer, clock, config, grace_ends, metrics, shutdown,
+    ));
 }
 
 async fn run(
@@ -47,12 +59,10 @@ async fn run(
     committer: Committer,
     clock: Clock,
     config: SweeperConfig,
+    grace_ends: chrono::DateTime<chrono::Utc>,
     metrics: Arc<crate::metrics::Metrics>,
     shutdown: CancellationToken,
 ) {
-    // After the service was down nobody heartbeated successfully, so every agent
-    // looks silent: give them one full timeout from start-up before any goes OFFLINE.
-    let grace_ends = Instant::now() + config.heartbeat_timeout;
     let silence = crate::runtime::heartbeats::silence(
         config.heartbeat_timeout,
         config.heartbeat_flush_interval,
@@ -73,7 +83,7 @@ async fn run(
             _ = shutdown.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        let offline_allowed = Instant::now() >= grace_ends;
+        let offline_allowed = clock.now() >= grace_ends;
         metrics.sweeper_runs.inc();
         match sweep_once(&*store, &committer, &clock, silence, offline_allowed).await {
             Ok(changed) => {

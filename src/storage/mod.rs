@@ -7,6 +7,9 @@
 //! `memory` is the runtime's test double, compiled into test builds only. [`Stores::open`] picks one from
 //! the configuration.
 
+pub mod clock;
+#[cfg(test)]
+mod contract;
 pub mod copy;
 pub(crate) mod decode;
 #[cfg(test)]
@@ -20,6 +23,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+pub use clock::Clock;
 pub use options::{StoreLocation, StoreOptions};
 
 use async_trait::async_trait;
@@ -465,6 +469,11 @@ pub struct Stores {
     pub pipeline: Arc<dyn PipelineStore>,
     /// Where it is.
     pub location: StoreLocation,
+    /// The server's clock: the one the store was opened with
+    /// ([`StoreOptions::clock`]), else the system clock. The runtime stamps
+    /// state changes with it, so a test's manual clock moves the store and
+    /// the server together.
+    pub clock: Clock,
     /// The embedded store's release signal (see [`Stores::released`]).
     released: Option<tokio::sync::watch::Receiver<()>>,
 }
@@ -475,15 +484,16 @@ impl Stores {
     /// with `shutdown`.
     pub async fn open(options: &StoreOptions, shutdown: CancellationToken) -> Result<Stores> {
         let location = options.location.clone();
+        let clock = options.clock.clone().unwrap_or_else(Clock::system);
         match &location {
             StoreLocation::Postgres(_) => {
                 let store = Arc::new(postgres::PgStore::connect(options, shutdown).await?);
-                Ok(Stores::of(store, location, None))
+                Ok(Stores::of(store, location, clock, None))
             }
             StoreLocation::Sqlite(path) => {
                 let store = Arc::new(sqlite::SqliteStore::open(path, options).await?);
                 let released = store.release_signal();
-                Ok(Stores::of(store, location, Some(released)))
+                Ok(Stores::of(store, location, clock, Some(released)))
             }
         }
     }
@@ -491,6 +501,7 @@ impl Stores {
     fn of<S>(
         store: Arc<S>,
         location: StoreLocation,
+        clock: Clock,
         released: Option<tokio::sync::watch::Receiver<()>>,
     ) -> Stores
     where
@@ -502,6 +513,7 @@ impl Stores {
             posts: store.clone(),
             pipeline: store,
             location,
+            clock,
             released,
         }
     }

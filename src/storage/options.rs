@@ -5,6 +5,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::storage::clock::Clock;
+
 /// Which store a configuration selects.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreLocation {
@@ -44,7 +46,8 @@ impl StoreLocation {
     }
 }
 
-/// How to open a store: where it is, and the limits of its connection pools.
+/// How to open a store: where it is, the limits of its connection pools, and
+/// its clock.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreOptions {
     pub location: StoreLocation,
@@ -53,6 +56,13 @@ pub struct StoreOptions {
     /// How long a request waits for a database connection before UNAVAILABLE
     /// (`--db-acquire-timeout`).
     pub acquire_timeout: Duration,
+    /// The clock the store decides expiry with (leases, claims, the time a
+    /// stat was observed) and the server stamps state changes with. `None`:
+    /// the store's own (Postgres: the database's `now()`, one clock for every
+    /// replica; SQLite: the system clock) and the system clock for the
+    /// server. Tests set a [`Clock::manual`] to advance time instead of
+    /// sleeping; it is never a flag.
+    pub clock: Option<Clock>,
 }
 
 impl StoreOptions {
@@ -67,6 +77,15 @@ impl StoreOptions {
             location,
             max_connections: Self::DEFAULT_MAX_CONNECTIONS,
             acquire_timeout: Self::DEFAULT_ACQUIRE_TIMEOUT,
+            clock: None,
+        }
+    }
+
+    /// These options with `clock` as the store's clock.
+    pub fn with_clock(self, clock: Clock) -> StoreOptions {
+        StoreOptions {
+            clock: Some(clock),
+            ..self
         }
     }
 

@@ -289,6 +289,7 @@ async fn an_active_recovery_without_outcome_expires_and_frees_the_agent() {
     let db = TestDb::new();
     let mut args = test_args(&db.url);
     args.healing.recovery_lease = Duration::from_millis(800);
+    let clock = crate::helpers::manual_clock(&mut args);
     let app = TestApp::spawn_with(args).await;
     let mut c = client(&app);
     let e1 = report(&mut c, "a", "execution failed", &[]).await;
@@ -298,7 +299,13 @@ async fn an_active_recovery_without_outcome_expires_and_frees_the_agent() {
         plan(&mut c, e2.id).await.unwrap_err().code(),
         Code::FailedPrecondition
     );
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Still active until the lease has run out on the store's clock.
+    clock.advance(chrono::Duration::milliseconds(799));
+    assert_eq!(
+        plan(&mut c, e2.id).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    clock.advance(chrono::Duration::milliseconds(2));
     let second = plan(&mut c, e2.id).await.unwrap();
     assert_ne!(second.id, first.id);
     let listed = c

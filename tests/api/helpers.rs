@@ -345,6 +345,16 @@ pub fn test_args(database_url: &str) -> ServeArgs {
     }
 }
 
+/// Puts the server `args` start (and its store) on a manual clock, starting
+/// at the system clock's now, and returns the hand that moves it: a test about
+/// expiry advances it instead of sleeping. Servers started from clones of
+/// `args` share it.
+pub fn manual_clock(args: &mut ServeArgs) -> fleetcare::runtime::clock::ManualClock {
+    let (clock, hand) = fleetcare::runtime::clock::Clock::manual(chrono::Utc::now());
+    args.clock = Some(clock);
+    hand
+}
+
 pub struct TestApp {
     pub addr: SocketAddr,
     /// The metrics listener (`--http-listen`), when there is one.

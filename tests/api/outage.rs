@@ -151,11 +151,16 @@ async fn a_server_shut_down_while_waiting_for_its_database_stops_cleanly() {
     proxy.cut().await;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let shutdown = CancellationToken::new();
+    let addr = listener.local_addr().unwrap();
     let app = Application::build(test_args(&db.url_via(&proxy)), listener, shutdown.clone())
         .await
         .unwrap();
     let server = tokio::spawn(app.run());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Shut down once it is up and waiting: answering, NOT_SERVING.
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
+    wait_for(&channel, ServingStatus::NotServing).await;
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(30), server)
         .await

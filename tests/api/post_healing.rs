@@ -465,6 +465,7 @@ async fn a_crashed_worker_s_claim_becomes_a_retryable_timeout() {
     let db = TestDb::new();
     let mut args = crate::helpers::test_args(&db.url);
     args.healing.post_claim_lease = std::time::Duration::from_millis(500);
+    let clock = crate::helpers::manual_clock(&mut args);
     let app = TestApp::spawn_with(args).await;
     let mut c = client(&app);
     let claimed = c
@@ -478,7 +479,17 @@ async fn a_crashed_worker_s_claim_becomes_a_retryable_timeout() {
         .unwrap()
         .into_inner();
     assert!(claimed.claimed);
-    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    // Within the lease the claim holds: no retry yet.
+    clock.advance(chrono::Duration::milliseconds(499));
+    let early = c
+        .should_retry(pb::ShouldRetryRequest {
+            idempotency_key: claimed.idempotency_key.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!early.retry, "{early:?}");
+    clock.advance(chrono::Duration::milliseconds(2));
     let retry = c
         .should_retry(pb::ShouldRetryRequest {
             idempotency_key: claimed.idempotency_key.clone(),

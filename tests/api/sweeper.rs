@@ -103,21 +103,51 @@ async fn exhausted_agents_recover_when_their_time_comes() {
 async fn a_restart_gives_every_agent_one_timeout_of_grace() {
     let db = TestDb::new();
     let timeout = Duration::from_secs(4);
-    let app = TestApp::spawn_with(quick(&db, timeout)).await;
+    let mut args = quick(&db, timeout);
+    // Both servers on one manual clock: the test moves time, never sleeps it out.
+    let clock = crate::helpers::manual_clock(&mut args);
+    let app = TestApp::spawn_with(args.clone()).await;
     app.register("a").await;
     app.stop().await;
 
     // Nobody sweeps (or heartbeats successfully) while the service is down.
-    tokio::time::sleep(timeout + Duration::from_millis(500)).await;
-    let app = TestApp::spawn_with(quick(&db, timeout)).await;
-    // Several sweeps run in the first second; none may mark the stale agent offline.
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    clock.advance(chrono::Duration::milliseconds(4500));
+    let app = TestApp::spawn_with(args).await;
+    // Sweeps run within the grace (a timeout from start-up, on the server's
+    // clock); none may mark the stale agent offline.
+    clock.advance(chrono::Duration::milliseconds(3900));
+    let sweeps = sweeper_runs(&app).await;
+    eventually(Duration::from_secs(10), "three more sweeps", || async {
+        (sweeper_runs(&app).await >= sweeps + 3).then_some(())
+    })
+    .await;
     assert_eq!(app.get("a").await.status, status(S::Idle), "still in grace");
     // Without a heartbeat it goes offline once the grace has passed.
+    clock.advance(chrono::Duration::milliseconds(200));
     eventually(Duration::from_secs(20), "offline after grace", || async {
         (app.get("a").await.status == status(S::Offline)).then_some(())
     })
     .await;
+}
+
+/// How many sweeps the server has run (its `fleetcare_sweeper_runs_total`).
+async fn sweeper_runs(app: &TestApp) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = app
+        .http_addr
+        .expect("the test server has a metrics listener");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+        .lines()
+        .find_map(|line| line.strip_prefix("fleetcare_sweeper_runs_total "))
+        .and_then(|value| value.trim().parse::<f64>().ok())
+        .expect("fleetcare_sweeper_runs_total in /metrics") as u64
 }
 
 postgres_only! {

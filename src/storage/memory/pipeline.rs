@@ -41,6 +41,8 @@ pub struct MemoryPipelineStore {
     pub hold_commits: Option<Arc<Semaphore>>,
     /// One permit added per `commit_sessions` call, on entry.
     pub commits_started: Arc<Semaphore>,
+    /// The store's clock (the system clock unless a test sets one).
+    pub clock: crate::storage::Clock,
 }
 
 impl Default for MemoryPipelineStore {
@@ -51,6 +53,7 @@ impl Default for MemoryPipelineStore {
             conflicting_commits: AtomicUsize::new(0),
             hold_commits: None,
             commits_started: Arc::new(Semaphore::new(0)),
+            clock: crate::storage::Clock::system(),
         }
     }
 }
@@ -148,7 +151,7 @@ impl PipelineStore for MemoryPipelineStore {
     }
 
     async fn refresh_stat(&self, processor: &str, file: &SessionFile) -> Result<()> {
-        let now = Utc::now();
+        let now = self.clock.now();
         if let Some(s) = self
             .inner()
             .states
@@ -199,7 +202,7 @@ impl PipelineStore for MemoryPipelineStore {
             kind: "session",
             id: format!("{processor}:{path}"),
         })?;
-        let state = update(current, Utc::now())?;
+        let state = update(current, self.clock.now())?;
         inner.states.insert(key, state.clone());
         Ok(state)
     }
@@ -270,6 +273,6 @@ impl PipelineStore for MemoryPipelineStore {
     }
 
     async fn now(&self) -> Result<DateTime<Utc>> {
-        Ok(Utc::now())
+        Ok(self.clock.now())
     }
 }

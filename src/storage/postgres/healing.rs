@@ -60,14 +60,6 @@ fn filter_arrays(filters: &[StoredStatusFilter]) -> FilterArrays {
     arrays
 }
 
-/// The store's clock, once per call: `now()` is the transaction's start.
-async fn db_now(tx: &mut Transaction<'_, Postgres>) -> Result<DateTime<Utc>> {
-    sqlx::query_scalar("SELECT now()")
-        .fetch_one(&mut **tx)
-        .await
-        .map_err(db_error)
-}
-
 #[derive(FromRow)]
 struct EventRow {
     id: i64,
@@ -201,7 +193,7 @@ impl HealingStore for PgStore {
             .execute(&mut *tx)
             .await
             .map_err(db_error)?;
-        let now = db_now(&mut tx).await?;
+        let now = self.now_in(&mut tx).await?;
         let window = healing::recurrence_window(now);
         let earlier: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM error_events
@@ -257,7 +249,7 @@ impl HealingStore for PgStore {
             id: error_event_id.to_string(),
         })?
         .try_into()?;
-        let now = db_now(&mut tx).await?;
+        let now = self.now_in(&mut tx).await?;
         let stored_active = stored_active_action(&mut tx, &event.agent_id).await?;
         // Free the agent from a recovery whose lease ran out without an outcome.
         if let Some(lapsed) = records::admit_plan(stored_active.as_ref(), now)? {
@@ -326,7 +318,7 @@ impl HealingStore for PgStore {
             Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => {
                 drop(tx);
                 let mut tx = self.pool.begin().await.map_err(db_error)?;
-                let now = db_now(&mut tx).await?;
+                let now = self.now_in(&mut tx).await?;
                 let winner = stored_active_action(&mut tx, &event.agent_id).await?;
                 match winner {
                     Some(active) if records::admit_plan(Some(&active), now).is_err() => {
@@ -348,7 +340,7 @@ impl HealingStore for PgStore {
         outcome: RecoveryOutcome,
     ) -> Result<RecoveryAction> {
         let mut tx = self.pool.begin().await.map_err(db_error)?;
-        let now = db_now(&mut tx).await?;
+        let now = self.now_in(&mut tx).await?;
         let current = sqlx::query_as::<_, ActionRow>(&format!(
             "SELECT {ACTION_COLUMNS} FROM recovery_actions WHERE id = $1 FOR UPDATE"
         ))
@@ -406,7 +398,7 @@ impl HealingStore for PgStore {
     async fn healing_statistics(&self) -> Result<HealingStatistics> {
         // One transaction: every figure as of one `now`.
         let mut tx = self.pool.begin().await.map_err(db_error)?;
-        let now = db_now(&mut tx).await?;
+        let now = self.now_in(&mut tx).await?;
         let (statuses, ends_after, ended_by) =
             filter_arrays(&RecoveryStatus::Active.stored_as(now));
         let (total_errors, errors_last_hour, active_recoveries): (i64, i64, i64) =
@@ -469,7 +461,7 @@ impl HealingStore for PgStore {
         query: &RecoveryActionQuery,
     ) -> Result<Vec<RecoveryAction>> {
         let mut tx = self.pool.begin().await.map_err(db_error)?;
-        let now = db_now(&mut tx).await?;
+        let now = self.now_in(&mut tx).await?;
         let (statuses, ends_after, ended_by) = match query.status {
             Some(status) => {
                 let (s, a, b) = filter_arrays(&status.stored_as(now));

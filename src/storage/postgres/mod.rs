@@ -9,6 +9,7 @@ mod post_healing;
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};
 
@@ -36,6 +37,8 @@ pub struct PgStore {
     /// This store's NOTIFY payload. The committer hands what this process
     /// commits to the fan-out itself, so the listener skips its own notifications.
     origin: std::sync::Arc<str>,
+    /// [`StoreOptions::clock`]: `None` is the database's `now()`.
+    clock: Option<crate::storage::Clock>,
 }
 
 impl PgStore {
@@ -54,12 +57,42 @@ impl PgStore {
             changes,
             batch_conns: Default::default(),
             origin,
+            clock: options.clock.clone(),
         })
+    }
+
+    /// The clock set in [`StoreOptions::clock`], read now, at the database's
+    /// precision (microseconds); `None` when the store runs on the
+    /// database's own `now()`. What SQL binds in place of `now()`.
+    pub(crate) fn set_now(&self) -> Option<DateTime<Utc>> {
+        self.clock.as_ref().map(|clock| truncate(clock.now()))
+    }
+
+    /// The store's clock, once per call: the clock set in
+    /// [`StoreOptions::clock`], else the database's `now()` (the
+    /// transaction's start, one clock for every replica).
+    pub(crate) async fn now_in(
+        &self,
+        conn: &mut sqlx::PgConnection,
+    ) -> Result<DateTime<Utc>, Error> {
+        match self.set_now() {
+            Some(now) => Ok(now),
+            None => sqlx::query_scalar("SELECT now()")
+                .fetch_one(conn)
+                .await
+                .map_err(db_error),
+        }
     }
 
     pub fn pool(&self) -> &PgPool {
         self.pool.inner()
     }
+}
+
+/// A time at the database's precision (microseconds), so that a time read
+/// back equals the time decided with.
+fn truncate(at: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(at.timestamp_micros()).unwrap_or(at)
 }
 
 /// Creates the database if it does not exist, opens a pool and applies the

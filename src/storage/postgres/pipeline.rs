@@ -284,13 +284,14 @@ impl PipelineStore for PgStore {
 
     async fn refresh_stat(&self, processor: &str, file: &SessionFile) -> Result<()> {
         sqlx::query(
-            "UPDATE session_states SET size = $3, mtime_ns = $4, observed_at = now()
+            "UPDATE session_states SET size = $3, mtime_ns = $4, observed_at = COALESCE($5, now())
              WHERE processor = $1 AND path = $2",
         )
         .bind(processor)
         .bind(&file.path)
         .bind(size(file))
         .bind(file.mtime_ns)
+        .bind(self.set_now())
         .execute(&self.pool)
         .await
         .map_err(db_error)?;
@@ -347,10 +348,7 @@ impl PipelineStore for PgStore {
                 id: format!("{processor}:{path}"),
             })?
             .try_into()?;
-        let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db_error)?;
+        let now = self.now_in(&mut tx).await?;
         let state = update(&current, now)?;
         upsert_states(&mut tx, &[&state]).await.map_err(db_error)?;
         tx.commit().await.map_err(db_error)?;
@@ -466,6 +464,9 @@ impl PipelineStore for PgStore {
     }
 
     async fn now(&self) -> Result<DateTime<Utc>> {
+        if let Some(now) = self.set_now() {
+            return Ok(now);
+        }
         sqlx::query_scalar("SELECT now()")
             .fetch_one(&self.pool)
             .await

@@ -127,13 +127,6 @@ async fn insert_record(
     .map_err(db_error)
 }
 
-async fn db_now(tx: &mut Transaction<'_, Postgres>) -> Result<DateTime<Utc>> {
-    sqlx::query_scalar("SELECT now()")
-        .fetch_one(&mut **tx)
-        .await
-        .map_err(db_error)
-}
-
 async fn fetch(
     tx: &mut Transaction<'_, Postgres>,
     key: &str,
@@ -175,7 +168,7 @@ impl PostHealingStore for PgStore {
         }
         let now = match now {
             Some(now) => now,
-            None => db_now(&mut tx).await?,
+            None => self.now_in(&mut tx).await?,
         };
         // A claim writes over one of these records: lock them until it commits.
         let lock = if claim_lease.is_some() {
@@ -241,7 +234,7 @@ impl PostHealingStore for PgStore {
         update: ActionOutcomeUpdate,
     ) -> Result<(StoredAction, bool)> {
         let mut tx = self.pool.begin().await.map_err(db_error)?;
-        let now = db_now(&mut tx).await?;
+        let now = self.now_in(&mut tx).await?;
         let key = &update.idempotency_key;
         let mut existing = fetch(&mut tx, key, true).await?;
         let created = existing.is_none();
@@ -285,7 +278,7 @@ impl PostHealingStore for PgStore {
 
     async fn get_action(&self, idempotency_key: &str) -> Result<(StoredAction, DateTime<Utc>)> {
         let mut tx = self.pool.begin().await.map_err(db_error)?;
-        let now = db_now(&mut tx).await?;
+        let now = self.now_in(&mut tx).await?;
         let row = fetch(&mut tx, idempotency_key, false)
             .await?
             .ok_or_else(|| Error::NotFound {
@@ -303,7 +296,7 @@ impl PostHealingStore for PgStore {
         limit: i64,
     ) -> Result<Vec<StoredAction>> {
         let mut tx = self.pool.begin().await.map_err(db_error)?;
-        let now = db_now(&mut tx).await?;
+        let now = self.now_in(&mut tx).await?;
         let (before_at, before_key) = before.unzip();
         let rows: Vec<ActionRow> = sqlx::query_as(&format!(
             "SELECT {COLUMNS} FROM post_actions

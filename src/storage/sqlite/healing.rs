@@ -4,15 +4,13 @@
 //! every write runs in [`SqliteStore::begin_write`] (`BEGIN IMMEDIATE`), which
 //! serialises them all, so what Postgres gets from advisory and row locks
 //! holds here by construction. The store's clock is read once per
-//! transaction ([`store_now`]), after the write lock is taken.
+//! transaction ([`SqliteStore::store_now`]), after the write lock is taken.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
 use sqlx::{FromRow, QueryBuilder, Sqlite, SqliteConnection};
 
-use super::{
-    SqliteStore, from_micros, from_micros_opt, is_unique_violation, micros, sqlite_error, store_now,
-};
+use super::{SqliteStore, from_micros, from_micros_opt, is_unique_violation, micros, sqlite_error};
 use crate::domain::healing::{self, Context, Evidence};
 use crate::domain::healing_records::{
     self as records, ErrorEvent, HealingStatistics, LeaseFilter, NewErrorEvent, RecoveryAction,
@@ -194,7 +192,7 @@ impl HealingStore for SqliteStore {
     async fn record_error(&self, event: NewErrorEvent) -> Result<ErrorEvent> {
         // The one writer serialises reports, so concurrent ones count each other.
         let mut tx = self.begin_write().await?;
-        let now = store_now();
+        let now = self.store_now();
         let window = healing::recurrence_window(now);
         let earlier: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM error_events
@@ -238,7 +236,7 @@ impl HealingStore for SqliteStore {
         planner: Planner<'_>,
     ) -> Result<RecoveryAction> {
         let mut tx = self.begin_write().await?;
-        let now = store_now();
+        let now = self.store_now();
         let event: ErrorEvent = sqlx::query_as::<_, EventRow>(&format!(
             "SELECT {EVENT_COLUMNS} FROM error_events WHERE id = ?1"
         ))
@@ -321,7 +319,7 @@ impl HealingStore for SqliteStore {
             Err(e) if is_unique_violation(&e) => {
                 drop(tx);
                 let mut tx = self.readers().begin().await.map_err(sqlite_error)?;
-                let now = store_now();
+                let now = self.store_now();
                 let winner = stored_active_action(&mut tx, &event.agent_id).await?;
                 drop(tx);
                 match winner {
@@ -344,7 +342,7 @@ impl HealingStore for SqliteStore {
         outcome: RecoveryOutcome,
     ) -> Result<RecoveryAction> {
         let mut tx = self.begin_write().await?;
-        let now = store_now();
+        let now = self.store_now();
         let current = sqlx::query_as::<_, ActionRow>(&format!(
             "SELECT {ACTION_COLUMNS} FROM recovery_actions WHERE id = ?1"
         ))
@@ -402,7 +400,7 @@ impl HealingStore for SqliteStore {
     async fn healing_statistics(&self) -> Result<HealingStatistics> {
         // One read transaction (one WAL snapshot): every figure as of one `now`.
         let mut tx = self.readers().begin().await.map_err(sqlite_error)?;
-        let now = store_now();
+        let now = self.store_now();
         let mut qb = QueryBuilder::<Sqlite>::new(
             "SELECT
                  (SELECT count(*) FROM error_events),
@@ -466,7 +464,7 @@ impl HealingStore for SqliteStore {
         query: &RecoveryActionQuery,
     ) -> Result<Vec<RecoveryAction>> {
         let mut tx = self.readers().begin().await.map_err(sqlite_error)?;
-        let now = store_now();
+        let now = self.store_now();
         let mut qb = QueryBuilder::<Sqlite>::new(format!(
             "SELECT {ACTION_COLUMNS} FROM recovery_actions WHERE 1"
         ));

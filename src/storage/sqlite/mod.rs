@@ -53,6 +53,8 @@ pub struct SqliteStore {
     path: PathBuf,
     /// Held for the store's lifetime: the single-node guarantee.
     file_lock: Arc<FileLock>,
+    /// [`StoreOptions::clock`]: `None` is the system clock.
+    clock: Option<crate::storage::Clock>,
 }
 
 impl SqliteStore {
@@ -115,6 +117,7 @@ impl SqliteStore {
                 _file: file_lock,
                 released: watch::channel(()).0,
             }),
+            clock: store.clock.clone(),
         })
     }
 
@@ -122,6 +125,13 @@ impl SqliteStore {
     /// released (a server restarted in the same process can then open it).
     pub fn release_signal(&self) -> watch::Receiver<()> {
         self.file_lock.released.subscribe()
+    }
+
+    /// The store's clock ([`StoreOptions::clock`], else the system clock) at
+    /// the store's precision (microseconds, as Postgres keeps them), so a time
+    /// read back equals the time written.
+    pub(crate) fn store_now(&self) -> DateTime<Utc> {
+        truncate(self.clock.as_ref().map_or_else(Utc::now, |c| c.now()))
     }
 
     /// The database file.
@@ -187,12 +197,6 @@ fn lock_file(db_path: &Path) -> Result<std::fs::File, Error> {
             lock_path.display()
         ))),
     }
-}
-
-/// The store's clock: the system clock at the store's precision (microseconds,
-/// as Postgres keeps them), so a time read back equals the time written.
-pub(crate) fn store_now() -> DateTime<Utc> {
-    truncate(Utc::now())
 }
 
 /// A time at the store's precision.

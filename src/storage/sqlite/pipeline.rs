@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::{FromRow, QueryBuilder, Sqlite, SqliteConnection};
 
-use super::{SqliteStore, from_micros, from_micros_opt, micros, sqlite_error, store_now};
+use super::{SqliteStore, from_micros, from_micros_opt, micros, sqlite_error};
 use crate::domain::healing;
 use crate::domain::pipeline::{SessionFile, SessionState, SessionStatus};
 use crate::domain::pipeline_runs::{NewRun, RunRecord, RunTrigger, RunsQuery};
@@ -260,7 +260,7 @@ impl PipelineStore for SqliteStore {
         .bind(&file.path)
         .bind(size(file))
         .bind(file.mtime_ns)
-        .bind(micros(store_now()))
+        .bind(micros(self.store_now()))
         .execute(&mut *tx)
         .await
         .map_err(sqlite_error)?;
@@ -309,7 +309,7 @@ impl PipelineStore for SqliteStore {
                 id: format!("{processor}:{path}"),
             })?
             .try_into()?;
-        let state = update(&current, store_now())?;
+        let state = update(&current, self.store_now())?;
         upsert_states(&mut tx, &[&state]).await?;
         tx.commit().await.map_err(sqlite_error)?;
         Ok(state)
@@ -420,7 +420,7 @@ impl PipelineStore for SqliteStore {
     }
 
     async fn now(&self) -> Result<DateTime<Utc>> {
-        Ok(store_now())
+        Ok(self.store_now())
     }
 }
 

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
 use sqlx::{FromRow, SqliteConnection};
 
-use super::{SqliteStore, from_micros, from_micros_opt, micros, sqlite_error, store_now};
+use super::{SqliteStore, from_micros, from_micros_opt, micros, sqlite_error};
 use crate::domain::healing_records::StoredAction;
 use crate::domain::post_healing::{self, ActionRecord, ActionStatus, ActionType};
 use crate::error::{Error, Result};
@@ -179,7 +179,7 @@ impl PostHealingStore for SqliteStore {
             }
             None => self.readers().begin().await.map_err(sqlite_error)?,
         };
-        let now = now.unwrap_or_else(store_now);
+        let now = now.unwrap_or_else(|| self.store_now());
         let rows: Vec<ActionRow> = sqlx::query_as(&format!(
             "SELECT {COLUMNS} FROM post_actions WHERE post_id = ?1
              ORDER BY created_at, idempotency_key"
@@ -240,7 +240,7 @@ impl PostHealingStore for SqliteStore {
         update: ActionOutcomeUpdate,
     ) -> Result<(StoredAction, bool)> {
         let mut tx = self.begin_write().await?;
-        let now = store_now();
+        let now = self.store_now();
         let key = &update.idempotency_key;
         let mut existing = fetch(&mut tx, key).await?;
         let created = existing.is_none();
@@ -285,7 +285,7 @@ impl PostHealingStore for SqliteStore {
 
     async fn get_action(&self, idempotency_key: &str) -> Result<(StoredAction, DateTime<Utc>)> {
         let mut conn = self.readers().acquire().await.map_err(sqlite_error)?;
-        let now = store_now();
+        let now = self.store_now();
         let row = fetch(&mut conn, idempotency_key)
             .await?
             .ok_or_else(|| Error::NotFound {
@@ -302,7 +302,7 @@ impl PostHealingStore for SqliteStore {
         limit: i64,
     ) -> Result<Vec<StoredAction>> {
         let mut conn = self.readers().acquire().await.map_err(sqlite_error)?;
-        let now = store_now();
+        let now = self.store_now();
         let (before_at, before_key) = before.unzip();
         let rows: Vec<ActionRow> = sqlx::query_as(&format!(
             "SELECT {COLUMNS} FROM post_actions

@@ -1,0 +1,618 @@
+//! The store contract: the guarantees every backend keeps, as one set of test
+//! bodies run against each store (below gRPC, through the store traits only).
+//!
+//! Each contract is an `async fn` taking a [`Subject`]; [`contract!`] makes
+//! one test per backend it runs on (`storage::contract::<contract>::memory`,
+//! `::sqlite`, `::postgres`). The memory store implements `AgentStore` and
+//! `PipelineStore` only, so the healing and post-healing contracts run on
+//! SQLite and Postgres. SQLite runs in a temporary file; Postgres in a fresh
+//! database `fleetcare_test_<uuid>` on the server `FLEETCARE_TEST_DATABASE_URL`
+//! names (dropped afterwards), and is skipped with a printed line when it is
+//! unset, unless `FLEETCARE_REQUIRE_POSTGRES=1` (CI), which fails instead.
+//! Every store runs on a manual clock: expiry is tested by advancing it.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use chrono::{Duration, TimeZone, Utc};
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::agent::{AgentStatus, Event, SlotType};
+use crate::domain::batch::{Command, Refusal};
+use crate::domain::healing::{Context, ErrorType, Evidence, Plan, Strategy};
+use crate::domain::healing_records::{ErrorEvent, NewErrorEvent, RecoveryStatus};
+use crate::domain::post_healing::{
+    self, ActionRecord, ActionStatus, ActionType, Evaluation, Ineligible, Stagnation, Tier,
+    effective,
+};
+use crate::error::Error;
+use crate::storage::clock::{Clock, ManualClock};
+use crate::storage::memory::{MemoryPipelineStore, MemoryStore};
+use crate::storage::{
+    AgentStore, HealingStore, PipelineStore, Planner, PostEvaluator, PostHealingStore,
+    RecoveryActionQuery, StoreLocation, StoreOptions, Stores,
+};
+
+/// One store under test, behind its traits, on a manual clock.
+struct Subject {
+    agents: Arc<dyn AgentStore>,
+    pipeline: Arc<dyn PipelineStore>,
+    /// `None` for the memory store, which has no healing part.
+    healing: Option<Arc<dyn HealingStore>>,
+    posts: Option<Arc<dyn PostHealingStore>>,
+    /// Moves the store's clock.
+    clock: ManualClock,
+    now: Clock,
+    _cleanup: Cleanup,
+}
+
+impl Subject {
+    fn healing(&self) -> &dyn HealingStore {
+        self.healing
+            .as_deref()
+            .expect("a store with a healing part")
+    }
+
+    fn posts(&self) -> &dyn PostHealingStore {
+        self.posts
+            .as_deref()
+            .expect("a store with a post-healing part")
+    }
+}
+
+/// What a subject leaves behind: removed when the test passes, kept for
+/// inspection when it fails.
+enum Cleanup {
+    Nothing,
+    Dir(PathBuf),
+    Postgres {
+        admin_url: String,
+        name: String,
+        shutdown: CancellationToken,
+    },
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        match self {
+            Cleanup::Nothing => {}
+            Cleanup::Dir(dir) => {
+                if std::thread::panicking() {
+                    eprintln!("keeping {} for inspection", dir.display());
+                } else {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+            }
+            Cleanup::Postgres {
+                admin_url,
+                name,
+                shutdown,
+            } => {
+                shutdown.cancel();
+                if std::thread::panicking() {
+                    eprintln!("keeping database {name} for inspection");
+                    return;
+                }
+                let (admin_url, name) = (admin_url.clone(), name.clone());
+                // Drop runs inside the test's runtime: a thread with its own.
+                let _ = std::thread::spawn(move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("runtime");
+                    runtime.block_on(async {
+                        use sqlx::Connection;
+                        if let Ok(mut conn) = sqlx::PgConnection::connect(&admin_url).await {
+                            let _ = sqlx::query(&format!(
+                                "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+                            ))
+                            .execute(&mut conn)
+                            .await;
+                        }
+                    });
+                })
+                .join();
+            }
+        }
+    }
+}
+
+fn manual_clock() -> (Clock, ManualClock) {
+    Clock::manual(Utc.with_ymd_and_hms(2026, 5, 1, 12, 0, 0).unwrap())
+}
+
+async fn memory() -> Option<Subject> {
+    let (now, clock) = manual_clock();
+    let mut pipeline = MemoryPipelineStore::default();
+    pipeline.clock = now.clone();
+    Some(Subject {
+        agents: Arc::new(MemoryStore::new()),
+        pipeline: Arc::new(pipeline),
+        healing: None,
+        posts: None,
+        clock,
+        now,
+        _cleanup: Cleanup::Nothing,
+    })
+}
+
+fn of_stores(stores: Stores, clock: ManualClock, cleanup: Cleanup) -> Subject {
+    Subject {
+        agents: stores.agents,
+        pipeline: stores.pipeline,
+        healing: Some(stores.healing),
+        posts: Some(stores.posts),
+        clock,
+        now: stores.clock,
+        _cleanup: cleanup,
+    }
+}
+
+async fn sqlite() -> Option<Subject> {
+    let (now, clock) = manual_clock();
+    let dir = std::env::temp_dir().join(format!(
+        "fleetcare-contract-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    let options =
+        StoreOptions::new(StoreLocation::Sqlite(dir.join("fleetcare.db"))).with_clock(now);
+    let stores = Stores::open(&options, CancellationToken::new())
+        .await
+        .expect("sqlite store opens");
+    Some(of_stores(stores, clock, Cleanup::Dir(dir)))
+}
+
+async fn postgres() -> Option<Subject> {
+    let Ok(admin_url) = std::env::var("FLEETCARE_TEST_DATABASE_URL") else {
+        if std::env::var("FLEETCARE_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") {
+            panic!("FLEETCARE_REQUIRE_POSTGRES=1 but FLEETCARE_TEST_DATABASE_URL is not set");
+        }
+        // Past the test harness's capture, so the skip is seen.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "fleetcare: store contract on Postgres SKIPPED: FLEETCARE_TEST_DATABASE_URL is not set"
+        );
+        return None;
+    };
+    let name = format!("fleetcare_test_{}", uuid::Uuid::new_v4().simple());
+    let (now, clock) = manual_clock();
+    let options = StoreOptions::new(StoreLocation::Postgres(with_database(&admin_url, &name)))
+        .with_clock(now);
+    let shutdown = CancellationToken::new();
+    let stores = Stores::open(&options, shutdown.clone())
+        .await
+        .expect("postgres store opens");
+    Some(of_stores(
+        stores,
+        clock,
+        Cleanup::Postgres {
+            admin_url,
+            name,
+            shutdown,
+        },
+    ))
+}
+
+/// `url` with its database replaced by `name`.
+fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, format!("?{query}")),
+        None => (url, String::new()),
+    };
+    let server = base.rsplit_once('/').map_or(base, |(server, _)| server);
+    format!("{server}/{name}{query}")
+}
+
+/// One test per backend for the contract `$name`.
+macro_rules! contract {
+    ($name:ident on $($backend:ident),+) => {
+        mod $name {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $backend() {
+                    if let Some(subject) = super::$backend().await {
+                        super::$name(&subject).await;
+                    }
+                }
+            )+
+        }
+    };
+}
+
+fn register(agent_id: &str) -> Command {
+    Command::Register {
+        agent_id: agent_id.into(),
+        labels: Default::default(),
+        actor: "contract".into(),
+    }
+}
+
+fn apply(agent_id: &str, event: Event) -> Command {
+    Command::Apply {
+        agent_id: agent_id.into(),
+        event,
+        actor: "contract".into(),
+    }
+}
+
+// ---------------------------------------------------------------- agents
+
+contract!(one_winner_per_agent_in_a_batch on memory, sqlite, postgres);
+
+/// In one batch, commands on one agent are decided in arrival order, each on
+/// the state the earlier ones left: of two StartWork, the first wins and the
+/// second is refused; of two registrations, one creates.
+async fn one_winner_per_agent_in_a_batch(s: &Subject) {
+    let now = s.now.now();
+    let setup = s
+        .agents
+        .commit_batch(&[register("a"), register("b")], now)
+        .await
+        .unwrap();
+    assert!(setup.iter().all(|r| r.as_ref().is_ok_and(|a| a.created)));
+    let batch = [
+        apply("a", Event::StartWork(SlotType::Work)),
+        apply("a", Event::StartWork(SlotType::Work)),
+        apply("b", Event::StartWork(SlotType::Work)),
+        register("c"),
+        register("c"),
+        apply("ghost", Event::FinishWork),
+    ];
+    let results = s.agents.commit_batch(&batch, now).await.unwrap();
+    assert_eq!(results.len(), batch.len());
+    let first = results[0].as_ref().expect("the first StartWork wins");
+    assert_eq!(first.agent.state.status, AgentStatus::Busy);
+    assert!(first.transition.is_some());
+    assert!(
+        matches!(results[1], Err(Refusal::Transition(_))),
+        "the second StartWork of the batch sees the first: {:?}",
+        results[1]
+    );
+    assert_eq!(
+        results[2].as_ref().unwrap().agent.state.status,
+        AgentStatus::Busy
+    );
+    let created: Vec<bool> = results[3..5]
+        .iter()
+        .map(|r| r.as_ref().unwrap().created)
+        .collect();
+    assert_eq!(created, [true, false], "one registration creates");
+    assert!(matches!(results[5], Err(Refusal::UnknownAgent(_))));
+    // What was committed is what was answered.
+    let a = s.agents.get_agent("a").await.unwrap();
+    assert_eq!(a.state.status, AgentStatus::Busy);
+    assert_eq!(a.revision, first.transition.as_ref().unwrap().revision);
+    let history = s.agents.transitions_after(0, Some("a"), 100).await.unwrap();
+    assert_eq!(history.len(), 2, "registered, then busy once: {history:?}");
+}
+
+contract!(revisions_are_gap_free_in_commit_order on memory, sqlite, postgres);
+
+/// Batches committing at once (never two naming one agent) get consecutive
+/// revisions each, in command order, and together every revision from 1 to
+/// the head, none twice.
+async fn revisions_are_gap_free_in_commit_order(s: &Subject) {
+    const WRITERS: usize = 8;
+    const BATCHES: usize = 5;
+    let now = s.now.now();
+    let writers = (0..WRITERS).map(|w| {
+        let agents = s.agents.clone();
+        tokio::spawn(async move {
+            let mut ranges = Vec::new();
+            for b in 0..BATCHES {
+                let batch: Vec<Command> = (0..3)
+                    .map(|i| register(&format!("w{w}-b{b}-{i}")))
+                    .collect();
+                let results = agents.commit_batch(&batch, now).await.unwrap();
+                let revisions: Vec<i64> = results
+                    .iter()
+                    .map(|r| r.as_ref().unwrap().transition.as_ref().unwrap().revision)
+                    .collect();
+                ranges.push(revisions);
+            }
+            ranges
+        })
+    });
+    let mut all = Vec::new();
+    for writer in writers.collect::<Vec<_>>() {
+        let ranges = writer.await.unwrap();
+        // One writer's batches commit one after another: increasing ranges.
+        for pair in ranges.windows(2) {
+            assert!(pair[0].last() < pair[1].first(), "{ranges:?}");
+        }
+        for range in ranges {
+            assert!(
+                range.windows(2).all(|p| p[1] == p[0] + 1),
+                "a batch's revisions are consecutive, in command order: {range:?}"
+            );
+            all.extend(range);
+        }
+    }
+    let total = (WRITERS * BATCHES * 3) as i64;
+    let distinct: BTreeSet<i64> = all.iter().copied().collect();
+    assert_eq!(distinct.len(), all.len(), "no revision twice");
+    assert_eq!(distinct, (1..=total).collect(), "no gap");
+    let history = s.agents.transitions_after(0, None, 10_000).await.unwrap();
+    let revisions: Vec<i64> = history.iter().map(|t| t.revision).collect();
+    assert_eq!(revisions, (1..=total).collect::<Vec<_>>());
+    assert_eq!(s.agents.revision_bounds().await.unwrap().head, total);
+}
+
+// ---------------------------------------------------------------- healing
+
+fn error(agent_id: &str) -> NewErrorEvent {
+    NewErrorEvent {
+        agent_id: agent_id.into(),
+        message: "tool call failed".into(),
+        context: Context::from([("tool".to_owned(), "bash".to_owned())]),
+        error_type: ErrorType::ExecutionFailure,
+        severity: 0.5,
+        actor: "contract".into(),
+    }
+}
+
+fn planner() -> Planner<'static> {
+    Box::new(|_event: &ErrorEvent, _evidence: &[Evidence]| Plan {
+        strategy: Strategy::Retry,
+        chosen: Strategy::Retry,
+        parameters: Context::new(),
+        estimated_duration: Duration::seconds(30),
+        success_probability: 0.7,
+        risk: 0.1,
+        escalated: false,
+        reason: "contract".into(),
+    })
+}
+
+contract!(one_active_recovery_per_agent on sqlite, postgres);
+
+/// Of many plans for one agent at once, exactly one is stored ACTIVE; the
+/// others are refused naming it. Another agent is not held up.
+async fn one_active_recovery_per_agent(s: &Subject) {
+    let healing = s.healing.clone().unwrap();
+    let event = healing.record_error(error("a")).await.unwrap();
+    let plans = (0..8).map(|_| {
+        let healing = healing.clone();
+        tokio::spawn(async move {
+            healing
+                .plan_recovery(event.id, Duration::minutes(5), "contract", planner())
+                .await
+        })
+    });
+    let mut won = Vec::new();
+    let mut refused = Vec::new();
+    for plan in plans.collect::<Vec<_>>() {
+        match plan.await.unwrap() {
+            Ok(action) => won.push(action),
+            Err(Error::RecoveryAlreadyActive(active)) => refused.push(active.action_id),
+            Err(other) => panic!("unexpected: {other:?}"),
+        }
+    }
+    assert_eq!(won.len(), 1, "exactly one plan wins");
+    assert_eq!(won[0].status, RecoveryStatus::Active);
+    assert!(refused.iter().all(|id| *id == won[0].id), "{refused:?}");
+    let active = s
+        .healing()
+        .list_recovery_actions(&RecoveryActionQuery {
+            agent_id: Some("a".into()),
+            status: Some(RecoveryStatus::Active),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(active.len(), 1);
+    let other = s.healing().record_error(error("b")).await.unwrap();
+    s.healing()
+        .plan_recovery(other.id, Duration::minutes(5), "contract", planner())
+        .await
+        .expect("another agent plans freely");
+}
+
+contract!(a_recovery_lease_expires_on_the_store_clock on sqlite, postgres);
+
+/// An ACTIVE recovery holds its agent until its lease ends on the store's
+/// clock, not a moment sooner; then it is EXPIRED and a new plan is admitted.
+async fn a_recovery_lease_expires_on_the_store_clock(s: &Subject) {
+    let lease = Duration::minutes(5);
+    let event = s.healing().record_error(error("a")).await.unwrap();
+    let first = s
+        .healing()
+        .plan_recovery(event.id, lease, "contract", planner())
+        .await
+        .unwrap();
+    assert_eq!(
+        first.created_at,
+        s.now.now(),
+        "planned at the store's clock"
+    );
+    assert_eq!(first.lease_expires_at, first.created_at + lease);
+    s.clock.advance(lease - Duration::seconds(1));
+    assert!(matches!(
+        s.healing()
+            .plan_recovery(event.id, lease, "contract", planner())
+            .await,
+        Err(Error::RecoveryAlreadyActive(_))
+    ));
+    s.clock.advance(Duration::seconds(2));
+    let second = s
+        .healing()
+        .plan_recovery(event.id, lease, "contract", planner())
+        .await
+        .expect("the expired recovery no longer holds the agent");
+    assert_ne!(second.id, first.id);
+    let expired = s
+        .healing()
+        .list_recovery_actions(&RecoveryActionQuery {
+            agent_id: Some("a".into()),
+            status: Some(RecoveryStatus::Expired),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(expired.iter().map(|a| a.id).collect::<Vec<_>>(), [first.id]);
+}
+
+// ---------------------------------------------------------------- posts
+
+const STAGNATION: Stagnation = Stagnation {
+    samples: 5,
+    engagement_rate: 0.0,
+    score: 0.3,
+    tier: Tier::Tier1,
+    action: ActionType::Comment,
+};
+
+/// The duplicate guard of `post_healing::evaluate`, on a fixed stagnation:
+/// eligible unless the key is RUNNING or SUCCEEDED as of `now`.
+fn evaluator(post_id: &str) -> PostEvaluator<'static> {
+    let key = post_healing::idempotency_key(post_id, STAGNATION.action, STAGNATION.tier);
+    Box::new(move |now, history: &[ActionRecord]| {
+        let duplicate = history.iter().any(|r| {
+            r.idempotency_key == key
+                && matches!(
+                    effective(r, now).0,
+                    ActionStatus::Running | ActionStatus::Succeeded
+                )
+        });
+        Evaluation {
+            eligible: !duplicate,
+            reason: duplicate.then_some(Ineligible::DuplicateAction),
+            stagnation: Some(STAGNATION),
+            idempotency_key: Some(key),
+        }
+    })
+}
+
+contract!(exactly_one_claim_of_a_post_action on sqlite, postgres);
+
+/// Of many evaluators claiming one post's action at once, exactly one
+/// records it RUNNING; the others see it as a duplicate.
+async fn exactly_one_claim_of_a_post_action(s: &Subject) {
+    let posts = s.posts.clone().unwrap();
+    let claims = (0..8).map(|_| {
+        let posts = posts.clone();
+        tokio::spawn(async move {
+            posts
+                .evaluate_post(
+                    "p1",
+                    None,
+                    Some(Duration::minutes(5)),
+                    "contract",
+                    evaluator("p1"),
+                )
+                .await
+        })
+    });
+    let mut winners = Vec::new();
+    for claim in claims.collect::<Vec<_>>() {
+        let verdict = claim.await.unwrap().unwrap();
+        match verdict.claimed {
+            Some(claimed) => winners.push(claimed),
+            None => assert_eq!(verdict.evaluation.reason, Some(Ineligible::DuplicateAction)),
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one claim");
+    let record = &winners[0].record;
+    assert_eq!(record.status, ActionStatus::Running);
+    let listed = s.posts().list_actions("p1", None, 10).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(&listed[0].record, record);
+}
+
+contract!(a_post_claim_expires_on_the_store_clock on sqlite, postgres);
+
+/// A claim holds until its lease ends on the store's clock; then it reads as
+/// a timed-out attempt and the action may be claimed again.
+async fn a_post_claim_expires_on_the_store_clock(s: &Subject) {
+    let lease = Duration::minutes(5);
+    let first = s
+        .posts()
+        .evaluate_post("p1", None, Some(lease), "contract", evaluator("p1"))
+        .await
+        .unwrap()
+        .claimed
+        .expect("claimed");
+    let key = first.record.idempotency_key.clone();
+    assert_eq!(
+        first.record.lease_expires_at,
+        Some(s.now.now() + lease),
+        "the lease runs from the store's clock"
+    );
+    s.clock.advance(lease - Duration::seconds(1));
+    let (held, at) = s.posts().get_action(&key).await.unwrap();
+    assert_eq!(at, s.now.now());
+    assert_eq!(effective(&held.record, at).0, ActionStatus::Running);
+    let early = s
+        .posts()
+        .evaluate_post("p1", None, Some(lease), "contract", evaluator("p1"))
+        .await
+        .unwrap();
+    assert!(early.claimed.is_none(), "the claim still holds");
+    s.clock.advance(Duration::seconds(2));
+    let (lapsed, at) = s.posts().get_action(&key).await.unwrap();
+    assert_ne!(effective(&lapsed.record, at).0, ActionStatus::Running);
+    let again = s
+        .posts()
+        .evaluate_post("p1", None, Some(lease), "contract", evaluator("p1"))
+        .await
+        .unwrap();
+    assert!(again.claimed.is_some(), "claimed again after the lease");
+}
+
+// ---------------------------------------------------------------- pipeline
+
+contract!(the_pipeline_lock_has_one_holder on memory, sqlite, postgres);
+
+/// Of many takers of one processor's lock at once, exactly one gets it; it
+/// is free again once released, and other processors' locks are separate.
+async fn the_pipeline_lock_has_one_holder(s: &Subject) {
+    let takers = (0..8).map(|_| {
+        let pipeline = s.pipeline.clone();
+        tokio::spawn(async move { pipeline.try_lock_processor("usage").await })
+    });
+    let mut held = Vec::new();
+    for taker in takers.collect::<Vec<_>>() {
+        if let Some(lock) = taker.await.unwrap().unwrap() {
+            held.push(lock);
+        }
+    }
+    assert_eq!(held.len(), 1, "one holder");
+    assert!(s.pipeline.processor_locked("usage").await.unwrap());
+    assert!(
+        s.pipeline
+            .try_lock_processor("usage")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let other = s
+        .pipeline
+        .try_lock_processor("errors")
+        .await
+        .unwrap()
+        .expect("another processor's lock is separate");
+    held.pop().unwrap().release().await;
+    assert!(!s.pipeline.processor_locked("usage").await.unwrap());
+    let again = s
+        .pipeline
+        .try_lock_processor("usage")
+        .await
+        .unwrap()
+        .expect("free once released");
+    again.release().await;
+    other.release().await;
+}
+
+contract!(the_store_clock_is_the_pipeline_s_now on memory, sqlite, postgres);
+
+/// The pipeline decides with the store's clock: it reads what the clock
+/// reads, and moves when the clock does.
+async fn the_store_clock_is_the_pipeline_s_now(s: &Subject) {
+    assert_eq!(s.pipeline.now().await.unwrap(), s.now.now());
+    s.clock.advance(Duration::hours(3));
+    assert_eq!(s.pipeline.now().await.unwrap(), s.now.now());
+}
