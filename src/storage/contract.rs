@@ -560,7 +560,26 @@ async fn a_post_claim_expires_on_the_store_clock(s: &Subject) {
         .evaluate_post("p1", None, Some(lease), "contract", evaluator("p1"))
         .await
         .unwrap();
-    assert!(again.claimed.is_some(), "claimed again after the lease");
+    let again = again.claimed.expect("claimed again after the lease");
+    assert_eq!(again.record.status, ActionStatus::Running);
+    assert_eq!(again.record.attempts, 1, "the lapsed claim was an attempt");
+    assert_eq!(again.record.created_at, first.record.created_at);
+    let (timed_out, _) = s.posts().get_action(&key).await.unwrap();
+    assert_eq!(timed_out.record.attempts, 1);
+    // Without a lease the verdict is given and nothing is written.
+    let verdict = s
+        .posts()
+        .evaluate_post("p2", None, None, "contract", evaluator("p2"))
+        .await
+        .unwrap();
+    assert!(verdict.evaluation.eligible && verdict.claimed.is_none());
+    assert!(
+        s.posts()
+            .list_actions("p2", None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 // ---------------------------------------------------------------- pipeline

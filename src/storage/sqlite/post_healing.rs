@@ -325,7 +325,7 @@ impl PostHealingStore for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::post_healing::{Evaluation, Ineligible, Stagnation, Tier, effective};
+    use crate::domain::post_healing::Tier;
     use crate::storage::{StoreLocation, StoreOptions};
 
     struct TempStore {
@@ -346,122 +346,6 @@ mod tests {
         let args = StoreOptions::new(StoreLocation::Sqlite(path.to_path_buf()));
         let store = SqliteStore::open(&path, &args).await.expect("store opens");
         TempStore { store, dir }
-    }
-
-    const STAGNATION: Stagnation = Stagnation {
-        samples: 5,
-        engagement_rate: 0.0,
-        score: 0.3,
-        tier: Tier::Tier1,
-        action: ActionType::Comment,
-    };
-
-    /// The duplicate guard of `post_healing::evaluate`, on a fixed stagnation:
-    /// eligible unless the key is RUNNING or SUCCEEDED as of `now`.
-    fn evaluator(post_id: &str) -> PostEvaluator<'static> {
-        let key = post_healing::idempotency_key(post_id, STAGNATION.action, STAGNATION.tier);
-        Box::new(move |now, history: &[ActionRecord]| {
-            let duplicate = history.iter().any(|r| {
-                r.idempotency_key == key
-                    && matches!(
-                        effective(r, now).0,
-                        ActionStatus::Running | ActionStatus::Succeeded
-                    )
-            });
-            Evaluation {
-                eligible: !duplicate,
-                reason: duplicate.then_some(Ineligible::DuplicateAction),
-                stagnation: Some(STAGNATION),
-                idempotency_key: Some(key),
-            }
-        })
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn of_many_concurrent_claims_exactly_one_wins() {
-        let t = temp_store().await;
-        let claims = (0..8).map(|_| {
-            let store = t.store.clone();
-            tokio::spawn(async move {
-                store
-                    .evaluate_post(
-                        "p1",
-                        None,
-                        Some(Duration::minutes(5)),
-                        "tester",
-                        evaluator("p1"),
-                    )
-                    .await
-            })
-        });
-        let mut winners = Vec::new();
-        for claim in claims.collect::<Vec<_>>() {
-            let verdict = claim.await.unwrap().unwrap();
-            if let Some(claimed) = verdict.claimed {
-                assert!(verdict.evaluation.eligible);
-                winners.push(claimed);
-            } else {
-                assert_eq!(verdict.evaluation.reason, Some(Ineligible::DuplicateAction));
-            }
-        }
-        assert_eq!(winners.len(), 1);
-        let record = &winners[0].record;
-        assert_eq!(record.status, ActionStatus::Running);
-        assert_eq!(record.attempts, 0);
-        assert!(record.lease_expires_at.is_some());
-        let (got, _) = t.store.get_action(&record.idempotency_key).await.unwrap();
-        assert_eq!(&got.record, record);
-    }
-
-    #[tokio::test]
-    async fn an_expired_claim_reads_as_a_timeout_and_is_claimed_again() {
-        let t = temp_store().await;
-        let first = t
-            .store
-            .evaluate_post(
-                "p1",
-                None,
-                Some(Duration::zero()),
-                "tester",
-                evaluator("p1"),
-            )
-            .await
-            .unwrap()
-            .claimed
-            .expect("claimed");
-        // A zero lease is over at once.
-        assert_eq!(first.record.status, ActionStatus::Failed);
-        assert_eq!(first.record.error_code.as_deref(), Some("timeout"));
-        let again = t
-            .store
-            .evaluate_post(
-                "p1",
-                None,
-                Some(Duration::minutes(5)),
-                "tester",
-                evaluator("p1"),
-            )
-            .await
-            .unwrap()
-            .claimed
-            .expect("claimed again");
-        assert_eq!(again.record.status, ActionStatus::Running);
-        assert_eq!(again.record.attempts, 1);
-        assert_eq!(again.record.created_at, first.record.created_at);
-        // Without a lease nothing is written.
-        let verdict = t
-            .store
-            .evaluate_post("p2", None, None, "tester", evaluator("p2"))
-            .await
-            .unwrap();
-        assert!(verdict.evaluation.eligible && verdict.claimed.is_none());
-        assert!(
-            t.store
-                .list_actions("p2", None, 10)
-                .await
-                .unwrap()
-                .is_empty()
-        );
     }
 
     #[tokio::test]
