@@ -378,15 +378,77 @@ pub fn totals(rows: &[UsageRow]) -> Option<UsageRow> {
     })
 }
 
-/// The key of a winning copy's group (a model-less message groups as "unknown").
-pub fn group_key(grouping: UsageGrouping, copy: &MessageCopy) -> String {
+/// A report's group as a store finds it: the columns the grouping reads
+/// (`day` for [`UsageGrouping::Day`], `user` and `session` for
+/// [`UsageGrouping::Session`], ...), the others left empty.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Group {
+    pub day: Option<NaiveDate>,
+    pub user: String,
+    pub session: String,
+    pub model: String,
+}
+
+/// The key a report shows for a group: the day as `YYYY-MM-DD`, a session as
+/// `user/session`, a model-less group as "unknown".
+pub fn report_key(grouping: UsageGrouping, group: &Group) -> String {
     match grouping {
-        UsageGrouping::Day => copy.occurred_at.date_naive().format("%Y-%m-%d").to_string(),
-        UsageGrouping::Session => format!("{}/{}", copy.user, copy.session),
-        UsageGrouping::Model if copy.model.is_empty() => "unknown".into(),
-        UsageGrouping::Model => copy.model.clone(),
-        UsageGrouping::User => copy.user.clone(),
+        UsageGrouping::Day => group
+            .day
+            .map(|d| d.format("%Y-%m-%d").to_string())
+            .unwrap_or_default(),
+        UsageGrouping::Session => format!("{}/{}", group.user, group.session),
+        UsageGrouping::Model if group.model.is_empty() => "unknown".into(),
+        UsageGrouping::Model => group.model.clone(),
+        UsageGrouping::User => group.user.clone(),
     }
+}
+
+/// The key of a winning copy's group.
+pub fn group_key(grouping: UsageGrouping, copy: &MessageCopy) -> String {
+    let group = Group {
+        day: Some(copy.day()),
+        user: copy.user.clone(),
+        session: copy.session.clone(),
+        model: copy.model.clone(),
+    };
+    report_key(grouping, &group)
+}
+
+/// A store's report rows, one per group it found, as the report shows them:
+/// keyed by [`report_key`], groups with the same key merged, sorted by key.
+/// Each row's own `key` is ignored; its `models` may hold "" (no model),
+/// which is dropped.
+pub fn keyed_report(grouping: UsageGrouping, rows: Vec<(Group, UsageRow)>) -> Vec<UsageRow> {
+    let mut by_key: BTreeMap<String, UsageRow> = BTreeMap::new();
+    for (group, mut row) in rows {
+        row.key = report_key(grouping, &group);
+        row.models.retain(|m| !m.is_empty());
+        match by_key.entry(row.key.clone()) {
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                slot.insert(row);
+            }
+            std::collections::btree_map::Entry::Occupied(mut slot) => {
+                let t = slot.get_mut();
+                t.input_tokens += row.input_tokens;
+                t.output_tokens += row.output_tokens;
+                t.cache_creation_tokens += row.cache_creation_tokens;
+                t.cache_read_tokens += row.cache_read_tokens;
+                t.messages += row.messages;
+                t.first_at = t.first_at.min(row.first_at);
+                t.last_at = t.last_at.max(row.last_at);
+                t.models.extend(row.models);
+            }
+        }
+    }
+    by_key
+        .into_values()
+        .map(|mut r| {
+            r.models.sort();
+            r.models.dedup();
+            r
+        })
+        .collect()
 }
 
 /// The report computed from scratch: every file's copies, the winners picked,
@@ -622,6 +684,62 @@ mod tests {
         // One cell: minus the partial, plus the complete copy.
         assert_eq!(p.cells.len(), 1);
         assert_eq!((p.cells[0].messages, p.cells[0].tokens.input), (0, 37));
+    }
+
+    #[test]
+    fn report_keys_are_the_domain_s_and_equal_keys_merge_in_key_order() {
+        let row = |input, model: &str| UsageRow {
+            key: "ignored".into(),
+            input_tokens: input,
+            output_tokens: 0,
+            cache_creation_tokens: 0,
+            cache_read_tokens: 0,
+            messages: 1,
+            first_at: at(1, input as u32),
+            last_at: at(1, input as u32),
+            models: vec![model.to_owned()],
+        };
+        let session = |user: &str, session: &str| Group {
+            user: user.into(),
+            session: session.into(),
+            ..Group::default()
+        };
+        // (user, session) order is not key order: "a-b/x" sorts before "a/x".
+        let rows = keyed_report(
+            UsageGrouping::Session,
+            vec![
+                (session("a", "x"), row(1, "m")),
+                (session("a-b", "x"), row(2, "")),
+            ],
+        );
+        let keys: Vec<(&str, &[String])> = rows
+            .iter()
+            .map(|r| (r.key.as_str(), r.models.as_slice()))
+            .collect();
+        assert_eq!(keys, [("a-b/x", &[][..]), ("a/x", &["m".to_string()][..])]);
+        // No model and a model named "unknown" are one group.
+        let model = |m: &str| Group {
+            model: m.into(),
+            ..Group::default()
+        };
+        let rows = keyed_report(
+            UsageGrouping::Model,
+            vec![
+                (model(""), row(3, "")),
+                (model("unknown"), row(4, "unknown")),
+            ],
+        );
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].key.as_str(), rows[0].input_tokens, rows[0].messages),
+            ("unknown", 7, 2)
+        );
+        assert_eq!((rows[0].first_at, rows[0].last_at), (at(1, 3), at(1, 4)));
+        let day = Group {
+            day: NaiveDate::from_ymd_opt(2026, 3, 4),
+            ..Group::default()
+        };
+        assert_eq!(report_key(UsageGrouping::Day, &day), "2026-03-04");
     }
 
     #[test]

@@ -418,6 +418,9 @@ async fn apply_cells(conn: &mut PgConnection, cells: &[CellDelta]) -> Result<()>
 }
 
 type ReportRow = (
+    Option<NaiveDate>,
+    String,
+    String,
     String,
     i64,
     i64,
@@ -436,11 +439,12 @@ pub(crate) async fn usage_report(
     pool: &crate::storage::pool::TimedPool<sqlx::Postgres>,
     query: &UsageQuery,
 ) -> Result<Vec<UsageRow>> {
-    let key = match query.group_by {
-        UsageGrouping::Day => "to_char(day, 'YYYY-MM-DD')",
-        UsageGrouping::Session => "user_name || '/' || session_id",
-        UsageGrouping::Model => "CASE model WHEN '' THEN 'unknown' ELSE model END",
-        UsageGrouping::User => "user_name",
+    // The columns the grouping reads; the report's key is the domain's.
+    let group = match query.group_by {
+        UsageGrouping::Day => "day, '', '', ''",
+        UsageGrouping::Session => "NULL::date, user_name, session_id, ''",
+        UsageGrouping::Model => "NULL::date, '', '', model",
+        UsageGrouping::User => "NULL::date, user_name, '', ''",
     };
     let split = usage::split_range(query.since, query.until);
     let whole_days = "SELECT day, user_name, session_id, model, input_tokens, output_tokens,
@@ -466,14 +470,13 @@ pub(crate) async fn usage_report(
         )
     };
     let sql = format!(
-        "SELECT {key} AS key,
+        "SELECT {group},
                 sum(input_tokens)::bigint, sum(output_tokens)::bigint,
                 sum(cache_creation_tokens)::bigint, sum(cache_read_tokens)::bigint,
                 sum(messages)::bigint, min(first_at), max(last_at),
-                array_remove(array_agg(DISTINCT model ORDER BY model), '')
+                array_agg(DISTINCT model ORDER BY model)
          FROM ({source}) AS parts
-         GROUP BY 1
-         ORDER BY 1"
+         GROUP BY 1, 2, 3, 4"
     );
     let mut report = sqlx::query_as(&sql)
         .bind(split.whole_from)
@@ -486,20 +489,43 @@ pub(crate) async fn usage_report(
             .bind(query.until);
     }
     let rows: Vec<ReportRow> = report.fetch_all(pool).await.map_err(db_error)?;
-    Ok(rows
+    let groups = rows
         .into_iter()
         .map(
-            |(key, input, output, creation, read, messages, first_at, last_at, models)| UsageRow {
-                key,
-                input_tokens: input,
-                output_tokens: output,
-                cache_creation_tokens: creation,
-                cache_read_tokens: read,
+            |(
+                day,
+                user,
+                session,
+                model,
+                input,
+                output,
+                creation,
+                read,
                 messages,
                 first_at,
                 last_at,
                 models,
+            )| {
+                let group = usage::Group {
+                    day,
+                    user,
+                    session,
+                    model,
+                };
+                let row = UsageRow {
+                    key: String::new(),
+                    input_tokens: input,
+                    output_tokens: output,
+                    cache_creation_tokens: creation,
+                    cache_read_tokens: read,
+                    messages,
+                    first_at,
+                    last_at,
+                    models,
+                };
+                (group, row)
             },
         )
-        .collect())
+        .collect();
+    Ok(usage::keyed_report(query.group_by, groups))
 }

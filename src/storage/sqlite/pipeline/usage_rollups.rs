@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 
 use sqlx::{FromRow, QueryBuilder, Sqlite, SqliteConnection};
 
-use super::super::{day_text, from_micros, micros, sqlite_error, truncate};
+use super::super::{day_text, from_micros, micros, parse_day, sqlite_error, truncate};
 use super::CHUNK_ROWS;
 use crate::domain::pipeline::SessionFile;
 use crate::domain::transcript::UsageEntry;
@@ -412,7 +412,11 @@ async fn apply_cells(conn: &mut SqliteConnection, cells: &[CellDelta]) -> Result
 
 #[derive(FromRow)]
 struct ReportRow {
-    key: String,
+    /// The grouping's columns (`domain::usage::Group`), '' where unused.
+    g_day: String,
+    g_user: String,
+    g_session: String,
+    g_model: String,
     input_tokens: i64,
     output_tokens: i64,
     cache_creation_tokens: i64,
@@ -431,11 +435,14 @@ pub(crate) async fn usage_report(
     pool: &crate::storage::pool::TimedPool<Sqlite>,
     query: &UsageQuery,
 ) -> Result<Vec<UsageRow>> {
-    let key = match query.group_by {
-        UsageGrouping::Day => "day",
-        UsageGrouping::Session => "user_name || '/' || session_id",
-        UsageGrouping::Model => "CASE model WHEN '' THEN 'unknown' ELSE model END",
-        UsageGrouping::User => "user_name",
+    // The columns the grouping reads; the report's key is the domain's.
+    let group = match query.group_by {
+        UsageGrouping::Day => "day AS g_day, '' AS g_user, '' AS g_session, '' AS g_model",
+        UsageGrouping::Session => {
+            "'' AS g_day, user_name AS g_user, session_id AS g_session, '' AS g_model"
+        }
+        UsageGrouping::Model => "'' AS g_day, '' AS g_user, '' AS g_session, model AS g_model",
+        UsageGrouping::User => "'' AS g_day, user_name AS g_user, '' AS g_session, '' AS g_model",
     };
     let split = usage::split_range(query.since, query.until);
     let whole_days = "SELECT day, user_name, session_id, model, input_tokens, output_tokens,
@@ -463,15 +470,14 @@ pub(crate) async fn usage_report(
         )
     };
     let sql = format!(
-        "SELECT {key} AS key,
+        "SELECT {group},
                 sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
                 sum(cache_creation_tokens) AS cache_creation_tokens,
                 sum(cache_read_tokens) AS cache_read_tokens,
                 sum(messages) AS messages, min(first_at) AS first_at,
                 max(last_at) AS last_at, json_group_array(DISTINCT model) AS models
          FROM ({source})
-         GROUP BY 1
-         ORDER BY 1"
+         GROUP BY 1, 2, 3, 4"
     );
     let mut report = sqlx::query_as(&sql)
         .bind(split.whole_from.map(day_text))
@@ -486,15 +492,23 @@ pub(crate) async fn usage_report(
             .bind(query.until.map(micros));
     }
     let rows: Vec<ReportRow> = report.fetch_all(pool).await.map_err(sqlite_error)?;
-    rows.into_iter()
+    let groups = rows
+        .into_iter()
         .map(|r| {
-            let mut models: Vec<String> = serde_json::from_str(&r.models).map_err(|e| {
+            let models: Vec<String> = serde_json::from_str(&r.models).map_err(|e| {
                 Error::Internal(format!("usage models {:?} unreadable: {e}", r.models))
             })?;
-            models.retain(|m| !m.is_empty());
-            models.sort();
-            Ok(UsageRow {
-                key: r.key,
+            let day = (!r.g_day.is_empty())
+                .then(|| parse_day(&r.g_day))
+                .transpose()?;
+            let group = usage::Group {
+                day,
+                user: r.g_user,
+                session: r.g_session,
+                model: r.g_model,
+            };
+            let row = UsageRow {
+                key: String::new(),
                 input_tokens: r.input_tokens,
                 output_tokens: r.output_tokens,
                 cache_creation_tokens: r.cache_creation_tokens,
@@ -503,9 +517,11 @@ pub(crate) async fn usage_report(
                 first_at: from_micros(r.first_at),
                 last_at: from_micros(r.last_at),
                 models,
-            })
+            };
+            Ok((group, row))
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    Ok(usage::keyed_report(query.group_by, groups))
 }
 
 #[cfg(test)]
