@@ -370,10 +370,13 @@ impl PgStore {
             sqlx::query(
                 "INSERT INTO agents (agent_id, status, registered_at, last_heartbeat_at,
                                      last_transition_at, revision)
-                 SELECT id, 'IDLE', $2, $2, $2, 0 FROM unnest($1::text[]) AS id",
+                 SELECT id, $3, $2, $2, $2, 0 FROM unnest($1::text[]) AS id",
             )
             .bind(&created)
             .bind(now)
+            // A new agent's status is the domain's (the write below sets the
+            // planned state; the row only has to exist and be valid first).
+            .bind(crate::domain::agent::registered(now).0.status.as_str())
             .execute(&mut *tx)
             .await?;
         }
