@@ -342,6 +342,44 @@ pub fn reported(
     }
 }
 
+/// A report for an unknown key names a key other than the one its post,
+/// action and tier make: it may not create a record under it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyMismatch {
+    pub given: String,
+    pub expected: String,
+}
+
+impl std::fmt::Display for KeyMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "idempotency_key {:?} does not match post_id, action_type and tier (expected {:?})",
+            self.given, self.expected
+        )
+    }
+}
+
+/// The record a report creates for the unknown `key` ([`reported`]), if
+/// `key` is the one its post, action and tier make ([`idempotency_key`]).
+pub fn reported_as(
+    key: &str,
+    post_id: &str,
+    action: ActionType,
+    tier: Tier,
+    status: ActionStatus,
+    now: DateTime<Utc>,
+) -> Result<ActionRecord, KeyMismatch> {
+    let record = reported(post_id, action, tier, status, now);
+    if record.idempotency_key != key {
+        return Err(KeyMismatch {
+            given: key.to_owned(),
+            expected: record.idempotency_key,
+        });
+    }
+    Ok(record)
+}
+
 /// Status as it should be acted on. A RUNNING record whose lease has expired
 /// (at or before `now`) counts as FAILED with error "timeout", so a crashed
 /// worker neither blocks the post forever nor hides a retry. A RUNNING record
@@ -963,6 +1001,33 @@ mod tests {
         assert_eq!(
             apply_outcome(new, ActionStatus::Succeeded, None, now()).attempts,
             1
+        );
+    }
+
+    #[test]
+    fn a_report_creates_a_record_only_under_its_own_key() {
+        let key = idempotency_key("p1", ActionType::Edit, Tier::Tier2);
+        let status = ActionStatus::Failed;
+        let record = reported_as(&key, "p1", ActionType::Edit, Tier::Tier2, status, now());
+        assert_eq!(
+            record,
+            Ok(reported("p1", ActionType::Edit, Tier::Tier2, status, now()))
+        );
+        let other = reported_as(&key, "p2", ActionType::Edit, Tier::Tier2, status, now());
+        let expected = idempotency_key("p2", ActionType::Edit, Tier::Tier2);
+        assert_eq!(
+            other,
+            Err(KeyMismatch {
+                given: key.clone(),
+                expected: expected.clone()
+            })
+        );
+        assert_eq!(
+            other.unwrap_err().to_string(),
+            format!(
+                "idempotency_key {key:?} does not match post_id, action_type and tier \
+                 (expected {expected:?})"
+            )
         );
     }
 

@@ -16,6 +16,7 @@ pub(crate) mod decode;
 pub mod memory;
 mod options;
 pub mod pool;
+mod post_healing;
 pub mod postgres;
 pub mod sqlite;
 
