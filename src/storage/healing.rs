@@ -1,4 +1,4 @@
-//! The healing store's write flows, written once for every SQL backend.
+//! The healing store's flows, written once for every SQL backend.
 //!
 //! Each flow is a sequence: begin, lock, read, let the domain decide, write,
 //! commit. It runs here over a [`HealingTx`], one open transaction of a
@@ -25,11 +25,11 @@ use crate::domain::healing::{
     self, Context, ErrorType, Evidence, Plan, RecurrenceWindow, Strategy,
 };
 use crate::domain::healing_records::{
-    self as records, ErrorEvent, NewErrorEvent, RecoveryAction, RecoveryAlreadyActive,
-    RecoveryOutcome, RecoveryStatus,
+    self as records, ErrorEvent, HealingStatistics, NewErrorEvent, RecoveryAction,
+    RecoveryAlreadyActive, RecoveryOutcome, RecoveryStatus, StoredStatusFilter,
 };
 use crate::error::{Error, Result};
-use crate::storage::{Planner, decode};
+use crate::storage::{Planner, RecoveryActionQuery, decode};
 
 /// The columns of [`EventRow`], in its order.
 pub(crate) const EVENT_COLUMNS: &str =
@@ -145,13 +145,6 @@ impl<T: StoredTime, J: StoredJson> TryFrom<ActionRow<T, J>> for RecoveryAction {
     }
 }
 
-impl<T: StoredTime, J: StoredJson> ActionRow<T, J> {
-    /// The action as a reader at `now` sees it.
-    pub(crate) fn at(self, now: DateTime<Utc>) -> Result<RecoveryAction> {
-        Ok(seen_at(RecoveryAction::try_from(self)?, now))
-    }
-}
-
 /// A stored action as a reader at `now` sees it (an ACTIVE one whose lease
 /// ran out is EXPIRED).
 pub(crate) fn seen_at(mut action: RecoveryAction, now: DateTime<Utc>) -> RecoveryAction {
@@ -252,6 +245,28 @@ pub(crate) trait HealingTx: Send {
 
     /// Adds to the pattern's counts (inserting it when new).
     async fn learn(&mut self, lesson: &Lesson<'_>) -> Result<()>;
+
+    /// Every error; the errors since `recent_since`; the actions stored as
+    /// one of `filters`.
+    async fn statistics_counts(
+        &mut self,
+        recent_since: DateTime<Utc>,
+        filters: &[StoredStatusFilter],
+    ) -> Result<(i64, i64, i64)>;
+
+    /// Errors per stored type, by type.
+    async fn errors_by_type(&mut self) -> Result<Vec<(String, i64)>>;
+
+    /// Every pattern, by error type, context signature, strategy.
+    async fn patterns(&mut self) -> Result<Vec<decode::PatternRow>>;
+
+    /// The actions `query` selects, newest first, as stored; `status` the
+    /// stored statuses its status filter means (`None`: any).
+    async fn recovery_actions(
+        &mut self,
+        query: &RecoveryActionQuery,
+        status: Option<&[StoredStatusFilter]>,
+    ) -> Result<Vec<RecoveryAction>>;
 
     async fn commit(self: Box<Self>) -> Result<()>;
 }
@@ -405,4 +420,38 @@ pub(crate) async fn record_recovery_outcome(
     .await?;
     tx.commit().await?;
     Ok(seen_at(finished, now))
+}
+
+/// [`crate::storage::HealingStore::healing_statistics`].
+pub(crate) async fn healing_statistics(store: &dyn HealingTxs) -> Result<HealingStatistics> {
+    // One read transaction: every figure as of one `now`.
+    let mut tx = store.begin_read().await?;
+    let now = tx.now().await?;
+    let counts = tx
+        .statistics_counts(
+            records::statistics_recent_since(now),
+            &RecoveryStatus::Active.stored_as(now),
+        )
+        .await?;
+    let by_type = tx.errors_by_type().await?;
+    let patterns = tx.patterns().await?;
+    tx.commit().await?;
+    decode::healing_statistics(counts, by_type, patterns)
+}
+
+/// [`crate::storage::HealingStore::list_recovery_actions`].
+pub(crate) async fn list_recovery_actions(
+    store: &dyn HealingTxs,
+    query: &RecoveryActionQuery,
+) -> Result<Vec<RecoveryAction>> {
+    // One read transaction: the filter and what a reader sees, at one `now`.
+    let mut tx = store.begin_read().await?;
+    let now = tx.now().await?;
+    let filters = query.status.map(|status| status.stored_as(now));
+    let rows = tx.recovery_actions(query, filters.as_deref()).await?;
+    tx.commit().await?;
+    Ok(rows
+        .into_iter()
+        .map(|action| seen_at(action, now))
+        .collect())
 }

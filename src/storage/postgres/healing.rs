@@ -12,7 +12,7 @@ use super::{PgStore, db_error};
 use crate::domain::healing::{Context, ErrorType, RecurrenceWindow};
 use crate::domain::healing_records::{
     ErrorEvent, HealingStatistics, LeaseFilter, NewErrorEvent, RecoveryAction, RecoveryOutcome,
-    RecoveryStatus, StoredStatusFilter, statistics_recent_since,
+    RecoveryStatus, StoredStatusFilter,
 };
 use crate::error::Result;
 use crate::storage::decode;
@@ -298,6 +298,82 @@ impl HealingTx for PgHealingTx<'_> {
         Ok(())
     }
 
+    async fn statistics_counts(
+        &mut self,
+        recent_since: DateTime<Utc>,
+        filters: &[StoredStatusFilter],
+    ) -> Result<(i64, i64, i64)> {
+        let (statuses, ends_after, ended_by) = filter_arrays(filters);
+        sqlx::query_as(&format!(
+            "SELECT
+                 (SELECT count(*) FROM error_events),
+                 (SELECT count(*) FROM error_events WHERE occurred_at > $1),
+                 (SELECT count(*) FROM recovery_actions WHERE {})",
+            status_filter_sql(2)
+        ))
+        .bind(recent_since)
+        .bind(statuses)
+        .bind(ends_after)
+        .bind(ended_by)
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(db_error)
+    }
+
+    async fn errors_by_type(&mut self) -> Result<Vec<(String, i64)>> {
+        sqlx::query_as(
+            "SELECT error_type, count(*) FROM error_events GROUP BY error_type ORDER BY error_type",
+        )
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(db_error)
+    }
+
+    async fn patterns(&mut self) -> Result<Vec<decode::PatternRow>> {
+        sqlx::query_as(
+            "SELECT error_type, context_signature, strategy, successes, failures, total_recovery_ms
+             FROM healing_patterns ORDER BY error_type, context_signature, strategy",
+        )
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(db_error)
+    }
+
+    async fn recovery_actions(
+        &mut self,
+        query: &RecoveryActionQuery,
+        status: Option<&[StoredStatusFilter]>,
+    ) -> Result<Vec<RecoveryAction>> {
+        let (statuses, ends_after, ended_by) = match status {
+            Some(filters) => {
+                let (s, a, b) = filter_arrays(filters);
+                (Some(s), Some(a), Some(b))
+            }
+            None => (None, None, None),
+        };
+        let rows: Vec<ActionRow> = sqlx::query_as(&format!(
+            "SELECT {ACTION_COLUMNS} FROM recovery_actions
+             WHERE ($1::text IS NULL OR agent_id = $1)
+               AND ($2::text IS NULL OR error_type = $2)
+               AND ($3::bigint IS NULL OR id < $3)
+               AND ($5::text[] IS NULL OR {})
+             ORDER BY id DESC
+             LIMIT $4",
+            status_filter_sql(5)
+        ))
+        .bind(query.agent_id.as_deref())
+        .bind(query.error_type.map(ErrorType::as_str))
+        .bind(query.before_id)
+        .bind(query.limit)
+        .bind(statuses)
+        .bind(ends_after)
+        .bind(ended_by)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(db_error)?;
+        rows.into_iter().map(RecoveryAction::try_from).collect()
+    }
+
     async fn commit(self: Box<Self>) -> Result<()> {
         self.tx.commit().await.map_err(db_error)
     }
@@ -328,45 +404,7 @@ impl HealingStore for PgStore {
     }
 
     async fn healing_statistics(&self) -> Result<HealingStatistics> {
-        // One transaction: every figure as of one `now`.
-        let mut tx = self.pool.begin().await.map_err(db_error)?;
-        let now = self.now_in(&mut tx).await?;
-        let (statuses, ends_after, ended_by) =
-            filter_arrays(&RecoveryStatus::Active.stored_as(now));
-        let (total_errors, errors_last_hour, active_recoveries): (i64, i64, i64) =
-            sqlx::query_as(&format!(
-                "SELECT
-                     (SELECT count(*) FROM error_events),
-                     (SELECT count(*) FROM error_events WHERE occurred_at > $1),
-                     (SELECT count(*) FROM recovery_actions WHERE {})",
-                status_filter_sql(2)
-            ))
-            .bind(statistics_recent_since(now))
-            .bind(statuses)
-            .bind(ends_after)
-            .bind(ended_by)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db_error)?;
-        let by_type: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT error_type, count(*) FROM error_events GROUP BY error_type ORDER BY error_type",
-        )
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db_error)?;
-        let patterns: Vec<decode::PatternRow> = sqlx::query_as(
-            "SELECT error_type, context_signature, strategy, successes, failures, total_recovery_ms
-             FROM healing_patterns ORDER BY error_type, context_signature, strategy",
-        )
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db_error)?;
-        tx.commit().await.map_err(db_error)?;
-        decode::healing_statistics(
-            (total_errors, errors_last_hour, active_recoveries),
-            by_type,
-            patterns,
-        )
+        flows::healing_statistics(self).await
     }
 
     async fn list_error_events(&self, query: &ErrorEventQuery) -> Result<Vec<ErrorEvent>> {
@@ -392,36 +430,6 @@ impl HealingStore for PgStore {
         &self,
         query: &RecoveryActionQuery,
     ) -> Result<Vec<RecoveryAction>> {
-        let mut tx = self.pool.begin().await.map_err(db_error)?;
-        let now = self.now_in(&mut tx).await?;
-        let (statuses, ends_after, ended_by) = match query.status {
-            Some(status) => {
-                let (s, a, b) = filter_arrays(&status.stored_as(now));
-                (Some(s), Some(a), Some(b))
-            }
-            None => (None, None, None),
-        };
-        let rows: Vec<ActionRow> = sqlx::query_as(&format!(
-            "SELECT {ACTION_COLUMNS} FROM recovery_actions
-             WHERE ($1::text IS NULL OR agent_id = $1)
-               AND ($2::text IS NULL OR error_type = $2)
-               AND ($3::bigint IS NULL OR id < $3)
-               AND ($5::text[] IS NULL OR {})
-             ORDER BY id DESC
-             LIMIT $4",
-            status_filter_sql(5)
-        ))
-        .bind(query.agent_id.as_deref())
-        .bind(query.error_type.map(ErrorType::as_str))
-        .bind(query.before_id)
-        .bind(query.limit)
-        .bind(statuses)
-        .bind(ends_after)
-        .bind(ended_by)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db_error)?;
-        tx.commit().await.map_err(db_error)?;
-        rows.into_iter().map(|row| row.at(now)).collect()
+        flows::list_recovery_actions(self, query).await
     }
 }

@@ -13,7 +13,7 @@ use super::{SqliteStore, from_micros, is_unique_violation, micros, sqlite_error}
 use crate::domain::healing::{Context, ErrorType, RecurrenceWindow};
 use crate::domain::healing_records::{
     ErrorEvent, HealingStatistics, LeaseFilter, NewErrorEvent, RecoveryAction, RecoveryOutcome,
-    RecoveryStatus, StoredStatusFilter, statistics_recent_since,
+    RecoveryStatus, StoredStatusFilter,
 };
 use crate::error::{Error, Result};
 use crate::storage::decode;
@@ -293,6 +293,76 @@ impl HealingTx for SqliteHealingTx<'_> {
         Ok(())
     }
 
+    async fn statistics_counts(
+        &mut self,
+        recent_since: DateTime<Utc>,
+        filters: &[StoredStatusFilter],
+    ) -> Result<(i64, i64, i64)> {
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "SELECT
+                 (SELECT count(*) FROM error_events),
+                 (SELECT count(*) FROM error_events WHERE occurred_at > ",
+        );
+        qb.push_bind(micros(recent_since));
+        qb.push("), (SELECT count(*) FROM recovery_actions WHERE ");
+        push_status_filter(&mut qb, filters);
+        qb.push(")");
+        qb.build_query_as()
+            .fetch_one(&mut *self.tx)
+            .await
+            .map_err(sqlite_error)
+    }
+
+    async fn errors_by_type(&mut self) -> Result<Vec<(String, i64)>> {
+        sqlx::query_as(
+            "SELECT error_type, count(*) FROM error_events GROUP BY error_type ORDER BY error_type",
+        )
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(sqlite_error)
+    }
+
+    async fn patterns(&mut self) -> Result<Vec<decode::PatternRow>> {
+        sqlx::query_as(
+            "SELECT error_type, context_signature, strategy, successes, failures, total_recovery_ms
+             FROM healing_patterns ORDER BY error_type, context_signature, strategy",
+        )
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(sqlite_error)
+    }
+
+    async fn recovery_actions(
+        &mut self,
+        query: &RecoveryActionQuery,
+        status: Option<&[StoredStatusFilter]>,
+    ) -> Result<Vec<RecoveryAction>> {
+        // Only the given filters, so SQLite's planner can pick an index for them.
+        let mut qb = QueryBuilder::<Sqlite>::new(format!(
+            "SELECT {ACTION_COLUMNS} FROM recovery_actions WHERE 1"
+        ));
+        if let Some(agent_id) = &query.agent_id {
+            qb.push(" AND agent_id = ").push_bind(agent_id.clone());
+        }
+        if let Some(error_type) = query.error_type {
+            qb.push(" AND error_type = ").push_bind(error_type.as_str());
+        }
+        if let Some(before_id) = query.before_id {
+            qb.push(" AND id < ").push_bind(before_id);
+        }
+        if let Some(filters) = status {
+            qb.push(" AND ");
+            push_status_filter(&mut qb, filters);
+        }
+        qb.push(" ORDER BY id DESC LIMIT ").push_bind(query.limit);
+        let rows: Vec<ActionRow> = qb
+            .build_query_as()
+            .fetch_all(&mut *self.tx)
+            .await
+            .map_err(sqlite_error)?;
+        rows.into_iter().map(RecoveryAction::try_from).collect()
+    }
+
     async fn commit(self: Box<Self>) -> Result<()> {
         self.tx.commit().await.map_err(sqlite_error)
     }
@@ -323,42 +393,8 @@ impl HealingStore for SqliteStore {
     }
 
     async fn healing_statistics(&self) -> Result<HealingStatistics> {
-        // One read transaction (one WAL snapshot): every figure as of one `now`.
-        let mut tx = self.readers().begin().await.map_err(sqlite_error)?;
-        let now = self.store_now();
-        let mut qb = QueryBuilder::<Sqlite>::new(
-            "SELECT
-                 (SELECT count(*) FROM error_events),
-                 (SELECT count(*) FROM error_events WHERE occurred_at > ",
-        );
-        qb.push_bind(micros(statistics_recent_since(now)));
-        qb.push("), (SELECT count(*) FROM recovery_actions WHERE ");
-        push_status_filter(&mut qb, &RecoveryStatus::Active.stored_as(now));
-        qb.push(")");
-        let (total_errors, errors_last_hour, active_recoveries): (i64, i64, i64) = qb
-            .build_query_as()
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(sqlite_error)?;
-        let by_type: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT error_type, count(*) FROM error_events GROUP BY error_type ORDER BY error_type",
-        )
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(sqlite_error)?;
-        let patterns: Vec<decode::PatternRow> = sqlx::query_as(
-            "SELECT error_type, context_signature, strategy, successes, failures, total_recovery_ms
-             FROM healing_patterns ORDER BY error_type, context_signature, strategy",
-        )
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(sqlite_error)?;
-        tx.commit().await.map_err(sqlite_error)?;
-        decode::healing_statistics(
-            (total_errors, errors_last_hour, active_recoveries),
-            by_type,
-            patterns,
-        )
+        // One read transaction: one WAL snapshot.
+        flows::healing_statistics(self).await
     }
 
     async fn list_error_events(&self, query: &ErrorEventQuery) -> Result<Vec<ErrorEvent>> {
@@ -388,32 +424,7 @@ impl HealingStore for SqliteStore {
         &self,
         query: &RecoveryActionQuery,
     ) -> Result<Vec<RecoveryAction>> {
-        let mut tx = self.readers().begin().await.map_err(sqlite_error)?;
-        let now = self.store_now();
-        let mut qb = QueryBuilder::<Sqlite>::new(format!(
-            "SELECT {ACTION_COLUMNS} FROM recovery_actions WHERE 1"
-        ));
-        if let Some(agent_id) = &query.agent_id {
-            qb.push(" AND agent_id = ").push_bind(agent_id.clone());
-        }
-        if let Some(error_type) = query.error_type {
-            qb.push(" AND error_type = ").push_bind(error_type.as_str());
-        }
-        if let Some(before_id) = query.before_id {
-            qb.push(" AND id < ").push_bind(before_id);
-        }
-        if let Some(status) = query.status {
-            qb.push(" AND ");
-            push_status_filter(&mut qb, &status.stored_as(now));
-        }
-        qb.push(" ORDER BY id DESC LIMIT ").push_bind(query.limit);
-        let rows: Vec<ActionRow> = qb
-            .build_query_as()
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(sqlite_error)?;
-        tx.commit().await.map_err(sqlite_error)?;
-        rows.into_iter().map(|row| row.at(now)).collect()
+        flows::list_recovery_actions(self, query).await
     }
 }
 
