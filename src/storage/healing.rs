@@ -29,7 +29,7 @@ use crate::domain::healing_records::{
     RecoveryAlreadyActive, RecoveryOutcome, RecoveryStatus, StoredStatusFilter,
 };
 use crate::error::{Error, Result};
-use crate::storage::{Planner, RecoveryActionQuery, decode};
+use crate::storage::{ErrorEventQuery, HealingStore, Planner, RecoveryActionQuery, decode};
 
 /// The columns of [`EventRow`], in its order.
 pub(crate) const EVENT_COLUMNS: &str =
@@ -279,9 +279,54 @@ pub(crate) trait HealingTxs: Sync {
 
     /// A transaction to read the last committed state in.
     async fn begin_read(&self) -> Result<Box<dyn HealingTx + '_>>;
+
+    /// [`HealingStore::list_error_events`]: one statement on the last
+    /// committed state (no transaction, no clock: nothing to share).
+    async fn error_events(&self, query: &ErrorEventQuery) -> Result<Vec<ErrorEvent>>;
 }
 
-/// [`crate::storage::HealingStore::record_error`].
+/// A backend that opens [`HealingTxs`] is a [`HealingStore`]: the flows below.
+#[async_trait]
+impl<S: HealingTxs + Send + Sync + 'static> HealingStore for S {
+    async fn record_error(&self, event: NewErrorEvent) -> Result<ErrorEvent> {
+        record_error(self, event).await
+    }
+
+    async fn plan_recovery(
+        &self,
+        error_event_id: i64,
+        lease: Duration,
+        actor: &str,
+        planner: Planner<'_>,
+    ) -> Result<RecoveryAction> {
+        plan_recovery(self, error_event_id, lease, actor, planner).await
+    }
+
+    async fn record_recovery_outcome(
+        &self,
+        action_id: i64,
+        outcome: RecoveryOutcome,
+    ) -> Result<RecoveryAction> {
+        record_recovery_outcome(self, action_id, outcome).await
+    }
+
+    async fn healing_statistics(&self) -> Result<HealingStatistics> {
+        healing_statistics(self).await
+    }
+
+    async fn list_error_events(&self, query: &ErrorEventQuery) -> Result<Vec<ErrorEvent>> {
+        self.error_events(query).await
+    }
+
+    async fn list_recovery_actions(
+        &self,
+        query: &RecoveryActionQuery,
+    ) -> Result<Vec<RecoveryAction>> {
+        list_recovery_actions(self, query).await
+    }
+}
+
+/// [`HealingStore::record_error`].
 pub(crate) async fn record_error(
     store: &dyn HealingTxs,
     event: NewErrorEvent,
@@ -309,7 +354,7 @@ pub(crate) async fn record_error(
     Ok(stored)
 }
 
-/// [`crate::storage::HealingStore::plan_recovery`].
+/// [`HealingStore::plan_recovery`].
 pub(crate) async fn plan_recovery(
     store: &dyn HealingTxs,
     error_event_id: i64,
@@ -378,7 +423,7 @@ pub(crate) async fn plan_recovery(
     }
 }
 
-/// [`crate::storage::HealingStore::record_recovery_outcome`].
+/// [`HealingStore::record_recovery_outcome`].
 pub(crate) async fn record_recovery_outcome(
     store: &dyn HealingTxs,
     action_id: i64,
@@ -422,7 +467,7 @@ pub(crate) async fn record_recovery_outcome(
     Ok(seen_at(finished, now))
 }
 
-/// [`crate::storage::HealingStore::healing_statistics`].
+/// [`HealingStore::healing_statistics`].
 pub(crate) async fn healing_statistics(store: &dyn HealingTxs) -> Result<HealingStatistics> {
     // One read transaction: every figure as of one `now`.
     let mut tx = store.begin_read().await?;
@@ -439,7 +484,7 @@ pub(crate) async fn healing_statistics(store: &dyn HealingTxs) -> Result<Healing
     decode::healing_statistics(counts, by_type, patterns)
 }
 
-/// [`crate::storage::HealingStore::list_recovery_actions`].
+/// [`HealingStore::list_recovery_actions`].
 pub(crate) async fn list_recovery_actions(
     store: &dyn HealingTxs,
     query: &RecoveryActionQuery,

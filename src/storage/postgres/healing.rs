@@ -4,15 +4,14 @@
 //! actions), so concurrent replicas serialise where they must.
 
 use async_trait::async_trait;
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use sqlx::{Postgres, Transaction};
 
 use super::{PgStore, db_error};
 use crate::domain::healing::{Context, ErrorType, RecurrenceWindow};
 use crate::domain::healing_records::{
-    ErrorEvent, HealingStatistics, LeaseFilter, NewErrorEvent, RecoveryAction, RecoveryOutcome,
-    RecoveryStatus, StoredStatusFilter,
+    ErrorEvent, LeaseFilter, NewErrorEvent, RecoveryAction, RecoveryStatus, StoredStatusFilter,
 };
 use crate::error::Result;
 use crate::storage::decode;
@@ -20,7 +19,7 @@ use crate::storage::healing::{
     self as flows, ACTION_COLUMNS, EVENT_COLUMNS, EvidenceRow, Finish, HealingTx, HealingTxs,
     Lesson, NewRecovery, StoredJson, StoredTime, millis,
 };
-use crate::storage::{ErrorEventQuery, HealingStore, Planner, RecoveryActionQuery};
+use crate::storage::{ErrorEventQuery, RecoveryActionQuery};
 
 /// `timestamptz`.
 impl StoredTime for DateTime<Utc> {
@@ -89,6 +88,25 @@ impl HealingTxs for PgStore {
 
     async fn begin_read(&self) -> Result<Box<dyn HealingTx + '_>> {
         HealingTxs::begin_write(self).await
+    }
+
+    async fn error_events(&self, query: &ErrorEventQuery) -> Result<Vec<ErrorEvent>> {
+        let rows: Vec<EventRow> = sqlx::query_as(&format!(
+            "SELECT {EVENT_COLUMNS} FROM error_events
+             WHERE ($1::text IS NULL OR agent_id = $1)
+               AND ($2::text IS NULL OR error_type = $2)
+               AND ($3::bigint IS NULL OR id < $3)
+             ORDER BY id DESC
+             LIMIT $4"
+        ))
+        .bind(query.agent_id.as_deref())
+        .bind(query.error_type.map(ErrorType::as_str))
+        .bind(query.before_id)
+        .bind(query.limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        rows.into_iter().map(ErrorEvent::try_from).collect()
     }
 }
 
@@ -376,60 +394,5 @@ impl HealingTx for PgHealingTx<'_> {
 
     async fn commit(self: Box<Self>) -> Result<()> {
         self.tx.commit().await.map_err(db_error)
-    }
-}
-
-#[async_trait]
-impl HealingStore for PgStore {
-    async fn record_error(&self, event: NewErrorEvent) -> Result<ErrorEvent> {
-        flows::record_error(self, event).await
-    }
-
-    async fn plan_recovery(
-        &self,
-        error_event_id: i64,
-        lease: Duration,
-        actor: &str,
-        planner: Planner<'_>,
-    ) -> Result<RecoveryAction> {
-        flows::plan_recovery(self, error_event_id, lease, actor, planner).await
-    }
-
-    async fn record_recovery_outcome(
-        &self,
-        action_id: i64,
-        outcome: RecoveryOutcome,
-    ) -> Result<RecoveryAction> {
-        flows::record_recovery_outcome(self, action_id, outcome).await
-    }
-
-    async fn healing_statistics(&self) -> Result<HealingStatistics> {
-        flows::healing_statistics(self).await
-    }
-
-    async fn list_error_events(&self, query: &ErrorEventQuery) -> Result<Vec<ErrorEvent>> {
-        let rows: Vec<EventRow> = sqlx::query_as(&format!(
-            "SELECT {EVENT_COLUMNS} FROM error_events
-             WHERE ($1::text IS NULL OR agent_id = $1)
-               AND ($2::text IS NULL OR error_type = $2)
-               AND ($3::bigint IS NULL OR id < $3)
-             ORDER BY id DESC
-             LIMIT $4"
-        ))
-        .bind(query.agent_id.as_deref())
-        .bind(query.error_type.map(ErrorType::as_str))
-        .bind(query.before_id)
-        .bind(query.limit)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db_error)?;
-        rows.into_iter().map(ErrorEvent::try_from).collect()
-    }
-
-    async fn list_recovery_actions(
-        &self,
-        query: &RecoveryActionQuery,
-    ) -> Result<Vec<RecoveryAction>> {
-        flows::list_recovery_actions(self, query).await
     }
 }

@@ -6,14 +6,13 @@
 //! transaction ([`SqliteStore::store_now`]), after the write lock is taken.
 
 use async_trait::async_trait;
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Utc};
 use sqlx::{QueryBuilder, Sqlite, Transaction};
 
 use super::{SqliteStore, from_micros, is_unique_violation, micros, sqlite_error};
 use crate::domain::healing::{Context, ErrorType, RecurrenceWindow};
 use crate::domain::healing_records::{
-    ErrorEvent, HealingStatistics, LeaseFilter, NewErrorEvent, RecoveryAction, RecoveryOutcome,
-    RecoveryStatus, StoredStatusFilter,
+    ErrorEvent, LeaseFilter, NewErrorEvent, RecoveryAction, RecoveryStatus, StoredStatusFilter,
 };
 use crate::error::{Error, Result};
 use crate::storage::decode;
@@ -21,7 +20,7 @@ use crate::storage::healing::{
     self as flows, ACTION_COLUMNS, EVENT_COLUMNS, EvidenceRow, Finish, HealingTx, HealingTxs,
     Lesson, NewRecovery, StoredJson, StoredTime, millis,
 };
-use crate::storage::{ErrorEventQuery, HealingStore, Planner, RecoveryActionQuery};
+use crate::storage::{ErrorEventQuery, RecoveryActionQuery};
 
 /// Microseconds since the epoch.
 impl StoredTime for i64 {
@@ -90,6 +89,29 @@ impl HealingTxs for SqliteStore {
     async fn begin_read(&self) -> Result<Box<dyn HealingTx + '_>> {
         let tx = self.readers().begin().await.map_err(sqlite_error)?;
         Ok(Box::new(SqliteHealingTx { store: self, tx }))
+    }
+
+    async fn error_events(&self, query: &ErrorEventQuery) -> Result<Vec<ErrorEvent>> {
+        // Only the given filters, so SQLite's planner can pick an index for them.
+        let mut qb = QueryBuilder::<Sqlite>::new(format!(
+            "SELECT {EVENT_COLUMNS} FROM error_events WHERE 1"
+        ));
+        if let Some(agent_id) = &query.agent_id {
+            qb.push(" AND agent_id = ").push_bind(agent_id.clone());
+        }
+        if let Some(error_type) = query.error_type {
+            qb.push(" AND error_type = ").push_bind(error_type.as_str());
+        }
+        if let Some(before_id) = query.before_id {
+            qb.push(" AND id < ").push_bind(before_id);
+        }
+        qb.push(" ORDER BY id DESC LIMIT ").push_bind(query.limit);
+        let rows: Vec<EventRow> = qb
+            .build_query_as()
+            .fetch_all(self.readers())
+            .await
+            .map_err(sqlite_error)?;
+        rows.into_iter().map(ErrorEvent::try_from).collect()
     }
 }
 
@@ -368,71 +390,13 @@ impl HealingTx for SqliteHealingTx<'_> {
     }
 }
 
-#[async_trait]
-impl HealingStore for SqliteStore {
-    async fn record_error(&self, event: NewErrorEvent) -> Result<ErrorEvent> {
-        flows::record_error(self, event).await
-    }
-
-    async fn plan_recovery(
-        &self,
-        error_event_id: i64,
-        lease: Duration,
-        actor: &str,
-        planner: Planner<'_>,
-    ) -> Result<RecoveryAction> {
-        flows::plan_recovery(self, error_event_id, lease, actor, planner).await
-    }
-
-    async fn record_recovery_outcome(
-        &self,
-        action_id: i64,
-        outcome: RecoveryOutcome,
-    ) -> Result<RecoveryAction> {
-        flows::record_recovery_outcome(self, action_id, outcome).await
-    }
-
-    async fn healing_statistics(&self) -> Result<HealingStatistics> {
-        // One read transaction: one WAL snapshot.
-        flows::healing_statistics(self).await
-    }
-
-    async fn list_error_events(&self, query: &ErrorEventQuery) -> Result<Vec<ErrorEvent>> {
-        // Only the given filters, so SQLite's planner can pick an index for them.
-        let mut qb = QueryBuilder::<Sqlite>::new(format!(
-            "SELECT {EVENT_COLUMNS} FROM error_events WHERE 1"
-        ));
-        if let Some(agent_id) = &query.agent_id {
-            qb.push(" AND agent_id = ").push_bind(agent_id.clone());
-        }
-        if let Some(error_type) = query.error_type {
-            qb.push(" AND error_type = ").push_bind(error_type.as_str());
-        }
-        if let Some(before_id) = query.before_id {
-            qb.push(" AND id < ").push_bind(before_id);
-        }
-        qb.push(" ORDER BY id DESC LIMIT ").push_bind(query.limit);
-        let rows: Vec<EventRow> = qb
-            .build_query_as()
-            .fetch_all(self.readers())
-            .await
-            .map_err(sqlite_error)?;
-        rows.into_iter().map(ErrorEvent::try_from).collect()
-    }
-
-    async fn list_recovery_actions(
-        &self,
-        query: &RecoveryActionQuery,
-    ) -> Result<Vec<RecoveryAction>> {
-        flows::list_recovery_actions(self, query).await
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::domain::healing::{Evidence, Plan, Strategy};
-    use crate::storage::{StoreLocation, StoreOptions};
+    use crate::domain::healing_records::RecoveryOutcome;
+    use crate::storage::{HealingStore, Planner, StoreLocation, StoreOptions};
+    use chrono::Duration;
 
     struct TempStore {
         store: SqliteStore,
