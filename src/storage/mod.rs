@@ -12,6 +12,7 @@ pub mod clock;
 mod contract;
 pub mod copy;
 pub(crate) mod decode;
+pub(crate) mod healing;
 #[cfg(test)]
 pub mod memory;
 mod options;

@@ -1,29 +1,42 @@
-//! Error events, recovery actions and learned patterns in Postgres.
+//! Error events, recovery actions and learned patterns in Postgres: the SQL
+//! of the flows in `storage::healing` ([`HealingTx`]), and the reads. Writes
+//! lock what they read (an advisory lock per agent's reports, `FOR UPDATE` on
+//! actions), so concurrent replicas serialise where they must.
 
 use async_trait::async_trait;
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Utc};
 use sqlx::types::Json;
-use sqlx::{FromRow, Postgres, Transaction};
+use sqlx::{Postgres, Transaction};
 
 use super::{PgStore, db_error};
-use crate::domain::healing::{self, Context, ErrorType, Evidence};
+use crate::domain::healing::{Context, ErrorType, RecurrenceWindow};
 use crate::domain::healing_records::{
-    self as records, ErrorEvent, HealingStatistics, LeaseFilter, NewErrorEvent, RecoveryAction,
-    RecoveryAlreadyActive, RecoveryOutcome, RecoveryStatus, StoredStatusFilter,
+    ErrorEvent, LeaseFilter, NewErrorEvent, RecoveryAction, RecoveryStatus, StoredStatusFilter,
 };
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::storage::decode;
-use crate::storage::{ErrorEventQuery, HealingStore, Planner, RecoveryActionQuery};
+use crate::storage::healing::{
+    self as flows, ACTION_COLUMNS, EVENT_COLUMNS, EvidenceRow, Finish, HealingTx, HealingTxs,
+    Lesson, NewRecovery, StoredJson, StoredTime, millis,
+};
+use crate::storage::{ErrorEventQuery, RecoveryActionQuery};
 
-const EVENT_COLUMNS: &str =
-    "id, agent_id, message, context, error_type, severity, critical, recurring, occurred_at, actor";
+/// `timestamptz`.
+impl StoredTime for DateTime<Utc> {
+    fn time(self) -> DateTime<Utc> {
+        self
+    }
+}
 
-/// The stored status; rows are read through [`ActionRow::at`], which lets the
-/// domain decide what a reader sees.
-const ACTION_COLUMNS: &str = "id, error_event_id, agent_id, error_type, context_signature, \
-     strategy, chosen_strategy, parameters, estimated_duration_ms, success_probability, risk, \
-     escalated, reason, status, created_at, lease_expires_at, completed_at, duration_ms, details, \
-     actor, outcome_actor";
+/// `jsonb`, decoded by sqlx.
+impl StoredJson for Json<Context> {
+    fn context(self, _what: &str) -> Result<Context> {
+        Ok(self.0)
+    }
+}
+
+type EventRow = flows::EventRow<DateTime<Utc>, Json<Context>>;
+type ActionRow = flows::ActionRow<DateTime<Utc>, Json<Context>>;
 
 /// Rows whose (status, lease) match one of the domain's [`StoredStatusFilter`]s,
 /// bound as three arrays from `$n`: stored status, lease ends after, lease ended by.
@@ -60,384 +73,24 @@ fn filter_arrays(filters: &[StoredStatusFilter]) -> FilterArrays {
     arrays
 }
 
-#[derive(FromRow)]
-struct EventRow {
-    id: i64,
-    agent_id: String,
-    message: String,
-    context: Json<Context>,
-    error_type: String,
-    severity: f64,
-    critical: bool,
-    recurring: bool,
-    occurred_at: DateTime<Utc>,
-    actor: String,
-}
-
-#[derive(FromRow)]
-struct ActionRow {
-    id: i64,
-    error_event_id: i64,
-    agent_id: String,
-    error_type: String,
-    context_signature: String,
-    strategy: String,
-    chosen_strategy: String,
-    parameters: Json<Context>,
-    estimated_duration_ms: i64,
-    success_probability: f64,
-    risk: f64,
-    escalated: bool,
-    reason: String,
-    status: String,
-    created_at: DateTime<Utc>,
-    lease_expires_at: DateTime<Utc>,
-    completed_at: Option<DateTime<Utc>>,
-    duration_ms: Option<i64>,
-    details: Option<String>,
-    actor: String,
-    outcome_actor: String,
-}
-
-impl TryFrom<EventRow> for ErrorEvent {
-    type Error = Error;
-
-    fn try_from(row: EventRow) -> Result<ErrorEvent> {
-        Ok(ErrorEvent {
-            id: row.id,
-            error_type: decode::error_type(&row.error_type)?,
-            agent_id: row.agent_id,
-            message: row.message,
-            context: row.context.0,
-            severity: row.severity,
-            critical: row.critical,
-            recurring: row.recurring,
-            occurred_at: row.occurred_at,
-            actor: row.actor,
-        })
-    }
-}
-
-impl ActionRow {
-    /// The action as a reader at `now` sees it.
-    fn at(self, now: DateTime<Utc>) -> Result<RecoveryAction> {
-        let stored = RecoveryStatus::parse(&self.status)
-            .ok_or_else(|| decode::corrupt("recovery status", &self.status))?;
-        let mut action = RecoveryAction::try_from(self)?;
-        action.status = stored.as_of(action.lease_expires_at, now);
-        Ok(action)
-    }
-}
-
-/// The action as stored (use [`ActionRow::at`] for what a reader sees).
-impl TryFrom<ActionRow> for RecoveryAction {
-    type Error = Error;
-
-    fn try_from(row: ActionRow) -> Result<RecoveryAction> {
-        Ok(RecoveryAction {
-            id: row.id,
-            error_event_id: row.error_event_id,
-            error_type: decode::error_type(&row.error_type)?,
-            strategy: decode::strategy(&row.strategy)?,
-            chosen_strategy: decode::strategy(&row.chosen_strategy)?,
-            status: RecoveryStatus::parse(&row.status)
-                .ok_or_else(|| decode::corrupt("recovery status", &row.status))?,
-            agent_id: row.agent_id,
-            context_signature: row.context_signature,
-            parameters: row.parameters.0,
-            estimated_duration: Duration::milliseconds(row.estimated_duration_ms),
-            success_probability: row.success_probability,
-            risk: row.risk,
-            escalated: row.escalated,
-            reason: row.reason,
-            created_at: row.created_at,
-            lease_expires_at: row.lease_expires_at,
-            completed_at: row.completed_at,
-            duration: row.duration_ms.map(Duration::milliseconds),
-            details: row.details,
-            actor: row.actor,
-            outcome_actor: row.outcome_actor,
-        })
-    }
-}
-
-fn millis(d: Duration) -> i64 {
-    d.num_milliseconds()
-}
-
-/// The agent's action stored as ACTIVE (at most one: the partial unique index),
-/// locked, as stored: [`records::admit_plan`] decides whether it still holds.
-async fn stored_active_action(
-    tx: &mut Transaction<'_, Postgres>,
-    agent_id: &str,
-) -> Result<Option<RecoveryAction>> {
-    let row: Option<ActionRow> = sqlx::query_as(&format!(
-        "SELECT {ACTION_COLUMNS} FROM recovery_actions
-         WHERE agent_id = $1 AND status = $2 FOR UPDATE"
-    ))
-    .bind(agent_id)
-    .bind(RecoveryStatus::Active.as_str())
-    .fetch_optional(&mut **tx)
-    .await
-    .map_err(db_error)?;
-    row.map(RecoveryAction::try_from).transpose()
+/// One transaction on Postgres.
+struct PgHealingTx<'s> {
+    store: &'s PgStore,
+    tx: Transaction<'static, Postgres>,
 }
 
 #[async_trait]
-impl HealingStore for PgStore {
-    async fn record_error(&self, event: NewErrorEvent) -> Result<ErrorEvent> {
-        let mut tx = self.pool.begin().await.map_err(db_error)?;
-        // Serialise one agent's reports so that concurrent ones count each other.
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('fleetcare.errors:' || $1, 0))")
-            .bind(&event.agent_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
-        let now = self.now_in(&mut tx).await?;
-        let window = healing::recurrence_window(now);
-        let earlier: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM error_events
-             WHERE agent_id = $1 AND error_type = $2 AND occurred_at > $3 AND occurred_at <= $4",
-        )
-        .bind(&event.agent_id)
-        .bind(event.error_type.as_str())
-        .bind(window.after)
-        .bind(window.until)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db_error)?;
-        let row: EventRow = sqlx::query_as(&format!(
-            "INSERT INTO error_events
-                 (agent_id, message, context, error_type, severity, critical, recurring, occurred_at,
-                  actor)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-             RETURNING {EVENT_COLUMNS}"
-        ))
-        .bind(&event.agent_id)
-        .bind(&event.message)
-        .bind(Json(&event.context))
-        .bind(event.error_type.as_str())
-        .bind(event.severity)
-        .bind(healing::is_critical(event.severity))
-        .bind(healing::recurring_given(earlier))
-        .bind(now)
-        .bind(&event.actor)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db_error)?;
-        tx.commit().await.map_err(db_error)?;
-        row.try_into()
+impl HealingTxs for PgStore {
+    async fn begin_write(&self) -> Result<Box<dyn HealingTx + '_>> {
+        let tx = self.pool.begin().await.map_err(db_error)?;
+        Ok(Box::new(PgHealingTx { store: self, tx }))
     }
 
-    async fn plan_recovery(
-        &self,
-        error_event_id: i64,
-        lease: Duration,
-        actor: &str,
-        planner: Planner<'_>,
-    ) -> Result<RecoveryAction> {
-        let mut tx = self.pool.begin().await.map_err(db_error)?;
-        let event: ErrorEvent = sqlx::query_as::<_, EventRow>(&format!(
-            "SELECT {EVENT_COLUMNS} FROM error_events WHERE id = $1"
-        ))
-        .bind(error_event_id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(db_error)?
-        .ok_or_else(|| Error::NotFound {
-            kind: "error event",
-            id: error_event_id.to_string(),
-        })?
-        .try_into()?;
-        let now = self.now_in(&mut tx).await?;
-        let stored_active = stored_active_action(&mut tx, &event.agent_id).await?;
-        // Free the agent from a recovery whose lease ran out without an outcome.
-        if let Some(lapsed) = records::admit_plan(stored_active.as_ref(), now)? {
-            sqlx::query("UPDATE recovery_actions SET status = $2 WHERE id = $1")
-                .bind(lapsed)
-                .bind(RecoveryStatus::Expired.as_str())
-                .execute(&mut *tx)
-                .await
-                .map_err(db_error)?;
-        }
-        let signature = healing::context_signature(&event.context);
-        let evidence: Vec<(String, i64, i64, f64)> = sqlx::query_as(
-            "SELECT strategy, successes, failures, total_recovery_ms FROM healing_patterns
-             WHERE error_type = $1 AND context_signature = $2",
-        )
-        .bind(event.error_type.as_str())
-        .bind(&signature)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db_error)?;
-        let evidence = evidence
-            .into_iter()
-            .map(|(strategy, successes, failures, total_ms)| {
-                Ok(Evidence {
-                    strategy: decode::strategy(&strategy)?,
-                    successes,
-                    failures,
-                    total_recovery_secs: total_ms / 1000.0,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let plan = planner(&event, &evidence);
-        let inserted = sqlx::query_as::<_, ActionRow>(&format!(
-            "INSERT INTO recovery_actions
-                 (error_event_id, agent_id, error_type, context_signature, strategy, chosen_strategy,
-                  parameters, estimated_duration_ms, success_probability, risk, escalated, reason,
-                  status, created_at, lease_expires_at, actor)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
-             RETURNING {ACTION_COLUMNS}"
-        ))
-        .bind(event.id)
-        .bind(&event.agent_id)
-        .bind(event.error_type.as_str())
-        .bind(&signature)
-        .bind(plan.strategy.as_str())
-        .bind(plan.chosen.as_str())
-        .bind(Json(&plan.parameters))
-        .bind(millis(plan.estimated_duration))
-        .bind(plan.success_probability)
-        .bind(plan.risk)
-        .bind(plan.escalated)
-        .bind(&plan.reason)
-        .bind(RecoveryStatus::Active.as_str())
-        .bind(now)
-        .bind(records::lease_expires_at(now, lease))
-        .bind(actor)
-        .fetch_one(&mut *tx)
-        .await;
-        match inserted {
-            Ok(row) => {
-                tx.commit().await.map_err(db_error)?;
-                row.at(now)
-            }
-            // A concurrent plan for the same agent committed first: the unique
-            // index of one ACTIVE per agent refused this one.
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => {
-                drop(tx);
-                let mut tx = self.pool.begin().await.map_err(db_error)?;
-                let now = self.now_in(&mut tx).await?;
-                let winner = stored_active_action(&mut tx, &event.agent_id).await?;
-                match winner {
-                    Some(active) if records::admit_plan(Some(&active), now).is_err() => {
-                        Err(RecoveryAlreadyActive::of(&active).into())
-                    }
-                    _ => Err(Error::Conflict(format!(
-                        "a concurrent recovery plan for agent {:?} won and is already over",
-                        event.agent_id
-                    ))),
-                }
-            }
-            Err(e) => Err(db_error(e)),
-        }
+    async fn begin_read(&self) -> Result<Box<dyn HealingTx + '_>> {
+        HealingTxs::begin_write(self).await
     }
 
-    async fn record_recovery_outcome(
-        &self,
-        action_id: i64,
-        outcome: RecoveryOutcome,
-    ) -> Result<RecoveryAction> {
-        let mut tx = self.pool.begin().await.map_err(db_error)?;
-        let now = self.now_in(&mut tx).await?;
-        let current = sqlx::query_as::<_, ActionRow>(&format!(
-            "SELECT {ACTION_COLUMNS} FROM recovery_actions WHERE id = $1 FOR UPDATE"
-        ))
-        .bind(action_id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(db_error)?
-        .ok_or_else(|| Error::NotFound {
-            kind: "recovery action",
-            id: action_id.to_string(),
-        })?
-        .at(now)?;
-        let status = records::accept_outcome(&current, &outcome)?;
-        let row: ActionRow = sqlx::query_as(&format!(
-            "UPDATE recovery_actions
-             SET status = $2, completed_at = $5, duration_ms = $3, details = $4,
-                 outcome_actor = $6
-             WHERE id = $1
-             RETURNING {ACTION_COLUMNS}"
-        ))
-        .bind(action_id)
-        .bind(status.as_str())
-        .bind(millis(outcome.duration))
-        .bind(&outcome.details)
-        .bind(now)
-        .bind(&outcome.actor)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db_error)?;
-        // Learn for the strategy that was actually carried out.
-        sqlx::query(
-            "INSERT INTO healing_patterns
-                 (error_type, context_signature, strategy, successes, failures, total_recovery_ms, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
-             ON CONFLICT (error_type, context_signature, strategy) DO UPDATE SET
-                 successes = healing_patterns.successes + EXCLUDED.successes,
-                 failures = healing_patterns.failures + EXCLUDED.failures,
-                 total_recovery_ms = healing_patterns.total_recovery_ms + EXCLUDED.total_recovery_ms,
-                 updated_at = EXCLUDED.updated_at",
-        )
-        .bind(current.error_type.as_str())
-        .bind(&current.context_signature)
-        .bind(current.strategy.as_str())
-        .bind(i64::from(outcome.success))
-        .bind(i64::from(!outcome.success))
-        .bind(millis(outcome.duration) as f64)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_error)?;
-        tx.commit().await.map_err(db_error)?;
-        row.at(now)
-    }
-
-    async fn healing_statistics(&self) -> Result<HealingStatistics> {
-        // One transaction: every figure as of one `now`.
-        let mut tx = self.pool.begin().await.map_err(db_error)?;
-        let now = self.now_in(&mut tx).await?;
-        let (statuses, ends_after, ended_by) =
-            filter_arrays(&RecoveryStatus::Active.stored_as(now));
-        let (total_errors, errors_last_hour, active_recoveries): (i64, i64, i64) =
-            sqlx::query_as(&format!(
-                "SELECT
-                     (SELECT count(*) FROM error_events),
-                     (SELECT count(*) FROM error_events WHERE occurred_at > $1),
-                     (SELECT count(*) FROM recovery_actions WHERE {})",
-                status_filter_sql(2)
-            ))
-            .bind(records::statistics_recent_since(now))
-            .bind(statuses)
-            .bind(ends_after)
-            .bind(ended_by)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db_error)?;
-        let by_type: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT error_type, count(*) FROM error_events GROUP BY error_type ORDER BY error_type",
-        )
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db_error)?;
-        let patterns: Vec<decode::PatternRow> = sqlx::query_as(
-            "SELECT error_type, context_signature, strategy, successes, failures, total_recovery_ms
-             FROM healing_patterns ORDER BY error_type, context_signature, strategy",
-        )
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db_error)?;
-        tx.commit().await.map_err(db_error)?;
-        decode::healing_statistics(
-            (total_errors, errors_last_hour, active_recoveries),
-            by_type,
-            patterns,
-        )
-    }
-
-    async fn list_error_events(&self, query: &ErrorEventQuery) -> Result<Vec<ErrorEvent>> {
+    async fn error_events(&self, query: &ErrorEventQuery) -> Result<Vec<ErrorEvent>> {
         let rows: Vec<EventRow> = sqlx::query_as(&format!(
             "SELECT {EVENT_COLUMNS} FROM error_events
              WHERE ($1::text IS NULL OR agent_id = $1)
@@ -455,16 +108,263 @@ impl HealingStore for PgStore {
         .map_err(db_error)?;
         rows.into_iter().map(ErrorEvent::try_from).collect()
     }
+}
 
-    async fn list_recovery_actions(
-        &self,
+#[async_trait]
+impl HealingTx for PgHealingTx<'_> {
+    async fn now(&mut self) -> Result<DateTime<Utc>> {
+        self.store.now_in(&mut self.tx).await
+    }
+
+    async fn lock_agent_errors(&mut self, agent_id: &str) -> Result<()> {
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('fleetcare.errors:' || $1, 0))")
+            .bind(agent_id)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn count_errors(
+        &mut self,
+        agent_id: &str,
+        error_type: ErrorType,
+        window: RecurrenceWindow,
+    ) -> Result<i64> {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM error_events
+             WHERE agent_id = $1 AND error_type = $2 AND occurred_at > $3 AND occurred_at <= $4",
+        )
+        .bind(agent_id)
+        .bind(error_type.as_str())
+        .bind(window.after)
+        .bind(window.until)
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(db_error)
+    }
+
+    async fn insert_error(
+        &mut self,
+        event: &NewErrorEvent,
+        critical: bool,
+        recurring: bool,
+        at: DateTime<Utc>,
+    ) -> Result<ErrorEvent> {
+        sqlx::query_as::<_, EventRow>(&format!(
+            "INSERT INTO error_events
+                 (agent_id, message, context, error_type, severity, critical, recurring, occurred_at,
+                  actor)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+             RETURNING {EVENT_COLUMNS}"
+        ))
+        .bind(&event.agent_id)
+        .bind(&event.message)
+        .bind(Json(&event.context))
+        .bind(event.error_type.as_str())
+        .bind(event.severity)
+        .bind(critical)
+        .bind(recurring)
+        .bind(at)
+        .bind(&event.actor)
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(db_error)?
+        .try_into()
+    }
+
+    async fn error_event(&mut self, id: i64) -> Result<Option<ErrorEvent>> {
+        sqlx::query_as::<_, EventRow>(&format!(
+            "SELECT {EVENT_COLUMNS} FROM error_events WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(db_error)?
+        .map(ErrorEvent::try_from)
+        .transpose()
+    }
+
+    async fn lock_active_recovery(&mut self, agent_id: &str) -> Result<Option<RecoveryAction>> {
+        sqlx::query_as::<_, ActionRow>(&format!(
+            "SELECT {ACTION_COLUMNS} FROM recovery_actions
+             WHERE agent_id = $1 AND status = $2 FOR UPDATE"
+        ))
+        .bind(agent_id)
+        .bind(RecoveryStatus::Active.as_str())
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(db_error)?
+        .map(RecoveryAction::try_from)
+        .transpose()
+    }
+
+    async fn lock_recovery(&mut self, id: i64) -> Result<Option<RecoveryAction>> {
+        sqlx::query_as::<_, ActionRow>(&format!(
+            "SELECT {ACTION_COLUMNS} FROM recovery_actions WHERE id = $1 FOR UPDATE"
+        ))
+        .bind(id)
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(db_error)?
+        .map(RecoveryAction::try_from)
+        .transpose()
+    }
+
+    async fn set_recovery_status(&mut self, id: i64, status: RecoveryStatus) -> Result<()> {
+        sqlx::query("UPDATE recovery_actions SET status = $2 WHERE id = $1")
+            .bind(id)
+            .bind(status.as_str())
+            .execute(&mut *self.tx)
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn evidence(
+        &mut self,
+        error_type: ErrorType,
+        context_signature: &str,
+    ) -> Result<Vec<EvidenceRow>> {
+        sqlx::query_as(
+            "SELECT strategy, successes, failures, total_recovery_ms FROM healing_patterns
+             WHERE error_type = $1 AND context_signature = $2",
+        )
+        .bind(error_type.as_str())
+        .bind(context_signature)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(db_error)
+    }
+
+    async fn insert_recovery(&mut self, new: &NewRecovery<'_>) -> Result<Option<RecoveryAction>> {
+        let (event, plan) = (new.event, new.plan);
+        let inserted = sqlx::query_as::<_, ActionRow>(&format!(
+            "INSERT INTO recovery_actions
+                 (error_event_id, agent_id, error_type, context_signature, strategy, chosen_strategy,
+                  parameters, estimated_duration_ms, success_probability, risk, escalated, reason,
+                  status, created_at, lease_expires_at, actor)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+             RETURNING {ACTION_COLUMNS}"
+        ))
+        .bind(event.id)
+        .bind(&event.agent_id)
+        .bind(event.error_type.as_str())
+        .bind(new.context_signature)
+        .bind(plan.strategy.as_str())
+        .bind(plan.chosen.as_str())
+        .bind(Json(&plan.parameters))
+        .bind(millis(plan.estimated_duration))
+        .bind(plan.success_probability)
+        .bind(plan.risk)
+        .bind(plan.escalated)
+        .bind(&plan.reason)
+        .bind(RecoveryStatus::Active.as_str())
+        .bind(new.created_at)
+        .bind(new.lease_expires_at)
+        .bind(new.actor)
+        .fetch_one(&mut *self.tx)
+        .await;
+        match inserted {
+            Ok(row) => Ok(Some(row.try_into()?)),
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => Ok(None),
+            Err(e) => Err(db_error(e)),
+        }
+    }
+
+    async fn finish_recovery(&mut self, id: i64, finish: &Finish<'_>) -> Result<RecoveryAction> {
+        sqlx::query_as::<_, ActionRow>(&format!(
+            "UPDATE recovery_actions
+             SET status = $2, completed_at = $5, duration_ms = $3, details = $4,
+                 outcome_actor = $6
+             WHERE id = $1
+             RETURNING {ACTION_COLUMNS}"
+        ))
+        .bind(id)
+        .bind(finish.status.as_str())
+        .bind(finish.duration_ms)
+        .bind(finish.details)
+        .bind(finish.completed_at)
+        .bind(finish.actor)
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(db_error)?
+        .try_into()
+    }
+
+    async fn learn(&mut self, lesson: &Lesson<'_>) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO healing_patterns
+                 (error_type, context_signature, strategy, successes, failures, total_recovery_ms, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (error_type, context_signature, strategy) DO UPDATE SET
+                 successes = healing_patterns.successes + EXCLUDED.successes,
+                 failures = healing_patterns.failures + EXCLUDED.failures,
+                 total_recovery_ms = healing_patterns.total_recovery_ms + EXCLUDED.total_recovery_ms,
+                 updated_at = EXCLUDED.updated_at",
+        )
+        .bind(lesson.error_type.as_str())
+        .bind(lesson.context_signature)
+        .bind(lesson.strategy.as_str())
+        .bind(lesson.successes)
+        .bind(lesson.failures)
+        .bind(lesson.recovery_ms)
+        .bind(lesson.at)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn statistics_counts(
+        &mut self,
+        recent_since: DateTime<Utc>,
+        filters: &[StoredStatusFilter],
+    ) -> Result<(i64, i64, i64)> {
+        let (statuses, ends_after, ended_by) = filter_arrays(filters);
+        sqlx::query_as(&format!(
+            "SELECT
+                 (SELECT count(*) FROM error_events),
+                 (SELECT count(*) FROM error_events WHERE occurred_at > $1),
+                 (SELECT count(*) FROM recovery_actions WHERE {})",
+            status_filter_sql(2)
+        ))
+        .bind(recent_since)
+        .bind(statuses)
+        .bind(ends_after)
+        .bind(ended_by)
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(db_error)
+    }
+
+    async fn errors_by_type(&mut self) -> Result<Vec<(String, i64)>> {
+        sqlx::query_as(
+            "SELECT error_type, count(*) FROM error_events GROUP BY error_type ORDER BY error_type",
+        )
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(db_error)
+    }
+
+    async fn patterns(&mut self) -> Result<Vec<decode::PatternRow>> {
+        sqlx::query_as(
+            "SELECT error_type, context_signature, strategy, successes, failures, total_recovery_ms
+             FROM healing_patterns ORDER BY error_type, context_signature, strategy",
+        )
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(db_error)
+    }
+
+    async fn recovery_actions(
+        &mut self,
         query: &RecoveryActionQuery,
+        status: Option<&[StoredStatusFilter]>,
     ) -> Result<Vec<RecoveryAction>> {
-        let mut tx = self.pool.begin().await.map_err(db_error)?;
-        let now = self.now_in(&mut tx).await?;
-        let (statuses, ends_after, ended_by) = match query.status {
-            Some(status) => {
-                let (s, a, b) = filter_arrays(&status.stored_as(now));
+        let (statuses, ends_after, ended_by) = match status {
+            Some(filters) => {
+                let (s, a, b) = filter_arrays(filters);
                 (Some(s), Some(a), Some(b))
             }
             None => (None, None, None),
@@ -486,10 +386,13 @@ impl HealingStore for PgStore {
         .bind(statuses)
         .bind(ends_after)
         .bind(ended_by)
-        .fetch_all(&mut *tx)
+        .fetch_all(&mut *self.tx)
         .await
         .map_err(db_error)?;
-        tx.commit().await.map_err(db_error)?;
-        rows.into_iter().map(|row| row.at(now)).collect()
+        rows.into_iter().map(RecoveryAction::try_from).collect()
+    }
+
+    async fn commit(self: Box<Self>) -> Result<()> {
+        self.tx.commit().await.map_err(db_error)
     }
 }

@@ -1,34 +1,43 @@
-//! Error events, recovery actions and learned patterns in the embedded store.
-//!
-//! The same queries as `storage::postgres::healing`, on SQLite's one writer:
-//! every write runs in [`SqliteStore::begin_write`] (`BEGIN IMMEDIATE`), which
+//! Error events, recovery actions and learned patterns in the embedded store:
+//! the SQL of the flows in `storage::healing` ([`HealingTx`]), and the reads.
+//! Every write runs in [`SqliteStore::begin_write`] (`BEGIN IMMEDIATE`), which
 //! serialises them all, so what Postgres gets from advisory and row locks
 //! holds here by construction. The store's clock is read once per
 //! transaction ([`SqliteStore::store_now`]), after the write lock is taken.
 
 use async_trait::async_trait;
-use chrono::{DateTime, Duration, Utc};
-use sqlx::{FromRow, QueryBuilder, Sqlite, SqliteConnection};
+use chrono::{DateTime, Utc};
+use sqlx::{QueryBuilder, Sqlite, Transaction};
 
-use super::{SqliteStore, from_micros, from_micros_opt, is_unique_violation, micros, sqlite_error};
-use crate::domain::healing::{self, Context, Evidence};
+use super::{SqliteStore, from_micros, is_unique_violation, micros, sqlite_error};
+use crate::domain::healing::{Context, ErrorType, RecurrenceWindow};
 use crate::domain::healing_records::{
-    self as records, ErrorEvent, HealingStatistics, LeaseFilter, NewErrorEvent, RecoveryAction,
-    RecoveryAlreadyActive, RecoveryOutcome, RecoveryStatus, StoredStatusFilter,
+    ErrorEvent, LeaseFilter, NewErrorEvent, RecoveryAction, RecoveryStatus, StoredStatusFilter,
 };
 use crate::error::{Error, Result};
 use crate::storage::decode;
-use crate::storage::{ErrorEventQuery, HealingStore, Planner, RecoveryActionQuery};
+use crate::storage::healing::{
+    self as flows, ACTION_COLUMNS, EVENT_COLUMNS, EvidenceRow, Finish, HealingTx, HealingTxs,
+    Lesson, NewRecovery, StoredJson, StoredTime, millis,
+};
+use crate::storage::{ErrorEventQuery, RecoveryActionQuery};
 
-const EVENT_COLUMNS: &str =
-    "id, agent_id, message, context, error_type, severity, critical, recurring, occurred_at, actor";
+/// Microseconds since the epoch.
+impl StoredTime for i64 {
+    fn time(self) -> DateTime<Utc> {
+        from_micros(self)
+    }
+}
 
-/// The stored status; rows are read through [`ActionRow::at`], which lets the
-/// domain decide what a reader sees.
-const ACTION_COLUMNS: &str = "id, error_event_id, agent_id, error_type, context_signature, \
-     strategy, chosen_strategy, parameters, estimated_duration_ms, success_probability, risk, \
-     escalated, reason, status, created_at, lease_expires_at, completed_at, duration_ms, details, \
-     actor, outcome_actor";
+/// A JSON object in TEXT.
+impl StoredJson for String {
+    fn context(self, what: &str) -> Result<Context> {
+        serde_json::from_str(&self).map_err(|_| decode::corrupt(what, &self))
+    }
+}
+
+type EventRow = flows::EventRow<i64, String>;
+type ActionRow = flows::ActionRow<i64, String>;
 
 /// Pushes a condition true for rows whose (status, lease) match one of the
 /// domain's [`StoredStatusFilter`]s (none: no row).
@@ -57,386 +66,32 @@ fn push_status_filter(qb: &mut QueryBuilder<'_, Sqlite>, filters: &[StoredStatus
     qb.push(")");
 }
 
-#[derive(FromRow)]
-struct EventRow {
-    id: i64,
-    agent_id: String,
-    message: String,
-    context: String,
-    error_type: String,
-    severity: f64,
-    critical: bool,
-    recurring: bool,
-    occurred_at: i64,
-    actor: String,
-}
-
-#[derive(FromRow)]
-struct ActionRow {
-    id: i64,
-    error_event_id: i64,
-    agent_id: String,
-    error_type: String,
-    context_signature: String,
-    strategy: String,
-    chosen_strategy: String,
-    parameters: String,
-    estimated_duration_ms: i64,
-    success_probability: f64,
-    risk: f64,
-    escalated: bool,
-    reason: String,
-    status: String,
-    created_at: i64,
-    lease_expires_at: i64,
-    completed_at: Option<i64>,
-    duration_ms: Option<i64>,
-    details: Option<String>,
-    actor: String,
-    outcome_actor: String,
-}
-
 /// A context as stored: a JSON object in TEXT.
 fn context_text(context: &Context) -> Result<String> {
     serde_json::to_string(context).map_err(|e| Error::Internal(format!("context encoding: {e}")))
 }
 
-fn parse_context(what: &str, text: &str) -> Result<Context> {
-    serde_json::from_str(text).map_err(|_| decode::corrupt(what, text))
-}
-
-impl TryFrom<EventRow> for ErrorEvent {
-    type Error = Error;
-
-    fn try_from(row: EventRow) -> Result<ErrorEvent> {
-        Ok(ErrorEvent {
-            id: row.id,
-            error_type: decode::error_type(&row.error_type)?,
-            context: parse_context("error context", &row.context)?,
-            agent_id: row.agent_id,
-            message: row.message,
-            severity: row.severity,
-            critical: row.critical,
-            recurring: row.recurring,
-            occurred_at: from_micros(row.occurred_at),
-            actor: row.actor,
-        })
-    }
-}
-
-impl ActionRow {
-    /// The action as a reader at `now` sees it.
-    fn at(self, now: DateTime<Utc>) -> Result<RecoveryAction> {
-        let mut action = RecoveryAction::try_from(self)?;
-        action.status = action.status.as_of(action.lease_expires_at, now);
-        Ok(action)
-    }
-}
-
-/// The action as stored (use [`ActionRow::at`] for what a reader sees).
-impl TryFrom<ActionRow> for RecoveryAction {
-    type Error = Error;
-
-    fn try_from(row: ActionRow) -> Result<RecoveryAction> {
-        Ok(RecoveryAction {
-            id: row.id,
-            error_event_id: row.error_event_id,
-            error_type: decode::error_type(&row.error_type)?,
-            strategy: decode::strategy(&row.strategy)?,
-            chosen_strategy: decode::strategy(&row.chosen_strategy)?,
-            status: RecoveryStatus::parse(&row.status)
-                .ok_or_else(|| decode::corrupt("recovery status", &row.status))?,
-            parameters: parse_context("recovery parameters", &row.parameters)?,
-            agent_id: row.agent_id,
-            context_signature: row.context_signature,
-            estimated_duration: Duration::milliseconds(row.estimated_duration_ms),
-            success_probability: row.success_probability,
-            risk: row.risk,
-            escalated: row.escalated,
-            reason: row.reason,
-            created_at: from_micros(row.created_at),
-            lease_expires_at: from_micros(row.lease_expires_at),
-            completed_at: from_micros_opt(row.completed_at),
-            duration: row.duration_ms.map(Duration::milliseconds),
-            details: row.details,
-            actor: row.actor,
-            outcome_actor: row.outcome_actor,
-        })
-    }
-}
-
-fn millis(d: Duration) -> i64 {
-    d.num_milliseconds()
-}
-
-/// The agent's action stored as ACTIVE (at most one: the partial unique index),
-/// as stored: [`records::admit_plan`] decides whether it still holds. Inside a
-/// write transaction nobody else can change it until commit.
-async fn stored_active_action(
-    conn: &mut SqliteConnection,
-    agent_id: &str,
-) -> Result<Option<RecoveryAction>> {
-    let row: Option<ActionRow> = sqlx::query_as(&format!(
-        "SELECT {ACTION_COLUMNS} FROM recovery_actions WHERE agent_id = ?1 AND status = ?2"
-    ))
-    .bind(agent_id)
-    .bind(RecoveryStatus::Active.as_str())
-    .fetch_optional(&mut *conn)
-    .await
-    .map_err(sqlite_error)?;
-    row.map(RecoveryAction::try_from).transpose()
+/// One transaction on the embedded store. Its one writer serialises every
+/// write transaction, so the locks are no-ops: nobody else can change what a
+/// write transaction read until it commits.
+struct SqliteHealingTx<'s> {
+    store: &'s SqliteStore,
+    tx: Transaction<'static, Sqlite>,
 }
 
 #[async_trait]
-impl HealingStore for SqliteStore {
-    async fn record_error(&self, event: NewErrorEvent) -> Result<ErrorEvent> {
-        // The one writer serialises reports, so concurrent ones count each other.
-        let mut tx = self.begin_write().await?;
-        let now = self.store_now();
-        let window = healing::recurrence_window(now);
-        let earlier: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM error_events
-             WHERE agent_id = ?1 AND error_type = ?2 AND occurred_at > ?3 AND occurred_at <= ?4",
-        )
-        .bind(&event.agent_id)
-        .bind(event.error_type.as_str())
-        .bind(micros(window.after))
-        .bind(micros(window.until))
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(sqlite_error)?;
-        let row: EventRow = sqlx::query_as(&format!(
-            "INSERT INTO error_events
-                 (agent_id, message, context, error_type, severity, critical, recurring, occurred_at,
-                  actor)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-             RETURNING {EVENT_COLUMNS}"
-        ))
-        .bind(&event.agent_id)
-        .bind(&event.message)
-        .bind(context_text(&event.context)?)
-        .bind(event.error_type.as_str())
-        .bind(event.severity)
-        .bind(healing::is_critical(event.severity))
-        .bind(healing::recurring_given(earlier))
-        .bind(micros(now))
-        .bind(&event.actor)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(sqlite_error)?;
-        tx.commit().await.map_err(sqlite_error)?;
-        row.try_into()
+impl HealingTxs for SqliteStore {
+    async fn begin_write(&self) -> Result<Box<dyn HealingTx + '_>> {
+        let tx = SqliteStore::begin_write(self).await?;
+        Ok(Box::new(SqliteHealingTx { store: self, tx }))
     }
 
-    async fn plan_recovery(
-        &self,
-        error_event_id: i64,
-        lease: Duration,
-        actor: &str,
-        planner: Planner<'_>,
-    ) -> Result<RecoveryAction> {
-        let mut tx = self.begin_write().await?;
-        let now = self.store_now();
-        let event: ErrorEvent = sqlx::query_as::<_, EventRow>(&format!(
-            "SELECT {EVENT_COLUMNS} FROM error_events WHERE id = ?1"
-        ))
-        .bind(error_event_id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(sqlite_error)?
-        .ok_or_else(|| Error::NotFound {
-            kind: "error event",
-            id: error_event_id.to_string(),
-        })?
-        .try_into()?;
-        let stored_active = stored_active_action(&mut tx, &event.agent_id).await?;
-        // Free the agent from a recovery whose lease ran out without an outcome.
-        if let Some(lapsed) = records::admit_plan(stored_active.as_ref(), now)? {
-            sqlx::query("UPDATE recovery_actions SET status = ?2 WHERE id = ?1")
-                .bind(lapsed)
-                .bind(RecoveryStatus::Expired.as_str())
-                .execute(&mut *tx)
-                .await
-                .map_err(sqlite_error)?;
-        }
-        let signature = healing::context_signature(&event.context);
-        let evidence: Vec<(String, i64, i64, f64)> = sqlx::query_as(
-            "SELECT strategy, successes, failures, total_recovery_ms FROM healing_patterns
-             WHERE error_type = ?1 AND context_signature = ?2",
-        )
-        .bind(event.error_type.as_str())
-        .bind(&signature)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(sqlite_error)?;
-        let evidence = evidence
-            .into_iter()
-            .map(|(strategy, successes, failures, total_ms)| {
-                Ok(Evidence {
-                    strategy: decode::strategy(&strategy)?,
-                    successes,
-                    failures,
-                    total_recovery_secs: total_ms / 1000.0,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let plan = planner(&event, &evidence);
-        let inserted = sqlx::query_as::<_, ActionRow>(&format!(
-            "INSERT INTO recovery_actions
-                 (error_event_id, agent_id, error_type, context_signature, strategy, chosen_strategy,
-                  parameters, estimated_duration_ms, success_probability, risk, escalated, reason,
-                  status, created_at, lease_expires_at, actor)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
-             RETURNING {ACTION_COLUMNS}"
-        ))
-        .bind(event.id)
-        .bind(&event.agent_id)
-        .bind(event.error_type.as_str())
-        .bind(&signature)
-        .bind(plan.strategy.as_str())
-        .bind(plan.chosen.as_str())
-        .bind(context_text(&plan.parameters)?)
-        .bind(millis(plan.estimated_duration))
-        .bind(plan.success_probability)
-        .bind(plan.risk)
-        .bind(plan.escalated)
-        .bind(&plan.reason)
-        .bind(RecoveryStatus::Active.as_str())
-        .bind(micros(now))
-        .bind(micros(records::lease_expires_at(now, lease)))
-        .bind(actor)
-        .fetch_one(&mut *tx)
-        .await;
-        match inserted {
-            Ok(row) => {
-                tx.commit().await.map_err(sqlite_error)?;
-                row.at(now)
-            }
-            // The unique index of one ACTIVE per agent refused this one. With one
-            // writer the check above already saw any active recovery, so this is
-            // a backstop (another process on the file, a future code path); it
-            // answers as Postgres does when a concurrent plan won.
-            Err(e) if is_unique_violation(&e) => {
-                drop(tx);
-                let mut tx = self.readers().begin().await.map_err(sqlite_error)?;
-                let now = self.store_now();
-                let winner = stored_active_action(&mut tx, &event.agent_id).await?;
-                drop(tx);
-                match winner {
-                    Some(active) if records::admit_plan(Some(&active), now).is_err() => {
-                        Err(RecoveryAlreadyActive::of(&active).into())
-                    }
-                    _ => Err(Error::Conflict(format!(
-                        "a concurrent recovery plan for agent {:?} won and is already over",
-                        event.agent_id
-                    ))),
-                }
-            }
-            Err(e) => Err(sqlite_error(e)),
-        }
+    async fn begin_read(&self) -> Result<Box<dyn HealingTx + '_>> {
+        let tx = self.readers().begin().await.map_err(sqlite_error)?;
+        Ok(Box::new(SqliteHealingTx { store: self, tx }))
     }
 
-    async fn record_recovery_outcome(
-        &self,
-        action_id: i64,
-        outcome: RecoveryOutcome,
-    ) -> Result<RecoveryAction> {
-        let mut tx = self.begin_write().await?;
-        let now = self.store_now();
-        let current = sqlx::query_as::<_, ActionRow>(&format!(
-            "SELECT {ACTION_COLUMNS} FROM recovery_actions WHERE id = ?1"
-        ))
-        .bind(action_id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(sqlite_error)?
-        .ok_or_else(|| Error::NotFound {
-            kind: "recovery action",
-            id: action_id.to_string(),
-        })?
-        .at(now)?;
-        let status = records::accept_outcome(&current, &outcome)?;
-        let row: ActionRow = sqlx::query_as(&format!(
-            "UPDATE recovery_actions
-             SET status = ?2, completed_at = ?5, duration_ms = ?3, details = ?4,
-                 outcome_actor = ?6
-             WHERE id = ?1
-             RETURNING {ACTION_COLUMNS}"
-        ))
-        .bind(action_id)
-        .bind(status.as_str())
-        .bind(millis(outcome.duration))
-        .bind(&outcome.details)
-        .bind(micros(now))
-        .bind(&outcome.actor)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(sqlite_error)?;
-        // Learn for the strategy that was actually carried out.
-        sqlx::query(
-            "INSERT INTO healing_patterns
-                 (error_type, context_signature, strategy, successes, failures, total_recovery_ms, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-             ON CONFLICT (error_type, context_signature, strategy) DO UPDATE SET
-                 successes = healing_patterns.successes + excluded.successes,
-                 failures = healing_patterns.failures + excluded.failures,
-                 total_recovery_ms = healing_patterns.total_recovery_ms + excluded.total_recovery_ms,
-                 updated_at = excluded.updated_at",
-        )
-        .bind(current.error_type.as_str())
-        .bind(&current.context_signature)
-        .bind(current.strategy.as_str())
-        .bind(i64::from(outcome.success))
-        .bind(i64::from(!outcome.success))
-        .bind(millis(outcome.duration) as f64)
-        .bind(micros(now))
-        .execute(&mut *tx)
-        .await
-        .map_err(sqlite_error)?;
-        tx.commit().await.map_err(sqlite_error)?;
-        row.at(now)
-    }
-
-    async fn healing_statistics(&self) -> Result<HealingStatistics> {
-        // One read transaction (one WAL snapshot): every figure as of one `now`.
-        let mut tx = self.readers().begin().await.map_err(sqlite_error)?;
-        let now = self.store_now();
-        let mut qb = QueryBuilder::<Sqlite>::new(
-            "SELECT
-                 (SELECT count(*) FROM error_events),
-                 (SELECT count(*) FROM error_events WHERE occurred_at > ",
-        );
-        qb.push_bind(micros(records::statistics_recent_since(now)));
-        qb.push("), (SELECT count(*) FROM recovery_actions WHERE ");
-        push_status_filter(&mut qb, &RecoveryStatus::Active.stored_as(now));
-        qb.push(")");
-        let (total_errors, errors_last_hour, active_recoveries): (i64, i64, i64) = qb
-            .build_query_as()
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(sqlite_error)?;
-        let by_type: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT error_type, count(*) FROM error_events GROUP BY error_type ORDER BY error_type",
-        )
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(sqlite_error)?;
-        let patterns: Vec<decode::PatternRow> = sqlx::query_as(
-            "SELECT error_type, context_signature, strategy, successes, failures, total_recovery_ms
-             FROM healing_patterns ORDER BY error_type, context_signature, strategy",
-        )
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(sqlite_error)?;
-        tx.commit().await.map_err(sqlite_error)?;
-        decode::healing_statistics(
-            (total_errors, errors_last_hour, active_recoveries),
-            by_type,
-            patterns,
-        )
-    }
-
-    async fn list_error_events(&self, query: &ErrorEventQuery) -> Result<Vec<ErrorEvent>> {
+    async fn error_events(&self, query: &ErrorEventQuery) -> Result<Vec<ErrorEvent>> {
         // Only the given filters, so SQLite's planner can pick an index for them.
         let mut qb = QueryBuilder::<Sqlite>::new(format!(
             "SELECT {EVENT_COLUMNS} FROM error_events WHERE 1"
@@ -458,13 +113,253 @@ impl HealingStore for SqliteStore {
             .map_err(sqlite_error)?;
         rows.into_iter().map(ErrorEvent::try_from).collect()
     }
+}
 
-    async fn list_recovery_actions(
-        &self,
+#[async_trait]
+impl HealingTx for SqliteHealingTx<'_> {
+    async fn now(&mut self) -> Result<DateTime<Utc>> {
+        Ok(self.store.store_now())
+    }
+
+    async fn lock_agent_errors(&mut self, _agent_id: &str) -> Result<()> {
+        Ok(())
+    }
+
+    async fn count_errors(
+        &mut self,
+        agent_id: &str,
+        error_type: ErrorType,
+        window: RecurrenceWindow,
+    ) -> Result<i64> {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM error_events
+             WHERE agent_id = ?1 AND error_type = ?2 AND occurred_at > ?3 AND occurred_at <= ?4",
+        )
+        .bind(agent_id)
+        .bind(error_type.as_str())
+        .bind(micros(window.after))
+        .bind(micros(window.until))
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(sqlite_error)
+    }
+
+    async fn insert_error(
+        &mut self,
+        event: &NewErrorEvent,
+        critical: bool,
+        recurring: bool,
+        at: DateTime<Utc>,
+    ) -> Result<ErrorEvent> {
+        sqlx::query_as::<_, EventRow>(&format!(
+            "INSERT INTO error_events
+                 (agent_id, message, context, error_type, severity, critical, recurring, occurred_at,
+                  actor)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+             RETURNING {EVENT_COLUMNS}"
+        ))
+        .bind(&event.agent_id)
+        .bind(&event.message)
+        .bind(context_text(&event.context)?)
+        .bind(event.error_type.as_str())
+        .bind(event.severity)
+        .bind(critical)
+        .bind(recurring)
+        .bind(micros(at))
+        .bind(&event.actor)
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(sqlite_error)?
+        .try_into()
+    }
+
+    async fn error_event(&mut self, id: i64) -> Result<Option<ErrorEvent>> {
+        sqlx::query_as::<_, EventRow>(&format!(
+            "SELECT {EVENT_COLUMNS} FROM error_events WHERE id = ?1"
+        ))
+        .bind(id)
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(sqlite_error)?
+        .map(ErrorEvent::try_from)
+        .transpose()
+    }
+
+    async fn lock_active_recovery(&mut self, agent_id: &str) -> Result<Option<RecoveryAction>> {
+        sqlx::query_as::<_, ActionRow>(&format!(
+            "SELECT {ACTION_COLUMNS} FROM recovery_actions WHERE agent_id = ?1 AND status = ?2"
+        ))
+        .bind(agent_id)
+        .bind(RecoveryStatus::Active.as_str())
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(sqlite_error)?
+        .map(RecoveryAction::try_from)
+        .transpose()
+    }
+
+    async fn lock_recovery(&mut self, id: i64) -> Result<Option<RecoveryAction>> {
+        sqlx::query_as::<_, ActionRow>(&format!(
+            "SELECT {ACTION_COLUMNS} FROM recovery_actions WHERE id = ?1"
+        ))
+        .bind(id)
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(sqlite_error)?
+        .map(RecoveryAction::try_from)
+        .transpose()
+    }
+
+    async fn set_recovery_status(&mut self, id: i64, status: RecoveryStatus) -> Result<()> {
+        sqlx::query("UPDATE recovery_actions SET status = ?2 WHERE id = ?1")
+            .bind(id)
+            .bind(status.as_str())
+            .execute(&mut *self.tx)
+            .await
+            .map_err(sqlite_error)?;
+        Ok(())
+    }
+
+    async fn evidence(
+        &mut self,
+        error_type: ErrorType,
+        context_signature: &str,
+    ) -> Result<Vec<EvidenceRow>> {
+        sqlx::query_as(
+            "SELECT strategy, successes, failures, total_recovery_ms FROM healing_patterns
+             WHERE error_type = ?1 AND context_signature = ?2",
+        )
+        .bind(error_type.as_str())
+        .bind(context_signature)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(sqlite_error)
+    }
+
+    async fn insert_recovery(&mut self, new: &NewRecovery<'_>) -> Result<Option<RecoveryAction>> {
+        let (event, plan) = (new.event, new.plan);
+        let inserted = sqlx::query_as::<_, ActionRow>(&format!(
+            "INSERT INTO recovery_actions
+                 (error_event_id, agent_id, error_type, context_signature, strategy, chosen_strategy,
+                  parameters, estimated_duration_ms, success_probability, risk, escalated, reason,
+                  status, created_at, lease_expires_at, actor)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
+             RETURNING {ACTION_COLUMNS}"
+        ))
+        .bind(event.id)
+        .bind(&event.agent_id)
+        .bind(event.error_type.as_str())
+        .bind(new.context_signature)
+        .bind(plan.strategy.as_str())
+        .bind(plan.chosen.as_str())
+        .bind(context_text(&plan.parameters)?)
+        .bind(millis(plan.estimated_duration))
+        .bind(plan.success_probability)
+        .bind(plan.risk)
+        .bind(plan.escalated)
+        .bind(&plan.reason)
+        .bind(RecoveryStatus::Active.as_str())
+        .bind(micros(new.created_at))
+        .bind(micros(new.lease_expires_at))
+        .bind(new.actor)
+        .fetch_one(&mut *self.tx)
+        .await;
+        match inserted {
+            Ok(row) => Ok(Some(row.try_into()?)),
+            Err(e) if is_unique_violation(&e) => Ok(None),
+            Err(e) => Err(sqlite_error(e)),
+        }
+    }
+
+    async fn finish_recovery(&mut self, id: i64, finish: &Finish<'_>) -> Result<RecoveryAction> {
+        sqlx::query_as::<_, ActionRow>(&format!(
+            "UPDATE recovery_actions
+             SET status = ?2, completed_at = ?5, duration_ms = ?3, details = ?4,
+                 outcome_actor = ?6
+             WHERE id = ?1
+             RETURNING {ACTION_COLUMNS}"
+        ))
+        .bind(id)
+        .bind(finish.status.as_str())
+        .bind(finish.duration_ms)
+        .bind(finish.details)
+        .bind(micros(finish.completed_at))
+        .bind(finish.actor)
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(sqlite_error)?
+        .try_into()
+    }
+
+    async fn learn(&mut self, lesson: &Lesson<'_>) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO healing_patterns
+                 (error_type, context_signature, strategy, successes, failures, total_recovery_ms, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (error_type, context_signature, strategy) DO UPDATE SET
+                 successes = healing_patterns.successes + excluded.successes,
+                 failures = healing_patterns.failures + excluded.failures,
+                 total_recovery_ms = healing_patterns.total_recovery_ms + excluded.total_recovery_ms,
+                 updated_at = excluded.updated_at",
+        )
+        .bind(lesson.error_type.as_str())
+        .bind(lesson.context_signature)
+        .bind(lesson.strategy.as_str())
+        .bind(lesson.successes)
+        .bind(lesson.failures)
+        .bind(lesson.recovery_ms)
+        .bind(micros(lesson.at))
+        .execute(&mut *self.tx)
+        .await
+        .map_err(sqlite_error)?;
+        Ok(())
+    }
+
+    async fn statistics_counts(
+        &mut self,
+        recent_since: DateTime<Utc>,
+        filters: &[StoredStatusFilter],
+    ) -> Result<(i64, i64, i64)> {
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "SELECT
+                 (SELECT count(*) FROM error_events),
+                 (SELECT count(*) FROM error_events WHERE occurred_at > ",
+        );
+        qb.push_bind(micros(recent_since));
+        qb.push("), (SELECT count(*) FROM recovery_actions WHERE ");
+        push_status_filter(&mut qb, filters);
+        qb.push(")");
+        qb.build_query_as()
+            .fetch_one(&mut *self.tx)
+            .await
+            .map_err(sqlite_error)
+    }
+
+    async fn errors_by_type(&mut self) -> Result<Vec<(String, i64)>> {
+        sqlx::query_as(
+            "SELECT error_type, count(*) FROM error_events GROUP BY error_type ORDER BY error_type",
+        )
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(sqlite_error)
+    }
+
+    async fn patterns(&mut self) -> Result<Vec<decode::PatternRow>> {
+        sqlx::query_as(
+            "SELECT error_type, context_signature, strategy, successes, failures, total_recovery_ms
+             FROM healing_patterns ORDER BY error_type, context_signature, strategy",
+        )
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(sqlite_error)
+    }
+
+    async fn recovery_actions(
+        &mut self,
         query: &RecoveryActionQuery,
+        status: Option<&[StoredStatusFilter]>,
     ) -> Result<Vec<RecoveryAction>> {
-        let mut tx = self.readers().begin().await.map_err(sqlite_error)?;
-        let now = self.store_now();
+        // Only the given filters, so SQLite's planner can pick an index for them.
         let mut qb = QueryBuilder::<Sqlite>::new(format!(
             "SELECT {ACTION_COLUMNS} FROM recovery_actions WHERE 1"
         ));
@@ -477,26 +372,31 @@ impl HealingStore for SqliteStore {
         if let Some(before_id) = query.before_id {
             qb.push(" AND id < ").push_bind(before_id);
         }
-        if let Some(status) = query.status {
+        if let Some(filters) = status {
             qb.push(" AND ");
-            push_status_filter(&mut qb, &status.stored_as(now));
+            push_status_filter(&mut qb, filters);
         }
         qb.push(" ORDER BY id DESC LIMIT ").push_bind(query.limit);
         let rows: Vec<ActionRow> = qb
             .build_query_as()
-            .fetch_all(&mut *tx)
+            .fetch_all(&mut *self.tx)
             .await
             .map_err(sqlite_error)?;
-        tx.commit().await.map_err(sqlite_error)?;
-        rows.into_iter().map(|row| row.at(now)).collect()
+        rows.into_iter().map(RecoveryAction::try_from).collect()
+    }
+
+    async fn commit(self: Box<Self>) -> Result<()> {
+        self.tx.commit().await.map_err(sqlite_error)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::healing::{ErrorType, Plan, Strategy};
-    use crate::storage::{StoreLocation, StoreOptions};
+    use crate::domain::healing::{Evidence, Plan, Strategy};
+    use crate::domain::healing_records::RecoveryOutcome;
+    use crate::storage::{HealingStore, Planner, StoreLocation, StoreOptions};
+    use chrono::Duration;
 
     struct TempStore {
         store: SqliteStore,

@@ -1,0 +1,502 @@
+//! The healing store's flows, written once for every SQL backend.
+//!
+//! Each flow is a sequence: begin, lock, read, let the domain decide, write,
+//! commit. It runs here over a [`HealingTx`], one open transaction of a
+//! backend, which only runs that backend's SQL (`sqlite/healing.rs`,
+//! `postgres/healing.rs`). The rows both backends read, and how they become
+//! domain values, live here too ([`EventRow`], [`ActionRow`]); a backend says
+//! only how it stores a time and a JSON document ([`StoredTime`],
+//! [`StoredJson`]).
+//!
+//! What a backend's transactions guarantee (the flows rely on it):
+//! - [`HealingTxs::begin_write`] serialises what must be: SQLite's one writer
+//!   (`BEGIN IMMEDIATE`) serialises every write, so its locks are no-ops;
+//!   Postgres takes them ([`HealingTx::lock_agent_errors`] an advisory lock,
+//!   the `lock_`/locked reads `FOR UPDATE`);
+//! - [`HealingTx::now`] is the store's clock for the whole transaction (the set
+//!   clock when a test set one; otherwise SQLite's system clock, Postgres's
+//!   `now()`, the transaction's start).
+
+use async_trait::async_trait;
+use chrono::{DateTime, Duration, Utc};
+use sqlx::FromRow;
+
+use crate::domain::healing::{
+    self, Context, ErrorType, Evidence, Plan, RecurrenceWindow, Strategy,
+};
+use crate::domain::healing_records::{
+    self as records, ErrorEvent, HealingStatistics, NewErrorEvent, RecoveryAction,
+    RecoveryAlreadyActive, RecoveryOutcome, RecoveryStatus, StoredStatusFilter,
+};
+use crate::error::{Error, Result};
+use crate::storage::{ErrorEventQuery, HealingStore, Planner, RecoveryActionQuery, decode};
+
+/// The columns of [`EventRow`], in its order.
+pub(crate) const EVENT_COLUMNS: &str =
+    "id, agent_id, message, context, error_type, severity, critical, recurring, occurred_at, actor";
+
+/// The columns of [`ActionRow`]: the stored status; the flows let the domain
+/// decide what a reader sees ([`seen_at`]).
+pub(crate) const ACTION_COLUMNS: &str = "id, error_event_id, agent_id, error_type, \
+     context_signature, strategy, chosen_strategy, parameters, estimated_duration_ms, \
+     success_probability, risk, escalated, reason, status, created_at, lease_expires_at, \
+     completed_at, duration_ms, details, actor, outcome_actor";
+
+/// A time as a backend stores it (SQLite: microseconds; Postgres: timestamptz).
+pub(crate) trait StoredTime {
+    fn time(self) -> DateTime<Utc>;
+}
+
+/// A JSON document as a backend stores it (SQLite: TEXT; Postgres: jsonb).
+pub(crate) trait StoredJson {
+    /// The context it holds; `what` names it in a corrupt-row error.
+    fn context(self, what: &str) -> Result<Context>;
+}
+
+/// One row of `error_events`, `T` and `J` the backend's time and JSON.
+#[derive(FromRow)]
+pub(crate) struct EventRow<T, J> {
+    id: i64,
+    agent_id: String,
+    message: String,
+    context: J,
+    error_type: String,
+    severity: f64,
+    critical: bool,
+    recurring: bool,
+    occurred_at: T,
+    actor: String,
+}
+
+/// One row of `recovery_actions`, `T` and `J` the backend's time and JSON.
+#[derive(FromRow)]
+pub(crate) struct ActionRow<T, J> {
+    id: i64,
+    error_event_id: i64,
+    agent_id: String,
+    error_type: String,
+    context_signature: String,
+    strategy: String,
+    chosen_strategy: String,
+    parameters: J,
+    estimated_duration_ms: i64,
+    success_probability: f64,
+    risk: f64,
+    escalated: bool,
+    reason: String,
+    status: String,
+    created_at: T,
+    lease_expires_at: T,
+    completed_at: Option<T>,
+    duration_ms: Option<i64>,
+    details: Option<String>,
+    actor: String,
+    outcome_actor: String,
+}
+
+impl<T: StoredTime, J: StoredJson> TryFrom<EventRow<T, J>> for ErrorEvent {
+    type Error = Error;
+
+    fn try_from(row: EventRow<T, J>) -> Result<ErrorEvent> {
+        Ok(ErrorEvent {
+            id: row.id,
+            error_type: decode::error_type(&row.error_type)?,
+            context: row.context.context("error context")?,
+            agent_id: row.agent_id,
+            message: row.message,
+            severity: row.severity,
+            critical: row.critical,
+            recurring: row.recurring,
+            occurred_at: row.occurred_at.time(),
+            actor: row.actor,
+        })
+    }
+}
+
+/// The action as stored (see [`seen_at`] for what a reader sees).
+impl<T: StoredTime, J: StoredJson> TryFrom<ActionRow<T, J>> for RecoveryAction {
+    type Error = Error;
+
+    fn try_from(row: ActionRow<T, J>) -> Result<RecoveryAction> {
+        Ok(RecoveryAction {
+            id: row.id,
+            error_event_id: row.error_event_id,
+            error_type: decode::error_type(&row.error_type)?,
+            strategy: decode::strategy(&row.strategy)?,
+            chosen_strategy: decode::strategy(&row.chosen_strategy)?,
+            status: RecoveryStatus::parse(&row.status)
+                .ok_or_else(|| decode::corrupt("recovery status", &row.status))?,
+            parameters: row.parameters.context("recovery parameters")?,
+            agent_id: row.agent_id,
+            context_signature: row.context_signature,
+            estimated_duration: Duration::milliseconds(row.estimated_duration_ms),
+            success_probability: row.success_probability,
+            risk: row.risk,
+            escalated: row.escalated,
+            reason: row.reason,
+            created_at: row.created_at.time(),
+            lease_expires_at: row.lease_expires_at.time(),
+            completed_at: row.completed_at.map(StoredTime::time),
+            duration: row.duration_ms.map(Duration::milliseconds),
+            details: row.details,
+            actor: row.actor,
+            outcome_actor: row.outcome_actor,
+        })
+    }
+}
+
+/// A stored action as a reader at `now` sees it (an ACTIVE one whose lease
+/// ran out is EXPIRED).
+pub(crate) fn seen_at(mut action: RecoveryAction, now: DateTime<Utc>) -> RecoveryAction {
+    action.status = action.status.as_of(action.lease_expires_at, now);
+    action
+}
+
+/// One row of `healing_patterns` for a plan: strategy, successes, failures,
+/// total recovery milliseconds.
+pub(crate) type EvidenceRow = (String, i64, i64, f64);
+
+/// A milliseconds column.
+pub(crate) fn millis(d: Duration) -> i64 {
+    d.num_milliseconds()
+}
+
+/// A recovery action to insert, ACTIVE.
+pub(crate) struct NewRecovery<'a> {
+    pub event: &'a ErrorEvent,
+    pub context_signature: &'a str,
+    pub plan: &'a Plan,
+    pub created_at: DateTime<Utc>,
+    pub lease_expires_at: DateTime<Utc>,
+    pub actor: &'a str,
+}
+
+/// What an outcome writes to its action.
+pub(crate) struct Finish<'a> {
+    pub status: RecoveryStatus,
+    pub duration_ms: i64,
+    pub details: &'a str,
+    pub completed_at: DateTime<Utc>,
+    pub actor: &'a str,
+}
+
+/// What an outcome adds to its pattern (created at zero when new).
+pub(crate) struct Lesson<'a> {
+    pub error_type: ErrorType,
+    pub context_signature: &'a str,
+    pub strategy: Strategy,
+    pub successes: i64,
+    pub failures: i64,
+    pub recovery_ms: f64,
+    pub at: DateTime<Utc>,
+}
+
+/// One open transaction of a backend: its SQL only. Dropped without
+/// [`HealingTx::commit`], it rolls back.
+#[async_trait]
+pub(crate) trait HealingTx: Send {
+    /// The store's clock, for this transaction.
+    async fn now(&mut self) -> Result<DateTime<Utc>>;
+
+    /// Serialises error reports of one agent until commit.
+    async fn lock_agent_errors(&mut self, agent_id: &str) -> Result<()>;
+
+    /// The agent's errors of `error_type` inside `window`.
+    async fn count_errors(
+        &mut self,
+        agent_id: &str,
+        error_type: ErrorType,
+        window: RecurrenceWindow,
+    ) -> Result<i64>;
+
+    /// Inserts the event as reported at `at`.
+    async fn insert_error(
+        &mut self,
+        event: &NewErrorEvent,
+        critical: bool,
+        recurring: bool,
+        at: DateTime<Utc>,
+    ) -> Result<ErrorEvent>;
+
+    async fn error_event(&mut self, id: i64) -> Result<Option<ErrorEvent>>;
+
+    /// The agent's action stored as ACTIVE (at most one: the partial unique
+    /// index), locked until commit, as stored.
+    async fn lock_active_recovery(&mut self, agent_id: &str) -> Result<Option<RecoveryAction>>;
+
+    /// The action, locked until commit, as stored.
+    async fn lock_recovery(&mut self, id: i64) -> Result<Option<RecoveryAction>>;
+
+    async fn set_recovery_status(&mut self, id: i64, status: RecoveryStatus) -> Result<()>;
+
+    /// What was learned for this kind of error in this context.
+    async fn evidence(
+        &mut self,
+        error_type: ErrorType,
+        context_signature: &str,
+    ) -> Result<Vec<EvidenceRow>>;
+
+    /// Inserts the action; `None` when the unique index of one ACTIVE per
+    /// agent refused it (the transaction is then of no further use).
+    async fn insert_recovery(&mut self, new: &NewRecovery<'_>) -> Result<Option<RecoveryAction>>;
+
+    /// Ends the action; returns it as stored.
+    async fn finish_recovery(&mut self, id: i64, finish: &Finish<'_>) -> Result<RecoveryAction>;
+
+    /// Adds to the pattern's counts (inserting it when new).
+    async fn learn(&mut self, lesson: &Lesson<'_>) -> Result<()>;
+
+    /// Every error; the errors since `recent_since`; the actions stored as
+    /// one of `filters`.
+    async fn statistics_counts(
+        &mut self,
+        recent_since: DateTime<Utc>,
+        filters: &[StoredStatusFilter],
+    ) -> Result<(i64, i64, i64)>;
+
+    /// Errors per stored type, by type.
+    async fn errors_by_type(&mut self) -> Result<Vec<(String, i64)>>;
+
+    /// Every pattern, by error type, context signature, strategy.
+    async fn patterns(&mut self) -> Result<Vec<decode::PatternRow>>;
+
+    /// The actions `query` selects, newest first, as stored; `status` the
+    /// stored statuses its status filter means (`None`: any).
+    async fn recovery_actions(
+        &mut self,
+        query: &RecoveryActionQuery,
+        status: Option<&[StoredStatusFilter]>,
+    ) -> Result<Vec<RecoveryAction>>;
+
+    async fn commit(self: Box<Self>) -> Result<()>;
+}
+
+/// Opens a backend's transactions.
+#[async_trait]
+pub(crate) trait HealingTxs: Sync {
+    /// A write transaction (see the module documentation).
+    async fn begin_write(&self) -> Result<Box<dyn HealingTx + '_>>;
+
+    /// A transaction to read the last committed state in.
+    async fn begin_read(&self) -> Result<Box<dyn HealingTx + '_>>;
+
+    /// [`HealingStore::list_error_events`]: one statement on the last
+    /// committed state (no transaction, no clock: nothing to share).
+    async fn error_events(&self, query: &ErrorEventQuery) -> Result<Vec<ErrorEvent>>;
+}
+
+/// A backend that opens [`HealingTxs`] is a [`HealingStore`]: the flows below.
+#[async_trait]
+impl<S: HealingTxs + Send + Sync + 'static> HealingStore for S {
+    async fn record_error(&self, event: NewErrorEvent) -> Result<ErrorEvent> {
+        record_error(self, event).await
+    }
+
+    async fn plan_recovery(
+        &self,
+        error_event_id: i64,
+        lease: Duration,
+        actor: &str,
+        planner: Planner<'_>,
+    ) -> Result<RecoveryAction> {
+        plan_recovery(self, error_event_id, lease, actor, planner).await
+    }
+
+    async fn record_recovery_outcome(
+        &self,
+        action_id: i64,
+        outcome: RecoveryOutcome,
+    ) -> Result<RecoveryAction> {
+        record_recovery_outcome(self, action_id, outcome).await
+    }
+
+    async fn healing_statistics(&self) -> Result<HealingStatistics> {
+        healing_statistics(self).await
+    }
+
+    async fn list_error_events(&self, query: &ErrorEventQuery) -> Result<Vec<ErrorEvent>> {
+        self.error_events(query).await
+    }
+
+    async fn list_recovery_actions(
+        &self,
+        query: &RecoveryActionQuery,
+    ) -> Result<Vec<RecoveryAction>> {
+        list_recovery_actions(self, query).await
+    }
+}
+
+/// [`HealingStore::record_error`].
+pub(crate) async fn record_error(
+    store: &dyn HealingTxs,
+    event: NewErrorEvent,
+) -> Result<ErrorEvent> {
+    let mut tx = store.begin_write().await?;
+    // Concurrent reports of one agent count each other.
+    tx.lock_agent_errors(&event.agent_id).await?;
+    let now = tx.now().await?;
+    let earlier = tx
+        .count_errors(
+            &event.agent_id,
+            event.error_type,
+            healing::recurrence_window(now),
+        )
+        .await?;
+    let stored = tx
+        .insert_error(
+            &event,
+            healing::is_critical(event.severity),
+            healing::recurring_given(earlier),
+            now,
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(stored)
+}
+
+/// [`HealingStore::plan_recovery`].
+pub(crate) async fn plan_recovery(
+    store: &dyn HealingTxs,
+    error_event_id: i64,
+    lease: Duration,
+    actor: &str,
+    planner: Planner<'_>,
+) -> Result<RecoveryAction> {
+    let mut tx = store.begin_write().await?;
+    let now = tx.now().await?;
+    let event = tx
+        .error_event(error_event_id)
+        .await?
+        .ok_or_else(|| Error::NotFound {
+            kind: "error event",
+            id: error_event_id.to_string(),
+        })?;
+    let stored_active = tx.lock_active_recovery(&event.agent_id).await?;
+    // Free the agent from a recovery whose lease ran out without an outcome.
+    if let Some(lapsed) = records::admit_plan(stored_active.as_ref(), now)? {
+        tx.set_recovery_status(lapsed, RecoveryStatus::Expired)
+            .await?;
+    }
+    let signature = healing::context_signature(&event.context);
+    let evidence = tx
+        .evidence(event.error_type, &signature)
+        .await?
+        .into_iter()
+        .map(|(strategy, successes, failures, total_ms)| {
+            Ok(Evidence {
+                strategy: decode::strategy(&strategy)?,
+                successes,
+                failures,
+                total_recovery_secs: total_ms / 1000.0,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let plan = planner(&event, &evidence);
+    let new = NewRecovery {
+        event: &event,
+        context_signature: &signature,
+        plan: &plan,
+        created_at: now,
+        lease_expires_at: records::lease_expires_at(now, lease),
+        actor,
+    };
+    if let Some(action) = tx.insert_recovery(&new).await? {
+        tx.commit().await?;
+        return Ok(seen_at(action, now));
+    }
+    // The unique index of one ACTIVE per agent refused this one: a concurrent
+    // plan committed first (on SQLite, whose one writer makes the check above
+    // see any active recovery, a backstop: another process on the file).
+    drop(tx);
+    let mut tx = store.begin_read().await?;
+    let now = tx.now().await?;
+    let winner = tx.lock_active_recovery(&event.agent_id).await?;
+    drop(tx);
+    match winner {
+        Some(active) if records::admit_plan(Some(&active), now).is_err() => {
+            Err(RecoveryAlreadyActive::of(&active).into())
+        }
+        _ => Err(Error::Conflict(format!(
+            "a concurrent recovery plan for agent {:?} won and is already over",
+            event.agent_id
+        ))),
+    }
+}
+
+/// [`HealingStore::record_recovery_outcome`].
+pub(crate) async fn record_recovery_outcome(
+    store: &dyn HealingTxs,
+    action_id: i64,
+    outcome: RecoveryOutcome,
+) -> Result<RecoveryAction> {
+    let mut tx = store.begin_write().await?;
+    let now = tx.now().await?;
+    let current = tx
+        .lock_recovery(action_id)
+        .await?
+        .ok_or_else(|| Error::NotFound {
+            kind: "recovery action",
+            id: action_id.to_string(),
+        })?;
+    let current = seen_at(current, now);
+    let status = records::accept_outcome(&current, &outcome)?;
+    let finished = tx
+        .finish_recovery(
+            action_id,
+            &Finish {
+                status,
+                duration_ms: millis(outcome.duration),
+                details: &outcome.details,
+                completed_at: now,
+                actor: &outcome.actor,
+            },
+        )
+        .await?;
+    // Learn for the strategy that was actually carried out.
+    tx.learn(&Lesson {
+        error_type: current.error_type,
+        context_signature: &current.context_signature,
+        strategy: current.strategy,
+        successes: i64::from(outcome.success),
+        failures: i64::from(!outcome.success),
+        recovery_ms: millis(outcome.duration) as f64,
+        at: now,
+    })
+    .await?;
+    tx.commit().await?;
+    Ok(seen_at(finished, now))
+}
+
+/// [`HealingStore::healing_statistics`].
+pub(crate) async fn healing_statistics(store: &dyn HealingTxs) -> Result<HealingStatistics> {
+    // One read transaction: every figure as of one `now`.
+    let mut tx = store.begin_read().await?;
+    let now = tx.now().await?;
+    let counts = tx
+        .statistics_counts(
+            records::statistics_recent_since(now),
+            &RecoveryStatus::Active.stored_as(now),
+        )
+        .await?;
+    let by_type = tx.errors_by_type().await?;
+    let patterns = tx.patterns().await?;
+    tx.commit().await?;
+    decode::healing_statistics(counts, by_type, patterns)
+}
+
+/// [`HealingStore::list_recovery_actions`].
+pub(crate) async fn list_recovery_actions(
+    store: &dyn HealingTxs,
+    query: &RecoveryActionQuery,
+) -> Result<Vec<RecoveryAction>> {
+    // One read transaction: the filter and what a reader sees, at one `now`.
+    let mut tx = store.begin_read().await?;
+    let now = tx.now().await?;
+    let filters = query.status.map(|status| status.stored_as(now));
+    let rows = tx.recovery_actions(query, filters.as_deref()).await?;
+    tx.commit().await?;
+    Ok(rows
+        .into_iter()
+        .map(|action| seen_at(action, now))
+        .collect())
+}
