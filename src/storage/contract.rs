@@ -22,16 +22,19 @@ use crate::domain::agent::{AgentStatus, Event, SlotType};
 use crate::domain::batch::{Command, Refusal};
 use crate::domain::healing::{Context, ErrorType, Evidence, Plan, Strategy};
 use crate::domain::healing_records::{ErrorEvent, NewErrorEvent, RecoveryStatus};
+use crate::domain::pipeline::{self, SessionFile};
 use crate::domain::post_healing::{
     self, ActionRecord, ActionStatus, ActionType, Evaluation, Ineligible, Stagnation, Tier,
     effective,
 };
+use crate::domain::transcript::UsageEntry;
+use crate::domain::usage::{self, MessageCopy, UsageGrouping, UsageQuery};
 use crate::error::Error;
 use crate::storage::clock::{Clock, ManualClock};
 use crate::storage::memory::{MemoryPipelineStore, MemoryStore};
 use crate::storage::{
     AgentStore, HealingStore, PipelineStore, Planner, PostEvaluator, PostHealingStore,
-    RecoveryActionQuery, StoreLocation, StoreOptions, Stores,
+    RecoveryActionQuery, SessionOutput, SessionWrite, StoreLocation, StoreOptions, Stores,
 };
 
 /// One store under test, behind its traits, on a manual clock.
@@ -634,4 +637,150 @@ async fn the_store_clock_is_the_pipeline_s_now(s: &Subject) {
     assert_eq!(s.pipeline.now().await.unwrap(), s.now.now());
     s.clock.advance(Duration::hours(3));
     assert_eq!(s.pipeline.now().await.unwrap(), s.now.now());
+}
+
+// ---------------------------------------------------------------- usage
+
+contract!(usage_rollups_equal_a_recount on memory, sqlite, postgres);
+
+/// One transcript line: message id (or none), sidechain, hour of the day,
+/// output tokens.
+type Line = (Option<&'static str>, bool, u32, u64);
+
+fn usage_write(path: &str, lines: &[Line], now: chrono::DateTime<Utc>) -> SessionWrite {
+    let (user, rest) = path.split_once('/').unwrap();
+    let file = SessionFile {
+        user: user.into(),
+        session: rest.trim_end_matches(".jsonl").into(),
+        path: path.into(),
+        size: 1,
+        mtime_ns: 1,
+    };
+    let entries: Vec<UsageEntry> = lines
+        .iter()
+        .enumerate()
+        .map(|(i, &(message, sidechain, hour, output))| UsageEntry {
+            line_no: i as u32 + 1,
+            timestamp: Utc.with_ymd_and_hms(2026, 3, 14, 0, 0, 0).unwrap()
+                + Duration::hours(i64::from(hour)),
+            message_id: message.map(Into::into),
+            model: (output % 3 != 0).then(|| format!("model-{}", output % 2)),
+            sidechain,
+            input_tokens: 1,
+            output_tokens: output,
+            cache_creation_tokens: 0,
+            cache_read_tokens: output * 10,
+        })
+        .collect();
+    let state = pipeline::processed("usage", &file, "sha", 1, entries.len() as i64, now);
+    SessionWrite {
+        file,
+        output: SessionOutput {
+            usage: Some(entries),
+            transcript_errors: None,
+        },
+        state,
+    }
+}
+
+/// After every commit (a new file, a stream grown in place, a resumed
+/// session's copies, a sidechain's replays, a file rewritten without its
+/// messages), every report equals the recount from what each file last
+/// holds: the most complete copy outside a sidechain counts, once.
+async fn usage_rollups_equal_a_recount(s: &Subject) {
+    let steps: Vec<(&str, Vec<Line>)> = vec![
+        (
+            "u0/a.jsonl",
+            vec![
+                (Some("m1"), false, 1, 5),
+                (Some("m2"), false, 2, 7),
+                (None, false, 3, 1),
+            ],
+        ),
+        // The stream of m2 completed in a later run: its larger copy replaces it.
+        (
+            "u0/a.jsonl",
+            vec![
+                (Some("m1"), false, 1, 5),
+                (Some("m2"), false, 2, 7),
+                (None, false, 3, 1),
+                (Some("m2"), false, 2, 40),
+            ],
+        ),
+        // A resumed session: m1 copied, a message of its own, across midnight.
+        (
+            "u0/b.jsonl",
+            vec![(Some("m1"), false, 1, 5), (Some("m3"), false, 25, 9)],
+        ),
+        // A sidechain replays m1 with a larger copy (it must not win) and has
+        // a message of its own.
+        (
+            "u0/b/subagents/agent-1.jsonl",
+            vec![(Some("m1"), true, 4, 500), (Some("m4"), true, 5, 11)],
+        ),
+        // Another user's file holds m3's larger copy.
+        ("u1/c.jsonl", vec![(Some("m3"), false, 26, 90)]),
+        // a is rewritten without its messages: b's copy of m1 counts now.
+        ("u0/a.jsonl", vec![]),
+        // c is rewritten with a smaller m3: b's copy counts again.
+        ("u1/c.jsonl", vec![(Some("m3"), false, 26, 2)]),
+    ];
+    let mut last: std::collections::BTreeMap<String, SessionWrite> = Default::default();
+    for (step, (path, lines)) in steps.into_iter().enumerate() {
+        let now = s.now.now();
+        let write = usage_write(path, &lines, now);
+        s.pipeline
+            .commit_sessions(std::slice::from_ref(&write))
+            .await
+            .unwrap();
+        last.insert(path.to_owned(), write);
+        let copies: Vec<MessageCopy> = last
+            .values()
+            .flat_map(|w| {
+                MessageCopy::from_file(
+                    &w.file.path,
+                    &w.file.user,
+                    &w.file.session,
+                    w.output.usage.as_deref().unwrap_or_default(),
+                )
+            })
+            .collect();
+        for group_by in [
+            UsageGrouping::Day,
+            UsageGrouping::Session,
+            UsageGrouping::Model,
+            UsageGrouping::User,
+        ] {
+            let query = UsageQuery {
+                group_by,
+                since: None,
+                until: None,
+                user: None,
+            };
+            assert_eq!(
+                s.pipeline.usage(&query).await.unwrap(),
+                usage::recount(&copies, &query),
+                "step {step}, {group_by:?}"
+            );
+        }
+        s.clock.advance(Duration::seconds(1));
+    }
+    // What the steps left: m1 from b (5), m2 gone with a, m3 from b (9, the
+    // larger copy in c was rewritten), m4 from the sidechain (11).
+    let totals = s
+        .pipeline
+        .usage(&UsageQuery {
+            group_by: UsageGrouping::User,
+            since: None,
+            until: None,
+            user: None,
+        })
+        .await
+        .unwrap();
+    let outputs: Vec<(&str, i64, i64)> = totals
+        .iter()
+        .map(|r| (r.key.as_str(), r.output_tokens, r.messages))
+        .collect();
+    // u1's only file (c) now holds a smaller copy of m3, which loses to b's.
+    assert_eq!(outputs, [("u0", 5 + 9 + 11, 3)]);
 }
