@@ -185,16 +185,44 @@ pub fn prune_before(now: DateTime<Utc>, retention: std::time::Duration) -> DateT
         .unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
 
-/// Which of `runs` a prune at `before` removes: those started before it,
-/// except the newest run of each processor.
-pub fn pruned(runs: &[RunRecord], before: DateTime<Utc>) -> Vec<&RunRecord> {
-    runs.iter()
-        .filter(|r| r.started_at < before)
+/// A run as a prune weighs it: its processor and its place in the history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAge {
+    pub processor: String,
+    pub cursor: RunCursor,
+}
+
+impl RunAge {
+    pub fn of(run: &RunRecord) -> RunAge {
+        RunAge {
+            processor: run.processor.clone(),
+            cursor: run.cursor(),
+        }
+    }
+}
+
+/// The ids a prune at `before` removes among `candidates`: those started
+/// before it, except the newest run of each processor (`newest`: each
+/// processor's newest run of the whole history, or any runs that include
+/// them).
+pub fn prune_ids(candidates: &[RunAge], newest: &[RunAge], before: DateTime<Utc>) -> Vec<i64> {
+    candidates
+        .iter()
+        .filter(|r| r.cursor.started_at < before)
         .filter(|r| {
-            runs.iter()
-                .any(|n| n.processor == r.processor && n.cursor() > r.cursor())
+            newest
+                .iter()
+                .any(|n| n.processor == r.processor && n.cursor > r.cursor)
         })
+        .map(|r| r.cursor.id)
         .collect()
+}
+
+/// Which of `runs` (a whole history) a prune at `before` removes.
+pub fn pruned(runs: &[RunRecord], before: DateTime<Utc>) -> Vec<&RunRecord> {
+    let ages: Vec<RunAge> = runs.iter().map(RunAge::of).collect();
+    let ids = prune_ids(&ages, &ages, before);
+    runs.iter().filter(|r| ids.contains(&r.id)).collect()
 }
 
 fn micros(at: DateTime<Utc>) -> DateTime<Utc> {

@@ -11,7 +11,9 @@ use super::{PgStore, db_error};
 mod usage_rollups;
 use crate::domain::healing;
 use crate::domain::pipeline::{RunStats, SessionFile, SessionState, SessionStatus};
-use crate::domain::pipeline_runs::{NewRun, RunRecord, RunTrigger, RunsQuery};
+use crate::domain::pipeline_runs::{
+    self, NewRun, RunAge, RunCursor, RunRecord, RunTrigger, RunsQuery,
+};
 use crate::domain::transcript::UsageEntry;
 use crate::error::{Error, Result};
 use crate::storage::decode;
@@ -443,19 +445,44 @@ impl PipelineStore for PgStore {
     }
 
     async fn prune_runs(&self, before: DateTime<Utc>) -> Result<u64> {
-        let pruned = sqlx::query(
-            "DELETE FROM pipeline_runs r
-             WHERE r.started_at < $1
-               AND EXISTS (
-                   SELECT 1 FROM pipeline_runs n
-                   WHERE n.processor = r.processor
-                     AND (n.started_at, n.id) > (r.started_at, r.id))",
-        )
-        .bind(before)
-        .execute(&self.pool)
-        .await
-        .map_err(db_error)?
-        .rows_affected();
+        // The candidates and each processor's newest run; the domain picks.
+        // Runs recorded meanwhile are newer: they only keep more.
+        let ages = |rows: Vec<(i64, String, DateTime<Utc>)>| -> Vec<RunAge> {
+            rows.into_iter()
+                .map(|(id, processor, started_at)| RunAge {
+                    processor,
+                    cursor: RunCursor { started_at, id },
+                })
+                .collect()
+        };
+        let candidates = ages(
+            sqlx::query_as(
+                "SELECT id, processor, started_at FROM pipeline_runs WHERE started_at < $1",
+            )
+            .bind(before)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_error)?,
+        );
+        if candidates.is_empty() {
+            return Ok(0);
+        }
+        let newest = ages(
+            sqlx::query_as(
+                "SELECT DISTINCT ON (processor) id, processor, started_at FROM pipeline_runs
+                 ORDER BY processor, started_at DESC, id DESC",
+            )
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_error)?,
+        );
+        let ids = pipeline_runs::prune_ids(&candidates, &newest, before);
+        let pruned = sqlx::query("DELETE FROM pipeline_runs WHERE id = ANY($1)")
+            .bind(&ids)
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?
+            .rows_affected();
         Ok(pruned)
     }
 

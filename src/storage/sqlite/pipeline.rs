@@ -18,7 +18,9 @@ use sqlx::{FromRow, QueryBuilder, Sqlite, SqliteConnection};
 use super::{SqliteStore, from_micros, from_micros_opt, micros, sqlite_error};
 use crate::domain::healing;
 use crate::domain::pipeline::{SessionFile, SessionState, SessionStatus};
-use crate::domain::pipeline_runs::{NewRun, RunRecord, RunTrigger, RunsQuery};
+use crate::domain::pipeline_runs::{
+    self, NewRun, RunAge, RunCursor, RunRecord, RunTrigger, RunsQuery,
+};
 use crate::domain::transcript::UsageEntry;
 use crate::error::{Error, Result};
 use crate::storage::decode;
@@ -397,20 +399,60 @@ impl PipelineStore for SqliteStore {
     }
 
     async fn prune_runs(&self, before: DateTime<Utc>) -> Result<u64> {
+        // The candidates and each processor's newest run; the domain picks.
+        let ages = |rows: Vec<(i64, String, i64)>| -> Vec<RunAge> {
+            rows.into_iter()
+                .map(|(id, processor, started_at)| RunAge {
+                    processor,
+                    cursor: RunCursor {
+                        started_at: from_micros(started_at),
+                        id,
+                    },
+                })
+                .collect()
+        };
         let mut tx = self.begin_write().await?;
-        let pruned = sqlx::query(
-            "DELETE FROM pipeline_runs
-             WHERE started_at < ?1
-               AND EXISTS (
-                   SELECT 1 FROM pipeline_runs n
-                   WHERE n.processor = pipeline_runs.processor
-                     AND (n.started_at, n.id) > (pipeline_runs.started_at, pipeline_runs.id))",
-        )
-        .bind(micros(before))
-        .execute(&mut *tx)
-        .await
-        .map_err(sqlite_error)?
-        .rows_affected();
+        let candidates = ages(
+            sqlx::query_as(
+                "SELECT id, processor, started_at FROM pipeline_runs WHERE started_at < ?1",
+            )
+            .bind(micros(before))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(sqlite_error)?,
+        );
+        if candidates.is_empty() {
+            return Ok(0);
+        }
+        let newest = ages(
+            sqlx::query_as(
+                "SELECT id, processor, started_at FROM pipeline_runs r
+                 WHERE NOT EXISTS (
+                     SELECT 1 FROM pipeline_runs n
+                     WHERE n.processor = r.processor
+                       AND (n.started_at, n.id) > (r.started_at, r.id))",
+            )
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(sqlite_error)?,
+        );
+        let ids = pipeline_runs::prune_ids(&candidates, &newest, before);
+        let mut pruned = 0;
+        for chunk in ids.chunks(500) {
+            let mut q =
+                sqlx::QueryBuilder::<sqlx::Sqlite>::new("DELETE FROM pipeline_runs WHERE id IN (");
+            let mut list = q.separated(", ");
+            for id in chunk {
+                list.push_bind(*id);
+            }
+            q.push(")");
+            pruned += q
+                .build()
+                .execute(&mut *tx)
+                .await
+                .map_err(sqlite_error)?
+                .rows_affected();
+        }
         tx.commit().await.map_err(sqlite_error)?;
         Ok(pruned)
     }
