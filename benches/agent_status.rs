@@ -5,6 +5,9 @@
 //!
 //! - heartbeats/s against `grpc.health.v1.Health/Check`/s (64 in flight; 16
 //!   agents, then 5,000);
+//! - the same from outside: the `fleetcare` binary in its own process with its
+//!   default logging, h2load as the client (one process per agent, 16 x 4 in
+//!   flight), heartbeats against health checks alternated on that server;
 //! - durable transitions/s against single-statement autocommit UPDATEs on 64
 //!   connections, against `pgbench -N`'s transaction (the figure the issue
 //!   measured) and against the health check (the gRPC ceiling), each with the
@@ -31,7 +34,8 @@
 //! previous design's transaction is a Postgres baseline only.
 //!
 //! Knobs (env): BENCH_CALLS, BENCH_CONCURRENCY, BENCH_WATCHERS, BENCH_WATCH_RATE,
-//! BENCH_WATCH_SECS, BENCH_FLEET, BENCH_HEARTBEATING, BENCH_SCALE_SECS.
+//! BENCH_WATCH_SECS, BENCH_FLEET, BENCH_HEARTBEATING, BENCH_SCALE_SECS,
+//! BENCH_OUTSIDE_AGENTS, BENCH_OUTSIDE_STREAMS, BENCH_OUTSIDE_CALLS.
 
 use std::time::{Duration, Instant};
 
@@ -43,7 +47,8 @@ use tonic_health::pb::health_client::HealthClient;
 
 mod common;
 
-use common::{cpu_time, env_usize, helpers, postgres_cpu_since, postgres_ticks};
+use common::{cpu_time, env_usize, helpers, outside, postgres_cpu_since, postgres_ticks};
+use std::path::Path;
 
 /// Runs `total` calls of `call(i)` with `concurrency` in flight; returns the
 /// elapsed time and sorted per-call latencies.
@@ -593,6 +598,8 @@ async fn main() {
         ratios.push(ratio);
     }
 
+    outside(&bench.db).await;
+
     println!("\ndurable transitions against single-statement autocommit transactions");
     let pairs = calls / 4;
     let baseline = bench.baseline_updates(calls / 2, concurrency).await;
@@ -712,6 +719,76 @@ async fn main() {
         scale(&bench).await;
     }
     bench.app.stop().await;
+}
+
+/// Heartbeats against the health check measured from outside: the server
+/// binary in its own process with its default logging, h2load as the client
+/// (16 processes, one per agent, each 4 calls in flight: 64 in all), the two
+/// alternated three times each on the same server; the ratio is the total
+/// over the runs. See `common::outside`.
+async fn outside(db: &helpers::TestDb) {
+    println!("\nheartbeats against the health check, from outside (the fleetcare binary, h2load)");
+    if !outside::h2load_available() {
+        println!("  SKIPPED: h2load not found (Debian: apt-get install nghttp2-client)");
+        return;
+    }
+    let processes = env_usize("BENCH_OUTSIDE_AGENTS", 16);
+    let shape = outside::Shape {
+        processes,
+        streams: env_usize("BENCH_OUTSIDE_STREAMS", 4),
+        calls: env_usize("BENCH_OUTSIDE_CALLS", 2500),
+    };
+    let store_args: Vec<String> = match &db.dir {
+        // The in-process server holds the embedded store's file: a store of
+        // its own (the default data directory, in the bench's directory).
+        Some(_) => Vec::new(),
+        None => vec!["--database-url".into(), db.url.clone()],
+    };
+    let server =
+        outside::Server::start(Path::new(env!("CARGO_BIN_EXE_fleetcare")), &store_args).await;
+    let mut agents = pb::agent_status_service_client::AgentStatusServiceClient::new(
+        server.endpoint().connect().await.expect("connects"),
+    );
+    let ids: Vec<String> = (0..processes)
+        .map(|i| format!("outside-agent-{i:02}"))
+        .collect();
+    for id in &ids {
+        agents
+            .register_agent(pb::RegisterAgentRequest {
+                agent_id: id.clone(),
+                labels: [("team".to_string(), "bench".to_string())].into(),
+            })
+            .await
+            .expect("registers");
+    }
+    let (beats, health) = outside::bodies(&server, &ids);
+    // Connections warmed and the agent cache filled before the first figure.
+    server.h2load("/grpc.health.v1.Health/Check", &health[..1], shape);
+    server.h2load("/fleetcare.v1.AgentStatusService/Heartbeat", &beats, shape);
+    let (mut health_total, mut beats_total) = (Duration::ZERO, Duration::ZERO);
+    let (mut health_cpu, mut beats_cpu) = (Duration::ZERO, Duration::ZERO);
+    let mut calls = 0;
+    for _ in 0..3 {
+        let h = server.h2load("/grpc.health.v1.Health/Check", &health, shape);
+        println!("{}", h.describe("grpc.health.v1.Health/Check (h2load)"));
+        let b = server.h2load("/fleetcare.v1.AgentStatusService/Heartbeat", &beats, shape);
+        println!(
+            "{}",
+            b.describe(&format!("Heartbeat ({processes} agents, h2load)"))
+        );
+        health_total += h.elapsed;
+        beats_total += b.elapsed;
+        health_cpu += h.server_cpu;
+        beats_cpu += b.server_cpu;
+        calls += b.calls;
+    }
+    println!(
+        "  => heartbeats / health checks from outside, {processes} x {} in flight: {:.2} (target >= 0.8); server CPU per call {:.1} µs / {:.1} µs",
+        shape.streams,
+        health_total.as_secs_f64() / beats_total.as_secs_f64(),
+        beats_cpu.as_secs_f64() / calls as f64 * 1e6,
+        health_cpu.as_secs_f64() / calls as f64 * 1e6,
+    );
 }
 
 /// 1,000 watchers while transitions are committed at a fixed rate. The

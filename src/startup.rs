@@ -11,7 +11,6 @@ use futures::future::Either;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
@@ -23,9 +22,9 @@ use crate::domain::pipeline::RetryPolicy;
 use crate::domain::post_healing::PostHealingConfig;
 use crate::error::Error;
 use crate::grpc::agent_status::{AgentStatusApi, AgentStatusSettings};
-use crate::grpc::auth::{Authenticate, Guard};
+use crate::grpc::auth::Guard;
 use crate::grpc::callers::WatchSlots;
-use crate::grpc::guard::{CallLimit, Gate, GuardLayer};
+use crate::grpc::guard::{Admission, Gate};
 use crate::grpc::healing::{HealingApi, HealingSettings, PostHealingApi, shared_rng};
 use crate::grpc::metrics::MetricsLayer;
 use crate::grpc::session_pipeline::SessionPipelineApi;
@@ -64,19 +63,17 @@ pub struct Application {
     health: HealthReporter,
     health_service:
         tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
-    store_health: StoreHealth,
     gates: Gates,
     /// TLS, when `--tls-cert`/`--tls-key` are given; plaintext otherwise.
     tls: Option<ServerTls>,
-    /// Who may call (the auth file's callers, or the anonymous operator).
-    callers: Arc<Callers>,
     /// This server's metrics, and the HTTP listener serving them (`--http-listen`).
     metrics: Arc<Metrics>,
     http: Option<TcpListener>,
     /// The dashboard's API on the HTTP listener, opened with the services.
     dashboard: Dashboard,
-    /// `--max-concurrent-calls`, shared by the gRPC guard and the dashboard's API.
-    call_limit: CallLimit,
+    /// What lets a call in (store up, `--max-concurrent-calls`, a known
+    /// caller), one for the gRPC server and the dashboard's API.
+    admission: Admission,
     shutdown: CancellationToken,
 }
 
@@ -163,13 +160,12 @@ impl Application {
         let (opened, opening) = watch::channel(Opening::Waiting);
         let store_health = StoreHealth::default();
         let gates = Gates::default();
-        let call_limit = CallLimit::new(args.limits.max_concurrent_calls);
-        let mut dashboard = Dashboard::new(
-            callers.clone(),
+        let admission = Admission::new(
             store_health.clone(),
-            metrics.clone(),
-            call_limit.clone(),
+            args.limits.max_concurrent_calls,
+            callers.clone(),
         );
+        let mut dashboard = Dashboard::new(admission.clone(), metrics.clone());
         // The dashboard's API acts as its callers: on a listener that is not
         // loopback, only with an auth file (or --insecure-no-auth), as gRPC.
         if let Some(addr) = http.as_ref().and_then(|l| l.local_addr().ok())
@@ -210,14 +206,12 @@ impl Application {
             opening,
             health,
             health_service,
-            store_health,
             gates,
             tls,
-            callers,
             metrics,
             http,
             dashboard,
-            call_limit,
+            admission,
             shutdown,
         })
     }
@@ -256,14 +250,12 @@ impl Application {
             opening,
             health,
             health_service,
-            store_health,
             gates,
             tls,
-            callers,
             metrics,
             http,
             dashboard,
-            call_limit,
+            admission,
             shutdown,
         } = self;
         let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -322,32 +314,20 @@ impl Application {
             // and the shutdown would wait out its whole grace for the store.
             None => drop(dashboard),
         }
-        let authenticate = Authenticate(callers);
         let router = Server::builder()
             .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
             // Outermost: every call is timed, refusals included.
             .layer(MetricsLayer::new(metrics))
             .layer(crate::grpc::trace::TraceLayer)
-            .layer(GuardLayer::with_limit(store_health, call_limit))
+            .layer(admission.layer())
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            // Health and reflection answer without a token; every fleetcare
-            // service goes through the authenticating interceptor.
-            .add_service(InterceptedService::new(
-                gates.agent_status,
-                authenticate.clone(),
-            ))
-            .add_service(InterceptedService::new(gates.healing, authenticate.clone()))
-            .add_service(InterceptedService::new(
-                gates.post_healing,
-                authenticate.clone(),
-            ))
-            .add_service(InterceptedService::new(
-                gates.session_pipeline,
-                authenticate,
-            ));
+            .add_service(gates.agent_status)
+            .add_service(gates.healing)
+            .add_service(gates.post_healing)
+            .add_service(gates.session_pipeline);
         // TLS, when configured, is terminated on the accepted connections (see
         // `tls`): handshakes in tasks of their own, within each connection's
         // slot, certificates reloaded without a restart.

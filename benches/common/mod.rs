@@ -8,6 +8,8 @@ use std::time::Duration;
 #[path = "../../tests/api/helpers.rs"]
 pub mod helpers;
 
+pub mod outside;
+
 /// A size from the environment (`BENCH_AGENTS=500 cargo bench ...`), or `default`.
 pub fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -43,7 +45,7 @@ fn own_stat() -> Option<String> {
 }
 
 /// Clock ticks as time: the kernel counts 100 per second on Linux.
-fn from_ticks(ticks: u64) -> Duration {
+pub fn from_ticks(ticks: u64) -> Duration {
     Duration::from_millis(ticks * 10)
 }
 

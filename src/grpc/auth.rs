@@ -1,50 +1,22 @@
-//! Authentication and authorization at the gRPC edge.
+//! Authorization at the gRPC edge.
 //!
-//! [`Authenticate`] is the interceptor in front of every fleetcare service
-//! (health and reflection are served without it): it reads
-//! `authorization: Bearer <token>`, finds the caller (see
-//! `runtime::auth::Callers`) and puts it into the request's extensions, or
-//! answers UNAUTHENTICATED. Each handler then decodes its request and asks
-//! [`Guard`] whether its caller may do that, on that agent: PERMISSION_DENIED
-//! naming what was refused, or on.
+//! Every call to a fleetcare service carries its caller in the request's
+//! extensions, put there by the admission layer (`grpc::guard::Admission`,
+//! from `authorization: Bearer <token>`) before the call was routed. Each
+//! handler then decodes its request and asks [`Guard`] whether its caller may
+//! do that, on that agent: PERMISSION_DENIED naming what was refused, or on.
 
 use std::sync::Arc;
 
-use tonic::{Request, Status};
+use tonic::Request;
 
 use crate::domain::auth::{self, Action, Caller};
 use crate::domain::labels::Labels;
 use crate::error::Error;
 use crate::runtime::agent_cache::AgentCache;
-use crate::runtime::auth::Callers;
 use crate::storage::AgentStore;
 
-/// The interceptor: every call to a fleetcare service carries its caller.
-#[derive(Clone)]
-pub struct Authenticate(pub Arc<Callers>);
-
-impl tonic::service::Interceptor for Authenticate {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let header = request
-            .metadata()
-            .get("authorization")
-            .map(|value| value.as_bytes());
-        match self.0.authenticate(header) {
-            Ok(caller) => {
-                request.extensions_mut().insert(caller);
-                Ok(request)
-            }
-            Err(error) => {
-                // Never the token: only that it was refused, and from where.
-                let peer = request.remote_addr().map(|a| a.to_string());
-                tracing::warn!(peer = peer.as_deref().unwrap_or("-"), %error, "unauthenticated call");
-                Err(error.into())
-            }
-        }
-    }
-}
-
-/// The caller the interceptor found (UNAUTHENTICATED if it did not run).
+/// The caller admission found (UNAUTHENTICATED if it did not run).
 pub fn caller<T>(request: &Request<T>) -> Result<Arc<Caller>, Error> {
     request
         .extensions()

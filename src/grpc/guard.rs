@@ -1,21 +1,28 @@
-//! The tower layer in front of every call: what is refused before a handler
-//! runs, and the codes tonic's own refusals are answered with.
+//! What lets a call in, written once for the gRPC server and the dashboard's
+//! API ([`Admission::admit`]), and the tower layer that applies it in front of
+//! every gRPC call ([`Admission::layer`]), with the codes tonic's own refusals
+//! are answered with. In this order:
 //!
 //! - While the store is known to be down ([`StoreHealth`], set by the health
-//!   probe, backend-neutral), or not open yet, a fleetcare call fails at once
-//!   UNAVAILABLE ("database unreachable, retrying") instead of waiting the
-//!   whole `--db-acquire-timeout`: a caller with a short deadline sees
-//!   UNAVAILABLE, which it retries, not DEADLINE_EXCEEDED.
-//! - At most `--max-concurrent-calls` calls run at once (tower's concurrency
-//!   limit behind its load shedder): one beyond is RESOURCE_EXHAUSTED at once.
-//!   The dashboard's API calls take their slots from the same [`CallLimit`].
+//!   probe, backend-neutral), a fleetcare call fails at once UNAVAILABLE
+//!   ("database unreachable, retrying") instead of waiting the whole
+//!   `--db-acquire-timeout`: a caller with a short deadline sees UNAVAILABLE,
+//!   which it retries, not DEADLINE_EXCEEDED. (Before the store is first open,
+//!   [`Gate`] answers the same.)
+//! - At most `--max-concurrent-calls` calls run at once, gRPC and dashboard
+//!   calls alike: one beyond is RESOURCE_EXHAUSTED at once, never queued.
+//! - The caller is found from `authorization: Bearer <token>`
+//!   (`runtime::auth::Callers`) and put into the request's extensions, where
+//!   the handlers find it (`grpc::auth::caller`); no valid token is
+//!   UNAUTHENTICATED.
 //! - A request over `--max-message-size` is answered RESOURCE_EXHAUSTED, the
 //!   gRPC convention, where tonic answers OUT_OF_RANGE.
 //!
 //! Health and reflection pass untouched: a load balancer must see
-//! NOT_SERVING, not a refusal.
+//! NOT_SERVING, not a refusal, and needs no token.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -25,11 +32,11 @@ use tonic::Status;
 use tonic::body::Body;
 use tonic::codegen::http::{HeaderValue, Request, Response};
 use tonic::server::NamedService;
-use tower::limit::ConcurrencyLimit;
-use tower::load_shed::LoadShed;
-use tower::load_shed::error::Overloaded;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower::{Layer, Service, ServiceExt};
 
+use crate::domain::auth::Caller;
+use crate::runtime::auth::Callers;
 pub use crate::runtime::health::StoreHealth;
 
 /// What a call refused while the store is down is told.
@@ -42,30 +49,63 @@ fn exempt(path: &str) -> bool {
         || path.starts_with("/grpc.reflection.v1alpha.ServerReflection/")
 }
 
-/// The server-wide cap on calls in progress (`--max-concurrent-calls`): one
-/// semaphore shared by the gRPC guard and the dashboard's API, so calls of
-/// both count against the same limit.
+/// The server's admission of calls: the store's health, the server-wide cap
+/// on calls in progress (`--max-concurrent-calls`, one semaphore however often
+/// this is cloned) and the callers. The gRPC layer and the dashboard's API
+/// hold clones of one, so both refuse alike and count against one limit.
 #[derive(Clone)]
-pub struct CallLimit {
+pub struct Admission {
+    store: StoreHealth,
     calls: Arc<Semaphore>,
     max_calls: usize,
+    callers: Arc<Callers>,
 }
 
-impl CallLimit {
-    pub fn new(max_concurrent_calls: usize) -> CallLimit {
-        CallLimit {
+/// A call let in: who makes it, and its slot of the call limit (held until
+/// dropped).
+pub struct Admitted {
+    pub caller: Arc<Caller>,
+    pub slot: OwnedSemaphorePermit,
+}
+
+impl Admission {
+    pub fn new(store: StoreHealth, max_concurrent_calls: usize, callers: Arc<Callers>) -> Self {
+        Admission {
+            store,
             calls: Arc::new(Semaphore::new(max_concurrent_calls)),
             max_calls: max_concurrent_calls,
+            callers,
         }
     }
 
-    /// A slot for one call, held until the permit is dropped, or the refusal
-    /// a gRPC call gets when every slot is taken.
-    pub fn try_acquire(&self) -> Result<OwnedSemaphorePermit, Status> {
-        self.calls
+    /// Lets a call in, or says why not: the store down (UNAVAILABLE), every
+    /// slot taken (RESOURCE_EXHAUSTED), no valid token (UNAUTHENTICATED), in
+    /// that order. `authorization` is the header's value; `peer` only names
+    /// the caller in the log line of a refused token (never the token).
+    pub fn admit(
+        &self,
+        authorization: Option<&[u8]>,
+        peer: Option<SocketAddr>,
+    ) -> Result<Admitted, Status> {
+        if !self.store.is_up() {
+            return Err(Status::unavailable(STORE_DOWN));
+        }
+        let slot = self
+            .calls
             .clone()
             .try_acquire_owned()
-            .map_err(|_| busy(self.max_calls))
+            .map_err(|_| busy(self.max_calls))?;
+        let caller = self.callers.authenticate(authorization).map_err(|error| {
+            let peer = peer.map(|p| p.to_string());
+            tracing::warn!(peer = peer.as_deref().unwrap_or("-"), %error, "unauthenticated call");
+            Status::from(error)
+        })?;
+        Ok(Admitted { caller, slot })
+    }
+
+    /// The tower layer that admits every gRPC call but health and reflection.
+    pub fn layer(&self) -> AdmissionLayer {
+        AdmissionLayer(self.clone())
     }
 }
 
@@ -76,52 +116,39 @@ fn busy(max_calls: usize) -> Status {
     ))
 }
 
-/// See the module documentation.
+/// The peer of a gRPC request, plain or over TLS (what tonic's
+/// `Request::remote_addr` reads, before tonic has made one).
+fn peer<B>(request: &Request<B>) -> Option<SocketAddr> {
+    let extensions = request.extensions();
+    extensions
+        .get::<TcpConnectInfo>()
+        .and_then(TcpConnectInfo::remote_addr)
+        .or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(|info| info.get_ref().remote_addr())
+        })
+}
+
+/// See [`Admission::layer`].
 #[derive(Clone)]
-pub struct GuardLayer {
-    store: StoreHealth,
-    calls: Arc<Semaphore>,
-    max_calls: usize,
-}
+pub struct AdmissionLayer(Admission);
 
-impl GuardLayer {
-    pub fn new(store: StoreHealth, max_concurrent_calls: usize) -> Self {
-        GuardLayer::with_limit(store, CallLimit::new(max_concurrent_calls))
-    }
-
-    /// A guard whose cap is `limit`, shared with whoever else holds it.
-    pub fn with_limit(store: StoreHealth, limit: CallLimit) -> Self {
-        GuardLayer {
-            store,
-            calls: limit.calls,
-            max_calls: limit.max_calls,
-        }
-    }
-}
-
-impl<S: Clone> Layer<S> for GuardLayer {
+impl<S> Layer<S> for AdmissionLayer {
     type Service = Guard<S>;
 
     fn layer(&self, inner: S) -> Guard<S> {
         Guard {
-            // One semaphore for the whole server, however often this is cloned.
-            limited: LoadShed::new(ConcurrencyLimit::with_semaphore(
-                inner.clone(),
-                self.calls.clone(),
-            )),
-            direct: inner,
-            store: self.store.clone(),
-            max_calls: self.max_calls,
+            inner,
+            admission: self.0.clone(),
         }
     }
 }
 
 #[derive(Clone)]
 pub struct Guard<S> {
-    limited: LoadShed<ConcurrencyLimit<S>>,
-    direct: S,
-    store: StoreHealth,
-    max_calls: usize,
+    inner: S,
+    admission: Admission,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -137,30 +164,35 @@ where
     type Future = BoxFuture<'static, Result<Response<Body>, BoxError>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // Readiness is decided per call below (the load shedder never waits).
+        // Admission is decided per call below, and never waits.
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<Body>) -> Self::Future {
+    fn call(&mut self, mut request: Request<Body>) -> Self::Future {
+        let inner = self.inner.clone();
         if exempt(request.uri().path()) {
-            let direct = self.direct.clone();
             return Box::pin(async move {
-                let response = direct.oneshot(request).await.map_err(Into::into)?;
+                let response = inner.oneshot(request).await.map_err(Into::into)?;
                 Ok(remap_decode_refusal(response))
             });
         }
-        if !self.store.is_up() {
-            return Box::pin(async { Ok(Status::unavailable(STORE_DOWN).into_http()) });
-        }
-        let limited = self.limited.clone();
-        let max_calls = self.max_calls;
-        Box::pin(async move {
-            match limited.oneshot(request).await {
-                Ok(response) => Ok(remap_size_refusal(response)),
-                Err(error) if error.is::<Overloaded>() => Ok(busy(max_calls).into_http()),
-                Err(error) => Err(error),
+        let authorization = request
+            .headers()
+            .get("authorization")
+            .map(HeaderValue::as_bytes);
+        match self.admission.admit(authorization, peer(&request)) {
+            Err(refused) => Box::pin(async move { Ok(refused.into_http()) }),
+            Ok(Admitted { caller, slot }) => {
+                request.extensions_mut().insert(caller);
+                Box::pin(async move {
+                    let response = inner.oneshot(request).await.map_err(Into::into);
+                    // The slot is held until the handler has answered (for a
+                    // stream: until it started).
+                    drop(slot);
+                    Ok(remap_size_refusal(response?))
+                })
             }
-        })
+        }
     }
 }
 
@@ -318,15 +350,23 @@ mod tests {
         assert_eq!(remap_decode_refusal(other).headers()["grpc-status"], "13");
     }
 
+    fn admission(store: &StoreHealth, max_calls: usize) -> Admission {
+        Admission::new(store.clone(), max_calls, Callers::open())
+    }
+
     #[tokio::test]
-    async fn the_call_limit_is_shared_with_whoever_else_holds_it() {
+    async fn the_call_limit_is_shared_with_whoever_else_admits_calls() {
         let store = StoreHealth::default();
         store.set_up(true);
-        let ok = tower::service_fn(|_req: Request<Body>| async {
+        let ok = tower::service_fn(|request: Request<Body>| async move {
+            assert!(
+                request.extensions().get::<Arc<Caller>>().is_some(),
+                "the handler finds the caller"
+            );
             Ok::<_, Infallible>(Response::new(Body::empty()))
         });
-        let limit = CallLimit::new(1);
-        let guard = GuardLayer::with_limit(store, limit.clone()).layer(ok);
+        let admission = admission(&store, 1);
+        let guard = admission.layer().layer(ok);
         let call = || {
             let request = Request::builder()
                 .uri("/fleetcare.v1.AgentStatusService/ListAgents")
@@ -336,16 +376,18 @@ mod tests {
         };
         // A dashboard call holds the one slot: a gRPC call is shed, and a
         // second dashboard call is refused the same way.
-        let held = limit.try_acquire().expect("a free slot");
+        let held = admission.admit(None, None).expect("a free slot");
         assert_eq!(call().await.unwrap().headers()["grpc-status"], "8");
-        let refused = limit.try_acquire().unwrap_err();
+        let Err(refused) = admission.admit(None, None) else {
+            panic!("a second call while the only slot is held is admitted");
+        };
         assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
         assert!(refused.message().contains("--max-concurrent-calls"));
         drop(held);
         let again = call().await.unwrap();
         assert!(again.headers().get("grpc-status").is_none());
         assert!(
-            limit.try_acquire().is_ok(),
+            admission.admit(None, None).is_ok(),
             "the gRPC call gave its slot back"
         );
     }
@@ -355,26 +397,32 @@ mod tests {
         let store = StoreHealth::default();
         store.set_up(true);
         let (release, released) = tokio::sync::watch::channel(false);
+        let (started, mut running) = tokio::sync::mpsc::unbounded_channel();
         let pending = tower::service_fn(move |_req: Request<Body>| {
             let mut released = released.clone();
+            let started = started.clone();
             async move {
+                let _ = started.send(());
                 let _ = released.wait_for(|r| *r).await;
                 Ok::<_, Infallible>(Response::new(Body::empty()))
             }
         });
-        let guard = GuardLayer::new(store, 1).layer(pending);
+        let guard = admission(&store, 1).layer().layer(pending);
         let call = |path: &str| {
             let request = Request::builder().uri(path).body(Body::empty()).unwrap();
             guard.clone().oneshot(request)
         };
         let held = tokio::spawn(call("/fleetcare.v1.AgentStatusService/GetAgent"));
-        tokio::task::yield_now().await;
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        running.recv().await.expect("the first call runs");
         let shed = call("/fleetcare.v1.AgentStatusService/GetAgent")
             .await
             .unwrap();
         assert_eq!(shed.headers()["grpc-status"], "8");
         let health = tokio::spawn(call("/grpc.health.v1.Health/Check"));
+        running
+            .recv()
+            .await
+            .expect("health runs while the slot is held");
         release.send(true).unwrap();
         assert!(health.await.unwrap().is_ok());
         assert!(held.await.unwrap().is_ok());
@@ -393,7 +441,7 @@ mod tests {
         let ok = tower::service_fn(|_req: Request<Body>| async {
             Ok::<_, Infallible>(Response::new(Body::empty()))
         });
-        let guard = GuardLayer::new(store.clone(), 4).layer(ok);
+        let guard = admission(&store, 4).layer().layer(ok);
         let call = |path: &str| {
             let request = Request::builder().uri(path).body(Body::empty()).unwrap();
             guard.clone().oneshot(request)

@@ -3,8 +3,8 @@
 //! The generated server encodes every message of every stream itself, so
 //! 1,000 watchers of one transition meant 1,000 conversions and prost
 //! encodings of the same message. This route sits in front of the generated
-//! `AgentStatusService` server (inside the authenticating interceptor, so
-//! calls arrive authenticated exactly as at the generated one) and serves
+//! `AgentStatusService` server (behind the admission layer, so calls arrive
+//! with their caller exactly as at the generated one) and serves
 //! that one method with [`FrameCodec`]: a transition goes out as the bytes
 //! [`WireCache`] encoded once; every other call goes to the generated server.
 

@@ -1,9 +1,10 @@
 //! The dashboard's JSON + SSE API under `/api/v1/`, on the HTTP listener.
 //!
 //! Every handler calls the gRPC service implementation in-process: it builds a
-//! `tonic::Request`, authenticates it from `Authorization: Bearer` exactly as
-//! the gRPC interceptor does (`Callers::authenticate`), puts the caller and
-//! the peer address into its extensions, and calls the service trait method.
+//! `tonic::Request`, is let in by the gRPC server's own admission
+//! (`grpc::guard::Admission::admit`: store up, a slot of the call limit, the
+//! caller from `Authorization: Bearer`), puts the caller and the peer address
+//! into its extensions, and calls the service trait method.
 //! Validation, authorization (the same `Action` per RPC), the watch and the
 //! error mapping are the gRPC ones; this module only translates: query
 //! strings into request messages, responses into the shared `views`, and a
@@ -12,7 +13,7 @@
 //! Every call into a service is timed into `fleetcare_rpc_duration_seconds`
 //! with the service and method it calls and `transport="http"` (refusals of
 //! a missing token, a down store or a full server included), and takes a slot
-//! of `--max-concurrent-calls` from the same [`CallLimit`] as gRPC calls,
+//! of `--max-concurrent-calls` from the same [`Admission`] as gRPC calls,
 //! held until the answer (a stream: until it starts, as on gRPC). The fleet's
 //! counts (`fleet/counts`) are the one call without an RPC:
 //! `AgentStatusApi::count_agents`, method `CountAgents`.
@@ -40,7 +41,7 @@ use tonic_types::StatusExt;
 use crate::domain::agent::AgentStatus;
 use crate::domain::auth::Action;
 use crate::grpc::agent_status::AgentStatusApi;
-use crate::grpc::guard::{CallLimit, STORE_DOWN};
+use crate::grpc::guard::{Admission, Admitted, STORE_DOWN};
 use crate::grpc::healing::HealingApi;
 use crate::grpc::metrics::{HTTP, Timing};
 use crate::grpc::session_pipeline::SessionPipelineApi;
@@ -52,8 +53,6 @@ use crate::proto::v1::session_pipeline_service_server::SessionPipelineService;
 use crate::proto::v1::{
     agent_status_service_server, healing_service_server, session_pipeline_service_server,
 };
-use crate::runtime::auth::Callers;
-use crate::runtime::health::StoreHealth;
 use crate::views::{
     AgentView, HealingStatsView, ProcessorView, RunView, SessionStateView, TransitionView,
     UsageView,
@@ -75,11 +74,9 @@ pub struct Apis {
 /// metrics the calls are timed into and the server's call limit.
 #[derive(Clone)]
 pub struct Dashboard {
-    callers: Arc<Callers>,
+    admission: Admission,
     apis: Arc<OnceLock<Apis>>,
-    store: StoreHealth,
     metrics: Arc<Metrics>,
-    limit: CallLimit,
     /// Why the API is off, if it is: the HTTP listener is not on loopback
     /// and there is no auth file (the gRPC port's rule, applied here).
     off: Option<Arc<str>>,
@@ -157,18 +154,11 @@ impl Call {
 }
 
 impl Dashboard {
-    pub fn new(
-        callers: Arc<Callers>,
-        store: StoreHealth,
-        metrics: Arc<Metrics>,
-        limit: CallLimit,
-    ) -> Dashboard {
+    pub fn new(admission: Admission, metrics: Arc<Metrics>) -> Dashboard {
         Dashboard {
-            callers,
+            admission,
             apis: Arc::default(),
-            store,
             metrics,
-            limit,
             off: None,
         }
     }
@@ -208,23 +198,17 @@ impl Dashboard {
             timing.record_status(&status);
             ApiError::from(status)
         };
-        let apis = match self.apis.get() {
-            Some(apis) if self.store.is_up() => apis,
-            _ => {
-                return Err(refused(&mut timing, tonic::Status::unavailable(STORE_DOWN)));
-            }
+        // Before the store is first open, as the gRPC server's gates answer.
+        let Some(apis) = self.apis.get() else {
+            return Err(refused(&mut timing, tonic::Status::unavailable(STORE_DOWN)));
         };
-        let slot = self
-            .limit
-            .try_acquire()
-            .map_err(|status| refused(&mut timing, status))?;
         let authorization = headers
             .get(header::AUTHORIZATION)
             .map(HeaderValue::as_bytes);
-        let caller = self.callers.authenticate(authorization).map_err(|error| {
-            tracing::warn!(peer = %peer, %error, "unauthenticated dashboard call");
-            refused(&mut timing, tonic::Status::from(error))
-        })?;
+        let Admitted { caller, slot } = self
+            .admission
+            .admit(authorization, Some(peer))
+            .map_err(|status| refused(&mut timing, status))?;
         let call = Call {
             timing,
             _slot: slot,
