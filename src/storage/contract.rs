@@ -639,6 +639,42 @@ async fn the_store_clock_is_the_pipeline_s_now(s: &Subject) {
     assert_eq!(s.pipeline.now().await.unwrap(), s.now.now());
 }
 
+contract!(a_refreshed_stat_is_observed_at_the_store_clock on memory, sqlite, postgres);
+
+/// `refresh_stat` stamps `observed_at` with the store's clock (what
+/// `PipelineStore::now` reads), at the store's precision, and changes only
+/// the stat; an unknown session is left unknown.
+async fn a_refreshed_stat_is_observed_at_the_store_clock(s: &Subject) {
+    let processed_at = s.pipeline.now().await.unwrap();
+    let write = usage_write("u0/a.jsonl", &[(Some("m1"), false, 1, 5)], processed_at);
+    s.pipeline
+        .commit_sessions(std::slice::from_ref(&write))
+        .await
+        .unwrap();
+    s.clock
+        .advance(Duration::minutes(90) + Duration::microseconds(7));
+    let mut touched = write.file.clone();
+    touched.size = 99;
+    touched.mtime_ns = 1_234;
+    s.pipeline.refresh_stat("usage", &touched).await.unwrap();
+    let mut unknown = touched.clone();
+    unknown.path = "u0/unknown.jsonl".into();
+    s.pipeline.refresh_stat("usage", &unknown).await.unwrap();
+
+    let states = s.pipeline.session_states("usage").await.unwrap();
+    assert_eq!(states.len(), 1, "{states:?}");
+    let now = s.pipeline.now().await.unwrap();
+    assert_eq!(now, s.now.now());
+    let expected = pipeline::SessionState {
+        size: 99,
+        mtime_ns: 1_234,
+        observed_at: now,
+        ..write.state.clone()
+    };
+    assert_eq!(states[0], expected);
+    assert_eq!(states[0].processed_at, Some(processed_at));
+}
+
 // ---------------------------------------------------------------- usage
 
 contract!(usage_rollups_equal_a_recount on memory, sqlite, postgres);

@@ -16,6 +16,7 @@ pub(crate) mod healing;
 #[cfg(test)]
 pub mod memory;
 mod options;
+pub(crate) mod pipeline;
 pub mod pool;
 mod post_healing;
 pub mod postgres;

@@ -73,17 +73,18 @@ fn filter_arrays(filters: &[StoredStatusFilter]) -> FilterArrays {
     arrays
 }
 
-/// One transaction on Postgres.
-struct PgHealingTx<'s> {
-    store: &'s PgStore,
-    tx: Transaction<'static, Postgres>,
+/// One transaction on Postgres, of the healing flows and the pipeline's
+/// (`pipeline.rs`).
+pub(super) struct PgTx<'s> {
+    pub(super) store: &'s PgStore,
+    pub(super) tx: Transaction<'static, Postgres>,
 }
 
 #[async_trait]
 impl HealingTxs for PgStore {
     async fn begin_write(&self) -> Result<Box<dyn HealingTx + '_>> {
         let tx = self.pool.begin().await.map_err(db_error)?;
-        Ok(Box::new(PgHealingTx { store: self, tx }))
+        Ok(Box::new(PgTx { store: self, tx }))
     }
 
     async fn begin_read(&self) -> Result<Box<dyn HealingTx + '_>> {
@@ -111,7 +112,7 @@ impl HealingTxs for PgStore {
 }
 
 #[async_trait]
-impl HealingTx for PgHealingTx<'_> {
+impl HealingTx for PgTx<'_> {
     async fn now(&mut self) -> Result<DateTime<Utc>> {
         self.store.now_in(&mut self.tx).await
     }

@@ -71,24 +71,25 @@ fn context_text(context: &Context) -> Result<String> {
     serde_json::to_string(context).map_err(|e| Error::Internal(format!("context encoding: {e}")))
 }
 
-/// One transaction on the embedded store. Its one writer serialises every
-/// write transaction, so the locks are no-ops: nobody else can change what a
-/// write transaction read until it commits.
-struct SqliteHealingTx<'s> {
-    store: &'s SqliteStore,
-    tx: Transaction<'static, Sqlite>,
+/// One transaction on the embedded store, of the healing flows and the
+/// pipeline's (`pipeline.rs`). Its one writer serialises every write
+/// transaction, so the locks are no-ops: nobody else can change what a write
+/// transaction read until it commits.
+pub(super) struct SqliteTx<'s> {
+    pub(super) store: &'s SqliteStore,
+    pub(super) tx: Transaction<'static, Sqlite>,
 }
 
 #[async_trait]
 impl HealingTxs for SqliteStore {
     async fn begin_write(&self) -> Result<Box<dyn HealingTx + '_>> {
         let tx = SqliteStore::begin_write(self).await?;
-        Ok(Box::new(SqliteHealingTx { store: self, tx }))
+        Ok(Box::new(SqliteTx { store: self, tx }))
     }
 
     async fn begin_read(&self) -> Result<Box<dyn HealingTx + '_>> {
         let tx = self.readers().begin().await.map_err(sqlite_error)?;
-        Ok(Box::new(SqliteHealingTx { store: self, tx }))
+        Ok(Box::new(SqliteTx { store: self, tx }))
     }
 
     async fn error_events(&self, query: &ErrorEventQuery) -> Result<Vec<ErrorEvent>> {
@@ -116,7 +117,7 @@ impl HealingTxs for SqliteStore {
 }
 
 #[async_trait]
-impl HealingTx for SqliteHealingTx<'_> {
+impl HealingTx for SqliteTx<'_> {
     async fn now(&mut self) -> Result<DateTime<Utc>> {
         Ok(self.store.store_now())
     }

@@ -1,6 +1,6 @@
-//! The session-pipeline part of the embedded store: session states, usage
-//! entries (see `usage_rollups`), transcript errors, the processor lock and
-//! the last run of each processor.
+//! The session-pipeline part of the embedded store: the SQL of the flows in
+//! `storage::pipeline` ([`PipelineTx`]), the reads, and the processor lock.
+//! Usage entries are `usage_rollups`'.
 //!
 //! Every write runs in one `BEGIN IMMEDIATE` transaction on the single writer,
 //! so a batch sees no concurrent writer and needs no row locks. Bulk rows go
@@ -13,181 +13,27 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::{FromRow, QueryBuilder, Sqlite, SqliteConnection};
+use sqlx::{QueryBuilder, Sqlite};
 
-use super::{SqliteStore, from_micros, from_micros_opt, micros, sqlite_error};
-use crate::domain::healing;
+use super::healing::SqliteTx;
+use super::{SqliteStore, micros, sqlite_error};
 use crate::domain::pipeline::{SessionFile, SessionState, SessionStatus};
-use crate::domain::pipeline_runs::{
-    self, NewRun, RunAge, RunCursor, RunRecord, RunTrigger, RunsQuery,
-};
+use crate::domain::pipeline_runs::{NewRun, RunAge, RunRecord, RunsQuery};
 use crate::domain::transcript::UsageEntry;
 use crate::error::{Error, Result};
-use crate::storage::decode;
-use crate::storage::{
-    PipelineStore, ProcessorLock, SessionWrite, StateUpdate, TranscriptErrorEvent, UsageQuery,
-    UsageRow,
+use crate::storage::pipeline::{
+    self as flows, PipelineTx, PipelineTxs, RUN_COLUMNS, STATE_COLUMNS, run_ages, stored_size,
 };
+use crate::storage::{ProcessorLock, TranscriptErrorEvent, UsageQuery, UsageRow};
 
 mod usage_rollups;
-use usage_rollups::{replace_usage, usage_report};
 
 /// Rows per multi-row statement. Every statement here binds at most 14
 /// values a row: far below SQLite's 32766 bound variables.
 pub(super) const CHUNK_ROWS: usize = 256;
 
-const STATE_COLUMNS: &str = "processor, path, user_name, size, mtime_ns, observed_at, sha256, \
-     processor_version, processed_at, items_count, attempts, last_error, status, next_attempt_at";
-
-#[derive(FromRow)]
-struct StateRow {
-    processor: String,
-    path: String,
-    user_name: String,
-    size: i64,
-    mtime_ns: i64,
-    observed_at: i64,
-    sha256: String,
-    processor_version: i32,
-    processed_at: Option<i64>,
-    items_count: i64,
-    attempts: i32,
-    last_error: Option<String>,
-    status: String,
-    next_attempt_at: Option<i64>,
-}
-
-impl TryFrom<StateRow> for SessionState {
-    type Error = Error;
-
-    fn try_from(row: StateRow) -> Result<SessionState> {
-        Ok(SessionState {
-            status: SessionStatus::parse(&row.status).ok_or_else(|| {
-                Error::Internal(format!(
-                    "stored session status {:?} is not recognised",
-                    row.status
-                ))
-            })?,
-            processor: row.processor,
-            path: row.path,
-            user: row.user_name,
-            size: u64::try_from(row.size).unwrap_or(0),
-            mtime_ns: row.mtime_ns,
-            observed_at: from_micros(row.observed_at),
-            sha256: row.sha256,
-            processor_version: row.processor_version,
-            processed_at: from_micros_opt(row.processed_at),
-            items_count: row.items_count,
-            attempts: row.attempts,
-            last_error: row.last_error,
-            next_attempt_at: from_micros_opt(row.next_attempt_at),
-        })
-    }
-}
-
-fn size(file: &SessionFile) -> i64 {
-    i64::try_from(file.size).unwrap_or(i64::MAX)
-}
-
-/// Replaces a session's transcript errors inside the caller's transaction.
-async fn replace_transcript_errors(
-    conn: &mut SqliteConnection,
-    file: &SessionFile,
-    errors: &[TranscriptErrorEvent],
-) -> Result<()> {
-    // Events a recovery was planned for stay; the rest are replaced.
-    sqlx::query(
-        "DELETE FROM error_events WHERE source_path = ?1
-           AND NOT EXISTS (SELECT 1 FROM recovery_actions r
-                           WHERE r.error_event_id = error_events.id)",
-    )
-    .bind(&file.path)
-    .execute(&mut *conn)
-    .await
-    .map_err(sqlite_error)?;
-    for error in errors {
-        let e = &error.event;
-        // Earlier inserts of this loop are visible here: they count too.
-        let window = healing::recurrence_window(error.occurred_at);
-        let earlier: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM error_events
-             WHERE agent_id = ?1 AND error_type = ?2 AND occurred_at > ?3 AND occurred_at <= ?4",
-        )
-        .bind(&e.agent_id)
-        .bind(e.error_type.as_str())
-        .bind(micros(window.after))
-        .bind(micros(window.until))
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(sqlite_error)?;
-        let context = serde_json::to_string(&e.context)
-            .map_err(|err| Error::Internal(format!("error context not serialisable: {err}")))?;
-        sqlx::query(
-            "INSERT INTO error_events
-                 (agent_id, message, context, error_type, severity, critical, recurring,
-                  occurred_at, source_path, source_key, actor)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
-             ON CONFLICT (source_path, source_key) WHERE source_path IS NOT NULL DO NOTHING",
-        )
-        .bind(&e.agent_id)
-        .bind(&e.message)
-        .bind(context)
-        .bind(e.error_type.as_str())
-        .bind(e.severity)
-        .bind(healing::is_critical(e.severity))
-        .bind(healing::recurring_given(earlier))
-        .bind(micros(error.occurred_at))
-        .bind(&file.path)
-        .bind(&error.key)
-        .bind(&e.actor)
-        .execute(&mut *conn)
-        .await
-        .map_err(sqlite_error)?;
-    }
-    Ok(())
-}
-
-/// Writes state rows as the domain decided them (`domain::pipeline::processed`,
-/// `failed` or `requeue`), a few hundred a statement.
-async fn upsert_states(conn: &mut SqliteConnection, states: &[&SessionState]) -> Result<()> {
-    for chunk in states.chunks(CHUNK_ROWS) {
-        // Only full chunks repeat their text: only they stay prepared.
-        let cached = chunk.len() == CHUNK_ROWS;
-        let mut q =
-            QueryBuilder::<Sqlite>::new(format!("INSERT INTO session_states ({STATE_COLUMNS}) "));
-        q.push_values(chunk, |mut b, s| {
-            b.push_bind(s.processor.as_str())
-                .push_bind(s.path.as_str())
-                .push_bind(s.user.as_str())
-                .push_bind(i64::try_from(s.size).unwrap_or(i64::MAX))
-                .push_bind(s.mtime_ns)
-                .push_bind(micros(s.observed_at))
-                .push_bind(s.sha256.as_str())
-                .push_bind(s.processor_version)
-                .push_bind(s.processed_at.map(micros))
-                .push_bind(s.items_count)
-                .push_bind(s.attempts)
-                .push_bind(s.last_error.as_deref())
-                .push_bind(s.status.as_str())
-                .push_bind(s.next_attempt_at.map(micros));
-        });
-        q.push(
-            " ON CONFLICT (processor, path) DO UPDATE SET
-                 user_name = excluded.user_name, size = excluded.size,
-                 mtime_ns = excluded.mtime_ns, observed_at = excluded.observed_at,
-                 sha256 = excluded.sha256, processor_version = excluded.processor_version,
-                 attempts = excluded.attempts, last_error = excluded.last_error,
-                 status = excluded.status, next_attempt_at = excluded.next_attempt_at,
-                 processed_at = excluded.processed_at, items_count = excluded.items_count",
-        );
-        q.build()
-            .persistent(cached)
-            .execute(&mut *conn)
-            .await
-            .map_err(sqlite_error)?;
-    }
-    Ok(())
-}
+type StateRow = flows::StateRow<i64>;
+type RunRow = flows::RunRow<i64, String>;
 
 /// The in-process processor lock: this process is the only one on the file
 /// (the store's file lock), so a name in `running_processors` is the whole
@@ -212,8 +58,13 @@ impl ProcessorLock for SqliteProcessorLock {
 }
 
 #[async_trait]
-impl PipelineStore for SqliteStore {
-    async fn session_states(&self, processor: &str) -> Result<Vec<SessionState>> {
+impl PipelineTxs for SqliteStore {
+    async fn write_tx(&self) -> Result<Box<dyn PipelineTx + '_>> {
+        let tx = self.begin_write().await?;
+        Ok(Box::new(SqliteTx { store: self, tx }))
+    }
+
+    async fn states(&self, processor: &str) -> Result<Vec<SessionState>> {
         let rows: Vec<StateRow> = sqlx::query_as(&format!(
             "SELECT {STATE_COLUMNS} FROM session_states WHERE processor = ?1"
         ))
@@ -224,7 +75,7 @@ impl PipelineStore for SqliteStore {
         rows.into_iter().map(SessionState::try_from).collect()
     }
 
-    async fn list_session_states(
+    async fn states_page(
         &self,
         processor: &str,
         status: Option<SessionStatus>,
@@ -252,72 +103,40 @@ impl PipelineStore for SqliteStore {
         rows.into_iter().map(SessionState::try_from).collect()
     }
 
-    async fn refresh_stat(&self, processor: &str, file: &SessionFile) -> Result<()> {
-        let mut tx = self.begin_write().await?;
-        sqlx::query(
-            "UPDATE session_states SET size = ?3, mtime_ns = ?4, observed_at = ?5
-             WHERE processor = ?1 AND path = ?2",
-        )
-        .bind(processor)
-        .bind(&file.path)
-        .bind(size(file))
-        .bind(file.mtime_ns)
-        .bind(micros(self.store_now()))
-        .execute(&mut *tx)
-        .await
-        .map_err(sqlite_error)?;
-        tx.commit().await.map_err(sqlite_error)
-    }
-
-    async fn commit_sessions(&self, writes: &[SessionWrite]) -> Result<()> {
-        if writes.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self.begin_write().await?;
-        let usage: Vec<(&SessionFile, &[UsageEntry])> = writes
-            .iter()
-            .filter_map(|w| Some((&w.file, w.output.usage.as_deref()?)))
-            .collect();
-        replace_usage(&mut tx, &usage).await?;
-        for w in writes {
-            if let Some(errors) = &w.output.transcript_errors {
-                replace_transcript_errors(&mut tx, &w.file, errors).await?;
-            }
-        }
-        let states: Vec<&SessionState> = writes.iter().map(|w| &w.state).collect();
-        upsert_states(&mut tx, &states).await?;
-        tx.commit().await.map_err(sqlite_error)
-    }
-
-    async fn update_session_state(
-        &self,
-        processor: &str,
-        path: &str,
-        update: StateUpdate<'_>,
-    ) -> Result<SessionState> {
-        // The write lock is held from the start: nobody changes the row meanwhile.
-        let mut tx = self.begin_write().await?;
-        let current: Option<StateRow> = sqlx::query_as(&format!(
-            "SELECT {STATE_COLUMNS} FROM session_states WHERE processor = ?1 AND path = ?2"
+    async fn newest_runs(&self) -> Result<Vec<RunRecord>> {
+        let rows: Vec<RunRow> = sqlx::query_as(&format!(
+            "SELECT {RUN_COLUMNS} FROM pipeline_runs r
+             WHERE NOT EXISTS (
+                 SELECT 1 FROM pipeline_runs n
+                 WHERE n.processor = r.processor
+                   AND (n.started_at, n.id) > (r.started_at, r.id))
+             ORDER BY r.processor"
         ))
-        .bind(processor)
-        .bind(path)
-        .fetch_optional(&mut *tx)
+        .fetch_all(self.readers())
         .await
         .map_err(sqlite_error)?;
-        let current: SessionState = current
-            .ok_or_else(|| Error::NotFound {
-                kind: "session",
-                id: format!("{processor}:{path}"),
-            })?
-            .try_into()?;
-        let state = update(&current, self.store_now())?;
-        upsert_states(&mut tx, &[&state]).await?;
-        tx.commit().await.map_err(sqlite_error)?;
-        Ok(state)
+        rows.into_iter().map(RunRecord::try_from).collect()
     }
 
-    async fn try_lock_processor(&self, processor: &str) -> Result<Option<Box<dyn ProcessorLock>>> {
+    async fn runs_page(&self, query: &RunsQuery) -> Result<Vec<RunRecord>> {
+        let rows: Vec<RunRow> = sqlx::query_as(&format!(
+            "SELECT {RUN_COLUMNS} FROM pipeline_runs r
+             WHERE (?1 IS NULL OR r.processor = ?1)
+               AND (?2 IS NULL OR (r.started_at, r.id) < (?2, ?3))
+             ORDER BY r.started_at DESC, r.id DESC
+             LIMIT ?4"
+        ))
+        .bind(query.processor.as_deref())
+        .bind(query.before.map(|c| micros(c.started_at)))
+        .bind(query.before.map_or(0, |c| c.id))
+        .bind(query.limit)
+        .fetch_all(self.readers())
+        .await
+        .map_err(sqlite_error)?;
+        rows.into_iter().map(RunRecord::try_from).collect()
+    }
+
+    async fn lock_processor(&self, processor: &str) -> Result<Option<Box<dyn ProcessorLock>>> {
         let mut running = self
             .running_processors
             .lock()
@@ -331,7 +150,7 @@ impl PipelineStore for SqliteStore {
         })))
     }
 
-    async fn processor_locked(&self, processor: &str) -> Result<bool> {
+    async fn holds_processor(&self, processor: &str) -> Result<bool> {
         Ok(self
             .running_processors
             .lock()
@@ -339,11 +158,128 @@ impl PipelineStore for SqliteStore {
             .contains(processor))
     }
 
-    async fn record_run(&self, run: &NewRun) -> Result<i64> {
+    async fn usage_report(&self, query: &UsageQuery) -> Result<Vec<UsageRow>> {
+        usage_rollups::usage_report(self.readers(), query).await
+    }
+
+    async fn clock(&self) -> Result<DateTime<Utc>> {
+        Ok(self.store_now())
+    }
+}
+
+#[async_trait]
+impl PipelineTx for SqliteTx<'_> {
+    async fn replace_usage(&mut self, files: &[(&SessionFile, &[UsageEntry])]) -> Result<()> {
+        usage_rollups::replace_usage(&mut self.tx, files).await
+    }
+
+    async fn delete_transcript_errors(&mut self, path: &str) -> Result<()> {
+        sqlx::query(
+            "DELETE FROM error_events WHERE source_path = ?1
+               AND NOT EXISTS (SELECT 1 FROM recovery_actions r
+                               WHERE r.error_event_id = error_events.id)",
+        )
+        .bind(path)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(sqlite_error)?;
+        Ok(())
+    }
+
+    async fn insert_transcript_error(
+        &mut self,
+        path: &str,
+        error: &TranscriptErrorEvent,
+        critical: bool,
+        recurring: bool,
+    ) -> Result<()> {
+        let e = &error.event;
+        let context = serde_json::to_string(&e.context)
+            .map_err(|err| Error::Internal(format!("error context not serialisable: {err}")))?;
+        sqlx::query(
+            "INSERT INTO error_events
+                 (agent_id, message, context, error_type, severity, critical, recurring,
+                  occurred_at, source_path, source_key, actor)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+             ON CONFLICT (source_path, source_key) WHERE source_path IS NOT NULL DO NOTHING",
+        )
+        .bind(&e.agent_id)
+        .bind(&e.message)
+        .bind(context)
+        .bind(e.error_type.as_str())
+        .bind(e.severity)
+        .bind(critical)
+        .bind(recurring)
+        .bind(micros(error.occurred_at))
+        .bind(path)
+        .bind(&error.key)
+        .bind(&e.actor)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(sqlite_error)?;
+        Ok(())
+    }
+
+    /// A few hundred rows a statement.
+    async fn upsert_states(&mut self, states: &[&SessionState]) -> Result<()> {
+        for chunk in states.chunks(CHUNK_ROWS) {
+            // Only full chunks repeat their text: only they stay prepared.
+            let cached = chunk.len() == CHUNK_ROWS;
+            let mut q = QueryBuilder::<Sqlite>::new(format!(
+                "INSERT INTO session_states ({STATE_COLUMNS}) "
+            ));
+            q.push_values(chunk, |mut b, s| {
+                b.push_bind(s.processor.as_str())
+                    .push_bind(s.path.as_str())
+                    .push_bind(s.user.as_str())
+                    .push_bind(stored_size(s.size))
+                    .push_bind(s.mtime_ns)
+                    .push_bind(micros(s.observed_at))
+                    .push_bind(s.sha256.as_str())
+                    .push_bind(s.processor_version)
+                    .push_bind(s.processed_at.map(micros))
+                    .push_bind(s.items_count)
+                    .push_bind(s.attempts)
+                    .push_bind(s.last_error.as_deref())
+                    .push_bind(s.status.as_str())
+                    .push_bind(s.next_attempt_at.map(micros));
+            });
+            q.push(
+                " ON CONFLICT (processor, path) DO UPDATE SET
+                     user_name = excluded.user_name, size = excluded.size,
+                     mtime_ns = excluded.mtime_ns, observed_at = excluded.observed_at,
+                     sha256 = excluded.sha256, processor_version = excluded.processor_version,
+                     attempts = excluded.attempts, last_error = excluded.last_error,
+                     status = excluded.status, next_attempt_at = excluded.next_attempt_at,
+                     processed_at = excluded.processed_at, items_count = excluded.items_count",
+            );
+            q.build()
+                .persistent(cached)
+                .execute(&mut *self.tx)
+                .await
+                .map_err(sqlite_error)?;
+        }
+        Ok(())
+    }
+
+    /// The write lock is held from the transaction's start: nothing to lock.
+    async fn lock_state(&mut self, processor: &str, path: &str) -> Result<Option<SessionState>> {
+        sqlx::query_as::<_, StateRow>(&format!(
+            "SELECT {STATE_COLUMNS} FROM session_states WHERE processor = ?1 AND path = ?2"
+        ))
+        .bind(processor)
+        .bind(path)
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(sqlite_error)?
+        .map(SessionState::try_from)
+        .transpose()
+    }
+
+    async fn insert_run(&mut self, run: &NewRun) -> Result<i64> {
         let json = serde_json::to_string(&run.stats)
             .map_err(|e| Error::Internal(format!("run stats not serialisable: {e}")))?;
-        let mut tx = self.begin_write().await?;
-        let id: i64 = sqlx::query_scalar(
+        sqlx::query_scalar(
             "INSERT INTO pipeline_runs
                  (processor, started_at, finished_at, started_by, actor, stats)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id",
@@ -354,93 +290,24 @@ impl PipelineStore for SqliteStore {
         .bind(run.trigger.started_by.as_str())
         .bind(&run.trigger.actor)
         .bind(json)
-        .fetch_one(&mut *tx)
+        .fetch_one(&mut *self.tx)
         .await
-        .map_err(sqlite_error)?;
-        tx.commit().await.map_err(sqlite_error)?;
-        Ok(id)
+        .map_err(sqlite_error)
     }
 
-    async fn last_runs(&self) -> Result<Vec<RunRecord>> {
-        let rows: Vec<RunRow> = sqlx::query_as(&format!(
-            "SELECT {RUN_COLUMNS} FROM pipeline_runs r
-             WHERE NOT EXISTS (
-                 SELECT 1 FROM pipeline_runs n
-                 WHERE n.processor = r.processor
-                   AND (n.started_at, n.id) > (r.started_at, r.id))
-             ORDER BY r.processor"
-        ))
-        .fetch_all(self.readers())
-        .await
-        .map_err(sqlite_error)?;
-        rows.into_iter().map(RunRow::decode).collect()
-    }
-
-    async fn list_runs(&self, query: &RunsQuery) -> Result<Vec<RunRecord>> {
-        let (before_at, before_id) = match query.before {
-            Some(c) => (Some(micros(c.started_at)), c.id),
-            None => (None, 0),
-        };
-        let rows: Vec<RunRow> = sqlx::query_as(&format!(
-            "SELECT {RUN_COLUMNS} FROM pipeline_runs r
-             WHERE (?1 IS NULL OR r.processor = ?1)
-               AND (?2 IS NULL OR (r.started_at, r.id) < (?2, ?3))
-             ORDER BY r.started_at DESC, r.id DESC
-             LIMIT ?4"
-        ))
-        .bind(query.processor.as_deref())
-        .bind(before_at)
-        .bind(before_id)
-        .bind(query.limit)
-        .fetch_all(self.readers())
-        .await
-        .map_err(sqlite_error)?;
-        rows.into_iter().map(RunRow::decode).collect()
-    }
-
-    async fn prune_runs(&self, before: DateTime<Utc>) -> Result<u64> {
-        // The candidates and each processor's newest run; the domain picks.
-        let ages = |rows: Vec<(i64, String, i64)>| -> Vec<RunAge> {
-            rows.into_iter()
-                .map(|(id, processor, started_at)| RunAge {
-                    processor,
-                    cursor: RunCursor {
-                        started_at: from_micros(started_at),
-                        id,
-                    },
-                })
-                .collect()
-        };
-        let mut tx = self.begin_write().await?;
-        let candidates = ages(
-            sqlx::query_as(
-                "SELECT id, processor, started_at FROM pipeline_runs WHERE started_at < ?1",
-            )
+    async fn runs_started_before(&mut self, before: DateTime<Utc>) -> Result<Vec<RunAge>> {
+        sqlx::query_as("SELECT id, processor, started_at FROM pipeline_runs WHERE started_at < ?1")
             .bind(micros(before))
-            .fetch_all(&mut *tx)
+            .fetch_all(&mut *self.tx)
             .await
-            .map_err(sqlite_error)?,
-        );
-        if candidates.is_empty() {
-            return Ok(0);
-        }
-        let newest = ages(
-            sqlx::query_as(
-                "SELECT id, processor, started_at FROM pipeline_runs r
-                 WHERE NOT EXISTS (
-                     SELECT 1 FROM pipeline_runs n
-                     WHERE n.processor = r.processor
-                       AND (n.started_at, n.id) > (r.started_at, r.id))",
-            )
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(sqlite_error)?,
-        );
-        let ids = pipeline_runs::prune_ids(&candidates, &newest, before);
+            .map(run_ages::<i64>)
+            .map_err(sqlite_error)
+    }
+
+    async fn delete_runs(&mut self, ids: &[i64]) -> Result<u64> {
         let mut pruned = 0;
         for chunk in ids.chunks(500) {
-            let mut q =
-                sqlx::QueryBuilder::<sqlx::Sqlite>::new("DELETE FROM pipeline_runs WHERE id IN (");
+            let mut q = QueryBuilder::<Sqlite>::new("DELETE FROM pipeline_runs WHERE id IN (");
             let mut list = q.separated(", ");
             for id in chunk {
                 list.push_bind(*id);
@@ -448,21 +315,12 @@ impl PipelineStore for SqliteStore {
             q.push(")");
             pruned += q
                 .build()
-                .execute(&mut *tx)
+                .execute(&mut *self.tx)
                 .await
                 .map_err(sqlite_error)?
                 .rows_affected();
         }
-        tx.commit().await.map_err(sqlite_error)?;
         Ok(pruned)
-    }
-
-    async fn usage(&self, query: &UsageQuery) -> Result<Vec<UsageRow>> {
-        usage_report(self.readers(), query).await
-    }
-
-    async fn now(&self) -> Result<DateTime<Utc>> {
-        Ok(self.store_now())
     }
 }
 
@@ -502,53 +360,22 @@ pub(super) mod testing {
     }
 }
 
-/// The columns of a run, as [`RunRow`] reads them.
-const RUN_COLUMNS: &str =
-    "r.id, r.processor, r.started_at, r.finished_at, r.started_by, r.actor, r.stats";
-
-#[derive(FromRow)]
-struct RunRow {
-    id: i64,
-    processor: String,
-    started_at: i64,
-    finished_at: i64,
-    started_by: String,
-    actor: String,
-    stats: String,
-}
-
-impl RunRow {
-    fn decode(self) -> Result<RunRecord> {
-        let stats = serde_json::from_str(&self.stats).map_err(|e| {
-            Error::Internal(format!("stored stats of run {} unreadable: {e}", self.id))
-        })?;
-        Ok(RunRecord {
-            id: self.id,
-            processor: self.processor,
-            trigger: RunTrigger {
-                started_by: decode::started_by(&self.started_by)?,
-                actor: self.actor,
-            },
-            started_at: from_micros(self.started_at),
-            finished_at: from_micros(self.finished_at),
-            stats,
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
 
     use chrono::{Duration, TimeZone};
 
+    use super::super::from_micros;
     use super::testing::TempStore;
     use super::*;
     use crate::domain::healing::ErrorType;
     use crate::domain::healing_records::NewErrorEvent;
     use crate::domain::pipeline::{self, RetryPolicy, RunStats};
+    use crate::domain::pipeline_runs::RunTrigger;
     use crate::domain::pipeline_runs::StartedBy;
     use crate::storage::SessionOutput;
+    use crate::storage::{PipelineStore, SessionWrite};
     use crate::storage::{StoreLocation, StoreOptions};
 
     fn file(path: &str) -> SessionFile {
