@@ -743,6 +743,66 @@ pub(crate) fn rows_per_statement(max_binds: usize, columns: usize, page: usize) 
     (max_binds / columns.max(1)).clamp(1, page.max(1))
 }
 
+/// How a backend writes bind parameter `i` (from 1) of a statement.
+pub(crate) type Param = fn(&mut String, usize);
+
+/// `(p1, p2, ...)`: parameters `from..from + n`.
+fn params(sql: &mut String, from: usize, n: usize, param: Param) {
+    sql.push('(');
+    for i in from..from + n {
+        if i > from {
+            sql.push_str(", ");
+        }
+        param(sql, i);
+    }
+    sql.push(')');
+}
+
+/// The read of `table` from `bound` on, in key order (`list`: the backend's
+/// select list), and the key values to bind.
+pub(crate) fn select_sql<'b>(
+    table: &TableSpec,
+    list: &str,
+    bound: Bound<'b>,
+    limit: Option<usize>,
+    param: Param,
+) -> (String, &'b [Value]) {
+    let keys = table.key.join(", ");
+    let mut sql = format!("SELECT {list} FROM {}", table.name);
+    let (op, key) = match bound {
+        Bound::Start => ("", &[][..]),
+        Bound::After(key) => (">", key),
+        Bound::Equal(key) => ("=", key),
+    };
+    if !op.is_empty() {
+        sql.push_str(&format!(" WHERE ({keys}) {op} "));
+        params(&mut sql, 1, table.key.len(), param);
+    }
+    sql.push_str(&format!(" ORDER BY {keys}"));
+    if let Some(n) = limit {
+        sql.push_str(&format!(" LIMIT {n}"));
+    }
+    (sql, key)
+}
+
+/// The insert of `rows` rows into `table`, every column bound.
+pub(crate) fn insert_sql(table: &TableSpec, rows: usize, param: Param) -> String {
+    let width = table.columns.len();
+    let columns: Vec<&str> = table.column_names().collect();
+    let mut sql = format!(
+        "INSERT INTO {} ({}) VALUES ",
+        table.name,
+        columns.join(", ")
+    );
+    for r in 0..rows {
+        if r > 0 {
+            sql.push_str(", ");
+        }
+        params(&mut sql, r * width + 1, width, param);
+    }
+    sql
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

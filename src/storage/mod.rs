@@ -21,6 +21,7 @@ pub mod pool;
 mod post_healing;
 pub mod postgres;
 pub mod sqlite;
+mod usage_rollups;
 
 use std::sync::Arc;
 

@@ -13,7 +13,7 @@ use super::{MIGRATOR, connect_and_migrate};
 use crate::error::{Error, Result};
 use crate::storage::copy::{
     Bound, Kind, Row, TABLES, TableSpec, TableStore, Value, about, check_source_schema, copy_error,
-    rows_per_statement,
+    insert_sql, rows_per_statement, select_sql,
 };
 use crate::storage::{StoreLocation, StoreOptions};
 
@@ -124,10 +124,10 @@ fn select_list(table: &TableSpec) -> String {
         .join(", ")
 }
 
-/// `(k1, k2) <op> ($1, $2)`.
-fn key_condition(table: &TableSpec, op: &str) -> String {
-    let params: Vec<String> = (1..=table.key.len()).map(|i| format!("${i}")).collect();
-    format!("({}) {op} ({})", table.key.join(", "), params.join(", "))
+/// Postgres's parameters: `$1`, `$2`, ...
+fn param(sql: &mut String, i: usize) {
+    // Writing to a String cannot fail.
+    let _ = std::fmt::Write::write_fmt(sql, format_args!("${i}"));
 }
 
 fn bind<'q>(
@@ -202,18 +202,7 @@ impl TableStore for PgTables {
         bound: Bound<'_>,
         limit: Option<usize>,
     ) -> Result<Vec<Row>> {
-        let (condition, key) = match bound {
-            Bound::Start => (String::new(), &[][..]),
-            Bound::After(key) => (format!(" WHERE {}", key_condition(table, ">")), key),
-            Bound::Equal(key) => (format!(" WHERE {}", key_condition(table, "=")), key),
-        };
-        let limit = limit.map_or(String::new(), |n| format!(" LIMIT {n}"));
-        let sql = format!(
-            "SELECT {} FROM {}{condition} ORDER BY {}{limit}",
-            select_list(table),
-            table.name,
-            table.key.join(", ")
-        );
+        let (sql, key) = select_sql(table, &select_list(table), bound, limit, param);
         let mut query = sqlx::query(&sql);
         for ((_, kind), value) in table.key_columns().into_iter().zip(key) {
             query = bind(query, kind, value);
@@ -231,21 +220,8 @@ impl TableStore for PgTables {
     async fn write(&mut self, table: &TableSpec, rows: &[Row]) -> Result<()> {
         let width = table.columns.len();
         let per_statement = rows_per_statement(MAX_BINDS, width, rows.len());
-        let columns: Vec<&str> = table.column_names().collect();
         for chunk in rows.chunks(per_statement) {
-            let tuples: Vec<String> = (0..chunk.len())
-                .map(|r| {
-                    let params: Vec<String> =
-                        (1..=width).map(|c| format!("${}", r * width + c)).collect();
-                    format!("({})", params.join(", "))
-                })
-                .collect();
-            let sql = format!(
-                "INSERT INTO {} ({}) VALUES {}",
-                table.name,
-                columns.join(", "),
-                tuples.join(", ")
-            );
+            let sql = insert_sql(table, chunk.len(), param);
             let mut query = sqlx::query(&sql);
             for row in chunk {
                 for ((_, kind), value) in table.columns.iter().zip(row) {

@@ -14,7 +14,7 @@ use super::{
 use crate::error::{Error, Result};
 use crate::storage::copy::{
     Bound, Kind, Row, TableSpec, TableStore, Value, about, check_source_schema, copy_error,
-    rows_per_statement,
+    insert_sql, rows_per_statement, select_sql,
 };
 use crate::storage::{StoreLocation, StoreOptions};
 
@@ -115,10 +115,9 @@ impl SqliteTables {
     }
 }
 
-/// `(k1, k2) <op> (?, ?)`.
-fn key_condition(table: &TableSpec, op: &str) -> String {
-    let params = vec!["?"; table.key.len()];
-    format!("({}) {op} ({})", table.key.join(", "), params.join(", "))
+/// SQLite's parameters: `?`, bound in order.
+fn param(sql: &mut String, _: usize) {
+    sql.push('?');
 }
 
 fn bind<'q>(
@@ -196,19 +195,8 @@ impl TableStore for SqliteTables {
         bound: Bound<'_>,
         limit: Option<usize>,
     ) -> Result<Vec<Row>> {
-        let (condition, key) = match bound {
-            Bound::Start => (String::new(), &[][..]),
-            Bound::After(key) => (format!(" WHERE {}", key_condition(table, ">")), key),
-            Bound::Equal(key) => (format!(" WHERE {}", key_condition(table, "=")), key),
-        };
-        let limit = limit.map_or(String::new(), |n| format!(" LIMIT {n}"));
         let columns: Vec<&str> = table.column_names().collect();
-        let sql = format!(
-            "SELECT {} FROM {}{condition} ORDER BY {}{limit}",
-            columns.join(", "),
-            table.name,
-            table.key.join(", ")
-        );
+        let (sql, key) = select_sql(table, &columns.join(", "), bound, limit, param);
         let mut query = sqlx::query(&sql);
         for value in key {
             query = bind(query, value);
@@ -226,15 +214,8 @@ impl TableStore for SqliteTables {
     async fn write(&mut self, table: &TableSpec, rows: &[Row]) -> Result<()> {
         let width = table.columns.len();
         let per_statement = rows_per_statement(MAX_BINDS, width, rows.len());
-        let columns: Vec<&str> = table.column_names().collect();
-        let tuple = format!("({})", vec!["?"; width].join(", "));
         for chunk in rows.chunks(per_statement) {
-            let sql = format!(
-                "INSERT INTO {} ({}) VALUES {}",
-                table.name,
-                columns.join(", "),
-                vec![tuple.as_str(); chunk.len()].join(", ")
-            );
+            let sql = insert_sql(table, chunk.len(), param);
             let mut query = sqlx::query(&sql);
             for value in chunk.iter().flatten() {
                 query = bind(query, value);

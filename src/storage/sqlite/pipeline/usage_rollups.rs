@@ -1,80 +1,90 @@
-//! Usage rollups in SQLite: replacing files' usage entries and maintaining
-//! the distinct messages and the cells in the same transaction; reports read
-//! from the cells, and the messages of the days a range cuts.
+//! Usage rollups in SQLite: the queries of [`UsageTx`] (the flow is
+//! `storage::usage_rollups`'s) and the report's query.
 //!
-//! Which copy of a message counts is decided by `domain::usage::plan`; this
-//! code only loads and writes, as the Postgres store does. There is one
-//! writer and the caller's transaction holds the write lock from its start,
-//! so what it reads stays true until it commits: no row locks, no conflicts.
+//! There is one writer and the caller's transaction holds the write lock
+//! from its start, so what it reads stays true until it commits: no row
+//! locks, no conflicts. Times are microseconds, days `YYYY-MM-DD` text; every
+//! list is written in statements of at most [`CHUNK_ROWS`] rows or
+//! [`CHUNK_KEYS`] keys, under SQLite's bind limit.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
-use sqlx::{FromRow, QueryBuilder, Sqlite, SqliteConnection};
+use async_trait::async_trait;
+use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
 
-use super::super::{day_text, from_micros, micros, parse_day, sqlite_error, truncate};
+use super::super::{day_text, micros, parse_day, sqlite_error};
 use super::CHUNK_ROWS;
 use crate::domain::pipeline::SessionFile;
 use crate::domain::transcript::UsageEntry;
-use crate::domain::usage::{self, CellDelta, MessageCopy, Tokens, UsageGrouping};
+use crate::domain::usage::{self, CellDelta, MessageCopy};
 use crate::error::{Error, Result};
+use crate::storage::usage_rollups::{
+    self as flows, CopyRow, ReportRow, StoredDay, StoredModels, UsageTx,
+};
 use crate::storage::{UsageQuery, UsageRow};
 
 /// Keys (or paths) per `IN (...)` list.
 const CHUNK_KEYS: usize = 500;
 
-#[derive(FromRow)]
-struct CopyRow {
-    dedup_key: String,
-    path: String,
-    line_no: i32,
-    sidechain: bool,
-    user_name: String,
-    session_id: String,
-    model: String,
-    occurred_at: i64,
-    input_tokens: i64,
-    output_tokens: i64,
-    cache_creation_tokens: i64,
-    cache_read_tokens: i64,
-}
-
-impl From<CopyRow> for MessageCopy {
-    fn from(r: CopyRow) -> MessageCopy {
-        MessageCopy {
-            key: r.dedup_key,
-            path: r.path,
-            line_no: r.line_no,
-            sidechain: r.sidechain,
-            user: r.user_name,
-            session: r.session_id,
-            model: r.model,
-            occurred_at: from_micros(r.occurred_at),
-            tokens: Tokens {
-                input: r.input_tokens,
-                output: r.output_tokens,
-                cache_creation: r.cache_creation_tokens,
-                cache_read: r.cache_read_tokens,
-            },
-        }
+/// `YYYY-MM-DD`, '' for none.
+impl StoredDay for String {
+    fn day(self) -> Result<Option<chrono::NaiveDate>> {
+        (!self.is_empty()).then(|| parse_day(&self)).transpose()
     }
 }
 
-/// A copy at the store's precision, so the copy decided on in memory is the
-/// copy read back later, to the microsecond.
-fn at_store_precision(mut copy: MessageCopy) -> MessageCopy {
-    copy.occurred_at = truncate(copy.occurred_at);
-    copy
-}
-
-/// The day a copy counts on, as stored.
-fn day_of(copy: &MessageCopy) -> String {
-    day_text(copy.day())
+/// A JSON array in TEXT.
+impl StoredModels for String {
+    fn models(self) -> Result<Vec<String>> {
+        serde_json::from_str(&self)
+            .map_err(|e| Error::Internal(format!("usage models {self:?} unreadable: {e}")))
+    }
 }
 
 /// A stored copy's columns (`usage_entries.model` is NULL for no model).
 const COPY_COLUMNS: &str = "dedup_key, path, line_no, sidechain, user_name, session_id, \
      COALESCE(model, '') AS model, occurred_at, input_tokens, output_tokens, \
      cache_creation_tokens, cache_read_tokens";
+
+/// `{head} IN (?, ...){tail}` over one chunk of values, and whether it stays
+/// prepared (only full chunks repeat their text).
+fn in_list<'a>(
+    head: &str,
+    chunk: impl ExactSizeIterator<Item = &'a str>,
+    tail: &str,
+) -> (QueryBuilder<'a, Sqlite>, bool) {
+    let cached = chunk.len() == CHUNK_KEYS;
+    let mut q = QueryBuilder::new(head);
+    q.push(" IN (");
+    let mut list = q.separated(", ");
+    for value in chunk {
+        list.push_bind(value);
+    }
+    q.push(")").push(tail);
+    (q, cached)
+}
+
+/// The text column `{head} IN (values){tail}` returns (nothing for a
+/// statement without result), in statements of [`CHUNK_KEYS`] values.
+async fn strings_in(
+    conn: &mut SqliteConnection,
+    head: &str,
+    values: &[&str],
+    tail: &str,
+) -> Result<Vec<String>> {
+    let mut returned = Vec::new();
+    for chunk in values.chunks(CHUNK_KEYS) {
+        let (mut q, cached) = in_list(head, chunk.iter().copied(), tail);
+        let rows: Vec<String> = q
+            .build_query_scalar()
+            .persistent(cached)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(sqlite_error)?;
+        returned.extend(rows);
+    }
+    Ok(returned)
+}
 
 /// Every stored copy (`table`: `usage_messages` for the winners,
 /// `usage_entries` for every file's) of the given keys.
@@ -83,19 +93,11 @@ async fn load_copies(
     table: &str,
     keys: &[String],
 ) -> Result<Vec<MessageCopy>> {
+    let head = format!("SELECT {COPY_COLUMNS} FROM {table} WHERE dedup_key");
     let mut copies = Vec::new();
     for chunk in keys.chunks(CHUNK_KEYS) {
-        // Only full chunks repeat their text: only they stay prepared.
-        let cached = chunk.len() == CHUNK_KEYS;
-        let mut q = QueryBuilder::<Sqlite>::new(format!(
-            "SELECT {COPY_COLUMNS} FROM {table} WHERE dedup_key IN ("
-        ));
-        let mut list = q.separated(", ");
-        for key in chunk {
-            list.push_bind(key.as_str());
-        }
-        q.push(")");
-        let rows: Vec<CopyRow> = q
+        let (mut q, cached) = in_list(&head, chunk.iter().map(String::as_str), "");
+        let rows: Vec<CopyRow<i64>> = q
             .build_query_as()
             .persistent(cached)
             .fetch_all(&mut *conn)
@@ -104,31 +106,6 @@ async fn load_copies(
         copies.extend(rows.into_iter().map(MessageCopy::from));
     }
     Ok(copies)
-}
-
-/// The keys among `keys` that have a stored message.
-async fn stored_keys(conn: &mut SqliteConnection, keys: &[&str]) -> Result<HashSet<String>> {
-    let mut stored = HashSet::new();
-    for chunk in keys.chunks(CHUNK_KEYS) {
-        // Only full chunks repeat their text: only they stay prepared.
-        let cached = chunk.len() == CHUNK_KEYS;
-        let mut q = QueryBuilder::<Sqlite>::new(
-            "SELECT dedup_key FROM usage_messages WHERE dedup_key IN (",
-        );
-        let mut list = q.separated(", ");
-        for key in chunk {
-            list.push_bind(*key);
-        }
-        q.push(")");
-        let rows: Vec<String> = q
-            .build_query_scalar()
-            .persistent(cached)
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(sqlite_error)?;
-        stored.extend(rows);
-    }
-    Ok(stored)
 }
 
 /// Writes winners: new messages (`replace` false: the caller checked that
@@ -156,7 +133,7 @@ async fn write_messages(
                 .push_bind(c.session.as_str())
                 .push_bind(c.model.as_str())
                 .push_bind(micros(c.occurred_at))
-                .push_bind(day_of(c))
+                .push_bind(day_text(c.day()))
                 .push_bind(c.tokens.input)
                 .push_bind(c.tokens.output)
                 .push_bind(c.tokens.cache_creation)
@@ -181,48 +158,6 @@ async fn write_messages(
             .map_err(sqlite_error)?;
     }
     Ok(())
-}
-
-/// Deletes the rows of `table` whose `column` is one of `values`, returning
-/// `returning` of each (or nothing, when `None`).
-async fn delete_in(
-    conn: &mut SqliteConnection,
-    table: &str,
-    column: &str,
-    values: &[&str],
-    returning: Option<&str>,
-) -> Result<Vec<String>> {
-    let mut returned = Vec::new();
-    for chunk in values.chunks(CHUNK_KEYS) {
-        // Only full chunks repeat their text: only they stay prepared.
-        let cached = chunk.len() == CHUNK_KEYS;
-        let mut q = QueryBuilder::<Sqlite>::new(format!("DELETE FROM {table} WHERE {column} IN ("));
-        let mut list = q.separated(", ");
-        for v in chunk {
-            list.push_bind(*v);
-        }
-        q.push(")");
-        match returning {
-            Some(r) => {
-                q.push(format!(" RETURNING {r}"));
-                let rows: Vec<String> = q
-                    .build_query_scalar()
-                    .persistent(cached)
-                    .fetch_all(&mut *conn)
-                    .await
-                    .map_err(sqlite_error)?;
-                returned.extend(rows);
-            }
-            None => {
-                q.build()
-                    .persistent(cached)
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(sqlite_error)?;
-            }
-        }
-    }
-    Ok(returned)
 }
 
 /// Inserts every file's copies into `usage_entries`.
@@ -266,166 +201,124 @@ pub(crate) async fn replace_usage(
     conn: &mut SqliteConnection,
     files: &[(&SessionFile, &[UsageEntry])],
 ) -> Result<()> {
-    if files.is_empty() {
-        return Ok(());
-    }
-    // Every file's copies (its best one per key).
-    let mut copies: Vec<MessageCopy> = Vec::new();
-    for (file, entries) in files {
-        let own = MessageCopy::from_file(&file.path, &file.user, &file.session, entries);
-        copies.extend(own.into_iter().map(at_store_precision));
-    }
-    let paths: Vec<&str> = files.iter().map(|(f, _)| f.path.as_str()).collect();
-    // The batch's best copy of each message: it wins wherever no other file
-    // has the message.
-    let mut by_key: Vec<&MessageCopy> = copies.iter().collect();
-    by_key.sort_by(|a, b| a.key.cmp(&b.key));
-    let best: Vec<&MessageCopy> = by_key
-        .chunk_by(|a, b| a.key == b.key)
-        .filter_map(|group| usage::winner(group.iter().copied()))
-        .collect();
-
-    // The files' old entries out (their keys back), the new ones in, and the
-    // messages nobody had yet written with the batch's best copy as winner.
-    let old_keys = delete_in(conn, "usage_entries", "path", &paths, Some("dedup_key")).await?;
-    insert_entries(conn, &copies).await?;
-    // Only the messages no file had yet are written now (they win: no other
-    // copy exists). The lookup returns the few that exist, where writing
-    // with RETURNING would hand back every new key.
-    let best_keys: Vec<&str> = best.iter().map(|c| c.key.as_str()).collect();
-    let existing = stored_keys(conn, &best_keys).await?;
-    let fresh: Vec<&MessageCopy> = best
-        .iter()
-        .copied()
-        .filter(|c| !existing.contains(&c.key))
-        .collect();
-    write_messages(conn, &fresh, false).await?;
-    let inserted: HashSet<&str> = fresh.iter().map(|c| c.key.as_str()).collect();
-
-    // The rest: load every copy, let the domain decide.
-    let mut contested: Vec<String> = old_keys
-        .into_iter()
-        .filter(|k| !inserted.contains(k.as_str()))
-        .chain(
-            best.iter()
-                .filter(|c| !inserted.contains(c.key.as_str()))
-                .map(|c| c.key.clone()),
-        )
-        .collect();
-    contested.sort();
-    contested.dedup();
-    let (mut current, mut stored) = (Vec::new(), Vec::new());
-    if !contested.is_empty() {
-        current = load_copies(conn, "usage_messages", &contested).await?;
-        stored = load_copies(conn, "usage_entries", &contested).await?;
-    }
-    let current: HashMap<&str, &MessageCopy> =
-        current.iter().map(|c| (c.key.as_str(), c)).collect();
-    let mut candidates: HashMap<&str, Vec<&MessageCopy>> = HashMap::new();
-    for copy in &stored {
-        candidates.entry(copy.key.as_str()).or_default().push(copy);
-    }
-    let mut affected: Vec<&str> = contested.iter().map(String::as_str).collect();
-    for &c in best.iter().filter(|c| inserted.contains(c.key.as_str())) {
-        affected.push(c.key.as_str());
-        candidates.insert(c.key.as_str(), vec![c]);
-    }
-    let plan = usage::plan(&affected, &current, &candidates);
-
-    let changed: Vec<&MessageCopy> = plan
-        .upserts
-        .iter()
-        .copied()
-        .filter(|m| !inserted.contains(m.key.as_str()))
-        .collect();
-    write_messages(conn, &changed, true).await?;
-    delete_in(conn, "usage_messages", "dedup_key", &plan.deletes, None).await?;
-    apply_cells(conn, &plan.cells).await
+    flows::replace_usage(conn, files).await
 }
 
-/// Adds the deltas to their cells, recomputes first and last of cells that
-/// lost a message, drops empty cells.
-async fn apply_cells(conn: &mut SqliteConnection, cells: &[CellDelta]) -> Result<()> {
-    for chunk in cells.chunks(CHUNK_ROWS) {
-        // Only full chunks repeat their text: only they stay prepared.
-        let cached = chunk.len() == CHUNK_ROWS;
-        let mut q = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO usage_cells
-                 (day, user_name, session_id, model, input_tokens, output_tokens,
-                  cache_creation_tokens, cache_read_tokens, messages, first_at, last_at) ",
-        );
-        q.push_values(chunk, |mut b, d| {
-            b.push_bind(day_text(d.cell.day))
-                .push_bind(d.cell.user.as_str())
-                .push_bind(d.cell.session.as_str())
-                .push_bind(d.cell.model.as_str())
-                .push_bind(d.tokens.input)
-                .push_bind(d.tokens.output)
-                .push_bind(d.tokens.cache_creation)
-                .push_bind(d.tokens.cache_read)
-                .push_bind(d.messages)
-                // A delta that only removes has no first or last: neutral values.
-                .push_bind(d.first_at.map_or(i64::MAX, micros))
-                .push_bind(d.last_at.map_or(i64::MIN, micros));
-        });
-        q.push(
-            " ON CONFLICT (day, user_name, session_id, model) DO UPDATE SET
-                 input_tokens = input_tokens + excluded.input_tokens,
-                 output_tokens = output_tokens + excluded.output_tokens,
-                 cache_creation_tokens = cache_creation_tokens + excluded.cache_creation_tokens,
-                 cache_read_tokens = cache_read_tokens + excluded.cache_read_tokens,
-                 messages = messages + excluded.messages,
-                 first_at = min(first_at, excluded.first_at),
-                 last_at = max(last_at, excluded.last_at)",
-        );
-        q.build()
-            .persistent(cached)
-            .execute(&mut *conn)
-            .await
-            .map_err(sqlite_error)?;
+#[async_trait]
+impl UsageTx for SqliteConnection {
+    async fn replace_entries(
+        &mut self,
+        paths: &[&str],
+        copies: &[MessageCopy],
+        best: &[&MessageCopy],
+    ) -> Result<(Vec<String>, HashSet<String>)> {
+        let old_keys = strings_in(
+            self,
+            "DELETE FROM usage_entries WHERE path",
+            paths,
+            " RETURNING dedup_key",
+        )
+        .await?;
+        insert_entries(self, copies).await?;
+        // Only the messages no file had yet are written now (they win: no
+        // other copy exists). The lookup returns the few that exist, where
+        // writing with RETURNING would hand back every new key.
+        let best_keys: Vec<&str> = best.iter().map(|c| c.key.as_str()).collect();
+        let stored = "SELECT dedup_key FROM usage_messages WHERE dedup_key";
+        let existing: HashSet<String> = strings_in(self, stored, &best_keys, "")
+            .await?
+            .into_iter()
+            .collect();
+        let fresh: Vec<&MessageCopy> = best
+            .iter()
+            .copied()
+            .filter(|c| !existing.contains(&c.key))
+            .collect();
+        write_messages(self, &fresh, false).await?;
+        Ok((old_keys, existing))
     }
-    for d in cells.iter().filter(|d| d.removed) {
-        let day = day_text(d.cell.day);
-        for statement in [
-            "DELETE FROM usage_cells
-             WHERE day = ?1 AND user_name = ?2 AND session_id = ?3 AND model = ?4
-               AND messages <= 0",
-            "UPDATE usage_cells SET (first_at, last_at) = (
-                 SELECT COALESCE(min(m.occurred_at), usage_cells.first_at),
-                        COALESCE(max(m.occurred_at), usage_cells.last_at)
-                 FROM usage_messages m
-                 WHERE m.user_name = ?2 AND m.session_id = ?3 AND m.day = ?1 AND m.model = ?4)
-             WHERE day = ?1 AND user_name = ?2 AND session_id = ?3 AND model = ?4",
-        ] {
-            sqlx::query(statement)
-                .bind(&day)
-                .bind(&d.cell.user)
-                .bind(&d.cell.session)
-                .bind(&d.cell.model)
-                .execute(&mut *conn)
+
+    async fn lock_messages(&mut self, keys: &[String]) -> Result<Vec<MessageCopy>> {
+        load_copies(self, "usage_messages", keys).await
+    }
+
+    async fn entries(&mut self, keys: &[String]) -> Result<Vec<MessageCopy>> {
+        load_copies(self, "usage_entries", keys).await
+    }
+
+    async fn write_messages(&mut self, copies: &[&MessageCopy]) -> Result<()> {
+        write_messages(self, copies, true).await
+    }
+
+    async fn delete_messages(&mut self, keys: &[&str]) -> Result<()> {
+        strings_in(self, "DELETE FROM usage_messages WHERE dedup_key", keys, "").await?;
+        Ok(())
+    }
+
+    async fn apply_cells(&mut self, cells: &[CellDelta]) -> Result<()> {
+        for chunk in cells.chunks(CHUNK_ROWS) {
+            // Only full chunks repeat their text: only they stay prepared.
+            let cached = chunk.len() == CHUNK_ROWS;
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO usage_cells
+                     (day, user_name, session_id, model, input_tokens, output_tokens,
+                      cache_creation_tokens, cache_read_tokens, messages, first_at, last_at) ",
+            );
+            q.push_values(chunk, |mut b, d| {
+                b.push_bind(day_text(d.cell.day))
+                    .push_bind(d.cell.user.as_str())
+                    .push_bind(d.cell.session.as_str())
+                    .push_bind(d.cell.model.as_str())
+                    .push_bind(d.tokens.input)
+                    .push_bind(d.tokens.output)
+                    .push_bind(d.tokens.cache_creation)
+                    .push_bind(d.tokens.cache_read)
+                    .push_bind(d.messages)
+                    // A delta that only removes has no first or last: neutral values.
+                    .push_bind(d.first_at.map_or(i64::MAX, micros))
+                    .push_bind(d.last_at.map_or(i64::MIN, micros));
+            });
+            q.push(
+                " ON CONFLICT (day, user_name, session_id, model) DO UPDATE SET
+                     input_tokens = input_tokens + excluded.input_tokens,
+                     output_tokens = output_tokens + excluded.output_tokens,
+                     cache_creation_tokens = cache_creation_tokens + excluded.cache_creation_tokens,
+                     cache_read_tokens = cache_read_tokens + excluded.cache_read_tokens,
+                     messages = messages + excluded.messages,
+                     first_at = min(first_at, excluded.first_at),
+                     last_at = max(last_at, excluded.last_at)",
+            );
+            q.build()
+                .persistent(cached)
+                .execute(&mut *self)
                 .await
                 .map_err(sqlite_error)?;
         }
+        for d in cells.iter().filter(|d| d.removed) {
+            let day = day_text(d.cell.day);
+            for statement in [
+                "DELETE FROM usage_cells
+                 WHERE day = ?1 AND user_name = ?2 AND session_id = ?3 AND model = ?4
+                   AND messages <= 0",
+                "UPDATE usage_cells SET (first_at, last_at) = (
+                     SELECT COALESCE(min(m.occurred_at), usage_cells.first_at),
+                            COALESCE(max(m.occurred_at), usage_cells.last_at)
+                     FROM usage_messages m
+                     WHERE m.user_name = ?2 AND m.session_id = ?3 AND m.day = ?1 AND m.model = ?4)
+                 WHERE day = ?1 AND user_name = ?2 AND session_id = ?3 AND model = ?4",
+            ] {
+                sqlx::query(statement)
+                    .bind(&day)
+                    .bind(&d.cell.user)
+                    .bind(&d.cell.session)
+                    .bind(&d.cell.model)
+                    .execute(&mut *self)
+                    .await
+                    .map_err(sqlite_error)?;
+            }
+        }
+        Ok(())
     }
-    Ok(())
-}
-
-#[derive(FromRow)]
-struct ReportRow {
-    /// The grouping's columns (`domain::usage::Group`), '' where unused.
-    g_day: String,
-    g_user: String,
-    g_session: String,
-    g_model: String,
-    input_tokens: i64,
-    output_tokens: i64,
-    cache_creation_tokens: i64,
-    cache_read_tokens: i64,
-    messages: i64,
-    first_at: i64,
-    last_at: i64,
-    /// A JSON array of the group's distinct models ('' among them).
-    models: String,
 }
 
 /// A usage report: the cells of the whole UTC days in range, and when a bound
@@ -435,15 +328,7 @@ pub(crate) async fn usage_report(
     pool: &crate::storage::pool::TimedPool<Sqlite>,
     query: &UsageQuery,
 ) -> Result<Vec<UsageRow>> {
-    // The columns the grouping reads; the report's key is the domain's.
-    let group = match query.group_by {
-        UsageGrouping::Day => "day AS g_day, '' AS g_user, '' AS g_session, '' AS g_model",
-        UsageGrouping::Session => {
-            "'' AS g_day, user_name AS g_user, session_id AS g_session, '' AS g_model"
-        }
-        UsageGrouping::Model => "'' AS g_day, '' AS g_user, '' AS g_session, model AS g_model",
-        UsageGrouping::User => "'' AS g_day, user_name AS g_user, '' AS g_session, '' AS g_model",
-    };
+    let group = flows::group_columns(query.group_by, "''");
     let split = usage::split_range(query.since, query.until);
     let whole_days = "SELECT day, user_name, session_id, model, input_tokens, output_tokens,
                              cache_creation_tokens, cache_read_tokens, messages, first_at, last_at
@@ -491,37 +376,9 @@ pub(crate) async fn usage_report(
             .bind(query.since.map(micros))
             .bind(query.until.map(micros));
     }
-    let rows: Vec<ReportRow> = report.fetch_all(pool).await.map_err(sqlite_error)?;
-    let groups = rows
-        .into_iter()
-        .map(|r| {
-            let models: Vec<String> = serde_json::from_str(&r.models).map_err(|e| {
-                Error::Internal(format!("usage models {:?} unreadable: {e}", r.models))
-            })?;
-            let day = (!r.g_day.is_empty())
-                .then(|| parse_day(&r.g_day))
-                .transpose()?;
-            let group = usage::Group {
-                day,
-                user: r.g_user,
-                session: r.g_session,
-                model: r.g_model,
-            };
-            let row = UsageRow {
-                key: String::new(),
-                input_tokens: r.input_tokens,
-                output_tokens: r.output_tokens,
-                cache_creation_tokens: r.cache_creation_tokens,
-                cache_read_tokens: r.cache_read_tokens,
-                messages: r.messages,
-                first_at: from_micros(r.first_at),
-                last_at: from_micros(r.last_at),
-                models,
-            };
-            Ok((group, row))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(usage::keyed_report(query.group_by, groups))
+    let rows: Vec<ReportRow<i64, String, String>> =
+        report.fetch_all(pool).await.map_err(sqlite_error)?;
+    flows::keyed_report(query.group_by, rows)
 }
 
 #[cfg(test)]
@@ -617,7 +474,7 @@ mod tests {
                 let f = session_file(path);
                 MessageCopy::from_file(&f.path, &f.user, &f.session, entries)
             })
-            .map(super::at_store_precision)
+            .map(crate::storage::usage_rollups::at_store_precision)
             .collect();
         let day = |d: u32| Utc.with_ymd_and_hms(2026, 3, d, 0, 0, 0).unwrap();
         for group_by in [
