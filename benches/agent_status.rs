@@ -26,6 +26,7 @@
 //!
 //!     cargo bench --bench agent_status
 //!     BENCH_SECTIONS=ratios cargo bench --bench agent_status   # ratios only
+//!     BENCH_SECTIONS=outside cargo bench --bench agent_status  # from outside only (h2load)
 //!     FLEETCARE_TEST_BACKEND=sqlite cargo bench --bench agent_status   # on the embedded store
 //!
 //! On the embedded store the baselines are the same single-statement
@@ -35,7 +36,7 @@
 //!
 //! Knobs (env): BENCH_CALLS, BENCH_CONCURRENCY, BENCH_WATCHERS, BENCH_WATCH_RATE,
 //! BENCH_WATCH_SECS, BENCH_FLEET, BENCH_HEARTBEATING, BENCH_SCALE_SECS,
-//! BENCH_OUTSIDE_AGENTS, BENCH_OUTSIDE_STREAMS, BENCH_OUTSIDE_CALLS.
+//! BENCH_OUTSIDE_AGENTS, BENCH_OUTSIDE_STREAMS, BENCH_OUTSIDE_CALLS, BENCH_OUTSIDE_BIN.
 
 use std::time::{Duration, Instant};
 
@@ -586,6 +587,12 @@ async fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
 
+    if sections == "outside" {
+        outside(&bench.db).await;
+        bench.app.stop().await;
+        return;
+    }
+
     println!("\nheartbeats against the health check (same server, client, concurrency)");
     bench.register(0, 5000).await;
     let mut ratios = Vec::new();
@@ -744,8 +751,12 @@ async fn outside(db: &helpers::TestDb) {
         Some(_) => Vec::new(),
         None => vec!["--database-url".into(), db.url.clone()],
     };
-    let server =
-        outside::Server::start(Path::new(env!("CARGO_BIN_EXE_fleetcare")), &store_args).await;
+    // BENCH_OUTSIDE_BIN: another build of the server (an earlier commit's,
+    // to set before against after on the same machine in the same minute).
+    let binary = std::env::var("BENCH_OUTSIDE_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_fleetcare").to_owned());
+    println!("  server: {binary}");
+    let server = outside::Server::start(Path::new(&binary), &store_args).await;
     let mut agents = pb::agent_status_service_client::AgentStatusServiceClient::new(
         server.endpoint().connect().await.expect("connects"),
     );

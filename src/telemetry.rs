@@ -78,7 +78,8 @@ pub fn init_serve(format: LogFormat, tracing: &TracingArgs) -> Result<Telemetry,
 /// and the log lines written inside a call are few. It is still exported
 /// with `--otlp-endpoint`; `RUST_LOG=info,fleetcare::grpc::trace=info` puts
 /// `rpc{...}` back on the log lines of a call.
-pub const DEFAULT_LOG_FILTER: &str = "info,sqlx=warn,h2=warn,tower=warn,fleetcare::grpc::trace=warn";
+pub const DEFAULT_LOG_FILTER: &str =
+    "info,sqlx=warn,h2=warn,tower=warn,fleetcare::grpc::trace=warn";
 
 fn install(format: LogFormat, provider: Option<&SdkTracerProvider>) -> Result<(), String> {
     let filter =
@@ -101,9 +102,64 @@ fn install(format: LogFormat, provider: Option<&SdkTracerProvider>) -> Result<()
             .with_filter(Targets::new().with_target("fleetcare", LevelFilter::INFO))
     });
     // try_init: tests initialise once per process, however many servers they start.
-    tracing_subscriber::registry()
-        .with(fmt)
-        .with(otel)
-        .try_init()
-        .map_err(|e| e.to_string())
+    // Without an exporter the stack holds the logs alone: an absent layer
+    // (`Option::None`) counts as interested in every span, so every span
+    // would be created, and its filter checked, for no one.
+    let installed = match otel {
+        Some(otel) => tracing_subscriber::registry()
+            .with(fmt)
+            .with(otel)
+            .try_init(),
+        None => tracing_subscriber::registry().with(fmt).try_init(),
+    };
+    installed.map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    /// What a fmt layer with `filter` writes for a log line inside a call's
+    /// span (the span `grpc::trace` makes: target `fleetcare::grpc::trace`).
+    fn logged_inside_a_call(filter: &str) -> String {
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let writer = out.clone();
+        let fmt = tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .with_writer(move || Buffer(writer.clone()));
+        let subscriber = tracing_subscriber::registry().with(
+            tracing_subscriber::Layer::with_filter(fmt, EnvFilter::new(filter)),
+        );
+        tracing::subscriber::with_default(subscriber, || {
+            let span =
+                tracing::info_span!(target: "fleetcare::grpc::trace", "rpc", agent_id = "a-1");
+            let _entered = span.enter();
+            tracing::warn!(target: "fleetcare::grpc::agent_status", "inside the call");
+        });
+        String::from_utf8(out.lock().unwrap().clone()).unwrap()
+    }
+
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_default_logs_leave_the_call_span_out_and_rust_log_can_put_it_back() {
+        let default = logged_inside_a_call(super::DEFAULT_LOG_FILTER);
+        assert!(default.contains("inside the call"), "{default}");
+        assert!(!default.contains("rpc{"), "{default}");
+        let asked = logged_inside_a_call("info,fleetcare::grpc::trace=info");
+        assert!(asked.contains("rpc{agent_id=\"a-1\"}: "), "{asked}");
+    }
 }

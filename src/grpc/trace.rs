@@ -16,7 +16,8 @@
 //! balancer's probes stay out of the exported traces by default.
 //!
 //! The span is entered while the handler runs and while a streamed body is
-//! polled, so log lines inside a call carry its fields.
+//! polled, so log lines inside a call carry its fields when the logs take it
+//! (not by default: see `telemetry::DEFAULT_LOG_FILTER`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -106,6 +107,8 @@ fn infrastructure(path: &str) -> bool {
     path.starts_with("/grpc.health.v1.Health/") || path.starts_with("/grpc.reflection.")
 }
 
+/// The span's target is this module's path, `fleetcare::grpc::trace`, which
+/// the default log filter (`telemetry::DEFAULT_LOG_FILTER`) leaves out.
 fn call_span(path: &str, headers: &HeaderMap) -> tracing::Span {
     let name = path.trim_start_matches('/');
     let (service, method) = name.split_once('/').unwrap_or((name, ""));
