@@ -7,6 +7,7 @@
 //! `memory` is the runtime's test double, compiled into test builds only. [`Stores::open`] picks one from
 //! the configuration.
 
+pub(crate) mod agents;
 pub mod clock;
 #[cfg(test)]
 mod contract;

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
+use crate::storage::clock::at_micros;
 use crate::storage::pool::TimedPool;
 use crate::storage::{StoreLocation, StoreOptions};
 
@@ -65,7 +66,7 @@ impl PgStore {
     /// precision (microseconds); `None` when the store runs on the
     /// database's own `now()`. What SQL binds in place of `now()`.
     pub(crate) fn set_now(&self) -> Option<DateTime<Utc>> {
-        self.clock.as_ref().map(|clock| truncate(clock.now()))
+        self.clock.as_ref().map(|clock| at_micros(clock.now()))
     }
 
     /// The store's clock, once per call: the clock set in
@@ -87,12 +88,6 @@ impl PgStore {
     pub fn pool(&self) -> &PgPool {
         self.pool.inner()
     }
-}
-
-/// A time at the database's precision (microseconds), so that a time read
-/// back equals the time decided with.
-fn truncate(at: DateTime<Utc>) -> DateTime<Utc> {
-    DateTime::from_timestamp_micros(at.timestamp_micros()).unwrap_or(at)
 }
 
 /// Creates the database if it does not exist, opens a pool and applies the

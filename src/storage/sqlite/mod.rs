@@ -219,6 +219,13 @@ pub(crate) fn from_micros_opt(us: Option<i64>) -> Option<DateTime<Utc>> {
     us.map(from_micros)
 }
 
+/// A stored time: microseconds since the epoch.
+impl crate::storage::decode::StoredTime for i64 {
+    fn time(self) -> DateTime<Utc> {
+        from_micros(self)
+    }
+}
+
 /// A date as stored: `YYYY-MM-DD`.
 pub(crate) fn day_text(day: NaiveDate) -> String {
     // Written once per message: plain digits rather than a format string
