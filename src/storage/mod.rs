@@ -20,6 +20,7 @@ mod options;
 pub mod pool;
 mod post_healing;
 pub mod postgres;
+pub(crate) mod sql_error;
 pub mod sqlite;
 
 use std::sync::Arc;
