@@ -11,7 +11,14 @@
 //! The write hot path, [`AgentTxs::write_batch`], stays each backend's
 //! own: SQLite writes a batch as JSON arrays on its one writer, Postgres as
 //! pipelined array statements on the committer's own connections, retried on
-//! serialization failures. Both decide it with `domain::batch`.
+//! serialization failures. Both decide it with `domain::batch`; what is shared
+//! (the lock order, the store's precision of what is answered) sends the same
+//! statements. `BENCH_SECTIONS=ratios cargo bench --bench agent_status`
+//! (Postgres), before / after this module, alternating on one machine:
+//! transitions / 1-row autocommit UPDATEs at 64 in flight 1.47, 1.27, 1.55,
+//! 1.55 / 1.54, 1.53, 1.56, 1.43; at 1 in flight on the store alone against
+//! the previous design's transaction 2.35, 2.48, 2.35, 2.35 / 2.23, 2.23,
+//! 2.32 (one run lost to a loaded machine): within the noise.
 //!
 //! What a backend's transactions guarantee (the flows rely on it):
 //! - [`AgentTxs::begin_write`] serialises what must be: SQLite's one writer
