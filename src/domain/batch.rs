@@ -197,6 +197,15 @@ impl Plan {
     }
 }
 
+/// The agents `commands` name, each once, in agent-id order (the order a
+/// store locks their rows in, so that two batches cannot deadlock).
+pub fn agent_ids(commands: &[Command]) -> Vec<&str> {
+    let mut ids: Vec<&str> = commands.iter().map(Command::agent_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
 /// Decides `commands` in order against `existing` (every agent the batch names
 /// that exists, as locked by the store), at server time `now`.
 pub fn plan(existing: Vec<Agent>, commands: &[Command], now: DateTime<Utc>) -> Plan {

@@ -75,6 +75,20 @@ pub fn sweep_event(silence: Duration, offline_allowed: bool) -> agent::Event {
     }
 }
 
+/// What a heartbeat flush writes: each agent's latest beat, once, in agent-id
+/// order (the order a store locks rows in). A heartbeat only moves forward, so
+/// an agent's earlier beats change nothing.
+pub fn latest_beats(beats: &[(String, DateTime<Utc>)]) -> Vec<(&str, DateTime<Utc>)> {
+    let mut latest: std::collections::BTreeMap<&str, DateTime<Utc>> = Default::default();
+    for (id, at) in beats {
+        latest
+            .entry(id.as_str())
+            .and_modify(|t| *t = (*t).max(*at))
+            .or_insert(*at);
+    }
+    latest.into_iter().collect()
+}
+
 /// How often agents are asked to heartbeat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeartbeatPacing {

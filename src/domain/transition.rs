@@ -88,6 +88,14 @@ impl RevisionBounds {
     }
 }
 
+/// Through which revision a prune deletes, given the newest revision that
+/// occurred before its cutoff: times are not monotonic in revision (a batch's
+/// clock reading, a transaction's start), so a prefix through that revision,
+/// when it is past what was pruned already (`None`: nothing to prune).
+pub fn prune_through(newest_expired: Option<i64>, pruned_through: i64) -> Option<i64> {
+    newest_expired.filter(|through| *through > pruned_through)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

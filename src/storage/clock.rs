@@ -67,3 +67,9 @@ impl std::fmt::Debug for ManualClock {
         f.debug_tuple("ManualClock").field(&self.now()).finish()
     }
 }
+
+/// A time at the SQL stores' precision (microseconds), so that a time read
+/// back equals the time decided with.
+pub(crate) fn at_micros(at: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(at.timestamp_micros()).unwrap_or(at)
+}

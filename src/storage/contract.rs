@@ -22,18 +22,20 @@ use crate::domain::agent::{AgentStatus, Event, SlotType};
 use crate::domain::batch::{Command, Refusal};
 use crate::domain::healing::{Context, ErrorType, Evidence, Plan, Strategy};
 use crate::domain::healing_records::{ErrorEvent, NewErrorEvent, RecoveryStatus};
+use crate::domain::liveness::sweep_query;
 use crate::domain::pipeline::{self, SessionFile};
 use crate::domain::post_healing::{
     self, ActionRecord, ActionStatus, ActionType, Evaluation, Ineligible, Stagnation, Tier,
     effective,
 };
 use crate::domain::transcript::UsageEntry;
+use crate::domain::transition::{RevisionBounds, WatchFilter};
 use crate::domain::usage::{self, MessageCopy, UsageGrouping, UsageQuery};
 use crate::error::Error;
 use crate::storage::clock::{Clock, ManualClock};
 use crate::storage::memory::{MemoryPipelineStore, MemoryStore};
 use crate::storage::{
-    AgentStore, HealingStore, PipelineStore, Planner, PostEvaluator, PostHealingStore,
+    AgentQuery, AgentStore, HealingStore, PipelineStore, Planner, PostEvaluator, PostHealingStore,
     RecoveryActionQuery, SessionOutput, SessionWrite, StoreLocation, StoreOptions, Stores,
 };
 
@@ -341,6 +343,131 @@ async fn revisions_are_gap_free_in_commit_order(s: &Subject) {
     let revisions: Vec<i64> = history.iter().map(|t| t.revision).collect();
     assert_eq!(revisions, (1..=total).collect::<Vec<_>>());
     assert_eq!(s.agents.revision_bounds().await.unwrap().head, total);
+}
+
+contract!(agent_reads_and_maintenance on memory, sqlite, postgres);
+
+/// Heartbeats move forward only (an agent's latest beat wins, whatever the
+/// order); a snapshot and the counts carry the revision they were read at;
+/// what a batch answers is what a read returns (times at the store's
+/// precision); a negative limit reads nothing; pruning removes a prefix
+/// through the newest expired revision and keeps the head.
+async fn agent_reads_and_maintenance(s: &Subject) {
+    let store = &s.agents;
+    let t0 = Utc.with_ymd_and_hms(2026, 5, 1, 12, 0, 0).unwrap();
+    let at = |secs: i64| t0 + Duration::seconds(secs);
+    let commit = |commands: Vec<Command>, now| async move {
+        let outcomes = store.commit_batch(&commands, now).await.unwrap();
+        outcomes.into_iter().map(|o| o.unwrap()).collect::<Vec<_>>()
+    };
+    commit(vec![register("a"), register("b")], t0).await;
+    store
+        .record_heartbeats(&[
+            ("a".into(), at(10)),
+            ("a".into(), at(3)),
+            ("ghost".into(), at(10)),
+        ])
+        .await
+        .unwrap();
+    store
+        .record_heartbeats(&[("a".into(), at(5))])
+        .await
+        .unwrap();
+    store.record_heartbeats(&[]).await.unwrap();
+    assert_eq!(
+        store.get_agent("a").await.unwrap().state.last_heartbeat_at,
+        at(10)
+    );
+    assert!(matches!(
+        store.get_agent("ghost").await,
+        Err(Error::NotFound { .. })
+    ));
+
+    commit(vec![apply("b", Event::StartWork(SlotType::Work))], at(600)).await;
+    let filter = WatchFilter {
+        agent_ids: ["a".to_string(), "b".to_string()].into(),
+        statuses: [AgentStatus::Busy].into(),
+    };
+    let (head, agents) = store.snapshot(&filter).await.unwrap();
+    assert_eq!(head, 3);
+    let ids: Vec<&str> = agents.iter().map(|a| a.agent_id.as_str()).collect();
+    assert_eq!(ids, ["b"]);
+    assert_eq!(
+        store
+            .snapshot(&WatchFilter::default())
+            .await
+            .unwrap()
+            .1
+            .len(),
+        2
+    );
+    let counts = store.count_by_status().await.unwrap();
+    assert_eq!(counts.revision, 3);
+    assert_eq!(counts.of(AgentStatus::Idle), 1);
+    assert_eq!(counts.of(AgentStatus::Busy), 1);
+
+    let recovery_at = at(1800) + Duration::nanoseconds(1_234_567);
+    let answered = commit(vec![apply("a", exhausted(recovery_at))], at(900)).await;
+    let history = store.transitions_after(3, Some("a"), 10).await.unwrap();
+    assert_eq!(history, [answered[0].transition.clone().unwrap()]);
+    assert_eq!(store.get_agent("a").await.unwrap().revision, 4);
+
+    let none = AgentQuery {
+        limit: -1,
+        ..Default::default()
+    };
+    assert!(store.list_agents(&none).await.unwrap().is_empty());
+    assert!(
+        store
+            .transitions_after(0, None, -1)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let sweep = sweep_query(at(7200), Duration::minutes(1), true);
+    assert!(store.sweep_candidates(&sweep, -1).await.unwrap().is_empty());
+    let found = store.sweep_candidates(&sweep, 10).await.unwrap();
+    let all = AgentQuery {
+        limit: 10,
+        ..Default::default()
+    };
+    for agent in store.list_agents(&all).await.unwrap() {
+        let selected = sweep.selects(&agent.state);
+        assert_eq!(selected, found.contains(&agent.agent_id), "{agent:?}");
+    }
+
+    // The registrations (revisions 1 and 2) occurred before a minute.
+    assert_eq!(store.prune_transitions(at(60)).await.unwrap(), 2);
+    let bounds = |pruned_through, head| RevisionBounds {
+        pruned_through,
+        head,
+    };
+    assert_eq!(store.revision_bounds().await.unwrap(), bounds(2, 4));
+    assert_eq!(store.prune_transitions(at(60)).await.unwrap(), 0);
+    assert_eq!(store.prune_transitions(at(3600)).await.unwrap(), 2);
+    assert_eq!(store.revision_bounds().await.unwrap(), bounds(4, 4));
+    assert!(
+        store
+            .transitions_after(0, None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // The next revision continues from the head, not from the (empty) history.
+    let next = commit(vec![apply("b", Event::FinishWork)], at(60)).await;
+    assert_eq!(next[0].agent.revision, 5);
+}
+
+fn exhausted(recovery_at: chrono::DateTime<Utc>) -> Event {
+    Event::ReportExhausted(crate::domain::agent::ExhaustionReport {
+        reason: crate::domain::agent::ExhaustionReason::RateLimit,
+        explicit_recovery_at: Some(recovery_at),
+        headers: vec![],
+        message: String::new(),
+        time_zone: None,
+        default_recovery: Duration::hours(1),
+        default_billing_recovery: Duration::hours(5),
+    })
 }
 
 // ---------------------------------------------------------------- healing

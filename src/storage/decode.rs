@@ -2,6 +2,9 @@
 //! spellings are the domain's (`as_str`/`parse`), and a value no spelling
 //! matches is a corrupt row, reported as an internal error naming it.
 
+use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
+
 use crate::domain::agent::{AgentStatus, ExhaustionReason};
 use crate::domain::healing::{ErrorType, Strategy};
 use crate::domain::healing_records::{HealingStatistics, PatternStatistics};
@@ -12,6 +15,39 @@ use crate::error::{Error, Result};
 
 pub(crate) fn corrupt(what: &str, value: &str) -> Error {
     Error::Internal(format!("stored {what} {value:?} is not recognised"))
+}
+
+/// A time as a backend stores it (SQLite: microseconds; Postgres: timestamptz).
+pub(crate) trait StoredTime {
+    fn time(self) -> DateTime<Utc>;
+}
+
+/// `timestamptz`, decoded by sqlx.
+impl StoredTime for DateTime<Utc> {
+    fn time(self) -> DateTime<Utc> {
+        self
+    }
+}
+
+/// A JSON document holding a `T` as a backend stores it (SQLite: TEXT;
+/// Postgres: jsonb).
+pub(crate) trait StoredJson<T> {
+    /// The value it holds; `what` names it in a corrupt-row error.
+    fn value(self, what: &str) -> Result<T>;
+}
+
+/// JSON in TEXT.
+impl<T: DeserializeOwned> StoredJson<T> for String {
+    fn value(self, what: &str) -> Result<T> {
+        serde_json::from_str(&self).map_err(|_| corrupt(what, &self))
+    }
+}
+
+/// `jsonb`, decoded by sqlx.
+impl<T> StoredJson<T> for sqlx::types::Json<T> {
+    fn value(self, _what: &str) -> Result<T> {
+        Ok(self.0)
+    }
 }
 
 pub(crate) fn status(s: &str) -> Result<AgentStatus> {

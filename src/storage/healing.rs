@@ -5,7 +5,7 @@
 //! backend, which only runs that backend's SQL (`sqlite/healing.rs`,
 //! `postgres/healing.rs`). The rows both backends read, and how they become
 //! domain values, live here too ([`EventRow`], [`ActionRow`]); a backend says
-//! only how it stores a time and a JSON document ([`StoredTime`],
+//! only how it stores a time and a JSON document (`decode`'s [`StoredTime`],
 //! [`StoredJson`]).
 //!
 //! What a backend's transactions guarantee (the flows rely on it):
@@ -29,6 +29,7 @@ use crate::domain::healing_records::{
     RecoveryAlreadyActive, RecoveryOutcome, RecoveryStatus, StoredStatusFilter,
 };
 use crate::error::{Error, Result};
+use crate::storage::decode::{StoredJson, StoredTime};
 use crate::storage::{ErrorEventQuery, HealingStore, Planner, RecoveryActionQuery, decode};
 
 /// The columns of [`EventRow`], in its order.
@@ -41,17 +42,6 @@ pub(crate) const ACTION_COLUMNS: &str = "id, error_event_id, agent_id, error_typ
      context_signature, strategy, chosen_strategy, parameters, estimated_duration_ms, \
      success_probability, risk, escalated, reason, status, created_at, lease_expires_at, \
      completed_at, duration_ms, details, actor, outcome_actor";
-
-/// A time as a backend stores it (SQLite: microseconds; Postgres: timestamptz).
-pub(crate) trait StoredTime {
-    fn time(self) -> DateTime<Utc>;
-}
-
-/// A JSON document as a backend stores it (SQLite: TEXT; Postgres: jsonb).
-pub(crate) trait StoredJson {
-    /// The context it holds; `what` names it in a corrupt-row error.
-    fn context(self, what: &str) -> Result<Context>;
-}
 
 /// One row of `error_events`, `T` and `J` the backend's time and JSON.
 #[derive(FromRow)]
@@ -94,14 +84,14 @@ pub(crate) struct ActionRow<T, J> {
     outcome_actor: String,
 }
 
-impl<T: StoredTime, J: StoredJson> TryFrom<EventRow<T, J>> for ErrorEvent {
+impl<T: StoredTime, J: StoredJson<Context>> TryFrom<EventRow<T, J>> for ErrorEvent {
     type Error = Error;
 
     fn try_from(row: EventRow<T, J>) -> Result<ErrorEvent> {
         Ok(ErrorEvent {
             id: row.id,
             error_type: decode::error_type(&row.error_type)?,
-            context: row.context.context("error context")?,
+            context: row.context.value("error context")?,
             agent_id: row.agent_id,
             message: row.message,
             severity: row.severity,
@@ -114,7 +104,7 @@ impl<T: StoredTime, J: StoredJson> TryFrom<EventRow<T, J>> for ErrorEvent {
 }
 
 /// The action as stored (see [`seen_at`] for what a reader sees).
-impl<T: StoredTime, J: StoredJson> TryFrom<ActionRow<T, J>> for RecoveryAction {
+impl<T: StoredTime, J: StoredJson<Context>> TryFrom<ActionRow<T, J>> for RecoveryAction {
     type Error = Error;
 
     fn try_from(row: ActionRow<T, J>) -> Result<RecoveryAction> {
@@ -126,7 +116,7 @@ impl<T: StoredTime, J: StoredJson> TryFrom<ActionRow<T, J>> for RecoveryAction {
             chosen_strategy: decode::strategy(&row.chosen_strategy)?,
             status: RecoveryStatus::parse(&row.status)
                 .ok_or_else(|| decode::corrupt("recovery status", &row.status))?,
-            parameters: row.parameters.context("recovery parameters")?,
+            parameters: row.parameters.value("recovery parameters")?,
             agent_id: row.agent_id,
             context_signature: row.context_signature,
             estimated_duration: Duration::milliseconds(row.estimated_duration_ms),

@@ -7,6 +7,7 @@
 //! `memory` is the runtime's test double, compiled into test builds only. [`Stores::open`] picks one from
 //! the configuration.
 
+pub(crate) mod agents;
 pub mod clock;
 #[cfg(test)]
 mod contract;
@@ -20,6 +21,7 @@ pub(crate) mod pipeline;
 pub mod pool;
 mod post_healing;
 pub mod postgres;
+pub(crate) mod sql_error;
 pub mod sqlite;
 mod usage_rollups;
 

@@ -111,6 +111,16 @@ impl<DB: Database> TimedPool<DB> {
         &self.pool
     }
 
+    /// This pool's occupancy, under the name `pool`.
+    pub fn stats(&self, pool: &'static str) -> PoolStats {
+        PoolStats {
+            pool,
+            size: self.size(),
+            idle: self.num_idle(),
+            max: self.options().get_max_connections(),
+        }
+    }
+
     pub fn size(&self) -> u32 {
         self.pool.size()
     }

@@ -1,112 +1,27 @@
-//! Agents and transitions in Postgres.
+//! Agents and transitions in Postgres: the SQL of the flows in
+//! `storage::agents` ([`AgentTx`]), the reads, and the batch writer.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::types::Json;
-use sqlx::{ConnectOptions, FromRow};
+use sqlx::{ConnectOptions, Postgres, Transaction};
 use tokio::sync::watch;
 
 use super::{PgStore, TRANSITIONS_CHANNEL, db_error};
-use crate::domain::agent::{AgentState, AgentStatus, Cause, Exhaustion};
-use crate::domain::batch::{self, Applied, Command, Refusal};
+use crate::domain::agent::AgentStatus;
+use crate::domain::batch::{self, Command};
 use crate::domain::labels::Labels;
 use crate::domain::liveness::SweepQuery;
-use crate::domain::recovery::RecoveryEstimate;
-use crate::domain::transition::{Agent, RevisionBounds, Transition, WatchFilter};
+use crate::domain::transition::{Agent, Transition};
 use crate::error::{Error, Result};
-use crate::storage::decode;
-use crate::storage::{AgentQuery, AgentStore, StatusCounts};
+use crate::storage::AgentQuery;
+use crate::storage::agents::{
+    self as flows, AGENT_COLUMNS, AgentTx, AgentTxs, Outcomes, TRANSITION_COLUMNS, decoded,
+};
+use crate::storage::pool::{AcquireMetrics, PoolStats};
 
-const AGENT_COLUMNS: &str = "agent_id, status, labels, registered_at, last_heartbeat_at, \
-     last_transition_at, revision, exhaustion_reason, recovery_at, recovery_source, recovery_hint";
-
-const TRANSITION_COLUMNS: &str = "revision, agent_id, from_status, to_status, cause, occurred_at, \
-     exhaustion_reason, recovery_at, actor";
-
-#[derive(FromRow)]
-struct AgentRow {
-    agent_id: String,
-    status: String,
-    labels: Json<Labels>,
-    registered_at: DateTime<Utc>,
-    last_heartbeat_at: DateTime<Utc>,
-    last_transition_at: DateTime<Utc>,
-    revision: i64,
-    exhaustion_reason: Option<String>,
-    recovery_at: Option<DateTime<Utc>>,
-    recovery_source: Option<String>,
-    recovery_hint: Option<String>,
-}
-
-#[derive(FromRow)]
-struct TransitionRow {
-    revision: i64,
-    agent_id: String,
-    from_status: Option<String>,
-    to_status: String,
-    cause: String,
-    occurred_at: DateTime<Utc>,
-    exhaustion_reason: Option<String>,
-    recovery_at: Option<DateTime<Utc>>,
-    actor: String,
-}
-
-impl TryFrom<AgentRow> for Agent {
-    type Error = Error;
-
-    fn try_from(row: AgentRow) -> Result<Agent> {
-        let exhaustion = match (row.exhaustion_reason, row.recovery_at) {
-            (Some(reason), Some(recovery_at)) => Some(Exhaustion {
-                reason: decode::exhaustion_reason(&reason)?,
-                recovery: RecoveryEstimate {
-                    recovery_at,
-                    source: decode::recovery_source(row.recovery_source.as_deref())?,
-                    hint: row.recovery_hint.unwrap_or_default(),
-                },
-            }),
-            _ => None,
-        };
-        Ok(Agent {
-            state: AgentState {
-                status: decode::status(&row.status)?,
-                last_heartbeat_at: row.last_heartbeat_at,
-                exhaustion,
-            },
-            agent_id: row.agent_id,
-            labels: row.labels.0,
-            registered_at: row.registered_at,
-            last_transition_at: row.last_transition_at,
-            revision: row.revision,
-        })
-    }
-}
-
-impl TryFrom<TransitionRow> for Transition {
-    type Error = Error;
-
-    fn try_from(row: TransitionRow) -> Result<Transition> {
-        Ok(Transition {
-            revision: row.revision,
-            agent_id: row.agent_id,
-            from: row.from_status.as_deref().map(decode::status).transpose()?,
-            to: decode::status(&row.to_status)?,
-            cause: Cause::parse(&row.cause).ok_or_else(|| decode::corrupt("cause", &row.cause))?,
-            occurred_at: row.occurred_at,
-            exhaustion_reason: row
-                .exhaustion_reason
-                .as_deref()
-                .map(decode::exhaustion_reason)
-                .transpose()?,
-            recovery_at: row.recovery_at,
-            actor: row.actor,
-        })
-    }
-}
-
-/// A time at `timestamptz`'s precision (microseconds, as sqlx writes it).
-fn at_micros(at: DateTime<Utc>) -> DateTime<Utc> {
-    DateTime::from_timestamp_micros(at.timestamp_micros()).unwrap_or(at)
-}
+type AgentRow = flows::AgentRow<DateTime<Utc>, Json<Labels>>;
+type TransitionRow = flows::TransitionRow<DateTime<Utc>>;
 
 /// How often a batch is retried when the database refuses it as a whole for a
 /// reason that a retry resolves (two replicas registering one new agent at once,
@@ -247,14 +162,15 @@ impl PgStore {
         commands: &[Command],
         known: Option<&[Agent]>,
         now: DateTime<Utc>,
-    ) -> std::result::Result<Vec<Result<Applied, Refusal>>, BatchError> {
-        let mut ids: Vec<&str> = commands.iter().map(Command::agent_id).collect();
-        ids.sort_unstable();
-        ids.dedup();
+    ) -> std::result::Result<Outcomes, BatchError> {
+        let ids = batch::agent_ids(commands);
         // A connection of this attempt's own: batches in flight at once run
         // side by side, each on one (the second's statement then waits in the
         // database for the revision row, and commits right after the first).
-        let mut owned = match self.idle_batch_conn() {
+        // An attempt dropped half way (its task cancelled) drops its
+        // connection with it, so an idle one never holds a transaction.
+        let idle = self.idle_batch_conns().pop();
+        let mut owned = match idle {
             Some(conn) => conn,
             None => self.open_batch_conn().await?,
         };
@@ -282,13 +198,6 @@ impl PgStore {
 
     fn idle_batch_conns(&self) -> std::sync::MutexGuard<'_, Vec<sqlx::PgConnection>> {
         self.batch_conns.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// An idle connection of the committer's. An attempt dropped half way (its
-    /// task cancelled) drops its connection with it, so an idle one never
-    /// holds a transaction.
-    fn idle_batch_conn(&self) -> Option<sqlx::PgConnection> {
-        self.idle_batch_conns().pop()
     }
 
     /// A new connection for the committer, outside the pool.
@@ -322,7 +231,7 @@ impl PgStore {
         known: &[Agent],
         now: DateTime<Utc>,
         origin: &str,
-    ) -> std::result::Result<Option<Vec<Result<Applied, Refusal>>>, BatchError> {
+    ) -> std::result::Result<Option<Outcomes>, BatchError> {
         let plan = batch::plan(known.to_vec(), commands, now);
         if plan.created_ids().next().is_some() {
             return Ok(None);
@@ -345,7 +254,7 @@ impl PgStore {
         ids: &[&str],
         now: DateTime<Utc>,
         origin: &str,
-    ) -> std::result::Result<Vec<Result<Applied, Refusal>>, BatchError> {
+    ) -> std::result::Result<Outcomes, BatchError> {
         let mut tx = sqlx::Connection::begin(conn).await?;
         // Agent rows first, in agent-id order (ORDER BY is applied before the row
         // locks), so that two replicas' batches cannot deadlock.
@@ -356,11 +265,7 @@ impl PgStore {
         .bind(ids)
         .fetch_all(&mut *tx)
         .await?;
-        let existing = rows
-            .into_iter()
-            .map(Agent::try_from)
-            .collect::<Result<Vec<_>>>()?;
-        let plan = batch::plan(existing, commands, now);
+        let plan = batch::plan(decoded(rows)?, commands, now);
 
         // New agents' rows next, still before the revision row. Two replicas
         // creating the same agent: the second insert waits for the first and then
@@ -487,9 +392,117 @@ impl From<Error> for BatchError {
     }
 }
 
+/// One transaction on Postgres.
+struct PgAgentTx(Transaction<'static, Postgres>);
+
 #[async_trait]
-impl AgentStore for PgStore {
-    async fn ping(&self) -> Result<()> {
+impl AgentTx for PgAgentTx {
+    async fn head(&mut self) -> Result<i64> {
+        sqlx::query_scalar("SELECT head_revision FROM revision_head")
+            .fetch_one(&mut *self.0)
+            .await
+            .map_err(db_error)
+    }
+
+    async fn status_counts(&mut self) -> Result<Vec<(String, i64)>> {
+        sqlx::query_as("SELECT status, count(*) FROM agents GROUP BY status")
+            .fetch_all(&mut *self.0)
+            .await
+            .map_err(db_error)
+    }
+
+    async fn agents(&mut self, agent_ids: &[&str], statuses: &[&str]) -> Result<Vec<Agent>> {
+        let rows: Vec<AgentRow> = sqlx::query_as(&format!(
+            "SELECT {AGENT_COLUMNS} FROM agents
+             WHERE (cardinality($1::text[]) = 0 OR agent_id = ANY($1))
+               AND (cardinality($2::text[]) = 0 OR status = ANY($2))
+             ORDER BY agent_id"
+        ))
+        .bind(agent_ids)
+        .bind(statuses)
+        .fetch_all(&mut *self.0)
+        .await
+        .map_err(db_error)?;
+        decoded(rows)
+    }
+
+    async fn write_heartbeats(&mut self, beats: &[(&str, DateTime<Utc>)]) -> Result<()> {
+        let ids: Vec<&str> = beats.iter().map(|(id, _)| *id).collect();
+        let times: Vec<DateTime<Utc>> = beats.iter().map(|(_, at)| *at).collect();
+        // Lock in agent-id order first, as every batch does: an UPDATE ... FROM
+        // unnest locks in whatever order its join runs.
+        sqlx::query("SELECT 1 FROM agents WHERE agent_id = ANY($1) ORDER BY agent_id FOR UPDATE")
+            .bind(&ids)
+            .execute(&mut *self.0)
+            .await
+            .map_err(db_error)?;
+        sqlx::query(
+            "UPDATE agents SET last_heartbeat_at = GREATEST(agents.last_heartbeat_at, u.at)
+             FROM unnest($1::text[], $2::timestamptz[]) AS u(agent_id, at)
+             WHERE agents.agent_id = u.agent_id",
+        )
+        .bind(&ids)
+        .bind(&times)
+        .execute(&mut *self.0)
+        .await
+        .map(|_| ())
+        .map_err(db_error)
+    }
+
+    async fn lock_pruned_through(&mut self) -> Result<i64> {
+        sqlx::query_scalar(
+            "SELECT pruned_through FROM revision_retention WHERE singleton FOR UPDATE",
+        )
+        .fetch_one(&mut *self.0)
+        .await
+        .map_err(db_error)
+    }
+
+    async fn newest_before(&mut self, before: DateTime<Utc>) -> Result<Option<i64>> {
+        sqlx::query_scalar("SELECT max(revision) FROM transitions WHERE occurred_at < $1")
+            .bind(before)
+            .fetch_one(&mut *self.0)
+            .await
+            .map_err(db_error)
+    }
+
+    async fn prune_through(&mut self, through: i64) -> Result<u64> {
+        let deleted = sqlx::query("DELETE FROM transitions WHERE revision <= $1")
+            .bind(through)
+            .execute(&mut *self.0)
+            .await
+            .map_err(db_error)?;
+        sqlx::query("UPDATE revision_retention SET pruned_through = $1 WHERE singleton")
+            .bind(through)
+            .execute(&mut *self.0)
+            .await
+            .map_err(db_error)?;
+        Ok(deleted.rows_affected())
+    }
+
+    async fn commit(self: Box<Self>) -> Result<()> {
+        self.0.commit().await.map_err(db_error)
+    }
+}
+
+#[async_trait]
+impl AgentTxs for PgStore {
+    /// Locks what it reads (the retention row, agent rows in agent-id order).
+    async fn begin_write(&self) -> Result<Box<dyn AgentTx + '_>> {
+        let tx = self.pool.begin().await.map_err(db_error)?;
+        Ok(Box::new(PgAgentTx(tx)))
+    }
+
+    async fn begin_snapshot(&self) -> Result<Box<dyn AgentTx + '_>> {
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        Ok(Box::new(PgAgentTx(tx)))
+    }
+
+    async fn probe(&self) -> Result<()> {
         sqlx::query("SELECT 1")
             .execute(&self.pool)
             .await
@@ -497,37 +510,16 @@ impl AgentStore for PgStore {
             .map_err(db_error)
     }
 
-    async fn commit_batch(
+    async fn write_batch(
         &self,
         commands: &[Command],
+        mut known: Option<Vec<Agent>>,
         now: DateTime<Utc>,
-    ) -> Result<Vec<Result<Applied, Refusal>>> {
-        self.commit_batch_known(commands, None, now).await
-    }
-
-    async fn commit_batch_known(
-        &self,
-        commands: &[Command],
-        known: Option<Vec<Agent>>,
-        now: DateTime<Utc>,
-    ) -> Result<Vec<Result<Applied, Refusal>>> {
-        // At the column's precision, so that what the caller and the fan-out
-        // get is what a read of the table returns.
-        let now = at_micros(now);
-        let mut known = known;
+    ) -> Result<Outcomes> {
         let mut attempt = 1;
         loop {
             match self.try_commit_batch(commands, known.as_deref(), now).await {
-                Ok(mut outcomes) => {
-                    for t in outcomes
-                        .iter_mut()
-                        .flatten()
-                        .filter_map(|o| o.transition.as_mut())
-                    {
-                        t.recovery_at = t.recovery_at.map(at_micros);
-                    }
-                    return Ok(outcomes);
-                }
+                Ok(outcomes) => return Ok(outcomes),
                 Err(BatchError::Db(e)) if retryable(&e) && attempt < BATCH_ATTEMPTS => {
                     tracing::debug!(error = %e, attempt, "batch conflicted, retrying");
                     // A conflict means another writer: read the rows this time.
@@ -540,33 +532,7 @@ impl AgentStore for PgStore {
         }
     }
 
-    async fn record_heartbeats(&self, beats: &[(String, DateTime<Utc>)]) -> Result<()> {
-        let mut beats: Vec<&(String, DateTime<Utc>)> = beats.iter().collect();
-        beats.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        let ids: Vec<&str> = beats.iter().map(|(id, _)| id.as_str()).collect();
-        let times: Vec<DateTime<Utc>> = beats.iter().map(|(_, at)| *at).collect();
-        let mut tx = self.pool.begin().await.map_err(db_error)?;
-        // Lock in agent-id order first, as every batch does: an UPDATE ... FROM
-        // unnest locks in whatever order its join runs.
-        sqlx::query("SELECT 1 FROM agents WHERE agent_id = ANY($1) ORDER BY agent_id FOR UPDATE")
-            .bind(&ids)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
-        sqlx::query(
-            "UPDATE agents SET last_heartbeat_at = GREATEST(agents.last_heartbeat_at, u.at)
-             FROM unnest($1::text[], $2::timestamptz[]) AS u(agent_id, at)
-             WHERE agents.agent_id = u.agent_id",
-        )
-        .bind(&ids)
-        .bind(&times)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_error)?;
-        tx.commit().await.map_err(db_error)
-    }
-
-    async fn get_agent(&self, agent_id: &str) -> Result<Agent> {
+    async fn agent(&self, agent_id: &str) -> Result<Option<Agent>> {
         let row: Option<AgentRow> = sqlx::query_as(&format!(
             "SELECT {AGENT_COLUMNS} FROM agents WHERE agent_id = $1"
         ))
@@ -574,12 +540,15 @@ impl AgentStore for PgStore {
         .fetch_optional(&self.pool)
         .await
         .map_err(db_error)?;
-        row.ok_or_else(|| Error::agent_not_found(agent_id))?
-            .try_into()
+        row.map(Agent::try_from).transpose()
     }
 
-    async fn list_agents(&self, query: &AgentQuery) -> Result<Vec<Agent>> {
-        let statuses: Vec<&str> = query.statuses.iter().map(|s| s.as_str()).collect();
+    async fn agents_page(
+        &self,
+        query: &AgentQuery,
+        statuses: &[&str],
+        limit: i64,
+    ) -> Result<Vec<Agent>> {
         let rows: Vec<AgentRow> = sqlx::query_as(&format!(
             "SELECT {AGENT_COLUMNS} FROM agents
              WHERE ($1::text IS NULL OR agent_id > $1)
@@ -589,22 +558,16 @@ impl AgentStore for PgStore {
              LIMIT $4"
         ))
         .bind(query.after_agent_id.as_deref())
-        .bind(&statuses)
+        .bind(statuses)
         .bind(Json(&query.labels))
-        .bind(query.limit)
+        .bind(limit)
         .fetch_all(&self.pool)
         .await
         .map_err(db_error)?;
-        rows.into_iter().map(Agent::try_from).collect()
+        decoded(rows)
     }
 
-    async fn sweep_candidates(&self, query: &SweepQuery, limit: i64) -> Result<Vec<String>> {
-        let silent: Vec<&str> = query.silent_statuses.iter().map(|s| s.as_str()).collect();
-        let recovering: Vec<&str> = query
-            .recovering_statuses
-            .iter()
-            .map(|s| s.as_str())
-            .collect();
+    async fn sweep(&self, query: &SweepQuery, limit: i64) -> Result<Vec<String>> {
         // Indexed comparisons only; the domain chose the statuses and the bounds.
         sqlx::query_scalar(
             "(SELECT agent_id FROM agents
@@ -615,9 +578,9 @@ impl AgentStore for PgStore {
                WHERE status = ANY($3) AND recovery_at <= $4
                ORDER BY recovery_at LIMIT $5)",
         )
-        .bind(&silent)
+        .bind(flows::names(&query.silent_statuses))
         .bind(query.silent_before)
-        .bind(&recovering)
+        .bind(flows::names(&query.recovering_statuses))
         .bind(query.recovered_by)
         .bind(limit)
         .fetch_all(&self.pool)
@@ -625,7 +588,7 @@ impl AgentStore for PgStore {
         .map_err(db_error)
     }
 
-    async fn transitions_after(
+    async fn transitions(
         &self,
         after: i64,
         agent_id: Option<&str>,
@@ -643,128 +606,27 @@ impl AgentStore for PgStore {
         .fetch_all(&self.pool)
         .await
         .map_err(db_error)?;
-        rows.into_iter().map(Transition::try_from).collect()
+        decoded(rows)
     }
 
-    async fn count_by_status(&self) -> Result<StatusCounts> {
-        // One repeatable-read transaction, as in `snapshot`: the head and the
-        // counts come from the same snapshot.
-        let mut tx = self.pool.begin().await.map_err(db_error)?;
-        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
-        let revision: i64 = sqlx::query_scalar("SELECT head_revision FROM revision_head")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db_error)?;
-        let rows: Vec<(String, i64)> =
-            sqlx::query_as("SELECT status, count(*) FROM agents GROUP BY status")
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(db_error)?;
-        tx.commit().await.map_err(db_error)?;
-        crate::storage::decode::status_counts(revision, rows)
-    }
-
-    fn pool_stats(&self) -> Vec<crate::storage::pool::PoolStats> {
-        vec![crate::storage::pool::PoolStats {
-            pool: "postgres",
-            size: self.pool.size(),
-            idle: self.pool.num_idle(),
-            max: self.pool.options().get_max_connections(),
-        }]
-    }
-
-    fn observe_pools(
-        &self,
-        metrics: &dyn Fn(&'static str) -> crate::storage::pool::AcquireMetrics,
-    ) {
-        self.pool.observe(metrics("postgres"));
-    }
-
-    async fn revision_bounds(&self) -> Result<RevisionBounds> {
-        let (pruned_through, head): (i64, i64) = sqlx::query_as(
+    async fn bounds(&self) -> Result<(i64, i64)> {
+        sqlx::query_as(
             "SELECT r.pruned_through, h.head_revision FROM revision_retention r, revision_head h",
         )
         .fetch_one(&self.pool)
         .await
-        .map_err(db_error)?;
-        Ok(RevisionBounds {
-            pruned_through,
-            head,
-        })
+        .map_err(db_error)
     }
 
-    async fn snapshot(&self, filter: &WatchFilter) -> Result<(i64, Vec<Agent>)> {
-        // One repeatable-read transaction: the agents and the head revision are
-        // read from the same snapshot, and every transition updates both together.
-        let mut tx = self.pool.begin().await.map_err(db_error)?;
-        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
-        let head: i64 = sqlx::query_scalar("SELECT head_revision FROM revision_head")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db_error)?;
-        let agent_ids: Vec<&str> = filter.agent_ids.iter().map(String::as_str).collect();
-        let statuses: Vec<&str> = filter.statuses.iter().map(|s| s.as_str()).collect();
-        let rows: Vec<AgentRow> = sqlx::query_as(&format!(
-            "SELECT {AGENT_COLUMNS} FROM agents
-             WHERE (cardinality($1::text[]) = 0 OR agent_id = ANY($1))
-               AND (cardinality($2::text[]) = 0 OR status = ANY($2))
-             ORDER BY agent_id"
-        ))
-        .bind(&agent_ids)
-        .bind(&statuses)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db_error)?;
-        tx.commit().await.map_err(db_error)?;
-        let agents = rows
-            .into_iter()
-            .map(Agent::try_from)
-            .collect::<Result<_>>()?;
-        Ok((head, agents))
-    }
-
-    async fn prune_transitions(&self, before: DateTime<Utc>) -> Result<u64> {
-        let mut tx = self.pool.begin().await.map_err(db_error)?;
-        // Locks the retention row: concurrent pruners on other replicas queue here.
-        let pruned_through: i64 = sqlx::query_scalar(
-            "SELECT pruned_through FROM revision_retention WHERE singleton FOR UPDATE",
-        )
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db_error)?;
-        // occurred_at is not strictly monotonic in revision (it is the transaction's
-        // start), so prune a prefix: everything up to the newest expired revision.
-        let through: Option<i64> =
-            sqlx::query_scalar("SELECT max(revision) FROM transitions WHERE occurred_at < $1")
-                .bind(before)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(db_error)?;
-        let Some(through) = through.filter(|t| *t > pruned_through) else {
-            return Ok(0);
-        };
-        let deleted = sqlx::query("DELETE FROM transitions WHERE revision <= $1")
-            .bind(through)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?
-            .rows_affected();
-        sqlx::query("UPDATE revision_retention SET pruned_through = $1 WHERE singleton")
-            .bind(through)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
-        tx.commit().await.map_err(db_error)?;
-        Ok(deleted)
-    }
-
-    fn changes(&self) -> watch::Receiver<u64> {
+    fn change_feed(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
+    }
+
+    fn pools(&self) -> Vec<PoolStats> {
+        vec![self.pool.stats("postgres")]
+    }
+
+    fn observe(&self, metrics: &dyn Fn(&'static str) -> AcquireMetrics) {
+        self.pool.observe(metrics("postgres"));
     }
 }

@@ -17,23 +17,9 @@ use crate::error::Result;
 use crate::storage::decode;
 use crate::storage::healing::{
     self as flows, ACTION_COLUMNS, EVENT_COLUMNS, EvidenceRow, Finish, HealingTx, HealingTxs,
-    Lesson, NewRecovery, StoredJson, StoredTime, millis,
+    Lesson, NewRecovery, millis,
 };
 use crate::storage::{ErrorEventQuery, RecoveryActionQuery};
-
-/// `timestamptz`.
-impl StoredTime for DateTime<Utc> {
-    fn time(self) -> DateTime<Utc> {
-        self
-    }
-}
-
-/// `jsonb`, decoded by sqlx.
-impl StoredJson for Json<Context> {
-    fn context(self, _what: &str) -> Result<Context> {
-        Ok(self.0)
-    }
-}
 
 type EventRow = flows::EventRow<DateTime<Utc>, Json<Context>>;
 type ActionRow = flows::ActionRow<DateTime<Utc>, Json<Context>>;

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
+use crate::storage::clock::at_micros;
 use crate::storage::pool::TimedPool;
 use crate::storage::{StoreLocation, StoreOptions};
 
@@ -65,7 +66,7 @@ impl PgStore {
     /// precision (microseconds); `None` when the store runs on the
     /// database's own `now()`. What SQL binds in place of `now()`.
     pub(crate) fn set_now(&self) -> Option<DateTime<Utc>> {
-        self.clock.as_ref().map(|clock| truncate(clock.now()))
+        self.clock.as_ref().map(|clock| at_micros(clock.now()))
     }
 
     /// The store's clock, once per call: the clock set in
@@ -87,12 +88,6 @@ impl PgStore {
     pub fn pool(&self) -> &PgPool {
         self.pool.inner()
     }
-}
-
-/// A time at the database's precision (microseconds), so that a time read
-/// back equals the time decided with.
-fn truncate(at: DateTime<Utc>) -> DateTime<Utc> {
-    DateTime::from_timestamp_micros(at.timestamp_micros()).unwrap_or(at)
 }
 
 /// Creates the database if it does not exist, opens a pool and applies the
@@ -178,33 +173,22 @@ async fn create_database_if_missing(options: &PgConnectOptions) -> Result<(), Er
 /// Maps a database error to what it means for the client, in one place.
 /// Callers that expect a specific constraint violation match it before this.
 pub(crate) fn db_error(err: sqlx::Error) -> Error {
-    use sqlx::Error as E;
-    match &err {
-        E::PoolTimedOut | E::PoolClosed | E::Io(_) | E::Tls(_) | E::WorkerCrashed => {
-            Error::Unavailable(format!("database unreachable ({err})"))
-        }
-        E::Database(db) => {
-            let code = db.code().unwrap_or_default();
-            match code.as_ref() {
-                // serialization failure, deadlock: the client may simply retry.
-                "40001" => Error::Conflict("serialization failure".into()),
-                "40P01" => Error::Conflict("deadlock detected".into()),
-                // connection exceptions, admin shutdown, cannot connect now.
-                c if c.starts_with("08") || c == "57P01" || c == "57P02" || c == "57P03" => {
-                    Error::Unavailable(format!("database unavailable ({code})"))
-                }
-                "53300" => Error::Unavailable("database has too many connections".into()),
-                _ => {
-                    tracing::error!(error = %err, code = %code, "unexpected database error");
-                    Error::Internal(err.to_string())
-                }
+    crate::storage::sql_error::map(err, "database unreachable", |db, _| {
+        let code = db.code().unwrap_or_default();
+        match code.as_ref() {
+            // serialization failure, deadlock: the client may simply retry.
+            "40001" => Some(Error::Conflict("serialization failure".into())),
+            "40P01" => Some(Error::Conflict("deadlock detected".into())),
+            // connection exceptions, admin shutdown, cannot connect now.
+            c if c.starts_with("08") || c == "57P01" || c == "57P02" || c == "57P03" => {
+                Some(Error::Unavailable(format!("database unavailable ({code})")))
             }
+            "53300" => Some(Error::Unavailable(
+                "database has too many connections".into(),
+            )),
+            _ => None,
         }
-        _ => {
-            tracing::error!(error = %err, "unexpected database error");
-            Error::Internal(err.to_string())
-        }
-    }
+    })
 }
 
 /// How long the listener waits before reconnecting after a failure.

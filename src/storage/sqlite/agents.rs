@@ -1,4 +1,5 @@
-//! The agent-status part of the embedded store.
+//! The agent-status part of the embedded store: the SQL of the flows in
+//! `storage::agents` ([`AgentTx`]), the reads, and the batch writer.
 //!
 //! Structurally the in-memory double with a file under it: a batch loads the
 //! agents it names inside one `BEGIN IMMEDIATE` transaction on the single
@@ -10,120 +11,29 @@
 //! Bulk statements take their rows as one JSON array bound as text and read it
 //! with `json_each`, as the Postgres store reads its arrays with `unnest`.
 
-use std::collections::BTreeMap;
-
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::json;
-use sqlx::{FromRow, QueryBuilder, Sqlite};
+use sqlx::{QueryBuilder, Sqlite, Transaction};
 use tokio::sync::watch;
 
-use super::{SqliteStore, from_micros, from_micros_opt, micros, sqlite_error, truncate};
-use crate::domain::agent::{AgentState, AgentStatus, Cause, Exhaustion};
-use crate::domain::batch::{self, Applied, Command, Refusal};
-use crate::domain::labels::Labels;
+use super::{SqliteStore, micros, sqlite_error};
+use crate::domain::agent::AgentStatus;
+use crate::domain::batch::{self, Command};
 use crate::domain::liveness::SweepQuery;
-use crate::domain::recovery::RecoveryEstimate;
-use crate::domain::transition::{Agent, RevisionBounds, Transition, WatchFilter};
+use crate::domain::transition::{Agent, Transition};
 use crate::error::{Error, Result};
-use crate::storage::decode;
-use crate::storage::{AgentQuery, AgentStore, StatusCounts};
+use crate::storage::AgentQuery;
+use crate::storage::agents::{
+    self as flows, AGENT_COLUMNS, AgentTx, AgentTxs, Outcomes, TRANSITION_COLUMNS, decoded,
+};
+use crate::storage::pool::{AcquireMetrics, PoolStats};
 
-const AGENT_COLUMNS: &str = "agent_id, status, labels, registered_at, last_heartbeat_at, \
-     last_transition_at, revision, exhaustion_reason, recovery_at, recovery_source, recovery_hint";
+type AgentRow = flows::AgentRow<i64, String>;
+type TransitionRow = flows::TransitionRow<i64>;
 
-const TRANSITION_COLUMNS: &str = "revision, agent_id, from_status, to_status, cause, occurred_at, \
-     exhaustion_reason, recovery_at, actor";
-
-#[derive(FromRow)]
-struct AgentRow {
-    agent_id: String,
-    status: String,
-    labels: String,
-    registered_at: i64,
-    last_heartbeat_at: i64,
-    last_transition_at: i64,
-    revision: i64,
-    exhaustion_reason: Option<String>,
-    recovery_at: Option<i64>,
-    recovery_source: Option<String>,
-    recovery_hint: Option<String>,
-}
-
-#[derive(FromRow)]
-struct TransitionRow {
-    revision: i64,
-    agent_id: String,
-    from_status: Option<String>,
-    to_status: String,
-    cause: String,
-    occurred_at: i64,
-    exhaustion_reason: Option<String>,
-    recovery_at: Option<i64>,
-    actor: String,
-}
-
-impl TryFrom<AgentRow> for Agent {
-    type Error = Error;
-
-    fn try_from(row: AgentRow) -> Result<Agent> {
-        let exhaustion = match (row.exhaustion_reason, row.recovery_at) {
-            (Some(reason), Some(recovery_at)) => Some(Exhaustion {
-                reason: decode::exhaustion_reason(&reason)?,
-                recovery: RecoveryEstimate {
-                    recovery_at: from_micros(recovery_at),
-                    source: decode::recovery_source(row.recovery_source.as_deref())?,
-                    hint: row.recovery_hint.unwrap_or_default(),
-                },
-            }),
-            _ => None,
-        };
-        let labels: Labels = serde_json::from_str(&row.labels)
-            .map_err(|e| Error::Internal(format!("stored labels unreadable: {e}")))?;
-        Ok(Agent {
-            state: AgentState {
-                status: decode::status(&row.status)?,
-                last_heartbeat_at: from_micros(row.last_heartbeat_at),
-                exhaustion,
-            },
-            agent_id: row.agent_id,
-            labels,
-            registered_at: from_micros(row.registered_at),
-            last_transition_at: from_micros(row.last_transition_at),
-            revision: row.revision,
-        })
-    }
-}
-
-impl TryFrom<TransitionRow> for Transition {
-    type Error = Error;
-
-    fn try_from(row: TransitionRow) -> Result<Transition> {
-        Ok(Transition {
-            revision: row.revision,
-            agent_id: row.agent_id,
-            from: row.from_status.as_deref().map(decode::status).transpose()?,
-            to: decode::status(&row.to_status)?,
-            cause: Cause::parse(&row.cause).ok_or_else(|| decode::corrupt("cause", &row.cause))?,
-            occurred_at: from_micros(row.occurred_at),
-            exhaustion_reason: row
-                .exhaustion_reason
-                .as_deref()
-                .map(decode::exhaustion_reason)
-                .transpose()?,
-            recovery_at: from_micros_opt(row.recovery_at),
-            actor: row.actor,
-        })
-    }
-}
-
-fn rows_to_agents(rows: Vec<AgentRow>) -> Result<Vec<Agent>> {
-    rows.into_iter().map(Agent::try_from).collect()
-}
-
-/// Statuses as a JSON array, for `status IN (SELECT value FROM json_each(?))`.
-fn status_list<'a>(statuses: impl IntoIterator<Item = &'a AgentStatus>) -> String {
-    let names: Vec<&str> = statuses.into_iter().map(|s| s.as_str()).collect();
+/// Names as a JSON array, for `IN (SELECT value FROM json_each(?))`.
+fn json_list(names: &[&str]) -> String {
     json!(names).to_string()
 }
 
@@ -205,9 +115,116 @@ const UPSERT_AGENTS: &str = "INSERT INTO agents (agent_id, status, labels, regis
          recovery_source = excluded.recovery_source,
          recovery_hint = excluded.recovery_hint";
 
+/// One transaction on the embedded store. Its one writer serialises every
+/// write transaction, so the lock is a plain read: nobody else can change
+/// what a write transaction read until it commits.
+struct SqliteAgentTx(Transaction<'static, Sqlite>);
+
 #[async_trait]
-impl AgentStore for SqliteStore {
-    async fn ping(&self) -> Result<()> {
+impl AgentTx for SqliteAgentTx {
+    async fn head(&mut self) -> Result<i64> {
+        sqlx::query_scalar("SELECT head_revision FROM revision_head")
+            .fetch_one(&mut *self.0)
+            .await
+            .map_err(sqlite_error)
+    }
+
+    async fn status_counts(&mut self) -> Result<Vec<(String, i64)>> {
+        sqlx::query_as("SELECT status, count(*) FROM agents GROUP BY status")
+            .fetch_all(&mut *self.0)
+            .await
+            .map_err(sqlite_error)
+    }
+
+    async fn agents(&mut self, agent_ids: &[&str], statuses: &[&str]) -> Result<Vec<Agent>> {
+        let mut sql: QueryBuilder<Sqlite> =
+            QueryBuilder::new(format!("SELECT {AGENT_COLUMNS} FROM agents WHERE true"));
+        if !agent_ids.is_empty() {
+            sql.push(" AND agent_id IN (SELECT value FROM json_each(")
+                .push_bind(json_list(agent_ids))
+                .push("))");
+        }
+        if !statuses.is_empty() {
+            sql.push(" AND status IN (SELECT value FROM json_each(")
+                .push_bind(json_list(statuses))
+                .push("))");
+        }
+        sql.push(" ORDER BY agent_id");
+        let rows: Vec<AgentRow> = sql
+            .build_query_as()
+            .fetch_all(&mut *self.0)
+            .await
+            .map_err(sqlite_error)?;
+        decoded(rows)
+    }
+
+    async fn write_heartbeats(&mut self, beats: &[(&str, DateTime<Utc>)]) -> Result<()> {
+        let rows: Vec<serde_json::Value> = beats
+            .iter()
+            .map(|(id, at)| json!([id, micros(*at)]))
+            .collect();
+        sqlx::query(
+            "UPDATE agents SET last_heartbeat_at = MAX(agents.last_heartbeat_at, u.at)
+             FROM (SELECT value ->> 0 AS agent_id, value ->> 1 AS at FROM json_each(?1)) AS u
+             WHERE agents.agent_id = u.agent_id",
+        )
+        .bind(serde_json::Value::Array(rows).to_string())
+        .execute(&mut *self.0)
+        .await
+        .map(|_| ())
+        .map_err(sqlite_error)
+    }
+
+    async fn lock_pruned_through(&mut self) -> Result<i64> {
+        sqlx::query_scalar("SELECT pruned_through FROM revision_retention WHERE singleton = 1")
+            .fetch_one(&mut *self.0)
+            .await
+            .map_err(sqlite_error)
+    }
+
+    async fn newest_before(&mut self, before: DateTime<Utc>) -> Result<Option<i64>> {
+        sqlx::query_scalar("SELECT max(revision) FROM transitions WHERE occurred_at < ?1")
+            .bind(micros(before))
+            .fetch_one(&mut *self.0)
+            .await
+            .map_err(sqlite_error)
+    }
+
+    async fn prune_through(&mut self, through: i64) -> Result<u64> {
+        let deleted = sqlx::query("DELETE FROM transitions WHERE revision <= ?1")
+            .bind(through)
+            .execute(&mut *self.0)
+            .await
+            .map_err(sqlite_error)?;
+        sqlx::query("UPDATE revision_retention SET pruned_through = ?1 WHERE singleton = 1")
+            .bind(through)
+            .execute(&mut *self.0)
+            .await
+            .map_err(sqlite_error)?;
+        Ok(deleted.rows_affected())
+    }
+
+    async fn commit(self: Box<Self>) -> Result<()> {
+        self.0.commit().await.map_err(sqlite_error)
+    }
+}
+
+#[async_trait]
+impl AgentTxs for SqliteStore {
+    async fn begin_write(&self) -> Result<Box<dyn AgentTx + '_>> {
+        Ok(Box::new(SqliteAgentTx(
+            SqliteStore::begin_write(self).await?,
+        )))
+    }
+
+    /// A read transaction: its statements read the WAL snapshot its first
+    /// one takes.
+    async fn begin_snapshot(&self) -> Result<Box<dyn AgentTx + '_>> {
+        let tx = self.readers().begin().await.map_err(sqlite_error)?;
+        Ok(Box::new(SqliteAgentTx(tx)))
+    }
+
+    async fn probe(&self) -> Result<()> {
         sqlx::query("SELECT 1")
             .execute(self.readers())
             .await
@@ -215,30 +232,25 @@ impl AgentStore for SqliteStore {
             .map_err(sqlite_error)
     }
 
-    async fn commit_batch(
+    async fn write_batch(
         &self,
         commands: &[Command],
+        _known: Option<Vec<Agent>>,
         now: DateTime<Utc>,
-    ) -> Result<Vec<Result<Applied, Refusal>>> {
-        // At the store's precision, so that what a caller is answered is what
-        // a later read returns.
-        let now = truncate(now);
-        let mut ids: Vec<&str> = commands.iter().map(Command::agent_id).collect();
-        ids.sort_unstable();
-        ids.dedup();
-
+    ) -> Result<Outcomes> {
+        let ids = batch::agent_ids(commands);
         // The write lock from here to commit: nobody else writes meanwhile.
-        let mut tx = self.begin_write().await?;
+        let mut tx = SqliteStore::begin_write(self).await?;
         let rows: Vec<AgentRow> = sqlx::query_as(&format!(
             "SELECT {AGENT_COLUMNS} FROM agents
              WHERE agent_id IN (SELECT value FROM json_each(?1))
              ORDER BY agent_id"
         ))
-        .bind(json!(ids).to_string())
+        .bind(json_list(&ids))
         .fetch_all(&mut *tx)
         .await
         .map_err(sqlite_error)?;
-        let plan = batch::plan(rows_to_agents(rows)?, commands, now);
+        let plan = batch::plan(decoded(rows)?, commands, now);
 
         let count = plan.transition_count() as i64;
         let base: i64 = if count > 0 {
@@ -281,35 +293,7 @@ impl AgentStore for SqliteStore {
         Ok(outcomes)
     }
 
-    async fn record_heartbeats(&self, beats: &[(String, DateTime<Utc>)]) -> Result<()> {
-        // One row per agent (the latest), so that the join below matches each
-        // agent once.
-        let mut latest: BTreeMap<&str, i64> = BTreeMap::new();
-        for (id, at) in beats {
-            let at = micros(*at);
-            latest
-                .entry(id.as_str())
-                .and_modify(|t| *t = (*t).max(at))
-                .or_insert(at);
-        }
-        if latest.is_empty() {
-            return Ok(());
-        }
-        let rows: Vec<serde_json::Value> = latest.iter().map(|(id, at)| json!([id, at])).collect();
-        let mut tx = self.begin_write().await?;
-        sqlx::query(
-            "UPDATE agents SET last_heartbeat_at = MAX(agents.last_heartbeat_at, u.at)
-             FROM (SELECT value ->> 0 AS agent_id, value ->> 1 AS at FROM json_each(?1)) AS u
-             WHERE agents.agent_id = u.agent_id",
-        )
-        .bind(serde_json::Value::Array(rows).to_string())
-        .execute(&mut *tx)
-        .await
-        .map_err(sqlite_error)?;
-        tx.commit().await.map_err(sqlite_error)
-    }
-
-    async fn get_agent(&self, agent_id: &str) -> Result<Agent> {
+    async fn agent(&self, agent_id: &str) -> Result<Option<Agent>> {
         let row: Option<AgentRow> = sqlx::query_as(&format!(
             "SELECT {AGENT_COLUMNS} FROM agents WHERE agent_id = ?1"
         ))
@@ -317,23 +301,27 @@ impl AgentStore for SqliteStore {
         .fetch_optional(self.readers())
         .await
         .map_err(sqlite_error)?;
-        row.ok_or_else(|| Error::agent_not_found(agent_id))?
-            .try_into()
+        row.map(Agent::try_from).transpose()
     }
 
-    async fn list_agents(&self, query: &AgentQuery) -> Result<Vec<Agent>> {
+    async fn agents_page(
+        &self,
+        query: &AgentQuery,
+        statuses: &[&str],
+        limit: i64,
+    ) -> Result<Vec<Agent>> {
         let mut sql: QueryBuilder<Sqlite> =
             QueryBuilder::new(format!("SELECT {AGENT_COLUMNS} FROM agents WHERE true"));
         if let Some(after) = &query.after_agent_id {
             sql.push(" AND agent_id > ").push_bind(after);
         }
-        if !query.statuses.is_empty() {
+        if !statuses.is_empty() {
             // One parameter each: with one status, the (status, agent_id) index
             // gives the page in order without a sort.
             sql.push(" AND status IN (");
             let mut list = sql.separated(", ");
-            for status in &query.statuses {
-                list.push_bind(status.as_str());
+            for status in statuses {
+                list.push_bind(*status);
             }
             sql.push(")");
         }
@@ -344,17 +332,16 @@ impl AgentStore for SqliteStore {
                 .push_bind(value)
                 .push(")");
         }
-        sql.push(" ORDER BY agent_id LIMIT ")
-            .push_bind(query.limit.max(0));
+        sql.push(" ORDER BY agent_id LIMIT ").push_bind(limit);
         let rows: Vec<AgentRow> = sql
             .build_query_as()
             .fetch_all(self.readers())
             .await
             .map_err(sqlite_error)?;
-        rows_to_agents(rows)
+        decoded(rows)
     }
 
-    async fn sweep_candidates(&self, query: &SweepQuery, limit: i64) -> Result<Vec<String>> {
+    async fn sweep(&self, query: &SweepQuery, limit: i64) -> Result<Vec<String>> {
         // Indexed comparisons only; the domain chose the statuses and the bounds.
         // (last_heartbeat_at is not indexed, as in Postgres: the heartbeat flush
         // rewrites it for every live agent.)
@@ -369,17 +356,17 @@ impl AgentStore for SqliteStore {
                  WHERE status IN (SELECT value FROM json_each(?3)) AND recovery_at <= ?4
                  ORDER BY recovery_at LIMIT ?5)",
         )
-        .bind(status_list(&query.silent_statuses))
+        .bind(json_list(&flows::names(&query.silent_statuses)))
         .bind(micros(query.silent_before))
-        .bind(status_list(&query.recovering_statuses))
+        .bind(json_list(&flows::names(&query.recovering_statuses)))
         .bind(micros(query.recovered_by))
-        .bind(limit.max(0))
+        .bind(limit)
         .fetch_all(self.readers())
         .await
         .map_err(sqlite_error)
     }
 
-    async fn transitions_after(
+    async fn transitions(
         &self,
         after: i64,
         agent_id: Option<&str>,
@@ -392,137 +379,38 @@ impl AgentStore for SqliteStore {
         if let Some(agent_id) = agent_id {
             sql.push(" AND agent_id = ").push_bind(agent_id);
         }
-        sql.push(" ORDER BY revision LIMIT ")
-            .push_bind(limit.max(0));
+        sql.push(" ORDER BY revision LIMIT ").push_bind(limit);
         let rows: Vec<TransitionRow> = sql
             .build_query_as()
             .fetch_all(self.readers())
             .await
             .map_err(sqlite_error)?;
-        rows.into_iter().map(Transition::try_from).collect()
+        decoded(rows)
     }
 
-    async fn count_by_status(&self) -> Result<StatusCounts> {
-        // One read transaction, as in `snapshot`: the head and the counts read
-        // the same WAL snapshot.
-        let mut tx = self.readers().begin().await.map_err(sqlite_error)?;
-        let revision: i64 = sqlx::query_scalar("SELECT head_revision FROM revision_head")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(sqlite_error)?;
-        let rows: Vec<(String, i64)> =
-            sqlx::query_as("SELECT status, count(*) FROM agents GROUP BY status")
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(sqlite_error)?;
-        tx.commit().await.map_err(sqlite_error)?;
-        crate::storage::decode::status_counts(revision, rows)
-    }
-
-    fn pool_stats(&self) -> Vec<crate::storage::pool::PoolStats> {
-        [
-            ("sqlite_writer", &self.writer),
-            ("sqlite_readers", self.readers()),
-        ]
-        .into_iter()
-        .map(|(pool, p)| crate::storage::pool::PoolStats {
-            pool,
-            size: p.size(),
-            idle: p.num_idle(),
-            max: p.options().get_max_connections(),
-        })
-        .collect()
-    }
-
-    fn observe_pools(
-        &self,
-        metrics: &dyn Fn(&'static str) -> crate::storage::pool::AcquireMetrics,
-    ) {
-        self.writer.observe(metrics("sqlite_writer"));
-        self.readers().observe(metrics("sqlite_readers"));
-    }
-
-    async fn revision_bounds(&self) -> Result<RevisionBounds> {
-        let (pruned_through, head): (i64, i64) = sqlx::query_as(
+    async fn bounds(&self) -> Result<(i64, i64)> {
+        sqlx::query_as(
             "SELECT r.pruned_through, h.head_revision FROM revision_retention r, revision_head h",
         )
         .fetch_one(self.readers())
         .await
-        .map_err(sqlite_error)?;
-        Ok(RevisionBounds {
-            pruned_through,
-            head,
-        })
+        .map_err(sqlite_error)
     }
 
-    async fn snapshot(&self, filter: &WatchFilter) -> Result<(i64, Vec<Agent>)> {
-        // One read transaction: both statements read the same WAL snapshot (taken
-        // at the first), and every transition updates the head and its agent in
-        // one commit.
-        let mut tx = self.readers().begin().await.map_err(sqlite_error)?;
-        let head: i64 = sqlx::query_scalar("SELECT head_revision FROM revision_head")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(sqlite_error)?;
-        let mut sql: QueryBuilder<Sqlite> =
-            QueryBuilder::new(format!("SELECT {AGENT_COLUMNS} FROM agents WHERE true"));
-        if !filter.agent_ids.is_empty() {
-            let ids: Vec<&str> = filter.agent_ids.iter().map(String::as_str).collect();
-            sql.push(" AND agent_id IN (SELECT value FROM json_each(")
-                .push_bind(json!(ids).to_string())
-                .push("))");
-        }
-        if !filter.statuses.is_empty() {
-            sql.push(" AND status IN (SELECT value FROM json_each(")
-                .push_bind(status_list(&filter.statuses))
-                .push("))");
-        }
-        sql.push(" ORDER BY agent_id");
-        let rows: Vec<AgentRow> = sql
-            .build_query_as()
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(sqlite_error)?;
-        tx.commit().await.map_err(sqlite_error)?;
-        Ok((head, rows_to_agents(rows)?))
-    }
-
-    async fn prune_transitions(&self, before: DateTime<Utc>) -> Result<u64> {
-        let mut tx = self.begin_write().await?;
-        let pruned_through: i64 =
-            sqlx::query_scalar("SELECT pruned_through FROM revision_retention WHERE singleton = 1")
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(sqlite_error)?;
-        // occurred_at is not strictly monotonic in revision (it is the batch's
-        // clock reading), so prune a prefix: everything up to the newest expired
-        // revision.
-        let through: Option<i64> =
-            sqlx::query_scalar("SELECT max(revision) FROM transitions WHERE occurred_at < ?1")
-                .bind(micros(before))
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(sqlite_error)?;
-        let Some(through) = through.filter(|t| *t > pruned_through) else {
-            return Ok(0);
-        };
-        let deleted = sqlx::query("DELETE FROM transitions WHERE revision <= ?1")
-            .bind(through)
-            .execute(&mut *tx)
-            .await
-            .map_err(sqlite_error)?
-            .rows_affected();
-        sqlx::query("UPDATE revision_retention SET pruned_through = ?1 WHERE singleton = 1")
-            .bind(through)
-            .execute(&mut *tx)
-            .await
-            .map_err(sqlite_error)?;
-        tx.commit().await.map_err(sqlite_error)?;
-        Ok(deleted)
-    }
-
-    fn changes(&self) -> watch::Receiver<u64> {
+    fn change_feed(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
+    }
+
+    fn pools(&self) -> Vec<PoolStats> {
+        vec![
+            self.writer.stats("sqlite_writer"),
+            self.readers().stats("sqlite_readers"),
+        ]
+    }
+
+    fn observe(&self, metrics: &dyn Fn(&'static str) -> AcquireMetrics) {
+        self.writer.observe(metrics("sqlite_writer"));
+        self.readers().observe(metrics("sqlite_readers"));
     }
 }
 
@@ -530,9 +418,13 @@ impl AgentStore for SqliteStore {
 mod tests {
     use super::*;
     use crate::domain::agent::{Event, ExhaustionReason, ExhaustionReport, SlotType};
+    use crate::domain::batch::{Applied, Refusal};
+    use crate::domain::labels::Labels;
     use crate::domain::liveness::sweep_query;
     use crate::domain::recovery::RecoverySource;
-    use crate::storage::{StoreLocation, StoreOptions};
+    use crate::domain::transition::{RevisionBounds, WatchFilter};
+    use crate::storage::sqlite::truncate;
+    use crate::storage::{AgentStore, StatusCounts, StoreLocation, StoreOptions};
     use chrono::{Duration, TimeZone};
 
     struct TestStore {

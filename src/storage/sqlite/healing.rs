@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::{QueryBuilder, Sqlite, Transaction};
 
-use super::{SqliteStore, from_micros, is_unique_violation, micros, sqlite_error};
+use super::{SqliteStore, is_unique_violation, micros, sqlite_error};
 use crate::domain::healing::{Context, ErrorType, RecurrenceWindow};
 use crate::domain::healing_records::{
     ErrorEvent, LeaseFilter, NewErrorEvent, RecoveryAction, RecoveryStatus, StoredStatusFilter,
@@ -18,23 +18,9 @@ use crate::error::{Error, Result};
 use crate::storage::decode;
 use crate::storage::healing::{
     self as flows, ACTION_COLUMNS, EVENT_COLUMNS, EvidenceRow, Finish, HealingTx, HealingTxs,
-    Lesson, NewRecovery, StoredJson, StoredTime, millis,
+    Lesson, NewRecovery, millis,
 };
 use crate::storage::{ErrorEventQuery, RecoveryActionQuery};
-
-/// Microseconds since the epoch.
-impl StoredTime for i64 {
-    fn time(self) -> DateTime<Utc> {
-        from_micros(self)
-    }
-}
-
-/// A JSON object in TEXT.
-impl StoredJson for String {
-    fn context(self, what: &str) -> Result<Context> {
-        serde_json::from_str(&self).map_err(|_| decode::corrupt(what, &self))
-    }
-}
 
 type EventRow = flows::EventRow<i64, String>;
 type ActionRow = flows::ActionRow<i64, String>;

@@ -219,6 +219,13 @@ pub(crate) fn from_micros_opt(us: Option<i64>) -> Option<DateTime<Utc>> {
     us.map(from_micros)
 }
 
+/// A stored time: microseconds since the epoch.
+impl crate::storage::decode::StoredTime for i64 {
+    fn time(self) -> DateTime<Utc> {
+        from_micros(self)
+    }
+}
+
 /// A date as stored: `YYYY-MM-DD`.
 pub(crate) fn day_text(day: NaiveDate) -> String {
     // Written once per message: plain digits rather than a format string
@@ -243,37 +250,23 @@ pub(crate) fn is_unique_violation(err: &sqlx::Error) -> bool {
 /// Maps an SQLite error to what it means for the client, in one place.
 /// Callers that expect a specific constraint violation match it before this.
 pub(crate) fn sqlite_error(err: sqlx::Error) -> Error {
-    use sqlx::Error as E;
-    match &err {
-        E::PoolTimedOut | E::PoolClosed | E::Io(_) | E::WorkerCrashed => {
-            Error::Unavailable(format!("database unavailable ({err})"))
+    crate::storage::sql_error::map(err, "database unavailable", |db, err| {
+        // Primary result codes (the low byte of the extended code).
+        let code = db
+            .code()
+            .and_then(|c| c.parse::<i32>().ok())
+            .map(|c| c & 0xff);
+        match code? {
+            // SQLITE_BUSY, SQLITE_LOCKED: the write lock stayed taken past
+            // the busy timeout.
+            5 | 6 => Some(Error::Unavailable(format!("database busy ({err})"))),
+            // SQLITE_FULL: the disk is full.
+            13 => Some(Error::ResourceExhausted("database disk is full".into())),
+            // SQLITE_IOERR, SQLITE_CANTOPEN, SQLITE_READONLY.
+            10 | 14 | 8 => Some(Error::Unavailable(format!("database unavailable ({err})"))),
+            _ => None,
         }
-        E::Database(db) => {
-            // Primary result codes (the low byte of the extended code).
-            let code = db
-                .code()
-                .and_then(|c| c.parse::<i32>().ok())
-                .map(|c| c & 0xff)
-                .unwrap_or(-1);
-            match code {
-                // SQLITE_BUSY, SQLITE_LOCKED: the write lock stayed taken past
-                // the busy timeout.
-                5 | 6 => Error::Unavailable(format!("database busy ({err})")),
-                // SQLITE_FULL: the disk is full.
-                13 => Error::ResourceExhausted("database disk is full".into()),
-                // SQLITE_IOERR, SQLITE_CANTOPEN, SQLITE_READONLY.
-                10 | 14 | 8 => Error::Unavailable(format!("database unavailable ({err})")),
-                _ => {
-                    tracing::error!(error = %err, code, "unexpected database error");
-                    Error::Internal(err.to_string())
-                }
-            }
-        }
-        _ => {
-            tracing::error!(error = %err, "unexpected database error");
-            Error::Internal(err.to_string())
-        }
-    }
+    })
 }
 
 #[cfg(test)]
