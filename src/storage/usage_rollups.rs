@@ -30,7 +30,7 @@ use crate::domain::transcript::UsageEntry;
 use crate::domain::usage::{self, CellDelta, Group, MessageCopy, Tokens, UsageGrouping};
 use crate::error::Result;
 use crate::storage::UsageRow;
-use crate::storage::healing::StoredTime;
+use crate::storage::decode::StoredTime;
 
 /// One stored copy of a message, a row of `usage_messages` (the winners) or
 /// `usage_entries` (every file's, `model` read as '' for none); `T` the
