@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod auth;
 pub mod batch;
+pub mod dispatch;
 pub mod healing;
 pub mod healing_records;
 pub mod labels;

@@ -4,16 +4,14 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 
-use crate::domain::labels::Labels;
+use crate::domain::labels::{self as label_rules, Labels};
 use crate::domain::recovery;
 use crate::error::{Error, Result};
 use crate::grpc::convert::from_timestamp;
 use crate::proto::v1 as pb;
 
 pub const MAX_AGENT_ID: usize = 128;
-pub const MAX_LABELS: usize = 64;
-pub const MAX_LABEL_KEY: usize = 63;
-pub const MAX_LABEL_VALUE: usize = 256;
+pub use crate::domain::labels::{MAX_LABEL_KEY, MAX_LABEL_VALUE, MAX_LABELS};
 pub const MAX_HEADERS: usize = 64;
 pub const MAX_HEADER_BYTES: usize = 8 * 1024;
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
@@ -63,17 +61,13 @@ pub fn labels(field: &str, labels: HashMap<String, String>) -> Result<Labels> {
         )));
     }
     for (key, value) in &labels {
-        let key_ok = !key.is_empty()
-            && key.len() <= MAX_LABEL_KEY
-            && key
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-'));
-        if !key_ok {
+        if !label_rules::key_is_valid(key) {
             return Err(Error::invalid(format!(
-                "{field} key {key:?} must be 1 to {MAX_LABEL_KEY} characters of letters, digits and . _ / -"
+                "{field} key {key:?} {}",
+                label_rules::KEY_RULE
             )));
         }
-        if value.chars().count() > MAX_LABEL_VALUE {
+        if !label_rules::value_is_valid(value) {
             return Err(Error::invalid(format!(
                 "{field} value of {key:?} is longer than {MAX_LABEL_VALUE} characters"
             )));
