@@ -213,7 +213,10 @@ pub(crate) trait PipelineTxs: Sync {
         self.write_tx().await
     }
 
-    /// [`PipelineStore::session_states`].
+    /// [`PipelineStore::session_states`]: every state of a processor, in no
+    /// order. Not served by [`PipelineTxs::states_page`] without a limit:
+    /// its `ORDER BY path` made Postgres read 100,000 states by the index in
+    /// 90 ms where the unordered scan takes 22 ms.
     async fn states(&self, processor: &str) -> Result<Vec<SessionState>>;
 
     /// [`PipelineStore::list_session_states`].
