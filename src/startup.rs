@@ -24,6 +24,7 @@ use crate::error::Error;
 use crate::grpc::agent_status::{AgentStatusApi, AgentStatusSettings};
 use crate::grpc::auth::Guard;
 use crate::grpc::callers::WatchSlots;
+use crate::grpc::dispatch::DispatchApi;
 use crate::grpc::guard::{Admission, Gate};
 use crate::grpc::healing::{HealingApi, HealingSettings, PostHealingApi, shared_rng};
 use crate::grpc::metrics::MetricsLayer;
@@ -33,6 +34,7 @@ use crate::http::{Apis, Dashboard};
 use crate::metrics::Metrics;
 use crate::processors::Registration;
 use crate::proto::v1::agent_status_service_server::AgentStatusServiceServer;
+use crate::proto::v1::dispatch_service_server::DispatchServiceServer;
 use crate::proto::v1::healing_service_server::HealingServiceServer;
 use crate::proto::v1::post_healing_service_server::PostHealingServiceServer;
 use crate::proto::v1::session_pipeline_service_server::SessionPipelineServiceServer;
@@ -327,7 +329,8 @@ impl Application {
             .add_service(gates.agent_status)
             .add_service(gates.healing)
             .add_service(gates.post_healing)
-            .add_service(gates.session_pipeline);
+            .add_service(gates.session_pipeline)
+            .add_service(gates.dispatch);
         // TLS, when configured, is terminated on the accepted connections (see
         // `tls`): handshakes in tasks of their own, within each connection's
         // slot, certificates reloaded without a restart.
@@ -400,6 +403,7 @@ struct Gates {
     healing: Gate<HealingServiceServer<HealingApi>>,
     post_healing: Gate<PostHealingServiceServer<PostHealingApi>>,
     session_pipeline: Gate<SessionPipelineServiceServer<SessionPipelineApi>>,
+    dispatch: Gate<DispatchServiceServer<DispatchApi>>,
 }
 
 /// Opens the store (unless it was opened already), starts the services on
@@ -578,6 +582,7 @@ async fn start_services(
             .map_err(|_| Error::invalid("--default-billing-recovery is too large"))?,
         watch_progress_interval: args.watch_progress_interval,
     };
+    let dispatch = DispatchApi::new(writes.clone(), guard.clone());
     let agent_status = AgentStatusApi::new(
         stores.agents.clone(),
         writes,
@@ -671,6 +676,11 @@ async fn start_services(
     );
     gates.session_pipeline.open(
         SessionPipelineServiceServer::from_arc(session_pipeline)
+            .max_decoding_message_size(size)
+            .max_encoding_message_size(size),
+    );
+    gates.dispatch.open(
+        DispatchServiceServer::new(dispatch)
             .max_decoding_message_size(size)
             .max_encoding_message_size(size),
     );

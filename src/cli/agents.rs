@@ -1,4 +1,4 @@
-//! `fleetcare agents list|get` and `fleetcare watch`.
+//! `fleetcare agents list|get|resume` and `fleetcare watch`.
 
 use std::io::Write;
 
@@ -44,6 +44,17 @@ pub async fn run(args: AgentsArgs) -> Result<(), CliError> {
                 .into_inner();
             let agent = AgentView::from(&response.agent.unwrap_or_default());
             print(json, &agent, || agent_details(&agent))
+        }
+        AgentsCommand::Resume { agent_id, reason } => {
+            let response = clients
+                .dispatch
+                .resume_agent(pb::ResumeAgentRequest { agent_id, reason })
+                .await?
+                .into_inner();
+            let transition = TransitionView::from(&response.transition.unwrap_or_default());
+            print(json, &transition, || {
+                format!("{}\n", transition_line(&transition))
+            })
         }
     }
 }

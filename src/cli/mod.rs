@@ -159,6 +159,14 @@ pub enum AgentsCommand {
         /// The agent's id.
         agent_id: String,
     },
+    /// Return an EXHAUSTED agent to IDLE now (operator or scheduler).
+    Resume {
+        /// The agent's id.
+        agent_id: String,
+        /// Why, for the server's log (free text, at most 1024 bytes).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

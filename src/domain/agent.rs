@@ -95,10 +95,13 @@ pub enum Cause {
     Exhausted,
     Recovered,
     MarkedOffline,
+    /// EXHAUSTED to IDLE by `ResumeAgent` (decided by
+    /// `dispatch::resume_decision`, committed as `batch::Command::Resume`).
+    Resumed,
 }
 
 impl Cause {
-    pub const ALL: [Cause; 8] = [
+    pub const ALL: [Cause; 9] = [
         Cause::Registered,
         Cause::WorkStarted,
         Cause::WorkFinished,
@@ -107,6 +110,7 @@ impl Cause {
         Cause::Exhausted,
         Cause::Recovered,
         Cause::MarkedOffline,
+        Cause::Resumed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -119,6 +123,7 @@ impl Cause {
             Cause::Exhausted => "EXHAUSTED",
             Cause::Recovered => "RECOVERED",
             Cause::MarkedOffline => "MARKED_OFFLINE",
+            Cause::Resumed => "RESUMED",
         }
     }
 

@@ -100,6 +100,8 @@ pub enum Action {
     RetrySession,
     GetUsage,
     ListRuns,
+    // fleetcare.v1.DispatchService
+    ResumeAgent,
 }
 
 /// Who may call an action.
@@ -114,10 +116,13 @@ enum Rule {
     Work,
     /// Operators on any agent, agent callers on theirs (nobody else).
     AgentWrite,
+    /// Schedulers and operators on any agent: overrides of what agents
+    /// report (not for agent callers or readers).
+    Dispatch,
 }
 
 impl Action {
-    pub const ALL: [Action; 28] = [
+    pub const ALL: [Action; 29] = [
         Action::RegisterAgent,
         Action::GetAgent,
         Action::ListAgents,
@@ -146,6 +151,7 @@ impl Action {
         Action::RetrySession,
         Action::GetUsage,
         Action::ListRuns,
+        Action::ResumeAgent,
     ];
 
     /// The RPC's name, as a refusal names it.
@@ -179,6 +185,7 @@ impl Action {
             Action::RetrySession => "RetrySession",
             Action::GetUsage => "GetUsage",
             Action::ListRuns => "ListRuns",
+            Action::ResumeAgent => "ResumeAgent",
         }
     }
 
@@ -192,6 +199,7 @@ impl Action {
             | Action::PlanRecovery
             | Action::ReportRecoveryOutcome => Rule::AgentWrite,
             Action::StartWork | Action::FinishWork => Rule::Work,
+            Action::ResumeAgent => Rule::Dispatch,
             // Agent callers may read their own agents: the agent itself, its
             // transitions (list or watch), its error events and recoveries,
             // and what a limit report would mean for it.
@@ -368,6 +376,8 @@ pub fn authorize(caller: &Caller, action: Action, agent_id: Option<&str>) -> Res
         (Rule::Work, Role::Reader) => false,
         (Rule::AgentWrite, Role::Agent) => true,
         (Rule::AgentWrite, Role::Reader | Role::Scheduler) => false,
+        (Rule::Dispatch, Role::Scheduler) => true,
+        (Rule::Dispatch, Role::Agent | Role::Reader) => false,
     };
     if !role_ok {
         return Err(denied(caller, action, String::new()));
@@ -606,11 +616,15 @@ mod tests {
             ReportRecoveryOutcome,
         ];
         let work = [StartWork, FinishWork];
+        let dispatch = [ResumeAgent];
         match role {
             Role::Operator => true,
             Role::Reader => read_own.contains(&action) || read_fleet.contains(&action),
             Role::Scheduler => {
-                read_own.contains(&action) || read_fleet.contains(&action) || work.contains(&action)
+                read_own.contains(&action)
+                    || read_fleet.contains(&action)
+                    || work.contains(&action)
+                    || dispatch.contains(&action)
             }
             Role::Agent => {
                 read_own.contains(&action)
@@ -655,6 +669,25 @@ mod tests {
             assert!(authorize(&caller(role), Action::StartWork, Some("us-1")).is_ok());
             assert!(authorize(&caller(role), Action::StartWork, None).is_ok());
         }
+    }
+
+    #[test]
+    fn resume_agent_is_for_operators_and_schedulers_only() {
+        for (role, allowed) in [
+            (Role::Operator, true),
+            (Role::Scheduler, true),
+            (Role::Agent, false),
+            (Role::Reader, false),
+        ] {
+            // An agent caller is refused even on an agent of its scope.
+            let got = authorize(&caller(role), Action::ResumeAgent, Some("eu-7"));
+            assert_eq!(got.is_ok(), allowed, "{role}");
+        }
+        let refused = authorize(&caller(Role::Agent), Action::ResumeAgent, Some("eu-7"));
+        assert_eq!(
+            refused.unwrap_err().to_string(),
+            "c (agent) may not call ResumeAgent"
+        );
     }
 
     #[test]

@@ -15,7 +15,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
 
-use crate::domain::agent::{self, AgentStatus, Event, StatusChange, TransitionRefused};
+use crate::domain::agent::{
+    self, AgentStatus, Cause, Decision, Event, StatusChange, TransitionRefused,
+};
+use crate::domain::dispatch::{self, DispatchCause};
 use crate::domain::labels::Labels;
 use crate::domain::transition::{Agent, Transition};
 
@@ -37,18 +40,29 @@ pub enum Command {
         /// Who asked: the transition's actor.
         actor: String,
     },
+    /// `ResumeAgent`: an EXHAUSTED agent back to IDLE now, decided by
+    /// [`dispatch::resume_decision`] (cause RESUMED).
+    Resume {
+        agent_id: String,
+        /// Who asked: the transition's actor.
+        actor: String,
+    },
 }
 
 impl Command {
     pub fn agent_id(&self) -> &str {
         match self {
-            Command::Register { agent_id, .. } | Command::Apply { agent_id, .. } => agent_id,
+            Command::Register { agent_id, .. }
+            | Command::Apply { agent_id, .. }
+            | Command::Resume { agent_id, .. } => agent_id,
         }
     }
 
     pub fn actor(&self) -> &str {
         match self {
-            Command::Register { actor, .. } | Command::Apply { actor, .. } => actor,
+            Command::Register { actor, .. }
+            | Command::Apply { actor, .. }
+            | Command::Resume { actor, .. } => actor,
         }
     }
 
@@ -68,7 +82,9 @@ impl Command {
     /// The same command on behalf of `name`.
     pub fn by(mut self, name: &str) -> Command {
         match &mut self {
-            Command::Register { actor, .. } | Command::Apply { actor, .. } => {
+            Command::Register { actor, .. }
+            | Command::Apply { actor, .. }
+            | Command::Resume { actor, .. } => {
                 name.clone_into(actor);
             }
         }
@@ -228,7 +244,7 @@ pub fn plan(existing: Vec<Agent>, commands: &[Command], now: DateTime<Utc>) -> P
                         agent.labels = labels.clone();
                         changed.insert(agent_id.to_owned());
                     }
-                    (agent, Event::Heartbeat)
+                    (agent, Some(Event::Heartbeat))
                 }
                 None => {
                     let (state, _) = agent::registered(now);
@@ -251,14 +267,25 @@ pub fn plan(existing: Vec<Agent>, commands: &[Command], now: DateTime<Utc>) -> P
                 }
             },
             Command::Apply { event, .. } => match agents.get_mut(agent_id) {
-                Some(agent) => (agent, event.clone()),
+                Some(agent) => (agent, Some(event.clone())),
+                None => {
+                    outcomes.push(Err(Refusal::UnknownAgent(agent_id.to_owned())));
+                    continue;
+                }
+            },
+            Command::Resume { .. } => match agents.get_mut(agent_id) {
+                Some(agent) => (agent, None),
                 None => {
                     outcomes.push(Err(Refusal::UnknownAgent(agent_id.to_owned())));
                     continue;
                 }
             },
         };
-        let decision = match agent::decide(&agent.state, &agent.labels, event, now) {
+        let decided = match event {
+            Some(event) => agent::decide(&agent.state, &agent.labels, event, now),
+            None => resume(&agent.state),
+        };
+        let decision = match decided {
             Ok(decision) => decision,
             Err(refused) => {
                 outcomes.push(Err(refused.into()));
@@ -285,6 +312,23 @@ pub fn plan(existing: Vec<Agent>, commands: &[Command], now: DateTime<Utc>) -> P
         renumbered,
         transitions,
     }
+}
+
+/// `Command::Resume` as a state-machine decision: the rule is dispatch's.
+fn resume(state: &agent::AgentState) -> Result<Decision, TransitionRefused> {
+    let resumed = dispatch::resume_decision(state)?;
+    let cause = match resumed.cause {
+        DispatchCause::Resumed => Cause::Resumed,
+        other => unreachable!("resume_decision records {other}"),
+    };
+    Ok(Decision {
+        state: resumed.state,
+        change: Some(StatusChange {
+            from: resumed.from,
+            to: resumed.to,
+            cause,
+        }),
+    })
 }
 
 /// Appends the transition `change` makes (a registration when `None`) with the
@@ -489,6 +533,59 @@ mod tests {
         assert_eq!(a.agent.state.status, AgentStatus::Busy);
         assert_eq!(a.agent.state.last_heartbeat_at, now());
         assert_eq!(writes.changed[0].labels["team"], "infra");
+    }
+
+    fn resume(id: &str) -> Command {
+        Command::Resume {
+            agent_id: id.into(),
+            actor: "op".into(),
+        }
+    }
+
+    #[test]
+    fn resume_moves_an_exhausted_agent_to_idle_and_refuses_any_other_status() {
+        let mut parked = existing("a", AgentStatus::Exhausted, 3);
+        parked.state.exhaustion = Some(agent::Exhaustion {
+            reason: agent::ExhaustionReason::RateLimit,
+            recovery: crate::domain::recovery::RecoveryEstimate {
+                recovery_at: now() + Duration::hours(1),
+                source: crate::domain::recovery::RecoverySource::Explicit,
+                hint: "explicit".into(),
+            },
+        });
+        let plan = plan(
+            vec![parked, existing("b", AgentStatus::Busy, 4)],
+            &[resume("a"), resume("a"), resume("b"), resume("ghost")],
+            now(),
+        );
+        let (writes, outcomes) = plan.finish(10);
+        let done = outcomes[0].as_ref().unwrap();
+        let t = done.transition.as_ref().unwrap();
+        assert_eq!(
+            (t.from, t.to, t.cause, t.actor.as_str(), t.revision),
+            (
+                Some(AgentStatus::Exhausted),
+                AgentStatus::Idle,
+                Cause::Resumed,
+                "op",
+                11
+            )
+        );
+        assert_eq!(done.agent.state.exhaustion, None);
+        // The second, decided on the state the first left: refused, naming IDLE.
+        let again = outcomes[1].as_ref().unwrap_err();
+        assert_eq!(
+            again.to_string(),
+            "cannot resume: agent is IDLE, must be EXHAUSTED"
+        );
+        let busy = outcomes[2].as_ref().unwrap_err();
+        assert_eq!(
+            busy.to_string(),
+            "cannot resume: agent is BUSY, must be EXHAUSTED"
+        );
+        assert_eq!(outcomes[3], Err(Refusal::UnknownAgent("ghost".into())));
+        assert_eq!(writes.transitions.len(), 1);
+        assert_eq!(writes.changed.len(), 1);
     }
 
     #[test]

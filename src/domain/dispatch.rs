@@ -4,8 +4,8 @@
 //! runtime waits; every *whether* is decided here, with the clock passed in.
 //!
 //! The causes of the new transitions ([`DispatchCause`]) are local to this
-//! module until the proto and the stores learn them; [`agent::Cause`] is
-//! unchanged.
+//! module until the proto and the stores learn them; [`agent::Cause`] has
+//! learned `RESUMED` (`batch::Command::Resume` is decided by [`resume_decision`]).
 
 use std::fmt;
 

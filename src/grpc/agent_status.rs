@@ -131,13 +131,12 @@ impl AgentStatusApi {
         action: Action,
         command: Command,
     ) -> Result<Applied, Error> {
-        let (Command::Register { agent_id, .. } | Command::Apply { agent_id, .. }) = &command;
-        record_agent_id(agent_id);
+        record_agent_id(command.agent_id());
         match &command {
             Command::Register {
                 agent_id, labels, ..
             } => self.guard.check_register(caller, agent_id, labels).await?,
-            Command::Apply { agent_id, .. } => {
+            Command::Apply { agent_id, .. } | Command::Resume { agent_id, .. } => {
                 self.guard.check_agent(caller, action, agent_id).await?
             }
         }

@@ -110,6 +110,7 @@ fn cause_to_pb(cause: Cause) -> pb::TransitionCause {
         Cause::Exhausted => pb::TransitionCause::Exhausted,
         Cause::Recovered => pb::TransitionCause::Recovered,
         Cause::MarkedOffline => pb::TransitionCause::MarkedOffline,
+        Cause::Resumed => pb::TransitionCause::Resumed,
     }
 }
 

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod callers;
 pub mod codec;
 pub mod convert;
+pub mod dispatch;
 pub mod guard;
 pub mod healing;
 pub mod metrics;

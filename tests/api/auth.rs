@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use fleetcare::domain::auth::{Role, caller_entry, token_digest};
 use fleetcare::proto::v1 as pb;
+use fleetcare::proto::v1::dispatch_service_client::DispatchServiceClient;
 use fleetcare::proto::v1::healing_service_client::HealingServiceClient;
 use fleetcare::proto::v1::post_healing_service_client::PostHealingServiceClient;
 use fleetcare::proto::v1::session_pipeline_service_client::SessionPipelineServiceClient;
@@ -244,6 +245,21 @@ impl AuthApp {
         };
         self.agents()
             .report_exhausted(as_(name, request))
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    async fn resume(
+        &self,
+        name: &str,
+        agent_id: &str,
+    ) -> Result<pb::ResumeAgentResponse, tonic::Status> {
+        let request = pb::ResumeAgentRequest {
+            agent_id: agent_id.into(),
+            reason: format!("{name} says so"),
+        };
+        DispatchServiceClient::new(self.app.channel.clone())
+            .resume_agent(as_(name, request))
             .await
             .map(|r| r.into_inner())
     }
@@ -511,6 +527,42 @@ async fn agent_status_rpcs_are_allowed_and_refused_by_role_and_scope() {
     a.mark_offline("alice", "us-1")
         .await
         .expect("operator marks any agent offline");
+}
+
+#[tokio::test]
+async fn resume_agent_is_for_schedulers_and_operators_and_records_its_actor() {
+    let db = TestDb::new();
+    let a = spawn(&db, &callers()).await;
+    a.register("runner", "eu-1", &[]).await.unwrap();
+    a.report_exhausted("runner", "eu-1").await.unwrap();
+
+    // An agent caller may not, even on an agent of its scope; nor a reader.
+    assert_denied(
+        a.resume("runner", "eu-1").await,
+        "runner (agent) may not call ResumeAgent",
+    );
+    assert_denied(
+        a.resume("carol", "eu-1").await,
+        "carol (reader) may not call ResumeAgent",
+    );
+    let parked = a.get("alice", "eu-1").await.unwrap().agent.unwrap();
+    assert_eq!(parked.status, pb::AgentStatus::Exhausted as i32);
+
+    // A scheduler may, on any agent; the transition's actor is the caller.
+    let resumed = a.resume("sched", "eu-1").await.expect("scheduler resumes");
+    let t = resumed.transition.unwrap();
+    assert_eq!(t.cause, pb::TransitionCause::Resumed as i32);
+    assert_eq!(t.actor, "sched");
+
+    // And an operator.
+    a.report_exhausted("runner", "eu-1").await.unwrap();
+    let t = a
+        .resume("alice", "eu-1")
+        .await
+        .expect("operator resumes")
+        .transition
+        .unwrap();
+    assert_eq!(t.actor, "alice");
 }
 
 #[tokio::test]

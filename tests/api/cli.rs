@@ -135,6 +135,46 @@ async fn agents_list_and_get_print_tables_and_json() {
 }
 
 #[tokio::test]
+async fn agents_resume_returns_an_exhausted_agent_to_idle_and_refuses_otherwise() {
+    let db = TestDb::new();
+    let app = TestApp::spawn(&db).await;
+    for id in ["cli-r1", "cli-r2", "cli-idle"] {
+        app.register(id).await;
+    }
+    crate::dispatch::exhaust(&app, "cli-r1").await;
+    crate::dispatch::exhaust(&app, "cli-r2").await;
+
+    let line = stdout(
+        &fleetcare(
+            app.addr,
+            &["agents", "resume", "cli-r1", "--reason", "limit raised"],
+        )
+        .await,
+    );
+    assert!(
+        line.trim_end()
+            .ends_with("cli-r1  EXHAUSTED -> IDLE  RESUMED  by anonymous"),
+        "{line}"
+    );
+    assert_eq!(app.get("cli-r1").await.status, pb::AgentStatus::Idle as i32);
+
+    let t = json(&fleetcare(app.addr, &["agents", "resume", "cli-r2", "--json"]).await);
+    assert_eq!(t["agent_id"], "cli-r2");
+    assert_eq!(t["from"], "EXHAUSTED");
+    assert_eq!(t["to"], "IDLE");
+    assert_eq!(t["cause"], "RESUMED");
+
+    let (line, code) = failure(&fleetcare(app.addr, &["agents", "resume", "cli-idle"]).await);
+    assert!(line.starts_with("fleetcare: refused: "), "{line}");
+    assert!(line.contains("agent is IDLE, must be EXHAUSTED"), "{line}");
+    assert_eq!(code, i32::from(exit::REFUSED));
+    let (line, code) = failure(&fleetcare(app.addr, &["agents", "resume", "ghost"]).await);
+    assert!(line.contains("ghost"), "{line}");
+    assert_eq!(code, i32::from(exit::NOT_FOUND));
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn failures_are_one_line_with_an_exit_code_per_kind() {
     let db = TestDb::new();
     let app = TestApp::spawn(&db).await;

@@ -14,6 +14,7 @@ mod cli;
 mod client_heartbeats;
 mod copy;
 mod dashboard_api;
+mod dispatch;
 mod healing;
 mod helpers;
 mod limits;

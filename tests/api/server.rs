@@ -14,12 +14,13 @@ postgres_only! {
     use crate::helpers::{TcpProxy, eventually, test_args};
 }
 
-const SERVICES: [&str; 5] = [
+const SERVICES: [&str; 6] = [
     "",
     "fleetcare.v1.AgentStatusService",
     "fleetcare.v1.HealingService",
     "fleetcare.v1.PostHealingService",
     "fleetcare.v1.SessionPipelineService",
+    "fleetcare.v1.DispatchService",
 ];
 
 postgres_only! {

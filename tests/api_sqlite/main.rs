@@ -21,6 +21,8 @@ mod cli;
 mod client_heartbeats;
 #[path = "../api/dashboard_api.rs"]
 mod dashboard_api;
+#[path = "../api/dispatch.rs"]
+mod dispatch;
 #[path = "../api/healing.rs"]
 mod healing;
 #[path = "../api/helpers.rs"]

@@ -41,6 +41,7 @@ pub mod pb {
 }
 
 pub use pb::agent_status_service_client::AgentStatusServiceClient;
+pub use pb::dispatch_service_client::DispatchServiceClient;
 pub use pb::healing_service_client::HealingServiceClient;
 pub use pb::post_healing_service_client::PostHealingServiceClient;
 pub use pb::session_pipeline_service_client::SessionPipelineServiceClient;
@@ -231,6 +232,7 @@ pub struct Clients {
     pub healing: HealingServiceClient<Transport>,
     pub posts: PostHealingServiceClient<Transport>,
     pub pipeline: SessionPipelineServiceClient<Transport>,
+    pub dispatch: DispatchServiceClient<Transport>,
 }
 
 impl Clients {
@@ -279,7 +281,8 @@ impl Clients {
             agents: AgentStatusServiceClient::new(transport.clone()),
             healing: HealingServiceClient::new(transport.clone()),
             posts: PostHealingServiceClient::new(transport.clone()),
-            pipeline: SessionPipelineServiceClient::new(transport),
+            pipeline: SessionPipelineServiceClient::new(transport.clone()),
+            dispatch: DispatchServiceClient::new(transport),
         }
     }
 

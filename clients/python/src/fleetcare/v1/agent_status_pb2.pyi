@@ -52,6 +52,7 @@ class TransitionCause(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRANSITION_CAUSE_EXHAUSTED: _ClassVar[TransitionCause]
     TRANSITION_CAUSE_RECOVERED: _ClassVar[TransitionCause]
     TRANSITION_CAUSE_MARKED_OFFLINE: _ClassVar[TransitionCause]
+    TRANSITION_CAUSE_RESUMED: _ClassVar[TransitionCause]
 AGENT_STATUS_UNSPECIFIED: AgentStatus
 AGENT_STATUS_IDLE: AgentStatus
 AGENT_STATUS_BUSY: AgentStatus
@@ -79,6 +80,7 @@ TRANSITION_CAUSE_HEARTBEAT_TIMEOUT: TransitionCause
 TRANSITION_CAUSE_EXHAUSTED: TransitionCause
 TRANSITION_CAUSE_RECOVERED: TransitionCause
 TRANSITION_CAUSE_MARKED_OFFLINE: TransitionCause
+TRANSITION_CAUSE_RESUMED: TransitionCause
 
 class Agent(_message.Message):
     __slots__ = ("agent_id", "status", "labels", "registered_at", "last_heartbeat_at", "last_transition_at", "revision", "exhaustion_reason", "recovery_at", "recovery_source", "recovery_hint")

@@ -1,0 +1,82 @@
+//! `fleetcare.v1.DispatchService`: decode, authorize, commit, encode. Its
+//! transitions go through the group committer like every agent write.
+
+use tonic::{Request, Response, Status};
+
+use crate::domain::auth::Action;
+use crate::domain::batch::Command;
+use crate::error::{Error, Result};
+use crate::grpc::auth::{self, Guard};
+use crate::grpc::trace::record_agent_id;
+use crate::grpc::validate;
+use crate::proto::v1 as pb;
+use crate::proto::v1::dispatch_service_server::DispatchService;
+use crate::runtime::agents::AgentWrites;
+
+/// The longest `reason` an override takes, in bytes.
+pub const MAX_REASON_BYTES: usize = 1024;
+
+pub struct DispatchApi {
+    writes: AgentWrites,
+    guard: Guard,
+}
+
+impl DispatchApi {
+    pub fn new(writes: AgentWrites, guard: Guard) -> Self {
+        DispatchApi { writes, guard }
+    }
+}
+
+/// A checked `ResumeAgentRequest`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResumeAgent {
+    pub agent_id: String,
+    pub reason: String,
+}
+
+impl TryFrom<pb::ResumeAgentRequest> for ResumeAgent {
+    type Error = Error;
+
+    fn try_from(request: pb::ResumeAgentRequest) -> Result<ResumeAgent> {
+        let pb::ResumeAgentRequest { agent_id, reason } = request;
+        let agent_id = validate::agent_id("agent_id", &agent_id)?;
+        validate::bounded_text("reason", &reason, MAX_REASON_BYTES)?;
+        Ok(ResumeAgent { agent_id, reason })
+    }
+}
+
+#[tonic::async_trait]
+impl DispatchService for DispatchApi {
+    async fn resume_agent(
+        &self,
+        request: Request<pb::ResumeAgentRequest>,
+    ) -> Result<Response<pb::ResumeAgentResponse>, Status> {
+        let caller = auth::caller(&request)?;
+        let ResumeAgent { agent_id, reason } = request.into_inner().try_into()?;
+        record_agent_id(&agent_id);
+        self.guard
+            .check_agent(&caller, Action::ResumeAgent, &agent_id)
+            .await?;
+        let command = Command::Resume {
+            agent_id,
+            actor: String::new(),
+        };
+        let applied = self.writes.commit(command.by(&caller.name)).await?;
+        let transition = applied
+            .transition
+            .as_ref()
+            .ok_or_else(|| Error::Internal("transition was not recorded".into()))?;
+        // The transition has no place for a reason: the log keeps it.
+        tracing::info!(
+            agent_id = %applied.agent.agent_id,
+            revision = transition.revision,
+            actor = %caller.name,
+            reason = %reason,
+            "agent resumed"
+        );
+        Ok(Response::new(pb::ResumeAgentResponse {
+            agent: Some((&applied.agent).into()),
+            transition: Some(transition.into()),
+        }))
+    }
+}
