@@ -87,6 +87,11 @@ pub struct AgentView {
     pub recovery_source: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recovery_hint: Option<String>,
+    /// False while cordoned (never claimed; status and work kept).
+    pub schedulable: bool,
+    /// The cordon's reason (maybe empty) while cordoned; absent while schedulable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cordon_reason: Option<String>,
 }
 
 impl From<&pb::Agent> for AgentView {
@@ -119,6 +124,8 @@ impl From<&pb::Agent> for AgentView {
                 "RECOVERY_SOURCE_",
             ),
             recovery_hint: (!a.recovery_hint.is_empty()).then(|| a.recovery_hint.clone()),
+            schedulable: a.schedulable,
+            cordon_reason: (!a.schedulable).then(|| a.cordon_reason.clone()),
         }
     }
 }
@@ -533,17 +540,29 @@ mod tests {
     }
 
     #[test]
-    fn agent_json_leaves_out_unset_recovery_fields() {
+    fn agent_json_leaves_out_unset_recovery_and_cordon_fields() {
         let agent = pb::Agent {
             agent_id: "a-1".into(),
             status: pb::AgentStatus::Idle as i32,
             revision: 7,
+            schedulable: true,
             ..Default::default()
         };
         let json = serde_json::to_value(AgentView::from(&agent)).unwrap();
         assert_eq!(
             json,
-            serde_json::json!({"agent_id": "a-1", "status": "IDLE", "labels": {}, "revision": 7})
+            serde_json::json!({
+                "agent_id": "a-1", "status": "IDLE", "labels": {}, "revision": 7,
+                "schedulable": true,
+            })
         );
+        // Cordoned: the reason shows, empty or not.
+        let cordoned = pb::Agent {
+            schedulable: false,
+            ..agent
+        };
+        let json = serde_json::to_value(AgentView::from(&cordoned)).unwrap();
+        assert_eq!(json["schedulable"], false);
+        assert_eq!(json["cordon_reason"], "");
     }
 }

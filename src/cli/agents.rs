@@ -1,4 +1,4 @@
-//! `fleetcare agents list|get|resume` and `fleetcare watch`.
+//! `fleetcare agents list|get|resume|cordon|uncordon` and `fleetcare watch`.
 
 use std::io::Write;
 
@@ -56,7 +56,42 @@ pub async fn run(args: AgentsArgs) -> Result<(), CliError> {
                 format!("{}\n", transition_line(&transition))
             })
         }
+        AgentsCommand::Cordon { agent_id, reason } => {
+            let response = clients
+                .dispatch
+                .cordon_agent(pb::CordonAgentRequest { agent_id, reason })
+                .await?
+                .into_inner();
+            let agent = AgentView::from(&response.agent.unwrap_or_default());
+            let transition = response.transition.as_ref().map(TransitionView::from);
+            print(json, &agent, || cordon_line(&agent, transition.as_ref()))
+        }
+        AgentsCommand::Uncordon { agent_id } => {
+            let response = clients
+                .dispatch
+                .uncordon_agent(pb::UncordonAgentRequest { agent_id })
+                .await?
+                .into_inner();
+            let agent = AgentView::from(&response.agent.unwrap_or_default());
+            let transition = response.transition.as_ref().map(TransitionView::from);
+            print(json, &agent, || cordon_line(&agent, transition.as_ref()))
+        }
     }
+}
+
+/// What `cordon` / `uncordon` print: the transition made, or that the agent
+/// was as asked already.
+fn cordon_line(agent: &AgentView, transition: Option<&TransitionView>) -> String {
+    match transition {
+        Some(t) => format!("{}\n", transition_line(t)),
+        None if agent.schedulable => format!("{} is schedulable already\n", agent.agent_id),
+        None => format!("{} is cordoned already\n", agent.agent_id),
+    }
+}
+
+/// `yes`, or `no` while cordoned.
+fn schedulable(a: &AgentView) -> &'static str {
+    if a.schedulable { "yes" } else { "no" }
 }
 
 fn status_pb(status: StatusArg) -> pb::AgentStatus {
@@ -70,7 +105,14 @@ fn status_pb(status: StatusArg) -> pb::AgentStatus {
 }
 
 fn agents_table(agents: &[AgentView]) -> String {
-    let mut table = Table::new(["AGENT", "STATUS", "SINCE", "LAST HEARTBEAT", "LABELS"]);
+    let mut table = Table::new([
+        "AGENT",
+        "STATUS",
+        "SINCE",
+        "LAST HEARTBEAT",
+        "SCHEDULABLE",
+        "LABELS",
+    ]);
     for a in agents {
         let labels: Vec<String> = a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         table.row(vec![
@@ -78,6 +120,7 @@ fn agents_table(agents: &[AgentView]) -> String {
             a.status.clone(),
             a.last_transition_at.clone().unwrap_or_default(),
             a.last_heartbeat_at.clone().unwrap_or_default(),
+            schedulable(a).into(),
             labels.join(","),
         ]);
     }
@@ -89,7 +132,11 @@ fn agent_details(a: &AgentView) -> String {
         ("agent", a.agent_id.clone()),
         ("status", a.status.clone()),
         ("revision", a.revision.to_string()),
+        ("schedulable", schedulable(a).into()),
     ];
+    if let Some(reason) = &a.cordon_reason {
+        lines.push(("cordon reason", reason.clone()));
+    }
     let optional = [
         ("registered", &a.registered_at),
         ("last heartbeat", &a.last_heartbeat_at),
@@ -211,12 +258,24 @@ mod tests {
             status: pb::AgentStatus::Exhausted as i32,
             recovery_hint: "retry-after: 30".into(),
             labels: [("team".to_string(), "x".to_string())].into(),
+            schedulable: true,
             ..Default::default()
         });
         assert_eq!(
             agent_details(&agent),
             "agent:            a-1\nstatus:           EXHAUSTED\nrevision:         0\n\
-             recovery hint:    retry-after: 30\nlabel:            team=x\n"
+             schedulable:      yes\nrecovery hint:    retry-after: 30\nlabel:            team=x\n"
+        );
+        let cordoned = AgentView::from(&pb::Agent {
+            agent_id: "a-2".into(),
+            status: pb::AgentStatus::Busy as i32,
+            cordon_reason: "disk".into(),
+            ..Default::default()
+        });
+        assert_eq!(
+            agent_details(&cordoned),
+            "agent:            a-2\nstatus:           BUSY\nrevision:         0\n\
+             schedulable:      no\ncordon reason:    disk\n"
         );
     }
 }

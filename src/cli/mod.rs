@@ -167,6 +167,20 @@ pub enum AgentsCommand {
         #[arg(long, default_value = "")]
         reason: String,
     },
+    /// Take an agent out of rotation: it keeps its status and work but is
+    /// never claimed (operator or scheduler). A cordoned agent stays as it is.
+    Cordon {
+        /// The agent's id.
+        agent_id: String,
+        /// Why, shown as the agent's cordon reason (at most 1024 bytes).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Put a cordoned agent back in rotation (operator or scheduler).
+    Uncordon {
+        /// The agent's id.
+        agent_id: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

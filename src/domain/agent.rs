@@ -98,10 +98,15 @@ pub enum Cause {
     /// EXHAUSTED to IDLE by `ResumeAgent` (decided by
     /// `dispatch::resume_decision`, committed as `batch::Command::Resume`).
     Resumed,
+    /// Out of rotation by `CordonAgent`, status unchanged (decided by
+    /// `dispatch::cordon_decision`, committed as `batch::Command::Cordon`).
+    Cordoned,
+    /// Back in rotation by `UncordonAgent`, status unchanged.
+    Uncordoned,
 }
 
 impl Cause {
-    pub const ALL: [Cause; 9] = [
+    pub const ALL: [Cause; 11] = [
         Cause::Registered,
         Cause::WorkStarted,
         Cause::WorkFinished,
@@ -111,6 +116,8 @@ impl Cause {
         Cause::Recovered,
         Cause::MarkedOffline,
         Cause::Resumed,
+        Cause::Cordoned,
+        Cause::Uncordoned,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -124,6 +131,8 @@ impl Cause {
             Cause::Recovered => "RECOVERED",
             Cause::MarkedOffline => "MARKED_OFFLINE",
             Cause::Resumed => "RESUMED",
+            Cause::Cordoned => "CORDONED",
+            Cause::Uncordoned => "UNCORDONED",
         }
     }
 

@@ -102,6 +102,8 @@ pub enum Action {
     ListRuns,
     // fleetcare.v1.DispatchService
     ResumeAgent,
+    CordonAgent,
+    UncordonAgent,
 }
 
 /// Who may call an action.
@@ -122,7 +124,7 @@ enum Rule {
 }
 
 impl Action {
-    pub const ALL: [Action; 29] = [
+    pub const ALL: [Action; 31] = [
         Action::RegisterAgent,
         Action::GetAgent,
         Action::ListAgents,
@@ -152,6 +154,8 @@ impl Action {
         Action::GetUsage,
         Action::ListRuns,
         Action::ResumeAgent,
+        Action::CordonAgent,
+        Action::UncordonAgent,
     ];
 
     /// The RPC's name, as a refusal names it.
@@ -186,6 +190,8 @@ impl Action {
             Action::GetUsage => "GetUsage",
             Action::ListRuns => "ListRuns",
             Action::ResumeAgent => "ResumeAgent",
+            Action::CordonAgent => "CordonAgent",
+            Action::UncordonAgent => "UncordonAgent",
         }
     }
 
@@ -199,7 +205,7 @@ impl Action {
             | Action::PlanRecovery
             | Action::ReportRecoveryOutcome => Rule::AgentWrite,
             Action::StartWork | Action::FinishWork => Rule::Work,
-            Action::ResumeAgent => Rule::Dispatch,
+            Action::ResumeAgent | Action::CordonAgent | Action::UncordonAgent => Rule::Dispatch,
             // Agent callers may read their own agents: the agent itself, its
             // transitions (list or watch), its error events and recoveries,
             // and what a limit report would mean for it.
@@ -616,7 +622,7 @@ mod tests {
             ReportRecoveryOutcome,
         ];
         let work = [StartWork, FinishWork];
-        let dispatch = [ResumeAgent];
+        let dispatch = [ResumeAgent, CordonAgent, UncordonAgent];
         match role {
             Role::Operator => true,
             Role::Reader => read_own.contains(&action) || read_fleet.contains(&action),
@@ -680,8 +686,14 @@ mod tests {
             (Role::Reader, false),
         ] {
             // An agent caller is refused even on an agent of its scope.
-            let got = authorize(&caller(role), Action::ResumeAgent, Some("eu-7"));
-            assert_eq!(got.is_ok(), allowed, "{role}");
+            for action in [
+                Action::ResumeAgent,
+                Action::CordonAgent,
+                Action::UncordonAgent,
+            ] {
+                let got = authorize(&caller(role), action, Some("eu-7"));
+                assert_eq!(got.is_ok(), allowed, "{role} {action:?}");
+            }
         }
         let refused = authorize(&caller(Role::Agent), Action::ResumeAgent, Some("eu-7"));
         assert_eq!(

@@ -47,6 +47,23 @@ pub enum Command {
         /// Who asked: the transition's actor.
         actor: String,
     },
+    /// `CordonAgent`: out of rotation, status and work kept, decided by
+    /// [`dispatch::cordon_decision`] (cause CORDONED, from == to; nothing
+    /// when cordoned already).
+    Cordon {
+        agent_id: String,
+        /// Stored as the agent's `cordon_reason`.
+        reason: String,
+        /// Who asked: the transition's actor.
+        actor: String,
+    },
+    /// `UncordonAgent`: back in rotation (cause UNCORDONED, from == to;
+    /// nothing when schedulable already).
+    Uncordon {
+        agent_id: String,
+        /// Who asked: the transition's actor.
+        actor: String,
+    },
 }
 
 impl Command {
@@ -54,7 +71,9 @@ impl Command {
         match self {
             Command::Register { agent_id, .. }
             | Command::Apply { agent_id, .. }
-            | Command::Resume { agent_id, .. } => agent_id,
+            | Command::Resume { agent_id, .. }
+            | Command::Cordon { agent_id, .. }
+            | Command::Uncordon { agent_id, .. } => agent_id,
         }
     }
 
@@ -62,7 +81,9 @@ impl Command {
         match self {
             Command::Register { actor, .. }
             | Command::Apply { actor, .. }
-            | Command::Resume { actor, .. } => actor,
+            | Command::Resume { actor, .. }
+            | Command::Cordon { actor, .. }
+            | Command::Uncordon { actor, .. } => actor,
         }
     }
 
@@ -84,7 +105,9 @@ impl Command {
         match &mut self {
             Command::Register { actor, .. }
             | Command::Apply { actor, .. }
-            | Command::Resume { actor, .. } => {
+            | Command::Resume { actor, .. }
+            | Command::Cordon { actor, .. }
+            | Command::Uncordon { actor, .. } => {
                 name.clone_into(actor);
             }
         }
@@ -255,6 +278,7 @@ pub fn plan(existing: Vec<Agent>, commands: &[Command], now: DateTime<Utc>) -> P
                         last_transition_at: now,
                         revision: 0,
                         state,
+                        cordon_reason: None,
                     };
                     created.insert(agent_id.to_owned());
                     changed.insert(agent_id.to_owned());
@@ -280,6 +304,35 @@ pub fn plan(existing: Vec<Agent>, commands: &[Command], now: DateTime<Utc>) -> P
                     continue;
                 }
             },
+            Command::Cordon { .. } | Command::Uncordon { .. } => {
+                let Some(agent) = agents.get_mut(agent_id) else {
+                    outcomes.push(Err(Refusal::UnknownAgent(agent_id.to_owned())));
+                    continue;
+                };
+                let reason = match command {
+                    Command::Cordon { reason, .. } => Some(reason.clone()),
+                    _ => None,
+                };
+                let transition = cordon(agent, reason).map(|change| {
+                    changed.insert(agent_id.to_owned());
+                    renumbered.insert(agent_id.to_owned());
+                    // The status did not change: the time it last did stays
+                    // (the longest-idle choice and offline expiry read it).
+                    let since = agent.last_transition_at;
+                    let t = push_transition(
+                        &mut transitions,
+                        agent,
+                        Some(change),
+                        command.actor(),
+                        now,
+                    );
+                    agent.last_transition_at = since;
+                    t
+                });
+                let relative = renumbered.contains(agent_id);
+                outcomes.push(Ok((snapshot(agent, transition, false), relative)));
+                continue;
+            }
         };
         let decided = match event {
             Some(event) => agent::decide(&agent.state, &agent.labels, event, now),
@@ -328,6 +381,25 @@ fn resume(state: &agent::AgentState) -> Result<Decision, TransitionRefused> {
             to: resumed.to,
             cause,
         }),
+    })
+}
+
+/// `Command::Cordon` (`reason` given) or `Uncordon` on `agent`: sets its
+/// cordon and returns the status change (from == to) to record, or `None`
+/// when it is already as asked (the rule is dispatch's).
+fn cordon(agent: &mut Agent, reason: Option<String>) -> Option<StatusChange> {
+    let cause = dispatch::cordon_decision(agent.cordon_reason.as_deref(), reason.is_some())?;
+    let cause = match cause {
+        DispatchCause::Cordoned => Cause::Cordoned,
+        DispatchCause::Uncordoned => Cause::Uncordoned,
+        other => unreachable!("cordon_decision records {other}"),
+    };
+    agent.cordon_reason = reason;
+    let status = agent.state.status;
+    Some(StatusChange {
+        from: status,
+        to: status,
+        cause,
     })
 }
 
@@ -396,6 +468,7 @@ mod tests {
                 last_heartbeat_at: at,
                 exhaustion: None,
             },
+            cordon_reason: None,
         }
     }
 
@@ -585,6 +658,62 @@ mod tests {
         );
         assert_eq!(outcomes[3], Err(Refusal::UnknownAgent("ghost".into())));
         assert_eq!(writes.transitions.len(), 1);
+        assert_eq!(writes.changed.len(), 1);
+    }
+
+    #[test]
+    fn cordon_keeps_the_status_and_records_a_transition_from_it_to_it() {
+        let cordon = |id: &str, reason: &str| Command::Cordon {
+            agent_id: id.into(),
+            reason: reason.into(),
+            actor: "op".into(),
+        };
+        let uncordon = |id: &str| Command::Uncordon {
+            agent_id: id.into(),
+            actor: "op".into(),
+        };
+        let busy = existing("a", AgentStatus::Busy, 3);
+        let since = busy.last_transition_at;
+        let plan = plan(
+            vec![busy, existing("b", AgentStatus::Idle, 4)],
+            &[
+                cordon("a", "disk"),
+                cordon("a", "other"),
+                uncordon("b"),
+                cordon("ghost", ""),
+                uncordon("a"),
+            ],
+            now(),
+        );
+        let (writes, outcomes) = plan.finish(10);
+        let first = outcomes[0].as_ref().unwrap();
+        let t = first.transition.as_ref().unwrap();
+        assert_eq!(
+            (t.from, t.to, t.cause, t.revision),
+            (
+                Some(AgentStatus::Busy),
+                AgentStatus::Busy,
+                Cause::Cordoned,
+                11
+            )
+        );
+        assert_eq!(first.agent.cordon_reason.as_deref(), Some("disk"));
+        assert_eq!(first.agent.state.status, AgentStatus::Busy);
+        assert_eq!(first.agent.last_transition_at, since);
+        assert_eq!(first.agent.revision, 11);
+        // Cordoned again: as is, first reason kept, no transition.
+        let again = outcomes[1].as_ref().unwrap();
+        assert_eq!(again.transition, None);
+        assert_eq!(again.agent.cordon_reason.as_deref(), Some("disk"));
+        // A schedulable agent uncordoned: nothing.
+        let b = outcomes[2].as_ref().unwrap();
+        assert_eq!((b.transition.as_ref(), b.agent.revision), (None, 4));
+        assert_eq!(outcomes[3], Err(Refusal::UnknownAgent("ghost".into())));
+        let back = outcomes[4].as_ref().unwrap();
+        let t = back.transition.as_ref().unwrap();
+        assert_eq!((t.cause, t.revision), (Cause::Uncordoned, 12));
+        assert_eq!(back.agent.cordon_reason, None);
+        assert_eq!(writes.transitions.len(), 2);
         assert_eq!(writes.changed.len(), 1);
     }
 

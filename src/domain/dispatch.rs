@@ -5,7 +5,9 @@
 //!
 //! The causes of the new transitions ([`DispatchCause`]) are local to this
 //! module until the proto and the stores learn them; [`agent::Cause`] has
-//! learned `RESUMED` (`batch::Command::Resume` is decided by [`resume_decision`]).
+//! learned `RESUMED` (`batch::Command::Resume` is decided by [`resume_decision`])
+//! and `CORDONED` / `UNCORDONED` (`batch::Command::Cordon` and `Uncordon`,
+//! decided by [`cordon_decision`]).
 
 use std::fmt;
 
@@ -853,6 +855,20 @@ pub fn resume_decision(state: &AgentState) -> Result<DispatchDecision, Transitio
         to: AgentStatus::Idle,
         cause: DispatchCause::Resumed,
     })
+}
+
+/// What `CordonAgent` (`cordon` true) or `UncordonAgent` does to an agent
+/// whose cordon is `current` (`None`: schedulable): the cause of the one
+/// transition it makes (from and to its current status), or `None` when it
+/// is already as asked. Cordoning a cordoned agent changes nothing, its first
+/// reason included (idempotent, like re-registration): uncordon first to
+/// give another.
+pub fn cordon_decision(current: Option<&str>, cordon: bool) -> Option<DispatchCause> {
+    match (current.is_some(), cordon) {
+        (false, true) => Some(DispatchCause::Cordoned),
+        (true, false) => Some(DispatchCause::Uncordoned),
+        (true, true) | (false, false) => None,
+    }
 }
 
 /// `DeleteAgent` on an agent holding a live claim: FAILED_PRECONDITION.

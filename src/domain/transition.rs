@@ -17,6 +17,9 @@ pub struct Agent {
     /// Revision of the agent's last transition.
     pub revision: i64,
     pub state: AgentState,
+    /// `Some` (the reason, maybe empty) while cordoned (`CordonAgent`): the
+    /// agent keeps its status and work but is never claimed. `None`: schedulable.
+    pub cordon_reason: Option<String>,
 }
 
 /// One durable status change. Revisions are global, strictly increasing and

@@ -83,7 +83,7 @@ impl AgentStatusApi {
             let _slot = &slot;
             Ok(match item? {
                 WatchEvent::Transition(t) => WatchFrame::Encoded(wire.transition(&t)),
-                other => WatchFrame::Message(watch_response(other)),
+                other => WatchFrame::Message(Box::new(watch_response(other))),
             })
         });
         Ok(Response::new(Box::pin(stream)))
@@ -136,7 +136,10 @@ impl AgentStatusApi {
             Command::Register {
                 agent_id, labels, ..
             } => self.guard.check_register(caller, agent_id, labels).await?,
-            Command::Apply { agent_id, .. } | Command::Resume { agent_id, .. } => {
+            Command::Apply { agent_id, .. }
+            | Command::Resume { agent_id, .. }
+            | Command::Cordon { agent_id, .. }
+            | Command::Uncordon { agent_id, .. } => {
                 self.guard.check_agent(caller, action, agent_id).await?
             }
         }

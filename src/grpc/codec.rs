@@ -74,7 +74,8 @@ impl<U: Message + Default> Decoder for InvalidArgumentDecoder<U> {
 /// on every stream; see [`WireCache`]).
 #[derive(Debug, Clone)]
 pub enum WatchFrame {
-    Message(pb::WatchTransitionsResponse),
+    /// Boxed: a snapshot's `Agent` makes it far larger than a shared frame.
+    Message(Box<pb::WatchTransitionsResponse>),
     /// A `WatchTransitionsResponse`, protobuf-encoded.
     Encoded(Bytes),
 }

@@ -111,6 +111,8 @@ fn cause_to_pb(cause: Cause) -> pb::TransitionCause {
         Cause::Recovered => pb::TransitionCause::Recovered,
         Cause::MarkedOffline => pb::TransitionCause::MarkedOffline,
         Cause::Resumed => pb::TransitionCause::Resumed,
+        Cause::Cordoned => pb::TransitionCause::Cordoned,
+        Cause::Uncordoned => pb::TransitionCause::Uncordoned,
     }
 }
 
@@ -131,6 +133,8 @@ impl From<&Agent> for pb::Agent {
             recovery_hint: exhaustion
                 .map(|e| e.recovery.hint.clone())
                 .unwrap_or_default(),
+            schedulable: agent.cordon_reason.is_none(),
+            cordon_reason: agent.cordon_reason.clone().unwrap_or_default(),
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use tonic::{Request, Response, Status};
 
-use crate::domain::auth::Action;
+use crate::domain::auth::{Action, Caller};
 use crate::domain::batch::Command;
 use crate::error::{Error, Result};
 use crate::grpc::auth::{self, Guard};
@@ -45,6 +45,55 @@ impl TryFrom<pb::ResumeAgentRequest> for ResumeAgent {
     }
 }
 
+/// A checked `CordonAgentRequest`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CordonAgent {
+    pub agent_id: String,
+    pub reason: String,
+}
+
+impl TryFrom<pb::CordonAgentRequest> for CordonAgent {
+    type Error = Error;
+
+    fn try_from(request: pb::CordonAgentRequest) -> Result<CordonAgent> {
+        let pb::CordonAgentRequest { agent_id, reason } = request;
+        let agent_id = validate::agent_id("agent_id", &agent_id)?;
+        validate::bounded_text("reason", &reason, MAX_REASON_BYTES)?;
+        Ok(CordonAgent { agent_id, reason })
+    }
+}
+
+impl DispatchApi {
+    /// Authorizes and commits a cordon command: the agent as it left it and
+    /// its transition (none when it was as asked already).
+    async fn cordon(
+        &self,
+        caller: &Caller,
+        action: Action,
+        command: Command,
+    ) -> Result<(pb::Agent, Option<pb::Transition>)> {
+        record_agent_id(command.agent_id());
+        self.guard
+            .check_agent(caller, action, command.agent_id())
+            .await?;
+        let applied = self.writes.commit(command.by(&caller.name)).await?;
+        if let Some(t) = &applied.transition {
+            tracing::info!(
+                agent_id = %applied.agent.agent_id,
+                revision = t.revision,
+                actor = %caller.name,
+                cause = t.cause.as_str(),
+                reason = applied.agent.cordon_reason.as_deref().unwrap_or_default(),
+                "agent cordon changed"
+            );
+        }
+        Ok((
+            (&applied.agent).into(),
+            applied.transition.as_ref().map(Into::into),
+        ))
+    }
+}
+
 #[tonic::async_trait]
 impl DispatchService for DispatchApi {
     async fn resume_agent(
@@ -77,6 +126,42 @@ impl DispatchService for DispatchApi {
         Ok(Response::new(pb::ResumeAgentResponse {
             agent: Some((&applied.agent).into()),
             transition: Some(transition.into()),
+        }))
+    }
+
+    async fn cordon_agent(
+        &self,
+        request: Request<pb::CordonAgentRequest>,
+    ) -> Result<Response<pb::CordonAgentResponse>, Status> {
+        let caller = auth::caller(&request)?;
+        let CordonAgent { agent_id, reason } = request.into_inner().try_into()?;
+        let command = Command::Cordon {
+            agent_id,
+            reason,
+            actor: String::new(),
+        };
+        let (agent, transition) = self.cordon(&caller, Action::CordonAgent, command).await?;
+        Ok(Response::new(pb::CordonAgentResponse {
+            agent: Some(agent),
+            transition,
+        }))
+    }
+
+    async fn uncordon_agent(
+        &self,
+        request: Request<pb::UncordonAgentRequest>,
+    ) -> Result<Response<pb::UncordonAgentResponse>, Status> {
+        let caller = auth::caller(&request)?;
+        let pb::UncordonAgentRequest { agent_id } = request.into_inner();
+        let agent_id = validate::agent_id("agent_id", &agent_id)?;
+        let command = Command::Uncordon {
+            agent_id,
+            actor: String::new(),
+        };
+        let (agent, transition) = self.cordon(&caller, Action::UncordonAgent, command).await?;
+        Ok(Response::new(pb::UncordonAgentResponse {
+            agent: Some(agent),
+            transition,
         }))
     }
 }

@@ -48,7 +48,7 @@ use crate::storage::{AgentQuery, AgentStore, StatusCounts};
 /// The columns of [`AgentRow`], in its order.
 pub(crate) const AGENT_COLUMNS: &str = "agent_id, status, labels, registered_at, \
      last_heartbeat_at, last_transition_at, revision, exhaustion_reason, recovery_at, \
-     recovery_source, recovery_hint";
+     recovery_source, recovery_hint, cordon_reason";
 
 /// The columns of [`TransitionRow`], in its order.
 pub(crate) const TRANSITION_COLUMNS: &str = "revision, agent_id, from_status, to_status, \
@@ -68,6 +68,7 @@ pub(crate) struct AgentRow<T, J> {
     recovery_at: Option<T>,
     recovery_source: Option<String>,
     recovery_hint: Option<String>,
+    cordon_reason: Option<String>,
 }
 
 /// One row of `transitions`, `T` the backend's time.
@@ -110,6 +111,7 @@ impl<T: StoredTime, J: StoredJson<Labels>> TryFrom<AgentRow<T, J>> for Agent {
             registered_at: row.registered_at.time(),
             last_transition_at: row.last_transition_at.time(),
             revision: row.revision,
+            cordon_reason: row.cordon_reason,
         })
     }
 }

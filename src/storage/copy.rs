@@ -174,6 +174,7 @@ pub static TABLES: &[TableSpec] = &[
             ("recovery_at", Timestamp),
             ("recovery_source", Text),
             ("recovery_hint", Text),
+            ("cordon_reason", Text),
         ],
         singleton: false,
         serial: None,

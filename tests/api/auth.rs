@@ -264,6 +264,35 @@ impl AuthApp {
             .map(|r| r.into_inner())
     }
 
+    async fn cordon(
+        &self,
+        name: &str,
+        agent_id: &str,
+    ) -> Result<pb::CordonAgentResponse, tonic::Status> {
+        let request = pb::CordonAgentRequest {
+            agent_id: agent_id.into(),
+            reason: format!("{name} says so"),
+        };
+        DispatchServiceClient::new(self.app.channel.clone())
+            .cordon_agent(as_(name, request))
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    async fn uncordon(
+        &self,
+        name: &str,
+        agent_id: &str,
+    ) -> Result<pb::UncordonAgentResponse, tonic::Status> {
+        let request = pb::UncordonAgentRequest {
+            agent_id: agent_id.into(),
+        };
+        DispatchServiceClient::new(self.app.channel.clone())
+            .uncordon_agent(as_(name, request))
+            .await
+            .map(|r| r.into_inner())
+    }
+
     async fn report_error(
         &self,
         name: &str,
@@ -560,6 +589,63 @@ async fn resume_agent_is_for_schedulers_and_operators_and_records_its_actor() {
         .resume("alice", "eu-1")
         .await
         .expect("operator resumes")
+        .transition
+        .unwrap();
+    assert_eq!(t.actor, "alice");
+}
+
+#[tokio::test]
+async fn cordons_are_for_schedulers_and_operators_and_record_their_actor() {
+    let db = TestDb::new();
+    let a = spawn(&db, &callers()).await;
+    a.register("runner", "eu-1", &[]).await.unwrap();
+
+    // An agent caller may not, even on an agent of its scope; nor a reader.
+    for name in ["runner", "carol"] {
+        let role = if name == "runner" { "agent" } else { "reader" };
+        assert_denied(
+            a.cordon(name, "eu-1").await,
+            &format!("{name} ({role}) may not call CordonAgent"),
+        );
+        assert_denied(
+            a.uncordon(name, "eu-1").await,
+            &format!("{name} ({role}) may not call UncordonAgent"),
+        );
+    }
+    assert!(
+        a.get("alice", "eu-1")
+            .await
+            .unwrap()
+            .agent
+            .unwrap()
+            .schedulable
+    );
+
+    // A scheduler may, on any agent; the transition's actor is the caller.
+    let t = a
+        .cordon("sched", "eu-1")
+        .await
+        .expect("scheduler cordons")
+        .transition
+        .unwrap();
+    assert_eq!(t.cause, pb::TransitionCause::Cordoned as i32);
+    assert_eq!(t.actor, "sched");
+    let t = a
+        .uncordon("sched", "eu-1")
+        .await
+        .expect("scheduler uncordons")
+        .transition
+        .unwrap();
+    assert_eq!(t.cause, pb::TransitionCause::Uncordoned as i32);
+
+    // And an operator.
+    let cordoned = a.cordon("alice", "eu-1").await.expect("operator cordons");
+    assert_eq!(cordoned.transition.unwrap().actor, "alice");
+    assert_eq!(cordoned.agent.unwrap().cordon_reason, "alice says so");
+    let t = a
+        .uncordon("alice", "eu-1")
+        .await
+        .expect("operator uncordons")
         .transition
         .unwrap();
     assert_eq!(t.actor, "alice");

@@ -175,6 +175,60 @@ async fn agents_resume_returns_an_exhausted_agent_to_idle_and_refuses_otherwise(
 }
 
 #[tokio::test]
+async fn agents_cordon_and_uncordon_and_list_and_get_show_it() {
+    let db = TestDb::new();
+    let app = TestApp::spawn(&db).await;
+    app.register("cli-c1").await;
+    app.register("cli-c2").await;
+    app.start_work("cli-c1").await.unwrap();
+
+    let line = stdout(
+        &fleetcare(
+            app.addr,
+            &["agents", "cordon", "cli-c1", "--reason", "disk failing"],
+        )
+        .await,
+    );
+    assert!(
+        line.trim_end()
+            .ends_with("cli-c1  BUSY -> BUSY  CORDONED  by anonymous"),
+        "{line}"
+    );
+    let again = stdout(&fleetcare(app.addr, &["agents", "cordon", "cli-c1"]).await);
+    assert_eq!(again, "cli-c1 is cordoned already\n");
+
+    let one = json(&fleetcare(app.addr, &["agents", "get", "cli-c1", "--json"]).await);
+    assert_eq!(one["status"], "BUSY");
+    assert_eq!(one["schedulable"], false);
+    assert_eq!(one["cordon_reason"], "disk failing");
+    let details = stdout(&fleetcare(app.addr, &["agents", "get", "cli-c1"]).await);
+    assert!(details.contains("schedulable:      no\n"), "{details}");
+    assert!(
+        details.contains("cordon reason:    disk failing\n"),
+        "{details}"
+    );
+
+    let table = stdout(&fleetcare(app.addr, &["agents", "list"]).await);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].contains("SCHEDULABLE"), "{table}");
+    let words = |l: &str| l.split_whitespace().map(String::from).collect::<Vec<_>>();
+    assert_eq!(words(lines[1])[0], "cli-c1", "{table}");
+    assert!(words(lines[1]).contains(&"no".to_string()), "{table}");
+    assert!(words(lines[2]).contains(&"yes".to_string()), "{table}");
+
+    let agent = json(&fleetcare(app.addr, &["agents", "uncordon", "cli-c1", "--json"]).await);
+    assert_eq!(agent["schedulable"], true);
+    assert!(agent.get("cordon_reason").is_none(), "{agent}");
+    let again = stdout(&fleetcare(app.addr, &["agents", "uncordon", "cli-c1"]).await);
+    assert_eq!(again, "cli-c1 is schedulable already\n");
+
+    let (line, code) = failure(&fleetcare(app.addr, &["agents", "cordon", "ghost"]).await);
+    assert!(line.contains("ghost"), "{line}");
+    assert_eq!(code, i32::from(exit::NOT_FOUND));
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn failures_are_one_line_with_an_exit_code_per_kind() {
     let db = TestDb::new();
     let app = TestApp::spawn(&db).await;

@@ -65,7 +65,7 @@ async fn fill(db: &TestDb) -> Vec<(&'static str, u64)> {
     for (i, id) in agent_ids.iter().enumerate() {
         let i = i as i64;
         let exhausted = i % 3 == 0;
-        sqlx::query("INSERT INTO agents VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+        sqlx::query("INSERT INTO agents VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
             .bind(id)
             .bind(if exhausted { "EXHAUSTED" } else { "IDLE" })
             .bind(if i % 2 == 0 {
@@ -81,6 +81,12 @@ async fn fill(db: &TestDb) -> Vec<(&'static str, u64)> {
             .bind(exhausted.then_some(T0 + 3_600_000_000))
             .bind(exhausted.then_some("retry-after"))
             .bind(exhausted.then_some("résumé at 2am ⏰"))
+            // Cordoned with a reason, with an empty one, or schedulable (NULL).
+            .bind(match i % 4 {
+                1 => Some("disk failing ⚠"),
+                2 => Some(""),
+                _ => None,
+            })
             .execute(&mut c)
             .await
             .unwrap();

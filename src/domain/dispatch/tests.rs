@@ -55,6 +55,7 @@ fn agent(id: &str, status: AgentStatus, since: i64, pairs: &[(&str, &str)]) -> A
             exhaustion: (status == AgentStatus::Exhausted)
                 .then(|| exhaustion(t0() + Duration::hours(1))),
         },
+        cordon_reason: None,
     }
 }
 
@@ -623,6 +624,16 @@ fn cause_spellings_round_trip() {
             DispatchCause::Resumed => {
                 assert_eq!(agent::Cause::parse(c.as_str()), Some(agent::Cause::Resumed))
             }
+            DispatchCause::Cordoned => {
+                assert_eq!(
+                    agent::Cause::parse(c.as_str()),
+                    Some(agent::Cause::Cordoned)
+                )
+            }
+            DispatchCause::Uncordoned => assert_eq!(
+                agent::Cause::parse(c.as_str()),
+                Some(agent::Cause::Uncordoned)
+            ),
             _ => assert_eq!(agent::Cause::parse(c.as_str()), None),
         }
     }
@@ -650,6 +661,24 @@ fn resume_only_from_exhausted() {
         );
         assert_eq!(e.current, status);
     }
+}
+
+#[test]
+fn cordon_and_uncordon_change_only_what_is_not_as_asked() {
+    assert_eq!(cordon_decision(None, true), Some(DispatchCause::Cordoned));
+    assert_eq!(
+        cordon_decision(Some("disk"), false),
+        Some(DispatchCause::Uncordoned)
+    );
+    assert_eq!(
+        cordon_decision(Some(""), false),
+        Some(DispatchCause::Uncordoned)
+    );
+    // Idempotent: a cordoned agent cordoned again (any reason), a schedulable
+    // one uncordoned.
+    assert_eq!(cordon_decision(Some("disk"), true), None);
+    assert_eq!(cordon_decision(Some(""), true), None);
+    assert_eq!(cordon_decision(None, false), None);
 }
 
 #[test]

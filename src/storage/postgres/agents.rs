@@ -54,6 +54,7 @@ struct AgentColumns {
     recovery_at: Vec<Option<DateTime<Utc>>>,
     recovery_source: Vec<Option<&'static str>>,
     recovery_hint: Vec<Option<String>>,
+    cordon_reason: Vec<Option<String>>,
 }
 
 impl AgentColumns {
@@ -75,6 +76,7 @@ impl AgentColumns {
             c.recovery_source
                 .push(ex.map(|e| e.recovery.source.as_str()));
             c.recovery_hint.push(ex.map(|e| e.recovery.hint.clone()));
+            c.cordon_reason.push(a.cordon_reason.clone());
         }
         Ok(c)
     }
@@ -94,9 +96,10 @@ impl AgentColumns {
 const WRITE_BATCH: &str = "WITH locked AS (
          SELECT a.agent_id FROM agents a
          JOIN unnest($24::text[], $25::text[], $26::text[], $27::timestamptz[], $28::bigint[],
-                     $29::text[], $30::timestamptz[], $31::text[], $32::text[])
+                     $29::text[], $30::timestamptz[], $31::text[], $32::text[], $33::text[])
               AS e(agent_id, status, labels, last_transition_at, revision,
-                   exhaustion_reason, recovery_at, recovery_source, recovery_hint)
+                   exhaustion_reason, recovery_at, recovery_source, recovery_hint,
+                   cordon_reason)
            ON a.agent_id = e.agent_id
          WHERE a.status = e.status AND a.labels = e.labels::jsonb
            AND a.last_transition_at = e.last_transition_at AND a.revision = e.revision
@@ -104,6 +107,7 @@ const WRITE_BATCH: &str = "WITH locked AS (
            AND a.recovery_at IS NOT DISTINCT FROM e.recovery_at
            AND a.recovery_source IS NOT DISTINCT FROM e.recovery_source
            AND a.recovery_hint IS NOT DISTINCT FROM e.recovery_hint
+           AND a.cordon_reason IS NOT DISTINCT FROM e.cordon_reason
          ORDER BY a.agent_id
          FOR UPDATE OF a
      ),
@@ -141,13 +145,14 @@ const WRITE_BATCH: &str = "WITH locked AS (
              exhaustion_reason = u.exhaustion_reason,
              recovery_at = u.recovery_at,
              recovery_source = u.recovery_source,
-             recovery_hint = u.recovery_hint
+             recovery_hint = u.recovery_hint,
+             cordon_reason = u.cordon_reason
          FROM base, unnest($3::text[], $4::text[], $5::text[], $6::timestamptz[],
                            $7::timestamptz[], $8::bigint[], $9::bool[], $10::text[],
-                           $11::timestamptz[], $12::text[], $13::text[])
+                           $11::timestamptz[], $12::text[], $13::text[], $34::text[])
               AS u(agent_id, status, labels, last_heartbeat_at, last_transition_at,
                    revision, shift, exhaustion_reason, recovery_at, recovery_source,
-                   recovery_hint)
+                   recovery_hint, cordon_reason)
          WHERE agents.agent_id = u.agent_id
      )
      SELECT ok.ok, COALESCE(base.base, 0) FROM ok
@@ -368,6 +373,8 @@ async fn write_batch(
         .bind(&e.recovery_at)
         .bind(&e.recovery_source)
         .bind(&e.recovery_hint)
+        .bind(&e.cordon_reason)
+        .bind(&c.cordon_reason)
         .fetch_one(conn)
         .await?;
     Ok(written)

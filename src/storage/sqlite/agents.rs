@@ -56,6 +56,7 @@ fn agents_json(agents: &[Agent]) -> Result<String> {
                 "recovery_at": ex.map(|e| micros(e.recovery.recovery_at)),
                 "recovery_source": ex.map(|e| e.recovery.source.as_str()),
                 "recovery_hint": ex.map(|e| e.recovery.hint.as_str()),
+                "cordon_reason": a.cordon_reason,
             }))
         })
         .collect::<Result<Vec<_>>>()?;
@@ -97,12 +98,12 @@ const INSERT_TRANSITIONS: &str = "INSERT INTO transitions (revision, agent_id, f
 /// from a join's ON.)
 const UPSERT_AGENTS: &str = "INSERT INTO agents (agent_id, status, labels, registered_at, \
          last_heartbeat_at, last_transition_at, revision, exhaustion_reason, recovery_at, \
-         recovery_source, recovery_hint)
+         recovery_source, recovery_hint, cordon_reason)
      SELECT value ->> 'agent_id', value ->> 'status', value ->> 'labels',
             value ->> 'registered_at', value ->> 'last_heartbeat_at',
             value ->> 'last_transition_at', value ->> 'revision',
             value ->> 'exhaustion_reason', value ->> 'recovery_at',
-            value ->> 'recovery_source', value ->> 'recovery_hint'
+            value ->> 'recovery_source', value ->> 'recovery_hint', value ->> 'cordon_reason'
      FROM json_each(?1) WHERE true
      ON CONFLICT (agent_id) DO UPDATE SET
          status = excluded.status,
@@ -113,7 +114,8 @@ const UPSERT_AGENTS: &str = "INSERT INTO agents (agent_id, status, labels, regis
          exhaustion_reason = excluded.exhaustion_reason,
          recovery_at = excluded.recovery_at,
          recovery_source = excluded.recovery_source,
-         recovery_hint = excluded.recovery_hint";
+         recovery_hint = excluded.recovery_hint,
+         cordon_reason = excluded.cordon_reason";
 
 /// One transaction on the embedded store. Its one writer serialises every
 /// write transaction, so the lock is a plain read: nobody else can change

@@ -53,6 +53,8 @@ class TransitionCause(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRANSITION_CAUSE_RECOVERED: _ClassVar[TransitionCause]
     TRANSITION_CAUSE_MARKED_OFFLINE: _ClassVar[TransitionCause]
     TRANSITION_CAUSE_RESUMED: _ClassVar[TransitionCause]
+    TRANSITION_CAUSE_CORDONED: _ClassVar[TransitionCause]
+    TRANSITION_CAUSE_UNCORDONED: _ClassVar[TransitionCause]
 AGENT_STATUS_UNSPECIFIED: AgentStatus
 AGENT_STATUS_IDLE: AgentStatus
 AGENT_STATUS_BUSY: AgentStatus
@@ -81,9 +83,11 @@ TRANSITION_CAUSE_EXHAUSTED: TransitionCause
 TRANSITION_CAUSE_RECOVERED: TransitionCause
 TRANSITION_CAUSE_MARKED_OFFLINE: TransitionCause
 TRANSITION_CAUSE_RESUMED: TransitionCause
+TRANSITION_CAUSE_CORDONED: TransitionCause
+TRANSITION_CAUSE_UNCORDONED: TransitionCause
 
 class Agent(_message.Message):
-    __slots__ = ("agent_id", "status", "labels", "registered_at", "last_heartbeat_at", "last_transition_at", "revision", "exhaustion_reason", "recovery_at", "recovery_source", "recovery_hint")
+    __slots__ = ("agent_id", "status", "labels", "registered_at", "last_heartbeat_at", "last_transition_at", "revision", "exhaustion_reason", "recovery_at", "recovery_source", "recovery_hint", "schedulable", "cordon_reason")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +106,8 @@ class Agent(_message.Message):
     RECOVERY_AT_FIELD_NUMBER: _ClassVar[int]
     RECOVERY_SOURCE_FIELD_NUMBER: _ClassVar[int]
     RECOVERY_HINT_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULABLE_FIELD_NUMBER: _ClassVar[int]
+    CORDON_REASON_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     status: AgentStatus
     labels: _containers.ScalarMap[str, str]
@@ -113,7 +119,9 @@ class Agent(_message.Message):
     recovery_at: _timestamp_pb2.Timestamp
     recovery_source: RecoverySource
     recovery_hint: str
-    def __init__(self, agent_id: _Optional[str] = ..., status: _Optional[_Union[AgentStatus, str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_transition_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revision: _Optional[int] = ..., exhaustion_reason: _Optional[_Union[ExhaustionReason, str]] = ..., recovery_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., recovery_source: _Optional[_Union[RecoverySource, str]] = ..., recovery_hint: _Optional[str] = ...) -> None: ...
+    schedulable: bool
+    cordon_reason: str
+    def __init__(self, agent_id: _Optional[str] = ..., status: _Optional[_Union[AgentStatus, str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_transition_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revision: _Optional[int] = ..., exhaustion_reason: _Optional[_Union[ExhaustionReason, str]] = ..., recovery_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., recovery_source: _Optional[_Union[RecoverySource, str]] = ..., recovery_hint: _Optional[str] = ..., schedulable: bool = ..., cordon_reason: _Optional[str] = ...) -> None: ...
 
 class Transition(_message.Message):
     __slots__ = ("revision", "agent_id", "from_status", "to_status", "cause", "occurred_at", "exhaustion_reason", "recovery_at", "actor")

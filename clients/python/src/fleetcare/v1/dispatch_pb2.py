@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from fleetcare.v1 import agent_status_pb2 as fleetcare_dot_v1_dot_agent__status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66leetcare/v1/dispatch.proto\x12\x0c\x66leetcare.v1\x1a\x1f\x66leetcare/v1/agent_status.proto\"6\n\x12ResumeAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"g\n\x13ResumeAgentResponse\x12\"\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x13.fleetcare.v1.Agent\x12,\n\ntransition\x18\x02 \x01(\x0b\x32\x18.fleetcare.v1.Transition2e\n\x0f\x44ispatchService\x12R\n\x0bResumeAgent\x12 .fleetcare.v1.ResumeAgentRequest\x1a!.fleetcare.v1.ResumeAgentResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66leetcare/v1/dispatch.proto\x12\x0c\x66leetcare.v1\x1a\x1f\x66leetcare/v1/agent_status.proto\"6\n\x12ResumeAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"g\n\x13ResumeAgentResponse\x12\"\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x13.fleetcare.v1.Agent\x12,\n\ntransition\x18\x02 \x01(\x0b\x32\x18.fleetcare.v1.Transition\"6\n\x12\x43ordonAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"g\n\x13\x43ordonAgentResponse\x12\"\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x13.fleetcare.v1.Agent\x12,\n\ntransition\x18\x02 \x01(\x0b\x32\x18.fleetcare.v1.Transition\"(\n\x14UncordonAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"i\n\x15UncordonAgentResponse\x12\"\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x13.fleetcare.v1.Agent\x12,\n\ntransition\x18\x02 \x01(\x0b\x32\x18.fleetcare.v1.Transition2\x93\x02\n\x0f\x44ispatchService\x12R\n\x0bResumeAgent\x12 .fleetcare.v1.ResumeAgentRequest\x1a!.fleetcare.v1.ResumeAgentResponse\x12R\n\x0b\x43ordonAgent\x12 .fleetcare.v1.CordonAgentRequest\x1a!.fleetcare.v1.CordonAgentResponse\x12X\n\rUncordonAgent\x12\".fleetcare.v1.UncordonAgentRequest\x1a#.fleetcare.v1.UncordonAgentResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,6 +36,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESUMEAGENTREQUEST']._serialized_end=132
   _globals['_RESUMEAGENTRESPONSE']._serialized_start=134
   _globals['_RESUMEAGENTRESPONSE']._serialized_end=237
-  _globals['_DISPATCHSERVICE']._serialized_start=239
-  _globals['_DISPATCHSERVICE']._serialized_end=340
+  _globals['_CORDONAGENTREQUEST']._serialized_start=239
+  _globals['_CORDONAGENTREQUEST']._serialized_end=293
+  _globals['_CORDONAGENTRESPONSE']._serialized_start=295
+  _globals['_CORDONAGENTRESPONSE']._serialized_end=398
+  _globals['_UNCORDONAGENTREQUEST']._serialized_start=400
+  _globals['_UNCORDONAGENTREQUEST']._serialized_end=440
+  _globals['_UNCORDONAGENTRESPONSE']._serialized_start=442
+  _globals['_UNCORDONAGENTRESPONSE']._serialized_end=547
+  _globals['_DISPATCHSERVICE']._serialized_start=550
+  _globals['_DISPATCHSERVICE']._serialized_end=825
 # @@protoc_insertion_point(module_scope)

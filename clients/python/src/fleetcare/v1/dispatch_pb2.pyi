@@ -21,3 +21,33 @@ class ResumeAgentResponse(_message.Message):
     agent: _agent_status_pb2.Agent
     transition: _agent_status_pb2.Transition
     def __init__(self, agent: _Optional[_Union[_agent_status_pb2.Agent, _Mapping]] = ..., transition: _Optional[_Union[_agent_status_pb2.Transition, _Mapping]] = ...) -> None: ...
+
+class CordonAgentRequest(_message.Message):
+    __slots__ = ("agent_id", "reason")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    reason: str
+    def __init__(self, agent_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class CordonAgentResponse(_message.Message):
+    __slots__ = ("agent", "transition")
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    TRANSITION_FIELD_NUMBER: _ClassVar[int]
+    agent: _agent_status_pb2.Agent
+    transition: _agent_status_pb2.Transition
+    def __init__(self, agent: _Optional[_Union[_agent_status_pb2.Agent, _Mapping]] = ..., transition: _Optional[_Union[_agent_status_pb2.Transition, _Mapping]] = ...) -> None: ...
+
+class UncordonAgentRequest(_message.Message):
+    __slots__ = ("agent_id",)
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    def __init__(self, agent_id: _Optional[str] = ...) -> None: ...
+
+class UncordonAgentResponse(_message.Message):
+    __slots__ = ("agent", "transition")
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    TRANSITION_FIELD_NUMBER: _ClassVar[int]
+    agent: _agent_status_pb2.Agent
+    transition: _agent_status_pb2.Transition
+    def __init__(self, agent: _Optional[_Union[_agent_status_pb2.Agent, _Mapping]] = ..., transition: _Optional[_Union[_agent_status_pb2.Transition, _Mapping]] = ...) -> None: ...

@@ -41,6 +41,16 @@ class DispatchServiceStub(object):
                 request_serializer=fleetcare_dot_v1_dot_dispatch__pb2.ResumeAgentRequest.SerializeToString,
                 response_deserializer=fleetcare_dot_v1_dot_dispatch__pb2.ResumeAgentResponse.FromString,
                 _registered_method=True)
+        self.CordonAgent = channel.unary_unary(
+                '/fleetcare.v1.DispatchService/CordonAgent',
+                request_serializer=fleetcare_dot_v1_dot_dispatch__pb2.CordonAgentRequest.SerializeToString,
+                response_deserializer=fleetcare_dot_v1_dot_dispatch__pb2.CordonAgentResponse.FromString,
+                _registered_method=True)
+        self.UncordonAgent = channel.unary_unary(
+                '/fleetcare.v1.DispatchService/UncordonAgent',
+                request_serializer=fleetcare_dot_v1_dot_dispatch__pb2.UncordonAgentRequest.SerializeToString,
+                response_deserializer=fleetcare_dot_v1_dot_dispatch__pb2.UncordonAgentResponse.FromString,
+                _registered_method=True)
 
 
 class DispatchServiceServicer(object):
@@ -57,6 +67,25 @@ class DispatchServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CordonAgent(self, request, context):
+        """CordonAgent takes an agent out of rotation: it keeps its status and its
+        work but is never claimed, until UncordonAgent. One transition with cause
+        TRANSITION_CAUSE_CORDONED and from_status equal to to_status. Cordoning a
+        cordoned agent changes nothing (no transition; its first reason is kept).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UncordonAgent(self, request, context):
+        """UncordonAgent puts a cordoned agent back in rotation: one transition with
+        cause TRANSITION_CAUSE_UNCORDONED and from_status equal to to_status.
+        Uncordoning a schedulable agent changes nothing (no transition).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DispatchServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -64,6 +93,16 @@ def add_DispatchServiceServicer_to_server(servicer, server):
                     servicer.ResumeAgent,
                     request_deserializer=fleetcare_dot_v1_dot_dispatch__pb2.ResumeAgentRequest.FromString,
                     response_serializer=fleetcare_dot_v1_dot_dispatch__pb2.ResumeAgentResponse.SerializeToString,
+            ),
+            'CordonAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.CordonAgent,
+                    request_deserializer=fleetcare_dot_v1_dot_dispatch__pb2.CordonAgentRequest.FromString,
+                    response_serializer=fleetcare_dot_v1_dot_dispatch__pb2.CordonAgentResponse.SerializeToString,
+            ),
+            'UncordonAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.UncordonAgent,
+                    request_deserializer=fleetcare_dot_v1_dot_dispatch__pb2.UncordonAgentRequest.FromString,
+                    response_serializer=fleetcare_dot_v1_dot_dispatch__pb2.UncordonAgentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -95,6 +134,60 @@ class DispatchService(object):
             '/fleetcare.v1.DispatchService/ResumeAgent',
             fleetcare_dot_v1_dot_dispatch__pb2.ResumeAgentRequest.SerializeToString,
             fleetcare_dot_v1_dot_dispatch__pb2.ResumeAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CordonAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetcare.v1.DispatchService/CordonAgent',
+            fleetcare_dot_v1_dot_dispatch__pb2.CordonAgentRequest.SerializeToString,
+            fleetcare_dot_v1_dot_dispatch__pb2.CordonAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UncordonAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetcare.v1.DispatchService/UncordonAgent',
+            fleetcare_dot_v1_dot_dispatch__pb2.UncordonAgentRequest.SerializeToString,
+            fleetcare_dot_v1_dot_dispatch__pb2.UncordonAgentResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file fleetcare/v1/dispatch.proto.
  */
 export const file_fleetcare_v1_dispatch: GenFile = /*@__PURE__*/
-  fileDesc("ChtmbGVldGNhcmUvdjEvZGlzcGF0Y2gucHJvdG8SDGZsZWV0Y2FyZS52MSI2ChJSZXN1bWVBZ2VudFJlcXVlc3QSEAoIYWdlbnRfaWQYASABKAkSDgoGcmVhc29uGAIgASgJImcKE1Jlc3VtZUFnZW50UmVzcG9uc2USIgoFYWdlbnQYASABKAsyEy5mbGVldGNhcmUudjEuQWdlbnQSLAoKdHJhbnNpdGlvbhgCIAEoCzIYLmZsZWV0Y2FyZS52MS5UcmFuc2l0aW9uMmUKD0Rpc3BhdGNoU2VydmljZRJSCgtSZXN1bWVBZ2VudBIgLmZsZWV0Y2FyZS52MS5SZXN1bWVBZ2VudFJlcXVlc3QaIS5mbGVldGNhcmUudjEuUmVzdW1lQWdlbnRSZXNwb25zZWIGcHJvdG8z", [file_fleetcare_v1_agent_status]);
+  fileDesc("ChtmbGVldGNhcmUvdjEvZGlzcGF0Y2gucHJvdG8SDGZsZWV0Y2FyZS52MSI2ChJSZXN1bWVBZ2VudFJlcXVlc3QSEAoIYWdlbnRfaWQYASABKAkSDgoGcmVhc29uGAIgASgJImcKE1Jlc3VtZUFnZW50UmVzcG9uc2USIgoFYWdlbnQYASABKAsyEy5mbGVldGNhcmUudjEuQWdlbnQSLAoKdHJhbnNpdGlvbhgCIAEoCzIYLmZsZWV0Y2FyZS52MS5UcmFuc2l0aW9uIjYKEkNvcmRvbkFnZW50UmVxdWVzdBIQCghhZ2VudF9pZBgBIAEoCRIOCgZyZWFzb24YAiABKAkiZwoTQ29yZG9uQWdlbnRSZXNwb25zZRIiCgVhZ2VudBgBIAEoCzITLmZsZWV0Y2FyZS52MS5BZ2VudBIsCgp0cmFuc2l0aW9uGAIgASgLMhguZmxlZXRjYXJlLnYxLlRyYW5zaXRpb24iKAoUVW5jb3Jkb25BZ2VudFJlcXVlc3QSEAoIYWdlbnRfaWQYASABKAkiaQoVVW5jb3Jkb25BZ2VudFJlc3BvbnNlEiIKBWFnZW50GAEgASgLMhMuZmxlZXRjYXJlLnYxLkFnZW50EiwKCnRyYW5zaXRpb24YAiABKAsyGC5mbGVldGNhcmUudjEuVHJhbnNpdGlvbjKTAgoPRGlzcGF0Y2hTZXJ2aWNlElIKC1Jlc3VtZUFnZW50EiAuZmxlZXRjYXJlLnYxLlJlc3VtZUFnZW50UmVxdWVzdBohLmZsZWV0Y2FyZS52MS5SZXN1bWVBZ2VudFJlc3BvbnNlElIKC0NvcmRvbkFnZW50EiAuZmxlZXRjYXJlLnYxLkNvcmRvbkFnZW50UmVxdWVzdBohLmZsZWV0Y2FyZS52MS5Db3Jkb25BZ2VudFJlc3BvbnNlElgKDVVuY29yZG9uQWdlbnQSIi5mbGVldGNhcmUudjEuVW5jb3Jkb25BZ2VudFJlcXVlc3QaIy5mbGVldGNhcmUudjEuVW5jb3Jkb25BZ2VudFJlc3BvbnNlYgZwcm90bzM", [file_fleetcare_v1_agent_status]);
 
 /**
  * ResumeAgentRequest names the agent to resume.
@@ -72,6 +72,112 @@ export const ResumeAgentResponseSchema: GenMessage<ResumeAgentResponse> = /*@__P
   messageDesc(file_fleetcare_v1_dispatch, 1);
 
 /**
+ * CordonAgentRequest names the agent to take out of rotation.
+ *
+ * @generated from message fleetcare.v1.CordonAgentRequest
+ */
+export type CordonAgentRequest = Message<"fleetcare.v1.CordonAgentRequest"> & {
+  /**
+   * agent_id is the agent to cordon (any status).
+   *
+   * @generated from field: string agent_id = 1;
+   */
+  agentId: string;
+
+  /**
+   * reason is free text saying why (at most 1024 bytes; may be empty): it is
+   * stored and shown as the agent's cordon_reason.
+   *
+   * @generated from field: string reason = 2;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message fleetcare.v1.CordonAgentRequest.
+ * Use `create(CordonAgentRequestSchema)` to create a new message.
+ */
+export const CordonAgentRequestSchema: GenMessage<CordonAgentRequest> = /*@__PURE__*/
+  messageDesc(file_fleetcare_v1_dispatch, 2);
+
+/**
+ * CordonAgentResponse is the agent after the call and the transition it made.
+ *
+ * @generated from message fleetcare.v1.CordonAgentResponse
+ */
+export type CordonAgentResponse = Message<"fleetcare.v1.CordonAgentResponse"> & {
+  /**
+   * agent is the agent as the call left it (schedulable false).
+   *
+   * @generated from field: fleetcare.v1.Agent agent = 1;
+   */
+  agent?: Agent | undefined;
+
+  /**
+   * transition is the CORDONED transition; unset when the agent was cordoned already.
+   *
+   * @generated from field: fleetcare.v1.Transition transition = 2;
+   */
+  transition?: Transition | undefined;
+};
+
+/**
+ * Describes the message fleetcare.v1.CordonAgentResponse.
+ * Use `create(CordonAgentResponseSchema)` to create a new message.
+ */
+export const CordonAgentResponseSchema: GenMessage<CordonAgentResponse> = /*@__PURE__*/
+  messageDesc(file_fleetcare_v1_dispatch, 3);
+
+/**
+ * UncordonAgentRequest names the agent to put back in rotation.
+ *
+ * @generated from message fleetcare.v1.UncordonAgentRequest
+ */
+export type UncordonAgentRequest = Message<"fleetcare.v1.UncordonAgentRequest"> & {
+  /**
+   * agent_id is the agent to uncordon.
+   *
+   * @generated from field: string agent_id = 1;
+   */
+  agentId: string;
+};
+
+/**
+ * Describes the message fleetcare.v1.UncordonAgentRequest.
+ * Use `create(UncordonAgentRequestSchema)` to create a new message.
+ */
+export const UncordonAgentRequestSchema: GenMessage<UncordonAgentRequest> = /*@__PURE__*/
+  messageDesc(file_fleetcare_v1_dispatch, 4);
+
+/**
+ * UncordonAgentResponse is the agent after the call and the transition it made.
+ *
+ * @generated from message fleetcare.v1.UncordonAgentResponse
+ */
+export type UncordonAgentResponse = Message<"fleetcare.v1.UncordonAgentResponse"> & {
+  /**
+   * agent is the agent as the call left it (schedulable true).
+   *
+   * @generated from field: fleetcare.v1.Agent agent = 1;
+   */
+  agent?: Agent | undefined;
+
+  /**
+   * transition is the UNCORDONED transition; unset when the agent was schedulable already.
+   *
+   * @generated from field: fleetcare.v1.Transition transition = 2;
+   */
+  transition?: Transition | undefined;
+};
+
+/**
+ * Describes the message fleetcare.v1.UncordonAgentResponse.
+ * Use `create(UncordonAgentResponseSchema)` to create a new message.
+ */
+export const UncordonAgentResponseSchema: GenMessage<UncordonAgentResponse> = /*@__PURE__*/
+  messageDesc(file_fleetcare_v1_dispatch, 5);
+
+/**
  * DispatchService hands agents to work and takes them back: operator and
  * scheduler overrides of what agents report.
  *
@@ -89,6 +195,31 @@ export const DispatchService: GenService<{
     methodKind: "unary";
     input: typeof ResumeAgentRequestSchema;
     output: typeof ResumeAgentResponseSchema;
+  },
+  /**
+   * CordonAgent takes an agent out of rotation: it keeps its status and its
+   * work but is never claimed, until UncordonAgent. One transition with cause
+   * TRANSITION_CAUSE_CORDONED and from_status equal to to_status. Cordoning a
+   * cordoned agent changes nothing (no transition; its first reason is kept).
+   *
+   * @generated from rpc fleetcare.v1.DispatchService.CordonAgent
+   */
+  cordonAgent: {
+    methodKind: "unary";
+    input: typeof CordonAgentRequestSchema;
+    output: typeof CordonAgentResponseSchema;
+  },
+  /**
+   * UncordonAgent puts a cordoned agent back in rotation: one transition with
+   * cause TRANSITION_CAUSE_UNCORDONED and from_status equal to to_status.
+   * Uncordoning a schedulable agent changes nothing (no transition).
+   *
+   * @generated from rpc fleetcare.v1.DispatchService.UncordonAgent
+   */
+  uncordonAgent: {
+    methodKind: "unary";
+    input: typeof UncordonAgentRequestSchema;
+    output: typeof UncordonAgentResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_fleetcare_v1_dispatch, 0);
