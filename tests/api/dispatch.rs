@@ -372,28 +372,8 @@ postgres_only! {
     /// it are schedulable, and can be cordoned.
     #[tokio::test]
     async fn agents_stored_before_cordons_are_schedulable_on_postgres() {
-        use sqlx::Connection;
         let db = TestDb::postgres();
-        let mut admin = sqlx::PgConnection::connect(&crate::helpers::admin_url())
-            .await
-            .unwrap();
-        sqlx::query(&format!("CREATE DATABASE \"{}\"", db.name))
-            .execute(&mut admin)
-            .await
-            .unwrap();
-        admin.close().await.unwrap();
-        let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
-        let before = sqlx::migrate::Migrator {
-            migrations: std::borrow::Cow::Owned(
-                fleetcare::storage::postgres::MIGRATOR
-                    .iter()
-                    .filter(|m| m.version < 20270102000001)
-                    .cloned()
-                    .collect(),
-            ),
-            ..sqlx::migrate::Migrator::DEFAULT
-        };
-        before.run(&pool).await.unwrap();
+        let pool = crate::helpers::postgres_migrated_before(&db, 20270102000001).await;
         sqlx::query(
             "INSERT INTO agents (agent_id, status, registered_at, last_heartbeat_at,
                                  last_transition_at, revision)

@@ -29,6 +29,32 @@ use tonic::transport::Channel;
 /// does), stopped when the test binary exits; else the Postgres run is skipped
 /// with one line saying why, unless `FLEETCARE_REQUIRE_POSTGRES` is set (CI),
 /// which turns the skip into a failure.
+/// Creates `db` (a `TestDb::postgres()`) with only the migrations older than
+/// `version` applied: the schema a server of before that migration left, for
+/// a test that stores rows in it and then lets a server migrate the rest.
+pub async fn postgres_migrated_before(db: &TestDb, version: i64) -> sqlx::PgPool {
+    use sqlx::Connection;
+    let mut admin = sqlx::PgConnection::connect(&admin_url()).await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE \"{}\"", db.name))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    admin.close().await.unwrap();
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let before = sqlx::migrate::Migrator {
+        migrations: std::borrow::Cow::Owned(
+            fleetcare::storage::postgres::MIGRATOR
+                .iter()
+                .filter(|m| m.version < version)
+                .cloned()
+                .collect(),
+        ),
+        ..sqlx::migrate::Migrator::DEFAULT
+    };
+    before.run(&pool).await.unwrap();
+    pool
+}
+
 pub fn admin_url() -> String {
     static SERVER: std::sync::OnceLock<Result<String, String>> = std::sync::OnceLock::new();
     match SERVER.get_or_init(throwaway_postgres::resolve) {

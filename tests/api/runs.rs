@@ -435,28 +435,8 @@ postgres_only! {
     /// first runs (unknown trigger), and the history's ids go on after them.
     #[tokio::test]
     async fn the_last_runs_kept_before_the_history_become_its_first_runs_on_postgres() {
-        use sqlx::Connection;
         let db = TestDb::postgres();
-        let mut admin = sqlx::PgConnection::connect(&crate::helpers::admin_url())
-            .await
-            .unwrap();
-        sqlx::query(&format!("CREATE DATABASE \"{}\"", db.name))
-            .execute(&mut admin)
-            .await
-            .unwrap();
-        admin.close().await.unwrap();
-        let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
-        let before = sqlx::migrate::Migrator {
-            migrations: std::borrow::Cow::Owned(
-                fleetcare::storage::postgres::MIGRATOR
-                    .iter()
-                    .filter(|m| m.version < 20270101000002)
-                    .cloned()
-                    .collect(),
-            ),
-            ..sqlx::migrate::Migrator::DEFAULT
-        };
-        before.run(&pool).await.unwrap();
+        let pool = crate::helpers::postgres_migrated_before(&db, 20270101000002).await;
         let started = Utc::now() - chrono::Duration::minutes(5);
         let stats = RunStats {
             scanned: 42,
