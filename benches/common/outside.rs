@@ -71,8 +71,9 @@ pub fn h2load_available() -> bool {
 pub struct Server {
     child: Child,
     pub addr: SocketAddr,
-    _dir: tempdir::Dir,
-    dir: PathBuf,
+    /// Its directory (the request bodies, its log, its embedded store),
+    /// removed when it is dropped.
+    dir: tempdir::Dir,
 }
 
 mod tempdir {
@@ -112,8 +113,7 @@ impl Server {
         let server = Server {
             child,
             addr,
-            _dir: tempdir::Dir(dir.clone()),
-            dir,
+            dir: tempdir::Dir(dir),
         };
         server.wait_serving().await;
         server
@@ -137,7 +137,7 @@ impl Server {
             assert!(
                 Instant::now() < deadline,
                 "the server did not serve within 60 s; its log: {}",
-                std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+                std::fs::read_to_string(self.dir.0.join("server.log")).unwrap_or_default()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -162,7 +162,7 @@ impl Server {
         frame.push(0);
         frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
         frame.extend_from_slice(&payload);
-        let path = self.dir.join(name);
+        let path = self.dir.0.join(name);
         std::fs::write(&path, frame).expect("request body");
         path
     }

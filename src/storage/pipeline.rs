@@ -32,7 +32,7 @@ use crate::domain::pipeline_runs::{
 };
 use crate::domain::transcript::UsageEntry;
 use crate::error::{Error, Result};
-pub(crate) use crate::storage::decode::StoredTime;
+use crate::storage::decode::StoredTime;
 use crate::storage::healing::HealingTx;
 use crate::storage::{
     PipelineStore, ProcessorLock, SessionWrite, StateUpdate, TranscriptErrorEvent, UsageQuery,
