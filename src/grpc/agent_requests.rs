@@ -92,7 +92,10 @@ impl TryFrom<pb::FinishWorkRequest> for Command {
     type Error = Error;
 
     fn try_from(request: pb::FinishWorkRequest) -> Result<Command> {
-        let pb::FinishWorkRequest { agent_id } = request;
+        let pb::FinishWorkRequest {
+            agent_id,
+            fencing_token: _,
+        } = request;
         apply(&agent_id, Event::FinishWork)
     }
 }

@@ -340,6 +340,7 @@ impl AgentStatusService for AgentStatusApi {
             headers,
             message,
             time_zone,
+            fencing_token: _,
         } = request.into_inner();
         let reason = convert::reason_from_pb(reason)?;
         let evidence = validate::recovery_evidence(

@@ -135,6 +135,7 @@ impl From<&Agent> for pb::Agent {
                 .unwrap_or_default(),
             schedulable: agent.cordon_reason.is_none(),
             cordon_reason: agent.cordon_reason.clone().unwrap_or_default(),
+            claim: None,
         }
     }
 }

@@ -164,4 +164,39 @@ impl DispatchService for DispatchApi {
             transition,
         }))
     }
+
+    async fn claim_agent(
+        &self,
+        _request: Request<pb::ClaimAgentRequest>,
+    ) -> Result<Response<pb::ClaimAgentResponse>, Status> {
+        Err(Status::unimplemented("ClaimAgent"))
+    }
+
+    async fn renew_claim(
+        &self,
+        _request: Request<pb::RenewClaimRequest>,
+    ) -> Result<Response<pb::RenewClaimResponse>, Status> {
+        Err(Status::unimplemented("RenewClaim"))
+    }
+
+    async fn release_claim(
+        &self,
+        _request: Request<pb::ReleaseClaimRequest>,
+    ) -> Result<Response<pb::ReleaseClaimResponse>, Status> {
+        Err(Status::unimplemented("ReleaseClaim"))
+    }
+
+    async fn list_claims(
+        &self,
+        _request: Request<pb::ListClaimsRequest>,
+    ) -> Result<Response<pb::ListClaimsResponse>, Status> {
+        Err(Status::unimplemented("ListClaims"))
+    }
+
+    async fn delete_agent(
+        &self,
+        _request: Request<pb::DeleteAgentRequest>,
+    ) -> Result<Response<pb::DeleteAgentResponse>, Status> {
+        Err(Status::unimplemented("DeleteAgent"))
+    }
 }

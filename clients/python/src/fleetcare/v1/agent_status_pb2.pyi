@@ -55,6 +55,11 @@ class TransitionCause(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRANSITION_CAUSE_RESUMED: _ClassVar[TransitionCause]
     TRANSITION_CAUSE_CORDONED: _ClassVar[TransitionCause]
     TRANSITION_CAUSE_UNCORDONED: _ClassVar[TransitionCause]
+    TRANSITION_CAUSE_CLAIMED: _ClassVar[TransitionCause]
+    TRANSITION_CAUSE_CLAIM_RELEASED: _ClassVar[TransitionCause]
+    TRANSITION_CAUSE_CLAIM_EXPIRED: _ClassVar[TransitionCause]
+    TRANSITION_CAUSE_DELETED: _ClassVar[TransitionCause]
+    TRANSITION_CAUSE_EXPIRED: _ClassVar[TransitionCause]
 AGENT_STATUS_UNSPECIFIED: AgentStatus
 AGENT_STATUS_IDLE: AgentStatus
 AGENT_STATUS_BUSY: AgentStatus
@@ -85,9 +90,14 @@ TRANSITION_CAUSE_MARKED_OFFLINE: TransitionCause
 TRANSITION_CAUSE_RESUMED: TransitionCause
 TRANSITION_CAUSE_CORDONED: TransitionCause
 TRANSITION_CAUSE_UNCORDONED: TransitionCause
+TRANSITION_CAUSE_CLAIMED: TransitionCause
+TRANSITION_CAUSE_CLAIM_RELEASED: TransitionCause
+TRANSITION_CAUSE_CLAIM_EXPIRED: TransitionCause
+TRANSITION_CAUSE_DELETED: TransitionCause
+TRANSITION_CAUSE_EXPIRED: TransitionCause
 
 class Agent(_message.Message):
-    __slots__ = ("agent_id", "status", "labels", "registered_at", "last_heartbeat_at", "last_transition_at", "revision", "exhaustion_reason", "recovery_at", "recovery_source", "recovery_hint", "schedulable", "cordon_reason")
+    __slots__ = ("agent_id", "status", "labels", "registered_at", "last_heartbeat_at", "last_transition_at", "revision", "exhaustion_reason", "recovery_at", "recovery_source", "recovery_hint", "schedulable", "cordon_reason", "claim")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +118,7 @@ class Agent(_message.Message):
     RECOVERY_HINT_FIELD_NUMBER: _ClassVar[int]
     SCHEDULABLE_FIELD_NUMBER: _ClassVar[int]
     CORDON_REASON_FIELD_NUMBER: _ClassVar[int]
+    CLAIM_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     status: AgentStatus
     labels: _containers.ScalarMap[str, str]
@@ -121,7 +132,28 @@ class Agent(_message.Message):
     recovery_hint: str
     schedulable: bool
     cordon_reason: str
-    def __init__(self, agent_id: _Optional[str] = ..., status: _Optional[_Union[AgentStatus, str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_transition_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revision: _Optional[int] = ..., exhaustion_reason: _Optional[_Union[ExhaustionReason, str]] = ..., recovery_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., recovery_source: _Optional[_Union[RecoverySource, str]] = ..., recovery_hint: _Optional[str] = ..., schedulable: bool = ..., cordon_reason: _Optional[str] = ...) -> None: ...
+    claim: Claim
+    def __init__(self, agent_id: _Optional[str] = ..., status: _Optional[_Union[AgentStatus, str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_transition_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revision: _Optional[int] = ..., exhaustion_reason: _Optional[_Union[ExhaustionReason, str]] = ..., recovery_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., recovery_source: _Optional[_Union[RecoverySource, str]] = ..., recovery_hint: _Optional[str] = ..., schedulable: bool = ..., cordon_reason: _Optional[str] = ..., claim: _Optional[_Union[Claim, _Mapping]] = ...) -> None: ...
+
+class Claim(_message.Message):
+    __slots__ = ("claim_id", "agent_id", "fencing_token", "slot_type", "holder", "claimed_at", "lease_expires_at", "request_id")
+    CLAIM_ID_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SLOT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    CLAIMED_AT_FIELD_NUMBER: _ClassVar[int]
+    LEASE_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    claim_id: str
+    agent_id: str
+    fencing_token: int
+    slot_type: SlotType
+    holder: str
+    claimed_at: _timestamp_pb2.Timestamp
+    lease_expires_at: _timestamp_pb2.Timestamp
+    request_id: str
+    def __init__(self, claim_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., fencing_token: _Optional[int] = ..., slot_type: _Optional[_Union[SlotType, str]] = ..., holder: _Optional[str] = ..., claimed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class Transition(_message.Message):
     __slots__ = ("revision", "agent_id", "from_status", "to_status", "cause", "occurred_at", "exhaustion_reason", "recovery_at", "actor")
@@ -240,10 +272,12 @@ class StartWorkResponse(_message.Message):
     def __init__(self, agent: _Optional[_Union[Agent, _Mapping]] = ..., transition: _Optional[_Union[Transition, _Mapping]] = ...) -> None: ...
 
 class FinishWorkRequest(_message.Message):
-    __slots__ = ("agent_id",)
+    __slots__ = ("agent_id", "fencing_token")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
-    def __init__(self, agent_id: _Optional[str] = ...) -> None: ...
+    fencing_token: int
+    def __init__(self, agent_id: _Optional[str] = ..., fencing_token: _Optional[int] = ...) -> None: ...
 
 class FinishWorkResponse(_message.Message):
     __slots__ = ("agent", "transition")
@@ -262,20 +296,22 @@ class Header(_message.Message):
     def __init__(self, name: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
 
 class ReportExhaustedRequest(_message.Message):
-    __slots__ = ("agent_id", "reason", "recovery_at", "headers", "message", "time_zone")
+    __slots__ = ("agent_id", "reason", "recovery_at", "headers", "message", "time_zone", "fencing_token")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     RECOVERY_AT_FIELD_NUMBER: _ClassVar[int]
     HEADERS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     TIME_ZONE_FIELD_NUMBER: _ClassVar[int]
+    FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     reason: ExhaustionReason
     recovery_at: _timestamp_pb2.Timestamp
     headers: _containers.RepeatedCompositeFieldContainer[Header]
     message: str
     time_zone: str
-    def __init__(self, agent_id: _Optional[str] = ..., reason: _Optional[_Union[ExhaustionReason, str]] = ..., recovery_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., message: _Optional[str] = ..., time_zone: _Optional[str] = ...) -> None: ...
+    fencing_token: int
+    def __init__(self, agent_id: _Optional[str] = ..., reason: _Optional[_Union[ExhaustionReason, str]] = ..., recovery_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., message: _Optional[str] = ..., time_zone: _Optional[str] = ..., fencing_token: _Optional[int] = ...) -> None: ...
 
 class ReportExhaustedResponse(_message.Message):
     __slots__ = ("agent", "transition")

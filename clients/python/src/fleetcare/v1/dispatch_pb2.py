@@ -23,27 +23,58 @@ _sym_db = _symbol_database.Default()
 
 
 from fleetcare.v1 import agent_status_pb2 as fleetcare_dot_v1_dot_agent__status__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66leetcare/v1/dispatch.proto\x12\x0c\x66leetcare.v1\x1a\x1f\x66leetcare/v1/agent_status.proto\"6\n\x12ResumeAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"g\n\x13ResumeAgentResponse\x12\"\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x13.fleetcare.v1.Agent\x12,\n\ntransition\x18\x02 \x01(\x0b\x32\x18.fleetcare.v1.Transition\"6\n\x12\x43ordonAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"g\n\x13\x43ordonAgentResponse\x12\"\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x13.fleetcare.v1.Agent\x12,\n\ntransition\x18\x02 \x01(\x0b\x32\x18.fleetcare.v1.Transition\"(\n\x14UncordonAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"i\n\x15UncordonAgentResponse\x12\"\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x13.fleetcare.v1.Agent\x12,\n\ntransition\x18\x02 \x01(\x0b\x32\x18.fleetcare.v1.Transition2\x93\x02\n\x0f\x44ispatchService\x12R\n\x0bResumeAgent\x12 .fleetcare.v1.ResumeAgentRequest\x1a!.fleetcare.v1.ResumeAgentResponse\x12R\n\x0b\x43ordonAgent\x12 .fleetcare.v1.CordonAgentRequest\x1a!.fleetcare.v1.CordonAgentResponse\x12X\n\rUncordonAgent\x12\".fleetcare.v1.UncordonAgentRequest\x1a#.fleetcare.v1.UncordonAgentResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66leetcare/v1/dispatch.proto\x12\x0c\x66leetcare.v1\x1a\x1f\x66leetcare/v1/agent_status.proto\x1a\x1egoogle/protobuf/duration.proto\"\xca\x01\n\rLabelSelector\x12\x42\n\x0cmatch_labels\x18\x01 \x03(\x0b\x32,.fleetcare.v1.LabelSelector.MatchLabelsEntry\x12\x41\n\x11match_expressions\x18\x02 \x03(\x0b\x32&.fleetcare.v1.LabelSelectorRequirement\x1a\x32\n\x10MatchLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"i\n\x18LabelSelectorRequirement\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x30\n\x08operator\x18\x02 \x01(\x0e\x32\x1e.fleetcare.v1.SelectorOperator\x12\x0e\n\x06values\x18\x03 \x03(\t\"\xe5\x01\n\x11\x43laimAgentRequest\x12-\n\x08selector\x18\x01 \x01(\x0b\x32\x1b.fleetcare.v1.LabelSelector\x12)\n\tslot_type\x18\x02 \x01(\x0e\x32\x16.fleetcare.v1.SlotType\x12\x31\n\x0elease_duration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cwait_timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\x8a\x01\n\x12\x43laimAgentResponse\x12\"\n\x05\x63laim\x18\x01 \x01(\x0b\x32\x13.fleetcare.v1.Claim\x12\"\n\x05\x61gent\x18\x02 \x01(\x0b\x32\x13.fleetcare.v1.Agent\x12,\n\ntransition\x18\x03 \x01(\x0b\x32\x18.fleetcare.v1.Transition\"o\n\x11RenewClaimRequest\x12\x10\n\x08\x63laim_id\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\x12\x31\n\x0elease_duration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"8\n\x12RenewClaimResponse\x12\"\n\x05\x63laim\x18\x01 \x01(\x0b\x32\x13.fleetcare.v1.Claim\">\n\x13ReleaseClaimRequest\x12\x10\n\x08\x63laim_id\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\"h\n\x14ReleaseClaimResponse\x12\"\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x13.fleetcare.v1.Agent\x12,\n\ntransition\x18\x02 \x01(\x0b\x32\x18.fleetcare.v1.Transition\"J\n\x11ListClaimsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06holder\x18\x03 \x01(\t\"R\n\x12ListClaimsResponse\x12#\n\x06\x63laims\x18\x01 \x03(\x0b\x32\x13.fleetcare.v1.Claim\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x12\x44\x65leteAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"C\n\x13\x44\x65leteAgentResponse\x12,\n\ntransition\x18\x01 \x01(\x0b\x32\x18.fleetcare.v1.Transition\"6\n\x12ResumeAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"g\n\x13ResumeAgentResponse\x12\"\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x13.fleetcare.v1.Agent\x12,\n\ntransition\x18\x02 \x01(\x0b\x32\x18.fleetcare.v1.Transition\"6\n\x12\x43ordonAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"g\n\x13\x43ordonAgentResponse\x12\"\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x13.fleetcare.v1.Agent\x12,\n\ntransition\x18\x02 \x01(\x0b\x32\x18.fleetcare.v1.Transition\"(\n\x14UncordonAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"i\n\x15UncordonAgentResponse\x12\"\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x13.fleetcare.v1.Agent\x12,\n\ntransition\x18\x02 \x01(\x0b\x32\x18.fleetcare.v1.Transition*\xb1\x01\n\x10SelectorOperator\x12!\n\x1dSELECTOR_OPERATOR_UNSPECIFIED\x10\x00\x12\x18\n\x14SELECTOR_OPERATOR_IN\x10\x01\x12\x1c\n\x18SELECTOR_OPERATOR_NOT_IN\x10\x02\x12\x1c\n\x18SELECTOR_OPERATOR_EXISTS\x10\x03\x12$\n SELECTOR_OPERATOR_DOES_NOT_EXIST\x10\x04\x32\xb1\x05\n\x0f\x44ispatchService\x12R\n\x0bResumeAgent\x12 .fleetcare.v1.ResumeAgentRequest\x1a!.fleetcare.v1.ResumeAgentResponse\x12R\n\x0b\x43ordonAgent\x12 .fleetcare.v1.CordonAgentRequest\x1a!.fleetcare.v1.CordonAgentResponse\x12X\n\rUncordonAgent\x12\".fleetcare.v1.UncordonAgentRequest\x1a#.fleetcare.v1.UncordonAgentResponse\x12O\n\nClaimAgent\x12\x1f.fleetcare.v1.ClaimAgentRequest\x1a .fleetcare.v1.ClaimAgentResponse\x12O\n\nRenewClaim\x12\x1f.fleetcare.v1.RenewClaimRequest\x1a .fleetcare.v1.RenewClaimResponse\x12U\n\x0cReleaseClaim\x12!.fleetcare.v1.ReleaseClaimRequest\x1a\".fleetcare.v1.ReleaseClaimResponse\x12O\n\nListClaims\x12\x1f.fleetcare.v1.ListClaimsRequest\x1a .fleetcare.v1.ListClaimsResponse\x12R\n\x0b\x44\x65leteAgent\x12 .fleetcare.v1.DeleteAgentRequest\x1a!.fleetcare.v1.DeleteAgentResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fleetcare.v1.dispatch_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RESUMEAGENTREQUEST']._serialized_start=78
-  _globals['_RESUMEAGENTREQUEST']._serialized_end=132
-  _globals['_RESUMEAGENTRESPONSE']._serialized_start=134
-  _globals['_RESUMEAGENTRESPONSE']._serialized_end=237
-  _globals['_CORDONAGENTREQUEST']._serialized_start=239
-  _globals['_CORDONAGENTREQUEST']._serialized_end=293
-  _globals['_CORDONAGENTRESPONSE']._serialized_start=295
-  _globals['_CORDONAGENTRESPONSE']._serialized_end=398
-  _globals['_UNCORDONAGENTREQUEST']._serialized_start=400
-  _globals['_UNCORDONAGENTREQUEST']._serialized_end=440
-  _globals['_UNCORDONAGENTRESPONSE']._serialized_start=442
-  _globals['_UNCORDONAGENTRESPONSE']._serialized_end=547
-  _globals['_DISPATCHSERVICE']._serialized_start=550
-  _globals['_DISPATCHSERVICE']._serialized_end=825
+  _globals['_LABELSELECTOR_MATCHLABELSENTRY']._loaded_options = None
+  _globals['_LABELSELECTOR_MATCHLABELSENTRY']._serialized_options = b'8\001'
+  _globals['_SELECTOROPERATOR']._serialized_start=1877
+  _globals['_SELECTOROPERATOR']._serialized_end=2054
+  _globals['_LABELSELECTOR']._serialized_start=111
+  _globals['_LABELSELECTOR']._serialized_end=313
+  _globals['_LABELSELECTOR_MATCHLABELSENTRY']._serialized_start=263
+  _globals['_LABELSELECTOR_MATCHLABELSENTRY']._serialized_end=313
+  _globals['_LABELSELECTORREQUIREMENT']._serialized_start=315
+  _globals['_LABELSELECTORREQUIREMENT']._serialized_end=420
+  _globals['_CLAIMAGENTREQUEST']._serialized_start=423
+  _globals['_CLAIMAGENTREQUEST']._serialized_end=652
+  _globals['_CLAIMAGENTRESPONSE']._serialized_start=655
+  _globals['_CLAIMAGENTRESPONSE']._serialized_end=793
+  _globals['_RENEWCLAIMREQUEST']._serialized_start=795
+  _globals['_RENEWCLAIMREQUEST']._serialized_end=906
+  _globals['_RENEWCLAIMRESPONSE']._serialized_start=908
+  _globals['_RENEWCLAIMRESPONSE']._serialized_end=964
+  _globals['_RELEASECLAIMREQUEST']._serialized_start=966
+  _globals['_RELEASECLAIMREQUEST']._serialized_end=1028
+  _globals['_RELEASECLAIMRESPONSE']._serialized_start=1030
+  _globals['_RELEASECLAIMRESPONSE']._serialized_end=1134
+  _globals['_LISTCLAIMSREQUEST']._serialized_start=1136
+  _globals['_LISTCLAIMSREQUEST']._serialized_end=1210
+  _globals['_LISTCLAIMSRESPONSE']._serialized_start=1212
+  _globals['_LISTCLAIMSRESPONSE']._serialized_end=1294
+  _globals['_DELETEAGENTREQUEST']._serialized_start=1296
+  _globals['_DELETEAGENTREQUEST']._serialized_end=1334
+  _globals['_DELETEAGENTRESPONSE']._serialized_start=1336
+  _globals['_DELETEAGENTRESPONSE']._serialized_end=1403
+  _globals['_RESUMEAGENTREQUEST']._serialized_start=1405
+  _globals['_RESUMEAGENTREQUEST']._serialized_end=1459
+  _globals['_RESUMEAGENTRESPONSE']._serialized_start=1461
+  _globals['_RESUMEAGENTRESPONSE']._serialized_end=1564
+  _globals['_CORDONAGENTREQUEST']._serialized_start=1566
+  _globals['_CORDONAGENTREQUEST']._serialized_end=1620
+  _globals['_CORDONAGENTRESPONSE']._serialized_start=1622
+  _globals['_CORDONAGENTRESPONSE']._serialized_end=1725
+  _globals['_UNCORDONAGENTREQUEST']._serialized_start=1727
+  _globals['_UNCORDONAGENTREQUEST']._serialized_end=1767
+  _globals['_UNCORDONAGENTRESPONSE']._serialized_start=1769
+  _globals['_UNCORDONAGENTRESPONSE']._serialized_end=1874
+  _globals['_DISPATCHSERVICE']._serialized_start=2057
+  _globals['_DISPATCHSERVICE']._serialized_end=2746
 # @@protoc_insertion_point(module_scope)

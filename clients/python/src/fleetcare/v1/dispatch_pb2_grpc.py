@@ -51,6 +51,31 @@ class DispatchServiceStub(object):
                 request_serializer=fleetcare_dot_v1_dot_dispatch__pb2.UncordonAgentRequest.SerializeToString,
                 response_deserializer=fleetcare_dot_v1_dot_dispatch__pb2.UncordonAgentResponse.FromString,
                 _registered_method=True)
+        self.ClaimAgent = channel.unary_unary(
+                '/fleetcare.v1.DispatchService/ClaimAgent',
+                request_serializer=fleetcare_dot_v1_dot_dispatch__pb2.ClaimAgentRequest.SerializeToString,
+                response_deserializer=fleetcare_dot_v1_dot_dispatch__pb2.ClaimAgentResponse.FromString,
+                _registered_method=True)
+        self.RenewClaim = channel.unary_unary(
+                '/fleetcare.v1.DispatchService/RenewClaim',
+                request_serializer=fleetcare_dot_v1_dot_dispatch__pb2.RenewClaimRequest.SerializeToString,
+                response_deserializer=fleetcare_dot_v1_dot_dispatch__pb2.RenewClaimResponse.FromString,
+                _registered_method=True)
+        self.ReleaseClaim = channel.unary_unary(
+                '/fleetcare.v1.DispatchService/ReleaseClaim',
+                request_serializer=fleetcare_dot_v1_dot_dispatch__pb2.ReleaseClaimRequest.SerializeToString,
+                response_deserializer=fleetcare_dot_v1_dot_dispatch__pb2.ReleaseClaimResponse.FromString,
+                _registered_method=True)
+        self.ListClaims = channel.unary_unary(
+                '/fleetcare.v1.DispatchService/ListClaims',
+                request_serializer=fleetcare_dot_v1_dot_dispatch__pb2.ListClaimsRequest.SerializeToString,
+                response_deserializer=fleetcare_dot_v1_dot_dispatch__pb2.ListClaimsResponse.FromString,
+                _registered_method=True)
+        self.DeleteAgent = channel.unary_unary(
+                '/fleetcare.v1.DispatchService/DeleteAgent',
+                request_serializer=fleetcare_dot_v1_dot_dispatch__pb2.DeleteAgentRequest.SerializeToString,
+                response_deserializer=fleetcare_dot_v1_dot_dispatch__pb2.DeleteAgentResponse.FromString,
+                _registered_method=True)
 
 
 class DispatchServiceServicer(object):
@@ -86,6 +111,52 @@ class DispatchServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ClaimAgent(self, request, context):
+        """ClaimAgent moves one IDLE, schedulable agent matching the selector, the one
+        idle longest, to BUSY or ON_CALL in one durable transition (cause
+        TRANSITION_CAUSE_CLAIMED) and returns the claim. Concurrent claimers on any
+        replicas never get the same agent. None available: RESOURCE_EXHAUSTED,
+        reason NO_AGENT_AVAILABLE, the matching agents counted by status in the
+        message; with wait_timeout, the call first waits for one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewClaim(self, request, context):
+        """RenewClaim extends an active claim's lease (never shortens it). A claim
+        that ended, or a token that is not the claim's, is FAILED_PRECONDITION,
+        reason STALE_FENCING_TOKEN; an unknown claim_id is NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseClaim(self, request, context):
+        """ReleaseClaim ends an active claim: the agent back to IDLE (cause
+        TRANSITION_CAUSE_CLAIM_RELEASED). Refusals as RenewClaim.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListClaims(self, request, context):
+        """ListClaims pages through active claims, ordered by agent_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteAgent(self, request, context):
+        """DeleteAgent removes an agent, with a last transition (cause
+        TRANSITION_CAUSE_DELETED) so watchers drop it; refused with
+        FAILED_PRECONDITION while the agent holds a claim whose lease runs. A later
+        RegisterAgent of the same id starts afresh.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DispatchServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -103,6 +174,31 @@ def add_DispatchServiceServicer_to_server(servicer, server):
                     servicer.UncordonAgent,
                     request_deserializer=fleetcare_dot_v1_dot_dispatch__pb2.UncordonAgentRequest.FromString,
                     response_serializer=fleetcare_dot_v1_dot_dispatch__pb2.UncordonAgentResponse.SerializeToString,
+            ),
+            'ClaimAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClaimAgent,
+                    request_deserializer=fleetcare_dot_v1_dot_dispatch__pb2.ClaimAgentRequest.FromString,
+                    response_serializer=fleetcare_dot_v1_dot_dispatch__pb2.ClaimAgentResponse.SerializeToString,
+            ),
+            'RenewClaim': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewClaim,
+                    request_deserializer=fleetcare_dot_v1_dot_dispatch__pb2.RenewClaimRequest.FromString,
+                    response_serializer=fleetcare_dot_v1_dot_dispatch__pb2.RenewClaimResponse.SerializeToString,
+            ),
+            'ReleaseClaim': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseClaim,
+                    request_deserializer=fleetcare_dot_v1_dot_dispatch__pb2.ReleaseClaimRequest.FromString,
+                    response_serializer=fleetcare_dot_v1_dot_dispatch__pb2.ReleaseClaimResponse.SerializeToString,
+            ),
+            'ListClaims': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListClaims,
+                    request_deserializer=fleetcare_dot_v1_dot_dispatch__pb2.ListClaimsRequest.FromString,
+                    response_serializer=fleetcare_dot_v1_dot_dispatch__pb2.ListClaimsResponse.SerializeToString,
+            ),
+            'DeleteAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteAgent,
+                    request_deserializer=fleetcare_dot_v1_dot_dispatch__pb2.DeleteAgentRequest.FromString,
+                    response_serializer=fleetcare_dot_v1_dot_dispatch__pb2.DeleteAgentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -188,6 +284,141 @@ class DispatchService(object):
             '/fleetcare.v1.DispatchService/UncordonAgent',
             fleetcare_dot_v1_dot_dispatch__pb2.UncordonAgentRequest.SerializeToString,
             fleetcare_dot_v1_dot_dispatch__pb2.UncordonAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClaimAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetcare.v1.DispatchService/ClaimAgent',
+            fleetcare_dot_v1_dot_dispatch__pb2.ClaimAgentRequest.SerializeToString,
+            fleetcare_dot_v1_dot_dispatch__pb2.ClaimAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewClaim(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetcare.v1.DispatchService/RenewClaim',
+            fleetcare_dot_v1_dot_dispatch__pb2.RenewClaimRequest.SerializeToString,
+            fleetcare_dot_v1_dot_dispatch__pb2.RenewClaimResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseClaim(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetcare.v1.DispatchService/ReleaseClaim',
+            fleetcare_dot_v1_dot_dispatch__pb2.ReleaseClaimRequest.SerializeToString,
+            fleetcare_dot_v1_dot_dispatch__pb2.ReleaseClaimResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListClaims(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetcare.v1.DispatchService/ListClaims',
+            fleetcare_dot_v1_dot_dispatch__pb2.ListClaimsRequest.SerializeToString,
+            fleetcare_dot_v1_dot_dispatch__pb2.ListClaimsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetcare.v1.DispatchService/DeleteAgent',
+            fleetcare_dot_v1_dot_dispatch__pb2.DeleteAgentRequest.SerializeToString,
+            fleetcare_dot_v1_dot_dispatch__pb2.DeleteAgentResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file fleetcare/v1/agent_status.proto.
  */
 export const file_fleetcare_v1_agent_status: GenFile = /*@__PURE__*/
-  fileDesc("Ch9mbGVldGNhcmUvdjEvYWdlbnRfc3RhdHVzLnByb3RvEgxmbGVldGNhcmUudjEivgQKBUFnZW50EhAKCGFnZW50X2lkGAEgASgJEikKBnN0YXR1cxgCIAEoDjIZLmZsZWV0Y2FyZS52MS5BZ2VudFN0YXR1cxIvCgZsYWJlbHMYAyADKAsyHy5mbGVldGNhcmUudjEuQWdlbnQuTGFiZWxzRW50cnkSMQoNcmVnaXN0ZXJlZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNQoRbGFzdF9oZWFydGJlYXRfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjYKEmxhc3RfdHJhbnNpdGlvbl9hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEAoIcmV2aXNpb24YByABKAMSOQoRZXhoYXVzdGlvbl9yZWFzb24YCCABKA4yHi5mbGVldGNhcmUudjEuRXhoYXVzdGlvblJlYXNvbhIvCgtyZWNvdmVyeV9hdBgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNQoPcmVjb3Zlcnlfc291cmNlGAogASgOMhwuZmxlZXRjYXJlLnYxLlJlY292ZXJ5U291cmNlEhUKDXJlY292ZXJ5X2hpbnQYCyABKAkSEwoLc2NoZWR1bGFibGUYDCABKAgSFQoNY29yZG9uX3JlYXNvbhgNIAEoCRotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIugCCgpUcmFuc2l0aW9uEhAKCHJldmlzaW9uGAEgASgDEhAKCGFnZW50X2lkGAIgASgJEi4KC2Zyb21fc3RhdHVzGAMgASgOMhkuZmxlZXRjYXJlLnYxLkFnZW50U3RhdHVzEiwKCXRvX3N0YXR1cxgEIAEoDjIZLmZsZWV0Y2FyZS52MS5BZ2VudFN0YXR1cxIsCgVjYXVzZRgFIAEoDjIdLmZsZWV0Y2FyZS52MS5UcmFuc2l0aW9uQ2F1c2USLwoLb2NjdXJyZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjkKEWV4aGF1c3Rpb25fcmVhc29uGAcgASgOMh4uZmxlZXRjYXJlLnYxLkV4aGF1c3Rpb25SZWFzb24SLwoLcmVjb3ZlcnlfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBWFjdG9yGAkgASgJIpcBChRSZWdpc3RlckFnZW50UmVxdWVzdBIQCghhZ2VudF9pZBgBIAEoCRI+CgZsYWJlbHMYAiADKAsyLi5mbGVldGNhcmUudjEuUmVnaXN0ZXJBZ2VudFJlcXVlc3QuTGFiZWxzRW50cnkaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJMChVSZWdpc3RlckFnZW50UmVzcG9uc2USIgoFYWdlbnQYASABKAsyEy5mbGVldGNhcmUudjEuQWdlbnQSDwoHY3JlYXRlZBgCIAEoCCIjCg9HZXRBZ2VudFJlcXVlc3QSEAoIYWdlbnRfaWQYASABKAkiNgoQR2V0QWdlbnRSZXNwb25zZRIiCgVhZ2VudBgBIAEoCzITLmZsZWV0Y2FyZS52MS5BZ2VudCLTAQoRTGlzdEFnZW50c1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkSKwoIc3RhdHVzZXMYAyADKA4yGS5mbGVldGNhcmUudjEuQWdlbnRTdGF0dXMSOwoGbGFiZWxzGAQgAygLMisuZmxlZXRjYXJlLnYxLkxpc3RBZ2VudHNSZXF1ZXN0LkxhYmVsc0VudHJ5Gi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiUgoSTGlzdEFnZW50c1Jlc3BvbnNlEiMKBmFnZW50cxgBIAMoCzITLmZsZWV0Y2FyZS52MS5BZ2VudBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiJAoQSGVhcnRiZWF0UmVxdWVzdBIQCghhZ2VudF9pZBgBIAEoCSKhAQoRSGVhcnRiZWF0UmVzcG9uc2USIgoFYWdlbnQYASABKAsyEy5mbGVldGNhcmUudjEuQWdlbnQSLAoKdHJhbnNpdGlvbhgCIAEoCzIYLmZsZWV0Y2FyZS52MS5UcmFuc2l0aW9uEjoKF25leHRfaGVhcnRiZWF0X2ludGVydmFsGAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIk8KEFN0YXJ0V29ya1JlcXVlc3QSEAoIYWdlbnRfaWQYASABKAkSKQoJc2xvdF90eXBlGAIgASgOMhYuZmxlZXRjYXJlLnYxLlNsb3RUeXBlImUKEVN0YXJ0V29ya1Jlc3BvbnNlEiIKBWFnZW50GAEgASgLMhMuZmxlZXRjYXJlLnYxLkFnZW50EiwKCnRyYW5zaXRpb24YAiABKAsyGC5mbGVldGNhcmUudjEuVHJhbnNpdGlvbiIlChFGaW5pc2hXb3JrUmVxdWVzdBIQCghhZ2VudF9pZBgBIAEoCSJmChJGaW5pc2hXb3JrUmVzcG9uc2USIgoFYWdlbnQYASABKAsyEy5mbGVldGNhcmUudjEuQWdlbnQSLAoKdHJhbnNpdGlvbhgCIAEoCzIYLmZsZWV0Y2FyZS52MS5UcmFuc2l0aW9uIiUKBkhlYWRlchIMCgRuYW1lGAEgASgJEg0KBXZhbHVlGAIgASgJItYBChZSZXBvcnRFeGhhdXN0ZWRSZXF1ZXN0EhAKCGFnZW50X2lkGAEgASgJEi4KBnJlYXNvbhgCIAEoDjIeLmZsZWV0Y2FyZS52MS5FeGhhdXN0aW9uUmVhc29uEi8KC3JlY292ZXJ5X2F0GAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIlCgdoZWFkZXJzGAQgAygLMhQuZmxlZXRjYXJlLnYxLkhlYWRlchIPCgdtZXNzYWdlGAUgASgJEhEKCXRpbWVfem9uZRgGIAEoCSJrChdSZXBvcnRFeGhhdXN0ZWRSZXNwb25zZRIiCgVhZ2VudBgBIAEoCzITLmZsZWV0Y2FyZS52MS5BZ2VudBIsCgp0cmFuc2l0aW9uGAIgASgLMhguZmxlZXRjYXJlLnYxLlRyYW5zaXRpb24iJgoSTWFya09mZmxpbmVSZXF1ZXN0EhAKCGFnZW50X2lkGAEgASgJImcKE01hcmtPZmZsaW5lUmVzcG9uc2USIgoFYWdlbnQYASABKAsyEy5mbGVldGNhcmUudjEuQWdlbnQSLAoKdHJhbnNpdGlvbhgCIAEoCzIYLmZsZWV0Y2FyZS52MS5UcmFuc2l0aW9uIosBChdXYXRjaFRyYW5zaXRpb25zUmVxdWVzdBIWCg5zaW5jZV9yZXZpc2lvbhgBIAEoAxIRCglhZ2VudF9pZHMYAiADKAkSKwoIc3RhdHVzZXMYAyADKA4yGS5mbGVldGNhcmUudjEuQWdlbnRTdGF0dXMSGAoQaW5jbHVkZV9zbmFwc2hvdBgEIAEoCCLrAQoYV2F0Y2hUcmFuc2l0aW9uc1Jlc3BvbnNlEi0KDnNuYXBzaG90X2FnZW50GAEgASgLMhMuZmxlZXRjYXJlLnYxLkFnZW50SAASOwoRc25hcHNob3RfY29tcGxldGUYAiABKAsyHi5mbGVldGNhcmUudjEuU25hcHNob3RDb21wbGV0ZUgAEi4KCnRyYW5zaXRpb24YAyABKAsyGC5mbGVldGNhcmUudjEuVHJhbnNpdGlvbkgAEioKCHByb2dyZXNzGAQgASgLMhYuZmxlZXRjYXJlLnYxLlByb2dyZXNzSABCBwoFZXZlbnQiOQoQU25hcHNob3RDb21wbGV0ZRIQCghyZXZpc2lvbhgBIAEoAxITCgthZ2VudF9jb3VudBgCIAEoAyIcCghQcm9ncmVzcxIQCghyZXZpc2lvbhgBIAEoAyJpChZMaXN0VHJhbnNpdGlvbnNSZXF1ZXN0EhAKCGFnZW50X2lkGAEgASgJEhYKDmFmdGVyX3JldmlzaW9uGAIgASgDEhEKCXBhZ2Vfc2l6ZRgDIAEoBRISCgpwYWdlX3Rva2VuGAQgASgJIpEBChdMaXN0VHJhbnNpdGlvbnNSZXNwb25zZRItCgt0cmFuc2l0aW9ucxgBIAMoCzIYLmZsZWV0Y2FyZS52MS5UcmFuc2l0aW9uEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCRIXCg9vbGRlc3RfcmV2aXNpb24YAyABKAMSFQoNaGVhZF9yZXZpc2lvbhgEIAEoAyLWAQoWRXhwbGFpblJlY292ZXJ5UmVxdWVzdBIuCgZyZWFzb24YASABKA4yHi5mbGVldGNhcmUudjEuRXhoYXVzdGlvblJlYXNvbhIlCgdoZWFkZXJzGAIgAygLMhQuZmxlZXRjYXJlLnYxLkhlYWRlchIPCgdtZXNzYWdlGAMgASgJEhEKCXRpbWVfem9uZRgEIAEoCRIQCghhZ2VudF9pZBgFIAEoCRIvCgtyZWNvdmVyeV9hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAi8QEKF0V4cGxhaW5SZWNvdmVyeVJlc3BvbnNlEi8KC3JlY292ZXJ5X2F0GAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI1Cg9yZWNvdmVyeV9zb3VyY2UYAiABKA4yHC5mbGVldGNhcmUudjEuUmVjb3ZlcnlTb3VyY2USFQoNcmVjb3ZlcnlfaGludBgDIAEoCRIuCgZyZWFzb24YBCABKA4yHi5mbGVldGNhcmUudjEuRXhoYXVzdGlvblJlYXNvbhInCgNub3cYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wKqkBCgtBZ2VudFN0YXR1cxIcChhBR0VOVF9TVEFUVVNfVU5TUEVDSUZJRUQQABIVChFBR0VOVF9TVEFUVVNfSURMRRABEhUKEUFHRU5UX1NUQVRVU19CVVNZEAISGAoUQUdFTlRfU1RBVFVTX09OX0NBTEwQAxIYChRBR0VOVF9TVEFUVVNfT0ZGTElORRAEEhoKFkFHRU5UX1NUQVRVU19FWEhBVVNURUQQBSpQCghTbG90VHlwZRIZChVTTE9UX1RZUEVfVU5TUEVDSUZJRUQQABISCg5TTE9UX1RZUEVfV09SSxABEhUKEVNMT1RfVFlQRV9PTl9DQUxMEAIqdgoQRXhoYXVzdGlvblJlYXNvbhIhCh1FWEhBVVNUSU9OX1JFQVNPTl9VTlNQRUNJRklFRBAAEiAKHEVYSEFVU1RJT05fUkVBU09OX1JBVEVfTElNSVQQARIdChlFWEhBVVNUSU9OX1JFQVNPTl9CSUxMSU5HEAIq3AEKDlJlY292ZXJ5U291cmNlEh8KG1JFQ09WRVJZX1NPVVJDRV9VTlNQRUNJRklFRBAAEhwKGFJFQ09WRVJZX1NPVVJDRV9FWFBMSUNJVBABEiYKIlJFQ09WRVJZX1NPVVJDRV9SRVRSWV9BRlRFUl9IRUFERVIQAhIpCiVSRUNPVkVSWV9TT1VSQ0VfUFJPVklERVJfUkVTRVRfSEVBREVSEAMSGwoXUkVDT1ZFUllfU09VUkNFX01FU1NBR0UQBBIbChdSRUNPVkVSWV9TT1VSQ0VfREVGQVVMVBAFKq4DCg9UcmFuc2l0aW9uQ2F1c2USIAocVFJBTlNJVElPTl9DQVVTRV9VTlNQRUNJRklFRBAAEh8KG1RSQU5TSVRJT05fQ0FVU0VfUkVHSVNURVJFRBABEiEKHVRSQU5TSVRJT05fQ0FVU0VfV09SS19TVEFSVEVEEAISIgoeVFJBTlNJVElPTl9DQVVTRV9XT1JLX0ZJTklTSEVEEAMSJgoiVFJBTlNJVElPTl9DQVVTRV9IRUFSVEJFQVRfUkVTVU1FRBAEEiYKIlRSQU5TSVRJT05fQ0FVU0VfSEVBUlRCRUFUX1RJTUVPVVQQBRIeChpUUkFOU0lUSU9OX0NBVVNFX0VYSEFVU1RFRBAGEh4KGlRSQU5TSVRJT05fQ0FVU0VfUkVDT1ZFUkVEEAcSIwofVFJBTlNJVElPTl9DQVVTRV9NQVJLRURfT0ZGTElORRAIEhwKGFRSQU5TSVRJT05fQ0FVU0VfUkVTVU1FRBAJEh0KGVRSQU5TSVRJT05fQ0FVU0VfQ09SRE9ORUQQChIfChtUUkFOU0lUSU9OX0NBVVNFX1VOQ09SRE9ORUQQCzLQBwoSQWdlbnRTdGF0dXNTZXJ2aWNlElgKDVJlZ2lzdGVyQWdlbnQSIi5mbGVldGNhcmUudjEuUmVnaXN0ZXJBZ2VudFJlcXVlc3QaIy5mbGVldGNhcmUudjEuUmVnaXN0ZXJBZ2VudFJlc3BvbnNlEkkKCEdldEFnZW50Eh0uZmxlZXRjYXJlLnYxLkdldEFnZW50UmVxdWVzdBoeLmZsZWV0Y2FyZS52MS5HZXRBZ2VudFJlc3BvbnNlEk8KCkxpc3RBZ2VudHMSHy5mbGVldGNhcmUudjEuTGlzdEFnZW50c1JlcXVlc3QaIC5mbGVldGNhcmUudjEuTGlzdEFnZW50c1Jlc3BvbnNlEkwKCUhlYXJ0YmVhdBIeLmZsZWV0Y2FyZS52MS5IZWFydGJlYXRSZXF1ZXN0Gh8uZmxlZXRjYXJlLnYxLkhlYXJ0YmVhdFJlc3BvbnNlEkwKCVN0YXJ0V29yaxIeLmZsZWV0Y2FyZS52MS5TdGFydFdvcmtSZXF1ZXN0Gh8uZmxlZXRjYXJlLnYxLlN0YXJ0V29ya1Jlc3BvbnNlEk8KCkZpbmlzaFdvcmsSHy5mbGVldGNhcmUudjEuRmluaXNoV29ya1JlcXVlc3QaIC5mbGVldGNhcmUudjEuRmluaXNoV29ya1Jlc3BvbnNlEl4KD1JlcG9ydEV4aGF1c3RlZBIkLmZsZWV0Y2FyZS52MS5SZXBvcnRFeGhhdXN0ZWRSZXF1ZXN0GiUuZmxlZXRjYXJlLnYxLlJlcG9ydEV4aGF1c3RlZFJlc3BvbnNlElIKC01hcmtPZmZsaW5lEiAuZmxlZXRjYXJlLnYxLk1hcmtPZmZsaW5lUmVxdWVzdBohLmZsZWV0Y2FyZS52MS5NYXJrT2ZmbGluZVJlc3BvbnNlEmMKEFdhdGNoVHJhbnNpdGlvbnMSJS5mbGVldGNhcmUudjEuV2F0Y2hUcmFuc2l0aW9uc1JlcXVlc3QaJi5mbGVldGNhcmUudjEuV2F0Y2hUcmFuc2l0aW9uc1Jlc3BvbnNlMAESXgoPTGlzdFRyYW5zaXRpb25zEiQuZmxlZXRjYXJlLnYxLkxpc3RUcmFuc2l0aW9uc1JlcXVlc3QaJS5mbGVldGNhcmUudjEuTGlzdFRyYW5zaXRpb25zUmVzcG9uc2USXgoPRXhwbGFpblJlY292ZXJ5EiQuZmxlZXRjYXJlLnYxLkV4cGxhaW5SZWNvdmVyeVJlcXVlc3QaJS5mbGVldGNhcmUudjEuRXhwbGFpblJlY292ZXJ5UmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("Ch9mbGVldGNhcmUvdjEvYWdlbnRfc3RhdHVzLnByb3RvEgxmbGVldGNhcmUudjEi4gQKBUFnZW50EhAKCGFnZW50X2lkGAEgASgJEikKBnN0YXR1cxgCIAEoDjIZLmZsZWV0Y2FyZS52MS5BZ2VudFN0YXR1cxIvCgZsYWJlbHMYAyADKAsyHy5mbGVldGNhcmUudjEuQWdlbnQuTGFiZWxzRW50cnkSMQoNcmVnaXN0ZXJlZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNQoRbGFzdF9oZWFydGJlYXRfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjYKEmxhc3RfdHJhbnNpdGlvbl9hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEAoIcmV2aXNpb24YByABKAMSOQoRZXhoYXVzdGlvbl9yZWFzb24YCCABKA4yHi5mbGVldGNhcmUudjEuRXhoYXVzdGlvblJlYXNvbhIvCgtyZWNvdmVyeV9hdBgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNQoPcmVjb3Zlcnlfc291cmNlGAogASgOMhwuZmxlZXRjYXJlLnYxLlJlY292ZXJ5U291cmNlEhUKDXJlY292ZXJ5X2hpbnQYCyABKAkSEwoLc2NoZWR1bGFibGUYDCABKAgSFQoNY29yZG9uX3JlYXNvbhgNIAEoCRIiCgVjbGFpbRgOIAEoCzITLmZsZWV0Y2FyZS52MS5DbGFpbRotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIvcBCgVDbGFpbRIQCghjbGFpbV9pZBgBIAEoCRIQCghhZ2VudF9pZBgCIAEoCRIVCg1mZW5jaW5nX3Rva2VuGAMgASgDEikKCXNsb3RfdHlwZRgEIAEoDjIWLmZsZWV0Y2FyZS52MS5TbG90VHlwZRIOCgZob2xkZXIYBSABKAkSLgoKY2xhaW1lZF9hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNAoQbGVhc2VfZXhwaXJlc19hdBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEgoKcmVxdWVzdF9pZBgIIAEoCSLoAgoKVHJhbnNpdGlvbhIQCghyZXZpc2lvbhgBIAEoAxIQCghhZ2VudF9pZBgCIAEoCRIuCgtmcm9tX3N0YXR1cxgDIAEoDjIZLmZsZWV0Y2FyZS52MS5BZ2VudFN0YXR1cxIsCgl0b19zdGF0dXMYBCABKA4yGS5mbGVldGNhcmUudjEuQWdlbnRTdGF0dXMSLAoFY2F1c2UYBSABKA4yHS5mbGVldGNhcmUudjEuVHJhbnNpdGlvbkNhdXNlEi8KC29jY3VycmVkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI5ChFleGhhdXN0aW9uX3JlYXNvbhgHIAEoDjIeLmZsZWV0Y2FyZS52MS5FeGhhdXN0aW9uUmVhc29uEi8KC3JlY292ZXJ5X2F0GAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBINCgVhY3RvchgJIAEoCSKXAQoUUmVnaXN0ZXJBZ2VudFJlcXVlc3QSEAoIYWdlbnRfaWQYASABKAkSPgoGbGFiZWxzGAIgAygLMi4uZmxlZXRjYXJlLnYxLlJlZ2lzdGVyQWdlbnRSZXF1ZXN0LkxhYmVsc0VudHJ5Gi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiTAoVUmVnaXN0ZXJBZ2VudFJlc3BvbnNlEiIKBWFnZW50GAEgASgLMhMuZmxlZXRjYXJlLnYxLkFnZW50Eg8KB2NyZWF0ZWQYAiABKAgiIwoPR2V0QWdlbnRSZXF1ZXN0EhAKCGFnZW50X2lkGAEgASgJIjYKEEdldEFnZW50UmVzcG9uc2USIgoFYWdlbnQYASABKAsyEy5mbGVldGNhcmUudjEuQWdlbnQi0wEKEUxpc3RBZ2VudHNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJEisKCHN0YXR1c2VzGAMgAygOMhkuZmxlZXRjYXJlLnYxLkFnZW50U3RhdHVzEjsKBmxhYmVscxgEIAMoCzIrLmZsZWV0Y2FyZS52MS5MaXN0QWdlbnRzUmVxdWVzdC5MYWJlbHNFbnRyeRotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIlIKEkxpc3RBZ2VudHNSZXNwb25zZRIjCgZhZ2VudHMYASADKAsyEy5mbGVldGNhcmUudjEuQWdlbnQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIiQKEEhlYXJ0YmVhdFJlcXVlc3QSEAoIYWdlbnRfaWQYASABKAkioQEKEUhlYXJ0YmVhdFJlc3BvbnNlEiIKBWFnZW50GAEgASgLMhMuZmxlZXRjYXJlLnYxLkFnZW50EiwKCnRyYW5zaXRpb24YAiABKAsyGC5mbGVldGNhcmUudjEuVHJhbnNpdGlvbhI6ChduZXh0X2hlYXJ0YmVhdF9pbnRlcnZhbBgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiJPChBTdGFydFdvcmtSZXF1ZXN0EhAKCGFnZW50X2lkGAEgASgJEikKCXNsb3RfdHlwZRgCIAEoDjIWLmZsZWV0Y2FyZS52MS5TbG90VHlwZSJlChFTdGFydFdvcmtSZXNwb25zZRIiCgVhZ2VudBgBIAEoCzITLmZsZWV0Y2FyZS52MS5BZ2VudBIsCgp0cmFuc2l0aW9uGAIgASgLMhguZmxlZXRjYXJlLnYxLlRyYW5zaXRpb24iPAoRRmluaXNoV29ya1JlcXVlc3QSEAoIYWdlbnRfaWQYASABKAkSFQoNZmVuY2luZ190b2tlbhgCIAEoAyJmChJGaW5pc2hXb3JrUmVzcG9uc2USIgoFYWdlbnQYASABKAsyEy5mbGVldGNhcmUudjEuQWdlbnQSLAoKdHJhbnNpdGlvbhgCIAEoCzIYLmZsZWV0Y2FyZS52MS5UcmFuc2l0aW9uIiUKBkhlYWRlchIMCgRuYW1lGAEgASgJEg0KBXZhbHVlGAIgASgJIu0BChZSZXBvcnRFeGhhdXN0ZWRSZXF1ZXN0EhAKCGFnZW50X2lkGAEgASgJEi4KBnJlYXNvbhgCIAEoDjIeLmZsZWV0Y2FyZS52MS5FeGhhdXN0aW9uUmVhc29uEi8KC3JlY292ZXJ5X2F0GAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIlCgdoZWFkZXJzGAQgAygLMhQuZmxlZXRjYXJlLnYxLkhlYWRlchIPCgdtZXNzYWdlGAUgASgJEhEKCXRpbWVfem9uZRgGIAEoCRIVCg1mZW5jaW5nX3Rva2VuGAcgASgDImsKF1JlcG9ydEV4aGF1c3RlZFJlc3BvbnNlEiIKBWFnZW50GAEgASgLMhMuZmxlZXRjYXJlLnYxLkFnZW50EiwKCnRyYW5zaXRpb24YAiABKAsyGC5mbGVldGNhcmUudjEuVHJhbnNpdGlvbiImChJNYXJrT2ZmbGluZVJlcXVlc3QSEAoIYWdlbnRfaWQYASABKAkiZwoTTWFya09mZmxpbmVSZXNwb25zZRIiCgVhZ2VudBgBIAEoCzITLmZsZWV0Y2FyZS52MS5BZ2VudBIsCgp0cmFuc2l0aW9uGAIgASgLMhguZmxlZXRjYXJlLnYxLlRyYW5zaXRpb24iiwEKF1dhdGNoVHJhbnNpdGlvbnNSZXF1ZXN0EhYKDnNpbmNlX3JldmlzaW9uGAEgASgDEhEKCWFnZW50X2lkcxgCIAMoCRIrCghzdGF0dXNlcxgDIAMoDjIZLmZsZWV0Y2FyZS52MS5BZ2VudFN0YXR1cxIYChBpbmNsdWRlX3NuYXBzaG90GAQgASgIIusBChhXYXRjaFRyYW5zaXRpb25zUmVzcG9uc2USLQoOc25hcHNob3RfYWdlbnQYASABKAsyEy5mbGVldGNhcmUudjEuQWdlbnRIABI7ChFzbmFwc2hvdF9jb21wbGV0ZRgCIAEoCzIeLmZsZWV0Y2FyZS52MS5TbmFwc2hvdENvbXBsZXRlSAASLgoKdHJhbnNpdGlvbhgDIAEoCzIYLmZsZWV0Y2FyZS52MS5UcmFuc2l0aW9uSAASKgoIcHJvZ3Jlc3MYBCABKAsyFi5mbGVldGNhcmUudjEuUHJvZ3Jlc3NIAEIHCgVldmVudCI5ChBTbmFwc2hvdENvbXBsZXRlEhAKCHJldmlzaW9uGAEgASgDEhMKC2FnZW50X2NvdW50GAIgASgDIhwKCFByb2dyZXNzEhAKCHJldmlzaW9uGAEgASgDImkKFkxpc3RUcmFuc2l0aW9uc1JlcXVlc3QSEAoIYWdlbnRfaWQYASABKAkSFgoOYWZ0ZXJfcmV2aXNpb24YAiABKAMSEQoJcGFnZV9zaXplGAMgASgFEhIKCnBhZ2VfdG9rZW4YBCABKAkikQEKF0xpc3RUcmFuc2l0aW9uc1Jlc3BvbnNlEi0KC3RyYW5zaXRpb25zGAEgAygLMhguZmxlZXRjYXJlLnYxLlRyYW5zaXRpb24SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJEhcKD29sZGVzdF9yZXZpc2lvbhgDIAEoAxIVCg1oZWFkX3JldmlzaW9uGAQgASgDItYBChZFeHBsYWluUmVjb3ZlcnlSZXF1ZXN0Ei4KBnJlYXNvbhgBIAEoDjIeLmZsZWV0Y2FyZS52MS5FeGhhdXN0aW9uUmVhc29uEiUKB2hlYWRlcnMYAiADKAsyFC5mbGVldGNhcmUudjEuSGVhZGVyEg8KB21lc3NhZ2UYAyABKAkSEQoJdGltZV96b25lGAQgASgJEhAKCGFnZW50X2lkGAUgASgJEi8KC3JlY292ZXJ5X2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLxAQoXRXhwbGFpblJlY292ZXJ5UmVzcG9uc2USLwoLcmVjb3ZlcnlfYXQYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjUKD3JlY292ZXJ5X3NvdXJjZRgCIAEoDjIcLmZsZWV0Y2FyZS52MS5SZWNvdmVyeVNvdXJjZRIVCg1yZWNvdmVyeV9oaW50GAMgASgJEi4KBnJlYXNvbhgEIAEoDjIeLmZsZWV0Y2FyZS52MS5FeGhhdXN0aW9uUmVhc29uEicKA25vdxgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAqqQEKC0FnZW50U3RhdHVzEhwKGEFHRU5UX1NUQVRVU19VTlNQRUNJRklFRBAAEhUKEUFHRU5UX1NUQVRVU19JRExFEAESFQoRQUdFTlRfU1RBVFVTX0JVU1kQAhIYChRBR0VOVF9TVEFUVVNfT05fQ0FMTBADEhgKFEFHRU5UX1NUQVRVU19PRkZMSU5FEAQSGgoWQUdFTlRfU1RBVFVTX0VYSEFVU1RFRBAFKlAKCFNsb3RUeXBlEhkKFVNMT1RfVFlQRV9VTlNQRUNJRklFRBAAEhIKDlNMT1RfVFlQRV9XT1JLEAESFQoRU0xPVF9UWVBFX09OX0NBTEwQAip2ChBFeGhhdXN0aW9uUmVhc29uEiEKHUVYSEFVU1RJT05fUkVBU09OX1VOU1BFQ0lGSUVEEAASIAocRVhIQVVTVElPTl9SRUFTT05fUkFURV9MSU1JVBABEh0KGUVYSEFVU1RJT05fUkVBU09OX0JJTExJTkcQAircAQoOUmVjb3ZlcnlTb3VyY2USHwobUkVDT1ZFUllfU09VUkNFX1VOU1BFQ0lGSUVEEAASHAoYUkVDT1ZFUllfU09VUkNFX0VYUExJQ0lUEAESJgoiUkVDT1ZFUllfU09VUkNFX1JFVFJZX0FGVEVSX0hFQURFUhACEikKJVJFQ09WRVJZX1NPVVJDRV9QUk9WSURFUl9SRVNFVF9IRUFERVIQAxIbChdSRUNPVkVSWV9TT1VSQ0VfTUVTU0FHRRAEEhsKF1JFQ09WRVJZX1NPVVJDRV9ERUZBVUxUEAUq0QQKD1RyYW5zaXRpb25DYXVzZRIgChxUUkFOU0lUSU9OX0NBVVNFX1VOU1BFQ0lGSUVEEAASHwobVFJBTlNJVElPTl9DQVVTRV9SRUdJU1RFUkVEEAESIQodVFJBTlNJVElPTl9DQVVTRV9XT1JLX1NUQVJURUQQAhIiCh5UUkFOU0lUSU9OX0NBVVNFX1dPUktfRklOSVNIRUQQAxImCiJUUkFOU0lUSU9OX0NBVVNFX0hFQVJUQkVBVF9SRVNVTUVEEAQSJgoiVFJBTlNJVElPTl9DQVVTRV9IRUFSVEJFQVRfVElNRU9VVBAFEh4KGlRSQU5TSVRJT05fQ0FVU0VfRVhIQVVTVEVEEAYSHgoaVFJBTlNJVElPTl9DQVVTRV9SRUNPVkVSRUQQBxIjCh9UUkFOU0lUSU9OX0NBVVNFX01BUktFRF9PRkZMSU5FEAgSHAoYVFJBTlNJVElPTl9DQVVTRV9SRVNVTUVEEAkSHQoZVFJBTlNJVElPTl9DQVVTRV9DT1JET05FRBAKEh8KG1RSQU5TSVRJT05fQ0FVU0VfVU5DT1JET05FRBALEhwKGFRSQU5TSVRJT05fQ0FVU0VfQ0xBSU1FRBAMEiMKH1RSQU5TSVRJT05fQ0FVU0VfQ0xBSU1fUkVMRUFTRUQQDRIiCh5UUkFOU0lUSU9OX0NBVVNFX0NMQUlNX0VYUElSRUQQDhIcChhUUkFOU0lUSU9OX0NBVVNFX0RFTEVURUQQDxIcChhUUkFOU0lUSU9OX0NBVVNFX0VYUElSRUQQEDLQBwoSQWdlbnRTdGF0dXNTZXJ2aWNlElgKDVJlZ2lzdGVyQWdlbnQSIi5mbGVldGNhcmUudjEuUmVnaXN0ZXJBZ2VudFJlcXVlc3QaIy5mbGVldGNhcmUudjEuUmVnaXN0ZXJBZ2VudFJlc3BvbnNlEkkKCEdldEFnZW50Eh0uZmxlZXRjYXJlLnYxLkdldEFnZW50UmVxdWVzdBoeLmZsZWV0Y2FyZS52MS5HZXRBZ2VudFJlc3BvbnNlEk8KCkxpc3RBZ2VudHMSHy5mbGVldGNhcmUudjEuTGlzdEFnZW50c1JlcXVlc3QaIC5mbGVldGNhcmUudjEuTGlzdEFnZW50c1Jlc3BvbnNlEkwKCUhlYXJ0YmVhdBIeLmZsZWV0Y2FyZS52MS5IZWFydGJlYXRSZXF1ZXN0Gh8uZmxlZXRjYXJlLnYxLkhlYXJ0YmVhdFJlc3BvbnNlEkwKCVN0YXJ0V29yaxIeLmZsZWV0Y2FyZS52MS5TdGFydFdvcmtSZXF1ZXN0Gh8uZmxlZXRjYXJlLnYxLlN0YXJ0V29ya1Jlc3BvbnNlEk8KCkZpbmlzaFdvcmsSHy5mbGVldGNhcmUudjEuRmluaXNoV29ya1JlcXVlc3QaIC5mbGVldGNhcmUudjEuRmluaXNoV29ya1Jlc3BvbnNlEl4KD1JlcG9ydEV4aGF1c3RlZBIkLmZsZWV0Y2FyZS52MS5SZXBvcnRFeGhhdXN0ZWRSZXF1ZXN0GiUuZmxlZXRjYXJlLnYxLlJlcG9ydEV4aGF1c3RlZFJlc3BvbnNlElIKC01hcmtPZmZsaW5lEiAuZmxlZXRjYXJlLnYxLk1hcmtPZmZsaW5lUmVxdWVzdBohLmZsZWV0Y2FyZS52MS5NYXJrT2ZmbGluZVJlc3BvbnNlEmMKEFdhdGNoVHJhbnNpdGlvbnMSJS5mbGVldGNhcmUudjEuV2F0Y2hUcmFuc2l0aW9uc1JlcXVlc3QaJi5mbGVldGNhcmUudjEuV2F0Y2hUcmFuc2l0aW9uc1Jlc3BvbnNlMAESXgoPTGlzdFRyYW5zaXRpb25zEiQuZmxlZXRjYXJlLnYxLkxpc3RUcmFuc2l0aW9uc1JlcXVlc3QaJS5mbGVldGNhcmUudjEuTGlzdFRyYW5zaXRpb25zUmVzcG9uc2USXgoPRXhwbGFpblJlY292ZXJ5EiQuZmxlZXRjYXJlLnYxLkV4cGxhaW5SZWNvdmVyeVJlcXVlc3QaJS5mbGVldGNhcmUudjEuRXhwbGFpblJlY292ZXJ5UmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * Agent is one agent's current state.
@@ -112,6 +112,14 @@ export type Agent = Message<"fleetcare.v1.Agent"> & {
    * @generated from field: string cordon_reason = 13;
    */
   cordonReason: string;
+
+  /**
+   * claim is the agent's active claim (DispatchService.ClaimAgent); unset when
+   * it has none.
+   *
+   * @generated from field: fleetcare.v1.Claim claim = 14;
+   */
+  claim?: Claim | undefined;
 };
 
 /**
@@ -120,6 +128,78 @@ export type Agent = Message<"fleetcare.v1.Agent"> & {
  */
 export const AgentSchema: GenMessage<Agent> = /*@__PURE__*/
   messageDesc(file_fleetcare_v1_agent_status, 0);
+
+/**
+ * Claim is one scheduler's hold on one agent, made by DispatchService.ClaimAgent.
+ *
+ * @generated from message fleetcare.v1.Claim
+ */
+export type Claim = Message<"fleetcare.v1.Claim"> & {
+  /**
+   * claim_id names the claim (RenewClaim, ReleaseClaim).
+   *
+   * @generated from field: string claim_id = 1;
+   */
+  claimId: string;
+
+  /**
+   * agent_id is the claimed agent.
+   *
+   * @generated from field: string agent_id = 2;
+   */
+  agentId: string;
+
+  /**
+   * fencing_token is strictly increasing per agent across claims (the revision
+   * of the CLAIMED transition). FinishWork, ReportExhausted, RenewClaim and
+   * ReleaseClaim on the claimed agent must carry it.
+   *
+   * @generated from field: int64 fencing_token = 3;
+   */
+  fencingToken: bigint;
+
+  /**
+   * slot_type is the slot the claim took (WORK: BUSY, ON_CALL: ON_CALL).
+   *
+   * @generated from field: fleetcare.v1.SlotType slot_type = 4;
+   */
+  slotType: SlotType;
+
+  /**
+   * holder is the authenticated caller that made the claim.
+   *
+   * @generated from field: string holder = 5;
+   */
+  holder: string;
+
+  /**
+   * claimed_at is the server time of the claim.
+   *
+   * @generated from field: google.protobuf.Timestamp claimed_at = 6;
+   */
+  claimedAt?: Timestamp | undefined;
+
+  /**
+   * lease_expires_at is when the claim ends unless renewed (server time).
+   *
+   * @generated from field: google.protobuf.Timestamp lease_expires_at = 7;
+   */
+  leaseExpiresAt?: Timestamp | undefined;
+
+  /**
+   * request_id is the idempotency key the claim was made with (empty: none).
+   *
+   * @generated from field: string request_id = 8;
+   */
+  requestId: string;
+};
+
+/**
+ * Describes the message fleetcare.v1.Claim.
+ * Use `create(ClaimSchema)` to create a new message.
+ */
+export const ClaimSchema: GenMessage<Claim> = /*@__PURE__*/
+  messageDesc(file_fleetcare_v1_agent_status, 1);
 
 /**
  * Transition is one durable status change.
@@ -198,7 +278,7 @@ export type Transition = Message<"fleetcare.v1.Transition"> & {
  * Use `create(TransitionSchema)` to create a new message.
  */
 export const TransitionSchema: GenMessage<Transition> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_agent_status, 1);
+  messageDesc(file_fleetcare_v1_agent_status, 2);
 
 /**
  * RegisterAgentRequest registers an agent.
@@ -226,7 +306,7 @@ export type RegisterAgentRequest = Message<"fleetcare.v1.RegisterAgentRequest"> 
  * Use `create(RegisterAgentRequestSchema)` to create a new message.
  */
 export const RegisterAgentRequestSchema: GenMessage<RegisterAgentRequest> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_agent_status, 2);
+  messageDesc(file_fleetcare_v1_agent_status, 3);
 
 /**
  * RegisterAgentResponse is the registered agent.
@@ -254,7 +334,7 @@ export type RegisterAgentResponse = Message<"fleetcare.v1.RegisterAgentResponse"
  * Use `create(RegisterAgentResponseSchema)` to create a new message.
  */
 export const RegisterAgentResponseSchema: GenMessage<RegisterAgentResponse> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_agent_status, 3);
+  messageDesc(file_fleetcare_v1_agent_status, 4);
 
 /**
  * GetAgentRequest names one agent.
@@ -275,7 +355,7 @@ export type GetAgentRequest = Message<"fleetcare.v1.GetAgentRequest"> & {
  * Use `create(GetAgentRequestSchema)` to create a new message.
  */
 export const GetAgentRequestSchema: GenMessage<GetAgentRequest> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_agent_status, 4);
+  messageDesc(file_fleetcare_v1_agent_status, 5);
 
 /**
  * GetAgentResponse is one agent.
@@ -296,7 +376,7 @@ export type GetAgentResponse = Message<"fleetcare.v1.GetAgentResponse"> & {
  * Use `create(GetAgentResponseSchema)` to create a new message.
  */
 export const GetAgentResponseSchema: GenMessage<GetAgentResponse> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_agent_status, 5);
+  messageDesc(file_fleetcare_v1_agent_status, 6);
 
 /**
  * ListAgentsRequest asks for a page of agents.
@@ -338,7 +418,7 @@ export type ListAgentsRequest = Message<"fleetcare.v1.ListAgentsRequest"> & {
  * Use `create(ListAgentsRequestSchema)` to create a new message.
  */
 export const ListAgentsRequestSchema: GenMessage<ListAgentsRequest> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_agent_status, 6);
+  messageDesc(file_fleetcare_v1_agent_status, 7);
 
 /**
  * ListAgentsResponse is a page of agents.
@@ -366,7 +446,7 @@ export type ListAgentsResponse = Message<"fleetcare.v1.ListAgentsResponse"> & {
  * Use `create(ListAgentsResponseSchema)` to create a new message.
  */
 export const ListAgentsResponseSchema: GenMessage<ListAgentsResponse> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_agent_status, 7);
+  messageDesc(file_fleetcare_v1_agent_status, 8);
 
 /**
  * HeartbeatRequest records a heartbeat.
@@ -387,7 +467,7 @@ export type HeartbeatRequest = Message<"fleetcare.v1.HeartbeatRequest"> & {
  * Use `create(HeartbeatRequestSchema)` to create a new message.
  */
 export const HeartbeatRequestSchema: GenMessage<HeartbeatRequest> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_agent_status, 8);
+  messageDesc(file_fleetcare_v1_agent_status, 9);
 
 /**
  * HeartbeatResponse is the agent after the heartbeat.
@@ -424,7 +504,7 @@ export type HeartbeatResponse = Message<"fleetcare.v1.HeartbeatResponse"> & {
  * Use `create(HeartbeatResponseSchema)` to create a new message.
  */
 export const HeartbeatResponseSchema: GenMessage<HeartbeatResponse> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_agent_status, 9);
+  messageDesc(file_fleetcare_v1_agent_status, 10);
 
 /**
  * StartWorkRequest takes a slot.
@@ -452,7 +532,7 @@ export type StartWorkRequest = Message<"fleetcare.v1.StartWorkRequest"> & {
  * Use `create(StartWorkRequestSchema)` to create a new message.
  */
 export const StartWorkRequestSchema: GenMessage<StartWorkRequest> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_agent_status, 10);
+  messageDesc(file_fleetcare_v1_agent_status, 11);
 
 /**
  * StartWorkResponse is the result of StartWork.
@@ -480,7 +560,7 @@ export type StartWorkResponse = Message<"fleetcare.v1.StartWorkResponse"> & {
  * Use `create(StartWorkResponseSchema)` to create a new message.
  */
 export const StartWorkResponseSchema: GenMessage<StartWorkResponse> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_agent_status, 11);
+  messageDesc(file_fleetcare_v1_agent_status, 12);
 
 /**
  * FinishWorkRequest releases a slot.
@@ -494,6 +574,15 @@ export type FinishWorkRequest = Message<"fleetcare.v1.FinishWorkRequest"> & {
    * @generated from field: string agent_id = 1;
    */
   agentId: string;
+
+  /**
+   * fencing_token is the fencing token of the agent's active claim; required
+   * while the agent is claimed, must be 0 (none) while it is not. A stale or
+   * missing token is FAILED_PRECONDITION, reason STALE_FENCING_TOKEN.
+   *
+   * @generated from field: int64 fencing_token = 2;
+   */
+  fencingToken: bigint;
 };
 
 /**
@@ -501,7 +590,7 @@ export type FinishWorkRequest = Message<"fleetcare.v1.FinishWorkRequest"> & {
  * Use `create(FinishWorkRequestSchema)` to create a new message.
  */
 export const FinishWorkRequestSchema: GenMessage<FinishWorkRequest> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_agent_status, 12);
+  messageDesc(file_fleetcare_v1_agent_status, 13);
 
 /**
  * FinishWorkResponse is the result of FinishWork.
@@ -529,7 +618,7 @@ export type FinishWorkResponse = Message<"fleetcare.v1.FinishWorkResponse"> & {
  * Use `create(FinishWorkResponseSchema)` to create a new message.
  */
 export const FinishWorkResponseSchema: GenMessage<FinishWorkResponse> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_agent_status, 13);
+  messageDesc(file_fleetcare_v1_agent_status, 14);
 
 /**
  * Header is one HTTP response header as the provider sent it.
@@ -557,7 +646,7 @@ export type Header = Message<"fleetcare.v1.Header"> & {
  * Use `create(HeaderSchema)` to create a new message.
  */
 export const HeaderSchema: GenMessage<Header> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_agent_status, 14);
+  messageDesc(file_fleetcare_v1_agent_status, 15);
 
 /**
  * ReportExhaustedRequest parks an agent until its recovery time.
@@ -610,6 +699,16 @@ export type ReportExhaustedRequest = Message<"fleetcare.v1.ReportExhaustedReques
    * @generated from field: string time_zone = 6;
    */
   timeZone: string;
+
+  /**
+   * fencing_token is the fencing token of the agent's active claim; required
+   * while the agent is claimed (the report then ends the claim), must be 0
+   * (none) while it is not. A stale or missing token is FAILED_PRECONDITION,
+   * reason STALE_FENCING_TOKEN.
+   *
+   * @generated from field: int64 fencing_token = 7;
+   */
+  fencingToken: bigint;
 };
 
 /**
@@ -617,7 +716,7 @@ export type ReportExhaustedRequest = Message<"fleetcare.v1.ReportExhaustedReques
  * Use `create(ReportExhaustedRequestSchema)` to create a new message.
  */
 export const ReportExhaustedRequestSchema: GenMessage<ReportExhaustedRequest> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_agent_status, 15);
+  messageDesc(file_fleetcare_v1_agent_status, 16);
 
 /**
  * ReportExhaustedResponse is the result of ReportExhausted.
@@ -645,7 +744,7 @@ export type ReportExhaustedResponse = Message<"fleetcare.v1.ReportExhaustedRespo
  * Use `create(ReportExhaustedResponseSchema)` to create a new message.
  */
 export const ReportExhaustedResponseSchema: GenMessage<ReportExhaustedResponse> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_agent_status, 16);
+  messageDesc(file_fleetcare_v1_agent_status, 17);
 
 /**
  * MarkOfflineRequest marks an agent offline.
@@ -666,7 +765,7 @@ export type MarkOfflineRequest = Message<"fleetcare.v1.MarkOfflineRequest"> & {
  * Use `create(MarkOfflineRequestSchema)` to create a new message.
  */
 export const MarkOfflineRequestSchema: GenMessage<MarkOfflineRequest> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_agent_status, 17);
+  messageDesc(file_fleetcare_v1_agent_status, 18);
 
 /**
  * MarkOfflineResponse is the result of MarkOffline.
@@ -694,7 +793,7 @@ export type MarkOfflineResponse = Message<"fleetcare.v1.MarkOfflineResponse"> & 
  * Use `create(MarkOfflineResponseSchema)` to create a new message.
  */
 export const MarkOfflineResponseSchema: GenMessage<MarkOfflineResponse> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_agent_status, 18);
+  messageDesc(file_fleetcare_v1_agent_status, 19);
 
 /**
  * WatchTransitionsRequest opens a transition stream.
@@ -740,7 +839,7 @@ export type WatchTransitionsRequest = Message<"fleetcare.v1.WatchTransitionsRequ
  * Use `create(WatchTransitionsRequestSchema)` to create a new message.
  */
 export const WatchTransitionsRequestSchema: GenMessage<WatchTransitionsRequest> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_agent_status, 19);
+  messageDesc(file_fleetcare_v1_agent_status, 20);
 
 /**
  * WatchTransitionsResponse is one event on a transition stream.
@@ -793,7 +892,7 @@ export type WatchTransitionsResponse = Message<"fleetcare.v1.WatchTransitionsRes
  * Use `create(WatchTransitionsResponseSchema)` to create a new message.
  */
 export const WatchTransitionsResponseSchema: GenMessage<WatchTransitionsResponse> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_agent_status, 20);
+  messageDesc(file_fleetcare_v1_agent_status, 21);
 
 /**
  * SnapshotComplete ends the snapshot part of a watch.
@@ -821,7 +920,7 @@ export type SnapshotComplete = Message<"fleetcare.v1.SnapshotComplete"> & {
  * Use `create(SnapshotCompleteSchema)` to create a new message.
  */
 export const SnapshotCompleteSchema: GenMessage<SnapshotComplete> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_agent_status, 21);
+  messageDesc(file_fleetcare_v1_agent_status, 22);
 
 /**
  * Progress tells an idle watcher how far the stream has got.
@@ -842,7 +941,7 @@ export type Progress = Message<"fleetcare.v1.Progress"> & {
  * Use `create(ProgressSchema)` to create a new message.
  */
 export const ProgressSchema: GenMessage<Progress> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_agent_status, 22);
+  messageDesc(file_fleetcare_v1_agent_status, 23);
 
 /**
  * ListTransitionsRequest asks for a page of transition history.
@@ -884,7 +983,7 @@ export type ListTransitionsRequest = Message<"fleetcare.v1.ListTransitionsReques
  * Use `create(ListTransitionsRequestSchema)` to create a new message.
  */
 export const ListTransitionsRequestSchema: GenMessage<ListTransitionsRequest> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_agent_status, 23);
+  messageDesc(file_fleetcare_v1_agent_status, 24);
 
 /**
  * ListTransitionsResponse is a page of transitions in revision order.
@@ -926,7 +1025,7 @@ export type ListTransitionsResponse = Message<"fleetcare.v1.ListTransitionsRespo
  * Use `create(ListTransitionsResponseSchema)` to create a new message.
  */
 export const ListTransitionsResponseSchema: GenMessage<ListTransitionsResponse> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_agent_status, 24);
+  messageDesc(file_fleetcare_v1_agent_status, 25);
 
 /**
  * ExplainRecoveryRequest is a report to explain, as ReportExhausted would get it.
@@ -986,7 +1085,7 @@ export type ExplainRecoveryRequest = Message<"fleetcare.v1.ExplainRecoveryReques
  * Use `create(ExplainRecoveryRequestSchema)` to create a new message.
  */
 export const ExplainRecoveryRequestSchema: GenMessage<ExplainRecoveryRequest> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_agent_status, 25);
+  messageDesc(file_fleetcare_v1_agent_status, 26);
 
 /**
  * ExplainRecoveryResponse is what the server would infer.
@@ -1036,7 +1135,7 @@ export type ExplainRecoveryResponse = Message<"fleetcare.v1.ExplainRecoveryRespo
  * Use `create(ExplainRecoveryResponseSchema)` to create a new message.
  */
 export const ExplainRecoveryResponseSchema: GenMessage<ExplainRecoveryResponse> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_agent_status, 26);
+  messageDesc(file_fleetcare_v1_agent_status, 27);
 
 /**
  * AgentStatus is the status of one agent.
@@ -1307,6 +1406,47 @@ export enum TransitionCause {
    * @generated from enum value: TRANSITION_CAUSE_UNCORDONED = 11;
    */
   UNCORDONED = 11,
+
+  /**
+   * TRANSITION_CAUSE_CLAIMED is DispatchService.ClaimAgent: IDLE to BUSY or
+   * ON_CALL; the transition's revision is the claim's fencing token.
+   *
+   * @generated from enum value: TRANSITION_CAUSE_CLAIMED = 12;
+   */
+  CLAIMED = 12,
+
+  /**
+   * TRANSITION_CAUSE_CLAIM_RELEASED is DispatchService.ReleaseClaim: the claimed
+   * agent back to IDLE.
+   *
+   * @generated from enum value: TRANSITION_CAUSE_CLAIM_RELEASED = 13;
+   */
+  CLAIM_RELEASED = 13,
+
+  /**
+   * TRANSITION_CAUSE_CLAIM_EXPIRED is the sweeper ending a claim whose lease
+   * was not renewed in time: the agent back to IDLE.
+   *
+   * @generated from enum value: TRANSITION_CAUSE_CLAIM_EXPIRED = 14;
+   */
+  CLAIM_EXPIRED = 14,
+
+  /**
+   * TRANSITION_CAUSE_DELETED is DispatchService.DeleteAgent: the agent's last
+   * transition (from_status equals to_status, its status when deleted);
+   * watchers drop the agent.
+   *
+   * @generated from enum value: TRANSITION_CAUSE_DELETED = 15;
+   */
+  DELETED = 15,
+
+  /**
+   * TRANSITION_CAUSE_EXPIRED is the sweeper deleting an agent OFFLINE for longer
+   * than --offline-agent-retention: its last transition, as DELETED.
+   *
+   * @generated from enum value: TRANSITION_CAUSE_EXPIRED = 16;
+   */
+  EXPIRED = 16,
 }
 
 /**

@@ -2,17 +2,391 @@
 // @generated from file fleetcare/v1/dispatch.proto (package fleetcare.v1, syntax proto3)
 /* eslint-disable */
 
-import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
-import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
-import type { Agent, Transition } from "./agent_status_pb.js";
+import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
+import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import type { Agent, Claim, SlotType, Transition } from "./agent_status_pb.js";
 import { file_fleetcare_v1_agent_status } from "./agent_status_pb.js";
+import type { Duration } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_duration } from "@bufbuild/protobuf/wkt";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file fleetcare/v1/dispatch.proto.
  */
 export const file_fleetcare_v1_dispatch: GenFile = /*@__PURE__*/
-  fileDesc("ChtmbGVldGNhcmUvdjEvZGlzcGF0Y2gucHJvdG8SDGZsZWV0Y2FyZS52MSI2ChJSZXN1bWVBZ2VudFJlcXVlc3QSEAoIYWdlbnRfaWQYASABKAkSDgoGcmVhc29uGAIgASgJImcKE1Jlc3VtZUFnZW50UmVzcG9uc2USIgoFYWdlbnQYASABKAsyEy5mbGVldGNhcmUudjEuQWdlbnQSLAoKdHJhbnNpdGlvbhgCIAEoCzIYLmZsZWV0Y2FyZS52MS5UcmFuc2l0aW9uIjYKEkNvcmRvbkFnZW50UmVxdWVzdBIQCghhZ2VudF9pZBgBIAEoCRIOCgZyZWFzb24YAiABKAkiZwoTQ29yZG9uQWdlbnRSZXNwb25zZRIiCgVhZ2VudBgBIAEoCzITLmZsZWV0Y2FyZS52MS5BZ2VudBIsCgp0cmFuc2l0aW9uGAIgASgLMhguZmxlZXRjYXJlLnYxLlRyYW5zaXRpb24iKAoUVW5jb3Jkb25BZ2VudFJlcXVlc3QSEAoIYWdlbnRfaWQYASABKAkiaQoVVW5jb3Jkb25BZ2VudFJlc3BvbnNlEiIKBWFnZW50GAEgASgLMhMuZmxlZXRjYXJlLnYxLkFnZW50EiwKCnRyYW5zaXRpb24YAiABKAsyGC5mbGVldGNhcmUudjEuVHJhbnNpdGlvbjKTAgoPRGlzcGF0Y2hTZXJ2aWNlElIKC1Jlc3VtZUFnZW50EiAuZmxlZXRjYXJlLnYxLlJlc3VtZUFnZW50UmVxdWVzdBohLmZsZWV0Y2FyZS52MS5SZXN1bWVBZ2VudFJlc3BvbnNlElIKC0NvcmRvbkFnZW50EiAuZmxlZXRjYXJlLnYxLkNvcmRvbkFnZW50UmVxdWVzdBohLmZsZWV0Y2FyZS52MS5Db3Jkb25BZ2VudFJlc3BvbnNlElgKDVVuY29yZG9uQWdlbnQSIi5mbGVldGNhcmUudjEuVW5jb3Jkb25BZ2VudFJlcXVlc3QaIy5mbGVldGNhcmUudjEuVW5jb3Jkb25BZ2VudFJlc3BvbnNlYgZwcm90bzM", [file_fleetcare_v1_agent_status]);
+  fileDesc("ChtmbGVldGNhcmUvdjEvZGlzcGF0Y2gucHJvdG8SDGZsZWV0Y2FyZS52MSLKAQoNTGFiZWxTZWxlY3RvchJCCgxtYXRjaF9sYWJlbHMYASADKAsyLC5mbGVldGNhcmUudjEuTGFiZWxTZWxlY3Rvci5NYXRjaExhYmVsc0VudHJ5EkEKEW1hdGNoX2V4cHJlc3Npb25zGAIgAygLMiYuZmxlZXRjYXJlLnYxLkxhYmVsU2VsZWN0b3JSZXF1aXJlbWVudBoyChBNYXRjaExhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiaQoYTGFiZWxTZWxlY3RvclJlcXVpcmVtZW50EgsKA2tleRgBIAEoCRIwCghvcGVyYXRvchgCIAEoDjIeLmZsZWV0Y2FyZS52MS5TZWxlY3Rvck9wZXJhdG9yEg4KBnZhbHVlcxgDIAMoCSLlAQoRQ2xhaW1BZ2VudFJlcXVlc3QSLQoIc2VsZWN0b3IYASABKAsyGy5mbGVldGNhcmUudjEuTGFiZWxTZWxlY3RvchIpCglzbG90X3R5cGUYAiABKA4yFi5mbGVldGNhcmUudjEuU2xvdFR5cGUSMQoObGVhc2VfZHVyYXRpb24YAyABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SLwoMd2FpdF90aW1lb3V0GAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEhIKCnJlcXVlc3RfaWQYBSABKAkiigEKEkNsYWltQWdlbnRSZXNwb25zZRIiCgVjbGFpbRgBIAEoCzITLmZsZWV0Y2FyZS52MS5DbGFpbRIiCgVhZ2VudBgCIAEoCzITLmZsZWV0Y2FyZS52MS5BZ2VudBIsCgp0cmFuc2l0aW9uGAMgASgLMhguZmxlZXRjYXJlLnYxLlRyYW5zaXRpb24ibwoRUmVuZXdDbGFpbVJlcXVlc3QSEAoIY2xhaW1faWQYASABKAkSFQoNZmVuY2luZ190b2tlbhgCIAEoAxIxCg5sZWFzZV9kdXJhdGlvbhgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiI4ChJSZW5ld0NsYWltUmVzcG9uc2USIgoFY2xhaW0YASABKAsyEy5mbGVldGNhcmUudjEuQ2xhaW0iPgoTUmVsZWFzZUNsYWltUmVxdWVzdBIQCghjbGFpbV9pZBgBIAEoCRIVCg1mZW5jaW5nX3Rva2VuGAIgASgDImgKFFJlbGVhc2VDbGFpbVJlc3BvbnNlEiIKBWFnZW50GAEgASgLMhMuZmxlZXRjYXJlLnYxLkFnZW50EiwKCnRyYW5zaXRpb24YAiABKAsyGC5mbGVldGNhcmUudjEuVHJhbnNpdGlvbiJKChFMaXN0Q2xhaW1zUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCRIOCgZob2xkZXIYAyABKAkiUgoSTGlzdENsYWltc1Jlc3BvbnNlEiMKBmNsYWltcxgBIAMoCzITLmZsZWV0Y2FyZS52MS5DbGFpbRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiJgoSRGVsZXRlQWdlbnRSZXF1ZXN0EhAKCGFnZW50X2lkGAEgASgJIkMKE0RlbGV0ZUFnZW50UmVzcG9uc2USLAoKdHJhbnNpdGlvbhgBIAEoCzIYLmZsZWV0Y2FyZS52MS5UcmFuc2l0aW9uIjYKElJlc3VtZUFnZW50UmVxdWVzdBIQCghhZ2VudF9pZBgBIAEoCRIOCgZyZWFzb24YAiABKAkiZwoTUmVzdW1lQWdlbnRSZXNwb25zZRIiCgVhZ2VudBgBIAEoCzITLmZsZWV0Y2FyZS52MS5BZ2VudBIsCgp0cmFuc2l0aW9uGAIgASgLMhguZmxlZXRjYXJlLnYxLlRyYW5zaXRpb24iNgoSQ29yZG9uQWdlbnRSZXF1ZXN0EhAKCGFnZW50X2lkGAEgASgJEg4KBnJlYXNvbhgCIAEoCSJnChNDb3Jkb25BZ2VudFJlc3BvbnNlEiIKBWFnZW50GAEgASgLMhMuZmxlZXRjYXJlLnYxLkFnZW50EiwKCnRyYW5zaXRpb24YAiABKAsyGC5mbGVldGNhcmUudjEuVHJhbnNpdGlvbiIoChRVbmNvcmRvbkFnZW50UmVxdWVzdBIQCghhZ2VudF9pZBgBIAEoCSJpChVVbmNvcmRvbkFnZW50UmVzcG9uc2USIgoFYWdlbnQYASABKAsyEy5mbGVldGNhcmUudjEuQWdlbnQSLAoKdHJhbnNpdGlvbhgCIAEoCzIYLmZsZWV0Y2FyZS52MS5UcmFuc2l0aW9uKrEBChBTZWxlY3Rvck9wZXJhdG9yEiEKHVNFTEVDVE9SX09QRVJBVE9SX1VOU1BFQ0lGSUVEEAASGAoUU0VMRUNUT1JfT1BFUkFUT1JfSU4QARIcChhTRUxFQ1RPUl9PUEVSQVRPUl9OT1RfSU4QAhIcChhTRUxFQ1RPUl9PUEVSQVRPUl9FWElTVFMQAxIkCiBTRUxFQ1RPUl9PUEVSQVRPUl9ET0VTX05PVF9FWElTVBAEMrEFCg9EaXNwYXRjaFNlcnZpY2USUgoLUmVzdW1lQWdlbnQSIC5mbGVldGNhcmUudjEuUmVzdW1lQWdlbnRSZXF1ZXN0GiEuZmxlZXRjYXJlLnYxLlJlc3VtZUFnZW50UmVzcG9uc2USUgoLQ29yZG9uQWdlbnQSIC5mbGVldGNhcmUudjEuQ29yZG9uQWdlbnRSZXF1ZXN0GiEuZmxlZXRjYXJlLnYxLkNvcmRvbkFnZW50UmVzcG9uc2USWAoNVW5jb3Jkb25BZ2VudBIiLmZsZWV0Y2FyZS52MS5VbmNvcmRvbkFnZW50UmVxdWVzdBojLmZsZWV0Y2FyZS52MS5VbmNvcmRvbkFnZW50UmVzcG9uc2USTwoKQ2xhaW1BZ2VudBIfLmZsZWV0Y2FyZS52MS5DbGFpbUFnZW50UmVxdWVzdBogLmZsZWV0Y2FyZS52MS5DbGFpbUFnZW50UmVzcG9uc2USTwoKUmVuZXdDbGFpbRIfLmZsZWV0Y2FyZS52MS5SZW5ld0NsYWltUmVxdWVzdBogLmZsZWV0Y2FyZS52MS5SZW5ld0NsYWltUmVzcG9uc2USVQoMUmVsZWFzZUNsYWltEiEuZmxlZXRjYXJlLnYxLlJlbGVhc2VDbGFpbVJlcXVlc3QaIi5mbGVldGNhcmUudjEuUmVsZWFzZUNsYWltUmVzcG9uc2USTwoKTGlzdENsYWltcxIfLmZsZWV0Y2FyZS52MS5MaXN0Q2xhaW1zUmVxdWVzdBogLmZsZWV0Y2FyZS52MS5MaXN0Q2xhaW1zUmVzcG9uc2USUgoLRGVsZXRlQWdlbnQSIC5mbGVldGNhcmUudjEuRGVsZXRlQWdlbnRSZXF1ZXN0GiEuZmxlZXRjYXJlLnYxLkRlbGV0ZUFnZW50UmVzcG9uc2ViBnByb3RvMw", [file_fleetcare_v1_agent_status, file_google_protobuf_duration]);
+
+/**
+ * LabelSelector selects agents by their labels, with Kubernetes' semantics:
+ * every match_labels pair and every expression must hold; an empty selector
+ * matches every agent.
+ *
+ * @generated from message fleetcare.v1.LabelSelector
+ */
+export type LabelSelector = Message<"fleetcare.v1.LabelSelector"> & {
+  /**
+   * match_labels are labels the agent must carry with exactly these values.
+   *
+   * @generated from field: map<string, string> match_labels = 1;
+   */
+  matchLabels: { [key: string]: string };
+
+  /**
+   * match_expressions are further requirements, all of which must hold.
+   *
+   * @generated from field: repeated fleetcare.v1.LabelSelectorRequirement match_expressions = 2;
+   */
+  matchExpressions: LabelSelectorRequirement[];
+};
+
+/**
+ * Describes the message fleetcare.v1.LabelSelector.
+ * Use `create(LabelSelectorSchema)` to create a new message.
+ */
+export const LabelSelectorSchema: GenMessage<LabelSelector> = /*@__PURE__*/
+  messageDesc(file_fleetcare_v1_dispatch, 0);
+
+/**
+ * LabelSelectorRequirement is one expression of a LabelSelector.
+ *
+ * @generated from message fleetcare.v1.LabelSelectorRequirement
+ */
+export type LabelSelectorRequirement = Message<"fleetcare.v1.LabelSelectorRequirement"> & {
+  /**
+   * key is the label key (required).
+   *
+   * @generated from field: string key = 1;
+   */
+  key: string;
+
+  /**
+   * operator compares the label with values.
+   *
+   * @generated from field: fleetcare.v1.SelectorOperator operator = 2;
+   */
+  operator: SelectorOperator;
+
+  /**
+   * values are required (at most 64) with IN and NOT_IN, refused with EXISTS
+   * and DOES_NOT_EXIST.
+   *
+   * @generated from field: repeated string values = 3;
+   */
+  values: string[];
+};
+
+/**
+ * Describes the message fleetcare.v1.LabelSelectorRequirement.
+ * Use `create(LabelSelectorRequirementSchema)` to create a new message.
+ */
+export const LabelSelectorRequirementSchema: GenMessage<LabelSelectorRequirement> = /*@__PURE__*/
+  messageDesc(file_fleetcare_v1_dispatch, 1);
+
+/**
+ * ClaimAgentRequest asks for one idle agent.
+ *
+ * @generated from message fleetcare.v1.ClaimAgentRequest
+ */
+export type ClaimAgentRequest = Message<"fleetcare.v1.ClaimAgentRequest"> & {
+  /**
+   * selector picks the agents the claim may take (empty: any agent).
+   *
+   * @generated from field: fleetcare.v1.LabelSelector selector = 1;
+   */
+  selector?: LabelSelector | undefined;
+
+  /**
+   * slot_type is WORK (the agent goes BUSY) or ON_CALL.
+   *
+   * @generated from field: fleetcare.v1.SlotType slot_type = 2;
+   */
+  slotType: SlotType;
+
+  /**
+   * lease_duration is how long the claim holds without a renewal: at least 1 s,
+   * at most the server's --max-claim-lease (1 h by default).
+   *
+   * @generated from field: google.protobuf.Duration lease_duration = 3;
+   */
+  leaseDuration?: Duration | undefined;
+
+  /**
+   * wait_timeout is how long to wait for a matching agent to become idle
+   * (unset or 0: answer at once; at most 5 minutes, longer is cut to 5 minutes).
+   *
+   * @generated from field: google.protobuf.Duration wait_timeout = 4;
+   */
+  waitTimeout?: Duration | undefined;
+
+  /**
+   * request_id is an idempotency key (at most 128 characters; empty: none):
+   * the same id from the same caller returns the same claim, never a second one.
+   *
+   * @generated from field: string request_id = 5;
+   */
+  requestId: string;
+};
+
+/**
+ * Describes the message fleetcare.v1.ClaimAgentRequest.
+ * Use `create(ClaimAgentRequestSchema)` to create a new message.
+ */
+export const ClaimAgentRequestSchema: GenMessage<ClaimAgentRequest> = /*@__PURE__*/
+  messageDesc(file_fleetcare_v1_dispatch, 2);
+
+/**
+ * ClaimAgentResponse is the claim made (or, for a repeated request_id, the one
+ * made before) and the agent.
+ *
+ * @generated from message fleetcare.v1.ClaimAgentResponse
+ */
+export type ClaimAgentResponse = Message<"fleetcare.v1.ClaimAgentResponse"> & {
+  /**
+   * claim is the claim; its lease_expires_at is the current one.
+   *
+   * @generated from field: fleetcare.v1.Claim claim = 1;
+   */
+  claim?: Claim | undefined;
+
+  /**
+   * agent is the claimed agent as it stands now.
+   *
+   * @generated from field: fleetcare.v1.Agent agent = 2;
+   */
+  agent?: Agent | undefined;
+
+  /**
+   * transition is the CLAIMED transition; unset when the request_id was seen before.
+   *
+   * @generated from field: fleetcare.v1.Transition transition = 3;
+   */
+  transition?: Transition | undefined;
+};
+
+/**
+ * Describes the message fleetcare.v1.ClaimAgentResponse.
+ * Use `create(ClaimAgentResponseSchema)` to create a new message.
+ */
+export const ClaimAgentResponseSchema: GenMessage<ClaimAgentResponse> = /*@__PURE__*/
+  messageDesc(file_fleetcare_v1_dispatch, 3);
+
+/**
+ * RenewClaimRequest extends a claim's lease.
+ *
+ * @generated from message fleetcare.v1.RenewClaimRequest
+ */
+export type RenewClaimRequest = Message<"fleetcare.v1.RenewClaimRequest"> & {
+  /**
+   * claim_id is the claim to renew.
+   *
+   * @generated from field: string claim_id = 1;
+   */
+  claimId: string;
+
+  /**
+   * fencing_token is the claim's fencing token.
+   *
+   * @generated from field: int64 fencing_token = 2;
+   */
+  fencingToken: bigint;
+
+  /**
+   * lease_duration is the new lease from now (bounds as ClaimAgentRequest); the
+   * lease never ends earlier than it did.
+   *
+   * @generated from field: google.protobuf.Duration lease_duration = 3;
+   */
+  leaseDuration?: Duration | undefined;
+};
+
+/**
+ * Describes the message fleetcare.v1.RenewClaimRequest.
+ * Use `create(RenewClaimRequestSchema)` to create a new message.
+ */
+export const RenewClaimRequestSchema: GenMessage<RenewClaimRequest> = /*@__PURE__*/
+  messageDesc(file_fleetcare_v1_dispatch, 4);
+
+/**
+ * RenewClaimResponse is the claim with its new lease.
+ *
+ * @generated from message fleetcare.v1.RenewClaimResponse
+ */
+export type RenewClaimResponse = Message<"fleetcare.v1.RenewClaimResponse"> & {
+  /**
+   * claim is the claim after the renewal.
+   *
+   * @generated from field: fleetcare.v1.Claim claim = 1;
+   */
+  claim?: Claim | undefined;
+};
+
+/**
+ * Describes the message fleetcare.v1.RenewClaimResponse.
+ * Use `create(RenewClaimResponseSchema)` to create a new message.
+ */
+export const RenewClaimResponseSchema: GenMessage<RenewClaimResponse> = /*@__PURE__*/
+  messageDesc(file_fleetcare_v1_dispatch, 5);
+
+/**
+ * ReleaseClaimRequest ends a claim.
+ *
+ * @generated from message fleetcare.v1.ReleaseClaimRequest
+ */
+export type ReleaseClaimRequest = Message<"fleetcare.v1.ReleaseClaimRequest"> & {
+  /**
+   * claim_id is the claim to end.
+   *
+   * @generated from field: string claim_id = 1;
+   */
+  claimId: string;
+
+  /**
+   * fencing_token is the claim's fencing token.
+   *
+   * @generated from field: int64 fencing_token = 2;
+   */
+  fencingToken: bigint;
+};
+
+/**
+ * Describes the message fleetcare.v1.ReleaseClaimRequest.
+ * Use `create(ReleaseClaimRequestSchema)` to create a new message.
+ */
+export const ReleaseClaimRequestSchema: GenMessage<ReleaseClaimRequest> = /*@__PURE__*/
+  messageDesc(file_fleetcare_v1_dispatch, 6);
+
+/**
+ * ReleaseClaimResponse is the agent after the release and its transition.
+ *
+ * @generated from message fleetcare.v1.ReleaseClaimResponse
+ */
+export type ReleaseClaimResponse = Message<"fleetcare.v1.ReleaseClaimResponse"> & {
+  /**
+   * agent is the agent as the call left it (IDLE).
+   *
+   * @generated from field: fleetcare.v1.Agent agent = 1;
+   */
+  agent?: Agent | undefined;
+
+  /**
+   * transition is the CLAIM_RELEASED transition.
+   *
+   * @generated from field: fleetcare.v1.Transition transition = 2;
+   */
+  transition?: Transition | undefined;
+};
+
+/**
+ * Describes the message fleetcare.v1.ReleaseClaimResponse.
+ * Use `create(ReleaseClaimResponseSchema)` to create a new message.
+ */
+export const ReleaseClaimResponseSchema: GenMessage<ReleaseClaimResponse> = /*@__PURE__*/
+  messageDesc(file_fleetcare_v1_dispatch, 7);
+
+/**
+ * ListClaimsRequest asks for a page of active claims.
+ *
+ * @generated from message fleetcare.v1.ListClaimsRequest
+ */
+export type ListClaimsRequest = Message<"fleetcare.v1.ListClaimsRequest"> & {
+  /**
+   * page_size is at most 1000 (a larger value is clamped to 1000); 0 means 100.
+   *
+   * @generated from field: int32 page_size = 1;
+   */
+  pageSize: number;
+
+  /**
+   * page_token is the next_page_token of the previous page.
+   *
+   * @generated from field: string page_token = 2;
+   */
+  pageToken: string;
+
+  /**
+   * holder keeps the claims of this caller only (empty: every holder's).
+   *
+   * @generated from field: string holder = 3;
+   */
+  holder: string;
+};
+
+/**
+ * Describes the message fleetcare.v1.ListClaimsRequest.
+ * Use `create(ListClaimsRequestSchema)` to create a new message.
+ */
+export const ListClaimsRequestSchema: GenMessage<ListClaimsRequest> = /*@__PURE__*/
+  messageDesc(file_fleetcare_v1_dispatch, 8);
+
+/**
+ * ListClaimsResponse is a page of active claims.
+ *
+ * @generated from message fleetcare.v1.ListClaimsResponse
+ */
+export type ListClaimsResponse = Message<"fleetcare.v1.ListClaimsResponse"> & {
+  /**
+   * claims is the page, ordered by agent_id.
+   *
+   * @generated from field: repeated fleetcare.v1.Claim claims = 1;
+   */
+  claims: Claim[];
+
+  /**
+   * next_page_token is empty on the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message fleetcare.v1.ListClaimsResponse.
+ * Use `create(ListClaimsResponseSchema)` to create a new message.
+ */
+export const ListClaimsResponseSchema: GenMessage<ListClaimsResponse> = /*@__PURE__*/
+  messageDesc(file_fleetcare_v1_dispatch, 9);
+
+/**
+ * DeleteAgentRequest names the agent to remove.
+ *
+ * @generated from message fleetcare.v1.DeleteAgentRequest
+ */
+export type DeleteAgentRequest = Message<"fleetcare.v1.DeleteAgentRequest"> & {
+  /**
+   * agent_id is the agent to delete.
+   *
+   * @generated from field: string agent_id = 1;
+   */
+  agentId: string;
+};
+
+/**
+ * Describes the message fleetcare.v1.DeleteAgentRequest.
+ * Use `create(DeleteAgentRequestSchema)` to create a new message.
+ */
+export const DeleteAgentRequestSchema: GenMessage<DeleteAgentRequest> = /*@__PURE__*/
+  messageDesc(file_fleetcare_v1_dispatch, 10);
+
+/**
+ * DeleteAgentResponse is the agent's last transition.
+ *
+ * @generated from message fleetcare.v1.DeleteAgentResponse
+ */
+export type DeleteAgentResponse = Message<"fleetcare.v1.DeleteAgentResponse"> & {
+  /**
+   * transition is the DELETED transition.
+   *
+   * @generated from field: fleetcare.v1.Transition transition = 1;
+   */
+  transition?: Transition | undefined;
+};
+
+/**
+ * Describes the message fleetcare.v1.DeleteAgentResponse.
+ * Use `create(DeleteAgentResponseSchema)` to create a new message.
+ */
+export const DeleteAgentResponseSchema: GenMessage<DeleteAgentResponse> = /*@__PURE__*/
+  messageDesc(file_fleetcare_v1_dispatch, 11);
 
 /**
  * ResumeAgentRequest names the agent to resume.
@@ -41,7 +415,7 @@ export type ResumeAgentRequest = Message<"fleetcare.v1.ResumeAgentRequest"> & {
  * Use `create(ResumeAgentRequestSchema)` to create a new message.
  */
 export const ResumeAgentRequestSchema: GenMessage<ResumeAgentRequest> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_dispatch, 0);
+  messageDesc(file_fleetcare_v1_dispatch, 12);
 
 /**
  * ResumeAgentResponse is the agent after the call and the transition it made.
@@ -69,7 +443,7 @@ export type ResumeAgentResponse = Message<"fleetcare.v1.ResumeAgentResponse"> & 
  * Use `create(ResumeAgentResponseSchema)` to create a new message.
  */
 export const ResumeAgentResponseSchema: GenMessage<ResumeAgentResponse> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_dispatch, 1);
+  messageDesc(file_fleetcare_v1_dispatch, 13);
 
 /**
  * CordonAgentRequest names the agent to take out of rotation.
@@ -98,7 +472,7 @@ export type CordonAgentRequest = Message<"fleetcare.v1.CordonAgentRequest"> & {
  * Use `create(CordonAgentRequestSchema)` to create a new message.
  */
 export const CordonAgentRequestSchema: GenMessage<CordonAgentRequest> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_dispatch, 2);
+  messageDesc(file_fleetcare_v1_dispatch, 14);
 
 /**
  * CordonAgentResponse is the agent after the call and the transition it made.
@@ -126,7 +500,7 @@ export type CordonAgentResponse = Message<"fleetcare.v1.CordonAgentResponse"> & 
  * Use `create(CordonAgentResponseSchema)` to create a new message.
  */
 export const CordonAgentResponseSchema: GenMessage<CordonAgentResponse> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_dispatch, 3);
+  messageDesc(file_fleetcare_v1_dispatch, 15);
 
 /**
  * UncordonAgentRequest names the agent to put back in rotation.
@@ -147,7 +521,7 @@ export type UncordonAgentRequest = Message<"fleetcare.v1.UncordonAgentRequest"> 
  * Use `create(UncordonAgentRequestSchema)` to create a new message.
  */
 export const UncordonAgentRequestSchema: GenMessage<UncordonAgentRequest> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_dispatch, 4);
+  messageDesc(file_fleetcare_v1_dispatch, 16);
 
 /**
  * UncordonAgentResponse is the agent after the call and the transition it made.
@@ -175,7 +549,55 @@ export type UncordonAgentResponse = Message<"fleetcare.v1.UncordonAgentResponse"
  * Use `create(UncordonAgentResponseSchema)` to create a new message.
  */
 export const UncordonAgentResponseSchema: GenMessage<UncordonAgentResponse> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_dispatch, 5);
+  messageDesc(file_fleetcare_v1_dispatch, 17);
+
+/**
+ * SelectorOperator is how a requirement compares a label with its values.
+ *
+ * @generated from enum fleetcare.v1.SelectorOperator
+ */
+export enum SelectorOperator {
+  /**
+   * SELECTOR_OPERATOR_UNSPECIFIED is rejected.
+   *
+   * @generated from enum value: SELECTOR_OPERATOR_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * SELECTOR_OPERATOR_IN: the agent has the key, with one of the values.
+   *
+   * @generated from enum value: SELECTOR_OPERATOR_IN = 1;
+   */
+  IN = 1,
+
+  /**
+   * SELECTOR_OPERATOR_NOT_IN: the agent lacks the key or has none of the values.
+   *
+   * @generated from enum value: SELECTOR_OPERATOR_NOT_IN = 2;
+   */
+  NOT_IN = 2,
+
+  /**
+   * SELECTOR_OPERATOR_EXISTS: the agent has the key (values must be empty).
+   *
+   * @generated from enum value: SELECTOR_OPERATOR_EXISTS = 3;
+   */
+  EXISTS = 3,
+
+  /**
+   * SELECTOR_OPERATOR_DOES_NOT_EXIST: the agent lacks the key (values must be empty).
+   *
+   * @generated from enum value: SELECTOR_OPERATOR_DOES_NOT_EXIST = 4;
+   */
+  DOES_NOT_EXIST = 4,
+}
+
+/**
+ * Describes the enum fleetcare.v1.SelectorOperator.
+ */
+export const SelectorOperatorSchema: GenEnum<SelectorOperator> = /*@__PURE__*/
+  enumDesc(file_fleetcare_v1_dispatch, 0);
 
 /**
  * DispatchService hands agents to work and takes them back: operator and
@@ -220,6 +642,67 @@ export const DispatchService: GenService<{
     methodKind: "unary";
     input: typeof UncordonAgentRequestSchema;
     output: typeof UncordonAgentResponseSchema;
+  },
+  /**
+   * ClaimAgent moves one IDLE, schedulable agent matching the selector, the one
+   * idle longest, to BUSY or ON_CALL in one durable transition (cause
+   * TRANSITION_CAUSE_CLAIMED) and returns the claim. Concurrent claimers on any
+   * replicas never get the same agent. None available: RESOURCE_EXHAUSTED,
+   * reason NO_AGENT_AVAILABLE, the matching agents counted by status in the
+   * message; with wait_timeout, the call first waits for one.
+   *
+   * @generated from rpc fleetcare.v1.DispatchService.ClaimAgent
+   */
+  claimAgent: {
+    methodKind: "unary";
+    input: typeof ClaimAgentRequestSchema;
+    output: typeof ClaimAgentResponseSchema;
+  },
+  /**
+   * RenewClaim extends an active claim's lease (never shortens it). A claim
+   * that ended, or a token that is not the claim's, is FAILED_PRECONDITION,
+   * reason STALE_FENCING_TOKEN; an unknown claim_id is NOT_FOUND.
+   *
+   * @generated from rpc fleetcare.v1.DispatchService.RenewClaim
+   */
+  renewClaim: {
+    methodKind: "unary";
+    input: typeof RenewClaimRequestSchema;
+    output: typeof RenewClaimResponseSchema;
+  },
+  /**
+   * ReleaseClaim ends an active claim: the agent back to IDLE (cause
+   * TRANSITION_CAUSE_CLAIM_RELEASED). Refusals as RenewClaim.
+   *
+   * @generated from rpc fleetcare.v1.DispatchService.ReleaseClaim
+   */
+  releaseClaim: {
+    methodKind: "unary";
+    input: typeof ReleaseClaimRequestSchema;
+    output: typeof ReleaseClaimResponseSchema;
+  },
+  /**
+   * ListClaims pages through active claims, ordered by agent_id.
+   *
+   * @generated from rpc fleetcare.v1.DispatchService.ListClaims
+   */
+  listClaims: {
+    methodKind: "unary";
+    input: typeof ListClaimsRequestSchema;
+    output: typeof ListClaimsResponseSchema;
+  },
+  /**
+   * DeleteAgent removes an agent, with a last transition (cause
+   * TRANSITION_CAUSE_DELETED) so watchers drop it; refused with
+   * FAILED_PRECONDITION while the agent holds a claim whose lease runs. A later
+   * RegisterAgent of the same id starts afresh.
+   *
+   * @generated from rpc fleetcare.v1.DispatchService.DeleteAgent
+   */
+  deleteAgent: {
+    methodKind: "unary";
+    input: typeof DeleteAgentRequestSchema;
+    output: typeof DeleteAgentResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_fleetcare_v1_dispatch, 0);
