@@ -153,6 +153,15 @@ pub struct ServeArgs {
     #[arg(long, env = "FLEETCARE_TRANSITION_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
     pub transition_retention: Duration,
 
+    /// An agent OFFLINE for longer than this is deleted by the sweeper (cause
+    /// EXPIRED, its last transition on the watch); 0 keeps agents forever.
+    #[arg(long, env = "FLEETCARE_OFFLINE_AGENT_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
+    pub offline_agent_retention: Duration,
+
+    /// The longest lease a ClaimAgent or RenewClaim may ask for (at least 1 s).
+    #[arg(long, env = "FLEETCARE_MAX_CLAIM_LEASE", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub max_claim_lease: Duration,
+
     /// An idle watch stream gets a progress message this often.
     #[arg(long, env = "FLEETCARE_WATCH_PROGRESS_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     pub watch_progress_interval: Duration,
@@ -528,10 +537,16 @@ impl ServeArgs {
             ("--post-cooldown-edit", h.post_cooldown_edit),
             ("--post-cooldown-thread", h.post_cooldown_thread),
             ("--post-claim-lease", h.post_claim_lease),
+            ("--offline-agent-retention", self.offline_agent_retention),
+            ("--max-claim-lease", self.max_claim_lease),
         ];
         for (flag, value) in durations {
             chrono_duration(flag, value)?;
         }
+        crate::domain::dispatch::max_claim_lease_setting(chrono_duration(
+            "--max-claim-lease",
+            self.max_claim_lease,
+        )?)?;
         for (flag, value) in [
             ("--recovery-lease", h.recovery_lease),
             ("--post-window", h.post_window),

@@ -53,6 +53,16 @@ pub enum Error {
     /// A bound was hit.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// A fencing token that is not the agent's active claim's (or none while
+    /// one is active): the call changed nothing.
+    #[error(transparent)]
+    StaleFencingToken(#[from] crate::domain::dispatch::StaleFencingToken),
+    /// The agent holds a claim whose lease runs (DeleteAgent).
+    #[error(transparent)]
+    ClaimHeld(#[from] crate::domain::dispatch::ClaimHeld),
+    /// No claimable agent matches the selector (the message counts why).
+    #[error("{0}")]
+    NoAgentAvailable(String),
     /// The database cannot be reached, or the server is shutting down.
     #[error("unavailable: {0}")]
     Unavailable(String),
@@ -82,6 +92,10 @@ impl From<crate::domain::batch::Refusal> for Error {
         match refusal {
             Refusal::UnknownAgent(agent_id) => Error::agent_not_found(&agent_id),
             Refusal::Transition(refused) => Error::TransitionRefused(refused),
+            Refusal::StaleFencingToken(stale) => Error::StaleFencingToken(stale),
+            Refusal::ClaimHeld(held) => Error::ClaimHeld(held),
+            Refusal::NoAgentAvailable => Error::NoAgentAvailable("no agent available".into()),
+            Refusal::Deleting(_) => Error::Aborted(refusal.to_string()),
         }
     }
 }

@@ -51,6 +51,18 @@ pub struct StatusLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+/// The reasons a ClaimAgent call is refused, as its error says them.
+pub const CLAIM_REFUSALS: [&str; 3] = [
+    "NO_AGENT_AVAILABLE",
+    "INVALID_ARGUMENT",
+    "PERMISSION_DENIED",
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProcessorLabels {
     pub processor: &'static str,
     pub result: &'static str,
@@ -119,6 +131,10 @@ pub struct Metrics {
     pub healing_plans: Family<StrategyLabel, Counter>,
     pub healing_outcomes: Family<ResultLabel, Counter>,
     pub post_actions: Family<StatusLabel, Counter>,
+    /// ClaimAgent calls answered without a claim, by reason.
+    pub claims_refused: Family<ReasonLabel, Counter>,
+    /// ClaimAgent calls of this process waiting for an agent.
+    pub claims_waiting: Gauge,
     db_connections: Family<PoolLabels, Gauge>,
     db_max_connections: Family<PoolLabel, Gauge>,
     db_acquire_duration: HistogramFamily<PoolLabel>,
@@ -232,6 +248,19 @@ impl Metrics {
             "Post actions claimed (RUNNING) and outcomes recorded, by status",
             post_actions.clone(),
         );
+        let claims_refused = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "claims_refused",
+            "ClaimAgent calls answered without a claim, by reason (claims made and \
+             expired are transitions with cause CLAIMED and CLAIM_EXPIRED)",
+            claims_refused.clone(),
+        );
+        let claims_waiting = Gauge::default();
+        registry.register(
+            "claims_waiting",
+            "ClaimAgent calls of this process waiting (wait_timeout) for a matching agent",
+            claims_waiting.clone(),
+        );
         let db_connections = Family::<PoolLabels, Gauge>::default();
         registry.register(
             "db_connections",
@@ -273,6 +302,9 @@ impl Metrics {
                 status: status.as_str(),
             }));
         }
+        for reason in CLAIM_REFUSALS {
+            drop(claims_refused.get_or_create(&ReasonLabel { reason }));
+        }
         for status in AgentStatus::ALL {
             drop(agents.get_or_create(&StatusLabel {
                 status: status.as_str(),
@@ -300,6 +332,8 @@ impl Metrics {
             healing_plans,
             healing_outcomes,
             post_actions,
+            claims_refused,
+            claims_waiting,
             db_connections,
             db_max_connections,
             db_acquire_duration,

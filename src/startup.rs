@@ -24,7 +24,7 @@ use crate::error::Error;
 use crate::grpc::agent_status::{AgentStatusApi, AgentStatusSettings};
 use crate::grpc::auth::Guard;
 use crate::grpc::callers::WatchSlots;
-use crate::grpc::dispatch::DispatchApi;
+use crate::grpc::dispatch::{DispatchApi, DispatchSettings};
 use crate::grpc::guard::{Admission, Gate};
 use crate::grpc::healing::{HealingApi, HealingSettings, PostHealingApi, shared_rng};
 use crate::grpc::metrics::MetricsLayer;
@@ -41,6 +41,7 @@ use crate::proto::v1::session_pipeline_service_server::SessionPipelineServiceSer
 use crate::runtime::agent_cache::AgentCache;
 use crate::runtime::agents::AgentWrites;
 use crate::runtime::auth::{Callers, RELOAD_INTERVAL};
+use crate::runtime::claims::ClaimWaiters;
 use crate::runtime::committer::Committer;
 use crate::runtime::connections::{self, ConnectionLimits};
 use crate::runtime::health::StoreHealth;
@@ -558,6 +559,11 @@ async fn start_services(
             heartbeat_flush_interval: args.heartbeat_flush_interval,
             sweep_interval: args.sweep_interval,
             transition_retention: args.transition_retention,
+            offline_agent_retention: chrono_duration(
+                "--offline-agent-retention",
+                args.offline_agent_retention,
+            )
+            .map_err(Error::InvalidArgument)?,
         },
         metrics.clone(),
         shutdown.child_token(),
@@ -570,6 +576,12 @@ async fn start_services(
             .map_err(Error::InvalidArgument)?,
     };
     let guard = Guard::new(cache.clone(), agents.clone());
+    let waiters = ClaimWaiters::start(
+        &fanout,
+        cache.clone(),
+        metrics.clone(),
+        shutdown.child_token(),
+    );
     let writes = AgentWrites::new(agents.clone(), committer, cache, clock.clone(), pacing)
         .with_metrics(metrics.clone());
     let shutdown = shutdown.clone();
@@ -582,7 +594,17 @@ async fn start_services(
             .map_err(|_| Error::invalid("--default-billing-recovery is too large"))?,
         watch_progress_interval: args.watch_progress_interval,
     };
-    let dispatch = DispatchApi::new(writes.clone(), guard.clone());
+    let dispatch = DispatchApi::new(
+        agents.clone(),
+        writes.clone(),
+        guard.clone(),
+        waiters,
+        DispatchSettings {
+            max_claim_lease: chrono_duration("--max-claim-lease", args.max_claim_lease)
+                .map_err(Error::InvalidArgument)?,
+        },
+        metrics.clone(),
+    );
     let agent_status = AgentStatusApi::new(
         stores.agents.clone(),
         writes,

@@ -60,6 +60,22 @@ pub enum SlotType {
     OnCall,
 }
 
+impl SlotType {
+    /// The spelling stored in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SlotType::Work => "WORK",
+            SlotType::OnCall => "ON_CALL",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [SlotType::Work, SlotType::OnCall]
+            .into_iter()
+            .find(|slot| slot.as_str() == s)
+    }
+}
+
 /// Why an agent is exhausted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExhaustionReason {
@@ -103,10 +119,22 @@ pub enum Cause {
     Cordoned,
     /// Back in rotation by `UncordonAgent`, status unchanged.
     Uncordoned,
+    /// IDLE to BUSY or ON_CALL by `ClaimAgent` (decided by
+    /// `dispatch::claim_decision`); the revision is the claim's fencing token.
+    Claimed,
+    /// The claimed agent back to IDLE by `ReleaseClaim`.
+    ClaimReleased,
+    /// The claimed agent back to IDLE because its lease ran out (the sweeper).
+    ClaimExpired,
+    /// Removed by `DeleteAgent`: the agent's last transition, status unchanged.
+    Deleted,
+    /// Removed by the sweeper after `--offline-agent-retention` OFFLINE: the
+    /// agent's last transition, status unchanged.
+    Expired,
 }
 
 impl Cause {
-    pub const ALL: [Cause; 11] = [
+    pub const ALL: [Cause; 16] = [
         Cause::Registered,
         Cause::WorkStarted,
         Cause::WorkFinished,
@@ -118,6 +146,11 @@ impl Cause {
         Cause::Resumed,
         Cause::Cordoned,
         Cause::Uncordoned,
+        Cause::Claimed,
+        Cause::ClaimReleased,
+        Cause::ClaimExpired,
+        Cause::Deleted,
+        Cause::Expired,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -133,6 +166,11 @@ impl Cause {
             Cause::Resumed => "RESUMED",
             Cause::Cordoned => "CORDONED",
             Cause::Uncordoned => "UNCORDONED",
+            Cause::Claimed => "CLAIMED",
+            Cause::ClaimReleased => "CLAIM_RELEASED",
+            Cause::ClaimExpired => "CLAIM_EXPIRED",
+            Cause::Deleted => "DELETED",
+            Cause::Expired => "EXPIRED",
         }
     }
 

@@ -104,6 +104,11 @@ pub enum Action {
     ResumeAgent,
     CordonAgent,
     UncordonAgent,
+    ClaimAgent,
+    RenewClaim,
+    ReleaseClaim,
+    ListClaims,
+    DeleteAgent,
 }
 
 /// Who may call an action.
@@ -124,7 +129,7 @@ enum Rule {
 }
 
 impl Action {
-    pub const ALL: [Action; 31] = [
+    pub const ALL: [Action; 36] = [
         Action::RegisterAgent,
         Action::GetAgent,
         Action::ListAgents,
@@ -156,6 +161,11 @@ impl Action {
         Action::ResumeAgent,
         Action::CordonAgent,
         Action::UncordonAgent,
+        Action::ClaimAgent,
+        Action::RenewClaim,
+        Action::ReleaseClaim,
+        Action::ListClaims,
+        Action::DeleteAgent,
     ];
 
     /// The RPC's name, as a refusal names it.
@@ -192,6 +202,11 @@ impl Action {
             Action::ResumeAgent => "ResumeAgent",
             Action::CordonAgent => "CordonAgent",
             Action::UncordonAgent => "UncordonAgent",
+            Action::ClaimAgent => "ClaimAgent",
+            Action::RenewClaim => "RenewClaim",
+            Action::ReleaseClaim => "ReleaseClaim",
+            Action::ListClaims => "ListClaims",
+            Action::DeleteAgent => "DeleteAgent",
         }
     }
 
@@ -205,7 +220,15 @@ impl Action {
             | Action::PlanRecovery
             | Action::ReportRecoveryOutcome => Rule::AgentWrite,
             Action::StartWork | Action::FinishWork => Rule::Work,
-            Action::ResumeAgent | Action::CordonAgent | Action::UncordonAgent => Rule::Dispatch,
+            // Claims are handed to schedulers; renewing or releasing one takes
+            // its fencing token, which is the capability (not the holder's name).
+            Action::ResumeAgent
+            | Action::CordonAgent
+            | Action::UncordonAgent
+            | Action::ClaimAgent
+            | Action::RenewClaim
+            | Action::ReleaseClaim
+            | Action::DeleteAgent => Rule::Dispatch,
             // Agent callers may read their own agents: the agent itself, its
             // transitions (list or watch), its error events and recoveries,
             // and what a limit report would mean for it.
@@ -224,7 +247,8 @@ impl Action {
             | Action::WatchRun
             | Action::ListSessionStates
             | Action::GetUsage
-            | Action::ListRuns => Rule::Read { agent: false },
+            | Action::ListRuns
+            | Action::ListClaims => Rule::Read { agent: false },
             Action::EvaluatePost
             | Action::RecordActionOutcome
             | Action::RunProcessor
@@ -611,6 +635,7 @@ mod tests {
             ListSessionStates,
             GetUsage,
             ListRuns,
+            ListClaims,
         ];
         let agent_writes = [
             RegisterAgent,
@@ -622,7 +647,15 @@ mod tests {
             ReportRecoveryOutcome,
         ];
         let work = [StartWork, FinishWork];
-        let dispatch = [ResumeAgent, CordonAgent, UncordonAgent];
+        let dispatch = [
+            ResumeAgent,
+            CordonAgent,
+            UncordonAgent,
+            ClaimAgent,
+            RenewClaim,
+            ReleaseClaim,
+            DeleteAgent,
+        ];
         match role {
             Role::Operator => true,
             Role::Reader => read_own.contains(&action) || read_fleet.contains(&action),
@@ -690,6 +723,10 @@ mod tests {
                 Action::ResumeAgent,
                 Action::CordonAgent,
                 Action::UncordonAgent,
+                Action::ClaimAgent,
+                Action::RenewClaim,
+                Action::ReleaseClaim,
+                Action::DeleteAgent,
             ] {
                 let got = authorize(&caller(role), action, Some("eu-7"));
                 assert_eq!(got.is_ok(), allowed, "{role} {action:?}");

@@ -1,26 +1,31 @@
 //! The pure half of group commit: deciding a whole batch of agent commands at once.
 //!
-//! The store locks every agent a batch names (in agent-id order), hands them to
-//! [`plan`] with the commands in arrival order, and writes what comes out in one
-//! transaction. Each command is decided by [`agent::decide`] on the state the
-//! earlier commands of the batch left, so two `StartWork` calls on one idle agent
-//! in one batch still give one winner and one refusal, and a refused command
-//! refuses only itself.
+//! The store locks every agent a batch names (in agent-id order), then, for a
+//! batch with claims, the claimable agents its selectors match (skipping rows
+//! others hold) and the claims made before under its idempotency keys, hands
+//! them to [`plan_with`] with the commands in arrival order, and writes what
+//! comes out in one transaction. Each command is decided by [`agent::decide`]
+//! and the dispatch rules ([`dispatch`]) on the state the earlier commands of
+//! the batch left, so two `StartWork` calls (or two claims) on one idle agent
+//! in one batch still give one winner, and a refused command refuses only
+//! itself.
 //!
 //! Revisions are not known while planning (the store takes the revision row last,
 //! after the agent rows): transitions are numbered 1..n within the batch, and
-//! [`Plan::finish`] shifts them by the head revision the store allocated.
+//! [`Plan::finish`] shifts them by the head revision the store allocated, with
+//! the fencing tokens of the claims made in the batch (a claim's token is the
+//! revision of its CLAIMED transition).
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Duration, Utc};
 
 use crate::domain::agent::{
     self, AgentStatus, Cause, Decision, Event, StatusChange, TransitionRefused,
 };
-use crate::domain::dispatch::{self, DispatchCause};
+use crate::domain::dispatch::{self, ClaimEnd, ClaimHeld, ClaimRequest, StaleFencingToken};
 use crate::domain::labels::Labels;
-use crate::domain::transition::{Agent, Transition};
+use crate::domain::transition::{Agent, Claim, Transition};
 
 /// One state-changing call on an agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,10 +38,15 @@ pub enum Command {
         /// Who asked (a caller's name, or "sweeper"): the transition's actor.
         actor: String,
     },
-    /// A state-machine event on an existing agent.
+    /// A state-machine event on an existing agent. `FinishWork` and
+    /// `ReportExhausted` carry the fencing token of the agent's claim
+    /// ([`dispatch::check_fencing`]); any event that takes the agent out of
+    /// its slot ends its claim ([`dispatch::ends_claim`]).
     Apply {
         agent_id: String,
         event: Event,
+        /// The caller's fencing token (`None`: none given).
+        fencing_token: Option<i64>,
         /// Who asked: the transition's actor.
         actor: String,
     },
@@ -64,16 +74,72 @@ pub enum Command {
         /// Who asked: the transition's actor.
         actor: String,
     },
+    /// `ClaimAgent`: the claimable agent idle longest among those the
+    /// selector matches ([`dispatch::choose`]), to BUSY or ON_CALL (cause
+    /// CLAIMED), or, for an idempotency key seen before, that claim again.
+    Claim {
+        /// The id the new claim gets (the runtime draws it).
+        claim_id: String,
+        request: ClaimRequest,
+        /// Who asked: the claim's holder and the transition's actor.
+        actor: String,
+    },
+    /// `RenewClaim`: a longer lease ([`dispatch::renew`]), no transition.
+    RenewClaim {
+        agent_id: String,
+        claim_id: String,
+        fencing_token: i64,
+        lease: Duration,
+        /// Who asked.
+        actor: String,
+    },
+    /// `ReleaseClaim`: the claimed agent back to IDLE (cause CLAIM_RELEASED).
+    ReleaseClaim {
+        agent_id: String,
+        claim_id: String,
+        fencing_token: i64,
+        /// Who asked: the transition's actor.
+        actor: String,
+    },
+    /// `DeleteAgent`: the agent's last transition (cause DELETED, from ==
+    /// to) and its row removed; refused while its claim's lease runs
+    /// ([`dispatch::check_delete`]).
+    Delete {
+        agent_id: String,
+        /// Who asked: the transition's actor.
+        actor: String,
+    },
+    /// The sweeper looking at one agent: a claim whose lease ran out ends
+    /// (CLAIM_EXPIRED); else the state machine's sweep (OFFLINE on silence,
+    /// IDLE at the recovery time); else an agent OFFLINE for longer than
+    /// `offline_retention` is deleted (cause EXPIRED). One transition per look.
+    Sweep {
+        agent_id: String,
+        heartbeat_timeout: Duration,
+        /// False during the start-up grace period.
+        offline_allowed: bool,
+        /// `--offline-agent-retention` (zero: agents are kept).
+        offline_retention: Duration,
+        /// Who asked: the transition's actor.
+        actor: String,
+    },
 }
 
 impl Command {
-    pub fn agent_id(&self) -> &str {
+    /// The agent the command names; `None` for a claim, whose agent is chosen
+    /// when the batch is decided.
+    pub fn agent_id(&self) -> Option<&str> {
         match self {
             Command::Register { agent_id, .. }
             | Command::Apply { agent_id, .. }
             | Command::Resume { agent_id, .. }
             | Command::Cordon { agent_id, .. }
-            | Command::Uncordon { agent_id, .. } => agent_id,
+            | Command::Uncordon { agent_id, .. }
+            | Command::RenewClaim { agent_id, .. }
+            | Command::ReleaseClaim { agent_id, .. }
+            | Command::Delete { agent_id, .. }
+            | Command::Sweep { agent_id, .. } => Some(agent_id),
+            Command::Claim { .. } => None,
         }
     }
 
@@ -83,20 +149,27 @@ impl Command {
             | Command::Apply { actor, .. }
             | Command::Resume { actor, .. }
             | Command::Cordon { actor, .. }
-            | Command::Uncordon { actor, .. } => actor,
+            | Command::Uncordon { actor, .. }
+            | Command::Claim { actor, .. }
+            | Command::RenewClaim { actor, .. }
+            | Command::ReleaseClaim { actor, .. }
+            | Command::Delete { actor, .. }
+            | Command::Sweep { actor, .. } => actor,
         }
     }
 
-    /// Whether deciding it reads the agent's last heartbeat time (a sweep). That
-    /// time moves without a transition (every replica flushes heartbeats), so
-    /// such a command is decided on the stored row, never on a remembered state.
-    pub fn reads_liveness(&self) -> bool {
+    /// Whether it must be decided on the stored rows, never on a state this
+    /// process remembers: a sweep reads the last heartbeat time, which moves
+    /// without a transition (every replica flushes heartbeats); a claim
+    /// reads which agents are claimable, which only the store knows.
+    pub fn needs_stored_rows(&self) -> bool {
         matches!(
             self,
             Command::Apply {
                 event: Event::Sweep { .. },
                 ..
-            }
+            } | Command::Sweep { .. }
+                | Command::Claim { .. }
         )
     }
 
@@ -107,7 +180,12 @@ impl Command {
             | Command::Apply { actor, .. }
             | Command::Resume { actor, .. }
             | Command::Cordon { actor, .. }
-            | Command::Uncordon { actor, .. } => {
+            | Command::Uncordon { actor, .. }
+            | Command::Claim { actor, .. }
+            | Command::RenewClaim { actor, .. }
+            | Command::ReleaseClaim { actor, .. }
+            | Command::Delete { actor, .. }
+            | Command::Sweep { actor, .. } => {
                 name.clone_into(actor);
             }
         }
@@ -122,6 +200,17 @@ pub enum Refusal {
     UnknownAgent(String),
     #[error(transparent)]
     Transition(#[from] TransitionRefused),
+    #[error(transparent)]
+    StaleFencingToken(#[from] StaleFencingToken),
+    #[error(transparent)]
+    ClaimHeld(#[from] ClaimHeld),
+    /// No claimable agent matches the claim's selector (the store counts
+    /// why, outside the batch: [`dispatch::NoAgentAvailable`]).
+    #[error("no agent available")]
+    NoAgentAvailable,
+    /// The agent is deleted by an earlier command of the same batch.
+    #[error("agent {0:?} is being deleted; retry")]
+    Deleting(String),
 }
 
 /// What one command did: the agent as that command left it.
@@ -130,20 +219,51 @@ pub struct Applied {
     pub agent: Agent,
     pub transition: Option<Transition>,
     pub created: bool,
+    /// For a claim command: the claim made (or made before, for a repeated
+    /// idempotency key); for a renewal: the claim renewed.
+    pub claim: Option<Claim>,
+}
+
+/// The rows a batch with claims is decided on besides the agents it names
+/// (see [`plan_with`]).
+#[derive(Debug, Clone, Default)]
+pub struct ClaimRows {
+    /// Claimable agents (IDLE, schedulable) the claims' selectors match, as
+    /// locked by the store for this batch: for the `n`-th claim of the
+    /// batch, at least the `n` idle longest of its selector that no other
+    /// transaction holds.
+    pub candidates: Vec<Agent>,
+    /// Claims made before under the batch's idempotency keys, each with its
+    /// agent as stored now (`None`: deleted since).
+    pub made: Vec<(Claim, Option<Agent>)>,
+}
+
+/// One command's outcome while planning: the revisions of its agent and of
+/// its claim may be relative to the batch.
+#[derive(Debug, Clone)]
+struct Outcome {
+    applied: Applied,
+    /// The agent's revision is relative (it had a transition in the batch).
+    relative_revision: bool,
+    /// The claim's fencing token is relative (the claim was made in the batch).
+    relative_claim: bool,
 }
 
 /// The decisions of a batch, with revisions still relative to the batch (1..n).
 #[derive(Debug, Clone)]
 pub struct Plan {
-    /// Each command's outcome, and whether its agent snapshot's revision is
-    /// relative to this batch (the agent had a transition in it by then).
-    outcomes: Vec<Result<(Applied, bool), Refusal>>,
+    outcomes: Vec<Result<Outcome, Refusal>>,
     agents: BTreeMap<String, Agent>,
     created: BTreeSet<String>,
     changed: BTreeSet<String>,
+    deleted: BTreeSet<String>,
     /// Agents whose final `revision` is relative to this batch.
     renumbered: BTreeSet<String>,
+    /// Agents whose final claim was made in this batch (relative token).
+    claimed: BTreeSet<String>,
     transitions: Vec<Transition>,
+    /// The claims made in this batch, relative tokens, in order.
+    claims: Vec<Claim>,
 }
 
 /// What the store writes for a batch, revisions final.
@@ -153,8 +273,21 @@ pub struct Writes {
     pub created: Vec<Agent>,
     /// Every agent whose row changed, new ones included (final state), in agent-id order.
     pub changed: Vec<Agent>,
+    /// Agents whose rows are removed, in agent-id order (none of them in `changed`).
+    pub deleted: Vec<String>,
     /// The transitions to append, in revision order.
     pub transitions: Vec<Transition>,
+    /// The claims made (recorded with their idempotency keys), in order.
+    pub claims: Vec<Claim>,
+}
+
+/// Which values of [`Plan::relative_writes`] are relative to the batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shifts {
+    /// Per changed agent: its `revision` is relative.
+    pub revision: Vec<bool>,
+    /// Per changed agent: its claim's fencing token is relative.
+    pub claim: Vec<bool>,
 }
 
 impl Plan {
@@ -168,27 +301,37 @@ impl Plan {
         self.created.iter().map(String::as_str)
     }
 
+    fn pick(&self, ids: &BTreeSet<String>) -> Vec<Agent> {
+        ids.iter()
+            .filter_map(|id| self.agents.get(id).cloned())
+            .collect()
+    }
+
     /// What to write with revisions still relative to the batch, for a store that
     /// allocates the revisions in the same statement as the writes: for each
-    /// changed agent, whether its `revision` is relative (to be shifted by the
-    /// base the store allocates) or an earlier batch's, kept as is.
-    pub fn relative_writes(&self) -> (Writes, Vec<bool>) {
-        let pick = |ids: &BTreeSet<String>| -> Vec<Agent> {
-            ids.iter()
-                .filter_map(|id| self.agents.get(id).cloned())
-                .collect()
+    /// changed agent, whether its `revision` and its claim's token are
+    /// relative (to be shifted by the base the store allocates) or an earlier
+    /// batch's, kept as is. The claims' tokens are all relative.
+    pub fn relative_writes(&self) -> (Writes, Shifts) {
+        let changed = self.pick(&self.changed);
+        let shifts = Shifts {
+            revision: changed
+                .iter()
+                .map(|a| self.renumbered.contains(&a.agent_id))
+                .collect(),
+            claim: changed
+                .iter()
+                .map(|a| self.claimed.contains(&a.agent_id))
+                .collect(),
         };
-        let changed = pick(&self.changed);
-        let shift = changed
-            .iter()
-            .map(|a| self.renumbered.contains(&a.agent_id))
-            .collect();
         let writes = Writes {
-            created: pick(&self.created),
+            created: self.pick(&self.created),
             changed,
+            deleted: self.deleted.iter().cloned().collect(),
             transitions: self.transitions.clone(),
+            claims: self.claims.clone(),
         };
-        (writes, shift)
+        (writes, shifts)
     }
 
     /// Shifts the batch's revisions by `base` (the head revision before the batch)
@@ -200,6 +343,11 @@ impl Plan {
                 agent.revision += base;
             }
         }
+        for id in &self.claimed {
+            if let Some(claim) = agents.get_mut(id).and_then(|a| a.claim.as_mut()) {
+                claim.fencing_token += base;
+            }
+        }
         let pick = |ids: &BTreeSet<String>| -> Vec<Agent> {
             ids.iter()
                 .filter_map(|id| agents.get(id).cloned())
@@ -208,6 +356,7 @@ impl Plan {
         let writes = Writes {
             created: pick(&self.created),
             changed: pick(&self.changed),
+            deleted: self.deleted.into_iter().collect(),
             transitions: self
                 .transitions
                 .into_iter()
@@ -216,17 +365,34 @@ impl Plan {
                     t
                 })
                 .collect(),
+            claims: self
+                .claims
+                .into_iter()
+                .map(|mut c| {
+                    c.fencing_token += base;
+                    c
+                })
+                .collect(),
         };
         let outcomes = self
             .outcomes
             .into_iter()
             .map(|outcome| {
-                outcome.map(|(mut applied, relative)| {
-                    if relative {
+                outcome.map(|o| {
+                    let mut applied = o.applied;
+                    if o.relative_revision {
                         applied.agent.revision += base;
                     }
                     if let Some(t) = applied.transition.as_mut() {
                         t.revision += base;
+                    }
+                    if o.relative_claim {
+                        if let Some(c) = applied.claim.as_mut() {
+                            c.fencing_token += base;
+                        }
+                        if let Some(c) = applied.agent.claim.as_mut() {
+                            c.fencing_token += base;
+                        }
                     }
                     applied
                 })
@@ -239,168 +405,434 @@ impl Plan {
 /// The agents `commands` name, each once, in agent-id order (the order a
 /// store locks their rows in, so that two batches cannot deadlock).
 pub fn agent_ids(commands: &[Command]) -> Vec<&str> {
-    let mut ids: Vec<&str> = commands.iter().map(Command::agent_id).collect();
+    let mut ids: Vec<&str> = commands.iter().filter_map(Command::agent_id).collect();
     ids.sort_unstable();
     ids.dedup();
     ids
 }
 
-/// Decides `commands` in order against `existing` (every agent the batch names
-/// that exists, as locked by the store), at server time `now`.
-pub fn plan(existing: Vec<Agent>, commands: &[Command], now: DateTime<Utc>) -> Plan {
-    let mut agents: BTreeMap<String, Agent> = existing
-        .into_iter()
-        .map(|a| (a.agent_id.clone(), a))
-        .collect();
-    let mut created = BTreeSet::new();
-    let mut changed = BTreeSet::new();
-    let mut renumbered = BTreeSet::new();
-    let mut transitions: Vec<Transition> = Vec::new();
-    let mut outcomes = Vec::with_capacity(commands.len());
+/// The claims of `commands`, in order: each one's request.
+pub fn claim_requests(commands: &[Command]) -> impl Iterator<Item = (&ClaimRequest, &str)> {
+    commands.iter().filter_map(|c| match c {
+        Command::Claim { request, actor, .. } => Some((request, actor.as_str())),
+        _ => None,
+    })
+}
 
-    for command in commands {
-        let agent_id = command.agent_id();
-        let (agent, event) = match command {
-            Command::Register { labels, .. } => match agents.get_mut(agent_id) {
-                Some(agent) => {
-                    if agent.labels != *labels {
-                        agent.labels = labels.clone();
-                        changed.insert(agent_id.to_owned());
-                    }
-                    (agent, Some(Event::Heartbeat))
+/// [`plan_with`] for a batch without claims.
+pub fn plan(existing: Vec<Agent>, commands: &[Command], now: DateTime<Utc>) -> Plan {
+    plan_with(existing, ClaimRows::default(), commands, now)
+}
+
+/// Decides `commands` in order against `existing` (every agent the batch names
+/// that exists, as locked by the store) and, for its claims, `rows`, at
+/// server time `now`.
+pub fn plan_with(
+    existing: Vec<Agent>,
+    rows: ClaimRows,
+    commands: &[Command],
+    now: DateTime<Utc>,
+) -> Plan {
+    let mut p = Planner {
+        agents: existing
+            .into_iter()
+            .map(|a| (a.agent_id.clone(), a))
+            .collect(),
+        created: BTreeSet::new(),
+        changed: BTreeSet::new(),
+        deleted: BTreeSet::new(),
+        renumbered: BTreeSet::new(),
+        claimed: BTreeSet::new(),
+        transitions: Vec::new(),
+        claims: Vec::new(),
+        made: rows.made,
+        now,
+    };
+    // Candidates the batch also names are already there, as locked.
+    for agent in rows.candidates {
+        p.agents.entry(agent.agent_id.clone()).or_insert(agent);
+    }
+    let outcomes = commands.iter().map(|c| p.decide(c)).collect();
+    Plan {
+        outcomes,
+        agents: p.agents,
+        created: p.created,
+        changed: p.changed,
+        deleted: p.deleted,
+        renumbered: p.renumbered,
+        claimed: p.claimed,
+        transitions: p.transitions,
+        claims: p.claims,
+    }
+}
+
+/// The state of a batch being decided.
+struct Planner {
+    agents: BTreeMap<String, Agent>,
+    created: BTreeSet<String>,
+    changed: BTreeSet<String>,
+    deleted: BTreeSet<String>,
+    renumbered: BTreeSet<String>,
+    claimed: BTreeSet<String>,
+    transitions: Vec<Transition>,
+    claims: Vec<Claim>,
+    made: Vec<(Claim, Option<Agent>)>,
+    now: DateTime<Utc>,
+}
+
+impl Planner {
+    fn decide(&mut self, command: &Command) -> Result<Outcome, Refusal> {
+        let now = self.now;
+        let actor = command.actor();
+        let agent_id = match command {
+            Command::Claim {
+                claim_id, request, ..
+            } => return self.claim(claim_id, request, actor),
+            Command::Register {
+                agent_id, labels, ..
+            } => {
+                return self.register(agent_id, labels, actor);
+            }
+            _ => command.agent_id().unwrap_or_default(),
+        };
+        if self.deleted.contains(agent_id) {
+            return Err(Refusal::UnknownAgent(agent_id.to_owned()));
+        }
+        let Some(agent) = self.agents.get(agent_id) else {
+            return Err(Refusal::UnknownAgent(agent_id.to_owned()));
+        };
+        match command {
+            Command::Apply {
+                event,
+                fencing_token,
+                ..
+            } => {
+                if matches!(event, Event::FinishWork | Event::ReportExhausted(_)) {
+                    dispatch::check_fencing(agent_id, agent.claim.as_ref(), *fencing_token, now)?;
                 }
-                None => {
-                    let (state, _) = agent::registered(now);
-                    let agent = Agent {
-                        agent_id: agent_id.to_owned(),
-                        labels: labels.clone(),
-                        registered_at: now,
-                        last_transition_at: now,
-                        revision: 0,
-                        state,
-                        cordon_reason: None,
-                    };
-                    created.insert(agent_id.to_owned());
-                    changed.insert(agent_id.to_owned());
-                    let agent = agents.entry(agent_id.to_owned()).or_insert(agent);
-                    let transition =
-                        push_transition(&mut transitions, agent, None, command.actor(), now);
-                    renumbered.insert(agent_id.to_owned());
-                    outcomes.push(Ok((snapshot(agent, Some(transition), true), true)));
-                    continue;
-                }
-            },
-            Command::Apply { event, .. } => match agents.get_mut(agent_id) {
-                Some(agent) => (agent, Some(event.clone())),
-                None => {
-                    outcomes.push(Err(Refusal::UnknownAgent(agent_id.to_owned())));
-                    continue;
-                }
-            },
-            Command::Resume { .. } => match agents.get_mut(agent_id) {
-                Some(agent) => (agent, None),
-                None => {
-                    outcomes.push(Err(Refusal::UnknownAgent(agent_id.to_owned())));
-                    continue;
-                }
-            },
+                let decision = agent::decide(&agent.state, &agent.labels, event.clone(), now)?;
+                Ok(self.apply(agent_id, decision, actor))
+            }
+            Command::Resume { .. } => {
+                let resumed = dispatch::resume_decision(&agent.state)?;
+                Ok(self.apply(agent_id, dispatched(resumed), actor))
+            }
             Command::Cordon { .. } | Command::Uncordon { .. } => {
-                let Some(agent) = agents.get_mut(agent_id) else {
-                    outcomes.push(Err(Refusal::UnknownAgent(agent_id.to_owned())));
-                    continue;
-                };
                 let reason = match command {
                     Command::Cordon { reason, .. } => Some(reason.clone()),
                     _ => None,
                 };
-                let transition = cordon(agent, reason).map(|change| {
-                    changed.insert(agent_id.to_owned());
-                    renumbered.insert(agent_id.to_owned());
-                    // The status did not change: the time it last did stays
-                    // (the longest-idle choice and offline expiry read it).
-                    let since = agent.last_transition_at;
-                    let t = push_transition(
-                        &mut transitions,
-                        agent,
-                        Some(change),
-                        command.actor(),
+                let Some(cause) =
+                    dispatch::cordon_decision(agent.cordon_reason.as_deref(), reason.is_some())
+                else {
+                    return Ok(self.unchanged(agent_id));
+                };
+                let agent = self.agent_mut(agent_id);
+                agent.cordon_reason = reason;
+                Ok(self.record_in_place(agent_id, cause, actor))
+            }
+            Command::RenewClaim {
+                claim_id,
+                fencing_token,
+                lease,
+                ..
+            } => {
+                let active = agent.claim.as_ref();
+                dispatch::check_claim_call(agent_id, active, claim_id, *fencing_token, now)?;
+                let renewed = active
+                    .map(|c| dispatch::renew(c, *lease, now))
+                    .transpose()?;
+                let relative_claim = self.claimed.contains(agent_id);
+                let agent = self.agent_mut(agent_id);
+                agent.claim = renewed.clone();
+                self.changed.insert(agent_id.to_owned());
+                let mut outcome = self.unchanged(agent_id);
+                outcome.applied.claim = renewed;
+                outcome.relative_claim = relative_claim;
+                Ok(outcome)
+            }
+            Command::ReleaseClaim {
+                claim_id,
+                fencing_token,
+                ..
+            } => {
+                let active = agent.claim.as_ref();
+                dispatch::check_claim_call(agent_id, active, claim_id, *fencing_token, now)?;
+                let decision = dispatch::claim_end_decision(
+                    &agent.state,
+                    &agent.labels,
+                    ClaimEnd::Released,
+                    now,
+                )?;
+                Ok(self.apply(agent_id, dispatched(decision), actor))
+            }
+            Command::Delete { .. } => {
+                dispatch::check_delete(agent.claim.as_ref(), now)?;
+                Ok(self.delete(agent_id, Cause::Deleted, actor))
+            }
+            Command::Sweep {
+                heartbeat_timeout,
+                offline_allowed,
+                offline_retention,
+                ..
+            } => {
+                if agent
+                    .claim
+                    .as_ref()
+                    .is_some_and(|c| dispatch::lease_expired(c, now))
+                {
+                    let decision = dispatch::claim_end_decision(
+                        &agent.state,
+                        &agent.labels,
+                        ClaimEnd::Expired,
                         now,
-                    );
-                    agent.last_transition_at = since;
-                    t
-                });
-                let relative = renumbered.contains(agent_id);
-                outcomes.push(Ok((snapshot(agent, transition, false), relative)));
-                continue;
+                    )?;
+                    return Ok(self.apply(agent_id, dispatched(decision), actor));
+                }
+                let event = Event::Sweep {
+                    heartbeat_timeout: *heartbeat_timeout,
+                    offline_allowed: *offline_allowed,
+                };
+                let decision = agent::decide(&agent.state, &agent.labels, event, now)?;
+                if decision.change.is_none()
+                    && dispatch::offline_expired(agent, *offline_retention, now)
+                {
+                    return Ok(self.delete(agent_id, Cause::Expired, actor));
+                }
+                Ok(self.apply(agent_id, decision, actor))
             }
-        };
-        let decided = match event {
-            Some(event) => agent::decide(&agent.state, &agent.labels, event, now),
-            None => resume(&agent.state),
-        };
-        let decision = match decided {
-            Ok(decision) => decision,
-            Err(refused) => {
-                outcomes.push(Err(refused.into()));
-                continue;
+            Command::Claim { .. } | Command::Register { .. } => {
+                unreachable!("decided above")
             }
+        }
+    }
+
+    fn agent_mut(&mut self, agent_id: &str) -> &mut Agent {
+        self.agents
+            .get_mut(agent_id)
+            .expect("the agent was looked up before")
+    }
+
+    fn register(
+        &mut self,
+        agent_id: &str,
+        labels: &Labels,
+        actor: &str,
+    ) -> Result<Outcome, Refusal> {
+        if self.deleted.contains(agent_id) {
+            return Err(Refusal::Deleting(agent_id.to_owned()));
+        }
+        if let Some(agent) = self.agents.get_mut(agent_id) {
+            if agent.labels != *labels {
+                agent.labels = labels.clone();
+                self.changed.insert(agent_id.to_owned());
+            }
+            let decision = agent::decide(&agent.state, &agent.labels, Event::Heartbeat, self.now)?;
+            return Ok(self.apply(agent_id, decision, actor));
+        }
+        let now = self.now;
+        let (state, _) = agent::registered(now);
+        let mut agent = Agent {
+            agent_id: agent_id.to_owned(),
+            labels: labels.clone(),
+            registered_at: now,
+            last_transition_at: now,
+            revision: 0,
+            state,
+            cordon_reason: None,
+            claim: None,
         };
+        self.created.insert(agent_id.to_owned());
+        self.changed.insert(agent_id.to_owned());
+        self.renumbered.insert(agent_id.to_owned());
+        let transition = push_transition(&mut self.transitions, &mut agent, None, actor, now);
+        self.agents.insert(agent_id.to_owned(), agent.clone());
+        Ok(Outcome {
+            applied: Applied {
+                agent,
+                transition: Some(transition),
+                created: true,
+                claim: None,
+            },
+            relative_revision: true,
+            relative_claim: false,
+        })
+    }
+
+    /// Writes `decision` to the agent (ending its claim when it leaves its
+    /// slot) and records its transition, if any.
+    fn apply(&mut self, agent_id: &str, decision: Decision, actor: &str) -> Outcome {
+        let now = self.now;
+        let agent = self
+            .agents
+            .get_mut(agent_id)
+            .expect("the agent was looked up before");
         if decision.state != agent.state {
-            changed.insert(agent_id.to_owned());
+            self.changed.insert(agent_id.to_owned());
         }
         agent.state = decision.state;
         let transition = decision.change.map(|change| {
-            renumbered.insert(agent_id.to_owned());
-            push_transition(&mut transitions, agent, Some(change), command.actor(), now)
+            if dispatch::ends_claim(change.from, change.to) && agent.claim.take().is_some() {
+                self.claimed.remove(agent_id);
+            }
+            self.changed.insert(agent_id.to_owned());
+            self.renumbered.insert(agent_id.to_owned());
+            push_transition(&mut self.transitions, agent, Some(change), actor, now)
         });
-        let relative = renumbered.contains(agent_id);
-        outcomes.push(Ok((snapshot(agent, transition, false), relative)));
+        let mut outcome = self.unchanged(agent_id);
+        outcome.applied.transition = transition;
+        outcome
     }
 
-    Plan {
-        outcomes,
-        agents,
-        created,
-        changed,
-        renumbered,
-        transitions,
-    }
-}
-
-/// `Command::Resume` as a state-machine decision: the rule is dispatch's.
-fn resume(state: &agent::AgentState) -> Result<Decision, TransitionRefused> {
-    let resumed = dispatch::resume_decision(state)?;
-    let cause = match resumed.cause {
-        DispatchCause::Resumed => Cause::Resumed,
-        other => unreachable!("resume_decision records {other}"),
-    };
-    Ok(Decision {
-        state: resumed.state,
-        change: Some(StatusChange {
-            from: resumed.from,
-            to: resumed.to,
+    /// A transition that keeps the status (cordon, uncordon): from == to, and
+    /// the time the status last changed stays (the longest-idle choice and
+    /// offline expiry read it).
+    fn record_in_place(&mut self, agent_id: &str, cause: Cause, actor: &str) -> Outcome {
+        let now = self.now;
+        let agent = self
+            .agents
+            .get_mut(agent_id)
+            .expect("the agent was looked up before");
+        let status = agent.state.status;
+        let change = StatusChange {
+            from: status,
+            to: status,
             cause,
-        }),
-    })
+        };
+        let since = agent.last_transition_at;
+        let transition = push_transition(&mut self.transitions, agent, Some(change), actor, now);
+        agent.last_transition_at = since;
+        self.changed.insert(agent_id.to_owned());
+        self.renumbered.insert(agent_id.to_owned());
+        let mut outcome = self.unchanged(agent_id);
+        outcome.applied.transition = Some(transition);
+        outcome
+    }
+
+    /// The agent's last transition (from == to, `cause`), and its row removed.
+    fn delete(&mut self, agent_id: &str, cause: Cause, actor: &str) -> Outcome {
+        let mut outcome = self.record_in_place(agent_id, cause, actor);
+        outcome.applied.agent.claim = None;
+        self.agents.remove(agent_id);
+        self.changed.remove(agent_id);
+        self.created.remove(agent_id);
+        self.renumbered.remove(agent_id);
+        self.claimed.remove(agent_id);
+        self.deleted.insert(agent_id.to_owned());
+        outcome
+    }
+
+    /// The agent as it stands, for the command's caller.
+    fn unchanged(&self, agent_id: &str) -> Outcome {
+        let agent = self.agents[agent_id].clone();
+        Outcome {
+            relative_revision: self.renumbered.contains(agent_id),
+            relative_claim: self.claimed.contains(agent_id),
+            applied: Applied {
+                agent,
+                transition: None,
+                created: false,
+                claim: None,
+            },
+        }
+    }
+
+    fn claim(
+        &mut self,
+        claim_id: &str,
+        request: &ClaimRequest,
+        holder: &str,
+    ) -> Result<Outcome, Refusal> {
+        let now = self.now;
+        if let Some(key) = request.idempotency_key(holder) {
+            let same = |c: &Claim| c.holder == key.holder && c.request_id == key.request_id;
+            // Made earlier in this batch: the agent is this batch's.
+            if let Some(made) = self.claims.iter().find(|c| same(c)).cloned() {
+                let mut outcome = self.unchanged(&made.agent_id);
+                outcome.applied.claim = Some(current(made, &outcome.applied.agent));
+                outcome.relative_claim = true;
+                return Ok(outcome);
+            }
+            if let Some((made, agent)) = self.made.iter().find(|(c, _)| same(c)).cloned() {
+                // The agent as this batch sees it if it holds it, else as read.
+                let agent = match self.agents.get(&made.agent_id) {
+                    Some(locked) => Some(locked.clone()),
+                    None if self.deleted.contains(&made.agent_id) => None,
+                    None => agent,
+                };
+                let agent = agent.ok_or_else(|| Refusal::UnknownAgent(made.agent_id.clone()))?;
+                let relative_revision = self.renumbered.contains(&made.agent_id);
+                let relative_claim = self.claimed.contains(&made.agent_id);
+                return Ok(Outcome {
+                    applied: Applied {
+                        claim: Some(current(made, &agent)),
+                        agent,
+                        transition: None,
+                        created: false,
+                    },
+                    relative_revision,
+                    relative_claim,
+                });
+            }
+        }
+        let candidates: Vec<dispatch::Candidate<'_>> = self
+            .agents
+            .values()
+            .map(|agent| dispatch::Candidate {
+                agent,
+                cordoned: agent.cordon_reason.is_some(),
+            })
+            .collect();
+        let chosen = dispatch::choose(&request.selector, &candidates)
+            .map_err(|_| Refusal::NoAgentAvailable)?
+            .agent_id
+            .clone();
+        let agent = &self.agents[&chosen];
+        let decision =
+            dispatch::claim_decision(&agent.state, &agent.labels, request.slot_type, now)?;
+        let mut outcome = self.apply(&chosen, dispatched(decision), holder);
+        let revision = outcome
+            .applied
+            .transition
+            .as_ref()
+            .map_or(0, |t| t.revision);
+        let claim = dispatch::new_claim(
+            claim_id.to_owned(),
+            &chosen,
+            revision,
+            request,
+            holder.to_owned(),
+            now,
+        );
+        self.agent_mut(&chosen).claim = Some(claim.clone());
+        self.claimed.insert(chosen.clone());
+        self.claims.push(claim.clone());
+        outcome.applied.agent.claim = Some(claim.clone());
+        outcome.applied.claim = Some(claim);
+        outcome.relative_claim = true;
+        Ok(outcome)
+    }
 }
 
-/// `Command::Cordon` (`reason` given) or `Uncordon` on `agent`: sets its
-/// cordon and returns the status change (from == to) to record, or `None`
-/// when it is already as asked (the rule is dispatch's).
-fn cordon(agent: &mut Agent, reason: Option<String>) -> Option<StatusChange> {
-    let cause = dispatch::cordon_decision(agent.cordon_reason.as_deref(), reason.is_some())?;
-    let cause = match cause {
-        DispatchCause::Cordoned => Cause::Cordoned,
-        DispatchCause::Uncordoned => Cause::Uncordoned,
-        other => unreachable!("cordon_decision records {other}"),
-    };
-    agent.cordon_reason = reason;
-    let status = agent.state.status;
-    Some(StatusChange {
-        from: status,
-        to: status,
-        cause,
-    })
+/// A claim made before, as it stands on `agent` now: with its current lease
+/// while it is the agent's active claim, else as it was made (it has ended).
+fn current(made: Claim, agent: &Agent) -> Claim {
+    match &agent.claim {
+        Some(active) if active.claim_id == made.claim_id => active.clone(),
+        _ => made,
+    }
+}
+
+/// A dispatch decision as the state machine's.
+fn dispatched(decision: dispatch::DispatchDecision) -> Decision {
+    Decision {
+        state: decision.state,
+        change: Some(StatusChange {
+            from: decision.from,
+            to: decision.to,
+            cause: decision.cause,
+        }),
+    }
 }
 
 /// Appends the transition `change` makes (a registration when `None`) with the
@@ -424,7 +856,7 @@ fn push_transition(
         agent_id: agent.agent_id.clone(),
         from: change.map(|c| c.from),
         to,
-        cause: change.map_or(agent::Cause::Registered, |c| c.cause),
+        cause: change.map_or(Cause::Registered, |c| c.cause),
         occurred_at: now,
         exhaustion_reason: exhaustion.map(|e| e.reason),
         recovery_at: exhaustion.map(|e| e.recovery.recovery_at),
@@ -434,15 +866,6 @@ fn push_transition(
     agent.last_transition_at = now;
     transitions.push(transition.clone());
     transition
-}
-
-/// The agent as a command left it, for that command's caller.
-fn snapshot(agent: &Agent, transition: Option<Transition>, created: bool) -> Applied {
-    Applied {
-        agent: agent.clone(),
-        transition,
-        created,
-    }
 }
 
 #[cfg(test)]
@@ -469,6 +892,7 @@ mod tests {
                 exhaustion: None,
             },
             cordon_reason: None,
+            claim: None,
         }
     }
 
@@ -476,6 +900,7 @@ mod tests {
         Command::Apply {
             agent_id: id.into(),
             event,
+            fencing_token: None,
             actor: "tester".into(),
         }
     }
@@ -499,7 +924,7 @@ mod tests {
         assert_eq!(plan.transition_count(), 1);
         let (relative, shift) = plan.relative_writes();
         assert_eq!(relative.transitions[0].revision, 1);
-        assert_eq!(shift, [true]);
+        assert_eq!(shift.revision, [true]);
         let (writes, outcomes) = plan.finish(40);
         let won = outcomes[0].as_ref().expect("first call wins");
         assert_eq!(won.agent.state.status, AgentStatus::Busy);
@@ -599,7 +1024,10 @@ mod tests {
         );
         assert_eq!(plan.transition_count(), 0);
         let (relative, shift) = plan.relative_writes();
-        assert_eq!((relative.changed[0].revision, shift), (9, vec![false]));
+        assert_eq!(
+            (relative.changed[0].revision, shift.revision),
+            (9, vec![false])
+        );
         let (writes, outcomes) = plan.finish(50);
         let a = outcomes[0].as_ref().unwrap();
         assert_eq!(a.agent.revision, 9, "no transition: the revision stays");

@@ -3,21 +3,17 @@
 //! (resume, delete, offline expiry). Pure: the store locks rows and the
 //! runtime waits; every *whether* is decided here, with the clock passed in.
 //!
-//! The causes of the new transitions ([`DispatchCause`]) are local to this
-//! module until the proto and the stores learn them; [`agent::Cause`] has
-//! learned `RESUMED` (`batch::Command::Resume` is decided by [`resume_decision`])
-//! and `CORDONED` / `UNCORDONED` (`batch::Command::Cordon` and `Uncordon`,
-//! decided by [`cordon_decision`]).
-
-use std::fmt;
+//! `batch::plan` applies these decisions to the agents a batch locked; the
+//! causes they record are [`agent::Cause`]'s (`CLAIMED`, `CLAIM_RELEASED`,
+//! `CLAIM_EXPIRED`, `RESUMED`, `CORDONED`, `UNCORDONED`, `DELETED`, `EXPIRED`).
 
 use chrono::{DateTime, Duration, DurationRound, Utc};
 
 use crate::domain::agent::{
-    self, AgentState, AgentStatus, Decision, Event, SlotType, TransitionRefused,
+    self, AgentState, AgentStatus, Cause, Decision, Event, SlotType, TransitionRefused,
 };
 use crate::domain::labels::{self, Labels};
-use crate::domain::transition::Agent;
+use crate::domain::transition::{Agent, Claim};
 
 /// The shortest lease a claim may ask for.
 pub const MIN_CLAIM_LEASE: Duration = Duration::seconds(1);
@@ -38,65 +34,6 @@ pub const MAX_SELECTOR_REQUIREMENTS: usize = labels::MAX_LABELS;
 pub const MAX_SELECTOR_VALUES: usize = 64;
 /// The default of `--offline-agent-retention`.
 pub const DEFAULT_OFFLINE_AGENT_RETENTION: Duration = Duration::days(7);
-
-/// The causes dispatch adds to the transition history. Local to this module
-/// until they are added to [`agent::Cause`] with their storage and proto
-/// spellings (the same spellings as here).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DispatchCause {
-    /// IDLE to BUSY or ON_CALL by `ClaimAgent`.
-    Claimed,
-    /// Back to IDLE by `ReleaseClaim`.
-    ClaimReleased,
-    /// Back to IDLE because the lease ran out.
-    ClaimExpired,
-    /// EXHAUSTED to IDLE by `ResumeAgent`.
-    Resumed,
-    /// Taken out of rotation (`CordonAgent`); the status is unchanged.
-    Cordoned,
-    /// Back in rotation (`UncordonAgent`); the status is unchanged.
-    Uncordoned,
-    /// Removed by `DeleteAgent`: the agent's last transition.
-    Deleted,
-    /// Removed by the sweeper after `--offline-agent-retention` OFFLINE.
-    Expired,
-}
-
-impl DispatchCause {
-    pub const ALL: [DispatchCause; 8] = [
-        DispatchCause::Claimed,
-        DispatchCause::ClaimReleased,
-        DispatchCause::ClaimExpired,
-        DispatchCause::Resumed,
-        DispatchCause::Cordoned,
-        DispatchCause::Uncordoned,
-        DispatchCause::Deleted,
-        DispatchCause::Expired,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DispatchCause::Claimed => "CLAIMED",
-            DispatchCause::ClaimReleased => "CLAIM_RELEASED",
-            DispatchCause::ClaimExpired => "CLAIM_EXPIRED",
-            DispatchCause::Resumed => "RESUMED",
-            DispatchCause::Cordoned => "CORDONED",
-            DispatchCause::Uncordoned => "UNCORDONED",
-            DispatchCause::Deleted => "DELETED",
-            DispatchCause::Expired => "EXPIRED",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|cause| cause.as_str() == s)
-    }
-}
-
-impl fmt::Display for DispatchCause {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 // ---------------------------------------------------------------------------
 // Bad input
@@ -476,23 +413,41 @@ pub struct NoAgentAvailable {
 impl NoAgentAvailable {
     /// Counts the agents of `candidates` that `selector` matches.
     pub fn count(selector: &LabelSelector, candidates: &[Candidate<'_>]) -> Self {
+        Self::from_counts(
+            candidates
+                .iter()
+                .filter(|c| selector.matches(&c.agent.labels))
+                .map(|c| {
+                    let recovery = c.agent.state.exhaustion.as_ref();
+                    (
+                        c.agent.state.status,
+                        c.cordoned,
+                        1,
+                        recovery.map(|e| e.recovery.recovery_at),
+                    )
+                }),
+        )
+    }
+
+    /// From counts of matching agents (a store's `GROUP BY`): per status and
+    /// cordon, how many, and the earliest recovery time among them. Cordoned
+    /// agents count as `cordoned` whatever their status; the earliest
+    /// recovery is that of schedulable EXHAUSTED agents.
+    pub fn from_counts(
+        rows: impl IntoIterator<Item = (AgentStatus, bool, usize, Option<DateTime<Utc>>)>,
+    ) -> Self {
         let mut out = NoAgentAvailable::default();
-        for c in candidates
-            .iter()
-            .filter(|c| selector.matches(&c.agent.labels))
-        {
-            out.matching += 1;
-            if c.cordoned {
-                out.cordoned += 1;
+        for (status, cordoned, n, recovery) in rows {
+            out.matching += n;
+            if cordoned {
+                out.cordoned += n;
                 continue;
             }
-            let status = c.agent.state.status;
             let slot = AgentStatus::ALL.iter().position(|s| *s == status);
-            out.by_status[slot.unwrap_or_default()] += 1;
+            out.by_status[slot.unwrap_or_default()] += n;
             if status == AgentStatus::Exhausted
-                && let Some(ex) = &c.agent.state.exhaustion
+                && let Some(at) = recovery
             {
-                let at = ex.recovery.recovery_at;
                 out.earliest_recovery = Some(out.earliest_recovery.map_or(at, |e| e.min(at)));
             }
         }
@@ -561,31 +516,6 @@ fn until(at: DateTime<Utc>, now: DateTime<Utc>) -> String {
 // ---------------------------------------------------------------------------
 // Claims, leases and fencing
 
-/// One claim on one agent.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Claim {
-    pub claim_id: String,
-    pub agent_id: String,
-    /// The revision of the CLAIMED transition ([`fencing_token`]).
-    pub fencing_token: i64,
-    pub slot_type: SlotType,
-    /// The authenticated caller that made the claim.
-    pub holder: String,
-    pub claimed_at: DateTime<Utc>,
-    pub lease_expires_at: DateTime<Utc>,
-}
-
-/// The fencing token of a claim whose CLAIMED transition has `claim_revision`,
-/// for an agent whose last transition before it had `agent_revision`. The
-/// token is the revision: revisions are global, strictly increasing and
-/// allocated in the transaction that commits the claim, so each claim of an
-/// agent gets a larger token than every earlier one (of any agent even) with
-/// no counter of its own. `None` when the revision does not follow the
-/// agent's (a store bug: refuse rather than hand out a token that fences nothing).
-pub fn fencing_token(agent_revision: i64, claim_revision: i64) -> Option<i64> {
-    (claim_revision > agent_revision).then_some(claim_revision)
-}
-
 /// The lease runs over `[claimed_at, lease_expires_at)`: at its expiry
 /// instant the claim is over for everyone (holder and sweeper alike).
 pub fn lease_expired(claim: &Claim, now: DateTime<Utc>) -> bool {
@@ -598,26 +528,30 @@ pub fn lease_end(now: DateTime<Utc>, lease: Duration) -> DateTime<Utc> {
         .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
-/// A new claim on `agent`, made by `holder` at `now`: `None` when
-/// `claim_revision` does not follow the agent's revision ([`fencing_token`]).
+/// A new claim on `agent_id`, made by `holder` at `now`. Its fencing token is
+/// the revision of its CLAIMED transition: revisions are global, strictly
+/// increasing and allocated in the transaction that commits the claim, so
+/// each claim of an agent gets a larger token than every earlier one (of any
+/// agent even, and of an agent deleted and registered again) with no
+/// counter of its own.
 pub fn new_claim(
     claim_id: String,
-    agent: &Agent,
+    agent_id: &str,
     claim_revision: i64,
-    slot_type: SlotType,
+    request: &ClaimRequest,
     holder: String,
-    lease: Duration,
     now: DateTime<Utc>,
-) -> Option<Claim> {
-    Some(Claim {
+) -> Claim {
+    Claim {
         claim_id,
-        agent_id: agent.agent_id.clone(),
-        fencing_token: fencing_token(agent.revision, claim_revision)?,
-        slot_type,
+        agent_id: agent_id.to_owned(),
+        fencing_token: claim_revision,
+        slot_type: request.slot_type,
         holder,
+        request_id: request.request_id.clone(),
         claimed_at: now,
-        lease_expires_at: lease_end(now, lease),
-    })
+        lease_expires_at: lease_end(now, request.lease_duration),
+    }
 }
 
 /// `RenewClaim`: the lease then runs `lease` from `now`, but never ends
@@ -781,10 +715,10 @@ pub struct DispatchDecision {
     pub state: AgentState,
     pub from: AgentStatus,
     pub to: AgentStatus,
-    pub cause: DispatchCause,
+    pub cause: Cause,
 }
 
-fn relabel(decision: Decision, cause: DispatchCause) -> DispatchDecision {
+fn relabel(decision: Decision, cause: Cause) -> DispatchDecision {
     let change = decision
         .change
         .expect("the state machine changes status here");
@@ -804,8 +738,7 @@ pub fn claim_decision(
     slot: SlotType,
     now: DateTime<Utc>,
 ) -> Result<DispatchDecision, TransitionRefused> {
-    agent::decide(state, labels, Event::StartWork(slot), now)
-        .map(|d| relabel(d, DispatchCause::Claimed))
+    agent::decide(state, labels, Event::StartWork(slot), now).map(|d| relabel(d, Cause::Claimed))
 }
 
 /// A claim's end by `ReleaseClaim` (CLAIM_RELEASED) or by its lease
@@ -817,8 +750,8 @@ pub fn claim_end_decision(
     now: DateTime<Utc>,
 ) -> Result<DispatchDecision, TransitionRefused> {
     let cause = match cause {
-        ClaimEnd::Released => DispatchCause::ClaimReleased,
-        ClaimEnd::Expired => DispatchCause::ClaimExpired,
+        ClaimEnd::Released => Cause::ClaimReleased,
+        ClaimEnd::Expired => Cause::ClaimExpired,
     };
     agent::decide(state, labels, Event::FinishWork, now).map(|d| relabel(d, cause))
 }
@@ -853,7 +786,7 @@ pub fn resume_decision(state: &AgentState) -> Result<DispatchDecision, Transitio
         },
         from: AgentStatus::Exhausted,
         to: AgentStatus::Idle,
-        cause: DispatchCause::Resumed,
+        cause: Cause::Resumed,
     })
 }
 
@@ -863,10 +796,10 @@ pub fn resume_decision(state: &AgentState) -> Result<DispatchDecision, Transitio
 /// is already as asked. Cordoning a cordoned agent changes nothing, its first
 /// reason included (idempotent, like re-registration): uncordon first to
 /// give another.
-pub fn cordon_decision(current: Option<&str>, cordon: bool) -> Option<DispatchCause> {
+pub fn cordon_decision(current: Option<&str>, cordon: bool) -> Option<Cause> {
     match (current.is_some(), cordon) {
-        (false, true) => Some(DispatchCause::Cordoned),
-        (true, false) => Some(DispatchCause::Uncordoned),
+        (false, true) => Some(Cause::Cordoned),
+        (true, false) => Some(Cause::Uncordoned),
         (true, true) | (false, false) => None,
     }
 }

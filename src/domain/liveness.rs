@@ -10,6 +10,8 @@
 use chrono::{DateTime, Duration, Utc};
 
 use crate::domain::agent::{self, AgentState, AgentStatus};
+use crate::domain::dispatch;
+use crate::domain::transition::Agent;
 
 /// The silence after which the sweeper marks an agent OFFLINE: the configured
 /// timeout plus the longest a heartbeat may wait in memory before it is stored.
@@ -30,6 +32,11 @@ pub struct SweepQuery {
     /// Agents in one of these statuses whose recovery time is at or before `recovered_by`.
     pub recovering_statuses: Vec<AgentStatus>,
     pub recovered_by: DateTime<Utc>,
+    /// Agents whose claim's lease ends at or before this instant.
+    pub leases_expired_by: DateTime<Utc>,
+    /// OFFLINE agents whose last transition is before this instant
+    /// (`None`: offline agents are kept).
+    pub offline_before: Option<DateTime<Utc>>,
 }
 
 impl SweepQuery {
@@ -43,6 +50,26 @@ impl SweepQuery {
                 .as_ref()
                 .is_some_and(|e| e.recovery.recovery_at <= self.recovered_by);
         silent || recovered
+    }
+
+    /// Whether `agent` is a candidate, its claim and OFFLINE time included
+    /// (what the store's query selects).
+    pub fn selects_agent(&self, agent: &Agent) -> bool {
+        let lease_over = agent
+            .claim
+            .as_ref()
+            .is_some_and(|c| c.lease_expires_at <= self.leases_expired_by);
+        let kept_too_long = self.offline_before.is_some_and(|before| {
+            agent.state.status == AgentStatus::Offline && agent.last_transition_at < before
+        });
+        self.selects(&agent.state) || lease_over || kept_too_long
+    }
+
+    /// Also the OFFLINE agents kept longer than `retention` at `now`
+    /// (`dispatch::offline_expiry_cutoff`).
+    pub fn with_offline_retention(mut self, retention: Duration, now: DateTime<Utc>) -> Self {
+        self.offline_before = dispatch::offline_expiry_cutoff(retention, now);
+        self
     }
 }
 
@@ -64,6 +91,8 @@ pub fn sweep_query(now: DateTime<Utc>, silence: Duration, offline_allowed: bool)
             .unwrap_or(DateTime::<Utc>::MIN_UTC),
         recovering_statuses: vec![AgentStatus::Exhausted],
         recovered_by: now,
+        leases_expired_by: now,
+        offline_before: None,
     }
 }
 

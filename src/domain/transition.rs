@@ -4,7 +4,7 @@ use std::collections::HashSet;
 
 use chrono::{DateTime, Utc};
 
-use crate::domain::agent::{AgentState, AgentStatus, Cause, ExhaustionReason};
+use crate::domain::agent::{AgentState, AgentStatus, Cause, ExhaustionReason, SlotType};
 use crate::domain::labels::Labels;
 
 /// One agent as stored.
@@ -20,6 +20,25 @@ pub struct Agent {
     /// `Some` (the reason, maybe empty) while cordoned (`CordonAgent`): the
     /// agent keeps its status and work but is never claimed. `None`: schedulable.
     pub cordon_reason: Option<String>,
+    /// The active claim (`ClaimAgent`), while it lasts: a claim lives as long
+    /// as the work it took (`dispatch::ends_claim`).
+    pub claim: Option<Claim>,
+}
+
+/// One claim on one agent (`ClaimAgent`). The rules are `domain::dispatch`'s.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub claim_id: String,
+    pub agent_id: String,
+    /// The revision of the CLAIMED transition (`dispatch::fencing_token`).
+    pub fencing_token: i64,
+    pub slot_type: SlotType,
+    /// The authenticated caller that made the claim.
+    pub holder: String,
+    /// The idempotency key it was made with (empty: none).
+    pub request_id: String,
+    pub claimed_at: DateTime<Utc>,
+    pub lease_expires_at: DateTime<Utc>,
 }
 
 /// One durable status change. Revisions are global, strictly increasing and
@@ -38,6 +57,14 @@ pub struct Transition {
     /// Who made the change: the caller's name (`domain::auth`), "sweeper" for
     /// the sweeper's; "" for transitions recorded before actors were.
     pub actor: String,
+}
+
+impl Transition {
+    /// Whether this is the agent's last transition: it was deleted (by a
+    /// call, or by the sweeper after its OFFLINE retention).
+    pub fn ends_agent(&self) -> bool {
+        matches!(self.cause, Cause::Deleted | Cause::Expired)
+    }
 }
 
 /// Which agents and transitions a watcher (or a snapshot) wants. Empty sets mean "all".

@@ -65,9 +65,15 @@ impl TryFrom<pb::HeartbeatRequest> for AgentId {
 }
 
 fn apply(agent_id: &str, event: Event) -> Result<Command> {
+    fenced(agent_id, event, None)
+}
+
+/// [`apply`] with the caller's fencing token.
+fn fenced(agent_id: &str, event: Event, fencing_token: Option<i64>) -> Result<Command> {
     Ok(Command::Apply {
         agent_id: validate::agent_id("agent_id", agent_id)?,
         event,
+        fencing_token,
         // Set by the handler from the caller (`Command::by`).
         actor: String::new(),
     })
@@ -94,9 +100,10 @@ impl TryFrom<pb::FinishWorkRequest> for Command {
     fn try_from(request: pb::FinishWorkRequest) -> Result<Command> {
         let pb::FinishWorkRequest {
             agent_id,
-            fencing_token: _,
+            fencing_token,
         } = request;
-        apply(&agent_id, Event::FinishWork)
+        let token = validate::fencing_token("fencing_token", fencing_token)?;
+        fenced(&agent_id, Event::FinishWork, token)
     }
 }
 

@@ -131,17 +131,13 @@ impl AgentStatusApi {
         action: Action,
         command: Command,
     ) -> Result<Applied, Error> {
-        record_agent_id(command.agent_id());
+        let agent_id = command.agent_id().unwrap_or_default();
+        record_agent_id(agent_id);
         match &command {
             Command::Register {
                 agent_id, labels, ..
             } => self.guard.check_register(caller, agent_id, labels).await?,
-            Command::Apply { agent_id, .. }
-            | Command::Resume { agent_id, .. }
-            | Command::Cordon { agent_id, .. }
-            | Command::Uncordon { agent_id, .. } => {
-                self.guard.check_agent(caller, action, agent_id).await?
-            }
+            _ => self.guard.check_agent(caller, action, agent_id).await?,
         }
         self.writes.commit(command.by(&caller.name)).await
     }
@@ -184,11 +180,18 @@ impl AgentStatusApi {
         action: Action,
         agent_id: &str,
         event: Event,
+        fencing_token: Option<i64>,
     ) -> Result<(pb::Agent, Option<pb::Transition>), Error> {
         let agent_id = validate::agent_id("agent_id", agent_id)?;
         record_agent_id(&agent_id);
         self.guard.check_agent(caller, action, &agent_id).await?;
-        let applied = self.writes.apply(agent_id, event, &caller.name).await?;
+        let command = Command::Apply {
+            agent_id,
+            event,
+            fencing_token,
+            actor: String::new(),
+        };
+        let applied = self.writes.commit(command.by(&caller.name)).await?;
         Ok(encode(&applied))
     }
 }
@@ -340,9 +343,10 @@ impl AgentStatusService for AgentStatusApi {
             headers,
             message,
             time_zone,
-            fencing_token: _,
+            fencing_token,
         } = request.into_inner();
         let reason = convert::reason_from_pb(reason)?;
+        let fencing_token = validate::fencing_token("fencing_token", fencing_token)?;
         let evidence = validate::recovery_evidence(
             recovery_at,
             headers,
@@ -357,6 +361,7 @@ impl AgentStatusService for AgentStatusApi {
                 Action::ReportExhausted,
                 &agent_id,
                 Event::ReportExhausted(report),
+                fencing_token,
             )
             .await?;
         Ok(Response::new(pb::ReportExhaustedResponse {

@@ -5,7 +5,7 @@ use prost_types::Timestamp;
 
 use crate::domain::agent::{AgentStatus, Cause, ExhaustionReason, SlotType};
 use crate::domain::recovery::RecoverySource;
-use crate::domain::transition::{Agent, Transition};
+use crate::domain::transition::{Agent, Claim, Transition};
 use crate::error::{Error, Result};
 use crate::proto::v1 as pb;
 
@@ -113,6 +113,11 @@ fn cause_to_pb(cause: Cause) -> pb::TransitionCause {
         Cause::Resumed => pb::TransitionCause::Resumed,
         Cause::Cordoned => pb::TransitionCause::Cordoned,
         Cause::Uncordoned => pb::TransitionCause::Uncordoned,
+        Cause::Claimed => pb::TransitionCause::Claimed,
+        Cause::ClaimReleased => pb::TransitionCause::ClaimReleased,
+        Cause::ClaimExpired => pb::TransitionCause::ClaimExpired,
+        Cause::Deleted => pb::TransitionCause::Deleted,
+        Cause::Expired => pb::TransitionCause::Expired,
     }
 }
 
@@ -135,7 +140,29 @@ impl From<&Agent> for pb::Agent {
                 .unwrap_or_default(),
             schedulable: agent.cordon_reason.is_none(),
             cordon_reason: agent.cordon_reason.clone().unwrap_or_default(),
-            claim: None,
+            claim: agent.claim.as_ref().map(Into::into),
+        }
+    }
+}
+
+pub fn slot_to_pb(slot: SlotType) -> pb::SlotType {
+    match slot {
+        SlotType::Work => pb::SlotType::Work,
+        SlotType::OnCall => pb::SlotType::OnCall,
+    }
+}
+
+impl From<&Claim> for pb::Claim {
+    fn from(claim: &Claim) -> pb::Claim {
+        pb::Claim {
+            claim_id: claim.claim_id.clone(),
+            agent_id: claim.agent_id.clone(),
+            fencing_token: claim.fencing_token,
+            slot_type: slot_to_pb(claim.slot_type) as i32,
+            holder: claim.holder.clone(),
+            claimed_at: Some(timestamp(claim.claimed_at)),
+            lease_expires_at: Some(timestamp(claim.lease_expires_at)),
+            request_id: claim.request_id.clone(),
         }
     }
 }

@@ -42,6 +42,16 @@ impl From<Error> for Status {
             Error::Aborted(_) => (Code::Aborted, "ABORTED"),
             Error::ProcessorRunning { .. } => (Code::Aborted, "PROCESSOR_RUNNING"),
             Error::ResourceExhausted(_) => (Code::ResourceExhausted, "RESOURCE_EXHAUSTED"),
+            Error::StaleFencingToken(stale) => {
+                metadata.insert("agent_id".to_owned(), stale.agent_id.clone());
+                (Code::FailedPrecondition, "STALE_FENCING_TOKEN")
+            }
+            Error::ClaimHeld(held) => {
+                metadata.insert("agent_id".to_owned(), held.agent_id.clone());
+                metadata.insert("claim_id".to_owned(), held.claim_id.clone());
+                (Code::FailedPrecondition, "CLAIM_HELD")
+            }
+            Error::NoAgentAvailable(_) => (Code::ResourceExhausted, "NO_AGENT_AVAILABLE"),
             Error::Unavailable(_) => (Code::Unavailable, "UNAVAILABLE"),
             Error::Internal(detail) => {
                 tracing::error!(%detail, "internal error");

@@ -176,6 +176,17 @@ impl<C: PageCursor> PageRequest<C> {
     }
 }
 
+/// A request's fencing token: 0 is none; a negative one was never issued.
+pub fn fencing_token(field: &str, token: i64) -> Result<Option<i64>> {
+    match token {
+        0 => Ok(None),
+        t if t < 0 => Err(Error::invalid(format!(
+            "{field} must not be negative (0: none)"
+        ))),
+        t => Ok(Some(t)),
+    }
+}
+
 /// Free text with a byte bound.
 pub fn bounded_text(field: &str, text: &str, max_bytes: usize) -> Result<()> {
     if text.len() > max_bytes {

@@ -160,6 +160,11 @@ impl AgentCache {
     /// process already knows that revision.
     pub fn observed(&self, transition: &Transition) {
         let mut inner = self.lock();
+        if transition.ends_agent() {
+            inner.agents.remove(&transition.agent_id);
+            inner.pending.remove(&transition.agent_id);
+            return;
+        }
         if let Some(cached) = inner.agents.get_mut(&transition.agent_id)
             && cached.agent.revision < transition.revision
         {
@@ -172,6 +177,19 @@ impl AgentCache {
         for cached in self.lock().agents.values_mut() {
             cached.fresh = false;
         }
+    }
+
+    /// A deleted agent: forgotten, with its heartbeats not flushed yet (a
+    /// heartbeat for it reads the store again, and is NOT_FOUND).
+    pub fn forget(&self, agent_id: &str) {
+        let mut inner = self.lock();
+        inner.agents.remove(agent_id);
+        inner.pending.remove(agent_id);
+    }
+
+    /// The agent as this process last committed or read it.
+    pub fn agent(&self, agent_id: &str) -> Option<Agent> {
+        self.lock().agents.get(agent_id).map(|c| c.agent.clone())
     }
 
     /// The agent's labels as this process last committed or read them (labels

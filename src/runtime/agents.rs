@@ -61,6 +61,7 @@ impl AgentWrites {
             .submit(Command::Apply {
                 agent_id,
                 event,
+                fencing_token: None,
                 actor: actor.to_owned(),
             })
             .await
@@ -113,5 +114,6 @@ fn from_memory(agent: Agent) -> Applied {
         agent,
         transition: None,
         created: false,
+        claim: None,
     }
 }

@@ -133,7 +133,10 @@ impl Sinks {
     fn committed<'a>(&self, outcomes: impl IntoIterator<Item = &'a Applied>) {
         let mut transitions = Vec::new();
         for outcome in outcomes {
-            self.cache.committed(&outcome.agent);
+            match &outcome.transition {
+                Some(t) if t.ends_agent() => self.cache.forget(&t.agent_id),
+                _ => self.cache.committed(&outcome.agent),
+            }
             count_transition(&self.metrics, outcome);
             if let Some(t) = &outcome.transition
                 && self.publish.is_some()
@@ -197,7 +200,10 @@ impl Run {
             let ready = !next.is_empty()
                 && commits.len() < self.depth
                 && (commits.is_empty() || next.len() >= last_size)
-                && next.iter().all(|p| !busy.contains(p.command.agent_id()));
+                && next
+                    .iter()
+                    .filter_map(|p| p.command.agent_id())
+                    .all(|id| !busy.contains(id));
             if ready {
                 let (batch, commit) = self.start(std::mem::take(&mut next));
                 last_size = batch.replies.len();
@@ -257,18 +263,18 @@ impl Run {
         let mut seen = HashSet::new();
         let agents = commands
             .iter()
-            .map(Command::agent_id)
+            .filter_map(Command::agent_id)
             .filter(|id| seen.insert(*id))
             .map(str::to_owned)
             .collect();
         // Decided on what this process last committed or read, when it knows every
         // agent (the store checks the rows and falls back to reading them).
-        let known = if commands.iter().any(Command::reads_liveness) {
+        let known = if commands.iter().any(Command::needs_stored_rows) {
             None
         } else {
             self.sinks
                 .cache
-                .known(commands.iter().map(Command::agent_id))
+                .known(commands.iter().filter_map(Command::agent_id))
         };
         let store = self.store.clone();
         let metrics = self.sinks.metrics.clone();
@@ -514,6 +520,7 @@ mod tests {
         Command::Apply {
             agent_id: id.into(),
             event: Event::FinishWork,
+            fencing_token: None,
             actor: "test".into(),
         }
     }
@@ -680,6 +687,7 @@ mod tests {
         Command::Apply {
             agent_id: id.into(),
             event: Event::StartWork(SlotType::Work),
+            fencing_token: None,
             actor: "test".into(),
         }
     }

@@ -287,6 +287,7 @@ mod tests {
         Command::Apply {
             agent_id: id.into(),
             event,
+            fencing_token: None,
             actor: "test".into(),
         }
     }

@@ -210,6 +210,7 @@ mod tests {
             .submit(Command::Apply {
                 agent_id: "a".into(),
                 event: Event::MarkOffline,
+                fencing_token: None,
                 actor: "test".into(),
             })
             .await
@@ -223,6 +224,7 @@ mod tests {
             .submit(Command::Apply {
                 agent_id: "a".into(),
                 event: Event::Heartbeat,
+                fencing_token: None,
                 actor: "test".into(),
             })
             .await

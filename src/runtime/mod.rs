@@ -5,6 +5,7 @@
 pub mod agent_cache;
 pub mod agents;
 pub mod auth;
+pub mod claims;
 pub mod clock;
 pub mod committer;
 pub mod connections;

@@ -29,6 +29,8 @@ pub struct SweeperConfig {
     pub heartbeat_flush_interval: Duration,
     pub sweep_interval: Duration,
     pub transition_retention: Duration,
+    /// `--offline-agent-retention` (zero: agents are kept).
+    pub offline_agent_retention: chrono::Duration,
 }
 
 pub fn spawn(
@@ -85,7 +87,12 @@ async fn run(
         }
         let offline_allowed = clock.now() >= grace_ends;
         metrics.sweeper_runs.inc();
-        match sweep_once(&*store, &committer, &clock, silence, offline_allowed).await {
+        let look = Look {
+            silence,
+            offline_allowed,
+            offline_retention: config.offline_agent_retention,
+        };
+        match sweep_once(&*store, &committer, &clock, look).await {
             Ok(changed) => {
                 metrics.sweeper_changes.inc_by(changed as u64);
             }
@@ -106,22 +113,36 @@ async fn run(
     }
 }
 
-/// One pass over the agents that need a look, `silence` being
-/// [`liveness::silence_timeout`]. Returns how many transitioned.
+/// What one sweep looks for.
+#[derive(Debug, Clone, Copy)]
+pub struct Look {
+    /// [`liveness::silence_timeout`].
+    pub silence: chrono::Duration,
+    /// False during the start-up grace.
+    pub offline_allowed: bool,
+    /// `--offline-agent-retention` (zero: agents are kept).
+    pub offline_retention: chrono::Duration,
+}
+
+/// One pass over the agents that need a look: silent, recovered, holding an
+/// expired lease, or OFFLINE past retention. Returns how many transitioned.
 pub async fn sweep_once(
     store: &dyn AgentStore,
     committer: &Committer,
     clock: &Clock,
-    silence: chrono::Duration,
-    offline_allowed: bool,
+    look: Look,
 ) -> Result<usize, Error> {
-    let query = liveness::sweep_query(clock.now(), silence, offline_allowed);
+    let now = clock.now();
+    let query = liveness::sweep_query(now, look.silence, look.offline_allowed)
+        .with_offline_retention(look.offline_retention, now);
     let candidates = store.sweep_candidates(&query, SWEEP_BATCH).await?;
     // Submitted together, so the committer takes them in few batches.
     let results = futures::future::join_all(candidates.into_iter().map(|agent_id| {
-        committer.submit(Command::Apply {
+        committer.submit(Command::Sweep {
             agent_id,
-            event: liveness::sweep_event(silence, offline_allowed),
+            heartbeat_timeout: look.silence,
+            offline_allowed: look.offline_allowed,
+            offline_retention: look.offline_retention,
             actor: crate::domain::auth::SWEEPER.to_owned(),
         })
     }))
@@ -156,6 +177,14 @@ mod tests {
     use crate::runtime::agent_cache::{AgentCache, FastHeartbeat};
     use crate::storage::memory::MemoryStore;
     use chrono::TimeZone;
+
+    fn look(silence: chrono::Duration, offline_allowed: bool) -> Look {
+        Look {
+            silence,
+            offline_allowed,
+            offline_retention: chrono::Duration::zero(),
+        }
+    }
 
     #[tokio::test]
     async fn only_agents_silent_for_timeout_plus_flush_interval_go_offline_once() {
@@ -194,7 +223,7 @@ mod tests {
         }
         // 10 s of silence: not yet, the flush interval is added.
         assert_eq!(
-            sweep_once(&*store, &committer, &clock, silence, true)
+            sweep_once(&*store, &committer, &clock, look(silence, true))
                 .await
                 .unwrap(),
             0
@@ -206,13 +235,13 @@ mod tests {
         ));
         // The grace period keeps everyone online.
         assert_eq!(
-            sweep_once(&*store, &committer, &clock, silence, false)
+            sweep_once(&*store, &committer, &clock, look(silence, false))
                 .await
                 .unwrap(),
             0
         );
         assert_eq!(
-            sweep_once(&*store, &committer, &clock, silence, true)
+            sweep_once(&*store, &committer, &clock, look(silence, true))
                 .await
                 .unwrap(),
             1
@@ -226,7 +255,7 @@ mod tests {
             AgentStatus::Idle
         );
         assert_eq!(
-            sweep_once(&*store, &committer, &clock, silence, true)
+            sweep_once(&*store, &committer, &clock, look(silence, true))
                 .await
                 .unwrap(),
             0,
@@ -238,6 +267,7 @@ mod tests {
             .submit(Command::Apply {
                 agent_id: "silent".into(),
                 event: Event::Heartbeat,
+                fencing_token: None,
                 actor: "test".into(),
             })
             .await

@@ -308,6 +308,7 @@ mod tests {
                     .submit(Command::Apply {
                         agent_id: agent_id.clone(),
                         event,
+                        fencing_token: None,
                         actor: "test".into(),
                     })
                     .await

@@ -33,22 +33,29 @@ use chrono::{DateTime, Utc};
 use sqlx::FromRow;
 use tokio::sync::watch;
 
-use crate::domain::agent::{AgentState, AgentStatus, Cause, Exhaustion};
+use crate::domain::agent::{AgentState, AgentStatus, Cause, Exhaustion, SlotType};
 use crate::domain::batch::{Applied, Command, Refusal};
+use crate::domain::dispatch::{LabelSelector, NoAgentAvailable};
 use crate::domain::labels::Labels;
 use crate::domain::liveness::{self, SweepQuery};
 use crate::domain::recovery::RecoveryEstimate;
-use crate::domain::transition::{self, Agent, RevisionBounds, Transition, WatchFilter};
+use crate::domain::transition::{self, Agent, Claim, RevisionBounds, Transition, WatchFilter};
 use crate::error::{Error, Result};
+use crate::storage::claims::{self, Dialect, MatchingRow, SelectorSql};
 use crate::storage::clock::at_micros;
 use crate::storage::decode::{self, StoredJson, StoredTime};
 use crate::storage::pool::{AcquireMetrics, PoolStats};
-use crate::storage::{AgentQuery, AgentStore, StatusCounts};
+use crate::storage::{AgentQuery, AgentStore, ClaimQuery, StatusCounts};
 
 /// The columns of [`AgentRow`], in its order.
 pub(crate) const AGENT_COLUMNS: &str = "agent_id, status, labels, registered_at, \
      last_heartbeat_at, last_transition_at, revision, exhaustion_reason, recovery_at, \
-     recovery_source, recovery_hint, cordon_reason";
+     recovery_source, recovery_hint, cordon_reason, claim_id, claim_holder, claim_token, \
+     claim_request_id, claimed_at, lease_expires_at";
+
+/// The columns of [`ClaimRow`], in its order.
+pub(crate) const CLAIM_COLUMNS: &str = "claim_id, agent_id, holder, request_id, \
+     fencing_token, slot_type, claimed_at, lease_expires_at";
 
 /// The columns of [`TransitionRow`], in its order.
 pub(crate) const TRANSITION_COLUMNS: &str = "revision, agent_id, from_status, to_status, \
@@ -69,6 +76,42 @@ pub(crate) struct AgentRow<T, J> {
     recovery_source: Option<String>,
     recovery_hint: Option<String>,
     cordon_reason: Option<String>,
+    claim_id: Option<String>,
+    claim_holder: Option<String>,
+    claim_token: Option<i64>,
+    claim_request_id: Option<String>,
+    claimed_at: Option<T>,
+    lease_expires_at: Option<T>,
+}
+
+/// One row of `claims` (every claim made), `T` the backend's time.
+#[derive(FromRow)]
+pub(crate) struct ClaimRow<T> {
+    claim_id: String,
+    agent_id: String,
+    holder: String,
+    request_id: String,
+    fencing_token: i64,
+    slot_type: String,
+    claimed_at: T,
+    lease_expires_at: T,
+}
+
+impl<T: StoredTime> TryFrom<ClaimRow<T>> for Claim {
+    type Error = Error;
+
+    fn try_from(row: ClaimRow<T>) -> Result<Claim> {
+        Ok(Claim {
+            slot_type: decode::slot_type(&row.slot_type)?,
+            claim_id: row.claim_id,
+            agent_id: row.agent_id,
+            holder: row.holder,
+            request_id: row.request_id,
+            fencing_token: row.fencing_token,
+            claimed_at: row.claimed_at.time(),
+            lease_expires_at: row.lease_expires_at.time(),
+        })
+    }
 }
 
 /// One row of `transitions`, `T` the backend's time.
@@ -100,9 +143,34 @@ impl<T: StoredTime, J: StoredJson<Labels>> TryFrom<AgentRow<T, J>> for Agent {
             }),
             _ => None,
         };
+        let status = decode::status(&row.status)?;
+        let claim = match (
+            row.claim_id,
+            row.claim_token,
+            row.claimed_at,
+            row.lease_expires_at,
+        ) {
+            (Some(claim_id), Some(fencing_token), Some(claimed_at), Some(lease_expires_at)) => {
+                Some(Claim {
+                    claim_id,
+                    agent_id: row.agent_id.clone(),
+                    fencing_token,
+                    // A claim lives as long as its slot: the status says which.
+                    slot_type: match status {
+                        AgentStatus::OnCall => SlotType::OnCall,
+                        _ => SlotType::Work,
+                    },
+                    holder: row.claim_holder.unwrap_or_default(),
+                    request_id: row.claim_request_id.unwrap_or_default(),
+                    claimed_at: claimed_at.time(),
+                    lease_expires_at: lease_expires_at.time(),
+                })
+            }
+            _ => None,
+        };
         Ok(Agent {
             state: AgentState {
-                status: decode::status(&row.status)?,
+                status,
                 last_heartbeat_at: row.last_heartbeat_at.time(),
                 exhaustion,
             },
@@ -112,6 +180,7 @@ impl<T: StoredTime, J: StoredJson<Labels>> TryFrom<AgentRow<T, J>> for Agent {
             last_transition_at: row.last_transition_at.time(),
             revision: row.revision,
             cordon_reason: row.cordon_reason,
+            claim,
         })
     }
 }
@@ -141,6 +210,19 @@ impl<T: StoredTime> TryFrom<TransitionRow<T>> for Transition {
 /// Rows read, as domain values.
 pub(crate) fn decoded<R, V: TryFrom<R, Error = Error>>(rows: Vec<R>) -> Result<Vec<V>> {
     rows.into_iter().map(V::try_from).collect()
+}
+
+/// Claims made before, each with its agent among `agents` (`None`: gone).
+pub(crate) fn with_agents(made: Vec<Claim>, agents: Vec<Agent>) -> Vec<(Claim, Option<Agent>)> {
+    made.into_iter()
+        .map(|claim| {
+            let agent = agents
+                .iter()
+                .find(|a| a.agent_id == claim.agent_id)
+                .cloned();
+            (claim, agent)
+        })
+        .collect()
 }
 
 /// Statuses as stored.
@@ -178,6 +260,10 @@ pub(crate) trait AgentTx: Send {
     /// Deletes the transitions through `through` (how many), and records
     /// the history as pruned through it.
     async fn prune_through(&mut self, through: i64) -> Result<u64>;
+
+    /// Deletes the records of claims made before `before` that are no
+    /// agent's active claim (how many).
+    async fn prune_claims(&mut self, before: DateTime<Utc>) -> Result<u64>;
 
     async fn commit(self: Box<Self>) -> Result<()>;
 }
@@ -219,6 +305,22 @@ pub(crate) trait AgentTxs: Send + Sync + 'static {
     /// [`AgentStore::sweep_candidates`], `limit` not negative.
     async fn sweep(&self, query: &SweepQuery, limit: i64) -> Result<Vec<String>>;
 
+    /// The claim recorded as `claim_id`.
+    async fn claim(&self, claim_id: &str) -> Result<Option<Claim>>;
+
+    /// Agents with an active claim (of `holder`, if given), by agent id,
+    /// after `after`, at most `limit` (not negative).
+    async fn claimed_page(
+        &self,
+        after: Option<&str>,
+        holder: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<Agent>>;
+
+    /// The agents `selector` matches, counted by status and cordon
+    /// ([`claims::MatchingRow`]), the selector's parameters numbered from 1.
+    async fn matching(&self, selector: &SelectorSql) -> Result<Vec<MatchingRow>>;
+
     /// [`AgentStore::transitions_after`], `limit` not negative.
     async fn transitions(
         &self,
@@ -238,6 +340,9 @@ pub(crate) trait AgentTxs: Send + Sync + 'static {
 
     /// [`AgentStore::observe_pools`].
     fn observe(&self, metrics: &dyn Fn(&'static str) -> AcquireMetrics);
+
+    /// How this backend spells a selector.
+    fn dialect(&self) -> Dialect;
 }
 
 /// A backend that implements [`AgentTxs`] is an [`AgentStore`]: the flows below.
@@ -277,6 +382,29 @@ impl<S: AgentTxs> AgentStore for S {
 
     async fn sweep_candidates(&self, query: &SweepQuery, limit: i64) -> Result<Vec<String>> {
         self.sweep(query, limit.max(0)).await
+    }
+
+    async fn find_claim(&self, claim_id: &str) -> Result<Option<Claim>> {
+        self.claim(claim_id).await
+    }
+
+    async fn list_claims(&self, query: &ClaimQuery) -> Result<Vec<Claim>> {
+        let agents = self
+            .claimed_page(
+                query.after_agent_id.as_deref(),
+                query.holder.as_deref(),
+                query.limit.max(0),
+            )
+            .await?;
+        Ok(agents.into_iter().filter_map(|a| a.claim).collect())
+    }
+
+    async fn no_agent_available(&self, selector: &LabelSelector) -> Result<NoAgentAvailable> {
+        let dialect = self.dialect();
+        let rows = self
+            .matching(&claims::selector_sql(selector, dialect, 1))
+            .await?;
+        claims::no_agent_available(rows)
     }
 
     async fn transitions_after(
@@ -390,6 +518,9 @@ pub(crate) async fn prune_transitions(store: &dyn AgentTxs, before: DateTime<Utc
         return Ok(0);
     };
     let deleted = tx.prune_through(through).await?;
+    // A claim's record goes with the history of its time (its id and its
+    // idempotency key are forgotten then), unless the claim still runs.
+    tx.prune_claims(before).await?;
     tx.commit().await?;
     Ok(deleted)
 }

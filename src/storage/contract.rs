@@ -238,6 +238,7 @@ fn apply(agent_id: &str, event: Event) -> Command {
     Command::Apply {
         agent_id: agent_id.into(),
         event,
+        fencing_token: None,
         actor: "contract".into(),
     }
 }

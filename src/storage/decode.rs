@@ -5,7 +5,7 @@
 use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
 
-use crate::domain::agent::{AgentStatus, ExhaustionReason};
+use crate::domain::agent::{AgentStatus, ExhaustionReason, SlotType};
 use crate::domain::healing::{ErrorType, Strategy};
 use crate::domain::healing_records::{HealingStatistics, PatternStatistics};
 use crate::domain::pipeline_runs::StartedBy;
@@ -66,6 +66,10 @@ pub(crate) fn status_counts(
             .map(|(s, n)| Ok((status(&s)?, n)))
             .collect::<Result<_>>()?,
     })
+}
+
+pub(crate) fn slot_type(s: &str) -> Result<SlotType> {
+    SlotType::parse(s).ok_or_else(|| corrupt("slot type", s))
 }
 
 pub(crate) fn exhaustion_reason(s: &str) -> Result<ExhaustionReason> {

@@ -8,6 +8,7 @@
 //! the configuration.
 
 pub(crate) mod agents;
+pub(crate) mod claims;
 pub mod clock;
 #[cfg(test)]
 mod contract;
@@ -38,6 +39,7 @@ use tokio::sync::watch;
 
 use crate::domain::agent::AgentStatus;
 use crate::domain::batch::{Applied, Command, Refusal};
+use crate::domain::dispatch::{LabelSelector, NoAgentAvailable};
 use crate::domain::healing::{ErrorType, Evidence, Plan};
 use crate::domain::healing_records::{
     ErrorEvent, HealingStatistics, NewErrorEvent, RecoveryAction, RecoveryOutcome, RecoveryStatus,
@@ -49,7 +51,7 @@ use crate::domain::pipeline::{SessionFile, SessionState, SessionStatus};
 use crate::domain::pipeline_runs::{NewRun, RunRecord, RunsQuery};
 use crate::domain::post_healing::{ActionRecord, ActionStatus, ActionType, Evaluation, Tier};
 use crate::domain::transcript::UsageEntry;
-use crate::domain::transition::{Agent, RevisionBounds, Transition, WatchFilter};
+use crate::domain::transition::{Agent, Claim, RevisionBounds, Transition, WatchFilter};
 use crate::error::Result;
 
 /// Which agents `list_agents` returns, and where the page starts.
@@ -61,6 +63,16 @@ pub struct AgentQuery {
     pub statuses: Vec<AgentStatus>,
     /// Agents carrying every one of these labels.
     pub labels: Labels,
+    pub limit: i64,
+}
+
+/// Which claims `list_claims` returns, and where the page starts.
+#[derive(Debug, Clone, Default)]
+pub struct ClaimQuery {
+    /// Only claims on agents whose id sorts after this one.
+    pub after_agent_id: Option<String>,
+    /// Only this holder's claims.
+    pub holder: Option<String>,
     pub limit: i64,
 }
 
@@ -137,6 +149,17 @@ pub trait AgentStore: Send + Sync + 'static {
 
     /// Ids of the agents `query` selects (see [`SweepQuery::selects`]), at most `limit`.
     async fn sweep_candidates(&self, query: &SweepQuery, limit: i64) -> Result<Vec<String>>;
+
+    /// The claim recorded as `claim_id`, active or ended (`None`: unknown,
+    /// or pruned with the history of its time).
+    async fn find_claim(&self, claim_id: &str) -> Result<Option<Claim>>;
+
+    /// Active claims, by agent id.
+    async fn list_claims(&self, query: &ClaimQuery) -> Result<Vec<Claim>>;
+
+    /// Why no agent `selector` matches can be claimed: the matching agents
+    /// counted (read after a claim found none; not part of its transaction).
+    async fn no_agent_available(&self, selector: &LabelSelector) -> Result<NoAgentAvailable>;
 
     /// Transitions with a revision above `after`, in revision order.
     async fn transitions_after(

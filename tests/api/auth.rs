@@ -179,6 +179,7 @@ impl AuthApp {
     ) -> Result<pb::FinishWorkResponse, tonic::Status> {
         let request = pb::FinishWorkRequest {
             agent_id: agent_id.into(),
+            fencing_token: 0,
         };
         self.agents()
             .finish_work(as_(name, request))

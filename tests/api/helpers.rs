@@ -522,6 +522,7 @@ impl TestApp {
             .clone()
             .finish_work(pb::FinishWorkRequest {
                 agent_id: agent_id.into(),
+                fencing_token: 0,
             })
             .await
             .map(|r| r.into_inner())

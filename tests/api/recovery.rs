@@ -35,6 +35,7 @@ async fn report(
             headers,
             message: message.into(),
             time_zone: String::new(),
+            fencing_token: 0,
         })
         .await
         .unwrap()
@@ -208,6 +209,7 @@ async fn every_recovery_form_is_understood() {
             headers: vec![header("Retry-After", "5")],
             message: "reset in 1 min".into(),
             time_zone: String::new(),
+            fencing_token: 0,
         })
         .await
         .unwrap()
@@ -435,6 +437,7 @@ async fn every_real_form_in_the_fixture_through_report_exhausted_and_explain_rec
                 headers,
                 message,
                 time_zone,
+                fencing_token: 0,
             })
             .await
             .unwrap()

@@ -284,6 +284,7 @@ postgres_only! {
                     .unwrap();
                     c.finish_work(pb::FinishWorkRequest {
                         agent_id: id.clone(),
+                        fencing_token: 0,
                     })
                     .await
                     .unwrap();
@@ -332,6 +333,7 @@ async fn a_slow_subscriber_is_caught_up_not_dropped() {
                 .unwrap();
                 c.finish_work(pb::FinishWorkRequest {
                     agent_id: id.clone(),
+                    fencing_token: 0,
                 })
                 .await
                 .unwrap();

@@ -129,6 +129,7 @@ async fn every_acknowledged_transition_survives_kill_9() {
     let next = client
         .finish_work(pb::FinishWorkRequest {
             agent_id: "agent-00".into(),
+            fencing_token: 0,
         })
         .await
         .unwrap()

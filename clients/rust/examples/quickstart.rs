@@ -42,6 +42,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     clients.agents.start_work(work).await?;
     let done = pb::FinishWorkRequest {
         agent_id: agent.agent_id.clone(),
+        fencing_token: 0,
     };
     clients.agents.finish_work(done).await?;
 

@@ -56,6 +56,7 @@ fn agent(id: &str, status: AgentStatus, since: i64, pairs: &[(&str, &str)]) -> A
                 .then(|| exhaustion(t0() + Duration::hours(1))),
         },
         cordon_reason: None,
+        claim: None,
     }
 }
 
@@ -76,6 +77,7 @@ fn claim(token: i64, expires_in: i64) -> Claim {
         fencing_token: token,
         slot_type: SlotType::Work,
         holder: "scheduler".into(),
+        request_id: String::new(),
         claimed_at: t0(),
         lease_expires_at: t0() + Duration::seconds(expires_in),
     }
@@ -451,37 +453,22 @@ fn until_is_never_early() {
 // ---- claims, leases, fencing
 
 #[test]
-fn fencing_tokens_are_claim_revisions_and_strictly_increase() {
-    assert_eq!(fencing_token(10, 11), Some(11));
-    assert_eq!(fencing_token(10, 500), Some(500));
-    assert_eq!(fencing_token(10, 10), None);
-    assert_eq!(fencing_token(10, 9), None);
-    let a = agent("a", AgentStatus::Idle, 0, &[]);
-    let c = new_claim(
-        "c".into(),
-        &a,
-        42,
-        SlotType::OnCall,
-        "sched".into(),
-        Duration::seconds(30),
-        t0(),
-    )
-    .unwrap();
+fn a_new_claim_takes_its_transitions_revision_and_the_requested_lease() {
+    let request = ClaimRequest {
+        selector: LabelSelector::default(),
+        slot_type: SlotType::OnCall,
+        lease_duration: Duration::seconds(30),
+        wait_timeout: Duration::zero(),
+        request_id: "r-1".into(),
+    };
+    let c = new_claim("c".into(), "a", 42, &request, "sched".into(), t0());
     assert_eq!(c.fencing_token, 42);
     assert_eq!(c.agent_id, "a");
+    assert_eq!(c.slot_type, SlotType::OnCall);
+    assert_eq!(c.request_id, "r-1");
+    assert_eq!(c.holder, "sched");
+    assert_eq!(c.claimed_at, t0());
     assert_eq!(c.lease_expires_at, t0() + Duration::seconds(30));
-    assert!(
-        new_claim(
-            "c".into(),
-            &a,
-            10,
-            SlotType::Work,
-            "s".into(),
-            Duration::seconds(1),
-            t0()
-        )
-        .is_none()
-    );
 }
 
 #[test]
@@ -595,10 +582,7 @@ fn claim_and_release_decisions_reuse_the_state_machine() {
     use AgentStatus::*;
     let a = agent("a", Idle, 0, &[]);
     let d = claim_decision(&a.state, &a.labels, SlotType::OnCall, t0()).unwrap();
-    assert_eq!(
-        (d.from, d.to, d.cause),
-        (Idle, OnCall, DispatchCause::Claimed)
-    );
+    assert_eq!((d.from, d.to, d.cause), (Idle, OnCall, Cause::Claimed));
     let e = claim_decision(&d.state, &a.labels, SlotType::Work, t0()).unwrap_err();
     assert_eq!(
         e.to_string(),
@@ -607,37 +591,11 @@ fn claim_and_release_decisions_reuse_the_state_machine() {
     let r = claim_end_decision(&d.state, &a.labels, ClaimEnd::Released, t0()).unwrap();
     assert_eq!(
         (r.from, r.to, r.cause),
-        (OnCall, Idle, DispatchCause::ClaimReleased)
+        (OnCall, Idle, Cause::ClaimReleased)
     );
     let x = claim_end_decision(&d.state, &a.labels, ClaimEnd::Expired, t0()).unwrap();
-    assert_eq!(x.cause, DispatchCause::ClaimExpired);
+    assert_eq!(x.cause, Cause::ClaimExpired);
     assert!(claim_end_decision(&a.state, &a.labels, ClaimEnd::Expired, t0()).is_err());
-}
-
-#[test]
-fn cause_spellings_round_trip() {
-    for c in DispatchCause::ALL {
-        assert_eq!(DispatchCause::parse(c.as_str()), Some(c));
-        // No spelling collides with an existing cause's, but those that
-        // `agent::Cause` has learned (same spelling, same meaning).
-        match c {
-            DispatchCause::Resumed => {
-                assert_eq!(agent::Cause::parse(c.as_str()), Some(agent::Cause::Resumed))
-            }
-            DispatchCause::Cordoned => {
-                assert_eq!(
-                    agent::Cause::parse(c.as_str()),
-                    Some(agent::Cause::Cordoned)
-                )
-            }
-            DispatchCause::Uncordoned => assert_eq!(
-                agent::Cause::parse(c.as_str()),
-                Some(agent::Cause::Uncordoned)
-            ),
-            _ => assert_eq!(agent::Cause::parse(c.as_str()), None),
-        }
-    }
-    assert_eq!(DispatchCause::Claimed.to_string(), "CLAIMED");
 }
 
 // ---- operator overrides
@@ -647,10 +605,7 @@ fn resume_only_from_exhausted() {
     use AgentStatus::*;
     let ex = agent("a", Exhausted, 0, &[]);
     let d = resume_decision(&ex.state).unwrap();
-    assert_eq!(
-        (d.from, d.to, d.cause),
-        (Exhausted, Idle, DispatchCause::Resumed)
-    );
+    assert_eq!((d.from, d.to, d.cause), (Exhausted, Idle, Cause::Resumed));
     assert_eq!(d.state.exhaustion, None);
     assert_eq!(d.state.last_heartbeat_at, ex.state.last_heartbeat_at);
     for status in [Idle, Busy, OnCall, Offline] {
@@ -665,15 +620,12 @@ fn resume_only_from_exhausted() {
 
 #[test]
 fn cordon_and_uncordon_change_only_what_is_not_as_asked() {
-    assert_eq!(cordon_decision(None, true), Some(DispatchCause::Cordoned));
+    assert_eq!(cordon_decision(None, true), Some(Cause::Cordoned));
     assert_eq!(
         cordon_decision(Some("disk"), false),
-        Some(DispatchCause::Uncordoned)
+        Some(Cause::Uncordoned)
     );
-    assert_eq!(
-        cordon_decision(Some(""), false),
-        Some(DispatchCause::Uncordoned)
-    );
+    assert_eq!(cordon_decision(Some(""), false), Some(Cause::Uncordoned));
     // Idempotent: a cordoned agent cordoned again (any reason), a schedulable
     // one uncordoned.
     assert_eq!(cordon_decision(Some("disk"), true), None);

@@ -8,11 +8,13 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 
-use crate::domain::batch::{self, Applied, Command, Refusal};
+use crate::domain::agent::AgentStatus;
+use crate::domain::batch::{self, Applied, ClaimRows, Command, Refusal};
+use crate::domain::dispatch::{Candidate, LabelSelector, NoAgentAvailable};
 use crate::domain::liveness::SweepQuery;
-use crate::domain::transition::{Agent, RevisionBounds, Transition, WatchFilter};
+use crate::domain::transition::{Agent, Claim, RevisionBounds, Transition, WatchFilter};
 use crate::error::{Error, Result};
-use crate::storage::{AgentQuery, AgentStore};
+use crate::storage::{AgentQuery, AgentStore, ClaimQuery};
 
 /// A commit's start or end, as [`MemoryStore::commit_log`] records them: the
 /// agents its commands name, in command order.
@@ -25,6 +27,8 @@ pub enum CommitEvent {
 #[derive(Default)]
 struct State {
     agents: BTreeMap<String, Agent>,
+    /// Every claim made, by claim id.
+    claims: BTreeMap<String, Claim>,
     transitions: BTreeMap<i64, Transition>,
     head: i64,
     pruned_through: i64,
@@ -126,16 +130,38 @@ impl MemoryStore {
         let mut state = self.lock()?;
         let existing = commands
             .iter()
-            .filter_map(|c| state.agents.get_key_value(c.agent_id()))
+            .filter_map(|c| c.agent_id().and_then(|id| state.agents.get_key_value(id)))
             .map(|(id, a)| (id.clone(), a.clone()))
             .collect::<BTreeMap<_, _>>()
             .into_values()
             .collect();
-        let plan = batch::plan(existing, commands, now);
+        // Every claimable agent is a candidate (nobody else holds rows here),
+        // and every claim made is known.
+        let rows = ClaimRows {
+            candidates: state
+                .agents
+                .values()
+                .filter(|a| a.cordon_reason.is_none() && a.state.status == AgentStatus::Idle)
+                .cloned()
+                .collect(),
+            made: state
+                .claims
+                .values()
+                .filter(|c| !c.request_id.is_empty())
+                .map(|c| (c.clone(), state.agents.get(&c.agent_id).cloned()))
+                .collect(),
+        };
+        let plan = batch::plan_with(existing, rows, commands, now);
         let count = plan.transition_count() as i64;
         let (writes, outcomes) = plan.finish(state.head);
         for agent in writes.changed {
             state.agents.insert(agent.agent_id.clone(), agent);
+        }
+        for agent_id in writes.deleted {
+            state.agents.remove(&agent_id);
+        }
+        for claim in writes.claims {
+            state.claims.insert(claim.claim_id.clone(), claim);
         }
         for t in writes.transitions {
             state.transitions.insert(t.revision, t);
@@ -168,7 +194,10 @@ impl AgentStore for MemoryStore {
         commands: &[Command],
         now: DateTime<Utc>,
     ) -> Result<Vec<Result<Applied, Refusal>>> {
-        let agents: Vec<String> = commands.iter().map(|c| c.agent_id().to_owned()).collect();
+        let agents: Vec<String> = commands
+            .iter()
+            .filter_map(|c| c.agent_id().map(str::to_owned))
+            .collect();
         self.record(CommitEvent::Started(agents.clone()));
         let _ = self
             .held
@@ -188,6 +217,40 @@ impl AgentStore for MemoryStore {
             }
         }
         Ok(())
+    }
+
+    async fn find_claim(&self, claim_id: &str) -> Result<Option<Claim>> {
+        Ok(self.lock()?.claims.get(claim_id).cloned())
+    }
+
+    async fn list_claims(&self, query: &ClaimQuery) -> Result<Vec<Claim>> {
+        let state = self.lock()?;
+        Ok(state
+            .agents
+            .values()
+            .filter(|a| {
+                query
+                    .after_agent_id
+                    .as_ref()
+                    .is_none_or(|after| a.agent_id > *after)
+            })
+            .filter_map(|a| a.claim.clone())
+            .filter(|c| query.holder.as_ref().is_none_or(|h| c.holder == *h))
+            .take(query.limit.max(0) as usize)
+            .collect())
+    }
+
+    async fn no_agent_available(&self, selector: &LabelSelector) -> Result<NoAgentAvailable> {
+        let state = self.lock()?;
+        let candidates: Vec<Candidate<'_>> = state
+            .agents
+            .values()
+            .map(|agent| Candidate {
+                agent,
+                cordoned: agent.cordon_reason.is_some(),
+            })
+            .collect();
+        Ok(NoAgentAvailable::count(selector, &candidates))
     }
 
     async fn get_agent(&self, agent_id: &str) -> Result<Agent> {
@@ -221,7 +284,7 @@ impl AgentStore for MemoryStore {
         Ok(state
             .agents
             .values()
-            .filter(|a| query.selects(&a.state))
+            .filter(|a| query.selects_agent(a))
             .take(usize::try_from(limit).unwrap_or(0))
             .map(|a| a.agent_id.clone())
             .collect())

@@ -10,18 +10,23 @@ use tokio::sync::watch;
 use super::{PgStore, TRANSITIONS_CHANNEL, db_error};
 use crate::domain::agent::AgentStatus;
 use crate::domain::batch::{self, Command};
+use crate::domain::dispatch::IdempotencyKey;
 use crate::domain::labels::Labels;
 use crate::domain::liveness::SweepQuery;
+use crate::domain::transition::Claim;
 use crate::domain::transition::{Agent, Transition};
 use crate::error::{Error, Result};
 use crate::storage::AgentQuery;
 use crate::storage::agents::{
-    self as flows, AGENT_COLUMNS, AgentTx, AgentTxs, Outcomes, TRANSITION_COLUMNS, decoded,
+    self as flows, AGENT_COLUMNS, AgentTx, AgentTxs, CLAIM_COLUMNS, Outcomes, TRANSITION_COLUMNS,
+    decoded,
 };
+use crate::storage::claims::{self, ClaimReads, Dialect, MatchingRow, SelectorSql};
 use crate::storage::pool::{AcquireMetrics, PoolStats};
 
 type AgentRow = flows::AgentRow<DateTime<Utc>, Json<Labels>>;
 type TransitionRow = flows::TransitionRow<DateTime<Utc>>;
+type ClaimRow = flows::ClaimRow<DateTime<Utc>>;
 
 /// How often a batch is retried when the database refuses it as a whole for a
 /// reason that a retry resolves (two replicas registering one new agent at once,
@@ -55,6 +60,12 @@ struct AgentColumns {
     recovery_source: Vec<Option<&'static str>>,
     recovery_hint: Vec<Option<String>>,
     cordon_reason: Vec<Option<String>>,
+    claim_id: Vec<Option<String>>,
+    claim_holder: Vec<Option<String>>,
+    claim_token: Vec<Option<i64>>,
+    claim_request_id: Vec<Option<String>>,
+    claimed_at: Vec<Option<DateTime<Utc>>>,
+    lease_expires_at: Vec<Option<DateTime<Utc>>>,
 }
 
 impl AgentColumns {
@@ -77,6 +88,13 @@ impl AgentColumns {
                 .push(ex.map(|e| e.recovery.source.as_str()));
             c.recovery_hint.push(ex.map(|e| e.recovery.hint.clone()));
             c.cordon_reason.push(a.cordon_reason.clone());
+            let claim = a.claim.as_ref();
+            c.claim_id.push(claim.map(|c| c.claim_id.clone()));
+            c.claim_holder.push(claim.map(|c| c.holder.clone()));
+            c.claim_token.push(claim.map(|c| c.fencing_token));
+            c.claim_request_id.push(claim.map(|c| c.request_id.clone()));
+            c.claimed_at.push(claim.map(|c| c.claimed_at));
+            c.lease_expires_at.push(claim.map(|c| c.lease_expires_at));
         }
         Ok(c)
     }
@@ -89,17 +107,20 @@ impl AgentColumns {
 /// `ok` is whether they all are, and if not nothing is written. Then, when the
 /// batch has transitions (`$1` > 0), it takes the revision row (the last lock,
 /// held to commit), notifies with this store's origin, and appends them; every
-/// changed agent's final state is written, its relative revision shifted by
-/// the allocated base where `shift` says so, and `last_heartbeat_at` never
-/// moves back. The revision row's update waits for `ok` (its condition), so
-/// the agent rows are always locked before it.
+/// changed agent's final state is written, its relative revision (and its
+/// claim's relative fencing token) shifted by the allocated base where the
+/// shifts say so, and `last_heartbeat_at` never moves back; the claims made
+/// are recorded with their tokens shifted; deleted agents' rows are removed.
+/// The revision row's update waits for `ok` (its condition), so the agent
+/// rows are always locked before it.
 const WRITE_BATCH: &str = "WITH locked AS (
          SELECT a.agent_id FROM agents a
          JOIN unnest($24::text[], $25::text[], $26::text[], $27::timestamptz[], $28::bigint[],
-                     $29::text[], $30::timestamptz[], $31::text[], $32::text[], $33::text[])
+                     $29::text[], $30::timestamptz[], $31::text[], $32::text[], $33::text[],
+                     $42::text[], $43::bigint[], $44::timestamptz[])
               AS e(agent_id, status, labels, last_transition_at, revision,
                    exhaustion_reason, recovery_at, recovery_source, recovery_hint,
-                   cordon_reason)
+                   cordon_reason, claim_id, claim_token, lease_expires_at)
            ON a.agent_id = e.agent_id
          WHERE a.status = e.status AND a.labels = e.labels::jsonb
            AND a.last_transition_at = e.last_transition_at AND a.revision = e.revision
@@ -108,6 +129,9 @@ const WRITE_BATCH: &str = "WITH locked AS (
            AND a.recovery_source IS NOT DISTINCT FROM e.recovery_source
            AND a.recovery_hint IS NOT DISTINCT FROM e.recovery_hint
            AND a.cordon_reason IS NOT DISTINCT FROM e.cordon_reason
+           AND a.claim_id IS NOT DISTINCT FROM e.claim_id
+           AND a.claim_token IS NOT DISTINCT FROM e.claim_token
+           AND a.lease_expires_at IS NOT DISTINCT FROM e.lease_expires_at
          ORDER BY a.agent_id
          FOR UPDATE OF a
      ),
@@ -146,14 +170,37 @@ const WRITE_BATCH: &str = "WITH locked AS (
              recovery_at = u.recovery_at,
              recovery_source = u.recovery_source,
              recovery_hint = u.recovery_hint,
-             cordon_reason = u.cordon_reason
+             cordon_reason = u.cordon_reason,
+             claim_id = u.claim_id,
+             claim_holder = u.claim_holder,
+             claim_token = CASE WHEN u.claim_shift THEN base.base + u.claim_token
+                                ELSE u.claim_token END,
+             claim_request_id = u.claim_request_id,
+             claimed_at = u.claimed_at,
+             lease_expires_at = u.lease_expires_at
          FROM base, unnest($3::text[], $4::text[], $5::text[], $6::timestamptz[],
                            $7::timestamptz[], $8::bigint[], $9::bool[], $10::text[],
-                           $11::timestamptz[], $12::text[], $13::text[], $34::text[])
+                           $11::timestamptz[], $12::text[], $13::text[], $34::text[],
+                           $35::text[], $36::text[], $37::bigint[], $38::bool[], $39::text[],
+                           $40::timestamptz[], $41::timestamptz[])
               AS u(agent_id, status, labels, last_heartbeat_at, last_transition_at,
                    revision, shift, exhaustion_reason, recovery_at, recovery_source,
-                   recovery_hint, cordon_reason)
+                   recovery_hint, cordon_reason, claim_id, claim_holder, claim_token,
+                   claim_shift, claim_request_id, claimed_at, lease_expires_at)
          WHERE agents.agent_id = u.agent_id
+     ),
+     recorded AS (
+         INSERT INTO claims (claim_id, agent_id, holder, request_id, fencing_token,
+                             slot_type, claimed_at, lease_expires_at)
+         SELECT c.claim_id, c.agent_id, c.holder, c.request_id, base.base + c.rel,
+                c.slot_type, c.claimed_at, c.lease_expires_at
+         FROM base, unnest($45::text[], $46::text[], $47::text[], $48::text[], $49::bigint[],
+                           $50::text[], $51::timestamptz[], $52::timestamptz[])
+              AS c(claim_id, agent_id, holder, request_id, rel, slot_type, claimed_at,
+                   lease_expires_at)
+     ),
+     removed AS (
+         DELETE FROM agents USING base WHERE agents.agent_id = ANY($53::text[])
      )
      SELECT ok.ok, COALESCE(base.base, 0) FROM ok
      LEFT JOIN base ON true LEFT JOIN notified ON true";
@@ -242,7 +289,7 @@ impl PgStore {
             return Ok(None);
         }
         let (relative, shift) = plan.relative_writes();
-        if relative.changed.is_empty() {
+        if relative.changed.is_empty() && relative.deleted.is_empty() {
             return Ok(None);
         }
         let count = plan.transition_count() as i64;
@@ -270,7 +317,14 @@ impl PgStore {
         .bind(ids)
         .fetch_all(&mut *tx)
         .await?;
-        let plan = batch::plan(decoded(rows)?, commands, now);
+        // Then, for claims, the claimable rows no one else holds (SKIP
+        // LOCKED never waits, so no order among them is needed) and the
+        // claims made before under the batch's idempotency keys.
+        let rows_for_claims =
+            claims::claim_rows(&mut PgClaimReads(&mut tx), commands, Dialect::Postgres)
+                .await
+                .map_err(BatchError::Mapped)?;
+        let plan = batch::plan_with(decoded(rows)?, rows_for_claims, commands, now);
 
         // New agents' rows next, still before the revision row. Two replicas
         // creating the same agent: the second insert waits for the first and then
@@ -299,7 +353,7 @@ impl PgStore {
         // already: nothing to check.
         let count = plan.transition_count() as i64;
         let (relative, shift) = plan.relative_writes();
-        let base = if relative.changed.is_empty() {
+        let base = if relative.changed.is_empty() && relative.deleted.is_empty() {
             0
         } else {
             write_batch(&mut tx, count, &relative, &shift, &[], origin)
@@ -307,7 +361,7 @@ impl PgStore {
                 .1
         };
         let (writes, outcomes) = plan.finish(base);
-        if writes.changed.is_empty() {
+        if writes.changed.is_empty() && writes.deleted.is_empty() {
             // Nothing to write (every command refused or a no-op): release the locks.
             tx.rollback().await?;
         } else {
@@ -325,10 +379,11 @@ async fn write_batch(
     conn: &mut sqlx::PgConnection,
     count: i64,
     relative: &batch::Writes,
-    shift: &[bool],
+    shift: &batch::Shifts,
     expected: &[Agent],
     origin: &str,
 ) -> std::result::Result<(bool, i64), BatchError> {
+    let claims = &relative.claims;
     let c = AgentColumns::of(&relative.changed)?;
     let e = AgentColumns::of(expected)?;
     let t = &relative.transitions;
@@ -341,7 +396,7 @@ async fn write_batch(
         .bind(&c.last_heartbeat_at)
         .bind(&c.last_transition_at)
         .bind(&c.revision)
-        .bind(shift)
+        .bind(&shift.revision)
         .bind(&c.exhaustion_reason)
         .bind(&c.recovery_at)
         .bind(&c.recovery_source)
@@ -375,6 +430,50 @@ async fn write_batch(
         .bind(&e.recovery_hint)
         .bind(&e.cordon_reason)
         .bind(&c.cordon_reason)
+        .bind(&c.claim_id)
+        .bind(&c.claim_holder)
+        .bind(&c.claim_token)
+        .bind(&shift.claim)
+        .bind(&c.claim_request_id)
+        .bind(&c.claimed_at)
+        .bind(&c.lease_expires_at)
+        .bind(&e.claim_id)
+        .bind(&e.claim_token)
+        .bind(&e.lease_expires_at)
+        .bind(
+            claims
+                .iter()
+                .map(|c| c.claim_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            claims
+                .iter()
+                .map(|c| c.agent_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(claims.iter().map(|c| c.holder.as_str()).collect::<Vec<_>>())
+        .bind(
+            claims
+                .iter()
+                .map(|c| c.request_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(claims.iter().map(|c| c.fencing_token).collect::<Vec<_>>())
+        .bind(
+            claims
+                .iter()
+                .map(|c| c.slot_type.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(claims.iter().map(|c| c.claimed_at).collect::<Vec<_>>())
+        .bind(
+            claims
+                .iter()
+                .map(|c| c.lease_expires_at)
+                .collect::<Vec<_>>(),
+        )
+        .bind(&relative.deleted)
         .fetch_one(conn)
         .await?;
     Ok(written)
@@ -396,6 +495,65 @@ impl From<sqlx::Error> for BatchError {
 impl From<Error> for BatchError {
     fn from(e: Error) -> Self {
         BatchError::Mapped(e)
+    }
+}
+
+/// The claim reads of a batch, on its transaction.
+struct PgClaimReads<'t, 'c>(&'t mut Transaction<'c, Postgres>);
+
+#[async_trait]
+impl ClaimReads for PgClaimReads<'_, '_> {
+    async fn claimable(&mut self, selector: &SelectorSql, limit: i64) -> Result<Vec<Agent>> {
+        let sql = format!(
+            "SELECT {AGENT_COLUMNS} FROM agents
+             WHERE {} AND {}
+             ORDER BY last_transition_at, agent_id
+             LIMIT ${}
+             FOR UPDATE SKIP LOCKED",
+            claims::claimable_condition(),
+            selector.condition,
+            selector.next_param(1),
+        );
+        let mut query = sqlx::query_as::<_, AgentRow>(&sql);
+        for bind in &selector.binds {
+            query = query.bind(bind);
+        }
+        let rows = query
+            .bind(limit)
+            .fetch_all(&mut **self.0)
+            .await
+            .map_err(db_error)?;
+        decoded(rows)
+    }
+
+    async fn claims_made(
+        &mut self,
+        keys: &[IdempotencyKey],
+    ) -> Result<Vec<(Claim, Option<Agent>)>> {
+        let holders: Vec<&str> = keys.iter().map(|k| k.holder.as_str()).collect();
+        let ids: Vec<&str> = keys.iter().map(|k| k.request_id.as_str()).collect();
+        let rows: Vec<ClaimRow> = sqlx::query_as(&format!(
+            "SELECT {CLAIM_COLUMNS} FROM claims
+             WHERE (holder, request_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+               AND request_id <> ''"
+        ))
+        .bind(&holders)
+        .bind(&ids)
+        .fetch_all(&mut **self.0)
+        .await
+        .map_err(db_error)?;
+        let made: Vec<Claim> = decoded(rows)?;
+        let agent_ids: Vec<&str> = made.iter().map(|c| c.agent_id.as_str()).collect();
+        let agents: Vec<Agent> = decoded(
+            sqlx::query_as::<_, AgentRow>(&format!(
+                "SELECT {AGENT_COLUMNS} FROM agents WHERE agent_id = ANY($1)"
+            ))
+            .bind(&agent_ids)
+            .fetch_all(&mut **self.0)
+            .await
+            .map_err(db_error)?,
+        )?;
+        Ok(flows::with_agents(made, agents))
     }
 }
 
@@ -485,6 +643,18 @@ impl AgentTx for PgAgentTx {
             .await
             .map_err(db_error)?;
         Ok(deleted.rows_affected())
+    }
+
+    async fn prune_claims(&mut self, before: DateTime<Utc>) -> Result<u64> {
+        sqlx::query(
+            "DELETE FROM claims c WHERE c.claimed_at < $1
+               AND NOT EXISTS (SELECT 1 FROM agents a WHERE a.claim_id = c.claim_id)",
+        )
+        .bind(before)
+        .execute(&mut *self.0)
+        .await
+        .map(|done| done.rows_affected())
+        .map_err(db_error)
     }
 
     async fn commit(self: Box<Self>) -> Result<()> {
@@ -583,16 +753,73 @@ impl AgentTxs for PgStore {
              UNION
              (SELECT agent_id FROM agents
                WHERE status = ANY($3) AND recovery_at <= $4
-               ORDER BY recovery_at LIMIT $5)",
+               ORDER BY recovery_at LIMIT $5)
+             UNION
+             (SELECT agent_id FROM agents
+               WHERE lease_expires_at <= $6
+               ORDER BY lease_expires_at LIMIT $5)
+             UNION
+             (SELECT agent_id FROM agents
+               WHERE status = 'OFFLINE' AND last_transition_at < $7
+               ORDER BY last_transition_at LIMIT $5)",
         )
         .bind(flows::names(&query.silent_statuses))
         .bind(query.silent_before)
         .bind(flows::names(&query.recovering_statuses))
         .bind(query.recovered_by)
         .bind(limit)
+        .bind(query.leases_expired_by)
+        .bind(query.offline_before)
         .fetch_all(&self.pool)
         .await
         .map_err(db_error)
+    }
+
+    async fn claim(&self, claim_id: &str) -> Result<Option<Claim>> {
+        let row: Option<ClaimRow> = sqlx::query_as(&format!(
+            "SELECT {CLAIM_COLUMNS} FROM claims WHERE claim_id = $1"
+        ))
+        .bind(claim_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?;
+        row.map(Claim::try_from).transpose()
+    }
+
+    async fn claimed_page(
+        &self,
+        after: Option<&str>,
+        holder: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<Agent>> {
+        let rows: Vec<AgentRow> = sqlx::query_as(&format!(
+            "SELECT {AGENT_COLUMNS} FROM agents
+             WHERE claim_id IS NOT NULL
+               AND ($1::text IS NULL OR agent_id > $1)
+               AND ($2::text IS NULL OR claim_holder = $2)
+             ORDER BY agent_id
+             LIMIT $3"
+        ))
+        .bind(after)
+        .bind(holder)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        decoded(rows)
+    }
+
+    async fn matching(&self, selector: &SelectorSql) -> Result<Vec<MatchingRow>> {
+        let sql = format!(
+            "SELECT status, cordon_reason IS NOT NULL, count(*), min(recovery_at) FROM agents
+             WHERE {} GROUP BY 1, 2",
+            selector.condition
+        );
+        let mut query = sqlx::query_as(&sql);
+        for bind in &selector.binds {
+            query = query.bind(bind);
+        }
+        query.fetch_all(&self.pool).await.map_err(db_error)
     }
 
     async fn transitions(
@@ -635,5 +862,9 @@ impl AgentTxs for PgStore {
 
     fn observe(&self, metrics: &dyn Fn(&'static str) -> AcquireMetrics) {
         self.pool.observe(metrics("postgres"));
+    }
+
+    fn dialect(&self) -> Dialect {
+        Dialect::Postgres
     }
 }

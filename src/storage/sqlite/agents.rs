@@ -20,17 +20,23 @@ use tokio::sync::watch;
 use super::{SqliteStore, micros, sqlite_error};
 use crate::domain::agent::AgentStatus;
 use crate::domain::batch::{self, Command};
+use crate::domain::dispatch::IdempotencyKey;
 use crate::domain::liveness::SweepQuery;
+use crate::domain::transition::Claim;
 use crate::domain::transition::{Agent, Transition};
 use crate::error::{Error, Result};
 use crate::storage::AgentQuery;
 use crate::storage::agents::{
-    self as flows, AGENT_COLUMNS, AgentTx, AgentTxs, Outcomes, TRANSITION_COLUMNS, decoded,
+    self as flows, AGENT_COLUMNS, AgentTx, AgentTxs, CLAIM_COLUMNS, Outcomes, TRANSITION_COLUMNS,
+    decoded,
 };
+use crate::storage::claims::{self, ClaimReads, Dialect, MatchingRow, SelectorSql};
+use crate::storage::decode::StoredTime;
 use crate::storage::pool::{AcquireMetrics, PoolStats};
 
 type AgentRow = flows::AgentRow<i64, String>;
 type TransitionRow = flows::TransitionRow<i64>;
+type ClaimRow = flows::ClaimRow<i64>;
 
 /// Names as a JSON array, for `IN (SELECT value FROM json_each(?))`.
 fn json_list(names: &[&str]) -> String {
@@ -57,6 +63,12 @@ fn agents_json(agents: &[Agent]) -> Result<String> {
                 "recovery_source": ex.map(|e| e.recovery.source.as_str()),
                 "recovery_hint": ex.map(|e| e.recovery.hint.as_str()),
                 "cordon_reason": a.cordon_reason,
+                "claim_id": a.claim.as_ref().map(|c| &c.claim_id),
+                "claim_holder": a.claim.as_ref().map(|c| &c.holder),
+                "claim_token": a.claim.as_ref().map(|c| c.fencing_token),
+                "claim_request_id": a.claim.as_ref().map(|c| &c.request_id),
+                "claimed_at": a.claim.as_ref().map(|c| micros(c.claimed_at)),
+                "lease_expires_at": a.claim.as_ref().map(|c| micros(c.lease_expires_at)),
             }))
         })
         .collect::<Result<Vec<_>>>()?;
@@ -84,6 +96,34 @@ fn transitions_json(transitions: &[Transition]) -> String {
     serde_json::Value::Array(rows).to_string()
 }
 
+/// The claims of a batch as one JSON array, one object per row.
+fn claims_json(claims: &[Claim]) -> String {
+    let rows: Vec<serde_json::Value> = claims
+        .iter()
+        .map(|c| {
+            json!({
+                "claim_id": c.claim_id,
+                "agent_id": c.agent_id,
+                "holder": c.holder,
+                "request_id": c.request_id,
+                "fencing_token": c.fencing_token,
+                "slot_type": c.slot_type.as_str(),
+                "claimed_at": micros(c.claimed_at),
+                "lease_expires_at": micros(c.lease_expires_at),
+            })
+        })
+        .collect();
+    serde_json::Value::Array(rows).to_string()
+}
+
+/// Records the claims a batch made (tokens final).
+const INSERT_CLAIMS: &str = "INSERT INTO claims (claim_id, agent_id, holder, request_id, \
+         fencing_token, slot_type, claimed_at, lease_expires_at)
+     SELECT value ->> 'claim_id', value ->> 'agent_id', value ->> 'holder',
+            value ->> 'request_id', value ->> 'fencing_token', value ->> 'slot_type',
+            value ->> 'claimed_at', value ->> 'lease_expires_at'
+     FROM json_each(?1)";
+
 /// Appends a batch's transitions (revisions final).
 const INSERT_TRANSITIONS: &str = "INSERT INTO transitions (revision, agent_id, from_status, \
          to_status, cause, occurred_at, exhaustion_reason, recovery_at, actor)
@@ -98,12 +138,15 @@ const INSERT_TRANSITIONS: &str = "INSERT INTO transitions (revision, agent_id, f
 /// from a join's ON.)
 const UPSERT_AGENTS: &str = "INSERT INTO agents (agent_id, status, labels, registered_at, \
          last_heartbeat_at, last_transition_at, revision, exhaustion_reason, recovery_at, \
-         recovery_source, recovery_hint, cordon_reason)
+         recovery_source, recovery_hint, cordon_reason, claim_id, claim_holder, claim_token, \
+         claim_request_id, claimed_at, lease_expires_at)
      SELECT value ->> 'agent_id', value ->> 'status', value ->> 'labels',
             value ->> 'registered_at', value ->> 'last_heartbeat_at',
             value ->> 'last_transition_at', value ->> 'revision',
             value ->> 'exhaustion_reason', value ->> 'recovery_at',
-            value ->> 'recovery_source', value ->> 'recovery_hint', value ->> 'cordon_reason'
+            value ->> 'recovery_source', value ->> 'recovery_hint', value ->> 'cordon_reason',
+            value ->> 'claim_id', value ->> 'claim_holder', value ->> 'claim_token',
+            value ->> 'claim_request_id', value ->> 'claimed_at', value ->> 'lease_expires_at'
      FROM json_each(?1) WHERE true
      ON CONFLICT (agent_id) DO UPDATE SET
          status = excluded.status,
@@ -115,7 +158,77 @@ const UPSERT_AGENTS: &str = "INSERT INTO agents (agent_id, status, labels, regis
          recovery_at = excluded.recovery_at,
          recovery_source = excluded.recovery_source,
          recovery_hint = excluded.recovery_hint,
-         cordon_reason = excluded.cordon_reason";
+         cordon_reason = excluded.cordon_reason,
+         claim_id = excluded.claim_id,
+         claim_holder = excluded.claim_holder,
+         claim_token = excluded.claim_token,
+         claim_request_id = excluded.claim_request_id,
+         claimed_at = excluded.claimed_at,
+         lease_expires_at = excluded.lease_expires_at";
+
+/// The claim reads of a batch, on its transaction (the one writer's: what
+/// it reads nobody else changes until it commits).
+struct SqliteClaimReads<'t, 'c>(&'t mut Transaction<'c, Sqlite>);
+
+#[async_trait]
+impl ClaimReads for SqliteClaimReads<'_, '_> {
+    async fn claimable(&mut self, selector: &SelectorSql, limit: i64) -> Result<Vec<Agent>> {
+        let sql = format!(
+            "SELECT {AGENT_COLUMNS} FROM agents
+             WHERE {} AND {}
+             ORDER BY last_transition_at, agent_id
+             LIMIT ?{}",
+            claims::claimable_condition(),
+            selector.condition,
+            selector.next_param(1),
+        );
+        let mut query = sqlx::query_as::<_, AgentRow>(&sql);
+        for bind in &selector.binds {
+            query = query.bind(bind);
+        }
+        let rows = query
+            .bind(limit)
+            .fetch_all(&mut **self.0)
+            .await
+            .map_err(sqlite_error)?;
+        decoded(rows)
+    }
+
+    async fn claims_made(
+        &mut self,
+        keys: &[IdempotencyKey],
+    ) -> Result<Vec<(Claim, Option<Agent>)>> {
+        let pairs = json!(
+            keys.iter()
+                .map(|k| json!([k.holder, k.request_id]))
+                .collect::<Vec<_>>()
+        )
+        .to_string();
+        let rows: Vec<ClaimRow> = sqlx::query_as(&format!(
+            "SELECT {CLAIM_COLUMNS} FROM claims
+             WHERE request_id <> ''
+               AND (holder, request_id) IN
+                   (SELECT value ->> 0, value ->> 1 FROM json_each(?1))"
+        ))
+        .bind(pairs)
+        .fetch_all(&mut **self.0)
+        .await
+        .map_err(sqlite_error)?;
+        let made: Vec<Claim> = decoded(rows)?;
+        let ids: Vec<&str> = made.iter().map(|c| c.agent_id.as_str()).collect();
+        let agents: Vec<Agent> = decoded(
+            sqlx::query_as::<_, AgentRow>(&format!(
+                "SELECT {AGENT_COLUMNS} FROM agents
+                 WHERE agent_id IN (SELECT value FROM json_each(?1))"
+            ))
+            .bind(json_list(&ids))
+            .fetch_all(&mut **self.0)
+            .await
+            .map_err(sqlite_error)?,
+        )?;
+        Ok(flows::with_agents(made, agents))
+    }
+}
 
 /// One transaction on the embedded store. Its one writer serialises every
 /// write transaction, so the lock is a plain read: nobody else can change
@@ -206,6 +319,18 @@ impl AgentTx for SqliteAgentTx {
         Ok(deleted.rows_affected())
     }
 
+    async fn prune_claims(&mut self, before: DateTime<Utc>) -> Result<u64> {
+        sqlx::query(
+            "DELETE FROM claims WHERE claimed_at < ?1
+               AND NOT EXISTS (SELECT 1 FROM agents a WHERE a.claim_id = claims.claim_id)",
+        )
+        .bind(micros(before))
+        .execute(&mut *self.0)
+        .await
+        .map(|done| done.rows_affected())
+        .map_err(sqlite_error)
+    }
+
     async fn commit(self: Box<Self>) -> Result<()> {
         self.0.commit().await.map_err(sqlite_error)
     }
@@ -252,7 +377,9 @@ impl AgentTxs for SqliteStore {
         .fetch_all(&mut *tx)
         .await
         .map_err(sqlite_error)?;
-        let plan = batch::plan(decoded(rows)?, commands, now);
+        let rows_for_claims =
+            claims::claim_rows(&mut SqliteClaimReads(&mut tx), commands, Dialect::Sqlite).await?;
+        let plan = batch::plan_with(decoded(rows)?, rows_for_claims, commands, now);
 
         let count = plan.transition_count() as i64;
         let base: i64 = if count > 0 {
@@ -269,7 +396,7 @@ impl AgentTxs for SqliteStore {
             0
         };
         let (writes, outcomes) = plan.finish(base);
-        if writes.changed.is_empty() && writes.transitions.is_empty() {
+        if writes.changed.is_empty() && writes.transitions.is_empty() && writes.deleted.is_empty() {
             // Every command refused or a no-op: nothing to write; free the writer.
             tx.rollback().await.map_err(sqlite_error)?;
             return Ok(outcomes);
@@ -284,6 +411,21 @@ impl AgentTxs for SqliteStore {
         if !writes.changed.is_empty() {
             sqlx::query(UPSERT_AGENTS)
                 .bind(agents_json(&writes.changed)?)
+                .execute(&mut *tx)
+                .await
+                .map_err(sqlite_error)?;
+        }
+        if !writes.claims.is_empty() {
+            sqlx::query(INSERT_CLAIMS)
+                .bind(claims_json(&writes.claims))
+                .execute(&mut *tx)
+                .await
+                .map_err(sqlite_error)?;
+        }
+        if !writes.deleted.is_empty() {
+            let deleted: Vec<&str> = writes.deleted.iter().map(String::as_str).collect();
+            sqlx::query("DELETE FROM agents WHERE agent_id IN (SELECT value FROM json_each(?1))")
+                .bind(json_list(&deleted))
                 .execute(&mut *tx)
                 .await
                 .map_err(sqlite_error)?;
@@ -356,16 +498,82 @@ impl AgentTxs for SqliteStore {
              SELECT agent_id FROM (
                  SELECT agent_id FROM agents
                  WHERE status IN (SELECT value FROM json_each(?3)) AND recovery_at <= ?4
-                 ORDER BY recovery_at LIMIT ?5)",
+                 ORDER BY recovery_at LIMIT ?5)
+             UNION
+             SELECT agent_id FROM (
+                 SELECT agent_id FROM agents
+                 WHERE lease_expires_at <= ?6
+                 ORDER BY lease_expires_at LIMIT ?5)
+             UNION
+             SELECT agent_id FROM (
+                 SELECT agent_id FROM agents
+                 WHERE status = 'OFFLINE' AND last_transition_at < ?7
+                 ORDER BY last_transition_at LIMIT ?5)",
         )
         .bind(json_list(&flows::names(&query.silent_statuses)))
         .bind(micros(query.silent_before))
         .bind(json_list(&flows::names(&query.recovering_statuses)))
         .bind(micros(query.recovered_by))
         .bind(limit)
+        .bind(micros(query.leases_expired_by))
+        .bind(query.offline_before.map(micros))
         .fetch_all(self.readers())
         .await
         .map_err(sqlite_error)
+    }
+
+    async fn claim(&self, claim_id: &str) -> Result<Option<Claim>> {
+        let row: Option<ClaimRow> = sqlx::query_as(&format!(
+            "SELECT {CLAIM_COLUMNS} FROM claims WHERE claim_id = ?1"
+        ))
+        .bind(claim_id)
+        .fetch_optional(self.readers())
+        .await
+        .map_err(sqlite_error)?;
+        row.map(Claim::try_from).transpose()
+    }
+
+    async fn claimed_page(
+        &self,
+        after: Option<&str>,
+        holder: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<Agent>> {
+        let rows: Vec<AgentRow> = sqlx::query_as(&format!(
+            "SELECT {AGENT_COLUMNS} FROM agents
+             WHERE claim_id IS NOT NULL
+               AND (?1 IS NULL OR agent_id > ?1)
+               AND (?2 IS NULL OR claim_holder = ?2)
+             ORDER BY agent_id
+             LIMIT ?3"
+        ))
+        .bind(after)
+        .bind(holder)
+        .bind(limit)
+        .fetch_all(self.readers())
+        .await
+        .map_err(sqlite_error)?;
+        decoded(rows)
+    }
+
+    async fn matching(&self, selector: &SelectorSql) -> Result<Vec<MatchingRow>> {
+        let sql = format!(
+            "SELECT status, cordon_reason IS NOT NULL, count(*), min(recovery_at) FROM agents
+             WHERE {} GROUP BY 1, 2",
+            selector.condition
+        );
+        let mut query = sqlx::query_as::<_, (String, bool, i64, Option<i64>)>(&sql);
+        for bind in &selector.binds {
+            query = query.bind(bind);
+        }
+        let rows = query
+            .fetch_all(self.readers())
+            .await
+            .map_err(sqlite_error)?;
+        Ok(rows
+            .into_iter()
+            .map(|(status, cordoned, n, at)| (status, cordoned, n, at.map(StoredTime::time)))
+            .collect())
     }
 
     async fn transitions(
@@ -413,6 +621,10 @@ impl AgentTxs for SqliteStore {
     fn observe(&self, metrics: &dyn Fn(&'static str) -> AcquireMetrics) {
         self.writer.observe(metrics("sqlite_writer"));
         self.readers().observe(metrics("sqlite_readers"));
+    }
+
+    fn dialect(&self) -> Dialect {
+        Dialect::Sqlite
     }
 }
 
@@ -470,6 +682,7 @@ mod tests {
         Command::Apply {
             agent_id: id.into(),
             event,
+            fencing_token: None,
             actor: "test".into(),
         }
     }
