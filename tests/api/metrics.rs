@@ -61,11 +61,11 @@ fn parse(text: &str) -> Vec<Sample> {
         .collect()
 }
 
-struct Scrape(Vec<Sample>);
+pub struct Scrape(Vec<Sample>);
 
 impl Scrape {
     /// The sum over every series of `name` carrying these labels (0 if none).
-    fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         self.0
             .iter()
             .filter(|(n, l, _)| {
@@ -83,7 +83,7 @@ impl Scrape {
     }
 }
 
-async fn scrape(app: &TestApp) -> Scrape {
+pub async fn scrape(app: &TestApp) -> Scrape {
     let addr = app
         .http_addr
         .expect("the test server has a metrics listener");
