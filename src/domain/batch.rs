@@ -871,8 +871,8 @@ fn push_transition(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::agent::{AgentState, Cause, SlotType};
-    use chrono::{Duration, TimeZone};
+    use crate::domain::agent::{AgentState, SlotType};
+    use chrono::TimeZone;
 
     fn now() -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 5, 1, 12, 0, 0).unwrap()
@@ -1155,5 +1155,231 @@ mod tests {
         let (writes, outcomes) = plan.finish(5);
         assert!(writes.changed.is_empty() && writes.transitions.is_empty());
         assert_eq!(outcomes[0].as_ref().unwrap().agent.revision, 2);
+    }
+
+    // ---- claims
+
+    fn idle_since(id: &str, minutes_ago: i64, revision: i64) -> Agent {
+        let mut agent = existing(id, AgentStatus::Idle, revision);
+        agent.last_transition_at = now() - Duration::minutes(minutes_ago);
+        agent
+    }
+
+    fn claim_command(request_id: &str) -> Command {
+        Command::Claim {
+            claim_id: format!("claim-{request_id}"),
+            request: ClaimRequest {
+                selector: Default::default(),
+                slot_type: SlotType::Work,
+                lease_duration: Duration::seconds(30),
+                wait_timeout: Duration::zero(),
+                request_id: request_id.into(),
+            },
+            actor: "sched".into(),
+        }
+    }
+
+    fn rows(candidates: Vec<Agent>) -> ClaimRows {
+        ClaimRows {
+            candidates,
+            made: vec![],
+        }
+    }
+
+    #[test]
+    fn claims_take_the_longest_idle_agents_and_their_tokens_are_their_revisions() {
+        let candidates = vec![
+            idle_since("a", 1, 3),
+            idle_since("b", 5, 4),
+            idle_since("c", 3, 5),
+        ];
+        let commands = [
+            claim_command("1"),
+            claim_command("2"),
+            claim_command("3"),
+            claim_command("4"),
+        ];
+        let plan = plan_with(vec![], rows(candidates), &commands, now());
+        let (relative, shifts) = plan.relative_writes();
+        assert_eq!(
+            shifts.claim,
+            [true, true, true],
+            "each claim made in this batch"
+        );
+        assert_eq!(relative.claims.len(), 3);
+        let (writes, outcomes) = plan.finish(100);
+        let taken: Vec<(String, i64)> = outcomes[..3]
+            .iter()
+            .map(|o| {
+                let o = o.as_ref().unwrap();
+                let claim = o.claim.clone().unwrap();
+                assert_eq!(
+                    Some(claim.fencing_token),
+                    o.transition.as_ref().map(|t| t.revision)
+                );
+                assert_eq!(o.agent.claim.as_ref(), Some(&claim));
+                assert_eq!(o.transition.as_ref().unwrap().cause, Cause::Claimed);
+                (claim.agent_id, claim.fencing_token)
+            })
+            .collect();
+        assert_eq!(
+            taken,
+            [
+                ("b".to_string(), 101),
+                ("c".to_string(), 102),
+                ("a".to_string(), 103)
+            ],
+            "idle longest first"
+        );
+        assert_eq!(outcomes[3], Err(Refusal::NoAgentAvailable));
+        let tokens: Vec<i64> = writes.claims.iter().map(|c| c.fencing_token).collect();
+        assert_eq!(tokens, [101, 102, 103]);
+        assert!(
+            writes
+                .changed
+                .iter()
+                .all(|a| a.claim.as_ref().unwrap().fencing_token == a.revision)
+        );
+    }
+
+    #[test]
+    fn a_claimed_agent_is_fenced_and_its_claim_ends_with_its_slot() {
+        let claimed = plan_with(
+            vec![],
+            rows(vec![idle_since("a", 1, 3)]),
+            &[claim_command("")],
+            now(),
+        );
+        let (writes, _) = claimed.finish(10);
+        let agent = writes.changed[0].clone();
+        let token = agent.claim.as_ref().unwrap().fencing_token;
+        let finish = |token| Command::Apply {
+            agent_id: "a".into(),
+            event: Event::FinishWork,
+            fencing_token: token,
+            actor: "runner".into(),
+        };
+        let cordon = Command::Cordon {
+            agent_id: "a".into(),
+            reason: "disk".into(),
+            actor: "op".into(),
+        };
+        let plan = plan(
+            vec![agent],
+            &[
+                finish(None),
+                finish(Some(token - 1)),
+                cordon,
+                finish(Some(token)),
+            ],
+            now(),
+        );
+        let (writes, outcomes) = plan.finish(20);
+        assert!(
+            matches!(&outcomes[0], Err(Refusal::StaleFencingToken(s)) if s.presented.is_none())
+        );
+        assert!(matches!(&outcomes[1], Err(Refusal::StaleFencingToken(_))));
+        // A cordon keeps the claim, and its token, while the revision moves.
+        let cordoned = outcomes[2].as_ref().unwrap();
+        assert_eq!(cordoned.agent.revision, 21);
+        assert_eq!(cordoned.agent.claim.as_ref().unwrap().fencing_token, token);
+        let done = outcomes[3].as_ref().unwrap();
+        assert_eq!(done.agent.state.status, AgentStatus::Idle);
+        assert_eq!(done.agent.claim, None);
+        assert_eq!(writes.changed[0].claim, None);
+    }
+
+    #[test]
+    fn a_repeated_key_replays_the_claim_made_before_or_in_the_batch() {
+        let mut made = idle_since("a", 1, 3);
+        let claim = Claim {
+            claim_id: "old".into(),
+            agent_id: "a".into(),
+            fencing_token: 3,
+            slot_type: SlotType::Work,
+            holder: "sched".into(),
+            request_id: "k".into(),
+            claimed_at: now(),
+            lease_expires_at: now() + Duration::seconds(30),
+        };
+        made.claim = None;
+        let rows = ClaimRows {
+            candidates: vec![idle_since("b", 1, 4)],
+            made: vec![(claim.clone(), Some(made))],
+        };
+        let plan = plan_with(
+            vec![],
+            rows,
+            &[claim_command("k"), claim_command("n"), claim_command("n")],
+            now(),
+        );
+        let (writes, outcomes) = plan.finish(50);
+        let replay = outcomes[0].as_ref().unwrap();
+        assert_eq!(replay.claim.as_ref(), Some(&claim), "ended: as it was made");
+        assert!(replay.transition.is_none());
+        let new = outcomes[1].as_ref().unwrap().claim.clone().unwrap();
+        let same = outcomes[2].as_ref().unwrap();
+        assert_eq!(same.claim.as_ref(), Some(&new));
+        assert!(same.transition.is_none());
+        assert_eq!(new.fencing_token, 51);
+        assert_eq!(writes.claims, [new]);
+    }
+
+    #[test]
+    fn delete_waits_for_the_claim_and_sweeps_expire_leases_then_offline_agents() {
+        let claimed = plan_with(
+            vec![],
+            rows(vec![idle_since("a", 1, 3)]),
+            &[claim_command("")],
+            now(),
+        );
+        let (writes, _) = claimed.finish(10);
+        let held = writes.changed[0].clone();
+        let mut offline = existing("o", AgentStatus::Offline, 2);
+        offline.last_transition_at = now() - Duration::days(8);
+        let delete = |id: &str| Command::Delete {
+            agent_id: id.into(),
+            actor: "op".into(),
+        };
+        let sweep = |id: &str| Command::Sweep {
+            agent_id: id.into(),
+            heartbeat_timeout: Duration::hours(1),
+            offline_allowed: true,
+            offline_retention: Duration::days(7),
+            actor: "sweeper".into(),
+        };
+        let refused = plan(vec![held.clone(), offline.clone()], &[delete("a")], now())
+            .finish(20)
+            .1;
+        assert!(matches!(&refused[0], Err(Refusal::ClaimHeld(h)) if h.holder == "sched"));
+
+        let later = now() + Duration::seconds(31);
+        let commands = [sweep("a"), sweep("o"), delete("a"), register("a", "x")];
+        let (writes, outcomes) = plan(vec![held, offline], &commands, later).finish(20);
+        let expired = outcomes[0].as_ref().unwrap();
+        let t = expired.transition.as_ref().unwrap();
+        assert_eq!(
+            (t.cause, t.from, t.to),
+            (
+                Cause::ClaimExpired,
+                Some(AgentStatus::Busy),
+                AgentStatus::Idle
+            )
+        );
+        let gone = outcomes[1].as_ref().unwrap().transition.as_ref().unwrap();
+        assert_eq!(
+            (gone.cause, gone.from, gone.to),
+            (
+                Cause::Expired,
+                Some(AgentStatus::Offline),
+                AgentStatus::Offline
+            )
+        );
+        let deleted = outcomes[2].as_ref().unwrap().transition.as_ref().unwrap();
+        assert_eq!(deleted.cause, Cause::Deleted);
+        assert_eq!(outcomes[3], Err(Refusal::Deleting("a".into())));
+        assert_eq!(writes.deleted, ["a", "o"]);
+        assert!(writes.changed.is_empty(), "{:?}", writes.changed);
+        assert_eq!(writes.transitions.len(), 3);
     }
 }

@@ -18,8 +18,11 @@ use std::sync::Arc;
 use chrono::{Duration, TimeZone, Utc};
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::agent::{AgentStatus, Event, SlotType};
+use crate::domain::agent::{AgentStatus, Cause, Event, SlotType};
 use crate::domain::batch::{Command, Refusal};
+use crate::domain::dispatch::{
+    self, Candidate, ClaimRequest, LabelSelector, NoAgentAvailable, Operator, Requirement,
+};
 use crate::domain::healing::{Context, ErrorType, Evidence, Plan, Strategy};
 use crate::domain::healing_records::{ErrorEvent, NewErrorEvent, RecoveryStatus};
 use crate::domain::liveness::sweep_query;
@@ -35,8 +38,9 @@ use crate::error::Error;
 use crate::storage::clock::{Clock, ManualClock};
 use crate::storage::memory::{MemoryPipelineStore, MemoryStore};
 use crate::storage::{
-    AgentQuery, AgentStore, HealingStore, PipelineStore, Planner, PostEvaluator, PostHealingStore,
-    RecoveryActionQuery, SessionOutput, SessionWrite, StoreLocation, StoreOptions, Stores,
+    AgentQuery, AgentStore, ClaimQuery, HealingStore, PipelineStore, Planner, PostEvaluator,
+    PostHealingStore, RecoveryActionQuery, SessionOutput, SessionWrite, StoreLocation,
+    StoreOptions, Stores,
 };
 
 /// One store under test, behind its traits, on a manual clock.
@@ -457,6 +461,359 @@ async fn agent_reads_and_maintenance(s: &Subject) {
     // The next revision continues from the head, not from the (empty) history.
     let next = commit(vec![apply("b", Event::FinishWork)], at(60)).await;
     assert_eq!(next[0].agent.revision, 5);
+}
+
+// ---------------------------------------------------------------- claims
+
+fn labelled(agent_id: &str, labels: &[(&str, &str)]) -> Command {
+    Command::Register {
+        agent_id: agent_id.into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        actor: "contract".into(),
+    }
+}
+
+fn claim_of(selector: LabelSelector, request_id: &str) -> Command {
+    Command::Claim {
+        claim_id: uuid::Uuid::new_v4().to_string(),
+        request: ClaimRequest {
+            selector,
+            slot_type: SlotType::Work,
+            lease_duration: Duration::seconds(30),
+            wait_timeout: Duration::zero(),
+            request_id: request_id.into(),
+        },
+        actor: "sched".into(),
+    }
+}
+
+fn requirement(key: &str, operator: Operator, values: &[&str]) -> Requirement {
+    Requirement {
+        key: key.into(),
+        operator,
+        values: values.iter().map(|v| v.to_string()).collect(),
+    }
+}
+
+contract!(a_claim_takes_what_the_selector_matches on memory, sqlite, postgres);
+
+/// The store reads candidates with the selector in SQL; what it picks is
+/// exactly the domain's choice (`dispatch::choose` over every agent), and
+/// its count of why none is free is the domain's count.
+async fn a_claim_takes_what_the_selector_matches(s: &Subject) {
+    let store = &s.agents;
+    let t0 = s.now.now();
+    let agents: [(&str, &[(&str, &str)]); 8] = [
+        ("a", &[("zone", "eu"), ("gpu", "a100")]),
+        ("b", &[("zone", "us"), ("gpu", "h100")]),
+        ("c", &[("zone", "eu")]),
+        ("d", &[("zone", "eu"), ("spot", "yes")]),
+        ("e", &[("team.io/name", "x-1"), ("zone", "ap")]),
+        ("f", &[("zone", "eu"), ("gpu", "a100")]),
+        ("g", &[]),
+        ("h", &[("zone", "us")]),
+    ];
+    // One at a time, a second apart: the idle-longest order is a, b, c, ...
+    for (i, (id, labels)) in agents.iter().enumerate() {
+        let at = t0 + Duration::seconds(i as i64);
+        store
+            .commit_batch(&[labelled(id, labels)], at)
+            .await
+            .unwrap();
+    }
+    let now = t0 + Duration::seconds(100);
+    store
+        .commit_batch(
+            &[
+                apply("h", Event::StartWork(SlotType::Work)),
+                Command::Cordon {
+                    agent_id: "f".into(),
+                    reason: "disk".into(),
+                    actor: "contract".into(),
+                },
+            ],
+            now,
+        )
+        .await
+        .unwrap();
+    let selectors = vec![
+        LabelSelector::default(),
+        LabelSelector {
+            match_labels: [("zone".to_string(), "eu".to_string())].into(),
+            match_expressions: vec![],
+        },
+        LabelSelector {
+            match_labels: [("zone".to_string(), "eu".to_string())].into(),
+            match_expressions: vec![requirement("gpu", Operator::NotIn, &["a100"])],
+        },
+        LabelSelector {
+            match_labels: Default::default(),
+            match_expressions: vec![
+                requirement("zone", Operator::In, &["us", "ap"]),
+                requirement("spot", Operator::DoesNotExist, &[]),
+            ],
+        },
+        LabelSelector {
+            match_labels: Default::default(),
+            match_expressions: vec![requirement("team.io/name", Operator::Exists, &[])],
+        },
+        LabelSelector {
+            match_labels: Default::default(),
+            match_expressions: vec![requirement("gpu", Operator::Exists, &[])],
+        },
+        LabelSelector {
+            match_labels: [("zone".to_string(), "mars".to_string())].into(),
+            match_expressions: vec![],
+        },
+    ];
+    let everyone = AgentQuery {
+        limit: 100,
+        ..Default::default()
+    };
+    for selector in selectors {
+        let all = store.list_agents(&everyone).await.unwrap();
+        let candidates: Vec<Candidate<'_>> = all
+            .iter()
+            .map(|agent| Candidate {
+                agent,
+                cordoned: agent.cordon_reason.is_some(),
+            })
+            .collect();
+        let expected = dispatch::choose(&selector, &candidates).map(|a| a.agent_id.clone());
+        let counted = NoAgentAvailable::count(&selector, &candidates);
+        assert_eq!(
+            store.no_agent_available(&selector).await.unwrap(),
+            counted,
+            "{selector:?}"
+        );
+        let outcome = store
+            .commit_batch(&[claim_of(selector.clone(), "")], now)
+            .await
+            .unwrap()
+            .remove(0);
+        match (expected, outcome) {
+            (Ok(id), Ok(applied)) => {
+                let claim = applied.claim.expect("the claim");
+                assert_eq!(claim.agent_id, id, "{selector:?}");
+                assert_eq!(claim.fencing_token, applied.transition.unwrap().revision);
+                // Back to idle, as it was (its idle-since time moves: fine,
+                // each selector is checked against the agents as they are).
+                let released = store
+                    .commit_batch(
+                        &[Command::ReleaseClaim {
+                            agent_id: id.clone(),
+                            claim_id: claim.claim_id.clone(),
+                            fencing_token: claim.fencing_token,
+                            actor: "sched".into(),
+                        }],
+                        now,
+                    )
+                    .await
+                    .unwrap()
+                    .remove(0)
+                    .unwrap();
+                assert_eq!(released.agent.state.status, AgentStatus::Idle);
+                assert_eq!(released.agent.claim, None);
+            }
+            (Err(_), Err(Refusal::NoAgentAvailable)) => {}
+            (expected, got) => panic!("{selector:?}: expected {expected:?}, got {got:?}"),
+        }
+    }
+    // Two claims of one batch take two agents.
+    let two = store
+        .commit_batch(
+            &[
+                claim_of(LabelSelector::default(), ""),
+                claim_of(LabelSelector::default(), ""),
+            ],
+            now,
+        )
+        .await
+        .unwrap();
+    let ids: BTreeSet<String> = two
+        .into_iter()
+        .map(|o| o.unwrap().claim.unwrap().agent_id)
+        .collect();
+    assert_eq!(ids.len(), 2);
+}
+
+contract!(claims_are_recorded_replayed_listed_and_pruned on memory, sqlite, postgres);
+
+/// A claim is on its agent and in the record of claims; its idempotency
+/// key returns it again (in another batch, and in the same one); it is
+/// listed while active; its record goes with the history of its time once
+/// it has ended.
+async fn claims_are_recorded_replayed_listed_and_pruned(s: &Subject) {
+    let store = &s.agents;
+    let t0 = s.now.now();
+    store
+        .commit_batch(&[register("p"), register("q")], t0)
+        .await
+        .unwrap();
+    let made = store
+        .commit_batch(
+            &[
+                claim_of(LabelSelector::default(), "job-1"),
+                claim_of(LabelSelector::default(), "job-1"),
+            ],
+            t0,
+        )
+        .await
+        .unwrap();
+    let first = made[0].as_ref().unwrap().claim.clone().unwrap();
+    let again = made[1].as_ref().unwrap();
+    assert_eq!(
+        again.claim.as_ref(),
+        Some(&first),
+        "the same claim in one batch"
+    );
+    assert!(again.transition.is_none());
+    let stored = store.get_agent(&first.agent_id).await.unwrap();
+    assert_eq!(stored.claim.as_ref(), Some(&first));
+    assert_eq!(
+        store.find_claim(&first.claim_id).await.unwrap(),
+        Some(first.clone())
+    );
+    assert_eq!(store.find_claim("nope").await.unwrap(), None);
+    let replay = store
+        .commit_batch(&[claim_of(LabelSelector::default(), "job-1")], t0)
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    assert_eq!(replay.claim, Some(first.clone()));
+    assert!(replay.transition.is_none());
+    // Another holder's equal id is another claim.
+    let mut other = claim_of(LabelSelector::default(), "job-1");
+    if let Command::Claim { actor, .. } = &mut other {
+        *actor = "other".into();
+    }
+    let second = store
+        .commit_batch(&[other], t0)
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    let second = second.claim.unwrap();
+    assert_ne!(second.agent_id, first.agent_id);
+    let listed = store
+        .list_claims(&ClaimQuery {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(listed, [first.clone(), second.clone()]);
+    let mine = store
+        .list_claims(&ClaimQuery {
+            holder: Some("other".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(mine, [second.clone()]);
+    // The first claim ends; an hour later its record is pruned with its
+    // history, the active one's is kept.
+    store
+        .commit_batch(
+            &[Command::ReleaseClaim {
+                agent_id: first.agent_id.clone(),
+                claim_id: first.claim_id.clone(),
+                fencing_token: first.fencing_token,
+                actor: "sched".into(),
+            }],
+            t0,
+        )
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    store
+        .prune_transitions(t0 + Duration::hours(1))
+        .await
+        .unwrap();
+    assert_eq!(store.find_claim(&first.claim_id).await.unwrap(), None);
+    assert_eq!(
+        store.find_claim(&second.claim_id).await.unwrap(),
+        Some(second)
+    );
+}
+
+contract!(the_sweeper_finds_expired_leases_and_long_offline_agents on memory, sqlite, postgres);
+
+/// The sweep's query selects agents whose lease ran out and agents OFFLINE
+/// past the retention; the sweep command then ends the claim (CLAIM_EXPIRED)
+/// or deletes the agent (EXPIRED), once.
+async fn the_sweeper_finds_expired_leases_and_long_offline_agents(s: &Subject) {
+    let store = &s.agents;
+    let t0 = s.now.now();
+    // "held" idle longest: the claim takes it.
+    store
+        .commit_batch(&[register("held")], t0 - Duration::seconds(1))
+        .await
+        .unwrap();
+    store
+        .commit_batch(&[register("gone"), register("kept")], t0)
+        .await
+        .unwrap();
+    let claimed = store
+        .commit_batch(&[claim_of(LabelSelector::default(), "")], t0)
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    assert_eq!(claimed.agent.agent_id, "held");
+    store
+        .commit_batch(&[apply("gone", Event::MarkOffline)], t0)
+        .await
+        .unwrap();
+    let later = t0 + Duration::hours(2);
+    store
+        .commit_batch(&[apply("kept", Event::MarkOffline)], later)
+        .await
+        .unwrap();
+    let query = sweep_query(later, Duration::hours(10), false)
+        .with_offline_retention(Duration::hours(1), later);
+    let found: BTreeSet<String> = store
+        .sweep_candidates(&query, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(found, ["gone".to_string(), "held".to_string()].into());
+    let sweep = |agent_id: &str| Command::Sweep {
+        agent_id: agent_id.into(),
+        heartbeat_timeout: Duration::hours(10),
+        offline_allowed: false,
+        offline_retention: Duration::hours(1),
+        actor: "sweeper".into(),
+    };
+    let swept = store
+        .commit_batch(
+            &[sweep("held"), sweep("gone"), sweep("kept"), sweep("held")],
+            later,
+        )
+        .await
+        .unwrap();
+    let causes: Vec<Option<Cause>> = swept
+        .iter()
+        .map(|o| o.as_ref().unwrap().transition.as_ref().map(|t| t.cause))
+        .collect();
+    assert_eq!(
+        causes,
+        [Some(Cause::ClaimExpired), Some(Cause::Expired), None, None],
+        "each once"
+    );
+    assert!(matches!(
+        store.get_agent("gone").await,
+        Err(Error::NotFound { .. })
+    ));
+    assert_eq!(store.get_agent("held").await.unwrap().claim, None);
+    assert!(store.sweep_candidates(&query, 10).await.unwrap().is_empty());
 }
 
 fn exhausted(recovery_at: chrono::DateTime<Utc>) -> Event {

@@ -65,33 +65,62 @@ async fn fill(db: &TestDb) -> Vec<(&'static str, u64)> {
     for (i, id) in agent_ids.iter().enumerate() {
         let i = i as i64;
         let exhausted = i % 3 == 0;
-        sqlx::query("INSERT INTO agents VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
-            .bind(id)
-            .bind(if exhausted { "EXHAUSTED" } else { "IDLE" })
-            .bind(if i % 2 == 0 {
-                r#"{"team": "plätform", "zone": "eu-1", "n": "7"}"#.to_owned()
+        let claimed = i % 5 == 1;
+        sqlx::query(
+            "INSERT INTO agents VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(id)
+        .bind(if exhausted { "EXHAUSTED" } else { "IDLE" })
+        .bind(if i % 2 == 0 {
+            r#"{"team": "plätform", "zone": "eu-1", "n": "7"}"#.to_owned()
+        } else {
+            "{}".to_owned()
+        })
+        .bind(T0 + i)
+        .bind(T0 + i * 1_000_001)
+        .bind(-1_000_000 + i) // before the epoch
+        .bind(if i == 9 { BIG_REVISION } else { i + 1 })
+        .bind(exhausted.then_some("RATE_LIMIT"))
+        .bind(exhausted.then_some(T0 + 3_600_000_000))
+        .bind(exhausted.then_some("retry-after"))
+        .bind(exhausted.then_some("résumé at 2am ⏰"))
+        // Cordoned with a reason, with an empty one, or schedulable (NULL).
+        .bind(match i % 4 {
+            1 => Some("disk failing ⚠"),
+            2 => Some(""),
+            _ => None,
+        })
+        // An active claim on some (its holder and key unusual text).
+        .bind(claimed.then(|| format!("claim-{i}")))
+        .bind(claimed.then_some("sched «ü»"))
+        .bind(claimed.then_some(BIG_REVISION - i))
+        .bind(claimed.then_some(""))
+        .bind(claimed.then_some(T0 + 5))
+        .bind(claimed.then_some(T0 + 30_000_005))
+        .execute(&mut c)
+        .await
+        .unwrap();
+    }
+    counts.push(("agents", agent_ids.len() as u64));
+    for i in 0..3_i64 {
+        sqlx::query("INSERT INTO claims VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+            .bind(format!("claim-{i}"))
+            .bind(&agent_ids[i as usize])
+            .bind("sched «ü»")
+            .bind(if i == 0 {
+                String::new()
             } else {
-                "{}".to_owned()
+                format!("job-{i} ✓")
             })
+            .bind(BIG_REVISION - i)
+            .bind(if i == 2 { "ON_CALL" } else { "WORK" })
             .bind(T0 + i)
-            .bind(T0 + i * 1_000_001)
-            .bind(-1_000_000 + i) // before the epoch
-            .bind(if i == 9 { BIG_REVISION } else { i + 1 })
-            .bind(exhausted.then_some("RATE_LIMIT"))
-            .bind(exhausted.then_some(T0 + 3_600_000_000))
-            .bind(exhausted.then_some("retry-after"))
-            .bind(exhausted.then_some("résumé at 2am ⏰"))
-            // Cordoned with a reason, with an empty one, or schedulable (NULL).
-            .bind(match i % 4 {
-                1 => Some("disk failing ⚠"),
-                2 => Some(""),
-                _ => None,
-            })
+            .bind(T0 + i + 1_000_000)
             .execute(&mut c)
             .await
             .unwrap();
     }
-    counts.push(("agents", agent_ids.len() as u64));
+    counts.push(("claims", 3));
     exec(
         &mut c,
         &format!("UPDATE revision_head SET head_revision = {BIG_REVISION}"),

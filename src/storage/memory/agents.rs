@@ -357,6 +357,14 @@ impl AgentStore for MemoryStore {
         let deleted = state.transitions.len() as u64;
         state.transitions = keep;
         state.pruned_through = through;
+        let active: BTreeSet<String> = state
+            .agents
+            .values()
+            .filter_map(|a| a.claim.as_ref().map(|c| c.claim_id.clone()))
+            .collect();
+        state
+            .claims
+            .retain(|id, c| c.claimed_at >= before || active.contains(id));
         Ok(deleted)
     }
 
