@@ -543,10 +543,7 @@ impl ServeArgs {
         for (flag, value) in durations {
             chrono_duration(flag, value)?;
         }
-        crate::domain::dispatch::max_claim_lease_setting(chrono_duration(
-            "--max-claim-lease",
-            self.max_claim_lease,
-        )?)?;
+
         for (flag, value) in [
             ("--recovery-lease", h.recovery_lease),
             ("--post-window", h.post_window),

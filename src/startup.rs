@@ -120,6 +120,7 @@ impl Application {
         processors: Vec<Registration>,
     ) -> Result<Self, Error> {
         args.validate().map_err(Error::InvalidArgument)?;
+        dispatch_settings(&args)?;
         // The TLS files are read before anything starts, so a bad path or
         // pair fails the start with the flag's name.
         let tls = match args.tls.files().map_err(Error::InvalidArgument)? {
@@ -599,10 +600,7 @@ async fn start_services(
         writes.clone(),
         guard.clone(),
         waiters,
-        DispatchSettings {
-            max_claim_lease: chrono_duration("--max-claim-lease", args.max_claim_lease)
-                .map_err(Error::InvalidArgument)?,
-        },
+        dispatch_settings(args)?,
         metrics.clone(),
     );
     let agent_status = AgentStatusApi::new(
@@ -723,4 +721,13 @@ async fn start_services(
     );
     tracing::info!("store open, serving");
     Ok(())
+}
+
+/// The dispatch service's settings, checked by the domain's rules.
+fn dispatch_settings(args: &ServeArgs) -> Result<DispatchSettings, Error> {
+    Ok(DispatchSettings {
+        max_claim_lease: chrono_duration("--max-claim-lease", args.max_claim_lease)
+            .and_then(crate::domain::dispatch::max_claim_lease_setting)
+            .map_err(Error::InvalidArgument)?,
+    })
 }

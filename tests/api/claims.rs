@@ -961,3 +961,25 @@ postgres_only! {
         b.stop().await;
     }
 }
+
+/// A `--max-claim-lease` under the shortest lease stops the server at start,
+/// naming the flag.
+#[tokio::test]
+async fn a_max_claim_lease_under_a_second_stops_the_server() {
+    let db = TestDb::new();
+    let mut args = test_args(&db.url);
+    args.max_claim_lease = Duration::from_millis(500);
+    let refused = fleetcare::startup::Application::build(
+        args,
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await;
+    match refused {
+        Err(fleetcare::error::Error::InvalidArgument(message)) => {
+            assert_eq!(message, "--max-claim-lease must be at least 1 s")
+        }
+        Err(other) => panic!("unexpected error: {other}"),
+        Ok(_) => panic!("the server must not start"),
+    }
+}
