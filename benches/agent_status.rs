@@ -263,6 +263,7 @@ impl Bench {
                 .unwrap();
                 c.finish_work(pb::FinishWorkRequest {
                     agent_id: agent_id.clone(),
+                    fencing_token: 0,
                 })
                 .await
                 .unwrap();
@@ -468,6 +469,7 @@ impl Bench {
             let command = Command::Apply {
                 agent_id: agent_id.to_owned(),
                 event,
+                fencing_token: None,
                 actor: "bench".into(),
             };
             let t = Instant::now();
@@ -877,9 +879,12 @@ async fn watch_fanout(bench: &Bench) {
                 })
                 .await
                 .unwrap();
-                c.finish_work(pb::FinishWorkRequest { agent_id })
-                    .await
-                    .unwrap();
+                c.finish_work(pb::FinishWorkRequest {
+                    agent_id,
+                    fencing_token: 0,
+                })
+                .await
+                .unwrap();
             }
         });
         writes.push(tokio::spawn(futures::future::join_all(

@@ -212,7 +212,7 @@ fn recorded(transition: Option<pb::Transition>) -> Result<pb::Transition, Status
 fn watch_response(event: WatchEvent) -> pb::WatchTransitionsResponse {
     use pb::watch_transitions_response::Event as E;
     let event = match event {
-        WatchEvent::SnapshotAgent(agent) => E::SnapshotAgent((&agent).into()),
+        WatchEvent::SnapshotAgent(agent) => E::SnapshotAgent((&*agent).into()),
         WatchEvent::SnapshotComplete {
             revision,
             agent_count,

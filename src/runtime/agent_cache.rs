@@ -42,7 +42,7 @@ struct Inner {
 /// What a heartbeat found in memory.
 pub enum FastHeartbeat {
     /// Acknowledged: the agent as it now stands.
-    Acknowledged(Agent),
+    Acknowledged(Box<Agent>),
     /// This process does not know the agent's current state: read it first.
     Unknown,
     /// The heartbeat changes the agent's status, or flushing is failing: commit it.
@@ -101,7 +101,7 @@ impl AgentCache {
         cached.agent.state = decision.state;
         let agent = cached.agent.clone();
         inner.pending.insert(agent_id.to_owned(), now);
-        FastHeartbeat::Acknowledged(agent)
+        FastHeartbeat::Acknowledged(Box::new(agent))
     }
 
     /// An agent as this process committed it: exact, so fresh.

@@ -72,13 +72,13 @@ impl AgentWrites {
     /// A heartbeat that changes the status (back from OFFLINE) records `actor`.
     pub async fn heartbeat(&self, agent_id: String, actor: &str) -> Result<(Applied, Duration)> {
         let applied = match self.cache.heartbeat(&agent_id, self.clock.now()) {
-            FastHeartbeat::Acknowledged(agent) => from_memory(agent),
+            FastHeartbeat::Acknowledged(agent) => from_memory(*agent),
             FastHeartbeat::Unknown => {
                 // NOT_FOUND for an agent nobody registered comes from here.
                 let agent = self.store.get_agent(&agent_id).await?;
                 self.cache.loaded(agent);
                 match self.cache.heartbeat(&agent_id, self.clock.now()) {
-                    FastHeartbeat::Acknowledged(agent) => from_memory(agent),
+                    FastHeartbeat::Acknowledged(agent) => from_memory(*agent),
                     FastHeartbeat::Unknown | FastHeartbeat::Commit => {
                         self.apply(agent_id, Event::Heartbeat, actor).await?
                     }

@@ -33,7 +33,7 @@ pub struct WatchSpec {
 /// One item on a watch stream.
 #[derive(Debug, Clone)]
 pub enum WatchEvent {
-    SnapshotAgent(Agent),
+    SnapshotAgent(Box<Agent>),
     SnapshotComplete { revision: i64, agent_count: i64 },
     Transition(Arc<Transition>),
     Progress { revision: i64 },
@@ -186,7 +186,11 @@ impl Watcher {
         if let Some(agents) = snapshot {
             let agent_count = agents.len() as i64;
             for agent in agents {
-                if self.send(WatchEvent::SnapshotAgent(agent)).await.is_err() {
+                if self
+                    .send(WatchEvent::SnapshotAgent(Box::new(agent)))
+                    .await
+                    .is_err()
+                {
                     return Ok(Err(Stop));
                 }
             }

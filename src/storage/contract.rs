@@ -715,7 +715,7 @@ async fn claims_are_recorded_replayed_listed_and_pruned(s: &Subject) {
         })
         .await
         .unwrap();
-    assert_eq!(mine, [second.clone()]);
+    assert_eq!(mine, std::slice::from_ref(&second));
     // The first claim ends; an hour later its record is pruned with its
     // history, the active one's is kept.
     store
