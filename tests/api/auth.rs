@@ -1224,3 +1224,96 @@ async fn post_actions_keep_who_claimed_them_and_who_reported_the_outcome() {
         .actions;
     assert_eq!(listed, vec![reported]);
 }
+
+#[tokio::test]
+async fn claims_are_for_schedulers_and_operators_the_holder_is_the_caller_and_the_token_is_the_capability()
+ {
+    let db = TestDb::new();
+    let a = spawn(&db, &callers()).await;
+    a.register("runner", "eu-1", &[]).await.unwrap();
+    let dispatch = || DispatchServiceClient::new(a.app.channel.clone());
+    let request = || pb::ClaimAgentRequest {
+        slot_type: pb::SlotType::Work as i32,
+        lease_duration: Some(prost_types::Duration {
+            seconds: 60,
+            nanos: 0,
+        }),
+        ..Default::default()
+    };
+    for (name, role) in [("runner", "agent"), ("carol", "reader")] {
+        assert_denied(
+            dispatch()
+                .claim_agent(as_(name, request()))
+                .await
+                .map(|r| r.into_inner()),
+            &format!("{name} ({role}) may not call ClaimAgent"),
+        );
+        assert_denied(
+            dispatch()
+                .delete_agent(as_(
+                    name,
+                    pb::DeleteAgentRequest {
+                        agent_id: "eu-1".into(),
+                    },
+                ))
+                .await
+                .map(|r| r.into_inner()),
+            &format!("{name} ({role}) may not call DeleteAgent"),
+        );
+    }
+    let made = dispatch()
+        .claim_agent(as_("sched", request()))
+        .await
+        .expect("a scheduler claims")
+        .into_inner();
+    let claim = made.claim.unwrap();
+    assert_eq!(claim.holder, "sched");
+    assert_eq!(made.transition.unwrap().actor, "sched");
+    // A reader lists it, an agent caller may not list the fleet's claims.
+    let listed = dispatch()
+        .list_claims(as_("carol", pb::ListClaimsRequest::default()))
+        .await
+        .expect("a reader lists claims")
+        .into_inner();
+    assert_eq!(listed.claims, [claim.clone()]);
+    assert_denied(
+        dispatch()
+            .list_claims(as_("runner", pb::ListClaimsRequest::default()))
+            .await
+            .map(|r| r.into_inner()),
+        "runner (agent) may not call ListClaims",
+    );
+    // The agent itself finishes the work it was handed, with the token.
+    let done = a
+        .agents()
+        .finish_work(as_(
+            "runner",
+            pb::FinishWorkRequest {
+                agent_id: "eu-1".into(),
+                fencing_token: claim.fencing_token,
+            },
+        ))
+        .await
+        .expect("the agent finishes with the token")
+        .into_inner();
+    assert_eq!(done.transition.unwrap().actor, "runner");
+    // An operator, holding the token of a claim it did not make, releases it.
+    let made = dispatch()
+        .claim_agent(as_("sched", request()))
+        .await
+        .unwrap()
+        .into_inner();
+    let claim = made.claim.unwrap();
+    let released = dispatch()
+        .release_claim(as_(
+            "alice",
+            pb::ReleaseClaimRequest {
+                claim_id: claim.claim_id,
+                fencing_token: claim.fencing_token,
+            },
+        ))
+        .await
+        .expect("the token is the capability")
+        .into_inner();
+    assert_eq!(released.transition.unwrap().actor, "alice");
+}

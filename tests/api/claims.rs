@@ -983,3 +983,106 @@ async fn a_max_claim_lease_under_a_second_stops_the_server() {
         Ok(_) => panic!("the server must not start"),
     }
 }
+
+/// A proxy whose answers to the client can be swallowed: the request gets
+/// through, the response never comes back, as on a connection cut after the
+/// server committed.
+struct SwallowingProxy {
+    addr: std::net::SocketAddr,
+    swallow: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SwallowingProxy {
+    async fn start(upstream: std::net::SocketAddr) -> SwallowingProxy {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let swallow = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = swallow.clone();
+        let task = tokio::spawn(async move {
+            let (client, _) = listener.accept().await.unwrap();
+            let server = tokio::net::TcpStream::connect(upstream).await.unwrap();
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut server_read, mut server_write) = server.into_split();
+            let up = tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+            });
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let n = match server_read.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if !flag.load(Ordering::SeqCst) && client_write.write_all(&buf[..n]).await.is_err()
+                {
+                    break;
+                }
+            }
+            up.abort();
+        });
+        SwallowingProxy {
+            addr,
+            swallow,
+            task,
+        }
+    }
+}
+
+/// The claim commits but its answer is lost with the connection; the
+/// scheduler retries with the same `request_id` and gets that claim, and the
+/// agent was claimed once.
+#[tokio::test]
+async fn a_request_id_retried_after_a_cut_connection_gives_one_claim() {
+    let db = TestDb::new();
+    let app = TestApp::spawn(&db).await;
+    register(&app, "cut-1", &[]).await;
+    register(&app, "cut-2", &[]).await;
+    let proxy = SwallowingProxy::start(app.addr).await;
+    let channel = Channel::from_shared(format!("http://{}", proxy.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut through_proxy = DispatchServiceClient::new(channel);
+    through_proxy
+        .list_claims(pb::ListClaimsRequest::default())
+        .await
+        .expect("the connection works");
+    proxy
+        .swallow
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut request = claim_request(&[], 60.0);
+    request.request_id = "after-the-cut".into();
+    let lost = tokio::spawn({
+        let request = request.clone();
+        async move { through_proxy.claim_agent(request).await }
+    });
+    let claimed = eventually(WAIT, "the claim commits", || async {
+        let page = dispatch(&app)
+            .list_claims(pb::ListClaimsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        page.claims.into_iter().next()
+    })
+    .await;
+    // The connection is cut before any answer came back.
+    proxy.task.abort();
+    assert!(lost.await.unwrap().is_err(), "the first answer was lost");
+    let retried = claim(&app, request).await.unwrap();
+    assert_eq!(retried.claim.as_ref(), Some(&claimed));
+    assert!(retried.transition.is_none(), "no second CLAIMED transition");
+    let mut made = 0;
+    for id in ["cut-1", "cut-2"] {
+        made += app
+            .history(id)
+            .await
+            .iter()
+            .filter(|t| t.cause == C::Claimed as i32)
+            .count();
+    }
+    assert_eq!(made, 1);
+    app.stop().await;
+}
