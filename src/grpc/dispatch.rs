@@ -249,9 +249,8 @@ impl DispatchService for DispatchApi {
             lease_duration,
         } = request.into_inner();
         let lease = self.lease("lease_duration", lease_duration)?;
-        let (agent_id, fencing_token) = self.claimed(&claim_id, fencing_token).await?;
-        self.guard
-            .check_agent(&caller, Action::RenewClaim, &agent_id)
+        let (agent_id, fencing_token) = self
+            .claimed(&caller, Action::RenewClaim, &claim_id, fencing_token)
             .await?;
         let command = Command::RenewClaim {
             agent_id,
@@ -279,9 +278,8 @@ impl DispatchService for DispatchApi {
             claim_id,
             fencing_token,
         } = request.into_inner();
-        let (agent_id, fencing_token) = self.claimed(&claim_id, fencing_token).await?;
-        self.guard
-            .check_agent(&caller, Action::ReleaseClaim, &agent_id)
+        let (agent_id, fencing_token) = self
+            .claimed(&caller, Action::ReleaseClaim, &claim_id, fencing_token)
             .await?;
         let command = Command::ReleaseClaim {
             agent_id,
@@ -400,10 +398,16 @@ impl DispatchApi {
             .map_err(|e| Error::invalid(e.to_string()))
     }
 
-    /// The agent of the claim a call names, and the token it carries:
-    /// NOT_FOUND for a claim no one made (or one pruned with the history of
-    /// its time).
-    async fn claimed(&self, claim_id: &str, fencing_token: i64) -> Result<(String, i64)> {
+    /// The agent of the claim a call names, and the token it carries, the
+    /// caller authorized on that agent: NOT_FOUND for a claim no one made (or
+    /// one pruned with the history of its time).
+    async fn claimed(
+        &self,
+        caller: &Caller,
+        action: Action,
+        claim_id: &str,
+        fencing_token: i64,
+    ) -> Result<(String, i64)> {
         if claim_id.is_empty() {
             return Err(Error::invalid("claim_id is required"));
         }
@@ -418,6 +422,10 @@ impl DispatchApi {
                 kind: "claim",
                 id: claim_id.to_owned(),
             })?;
+        record_agent_id(&claim.agent_id);
+        self.guard
+            .check_agent(caller, action, &claim.agent_id)
+            .await?;
         Ok((claim.agent_id, token))
     }
 

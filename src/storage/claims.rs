@@ -129,6 +129,33 @@ pub(crate) fn claimable_condition() -> String {
     )
 }
 
+/// The read of [`ClaimReads::claimable`]: `columns` of the claimable agents
+/// the selector matches, idle longest first, at most the parameter after the
+/// selector's; on Postgres held to commit, skipping rows others hold.
+pub(crate) fn claimable_sql(columns: &str, selector: &SelectorSql, dialect: Dialect) -> String {
+    let lock = match dialect {
+        Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
+        Dialect::Sqlite => "",
+    };
+    format!(
+        "SELECT {columns} FROM agents WHERE {} AND {} \
+         ORDER BY last_transition_at, agent_id LIMIT {}{lock}",
+        claimable_condition(),
+        selector.condition,
+        dialect.param(selector.next_param(1)),
+    )
+}
+
+/// The count behind `NO_AGENT_AVAILABLE`: [`MatchingRow`]s of the agents the
+/// selector matches.
+pub(crate) fn matching_sql(selector: &SelectorSql) -> String {
+    format!(
+        "SELECT status, cordon_reason IS NOT NULL, count(*), min(recovery_at) FROM agents \
+         WHERE {} GROUP BY 1, 2",
+        selector.condition
+    )
+}
+
 /// Per matching agent's status and cordon, how many and the earliest
 /// recovery time: one row of the count behind `NO_AGENT_AVAILABLE`.
 pub(crate) type MatchingRow = (String, bool, i64, Option<chrono::DateTime<chrono::Utc>>);

@@ -1275,7 +1275,7 @@ async fn claims_are_for_schedulers_and_operators_the_holder_is_the_caller_and_th
         .await
         .expect("a reader lists claims")
         .into_inner();
-    assert_eq!(listed.claims, [claim.clone()]);
+    assert_eq!(listed.claims, std::slice::from_ref(&claim));
     assert_denied(
         dispatch()
             .list_claims(as_("runner", pb::ListClaimsRequest::default()))

@@ -504,16 +504,7 @@ struct PgClaimReads<'t, 'c>(&'t mut Transaction<'c, Postgres>);
 #[async_trait]
 impl ClaimReads for PgClaimReads<'_, '_> {
     async fn claimable(&mut self, selector: &SelectorSql, limit: i64) -> Result<Vec<Agent>> {
-        let sql = format!(
-            "SELECT {AGENT_COLUMNS} FROM agents
-             WHERE {} AND {}
-             ORDER BY last_transition_at, agent_id
-             LIMIT ${}
-             FOR UPDATE SKIP LOCKED",
-            claims::claimable_condition(),
-            selector.condition,
-            selector.next_param(1),
-        );
+        let sql = claims::claimable_sql(AGENT_COLUMNS, selector, Dialect::Postgres);
         let mut query = sqlx::query_as::<_, AgentRow>(&sql);
         for bind in &selector.binds {
             query = query.bind(bind);
@@ -810,11 +801,7 @@ impl AgentTxs for PgStore {
     }
 
     async fn matching(&self, selector: &SelectorSql) -> Result<Vec<MatchingRow>> {
-        let sql = format!(
-            "SELECT status, cordon_reason IS NOT NULL, count(*), min(recovery_at) FROM agents
-             WHERE {} GROUP BY 1, 2",
-            selector.condition
-        );
+        let sql = claims::matching_sql(selector);
         let mut query = sqlx::query_as(&sql);
         for bind in &selector.binds {
             query = query.bind(bind);
