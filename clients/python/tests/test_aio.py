@@ -75,7 +75,7 @@ async def test_async_claim_holds_renews_and_releases(server: FleetcareServer, cl
             assert isinstance(claim, AsyncClaimHandle)
             assert claim.agent_id == agent_id
             assert claim.transition is not None and claim.transition.cause == pb.TRANSITION_CAUSE_CLAIMED
-            first = dispatch_pb2.Claim()
+            first = pb.Claim()
             first.CopyFrom(claim.claim)
             assert first.holder == "anonymous"
             held = get_agent(client, agent_id)

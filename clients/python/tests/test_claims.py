@@ -2,7 +2,9 @@
 makes the agent BUSY under its holder, the lease is renewed in the background,
 leaving the block releases (also on an exception), two claimers never get the
 same agent, finish_work ends the claim, a claim ended behind the handle's back
-is reported lost, and a ClaimAgent retried after a lost answer is the same claim."""
+is reported lost (also when no renewal reaches the server before the lease runs
+out, and the server expires it), and a ClaimAgent retried after a lost answer
+is the same claim."""
 
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from typing import Any, List
 
 import grpc
 import pytest
-from conftest import ServerFactory, agent_transitions, get_agent, register_pool, wait_until
+from conftest import FleetcareServer, ServerFactory, agent_transitions, get_agent, register_pool, wait_until
+from tcp_proxy import TcpProxy
 
 from fleetcare import ClaimHandle, ClaimLost, FleetcareClient, error_info
 from fleetcare.v1 import agent_status_pb2 as pb
@@ -43,7 +46,7 @@ def test_a_claim_holds_the_agent_renews_its_lease_and_releases_on_exit(client: F
         assert claim.transition is not None
         assert claim.transition.cause == pb.TRANSITION_CAUSE_CLAIMED
         assert claim.fencing_token == claim.transition.revision
-        first = dispatch_pb2.Claim()
+        first = pb.Claim()
         first.CopyFrom(claim.claim)
         assert first.holder == "anonymous"
         assert first.slot_type == pb.SLOT_TYPE_WORK
@@ -272,3 +275,37 @@ def test_the_holder_is_the_authenticated_caller(server_factory: ServerFactory, t
             mine = scheduler.dispatch.ListClaims(dispatch_pb2.ListClaimsRequest(holder="scheduler-eu"), timeout=30)
             assert [c.claim_id for c in mine.claims] == [claim.claim_id]
         assert not get_agent(ops, agent_id).HasField("claim")
+
+
+def test_a_lease_that_no_renewal_reaches_is_lost_and_expires(server: FleetcareServer) -> None:
+    """Cut off from the server, the renewals fail until the lease has run out:
+    the handle reports LEASE_EXPIRED, and the server (sweeping every second)
+    has expired the claim: without the renewals a 1 s lease does not last."""
+    direct = FleetcareClient(server.address or "", insecure=True)
+    proxy = TcpProxy(("127.0.0.1", server.port)).open()
+    through_proxy = FleetcareClient(proxy.address, insecure=True)
+    try:
+        labels, (agent_id,) = register_pool(direct)
+        with through_proxy.claim(labels, lease=1.0) as claim:
+            proxy.cut()
+            assert claim.wait_lost(WAIT), "the renewals' failures did not end in a lost claim"
+            assert claim.lost is not None and claim.lost.reason == "LEASE_EXPIRED"
+            assert claim.lost.error is not None and claim.lost.error.code() in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            )
+            wait_until(lambda: get_agent(direct, agent_id).status == pb.AGENT_STATUS_IDLE, what="the expiry")
+            expired = agent_transitions(direct, agent_id)[-1]
+            assert expired.cause == pb.TRANSITION_CAUSE_CLAIM_EXPIRED
+            assert not get_agent(direct, agent_id).HasField("claim")
+            proxy.open()  # same port: the release at the end is answered STALE_FENCING_TOKEN
+            # Once the channel is back (its reconnect backoff may still be running).
+            through_proxy.agent_status.GetAgent(
+                pb.GetAgentRequest(agent_id=agent_id), wait_for_ready=True, timeout=WAIT
+            )
+        assert claim.release_error is None
+        assert agent_transitions(direct, agent_id)[-1].revision == expired.revision
+    finally:
+        through_proxy.close()
+        direct.close()
+        proxy.cut()

@@ -734,7 +734,7 @@ class AsyncClaimHandle:
         self._task: Optional["asyncio.Task[None]"] = None
         self._call: Any = None
         self._ended = False
-        self.claim: Optional[dispatch_pb2.Claim] = None
+        self.claim: Optional[agent_status_pb2.Claim] = None
         self.agent: Optional[agent_status_pb2.Agent] = None
         self.transition: Optional[agent_status_pb2.Transition] = None
         self.renewals = 0
@@ -779,7 +779,7 @@ class AsyncClaimHandle:
             return True
         return await _wait_event(event, timeout)
 
-    def _held(self) -> dispatch_pb2.Claim:
+    def _held(self) -> agent_status_pb2.Claim:
         if self.claim is None:
             raise RuntimeError("the claim was not acquired yet (use `async with client.claim(...)` or acquire())")
         return self.claim
@@ -972,7 +972,7 @@ class AsyncClaimHandle:
         except asyncio.CancelledError:
             raise
         except Exception as error:  # noqa: BLE001 - raised below unless another one is on its way
-            if exc is None:
+            if exc is None and self.lost is None:
                 raise
             self.release_error = error
 

@@ -148,8 +148,9 @@ class ClaimHandle:
     ``STALE_FENCING_TOKEN`` or ``NOT_FOUND`` (the claim had ended already) is not
     an error; after :meth:`finish_work` or :meth:`release` there is nothing left
     to release. Another failure of that release is raised when the block ended
-    normally, and kept in :attr:`release_error` when an exception is already on
-    its way.
+    normally with the claim held, and kept in :attr:`release_error` when an
+    exception is already on its way or the claim was lost (its lease runs out
+    on the server anyway).
 
     Attributes:
         claim: the ``Claim``, updated by each renewal (``lease_expires_at``).
@@ -204,7 +205,7 @@ class ClaimHandle:
         self._thread: Optional[threading.Thread] = None
         self._call: Any = None
         self._ended = False  # released or finished by this handle
-        self.claim: Optional[dispatch_pb2.Claim] = None
+        self.claim: Optional[agent_status_pb2.Claim] = None
         self.agent: Optional[agent_status_pb2.Agent] = None
         self.transition: Optional[agent_status_pb2.Transition] = None
         self.renewals = 0
@@ -243,7 +244,7 @@ class ClaimHandle:
         """Blocks until the claim is lost (True) or ``timeout`` seconds pass (False)."""
         return self._lost_event.wait(timeout)
 
-    def _held(self) -> dispatch_pb2.Claim:
+    def _held(self) -> agent_status_pb2.Claim:
         if self.claim is None:
             raise RuntimeError("the claim was not acquired yet (use `with client.claim(...)` or acquire())")
         return self.claim
@@ -463,6 +464,6 @@ class ClaimHandle:
         try:
             self.release()
         except Exception as error:  # noqa: BLE001 - raised below unless another one is on its way
-            if exc is None:
+            if exc is None and self.lost is None:
                 raise
             self.release_error = error
