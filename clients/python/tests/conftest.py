@@ -321,3 +321,32 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 60.0, interval: f
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}")
         time.sleep(interval)
+
+
+def register_pool(client: FleetcareClient, size: int = 1, prefix: str = "py-claim") -> Tuple[dict, List[str]]:
+    """Registers `size` IDLE agents carrying a label of their own, so that a
+    claim selecting it can take only them: (that label, the agent ids)."""
+    pool = unique_name(prefix).replace("_", "-")
+    labels = {"pool": pool}
+    agent_ids = [f"{pool}-{i}" for i in range(size)]
+    for agent_id in agent_ids:
+        client.agent_status.RegisterAgent(pb.RegisterAgentRequest(agent_id=agent_id, labels=labels), timeout=30)
+    return labels, agent_ids
+
+
+def get_agent(client: FleetcareClient, agent_id: str) -> pb.Agent:
+    return client.agent_status.GetAgent(pb.GetAgentRequest(agent_id=agent_id), timeout=30).agent
+
+
+def agent_transitions(client: FleetcareClient, agent_id: str) -> List[pb.Transition]:
+    """Every retained transition of `agent_id`, oldest first."""
+    found: List[pb.Transition] = []
+    token = ""
+    while True:
+        page = client.agent_status.ListTransitions(
+            pb.ListTransitionsRequest(agent_id=agent_id, page_size=1000, page_token=token), timeout=30
+        )
+        found += page.transitions
+        token = page.next_page_token
+        if not token:
+            return found

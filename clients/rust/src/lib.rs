@@ -1,8 +1,10 @@
 //! The Rust client of fleetcare: the generated message types and gRPC clients
 //! ([`pb`]), a connection helper with TLS and token options
 //! ([`ConnectOptions`]), a transition watch that resumes by itself after a
-//! dropped connection ([`ResumingWatch`]), and a heartbeat loop that keeps to
-//! the interval the server asks for ([`Heartbeater`]).
+//! dropped connection ([`ResumingWatch`]), a heartbeat loop that keeps to
+//! the interval the server asks for ([`Heartbeater`]), and claims that hold an
+//! agent with the lease renewed in the background ([`Clients::claim`],
+//! [`ClaimGuard`]).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -33,6 +35,12 @@ use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status, Streaming};
+
+mod claim;
+
+pub use claim::{
+    ClaimGuard, ClaimLost, ClaimOptions, ErrorInfo, error_info, error_reason, is_claim_ended,
+};
 
 /// The generated protobuf messages and gRPC clients of `fleetcare.v1`.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]

@@ -7,6 +7,7 @@ import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-no
 import type { SecureClientSessionOptions } from "node:http2";
 
 import { AgentStatusService } from "./gen/fleetcare/v1/agent_status_pb.js";
+import { DispatchService } from "./gen/fleetcare/v1/dispatch_pb.js";
 import { HealingService, PostHealingService } from "./gen/fleetcare/v1/healing_pb.js";
 import { SessionPipelineService } from "./gen/fleetcare/v1/session_pipeline_pb.js";
 import { Health } from "./gen/grpc/health/v1/health_pb.js";
@@ -45,6 +46,8 @@ export interface FleetcareClient {
   healing: Client<typeof HealingService>;
   postHealing: Client<typeof PostHealingService>;
   sessionPipeline: Client<typeof SessionPipelineService>;
+  /** Claims, cordons, resume and delete (see claimAgent and withClaim for claims). */
+  dispatch: Client<typeof DispatchService>;
   /** grpc.health.v1.Health (from the vendored upstream proto). */
   health: Client<typeof Health>;
   /** The underlying gRPC transport, to create clients for other services on the same connection. */
@@ -105,6 +108,7 @@ export function createFleetcareClient(options: FleetcareClientOptions): Fleetcar
     healing: createClient(HealingService, transport),
     postHealing: createClient(PostHealingService, transport),
     sessionPipeline: createClient(SessionPipelineService, transport),
+    dispatch: createClient(DispatchService, transport),
     health: createClient(Health, transport),
     transport,
     close: () => sessionManager.abort(),

@@ -1,7 +1,8 @@
 """A thin, typed convenience layer over the generated stubs.
 
 * :class:`FleetcareClient`: one channel (plaintext or TLS, optional bearer
-  token on every call) and the four service stubs.
+  token on every call) and the five service stubs; ``client.claim(...)`` holds
+  an agent with its lease renewed in the background (:mod:`fleetcare.claim`).
 * :class:`TransitionWatch`: a WatchTransitions iterator that resumes from the
   last revision seen when the stream ends or the connection drops, so the caller
   sees every transition exactly once, in revision order.
@@ -18,7 +19,7 @@ import collections
 import random
 import threading
 from types import TracebackType
-from typing import Any, Callable, Deque, Iterable, Iterator, List, Optional, Sequence, Tuple, Type
+from typing import TYPE_CHECKING, Any, Callable, Deque, Iterable, Iterator, List, Optional, Sequence, Tuple, Type
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -26,9 +27,13 @@ from google.rpc import error_details_pb2, status_pb2
 from fleetcare.v1 import (
     agent_status_pb2,
     agent_status_pb2_grpc,
+    dispatch_pb2_grpc,
     healing_pb2_grpc,
     session_pipeline_pb2_grpc,
 )
+
+if TYPE_CHECKING:
+    from fleetcare.claim import ClaimHandle, ClaimLost, Selector
 
 __all__ = [
     "BearerTokenInterceptor",
@@ -108,7 +113,7 @@ class BearerTokenInterceptor(
 
 
 class FleetcareClient:
-    """A channel to a fleetcare server and its four service stubs.
+    """A channel to a fleetcare server and its five service stubs.
 
     >>> with FleetcareClient("127.0.0.1:50051", insecure=True) as client:
     ...     client.agent_status.GetAgent(agent_status_pb2.GetAgentRequest(agent_id="a1"))
@@ -155,6 +160,7 @@ class FleetcareClient:
         self.healing = healing_pb2_grpc.HealingServiceStub(self.channel)
         self.post_healing = healing_pb2_grpc.PostHealingServiceStub(self.channel)
         self.session_pipeline = session_pipeline_pb2_grpc.SessionPipelineServiceStub(self.channel)
+        self.dispatch = dispatch_pb2_grpc.DispatchServiceStub(self.channel)
 
     def watch_transitions(
         self,
@@ -201,6 +207,41 @@ class FleetcareClient:
             initial_backoff=initial_backoff,
             max_backoff=max_backoff,
             call_timeout=call_timeout,
+            metadata=metadata,
+        )
+
+    def claim(
+        self,
+        selector: "Selector" = None,
+        *,
+        slot_type: "agent_status_pb2.SlotType.ValueType" = agent_status_pb2.SLOT_TYPE_WORK,
+        lease: float = 30.0,
+        wait: float = 0.0,
+        request_id: Optional[str] = None,
+        renew_every: Optional[float] = None,
+        attempts: int = 5,
+        call_timeout: float = 10.0,
+        on_lost: Optional[Callable[["ClaimLost"], None]] = None,
+        metadata: Optional[Metadata] = None,
+    ) -> "ClaimHandle":
+        """A claim on one idle agent matching ``selector`` (a dict of labels or a
+        ``LabelSelector``), not made yet: ``with client.claim(...) as claim:``
+        makes it, renews its lease every ``renew_every`` seconds (default
+        ``lease / 3``) and releases it at the end; see :class:`fleetcare.claim.ClaimHandle`."""
+        from fleetcare.claim import ClaimHandle
+
+        return ClaimHandle(
+            self.dispatch,
+            self.agent_status,
+            selector,
+            slot_type=slot_type,
+            lease=lease,
+            wait=wait,
+            request_id=request_id,
+            renew_every=renew_every,
+            attempts=attempts,
+            call_timeout=call_timeout,
+            on_lost=on_lost,
             metadata=metadata,
         )
 
