@@ -184,3 +184,94 @@ impl ClaimWaiters {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::agent::AgentState;
+    use chrono::Utc;
+
+    fn waiters() -> Arc<ClaimWaiters> {
+        Arc::new(ClaimWaiters {
+            waiters: Mutex::default(),
+            next: AtomicU64::new(0),
+            cache: AgentCache::new(),
+            metrics: Metrics::new(),
+        })
+    }
+
+    fn agent(id: &str, team: &str, status: AgentStatus) -> crate::domain::transition::Agent {
+        let now = Utc::now();
+        crate::domain::transition::Agent {
+            agent_id: id.into(),
+            labels: [("team".to_string(), team.to_string())].into(),
+            registered_at: now,
+            last_transition_at: now,
+            revision: 1,
+            state: AgentState {
+                status,
+                last_heartbeat_at: now,
+                exhaustion: None,
+            },
+            cordon_reason: None,
+            claim: None,
+        }
+    }
+
+    fn freed(id: &str, cause: Cause) -> Transition {
+        Transition {
+            revision: 2,
+            agent_id: id.into(),
+            from: Some(AgentStatus::Busy),
+            to: AgentStatus::Idle,
+            cause,
+            occurred_at: Utc::now(),
+            exhaustion_reason: None,
+            recovery_at: None,
+            actor: String::new(),
+        }
+    }
+
+    fn team(name: &str) -> LabelSelector {
+        LabelSelector {
+            match_labels: [("team".to_string(), name.to_string())].into(),
+            match_expressions: vec![],
+        }
+    }
+
+    /// Whether the ticket has a wake-up waiting (a permit: ready at the
+    /// first poll, which a zero timeout still makes).
+    async fn is_woken(ticket: &Ticket) -> bool {
+        tokio::time::timeout(std::time::Duration::ZERO, ticket.woken())
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn a_freed_agent_wakes_the_first_waiter_that_wants_it_once() {
+        let w = waiters();
+        let narrow = w.enqueue(team("x"));
+        let any = w.enqueue(LabelSelector::default());
+        let later = w.enqueue(LabelSelector::default());
+        assert_eq!(w.len(), 3);
+        // Known here with team=y: the narrow waiter is skipped, not a blocker.
+        w.cache.committed(&agent("y-1", "y", AgentStatus::Busy));
+        w.on_transition(&freed("y-1", Cause::ClaimReleased));
+        assert!(!is_woken(&narrow).await);
+        assert!(is_woken(&any).await);
+        assert!(!is_woken(&later).await, "one agent, one waiter");
+        // A status change that frees nothing wakes nobody.
+        let mut busy = freed("y-1", Cause::Claimed);
+        busy.to = AgentStatus::Busy;
+        w.on_transition(&busy);
+        let mut deleted = freed("y-1", Cause::Deleted);
+        deleted.from = Some(AgentStatus::Idle);
+        w.on_transition(&deleted);
+        assert!(!is_woken(&later).await);
+        // An agent this process does not know wakes the first in line.
+        w.on_transition(&freed("elsewhere", Cause::WorkFinished));
+        assert!(is_woken(&narrow).await);
+        drop((narrow, any, later));
+        assert!(w.is_empty());
+    }
+}
