@@ -449,7 +449,12 @@ impl DispatchApi {
         loop {
             match self.writes.commit(command.clone()).await {
                 Err(Error::NoAgentAvailable(_)) => {}
-                other => return other,
+                other => {
+                    if let (Ok(_), Some(ticket)) = (&other, ticket) {
+                        ticket.claimed();
+                    }
+                    return other;
+                }
             }
             let counted = self.store.no_agent_available(&request.selector).await?;
             // Idle matching agents exist but were held by other transactions

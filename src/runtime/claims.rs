@@ -42,14 +42,23 @@ pub struct ClaimWaiters {
     metrics: Arc<Metrics>,
 }
 
-/// A place in the queue; leaving it (drop) takes the claim out.
+/// A place in the queue; leaving it (drop) takes the claim out. A claim
+/// that leaves woken but without an agent (its caller went away, or its
+/// wait ran out) passes the wake-up on to the next in line, so that the agent
+/// that woke it does not stay idle while others wait.
 pub struct Ticket {
     waiters: Arc<ClaimWaiters>,
     seq: u64,
     notify: Arc<Notify>,
+    claimed: bool,
 }
 
 impl Ticket {
+    /// The claim got an agent: leaving passes nothing on.
+    pub fn claimed(mut self) {
+        self.claimed = true;
+    }
+
     /// Waits to be woken (at once if woken since the last wait).
     pub async fn woken(&self) {
         self.notify.notified().await;
@@ -59,7 +68,16 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.waiters.lock().remove(&self.seq);
+        let mut waiters = self.waiters.lock();
+        let left = waiters.remove(&self.seq);
+        if !self.claimed
+            && left.is_some_and(|w| w.woken)
+            && let Some(next) = waiters.values_mut().find(|w| !w.woken)
+        {
+            next.woken = true;
+            next.notify.notify_one();
+        }
+        drop(waiters);
         self.waiters.metrics.claims_waiting.dec();
     }
 }
@@ -118,6 +136,7 @@ impl ClaimWaiters {
             waiters: self.clone(),
             seq,
             notify,
+            claimed: false,
         }
     }
 
@@ -271,7 +290,15 @@ mod tests {
         // An agent this process does not know wakes the first in line.
         w.on_transition(&freed("elsewhere", Cause::WorkFinished));
         assert!(is_woken(&narrow).await);
-        drop((narrow, any, later));
+        // Woken, then gone without an agent: the wake-up passes on.
+        w.on_transition(&freed("elsewhere", Cause::WorkFinished));
+        drop(narrow);
+        assert!(is_woken(&any).await, "passed on to the next in line");
+        // Gone with an agent: nothing passes on.
+        w.on_transition(&freed("elsewhere", Cause::WorkFinished));
+        any.claimed();
+        assert!(!is_woken(&later).await);
+        drop(later);
         assert!(w.is_empty());
     }
 }
