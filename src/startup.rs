@@ -670,9 +670,11 @@ async fn start_services(
     let agent_status = Arc::new(agent_status.with_watch_slots(watch_slots));
     let healing = Arc::new(healing);
     let session_pipeline = Arc::new(session_pipeline);
+    let dispatch = Arc::new(dispatch);
     // The dashboard's API calls the same service implementations.
     dashboard.open(Apis {
         agents: agent_status.clone(),
+        dispatch: dispatch.clone(),
         healing: healing.clone(),
         pipeline: session_pipeline.clone(),
     });
@@ -700,7 +702,7 @@ async fn start_services(
             .max_encoding_message_size(size),
     );
     gates.dispatch.open(
-        DispatchServiceServer::new(dispatch)
+        DispatchServiceServer::from_arc(dispatch)
             .max_decoding_message_size(size)
             .max_encoding_message_size(size),
     );

@@ -92,6 +92,9 @@ pub struct AgentView {
     /// The cordon's reason (maybe empty) while cordoned; absent while schedulable.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cordon_reason: Option<String>,
+    /// The agent's active claim; absent when it has none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub claim: Option<ClaimView>,
 }
 
 impl From<&pb::Agent> for AgentView {
@@ -126,6 +129,46 @@ impl From<&pb::Agent> for AgentView {
             recovery_hint: (!a.recovery_hint.is_empty()).then(|| a.recovery_hint.clone()),
             schedulable: a.schedulable,
             cordon_reason: (!a.schedulable).then(|| a.cordon_reason.clone()),
+            claim: a.claim.as_ref().map(ClaimView::from),
+        }
+    }
+}
+
+fn slot_type(value: i32) -> String {
+    let name = pb::SlotType::try_from(value).ok();
+    enum_name(name.map(|s| s.as_str_name()), "SLOT_TYPE_", value)
+}
+
+/// One active claim (`ListClaims`, and an agent's `claim`).
+#[derive(Debug, Serialize)]
+pub struct ClaimView {
+    pub claim_id: String,
+    pub agent_id: String,
+    pub fencing_token: i64,
+    /// `WORK` (the agent is BUSY) or `ON_CALL`.
+    pub slot_type: String,
+    /// The caller that made the claim.
+    pub holder: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub claimed_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_expires_at: Option<String>,
+    /// The idempotency key the claim was made with; absent when none.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub request_id: String,
+}
+
+impl From<&pb::Claim> for ClaimView {
+    fn from(c: &pb::Claim) -> ClaimView {
+        ClaimView {
+            claim_id: c.claim_id.clone(),
+            agent_id: c.agent_id.clone(),
+            fencing_token: c.fencing_token,
+            slot_type: slot_type(c.slot_type),
+            holder: c.holder.clone(),
+            claimed_at: time(c.claimed_at.as_ref()),
+            lease_expires_at: time(c.lease_expires_at.as_ref()),
+            request_id: c.request_id.clone(),
         }
     }
 }
@@ -564,5 +607,41 @@ mod tests {
         let json = serde_json::to_value(AgentView::from(&cordoned)).unwrap();
         assert_eq!(json["schedulable"], false);
         assert_eq!(json["cordon_reason"], "");
+    }
+
+    #[test]
+    fn an_agents_claim_shows_with_its_holder_lease_and_slot() {
+        let agent = pb::Agent {
+            agent_id: "a-1".into(),
+            status: pb::AgentStatus::OnCall as i32,
+            schedulable: true,
+            claim: Some(pb::Claim {
+                claim_id: "c-1".into(),
+                agent_id: "a-1".into(),
+                fencing_token: 42,
+                slot_type: pb::SlotType::OnCall as i32,
+                holder: "sched-a".into(),
+                claimed_at: Some(prost_types::Timestamp {
+                    seconds: 1_775_037_600,
+                    nanos: 0,
+                }),
+                lease_expires_at: Some(prost_types::Timestamp {
+                    seconds: 1_775_037_660,
+                    nanos: 0,
+                }),
+                request_id: String::new(),
+            }),
+            ..Default::default()
+        };
+        let json = serde_json::to_value(AgentView::from(&agent)).unwrap();
+        assert_eq!(
+            json["claim"],
+            serde_json::json!({
+                "claim_id": "c-1", "agent_id": "a-1", "fencing_token": 42,
+                "slot_type": "ON_CALL", "holder": "sched-a",
+                "claimed_at": "2026-04-01T10:00:00.000Z",
+                "lease_expires_at": "2026-04-01T10:01:00.000Z",
+            })
+        );
     }
 }

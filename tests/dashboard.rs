@@ -991,3 +991,408 @@ async fn a_server_on_another_store_behind_the_same_address_makes_the_page_reload
     browser.close().await;
     app.stop().await;
 }
+
+/// `message` with `token` as its bearer token.
+fn as_<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+fn claim_request(labels: &[(&str, &str)], slot: pb::SlotType, lease: i64) -> pb::ClaimAgentRequest {
+    pb::ClaimAgentRequest {
+        selector: Some(pb::LabelSelector {
+            match_labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            match_expressions: vec![],
+        }),
+        slot_type: slot as i32,
+        lease_duration: Some(prost_types::Duration {
+            seconds: lease,
+            nanos: 0,
+        }),
+        wait_timeout: None,
+        request_id: String::new(),
+    }
+}
+
+/// A lease's expiry as the page writes it: the local wall clock.
+fn wall_clock(ts: Option<&prost_types::Timestamp>) -> String {
+    let at = fleetcare::proto::from_timestamp(*ts.expect("a lease")).expect("a valid time");
+    at.with_timezone(&chrono::Local)
+        .format("%H:%M:%S")
+        .to_string()
+}
+
+#[tokio::test]
+async fn claims_cordons_and_deletions_show_live_and_the_cordon_buttons_cordon_and_uncordon() {
+    if !browser_available() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().await;
+    use fleetcare::domain::auth::{Role, caller_entry, token_digest};
+    use fleetcare::proto::v1::dispatch_service_client::DispatchServiceClient;
+    let db = TestDb::sqlite();
+    let dir = Sessions::new();
+    let file = dir.0.join("callers.toml");
+    // sched-a claims; ops, an operator, uses the page and deletes.
+    std::fs::write(
+        &file,
+        [
+            caller_entry(
+                "sched-a",
+                Role::Scheduler,
+                &token_digest("sched-token"),
+                &[],
+            ),
+            caller_entry("ops", Role::Operator, &token_digest("ops-token"), &[]),
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let mut args = test_args(&db.url);
+    args.auth_file = Some(file);
+    args.offline_agent_retention = Duration::from_secs(3600);
+    let hand = helpers::manual_clock(&mut args);
+    let app = TestApp::spawn_with(args).await;
+    let mut agents = app.agents.clone();
+    let mut dispatch = DispatchServiceClient::new(app.channel.clone());
+    for (id, labels) in [
+        ("disp-a", vec![("pool".to_string(), "gpu".to_string())]),
+        ("disp-b", vec![]),
+        ("disp-c", vec![]),
+        ("disp-d", vec![]),
+    ] {
+        let message = pb::RegisterAgentRequest {
+            agent_id: id.into(),
+            labels: labels.into_iter().collect(),
+        };
+        agents
+            .register_agent(as_("ops-token", message))
+            .await
+            .unwrap();
+    }
+    let gpu = dispatch
+        .claim_agent(as_(
+            "sched-token",
+            claim_request(&[("pool", "gpu")], pb::SlotType::Work, 300),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .claim
+        .unwrap();
+    assert_eq!(gpu.agent_id, "disp-a");
+    let get = |id: &str| {
+        let mut agents = app.agents.clone();
+        let message = pb::GetAgentRequest {
+            agent_id: id.into(),
+        };
+        async move {
+            agents
+                .get_agent(as_("ops-token", message))
+                .await
+                .unwrap()
+                .into_inner()
+                .agent
+                .unwrap()
+        }
+    };
+
+    let mut browser = Browser::launch().await;
+    browser.open(&page_url(&app)).await;
+    browser.wait("#token-form:not([hidden])").await;
+    browser
+        .send(json!({"cmd": "fill", "selector": "#token-input", "value": "ops-token"}))
+        .await;
+    browser
+        .send(json!({"cmd": "click", "selector": "#token-form button"}))
+        .await;
+    browser.wait("#conn-state[data-state=live]").await;
+    let text = |selector: &str| json!({"cmd": "text", "selector": selector});
+    let text_of = |reply: Value| reply["text"].as_str().unwrap().to_owned();
+
+    // A claimed agent shows its holder, its lease's end and its token.
+    browser
+        .wait("tr[data-agent-id=disp-a][data-holder=sched-a]")
+        .await;
+    let claim = text_of(
+        browser
+            .send(text("tr[data-agent-id=disp-a] td.claim"))
+            .await,
+    );
+    let until = wall_clock(gpu.lease_expires_at.as_ref());
+    assert!(
+        claim.starts_with(&format!("claimed by sched-a until {until}")),
+        "{claim}"
+    );
+    assert!(
+        claim.contains(&format!("token {} · WORK", gpu.fencing_token)),
+        "{claim}"
+    );
+    // A claim made now shows live, its lease read with the agent.
+    let mut on_call = None;
+    let took = browser
+        .shows_within(
+            "tr[data-agent-id=disp-b][data-holder=sched-a] td.claim:has-text(' until ')",
+            || async {
+                let response = dispatch
+                    .claim_agent(as_(
+                        "sched-token",
+                        claim_request(&[], pb::SlotType::OnCall, 300),
+                    ))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                on_call = response.claim;
+            },
+        )
+        .await;
+    assert!(took < LIVE, "the claim showed {took:?} after the call");
+    let on_call = on_call.unwrap();
+    assert_eq!(on_call.agent_id, "disp-b");
+    let claim = text_of(
+        browser
+            .send(text("tr[data-agent-id=disp-b] td.claim"))
+            .await,
+    );
+    assert!(
+        claim.contains(&wall_clock(on_call.lease_expires_at.as_ref())),
+        "{claim}"
+    );
+    assert!(claim.contains("ON_CALL"), "{claim}");
+    browser
+        .wait("tr[data-agent-id=disp-b][data-status=ON_CALL]")
+        .await;
+
+    // The claims page lists them; a release takes one off, live.
+    browser.goto("claims").await;
+    browser
+        .wait("#claims-table tr[data-agent-id=disp-b][data-holder=sched-a]")
+        .await;
+    let listed = browser
+        .send(json!({"cmd": "count", "selector": "#claims-table tr[data-claim-id]"}))
+        .await;
+    assert_eq!(listed["count"], 2);
+    let token = text_of(
+        browser
+            .send(text(&format!(
+                "#claims-table tr[data-claim-id='{}'] td:nth-child(3)",
+                gpu.claim_id
+            )))
+            .await,
+    );
+    assert_eq!(token, gpu.fencing_token.to_string());
+    let lease = text_of(
+        browser
+            .send(text(&format!(
+                "#claims-table tr[data-claim-id='{}'] td.lease",
+                gpu.claim_id
+            )))
+            .await,
+    );
+    assert!(lease.starts_with(&until), "{lease}");
+    browser.screenshot("claims").await;
+    dispatch
+        .release_claim(as_(
+            "sched-token",
+            pb::ReleaseClaimRequest {
+                claim_id: on_call.claim_id.clone(),
+                fencing_token: on_call.fencing_token,
+            },
+        ))
+        .await
+        .unwrap();
+    browser
+        .send(json!({"cmd": "wait", "selector": "#claims-table tr[data-agent-id=disp-b]", "state": "detached"}))
+        .await;
+    let listed = browser
+        .send(json!({"cmd": "count", "selector": "#claims-table tr[data-claim-id]"}))
+        .await;
+    assert_eq!(listed["count"], 1);
+
+    browser.goto("fleet").await;
+    browser
+        .wait("tr[data-agent-id=disp-b][data-status=IDLE]:not([data-holder])")
+        .await;
+
+    // Cordon: the button asks for a reason, then cordons the agent.
+    browser
+        .send(json!({"cmd": "click", "selector": "button.cordon[data-agent-id=disp-c]"}))
+        .await;
+    browser
+        .send(json!({"cmd": "fill", "selector": "input.cordon-reason[data-agent-id=disp-c]", "value": "disk failing"}))
+        .await;
+    browser
+        .send(json!({"cmd": "click", "selector": "button.cordon-confirm[data-agent-id=disp-c]"}))
+        .await;
+    browser
+        .wait("tr[data-agent-id=disp-c][data-cordoned] .cordoned:text-is('cordoned: disk failing')")
+        .await;
+    let cordoned = get("disp-c").await;
+    assert!(!cordoned.schedulable);
+    assert_eq!(cordoned.cordon_reason, "disk failing");
+    assert_eq!(cordoned.status, pb::AgentStatus::Idle as i32);
+    let history = agents
+        .list_transitions(as_(
+            "ops-token",
+            pb::ListTransitionsRequest {
+                agent_id: "disp-c".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .transitions;
+    let last = history.last().expect("disp-c's transitions");
+    assert_eq!(
+        (last.cause, last.actor.as_str()),
+        (pb::TransitionCause::Cordoned as i32, "ops")
+    );
+    browser.screenshot("fleet-claims-cordons").await;
+    // Uncordon reverses it.
+    browser
+        .send(json!({"cmd": "click", "selector": "button.uncordon[data-agent-id=disp-c]"}))
+        .await;
+    browser
+        .wait("tr[data-agent-id=disp-c]:not([data-cordoned]) button.cordon")
+        .await;
+    let uncordoned = get("disp-c").await;
+    assert!(uncordoned.schedulable);
+    assert_eq!(uncordoned.cordon_reason, "");
+    // A cordon made elsewhere shows live, with its reason.
+    let took = browser
+        .shows_within(
+            "tr[data-agent-id=disp-d][data-cordoned] .cordoned:text-is('cordoned: maintenance')",
+            || async {
+                dispatch
+                    .clone()
+                    .cordon_agent(as_(
+                        "sched-token",
+                        pb::CordonAgentRequest {
+                            agent_id: "disp-d".into(),
+                            reason: "maintenance".into(),
+                        },
+                    ))
+                    .await
+                    .unwrap();
+            },
+        )
+        .await;
+    assert!(took < LIVE, "the cordon showed {took:?} after the call");
+
+    // A lease not renewed expires: the claim goes from the row. (The clock
+    // stands still, so the idle agents went idle at the same instant; ties
+    // go by agent id.)
+    let short = dispatch
+        .claim_agent(as_(
+            "sched-token",
+            claim_request(&[], pb::SlotType::Work, 5),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .claim
+        .unwrap();
+    assert_eq!(short.agent_id, "disp-b");
+    browser
+        .wait("tr[data-agent-id=disp-b][data-holder=sched-a]")
+        .await;
+    hand.advance(chrono::Duration::seconds(6));
+    browser
+        .wait("tr[data-agent-id=disp-b][data-status=IDLE]:not([data-holder])")
+        .await;
+
+    // A deleted agent leaves the table and the counts.
+    dispatch
+        .release_claim(as_(
+            "sched-token",
+            pb::ReleaseClaimRequest {
+                claim_id: gpu.claim_id.clone(),
+                fencing_token: gpu.fencing_token,
+            },
+        ))
+        .await
+        .unwrap();
+    browser
+        .wait("tr[data-agent-id=disp-a]:not([data-holder])")
+        .await;
+    dispatch
+        .delete_agent(as_(
+            "ops-token",
+            pb::DeleteAgentRequest {
+                agent_id: "disp-a".into(),
+            },
+        ))
+        .await
+        .unwrap();
+    browser
+        .send(json!({"cmd": "wait", "selector": "tr[data-agent-id=disp-a]", "state": "detached"}))
+        .await;
+    browser.wait("[data-count=ALL] .n:text-is('3')").await;
+    assert_eq!(
+        browser
+            .rows()
+            .await
+            .into_iter()
+            .map(|r| r.0)
+            .collect::<Vec<_>>(),
+        ["disp-b", "disp-c", "disp-d"]
+    );
+    // So does one the sweeper expires after --offline-agent-retention offline
+    // (the others, silent as long, are marked OFFLINE and stay).
+    agents
+        .mark_offline(as_(
+            "ops-token",
+            pb::MarkOfflineRequest {
+                agent_id: "disp-d".into(),
+            },
+        ))
+        .await
+        .unwrap();
+    browser
+        .wait("tr[data-agent-id=disp-d][data-status=OFFLINE]")
+        .await;
+    hand.advance(chrono::Duration::minutes(61));
+    browser
+        .send(json!({"cmd": "wait", "selector": "tr[data-agent-id=disp-d]", "state": "detached"}))
+        .await;
+    browser
+        .wait("tr[data-agent-id=disp-c][data-status=OFFLINE]")
+        .await;
+    browser.wait("[data-count=ALL] .n:text-is('2')").await;
+    browser.wait("[data-count=OFFLINE] .n:text-is('2')").await;
+
+    // The feed words each of them.
+    browser.goto("feed").await;
+    let said = |cause: &str, agent: &str| json!({"cmd": "text", "selector": format!("li[data-agent-id={agent}][data-cause={cause}]")});
+    let deleted = text_of(browser.send(said("DELETED", "disp-a")).await);
+    assert!(
+        deleted.contains("IDLE → gone") && deleted.ends_with("deleted by ops"),
+        "{deleted}"
+    );
+    let expired = text_of(browser.send(said("EXPIRED", "disp-d")).await);
+    assert!(
+        expired.contains("OFFLINE → gone")
+            && expired.contains("expired (offline too long) by sweeper"),
+        "{expired}"
+    );
+    let cordon = text_of(browser.send(said("CORDONED", "disp-c")).await);
+    assert!(cordon.ends_with("IDLEcordoned by ops"), "{cordon}");
+    let lapsed = text_of(browser.send(said("CLAIM_EXPIRED", "disp-b")).await);
+    assert!(
+        lapsed.contains("BUSY → IDLE") && lapsed.ends_with("claim lease expired by sweeper"),
+        "{lapsed}"
+    );
+    let claimed = text_of(browser.send(said("CLAIMED", "disp-a")).await);
+    assert!(claimed.ends_with("claimed by sched-a"), "{claimed}");
+    browser.screenshot("feed-claims").await;
+    browser.assert_no_errors().await;
+    browser.close().await;
+    app.stop().await;
+}

@@ -1,4 +1,4 @@
-//! `fleetcare agents list|get|resume|cordon|uncordon` and `fleetcare watch`.
+//! `fleetcare agents list|get|resume|cordon|uncordon|delete` and `fleetcare watch`.
 
 use std::io::Write;
 
@@ -76,6 +76,17 @@ pub async fn run(args: AgentsArgs) -> Result<(), CliError> {
             let transition = response.transition.as_ref().map(TransitionView::from);
             print(json, &agent, || cordon_line(&agent, transition.as_ref()))
         }
+        AgentsCommand::Delete { agent_id } => {
+            let response = clients
+                .dispatch
+                .delete_agent(pb::DeleteAgentRequest { agent_id })
+                .await?
+                .into_inner();
+            let transition = TransitionView::from(&response.transition.unwrap_or_default());
+            print(json, &transition, || {
+                format!("{}\n", transition_line(&transition))
+            })
+        }
     }
 }
 
@@ -136,6 +147,15 @@ fn agent_details(a: &AgentView) -> String {
     ];
     if let Some(reason) = &a.cordon_reason {
         lines.push(("cordon reason", reason.clone()));
+    }
+    if let Some(claim) = &a.claim {
+        lines.push(("claimed by", claim.holder.clone()));
+        lines.push(("claim", claim.claim_id.clone()));
+        lines.push(("fencing token", claim.fencing_token.to_string()));
+        lines.push(("slot", claim.slot_type.clone()));
+        if let Some(lease) = &claim.lease_expires_at {
+            lines.push(("lease expires", lease.clone()));
+        }
     }
     let optional = [
         ("registered", &a.registered_at),
@@ -276,6 +296,35 @@ mod tests {
             agent_details(&cordoned),
             "agent:            a-2\nstatus:           BUSY\nrevision:         0\n\
              schedulable:      no\ncordon reason:    disk\n"
+        );
+    }
+
+    #[test]
+    fn agent_details_show_the_claim_with_its_holder_and_lease() {
+        let claimed = AgentView::from(&pb::Agent {
+            agent_id: "a-3".into(),
+            status: pb::AgentStatus::Busy as i32,
+            schedulable: true,
+            claim: Some(pb::Claim {
+                claim_id: "c-9".into(),
+                agent_id: "a-3".into(),
+                fencing_token: 17,
+                slot_type: pb::SlotType::Work as i32,
+                holder: "sched-a".into(),
+                lease_expires_at: Some(prost_types::Timestamp {
+                    seconds: 1_775_037_600,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        assert_eq!(
+            agent_details(&claimed),
+            "agent:            a-3\nstatus:           BUSY\nrevision:         0\n\
+             schedulable:      yes\nclaimed by:       sched-a\nclaim:            c-9\n\
+             fencing token:    17\nslot:             WORK\n\
+             lease expires:    2026-04-01T10:00:00.000Z\n"
         );
     }
 }

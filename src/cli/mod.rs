@@ -1,9 +1,10 @@
-//! The operator CLI: `fleetcare agents|watch|healing|pipeline|usage|explain-limit`, thin
+//! The operator CLI: `fleetcare agents|claims|watch|healing|pipeline|usage|explain-limit`, thin
 //! callers of the public gRPC API (the same one every other client uses).
 //! Tables for people by default, `--json` for scripts; one-line errors with
 //! distinct exit codes (see [`error::exit`]).
 
 mod agents;
+mod claims;
 mod copy;
 mod error;
 mod explain;
@@ -95,6 +96,8 @@ impl Connection {
 pub enum ClientCommand {
     /// List agents or show one.
     Agents(AgentsArgs),
+    /// List the active claims.
+    Claims(ClaimsArgs),
     /// Follow agent transitions live, one line each; resumes by itself after a dropped connection.
     Watch(WatchArgs),
     /// Healing statistics.
@@ -180,6 +183,31 @@ pub enum AgentsCommand {
     Uncordon {
         /// The agent's id.
         agent_id: String,
+    },
+    /// Remove an agent, with a last DELETED transition (operator or
+    /// scheduler); refused while it holds a claim whose lease runs.
+    Delete {
+        /// The agent's id.
+        agent_id: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ClaimsArgs {
+    #[command(flatten)]
+    pub connection: Connection,
+    #[command(subcommand)]
+    pub command: ClaimsCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClaimsCommand {
+    /// Every active claim (all pages), ordered by agent id.
+    List {
+        /// Only the claims this caller holds (its name in the auth file;
+        /// `anonymous` on a server without one).
+        #[arg(long)]
+        holder: Option<String>,
     },
 }
 
@@ -304,6 +332,7 @@ fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
 pub async fn run(command: ClientCommand) -> Result<(), CliError> {
     let result = match command {
         ClientCommand::Agents(args) => agents::run(args).await,
+        ClientCommand::Claims(args) => claims::run(args).await,
         ClientCommand::Watch(args) => agents::watch(args).await,
         ClientCommand::Healing(args) => healing::stats(args).await,
         ClientCommand::Pipeline(args) => pipeline::run(args).await,

@@ -41,6 +41,7 @@ use tonic_types::StatusExt;
 use crate::domain::agent::AgentStatus;
 use crate::domain::auth::Action;
 use crate::grpc::agent_status::AgentStatusApi;
+use crate::grpc::dispatch::DispatchApi;
 use crate::grpc::guard::{Admission, Admitted, STORE_DOWN};
 use crate::grpc::healing::HealingApi;
 use crate::grpc::metrics::{HTTP, Timing};
@@ -48,14 +49,16 @@ use crate::grpc::session_pipeline::SessionPipelineApi;
 use crate::metrics::Metrics;
 use crate::proto::v1 as pb;
 use crate::proto::v1::agent_status_service_server::AgentStatusService;
+use crate::proto::v1::dispatch_service_server::DispatchService;
 use crate::proto::v1::healing_service_server::HealingService;
 use crate::proto::v1::session_pipeline_service_server::SessionPipelineService;
 use crate::proto::v1::{
-    agent_status_service_server, healing_service_server, session_pipeline_service_server,
+    agent_status_service_server, dispatch_service_server, healing_service_server,
+    session_pipeline_service_server,
 };
 use crate::views::{
-    AgentView, HealingStatsView, ProcessorView, RunView, SessionStateView, TransitionView,
-    UsageView,
+    AgentView, ClaimView, HealingStatsView, ProcessorView, RunView, SessionStateView,
+    TransitionView, UsageView,
 };
 
 /// The header a state-changing request must carry (with the value `1`).
@@ -64,6 +67,7 @@ pub const REQUEST_HEADER: &str = "x-fleetcare-request";
 /// The service implementations the API calls, once the store is open.
 pub struct Apis {
     pub agents: Arc<AgentStatusApi>,
+    pub dispatch: Arc<DispatchApi>,
     pub healing: Arc<HealingApi>,
     pub pipeline: Arc<SessionPipelineApi>,
 }
@@ -93,6 +97,13 @@ impl Method {
     fn agents(action: Action) -> Method {
         Method {
             service: agent_status_service_server::SERVICE_NAME,
+            method: action.rpc(),
+        }
+    }
+
+    fn dispatch(action: Action) -> Method {
+        Method {
+            service: dispatch_service_server::SERVICE_NAME,
             method: action.rpc(),
         }
     }
@@ -231,6 +242,9 @@ pub fn routes() -> Router<Dashboard> {
         .route("/agents", get(list_agents))
         .route("/fleet/counts", get(fleet_counts))
         .route("/agents/{agent_id}", get(get_agent))
+        .route("/agents/{agent_id}/cordon", post(cordon_agent))
+        .route("/agents/{agent_id}/uncordon", post(uncordon_agent))
+        .route("/claims", get(list_claims))
         .route("/transitions", get(list_transitions))
         .route("/transitions/stream", get(watch_transitions))
         .route("/healing", get(healing_statistics))
@@ -497,6 +511,122 @@ async fn get_agent(
         .into_inner()
         .agent;
     Ok(json(&agent.as_ref().map(AgentView::from)).into_response())
+}
+
+/// What `cordon` and `uncordon` answer: the agent as the call left it and
+/// the transition it made (left out when the agent was as asked already).
+#[derive(Serialize)]
+struct CordonView {
+    agent: Option<AgentView>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    transition: Option<TransitionView>,
+}
+
+impl CordonView {
+    fn new(agent: Option<&pb::Agent>, transition: Option<&pb::Transition>) -> CordonView {
+        CordonView {
+            agent: agent.map(AgentView::from),
+            transition: transition.map(TransitionView::from),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CordonBody {
+    #[serde(default)]
+    reason: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UncordonBody {}
+
+/// A state-changing request's JSON body; an empty one is `{}`.
+fn body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let body = if body.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        body
+    };
+    serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("malformed JSON body: {e}")))
+}
+
+/// `CordonAgent`, from `{"reason": ...}` (the reason may be left out).
+async fn cordon_agent(
+    State(dashboard): State<Dashboard>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(agent_id): Path<String>,
+    raw: Bytes,
+) -> Result<Response, ApiError> {
+    state_changing(&headers)?;
+    let CordonBody { reason } = body(&raw)?;
+    let (apis, request, call) = dashboard.request(
+        &headers,
+        peer,
+        Method::dispatch(Action::CordonAgent),
+        pb::CordonAgentRequest { agent_id, reason },
+    )?;
+    let response = call
+        .answer(apis.dispatch.cordon_agent(request).await)?
+        .into_inner();
+    let view = CordonView::new(response.agent.as_ref(), response.transition.as_ref());
+    Ok(json(&view).into_response())
+}
+
+/// `UncordonAgent` (an empty body, or `{}`).
+async fn uncordon_agent(
+    State(dashboard): State<Dashboard>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(agent_id): Path<String>,
+    raw: Bytes,
+) -> Result<Response, ApiError> {
+    state_changing(&headers)?;
+    let UncordonBody {} = body(&raw)?;
+    let (apis, request, call) = dashboard.request(
+        &headers,
+        peer,
+        Method::dispatch(Action::UncordonAgent),
+        pb::UncordonAgentRequest { agent_id },
+    )?;
+    let response = call
+        .answer(apis.dispatch.uncordon_agent(request).await)?
+        .into_inner();
+    let view = CordonView::new(response.agent.as_ref(), response.transition.as_ref());
+    Ok(json(&view).into_response())
+}
+
+/// One page of `ListClaims`, ordered by agent id: `holder`, `page_size`
+/// (`ListClaims`' default 100, at most 1000), `page_token`.
+async fn list_claims(
+    State(dashboard): State<Dashboard>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let pairs = query(raw)?;
+    let message = pb::ListClaimsRequest {
+        page_size: number(&pairs, "page_size")?.unwrap_or(0),
+        page_token: value(&pairs, "page_token").unwrap_or_default().to_owned(),
+        holder: value(&pairs, "holder").unwrap_or_default().to_owned(),
+    };
+    let (apis, request, call) = dashboard.request(
+        &headers,
+        peer,
+        Method::dispatch(Action::ListClaims),
+        message,
+    )?;
+    let page = call
+        .answer(apis.dispatch.list_claims(request).await)?
+        .into_inner();
+    let claims: Vec<ClaimView> = page.claims.iter().map(ClaimView::from).collect();
+    Ok(json(&serde_json::json!({
+        "claims": claims,
+        "next_page_token": page.next_page_token,
+    }))
+    .into_response())
 }
 
 /// One page of `ListTransitions` (`agent`, `after`, `page_size`, `page_token`).

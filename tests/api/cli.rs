@@ -9,7 +9,7 @@ use std::time::Duration;
 use fleetcare::cli::exit;
 use fleetcare::proto::v1 as pb;
 use fleetcare::proto::v1::healing_service_client::HealingServiceClient;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::helpers::{TcpProxy, TestApp, TestDb, test_args};
 use crate::pipeline::SessionRoot;
@@ -226,6 +226,261 @@ async fn agents_cordon_and_uncordon_and_list_and_get_show_it() {
     assert!(line.contains("ghost"), "{line}");
     assert_eq!(code, i32::from(exit::NOT_FOUND));
     app.stop().await;
+}
+
+fn claim_request(labels: &[(&str, &str)], slot: pb::SlotType) -> pb::ClaimAgentRequest {
+    pb::ClaimAgentRequest {
+        selector: Some(pb::LabelSelector {
+            match_labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            match_expressions: vec![],
+        }),
+        slot_type: slot as i32,
+        lease_duration: Some(prost_types::Duration {
+            seconds: 600,
+            nanos: 0,
+        }),
+        wait_timeout: None,
+        request_id: String::new(),
+    }
+}
+
+/// `message` with `token` as its bearer token.
+fn with_token<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+#[tokio::test]
+async fn agents_delete_prints_the_deleted_transition_and_refuses_a_claimed_agent() {
+    let db = TestDb::new();
+    let app = TestApp::spawn(&db).await;
+    app.agents
+        .clone()
+        .register_agent(pb::RegisterAgentRequest {
+            agent_id: "cli-d1".into(),
+            labels: [("pool".to_string(), "x".to_string())].into(),
+        })
+        .await
+        .unwrap();
+    app.register("cli-d2").await;
+    let claim = crate::dispatch::client(&app)
+        .claim_agent(claim_request(&[("pool", "x")], pb::SlotType::Work))
+        .await
+        .unwrap()
+        .into_inner()
+        .claim
+        .unwrap();
+    assert_eq!(claim.agent_id, "cli-d1");
+
+    // `agents get` shows the claim.
+    let one = json(&fleetcare(app.addr, &["agents", "get", "cli-d1", "--json"]).await);
+    assert_eq!(one["claim"]["holder"], "anonymous");
+    assert_eq!(one["claim"]["fencing_token"], claim.fencing_token);
+    assert_eq!(one["claim"]["slot_type"], "WORK");
+    let details = stdout(&fleetcare(app.addr, &["agents", "get", "cli-d1"]).await);
+    assert!(
+        details.contains("claimed by:       anonymous\n"),
+        "{details}"
+    );
+    assert!(
+        details.contains(&format!("fencing token:    {}\n", claim.fencing_token)),
+        "{details}"
+    );
+
+    // Claimed: refused with the server's message, and nothing deleted.
+    let (line, code) = failure(&fleetcare(app.addr, &["agents", "delete", "cli-d1"]).await);
+    assert!(line.starts_with("fleetcare: refused: "), "{line}");
+    assert!(line.contains("release the claim first"), "{line}");
+    assert_eq!(code, i32::from(exit::REFUSED));
+    assert_eq!(app.get("cli-d1").await.status, pb::AgentStatus::Busy as i32);
+
+    crate::dispatch::client(&app)
+        .release_claim(pb::ReleaseClaimRequest {
+            claim_id: claim.claim_id.clone(),
+            fencing_token: claim.fencing_token,
+        })
+        .await
+        .unwrap();
+    let line = stdout(&fleetcare(app.addr, &["agents", "delete", "cli-d1"]).await);
+    let last = app.history("cli-d1").await.pop().unwrap();
+    assert_eq!(last.cause, pb::TransitionCause::Deleted as i32);
+    let words: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(words[0], last.revision.to_string(), "{line}");
+    assert!(
+        line.trim_end()
+            .ends_with("cli-d1  IDLE -> IDLE  DELETED  by anonymous"),
+        "{line}"
+    );
+    let (line, code) = failure(&fleetcare(app.addr, &["agents", "get", "cli-d1"]).await);
+    assert!(line.starts_with("fleetcare: not found: "), "{line}");
+    assert_eq!(code, i32::from(exit::NOT_FOUND));
+
+    let t = json(&fleetcare(app.addr, &["agents", "delete", "cli-d2", "--json"]).await);
+    let last = app.history("cli-d2").await.pop().unwrap();
+    assert_eq!(t["revision"], last.revision);
+    assert_eq!(t["agent_id"], "cli-d2");
+    assert_eq!(t["cause"], "DELETED");
+    assert_eq!((&t["from"], &t["to"]), (&json!("IDLE"), &json!("IDLE")));
+    let list = json(&fleetcare(app.addr, &["agents", "list", "--json"]).await);
+    assert_eq!(list, json!([]));
+
+    let (line, code) = failure(&fleetcare(app.addr, &["agents", "delete", "cli-d2"]).await);
+    assert!(line.contains("cli-d2"), "{line}");
+    assert_eq!(code, i32::from(exit::NOT_FOUND));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn claims_list_prints_every_page_as_a_table_and_json_filtered_by_holder() {
+    use fleetcare::domain::auth::{Role, caller_entry, token_digest};
+    use futures::StreamExt;
+    let db = TestDb::new();
+    let dir = std::env::temp_dir().join(format!(
+        "fleetcare-cli-claims-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("callers.toml");
+    std::fs::write(
+        &file,
+        [
+            caller_entry("sched-a", Role::Scheduler, &token_digest("a-token"), &[]),
+            caller_entry("sched-b", Role::Scheduler, &token_digest("b-token"), &[]),
+            caller_entry("viewer", Role::Reader, &token_digest("r-token"), &[]),
+            caller_entry("ops", Role::Operator, &token_digest("o-token"), &[]),
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let mut args = test_args(&db.url);
+    args.auth_file = Some(file);
+    let app = TestApp::spawn_with(args).await;
+
+    // More claims than the largest page: the list follows every page.
+    const N: usize = 1001;
+    let id = |i: usize| format!("cl-{i:04}");
+    futures::stream::iter(0..=N)
+        .map(|i| {
+            let mut agents = app.agents.clone();
+            async move {
+                let labels = [("pool".to_string(), "main".to_string())].into();
+                let message = pb::RegisterAgentRequest {
+                    agent_id: id(i),
+                    labels,
+                };
+                agents
+                    .register_agent(with_token("o-token", message))
+                    .await
+                    .expect("register");
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<()>>()
+        .await;
+    futures::stream::iter(0..N)
+        .map(|_| {
+            let mut dispatch = crate::dispatch::client(&app);
+            async move {
+                let request = claim_request(&[("pool", "main")], pb::SlotType::Work);
+                dispatch
+                    .claim_agent(with_token("a-token", request))
+                    .await
+                    .expect("claim")
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+    let b = crate::dispatch::client(&app)
+        .claim_agent(with_token(
+            "b-token",
+            claim_request(&[("pool", "main")], pb::SlotType::OnCall),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .claim
+        .unwrap();
+
+    let all = json(
+        &fleetcare(
+            app.addr,
+            &["claims", "list", "--json", "--token", "r-token"],
+        )
+        .await,
+    );
+    let all = all.as_array().unwrap();
+    assert_eq!(all.len(), N + 1);
+    let ids: Vec<&str> = all
+        .iter()
+        .map(|c| c["agent_id"].as_str().unwrap())
+        .collect();
+    let every: Vec<String> = (0..=N).map(id).collect();
+    assert_eq!(ids, every, "every claimed agent once, in agent id order");
+    let by_a = all.iter().filter(|c| c["holder"] == "sched-a").count();
+    assert_eq!(by_a, N);
+    let mine = all
+        .iter()
+        .find(|c| c["claim_id"] == b.claim_id.as_str())
+        .expect("sched-b's claim is listed");
+    assert_eq!(mine["holder"], "sched-b");
+    assert_eq!(mine["fencing_token"], b.fencing_token);
+    assert_eq!(mine["slot_type"], "ON_CALL");
+
+    let table = stdout(
+        &fleetcare(
+            app.addr,
+            &[
+                "claims", "list", "--holder", "sched-b", "--token", "r-token",
+            ],
+        )
+        .await,
+    );
+    let lines: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(lines.len(), 2, "{table}");
+    assert_eq!(
+        lines[0],
+        [
+            "AGENT", "CLAIM", "HOLDER", "TOKEN", "SLOT", "LEASE", "EXPIRES"
+        ]
+    );
+    let lease = fleetcare::views::time(b.lease_expires_at.as_ref()).unwrap();
+    let token = b.fencing_token.to_string();
+    assert_eq!(
+        lines[1],
+        [
+            b.agent_id.as_str(),
+            b.claim_id.as_str(),
+            "sched-b",
+            token.as_str(),
+            "ON_CALL",
+            lease.as_str()
+        ]
+    );
+    let none = stdout(
+        &fleetcare(
+            app.addr,
+            &["claims", "list", "--holder", "nobody", "--token", "r-token"],
+        )
+        .await,
+    );
+    assert_eq!(none.lines().count(), 1, "the header only: {none}");
+
+    // Without a token the server refuses, in one line.
+    let (line, code) = failure(&fleetcare(app.addr, &["claims", "list"]).await);
+    assert!(line.starts_with("fleetcare: "), "{line}");
+    assert_eq!(code, i32::from(exit::FAILURE));
+    app.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]

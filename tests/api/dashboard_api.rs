@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use fleetcare::domain::auth::{Role, caller_entry, token_digest};
 use fleetcare::proto::v1 as pb;
-use fleetcare::views::AgentView;
+use fleetcare::views::{AgentView, ClaimView};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -846,4 +846,451 @@ async fn on_a_non_loopback_http_listener_without_an_auth_file_the_api_is_off() {
     // Metrics and the page stay (they hold no agent data).
     assert_eq!(get(addr, "/metrics").await.status, 200);
     assert_eq!(get(addr, "/").await.status, 200);
+}
+
+fn claim_request(labels: &[(&str, &str)], slot: pb::SlotType) -> pb::ClaimAgentRequest {
+    pb::ClaimAgentRequest {
+        selector: Some(pb::LabelSelector {
+            match_labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            match_expressions: vec![],
+        }),
+        slot_type: slot as i32,
+        lease_duration: Some(prost_types::Duration {
+            seconds: 600,
+            nanos: 0,
+        }),
+        wait_timeout: None,
+        request_id: String::new(),
+    }
+}
+
+fn claims_json(claims: &[pb::Claim]) -> Value {
+    serde_json::to_value(claims.iter().map(ClaimView::from).collect::<Vec<_>>()).unwrap()
+}
+
+/// The headers every state-changing request needs.
+const WRITE: [(&str, &str); 2] = [
+    ("Content-Type", "application/json"),
+    ("X-Fleetcare-Request", "1"),
+];
+
+async fn post(app: &TestApp, path: &str, body: &str) -> Reply {
+    request(http(app), "POST", path, &WRITE, body).await
+}
+
+async fn grpc_agent(app: &TestApp, agent_id: &str) -> pb::Agent {
+    app.get(agent_id).await
+}
+
+#[tokio::test]
+async fn the_claims_json_is_list_claims_a_page_at_a_time_and_agents_carry_their_claim() {
+    let db = TestDb::new();
+    let app = TestApp::spawn(&db).await;
+    register(&app, "claim-a", &[("pool", "x")]).await;
+    register(&app, "claim-b", &[("pool", "x")]).await;
+    register(&app, "claim-c", &[]).await;
+    let mut dispatch = crate::dispatch::client(&app);
+    let work = dispatch
+        .claim_agent(claim_request(&[("pool", "x")], pb::SlotType::Work))
+        .await
+        .unwrap()
+        .into_inner()
+        .claim
+        .unwrap();
+    let on_call = dispatch
+        .claim_agent(claim_request(&[("pool", "x")], pb::SlotType::OnCall))
+        .await
+        .unwrap()
+        .into_inner()
+        .claim
+        .unwrap();
+    assert_eq!(
+        (work.agent_id.as_str(), on_call.agent_id.as_str()),
+        ("claim-a", "claim-b")
+    );
+    let listed = dispatch
+        .list_claims(pb::ListClaimsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .claims;
+    assert_eq!(listed.len(), 2);
+
+    let all = get(http(&app), "/api/v1/claims").await;
+    assert_eq!(all.status, 200, "{}", all.body);
+    let all = all.json();
+    assert_eq!(all["claims"], claims_json(&listed));
+    assert_eq!(all["next_page_token"], "");
+    let first = &all["claims"][0];
+    assert_eq!(first["agent_id"], "claim-a");
+    assert_eq!(first["holder"], "anonymous");
+    assert_eq!(first["fencing_token"], work.fencing_token);
+    assert_eq!(first["slot_type"], "WORK");
+    assert_eq!(
+        first["lease_expires_at"].as_str(),
+        fleetcare::views::time(work.lease_expires_at.as_ref()).as_deref()
+    );
+    assert_eq!(all["claims"][1]["slot_type"], "ON_CALL");
+
+    // A page at a time.
+    let page = get(http(&app), "/api/v1/claims?page_size=1").await.json();
+    assert_eq!(page["claims"], claims_json(&listed[..1]));
+    let token = page["next_page_token"].as_str().unwrap();
+    assert!(!token.is_empty());
+    let next = get(
+        http(&app),
+        &format!("/api/v1/claims?page_size=1&page_token={token}"),
+    )
+    .await
+    .json();
+    assert_eq!(next["claims"], claims_json(&listed[1..]));
+    assert_eq!(next["next_page_token"], "");
+    // By holder.
+    let mine = get(http(&app), "/api/v1/claims?holder=anonymous")
+        .await
+        .json();
+    assert_eq!(mine["claims"].as_array().unwrap().len(), 2);
+    let nobody = get(http(&app), "/api/v1/claims?holder=nobody").await.json();
+    assert_eq!(nobody["claims"], json!([]));
+    for path in [
+        "/api/v1/claims?page_size=-1",
+        "/api/v1/claims?page_size=many",
+        "/api/v1/claims?page_token=garbage",
+    ] {
+        let reply = get(http(&app), path).await;
+        assert_eq!(reply.status, 400, "{path}: {}", reply.body);
+        assert_eq!(reply.json()["code"], "INVALID_ARGUMENT", "{path}");
+    }
+
+    // The agent JSON carries the claim, schedulable and (absent) cordon reason.
+    let agent = get(http(&app), "/api/v1/agents/claim-a").await.json();
+    assert_eq!(agent["claim"], claims_json(&listed[..1])[0]);
+    assert_eq!(agent["status"], "BUSY");
+    assert_eq!(agent["schedulable"], true);
+    assert!(agent.get("cordon_reason").is_none(), "{agent}");
+    let agents = get(http(&app), "/api/v1/agents").await.json();
+    assert_eq!(agents["agents"][1]["claim"]["claim_id"], on_call.claim_id);
+    assert!(agents["agents"][2].get("claim").is_none(), "{agents}");
+
+    // Released: gone from the list and from the agent.
+    dispatch
+        .release_claim(pb::ReleaseClaimRequest {
+            claim_id: work.claim_id.clone(),
+            fencing_token: work.fencing_token,
+        })
+        .await
+        .unwrap();
+    let after = get(http(&app), "/api/v1/claims").await.json();
+    assert_eq!(after["claims"], claims_json(&listed[1..]));
+    let agent = get(http(&app), "/api/v1/agents/claim-a").await.json();
+    assert!(agent.get("claim").is_none(), "{agent}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn cordon_and_uncordon_are_posts_answering_the_agent_and_the_transition() {
+    let db = TestDb::new();
+    let app = TestApp::spawn(&db).await;
+    register(&app, "cord-1", &[]).await;
+    register(&app, "cord-2", &[]).await;
+    app.start_work("cord-1").await.unwrap();
+
+    let cordoned = post(
+        &app,
+        "/api/v1/agents/cord-1/cordon",
+        r#"{"reason": "disk failing"}"#,
+    )
+    .await;
+    assert_eq!(cordoned.status, 200, "{}", cordoned.body);
+    let cordoned = cordoned.json();
+    let grpc = grpc_agent(&app, "cord-1").await;
+    assert!(!grpc.schedulable);
+    assert_eq!(grpc.cordon_reason, "disk failing");
+    assert_eq!(grpc.status, pb::AgentStatus::Busy as i32, "work kept");
+    assert_eq!(
+        cordoned["agent"],
+        serde_json::to_value(AgentView::from(&grpc)).unwrap()
+    );
+    assert_eq!(cordoned["agent"]["schedulable"], false);
+    assert_eq!(cordoned["agent"]["cordon_reason"], "disk failing");
+    let t = &cordoned["transition"];
+    assert_eq!(t["cause"], "CORDONED");
+    assert_eq!((&t["from"], &t["to"]), (&json!("BUSY"), &json!("BUSY")));
+    assert_eq!(t["actor"], "anonymous");
+    assert_eq!(t["revision"], grpc.revision);
+    let shown = get(http(&app), "/api/v1/agents/cord-1").await.json();
+    assert_eq!(
+        (&shown["schedulable"], &shown["cordon_reason"]),
+        (&json!(false), &json!("disk failing"))
+    );
+
+    // Again: the agent as it is, its first reason kept, no transition.
+    let again = post(
+        &app,
+        "/api/v1/agents/cord-1/cordon",
+        r#"{"reason": "other"}"#,
+    )
+    .await;
+    assert_eq!(again.status, 200, "{}", again.body);
+    let again = again.json();
+    assert!(again.get("transition").is_none(), "{again}");
+    assert_eq!(again["agent"]["cordon_reason"], "disk failing");
+
+    // Uncordon: an empty body will do.
+    let back = post(&app, "/api/v1/agents/cord-1/uncordon", "").await;
+    assert_eq!(back.status, 200, "{}", back.body);
+    let back = back.json();
+    assert_eq!(back["agent"]["schedulable"], true);
+    assert!(back["agent"].get("cordon_reason").is_none(), "{back}");
+    assert_eq!(back["transition"]["cause"], "UNCORDONED");
+    assert!(grpc_agent(&app, "cord-1").await.schedulable);
+    let again = post(&app, "/api/v1/agents/cord-1/uncordon", "{}").await;
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert!(again.json().get("transition").is_none(), "{}", again.body);
+    // No reason: cordoned with an empty one.
+    let bare = post(&app, "/api/v1/agents/cord-2/cordon", "{}").await;
+    assert_eq!(bare.status, 200, "{}", bare.body);
+    assert_eq!(bare.json()["agent"]["cordon_reason"], "");
+    assert!(!grpc_agent(&app, "cord-2").await.schedulable);
+
+    // Refusals: the gRPC ones, and bodies that are not the one expected.
+    let long = format!(r#"{{"reason": "{}"}}"#, "x".repeat(1025));
+    let cases: &[(&str, &str, u16, &str)] = &[
+        ("/api/v1/agents/ghost/cordon", "{}", 404, "NOT_FOUND"),
+        ("/api/v1/agents/ghost/uncordon", "", 404, "NOT_FOUND"),
+        (
+            "/api/v1/agents/bad%20id/cordon",
+            "{}",
+            400,
+            "INVALID_ARGUMENT",
+        ),
+        (
+            "/api/v1/agents/cord-1/cordon",
+            "reason=x",
+            400,
+            "INVALID_ARGUMENT",
+        ),
+        (
+            "/api/v1/agents/cord-1/cordon",
+            r#"{"reason": 5}"#,
+            400,
+            "INVALID_ARGUMENT",
+        ),
+        (
+            "/api/v1/agents/cord-1/cordon",
+            r#"{"why": "x"}"#,
+            400,
+            "INVALID_ARGUMENT",
+        ),
+        (
+            "/api/v1/agents/cord-1/cordon",
+            &long,
+            400,
+            "INVALID_ARGUMENT",
+        ),
+        (
+            "/api/v1/agents/cord-2/uncordon",
+            r#"{"reason": "x"}"#,
+            400,
+            "INVALID_ARGUMENT",
+        ),
+    ];
+    for (path, body, status, code) in cases {
+        let reply = post(&app, path, body).await;
+        assert_eq!(reply.status, *status, "{path} {body}: {}", reply.body);
+        let json = reply.json();
+        assert_eq!(json["code"], *code, "{path} {body}: {json}");
+        assert!(!json["message"].as_str().unwrap().is_empty());
+    }
+    let ghost = post(&app, "/api/v1/agents/ghost/cordon", "{}").await.json();
+    assert!(
+        ghost["message"].as_str().unwrap().contains("ghost"),
+        "{ghost}"
+    );
+    assert!(
+        grpc_agent(&app, "cord-1").await.schedulable,
+        "a refused body cordons nothing"
+    );
+    assert!(
+        !grpc_agent(&app, "cord-2").await.schedulable,
+        "a refused body uncordons nothing"
+    );
+    // Without the custom header, or as a GET: refused before any call.
+    let bare = request(
+        http(&app),
+        "POST",
+        "/api/v1/agents/cord-1/cordon",
+        &[("Content-Type", "application/json")],
+        "{}",
+    )
+    .await;
+    assert_eq!(bare.status, 403, "{}", bare.body);
+    assert_eq!(bare.json()["reason"], "REQUEST_HEADER_REQUIRED");
+    assert!(grpc_agent(&app, "cord-1").await.schedulable);
+    assert_eq!(
+        get(http(&app), "/api/v1/agents/cord-1/cordon").await.status,
+        405
+    );
+
+    // Timed as the DispatchService's calls, over HTTP.
+    let m = crate::metrics::scrape(&app).await;
+    let calls = |method: &str, code: &str| {
+        m.value(
+            "fleetcare_rpc_duration_seconds_count",
+            &[
+                ("service", "fleetcare.v1.DispatchService"),
+                ("method", method),
+                ("code", code),
+                ("transport", "http"),
+            ],
+        )
+    };
+    assert_eq!(calls("CordonAgent", "OK"), 3.0);
+    assert_eq!(calls("UncordonAgent", "OK"), 2.0);
+    assert_eq!(calls("CordonAgent", "NOT_FOUND"), 2.0);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn with_an_auth_file_a_reader_lists_claims_but_may_not_cordon() {
+    let db = TestDb::new();
+    let dir = std::env::temp_dir().join(format!(
+        "fleetcare-dash-cordon-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("callers.toml");
+    let entries = [
+        caller_entry("ops", Role::Operator, &token_digest("ops-token"), &[]),
+        caller_entry("sched", Role::Scheduler, &token_digest("sched-token"), &[]),
+        caller_entry("viewer", Role::Reader, &token_digest("viewer-token"), &[]),
+        caller_entry(
+            "bot",
+            Role::Agent,
+            &token_digest("bot-token"),
+            &["guarded-*".to_owned()],
+        ),
+    ]
+    .join("\n");
+    std::fs::write(&file, entries).unwrap();
+    let mut args = test_args(&db.url);
+    args.auth_file = Some(file);
+    let app = TestApp::spawn_with(args).await;
+    let addr = http(&app);
+    let mut register = tonic::Request::new(pb::RegisterAgentRequest {
+        agent_id: "guarded-1".into(),
+        labels: Default::default(),
+    });
+    register
+        .metadata_mut()
+        .insert("authorization", "Bearer ops-token".parse().unwrap());
+    app.agents.clone().register_agent(register).await.unwrap();
+    let as_ = |bearer: &'static str| {
+        [
+            ("Authorization", bearer),
+            ("Content-Type", "application/json"),
+            ("X-Fleetcare-Request", "1"),
+        ]
+    };
+    let cordon = r#"{"reason": "maintenance"}"#;
+
+    // A reader: 403 with the gRPC refusal's message, nothing changed.
+    for (path, body, rpc) in [
+        ("/api/v1/agents/guarded-1/cordon", cordon, "CordonAgent"),
+        ("/api/v1/agents/guarded-1/uncordon", "", "UncordonAgent"),
+    ] {
+        let denied = request(addr, "POST", path, &as_("Bearer viewer-token"), body).await;
+        assert_eq!(denied.status, 403, "{path}: {}", denied.body);
+        let body = denied.json();
+        assert_eq!(body["code"], "PERMISSION_DENIED");
+        assert_eq!(body["reason"], "PERMISSION_DENIED");
+        assert_eq!(
+            body["message"],
+            format!("viewer (reader) may not call {rpc}"),
+            "{body}"
+        );
+    }
+    // No token: 401; an agent caller, even on its own agent: 403.
+    let anonymous = request(
+        addr,
+        "POST",
+        "/api/v1/agents/guarded-1/cordon",
+        &WRITE,
+        cordon,
+    )
+    .await;
+    assert_eq!(anonymous.status, 401, "{}", anonymous.body);
+    let bot = request(
+        addr,
+        "POST",
+        "/api/v1/agents/guarded-1/cordon",
+        &as_("Bearer bot-token"),
+        cordon,
+    )
+    .await;
+    assert_eq!(bot.status, 403, "{}", bot.body);
+    let mut get_agent = tonic::Request::new(pb::GetAgentRequest {
+        agent_id: "guarded-1".into(),
+    });
+    get_agent
+        .metadata_mut()
+        .insert("authorization", "Bearer ops-token".parse().unwrap());
+    let agent = app
+        .agents
+        .clone()
+        .get_agent(get_agent)
+        .await
+        .unwrap()
+        .into_inner()
+        .agent
+        .unwrap();
+    assert!(agent.schedulable, "the refusals changed nothing");
+
+    // A scheduler cordons, an operator uncordons: each the transition's actor.
+    let by_sched = request(
+        addr,
+        "POST",
+        "/api/v1/agents/guarded-1/cordon",
+        &as_("Bearer sched-token"),
+        cordon,
+    )
+    .await;
+    assert_eq!(by_sched.status, 200, "{}", by_sched.body);
+    assert_eq!(by_sched.json()["transition"]["actor"], "sched");
+    let by_ops = request(
+        addr,
+        "POST",
+        "/api/v1/agents/guarded-1/uncordon",
+        &as_("Bearer ops-token"),
+        "",
+    )
+    .await;
+    assert_eq!(by_ops.status, 200, "{}", by_ops.body);
+    assert_eq!(by_ops.json()["transition"]["actor"], "ops");
+
+    // ListClaims: readers may, agent callers may not.
+    let listed = request(
+        addr,
+        "GET",
+        "/api/v1/claims",
+        &as_("Bearer viewer-token")[..1],
+        "",
+    )
+    .await;
+    assert_eq!(listed.status, 200, "{}", listed.body);
+    assert_eq!(listed.json()["claims"], json!([]));
+    let bot = request(
+        addr,
+        "GET",
+        "/api/v1/claims",
+        &as_("Bearer bot-token")[..1],
+        "",
+    )
+    .await;
+    assert_eq!(bot.status, 403, "{}", bot.body);
+    assert_eq!(get(addr, "/api/v1/claims").await.status, 401);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -10,6 +10,23 @@ const FEED_MAX = 500;
 const NEW = "NEW";
 // Agents a page of the fleet table holds (the API's default page size).
 const PAGE_SIZE = 200;
+// Claims a page of the claims table holds.
+const CLAIMS_PAGE = 200;
+// The causes of an agent's last transition: it is gone (DeleteAgent, or the
+// sweeper after --offline-agent-retention).
+const GONE = new Set(["DELETED", "EXPIRED"]);
+// How the feed words a cause, where its name alone says too little.
+const CAUSE_TEXT = { EXPIRED: "expired (offline too long)", CLAIM_EXPIRED: "claim lease expired" };
+
+// A claim lasts as long as the work it took: BUSY or ON_CALL.
+function working(status) {
+  return status === "BUSY" || status === "ON_CALL";
+}
+
+// Whether a transition adds, ends or drops a claim.
+function touchesClaims(t) {
+  return t.cause === "CLAIMED" || GONE.has(t.cause) || (working(t.from) && !working(t.to));
+}
 
 // ---- DOM helpers -----------------------------------------------------------
 
@@ -65,6 +82,16 @@ function span(ms) {
 
 function fmtTime(iso) {
   return iso ? new Date(iso).toLocaleString() : "";
+}
+
+// A time as the local wall clock, 14:05:31 (with its date when not today).
+function clock(iso) {
+  if (!iso) return "";
+  const d = new Date(iso);
+  const p = (n) => String(n).padStart(2, "0");
+  const time = p(d.getHours()) + ":" + p(d.getMinutes()) + ":" + p(d.getSeconds());
+  if (d.toDateString() === new Date().toDateString()) return time;
+  return d.getFullYear() + "-" + p(d.getMonth() + 1) + "-" + p(d.getDate()) + " " + time;
 }
 
 // Elements whose text follows the clock: data-since (time since), data-ago
@@ -183,6 +210,8 @@ const fleetView = {
   generation: 0, // a new query makes answers to the older one stale
 };
 let counts = null; // { revision, total, counts: { IDLE: n, ... } }
+// Agents whose Cordon button was clicked: agent_id -> the reason typed so far.
+const cordoning = new Map();
 
 const connState = document.getElementById("conn-state");
 function setConnection(state, text) {
@@ -381,26 +410,44 @@ class Watch {
 function applyTransition(t) {
   feed.unshift(t);
   if (feed.length > FEED_MAX) feed.length = FEED_MAX;
-  // The counts move by the transition, unless they already include it.
+  const gone = GONE.has(t.cause);
+  // The counts move by the transition, unless they already include it; a
+  // deleted agent leaves them.
   if (counts && t.revision > counts.revision) {
     if (t.from === NEW) counts.total += 1;
     else counts.counts[t.from] = (counts.counts[t.from] || 0) - 1;
-    counts.counts[t.to] = (counts.counts[t.to] || 0) + 1;
+    if (gone) counts.total -= 1;
+    else counts.counts[t.to] = (counts.counts[t.to] || 0) + 1;
     counts.revision = t.revision;
   }
   const agent = fleet.get(t.agent_id);
-  if (agent && agent.revision < t.revision) {
+  if (agent && gone) fleet.delete(t.agent_id);
+  else if (agent && agent.revision < t.revision) {
     agent.status = t.to;
     agent.revision = t.revision;
-    agent.last_transition_at = t.occurred_at;
+    // A cordon leaves the status, and the time it was entered, as they were.
+    if (t.from !== t.to) agent.last_transition_at = t.occurred_at;
     if (t.to !== "EXHAUSTED") {
       delete agent.recovery_at;
       delete agent.recovery_hint;
     } else if (t.recovery_at) agent.recovery_at = t.recovery_at;
+    if (t.cause === "CORDONED") {
+      agent.schedulable = false;
+      agent.cordon_reason = agent.cordon_reason || "";
+    } else if (t.cause === "UNCORDONED") {
+      agent.schedulable = true;
+      delete agent.cordon_reason;
+    }
+    if (working(t.from) && !working(t.to)) delete agent.claim;
+    // The holder is the actor and the token the revision; the lease comes
+    // with the agent, read below.
+    if (t.cause === "CLAIMED") agent.claim = { agent_id: t.agent_id, holder: t.actor, fencing_token: t.revision };
   }
-  // A loaded agent's hint is not in the transition; a new agent is fetched
-  // if it belongs among the rows loaded (one not loaded is not forced in).
-  if (agent ? t.to === "EXHAUSTED" : t.from === NEW) refreshAgent(t.agent_id);
+  // A loaded agent's hint, cordon reason and lease are not in the
+  // transition; a new agent is fetched if it belongs among the rows loaded
+  // (one not loaded is not forced in).
+  const details = t.to === "EXHAUSTED" || t.cause === "CORDONED" || t.cause === "CLAIMED";
+  if (agent ? !gone && details : t.from === NEW) refreshAgent(t.agent_id);
   changed("transition", t);
 }
 
@@ -471,7 +518,7 @@ var watch = new Watch();
 // ---- pages -----------------------------------------------------------------
 
 const page = document.getElementById("page");
-const pages = { fleet: fleetPage, feed: feedPage, healing: healingPage, usage: usagePage, pipeline: pipelinePage };
+const pages = { fleet: fleetPage, claims: claimsPage, feed: feedPage, healing: healingPage, usage: usagePage, pipeline: pipelinePage };
 let current = null; // { name, update? }
 
 function route() {
@@ -545,9 +592,12 @@ function fleetPage(root) {
   }
 
   function row(a) {
-    return h("tr", { "data-agent-id": a.agent_id, "data-status": a.status },
+    const cordoned = a.schedulable === false;
+    const claim = a.claim;
+    return h("tr", { "data-agent-id": a.agent_id, "data-status": a.status, "data-cordoned": cordoned, "data-holder": claim ? claim.holder : null },
       h("td", {}, a.agent_id),
-      h("td", { class: "status s-" + a.status }, a.status),
+      h("td", {}, h("span", { class: "status s-" + a.status }, a.status),
+        cordoned ? h("div", { class: "cordoned" }, "cordoned" + (a.cordon_reason ? ": " + a.cordon_reason : "")) : null),
       h("td", {}, ticking("since", a.last_transition_at)),
       h("td", {}, ticking("ago", a.last_heartbeat_at)),
       h("td", {}, a.status === "EXHAUSTED" ? [
@@ -555,7 +605,53 @@ function fleetPage(root) {
         a.recovery_hint ? h("div", { class: "hint" }, a.recovery_hint) : null,
         a.recovery_source ? h("div", { class: "hint" }, "from " + a.recovery_source.toLowerCase()) : null,
       ] : ""),
-      h("td", {}, Object.entries(a.labels).map(([k, v]) => h("span", { class: "label" }, k + "=" + v))));
+      h("td", { class: "claim" }, claim ? [
+        h("span", { title: fmtTime(claim.lease_expires_at) || null },
+          "claimed by " + claim.holder + (claim.lease_expires_at ? " until " + clock(claim.lease_expires_at) : "")),
+        h("div", { class: "hint" }, "token " + claim.fencing_token + (claim.slot_type ? " · " + claim.slot_type : "")),
+      ] : ""),
+      h("td", {}, Object.entries(a.labels).map(([k, v]) => h("span", { class: "label" }, k + "=" + v))),
+      h("td", { class: "rotation" }, rotation(a)));
+  }
+
+  // Cordon (asking for a reason inline) or Uncordon.
+  function rotation(a) {
+    const id = a.agent_id;
+    if (a.schedulable === false) {
+      return h("button", { class: "uncordon", "data-agent-id": id, onclick: (e) => setRotation(e.target, id, "uncordon", {}) }, "Uncordon");
+    }
+    if (!cordoning.has(id)) {
+      return h("button", { class: "cordon", "data-agent-id": id, onclick: () => {
+        cordoning.set(id, "");
+        drawRow(id);
+        const input = rows.get(id) && rows.get(id).querySelector("input.cordon-reason");
+        if (input) input.focus();
+      } }, "Cordon");
+    }
+    const ok = h("button", { class: "cordon-confirm", "data-agent-id": id, onclick: (e) => setRotation(e.target, id, "cordon", { reason: cordoning.get(id) }) }, "Cordon");
+    const cancel = () => {
+      cordoning.delete(id);
+      drawRow(id);
+    };
+    const input = h("input", { class: "cordon-reason", "data-agent-id": id, placeholder: "reason", value: cordoning.get(id),
+      oninput: (e) => cordoning.set(id, e.target.value),
+      onkeydown: (e) => (e.key === "Enter" ? ok.click() : e.key === "Escape" ? cancel() : null) });
+    return h("span", { class: "cordon-form" }, input, ok, h("button", { class: "cordon-cancel", "data-agent-id": id, onclick: cancel }, "Cancel"));
+  }
+
+  // CordonAgent or UncordonAgent; the answer is the agent, drawn at once
+  // (its transition follows on the stream).
+  async function setRotation(button, id, action, body) {
+    button.disabled = true;
+    try {
+      const answer = await post("agents/" + encodeURIComponent(id) + "/" + action, body);
+      cordoning.delete(id);
+      if (answer.agent && fleet.has(id)) mergeAgent(answer.agent);
+      changed("agent", { agent_id: id });
+    } catch (e) {
+      button.disabled = false;
+      notice(action + " of " + id + " failed: " + e.message);
+    }
   }
 
   const rows = new Map(); // agent_id -> tr
@@ -572,15 +668,23 @@ function fleetPage(root) {
         return tr;
       });
       const filtered = fleetView.status || fleetView.labels;
-      body.replaceChildren(table(["agent", "status", "in status", "last heartbeat", "recovery", "labels"], trs,
+      body.replaceChildren(table(["agent", "status", "in status", "last heartbeat", "recovery", "claim", "labels", ""], trs,
         filtered ? "no agent matches the filter" : "no agents registered"));
     }
   }
 
-  // One agent's row redrawn (or, for an agent new to the table, the table).
+  // One agent's row redrawn or, for an agent gone, removed (for an agent new
+  // to the table, the table is redrawn).
   function drawRow(id) {
     const old = rows.get(id);
     const agent = fleet.get(id);
+    if (old && !agent) {
+      old.remove();
+      rows.delete(id);
+      cordoning.delete(id);
+      if (!fleet.size) drawTable();
+      return true;
+    }
     if (!old || !agent) return false;
     const tr = row(agent);
     old.replaceWith(tr);
@@ -596,11 +700,19 @@ function fleetPage(root) {
   const dirty = new Set();
   function flush() {
     queued = false;
+    // A reason being typed keeps its focus across redraws.
+    const active = document.activeElement;
+    const typing = active && active.matches("input.cordon-reason") ? active.dataset.agentId : null;
     drawCounts();
     if (whole) drawTable();
     else for (const id of dirty) if (!drawRow(id) && fleet.has(id)) { drawTable(); break; }
     whole = false;
     dirty.clear();
+    const input = typing !== null && rows.has(typing) ? rows.get(typing).querySelector("input.cordon-reason") : null;
+    if (input && input !== document.activeElement) {
+      input.focus();
+      input.setSelectionRange(input.value.length, input.value.length);
+    }
     // Busy while a query is pending or a page on its way (the tests wait on it).
     body.toggleAttribute("aria-busy", fleetView.loading || timer !== null);
   }
@@ -616,20 +728,98 @@ function fleetPage(root) {
   };
 }
 
+// The active claims (ListClaims), a page at a time, filtered by holder:
+// read again when a transition makes, ends or drops a claim, and every 15 s
+// (a renewal moves a lease without a transition).
+let claimsTimer = null;
+function claimsPage(root) {
+  const holder = h("input", { id: "claims-holder", placeholder: "holder", oninput: () => {
+    clearTimeout(pending);
+    pending = setTimeout(() => load(CLAIMS_PAGE), 300);
+  } });
+  const shown = h("span", { class: "muted", id: "claims-shown" });
+  const body = h("div", { id: "claims-table", "aria-busy": "true" });
+  const more = h("button", { id: "claims-more", hidden: true, onclick: () => load(claims.length + CLAIMS_PAGE) }, "Load the next " + CLAIMS_PAGE);
+  append(root, h("div", { class: "reconnect-banner" }),
+    h("p", { class: "muted" }, "Active claims, by agent: who holds each, its fencing token and when its lease ends unless renewed."),
+    h("div", { class: "filters" }, holder, shown), body, h("div", { class: "more" }, more));
+  setConnection(connState.dataset.state, connState.textContent);
+  let claims = [];
+  let generation = 0;
+  let pending = null;
+
+  // The first `want` claims (whole pages of at most 1000).
+  async function load(want) {
+    const mine = ++generation;
+    body.setAttribute("aria-busy", "true");
+    try {
+      const got = [];
+      let token = "";
+      do {
+        const page = await api("claims" + query({ holder: holder.value.trim(), page_size: Math.min(1000, want - got.length), page_token: token }));
+        if (mine !== generation) return;
+        got.push(...page.claims);
+        token = page.next_page_token;
+      } while (token && got.length < want);
+      claims = got;
+      draw(token);
+    } catch (e) {
+      if (mine !== generation) return;
+      failed(body, e);
+    }
+    body.removeAttribute("aria-busy");
+  }
+
+  function draw(next) {
+    shown.textContent = claims.length.toLocaleString("en-US") + (next ? "+" : "") + " shown";
+    more.hidden = !next;
+    body.replaceChildren(table(["agent", "holder", "token#", "slot", "claimed", "lease expires"], claims.map((c) =>
+      h("tr", { "data-claim-id": c.claim_id, "data-agent-id": c.agent_id, "data-holder": c.holder },
+        h("td", {}, c.agent_id), h("td", {}, c.holder), h("td", { class: "num" }, c.fencing_token), h("td", {}, c.slot_type),
+        h("td", { title: fmtTime(c.claimed_at) }, ticking("ago", c.claimed_at)),
+        h("td", { class: "lease", title: fmtTime(c.lease_expires_at) }, clock(c.lease_expires_at), " ",
+          h("span", { class: "muted" }, "(", ticking("until", c.lease_expires_at), ")")))),
+    holder.value.trim() ? "no claim held by " + holder.value.trim() : "no active claims"));
+  }
+
+  load(CLAIMS_PAGE);
+  clearInterval(claimsTimer);
+  claimsTimer = setInterval(() => {
+    if (route() !== "claims") clearInterval(claimsTimer);
+    else if (!document.hidden) load(Math.max(CLAIMS_PAGE, claims.length));
+  }, 15000);
+  let queued = null;
+  return (what, t) => {
+    if (what !== "transition" || !touchesClaims(t) || queued) return;
+    // A burst of claims is read once.
+    queued = setTimeout(() => {
+      queued = null;
+      load(Math.max(CLAIMS_PAGE, claims.length));
+    }, 100);
+  };
+}
+
 // The live transition feed.
 function feedPage(root) {
   const list = h("ol", { class: "feed", id: "feed" });
   append(root, h("div", { class: "reconnect-banner" }),
     h("p", { class: "muted" }, "Transitions as they are committed, newest first: the last 100 before the page was opened, then live."), list);
   setConnection(connState.dataset.state, connState.textContent);
+  // FROM → TO; a change that keeps the status (a cordon) shows it once,
+  // and a deleted agent's last transition goes to "gone".
+  function move(t) {
+    if (GONE.has(t.cause)) return [h("span", { class: "s-" + t.from }, t.from), " → ", h("span", { class: "muted" }, "gone")];
+    if (t.from === t.to) return h("span", { class: "status s-" + t.to }, t.to);
+    return [t.from === NEW ? h("span", { class: "muted" }, "new") : h("span", { class: "s-" + t.from }, t.from),
+      " → ", h("span", { class: "status s-" + t.to }, t.to)];
+  }
   function item(t) {
-    return h("li", { "data-revision": t.revision, "data-agent-id": t.agent_id },
+    return h("li", { "data-revision": t.revision, "data-agent-id": t.agent_id, "data-cause": t.cause },
       h("span", { class: "muted" }, "#" + t.revision),
       h("span", {}, fmtTime(t.occurred_at)),
       h("span", {}, t.agent_id),
-      h("span", {}, t.from === NEW ? h("span", { class: "muted" }, "new") : h("span", { class: "s-" + t.from }, t.from),
-        " → ", h("span", { class: "status s-" + t.to }, t.to)),
-      h("span", { class: "muted" }, t.cause.toLowerCase().replace(/_/g, " "), t.actor ? " by " + t.actor : ""));
+      h("span", {}, move(t)),
+      h("span", { class: "muted" }, CAUSE_TEXT[t.cause] || t.cause.toLowerCase().replace(/_/g, " "), t.actor ? " by " + t.actor : ""));
   }
   function update(what, t) {
     if (what === "transition") list.prepend(item(t));
