@@ -258,7 +258,7 @@ impl Metrics {
         let claims_waiting = Gauge::default();
         registry.register(
             "claims_waiting",
-            "ClaimAgent calls of this process waiting (wait_timeout) for a matching agent",
+            "ClaimAgent calls of this process waiting (wait_timeout) for a matching agent, once a first attempt found none",
             claims_waiting.clone(),
         );
         let db_connections = Family::<PoolLabels, Gauge>::default();

@@ -437,7 +437,7 @@ impl DispatchApi {
             tokio::time::Instant::now() + request.wait_timeout.to_std().unwrap_or_default();
         // In line before the first attempt: an agent freed after it fails
         // still wakes this claim.
-        let ticket = (request.wait_timeout > chrono::Duration::zero())
+        let mut ticket = (request.wait_timeout > chrono::Duration::zero())
             .then(|| self.waiters.enqueue(request.selector.clone()));
         let command = Command::Claim {
             claim_id: uuid::Uuid::new_v4().to_string(),
@@ -464,7 +464,7 @@ impl DispatchApi {
                 tokio::task::yield_now().await;
                 continue;
             }
-            let Some(ticket) = &ticket else {
+            let Some(ticket) = ticket.as_mut() else {
                 return Err(Error::NoAgentAvailable(counted.message(self.writes.now())));
             };
             tokio::select! {

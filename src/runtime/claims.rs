@@ -51,6 +51,9 @@ pub struct Ticket {
     seq: u64,
     notify: Arc<Notify>,
     claimed: bool,
+    /// Counted in `fleetcare_claims_waiting`: it has waited once (after a
+    /// first attempt found no agent).
+    counted: bool,
 }
 
 impl Ticket {
@@ -60,7 +63,11 @@ impl Ticket {
     }
 
     /// Waits to be woken (at once if woken since the last wait).
-    pub async fn woken(&self) {
+    pub async fn woken(&mut self) {
+        if !self.counted {
+            self.counted = true;
+            self.waiters.metrics.claims_waiting.inc();
+        }
         self.notify.notified().await;
         self.waiters.rearm(self.seq);
     }
@@ -78,7 +85,9 @@ impl Drop for Ticket {
             next.notify.notify_one();
         }
         drop(waiters);
-        self.waiters.metrics.claims_waiting.dec();
+        if self.counted {
+            self.waiters.metrics.claims_waiting.dec();
+        }
     }
 }
 
@@ -131,12 +140,12 @@ impl ClaimWaiters {
                 woken: false,
             },
         );
-        self.metrics.claims_waiting.inc();
         Ticket {
             waiters: self.clone(),
             seq,
             notify,
             claimed: false,
+            counted: false,
         }
     }
 
@@ -260,7 +269,7 @@ mod tests {
 
     /// Whether the ticket has a wake-up waiting (a permit: ready at the
     /// first poll, which a zero timeout still makes).
-    async fn is_woken(ticket: &Ticket) -> bool {
+    async fn is_woken(ticket: &mut Ticket) -> bool {
         tokio::time::timeout(std::time::Duration::ZERO, ticket.woken())
             .await
             .is_ok()
@@ -269,16 +278,16 @@ mod tests {
     #[tokio::test]
     async fn a_freed_agent_wakes_the_first_waiter_that_wants_it_once() {
         let w = waiters();
-        let narrow = w.enqueue(team("x"));
-        let any = w.enqueue(LabelSelector::default());
-        let later = w.enqueue(LabelSelector::default());
+        let mut narrow = w.enqueue(team("x"));
+        let mut any = w.enqueue(LabelSelector::default());
+        let mut later = w.enqueue(LabelSelector::default());
         assert_eq!(w.len(), 3);
         // Known here with team=y: the narrow waiter is skipped, not a blocker.
         w.cache.committed(&agent("y-1", "y", AgentStatus::Busy));
         w.on_transition(&freed("y-1", Cause::ClaimReleased));
-        assert!(!is_woken(&narrow).await);
-        assert!(is_woken(&any).await);
-        assert!(!is_woken(&later).await, "one agent, one waiter");
+        assert!(!is_woken(&mut narrow).await);
+        assert!(is_woken(&mut any).await);
+        assert!(!is_woken(&mut later).await, "one agent, one waiter");
         // A status change that frees nothing wakes nobody.
         let mut busy = freed("y-1", Cause::Claimed);
         busy.to = AgentStatus::Busy;
@@ -286,18 +295,18 @@ mod tests {
         let mut deleted = freed("y-1", Cause::Deleted);
         deleted.from = Some(AgentStatus::Idle);
         w.on_transition(&deleted);
-        assert!(!is_woken(&later).await);
+        assert!(!is_woken(&mut later).await);
         // An agent this process does not know wakes the first in line.
         w.on_transition(&freed("elsewhere", Cause::WorkFinished));
-        assert!(is_woken(&narrow).await);
+        assert!(is_woken(&mut narrow).await);
         // Woken, then gone without an agent: the wake-up passes on.
         w.on_transition(&freed("elsewhere", Cause::WorkFinished));
         drop(narrow);
-        assert!(is_woken(&any).await, "passed on to the next in line");
+        assert!(is_woken(&mut any).await, "passed on to the next in line");
         // Gone with an agent: nothing passes on.
         w.on_transition(&freed("elsewhere", Cause::WorkFinished));
         any.claimed();
-        assert!(!is_woken(&later).await);
+        assert!(!is_woken(&mut later).await);
         drop(later);
         assert!(w.is_empty());
     }
