@@ -11,6 +11,7 @@ pub mod liveness;
 pub mod pipeline;
 pub mod pipeline_runs;
 pub mod post_healing;
+pub mod quota;
 pub mod recovery;
 pub mod transcript;
 pub mod transition;
