@@ -1063,9 +1063,13 @@ async fn plans_postgres(url: &str, seen: Option<String>, fleet: usize) {
         agents_nodes(&json[0]["Plan"], &mut nodes);
         let examined: f64 = nodes.iter().map(|(_, n)| n).sum();
         let scans: Vec<&str> = nodes.iter().map(|(s, _)| s.as_str()).collect();
+        let top = &json[0]["Plan"];
+        let buffers = top["Shared Hit Blocks"].as_f64().unwrap_or(0.0)
+            + top["Shared Read Blocks"].as_f64().unwrap_or(0.0);
         println!(
-            "  => scans of agents: {}; rows examined {examined:.0} of {fleet}",
-            scans.join(", ")
+            "  => scans of agents: {}; rows examined {examined:.0} of {fleet}; {buffers:.0} buffers; {:.2} ms",
+            scans.join(", "),
+            json[0]["Execution Time"].as_f64().unwrap_or(f64::NAN),
         );
         assert!(
             !text.iter().any(|l| l.contains("Seq Scan on agents")),
