@@ -42,138 +42,14 @@ use std::time::{Duration, Instant};
 
 use fleetcare::config::{DatabaseArgs, ServeArgs};
 use fleetcare::proto::v1 as pb;
-use futures::StreamExt;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
 mod common;
 
-use common::{cpu_time, env_usize, helpers, outside, postgres_cpu_since, postgres_ticks};
+use common::measure::{CpuMeter, drive, pct, rate, report, rss_mib, set_quiet};
+use common::{baselines, cpu_time, env_usize, helpers, outside};
 use std::path::Path;
-
-/// Runs `total` calls of `call(i)` with `concurrency` in flight; returns the
-/// elapsed time and sorted per-call latencies.
-async fn drive<F, Fut>(total: usize, concurrency: usize, call: F) -> (Duration, Vec<Duration>)
-where
-    F: Fn(usize) -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    let started = Instant::now();
-    let mut latencies: Vec<Duration> = futures::stream::iter(0..total)
-        .map(|i| {
-            let fut = call(i);
-            async move {
-                let t = Instant::now();
-                fut.await;
-                t.elapsed()
-            }
-        })
-        .buffer_unordered(concurrency)
-        .collect()
-        .await;
-    latencies.sort();
-    (started.elapsed(), latencies)
-}
-
-fn rate(total: usize, elapsed: Duration) -> f64 {
-    total as f64 / elapsed.as_secs_f64()
-}
-
-fn pct(latencies: &[Duration], p: f64) -> Duration {
-    latencies[((latencies.len() as f64 - 1.0) * p) as usize]
-}
-
-/// While set, `report` and `transitions` print nothing (a figure measured in slices).
-static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-fn quiet() -> bool {
-    QUIET.load(std::sync::atomic::Ordering::Relaxed)
-}
-
-fn report(what: &str, total: usize, (elapsed, latencies): &(Duration, Vec<Duration>)) -> f64 {
-    let r = rate(total, *elapsed);
-    if quiet() {
-        return r;
-    }
-    println!(
-        "  {what:<44} {total:>8} in {:>8.2?} {:>9.0}/s  p50 {:>9.2?}  p99 {:>9.2?}",
-        elapsed,
-        r,
-        pct(latencies, 0.50),
-        pct(latencies, 0.99),
-    );
-    r
-}
-
-/// Resident memory of this process (server and bench client), from /proc.
-fn rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kib| kib / 1024.0)
-}
-
-/// (busy, total) clock ticks of the whole machine, all cores, from /proc/stat.
-fn machine_ticks() -> (u64, u64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
-        return (0, 0);
-    };
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|f| f.parse().ok())
-        .collect();
-    let total: u64 = v.iter().take(8).sum();
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    (total - idle, total)
-}
-
-/// Where the CPU of one measured run went: this process (server and bench
-/// client), Postgres, and how busy the machine's cores were. With it, a rate
-/// can be set against what the cores could sustain if nothing but CPU bound
-/// it: `cores / (CPU per call)`.
-struct CpuMeter {
-    own: Duration,
-    postgres: std::collections::HashMap<u32, u64>,
-    machine: (u64, u64),
-}
-
-impl CpuMeter {
-    fn start() -> Self {
-        CpuMeter {
-            own: cpu_time(),
-            postgres: postgres_ticks(),
-            machine: machine_ticks(),
-        }
-    }
-
-    /// Prints the CPU per call and the CPU-bound ceiling; returns the ceiling
-    /// in calls per second.
-    fn report(&self, what: &str, calls: usize) -> f64 {
-        let own = (cpu_time() - self.own).as_secs_f64();
-        let postgres = postgres_cpu_since(&self.postgres).as_secs_f64();
-        let (busy, total) = machine_ticks();
-        let busy = (busy - self.machine.0) as f64 / (total - self.machine.1).max(1) as f64;
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-        let per_call = (own + postgres) / calls as f64;
-        let ceiling = cores / per_call.max(f64::MIN_POSITIVE);
-        if !quiet() {
-            println!(
-                "    cpu per {what}: {:.1} µs server+client, {:.1} µs Postgres; cores {:.0} % busy; \
-                 all {cores:.0} cores would sustain {ceiling:.0}/s",
-                own / calls as f64 * 1e6,
-                postgres / calls as f64 * 1e6,
-                busy * 100.0,
-            );
-        }
-        ceiling
-    }
-}
 
 fn id(i: usize) -> String {
     format!("bench-agent-{i:06}")
@@ -246,208 +122,17 @@ impl Bench {
 
     /// StartWork + FinishWork pairs, each in-flight caller on its own agent.
     async fn transitions(&self, pairs: usize, concurrency: usize, offset: usize) -> f64 {
-        // Calls complete out of order: an in-flight pair takes a free agent and
-        // gives it back, so no two pairs ever share one.
-        let free =
-            std::sync::Mutex::new((0..concurrency).map(|i| id(offset + i)).collect::<Vec<_>>());
-        let free = &free;
-        let r = drive(pairs, concurrency, |_| {
-            let mut c = self.agents();
-            async move {
-                let agent_id = free.lock().unwrap().pop().expect("a free agent per caller");
-                c.start_work(pb::StartWorkRequest {
-                    agent_id: agent_id.clone(),
-                    slot_type: pb::SlotType::Work as i32,
-                })
-                .await
-                .unwrap();
-                c.finish_work(pb::FinishWorkRequest {
-                    agent_id: agent_id.clone(),
-                    fencing_token: 0,
-                })
-                .await
-                .unwrap();
-                free.lock().unwrap().push(agent_id);
-            }
-        })
-        .await;
-        let label = format!("StartWork+FinishWork pairs, {concurrency} in flight");
-        report(&label, pairs, &r);
-        let per_sec = rate(2 * pairs, r.0);
-        if quiet() {
-            return per_sec;
-        }
-        println!(
-            "  {:<44} {:>8} {:>21.0}/s",
-            "  durable transitions",
-            2 * pairs,
-            per_sec
-        );
-        per_sec
+        baselines::transitions(&self.agents(), id, pairs, concurrency, offset).await
     }
 
-    /// One-row UPDATEs, each its own autocommit transaction, on `connections`
-    /// connections (each its own row): `pgbench -N` without pgbench. On the
-    /// embedded store, the same on the server's SQLite file with the server's
-    /// settings (WAL, synchronous=FULL, busy timeout), in a table of its own.
+    /// See `baselines::updates`.
     async fn baseline_updates(&self, total: usize, connections: usize) -> f64 {
-        if helpers::sqlite_backend() {
-            return self.baseline_updates_sqlite(total, connections).await;
-        }
-        let pool = self.baseline_pool(connections).await;
-        sqlx::query(
-            "CREATE TABLE IF NOT EXISTS bench_baseline (id int PRIMARY KEY, n bigint NOT NULL)",
-        )
-        .execute(&pool)
-        .await
-        .unwrap();
-        sqlx::query(
-            "INSERT INTO bench_baseline SELECT g, 0 FROM generate_series(0, $1) g ON CONFLICT DO NOTHING",
-        )
-        .bind(connections as i32)
-        .execute(&pool)
-        .await
-        .unwrap();
-        let cpu = CpuMeter::start();
-        let r = drive(total, connections, |i| {
-            let pool = pool.clone();
-            async move {
-                sqlx::query("UPDATE bench_baseline SET n = n + 1 WHERE id = $1")
-                    .bind((i % connections) as i32)
-                    .execute(&pool)
-                    .await
-                    .unwrap();
-            }
-        })
-        .await;
-        let label = format!("baseline: 1-row UPDATE, autocommit, {connections} conns");
-        let per_sec = report(&label, total, &r);
-        // Measured while the pool's backends are still alive.
-        cpu.report("UPDATE", total);
-        per_sec
+        baselines::updates(&self.db, total, connections).await
     }
 
-    /// A pool of `connections` connections to the bench's database, kept
-    /// open (`min_connections`) for the whole baseline.
-    async fn baseline_pool(&self, connections: usize) -> sqlx::PgPool {
-        sqlx::postgres::PgPoolOptions::new()
-            .max_connections(connections as u32)
-            .min_connections(connections as u32)
-            .connect(&self.db.url)
-            .await
-            .unwrap()
-    }
-
-    /// `pgbench -N`'s transaction at scale 1 (BEGIN; UPDATE an account;
-    /// SELECT its balance; INSERT a history row; COMMIT), on `connections`
-    /// connections: the figure the issue measured (4,100 TPS there) beside the
-    /// literal single-statement baseline above.
+    /// See `baselines::pgbench_n`.
     async fn baseline_pgbench_n(&self, total: usize, connections: usize) -> f64 {
-        let pool = self.baseline_pool(connections).await;
-        for statement in [
-            "CREATE TABLE IF NOT EXISTS bench_accounts (aid int PRIMARY KEY, bid int NOT NULL, \
-             abalance int NOT NULL, filler char(84)) WITH (fillfactor = 100)",
-            "CREATE TABLE IF NOT EXISTS bench_history (tid int, bid int, aid int, delta int, \
-             mtime timestamp, filler char(22))",
-            "INSERT INTO bench_accounts SELECT g, 1, 0, '' FROM generate_series(1, 100000) g \
-             ON CONFLICT DO NOTHING",
-        ] {
-            sqlx::query(statement).execute(&pool).await.unwrap();
-        }
-        let cpu = CpuMeter::start();
-        let r = drive(total, connections, |i| {
-            let pool = pool.clone();
-            async move {
-                // pgbench draws aid, tid and delta at random; a fixed
-                // scramble of i spreads them the same way, reproducibly.
-                let h = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11;
-                let aid = (h % 100_000) as i32 + 1;
-                let tid = (h % 10) as i32 + 1;
-                let delta = (h % 10_001) as i32 - 5_000;
-                let mut tx = pool.begin().await.unwrap();
-                sqlx::query("UPDATE bench_accounts SET abalance = abalance + $1 WHERE aid = $2")
-                    .bind(delta)
-                    .bind(aid)
-                    .execute(&mut *tx)
-                    .await
-                    .unwrap();
-                let _: i32 =
-                    sqlx::query_scalar("SELECT abalance FROM bench_accounts WHERE aid = $1")
-                        .bind(aid)
-                        .fetch_one(&mut *tx)
-                        .await
-                        .unwrap();
-                sqlx::query(
-                    "INSERT INTO bench_history (tid, bid, aid, delta, mtime) \
-                     VALUES ($1, 1, $2, $3, CURRENT_TIMESTAMP)",
-                )
-                .bind(tid)
-                .bind(aid)
-                .bind(delta)
-                .execute(&mut *tx)
-                .await
-                .unwrap();
-                tx.commit().await.unwrap();
-            }
-        })
-        .await;
-        let per_sec = report(
-            &format!("pgbench -N transaction, {connections} conns"),
-            total,
-            &r,
-        );
-        // Measured while the pool's backends are still alive.
-        cpu.report("pgbench -N transaction", total);
-        per_sec
-    }
-
-    /// The SQLite baseline, on a file of its own beside the server's (the
-    /// server holds its file's single-node lock; the disk is the same).
-    async fn baseline_updates_sqlite(&self, total: usize, connections: usize) -> f64 {
-        use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
-        let dir = self.db.dir.as_ref().expect("sqlite test db");
-        let options = SqliteConnectOptions::new()
-            .filename(dir.join("baseline.db"))
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(30));
-        let pool = sqlx::sqlite::SqlitePoolOptions::new()
-            .max_connections(connections as u32)
-            .min_connections(connections as u32)
-            .connect_with(options)
-            .await
-            .unwrap();
-        sqlx::query(
-            "CREATE TABLE IF NOT EXISTS bench_baseline (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)",
-        )
-        .execute(&pool)
-        .await
-        .unwrap();
-        for id in 0..=connections as i64 {
-            sqlx::query("INSERT OR IGNORE INTO bench_baseline VALUES (?, 0)")
-                .bind(id)
-                .execute(&pool)
-                .await
-                .unwrap();
-        }
-        let r = drive(total, connections, |i| {
-            let pool = pool.clone();
-            async move {
-                sqlx::query("UPDATE bench_baseline SET n = n + 1 WHERE id = ?")
-                    .bind((i % connections) as i64)
-                    .execute(&pool)
-                    .await
-                    .unwrap();
-            }
-        })
-        .await;
-        pool.close().await;
-        report(
-            &format!("baseline: SQLite 1-row UPDATE, autocommit, {connections} conns"),
-            total,
-            &r,
-        )
+        baselines::pgbench_n(&self.db, total, connections).await
     }
 
     /// Lone transitions straight on the server's store, as the committer makes
@@ -697,13 +382,13 @@ async fn main() {
         let (mut old, mut one, mut store) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
         let n = (single / slices).max(2) & !1;
         let took = |count: usize, per_sec: f64| Duration::from_secs_f64(count as f64 / per_sec);
-        QUIET.store(true, std::sync::atomic::Ordering::Relaxed);
+        set_quiet(true);
         for _ in 0..slices {
             old += took(n, bench.baseline_old_transaction(n, &id(4999)).await);
             one += took(n, bench.transitions(n / 2, 1, 0).await);
             store += took(n, bench.store_transitions(n, &id(4998)).await);
         }
-        QUIET.store(false, std::sync::atomic::Ordering::Relaxed);
+        set_quiet(false);
         let total = n * slices;
         let old = rate(total, old);
         let one = rate(total, one);

@@ -8,6 +8,8 @@ use std::time::Duration;
 #[path = "../../tests/api/helpers.rs"]
 pub mod helpers;
 
+pub mod baselines;
+pub mod measure;
 pub mod outside;
 
 /// A size from the environment (`BENCH_AGENTS=500 cargo bench ...`), or `default`.
