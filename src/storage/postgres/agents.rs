@@ -112,7 +112,13 @@ impl AgentColumns {
 /// shifts say so, and `last_heartbeat_at` never moves back; the claims made
 /// are recorded with their tokens shifted; deleted agents' rows are removed.
 /// The revision row's update waits for `ok` (its condition), so the agent
-/// rows are always locked before it.
+/// rows are always locked before it. The status is compared with `IS NOT
+/// DISTINCT FROM` (the column is NOT NULL: the same meaning) because that is
+/// not an index condition: a generic plan made while the table had no
+/// statistics (a new database, or no autovacuum yet) otherwise looked the
+/// rows up through `agents_status_recovery_idx` by status, reading every
+/// agent of that status per batch for the connection's life; this way the
+/// primary key is the only way in (docs/benchmarks.md, Claims).
 const WRITE_BATCH: &str = "WITH locked AS (
          SELECT a.agent_id FROM agents a
          JOIN unnest($24::text[], $25::text[], $26::text[], $27::timestamptz[], $28::bigint[],
@@ -122,7 +128,7 @@ const WRITE_BATCH: &str = "WITH locked AS (
                    exhaustion_reason, recovery_at, recovery_source, recovery_hint,
                    cordon_reason, claim_id, claim_token, lease_expires_at)
            ON a.agent_id = e.agent_id
-         WHERE a.status = e.status AND a.labels = e.labels::jsonb
+         WHERE a.status IS NOT DISTINCT FROM e.status AND a.labels = e.labels::jsonb
            AND a.last_transition_at = e.last_transition_at AND a.revision = e.revision
            AND a.exhaustion_reason IS NOT DISTINCT FROM e.exhaustion_reason
            AND a.recovery_at IS NOT DISTINCT FROM e.recovery_at
