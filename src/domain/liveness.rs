@@ -9,7 +9,7 @@
 
 use chrono::{DateTime, Duration, Utc};
 
-use crate::domain::agent::{self, AgentState, AgentStatus};
+use crate::domain::agent::{AgentState, AgentStatus};
 use crate::domain::dispatch;
 use crate::domain::transition::Agent;
 
@@ -22,7 +22,7 @@ pub fn silence_timeout(heartbeat_timeout: Duration, flush_interval: Duration) ->
 }
 
 /// What the store is asked for: agents the sweeper must decide on. The store
-/// only compares indexed columns with these values; [`agent::decide`] then
+/// only compares indexed columns with these values; [`agent::decide`](crate::domain::agent::decide) then
 /// decides each candidate under its row lock.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SweepQuery {
@@ -58,7 +58,7 @@ impl SweepQuery {
         let lease_over = agent
             .claim
             .as_ref()
-            .is_some_and(|c| c.lease_expires_at <= self.leases_expired_by);
+            .is_some_and(|c| dispatch::lease_expired(c, self.leases_expired_by));
         let kept_too_long = self.offline_before.is_some_and(|before| {
             agent.state.status == AgentStatus::Offline && agent.last_transition_at < before
         });
@@ -93,14 +93,6 @@ pub fn sweep_query(now: DateTime<Utc>, silence: Duration, offline_allowed: bool)
         recovered_by: now,
         leases_expired_by: now,
         offline_before: None,
-    }
-}
-
-/// The sweep event for the same parameters, decided per candidate.
-pub fn sweep_event(silence: Duration, offline_allowed: bool) -> agent::Event {
-    agent::Event::Sweep {
-        heartbeat_timeout: silence,
-        offline_allowed,
     }
 }
 
@@ -151,7 +143,7 @@ impl HeartbeatPacing {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::agent::{Exhaustion, ExhaustionReason};
+    use crate::domain::agent::{self, Exhaustion, ExhaustionReason};
     use crate::domain::recovery::{RecoveryEstimate, RecoverySource};
     use chrono::TimeZone;
     use proptest::prelude::*;
