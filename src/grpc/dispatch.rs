@@ -16,7 +16,7 @@ use crate::grpc::convert;
 use crate::grpc::trace::record_agent_id;
 use crate::grpc::validate;
 use crate::grpc::validate::PageRequest;
-use crate::metrics::{Metrics, ReasonLabel};
+use crate::metrics::{CLAIM_REFUSALS, Metrics, ReasonLabel};
 use crate::proto::v1 as pb;
 use crate::proto::v1::dispatch_service_server::DispatchService;
 use crate::runtime::agents::AgentWrites;
@@ -482,16 +482,13 @@ impl DispatchApi {
 
     /// Counts a refused claim by its reason, and passes the error on.
     fn refused(&self, error: Error) -> Error {
-        let reason = match &error {
-            Error::NoAgentAvailable(_) => "NO_AGENT_AVAILABLE",
-            Error::InvalidArgument(_) => "INVALID_ARGUMENT",
-            Error::PermissionDenied(_) => "PERMISSION_DENIED",
-            _ => return error,
-        };
-        self.metrics
-            .claims_refused
-            .get_or_create(&ReasonLabel { reason })
-            .inc();
+        let reason = crate::grpc::status::reason(&error);
+        if CLAIM_REFUSALS.contains(&reason) {
+            self.metrics
+                .claims_refused
+                .get_or_create(&ReasonLabel { reason })
+                .inc();
+        }
         error
     }
 }

@@ -14,53 +14,65 @@ const DOMAIN: &str = "fleetcare.v1";
 
 impl From<Error> for Status {
     fn from(error: Error) -> Status {
-        // No `_` arm: a new variant must decide its code here.
-        let mut metadata = HashMap::new();
-        let (code, reason) = match &error {
-            Error::Unauthenticated(_) => (Code::Unauthenticated, "UNAUTHENTICATED"),
-            Error::PermissionDenied(denied) => {
-                metadata.insert("caller".to_owned(), denied.caller.clone());
-                metadata.insert("rpc".to_owned(), denied.rpc.to_owned());
-                (Code::PermissionDenied, "PERMISSION_DENIED")
-            }
-            Error::InvalidArgument(_) => (Code::InvalidArgument, "INVALID_ARGUMENT"),
-            Error::NotFound { .. } => (Code::NotFound, "NOT_FOUND"),
-            Error::TransitionRefused(_) => (Code::FailedPrecondition, "TRANSITION_REFUSED"),
-            Error::RecoveryAlreadyActive(active) => {
-                metadata.insert("agent_id".to_owned(), active.agent_id.clone());
-                metadata.insert("action_id".to_owned(), active.action_id.to_string());
-                (Code::FailedPrecondition, "RECOVERY_ALREADY_ACTIVE")
-            }
-            Error::OutcomeAlreadyRecorded(recorded) => {
-                metadata.insert("action_id".to_owned(), recorded.action_id.to_string());
-                metadata.insert("status".to_owned(), recorded.status.as_str().to_owned());
-                (Code::FailedPrecondition, "OUTCOME_ALREADY_RECORDED")
-            }
-            Error::Conflict(_) => (Code::Aborted, "CONFLICT"),
-            Error::FailedPrecondition(_) => (Code::FailedPrecondition, "FAILED_PRECONDITION"),
-            Error::OutOfRange(_) => (Code::OutOfRange, "REVISION_OUT_OF_RANGE"),
-            Error::Aborted(_) => (Code::Aborted, "ABORTED"),
-            Error::ProcessorRunning { .. } => (Code::Aborted, "PROCESSOR_RUNNING"),
-            Error::ResourceExhausted(_) => (Code::ResourceExhausted, "RESOURCE_EXHAUSTED"),
-            Error::StaleFencingToken(stale) => {
-                metadata.insert("agent_id".to_owned(), stale.agent_id.clone());
-                (Code::FailedPrecondition, "STALE_FENCING_TOKEN")
-            }
-            Error::ClaimHeld(held) => {
-                metadata.insert("agent_id".to_owned(), held.agent_id.clone());
-                metadata.insert("claim_id".to_owned(), held.claim_id.clone());
-                (Code::FailedPrecondition, "CLAIM_HELD")
-            }
-            Error::NoAgentAvailable(_) => (Code::ResourceExhausted, "NO_AGENT_AVAILABLE"),
-            Error::Unavailable(_) => (Code::Unavailable, "UNAVAILABLE"),
-            Error::Internal(detail) => {
-                tracing::error!(%detail, "internal error");
-                (Code::Internal, "INTERNAL")
-            }
-        };
+        let (code, reason, metadata) = classify(&error);
+        if let Error::Internal(detail) = &error {
+            tracing::error!(%detail, "internal error");
+        }
         let details = ErrorDetails::with_error_info(reason, DOMAIN, metadata);
         Status::with_error_details(code, error.to_string(), details)
     }
+}
+
+/// The stable `reason` an error is answered with (its `google.rpc.ErrorInfo`),
+/// for what counts refusals by reason.
+pub fn reason(error: &Error) -> &'static str {
+    classify(error).1
+}
+
+/// An error's code, reason and metadata.
+fn classify(error: &Error) -> (Code, &'static str, HashMap<String, String>) {
+    // No `_` arm: a new variant must decide its code here.
+    let mut metadata = HashMap::new();
+    let (code, reason) = match error {
+        Error::Unauthenticated(_) => (Code::Unauthenticated, "UNAUTHENTICATED"),
+        Error::PermissionDenied(denied) => {
+            metadata.insert("caller".to_owned(), denied.caller.clone());
+            metadata.insert("rpc".to_owned(), denied.rpc.to_owned());
+            (Code::PermissionDenied, "PERMISSION_DENIED")
+        }
+        Error::InvalidArgument(_) => (Code::InvalidArgument, "INVALID_ARGUMENT"),
+        Error::NotFound { .. } => (Code::NotFound, "NOT_FOUND"),
+        Error::TransitionRefused(_) => (Code::FailedPrecondition, "TRANSITION_REFUSED"),
+        Error::RecoveryAlreadyActive(active) => {
+            metadata.insert("agent_id".to_owned(), active.agent_id.clone());
+            metadata.insert("action_id".to_owned(), active.action_id.to_string());
+            (Code::FailedPrecondition, "RECOVERY_ALREADY_ACTIVE")
+        }
+        Error::OutcomeAlreadyRecorded(recorded) => {
+            metadata.insert("action_id".to_owned(), recorded.action_id.to_string());
+            metadata.insert("status".to_owned(), recorded.status.as_str().to_owned());
+            (Code::FailedPrecondition, "OUTCOME_ALREADY_RECORDED")
+        }
+        Error::Conflict(_) => (Code::Aborted, "CONFLICT"),
+        Error::FailedPrecondition(_) => (Code::FailedPrecondition, "FAILED_PRECONDITION"),
+        Error::OutOfRange(_) => (Code::OutOfRange, "REVISION_OUT_OF_RANGE"),
+        Error::Aborted(_) => (Code::Aborted, "ABORTED"),
+        Error::ProcessorRunning { .. } => (Code::Aborted, "PROCESSOR_RUNNING"),
+        Error::ResourceExhausted(_) => (Code::ResourceExhausted, "RESOURCE_EXHAUSTED"),
+        Error::StaleFencingToken(stale) => {
+            metadata.insert("agent_id".to_owned(), stale.agent_id.clone());
+            (Code::FailedPrecondition, "STALE_FENCING_TOKEN")
+        }
+        Error::ClaimHeld(held) => {
+            metadata.insert("agent_id".to_owned(), held.agent_id.clone());
+            metadata.insert("claim_id".to_owned(), held.claim_id.clone());
+            (Code::FailedPrecondition, "CLAIM_HELD")
+        }
+        Error::NoAgentAvailable(_) => (Code::ResourceExhausted, "NO_AGENT_AVAILABLE"),
+        Error::Unavailable(_) => (Code::Unavailable, "UNAVAILABLE"),
+        Error::Internal(_) => (Code::Internal, "INTERNAL"),
+    };
+    (code, reason, metadata)
 }
 
 #[cfg(test)]

@@ -612,6 +612,7 @@ async fn selectors_follow_kubernetes_semantics_and_bad_requests_name_the_field()
             "slot_type",
         ),
     ];
+    let refused_count = refusals.len() as f64;
     for (request, field) in refusals {
         let refused = claim(&app, request).await.unwrap_err();
         assert_eq!(
@@ -629,6 +630,11 @@ async fn selectors_follow_kubernetes_semantics_and_bad_requests_name_the_field()
         app.get("s-3").await.status,
         status(S::Idle),
         "no refusal claimed anything"
+    );
+    assert_eq!(
+        metric_with(&app, "fleetcare_claims_refused_total", "INVALID_ARGUMENT").await,
+        Some(refused_count),
+        "each refusal counted by its reason"
     );
     app.stop().await;
 }
