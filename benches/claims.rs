@@ -13,10 +13,11 @@
 //!   set against transitions/s (the target: at least 0.8); "claims/s" (the
 //!   ClaimAgents alone) is printed beside it. Two selectors: one label every
 //!   agent of the pool carries (one distinct selector per batch), and one label
-//!   in four values (up to four per batch, each its own SKIP LOCKED read); and
-//!   the first again with the claim ended by FinishWork(agent, fencing token),
-//!   as the claimed agent ends it, instead of ReleaseClaim (whose handler
-//!   reads the claim before committing). Every run starts from the same
+//!   in four values (up to four per batch; each its own SKIP LOCKED read when
+//!   the batch reads its candidates from the table rather than taking them
+//!   from the server's memory of the claimable agents); and the first again
+//!   with the claim ended by FinishWork(agent, fencing token), as the claimed
+//!   agent ends it, instead of ReleaseClaim. Every run starts from the same
 //!   table: `VACUUM (ANALYZE) agents` before each (see `Server::vacuum`). Then
 //!   single-statement autocommit UPDATEs, `pgbench -N`'s transaction and the
 //!   health check at the same concurrency, each with its CPU per call, and the

@@ -23,7 +23,9 @@ use chrono::{DateTime, Duration, Utc};
 use crate::domain::agent::{
     self, AgentStatus, Cause, Decision, Event, StatusChange, TransitionRefused,
 };
-use crate::domain::dispatch::{self, ClaimEnd, ClaimHeld, ClaimRequest, StaleFencingToken};
+use crate::domain::dispatch::{
+    self, ClaimEnd, ClaimHeld, ClaimRequest, LabelSelector, StaleFencingToken,
+};
 use crate::domain::labels::Labels;
 use crate::domain::transition::{Agent, Claim, Transition};
 
@@ -78,8 +80,9 @@ pub enum Command {
     /// selector matches ([`dispatch::choose`]), to BUSY or ON_CALL (cause
     /// CLAIMED), or, for an idempotency key seen before, that claim again.
     Claim {
-        /// The id the new claim gets (the runtime draws it).
-        claim_id: String,
+        /// The new claim's own part (the runtime draws it, unique): its id is
+        /// [`dispatch::claim_id`] of the agent chosen and this.
+        unique: String,
         request: ClaimRequest,
         /// Who asked: the claim's holder and the transition's actor.
         actor: String,
@@ -160,8 +163,10 @@ impl Command {
 
     /// Whether it must be decided on the stored rows, never on a state this
     /// process remembers: a sweep reads the last heartbeat time, which moves
-    /// without a transition (every replica flushes heartbeats); a claim
-    /// reads which agents are claimable, which only the store knows.
+    /// without a transition (every replica flushes heartbeats). (A claim may
+    /// be decided on remembered candidates, which the store checks as it
+    /// checks the agents a batch names; a claim they cannot serve is decided
+    /// again on the stored rows: [`Plan::claim_unserved`].)
     pub fn needs_stored_rows(&self) -> bool {
         matches!(
             self,
@@ -169,7 +174,6 @@ impl Command {
                 event: Event::Sweep { .. },
                 ..
             } | Command::Sweep { .. }
-                | Command::Claim { .. }
         )
     }
 
@@ -296,6 +300,14 @@ impl Plan {
         self.transitions.len()
     }
 
+    /// Whether a claim found no agent: when decided on rows from memory, the
+    /// store decides again on the stored ones before refusing.
+    pub fn claim_unserved(&self) -> bool {
+        self.outcomes
+            .iter()
+            .any(|o| matches!(o, Err(Refusal::NoAgentAvailable)))
+    }
+
     /// New agents' ids, in order: the store inserts these rows before the rest.
     pub fn created_ids(&self) -> impl Iterator<Item = &str> {
         self.created.iter().map(String::as_str)
@@ -419,6 +431,28 @@ pub fn claim_requests(commands: &[Command]) -> impl Iterator<Item = (&ClaimReque
     })
 }
 
+/// How many claimable agents a batch's claims may need per distinct selector
+/// (the batch's candidates, read from the store or taken from memory): as
+/// many as claims of the batch up to its last claim with that selector, since
+/// each earlier claim, whatever its selector, may take one of them. Claims
+/// `replayed` (an idempotency key already used) take none.
+pub fn claim_limits(
+    commands: &[Command],
+    replayed: impl Fn(&ClaimRequest, &str) -> bool,
+) -> Vec<(&LabelSelector, usize)> {
+    let mut limits: Vec<(&LabelSelector, usize)> = Vec::new();
+    for (n, (request, holder)) in claim_requests(commands).enumerate() {
+        if replayed(request, holder) {
+            continue;
+        }
+        match limits.iter_mut().find(|(s, _)| **s == request.selector) {
+            Some((_, l)) => *l = n + 1,
+            None => limits.push((&request.selector, n + 1)),
+        }
+    }
+    limits
+}
+
 /// [`plan_with`] for a batch without claims.
 pub fn plan(existing: Vec<Agent>, commands: &[Command], now: DateTime<Utc>) -> Plan {
     plan_with(existing, ClaimRows::default(), commands, now)
@@ -486,8 +520,8 @@ impl Planner {
         let actor = command.actor();
         let agent_id = match command {
             Command::Claim {
-                claim_id, request, ..
-            } => return self.claim(claim_id, request, actor),
+                unique, request, ..
+            } => return self.claim(unique, request, actor),
             Command::Register {
                 agent_id, labels, ..
             } => {
@@ -739,7 +773,7 @@ impl Planner {
 
     fn claim(
         &mut self,
-        claim_id: &str,
+        unique: &str,
         request: &ClaimRequest,
         holder: &str,
     ) -> Result<Outcome, Refusal> {
@@ -797,7 +831,7 @@ impl Planner {
             .as_ref()
             .map_or(0, |t| t.revision);
         let claim = dispatch::new_claim(
-            claim_id.to_owned(),
+            dispatch::claim_id(&chosen, unique),
             &chosen,
             revision,
             request,
@@ -1167,7 +1201,7 @@ mod tests {
 
     fn claim_command(request_id: &str) -> Command {
         Command::Claim {
-            claim_id: format!("claim-{request_id}"),
+            unique: format!("claim-{request_id}"),
             request: ClaimRequest {
                 selector: Default::default(),
                 slot_type: SlotType::Work,

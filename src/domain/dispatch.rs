@@ -34,6 +34,28 @@ pub const MAX_SELECTOR_REQUIREMENTS: usize = labels::MAX_LABELS;
 pub const MAX_SELECTOR_VALUES: usize = 64;
 /// The default of `--offline-agent-retention`.
 pub const DEFAULT_OFFLINE_AGENT_RETENTION: Duration = Duration::days(7);
+/// The longest `claim_id` a call may name: an agent id (128 characters at
+/// most), the separator and the claim's own part, with room to spare.
+pub const MAX_CLAIM_ID: usize = 256;
+/// Between the agent id and the claim's own part of a claim id; never in an
+/// agent id (`[A-Za-z0-9._:-]`).
+const CLAIM_ID_SEPARATOR: char = '/';
+
+/// The id of a claim on `agent_id`, `unique` its own part (a UUID the
+/// server draws): `<agent_id>/<unique>`. The agent is in the id so that
+/// `RenewClaim` and `ReleaseClaim` know which agent's row to lock without
+/// looking the claim up first; whether the claim is still that agent's
+/// active one is decided on the locked row.
+pub fn claim_id(agent_id: &str, unique: &str) -> String {
+    format!("{agent_id}{CLAIM_ID_SEPARATOR}{unique}")
+}
+
+/// The agent a claim id names: `None` for an id not made by [`claim_id`]
+/// (claims made before ids carried their agent are looked up in the store).
+pub fn claim_agent(claim_id: &str) -> Option<&str> {
+    let (agent, unique) = claim_id.rsplit_once(CLAIM_ID_SEPARATOR)?;
+    (!agent.is_empty() && !unique.is_empty()).then_some(agent)
+}
 
 // ---------------------------------------------------------------------------
 // Bad input
@@ -359,7 +381,7 @@ impl Candidate<'_> {
 
     /// Least recently used first: the earliest time it became IDLE (its last
     /// transition), ties broken by agent id, so the order is total.
-    fn lru_key(&self) -> (DateTime<Utc>, &str) {
+    pub fn lru_key(&self) -> (DateTime<Utc>, &str) {
         (self.agent.last_transition_at, &self.agent.agent_id)
     }
 }

@@ -8,7 +8,10 @@ use tonic::{Request, Response, Status};
 use crate::domain::agent::AgentStatus;
 use crate::domain::auth::{Action, Caller};
 use crate::domain::batch::{Applied, Command};
-use crate::domain::dispatch::{self, ClaimRequest, LabelSelector, Operator, Requirement};
+use crate::domain::dispatch::{
+    self, ClaimRequest, LabelSelector, Operator, Requirement, StaleKind,
+};
+use crate::domain::transition::Claim;
 use crate::error::{Error, Result};
 use crate::grpc::agent_requests::AgentCursor;
 use crate::grpc::auth::{self, Guard};
@@ -254,12 +257,13 @@ impl DispatchService for DispatchApi {
             .await?;
         let command = Command::RenewClaim {
             agent_id,
-            claim_id,
+            claim_id: claim_id.clone(),
             fencing_token,
             lease,
             actor: String::new(),
         };
-        let applied = self.writes.commit(command.by(&caller.name)).await?;
+        let committed = self.writes.commit(command.by(&caller.name)).await;
+        let applied = self.known_claim(&claim_id, committed).await?;
         let claim = applied
             .claim
             .as_ref()
@@ -283,11 +287,12 @@ impl DispatchService for DispatchApi {
             .await?;
         let command = Command::ReleaseClaim {
             agent_id,
-            claim_id,
+            claim_id: claim_id.clone(),
             fencing_token,
             actor: String::new(),
         };
-        let applied = self.writes.commit(command.by(&caller.name)).await?;
+        let committed = self.writes.commit(command.by(&caller.name)).await;
+        let applied = self.known_claim(&claim_id, committed).await?;
         let transition = applied
             .transition
             .as_ref()
@@ -399,8 +404,12 @@ impl DispatchApi {
     }
 
     /// The agent of the claim a call names, and the token it carries, the
-    /// caller authorized on that agent: NOT_FOUND for a claim no one made (or
-    /// one pruned with the history of its time).
+    /// caller authorized on that agent. The agent is read from the claim id
+    /// ([`dispatch::claim_agent`]): no lookup on the way in, the batch decides
+    /// on the agent's locked row whether the claim is its active one (and
+    /// [`Self::known_claim`] tells an unknown claim from an ended one). A
+    /// claim made before ids carried their agent is looked up: NOT_FOUND for
+    /// a claim no one made (or one pruned with the history of its time).
     async fn claimed(
         &self,
         caller: &Caller,
@@ -411,22 +420,42 @@ impl DispatchApi {
         if claim_id.is_empty() {
             return Err(Error::invalid("claim_id is required"));
         }
-        validate::bounded_text("claim_id", claim_id, dispatch::MAX_REQUEST_ID)?;
+        validate::bounded_text("claim_id", claim_id, dispatch::MAX_CLAIM_ID)?;
         let token = validate::fencing_token("fencing_token", fencing_token)?
             .ok_or_else(|| Error::invalid("fencing_token is required"))?;
-        let claim = self
-            .store
+        let agent_id = match dispatch::claim_agent(claim_id) {
+            Some(agent_id) => agent_id.to_owned(),
+            None => self.stored_claim(claim_id).await?.agent_id,
+        };
+        record_agent_id(&agent_id);
+        self.guard.check_agent(caller, action, &agent_id).await?;
+        Ok((agent_id, token))
+    }
+
+    /// The claim recorded as `claim_id`, or NOT_FOUND.
+    async fn stored_claim(&self, claim_id: &str) -> Result<Claim> {
+        self.store
             .find_claim(claim_id)
             .await?
             .ok_or_else(|| Error::NotFound {
                 kind: "claim",
                 id: claim_id.to_owned(),
-            })?;
-        record_agent_id(&claim.agent_id);
-        self.guard
-            .check_agent(caller, action, &claim.agent_id)
-            .await?;
-        Ok((claim.agent_id, token))
+            })
+    }
+
+    /// A renewal's or release's answer, where a refusal because the named
+    /// claim is not the agent's active one (or the agent is gone) becomes
+    /// NOT_FOUND when no such claim was ever made: only refusals pay the
+    /// lookup.
+    async fn known_claim(&self, claim_id: &str, committed: Result<Applied>) -> Result<Applied> {
+        let unknown = matches!(
+            &committed,
+            Err(Error::StaleFencingToken(stale)) if stale.kind == StaleKind::ClaimEnded
+        ) || matches!(&committed, Err(Error::NotFound { kind: "agent", .. }));
+        if unknown {
+            self.stored_claim(claim_id).await?;
+        }
+        committed
     }
 
     /// Makes the claim: at once, or, with a wait, as soon as a matching agent
@@ -440,7 +469,7 @@ impl DispatchApi {
         let mut ticket = (request.wait_timeout > chrono::Duration::zero())
             .then(|| self.waiters.enqueue(request.selector.clone()));
         let command = Command::Claim {
-            claim_id: uuid::Uuid::new_v4().to_string(),
+            unique: uuid::Uuid::new_v4().simple().to_string(),
             request: request.clone(),
             actor: String::new(),
         }

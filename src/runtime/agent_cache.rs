@@ -8,9 +8,11 @@
 //! (the fan-out sees every committed transition), and a stale or unknown agent's
 //! next heartbeat reads it again first. The committer (`runtime::committer`)
 //! writes what it commits here; a batch whose agents are all known and fresh is
-//! decided on this state.
+//! decided on this state. So is a batch's claims when this process knows
+//! enough claimable agents: the cache keeps its fresh claimable agents in
+//! the order claims take them ([`AgentCache::claim_candidates`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,6 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use chrono::{DateTime, Utc};
 
 use crate::domain::agent::{self, Event};
+use crate::domain::dispatch::{Candidate, LabelSelector};
 use crate::domain::transition::{Agent, Transition};
 use crate::storage::{AgentQuery, AgentStore};
 
@@ -32,11 +35,60 @@ struct Cached {
     fresh: bool,
 }
 
+impl Cached {
+    /// Its place among the claimable agents, if it is one (fresh, and
+    /// claimable by the domain's rule), in the order claims take them.
+    fn claimable_key(&self) -> Option<(DateTime<Utc>, String)> {
+        let candidate = Candidate {
+            agent: &self.agent,
+            cordoned: self.agent.cordon_reason.is_some(),
+        };
+        (self.fresh && candidate.claimable())
+            .then(|| (candidate.lru_key().0, self.agent.agent_id.clone()))
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     agents: HashMap<String, Cached>,
+    /// The fresh claimable agents, idle longest first (`Candidate::lru_key`).
+    claimable: BTreeSet<(DateTime<Utc>, String)>,
     /// Heartbeats acknowledged from memory and not yet flushed: the latest per agent.
     pending: HashMap<String, DateTime<Utc>>,
+}
+
+impl Inner {
+    /// Sets an agent's entry, keeping the claimable index in step.
+    fn set(&mut self, cached: Cached) {
+        let id = cached.agent.agent_id.clone();
+        if let Some(old) = self.agents.get(&id).and_then(Cached::claimable_key) {
+            self.claimable.remove(&old);
+        }
+        if let Some(key) = cached.claimable_key() {
+            self.claimable.insert(key);
+        }
+        self.agents.insert(id, cached);
+    }
+
+    fn remove(&mut self, agent_id: &str) {
+        if let Some(key) = self
+            .agents
+            .remove(agent_id)
+            .and_then(|old| old.claimable_key())
+        {
+            self.claimable.remove(&key);
+        }
+        self.pending.remove(agent_id);
+    }
+
+    fn mark_stale(&mut self, agent_id: &str) {
+        if let Some(cached) = self.agents.get_mut(agent_id) {
+            if let Some(key) = cached.claimable_key() {
+                self.claimable.remove(&key);
+            }
+            cached.fresh = false;
+        }
+    }
 }
 
 /// What a heartbeat found in memory.
@@ -113,9 +165,7 @@ impl AgentCache {
             let seen = old.agent.state.last_heartbeat_at;
             agent.state.last_heartbeat_at = agent.state.last_heartbeat_at.max(seen);
         }
-        inner
-            .agents
-            .insert(agent.agent_id.clone(), Cached { agent, fresh: true });
+        inner.set(Cached { agent, fresh: true });
     }
 
     /// This process's state of every one of `ids`, if it holds a fresh one for
@@ -138,21 +188,16 @@ impl AgentCache {
     /// a fresh state at least as recent.
     pub fn loaded(&self, agent: Agent) {
         let mut inner = self.lock();
-        match inner.agents.get_mut(&agent.agent_id) {
+        let mut agent = agent;
+        match inner.agents.get(&agent.agent_id) {
             Some(cached) if cached.fresh && cached.agent.revision >= agent.revision => {}
             Some(cached) if cached.agent.revision > agent.revision => {}
             Some(cached) => {
                 let seen = cached.agent.state.last_heartbeat_at;
-                cached.agent = agent;
-                cached.agent.state.last_heartbeat_at =
-                    cached.agent.state.last_heartbeat_at.max(seen);
-                cached.fresh = true;
+                agent.state.last_heartbeat_at = agent.state.last_heartbeat_at.max(seen);
+                inner.set(Cached { agent, fresh: true });
             }
-            None => {
-                inner
-                    .agents
-                    .insert(agent.agent_id.clone(), Cached { agent, fresh: true });
-            }
+            None => inner.set(Cached { agent, fresh: true }),
         }
     }
 
@@ -161,20 +206,23 @@ impl AgentCache {
     pub fn observed(&self, transition: &Transition) {
         let mut inner = self.lock();
         if transition.ends_agent() {
-            inner.agents.remove(&transition.agent_id);
-            inner.pending.remove(&transition.agent_id);
+            inner.remove(&transition.agent_id);
             return;
         }
-        if let Some(cached) = inner.agents.get_mut(&transition.agent_id)
-            && cached.agent.revision < transition.revision
+        if inner
+            .agents
+            .get(&transition.agent_id)
+            .is_some_and(|cached| cached.agent.revision < transition.revision)
         {
-            cached.fresh = false;
+            inner.mark_stale(&transition.agent_id);
         }
     }
 
     /// Transitions were missed: nothing known can be trusted to be current.
     pub fn all_stale(&self) {
-        for cached in self.lock().agents.values_mut() {
+        let mut inner = self.lock();
+        inner.claimable.clear();
+        for cached in inner.agents.values_mut() {
             cached.fresh = false;
         }
     }
@@ -182,9 +230,37 @@ impl AgentCache {
     /// A deleted agent: forgotten, with its heartbeats not flushed yet (a
     /// heartbeat for it reads the store again, and is NOT_FOUND).
     pub fn forget(&self, agent_id: &str) {
-        let mut inner = self.lock();
-        inner.agents.remove(agent_id);
-        inner.pending.remove(agent_id);
+        self.lock().remove(agent_id);
+    }
+
+    /// The candidates of a batch's claims from memory: for each claim's
+    /// selector, in the batch's order, the fresh claimable agent it matches
+    /// that is idle longest and not taken by an earlier claim, none of them
+    /// in `busy` (the agents of the batches in flight, whose state here is
+    /// not yet what they commit). Taken in the order the domain's choice
+    /// takes them (`dispatch::choose`), each claim finds its own among them.
+    /// `None` when this process does not know enough: the batch then reads
+    /// them from the store, which also knows the agents other replicas freed
+    /// since (stale here) and decides a refusal on what is stored.
+    pub fn claim_candidates(
+        &self,
+        selectors: &[&LabelSelector],
+        busy: &HashSet<String>,
+    ) -> Option<Vec<Agent>> {
+        let inner = self.lock();
+        let mut chosen: Vec<Agent> = Vec::new();
+        let mut taken: HashSet<&str> = HashSet::new();
+        for selector in selectors {
+            let agent = inner
+                .claimable
+                .iter()
+                .filter(|(_, id)| !busy.contains(id) && !taken.contains(id.as_str()))
+                .map(|(_, id)| &inner.agents[id].agent)
+                .find(|agent| selector.matches(&agent.labels))?;
+            taken.insert(&agent.agent_id);
+            chosen.push(agent.clone());
+        }
+        Some(chosen)
     }
 
     /// The agent as this process last committed or read it.
@@ -267,5 +343,128 @@ impl AgentCache {
                 return Ok(count);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Duration;
+
+    use super::*;
+    use crate::domain::agent::{AgentStatus, Cause};
+    use crate::domain::labels::Labels;
+
+    fn at(minute: i64) -> DateTime<Utc> {
+        DateTime::<Utc>::UNIX_EPOCH + Duration::minutes(minute)
+    }
+
+    fn agent(id: &str, zone: &str, status: AgentStatus, since: i64, revision: i64) -> Agent {
+        let (mut state, _) = agent::registered(at(0));
+        state.status = status;
+        Agent {
+            agent_id: id.into(),
+            labels: Labels::from([("zone".to_owned(), zone.to_owned())]),
+            registered_at: at(0),
+            last_transition_at: at(since),
+            revision,
+            state,
+            cordon_reason: None,
+            claim: None,
+        }
+    }
+
+    fn zone(z: &str) -> LabelSelector {
+        LabelSelector {
+            match_labels: Labels::from([("zone".to_owned(), z.to_owned())]),
+            match_expressions: Vec::new(),
+        }
+    }
+
+    fn ids(agents: Option<Vec<Agent>>) -> Option<Vec<String>> {
+        agents.map(|a| a.into_iter().map(|a| a.agent_id).collect())
+    }
+
+    #[test]
+    fn claim_candidates_are_fresh_claimable_matching_agents_idle_longest_first() {
+        let cache = AgentCache::new();
+        let idle = AgentStatus::Idle;
+        cache.loaded(agent("a", "z1", idle, 30, 1));
+        cache.loaded(agent("b", "z1", idle, 10, 2));
+        cache.loaded(agent("c", "z2", idle, 5, 3));
+        cache.loaded(agent("d", "z1", AgentStatus::Busy, 1, 4));
+        let mut cordoned = agent("e", "z1", idle, 2, 5);
+        cordoned.cordon_reason = Some("maintenance".into());
+        cache.loaded(cordoned);
+        let none = HashSet::new();
+
+        let z1 = zone("z1");
+        assert_eq!(
+            ids(cache.claim_candidates(&[&z1, &z1], &none)),
+            Some(vec!["b".into(), "a".into()]),
+            "IDLE, schedulable, in zone z1, idle longest first"
+        );
+        // More than it knows: the store decides.
+        assert_eq!(cache.claim_candidates(&[&z1, &z1, &z1], &none), None);
+        // An agent in a batch in flight is not offered.
+        let busy = HashSet::from(["b".to_owned()]);
+        assert_eq!(
+            ids(cache.claim_candidates(&[&z1], &busy)),
+            Some(vec!["a".into()])
+        );
+        // Each claim in order takes the one idle longest that it matches.
+        let any = LabelSelector::default();
+        assert_eq!(
+            ids(cache.claim_candidates(&[&z1, &any, &z1], &none)),
+            Some(vec!["b".into(), "c".into(), "a".into()])
+        );
+
+        // Claimed here: no longer a candidate; released here: the most
+        // recently idle.
+        let mut b = agent("b", "z1", AgentStatus::Busy, 40, 6);
+        cache.committed(&b);
+        assert_eq!(
+            ids(cache.claim_candidates(&[&z1], &none)),
+            Some(vec!["a".into()])
+        );
+        b.state.status = idle;
+        b.last_transition_at = at(50);
+        b.revision = 7;
+        cache.committed(&b);
+        assert_eq!(
+            ids(cache.claim_candidates(&[&z1, &z1], &none)),
+            Some(vec!["a".into(), "b".into()])
+        );
+
+        // Another replica's transition makes it stale: not offered until read
+        // again; a deleted agent is gone; nothing after missed transitions.
+        let transition = |id: &str, revision: i64, cause: Cause| Transition {
+            revision,
+            agent_id: id.into(),
+            from: Some(idle),
+            to: AgentStatus::Busy,
+            cause,
+            occurred_at: at(60),
+            exhaustion_reason: None,
+            recovery_at: None,
+            actor: String::new(),
+        };
+        cache.observed(&transition("a", 8, Cause::Claimed));
+        assert_eq!(
+            ids(cache.claim_candidates(&[&z1], &none)),
+            Some(vec!["b".into()])
+        );
+        cache.loaded(agent("a", "z1", idle, 70, 9));
+        assert_eq!(
+            ids(cache.claim_candidates(&[&z1, &z1], &none)),
+            Some(vec!["b".into(), "a".into()])
+        );
+        cache.forget("b");
+        assert_eq!(
+            ids(cache.claim_candidates(&[&z1], &none)),
+            Some(vec!["a".into()])
+        );
+        cache.all_stale();
+        assert_eq!(cache.claim_candidates(&[&any], &none), None);
+        assert_eq!(cache.claim_candidates(&[], &none), Some(Vec::new()));
     }
 }

@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinError, JoinHandle};
 use tracing::Instrument;
 
-use crate::domain::batch::{Applied, Command, Refusal};
+use crate::domain::batch::{self, Applied, Command, Refusal};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::runtime::agent_cache::AgentCache;
@@ -205,7 +205,7 @@ impl Run {
                     .filter_map(|p| p.command.agent_id())
                     .all(|id| !busy.contains(id));
             if ready {
-                let (batch, commit) = self.start(std::mem::take(&mut next));
+                let (batch, commit) = self.start(std::mem::take(&mut next), &busy);
                 last_size = batch.replies.len();
                 busy.extend(batch.agents.iter().cloned());
                 commits.push_back(future::join(future::ready(batch), commit));
@@ -237,7 +237,11 @@ impl Run {
     /// spans of the calls it carries (a batch serves many traces at once). The
     /// state the batch is decided on is read now: its agents are in no batch
     /// in flight, so what the cache holds of them is current.
-    fn start(&self, pending: Vec<Pending>) -> (Started, JoinHandle<Attempt>) {
+    fn start(
+        &self,
+        pending: Vec<Pending>,
+        busy: &HashSet<String>,
+    ) -> (Started, JoinHandle<Attempt>) {
         let parent = match pending.as_slice() {
             [lone] => lone.caller.id(),
             _ => None,
@@ -261,20 +265,38 @@ impl Run {
         let (commands, replies): (Vec<Command>, Vec<_>) =
             pending.into_iter().map(|p| (p.command, p.reply)).unzip();
         let mut seen = HashSet::new();
-        let agents = commands
+        let mut agents: Vec<String> = commands
             .iter()
             .filter_map(Command::agent_id)
             .filter(|id| seen.insert(*id))
             .map(str::to_owned)
             .collect();
         // Decided on what this process last committed or read, when it knows every
-        // agent (the store checks the rows and falls back to reading them).
+        // agent (the store checks the rows and falls back to reading them), and,
+        // for claims, enough claimable agents outside the batches in flight
+        // (which this batch then holds until it is done, as the agents it names).
         let known = if commands.iter().any(Command::needs_stored_rows) {
             None
         } else {
-            self.sinks
-                .cache
-                .known(commands.iter().filter_map(Command::agent_id))
+            let cache = &self.sinks.cache;
+            let named = cache.known(commands.iter().filter_map(Command::agent_id));
+            let selectors: Vec<_> = batch::claim_requests(&commands)
+                .map(|(request, _)| &request.selector)
+                .collect();
+            match named {
+                Some(mut known) if !selectors.is_empty() => {
+                    cache.claim_candidates(&selectors, busy).map(|candidates| {
+                        for agent in candidates {
+                            if !seen.contains(agent.agent_id.as_str()) {
+                                agents.push(agent.agent_id.clone());
+                                known.push(agent);
+                            }
+                        }
+                        known
+                    })
+                }
+                named => named,
+            }
         };
         let store = self.store.clone();
         let metrics = self.sinks.metrics.clone();

@@ -11,7 +11,9 @@ use async_trait::async_trait;
 
 use crate::domain::agent::AgentStatus;
 use crate::domain::batch::{self, ClaimRows, Command};
-use crate::domain::dispatch::{IdempotencyKey, LabelSelector, NoAgentAvailable, Operator};
+use crate::domain::dispatch::{
+    ClaimRequest, IdempotencyKey, LabelSelector, NoAgentAvailable, Operator,
+};
 use crate::domain::transition::{Agent, Claim};
 use crate::error::Result;
 
@@ -213,28 +215,17 @@ pub(crate) async fn claim_rows(
     } else {
         reads.claims_made(&keys).await?
     };
-    let replayed = |key: &Option<IdempotencyKey>| {
-        key.as_ref().is_some_and(|k| {
+    let replayed = |request: &ClaimRequest, holder: &str| {
+        request.idempotency_key(holder).is_some_and(|k| {
             made.iter()
                 .any(|(c, _)| c.holder == k.holder && c.request_id == k.request_id)
         })
     };
-    // Per distinct selector, the claims up to its last one.
-    let mut limits: Vec<(&LabelSelector, i64)> = Vec::new();
-    for (n, (request, holder)) in claims.iter().enumerate() {
-        if replayed(&request.idempotency_key(holder)) {
-            continue;
-        }
-        let limit = n as i64 + 1;
-        match limits.iter_mut().find(|(s, _)| **s == request.selector) {
-            Some((_, l)) => *l = limit,
-            None => limits.push((&request.selector, limit)),
-        }
-    }
+    let limits = batch::claim_limits(commands, replayed);
     let mut candidates = BTreeMap::new();
     for (selector, limit) in limits {
         let sql = selector_sql(selector, dialect, 1);
-        for agent in reads.claimable(&sql, limit).await? {
+        for agent in reads.claimable(&sql, limit as i64).await? {
             candidates.entry(agent.agent_id.clone()).or_insert(agent);
         }
     }

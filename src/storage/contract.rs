@@ -478,7 +478,7 @@ fn labelled(agent_id: &str, labels: &[(&str, &str)]) -> Command {
 
 fn claim_of(selector: LabelSelector, request_id: &str) -> Command {
     Command::Claim {
-        claim_id: uuid::Uuid::new_v4().to_string(),
+        unique: uuid::Uuid::new_v4().simple().to_string(),
         request: ClaimRequest {
             selector,
             slot_type: SlotType::Work,

@@ -292,6 +292,40 @@ async fn fleetcare_enforces_the_fencing_token_and_a_claim_ends_with_its_work() {
         .await
         .unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
+    // A claim id names its agent (`<agent>/<unique>`), and the agent's row
+    // decides; one never made, on an agent that exists or on none, is
+    // NOT_FOUND naming the claim, and the ended claim above stays stale.
+    assert!(c.claim_id.starts_with("f-1/"), "{}", c.claim_id);
+    for forged in ["f-1/00000000000000000000000000000000", "ghost/1"] {
+        let unknown = dispatch(&app)
+            .renew_claim(pb::RenewClaimRequest {
+                claim_id: forged.into(),
+                fencing_token: c.fencing_token,
+                lease_duration: Some(prost_types::Duration {
+                    seconds: 60,
+                    nanos: 0,
+                }),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(unknown.code(), Code::NotFound, "{forged}: {unknown:?}");
+        assert!(unknown.message().contains("claim"), "{unknown:?}");
+    }
+    let offline_again = app
+        .agents
+        .clone()
+        .get_agent(pb::GetAgentRequest {
+            agent_id: "f-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .agent
+        .unwrap();
+    assert_eq!(
+        offline_again.revision, offline.revision,
+        "refusals change nothing"
+    );
     app.stop().await;
 }
 

@@ -857,3 +857,19 @@ proptest! {
         prop_assert_eq!(selected, offline_expired(&a, retention, t0()));
     }
 }
+
+#[test]
+fn a_claim_id_names_its_agent_and_old_ids_name_none() {
+    let id = claim_id("agent-7.eu:a", "3f2a");
+    assert_eq!(id, "agent-7.eu:a/3f2a");
+    assert_eq!(claim_agent(&id), Some("agent-7.eu:a"));
+    // Ids made before claims carried their agent, and malformed ones.
+    for old in [
+        "6f1c8f5e-0d2b-4d55-9a59-2f4b3c1d9e7a",
+        "/3f2a",
+        "agent-7/",
+        "",
+    ] {
+        assert_eq!(claim_agent(old), None, "{old:?}");
+    }
+}

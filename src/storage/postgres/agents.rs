@@ -281,8 +281,11 @@ impl PgStore {
 
     /// The batch decided on `known` (every agent it names), written in one
     /// autocommit statement (one round trip) if every row is still as known.
-    /// `None`: nothing was written, because a row differs or because the plan
-    /// writes nothing (its refusals are then confirmed on the locked rows).
+    /// `known` also holds the claimable agents its claims were offered from
+    /// memory (checked like the rest). `None`: nothing was written, because a
+    /// row differs, because the plan writes nothing (its refusals are then
+    /// confirmed on the locked rows), or because a claim found no agent among
+    /// those offered (the stored rows decide).
     async fn batch_known(
         conn: &mut sqlx::PgConnection,
         commands: &[Command],
@@ -291,7 +294,7 @@ impl PgStore {
         origin: &str,
     ) -> std::result::Result<Option<Outcomes>, BatchError> {
         let plan = batch::plan(known.to_vec(), commands, now);
-        if plan.created_ids().next().is_some() {
+        if plan.created_ids().next().is_some() || plan.claim_unserved() {
             return Ok(None);
         }
         let (relative, shift) = plan.relative_writes();
