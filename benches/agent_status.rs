@@ -76,6 +76,7 @@ impl Bench {
                 c.register_agent(pb::RegisterAgentRequest {
                     agent_id: id(from + i),
                     labels: [("team".to_string(), "bench".to_string())].into(),
+                    quota_pools: Vec::new(),
                 })
                 .await
                 .unwrap();
@@ -455,6 +456,7 @@ async fn outside(db: &helpers::TestDb) {
             .register_agent(pb::RegisterAgentRequest {
                 agent_id: id.clone(),
                 labels: [("team".to_string(), "bench".to_string())].into(),
+                quota_pools: Vec::new(),
             })
             .await
             .expect("registers");

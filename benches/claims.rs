@@ -76,7 +76,7 @@ type Dispatch = DispatchServiceClient<Channel>;
 const AGENT_COLUMNS: &str = "agent_id, status, labels, registered_at, \
      last_heartbeat_at, last_transition_at, revision, exhaustion_reason, recovery_at, \
      recovery_source, recovery_hint, cordon_reason, claim_id, claim_holder, claim_token, \
-     claim_request_id, claimed_at, lease_expires_at";
+     claim_request_id, claimed_at, lease_expires_at, quota_pools";
 
 /// The selection query of a batch with claims whose selector has two
 /// `match_labels`, as the server builds it: `PgClaimReads::claimable` in
@@ -159,6 +159,7 @@ impl Server {
                 c.register_agent(pb::RegisterAgentRequest {
                     agent_id,
                     labels: labels.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+                    quota_pools: Vec::new(),
                 })
                 .await
                 .unwrap();

@@ -95,6 +95,9 @@ pub struct AgentView {
     /// The agent's active claim; absent when it has none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub claim: Option<ClaimView>,
+    /// The quota pools it shares limits with; absent when none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub quota_pools: Vec<String>,
 }
 
 impl From<&pb::Agent> for AgentView {
@@ -130,6 +133,7 @@ impl From<&pb::Agent> for AgentView {
             schedulable: a.schedulable,
             cordon_reason: (!a.schedulable).then(|| a.cordon_reason.clone()),
             claim: a.claim.as_ref().map(ClaimView::from),
+            quota_pools: a.quota_pools.clone(),
         }
     }
 }

@@ -267,6 +267,7 @@ async fn register(app: &TestApp, agent_id: &str, labels: &[(&str, &str)]) {
     app.agents
         .clone()
         .register_agent(pb::RegisterAgentRequest {
+            quota_pools: Vec::new(),
             agent_id: agent_id.into(),
             labels: labels
                 .iter()
@@ -865,6 +866,7 @@ async fn with_an_auth_file_the_page_asks_for_a_token_then_shows_the_agents() {
     let mut request = tonic::Request::new(pb::RegisterAgentRequest {
         agent_id: "secured-1".into(),
         labels: [("team".to_string(), "infra".to_string())].into(),
+        quota_pools: Vec::new(),
     });
     request
         .metadata_mut()
@@ -1070,6 +1072,7 @@ async fn claims_cordons_and_deletions_show_live_and_the_cordon_buttons_cordon_an
         let message = pb::RegisterAgentRequest {
             agent_id: id.into(),
             labels: labels.into_iter().collect(),
+            quota_pools: Vec::new(),
         };
         agents
             .register_agent(as_("ops-token", message))

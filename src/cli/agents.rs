@@ -171,6 +171,9 @@ fn agent_details(a: &AgentView) -> String {
             .into_iter()
             .filter_map(|(k, v)| v.clone().map(|v| (k, v))),
     );
+    for pool in &a.quota_pools {
+        lines.push(("quota pool", pool.clone()));
+    }
     for (k, v) in &a.labels {
         lines.push(("label", format!("{k}={v}")));
     }

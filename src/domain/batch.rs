@@ -27,6 +27,7 @@ use crate::domain::dispatch::{
     self, ClaimEnd, ClaimHeld, ClaimRequest, LabelSelector, StaleFencingToken,
 };
 use crate::domain::labels::Labels;
+use crate::domain::quota::PoolName;
 use crate::domain::transition::{Agent, Claim, Transition};
 
 /// One state-changing call on an agent.
@@ -37,6 +38,8 @@ pub enum Command {
     Register {
         agent_id: String,
         labels: Labels,
+        /// Replaces the agent's quota pools (an empty list leaves them all).
+        quota_pools: Vec<PoolName>,
         /// Who asked (a caller's name, or "sweeper"): the transition's actor.
         actor: String,
     },
@@ -523,9 +526,12 @@ impl Planner {
                 unique, request, ..
             } => return self.claim(unique, request, actor),
             Command::Register {
-                agent_id, labels, ..
+                agent_id,
+                labels,
+                quota_pools,
+                ..
             } => {
-                return self.register(agent_id, labels, actor);
+                return self.register(agent_id, labels, quota_pools, actor);
             }
             _ => command.agent_id().unwrap_or_default(),
         };
@@ -651,14 +657,16 @@ impl Planner {
         &mut self,
         agent_id: &str,
         labels: &Labels,
+        quota_pools: &[PoolName],
         actor: &str,
     ) -> Result<Outcome, Refusal> {
         if self.deleted.contains(agent_id) {
             return Err(Refusal::Deleting(agent_id.to_owned()));
         }
         if let Some(agent) = self.agents.get_mut(agent_id) {
-            if agent.labels != *labels {
+            if agent.labels != *labels || agent.quota_pools != quota_pools {
                 agent.labels = labels.clone();
+                agent.quota_pools = quota_pools.to_vec();
                 self.changed.insert(agent_id.to_owned());
             }
             let decision = agent::decide(&agent.state, &agent.labels, Event::Heartbeat, self.now)?;
@@ -675,6 +683,7 @@ impl Planner {
             state,
             cordon_reason: None,
             claim: None,
+            quota_pools: quota_pools.to_vec(),
         };
         self.created.insert(agent_id.to_owned());
         self.changed.insert(agent_id.to_owned());
@@ -917,6 +926,7 @@ mod tests {
         Agent {
             agent_id: id.into(),
             labels: Labels::new(),
+            quota_pools: Vec::new(),
             registered_at: at,
             last_transition_at: at,
             revision,
@@ -943,6 +953,7 @@ mod tests {
         Command::Register {
             agent_id: id.into(),
             labels: [("team".to_string(), team.to_string())].into(),
+            quota_pools: Vec::new(),
             actor: String::new(),
         }
         .by("registrar")

@@ -60,23 +60,7 @@ pub fn claim_agent(claim_id: &str) -> Option<&str> {
 // ---------------------------------------------------------------------------
 // Bad input
 
-/// A request field that is malformed: INVALID_ARGUMENT, naming the field as
-/// the request spells it (`selector.match_expressions[1].values`).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field} {problem}")]
-pub struct InvalidArgument {
-    pub field: String,
-    pub problem: String,
-}
-
-impl InvalidArgument {
-    fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
-        InvalidArgument {
-            field: field.into(),
-            problem: problem.into(),
-        }
-    }
-}
+pub use crate::domain::invalid::InvalidArgument;
 
 // ---------------------------------------------------------------------------
 // Label selectors

@@ -6,6 +6,7 @@ pub mod batch;
 pub mod dispatch;
 pub mod healing;
 pub mod healing_records;
+pub mod invalid;
 pub mod labels;
 pub mod liveness;
 pub mod pipeline;

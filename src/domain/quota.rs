@@ -53,7 +53,7 @@ use sha2::{Digest, Sha256};
 use crate::domain::agent::{
     self, AgentState, AgentStatus, Cause, Exhaustion, ExhaustionReason, ExhaustionReport,
 };
-use crate::domain::dispatch::InvalidArgument;
+use crate::domain::invalid::InvalidArgument;
 use crate::domain::labels::Labels;
 use crate::domain::recovery::{
     self, MAX_HINT_CHARS, RecoveryEstimate, RecoveryInput, RecoverySource, Tz,
@@ -98,8 +98,30 @@ pub const MAX_POOL_RELEASE_RATE: u32 = 1000;
 /// A well-formed pool name: 1 to [`MAX_POOL_NAME`] characters of
 /// `[A-Za-z0-9._:/-]` (`anthropic/acct-42`, `openai:org-7/gpt-4o`). Made by
 /// [`pool_name`] only, so holding one means it was checked.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(try_from = "String", into = "String")]
 pub struct PoolName(String);
+
+impl TryFrom<String> for PoolName {
+    type Error = String;
+
+    /// A stored name, checked again as it is read.
+    fn try_from(name: String) -> Result<Self, String> {
+        if PoolName::is_valid(&name) {
+            Ok(PoolName(name))
+        } else {
+            Err(format!("{} {POOL_NAME_RULE}", quoted(&name)))
+        }
+    }
+}
+
+impl From<PoolName> for String {
+    fn from(name: PoolName) -> String {
+        name.0
+    }
+}
 
 impl PoolName {
     /// Whether `name` is well formed (see [`PoolName`]).

@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 
 use crate::domain::agent::{AgentState, AgentStatus, Cause, ExhaustionReason, SlotType};
 use crate::domain::labels::Labels;
+use crate::domain::quota::PoolName;
 
 /// One agent as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +24,9 @@ pub struct Agent {
     /// The active claim (`ClaimAgent`), while it lasts: a claim lives as long
     /// as the work it took (`dispatch::ends_claim`).
     pub claim: Option<Claim>,
+    /// The quota pools it shares limits with (`RegisterAgentRequest.quota_pools`,
+    /// `domain::quota`), in the order registered; replaced by each registration.
+    pub quota_pools: Vec<PoolName>,
 }
 
 /// One claim on one agent (`ClaimAgent`). The rules are `domain::dispatch`'s.

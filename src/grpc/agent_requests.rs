@@ -7,6 +7,7 @@ use std::collections::HashSet;
 
 use crate::domain::agent::Event;
 use crate::domain::batch::Command;
+use crate::domain::quota;
 use crate::domain::transition::WatchFilter;
 use crate::error::{Error, Result};
 use crate::grpc::convert;
@@ -33,10 +34,16 @@ impl TryFrom<pb::RegisterAgentRequest> for Command {
     type Error = Error;
 
     fn try_from(request: pb::RegisterAgentRequest) -> Result<Command> {
-        let pb::RegisterAgentRequest { agent_id, labels } = request;
+        let pb::RegisterAgentRequest {
+            agent_id,
+            labels,
+            quota_pools,
+        } = request;
         Ok(Command::Register {
             agent_id: validate::agent_id("agent_id", &agent_id)?,
             labels: validate::labels("labels", labels)?,
+            quota_pools: quota::pool_names("quota_pools", &quota_pools)
+                .map_err(|e| Error::invalid(e.to_string()))?,
             // Set by the handler from the caller (`Command::by`).
             actor: String::new(),
         })

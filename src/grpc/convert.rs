@@ -141,6 +141,11 @@ impl From<&Agent> for pb::Agent {
             schedulable: agent.cordon_reason.is_none(),
             cordon_reason: agent.cordon_reason.clone().unwrap_or_default(),
             claim: agent.claim.as_ref().map(Into::into),
+            quota_pools: agent
+                .quota_pools
+                .iter()
+                .map(|p| p.as_str().to_owned())
+                .collect(),
         }
     }
 }

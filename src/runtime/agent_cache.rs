@@ -364,6 +364,7 @@ mod tests {
         Agent {
             agent_id: id.into(),
             labels: Labels::from([("zone".to_owned(), zone.to_owned())]),
+            quota_pools: Vec::new(),
             registered_at: at(0),
             last_transition_at: at(since),
             revision,

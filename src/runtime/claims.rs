@@ -233,6 +233,7 @@ mod tests {
         crate::domain::transition::Agent {
             agent_id: id.into(),
             labels: [("team".to_string(), team.to_string())].into(),
+            quota_pools: Vec::new(),
             registered_at: now,
             last_transition_at: now,
             revision: 1,

@@ -701,6 +701,7 @@ mod tests {
         Command::Register {
             agent_id: id.into(),
             labels: Default::default(),
+            quota_pools: Vec::new(),
             actor: "test".into(),
         }
     }

@@ -205,6 +205,7 @@ mod tests {
                 .submit(Command::Register {
                     agent_id: id.into(),
                     labels: Default::default(),
+                    quota_pools: Vec::new(),
                     actor: "test".into(),
                 })
                 .await

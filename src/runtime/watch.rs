@@ -303,6 +303,7 @@ mod tests {
                 .submit(Command::Register {
                     agent_id: agent_id.clone(),
                     labels: Default::default(),
+                    quota_pools: Vec::new(),
                     actor: "test".into(),
                 })
                 .await

@@ -38,6 +38,7 @@ use crate::domain::batch::{Applied, Command, Refusal};
 use crate::domain::dispatch::{LabelSelector, NoAgentAvailable};
 use crate::domain::labels::Labels;
 use crate::domain::liveness::{self, SweepQuery};
+use crate::domain::quota::PoolName;
 use crate::domain::recovery::RecoveryEstimate;
 use crate::domain::transition::{self, Agent, Claim, RevisionBounds, Transition, WatchFilter};
 use crate::error::{Error, Result};
@@ -51,7 +52,7 @@ use crate::storage::{AgentQuery, AgentStore, ClaimQuery, StatusCounts};
 pub(crate) const AGENT_COLUMNS: &str = "agent_id, status, labels, registered_at, \
      last_heartbeat_at, last_transition_at, revision, exhaustion_reason, recovery_at, \
      recovery_source, recovery_hint, cordon_reason, claim_id, claim_holder, claim_token, \
-     claim_request_id, claimed_at, lease_expires_at";
+     claim_request_id, claimed_at, lease_expires_at, quota_pools";
 
 /// The columns of [`ClaimRow`], in its order.
 pub(crate) const CLAIM_COLUMNS: &str = "claim_id, agent_id, holder, request_id, \
@@ -63,7 +64,7 @@ pub(crate) const TRANSITION_COLUMNS: &str = "revision, agent_id, from_status, to
 
 /// One row of `agents`, `T` and `J` the backend's time and JSON.
 #[derive(FromRow)]
-pub(crate) struct AgentRow<T, J> {
+pub(crate) struct AgentRow<T, J, P> {
     agent_id: String,
     status: String,
     labels: J,
@@ -82,6 +83,7 @@ pub(crate) struct AgentRow<T, J> {
     claim_request_id: Option<String>,
     claimed_at: Option<T>,
     lease_expires_at: Option<T>,
+    quota_pools: P,
 }
 
 /// One row of `claims` (every claim made), `T` the backend's time.
@@ -128,10 +130,12 @@ pub(crate) struct TransitionRow<T> {
     actor: String,
 }
 
-impl<T: StoredTime, J: StoredJson<Labels>> TryFrom<AgentRow<T, J>> for Agent {
+impl<T: StoredTime, J: StoredJson<Labels>, P: StoredJson<Vec<PoolName>>> TryFrom<AgentRow<T, J, P>>
+    for Agent
+{
     type Error = Error;
 
-    fn try_from(row: AgentRow<T, J>) -> Result<Agent> {
+    fn try_from(row: AgentRow<T, J, P>) -> Result<Agent> {
         let exhaustion = match (row.exhaustion_reason, row.recovery_at) {
             (Some(reason), Some(recovery_at)) => Some(Exhaustion {
                 reason: decode::exhaustion_reason(&reason)?,
@@ -181,6 +185,7 @@ impl<T: StoredTime, J: StoredJson<Labels>> TryFrom<AgentRow<T, J>> for Agent {
             revision: row.revision,
             cordon_reason: row.cordon_reason,
             claim,
+            quota_pools: row.quota_pools.value("quota_pools")?,
         })
     }
 }

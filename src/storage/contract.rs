@@ -31,6 +31,7 @@ use crate::domain::post_healing::{
     self, ActionRecord, ActionStatus, ActionType, Evaluation, Ineligible, Stagnation, Tier,
     effective,
 };
+use crate::domain::quota::{self, PoolName};
 use crate::domain::transcript::UsageEntry;
 use crate::domain::transition::{RevisionBounds, WatchFilter};
 use crate::domain::usage::{self, MessageCopy, UsageGrouping, UsageQuery};
@@ -234,6 +235,7 @@ fn register(agent_id: &str) -> Command {
     Command::Register {
         agent_id: agent_id.into(),
         labels: Default::default(),
+        quota_pools: Vec::new(),
         actor: "contract".into(),
     }
 }
@@ -348,6 +350,63 @@ async fn revisions_are_gap_free_in_commit_order(s: &Subject) {
     let revisions: Vec<i64> = history.iter().map(|t| t.revision).collect();
     assert_eq!(revisions, (1..=total).collect::<Vec<_>>());
     assert_eq!(s.agents.revision_bounds().await.unwrap().head, total);
+}
+
+contract!(quota_pools_are_stored_replaced_and_checked on memory, sqlite, postgres);
+
+/// An agent's quota pools are stored as registered, in order, replaced by a
+/// later registration, and read back by every read; a batch decided on a
+/// remembered agent whose pools changed since is decided again on the
+/// stored row (the pools are part of what the store checks).
+async fn quota_pools_are_stored_replaced_and_checked(s: &Subject) {
+    let store = &s.agents;
+    let t0 = Utc.with_ymd_and_hms(2026, 5, 1, 12, 0, 0).unwrap();
+    let pools = |names: &[&str]| -> Vec<PoolName> {
+        quota::pool_names("quota_pools", names).expect("well formed")
+    };
+    let register_in = |names: &[&str]| Command::Register {
+        agent_id: "p".into(),
+        labels: Default::default(),
+        quota_pools: pools(names),
+        actor: "contract".into(),
+    };
+    let made = store
+        .commit_batch(&[register_in(&["acct-42/opus", "acct-42"])], t0)
+        .await
+        .unwrap();
+    let made = made[0].clone().unwrap().agent;
+    assert_eq!(made.quota_pools, pools(&["acct-42/opus", "acct-42"]));
+    assert_eq!(store.get_agent("p").await.unwrap(), made);
+
+    store
+        .commit_batch(&[register_in(&["org-7"])], t0)
+        .await
+        .unwrap();
+    let replaced = store.get_agent("p").await.unwrap();
+    assert_eq!(replaced.quota_pools, pools(&["org-7"]));
+    assert_eq!(replaced.revision, made.revision, "no transition");
+    let listed = store
+        .list_agents(&AgentQuery {
+            limit: 10,
+            ..AgentQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(listed[0].quota_pools, pools(&["org-7"]));
+
+    // Decided on the agent as first made (its pools since replaced): the
+    // write checks them and the batch is decided on the stored row.
+    let outcomes = store
+        .commit_batch_known(
+            &[apply("p", Event::StartWork(SlotType::Work))],
+            Some(vec![made]),
+            t0,
+        )
+        .await
+        .unwrap();
+    let busy = outcomes[0].clone().unwrap().agent;
+    assert_eq!(busy.quota_pools, pools(&["org-7"]));
+    assert_eq!(store.get_agent("p").await.unwrap(), busy);
 }
 
 contract!(agent_reads_and_maintenance on memory, sqlite, postgres);
@@ -467,6 +526,7 @@ async fn agent_reads_and_maintenance(s: &Subject) {
 
 fn labelled(agent_id: &str, labels: &[(&str, &str)]) -> Command {
     Command::Register {
+        quota_pools: Vec::new(),
         agent_id: agent_id.into(),
         labels: labels
             .iter()

@@ -181,6 +181,7 @@ pub static TABLES: &[TableSpec] = &[
             ("claim_request_id", Text),
             ("claimed_at", Timestamp),
             ("lease_expires_at", Timestamp),
+            ("quota_pools", Json),
         ],
         singleton: false,
         serial: None,

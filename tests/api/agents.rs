@@ -16,6 +16,7 @@ async fn registration_creates_an_idle_agent_once() {
         .register_agent(pb::RegisterAgentRequest {
             agent_id: "agent-1".into(),
             labels: [("team".to_string(), "infra".to_string())].into(),
+            quota_pools: Vec::new(),
         })
         .await
         .unwrap()
@@ -30,6 +31,7 @@ async fn registration_creates_an_idle_agent_once() {
         .register_agent(pb::RegisterAgentRequest {
             agent_id: "agent-1".into(),
             labels: [("team".to_string(), "ml".to_string())].into(),
+            quota_pools: Vec::new(),
         })
         .await
         .unwrap()
@@ -253,6 +255,7 @@ async fn bad_input_is_invalid_argument_and_unknown_agents_not_found() {
             .register_agent(pb::RegisterAgentRequest {
                 agent_id: bad.into(),
                 labels: Default::default(),
+                quota_pools: Vec::new(),
             })
             .await
             .unwrap_err();
@@ -320,6 +323,7 @@ async fn bad_input_is_invalid_argument_and_unknown_agents_not_found() {
         .register_agent(pb::RegisterAgentRequest {
             agent_id: "b".into(),
             labels: [("bad key".to_string(), "v".to_string())].into(),
+            quota_pools: Vec::new(),
         })
         .await
         .unwrap_err();
@@ -379,6 +383,7 @@ async fn list_agents_pages_and_filters() {
             .register_agent(pb::RegisterAgentRequest {
                 agent_id: format!("agent-{i:02}"),
                 labels: [("team".to_string(), team.to_string())].into(),
+                quota_pools: Vec::new(),
             })
             .await
             .unwrap();
@@ -469,4 +474,86 @@ async fn concurrent_start_work_on_one_idle_agent_has_exactly_one_winner() {
         }
         assert_eq!(app.history(&id).await.len(), 2, "registered + one start");
     }
+}
+
+#[tokio::test]
+async fn quota_pools_are_registered_shown_replaced_and_checked() {
+    let db = TestDb::new();
+    let app = TestApp::spawn(&db).await;
+    let mut client = app.agents.clone();
+    let register = |pools: &[&str]| pb::RegisterAgentRequest {
+        agent_id: "pooled".into(),
+        labels: Default::default(),
+        quota_pools: pools.iter().map(|p| p.to_string()).collect(),
+    };
+    let pools = |agent: pb::Agent| agent.quota_pools;
+
+    let made = client
+        .register_agent(register(&["anthropic/acct-42", "anthropic/acct-42/opus"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        pools(made.agent.unwrap()),
+        ["anthropic/acct-42", "anthropic/acct-42/opus"]
+    );
+    let read = || {
+        let mut client = app.agents.clone();
+        async move {
+            client
+                .get_agent(pb::GetAgentRequest {
+                    agent_id: "pooled".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .agent
+                .unwrap()
+        }
+    };
+    let stored = read().await;
+    assert_eq!(
+        pools(stored.clone()),
+        ["anthropic/acct-42", "anthropic/acct-42/opus"]
+    );
+
+    // Re-registering replaces them (no transition), an empty list leaves all.
+    let again = client
+        .register_agent(register(&["openai:org-7/gpt-4o"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!again.created);
+    let replaced = read().await;
+    assert_eq!(replaced.revision, stored.revision, "no transition");
+    assert_eq!(pools(replaced), ["openai:org-7/gpt-4o"]);
+    client.register_agent(register(&[])).await.unwrap();
+    assert!(pools(read().await).is_empty());
+
+    // Malformed lists are refused naming the entry, and change nothing.
+    client
+        .register_agent(register(&["anthropic/acct-42"]))
+        .await
+        .unwrap();
+    let before = read().await;
+    let long = "p".repeat(129);
+    let seventeen: Vec<String> = (0..17).map(|i| format!("pool-{i}")).collect();
+    let seventeen: Vec<&str> = seventeen.iter().map(String::as_str).collect();
+    for (pools, field) in [
+        (vec!["ok", "has space"], "quota_pools[1]"),
+        (vec![""], "quota_pools[0]"),
+        (vec![long.as_str()], "quota_pools[0]"),
+        (vec!["a", "b", "a"], "quota_pools[2]"),
+        (seventeen, "quota_pools"),
+    ] {
+        let refused = client.register_agent(register(&pools)).await.unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{pools:?}");
+        assert!(
+            refused.message().starts_with(field),
+            "{pools:?}: {}",
+            refused.message()
+        );
+    }
+    assert_eq!(read().await, before);
+    app.stop().await;
 }

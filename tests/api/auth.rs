@@ -131,6 +131,7 @@ impl AuthApp {
         labels: &[(&str, &str)],
     ) -> Result<pb::RegisterAgentResponse, tonic::Status> {
         let request = pb::RegisterAgentRequest {
+            quota_pools: Vec::new(),
             agent_id: agent_id.into(),
             labels: labels
                 .iter()
@@ -992,6 +993,7 @@ async fn a_token_made_by_fleetcare_token_new_gets_in_once_its_entry_is_appended(
             pb::RegisterAgentRequest {
                 agent_id: agent_id.into(),
                 labels: Default::default(),
+                quota_pools: Vec::new(),
             },
         )
     };
@@ -1022,6 +1024,7 @@ async fn without_an_auth_file_a_loopback_server_lets_everyone_in_as_the_anonymou
         .register_agent(pb::RegisterAgentRequest {
             agent_id: "eu-1".into(),
             labels: Default::default(),
+            quota_pools: Vec::new(),
         })
         .await
         .expect("no token needed on loopback")

@@ -64,6 +64,7 @@ async fn register(app: &TestApp, agent_id: &str, labels: &[(&str, &str)]) -> pb:
     app.agents
         .clone()
         .register_agent(pb::RegisterAgentRequest {
+            quota_pools: Vec::new(),
             agent_id: agent_id.into(),
             labels: labels
                 .iter()

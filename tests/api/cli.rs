@@ -64,6 +64,7 @@ async fn agents_list_and_get_print_tables_and_json() {
             .register_agent(pb::RegisterAgentRequest {
                 agent_id: id.into(),
                 labels: [("team".to_string(), team.to_string())].into(),
+                quota_pools: vec![format!("acct/{team}")],
             })
             .await
             .unwrap();
@@ -118,8 +119,13 @@ async fn agents_list_and_get_print_tables_and_json() {
     assert_eq!(one["status"], "BUSY");
     assert_eq!(one["labels"]["team"], "blue");
     assert!(one["last_heartbeat_at"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(one["quota_pools"], serde_json::json!(["acct/blue"]));
     let details = stdout(&fleetcare(app.addr, &["agents", "get", "cli-b"]).await);
     assert!(details.contains("status:           BUSY\n"), "{details}");
+    assert!(
+        details.contains("quota pool:       acct/blue\n"),
+        "{details}"
+    );
 
     // FLEETCARE_SERVER stands in for --server.
     let mut command = Command::new(BIN);
@@ -265,6 +271,7 @@ async fn agents_delete_prints_the_deleted_transition_and_refuses_a_claimed_agent
         .register_agent(pb::RegisterAgentRequest {
             agent_id: "cli-d1".into(),
             labels: [("pool".to_string(), "x".to_string())].into(),
+            quota_pools: Vec::new(),
         })
         .await
         .unwrap();
@@ -373,6 +380,7 @@ async fn claims_list_prints_every_page_as_a_table_and_json_filtered_by_holder() 
                 let message = pb::RegisterAgentRequest {
                     agent_id: id(i),
                     labels,
+                    quota_pools: Vec::new(),
                 };
                 agents
                     .register_agent(with_token("o-token", message))

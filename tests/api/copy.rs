@@ -67,7 +67,7 @@ async fn fill(db: &TestDb) -> Vec<(&'static str, u64)> {
         let exhausted = i % 3 == 0;
         let claimed = i % 5 == 1;
         sqlx::query(
-            "INSERT INTO agents VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO agents VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(id)
         .bind(if exhausted { "EXHAUSTED" } else { "IDLE" })
@@ -97,6 +97,12 @@ async fn fill(db: &TestDb) -> Vec<(&'static str, u64)> {
         .bind(claimed.then_some(""))
         .bind(claimed.then_some(T0 + 5))
         .bind(claimed.then_some(T0 + 30_000_005))
+        // Quota pools on some, in an order that is not sorted.
+        .bind(if i % 2 == 1 {
+            r#"["acct-42/opus", "acct-42"]"#
+        } else {
+            "[]"
+        })
         .execute(&mut c)
         .await
         .unwrap();
@@ -852,6 +858,7 @@ async fn use_every_service(app: &crate::helpers::TestApp) {
             .register_agent(pb::RegisterAgentRequest {
                 agent_id: id.into(),
                 labels: [("team".to_string(), "ünïcode ✓".to_string())].into(),
+                quota_pools: Vec::new(),
             })
             .await
             .unwrap();

@@ -151,6 +151,7 @@ async fn register(app: &TestApp, agent_id: &str, labels: &[(&str, &str)]) {
     app.agents
         .clone()
         .register_agent(pb::RegisterAgentRequest {
+            quota_pools: Vec::new(),
             agent_id: agent_id.into(),
             labels: labels
                 .iter()
@@ -1183,6 +1184,7 @@ async fn with_an_auth_file_a_reader_lists_claims_but_may_not_cordon() {
     let mut register = tonic::Request::new(pb::RegisterAgentRequest {
         agent_id: "guarded-1".into(),
         labels: Default::default(),
+        quota_pools: Vec::new(),
     });
     register
         .metadata_mut()

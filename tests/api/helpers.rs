@@ -482,6 +482,7 @@ impl TestApp {
             .register_agent(pb::RegisterAgentRequest {
                 agent_id: agent_id.into(),
                 labels: Default::default(),
+                quota_pools: Vec::new(),
             })
             .await
             .expect("register")

@@ -485,6 +485,7 @@ async fn silent_sockets_beyond_the_descriptor_limit_do_not_lock_new_clients_out(
             .register_agent(pb::RegisterAgentRequest {
                 agent_id: "fresh".into(),
                 labels: Default::default(),
+                quota_pools: Vec::new(),
             })
             .await
             .ok()

@@ -115,6 +115,7 @@ async fn a_server_started_before_its_database_waits_for_it_not_serving_meanwhile
         .register_agent(pb::RegisterAgentRequest {
             agent_id: "early".into(),
             labels: Default::default(),
+            quota_pools: Vec::new(),
         })
         .await
         .unwrap_err();
@@ -131,6 +132,7 @@ async fn a_server_started_before_its_database_waits_for_it_not_serving_meanwhile
         .register_agent(pb::RegisterAgentRequest {
             agent_id: "late".into(),
             labels: Default::default(),
+            quota_pools: Vec::new(),
         })
         .await
         .expect("served once the database is there");

@@ -374,6 +374,7 @@ async fn every_real_form_in_the_fixture_through_report_exhausted_and_explain_rec
             .register_agent(pb::RegisterAgentRequest {
                 agent_id: agent_id.clone(),
                 labels,
+                quota_pools: Vec::new(),
             })
             .await
             .unwrap();
@@ -482,6 +483,7 @@ async fn unknown_zones_are_refused_in_requests_and_ignored_in_labels() {
         .register_agent(pb::RegisterAgentRequest {
             agent_id: "z".into(),
             labels: [("time_zone".to_string(), "Mars/Olympus".to_string())].into(),
+            quota_pools: Vec::new(),
         })
         .await
         .unwrap();

@@ -228,6 +228,7 @@ async fn an_agent_registers_over_tls() {
         .register_agent(pb::RegisterAgentRequest {
             agent_id: "tls-agent".into(),
             labels: Default::default(),
+            quota_pools: Vec::new(),
         })
         .await
         .expect("RegisterAgent over TLS")

@@ -158,6 +158,7 @@ async fn a_call_with_a_traceparent_is_exported_as_a_child_span_with_its_service_
             pb::RegisterAgentRequest {
                 agent_id: "traced-1".into(),
                 labels: Default::default(),
+                quota_pools: Vec::new(),
             },
             &traceparent,
         ))
@@ -239,6 +240,7 @@ async fn a_lone_call_commits_in_a_child_span_of_its_rpc_span_with_the_batch_attr
         .register_agent(pb::RegisterAgentRequest {
             agent_id: "traced-2".into(),
             labels: Default::default(),
+            quota_pools: Vec::new(),
         })
         .await
         .unwrap();
@@ -306,6 +308,7 @@ async fn a_batch_of_several_calls_is_a_root_span_linked_to_each_call_span() {
                 .register_agent(pb::RegisterAgentRequest {
                     agent_id: id.clone(),
                     labels: Default::default(),
+                    quota_pools: Vec::new(),
                 })
                 .await
                 .unwrap();

@@ -272,6 +272,7 @@ postgres_only! {
                 c.register_agent(pb::RegisterAgentRequest {
                     agent_id: id.clone(),
                     labels: Default::default(),
+                    quota_pools: Vec::new(),
                 })
                 .await
                 .unwrap();
@@ -321,6 +322,7 @@ async fn a_slow_subscriber_is_caught_up_not_dropped() {
             c.register_agent(pb::RegisterAgentRequest {
                 agent_id: id.clone(),
                 labels: Default::default(),
+                quota_pools: Vec::new(),
             })
             .await
             .unwrap();

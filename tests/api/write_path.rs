@@ -178,6 +178,7 @@ postgres_only! {
             .register_agent(pb::RegisterAgentRequest {
                 agent_id: "relabelled".into(),
                 labels: [("team".to_string(), "infra".to_string())].into(),
+                quota_pools: Vec::new(),
             })
             .await
             .unwrap();
@@ -357,6 +358,7 @@ postgres_only! {
             .register_agent(pb::RegisterAgentRequest {
                 agent_id: "survivor".into(),
                 labels: Default::default(),
+                quota_pools: Vec::new(),
             })
             .await
             .unwrap();

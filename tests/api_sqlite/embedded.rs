@@ -33,6 +33,7 @@ async fn serve_without_a_database_url_creates_its_data_dir_and_serves() {
         .register_agent(pb::RegisterAgentRequest {
             agent_id: "first".into(),
             labels: Default::default(),
+            quota_pools: Vec::new(),
         })
         .await
         .expect("register on the embedded store")
@@ -69,6 +70,7 @@ async fn a_second_server_on_the_same_data_dir_is_refused_at_start() {
         .register_agent(pb::RegisterAgentRequest {
             agent_id: "still-serving".into(),
             labels: Default::default(),
+            quota_pools: Vec::new(),
         })
         .await
         .expect("the first server still serves");
@@ -87,6 +89,7 @@ async fn every_acknowledged_transition_survives_kill_9() {
             .register_agent(pb::RegisterAgentRequest {
                 agent_id: id.clone(),
                 labels: Default::default(),
+                quota_pools: Vec::new(),
             })
             .await
             .unwrap();

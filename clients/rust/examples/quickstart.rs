@@ -16,6 +16,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .register_agent(pb::RegisterAgentRequest {
             agent_id: "quickstart-rs".into(),
             labels: [("team".to_string(), "docs".to_string())].into(),
+            quota_pools: Vec::new(),
         })
         .await?
         .into_inner();

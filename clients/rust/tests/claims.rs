@@ -31,6 +31,7 @@ async fn pool(clients: &Clients, name: &str, size: usize) -> (ClaimOptions, Vec<
             .register_agent(pb::RegisterAgentRequest {
                 agent_id: agent_id.clone(),
                 labels: [("pool".to_string(), name.to_string())].into(),
+                quota_pools: Vec::new(),
             })
             .await
             .unwrap();

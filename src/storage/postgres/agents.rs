@@ -13,6 +13,7 @@ use crate::domain::batch::{self, Command};
 use crate::domain::dispatch::IdempotencyKey;
 use crate::domain::labels::Labels;
 use crate::domain::liveness::SweepQuery;
+use crate::domain::quota::PoolName;
 use crate::domain::transition::Claim;
 use crate::domain::transition::{Agent, Transition};
 use crate::error::{Error, Result};
@@ -24,7 +25,7 @@ use crate::storage::agents::{
 use crate::storage::claims::{self, ClaimReads, Dialect, MatchingRow, SelectorSql};
 use crate::storage::pool::{AcquireMetrics, PoolStats};
 
-type AgentRow = flows::AgentRow<DateTime<Utc>, Json<Labels>>;
+type AgentRow = flows::AgentRow<DateTime<Utc>, Json<Labels>, Json<Vec<PoolName>>>;
 type TransitionRow = flows::TransitionRow<DateTime<Utc>>;
 type ClaimRow = flows::ClaimRow<DateTime<Utc>>;
 
@@ -66,6 +67,7 @@ struct AgentColumns {
     claim_request_id: Vec<Option<String>>,
     claimed_at: Vec<Option<DateTime<Utc>>>,
     lease_expires_at: Vec<Option<DateTime<Utc>>>,
+    quota_pools: Vec<String>,
 }
 
 impl AgentColumns {
@@ -95,6 +97,10 @@ impl AgentColumns {
             c.claim_request_id.push(claim.map(|c| c.request_id.clone()));
             c.claimed_at.push(claim.map(|c| c.claimed_at));
             c.lease_expires_at.push(claim.map(|c| c.lease_expires_at));
+            c.quota_pools.push(
+                serde_json::to_string(&a.quota_pools)
+                    .map_err(|e| Error::Internal(format!("quota_pools: {e}")))?,
+            );
         }
         Ok(c)
     }
@@ -123,12 +129,13 @@ const WRITE_BATCH: &str = "WITH locked AS (
          SELECT a.agent_id FROM agents a
          JOIN unnest($24::text[], $25::text[], $26::text[], $27::timestamptz[], $28::bigint[],
                      $29::text[], $30::timestamptz[], $31::text[], $32::text[], $33::text[],
-                     $42::text[], $43::bigint[], $44::timestamptz[])
+                     $42::text[], $43::bigint[], $44::timestamptz[], $55::text[])
               AS e(agent_id, status, labels, last_transition_at, revision,
                    exhaustion_reason, recovery_at, recovery_source, recovery_hint,
-                   cordon_reason, claim_id, claim_token, lease_expires_at)
+                   cordon_reason, claim_id, claim_token, lease_expires_at, quota_pools)
            ON a.agent_id = e.agent_id
          WHERE a.status IS NOT DISTINCT FROM e.status AND a.labels = e.labels::jsonb
+           AND a.quota_pools = e.quota_pools::jsonb
            AND a.last_transition_at = e.last_transition_at AND a.revision = e.revision
            AND a.exhaustion_reason IS NOT DISTINCT FROM e.exhaustion_reason
            AND a.recovery_at IS NOT DISTINCT FROM e.recovery_at
@@ -183,16 +190,17 @@ const WRITE_BATCH: &str = "WITH locked AS (
                                 ELSE u.claim_token END,
              claim_request_id = u.claim_request_id,
              claimed_at = u.claimed_at,
-             lease_expires_at = u.lease_expires_at
+             lease_expires_at = u.lease_expires_at,
+             quota_pools = u.quota_pools::jsonb
          FROM base, unnest($3::text[], $4::text[], $5::text[], $6::timestamptz[],
                            $7::timestamptz[], $8::bigint[], $9::bool[], $10::text[],
                            $11::timestamptz[], $12::text[], $13::text[], $34::text[],
                            $35::text[], $36::text[], $37::bigint[], $38::bool[], $39::text[],
-                           $40::timestamptz[], $41::timestamptz[])
+                           $40::timestamptz[], $41::timestamptz[], $54::text[])
               AS u(agent_id, status, labels, last_heartbeat_at, last_transition_at,
                    revision, shift, exhaustion_reason, recovery_at, recovery_source,
                    recovery_hint, cordon_reason, claim_id, claim_holder, claim_token,
-                   claim_shift, claim_request_id, claimed_at, lease_expires_at)
+                   claim_shift, claim_request_id, claimed_at, lease_expires_at, quota_pools)
          WHERE agents.agent_id = u.agent_id
      ),
      recorded AS (
@@ -483,6 +491,8 @@ async fn write_batch(
                 .collect::<Vec<_>>(),
         )
         .bind(&relative.deleted)
+        .bind(&c.quota_pools)
+        .bind(&e.quota_pools)
         .fetch_one(conn)
         .await?;
     Ok(written)

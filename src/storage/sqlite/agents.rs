@@ -34,7 +34,7 @@ use crate::storage::claims::{self, ClaimReads, Dialect, MatchingRow, SelectorSql
 use crate::storage::decode::StoredTime;
 use crate::storage::pool::{AcquireMetrics, PoolStats};
 
-type AgentRow = flows::AgentRow<i64, String>;
+type AgentRow = flows::AgentRow<i64, String, String>;
 type TransitionRow = flows::TransitionRow<i64>;
 type ClaimRow = flows::ClaimRow<i64>;
 
@@ -69,6 +69,8 @@ fn agents_json(agents: &[Agent]) -> Result<String> {
                 "claim_request_id": a.claim.as_ref().map(|c| &c.request_id),
                 "claimed_at": a.claim.as_ref().map(|c| micros(c.claimed_at)),
                 "lease_expires_at": a.claim.as_ref().map(|c| micros(c.lease_expires_at)),
+                "quota_pools": serde_json::to_string(&a.quota_pools)
+                    .map_err(|e| Error::Internal(format!("quota_pools: {e}")))?,
             }))
         })
         .collect::<Result<Vec<_>>>()?;
@@ -139,14 +141,15 @@ const INSERT_TRANSITIONS: &str = "INSERT INTO transitions (revision, agent_id, f
 const UPSERT_AGENTS: &str = "INSERT INTO agents (agent_id, status, labels, registered_at, \
          last_heartbeat_at, last_transition_at, revision, exhaustion_reason, recovery_at, \
          recovery_source, recovery_hint, cordon_reason, claim_id, claim_holder, claim_token, \
-         claim_request_id, claimed_at, lease_expires_at)
+         claim_request_id, claimed_at, lease_expires_at, quota_pools)
      SELECT value ->> 'agent_id', value ->> 'status', value ->> 'labels',
             value ->> 'registered_at', value ->> 'last_heartbeat_at',
             value ->> 'last_transition_at', value ->> 'revision',
             value ->> 'exhaustion_reason', value ->> 'recovery_at',
             value ->> 'recovery_source', value ->> 'recovery_hint', value ->> 'cordon_reason',
             value ->> 'claim_id', value ->> 'claim_holder', value ->> 'claim_token',
-            value ->> 'claim_request_id', value ->> 'claimed_at', value ->> 'lease_expires_at'
+            value ->> 'claim_request_id', value ->> 'claimed_at', value ->> 'lease_expires_at',
+            value ->> 'quota_pools'
      FROM json_each(?1) WHERE true
      ON CONFLICT (agent_id) DO UPDATE SET
          status = excluded.status,
@@ -164,7 +167,8 @@ const UPSERT_AGENTS: &str = "INSERT INTO agents (agent_id, status, labels, regis
          claim_token = excluded.claim_token,
          claim_request_id = excluded.claim_request_id,
          claimed_at = excluded.claimed_at,
-         lease_expires_at = excluded.lease_expires_at";
+         lease_expires_at = excluded.lease_expires_at,
+         quota_pools = excluded.quota_pools";
 
 /// The claim reads of a batch, on its transaction (the one writer's: what
 /// it reads nobody else changes until it commits).
@@ -657,6 +661,7 @@ mod tests {
 
     fn register(id: &str, labels: &[(&str, &str)]) -> Command {
         Command::Register {
+            quota_pools: Vec::new(),
             agent_id: id.into(),
             labels: labels
                 .iter()

@@ -97,7 +97,7 @@ TRANSITION_CAUSE_DELETED: TransitionCause
 TRANSITION_CAUSE_EXPIRED: TransitionCause
 
 class Agent(_message.Message):
-    __slots__ = ("agent_id", "status", "labels", "registered_at", "last_heartbeat_at", "last_transition_at", "revision", "exhaustion_reason", "recovery_at", "recovery_source", "recovery_hint", "schedulable", "cordon_reason", "claim")
+    __slots__ = ("agent_id", "status", "labels", "registered_at", "last_heartbeat_at", "last_transition_at", "revision", "exhaustion_reason", "recovery_at", "recovery_source", "recovery_hint", "schedulable", "cordon_reason", "claim", "quota_pools")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +119,7 @@ class Agent(_message.Message):
     SCHEDULABLE_FIELD_NUMBER: _ClassVar[int]
     CORDON_REASON_FIELD_NUMBER: _ClassVar[int]
     CLAIM_FIELD_NUMBER: _ClassVar[int]
+    QUOTA_POOLS_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     status: AgentStatus
     labels: _containers.ScalarMap[str, str]
@@ -133,7 +134,8 @@ class Agent(_message.Message):
     schedulable: bool
     cordon_reason: str
     claim: Claim
-    def __init__(self, agent_id: _Optional[str] = ..., status: _Optional[_Union[AgentStatus, str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_transition_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revision: _Optional[int] = ..., exhaustion_reason: _Optional[_Union[ExhaustionReason, str]] = ..., recovery_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., recovery_source: _Optional[_Union[RecoverySource, str]] = ..., recovery_hint: _Optional[str] = ..., schedulable: bool = ..., cordon_reason: _Optional[str] = ..., claim: _Optional[_Union[Claim, _Mapping]] = ...) -> None: ...
+    quota_pools: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, agent_id: _Optional[str] = ..., status: _Optional[_Union[AgentStatus, str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_transition_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revision: _Optional[int] = ..., exhaustion_reason: _Optional[_Union[ExhaustionReason, str]] = ..., recovery_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., recovery_source: _Optional[_Union[RecoverySource, str]] = ..., recovery_hint: _Optional[str] = ..., schedulable: bool = ..., cordon_reason: _Optional[str] = ..., claim: _Optional[_Union[Claim, _Mapping]] = ..., quota_pools: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Claim(_message.Message):
     __slots__ = ("claim_id", "agent_id", "fencing_token", "slot_type", "holder", "claimed_at", "lease_expires_at", "request_id")
@@ -178,7 +180,7 @@ class Transition(_message.Message):
     def __init__(self, revision: _Optional[int] = ..., agent_id: _Optional[str] = ..., from_status: _Optional[_Union[AgentStatus, str]] = ..., to_status: _Optional[_Union[AgentStatus, str]] = ..., cause: _Optional[_Union[TransitionCause, str]] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., exhaustion_reason: _Optional[_Union[ExhaustionReason, str]] = ..., recovery_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., actor: _Optional[str] = ...) -> None: ...
 
 class RegisterAgentRequest(_message.Message):
-    __slots__ = ("agent_id", "labels")
+    __slots__ = ("agent_id", "labels", "quota_pools")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -188,9 +190,11 @@ class RegisterAgentRequest(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    QUOTA_POOLS_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, agent_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    quota_pools: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, agent_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., quota_pools: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RegisterAgentResponse(_message.Message):
     __slots__ = ("agent", "created")
