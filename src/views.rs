@@ -190,6 +190,9 @@ pub struct RecoveryExplanationView {
     pub reason: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub now: Option<String>,
+    /// The quota window the report is for (`FIVE_HOUR`, ...), and what said so.
+    pub window: String,
+    pub window_evidence: String,
 }
 
 impl From<&pb::ExplainRecoveryResponse> for RecoveryExplanationView {
@@ -218,6 +221,14 @@ impl From<&pb::ExplainRecoveryResponse> for RecoveryExplanationView {
                 r.reason,
             ),
             now: time(r.now.as_ref()),
+            window: enum_name(
+                pb::QuotaWindow::try_from(r.window)
+                    .ok()
+                    .map(|w| w.as_str_name()),
+                "QUOTA_WINDOW_",
+                r.window,
+            ),
+            window_evidence: r.window_evidence.clone(),
         }
     }
 }

@@ -1,6 +1,6 @@
 //! `fleetcare explain-limit`: what the server would infer from a report.
 
-use super::{CliError, ExplainLimitArgs, ReasonArg, print};
+use super::{CliError, ExplainLimitArgs, ReasonArg, WindowArg, print};
 use crate::views::RecoveryExplanationView;
 use fleetcare_client::pb;
 
@@ -21,6 +21,16 @@ pub async fn run(args: ExplainLimitArgs) -> Result<(), CliError> {
         time_zone: args.time_zone.unwrap_or_default(),
         agent_id: args.agent.unwrap_or_default(),
         recovery_at: None,
+        window: args
+            .window
+            .map_or(pb::QuotaWindow::Unspecified, |w| match w {
+                WindowArg::FiveHour => pb::QuotaWindow::FiveHour,
+                WindowArg::Weekly => pb::QuotaWindow::Weekly,
+                WindowArg::Requests => pb::QuotaWindow::Requests,
+                WindowArg::Tokens => pb::QuotaWindow::Tokens,
+                WindowArg::Billing => pb::QuotaWindow::Billing,
+                WindowArg::Other => pb::QuotaWindow::Other,
+            }) as i32,
     };
     let response = clients.agents.explain_recovery(request).await?.into_inner();
     let view = RecoveryExplanationView::from(&response);
@@ -53,6 +63,7 @@ fn explanation_text(v: &RecoveryExplanationView) -> String {
         ("source", v.recovery_source.clone()),
         ("hint", v.recovery_hint.clone()),
         ("reason", v.reason.clone()),
+        ("window", format!("{} ({})", v.window, v.window_evidence)),
         ("server time", v.now.clone().unwrap_or_default()),
     ];
     lines
@@ -74,7 +85,7 @@ mod tests {
     }
 
     #[test]
-    fn the_explanation_is_five_aligned_lines() {
+    fn the_explanation_is_six_aligned_lines() {
         let view = RecoveryExplanationView {
             recovery_at: Some("2026-03-02T02:00:00.000Z".into()),
             recovery_in_seconds: Some(50_400),
@@ -82,6 +93,8 @@ mod tests {
             recovery_hint: "resets 2am".into(),
             reason: "RATE_LIMIT".into(),
             now: Some("2026-03-01T12:00:00.000Z".into()),
+            window: "FIVE_HOUR".into(),
+            window_evidence: "message: \"5-hour limit\"".into(),
         };
         assert_eq!(
             explanation_text(&view),
@@ -89,6 +102,7 @@ mod tests {
              source:      MESSAGE\n\
              hint:        resets 2am\n\
              reason:      RATE_LIMIT\n\
+             window:      FIVE_HOUR (message: \"5-hour limit\")\n\
              server time: 2026-03-01T12:00:00.000Z\n"
         );
     }

@@ -130,12 +130,26 @@ pub struct ExplainLimitArgs {
     /// The reason the agent would report.
     #[arg(long, value_enum, default_value_t = ReasonArg::RateLimit)]
     pub reason: ReasonArg,
+    /// The limit window the report is for, when known (else inferred).
+    #[arg(long, value_enum)]
+    pub window: Option<WindowArg>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum ReasonArg {
     RateLimit,
     Billing,
+}
+
+/// A quota window, as `QuotaWindow` names it.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum WindowArg {
+    FiveHour,
+    Weekly,
+    Requests,
+    Tokens,
+    Billing,
+    Other,
 }
 
 #[derive(Debug, Args)]

@@ -14,6 +14,7 @@ use crate::domain::agent::{self, Event, ExhaustionReason, ExhaustionReport};
 use crate::domain::auth::{Action, Caller};
 use crate::domain::batch::{Applied, Command};
 use crate::domain::labels::Labels;
+use crate::domain::quota;
 use crate::error::Error;
 use crate::grpc::agent_requests::{AgentCursor, AgentId, ListAgents, ListTransitions};
 use crate::grpc::auth::{self, Guard};
@@ -446,11 +447,13 @@ impl AgentStatusService for AgentStatusApi {
             time_zone,
             agent_id,
             recovery_at,
+            window,
         } = request.into_inner();
         let reason = match reason {
             0 => ExhaustionReason::RateLimit,
             other => convert::reason_from_pb(other)?,
         };
+        let stated = convert::window_from_pb("window", window)?;
         let evidence = validate::recovery_evidence(
             recovery_at,
             headers,
@@ -474,13 +477,17 @@ impl AgentStatusService for AgentStatusApi {
         };
         // The clock every write of this server decides with.
         let now = self.writes.now();
-        let exhaustion = agent::exhaustion_of(&self.report(reason, evidence), &labels, now);
+        let report = self.report(reason, evidence);
+        let exhaustion = agent::exhaustion_of(&report, &labels, now);
+        let window = quota::infer_window(&report, stated, now);
         Ok(Response::new(pb::ExplainRecoveryResponse {
             recovery_at: Some(timestamp(exhaustion.recovery.recovery_at)),
             recovery_source: convert::source_to_pb(exhaustion.recovery.source) as i32,
             recovery_hint: exhaustion.recovery.hint,
             reason: convert::reason_to_pb(exhaustion.reason) as i32,
             now: Some(timestamp(now)),
+            window: convert::window_to_pb(window.window) as i32,
+            window_evidence: window.evidence,
         }))
     }
 }

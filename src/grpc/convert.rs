@@ -4,6 +4,7 @@ use chrono::{DateTime, Utc};
 use prost_types::Timestamp;
 
 use crate::domain::agent::{AgentStatus, Cause, ExhaustionReason, SlotType};
+use crate::domain::quota::Window;
 use crate::domain::recovery::RecoverySource;
 use crate::domain::transition::{Agent, Claim, Transition};
 use crate::error::{Error, Result};
@@ -80,6 +81,37 @@ pub fn reason_from_pb(value: i32) -> Result<ExhaustionReason> {
         Ok(pb::ExhaustionReason::Unspecified) | Err(_) => Err(Error::invalid(
             "reason must be EXHAUSTION_REASON_RATE_LIMIT or EXHAUSTION_REASON_BILLING",
         )),
+    }
+}
+
+/// A window the caller states in `field`: `None` for UNSPECIFIED (infer
+/// it); a value the proto does not define is refused naming the field.
+pub fn window_from_pb(field: &str, value: i32) -> Result<Option<Window>> {
+    let window = match pb::QuotaWindow::try_from(value) {
+        Ok(pb::QuotaWindow::Unspecified) => return Ok(None),
+        Ok(pb::QuotaWindow::FiveHour) => Window::FiveHour,
+        Ok(pb::QuotaWindow::Weekly) => Window::Weekly,
+        Ok(pb::QuotaWindow::Requests) => Window::Requests,
+        Ok(pb::QuotaWindow::Tokens) => Window::Tokens,
+        Ok(pb::QuotaWindow::Billing) => Window::Billing,
+        Ok(pb::QuotaWindow::Other) => Window::Other,
+        Err(_) => {
+            return Err(Error::invalid(format!(
+                "{field} {value} is not a QuotaWindow"
+            )));
+        }
+    };
+    Ok(Some(window))
+}
+
+pub fn window_to_pb(window: Window) -> pb::QuotaWindow {
+    match window {
+        Window::FiveHour => pb::QuotaWindow::FiveHour,
+        Window::Weekly => pb::QuotaWindow::Weekly,
+        Window::Requests => pb::QuotaWindow::Requests,
+        Window::Tokens => pb::QuotaWindow::Tokens,
+        Window::Billing => pb::QuotaWindow::Billing,
+        Window::Other => pb::QuotaWindow::Other,
     }
 }
 

@@ -787,7 +787,7 @@ async fn explain_limit_prints_what_the_server_would_infer_without_touching_agent
         .await,
     );
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 5, "{text}");
+    assert_eq!(lines.len(), 6, "{text}");
     assert!(lines[0].starts_with("recovery at: "), "{text}");
     assert_eq!(lines[1], "source:      MESSAGE");
     assert_eq!(
@@ -795,6 +795,10 @@ async fn explain_limit_prints_what_the_server_would_infer_without_touching_agent
         "hint:        resets 12:50am (America/Los_Angeles)"
     );
     assert_eq!(lines[3], "reason:      RATE_LIMIT");
+    assert_eq!(
+        lines[4],
+        "window:      FIVE_HOUR (message: \"session limit\")"
+    );
 
     let explained = json(
         &fleetcare(
@@ -819,6 +823,25 @@ async fn explain_limit_prints_what_the_server_would_infer_without_touching_agent
         explained["recovery_hint"],
         "billing: insufficient_quota; retry-after: 90"
     );
+    assert_eq!(explained["window"], "BILLING");
+
+    // A window stated wins over what the report says.
+    let stated = json(
+        &fleetcare(
+            app.addr,
+            &[
+                "explain-limit",
+                "--message",
+                "5-hour limit reached ∙ resets 2am",
+                "--window",
+                "weekly",
+                "--json",
+            ],
+        )
+        .await,
+    );
+    assert_eq!(stated["window"], "WEEKLY", "{stated}");
+    assert_eq!(stated["window_evidence"], "stated by the caller");
 
     let zoned = json(
         &fleetcare(

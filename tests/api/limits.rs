@@ -516,3 +516,46 @@ async fn silent_sockets_beyond_the_descriptor_limit_do_not_lock_new_clients_out(
         }
     }
 }
+
+#[tokio::test]
+async fn explain_recovery_names_the_window_stated_or_inferred_and_refuses_an_unknown_one() {
+    let db = TestDb::new();
+    let app = TestApp::spawn(&db).await;
+    let mut agents = app.agents.clone();
+    let explain = |window: i32| pb::ExplainRecoveryRequest {
+        message: "You've hit your weekly limit · resets 3am (Europe/London)".into(),
+        window,
+        ..Default::default()
+    };
+    let inferred = agents
+        .explain_recovery(explain(0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(inferred.window, pb::QuotaWindow::Weekly as i32);
+    assert!(
+        inferred.window_evidence.contains("weekly limit"),
+        "{}",
+        inferred.window_evidence
+    );
+    // What the caller states wins over the wording.
+    let stated = agents
+        .explain_recovery(explain(pb::QuotaWindow::Tokens as i32))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stated.window, pb::QuotaWindow::Tokens as i32);
+    assert_eq!(stated.window_evidence, "stated by the caller");
+    assert_eq!(
+        stated.recovery_at, inferred.recovery_at,
+        "the deadline is the report's"
+    );
+    let refused = agents.explain_recovery(explain(99)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused.message().starts_with("window "),
+        "{}",
+        refused.message()
+    );
+    app.stop().await;
+}

@@ -405,6 +405,7 @@ async fn every_real_form_in_the_fixture_through_report_exhausted_and_explain_rec
                 time_zone: time_zone.clone(),
                 agent_id: agent_id.clone(),
                 recovery_at: None,
+                window: 0,
             })
             .await
             .unwrap()
@@ -414,6 +415,18 @@ async fn every_real_form_in_the_fixture_through_report_exhausted_and_explain_rec
             expect["source"],
             "{name}"
         );
+        // The quota window the report is for, where the form says.
+        if let Some(window) = expect["window"].as_str() {
+            let shown = pb::QuotaWindow::try_from(explained.window)
+                .unwrap()
+                .as_str_name();
+            assert_eq!(
+                shown.strip_prefix("QUOTA_WINDOW_"),
+                Some(window),
+                "{name}: {}",
+                explained.window_evidence
+            );
+        }
         assert_eq!(reason_name(explained.reason), expect["reason"], "{name}");
         let hint = expand(expect["hint_contains"].as_str().unwrap(), expanded_at, form);
         assert!(

@@ -60,6 +60,16 @@ class TransitionCause(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRANSITION_CAUSE_CLAIM_EXPIRED: _ClassVar[TransitionCause]
     TRANSITION_CAUSE_DELETED: _ClassVar[TransitionCause]
     TRANSITION_CAUSE_EXPIRED: _ClassVar[TransitionCause]
+
+class QuotaWindow(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    QUOTA_WINDOW_UNSPECIFIED: _ClassVar[QuotaWindow]
+    QUOTA_WINDOW_FIVE_HOUR: _ClassVar[QuotaWindow]
+    QUOTA_WINDOW_WEEKLY: _ClassVar[QuotaWindow]
+    QUOTA_WINDOW_REQUESTS: _ClassVar[QuotaWindow]
+    QUOTA_WINDOW_TOKENS: _ClassVar[QuotaWindow]
+    QUOTA_WINDOW_BILLING: _ClassVar[QuotaWindow]
+    QUOTA_WINDOW_OTHER: _ClassVar[QuotaWindow]
 AGENT_STATUS_UNSPECIFIED: AgentStatus
 AGENT_STATUS_IDLE: AgentStatus
 AGENT_STATUS_BUSY: AgentStatus
@@ -95,6 +105,13 @@ TRANSITION_CAUSE_CLAIM_RELEASED: TransitionCause
 TRANSITION_CAUSE_CLAIM_EXPIRED: TransitionCause
 TRANSITION_CAUSE_DELETED: TransitionCause
 TRANSITION_CAUSE_EXPIRED: TransitionCause
+QUOTA_WINDOW_UNSPECIFIED: QuotaWindow
+QUOTA_WINDOW_FIVE_HOUR: QuotaWindow
+QUOTA_WINDOW_WEEKLY: QuotaWindow
+QUOTA_WINDOW_REQUESTS: QuotaWindow
+QUOTA_WINDOW_TOKENS: QuotaWindow
+QUOTA_WINDOW_BILLING: QuotaWindow
+QUOTA_WINDOW_OTHER: QuotaWindow
 
 class Agent(_message.Message):
     __slots__ = ("agent_id", "status", "labels", "registered_at", "last_heartbeat_at", "last_transition_at", "revision", "exhaustion_reason", "recovery_at", "recovery_source", "recovery_hint", "schedulable", "cordon_reason", "claim", "quota_pools")
@@ -402,31 +419,37 @@ class ListTransitionsResponse(_message.Message):
     def __init__(self, transitions: _Optional[_Iterable[_Union[Transition, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., oldest_revision: _Optional[int] = ..., head_revision: _Optional[int] = ...) -> None: ...
 
 class ExplainRecoveryRequest(_message.Message):
-    __slots__ = ("reason", "headers", "message", "time_zone", "agent_id", "recovery_at")
+    __slots__ = ("reason", "headers", "message", "time_zone", "agent_id", "recovery_at", "window")
     REASON_FIELD_NUMBER: _ClassVar[int]
     HEADERS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     TIME_ZONE_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     RECOVERY_AT_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
     reason: ExhaustionReason
     headers: _containers.RepeatedCompositeFieldContainer[Header]
     message: str
     time_zone: str
     agent_id: str
     recovery_at: _timestamp_pb2.Timestamp
-    def __init__(self, reason: _Optional[_Union[ExhaustionReason, str]] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., message: _Optional[str] = ..., time_zone: _Optional[str] = ..., agent_id: _Optional[str] = ..., recovery_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    window: QuotaWindow
+    def __init__(self, reason: _Optional[_Union[ExhaustionReason, str]] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., message: _Optional[str] = ..., time_zone: _Optional[str] = ..., agent_id: _Optional[str] = ..., recovery_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window: _Optional[_Union[QuotaWindow, str]] = ...) -> None: ...
 
 class ExplainRecoveryResponse(_message.Message):
-    __slots__ = ("recovery_at", "recovery_source", "recovery_hint", "reason", "now")
+    __slots__ = ("recovery_at", "recovery_source", "recovery_hint", "reason", "now", "window", "window_evidence")
     RECOVERY_AT_FIELD_NUMBER: _ClassVar[int]
     RECOVERY_SOURCE_FIELD_NUMBER: _ClassVar[int]
     RECOVERY_HINT_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     NOW_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_EVIDENCE_FIELD_NUMBER: _ClassVar[int]
     recovery_at: _timestamp_pb2.Timestamp
     recovery_source: RecoverySource
     recovery_hint: str
     reason: ExhaustionReason
     now: _timestamp_pb2.Timestamp
-    def __init__(self, recovery_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., recovery_source: _Optional[_Union[RecoverySource, str]] = ..., recovery_hint: _Optional[str] = ..., reason: _Optional[_Union[ExhaustionReason, str]] = ..., now: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    window: QuotaWindow
+    window_evidence: str
+    def __init__(self, recovery_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., recovery_source: _Optional[_Union[RecoverySource, str]] = ..., recovery_hint: _Optional[str] = ..., reason: _Optional[_Union[ExhaustionReason, str]] = ..., now: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window: _Optional[_Union[QuotaWindow, str]] = ..., window_evidence: _Optional[str] = ...) -> None: ...
