@@ -192,15 +192,27 @@ pub(crate) trait ClaimReads: Send {
     -> Result<Vec<(Claim, Option<Agent>)>>;
 }
 
+/// Which claimable agents a batch's claims read ([`claim_rows`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Candidates {
+    /// Per selector, from the table.
+    Selected,
+    /// None: the batch's rows already hold the candidates the server
+    /// offered from memory, read by key in its transaction.
+    Offered,
+}
+
 /// What a batch's claims are decided on ([`batch::plan_with`]): the claims
-/// made before under its idempotency keys, and for the claims without one,
-/// per selector, as many claimable agents as claims of the batch up to its
-/// last claim with that selector (each earlier claim, whatever its
-/// selector, may take one of them).
+/// made before under its idempotency keys, and (with
+/// [`Candidates::Selected`]) for the claims without one, per selector, as
+/// many claimable agents as claims of the batch up to its last claim with
+/// that selector (each earlier claim, whatever its selector, may take one of
+/// them).
 pub(crate) async fn claim_rows(
     reads: &mut dyn ClaimReads,
     commands: &[Command],
     dialect: Dialect,
+    candidates: Candidates,
 ) -> Result<ClaimRows> {
     let claims: Vec<_> = batch::claim_requests(commands).collect();
     if claims.is_empty() {
@@ -221,6 +233,12 @@ pub(crate) async fn claim_rows(
                 .any(|(c, _)| c.holder == k.holder && c.request_id == k.request_id)
         })
     };
+    if candidates == Candidates::Offered {
+        return Ok(ClaimRows {
+            candidates: Vec::new(),
+            made,
+        });
+    }
     let limits = batch::claim_limits(commands, replayed);
     let mut candidates = BTreeMap::new();
     for (selector, limit) in limits {

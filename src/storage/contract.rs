@@ -558,6 +558,77 @@ fn requirement(key: &str, operator: Operator, values: &[&str]) -> Requirement {
     }
 }
 
+contract!(claims_offered_stale_candidates_are_decided_on_stored_rows on memory, sqlite, postgres);
+
+/// A batch's claims offered candidates from memory (what the committer does
+/// when its cache knows enough claimable agents) take one that is still
+/// claimable as stored; offered only stale ones (claimed since), they are
+/// decided on what is stored, never on the stale rows.
+async fn claims_offered_stale_candidates_are_decided_on_stored_rows(s: &Subject) {
+    let store = &s.agents;
+    let t0 = Utc.with_ymd_and_hms(2026, 5, 1, 12, 0, 0).unwrap();
+    let at = |secs: i64| t0 + Duration::seconds(secs);
+    for (i, id) in ["a", "b", "c"].into_iter().enumerate() {
+        store
+            .commit_batch(&[register(id)], at(i as i64))
+            .await
+            .unwrap();
+    }
+    let idle_a = store.get_agent("a").await.unwrap();
+    let claim = |request_id: &str| claim_of(LabelSelector::default(), request_id);
+
+    // Offered "c", which is claimable: taken, though "a" is idle longer
+    // (the offer is the server's choice; the store checks it, it does not
+    // choose again unless it must).
+    let offered_c = store.get_agent("c").await.unwrap();
+    let took = store
+        .commit_batch_known(&[claim("")], Some(vec![offered_c]), at(10))
+        .await
+        .unwrap();
+    let took = took[0].clone().unwrap().claim.unwrap();
+    let stored_c = store.get_agent("c").await.unwrap();
+    if stored_c.claim.is_some() {
+        assert_eq!(took.agent_id, "c");
+    } else {
+        // A store that ignores what is offered chose on its own rows.
+        assert_eq!(took.agent_id, "a");
+    }
+
+    // "a" claimed meanwhile (by another replica, say), then offered as the
+    // idle agent it was: the store decides on the stored row and takes
+    // another claimable agent, or refuses if none is left.
+    store
+        .commit_batch(&[claim("elsewhere")], at(11))
+        .await
+        .unwrap()
+        .into_iter()
+        .for_each(|o| {
+            o.unwrap();
+        });
+    let mut claimed = Vec::new();
+    for id in ["a", "b", "c"] {
+        if store.get_agent(id).await.unwrap().claim.is_some() {
+            claimed.push(id.to_owned());
+        }
+    }
+    assert_eq!(claimed.len(), 2, "{claimed:?}");
+    let outcome = store
+        .commit_batch_known(&[claim("")], Some(vec![idle_a.clone()]), at(12))
+        .await
+        .unwrap();
+    let third = outcome[0].clone().unwrap().claim.unwrap();
+    assert!(!claimed.contains(&third.agent_id), "{third:?}");
+    let outcome = store
+        .commit_batch_known(&[claim("")], Some(vec![idle_a]), at(13))
+        .await
+        .unwrap();
+    assert_eq!(outcome[0], Err(Refusal::NoAgentAvailable));
+    for id in ["a", "b", "c"] {
+        let agent = store.get_agent(id).await.unwrap();
+        assert_eq!(agent.state.status, AgentStatus::Busy, "{id}");
+    }
+}
+
 contract!(a_claim_takes_what_the_selector_matches on memory, sqlite, postgres);
 
 /// The store reads candidates with the selector in SQL; what it picks is

@@ -337,10 +337,14 @@ impl PgStore {
         // Then, for claims, the claimable rows no one else holds (SKIP
         // LOCKED never waits, so no order among them is needed) and the
         // claims made before under the batch's idempotency keys.
-        let rows_for_claims =
-            claims::claim_rows(&mut PgClaimReads(&mut tx), commands, Dialect::Postgres)
-                .await
-                .map_err(BatchError::Mapped)?;
+        let rows_for_claims = claims::claim_rows(
+            &mut PgClaimReads(&mut tx),
+            commands,
+            Dialect::Postgres,
+            claims::Candidates::Selected,
+        )
+        .await
+        .map_err(BatchError::Mapped)?;
         let plan = batch::plan_with(decoded(rows)?, rows_for_claims, commands, now);
 
         // New agents' rows next, still before the revision row. Two replicas

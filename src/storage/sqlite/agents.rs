@@ -358,10 +358,23 @@ impl AgentTxs for SqliteStore {
     async fn write_batch(
         &self,
         commands: &[Command],
-        _known: Option<Vec<Agent>>,
+        known: Option<Vec<Agent>>,
         now: DateTime<Utc>,
     ) -> Result<Outcomes> {
-        let ids = batch::agent_ids(commands);
+        let mut ids = batch::agent_ids(commands);
+        // The candidates the server offered its claims from memory (the
+        // known agents the batch does not name): read here by key, in the
+        // transaction, and decided on as stored, instead of a selection
+        // read; a claim they cannot serve is decided again on one.
+        let offered: Vec<&str> = match &known {
+            Some(known) if batch::claim_requests(commands).next().is_some() => known
+                .iter()
+                .map(|a| a.agent_id.as_str())
+                .filter(|id| !ids.contains(id))
+                .collect(),
+            _ => Vec::new(),
+        };
+        ids.extend(&offered);
         // The write lock from here to commit: nobody else writes meanwhile.
         let mut tx = SqliteStore::begin_write(self).await?;
         let rows: Vec<AgentRow> = sqlx::query_as(&format!(
@@ -373,9 +386,27 @@ impl AgentTxs for SqliteStore {
         .fetch_all(&mut *tx)
         .await
         .map_err(sqlite_error)?;
-        let rows_for_claims =
-            claims::claim_rows(&mut SqliteClaimReads(&mut tx), commands, Dialect::Sqlite).await?;
-        let plan = batch::plan_with(decoded(rows)?, rows_for_claims, commands, now);
+        let rows = decoded(rows)?;
+        let mut candidates = if offered.is_empty() {
+            claims::Candidates::Selected
+        } else {
+            claims::Candidates::Offered
+        };
+        let plan = loop {
+            let rows_for_claims = claims::claim_rows(
+                &mut SqliteClaimReads(&mut tx),
+                commands,
+                Dialect::Sqlite,
+                candidates,
+            )
+            .await?;
+            let plan = batch::plan_with(rows.clone(), rows_for_claims, commands, now);
+            if candidates == claims::Candidates::Offered && plan.claim_unserved() {
+                candidates = claims::Candidates::Selected;
+                continue;
+            }
+            break plan;
+        };
 
         let count = plan.transition_count() as i64;
         let base: i64 = if count > 0 {
