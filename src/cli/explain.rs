@@ -1,6 +1,6 @@
 //! `fleetcare explain-limit`: what the server would infer from a report.
 
-use super::{CliError, ExplainLimitArgs, ReasonArg, WindowArg, print};
+use super::{CliError, ExplainLimitArgs, ReasonArg, print};
 use crate::views::RecoveryExplanationView;
 use fleetcare_client::pb;
 
@@ -21,16 +21,7 @@ pub async fn run(args: ExplainLimitArgs) -> Result<(), CliError> {
         time_zone: args.time_zone.unwrap_or_default(),
         agent_id: args.agent.unwrap_or_default(),
         recovery_at: None,
-        window: args
-            .window
-            .map_or(pb::QuotaWindow::Unspecified, |w| match w {
-                WindowArg::FiveHour => pb::QuotaWindow::FiveHour,
-                WindowArg::Weekly => pb::QuotaWindow::Weekly,
-                WindowArg::Requests => pb::QuotaWindow::Requests,
-                WindowArg::Tokens => pb::QuotaWindow::Tokens,
-                WindowArg::Billing => pb::QuotaWindow::Billing,
-                WindowArg::Other => pb::QuotaWindow::Other,
-            }) as i32,
+        window: args.window.unwrap_or(pb::QuotaWindow::Unspecified) as i32,
     };
     let response = clients.agents.explain_recovery(request).await?.into_inner();
     let view = RecoveryExplanationView::from(&response);

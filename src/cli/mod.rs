@@ -130,26 +130,16 @@ pub struct ExplainLimitArgs {
     /// The reason the agent would report.
     #[arg(long, value_enum, default_value_t = ReasonArg::RateLimit)]
     pub reason: ReasonArg,
-    /// The limit window the report is for, when known (else inferred).
-    #[arg(long, value_enum)]
-    pub window: Option<WindowArg>,
+    /// The limit window the report is for, when known (else inferred):
+    /// five-hour, weekly, requests, tokens, billing or other.
+    #[arg(long, value_parser = parse_window)]
+    pub window: Option<fleetcare_client::pb::QuotaWindow>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum ReasonArg {
     RateLimit,
     Billing,
-}
-
-/// A quota window, as `QuotaWindow` names it.
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum WindowArg {
-    FiveHour,
-    Weekly,
-    Requests,
-    Tokens,
-    Billing,
-    Other,
 }
 
 #[derive(Debug, Args)]
@@ -323,6 +313,17 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("expected KEY=VALUE, got {s:?}")),
     }
+}
+
+/// A `QuotaWindow` by its name without the prefix, in any case, `-` for `_`
+/// (`five-hour`, `WEEKLY`).
+fn parse_window(s: &str) -> Result<fleetcare_client::pb::QuotaWindow, String> {
+    let name = format!("QUOTA_WINDOW_{}", s.to_uppercase().replace('-', "_"));
+    fleetcare_client::pb::QuotaWindow::from_str_name(&name)
+        .filter(|w| *w != fleetcare_client::pb::QuotaWindow::Unspecified)
+        .ok_or_else(|| {
+            format!("{s:?} is not a window: five-hour, weekly, requests, tokens, billing or other")
+        })
 }
 
 /// `NAME=VALUE`; the value may hold `=` and may be empty.
