@@ -497,20 +497,7 @@ async fn quota_pools_are_registered_shown_replaced_and_checked() {
         pools(made.agent.unwrap()),
         ["anthropic/acct-42", "anthropic/acct-42/opus"]
     );
-    let read = || {
-        let mut client = app.agents.clone();
-        async move {
-            client
-                .get_agent(pb::GetAgentRequest {
-                    agent_id: "pooled".into(),
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .agent
-                .unwrap()
-        }
-    };
+    let read = || app.get("pooled");
     let stored = read().await;
     assert_eq!(
         pools(stored.clone()),

@@ -312,19 +312,9 @@ async fn fleetcare_enforces_the_fencing_token_and_a_claim_ends_with_its_work() {
         assert_eq!(unknown.code(), Code::NotFound, "{forged}: {unknown:?}");
         assert!(unknown.message().contains("claim"), "{unknown:?}");
     }
-    let offline_again = app
-        .agents
-        .clone()
-        .get_agent(pb::GetAgentRequest {
-            agent_id: "f-1".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .agent
-        .unwrap();
     assert_eq!(
-        offline_again.revision, offline.revision,
+        app.get("f-1").await.revision,
+        offline.revision,
         "refusals change nothing"
     );
     app.stop().await;
