@@ -26,8 +26,8 @@
 //!   `model`, ten values each), all but 1,000 of them BUSY; ClaimAgent with a
 //!   selector on both labels paced at 500/s (open loop: one claim every 2 ms
 //!   whatever the completions), each released as soon as it is made, for 20 s
-//!   after 2 s at the same rate reported apart (the warm-up: every run
-//!   stalls once in its first seconds): claim latency
+//!   after 2 s at the same rate reported apart (the warm-up), the bulk
+//!   steps' dirty pages checkpointed and synced first: claim latency
 //!   p50/p99/max, when the claims over 25 ms were sent (a stall shows as a
 //!   run of them) and NO_AGENT_AVAILABLE refusals, beside the
 //!   health check's p99 probed on the same server at the same time, and the
@@ -49,7 +49,8 @@
 //! Knobs (env): BENCH_SECTIONS (ratios, scale), BENCH_CALLS (durable
 //! transitions per measured run), BENCH_CONCURRENCY, BENCH_ROUNDS,
 //! BENCH_CLAIM_AGENTS, BENCH_FLEET, BENCH_IDLE, BENCH_CLAIM_RATE,
-//! BENCH_SCALE_SECS, BENCH_WARMUP_SECS, BENCH_VACUUM (0: never vacuum, to see the plans a
+//! BENCH_SCALE_SECS, BENCH_WARMUP_SECS, BENCH_CHECKPOINT (0: no
+//! checkpoint before the load), BENCH_VACUUM (0: never vacuum, to see the plans a
 //! server makes on a table without statistics).
 
 use std::collections::HashMap;
@@ -206,6 +207,25 @@ impl Server {
             .await
             .unwrap();
         println!("  VACUUM (ANALYZE) agents {when}: {:.2?}", t.elapsed());
+        pg.close().await;
+    }
+
+    /// `CHECKPOINT` (Postgres), then `sync`: the data pages the bulk steps
+    /// dirtied are on disk before the load. Otherwise the kernel writes
+    /// them back some 30 s later, in the load's first seconds, and a
+    /// commit's WAL flush waits behind that writeback: single `WRITE_BATCH`
+    /// statements of 85 to 130 ms in Postgres's log (`log_min_duration_statement`),
+    /// one stall of 0.1 to 0.25 s per run (docs/benchmarks.md, Claims).
+    /// `BENCH_CHECKPOINT=0` leaves it out.
+    async fn checkpoint(&self) {
+        if helpers::sqlite_backend() || env_usize("BENCH_CHECKPOINT", 1) == 0 {
+            return;
+        }
+        let pg = self.pg().await;
+        let t = Instant::now();
+        sqlx::query("CHECKPOINT").execute(&pg).await.unwrap();
+        let _ = std::process::Command::new("sync").status();
+        println!("  CHECKPOINT and sync before the load: {:.2?}", t.elapsed());
         pg.close().await;
     }
 
@@ -677,10 +697,9 @@ async fn scale() {
     let idle = env_usize("BENCH_IDLE", 1000).max(1);
     let per_sec = env_usize("BENCH_CLAIM_RATE", 500).max(1);
     let secs = env_usize("BENCH_SCALE_SECS", 20);
-    // Claims at the same rate before the measured window, reported apart:
-    // every run stalls once for 0.1 to 0.25 s in its first four seconds or so
-    // (see docs/benchmarks.md, Claims), and that one stall alone holds about
-    // the 1 % of claims a p99 is about.
+    // Claims at the same rate before the measured window, reported apart
+    // (first statements on each connection after the bulk steps; the stall
+    // the bulk steps' writeback caused is `Server::checkpoint`'s).
     let warmup_secs = env_usize("BENCH_WARMUP_SECS", 2);
     let every = (fleet / idle).max(1);
     println!(
@@ -712,6 +731,7 @@ async fn scale() {
         &r,
     );
     server.vacuum("after StartWork").await;
+    server.checkpoint().await;
     let m = server.metrics().await;
     let idle_now = m
         .get("fleetcare_agents{status=\"IDLE\"}")
