@@ -493,53 +493,16 @@ fn window_from_headers(
     Some(WindowInference::new(window, hint))
 }
 
-/// The JSON objects a message holds: one object, or lines of objects (a
-/// stream-json transcript); `None` when it is not JSON (read as prose).
-fn json_objects(message: &str) -> Option<Vec<Map<String, Value>>> {
-    let trimmed = message.trim();
-    if !trimmed.starts_with('{') {
-        return None;
-    }
-    match serde_json::from_str::<Value>(trimmed) {
-        Ok(Value::Object(object)) => Some(vec![object]),
-        Ok(_) => None,
-        Err(_) => trimmed
-            .lines()
-            .map(str::trim)
-            .filter(|line| !line.is_empty())
-            .map(|line| match serde_json::from_str::<Value>(line) {
-                Ok(Value::Object(object)) => Some(object),
-                _ => None,
-            })
-            .collect(),
-    }
-}
-
 /// Where a body's fields sit (as `domain::recovery::json` reads them), with
 /// the path hints use, skipping `allowed` / `allowed_warning` scopes.
 fn live_scopes(top: &Map<String, Value>) -> Vec<(String, &Map<String, Value>)> {
-    let mut scopes = Vec::new();
-    if let Some(Value::Object(error)) = top.get("error") {
-        scopes.push(("error.".to_owned(), error));
-        if let Some(Value::Object(info)) = error.get("rate_limit_info") {
-            scopes.push(("error.rate_limit_info.".to_owned(), info));
-        }
-    }
-    if let Some(Value::Object(info)) = top.get("rate_limit_info") {
-        scopes.push(("rate_limit_info.".to_owned(), info));
-    }
-    scopes.push((String::new(), top));
-    scopes.retain(|(_, scope)| {
-        !matches!(
-            scope.get("status").and_then(Value::as_str),
-            Some(s) if s.eq_ignore_ascii_case("allowed") || s.eq_ignore_ascii_case("allowed_warning")
-        )
-    });
+    let mut scopes = recovery::json::scopes(top);
+    scopes.retain(|(_, scope)| !recovery::json::not_exhausted(scope));
     scopes
 }
 
 fn window_from_message(message: &str) -> Option<WindowInference> {
-    let Some(objects) = json_objects(message) else {
+    let Some(objects) = recovery::json::objects(message) else {
         return window_from_prose(message)
             .map(|(window, phrase)| WindowInference::new(window, format!("message: {phrase:?}")));
     };

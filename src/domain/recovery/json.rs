@@ -35,23 +35,7 @@ pub struct JsonBody {
 /// Reads `message` as JSON: `None` when it is not a JSON object (or lines of
 /// JSON objects), so the caller reads it as prose instead.
 pub fn read(message: &str, now: DateTime<Utc>, tz: Tz) -> Option<JsonBody> {
-    let trimmed = message.trim();
-    if !trimmed.starts_with('{') {
-        return None;
-    }
-    let objects: Vec<Map<String, Value>> = match serde_json::from_str::<Value>(trimmed) {
-        Ok(Value::Object(object)) => vec![object],
-        Ok(_) => return None,
-        Err(_) => trimmed
-            .lines()
-            .map(str::trim)
-            .filter(|line| !line.is_empty())
-            .map(|line| match serde_json::from_str::<Value>(line) {
-                Ok(Value::Object(object)) => Some(object),
-                _ => None,
-            })
-            .collect::<Option<Vec<_>>>()?,
-    };
+    let objects = objects(message)?;
     let mut body = JsonBody {
         recovery: None,
         billing: None,
@@ -68,8 +52,30 @@ pub fn read(message: &str, now: DateTime<Utc>, tz: Tz) -> Option<JsonBody> {
     Some(body)
 }
 
+/// The JSON objects a message holds: one object, or lines of objects (a
+/// stream-json transcript); `None` when it is not JSON (read as prose).
+pub fn objects(message: &str) -> Option<Vec<Map<String, Value>>> {
+    let trimmed = message.trim();
+    if !trimmed.starts_with('{') {
+        return None;
+    }
+    match serde_json::from_str::<Value>(trimmed) {
+        Ok(Value::Object(object)) => Some(vec![object]),
+        Ok(_) => None,
+        Err(_) => trimmed
+            .lines()
+            .map(str::trim)
+            .filter(|line| !line.is_empty())
+            .map(|line| match serde_json::from_str::<Value>(line) {
+                Ok(Value::Object(object)) => Some(object),
+                _ => None,
+            })
+            .collect(),
+    }
+}
+
 /// The objects where the fields may sit, with the path used in hints.
-fn scopes(top: &Map<String, Value>) -> Vec<(String, &Map<String, Value>)> {
+pub fn scopes(top: &Map<String, Value>) -> Vec<(String, &Map<String, Value>)> {
     let mut scopes = Vec::new();
     if let Some(Value::Object(error)) = top.get("error") {
         scopes.push(("error.".to_owned(), error));
@@ -86,7 +92,7 @@ fn scopes(top: &Map<String, Value>) -> Vec<(String, &Map<String, Value>)> {
 
 /// `allowed` and `allowed_warning` say this limit is not what stopped the
 /// agent: its reset means nothing here.
-fn not_exhausted(scope: &Map<String, Value>) -> bool {
+pub fn not_exhausted(scope: &Map<String, Value>) -> bool {
     matches!(
         scope.get("status").and_then(Value::as_str),
         Some(s) if s.eq_ignore_ascii_case("allowed") || s.eq_ignore_ascii_case("allowed_warning")
