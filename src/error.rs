@@ -96,6 +96,13 @@ impl From<crate::domain::batch::Refusal> for Error {
             Refusal::ClaimHeld(held) => Error::ClaimHeld(held),
             Refusal::NoAgentAvailable => Error::NoAgentAvailable("no agent available".into()),
             Refusal::Deleting(_) => Error::Aborted(refusal.to_string()),
+            Refusal::NotPoolMember(_) | Refusal::HeldByPool { .. } => {
+                Error::FailedPrecondition(refusal.to_string())
+            }
+            Refusal::UnknownPool(pool) => Error::NotFound {
+                kind: "quota pool",
+                id: pool,
+            },
         }
     }
 }

@@ -131,10 +131,17 @@ pub enum Cause {
     /// Removed by the sweeper after `--offline-agent-retention` OFFLINE: the
     /// agent's last transition, status unchanged.
     Expired,
+    /// Parked because a quota pool it is a member of is (`domain::quota`):
+    /// IDLE at the report, or later when its slot ends, it returns or it
+    /// registers. The transition names the pool.
+    PoolExhausted,
+    /// Let go by its quota pool's staggered release (or because it left the
+    /// pool). The transition names the pool.
+    PoolReleased,
 }
 
 impl Cause {
-    pub const ALL: [Cause; 16] = [
+    pub const ALL: [Cause; 18] = [
         Cause::Registered,
         Cause::WorkStarted,
         Cause::WorkFinished,
@@ -151,6 +158,8 @@ impl Cause {
         Cause::ClaimExpired,
         Cause::Deleted,
         Cause::Expired,
+        Cause::PoolExhausted,
+        Cause::PoolReleased,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -171,6 +180,8 @@ impl Cause {
             Cause::ClaimExpired => "CLAIM_EXPIRED",
             Cause::Deleted => "DELETED",
             Cause::Expired => "EXPIRED",
+            Cause::PoolExhausted => "POOL_EXHAUSTED",
+            Cause::PoolReleased => "POOL_RELEASED",
         }
     }
 

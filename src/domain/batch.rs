@@ -21,14 +21,18 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::{DateTime, Duration, Utc};
 
 use crate::domain::agent::{
-    self, AgentStatus, Cause, Decision, Event, StatusChange, TransitionRefused,
+    self, AgentStatus, Cause, Decision, Event, ExhaustionReport, StatusChange, TransitionRefused,
 };
 use crate::domain::dispatch::{
     self, ClaimEnd, ClaimHeld, ClaimRequest, LabelSelector, StaleFencingToken,
 };
 use crate::domain::labels::Labels;
-use crate::domain::quota::PoolName;
+use crate::domain::quota::{NotPoolMember, PoolName, PoolState, Window};
 use crate::domain::transition::{Agent, Claim, Transition};
+
+mod pools;
+
+pub use pools::{PoolCommand, PoolRows, held_members, parking_pools, plan_pool, pools_read};
 
 /// One state-changing call on an agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +56,34 @@ pub enum Command {
         event: Event,
         /// The caller's fencing token (`None`: none given).
         fencing_token: Option<i64>,
+        /// Who asked: the transition's actor.
+        actor: String,
+    },
+    /// `ReportExhausted`: the agent hit a provider limit. With a quota pool
+    /// (named, or the agent's only one: `quota::report_target`) the pool is
+    /// parked and its IDLE members with it, in this commit
+    /// (`domain::quota`); else the agent alone, as `Apply` with
+    /// `Event::ReportExhausted` (which is this with neither pool nor window).
+    ReportExhausted {
+        agent_id: String,
+        report: ExhaustionReport,
+        /// `ReportExhaustedRequest.quota_pool` (`None`: empty).
+        quota_pool: Option<PoolName>,
+        /// `ReportExhaustedRequest.window` (`None`: inferred).
+        window: Option<Window>,
+        /// The caller's fencing token (`None`: none given).
+        fencing_token: Option<i64>,
+        /// Who asked: the transition's actor.
+        actor: String,
+    },
+    /// The sweeper letting one member go in its pool's staggered release
+    /// (`quota::due_releases`): `quota::Member::on_release`, the canary
+    /// recorded on the pool when it is the first. Nothing when the pool no
+    /// longer holds the agent (another replica released it) or is parked
+    /// again.
+    PoolRelease {
+        pool: PoolName,
+        agent_id: String,
         /// Who asked: the transition's actor.
         actor: String,
     },
@@ -144,6 +176,8 @@ impl Command {
             | Command::RenewClaim { agent_id, .. }
             | Command::ReleaseClaim { agent_id, .. }
             | Command::Delete { agent_id, .. }
+            | Command::ReportExhausted { agent_id, .. }
+            | Command::PoolRelease { agent_id, .. }
             | Command::Sweep { agent_id, .. } => Some(agent_id),
             Command::Claim { .. } => None,
         }
@@ -160,13 +194,16 @@ impl Command {
             | Command::RenewClaim { actor, .. }
             | Command::ReleaseClaim { actor, .. }
             | Command::Delete { actor, .. }
+            | Command::ReportExhausted { actor, .. }
+            | Command::PoolRelease { actor, .. }
             | Command::Sweep { actor, .. } => actor,
         }
     }
 
     /// Whether it must be decided on the stored rows, never on a state this
     /// process remembers: a sweep reads the last heartbeat time, which moves
-    /// without a transition (every replica flushes heartbeats). (A claim may
+    /// without a transition (every replica flushes heartbeats); a pool's
+    /// release reads its members' holds and the pool's schedule. (A claim may
     /// be decided on remembered candidates, which the store checks as it
     /// checks the agents a batch names; a claim they cannot serve is decided
     /// again on the stored rows: [`Plan::claim_unserved`].)
@@ -177,6 +214,7 @@ impl Command {
                 event: Event::Sweep { .. },
                 ..
             } | Command::Sweep { .. }
+                | Command::PoolRelease { .. }
         )
     }
 
@@ -192,6 +230,8 @@ impl Command {
             | Command::RenewClaim { actor, .. }
             | Command::ReleaseClaim { actor, .. }
             | Command::Delete { actor, .. }
+            | Command::ReportExhausted { actor, .. }
+            | Command::PoolRelease { actor, .. }
             | Command::Sweep { actor, .. } => {
                 name.clone_into(actor);
             }
@@ -218,6 +258,23 @@ pub enum Refusal {
     /// The agent is deleted by an earlier command of the same batch.
     #[error("agent {0:?} is being deleted; retry")]
     Deleting(String),
+    /// A report named a quota pool the agent is not a member of.
+    #[error(transparent)]
+    NotPoolMember(#[from] NotPoolMember),
+    /// `ResumeAgent` on an agent a quota pool holds: only the pool's
+    /// release wakes it (`ReleasePool` to end the pool's windows now).
+    #[error(
+        "agent {agent_id:?} is held by quota pool {}; release the pool (ReleasePool) rather than the agent",
+        pools.iter().map(|p| format!("{:?}", p.as_str())).collect::<Vec<_>>().join(", ")
+    )]
+    HeldByPool {
+        agent_id: String,
+        pools: Vec<PoolName>,
+    },
+    /// An operator's pool call named a pool no agent is a member of and
+    /// none was ever parked.
+    #[error("quota pool {0:?} not found: no agent is a member of it")]
+    UnknownPool(String),
 }
 
 /// What one command did: the agent as that command left it.
@@ -229,6 +286,11 @@ pub struct Applied {
     /// For a claim command: the claim made (or made before, for a repeated
     /// idempotency key); for a renewal: the claim renewed.
     pub claim: Option<Claim>,
+    /// Other agents the command changed (a report parking its pool's
+    /// members), as the batch left them.
+    pub others: Vec<Agent>,
+    /// Their transitions, in revision order.
+    pub other_transitions: Vec<Transition>,
 }
 
 /// The rows a batch with claims is decided on besides the agents it names
@@ -254,6 +316,9 @@ struct Outcome {
     relative_revision: bool,
     /// The claim's fencing token is relative (the claim was made in the batch).
     relative_claim: bool,
+    /// Other agents it changed, and the indexes of their transitions.
+    others: BTreeSet<String>,
+    other_transitions: Vec<usize>,
 }
 
 /// The decisions of a batch, with revisions still relative to the batch (1..n).
@@ -271,6 +336,9 @@ pub struct Plan {
     transitions: Vec<Transition>,
     /// The claims made in this batch, relative tokens, in order.
     claims: Vec<Claim>,
+    /// The quota pools as the batch leaves them, and which it changed.
+    pools: BTreeMap<PoolName, PoolState>,
+    pools_changed: BTreeSet<PoolName>,
 }
 
 /// What the store writes for a batch, revisions final.
@@ -286,6 +354,8 @@ pub struct Writes {
     pub transitions: Vec<Transition>,
     /// The claims made (recorded with their idempotency keys), in order.
     pub claims: Vec<Claim>,
+    /// The quota pools whose state changed, in name order.
+    pub pools: Vec<(PoolName, PoolState)>,
 }
 
 /// Which values of [`Plan::relative_writes`] are relative to the batch.
@@ -314,6 +384,13 @@ impl Plan {
     /// New agents' ids, in order: the store inserts these rows before the rest.
     pub fn created_ids(&self) -> impl Iterator<Item = &str> {
         self.created.iter().map(String::as_str)
+    }
+
+    fn changed_pools(&self) -> Vec<(PoolName, PoolState)> {
+        self.pools_changed
+            .iter()
+            .filter_map(|name| Some((name.clone(), self.pools.get(name)?.clone())))
+            .collect()
     }
 
     fn pick(&self, ids: &BTreeSet<String>) -> Vec<Agent> {
@@ -345,6 +422,7 @@ impl Plan {
             deleted: self.deleted.iter().cloned().collect(),
             transitions: self.transitions.clone(),
             claims: self.claims.clone(),
+            pools: self.changed_pools(),
         };
         (writes, shifts)
     }
@@ -352,6 +430,7 @@ impl Plan {
     /// Shifts the batch's revisions by `base` (the head revision before the batch)
     /// and returns what to write and each command's outcome.
     pub fn finish(self, base: i64) -> (Writes, Vec<Result<Applied, Refusal>>) {
+        let pools = self.changed_pools();
         let mut agents = self.agents;
         for id in &self.renumbered {
             if let Some(agent) = agents.get_mut(id) {
@@ -368,27 +447,14 @@ impl Plan {
                 .filter_map(|id| agents.get(id).cloned())
                 .collect()
         };
-        let writes = Writes {
-            created: pick(&self.created),
-            changed: pick(&self.changed),
-            deleted: self.deleted.into_iter().collect(),
-            transitions: self
-                .transitions
-                .into_iter()
-                .map(|mut t| {
-                    t.revision += base;
-                    t
-                })
-                .collect(),
-            claims: self
-                .claims
-                .into_iter()
-                .map(|mut c| {
-                    c.fencing_token += base;
-                    c
-                })
-                .collect(),
-        };
+        let transitions: Vec<Transition> = self
+            .transitions
+            .into_iter()
+            .map(|mut t| {
+                t.revision += base;
+                t
+            })
+            .collect();
         let outcomes = self
             .outcomes
             .into_iter()
@@ -409,10 +475,31 @@ impl Plan {
                             c.fencing_token += base;
                         }
                     }
+                    applied.others = pick(&o.others);
+                    applied.other_transitions = o
+                        .other_transitions
+                        .iter()
+                        .filter_map(|i| transitions.get(*i).cloned())
+                        .collect();
                     applied
                 })
             })
             .collect();
+        let writes = Writes {
+            created: pick(&self.created),
+            changed: pick(&self.changed),
+            deleted: self.deleted.into_iter().collect(),
+            transitions,
+            claims: self
+                .claims
+                .into_iter()
+                .map(|mut c| {
+                    c.fencing_token += base;
+                    c
+                })
+                .collect(),
+            pools,
+        };
         (writes, outcomes)
     }
 }
@@ -461,45 +548,80 @@ pub fn plan(existing: Vec<Agent>, commands: &[Command], now: DateTime<Utc>) -> P
     plan_with(existing, ClaimRows::default(), commands, now)
 }
 
-/// Decides `commands` in order against `existing` (every agent the batch names
-/// that exists, as locked by the store) and, for its claims, `rows`, at
-/// server time `now`.
+/// [`plan_full`] for a batch that touches no quota pool.
 pub fn plan_with(
     existing: Vec<Agent>,
     rows: ClaimRows,
     commands: &[Command],
     now: DateTime<Utc>,
 ) -> Plan {
-    let mut p = Planner {
-        agents: existing
-            .into_iter()
-            .map(|a| (a.agent_id.clone(), a))
-            .collect(),
-        created: BTreeSet::new(),
-        changed: BTreeSet::new(),
-        deleted: BTreeSet::new(),
-        renumbered: BTreeSet::new(),
-        claimed: BTreeSet::new(),
-        transitions: Vec::new(),
-        claims: Vec::new(),
-        made: rows.made,
-        now,
-    };
+    plan_full(existing, rows, PoolRows::default(), commands, now)
+}
+
+/// Decides `commands` in order against `existing` (every agent the batch names
+/// that exists, as locked by the store), for its claims `rows`, and for the
+/// quota pools of its agents `pools` ([`PoolRows`]), at server time `now`.
+pub fn plan_full(
+    existing: Vec<Agent>,
+    rows: ClaimRows,
+    pools: PoolRows,
+    commands: &[Command],
+    now: DateTime<Utc>,
+) -> Plan {
+    let mut p = Planner::new(existing, rows.made, pools, now);
     // Candidates the batch also names are already there, as locked.
     for agent in rows.candidates {
         p.agents.entry(agent.agent_id.clone()).or_insert(agent);
     }
     let outcomes = commands.iter().map(|c| p.decide(c)).collect();
-    Plan {
-        outcomes,
-        agents: p.agents,
-        created: p.created,
-        changed: p.changed,
-        deleted: p.deleted,
-        renumbered: p.renumbered,
-        claimed: p.claimed,
-        transitions: p.transitions,
-        claims: p.claims,
+    p.into_plan(outcomes)
+}
+
+impl Planner {
+    fn new(
+        existing: Vec<Agent>,
+        made: Vec<(Claim, Option<Agent>)>,
+        pools: PoolRows,
+        now: DateTime<Utc>,
+    ) -> Planner {
+        let mut agents: BTreeMap<String, Agent> = existing
+            .into_iter()
+            .map(|a| (a.agent_id.clone(), a))
+            .collect();
+        // Pool members the batch also names are already there, as locked.
+        for agent in pools.members {
+            agents.entry(agent.agent_id.clone()).or_insert(agent);
+        }
+        Planner {
+            agents,
+            created: BTreeSet::new(),
+            changed: BTreeSet::new(),
+            deleted: BTreeSet::new(),
+            renumbered: BTreeSet::new(),
+            claimed: BTreeSet::new(),
+            transitions: Vec::new(),
+            claims: Vec::new(),
+            made,
+            pools: pools.states,
+            pools_changed: BTreeSet::new(),
+            now,
+        }
+    }
+
+    fn into_plan(self, outcomes: Vec<Result<Outcome, Refusal>>) -> Plan {
+        Plan {
+            outcomes,
+            agents: self.agents,
+            created: self.created,
+            changed: self.changed,
+            deleted: self.deleted,
+            renumbered: self.renumbered,
+            claimed: self.claimed,
+            transitions: self.transitions,
+            claims: self.claims,
+            pools: self.pools,
+            pools_changed: self.pools_changed,
+        }
     }
 }
 
@@ -514,6 +636,8 @@ struct Planner {
     transitions: Vec<Transition>,
     claims: Vec<Claim>,
     made: Vec<(Claim, Option<Agent>)>,
+    pools: BTreeMap<PoolName, PoolState>,
+    pools_changed: BTreeSet<PoolName>,
     now: DateTime<Utc>,
 }
 
@@ -547,13 +671,37 @@ impl Planner {
                 fencing_token,
                 ..
             } => {
-                if matches!(event, Event::FinishWork | Event::ReportExhausted(_)) {
+                if let Event::ReportExhausted(report) = event {
+                    return self.report(agent_id, report, None, None, *fencing_token, actor);
+                }
+                if matches!(event, Event::FinishWork) {
                     dispatch::check_fencing(agent_id, agent.claim.as_ref(), *fencing_token, now)?;
                 }
                 let decision = agent::decide(&agent.state, &agent.labels, event.clone(), now)?;
-                Ok(self.apply(agent_id, decision, actor))
+                Ok(self.arrive(agent_id, decision, actor))
             }
+            Command::ReportExhausted {
+                report,
+                quota_pool,
+                window,
+                fencing_token,
+                ..
+            } => self.report(
+                agent_id,
+                report,
+                quota_pool.as_ref(),
+                *window,
+                *fencing_token,
+                actor,
+            ),
+            Command::PoolRelease { pool, .. } => Ok(self.pool_release(agent_id, pool, actor)),
             Command::Resume { .. } => {
+                if agent.pool_holds.is_held() {
+                    return Err(Refusal::HeldByPool {
+                        agent_id: agent_id.to_owned(),
+                        pools: agent.pool_holds.holding().cloned().collect(),
+                    });
+                }
                 let resumed = dispatch::resume_decision(&agent.state)?;
                 Ok(self.apply(agent_id, dispatched(resumed), actor))
             }
@@ -604,7 +752,7 @@ impl Planner {
                     ClaimEnd::Released,
                     now,
                 )?;
-                Ok(self.apply(agent_id, dispatched(decision), actor))
+                Ok(self.arrive(agent_id, dispatched(decision), actor))
             }
             Command::Delete { .. } => {
                 dispatch::check_delete(agent.claim.as_ref(), now)?;
@@ -627,7 +775,7 @@ impl Planner {
                         ClaimEnd::Expired,
                         now,
                     )?;
-                    return Ok(self.apply(agent_id, dispatched(decision), actor));
+                    return Ok(self.arrive(agent_id, dispatched(decision), actor));
                 }
                 let event = Event::Sweep {
                     heartbeat_timeout: *heartbeat_timeout,
@@ -639,7 +787,13 @@ impl Planner {
                 {
                     return Ok(self.delete(agent_id, Cause::Expired, actor));
                 }
-                Ok(self.apply(agent_id, decision, actor))
+                // A pool lets go of its members only through its release.
+                if !self.member_wakes(agent_id)
+                    && decision.change.is_some_and(|c| c.cause == Cause::Recovered)
+                {
+                    return Ok(self.unchanged(agent_id));
+                }
+                Ok(self.arrive(agent_id, decision, actor))
             }
             Command::Claim { .. } | Command::Register { .. } => {
                 unreachable!("decided above")
@@ -664,13 +818,29 @@ impl Planner {
             return Err(Refusal::Deleting(agent_id.to_owned()));
         }
         if let Some(agent) = self.agents.get_mut(agent_id) {
+            let mut left = Vec::new();
             if agent.labels != *labels || agent.quota_pools != quota_pools {
+                left = agent
+                    .pool_holds
+                    .holding()
+                    .filter(|p| !quota_pools.contains(p))
+                    .cloned()
+                    .collect();
                 agent.labels = labels.clone();
                 agent.quota_pools = quota_pools.to_vec();
                 self.changed.insert(agent_id.to_owned());
             }
+            // A pool it left lets go of it (its hold is the only thing
+            // that still names the pool).
+            let released: Vec<usize> = left
+                .iter()
+                .filter_map(|pool| self.release_member(agent_id, pool, actor))
+                .collect();
+            let agent = &self.agents[agent_id];
             let decision = agent::decide(&agent.state, &agent.labels, Event::Heartbeat, self.now)?;
-            return Ok(self.apply(agent_id, decision, actor));
+            let mut outcome = self.arrive(agent_id, decision, actor);
+            outcome.other_transitions.extend(released);
+            return Ok(outcome);
         }
         let now = self.now;
         let (state, _) = agent::registered(now);
@@ -684,21 +854,41 @@ impl Planner {
             cordon_reason: None,
             claim: None,
             quota_pools: quota_pools.to_vec(),
+            pool_holds: Default::default(),
         };
         self.created.insert(agent_id.to_owned());
         self.changed.insert(agent_id.to_owned());
         self.renumbered.insert(agent_id.to_owned());
         let transition = push_transition(&mut self.transitions, &mut agent, None, actor, now);
+        let idle = agent.state.clone();
         self.agents.insert(agent_id.to_owned(), agent.clone());
+        // Registering into a parked pool parks it at once (after its
+        // REGISTERED transition, in the same commit).
+        let parked = self.arrive(
+            agent_id,
+            Decision {
+                state: idle,
+                change: None,
+            },
+            actor,
+        );
         Ok(Outcome {
             applied: Applied {
-                agent,
+                agent: parked.applied.agent,
                 transition: Some(transition),
                 created: true,
                 claim: None,
+                others: Vec::new(),
+                other_transitions: Vec::new(),
             },
             relative_revision: true,
             relative_claim: false,
+            others: BTreeSet::new(),
+            other_transitions: parked
+                .applied
+                .transition
+                .map(|t| vec![t.revision as usize - 1])
+                .unwrap_or_default(),
         })
     }
 
@@ -776,7 +966,11 @@ impl Planner {
                 transition: None,
                 created: false,
                 claim: None,
+                others: Vec::new(),
+                other_transitions: Vec::new(),
             },
+            others: BTreeSet::new(),
+            other_transitions: Vec::new(),
         }
     }
 
@@ -812,9 +1006,13 @@ impl Planner {
                         agent,
                         transition: None,
                         created: false,
+                        others: Vec::new(),
+                        other_transitions: Vec::new(),
                     },
                     relative_revision,
                     relative_claim,
+                    others: BTreeSet::new(),
+                    other_transitions: Vec::new(),
                 });
             }
         }
@@ -904,6 +1102,7 @@ fn push_transition(
         exhaustion_reason: exhaustion.map(|e| e.reason),
         recovery_at: exhaustion.map(|e| e.recovery.recovery_at),
         actor: actor.to_owned(),
+        quota_pool: None,
     };
     agent.revision = revision;
     agent.last_transition_at = now;
@@ -927,6 +1126,7 @@ mod tests {
             agent_id: id.into(),
             labels: Labels::new(),
             quota_pools: Vec::new(),
+            pool_holds: Default::default(),
             registered_at: at,
             last_transition_at: at,
             revision,

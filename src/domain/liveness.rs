@@ -42,9 +42,16 @@ pub struct SweepQuery {
 impl SweepQuery {
     /// Whether an agent in `state` is a candidate (what the store's query selects).
     pub fn selects(&self, state: &AgentState) -> bool {
+        self.selects_held(state, false)
+    }
+
+    /// [`Self::selects`] for an agent a quota pool may hold: a held agent
+    /// is no candidate at its recovery time (its pool's release wakes it).
+    fn selects_held(&self, state: &AgentState, held: bool) -> bool {
         let silent = self.silent_statuses.contains(&state.status)
             && state.last_heartbeat_at < self.silent_before;
-        let recovered = self.recovering_statuses.contains(&state.status)
+        let recovered = !held
+            && self.recovering_statuses.contains(&state.status)
             && state
                 .exhaustion
                 .as_ref()
@@ -62,7 +69,7 @@ impl SweepQuery {
         let kept_too_long = self.offline_before.is_some_and(|before| {
             agent.state.status == AgentStatus::Offline && agent.last_transition_at < before
         });
-        self.selects(&agent.state) || lease_over || kept_too_long
+        self.selects_held(&agent.state, agent.pool_holds.is_held()) || lease_over || kept_too_long
     }
 
     /// Also the OFFLINE agents kept longer than `retention` at `now`

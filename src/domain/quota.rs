@@ -39,9 +39,10 @@
 //!   now ([`PoolState::operator_release`]); the release still goes canary
 //!   first.
 //!
-//! The causes pools record ([`PoolCause`]: `POOL_EXHAUSTED`,
-//! `POOL_RELEASED`) are not yet [`agent::Cause`]s: they join it (and the
-//! proto's `TransitionCause`) when the runtime records them.
+//! The causes pools record ([`PoolCause`]) are [`agent::Cause`]s
+//! (`EXHAUSTED` for the reporter, `POOL_EXHAUSTED`, `POOL_RELEASED`), and
+//! each such transition names its pool. `domain::batch` applies these
+//! decisions inside a commit ([`Holds`] is what an agent row keeps of them).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -682,6 +683,96 @@ pub struct Canary {
     pub completed_at: Option<DateTime<Utc>>,
 }
 
+/// A pool's hold on one member, as the member's row keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolHold {
+    /// The episode of the pool that parked it ([`PoolState::episode`]).
+    pub episode: DateTime<Utc>,
+    /// When the pool began to hold it.
+    pub parked_at: DateTime<Utc>,
+    /// When the release let it go (`None`: still held). Kept until the pool
+    /// parks it again, so the release's schedule is computed over every
+    /// member of the episode and does not move as they leave.
+    pub released_at: Option<DateTime<Utc>>,
+}
+
+/// What an agent row keeps of its pools: each pool that parked it, and its
+/// own exhaustion (a report that parked it alone) while a pool holds it
+/// (then the row's exhaustion is what it shows, the later of the two;
+/// unheld, the row's exhaustion is its own).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Holds {
+    pub pools: BTreeMap<PoolName, PoolHold>,
+    pub own: Option<Exhaustion>,
+}
+
+impl Holds {
+    /// Whether `pool` holds the agent now.
+    pub fn held_by(&self, pool: &PoolName) -> bool {
+        self.pools
+            .get(pool)
+            .is_some_and(|h| h.released_at.is_none())
+    }
+
+    /// Whether any pool holds the agent now.
+    pub fn is_held(&self) -> bool {
+        self.pools.values().any(|h| h.released_at.is_none())
+    }
+
+    /// The pools that hold it now, in name order.
+    pub fn holding(&self) -> impl Iterator<Item = &PoolName> {
+        self.pools
+            .iter()
+            .filter(|(_, h)| h.released_at.is_none())
+            .map(|(name, _)| name)
+    }
+
+    /// Its own exhaustion, given the state it shows: kept apart while held,
+    /// else the state's.
+    pub fn own_exhaustion<'a>(&'a self, state: &'a AgentState) -> Option<&'a Exhaustion> {
+        if self.is_held() {
+            self.own.as_ref()
+        } else {
+            state.exhaustion.as_ref()
+        }
+    }
+
+    /// `decision` applied: the pools that hold the agent afterwards
+    /// (`holds`), the ones that newly do parked at `now` in their pool's
+    /// current episode (`episodes`), the ones that let go released at
+    /// `now`; `own` kept apart while anything holds it.
+    pub fn after(
+        &self,
+        holds: &BTreeSet<PoolName>,
+        own: Option<&Exhaustion>,
+        episode_of: impl Fn(&PoolName) -> Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Holds {
+        let mut pools = self.pools.clone();
+        for name in holds {
+            if !self.held_by(name) {
+                pools.insert(
+                    name.clone(),
+                    PoolHold {
+                        episode: episode_of(name).unwrap_or(now),
+                        parked_at: now,
+                        released_at: None,
+                    },
+                );
+            }
+        }
+        for (name, hold) in &mut pools {
+            if hold.released_at.is_none() && !holds.contains(name) {
+                hold.released_at = Some(now);
+            }
+        }
+        Holds {
+            own: if holds.is_empty() { None } else { own.cloned() },
+            pools,
+        }
+    }
+}
+
 /// What [`PoolState::park`] (or [`PoolState::operator_park`]) did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Parked {
@@ -714,6 +805,13 @@ pub struct PoolState {
     pub windows: BTreeMap<Window, WindowPark>,
     /// The release's canary, once it was let go.
     pub canary: Option<Canary>,
+    /// When the current episode began (its first window parked): the
+    /// members it parked carry it ([`PoolHold::episode`]), so the release
+    /// tells this episode's members from those an earlier one let go.
+    pub episode: Option<DateTime<Utc>>,
+    /// The release found no member left to let go: the sweeper stops
+    /// looking at the pool until it is parked again.
+    pub settled: bool,
 }
 
 impl PoolState {
@@ -756,6 +854,8 @@ impl PoolState {
         }
         self.windows.clear();
         self.canary = None;
+        self.episode = Some(now);
+        self.settled = false;
         true
     }
 
@@ -956,11 +1056,12 @@ impl PoolCause {
         }
     }
 
-    /// The state machine's cause it is, where it already has one.
-    pub fn agent_cause(self) -> Option<Cause> {
+    /// The state machine's cause it is.
+    pub fn agent_cause(self) -> Cause {
         match self {
-            PoolCause::Reported => Some(Cause::Exhausted),
-            PoolCause::PoolExhausted | PoolCause::PoolReleased => None,
+            PoolCause::Reported => Cause::Exhausted,
+            PoolCause::PoolExhausted => Cause::PoolExhausted,
+            PoolCause::PoolReleased => Cause::PoolReleased,
         }
     }
 }

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 
 use crate::domain::agent::{AgentState, AgentStatus, Cause, ExhaustionReason, SlotType};
 use crate::domain::labels::Labels;
-use crate::domain::quota::PoolName;
+use crate::domain::quota::{Holds, PoolName};
 
 /// One agent as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +27,9 @@ pub struct Agent {
     /// The quota pools it shares limits with (`RegisterAgentRequest.quota_pools`,
     /// `domain::quota`), in the order registered; replaced by each registration.
     pub quota_pools: Vec<PoolName>,
+    /// The pools that parked it and its own exhaustion while they hold it
+    /// (`domain::quota::Holds`); empty for an agent no pool ever parked.
+    pub pool_holds: Holds,
 }
 
 /// One claim on one agent (`ClaimAgent`). The rules are `domain::dispatch`'s.
@@ -61,6 +64,9 @@ pub struct Transition {
     /// Who made the change: the caller's name (`domain::auth`), "sweeper" for
     /// the sweeper's; "" for transitions recorded before actors were.
     pub actor: String,
+    /// The quota pool the transition is for (a report that parked it, a
+    /// member parked or released by it); `None` for every other.
+    pub quota_pool: Option<PoolName>,
 }
 
 impl Transition {
@@ -146,6 +152,7 @@ mod tests {
             exhaustion_reason: None,
             recovery_at: None,
             actor: String::new(),
+            quota_pool: None,
         }
     }
 

@@ -10,7 +10,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::domain::agent::{self, Event, ExhaustionReason, ExhaustionReport};
+use crate::domain::agent::{self, ExhaustionReason, ExhaustionReport};
 use crate::domain::auth::{Action, Caller};
 use crate::domain::batch::{Applied, Command};
 use crate::domain::labels::Labels;
@@ -174,27 +174,6 @@ impl AgentStatusApi {
         self.guard.check(&caller, Action::ListAgents, None)?;
         Ok(self.store.count_by_status().await?)
     }
-
-    async fn apply(
-        &self,
-        caller: &Caller,
-        action: Action,
-        agent_id: &str,
-        event: Event,
-        fencing_token: Option<i64>,
-    ) -> Result<(pb::Agent, Option<pb::Transition>), Error> {
-        let agent_id = validate::agent_id("agent_id", agent_id)?;
-        record_agent_id(&agent_id);
-        self.guard.check_agent(caller, action, &agent_id).await?;
-        let command = Command::Apply {
-            agent_id,
-            event,
-            fencing_token,
-            actor: String::new(),
-        };
-        let applied = self.writes.commit(command.by(&caller.name)).await?;
-        Ok(encode(&applied))
-    }
 }
 
 fn encode(applied: &Applied) -> (pb::Agent, Option<pb::Transition>) {
@@ -345,9 +324,18 @@ impl AgentStatusService for AgentStatusApi {
             message,
             time_zone,
             fencing_token,
+            quota_pool,
+            window,
         } = request.into_inner();
         let reason = convert::reason_from_pb(reason)?;
         let fencing_token = validate::fencing_token("fencing_token", fencing_token)?;
+        let quota_pool = match quota_pool.as_str() {
+            "" => None,
+            name => Some(
+                quota::pool_name("quota_pool", name).map_err(|e| Error::invalid(e.to_string()))?,
+            ),
+        };
+        let window = convert::window_from_pb("window", window)?;
         let evidence = validate::recovery_evidence(
             recovery_at,
             headers,
@@ -356,15 +344,21 @@ impl AgentStatusService for AgentStatusApi {
             self.writes.now(),
         )?;
         let report = self.report(reason, evidence);
-        let (agent, transition) = self
-            .apply(
-                &caller,
-                Action::ReportExhausted,
-                &agent_id,
-                Event::ReportExhausted(report),
-                fencing_token,
-            )
+        let agent_id = validate::agent_id("agent_id", &agent_id)?;
+        record_agent_id(&agent_id);
+        self.guard
+            .check_agent(&caller, Action::ReportExhausted, &agent_id)
             .await?;
+        let command = Command::ReportExhausted {
+            agent_id,
+            report,
+            quota_pool,
+            window,
+            fencing_token,
+            actor: String::new(),
+        };
+        let applied = self.writes.commit(command.by(&caller.name)).await?;
+        let (agent, transition) = encode(&applied);
         Ok(Response::new(pb::ReportExhaustedResponse {
             agent: Some(agent),
             transition: Some(recorded(transition)?),

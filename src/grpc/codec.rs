@@ -201,6 +201,7 @@ mod tests {
             exhaustion_reason: None,
             recovery_at: None,
             actor: "test".into(),
+            quota_pool: None,
         };
         let cache = WireCache::default();
         let first = cache.transition(&transition);

@@ -150,6 +150,8 @@ fn cause_to_pb(cause: Cause) -> pb::TransitionCause {
         Cause::ClaimExpired => pb::TransitionCause::ClaimExpired,
         Cause::Deleted => pb::TransitionCause::Deleted,
         Cause::Expired => pb::TransitionCause::Expired,
+        Cause::PoolExhausted => pb::TransitionCause::PoolExhausted,
+        Cause::PoolReleased => pb::TransitionCause::PoolReleased,
     }
 }
 
@@ -176,6 +178,11 @@ impl From<&Agent> for pb::Agent {
             quota_pools: agent
                 .quota_pools
                 .iter()
+                .map(|p| p.as_str().to_owned())
+                .collect(),
+            held_by_pools: agent
+                .pool_holds
+                .holding()
                 .map(|p| p.as_str().to_owned())
                 .collect(),
         }
@@ -216,6 +223,11 @@ impl From<&Transition> for pb::Transition {
             exhaustion_reason: t.exhaustion_reason.map_or(0, |r| reason_to_pb(r) as i32),
             recovery_at: t.recovery_at.map(timestamp),
             actor: t.actor.clone(),
+            quota_pool: t
+                .quota_pool
+                .as_ref()
+                .map(|p| p.as_str().to_owned())
+                .unwrap_or_default(),
         }
     }
 }

@@ -365,6 +365,7 @@ mod tests {
             agent_id: id.into(),
             labels: Labels::from([("zone".to_owned(), zone.to_owned())]),
             quota_pools: Vec::new(),
+            pool_holds: Default::default(),
             registered_at: at(0),
             last_transition_at: at(since),
             revision,
@@ -448,6 +449,7 @@ mod tests {
             exhaustion_reason: None,
             recovery_at: None,
             actor: String::new(),
+            quota_pool: None,
         };
         cache.observed(&transition("a", 8, Cause::Claimed));
         assert_eq!(

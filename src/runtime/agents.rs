@@ -115,5 +115,7 @@ fn from_memory(agent: Agent) -> Applied {
         transition: None,
         created: false,
         claim: None,
+        others: Vec::new(),
+        other_transitions: Vec::new(),
     }
 }

@@ -234,6 +234,7 @@ mod tests {
             agent_id: id.into(),
             labels: [("team".to_string(), team.to_string())].into(),
             quota_pools: Vec::new(),
+            pool_holds: Default::default(),
             registered_at: now,
             last_transition_at: now,
             revision: 1,
@@ -258,6 +259,7 @@ mod tests {
             exhaustion_reason: None,
             recovery_at: None,
             actor: String::new(),
+            quota_pool: None,
         }
     }
 

@@ -143,6 +143,17 @@ impl Sinks {
             {
                 transitions.push(t.clone());
             }
+            // What the command did to other agents (a report parking its
+            // pool's members): cached, counted and published the same way.
+            for agent in &outcome.others {
+                self.cache.committed(agent);
+            }
+            for t in &outcome.other_transitions {
+                self.metrics.transition(t.cause, t.to);
+                if self.publish.is_some() {
+                    transitions.push(t.clone());
+                }
+            }
         }
         if let Some(publish) = &self.publish {
             transitions.sort_unstable_by_key(|t| t.revision);

@@ -256,6 +256,7 @@ mod tests {
             exhaustion_reason: None,
             recovery_at: None,
             actor: "elsewhere".into(),
+            quota_pool: None,
         };
         f.cache.observed(&transition);
         assert!(matches!(

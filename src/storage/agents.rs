@@ -34,25 +34,29 @@ use sqlx::FromRow;
 use tokio::sync::watch;
 
 use crate::domain::agent::{AgentState, AgentStatus, Cause, Exhaustion, SlotType};
+use crate::domain::batch::PoolCommand;
 use crate::domain::batch::{Applied, Command, Refusal};
 use crate::domain::dispatch::{LabelSelector, NoAgentAvailable};
 use crate::domain::labels::Labels;
 use crate::domain::liveness::{self, SweepQuery};
 use crate::domain::quota::PoolName;
+use crate::domain::quota::PoolState;
 use crate::domain::recovery::RecoveryEstimate;
 use crate::domain::transition::{self, Agent, Claim, RevisionBounds, Transition, WatchFilter};
 use crate::error::{Error, Result};
+use crate::storage::PoolMembers;
 use crate::storage::claims::{self, Dialect, MatchingRow, SelectorSql};
 use crate::storage::clock::at_micros;
 use crate::storage::decode::{self, StoredJson, StoredTime};
 use crate::storage::pool::{AcquireMetrics, PoolStats};
+use crate::storage::quota::{self, PoolCommitted, StoredHolds, pool_name};
 use crate::storage::{AgentQuery, AgentStore, ClaimQuery, StatusCounts};
 
 /// The columns of [`AgentRow`], in its order.
 pub(crate) const AGENT_COLUMNS: &str = "agent_id, status, labels, registered_at, \
      last_heartbeat_at, last_transition_at, revision, exhaustion_reason, recovery_at, \
      recovery_source, recovery_hint, cordon_reason, claim_id, claim_holder, claim_token, \
-     claim_request_id, claimed_at, lease_expires_at, quota_pools";
+     claim_request_id, claimed_at, lease_expires_at, quota_pools, pool_holds";
 
 /// The columns of [`ClaimRow`], in its order.
 pub(crate) const CLAIM_COLUMNS: &str = "claim_id, agent_id, holder, request_id, \
@@ -60,11 +64,11 @@ pub(crate) const CLAIM_COLUMNS: &str = "claim_id, agent_id, holder, request_id, 
 
 /// The columns of [`TransitionRow`], in its order.
 pub(crate) const TRANSITION_COLUMNS: &str = "revision, agent_id, from_status, to_status, \
-     cause, occurred_at, exhaustion_reason, recovery_at, actor";
+     cause, occurred_at, exhaustion_reason, recovery_at, actor, quota_pool";
 
 /// One row of `agents`, `T` and `J` the backend's time and JSON.
 #[derive(FromRow)]
-pub(crate) struct AgentRow<T, J, P> {
+pub(crate) struct AgentRow<T, J, P, H> {
     agent_id: String,
     status: String,
     labels: J,
@@ -84,6 +88,7 @@ pub(crate) struct AgentRow<T, J, P> {
     claimed_at: Option<T>,
     lease_expires_at: Option<T>,
     quota_pools: P,
+    pool_holds: H,
 }
 
 /// One row of `claims` (every claim made), `T` the backend's time.
@@ -128,14 +133,19 @@ pub(crate) struct TransitionRow<T> {
     exhaustion_reason: Option<String>,
     recovery_at: Option<T>,
     actor: String,
+    quota_pool: Option<String>,
 }
 
-impl<T: StoredTime, J: StoredJson<Labels>, P: StoredJson<Vec<PoolName>>> TryFrom<AgentRow<T, J, P>>
-    for Agent
+impl<T, J, P, H> TryFrom<AgentRow<T, J, P, H>> for Agent
+where
+    T: StoredTime,
+    J: StoredJson<Labels>,
+    P: StoredJson<Vec<PoolName>>,
+    H: StoredJson<StoredHolds>,
 {
     type Error = Error;
 
-    fn try_from(row: AgentRow<T, J, P>) -> Result<Agent> {
+    fn try_from(row: AgentRow<T, J, P, H>) -> Result<Agent> {
         let exhaustion = match (row.exhaustion_reason, row.recovery_at) {
             (Some(reason), Some(recovery_at)) => Some(Exhaustion {
                 reason: decode::exhaustion_reason(&reason)?,
@@ -186,6 +196,7 @@ impl<T: StoredTime, J: StoredJson<Labels>, P: StoredJson<Vec<PoolName>>> TryFrom
             cordon_reason: row.cordon_reason,
             claim,
             quota_pools: row.quota_pools.value("quota_pools")?,
+            pool_holds: row.pool_holds.value("pool_holds")?.holds()?,
         })
     }
 }
@@ -208,6 +219,7 @@ impl<T: StoredTime> TryFrom<TransitionRow<T>> for Transition {
                 .transpose()?,
             recovery_at: row.recovery_at.map(StoredTime::time),
             actor: row.actor,
+            quota_pool: row.quota_pool.map(pool_name).transpose()?,
         })
     }
 }
@@ -296,6 +308,18 @@ pub(crate) trait AgentTxs: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> Result<Outcomes>;
 
+    /// [`AgentStore::commit_pool`], `now` at the stores' precision.
+    async fn write_pool(&self, command: &PoolCommand, now: DateTime<Utc>) -> Result<PoolCommitted>;
+
+    /// [`AgentStore::quota_pool_states`].
+    async fn pool_rows_all(&self) -> Result<Vec<(String, String)>>;
+
+    /// [`AgentStore::quota_pool_members`]: `(pool, status, members, held)`.
+    async fn pool_counts(&self) -> Result<Vec<(String, String, i64, i64)>>;
+
+    /// [`AgentStore::pool_agents`].
+    async fn pool_agents_of(&self, pool: &str) -> Result<Vec<Agent>>;
+
     async fn agent(&self, agent_id: &str) -> Result<Option<Agent>>;
 
     /// The page `query` selects, its statuses as `statuses` and at most
@@ -368,6 +392,41 @@ impl<S: AgentTxs> AgentStore for S {
         now: DateTime<Utc>,
     ) -> Result<Outcomes> {
         commit_batch(self, commands, known, now).await
+    }
+
+    async fn commit_pool(
+        &self,
+        command: &PoolCommand,
+        now: DateTime<Utc>,
+    ) -> Result<PoolCommitted> {
+        self.write_pool(command, at_micros(now)).await
+    }
+
+    async fn quota_pool_states(&self) -> Result<Vec<(PoolName, PoolState)>> {
+        self.pool_rows_all()
+            .await?
+            .into_iter()
+            .map(|(name, json)| Ok((pool_name(name)?, quota::pool_state(&json)?)))
+            .collect()
+    }
+
+    async fn quota_pool_members(&self) -> Result<Vec<PoolMembers>> {
+        self.pool_counts()
+            .await?
+            .into_iter()
+            .map(|(pool, status, members, held)| {
+                Ok(PoolMembers {
+                    pool: pool_name(pool)?,
+                    status: decode::status(&status)?,
+                    members,
+                    held,
+                })
+            })
+            .collect()
+    }
+
+    async fn pool_agents(&self, pool: &PoolName) -> Result<Vec<Agent>> {
+        self.pool_agents_of(pool.as_str()).await
     }
 
     async fn record_heartbeats(&self, beats: &[(String, DateTime<Utc>)]) -> Result<()> {
@@ -464,12 +523,14 @@ pub(crate) async fn commit_batch(
     now: DateTime<Utc>,
 ) -> Result<Outcomes> {
     let mut outcomes = store.write_batch(commands, known, at_micros(now)).await?;
-    for t in outcomes
-        .iter_mut()
-        .flatten()
-        .filter_map(|o| o.transition.as_mut())
-    {
-        t.recovery_at = t.recovery_at.map(at_micros);
+    for o in outcomes.iter_mut().flatten() {
+        for t in o
+            .transition
+            .iter_mut()
+            .chain(o.other_transitions.iter_mut())
+        {
+            t.recovery_at = t.recovery_at.map(at_micros);
+        }
     }
     Ok(outcomes)
 }

@@ -409,6 +409,260 @@ async fn quota_pools_are_stored_replaced_and_checked(s: &Subject) {
     assert_eq!(store.get_agent("p").await.unwrap(), busy);
 }
 
+contract!(a_pool_report_parks_its_members_and_the_release_lets_them_go_one_by_one on memory, sqlite, postgres);
+
+fn register_in(agent_id: &str, pools: &[&str]) -> Command {
+    Command::Register {
+        agent_id: agent_id.into(),
+        labels: Default::default(),
+        quota_pools: quota::pool_names("quota_pools", pools).expect("well formed"),
+        actor: "contract".into(),
+    }
+}
+
+fn pool_report(
+    agent_id: &str,
+    pool: Option<&str>,
+    window: Option<quota::Window>,
+    recovery_at: chrono::DateTime<Utc>,
+) -> Command {
+    let Event::ReportExhausted(report) = exhausted(recovery_at) else {
+        unreachable!()
+    };
+    Command::ReportExhausted {
+        agent_id: agent_id.into(),
+        report,
+        quota_pool: pool.map(|p| quota::pool_name("quota_pool", p).unwrap()),
+        window,
+        fencing_token: None,
+        actor: "contract".into(),
+    }
+}
+
+fn pool(name: &str) -> PoolName {
+    quota::pool_name("pool", name).unwrap()
+}
+
+/// One member's report parks its pool: in the same commit the reporter
+/// (EXHAUSTED) and every IDLE member (POOL_EXHAUSTED), each transition
+/// naming the pool, with consecutive revisions; a BUSY member is parked when
+/// its slot ends, an OFFLINE one when it returns, a new member when it
+/// registers; other pools' agents are untouched. A later shorter report
+/// keeps the window; a weekly one outlasts the 5-hour one. A held agent is
+/// neither resumed by hand nor woken by the sweeper; once the pool lifts the
+/// release lets go of the canary first, each member exactly once.
+async fn a_pool_report_parks_its_members_and_the_release_lets_them_go_one_by_one(s: &Subject) {
+    let store = &s.agents;
+    let t0 = Utc.with_ymd_and_hms(2026, 5, 1, 12, 0, 0).unwrap();
+    let commit = |commands: Vec<Command>, at: chrono::DateTime<Utc>| {
+        let store = store.clone();
+        async move { store.commit_batch(&commands, at).await.unwrap() }
+    };
+    commit(
+        vec![
+            register_in("a", &["acct"]),
+            register_in("b", &["acct"]),
+            register_in("c", &["acct"]),
+            register_in("d", &["acct"]),
+            register_in("e", &["other"]),
+            register("x"),
+        ],
+        t0,
+    )
+    .await;
+    commit(
+        vec![
+            apply("b", Event::StartWork(SlotType::Work)),
+            apply("d", Event::MarkOffline),
+        ],
+        t0,
+    )
+    .await;
+    let head = store.revision_bounds().await.unwrap().head;
+
+    // The report names no pool: the agent's only one.
+    let one_hour = t0 + Duration::hours(1);
+    let outcome = commit(
+        vec![pool_report(
+            "a",
+            None,
+            Some(quota::Window::FiveHour),
+            one_hour,
+        )],
+        t0,
+    )
+    .await;
+    let applied = outcome[0].clone().unwrap();
+    let t = applied.transition.clone().unwrap();
+    assert_eq!(
+        (t.cause, t.to, t.quota_pool.clone()),
+        (Cause::Exhausted, AgentStatus::Exhausted, Some(pool("acct")))
+    );
+    assert_eq!(t.revision, head + 1);
+    let parked: Vec<(&str, Cause, Option<i64>)> = applied
+        .other_transitions
+        .iter()
+        .map(|t| (t.agent_id.as_str(), t.cause, Some(t.revision)))
+        .collect();
+    assert_eq!(parked, [("c", Cause::PoolExhausted, Some(head + 2))]);
+    assert_eq!(applied.other_transitions[0].quota_pool, Some(pool("acct")));
+    let c = store.get_agent("c").await.unwrap();
+    assert_eq!(c.state.status, AgentStatus::Exhausted);
+    assert_eq!(
+        c.state.exhaustion.as_ref().unwrap().recovery.recovery_at,
+        one_hour
+    );
+    assert!(c.pool_holds.held_by(&pool("acct")));
+    for (id, status) in [
+        ("b", AgentStatus::Busy),
+        ("d", AgentStatus::Offline),
+        ("e", AgentStatus::Idle),
+        ("x", AgentStatus::Idle),
+    ] {
+        assert_eq!(
+            store.get_agent(id).await.unwrap().state.status,
+            status,
+            "{id}"
+        );
+    }
+    let history = store.transitions_after(head, None, 100).await.unwrap();
+    assert_eq!(history.len(), 2, "one commit, two transitions");
+    assert!(history.iter().all(|t| t.quota_pool == Some(pool("acct"))));
+    let states = store.quota_pool_states().await.unwrap();
+    assert_eq!(states.len(), 1);
+    assert_eq!(states[0].1.parked_until(t0), Some(one_hour));
+
+    // The busy member lands EXHAUSTED at the end of its slot, the offline
+    // one when it returns, a new member as it registers.
+    let finished = commit(vec![apply("b", Event::FinishWork)], t0).await;
+    let t = finished[0].clone().unwrap().transition.unwrap();
+    assert_eq!(
+        (t.from, t.to, t.cause),
+        (
+            Some(AgentStatus::Busy),
+            AgentStatus::Exhausted,
+            Cause::PoolExhausted
+        )
+    );
+    let back = commit(vec![apply("d", Event::Heartbeat)], t0).await;
+    let t = back[0].clone().unwrap().transition.unwrap();
+    assert_eq!(
+        (t.to, t.cause),
+        (AgentStatus::Exhausted, Cause::PoolExhausted)
+    );
+    let joined = commit(vec![register_in("f", &["acct"])], t0).await;
+    let joined = joined[0].clone().unwrap();
+    assert_eq!(joined.transition.unwrap().cause, Cause::Registered);
+    assert_eq!(joined.agent.state.status, AgentStatus::Exhausted);
+    assert_eq!(joined.other_transitions[0].cause, Cause::PoolExhausted);
+
+    // A later, shorter report keeps the 5-hour window; a weekly one is kept
+    // apart and outlasts it.
+    commit(
+        vec![pool_report(
+            "c",
+            Some("acct"),
+            Some(quota::Window::FiveHour),
+            t0 + Duration::minutes(30),
+        )],
+        t0,
+    )
+    .await;
+    let three_hours = t0 + Duration::hours(3);
+    commit(
+        vec![pool_report(
+            "c",
+            Some("acct"),
+            Some(quota::Window::Weekly),
+            three_hours,
+        )],
+        t0,
+    )
+    .await;
+    let state = store.quota_pool_states().await.unwrap().remove(0).1;
+    assert_eq!(state.windows[&quota::Window::FiveHour].until, one_hour);
+    assert_eq!(state.windows[&quota::Window::Weekly].until, three_hours);
+    let after_five_hour = t0 + Duration::hours(2);
+    assert!(state.is_parked(after_five_hour));
+
+    // A report naming a pool the agent is not in is refused, naming its pools.
+    let refused = commit(vec![pool_report("e", Some("acct"), None, one_hour)], t0).await;
+    assert!(matches!(&refused[0], Err(Refusal::NotPoolMember(m)) if m.pools == [pool("other")]));
+    // A held agent is not resumed by hand, nor woken by the sweeper.
+    let resumed = commit(
+        vec![Command::Resume {
+            agent_id: "c".into(),
+            actor: "contract".into(),
+        }],
+        t0,
+    )
+    .await;
+    assert!(
+        matches!(&resumed[0], Err(Refusal::HeldByPool { pools, .. }) if pools == &[pool("acct")])
+    );
+    let query = sweep_query(three_hours + Duration::seconds(1), Duration::days(1), true);
+    let due = store.sweep_candidates(&query, 100).await.unwrap();
+    assert!(due.is_empty(), "held agents are the release's: {due:?}");
+
+    // The pool lifts: the canary (parked longest, online) goes first, alone.
+    let settings =
+        quota::ReleaseSettings::new(Duration::seconds(60), Duration::seconds(30), 10).unwrap();
+    let at = three_hours + Duration::seconds(1);
+    let due_at = |at: chrono::DateTime<Utc>| {
+        let store = store.clone();
+        async move {
+            let state = store.quota_pool_states().await.unwrap().remove(0).1;
+            let agents = store.pool_agents(&pool("acct")).await.unwrap();
+            let members = crate::domain::batch::held_members(&pool("acct"), &state, &agents);
+            quota::due_releases(&state, &members, &settings, at)
+        }
+    };
+    let release = |id: &str| Command::PoolRelease {
+        pool: pool("acct"),
+        agent_id: id.into(),
+        actor: "sweeper".into(),
+    };
+    assert_eq!(due_at(at).await, ["a"]);
+    let released = commit(vec![release("a"), release("a")], at).await;
+    let t = released[0].clone().unwrap().transition.unwrap();
+    assert_eq!(
+        (t.from, t.to, t.cause, t.quota_pool),
+        (
+            Some(AgentStatus::Exhausted),
+            AgentStatus::Idle,
+            Cause::PoolReleased,
+            Some(pool("acct"))
+        )
+    );
+    assert_eq!(
+        released[1].clone().unwrap().transition,
+        None,
+        "exactly once"
+    );
+    assert!(
+        due_at(at).await.is_empty(),
+        "the others wait for the canary"
+    );
+
+    // The canary completes a work slot: the others follow, each once.
+    commit(vec![apply("a", Event::StartWork(SlotType::Work))], at).await;
+    commit(vec![apply("a", Event::FinishWork)], at).await;
+    let state = store.quota_pool_states().await.unwrap().remove(0).1;
+    assert_eq!(state.canary.unwrap().completed_at, Some(at));
+    let later = at + Duration::seconds(31);
+    let mut rest = due_at(later).await;
+    rest.sort();
+    assert_eq!(rest, ["b", "c", "d", "f"]);
+    let commands: Vec<Command> = rest.iter().map(|id| release(id)).collect();
+    let released = commit(commands, later).await;
+    for outcome in &released {
+        let applied = outcome.clone().unwrap();
+        assert_eq!(applied.agent.state.status, AgentStatus::Idle);
+        assert!(!applied.agent.pool_holds.is_held());
+    }
+    assert!(due_at(later).await.is_empty());
+}
+
 contract!(agent_reads_and_maintenance on memory, sqlite, postgres);
 
 /// Heartbeats move forward only (an agent's latest beat wins, whatever the

@@ -22,6 +22,7 @@ pub(crate) mod pipeline;
 pub mod pool;
 mod post_healing;
 pub mod postgres;
+pub mod quota;
 pub(crate) mod sql_error;
 pub mod sqlite;
 mod usage_rollups;
@@ -138,6 +139,33 @@ pub trait AgentStore: Send + Sync + 'static {
         self.commit_batch(commands, now).await
     }
 
+    /// Decides and commits one pool command (`ParkPool`, `ReleasePool`, the
+    /// sweeper's settle) in one transaction: the pool's row, and for a park
+    /// every member, locked. A pool no agent is a member of and never parked
+    /// is refused NOT_FOUND.
+    async fn commit_pool(
+        &self,
+        command: &crate::domain::batch::PoolCommand,
+        now: DateTime<Utc>,
+    ) -> Result<quota::PoolCommitted>;
+
+    /// Every pool that was ever parked, in name order.
+    async fn quota_pool_states(
+        &self,
+    ) -> Result<
+        Vec<(
+            crate::domain::quota::PoolName,
+            crate::domain::quota::PoolState,
+        )>,
+    >;
+
+    /// Every pool an agent lists, its members counted per status.
+    async fn quota_pool_members(&self) -> Result<Vec<PoolMembers>>;
+
+    /// The agents of `pool`: its members and the agents it holds or held in
+    /// its current episode, by agent id.
+    async fn pool_agents(&self, pool: &crate::domain::quota::PoolName) -> Result<Vec<Agent>>;
+
     /// Records liveness: each agent's `last_heartbeat_at` moves forward to the given
     /// time, never backwards (replicas may flush out of order). Status is never
     /// touched, and unknown agents are ignored.
@@ -202,6 +230,17 @@ pub trait AgentStore: Send + Sync + 'static {
     fn observe_pools(&self, metrics: &dyn Fn(&'static str) -> pool::AcquireMetrics) {
         let _ = metrics;
     }
+}
+
+/// One pool's members in one status (`AgentStore::quota_pool_members`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolMembers {
+    pub pool: crate::domain::quota::PoolName,
+    pub status: AgentStatus,
+    /// Members in that status.
+    pub members: i64,
+    /// Of them, the ones the pool holds.
+    pub held: i64,
 }
 
 /// Decides a recovery plan from the event and the evidence learned for its kind,

@@ -36,6 +36,7 @@ async fn report(
             message: message.into(),
             time_zone: String::new(),
             fencing_token: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -210,6 +211,7 @@ async fn every_recovery_form_is_understood() {
             message: "reset in 1 min".into(),
             time_zone: String::new(),
             fencing_token: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -452,6 +454,7 @@ async fn every_real_form_in_the_fixture_through_report_exhausted_and_explain_rec
                 message,
                 time_zone,
                 fencing_token: 0,
+                ..Default::default()
             })
             .await
             .unwrap()

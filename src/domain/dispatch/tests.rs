@@ -47,6 +47,7 @@ fn agent(id: &str, status: AgentStatus, since: i64, pairs: &[(&str, &str)]) -> A
         agent_id: id.into(),
         labels: labels(pairs),
         quota_pools: Vec::new(),
+        pool_holds: Default::default(),
         registered_at: t0() - Duration::days(1),
         last_transition_at: t0() + Duration::seconds(since),
         revision: 10,

@@ -10,11 +10,14 @@ use tokio::sync::watch;
 
 use crate::domain::agent::AgentStatus;
 use crate::domain::batch::{self, Applied, ClaimRows, Command, Refusal};
+use crate::domain::batch::{PoolCommand, PoolRows};
 use crate::domain::dispatch::{Candidate, LabelSelector, NoAgentAvailable};
 use crate::domain::liveness::SweepQuery;
+use crate::domain::quota::{PoolName, PoolState};
 use crate::domain::transition::{Agent, Claim, RevisionBounds, Transition, WatchFilter};
 use crate::error::{Error, Result};
-use crate::storage::{AgentQuery, AgentStore, ClaimQuery};
+use crate::storage::quota::PoolCommitted;
+use crate::storage::{AgentQuery, AgentStore, ClaimQuery, PoolMembers};
 
 /// A commit's start or end, as [`MemoryStore::commit_log`] records them: the
 /// agents its commands name, in command order.
@@ -32,6 +35,51 @@ struct State {
     transitions: BTreeMap<i64, Transition>,
     head: i64,
     pruned_through: i64,
+    pools: BTreeMap<PoolName, PoolState>,
+}
+
+impl State {
+    /// What a batch reads of pools here: every pool's state (nobody else
+    /// holds them), and the members of the pools it may park.
+    fn pool_rows(&self, commands: &[Command], existing: &[Agent]) -> PoolRows {
+        let parking = batch::parking_pools(commands, existing);
+        PoolRows {
+            states: self.pools.clone(),
+            members: self
+                .agents
+                .values()
+                .filter(|a| parking.iter().any(|p| is_member(a, p)))
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// Writes a batch's decisions; the number of transitions.
+    fn write(&mut self, writes: batch::Writes) -> i64 {
+        let count = writes.transitions.len() as i64;
+        for agent in writes.changed {
+            self.agents.insert(agent.agent_id.clone(), agent);
+        }
+        for agent_id in writes.deleted {
+            self.agents.remove(&agent_id);
+        }
+        for claim in writes.claims {
+            self.claims.insert(claim.claim_id.clone(), claim);
+        }
+        for t in writes.transitions {
+            self.transitions.insert(t.revision, t);
+        }
+        for (name, pool) in writes.pools {
+            self.pools.insert(name, pool);
+        }
+        self.head += count;
+        count
+    }
+}
+
+/// Whether `agent` is a member of `pool` or held (or was, this episode) by it.
+fn is_member(agent: &Agent, pool: &PoolName) -> bool {
+    agent.quota_pools.contains(pool) || agent.pool_holds.pools.contains_key(pool)
 }
 
 /// The agent part of the in-memory store.
@@ -128,7 +176,7 @@ impl MemoryStore {
         now: DateTime<Utc>,
     ) -> Result<Vec<Result<Applied, Refusal>>> {
         let mut state = self.lock()?;
-        let existing = commands
+        let existing: Vec<Agent> = commands
             .iter()
             .filter_map(|c| c.agent_id().and_then(|id| state.agents.get_key_value(id)))
             .map(|(id, a)| (id.clone(), a.clone()))
@@ -151,22 +199,10 @@ impl MemoryStore {
                 .map(|c| (c.clone(), state.agents.get(&c.agent_id).cloned()))
                 .collect(),
         };
-        let plan = batch::plan_with(existing, rows, commands, now);
-        let count = plan.transition_count() as i64;
+        let pools = state.pool_rows(commands, &existing);
+        let plan = batch::plan_full(existing, rows, pools, commands, now);
         let (writes, outcomes) = plan.finish(state.head);
-        for agent in writes.changed {
-            state.agents.insert(agent.agent_id.clone(), agent);
-        }
-        for agent_id in writes.deleted {
-            state.agents.remove(&agent_id);
-        }
-        for claim in writes.claims {
-            state.claims.insert(claim.claim_id.clone(), claim);
-        }
-        for t in writes.transitions {
-            state.transitions.insert(t.revision, t);
-        }
-        state.head += count;
+        let count = state.write(writes);
         drop(state);
         self.batches.fetch_add(1, Ordering::SeqCst);
         if count > 0 && !self.quiet.load(Ordering::SeqCst) {
@@ -187,6 +223,79 @@ impl MemoryStore {
 impl AgentStore for MemoryStore {
     async fn ping(&self) -> Result<()> {
         self.lock().map(|_| ())
+    }
+
+    async fn commit_pool(
+        &self,
+        command: &PoolCommand,
+        now: DateTime<Utc>,
+    ) -> Result<PoolCommitted> {
+        let now = crate::storage::clock::at_micros(now);
+        let mut state = self.lock()?;
+        let pool = command.pool().clone();
+        let rows = PoolRows {
+            states: state.pools.clone(),
+            members: state
+                .agents
+                .values()
+                .filter(|a| is_member(a, &pool))
+                .cloned()
+                .collect(),
+        };
+        let before = rows.states.get(&pool).cloned();
+        let (plan, parked) = batch::plan_pool(rows, command, now)?;
+        let (writes, _) = plan.finish(state.head);
+        let committed = crate::storage::quota::committed(&pool, before, parked, writes.clone());
+        let count = state.write(writes);
+        drop(state);
+        if count > 0 && !self.quiet.load(Ordering::SeqCst) {
+            self.changes.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        Ok(committed)
+    }
+
+    async fn quota_pool_states(&self) -> Result<Vec<(PoolName, PoolState)>> {
+        let state = self.lock()?;
+        Ok(state
+            .pools
+            .iter()
+            .map(|(n, s)| (n.clone(), s.clone()))
+            .collect())
+    }
+
+    async fn quota_pool_members(&self) -> Result<Vec<PoolMembers>> {
+        let state = self.lock()?;
+        let mut counts: BTreeMap<(PoolName, &'static str), (AgentStatus, i64, i64)> =
+            BTreeMap::new();
+        for agent in state.agents.values() {
+            for pool in &agent.quota_pools {
+                let status = agent.state.status;
+                let entry = counts
+                    .entry((pool.clone(), status.as_str()))
+                    .or_insert((status, 0, 0));
+                entry.1 += 1;
+                entry.2 += i64::from(agent.pool_holds.held_by(pool));
+            }
+        }
+        Ok(counts
+            .into_iter()
+            .map(|((pool, _), (status, members, held))| PoolMembers {
+                pool,
+                status,
+                members,
+                held,
+            })
+            .collect())
+    }
+
+    async fn pool_agents(&self, pool: &PoolName) -> Result<Vec<Agent>> {
+        let state = self.lock()?;
+        Ok(state
+            .agents
+            .values()
+            .filter(|a| is_member(a, pool))
+            .cloned()
+            .collect())
     }
 
     async fn commit_batch(

@@ -24,8 +24,10 @@ use crate::storage::agents::{
 };
 use crate::storage::claims::{self, ClaimReads, Dialect, MatchingRow, SelectorSql};
 use crate::storage::pool::{AcquireMetrics, PoolStats};
+use crate::storage::quota::{self as pools, PoolCommitted, PoolReads, StoredHolds};
 
-type AgentRow = flows::AgentRow<DateTime<Utc>, Json<Labels>, Json<Vec<PoolName>>>;
+type AgentRow =
+    flows::AgentRow<DateTime<Utc>, Json<Labels>, Json<Vec<PoolName>>, Json<StoredHolds>>;
 type TransitionRow = flows::TransitionRow<DateTime<Utc>>;
 type ClaimRow = flows::ClaimRow<DateTime<Utc>>;
 
@@ -68,6 +70,8 @@ struct AgentColumns {
     claimed_at: Vec<Option<DateTime<Utc>>>,
     lease_expires_at: Vec<Option<DateTime<Utc>>>,
     quota_pools: Vec<String>,
+    pool_holds: Vec<String>,
+    pool_held: Vec<bool>,
 }
 
 impl AgentColumns {
@@ -101,6 +105,8 @@ impl AgentColumns {
                 serde_json::to_string(&a.quota_pools)
                     .map_err(|e| Error::Internal(format!("quota_pools: {e}")))?,
             );
+            c.pool_holds.push(pools::holds_json(&a.pool_holds));
+            c.pool_held.push(a.pool_holds.is_held());
         }
         Ok(c)
     }
@@ -129,13 +135,14 @@ const WRITE_BATCH: &str = "WITH locked AS (
          SELECT a.agent_id FROM agents a
          JOIN unnest($24::text[], $25::text[], $26::text[], $27::timestamptz[], $28::bigint[],
                      $29::text[], $30::timestamptz[], $31::text[], $32::text[], $33::text[],
-                     $42::text[], $43::bigint[], $44::timestamptz[], $55::text[])
+                     $42::text[], $43::bigint[], $44::timestamptz[], $55::text[], $58::text[])
               AS e(agent_id, status, labels, last_transition_at, revision,
                    exhaustion_reason, recovery_at, recovery_source, recovery_hint,
-                   cordon_reason, claim_id, claim_token, lease_expires_at, quota_pools)
+                   cordon_reason, claim_id, claim_token, lease_expires_at, quota_pools,
+                   pool_holds)
            ON a.agent_id = e.agent_id
          WHERE a.status IS NOT DISTINCT FROM e.status AND a.labels = e.labels::jsonb
-           AND a.quota_pools = e.quota_pools::jsonb
+           AND a.quota_pools = e.quota_pools::jsonb AND a.pool_holds = e.pool_holds::jsonb
            AND a.last_transition_at = e.last_transition_at AND a.revision = e.revision
            AND a.exhaustion_reason IS NOT DISTINCT FROM e.exhaustion_reason
            AND a.recovery_at IS NOT DISTINCT FROM e.recovery_at
@@ -164,13 +171,15 @@ const WRITE_BATCH: &str = "WITH locked AS (
      ),
      appended AS (
          INSERT INTO transitions (revision, agent_id, from_status, to_status, cause,
-                                  occurred_at, exhaustion_reason, recovery_at, actor)
+                                  occurred_at, exhaustion_reason, recovery_at, actor,
+                                  quota_pool)
          SELECT base.base + t.rel, t.agent_id, t.from_status, t.to_status, t.cause,
-                t.occurred_at, t.exhaustion_reason, t.recovery_at, t.actor
+                t.occurred_at, t.exhaustion_reason, t.recovery_at, t.actor, t.quota_pool
          FROM base, unnest($14::bigint[], $15::text[], $16::text[], $17::text[], $18::text[],
-                           $19::timestamptz[], $20::text[], $21::timestamptz[], $22::text[])
+                           $19::timestamptz[], $20::text[], $21::timestamptz[], $22::text[],
+                           $59::text[])
               AS t(rel, agent_id, from_status, to_status, cause, occurred_at,
-                   exhaustion_reason, recovery_at, actor)
+                   exhaustion_reason, recovery_at, actor, quota_pool)
      ),
      written AS (
          UPDATE agents SET
@@ -191,16 +200,20 @@ const WRITE_BATCH: &str = "WITH locked AS (
              claim_request_id = u.claim_request_id,
              claimed_at = u.claimed_at,
              lease_expires_at = u.lease_expires_at,
-             quota_pools = u.quota_pools::jsonb
+             quota_pools = u.quota_pools::jsonb,
+             pool_holds = u.pool_holds::jsonb,
+             pool_held = u.pool_held
          FROM base, unnest($3::text[], $4::text[], $5::text[], $6::timestamptz[],
                            $7::timestamptz[], $8::bigint[], $9::bool[], $10::text[],
                            $11::timestamptz[], $12::text[], $13::text[], $34::text[],
                            $35::text[], $36::text[], $37::bigint[], $38::bool[], $39::text[],
-                           $40::timestamptz[], $41::timestamptz[], $54::text[])
+                           $40::timestamptz[], $41::timestamptz[], $54::text[], $56::text[],
+                           $57::bool[])
               AS u(agent_id, status, labels, last_heartbeat_at, last_transition_at,
                    revision, shift, exhaustion_reason, recovery_at, recovery_source,
                    recovery_hint, cordon_reason, claim_id, claim_holder, claim_token,
-                   claim_shift, claim_request_id, claimed_at, lease_expires_at, quota_pools)
+                   claim_shift, claim_request_id, claimed_at, lease_expires_at, quota_pools,
+                   pool_holds, pool_held)
          WHERE agents.agent_id = u.agent_id
      ),
      recorded AS (
@@ -301,6 +314,22 @@ impl PgStore {
         now: DateTime<Utc>,
         origin: &str,
     ) -> std::result::Result<Option<Outcomes>, BatchError> {
+        // A batch touching a quota pool is decided on the locked rows: its
+        // pools' states and members are read with them.
+        // (Claims' candidates do not count: a claim takes an IDLE agent,
+        // and no pool parks an IDLE one without parking it.)
+        let named = batch::agent_ids(commands);
+        let pooled = known.iter().any(|a| {
+            named.contains(&a.agent_id.as_str())
+                && (!a.quota_pools.is_empty() || !a.pool_holds.pools.is_empty())
+        }) || commands.iter().any(|c| match c {
+            Command::ReportExhausted { quota_pool, .. } => quota_pool.is_some(),
+            Command::Register { quota_pools, .. } => !quota_pools.is_empty(),
+            _ => false,
+        });
+        if pooled {
+            return Ok(None);
+        }
         let plan = batch::plan(known.to_vec(), commands, now);
         if plan.created_ids().next().is_some() || plan.claim_unserved() {
             return Ok(None);
@@ -324,6 +353,23 @@ impl PgStore {
         now: DateTime<Utc>,
         origin: &str,
     ) -> std::result::Result<Outcomes, BatchError> {
+        let (outcomes, _) = Self::locked_on(conn, Job::Batch(commands), ids, now, origin).await?;
+        Ok(outcomes)
+    }
+
+    /// A batch (or a pool command) decided on locked rows: agent rows first,
+    /// in agent-id order, then for claims the claimable rows no one else
+    /// holds, then the quota pools its agents are in (in name order) and
+    /// the members of a pool it may park (in agent-id order; two batches
+    /// locking members of one pool in another order deadlock, and are
+    /// retried). A pool command locks its pool and, for a park, its members.
+    async fn locked_on(
+        conn: &mut sqlx::PgConnection,
+        job: Job<'_>,
+        ids: &[&str],
+        now: DateTime<Utc>,
+        origin: &str,
+    ) -> std::result::Result<(Outcomes, Option<PoolCommitted>), BatchError> {
         let mut tx = sqlx::Connection::begin(conn).await?;
         // Agent rows first, in agent-id order (ORDER BY is applied before the row
         // locks), so that two replicas' batches cannot deadlock.
@@ -334,18 +380,36 @@ impl PgStore {
         .bind(ids)
         .fetch_all(&mut *tx)
         .await?;
-        // Then, for claims, the claimable rows no one else holds (SKIP
-        // LOCKED never waits, so no order among them is needed) and the
-        // claims made before under the batch's idempotency keys.
-        let rows_for_claims = claims::claim_rows(
-            &mut PgClaimReads(&mut tx),
-            commands,
-            Dialect::Postgres,
-            claims::Candidates::Selected,
-        )
-        .await
-        .map_err(BatchError::Mapped)?;
-        let plan = batch::plan_with(decoded(rows)?, rows_for_claims, commands, now);
+        let rows: Vec<Agent> = decoded(rows)?;
+        let (plan, pool_before, parked) = match job {
+            Job::Batch(commands) => {
+                // Then, for claims, the claimable rows no one else holds (SKIP
+                // LOCKED never waits, so no order among them is needed) and the
+                // claims made before under the batch's idempotency keys.
+                let rows_for_claims = claims::claim_rows(
+                    &mut PgClaimReads(&mut tx),
+                    commands,
+                    Dialect::Postgres,
+                    claims::Candidates::Selected,
+                )
+                .await
+                .map_err(BatchError::Mapped)?;
+                let pool_rows = pools::pool_rows(&mut PgPoolReads(&mut tx), commands, &rows)
+                    .await
+                    .map_err(BatchError::Mapped)?;
+                let plan = batch::plan_full(rows, rows_for_claims, pool_rows, commands, now);
+                (plan, None, None)
+            }
+            Job::Pool(command) => {
+                let pool_rows = pools::pool_command_rows(&mut PgPoolReads(&mut tx), command)
+                    .await
+                    .map_err(BatchError::Mapped)?;
+                let before = pool_rows.states.get(command.pool()).cloned();
+                let (plan, parked) = batch::plan_pool(pool_rows, command, now)
+                    .map_err(|r| BatchError::Mapped(r.into()))?;
+                (plan, Some(before), parked)
+            }
+        };
 
         // New agents' rows next, still before the revision row. Two replicas
         // creating the same agent: the second insert waits for the first and then
@@ -374,6 +438,7 @@ impl PgStore {
         // already: nothing to check.
         let count = plan.transition_count() as i64;
         let (relative, shift) = plan.relative_writes();
+        write_pools(&mut tx, &relative.pools, now).await?;
         let base = if relative.changed.is_empty() && relative.deleted.is_empty() {
             0
         } else {
@@ -382,15 +447,108 @@ impl PgStore {
                 .1
         };
         let (writes, outcomes) = plan.finish(base);
-        if writes.changed.is_empty() && writes.deleted.is_empty() {
+        if writes.changed.is_empty() && writes.deleted.is_empty() && writes.pools.is_empty() {
             // Nothing to write (every command refused or a no-op): release the locks.
             tx.rollback().await?;
         } else {
             tx.commit().await?;
         }
+        let committed = pool_before.map(|before| {
+            pools::committed(job.pool().expect("a pool job"), before, parked, writes)
+        });
         // This process's watchers learn of the batch from the committer, which
         // hands its transitions to the fan-out (the NOTIFY is for other replicas).
-        Ok(outcomes)
+        Ok((outcomes, committed))
+    }
+}
+
+/// What a locked attempt decides: a batch of agent commands, or one pool command.
+#[derive(Clone, Copy)]
+enum Job<'a> {
+    Batch(&'a [Command]),
+    Pool(&'a batch::PoolCommand),
+}
+
+impl Job<'_> {
+    fn pool(&self) -> Option<&PoolName> {
+        match self {
+            Job::Batch(_) => None,
+            Job::Pool(command) => Some(command.pool()),
+        }
+    }
+}
+
+/// Writes the pools a batch changed (their rows are locked, or new).
+async fn write_pools(
+    conn: &mut sqlx::PgConnection,
+    changed: &[(PoolName, crate::domain::quota::PoolState)],
+    now: DateTime<Utc>,
+) -> std::result::Result<(), BatchError> {
+    if changed.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<&str> = changed.iter().map(|(n, _)| n.as_str()).collect();
+    let states: Vec<String> = changed.iter().map(|(_, s)| pools::pool_json(s)).collect();
+    sqlx::query(
+        "INSERT INTO quota_pools (name, state, updated_at)
+         SELECT n, s::jsonb, $3 FROM unnest($1::text[], $2::text[]) AS p(n, s)
+         ON CONFLICT (name) DO UPDATE SET state = excluded.state,
+                                          updated_at = excluded.updated_at",
+    )
+    .bind(&names)
+    .bind(&states)
+    .bind(now)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The pool reads of a batch, on its transaction.
+struct PgPoolReads<'t, 'c>(&'t mut Transaction<'c, Postgres>);
+
+#[async_trait]
+impl PoolReads for PgPoolReads<'_, '_> {
+    async fn pool_states(
+        &mut self,
+        names: &[&str],
+        create: &[&str],
+    ) -> Result<Vec<(String, String)>> {
+        if !create.is_empty() {
+            // A pool about to be parked gets its row first, so that two
+            // batches parking it at once queue on the row's lock below.
+            sqlx::query(
+                "INSERT INTO quota_pools (name, state, updated_at)
+                 SELECT n, '{\"windows\":{}}', now() FROM unnest($1::text[]) AS n
+                 ON CONFLICT (name) DO NOTHING",
+            )
+            .bind(create)
+            .execute(&mut **self.0)
+            .await
+            .map_err(db_error)?;
+        }
+        sqlx::query_as(
+            "SELECT name, state::text FROM quota_pools WHERE name = ANY($1)
+             ORDER BY name FOR UPDATE",
+        )
+        .bind(names)
+        .fetch_all(&mut **self.0)
+        .await
+        .map_err(db_error)
+    }
+
+    async fn members(&mut self, pool: &str, except: &[&str]) -> Result<Vec<Agent>> {
+        let rows: Vec<AgentRow> = sqlx::query_as(&format!(
+            "SELECT {AGENT_COLUMNS} FROM agents
+             WHERE (quota_pools @> jsonb_build_array($1::text) OR (pool_holds -> 'pools') ? $1)
+               AND agent_id <> ALL($2)
+             ORDER BY agent_id FOR UPDATE"
+        ))
+        .bind(pool)
+        .bind(except)
+        .fetch_all(&mut **self.0)
+        .await
+        .map_err(db_error)?;
+        decoded(rows)
     }
 }
 
@@ -497,6 +655,14 @@ async fn write_batch(
         .bind(&relative.deleted)
         .bind(&c.quota_pools)
         .bind(&e.quota_pools)
+        .bind(&c.pool_holds)
+        .bind(&c.pool_held)
+        .bind(&e.pool_holds)
+        .bind(
+            t.iter()
+                .map(|t| t.quota_pool.as_ref().map(PoolName::as_str))
+                .collect::<Vec<_>>(),
+        )
         .fetch_one(conn)
         .await?;
     Ok(written)
@@ -723,6 +889,77 @@ impl AgentTxs for PgStore {
         }
     }
 
+    async fn write_pool(
+        &self,
+        command: &batch::PoolCommand,
+        now: DateTime<Utc>,
+    ) -> Result<PoolCommitted> {
+        let mut attempt = 1;
+        loop {
+            let idle = self.idle_batch_conns().pop();
+            let mut conn = match idle {
+                Some(conn) => conn,
+                None => match self.open_batch_conn().await {
+                    Ok(conn) => conn,
+                    Err(BatchError::Db(e)) => return Err(db_error(e)),
+                    Err(BatchError::Mapped(e)) => return Err(e),
+                },
+            };
+            let result =
+                Self::locked_on(&mut conn, Job::Pool(command), &[], now, &self.origin).await;
+            match &result {
+                Err(BatchError::Db(e)) if !matches!(e, sqlx::Error::Database(_)) => {}
+                _ => self.idle_batch_conns().push(conn),
+            }
+            match result {
+                Ok((_, Some(committed))) => return Ok(committed),
+                Ok((_, None)) => {
+                    return Err(Error::Internal("pool command answered nothing".into()));
+                }
+                Err(BatchError::Db(e)) if retryable(&e) && attempt < BATCH_ATTEMPTS => {
+                    tracing::debug!(error = %e, attempt, "pool command conflicted, retrying");
+                    attempt += 1;
+                }
+                Err(BatchError::Db(e)) => return Err(db_error(e)),
+                Err(BatchError::Mapped(e)) => return Err(e),
+            }
+        }
+    }
+
+    async fn pool_rows_all(&self) -> Result<Vec<(String, String)>> {
+        sqlx::query_as("SELECT name, state::text FROM quota_pools ORDER BY name")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_error)
+    }
+
+    async fn pool_counts(&self) -> Result<Vec<(String, String, i64, i64)>> {
+        sqlx::query_as(
+            "SELECT p.name, a.status, count(*),
+                    count(*) FILTER (WHERE (a.pool_holds -> 'pools') ? p.name
+                                       AND a.pool_holds -> 'pools' -> p.name
+                                           -> 'released_at' IS NULL)
+             FROM agents a, jsonb_array_elements_text(a.quota_pools) AS p(name)
+             GROUP BY p.name, a.status ORDER BY p.name, a.status",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)
+    }
+
+    async fn pool_agents_of(&self, pool: &str) -> Result<Vec<Agent>> {
+        let rows: Vec<AgentRow> = sqlx::query_as(&format!(
+            "SELECT {AGENT_COLUMNS} FROM agents
+             WHERE quota_pools @> jsonb_build_array($1::text) OR (pool_holds -> 'pools') ? $1
+             ORDER BY agent_id"
+        ))
+        .bind(pool)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        decoded(rows)
+    }
+
     async fn agent(&self, agent_id: &str) -> Result<Option<Agent>> {
         let row: Option<AgentRow> = sqlx::query_as(&format!(
             "SELECT {AGENT_COLUMNS} FROM agents WHERE agent_id = $1"
@@ -766,7 +1003,7 @@ impl AgentTxs for PgStore {
                ORDER BY last_heartbeat_at LIMIT $5)
              UNION
              (SELECT agent_id FROM agents
-               WHERE status = ANY($3) AND recovery_at <= $4
+               WHERE status = ANY($3) AND recovery_at <= $4 AND NOT pool_held
                ORDER BY recovery_at LIMIT $5)
              UNION
              (SELECT agent_id FROM agents

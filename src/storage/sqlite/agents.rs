@@ -33,8 +33,9 @@ use crate::storage::agents::{
 use crate::storage::claims::{self, ClaimReads, Dialect, MatchingRow, SelectorSql};
 use crate::storage::decode::StoredTime;
 use crate::storage::pool::{AcquireMetrics, PoolStats};
+use crate::storage::quota::{self as pools, PoolCommitted, PoolReads};
 
-type AgentRow = flows::AgentRow<i64, String, String>;
+type AgentRow = flows::AgentRow<i64, String, String, String>;
 type TransitionRow = flows::TransitionRow<i64>;
 type ClaimRow = flows::ClaimRow<i64>;
 
@@ -71,6 +72,8 @@ fn agents_json(agents: &[Agent]) -> Result<String> {
                 "lease_expires_at": a.claim.as_ref().map(|c| micros(c.lease_expires_at)),
                 "quota_pools": serde_json::to_string(&a.quota_pools)
                     .map_err(|e| Error::Internal(format!("quota_pools: {e}")))?,
+                "pool_holds": pools::holds_json(&a.pool_holds),
+                "pool_held": a.pool_holds.is_held(),
             }))
         })
         .collect::<Result<Vec<_>>>()?;
@@ -92,6 +95,7 @@ fn transitions_json(transitions: &[Transition]) -> String {
                 "exhaustion_reason": t.exhaustion_reason.map(|r| r.as_str()),
                 "recovery_at": t.recovery_at.map(micros),
                 "actor": t.actor,
+                "quota_pool": t.quota_pool.as_ref().map(|p| p.as_str()),
             })
         })
         .collect();
@@ -128,10 +132,11 @@ const INSERT_CLAIMS: &str = "INSERT INTO claims (claim_id, agent_id, holder, req
 
 /// Appends a batch's transitions (revisions final).
 const INSERT_TRANSITIONS: &str = "INSERT INTO transitions (revision, agent_id, from_status, \
-         to_status, cause, occurred_at, exhaustion_reason, recovery_at, actor)
+         to_status, cause, occurred_at, exhaustion_reason, recovery_at, actor, quota_pool)
      SELECT value ->> 'revision', value ->> 'agent_id', value ->> 'from_status',
             value ->> 'to_status', value ->> 'cause', value ->> 'occurred_at',
-            value ->> 'exhaustion_reason', value ->> 'recovery_at', value ->> 'actor'
+            value ->> 'exhaustion_reason', value ->> 'recovery_at', value ->> 'actor',
+            value ->> 'quota_pool'
      FROM json_each(?1)";
 
 /// Writes every changed agent's final state, inserting new ones. The
@@ -141,7 +146,7 @@ const INSERT_TRANSITIONS: &str = "INSERT INTO transitions (revision, agent_id, f
 const UPSERT_AGENTS: &str = "INSERT INTO agents (agent_id, status, labels, registered_at, \
          last_heartbeat_at, last_transition_at, revision, exhaustion_reason, recovery_at, \
          recovery_source, recovery_hint, cordon_reason, claim_id, claim_holder, claim_token, \
-         claim_request_id, claimed_at, lease_expires_at, quota_pools)
+         claim_request_id, claimed_at, lease_expires_at, quota_pools, pool_holds, pool_held)
      SELECT value ->> 'agent_id', value ->> 'status', value ->> 'labels',
             value ->> 'registered_at', value ->> 'last_heartbeat_at',
             value ->> 'last_transition_at', value ->> 'revision',
@@ -149,7 +154,7 @@ const UPSERT_AGENTS: &str = "INSERT INTO agents (agent_id, status, labels, regis
             value ->> 'recovery_source', value ->> 'recovery_hint', value ->> 'cordon_reason',
             value ->> 'claim_id', value ->> 'claim_holder', value ->> 'claim_token',
             value ->> 'claim_request_id', value ->> 'claimed_at', value ->> 'lease_expires_at',
-            value ->> 'quota_pools'
+            value ->> 'quota_pools', value ->> 'pool_holds', value ->> 'pool_held'
      FROM json_each(?1) WHERE true
      ON CONFLICT (agent_id) DO UPDATE SET
          status = excluded.status,
@@ -168,7 +173,224 @@ const UPSERT_AGENTS: &str = "INSERT INTO agents (agent_id, status, labels, regis
          claim_request_id = excluded.claim_request_id,
          claimed_at = excluded.claimed_at,
          lease_expires_at = excluded.lease_expires_at,
-         quota_pools = excluded.quota_pools";
+         quota_pools = excluded.quota_pools,
+         pool_holds = excluded.pool_holds,
+         pool_held = excluded.pool_held";
+
+/// What one write transaction decides: a batch of agent commands, or one
+/// pool command.
+#[derive(Clone, Copy)]
+enum Job<'a> {
+    Batch(&'a [Command]),
+    Pool(&'a batch::PoolCommand),
+}
+
+impl SqliteStore {
+    /// A batch (or a pool command) on the one writer: the agents it names
+    /// (and the candidates offered its claims), its claims' rows, its pools
+    /// and the members of a pool it may park, read in the transaction,
+    /// decided, written, committed.
+    async fn write_job(
+        &self,
+        job: Job<'_>,
+        known: Option<Vec<Agent>>,
+        now: DateTime<Utc>,
+    ) -> Result<(Outcomes, Option<PoolCommitted>)> {
+        let commands: &[Command] = match job {
+            Job::Batch(commands) => commands,
+            Job::Pool(_) => &[],
+        };
+        let mut ids = batch::agent_ids(commands);
+        // The candidates the server offered its claims from memory (the
+        // known agents the batch does not name): read here by key, in the
+        // transaction, and decided on as stored, instead of a selection
+        // read; a claim they cannot serve is decided again on one.
+        let offered: Vec<&str> = match &known {
+            Some(known) if batch::claim_requests(commands).next().is_some() => known
+                .iter()
+                .map(|a| a.agent_id.as_str())
+                .filter(|id| !ids.contains(id))
+                .collect(),
+            _ => Vec::new(),
+        };
+        ids.extend(&offered);
+        // The write lock from here to commit: nobody else writes meanwhile.
+        let mut tx = SqliteStore::begin_write(self).await?;
+        let rows: Vec<AgentRow> = sqlx::query_as(&format!(
+            "SELECT {AGENT_COLUMNS} FROM agents
+             WHERE agent_id IN (SELECT value FROM json_each(?1))
+             ORDER BY agent_id"
+        ))
+        .bind(json_list(&ids))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(sqlite_error)?;
+        let rows = decoded(rows)?;
+        let (plan, pool_before, parked) = match job {
+            Job::Batch(commands) => {
+                let pool_rows =
+                    pools::pool_rows(&mut SqlitePoolReads(&mut tx), commands, &rows).await?;
+                let mut candidates = if offered.is_empty() {
+                    claims::Candidates::Selected
+                } else {
+                    claims::Candidates::Offered
+                };
+                let plan = loop {
+                    let rows_for_claims = claims::claim_rows(
+                        &mut SqliteClaimReads(&mut tx),
+                        commands,
+                        Dialect::Sqlite,
+                        candidates,
+                    )
+                    .await?;
+                    let plan = batch::plan_full(
+                        rows.clone(),
+                        rows_for_claims,
+                        pool_rows.clone(),
+                        commands,
+                        now,
+                    );
+                    if candidates == claims::Candidates::Offered && plan.claim_unserved() {
+                        candidates = claims::Candidates::Selected;
+                        continue;
+                    }
+                    break plan;
+                };
+                (plan, None, None)
+            }
+            Job::Pool(command) => {
+                let pool_rows =
+                    pools::pool_command_rows(&mut SqlitePoolReads(&mut tx), command).await?;
+                let before = pool_rows.states.get(command.pool()).cloned();
+                let (plan, parked) = batch::plan_pool(pool_rows, command, now)?;
+                (plan, Some(before), parked)
+            }
+        };
+
+        let count = plan.transition_count() as i64;
+        let base: i64 = if count > 0 {
+            sqlx::query_scalar(
+                "UPDATE revision_head SET head_revision = head_revision + ?1
+                 WHERE singleton = 1
+                 RETURNING head_revision - ?1",
+            )
+            .bind(count)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(sqlite_error)?
+        } else {
+            0
+        };
+        let (writes, outcomes) = plan.finish(base);
+        let nothing = writes.changed.is_empty()
+            && writes.transitions.is_empty()
+            && writes.deleted.is_empty()
+            && writes.pools.is_empty();
+        if nothing {
+            // Every command refused or a no-op: nothing to write; free the writer.
+            tx.rollback().await.map_err(sqlite_error)?;
+        } else {
+            if !writes.transitions.is_empty() {
+                sqlx::query(INSERT_TRANSITIONS)
+                    .bind(transitions_json(&writes.transitions))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(sqlite_error)?;
+            }
+            if !writes.changed.is_empty() {
+                sqlx::query(UPSERT_AGENTS)
+                    .bind(agents_json(&writes.changed)?)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(sqlite_error)?;
+            }
+            if !writes.claims.is_empty() {
+                sqlx::query(INSERT_CLAIMS)
+                    .bind(claims_json(&writes.claims))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(sqlite_error)?;
+            }
+            if !writes.deleted.is_empty() {
+                let deleted: Vec<&str> = writes.deleted.iter().map(String::as_str).collect();
+                sqlx::query(
+                    "DELETE FROM agents WHERE agent_id IN (SELECT value FROM json_each(?1))",
+                )
+                .bind(json_list(&deleted))
+                .execute(&mut *tx)
+                .await
+                .map_err(sqlite_error)?;
+            }
+            if !writes.pools.is_empty() {
+                let rows: Vec<serde_json::Value> = writes
+                    .pools
+                    .iter()
+                    .map(|(name, state)| json!({"name": name.as_str(), "state": pools::pool_json(state)}))
+                    .collect();
+                sqlx::query(
+                    "INSERT INTO quota_pools (name, state, updated_at)
+                     SELECT value ->> 'name', value ->> 'state', ?2 FROM json_each(?1) WHERE true
+                     ON CONFLICT (name) DO UPDATE SET state = excluded.state,
+                                                      updated_at = excluded.updated_at",
+                )
+                .bind(serde_json::Value::Array(rows).to_string())
+                .bind(micros(now))
+                .execute(&mut *tx)
+                .await
+                .map_err(sqlite_error)?;
+            }
+            tx.commit().await.map_err(sqlite_error)?;
+            if count > 0 {
+                self.tick_changes();
+            }
+        }
+        let committed = match (job, pool_before) {
+            (Job::Pool(command), Some(before)) => {
+                Some(pools::committed(command.pool(), before, parked, writes))
+            }
+            _ => None,
+        };
+        Ok((outcomes, committed))
+    }
+}
+
+/// The pool reads of a batch, on the one writer's transaction.
+struct SqlitePoolReads<'t, 'c>(&'t mut Transaction<'c, Sqlite>);
+
+#[async_trait]
+impl PoolReads for SqlitePoolReads<'_, '_> {
+    async fn pool_states(
+        &mut self,
+        names: &[&str],
+        _create: &[&str],
+    ) -> Result<Vec<(String, String)>> {
+        // One writer: nobody parks a pool meanwhile, no row is needed first.
+        sqlx::query_as(
+            "SELECT name, state FROM quota_pools
+             WHERE name IN (SELECT value FROM json_each(?1)) ORDER BY name",
+        )
+        .bind(json_list(names))
+        .fetch_all(&mut **self.0)
+        .await
+        .map_err(sqlite_error)
+    }
+
+    async fn members(&mut self, pool: &str, except: &[&str]) -> Result<Vec<Agent>> {
+        let rows: Vec<AgentRow> = sqlx::query_as(&format!(
+            "SELECT {AGENT_COLUMNS} FROM agents
+             WHERE (EXISTS (SELECT 1 FROM json_each(agents.quota_pools) WHERE value = ?1)
+                    OR json_type(pool_holds, '$.pools.\"' || ?1 || '\"') IS NOT NULL)
+               AND agent_id NOT IN (SELECT value FROM json_each(?2))
+             ORDER BY agent_id"
+        ))
+        .bind(pool)
+        .bind(json_list(except))
+        .fetch_all(&mut **self.0)
+        .await
+        .map_err(sqlite_error)?;
+        decoded(rows)
+    }
+}
 
 /// The claim reads of a batch, on its transaction (the one writer's: what
 /// it reads nobody else changes until it commits).
@@ -361,107 +583,55 @@ impl AgentTxs for SqliteStore {
         known: Option<Vec<Agent>>,
         now: DateTime<Utc>,
     ) -> Result<Outcomes> {
-        let mut ids = batch::agent_ids(commands);
-        // The candidates the server offered its claims from memory (the
-        // known agents the batch does not name): read here by key, in the
-        // transaction, and decided on as stored, instead of a selection
-        // read; a claim they cannot serve is decided again on one.
-        let offered: Vec<&str> = match &known {
-            Some(known) if batch::claim_requests(commands).next().is_some() => known
-                .iter()
-                .map(|a| a.agent_id.as_str())
-                .filter(|id| !ids.contains(id))
-                .collect(),
-            _ => Vec::new(),
-        };
-        ids.extend(&offered);
-        // The write lock from here to commit: nobody else writes meanwhile.
-        let mut tx = SqliteStore::begin_write(self).await?;
+        let (outcomes, _) = self.write_job(Job::Batch(commands), known, now).await?;
+        Ok(outcomes)
+    }
+
+    async fn write_pool(
+        &self,
+        command: &batch::PoolCommand,
+        now: DateTime<Utc>,
+    ) -> Result<PoolCommitted> {
+        match self.write_job(Job::Pool(command), None, now).await? {
+            (_, Some(committed)) => Ok(committed),
+            (_, None) => Err(Error::Internal("pool command answered nothing".into())),
+        }
+    }
+
+    async fn pool_rows_all(&self) -> Result<Vec<(String, String)>> {
+        sqlx::query_as("SELECT name, state FROM quota_pools ORDER BY name")
+            .fetch_all(self.readers())
+            .await
+            .map_err(sqlite_error)
+    }
+
+    async fn pool_counts(&self) -> Result<Vec<(String, String, i64, i64)>> {
+        // Pool names never hold a double quote: a quoted JSON path key is safe.
+        sqlx::query_as(
+            "SELECT p.value, a.status, count(*),
+                    sum(json_type(a.pool_holds, '$.pools.\"' || p.value || '\"') IS NOT NULL
+                        AND json_type(a.pool_holds,
+                                      '$.pools.\"' || p.value || '\".released_at') IS NULL)
+             FROM agents a, json_each(a.quota_pools) AS p
+             GROUP BY p.value, a.status ORDER BY p.value, a.status",
+        )
+        .fetch_all(self.readers())
+        .await
+        .map_err(sqlite_error)
+    }
+
+    async fn pool_agents_of(&self, pool: &str) -> Result<Vec<Agent>> {
         let rows: Vec<AgentRow> = sqlx::query_as(&format!(
             "SELECT {AGENT_COLUMNS} FROM agents
-             WHERE agent_id IN (SELECT value FROM json_each(?1))
+             WHERE EXISTS (SELECT 1 FROM json_each(agents.quota_pools) WHERE value = ?1)
+                OR json_type(pool_holds, '$.pools.\"' || ?1 || '\"') IS NOT NULL
              ORDER BY agent_id"
         ))
-        .bind(json_list(&ids))
-        .fetch_all(&mut *tx)
+        .bind(pool)
+        .fetch_all(self.readers())
         .await
         .map_err(sqlite_error)?;
-        let rows = decoded(rows)?;
-        let mut candidates = if offered.is_empty() {
-            claims::Candidates::Selected
-        } else {
-            claims::Candidates::Offered
-        };
-        let plan = loop {
-            let rows_for_claims = claims::claim_rows(
-                &mut SqliteClaimReads(&mut tx),
-                commands,
-                Dialect::Sqlite,
-                candidates,
-            )
-            .await?;
-            let plan = batch::plan_with(rows.clone(), rows_for_claims, commands, now);
-            if candidates == claims::Candidates::Offered && plan.claim_unserved() {
-                candidates = claims::Candidates::Selected;
-                continue;
-            }
-            break plan;
-        };
-
-        let count = plan.transition_count() as i64;
-        let base: i64 = if count > 0 {
-            sqlx::query_scalar(
-                "UPDATE revision_head SET head_revision = head_revision + ?1
-                 WHERE singleton = 1
-                 RETURNING head_revision - ?1",
-            )
-            .bind(count)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(sqlite_error)?
-        } else {
-            0
-        };
-        let (writes, outcomes) = plan.finish(base);
-        if writes.changed.is_empty() && writes.transitions.is_empty() && writes.deleted.is_empty() {
-            // Every command refused or a no-op: nothing to write; free the writer.
-            tx.rollback().await.map_err(sqlite_error)?;
-            return Ok(outcomes);
-        }
-        if !writes.transitions.is_empty() {
-            sqlx::query(INSERT_TRANSITIONS)
-                .bind(transitions_json(&writes.transitions))
-                .execute(&mut *tx)
-                .await
-                .map_err(sqlite_error)?;
-        }
-        if !writes.changed.is_empty() {
-            sqlx::query(UPSERT_AGENTS)
-                .bind(agents_json(&writes.changed)?)
-                .execute(&mut *tx)
-                .await
-                .map_err(sqlite_error)?;
-        }
-        if !writes.claims.is_empty() {
-            sqlx::query(INSERT_CLAIMS)
-                .bind(claims_json(&writes.claims))
-                .execute(&mut *tx)
-                .await
-                .map_err(sqlite_error)?;
-        }
-        if !writes.deleted.is_empty() {
-            let deleted: Vec<&str> = writes.deleted.iter().map(String::as_str).collect();
-            sqlx::query("DELETE FROM agents WHERE agent_id IN (SELECT value FROM json_each(?1))")
-                .bind(json_list(&deleted))
-                .execute(&mut *tx)
-                .await
-                .map_err(sqlite_error)?;
-        }
-        tx.commit().await.map_err(sqlite_error)?;
-        if count > 0 {
-            self.tick_changes();
-        }
-        Ok(outcomes)
+        decoded(rows)
     }
 
     async fn agent(&self, agent_id: &str) -> Result<Option<Agent>> {
@@ -525,6 +695,7 @@ impl AgentTxs for SqliteStore {
              SELECT agent_id FROM (
                  SELECT agent_id FROM agents
                  WHERE status IN (SELECT value FROM json_each(?3)) AND recovery_at <= ?4
+                   AND NOT pool_held
                  ORDER BY recovery_at LIMIT ?5)
              UNION
              SELECT agent_id FROM (
