@@ -60,6 +60,8 @@ class TransitionCause(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRANSITION_CAUSE_CLAIM_EXPIRED: _ClassVar[TransitionCause]
     TRANSITION_CAUSE_DELETED: _ClassVar[TransitionCause]
     TRANSITION_CAUSE_EXPIRED: _ClassVar[TransitionCause]
+    TRANSITION_CAUSE_POOL_EXHAUSTED: _ClassVar[TransitionCause]
+    TRANSITION_CAUSE_POOL_RELEASED: _ClassVar[TransitionCause]
 
 class QuotaWindow(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -105,6 +107,8 @@ TRANSITION_CAUSE_CLAIM_RELEASED: TransitionCause
 TRANSITION_CAUSE_CLAIM_EXPIRED: TransitionCause
 TRANSITION_CAUSE_DELETED: TransitionCause
 TRANSITION_CAUSE_EXPIRED: TransitionCause
+TRANSITION_CAUSE_POOL_EXHAUSTED: TransitionCause
+TRANSITION_CAUSE_POOL_RELEASED: TransitionCause
 QUOTA_WINDOW_UNSPECIFIED: QuotaWindow
 QUOTA_WINDOW_FIVE_HOUR: QuotaWindow
 QUOTA_WINDOW_WEEKLY: QuotaWindow
@@ -114,7 +118,7 @@ QUOTA_WINDOW_BILLING: QuotaWindow
 QUOTA_WINDOW_OTHER: QuotaWindow
 
 class Agent(_message.Message):
-    __slots__ = ("agent_id", "status", "labels", "registered_at", "last_heartbeat_at", "last_transition_at", "revision", "exhaustion_reason", "recovery_at", "recovery_source", "recovery_hint", "schedulable", "cordon_reason", "claim", "quota_pools")
+    __slots__ = ("agent_id", "status", "labels", "registered_at", "last_heartbeat_at", "last_transition_at", "revision", "exhaustion_reason", "recovery_at", "recovery_source", "recovery_hint", "schedulable", "cordon_reason", "claim", "quota_pools", "held_by_pools")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +141,7 @@ class Agent(_message.Message):
     CORDON_REASON_FIELD_NUMBER: _ClassVar[int]
     CLAIM_FIELD_NUMBER: _ClassVar[int]
     QUOTA_POOLS_FIELD_NUMBER: _ClassVar[int]
+    HELD_BY_POOLS_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     status: AgentStatus
     labels: _containers.ScalarMap[str, str]
@@ -152,7 +157,8 @@ class Agent(_message.Message):
     cordon_reason: str
     claim: Claim
     quota_pools: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, agent_id: _Optional[str] = ..., status: _Optional[_Union[AgentStatus, str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_transition_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revision: _Optional[int] = ..., exhaustion_reason: _Optional[_Union[ExhaustionReason, str]] = ..., recovery_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., recovery_source: _Optional[_Union[RecoverySource, str]] = ..., recovery_hint: _Optional[str] = ..., schedulable: bool = ..., cordon_reason: _Optional[str] = ..., claim: _Optional[_Union[Claim, _Mapping]] = ..., quota_pools: _Optional[_Iterable[str]] = ...) -> None: ...
+    held_by_pools: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, agent_id: _Optional[str] = ..., status: _Optional[_Union[AgentStatus, str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_transition_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revision: _Optional[int] = ..., exhaustion_reason: _Optional[_Union[ExhaustionReason, str]] = ..., recovery_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., recovery_source: _Optional[_Union[RecoverySource, str]] = ..., recovery_hint: _Optional[str] = ..., schedulable: bool = ..., cordon_reason: _Optional[str] = ..., claim: _Optional[_Union[Claim, _Mapping]] = ..., quota_pools: _Optional[_Iterable[str]] = ..., held_by_pools: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Claim(_message.Message):
     __slots__ = ("claim_id", "agent_id", "fencing_token", "slot_type", "holder", "claimed_at", "lease_expires_at", "request_id")
@@ -175,7 +181,7 @@ class Claim(_message.Message):
     def __init__(self, claim_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., fencing_token: _Optional[int] = ..., slot_type: _Optional[_Union[SlotType, str]] = ..., holder: _Optional[str] = ..., claimed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class Transition(_message.Message):
-    __slots__ = ("revision", "agent_id", "from_status", "to_status", "cause", "occurred_at", "exhaustion_reason", "recovery_at", "actor")
+    __slots__ = ("revision", "agent_id", "from_status", "to_status", "cause", "occurred_at", "exhaustion_reason", "recovery_at", "actor", "quota_pool")
     REVISION_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     FROM_STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -185,6 +191,7 @@ class Transition(_message.Message):
     EXHAUSTION_REASON_FIELD_NUMBER: _ClassVar[int]
     RECOVERY_AT_FIELD_NUMBER: _ClassVar[int]
     ACTOR_FIELD_NUMBER: _ClassVar[int]
+    QUOTA_POOL_FIELD_NUMBER: _ClassVar[int]
     revision: int
     agent_id: str
     from_status: AgentStatus
@@ -194,7 +201,8 @@ class Transition(_message.Message):
     exhaustion_reason: ExhaustionReason
     recovery_at: _timestamp_pb2.Timestamp
     actor: str
-    def __init__(self, revision: _Optional[int] = ..., agent_id: _Optional[str] = ..., from_status: _Optional[_Union[AgentStatus, str]] = ..., to_status: _Optional[_Union[AgentStatus, str]] = ..., cause: _Optional[_Union[TransitionCause, str]] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., exhaustion_reason: _Optional[_Union[ExhaustionReason, str]] = ..., recovery_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., actor: _Optional[str] = ...) -> None: ...
+    quota_pool: str
+    def __init__(self, revision: _Optional[int] = ..., agent_id: _Optional[str] = ..., from_status: _Optional[_Union[AgentStatus, str]] = ..., to_status: _Optional[_Union[AgentStatus, str]] = ..., cause: _Optional[_Union[TransitionCause, str]] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., exhaustion_reason: _Optional[_Union[ExhaustionReason, str]] = ..., recovery_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., actor: _Optional[str] = ..., quota_pool: _Optional[str] = ...) -> None: ...
 
 class RegisterAgentRequest(_message.Message):
     __slots__ = ("agent_id", "labels", "quota_pools")
@@ -317,7 +325,7 @@ class Header(_message.Message):
     def __init__(self, name: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
 
 class ReportExhaustedRequest(_message.Message):
-    __slots__ = ("agent_id", "reason", "recovery_at", "headers", "message", "time_zone", "fencing_token")
+    __slots__ = ("agent_id", "reason", "recovery_at", "headers", "message", "time_zone", "fencing_token", "quota_pool", "window")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     RECOVERY_AT_FIELD_NUMBER: _ClassVar[int]
@@ -325,6 +333,8 @@ class ReportExhaustedRequest(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     TIME_ZONE_FIELD_NUMBER: _ClassVar[int]
     FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    QUOTA_POOL_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     reason: ExhaustionReason
     recovery_at: _timestamp_pb2.Timestamp
@@ -332,7 +342,9 @@ class ReportExhaustedRequest(_message.Message):
     message: str
     time_zone: str
     fencing_token: int
-    def __init__(self, agent_id: _Optional[str] = ..., reason: _Optional[_Union[ExhaustionReason, str]] = ..., recovery_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., message: _Optional[str] = ..., time_zone: _Optional[str] = ..., fencing_token: _Optional[int] = ...) -> None: ...
+    quota_pool: str
+    window: QuotaWindow
+    def __init__(self, agent_id: _Optional[str] = ..., reason: _Optional[_Union[ExhaustionReason, str]] = ..., recovery_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., message: _Optional[str] = ..., time_zone: _Optional[str] = ..., fencing_token: _Optional[int] = ..., quota_pool: _Optional[str] = ..., window: _Optional[_Union[QuotaWindow, str]] = ...) -> None: ...
 
 class ReportExhaustedResponse(_message.Message):
     __slots__ = ("agent", "transition")
