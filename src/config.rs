@@ -158,6 +158,22 @@ pub struct ServeArgs {
     #[arg(long, env = "FLEETCARE_OFFLINE_AGENT_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
     pub offline_agent_retention: Duration,
 
+    /// When a parked quota pool lifts, how long its other members wait for
+    /// the canary (the member released first) to complete a work slot before
+    /// they follow anyway (0 to 1h).
+    #[arg(long, env = "FLEETCARE_POOL_CANARY_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub pool_canary_timeout: Duration,
+
+    /// A lifted pool's members after the canary are released over this long,
+    /// each at an offset derived from its id and the pool's deadline (0 to 1h).
+    #[arg(long, env = "FLEETCARE_POOL_RELEASE_SPREAD", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub pool_release_spread: Duration,
+
+    /// At most this many members of one pool are released in any second
+    /// (1 to 1000).
+    #[arg(long, env = "FLEETCARE_POOL_RELEASE_RATE", default_value_t = 10)]
+    pub pool_release_rate: u32,
+
     /// The longest lease a ClaimAgent or RenewClaim may ask for (at least 1 s).
     #[arg(long, env = "FLEETCARE_MAX_CLAIM_LEASE", default_value = "1h", value_parser = humantime::parse_duration)]
     pub max_claim_lease: Duration,
@@ -464,6 +480,16 @@ impl ServeArgs {
     }
 
     /// Rejects settings that would make the server misbehave rather than fail.
+    /// The quota pools' release settings (`--pool-canary-timeout`,
+    /// `--pool-release-spread`, `--pool-release-rate`), each checked.
+    pub fn pool_release(&self) -> Result<crate::domain::quota::ReleaseSettings, String> {
+        crate::domain::quota::ReleaseSettings::new(
+            chrono_duration("--pool-canary-timeout", self.pool_canary_timeout)?,
+            chrono_duration("--pool-release-spread", self.pool_release_spread)?,
+            self.pool_release_rate,
+        )
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         let positive = [
             ("--heartbeat-timeout", self.heartbeat_timeout),
@@ -543,6 +569,7 @@ impl ServeArgs {
         for (flag, value) in durations {
             chrono_duration(flag, value)?;
         }
+        self.pool_release()?;
 
         for (flag, value) in [
             ("--recovery-lease", h.recovery_lease),

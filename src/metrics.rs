@@ -51,6 +51,11 @@ pub struct StatusLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WindowLabel {
+    pub window: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: &'static str,
 }
@@ -126,6 +131,10 @@ pub struct Metrics {
     pub commit_duration: Histogram,
     pub sweeper_runs: Counter,
     pub sweeper_changes: Counter,
+    /// Members let go by their quota pool's staggered release.
+    pub pool_releases: Counter,
+    pools_parked: Family<WindowLabel, Gauge>,
+    pool_members_held: Gauge,
     pub pipeline_runs: Family<ProcessorLabels, Counter>,
     pub pipeline_sessions: Family<ProcessorLabels, Counter>,
     pub healing_plans: Family<StrategyLabel, Counter>,
@@ -217,6 +226,24 @@ impl Metrics {
             "sweeper_changes",
             "Agents the sweeper moved (OFFLINE on silence, or recovered)",
             sweeper_changes.clone(),
+        );
+        let pool_releases = Counter::default();
+        registry.register(
+            "quota_pool_releases",
+            "Members released by their quota pool's staggered release",
+            pool_releases.clone(),
+        );
+        let pools_parked = Family::<WindowLabel, Gauge>::default();
+        registry.register(
+            "quota_pools_parked",
+            "Quota pools parked, by window in force (a pool parked for two windows counts in both)",
+            pools_parked.clone(),
+        );
+        let pool_members_held = Gauge::default();
+        registry.register(
+            "quota_pool_members_held",
+            "Agents a quota pool holds (parked, not yet released)",
+            pool_members_held.clone(),
         );
         let pipeline_runs = Family::<ProcessorLabels, Counter>::default();
         registry.register(
@@ -327,6 +354,9 @@ impl Metrics {
             commit_duration,
             sweeper_runs,
             sweeper_changes,
+            pool_releases,
+            pools_parked,
+            pool_members_held,
             pipeline_runs,
             pipeline_sessions,
             healing_plans,
@@ -478,6 +508,29 @@ impl Metrics {
             // The last values stay; the store's health has its own probe.
             Ok(Err(error)) => tracing::debug!(%error, "metrics: cannot count agents"),
             Err(_) => tracing::debug!("metrics: counting agents timed out"),
+        }
+        let now = chrono::Utc::now();
+        if let Ok(Ok(pools)) =
+            tokio::time::timeout(SCRAPE_STORE_TIMEOUT, store.quota_pool_states()).await
+        {
+            for window in crate::domain::quota::Window::ALL {
+                let parked = pools
+                    .iter()
+                    .filter(|(_, s)| s.windows.get(&window).is_some_and(|w| w.until > now))
+                    .count();
+                self.pools_parked
+                    .get_or_create(&WindowLabel {
+                        window: window.as_str(),
+                    })
+                    .set(parked as i64);
+            }
+        }
+        if let Ok(Ok(members)) =
+            tokio::time::timeout(SCRAPE_STORE_TIMEOUT, store.quota_pool_members()).await
+        {
+            // An agent in two pools both holding it counts once per pool.
+            self.pool_members_held
+                .set(members.iter().map(|m| m.held).sum());
         }
     }
 }

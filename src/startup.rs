@@ -28,6 +28,7 @@ use crate::grpc::dispatch::{DispatchApi, DispatchSettings};
 use crate::grpc::guard::{Admission, Gate};
 use crate::grpc::healing::{HealingApi, HealingSettings, PostHealingApi, shared_rng};
 use crate::grpc::metrics::MetricsLayer;
+use crate::grpc::quota::QuotaApi;
 use crate::grpc::session_pipeline::SessionPipelineApi;
 use crate::grpc::watch_route::WatchRoute;
 use crate::http::{Apis, Dashboard};
@@ -37,6 +38,7 @@ use crate::proto::v1::agent_status_service_server::AgentStatusServiceServer;
 use crate::proto::v1::dispatch_service_server::DispatchServiceServer;
 use crate::proto::v1::healing_service_server::HealingServiceServer;
 use crate::proto::v1::post_healing_service_server::PostHealingServiceServer;
+use crate::proto::v1::quota_service_server::QuotaServiceServer;
 use crate::proto::v1::session_pipeline_service_server::SessionPipelineServiceServer;
 use crate::runtime::agent_cache::AgentCache;
 use crate::runtime::agents::AgentWrites;
@@ -332,7 +334,8 @@ impl Application {
             .add_service(gates.healing)
             .add_service(gates.post_healing)
             .add_service(gates.session_pipeline)
-            .add_service(gates.dispatch);
+            .add_service(gates.dispatch)
+            .add_service(gates.quota);
         // TLS, when configured, is terminated on the accepted connections (see
         // `tls`): handshakes in tasks of their own, within each connection's
         // slot, certificates reloaded without a restart.
@@ -406,6 +409,7 @@ struct Gates {
     post_healing: Gate<PostHealingServiceServer<PostHealingApi>>,
     session_pipeline: Gate<SessionPipelineServiceServer<SessionPipelineApi>>,
     dispatch: Gate<DispatchServiceServer<DispatchApi>>,
+    quota: Gate<QuotaServiceServer<QuotaApi>>,
 }
 
 /// Opens the store (unless it was opened already), starts the services on
@@ -565,6 +569,7 @@ async fn start_services(
                 args.offline_agent_retention,
             )
             .map_err(Error::InvalidArgument)?,
+            pool_release: args.pool_release().map_err(Error::InvalidArgument)?,
         },
         metrics.clone(),
         shutdown.child_token(),
@@ -595,6 +600,11 @@ async fn start_services(
             .map_err(|_| Error::invalid("--default-billing-recovery is too large"))?,
         watch_progress_interval: args.watch_progress_interval,
     };
+    let quota = QuotaApi::new(
+        writes.clone(),
+        guard.clone(),
+        args.pool_release().map_err(Error::InvalidArgument)?,
+    );
     let dispatch = DispatchApi::new(
         agents.clone(),
         writes.clone(),
@@ -671,6 +681,7 @@ async fn start_services(
     let healing = Arc::new(healing);
     let session_pipeline = Arc::new(session_pipeline);
     let dispatch = Arc::new(dispatch);
+    let quota = Arc::new(quota);
     // The dashboard's API calls the same service implementations.
     dashboard.open(Apis {
         agents: agent_status.clone(),
@@ -703,6 +714,11 @@ async fn start_services(
     );
     gates.dispatch.open(
         DispatchServiceServer::from_arc(dispatch)
+            .max_decoding_message_size(size)
+            .max_encoding_message_size(size),
+    );
+    gates.quota.open(
+        QuotaServiceServer::from_arc(quota.clone())
             .max_decoding_message_size(size)
             .max_encoding_message_size(size),
     );

@@ -109,6 +109,11 @@ pub enum Action {
     ReleaseClaim,
     ListClaims,
     DeleteAgent,
+    // fleetcare.v1.QuotaService
+    ListQuotaPools,
+    GetQuotaPool,
+    ParkPool,
+    ReleasePool,
 }
 
 /// Who may call an action.
@@ -129,7 +134,7 @@ enum Rule {
 }
 
 impl Action {
-    pub const ALL: [Action; 36] = [
+    pub const ALL: [Action; 40] = [
         Action::RegisterAgent,
         Action::GetAgent,
         Action::ListAgents,
@@ -166,6 +171,10 @@ impl Action {
         Action::ReleaseClaim,
         Action::ListClaims,
         Action::DeleteAgent,
+        Action::ListQuotaPools,
+        Action::GetQuotaPool,
+        Action::ParkPool,
+        Action::ReleasePool,
     ];
 
     /// The RPC's name, as a refusal names it.
@@ -207,6 +216,10 @@ impl Action {
             Action::ReleaseClaim => "ReleaseClaim",
             Action::ListClaims => "ListClaims",
             Action::DeleteAgent => "DeleteAgent",
+            Action::ListQuotaPools => "ListQuotaPools",
+            Action::GetQuotaPool => "GetQuotaPool",
+            Action::ParkPool => "ParkPool",
+            Action::ReleasePool => "ReleasePool",
         }
     }
 
@@ -248,11 +261,18 @@ impl Action {
             | Action::ListSessionStates
             | Action::GetUsage
             | Action::ListRuns
-            | Action::ListClaims => Rule::Read { agent: false },
+            | Action::ListClaims
+            | Action::ListQuotaPools
+            | Action::GetQuotaPool => Rule::Read { agent: false },
+            // Parking or releasing a whole pool steers every member at once:
+            // operators only (a scheduler claims agents; it does not decide
+            // that a provider's limit was hit or lifted).
             Action::EvaluatePost
             | Action::RecordActionOutcome
             | Action::RunProcessor
-            | Action::RetrySession => Rule::Operator,
+            | Action::RetrySession
+            | Action::ParkPool
+            | Action::ReleasePool => Rule::Operator,
         }
     }
 }
@@ -636,6 +656,8 @@ mod tests {
             GetUsage,
             ListRuns,
             ListClaims,
+            ListQuotaPools,
+            GetQuotaPool,
         ];
         let agent_writes = [
             RegisterAgent,

@@ -1000,6 +1000,65 @@ impl PoolState {
     }
 }
 
+/// Where a pool is in its life, as operators see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// No window in force and nobody held: members take work.
+    Open,
+    /// A window is in force.
+    Parked,
+    /// The last window lifted; members are still being released.
+    Releasing,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Open => "OPEN",
+            Phase::Parked => "PARKED",
+            Phase::Releasing => "RELEASING",
+        }
+    }
+}
+
+impl PoolState {
+    /// The pool's phase at `now`, `held` of its members still held.
+    pub fn phase(&self, held: i64, now: DateTime<Utc>) -> Phase {
+        if self.is_parked(now) {
+            Phase::Parked
+        } else if held > 0 {
+            Phase::Releasing
+        } else {
+            Phase::Open
+        }
+    }
+
+    /// When the release next lets a member go, at `now`: the canary at once
+    /// once the pool lifted, then the first member not yet released (`None`:
+    /// parked, or nobody left).
+    pub fn next_release(
+        &self,
+        members: &[HeldMember],
+        settings: &ReleaseSettings,
+        now: DateTime<Utc>,
+    ) -> Option<DateTime<Utc>> {
+        let schedule = release_schedule(self, members, settings, now)?;
+        if self.canary.is_none() {
+            return schedule.canary.map(|_| now);
+        }
+        let released: BTreeSet<&str> = members
+            .iter()
+            .filter(|m| m.released_at.is_some())
+            .map(|m| m.agent_id.as_str())
+            .collect();
+        schedule
+            .releases
+            .iter()
+            .find(|(id, _)| !released.contains(id.as_str()))
+            .map(|(_, at)| (*at).max(now))
+    }
+}
+
 /// An operator's `until` for `ParkPool`: no further ahead of the server's
 /// clock than an inferred recovery may be (`recovery::max_recovery_delay`),
 /// refused naming the field; a past time is fine (it lifts the window).

@@ -10,6 +10,7 @@ pub mod dispatch;
 pub mod guard;
 pub mod healing;
 pub mod metrics;
+pub mod quota;
 pub mod session_pipeline;
 pub mod status;
 pub mod trace;

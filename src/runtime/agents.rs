@@ -55,6 +55,19 @@ impl AgentWrites {
         self.committer.submit(command).await
     }
 
+    /// Commits one pool command (`ParkPool`, `ReleasePool`).
+    pub async fn commit_pool(
+        &self,
+        command: &crate::domain::batch::PoolCommand,
+    ) -> Result<crate::storage::quota::PoolCommitted> {
+        self.committer.commit_pool(command).await
+    }
+
+    /// The store this writes to (for the reads that go with a write).
+    pub fn store(&self) -> &Arc<dyn AgentStore> {
+        &self.store
+    }
+
     /// Applies `event` to the agent on behalf of `actor`.
     pub async fn apply(&self, agent_id: String, event: Event, actor: &str) -> Result<Applied> {
         self.committer

@@ -34,13 +34,14 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinError, JoinHandle};
 use tracing::Instrument;
 
-use crate::domain::batch::{self, Applied, Command, Refusal};
+use crate::domain::batch::{self, Applied, Command, PoolCommand, Refusal};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::runtime::agent_cache::AgentCache;
 use crate::runtime::clock::Clock;
 use crate::runtime::fanout::LocalCommits;
 use crate::storage::AgentStore;
+use crate::storage::quota::PoolCommitted;
 
 /// Calls queued beyond this wait for room (back-pressure on the callers).
 const QUEUE: usize = 8192;
@@ -57,6 +58,16 @@ struct Pending {
 #[derive(Clone)]
 pub struct Committer {
     queue: mpsc::Sender<Pending>,
+    /// For pool commands, committed on their own (see [`Committer::commit_pool`]).
+    direct: Arc<Direct>,
+}
+
+/// What a pool command's commit needs: the store, the clock, and where its
+/// outcome goes.
+struct Direct {
+    store: Arc<dyn AgentStore>,
+    clock: Clock,
+    sinks: Sinks,
 }
 
 impl Committer {
@@ -91,6 +102,11 @@ impl Committer {
             metrics,
             publish,
         };
+        let direct = Arc::new(Direct {
+            store: store.clone(),
+            clock: clock.clone(),
+            sinks: sinks.clone(),
+        });
         let run = Run {
             store,
             clock,
@@ -99,7 +115,18 @@ impl Committer {
             depth: depth.max(1),
         };
         tokio::spawn(run.run(rx));
-        Committer { queue }
+        Committer { queue, direct }
+    }
+
+    /// Commits one pool command (`ParkPool`, `ReleasePool`, a release that
+    /// settled) in a transaction of its own, beside the batches (it names no
+    /// agent; the store locks the pool's row and members), and hands what it
+    /// changed to the cache, the metrics and the fan-out as a batch's.
+    pub async fn commit_pool(&self, command: &PoolCommand) -> Result<PoolCommitted> {
+        let d = &self.direct;
+        let committed = d.store.commit_pool(command, d.clock.now()).await?;
+        d.sinks.pool_committed(&committed);
+        Ok(committed)
     }
 
     /// Applies one command; returns once it is committed (or refused).
@@ -122,6 +149,7 @@ fn stopped() -> Error {
 }
 
 /// Where a committed outcome goes besides its caller.
+#[derive(Clone)]
 struct Sinks {
     cache: Arc<AgentCache>,
     metrics: Arc<Metrics>,
@@ -129,6 +157,20 @@ struct Sinks {
 }
 
 impl Sinks {
+    /// A pool command's changes: its members cached, its transitions counted
+    /// and published.
+    fn pool_committed(&self, committed: &PoolCommitted) {
+        for agent in &committed.agents {
+            self.cache.committed(agent);
+        }
+        for t in &committed.transitions {
+            self.metrics.transition(t.cause, t.to);
+        }
+        if let Some(publish) = &self.publish {
+            publish.publish(committed.transitions.clone());
+        }
+    }
+
     /// Records committed outcomes (in revision order) and publishes their transitions.
     fn committed<'a>(&self, outcomes: impl IntoIterator<Item = &'a Applied>) {
         let mut transitions = Vec::new();

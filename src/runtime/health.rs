@@ -39,6 +39,7 @@ pub fn service_names() -> Vec<&'static str> {
         pb::post_healing_service_server::SERVICE_NAME,
         pb::session_pipeline_service_server::SERVICE_NAME,
         pb::dispatch_service_server::SERVICE_NAME,
+        pb::quota_service_server::SERVICE_NAME,
     ]
 }
 

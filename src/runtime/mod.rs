@@ -13,5 +13,6 @@ pub mod fanout;
 pub mod health;
 pub mod heartbeats;
 pub mod pipeline;
+pub mod pools;
 pub mod sweeper;
 pub mod watch;

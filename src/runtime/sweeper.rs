@@ -31,6 +31,8 @@ pub struct SweeperConfig {
     pub transition_retention: Duration,
     /// `--offline-agent-retention` (zero: agents are kept).
     pub offline_agent_retention: chrono::Duration,
+    /// How lifted quota pools release their members (`runtime::pools`).
+    pub pool_release: crate::domain::quota::ReleaseSettings,
 }
 
 pub fn spawn(
@@ -97,6 +99,14 @@ async fn run(
                 metrics.sweeper_changes.inc_by(changed as u64);
             }
             Err(error) => tracing::warn!(%error, "sweep failed"),
+        }
+        match crate::runtime::pools::release_once(&*store, &committer, &clock, &config.pool_release)
+            .await
+        {
+            Ok(released) => {
+                metrics.pool_releases.inc_by(released as u64);
+            }
+            Err(error) => tracing::warn!(%error, "quota pool release failed"),
         }
         if Instant::now() >= next_prune {
             next_prune = Instant::now() + prune_every;

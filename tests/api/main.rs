@@ -22,6 +22,7 @@ mod limits;
 mod metrics;
 mod outage;
 mod pipeline;
+mod pools;
 mod post_healing;
 mod recovery;
 mod runs;

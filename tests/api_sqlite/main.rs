@@ -35,6 +35,8 @@ mod limits;
 mod metrics;
 #[path = "../api/pipeline.rs"]
 mod pipeline;
+#[path = "../api/pools.rs"]
+mod pools;
 #[path = "../api/post_healing.rs"]
 mod post_healing;
 #[path = "../api/recovery.rs"]
