@@ -98,6 +98,9 @@ pub struct AgentView {
     /// The quota pools it shares limits with; absent when none.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub quota_pools: Vec<String>,
+    /// The quota pools holding it parked; absent when none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub held_by_pools: Vec<String>,
 }
 
 impl From<&pb::Agent> for AgentView {
@@ -134,6 +137,7 @@ impl From<&pb::Agent> for AgentView {
             cordon_reason: (!a.schedulable).then(|| a.cordon_reason.clone()),
             claim: a.claim.as_ref().map(ClaimView::from),
             quota_pools: a.quota_pools.clone(),
+            held_by_pools: a.held_by_pools.clone(),
         }
     }
 }
@@ -233,6 +237,118 @@ impl From<&pb::ExplainRecoveryResponse> for RecoveryExplanationView {
     }
 }
 
+pub fn quota_window(value: i32) -> String {
+    let name = pb::QuotaWindow::try_from(value).ok();
+    enum_name(name.map(|w| w.as_str_name()), "QUOTA_WINDOW_", value)
+}
+
+/// One window of a pool (`QuotaPoolWindow`).
+#[derive(Debug, Serialize)]
+pub struct PoolWindowView {
+    pub window: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
+    pub in_force: bool,
+    pub source: String,
+    pub hint: String,
+    pub reported_by: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reported_at: Option<String>,
+}
+
+/// One quota pool (`QuotaPool`).
+#[derive(Debug, Serialize)]
+pub struct PoolView {
+    pub name: String,
+    /// `OPEN`, `PARKED` or `RELEASING`.
+    pub phase: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parked_until: Option<String>,
+    pub windows: Vec<PoolWindowView>,
+    /// Members by status.
+    pub members: BTreeMap<String, i64>,
+    /// Members the pool holds (parked, not yet released).
+    pub held: i64,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub canary_agent_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub canary_released_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub canary_completed_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_release_at: Option<String>,
+}
+
+impl From<&pb::QuotaPool> for PoolView {
+    fn from(p: &pb::QuotaPool) -> PoolView {
+        let phase = pb::QuotaPoolPhase::try_from(p.phase).ok();
+        PoolView {
+            name: p.name.clone(),
+            phase: enum_name(phase.map(|s| s.as_str_name()), "QUOTA_POOL_PHASE_", p.phase),
+            parked_until: time(p.parked_until.as_ref()),
+            windows: p
+                .windows
+                .iter()
+                .map(|w| PoolWindowView {
+                    window: quota_window(w.window),
+                    until: time(w.until.as_ref()),
+                    in_force: w.in_force,
+                    source: w.source.clone(),
+                    hint: w.hint.clone(),
+                    reported_by: w.reported_by.clone(),
+                    reported_at: time(w.reported_at.as_ref()),
+                })
+                .collect(),
+            members: p
+                .members
+                .iter()
+                .map(|m| (agent_status(m.status), m.count))
+                .collect(),
+            held: p.held,
+            canary_agent_id: p.canary_agent_id.clone(),
+            canary_released_at: time(p.canary_released_at.as_ref()),
+            canary_completed_at: time(p.canary_completed_at.as_ref()),
+            next_release_at: time(p.next_release_at.as_ref()),
+        }
+    }
+}
+
+/// One member's place in a pool's release (`QuotaPoolRelease`).
+#[derive(Debug, Serialize)]
+pub struct PoolReleaseView {
+    pub agent_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub release_at: Option<String>,
+    pub released: bool,
+}
+
+/// `GetQuotaPool`'s answer.
+#[derive(Debug, Serialize)]
+pub struct PoolDetailView {
+    #[serde(flatten)]
+    pub pool: PoolView,
+    pub held_agent_ids: Vec<String>,
+    pub releases: Vec<PoolReleaseView>,
+}
+
+impl From<&pb::GetQuotaPoolResponse> for PoolDetailView {
+    fn from(r: &pb::GetQuotaPoolResponse) -> PoolDetailView {
+        PoolDetailView {
+            pool: PoolView::from(&r.pool.clone().unwrap_or_default()),
+            held_agent_ids: r.held_agent_ids.clone(),
+            releases: r
+                .releases
+                .iter()
+                .map(|x| PoolReleaseView {
+                    agent_id: x.agent_id.clone(),
+                    release_at: time(x.release_at.as_ref()),
+                    released: x.released,
+                })
+                .collect(),
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct TransitionView {
     pub revision: i64,
@@ -247,6 +363,9 @@ pub struct TransitionView {
     /// Who made the change (empty for records from before actors were kept).
     #[serde(skip_serializing_if = "String::is_empty")]
     pub actor: String,
+    /// The quota pool the transition is for; absent for others.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub quota_pool: String,
 }
 
 impl From<&pb::Transition> for TransitionView {
@@ -260,6 +379,7 @@ impl From<&pb::Transition> for TransitionView {
             occurred_at: time(t.occurred_at.as_ref()),
             recovery_at: time(t.recovery_at.as_ref()),
             actor: t.actor.clone(),
+            quota_pool: t.quota_pool.clone(),
         }
     }
 }

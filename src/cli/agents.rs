@@ -174,6 +174,9 @@ fn agent_details(a: &AgentView) -> String {
     for pool in &a.quota_pools {
         lines.push(("quota pool", pool.clone()));
     }
+    for pool in &a.held_by_pools {
+        lines.push(("held by pool", pool.clone()));
+    }
     for (k, v) in &a.labels {
         lines.push(("label", format!("{k}={v}")));
     }
@@ -195,6 +198,10 @@ fn transition_line(t: &TransitionView) -> String {
         t.to,
         t.cause
     );
+    let line = match t.quota_pool.as_str() {
+        "" => line,
+        pool => format!("{line}  pool {pool}"),
+    };
     match t.actor.as_str() {
         "" => line,
         actor => format!("{line}  by {actor}"),
@@ -262,6 +269,7 @@ mod tests {
             occurred_at: Some("2026-04-01T10:00:00.000Z".into()),
             recovery_at: None,
             actor: String::new(),
+            quota_pool: String::new(),
         };
         assert_eq!(
             transition_line(&t),
@@ -272,6 +280,14 @@ mod tests {
             ..t
         };
         assert!(transition_line(&by).ends_with("WORK_STARTED  by alice"));
+        let pooled = TransitionView {
+            cause: "POOL_EXHAUSTED".into(),
+            quota_pool: "anthropic/acct-42".into(),
+            ..by
+        };
+        assert!(
+            transition_line(&pooled).ends_with("POOL_EXHAUSTED  pool anthropic/acct-42  by alice")
+        );
     }
 
     #[test]

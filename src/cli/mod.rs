@@ -10,6 +10,7 @@ mod error;
 mod explain;
 mod healing;
 mod pipeline;
+mod pools;
 mod table;
 pub mod token;
 
@@ -98,6 +99,8 @@ pub enum ClientCommand {
     Agents(AgentsArgs),
     /// List the active claims.
     Claims(ClaimsArgs),
+    /// Quota pools: list them, show one with its release, park or release one.
+    Pools(PoolsArgs),
     /// Follow agent transitions live, one line each; resumes by itself after a dropped connection.
     Watch(WatchArgs),
     /// Healing statistics.
@@ -193,6 +196,47 @@ pub enum AgentsCommand {
     Delete {
         /// The agent's id.
         agent_id: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct PoolsArgs {
+    #[command(flatten)]
+    pub connection: Connection,
+    #[command(subcommand)]
+    pub command: PoolsCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PoolsCommand {
+    /// Every pool an agent is in or that was parked, by name.
+    List {
+        /// Only pools PARKED or RELEASING.
+        #[arg(long)]
+        parked: bool,
+    },
+    /// One pool: its windows, members, canary and release schedule.
+    Get { pool: String },
+    /// Park a pool's window until a time (and its IDLE members with it).
+    Park {
+        pool: String,
+        /// When the window lifts: an RFC 3339 time (2026-04-01T10:00:00Z).
+        #[arg(long, value_parser = parse_time)]
+        until: chrono::DateTime<chrono::Utc>,
+        /// The limit window: five-hour, weekly, requests, tokens, billing or other.
+        #[arg(long, value_parser = parse_window, default_value = "other")]
+        window: fleetcare_client::pb::QuotaWindow,
+        /// Why (kept as the window's hint).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// End every window of a pool now; its members are released canary
+    /// first, spread.
+    Release {
+        pool: String,
+        /// Why (logged by the server).
+        #[arg(long, default_value = "")]
+        reason: String,
     },
 }
 
@@ -348,6 +392,7 @@ pub async fn run(command: ClientCommand) -> Result<(), CliError> {
     let result = match command {
         ClientCommand::Agents(args) => agents::run(args).await,
         ClientCommand::Claims(args) => claims::run(args).await,
+        ClientCommand::Pools(args) => pools::run(args).await,
         ClientCommand::Watch(args) => agents::watch(args).await,
         ClientCommand::Healing(args) => healing::stats(args).await,
         ClientCommand::Pipeline(args) => pipeline::run(args).await,

@@ -1320,3 +1320,102 @@ async fn claims_are_for_schedulers_and_operators_the_holder_is_the_caller_and_th
         .into_inner();
     assert_eq!(released.transition.unwrap().actor, "alice");
 }
+
+#[tokio::test]
+async fn quota_pools_are_read_by_readers_and_parked_or_released_by_operators_only() {
+    use fleetcare::proto::v1::quota_service_client::QuotaServiceClient;
+    let db = TestDb::new();
+    let a = spawn(&db, &callers()).await;
+    a.app
+        .agents
+        .clone()
+        .register_agent(as_(
+            "alice",
+            pb::RegisterAgentRequest {
+                agent_id: "eu-1".into(),
+                labels: Default::default(),
+                quota_pools: vec!["acct".into()],
+            },
+        ))
+        .await
+        .unwrap();
+    let quota = || QuotaServiceClient::new(a.app.channel.clone());
+    let park = |name: &str| {
+        as_(
+            name,
+            pb::ParkPoolRequest {
+                pool: "acct".into(),
+                until: Some(fleetcare::proto::timestamp(
+                    chrono::Utc::now() + chrono::Duration::hours(1),
+                )),
+                window: pb::QuotaWindow::Weekly as i32,
+                reason: "test".into(),
+            },
+        )
+    };
+    let release = |name: &str| {
+        as_(
+            name,
+            pb::ReleasePoolRequest {
+                pool: "acct".into(),
+                reason: String::new(),
+            },
+        )
+    };
+    for (name, role) in [
+        ("runner", "agent"),
+        ("carol", "reader"),
+        ("sched", "scheduler"),
+    ] {
+        assert_denied(
+            quota().park_pool(park(name)).await,
+            &format!("{name} ({role}) may not call ParkPool"),
+        );
+        assert_denied(
+            quota().release_pool(release(name)).await,
+            &format!("{name} ({role}) may not call ReleasePool"),
+        );
+    }
+    assert_denied(
+        quota()
+            .list_quota_pools(as_("runner", pb::ListQuotaPoolsRequest::default()))
+            .await,
+        "runner (agent) may not call ListQuotaPools",
+    );
+    for name in ["carol", "sched"] {
+        let pools = quota()
+            .list_quota_pools(as_(name, pb::ListQuotaPoolsRequest::default()))
+            .await
+            .expect("readers list pools")
+            .into_inner()
+            .pools;
+        assert_eq!(pools[0].phase, pb::QuotaPoolPhase::Open as i32);
+    }
+    let parked = quota()
+        .park_pool(park("alice"))
+        .await
+        .expect("operator parks");
+    assert_eq!(parked.into_inner().members_parked, 1);
+    let history = a
+        .agents()
+        .list_transitions(as_(
+            "alice",
+            pb::ListTransitionsRequest {
+                agent_id: "eu-1".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .transitions;
+    let t = history.last().unwrap();
+    assert_eq!(
+        (t.cause, t.actor.as_str(), t.quota_pool.as_str()),
+        (pb::TransitionCause::PoolExhausted as i32, "alice", "acct")
+    );
+    quota()
+        .release_pool(release("alice"))
+        .await
+        .expect("operator releases");
+}

@@ -883,3 +883,79 @@ async fn explain_limit_prints_what_the_server_would_infer_without_touching_agent
     assert_eq!(after.revision, before.revision);
     assert_eq!(after.status, pb::AgentStatus::Idle as i32);
 }
+
+#[tokio::test]
+async fn pools_park_list_get_and_release_a_pool_and_refuse_an_unknown_one() {
+    let db = TestDb::new();
+    let app = TestApp::spawn(&db).await;
+    for id in ["k-1", "k-2"] {
+        app.agents
+            .clone()
+            .register_agent(pb::RegisterAgentRequest {
+                agent_id: id.into(),
+                labels: Default::default(),
+                quota_pools: vec!["openai/org-7".into()],
+            })
+            .await
+            .unwrap();
+    }
+    let until = (chrono::Utc::now() + chrono::Duration::hours(3))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let parked = stdout(
+        &fleetcare(
+            app.addr,
+            &[
+                "pools",
+                "park",
+                "openai/org-7",
+                "--until",
+                &until,
+                "--window",
+                "billing",
+                "--reason",
+                "card declined",
+            ],
+        )
+        .await,
+    );
+    assert!(parked.contains("phase:        PARKED\n"), "{parked}");
+    assert!(parked.contains("members parked: 2\n"), "{parked}");
+    assert!(parked.contains("BILLING until"), "{parked}");
+    assert!(parked.contains("card declined"), "{parked}");
+
+    let listed = stdout(&fleetcare(app.addr, &["pools", "list"]).await);
+    let row = listed.lines().nth(1).expect("one pool row");
+    assert!(row.starts_with("openai/org-7  PARKED"), "{listed}");
+    assert!(row.ends_with("EXHAUSTED=2"), "{listed}");
+    let shown = json(&fleetcare(app.addr, &["pools", "get", "openai/org-7", "--json"]).await);
+    assert_eq!(shown["phase"], "PARKED");
+    assert_eq!(shown["held"], 2);
+    assert_eq!(shown["held_agent_ids"], json!(["k-1", "k-2"]));
+    assert_eq!(shown["windows"][0]["source"], "OPERATOR");
+    let agent = stdout(&fleetcare(app.addr, &["agents", "get", "k-1"]).await);
+    assert!(
+        agent.contains("held by pool:     openai/org-7\n"),
+        "{agent}"
+    );
+
+    let released = stdout(
+        &fleetcare(
+            app.addr,
+            &["pools", "release", "openai/org-7", "--reason", "paid"],
+        )
+        .await,
+    );
+    assert!(released.contains("phase:        RELEASING\n"), "{released}");
+
+    let (line, code) = failure(&fleetcare(app.addr, &["pools", "get", "nobody"]).await);
+    assert!(line.starts_with("fleetcare: not found: "), "{line}");
+    assert!(line.contains("nobody"), "{line}");
+    assert_eq!(code, i32::from(exit::NOT_FOUND));
+    let output = fleetcare(app.addr, &["pools", "park", "x", "--until", "soon"]).await;
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "a usage error before any call"
+    );
+    app.stop().await;
+}
