@@ -688,6 +688,7 @@ async fn start_services(
         dispatch: dispatch.clone(),
         healing: healing.clone(),
         pipeline: session_pipeline.clone(),
+        quota: quota.clone(),
     });
 
     gates.agent_status.open(WatchRoute::new(

@@ -1399,3 +1399,63 @@ async fn claims_cordons_and_deletions_show_live_and_the_cordon_buttons_cordon_an
     browser.close().await;
     app.stop().await;
 }
+
+#[tokio::test]
+async fn the_pools_page_shows_a_parked_pool_live_with_its_window_and_deadline() {
+    if !browser_available() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().await;
+    use fleetcare::proto::v1::quota_service_client::QuotaServiceClient;
+    let db = TestDb::sqlite();
+    let sessions = Sessions::new();
+    let app = spawn(&db, &sessions).await;
+    for id in ["pool-a", "pool-b"] {
+        app.agents
+            .clone()
+            .register_agent(pb::RegisterAgentRequest {
+                agent_id: id.into(),
+                labels: Default::default(),
+                quota_pools: vec!["anthropic/acct-42".into()],
+            })
+            .await
+            .unwrap();
+    }
+    let mut browser = Browser::launch().await;
+    browser.open(&format!("{}#/pools", page_url(&app))).await;
+    browser
+        .wait("#pools-table tr[data-pool='anthropic/acct-42'][data-phase=OPEN]")
+        .await;
+
+    // A member's limit report parks the pool: the page follows the transitions.
+    app.agents
+        .clone()
+        .report_exhausted(pb::ReportExhaustedRequest {
+            agent_id: "pool-a".into(),
+            reason: pb::ExhaustionReason::RateLimit as i32,
+            recovery_at: Some(fleetcare::proto::timestamp(
+                chrono::Utc::now() + chrono::Duration::hours(5),
+            )),
+            window: pb::QuotaWindow::FiveHour as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    browser
+        .wait("#pools-table tr[data-pool='anthropic/acct-42'][data-phase=PARKED]")
+        .await;
+    let pool = QuotaServiceClient::new(app.channel.clone())
+        .get_quota_pool(pb::GetQuotaPoolRequest {
+            pool: "anthropic/acct-42".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .pool
+        .unwrap();
+    assert_eq!(pool.held, 2);
+    browser.screenshot("pools-parked").await;
+    browser.assert_no_errors().await;
+    browser.close().await;
+    app.stop().await;
+}

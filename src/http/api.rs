@@ -45,20 +45,22 @@ use crate::grpc::dispatch::DispatchApi;
 use crate::grpc::guard::{Admission, Admitted, STORE_DOWN};
 use crate::grpc::healing::HealingApi;
 use crate::grpc::metrics::{HTTP, Timing};
+use crate::grpc::quota::QuotaApi;
 use crate::grpc::session_pipeline::SessionPipelineApi;
 use crate::metrics::Metrics;
 use crate::proto::v1 as pb;
 use crate::proto::v1::agent_status_service_server::AgentStatusService;
 use crate::proto::v1::dispatch_service_server::DispatchService;
 use crate::proto::v1::healing_service_server::HealingService;
+use crate::proto::v1::quota_service_server::QuotaService;
 use crate::proto::v1::session_pipeline_service_server::SessionPipelineService;
 use crate::proto::v1::{
     agent_status_service_server, dispatch_service_server, healing_service_server,
-    session_pipeline_service_server,
+    quota_service_server, session_pipeline_service_server,
 };
 use crate::views::{
-    AgentView, ClaimView, HealingStatsView, ProcessorView, RunView, SessionStateView,
-    TransitionView, UsageView,
+    AgentView, ClaimView, HealingStatsView, PoolDetailView, PoolView, ProcessorView, RunView,
+    SessionStateView, TransitionView, UsageView,
 };
 
 /// The header a state-changing request must carry (with the value `1`).
@@ -70,6 +72,7 @@ pub struct Apis {
     pub dispatch: Arc<DispatchApi>,
     pub healing: Arc<HealingApi>,
     pub pipeline: Arc<SessionPipelineApi>,
+    pub quota: Arc<QuotaApi>,
 }
 
 /// What the API handlers share: the callers, the services (set once the
@@ -104,6 +107,13 @@ impl Method {
     fn dispatch(action: Action) -> Method {
         Method {
             service: dispatch_service_server::SERVICE_NAME,
+            method: action.rpc(),
+        }
+    }
+
+    fn quota(action: Action) -> Method {
+        Method {
+            service: quota_service_server::SERVICE_NAME,
             method: action.rpc(),
         }
     }
@@ -245,6 +255,10 @@ pub fn routes() -> Router<Dashboard> {
         .route("/agents/{agent_id}/cordon", post(cordon_agent))
         .route("/agents/{agent_id}/uncordon", post(uncordon_agent))
         .route("/claims", get(list_claims))
+        .route("/pools", get(list_pools))
+        .route("/pool", get(get_pool))
+        .route("/pools/park", post(park_pool))
+        .route("/pools/release", post(release_pool))
         .route("/transitions", get(list_transitions))
         .route("/transitions/stream", get(watch_transitions))
         .route("/healing", get(healing_statistics))
@@ -627,6 +641,137 @@ async fn list_claims(
         "next_page_token": page.next_page_token,
     }))
     .into_response())
+}
+
+/// `ListQuotaPools` (`parked=1`: only PARKED or RELEASING ones).
+async fn list_pools(
+    State(dashboard): State<Dashboard>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let pairs = query(raw)?;
+    let parked_only = matches!(value(&pairs, "parked"), Some("1" | "true"));
+    let (apis, request, call) = dashboard.request(
+        &headers,
+        peer,
+        Method::quota(Action::ListQuotaPools),
+        pb::ListQuotaPoolsRequest { parked_only },
+    )?;
+    let answer = call
+        .answer(apis.quota.list_quota_pools(request).await)?
+        .into_inner();
+    let pools: Vec<PoolView> = answer.pools.iter().map(PoolView::from).collect();
+    Ok(json(&serde_json::json!({ "pools": pools })).into_response())
+}
+
+/// `GetQuotaPool` (`name`: the pool; names hold `/`, so not a path segment).
+async fn get_pool(
+    State(dashboard): State<Dashboard>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let pairs = query(raw)?;
+    let pool = value(&pairs, "name")
+        .ok_or_else(|| ApiError::invalid("name: the pool is required"))?
+        .to_owned();
+    let (apis, request, call) = dashboard.request(
+        &headers,
+        peer,
+        Method::quota(Action::GetQuotaPool),
+        pb::GetQuotaPoolRequest { pool },
+    )?;
+    let answer = call
+        .answer(apis.quota.get_quota_pool(request).await)?
+        .into_inner();
+    Ok(json(&PoolDetailView::from(&answer)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ParkBody {
+    pool: String,
+    /// RFC 3339.
+    until: String,
+    /// `five-hour`, `weekly`, ... (default: other).
+    #[serde(default)]
+    window: Option<String>,
+    #[serde(default)]
+    reason: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReleaseBody {
+    pool: String,
+    #[serde(default)]
+    reason: String,
+}
+
+/// A window by its name without the prefix (`five-hour`, `WEEKLY`).
+fn window(value: Option<&str>) -> Result<i32, ApiError> {
+    let Some(value) = value else {
+        return Ok(pb::QuotaWindow::Other as i32);
+    };
+    let name = format!("QUOTA_WINDOW_{}", value.to_uppercase().replace('-', "_"));
+    pb::QuotaWindow::from_str_name(&name)
+        .filter(|w| *w != pb::QuotaWindow::Unspecified)
+        .map(|w| w as i32)
+        .ok_or_else(|| ApiError::invalid(format!("window: unknown quota window {value}")))
+}
+
+/// `ParkPool`, from `{"pool", "until", "window", "reason"}`.
+async fn park_pool(
+    State(dashboard): State<Dashboard>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    raw: Bytes,
+) -> Result<Response, ApiError> {
+    state_changing(&headers)?;
+    let ParkBody {
+        pool,
+        until,
+        window: named,
+        reason,
+    } = body(&raw)?;
+    let message = pb::ParkPoolRequest {
+        pool,
+        until: Some(timestamp("until", &until)?),
+        window: window(named.as_deref())?,
+        reason,
+    };
+    let (apis, request, call) =
+        dashboard.request(&headers, peer, Method::quota(Action::ParkPool), message)?;
+    let answer = call
+        .answer(apis.quota.park_pool(request).await)?
+        .into_inner();
+    Ok(json(&serde_json::json!({
+        "pool": PoolView::from(&answer.pool.unwrap_or_default()),
+        "members_parked": answer.members_parked,
+    }))
+    .into_response())
+}
+
+/// `ReleasePool`, from `{"pool", "reason"}`.
+async fn release_pool(
+    State(dashboard): State<Dashboard>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    raw: Bytes,
+) -> Result<Response, ApiError> {
+    state_changing(&headers)?;
+    let ReleaseBody { pool, reason } = body(&raw)?;
+    let (apis, request, call) = dashboard.request(
+        &headers,
+        peer,
+        Method::quota(Action::ReleasePool),
+        pb::ReleasePoolRequest { pool, reason },
+    )?;
+    let answer = call
+        .answer(apis.quota.release_pool(request).await)?
+        .into_inner();
+    Ok(json(&PoolView::from(&answer.pool.unwrap_or_default())).into_response())
 }
 
 /// One page of `ListTransitions` (`agent`, `after`, `page_size`, `page_token`).

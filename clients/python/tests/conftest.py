@@ -323,14 +323,19 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 60.0, interval: f
         time.sleep(interval)
 
 
-def register_pool(client: FleetcareClient, size: int = 1, prefix: str = "py-claim") -> Tuple[dict, List[str]]:
+def register_pool(
+    client: FleetcareClient, size: int = 1, prefix: str = "py-claim", quota_pools: Sequence[str] = ()
+) -> Tuple[dict, List[str]]:
     """Registers `size` IDLE agents carrying a label of their own, so that a
-    claim selecting it can take only them: (that label, the agent ids)."""
+    claim selecting it can take only them: (that label, the agent ids). Each
+    is a member of `quota_pools`."""
     pool = unique_name(prefix).replace("_", "-")
     labels = {"pool": pool}
     agent_ids = [f"{pool}-{i}" for i in range(size)]
     for agent_id in agent_ids:
-        client.agent_status.RegisterAgent(pb.RegisterAgentRequest(agent_id=agent_id, labels=labels), timeout=30)
+        client.agent_status.RegisterAgent(
+            pb.RegisterAgentRequest(agent_id=agent_id, labels=labels, quota_pools=quota_pools), timeout=30
+        )
     return labels, agent_ids
 
 

@@ -1,6 +1,7 @@
 """fleetcare.aio against the real server: AsyncFleetcareClient's claims (held,
 renewed by a task, released on exit, on an exception and on cancellation; one
-winner of two; finish_work; a lost claim), heartbeats as a task, the resuming
+winner of two; finish_work; a lost claim; a report for a quota pool parking the
+sibling, seen through ``client.quota``), heartbeats as a task, the resuming
 watch as an async iterator, and the token on every kind of call.
 
 Each test runs its own event loop (asyncio.run), as an agent runner does; the
@@ -17,13 +18,13 @@ from typing import Any, Awaitable, Callable, List, Sequence, Tuple, TypeVar
 
 import grpc
 import pytest
-from conftest import FleetcareServer, ServerFactory, agent_transitions, get_agent, register_pool
+from conftest import FleetcareServer, ServerFactory, agent_transitions, get_agent, register_pool, unique_name
 from tcp_proxy import TcpProxy
 
 from fleetcare import FleetcareClient, error_info
 from fleetcare.aio import AsyncClaimHandle, AsyncFleetcareClient, AsyncTransitionWatch, ClaimLost
 from fleetcare.v1 import agent_status_pb2 as pb
-from fleetcare.v1 import dispatch_pb2
+from fleetcare.v1 import dispatch_pb2, quota_pb2
 
 WAIT = 30.0
 TEST_TIMEOUT = 120.0
@@ -174,6 +175,44 @@ async def test_async_claim_ended_behind_its_back_is_lost(server: FleetcareServer
                 claim.check()
         assert claim.release_error is None
     assert get_agent(client, agent_id).status == pb.AGENT_STATUS_IDLE
+
+
+# -- quota pools ------------------------------------------------------------------------------
+
+
+@asyncio_test
+async def test_async_report_for_a_quota_pool_parks_the_sibling(server: FleetcareServer, client: FleetcareClient) -> None:
+    pool = f"anthropic/{unique_name('aio-acct').replace('_', '-')}"
+    name = unique_name("py-aio-quota").replace("_", "-")
+    labels = {"pool": name}
+    agent_ids = [f"{name}-0", f"{name}-1"]
+    async with AsyncFleetcareClient(address(server), insecure=True) as aclient:
+        for agent_id in agent_ids:
+            registered = await aclient.agent_status.RegisterAgent(
+                pb.RegisterAgentRequest(agent_id=agent_id, labels=labels, quota_pools=[pool]), timeout=30
+            )
+            assert list(registered.agent.quota_pools) == [pool]
+        resets = int(time.time()) + 3600
+        async with aclient.claim(labels, lease=5.0) as claim:
+            report = await claim.report_exhausted(
+                reason=pb.EXHAUSTION_REASON_RATE_LIMIT,
+                message=f"Claude AI usage limit reached|{resets}",
+                quota_pool=pool,
+                window=pb.QUOTA_WINDOW_FIVE_HOUR,
+            )
+        assert claim.lost is None and claim.release_error is None
+        assert report.transition.quota_pool == pool and list(report.agent.held_by_pools) == [pool]
+        (sibling,) = [a for a in agent_ids if a != claim.agent_id]
+        parked = (await aclient.agent_status.GetAgent(pb.GetAgentRequest(agent_id=sibling), timeout=30)).agent
+        assert parked.status == pb.AGENT_STATUS_EXHAUSTED and list(parked.held_by_pools) == [pool]
+
+        got = await aclient.quota.GetQuotaPool(quota_pb2.GetQuotaPoolRequest(pool=pool), timeout=30)
+        assert got.pool.phase == quota_pb2.QUOTA_POOL_PHASE_PARKED and got.pool.held == 2
+        assert list(got.held_agent_ids) == sorted(agent_ids)
+        assert [w.window for w in got.pool.windows] == [pb.QUOTA_WINDOW_FIVE_HOUR]
+        listed = await aclient.quota.ListQuotaPools(quota_pb2.ListQuotaPoolsRequest(parked_only=True), timeout=30)
+        assert [p.phase for p in listed.pools if p.name == pool] == [quota_pb2.QUOTA_POOL_PHASE_PARKED]
+    assert agent_transitions(client, sibling)[-1].cause == pb.TRANSITION_CAUSE_POOL_EXHAUSTED
 
 
 # -- heartbeats -------------------------------------------------------------------------------

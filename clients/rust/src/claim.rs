@@ -535,7 +535,9 @@ impl ClaimGuard {
     }
 
     /// ReportExhausted with the claim's fencing token (`request`'s agent id
-    /// and token are filled in), which ends the claim as
+    /// and token are filled in; its other fields are sent as given, e.g.
+    /// `quota_pool` to park the pool whose limit was hit and its IDLE
+    /// members, and `window`), which ends the claim as
     /// [`finish_work`](ClaimGuard::finish_work) does.
     pub async fn report_exhausted(
         &mut self,

@@ -52,6 +52,7 @@ pub use pb::agent_status_service_client::AgentStatusServiceClient;
 pub use pb::dispatch_service_client::DispatchServiceClient;
 pub use pb::healing_service_client::HealingServiceClient;
 pub use pb::post_healing_service_client::PostHealingServiceClient;
+pub use pb::quota_service_client::QuotaServiceClient;
 pub use pb::session_pipeline_service_client::SessionPipelineServiceClient;
 
 /// Turns `host:port` into `http://host:port`; a URL with a scheme is kept. An
@@ -241,6 +242,7 @@ pub struct Clients {
     pub posts: PostHealingServiceClient<Transport>,
     pub pipeline: SessionPipelineServiceClient<Transport>,
     pub dispatch: DispatchServiceClient<Transport>,
+    pub quota: QuotaServiceClient<Transport>,
 }
 
 impl Clients {
@@ -290,7 +292,8 @@ impl Clients {
             healing: HealingServiceClient::new(transport.clone()),
             posts: PostHealingServiceClient::new(transport.clone()),
             pipeline: SessionPipelineServiceClient::new(transport.clone()),
-            dispatch: DispatchServiceClient::new(transport),
+            dispatch: DispatchServiceClient::new(transport.clone()),
+            quota: QuotaServiceClient::new(transport),
         }
     }
 

@@ -97,9 +97,16 @@ export class ClaimLostError extends Error {
 
 type LabelSelectorInit = MessageInitShape<typeof LabelSelectorSchema>;
 
-/** The fields of a ReportExhaustedRequest the claim does not fill in itself. */
+/**
+ * The fields of a ReportExhaustedRequest the claim does not fill in itself:
+ * `quotaPool` (the pool whose limit was hit; its IDLE members are parked too)
+ * and `window` (a QuotaWindow) among them.
+ */
 export type ReportExhaustedInit = Partial<
-  Pick<ReportExhaustedRequest, "reason" | "message" | "timeZone" | "recoveryAt" | "headers">
+  Pick<
+    ReportExhaustedRequest,
+    "reason" | "message" | "timeZone" | "recoveryAt" | "headers" | "quotaPool" | "window"
+  >
 >;
 
 export interface ClaimOptions {

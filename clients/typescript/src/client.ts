@@ -9,6 +9,7 @@ import type { SecureClientSessionOptions } from "node:http2";
 import { AgentStatusService } from "./gen/fleetcare/v1/agent_status_pb.js";
 import { DispatchService } from "./gen/fleetcare/v1/dispatch_pb.js";
 import { HealingService, PostHealingService } from "./gen/fleetcare/v1/healing_pb.js";
+import { QuotaService } from "./gen/fleetcare/v1/quota_pb.js";
 import { SessionPipelineService } from "./gen/fleetcare/v1/session_pipeline_pb.js";
 import { Health } from "./gen/grpc/health/v1/health_pb.js";
 
@@ -48,6 +49,8 @@ export interface FleetcareClient {
   sessionPipeline: Client<typeof SessionPipelineService>;
   /** Claims, cordons, resume and delete (see claimAgent and withClaim for claims). */
   dispatch: Client<typeof DispatchService>;
+  /** Quota pools: list and show them, park and release them by hand. */
+  quota: Client<typeof QuotaService>;
   /** grpc.health.v1.Health (from the vendored upstream proto). */
   health: Client<typeof Health>;
   /** The underlying gRPC transport, to create clients for other services on the same connection. */
@@ -109,6 +112,7 @@ export function createFleetcareClient(options: FleetcareClientOptions): Fleetcar
     postHealing: createClient(PostHealingService, transport),
     sessionPipeline: createClient(SessionPipelineService, transport),
     dispatch: createClient(DispatchService, transport),
+    quota: createClient(QuotaService, transport),
     health: createClient(Health, transport),
     transport,
     close: () => sessionManager.abort(),

@@ -4,6 +4,7 @@
 export * from "./gen/fleetcare/v1/agent_status_pb.js";
 export * from "./gen/fleetcare/v1/dispatch_pb.js";
 export * from "./gen/fleetcare/v1/healing_pb.js";
+export * from "./gen/fleetcare/v1/quota_pb.js";
 export * from "./gen/fleetcare/v1/session_pipeline_pb.js";
 export * from "./gen/grpc/health/v1/health_pb.js";
 export * from "./client.js";

@@ -518,7 +518,7 @@ var watch = new Watch();
 // ---- pages -----------------------------------------------------------------
 
 const page = document.getElementById("page");
-const pages = { fleet: fleetPage, claims: claimsPage, feed: feedPage, healing: healingPage, usage: usagePage, pipeline: pipelinePage };
+const pages = { fleet: fleetPage, claims: claimsPage, pools: poolsPage, feed: feedPage, healing: healingPage, usage: usagePage, pipeline: pipelinePage };
 let current = null; // { name, update? }
 
 function route() {
@@ -725,6 +725,77 @@ function fleetPage(root) {
     if (queued) return;
     queued = true;
     requestAnimationFrame(flush);
+  };
+}
+
+// Quota pools (ListQuotaPools): parked and releasing pools first, each with
+// the window holding it and its deadline, members by status, how many it
+// holds, and (GetQuotaPool) when its next member is released. Read again when
+// a transition parks or releases a pool member, and every 10 s (a window
+// lifts without a transition).
+let poolsTimer = null;
+function poolsPage(root) {
+  const parkedOnly = h("input", { type: "checkbox", id: "pools-parked", onchange: () => load() });
+  const body = h("div", { id: "pools-table", "aria-busy": "true" });
+  append(root, h("div", { class: "reconnect-banner" }),
+    h("p", { class: "muted" }, "Quota pools: agents sharing a provider limit. A member's limit report parks the pool and its idle members; when the last window lifts, a canary goes first and the rest follow spread out."),
+    h("div", { class: "filters" }, h("label", {}, parkedOnly, " parked or releasing only")), body);
+  setConnection(connState.dataset.state, connState.textContent);
+  let generation = 0;
+  const order = { PARKED: 0, RELEASING: 1, OPEN: 2 };
+
+  async function load() {
+    const mine = ++generation;
+    body.setAttribute("aria-busy", "true");
+    try {
+      const page = await api("pools" + query({ parked: parkedOnly.checked ? "1" : "" }));
+      if (mine !== generation) return;
+      const pools = page.pools.slice().sort((a, b) => (order[a.phase] ?? 3) - (order[b.phase] ?? 3) || a.name.localeCompare(b.name));
+      // The next release of each releasing pool.
+      const next = {};
+      await Promise.all(pools.filter((p) => p.phase === "RELEASING").map(async (p) => {
+        try {
+          next[p.name] = (await api("pool" + query({ name: p.name }))).next_release_at;
+        } catch (_) { /* left blank */ }
+      }));
+      if (mine !== generation) return;
+      draw(pools, next);
+    } catch (e) {
+      if (mine !== generation) return;
+      failed(body, e);
+    }
+    body.removeAttribute("aria-busy");
+  }
+
+  function draw(pools, next) {
+    body.replaceChildren(table(["pool", "phase", "windows in force", "parked until", "members", "held", "canary", "next release"], pools.map((p) => {
+      const windows = p.windows.filter((w) => w.in_force);
+      const members = Object.entries(p.members).map(([s, n]) => s + " " + n).join(", ");
+      return h("tr", { "data-pool": p.name, "data-phase": p.phase },
+        h("td", {}, p.name),
+        h("td", { class: "phase" }, p.phase),
+        h("td", { title: windows.map((w) => w.window + ": " + w.hint).join("\n") }, windows.map((w) => w.window + " (" + w.source + ")").join(", ")),
+        h("td", { title: fmtTime(p.parked_until) }, p.parked_until ? ticking("until", p.parked_until) : ""),
+        h("td", {}, members),
+        h("td", { class: "num" }, p.held),
+        h("td", {}, p.canary_agent_id || ""),
+        h("td", { class: "next-release", title: fmtTime(next[p.name]) }, next[p.name] ? ticking("until", next[p.name]) : ""));
+    }), parkedOnly.checked ? "no parked pool" : "no quota pool: agents name theirs when they register"));
+  }
+
+  load();
+  clearInterval(poolsTimer);
+  poolsTimer = setInterval(() => {
+    if (route() !== "pools") clearInterval(poolsTimer);
+    else if (!document.hidden) load();
+  }, 10000);
+  let queued = null;
+  return (what, t) => {
+    if (what !== "transition" || !t || !t.quota_pool || queued) return;
+    queued = setTimeout(() => {
+      queued = null;
+      load();
+    }, 100);
   };
 }
 

@@ -2,7 +2,7 @@
 
 The generated modules are the main API: ``fleetcare.v1.<name>_pb2`` (messages,
 with ``.pyi`` type stubs) and ``fleetcare.v1.<name>_pb2_grpc`` (service stubs).
-:class:`FleetcareClient` builds a channel (TLS, bearer token) and the five stubs;
+:class:`FleetcareClient` builds a channel (TLS, bearer token) and the six stubs;
 :class:`TransitionWatch` is a WatchTransitions iterator that resumes after dropped
 streams; :class:`Heartbeater` heartbeats an agent at the interval the server asks for;
 :class:`ClaimHandle` (``with client.claim(...)``) holds an agent, renewing its lease

@@ -2,7 +2,7 @@
 synchronous :mod:`fleetcare.client`, for agent runners that are asyncio programs.
 
 * :class:`AsyncFleetcareClient`: one ``grpc.aio`` channel (plaintext or TLS,
-  optional bearer token on every call) and the five service stubs (their calls
+  optional bearer token on every call) and the six service stubs (their calls
   are awaited).
 * :class:`AsyncClaimHandle`: ``async with client.claim(selector) as claim:``
   holds an agent, renewing the lease in an asyncio task and releasing the claim
@@ -53,6 +53,7 @@ from fleetcare.v1 import (
     dispatch_pb2,
     dispatch_pb2_grpc,
     healing_pb2_grpc,
+    quota_pb2_grpc,
     session_pipeline_pb2_grpc,
 )
 
@@ -116,7 +117,7 @@ def bearer_token_interceptors(token: str) -> List[grpc.aio.ClientInterceptor]:
 
 
 class AsyncFleetcareClient:
-    """A ``grpc.aio`` channel to a fleetcare server and its five service stubs.
+    """A ``grpc.aio`` channel to a fleetcare server and its six service stubs.
 
     The options are :class:`fleetcare.FleetcareClient`'s: ``token`` (sent as
     ``authorization: Bearer <token>`` on every call), ``insecure`` (plaintext
@@ -161,6 +162,7 @@ class AsyncFleetcareClient:
         self.post_healing = healing_pb2_grpc.PostHealingServiceStub(channel)
         self.session_pipeline = session_pipeline_pb2_grpc.SessionPipelineServiceStub(channel)
         self.dispatch = dispatch_pb2_grpc.DispatchServiceStub(channel)
+        self.quota = quota_pb2_grpc.QuotaServiceStub(channel)
 
     def watch_transitions(
         self,
@@ -927,7 +929,8 @@ class AsyncClaimHandle:
 
     async def report_exhausted(self, **fields: Any) -> agent_status_pb2.ReportExhaustedResponse:
         """``ReportExhausted`` with the claim's fencing token (``fields``: ``reason``,
-        ``message``, ...), which ends the claim."""
+        ``message``, ``quota_pool``, ``window``, ...), which ends the claim; see
+        :meth:`fleetcare.ClaimHandle.report_exhausted`."""
         claim = self._held()
         request = agent_status_pb2.ReportExhaustedRequest(
             agent_id=claim.agent_id, fencing_token=claim.fencing_token, **fields

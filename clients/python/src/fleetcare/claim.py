@@ -421,7 +421,9 @@ class ClaimHandle:
     def report_exhausted(self, **fields: Any) -> agent_status_pb2.ReportExhaustedResponse:
         """``ReportExhausted`` on the claimed agent with the claim's fencing token
         (``fields`` are the other ``ReportExhaustedRequest`` fields: ``reason``,
-        ``message``, ...). The report ends the claim, as :meth:`finish_work` does."""
+        ``message``, ``quota_pool`` (the pool whose limit was hit, parking its
+        IDLE members too), ``window`` (a ``QuotaWindow``), ...). The report ends
+        the claim, as :meth:`finish_work` does."""
         claim = self._held()
         request = agent_status_pb2.ReportExhaustedRequest(
             agent_id=claim.agent_id, fencing_token=claim.fencing_token, **fields

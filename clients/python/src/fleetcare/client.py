@@ -1,7 +1,7 @@
 """A thin, typed convenience layer over the generated stubs.
 
 * :class:`FleetcareClient`: one channel (plaintext or TLS, optional bearer
-  token on every call) and the five service stubs; ``client.claim(...)`` holds
+  token on every call) and the six service stubs; ``client.claim(...)`` holds
   an agent with its lease renewed in the background (:mod:`fleetcare.claim`).
 * :class:`TransitionWatch`: a WatchTransitions iterator that resumes from the
   last revision seen when the stream ends or the connection drops, so the caller
@@ -29,6 +29,7 @@ from fleetcare.v1 import (
     agent_status_pb2_grpc,
     dispatch_pb2_grpc,
     healing_pb2_grpc,
+    quota_pb2_grpc,
     session_pipeline_pb2_grpc,
 )
 
@@ -113,7 +114,7 @@ class BearerTokenInterceptor(
 
 
 class FleetcareClient:
-    """A channel to a fleetcare server and its five service stubs.
+    """A channel to a fleetcare server and its six service stubs.
 
     >>> with FleetcareClient("127.0.0.1:50051", insecure=True) as client:
     ...     client.agent_status.GetAgent(agent_status_pb2.GetAgentRequest(agent_id="a1"))
@@ -161,6 +162,7 @@ class FleetcareClient:
         self.post_healing = healing_pb2_grpc.PostHealingServiceStub(self.channel)
         self.session_pipeline = session_pipeline_pb2_grpc.SessionPipelineServiceStub(self.channel)
         self.dispatch = dispatch_pb2_grpc.DispatchServiceStub(self.channel)
+        self.quota = quota_pb2_grpc.QuotaServiceStub(self.channel)
 
     def watch_transitions(
         self,
