@@ -1296,3 +1296,74 @@ async fn with_an_auth_file_a_reader_lists_claims_but_may_not_cordon() {
     assert_eq!(get(addr, "/api/v1/claims").await.status, 401);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn pools_are_listed_shown_parked_and_released_as_quota_service_answers() {
+    let db = TestDb::new();
+    let app = TestApp::spawn(&db).await;
+    for id in ["hp-1", "hp-2"] {
+        app.agents
+            .clone()
+            .register_agent(pb::RegisterAgentRequest {
+                agent_id: id.into(),
+                labels: Default::default(),
+                quota_pools: vec!["anthropic/acct-9".into()],
+            })
+            .await
+            .unwrap();
+    }
+    let listed = get(http(&app), "/api/v1/pools").await;
+    assert_eq!(listed.status, 200, "{}", listed.body);
+    let listed = listed.json();
+    assert_eq!(listed["pools"][0]["name"], "anthropic/acct-9");
+    assert_eq!(listed["pools"][0]["phase"], "OPEN");
+    assert_eq!(listed["pools"][0]["members"]["IDLE"], 2);
+
+    let until = (chrono::Utc::now() + chrono::Duration::hours(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let parked = post(
+        &app,
+        "/api/v1/pools/park",
+        &json!({"pool": "anthropic/acct-9", "until": until, "window": "weekly", "reason": "quota review"})
+            .to_string(),
+    )
+    .await;
+    assert_eq!(parked.status, 200, "{}", parked.body);
+    let parked = parked.json();
+    assert_eq!(parked["members_parked"], 2);
+    assert_eq!(parked["pool"]["phase"], "PARKED");
+    assert_eq!(parked["pool"]["windows"][0]["window"], "WEEKLY");
+    assert_eq!(
+        grpc_agent(&app, "hp-1").await.held_by_pools,
+        ["anthropic/acct-9"]
+    );
+    let shown = get(http(&app), "/api/v1/pool?name=anthropic%2Facct-9").await;
+    assert_eq!(shown.status, 200, "{}", shown.body);
+    assert_eq!(shown.json()["held_agent_ids"], json!(["hp-1", "hp-2"]));
+    let only_parked = get(http(&app), "/api/v1/pools?parked=1").await.json();
+    assert_eq!(only_parked["pools"].as_array().unwrap().len(), 1);
+
+    let bad_window = post(
+        &app,
+        "/api/v1/pools/park",
+        &json!({"pool": "anthropic/acct-9", "until": until, "window": "fortnightly"}).to_string(),
+    )
+    .await;
+    assert_eq!(bad_window.status, 400, "{}", bad_window.body);
+    assert!(
+        bad_window.body.contains("fortnightly"),
+        "{}",
+        bad_window.body
+    );
+    let unknown = get(http(&app), "/api/v1/pool?name=nobody").await;
+    assert_eq!(unknown.status, 404, "{}", unknown.body);
+
+    let released = post(
+        &app,
+        "/api/v1/pools/release",
+        &json!({"pool": "anthropic/acct-9", "reason": "done"}).to_string(),
+    )
+    .await;
+    assert_eq!(released.status, 200, "{}", released.body);
+    assert_eq!(released.json()["phase"], "RELEASING");
+}
