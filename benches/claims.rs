@@ -77,7 +77,7 @@ type Dispatch = DispatchServiceClient<Channel>;
 const AGENT_COLUMNS: &str = "agent_id, status, labels, registered_at, \
      last_heartbeat_at, last_transition_at, revision, exhaustion_reason, recovery_at, \
      recovery_source, recovery_hint, cordon_reason, claim_id, claim_holder, claim_token, \
-     claim_request_id, claimed_at, lease_expires_at, quota_pools";
+     claim_request_id, claimed_at, lease_expires_at, quota_pools, pool_holds";
 
 /// The selection query of a batch with claims whose selector has two
 /// `match_labels`, as the server builds it: `PgClaimReads::claimable` in

@@ -150,6 +150,9 @@ pub struct Metrics {
     db_acquire_timeouts: Family<PoolLabel, Counter>,
     /// What the scrape reads from: set once the store is open.
     agent_store: Mutex<Option<Arc<dyn AgentStore>>>,
+    /// The server's clock (the store's): whether a pool's window is in
+    /// force is judged on it.
+    clock: Mutex<Option<crate::storage::clock::Clock>>,
     watchers: Watchers,
 }
 
@@ -369,12 +372,18 @@ impl Metrics {
             db_acquire_duration,
             db_acquire_timeouts,
             agent_store: Mutex::new(None),
+            clock: Mutex::new(None),
             watchers: Watchers::default(),
         })
     }
 
     /// The store the scrape reads agents by status and pool occupancy from;
     /// its pools' acquisitions are timed from now on.
+    /// The clock state gauges judge time by (the server's).
+    pub fn set_clock(&self, clock: crate::storage::clock::Clock) {
+        *self.clock.lock().unwrap_or_else(|e| e.into_inner()) = Some(clock);
+    }
+
     pub fn set_store(&self, store: Arc<dyn AgentStore>) {
         store.observe_pools(&|pool| crate::storage::pool::AcquireMetrics {
             duration: self
@@ -509,7 +518,12 @@ impl Metrics {
             Ok(Err(error)) => tracing::debug!(%error, "metrics: cannot count agents"),
             Err(_) => tracing::debug!("metrics: counting agents timed out"),
         }
-        let now = chrono::Utc::now();
+        let now = self
+            .clock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map_or_else(chrono::Utc::now, |c| c.now());
         if let Ok(Ok(pools)) =
             tokio::time::timeout(SCRAPE_STORE_TIMEOUT, store.quota_pool_states()).await
         {

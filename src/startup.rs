@@ -524,6 +524,7 @@ async fn start_services(
 ) -> Result<(), Error> {
     let agents: Arc<dyn AgentStore> = stores.agents.clone();
     metrics.set_store(agents.clone());
+    metrics.set_clock(stores.clock.clone());
     let fanout = TransitionFanout::start(
         agents.clone(),
         args.watch_buffer,

@@ -637,3 +637,89 @@ async fn dashboard_api_calls_count_in_the_rpc_metrics_as_http() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn pool_metrics_count_parked_pools_by_window_held_members_and_releases() {
+    let db = TestDb::new();
+    let mut args = crate::helpers::test_args(&db.url);
+    args.pool_canary_timeout = std::time::Duration::ZERO;
+    args.pool_release_spread = std::time::Duration::ZERO;
+    let clock = crate::helpers::manual_clock(&mut args);
+    let app = TestApp::spawn_with(args).await;
+    for id in ["qm-1", "qm-2"] {
+        app.agents
+            .clone()
+            .register_agent(pb::RegisterAgentRequest {
+                agent_id: id.into(),
+                labels: Default::default(),
+                quota_pools: vec!["acct".into()],
+            })
+            .await
+            .unwrap();
+    }
+    let m = scrape(&app).await;
+    assert_eq!(
+        m.value("fleetcare_quota_pools_parked", &[("window", "WEEKLY")]),
+        0.0
+    );
+    assert_eq!(m.value("fleetcare_quota_pool_members_held", &[]), 0.0);
+    app.agents
+        .clone()
+        .report_exhausted(pb::ReportExhaustedRequest {
+            agent_id: "qm-1".into(),
+            reason: pb::ExhaustionReason::RateLimit as i32,
+            recovery_at: Some(fleetcare::proto::timestamp(
+                clock.now() + chrono::Duration::seconds(30),
+            )),
+            window: pb::QuotaWindow::Weekly as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let m = scrape(&app).await;
+    assert_eq!(
+        m.value("fleetcare_quota_pools_parked", &[("window", "WEEKLY")]),
+        1.0
+    );
+    assert_eq!(
+        m.value("fleetcare_quota_pools_parked", &[("window", "FIVE_HOUR")]),
+        0.0
+    );
+    assert_eq!(m.value("fleetcare_quota_pool_members_held", &[]), 2.0);
+    assert!(
+        m.names().iter().all(|n| !n.contains("acct")),
+        "no series per pool"
+    );
+
+    // The window lifts: the canary, then (no timeout, no spread) the other.
+    clock.advance(chrono::Duration::seconds(31));
+    crate::helpers::eventually(
+        std::time::Duration::from_secs(10),
+        "the canary released",
+        || async {
+            (scrape(&app)
+                .await
+                .value("fleetcare_quota_pool_releases_total", &[])
+                >= 1.0)
+                .then_some(())
+        },
+    )
+    .await;
+    clock.advance(chrono::Duration::seconds(1));
+    crate::helpers::eventually(
+        std::time::Duration::from_secs(10),
+        "both released",
+        || async {
+            let m = scrape(&app).await;
+            (m.value("fleetcare_quota_pool_releases_total", &[]) == 2.0
+                && m.value("fleetcare_quota_pool_members_held", &[]) == 0.0)
+                .then_some(())
+        },
+    )
+    .await;
+    let m = scrape(&app).await;
+    assert_eq!(
+        m.value("fleetcare_quota_pools_parked", &[("window", "WEEKLY")]),
+        0.0
+    );
+}

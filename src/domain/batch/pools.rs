@@ -524,3 +524,199 @@ impl Planner {
         outcome
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use chrono::{Duration, TimeZone};
+
+    use super::*;
+    use crate::domain::agent::{AgentState, Cause, ExhaustionReason};
+    use crate::domain::batch::{Applied, plan_full};
+    use crate::domain::labels::Labels;
+
+    fn t0() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 5, 1, 12, 0, 0).unwrap()
+    }
+
+    fn pool(name: &str) -> PoolName {
+        quota::pool_name("pool", name).unwrap()
+    }
+
+    fn idle(id: &str, pools: &[&str]) -> Agent {
+        Agent {
+            agent_id: id.into(),
+            labels: Labels::new(),
+            quota_pools: pools.iter().map(|p| pool(p)).collect(),
+            pool_holds: Default::default(),
+            registered_at: t0(),
+            last_transition_at: t0(),
+            revision: 1,
+            state: AgentState {
+                status: AgentStatus::Idle,
+                last_heartbeat_at: t0(),
+                exhaustion: None,
+            },
+            cordon_reason: None,
+            claim: None,
+        }
+    }
+
+    fn report(id: &str, pool: Option<&str>, until: DateTime<Utc>) -> Command {
+        Command::ReportExhausted {
+            agent_id: id.into(),
+            report: ExhaustionReport {
+                reason: ExhaustionReason::RateLimit,
+                explicit_recovery_at: Some(until),
+                headers: vec![],
+                message: String::new(),
+                time_zone: None,
+                default_recovery: Duration::hours(1),
+                default_billing_recovery: Duration::hours(5),
+            },
+            quota_pool: pool.map(super::tests::pool),
+            window: Some(Window::Requests),
+            fencing_token: None,
+            actor: "tester".into(),
+        }
+    }
+
+    fn sweep(id: &str) -> Command {
+        Command::Sweep {
+            agent_id: id.into(),
+            heartbeat_timeout: Duration::days(1),
+            offline_allowed: true,
+            offline_retention: Duration::zero(),
+            actor: "sweeper".into(),
+        }
+    }
+
+    /// Decides `commands` on `agents` and `states`, and returns what the
+    /// store would keep: the agents and pools as written, and the outcomes.
+    fn decide(
+        agents: &mut BTreeMap<String, Agent>,
+        states: &mut BTreeMap<PoolName, PoolState>,
+        commands: &[Command],
+        at: DateTime<Utc>,
+    ) -> Vec<Result<Applied, Refusal>> {
+        let existing: Vec<Agent> = agents.values().cloned().collect();
+        let rows = PoolRows {
+            states: states.clone(),
+            members: Vec::new(),
+        };
+        let plan = plan_full(existing, Default::default(), rows, commands, at);
+        let (writes, outcomes) = plan.finish(100);
+        for agent in writes.changed {
+            agents.insert(agent.agent_id.clone(), agent);
+        }
+        states.extend(writes.pools);
+        outcomes
+    }
+
+    #[test]
+    fn an_agent_parked_by_its_own_report_and_a_pool_wakes_when_both_have_lifted() {
+        let mut agents = BTreeMap::from([
+            ("a".to_owned(), idle("a", &["p", "q"])),
+            ("b".to_owned(), idle("b", &["p"])),
+        ]);
+        let mut states = BTreeMap::new();
+        // a's own report (two pools: it parks a alone), for an hour.
+        decide(
+            &mut agents,
+            &mut states,
+            &[report("a", None, t0() + Duration::hours(1))],
+            t0(),
+        );
+        assert!(!agents["a"].pool_holds.is_held());
+        // b's report parks p for three hours: a is now held by it too,
+        // and shows the later time.
+        let three = t0() + Duration::hours(3);
+        decide(
+            &mut agents,
+            &mut states,
+            &[report("b", Some("p"), three)],
+            t0(),
+        );
+        let a = &agents["a"];
+        assert!(a.pool_holds.held_by(&pool("p")));
+        assert_eq!(
+            a.state.exhaustion.as_ref().unwrap().recovery.recovery_at,
+            three
+        );
+        assert_eq!(
+            a.pool_holds.own.as_ref().unwrap().recovery.recovery_at,
+            t0() + Duration::hours(1),
+            "its own exhaustion is kept apart"
+        );
+        // Its own has lifted: the sweeper does not wake it (the pool holds it).
+        let two = t0() + Duration::hours(2);
+        let swept = decide(&mut agents, &mut states, &[sweep("a")], two);
+        assert_eq!(swept[0].as_ref().unwrap().transition, None);
+        assert_eq!(agents["a"].state.status, AgentStatus::Exhausted);
+        // The pool lifts and releases it: IDLE at once (its own lifted too).
+        let after = three + Duration::seconds(1);
+        let release = Command::PoolRelease {
+            pool: pool("p"),
+            agent_id: "a".into(),
+            actor: "sweeper".into(),
+        };
+        let released = decide(&mut agents, &mut states, &[release.clone()], after);
+        let t = released[0].as_ref().unwrap().transition.clone().unwrap();
+        assert_eq!(
+            (t.to, t.cause, t.quota_pool),
+            (AgentStatus::Idle, Cause::PoolReleased, Some(pool("p")))
+        );
+        assert_eq!(agents["a"].state.exhaustion, None);
+        // Once only.
+        let again = decide(&mut agents, &mut states, &[release], after);
+        assert_eq!(again[0].as_ref().unwrap().transition, None);
+    }
+
+    #[test]
+    fn a_pool_released_before_the_agents_own_limit_leaves_it_exhausted_until_that() {
+        let mut agents = BTreeMap::from([
+            ("a".to_owned(), idle("a", &["p", "q"])),
+            ("b".to_owned(), idle("b", &["p"])),
+        ]);
+        let mut states = BTreeMap::new();
+        let three = t0() + Duration::hours(3);
+        decide(&mut agents, &mut states, &[report("a", None, three)], t0());
+        decide(
+            &mut agents,
+            &mut states,
+            &[report("b", Some("p"), t0() + Duration::hours(1))],
+            t0(),
+        );
+        let release = Command::PoolRelease {
+            pool: pool("p"),
+            agent_id: "a".into(),
+            actor: "sweeper".into(),
+        };
+        let two = t0() + Duration::hours(2);
+        let released = decide(&mut agents, &mut states, &[release], two);
+        let t = released[0].as_ref().unwrap().transition.clone().unwrap();
+        assert_eq!(
+            (t.from, t.to, t.cause),
+            (
+                Some(AgentStatus::Exhausted),
+                AgentStatus::Exhausted,
+                Cause::PoolReleased
+            )
+        );
+        let a = &agents["a"];
+        assert!(!a.pool_holds.is_held());
+        assert_eq!(
+            a.state.exhaustion.as_ref().unwrap().recovery.recovery_at,
+            three,
+            "its own exhaustion is what it shows now"
+        );
+        // Its own limit lifts: the sweeper wakes it as any agent.
+        let woken = decide(
+            &mut agents,
+            &mut states,
+            &[sweep("a")],
+            three + Duration::seconds(1),
+        );
+        let t = woken[0].as_ref().unwrap().transition.clone().unwrap();
+        assert_eq!((t.to, t.cause), (AgentStatus::Idle, Cause::Recovered));
+    }
+}
