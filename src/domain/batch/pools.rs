@@ -659,7 +659,12 @@ mod tests {
             agent_id: "a".into(),
             actor: "sweeper".into(),
         };
-        let released = decide(&mut agents, &mut states, &[release.clone()], after);
+        let released = decide(
+            &mut agents,
+            &mut states,
+            std::slice::from_ref(&release),
+            after,
+        );
         let t = released[0].as_ref().unwrap().transition.clone().unwrap();
         assert_eq!(
             (t.to, t.cause, t.quota_pool),
