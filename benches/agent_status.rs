@@ -91,18 +91,7 @@ impl Bench {
     }
 
     async fn health(&self) -> f64 {
-        let health = HealthClient::new(self.app.channel.clone());
-        let r = drive(self.calls, self.concurrency, |_| {
-            let mut h = health.clone();
-            async move {
-                h.check(HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await
-                .unwrap();
-            }
-        })
-        .await;
+        let r = baselines::health_checks(&self.app.channel, self.calls, self.concurrency).await;
         report("grpc.health.v1.Health/Check", self.calls, &r)
     }
 

@@ -173,19 +173,8 @@ impl Server {
     /// The health check, `calls` of them at `concurrency` in flight, with
     /// its CPU per call; returns the rate.
     async fn health(&self, calls: usize, concurrency: usize) -> (f64, CpuPerCall) {
-        let health = HealthClient::new(self.app.channel.clone());
         let cpu = CpuMeter::start();
-        let r = drive(calls, concurrency, |_| {
-            let mut h = health.clone();
-            async move {
-                h.check(HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await
-                .unwrap();
-            }
-        })
-        .await;
+        let r = baselines::health_checks(&self.app.channel, calls, concurrency).await;
         let per_sec = report("grpc.health.v1.Health/Check", calls, &r);
         cpu.report("health check", calls);
         (per_sec, cpu.per_call(calls))
@@ -269,23 +258,7 @@ impl Server {
 
 /// One GET of /metrics: every sample by its series.
 async fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("metrics");
-    stream
-        .write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await.unwrap();
-    let raw = String::from_utf8_lossy(&raw);
-    let body = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    body.lines()
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            Some((series.to_owned(), value.parse().ok()?))
-        })
-        .collect()
+    baselines::scrape(addr).await
 }
 
 /// The index reads on `agents` between two [`Server::index_reads`].

@@ -30,8 +30,6 @@ use fleetcare::config::{DatabaseArgs, ServeArgs};
 use fleetcare::proto::v1 as pb;
 use fleetcare::proto::v1::quota_service_client::QuotaServiceClient;
 use pb::watch_transitions_response::Event;
-use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_client::HealthClient;
 
 mod common;
 
@@ -64,33 +62,12 @@ async fn start(db: &helpers::TestDb, rate: u32) -> helpers::TestApp {
     helpers::TestApp::spawn_with(args).await
 }
 
-/// One GET of /metrics: every sample by its series.
+/// One GET of the server's /metrics.
 async fn scrape(app: &helpers::TestApp) -> HashMap<String, f64> {
-    let Some(addr) = app.http_addr else {
-        return HashMap::new();
-    };
-    let body = reqwest_get(addr).await;
-    body.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            Some((series.to_owned(), value.parse().ok()?))
-        })
-        .collect()
-}
-
-async fn reqwest_get(addr: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).await.unwrap();
-    raw.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default()
+    match app.http_addr {
+        Some(addr) => common::baselines::scrape(addr).await,
+        None => HashMap::new(),
+    }
 }
 
 /// Commits the server counted (`fleetcare_commit_batch_size_count`).
@@ -155,18 +132,7 @@ async fn one_statement(db: &helpers::TestDb, members: usize) -> Duration {
 }
 
 async fn health_p50(app: &helpers::TestApp) -> Duration {
-    let health = HealthClient::new(app.channel.clone());
-    let (_, latencies) = drive(200, 1, |_| {
-        let mut h = health.clone();
-        async move {
-            h.check(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .unwrap();
-        }
-    })
-    .await;
+    let (_, latencies) = common::baselines::health_checks(&app.channel, 200, 1).await;
     pct(&latencies, 0.5)
 }
 

@@ -480,16 +480,6 @@ impl ServeArgs {
     }
 
     /// Rejects settings that would make the server misbehave rather than fail.
-    /// The quota pools' release settings (`--pool-canary-timeout`,
-    /// `--pool-release-spread`, `--pool-release-rate`), each checked.
-    pub fn pool_release(&self) -> Result<crate::domain::quota::ReleaseSettings, String> {
-        crate::domain::quota::ReleaseSettings::new(
-            chrono_duration("--pool-canary-timeout", self.pool_canary_timeout)?,
-            chrono_duration("--pool-release-spread", self.pool_release_spread)?,
-            self.pool_release_rate,
-        )
-    }
-
     pub fn validate(&self) -> Result<(), String> {
         let positive = [
             ("--heartbeat-timeout", self.heartbeat_timeout),
@@ -569,7 +559,6 @@ impl ServeArgs {
         for (flag, value) in durations {
             chrono_duration(flag, value)?;
         }
-        self.pool_release()?;
 
         for (flag, value) in [
             ("--recovery-lease", h.recovery_lease),

@@ -123,6 +123,7 @@ impl Application {
     ) -> Result<Self, Error> {
         args.validate().map_err(Error::InvalidArgument)?;
         dispatch_settings(&args)?;
+        pool_release_settings(&args)?;
         // The TLS files are read before anything starts, so a bad path or
         // pair fails the start with the flag's name.
         let tls = match args.tls.files().map_err(Error::InvalidArgument)? {
@@ -570,7 +571,7 @@ async fn start_services(
                 args.offline_agent_retention,
             )
             .map_err(Error::InvalidArgument)?,
-            pool_release: args.pool_release().map_err(Error::InvalidArgument)?,
+            pool_release: pool_release_settings(args)?,
         },
         metrics.clone(),
         shutdown.child_token(),
@@ -601,11 +602,7 @@ async fn start_services(
             .map_err(|_| Error::invalid("--default-billing-recovery is too large"))?,
         watch_progress_interval: args.watch_progress_interval,
     };
-    let quota = QuotaApi::new(
-        writes.clone(),
-        guard.clone(),
-        args.pool_release().map_err(Error::InvalidArgument)?,
-    );
+    let quota = QuotaApi::new(writes.clone(), guard.clone(), pool_release_settings(args)?);
     let dispatch = DispatchApi::new(
         agents.clone(),
         writes.clone(),
@@ -741,6 +738,20 @@ async fn start_services(
     );
     tracing::info!("store open, serving");
     Ok(())
+}
+
+/// The quota pools' release settings (`--pool-canary-timeout`,
+/// `--pool-release-spread`, `--pool-release-rate`), each checked by the
+/// domain's rules.
+fn pool_release_settings(args: &ServeArgs) -> Result<crate::domain::quota::ReleaseSettings, Error> {
+    crate::domain::quota::ReleaseSettings::new(
+        chrono_duration("--pool-canary-timeout", args.pool_canary_timeout)
+            .map_err(Error::InvalidArgument)?,
+        chrono_duration("--pool-release-spread", args.pool_release_spread)
+            .map_err(Error::InvalidArgument)?,
+        args.pool_release_rate,
+    )
+    .map_err(Error::InvalidArgument)
 }
 
 /// The dispatch service's settings, checked by the domain's rules.

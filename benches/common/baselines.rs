@@ -223,3 +223,48 @@ pub async fn updates_sqlite(db: &TestDb, total: usize, connections: usize) -> f6
         &r,
     )
 }
+
+/// `calls` health checks on `channel`, `concurrency` in flight: the gRPC
+/// call with nothing behind it, the baseline of a server's own cost.
+pub async fn health_checks(
+    channel: &tonic::transport::Channel,
+    calls: usize,
+    concurrency: usize,
+) -> (Duration, Vec<Duration>) {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let health = HealthClient::new(channel.clone());
+    drive(calls, concurrency, |_| {
+        let mut h = health.clone();
+        async move {
+            h.check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap();
+        }
+    })
+    .await
+}
+
+/// One GET of a server's /metrics: every sample by its series (name and
+/// labels as exposed).
+pub async fn scrape(addr: std::net::SocketAddr) -> std::collections::HashMap<String, f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("metrics");
+    stream
+        .write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.unwrap();
+    let raw = String::from_utf8_lossy(&raw);
+    let body = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    body.lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}

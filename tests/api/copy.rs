@@ -67,7 +67,7 @@ async fn fill(db: &TestDb) -> Vec<(&'static str, u64)> {
         let exhausted = i % 3 == 0;
         let claimed = i % 5 == 1;
         sqlx::query(
-            "INSERT INTO agents VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO agents VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(id)
         .bind(if exhausted { "EXHAUSTED" } else { "IDLE" })
@@ -103,6 +103,14 @@ async fn fill(db: &TestDb) -> Vec<(&'static str, u64)> {
         } else {
             "[]"
         })
+        // Held by a pool on the exhausted ones of those (one released, with
+        // its own exhaustion kept apart).
+        .bind(if exhausted && i % 2 == 1 {
+            r#"{"pools": {"acct-42": {"episode": 1775030000000000, "parked_at": 1775030000000001}, "acct-42/opus": {"episode": 1, "parked_at": 2, "released_at": 3}}, "own": {"reason": "RATE_LIMIT", "recovery_at": 1775030000000009, "source": "EXPLICIT", "hint": "own «ü»"}}"#
+        } else {
+            "{}"
+        })
+        .bind(exhausted && i % 2 == 1)
         .execute(&mut c)
         .await
         .unwrap();
@@ -138,7 +146,7 @@ async fn fill(db: &TestDb) -> Vec<(&'static str, u64)> {
 
     let revisions: Vec<i64> = (3..=12).chain([BIG_REVISION]).collect();
     for (i, revision) in revisions.iter().enumerate() {
-        sqlx::query("INSERT INTO transitions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+        sqlx::query("INSERT INTO transitions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
             .bind(revision)
             .bind(&agent_ids[i % agent_ids.len()])
             .bind((i > 0).then_some("IDLE"))
@@ -148,11 +156,29 @@ async fn fill(db: &TestDb) -> Vec<(&'static str, u64)> {
             .bind((i % 4 == 0).then_some("BILLING"))
             .bind((i % 4 == 0).then_some(T0 * 2))
             .bind(format!("caller «{i}»"))
+            .bind((i % 3 == 1).then_some("acct-42/opus"))
             .execute(&mut c)
             .await
             .unwrap();
     }
     counts.push(("transitions", revisions.len() as u64));
+    for (i, name) in ["acct-42", "acct-42/opus"].iter().enumerate() {
+        sqlx::query("INSERT INTO quota_pools VALUES (?, ?, ?)")
+            .bind(name)
+            .bind(format!(
+                r#"{{"windows": {{"WEEKLY": {{"until": {}, "source": "OPERATOR", "hint": "parked by «ops»", "reported_by": "ops", "reported_at": {}}}}}, "canary": {{"agent_id": "agent-01", "released_at": {}}}, "episode": {}, "settled": {}}}"#,
+                T0 + 99,
+                T0 + i as i64,
+                T0 + 100,
+                T0,
+                i == 1
+            ))
+            .bind(T0 + i as i64)
+            .execute(&mut c)
+            .await
+            .unwrap();
+    }
+    counts.push(("quota_pools", 2));
 
     let event_ids = [1_i64, 2, 3, 5, 8, 13, BIG_EVENT_ID];
     for (i, id) in event_ids.iter().enumerate() {

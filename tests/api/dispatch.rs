@@ -49,7 +49,8 @@ pub async fn exhaust(app: &TestApp, agent_id: &str) -> pb::Agent {
         .unwrap()
 }
 
-async fn next_transition(
+/// The next transition on a watch (progress messages skipped), within the wait.
+pub async fn next_transition(
     stream: &mut tonic::Streaming<pb::WatchTransitionsResponse>,
 ) -> pb::Transition {
     loop {

@@ -15,16 +15,27 @@ use fleetcare::proto::v1::dispatch_service_client::DispatchServiceClient;
 use fleetcare::proto::v1::quota_service_client::QuotaServiceClient;
 use pb::AgentStatus as S;
 use pb::TransitionCause as C;
-use pb::watch_transitions_response::Event;
 use tonic::Code;
 use tonic::transport::Channel;
 
+use crate::dispatch::next_transition;
 use crate::helpers::{TestApp, TestDb, eventually, manual_clock, status, test_args};
 
 const WAIT: Duration = Duration::from_secs(20);
 
 pub fn quota(app: &TestApp) -> QuotaServiceClient<Channel> {
     QuotaServiceClient::new(app.channel.clone())
+}
+
+/// One pool as `GetQuotaPool` shows it.
+async fn pool_of(app: &TestApp, name: &str) -> pb::QuotaPool {
+    quota(app)
+        .get_quota_pool(pb::GetQuotaPoolRequest { pool: name.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .pool
+        .unwrap()
 }
 
 async fn register_in(app: &TestApp, agent_id: &str, pools: &[&str]) -> pb::Agent {
@@ -67,22 +78,6 @@ async fn report_exhausted(
         .report_exhausted(request)
         .await
         .map(|r| r.into_inner())
-}
-
-async fn next_transition(
-    stream: &mut tonic::Streaming<pb::WatchTransitionsResponse>,
-) -> pb::Transition {
-    loop {
-        let event = tokio::time::timeout(WAIT, stream.message())
-            .await
-            .expect("an event within the wait")
-            .expect("stream ok")
-            .expect("stream still open")
-            .event;
-        if let Some(Event::Transition(t)) = event {
-            return t;
-        }
-    }
 }
 
 async fn statuses(app: &TestApp, ids: &[&str]) -> Vec<i32> {
@@ -338,15 +333,7 @@ async fn the_release_wakes_a_canary_then_the_rest_and_a_second_limit_parks_again
     assert_eq!(canary_release.quota_pool, "acct");
     // Nobody else before the canary's work slot (the timeout is a minute away).
     let others = &ids[1..];
-    let pool = quota(&app)
-        .get_quota_pool(pb::GetQuotaPoolRequest {
-            pool: "acct".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .pool
-        .unwrap();
+    let pool = pool_of(&app, "acct").await;
     assert_eq!(pool.phase, pb::QuotaPoolPhase::Releasing as i32);
     assert_eq!(pool.canary_agent_id, "c-1");
     assert!(
@@ -371,15 +358,7 @@ async fn the_release_wakes_a_canary_then_the_rest_and_a_second_limit_parks_again
     .unwrap();
     clock.advance(chrono::Duration::seconds(90));
     // Past the first canary's timeout: still nobody released (parked again).
-    let parked = quota(&app)
-        .get_quota_pool(pb::GetQuotaPoolRequest {
-            pool: "acct".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .pool
-        .unwrap();
+    let parked = pool_of(&app, "acct").await;
     assert_eq!(parked.phase, pb::QuotaPoolPhase::Parked as i32);
     assert!(
         statuses(&app, &ids)
@@ -489,15 +468,7 @@ async fn an_operator_parks_a_pool_until_a_time_and_releases_it_early() {
             .then_some(())
     })
     .await;
-    let open = quota(&app)
-        .get_quota_pool(pb::GetQuotaPoolRequest {
-            pool: "key/7".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .pool
-        .unwrap();
+    let open = pool_of(&app, "key/7").await;
     assert_eq!(open.phase, pb::QuotaPoolPhase::Open as i32);
     assert_eq!(open.held, 0);
 }
@@ -578,6 +549,39 @@ postgres_only! {
                 .filter(|t| t.cause == C::PoolReleased as i32)
                 .count();
             assert_eq!(releases, 1, "{id} released exactly once");
+        }
+    }
+}
+
+/// A release setting out of its range stops the server at start, naming the flag.
+#[tokio::test]
+async fn a_release_setting_out_of_range_stops_the_server_naming_the_flag() {
+    let db = TestDb::new();
+    let cases: [(&str, fn(&mut fleetcare::config::ServeArgs)); 3] = [
+        (
+            "--pool-release-rate must be at least 1 agent per second",
+            |a| a.pool_release_rate = 0,
+        ),
+        ("--pool-release-spread must be at most 1h", |a| {
+            a.pool_release_spread = Duration::from_secs(7200)
+        }),
+        ("--pool-canary-timeout must be at most 1h", |a| {
+            a.pool_canary_timeout = Duration::from_secs(3601)
+        }),
+    ];
+    for (wanted, set) in cases {
+        let mut args = test_args(&db.url);
+        set(&mut args);
+        let refused = fleetcare::startup::Application::build(
+            args,
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            tokio_util::sync::CancellationToken::new(),
+        )
+        .await;
+        match refused {
+            Err(fleetcare::error::Error::InvalidArgument(message)) => assert_eq!(message, wanted),
+            Err(other) => panic!("unexpected error: {other}"),
+            Ok(_) => panic!("the server must not start with {wanted:?}"),
         }
     }
 }

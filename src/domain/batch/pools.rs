@@ -580,6 +580,14 @@ mod tests {
         }
     }
 
+    fn release(name: &str, id: &str) -> Command {
+        Command::PoolRelease {
+            pool: pool(name),
+            agent_id: id.into(),
+            actor: "sweeper".into(),
+        }
+    }
+
     fn sweep(id: &str) -> Command {
         Command::Sweep {
             agent_id: id.into(),
@@ -654,11 +662,7 @@ mod tests {
         assert_eq!(agents["a"].state.status, AgentStatus::Exhausted);
         // The pool lifts and releases it: IDLE at once (its own lifted too).
         let after = three + Duration::seconds(1);
-        let release = Command::PoolRelease {
-            pool: pool("p"),
-            agent_id: "a".into(),
-            actor: "sweeper".into(),
-        };
+        let release = release("p", "a");
         let released = decide(
             &mut agents,
             &mut states,
@@ -691,11 +695,7 @@ mod tests {
             &[report("b", Some("p"), t0() + Duration::hours(1))],
             t0(),
         );
-        let release = Command::PoolRelease {
-            pool: pool("p"),
-            agent_id: "a".into(),
-            actor: "sweeper".into(),
-        };
+        let release = release("p", "a");
         let two = t0() + Duration::hours(2);
         let released = decide(&mut agents, &mut states, &[release], two);
         let t = released[0].as_ref().unwrap().transition.clone().unwrap();
