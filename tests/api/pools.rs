@@ -557,7 +557,8 @@ postgres_only! {
 #[tokio::test]
 async fn a_release_setting_out_of_range_stops_the_server_naming_the_flag() {
     let db = TestDb::new();
-    let cases: [(&str, fn(&mut fleetcare::config::ServeArgs)); 3] = [
+    type Setting = fn(&mut fleetcare::config::ServeArgs);
+    let cases: [(&str, Setting); 3] = [
         (
             "--pool-release-rate must be at least 1 agent per second",
             |a| a.pool_release_rate = 0,
