@@ -19,6 +19,7 @@
 //! labels = { team = "infra" }      # optional: only agents carrying these
 //! ```
 
+use crate::domain::config_file::{line_of, toml_error};
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 
@@ -510,20 +511,9 @@ struct CallerEntry {
     labels: BTreeMap<String, String>,
 }
 
-fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].matches('\n').count() + 1
-}
-
 /// Reads an auth file's text. Errors name the line.
 pub fn parse_auth_file(text: &str) -> Result<CallerTable, String> {
-    let file: AuthFile = toml::from_str(text).map_err(|e| {
-        let line = e.span().map(|s| line_of(text, s.start));
-        let message = e.message().trim().to_owned();
-        match line {
-            Some(line) => format!("line {line}: {message}"),
-            None => message,
-        }
-    })?;
+    let file: AuthFile = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
     let mut names = HashSet::new();
     let mut digests = HashSet::new();
     let mut callers = Vec::with_capacity(file.caller.len());

@@ -3,6 +3,8 @@
 pub mod agent;
 pub mod auth;
 pub mod batch;
+pub mod brakes;
+pub mod config_file;
 pub mod dispatch;
 pub mod healing;
 pub mod healing_records;

@@ -1,0 +1,532 @@
+//! Remediation brakes (issue 24): the limits that keep healing from turning
+//! one fleet-wide fault into a restart storm. Pure: the store counts and
+//! locks, the runtime reloads the policy; every *whether* is decided here,
+//! with the clock passed in.
+//!
+//! Each plan is checked, in the transaction that records it, against:
+//!
+//! - **the pause** ([`Pause`]): the fleet, or one group, paused by an
+//!   operator;
+//! - **the unhealthy share** ([`HealingPolicy::max_unhealthy_percent`]): at
+//!   most this share of the fleet, and of the agent's group (the value of
+//!   its `group_by` label), may be unhealthy at once, the plan's agent
+//!   counted as unhealthy once planned; never fewer than
+//!   [`HealingPolicy::min_unhealthy`] (so a tiny group still heals one at a
+//!   time). *Unhealthy* is under remediation (an active recovery) or
+//!   OFFLINE: an agent under remediation is never counted as healthy (the
+//!   hole machine-api-operator #902 fell into). EXHAUSTED agents (a quota,
+//!   not a fault) count as neither and are never planned a recovery;
+//! - **the rate**: at most [`HealingPolicy::max_plans_per_minute`] plans in
+//!   the last minute fleet-wide, and [`HealingPolicy::max_group_plans_per_minute`]
+//!   in the agent's group;
+//! - **the agent's retry budget**: at most [`HealingPolicy::retry_budget`]
+//!   plans per [`HealingPolicy::retry_window`], the count starting again
+//!   once the agent has been healthy for [`HealingPolicy::min_healthy_period`];
+//! - **the breaker** of the plan's (error type, strategy) ([`Breaker`]):
+//!   after [`HealingPolicy::breaker_failures`] failures in a row fleet-wide it
+//!   opens; after [`HealingPolicy::breaker_cooldown`] one plan goes through
+//!   half-open, whose success closes it and whose failure opens it again. It
+//!   never fails open: with every strategy's breaker open, the plan is
+//!   braked, not handed out anyway.
+//!
+//! [`check`] answers the first brake that holds, in that order, with the
+//! numbers it was decided on ([`Braked`]); a dry-run policy decides the same
+//! and records the plan without handing it out.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use chrono::{DateTime, Duration, Utc};
+use serde::Deserialize;
+
+use crate::domain::agent::AgentStatus;
+use crate::domain::config_file::{line_of, toml_error};
+
+/// The default share of a group that may be unhealthy at once, in percent
+/// (Cluster API's `maxUnhealthy` is set near here; medik8s keeps 51 %
+/// healthy).
+pub const DEFAULT_MAX_UNHEALTHY_PERCENT: u32 = 40;
+/// The default floor: whatever the share, this many may be unhealthy at once.
+pub const DEFAULT_MIN_UNHEALTHY: u32 = 1;
+/// The default fleet-wide rate of plans.
+pub const DEFAULT_MAX_PLANS_PER_MINUTE: u32 = 60;
+/// The default rate of plans per group.
+pub const DEFAULT_MAX_GROUP_PLANS_PER_MINUTE: u32 = 20;
+/// The default retry budget: plans per agent per window.
+pub const DEFAULT_RETRY_BUDGET: u32 = 3;
+/// The default retry window.
+pub const DEFAULT_RETRY_WINDOW: Duration = Duration::hours(1);
+/// The default healthy period after which an agent's budget starts again
+/// (KubeadmControlPlane's `minHealthyPeriod`).
+pub const DEFAULT_MIN_HEALTHY_PERIOD: Duration = Duration::hours(1);
+/// The default failures in a row that open a breaker.
+pub const DEFAULT_BREAKER_FAILURES: u32 = 5;
+/// The default time an open breaker waits before letting one plan through.
+pub const DEFAULT_BREAKER_COOLDOWN: Duration = Duration::minutes(5);
+
+/// The remediation policy: one object, from `--healing-policy` and flags.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealingPolicy {
+    /// At most this percent of the fleet, and of each group, unhealthy at once.
+    pub max_unhealthy_percent: u32,
+    /// Whatever the share, this many may be unhealthy at once.
+    pub min_unhealthy: u32,
+    /// The label key whose values name the groups (`None`: the fleet only).
+    pub group_by: Option<String>,
+    pub max_plans_per_minute: u32,
+    pub max_group_plans_per_minute: u32,
+    pub retry_budget: u32,
+    pub retry_window: Duration,
+    pub min_healthy_period: Duration,
+    pub breaker_failures: u32,
+    pub breaker_cooldown: Duration,
+    /// Plans are decided and recorded, never handed out.
+    pub dry_run: bool,
+}
+
+impl Default for HealingPolicy {
+    fn default() -> Self {
+        HealingPolicy {
+            max_unhealthy_percent: DEFAULT_MAX_UNHEALTHY_PERCENT,
+            min_unhealthy: DEFAULT_MIN_UNHEALTHY,
+            group_by: None,
+            max_plans_per_minute: DEFAULT_MAX_PLANS_PER_MINUTE,
+            max_group_plans_per_minute: DEFAULT_MAX_GROUP_PLANS_PER_MINUTE,
+            retry_budget: DEFAULT_RETRY_BUDGET,
+            retry_window: DEFAULT_RETRY_WINDOW,
+            min_healthy_period: DEFAULT_MIN_HEALTHY_PERIOD,
+            breaker_failures: DEFAULT_BREAKER_FAILURES,
+            breaker_cooldown: DEFAULT_BREAKER_COOLDOWN,
+            dry_run: false,
+        }
+    }
+}
+
+/// The policy file as written: every key optional (the default, or the
+/// flag's value, stands), durations in humantime (`90s`, `1h`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    max_unhealthy_percent: Option<toml::Spanned<i64>>,
+    min_unhealthy: Option<toml::Spanned<i64>>,
+    group_by: Option<toml::Spanned<String>>,
+    max_plans_per_minute: Option<toml::Spanned<i64>>,
+    max_group_plans_per_minute: Option<toml::Spanned<i64>>,
+    retry_budget: Option<toml::Spanned<i64>>,
+    retry_window: Option<toml::Spanned<String>>,
+    min_healthy_period: Option<toml::Spanned<String>>,
+    breaker_failures: Option<toml::Spanned<i64>>,
+    breaker_cooldown: Option<toml::Spanned<String>>,
+    dry_run: Option<bool>,
+}
+
+/// The longest of the policy's durations.
+const MAX_POLICY_DURATION: Duration = Duration::days(30);
+
+/// Reads a policy file over `base` (the defaults with the flags applied):
+/// each key it sets replaces the base's. An error names the line and the key.
+pub fn parse_policy(text: &str, base: &HealingPolicy) -> Result<HealingPolicy, String> {
+    let file: PolicyFile = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
+    let mut policy = base.clone();
+    let at = |span: std::ops::Range<usize>, key: &str, problem: String| {
+        format!("line {}: {key} {problem}", line_of(text, span.start))
+    };
+    let count = |v: &Option<toml::Spanned<i64>>, key: &str, min: i64, max: i64| {
+        v.as_ref()
+            .map(|v| {
+                let n = *v.get_ref();
+                if (min..=max).contains(&n) {
+                    Ok(n as u32)
+                } else {
+                    Err(at(
+                        v.span(),
+                        key,
+                        format!("must be {min} to {max}, not {n}"),
+                    ))
+                }
+            })
+            .transpose()
+    };
+    let duration = |v: &Option<toml::Spanned<String>>, key: &str| {
+        v.as_ref()
+            .map(|v| {
+                let parsed = humantime::parse_duration(v.get_ref())
+                    .ok()
+                    .and_then(|d| Duration::from_std(d).ok())
+                    .filter(|d| *d > Duration::zero() && *d <= MAX_POLICY_DURATION);
+                parsed.ok_or_else(|| {
+                    at(
+                        v.span(),
+                        key,
+                        format!(
+                            "must be a duration from 1s to 30days (such as 90s or 1h), not {:?}",
+                            v.get_ref()
+                        ),
+                    )
+                })
+            })
+            .transpose()
+    };
+    if let Some(v) = count(&file.max_unhealthy_percent, "max_unhealthy_percent", 0, 100)? {
+        policy.max_unhealthy_percent = v;
+    }
+    if let Some(v) = count(&file.min_unhealthy, "min_unhealthy", 0, 1_000_000)? {
+        policy.min_unhealthy = v;
+    }
+    if let Some(v) = &file.group_by {
+        let key = v.get_ref().trim();
+        if key.is_empty() || key.len() > 63 {
+            return Err(at(
+                v.span(),
+                "group_by",
+                "must be a label key of 1 to 63 characters".into(),
+            ));
+        }
+        policy.group_by = Some(key.to_owned());
+    }
+    if let Some(v) = count(
+        &file.max_plans_per_minute,
+        "max_plans_per_minute",
+        1,
+        1_000_000,
+    )? {
+        policy.max_plans_per_minute = v;
+    }
+    if let Some(v) = count(
+        &file.max_group_plans_per_minute,
+        "max_group_plans_per_minute",
+        1,
+        1_000_000,
+    )? {
+        policy.max_group_plans_per_minute = v;
+    }
+    if let Some(v) = count(&file.retry_budget, "retry_budget", 1, 1000)? {
+        policy.retry_budget = v;
+    }
+    if let Some(v) = duration(&file.retry_window, "retry_window")? {
+        policy.retry_window = v;
+    }
+    if let Some(v) = duration(&file.min_healthy_period, "min_healthy_period")? {
+        policy.min_healthy_period = v;
+    }
+    if let Some(v) = count(&file.breaker_failures, "breaker_failures", 1, 1000)? {
+        policy.breaker_failures = v;
+    }
+    if let Some(v) = duration(&file.breaker_cooldown, "breaker_cooldown")? {
+        policy.breaker_cooldown = v;
+    }
+    if let Some(v) = file.dry_run {
+        policy.dry_run = v;
+    }
+    Ok(policy)
+}
+
+/// How many of a group (the fleet, or the agents of one `group_by` value)
+/// are counted, as the store read them in the plan's transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Census {
+    /// Agents counted: every status but EXHAUSTED (a quota is not a fault).
+    pub counted: u32,
+    /// Of them, unhealthy: under remediation (an active recovery) or OFFLINE.
+    pub unhealthy: u32,
+}
+
+/// Whether an agent in `status` under remediation or not counts in a
+/// census: EXHAUSTED agents count as neither healthy nor unhealthy.
+pub fn counts(status: AgentStatus) -> bool {
+    status != AgentStatus::Exhausted
+}
+
+/// Whether an agent counts as unhealthy: under remediation, or OFFLINE.
+pub fn unhealthy(status: AgentStatus, under_remediation: bool) -> bool {
+    counts(status) && (under_remediation || status == AgentStatus::Offline)
+}
+
+/// What a plan for one agent is checked on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request<'a> {
+    pub agent_status: AgentStatus,
+    /// Whether the agent is counted unhealthy already (OFFLINE): planning it
+    /// does not add one more.
+    pub agent_unhealthy: bool,
+    /// Its group (the value of its `group_by` label), if the policy groups.
+    pub group: Option<&'a str>,
+    pub fleet: Census,
+    /// The census of its group (ignored without one).
+    pub group_census: Census,
+    /// Plans recorded in the last minute, fleet-wide and in its group.
+    pub fleet_plans_last_minute: u32,
+    pub group_plans_last_minute: u32,
+    /// The agent's plans since its budget started again
+    /// ([`budget_since`]), within the retry window.
+    pub agent_plans_in_window: u32,
+    /// The pauses in force.
+    pub pauses: &'a [Pause],
+}
+
+/// An operator's `PauseHealing`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pause {
+    pub scope: Scope,
+    pub reason: String,
+    pub by: String,
+    pub at: DateTime<Utc>,
+}
+
+/// What a brake or a pause applies to.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Scope {
+    Fleet,
+    /// The agents whose `group_by` label has this value.
+    Group(String),
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Scope::Fleet => f.write_str("the fleet"),
+            Scope::Group(g) => write!(f, "group {g:?}"),
+        }
+    }
+}
+
+/// Why a plan was braked, with the numbers it was decided on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Braked {
+    #[error("agent is EXHAUSTED (a quota, not a fault): no recovery is planned")]
+    Exhausted,
+    #[error("healing is paused for {} by {}: {}", .0.scope, .0.by, .0.reason)]
+    Paused(Pause),
+    #[error(
+        "{scope} has {unhealthy} of {counted} agents unhealthy; a plan would make {after}, above the {allowed} allowed"
+    )]
+    UnhealthyShare {
+        scope: Scope,
+        unhealthy: u32,
+        counted: u32,
+        after: u32,
+        allowed: u32,
+    },
+    #[error("{scope} had {plans} plans in the last minute, at most {max} allowed")]
+    RateLimited { scope: Scope, plans: u32, max: u32 },
+    #[error("the agent had {plans} plans within {window}, its budget is {budget}")]
+    RetryBudgetSpent {
+        plans: u32,
+        budget: u32,
+        window: String,
+    },
+}
+
+impl Braked {
+    /// The stable reason a braked request is answered with.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Braked::Exhausted => "HEALING_AGENT_EXHAUSTED",
+            Braked::Paused(_) => "HEALING_PAUSED",
+            Braked::UnhealthyShare { .. } => "HEALING_BRAKE_UNHEALTHY_SHARE",
+            Braked::RateLimited { .. } => "HEALING_RATE_LIMITED",
+            Braked::RetryBudgetSpent { .. } => "RETRY_BUDGET_SPENT",
+        }
+    }
+}
+
+/// How many of `counted` may be unhealthy at once: the share, rounded down,
+/// never below the floor.
+pub fn allowed_unhealthy(policy: &HealingPolicy, counted: u32) -> u32 {
+    let share = u64::from(counted) * u64::from(policy.max_unhealthy_percent) / 100;
+    (share as u32).max(policy.min_unhealthy)
+}
+
+fn share_brake(
+    policy: &HealingPolicy,
+    scope: Scope,
+    census: Census,
+    adds: u32,
+) -> Result<(), Braked> {
+    let allowed = allowed_unhealthy(policy, census.counted);
+    let after = census.unhealthy + adds;
+    if after > allowed {
+        return Err(Braked::UnhealthyShare {
+            scope,
+            unhealthy: census.unhealthy,
+            counted: census.counted,
+            after,
+            allowed,
+        });
+    }
+    Ok(())
+}
+
+/// The first brake that holds for `request` under `policy`, in the order of
+/// the module's list; `Ok` when the plan may be made.
+pub fn check(policy: &HealingPolicy, request: &Request<'_>) -> Result<(), Braked> {
+    if !counts(request.agent_status) {
+        return Err(Braked::Exhausted);
+    }
+    let group = request.group.filter(|_| policy.group_by.is_some());
+    for pause in request.pauses {
+        let applies = match &pause.scope {
+            Scope::Fleet => true,
+            Scope::Group(g) => group == Some(g.as_str()),
+        };
+        if applies {
+            return Err(Braked::Paused(pause.clone()));
+        }
+    }
+    let adds = u32::from(!request.agent_unhealthy);
+    share_brake(policy, Scope::Fleet, request.fleet, adds)?;
+    if let Some(g) = group {
+        share_brake(
+            policy,
+            Scope::Group(g.to_owned()),
+            request.group_census,
+            adds,
+        )?;
+    }
+    if request.fleet_plans_last_minute >= policy.max_plans_per_minute {
+        return Err(Braked::RateLimited {
+            scope: Scope::Fleet,
+            plans: request.fleet_plans_last_minute,
+            max: policy.max_plans_per_minute,
+        });
+    }
+    if let Some(g) = group
+        && request.group_plans_last_minute >= policy.max_group_plans_per_minute
+    {
+        return Err(Braked::RateLimited {
+            scope: Scope::Group(g.to_owned()),
+            plans: request.group_plans_last_minute,
+            max: policy.max_group_plans_per_minute,
+        });
+    }
+    if request.agent_plans_in_window >= policy.retry_budget {
+        return Err(Braked::RetryBudgetSpent {
+            plans: request.agent_plans_in_window,
+            budget: policy.retry_budget,
+            window: crate::domain::recovery::format_duration(policy.retry_window),
+        });
+    }
+    Ok(())
+}
+
+/// Since when an agent's plans count against its budget at `now`: the
+/// window's start, or later when the agent has been healthy for the
+/// healthy period since its last plan ended (`healthy_since`: when it last
+/// became healthy, `None` while it is not).
+pub fn budget_since(
+    policy: &HealingPolicy,
+    healthy_since: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> DateTime<Utc> {
+    let window_start = now - policy.retry_window;
+    match healthy_since {
+        Some(since) if now - since >= policy.min_healthy_period => window_start.max(since),
+        _ => window_start,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Breakers
+
+/// A breaker on one (error type, strategy), fleet-wide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Breaker {
+    /// Plans go through; `failures` in a row so far.
+    Closed { failures: u32 },
+    /// No plan goes through until `since + cooldown`.
+    Open { since: DateTime<Utc> },
+    /// One plan went through at `trial_at`; no other until its outcome (or,
+    /// if none comes, another cooldown).
+    HalfOpen { trial_at: DateTime<Utc> },
+}
+
+impl Default for Breaker {
+    fn default() -> Self {
+        Breaker::Closed { failures: 0 }
+    }
+}
+
+/// Whether a breaker lets a plan through at `now`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    Yes,
+    /// The half-open trial: the plan goes through and the breaker becomes
+    /// [`Breaker::HalfOpen`].
+    Trial,
+    /// Not until `until`.
+    No {
+        until: DateTime<Utc>,
+    },
+}
+
+impl Breaker {
+    pub fn admits(&self, policy: &HealingPolicy, now: DateTime<Utc>) -> Admit {
+        match *self {
+            Breaker::Closed { .. } => Admit::Yes,
+            Breaker::Open { since } | Breaker::HalfOpen { trial_at: since } => {
+                let until = since + policy.breaker_cooldown;
+                if now >= until {
+                    Admit::Trial
+                } else {
+                    Admit::No { until }
+                }
+            }
+        }
+    }
+
+    /// The breaker after a plan went through on `admit`.
+    pub fn after_admit(self, admit: Admit, now: DateTime<Utc>) -> Breaker {
+        match admit {
+            Admit::Trial => Breaker::HalfOpen { trial_at: now },
+            _ => self,
+        }
+    }
+
+    /// The breaker after a plan's outcome: a success closes it; a failure
+    /// counts, opens it at the policy's count, and reopens a half-open one.
+    pub fn after_outcome(
+        self,
+        succeeded: bool,
+        policy: &HealingPolicy,
+        now: DateTime<Utc>,
+    ) -> Breaker {
+        match (self, succeeded) {
+            (_, true) => Breaker::Closed { failures: 0 },
+            (Breaker::Closed { failures }, false) if failures + 1 >= policy.breaker_failures => {
+                Breaker::Open { since: now }
+            }
+            (Breaker::Closed { failures }, false) => Breaker::Closed {
+                failures: failures + 1,
+            },
+            (Breaker::HalfOpen { .. }, false) => Breaker::Open { since: now },
+            (open @ Breaker::Open { .. }, false) => open,
+        }
+    }
+
+    pub fn is_open(&self) -> bool {
+        !matches!(self, Breaker::Closed { .. })
+    }
+}
+
+/// The strategy a plan uses given the breakers: the first of `ranked` (the
+/// planner's order, best first) whose breaker admits it, with how; `None`
+/// when every one is open (the plan is braked or escalated: a breaker never
+/// fails open).
+pub fn choose_admitted<S: Ord + Copy>(
+    ranked: &[S],
+    breakers: &BTreeMap<S, Breaker>,
+    policy: &HealingPolicy,
+    now: DateTime<Utc>,
+) -> Option<(S, Admit)> {
+    ranked.iter().find_map(|s| {
+        let admit = breakers
+            .get(s)
+            .copied()
+            .unwrap_or_default()
+            .admits(policy, now);
+        (!matches!(admit, Admit::No { .. })).then_some((*s, admit))
+    })
+}
+
+#[cfg(test)]
+mod tests;
