@@ -317,6 +317,11 @@ pub struct HealingArgs {
     #[arg(long, env = "FLEETCARE_SAFETY_LIMIT", default_value_t = 0.7)]
     pub safety_limit: f64,
 
+    /// Error events and ended recovery actions older than this are pruned
+    /// (what the planner learned is kept); 0 keeps them forever.
+    #[arg(long, env = "FLEETCARE_HEALING_RETENTION", default_value = "30days", value_parser = humantime::parse_duration)]
+    pub healing_retention: Duration,
+
     /// Seed for the planner's Thompson sampling and retry jitter (reproducible runs); random when unset.
     #[arg(long, env = "FLEETCARE_HEALING_SEED")]
     pub healing_seed: Option<u64>,
@@ -553,6 +558,7 @@ impl ServeArgs {
             ("--post-cooldown-edit", h.post_cooldown_edit),
             ("--post-cooldown-thread", h.post_cooldown_thread),
             ("--post-claim-lease", h.post_claim_lease),
+            ("--healing-retention", h.healing_retention),
             ("--offline-agent-retention", self.offline_agent_retention),
             ("--max-claim-lease", self.max_claim_lease),
         ];

@@ -576,6 +576,19 @@ async fn start_services(
         metrics.clone(),
         shutdown.child_token(),
     );
+    // Healing records are pruned as transitions are: a tenth of the
+    // retention apart, at most a minute, at least a sweep interval.
+    let healing_retention = chrono_duration("--healing-retention", args.healing.healing_retention)
+        .map_err(Error::InvalidArgument)?;
+    sweeper::spawn_healing_pruner(
+        stores.healing.clone(),
+        clock.clone(),
+        healing_retention,
+        (args.healing.healing_retention / 10)
+            .min(std::time::Duration::from_secs(60))
+            .max(args.sweep_interval),
+        shutdown.child_token(),
+    );
     let pacing = HeartbeatPacing {
         max_rate: args.max_heartbeat_rate,
         min_interval: chrono_duration("--min-heartbeat-interval", args.min_heartbeat_interval)

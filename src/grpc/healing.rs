@@ -462,10 +462,17 @@ impl TryFrom<pb::ListRecoveryActionsRequest> for Listing<RecoveryActionQuery, i6
             status,
             page_size,
             page_token,
+            error_event_id,
         } = request;
         let page = PageRequest::decode(page_size, &page_token)?;
+        if error_event_id < 0 {
+            return Err(Error::invalid(format!(
+                "error_event_id must not be negative, got {error_event_id}"
+            )));
+        }
         let query = RecoveryActionQuery {
             agent_id: optional_agent(&agent_id)?,
+            error_event_id: (error_event_id > 0).then_some(error_event_id),
             error_type: error_type_from_pb("error_type", error_type)?,
             status: recovery_status_from_pb("status", status)?,
             before_id: page.after,

@@ -123,6 +123,51 @@ async fn run(
     }
 }
 
+/// Prunes healing records older than `retention` (`--healing-retention`;
+/// zero keeps them) every `every`, on the server's clock, until `shutdown`.
+pub fn spawn_healing_pruner(
+    store: Arc<dyn crate::storage::HealingStore>,
+    clock: Clock,
+    retention: chrono::Duration,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    if retention <= chrono::Duration::zero() {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            match prune_healing_once(&*store, &clock, retention).await {
+                Ok((0, 0)) => {}
+                Ok((events, actions)) => {
+                    tracing::info!(events, actions, "pruned healing records")
+                }
+                Err(error) => tracing::warn!(%error, "pruning healing records failed"),
+            }
+        }
+    });
+}
+
+/// One prune of the healing records older than `retention` at the clock's
+/// now: (events, actions) deleted.
+pub async fn prune_healing_once(
+    store: &dyn crate::storage::HealingStore,
+    clock: &Clock,
+    retention: chrono::Duration,
+) -> Result<(u64, u64), Error> {
+    let before = clock
+        .now()
+        .checked_sub_signed(retention)
+        .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
+    store.prune_healing(before).await
+}
+
 /// What one sweep looks for.
 #[derive(Debug, Clone, Copy)]
 pub struct Look {

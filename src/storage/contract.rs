@@ -1329,6 +1329,104 @@ async fn a_recovery_lease_expires_on_the_store_clock(s: &Subject) {
     assert_eq!(expired.iter().map(|a| a.id).collect::<Vec<_>>(), [first.id]);
 }
 
+contract!(healing_records_older_than_the_retention_are_pruned_and_actions_listed_by_event on sqlite, postgres);
+
+/// Pruning deletes the recovery actions created before the cutoff that
+/// ended (an outcome, or a lease that ran out before it) and then the error
+/// events before it that no action refers to; an ACTIVE recovery within its
+/// lease keeps itself and its event; what the planner learned stays.
+/// Actions are listed by the event they were planned for.
+async fn healing_records_older_than_the_retention_are_pruned_and_actions_listed_by_event(
+    s: &Subject,
+) {
+    let h = s.healing();
+    let lease = Duration::minutes(10);
+    let outcome = |success| crate::domain::healing_records::RecoveryOutcome {
+        success,
+        duration: Duration::seconds(5),
+        details: String::new(),
+        actor: "contract".into(),
+    };
+    // Day 0: an event with a finished recovery, one without any.
+    let finished_event = h.record_error(error("old-1")).await.unwrap();
+    let finished = h
+        .plan_recovery(finished_event.id, lease, "contract", planner())
+        .await
+        .unwrap();
+    h.record_recovery_outcome(finished.id, outcome(true))
+        .await
+        .unwrap();
+    let lone = h.record_error(error("old-2")).await.unwrap();
+    // Day 2: an event whose recovery is still within its lease at the cutoff.
+    s.clock.advance(Duration::days(2));
+    let recent_event = h.record_error(error("new-1")).await.unwrap();
+    let active = h
+        .plan_recovery(recent_event.id, lease, "contract", planner())
+        .await
+        .unwrap();
+    let by_event = h
+        .list_recovery_actions(&RecoveryActionQuery {
+            error_event_id: Some(recent_event.id),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        by_event.iter().map(|a| a.id).collect::<Vec<_>>(),
+        [active.id]
+    );
+    let learned_before = h.healing_statistics().await.unwrap().patterns;
+
+    // Cut off a day ago: day 0 goes, day 2 stays.
+    let (events, actions) = h
+        .prune_healing(s.now.now() - Duration::days(1))
+        .await
+        .unwrap();
+    assert_eq!((events, actions), (2, 1));
+    let left = h
+        .list_error_events(&crate::storage::ErrorEventQuery {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        left.iter().map(|e| e.id).collect::<Vec<_>>(),
+        [recent_event.id]
+    );
+    assert!(!left.iter().any(|e| e.id == lone.id));
+    let actions_left = h
+        .list_recovery_actions(&RecoveryActionQuery {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        actions_left.iter().map(|a| a.id).collect::<Vec<_>>(),
+        [active.id]
+    );
+    assert_eq!(
+        h.healing_statistics().await.unwrap().patterns,
+        learned_before,
+        "what was learned is kept"
+    );
+    // A cutoff past the active recovery's creation but within its lease
+    // keeps it, and its event.
+    let (events, actions) = h
+        .prune_healing(s.now.now() + Duration::minutes(1))
+        .await
+        .unwrap();
+    assert_eq!((events, actions), (0, 0));
+    // Once its lease ran out before the cutoff, it goes with its event.
+    let (events, actions) = h
+        .prune_healing(s.now.now() + Duration::hours(1))
+        .await
+        .unwrap();
+    assert_eq!((events, actions), (1, 1));
+}
+
 // ---------------------------------------------------------------- posts
 
 const STAGNATION: Stagnation = Stagnation {

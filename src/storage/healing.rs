@@ -258,6 +258,15 @@ pub(crate) trait HealingTx: Send {
         status: Option<&[StoredStatusFilter]>,
     ) -> Result<Vec<RecoveryAction>>;
 
+    /// Deletes the recovery actions created before `before` that have
+    /// ended (not ACTIVE, or ACTIVE with a lease that ran out before it);
+    /// how many.
+    async fn delete_actions_before(&mut self, before: DateTime<Utc>) -> Result<u64>;
+
+    /// Deletes the error events that occurred before `before` and have no
+    /// recovery action left; how many.
+    async fn delete_events_before(&mut self, before: DateTime<Utc>) -> Result<u64>;
+
     async fn commit(self: Box<Self>) -> Result<()>;
 }
 
@@ -314,6 +323,24 @@ impl<S: HealingTxs + Send + Sync + 'static> HealingStore for S {
     ) -> Result<Vec<RecoveryAction>> {
         list_recovery_actions(self, query).await
     }
+
+    async fn prune_healing(&self, before: DateTime<Utc>) -> Result<(u64, u64)> {
+        prune_healing(self, before).await
+    }
+}
+
+/// [`HealingStore::prune_healing`]: the ended actions first (an event's
+/// row is kept while an action refers to it), then the events left alone,
+/// in one transaction. What was learned (`healing_patterns`) is kept.
+pub(crate) async fn prune_healing(
+    store: &dyn HealingTxs,
+    before: DateTime<Utc>,
+) -> Result<(u64, u64)> {
+    let mut tx = store.begin_write().await?;
+    let actions = tx.delete_actions_before(before).await?;
+    let events = tx.delete_events_before(before).await?;
+    tx.commit().await?;
+    Ok((events, actions))
 }
 
 /// [`HealingStore::record_error`].

@@ -261,6 +261,8 @@ pub struct ErrorEventQuery {
 #[derive(Debug, Clone, Default)]
 pub struct RecoveryActionQuery {
     pub agent_id: Option<String>,
+    /// The actions planned for this error event.
+    pub error_event_id: Option<i64>,
     pub error_type: Option<ErrorType>,
     pub status: Option<RecoveryStatus>,
     pub before_id: Option<i64>,
@@ -272,6 +274,12 @@ pub struct RecoveryActionQuery {
 pub trait HealingStore: Send + Sync + 'static {
     /// Stores an error, marking it recurring from the agent's recent history.
     async fn record_error(&self, event: NewErrorEvent) -> Result<ErrorEvent>;
+
+    /// Deletes the healing records older than `before` (`--healing-retention`):
+    /// the recovery actions created before it that have ended, then the
+    /// error events that occurred before it with no action left. Returns
+    /// (events, actions) deleted. What the planner learned is kept.
+    async fn prune_healing(&self, before: DateTime<Utc>) -> Result<(u64, u64)>;
 
     /// Plans and stores an ACTIVE recovery for the event's agent, unless one is
     /// already active (FAILED_PRECONDITION naming it). Expired ones are freed

@@ -605,3 +605,89 @@ async fn recovery_action_pages_follow_their_tokens_to_the_end() {
     assert_eq!(foreign.code(), Code::InvalidArgument);
     assert!(foreign.message().contains("page_token"));
 }
+
+#[tokio::test]
+async fn records_older_than_the_retention_are_pruned_and_actions_are_listed_by_event() {
+    let db = TestDb::new();
+    let mut args = test_args(&db.url);
+    let clock = crate::helpers::manual_clock(&mut args);
+    // A short retention, so the pruner runs every sweep interval (a tenth
+    // of the retention, at least that); time moves on the manual clock.
+    args.healing.healing_retention = Duration::from_secs(1);
+    let app = TestApp::spawn_with(args).await;
+    let mut c = client(&app);
+    let first = report(&mut c, "h-1", "tool call failed", &[]).await;
+    let second = report(&mut c, "h-2", "tool call failed", &[]).await;
+    let action = plan(&mut c, second.id).await.unwrap();
+    outcome(&mut c, action.id, true, 3).await;
+
+    let listed = c
+        .list_recovery_actions(pb::ListRecoveryActionsRequest {
+            error_event_id: second.id,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .actions;
+    assert_eq!(listed.iter().map(|a| a.id).collect::<Vec<_>>(), [action.id]);
+    let none = c
+        .list_recovery_actions(pb::ListRecoveryActionsRequest {
+            error_event_id: first.id,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .actions;
+    assert!(none.is_empty());
+    let negative = c
+        .list_recovery_actions(pb::ListRecoveryActionsRequest {
+            error_event_id: -1,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(negative.code(), Code::InvalidArgument);
+    assert!(
+        negative.message().contains("error_event_id"),
+        "{negative:?}"
+    );
+
+    // Past the retention, both events and the ended action are pruned; the
+    // planner's learning stays.
+    let learned = c
+        .get_healing_statistics(pb::GetHealingStatisticsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .patterns;
+    assert_eq!(learned.len(), 1);
+    clock.advance(chrono::Duration::seconds(2));
+    crate::helpers::eventually(Duration::from_secs(10), "records pruned", || {
+        let mut c = c.clone();
+        async move {
+            let events = c
+                .list_error_events(pb::ListErrorEventsRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .events;
+            events.is_empty().then_some(())
+        }
+    })
+    .await;
+    let actions = c
+        .list_recovery_actions(pb::ListRecoveryActionsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .actions;
+    assert!(actions.is_empty());
+    let stats = c
+        .get_healing_statistics(pb::GetHealingStatisticsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.patterns, learned, "what the planner learned is kept");
+}

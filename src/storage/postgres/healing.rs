@@ -362,6 +362,7 @@ impl HealingTx for PgTx<'_> {
                AND ($2::text IS NULL OR error_type = $2)
                AND ($3::bigint IS NULL OR id < $3)
                AND ($5::text[] IS NULL OR {})
+               AND ($8::bigint IS NULL OR error_event_id = $8)
              ORDER BY id DESC
              LIMIT $4",
             status_filter_sql(5)
@@ -373,10 +374,36 @@ impl HealingTx for PgTx<'_> {
         .bind(statuses)
         .bind(ends_after)
         .bind(ended_by)
+        .bind(query.error_event_id)
         .fetch_all(&mut *self.tx)
         .await
         .map_err(db_error)?;
         rows.into_iter().map(RecoveryAction::try_from).collect()
+    }
+
+    async fn delete_actions_before(&mut self, before: DateTime<Utc>) -> Result<u64> {
+        sqlx::query(
+            "DELETE FROM recovery_actions
+             WHERE created_at < $1 AND (status <> 'ACTIVE' OR lease_expires_at < $1)",
+        )
+        .bind(before)
+        .execute(&mut *self.tx)
+        .await
+        .map(|r| r.rows_affected())
+        .map_err(db_error)
+    }
+
+    async fn delete_events_before(&mut self, before: DateTime<Utc>) -> Result<u64> {
+        sqlx::query(
+            "DELETE FROM error_events e
+             WHERE e.occurred_at < $1
+               AND NOT EXISTS (SELECT 1 FROM recovery_actions r WHERE r.error_event_id = e.id)",
+        )
+        .bind(before)
+        .execute(&mut *self.tx)
+        .await
+        .map(|r| r.rows_affected())
+        .map_err(db_error)
     }
 
     async fn commit(self: Box<Self>) -> Result<()> {

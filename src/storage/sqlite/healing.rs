@@ -359,6 +359,9 @@ impl HealingTx for SqliteTx<'_> {
         if let Some(before_id) = query.before_id {
             qb.push(" AND id < ").push_bind(before_id);
         }
+        if let Some(event) = query.error_event_id {
+            qb.push(" AND error_event_id = ").push_bind(event);
+        }
         if let Some(filters) = status {
             qb.push(" AND ");
             push_status_filter(&mut qb, filters);
@@ -370,6 +373,32 @@ impl HealingTx for SqliteTx<'_> {
             .await
             .map_err(sqlite_error)?;
         rows.into_iter().map(RecoveryAction::try_from).collect()
+    }
+
+    async fn delete_actions_before(&mut self, before: DateTime<Utc>) -> Result<u64> {
+        sqlx::query(
+            "DELETE FROM recovery_actions
+             WHERE created_at < ?1 AND (status <> 'ACTIVE' OR lease_expires_at < ?1)",
+        )
+        .bind(micros(before))
+        .execute(&mut *self.tx)
+        .await
+        .map(|r| r.rows_affected())
+        .map_err(sqlite_error)
+    }
+
+    async fn delete_events_before(&mut self, before: DateTime<Utc>) -> Result<u64> {
+        sqlx::query(
+            "DELETE FROM error_events
+             WHERE occurred_at < ?1
+               AND NOT EXISTS (SELECT 1 FROM recovery_actions r
+                               WHERE r.error_event_id = error_events.id)",
+        )
+        .bind(micros(before))
+        .execute(&mut *self.tx)
+        .await
+        .map(|r| r.rows_affected())
+        .map_err(sqlite_error)
     }
 
     async fn commit(self: Box<Self>) -> Result<()> {

@@ -317,18 +317,20 @@ class ListErrorEventsResponse(_message.Message):
     def __init__(self, events: _Optional[_Iterable[_Union[ErrorEvent, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class ListRecoveryActionsRequest(_message.Message):
-    __slots__ = ("agent_id", "error_type", "status", "page_size", "page_token")
+    __slots__ = ("agent_id", "error_type", "status", "page_size", "page_token", "error_event_id")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     ERROR_TYPE_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ERROR_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     error_type: ErrorType
     status: RecoveryStatus
     page_size: int
     page_token: str
-    def __init__(self, agent_id: _Optional[str] = ..., error_type: _Optional[_Union[ErrorType, str]] = ..., status: _Optional[_Union[RecoveryStatus, str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    error_event_id: int
+    def __init__(self, agent_id: _Optional[str] = ..., error_type: _Optional[_Union[ErrorType, str]] = ..., status: _Optional[_Union[RecoveryStatus, str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., error_event_id: _Optional[int] = ...) -> None: ...
 
 class ListRecoveryActionsResponse(_message.Message):
     __slots__ = ("actions", "next_page_token")
