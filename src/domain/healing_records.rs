@@ -34,6 +34,10 @@ pub struct ErrorEvent {
     pub occurred_at: DateTime<Utc>,
     /// Who reported it ("" for events stored before actors were).
     pub actor: String,
+    /// The latest recovery planned for it and where that stands (as a
+    /// reader sees it: an ACTIVE one past its lease is EXPIRED); `None`
+    /// when none was planned, or when the read does not say.
+    pub recovery: Option<(i64, RecoveryStatus)>,
 }
 
 /// Where a recovery action stands.

@@ -188,6 +188,8 @@ fn event_to_pb(e: &ErrorEvent) -> pb::ErrorEvent {
         critical: e.critical,
         recurring: e.recurring,
         occurred_at: Some(timestamp(e.occurred_at)),
+        recovery_action_id: e.recovery.map_or(0, |(id, _)| id),
+        recovery_status: e.recovery.map_or(0, |(_, s)| recovery_status_to_pb(s)),
     }
 }
 

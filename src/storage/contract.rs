@@ -1377,6 +1377,28 @@ async fn healing_records_older_than_the_retention_are_pruned_and_actions_listed_
         [active.id]
     );
     let learned_before = h.healing_statistics().await.unwrap().patterns;
+    // Each event shows its latest recovery as a reader sees it.
+    let shown: Vec<(i64, Option<(i64, RecoveryStatus)>)> = h
+        .list_error_events(&crate::storage::ErrorEventQuery {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.id, e.recovery))
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            (recent_event.id, Some((active.id, RecoveryStatus::Active))),
+            (lone.id, None),
+            (
+                finished_event.id,
+                Some((finished.id, RecoveryStatus::Succeeded))
+            ),
+        ]
+    );
 
     // Cut off a day ago: day 0 goes, day 2 stays.
     let (events, actions) = h

@@ -99,6 +99,7 @@ impl<T: StoredTime, J: StoredJson<Context>> TryFrom<EventRow<T, J>> for ErrorEve
             recurring: row.recurring,
             occurred_at: row.occurred_at.time(),
             actor: row.actor,
+            recovery: None,
         })
     }
 }
@@ -258,6 +259,9 @@ pub(crate) trait HealingTx: Send {
         status: Option<&[StoredStatusFilter]>,
     ) -> Result<Vec<RecoveryAction>>;
 
+    /// Every recovery action planned for one of `event_ids`, as stored.
+    async fn actions_of_events(&mut self, event_ids: &[i64]) -> Result<Vec<RecoveryAction>>;
+
     /// Deletes the recovery actions created before `before` that have
     /// ended (not ACTIVE, or ACTIVE with a lease that ran out before it);
     /// how many.
@@ -314,7 +318,7 @@ impl<S: HealingTxs + Send + Sync + 'static> HealingStore for S {
     }
 
     async fn list_error_events(&self, query: &ErrorEventQuery) -> Result<Vec<ErrorEvent>> {
-        self.error_events(query).await
+        list_error_events(self, query).await
     }
 
     async fn list_recovery_actions(
@@ -327,6 +331,40 @@ impl<S: HealingTxs + Send + Sync + 'static> HealingStore for S {
     async fn prune_healing(&self, before: DateTime<Utc>) -> Result<(u64, u64)> {
         prune_healing(self, before).await
     }
+}
+
+/// [`HealingStore::list_error_events`]: the page, then the recoveries
+/// planned for its events, each event showing its latest as a reader sees
+/// it at the store's clock.
+pub(crate) async fn list_error_events(
+    store: &dyn HealingTxs,
+    query: &ErrorEventQuery,
+) -> Result<Vec<ErrorEvent>> {
+    let mut events = store.error_events(query).await?;
+    if events.is_empty() {
+        return Ok(events);
+    }
+    let ids: Vec<i64> = events.iter().map(|e| e.id).collect();
+    let mut tx = store.begin_read().await?;
+    let now = tx.now().await?;
+    let actions = tx.actions_of_events(&ids).await?;
+    drop(tx);
+    let mut latest: std::collections::HashMap<i64, RecoveryAction> = Default::default();
+    for action in actions {
+        match latest.get(&action.error_event_id) {
+            Some(seen) if seen.id > action.id => {}
+            _ => {
+                latest.insert(action.error_event_id, action);
+            }
+        }
+    }
+    for event in &mut events {
+        event.recovery = latest
+            .remove(&event.id)
+            .map(|a| seen_at(a, now))
+            .map(|a| (a.id, a.status));
+    }
+    Ok(events)
 }
 
 /// [`HealingStore::prune_healing`]: the ended actions first (an event's

@@ -654,6 +654,25 @@ async fn records_older_than_the_retention_are_pruned_and_actions_are_listed_by_e
         "{negative:?}"
     );
 
+    // Each event shows the recovery planned for it and how it ended.
+    let events = c
+        .list_error_events(pb::ListErrorEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    let shown: Vec<(i64, i64, i32)> = events
+        .iter()
+        .map(|e| (e.id, e.recovery_action_id, e.recovery_status))
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            (second.id, action.id, pb::RecoveryStatus::Succeeded as i32),
+            (first.id, 0, 0)
+        ]
+    );
+
     // Past the retention, both events and the ended action are pruned; the
     // planner's learning stays.
     let learned = c

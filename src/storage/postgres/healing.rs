@@ -381,6 +381,17 @@ impl HealingTx for PgTx<'_> {
         rows.into_iter().map(RecoveryAction::try_from).collect()
     }
 
+    async fn actions_of_events(&mut self, event_ids: &[i64]) -> Result<Vec<RecoveryAction>> {
+        let rows: Vec<ActionRow> = sqlx::query_as(&format!(
+            "SELECT {ACTION_COLUMNS} FROM recovery_actions WHERE error_event_id = ANY($1)"
+        ))
+        .bind(event_ids)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(db_error)?;
+        rows.into_iter().map(RecoveryAction::try_from).collect()
+    }
+
     async fn delete_actions_before(&mut self, before: DateTime<Utc>) -> Result<u64> {
         sqlx::query(
             "DELETE FROM recovery_actions

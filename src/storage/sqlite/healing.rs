@@ -375,6 +375,18 @@ impl HealingTx for SqliteTx<'_> {
         rows.into_iter().map(RecoveryAction::try_from).collect()
     }
 
+    async fn actions_of_events(&mut self, event_ids: &[i64]) -> Result<Vec<RecoveryAction>> {
+        let rows: Vec<ActionRow> = sqlx::query_as(&format!(
+            "SELECT {ACTION_COLUMNS} FROM recovery_actions
+             WHERE error_event_id IN (SELECT value FROM json_each(?1))"
+        ))
+        .bind(serde_json::to_string(event_ids).map_err(|e| Error::Internal(e.to_string()))?)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(sqlite_error)?;
+        rows.into_iter().map(RecoveryAction::try_from).collect()
+    }
+
     async fn delete_actions_before(&mut self, before: DateTime<Utc>) -> Result<u64> {
         sqlx::query(
             "DELETE FROM recovery_actions

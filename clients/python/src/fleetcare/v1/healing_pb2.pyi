@@ -110,7 +110,7 @@ INELIGIBLE_REASON_WINDOW_FREQUENCY_EXCEEDED: IneligibleReason
 INELIGIBLE_REASON_ACTION_COOLDOWN_ACTIVE: IneligibleReason
 
 class ErrorEvent(_message.Message):
-    __slots__ = ("id", "agent_id", "message", "context", "error_type", "severity", "critical", "recurring", "occurred_at", "actor")
+    __slots__ = ("id", "agent_id", "message", "context", "error_type", "severity", "critical", "recurring", "occurred_at", "actor", "recovery_action_id", "recovery_status")
     class ContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +128,8 @@ class ErrorEvent(_message.Message):
     RECURRING_FIELD_NUMBER: _ClassVar[int]
     OCCURRED_AT_FIELD_NUMBER: _ClassVar[int]
     ACTOR_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_ACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_STATUS_FIELD_NUMBER: _ClassVar[int]
     id: int
     agent_id: str
     message: str
@@ -138,7 +140,9 @@ class ErrorEvent(_message.Message):
     recurring: bool
     occurred_at: _timestamp_pb2.Timestamp
     actor: str
-    def __init__(self, id: _Optional[int] = ..., agent_id: _Optional[str] = ..., message: _Optional[str] = ..., context: _Optional[_Mapping[str, str]] = ..., error_type: _Optional[_Union[ErrorType, str]] = ..., severity: _Optional[float] = ..., critical: bool = ..., recurring: bool = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., actor: _Optional[str] = ...) -> None: ...
+    recovery_action_id: int
+    recovery_status: RecoveryStatus
+    def __init__(self, id: _Optional[int] = ..., agent_id: _Optional[str] = ..., message: _Optional[str] = ..., context: _Optional[_Mapping[str, str]] = ..., error_type: _Optional[_Union[ErrorType, str]] = ..., severity: _Optional[float] = ..., critical: bool = ..., recurring: bool = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., actor: _Optional[str] = ..., recovery_action_id: _Optional[int] = ..., recovery_status: _Optional[_Union[RecoveryStatus, str]] = ...) -> None: ...
 
 class RecoveryAction(_message.Message):
     __slots__ = ("id", "error_event_id", "agent_id", "error_type", "strategy", "chosen_strategy", "parameters", "estimated_duration", "success_probability", "risk_score", "escalated", "reason", "status", "created_at", "lease_expires_at", "completed_at", "duration", "details", "context_signature", "actor", "outcome_actor")
