@@ -488,6 +488,9 @@ pub struct Evaluation {
     pub stagnation: Option<Stagnation>,
     /// Key of the action that would be (or was refused to be) taken.
     pub idempotency_key: Option<String>,
+    /// Metric points inside the window (the seed's `sample_count`), set
+    /// on every verdict, insufficient samples included.
+    pub samples: usize,
 }
 
 /// Decide whether to heal `post_id` now. Guardrails, first failure wins:
@@ -509,11 +512,16 @@ pub fn evaluate(
     let stag = match stagnation(points, now, config) {
         Ok(s) => s,
         Err(reason) => {
+            let since = sub_saturating(now, config.window);
             return Evaluation {
                 eligible: false,
                 reason: Some(reason),
                 stagnation: None,
                 idempotency_key: None,
+                samples: points
+                    .iter()
+                    .filter(|p| p.at >= since && p.at <= now)
+                    .count(),
             };
         }
     };
@@ -523,6 +531,7 @@ pub fn evaluate(
         reason: Some(reason),
         stagnation: Some(stag),
         idempotency_key: Some(key.clone()),
+        samples: stag.samples,
     };
 
     let duplicate = history.iter().any(|r| {
@@ -559,6 +568,7 @@ pub fn evaluate(
         reason: None,
         stagnation: Some(stag),
         idempotency_key: Some(key),
+        samples: stag.samples,
     }
 }
 

@@ -967,6 +967,7 @@ impl PostHealingService for PostHealingApi {
             idempotency_key: evaluation.idempotency_key.clone().unwrap_or_default(),
             claimed: verdict.claimed.is_some(),
             action: verdict.claimed.as_ref().map(post_action_to_pb),
+            sample_count: evaluation.samples as i64,
         }))
     }
 

@@ -1476,6 +1476,7 @@ fn evaluator(post_id: &str) -> PostEvaluator<'static> {
             reason: duplicate.then_some(Ineligible::DuplicateAction),
             stagnation: Some(STAGNATION),
             idempotency_key: Some(key),
+            samples: STAGNATION.samples,
         }
     })
 }

@@ -108,6 +108,7 @@ async fn stagnation_picks_the_tier_and_a_seed_compatible_key() {
     let r = evaluate(&mut c, "p1", t0(), THREAD, false).await;
     assert!((r.stagnation_score - 0.9).abs() < 1e-9);
     assert!((r.engagement_rate - 0.005).abs() < 1e-12);
+    assert_eq!(r.sample_count, 3);
 
     // Points outside the 90-minute window are ignored: two left is too few.
     let mut old = points(t0(), THREAD);
@@ -127,6 +128,10 @@ async fn stagnation_picks_the_tier_and_a_seed_compatible_key() {
     assert_eq!(
         r.ineligible_reason,
         pb::IneligibleReason::InsufficientSamples as i32
+    );
+    assert_eq!(
+        r.sample_count, 2,
+        "the seed's sample_count: the points in the window"
     );
     assert!(!r.claimed);
 }

@@ -397,7 +397,7 @@ class EvaluatePostRequest(_message.Message):
     def __init__(self, post_id: _Optional[str] = ..., points: _Optional[_Iterable[_Union[MetricPoint, _Mapping]]] = ..., now: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., claim: bool = ...) -> None: ...
 
 class EvaluatePostResponse(_message.Message):
-    __slots__ = ("eligible", "ineligible_reason", "reason", "stagnation_score", "engagement_rate", "tier", "action_type", "idempotency_key", "claimed", "action")
+    __slots__ = ("eligible", "ineligible_reason", "reason", "stagnation_score", "engagement_rate", "tier", "action_type", "idempotency_key", "claimed", "action", "sample_count")
     ELIGIBLE_FIELD_NUMBER: _ClassVar[int]
     INELIGIBLE_REASON_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -408,6 +408,7 @@ class EvaluatePostResponse(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     CLAIMED_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_COUNT_FIELD_NUMBER: _ClassVar[int]
     eligible: bool
     ineligible_reason: IneligibleReason
     reason: str
@@ -418,7 +419,8 @@ class EvaluatePostResponse(_message.Message):
     idempotency_key: str
     claimed: bool
     action: PostAction
-    def __init__(self, eligible: bool = ..., ineligible_reason: _Optional[_Union[IneligibleReason, str]] = ..., reason: _Optional[str] = ..., stagnation_score: _Optional[float] = ..., engagement_rate: _Optional[float] = ..., tier: _Optional[int] = ..., action_type: _Optional[_Union[PostActionType, str]] = ..., idempotency_key: _Optional[str] = ..., claimed: bool = ..., action: _Optional[_Union[PostAction, _Mapping]] = ...) -> None: ...
+    sample_count: int
+    def __init__(self, eligible: bool = ..., ineligible_reason: _Optional[_Union[IneligibleReason, str]] = ..., reason: _Optional[str] = ..., stagnation_score: _Optional[float] = ..., engagement_rate: _Optional[float] = ..., tier: _Optional[int] = ..., action_type: _Optional[_Union[PostActionType, str]] = ..., idempotency_key: _Optional[str] = ..., claimed: bool = ..., action: _Optional[_Union[PostAction, _Mapping]] = ..., sample_count: _Optional[int] = ...) -> None: ...
 
 class RecordActionOutcomeRequest(_message.Message):
     __slots__ = ("idempotency_key", "status", "outcome_json", "error_code", "post_id", "action_type", "tier")
