@@ -86,6 +86,13 @@ impl Error {
     }
 }
 
+/// A malformed request field, as the domain's checks name it.
+impl From<crate::domain::invalid::InvalidArgument> for Error {
+    fn from(invalid: crate::domain::invalid::InvalidArgument) -> Self {
+        Error::InvalidArgument(invalid.to_string())
+    }
+}
+
 impl From<crate::domain::batch::Refusal> for Error {
     fn from(refusal: crate::domain::batch::Refusal) -> Self {
         use crate::domain::batch::Refusal;

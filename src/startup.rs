@@ -576,17 +576,14 @@ async fn start_services(
         metrics.clone(),
         shutdown.child_token(),
     );
-    // Healing records are pruned as transitions are: a tenth of the
-    // retention apart, at most a minute, at least a sweep interval.
+    // Healing records are pruned as often as transitions are.
     let healing_retention = chrono_duration("--healing-retention", args.healing.healing_retention)
         .map_err(Error::InvalidArgument)?;
     sweeper::spawn_healing_pruner(
         stores.healing.clone(),
         clock.clone(),
         healing_retention,
-        (args.healing.healing_retention / 10)
-            .min(std::time::Duration::from_secs(60))
-            .max(args.sweep_interval),
+        sweeper::prune_interval(args.healing.healing_retention, args.sweep_interval),
         shutdown.child_token(),
     );
     let pacing = HeartbeatPacing {

@@ -237,6 +237,13 @@ impl From<&pb::ExplainRecoveryResponse> for RecoveryExplanationView {
     }
 }
 
+/// A `QuotaWindow` by its name without the prefix, in any case, `-` for
+/// `_` (`five-hour`, `WEEKLY`); `None` for any other (unspecified too).
+pub fn quota_window_named(name: &str) -> Option<pb::QuotaWindow> {
+    let name = format!("QUOTA_WINDOW_{}", name.to_uppercase().replace('-', "_"));
+    pb::QuotaWindow::from_str_name(&name).filter(|w| *w != pb::QuotaWindow::Unspecified)
+}
+
 pub fn quota_window(value: i32) -> String {
     let name = pb::QuotaWindow::try_from(value).ok();
     enum_name(name.map(|w| w.as_str_name()), "QUOTA_WINDOW_", value)

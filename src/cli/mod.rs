@@ -362,12 +362,9 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 /// A `QuotaWindow` by its name without the prefix, in any case, `-` for `_`
 /// (`five-hour`, `WEEKLY`).
 fn parse_window(s: &str) -> Result<fleetcare_client::pb::QuotaWindow, String> {
-    let name = format!("QUOTA_WINDOW_{}", s.to_uppercase().replace('-', "_"));
-    fleetcare_client::pb::QuotaWindow::from_str_name(&name)
-        .filter(|w| *w != fleetcare_client::pb::QuotaWindow::Unspecified)
-        .ok_or_else(|| {
-            format!("{s:?} is not a window: five-hour, weekly, requests, tokens, billing or other")
-        })
+    crate::views::quota_window_named(s).ok_or_else(|| {
+        format!("{s:?} is not a window: five-hour, weekly, requests, tokens, billing or other")
+    })
 }
 
 /// `NAME=VALUE`; the value may hold `=` and may be empty.

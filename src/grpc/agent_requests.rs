@@ -42,8 +42,7 @@ impl TryFrom<pb::RegisterAgentRequest> for Command {
         Ok(Command::Register {
             agent_id: validate::agent_id("agent_id", &agent_id)?,
             labels: validate::labels("labels", labels)?,
-            quota_pools: quota::pool_names("quota_pools", &quota_pools)
-                .map_err(|e| Error::invalid(e.to_string()))?,
+            quota_pools: quota::pool_names("quota_pools", &quota_pools)?,
             // Set by the handler from the caller (`Command::by`).
             actor: String::new(),
         })

@@ -331,9 +331,7 @@ impl AgentStatusService for AgentStatusApi {
         let fencing_token = validate::fencing_token("fencing_token", fencing_token)?;
         let quota_pool = match quota_pool.as_str() {
             "" => None,
-            name => Some(
-                quota::pool_name("quota_pool", name).map_err(|e| Error::invalid(e.to_string()))?,
-            ),
+            name => Some(quota::pool_name("quota_pool", name).map_err(Error::from)?),
         };
         let window = convert::window_from_pb("window", window)?;
         let evidence = validate::recovery_evidence(

@@ -40,38 +40,59 @@ impl QuotaApi {
         }
     }
 
-    /// Every pool: those with a row and those only named by members.
-    async fn pools(&self) -> Result<Vec<pb::QuotaPool>> {
+    /// Every pool's state (those ever parked) and members by status (those
+    /// an agent lists), as the store has them now.
+    async fn read(&self) -> Result<Pools> {
         let store = self.writes.store();
-        let states: BTreeMap<PoolName, PoolState> =
-            store.quota_pool_states().await?.into_iter().collect();
+        let states = store.quota_pool_states().await?.into_iter().collect();
         let mut members: BTreeMap<PoolName, Vec<PoolMembers>> = BTreeMap::new();
         for m in store.quota_pool_members().await? {
             members.entry(m.pool.clone()).or_default().push(m);
         }
+        Ok(Pools { states, members })
+    }
+
+    /// One pool as listed, and its state (NOT_FOUND when nobody is in it and
+    /// it never parked).
+    async fn pool(&self, name: &PoolName) -> Result<(pb::QuotaPool, PoolState)> {
+        let pools = self.read().await?;
+        let state = pools.states.get(name).cloned();
+        let members = pools.members.get(name);
+        if state.is_none() && members.is_none() {
+            return Err(unknown(name));
+        }
+        let encoded = encode(
+            name,
+            state.as_ref(),
+            members.map_or(&[][..], Vec::as_slice),
+            self.writes.now(),
+        );
+        Ok((encoded, state.unwrap_or_default()))
+    }
+}
+
+/// What the pools' reads return.
+struct Pools {
+    states: BTreeMap<PoolName, PoolState>,
+    members: BTreeMap<PoolName, Vec<PoolMembers>>,
+}
+
+impl Pools {
+    /// Every pool, by name: those with a row and those only named by members.
+    fn encode(&self, now: DateTime<Utc>) -> Vec<pb::QuotaPool> {
         let names: std::collections::BTreeSet<&PoolName> =
-            states.keys().chain(members.keys()).collect();
-        let now = self.writes.now();
-        Ok(names
+            self.states.keys().chain(self.members.keys()).collect();
+        names
             .into_iter()
             .map(|name| {
                 encode(
                     name,
-                    states.get(name),
-                    members.get(name).map_or(&[][..], Vec::as_slice),
+                    self.states.get(name),
+                    self.members.get(name).map_or(&[][..], Vec::as_slice),
                     now,
                 )
             })
-            .collect())
-    }
-
-    /// One pool as listed (NOT_FOUND when nobody is in it and it never parked).
-    async fn pool(&self, name: &PoolName) -> Result<pb::QuotaPool> {
-        self.pools()
-            .await?
-            .into_iter()
-            .find(|p| p.name == name.as_str())
-            .ok_or_else(|| unknown(name))
+            .collect()
     }
 }
 
@@ -83,7 +104,7 @@ fn unknown(name: &PoolName) -> Error {
 }
 
 fn pool_name(field: &str, name: &str) -> Result<PoolName> {
-    quota::pool_name(field, name).map_err(|e| Error::invalid(e.to_string()))
+    Ok(quota::pool_name(field, name)?)
 }
 
 fn phase_to_pb(phase: Phase) -> pb::QuotaPoolPhase {
@@ -146,7 +167,7 @@ impl QuotaService for QuotaApi {
         let caller = auth::caller(&request)?;
         self.guard.check(&caller, Action::ListQuotaPools, None)?;
         let pb::ListQuotaPoolsRequest { parked_only } = request.into_inner();
-        let mut pools = self.pools().await?;
+        let mut pools = self.read().await?.encode(self.writes.now());
         if parked_only {
             pools.retain(|p| p.phase() != pb::QuotaPoolPhase::Open);
         }
@@ -161,16 +182,8 @@ impl QuotaService for QuotaApi {
         self.guard.check(&caller, Action::GetQuotaPool, None)?;
         let pb::GetQuotaPoolRequest { pool } = request.into_inner();
         let name = pool_name("pool", &pool)?;
-        let mut encoded = self.pool(&name).await?;
-        let store = self.writes.store();
-        let state = store
-            .quota_pool_states()
-            .await?
-            .into_iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, s)| s)
-            .unwrap_or_default();
-        let agents = store.pool_agents(&name).await?;
+        let (mut encoded, state) = self.pool(&name).await?;
+        let agents = self.writes.store().pool_agents(&name).await?;
         let members = batch::held_members(&name, &state, &agents);
         let now = self.writes.now();
         encoded.next_release_at = state
@@ -220,8 +233,8 @@ impl QuotaService for QuotaApi {
         let name = pool_name("pool", &pool)?;
         let until = until.ok_or_else(|| Error::invalid("until is required"))?;
         let until = convert::from_timestamp("until", until)?;
-        let until = quota::check_park_until("until", until, self.writes.now())
-            .map_err(|e| Error::invalid(e.to_string()))?;
+        let until =
+            quota::check_park_until("until", until, self.writes.now()).map_err(Error::from)?;
         let window = convert::window_from_pb("window", window)?.unwrap_or(Window::Other);
         validate::bounded_text("reason", &reason, MAX_REASON_BYTES)?;
         let committed = self
@@ -250,7 +263,7 @@ impl QuotaService for QuotaApi {
             "quota pool parked by an operator"
         );
         Ok(Response::new(pb::ParkPoolResponse {
-            pool: Some(self.pool(&name).await?),
+            pool: Some(self.pool(&name).await?.0),
             members_parked,
         }))
     }
@@ -272,7 +285,7 @@ impl QuotaService for QuotaApi {
             .await?;
         tracing::info!(pool = %name, actor = %caller.name, %reason, "quota pool released by an operator");
         Ok(Response::new(pb::ReleasePoolResponse {
-            pool: Some(self.pool(&name).await?),
+            pool: Some(self.pool(&name).await?.0),
         }))
     }
 }

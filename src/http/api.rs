@@ -714,9 +714,7 @@ fn window(value: Option<&str>) -> Result<i32, ApiError> {
     let Some(value) = value else {
         return Ok(pb::QuotaWindow::Other as i32);
     };
-    let name = format!("QUOTA_WINDOW_{}", value.to_uppercase().replace('-', "_"));
-    pb::QuotaWindow::from_str_name(&name)
-        .filter(|w| *w != pb::QuotaWindow::Unspecified)
+    crate::views::quota_window_named(value)
         .map(|w| w as i32)
         .ok_or_else(|| ApiError::invalid(format!("window: unknown quota window {value}")))
 }

@@ -74,10 +74,7 @@ async fn run(
     let retention =
         chrono::Duration::from_std(config.transition_retention).unwrap_or(chrono::Duration::MAX);
     // Pruning is cheap but need not run every tick.
-    // (`clamp` would panic when the sweep interval is above a minute.)
-    let prune_every = (config.transition_retention / 10)
-        .min(Duration::from_secs(60))
-        .max(config.sweep_interval);
+    let prune_every = prune_interval(config.transition_retention, config.sweep_interval);
     let mut next_prune = Instant::now();
 
     let mut ticks = tokio::time::interval(config.sweep_interval);
@@ -121,6 +118,15 @@ async fn run(
             }
         }
     }
+}
+
+/// How often history kept for `retention` is pruned: a tenth of it, at
+/// most a minute, at least a sweep interval. (`clamp` would panic when the
+/// sweep interval is above a minute.)
+pub fn prune_interval(retention: Duration, sweep_interval: Duration) -> Duration {
+    (retention / 10)
+        .min(Duration::from_secs(60))
+        .max(sweep_interval)
 }
 
 /// Prunes healing records older than `retention` (`--healing-retention`;

@@ -606,6 +606,24 @@ async fn recovery_action_pages_follow_their_tokens_to_the_end() {
     assert!(foreign.message().contains("page_token"));
 }
 
+/// The ids of the recovery actions planned for `event`.
+async fn actions_for(
+    c: &mut HealingServiceClient<tonic::transport::Channel>,
+    event: i64,
+) -> Vec<i64> {
+    c.list_recovery_actions(pb::ListRecoveryActionsRequest {
+        error_event_id: event,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .actions
+    .iter()
+    .map(|a| a.id)
+    .collect()
+}
+
 #[tokio::test]
 async fn records_older_than_the_retention_are_pruned_and_actions_are_listed_by_event() {
     let db = TestDb::new();
@@ -621,26 +639,8 @@ async fn records_older_than_the_retention_are_pruned_and_actions_are_listed_by_e
     let action = plan(&mut c, second.id).await.unwrap();
     outcome(&mut c, action.id, true, 3).await;
 
-    let listed = c
-        .list_recovery_actions(pb::ListRecoveryActionsRequest {
-            error_event_id: second.id,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .actions;
-    assert_eq!(listed.iter().map(|a| a.id).collect::<Vec<_>>(), [action.id]);
-    let none = c
-        .list_recovery_actions(pb::ListRecoveryActionsRequest {
-            error_event_id: first.id,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .actions;
-    assert!(none.is_empty());
+    assert_eq!(actions_for(&mut c, second.id).await, [action.id]);
+    assert!(actions_for(&mut c, first.id).await.is_empty());
     let negative = c
         .list_recovery_actions(pb::ListRecoveryActionsRequest {
             error_event_id: -1,

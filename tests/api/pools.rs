@@ -80,6 +80,14 @@ async fn report_exhausted(
         .map(|r| r.into_inner())
 }
 
+/// Whether every one of `ids` is in `wanted`.
+async fn all_are(app: &TestApp, ids: &[&str], wanted: S) -> bool {
+    statuses(app, ids)
+        .await
+        .iter()
+        .all(|s| *s == status(wanted))
+}
+
 async fn statuses(app: &TestApp, ids: &[&str]) -> Vec<i32> {
     let mut out = Vec::new();
     for id in ids {
@@ -315,12 +323,7 @@ async fn the_release_wakes_a_canary_then_the_rest_and_a_second_limit_parks_again
     )
     .await
     .unwrap();
-    assert!(
-        statuses(&app, &ids)
-            .await
-            .iter()
-            .all(|s| *s == status(S::Exhausted))
-    );
+    assert!(all_are(&app, &ids, S::Exhausted).await);
 
     // The window lifts: the canary (parked longest, then by id) goes alone.
     clock.advance(chrono::Duration::seconds(61));
@@ -336,12 +339,7 @@ async fn the_release_wakes_a_canary_then_the_rest_and_a_second_limit_parks_again
     let pool = pool_of(&app, "acct").await;
     assert_eq!(pool.phase, pb::QuotaPoolPhase::Releasing as i32);
     assert_eq!(pool.canary_agent_id, "c-1");
-    assert!(
-        statuses(&app, others)
-            .await
-            .iter()
-            .all(|s| *s == status(S::Exhausted))
-    );
+    assert!(all_are(&app, others, S::Exhausted).await);
 
     // The canary hits the limit again: parked again, nobody else woke.
     let now = clock.now();
@@ -360,12 +358,7 @@ async fn the_release_wakes_a_canary_then_the_rest_and_a_second_limit_parks_again
     // Past the first canary's timeout: still nobody released (parked again).
     let parked = pool_of(&app, "acct").await;
     assert_eq!(parked.phase, pb::QuotaPoolPhase::Parked as i32);
-    assert!(
-        statuses(&app, &ids)
-            .await
-            .iter()
-            .all(|s| *s == status(S::Exhausted))
-    );
+    assert!(all_are(&app, &ids, S::Exhausted).await);
 
     // It lifts again: a canary, whose completed work slot lets the rest go
     // over the spread.
@@ -383,11 +376,7 @@ async fn the_release_wakes_a_canary_then_the_rest_and_a_second_limit_parks_again
     app.finish_work(canary).await.unwrap();
     clock.advance(chrono::Duration::seconds(31));
     eventually(WAIT, "every member released", || async {
-        statuses(&app, &ids)
-            .await
-            .iter()
-            .all(|s| *s == status(S::Idle))
-            .then_some(())
+        all_are(&app, &ids, S::Idle).await.then_some(())
     })
     .await;
     for id in ids {
@@ -461,11 +450,7 @@ async fn an_operator_parks_a_pool_until_a_time_and_releases_it_early() {
     .await;
     clock.advance(chrono::Duration::seconds(1));
     eventually(WAIT, "both released", || async {
-        statuses(&app, &["o-1", "o-2"])
-            .await
-            .iter()
-            .all(|s| *s == status(S::Idle))
-            .then_some(())
+        all_are(&app, &["o-1", "o-2"], S::Idle).await.then_some(())
     })
     .await;
     let open = pool_of(&app, "key/7").await;

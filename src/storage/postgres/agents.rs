@@ -236,12 +236,16 @@ impl PgStore {
     /// One attempt at a batch: decided on `known` in one autocommit statement
     /// when given and the rows are still as known, else lock, decide, allocate,
     /// write, commit.
-    async fn try_commit_batch(
+    async fn try_commit(
         &self,
-        commands: &[Command],
+        job: Job<'_>,
         known: Option<&[Agent]>,
         now: DateTime<Utc>,
-    ) -> std::result::Result<Outcomes, BatchError> {
+    ) -> std::result::Result<(Outcomes, Option<PoolCommitted>), BatchError> {
+        let commands: &[Command] = match job {
+            Job::Batch(commands) => commands,
+            Job::Pool(_) => &[],
+        };
         let ids = batch::agent_ids(commands);
         // A connection of this attempt's own: batches in flight at once run
         // side by side, each on one (the second's statement then waits in the
@@ -255,17 +259,19 @@ impl PgStore {
         };
         let conn = &mut owned;
         let origin = &*self.origin;
-        let result = match known {
-            Some(known) => match Self::batch_known(conn, commands, known, now, origin).await {
-                Ok(Some(outcomes)) => Ok(outcomes),
-                // A row is not as this process knew it: read and lock them.
-                Ok(None) => {
-                    tracing::debug!(size = commands.len(), "batch decided on the stored rows");
-                    Self::batch_on(conn, commands, &ids, now, origin).await
+        let result = match (job, known) {
+            (Job::Batch(_), Some(known)) => {
+                match Self::batch_known(conn, commands, known, now, origin).await {
+                    Ok(Some(outcomes)) => Ok((outcomes, None)),
+                    // A row is not as this process knew it: read and lock them.
+                    Ok(None) => {
+                        tracing::debug!(size = commands.len(), "batch decided on the stored rows");
+                        Self::locked_on(conn, job, &ids, now, origin).await
+                    }
+                    Err(e) => Err(e),
                 }
-                Err(e) => Err(e),
-            },
-            None => Self::batch_on(conn, commands, &ids, now, origin).await,
+            }
+            _ => Self::locked_on(conn, job, &ids, now, origin).await,
         };
         match &result {
             // The connection itself failed: close it (a later batch opens another).
@@ -273,6 +279,30 @@ impl PgStore {
             _ => self.idle_batch_conns().push(owned),
         }
         result
+    }
+
+    /// A job committed, retried (on the locked path) while the database
+    /// refuses it for a reason a retry resolves.
+    async fn commit_job(
+        &self,
+        job: Job<'_>,
+        mut known: Option<Vec<Agent>>,
+        now: DateTime<Utc>,
+    ) -> Result<(Outcomes, Option<PoolCommitted>)> {
+        let mut attempt = 1;
+        loop {
+            match self.try_commit(job, known.as_deref(), now).await {
+                Ok(done) => return Ok(done),
+                Err(BatchError::Db(e)) if retryable(&e) && attempt < BATCH_ATTEMPTS => {
+                    tracing::debug!(error = %e, attempt, "batch conflicted, retrying");
+                    // A conflict means another writer: read the rows this time.
+                    known = None;
+                    attempt += 1;
+                }
+                Err(BatchError::Db(e)) => return Err(db_error(e)),
+                Err(BatchError::Mapped(e)) => return Err(e),
+            }
+        }
     }
 
     fn idle_batch_conns(&self) -> std::sync::MutexGuard<'_, Vec<sqlx::PgConnection>> {
@@ -318,9 +348,10 @@ impl PgStore {
         // pools' states and members are read with them.
         // (Claims' candidates do not count: a claim takes an IDLE agent,
         // and no pool parks an IDLE one without parking it.)
+        // (`agent_ids` is sorted: a lookup per known row, not a scan.)
         let named = batch::agent_ids(commands);
         let pooled = known.iter().any(|a| {
-            named.contains(&a.agent_id.as_str())
+            named.binary_search(&a.agent_id.as_str()).is_ok()
                 && (!a.quota_pools.is_empty() || !a.pool_holds.pools.is_empty())
         }) || commands.iter().any(|c| match c {
             Command::ReportExhausted { quota_pool, .. } => quota_pool.is_some(),
@@ -344,17 +375,6 @@ impl PgStore {
             return Ok(None);
         }
         Ok(Some(plan.finish(base).1))
-    }
-
-    async fn batch_on(
-        conn: &mut sqlx::PgConnection,
-        commands: &[Command],
-        ids: &[&str],
-        now: DateTime<Utc>,
-        origin: &str,
-    ) -> std::result::Result<Outcomes, BatchError> {
-        let (outcomes, _) = Self::locked_on(conn, Job::Batch(commands), ids, now, origin).await?;
-        Ok(outcomes)
     }
 
     /// A batch (or a pool command) decided on locked rows: agent rows first,
@@ -870,23 +890,10 @@ impl AgentTxs for PgStore {
     async fn write_batch(
         &self,
         commands: &[Command],
-        mut known: Option<Vec<Agent>>,
+        known: Option<Vec<Agent>>,
         now: DateTime<Utc>,
     ) -> Result<Outcomes> {
-        let mut attempt = 1;
-        loop {
-            match self.try_commit_batch(commands, known.as_deref(), now).await {
-                Ok(outcomes) => return Ok(outcomes),
-                Err(BatchError::Db(e)) if retryable(&e) && attempt < BATCH_ATTEMPTS => {
-                    tracing::debug!(error = %e, attempt, "batch conflicted, retrying");
-                    // A conflict means another writer: read the rows this time.
-                    known = None;
-                    attempt += 1;
-                }
-                Err(BatchError::Db(e)) => return Err(db_error(e)),
-                Err(BatchError::Mapped(e)) => return Err(e),
-            }
-        }
+        Ok(self.commit_job(Job::Batch(commands), known, now).await?.0)
     }
 
     async fn write_pool(
@@ -894,36 +901,10 @@ impl AgentTxs for PgStore {
         command: &batch::PoolCommand,
         now: DateTime<Utc>,
     ) -> Result<PoolCommitted> {
-        let mut attempt = 1;
-        loop {
-            let idle = self.idle_batch_conns().pop();
-            let mut conn = match idle {
-                Some(conn) => conn,
-                None => match self.open_batch_conn().await {
-                    Ok(conn) => conn,
-                    Err(BatchError::Db(e)) => return Err(db_error(e)),
-                    Err(BatchError::Mapped(e)) => return Err(e),
-                },
-            };
-            let result =
-                Self::locked_on(&mut conn, Job::Pool(command), &[], now, &self.origin).await;
-            match &result {
-                Err(BatchError::Db(e)) if !matches!(e, sqlx::Error::Database(_)) => {}
-                _ => self.idle_batch_conns().push(conn),
-            }
-            match result {
-                Ok((_, Some(committed))) => return Ok(committed),
-                Ok((_, None)) => {
-                    return Err(Error::Internal("pool command answered nothing".into()));
-                }
-                Err(BatchError::Db(e)) if retryable(&e) && attempt < BATCH_ATTEMPTS => {
-                    tracing::debug!(error = %e, attempt, "pool command conflicted, retrying");
-                    attempt += 1;
-                }
-                Err(BatchError::Db(e)) => return Err(db_error(e)),
-                Err(BatchError::Mapped(e)) => return Err(e),
-            }
-        }
+        self.commit_job(Job::Pool(command), None, now)
+            .await?
+            .1
+            .ok_or_else(|| Error::Internal("pool command answered nothing".into()))
     }
 
     async fn pool_rows_all(&self) -> Result<Vec<(String, String)>> {

@@ -31,7 +31,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/post
 pub struct PgStore {
     pool: TimedPool<sqlx::Postgres>,
     changes: watch::Sender<u64>,
-    /// The committer's own connections, idle ones (see `try_commit_batch`):
+    /// The committer's own connections, idle ones (see `try_commit`):
     /// one per batch in flight, opened when a batch finds none idle. A pool
     /// acquire (with its liveness ping) per batch costs more than the batch.
     batch_conns: std::sync::Arc<std::sync::Mutex<Vec<sqlx::PgConnection>>>,
@@ -115,7 +115,7 @@ pub async fn connect_and_migrate(store: &StoreOptions) -> Result<PgPool, Error> 
     // connections that had run them on an empty database, against 0.1 ms
     // planned for their parameters. Planning every execution costs about
     // 50 us per query (docs/operations.md, Stores). The committer's own connection
-    // chooses its plans itself (see `try_commit_batch`). A `SET` after
+    // chooses its plans itself (see `try_commit`). A `SET` after
     // connecting rather than a startup option: PgBouncer refuses startup
     // options it was not told to ignore.
     let pool = PgPoolOptions::new()
