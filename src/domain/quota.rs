@@ -1011,16 +1011,6 @@ pub enum Phase {
     Releasing,
 }
 
-impl Phase {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Open => "OPEN",
-            Phase::Parked => "PARKED",
-            Phase::Releasing => "RELEASING",
-        }
-    }
-}
-
 impl PoolState {
     /// The pool's phase at `now`, `held` of its members still held.
     pub fn phase(&self, held: i64, now: DateTime<Utc>) -> Phase {
