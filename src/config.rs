@@ -322,6 +322,69 @@ pub struct HealingArgs {
     #[arg(long, env = "FLEETCARE_HEALING_RETENTION", default_value = "30days", value_parser = humantime::parse_duration)]
     pub healing_retention: Duration,
 
+    /// The remediation policy file (TOML; see docs/operations.md), read over
+    /// the --healing-* flags below and re-read when it changes.
+    #[arg(long, env = "FLEETCARE_HEALING_POLICY")]
+    pub healing_policy: Option<std::path::PathBuf>,
+
+    /// At most this percent of the fleet, and of each group, in active
+    /// recovery or OFFLINE at once.
+    #[arg(long, env = "FLEETCARE_HEALING_MAX_UNHEALTHY", default_value_t = 40)]
+    pub healing_max_unhealthy: u32,
+
+    /// Whatever the share, this many agents of a group may be unhealthy at once.
+    #[arg(long, env = "FLEETCARE_HEALING_MIN_UNHEALTHY", default_value_t = 1)]
+    pub healing_min_unhealthy: u32,
+
+    /// The label key whose values name the groups the brakes also apply to.
+    #[arg(long, env = "FLEETCARE_HEALING_GROUP_BY")]
+    pub healing_group_by: Option<String>,
+
+    /// At most this many recovery plans per minute, fleet-wide.
+    #[arg(
+        long,
+        env = "FLEETCARE_HEALING_MAX_PLANS_PER_MINUTE",
+        default_value_t = 60
+    )]
+    pub healing_max_plans_per_minute: u32,
+
+    /// At most this many recovery plans per minute in one group.
+    #[arg(
+        long,
+        env = "FLEETCARE_HEALING_MAX_GROUP_PLANS_PER_MINUTE",
+        default_value_t = 20
+    )]
+    pub healing_max_group_plans_per_minute: u32,
+
+    /// At most this many plans per agent per --healing-retry-window.
+    #[arg(long, env = "FLEETCARE_HEALING_RETRY_BUDGET", default_value_t = 3)]
+    pub healing_retry_budget: u32,
+
+    /// The window of the retry budget.
+    #[arg(long, env = "FLEETCARE_HEALING_RETRY_WINDOW", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub healing_retry_window: Duration,
+
+    /// An agent healthy this long after a successful recovery gets its budget back.
+    #[arg(long, env = "FLEETCARE_HEALING_MIN_HEALTHY_PERIOD", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub healing_min_healthy_period: Duration,
+
+    /// Failures in a row of one (error type, strategy), fleet-wide, that open its breaker.
+    #[arg(long, env = "FLEETCARE_HEALING_BREAKER_FAILURES", default_value_t = 5)]
+    pub healing_breaker_failures: u32,
+
+    /// How long an open breaker waits before letting one plan through.
+    #[arg(long, env = "FLEETCARE_HEALING_BREAKER_COOLDOWN", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub healing_breaker_cooldown: Duration,
+
+    /// Decide and record plans without handing them out.
+    #[arg(long, env = "FLEETCARE_HEALING_DRY_RUN")]
+    pub healing_dry_run: bool,
+
+    /// Check the share, rate and budget brakes (`false` leaves only pauses,
+    /// EXHAUSTED agents and breakers: for measuring their cost, not for production).
+    #[arg(long, env = "FLEETCARE_HEALING_BRAKES", default_value_t = true, action = clap::ArgAction::Set)]
+    pub healing_brakes: bool,
+
     /// Seed for the planner's Thompson sampling and retry jitter (reproducible runs); random when unset.
     #[arg(long, env = "FLEETCARE_HEALING_SEED")]
     pub healing_seed: Option<u64>,
@@ -357,6 +420,17 @@ pub struct HealingArgs {
     /// A failed post action is retried while its attempts are below this.
     #[arg(long, env = "FLEETCARE_POST_MAX_ATTEMPTS", default_value_t = 3)]
     pub post_max_attempts: i32,
+
+    /// A post whose engagement rate over the window (new engagements per new
+    /// impression) is at or above this is HEALTHY: no action is proposed. In
+    /// (0, 1]; the default 0.05 is where the stagnation score reaches 0.
+    #[arg(long, env = "FLEETCARE_POST_HEALTHY_RATE", default_value_t = 0.05)]
+    pub post_healthy_rate: f64,
+
+    /// A post that gained fewer impressions than this over the window gets no
+    /// stagnation verdict (LOW_EXPOSURE); 0 turns the floor off.
+    #[arg(long, env = "FLEETCARE_POST_MIN_IMPRESSIONS", default_value_t = 100)]
+    pub post_min_impressions: i64,
 }
 
 /// The session pipeline.
@@ -590,6 +664,18 @@ impl ServeArgs {
                 "--post-max-actions-per-window and --post-max-attempts must be at least 1".into(),
             );
         }
+        if !(h.post_healthy_rate > 0.0 && h.post_healthy_rate <= 1.0) {
+            return Err(format!(
+                "--post-healthy-rate must be in (0, 1], got {}",
+                h.post_healthy_rate
+            ));
+        }
+        if h.post_min_impressions < 0 {
+            return Err(format!(
+                "--post-min-impressions must be 0 or more, got {}",
+                h.post_min_impressions
+            ));
+        }
         Ok(())
     }
 }
@@ -634,6 +720,26 @@ mod tests {
             let error = args.validate().unwrap_err();
             assert!(error.contains("--otlp-endpoint"), "{error}");
         }
+    }
+
+    #[test]
+    fn post_verdict_floors_are_checked_naming_their_flag() {
+        let args = ServeArgs::default();
+        assert_eq!(args.healing.post_healthy_rate, 0.05);
+        assert_eq!(args.healing.post_min_impressions, 100);
+        for rate in [0.0, -0.1, 1.5, f64::NAN, f64::INFINITY] {
+            let mut args = ServeArgs::default();
+            args.healing.post_healthy_rate = rate;
+            let error = args.validate().unwrap_err();
+            assert!(error.starts_with("--post-healthy-rate "), "{rate}: {error}");
+        }
+        let mut args = ServeArgs::default();
+        args.healing.post_healthy_rate = 1.0;
+        args.healing.post_min_impressions = 0;
+        assert_eq!(args.validate(), Ok(()));
+        args.healing.post_min_impressions = -1;
+        let error = args.validate().unwrap_err();
+        assert!(error.starts_with("--post-min-impressions "), "{error}");
     }
 
     #[test]

@@ -27,6 +27,10 @@ pub enum Error {
     /// The agent already has a recovery within its lease (the message names it).
     #[error(transparent)]
     RecoveryAlreadyActive(#[from] RecoveryAlreadyActive),
+    /// A request for a recovery plan was braked, or decided in a dry run:
+    /// nothing was handed out (the reason names the brake).
+    #[error(transparent)]
+    NotPlanned(#[from] crate::domain::brakes::NotPlanned),
     /// The recovery already has its outcome.
     #[error(transparent)]
     OutcomeAlreadyRecorded(#[from] OutcomeAlreadyRecorded),

@@ -83,6 +83,14 @@ pub struct ResultLabel {
     pub result: &'static str,
 }
 
+/// The labels of `fleetcare_healing_decisions`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub verdict: &'static str,
+    /// The brake's reason, HEALING_DRY_RUN, or "" when planned.
+    pub reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StreamLabel {
     pub stream: &'static str,
@@ -139,6 +147,8 @@ pub struct Metrics {
     pub pipeline_sessions: Family<ProcessorLabels, Counter>,
     pub healing_plans: Family<StrategyLabel, Counter>,
     pub healing_outcomes: Family<ResultLabel, Counter>,
+    /// Decisions on PlanRecovery, braked or not.
+    pub healing_decisions: Family<DecisionLabels, Counter>,
     pub post_actions: Family<StatusLabel, Counter>,
     /// ClaimAgent calls answered without a claim, by reason.
     pub claims_refused: Family<ReasonLabel, Counter>,
@@ -272,6 +282,12 @@ impl Metrics {
             "Recovery outcomes reported, by the action's resulting status",
             healing_outcomes.clone(),
         );
+        let healing_decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "healing_decisions",
+            "Decisions on recovery plan requests, by verdict and the brake's reason",
+            healing_decisions.clone(),
+        );
         let post_actions = Family::<StatusLabel, Counter>::default();
         registry.register(
             "post_actions",
@@ -364,6 +380,7 @@ impl Metrics {
             pipeline_sessions,
             healing_plans,
             healing_outcomes,
+            healing_decisions,
             post_actions,
             claims_refused,
             claims_waiting,

@@ -16,6 +16,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::config::{Exposure, ServeArgs, chrono_duration};
+use crate::domain::brakes::HealingPolicy;
 use crate::domain::healing::PlannerConfig;
 use crate::domain::liveness::HeartbeatPacing;
 use crate::domain::pipeline::RetryPolicy;
@@ -46,6 +47,7 @@ use crate::runtime::auth::{Callers, RELOAD_INTERVAL};
 use crate::runtime::claims::ClaimWaiters;
 use crate::runtime::committer::Committer;
 use crate::runtime::connections::{self, ConnectionLimits};
+use crate::runtime::healing_policy::PolicyHandle;
 use crate::runtime::health::StoreHealth;
 use crate::runtime::heartbeats;
 use crate::runtime::pipeline::scheduler as pipeline_scheduler;
@@ -642,6 +644,7 @@ async fn start_services(
                 ..PlannerConfig::default()
             },
             recovery_lease: duration("--recovery-lease", h.recovery_lease)?,
+            policy: healing_policy(args, shutdown.child_token())?,
         },
         rng.clone(),
         guard.clone(),
@@ -655,6 +658,8 @@ async fn start_services(
         cooldown_thread: duration("--post-cooldown-thread", h.post_cooldown_thread)?,
         claim_lease: duration("--post-claim-lease", h.post_claim_lease)?,
         max_attempts: h.post_max_attempts,
+        healthy_rate: h.post_healthy_rate,
+        min_impressions: h.post_min_impressions,
         ..PostHealingConfig::default()
     };
     let post_healing = PostHealingApi::new(stores.posts.clone(), post_config, rng, guard.clone())
@@ -753,6 +758,43 @@ async fn start_services(
 /// The quota pools' release settings (`--pool-canary-timeout`,
 /// `--pool-release-spread`, `--pool-release-rate`), each checked by the
 /// domain's rules.
+/// The remediation policy: the flags', checked by the domain, with
+/// `--healing-policy` read over it and watched (a bad file stops the start
+/// naming its line).
+fn healing_policy(
+    args: &ServeArgs,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<Arc<PolicyHandle>, Error> {
+    let h = &args.healing;
+    let duration = |flag: &str, value| chrono_duration(flag, value).map_err(Error::InvalidArgument);
+    let base = HealingPolicy {
+        max_unhealthy_percent: h.healing_max_unhealthy,
+        min_unhealthy: h.healing_min_unhealthy,
+        group_by: h.healing_group_by.clone(),
+        max_plans_per_minute: h.healing_max_plans_per_minute,
+        max_group_plans_per_minute: h.healing_max_group_plans_per_minute,
+        retry_budget: h.healing_retry_budget,
+        retry_window: duration("--healing-retry-window", h.healing_retry_window)?,
+        min_healthy_period: duration("--healing-min-healthy-period", h.healing_min_healthy_period)?,
+        breaker_failures: h.healing_breaker_failures,
+        breaker_cooldown: duration("--healing-breaker-cooldown", h.healing_breaker_cooldown)?,
+        dry_run: h.healing_dry_run,
+        brakes: h.healing_brakes,
+    }
+    .checked(|key| {
+        let flag = match key {
+            "max_unhealthy_percent" => "max-unhealthy",
+            other => return format!("--healing-{}", other.replace('_', "-")),
+        };
+        format!("--healing-{flag}")
+    })
+    .map_err(Error::InvalidArgument)?;
+    match &h.healing_policy {
+        Some(path) => PolicyHandle::watch(path, base, RELOAD_INTERVAL, shutdown),
+        None => Ok(PolicyHandle::fixed(base)),
+    }
+}
+
 fn pool_release_settings(args: &ServeArgs) -> Result<crate::domain::quota::ReleaseSettings, Error> {
     crate::domain::quota::ReleaseSettings::new(
         chrono_duration("--pool-canary-timeout", args.pool_canary_timeout)

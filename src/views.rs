@@ -787,3 +787,203 @@ mod tests {
         );
     }
 }
+
+/// The remediation policy and where its brakes stand (`GetHealingPolicy`).
+#[derive(Debug, Serialize)]
+pub struct HealingPolicyView {
+    pub policy: HealingPolicySettingsView,
+    pub pauses: Vec<HealingPauseView>,
+    pub open_breakers: Vec<BreakerView>,
+    /// The fleet's share first (group ""), then each group's.
+    pub shares: Vec<ShareView>,
+    pub spent_budgets: Vec<SpentBudgetView>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub as_of: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HealingPolicySettingsView {
+    pub max_unhealthy_percent: u32,
+    pub min_unhealthy: u32,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub group_by: String,
+    pub max_plans_per_minute: u32,
+    pub max_group_plans_per_minute: u32,
+    pub retry_budget: u32,
+    pub retry_window_seconds: Option<f64>,
+    pub min_healthy_period_seconds: Option<f64>,
+    pub breaker_failures: u32,
+    pub breaker_cooldown_seconds: Option<f64>,
+    pub dry_run: bool,
+    pub brakes: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HealingPauseView {
+    /// The paused group ("" for the fleet).
+    pub group: String,
+    pub reason: String,
+    pub paused_by: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub paused_at: Option<String>,
+}
+
+impl From<&pb::HealingPause> for HealingPauseView {
+    fn from(p: &pb::HealingPause) -> HealingPauseView {
+        HealingPauseView {
+            group: p.group.clone(),
+            reason: p.reason.clone(),
+            paused_by: p.paused_by.clone(),
+            paused_at: time(p.paused_at.as_ref()),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct BreakerView {
+    pub error_type: String,
+    pub strategy: String,
+    /// `OPEN` or `HALF_OPEN`.
+    pub state: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ShareView {
+    /// The group ("" for the fleet).
+    pub group: String,
+    pub counted: u32,
+    pub unhealthy: u32,
+    pub allowed: u32,
+}
+
+impl From<&pb::HealingShare> for ShareView {
+    fn from(s: &pb::HealingShare) -> ShareView {
+        ShareView {
+            group: s.group.clone(),
+            counted: s.counted,
+            unhealthy: s.unhealthy,
+            allowed: s.allowed,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct SpentBudgetView {
+    pub agent_id: String,
+    pub plans: u32,
+}
+
+impl From<&pb::GetHealingPolicyResponse> for HealingPolicyView {
+    fn from(r: &pb::GetHealingPolicyResponse) -> HealingPolicyView {
+        let p = r.policy.clone().unwrap_or_default();
+        HealingPolicyView {
+            policy: HealingPolicySettingsView {
+                max_unhealthy_percent: p.max_unhealthy_percent,
+                min_unhealthy: p.min_unhealthy,
+                group_by: p.group_by,
+                max_plans_per_minute: p.max_plans_per_minute,
+                max_group_plans_per_minute: p.max_group_plans_per_minute,
+                retry_budget: p.retry_budget,
+                retry_window_seconds: seconds(p.retry_window.as_ref()),
+                min_healthy_period_seconds: seconds(p.min_healthy_period.as_ref()),
+                breaker_failures: p.breaker_failures,
+                breaker_cooldown_seconds: seconds(p.breaker_cooldown.as_ref()),
+                dry_run: p.dry_run,
+                brakes: p.brakes,
+            },
+            pauses: r.pauses.iter().map(HealingPauseView::from).collect(),
+            open_breakers: r
+                .open_breakers
+                .iter()
+                .map(|b| BreakerView {
+                    error_type: error_type(b.error_type),
+                    strategy: strategy(b.strategy),
+                    state: enum_name(
+                        pb::BreakerState::try_from(b.state)
+                            .ok()
+                            .map(|s| s.as_str_name()),
+                        "BREAKER_STATE_",
+                        b.state,
+                    ),
+                    since: time(b.since.as_ref()),
+                    retry_at: time(b.retry_at.as_ref()),
+                })
+                .collect(),
+            shares: r.shares.iter().map(ShareView::from).collect(),
+            spent_budgets: r
+                .spent_budgets
+                .iter()
+                .map(|s| SpentBudgetView {
+                    agent_id: s.agent_id.clone(),
+                    plans: s.plans,
+                })
+                .collect(),
+            as_of: time(r.as_of.as_ref()),
+        }
+    }
+}
+
+/// One decision on a PlanRecovery (`ListHealingDecisions`).
+#[derive(Debug, Serialize)]
+pub struct HealingDecisionView {
+    pub id: i64,
+    pub error_event_id: i64,
+    pub agent_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decided_at: Option<String>,
+    /// `PLANNED`, `DRY_RUN` or `BRAKED`.
+    pub verdict: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovery_action_id: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<ShareView>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<ShareView>,
+    pub fleet_plans_last_minute: u32,
+    pub group_plans_last_minute: u32,
+    pub agent_plans_in_window: u32,
+    pub actor: String,
+}
+
+impl From<&pb::HealingDecision> for HealingDecisionView {
+    fn from(d: &pb::HealingDecision) -> HealingDecisionView {
+        HealingDecisionView {
+            id: d.id,
+            error_event_id: d.error_event_id,
+            agent_id: d.agent_id.clone(),
+            decided_at: time(d.decided_at.as_ref()),
+            verdict: enum_name(
+                pb::HealingVerdict::try_from(d.verdict)
+                    .ok()
+                    .map(|v| v.as_str_name()),
+                "HEALING_VERDICT_",
+                d.verdict,
+            ),
+            reason: d.reason.clone(),
+            message: d.message.clone(),
+            strategy: optional_enum(
+                d.strategy,
+                pb::RecoveryStrategy::try_from(d.strategy)
+                    .ok()
+                    .map(|s| s.as_str_name()),
+                "RECOVERY_STRATEGY_",
+            ),
+            recovery_action_id: (d.recovery_action_id > 0).then_some(d.recovery_action_id),
+            fleet: d.fleet.as_ref().map(ShareView::from),
+            group: d.group.as_ref().map(ShareView::from),
+            fleet_plans_last_minute: d.fleet_plans_last_minute,
+            group_plans_last_minute: d.group_plans_last_minute,
+            agent_plans_in_window: d.agent_plans_in_window,
+            actor: d.actor.clone(),
+        }
+    }
+}

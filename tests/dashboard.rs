@@ -1459,3 +1459,175 @@ async fn the_pools_page_shows_a_parked_pool_live_with_its_window_and_deadline() 
     browser.close().await;
     app.stop().await;
 }
+
+#[tokio::test]
+async fn the_healing_page_shows_the_brakes_and_its_buttons_pause_and_resume_the_fleet() {
+    if !browser_available() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().await;
+    let db = TestDb::sqlite();
+    let mut args = test_args(&db.url);
+    // Groups by team, each allowed half its agents unhealthy.
+    args.healing.healing_group_by = Some("team".into());
+    args.healing.healing_max_unhealthy = 50;
+    args.healing.healing_min_unhealthy = 0;
+    let app = TestApp::spawn_with(args).await;
+    for (id, team) in [
+        ("red-1", "red"),
+        ("red-2", "red"),
+        ("blue-1", "blue"),
+        ("blue-2", "blue"),
+    ] {
+        register(&app, id, &[("team", team)]).await;
+    }
+    let mut healing = HealingServiceClient::new(app.channel.clone());
+    let reporter = healing.clone();
+    let report = |agent: &'static str| {
+        let mut reporter = reporter.clone();
+        async move {
+            reporter
+                .report_error(pb::ReportErrorRequest {
+                    agent_id: agent.into(),
+                    message: "tool call failed: connection reset".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect("report error")
+                .into_inner()
+                .event
+                .unwrap()
+        }
+    };
+    // One red agent under remediation: team red is at its share (1 of 2).
+    let red = report("red-1").await;
+    healing
+        .plan_recovery(pb::PlanRecoveryRequest {
+            error_event_id: red.id,
+        })
+        .await
+        .expect("red-1 plans");
+
+    let mut browser = Browser::launch().await;
+    browser.open(&format!("{}#/healing", page_url(&app))).await;
+    browser
+        .wait("#healing-pauses p:text-is('healing is not paused')")
+        .await;
+    // The fleet first, then each group; a group at its share stands out.
+    let shares = browser
+        .send(json!({"cmd": "count", "selector": "#healing-shares tr[data-group]"}))
+        .await;
+    assert_eq!(shares["count"], 3);
+    browser
+        .wait("#healing-shares tbody tr:first-child[data-group='']:not([data-full])")
+        .await;
+    browser
+        .wait("#healing-shares tr[data-group=red][data-full].over")
+        .await;
+    browser
+        .wait("#healing-shares tr[data-group=blue]:not([data-full])")
+        .await;
+    browser
+        .wait("#healing-decisions tr[data-verdict=PLANNED][data-agent-id=red-1]")
+        .await;
+
+    // Pause needs a reason: said on the page, nothing sent.
+    browser
+        .send(json!({"cmd": "click", "selector": "#pause-healing"}))
+        .await;
+    browser.wait("#notice:not([hidden])").await;
+    assert!(
+        healing
+            .get_healing_policy(pb::GetHealingPolicyRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .pauses
+            .is_empty()
+    );
+    // The button pauses the fleet; the reason shows as text, never as markup.
+    let reason = "deploy <b>42</b> & rollback";
+    browser
+        .send(json!({"cmd": "fill", "selector": "#pause-reason", "value": reason}))
+        .await;
+    browser
+        .send(json!({"cmd": "click", "selector": "#pause-healing"}))
+        .await;
+    browser.wait("#healing-pauses tr[data-group='']").await;
+    browser.wait("#fleet-paused").await;
+    let policy = healing
+        .get_healing_policy(pb::GetHealingPolicyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(policy.pauses.len(), 1);
+    assert_eq!(
+        (
+            policy.pauses[0].group.as_str(),
+            policy.pauses[0].reason.as_str()
+        ),
+        ("", reason)
+    );
+    let row = browser
+        .send(json!({"cmd": "text", "selector": "#healing-pauses tr[data-group='']"}))
+        .await;
+    let row = row["text"].as_str().unwrap();
+    assert!(
+        row.starts_with(&format!("whole fleet{reason}anonymous")),
+        "{row}"
+    );
+    let markup = browser
+        .send(json!({"cmd": "count", "selector": "#healing-brakes b"}))
+        .await;
+    assert_eq!(markup["count"], 0, "a server string went in as HTML");
+
+    // The pause brakes the next plan; the page shows the decision once it
+    // reads again (here: opened again).
+    let blue = report("blue-1").await;
+    let status = healing
+        .plan_recovery(pb::PlanRecoveryRequest {
+            error_event_id: blue.id,
+        })
+        .await
+        .expect_err("paused");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    browser.goto("fleet").await;
+    browser.goto("healing").await;
+    let braked = "#healing-decisions tr[data-verdict=BRAKED][data-reason=HEALING_PAUSED][data-agent-id=blue-1]";
+    browser.wait(braked).await;
+    let message = browser
+        .send(json!({"cmd": "text", "selector": format!("{braked} td:last-child")}))
+        .await;
+    assert!(
+        message["text"].as_str().unwrap().contains(reason),
+        "{message}"
+    );
+    // Newest first.
+    browser
+        .wait("#healing-decisions tbody tr:first-child[data-verdict=BRAKED]")
+        .await;
+    browser.screenshot("healing-brakes").await;
+
+    // Resume lifts the pause.
+    browser
+        .send(json!({"cmd": "click", "selector": "button.resume-healing[data-group='']"}))
+        .await;
+    browser
+        .wait("#healing-pauses p:text-is('healing is not paused')")
+        .await;
+    browser
+        .send(json!({"cmd": "wait", "selector": "#fleet-paused", "state": "detached"}))
+        .await;
+    assert!(
+        healing
+            .get_healing_policy(pb::GetHealingPolicyRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .pauses
+            .is_empty()
+    );
+    browser.assert_no_errors().await;
+    browser.close().await;
+    app.stop().await;
+}

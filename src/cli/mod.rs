@@ -295,6 +295,32 @@ pub struct HealingArgs {
 pub enum HealingCommand {
     /// Errors by type, active recoveries and what has been learned per strategy.
     Stats,
+    /// The remediation policy and where its brakes stand: pauses, open
+    /// breakers, each group's unhealthy share, spent retry budgets.
+    Policy,
+    /// Stop new recovery plans for the fleet (or one group) until resumed.
+    Pause {
+        /// Why (required; shown to everyone whose plan is braked).
+        #[arg(long)]
+        reason: String,
+        /// Pause one group (a value of the policy's group_by label) instead of the fleet.
+        #[arg(long)]
+        group: Option<String>,
+    },
+    /// Lift the pause of the fleet (or one group).
+    Resume {
+        #[arg(long)]
+        group: Option<String>,
+    },
+    /// The latest decisions on recovery plan requests, braked or not.
+    Decisions {
+        /// Only this agent's.
+        #[arg(long)]
+        agent: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 20)]
+        limit: i32,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -88,6 +88,10 @@ pub enum Action {
     GetHealingStatistics,
     ListErrorEvents,
     ListRecoveryActions,
+    GetHealingPolicy,
+    PauseHealing,
+    ResumeHealing,
+    ListHealingDecisions,
     // fleetcare.v1.PostHealingService
     EvaluatePost,
     RecordActionOutcome,
@@ -135,7 +139,7 @@ enum Rule {
 }
 
 impl Action {
-    pub const ALL: [Action; 40] = [
+    pub const ALL: [Action; 44] = [
         Action::RegisterAgent,
         Action::GetAgent,
         Action::ListAgents,
@@ -153,6 +157,10 @@ impl Action {
         Action::GetHealingStatistics,
         Action::ListErrorEvents,
         Action::ListRecoveryActions,
+        Action::GetHealingPolicy,
+        Action::PauseHealing,
+        Action::ResumeHealing,
+        Action::ListHealingDecisions,
         Action::EvaluatePost,
         Action::RecordActionOutcome,
         Action::ShouldRetry,
@@ -198,6 +206,10 @@ impl Action {
             Action::GetHealingStatistics => "GetHealingStatistics",
             Action::ListErrorEvents => "ListErrorEvents",
             Action::ListRecoveryActions => "ListRecoveryActions",
+            Action::GetHealingPolicy => "GetHealingPolicy",
+            Action::PauseHealing => "PauseHealing",
+            Action::ResumeHealing => "ResumeHealing",
+            Action::ListHealingDecisions => "ListHealingDecisions",
             Action::EvaluatePost => "EvaluatePost",
             Action::RecordActionOutcome => "RecordActionOutcome",
             Action::ShouldRetry => "ShouldRetry",
@@ -251,7 +263,8 @@ impl Action {
             | Action::ListTransitions
             | Action::ExplainRecovery
             | Action::ListErrorEvents
-            | Action::ListRecoveryActions => Rule::Read { agent: true },
+            | Action::ListRecoveryActions
+            | Action::ListHealingDecisions => Rule::Read { agent: true },
             // Fleet-wide reads: not for agent callers.
             Action::ListAgents
             | Action::GetHealingStatistics
@@ -264,7 +277,8 @@ impl Action {
             | Action::ListRuns
             | Action::ListClaims
             | Action::ListQuotaPools
-            | Action::GetQuotaPool => Rule::Read { agent: false },
+            | Action::GetQuotaPool
+            | Action::GetHealingPolicy => Rule::Read { agent: false },
             // Parking or releasing a whole pool steers every member at once:
             // operators only (a scheduler claims agents; it does not decide
             // that a provider's limit was hit or lifted).
@@ -273,7 +287,9 @@ impl Action {
             | Action::RunProcessor
             | Action::RetrySession
             | Action::ParkPool
-            | Action::ReleasePool => Rule::Operator,
+            | Action::ReleasePool
+            | Action::PauseHealing
+            | Action::ResumeHealing => Rule::Operator,
         }
     }
 }
@@ -634,6 +650,7 @@ mod tests {
             ExplainRecovery,
             ListErrorEvents,
             ListRecoveryActions,
+            ListHealingDecisions,
         ];
         let read_fleet = [
             ListAgents,
@@ -648,6 +665,7 @@ mod tests {
             ListClaims,
             ListQuotaPools,
             GetQuotaPool,
+            GetHealingPolicy,
         ];
         let agent_writes = [
             RegisterAgent,

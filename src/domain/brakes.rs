@@ -29,9 +29,11 @@
 //!   never fails open: with every strategy's breaker open, the plan is
 //!   braked, not handed out anyway.
 //!
-//! [`check`] answers the first brake that holds, in that order, with the
-//! numbers it was decided on ([`Braked`]); a dry-run policy decides the same
-//! and records the plan without handing it out.
+//! [`check`] answers the first brake that holds with the numbers it was
+//! decided on ([`Braked`]): an EXHAUSTED agent, the pause, the rates, the
+//! budget (cheap to count), then the share (which counts the fleet and the
+//! group, so only once the others passed); a dry-run policy decides the
+//! same and records the plan without handing it out.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -82,6 +84,10 @@ pub struct HealingPolicy {
     pub breaker_cooldown: Duration,
     /// Plans are decided and recorded, never handed out.
     pub dry_run: bool,
+    /// The share, rate and budget brakes are checked (`false`: only the
+    /// pauses, EXHAUSTED agents and the breakers hold, and nothing is
+    /// counted; for measuring what the brakes cost, not for production).
+    pub brakes: bool,
 }
 
 impl Default for HealingPolicy {
@@ -98,6 +104,29 @@ impl Default for HealingPolicy {
             breaker_failures: DEFAULT_BREAKER_FAILURES,
             breaker_cooldown: DEFAULT_BREAKER_COOLDOWN,
             dry_run: false,
+            brakes: true,
+        }
+    }
+}
+
+impl HealingPolicy {
+    /// A policy that brakes nothing a test or a bench did not ask for: every
+    /// share allowed, rates and budgets out of reach, breakers that never
+    /// open in practice (brakes "off").
+    pub fn unbraked() -> HealingPolicy {
+        HealingPolicy {
+            max_unhealthy_percent: 100,
+            min_unhealthy: 1_000_000,
+            group_by: None,
+            max_plans_per_minute: 1_000_000,
+            max_group_plans_per_minute: 1_000_000,
+            retry_budget: 1000,
+            retry_window: Duration::seconds(1),
+            min_healthy_period: DEFAULT_MIN_HEALTHY_PERIOD,
+            breaker_failures: 1000,
+            breaker_cooldown: Duration::seconds(1),
+            dry_run: false,
+            brakes: true,
         }
     }
 }
@@ -118,10 +147,69 @@ struct PolicyFile {
     breaker_failures: Option<toml::Spanned<i64>>,
     breaker_cooldown: Option<toml::Spanned<String>>,
     dry_run: Option<bool>,
+    brakes: Option<bool>,
 }
 
 /// The longest of the policy's durations.
 const MAX_POLICY_DURATION: Duration = Duration::days(30);
+
+/// The values each count of the policy may take.
+fn range(key: &str) -> (i64, i64) {
+    match key {
+        "max_unhealthy_percent" => (0, 100),
+        "min_unhealthy" => (0, 1_000_000),
+        "retry_budget" | "breaker_failures" => (1, 1000),
+        // max_plans_per_minute, max_group_plans_per_minute
+        _ => (1, 1_000_000),
+    }
+}
+
+impl HealingPolicy {
+    /// Checks a policy made from flags: every count in its range, every
+    /// duration from 1 s to 30 days; an error names the key through `name`
+    /// (the flag it came from).
+    pub fn checked(self, name: impl Fn(&str) -> String) -> Result<HealingPolicy, String> {
+        let counts = [
+            ("max_unhealthy_percent", self.max_unhealthy_percent),
+            ("min_unhealthy", self.min_unhealthy),
+            ("max_plans_per_minute", self.max_plans_per_minute),
+            (
+                "max_group_plans_per_minute",
+                self.max_group_plans_per_minute,
+            ),
+            ("retry_budget", self.retry_budget),
+            ("breaker_failures", self.breaker_failures),
+        ];
+        for (key, n) in counts {
+            let (min, max) = range(key);
+            if !(min..=max).contains(&i64::from(n)) {
+                return Err(format!("{} must be {min} to {max}, not {n}", name(key)));
+            }
+        }
+        let durations = [
+            ("retry_window", self.retry_window),
+            ("min_healthy_period", self.min_healthy_period),
+            ("breaker_cooldown", self.breaker_cooldown),
+        ];
+        for (key, d) in durations {
+            if d < Duration::seconds(1) || d > MAX_POLICY_DURATION {
+                return Err(format!(
+                    "{} must be a duration from 1s to 30days",
+                    name(key)
+                ));
+            }
+        }
+        if let Some(key) = &self.group_by
+            && (key.trim().is_empty() || key.len() > 63)
+        {
+            return Err(format!(
+                "{} must be a label key of 1 to 63 characters",
+                name("group_by")
+            ));
+        }
+        Ok(self)
+    }
+}
 
 /// Reads a policy file over `base` (the defaults with the flags applied):
 /// each key it sets replaces the base's. An error names the line and the key.
@@ -131,7 +219,8 @@ pub fn parse_policy(text: &str, base: &HealingPolicy) -> Result<HealingPolicy, S
     let at = |span: std::ops::Range<usize>, key: &str, problem: String| {
         format!("line {}: {key} {problem}", line_of(text, span.start))
     };
-    let count = |v: &Option<toml::Spanned<i64>>, key: &str, min: i64, max: i64| {
+    let count = |v: &Option<toml::Spanned<i64>>, key: &str| {
+        let (min, max) = range(key);
         v.as_ref()
             .map(|v| {
                 let n = *v.get_ref();
@@ -167,10 +256,10 @@ pub fn parse_policy(text: &str, base: &HealingPolicy) -> Result<HealingPolicy, S
             })
             .transpose()
     };
-    if let Some(v) = count(&file.max_unhealthy_percent, "max_unhealthy_percent", 0, 100)? {
+    if let Some(v) = count(&file.max_unhealthy_percent, "max_unhealthy_percent")? {
         policy.max_unhealthy_percent = v;
     }
-    if let Some(v) = count(&file.min_unhealthy, "min_unhealthy", 0, 1_000_000)? {
+    if let Some(v) = count(&file.min_unhealthy, "min_unhealthy")? {
         policy.min_unhealthy = v;
     }
     if let Some(v) = &file.group_by {
@@ -184,23 +273,16 @@ pub fn parse_policy(text: &str, base: &HealingPolicy) -> Result<HealingPolicy, S
         }
         policy.group_by = Some(key.to_owned());
     }
-    if let Some(v) = count(
-        &file.max_plans_per_minute,
-        "max_plans_per_minute",
-        1,
-        1_000_000,
-    )? {
+    if let Some(v) = count(&file.max_plans_per_minute, "max_plans_per_minute")? {
         policy.max_plans_per_minute = v;
     }
     if let Some(v) = count(
         &file.max_group_plans_per_minute,
         "max_group_plans_per_minute",
-        1,
-        1_000_000,
     )? {
         policy.max_group_plans_per_minute = v;
     }
-    if let Some(v) = count(&file.retry_budget, "retry_budget", 1, 1000)? {
+    if let Some(v) = count(&file.retry_budget, "retry_budget")? {
         policy.retry_budget = v;
     }
     if let Some(v) = duration(&file.retry_window, "retry_window")? {
@@ -209,7 +291,7 @@ pub fn parse_policy(text: &str, base: &HealingPolicy) -> Result<HealingPolicy, S
     if let Some(v) = duration(&file.min_healthy_period, "min_healthy_period")? {
         policy.min_healthy_period = v;
     }
-    if let Some(v) = count(&file.breaker_failures, "breaker_failures", 1, 1000)? {
+    if let Some(v) = count(&file.breaker_failures, "breaker_failures")? {
         policy.breaker_failures = v;
     }
     if let Some(v) = duration(&file.breaker_cooldown, "breaker_cooldown")? {
@@ -217,6 +299,9 @@ pub fn parse_policy(text: &str, base: &HealingPolicy) -> Result<HealingPolicy, S
     }
     if let Some(v) = file.dry_run {
         policy.dry_run = v;
+    }
+    if let Some(v) = file.brakes {
+        policy.brakes = v;
     }
     Ok(policy)
 }
@@ -358,8 +443,17 @@ fn share_brake(
 }
 
 /// The first brake that holds for `request` under `policy`, in the order of
-/// the module's list; `Ok` when the plan may be made.
+/// the module's list; `Ok` when the plan may be made: [`check_limits`],
+/// then [`check_share`].
 pub fn check(policy: &HealingPolicy, request: &Request<'_>) -> Result<(), Braked> {
+    check_limits(policy, request)?;
+    check_share(policy, request)
+}
+
+/// The brakes cheap to count, first: an EXHAUSTED agent, the pauses, the
+/// rates, the agent's retry budget (the request's census is not read).
+/// With the brakes off ([`HealingPolicy::brakes`]), the first two only.
+pub fn check_limits(policy: &HealingPolicy, request: &Request<'_>) -> Result<(), Braked> {
     if !counts(request.agent_status) {
         return Err(Braked::Exhausted);
     }
@@ -373,15 +467,8 @@ pub fn check(policy: &HealingPolicy, request: &Request<'_>) -> Result<(), Braked
             return Err(Braked::Paused(pause.clone()));
         }
     }
-    let adds = u32::from(!request.agent_unhealthy);
-    share_brake(policy, Scope::Fleet, request.fleet, adds)?;
-    if let Some(g) = group {
-        share_brake(
-            policy,
-            Scope::Group(g.to_owned()),
-            request.group_census,
-            adds,
-        )?;
+    if !policy.brakes {
+        return Ok(());
     }
     if request.fleet_plans_last_minute >= policy.max_plans_per_minute {
         return Err(Braked::RateLimited {
@@ -405,6 +492,25 @@ pub fn check(policy: &HealingPolicy, request: &Request<'_>) -> Result<(), Braked
             budget: policy.retry_budget,
             window: crate::domain::recovery::format_duration(policy.retry_window),
         });
+    }
+    Ok(())
+}
+
+/// The unhealthy share of the fleet and of the agent's group, on the
+/// request's census (counted only once [`check_limits`] passed).
+pub fn check_share(policy: &HealingPolicy, request: &Request<'_>) -> Result<(), Braked> {
+    if !policy.brakes {
+        return Ok(());
+    }
+    let adds = u32::from(!request.agent_unhealthy);
+    share_brake(policy, Scope::Fleet, request.fleet, adds)?;
+    if let Some(g) = request.group.filter(|_| policy.group_by.is_some()) {
+        share_brake(
+            policy,
+            Scope::Group(g.to_owned()),
+            request.group_census,
+            adds,
+        )?;
     }
     Ok(())
 }
@@ -530,3 +636,246 @@ pub fn choose_admitted<S: Ord + Copy>(
 
 #[cfg(test)]
 mod tests;
+
+// ---------------------------------------------------------------------------
+// What the store keeps: decisions, pauses, breakers
+
+/// How long the rate brakes look back.
+pub const RATE_WINDOW: Duration = Duration::minutes(1);
+
+/// When an agent last became healthy, for its retry budget: the end of its
+/// latest successful recovery (`last_success`), if no error of it was
+/// reported after it (`errors_since`, the one being planned left out);
+/// `None` while it is not healthy.
+pub fn healthy_since(
+    last_success: Option<DateTime<Utc>>,
+    errors_since: u32,
+) -> Option<DateTime<Utc>> {
+    last_success.filter(|_| errors_since == 0)
+}
+
+/// The numbers a decision was taken on, kept with it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Numbers {
+    pub fleet: Census,
+    /// The agent's group (when the policy groups and the agent has the label).
+    pub group: Option<String>,
+    pub group_census: Census,
+    pub fleet_plans_last_minute: u32,
+    pub group_plans_last_minute: u32,
+    pub agent_plans_in_window: u32,
+}
+
+impl Request<'_> {
+    /// The numbers of this request, to keep with its decision.
+    pub fn numbers(&self) -> Numbers {
+        Numbers {
+            fleet: self.fleet,
+            group: self.group.map(str::to_owned),
+            group_census: self.group_census,
+            fleet_plans_last_minute: self.fleet_plans_last_minute,
+            group_plans_last_minute: self.group_plans_last_minute,
+            agent_plans_in_window: self.agent_plans_in_window,
+        }
+    }
+}
+
+/// What became of a request for a plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// A recovery was planned and handed out.
+    Planned,
+    /// Decided as if planned and recorded, never handed out (the policy's
+    /// `dry_run`).
+    DryRun,
+    /// A brake held: no plan.
+    Braked,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Planned => "PLANNED",
+            Verdict::DryRun => "DRY_RUN",
+            Verdict::Braked => "BRAKED",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Verdict> {
+        [Verdict::Planned, Verdict::DryRun, Verdict::Braked]
+            .into_iter()
+            .find(|v| v.as_str() == s)
+    }
+}
+
+/// The reason a dry-run decision is answered with (`FAILED_PRECONDITION`:
+/// nothing is handed out).
+pub const REASON_DRY_RUN: &str = "HEALING_DRY_RUN";
+
+/// One decision on a request for a plan, braked or not, as kept.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub id: i64,
+    pub error_event_id: i64,
+    pub agent_id: String,
+    pub decided_at: DateTime<Utc>,
+    pub verdict: Verdict,
+    /// The brake's reason ([`Braked::reason`]) when braked.
+    pub reason: Option<String>,
+    /// What was decided, in words (the brake's message, or the plan).
+    pub message: String,
+    /// The strategy planned (also in a dry run).
+    pub strategy: Option<crate::domain::healing::Strategy>,
+    /// The recovery action handed out.
+    pub recovery_action_id: Option<i64>,
+    pub numbers: Numbers,
+    /// Who asked.
+    pub actor: String,
+}
+
+impl Scope {
+    /// The scope as stored: `fleet` or `group:<value>`.
+    pub fn stored(&self) -> String {
+        match self {
+            Scope::Fleet => "fleet".to_owned(),
+            Scope::Group(g) => format!("group:{g}"),
+        }
+    }
+
+    pub fn parse_stored(s: &str) -> Option<Scope> {
+        match s {
+            "fleet" => Some(Scope::Fleet),
+            _ => s.strip_prefix("group:").map(|g| Scope::Group(g.to_owned())),
+        }
+    }
+
+    /// The scope a request names: the fleet for an empty group, the group
+    /// otherwise, which the policy must group by.
+    pub fn named(group: &str, policy: &HealingPolicy) -> Result<Scope, ScopeRefused> {
+        let group = group.trim();
+        if group.is_empty() {
+            return Ok(Scope::Fleet);
+        }
+        if group.len() > crate::domain::labels::MAX_LABEL_VALUE {
+            return Err(ScopeRefused::Invalid(format!(
+                "group must be at most {} characters (a label value)",
+                crate::domain::labels::MAX_LABEL_VALUE
+            )));
+        }
+        match &policy.group_by {
+            Some(_) => Ok(Scope::Group(group.to_owned())),
+            None => Err(ScopeRefused::NoGroups(format!(
+                "group {group:?} names no group: the healing policy has no group_by"
+            ))),
+        }
+    }
+}
+
+/// Why a request's scope was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScopeRefused {
+    /// Malformed.
+    Invalid(String),
+    /// A group named while the policy groups nothing.
+    NoGroups(String),
+}
+
+/// The longest pause reason kept.
+pub const MAX_PAUSE_REASON: usize = 1024;
+
+/// An operator's pause request, checked.
+pub fn pause(scope: Scope, reason: &str, by: &str, at: DateTime<Utc>) -> Result<Pause, String> {
+    let reason = reason.trim();
+    if reason.is_empty() {
+        return Err("reason is required: say why healing is paused".into());
+    }
+    if reason.len() > MAX_PAUSE_REASON {
+        return Err(format!("reason must be at most {MAX_PAUSE_REASON} bytes"));
+    }
+    Ok(Pause {
+        scope,
+        reason: reason.to_owned(),
+        by: by.to_owned(),
+        at,
+    })
+}
+
+impl Breaker {
+    /// The breaker as stored: its state's name, failures in a row, and since
+    /// when it is open (or its trial went through).
+    pub fn parts(&self) -> (&'static str, u32, Option<DateTime<Utc>>) {
+        match *self {
+            Breaker::Closed { failures } => ("CLOSED", failures, None),
+            Breaker::Open { since } => ("OPEN", 0, Some(since)),
+            Breaker::HalfOpen { trial_at } => ("HALF_OPEN", 0, Some(trial_at)),
+        }
+    }
+
+    pub fn from_parts(state: &str, failures: u32, since: Option<DateTime<Utc>>) -> Option<Breaker> {
+        match (state, since) {
+            ("CLOSED", _) => Some(Breaker::Closed { failures }),
+            ("OPEN", Some(since)) => Some(Breaker::Open { since }),
+            ("HALF_OPEN", Some(trial_at)) => Some(Breaker::HalfOpen { trial_at }),
+            _ => None,
+        }
+    }
+}
+
+/// Whether an outcome of `strategy` counts on its breaker: ESCALATE hands
+/// the agent to a person, which is never braked (it is where an open
+/// breaker sends plans).
+pub fn breakered(strategy: crate::domain::healing::Strategy) -> bool {
+    strategy != crate::domain::healing::Strategy::Escalate
+}
+
+/// The strategies the breakers keep a plan from at `now` (every breakered
+/// strategy whose breaker does not admit).
+pub fn closed_off<S: Copy>(
+    breakers: &[(S, Breaker)],
+    policy: &HealingPolicy,
+    now: DateTime<Utc>,
+) -> Vec<S> {
+    breakers
+        .iter()
+        .filter(|(_, b)| matches!(b.admits(policy, now), Admit::No { .. }))
+        .map(|(s, _)| *s)
+        .collect()
+}
+
+/// The share of one scope, as shown to operators.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Share {
+    pub scope: Scope,
+    pub census: Census,
+    /// How many may be unhealthy at once ([`allowed_unhealthy`]).
+    pub allowed: u32,
+}
+
+/// The brakes as they stand, for operators: the policy, the pauses, the
+/// breakers not closed, each scope's unhealthy share, the agents whose
+/// budget is spent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BrakeStatus {
+    pub policy: HealingPolicy,
+    pub pauses: Vec<Pause>,
+    pub breakers: Vec<(
+        crate::domain::healing::ErrorType,
+        crate::domain::healing::Strategy,
+        Breaker,
+    )>,
+    pub shares: Vec<Share>,
+    /// Agents and their plans counted against the budget, at or over it.
+    pub spent: Vec<(String, u32)>,
+    pub at: DateTime<Utc>,
+}
+
+/// A request answered without a plan: braked (the brake's reason) or a dry
+/// run ([`REASON_DRY_RUN`]); the decision was recorded as `decision_id`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message} (healing decision {decision_id})")]
+pub struct NotPlanned {
+    pub reason: &'static str,
+    pub message: String,
+    pub decision_id: i64,
+    pub agent_id: String,
+}

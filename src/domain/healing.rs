@@ -39,6 +39,9 @@ pub const REASON_HEURISTIC: &str = "heuristic";
 pub const REASON_LEARNED: &str = "learned";
 /// `Plan::reason` when the safety gate replaced a too-risky choice with ESCALATE.
 pub const REASON_HIGH_RISK: &str = "high_risk_recovery";
+/// `Plan::reason` when every candidate's breaker was open and the plan went
+/// to a person (ESCALATE) instead: a breaker never fails open.
+pub const REASON_BREAKER_OPEN: &str = "breakers_open";
 
 /// Case-insensitive, whitespace-tolerant lookup of a variant by its wire name.
 /// Shared by every `parse` so that all enums accept the same spellings.
@@ -573,6 +576,20 @@ fn sanitized(config: &PlannerConfig) -> PlannerConfig {
 /// Then the safety gate: if the chosen strategy's risk exceeds the safety
 /// limit, the plan becomes ESCALATE with escalate's parameters.
 pub fn plan(input: &PlanInput, config: &PlannerConfig, rng: &mut impl Rng) -> Plan {
+    plan_around(input, config, rng, &[])
+}
+
+/// [`plan`] without the strategies in `closed_off` (those whose breaker is
+/// open, `domain::brakes`): the next best candidate takes a closed-off one's
+/// place (on a cold start, the next in the heuristic's order; with evidence,
+/// the best draw among the rest); with none left the plan is ESCALATE
+/// ([`REASON_BREAKER_OPEN`]). ESCALATE is never closed off.
+pub fn plan_around(
+    input: &PlanInput,
+    config: &PlannerConfig,
+    rng: &mut impl Rng,
+    closed_off: &[Strategy],
+) -> Plan {
     let config = sanitized(config);
     let heuristic = heuristic_strategy(input.error_type, input.critical);
 
@@ -613,11 +630,25 @@ pub fn plan(input: &PlanInput, config: &PlannerConfig, rng: &mut impl Rng) -> Pl
         )
     };
 
+    candidates.retain(|s| *s == Strategy::Escalate || !closed_off.contains(s));
+    let Some(&first) = candidates.first() else {
+        let escalate = profile(Strategy::Escalate);
+        return Plan {
+            strategy: Strategy::Escalate,
+            chosen: Strategy::Escalate,
+            parameters: escalate.parameters,
+            estimated_duration: escalate.estimated_duration,
+            success_probability: posterior(Strategy::Escalate).mean(),
+            risk: risk(Strategy::Escalate, input.critical, input.recurring),
+            escalated: true,
+            reason: REASON_BREAKER_OPEN.to_owned(),
+        };
+    };
     let learned = candidates
         .iter()
         .any(|s| merged.get(s).is_some_and(|e| e.uses() > 0));
     let chosen = if learned {
-        let mut best = heuristic;
+        let mut best = first;
         let mut best_draw = f64::NEG_INFINITY;
         for &s in &candidates {
             let draw = posterior(s).sample(rng);
@@ -628,7 +659,7 @@ pub fn plan(input: &PlanInput, config: &PlannerConfig, rng: &mut impl Rng) -> Pl
         }
         best
     } else {
-        heuristic
+        first
     };
 
     let chosen_profile = profile(chosen);
@@ -698,6 +729,51 @@ mod tests {
 
     fn approx(a: f64, b: f64) -> bool {
         (a - b).abs() < 1e-9
+    }
+
+    #[test]
+    fn closed_off_strategies_give_way_to_the_next_best_and_with_none_left_a_person() {
+        let config = PlannerConfig::default();
+        let mut rng = StdRng::seed_from_u64(3);
+        let input = PlanInput {
+            error_type: ErrorType::CommunicationError,
+            critical: false,
+            recurring: false,
+            evidence: &[],
+        };
+        let open = plan(&input, &config, &mut rng);
+        let heuristic = open.strategy;
+        let around = plan_around(&input, &config, &mut rng, &[heuristic]);
+        assert_ne!(around.strategy, heuristic);
+        // A cold start takes the next candidate in the seeded order.
+        let next = seeded_strategies(ErrorType::CommunicationError)
+            .iter()
+            .copied()
+            .find(|s| *s != heuristic)
+            .unwrap();
+        assert_eq!(around.chosen, next);
+        // Every breakered candidate closed off: ESCALATE (never the open one).
+        let all: Vec<Strategy> = Strategy::ALL
+            .into_iter()
+            .filter(|s| *s != Strategy::Escalate)
+            .collect();
+        let none = plan_around(&input, &config, &mut rng, &all);
+        assert_eq!(none.strategy, Strategy::Escalate);
+        assert!(none.escalated);
+        let learned = [Evidence {
+            strategy: heuristic,
+            successes: 50,
+            failures: 0,
+            total_recovery_secs: 50.0,
+        }];
+        let with_evidence = PlanInput {
+            evidence: &learned,
+            ..input
+        };
+        for _ in 0..20 {
+            let p = plan_around(&with_evidence, &config, &mut rng, &[heuristic]);
+            assert_ne!(p.chosen, heuristic);
+        }
     }
 
     #[test]

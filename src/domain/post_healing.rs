@@ -1,7 +1,8 @@
-//! Post healing: detect social posts whose engagement has stalled, pick an
+//! Post healing: detect social posts whose engagement has stalled (leaving
+//! alone those seen too little to judge and those doing well), pick an
 //! escalating intervention (comment, edit, thread), and guard against spam
-//! with idempotency keys, a per-window cap, per-action cooldowns and bounded,
-//! jittered retries.
+//! with idempotency keys of a window, a per-window cap, per-action cooldowns
+//! and bounded, jittered retries.
 //!
 //! Pure: the caller passes `now` and the RNG; the store persists records.
 
@@ -141,6 +142,13 @@ impl ActionStatus {
 pub enum Ineligible {
     #[error("insufficient_samples")]
     InsufficientSamples,
+    /// Fewer impressions gained over the window than `min_impressions`: too
+    /// little exposure to judge the rate, so no stagnation verdict.
+    #[error("low_exposure")]
+    LowExposure,
+    /// An engagement rate at or above `healthy_rate`: nothing to heal.
+    #[error("healthy")]
+    Healthy,
     #[error("duplicate_action")]
     DuplicateAction,
     #[error("window_frequency_exceeded")]
@@ -150,8 +158,10 @@ pub enum Ineligible {
 }
 
 impl Ineligible {
-    pub const ALL: [Ineligible; 4] = [
+    pub const ALL: [Ineligible; 6] = [
         Ineligible::InsufficientSamples,
+        Ineligible::LowExposure,
+        Ineligible::Healthy,
         Ineligible::DuplicateAction,
         Ineligible::WindowFrequencyExceeded,
         Ineligible::ActionCooldownActive,
@@ -160,6 +170,8 @@ impl Ineligible {
     pub fn as_str(self) -> &'static str {
         match self {
             Ineligible::InsufficientSamples => "insufficient_samples",
+            Ineligible::LowExposure => "low_exposure",
+            Ineligible::Healthy => "healthy",
             Ineligible::DuplicateAction => "duplicate_action",
             Ineligible::WindowFrequencyExceeded => "window_frequency_exceeded",
             Ineligible::ActionCooldownActive => "action_cooldown_active",
@@ -173,12 +185,19 @@ impl Ineligible {
 
 display_via_as_str!(ActionType, Tier, ActionStatus);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PostHealingConfig {
-    /// How far back metrics and actions are considered.
+    /// How far back metrics and actions are considered; also the length of
+    /// the windows idempotency keys belong to ([`key_window`]).
     pub window: Duration,
     /// Minimum metric points in the window before judging a post.
     pub min_samples: usize,
+    /// Minimum impressions gained over the window before judging a post:
+    /// below it the verdict is `low_exposure` (0 turns the floor off).
+    pub min_impressions: i64,
+    /// An engagement rate over the window at or above this is `healthy`: no
+    /// action is proposed.
+    pub healthy_rate: f64,
     /// Cap on actions per post per window, across all action types.
     pub max_actions_per_window: usize,
     pub cooldown_comment: Duration,
@@ -193,11 +212,23 @@ pub struct PostHealingConfig {
     pub retry_max: Duration,
 }
 
+/// Default of `healthy_rate`: 5 %, the rate at which the stagnation score
+/// reaches 0 (see [`stagnation`]), so by default a post the stagnation rule
+/// does not score as stalled at all is left alone.
+pub const DEFAULT_HEALTHY_RATE: f64 = 1.0 / HEALTHY_RATE_FACTOR as f64;
+
+/// Default of `min_impressions`: below 100 new impressions one engagement
+/// more or less moves the rate by a whole percentage point or more, which is
+/// noise, not a trend.
+pub const DEFAULT_MIN_IMPRESSIONS: i64 = 100;
+
 impl Default for PostHealingConfig {
     fn default() -> Self {
         PostHealingConfig {
             window: Duration::minutes(90),
             min_samples: 3,
+            min_impressions: DEFAULT_MIN_IMPRESSIONS,
+            healthy_rate: DEFAULT_HEALTHY_RATE,
             max_actions_per_window: 2,
             cooldown_comment: Duration::minutes(30),
             cooldown_edit: Duration::hours(2),
@@ -272,18 +303,20 @@ pub fn as_of(mut record: ActionRecord, now: DateTime<Utc>) -> ActionRecord {
     record
 }
 
-/// The record a claim at `now` writes: RUNNING with a lease, keeping the
-/// attempts of an earlier record with the same key (read through [`as_of`],
-/// so an expired claim counts as the attempt it was), created now if new.
+/// The record a claim at `now` writes under `key` (the evaluation's, see
+/// [`evaluate`]): RUNNING with a lease, keeping the attempts of an earlier
+/// record with the same key (read through [`as_of`], so an expired claim
+/// counts as the attempt it was), created now if new.
 pub fn claim(
     existing: Option<&ActionRecord>,
+    key: &str,
     post_id: &str,
     stagnation: &Stagnation,
     now: DateTime<Utc>,
     lease: Duration,
 ) -> ActionRecord {
     ActionRecord {
-        idempotency_key: idempotency_key(post_id, stagnation.action, stagnation.tier),
+        idempotency_key: key.to_owned(),
         post_id: post_id.to_owned(),
         action: stagnation.action,
         tier: stagnation.tier,
@@ -319,9 +352,11 @@ pub fn apply_outcome(
     }
 }
 
-/// A record first created by a reported outcome (an executor that did not
-/// claim): attempts start at 0, [`apply_outcome`] then counts the report.
+/// A record first created by a reported outcome under `key` (an executor
+/// that did not claim): attempts start at 0, [`apply_outcome`] then counts
+/// the report.
 pub fn reported(
+    key: &str,
     post_id: &str,
     action: ActionType,
     tier: Tier,
@@ -329,7 +364,7 @@ pub fn reported(
     now: DateTime<Utc>,
 ) -> ActionRecord {
     ActionRecord {
-        idempotency_key: idempotency_key(post_id, action, tier),
+        idempotency_key: key.to_owned(),
         post_id: post_id.to_owned(),
         action,
         tier,
@@ -342,26 +377,49 @@ pub fn reported(
     }
 }
 
-/// A report for an unknown key names a key other than the one its post,
-/// action and tier make: it may not create a record under it.
+/// Why a report for an unknown key may not create a record under it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyMismatch {
-    pub given: String,
-    pub expected: String,
+pub enum KeyMismatch {
+    /// The key is not the one its post, action and tier make (for the
+    /// window a window key names).
+    Hash { given: String, expected: String },
+    /// A window key of a window other than the server's current one or the
+    /// one before: a report creates records only for actions proposed now
+    /// or in the window just ended, never for a window the caller picks.
+    Window {
+        given: String,
+        window: i64,
+        current: i64,
+    },
 }
 
 impl std::fmt::Display for KeyMismatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "idempotency_key {:?} does not match post_id, action_type and tier (expected {:?})",
-            self.given, self.expected
-        )
+        match self {
+            KeyMismatch::Hash { given, expected } => write!(
+                f,
+                "idempotency_key {given:?} does not match post_id, action_type and tier \
+                 (expected {expected:?})"
+            ),
+            KeyMismatch::Window {
+                given,
+                window,
+                current,
+            } => write!(
+                f,
+                "idempotency_key {given:?} is for post window {window}, but a report creates a \
+                 record only for the server's current post window ({current}) or the one before"
+            ),
+        }
     }
 }
 
-/// The record a report creates for the unknown `key` ([`reported`]), if
-/// `key` is the one its post, action and tier make ([`idempotency_key`]).
+/// The record a report at `now` creates for the unknown `key` ([`reported`]),
+/// if `key` is one its post, action and tier make: the seed's key
+/// ([`idempotency_key`], so records of the seed's executor fit), or the
+/// window key ([`window_key`]) of the current window of length `window` at
+/// `now` or of the one before (an action proposed just before a window
+/// ended is reported after it).
 pub fn reported_as(
     key: &str,
     post_id: &str,
@@ -369,15 +427,30 @@ pub fn reported_as(
     tier: Tier,
     status: ActionStatus,
     now: DateTime<Utc>,
+    window: Duration,
 ) -> Result<ActionRecord, KeyMismatch> {
-    let record = reported(post_id, action, tier, status, now);
-    if record.idempotency_key != key {
-        return Err(KeyMismatch {
+    let current = key_window(now, window);
+    let expected = match key_form(key) {
+        Some(KeyForm::Seed) => idempotency_key(post_id, action, tier),
+        Some(KeyForm::Window(w)) => {
+            if w != current && Some(w) != current.checked_sub(1) {
+                return Err(KeyMismatch::Window {
+                    given: key.to_owned(),
+                    window: w,
+                    current,
+                });
+            }
+            window_key(post_id, action, tier, w)
+        }
+        None => window_key(post_id, action, tier, current),
+    };
+    if expected != key {
+        return Err(KeyMismatch::Hash {
             given: key.to_owned(),
-            expected: record.idempotency_key,
+            expected,
         });
     }
-    Ok(record)
+    Ok(reported(key, post_id, action, tier, status, now))
 }
 
 /// Status as it should be acted on. A RUNNING record whose lease has expired
@@ -397,6 +470,9 @@ pub fn effective(record: &ActionRecord, now: DateTime<Utc>) -> (ActionStatus, Op
 pub struct Stagnation {
     /// Metric points used (those inside the window).
     pub samples: usize,
+    /// Impressions gained over the window (last point's minus first's; 0
+    /// when they did not grow), the exposure the rate is measured on.
+    pub impressions: i64,
     /// New engagements per new impression over the window; 0 when impressions did not grow.
     pub engagement_rate: f64,
     /// 0 = healthy, 1 = fully stalled.
@@ -446,7 +522,8 @@ pub fn stagnation(
         let score = ((d_imp - HEALTHY_RATE_FACTOR * d_eng) as f64 / d_imp as f64).clamp(0.0, 1.0);
         (rate, score)
     } else {
-        // No new impressions: nobody is seeing the post, which is the stall we heal.
+        // No new impressions: nobody is seeing the post, fully stalled (with
+        // an exposure floor, `evaluate` answers low_exposure before this).
         (0.0, 1.0)
     };
     let tier = if score >= TIER3_SCORE {
@@ -458,6 +535,7 @@ pub fn stagnation(
     };
     Ok(Stagnation {
         samples: window.len(),
+        impressions: i64::try_from(d_imp.max(0)).unwrap_or(i64::MAX),
         engagement_rate,
         score,
         tier,
@@ -465,18 +543,84 @@ pub fn stagnation(
     })
 }
 
-/// "sheal_" + first 32 lowercase hex chars of SHA-256("{post_id}:{action}:{tier}"),
-/// identical to the Python implementation's keys.
-pub fn idempotency_key(post_id: &str, action: ActionType, tier: Tier) -> String {
-    let digest =
-        Sha256::digest(format!("{post_id}:{}:{}", action.as_str(), tier.as_str()).as_bytes());
-    let mut key = String::with_capacity(6 + 32);
-    key.push_str("sheal_");
+/// The first 32 lowercase hex characters of SHA-256(`text`).
+fn hex32(text: &str) -> String {
+    let digest = Sha256::digest(text.as_bytes());
+    let mut hex = String::with_capacity(32);
     for byte in &digest[..16] {
         // Writing to a String cannot fail; format! avoids a fallible `write!`.
-        key.push_str(&format!("{byte:02x}"));
+        hex.push_str(&format!("{byte:02x}"));
     }
-    key
+    hex
+}
+
+/// Prefix of the seed's keys ([`idempotency_key`]).
+pub const SEED_KEY_PREFIX: &str = "sheal_";
+/// Prefix of window keys ([`window_key`]); never a seed key's, whose
+/// `sheal_` is followed by hex.
+pub const WINDOW_KEY_PREFIX: &str = "shealw_";
+
+/// The seed's key, without a time part: "sheal_" + first 32 lowercase hex
+/// chars of SHA-256("{post_id}:{action}:{tier}"), identical to the Python
+/// implementation's keys. Claims no longer make them; records stored under
+/// them are still read, reported on and counted ([`evaluate`]).
+pub fn idempotency_key(post_id: &str, action: ActionType, tier: Tier) -> String {
+    format!(
+        "{SEED_KEY_PREFIX}{}",
+        hex32(&format!("{post_id}:{}:{}", action.as_str(), tier.as_str()))
+    )
+}
+
+/// The index of the window of length `window` that `at` falls in, counted
+/// from the Unix epoch: floor(Unix time in ms / window in ms). Windows are
+/// fixed (10:30 to 12:00 for 90 minutes), unlike the sliding window of the
+/// action cap. A window under 1 ms counts as 1 ms.
+pub fn key_window(at: DateTime<Utc>, window: Duration) -> i64 {
+    at.timestamp_millis()
+        .div_euclid(window.num_milliseconds().max(1))
+}
+
+/// The key of the action `tier` proposes for `post_id` in window `window`
+/// ([`key_window`]): "shealw_{window}_" + first 32 lowercase hex chars of
+/// SHA-256("{post_id}:{action}:{tier}:{window}"). A key belongs to one window,
+/// so a tier that acted on a post may act on it again in a later window (the
+/// cap and the cooldowns still apply).
+pub fn window_key(post_id: &str, action: ActionType, tier: Tier, window: i64) -> String {
+    format!(
+        "{WINDOW_KEY_PREFIX}{window}_{}",
+        hex32(&format!(
+            "{post_id}:{}:{}:{window}",
+            action.as_str(),
+            tier.as_str()
+        ))
+    )
+}
+
+/// The two forms of idempotency key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyForm {
+    /// The seed's "sheal_" + 32 hex, with no time part.
+    Seed,
+    /// "shealw_{window}_" + 32 hex, of the window it names.
+    Window(i64),
+}
+
+fn is_hex32(text: &str) -> bool {
+    text.len() == 32 && text.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f'))
+}
+
+/// The form of a well-formed key, `None` for anything else (the window
+/// written in canonical decimal: no sign but a minus, no leading zeros).
+pub fn key_form(key: &str) -> Option<KeyForm> {
+    if let Some(rest) = key.strip_prefix(WINDOW_KEY_PREFIX) {
+        let (window, hex) = rest.split_once('_')?;
+        let window: i64 = window.parse().ok()?;
+        return (is_hex32(hex) && rest.starts_with(&format!("{window}_")))
+            .then_some(KeyForm::Window(window));
+    }
+    key.strip_prefix(SEED_KEY_PREFIX)
+        .filter(|hex| is_hex32(hex))
+        .map(|_| KeyForm::Seed)
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -484,20 +628,43 @@ pub struct Evaluation {
     pub eligible: bool,
     /// Set exactly when `eligible` is false.
     pub reason: Option<Ineligible>,
-    /// Present unless samples were insufficient.
+    /// The stagnation rule's result: present unless samples were
+    /// insufficient or exposure low (so also for a healthy post, which gets
+    /// no action).
     pub stagnation: Option<Stagnation>,
-    /// Key of the action that would be (or was refused to be) taken.
+    /// Key of the action that would be (or was refused to be) taken: present
+    /// exactly when an action is proposed (not for insufficient samples, low
+    /// exposure or a healthy post).
     pub idempotency_key: Option<String>,
     /// Metric points inside the window (the seed's `sample_count`), set
     /// on every verdict, insufficient samples included.
     pub samples: usize,
+    /// Impressions gained over the window (0 with insufficient samples).
+    pub impressions: i64,
 }
 
-/// Decide whether to heal `post_id` now. Guardrails, first failure wins:
+impl Evaluation {
+    /// The stagnation whose tier and action are proposed, if an action is.
+    pub fn proposed(&self) -> Option<&Stagnation> {
+        self.idempotency_key.as_ref().and(self.stagnation.as_ref())
+    }
+}
+
+/// Decide whether to heal `post_id` now. Verdicts, first one wins:
 /// 1. insufficient_samples;
-/// 2. duplicate_action: a record with this key is SUCCEEDED or RUNNING (effective);
-/// 3. window_frequency_exceeded: records created in the last window >= cap;
-/// 4. action_cooldown_active: newest same-type record younger than its cooldown.
+/// 2. low_exposure: fewer than `min_impressions` impressions gained over the
+///    window, no stagnation verdict;
+/// 3. healthy: an engagement rate at or above `healthy_rate` (the rate the
+///    stagnation rule measured), no action proposed;
+///
+/// then the proposed action (the stagnation tier's, under the key of the
+/// current window, [`window_key`] of [`key_window`] of `now`) meets the
+/// guardrails, first failure wins:
+/// 4. duplicate_action: this tier's action on the post is SUCCEEDED or
+///    RUNNING (effective) in this window: the record with this key, or one
+///    under the seed's key ([`idempotency_key`]) created in this window;
+/// 5. window_frequency_exceeded: records created in the last window >= cap;
+/// 6. action_cooldown_active: newest same-type record younger than its cooldown.
 ///
 /// `history` is every record of this post. It is deliberately not re-filtered by
 /// `post_id`: if the store ever mislabels a row, counting it errs toward not spamming.
@@ -522,20 +689,34 @@ pub fn evaluate(
                     .iter()
                     .filter(|p| p.at >= since && p.at <= now)
                     .count(),
+                impressions: 0,
             };
         }
     };
-    let key = idempotency_key(post_id, stag.action, stag.tier);
-    let refuse = |reason| Evaluation {
+    let verdict = |reason, stagnation, idempotency_key| Evaluation {
         eligible: false,
         reason: Some(reason),
-        stagnation: Some(stag),
-        idempotency_key: Some(key.clone()),
+        stagnation,
+        idempotency_key,
         samples: stag.samples,
+        impressions: stag.impressions,
     };
+    if stag.impressions < config.min_impressions {
+        return verdict(Ineligible::LowExposure, None, None);
+    }
+    if stag.engagement_rate >= config.healthy_rate {
+        return verdict(Ineligible::Healthy, Some(stag), None);
+    }
 
+    let window = key_window(now, config.window);
+    let key = window_key(post_id, stag.action, stag.tier, window);
+    let refuse = |reason| verdict(reason, Some(stag), Some(key.clone()));
+
+    let seed_key = idempotency_key(post_id, stag.action, stag.tier);
     let duplicate = history.iter().any(|r| {
-        r.idempotency_key == key
+        let this_window = r.idempotency_key == key
+            || (r.idempotency_key == seed_key && key_window(r.created_at, config.window) == window);
+        this_window
             && matches!(
                 effective(r, now).0,
                 ActionStatus::Succeeded | ActionStatus::Running
@@ -569,6 +750,7 @@ pub fn evaluate(
         stagnation: Some(stag),
         idempotency_key: Some(key),
         samples: stag.samples,
+        impressions: stag.impressions,
     }
 }
 
@@ -668,11 +850,14 @@ mod tests {
     use rand::SeedableRng;
     use rand::rngs::StdRng;
 
+    /// 45 minutes into the 90-minute key window 323848 (12:00 to 13:30).
     fn now() -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2025, 6, 1, 12, 0, 0)
+        Utc.with_ymd_and_hms(2025, 6, 1, 12, 45, 0)
             .single()
             .expect("valid fixed date")
     }
+
+    const WINDOW: i64 = 323_848;
 
     fn mins_ago(m: i64) -> DateTime<Utc> {
         now() - Duration::minutes(m)
@@ -695,6 +880,7 @@ mod tests {
         PostHealingConfig::default()
     }
 
+    /// A record claimed `created_mins_ago`, under the key of its window.
     fn rec(
         post: &str,
         action: ActionType,
@@ -702,8 +888,9 @@ mod tests {
         status: ActionStatus,
         created_mins_ago: i64,
     ) -> ActionRecord {
+        let window = key_window(mins_ago(created_mins_ago), cfg().window);
         ActionRecord {
-            idempotency_key: idempotency_key(post, action, tier),
+            idempotency_key: window_key(post, action, tier, window),
             post_id: post.to_owned(),
             action,
             tier,
@@ -741,6 +928,8 @@ mod tests {
         let c = cfg();
         assert_eq!(c.window, Duration::minutes(90));
         assert_eq!(c.min_samples, 3);
+        assert_eq!(c.min_impressions, 100);
+        assert_eq!(c.healthy_rate, 0.05);
         assert_eq!(c.max_actions_per_window, 2);
         assert_eq!(c.cooldown(ActionType::Comment), Duration::minutes(30));
         assert_eq!(c.cooldown(ActionType::Edit), Duration::hours(2));
@@ -788,6 +977,7 @@ mod tests {
         let mut points = series(1000, 100);
         points.reverse();
         let s = stagnation(&points, now(), &cfg()).expect("enough samples");
+        assert_eq!(s.impressions, 1000);
         assert!((s.engagement_rate - 0.1).abs() < 1e-12);
         assert_eq!(s.score, 0.0);
         assert_eq!(s.tier, Tier::Tier1);
@@ -822,11 +1012,13 @@ mod tests {
         let s = stagnation(&points, now(), &cfg()).expect("enough samples");
         assert_eq!(s.engagement_rate, 0.0);
         assert_eq!(s.score, 1.0);
+        assert_eq!(s.impressions, 0);
         // Impressions going down (counter reset) is also "did not grow".
         let down = [pt(60, 500, 10), pt(30, 400, 20), pt(0, 300, 30)];
         assert_eq!(
-            stagnation(&down, now(), &cfg()).map(|s| s.engagement_rate),
-            Ok(0.0)
+            stagnation(&down, now(), &cfg()).map(|s| (s.engagement_rate, s.impressions)),
+            Ok((0.0, 0)),
+            "a counter going down gained nothing"
         );
     }
 
@@ -950,17 +1142,16 @@ mod tests {
     fn a_claim_keeps_the_attempts_of_the_record_it_reruns() {
         let stag = Stagnation {
             samples: 3,
+            impressions: 1000,
             engagement_rate: 0.0,
             score: 1.0,
             tier: Tier::Tier3,
             action: ActionType::Thread,
         };
         let lease = Duration::minutes(15);
-        let fresh = claim(None, "p1", &stag, now(), lease);
-        assert_eq!(
-            fresh.idempotency_key,
-            idempotency_key("p1", ActionType::Thread, Tier::Tier3)
-        );
+        let key = window_key("p1", ActionType::Thread, Tier::Tier3, WINDOW);
+        let fresh = claim(None, &key, "p1", &stag, now(), lease);
+        assert_eq!(fresh.idempotency_key, key);
         assert_eq!((fresh.status, fresh.attempts), (ActionStatus::Running, 0));
         assert_eq!((fresh.created_at, fresh.updated_at), (now(), now()));
         assert_eq!(fresh.lease_expires_at, Some(now() + lease));
@@ -969,11 +1160,12 @@ mod tests {
             ActionType::Thread,
             Tier::Tier3,
             ActionStatus::Running,
-            60,
+            40,
         );
-        old.lease_expires_at = Some(mins_ago(45));
+        old.lease_expires_at = Some(mins_ago(25));
+        assert_eq!(old.idempotency_key, key, "claimed earlier in this window");
         let expired = as_of(old.clone(), now());
-        let rerun = claim(Some(&expired), "p1", &stag, now(), lease);
+        let rerun = claim(Some(&expired), &key, "p1", &stag, now(), lease);
         assert_eq!(rerun.attempts, 2, "1 reported + the expired claim");
         assert_eq!(rerun.created_at, old.created_at);
         assert_eq!(rerun.error_code, None);
@@ -1001,6 +1193,7 @@ mod tests {
         assert_eq!(failed.lease_expires_at, None);
         assert_eq!(failed.error_code.as_deref(), Some("rate_limit"));
         let new = reported(
+            &running.idempotency_key,
             "p1",
             ActionType::Edit,
             Tier::Tier2,
@@ -1016,29 +1209,85 @@ mod tests {
 
     #[test]
     fn a_report_creates_a_record_only_under_its_own_key() {
-        let key = idempotency_key("p1", ActionType::Edit, Tier::Tier2);
+        let window = cfg().window;
         let status = ActionStatus::Failed;
-        let record = reported_as(&key, "p1", ActionType::Edit, Tier::Tier2, status, now());
-        assert_eq!(
-            record,
-            Ok(reported("p1", ActionType::Edit, Tier::Tier2, status, now()))
-        );
-        let other = reported_as(&key, "p2", ActionType::Edit, Tier::Tier2, status, now());
-        let expected = idempotency_key("p2", ActionType::Edit, Tier::Tier2);
-        assert_eq!(
-            other,
-            Err(KeyMismatch {
-                given: key.clone(),
-                expected: expected.clone()
-            })
-        );
-        assert_eq!(
-            other.unwrap_err().to_string(),
-            format!(
-                "idempotency_key {key:?} does not match post_id, action_type and tier \
-                 (expected {expected:?})"
+        let report = |key: &str, post: &str| {
+            reported_as(
+                key,
+                post,
+                ActionType::Edit,
+                Tier::Tier2,
+                status,
+                now(),
+                window,
             )
-        );
+        };
+        // The current window's key, the one before's, and the seed's key.
+        for key in [
+            window_key("p1", ActionType::Edit, Tier::Tier2, WINDOW),
+            window_key("p1", ActionType::Edit, Tier::Tier2, WINDOW - 1),
+            idempotency_key("p1", ActionType::Edit, Tier::Tier2),
+        ] {
+            assert_eq!(
+                report(&key, "p1"),
+                Ok(reported(
+                    &key,
+                    "p1",
+                    ActionType::Edit,
+                    Tier::Tier2,
+                    status,
+                    now()
+                ))
+            );
+        }
+
+        // Another post's key (each form) does not fit.
+        for (key, expected) in [
+            (
+                window_key("p1", ActionType::Edit, Tier::Tier2, WINDOW),
+                window_key("p2", ActionType::Edit, Tier::Tier2, WINDOW),
+            ),
+            (
+                idempotency_key("p1", ActionType::Edit, Tier::Tier2),
+                idempotency_key("p2", ActionType::Edit, Tier::Tier2),
+            ),
+        ] {
+            let other = report(&key, "p2");
+            assert_eq!(
+                other,
+                Err(KeyMismatch::Hash {
+                    given: key.clone(),
+                    expected: expected.clone()
+                })
+            );
+            assert_eq!(
+                other.unwrap_err().to_string(),
+                format!(
+                    "idempotency_key {key:?} does not match post_id, action_type and tier \
+                     (expected {expected:?})"
+                )
+            );
+        }
+
+        // A window the caller picks, earlier or later, is refused.
+        for w in [WINDOW - 2, WINDOW + 1, i64::MIN, i64::MAX] {
+            let key = window_key("p1", ActionType::Edit, Tier::Tier2, w);
+            let refused = report(&key, "p1");
+            assert_eq!(
+                refused,
+                Err(KeyMismatch::Window {
+                    given: key.clone(),
+                    window: w,
+                    current: WINDOW
+                })
+            );
+            let message = refused.unwrap_err().to_string();
+            assert!(
+                message.contains(&format!("post window {w}"))
+                    && message.contains(&format!("({WINDOW})")),
+                "{message}"
+            );
+        }
     }
 
     #[test]
@@ -1060,11 +1309,14 @@ mod tests {
         let e = evaluate("p1", &stalled(), &[], now(), &cfg());
         assert!(e.eligible);
         assert_eq!(e.reason, None);
+        // From `printf 'p1:thread:tier_3:323848' | sha256sum`.
         assert_eq!(
             e.idempotency_key.as_deref(),
-            Some("sheal_2304be7ef58ba8f0e6dd06cb68632a31")
+            Some("shealw_323848_71870e88c3db790e2665c1402632ff86")
         );
         assert_eq!(e.stagnation.map(|s| s.tier), Some(Tier::Tier3));
+        assert_eq!(e.proposed(), e.stagnation.as_ref());
+        assert_eq!((e.samples, e.impressions), (3, 1000));
     }
 
     #[test]
@@ -1082,6 +1334,7 @@ mod tests {
         assert_eq!(e.reason, Some(Ineligible::InsufficientSamples));
         assert_eq!(e.stagnation, None);
         assert_eq!(e.idempotency_key, None);
+        assert_eq!((e.samples, e.impressions), (2, 0));
     }
 
     #[test]
@@ -1108,17 +1361,25 @@ mod tests {
         assert_eq!(e.reason, Some(Ineligible::DuplicateAction));
         assert!(e.stagnation.is_some() && e.idempotency_key.is_some());
 
+        // Earlier in this window, the thread succeeded: a duplicate, whatever
+        // the cooldown says.
+        let no_cooldown = PostHealingConfig {
+            cooldown_thread: Duration::zero(),
+            ..cfg()
+        };
         let succeeded = [rec(
             "p1",
             ActionType::Thread,
             Tier::Tier3,
             ActionStatus::Succeeded,
-            600,
+            40,
         )];
-        assert_eq!(
-            evaluate("p1", &stalled(), &succeeded, now(), &cfg()).reason,
-            Some(Ineligible::DuplicateAction)
-        );
+        for config in [cfg(), no_cooldown] {
+            assert_eq!(
+                evaluate("p1", &stalled(), &succeeded, now(), &config).reason,
+                Some(Ineligible::DuplicateAction)
+            );
+        }
 
         // A failed record with the same key is not a duplicate (it may be retried).
         let failed = [rec(
@@ -1126,25 +1387,31 @@ mod tests {
             ActionType::Thread,
             Tier::Tier3,
             ActionStatus::Failed,
-            600,
+            40,
         )];
-        assert!(evaluate("p1", &stalled(), &failed, now(), &cfg()).eligible);
+        let e = evaluate("p1", &stalled(), &failed, now(), &no_cooldown);
+        assert!(e.eligible, "{e:?}");
+        assert_eq!(e.idempotency_key, Some(failed[0].idempotency_key.clone()));
     }
 
     #[test]
     fn expired_lease_no_longer_blocks_as_duplicate() {
+        let no_cooldown = PostHealingConfig {
+            cooldown_thread: Duration::zero(),
+            ..cfg()
+        };
         let mut r = rec(
             "p1",
             ActionType::Thread,
             Tier::Tier3,
             ActionStatus::Running,
-            600,
+            40,
         );
-        r.lease_expires_at = Some(mins_ago(585));
-        assert!(evaluate("p1", &stalled(), &[r.clone()], now(), &cfg()).eligible);
+        r.lease_expires_at = Some(mins_ago(25));
+        assert!(evaluate("p1", &stalled(), &[r.clone()], now(), &no_cooldown).eligible);
         r.lease_expires_at = Some(now() + Duration::minutes(1));
         assert_eq!(
-            evaluate("p1", &stalled(), &[r], now(), &cfg()).reason,
+            evaluate("p1", &stalled(), &[r], now(), &no_cooldown).reason,
             Some(Ineligible::DuplicateAction)
         );
     }
@@ -1249,8 +1516,8 @@ mod tests {
         )];
         assert!(evaluate("p1", &stalled(), &comment, now(), &cfg()).eligible);
 
-        // Comment (tier 1, healthy-ish post): 30 min cooldown.
-        let healthy = series(1000, 100);
+        // Comment (tier 1, rate 3 %: engaging, but under the healthy floor): 30 min cooldown.
+        let healthy = series(1000, 30);
         let c29 = [rec(
             "p1",
             ActionType::Comment,
@@ -1292,6 +1559,342 @@ mod tests {
             120,
         )];
         assert!(evaluate("p1", &mid, &e120, now(), &cfg()).eligible);
+    }
+
+    #[test]
+    fn a_healthy_post_gets_no_action() {
+        // 5 % (the default floor, where the score reaches 0) and above: healthy,
+        // even with a running duplicate and a full window in the history.
+        let history = [
+            rec(
+                "p1",
+                ActionType::Comment,
+                Tier::Tier1,
+                ActionStatus::Running,
+                5,
+            ),
+            rec(
+                "p1",
+                ActionType::Edit,
+                Tier::Tier2,
+                ActionStatus::Succeeded,
+                10,
+            ),
+        ];
+        for eng in [50, 51, 100, 1000] {
+            let e = evaluate("p1", &series(1000, eng), &history, now(), &cfg());
+            assert!(!e.eligible);
+            assert_eq!(e.reason, Some(Ineligible::Healthy), "{eng}");
+            assert_eq!(e.idempotency_key, None, "no action is proposed");
+            assert_eq!(e.proposed(), None);
+            let measured = e.stagnation.expect("the rate was measured");
+            assert!((measured.engagement_rate - eng as f64 / 1000.0).abs() < 1e-12);
+            assert_eq!(measured.score, 0.0);
+            assert_eq!((e.samples, e.impressions), (3, 1000));
+        }
+        // Just under the floor: an engaging post still gets its comment.
+        let e = evaluate("p1", &series(1000, 49), &[], now(), &cfg());
+        assert!(e.eligible, "{e:?}");
+        assert_eq!(e.proposed().map(|s| s.action), Some(ActionType::Comment));
+
+        // The floor is configurable, and the same rate decides it.
+        let lower = PostHealingConfig {
+            healthy_rate: 0.02,
+            ..cfg()
+        };
+        assert_eq!(
+            evaluate("p1", &series(1000, 20), &[], now(), &lower).reason,
+            Some(Ineligible::Healthy)
+        );
+        let e = evaluate("p1", &series(1000, 19), &[], now(), &lower);
+        assert!(e.eligible);
+        assert_eq!(e.proposed().map(|s| s.tier), Some(Tier::Tier2));
+        assert_eq!(Ineligible::Healthy.to_string(), "healthy");
+    }
+
+    #[test]
+    fn no_stagnation_verdict_under_the_exposure_floor() {
+        // 99 new impressions (under the default 100), none engaging: no verdict.
+        for (imp, eng) in [(99, 0), (0, 0), (50, 25), (98, 1)] {
+            let e = evaluate("p1", &series(imp, eng), &[], now(), &cfg());
+            assert!(!e.eligible);
+            assert_eq!(e.reason, Some(Ineligible::LowExposure), "{imp}/{eng}");
+            assert_eq!(e.stagnation, None, "no stagnation verdict");
+            assert_eq!(e.idempotency_key, None);
+            assert_eq!((e.samples, e.impressions), (3, imp));
+        }
+        // Flat or falling impressions gained nothing.
+        let flat = [pt(60, 500, 10), pt(30, 500, 20), pt(0, 500, 30)];
+        let down = [pt(60, 500, 10), pt(30, 400, 20), pt(0, 300, 30)];
+        for points in [&flat, &down] {
+            let e = evaluate("p1", points, &[], now(), &cfg());
+            assert_eq!(
+                (e.reason, e.impressions),
+                (Some(Ineligible::LowExposure), 0)
+            );
+        }
+        // At the floor the rule judges: a thread.
+        let e = evaluate("p1", &series(100, 0), &[], now(), &cfg());
+        assert!(e.eligible, "{e:?}");
+        assert_eq!(e.proposed().map(|s| s.tier), Some(Tier::Tier3));
+        // Insufficient samples still come first.
+        assert_eq!(
+            evaluate("p1", &series(10, 0)[..2], &[], now(), &cfg()).reason,
+            Some(Ineligible::InsufficientSamples)
+        );
+        // 0 turns the floor off: no new impressions is a full stall again.
+        let off = PostHealingConfig {
+            min_impressions: 0,
+            ..cfg()
+        };
+        let e = evaluate("p1", &flat, &[], now(), &off);
+        assert!(e.eligible, "{e:?}");
+        assert_eq!(e.proposed().map(|s| s.score), Some(1.0));
+        assert_eq!(Ineligible::LowExposure.to_string(), "low_exposure");
+    }
+
+    #[test]
+    fn window_keys_name_their_window() {
+        let window = Duration::minutes(90);
+        assert_eq!(key_window(now(), window), WINDOW);
+        let start = Utc.with_ymd_and_hms(2025, 6, 1, 12, 0, 0).unwrap();
+        assert_eq!(
+            key_window(start, window),
+            WINDOW,
+            "a window includes its start"
+        );
+        assert_eq!(
+            key_window(start - Duration::milliseconds(1), window),
+            WINDOW - 1
+        );
+        assert_eq!(key_window(start + window, window), WINDOW + 1);
+        assert_eq!(key_window(DateTime::<Utc>::UNIX_EPOCH, window), 0);
+        assert_eq!(
+            key_window(DateTime::<Utc>::UNIX_EPOCH - Duration::seconds(1), window),
+            -1,
+            "floor, not truncation"
+        );
+        assert_eq!(
+            key_window(now(), Duration::zero()),
+            now().timestamp_millis()
+        );
+
+        let key = window_key("p1", ActionType::Edit, Tier::Tier2, WINDOW);
+        let hex: String = Sha256::digest(b"p1:edit:tier_2:323848")
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(key, format!("shealw_323848_{}", &hex[..32]));
+        assert_eq!(key_form(&key), Some(KeyForm::Window(WINDOW)));
+        let seed = idempotency_key("p1", ActionType::Edit, Tier::Tier2);
+        assert_eq!(key_form(&seed), Some(KeyForm::Seed));
+        assert_ne!(
+            key,
+            window_key("p1", ActionType::Edit, Tier::Tier2, WINDOW + 1)
+        );
+        assert_ne!(
+            key,
+            window_key("p1", ActionType::Thread, Tier::Tier2, WINDOW)
+        );
+        let negative = window_key("p1", ActionType::Edit, Tier::Tier2, -7);
+        assert!(negative.starts_with("shealw_-7_"), "{negative}");
+        assert_eq!(key_form(&negative), Some(KeyForm::Window(-7)));
+        for bad in [
+            "",
+            "sheal_",
+            "shealw_1_",
+            "shealw__0123456789abcdef0123456789abcdef",
+        ] {
+            assert_eq!(key_form(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_tier_that_succeeded_acts_again_in_a_later_window_within_cap_and_cooldown() {
+        let stalled_at = |at: DateTime<Utc>| {
+            vec![
+                MetricPoint {
+                    at: at - Duration::minutes(60),
+                    impressions: 0,
+                    engagements: 0,
+                },
+                MetricPoint {
+                    at,
+                    impressions: 1000,
+                    engagements: 0,
+                },
+                MetricPoint {
+                    at: at - Duration::minutes(30),
+                    impressions: 500,
+                    engagements: 0,
+                },
+            ]
+        };
+        let comment = |at: DateTime<Utc>| {
+            let mut points = stalled_at(at);
+            points[1].engagements = 30; // 3 %: tier 1
+            points[2].engagements = 15;
+            points
+        };
+        // A comment succeeded 40 minutes ago, in this window (N).
+        let done = rec(
+            "p1",
+            ActionType::Comment,
+            Tier::Tier1,
+            ActionStatus::Succeeded,
+            40,
+        );
+        let history = [done.clone()];
+        let e = evaluate("p1", &comment(now()), &history, now(), &cfg());
+        assert_eq!(e.reason, Some(Ineligible::DuplicateAction));
+        assert_eq!(e.idempotency_key.as_ref(), Some(&done.idempotency_key));
+        // Still window N at its last instant: still a duplicate.
+        let last = now() + Duration::minutes(45) - Duration::milliseconds(1);
+        assert_eq!(
+            evaluate("p1", &comment(last), &history, last, &cfg()).reason,
+            Some(Ineligible::DuplicateAction)
+        );
+
+        // Window N+1 (13:30): the comment may act again, under a new key.
+        let next = now() + Duration::minutes(45);
+        let e = evaluate("p1", &comment(next), &history, next, &cfg());
+        assert!(e.eligible, "{e:?}");
+        let key = e.idempotency_key.expect("a key");
+        assert_eq!(
+            key,
+            window_key("p1", ActionType::Comment, Tier::Tier1, WINDOW + 1)
+        );
+        assert_ne!(key, done.idempotency_key);
+
+        // ...while the cooldowns hold: a comment 20 minutes before the
+        // boundary is in its 30-minute cooldown just after it.
+        let recent = rec(
+            "p1",
+            ActionType::Comment,
+            Tier::Tier1,
+            ActionStatus::Succeeded,
+            -25,
+        );
+        assert_eq!(key_window(recent.created_at, cfg().window), WINDOW);
+        let early = now() + Duration::minutes(46);
+        assert_eq!(
+            evaluate("p1", &comment(early), &[recent], early, &cfg()).reason,
+            Some(Ineligible::ActionCooldownActive)
+        );
+        // A thread that succeeded in window N: in window N+1 not a duplicate
+        // but within its 3 h cooldown; eligible once that passed.
+        let thread = [rec(
+            "p1",
+            ActionType::Thread,
+            Tier::Tier3,
+            ActionStatus::Succeeded,
+            40,
+        )];
+        assert_eq!(
+            evaluate("p1", &stalled_at(next), &thread, next, &cfg()).reason,
+            Some(Ineligible::ActionCooldownActive)
+        );
+        let later = now() + Duration::minutes(141);
+        let e = evaluate("p1", &stalled_at(later), &thread, later, &cfg());
+        assert!(e.eligible, "{e:?}");
+        assert_ne!(e.idempotency_key, Some(thread[0].idempotency_key.clone()));
+
+        // ...and the cap holds: two actions in the last 90 minutes, one of
+        // them in the window before, leave no room.
+        let full = [
+            done.clone(),
+            rec(
+                "p1",
+                ActionType::Edit,
+                Tier::Tier2,
+                ActionStatus::Failed,
+                -30,
+            ),
+        ];
+        let at = now() + Duration::minutes(46);
+        let e = evaluate("p1", &stalled_at(at), &full, at, &cfg());
+        assert_eq!(e.reason, Some(Ineligible::WindowFrequencyExceeded));
+    }
+
+    #[test]
+    fn records_under_seed_keys_still_count() {
+        let seed = |mut r: ActionRecord| {
+            r.idempotency_key = idempotency_key(&r.post_id, r.action, r.tier);
+            r
+        };
+        let no_cooldown = PostHealingConfig {
+            cooldown_thread: Duration::zero(),
+            ..cfg()
+        };
+        // A thread that succeeded under the seed's key in this window: a duplicate.
+        for status in [ActionStatus::Succeeded, ActionStatus::Running] {
+            let history = [seed(rec("p1", ActionType::Thread, Tier::Tier3, status, 40))];
+            assert_eq!(
+                evaluate("p1", &stalled(), &history, now(), &no_cooldown).reason,
+                Some(Ineligible::DuplicateAction),
+                "{status:?}"
+            );
+            // With the cooldown on, the duplicate is still the reason given.
+            assert_eq!(
+                evaluate("p1", &stalled(), &history, now(), &cfg()).reason,
+                Some(Ineligible::DuplicateAction)
+            );
+        }
+        // Failed, or in an earlier window: the thread may act (under a window key).
+        let failed = [seed(rec(
+            "p1",
+            ActionType::Thread,
+            Tier::Tier3,
+            ActionStatus::Failed,
+            40,
+        ))];
+        let earlier = [seed(rec(
+            "p1",
+            ActionType::Thread,
+            Tier::Tier3,
+            ActionStatus::Succeeded,
+            50,
+        ))];
+        for history in [failed, earlier] {
+            let e = evaluate("p1", &stalled(), &history, now(), &no_cooldown);
+            assert!(e.eligible, "{e:?}");
+            assert_eq!(
+                e.idempotency_key,
+                Some(window_key("p1", ActionType::Thread, Tier::Tier3, WINDOW))
+            );
+        }
+        // They count toward the cap and the cooldowns like any record.
+        let two = [
+            seed(rec(
+                "p1",
+                ActionType::Comment,
+                Tier::Tier1,
+                ActionStatus::Succeeded,
+                80,
+            )),
+            seed(rec(
+                "p1",
+                ActionType::Edit,
+                Tier::Tier2,
+                ActionStatus::Failed,
+                60,
+            )),
+        ];
+        assert_eq!(
+            evaluate("p1", &stalled(), &two, now(), &cfg()).reason,
+            Some(Ineligible::WindowFrequencyExceeded)
+        );
+        let thread = [seed(rec(
+            "p1",
+            ActionType::Thread,
+            Tier::Tier3,
+            ActionStatus::Failed,
+            100,
+        ))];
+        assert_eq!(
+            evaluate("p1", &stalled(), &thread, now(), &cfg()).reason,
+            Some(Ineligible::ActionCooldownActive)
+        );
     }
 
     fn failed_with(code: Option<&str>, attempts: i32) -> ActionRecord {
@@ -1465,6 +2068,8 @@ mod tests {
             }
             let e = evaluate("p", &points, &[], now(), &config);
             prop_assert_eq!(e.eligible, e.reason.is_none());
+            prop_assert!(!e.eligible || e.proposed().is_some());
+            prop_assert!(e.impressions >= 0);
         }
     }
 }

@@ -22,6 +22,9 @@ use crate::grpc::validate::{self, PageCursor, PageRequest};
 use crate::proto::v1 as pb;
 use crate::proto::v1::healing_service_server::HealingService;
 use crate::proto::v1::post_healing_service_server::PostHealingService;
+use crate::runtime::healing_policy::PolicyHandle;
+
+mod brakes;
 use crate::storage::{
     ActionOutcomeUpdate, ErrorEventQuery, HealingStore, PostHealingStore, RecoveryActionQuery,
 };
@@ -170,6 +173,8 @@ fn action_status_from_pb(field: &str, value: i32) -> Result<ActionStatus, Error>
 fn ineligible_to_pb(reason: Ineligible) -> i32 {
     match reason {
         Ineligible::InsufficientSamples => pb::IneligibleReason::InsufficientSamples as i32,
+        Ineligible::LowExposure => pb::IneligibleReason::LowExposure as i32,
+        Ineligible::Healthy => pb::IneligibleReason::Healthy as i32,
         Ineligible::DuplicateAction => pb::IneligibleReason::DuplicateAction as i32,
         Ineligible::WindowFrequencyExceeded => pb::IneligibleReason::WindowFrequencyExceeded as i32,
         Ineligible::ActionCooldownActive => pb::IneligibleReason::ActionCooldownActive as i32,
@@ -243,10 +248,12 @@ fn post_action_to_pb(stored: &StoredAction) -> pb::PostAction {
 }
 
 /// Settings of the agent-healing handlers.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HealingSettings {
     pub planner: PlannerConfig,
     pub recovery_lease: chrono::Duration,
+    /// The remediation policy, as last (re)loaded.
+    pub policy: Arc<PolicyHandle>,
 }
 
 pub struct HealingApi {
@@ -551,24 +558,48 @@ impl HealingService for HealingApi {
         .await?;
         let config = self.settings.planner;
         let rng = self.rng.clone();
-        let planner = Box::new(move |event: &ErrorEvent, evidence: &[healing::Evidence]| {
-            let input = PlanInput {
-                error_type: event.error_type,
-                critical: event.critical,
-                recurring: event.recurring,
-                evidence,
-            };
-            with_rng(&rng, |rng| healing::plan(&input, &config, rng))
-        });
-        let action = self
+        let planner = Box::new(
+            move |event: &ErrorEvent, evidence: &[healing::Evidence], closed_off: &[Strategy]| {
+                let input = PlanInput {
+                    error_type: event.error_type,
+                    critical: event.critical,
+                    recurring: event.recurring,
+                    evidence,
+                };
+                with_rng(&rng, |rng| {
+                    healing::plan_around(&input, &config, rng, closed_off)
+                })
+            },
+        );
+        let policy = self.settings.policy.current();
+        let planned = self
             .store
             .plan_recovery(
                 error_event_id,
                 self.settings.recovery_lease,
                 &caller.name,
+                &policy,
                 planner,
             )
-            .await?;
+            .await;
+        let (verdict, reason) = match &planned {
+            Ok(_) => ("PLANNED", ""),
+            Err(Error::NotPlanned(not)) if not.reason == crate::domain::brakes::REASON_DRY_RUN => {
+                ("DRY_RUN", not.reason)
+            }
+            Err(Error::NotPlanned(not)) => ("BRAKED", not.reason),
+            Err(_) => ("", ""),
+        };
+        if !verdict.is_empty() {
+            self.metrics
+                .healing_decisions
+                .get_or_create(&crate::metrics::DecisionLabels { verdict, reason })
+                .inc();
+        }
+        if let Err(Error::NotPlanned(not)) = &planned {
+            tracing::info!(agent_id = %not.agent_id, reason = not.reason, decision_id = not.decision_id, "recovery not planned");
+        }
+        let action = planned?;
         self.metrics
             .healing_plans
             .get_or_create(&crate::metrics::StrategyLabel {
@@ -603,9 +634,10 @@ impl HealingService for HealingApi {
         )
         .await?;
         outcome.actor.clone_from(&caller.name);
+        let policy = self.settings.policy.current();
         let action = self
             .store
-            .record_recovery_outcome(action_id, outcome)
+            .record_recovery_outcome(action_id, outcome, &policy)
             .await?;
         self.metrics
             .healing_outcomes
@@ -665,6 +697,77 @@ impl HealingService for HealingApi {
             next_page_token,
         }))
     }
+
+    async fn get_healing_policy(
+        &self,
+        request: Request<pb::GetHealingPolicyRequest>,
+    ) -> Result<Response<pb::GetHealingPolicyResponse>, Status> {
+        let caller = auth::caller(&request)?;
+        let pb::GetHealingPolicyRequest {} = request.into_inner();
+        self.guard.check(&caller, Action::GetHealingPolicy, None)?;
+        let policy = self.settings.policy.current();
+        let status = self.store.healing_brakes(&policy).await?;
+        Ok(Response::new(brakes::status_to_pb(&status)))
+    }
+
+    async fn pause_healing(
+        &self,
+        request: Request<pb::PauseHealingRequest>,
+    ) -> Result<Response<pb::PauseHealingResponse>, Status> {
+        let caller = auth::caller(&request)?;
+        let pb::PauseHealingRequest { group, reason } = request.into_inner();
+        self.guard.check(&caller, Action::PauseHealing, None)?;
+        let scope = brakes::scope(&group, &self.settings.policy.current())?;
+        let pause = self
+            .store
+            .pause_healing(scope, &reason, &caller.name)
+            .await?;
+        tracing::warn!(scope = %pause.scope, by = %pause.by, reason = %pause.reason, "healing paused");
+        Ok(Response::new(pb::PauseHealingResponse {
+            pause: Some(brakes::pause_to_pb(&pause)),
+        }))
+    }
+
+    async fn resume_healing(
+        &self,
+        request: Request<pb::ResumeHealingRequest>,
+    ) -> Result<Response<pb::ResumeHealingResponse>, Status> {
+        let caller = auth::caller(&request)?;
+        let pb::ResumeHealingRequest { group } = request.into_inner();
+        self.guard.check(&caller, Action::ResumeHealing, None)?;
+        // A group's pause can be lifted even after group_by was removed.
+        let scope = match group.trim() {
+            "" => crate::domain::brakes::Scope::Fleet,
+            g => crate::domain::brakes::Scope::Group(g.to_owned()),
+        };
+        let resumed = self.store.resume_healing(&scope).await?;
+        tracing::info!(scope = %scope, by = %caller.name, resumed, "healing resumed");
+        Ok(Response::new(pb::ResumeHealingResponse { resumed }))
+    }
+
+    async fn list_healing_decisions(
+        &self,
+        request: Request<pb::ListHealingDecisionsRequest>,
+    ) -> Result<Response<pb::ListHealingDecisionsResponse>, Status> {
+        let caller = auth::caller(&request)?;
+        let Listing { query, page } = request.into_inner().try_into()?;
+        self.check_listing(
+            &caller,
+            Action::ListHealingDecisions,
+            query.agent_id.as_deref(),
+        )
+        .await?;
+        let mut decisions = self.store.list_healing_decisions(&query).await?;
+        let next_page_token = page.finish(&mut decisions, |d| d.id);
+        let policy = self.settings.policy.current();
+        Ok(Response::new(pb::ListHealingDecisionsResponse {
+            decisions: decisions
+                .iter()
+                .map(|d| brakes::decision_to_pb(d, &policy))
+                .collect(),
+            next_page_token,
+        }))
+    }
 }
 
 fn optional_agent(agent_id: &str) -> Result<Option<String>, Error> {
@@ -714,17 +817,15 @@ impl PostHealingApi {
     }
 }
 
-/// `sheal_` followed by 32 lowercase hex characters.
+/// A window key (`shealw_<window>_` and 32 lowercase hex characters) or a
+/// seed key (`sheal_` and 32 lowercase hex characters).
 fn idempotency_key(key: &str) -> Result<String, Error> {
-    let ok = key.strip_prefix("sheal_").is_some_and(|hex| {
-        hex.len() == 32 && hex.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f'))
-    });
-    if ok {
-        Ok(key.to_owned())
-    } else {
-        Err(Error::invalid(
-            "idempotency_key must be \"sheal_\" followed by 32 lowercase hex characters",
-        ))
+    match post_healing::key_form(key) {
+        Some(_) => Ok(key.to_owned()),
+        None => Err(Error::invalid(
+            "idempotency_key must be \"shealw_<window>_\" followed by 32 lowercase hex \
+             characters (or a seed key: \"sheal_\" followed by 32 lowercase hex characters)",
+        )),
     }
 }
 
@@ -852,7 +953,8 @@ impl TryFrom<pb::RecordActionOutcomeRequest> for ActionOutcomeUpdate {
             outcome,
             error_code,
             new_record,
-            // The handler fills in the authenticated caller.
+            // The handler fills in the post window and the authenticated caller.
+            key_window: chrono::Duration::zero(),
             actor: String::new(),
         })
     }
@@ -944,6 +1046,7 @@ impl PostHealingService for PostHealingApi {
             .await?;
         let evaluation = verdict.evaluation;
         let stagnation = evaluation.stagnation.as_ref();
+        let proposed = evaluation.proposed();
         if let Some(claimed) = &verdict.claimed {
             self.count_action(claimed.record.status);
             tracing::info!(
@@ -962,12 +1065,13 @@ impl PostHealingService for PostHealingApi {
                 .unwrap_or_default(),
             stagnation_score: stagnation.map_or(0.0, |s| s.score),
             engagement_rate: stagnation.map_or(0.0, |s| s.engagement_rate),
-            tier: stagnation.map_or(0, |s| s.tier.number()),
-            action_type: stagnation.map_or(0, |s| action_type_to_pb(s.action)),
+            tier: proposed.map_or(0, |s| s.tier.number()),
+            action_type: proposed.map_or(0, |s| action_type_to_pb(s.action)),
             idempotency_key: evaluation.idempotency_key.clone().unwrap_or_default(),
             claimed: verdict.claimed.is_some(),
             action: verdict.claimed.as_ref().map(post_action_to_pb),
             sample_count: evaluation.samples as i64,
+            impressions_gained: evaluation.impressions,
         }))
     }
 
@@ -979,6 +1083,7 @@ impl PostHealingService for PostHealingApi {
         self.guard
             .check(&caller, Action::RecordActionOutcome, None)?;
         let update = ActionOutcomeUpdate {
+            key_window: self.config.window,
             actor: caller.name.clone(),
             ..ActionOutcomeUpdate::try_from(request.into_inner())?
         };
@@ -1066,18 +1171,33 @@ mod tests {
             );
         }
         assert!(error_type_from_pb("t", 99).is_err());
+        let reasons: std::collections::BTreeSet<i32> =
+            Ineligible::ALL.into_iter().map(ineligible_to_pb).collect();
+        assert_eq!(reasons.len(), Ineligible::ALL.len());
+        assert!(!reasons.contains(&0), "0 means eligible");
     }
 
     #[test]
     fn idempotency_keys_are_checked() {
         let key = post_healing::idempotency_key("p1", ActionType::Thread, Tier::Tier3);
         assert_eq!(idempotency_key(&key).unwrap(), key);
-        for bad in [
+        for window in [0, 5461, -3, i64::MAX, i64::MIN] {
+            let key = post_healing::window_key("p1", ActionType::Thread, Tier::Tier3, window);
+            assert_eq!(idempotency_key(&key).unwrap(), key);
+        }
+        let hex = "0123456789abcdef0123456789abcdef";
+        let windowed = ["x", "+5", "05", "-0", "5_", "99999999999999999999"]
+            .map(|window| format!("shealw_{window}_{hex}"));
+        let bad = [
             "",
             "sheal_",
             "sheal_XYZ",
             "other_0123456789abcdef0123456789abcdef",
-        ] {
+            "shealw_",
+            "shealw_0123456789abcdef0123456789abcdef",
+            &format!("shealw_5_{}", hex.to_uppercase()),
+        ];
+        for bad in bad.into_iter().chain(windowed.iter().map(String::as_str)) {
             assert!(idempotency_key(bad).is_err(), "{bad}");
         }
     }

@@ -53,6 +53,11 @@ fn classify(error: &Error) -> (Code, &'static str, HashMap<String, String>) {
             metadata.insert("status".to_owned(), recorded.status.as_str().to_owned());
             (Code::FailedPrecondition, "OUTCOME_ALREADY_RECORDED")
         }
+        Error::NotPlanned(not) => {
+            metadata.insert("agent_id".to_owned(), not.agent_id.clone());
+            metadata.insert("decision_id".to_owned(), not.decision_id.to_string());
+            (Code::FailedPrecondition, not.reason)
+        }
         Error::Conflict(_) => (Code::Aborted, "CONFLICT"),
         Error::FailedPrecondition(_) => (Code::FailedPrecondition, "FAILED_PRECONDITION"),
         Error::OutOfRange(_) => (Code::OutOfRange, "REVISION_OUT_OF_RANGE"),

@@ -59,8 +59,9 @@ use crate::proto::v1::{
     quota_service_server, session_pipeline_service_server,
 };
 use crate::views::{
-    AgentView, ClaimView, HealingStatsView, PoolDetailView, PoolView, ProcessorView, RunView,
-    SessionStateView, TransitionView, UsageView,
+    AgentView, ClaimView, HealingDecisionView, HealingPauseView, HealingPolicyView,
+    HealingStatsView, PoolDetailView, PoolView, ProcessorView, RunView, SessionStateView,
+    TransitionView, UsageView,
 };
 
 /// The header a state-changing request must carry (with the value `1`).
@@ -262,6 +263,10 @@ pub fn routes() -> Router<Dashboard> {
         .route("/transitions", get(list_transitions))
         .route("/transitions/stream", get(watch_transitions))
         .route("/healing", get(healing_statistics))
+        .route("/healing/policy", get(healing_policy))
+        .route("/healing/decisions", get(healing_decisions))
+        .route("/healing/pause", post(pause_healing))
+        .route("/healing/resume", post(resume_healing))
         .route("/usage", get(usage))
         .route("/processors", get(processors))
         .route("/runs", get(runs))
@@ -927,6 +932,145 @@ async fn healing_statistics(
     Ok(json(&HealingStatsView::from(&stats)).into_response())
 }
 
+/// `GetHealingPolicy`: the policy, the pauses, the open breakers, each
+/// group's unhealthy share (the fleet's first) and the spent budgets.
+async fn healing_policy(
+    State(dashboard): State<Dashboard>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (apis, request, call) = dashboard.request(
+        &headers,
+        peer,
+        Method::healing(Action::GetHealingPolicy),
+        pb::GetHealingPolicyRequest {},
+    )?;
+    let answer = call
+        .answer(apis.healing.get_healing_policy(request).await)?
+        .into_inner();
+    Ok(json(&HealingPolicyView::from(&answer)).into_response())
+}
+
+/// `PLANNED`, `dry_run` or `HEALING_VERDICT_BRAKED` (any case).
+fn healing_verdict(value: &str) -> Result<i32, ApiError> {
+    let upper = value.to_ascii_uppercase();
+    let name = if upper.starts_with("HEALING_VERDICT_") {
+        upper
+    } else {
+        format!("HEALING_VERDICT_{upper}")
+    };
+    pb::HealingVerdict::from_str_name(&name)
+        .filter(|v| *v != pb::HealingVerdict::Unspecified)
+        .map(|v| v as i32)
+        .ok_or_else(|| {
+            ApiError::invalid(format!(
+                "verdict: expected planned, dry_run or braked, got {value}"
+            ))
+        })
+}
+
+/// One page of `ListHealingDecisions`, newest first: `agent_id`,
+/// `error_event_id`, `verdict` (`planned`, `dry_run`, `braked`), `limit`
+/// (`ListHealingDecisions`' default 100, at most 1000), `page_token`.
+async fn healing_decisions(
+    State(dashboard): State<Dashboard>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let pairs = query(raw)?;
+    let message = pb::ListHealingDecisionsRequest {
+        agent_id: value(&pairs, "agent_id").unwrap_or_default().to_owned(),
+        error_event_id: number(&pairs, "error_event_id")?.unwrap_or(0),
+        verdict: value(&pairs, "verdict")
+            .map(healing_verdict)
+            .transpose()?
+            .unwrap_or(0),
+        page_size: number(&pairs, "limit")?.unwrap_or(0),
+        page_token: value(&pairs, "page_token").unwrap_or_default().to_owned(),
+    };
+    let (apis, request, call) = dashboard.request(
+        &headers,
+        peer,
+        Method::healing(Action::ListHealingDecisions),
+        message,
+    )?;
+    let page = call
+        .answer(apis.healing.list_healing_decisions(request).await)?
+        .into_inner();
+    let decisions: Vec<HealingDecisionView> = page
+        .decisions
+        .iter()
+        .map(HealingDecisionView::from)
+        .collect();
+    Ok(json(&serde_json::json!({
+        "decisions": decisions,
+        "next_page_token": page.next_page_token,
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PauseHealingBody {
+    /// The group ("" or left out: the whole fleet).
+    #[serde(default)]
+    group: String,
+    /// Required (`PauseHealing` refuses a blank one).
+    #[serde(default)]
+    reason: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResumeHealingBody {
+    #[serde(default)]
+    group: String,
+}
+
+/// `PauseHealing`, from `{"group", "reason"}`: answers the pause in force.
+async fn pause_healing(
+    State(dashboard): State<Dashboard>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    raw: Bytes,
+) -> Result<Response, ApiError> {
+    state_changing(&headers)?;
+    let PauseHealingBody { group, reason } = body(&raw)?;
+    let (apis, request, call) = dashboard.request(
+        &headers,
+        peer,
+        Method::healing(Action::PauseHealing),
+        pb::PauseHealingRequest { group, reason },
+    )?;
+    let answer = call
+        .answer(apis.healing.pause_healing(request).await)?
+        .into_inner();
+    Ok(json(&HealingPauseView::from(&answer.pause.unwrap_or_default())).into_response())
+}
+
+/// `ResumeHealing`, from `{"group"}` (an empty body: the whole fleet):
+/// answers `{"resumed": false}` when the scope was not paused.
+async fn resume_healing(
+    State(dashboard): State<Dashboard>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    raw: Bytes,
+) -> Result<Response, ApiError> {
+    state_changing(&headers)?;
+    let ResumeHealingBody { group } = body(&raw)?;
+    let (apis, request, call) = dashboard.request(
+        &headers,
+        peer,
+        Method::healing(Action::ResumeHealing),
+        pb::ResumeHealingRequest { group },
+    )?;
+    let answer = call
+        .answer(apis.healing.resume_healing(request).await)?
+        .into_inner();
+    Ok(json(&serde_json::json!({ "resumed": answer.resumed })).into_response())
+}
+
 /// `GetUsage`: `group_by` (`day`, `session`, `model`, `user`), `since` and
 /// `until` (RFC 3339), `user`.
 async fn usage(
@@ -1155,5 +1299,19 @@ mod tests {
         );
         assert!(agent_status("unspecified").is_err());
         assert!(agent_status("bogus").is_err());
+    }
+
+    #[test]
+    fn verdicts_are_read_with_or_without_their_prefix() {
+        assert_eq!(
+            healing_verdict("braked").unwrap(),
+            pb::HealingVerdict::Braked as i32
+        );
+        assert_eq!(
+            healing_verdict("HEALING_VERDICT_DRY_RUN").unwrap(),
+            pb::HealingVerdict::DryRun as i32
+        );
+        assert!(healing_verdict("unspecified").is_err());
+        assert!(healing_verdict("stopped").is_err());
     }
 }

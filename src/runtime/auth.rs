@@ -52,13 +52,9 @@ impl Callers {
 
     /// From an auth file, and the bytes it was read from.
     fn load(path: &Path) -> Result<(Arc<Callers>, Vec<u8>), Error> {
-        let bytes = std::fs::read(path).map_err(|e| {
-            Error::InvalidArgument(format!("cannot read auth file {}: {e}", path.display()))
-        })?;
-        let text = std::str::from_utf8(&bytes).map_err(|_| {
-            Error::InvalidArgument(format!("auth file {}: not UTF-8", path.display()))
-        })?;
-        let table = auth::parse_auth_file(text)
+        let (bytes, text) =
+            super::file_watch::read("auth file", path).map_err(Error::InvalidArgument)?;
+        let table = auth::parse_auth_file(&text)
             .map_err(|e| Error::InvalidArgument(format!("auth file {}: {e}", path.display())))?;
         tracing::info!(path = %path.display(), callers = table.callers.len(), "auth file loaded");
         let callers = Arc::new(Callers {
@@ -121,42 +117,11 @@ impl Callers {
         shutdown: CancellationToken,
     ) {
         let callers = self.clone();
-        tokio::spawn(async move {
-            let mut last = Some(loaded);
-            let mut ticks = tokio::time::interval(interval);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = ticks.tick() => {}
-                }
-                let bytes = match tokio::fs::read(&path).await {
-                    Ok(bytes) => bytes,
-                    Err(error) => {
-                        if last.take().is_some() {
-                            tracing::warn!(path = %path.display(), %error, "auth file unreadable, keeping the previous callers");
-                        }
-                        continue;
-                    }
-                };
-                if last.as_deref() == Some(bytes.as_slice()) {
-                    continue;
-                }
-                last = Some(bytes.clone());
-                let parsed = String::from_utf8(bytes)
-                    .map_err(|_| "not UTF-8".to_string())
-                    .and_then(|text| auth::parse_auth_file(&text));
-                match parsed {
-                    Ok(table) => {
-                        let count = table.callers.len();
-                        callers.replace(table);
-                        tracing::info!(path = %path.display(), callers = count, "auth file reloaded");
-                    }
-                    Err(error) => {
-                        tracing::warn!(path = %path.display(), %error, "auth file invalid, keeping the previous callers");
-                    }
-                }
-            }
+        super::file_watch::spawn_reload("auth", path, loaded, interval, shutdown, move |text| {
+            let table = auth::parse_auth_file(text)?;
+            let count = table.callers.len();
+            callers.replace(table);
+            Ok(format!("{count} callers"))
         });
     }
 }

@@ -10,6 +10,8 @@ pub mod clock;
 pub mod committer;
 pub mod connections;
 pub mod fanout;
+pub mod file_watch;
+pub mod healing_policy;
 pub mod health;
 pub mod heartbeats;
 pub mod pipeline;

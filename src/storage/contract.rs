@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::domain::agent::{AgentStatus, Cause, Event, SlotType};
 use crate::domain::batch::{Command, Refusal};
+use crate::domain::brakes::HealingPolicy;
 use crate::domain::dispatch::{
     self, Candidate, ClaimRequest, LabelSelector, NoAgentAvailable, Operator, Requirement,
 };
@@ -1227,16 +1228,18 @@ fn error(agent_id: &str) -> NewErrorEvent {
 }
 
 fn planner() -> Planner<'static> {
-    Box::new(|_event: &ErrorEvent, _evidence: &[Evidence]| Plan {
-        strategy: Strategy::Retry,
-        chosen: Strategy::Retry,
-        parameters: Context::new(),
-        estimated_duration: Duration::seconds(30),
-        success_probability: 0.7,
-        risk: 0.1,
-        escalated: false,
-        reason: "contract".into(),
-    })
+    Box::new(
+        |_event: &ErrorEvent, _evidence: &[Evidence], _closed_off: &[Strategy]| Plan {
+            strategy: Strategy::Retry,
+            chosen: Strategy::Retry,
+            parameters: Context::new(),
+            estimated_duration: Duration::seconds(30),
+            success_probability: 0.7,
+            risk: 0.1,
+            escalated: false,
+            reason: "contract".into(),
+        },
+    )
 }
 
 contract!(one_active_recovery_per_agent on sqlite, postgres);
@@ -1250,7 +1253,13 @@ async fn one_active_recovery_per_agent(s: &Subject) {
         let healing = healing.clone();
         tokio::spawn(async move {
             healing
-                .plan_recovery(event.id, Duration::minutes(5), "contract", planner())
+                .plan_recovery(
+                    event.id,
+                    Duration::minutes(5),
+                    "contract",
+                    &HealingPolicy::unbraked(),
+                    planner(),
+                )
                 .await
         })
     });
@@ -1279,7 +1288,13 @@ async fn one_active_recovery_per_agent(s: &Subject) {
     assert_eq!(active.len(), 1);
     let other = s.healing().record_error(error("b")).await.unwrap();
     s.healing()
-        .plan_recovery(other.id, Duration::minutes(5), "contract", planner())
+        .plan_recovery(
+            other.id,
+            Duration::minutes(5),
+            "contract",
+            &HealingPolicy::unbraked(),
+            planner(),
+        )
         .await
         .expect("another agent plans freely");
 }
@@ -1293,7 +1308,13 @@ async fn a_recovery_lease_expires_on_the_store_clock(s: &Subject) {
     let event = s.healing().record_error(error("a")).await.unwrap();
     let first = s
         .healing()
-        .plan_recovery(event.id, lease, "contract", planner())
+        .plan_recovery(
+            event.id,
+            lease,
+            "contract",
+            &HealingPolicy::unbraked(),
+            planner(),
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -1305,14 +1326,26 @@ async fn a_recovery_lease_expires_on_the_store_clock(s: &Subject) {
     s.clock.advance(lease - Duration::seconds(1));
     assert!(matches!(
         s.healing()
-            .plan_recovery(event.id, lease, "contract", planner())
+            .plan_recovery(
+                event.id,
+                lease,
+                "contract",
+                &HealingPolicy::unbraked(),
+                planner()
+            )
             .await,
         Err(Error::RecoveryAlreadyActive(_))
     ));
     s.clock.advance(Duration::seconds(2));
     let second = s
         .healing()
-        .plan_recovery(event.id, lease, "contract", planner())
+        .plan_recovery(
+            event.id,
+            lease,
+            "contract",
+            &HealingPolicy::unbraked(),
+            planner(),
+        )
         .await
         .expect("the expired recovery no longer holds the agent");
     assert_ne!(second.id, first.id);
@@ -1350,10 +1383,16 @@ async fn healing_records_older_than_the_retention_are_pruned_and_actions_listed_
     // Day 0: an event with a finished recovery, one without any.
     let finished_event = h.record_error(error("old-1")).await.unwrap();
     let finished = h
-        .plan_recovery(finished_event.id, lease, "contract", planner())
+        .plan_recovery(
+            finished_event.id,
+            lease,
+            "contract",
+            &HealingPolicy::unbraked(),
+            planner(),
+        )
         .await
         .unwrap();
-    h.record_recovery_outcome(finished.id, outcome(true))
+    h.record_recovery_outcome(finished.id, outcome(true), &HealingPolicy::unbraked())
         .await
         .unwrap();
     let lone = h.record_error(error("old-2")).await.unwrap();
@@ -1361,7 +1400,13 @@ async fn healing_records_older_than_the_retention_are_pruned_and_actions_listed_
     s.clock.advance(Duration::days(2));
     let recent_event = h.record_error(error("new-1")).await.unwrap();
     let active = h
-        .plan_recovery(recent_event.id, lease, "contract", planner())
+        .plan_recovery(
+            recent_event.id,
+            lease,
+            "contract",
+            &HealingPolicy::unbraked(),
+            planner(),
+        )
         .await
         .unwrap();
     let by_event = h
@@ -1453,6 +1498,7 @@ async fn healing_records_older_than_the_retention_are_pruned_and_actions_listed_
 
 const STAGNATION: Stagnation = Stagnation {
     samples: 5,
+    impressions: 1000,
     engagement_rate: 0.0,
     score: 0.3,
     tier: Tier::Tier1,
@@ -1477,6 +1523,7 @@ fn evaluator(post_id: &str) -> PostEvaluator<'static> {
             stagnation: Some(STAGNATION),
             idempotency_key: Some(key),
             samples: STAGNATION.samples,
+            impressions: STAGNATION.impressions,
         }
     })
 }

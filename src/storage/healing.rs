@@ -21,6 +21,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
 use sqlx::FromRow;
 
+use crate::domain::brakes::{
+    self, BrakeStatus, Breaker, Census, Decision, HealingPolicy, NotPlanned, Numbers, Pause, Scope,
+    Share, Verdict,
+};
 use crate::domain::healing::{
     self, Context, ErrorType, Evidence, Plan, RecurrenceWindow, Strategy,
 };
@@ -30,7 +34,9 @@ use crate::domain::healing_records::{
 };
 use crate::error::{Error, Result};
 use crate::storage::decode::{StoredJson, StoredTime};
-use crate::storage::{ErrorEventQuery, HealingStore, Planner, RecoveryActionQuery, decode};
+use crate::storage::{
+    DecisionQuery, ErrorEventQuery, HealingStore, Planner, RecoveryActionQuery, decode,
+};
 
 /// The columns of [`EventRow`], in its order.
 pub(crate) const EVENT_COLUMNS: &str =
@@ -82,6 +88,112 @@ pub(crate) struct ActionRow<T, J> {
     details: Option<String>,
     actor: String,
     outcome_actor: String,
+}
+
+/// The columns of [`DecisionRow`], in its order.
+pub(crate) const DECISION_COLUMNS: &str = "id, error_event_id, agent_id, decided_at, verdict, \
+     reason, message, strategy, recovery_action_id, fleet_counted, fleet_unhealthy, group_name, \
+     group_counted, group_unhealthy, fleet_plans_last_minute, group_plans_last_minute, \
+     agent_plans_in_window, actor";
+
+/// One row of `healing_decisions`, `T` the backend's time.
+#[derive(FromRow)]
+pub(crate) struct DecisionRow<T> {
+    id: i64,
+    error_event_id: i64,
+    agent_id: String,
+    decided_at: T,
+    verdict: String,
+    reason: Option<String>,
+    message: String,
+    strategy: Option<String>,
+    recovery_action_id: Option<i64>,
+    fleet_counted: i64,
+    fleet_unhealthy: i64,
+    group_name: Option<String>,
+    group_counted: i64,
+    group_unhealthy: i64,
+    fleet_plans_last_minute: i64,
+    group_plans_last_minute: i64,
+    agent_plans_in_window: i64,
+    actor: String,
+}
+
+impl<T: StoredTime> TryFrom<DecisionRow<T>> for Decision {
+    type Error = Error;
+
+    fn try_from(row: DecisionRow<T>) -> Result<Decision> {
+        let count = |n: i64| u32::try_from(n).map_err(|_| decode::corrupt("count", &n.to_string()));
+        Ok(Decision {
+            id: row.id,
+            error_event_id: row.error_event_id,
+            agent_id: row.agent_id,
+            decided_at: row.decided_at.time(),
+            verdict: Verdict::parse(&row.verdict)
+                .ok_or_else(|| decode::corrupt("healing verdict", &row.verdict))?,
+            reason: row.reason,
+            message: row.message,
+            strategy: row.strategy.as_deref().map(decode::strategy).transpose()?,
+            recovery_action_id: row.recovery_action_id,
+            numbers: Numbers {
+                fleet: Census {
+                    counted: count(row.fleet_counted)?,
+                    unhealthy: count(row.fleet_unhealthy)?,
+                },
+                group: row.group_name,
+                group_census: Census {
+                    counted: count(row.group_counted)?,
+                    unhealthy: count(row.group_unhealthy)?,
+                },
+                fleet_plans_last_minute: count(row.fleet_plans_last_minute)?,
+                group_plans_last_minute: count(row.group_plans_last_minute)?,
+                agent_plans_in_window: count(row.agent_plans_in_window)?,
+            },
+            actor: row.actor,
+        })
+    }
+}
+
+/// A count read from the store.
+pub(crate) fn count(n: i64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// A census from the counts read.
+pub(crate) fn census(counted: i64, unhealthy: i64) -> Census {
+    Census {
+        counted: count(counted),
+        unhealthy: count(unhealthy),
+    }
+}
+
+/// A stored breaker: error type, strategy, state, failures, since.
+pub(crate) fn breaker_row<T: StoredTime>(
+    (error_type, strategy, state, failures, since): (String, String, String, i64, Option<T>),
+) -> Result<(ErrorType, Strategy, Breaker)> {
+    let breaker = Breaker::from_parts(
+        &state,
+        u32::try_from(failures).unwrap_or(u32::MAX),
+        since.map(StoredTime::time),
+    )
+    .ok_or_else(|| decode::corrupt("breaker state", &state))?;
+    Ok((
+        decode::error_type(&error_type)?,
+        decode::strategy(&strategy)?,
+        breaker,
+    ))
+}
+
+/// A stored pause: scope, reason, by, at.
+pub(crate) fn pause_row<T: StoredTime>(
+    (scope, reason, by, at): (String, String, String, T),
+) -> Result<Pause> {
+    Ok(Pause {
+        scope: Scope::parse_stored(&scope).ok_or_else(|| decode::corrupt("pause scope", &scope))?,
+        reason,
+        by,
+        at: at.time(),
+    })
 }
 
 impl<T: StoredTime, J: StoredJson<Context>> TryFrom<EventRow<T, J>> for ErrorEvent {
@@ -271,6 +383,91 @@ pub(crate) trait HealingTx: Send {
     /// recovery action left; how many.
     async fn delete_events_before(&mut self, before: DateTime<Utc>) -> Result<u64>;
 
+    /// Serialises plans across replicas until commit, so two cannot both
+    /// pass a brake with one slot left (SQLite's one writer already does).
+    async fn lock_brakes(&mut self) -> Result<()>;
+
+    /// The agent's status and the value of its `group_by` label (`None`
+    /// when it has none or no key is given); `None` when not registered.
+    async fn brake_agent(
+        &mut self,
+        agent_id: &str,
+        group_by: Option<&str>,
+    ) -> Result<Option<(String, Option<String>)>>;
+
+    /// The census of the fleet (`group` `None`), or of the agents whose label
+    /// `group.0` is `group.1`, at `now` (see [`brakes::Census`]); the fleet's
+    /// also counts the agents not registered that are under remediation.
+    async fn census(&mut self, now: DateTime<Utc>, group: Option<(&str, &str)>) -> Result<Census>;
+
+    /// Each group's census (`group_by` the label key), by group.
+    async fn group_censuses(
+        &mut self,
+        now: DateTime<Utc>,
+        group_by: &str,
+    ) -> Result<Vec<(String, Census)>>;
+
+    /// Recovery actions created since `since`, fleet-wide or in a group.
+    async fn plans_since(
+        &mut self,
+        since: DateTime<Utc>,
+        group: Option<(&str, &str)>,
+    ) -> Result<u32>;
+
+    /// The agent's recovery actions created since `since`.
+    async fn agent_plans_since(&mut self, agent_id: &str, since: DateTime<Utc>) -> Result<u32>;
+
+    /// Agents with at least `at_least` recovery actions created since
+    /// `since`, with their counts.
+    async fn busiest_agents(
+        &mut self,
+        since: DateTime<Utc>,
+        at_least: u32,
+    ) -> Result<Vec<(String, u32)>>;
+
+    /// When the agent's latest successful recovery ended.
+    async fn last_success(&mut self, agent_id: &str) -> Result<Option<DateTime<Utc>>>;
+
+    /// The agent's error events after `after`, `except` left out.
+    async fn errors_after(
+        &mut self,
+        agent_id: &str,
+        after: DateTime<Utc>,
+        except: i64,
+    ) -> Result<u32>;
+
+    async fn pauses(&mut self) -> Result<Vec<Pause>>;
+
+    /// Stores the pause, replacing the scope's.
+    async fn put_pause(&mut self, pause: &Pause) -> Result<()>;
+
+    /// Whether the scope was paused.
+    async fn delete_pause(&mut self, scope: &Scope) -> Result<bool>;
+
+    /// The breakers stored (of one error type, or all), locked until commit
+    /// when `lock`.
+    async fn breakers(
+        &mut self,
+        error_type: Option<ErrorType>,
+        lock: bool,
+    ) -> Result<Vec<(ErrorType, Strategy, Breaker)>>;
+
+    async fn put_breaker(
+        &mut self,
+        error_type: ErrorType,
+        strategy: Strategy,
+        breaker: &Breaker,
+        at: DateTime<Utc>,
+    ) -> Result<()>;
+
+    /// Records a decision; its id.
+    async fn insert_decision(&mut self, decision: &Decision) -> Result<i64>;
+
+    async fn decisions(&mut self, query: &DecisionQuery) -> Result<Vec<Decision>>;
+
+    /// Deletes the decisions taken before `before`; how many.
+    async fn delete_decisions_before(&mut self, before: DateTime<Utc>) -> Result<u64>;
+
     async fn commit(self: Box<Self>) -> Result<()>;
 }
 
@@ -300,17 +497,46 @@ impl<S: HealingTxs + Send + Sync + 'static> HealingStore for S {
         error_event_id: i64,
         lease: Duration,
         actor: &str,
+        policy: &HealingPolicy,
         planner: Planner<'_>,
     ) -> Result<RecoveryAction> {
-        plan_recovery(self, error_event_id, lease, actor, planner).await
+        plan_recovery(self, error_event_id, lease, actor, policy, planner).await
     }
 
     async fn record_recovery_outcome(
         &self,
         action_id: i64,
         outcome: RecoveryOutcome,
+        policy: &HealingPolicy,
     ) -> Result<RecoveryAction> {
-        record_recovery_outcome(self, action_id, outcome).await
+        record_recovery_outcome(self, action_id, outcome, policy).await
+    }
+
+    async fn healing_brakes(&self, policy: &HealingPolicy) -> Result<BrakeStatus> {
+        healing_brakes(self, policy).await
+    }
+
+    async fn pause_healing(&self, scope: Scope, reason: &str, by: &str) -> Result<Pause> {
+        let mut tx = self.begin_write().await?;
+        let now = tx.now().await?;
+        let pause = brakes::pause(scope, reason, by, now).map_err(Error::InvalidArgument)?;
+        tx.put_pause(&pause).await?;
+        tx.commit().await?;
+        Ok(pause)
+    }
+
+    async fn resume_healing(&self, scope: &Scope) -> Result<bool> {
+        let mut tx = self.begin_write().await?;
+        let resumed = tx.delete_pause(scope).await?;
+        tx.commit().await?;
+        Ok(resumed)
+    }
+
+    async fn list_healing_decisions(&self, query: &DecisionQuery) -> Result<Vec<Decision>> {
+        let mut tx = self.begin_read().await?;
+        let decisions = tx.decisions(query).await?;
+        tx.commit().await?;
+        Ok(decisions)
     }
 
     async fn healing_statistics(&self) -> Result<HealingStatistics> {
@@ -377,6 +603,7 @@ pub(crate) async fn prune_healing(
     let mut tx = store.begin_write().await?;
     let actions = tx.delete_actions_before(before).await?;
     let events = tx.delete_events_before(before).await?;
+    tx.delete_decisions_before(before).await?;
     tx.commit().await?;
     Ok((events, actions))
 }
@@ -409,12 +636,147 @@ pub(crate) async fn record_error(
     Ok(stored)
 }
 
-/// [`HealingStore::plan_recovery`].
+/// What the brakes decide a plan on, read in the plan's transaction.
+struct BrakeInputs {
+    status: crate::domain::agent::AgentStatus,
+    registered: bool,
+    group: Option<String>,
+    fleet: Census,
+    group_census: Census,
+    fleet_plans: u32,
+    group_plans: u32,
+    agent_plans: u32,
+    pauses: Vec<Pause>,
+}
+
+impl BrakeInputs {
+    /// The agent's group as (label key, value), when the policy groups.
+    fn group_key<'a>(&'a self, policy: &'a HealingPolicy) -> Option<(&'a str, &'a str)> {
+        policy.group_by.as_deref().zip(self.group.as_deref())
+    }
+
+    fn request(&self) -> brakes::Request<'_> {
+        brakes::Request {
+            agent_status: self.status,
+            agent_unhealthy: brakes::unhealthy(self.status, false),
+            group: self.group.as_deref(),
+            fleet: self.fleet,
+            group_census: self.group_census,
+            fleet_plans_last_minute: self.fleet_plans,
+            group_plans_last_minute: self.group_plans,
+            agent_plans_in_window: self.agent_plans,
+            pauses: &self.pauses,
+        }
+    }
+}
+
+/// Reads what the cheap brakes need for a plan for `event`'s agent at `now`
+/// (its status and group, the pauses, the rates, its budget: nothing but
+/// the pauses and the agent with the brakes off); the census is counted
+/// later ([`count_census`]), once they passed.
+async fn brake_inputs(
+    tx: &mut dyn HealingTx,
+    policy: &HealingPolicy,
+    event: &ErrorEvent,
+    now: DateTime<Utc>,
+) -> Result<BrakeInputs> {
+    let agent = &event.agent_id;
+    let row = tx.brake_agent(agent, policy.group_by.as_deref()).await?;
+    // An agent never registered counts as a healthy member of the fleet
+    // (and of no group) until planned.
+    let (status, group) = match &row {
+        Some((status, group)) => (decode::status(status)?, group.clone()),
+        None => (crate::domain::agent::AgentStatus::Idle, None),
+    };
+    let mut inputs = BrakeInputs {
+        status,
+        registered: row.is_some(),
+        group,
+        fleet: Census::default(),
+        group_census: Census::default(),
+        fleet_plans: 0,
+        group_plans: 0,
+        agent_plans: 0,
+        pauses: tx.pauses().await?,
+    };
+    if !policy.brakes {
+        return Ok(inputs);
+    }
+    let since = now - brakes::RATE_WINDOW;
+    inputs.fleet_plans = tx.plans_since(since, None).await?;
+    if let Some(key) = inputs.group_key(policy) {
+        inputs.group_plans = tx.plans_since(since, Some(key)).await?;
+    }
+    inputs.agent_plans = agent_budget_plans(tx, policy, agent, event.id, now).await?;
+    Ok(inputs)
+}
+
+/// Counts the fleet's and the agent's group's census into `inputs`.
+async fn count_census(
+    tx: &mut dyn HealingTx,
+    policy: &HealingPolicy,
+    inputs: &mut BrakeInputs,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    inputs.fleet = tx.census(now, None).await?;
+    if !inputs.registered {
+        inputs.fleet.counted += 1;
+    }
+    if let Some(key) = inputs.group_key(policy) {
+        inputs.group_census = tx.census(now, Some(key)).await?;
+    }
+    Ok(())
+}
+
+/// The agent's plans counted against its retry budget at `now`
+/// ([`brakes::budget_since`]), `event` (the error being planned) left out of
+/// whether it has been healthy.
+async fn agent_budget_plans(
+    tx: &mut dyn HealingTx,
+    policy: &HealingPolicy,
+    agent: &str,
+    event: i64,
+    now: DateTime<Utc>,
+) -> Result<u32> {
+    let last_success = tx.last_success(agent).await?;
+    let errors_since = match last_success {
+        Some(at) => tx.errors_after(agent, at, event).await?,
+        None => 0,
+    };
+    let since = brakes::budget_since(
+        policy,
+        brakes::healthy_since(last_success, errors_since),
+        now,
+    );
+    tx.agent_plans_since(agent, since).await
+}
+
+/// Records a decision without a plan and commits it; the error to answer.
+async fn not_planned(
+    mut tx: Box<dyn HealingTx + '_>,
+    decision: &Decision,
+    reason: &'static str,
+) -> Result<RecoveryAction> {
+    let decision_id = tx.insert_decision(decision).await?;
+    tx.commit().await?;
+    Err(NotPlanned {
+        reason,
+        message: decision.message.clone(),
+        decision_id,
+        agent_id: decision.agent_id.clone(),
+    }
+    .into())
+}
+
+/// [`HealingStore::plan_recovery`]: one active recovery per agent, then the
+/// brakes (`domain::brakes`) on what this transaction counts, then the plan
+/// around the open breakers; every decision recorded, braked or not.
 pub(crate) async fn plan_recovery(
     store: &dyn HealingTxs,
     error_event_id: i64,
     lease: Duration,
     actor: &str,
+    policy: &HealingPolicy,
     planner: Planner<'_>,
 ) -> Result<RecoveryAction> {
     let mut tx = store.begin_write().await?;
@@ -432,6 +794,36 @@ pub(crate) async fn plan_recovery(
         tx.set_recovery_status(lapsed, RecoveryStatus::Expired)
             .await?;
     }
+    // Plans of every replica queue here, so the counts below cannot change
+    // under this one before it commits (with the brakes off, nothing is
+    // counted and nothing queues).
+    if policy.brakes {
+        tx.lock_brakes().await?;
+    }
+    let mut inputs = brake_inputs(&mut *tx, policy, &event, now).await?;
+    let mut braked = brakes::check_limits(policy, &inputs.request());
+    if braked.is_ok() && policy.brakes {
+        count_census(&mut *tx, policy, &mut inputs, now).await?;
+        braked = brakes::check_share(policy, &inputs.request());
+    }
+    let mut decision = Decision {
+        id: 0,
+        error_event_id,
+        agent_id: event.agent_id.clone(),
+        decided_at: now,
+        verdict: Verdict::Braked,
+        reason: None,
+        message: String::new(),
+        strategy: None,
+        recovery_action_id: None,
+        numbers: inputs.request().numbers(),
+        actor: actor.to_owned(),
+    };
+    if let Err(braked) = braked {
+        decision.reason = Some(braked.reason().to_owned());
+        decision.message = braked.to_string();
+        return not_planned(tx, &decision, braked.reason()).await;
+    }
     let signature = healing::context_signature(&event.context);
     let evidence = tx
         .evidence(event.error_type, &signature)
@@ -446,7 +838,34 @@ pub(crate) async fn plan_recovery(
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let plan = planner(&event, &evidence);
+    let breakers: Vec<(Strategy, Breaker)> = tx
+        .breakers(Some(event.error_type), true)
+        .await?
+        .into_iter()
+        .map(|(_, strategy, breaker)| (strategy, breaker))
+        .collect();
+    let closed_off = brakes::closed_off(&breakers, policy, now);
+    let plan = planner(&event, &evidence, &closed_off);
+    decision.strategy = Some(plan.strategy);
+    if policy.dry_run {
+        decision.verdict = Verdict::DryRun;
+        decision.reason = Some(brakes::REASON_DRY_RUN.to_owned());
+        decision.message = format!(
+            "dry run: {} would be planned ({}); nothing was handed out",
+            plan.strategy.as_str(),
+            plan.reason
+        );
+        return not_planned(tx, &decision, brakes::REASON_DRY_RUN).await;
+    }
+    // The half-open trial of an open breaker goes through this plan.
+    if let Some((_, breaker)) = breakers.iter().find(|(s, _)| *s == plan.strategy) {
+        let admit = breaker.admits(policy, now);
+        let after = breaker.after_admit(admit, now);
+        if after != *breaker {
+            tx.put_breaker(event.error_type, plan.strategy, &after, now)
+                .await?;
+        }
+    }
     let new = NewRecovery {
         event: &event,
         context_signature: &signature,
@@ -456,6 +875,15 @@ pub(crate) async fn plan_recovery(
         actor,
     };
     if let Some(action) = tx.insert_recovery(&new).await? {
+        decision.verdict = Verdict::Planned;
+        decision.recovery_action_id = Some(action.id);
+        decision.message = format!(
+            "planned {} ({}) as recovery action {}",
+            plan.strategy.as_str(),
+            plan.reason,
+            action.id
+        );
+        tx.insert_decision(&decision).await?;
         tx.commit().await?;
         return Ok(seen_at(action, now));
     }
@@ -478,11 +906,58 @@ pub(crate) async fn plan_recovery(
     }
 }
 
+/// [`HealingStore::healing_brakes`]: the brakes as they stand, at one `now`.
+pub(crate) async fn healing_brakes(
+    store: &dyn HealingTxs,
+    policy: &HealingPolicy,
+) -> Result<BrakeStatus> {
+    let mut tx = store.begin_read().await?;
+    let now = tx.now().await?;
+    let pauses = tx.pauses().await?;
+    let breakers = tx
+        .breakers(None, false)
+        .await?
+        .into_iter()
+        .filter(|(_, _, b)| b.is_open())
+        .collect();
+    let share = |scope, census: Census| Share {
+        scope,
+        census,
+        allowed: brakes::allowed_unhealthy(policy, census.counted),
+    };
+    let mut shares = vec![share(Scope::Fleet, tx.census(now, None).await?)];
+    if let Some(key) = &policy.group_by {
+        for (group, census) in tx.group_censuses(now, key).await? {
+            shares.push(share(Scope::Group(group), census));
+        }
+    }
+    let mut spent = Vec::new();
+    for (agent, _) in tx
+        .busiest_agents(now - policy.retry_window, policy.retry_budget)
+        .await?
+    {
+        let plans = agent_budget_plans(&mut *tx, policy, &agent, 0, now).await?;
+        if plans >= policy.retry_budget {
+            spent.push((agent, plans));
+        }
+    }
+    tx.commit().await?;
+    Ok(BrakeStatus {
+        policy: policy.clone(),
+        pauses,
+        breakers,
+        shares,
+        spent,
+        at: now,
+    })
+}
+
 /// [`HealingStore::record_recovery_outcome`].
 pub(crate) async fn record_recovery_outcome(
     store: &dyn HealingTxs,
     action_id: i64,
     outcome: RecoveryOutcome,
+    policy: &HealingPolicy,
 ) -> Result<RecoveryAction> {
     let mut tx = store.begin_write().await?;
     let now = tx.now().await?;
@@ -518,6 +993,21 @@ pub(crate) async fn record_recovery_outcome(
         at: now,
     })
     .await?;
+    // The strategy's breaker, fleet-wide.
+    if brakes::breakered(current.strategy) {
+        let breaker = tx
+            .breakers(Some(current.error_type), true)
+            .await?
+            .into_iter()
+            .find(|(_, s, _)| *s == current.strategy)
+            .map(|(_, _, b)| b)
+            .unwrap_or_default();
+        let after = breaker.after_outcome(outcome.success, policy, now);
+        if after != breaker {
+            tx.put_breaker(current.error_type, current.strategy, &after, now)
+                .await?;
+        }
+    }
     tx.commit().await?;
     Ok(seen_at(finished, now))
 }

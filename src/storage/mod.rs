@@ -243,9 +243,21 @@ pub struct PoolMembers {
     pub held: i64,
 }
 
-/// Decides a recovery plan from the event and the evidence learned for its kind,
-/// inside the store's transaction.
-pub type Planner<'a> = Box<dyn FnOnce(&ErrorEvent, &[Evidence]) -> Plan + Send + 'a>;
+/// Decides a recovery plan from the event, the evidence learned for its kind
+/// and the strategies the breakers close off, inside the store's transaction.
+pub type Planner<'a> = Box<
+    dyn FnOnce(&ErrorEvent, &[Evidence], &[crate::domain::healing::Strategy]) -> Plan + Send + 'a,
+>;
+
+/// Which healing decisions `list_healing_decisions` returns, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct DecisionQuery {
+    pub agent_id: Option<String>,
+    pub error_event_id: Option<i64>,
+    pub verdict: Option<crate::domain::brakes::Verdict>,
+    pub before_id: Option<i64>,
+    pub limit: i64,
+}
 
 /// Which error events `list_error_events` returns, newest first.
 #[derive(Debug, Clone, Default)]
@@ -283,21 +295,49 @@ pub trait HealingStore: Send + Sync + 'static {
 
     /// Plans and stores an ACTIVE recovery for the event's agent, unless one is
     /// already active (FAILED_PRECONDITION naming it). Expired ones are freed
-    /// first. `actor` (who asked) is stored with it.
+    /// first. Then `policy`'s brakes, checked on what the same transaction
+    /// counts (a braked or dry-run request is `Error::NotPlanned`); every
+    /// decision is recorded. `actor` (who asked) is stored with it.
     async fn plan_recovery(
         &self,
         error_event_id: i64,
         lease: Duration,
         actor: &str,
+        policy: &crate::domain::brakes::HealingPolicy,
         planner: Planner<'_>,
     ) -> Result<RecoveryAction>;
 
-    /// Ends a recovery with its outcome and updates what was learned, atomically.
+    /// Ends a recovery with its outcome and updates what was learned and the
+    /// strategy's breaker, atomically.
     async fn record_recovery_outcome(
         &self,
         action_id: i64,
         outcome: RecoveryOutcome,
+        policy: &crate::domain::brakes::HealingPolicy,
     ) -> Result<RecoveryAction>;
+
+    /// The brakes as they stand under `policy`.
+    async fn healing_brakes(
+        &self,
+        policy: &crate::domain::brakes::HealingPolicy,
+    ) -> Result<crate::domain::brakes::BrakeStatus>;
+
+    /// Pauses healing in `scope` (replacing its pause); the pause stored.
+    async fn pause_healing(
+        &self,
+        scope: crate::domain::brakes::Scope,
+        reason: &str,
+        by: &str,
+    ) -> Result<crate::domain::brakes::Pause>;
+
+    /// Resumes healing in `scope`; whether it was paused.
+    async fn resume_healing(&self, scope: &crate::domain::brakes::Scope) -> Result<bool>;
+
+    /// Decisions on requests for plans, newest first.
+    async fn list_healing_decisions(
+        &self,
+        query: &DecisionQuery,
+    ) -> Result<Vec<crate::domain::brakes::Decision>>;
 
     async fn healing_statistics(&self) -> Result<HealingStatistics>;
 
@@ -330,6 +370,9 @@ pub struct ActionOutcomeUpdate {
     pub outcome: Option<serde_json::Value>,
     pub error_code: Option<String>,
     pub new_record: Option<(String, ActionType, Tier)>,
+    /// The post window (`--post-window`): a new record's window key must
+    /// name the store's current window of this length or the one before.
+    pub key_window: Duration,
     /// Who reports it (the record's `outcome_actor`, and its `actor` when the
     /// report creates it).
     pub actor: String,

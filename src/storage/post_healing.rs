@@ -160,7 +160,14 @@ pub(crate) async fn evaluate_post<T: PostTx>(
     // A key may exist as a failed (or expired) earlier attempt: claiming it again
     // re-runs it, as the domain's record says.
     let existing = stored.iter().find(|s| &s.record.idempotency_key == key);
-    let claimed = post_healing::claim(existing.map(|s| &s.record), post_id, stagnation, now, lease);
+    let claimed = post_healing::claim(
+        existing.map(|s| &s.record),
+        key,
+        post_id,
+        stagnation,
+        now,
+        lease,
+    );
     let row = match existing {
         Some(existing) => {
             tx.update(&claimed, existing.outcome.as_ref(), Writer::Claim(actor))
@@ -196,8 +203,17 @@ pub(crate) async fn record_action_outcome<T: PostTx>(
                 id: key.clone(),
             });
         };
-        let base = post_healing::reported_as(key, post_id, *action, *tier, update.status, now)
-            .map_err(|mismatch| Error::invalid(mismatch.to_string()))?;
+        // The window a new key may name is judged at the store's time.
+        let base = post_healing::reported_as(
+            key,
+            post_id,
+            *action,
+            *tier,
+            update.status,
+            now,
+            update.key_window,
+        )
+        .map_err(|mismatch| Error::invalid(mismatch.to_string()))?;
         // A concurrent creator may win (on Postgres; SQLite's single writer
         // has none): the update below then applies on top of its record.
         existing = match tx.insert(&base, &update.actor).await? {

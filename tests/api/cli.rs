@@ -770,6 +770,77 @@ async fn healing_stats_count_reported_errors() {
 }
 
 #[tokio::test]
+async fn healing_policy_pause_resume_and_decisions() {
+    let db = TestDb::new();
+    let app = TestApp::spawn(&db).await;
+    let policy = json(&fleetcare(app.addr, &["healing", "policy", "--json"]).await);
+    assert_eq!(policy["policy"]["max_unhealthy_percent"], 100);
+    assert_eq!(policy["pauses"], serde_json::json!([]));
+    assert_eq!(policy["shares"][0]["group"], "");
+
+    let paused = stdout(
+        &fleetcare(
+            app.addr,
+            &["healing", "pause", "--reason", "provider outage"],
+        )
+        .await,
+    );
+    assert_eq!(paused, "paused the fleet: provider outage\n");
+    let text = stdout(&fleetcare(app.addr, &["healing", "policy"]).await);
+    assert!(
+        text.contains("PAUSED the fleet by anonymous at ") && text.contains(": provider outage\n"),
+        "{text}"
+    );
+    // A plan asked for now is braked, and the decision is listed.
+    let mut healing = HealingServiceClient::new(app.channel.clone());
+    let event = healing
+        .report_error(pb::ReportErrorRequest {
+            agent_id: "h-1".into(),
+            message: "connection reset".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .event
+        .unwrap();
+    let braked = healing
+        .plan_recovery(pb::PlanRecoveryRequest {
+            error_event_id: event.id,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(braked.code(), tonic::Code::FailedPrecondition);
+    let decisions = json(
+        &fleetcare(
+            app.addr,
+            &["healing", "decisions", "--agent", "h-1", "--json"],
+        )
+        .await,
+    );
+    assert_eq!(decisions[0]["verdict"], "BRAKED");
+    assert_eq!(decisions[0]["reason"], "HEALING_PAUSED");
+    let table = stdout(&fleetcare(app.addr, &["healing", "decisions"]).await);
+    assert!(table.contains("HEALING_PAUSED"), "{table}");
+
+    let resumed = stdout(&fleetcare(app.addr, &["healing", "resume"]).await);
+    assert_eq!(resumed, "resumed the fleet\n");
+    let again = json(&fleetcare(app.addr, &["healing", "resume", "--json"]).await);
+    assert_eq!(again["resumed"], false);
+    // Without group_by, a group names nothing: refused, one line.
+    let (line, code) = failure(
+        &fleetcare(
+            app.addr,
+            &["healing", "pause", "--reason", "r", "--group", "blue"],
+        )
+        .await,
+    );
+    assert!(line.contains("group_by"), "{line}");
+    assert_eq!(code, i32::from(exit::REFUSED));
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn explain_limit_prints_what_the_server_would_infer_without_touching_agents() {
     let db = TestDb::new();
     let app = TestApp::spawn(&db).await;

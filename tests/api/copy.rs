@@ -260,6 +260,61 @@ async fn fill(db: &TestDb) -> Vec<(&'static str, u64)> {
     }
     counts.push(("healing_patterns", 4));
 
+    for i in 0..3_i64 {
+        sqlx::query(
+            "INSERT INTO healing_decisions VALUES \
+             (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(if i == 2 { BIG_EVENT_ID + 20 } else { i + 1 })
+        .bind(i + 1)
+        .bind(&agent_ids[i as usize])
+        .bind(T0 + i)
+        .bind(["PLANNED", "BRAKED", "DRY_RUN"][i as usize])
+        .bind((i > 0).then_some("HEALING_BRAKE_UNHEALTHY_SHARE ü"))
+        .bind("braked: group \"blué\" 🧯")
+        .bind((i != 1).then_some("RESTART"))
+        .bind((i == 0).then_some(i64::MAX))
+        .bind(i64::from(u32::MAX))
+        .bind(i)
+        .bind((i > 0).then_some("blué"))
+        .bind(100 - i)
+        .bind(40 + i)
+        .bind(i * 7)
+        .bind(i * 3)
+        .bind(2)
+        .bind("alice")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    }
+    counts.push(("healing_decisions", 3));
+
+    for (scope, reason) in [("fleet", "provider outage ☁"), ("group:blué", "bad config")] {
+        sqlx::query("INSERT INTO healing_pauses VALUES (?, ?, ?, ?)")
+            .bind(scope)
+            .bind(reason)
+            .bind("carol")
+            .bind(T0 - 5)
+            .execute(&mut c)
+            .await
+            .unwrap();
+    }
+    counts.push(("healing_pauses", 2));
+
+    for (i, state) in ["CLOSED", "OPEN", "HALF_OPEN"].iter().enumerate() {
+        sqlx::query("INSERT INTO healing_breakers VALUES (?, ?, ?, ?, ?, ?)")
+            .bind("RATE_LIMIT")
+            .bind(["BACKOFF", "RESTART", "RETRY"][i])
+            .bind(state)
+            .bind(i as i64 * 2)
+            .bind((i > 0).then_some(T0 + i as i64))
+            .bind(T0)
+            .execute(&mut c)
+            .await
+            .unwrap();
+    }
+    counts.push(("healing_breakers", 3));
+
     for post in ["post-1", "post-2", "pöst-3"] {
         sqlx::query("INSERT INTO post_locks VALUES (?)")
             .bind(post)

@@ -1367,3 +1367,345 @@ async fn pools_are_listed_shown_parked_and_released_as_quota_service_answers() {
     assert_eq!(released.status, 200, "{}", released.body);
     assert_eq!(released.json()["phase"], "RELEASING");
 }
+
+#[tokio::test]
+async fn healing_is_paused_shown_braked_and_resumed_over_http_with_its_decisions() {
+    let db = TestDb::new();
+    let app = TestApp::spawn(&db).await;
+    let addr = http(&app);
+    register(&app, "heal-1", &[]).await;
+    register(&app, "heal-2", &[]).await;
+
+    // The policy in force (the test servers' brakes are out of reach) and
+    // the fleet's share, first.
+    let policy = get(addr, "/api/v1/healing/policy").await;
+    assert_eq!(policy.status, 200, "{}", policy.body);
+    let policy = policy.json();
+    assert_eq!(policy["pauses"], json!([]));
+    assert_eq!(policy["open_breakers"], json!([]));
+    assert_eq!(policy["spent_budgets"], json!([]));
+    assert_eq!(policy["policy"]["max_unhealthy_percent"], 100);
+    assert_eq!(policy["policy"]["dry_run"], false);
+    assert_eq!(
+        (
+            &policy["shares"][0]["group"],
+            &policy["shares"][0]["counted"],
+            &policy["shares"][0]["unhealthy"],
+        ),
+        (&json!(""), &json!(2), &json!(0))
+    );
+    assert!(policy["as_of"].is_string(), "{policy}");
+
+    // A pause through POST: answered, and in force in the policy.
+    let paused = post(
+        &app,
+        "/api/v1/healing/pause",
+        &json!({"group": "", "reason": "incident 42: bad config"}).to_string(),
+    )
+    .await;
+    assert_eq!(paused.status, 200, "{}", paused.body);
+    let pause = paused.json();
+    assert_eq!(pause["group"], "");
+    assert_eq!(pause["reason"], "incident 42: bad config");
+    assert_eq!(pause["paused_by"], "anonymous");
+    assert!(pause["paused_at"].is_string(), "{pause}");
+    let policy = get(addr, "/api/v1/healing/policy").await.json();
+    assert_eq!(policy["pauses"], json!([pause]));
+
+    // It brakes a PlanRecovery, and the decision is listed with its reason.
+    let mut healing = crate::healing::client(&app);
+    let event = crate::healing::report(&mut healing, "heal-1", "tool call failed", &[]).await;
+    let status = crate::healing::plan(&mut healing, event.id)
+        .await
+        .expect_err("paused");
+    assert_eq!(crate::helpers::reason(&status), "HEALING_PAUSED");
+    let listed = get(addr, "/api/v1/healing/decisions").await;
+    assert_eq!(listed.status, 200, "{}", listed.body);
+    let listed = listed.json();
+    let decisions = listed["decisions"].as_array().unwrap();
+    assert_eq!(decisions.len(), 1, "{listed}");
+    let braked = &decisions[0];
+    assert_eq!(braked["verdict"], "BRAKED");
+    assert_eq!(braked["reason"], "HEALING_PAUSED");
+    assert_eq!(braked["agent_id"], "heal-1");
+    assert_eq!(braked["error_event_id"], event.id);
+    assert!(
+        braked["message"]
+            .as_str()
+            .unwrap()
+            .contains("incident 42: bad config"),
+        "{braked}"
+    );
+    assert_eq!(braked.get("recovery_action_id"), None, "{braked}");
+    assert_eq!(listed["next_page_token"], "");
+    // The same as ListHealingDecisions, as the views print it.
+    let grpc = healing
+        .list_healing_decisions(pb::ListHealingDecisionsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .decisions;
+    assert_eq!(
+        listed["decisions"],
+        serde_json::to_value(
+            grpc.iter()
+                .map(fleetcare::views::HealingDecisionView::from)
+                .collect::<Vec<_>>()
+        )
+        .unwrap()
+    );
+    // Filters: verdict (with or without its prefix, any case) and agent.
+    for (path, n) in [
+        ("/api/v1/healing/decisions?verdict=braked", 1),
+        (
+            "/api/v1/healing/decisions?verdict=HEALING_VERDICT_BRAKED",
+            1,
+        ),
+        ("/api/v1/healing/decisions?verdict=planned", 0),
+        ("/api/v1/healing/decisions?agent_id=heal-1", 1),
+        ("/api/v1/healing/decisions?agent_id=heal-2", 0),
+        ("/api/v1/healing/decisions?verdict=&agent_id=&limit=", 1),
+    ] {
+        let reply = get(addr, path).await;
+        assert_eq!(reply.status, 200, "{path}: {}", reply.body);
+        assert_eq!(
+            reply.json()["decisions"].as_array().unwrap().len(),
+            n,
+            "{path}"
+        );
+    }
+    // Bad input: 400 with the gRPC code and a message naming the field.
+    for (path, names) in [
+        ("/api/v1/healing/decisions?verdict=stopped", "verdict"),
+        ("/api/v1/healing/decisions?verdict=unspecified", "verdict"),
+        ("/api/v1/healing/decisions?limit=many", "limit"),
+        ("/api/v1/healing/decisions?limit=-1", "page_size"),
+        (
+            "/api/v1/healing/decisions?agent_id=no%20such%20id",
+            "agent_id",
+        ),
+        ("/api/v1/healing/decisions?page_token=garbage", "token"),
+        (
+            "/api/v1/healing/decisions?error_event_id=x",
+            "error_event_id",
+        ),
+    ] {
+        let reply = get(addr, path).await;
+        assert_eq!(reply.status, 400, "{path}: {}", reply.body);
+        let body = reply.json();
+        assert_eq!(body["code"], "INVALID_ARGUMENT", "{path}: {body}");
+        assert!(
+            body["message"].as_str().unwrap().contains(names),
+            "{path}: {body}"
+        );
+    }
+    for (body, status, code) in [
+        // A pause needs a reason.
+        (r#"{"reason": "  "}"#, 400, "INVALID_ARGUMENT"),
+        ("", 400, "INVALID_ARGUMENT"),
+        (
+            r#"{"reason": "x", "until": "soon"}"#,
+            400,
+            "INVALID_ARGUMENT",
+        ),
+        ("reason=x", 400, "INVALID_ARGUMENT"),
+        // Without the policy's group_by, a group names nothing.
+        (
+            r#"{"group": "red", "reason": "x"}"#,
+            409,
+            "FAILED_PRECONDITION",
+        ),
+    ] {
+        let reply = post(&app, "/api/v1/healing/pause", body).await;
+        assert_eq!(reply.status, status, "{body}: {}", reply.body);
+        assert_eq!(reply.json()["code"], code, "{body}");
+    }
+    // Without the custom header, or as a GET: refused before any call.
+    let bare = request(
+        addr,
+        "POST",
+        "/api/v1/healing/resume",
+        &[("Content-Type", "application/json")],
+        "{}",
+    )
+    .await;
+    assert_eq!(bare.status, 403, "{}", bare.body);
+    assert_eq!(bare.json()["reason"], "REQUEST_HEADER_REQUIRED");
+    assert_eq!(get(addr, "/api/v1/healing/pause").await.status, 405);
+    assert_eq!(
+        get(addr, "/api/v1/healing/policy").await.json()["pauses"],
+        json!([pause]),
+        "the refusals changed nothing"
+    );
+
+    // Resume lifts it: the plan goes through, the decisions newest first.
+    let resumed = post(&app, "/api/v1/healing/resume", r#"{"group": ""}"#).await;
+    assert_eq!(resumed.status, 200, "{}", resumed.body);
+    assert_eq!(resumed.json(), json!({"resumed": true}));
+    assert_eq!(
+        get(addr, "/api/v1/healing/policy").await.json()["pauses"],
+        json!([])
+    );
+    let action = crate::healing::plan(&mut healing, event.id)
+        .await
+        .expect("resumed");
+    let page = get(addr, "/api/v1/healing/decisions?limit=1").await.json();
+    assert_eq!(page["decisions"].as_array().unwrap().len(), 1, "{page}");
+    assert_eq!(page["decisions"][0]["verdict"], "PLANNED");
+    assert_eq!(page["decisions"][0]["recovery_action_id"], action.id);
+    let token = page["next_page_token"].as_str().unwrap();
+    assert!(!token.is_empty(), "{page}");
+    let next = get(
+        addr,
+        &format!("/api/v1/healing/decisions?limit=1&page_token={token}"),
+    )
+    .await;
+    assert_eq!(next.status, 200, "{}", next.body);
+    assert_eq!(next.json()["decisions"][0]["id"], braked["id"]);
+    // An empty body resumes the fleet too; nothing was paused.
+    let again = post(&app, "/api/v1/healing/resume", "").await;
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(again.json(), json!({"resumed": false}));
+
+    // Timed as the HealingService's calls, over HTTP.
+    let m = crate::metrics::scrape(&app).await;
+    let calls = |method: &str, code: &str| {
+        m.value(
+            "fleetcare_rpc_duration_seconds_count",
+            &[
+                ("service", "fleetcare.v1.HealingService"),
+                ("method", method),
+                ("code", code),
+                ("transport", "http"),
+            ],
+        )
+    };
+    assert_eq!(calls("PauseHealing", "OK"), 1.0);
+    assert_eq!(calls("ResumeHealing", "OK"), 2.0);
+    assert_eq!(calls("PauseHealing", "FAILED_PRECONDITION"), 1.0);
+    assert!(calls("GetHealingPolicy", "OK") >= 4.0);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn with_an_auth_file_only_an_operator_pauses_or_resumes_healing() {
+    let db = TestDb::new();
+    let dir = std::env::temp_dir().join(format!(
+        "fleetcare-dash-pause-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("callers.toml");
+    let entries = [
+        caller_entry("ops", Role::Operator, &token_digest("ops-token"), &[]),
+        caller_entry("sched", Role::Scheduler, &token_digest("sched-token"), &[]),
+        caller_entry("viewer", Role::Reader, &token_digest("viewer-token"), &[]),
+        caller_entry(
+            "bot",
+            Role::Agent,
+            &token_digest("bot-token"),
+            &["guarded-*".to_owned()],
+        ),
+    ]
+    .join("\n");
+    std::fs::write(&file, entries).unwrap();
+    let mut args = test_args(&db.url);
+    args.auth_file = Some(file);
+    let app = TestApp::spawn_with(args).await;
+    let addr = http(&app);
+    let as_ = |bearer: &'static str| {
+        [
+            ("Authorization", bearer),
+            ("Content-Type", "application/json"),
+            ("X-Fleetcare-Request", "1"),
+        ]
+    };
+    let pause = r#"{"reason": "maintenance window"}"#;
+
+    // A reader and a scheduler read the brakes but may not pause or resume:
+    // 403 with the gRPC refusal's message, nothing changed.
+    for (caller, bearer) in [
+        ("viewer (reader)", "Bearer viewer-token"),
+        ("sched (scheduler)", "Bearer sched-token"),
+    ] {
+        let read = request(addr, "GET", "/api/v1/healing/policy", &as_(bearer)[..1], "").await;
+        assert_eq!(read.status, 200, "{caller}: {}", read.body);
+        let decisions = request(
+            addr,
+            "GET",
+            "/api/v1/healing/decisions",
+            &as_(bearer)[..1],
+            "",
+        )
+        .await;
+        assert_eq!(decisions.status, 200, "{caller}: {}", decisions.body);
+        for (path, body, rpc) in [
+            ("/api/v1/healing/pause", pause, "PauseHealing"),
+            ("/api/v1/healing/resume", "{}", "ResumeHealing"),
+        ] {
+            let denied = request(addr, "POST", path, &as_(bearer), body).await;
+            assert_eq!(denied.status, 403, "{caller} {path}: {}", denied.body);
+            let body = denied.json();
+            assert_eq!(body["code"], "PERMISSION_DENIED");
+            assert_eq!(body["reason"], "PERMISSION_DENIED");
+            assert_eq!(
+                body["message"],
+                format!("{caller} may not call {rpc}"),
+                "{body}"
+            );
+        }
+    }
+    // No token: 401; an agent caller: 403, and it may not read the policy.
+    let anonymous = request(addr, "POST", "/api/v1/healing/pause", &WRITE, pause).await;
+    assert_eq!(anonymous.status, 401, "{}", anonymous.body);
+    let bot = request(
+        addr,
+        "POST",
+        "/api/v1/healing/pause",
+        &as_("Bearer bot-token"),
+        pause,
+    )
+    .await;
+    assert_eq!(bot.status, 403, "{}", bot.body);
+    let bot = request(
+        addr,
+        "GET",
+        "/api/v1/healing/policy",
+        &as_("Bearer bot-token")[..1],
+        "",
+    )
+    .await;
+    assert_eq!(bot.status, 403, "{}", bot.body);
+    let viewer = [("Authorization", "Bearer viewer-token")];
+    let policy = request(addr, "GET", "/api/v1/healing/policy", &viewer, "").await;
+    assert_eq!(
+        policy.json()["pauses"],
+        json!([]),
+        "the refusals paused nothing"
+    );
+
+    // An operator pauses (the pause names it) and resumes.
+    let paused = request(
+        addr,
+        "POST",
+        "/api/v1/healing/pause",
+        &as_("Bearer ops-token"),
+        pause,
+    )
+    .await;
+    assert_eq!(paused.status, 200, "{}", paused.body);
+    assert_eq!(paused.json()["paused_by"], "ops");
+    let policy = request(addr, "GET", "/api/v1/healing/policy", &viewer, "").await;
+    assert_eq!(policy.json()["pauses"][0]["paused_by"], "ops");
+    let resumed = request(
+        addr,
+        "POST",
+        "/api/v1/healing/resume",
+        &as_("Bearer ops-token"),
+        "{}",
+    )
+    .await;
+    assert_eq!(resumed.status, 200, "{}", resumed.body);
+    assert_eq!(resumed.json()["resumed"], true);
+    let _ = std::fs::remove_dir_all(&dir);
+}

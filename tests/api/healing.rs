@@ -10,11 +10,11 @@ use tonic::Code;
 
 use crate::helpers::{TestApp, TestDb, test_args};
 
-fn client(app: &TestApp) -> HealingServiceClient<tonic::transport::Channel> {
+pub(crate) fn client(app: &TestApp) -> HealingServiceClient<tonic::transport::Channel> {
     HealingServiceClient::new(app.channel.clone())
 }
 
-async fn report(
+pub(crate) async fn report(
     c: &mut HealingServiceClient<tonic::transport::Channel>,
     agent: &str,
     message: &str,
@@ -36,7 +36,7 @@ async fn report(
     .unwrap()
 }
 
-async fn plan(
+pub(crate) async fn plan(
     c: &mut HealingServiceClient<tonic::transport::Channel>,
     event: i64,
 ) -> Result<pb::RecoveryAction, tonic::Status> {
@@ -47,7 +47,7 @@ async fn plan(
     .map(|r| r.into_inner().action.unwrap())
 }
 
-async fn outcome(
+pub(crate) async fn outcome(
     c: &mut HealingServiceClient<tonic::transport::Channel>,
     action: i64,
     success: bool,

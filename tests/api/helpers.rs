@@ -365,9 +365,24 @@ pub fn test_args(database_url: &str) -> ServeArgs {
         shutdown_grace: Duration::from_secs(5),
         healing: HealingArgs {
             healing_seed: Some(7),
-            ..defaults.healing.clone()
+            ..unbraked(defaults.healing.clone())
         },
         ..defaults
+    }
+}
+
+/// Healing settings with the remediation brakes out of reach: tests of
+/// planning and learning plan many times for few agents; the brakes' own
+/// tests (`tests/api/brakes.rs`) set the policy they test.
+pub fn unbraked(healing: HealingArgs) -> HealingArgs {
+    HealingArgs {
+        healing_max_unhealthy: 100,
+        healing_min_unhealthy: 1_000_000,
+        healing_max_plans_per_minute: 1_000_000,
+        healing_max_group_plans_per_minute: 1_000_000,
+        healing_retry_budget: 1000,
+        healing_breaker_failures: 1000,
+        ..healing
     }
 }
 

@@ -10,6 +10,7 @@ macro_rules! postgres_only {
 
 mod agents;
 mod auth;
+mod brakes;
 mod claims;
 mod cli;
 mod client_heartbeats;

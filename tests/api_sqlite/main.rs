@@ -15,6 +15,8 @@ macro_rules! postgres_only {
 mod agents;
 #[path = "../api/auth.rs"]
 mod auth;
+#[path = "../api/brakes.rs"]
+mod brakes;
 #[path = "../api/claims.rs"]
 mod claims;
 #[path = "../api/cli.rs"]

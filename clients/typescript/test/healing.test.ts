@@ -75,9 +75,17 @@ test("ReportError -> PlanRecovery -> ReportRecoveryOutcome -> GetHealingStatisti
   assert.equal(stats.overallSuccessRate, 1);
 });
 
-/** "sheal_" + the first 32 hex characters of SHA-256(text), as the proto documents. */
-function idempotencyKey(text: string): string {
-  return "sheal_" + createHash("sha256").update(text).digest("hex").slice(0, 32);
+/** The server's default --post-window: keys belong to windows this long. */
+const POST_WINDOW_MS = 90 * 60_000;
+
+/**
+ * The key of an action ("post:action:tier") proposed at `at`, as the proto
+ * documents: "shealw_<window>_" + the first 32 hex characters of
+ * SHA-256("post:action:tier:window"), window = floor(Unix ms / window ms).
+ */
+function idempotencyKey(text: string, at: Date): string {
+  const window = Math.floor(at.getTime() / POST_WINDOW_MS);
+  return `shealw_${window}_` + createHash("sha256").update(`${text}:${window}`).digest("hex").slice(0, 32);
 }
 
 test("EvaluatePost: a stagnating post gets a tier-3 thread, claimed once", async () => {
@@ -102,7 +110,9 @@ test("EvaluatePost: a stagnating post gets a tier-3 thread, claimed once", async
   assert.ok(Math.abs(verdict.stagnationScore - 0.9) < 1e-9, String(verdict.stagnationScore));
   assert.equal(verdict.tier, 3);
   assert.equal(verdict.actionType, PostActionType.THREAD);
-  assert.equal(verdict.idempotencyKey, idempotencyKey(`${postId}:thread:tier_3`));
+  assert.equal(verdict.idempotencyKey, idempotencyKey(`${postId}:thread:tier_3`, now));
+  assert.equal(verdict.sampleCount, 3n);
+  assert.equal(verdict.impressionsGained, 2000n);
   assert.equal(verdict.claimed, false, "no claim was asked for");
 
   await rejectsWithCode(
@@ -112,7 +122,9 @@ test("EvaluatePost: a stagnating post gets a tier-3 thread, claimed once", async
   const claim = await ph.evaluatePost({ postId, points, claim: true });
   assert.equal(claim.claimed, true);
   assert.equal(claim.action?.status, PostActionStatus.RUNNING);
-  assert.equal(claim.action?.idempotencyKey, verdict.idempotencyKey);
+  // The key of the window the server's clock was in when it claimed.
+  const stamped = new Date(Number(claim.action!.createdAt!.seconds) * 1000 + claim.action!.createdAt!.nanos / 1e6);
+  assert.equal(claim.action?.idempotencyKey, idempotencyKey(`${postId}:thread:tier_3`, stamped));
   assert.equal(claim.action?.tier, 3);
 
   const duplicate = await ph.evaluatePost({ postId, points, claim: true });
@@ -125,4 +137,23 @@ test("EvaluatePost: a stagnating post gets a tier-3 thread, claimed once", async
   assert.equal(tooFew.ineligibleReason, IneligibleReason.INSUFFICIENT_SAMPLES);
   assert.equal(tooFew.reason, "insufficient_samples");
   assert.equal(tooFew.tier, 0);
+
+  // 60 engagements per 1,000 impressions: rate 0.06, at or above the default
+  // --post-healthy-rate (0.05): healthy, no action proposed.
+  const engaging = points.map((p) => ({ ...p, engagements: p.impressions * 60n / 1000n }));
+  const healthy = await ph.evaluatePost({ postId: uniqueId("post"), points: engaging, claim: true });
+  assert.equal(healthy.eligible, false);
+  assert.equal(healthy.claimed, false);
+  assert.equal(healthy.ineligibleReason, IneligibleReason.HEALTHY);
+  assert.equal(healthy.reason, "healthy");
+  assert.equal(healthy.tier, 0);
+  assert.equal(healthy.idempotencyKey, "");
+
+  // 50 new impressions: under the default --post-min-impressions (100), no verdict.
+  const quiet = points.map((p) => ({ ...p, impressions: 1000n + p.impressions / 40n, engagements: 0n }));
+  const low = await ph.evaluatePost({ postId: uniqueId("post"), points: quiet, now: timestampFromDate(now) });
+  assert.equal(low.ineligibleReason, IneligibleReason.LOW_EXPOSURE);
+  assert.equal(low.reason, "low_exposure");
+  assert.equal(low.impressionsGained, 50n);
+  assert.equal(low.tier, 0);
 });

@@ -280,3 +280,114 @@ fn a_policy_file_overrides_the_base_and_names_the_line_of_a_bad_value() {
     assert!(parse_policy("retry_budget = 0\n", &base).is_err());
     assert_eq!(parse_policy("", &base).unwrap(), base);
 }
+
+#[test]
+fn the_cheap_brakes_answer_before_the_share_and_brakes_off_leaves_pauses_and_exhaustion() {
+    let policy = grouped();
+    // Both the rate and the share would brake: the rate answers (the share
+    // is not even counted then).
+    let mut r = request(census(10, 9), census(10, 9));
+    r.fleet_plans_last_minute = policy.max_plans_per_minute;
+    assert!(matches!(
+        check(&policy, &r),
+        Err(Braked::RateLimited { .. })
+    ));
+    assert!(matches!(
+        check_limits(&policy, &r),
+        Err(Braked::RateLimited { .. })
+    ));
+    r.fleet_plans_last_minute = 0;
+    assert!(check_limits(&policy, &r).is_ok());
+    assert!(matches!(
+        check_share(&policy, &r),
+        Err(Braked::UnhealthyShare { .. })
+    ));
+
+    let off = HealingPolicy {
+        brakes: false,
+        ..grouped()
+    };
+    r.fleet_plans_last_minute = 1_000_000;
+    r.agent_plans_in_window = 1_000_000;
+    assert_eq!(check(&off, &r), Ok(()));
+    let pauses = [Pause {
+        scope: Scope::Fleet,
+        reason: "outage".into(),
+        by: "ops".into(),
+        at: t0(),
+    }];
+    let paused = Request {
+        pauses: &pauses,
+        ..r.clone()
+    };
+    assert!(matches!(check(&off, &paused), Err(Braked::Paused(_))));
+    let exhausted = Request {
+        agent_status: AgentStatus::Exhausted,
+        ..r
+    };
+    assert_eq!(check(&off, &exhausted), Err(Braked::Exhausted));
+}
+
+#[test]
+fn flags_are_checked_naming_the_flag_and_scopes_need_group_by() {
+    let flag = |key: &str| format!("--healing-{}", key.replace('_', "-"));
+    let bad = HealingPolicy {
+        max_unhealthy_percent: 101,
+        ..HealingPolicy::default()
+    };
+    assert_eq!(
+        bad.checked(flag).unwrap_err(),
+        "--healing-max-unhealthy-percent must be 0 to 100, not 101"
+    );
+    let bad = HealingPolicy {
+        breaker_cooldown: Duration::zero(),
+        ..HealingPolicy::default()
+    };
+    assert!(
+        bad.checked(flag)
+            .unwrap_err()
+            .starts_with("--healing-breaker-cooldown")
+    );
+    assert!(HealingPolicy::default().checked(flag).is_ok());
+
+    assert_eq!(
+        Scope::named(" ", &HealingPolicy::default()),
+        Ok(Scope::Fleet)
+    );
+    assert!(matches!(
+        Scope::named("blue", &HealingPolicy::default()),
+        Err(ScopeRefused::NoGroups(_))
+    ));
+    assert_eq!(
+        Scope::named("blue", &grouped()),
+        Ok(Scope::Group("blue".into()))
+    );
+    assert!(matches!(
+        Scope::named(&"x".repeat(300), &grouped()),
+        Err(ScopeRefused::Invalid(_))
+    ));
+    for scope in [Scope::Fleet, Scope::Group("a:b".into())] {
+        assert_eq!(Scope::parse_stored(&scope.stored()), Some(scope));
+    }
+    assert!(pause(Scope::Fleet, "  ", "ops", t0()).is_err());
+}
+
+#[test]
+fn breakers_round_trip_their_stored_parts_and_closed_off_lists_the_ones_not_admitting() {
+    let policy = HealingPolicy::default();
+    let open = Breaker::Open { since: t0() };
+    for b in [
+        Breaker::Closed { failures: 3 },
+        open,
+        Breaker::HalfOpen { trial_at: t0() },
+    ] {
+        let (state, failures, since) = b.parts();
+        assert_eq!(Breaker::from_parts(state, failures, since), Some(b));
+    }
+    assert_eq!(Breaker::from_parts("OPEN", 0, None), None);
+    let breakers = [(1, open), (2, Breaker::Closed { failures: 4 })];
+    assert_eq!(closed_off(&breakers, &policy, t0()), [1]);
+    assert!(closed_off(&breakers, &policy, t0() + policy.breaker_cooldown).is_empty());
+    assert_eq!(healthy_since(Some(t0()), 0), Some(t0()));
+    assert_eq!(healthy_since(Some(t0()), 1), None);
+}

@@ -901,10 +901,142 @@ function feedPage(root) {
   return update;
 }
 
-// Healing: errors by type, plans by strategy, what the planner learned.
+// Healing: the remediation brakes (GetHealingPolicy: pauses, each group's
+// unhealthy share, open breakers, spent retry budgets) with Pause and Resume
+// buttons (PauseHealing, ResumeHealing: operators; a refusal is a notice),
+// the latest decisions on PlanRecovery (ListHealingDecisions), then errors by
+// type, plans by strategy and what the planner learned. Read again every
+// 15 s (the brakes move without a transition) and after a pause or resume.
+const DECISIONS = 50;
+let healingTimer = null;
 function healingPage(root) {
-  root.append(h("p", { class: "muted" }, "loading…"));
-  api("healing").then((st) => {
+  const reason = h("input", { id: "pause-reason", placeholder: "why pause healing?", onkeydown: (e) => (e.key === "Enter" ? pauseButton.click() : null) });
+  const scope = h("select", { id: "pause-group" }, h("option", { value: "" }, "whole fleet"));
+  scope.hidden = true;
+  const pauseButton = h("button", { id: "pause-healing", onclick: (e) => pause(e.target) }, "Pause healing");
+  const brakes = h("div", { id: "healing-brakes", "aria-busy": "true" }, h("p", { class: "muted" }, "loading…"));
+  const stats = h("div", { id: "healing-stats" });
+  append(root,
+    h("h2", {}, "Brakes"),
+    h("p", { class: "muted" }, "While healing is paused, or a group has as many agents under remediation or offline as its share allows, PlanRecovery answers no plan; every decision is recorded below."),
+    h("div", { class: "filters pause-form" }, reason, scope, pauseButton),
+    brakes, stats);
+  let generation = 0;
+
+  async function load() {
+    const mine = ++generation;
+    brakes.setAttribute("aria-busy", "true");
+    try {
+      const [st, policy, page] = await Promise.all([
+        api("healing"),
+        api("healing/policy"),
+        api("healing/decisions" + query({ limit: DECISIONS })),
+      ]);
+      if (mine !== generation) return;
+      drawBrakes(policy, page.decisions);
+      drawStats(st);
+    } catch (e) {
+      if (mine !== generation) return;
+      failed(brakes, e);
+    }
+    brakes.removeAttribute("aria-busy");
+  }
+
+  // PauseHealing of the fleet (or the group chosen); the reason is required.
+  async function pause(button) {
+    const why = reason.value.trim();
+    if (!why) {
+      notice("pausing healing needs a reason");
+      reason.focus();
+      return;
+    }
+    button.disabled = true;
+    try {
+      await post("healing/pause", { group: scope.value, reason: why });
+      reason.value = "";
+      notice("");
+      await load();
+    } catch (e) {
+      notice("pause failed: " + e.message);
+    }
+    button.disabled = false;
+  }
+
+  async function resume(button, group) {
+    button.disabled = true;
+    try {
+      await post("healing/resume", { group });
+      notice("");
+      await load();
+    } catch (e) {
+      button.disabled = false;
+      notice("resume failed: " + e.message);
+    }
+  }
+
+  const scopeName = (group) => (group ? "group " + group : "whole fleet");
+  const seconds = (x) => (x === undefined || x === null ? "?" : span(x * 1000));
+
+  function policyText(p) {
+    const parts = [
+      "at most " + p.max_unhealthy_percent + " % unhealthy (at least " + p.min_unhealthy + ")" + (p.group_by ? " per " + p.group_by + " and fleet-wide" : " fleet-wide"),
+      p.max_plans_per_minute + " plans/min" + (p.group_by ? ", " + p.max_group_plans_per_minute + "/min per group" : ""),
+      "retry budget " + p.retry_budget + " per " + seconds(p.retry_window_seconds) + " (back after " + seconds(p.min_healthy_period_seconds) + " healthy)",
+      "breaker after " + p.breaker_failures + " failures in a row, trial after " + seconds(p.breaker_cooldown_seconds),
+    ];
+    if (p.dry_run) parts.push("DRY RUN: plans are decided, never handed out");
+    return parts.join(" · ");
+  }
+
+  function drawBrakes(view, decisions) {
+    // The scopes a pause may name: the fleet, and each group once grouped.
+    const chosen = scope.value;
+    const groups = view.shares.filter((s) => s.group).map((s) => s.group);
+    scope.replaceChildren(h("option", { value: "" }, "whole fleet"), ...groups.map((g) => h("option", { value: g }, "group " + g)));
+    scope.value = groups.includes(chosen) ? chosen : "";
+    scope.hidden = !view.policy.group_by;
+    const fleetPause = view.pauses.find((p) => !p.group);
+    brakes.replaceChildren(
+      h("p", { class: "muted", id: "healing-policy" }, "Policy: " + policyText(view.policy)),
+      fleetPause
+        ? h("div", { class: "paused-banner", id: "fleet-paused" }, "Healing is paused for the whole fleet: " + fleetPause.reason,
+          " (by " + fleetPause.paused_by + ", ", h("span", { title: fmtTime(fleetPause.paused_at) }, ticking("ago", fleetPause.paused_at)), ")")
+        : null,
+      h("h2", {}, "Pauses"),
+      h("div", { id: "healing-pauses" }, table(["scope", "reason", "paused by", "since", ""], view.pauses.map((p) =>
+        h("tr", { "data-group": p.group, class: "paused" },
+          h("td", {}, scopeName(p.group)), h("td", {}, p.reason), h("td", {}, p.paused_by),
+          h("td", { title: fmtTime(p.paused_at) }, ticking("ago", p.paused_at)),
+          h("td", { class: "rotation" }, h("button", { class: "resume-healing", "data-group": p.group, onclick: (e) => resume(e.target, p.group) }, "Resume")))),
+      "healing is not paused")),
+      h("h2", {}, "Unhealthy share"),
+      h("div", { id: "healing-shares" }, table(["scope", "unhealthy#", "counted#", "allowed#", ""], view.shares.map((s) => {
+        const full = s.unhealthy >= s.allowed;
+        return h("tr", { "data-group": s.group, "data-full": full, class: full ? "over" : null },
+          h("td", {}, s.group ? s.group : "whole fleet"), h("td", { class: "num" }, s.unhealthy), h("td", { class: "num" }, s.counted),
+          h("td", { class: "num" }, s.allowed), h("td", { class: "muted" }, full ? "at its share: no new plan here" : ""));
+      }), "no agents counted")),
+      h("h2", {}, "Open breakers"),
+      h("div", { id: "healing-breakers" }, table(["error type", "strategy", "state", "since", "retry at"], view.open_breakers.map((b) =>
+        h("tr", { "data-state": b.state },
+          h("td", {}, b.error_type), h("td", {}, b.strategy), h("td", { class: "error" }, b.state),
+          h("td", { title: fmtTime(b.since) }, b.since ? ticking("ago", b.since) : ""),
+          h("td", { title: fmtTime(b.retry_at) }, b.retry_at ? ticking("until", b.retry_at) : ""))), "every breaker is closed")),
+      h("h2", {}, "Spent retry budgets"),
+      h("div", { id: "healing-budgets" }, table(["agent", "plans#"], view.spent_budgets.map((b) =>
+        h("tr", { "data-agent-id": b.agent_id }, h("td", {}, b.agent_id), h("td", { class: "num" }, b.plans))), "no agent has spent its retry budget")),
+      h("h2", {}, "Latest decisions"),
+      h("div", { id: "healing-decisions" }, table(["decided", "verdict", "reason", "agent", "event#", "message"], decisions.map((d) =>
+        h("tr", { "data-decision": d.id, "data-verdict": d.verdict, "data-reason": d.reason || null, "data-agent-id": d.agent_id },
+          h("td", { title: fmtTime(d.decided_at) }, d.decided_at ? ticking("ago", d.decided_at) : ""),
+          h("td", { class: "verdict v-" + d.verdict }, d.verdict),
+          h("td", {}, d.reason || ""),
+          h("td", {}, d.agent_id),
+          h("td", { class: "num" }, d.error_event_id),
+          h("td", { class: "muted" }, d.message, d.actor ? " (asked by " + d.actor + ")" : ""))), "no PlanRecovery decided yet")));
+  }
+
+  function drawStats(st) {
     const maxErrors = Math.max(1, ...st.errors_by_type.map((e) => e.count));
     const byStrategy = new Map();
     for (const p of st.patterns) {
@@ -920,7 +1052,8 @@ function healingPage(root) {
       el.style.width = Math.round((200 * n) / max) + "px";
       return el;
     };
-    root.replaceChildren(
+    stats.replaceChildren(
+      h("h2", {}, "Errors and recoveries"),
       h("div", { class: "cards" }, card(st.total_errors, "errors"), card(st.errors_last_hour, "last hour"),
         card(st.active_recoveries, "active recoveries"), card(pct(st.overall_success_rate), "recovered")),
       h("h2", {}, "Errors by type"),
@@ -934,7 +1067,14 @@ function healingPage(root) {
         h("tr", {}, h("td", {}, p.error_type), h("td", { class: "muted" }, p.context_signature), h("td", {}, p.strategy),
           h("td", { class: "num" }, pct(p.success_rate)), h("td", { class: "num" }, p.successes + p.failures),
           h("td", { class: "num" }, p.mean_recovery_seconds !== undefined ? span(p.mean_recovery_seconds * 1000) : ""))), "nothing learned yet"));
-  }).catch((e) => failed(root, e));
+  }
+
+  load();
+  clearInterval(healingTimer);
+  healingTimer = setInterval(() => {
+    if (route() !== "healing") clearInterval(healingTimer);
+    else if (!document.hidden) load();
+  }, 15000);
 }
 
 // Usage: tokens per day as a stacked SVG bar chart, by model or by user.

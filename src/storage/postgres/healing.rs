@@ -9,6 +9,8 @@ use sqlx::types::Json;
 use sqlx::{Postgres, Transaction};
 
 use super::{PgStore, db_error};
+use crate::domain::brakes::{Breaker, Census, Decision, Pause, Scope, Verdict};
+use crate::domain::healing::Strategy;
 use crate::domain::healing::{Context, ErrorType, RecurrenceWindow};
 use crate::domain::healing_records::{
     ErrorEvent, LeaseFilter, NewErrorEvent, RecoveryAction, RecoveryStatus, StoredStatusFilter,
@@ -16,13 +18,14 @@ use crate::domain::healing_records::{
 use crate::error::Result;
 use crate::storage::decode;
 use crate::storage::healing::{
-    self as flows, ACTION_COLUMNS, EVENT_COLUMNS, EvidenceRow, Finish, HealingTx, HealingTxs,
-    Lesson, NewRecovery, millis,
+    self as flows, ACTION_COLUMNS, DECISION_COLUMNS, EVENT_COLUMNS, EvidenceRow, Finish, HealingTx,
+    HealingTxs, Lesson, NewRecovery, millis,
 };
-use crate::storage::{ErrorEventQuery, RecoveryActionQuery};
+use crate::storage::{DecisionQuery, ErrorEventQuery, RecoveryActionQuery};
 
 type EventRow = flows::EventRow<DateTime<Utc>, Json<Context>>;
 type ActionRow = flows::ActionRow<DateTime<Utc>, Json<Context>>;
+type DecisionRow = flows::DecisionRow<DateTime<Utc>>;
 
 /// Rows whose (status, lease) match one of the domain's [`StoredStatusFilter`]s,
 /// bound as three arrays from `$n`: stored status, lease ends after, lease ended by.
@@ -415,6 +418,311 @@ impl HealingTx for PgTx<'_> {
         .await
         .map(|r| r.rows_affected())
         .map_err(db_error)
+    }
+
+    async fn lock_brakes(&mut self) -> Result<()> {
+        sqlx::query(
+            "SELECT pg_advisory_xact_lock(hashtextextended('fleetcare.healing_brakes', 0))",
+        )
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn brake_agent(
+        &mut self,
+        agent_id: &str,
+        group_by: Option<&str>,
+    ) -> Result<Option<(String, Option<String>)>> {
+        sqlx::query_as("SELECT status, labels ->> $2 FROM agents WHERE agent_id = $1")
+            .bind(agent_id)
+            .bind(group_by)
+            .fetch_optional(&mut *self.tx)
+            .await
+            .map_err(db_error)
+    }
+
+    async fn census(&mut self, now: DateTime<Utc>, group: Option<(&str, &str)>) -> Result<Census> {
+        let (key, value) = group.unzip();
+        let (counted, unhealthy): (i64, i64) = sqlx::query_as(
+            "WITH active AS (
+                 SELECT agent_id FROM recovery_actions
+                 WHERE status = 'ACTIVE' AND lease_expires_at > $1),
+             members AS (
+                 SELECT a.status = 'OFFLINE'
+                        OR EXISTS (SELECT 1 FROM active r WHERE r.agent_id = a.agent_id) AS unhealthy
+                 FROM agents a
+                 WHERE a.status <> 'EXHAUSTED'
+                   AND ($2::text IS NULL OR a.labels ->> $2 = $3)),
+             strangers AS (
+                 SELECT count(*) AS n FROM active r
+                 WHERE $2::text IS NULL
+                   AND NOT EXISTS (SELECT 1 FROM agents a WHERE a.agent_id = r.agent_id))
+             SELECT (SELECT count(*) FROM members) + (SELECT n FROM strangers),
+                    (SELECT count(*) FROM members WHERE unhealthy) + (SELECT n FROM strangers)",
+        )
+        .bind(now)
+        .bind(key)
+        .bind(value)
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(db_error)?;
+        Ok(flows::census(counted, unhealthy))
+    }
+
+    async fn group_censuses(
+        &mut self,
+        now: DateTime<Utc>,
+        group_by: &str,
+    ) -> Result<Vec<(String, Census)>> {
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT a.labels ->> $2,
+                    count(*),
+                    count(*) FILTER (WHERE a.status = 'OFFLINE' OR EXISTS (
+                        SELECT 1 FROM recovery_actions r
+                        WHERE r.agent_id = a.agent_id AND r.status = 'ACTIVE'
+                          AND r.lease_expires_at > $1))
+             FROM agents a
+             WHERE a.status <> 'EXHAUSTED' AND a.labels ? $2
+             GROUP BY 1 ORDER BY 1",
+        )
+        .bind(now)
+        .bind(group_by)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(db_error)?;
+        Ok(rows
+            .into_iter()
+            .map(|(group, counted, unhealthy)| (group, flows::census(counted, unhealthy)))
+            .collect())
+    }
+
+    async fn plans_since(
+        &mut self,
+        since: DateTime<Utc>,
+        group: Option<(&str, &str)>,
+    ) -> Result<u32> {
+        let (key, value) = group.unzip();
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM recovery_actions r
+             WHERE r.created_at > $1
+               AND ($2::text IS NULL OR EXISTS (
+                   SELECT 1 FROM agents a WHERE a.agent_id = r.agent_id AND a.labels ->> $2 = $3))",
+        )
+        .bind(since)
+        .bind(key)
+        .bind(value)
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(db_error)?;
+        Ok(flows::count(n))
+    }
+
+    async fn agent_plans_since(&mut self, agent_id: &str, since: DateTime<Utc>) -> Result<u32> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM recovery_actions WHERE agent_id = $1 AND created_at > $2",
+        )
+        .bind(agent_id)
+        .bind(since)
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(db_error)?;
+        Ok(flows::count(n))
+    }
+
+    async fn busiest_agents(
+        &mut self,
+        since: DateTime<Utc>,
+        at_least: u32,
+    ) -> Result<Vec<(String, u32)>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT agent_id, count(*) FROM recovery_actions WHERE created_at > $1
+             GROUP BY agent_id HAVING count(*) >= $2 ORDER BY agent_id",
+        )
+        .bind(since)
+        .bind(i64::from(at_least))
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(db_error)?;
+        Ok(rows
+            .into_iter()
+            .map(|(a, n)| (a, flows::count(n)))
+            .collect())
+    }
+
+    async fn last_success(&mut self, agent_id: &str) -> Result<Option<DateTime<Utc>>> {
+        sqlx::query_scalar(
+            "SELECT max(completed_at) FROM recovery_actions
+             WHERE agent_id = $1 AND status = 'SUCCEEDED'",
+        )
+        .bind(agent_id)
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(db_error)
+    }
+
+    async fn errors_after(
+        &mut self,
+        agent_id: &str,
+        after: DateTime<Utc>,
+        except: i64,
+    ) -> Result<u32> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM error_events WHERE agent_id = $1 AND occurred_at > $2 AND id <> $3",
+        )
+        .bind(agent_id)
+        .bind(after)
+        .bind(except)
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(db_error)?;
+        Ok(flows::count(n))
+    }
+
+    async fn pauses(&mut self) -> Result<Vec<Pause>> {
+        let rows: Vec<(String, String, String, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT scope, reason, paused_by, paused_at FROM healing_pauses ORDER BY scope",
+        )
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(db_error)?;
+        rows.into_iter().map(flows::pause_row).collect()
+    }
+
+    async fn put_pause(&mut self, pause: &Pause) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO healing_pauses (scope, reason, paused_by, paused_at)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (scope) DO UPDATE
+             SET reason = excluded.reason, paused_by = excluded.paused_by,
+                 paused_at = excluded.paused_at",
+        )
+        .bind(pause.scope.stored())
+        .bind(&pause.reason)
+        .bind(&pause.by)
+        .bind(pause.at)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn delete_pause(&mut self, scope: &Scope) -> Result<bool> {
+        sqlx::query("DELETE FROM healing_pauses WHERE scope = $1")
+            .bind(scope.stored())
+            .execute(&mut *self.tx)
+            .await
+            .map(|r| r.rows_affected() > 0)
+            .map_err(db_error)
+    }
+
+    async fn breakers(
+        &mut self,
+        error_type: Option<ErrorType>,
+        lock: bool,
+    ) -> Result<Vec<(ErrorType, Strategy, Breaker)>> {
+        let rows: Vec<(String, String, String, i64, Option<DateTime<Utc>>)> =
+            sqlx::query_as(&format!(
+                "SELECT error_type, strategy, state, failures, since FROM healing_breakers
+                 WHERE ($1::text IS NULL OR error_type = $1)
+                 ORDER BY error_type, strategy{}",
+                if lock { " FOR UPDATE" } else { "" }
+            ))
+            .bind(error_type.map(ErrorType::as_str))
+            .fetch_all(&mut *self.tx)
+            .await
+            .map_err(db_error)?;
+        rows.into_iter().map(flows::breaker_row).collect()
+    }
+
+    async fn put_breaker(
+        &mut self,
+        error_type: ErrorType,
+        strategy: Strategy,
+        breaker: &Breaker,
+        at: DateTime<Utc>,
+    ) -> Result<()> {
+        let (state, failures, since) = breaker.parts();
+        sqlx::query(
+            "INSERT INTO healing_breakers (error_type, strategy, state, failures, since, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (error_type, strategy) DO UPDATE
+             SET state = excluded.state, failures = excluded.failures, since = excluded.since,
+                 updated_at = excluded.updated_at",
+        )
+        .bind(error_type.as_str())
+        .bind(strategy.as_str())
+        .bind(state)
+        .bind(i64::from(failures))
+        .bind(since)
+        .bind(at)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn insert_decision(&mut self, d: &Decision) -> Result<i64> {
+        let n = &d.numbers;
+        sqlx::query_scalar(
+            "INSERT INTO healing_decisions (error_event_id, agent_id, decided_at, verdict, reason,
+                 message, strategy, recovery_action_id, fleet_counted, fleet_unhealthy, group_name,
+                 group_counted, group_unhealthy, fleet_plans_last_minute, group_plans_last_minute,
+                 agent_plans_in_window, actor)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+             RETURNING id",
+        )
+        .bind(d.error_event_id)
+        .bind(&d.agent_id)
+        .bind(d.decided_at)
+        .bind(d.verdict.as_str())
+        .bind(d.reason.as_deref())
+        .bind(&d.message)
+        .bind(d.strategy.map(Strategy::as_str))
+        .bind(d.recovery_action_id)
+        .bind(i64::from(n.fleet.counted))
+        .bind(i64::from(n.fleet.unhealthy))
+        .bind(n.group.as_deref())
+        .bind(i64::from(n.group_census.counted))
+        .bind(i64::from(n.group_census.unhealthy))
+        .bind(i64::from(n.fleet_plans_last_minute))
+        .bind(i64::from(n.group_plans_last_minute))
+        .bind(i64::from(n.agent_plans_in_window))
+        .bind(&d.actor)
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(db_error)
+    }
+
+    async fn decisions(&mut self, query: &DecisionQuery) -> Result<Vec<Decision>> {
+        let rows: Vec<DecisionRow> = sqlx::query_as(&format!(
+            "SELECT {DECISION_COLUMNS} FROM healing_decisions
+             WHERE ($1::text IS NULL OR agent_id = $1)
+               AND ($2::bigint IS NULL OR error_event_id = $2)
+               AND ($3::text IS NULL OR verdict = $3)
+               AND ($4::bigint IS NULL OR id < $4)
+             ORDER BY id DESC
+             LIMIT $5"
+        ))
+        .bind(query.agent_id.as_deref())
+        .bind(query.error_event_id)
+        .bind(query.verdict.map(Verdict::as_str))
+        .bind(query.before_id)
+        .bind(query.limit)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(db_error)?;
+        rows.into_iter().map(Decision::try_from).collect()
+    }
+
+    async fn delete_decisions_before(&mut self, before: DateTime<Utc>) -> Result<u64> {
+        sqlx::query("DELETE FROM healing_decisions WHERE decided_at < $1")
+            .bind(before)
+            .execute(&mut *self.tx)
+            .await
+            .map(|r| r.rows_affected())
+            .map_err(db_error)
     }
 
     async fn commit(self: Box<Self>) -> Result<()> {

@@ -10,6 +10,8 @@ use chrono::{DateTime, Utc};
 use sqlx::{QueryBuilder, Sqlite, Transaction};
 
 use super::{SqliteStore, is_unique_violation, micros, sqlite_error};
+use crate::domain::brakes::{Breaker, Census, Decision, Pause, Scope, Verdict};
+use crate::domain::healing::Strategy;
 use crate::domain::healing::{Context, ErrorType, RecurrenceWindow};
 use crate::domain::healing_records::{
     ErrorEvent, LeaseFilter, NewErrorEvent, RecoveryAction, RecoveryStatus, StoredStatusFilter,
@@ -17,13 +19,14 @@ use crate::domain::healing_records::{
 use crate::error::{Error, Result};
 use crate::storage::decode;
 use crate::storage::healing::{
-    self as flows, ACTION_COLUMNS, EVENT_COLUMNS, EvidenceRow, Finish, HealingTx, HealingTxs,
-    Lesson, NewRecovery, millis,
+    self as flows, ACTION_COLUMNS, DECISION_COLUMNS, EVENT_COLUMNS, EvidenceRow, Finish, HealingTx,
+    HealingTxs, Lesson, NewRecovery, millis,
 };
-use crate::storage::{ErrorEventQuery, RecoveryActionQuery};
+use crate::storage::{DecisionQuery, ErrorEventQuery, RecoveryActionQuery};
 
 type EventRow = flows::EventRow<i64, String>;
 type ActionRow = flows::ActionRow<i64, String>;
+type DecisionRow = flows::DecisionRow<i64>;
 
 /// Pushes a condition true for rows whose (status, lease) match one of the
 /// domain's [`StoredStatusFilter`]s (none: no row).
@@ -413,14 +416,327 @@ impl HealingTx for SqliteTx<'_> {
         .map_err(sqlite_error)
     }
 
+    async fn lock_brakes(&mut self) -> Result<()> {
+        // The one writer serialises every write transaction.
+        Ok(())
+    }
+
+    async fn brake_agent(
+        &mut self,
+        agent_id: &str,
+        group_by: Option<&str>,
+    ) -> Result<Option<(String, Option<String>)>> {
+        sqlx::query_as(&format!(
+            "SELECT status, {} FROM agents WHERE agent_id = ?1",
+            label_of("labels", "?2")
+        ))
+        .bind(agent_id)
+        .bind(group_by)
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(sqlite_error)
+    }
+
+    async fn census(&mut self, now: DateTime<Utc>, group: Option<(&str, &str)>) -> Result<Census> {
+        let (key, value) = group.unzip();
+        let (counted, unhealthy): (i64, i64) = sqlx::query_as(&format!(
+            "WITH active AS (
+                 SELECT agent_id FROM recovery_actions
+                 WHERE status = 'ACTIVE' AND lease_expires_at > ?1),
+             members AS (
+                 SELECT a.status = 'OFFLINE'
+                        OR EXISTS (SELECT 1 FROM active r WHERE r.agent_id = a.agent_id) AS unhealthy
+                 FROM agents a
+                 WHERE a.status <> 'EXHAUSTED'
+                   AND (?2 IS NULL OR {} = ?3)),
+             strangers AS (
+                 SELECT count(*) AS n FROM active r
+                 WHERE ?2 IS NULL
+                   AND NOT EXISTS (SELECT 1 FROM agents a WHERE a.agent_id = r.agent_id))
+             SELECT (SELECT count(*) FROM members) + (SELECT n FROM strangers),
+                    (SELECT count(*) FROM members WHERE unhealthy) + (SELECT n FROM strangers)",
+            label_of("a.labels", "?2")
+        ))
+        .bind(micros(now))
+        .bind(key)
+        .bind(value)
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(sqlite_error)?;
+        Ok(flows::census(counted, unhealthy))
+    }
+
+    async fn group_censuses(
+        &mut self,
+        now: DateTime<Utc>,
+        group_by: &str,
+    ) -> Result<Vec<(String, Census)>> {
+        let label = label_of("a.labels", "?2");
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(&format!(
+            "SELECT {label},
+                    count(*),
+                    count(*) FILTER (WHERE a.status = 'OFFLINE' OR EXISTS (
+                        SELECT 1 FROM recovery_actions r
+                        WHERE r.agent_id = a.agent_id AND r.status = 'ACTIVE'
+                          AND r.lease_expires_at > ?1))
+             FROM agents a
+             WHERE a.status <> 'EXHAUSTED' AND {label} IS NOT NULL
+             GROUP BY 1 ORDER BY 1"
+        ))
+        .bind(micros(now))
+        .bind(group_by)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(sqlite_error)?;
+        Ok(rows
+            .into_iter()
+            .map(|(group, counted, unhealthy)| (group, flows::census(counted, unhealthy)))
+            .collect())
+    }
+
+    async fn plans_since(
+        &mut self,
+        since: DateTime<Utc>,
+        group: Option<(&str, &str)>,
+    ) -> Result<u32> {
+        let (key, value) = group.unzip();
+        let n: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM recovery_actions r
+             WHERE r.created_at > ?1
+               AND (?2 IS NULL OR EXISTS (
+                   SELECT 1 FROM agents a WHERE a.agent_id = r.agent_id AND {} = ?3))",
+            label_of("a.labels", "?2")
+        ))
+        .bind(micros(since))
+        .bind(key)
+        .bind(value)
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(sqlite_error)?;
+        Ok(flows::count(n))
+    }
+
+    async fn agent_plans_since(&mut self, agent_id: &str, since: DateTime<Utc>) -> Result<u32> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM recovery_actions WHERE agent_id = ?1 AND created_at > ?2",
+        )
+        .bind(agent_id)
+        .bind(micros(since))
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(sqlite_error)?;
+        Ok(flows::count(n))
+    }
+
+    async fn busiest_agents(
+        &mut self,
+        since: DateTime<Utc>,
+        at_least: u32,
+    ) -> Result<Vec<(String, u32)>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT agent_id, count(*) FROM recovery_actions WHERE created_at > ?1
+             GROUP BY agent_id HAVING count(*) >= ?2 ORDER BY agent_id",
+        )
+        .bind(micros(since))
+        .bind(i64::from(at_least))
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(sqlite_error)?;
+        Ok(rows
+            .into_iter()
+            .map(|(a, n)| (a, flows::count(n)))
+            .collect())
+    }
+
+    async fn last_success(&mut self, agent_id: &str) -> Result<Option<DateTime<Utc>>> {
+        let at: Option<i64> = sqlx::query_scalar(
+            "SELECT max(completed_at) FROM recovery_actions
+             WHERE agent_id = ?1 AND status = 'SUCCEEDED'",
+        )
+        .bind(agent_id)
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(sqlite_error)?;
+        Ok(at.map(decode::StoredTime::time))
+    }
+
+    async fn errors_after(
+        &mut self,
+        agent_id: &str,
+        after: DateTime<Utc>,
+        except: i64,
+    ) -> Result<u32> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM error_events WHERE agent_id = ?1 AND occurred_at > ?2 AND id <> ?3",
+        )
+        .bind(agent_id)
+        .bind(micros(after))
+        .bind(except)
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(sqlite_error)?;
+        Ok(flows::count(n))
+    }
+
+    async fn pauses(&mut self) -> Result<Vec<Pause>> {
+        let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
+            "SELECT scope, reason, paused_by, paused_at FROM healing_pauses ORDER BY scope",
+        )
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(sqlite_error)?;
+        rows.into_iter().map(flows::pause_row).collect()
+    }
+
+    async fn put_pause(&mut self, pause: &Pause) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO healing_pauses (scope, reason, paused_by, paused_at)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (scope) DO UPDATE
+             SET reason = excluded.reason, paused_by = excluded.paused_by,
+                 paused_at = excluded.paused_at",
+        )
+        .bind(pause.scope.stored())
+        .bind(&pause.reason)
+        .bind(&pause.by)
+        .bind(micros(pause.at))
+        .execute(&mut *self.tx)
+        .await
+        .map_err(sqlite_error)?;
+        Ok(())
+    }
+
+    async fn delete_pause(&mut self, scope: &Scope) -> Result<bool> {
+        sqlx::query("DELETE FROM healing_pauses WHERE scope = ?1")
+            .bind(scope.stored())
+            .execute(&mut *self.tx)
+            .await
+            .map(|r| r.rows_affected() > 0)
+            .map_err(sqlite_error)
+    }
+
+    async fn breakers(
+        &mut self,
+        error_type: Option<ErrorType>,
+        _lock: bool,
+    ) -> Result<Vec<(ErrorType, Strategy, Breaker)>> {
+        let rows: Vec<(String, String, String, i64, Option<i64>)> = sqlx::query_as(
+            "SELECT error_type, strategy, state, failures, since FROM healing_breakers
+             WHERE (?1 IS NULL OR error_type = ?1)
+             ORDER BY error_type, strategy",
+        )
+        .bind(error_type.map(ErrorType::as_str))
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(sqlite_error)?;
+        rows.into_iter().map(flows::breaker_row).collect()
+    }
+
+    async fn put_breaker(
+        &mut self,
+        error_type: ErrorType,
+        strategy: Strategy,
+        breaker: &Breaker,
+        at: DateTime<Utc>,
+    ) -> Result<()> {
+        let (state, failures, since) = breaker.parts();
+        sqlx::query(
+            "INSERT INTO healing_breakers (error_type, strategy, state, failures, since, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (error_type, strategy) DO UPDATE
+             SET state = excluded.state, failures = excluded.failures, since = excluded.since,
+                 updated_at = excluded.updated_at",
+        )
+        .bind(error_type.as_str())
+        .bind(strategy.as_str())
+        .bind(state)
+        .bind(i64::from(failures))
+        .bind(since.map(micros))
+        .bind(micros(at))
+        .execute(&mut *self.tx)
+        .await
+        .map_err(sqlite_error)?;
+        Ok(())
+    }
+
+    async fn insert_decision(&mut self, d: &Decision) -> Result<i64> {
+        let n = &d.numbers;
+        sqlx::query_scalar(
+            "INSERT INTO healing_decisions (error_event_id, agent_id, decided_at, verdict, reason,
+                 message, strategy, recovery_action_id, fleet_counted, fleet_unhealthy, group_name,
+                 group_counted, group_unhealthy, fleet_plans_last_minute, group_plans_last_minute,
+                 agent_plans_in_window, actor)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
+             RETURNING id",
+        )
+        .bind(d.error_event_id)
+        .bind(&d.agent_id)
+        .bind(micros(d.decided_at))
+        .bind(d.verdict.as_str())
+        .bind(d.reason.as_deref())
+        .bind(&d.message)
+        .bind(d.strategy.map(Strategy::as_str))
+        .bind(d.recovery_action_id)
+        .bind(i64::from(n.fleet.counted))
+        .bind(i64::from(n.fleet.unhealthy))
+        .bind(n.group.as_deref())
+        .bind(i64::from(n.group_census.counted))
+        .bind(i64::from(n.group_census.unhealthy))
+        .bind(i64::from(n.fleet_plans_last_minute))
+        .bind(i64::from(n.group_plans_last_minute))
+        .bind(i64::from(n.agent_plans_in_window))
+        .bind(&d.actor)
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(sqlite_error)
+    }
+
+    async fn decisions(&mut self, query: &DecisionQuery) -> Result<Vec<Decision>> {
+        let rows: Vec<DecisionRow> = sqlx::query_as(&format!(
+            "SELECT {DECISION_COLUMNS} FROM healing_decisions
+             WHERE (?1 IS NULL OR agent_id = ?1)
+               AND (?2 IS NULL OR error_event_id = ?2)
+               AND (?3 IS NULL OR verdict = ?3)
+               AND (?4 IS NULL OR id < ?4)
+             ORDER BY id DESC
+             LIMIT ?5"
+        ))
+        .bind(query.agent_id.as_deref())
+        .bind(query.error_event_id)
+        .bind(query.verdict.map(Verdict::as_str))
+        .bind(query.before_id)
+        .bind(query.limit)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(sqlite_error)?;
+        rows.into_iter().map(Decision::try_from).collect()
+    }
+
+    async fn delete_decisions_before(&mut self, before: DateTime<Utc>) -> Result<u64> {
+        sqlx::query("DELETE FROM healing_decisions WHERE decided_at < ?1")
+            .bind(micros(before))
+            .execute(&mut *self.tx)
+            .await
+            .map(|r| r.rows_affected())
+            .map_err(sqlite_error)
+    }
+
     async fn commit(self: Box<Self>) -> Result<()> {
         self.tx.commit().await.map_err(sqlite_error)
     }
 }
 
+/// The value of the label whose key is bound at `key` in the JSON `labels`
+/// (label keys hold no quote, so the quoted path is exact: a key with dots
+/// is one key, not a nested path).
+fn label_of(labels: &str, key: &str) -> String {
+    format!("json_extract({labels}, '$.\"' || {key} || '\"')")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::brakes::HealingPolicy;
     use crate::domain::healing::{Evidence, Plan, Strategy};
     use crate::domain::healing_records::RecoveryOutcome;
     use crate::storage::{HealingStore, Planner, StoreLocation, StoreOptions};
@@ -460,16 +776,18 @@ mod tests {
     }
 
     fn planner(strategy: Strategy) -> Planner<'static> {
-        Box::new(move |_event: &ErrorEvent, _evidence: &[Evidence]| Plan {
-            strategy,
-            chosen: strategy,
-            parameters: Context::from([("attempt".to_owned(), "1".to_owned())]),
-            estimated_duration: Duration::seconds(30),
-            success_probability: 0.7,
-            risk: 0.1,
-            escalated: false,
-            reason: "heuristic".into(),
-        })
+        Box::new(
+            move |_event: &ErrorEvent, _evidence: &[Evidence], _closed_off: &[Strategy]| Plan {
+                strategy,
+                chosen: strategy,
+                parameters: Context::from([("attempt".to_owned(), "1".to_owned())]),
+                estimated_duration: Duration::seconds(30),
+                success_probability: 0.7,
+                risk: 0.1,
+                escalated: false,
+                reason: "heuristic".into(),
+            },
+        )
     }
 
     #[tokio::test]
@@ -507,6 +825,7 @@ mod tests {
                 event.id,
                 Duration::minutes(5),
                 "tester",
+                &HealingPolicy::unbraked(),
                 planner(Strategy::Retry),
             )
             .await
@@ -518,6 +837,7 @@ mod tests {
                 event.id,
                 Duration::minutes(5),
                 "tester",
+                &HealingPolicy::unbraked(),
                 planner(Strategy::Restart),
             )
             .await
@@ -535,6 +855,7 @@ mod tests {
                 other.id,
                 Duration::minutes(5),
                 "tester",
+                &HealingPolicy::unbraked(),
                 planner(Strategy::Retry),
             )
             .await
@@ -555,6 +876,7 @@ mod tests {
                 event.id,
                 Duration::zero(),
                 "tester",
+                &HealingPolicy::unbraked(),
                 planner(Strategy::Retry),
             )
             .await
@@ -567,6 +889,7 @@ mod tests {
                 event.id,
                 Duration::minutes(5),
                 "tester",
+                &HealingPolicy::unbraked(),
                 planner(Strategy::Restart),
             )
             .await
@@ -618,6 +941,7 @@ mod tests {
                         event.id,
                         Duration::minutes(5),
                         "tester",
+                        &HealingPolicy::unbraked(),
                         planner(Strategy::Retry),
                     )
                     .await
@@ -644,6 +968,7 @@ mod tests {
                 event.id,
                 Duration::minutes(5),
                 "tester",
+                &HealingPolicy::unbraked(),
                 planner(Strategy::Retry),
             )
             .await
@@ -656,14 +981,18 @@ mod tests {
         };
         let done = t
             .store
-            .record_recovery_outcome(action.id, outcome.clone())
+            .record_recovery_outcome(action.id, outcome.clone(), &HealingPolicy::unbraked())
             .await
             .unwrap();
         assert_eq!(done.status, RecoveryStatus::Succeeded);
         assert_eq!(done.duration, Some(Duration::seconds(12)));
         assert_eq!(done.details.as_deref(), Some("ok"));
         assert!(done.completed_at.is_some());
-        match t.store.record_recovery_outcome(action.id, outcome).await {
+        match t
+            .store
+            .record_recovery_outcome(action.id, outcome, &HealingPolicy::unbraked())
+            .await
+        {
             Err(Error::OutcomeAlreadyRecorded(refused)) => {
                 assert_eq!(refused.status, RecoveryStatus::Succeeded)
             }
@@ -679,6 +1008,7 @@ mod tests {
                         details: String::new(),
                         actor: "tester".into(),
                     },
+                    &HealingPolicy::unbraked(),
                 )
                 .await,
             Err(Error::NotFound { .. })
@@ -690,6 +1020,7 @@ mod tests {
                 event.id,
                 Duration::zero(),
                 "tester",
+                &HealingPolicy::unbraked(),
                 planner(Strategy::Retry),
             )
             .await
@@ -704,6 +1035,7 @@ mod tests {
                     details: String::new(),
                     actor: "tester".into(),
                 },
+                &HealingPolicy::unbraked(),
             )
             .await
             .unwrap();

@@ -311,6 +311,7 @@ mod tests {
             outcome: Some(serde_json::json!({"edited": false})),
             error_code: Some("rate_limit".into()),
             new_record,
+            key_window: chrono::Duration::minutes(90),
             actor: "alice".into(),
         };
         assert!(matches!(
@@ -380,6 +381,7 @@ mod tests {
                     outcome: None,
                     error_code: None,
                     new_record: Some(("p1".into(), action, tier)),
+                    key_window: chrono::Duration::minutes(90),
                     actor: "alice".into(),
                 })
                 .await

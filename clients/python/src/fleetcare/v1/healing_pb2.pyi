@@ -47,6 +47,20 @@ class RecoveryStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RECOVERY_STATUS_FAILED: _ClassVar[RecoveryStatus]
     RECOVERY_STATUS_EXPIRED: _ClassVar[RecoveryStatus]
 
+class BreakerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BREAKER_STATE_UNSPECIFIED: _ClassVar[BreakerState]
+    BREAKER_STATE_CLOSED: _ClassVar[BreakerState]
+    BREAKER_STATE_OPEN: _ClassVar[BreakerState]
+    BREAKER_STATE_HALF_OPEN: _ClassVar[BreakerState]
+
+class HealingVerdict(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    HEALING_VERDICT_UNSPECIFIED: _ClassVar[HealingVerdict]
+    HEALING_VERDICT_PLANNED: _ClassVar[HealingVerdict]
+    HEALING_VERDICT_DRY_RUN: _ClassVar[HealingVerdict]
+    HEALING_VERDICT_BRAKED: _ClassVar[HealingVerdict]
+
 class PostActionType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     POST_ACTION_TYPE_UNSPECIFIED: _ClassVar[PostActionType]
@@ -68,6 +82,8 @@ class IneligibleReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INELIGIBLE_REASON_DUPLICATE_ACTION: _ClassVar[IneligibleReason]
     INELIGIBLE_REASON_WINDOW_FREQUENCY_EXCEEDED: _ClassVar[IneligibleReason]
     INELIGIBLE_REASON_ACTION_COOLDOWN_ACTIVE: _ClassVar[IneligibleReason]
+    INELIGIBLE_REASON_LOW_EXPOSURE: _ClassVar[IneligibleReason]
+    INELIGIBLE_REASON_HEALTHY: _ClassVar[IneligibleReason]
 ERROR_TYPE_UNSPECIFIED: ErrorType
 ERROR_TYPE_EXECUTION_FAILURE: ErrorType
 ERROR_TYPE_RESOURCE_EXHAUSTION: ErrorType
@@ -95,6 +111,14 @@ RECOVERY_STATUS_ACTIVE: RecoveryStatus
 RECOVERY_STATUS_SUCCEEDED: RecoveryStatus
 RECOVERY_STATUS_FAILED: RecoveryStatus
 RECOVERY_STATUS_EXPIRED: RecoveryStatus
+BREAKER_STATE_UNSPECIFIED: BreakerState
+BREAKER_STATE_CLOSED: BreakerState
+BREAKER_STATE_OPEN: BreakerState
+BREAKER_STATE_HALF_OPEN: BreakerState
+HEALING_VERDICT_UNSPECIFIED: HealingVerdict
+HEALING_VERDICT_PLANNED: HealingVerdict
+HEALING_VERDICT_DRY_RUN: HealingVerdict
+HEALING_VERDICT_BRAKED: HealingVerdict
 POST_ACTION_TYPE_UNSPECIFIED: PostActionType
 POST_ACTION_TYPE_COMMENT: PostActionType
 POST_ACTION_TYPE_EDIT: PostActionType
@@ -108,6 +132,8 @@ INELIGIBLE_REASON_INSUFFICIENT_SAMPLES: IneligibleReason
 INELIGIBLE_REASON_DUPLICATE_ACTION: IneligibleReason
 INELIGIBLE_REASON_WINDOW_FREQUENCY_EXCEEDED: IneligibleReason
 INELIGIBLE_REASON_ACTION_COOLDOWN_ACTIVE: IneligibleReason
+INELIGIBLE_REASON_LOW_EXPOSURE: IneligibleReason
+INELIGIBLE_REASON_HEALTHY: IneligibleReason
 
 class ErrorEvent(_message.Message):
     __slots__ = ("id", "agent_id", "message", "context", "error_type", "severity", "critical", "recurring", "occurred_at", "actor", "recovery_action_id", "recovery_status")
@@ -344,6 +370,182 @@ class ListRecoveryActionsResponse(_message.Message):
     next_page_token: str
     def __init__(self, actions: _Optional[_Iterable[_Union[RecoveryAction, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
+class HealingPolicy(_message.Message):
+    __slots__ = ("max_unhealthy_percent", "min_unhealthy", "group_by", "max_plans_per_minute", "max_group_plans_per_minute", "retry_budget", "retry_window", "min_healthy_period", "breaker_failures", "breaker_cooldown", "dry_run", "brakes")
+    MAX_UNHEALTHY_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    MIN_UNHEALTHY_FIELD_NUMBER: _ClassVar[int]
+    GROUP_BY_FIELD_NUMBER: _ClassVar[int]
+    MAX_PLANS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    MAX_GROUP_PLANS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    RETRY_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    RETRY_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    MIN_HEALTHY_PERIOD_FIELD_NUMBER: _ClassVar[int]
+    BREAKER_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    BREAKER_COOLDOWN_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    BRAKES_FIELD_NUMBER: _ClassVar[int]
+    max_unhealthy_percent: int
+    min_unhealthy: int
+    group_by: str
+    max_plans_per_minute: int
+    max_group_plans_per_minute: int
+    retry_budget: int
+    retry_window: _duration_pb2.Duration
+    min_healthy_period: _duration_pb2.Duration
+    breaker_failures: int
+    breaker_cooldown: _duration_pb2.Duration
+    dry_run: bool
+    brakes: bool
+    def __init__(self, max_unhealthy_percent: _Optional[int] = ..., min_unhealthy: _Optional[int] = ..., group_by: _Optional[str] = ..., max_plans_per_minute: _Optional[int] = ..., max_group_plans_per_minute: _Optional[int] = ..., retry_budget: _Optional[int] = ..., retry_window: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., min_healthy_period: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., breaker_failures: _Optional[int] = ..., breaker_cooldown: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., dry_run: bool = ..., brakes: bool = ...) -> None: ...
+
+class HealingPause(_message.Message):
+    __slots__ = ("group", "reason", "paused_by", "paused_at")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_BY_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_AT_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    reason: str
+    paused_by: str
+    paused_at: _timestamp_pb2.Timestamp
+    def __init__(self, group: _Optional[str] = ..., reason: _Optional[str] = ..., paused_by: _Optional[str] = ..., paused_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class HealingBreaker(_message.Message):
+    __slots__ = ("error_type", "strategy", "state", "since", "retry_at")
+    ERROR_TYPE_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AT_FIELD_NUMBER: _ClassVar[int]
+    error_type: ErrorType
+    strategy: RecoveryStrategy
+    state: BreakerState
+    since: _timestamp_pb2.Timestamp
+    retry_at: _timestamp_pb2.Timestamp
+    def __init__(self, error_type: _Optional[_Union[ErrorType, str]] = ..., strategy: _Optional[_Union[RecoveryStrategy, str]] = ..., state: _Optional[_Union[BreakerState, str]] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., retry_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class HealingShare(_message.Message):
+    __slots__ = ("group", "counted", "unhealthy", "allowed")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    COUNTED_FIELD_NUMBER: _ClassVar[int]
+    UNHEALTHY_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    counted: int
+    unhealthy: int
+    allowed: int
+    def __init__(self, group: _Optional[str] = ..., counted: _Optional[int] = ..., unhealthy: _Optional[int] = ..., allowed: _Optional[int] = ...) -> None: ...
+
+class SpentBudget(_message.Message):
+    __slots__ = ("agent_id", "plans")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    PLANS_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    plans: int
+    def __init__(self, agent_id: _Optional[str] = ..., plans: _Optional[int] = ...) -> None: ...
+
+class GetHealingPolicyRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetHealingPolicyResponse(_message.Message):
+    __slots__ = ("policy", "pauses", "open_breakers", "shares", "spent_budgets", "as_of")
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    PAUSES_FIELD_NUMBER: _ClassVar[int]
+    OPEN_BREAKERS_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    SPENT_BUDGETS_FIELD_NUMBER: _ClassVar[int]
+    AS_OF_FIELD_NUMBER: _ClassVar[int]
+    policy: HealingPolicy
+    pauses: _containers.RepeatedCompositeFieldContainer[HealingPause]
+    open_breakers: _containers.RepeatedCompositeFieldContainer[HealingBreaker]
+    shares: _containers.RepeatedCompositeFieldContainer[HealingShare]
+    spent_budgets: _containers.RepeatedCompositeFieldContainer[SpentBudget]
+    as_of: _timestamp_pb2.Timestamp
+    def __init__(self, policy: _Optional[_Union[HealingPolicy, _Mapping]] = ..., pauses: _Optional[_Iterable[_Union[HealingPause, _Mapping]]] = ..., open_breakers: _Optional[_Iterable[_Union[HealingBreaker, _Mapping]]] = ..., shares: _Optional[_Iterable[_Union[HealingShare, _Mapping]]] = ..., spent_budgets: _Optional[_Iterable[_Union[SpentBudget, _Mapping]]] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class PauseHealingRequest(_message.Message):
+    __slots__ = ("group", "reason")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    reason: str
+    def __init__(self, group: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class PauseHealingResponse(_message.Message):
+    __slots__ = ("pause",)
+    PAUSE_FIELD_NUMBER: _ClassVar[int]
+    pause: HealingPause
+    def __init__(self, pause: _Optional[_Union[HealingPause, _Mapping]] = ...) -> None: ...
+
+class ResumeHealingRequest(_message.Message):
+    __slots__ = ("group",)
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    def __init__(self, group: _Optional[str] = ...) -> None: ...
+
+class ResumeHealingResponse(_message.Message):
+    __slots__ = ("resumed",)
+    RESUMED_FIELD_NUMBER: _ClassVar[int]
+    resumed: bool
+    def __init__(self, resumed: bool = ...) -> None: ...
+
+class HealingDecision(_message.Message):
+    __slots__ = ("id", "error_event_id", "agent_id", "decided_at", "verdict", "reason", "message", "strategy", "recovery_action_id", "fleet", "group", "fleet_plans_last_minute", "group_plans_last_minute", "agent_plans_in_window", "actor")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_AT_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_ACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    FLEET_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    FLEET_PLANS_LAST_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_PLANS_LAST_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    AGENT_PLANS_IN_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    error_event_id: int
+    agent_id: str
+    decided_at: _timestamp_pb2.Timestamp
+    verdict: HealingVerdict
+    reason: str
+    message: str
+    strategy: RecoveryStrategy
+    recovery_action_id: int
+    fleet: HealingShare
+    group: HealingShare
+    fleet_plans_last_minute: int
+    group_plans_last_minute: int
+    agent_plans_in_window: int
+    actor: str
+    def __init__(self, id: _Optional[int] = ..., error_event_id: _Optional[int] = ..., agent_id: _Optional[str] = ..., decided_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., verdict: _Optional[_Union[HealingVerdict, str]] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., strategy: _Optional[_Union[RecoveryStrategy, str]] = ..., recovery_action_id: _Optional[int] = ..., fleet: _Optional[_Union[HealingShare, _Mapping]] = ..., group: _Optional[_Union[HealingShare, _Mapping]] = ..., fleet_plans_last_minute: _Optional[int] = ..., group_plans_last_minute: _Optional[int] = ..., agent_plans_in_window: _Optional[int] = ..., actor: _Optional[str] = ...) -> None: ...
+
+class ListHealingDecisionsRequest(_message.Message):
+    __slots__ = ("agent_id", "error_event_id", "verdict", "page_size", "page_token")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    error_event_id: int
+    verdict: HealingVerdict
+    page_size: int
+    page_token: str
+    def __init__(self, agent_id: _Optional[str] = ..., error_event_id: _Optional[int] = ..., verdict: _Optional[_Union[HealingVerdict, str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListHealingDecisionsResponse(_message.Message):
+    __slots__ = ("decisions", "next_page_token")
+    DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    decisions: _containers.RepeatedCompositeFieldContainer[HealingDecision]
+    next_page_token: str
+    def __init__(self, decisions: _Optional[_Iterable[_Union[HealingDecision, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
 class MetricPoint(_message.Message):
     __slots__ = ("observed_at", "impressions", "engagements")
     OBSERVED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -397,7 +599,7 @@ class EvaluatePostRequest(_message.Message):
     def __init__(self, post_id: _Optional[str] = ..., points: _Optional[_Iterable[_Union[MetricPoint, _Mapping]]] = ..., now: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., claim: bool = ...) -> None: ...
 
 class EvaluatePostResponse(_message.Message):
-    __slots__ = ("eligible", "ineligible_reason", "reason", "stagnation_score", "engagement_rate", "tier", "action_type", "idempotency_key", "claimed", "action", "sample_count")
+    __slots__ = ("eligible", "ineligible_reason", "reason", "stagnation_score", "engagement_rate", "tier", "action_type", "idempotency_key", "claimed", "action", "sample_count", "impressions_gained")
     ELIGIBLE_FIELD_NUMBER: _ClassVar[int]
     INELIGIBLE_REASON_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -409,6 +611,7 @@ class EvaluatePostResponse(_message.Message):
     CLAIMED_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    IMPRESSIONS_GAINED_FIELD_NUMBER: _ClassVar[int]
     eligible: bool
     ineligible_reason: IneligibleReason
     reason: str
@@ -420,7 +623,8 @@ class EvaluatePostResponse(_message.Message):
     claimed: bool
     action: PostAction
     sample_count: int
-    def __init__(self, eligible: bool = ..., ineligible_reason: _Optional[_Union[IneligibleReason, str]] = ..., reason: _Optional[str] = ..., stagnation_score: _Optional[float] = ..., engagement_rate: _Optional[float] = ..., tier: _Optional[int] = ..., action_type: _Optional[_Union[PostActionType, str]] = ..., idempotency_key: _Optional[str] = ..., claimed: bool = ..., action: _Optional[_Union[PostAction, _Mapping]] = ..., sample_count: _Optional[int] = ...) -> None: ...
+    impressions_gained: int
+    def __init__(self, eligible: bool = ..., ineligible_reason: _Optional[_Union[IneligibleReason, str]] = ..., reason: _Optional[str] = ..., stagnation_score: _Optional[float] = ..., engagement_rate: _Optional[float] = ..., tier: _Optional[int] = ..., action_type: _Optional[_Union[PostActionType, str]] = ..., idempotency_key: _Optional[str] = ..., claimed: bool = ..., action: _Optional[_Union[PostAction, _Mapping]] = ..., sample_count: _Optional[int] = ..., impressions_gained: _Optional[int] = ...) -> None: ...
 
 class RecordActionOutcomeRequest(_message.Message):
     __slots__ = ("idempotency_key", "status", "outcome_json", "error_code", "post_id", "action_type", "tier")

@@ -66,6 +66,26 @@ class HealingServiceStub(object):
                 request_serializer=fleetcare_dot_v1_dot_healing__pb2.ListRecoveryActionsRequest.SerializeToString,
                 response_deserializer=fleetcare_dot_v1_dot_healing__pb2.ListRecoveryActionsResponse.FromString,
                 _registered_method=True)
+        self.GetHealingPolicy = channel.unary_unary(
+                '/fleetcare.v1.HealingService/GetHealingPolicy',
+                request_serializer=fleetcare_dot_v1_dot_healing__pb2.GetHealingPolicyRequest.SerializeToString,
+                response_deserializer=fleetcare_dot_v1_dot_healing__pb2.GetHealingPolicyResponse.FromString,
+                _registered_method=True)
+        self.PauseHealing = channel.unary_unary(
+                '/fleetcare.v1.HealingService/PauseHealing',
+                request_serializer=fleetcare_dot_v1_dot_healing__pb2.PauseHealingRequest.SerializeToString,
+                response_deserializer=fleetcare_dot_v1_dot_healing__pb2.PauseHealingResponse.FromString,
+                _registered_method=True)
+        self.ResumeHealing = channel.unary_unary(
+                '/fleetcare.v1.HealingService/ResumeHealing',
+                request_serializer=fleetcare_dot_v1_dot_healing__pb2.ResumeHealingRequest.SerializeToString,
+                response_deserializer=fleetcare_dot_v1_dot_healing__pb2.ResumeHealingResponse.FromString,
+                _registered_method=True)
+        self.ListHealingDecisions = channel.unary_unary(
+                '/fleetcare.v1.HealingService/ListHealingDecisions',
+                request_serializer=fleetcare_dot_v1_dot_healing__pb2.ListHealingDecisionsRequest.SerializeToString,
+                response_deserializer=fleetcare_dot_v1_dot_healing__pb2.ListHealingDecisionsResponse.FromString,
+                _registered_method=True)
 
 
 class HealingServiceServicer(object):
@@ -115,6 +135,36 @@ class HealingServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetHealingPolicy(self, request, context):
+        """GetHealingPolicy shows the remediation policy and where its brakes stand:
+        pauses, open breakers, each group's unhealthy share, spent budgets.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseHealing(self, request, context):
+        """PauseHealing stops new plans for the fleet or one group until resumed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeHealing(self, request, context):
+        """ResumeHealing lifts a pause.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListHealingDecisions(self, request, context):
+        """ListHealingDecisions returns every decision on a PlanRecovery, braked or
+        not, with the numbers it was taken on, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HealingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +197,26 @@ def add_HealingServiceServicer_to_server(servicer, server):
                     servicer.ListRecoveryActions,
                     request_deserializer=fleetcare_dot_v1_dot_healing__pb2.ListRecoveryActionsRequest.FromString,
                     response_serializer=fleetcare_dot_v1_dot_healing__pb2.ListRecoveryActionsResponse.SerializeToString,
+            ),
+            'GetHealingPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetHealingPolicy,
+                    request_deserializer=fleetcare_dot_v1_dot_healing__pb2.GetHealingPolicyRequest.FromString,
+                    response_serializer=fleetcare_dot_v1_dot_healing__pb2.GetHealingPolicyResponse.SerializeToString,
+            ),
+            'PauseHealing': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseHealing,
+                    request_deserializer=fleetcare_dot_v1_dot_healing__pb2.PauseHealingRequest.FromString,
+                    response_serializer=fleetcare_dot_v1_dot_healing__pb2.PauseHealingResponse.SerializeToString,
+            ),
+            'ResumeHealing': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeHealing,
+                    request_deserializer=fleetcare_dot_v1_dot_healing__pb2.ResumeHealingRequest.FromString,
+                    response_serializer=fleetcare_dot_v1_dot_healing__pb2.ResumeHealingResponse.SerializeToString,
+            ),
+            'ListHealingDecisions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListHealingDecisions,
+                    request_deserializer=fleetcare_dot_v1_dot_healing__pb2.ListHealingDecisionsRequest.FromString,
+                    response_serializer=fleetcare_dot_v1_dot_healing__pb2.ListHealingDecisionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -313,6 +383,114 @@ class HealingService(object):
             '/fleetcare.v1.HealingService/ListRecoveryActions',
             fleetcare_dot_v1_dot_healing__pb2.ListRecoveryActionsRequest.SerializeToString,
             fleetcare_dot_v1_dot_healing__pb2.ListRecoveryActionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetHealingPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetcare.v1.HealingService/GetHealingPolicy',
+            fleetcare_dot_v1_dot_healing__pb2.GetHealingPolicyRequest.SerializeToString,
+            fleetcare_dot_v1_dot_healing__pb2.GetHealingPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseHealing(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetcare.v1.HealingService/PauseHealing',
+            fleetcare_dot_v1_dot_healing__pb2.PauseHealingRequest.SerializeToString,
+            fleetcare_dot_v1_dot_healing__pb2.PauseHealingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeHealing(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetcare.v1.HealingService/ResumeHealing',
+            fleetcare_dot_v1_dot_healing__pb2.ResumeHealingRequest.SerializeToString,
+            fleetcare_dot_v1_dot_healing__pb2.ResumeHealingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListHealingDecisions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetcare.v1.HealingService/ListHealingDecisions',
+            fleetcare_dot_v1_dot_healing__pb2.ListHealingDecisionsRequest.SerializeToString,
+            fleetcare_dot_v1_dot_healing__pb2.ListHealingDecisionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file fleetcare/v1/healing.proto.
  */
 export const file_fleetcare_v1_healing: GenFile = /*@__PURE__*/
-  fileDesc("ChpmbGVldGNhcmUvdjEvaGVhbGluZy5wcm90bxIMZmxlZXRjYXJlLnYxIpoDCgpFcnJvckV2ZW50EgoKAmlkGAEgASgDEhAKCGFnZW50X2lkGAIgASgJEg8KB21lc3NhZ2UYAyABKAkSNgoHY29udGV4dBgEIAMoCzIlLmZsZWV0Y2FyZS52MS5FcnJvckV2ZW50LkNvbnRleHRFbnRyeRIrCgplcnJvcl90eXBlGAUgASgOMhcuZmxlZXRjYXJlLnYxLkVycm9yVHlwZRIQCghzZXZlcml0eRgGIAEoARIQCghjcml0aWNhbBgHIAEoCBIRCglyZWN1cnJpbmcYCCABKAgSLwoLb2NjdXJyZWRfYXQYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBWFjdG9yGAogASgJEhoKEnJlY292ZXJ5X2FjdGlvbl9pZBgLIAEoAxI1Cg9yZWNvdmVyeV9zdGF0dXMYDCABKA4yHC5mbGVldGNhcmUudjEuUmVjb3ZlcnlTdGF0dXMaLgoMQ29udGV4dEVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiowYKDlJlY292ZXJ5QWN0aW9uEgoKAmlkGAEgASgDEhYKDmVycm9yX2V2ZW50X2lkGAIgASgDEhAKCGFnZW50X2lkGAMgASgJEisKCmVycm9yX3R5cGUYBCABKA4yFy5mbGVldGNhcmUudjEuRXJyb3JUeXBlEjAKCHN0cmF0ZWd5GAUgASgOMh4uZmxlZXRjYXJlLnYxLlJlY292ZXJ5U3RyYXRlZ3kSNwoPY2hvc2VuX3N0cmF0ZWd5GAYgASgOMh4uZmxlZXRjYXJlLnYxLlJlY292ZXJ5U3RyYXRlZ3kSQAoKcGFyYW1ldGVycxgHIAMoCzIsLmZsZWV0Y2FyZS52MS5SZWNvdmVyeUFjdGlvbi5QYXJhbWV0ZXJzRW50cnkSNQoSZXN0aW1hdGVkX2R1cmF0aW9uGAggASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEhsKE3N1Y2Nlc3NfcHJvYmFiaWxpdHkYCSABKAESEgoKcmlza19zY29yZRgKIAEoARIRCgllc2NhbGF0ZWQYCyABKAgSDgoGcmVhc29uGAwgASgJEiwKBnN0YXR1cxgNIAEoDjIcLmZsZWV0Y2FyZS52MS5SZWNvdmVyeVN0YXR1cxIuCgpjcmVhdGVkX2F0GA4gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI0ChBsZWFzZV9leHBpcmVzX2F0GA8gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxjb21wbGV0ZWRfYXQYECABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEisKCGR1cmF0aW9uGBEgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEg8KB2RldGFpbHMYEiABKAkSGQoRY29udGV4dF9zaWduYXR1cmUYEyABKAkSDQoFYWN0b3IYFCABKAkSFQoNb3V0Y29tZV9hY3RvchgVIAEoCRoxCg9QYXJhbWV0ZXJzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASLZAQoSUmVwb3J0RXJyb3JSZXF1ZXN0EhAKCGFnZW50X2lkGAEgASgJEg8KB21lc3NhZ2UYAiABKAkSPgoHY29udGV4dBgDIAMoCzItLmZsZWV0Y2FyZS52MS5SZXBvcnRFcnJvclJlcXVlc3QuQ29udGV4dEVudHJ5EjAKD2Vycm9yX3R5cGVfaGludBgEIAEoDjIXLmZsZWV0Y2FyZS52MS5FcnJvclR5cGUaLgoMQ29udGV4dEVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiPgoTUmVwb3J0RXJyb3JSZXNwb25zZRInCgVldmVudBgBIAEoCzIYLmZsZWV0Y2FyZS52MS5FcnJvckV2ZW50Ii0KE1BsYW5SZWNvdmVyeVJlcXVlc3QSFgoOZXJyb3JfZXZlbnRfaWQYASABKAMiRAoUUGxhblJlY292ZXJ5UmVzcG9uc2USLAoGYWN0aW9uGAEgASgLMhwuZmxlZXRjYXJlLnYxLlJlY292ZXJ5QWN0aW9uIoABChxSZXBvcnRSZWNvdmVyeU91dGNvbWVSZXF1ZXN0EhEKCWFjdGlvbl9pZBgBIAEoAxIPCgdzdWNjZXNzGAIgASgIEisKCGR1cmF0aW9uGAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEg8KB2RldGFpbHMYBCABKAkiTQodUmVwb3J0UmVjb3ZlcnlPdXRjb21lUmVzcG9uc2USLAoGYWN0aW9uGAEgASgLMhwuZmxlZXRjYXJlLnYxLlJlY292ZXJ5QWN0aW9uIh0KG0dldEhlYWxpbmdTdGF0aXN0aWNzUmVxdWVzdCJMCg5FcnJvclR5cGVDb3VudBIrCgplcnJvcl90eXBlGAEgASgOMhcuZmxlZXRjYXJlLnYxLkVycm9yVHlwZRINCgVjb3VudBgCIAEoAyKSAgoRUGF0dGVyblN0YXRpc3RpY3MSKwoKZXJyb3JfdHlwZRgBIAEoDjIXLmZsZWV0Y2FyZS52MS5FcnJvclR5cGUSGQoRY29udGV4dF9zaWduYXR1cmUYAiABKAkSMAoIc3RyYXRlZ3kYAyABKA4yHi5mbGVldGNhcmUudjEuUmVjb3ZlcnlTdHJhdGVneRIRCglzdWNjZXNzZXMYBCABKAMSEAoIZmFpbHVyZXMYBSABKAMSFAoMc3VjY2Vzc19yYXRlGAYgASgBEjUKEm1lYW5fcmVjb3ZlcnlfdGltZRgHIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIRCgl1c2VfY291bnQYCCABKAMi8AEKHEdldEhlYWxpbmdTdGF0aXN0aWNzUmVzcG9uc2USFAoMdG90YWxfZXJyb3JzGAEgASgDEhgKEGVycm9yc19sYXN0X2hvdXIYAiABKAMSNAoOZXJyb3JzX2J5X3R5cGUYAyADKAsyHC5mbGVldGNhcmUudjEuRXJyb3JUeXBlQ291bnQSGQoRYWN0aXZlX3JlY292ZXJpZXMYBCABKAMSMQoIcGF0dGVybnMYBSADKAsyHy5mbGVldGNhcmUudjEuUGF0dGVyblN0YXRpc3RpY3MSHAoUb3ZlcmFsbF9zdWNjZXNzX3JhdGUYBiABKAEifgoWTGlzdEVycm9yRXZlbnRzUmVxdWVzdBIQCghhZ2VudF9pZBgBIAEoCRIrCgplcnJvcl90eXBlGAIgASgOMhcuZmxlZXRjYXJlLnYxLkVycm9yVHlwZRIRCglwYWdlX3NpemUYAyABKAUSEgoKcGFnZV90b2tlbhgEIAEoCSJcChdMaXN0RXJyb3JFdmVudHNSZXNwb25zZRIoCgZldmVudHMYASADKAsyGC5mbGVldGNhcmUudjEuRXJyb3JFdmVudBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiyAEKGkxpc3RSZWNvdmVyeUFjdGlvbnNSZXF1ZXN0EhAKCGFnZW50X2lkGAEgASgJEisKCmVycm9yX3R5cGUYAiABKA4yFy5mbGVldGNhcmUudjEuRXJyb3JUeXBlEiwKBnN0YXR1cxgDIAEoDjIcLmZsZWV0Y2FyZS52MS5SZWNvdmVyeVN0YXR1cxIRCglwYWdlX3NpemUYBCABKAUSEgoKcGFnZV90b2tlbhgFIAEoCRIWCg5lcnJvcl9ldmVudF9pZBgGIAEoAyJlChtMaXN0UmVjb3ZlcnlBY3Rpb25zUmVzcG9uc2USLQoHYWN0aW9ucxgBIAMoCzIcLmZsZWV0Y2FyZS52MS5SZWNvdmVyeUFjdGlvbhIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiaAoLTWV0cmljUG9pbnQSLwoLb2JzZXJ2ZWRfYXQYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC2ltcHJlc3Npb25zGAIgASgDEhMKC2VuZ2FnZW1lbnRzGAMgASgDIp8DCgpQb3N0QWN0aW9uEhcKD2lkZW1wb3RlbmN5X2tleRgBIAEoCRIPCgdwb3N0X2lkGAIgASgJEjEKC2FjdGlvbl90eXBlGAMgASgOMhwuZmxlZXRjYXJlLnYxLlBvc3RBY3Rpb25UeXBlEgwKBHRpZXIYBCABKAUSLgoGc3RhdHVzGAUgASgOMh4uZmxlZXRjYXJlLnYxLlBvc3RBY3Rpb25TdGF0dXMSFAoMb3V0Y29tZV9qc29uGAYgASgJEhIKCmVycm9yX2NvZGUYByABKAkSEAoIYXR0ZW1wdHMYCCABKAUSLgoKY3JlYXRlZF9hdBgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKdXBkYXRlZF9hdBgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNAoQbGVhc2VfZXhwaXJlc19hdBgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDQoFYWN0b3IYDCABKAkSFQoNb3V0Y29tZV9hY3RvchgNIAEoCSKJAQoTRXZhbHVhdGVQb3N0UmVxdWVzdBIPCgdwb3N0X2lkGAEgASgJEikKBnBvaW50cxgCIAMoCzIZLmZsZWV0Y2FyZS52MS5NZXRyaWNQb2ludBInCgNub3cYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBWNsYWltGAQgASgIItECChRFdmFsdWF0ZVBvc3RSZXNwb25zZRIQCghlbGlnaWJsZRgBIAEoCBI5ChFpbmVsaWdpYmxlX3JlYXNvbhgCIAEoDjIeLmZsZWV0Y2FyZS52MS5JbmVsaWdpYmxlUmVhc29uEg4KBnJlYXNvbhgDIAEoCRIYChBzdGFnbmF0aW9uX3Njb3JlGAQgASgBEhcKD2VuZ2FnZW1lbnRfcmF0ZRgFIAEoARIMCgR0aWVyGAYgASgFEjEKC2FjdGlvbl90eXBlGAcgASgOMhwuZmxlZXRjYXJlLnYxLlBvc3RBY3Rpb25UeXBlEhcKD2lkZW1wb3RlbmN5X2tleRgIIAEoCRIPCgdjbGFpbWVkGAkgASgIEigKBmFjdGlvbhgKIAEoCzIYLmZsZWV0Y2FyZS52MS5Qb3N0QWN0aW9uEhQKDHNhbXBsZV9jb3VudBgLIAEoAyLhAQoaUmVjb3JkQWN0aW9uT3V0Y29tZVJlcXVlc3QSFwoPaWRlbXBvdGVuY3lfa2V5GAEgASgJEi4KBnN0YXR1cxgCIAEoDjIeLmZsZWV0Y2FyZS52MS5Qb3N0QWN0aW9uU3RhdHVzEhQKDG91dGNvbWVfanNvbhgDIAEoCRISCgplcnJvcl9jb2RlGAQgASgJEg8KB3Bvc3RfaWQYBSABKAkSMQoLYWN0aW9uX3R5cGUYBiABKA4yHC5mbGVldGNhcmUudjEuUG9zdEFjdGlvblR5cGUSDAoEdGllchgHIAEoBSJYChtSZWNvcmRBY3Rpb25PdXRjb21lUmVzcG9uc2USKAoGYWN0aW9uGAEgASgLMhguZmxlZXRjYXJlLnYxLlBvc3RBY3Rpb24SDwoHY3JlYXRlZBgCIAEoCCItChJTaG91bGRSZXRyeVJlcXVlc3QSFwoPaWRlbXBvdGVuY3lfa2V5GAEgASgJInYKE1Nob3VsZFJldHJ5UmVzcG9uc2USDQoFcmV0cnkYASABKAgSDgoGcmVhc29uGAIgASgJEi4KCm5vdF9iZWZvcmUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCGF0dGVtcHRzGAQgASgFIkwKEkxpc3RBY3Rpb25zUmVxdWVzdBIPCgdwb3N0X2lkGAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJIlkKE0xpc3RBY3Rpb25zUmVzcG9uc2USKQoHYWN0aW9ucxgBIAMoCzIYLmZsZWV0Y2FyZS52MS5Qb3N0QWN0aW9uEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSr4AgoJRXJyb3JUeXBlEhoKFkVSUk9SX1RZUEVfVU5TUEVDSUZJRUQQABIgChxFUlJPUl9UWVBFX0VYRUNVVElPTl9GQUlMVVJFEAESIgoeRVJST1JfVFlQRV9SRVNPVVJDRV9FWEhBVVNUSU9OEAISHAoYRVJST1JfVFlQRV9HT0FMX0NPTkZMSUNUEAMSIgoeRVJST1JfVFlQRV9DT01NVU5JQ0FUSU9OX0VSUk9SEAQSJgoiRVJST1JfVFlQRV9QRVJGT1JNQU5DRV9ERUdSQURBVElPThAFEh8KG0VSUk9SX1RZUEVfU0FGRVRZX1ZJT0xBVElPThAGEiEKHUVSUk9SX1RZUEVfREVQRU5ERU5DWV9GQUlMVVJFEAcSIgoeRVJST1JfVFlQRV9DT05GSUdVUkFUSU9OX0VSUk9SEAgSHwobRVJST1JfVFlQRV9MRUFSTklOR19GQUlMVVJFEAkSFgoSRVJST1JfVFlQRV9VTktOT1dOEAoqjQMKEFJlY292ZXJ5U3RyYXRlZ3kSIQodUkVDT1ZFUllfU1RSQVRFR1lfVU5TUEVDSUZJRUQQABIbChdSRUNPVkVSWV9TVFJBVEVHWV9SRVRSWRABEh4KGlJFQ09WRVJZX1NUUkFURUdZX1JPTExCQUNLEAISIQodUkVDT1ZFUllfU1RSQVRFR1lfUkVDT05GSUdVUkUQAxIdChlSRUNPVkVSWV9TVFJBVEVHWV9SRVNUQVJUEAQSHQoZUkVDT1ZFUllfU1RSQVRFR1lfSVNPTEFURRAFEh4KGlJFQ09WRVJZX1NUUkFURUdZX0VTQ0FMQVRFEAYSIAocUkVDT1ZFUllfU1RSQVRFR1lfQ09NUEVOU0FURRAHEigKJFJFQ09WRVJZX1NUUkFURUdZX0RFR1JBREVfR1JBQ0VGVUxMWRAIEiQKIFJFQ09WRVJZX1NUUkFURUdZX1dBSVRfQU5EX1JFVFJZEAkSJgoiUkVDT1ZFUllfU1RSQVRFR1lfQUxURVJOQVRJVkVfUEFUSBAKKqUBCg5SZWNvdmVyeVN0YXR1cxIfChtSRUNPVkVSWV9TVEFUVVNfVU5TUEVDSUZJRUQQABIaChZSRUNPVkVSWV9TVEFUVVNfQUNUSVZFEAESHQoZUkVDT1ZFUllfU1RBVFVTX1NVQ0NFRURFRBACEhoKFlJFQ09WRVJZX1NUQVRVU19GQUlMRUQQAxIbChdSRUNPVkVSWV9TVEFUVVNfRVhQSVJFRBAEKogBCg5Qb3N0QWN0aW9uVHlwZRIgChxQT1NUX0FDVElPTl9UWVBFX1VOU1BFQ0lGSUVEEAASHAoYUE9TVF9BQ1RJT05fVFlQRV9DT01NRU5UEAESGQoVUE9TVF9BQ1RJT05fVFlQRV9FRElUEAISGwoXUE9TVF9BQ1RJT05fVFlQRV9USFJFQUQQAyqXAQoQUG9zdEFjdGlvblN0YXR1cxIiCh5QT1NUX0FDVElPTl9TVEFUVVNfVU5TUEVDSUZJRUQQABIeChpQT1NUX0FDVElPTl9TVEFUVVNfUlVOTklORxABEiAKHFBPU1RfQUNUSU9OX1NUQVRVU19TVUNDRUVERUQQAhIdChlQT1NUX0FDVElPTl9TVEFUVVNfRkFJTEVEEAMq6AEKEEluZWxpZ2libGVSZWFzb24SIQodSU5FTElHSUJMRV9SRUFTT05fVU5TUEVDSUZJRUQQABIqCiZJTkVMSUdJQkxFX1JFQVNPTl9JTlNVRkZJQ0lFTlRfU0FNUExFUxABEiYKIklORUxJR0lCTEVfUkVBU09OX0RVUExJQ0FURV9BQ1RJT04QAhIvCitJTkVMSUdJQkxFX1JFQVNPTl9XSU5ET1dfRlJFUVVFTkNZX0VYQ0VFREVEEAMSLAooSU5FTElHSUJMRV9SRUFTT05fQUNUSU9OX0NPT0xET1dOX0FDVElWRRAEMugECg5IZWFsaW5nU2VydmljZRJSCgtSZXBvcnRFcnJvchIgLmZsZWV0Y2FyZS52MS5SZXBvcnRFcnJvclJlcXVlc3QaIS5mbGVldGNhcmUudjEuUmVwb3J0RXJyb3JSZXNwb25zZRJVCgxQbGFuUmVjb3ZlcnkSIS5mbGVldGNhcmUudjEuUGxhblJlY292ZXJ5UmVxdWVzdBoiLmZsZWV0Y2FyZS52MS5QbGFuUmVjb3ZlcnlSZXNwb25zZRJwChVSZXBvcnRSZWNvdmVyeU91dGNvbWUSKi5mbGVldGNhcmUudjEuUmVwb3J0UmVjb3ZlcnlPdXRjb21lUmVxdWVzdBorLmZsZWV0Y2FyZS52MS5SZXBvcnRSZWNvdmVyeU91dGNvbWVSZXNwb25zZRJtChRHZXRIZWFsaW5nU3RhdGlzdGljcxIpLmZsZWV0Y2FyZS52MS5HZXRIZWFsaW5nU3RhdGlzdGljc1JlcXVlc3QaKi5mbGVldGNhcmUudjEuR2V0SGVhbGluZ1N0YXRpc3RpY3NSZXNwb25zZRJeCg9MaXN0RXJyb3JFdmVudHMSJC5mbGVldGNhcmUudjEuTGlzdEVycm9yRXZlbnRzUmVxdWVzdBolLmZsZWV0Y2FyZS52MS5MaXN0RXJyb3JFdmVudHNSZXNwb25zZRJqChNMaXN0UmVjb3ZlcnlBY3Rpb25zEiguZmxlZXRjYXJlLnYxLkxpc3RSZWNvdmVyeUFjdGlvbnNSZXF1ZXN0GikuZmxlZXRjYXJlLnYxLkxpc3RSZWNvdmVyeUFjdGlvbnNSZXNwb25zZTL/AgoSUG9zdEhlYWxpbmdTZXJ2aWNlElUKDEV2YWx1YXRlUG9zdBIhLmZsZWV0Y2FyZS52MS5FdmFsdWF0ZVBvc3RSZXF1ZXN0GiIuZmxlZXRjYXJlLnYxLkV2YWx1YXRlUG9zdFJlc3BvbnNlEmoKE1JlY29yZEFjdGlvbk91dGNvbWUSKC5mbGVldGNhcmUudjEuUmVjb3JkQWN0aW9uT3V0Y29tZVJlcXVlc3QaKS5mbGVldGNhcmUudjEuUmVjb3JkQWN0aW9uT3V0Y29tZVJlc3BvbnNlElIKC1Nob3VsZFJldHJ5EiAuZmxlZXRjYXJlLnYxLlNob3VsZFJldHJ5UmVxdWVzdBohLmZsZWV0Y2FyZS52MS5TaG91bGRSZXRyeVJlc3BvbnNlElIKC0xpc3RBY3Rpb25zEiAuZmxlZXRjYXJlLnYxLkxpc3RBY3Rpb25zUmVxdWVzdBohLmZsZWV0Y2FyZS52MS5MaXN0QWN0aW9uc1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("ChpmbGVldGNhcmUvdjEvaGVhbGluZy5wcm90bxIMZmxlZXRjYXJlLnYxIpoDCgpFcnJvckV2ZW50EgoKAmlkGAEgASgDEhAKCGFnZW50X2lkGAIgASgJEg8KB21lc3NhZ2UYAyABKAkSNgoHY29udGV4dBgEIAMoCzIlLmZsZWV0Y2FyZS52MS5FcnJvckV2ZW50LkNvbnRleHRFbnRyeRIrCgplcnJvcl90eXBlGAUgASgOMhcuZmxlZXRjYXJlLnYxLkVycm9yVHlwZRIQCghzZXZlcml0eRgGIAEoARIQCghjcml0aWNhbBgHIAEoCBIRCglyZWN1cnJpbmcYCCABKAgSLwoLb2NjdXJyZWRfYXQYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBWFjdG9yGAogASgJEhoKEnJlY292ZXJ5X2FjdGlvbl9pZBgLIAEoAxI1Cg9yZWNvdmVyeV9zdGF0dXMYDCABKA4yHC5mbGVldGNhcmUudjEuUmVjb3ZlcnlTdGF0dXMaLgoMQ29udGV4dEVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiowYKDlJlY292ZXJ5QWN0aW9uEgoKAmlkGAEgASgDEhYKDmVycm9yX2V2ZW50X2lkGAIgASgDEhAKCGFnZW50X2lkGAMgASgJEisKCmVycm9yX3R5cGUYBCABKA4yFy5mbGVldGNhcmUudjEuRXJyb3JUeXBlEjAKCHN0cmF0ZWd5GAUgASgOMh4uZmxlZXRjYXJlLnYxLlJlY292ZXJ5U3RyYXRlZ3kSNwoPY2hvc2VuX3N0cmF0ZWd5GAYgASgOMh4uZmxlZXRjYXJlLnYxLlJlY292ZXJ5U3RyYXRlZ3kSQAoKcGFyYW1ldGVycxgHIAMoCzIsLmZsZWV0Y2FyZS52MS5SZWNvdmVyeUFjdGlvbi5QYXJhbWV0ZXJzRW50cnkSNQoSZXN0aW1hdGVkX2R1cmF0aW9uGAggASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEhsKE3N1Y2Nlc3NfcHJvYmFiaWxpdHkYCSABKAESEgoKcmlza19zY29yZRgKIAEoARIRCgllc2NhbGF0ZWQYCyABKAgSDgoGcmVhc29uGAwgASgJEiwKBnN0YXR1cxgNIAEoDjIcLmZsZWV0Y2FyZS52MS5SZWNvdmVyeVN0YXR1cxIuCgpjcmVhdGVkX2F0GA4gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI0ChBsZWFzZV9leHBpcmVzX2F0GA8gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxjb21wbGV0ZWRfYXQYECABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEisKCGR1cmF0aW9uGBEgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEg8KB2RldGFpbHMYEiABKAkSGQoRY29udGV4dF9zaWduYXR1cmUYEyABKAkSDQoFYWN0b3IYFCABKAkSFQoNb3V0Y29tZV9hY3RvchgVIAEoCRoxCg9QYXJhbWV0ZXJzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASLZAQoSUmVwb3J0RXJyb3JSZXF1ZXN0EhAKCGFnZW50X2lkGAEgASgJEg8KB21lc3NhZ2UYAiABKAkSPgoHY29udGV4dBgDIAMoCzItLmZsZWV0Y2FyZS52MS5SZXBvcnRFcnJvclJlcXVlc3QuQ29udGV4dEVudHJ5EjAKD2Vycm9yX3R5cGVfaGludBgEIAEoDjIXLmZsZWV0Y2FyZS52MS5FcnJvclR5cGUaLgoMQ29udGV4dEVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiPgoTUmVwb3J0RXJyb3JSZXNwb25zZRInCgVldmVudBgBIAEoCzIYLmZsZWV0Y2FyZS52MS5FcnJvckV2ZW50Ii0KE1BsYW5SZWNvdmVyeVJlcXVlc3QSFgoOZXJyb3JfZXZlbnRfaWQYASABKAMiRAoUUGxhblJlY292ZXJ5UmVzcG9uc2USLAoGYWN0aW9uGAEgASgLMhwuZmxlZXRjYXJlLnYxLlJlY292ZXJ5QWN0aW9uIoABChxSZXBvcnRSZWNvdmVyeU91dGNvbWVSZXF1ZXN0EhEKCWFjdGlvbl9pZBgBIAEoAxIPCgdzdWNjZXNzGAIgASgIEisKCGR1cmF0aW9uGAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEg8KB2RldGFpbHMYBCABKAkiTQodUmVwb3J0UmVjb3ZlcnlPdXRjb21lUmVzcG9uc2USLAoGYWN0aW9uGAEgASgLMhwuZmxlZXRjYXJlLnYxLlJlY292ZXJ5QWN0aW9uIh0KG0dldEhlYWxpbmdTdGF0aXN0aWNzUmVxdWVzdCJMCg5FcnJvclR5cGVDb3VudBIrCgplcnJvcl90eXBlGAEgASgOMhcuZmxlZXRjYXJlLnYxLkVycm9yVHlwZRINCgVjb3VudBgCIAEoAyKSAgoRUGF0dGVyblN0YXRpc3RpY3MSKwoKZXJyb3JfdHlwZRgBIAEoDjIXLmZsZWV0Y2FyZS52MS5FcnJvclR5cGUSGQoRY29udGV4dF9zaWduYXR1cmUYAiABKAkSMAoIc3RyYXRlZ3kYAyABKA4yHi5mbGVldGNhcmUudjEuUmVjb3ZlcnlTdHJhdGVneRIRCglzdWNjZXNzZXMYBCABKAMSEAoIZmFpbHVyZXMYBSABKAMSFAoMc3VjY2Vzc19yYXRlGAYgASgBEjUKEm1lYW5fcmVjb3ZlcnlfdGltZRgHIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIRCgl1c2VfY291bnQYCCABKAMi8AEKHEdldEhlYWxpbmdTdGF0aXN0aWNzUmVzcG9uc2USFAoMdG90YWxfZXJyb3JzGAEgASgDEhgKEGVycm9yc19sYXN0X2hvdXIYAiABKAMSNAoOZXJyb3JzX2J5X3R5cGUYAyADKAsyHC5mbGVldGNhcmUudjEuRXJyb3JUeXBlQ291bnQSGQoRYWN0aXZlX3JlY292ZXJpZXMYBCABKAMSMQoIcGF0dGVybnMYBSADKAsyHy5mbGVldGNhcmUudjEuUGF0dGVyblN0YXRpc3RpY3MSHAoUb3ZlcmFsbF9zdWNjZXNzX3JhdGUYBiABKAEifgoWTGlzdEVycm9yRXZlbnRzUmVxdWVzdBIQCghhZ2VudF9pZBgBIAEoCRIrCgplcnJvcl90eXBlGAIgASgOMhcuZmxlZXRjYXJlLnYxLkVycm9yVHlwZRIRCglwYWdlX3NpemUYAyABKAUSEgoKcGFnZV90b2tlbhgEIAEoCSJcChdMaXN0RXJyb3JFdmVudHNSZXNwb25zZRIoCgZldmVudHMYASADKAsyGC5mbGVldGNhcmUudjEuRXJyb3JFdmVudBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiyAEKGkxpc3RSZWNvdmVyeUFjdGlvbnNSZXF1ZXN0EhAKCGFnZW50X2lkGAEgASgJEisKCmVycm9yX3R5cGUYAiABKA4yFy5mbGVldGNhcmUudjEuRXJyb3JUeXBlEiwKBnN0YXR1cxgDIAEoDjIcLmZsZWV0Y2FyZS52MS5SZWNvdmVyeVN0YXR1cxIRCglwYWdlX3NpemUYBCABKAUSEgoKcGFnZV90b2tlbhgFIAEoCRIWCg5lcnJvcl9ldmVudF9pZBgGIAEoAyJlChtMaXN0UmVjb3ZlcnlBY3Rpb25zUmVzcG9uc2USLQoHYWN0aW9ucxgBIAMoCzIcLmZsZWV0Y2FyZS52MS5SZWNvdmVyeUFjdGlvbhIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkihwMKDUhlYWxpbmdQb2xpY3kSHQoVbWF4X3VuaGVhbHRoeV9wZXJjZW50GAEgASgNEhUKDW1pbl91bmhlYWx0aHkYAiABKA0SEAoIZ3JvdXBfYnkYAyABKAkSHAoUbWF4X3BsYW5zX3Blcl9taW51dGUYBCABKA0SIgoabWF4X2dyb3VwX3BsYW5zX3Blcl9taW51dGUYBSABKA0SFAoMcmV0cnlfYnVkZ2V0GAYgASgNEi8KDHJldHJ5X3dpbmRvdxgHIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhI1ChJtaW5faGVhbHRoeV9wZXJpb2QYCCABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SGAoQYnJlYWtlcl9mYWlsdXJlcxgJIAEoDRIzChBicmVha2VyX2Nvb2xkb3duGAogASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEg8KB2RyeV9ydW4YCyABKAgSDgoGYnJha2VzGAwgASgIIm8KDEhlYWxpbmdQYXVzZRINCgVncm91cBgBIAEoCRIOCgZyZWFzb24YAiABKAkSEQoJcGF1c2VkX2J5GAMgASgJEi0KCXBhdXNlZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAi8wEKDkhlYWxpbmdCcmVha2VyEisKCmVycm9yX3R5cGUYASABKA4yFy5mbGVldGNhcmUudjEuRXJyb3JUeXBlEjAKCHN0cmF0ZWd5GAIgASgOMh4uZmxlZXRjYXJlLnYxLlJlY292ZXJ5U3RyYXRlZ3kSKQoFc3RhdGUYAyABKA4yGi5mbGVldGNhcmUudjEuQnJlYWtlclN0YXRlEikKBXNpbmNlGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghyZXRyeV9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiUgoMSGVhbGluZ1NoYXJlEg0KBWdyb3VwGAEgASgJEg8KB2NvdW50ZWQYAiABKA0SEQoJdW5oZWFsdGh5GAMgASgNEg8KB2FsbG93ZWQYBCABKA0iLgoLU3BlbnRCdWRnZXQSEAoIYWdlbnRfaWQYASABKAkSDQoFcGxhbnMYAiABKA0iGQoXR2V0SGVhbGluZ1BvbGljeVJlcXVlc3QisQIKGEdldEhlYWxpbmdQb2xpY3lSZXNwb25zZRIrCgZwb2xpY3kYASABKAsyGy5mbGVldGNhcmUudjEuSGVhbGluZ1BvbGljeRIqCgZwYXVzZXMYAiADKAsyGi5mbGVldGNhcmUudjEuSGVhbGluZ1BhdXNlEjMKDW9wZW5fYnJlYWtlcnMYAyADKAsyHC5mbGVldGNhcmUudjEuSGVhbGluZ0JyZWFrZXISKgoGc2hhcmVzGAQgAygLMhouZmxlZXRjYXJlLnYxLkhlYWxpbmdTaGFyZRIwCg1zcGVudF9idWRnZXRzGAUgAygLMhkuZmxlZXRjYXJlLnYxLlNwZW50QnVkZ2V0EikKBWFzX29mGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCI0ChNQYXVzZUhlYWxpbmdSZXF1ZXN0Eg0KBWdyb3VwGAEgASgJEg4KBnJlYXNvbhgCIAEoCSJBChRQYXVzZUhlYWxpbmdSZXNwb25zZRIpCgVwYXVzZRgBIAEoCzIaLmZsZWV0Y2FyZS52MS5IZWFsaW5nUGF1c2UiJQoUUmVzdW1lSGVhbGluZ1JlcXVlc3QSDQoFZ3JvdXAYASABKAkiKAoVUmVzdW1lSGVhbGluZ1Jlc3BvbnNlEg8KB3Jlc3VtZWQYASABKAgi2wMKD0hlYWxpbmdEZWNpc2lvbhIKCgJpZBgBIAEoAxIWCg5lcnJvcl9ldmVudF9pZBgCIAEoAxIQCghhZ2VudF9pZBgDIAEoCRIuCgpkZWNpZGVkX2F0GAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBItCgd2ZXJkaWN0GAUgASgOMhwuZmxlZXRjYXJlLnYxLkhlYWxpbmdWZXJkaWN0Eg4KBnJlYXNvbhgGIAEoCRIPCgdtZXNzYWdlGAcgASgJEjAKCHN0cmF0ZWd5GAggASgOMh4uZmxlZXRjYXJlLnYxLlJlY292ZXJ5U3RyYXRlZ3kSGgoScmVjb3ZlcnlfYWN0aW9uX2lkGAkgASgDEikKBWZsZWV0GAogASgLMhouZmxlZXRjYXJlLnYxLkhlYWxpbmdTaGFyZRIpCgVncm91cBgLIAEoCzIaLmZsZWV0Y2FyZS52MS5IZWFsaW5nU2hhcmUSHwoXZmxlZXRfcGxhbnNfbGFzdF9taW51dGUYDCABKA0SHwoXZ3JvdXBfcGxhbnNfbGFzdF9taW51dGUYDSABKA0SHQoVYWdlbnRfcGxhbnNfaW5fd2luZG93GA4gASgNEg0KBWFjdG9yGA8gASgJIp0BChtMaXN0SGVhbGluZ0RlY2lzaW9uc1JlcXVlc3QSEAoIYWdlbnRfaWQYASABKAkSFgoOZXJyb3JfZXZlbnRfaWQYAiABKAMSLQoHdmVyZGljdBgDIAEoDjIcLmZsZWV0Y2FyZS52MS5IZWFsaW5nVmVyZGljdBIRCglwYWdlX3NpemUYBCABKAUSEgoKcGFnZV90b2tlbhgFIAEoCSJpChxMaXN0SGVhbGluZ0RlY2lzaW9uc1Jlc3BvbnNlEjAKCWRlY2lzaW9ucxgBIAMoCzIdLmZsZWV0Y2FyZS52MS5IZWFsaW5nRGVjaXNpb24SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJImgKC01ldHJpY1BvaW50Ei8KC29ic2VydmVkX2F0GAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgtpbXByZXNzaW9ucxgCIAEoAxITCgtlbmdhZ2VtZW50cxgDIAEoAyKfAwoKUG9zdEFjdGlvbhIXCg9pZGVtcG90ZW5jeV9rZXkYASABKAkSDwoHcG9zdF9pZBgCIAEoCRIxCgthY3Rpb25fdHlwZRgDIAEoDjIcLmZsZWV0Y2FyZS52MS5Qb3N0QWN0aW9uVHlwZRIMCgR0aWVyGAQgASgFEi4KBnN0YXR1cxgFIAEoDjIeLmZsZWV0Y2FyZS52MS5Qb3N0QWN0aW9uU3RhdHVzEhQKDG91dGNvbWVfanNvbhgGIAEoCRISCgplcnJvcl9jb2RlGAcgASgJEhAKCGF0dGVtcHRzGAggASgFEi4KCmNyZWF0ZWRfYXQYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnVwZGF0ZWRfYXQYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjQKEGxlYXNlX2V4cGlyZXNfYXQYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBWFjdG9yGAwgASgJEhUKDW91dGNvbWVfYWN0b3IYDSABKAkiiQEKE0V2YWx1YXRlUG9zdFJlcXVlc3QSDwoHcG9zdF9pZBgBIAEoCRIpCgZwb2ludHMYAiADKAsyGS5mbGVldGNhcmUudjEuTWV0cmljUG9pbnQSJwoDbm93GAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBINCgVjbGFpbRgEIAEoCCLtAgoURXZhbHVhdGVQb3N0UmVzcG9uc2USEAoIZWxpZ2libGUYASABKAgSOQoRaW5lbGlnaWJsZV9yZWFzb24YAiABKA4yHi5mbGVldGNhcmUudjEuSW5lbGlnaWJsZVJlYXNvbhIOCgZyZWFzb24YAyABKAkSGAoQc3RhZ25hdGlvbl9zY29yZRgEIAEoARIXCg9lbmdhZ2VtZW50X3JhdGUYBSABKAESDAoEdGllchgGIAEoBRIxCgthY3Rpb25fdHlwZRgHIAEoDjIcLmZsZWV0Y2FyZS52MS5Qb3N0QWN0aW9uVHlwZRIXCg9pZGVtcG90ZW5jeV9rZXkYCCABKAkSDwoHY2xhaW1lZBgJIAEoCBIoCgZhY3Rpb24YCiABKAsyGC5mbGVldGNhcmUudjEuUG9zdEFjdGlvbhIUCgxzYW1wbGVfY291bnQYCyABKAMSGgoSaW1wcmVzc2lvbnNfZ2FpbmVkGAwgASgDIuEBChpSZWNvcmRBY3Rpb25PdXRjb21lUmVxdWVzdBIXCg9pZGVtcG90ZW5jeV9rZXkYASABKAkSLgoGc3RhdHVzGAIgASgOMh4uZmxlZXRjYXJlLnYxLlBvc3RBY3Rpb25TdGF0dXMSFAoMb3V0Y29tZV9qc29uGAMgASgJEhIKCmVycm9yX2NvZGUYBCABKAkSDwoHcG9zdF9pZBgFIAEoCRIxCgthY3Rpb25fdHlwZRgGIAEoDjIcLmZsZWV0Y2FyZS52MS5Qb3N0QWN0aW9uVHlwZRIMCgR0aWVyGAcgASgFIlgKG1JlY29yZEFjdGlvbk91dGNvbWVSZXNwb25zZRIoCgZhY3Rpb24YASABKAsyGC5mbGVldGNhcmUudjEuUG9zdEFjdGlvbhIPCgdjcmVhdGVkGAIgASgIIi0KElNob3VsZFJldHJ5UmVxdWVzdBIXCg9pZGVtcG90ZW5jeV9rZXkYASABKAkidgoTU2hvdWxkUmV0cnlSZXNwb25zZRINCgVyZXRyeRgBIAEoCBIOCgZyZWFzb24YAiABKAkSLgoKbm90X2JlZm9yZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEAoIYXR0ZW1wdHMYBCABKAUiTAoSTGlzdEFjdGlvbnNSZXF1ZXN0Eg8KB3Bvc3RfaWQYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiWQoTTGlzdEFjdGlvbnNSZXNwb25zZRIpCgdhY3Rpb25zGAEgAygLMhguZmxlZXRjYXJlLnYxLlBvc3RBY3Rpb24SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJKvgCCglFcnJvclR5cGUSGgoWRVJST1JfVFlQRV9VTlNQRUNJRklFRBAAEiAKHEVSUk9SX1RZUEVfRVhFQ1VUSU9OX0ZBSUxVUkUQARIiCh5FUlJPUl9UWVBFX1JFU09VUkNFX0VYSEFVU1RJT04QAhIcChhFUlJPUl9UWVBFX0dPQUxfQ09ORkxJQ1QQAxIiCh5FUlJPUl9UWVBFX0NPTU1VTklDQVRJT05fRVJST1IQBBImCiJFUlJPUl9UWVBFX1BFUkZPUk1BTkNFX0RFR1JBREFUSU9OEAUSHwobRVJST1JfVFlQRV9TQUZFVFlfVklPTEFUSU9OEAYSIQodRVJST1JfVFlQRV9ERVBFTkRFTkNZX0ZBSUxVUkUQBxIiCh5FUlJPUl9UWVBFX0NPTkZJR1VSQVRJT05fRVJST1IQCBIfChtFUlJPUl9UWVBFX0xFQVJOSU5HX0ZBSUxVUkUQCRIWChJFUlJPUl9UWVBFX1VOS05PV04QCiqNAwoQUmVjb3ZlcnlTdHJhdGVneRIhCh1SRUNPVkVSWV9TVFJBVEVHWV9VTlNQRUNJRklFRBAAEhsKF1JFQ09WRVJZX1NUUkFURUdZX1JFVFJZEAESHgoaUkVDT1ZFUllfU1RSQVRFR1lfUk9MTEJBQ0sQAhIhCh1SRUNPVkVSWV9TVFJBVEVHWV9SRUNPTkZJR1VSRRADEh0KGVJFQ09WRVJZX1NUUkFURUdZX1JFU1RBUlQQBBIdChlSRUNPVkVSWV9TVFJBVEVHWV9JU09MQVRFEAUSHgoaUkVDT1ZFUllfU1RSQVRFR1lfRVNDQUxBVEUQBhIgChxSRUNPVkVSWV9TVFJBVEVHWV9DT01QRU5TQVRFEAcSKAokUkVDT1ZFUllfU1RSQVRFR1lfREVHUkFERV9HUkFDRUZVTExZEAgSJAogUkVDT1ZFUllfU1RSQVRFR1lfV0FJVF9BTkRfUkVUUlkQCRImCiJSRUNPVkVSWV9TVFJBVEVHWV9BTFRFUk5BVElWRV9QQVRIEAoqpQEKDlJlY292ZXJ5U3RhdHVzEh8KG1JFQ09WRVJZX1NUQVRVU19VTlNQRUNJRklFRBAAEhoKFlJFQ09WRVJZX1NUQVRVU19BQ1RJVkUQARIdChlSRUNPVkVSWV9TVEFUVVNfU1VDQ0VFREVEEAISGgoWUkVDT1ZFUllfU1RBVFVTX0ZBSUxFRBADEhsKF1JFQ09WRVJZX1NUQVRVU19FWFBJUkVEEAQqfAoMQnJlYWtlclN0YXRlEh0KGUJSRUFLRVJfU1RBVEVfVU5TUEVDSUZJRUQQABIYChRCUkVBS0VSX1NUQVRFX0NMT1NFRBABEhYKEkJSRUFLRVJfU1RBVEVfT1BFThACEhsKF0JSRUFLRVJfU1RBVEVfSEFMRl9PUEVOEAMqhwEKDkhlYWxpbmdWZXJkaWN0Eh8KG0hFQUxJTkdfVkVSRElDVF9VTlNQRUNJRklFRBAAEhsKF0hFQUxJTkdfVkVSRElDVF9QTEFOTkVEEAESGwoXSEVBTElOR19WRVJESUNUX0RSWV9SVU4QAhIaChZIRUFMSU5HX1ZFUkRJQ1RfQlJBS0VEEAMqiAEKDlBvc3RBY3Rpb25UeXBlEiAKHFBPU1RfQUNUSU9OX1RZUEVfVU5TUEVDSUZJRUQQABIcChhQT1NUX0FDVElPTl9UWVBFX0NPTU1FTlQQARIZChVQT1NUX0FDVElPTl9UWVBFX0VESVQQAhIbChdQT1NUX0FDVElPTl9UWVBFX1RIUkVBRBADKpcBChBQb3N0QWN0aW9uU3RhdHVzEiIKHlBPU1RfQUNUSU9OX1NUQVRVU19VTlNQRUNJRklFRBAAEh4KGlBPU1RfQUNUSU9OX1NUQVRVU19SVU5OSU5HEAESIAocUE9TVF9BQ1RJT05fU1RBVFVTX1NVQ0NFRURFRBACEh0KGVBPU1RfQUNUSU9OX1NUQVRVU19GQUlMRUQQAyqrAgoQSW5lbGlnaWJsZVJlYXNvbhIhCh1JTkVMSUdJQkxFX1JFQVNPTl9VTlNQRUNJRklFRBAAEioKJklORUxJR0lCTEVfUkVBU09OX0lOU1VGRklDSUVOVF9TQU1QTEVTEAESJgoiSU5FTElHSUJMRV9SRUFTT05fRFVQTElDQVRFX0FDVElPThACEi8KK0lORUxJR0lCTEVfUkVBU09OX1dJTkRPV19GUkVRVUVOQ1lfRVhDRUVERUQQAxIsCihJTkVMSUdJQkxFX1JFQVNPTl9BQ1RJT05fQ09PTERPV05fQUNUSVZFEAQSIgoeSU5FTElHSUJMRV9SRUFTT05fTE9XX0VYUE9TVVJFEAUSHQoZSU5FTElHSUJMRV9SRUFTT05fSEVBTFRIWRAGMusHCg5IZWFsaW5nU2VydmljZRJSCgtSZXBvcnRFcnJvchIgLmZsZWV0Y2FyZS52MS5SZXBvcnRFcnJvclJlcXVlc3QaIS5mbGVldGNhcmUudjEuUmVwb3J0RXJyb3JSZXNwb25zZRJVCgxQbGFuUmVjb3ZlcnkSIS5mbGVldGNhcmUudjEuUGxhblJlY292ZXJ5UmVxdWVzdBoiLmZsZWV0Y2FyZS52MS5QbGFuUmVjb3ZlcnlSZXNwb25zZRJwChVSZXBvcnRSZWNvdmVyeU91dGNvbWUSKi5mbGVldGNhcmUudjEuUmVwb3J0UmVjb3ZlcnlPdXRjb21lUmVxdWVzdBorLmZsZWV0Y2FyZS52MS5SZXBvcnRSZWNvdmVyeU91dGNvbWVSZXNwb25zZRJtChRHZXRIZWFsaW5nU3RhdGlzdGljcxIpLmZsZWV0Y2FyZS52MS5HZXRIZWFsaW5nU3RhdGlzdGljc1JlcXVlc3QaKi5mbGVldGNhcmUudjEuR2V0SGVhbGluZ1N0YXRpc3RpY3NSZXNwb25zZRJeCg9MaXN0RXJyb3JFdmVudHMSJC5mbGVldGNhcmUudjEuTGlzdEVycm9yRXZlbnRzUmVxdWVzdBolLmZsZWV0Y2FyZS52MS5MaXN0RXJyb3JFdmVudHNSZXNwb25zZRJqChNMaXN0UmVjb3ZlcnlBY3Rpb25zEiguZmxlZXRjYXJlLnYxLkxpc3RSZWNvdmVyeUFjdGlvbnNSZXF1ZXN0GikuZmxlZXRjYXJlLnYxLkxpc3RSZWNvdmVyeUFjdGlvbnNSZXNwb25zZRJhChBHZXRIZWFsaW5nUG9saWN5EiUuZmxlZXRjYXJlLnYxLkdldEhlYWxpbmdQb2xpY3lSZXF1ZXN0GiYuZmxlZXRjYXJlLnYxLkdldEhlYWxpbmdQb2xpY3lSZXNwb25zZRJVCgxQYXVzZUhlYWxpbmcSIS5mbGVldGNhcmUudjEuUGF1c2VIZWFsaW5nUmVxdWVzdBoiLmZsZWV0Y2FyZS52MS5QYXVzZUhlYWxpbmdSZXNwb25zZRJYCg1SZXN1bWVIZWFsaW5nEiIuZmxlZXRjYXJlLnYxLlJlc3VtZUhlYWxpbmdSZXF1ZXN0GiMuZmxlZXRjYXJlLnYxLlJlc3VtZUhlYWxpbmdSZXNwb25zZRJtChRMaXN0SGVhbGluZ0RlY2lzaW9ucxIpLmZsZWV0Y2FyZS52MS5MaXN0SGVhbGluZ0RlY2lzaW9uc1JlcXVlc3QaKi5mbGVldGNhcmUudjEuTGlzdEhlYWxpbmdEZWNpc2lvbnNSZXNwb25zZTL/AgoSUG9zdEhlYWxpbmdTZXJ2aWNlElUKDEV2YWx1YXRlUG9zdBIhLmZsZWV0Y2FyZS52MS5FdmFsdWF0ZVBvc3RSZXF1ZXN0GiIuZmxlZXRjYXJlLnYxLkV2YWx1YXRlUG9zdFJlc3BvbnNlEmoKE1JlY29yZEFjdGlvbk91dGNvbWUSKC5mbGVldGNhcmUudjEuUmVjb3JkQWN0aW9uT3V0Y29tZVJlcXVlc3QaKS5mbGVldGNhcmUudjEuUmVjb3JkQWN0aW9uT3V0Y29tZVJlc3BvbnNlElIKC1Nob3VsZFJldHJ5EiAuZmxlZXRjYXJlLnYxLlNob3VsZFJldHJ5UmVxdWVzdBohLmZsZWV0Y2FyZS52MS5TaG91bGRSZXRyeVJlc3BvbnNlElIKC0xpc3RBY3Rpb25zEiAuZmxlZXRjYXJlLnYxLkxpc3RBY3Rpb25zUmVxdWVzdBohLmZsZWV0Y2FyZS52MS5MaXN0QWN0aW9uc1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * ErrorEvent is one stored, classified agent error.
@@ -770,6 +770,628 @@ export const ListRecoveryActionsResponseSchema: GenMessage<ListRecoveryActionsRe
   messageDesc(file_fleetcare_v1_healing, 15);
 
 /**
+ * HealingPolicy is the remediation policy in force on the server answering
+ * (from --healing-policy and the flags).
+ *
+ * @generated from message fleetcare.v1.HealingPolicy
+ */
+export type HealingPolicy = Message<"fleetcare.v1.HealingPolicy"> & {
+  /**
+   * max_unhealthy_percent: at most this share of the fleet, and of each group,
+   * under remediation or OFFLINE at once.
+   *
+   * @generated from field: uint32 max_unhealthy_percent = 1;
+   */
+  maxUnhealthyPercent: number;
+
+  /**
+   * min_unhealthy: whatever the share, this many may be unhealthy at once.
+   *
+   * @generated from field: uint32 min_unhealthy = 2;
+   */
+  minUnhealthy: number;
+
+  /**
+   * group_by is the label key naming the groups (empty: the fleet only).
+   *
+   * @generated from field: string group_by = 3;
+   */
+  groupBy: string;
+
+  /**
+   * max_plans_per_minute is the fleet-wide rate of plans.
+   *
+   * @generated from field: uint32 max_plans_per_minute = 4;
+   */
+  maxPlansPerMinute: number;
+
+  /**
+   * max_group_plans_per_minute is the rate of plans per group.
+   *
+   * @generated from field: uint32 max_group_plans_per_minute = 5;
+   */
+  maxGroupPlansPerMinute: number;
+
+  /**
+   * retry_budget is the plans an agent may get per retry_window.
+   *
+   * @generated from field: uint32 retry_budget = 6;
+   */
+  retryBudget: number;
+
+  /**
+   * retry_window is the window of the retry budget.
+   *
+   * @generated from field: google.protobuf.Duration retry_window = 7;
+   */
+  retryWindow?: Duration | undefined;
+
+  /**
+   * min_healthy_period: an agent healthy this long gets its budget back.
+   *
+   * @generated from field: google.protobuf.Duration min_healthy_period = 8;
+   */
+  minHealthyPeriod?: Duration | undefined;
+
+  /**
+   * breaker_failures in a row of one (error type, strategy) open its breaker.
+   *
+   * @generated from field: uint32 breaker_failures = 9;
+   */
+  breakerFailures: number;
+
+  /**
+   * breaker_cooldown is how long an open breaker waits before one trial plan.
+   *
+   * @generated from field: google.protobuf.Duration breaker_cooldown = 10;
+   */
+  breakerCooldown?: Duration | undefined;
+
+  /**
+   * dry_run: plans are decided and recorded, never handed out.
+   *
+   * @generated from field: bool dry_run = 11;
+   */
+  dryRun: boolean;
+
+  /**
+   * brakes: the share, rate and budget brakes are checked (false only to
+   * measure their cost: pauses, EXHAUSTED agents and breakers still hold).
+   *
+   * @generated from field: bool brakes = 12;
+   */
+  brakes: boolean;
+};
+
+/**
+ * Describes the message fleetcare.v1.HealingPolicy.
+ * Use `create(HealingPolicySchema)` to create a new message.
+ */
+export const HealingPolicySchema: GenMessage<HealingPolicy> = /*@__PURE__*/
+  messageDesc(file_fleetcare_v1_healing, 16);
+
+/**
+ * HealingPause is an operator's pause of healing.
+ *
+ * @generated from message fleetcare.v1.HealingPause
+ */
+export type HealingPause = Message<"fleetcare.v1.HealingPause"> & {
+  /**
+   * group is the paused group (empty: the whole fleet).
+   *
+   * @generated from field: string group = 1;
+   */
+  group: string;
+
+  /**
+   * reason is why, as the operator said it.
+   *
+   * @generated from field: string reason = 2;
+   */
+  reason: string;
+
+  /**
+   * paused_by is the caller who paused.
+   *
+   * @generated from field: string paused_by = 3;
+   */
+  pausedBy: string;
+
+  /**
+   * paused_at is when (server time).
+   *
+   * @generated from field: google.protobuf.Timestamp paused_at = 4;
+   */
+  pausedAt?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message fleetcare.v1.HealingPause.
+ * Use `create(HealingPauseSchema)` to create a new message.
+ */
+export const HealingPauseSchema: GenMessage<HealingPause> = /*@__PURE__*/
+  messageDesc(file_fleetcare_v1_healing, 17);
+
+/**
+ * HealingBreaker is the breaker of one (error type, strategy), fleet-wide.
+ *
+ * @generated from message fleetcare.v1.HealingBreaker
+ */
+export type HealingBreaker = Message<"fleetcare.v1.HealingBreaker"> & {
+  /**
+   * error_type is the kind of error.
+   *
+   * @generated from field: fleetcare.v1.ErrorType error_type = 1;
+   */
+  errorType: ErrorType;
+
+  /**
+   * strategy is the strategy it guards.
+   *
+   * @generated from field: fleetcare.v1.RecoveryStrategy strategy = 2;
+   */
+  strategy: RecoveryStrategy;
+
+  /**
+   * state is OPEN or HALF_OPEN (closed breakers are not listed).
+   *
+   * @generated from field: fleetcare.v1.BreakerState state = 3;
+   */
+  state: BreakerState;
+
+  /**
+   * since is when it opened, or when its trial went through.
+   *
+   * @generated from field: google.protobuf.Timestamp since = 4;
+   */
+  since?: Timestamp | undefined;
+
+  /**
+   * retry_at is when the next trial plan may go through.
+   *
+   * @generated from field: google.protobuf.Timestamp retry_at = 5;
+   */
+  retryAt?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message fleetcare.v1.HealingBreaker.
+ * Use `create(HealingBreakerSchema)` to create a new message.
+ */
+export const HealingBreakerSchema: GenMessage<HealingBreaker> = /*@__PURE__*/
+  messageDesc(file_fleetcare_v1_healing, 18);
+
+/**
+ * HealingShare is the unhealthy share of the fleet or of one group.
+ *
+ * @generated from message fleetcare.v1.HealingShare
+ */
+export type HealingShare = Message<"fleetcare.v1.HealingShare"> & {
+  /**
+   * group is the group (empty: the fleet).
+   *
+   * @generated from field: string group = 1;
+   */
+  group: string;
+
+  /**
+   * counted agents: every status but EXHAUSTED.
+   *
+   * @generated from field: uint32 counted = 2;
+   */
+  counted: number;
+
+  /**
+   * unhealthy of them: under remediation or OFFLINE.
+   *
+   * @generated from field: uint32 unhealthy = 3;
+   */
+  unhealthy: number;
+
+  /**
+   * allowed is how many may be unhealthy at once.
+   *
+   * @generated from field: uint32 allowed = 4;
+   */
+  allowed: number;
+};
+
+/**
+ * Describes the message fleetcare.v1.HealingShare.
+ * Use `create(HealingShareSchema)` to create a new message.
+ */
+export const HealingShareSchema: GenMessage<HealingShare> = /*@__PURE__*/
+  messageDesc(file_fleetcare_v1_healing, 19);
+
+/**
+ * SpentBudget is an agent whose retry budget is spent.
+ *
+ * @generated from message fleetcare.v1.SpentBudget
+ */
+export type SpentBudget = Message<"fleetcare.v1.SpentBudget"> & {
+  /**
+   * agent_id is the agent.
+   *
+   * @generated from field: string agent_id = 1;
+   */
+  agentId: string;
+
+  /**
+   * plans counted against its budget.
+   *
+   * @generated from field: uint32 plans = 2;
+   */
+  plans: number;
+};
+
+/**
+ * Describes the message fleetcare.v1.SpentBudget.
+ * Use `create(SpentBudgetSchema)` to create a new message.
+ */
+export const SpentBudgetSchema: GenMessage<SpentBudget> = /*@__PURE__*/
+  messageDesc(file_fleetcare_v1_healing, 20);
+
+/**
+ * GetHealingPolicyRequest asks for the policy and the brakes' state.
+ *
+ * @generated from message fleetcare.v1.GetHealingPolicyRequest
+ */
+export type GetHealingPolicyRequest = Message<"fleetcare.v1.GetHealingPolicyRequest"> & {
+};
+
+/**
+ * Describes the message fleetcare.v1.GetHealingPolicyRequest.
+ * Use `create(GetHealingPolicyRequestSchema)` to create a new message.
+ */
+export const GetHealingPolicyRequestSchema: GenMessage<GetHealingPolicyRequest> = /*@__PURE__*/
+  messageDesc(file_fleetcare_v1_healing, 21);
+
+/**
+ * GetHealingPolicyResponse is the policy and where its brakes stand.
+ *
+ * @generated from message fleetcare.v1.GetHealingPolicyResponse
+ */
+export type GetHealingPolicyResponse = Message<"fleetcare.v1.GetHealingPolicyResponse"> & {
+  /**
+   * policy is the policy in force.
+   *
+   * @generated from field: fleetcare.v1.HealingPolicy policy = 1;
+   */
+  policy?: HealingPolicy | undefined;
+
+  /**
+   * pauses in force.
+   *
+   * @generated from field: repeated fleetcare.v1.HealingPause pauses = 2;
+   */
+  pauses: HealingPause[];
+
+  /**
+   * breakers that are not closed.
+   *
+   * @generated from field: repeated fleetcare.v1.HealingBreaker open_breakers = 3;
+   */
+  openBreakers: HealingBreaker[];
+
+  /**
+   * shares: the fleet's first, then each group's.
+   *
+   * @generated from field: repeated fleetcare.v1.HealingShare shares = 4;
+   */
+  shares: HealingShare[];
+
+  /**
+   * spent_budgets: agents at or over their retry budget.
+   *
+   * @generated from field: repeated fleetcare.v1.SpentBudget spent_budgets = 5;
+   */
+  spentBudgets: SpentBudget[];
+
+  /**
+   * as_of is the server time of these figures.
+   *
+   * @generated from field: google.protobuf.Timestamp as_of = 6;
+   */
+  asOf?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message fleetcare.v1.GetHealingPolicyResponse.
+ * Use `create(GetHealingPolicyResponseSchema)` to create a new message.
+ */
+export const GetHealingPolicyResponseSchema: GenMessage<GetHealingPolicyResponse> = /*@__PURE__*/
+  messageDesc(file_fleetcare_v1_healing, 22);
+
+/**
+ * PauseHealingRequest pauses healing for the fleet or one group.
+ *
+ * @generated from message fleetcare.v1.PauseHealingRequest
+ */
+export type PauseHealingRequest = Message<"fleetcare.v1.PauseHealingRequest"> & {
+  /**
+   * group to pause (empty: the whole fleet); needs the policy's group_by.
+   *
+   * @generated from field: string group = 1;
+   */
+  group: string;
+
+  /**
+   * reason is required: why healing is paused.
+   *
+   * @generated from field: string reason = 2;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message fleetcare.v1.PauseHealingRequest.
+ * Use `create(PauseHealingRequestSchema)` to create a new message.
+ */
+export const PauseHealingRequestSchema: GenMessage<PauseHealingRequest> = /*@__PURE__*/
+  messageDesc(file_fleetcare_v1_healing, 23);
+
+/**
+ * PauseHealingResponse is the pause stored.
+ *
+ * @generated from message fleetcare.v1.PauseHealingResponse
+ */
+export type PauseHealingResponse = Message<"fleetcare.v1.PauseHealingResponse"> & {
+  /**
+   * pause is the pause in force (a second pause of a scope replaces the first).
+   *
+   * @generated from field: fleetcare.v1.HealingPause pause = 1;
+   */
+  pause?: HealingPause | undefined;
+};
+
+/**
+ * Describes the message fleetcare.v1.PauseHealingResponse.
+ * Use `create(PauseHealingResponseSchema)` to create a new message.
+ */
+export const PauseHealingResponseSchema: GenMessage<PauseHealingResponse> = /*@__PURE__*/
+  messageDesc(file_fleetcare_v1_healing, 24);
+
+/**
+ * ResumeHealingRequest lifts the pause of the fleet or one group.
+ *
+ * @generated from message fleetcare.v1.ResumeHealingRequest
+ */
+export type ResumeHealingRequest = Message<"fleetcare.v1.ResumeHealingRequest"> & {
+  /**
+   * group to resume (empty: the whole fleet).
+   *
+   * @generated from field: string group = 1;
+   */
+  group: string;
+};
+
+/**
+ * Describes the message fleetcare.v1.ResumeHealingRequest.
+ * Use `create(ResumeHealingRequestSchema)` to create a new message.
+ */
+export const ResumeHealingRequestSchema: GenMessage<ResumeHealingRequest> = /*@__PURE__*/
+  messageDesc(file_fleetcare_v1_healing, 25);
+
+/**
+ * ResumeHealingResponse says whether a pause was lifted.
+ *
+ * @generated from message fleetcare.v1.ResumeHealingResponse
+ */
+export type ResumeHealingResponse = Message<"fleetcare.v1.ResumeHealingResponse"> & {
+  /**
+   * resumed is false when the scope was not paused.
+   *
+   * @generated from field: bool resumed = 1;
+   */
+  resumed: boolean;
+};
+
+/**
+ * Describes the message fleetcare.v1.ResumeHealingResponse.
+ * Use `create(ResumeHealingResponseSchema)` to create a new message.
+ */
+export const ResumeHealingResponseSchema: GenMessage<ResumeHealingResponse> = /*@__PURE__*/
+  messageDesc(file_fleetcare_v1_healing, 26);
+
+/**
+ * HealingDecision is one decision on a PlanRecovery, with its numbers.
+ *
+ * @generated from message fleetcare.v1.HealingDecision
+ */
+export type HealingDecision = Message<"fleetcare.v1.HealingDecision"> & {
+  /**
+   * id orders decisions.
+   *
+   * @generated from field: int64 id = 1;
+   */
+  id: bigint;
+
+  /**
+   * error_event_id is the event a plan was asked for.
+   *
+   * @generated from field: int64 error_event_id = 2;
+   */
+  errorEventId: bigint;
+
+  /**
+   * agent_id is its agent.
+   *
+   * @generated from field: string agent_id = 3;
+   */
+  agentId: string;
+
+  /**
+   * decided_at is the server time of the decision.
+   *
+   * @generated from field: google.protobuf.Timestamp decided_at = 4;
+   */
+  decidedAt?: Timestamp | undefined;
+
+  /**
+   * verdict is what became of the request.
+   *
+   * @generated from field: fleetcare.v1.HealingVerdict verdict = 5;
+   */
+  verdict: HealingVerdict;
+
+  /**
+   * reason is the brake's (HEALING_PAUSED, HEALING_BRAKE_UNHEALTHY_SHARE,
+   * HEALING_RATE_LIMITED, RETRY_BUDGET_SPENT, HEALING_AGENT_EXHAUSTED) or
+   * HEALING_DRY_RUN; empty when planned.
+   *
+   * @generated from field: string reason = 6;
+   */
+  reason: string;
+
+  /**
+   * message says what was decided and why.
+   *
+   * @generated from field: string message = 7;
+   */
+  message: string;
+
+  /**
+   * strategy is the one planned (also in a dry run).
+   *
+   * @generated from field: fleetcare.v1.RecoveryStrategy strategy = 8;
+   */
+  strategy: RecoveryStrategy;
+
+  /**
+   * recovery_action_id is the action handed out (0: none).
+   *
+   * @generated from field: int64 recovery_action_id = 9;
+   */
+  recoveryActionId: bigint;
+
+  /**
+   * fleet is the fleet's share as counted.
+   *
+   * @generated from field: fleetcare.v1.HealingShare fleet = 10;
+   */
+  fleet?: HealingShare | undefined;
+
+  /**
+   * group is the agent's group's share as counted (group empty: none).
+   *
+   * @generated from field: fleetcare.v1.HealingShare group = 11;
+   */
+  group?: HealingShare | undefined;
+
+  /**
+   * fleet_plans_last_minute were counted fleet-wide.
+   *
+   * @generated from field: uint32 fleet_plans_last_minute = 12;
+   */
+  fleetPlansLastMinute: number;
+
+  /**
+   * group_plans_last_minute were counted in the agent's group.
+   *
+   * @generated from field: uint32 group_plans_last_minute = 13;
+   */
+  groupPlansLastMinute: number;
+
+  /**
+   * agent_plans_in_window were counted against the agent's budget.
+   *
+   * @generated from field: uint32 agent_plans_in_window = 14;
+   */
+  agentPlansInWindow: number;
+
+  /**
+   * actor is who asked.
+   *
+   * @generated from field: string actor = 15;
+   */
+  actor: string;
+};
+
+/**
+ * Describes the message fleetcare.v1.HealingDecision.
+ * Use `create(HealingDecisionSchema)` to create a new message.
+ */
+export const HealingDecisionSchema: GenMessage<HealingDecision> = /*@__PURE__*/
+  messageDesc(file_fleetcare_v1_healing, 27);
+
+/**
+ * ListHealingDecisionsRequest asks for a page of decisions.
+ *
+ * @generated from message fleetcare.v1.ListHealingDecisionsRequest
+ */
+export type ListHealingDecisionsRequest = Message<"fleetcare.v1.ListHealingDecisionsRequest"> & {
+  /**
+   * agent_id keeps one agent's (empty: all).
+   *
+   * @generated from field: string agent_id = 1;
+   */
+  agentId: string;
+
+  /**
+   * error_event_id keeps one event's (0: all).
+   *
+   * @generated from field: int64 error_event_id = 2;
+   */
+  errorEventId: bigint;
+
+  /**
+   * verdict keeps one verdict (UNSPECIFIED: all).
+   *
+   * @generated from field: fleetcare.v1.HealingVerdict verdict = 3;
+   */
+  verdict: HealingVerdict;
+
+  /**
+   * page_size is at most 1000 (a larger value is clamped to 1000); 0 means 100.
+   *
+   * @generated from field: int32 page_size = 4;
+   */
+  pageSize: number;
+
+  /**
+   * page_token is the next_page_token of the previous page.
+   *
+   * @generated from field: string page_token = 5;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message fleetcare.v1.ListHealingDecisionsRequest.
+ * Use `create(ListHealingDecisionsRequestSchema)` to create a new message.
+ */
+export const ListHealingDecisionsRequestSchema: GenMessage<ListHealingDecisionsRequest> = /*@__PURE__*/
+  messageDesc(file_fleetcare_v1_healing, 28);
+
+/**
+ * ListHealingDecisionsResponse is a page of decisions, newest first.
+ *
+ * @generated from message fleetcare.v1.ListHealingDecisionsResponse
+ */
+export type ListHealingDecisionsResponse = Message<"fleetcare.v1.ListHealingDecisionsResponse"> & {
+  /**
+   * decisions is the page.
+   *
+   * @generated from field: repeated fleetcare.v1.HealingDecision decisions = 1;
+   */
+  decisions: HealingDecision[];
+
+  /**
+   * next_page_token is empty on the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message fleetcare.v1.ListHealingDecisionsResponse.
+ * Use `create(ListHealingDecisionsResponseSchema)` to create a new message.
+ */
+export const ListHealingDecisionsResponseSchema: GenMessage<ListHealingDecisionsResponse> = /*@__PURE__*/
+  messageDesc(file_fleetcare_v1_healing, 29);
+
+/**
  * MetricPoint is one observation of a post's counters.
  *
  * @generated from message fleetcare.v1.MetricPoint
@@ -802,7 +1424,7 @@ export type MetricPoint = Message<"fleetcare.v1.MetricPoint"> & {
  * Use `create(MetricPointSchema)` to create a new message.
  */
 export const MetricPointSchema: GenMessage<MetricPoint> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_healing, 16);
+  messageDesc(file_fleetcare_v1_healing, 30);
 
 /**
  * PostAction is one recorded corrective action.
@@ -811,7 +1433,11 @@ export const MetricPointSchema: GenMessage<MetricPoint> = /*@__PURE__*/
  */
 export type PostAction = Message<"fleetcare.v1.PostAction"> & {
   /**
-   * idempotency_key is "sheal_" + 32 hex characters of SHA-256("post:action:tier").
+   * idempotency_key is "shealw_<window>_" + 32 hex characters of
+   * SHA-256("post:action:tier:window"), window being the index of the post
+   * window the action was proposed in (floor(Unix ms / --post-window in ms));
+   * records made before keys had windows keep the seed's "sheal_" + 32 hex
+   * characters of SHA-256("post:action:tier").
    *
    * @generated from field: string idempotency_key = 1;
    */
@@ -907,7 +1533,7 @@ export type PostAction = Message<"fleetcare.v1.PostAction"> & {
  * Use `create(PostActionSchema)` to create a new message.
  */
 export const PostActionSchema: GenMessage<PostAction> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_healing, 17);
+  messageDesc(file_fleetcare_v1_healing, 31);
 
 /**
  * EvaluatePostRequest asks whether a post needs, and may get, an action.
@@ -951,7 +1577,7 @@ export type EvaluatePostRequest = Message<"fleetcare.v1.EvaluatePostRequest"> & 
  * Use `create(EvaluatePostRequestSchema)` to create a new message.
  */
 export const EvaluatePostRequestSchema: GenMessage<EvaluatePostRequest> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_healing, 18);
+  messageDesc(file_fleetcare_v1_healing, 32);
 
 /**
  * EvaluatePostResponse is the verdict.
@@ -974,42 +1600,47 @@ export type EvaluatePostResponse = Message<"fleetcare.v1.EvaluatePostResponse"> 
   ineligibleReason: IneligibleReason;
 
   /**
-   * reason is the same in the seed's spelling ("insufficient_samples", ...), empty when eligible.
+   * reason is the same in the seed's spelling ("insufficient_samples",
+   * "low_exposure", "healthy", ...), empty when eligible.
    *
    * @generated from field: string reason = 3;
    */
   reason: string;
 
   /**
-   * stagnation_score is 1 - min(1, 20 x engagement rate).
+   * stagnation_score is 1 - min(1, 20 x engagement rate) (0 with insufficient
+   * samples or low exposure).
    *
    * @generated from field: double stagnation_score = 4;
    */
   stagnationScore: number;
 
   /**
-   * engagement_rate is engagement delta / impression delta over the window.
+   * engagement_rate is engagement delta / impression delta over the window
+   * (0 with insufficient samples or low exposure).
    *
    * @generated from field: double engagement_rate = 5;
    */
   engagementRate: number;
 
   /**
-   * tier is 1, 2 or 3 (0 with insufficient samples).
+   * tier is 1, 2 or 3 when an action is proposed (0 with insufficient
+   * samples, low exposure, or a healthy post).
    *
    * @generated from field: int32 tier = 6;
    */
   tier: number;
 
   /**
-   * action_type is the tier's action.
+   * action_type is the tier's action (UNSPECIFIED when none is proposed).
    *
    * @generated from field: fleetcare.v1.PostActionType action_type = 7;
    */
   actionType: PostActionType;
 
   /**
-   * idempotency_key identifies the planned action.
+   * idempotency_key identifies the proposed action, a key of the server's
+   * current post window (of `now` in a dry run); empty when none is proposed.
    *
    * @generated from field: string idempotency_key = 8;
    */
@@ -1036,6 +1667,15 @@ export type EvaluatePostResponse = Message<"fleetcare.v1.EvaluatePostResponse"> 
    * @generated from field: int64 sample_count = 11;
    */
   sampleCount: bigint;
+
+  /**
+   * impressions_gained is the last point's impressions minus the first's in
+   * the window (0 when they did not grow, or with insufficient samples); under
+   * --post-min-impressions the verdict is low exposure.
+   *
+   * @generated from field: int64 impressions_gained = 12;
+   */
+  impressionsGained: bigint;
 };
 
 /**
@@ -1043,7 +1683,7 @@ export type EvaluatePostResponse = Message<"fleetcare.v1.EvaluatePostResponse"> 
  * Use `create(EvaluatePostResponseSchema)` to create a new message.
  */
 export const EvaluatePostResponseSchema: GenMessage<EvaluatePostResponse> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_healing, 19);
+  messageDesc(file_fleetcare_v1_healing, 33);
 
 /**
  * RecordActionOutcomeRequest records what happened to an action.
@@ -1081,7 +1721,8 @@ export type RecordActionOutcomeRequest = Message<"fleetcare.v1.RecordActionOutco
 
   /**
    * post_id, action_type and tier create the record when the key is new
-   * (they must hash to the key); ignored for an existing record.
+   * (they must hash to the key: a window key of the server's current post
+   * window or the one before, or a seed key); ignored for an existing record.
    *
    * @generated from field: string post_id = 5;
    */
@@ -1107,7 +1748,7 @@ export type RecordActionOutcomeRequest = Message<"fleetcare.v1.RecordActionOutco
  * Use `create(RecordActionOutcomeRequestSchema)` to create a new message.
  */
 export const RecordActionOutcomeRequestSchema: GenMessage<RecordActionOutcomeRequest> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_healing, 20);
+  messageDesc(file_fleetcare_v1_healing, 34);
 
 /**
  * RecordActionOutcomeResponse is the updated record.
@@ -1135,7 +1776,7 @@ export type RecordActionOutcomeResponse = Message<"fleetcare.v1.RecordActionOutc
  * Use `create(RecordActionOutcomeResponseSchema)` to create a new message.
  */
 export const RecordActionOutcomeResponseSchema: GenMessage<RecordActionOutcomeResponse> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_healing, 21);
+  messageDesc(file_fleetcare_v1_healing, 35);
 
 /**
  * ShouldRetryRequest asks about one action.
@@ -1156,7 +1797,7 @@ export type ShouldRetryRequest = Message<"fleetcare.v1.ShouldRetryRequest"> & {
  * Use `create(ShouldRetryRequestSchema)` to create a new message.
  */
 export const ShouldRetryRequestSchema: GenMessage<ShouldRetryRequest> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_healing, 22);
+  messageDesc(file_fleetcare_v1_healing, 36);
 
 /**
  * ShouldRetryResponse is the verdict.
@@ -1198,7 +1839,7 @@ export type ShouldRetryResponse = Message<"fleetcare.v1.ShouldRetryResponse"> & 
  * Use `create(ShouldRetryResponseSchema)` to create a new message.
  */
 export const ShouldRetryResponseSchema: GenMessage<ShouldRetryResponse> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_healing, 23);
+  messageDesc(file_fleetcare_v1_healing, 37);
 
 /**
  * ListActionsRequest asks for a post's actions.
@@ -1233,7 +1874,7 @@ export type ListActionsRequest = Message<"fleetcare.v1.ListActionsRequest"> & {
  * Use `create(ListActionsRequestSchema)` to create a new message.
  */
 export const ListActionsRequestSchema: GenMessage<ListActionsRequest> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_healing, 24);
+  messageDesc(file_fleetcare_v1_healing, 38);
 
 /**
  * ListActionsResponse is a page of actions, newest first.
@@ -1261,7 +1902,7 @@ export type ListActionsResponse = Message<"fleetcare.v1.ListActionsResponse"> & 
  * Use `create(ListActionsResponseSchema)` to create a new message.
  */
 export const ListActionsResponseSchema: GenMessage<ListActionsResponse> = /*@__PURE__*/
-  messageDesc(file_fleetcare_v1_healing, 25);
+  messageDesc(file_fleetcare_v1_healing, 39);
 
 /**
  * ErrorType is the class of an agent error.
@@ -1492,6 +2133,88 @@ export const RecoveryStatusSchema: GenEnum<RecoveryStatus> = /*@__PURE__*/
   enumDesc(file_fleetcare_v1_healing, 2);
 
 /**
+ * BreakerState is where a breaker stands.
+ *
+ * @generated from enum fleetcare.v1.BreakerState
+ */
+export enum BreakerState {
+  /**
+   * BREAKER_STATE_UNSPECIFIED is never sent.
+   *
+   * @generated from enum value: BREAKER_STATE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * BREAKER_STATE_CLOSED: plans go through.
+   *
+   * @generated from enum value: BREAKER_STATE_CLOSED = 1;
+   */
+  CLOSED = 1,
+
+  /**
+   * BREAKER_STATE_OPEN: plans take the next best strategy or ESCALATE.
+   *
+   * @generated from enum value: BREAKER_STATE_OPEN = 2;
+   */
+  OPEN = 2,
+
+  /**
+   * BREAKER_STATE_HALF_OPEN: one trial plan went through; its outcome decides.
+   *
+   * @generated from enum value: BREAKER_STATE_HALF_OPEN = 3;
+   */
+  HALF_OPEN = 3,
+}
+
+/**
+ * Describes the enum fleetcare.v1.BreakerState.
+ */
+export const BreakerStateSchema: GenEnum<BreakerState> = /*@__PURE__*/
+  enumDesc(file_fleetcare_v1_healing, 3);
+
+/**
+ * HealingVerdict is what became of a PlanRecovery.
+ *
+ * @generated from enum fleetcare.v1.HealingVerdict
+ */
+export enum HealingVerdict {
+  /**
+   * HEALING_VERDICT_UNSPECIFIED (as a filter: any).
+   *
+   * @generated from enum value: HEALING_VERDICT_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * HEALING_VERDICT_PLANNED: a recovery was handed out.
+   *
+   * @generated from enum value: HEALING_VERDICT_PLANNED = 1;
+   */
+  PLANNED = 1,
+
+  /**
+   * HEALING_VERDICT_DRY_RUN: decided and recorded, not handed out.
+   *
+   * @generated from enum value: HEALING_VERDICT_DRY_RUN = 2;
+   */
+  DRY_RUN = 2,
+
+  /**
+   * HEALING_VERDICT_BRAKED: a brake held; reason names it.
+   *
+   * @generated from enum value: HEALING_VERDICT_BRAKED = 3;
+   */
+  BRAKED = 3,
+}
+
+/**
+ * Describes the enum fleetcare.v1.HealingVerdict.
+ */
+export const HealingVerdictSchema: GenEnum<HealingVerdict> = /*@__PURE__*/
+  enumDesc(file_fleetcare_v1_healing, 4);
+
+/**
  * PostActionType is a corrective action on a post, by tier.
  *
  * @generated from enum fleetcare.v1.PostActionType
@@ -1530,7 +2253,7 @@ export enum PostActionType {
  * Describes the enum fleetcare.v1.PostActionType.
  */
 export const PostActionTypeSchema: GenEnum<PostActionType> = /*@__PURE__*/
-  enumDesc(file_fleetcare_v1_healing, 3);
+  enumDesc(file_fleetcare_v1_healing, 5);
 
 /**
  * PostActionStatus is where a post action stands.
@@ -1571,7 +2294,7 @@ export enum PostActionStatus {
  * Describes the enum fleetcare.v1.PostActionStatus.
  */
 export const PostActionStatusSchema: GenEnum<PostActionStatus> = /*@__PURE__*/
-  enumDesc(file_fleetcare_v1_healing, 4);
+  enumDesc(file_fleetcare_v1_healing, 6);
 
 /**
  * IneligibleReason says why no action is allowed now.
@@ -1613,13 +2336,30 @@ export enum IneligibleReason {
    * @generated from enum value: INELIGIBLE_REASON_ACTION_COOLDOWN_ACTIVE = 4;
    */
   ACTION_COOLDOWN_ACTIVE = 4,
+
+  /**
+   * INELIGIBLE_REASON_LOW_EXPOSURE is fewer impressions gained over the
+   * window than --post-min-impressions (100): too little exposure to judge
+   * the engagement rate, so no stagnation verdict and no action.
+   *
+   * @generated from enum value: INELIGIBLE_REASON_LOW_EXPOSURE = 5;
+   */
+  LOW_EXPOSURE = 5,
+
+  /**
+   * INELIGIBLE_REASON_HEALTHY is an engagement rate over the window at or
+   * above --post-healthy-rate (0.05): the post is doing well, no action.
+   *
+   * @generated from enum value: INELIGIBLE_REASON_HEALTHY = 6;
+   */
+  HEALTHY = 6,
 }
 
 /**
  * Describes the enum fleetcare.v1.IneligibleReason.
  */
 export const IneligibleReasonSchema: GenEnum<IneligibleReason> = /*@__PURE__*/
-  enumDesc(file_fleetcare_v1_healing, 5);
+  enumDesc(file_fleetcare_v1_healing, 7);
 
 /**
  * HealingService diagnoses agent errors, plans recoveries behind a safety gate,
@@ -1687,6 +2427,48 @@ export const HealingService: GenService<{
     methodKind: "unary";
     input: typeof ListRecoveryActionsRequestSchema;
     output: typeof ListRecoveryActionsResponseSchema;
+  },
+  /**
+   * GetHealingPolicy shows the remediation policy and where its brakes stand:
+   * pauses, open breakers, each group's unhealthy share, spent budgets.
+   *
+   * @generated from rpc fleetcare.v1.HealingService.GetHealingPolicy
+   */
+  getHealingPolicy: {
+    methodKind: "unary";
+    input: typeof GetHealingPolicyRequestSchema;
+    output: typeof GetHealingPolicyResponseSchema;
+  },
+  /**
+   * PauseHealing stops new plans for the fleet or one group until resumed.
+   *
+   * @generated from rpc fleetcare.v1.HealingService.PauseHealing
+   */
+  pauseHealing: {
+    methodKind: "unary";
+    input: typeof PauseHealingRequestSchema;
+    output: typeof PauseHealingResponseSchema;
+  },
+  /**
+   * ResumeHealing lifts a pause.
+   *
+   * @generated from rpc fleetcare.v1.HealingService.ResumeHealing
+   */
+  resumeHealing: {
+    methodKind: "unary";
+    input: typeof ResumeHealingRequestSchema;
+    output: typeof ResumeHealingResponseSchema;
+  },
+  /**
+   * ListHealingDecisions returns every decision on a PlanRecovery, braked or
+   * not, with the numbers it was taken on, newest first.
+   *
+   * @generated from rpc fleetcare.v1.HealingService.ListHealingDecisions
+   */
+  listHealingDecisions: {
+    methodKind: "unary";
+    input: typeof ListHealingDecisionsRequestSchema;
+    output: typeof ListHealingDecisionsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_fleetcare_v1_healing, 0);
