@@ -23,6 +23,9 @@ CREATE TABLE healing_decisions (
 CREATE INDEX healing_decisions_agent_idx ON healing_decisions (agent_id, id);
 CREATE INDEX healing_decisions_event_idx ON healing_decisions (error_event_id);
 CREATE INDEX healing_decisions_decided_idx ON healing_decisions (decided_at);
+-- The group's rate: its plans in the last minute.
+CREATE INDEX healing_decisions_planned_group_idx ON healing_decisions (group_name, decided_at)
+    WHERE verdict = 'PLANNED';
 
 CREATE TABLE healing_pauses (
     scope     TEXT    PRIMARY KEY NOT NULL,

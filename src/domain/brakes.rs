@@ -30,10 +30,17 @@
 //!   braked, not handed out anyway.
 //!
 //! [`check`] answers the first brake that holds with the numbers it was
-//! decided on ([`Braked`]): an EXHAUSTED agent, the pause, the rates, the
-//! budget (cheap to count), then the share (which counts the fleet and the
-//! group, so only once the others passed); a dry-run policy decides the
-//! same and records the plan without handing it out.
+//! decided on ([`Braked`]): an EXHAUSTED agent, the pause, the agent's
+//! budget (the agent's own, [`check_agent`]), then the rates and the share
+//! (counted fleet-wide, [`check_counts`], only once the agent's passed); a
+//! dry-run policy decides the same and records the plan without handing it
+//! out.
+//!
+//! Two plans must not both pass with one slot left. A plan counts under
+//! the lock slot of its agent ([`lock_slot`]), so at most [`LOCK_SLOTS`]
+//! plans count at once; one whose counts leave room for all of them
+//! ([`room_for_neighbours`]) is decided there, in parallel with the others;
+//! one near a limit is decided again with every other plan locked out.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -442,18 +449,17 @@ fn share_brake(
     Ok(())
 }
 
-/// The first brake that holds for `request` under `policy`, in the order of
-/// the module's list; `Ok` when the plan may be made: [`check_limits`],
-/// then [`check_share`].
+/// The first brake that holds for `request` under `policy`; `Ok` when the
+/// plan may be made: [`check_agent`], then [`check_counts`].
 pub fn check(policy: &HealingPolicy, request: &Request<'_>) -> Result<(), Braked> {
-    check_limits(policy, request)?;
-    check_share(policy, request)
+    check_agent(policy, request)?;
+    check_counts(policy, request)
 }
 
-/// The brakes cheap to count, first: an EXHAUSTED agent, the pauses, the
-/// rates, the agent's retry budget (the request's census is not read).
-/// With the brakes off ([`HealingPolicy::brakes`]), the first two only.
-pub fn check_limits(policy: &HealingPolicy, request: &Request<'_>) -> Result<(), Braked> {
+/// The brakes of the agent alone, checked before anything is counted
+/// fleet-wide: an EXHAUSTED agent, the pauses, the agent's retry budget
+/// (with the brakes off ([`HealingPolicy::brakes`]), the first two only).
+pub fn check_agent(policy: &HealingPolicy, request: &Request<'_>) -> Result<(), Braked> {
     if !counts(request.agent_status) {
         return Err(Braked::Exhausted);
     }
@@ -467,9 +473,23 @@ pub fn check_limits(policy: &HealingPolicy, request: &Request<'_>) -> Result<(),
             return Err(Braked::Paused(pause.clone()));
         }
     }
+    if policy.brakes && request.agent_plans_in_window >= policy.retry_budget {
+        return Err(Braked::RetryBudgetSpent {
+            plans: request.agent_plans_in_window,
+            budget: policy.retry_budget,
+            window: crate::domain::recovery::format_duration(policy.retry_window),
+        });
+    }
+    Ok(())
+}
+
+/// The brakes on what the fleet and the agent's group count: the rates,
+/// then the unhealthy share.
+pub fn check_counts(policy: &HealingPolicy, request: &Request<'_>) -> Result<(), Braked> {
     if !policy.brakes {
         return Ok(());
     }
+    let group = request.group.filter(|_| policy.group_by.is_some());
     if request.fleet_plans_last_minute >= policy.max_plans_per_minute {
         return Err(Braked::RateLimited {
             scope: Scope::Fleet,
@@ -486,25 +506,9 @@ pub fn check_limits(policy: &HealingPolicy, request: &Request<'_>) -> Result<(),
             max: policy.max_group_plans_per_minute,
         });
     }
-    if request.agent_plans_in_window >= policy.retry_budget {
-        return Err(Braked::RetryBudgetSpent {
-            plans: request.agent_plans_in_window,
-            budget: policy.retry_budget,
-            window: crate::domain::recovery::format_duration(policy.retry_window),
-        });
-    }
-    Ok(())
-}
-
-/// The unhealthy share of the fleet and of the agent's group, on the
-/// request's census (counted only once [`check_limits`] passed).
-pub fn check_share(policy: &HealingPolicy, request: &Request<'_>) -> Result<(), Braked> {
-    if !policy.brakes {
-        return Ok(());
-    }
     let adds = u32::from(!request.agent_unhealthy);
     share_brake(policy, Scope::Fleet, request.fleet, adds)?;
-    if let Some(g) = request.group.filter(|_| policy.group_by.is_some()) {
+    if let Some(g) = group {
         share_brake(
             policy,
             Scope::Group(g.to_owned()),
@@ -513,6 +517,45 @@ pub fn check_share(policy: &HealingPolicy, request: &Request<'_>) -> Result<(), 
         )?;
     }
     Ok(())
+}
+
+/// How many plans may hold a lock slot at once ([`lock_slot`]): a plan
+/// counts under its agent's slot, so it may miss at most `LOCK_SLOTS - 1`
+/// plans being made alongside it.
+pub const LOCK_SLOTS: u32 = 16;
+
+/// The lock slot of an agent's plans (FNV-1a of its id, so every replica
+/// agrees).
+pub fn lock_slot(agent_id: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in agent_id.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h % LOCK_SLOTS
+}
+
+/// Whether a plan that passed [`check_counts`] on counts read under its
+/// lock slot passes however the plans made alongside it (at most
+/// [`LOCK_SLOTS`] - 1, each adding one plan and one unhealthy agent) turn
+/// out: every rate and share then has room for all of them. When not, the
+/// plan must be decided with every other plan locked out.
+pub fn room_for_neighbours(policy: &HealingPolicy, request: &Request<'_>) -> bool {
+    if !policy.brakes {
+        return true;
+    }
+    let others = LOCK_SLOTS - 1;
+    let group = request.group.filter(|_| policy.group_by.is_some());
+    let adds = u32::from(!request.agent_unhealthy);
+    let share_room = |census: Census| {
+        census.unhealthy + adds + others <= allowed_unhealthy(policy, census.counted)
+    };
+    request.fleet_plans_last_minute + 1 + others <= policy.max_plans_per_minute
+        && share_room(request.fleet)
+        && group.is_none_or(|_| {
+            request.group_plans_last_minute + 1 + others <= policy.max_group_plans_per_minute
+                && share_room(request.group_census)
+        })
 }
 
 /// Since when an agent's plans count against its budget at `now`: the
@@ -652,6 +695,31 @@ pub fn healthy_since(
     errors_since: u32,
 ) -> Option<DateTime<Utc>> {
     last_success.filter(|_| errors_since == 0)
+}
+
+/// What the store reads of an agent's plans for its retry budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PlanHistory {
+    /// When its latest successful recovery ended.
+    pub last_success: Option<DateTime<Utc>>,
+    /// Its errors reported after that (the one being planned left out).
+    pub errors_since_success: u32,
+    /// Its plans since the retry window's start.
+    pub plans_in_window: u32,
+    /// Its plans since its latest success ended.
+    pub plans_since_success: u32,
+}
+
+/// The agent's plans counted against its budget at `now`: those since
+/// [`budget_since`].
+pub fn budget_plans(policy: &HealingPolicy, history: &PlanHistory, now: DateTime<Utc>) -> u32 {
+    let healthy = healthy_since(history.last_success, history.errors_since_success);
+    let since = budget_since(policy, healthy, now);
+    if since > now - policy.retry_window {
+        history.plans_since_success
+    } else {
+        history.plans_in_window
+    }
 }
 
 /// The numbers a decision was taken on, kept with it.

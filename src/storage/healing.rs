@@ -22,8 +22,8 @@ use chrono::{DateTime, Duration, Utc};
 use sqlx::FromRow;
 
 use crate::domain::brakes::{
-    self, BrakeStatus, Breaker, Census, Decision, HealingPolicy, NotPlanned, Numbers, Pause, Scope,
-    Share, Verdict,
+    self, BrakeStatus, Breaker, Census, Decision, HealingPolicy, NotPlanned, Numbers, Pause,
+    PlanHistory, Scope, Share, Verdict,
 };
 use crate::domain::healing::{
     self, Context, ErrorType, Evidence, Plan, RecurrenceWindow, Strategy,
@@ -383,9 +383,19 @@ pub(crate) trait HealingTx: Send {
     /// recovery action left; how many.
     async fn delete_events_before(&mut self, before: DateTime<Utc>) -> Result<u64>;
 
-    /// Serialises plans across replicas until commit, so two cannot both
-    /// pass a brake with one slot left (SQLite's one writer already does).
-    async fn lock_brakes(&mut self) -> Result<()>;
+    /// Locks the brakes until commit: one lock slot (beside plans holding
+    /// other slots), or every slot (`None`: alone). SQLite's one writer
+    /// serialises every write already: a no-op there.
+    async fn lock_brakes(&mut self, slot: Option<u32>) -> Result<()>;
+
+    /// The rates (plans since `rate_since`, fleet-wide and in `group`) and
+    /// the census of the fleet and of `group` at `now`, in one statement.
+    async fn brake_counts(
+        &mut self,
+        now: DateTime<Utc>,
+        rate_since: DateTime<Utc>,
+        group: Option<(&str, &str)>,
+    ) -> Result<BrakeCounts>;
 
     /// The agent's status and the value of its `group_by` label (`None`
     /// when it has none or no key is given); `None` when not registered.
@@ -407,15 +417,15 @@ pub(crate) trait HealingTx: Send {
         group_by: &str,
     ) -> Result<Vec<(String, Census)>>;
 
-    /// Recovery actions created since `since`, fleet-wide or in a group.
-    async fn plans_since(
+    /// What the agent's retry budget is counted on: its latest success,
+    /// its errors after it (`except` left out), its plans since
+    /// `window_start` and since that success; in one statement.
+    async fn plan_history(
         &mut self,
-        since: DateTime<Utc>,
-        group: Option<(&str, &str)>,
-    ) -> Result<u32>;
-
-    /// The agent's recovery actions created since `since`.
-    async fn agent_plans_since(&mut self, agent_id: &str, since: DateTime<Utc>) -> Result<u32>;
+        agent_id: &str,
+        except: i64,
+        window_start: DateTime<Utc>,
+    ) -> Result<PlanHistory>;
 
     /// Agents with at least `at_least` recovery actions created since
     /// `since`, with their counts.
@@ -424,17 +434,6 @@ pub(crate) trait HealingTx: Send {
         since: DateTime<Utc>,
         at_least: u32,
     ) -> Result<Vec<(String, u32)>>;
-
-    /// When the agent's latest successful recovery ended.
-    async fn last_success(&mut self, agent_id: &str) -> Result<Option<DateTime<Utc>>>;
-
-    /// The agent's error events after `after`, `except` left out.
-    async fn errors_after(
-        &mut self,
-        agent_id: &str,
-        after: DateTime<Utc>,
-        except: i64,
-    ) -> Result<u32>;
 
     async fn pauses(&mut self) -> Result<Vec<Pause>>;
 
@@ -471,9 +470,22 @@ pub(crate) trait HealingTx: Send {
     async fn commit(self: Box<Self>) -> Result<()>;
 }
 
+/// What [`HealingTx::brake_counts`] counts.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct BrakeCounts {
+    pub fleet: Census,
+    pub group: Census,
+    pub fleet_plans: u32,
+    pub group_plans: u32,
+}
+
 /// Opens a backend's transactions.
 #[async_trait]
 pub(crate) trait HealingTxs: Sync {
+    /// Whether every write transaction runs alone (SQLite's one writer): the
+    /// brakes then count exactly without locking.
+    fn writes_serialised(&self) -> bool;
+
     /// A write transaction (see the module documentation).
     async fn begin_write(&self) -> Result<Box<dyn HealingTx + '_>>;
 
@@ -670,10 +682,10 @@ impl BrakeInputs {
     }
 }
 
-/// Reads what the cheap brakes need for a plan for `event`'s agent at `now`
-/// (its status and group, the pauses, the rates, its budget: nothing but
-/// the pauses and the agent with the brakes off); the census is counted
-/// later ([`count_census`]), once they passed.
+/// Reads what the agent's own brakes need for a plan for `event`'s agent at
+/// `now`: its status and group, the pauses, its budget (nothing but the
+/// first two with the brakes off). The fleet-wide counts come later
+/// ([`count_fleet`]), under the brakes' lock.
 async fn brake_inputs(
     tx: &mut dyn HealingTx,
     policy: &HealingPolicy,
@@ -699,32 +711,30 @@ async fn brake_inputs(
         agent_plans: 0,
         pauses: tx.pauses().await?,
     };
-    if !policy.brakes {
-        return Ok(inputs);
+    if policy.brakes {
+        inputs.agent_plans = agent_budget_plans(tx, policy, agent, event.id, now).await?;
     }
-    let since = now - brakes::RATE_WINDOW;
-    inputs.fleet_plans = tx.plans_since(since, None).await?;
-    if let Some(key) = inputs.group_key(policy) {
-        inputs.group_plans = tx.plans_since(since, Some(key)).await?;
-    }
-    inputs.agent_plans = agent_budget_plans(tx, policy, agent, event.id, now).await?;
     Ok(inputs)
 }
 
-/// Counts the fleet's and the agent's group's census into `inputs`.
-async fn count_census(
+/// Counts the rates and the census of the fleet and of the agent's group
+/// into `inputs`, in one statement.
+async fn count_fleet(
     tx: &mut dyn HealingTx,
     policy: &HealingPolicy,
     inputs: &mut BrakeInputs,
     now: DateTime<Utc>,
 ) -> Result<()> {
-    inputs.fleet = tx.census(now, None).await?;
+    let counts = tx
+        .brake_counts(now, now - brakes::RATE_WINDOW, inputs.group_key(policy))
+        .await?;
+    inputs.fleet = counts.fleet;
     if !inputs.registered {
         inputs.fleet.counted += 1;
     }
-    if let Some(key) = inputs.group_key(policy) {
-        inputs.group_census = tx.census(now, Some(key)).await?;
-    }
+    inputs.group_census = counts.group;
+    inputs.fleet_plans = counts.fleet_plans;
+    inputs.group_plans = counts.group_plans;
     Ok(())
 }
 
@@ -738,17 +748,10 @@ async fn agent_budget_plans(
     event: i64,
     now: DateTime<Utc>,
 ) -> Result<u32> {
-    let last_success = tx.last_success(agent).await?;
-    let errors_since = match last_success {
-        Some(at) => tx.errors_after(agent, at, event).await?,
-        None => 0,
-    };
-    let since = brakes::budget_since(
-        policy,
-        brakes::healthy_since(last_success, errors_since),
-        now,
-    );
-    tx.agent_plans_since(agent, since).await
+    let history = tx
+        .plan_history(agent, event, now - policy.retry_window)
+        .await?;
+    Ok(brakes::budget_plans(policy, &history, now))
 }
 
 /// Records a decision without a plan and commits it; the error to answer.
@@ -756,7 +759,7 @@ async fn not_planned(
     mut tx: Box<dyn HealingTx + '_>,
     decision: &Decision,
     reason: &'static str,
-) -> Result<RecoveryAction> {
+) -> Result<Option<RecoveryAction>> {
     let decision_id = tx.insert_decision(decision).await?;
     tx.commit().await?;
     Err(NotPlanned {
@@ -768,9 +771,16 @@ async fn not_planned(
     .into())
 }
 
-/// [`HealingStore::plan_recovery`]: one active recovery per agent, then the
-/// brakes (`domain::brakes`) on what this transaction counts, then the plan
-/// around the open breakers; every decision recorded, braked or not.
+/// [`HealingStore::plan_recovery`]: one active recovery per agent, then,
+/// under the brakes' lock, the brakes (`domain::brakes`): the agent's own,
+/// then the fleet's counts; then the plan around the open breakers; every
+/// decision recorded, braked or not.
+///
+/// The lock: a plan counts under its agent's slot (`brakes::lock_slot`),
+/// beside plans of other slots; when its counts leave no room for them
+/// (`brakes::room_for_neighbours`), it is rolled back and decided again
+/// under the lock of every slot. A backend whose writes are serialised
+/// anyway (SQLite) counts exactly without either.
 pub(crate) async fn plan_recovery(
     store: &dyn HealingTxs,
     error_event_id: i64,
@@ -779,6 +789,37 @@ pub(crate) async fn plan_recovery(
     policy: &HealingPolicy,
     planner: Planner<'_>,
 ) -> Result<RecoveryAction> {
+    let mut planner = Some(planner);
+    let mut alone = store.writes_serialised();
+    loop {
+        match plan_once(
+            store,
+            error_event_id,
+            lease,
+            actor,
+            policy,
+            &mut planner,
+            alone,
+        )
+        .await?
+        {
+            Some(action) => return Ok(action),
+            None => alone = true,
+        }
+    }
+}
+
+/// One attempt of [`plan_recovery`]; `None` when its counts were taken
+/// beside other plans and left them no room (nothing was kept).
+async fn plan_once(
+    store: &dyn HealingTxs,
+    error_event_id: i64,
+    lease: Duration,
+    actor: &str,
+    policy: &HealingPolicy,
+    planner: &mut Option<Planner<'_>>,
+    alone: bool,
+) -> Result<Option<RecoveryAction>> {
     let mut tx = store.begin_write().await?;
     let now = tx.now().await?;
     let event = tx
@@ -794,17 +835,18 @@ pub(crate) async fn plan_recovery(
         tx.set_recovery_status(lapsed, RecoveryStatus::Expired)
             .await?;
     }
-    // Plans of every replica queue here, so the counts below cannot change
-    // under this one before it commits (with the brakes off, nothing is
-    // counted and nothing queues).
     if policy.brakes {
-        tx.lock_brakes().await?;
+        let slot = (!alone).then(|| brakes::lock_slot(&event.agent_id));
+        tx.lock_brakes(slot).await?;
     }
     let mut inputs = brake_inputs(&mut *tx, policy, &event, now).await?;
-    let mut braked = brakes::check_limits(policy, &inputs.request());
+    let mut braked = brakes::check_agent(policy, &inputs.request());
     if braked.is_ok() && policy.brakes {
-        count_census(&mut *tx, policy, &mut inputs, now).await?;
-        braked = brakes::check_share(policy, &inputs.request());
+        count_fleet(&mut *tx, policy, &mut inputs, now).await?;
+        braked = brakes::check_counts(policy, &inputs.request());
+        if braked.is_ok() && !alone && !brakes::room_for_neighbours(policy, &inputs.request()) {
+            return Ok(None);
+        }
     }
     let mut decision = Decision {
         id: 0,
@@ -845,6 +887,9 @@ pub(crate) async fn plan_recovery(
         .map(|(_, strategy, breaker)| (strategy, breaker))
         .collect();
     let closed_off = brakes::closed_off(&breakers, policy, now);
+    let planner = planner
+        .take()
+        .ok_or_else(|| Error::Internal("the planner ran twice".into()))?;
     let plan = planner(&event, &evidence, &closed_off);
     decision.strategy = Some(plan.strategy);
     if policy.dry_run {
@@ -885,7 +930,7 @@ pub(crate) async fn plan_recovery(
         );
         tx.insert_decision(&decision).await?;
         tx.commit().await?;
-        return Ok(seen_at(action, now));
+        return Ok(Some(seen_at(action, now)));
     }
     // The unique index of one ACTIVE per agent refused this one: a concurrent
     // plan committed first (on SQLite, whose one writer makes the check above

@@ -522,4 +522,35 @@ postgres_only! {
             outcome(&mut client(&one), winners[0].id, true, 1).await;
         }
     }
+
+    #[tokio::test]
+    async fn two_replicas_planning_side_by_side_stop_exactly_at_the_share() {
+        let db = TestDb::new();
+        let mut args = test_args(&db.url);
+        args.healing = braked(args.healing, |h| {
+            h.healing_max_unhealthy = 50;
+            h.healing_max_plans_per_minute = 1000;
+        });
+        let one = TestApp::spawn_with(args.clone()).await;
+        let two = TestApp::spawn_with(args).await;
+        // 80 agents: 40 allowed. The first plans have room for their
+        // neighbours and count side by side under their slots; the last
+        // ones are decided alone.
+        let mut events = Vec::new();
+        for i in 0..80 {
+            let id = format!("side-{i:02}");
+            register(&one, &id, "x").await;
+            events.push(report(&mut client(&two), &id, "tool call failed", &[]).await.id);
+        }
+        let results = futures::future::join_all(events.iter().enumerate().map(|(i, &event)| {
+            let mut c = client(if i % 2 == 0 { &one } else { &two });
+            async move { plan(&mut c, event).await }
+        }))
+        .await;
+        let planned = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(planned, 40, "{results:?}");
+        for r in results.iter().filter_map(|r| r.as_ref().err()) {
+            assert_eq!(reason(r), "HEALING_BRAKE_UNHEALTHY_SHARE", "{r:?}");
+        }
+    }
 }

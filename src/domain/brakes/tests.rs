@@ -282,24 +282,20 @@ fn a_policy_file_overrides_the_base_and_names_the_line_of_a_bad_value() {
 }
 
 #[test]
-fn the_cheap_brakes_answer_before_the_share_and_brakes_off_leaves_pauses_and_exhaustion() {
+fn the_rate_answers_before_the_share_and_brakes_off_leaves_pauses_and_exhaustion() {
     let policy = grouped();
-    // Both the rate and the share would brake: the rate answers (the share
-    // is not even counted then).
+    // Both the rate and the share would brake: the rate answers; the
+    // agent's own brakes pass.
     let mut r = request(census(10, 9), census(10, 9));
     r.fleet_plans_last_minute = policy.max_plans_per_minute;
     assert!(matches!(
         check(&policy, &r),
         Err(Braked::RateLimited { .. })
     ));
-    assert!(matches!(
-        check_limits(&policy, &r),
-        Err(Braked::RateLimited { .. })
-    ));
+    assert!(check_agent(&policy, &r).is_ok());
     r.fleet_plans_last_minute = 0;
-    assert!(check_limits(&policy, &r).is_ok());
     assert!(matches!(
-        check_share(&policy, &r),
+        check_counts(&policy, &r),
         Err(Braked::UnhealthyShare { .. })
     ));
 
@@ -390,4 +386,37 @@ fn breakers_round_trip_their_stored_parts_and_closed_off_lists_the_ones_not_admi
     assert!(closed_off(&breakers, &policy, t0() + policy.breaker_cooldown).is_empty());
     assert_eq!(healthy_since(Some(t0()), 0), Some(t0()));
     assert_eq!(healthy_since(Some(t0()), 1), None);
+}
+
+#[test]
+fn a_plan_near_a_limit_is_not_decided_beside_others_and_slots_are_stable() {
+    let policy = HealingPolicy {
+        max_plans_per_minute: 60,
+        ..grouped()
+    };
+    // 1,000 agents, 100 in the group: 400 and 40 allowed.
+    let far = request(census(1000, 10), census(100, 5));
+    assert!(check(&policy, &far).is_ok());
+    assert!(room_for_neighbours(&policy, &far));
+    // The group has 40 allowed: 25 unhealthy + this one + 15 others fits,
+    // 26 does not.
+    let edge = request(census(1000, 10), census(100, 24));
+    assert!(room_for_neighbours(&policy, &edge));
+    let near = request(census(1000, 10), census(100, 25));
+    assert!(check(&policy, &near).is_ok());
+    assert!(!room_for_neighbours(&policy, &near));
+    let mut rate = far.clone();
+    rate.fleet_plans_last_minute = 60 - LOCK_SLOTS;
+    assert!(room_for_neighbours(&policy, &rate));
+    rate.fleet_plans_last_minute += 1;
+    assert!(!room_for_neighbours(&policy, &rate));
+    let off = HealingPolicy {
+        brakes: false,
+        ..policy
+    };
+    assert!(room_for_neighbours(&off, &rate));
+    assert_eq!(lock_slot("agent-7"), lock_slot("agent-7"));
+    let slots: std::collections::BTreeSet<u32> =
+        (0..200).map(|i| lock_slot(&format!("a{i}"))).collect();
+    assert_eq!(slots.len(), LOCK_SLOTS as usize);
 }

@@ -9,7 +9,7 @@ use sqlx::types::Json;
 use sqlx::{Postgres, Transaction};
 
 use super::{PgStore, db_error};
-use crate::domain::brakes::{Breaker, Census, Decision, Pause, Scope, Verdict};
+use crate::domain::brakes::{Breaker, Census, Decision, Pause, PlanHistory, Scope, Verdict};
 use crate::domain::healing::Strategy;
 use crate::domain::healing::{Context, ErrorType, RecurrenceWindow};
 use crate::domain::healing_records::{
@@ -18,8 +18,8 @@ use crate::domain::healing_records::{
 use crate::error::Result;
 use crate::storage::decode;
 use crate::storage::healing::{
-    self as flows, ACTION_COLUMNS, DECISION_COLUMNS, EVENT_COLUMNS, EvidenceRow, Finish, HealingTx,
-    HealingTxs, Lesson, NewRecovery, millis,
+    self as flows, ACTION_COLUMNS, BrakeCounts, DECISION_COLUMNS, EVENT_COLUMNS, EvidenceRow,
+    Finish, HealingTx, HealingTxs, Lesson, NewRecovery, millis,
 };
 use crate::storage::{DecisionQuery, ErrorEventQuery, RecoveryActionQuery};
 
@@ -71,6 +71,10 @@ pub(super) struct PgTx<'s> {
 
 #[async_trait]
 impl HealingTxs for PgStore {
+    fn writes_serialised(&self) -> bool {
+        false
+    }
+
     async fn begin_write(&self) -> Result<Box<dyn HealingTx + '_>> {
         let tx = self.pool.begin().await.map_err(db_error)?;
         Ok(Box::new(PgTx { store: self, tx }))
@@ -420,14 +424,74 @@ impl HealingTx for PgTx<'_> {
         .map_err(db_error)
     }
 
-    async fn lock_brakes(&mut self) -> Result<()> {
-        sqlx::query(
-            "SELECT pg_advisory_xact_lock(hashtextextended('fleetcare.healing_brakes', 0))",
+    async fn lock_brakes(&mut self, slot: Option<u32>) -> Result<()> {
+        // Every slot's holder shares the brakes' lock; alone takes it
+        // exclusively, so it waits for them all and they for it. The counts
+        // that follow run on their prepared (generic) plan for the rest of
+        // the transaction: planning them anew for each call's parameters
+        // cost more than running them.
+        let query = match slot {
+            Some(slot) => sqlx::query(
+                "SELECT pg_advisory_xact_lock_shared(hashtextextended('fleetcare.healing_brakes', 0)),
+                        pg_advisory_xact_lock(hashtextextended('fleetcare.healing_brakes', $1)),
+                        set_config('plan_cache_mode', 'force_generic_plan', true)",
+            )
+            .bind(i64::from(slot) + 1),
+            None => sqlx::query(
+                "SELECT pg_advisory_xact_lock(hashtextextended('fleetcare.healing_brakes', 0)),
+                        set_config('plan_cache_mode', 'force_generic_plan', true)",
+            ),
+        };
+        query.execute(&mut *self.tx).await.map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn brake_counts(
+        &mut self,
+        now: DateTime<Utc>,
+        rate_since: DateTime<Utc>,
+        group: Option<(&str, &str)>,
+    ) -> Result<BrakeCounts> {
+        let value = group.map(|(_, v)| v);
+        let row: (i64, i64, i64, i64, i64, i64) = sqlx::query_as(
+            "WITH active AS (
+                 SELECT agent_id FROM recovery_actions
+                 WHERE status = 'ACTIVE' AND lease_expires_at > $1),
+             strangers AS (
+                 SELECT count(*) AS n FROM active r
+                 WHERE NOT EXISTS (SELECT 1 FROM agents a WHERE a.agent_id = r.agent_id)),
+             census AS (
+                 SELECT (SELECT count(*) FROM agents a WHERE a.status <> 'EXHAUSTED') AS counted,
+                        (SELECT count(*) FROM agents a WHERE a.status = 'OFFLINE')
+                        + (SELECT count(*) FROM active r JOIN agents a USING (agent_id)
+                           WHERE a.status NOT IN ('OFFLINE', 'EXHAUSTED')) AS unhealthy,
+                        g.counted AS group_counted, g.unhealthy AS group_unhealthy
+                 FROM (SELECT count(*) AS counted,
+                              count(*) FILTER (WHERE a.status = 'OFFLINE'
+                                  OR a.agent_id IN (SELECT agent_id FROM active)) AS unhealthy
+                       FROM agents a
+                       WHERE $4::jsonb IS NOT NULL AND a.status <> 'EXHAUSTED'
+                         AND a.labels @> $4::jsonb) g)
+             SELECT c.counted + s.n, c.unhealthy + s.n, c.group_counted, c.group_unhealthy,
+                    (SELECT count(*) FROM recovery_actions WHERE created_at > $2),
+                    (SELECT count(*) FROM healing_decisions
+                     WHERE verdict = 'PLANNED' AND group_name = $3 AND decided_at > $2)
+             FROM census c, strangers s",
         )
-        .execute(&mut *self.tx)
+        .bind(now)
+        .bind(rate_since)
+        .bind(value)
+        // The group as a document the labels' GIN index finds.
+        .bind(group.map(|(k, v)| Json(serde_json::json!({ k: v }))))
+        .fetch_one(&mut *self.tx)
         .await
         .map_err(db_error)?;
-        Ok(())
+        Ok(BrakeCounts {
+            fleet: flows::census(row.0, row.1),
+            group: flows::census(row.2, row.3),
+            fleet_plans: flows::count(row.4),
+            group_plans: flows::count(row.5),
+        })
     }
 
     async fn brake_agent(
@@ -498,37 +562,40 @@ impl HealingTx for PgTx<'_> {
             .collect())
     }
 
-    async fn plans_since(
+    async fn plan_history(
         &mut self,
-        since: DateTime<Utc>,
-        group: Option<(&str, &str)>,
-    ) -> Result<u32> {
-        let (key, value) = group.unzip();
-        let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM recovery_actions r
-             WHERE r.created_at > $1
-               AND ($2::text IS NULL OR EXISTS (
-                   SELECT 1 FROM agents a WHERE a.agent_id = r.agent_id AND a.labels ->> $2 = $3))",
-        )
-        .bind(since)
-        .bind(key)
-        .bind(value)
-        .fetch_one(&mut *self.tx)
-        .await
-        .map_err(db_error)?;
-        Ok(flows::count(n))
-    }
-
-    async fn agent_plans_since(&mut self, agent_id: &str, since: DateTime<Utc>) -> Result<u32> {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM recovery_actions WHERE agent_id = $1 AND created_at > $2",
+        agent_id: &str,
+        except: i64,
+        window_start: DateTime<Utc>,
+    ) -> Result<PlanHistory> {
+        let (last_success, errors, in_window, since_success): (
+            Option<DateTime<Utc>>,
+            i64,
+            i64,
+            i64,
+        ) = sqlx::query_as(
+            "SELECT s.at,
+                    (SELECT count(*) FROM error_events e
+                     WHERE e.agent_id = $1 AND e.occurred_at > s.at AND e.id <> $2),
+                    (SELECT count(*) FROM recovery_actions r
+                     WHERE r.agent_id = $1 AND r.created_at > $3),
+                    (SELECT count(*) FROM recovery_actions r
+                     WHERE r.agent_id = $1 AND r.created_at > s.at)
+             FROM (SELECT max(completed_at) AS at FROM recovery_actions
+                   WHERE agent_id = $1 AND status = 'SUCCEEDED') s",
         )
         .bind(agent_id)
-        .bind(since)
+        .bind(except)
+        .bind(window_start)
         .fetch_one(&mut *self.tx)
         .await
         .map_err(db_error)?;
-        Ok(flows::count(n))
+        Ok(PlanHistory {
+            last_success,
+            errors_since_success: flows::count(errors),
+            plans_in_window: flows::count(in_window),
+            plans_since_success: flows::count(since_success),
+        })
     }
 
     async fn busiest_agents(
@@ -549,35 +616,6 @@ impl HealingTx for PgTx<'_> {
             .into_iter()
             .map(|(a, n)| (a, flows::count(n)))
             .collect())
-    }
-
-    async fn last_success(&mut self, agent_id: &str) -> Result<Option<DateTime<Utc>>> {
-        sqlx::query_scalar(
-            "SELECT max(completed_at) FROM recovery_actions
-             WHERE agent_id = $1 AND status = 'SUCCEEDED'",
-        )
-        .bind(agent_id)
-        .fetch_one(&mut *self.tx)
-        .await
-        .map_err(db_error)
-    }
-
-    async fn errors_after(
-        &mut self,
-        agent_id: &str,
-        after: DateTime<Utc>,
-        except: i64,
-    ) -> Result<u32> {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM error_events WHERE agent_id = $1 AND occurred_at > $2 AND id <> $3",
-        )
-        .bind(agent_id)
-        .bind(after)
-        .bind(except)
-        .fetch_one(&mut *self.tx)
-        .await
-        .map_err(db_error)?;
-        Ok(flows::count(n))
     }
 
     async fn pauses(&mut self) -> Result<Vec<Pause>> {

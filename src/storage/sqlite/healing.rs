@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{QueryBuilder, Sqlite, Transaction};
 
 use super::{SqliteStore, is_unique_violation, micros, sqlite_error};
-use crate::domain::brakes::{Breaker, Census, Decision, Pause, Scope, Verdict};
+use crate::domain::brakes::{Breaker, Census, Decision, Pause, PlanHistory, Scope, Verdict};
 use crate::domain::healing::Strategy;
 use crate::domain::healing::{Context, ErrorType, RecurrenceWindow};
 use crate::domain::healing_records::{
@@ -19,8 +19,8 @@ use crate::domain::healing_records::{
 use crate::error::{Error, Result};
 use crate::storage::decode;
 use crate::storage::healing::{
-    self as flows, ACTION_COLUMNS, DECISION_COLUMNS, EVENT_COLUMNS, EvidenceRow, Finish, HealingTx,
-    HealingTxs, Lesson, NewRecovery, millis,
+    self as flows, ACTION_COLUMNS, BrakeCounts, DECISION_COLUMNS, EVENT_COLUMNS, EvidenceRow,
+    Finish, HealingTx, HealingTxs, Lesson, NewRecovery, millis,
 };
 use crate::storage::{DecisionQuery, ErrorEventQuery, RecoveryActionQuery};
 
@@ -71,6 +71,10 @@ pub(super) struct SqliteTx<'s> {
 
 #[async_trait]
 impl HealingTxs for SqliteStore {
+    fn writes_serialised(&self) -> bool {
+        true
+    }
+
     async fn begin_write(&self) -> Result<Box<dyn HealingTx + '_>> {
         let tx = SqliteStore::begin_write(self).await?;
         Ok(Box::new(SqliteTx { store: self, tx }))
@@ -416,9 +420,56 @@ impl HealingTx for SqliteTx<'_> {
         .map_err(sqlite_error)
     }
 
-    async fn lock_brakes(&mut self) -> Result<()> {
+    async fn lock_brakes(&mut self, _slot: Option<u32>) -> Result<()> {
         // The one writer serialises every write transaction.
         Ok(())
+    }
+
+    async fn brake_counts(
+        &mut self,
+        now: DateTime<Utc>,
+        rate_since: DateTime<Utc>,
+        group: Option<(&str, &str)>,
+    ) -> Result<BrakeCounts> {
+        let (key, value) = group.unzip();
+        let label = label_of("a.labels", "?3");
+        let row: (i64, i64, i64, i64, i64, i64) = sqlx::query_as(&format!(
+            "WITH active AS (
+                 SELECT agent_id FROM recovery_actions
+                 WHERE status = 'ACTIVE' AND lease_expires_at > ?1),
+             members AS (
+                 SELECT coalesce({label} = ?4, 0) AS grouped,
+                        a.status = 'OFFLINE'
+                        OR a.agent_id IN (SELECT agent_id FROM active) AS unhealthy
+                 FROM agents a WHERE a.status <> 'EXHAUSTED'),
+             strangers AS (
+                 SELECT count(*) AS n FROM active r
+                 WHERE NOT EXISTS (SELECT 1 FROM agents a WHERE a.agent_id = r.agent_id)),
+             census AS (
+                 SELECT count(*) AS counted,
+                        count(*) FILTER (WHERE unhealthy) AS unhealthy,
+                        count(*) FILTER (WHERE grouped) AS group_counted,
+                        count(*) FILTER (WHERE grouped AND unhealthy) AS group_unhealthy
+                 FROM members)
+             SELECT c.counted + s.n, c.unhealthy + s.n, c.group_counted, c.group_unhealthy,
+                    (SELECT count(*) FROM recovery_actions WHERE created_at > ?2),
+                    (SELECT count(*) FROM healing_decisions
+                     WHERE verdict = 'PLANNED' AND group_name = ?4 AND decided_at > ?2)
+             FROM census c, strangers s"
+        ))
+        .bind(micros(now))
+        .bind(micros(rate_since))
+        .bind(key)
+        .bind(value)
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(sqlite_error)?;
+        Ok(BrakeCounts {
+            fleet: flows::census(row.0, row.1),
+            group: flows::census(row.2, row.3),
+            fleet_plans: flows::count(row.4),
+            group_plans: flows::count(row.5),
+        })
     }
 
     async fn brake_agent(
@@ -494,38 +545,36 @@ impl HealingTx for SqliteTx<'_> {
             .collect())
     }
 
-    async fn plans_since(
+    async fn plan_history(
         &mut self,
-        since: DateTime<Utc>,
-        group: Option<(&str, &str)>,
-    ) -> Result<u32> {
-        let (key, value) = group.unzip();
-        let n: i64 = sqlx::query_scalar(&format!(
-            "SELECT count(*) FROM recovery_actions r
-             WHERE r.created_at > ?1
-               AND (?2 IS NULL OR EXISTS (
-                   SELECT 1 FROM agents a WHERE a.agent_id = r.agent_id AND {} = ?3))",
-            label_of("a.labels", "?2")
-        ))
-        .bind(micros(since))
-        .bind(key)
-        .bind(value)
-        .fetch_one(&mut *self.tx)
-        .await
-        .map_err(sqlite_error)?;
-        Ok(flows::count(n))
-    }
-
-    async fn agent_plans_since(&mut self, agent_id: &str, since: DateTime<Utc>) -> Result<u32> {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM recovery_actions WHERE agent_id = ?1 AND created_at > ?2",
-        )
-        .bind(agent_id)
-        .bind(micros(since))
-        .fetch_one(&mut *self.tx)
-        .await
-        .map_err(sqlite_error)?;
-        Ok(flows::count(n))
+        agent_id: &str,
+        except: i64,
+        window_start: DateTime<Utc>,
+    ) -> Result<PlanHistory> {
+        let (last_success, errors, in_window, since_success): (Option<i64>, i64, i64, i64) =
+            sqlx::query_as(
+                "SELECT s.at,
+                        (SELECT count(*) FROM error_events e
+                         WHERE e.agent_id = ?1 AND e.occurred_at > s.at AND e.id <> ?2),
+                        (SELECT count(*) FROM recovery_actions r
+                         WHERE r.agent_id = ?1 AND r.created_at > ?3),
+                        (SELECT count(*) FROM recovery_actions r
+                         WHERE r.agent_id = ?1 AND r.created_at > s.at)
+                 FROM (SELECT max(completed_at) AS at FROM recovery_actions
+                       WHERE agent_id = ?1 AND status = 'SUCCEEDED') s",
+            )
+            .bind(agent_id)
+            .bind(except)
+            .bind(micros(window_start))
+            .fetch_one(&mut *self.tx)
+            .await
+            .map_err(sqlite_error)?;
+        Ok(PlanHistory {
+            last_success: last_success.map(decode::StoredTime::time),
+            errors_since_success: flows::count(errors),
+            plans_in_window: flows::count(in_window),
+            plans_since_success: flows::count(since_success),
+        })
     }
 
     async fn busiest_agents(
@@ -546,36 +595,6 @@ impl HealingTx for SqliteTx<'_> {
             .into_iter()
             .map(|(a, n)| (a, flows::count(n)))
             .collect())
-    }
-
-    async fn last_success(&mut self, agent_id: &str) -> Result<Option<DateTime<Utc>>> {
-        let at: Option<i64> = sqlx::query_scalar(
-            "SELECT max(completed_at) FROM recovery_actions
-             WHERE agent_id = ?1 AND status = 'SUCCEEDED'",
-        )
-        .bind(agent_id)
-        .fetch_one(&mut *self.tx)
-        .await
-        .map_err(sqlite_error)?;
-        Ok(at.map(decode::StoredTime::time))
-    }
-
-    async fn errors_after(
-        &mut self,
-        agent_id: &str,
-        after: DateTime<Utc>,
-        except: i64,
-    ) -> Result<u32> {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM error_events WHERE agent_id = ?1 AND occurred_at > ?2 AND id <> ?3",
-        )
-        .bind(agent_id)
-        .bind(micros(after))
-        .bind(except)
-        .fetch_one(&mut *self.tx)
-        .await
-        .map_err(sqlite_error)?;
-        Ok(flows::count(n))
     }
 
     async fn pauses(&mut self) -> Result<Vec<Pause>> {
