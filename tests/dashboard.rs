@@ -1023,6 +1023,14 @@ fn claim_request(labels: &[(&str, &str)], slot: pb::SlotType, lease: i64) -> pb:
 }
 
 /// A lease's expiry as the page writes it: the local wall clock.
+/// The local date of `ts`, as the page writes it before a time of another day.
+fn wall_date(ts: Option<&prost_types::Timestamp>) -> String {
+    let at = fleetcare::proto::from_timestamp(*ts.expect("a lease")).expect("a valid time");
+    at.with_timezone(&chrono::Local)
+        .format("%Y-%m-%d")
+        .to_string()
+}
+
 fn wall_clock(ts: Option<&prost_types::Timestamp>) -> String {
     let at = fleetcare::proto::from_timestamp(*ts.expect("a lease")).expect("a valid time");
     at.with_timezone(&chrono::Local)
@@ -1128,9 +1136,13 @@ async fn claims_cordons_and_deletions_show_live_and_the_cordon_buttons_cordon_an
             .send(text("tr[data-agent-id=disp-a] td.claim"))
             .await,
     );
+    // The page adds the date when the lease ends on another day than the
+    // page's today (a test run across midnight): either form.
     let until = wall_clock(gpu.lease_expires_at.as_ref());
+    let dated = wall_date(gpu.lease_expires_at.as_ref());
     assert!(
-        claim.starts_with(&format!("claimed by sched-a until {until}")),
+        claim.starts_with(&format!("claimed by sched-a until {until}"))
+            || claim.starts_with(&format!("claimed by sched-a until {dated} {until}")),
         "{claim}"
     );
     assert!(
