@@ -81,6 +81,9 @@ async fn run(
     ticks.set_missed_tick_behavior(MissedTickBehavior::Skip);
     loop {
         tokio::select! {
+            // A stopping server sweeps no more, even when a tick is due too
+            // (unbiased, select may pick the tick after the stop).
+            biased;
             _ = shutdown.cancelled() => return,
             _ = ticks.tick() => {}
         }
