@@ -6,9 +6,9 @@
 //! BENCH_HEALING_AGENTS (1,000) agents registered in 10 groups
 //! (`team=t0..t9`); the server runs with `--healing-policy` pointing at a
 //! file this bench rewrites between rounds: `brakes = true` (group_by team,
-//! every limit out of reach so nothing is braked: every plan takes the
-//! global plan lock and counts the rates, the agent's budget, the fleet's
-//! and the group's census) or `brakes = false` (nothing counted, no lock).
+//! every limit out of reach so nothing is braked: every plan takes its lock
+//! slot and reads the rates, the agent's budget and the fleet's and the
+//! group's census) or `brakes = false` (nothing counted, no lock).
 //! Each round reports an error for BENCH_HEALING_PLANS (200) agents, then
 //! times their PlanRecovery calls, BENCH_HEALING_CONCURRENCY (8) in flight,
 //! then reports each outcome (success), untimed. Rounds alternate off and
@@ -200,18 +200,11 @@ async fn main() {
     let plans = env_usize("BENCH_HEALING_PLANS", 200).clamp(1, agents);
     let concurrency = env_usize("BENCH_HEALING_CONCURRENCY", 8).max(1);
     let rounds = env_usize("BENCH_HEALING_ROUNDS", 3).max(1);
-    let backends = std::env::var("BENCH_BACKENDS").unwrap_or_else(|_| {
-        if helpers::sqlite_backend() {
-            "sqlite".into()
-        } else {
-            "postgres,sqlite".into()
-        }
-    });
     println!(
         "fleetcare healing bench: {} cores",
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
-    for backend in backends.split(',') {
-        run(backend.trim(), agents, plans, concurrency, rounds).await;
+    for backend in common::backends() {
+        run(&backend, agents, plans, concurrency, rounds).await;
     }
 }

@@ -303,18 +303,11 @@ async fn run(backend: &str, members: usize, rate: u32) {
 async fn main() {
     let members = env_usize("BENCH_POOL_MEMBERS", 10_000).max(2);
     let rate = env_usize("BENCH_RELEASE_RATE", 500).clamp(1, 1000) as u32;
-    let backends = std::env::var("BENCH_BACKENDS").unwrap_or_else(|_| {
-        if helpers::sqlite_backend() {
-            "sqlite".into()
-        } else {
-            "postgres,sqlite".into()
-        }
-    });
     println!(
         "fleetcare pools bench: {} cores",
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
-    for backend in backends.split(',') {
-        run(backend.trim(), members, rate).await;
+    for backend in common::backends() {
+        run(&backend, members, rate).await;
     }
 }

@@ -12,6 +12,20 @@ pub mod baselines;
 pub mod measure;
 pub mod outside;
 
+/// The stores a bench runs on, in order: `BENCH_BACKENDS` (`postgres`,
+/// `sqlite`, comma-separated), else the embedded store alone under
+/// `FLEETCARE_TEST_BACKEND=sqlite`, else Postgres then the embedded store.
+pub fn backends() -> Vec<String> {
+    let named = std::env::var("BENCH_BACKENDS").unwrap_or_else(|_| {
+        if helpers::sqlite_backend() {
+            "sqlite".into()
+        } else {
+            "postgres,sqlite".into()
+        }
+    });
+    named.split(',').map(|b| b.trim().to_owned()).collect()
+}
+
 /// A size from the environment (`BENCH_AGENTS=500 cargo bench ...`), or `default`.
 pub fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)

@@ -339,6 +339,8 @@ pub struct Plan {
     /// The quota pools as the batch leaves them, and which it changed.
     pools: BTreeMap<PoolName, PoolState>,
     pools_changed: BTreeSet<PoolName>,
+    /// Each agent's status and labels as the batch found it.
+    before: BTreeMap<String, (AgentStatus, Labels)>,
 }
 
 /// What the store writes for a batch, revisions final.
@@ -356,6 +358,9 @@ pub struct Writes {
     pub claims: Vec<Claim>,
     /// The quota pools whose state changed, in name order.
     pub pools: Vec<(PoolName, PoolState)>,
+    /// How the brakes' census changes (`brakes::census_changes`), which a
+    /// store that keeps it writes with the rest.
+    pub census: Vec<crate::domain::brakes::CensusChange>,
 }
 
 /// Which values of [`Plan::relative_writes`] are relative to the batch.
@@ -393,6 +398,18 @@ impl Plan {
             .collect()
     }
 
+    /// How the batch changes the brakes' census: each changed or deleted
+    /// agent from its stored status and labels to its final ones.
+    fn census(&self) -> Vec<crate::domain::brakes::CensusChange> {
+        let stored = |id: &String| self.before.get(id).map(|(s, l)| (*s, l));
+        let changed = self.changed.iter().map(|id| {
+            let after = self.agents.get(id).map(|a| (a.state.status, &a.labels));
+            (stored(id), after)
+        });
+        let deleted = self.deleted.iter().map(|id| (stored(id), None));
+        crate::domain::brakes::census_changes(changed.chain(deleted))
+    }
+
     fn pick(&self, ids: &BTreeSet<String>) -> Vec<Agent> {
         ids.iter()
             .filter_map(|id| self.agents.get(id).cloned())
@@ -423,6 +440,7 @@ impl Plan {
             transitions: self.transitions.clone(),
             claims: self.claims.clone(),
             pools: self.changed_pools(),
+            census: self.census(),
         };
         (writes, shifts)
     }
@@ -431,6 +449,7 @@ impl Plan {
     /// and returns what to write and each command's outcome.
     pub fn finish(self, base: i64) -> (Writes, Vec<Result<Applied, Refusal>>) {
         let pools = self.changed_pools();
+        let census = self.census();
         let mut agents = self.agents;
         for id in &self.renumbered {
             if let Some(agent) = agents.get_mut(id) {
@@ -499,6 +518,7 @@ impl Plan {
                 })
                 .collect(),
             pools,
+            census,
         };
         (writes, outcomes)
     }
@@ -573,8 +593,17 @@ pub fn plan_full(
     for agent in rows.candidates {
         p.agents.entry(agent.agent_id.clone()).or_insert(agent);
     }
+    p.before = found(&p.agents);
     let outcomes = commands.iter().map(|c| p.decide(c)).collect();
     p.into_plan(outcomes)
+}
+
+/// The status and labels of the agents a batch found.
+fn found(agents: &BTreeMap<String, Agent>) -> BTreeMap<String, (AgentStatus, Labels)> {
+    agents
+        .iter()
+        .map(|(id, a)| (id.clone(), (a.state.status, a.labels.clone())))
+        .collect()
 }
 
 impl Planner {
@@ -593,6 +622,7 @@ impl Planner {
             agents.entry(agent.agent_id.clone()).or_insert(agent);
         }
         Planner {
+            before: found(&agents),
             agents,
             created: BTreeSet::new(),
             changed: BTreeSet::new(),
@@ -621,6 +651,7 @@ impl Planner {
             claims: self.claims,
             pools: self.pools,
             pools_changed: self.pools_changed,
+            before: self.before,
         }
     }
 }
@@ -638,6 +669,8 @@ struct Planner {
     made: Vec<(Claim, Option<Agent>)>,
     pools: BTreeMap<PoolName, PoolState>,
     pools_changed: BTreeSet<PoolName>,
+    /// Each agent's status and labels as the batch found it.
+    before: BTreeMap<String, (AgentStatus, Labels)>,
     now: DateTime<Utc>,
 }
 

@@ -50,6 +50,7 @@ use serde::Deserialize;
 
 use crate::domain::agent::AgentStatus;
 use crate::domain::config_file::{line_of, toml_error};
+use crate::domain::labels::Labels;
 
 /// The default share of a group that may be unhealthy at once, in percent
 /// (Cluster API's `maxUnhealthy` is set near here; medik8s keeps 51 %
@@ -321,6 +322,65 @@ pub struct Census {
     pub counted: u32,
     /// Of them, unhealthy: under remediation (an active recovery) or OFFLINE.
     pub unhealthy: u32,
+}
+
+/// A change of the census the stores keep (`agent_census`) for one scope:
+/// the fleet (`key` and `value` empty) or one label pair. The census counts,
+/// per scope, the agents and, of them, those OFFLINE and those EXHAUSTED:
+/// what [`Census`] is made of, less what time changes (active recoveries).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CensusChange {
+    pub key: String,
+    pub value: String,
+    pub agents: i64,
+    pub offline: i64,
+    pub exhausted: i64,
+}
+
+/// How the kept census changes when agents move from `before` to `after`
+/// (their status and labels; `None` absent: created or deleted), summed
+/// per scope; the fleet's first, then by label pair; scopes left as they
+/// were are left out (a move between IDLE, BUSY and ON_CALL changes none).
+pub fn census_changes<'a>(
+    moves: impl IntoIterator<
+        Item = (
+            Option<(AgentStatus, &'a Labels)>,
+            Option<(AgentStatus, &'a Labels)>,
+        ),
+    >,
+) -> Vec<CensusChange> {
+    let mut sums: BTreeMap<(&str, &str), (i64, i64, i64)> = BTreeMap::new();
+    let mut add = |side: Option<(AgentStatus, &'a Labels)>, sign: i64| {
+        let Some((status, labels)) = side else {
+            return;
+        };
+        let offline = i64::from(status == AgentStatus::Offline);
+        let exhausted = i64::from(status == AgentStatus::Exhausted);
+        let scopes =
+            std::iter::once(("", "")).chain(labels.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        for scope in scopes {
+            let sum = sums.entry(scope).or_default();
+            sum.0 += sign;
+            sum.1 += sign * offline;
+            sum.2 += sign * exhausted;
+        }
+    };
+    for (before, after) in moves {
+        add(before, -1);
+        add(after, 1);
+    }
+    sums.into_iter()
+        .filter(|(_, sum)| *sum != (0, 0, 0))
+        .map(
+            |((key, value), (agents, offline, exhausted))| CensusChange {
+                key: key.to_owned(),
+                value: value.to_owned(),
+                agents,
+                offline,
+                exhausted,
+            },
+        )
+        .collect()
 }
 
 /// Whether an agent in `status` under remediation or not counts in a
@@ -942,6 +1002,8 @@ pub struct BrakeStatus {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message} (healing decision {decision_id})")]
 pub struct NotPlanned {
+    /// `Braked` or `DryRun`.
+    pub verdict: Verdict,
     pub reason: &'static str,
     pub message: String,
     pub decision_id: i64,

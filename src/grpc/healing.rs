@@ -583,11 +583,8 @@ impl HealingService for HealingApi {
             )
             .await;
         let (verdict, reason) = match &planned {
-            Ok(_) => ("PLANNED", ""),
-            Err(Error::NotPlanned(not)) if not.reason == crate::domain::brakes::REASON_DRY_RUN => {
-                ("DRY_RUN", not.reason)
-            }
-            Err(Error::NotPlanned(not)) => ("BRAKED", not.reason),
+            Ok(_) => (crate::domain::brakes::Verdict::Planned.as_str(), ""),
+            Err(Error::NotPlanned(not)) => (not.verdict.as_str(), not.reason),
             Err(_) => ("", ""),
         };
         if !verdict.is_empty() {

@@ -1299,6 +1299,144 @@ async fn one_active_recovery_per_agent(s: &Subject) {
         .expect("another agent plans freely");
 }
 
+contract!(the_brakes_decide_on_the_kept_census_and_the_agent_s_budget on sqlite, postgres);
+
+/// The brakes through the store's flows, on its clock: the census of the
+/// fleet and of the agent's group as the agents were written (an OFFLINE one
+/// unhealthy, an EXHAUSTED one not counted and never planned), the share
+/// braked exactly at its limit, each decision recorded with the numbers it
+/// was taken on; an agent's retry budget spent, and free again once its
+/// window has passed.
+async fn the_brakes_decide_on_the_kept_census_and_the_agent_s_budget(s: &Subject) {
+    use crate::domain::brakes::{self, Census, Verdict};
+    use crate::domain::healing_records::RecoveryOutcome;
+    use crate::storage::DecisionQuery;
+
+    let now = s.now.now();
+    let mut commands: Vec<Command> = (0..10)
+        .map(|i| labelled(&format!("x{i}"), &[("team", "x")]))
+        .collect();
+    commands.extend((0..5).map(|i| labelled(&format!("y{i}"), &[("team", "y")])));
+    for outcome in s.agents.commit_batch(&commands, now).await.unwrap() {
+        outcome.unwrap();
+    }
+    let offline_and_exhausted = [
+        apply("x9", Event::MarkOffline),
+        apply("x8", exhausted(now + Duration::hours(2))),
+    ];
+    for outcome in s
+        .agents
+        .commit_batch(&offline_and_exhausted, now)
+        .await
+        .unwrap()
+    {
+        outcome.unwrap();
+    }
+    let policy = HealingPolicy {
+        group_by: Some("team".into()),
+        max_unhealthy_percent: 30,
+        min_unhealthy: 0,
+        max_plans_per_minute: 1000,
+        max_group_plans_per_minute: 1000,
+        retry_budget: 2,
+        retry_window: Duration::hours(1),
+        ..HealingPolicy::default()
+    };
+    let plan = |agent: &'static str| {
+        let policy = policy.clone();
+        async move {
+            let event = s.healing().record_error(error(agent)).await.unwrap();
+            s.healing()
+                .plan_recovery(
+                    event.id,
+                    Duration::minutes(5),
+                    "contract",
+                    &policy,
+                    planner(),
+                )
+                .await
+        }
+    };
+    let reason = |planned: crate::error::Result<_>| match planned {
+        Err(Error::NotPlanned(not)) => not.reason,
+        other => panic!("expected a braked plan, got {other:?}"),
+    };
+
+    // Team x counts 9 (x8 is EXHAUSTED), x9 OFFLINE among them.
+    let allowed = brakes::allowed_unhealthy(&policy, 9);
+    assert!(allowed >= 2 && allowed < brakes::allowed_unhealthy(&policy, 14));
+    assert_eq!(reason(plan("x8").await), "HEALING_AGENT_EXHAUSTED");
+    let agents = ["x0", "x1", "x2", "x3", "x4", "x5"];
+    for agent in &agents[..allowed as usize - 1] {
+        plan(agent).await.expect("room in the group");
+    }
+    let braked = agents[allowed as usize - 1];
+    assert_eq!(reason(plan(braked).await), "HEALING_BRAKE_UNHEALTHY_SHARE");
+    let decisions = s
+        .healing()
+        .list_healing_decisions(&DecisionQuery {
+            agent_id: Some(braked.into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(decisions.len(), 1);
+    let numbers = &decisions[0].numbers;
+    assert_eq!(decisions[0].verdict, Verdict::Braked);
+    assert_eq!(numbers.group.as_deref(), Some("x"));
+    assert_eq!(
+        (numbers.group_census, numbers.fleet),
+        (
+            Census {
+                counted: 9,
+                unhealthy: allowed
+            },
+            Census {
+                counted: 14,
+                unhealthy: allowed
+            }
+        )
+    );
+    // Team y has room for one; y0's recovery ends.
+    let y0 = plan("y0").await.expect("another group plans");
+    s.healing()
+        .record_recovery_outcome(
+            y0.id,
+            RecoveryOutcome {
+                success: true,
+                duration: Duration::seconds(5),
+                details: String::new(),
+                actor: "contract".into(),
+            },
+            &policy,
+        )
+        .await
+        .unwrap();
+
+    // y1's budget: two plans in the window, the third braked; free again
+    // once the window has passed.
+    for _ in 0..2 {
+        let action = plan("y1").await.expect("within the budget");
+        s.healing()
+            .record_recovery_outcome(
+                action.id,
+                RecoveryOutcome {
+                    success: false,
+                    duration: Duration::seconds(5),
+                    details: String::new(),
+                    actor: "contract".into(),
+                },
+                &policy,
+            )
+            .await
+            .unwrap();
+    }
+    assert_eq!(reason(plan("y1").await), "RETRY_BUDGET_SPENT");
+    s.clock.advance(Duration::hours(1) + Duration::seconds(1));
+    plan("y1").await.expect("the window has passed");
+}
+
 contract!(a_recovery_lease_expires_on_the_store_clock on sqlite, postgres);
 
 /// An ACTIVE recovery holds its agent until its lease ends on the store's

@@ -156,8 +156,13 @@ impl TableSpec {
 
 use Kind::{Bool, Date, Float, Int, Json, Text, Timestamp};
 
-/// Every table of both schemas (not `_sqlx_migrations`), parents before
-/// children (error_events before recovery_actions).
+/// Tables kept from other tables, not copied: the target counts them from
+/// the copied rows ([`TableStore::finish_writes`]; `agent_census`, from
+/// `agents`).
+pub const DERIVED: &[&str] = &["agent_census"];
+
+/// Every table of both schemas (not `_sqlx_migrations`, not [`DERIVED`]),
+/// parents before children (error_events before recovery_actions).
 pub static TABLES: &[TableSpec] = &[
     TableSpec {
         name: "agents",
@@ -527,7 +532,8 @@ pub trait TableStore: Send {
     async fn clear(&mut self, table: &TableSpec) -> Result<()>;
 
     /// After every table is written: what the store needs to go on from the
-    /// copied rows (Postgres: the `bigserial` sequences pass the copied ids).
+    /// copied rows (Postgres: the `bigserial` sequences pass the copied ids;
+    /// both: the [`DERIVED`] tables counted).
     async fn finish_writes(&mut self) -> Result<()>;
 
     async fn commit(self: Box<Self>) -> Result<()>;

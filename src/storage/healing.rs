@@ -383,32 +383,32 @@ pub(crate) trait HealingTx: Send {
     /// recovery action left; how many.
     async fn delete_events_before(&mut self, before: DateTime<Utc>) -> Result<u64>;
 
-    /// Locks the brakes until commit: one lock slot (beside plans holding
-    /// other slots), or every slot (`None`: alone). SQLite's one writer
-    /// serialises every write already: a no-op there.
-    async fn lock_brakes(&mut self, slot: Option<u32>) -> Result<()>;
-
-    /// The rates (plans since `rate_since`, fleet-wide and in `group`) and
-    /// the census of the fleet and of `group` at `now`, in one statement.
+    /// The rates (plans since `rate_since`, fleet-wide and in `group`), the
+    /// census of the fleet and of `group` at `now` (see [`brakes::Census`];
+    /// the fleet's also counts the agents not registered that are under
+    /// remediation) and, when `budget` names an agent, what its retry budget
+    /// is counted on; in one statement. The agents are not counted but read
+    /// from `agent_census`, which triggers on `agents` keep (the migration
+    /// `agent_census`): what this counts is the active recoveries and the
+    /// last minute's plans.
     async fn brake_counts(
         &mut self,
         now: DateTime<Utc>,
         rate_since: DateTime<Utc>,
         group: Option<(&str, &str)>,
+        budget: Option<BudgetQuery<'_>>,
     ) -> Result<BrakeCounts>;
 
-    /// The agent's status and the value of its `group_by` label (`None`
-    /// when it has none or no key is given); `None` when not registered.
+    /// Takes `lock` (held until commit; SQLite's one writer serialises every
+    /// write already, and takes none), then reads the agent's status and the
+    /// value of its `group_by` label (`None` when it has none or no key is
+    /// given); `None` when not registered. One statement.
     async fn brake_agent(
         &mut self,
         agent_id: &str,
         group_by: Option<&str>,
+        lock: BrakeLock,
     ) -> Result<Option<(String, Option<String>)>>;
-
-    /// The census of the fleet (`group` `None`), or of the agents whose label
-    /// `group.0` is `group.1`, at `now` (see [`brakes::Census`]); the fleet's
-    /// also counts the agents not registered that are under remediation.
-    async fn census(&mut self, now: DateTime<Utc>, group: Option<(&str, &str)>) -> Result<Census>;
 
     /// Each group's census (`group_by` the label key), by group.
     async fn group_censuses(
@@ -416,16 +416,6 @@ pub(crate) trait HealingTx: Send {
         now: DateTime<Utc>,
         group_by: &str,
     ) -> Result<Vec<(String, Census)>>;
-
-    /// What the agent's retry budget is counted on: its latest success,
-    /// its errors after it (`except` left out), its plans since
-    /// `window_start` and since that success; in one statement.
-    async fn plan_history(
-        &mut self,
-        agent_id: &str,
-        except: i64,
-        window_start: DateTime<Utc>,
-    ) -> Result<PlanHistory>;
 
     /// Agents with at least `at_least` recovery actions created since
     /// `since`, with their counts.
@@ -477,6 +467,51 @@ pub(crate) struct BrakeCounts {
     pub group: Census,
     pub fleet_plans: u32,
     pub group_plans: u32,
+    /// The agent's, when asked for (else empty).
+    pub history: PlanHistory,
+}
+
+/// The row [`HealingTx::brake_counts`] reads, `T` a backend's stored time:
+/// the fleet's counted and unhealthy, the group's, the fleet's and the
+/// group's plans in the last minute, and the agent's history (latest
+/// success, errors after it, plans in the window and since that success).
+pub(crate) type BrakeRow<T> = (i64, i64, i64, i64, i64, i64, Option<T>, i64, i64, i64);
+
+/// The counts of a [`BrakeRow`].
+pub(crate) fn brake_counts<T: StoredTime>(row: BrakeRow<T>) -> BrakeCounts {
+    BrakeCounts {
+        fleet: census(row.0, row.1),
+        group: census(row.2, row.3),
+        fleet_plans: count(row.4),
+        group_plans: count(row.5),
+        history: PlanHistory {
+            last_success: row.6.map(StoredTime::time),
+            errors_since_success: count(row.7),
+            plans_in_window: count(row.8),
+            plans_since_success: count(row.9),
+        },
+    }
+}
+
+/// Whose plan history [`HealingTx::brake_counts`] reads: the agent's latest
+/// success, its errors after it (`except` left out), its plans since
+/// `window_start` and since that success.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BudgetQuery<'a> {
+    pub agent_id: &'a str,
+    pub except: i64,
+    pub window_start: DateTime<Utc>,
+}
+
+/// How a plan holds the brakes' lock ([`plan_recovery`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BrakeLock {
+    /// The brakes are off: no lock.
+    None,
+    /// One lock slot (`brakes::lock_slot`), beside plans holding others.
+    Slot(u32),
+    /// Every slot: alone.
+    All,
 }
 
 /// Opens a backend's transactions.
@@ -682,18 +717,21 @@ impl BrakeInputs {
     }
 }
 
-/// Reads what the agent's own brakes need for a plan for `event`'s agent at
-/// `now`: its status and group, the pauses, its budget (nothing but the
-/// first two with the brakes off). The fleet-wide counts come later
-/// ([`count_fleet`]), under the brakes' lock.
+/// Takes `lock`, then reads what the brakes decide a plan for `event`'s
+/// agent on at `now`: its status and group and the pauses and, with the
+/// brakes on, in one more statement, the rates, the census of the fleet and
+/// of its group, and its budget.
 async fn brake_inputs(
     tx: &mut dyn HealingTx,
     policy: &HealingPolicy,
     event: &ErrorEvent,
     now: DateTime<Utc>,
+    lock: BrakeLock,
 ) -> Result<BrakeInputs> {
     let agent = &event.agent_id;
-    let row = tx.brake_agent(agent, policy.group_by.as_deref()).await?;
+    let row = tx
+        .brake_agent(agent, policy.group_by.as_deref(), lock)
+        .await?;
     // An agent never registered counts as a healthy member of the fleet
     // (and of no group) until planned.
     let (status, group) = match &row {
@@ -712,46 +750,29 @@ async fn brake_inputs(
         pauses: tx.pauses().await?,
     };
     if policy.brakes {
-        inputs.agent_plans = agent_budget_plans(tx, policy, agent, event.id, now).await?;
+        let budget = BudgetQuery {
+            agent_id: agent,
+            except: event.id,
+            window_start: now - policy.retry_window,
+        };
+        let counts = tx
+            .brake_counts(
+                now,
+                now - brakes::RATE_WINDOW,
+                inputs.group_key(policy),
+                Some(budget),
+            )
+            .await?;
+        inputs.fleet = counts.fleet;
+        if !inputs.registered {
+            inputs.fleet.counted += 1;
+        }
+        inputs.group_census = counts.group;
+        inputs.fleet_plans = counts.fleet_plans;
+        inputs.group_plans = counts.group_plans;
+        inputs.agent_plans = brakes::budget_plans(policy, &counts.history, now);
     }
     Ok(inputs)
-}
-
-/// Counts the rates and the census of the fleet and of the agent's group
-/// into `inputs`, in one statement.
-async fn count_fleet(
-    tx: &mut dyn HealingTx,
-    policy: &HealingPolicy,
-    inputs: &mut BrakeInputs,
-    now: DateTime<Utc>,
-) -> Result<()> {
-    let counts = tx
-        .brake_counts(now, now - brakes::RATE_WINDOW, inputs.group_key(policy))
-        .await?;
-    inputs.fleet = counts.fleet;
-    if !inputs.registered {
-        inputs.fleet.counted += 1;
-    }
-    inputs.group_census = counts.group;
-    inputs.fleet_plans = counts.fleet_plans;
-    inputs.group_plans = counts.group_plans;
-    Ok(())
-}
-
-/// The agent's plans counted against its retry budget at `now`
-/// ([`brakes::budget_since`]), `event` (the error being planned) left out of
-/// whether it has been healthy.
-async fn agent_budget_plans(
-    tx: &mut dyn HealingTx,
-    policy: &HealingPolicy,
-    agent: &str,
-    event: i64,
-    now: DateTime<Utc>,
-) -> Result<u32> {
-    let history = tx
-        .plan_history(agent, event, now - policy.retry_window)
-        .await?;
-    Ok(brakes::budget_plans(policy, &history, now))
 }
 
 /// Records a decision without a plan and commits it; the error to answer.
@@ -763,6 +784,7 @@ async fn not_planned(
     let decision_id = tx.insert_decision(decision).await?;
     tx.commit().await?;
     Err(NotPlanned {
+        verdict: decision.verdict,
         reason,
         message: decision.message.clone(),
         decision_id,
@@ -835,14 +857,14 @@ async fn plan_once(
         tx.set_recovery_status(lapsed, RecoveryStatus::Expired)
             .await?;
     }
-    if policy.brakes {
-        let slot = (!alone).then(|| brakes::lock_slot(&event.agent_id));
-        tx.lock_brakes(slot).await?;
-    }
-    let mut inputs = brake_inputs(&mut *tx, policy, &event, now).await?;
+    let lock = match (policy.brakes, alone) {
+        (false, _) => BrakeLock::None,
+        (true, true) => BrakeLock::All,
+        (true, false) => BrakeLock::Slot(brakes::lock_slot(&event.agent_id)),
+    };
+    let inputs = brake_inputs(&mut *tx, policy, &event, now, lock).await?;
     let mut braked = brakes::check_agent(policy, &inputs.request());
     if braked.is_ok() && policy.brakes {
-        count_fleet(&mut *tx, policy, &mut inputs, now).await?;
         braked = brakes::check_counts(policy, &inputs.request());
         if braked.is_ok() && !alone && !brakes::room_for_neighbours(policy, &inputs.request()) {
             return Ok(None);
@@ -970,7 +992,8 @@ pub(crate) async fn healing_brakes(
         census,
         allowed: brakes::allowed_unhealthy(policy, census.counted),
     };
-    let mut shares = vec![share(Scope::Fleet, tx.census(now, None).await?)];
+    let fleet = tx.brake_counts(now, now, None, None).await?.fleet;
+    let mut shares = vec![share(Scope::Fleet, fleet)];
     if let Some(key) = &policy.group_by {
         for (group, census) in tx.group_censuses(now, key).await? {
             shares.push(share(Scope::Group(group), census));
@@ -981,7 +1004,13 @@ pub(crate) async fn healing_brakes(
         .busiest_agents(now - policy.retry_window, policy.retry_budget)
         .await?
     {
-        let plans = agent_budget_plans(&mut *tx, policy, &agent, 0, now).await?;
+        let budget = BudgetQuery {
+            agent_id: &agent,
+            except: 0,
+            window_start: now - policy.retry_window,
+        };
+        let history = tx.brake_counts(now, now, None, Some(budget)).await?.history;
+        let plans = brakes::budget_plans(policy, &history, now);
         if plans >= policy.retry_budget {
             spent.push((agent, plans));
         }

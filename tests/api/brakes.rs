@@ -554,3 +554,131 @@ postgres_only! {
         }
     }
 }
+
+/// The shares the brakes count on follow every kind of write of the agents:
+/// registrations, label changes, OFFLINE and back, EXHAUSTED, work slots
+/// (which leave them alone), deletions and active recoveries; the fleet's
+/// and each group's, as `GetHealingPolicy` shows them.
+#[tokio::test]
+async fn the_census_follows_registrations_labels_statuses_deletions_and_recoveries() {
+    use fleetcare::proto::v1::dispatch_service_client::DispatchServiceClient;
+    let db = TestDb::new();
+    let mut args = test_args(&db.url);
+    args.healing = braked(args.healing, |h| {
+        h.healing_group_by = Some("team".into());
+        h.healing_max_unhealthy = 100;
+    });
+    let app = TestApp::spawn_with(args).await;
+    for (id, team) in [("a", "x"), ("b", "x"), ("c", "y"), ("d", "z"), ("e", "z")] {
+        register(&app, id, team).await;
+    }
+    app.register("f").await;
+    let mut agents = app.agents.clone();
+    for id in ["a", "f", "e"] {
+        agents
+            .mark_offline(pb::MarkOfflineRequest {
+                agent_id: id.into(),
+            })
+            .await
+            .expect("offline");
+    }
+    // f comes back; e is deleted while OFFLINE.
+    agents
+        .heartbeat(pb::HeartbeatRequest {
+            agent_id: "f".into(),
+        })
+        .await
+        .expect("heartbeat");
+    DispatchServiceClient::new(app.channel.clone())
+        .delete_agent(pb::DeleteAgentRequest {
+            agent_id: "e".into(),
+        })
+        .await
+        .expect("delete");
+    agents
+        .report_exhausted(pb::ReportExhaustedRequest {
+            agent_id: "d".into(),
+            reason: pb::ExhaustionReason::RateLimit as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("exhausted");
+    // c moves from team y to team x; b takes a work slot.
+    register(&app, "c", "x").await;
+    app.start_work("b").await.expect("start work");
+
+    let mut c = client(&app);
+    let shares = |p: pb::GetHealingPolicyResponse| -> Vec<(String, u32, u32)> {
+        p.shares
+            .into_iter()
+            .map(|s| (s.group, s.counted, s.unhealthy))
+            .collect()
+    };
+    // Counted: a, b, c, f (d EXHAUSTED, e deleted); a OFFLINE. Team x: a,
+    // b, c; team y is empty and team z holds only d: neither is shown.
+    assert_eq!(
+        shares(policy(&mut c).await),
+        [("".to_owned(), 4, 1), ("x".to_owned(), 3, 1)]
+    );
+    // An active recovery makes b unhealthy; a's (OFFLINE already) counts once.
+    let b = report(&mut c, "b", "tool call failed", &[]).await;
+    plan(&mut c, b.id).await.expect("b plans");
+    let a = report(&mut c, "a", "tool call failed", &[]).await;
+    plan(&mut c, a.id).await.expect("a plans");
+    assert_eq!(
+        shares(policy(&mut c).await),
+        [("".to_owned(), 4, 2), ("x".to_owned(), 3, 2)]
+    );
+    // d's limit lifts by an operator's resume: counted again, in team z.
+    DispatchServiceClient::new(app.channel.clone())
+        .resume_agent(pb::ResumeAgentRequest {
+            agent_id: "d".into(),
+            reason: "the limit lifted".into(),
+        })
+        .await
+        .expect("resume");
+    assert_eq!(
+        shares(policy(&mut c).await),
+        [
+            ("".to_owned(), 5, 2),
+            ("x".to_owned(), 3, 2),
+            ("z".to_owned(), 1, 0)
+        ]
+    );
+}
+
+postgres_only! {
+    /// The census's migration (20270108000001) counts the agents stored
+    /// before it.
+    #[tokio::test]
+    async fn agents_stored_before_the_census_are_counted_on_postgres() {
+        let db = TestDb::postgres();
+        let pool = crate::helpers::postgres_migrated_before(&db, 20270108000001).await;
+        sqlx::query(
+            "INSERT INTO agents (agent_id, status, labels, registered_at, last_heartbeat_at,
+                                 last_transition_at, revision)
+             VALUES ('a', 'OFFLINE', '{\"team\": \"x\"}', now(), now(), now(), 0),
+                    ('b', 'BUSY', '{\"team\": \"x\"}', now(), now(), now(), 0),
+                    ('c', 'EXHAUSTED', '{\"team\": \"y\"}', now(), now(), now(), 0),
+                    ('d', 'IDLE', '{}', now(), now(), now(), 0)",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+
+        let mut args = test_args(&db.url);
+        args.healing = braked(args.healing, |h| {
+            h.healing_group_by = Some("team".into());
+        });
+        let app = TestApp::spawn_with(args).await;
+        let shares: Vec<(String, u32, u32)> = policy(&mut client(&app))
+            .await
+            .shares
+            .into_iter()
+            .map(|s| (s.group, s.counted, s.unhealthy))
+            .collect();
+        assert_eq!(shares, [("".to_owned(), 3, 1), ("x".to_owned(), 2, 1)]);
+        app.stop().await;
+    }
+}

@@ -420,3 +420,37 @@ fn a_plan_near_a_limit_is_not_decided_beside_others_and_slots_are_stable() {
         (0..200).map(|i| lock_slot(&format!("a{i}"))).collect();
     assert_eq!(slots.len(), LOCK_SLOTS as usize);
 }
+
+#[test]
+fn the_census_changes_with_what_counts_and_only_that() {
+    use crate::domain::labels::Labels;
+    use AgentStatus::{Busy, Exhausted, Idle, Offline};
+    let team = |t: &str| Labels::from([("team".to_owned(), t.to_owned())]);
+    let (x, y, none) = (team("x"), team("y"), Labels::new());
+    let change = |key: &str, value: &str, agents, offline, exhausted| CensusChange {
+        key: key.into(),
+        value: value.into(),
+        agents,
+        offline,
+        exhausted,
+    };
+    // IDLE to BUSY and back: nothing.
+    assert_eq!(census_changes([(Some((Idle, &x)), Some((Busy, &x)))]), []);
+    // A registration, an agent gone OFFLINE, one moved from team y to x
+    // while EXHAUSTED, an OFFLINE one deleted: summed per scope (the fleet's
+    // sums to nothing here: one agent in, one out, one OFFLINE in, one out).
+    assert_eq!(
+        census_changes([
+            (None, Some((Idle, &x))),
+            (Some((Busy, &x)), Some((Offline, &x))),
+            (Some((Exhausted, &y)), Some((Exhausted, &x))),
+            (Some((Offline, &none)), None),
+        ]),
+        [change("team", "x", 2, 1, 1), change("team", "y", -1, 0, -1)]
+    );
+    // An agent registered EXHAUSTED into no group: the fleet's row first.
+    assert_eq!(
+        census_changes([(None, Some((Exhausted, &none))), (None, Some((Idle, &y)))]),
+        [change("", "", 2, 0, 1), change("team", "y", 1, 0, 0)]
+    );
+}

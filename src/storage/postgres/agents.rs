@@ -122,7 +122,10 @@ impl AgentColumns {
 /// changed agent's final state is written, its relative revision (and its
 /// claim's relative fencing token) shifted by the allocated base where the
 /// shifts say so, and `last_heartbeat_at` never moves back; the claims made
-/// are recorded with their tokens shifted; deleted agents' rows are removed.
+/// are recorded with their tokens shifted; deleted agents' rows are removed;
+/// the brakes' census takes the batch's changes (`$60`.., the fleet's row
+/// first, so writers of the census queue on that row and cannot deadlock
+/// on the label rows).
 /// The revision row's update waits for `ok` (its condition), so the agent
 /// rows are always locked before it. The status is compared with `IS NOT
 /// DISTINCT FROM` (the column is NOT NULL: the same meaning) because that is
@@ -228,6 +231,17 @@ const WRITE_BATCH: &str = "WITH locked AS (
      ),
      removed AS (
          DELETE FROM agents USING base WHERE agents.agent_id = ANY($53::text[])
+     ),
+     counted AS (
+         INSERT INTO agent_census AS c (label_key, label_value, agents, offline, exhausted)
+         SELECT d.k, d.v, d.a, d.o, d.e
+         FROM base, unnest($60::text[], $61::text[], $62::bigint[], $63::bigint[], $64::bigint[])
+              AS d(k, v, a, o, e)
+         ORDER BY d.k, d.v
+         ON CONFLICT (label_key, label_value) DO UPDATE SET
+             agents = c.agents + excluded.agents,
+             offline = c.offline + excluded.offline,
+             exhausted = c.exhausted + excluded.exhausted
      )
      SELECT ok.ok, COALESCE(base.base, 0) FROM ok
      LEFT JOIN base ON true LEFT JOIN notified ON true";
@@ -583,6 +597,7 @@ async fn write_batch(
     origin: &str,
 ) -> std::result::Result<(bool, i64), BatchError> {
     let claims = &relative.claims;
+    let census = &relative.census;
     let c = AgentColumns::of(&relative.changed)?;
     let e = AgentColumns::of(expected)?;
     let t = &relative.transitions;
@@ -683,6 +698,11 @@ async fn write_batch(
                 .map(|t| t.quota_pool.as_ref().map(PoolName::as_str))
                 .collect::<Vec<_>>(),
         )
+        .bind(census.iter().map(|c| c.key.as_str()).collect::<Vec<_>>())
+        .bind(census.iter().map(|c| c.value.as_str()).collect::<Vec<_>>())
+        .bind(census.iter().map(|c| c.agents).collect::<Vec<_>>())
+        .bind(census.iter().map(|c| c.offline).collect::<Vec<_>>())
+        .bind(census.iter().map(|c| c.exhausted).collect::<Vec<_>>())
         .fetch_one(conn)
         .await?;
     Ok(written)

@@ -265,6 +265,20 @@ impl TableStore for PgTables {
                 self.name
             )))?;
         }
+        // The brakes' census, counted from the copied agents.
+        sqlx::query(
+            "INSERT INTO agent_census (label_key, label_value, agents, offline, exhausted)
+             SELECT p.k, p.v, count(*), count(*) FILTER (WHERE a.status = 'OFFLINE'),
+                    count(*) FILTER (WHERE a.status = 'EXHAUSTED')
+             FROM agents a
+             CROSS JOIN LATERAL (SELECT '' AS k, '' AS v
+                                 UNION ALL
+                                 SELECT key, value FROM jsonb_each_text(a.labels)) p
+             GROUP BY p.k, p.v",
+        )
+        .execute(&mut *self.tx)
+        .await
+        .map_err(copy_error(format!("counting the census in {}", self.name)))?;
         Ok(())
     }
 

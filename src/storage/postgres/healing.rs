@@ -9,7 +9,7 @@ use sqlx::types::Json;
 use sqlx::{Postgres, Transaction};
 
 use super::{PgStore, db_error};
-use crate::domain::brakes::{Breaker, Census, Decision, Pause, PlanHistory, Scope, Verdict};
+use crate::domain::brakes::{Breaker, Census, Decision, Pause, Scope, Verdict};
 use crate::domain::healing::Strategy;
 use crate::domain::healing::{Context, ErrorType, RecurrenceWindow};
 use crate::domain::healing_records::{
@@ -18,8 +18,8 @@ use crate::domain::healing_records::{
 use crate::error::Result;
 use crate::storage::decode;
 use crate::storage::healing::{
-    self as flows, ACTION_COLUMNS, BrakeCounts, DECISION_COLUMNS, EVENT_COLUMNS, EvidenceRow,
-    Finish, HealingTx, HealingTxs, Lesson, NewRecovery, millis,
+    self as flows, ACTION_COLUMNS, BrakeCounts, BrakeLock, BrakeRow, BudgetQuery, DECISION_COLUMNS,
+    EVENT_COLUMNS, EvidenceRow, Finish, HealingTx, HealingTxs, Lesson, NewRecovery, millis,
 };
 use crate::storage::{DecisionQuery, ErrorEventQuery, RecoveryActionQuery};
 
@@ -424,115 +424,116 @@ impl HealingTx for PgTx<'_> {
         .map_err(db_error)
     }
 
-    async fn lock_brakes(&mut self, slot: Option<u32>) -> Result<()> {
-        // Every slot's holder shares the brakes' lock; alone takes it
-        // exclusively, so it waits for them all and they for it. The counts
-        // that follow run on their prepared (generic) plan for the rest of
-        // the transaction: planning them anew for each call's parameters
-        // cost more than running them.
-        let query = match slot {
-            Some(slot) => sqlx::query(
-                "SELECT pg_advisory_xact_lock_shared(hashtextextended('fleetcare.healing_brakes', 0)),
-                        pg_advisory_xact_lock(hashtextextended('fleetcare.healing_brakes', $1)),
-                        set_config('plan_cache_mode', 'force_generic_plan', true)",
-            )
-            .bind(i64::from(slot) + 1),
-            None => sqlx::query(
-                "SELECT pg_advisory_xact_lock(hashtextextended('fleetcare.healing_brakes', 0)),
-                        set_config('plan_cache_mode', 'force_generic_plan', true)",
-            ),
-        };
-        query.execute(&mut *self.tx).await.map_err(db_error)?;
-        Ok(())
-    }
-
     async fn brake_counts(
         &mut self,
         now: DateTime<Utc>,
         rate_since: DateTime<Utc>,
         group: Option<(&str, &str)>,
+        budget: Option<BudgetQuery<'_>>,
     ) -> Result<BrakeCounts> {
-        let value = group.map(|(_, v)| v);
-        let row: (i64, i64, i64, i64, i64, i64) = sqlx::query_as(
+        let (key, value) = group.unzip();
+        // The agents' counts are kept (`agent_census`, by triggers on
+        // `agents`); what is counted here is the active recoveries (each
+        // one's agent looked up by key: LIMIT keeps the lookup from being
+        // turned into a scan of the agents), the last minute's plans and
+        // the agent's own.
+        let row: BrakeRow<DateTime<Utc>> = sqlx::query_as(
             "WITH active AS (
-                 SELECT agent_id FROM recovery_actions
-                 WHERE status = 'ACTIVE' AND lease_expires_at > $1),
-             strangers AS (
-                 SELECT count(*) AS n FROM active r
-                 WHERE NOT EXISTS (SELECT 1 FROM agents a WHERE a.agent_id = r.agent_id)),
-             census AS (
-                 SELECT (SELECT count(*) FROM agents a WHERE a.status <> 'EXHAUSTED') AS counted,
-                        (SELECT count(*) FROM agents a WHERE a.status = 'OFFLINE')
-                        + (SELECT count(*) FROM active r JOIN agents a USING (agent_id)
-                           WHERE a.status NOT IN ('OFFLINE', 'EXHAUSTED')) AS unhealthy,
-                        g.counted AS group_counted, g.unhealthy AS group_unhealthy
-                 FROM (SELECT count(*) AS counted,
-                              count(*) FILTER (WHERE a.status = 'OFFLINE'
-                                  OR a.agent_id IN (SELECT agent_id FROM active)) AS unhealthy
-                       FROM agents a
-                       WHERE $4::jsonb IS NOT NULL AND a.status <> 'EXHAUSTED'
-                         AND a.labels @> $4::jsonb) g)
-             SELECT c.counted + s.n, c.unhealthy + s.n, c.group_counted, c.group_unhealthy,
+                 SELECT a.status, a.grp
+                 FROM recovery_actions r
+                 LEFT JOIN LATERAL (
+                     SELECT status, labels ->> $4 AS grp FROM agents
+                     WHERE agents.agent_id = r.agent_id LIMIT 1) a ON true
+                 WHERE r.status = 'ACTIVE' AND r.lease_expires_at > $1),
+             fleet AS (
+                 SELECT agents - exhausted AS counted, offline FROM agent_census
+                 WHERE label_key = '' AND label_value = ''),
+             grp AS (
+                 SELECT agents - exhausted AS counted, offline FROM agent_census
+                 WHERE label_key = $4 AND label_value = $3),
+             success AS (
+                 SELECT max(completed_at) AS at FROM recovery_actions
+                 WHERE agent_id = $5 AND status = 'SUCCEEDED')
+             SELECT coalesce((SELECT counted FROM fleet), 0)
+                        + (SELECT count(*) FROM active WHERE status IS NULL),
+                    coalesce((SELECT offline FROM fleet), 0)
+                        + (SELECT count(*) FROM active
+                           WHERE status IS NULL OR status NOT IN ('OFFLINE', 'EXHAUSTED')),
+                    coalesce((SELECT counted FROM grp), 0),
+                    coalesce((SELECT offline FROM grp), 0)
+                        + (SELECT count(*) FROM active
+                           WHERE grp = $3 AND status NOT IN ('OFFLINE', 'EXHAUSTED')),
                     (SELECT count(*) FROM recovery_actions WHERE created_at > $2),
                     (SELECT count(*) FROM healing_decisions
-                     WHERE verdict = 'PLANNED' AND group_name = $3 AND decided_at > $2)
-             FROM census c, strangers s",
+                     WHERE verdict = 'PLANNED' AND group_name = $3 AND decided_at > $2),
+                    (SELECT at FROM success),
+                    (SELECT count(*) FROM error_events e, success s
+                     WHERE e.agent_id = $5 AND e.occurred_at > s.at AND e.id <> $6),
+                    (SELECT count(*) FROM recovery_actions r
+                     WHERE r.agent_id = $5 AND r.created_at > $7),
+                    (SELECT count(*) FROM recovery_actions r, success s
+                     WHERE r.agent_id = $5 AND r.created_at > s.at)",
         )
         .bind(now)
         .bind(rate_since)
         .bind(value)
-        // The group as a document the labels' GIN index finds.
-        .bind(group.map(|(k, v)| Json(serde_json::json!({ k: v }))))
+        .bind(key)
+        .bind(budget.map(|b| b.agent_id))
+        .bind(budget.map_or(0, |b| b.except))
+        .bind(budget.map(|b| b.window_start))
         .fetch_one(&mut *self.tx)
         .await
         .map_err(db_error)?;
-        Ok(BrakeCounts {
-            fleet: flows::census(row.0, row.1),
-            group: flows::census(row.2, row.3),
-            fleet_plans: flows::count(row.4),
-            group_plans: flows::count(row.5),
-        })
+        Ok(flows::brake_counts(row))
     }
 
     async fn brake_agent(
         &mut self,
         agent_id: &str,
         group_by: Option<&str>,
+        lock: BrakeLock,
     ) -> Result<Option<(String, Option<String>)>> {
-        sqlx::query_as("SELECT status, labels ->> $2 FROM agents WHERE agent_id = $1")
+        // Every slot's holder shares the brakes' lock; alone takes it
+        // exclusively, so it waits for them all and they for it. The counts
+        // that follow run on their prepared (generic) plan for the rest of
+        // the transaction: planning them anew for each call's parameters
+        // cost more than running them. The lock's CTE is materialised and
+        // its value read, so it is taken whatever the agent.
+        const READ: &str = "SELECT a.status, a.labels ->> $2 FROM locked
+                            LEFT JOIN agents a ON a.agent_id = $1";
+        let (sql, slot) = match lock {
+            BrakeLock::None => (
+                format!("WITH locked AS (SELECT 1) {READ}"),
+                None,
+            ),
+            BrakeLock::Slot(slot) => (
+                format!(
+                    "WITH locked AS MATERIALIZED (
+                         SELECT pg_advisory_xact_lock_shared(hashtextextended('fleetcare.healing_brakes', 0)),
+                                pg_advisory_xact_lock(hashtextextended('fleetcare.healing_brakes', $3)),
+                                set_config('plan_cache_mode', 'force_generic_plan', true) AS mode)
+                     {READ} WHERE locked.mode IS NOT NULL"
+                ),
+                Some(i64::from(slot) + 1),
+            ),
+            BrakeLock::All => (
+                format!(
+                    "WITH locked AS MATERIALIZED (
+                         SELECT pg_advisory_xact_lock(hashtextextended('fleetcare.healing_brakes', 0)),
+                                set_config('plan_cache_mode', 'force_generic_plan', true) AS mode)
+                     {READ} WHERE locked.mode IS NOT NULL"
+                ),
+                None,
+            ),
+        };
+        let mut query = sqlx::query_as::<_, (Option<String>, Option<String>)>(&sql)
             .bind(agent_id)
-            .bind(group_by)
-            .fetch_optional(&mut *self.tx)
-            .await
-            .map_err(db_error)
-    }
-
-    async fn census(&mut self, now: DateTime<Utc>, group: Option<(&str, &str)>) -> Result<Census> {
-        let (key, value) = group.unzip();
-        let (counted, unhealthy): (i64, i64) = sqlx::query_as(
-            "WITH active AS (
-                 SELECT agent_id FROM recovery_actions
-                 WHERE status = 'ACTIVE' AND lease_expires_at > $1),
-             members AS (
-                 SELECT a.status = 'OFFLINE'
-                        OR EXISTS (SELECT 1 FROM active r WHERE r.agent_id = a.agent_id) AS unhealthy
-                 FROM agents a
-                 WHERE a.status <> 'EXHAUSTED'
-                   AND ($2::text IS NULL OR a.labels ->> $2 = $3)),
-             strangers AS (
-                 SELECT count(*) AS n FROM active r
-                 WHERE $2::text IS NULL
-                   AND NOT EXISTS (SELECT 1 FROM agents a WHERE a.agent_id = r.agent_id))
-             SELECT (SELECT count(*) FROM members) + (SELECT n FROM strangers),
-                    (SELECT count(*) FROM members WHERE unhealthy) + (SELECT n FROM strangers)",
-        )
-        .bind(now)
-        .bind(key)
-        .bind(value)
-        .fetch_one(&mut *self.tx)
-        .await
-        .map_err(db_error)?;
-        Ok(flows::census(counted, unhealthy))
+            .bind(group_by);
+        if let Some(slot) = slot {
+            query = query.bind(slot);
+        }
+        let (status, group) = query.fetch_one(&mut *self.tx).await.map_err(db_error)?;
+        Ok(status.map(|status| (status, group)))
     }
 
     async fn group_censuses(
@@ -541,15 +542,20 @@ impl HealingTx for PgTx<'_> {
         group_by: &str,
     ) -> Result<Vec<(String, Census)>> {
         let rows: Vec<(String, i64, i64)> = sqlx::query_as(
-            "SELECT a.labels ->> $2,
-                    count(*),
-                    count(*) FILTER (WHERE a.status = 'OFFLINE' OR EXISTS (
-                        SELECT 1 FROM recovery_actions r
-                        WHERE r.agent_id = a.agent_id AND r.status = 'ACTIVE'
-                          AND r.lease_expires_at > $1))
-             FROM agents a
-             WHERE a.status <> 'EXHAUSTED' AND a.labels ? $2
-             GROUP BY 1 ORDER BY 1",
+            "WITH active AS (
+                 SELECT a.grp, count(*) AS n
+                 FROM recovery_actions r
+                 JOIN LATERAL (
+                     SELECT labels ->> $2 AS grp FROM agents
+                     WHERE agents.agent_id = r.agent_id
+                       AND status NOT IN ('OFFLINE', 'EXHAUSTED') LIMIT 1) a ON true
+                 WHERE r.status = 'ACTIVE' AND r.lease_expires_at > $1
+                 GROUP BY a.grp)
+             SELECT c.label_value, c.agents - c.exhausted,
+                    c.offline + coalesce(active.n, 0)
+             FROM agent_census c LEFT JOIN active ON active.grp = c.label_value
+             WHERE c.label_key = $2 AND c.agents > c.exhausted
+             ORDER BY 1",
         )
         .bind(now)
         .bind(group_by)
@@ -560,42 +566,6 @@ impl HealingTx for PgTx<'_> {
             .into_iter()
             .map(|(group, counted, unhealthy)| (group, flows::census(counted, unhealthy)))
             .collect())
-    }
-
-    async fn plan_history(
-        &mut self,
-        agent_id: &str,
-        except: i64,
-        window_start: DateTime<Utc>,
-    ) -> Result<PlanHistory> {
-        let (last_success, errors, in_window, since_success): (
-            Option<DateTime<Utc>>,
-            i64,
-            i64,
-            i64,
-        ) = sqlx::query_as(
-            "SELECT s.at,
-                    (SELECT count(*) FROM error_events e
-                     WHERE e.agent_id = $1 AND e.occurred_at > s.at AND e.id <> $2),
-                    (SELECT count(*) FROM recovery_actions r
-                     WHERE r.agent_id = $1 AND r.created_at > $3),
-                    (SELECT count(*) FROM recovery_actions r
-                     WHERE r.agent_id = $1 AND r.created_at > s.at)
-             FROM (SELECT max(completed_at) AS at FROM recovery_actions
-                   WHERE agent_id = $1 AND status = 'SUCCEEDED') s",
-        )
-        .bind(agent_id)
-        .bind(except)
-        .bind(window_start)
-        .fetch_one(&mut *self.tx)
-        .await
-        .map_err(db_error)?;
-        Ok(PlanHistory {
-            last_success,
-            errors_since_success: flows::count(errors),
-            plans_in_window: flows::count(in_window),
-            plans_since_success: flows::count(since_success),
-        })
     }
 
     async fn busiest_agents(

@@ -139,6 +139,28 @@ const INSERT_TRANSITIONS: &str = "INSERT INTO transitions (revision, agent_id, f
             value ->> 'quota_pool'
      FROM json_each(?1)";
 
+/// Adds a batch's changes to the brakes' census (`agent_census`).
+const UPDATE_CENSUS: &str = "INSERT INTO agent_census (label_key, label_value, agents, offline, \
+         exhausted)
+     SELECT value ->> 'key', value ->> 'value', value ->> 'agents', value ->> 'offline',
+            value ->> 'exhausted'
+     FROM json_each(?1) WHERE true
+     ON CONFLICT (label_key, label_value) DO UPDATE SET
+         agents = agents + excluded.agents,
+         offline = offline + excluded.offline,
+         exhausted = exhausted + excluded.exhausted";
+
+fn census_json(census: &[crate::domain::brakes::CensusChange]) -> String {
+    let rows: Vec<serde_json::Value> = census
+        .iter()
+        .map(|c| {
+            json!({"key": c.key, "value": c.value, "agents": c.agents,
+                   "offline": c.offline, "exhausted": c.exhausted})
+        })
+        .collect();
+    serde_json::Value::Array(rows).to_string()
+}
+
 /// Writes every changed agent's final state, inserting new ones. The
 /// registration time is never rewritten, and `last_heartbeat_at` never moves
 /// back. (`WHERE true` is SQLite's way of telling an upsert's ON CONFLICT
@@ -320,6 +342,13 @@ impl SqliteStore {
                 .execute(&mut *tx)
                 .await
                 .map_err(sqlite_error)?;
+            }
+            if !writes.census.is_empty() {
+                sqlx::query(UPDATE_CENSUS)
+                    .bind(census_json(&writes.census))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(sqlite_error)?;
             }
             if !writes.pools.is_empty() {
                 let rows: Vec<serde_json::Value> = writes

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{QueryBuilder, Sqlite, Transaction};
 
 use super::{SqliteStore, is_unique_violation, micros, sqlite_error};
-use crate::domain::brakes::{Breaker, Census, Decision, Pause, PlanHistory, Scope, Verdict};
+use crate::domain::brakes::{Breaker, Census, Decision, Pause, Scope, Verdict};
 use crate::domain::healing::Strategy;
 use crate::domain::healing::{Context, ErrorType, RecurrenceWindow};
 use crate::domain::healing_records::{
@@ -19,8 +19,8 @@ use crate::domain::healing_records::{
 use crate::error::{Error, Result};
 use crate::storage::decode;
 use crate::storage::healing::{
-    self as flows, ACTION_COLUMNS, BrakeCounts, DECISION_COLUMNS, EVENT_COLUMNS, EvidenceRow,
-    Finish, HealingTx, HealingTxs, Lesson, NewRecovery, millis,
+    self as flows, ACTION_COLUMNS, BrakeCounts, BrakeLock, BrakeRow, BudgetQuery, DECISION_COLUMNS,
+    EVENT_COLUMNS, EvidenceRow, Finish, HealingTx, HealingTxs, Lesson, NewRecovery, millis,
 };
 use crate::storage::{DecisionQuery, ErrorEventQuery, RecoveryActionQuery};
 
@@ -420,62 +420,70 @@ impl HealingTx for SqliteTx<'_> {
         .map_err(sqlite_error)
     }
 
-    async fn lock_brakes(&mut self, _slot: Option<u32>) -> Result<()> {
-        // The one writer serialises every write transaction.
-        Ok(())
-    }
-
     async fn brake_counts(
         &mut self,
         now: DateTime<Utc>,
         rate_since: DateTime<Utc>,
         group: Option<(&str, &str)>,
+        budget: Option<BudgetQuery<'_>>,
     ) -> Result<BrakeCounts> {
         let (key, value) = group.unzip();
-        let label = label_of("a.labels", "?3");
-        let row: (i64, i64, i64, i64, i64, i64) = sqlx::query_as(&format!(
+        // The agents' counts are kept (`agent_census`, by triggers on
+        // `agents`); counted here: the active recoveries (each one's agent
+        // looked up by key), the last minute's plans and the agent's own.
+        let row: BrakeRow<i64> = sqlx::query_as(&format!(
             "WITH active AS (
-                 SELECT agent_id FROM recovery_actions
-                 WHERE status = 'ACTIVE' AND lease_expires_at > ?1),
-             members AS (
-                 SELECT coalesce({label} = ?4, 0) AS grouped,
-                        a.status = 'OFFLINE'
-                        OR a.agent_id IN (SELECT agent_id FROM active) AS unhealthy
-                 FROM agents a WHERE a.status <> 'EXHAUSTED'),
-             strangers AS (
-                 SELECT count(*) AS n FROM active r
-                 WHERE NOT EXISTS (SELECT 1 FROM agents a WHERE a.agent_id = r.agent_id)),
-             census AS (
-                 SELECT count(*) AS counted,
-                        count(*) FILTER (WHERE unhealthy) AS unhealthy,
-                        count(*) FILTER (WHERE grouped) AS group_counted,
-                        count(*) FILTER (WHERE grouped AND unhealthy) AS group_unhealthy
-                 FROM members)
-             SELECT c.counted + s.n, c.unhealthy + s.n, c.group_counted, c.group_unhealthy,
+                 SELECT a.status, {} AS grp
+                 FROM recovery_actions r LEFT JOIN agents a ON a.agent_id = r.agent_id
+                 WHERE r.status = 'ACTIVE' AND r.lease_expires_at > ?1),
+             fleet AS (
+                 SELECT agents - exhausted AS counted, offline FROM agent_census
+                 WHERE label_key = '' AND label_value = ''),
+             grp AS (
+                 SELECT agents - exhausted AS counted, offline FROM agent_census
+                 WHERE label_key = ?3 AND label_value = ?4),
+             success AS (
+                 SELECT max(completed_at) AS at FROM recovery_actions
+                 WHERE agent_id = ?5 AND status = 'SUCCEEDED')
+             SELECT coalesce((SELECT counted FROM fleet), 0)
+                        + (SELECT count(*) FROM active WHERE status IS NULL),
+                    coalesce((SELECT offline FROM fleet), 0)
+                        + (SELECT count(*) FROM active
+                           WHERE status IS NULL OR status NOT IN ('OFFLINE', 'EXHAUSTED')),
+                    coalesce((SELECT counted FROM grp), 0),
+                    coalesce((SELECT offline FROM grp), 0)
+                        + (SELECT count(*) FROM active
+                           WHERE grp = ?4 AND status NOT IN ('OFFLINE', 'EXHAUSTED')),
                     (SELECT count(*) FROM recovery_actions WHERE created_at > ?2),
                     (SELECT count(*) FROM healing_decisions
-                     WHERE verdict = 'PLANNED' AND group_name = ?4 AND decided_at > ?2)
-             FROM census c, strangers s"
+                     WHERE verdict = 'PLANNED' AND group_name = ?4 AND decided_at > ?2),
+                    (SELECT at FROM success),
+                    (SELECT count(*) FROM error_events e, success s
+                     WHERE e.agent_id = ?5 AND e.occurred_at > s.at AND e.id <> ?6),
+                    (SELECT count(*) FROM recovery_actions r
+                     WHERE r.agent_id = ?5 AND r.created_at > ?7),
+                    (SELECT count(*) FROM recovery_actions r, success s
+                     WHERE r.agent_id = ?5 AND r.created_at > s.at)",
+            label_of("a.labels", "?3")
         ))
         .bind(micros(now))
         .bind(micros(rate_since))
         .bind(key)
         .bind(value)
+        .bind(budget.map(|b| b.agent_id))
+        .bind(budget.map_or(0, |b| b.except))
+        .bind(budget.map(|b| micros(b.window_start)))
         .fetch_one(&mut *self.tx)
         .await
         .map_err(sqlite_error)?;
-        Ok(BrakeCounts {
-            fleet: flows::census(row.0, row.1),
-            group: flows::census(row.2, row.3),
-            fleet_plans: flows::count(row.4),
-            group_plans: flows::count(row.5),
-        })
+        Ok(flows::brake_counts(row))
     }
 
     async fn brake_agent(
         &mut self,
         agent_id: &str,
         group_by: Option<&str>,
+        _lock: BrakeLock,
     ) -> Result<Option<(String, Option<String>)>> {
         sqlx::query_as(&format!(
             "SELECT status, {} FROM agents WHERE agent_id = ?1",
@@ -488,51 +496,23 @@ impl HealingTx for SqliteTx<'_> {
         .map_err(sqlite_error)
     }
 
-    async fn census(&mut self, now: DateTime<Utc>, group: Option<(&str, &str)>) -> Result<Census> {
-        let (key, value) = group.unzip();
-        let (counted, unhealthy): (i64, i64) = sqlx::query_as(&format!(
-            "WITH active AS (
-                 SELECT agent_id FROM recovery_actions
-                 WHERE status = 'ACTIVE' AND lease_expires_at > ?1),
-             members AS (
-                 SELECT a.status = 'OFFLINE'
-                        OR EXISTS (SELECT 1 FROM active r WHERE r.agent_id = a.agent_id) AS unhealthy
-                 FROM agents a
-                 WHERE a.status <> 'EXHAUSTED'
-                   AND (?2 IS NULL OR {} = ?3)),
-             strangers AS (
-                 SELECT count(*) AS n FROM active r
-                 WHERE ?2 IS NULL
-                   AND NOT EXISTS (SELECT 1 FROM agents a WHERE a.agent_id = r.agent_id))
-             SELECT (SELECT count(*) FROM members) + (SELECT n FROM strangers),
-                    (SELECT count(*) FROM members WHERE unhealthy) + (SELECT n FROM strangers)",
-            label_of("a.labels", "?2")
-        ))
-        .bind(micros(now))
-        .bind(key)
-        .bind(value)
-        .fetch_one(&mut *self.tx)
-        .await
-        .map_err(sqlite_error)?;
-        Ok(flows::census(counted, unhealthy))
-    }
-
     async fn group_censuses(
         &mut self,
         now: DateTime<Utc>,
         group_by: &str,
     ) -> Result<Vec<(String, Census)>> {
-        let label = label_of("a.labels", "?2");
         let rows: Vec<(String, i64, i64)> = sqlx::query_as(&format!(
-            "SELECT {label},
-                    count(*),
-                    count(*) FILTER (WHERE a.status = 'OFFLINE' OR EXISTS (
-                        SELECT 1 FROM recovery_actions r
-                        WHERE r.agent_id = a.agent_id AND r.status = 'ACTIVE'
-                          AND r.lease_expires_at > ?1))
-             FROM agents a
-             WHERE a.status <> 'EXHAUSTED' AND {label} IS NOT NULL
-             GROUP BY 1 ORDER BY 1"
+            "WITH active AS (
+                 SELECT {} AS grp, count(*) AS n
+                 FROM recovery_actions r JOIN agents a ON a.agent_id = r.agent_id
+                 WHERE r.status = 'ACTIVE' AND r.lease_expires_at > ?1
+                   AND a.status NOT IN ('OFFLINE', 'EXHAUSTED')
+                 GROUP BY 1)
+             SELECT c.label_value, c.agents - c.exhausted, c.offline + coalesce(active.n, 0)
+             FROM agent_census c LEFT JOIN active ON active.grp = c.label_value
+             WHERE c.label_key = ?2 AND c.agents > c.exhausted
+             ORDER BY 1",
+            label_of("a.labels", "?2")
         ))
         .bind(micros(now))
         .bind(group_by)
@@ -543,38 +523,6 @@ impl HealingTx for SqliteTx<'_> {
             .into_iter()
             .map(|(group, counted, unhealthy)| (group, flows::census(counted, unhealthy)))
             .collect())
-    }
-
-    async fn plan_history(
-        &mut self,
-        agent_id: &str,
-        except: i64,
-        window_start: DateTime<Utc>,
-    ) -> Result<PlanHistory> {
-        let (last_success, errors, in_window, since_success): (Option<i64>, i64, i64, i64) =
-            sqlx::query_as(
-                "SELECT s.at,
-                        (SELECT count(*) FROM error_events e
-                         WHERE e.agent_id = ?1 AND e.occurred_at > s.at AND e.id <> ?2),
-                        (SELECT count(*) FROM recovery_actions r
-                         WHERE r.agent_id = ?1 AND r.created_at > ?3),
-                        (SELECT count(*) FROM recovery_actions r
-                         WHERE r.agent_id = ?1 AND r.created_at > s.at)
-                 FROM (SELECT max(completed_at) AS at FROM recovery_actions
-                       WHERE agent_id = ?1 AND status = 'SUCCEEDED') s",
-            )
-            .bind(agent_id)
-            .bind(except)
-            .bind(micros(window_start))
-            .fetch_one(&mut *self.tx)
-            .await
-            .map_err(sqlite_error)?;
-        Ok(PlanHistory {
-            last_success: last_success.map(decode::StoredTime::time),
-            errors_since_success: flows::count(errors),
-            plans_in_window: flows::count(in_window),
-            plans_since_success: flows::count(since_success),
-        })
     }
 
     async fn busiest_agents(
