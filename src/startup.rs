@@ -536,11 +536,11 @@ async fn start_services(
     );
     // The store's clock (a test's manual one moves both).
     let clock = stores.clock.clone();
-    let cache = AgentCache::new();
+    let cache = AgentCache::with_flush_window(clock.clone(), args.heartbeat_flush_interval);
     heartbeats::spawn_observer(
         cache.clone(),
         agents.clone(),
-        fanout.subscribe(),
+        fanout.clone(),
         shutdown.child_token(),
     );
     heartbeats::spawn_flusher(
@@ -602,8 +602,15 @@ async fn start_services(
         metrics.clone(),
         shutdown.child_token(),
     );
-    let writes = AgentWrites::new(agents.clone(), committer, cache, clock.clone(), pacing)
-        .with_metrics(metrics.clone());
+    let writes = AgentWrites::new(
+        agents.clone(),
+        committer,
+        cache,
+        clock.clone(),
+        pacing,
+        args.heartbeat_flush_interval,
+    )
+    .with_metrics(metrics.clone());
     let shutdown = shutdown.clone();
     let watch_slots = WatchSlots::new(args.limits.max_watches_per_caller);
     let size = args.limits.max_message_size;

@@ -11,6 +11,16 @@
 //! decided on this state. So is a batch's claims when this process knows
 //! enough claimable agents: the cache keeps its fresh claimable agents in
 //! the order claims take them ([`AgentCache::claim_candidates`]).
+//!
+//! Two marks bound what a heartbeat answered from memory can miss or lose
+//! (see `runtime::heartbeats` for the guarantees they give):
+//! - `observed_through`, the revision through which this process has seen
+//!   every committed transition (its own and other replicas'): a fresh agent
+//!   is current as of it;
+//! - `stored_through`, when the last successful flush took the pending
+//!   heartbeats: every heartbeat recorded before it is in the store. A
+//!   heartbeat is answered from memory only less than one flush interval
+//!   after it ([`AgentCache::with_flush_window`]).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -18,10 +28,12 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use chrono::{DateTime, Utc};
+use tokio::sync::watch;
 
 use crate::domain::agent::{self, Event};
 use crate::domain::dispatch::{Candidate, LabelSelector};
 use crate::domain::transition::{Agent, Transition};
+use crate::runtime::clock::Clock;
 use crate::storage::{AgentQuery, AgentStore};
 
 /// Heartbeats written per statement.
@@ -33,6 +45,9 @@ struct Cached {
     agent: Agent,
     /// False once another replica committed a transition of this agent.
     fresh: bool,
+    /// The newest revision of a transition of this agent seen here (0: none):
+    /// a state older than it, committed here but completed late, is stale.
+    newest_seen: i64,
 }
 
 impl Cached {
@@ -55,6 +70,13 @@ struct Inner {
     claimable: BTreeSet<(DateTime<Utc>, String)>,
     /// Heartbeats acknowledged from memory and not yet flushed: the latest per agent.
     pending: HashMap<String, DateTime<Utc>>,
+    /// The newest transition seen of each agent not held here (registered or
+    /// changed through another replica, not read yet).
+    unheld: HashMap<String, i64>,
+    /// When the last successful flush took `pending` (or when this cache was
+    /// made, with nothing pending before): every heartbeat recorded earlier is
+    /// in the store. `None` without a flush window.
+    stored_through: Option<DateTime<Utc>>,
 }
 
 impl Inner {
@@ -70,7 +92,27 @@ impl Inner {
         self.agents.insert(id, cached);
     }
 
+    /// Holds `agent` as read or committed: fresh unless a newer transition of
+    /// it was seen here already (the fan-out may deliver a transition another
+    /// replica committed after this one before this process completes its
+    /// own commit).
+    fn hold(&mut self, agent: Agent) {
+        let id = &agent.agent_id;
+        let newest_seen = self
+            .agents
+            .get(id)
+            .map_or(0, |c| c.newest_seen)
+            .max(self.unheld.remove(id).unwrap_or(0));
+        let fresh = agent.revision >= newest_seen;
+        self.set(Cached {
+            agent,
+            fresh,
+            newest_seen,
+        });
+    }
+
     fn remove(&mut self, agent_id: &str) {
+        self.unheld.remove(agent_id);
         if let Some(key) = self
             .agents
             .remove(agent_id)
@@ -99,22 +141,92 @@ pub enum FastHeartbeat {
     Unknown,
     /// The heartbeat changes the agent's status, or flushing is failing: commit it.
     Commit,
+    /// The last successful flush began a flush interval ago or more: wait for
+    /// the next one ([`AgentCache::flushes`]), or commit.
+    Unflushed,
+}
+
+/// How long after the last successful flush began heartbeats are still
+/// answered from memory: one flush interval, on the server's clock.
+struct FlushWindow {
+    clock: Clock,
+    length: chrono::Duration,
 }
 
 /// The last known state of every agent, and the heartbeats waiting for a flush.
-#[derive(Default)]
 pub struct AgentCache {
     inner: Mutex<Inner>,
     /// False after a failed flush, until one succeeds.
     flushing_ok: AtomicBool,
+    /// `None`: heartbeats are answered from memory however old the last
+    /// flush (unit tests of other parts; the server always sets one).
+    window: Option<FlushWindow>,
+    /// Counts finished flushes, failed or not (heartbeats waiting for one watch it).
+    flushes: watch::Sender<u64>,
+    /// The revision through which this process has seen every committed
+    /// transition (0: none yet).
+    observed_through: watch::Sender<i64>,
 }
 
 impl AgentCache {
     pub fn new() -> Arc<Self> {
-        Arc::new(AgentCache {
+        Arc::new(AgentCache::unbounded())
+    }
+
+    fn unbounded() -> Self {
+        AgentCache {
             inner: Mutex::default(),
             flushing_ok: AtomicBool::new(true),
-        })
+            window: None,
+            flushes: watch::channel(0).0,
+            observed_through: watch::channel(0).0,
+        }
+    }
+
+    /// A cache that answers heartbeats from memory only less than `interval`
+    /// after its last successful flush began (on `clock`), so that what a
+    /// server that loses its store (or crashes) can lose is the heartbeats of
+    /// less than one flush interval.
+    pub fn with_flush_window(clock: Clock, interval: std::time::Duration) -> Arc<Self> {
+        let mut cache = AgentCache::unbounded();
+        let length = chrono::Duration::from_std(interval).unwrap_or(chrono::Duration::MAX);
+        cache
+            .inner
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .stored_through = Some(clock.now());
+        cache.window = Some(FlushWindow { clock, length });
+        Arc::new(cache)
+    }
+
+    /// Ticks at the end of every flush, failed or not.
+    pub fn flushes(&self) -> watch::Receiver<u64> {
+        self.flushes.subscribe()
+    }
+
+    /// The revision through which this process has seen every committed transition.
+    pub fn observed_through(&self) -> i64 {
+        *self.observed_through.borrow()
+    }
+
+    /// Every transition through `revision` is known seen (the fan-out
+    /// publishes in revision order without gaps, and the cache was filled
+    /// after `revision` was committed).
+    pub fn seen_through(&self, revision: i64) {
+        self.observed_through.send_if_modified(|through| {
+            let moved = revision > *through;
+            *through = (*through).max(revision);
+            moved
+        });
+    }
+
+    /// Waits up to `within` until every transition through `revision` is
+    /// seen here; false if not by then.
+    pub async fn caught_up(&self, revision: i64, within: std::time::Duration) -> bool {
+        let mut through = self.observed_through.subscribe();
+        tokio::time::timeout(within, through.wait_for(|t| *t >= revision))
+            .await
+            .is_ok_and(|seen| seen.is_ok())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -136,6 +248,11 @@ impl AgentCache {
             return FastHeartbeat::Commit;
         }
         let mut inner = self.lock();
+        if let (Some(window), Some(stored)) = (&self.window, inner.stored_through)
+            && now >= stored + window.length
+        {
+            return FastHeartbeat::Unflushed;
+        }
         let Some(cached) = inner.agents.get_mut(agent_id).filter(|c| c.fresh) else {
             return FastHeartbeat::Unknown;
         };
@@ -161,11 +278,15 @@ impl AgentCache {
         let mut inner = self.lock();
         let mut agent = agent.clone();
         if let Some(old) = inner.agents.get(&agent.agent_id) {
+            if old.agent.revision > agent.revision {
+                // A newer state is held already (read since).
+                return;
+            }
             // A heartbeat acknowledged from memory may be newer than the row.
             let seen = old.agent.state.last_heartbeat_at;
             agent.state.last_heartbeat_at = agent.state.last_heartbeat_at.max(seen);
         }
-        inner.set(Cached { agent, fresh: true });
+        inner.hold(agent);
     }
 
     /// This process's state of every one of `ids`, if it holds a fresh one for
@@ -195,26 +316,39 @@ impl AgentCache {
             Some(cached) => {
                 let seen = cached.agent.state.last_heartbeat_at;
                 agent.state.last_heartbeat_at = agent.state.last_heartbeat_at.max(seen);
-                inner.set(Cached { agent, fresh: true });
+                inner.hold(agent);
             }
-            None => inner.set(Cached { agent, fresh: true }),
+            None => inner.hold(agent),
         }
     }
 
     /// A committed transition, from any replica: the agent is stale unless this
     /// process already knows that revision.
     pub fn observed(&self, transition: &Transition) {
+        self.observe(transition);
+        self.seen_through(transition.revision);
+    }
+
+    fn observe(&self, transition: &Transition) {
         let mut inner = self.lock();
         if transition.ends_agent() {
             inner.remove(&transition.agent_id);
             return;
         }
-        if inner
-            .agents
-            .get(&transition.agent_id)
-            .is_some_and(|cached| cached.agent.revision < transition.revision)
-        {
-            inner.mark_stale(&transition.agent_id);
+        let id = &transition.agent_id;
+        let newer = match inner.agents.get_mut(id) {
+            Some(cached) => {
+                cached.newest_seen = cached.newest_seen.max(transition.revision);
+                cached.agent.revision < transition.revision
+            }
+            None => {
+                let newest = inner.unheld.entry(id.clone()).or_insert(0);
+                *newest = (*newest).max(transition.revision);
+                false
+            }
+        };
+        if newer {
+            inner.mark_stale(id);
         }
     }
 
@@ -288,8 +422,21 @@ impl AgentCache {
         pending.max(cached)
     }
 
-    fn take_pending(&self) -> HashMap<String, DateTime<Utc>> {
-        std::mem::take(&mut self.lock().pending)
+    /// The pending heartbeats, and when they were taken (with a window).
+    fn take_pending(&self) -> (HashMap<String, DateTime<Utc>>, Option<DateTime<Utc>>) {
+        let mut inner = self.lock();
+        // Read under the lock: every heartbeat recorded before this time is taken.
+        let at = self.window.as_ref().map(|w| w.clock.now());
+        (std::mem::take(&mut inner.pending), at)
+    }
+
+    /// A flush that took the pending heartbeats at `taken` wrote them all.
+    fn stored(&self, taken: Option<DateTime<Utc>>) {
+        let mut inner = self.lock();
+        if let Some(taken) = taken {
+            inner.stored_through = Some(inner.stored_through.map_or(taken, |s| s.max(taken)));
+        }
+        self.flushing_ok.store(true, Ordering::Release);
     }
 
     /// Puts back heartbeats a failed flush could not write (keeping the latest).
@@ -304,8 +451,16 @@ impl AgentCache {
     /// Writes every pending heartbeat to the store. On failure they are kept for
     /// the next flush, and heartbeats take the transactional path until one succeeds.
     pub async fn flush(&self, store: &dyn AgentStore) -> crate::error::Result<usize> {
-        let beats = self.take_pending();
+        let flushed = self.write_pending(store).await;
+        self.flushes.send_modify(|n| *n = n.wrapping_add(1));
+        flushed
+    }
+
+    async fn write_pending(&self, store: &dyn AgentStore) -> crate::error::Result<usize> {
+        let (beats, taken) = self.take_pending();
         if beats.is_empty() {
+            // Nothing was pending: everything recorded before `taken` is stored.
+            self.stored(taken);
             return Ok(0);
         }
         let list: Vec<(String, DateTime<Utc>)> =
@@ -317,7 +472,7 @@ impl AgentCache {
                 return Err(error);
             }
         }
-        self.flushing_ok.store(true, Ordering::Release);
+        self.stored(taken);
         Ok(list.len())
     }
 
@@ -469,5 +624,47 @@ mod tests {
         cache.all_stale();
         assert_eq!(cache.claim_candidates(&[&any], &none), None);
         assert_eq!(cache.claim_candidates(&[], &none), Some(Vec::new()));
+    }
+
+    fn started(id: &str, revision: i64) -> Transition {
+        Transition {
+            revision,
+            agent_id: id.into(),
+            from: Some(AgentStatus::Idle),
+            to: AgentStatus::Busy,
+            cause: Cause::WorkStarted,
+            occurred_at: at(1),
+            exhaustion_reason: None,
+            recovery_at: None,
+            actor: String::new(),
+            quota_pool: None,
+        }
+    }
+
+    #[test]
+    fn a_commit_completed_after_a_newer_transition_was_seen_leaves_the_agent_stale() {
+        let cache = AgentCache::new();
+        let (idle, busy) = (AgentStatus::Idle, AgentStatus::Busy);
+        cache.loaded(agent("a", "z1", idle, 0, 1));
+        // This process committed revision 2; another replica then revision 3,
+        // which the fan-out delivered (read from the table with 2) before
+        // this process completed its own commit.
+        cache.observed(&started("a", 2));
+        cache.observed(&started("a", 3));
+        cache.committed(&agent("a", "z1", busy, 1, 2));
+        assert!(cache.known(["a"]).is_none(), "revision 2 is not current");
+        cache.loaded(agent("a", "z1", idle, 2, 3));
+        assert_eq!(cache.known(["a"]).unwrap()[0].revision, 3);
+        // A commit completing after a newer read keeps the newer state.
+        cache.committed(&agent("a", "z1", busy, 1, 2));
+        assert_eq!(cache.known(["a"]).unwrap()[0].revision, 3);
+
+        // Not held yet (registered elsewhere): what was seen of it still counts.
+        cache.observed(&started("b", 5));
+        cache.committed(&agent("b", "z1", idle, 0, 4));
+        assert!(cache.known(["b"]).is_none());
+        cache.loaded(agent("b", "z1", busy, 1, 5));
+        assert!(cache.known(["b"]).is_some());
+        assert_eq!(cache.observed_through(), 5);
     }
 }

@@ -593,15 +593,37 @@ pub fn status(s: pb::AgentStatus) -> i32 {
     s as i32
 }
 
-/// A TCP proxy that a test can cut and restore: in front of Postgres, to see
-/// what the server does while its database is unreachable; in front of the
-/// server, to see what a client does when its connection drops.
+/// A TCP proxy that a test can cut, stall and restore: in front of Postgres,
+/// to see what the server does while its database is unreachable; in front of
+/// the server, to see what a client does when its connection drops.
 pub struct TcpProxy {
     pub addr: SocketAddr,
     upstream: Arc<std::sync::Mutex<SocketAddr>>,
 
     cut: Arc<AtomicBool>,
+    /// While true, bytes are held: connections stay open and say nothing.
+    stalled: tokio::sync::watch::Sender<bool>,
     connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+/// Copies `from` to `to`, holding each chunk while the link is stalled.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut stalled: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if stalled.wait_for(|s| !*s).await.is_err() || to.write_all(&buffer[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
 }
 
 impl TcpProxy {
@@ -613,19 +635,27 @@ impl TcpProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let cut = Arc::new(AtomicBool::new(false));
+        let stalled = tokio::sync::watch::channel(false).0;
         let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let upstream = Arc::new(std::sync::Mutex::new(upstream_addr));
         let (cut2, conns2, upstream2) = (cut.clone(), connections.clone(), upstream.clone());
+        let stalled2 = stalled.clone();
         tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
+            while let Ok((client, _)) = listener.accept().await {
                 if cut2.load(Ordering::SeqCst) {
                     drop(client);
                     continue;
                 }
                 let upstream_addr = *upstream2.lock().unwrap();
+                let stalled = stalled2.subscribe();
                 let task = tokio::spawn(async move {
-                    if let Ok(mut upstream) = TcpStream::connect(upstream_addr).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    if let Ok(upstream) = TcpStream::connect(upstream_addr).await {
+                        let (client_read, client_write) = client.into_split();
+                        let (upstream_read, upstream_write) = upstream.into_split();
+                        tokio::join!(
+                            pump(client_read, upstream_write, stalled.clone()),
+                            pump(upstream_read, client_write, stalled),
+                        );
                     }
                 });
                 conns2.lock().await.push(task);
@@ -635,6 +665,7 @@ impl TcpProxy {
             addr,
             upstream,
             cut,
+            stalled,
             connections,
         }
     }
@@ -647,13 +678,22 @@ impl TcpProxy {
         }
     }
 
+    /// Holds every byte from now on, both ways, on open and new connections:
+    /// a link that drops packets rather than closing (what a firewall rule
+    /// or a partition does); nothing fails until something times out.
+    pub fn stall(&self) {
+        self.stalled.send_replace(true);
+    }
+
     /// New connections go to `upstream` (a restarted server, say).
     pub fn redirect(&self, upstream: SocketAddr) {
         *self.upstream.lock().unwrap() = upstream;
     }
 
+    /// Ends a cut or a stall.
     pub fn restore(&self) {
         self.cut.store(false, Ordering::SeqCst);
+        self.stalled.send_replace(false);
     }
 }
 
@@ -756,6 +796,20 @@ impl ServerProcess {
     /// The process id (the server's own: a wrapper such as prlimit execs it).
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// SIGTERM, the clean stop, and waits for the process to exit; returns
+    /// whether it exited successfully.
+    pub async fn terminate(mut self) -> bool {
+        let pid = self.child.id().to_string();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "SIGTERM sent");
+        let child = &mut self.child;
+        let status = tokio::task::block_in_place(|| child.wait()).expect("wait for the server");
+        status.success()
     }
 
     /// SIGKILL: no shutdown, no flush.

@@ -488,3 +488,165 @@ postgres_only! {
         assert_eq!(app.get("b").await.status, status(S::Busy));
     }
 }
+
+/// The agent in a heartbeat's reply.
+async fn heartbeat_of(app: &TestApp, agent_id: &str) -> pb::Agent {
+    app.agents
+        .clone()
+        .heartbeat(pb::HeartbeatRequest {
+            agent_id: agent_id.into(),
+        })
+        .await
+        .expect("heartbeat")
+        .into_inner()
+        .agent
+        .unwrap()
+}
+
+/// A heartbeat's reply reflects every transition acknowledged before it began
+/// (here on the same server; across replicas below).
+#[tokio::test]
+async fn a_heartbeat_reply_shows_the_transition_acknowledged_just_before() {
+    let db = TestDb::new();
+    let app = TestApp::spawn(&db).await;
+    app.register("moving").await;
+    heartbeat_of(&app, "moving").await;
+    for round in 0..20 {
+        let started = app.start_work("moving").await.unwrap().transition.unwrap();
+        let agent = heartbeat_of(&app, "moving").await;
+        assert_eq!(
+            (agent.status, agent.revision),
+            (status(S::Busy), started.revision),
+            "round {round}"
+        );
+        let finished = app.finish_work("moving").await.unwrap().transition.unwrap();
+        let agent = heartbeat_of(&app, "moving").await;
+        assert_eq!(
+            (agent.status, agent.revision),
+            (status(S::Idle), finished.revision),
+            "round {round}"
+        );
+    }
+}
+
+postgres_only! {
+    /// The campaign's finding: IDLE answered by one replica after a StartWork
+    /// to BUSY was acknowledged by another. A heartbeat on the second replica
+    /// right after each acknowledgement on the first shows it, every time,
+    /// though the second learns of the transitions only through NOTIFY.
+    #[tokio::test]
+    async fn a_heartbeat_reply_reflects_a_transition_acknowledged_on_another_replica() {
+        let db = TestDb::new();
+        let one = TestApp::spawn(&db).await;
+        let two = TestApp::spawn(&db).await;
+        one.register("moving").await;
+        // Known and fresh on the second replica: answered from its memory.
+        heartbeat_of(&two, "moving").await;
+        for round in 0..40 {
+            let started = one.start_work("moving").await.unwrap().transition.unwrap();
+            let agent = heartbeat_of(&two, "moving").await;
+            assert_eq!(
+                (agent.status, agent.revision),
+                (status(S::Busy), started.revision),
+                "round {round}: the reply is older than an acknowledged StartWork"
+            );
+            let finished = one.finish_work("moving").await.unwrap().transition.unwrap();
+            let agent = heartbeat_of(&two, "moving").await;
+            assert_eq!(
+                (agent.status, agent.revision),
+                (status(S::Idle), finished.revision),
+                "round {round}: the reply is older than an acknowledged FinishWork"
+            );
+        }
+    }
+
+    /// The campaign's other finding: a heartbeat acknowledged just before its
+    /// replica's link to the database went silent, lost, and the agent marked
+    /// OFFLINE by another replica soon after. The bound: the replica answers
+    /// no heartbeat later than one flush interval after the link stalls, and
+    /// the agent is marked OFFLINE no sooner than the timeout minus its
+    /// heartbeat spacing after the last heartbeat it had answered.
+    #[tokio::test]
+    async fn a_replica_whose_database_link_stalls_stops_answering_heartbeats_within_a_flush_interval() {
+        let db = TestDb::new();
+        let timeout = Duration::from_millis(1500);
+        let flush = Duration::from_millis(300);
+        let spacing = Duration::from_millis(100);
+        let proxy = crate::helpers::TcpProxy::to_postgres().await;
+        let mut front_args = quick_liveness(&db, timeout, flush);
+        front_args.database.database_url = Some(db.url_via(&proxy));
+        // Health would refuse every call once it saw the outage: the point
+        // is what the heartbeats themselves do.
+        front_args.health_check_interval = Duration::from_secs(3600);
+        let front = TestApp::spawn_with(front_args).await;
+        let sweeper = TestApp::spawn_with(quick_liveness(&db, timeout, flush)).await;
+        front.register("cut-off").await;
+        let mut client = front.agents.clone();
+        let heartbeat = || {
+            let mut request = tonic::Request::new(pb::HeartbeatRequest {
+                agent_id: "cut-off".into(),
+            });
+            request.set_timeout(Duration::from_secs(1));
+            request
+        };
+        let answered_at = |reply: tonic::Response<pb::HeartbeatResponse>| {
+            let at = reply.into_inner().agent.unwrap().last_heartbeat_at.unwrap();
+            chrono::DateTime::from_timestamp(at.seconds, at.nanos as u32).unwrap()
+        };
+        // Past the sweeper's start-up grace (one timeout), heartbeating; the
+        // times the server answered them at, for the spacing they really had.
+        let mut answered = Vec::new();
+        let warm_until = tokio::time::Instant::now() + timeout + flush;
+        while tokio::time::Instant::now() < warm_until {
+            answered.push(answered_at(client.heartbeat(heartbeat()).await.unwrap()));
+            tokio::time::sleep(spacing).await;
+        }
+        answered.push(answered_at(client.heartbeat(heartbeat()).await.unwrap()));
+        proxy.stall();
+        let stalled_at = chrono::Utc::now();
+        // Heartbeats go on at the same spacing until one fails (or long
+        // after the timeout, which the assertion below then reports).
+        let give_up = tokio::time::Instant::now() + 3 * timeout;
+        while tokio::time::Instant::now() < give_up {
+            tokio::time::sleep(spacing).await;
+            match client.heartbeat(heartbeat()).await {
+                Ok(reply) => answered.push(answered_at(reply)),
+                Err(refused) => {
+                    assert!(
+                        matches!(
+                            refused.code(),
+                            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled
+                        ),
+                        "{refused:?}"
+                    );
+                    break;
+                }
+            }
+        }
+        let last = *answered.last().unwrap();
+        assert!(
+            last < stalled_at + chrono::Duration::from_std(flush).unwrap(),
+            "a heartbeat answered at {last}, more than a flush interval after the link \
+             stalled at {stalled_at}"
+        );
+        eventually(Duration::from_secs(20), "marked offline", || async {
+            (sweeper.get("cut-off").await.status == status(S::Offline)).then_some(())
+        })
+        .await;
+        let offline = timeouts(&sweeper, "cut-off").await.remove(0);
+        let offline_at = offline.occurred_at.unwrap();
+        let offline_at =
+            chrono::DateTime::from_timestamp(offline_at.seconds, offline_at.nanos as u32).unwrap();
+        // The spacing the heartbeats had (a loaded machine stretches it).
+        let gap = answered.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+        let bound = last + chrono::Duration::from_std(timeout).unwrap() - gap;
+        assert!(
+            offline_at >= bound,
+            "marked OFFLINE at {offline_at}, {} ms after the last heartbeat answered ({last}): \
+             sooner than the timeout minus the spacing ({} ms)",
+            (offline_at - last).num_milliseconds(),
+            gap.num_milliseconds()
+        );
+        proxy.restore();
+    }
+}

@@ -159,3 +159,75 @@ async fn migrate_creates_the_embedded_store() {
     );
     assert!(db.dir.as_ref().unwrap().join("fleetcare.db").is_file());
 }
+
+/// After SIGTERM the WAL is checkpointed into the file and emptied: a copy of
+/// `fleetcare.db` alone (what a file-level backup of a stopped server takes)
+/// holds every acknowledged transition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_leaves_every_acknowledged_transition_in_the_database_file() {
+    let db = TestDb::new();
+    let dir = data_dir(&db);
+    let server = ServerProcess::start(&["--data-dir", &dir]).await;
+    let mut client = server.client().await;
+    let mut acknowledged = Vec::new();
+    for i in 0..60 {
+        let id = format!("agent-{i:02}");
+        let registered = client
+            .register_agent(pb::RegisterAgentRequest {
+                agent_id: id.clone(),
+                labels: Default::default(),
+                quota_pools: Vec::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        // The registration's transition is the agent's revision.
+        acknowledged.push(registered.agent.unwrap().revision);
+        let started = client
+            .start_work(pb::StartWorkRequest {
+                agent_id: id,
+                slot_type: pb::SlotType::Work as i32,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        acknowledged.push(started.transition.unwrap().revision);
+    }
+    let file = db.dir.as_ref().unwrap().join("fleetcare.db");
+    let wal = db.dir.as_ref().unwrap().join("fleetcare.db-wal");
+    assert!(
+        std::fs::metadata(&wal).is_ok_and(|m| m.len() > 0),
+        "while serving, the last commits are in the WAL"
+    );
+
+    assert!(server.terminate().await, "a clean exit on SIGTERM");
+    let left = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+    assert_eq!(left, 0, "the WAL is empty or gone after a clean stop");
+
+    // The file alone, copied where no WAL is beside it.
+    let copy_dir = db.dir.as_ref().unwrap().join("copy");
+    std::fs::create_dir_all(&copy_dir).unwrap();
+    let copy = copy_dir.join("fleetcare.db");
+    std::fs::copy(&file, &copy).unwrap();
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&copy)
+        .read_only(true);
+    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect_with(&options)
+        .await
+        .unwrap();
+    let stored: Vec<(i64, String)> =
+        sqlx::query_as("SELECT revision, to_status FROM transitions ORDER BY revision")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    let revisions: Vec<i64> = stored.iter().map(|(r, _)| *r).collect();
+    assert_eq!(
+        revisions, acknowledged,
+        "every acknowledged transition, and nothing else, in the copy of the file alone"
+    );
+    assert_eq!(
+        stored.iter().filter(|(_, to)| to == "BUSY").count(),
+        60,
+        "the last transitions too"
+    );
+}

@@ -14,6 +14,14 @@
 //! `<file>.lock` for its lifetime, and a second server on the same file is
 //! refused at start. Wake-ups for watchers are in-process (no other process
 //! can write the file).
+//!
+//! A clean stop leaves everything in the file: once the last handle on the
+//! store is gone (every writer finished), the lock on `<file>.lock` is let go,
+//! the readers close, the writer runs `PRAGMA wal_checkpoint(TRUNCATE)` and
+//! closes, and only then does [`SqliteStore::release_signal`] fire (the
+//! server exits after it). A copy of `fleetcare.db` alone then holds every
+//! acknowledged transition; after a crash the WAL still holds the last ones
+//! (SQLite replays it at the next open).
 
 mod agents;
 pub mod copy;
@@ -107,24 +115,33 @@ impl SqliteStore {
             .await
             .map_err(sqlite_error)?;
         let (changes, _) = watch::channel(0);
+        let (writer, readers) = (TimedPool::new(writer), TimedPool::new(readers));
+        let (released_sender, released) = watch::channel(());
         Ok(SqliteStore {
-            writer: TimedPool::new(writer),
-            readers: TimedPool::new(readers),
+            writer: writer.clone(),
+            readers: readers.clone(),
             changes,
             running_processors: Default::default(),
             path: path.to_owned(),
             file_lock: Arc::new(FileLock {
-                _file: file_lock,
-                released: watch::channel(()).0,
+                held: Some(Held {
+                    file: Some(file_lock),
+                    _released: released_sender,
+                    writer,
+                    readers,
+                    path: path.to_owned(),
+                }),
+                released,
             }),
             clock: store.clock.clone(),
         })
     }
 
-    /// Closes once every clone of this store is gone and the file's lock is
-    /// released (a server restarted in the same process can then open it).
+    /// Closes once every clone of this store is gone, the WAL is checkpointed
+    /// into the file, and the file's lock is released (a server restarted in
+    /// the same process can then open it).
     pub fn release_signal(&self) -> watch::Receiver<()> {
-        self.file_lock.released.subscribe()
+        self.file_lock.released.clone()
     }
 
     /// The store's clock ([`StoreOptions::clock`], else the system clock) at
@@ -162,10 +179,67 @@ impl SqliteStore {
 }
 
 /// The lock on `<file>.lock`, released when the last clone of the store drops
-/// it; `released` then closes, which is what [`SqliteStore::released`] awaits.
+/// it, after the clean stop's checkpoint (see the module's notes); `released`
+/// then closes, which is what [`SqliteStore::release_signal`] awaits.
 struct FileLock {
-    _file: std::fs::File,
-    released: watch::Sender<()>,
+    /// Taken by `drop`.
+    held: Option<Held>,
+    /// A receiver of `Held::released`, cloned for whoever waits.
+    released: watch::Receiver<()>,
+}
+
+/// What the last handle leaves to the clean stop.
+struct Held {
+    /// The lock itself: let go as soon as the last handle is (a store opened
+    /// again in this process, by a test or `fleetcare copy`, may open the
+    /// file while this one checkpoints; SQLite's own locks keep that safe).
+    file: Option<std::fs::File>,
+    /// Dropped last: its receivers then see the store released.
+    _released: watch::Sender<()>,
+    writer: TimedPool<sqlx::Sqlite>,
+    readers: TimedPool<sqlx::Sqlite>,
+    path: PathBuf,
+}
+
+impl Held {
+    /// Closes the readers, moves the WAL into the file and empties it, closes
+    /// the writer; then drops the release signal.
+    async fn close(self) {
+        self.readers.close().await;
+        match sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(TRUNCATE)")
+            .fetch_one(&self.writer)
+            .await
+        {
+            // (busy, pages in the WAL, pages checkpointed)
+            Ok((0, _, _)) => {
+                tracing::debug!(path = %self.path.display(), "wal checkpointed on stop")
+            }
+            Ok((busy, log, done)) => tracing::warn!(
+                path = %self.path.display(), busy, log, done,
+                "wal not fully checkpointed on stop"
+            ),
+            Err(error) => tracing::warn!(
+                path = %self.path.display(), %error,
+                "wal checkpoint on stop failed"
+            ),
+        }
+        self.writer.close().await;
+    }
+}
+
+impl Drop for FileLock {
+    fn drop(&mut self) {
+        let Some(mut held) = self.held.take() else {
+            return;
+        };
+        drop(held.file.take());
+        // The last handle is gone, so no write is under way or to come. The
+        // checkpoint needs the runtime; without one (a drop outside it) the
+        // pools close as they drop, and the WAL is replayed at the next open.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(held.close());
+        }
+    }
 }
 
 /// Takes the exclusive lock beside the database file, or refuses: a second
