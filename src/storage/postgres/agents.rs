@@ -7,7 +7,7 @@ use sqlx::types::Json;
 use sqlx::{ConnectOptions, Postgres, Transaction};
 use tokio::sync::watch;
 
-use super::{PgStore, TRANSITIONS_CHANNEL, db_error};
+use super::{PgStore, READ_ONLY, TRANSITIONS_CHANNEL, db_error};
 use crate::domain::agent::AgentStatus;
 use crate::domain::batch::{self, Command};
 use crate::domain::dispatch::IdempotencyKey;
@@ -899,12 +899,19 @@ impl AgentTxs for PgStore {
         Ok(Box::new(PgAgentTx(tx)))
     }
 
+    /// The database answers and takes writes: a standby still in recovery
+    /// (a failover proxy that sent us to it too early) or a server set
+    /// read-only answers reads and refuses every write, so it is down for us.
     async fn probe(&self) -> Result<()> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
-            .await
-            .map(|_| ())
-            .map_err(db_error)
+        let read_only: String =
+            sqlx::query_scalar("SELECT current_setting('transaction_read_only')")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db_error)?;
+        if read_only == "on" {
+            return Err(Error::Unavailable(READ_ONLY.into()));
+        }
+        Ok(())
     }
 
     async fn write_batch(

@@ -132,11 +132,26 @@ pub async fn connect_and_migrate(store: &StoreOptions) -> Result<PgPool, Error> 
         .connect_with(options)
         .await
         .map_err(db_error)?;
-    MIGRATOR
-        .run(&pool)
-        .await
-        .map_err(|e| Error::Internal(format!("migrations failed: {e}")))?;
+    MIGRATOR.run(&pool).await.map_err(migrate_error)?;
     Ok(pool)
+}
+
+/// Migrations cut off by a lost connection are the database being
+/// unreachable, which the server waits out and retries (each migration is
+/// one transaction, and those applied are recorded); any other failure is
+/// final.
+fn migrate_error(err: sqlx::migrate::MigrateError) -> Error {
+    use sqlx::migrate::MigrateError as M;
+    let message = err.to_string();
+    match err {
+        M::Execute(e) | M::ExecuteMigration(e, _) => match db_error(e) {
+            Error::Unavailable(_) => {
+                Error::Unavailable(format!("migrations interrupted: {message}"))
+            }
+            _ => Error::Internal(format!("migrations failed: {message}")),
+        },
+        _ => Error::Internal(format!("migrations failed: {message}")),
+    }
 }
 
 async fn create_database_if_missing(options: &PgConnectOptions) -> Result<(), Error> {
@@ -170,6 +185,9 @@ async fn create_database_if_missing(options: &PgConnectOptions) -> Result<(), Er
     Ok(())
 }
 
+/// What a client is told while the database refuses writes.
+pub(crate) const READ_ONLY: &str = "database is read-only (a standby in recovery?)";
+
 /// Maps a database error to what it means for the client, in one place.
 /// Callers that expect a specific constraint violation match it before this.
 pub(crate) fn db_error(err: sqlx::Error) -> Error {
@@ -186,6 +204,9 @@ pub(crate) fn db_error(err: sqlx::Error) -> Error {
             "53300" => Some(Error::Unavailable(
                 "database has too many connections".into(),
             )),
+            // read_only_sql_transaction: a standby in recovery (or a server
+            // set read-only) behind the address; a failover may end it.
+            "25006" => Some(Error::Unavailable(READ_ONLY.into())),
             _ => None,
         }
     })
