@@ -497,6 +497,9 @@ impl DispatchApi {
                 return Err(Error::NoAgentAvailable(counted.message(self.writes.now())));
             };
             tokio::select! {
+                // Woken at its deadline, a claim looks once more (and the
+                // simulation's runs do not depend on tokio's coin).
+                biased;
                 _ = ticket.woken() => contended = 0,
                 _ = tokio::time::sleep_until(deadline) => {
                     return Err(Error::NoAgentAvailable(format!(

@@ -26,6 +26,13 @@ impl Clock {
         (clock, ManualClock(now))
     }
 
+    /// A clock that reads `now` from a function: the deterministic
+    /// simulation's (`tests/simulation`), which follows tokio's paused time
+    /// and jumps when its nemesis says so.
+    pub fn from_fn(now: impl Fn() -> DateTime<Utc> + Send + Sync + 'static) -> Self {
+        Clock(Arc::new(now))
+    }
+
     pub fn now(&self) -> DateTime<Utc> {
         (self.0)()
     }

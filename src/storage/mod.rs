@@ -4,7 +4,8 @@
 //! database directly (no SQL, no LISTEN/NOTIFY, no advisory locks). Two
 //! backends implement every trait: `postgres` (several replicas on one
 //! database) and `sqlite` (the embedded default, one server per file);
-//! `memory` is the runtime's test double, compiled into test builds only. [`Stores::open`] picks one from
+//! `memory` is the runtime's test double, compiled into test builds only
+//! (and, through the `test-support` feature, into the simulation's). [`Stores::open`] picks one from
 //! the configuration.
 
 pub(crate) mod agents;
@@ -15,7 +16,7 @@ mod contract;
 pub mod copy;
 pub(crate) mod decode;
 pub(crate) mod healing;
-#[cfg(test)]
+#[cfg(any(test, feature = "test-support"))]
 pub mod memory;
 mod options;
 pub(crate) mod pipeline;

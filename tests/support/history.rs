@@ -88,6 +88,8 @@
 //!
 //! Everything public here is the stable API; add, do not change.
 
+// Each history source uses part of the API (the simulation records no pool
+// calls, a gRPC campaign may record no claims).
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};

@@ -3,7 +3,8 @@
 //! batch planner) and keeps every guarantee a single process can see: atomic
 //! batches, global gap-free revisions, wake-ups for the fan-out. Nothing is
 //! durable, so it is never offered to `serve`: it is compiled into the
-//! crate's unit tests only (`storage/mod.rs` declares it `#[cfg(test)]`).
+//! crate's unit tests and, with the `test-support` feature, the simulation
+//! (`storage/mod.rs` declares it `#[cfg(any(test, feature = "test-support"))]`).
 
 mod agents;
 mod pipeline;
