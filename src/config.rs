@@ -120,6 +120,13 @@ pub struct ServeArgs {
     #[arg(long, env = "FLEETCARE_HEARTBEAT_FLUSH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub heartbeat_flush_interval: Duration,
 
+    /// Each heartbeat's reply includes every transition acknowledged before the
+    /// call began, on any replica (a read of the store's head revision per round
+    /// of heartbeats); off, a reply is this server's view, its `revision` saying
+    /// which transition it reflects.
+    #[arg(long, env = "FLEETCARE_HEARTBEAT_FRESH_REPLIES")]
+    pub heartbeat_fresh_replies: bool,
+
     /// Fleet-wide heartbeats per second to stay under: agents are told to heartbeat
     /// at fleet size / this rate (within --min-heartbeat-interval and a third of
     /// --heartbeat-timeout).

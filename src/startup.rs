@@ -610,6 +610,7 @@ async fn start_services(
         pacing,
         args.heartbeat_flush_interval,
     )
+    .with_fresh_replies(args.heartbeat_fresh_replies)
     .with_metrics(metrics.clone());
     let shutdown = shutdown.clone();
     let watch_slots = WatchSlots::new(args.limits.max_watches_per_caller);

@@ -325,6 +325,13 @@ impl AgentCache {
     /// A committed transition, from any replica: the agent is stale unless this
     /// process already knows that revision.
     pub fn observed(&self, transition: &Transition) {
+        // Revisions skipped: the fan-out fell behind by more than the
+        // retention and published on after the pruned ones (found by the
+        // simulation). What they did is unknown here.
+        let through = self.observed_through();
+        if through > 0 && transition.revision > through + 1 {
+            self.all_stale();
+        }
         self.observe(transition);
         self.seen_through(transition.revision);
     }
@@ -666,5 +673,23 @@ mod tests {
         cache.loaded(agent("b", "z1", busy, 1, 5));
         assert!(cache.known(["b"]).is_some());
         assert_eq!(cache.observed_through(), 5);
+    }
+
+    /// The simulation's finding: a fan-out that fell behind by more than the
+    /// retention publishes on after the pruned revisions; what they did is
+    /// unknown, so nothing held stays current.
+    #[test]
+    fn revisions_skipped_by_the_fan_out_leave_every_agent_stale() {
+        let cache = AgentCache::new();
+        let idle = AgentStatus::Idle;
+        cache.loaded(agent("a", "z1", idle, 0, 1));
+        cache.loaded(agent("b", "z1", idle, 0, 2));
+        cache.seen_through(2);
+        cache.observed(&started("b", 3));
+        assert!(cache.known(["a"]).is_some(), "contiguous: a stays current");
+        // 4 to 6 were pruned before this fan-out read them (maybe a's).
+        cache.observed(&started("b", 7));
+        assert!(cache.known(["a"]).is_none());
+        assert_eq!(cache.observed_through(), 7);
     }
 }

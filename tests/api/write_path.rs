@@ -537,8 +537,13 @@ postgres_only! {
     #[tokio::test]
     async fn a_heartbeat_reply_reflects_a_transition_acknowledged_on_another_replica() {
         let db = TestDb::new();
-        let one = TestApp::spawn(&db).await;
-        let two = TestApp::spawn(&db).await;
+        let fresh = || {
+            let mut args = crate::helpers::test_args(&db.url);
+            args.heartbeat_fresh_replies = true;
+            args
+        };
+        let one = TestApp::spawn_with(fresh()).await;
+        let two = TestApp::spawn_with(fresh()).await;
         one.register("moving").await;
         // Known and fresh on the second replica: answered from its memory.
         heartbeat_of(&two, "moving").await;
