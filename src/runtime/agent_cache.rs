@@ -162,7 +162,10 @@ pub struct AgentCache {
     /// flush (unit tests of other parts; the server always sets one).
     window: Option<FlushWindow>,
     /// Counts finished flushes, failed or not (heartbeats waiting for one watch it).
-    flushes: watch::Sender<u64>,
+    /// Notified at the end of every flush (a `Notify`, not a watch channel:
+    /// its waiters wake in the order they came, which the simulation's
+    /// determinism needs; a watch channel wakes them in a random order).
+    flushes: tokio::sync::Notify,
     /// The revision through which this process has seen every committed
     /// transition (0: none yet).
     observed_through: watch::Sender<i64>,
@@ -178,7 +181,7 @@ impl AgentCache {
             inner: Mutex::default(),
             flushing_ok: AtomicBool::new(true),
             window: None,
-            flushes: watch::channel(0).0,
+            flushes: tokio::sync::Notify::new(),
             observed_through: watch::channel(0).0,
         }
     }
@@ -199,9 +202,10 @@ impl AgentCache {
         Arc::new(cache)
     }
 
-    /// Ticks at the end of every flush, failed or not.
-    pub fn flushes(&self) -> watch::Receiver<u64> {
-        self.flushes.subscribe()
+    /// Notified at the end of every flush, failed or not (`notify_waiters`:
+    /// a waiter must be enabled before the flush it waits for ends).
+    pub fn flushes(&self) -> &tokio::sync::Notify {
+        &self.flushes
     }
 
     /// The revision through which this process has seen every committed transition.
@@ -459,7 +463,7 @@ impl AgentCache {
     /// the next flush, and heartbeats take the transactional path until one succeeds.
     pub async fn flush(&self, store: &dyn AgentStore) -> crate::error::Result<usize> {
         let flushed = self.write_pending(store).await;
-        self.flushes.send_modify(|n| *n = n.wrapping_add(1));
+        self.flushes.notify_waiters();
         flushed
     }
 

@@ -107,7 +107,6 @@ impl AgentWrites {
     /// call began, and one answered from memory is lost only with the
     /// heartbeats of less than one flush interval (see `heartbeats`).
     pub async fn heartbeat(&self, agent_id: String, actor: &str) -> Result<(Applied, Duration)> {
-        let mut flushes = self.cache.flushes();
         // Not seen here in time: the agent's row is current.
         let mut read = if self.fresh_replies {
             let head = self.heads.head().await?;
@@ -124,14 +123,16 @@ impl AgentWrites {
                 (read, was_read) = (false, true);
             }
             // A flush that ends from here on wakes the wait below.
-            flushes.borrow_and_update();
+            let flushed = self.cache.flushes().notified();
+            tokio::pin!(flushed);
+            flushed.as_mut().enable();
             match self.cache.heartbeat(&agent_id, self.clock.now()) {
                 FastHeartbeat::Acknowledged(agent) => break from_memory(*agent),
                 FastHeartbeat::Unknown if !was_read => read = true,
                 FastHeartbeat::Unflushed if !waited => {
                     // The flush under way, or the next tick's.
                     waited = true;
-                    let _ = tokio::time::timeout(self.flush_wait, flushes.changed()).await;
+                    let _ = tokio::time::timeout(self.flush_wait, flushed).await;
                 }
                 FastHeartbeat::Unknown | FastHeartbeat::Unflushed | FastHeartbeat::Commit => {
                     break self.apply(agent_id, Event::Heartbeat, actor).await?;
