@@ -349,13 +349,18 @@ pub fn census_changes<'a>(
         ),
     >,
 ) -> Vec<CensusChange> {
+    let counts = |status: AgentStatus| {
+        (
+            i64::from(status == AgentStatus::Offline),
+            i64::from(status == AgentStatus::Exhausted),
+        )
+    };
     let mut sums: BTreeMap<(&str, &str), (i64, i64, i64)> = BTreeMap::new();
     let mut add = |side: Option<(AgentStatus, &'a Labels)>, sign: i64| {
         let Some((status, labels)) = side else {
             return;
         };
-        let offline = i64::from(status == AgentStatus::Offline);
-        let exhausted = i64::from(status == AgentStatus::Exhausted);
+        let (offline, exhausted) = counts(status);
         let scopes =
             std::iter::once(("", "")).chain(labels.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         for scope in scopes {
@@ -366,6 +371,14 @@ pub fn census_changes<'a>(
         }
     };
     for (before, after) in moves {
+        // Most moves (IDLE, BUSY, ON_CALL, labels kept) change nothing:
+        // skipped before touching the sums.
+        if let (Some((was, old)), Some((is, new))) = (before, after)
+            && old == new
+            && counts(was) == counts(is)
+        {
+            continue;
+        }
         add(before, -1);
         add(after, 1);
     }
